@@ -1,0 +1,30 @@
+# Quickstart: `make run` trains recipes/small.yaml end to end; `make test` runs the test suite.
+# Both create .venv and install the project the first time. On a machine without torch the CPU wheel
+# torch==2.13.0 is installed first, so pip never pulls the multi-GB CUDA build; GPU users install their torch
+# into .venv (or any environment) before `make`.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RECIPE ?= recipes/small.yaml
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: install run test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_CPU)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+run: install
+	$(PY) pipeline/run.py $(RECIPE)
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs

@@ -1,0 +1,37 @@
+"""Command-line plumbing shared by every stage: argument parsing and the bad-input contract.
+
+Bad input (recipe, overrides, data) raises PipelineError; `run_main` turns it into one line on stderr and
+exit code 2, with no traceback. Anything else is a bug or a crash and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+class PipelineError(Exception):
+    """Bad user input: reported as one line, exit code 2."""
+
+
+def run_main(main, argv=None) -> None:
+    try:
+        main(sys.argv[1:] if argv is None else argv)
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def split_stage_args(argv: list[str], usage: str) -> tuple[Path, list[str]]:
+    """`RECIPE [section.key=value ...]`; the deepspeed launcher's `--local_rank=N` is accepted and ignored."""
+    args = [a for a in argv if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
+    if any(a in ("-h", "--help") for a in args):
+        print(usage)
+        sys.exit(0)
+    if not args:
+        raise PipelineError(f"missing recipe path\n{usage}")
+    recipe_path, overrides = Path(args[0]), args[1:]
+    for ov in overrides:
+        if "=" not in ov or ov.startswith("-"):
+            raise PipelineError(f"bad argument '{ov}': overrides look like section.key=value")
+    return recipe_path, overrides

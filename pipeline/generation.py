@@ -1,0 +1,87 @@
+"""Batched generation with the checkpoint's chat template, and verifier accuracy on the world's held-out prompts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class Reply:
+    text: str
+    ended: bool      # stopped with end-of-turn rather than running out of tokens
+    n_tokens: int
+
+
+def render_prompt(tokenizer, prompt) -> str:
+    """A conversational prompt goes through the chat template; plain text becomes one user turn."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, *, max_new_tokens=64, batch_size=32, do_sample=False, temperature=1.0,
+             top_p=1.0, num_samples=1, seed=0, desc="generating", progress=True) -> list[list[Reply]]:
+    """Replies for each prompt (num_samples each), batched with left padding and the KV cache.
+
+    Prompts are generated longest-first, so each batch pads little; results come back in the input order.
+    """
+    texts = [render_prompt(tokenizer, p) for p in prompts]
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = eos if pad is None else pad
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    was_training, use_cache = model.training, model.config.use_cache
+    model.eval()
+    model.config.use_cache = True
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    out: list[list[Reply] | None] = [None] * len(texts)
+    try:
+        bar = tqdm(total=len(texts), desc=desc, disable=not progress, leave=False)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(device)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                 temperature=temperature if do_sample else None,
+                                 top_p=top_p if do_sample else None, top_k=None,
+                                 num_return_sequences=num_samples, eos_token_id=eos, pad_token_id=pad,
+                                 use_cache=True)
+            new = gen[:, enc["input_ids"].shape[1]:]
+            for j, i in enumerate(idx):
+                replies = []
+                for row in new[j * num_samples:(j + 1) * num_samples].tolist():
+                    ended = eos in row
+                    tokens = row[:row.index(eos)] if ended else row
+                    tokens = [t for t in tokens if t != pad]
+                    replies.append(Reply(tokenizer.decode(tokens, skip_special_tokens=True).strip(), ended,
+                                         len(tokens)))
+                out[i] = replies
+            bar.update(len(idx))
+        bar.close()
+    finally:
+        tokenizer.padding_side = side
+        model.config.use_cache = use_cache
+        model.train(was_training)
+    return out
+
+
+def verifier_accuracy(model, tokenizer, rows, *, max_new_tokens=48, batch_size=64, desc="scoring") -> dict:
+    """Greedy replies to world prompts scored by each skill's verifier: overall and per-skill accuracy."""
+    from pipeline import world
+
+    replies = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
+                       batch_size=batch_size, desc=desc)
+    per_skill: dict[str, list[bool]] = {}
+    for row, (reply,) in zip(rows, replies):
+        per_skill.setdefault(row["skill"], []).append(world.verify(row["skill"], reply.text, row["answer"]))
+    scores = [ok for oks in per_skill.values() for ok in oks]
+    return {
+        "accuracy": sum(scores) / len(scores),
+        "per_skill": {s: sum(v) / len(v) for s, v in sorted(per_skill.items())},
+        "n": len(scores),
+        "ended": sum(r[0].ended for r in replies) / len(replies),
+    }

@@ -1,0 +1,177 @@
+"""Building, loading and saving models and tokenizers, with LoRA/QLoRA through peft and TRL's ModelConfig.
+
+A checkpoint folder is one of: a full model (`config.json` + safetensors), a LoRA adapter (`adapter_config.json`,
+whose base the adapter names), or an adapter stage that also saved `merged/`. `load_causal_lm` takes any of them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from pipeline.cli import PipelineError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def torch_dtype(name: str):
+    if name not in DTYPES:
+        raise PipelineError(f"model.dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def is_adapter(path) -> bool:
+    return path is not None and (Path(path) / "adapter_config.json").is_file()
+
+
+def model_path(path: str) -> str:
+    """A stage that saved an adapter and a merged model: use the merged one."""
+    merged = Path(path) / "merged"
+    return str(merged) if (merged / "config.json").is_file() else path
+
+
+# ---------------------------------------------------------------------------------------------- tokenizers
+
+
+def load_tokenizer(recipe, checkpoint, corpus=None):
+    """The tokenizer for a stage: the checkpoint's own, or (new model) trained/loaded per the recipe."""
+    from pipeline import tokenizer as tok_lib
+
+    tcfg = recipe.tokenizer
+    if checkpoint.path is not None:
+        source = checkpoint.path
+        if is_adapter(source) and not (Path(source) / "tokenizer_config.json").is_file():
+            source = _adapter_base(source)
+        tok = tok_lib.load_tokenizer(source, trust_remote_code=recipe.model.trust_remote_code,
+                                     revision=recipe.model.revision if checkpoint.source == "hub" else None)
+    elif tcfg.train:
+        if corpus is None:
+            from pipeline import data
+
+            corpus = data.load(tcfg.dataset, "text", recipe)["text"]
+        tok = tok_lib.train_tokenizer(corpus, vocab_size=tcfg.vocab_size, min_frequency=tcfg.min_frequency)
+    elif tcfg.name_or_path:
+        tok = tok_lib.load_tokenizer(tcfg.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
+    else:
+        raise PipelineError(f"{recipe.path}: a model built from `model.config` needs `tokenizer.train: true` "
+                            f"or `tokenizer.name_or_path`")
+    template = tok.chat_template or ""
+    if tcfg.chat_template == "pipeline" or (tcfg.chat_template == "auto" and "generation" not in template):
+        tok, _ = tok_lib.apply_chat_format(tok)
+    return tok
+
+
+def _adapter_base(path) -> str:
+    return json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def build_causal_lm(recipe, tokenizer):
+    """A new model from `model.config` (e.g. {model_type: llama, hidden_size: 128, ...}) sized to the tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(recipe.model.config)
+    model_type = cfg.pop("model_type", "llama")
+    try:
+        config = AutoConfig.for_model(model_type, **cfg)
+    except (ValueError, TypeError) as err:
+        raise PipelineError(f"{recipe.path}: model.config: {str(err).splitlines()[0]}") from None
+    config.vocab_size = len(tokenizer)
+    config.pad_token_id = tokenizer.pad_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    torch.manual_seed(recipe.run.seed)
+    model = AutoModelForCausalLM.from_config(config)
+    dtype = torch_dtype(recipe.model.dtype)
+    return model.to(dtype) if dtype != "auto" else model
+
+
+def quantization_config(recipe, peft_values: dict):
+    if not (peft_values.get("load_in_4bit") or peft_values.get("load_in_8bit")):
+        return None
+    from trl import ModelConfig, get_quantization_config
+
+    return get_quantization_config(ModelConfig(dtype=recipe.model.dtype, **peft_values))
+
+
+def peft_config(peft_values: dict, task_type: str = "CAUSAL_LM"):
+    if not peft_values.get("use_peft"):
+        return None
+    from trl import ModelConfig, get_peft_config
+
+    values = {"lora_task_type": task_type, **peft_values}
+    return get_peft_config(ModelConfig(**values))
+
+
+def load_causal_lm(recipe, path: str, *, peft_values: dict | None = None, cls=None, revision=None, **kw):
+    """Load a saved causal LM (full or adapter). An adapter is merged into its base so the next stage starts
+    from a plain model (it may add a fresh adapter of its own)."""
+    from transformers import AutoModelForCausalLM
+
+    cls = cls or AutoModelForCausalLM
+    path = model_path(path)
+    adapter = is_adapter(path)
+    quant = quantization_config(recipe, peft_values or {})
+    load_kw = dict(dtype=torch_dtype(recipe.model.dtype), trust_remote_code=recipe.model.trust_remote_code,
+                   attn_implementation=recipe.model.attn_implementation, use_safetensors=None, **kw)
+    if quant is not None:
+        load_kw["quantization_config"] = quant
+    try:
+        if adapter:
+            from peft import PeftModel
+
+            if quant is not None:
+                raise PipelineError(f"{path}: quantized training from an adapter checkpoint: save the stage with "
+                                    f"merge_adapter=true and start from its merged model")
+            base = cls.from_pretrained(_adapter_base(path), **load_kw)
+            model = PeftModel.from_pretrained(base, path).merge_and_unload()
+        else:
+            model = cls.from_pretrained(path, revision=revision, **load_kw)
+    except OSError as err:
+        raise PipelineError(f"{path}: cannot load model: {str(err).splitlines()[0]}") from None
+    return model
+
+
+def configure_generation(model, tokenizer) -> None:
+    """Stop at end of turn, pad with pad, use the KV cache (trainers may have saved use_cache=False)."""
+    model.config.use_cache = True
+    gen = model.generation_config
+    gen.eos_token_id = tokenizer.eos_token_id
+    gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = gen.pad_token_id
+
+
+def save_trained(trainer, tokenizer, out: Path, merge_adapter: bool = False) -> None:
+    """Save the trainer's model (safetensors; gathers ZeRO-3/FSDP shards) and tokenizer; optionally a merged copy."""
+    model = trainer.model
+    unwrapped = trainer.accelerator.unwrap_model(model)
+    configure_generation(unwrapped, tokenizer)
+    trainer.save_model(str(out))
+    if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(str(out))
+        unwrapped.generation_config.save_pretrained(str(out))
+    trainer.accelerator.wait_for_everyone()
+    if merge_adapter and is_adapter(out) and trainer.accelerator.is_main_process:
+        from peft import AutoPeftModelForCausalLM
+
+        merged = AutoPeftModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).merge_and_unload()
+        configure_generation(merged, tokenizer)
+        merged.save_pretrained(str(out / "merged"), safe_serialization=True)
+        tokenizer.save_pretrained(str(out / "merged"))
+    trainer.accelerator.wait_for_everyone()
+
+
+def param_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def describe(model) -> str:
+    total = param_count(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable)"
+

@@ -1,0 +1,95 @@
+"""Stage 1, pretrain: causal-LM pretraining on packed blocks of plain text.
+
+    accelerate launch pipeline/pretrain.py recipes/small.yaml [pretrain.max_steps=100 ...]
+
+A new model is built from the recipe's `model.config` (its tokenizer trained on the corpus when `tokenizer.train`),
+or training continues from `pretrain.init_from`. Section keys are transformers' TrainingArguments fields plus the
+pipeline keys in pipeline/stages.py (PretrainKeys).
+"""
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import the package, never shadow libraries with our modules
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import math
+from itertools import chain
+
+from pipeline import cli, data, models, runs
+from pipeline.recipe import load_recipe
+
+STAGE = "pretrain"
+USAGE = "usage: pipeline/pretrain.py RECIPE [pretrain.KEY=VALUE ...]"
+
+
+def pack(texts, tokenizer, block_size: int) -> list[list[int]]:
+    """Documents joined with the document separator, cut into full blocks (the ragged tail is dropped)."""
+    sep = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    stream = list(chain.from_iterable(doc + [sep] for doc in ids))
+    return [stream[i:i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
+
+
+def main(argv):
+    recipe = load_recipe(*cli.split_stage_args(argv, USAGE))
+    keys = recipe.keys(STAGE)
+    with runs.StageRun(recipe, STAGE) as run:
+        args = recipe.trainer_config(STAGE, output_dir=str(run.out))
+        corpus = data.load(keys.dataset, "text", recipe, column=keys.text_column)[keys.text_column]
+        eval_corpus = (data.load(keys.eval_dataset, "text", recipe, column=keys.text_column)[keys.text_column]
+                       if keys.eval_dataset else None)
+        init = run.checkpoint()
+        run.prepare()
+
+        from datasets import Dataset
+        from transformers import Trainer, default_data_collator
+
+        with run.state.main_process_first():  # the main process trains and saves the tokenizer, the others load it
+            if init.path is None and run.state.is_main_process:
+                tokenizer = models.load_tokenizer(recipe, init, corpus=corpus)
+                tokenizer.save_pretrained(str(run.out))
+            elif init.path is None:
+                tokenizer = models.load_tokenizer(recipe, runs.Checkpoint("tokenizer", str(run.out), "", "local"))
+            else:
+                tokenizer = models.load_tokenizer(recipe, init)
+        blocks = pack(corpus, tokenizer, keys.block_size)
+        if eval_corpus is not None:
+            eval_blocks = pack(eval_corpus, tokenizer, keys.block_size)
+        else:  # hold out a share of the blocks
+            n_eval = max(1, int(len(blocks) * keys.eval_fraction))
+            blocks, eval_blocks = blocks[:-n_eval], blocks[-n_eval:]
+        if not blocks or not eval_blocks:
+            raise cli.PipelineError(f"{keys.dataset}: too little text for one block of {keys.block_size} tokens")
+        train_ds = Dataset.from_dict({"input_ids": blocks, "labels": blocks})
+        eval_ds = Dataset.from_dict({"input_ids": eval_blocks, "labels": eval_blocks})
+
+        if init.path is None:
+            model = models.build_causal_lm(recipe, tokenizer)
+        else:
+            model = models.load_causal_lm(recipe, init.path, revision=recipe.model.revision)
+        models.configure_generation(model, tokenizer)
+        print(f"[pretrain] {models.describe(model)}; {len(blocks)} blocks of {keys.block_size} tokens "
+              f"({len(blocks) * keys.block_size / 1e6:.2f}M tokens), {len(eval_blocks)} held out", flush=True)
+
+        trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                          data_collator=default_data_collator, processing_class=tokenizer)
+        result = trainer.train(resume_from_checkpoint=run.last_checkpoint())
+        eval_metrics = trainer.evaluate()
+        models.save_trained(trainer, tokenizer, run.out)
+
+        metrics = {
+            "train_loss": result.training_loss,
+            "eval_loss": eval_metrics["eval_loss"],
+            "eval_perplexity": math.exp(min(eval_metrics["eval_loss"], 50)),
+            "train_tokens": len(blocks) * keys.block_size,
+            "steps": result.global_step,
+            "parameters": models.param_count(model),
+        }
+        if run.state.is_main_process:
+            print(f"[pretrain] eval loss {metrics['eval_loss']:.3f}, perplexity {metrics['eval_perplexity']:.2f}")
+        run.finish(metrics, config=args, global_batch_size=runs.global_batch_size(args, run.state.num_processes))
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

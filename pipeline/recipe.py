@@ -1,0 +1,329 @@
+"""Recipes: one YAML file describes a whole pipeline; `section.key=value` overrides adjust it on the command line.
+
+Everything is validated before any model is loaded: unknown keys are named with their section and the closest
+valid names, values are coerced to the field's declared type or rejected with the type expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import importlib
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.cli import PipelineError
+from pipeline.stages import PEFT_FIELDS, STAGES, StageSpec
+
+
+@dataclass
+class RunSection:
+    name: str = "run"             # run directory: <output_dir>/<name>/<stage>/
+    output_dir: str = "runs"      # relative to the current directory
+    seed: int = 0                 # default seed of every stage (a stage's own `seed` key wins)
+    launcher: str | None = None   # prefix the runner starts each stage with, e.g. "accelerate launch --config_file launch/accelerate/ddp.yaml"
+
+
+@dataclass
+class TokenizerSection:
+    name_or_path: str | None = None     # load a tokenizer from a path or hub id
+    train: bool = False                 # or train a byte-level BPE on `dataset`
+    dataset: str = "world:pretrain"     # corpus the tokenizer is trained on
+    vocab_size: int = 2048
+    min_frequency: int = 2
+    chat_template: str = "pipeline"     # "pipeline": our tool-aware template; "own": keep a loaded one if it has one
+
+
+@dataclass
+class ModelSection:
+    name_or_path: str | None = None     # base model: a path or hub id ...
+    config: dict | None = None          # ... or an architecture built from scratch (AutoConfig.for_model kwargs)
+    revision: str | None = None
+    trust_remote_code: bool = False     # safe by default: remote code runs only if the recipe says so
+    dtype: str = "float32"              # float32 | bfloat16 | float16 | auto: dtype weights are loaded in
+    attn_implementation: str | None = None
+
+
+def _world_section():
+    from pipeline.world import WorldConfig
+
+    return WorldConfig
+
+
+GLOBAL_SECTIONS = {"run": lambda: RunSection, "world": _world_section, "tokenizer": lambda: TokenizerSection,
+                   "model": lambda: ModelSection}
+
+
+@lru_cache(maxsize=None)
+def _config_class(spec: str):
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@lru_cache(maxsize=None)
+def _field_types(cls) -> dict[str, Any]:
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # a forward reference we cannot resolve: fall back to "anything goes"
+        hints = {}
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
+
+
+@lru_cache(maxsize=None)
+def stage_fields(stage: str) -> dict[str, tuple[str, Any]]:
+    """key -> (destination, type) for a stage section; destination is 'keys', 'config' or 'peft'."""
+    spec = STAGES[stage]
+    out: dict[str, tuple[str, Any]] = {}
+    if spec.config_class:
+        for name, tp in _field_types(_config_class(spec.config_class)).items():
+            out[name] = ("config", tp)
+    if spec.peft:
+        from trl import ModelConfig
+
+        peft_types = _field_types(ModelConfig)
+        for name in PEFT_FIELDS:
+            if name in peft_types:
+                out[name] = ("peft", peft_types[name])
+    for name, tp in _field_types(spec.keys).items():
+        out[name] = ("keys", tp)
+    out.pop("output_dir", None)  # the pipeline owns where stages write
+    return out
+
+
+def _type_name(tp) -> str:
+    if tp is Any:
+        return "any"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def coerce(value, tp):
+    """Return value converted to type tp, or raise _Mismatch. YAML leaves '1e-4' a string: accept it for floats."""
+    if tp is Any or tp is object:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in sorted(args, key=lambda a: a is str):  # try str last so '1e-4' becomes a float where allowed
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg)
+            except _Mismatch:
+                pass
+        raise _Mismatch
+    if origin is typing.Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise _Mismatch
+    if origin in (list, tuple, typing.Sequence) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        args = typing.get_args(tp)
+        return [coerce(v, args[0]) if args else v for v in value]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch
+        return value
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise _Mismatch from None
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        values = {m.value for m in tp}
+        if value in values or isinstance(value, tp):
+            return value
+        raise _Mismatch
+    return value  # a type we do not check (a config class handles it)
+
+
+def _closest(name: str, valid) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.5)
+    return f" (closest: {', '.join(close)})" if close else ""
+
+
+@dataclass
+class Recipe:
+    path: Path
+    run: RunSection
+    world: Any
+    tokenizer: TokenizerSection
+    model: ModelSection
+    stages: dict[str, dict] = field(default_factory=dict)  # section name -> validated values, in recipe order
+    overrides: list[str] = field(default_factory=list)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.run_dir / stage
+
+    def section(self, stage: str) -> dict:
+        return self.stages.get(stage, {})
+
+    def keys(self, stage: str):
+        """The stage's pipeline keys (recipe values over the dataclass defaults)."""
+        spec = STAGES[stage]
+        fields = stage_fields(stage)
+        values = {k: v for k, v in self.section(stage).items() if fields[k][0] == "keys"}
+        keys = spec.keys(**values)
+        if hasattr(keys, "init_from") and not keys.init_from and spec.default_init:
+            keys.init_from = next((s for s in spec.default_init if s in self.stages), spec.default_init[-1])
+        return keys
+
+    def peft_values(self, stage: str) -> dict:
+        fields = stage_fields(stage)
+        return {k: v for k, v in self.section(stage).items() if fields[k][0] == "peft"}
+
+    def trainer_config(self, stage: str, **fixed):
+        """The stage's TRL/Transformers config object built from the section's config keys."""
+        spec = STAGES[stage]
+        fields = stage_fields(stage)
+        values = {k: v for k, v in self.section(stage).items() if fields[k][0] == "config"}
+        values.setdefault("seed", self.run.seed)
+        values.setdefault("report_to", "none")
+        values.update(fixed)
+        try:
+            return _config_class(spec.config_class)(**values)
+        except (ValueError, TypeError) as err:
+            raise PipelineError(f"{self.path}: section '{stage}': {str(err).splitlines()[0]}") from None
+
+
+def _validate_section(section: str, raw, where, origins) -> dict:
+    """Check keys and types of one section; returns coerced values. `origins` maps key -> override text."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{where}: section '{section}' must be a mapping of keys, got {type(raw).__name__}")
+    if section in GLOBAL_SECTIONS:
+        fields = {k: ("global", tp) for k, tp in _field_types(GLOBAL_SECTIONS[section]()).items()}
+    else:
+        fields = stage_fields(section)
+    out = {}
+    for k, v in raw.items():
+        src = f"override '{origins[k]}'" if k in origins else where
+        if k not in fields:
+            raise PipelineError(f"{src}: unknown key '{k}' in section '{section}'{_closest(str(k), fields)}")
+        try:
+            out[k] = coerce(v, fields[k][1])
+        except _Mismatch:
+            raise PipelineError(f"{src}: {section}.{k} must be {_type_name(fields[k][1])}, got {v!r}") from None
+    return out
+
+
+def _apply_override(data: dict, text: str) -> tuple[str, str]:
+    dotted, _, value_text = text.partition("=")
+    parts = dotted.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise PipelineError(f"override '{text}': expected section.key=value")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else None
+    except yaml.YAMLError:
+        value = value_text
+    node = data
+    for p in parts[:-1]:
+        if node.get(p) is None:
+            node[p] = {}
+        if not isinstance(node[p], dict):
+            raise PipelineError(f"override '{text}': '{p}' is not a section")
+        node = node[p]
+    node[parts[-1]] = value
+    return parts[0], parts[1]
+
+
+def load_recipe(path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise PipelineError(f"{path}:{line}: YAML syntax error: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+
+    origins: dict[str, dict[str, str]] = {}
+    for ov in overrides:
+        section, k = _apply_override(data, ov)
+        origins.setdefault(section, {})[k] = ov
+
+    known = list(GLOBAL_SECTIONS) + list(STAGES)
+    values = {}
+    for section, raw in data.items():
+        if section not in known:
+            src = f"override '{next(iter(origins[section].values()))}'" if section in origins else str(path)
+            raise PipelineError(f"{src}: unknown section '{section}'{_closest(str(section), known)}")
+        values[section] = _validate_section(section, raw, str(path), origins.get(section, {}))
+
+    def build(section):
+        cls = GLOBAL_SECTIONS[section]()
+        return cls(**values.get(section, {}))
+
+    recipe = Recipe(path=path, run=build("run"), world=build("world"), tokenizer=build("tokenizer"),
+                    model=build("model"), overrides=list(overrides),
+                    stages={s: v for s, v in values.items() if s in STAGES})
+    _check_world(recipe)
+    return recipe
+
+
+def _check_world(recipe: Recipe) -> None:
+    from pipeline.world import SKILLS
+
+    bad = [s for s in recipe.world.skills if s not in SKILLS]
+    if bad:
+        raise PipelineError(f"{recipe.path}: world.skills: unknown skill '{bad[0]}'{_closest(bad[0], SKILLS)}")
+
+
+def section_docs(cls) -> dict[str, str]:
+    """Help text of a pipeline-keys dataclass, for docs and --help."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}

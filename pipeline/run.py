@@ -1,0 +1,140 @@
+"""Run a whole recipe: every stage in dependency order, each in its own process.
+
+    python pipeline/run.py recipes/small.yaml [section.key=value ...] [--dry-run] [--force] [--only S[,S]] [--from S]
+
+A stage whose manifest matches its current inputs and settings is skipped (see pipeline/runs.py). `--force` reruns
+the selected stages, `--from S` reruns S and everything after it, `--only` restricts the plan. Each stage is started
+as `python pipeline/<stage>.py RECIPE OVERRIDES`, or behind `run.launcher` (e.g. `accelerate launch ...`).
+"""
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import the package, never shadow libraries with our modules
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
+import dataclasses
+import json
+import shlex
+import subprocess
+import time
+
+from pipeline import cli, runs
+from pipeline.recipe import load_recipe
+from pipeline.stages import STAGES
+
+PIPELINE_DIR = Path(__file__).resolve().parent
+
+
+def dependencies(recipe, stage: str) -> list[str]:
+    """Stages of this recipe that `stage` reads a checkpoint from."""
+    keys = recipe.keys(stage)
+    deps = []
+    for f in dataclasses.fields(keys):
+        ref, value = f.metadata.get("ref"), getattr(keys, f.name)
+        values = value if isinstance(value, list) else [value]
+        if ref in ("checkpoint", "checkpoints"):
+            deps += [v for v in values if v in recipe.stages and v != stage]
+    return deps
+
+
+def order_stages(recipe) -> list[str]:
+    """Recipe order, moved where needed so every stage comes after the stages it starts from."""
+    done, order, visiting = set(), [], set()
+
+    def visit(stage):
+        if stage in done:
+            return
+        if stage in visiting:
+            raise cli.PipelineError(f"{recipe.path}: stages depend on each other in a cycle through '{stage}'")
+        visiting.add(stage)
+        for dep in dependencies(recipe, stage):
+            visit(dep)
+        visiting.discard(stage)
+        done.add(stage)
+        order.append(stage)
+
+    for stage in recipe.stages:
+        visit(stage)
+    return order
+
+
+def plan(recipe, only=(), start=None, force=False) -> list[tuple[str, bool, str]]:
+    """(stage, run it?, why) for each stage in order."""
+    order = order_stages(recipe)
+    for name in [*only, *([start] if start else [])]:
+        if name not in order:
+            raise cli.PipelineError(f"{recipe.path}: no stage '{name}' in this recipe (stages: {', '.join(order)})")
+    rerun: set[str] = set()
+    steps = []
+    forced_from = order.index(start) if start else None
+    for i, stage in enumerate(order):
+        if only and stage not in only:
+            continue
+        upstream = [d for d in dependencies(recipe, stage) if d in rerun]
+        if force:
+            run, why = True, "--force"
+        elif forced_from is not None and i >= forced_from:
+            run, why = True, f"--from {start}"
+        elif upstream:
+            run, why = True, f"input stage {upstream[0]} reruns"
+        else:
+            fresh, why = runs.up_to_date(recipe, stage)
+            run = not fresh
+        if run:
+            rerun.add(stage)
+        steps.append((stage, run, why))
+    return steps
+
+
+def stage_command(recipe, stage: str, overrides: list[str]) -> list[str]:
+    script = PIPELINE_DIR / f"{STAGES[stage].module.rsplit('.', 1)[-1]}.py"
+    prefix = shlex.split(recipe.run.launcher) if recipe.run.launcher else [sys.executable]
+    return [*prefix, str(script), str(recipe.path), *overrides]
+
+
+def headline(metrics: dict) -> str:
+    flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return ", ".join(f"{k} {v:.4g}" for k, v in list(flat.items())[:6])
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(prog="pipeline/run.py", description=__doc__.splitlines()[0])
+    parser.add_argument("recipe", type=Path)
+    parser.add_argument("overrides", nargs="*", help="section.key=value, passed to every stage")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    parser.add_argument("--force", action="store_true", help="rerun the selected stages even if up to date")
+    parser.add_argument("--only", default="", help="comma-separated stages to consider")
+    parser.add_argument("--from", dest="start", default=None, help="rerun this stage and every later one")
+    args = parser.parse_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    only = [s for s in args.only.split(",") if s]
+    steps = plan(recipe, only=only, start=args.start, force=args.force)
+
+    print(f"plan for {recipe.path} -> {recipe.run_dir}/")
+    for stage, run, why in steps:
+        print(f"  {stage:<10} {'run ' if run else 'skip'}  ({why})")
+    if args.dry_run:
+        return
+    for stage, run, _ in steps:
+        if not run:
+            continue
+        cmd = stage_command(recipe, stage, args.overrides)
+        print(f"\n=== {stage}: {shlex.join(cmd)}", flush=True)
+        started = time.time()
+        code = subprocess.call(cmd)
+        if code != 0:
+            print(f"\nstage {stage} failed (exit code {code}); later stages not run", file=sys.stderr)
+            sys.exit(code)
+        print(f"=== {stage} done in {time.time() - started:.0f}s", flush=True)
+
+    print("\nsummary:")
+    for stage, _, _ in steps:
+        metrics_path = recipe.stage_dir(stage) / runs.METRICS
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        print(f"  {stage:<10} {headline(metrics)}")
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

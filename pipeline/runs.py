@@ -1,0 +1,245 @@
+"""Run directories, manifests and fingerprints.
+
+A stage writes into `<run_dir>/<stage>.partial/` and, once everything is saved, writes `manifest.json` there and
+renames the folder to `<run_dir>/<stage>/`. So a finished stage is exactly a stage folder with a manifest; a stage
+killed mid-way leaves only a `.partial` folder, which the next run of the same inputs resumes from (trainer
+checkpoints) or, if the inputs changed, wipes.
+
+The fingerprint of a stage hashes what it was asked to do: its section of the recipe, the run seed, the
+fingerprints of the checkpoints it starts from (a finished stage's manifest, a folder's file listing, a hub id)
+and of its data. The runner skips a stage whose manifest carries the fingerprint it would write now.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from pipeline.cli import PipelineError
+from pipeline.stages import STAGES
+
+MANIFEST = "manifest.json"
+METRICS = "metrics.json"
+LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "tokenizers", "deepspeed",
+             "bitsandbytes")
+
+
+def hash_obj(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def hash_folder(path: Path) -> str:
+    """Contents for small files, name/size/mtime for big ones (hashing 100 GB of weights is not worth it)."""
+    entries = []
+    for p in sorted(path.rglob("*")):
+        if p.is_file() and ".partial" not in p.parts:
+            st = p.stat()
+            rel = str(p.relative_to(path))
+            entries.append((rel, hash_file(p)) if st.st_size < (64 << 20) else (rel, st.st_size, st.st_mtime_ns))
+    return hash_obj(entries)
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(stage_dir: Path) -> dict | None:
+    try:
+        return json.loads((Path(stage_dir) / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """Where a stage's model comes from. path None: a new model built from the recipe's `model.config`."""
+
+    ref: str
+    path: str | None
+    fingerprint: str | None   # None: an upstream stage that has not finished yet
+    source: str               # "stage", "config", "local" or "hub"
+
+
+def resolve_checkpoint(recipe, ref: str | None, must_exist: bool = True) -> Checkpoint:
+    if not ref or ref == "model":
+        m = recipe.model
+        if m.name_or_path:
+            cp = resolve_checkpoint(recipe, m.name_or_path, must_exist)
+            return dataclasses.replace(cp, ref="model")
+        if not m.config:
+            raise PipelineError(f"{recipe.path}: the model section needs `name_or_path` or `config`")
+        fp = hash_obj({"model": dataclasses.asdict(m), "tokenizer": dataclasses.asdict(recipe.tokenizer)})
+        return Checkpoint("model", None, fp, "config")
+    if ref in recipe.stages or ref in STAGES:
+        stage_dir = recipe.stage_dir(ref)
+        manifest_path = stage_dir / MANIFEST
+        if not manifest_path.is_file():
+            if must_exist:
+                raise PipelineError(f"stage '{ref}' has not finished ({manifest_path} is missing): run it first, "
+                                    f"e.g. python pipeline/run.py {recipe.path} --only {ref}")
+            return Checkpoint(ref, str(stage_dir.resolve()), None, "stage")
+        return Checkpoint(ref, str(stage_dir.resolve()), hash_file(manifest_path), "stage")
+    path = Path(ref).expanduser()
+    if path.exists():
+        return Checkpoint(ref, str(path.resolve()), hash_folder(path) if path.is_dir() else hash_file(path), "local")
+    if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
+        raise PipelineError(f"{recipe.path}: checkpoint '{ref}' not found (not a stage, a folder or a hub id)")
+    return Checkpoint(ref, ref, hash_obj({"hub": ref, "revision": recipe.model.revision}), "hub")
+
+
+def stage_inputs(recipe, stage: str, must_exist: bool = True) -> dict:
+    """Everything a stage's result depends on, as recorded in its manifest and hashed into its fingerprint."""
+    from pipeline import data
+
+    keys = recipe.keys(stage)
+    checkpoints, datasets = {}, {}
+    for f in dataclasses.fields(keys):
+        value, ref = getattr(keys, f.name), f.metadata.get("ref")
+        if ref == "checkpoint" and (value or f.name == "init_from"):
+            checkpoints[f.name] = dataclasses.asdict(resolve_checkpoint(recipe, value, must_exist))
+        elif ref == "checkpoints" and value:
+            checkpoints[f.name] = [dataclasses.asdict(resolve_checkpoint(recipe, v, must_exist)) for v in value]
+        elif ref == "data" and value:
+            datasets[f.name] = {"spec": value, "fingerprint": data.fingerprint(value, recipe)}
+    settings = {"section": recipe.section(stage), "seed": recipe.run.seed}
+    if any(str(d["spec"]).startswith("world:") for d in datasets.values()):
+        settings["world"] = dataclasses.asdict(recipe.world)
+    return {"settings": settings, "checkpoints": checkpoints, "data": datasets}
+
+
+def up_to_date(recipe, stage: str) -> tuple[bool, str]:
+    manifest = read_manifest(recipe.stage_dir(stage))
+    if manifest is None:
+        return False, "not run yet"
+    inputs = stage_inputs(recipe, stage, must_exist=False)
+    pending = [c["ref"] for c in _flat_checkpoints(inputs) if c["fingerprint"] is None]
+    if pending:
+        return False, f"input stage {pending[0]} has not finished"
+    if manifest.get("fingerprint") != hash_obj(inputs):
+        changed = [k for k in ("settings", "checkpoints", "data") if manifest.get("inputs", {}).get(k) != inputs[k]]
+        return False, f"{', '.join(changed) or 'inputs'} changed"
+    return True, "up to date"
+
+
+def _flat_checkpoints(inputs: dict):
+    for v in inputs["checkpoints"].values():
+        yield from (v if isinstance(v, list) else [v])
+
+
+def library_versions() -> dict:
+    out = {"python": sys.version.split()[0]}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+class StageRun:
+    """Context manager around one stage's output folder (see the module docstring)."""
+
+    def __init__(self, recipe, stage: str):
+        from accelerate import PartialState
+
+        self.recipe, self.stage = recipe, stage
+        self.state = PartialState()
+        self.inputs = stage_inputs(recipe, stage)
+        self.fingerprint = hash_obj(self.inputs)
+        self.final_dir = recipe.stage_dir(stage)
+        self.out = recipe.run_dir / f"{stage}.partial"
+        self._run_dir_existed = recipe.run_dir.exists()
+        self._started = time.time()
+
+    def checkpoint(self, name: str = "init_from") -> Checkpoint:
+        return Checkpoint(**self.inputs["checkpoints"][name])
+
+    def __enter__(self):
+        if self.state.is_main_process:
+            marker = self.out / ".fingerprint"
+            if self.out.exists() and (not marker.is_file() or marker.read_text() != self.fingerprint):
+                shutil.rmtree(self.out)  # leftovers of a run with other inputs: nothing to resume
+        self.state.wait_for_everyone()
+        return self
+
+    def prepare(self) -> Path:
+        """Create the staging folder; call once inputs are validated, so bad input writes nothing."""
+        if self.state.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / ".fingerprint").write_text(self.fingerprint)
+        self.state.wait_for_everyone()
+        return self.out
+
+    def last_checkpoint(self) -> str | None:
+        """The newest trainer checkpoint a killed run of the same inputs left behind."""
+        ckpts = sorted(self.out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        return str(ckpts[-1]) if ckpts else None
+
+    def finish(self, metrics: dict, config=None, global_batch_size: int | None = None, keep=()) -> Path:
+        """Write metrics and manifest, then publish the folder atomically. Returns the final folder."""
+        self.state.wait_for_everyone()
+        if self.state.is_main_process:
+            for ckpt in self.out.glob("checkpoint-*"):
+                if ckpt.name not in keep:
+                    shutil.rmtree(ckpt)
+            (self.out / ".fingerprint").unlink(missing_ok=True)
+            write_json(self.out / METRICS, metrics)
+            write_json(self.out / MANIFEST, self._manifest(config, global_batch_size))
+            old = self.final_dir.with_name(f"{self.stage}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            if self.final_dir.exists():
+                os.replace(self.final_dir, old)
+            os.replace(self.out, self.final_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        self.state.wait_for_everyone()
+        return self.final_dir
+
+    def _manifest(self, config, global_batch_size) -> dict:
+        return {
+            "stage": self.stage,
+            "run": self.recipe.run.name,
+            "fingerprint": self.fingerprint,
+            "recipe": str(self.recipe.path),
+            "overrides": self.recipe.overrides,
+            "inputs": self.inputs,
+            "config": config.to_dict() if hasattr(config, "to_dict") else config,
+            "num_processes": self.state.num_processes,
+            "global_batch_size": global_batch_size,
+            "versions": library_versions(),
+            "command": sys.argv,
+            "host": socket.gethostname(),
+            "started": datetime.fromtimestamp(self._started, timezone.utc).isoformat(timespec="seconds"),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "wall_time_s": round(time.time() - self._started, 1),
+        }
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, PipelineError) and self.state.is_main_process:
+            shutil.rmtree(self.out, ignore_errors=True)  # bad input: leave nothing behind
+            if not self._run_dir_existed and self.recipe.run_dir.exists() and not any(self.recipe.run_dir.iterdir()):
+                self.recipe.run_dir.rmdir()
+        return False
+
+
+def global_batch_size(args, num_processes: int) -> int:
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes

@@ -1,0 +1,94 @@
+"""Stage 2, sft: supervised fine-tuning on demonstrations with TRL's SFTTrainer.
+
+    accelerate launch pipeline/sft.py recipes/small.yaml [sft.learning_rate=1e-4 sft.dataset=my_chats.jsonl ...]
+
+Conversations (`messages`) train with assistant-only loss (the chat template marks assistant turns), prompt/
+completion rows with completion-only loss. `use_peft: true` trains a LoRA adapter, with `load_in_4bit: true` QLoRA.
+At the end the base and the fine-tuned model answer the held-out world prompts, and their verifier accuracies go
+into metrics.json. Section keys: TRL's SFTConfig fields, ModelConfig's LoRA fields, and SFTKeys (pipeline/stages.py).
+"""
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import the package, never shadow libraries with our modules
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from pipeline import cli, data, models, runs
+from pipeline.recipe import load_recipe
+
+STAGE = "sft"
+USAGE = "usage: pipeline/sft.py RECIPE [sft.KEY=VALUE ...]"
+TRAIN_COLUMNS = ("messages", "prompt", "completion", "tools")
+
+
+def heldout_accuracy(recipe, path, rows, keys, label):
+    """Verifier accuracy of the model saved at `path` (read back from disk, as later stages will)."""
+    from pipeline.generation import verifier_accuracy
+
+    model = models.load_causal_lm(recipe, path)
+    tokenizer = models.load_tokenizer(recipe, runs.Checkpoint(label, path, "", "local"))
+    models.configure_generation(model, tokenizer)
+    result = verifier_accuracy(model, tokenizer, rows, max_new_tokens=keys.heldout_max_new_tokens,
+                               batch_size=keys.heldout_batch_size, desc=f"scoring {label}")
+    print(f"[sft] held-out verifier accuracy of {label}: {result['accuracy']:.3f} "
+          f"(n={result['n']}, {', '.join(f'{s} {a:.2f}' for s, a in result['per_skill'].items())})", flush=True)
+    return result
+
+
+def main(argv):
+    recipe = load_recipe(*cli.split_stage_args(argv, USAGE))
+    keys = recipe.keys(STAGE)
+    peft_values = recipe.peft_values(STAGE)
+    with runs.StageRun(recipe, STAGE) as run:
+        train_ds = data.load(keys.dataset, "chat", recipe)
+        eval_ds = data.load(keys.eval_dataset, "chat", recipe) if keys.eval_dataset else None
+        heldout = data.load(keys.heldout_prompts, "prompts", recipe) if keys.heldout_prompts else None
+        if heldout is not None and not {"skill", "answer"} <= set(heldout.column_names):
+            print(f"[sft] {keys.heldout_prompts} has no skill/answer columns: held-out scoring skipped")
+            heldout = None
+        conversational = "messages" in train_ds.column_names
+        fixed = {"output_dir": str(run.out)}
+        if "assistant_only_loss" not in recipe.section(STAGE):
+            fixed["assistant_only_loss"] = conversational
+        args = recipe.trainer_config(STAGE, **fixed)
+        init = run.checkpoint()
+        if init.path is None:
+            raise cli.PipelineError(f"{recipe.path}: sft.init_from is a new model from `model.config`; "
+                                    f"pretrain it first (add a pretrain stage) or start from a checkpoint")
+        run.prepare()
+
+        from trl import SFTTrainer
+
+        tokenizer = models.load_tokenizer(recipe, init)
+        model = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision)
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # chat tokens added to a hub tokenizer
+            model.resize_token_embeddings(len(tokenizer))
+        models.configure_generation(model, tokenizer)
+
+        def keep_training_columns(ds):
+            return ds.remove_columns([c for c in ds.column_names if c not in TRAIN_COLUMNS]) if ds else ds
+
+        trainer = SFTTrainer(model=model, args=args, train_dataset=keep_training_columns(train_ds),
+                             eval_dataset=keep_training_columns(eval_ds), processing_class=tokenizer,
+                             peft_config=models.peft_config(peft_values))
+        if run.state.is_main_process:
+            print(f"[sft] {models.describe(trainer.model)}; {len(train_ds)} training rows", flush=True)
+        result = trainer.train(resume_from_checkpoint=run.last_checkpoint())
+        metrics = {"train_loss": result.training_loss, "steps": result.global_step}
+        if eval_ds is not None:
+            metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+        models.save_trained(trainer, tokenizer, run.out, merge_adapter=keys.merge_adapter)
+
+        if heldout is not None and run.state.is_main_process:
+            rows = heldout.select(range(min(len(heldout), keys.heldout_max_prompts))).to_list()
+            base = heldout_accuracy(recipe, init.path, rows, keys, label=f"base ({init.ref})")
+            tuned = heldout_accuracy(recipe, str(run.out), rows, keys, label="sft")
+            metrics["heldout"] = {"prompts": keys.heldout_prompts, "n": tuned["n"], "base": base, "sft": tuned}
+            metrics["heldout_accuracy_base"] = base["accuracy"]
+            metrics["heldout_accuracy_sft"] = tuned["accuracy"]
+        run.finish(metrics, config=args, global_batch_size=runs.global_batch_size(args, run.state.num_processes))
+
+
+if __name__ == "__main__":
+    cli.run_main(main)
