@@ -604,3 +604,22 @@ def split_stats(cfg: WorldConfig, split: str, rows: list[dict] | None = None) ->
 def _pair_answer(row: dict) -> str:
     key = prompt_key(row["prompt"][-1]["content"])
     return solve(key) if key else ""
+
+
+def main(argv=None) -> None:
+    """`python -m pipeline.world SPLIT [--n N] [--seed S]`: print a split as JSON Lines (e.g. to make samples)."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.world", description=main.__doc__)
+    parser.add_argument("split", choices=SPLITS)
+    parser.add_argument("--n", type=int, default=None, help="print only the first N rows")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    rows = build_split(WorldConfig(seed=args.seed), args.split)
+    for row in rows[: args.n]:
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Shared test helpers: a tiny recipe (seconds per stage on CPU) and a way to run the real command lines."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "run": {"name": "tiny", "output_dir": "runs", "seed": 0},
+    "world": {"seed": 0, "n_pretrain_docs": 300, "n_sft": 200, "n_sft_eval": 20, "n_preference": 200,
+              "n_preference_eval": 40, "n_eval": 40},
+    "tokenizer": {"train": True, "vocab_size": 400},
+    # multiples of 64 (hidden, intermediate, k/v) so 4-bit quantization works on CPU
+    "model": {"config": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                         "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+                         "max_position_embeddings": 256}},
+    "pretrain": {"block_size": 64, "max_steps": 12, "per_device_train_batch_size": 8, "learning_rate": 3e-3,
+                 "logging_steps": 4, "save_strategy": "no", "use_cpu": True},
+    "sft": {"max_steps": 12, "per_device_train_batch_size": 8, "learning_rate": 1e-3, "max_length": 128,
+            "gradient_checkpointing": False, "bf16": False, "logging_steps": 4, "save_strategy": "no",
+            "use_cpu": True, "heldout_max_prompts": 8, "heldout_max_new_tokens": 16},
+}
+
+
+def tiny_recipe(directory: Path, **sections) -> Path:
+    """Write the tiny recipe (sections replaced or extended by keyword) into `directory`."""
+    recipe = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY.items()}
+    for name, values in sections.items():
+        if values is None:
+            recipe.pop(name, None)
+        else:
+            recipe[name] = {**recipe.get(name, {}), **values}
+    path = Path(directory) / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python <args>` the way a user would, in `cwd`, with the repo's scripts."""
+    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    cmd = [sys.executable, *[str(REPO / a) if a.startswith("pipeline/") else str(a) for a in args]]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """pretrain + sft of the tiny recipe through the runner, once per test session."""
+    work = tmp_path_factory.mktemp("tiny")
+    recipe = tiny_recipe(work)
+    proc = run_cli(["pipeline/run.py", recipe], cwd=work)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return work, recipe, proc

@@ -1,0 +1,110 @@
+import json
+
+import datasets
+import pytest
+
+from pipeline import data
+from pipeline.cli import PipelineError
+from pipeline.recipe import load_recipe
+from conftest import tiny_recipe
+
+CHATS = [
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure! The answer is 1."}]},
+    {"messages": [{"role": "system", "content": "be kind"}, {"role": "user", "content": "add 1 and 2"},
+                  {"role": "assistant", "content": "Sure! The answer is 3."}]},
+]
+
+
+@pytest.fixture()
+def recipe(tmp_path):
+    return load_recipe(tiny_recipe(tmp_path))
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet", "csv", "saved", "folder"])
+def test_every_local_format_loads_chats(tmp_path, recipe, fmt):
+    ds = datasets.Dataset.from_list(CHATS)
+    if fmt == "jsonl":
+        spec = write_jsonl(tmp_path / "c.jsonl", CHATS)
+    elif fmt == "json":
+        spec = tmp_path / "c.json"
+        spec.write_text(json.dumps(CHATS))
+    elif fmt == "parquet":
+        spec = tmp_path / "c.parquet"
+        ds.to_parquet(str(spec))
+    elif fmt == "csv":  # CSV cells hold the messages as JSON text
+        spec = tmp_path / "c.csv"
+        datasets.Dataset.from_list([{"messages": json.dumps(r["messages"])} for r in CHATS]).to_csv(str(spec))
+    elif fmt == "saved":
+        spec = tmp_path / "saved"
+        ds.save_to_disk(str(spec))
+    else:
+        spec = tmp_path / "folder"
+        spec.mkdir()
+        write_jsonl(spec / "a.jsonl", CHATS[:1])
+        write_jsonl(spec / "b.jsonl", CHATS[1:])
+    loaded = data.load(str(spec), "chat", recipe)
+    assert len(loaded) == 2
+    assert loaded[1]["messages"][-1] == {"role": "assistant", "content": "Sure! The answer is 3."}
+
+
+def test_world_splits_load_in_their_formats(recipe):
+    assert "text" in data.load("world:pretrain", "text", recipe).column_names
+    assert "messages" in data.load("world:sft", "chat", recipe).column_names
+    prompts = data.load("world:eval", "prompts", recipe)
+    assert {"prompt", "answer", "skill"} <= set(prompts.column_names)
+    with pytest.raises(PipelineError, match="unknown world split"):
+        data.load("world:nope", "chat", recipe)
+
+
+def test_prompt_completion_and_tool_calls_are_accepted(tmp_path, recipe):
+    rows = [
+        {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "a"}]},
+        {"prompt": [{"role": "user", "content": "draw a cat"}],
+         "completion": [{"role": "assistant", "content": None,
+                         "tool_calls": [{"type": "function", "function": {"name": "draw", "arguments": {"x": 1}}}]}]},
+    ]
+    assert len(data.load(str(write_jsonl(tmp_path / "pc.jsonl", rows)), "chat", recipe)) == 2
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [}\n', r"line 2: invalid JSON"),
+    ('{"text": "hi"}\n', r"line 1: expected a 'messages' column"),
+    ('{"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "x"}]}\n',
+     r"line 1: message 0: unknown role 'bot'"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n', r"line 1: no assistant message"),
+    ('{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}\n',
+     r"line 1: message 0: 'content' must be a string"),
+    ('[1, 2]\n', r"line 1: expected a JSON object"),
+    ('', r"empty file"),
+])
+def test_malformed_rows_name_file_and_line(tmp_path, recipe, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(PipelineError, match=message) as err:
+        data.load(str(path), "chat", recipe)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_file_unsupported_type_and_text_column(tmp_path, recipe):
+    with pytest.raises(PipelineError, match="file not found"):
+        data.load(str(tmp_path / "nope.jsonl"), "chat", recipe)
+    (tmp_path / "x.txt").write_text("hello")
+    with pytest.raises(PipelineError, match="unsupported file type"):
+        data.load(str(tmp_path / "x.txt"), "text", recipe)
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "a"}, {"body": "b"}])
+    with pytest.raises(PipelineError, match="line 2: missing column 'text'"):
+        data.load(str(path), "text", recipe)
+
+
+def test_fingerprint_follows_content(tmp_path, recipe):
+    path = write_jsonl(tmp_path / "c.jsonl", CHATS)
+    before = data.fingerprint(str(path), recipe)
+    assert data.fingerprint(str(path), recipe) == before
+    write_jsonl(path, CHATS[:1])
+    assert data.fingerprint(str(path), recipe) != before
+    assert data.fingerprint("world:sft", recipe) != data.fingerprint("world:eval", recipe)

@@ -1,0 +1,93 @@
+import pytest
+from trl import SFTConfig
+
+from pipeline.cli import PipelineError
+from pipeline.recipe import load_recipe
+from conftest import REPO, tiny_recipe
+
+SMALL = REPO / "recipes" / "small.yaml"
+
+
+def test_small_recipe_loads_with_stage_order_and_defaults():
+    recipe = load_recipe(SMALL)
+    assert list(recipe.stages)[:2] == ["pretrain", "sft"]
+    assert recipe.run.name == "small"
+    assert recipe.keys("sft").init_from == "pretrain"
+    assert recipe.keys("sft").dataset == "world:sft"
+
+
+def test_overrides_are_coerced_to_the_field_type():
+    recipe = load_recipe(SMALL, ["sft.learning_rate=1e-4", "sft.max_steps=20", "sft.dataset=my_chats.jsonl",
+                                 "model.config.hidden_size=64", "sft.bf16=true"])
+    section = recipe.section("sft")
+    assert section["learning_rate"] == pytest.approx(1e-4) and isinstance(section["learning_rate"], float)
+    assert section["max_steps"] == 20
+    assert recipe.keys("sft").dataset == "my_chats.jsonl"
+    assert recipe.model.config["hidden_size"] == 64
+    config = recipe.trainer_config("sft", output_dir="/tmp/x")
+    assert isinstance(config, SFTConfig)
+    assert config.learning_rate == pytest.approx(1e-4) and config.max_steps == 20 and config.bf16 is True
+    assert config.seed == recipe.run.seed  # run seed flows into every stage
+
+
+def test_unknown_key_names_key_section_and_closest(tmp_path):
+    with pytest.raises(PipelineError) as err:
+        load_recipe(SMALL, ["sft.learning_rte=1"])
+    msg = str(err.value)
+    assert "learning_rte" in msg and "'sft'" in msg and "learning_rate" in msg
+    assert "\n" not in msg
+
+    path = tiny_recipe(tmp_path, pretrain={"lerning_rate": 1e-3})
+    with pytest.raises(PipelineError) as err:
+        load_recipe(path)
+    assert str(path) in str(err.value) and "lerning_rate" in str(err.value) and "learning_rate" in str(err.value)
+
+
+def test_wrong_type_names_key_and_expected_type():
+    with pytest.raises(PipelineError) as err:
+        load_recipe(SMALL, ["sft.max_steps=many"])
+    assert "sft.max_steps" in str(err.value) and "int" in str(err.value)
+    with pytest.raises(PipelineError) as err:
+        load_recipe(SMALL, ["run.seed=[1, 2]"])
+    assert "run.seed" in str(err.value)
+    with pytest.raises(PipelineError) as err:
+        load_recipe(SMALL, ["sft.learning_rate=fast"])
+    assert "float" in str(err.value)
+
+
+def test_unknown_section_and_bad_world_skill():
+    with pytest.raises(PipelineError, match="unknown section 'sfft'.*sft"):
+        load_recipe(SMALL, ["sfft.max_steps=1"])
+    with pytest.raises(PipelineError, match="unknown skill 'divide'"):
+        load_recipe(SMALL, ["world.skills=[add, divide]"])
+
+
+def test_yaml_syntax_error_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run:\n  name: x\n  seed: [1, 2\nsft:\n  max_steps: 3\n")
+    with pytest.raises(PipelineError) as err:
+        load_recipe(bad)
+    assert str(bad) in str(err.value) and "YAML" in str(err.value) and "line" in str(err.value)
+    with pytest.raises(PipelineError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_malformed_override_and_non_mapping_section(tmp_path):
+    with pytest.raises(PipelineError, match="section.key=value"):
+        load_recipe(SMALL, ["learning_rate=1"])
+    path = tmp_path / "r.yaml"
+    path.write_text("sft: [1, 2]\n")
+    with pytest.raises(PipelineError, match="mapping"):
+        load_recipe(path)
+
+
+def test_invalid_combination_is_reported_by_the_config_class():
+    recipe = load_recipe(SMALL, ["sft.lr_scheduler_type=not_a_scheduler"])
+    with pytest.raises(PipelineError, match="sft"):
+        recipe.trainer_config("sft", output_dir="/tmp/x")
+
+
+def test_peft_keys_route_to_model_config():
+    recipe = load_recipe(SMALL, ["sft.use_peft=true", "sft.lora_r=8", "sft.load_in_4bit=true"])
+    assert recipe.peft_values("sft") == {"use_peft": True, "lora_r": 8, "load_in_4bit": True}
+    assert "use_peft" not in recipe.trainer_config("sft", output_dir="/tmp/x").to_dict()

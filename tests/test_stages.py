@@ -1,0 +1,133 @@
+"""pretrain and sft through their real command lines and the runner, on the tiny recipe."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import REPO, run_cli, tiny_recipe
+
+
+def test_pretrain_and_sft_write_finished_stage_folders(tiny_run):
+    work, _, proc = tiny_run
+    run_dir = work / "runs" / "tiny"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["pretrain", "sft"]  # no .partial left
+    for stage in ("pretrain", "sft"):
+        out = run_dir / stage
+        assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["stage"] == stage and manifest["num_processes"] == 1
+        assert manifest["global_batch_size"] == 8
+        assert manifest["versions"]["trl"] and manifest["wall_time_s"] > 0
+        assert manifest["inputs"]["data"]["dataset"]["fingerprint"]
+        model = AutoModelForCausalLM.from_pretrained(out)
+        tokenizer = AutoTokenizer.from_pretrained(out)
+        assert tokenizer.eos_token == "<|im_end|>" and model.generation_config.eos_token_id == tokenizer.eos_token_id
+    sft_manifest = json.loads((run_dir / "sft" / "manifest.json").read_text())
+    assert sft_manifest["inputs"]["checkpoints"]["init_from"]["ref"] == "pretrain"
+    metrics = json.loads((run_dir / "sft" / "metrics.json").read_text())
+    assert metrics["heldout"]["n"] == 8
+    assert 0 <= metrics["heldout_accuracy_base"] <= 1 and 0 <= metrics["heldout_accuracy_sft"] <= 1
+    pretrain_metrics = json.loads((run_dir / "pretrain" / "metrics.json").read_text())
+    assert pretrain_metrics["steps"] == 12 and pretrain_metrics["eval_perplexity"] > 1
+
+
+def test_runner_skips_finished_stages_and_reruns_on_change(tiny_run):
+    work, recipe, _ = tiny_run
+    plan = run_cli(["pipeline/run.py", recipe, "--dry-run"], cwd=work)
+    assert plan.returncode == 0
+    assert "pretrain   skip" in plan.stdout and "sft        skip" in plan.stdout
+
+    changed = run_cli(["pipeline/run.py", recipe, "sft.learning_rate=5e-4", "--dry-run"], cwd=work)
+    assert "pretrain   skip" in changed.stdout and "sft        run   (settings changed)" in changed.stdout
+
+    forced = run_cli(["pipeline/run.py", recipe, "--force", "--dry-run"], cwd=work)
+    assert "pretrain   run" in forced.stdout and "sft        run" in forced.stdout
+    from_sft = run_cli(["pipeline/run.py", recipe, "--from", "sft", "--dry-run"], cwd=work)
+    assert "pretrain   skip" in from_sft.stdout and "sft        run   (--from sft)" in from_sft.stdout
+
+    again = run_cli(["pipeline/run.py", recipe], cwd=work)  # nothing to do: no stage starts
+    assert again.returncode == 0 and "=== " not in again.stdout
+
+
+def test_force_reruns_only_the_selected_stage(tiny_run):
+    work, recipe, _ = tiny_run
+    sft_manifest = work / "runs" / "tiny" / "sft" / "manifest.json"
+    pretrain_manifest = work / "runs" / "tiny" / "pretrain" / "manifest.json"
+    before_sft, before_pre = sft_manifest.read_text(), pretrain_manifest.read_text()
+    proc = run_cli(["pipeline/run.py", recipe, "--only", "sft", "--force"], cwd=work)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "=== sft" in proc.stdout and "=== pretrain" not in proc.stdout
+    assert sft_manifest.read_text() != before_sft and pretrain_manifest.read_text() == before_pre
+
+
+def test_accelerate_launch_sft_after_pretrain(tiny_run):
+    work, recipe, _ = tiny_run
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "pipeline/sft.py"), str(recipe),
+           "sft.max_steps=5", "run.name=accel", f"sft.init_from={work / 'runs/tiny/pretrain'}"]
+    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((work / "runs/accel/sft/metrics.json").read_text())["steps"] == 5
+
+
+def test_bad_recipe_key_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    proc = run_cli(["pipeline/sft.py", recipe, "sft.learning_rte=1"], cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "learning_rte" in lines[0] and "learning_rate" in lines[0]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}\n{oops\n', "line 2"),
+    ('{"messages": [{"role": "narrator", "content": "hi"}]}\n', "unknown role 'narrator'"),
+])
+def test_bad_data_row_exits_2_naming_file_and_row(tiny_run, content, expected):
+    work, recipe, _ = tiny_run
+    bad = work / "bad.jsonl"
+    bad.write_text(content)
+    before = sorted(p.name for p in (work / "runs").rglob("*"))
+    proc = run_cli(["pipeline/sft.py", recipe, f"sft.dataset={bad}", "run.name=bad"], cwd=work)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert str(bad) in line and expected in line
+    assert sorted(p.name for p in (work / "runs").rglob("*")) == before
+
+
+def test_killed_stage_never_looks_finished(tmp_path):
+    recipe = tiny_recipe(tmp_path, pretrain={"max_steps": 100000})
+    proc = subprocess.Popen([sys.executable, str(REPO / "pipeline/pretrain.py"), str(recipe)], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = tmp_path / "runs/tiny/pretrain.partial"
+    deadline = time.time() + 120
+    while not partial.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    time.sleep(3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert partial.exists() and not (tmp_path / "runs/tiny/pretrain").exists()
+    plan = run_cli(["pipeline/run.py", recipe, "--dry-run"], cwd=tmp_path)
+    assert "pretrain   run   (not run yet)" in plan.stdout
+
+
+@pytest.mark.parametrize("extra", [["sft.merge_adapter=true"], ["sft.load_in_4bit=true"]], ids=["lora", "qlora"])
+def test_lora_and_qlora_sft_save_loadable_adapters(tiny_run, extra):
+    work, recipe, _ = tiny_run
+    name = "qlora" if "load_in_4bit" in extra[0] else "lora"
+    proc = run_cli(["pipeline/sft.py", recipe, "sft.use_peft=true", "sft.lora_r=8", "sft.max_steps=4",
+                    f"run.name={name}", f"sft.init_from={work / 'runs/tiny/pretrain'}", *extra], cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = work / "runs" / name / "sft"
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    from peft import AutoPeftModelForCausalLM
+
+    assert AutoPeftModelForCausalLM.from_pretrained(out) is not None
+    if name == "lora":
+        assert AutoModelForCausalLM.from_pretrained(out / "merged") is not None
+    assert "heldout_accuracy_sft" in json.loads((out / "metrics.json").read_text())
