@@ -18,6 +18,7 @@ from itertools import chain
 
 from pipeline import cli, data, models, runs
 from pipeline.recipe import load_recipe
+from pipeline.tokenizer import doc_sep_id
 
 STAGE = "pretrain"
 USAGE = "usage: pipeline/pretrain.py RECIPE [pretrain.KEY=VALUE ...]"
@@ -25,7 +26,7 @@ USAGE = "usage: pipeline/pretrain.py RECIPE [pretrain.KEY=VALUE ...]"
 
 def pack(texts, tokenizer, block_size: int) -> list[list[int]]:
     """Documents joined with the document separator, cut into full blocks (the ragged tail is dropped)."""
-    sep = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    sep = doc_sep_id(tokenizer)
     ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     stream = list(chain.from_iterable(doc + [sep] for doc in ids))
     return [stream[i:i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
