@@ -6,6 +6,7 @@ whose base the adapter names), or an adapter stage that also saved `merged/`. `l
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -136,6 +137,23 @@ def load_causal_lm(recipe, path: str, *, peft_values: dict | None = None, cls=No
     return model
 
 
+@contextlib.contextmanager
+def single_process():
+    """Load models for this process alone, e.g. the main process scoring a saved checkpoint while the others wait.
+
+    Under DeepSpeed ZeRO-3, transformers builds every model it loads partitioned over all processes
+    (`deepspeed.zero.Init`), a collective the waiting processes never join: the load would hang. Inside this
+    block models load whole, as in a single-process run."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def configure_generation(model, tokenizer) -> None:
     """Stop at end of turn, pad with pad, use the KV cache (trainers may have saved use_cache=False)."""
     model.config.use_cache = True
@@ -153,6 +171,7 @@ def save_trained(trainer, tokenizer, out: Path, merge_adapter: bool = False) -> 
     configure_generation(unwrapped, tokenizer)
     trainer.save_model(str(out))
     if trainer.accelerator.is_main_process:
+        (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; manifest.json records the config instead
         tokenizer.save_pretrained(str(out))
         unwrapped.generation_config.save_pretrained(str(out))
     trainer.accelerator.wait_for_everyone()

@@ -70,8 +70,9 @@ def main(argv):
         else:
             model = models.load_causal_lm(recipe, init.path, revision=recipe.model.revision)
         models.configure_generation(model, tokenizer)
-        print(f"[pretrain] {models.describe(model)}; {len(blocks)} blocks of {keys.block_size} tokens "
-              f"({len(blocks) * keys.block_size / 1e6:.2f}M tokens), {len(eval_blocks)} held out", flush=True)
+        if run.state.is_main_process:
+            print(f"[pretrain] {models.describe(model)}; {len(blocks)} blocks of {keys.block_size} tokens "
+                  f"({len(blocks) * keys.block_size / 1e6:.2f}M tokens), {len(eval_blocks)} held out", flush=True)
 
         trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           data_collator=default_data_collator, processing_class=tokenizer)

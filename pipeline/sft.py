@@ -14,26 +14,15 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the package, never shadow libraries with our modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import functools
+
 from pipeline import cli, data, models, runs
+from pipeline.generation import score_checkpoint
 from pipeline.recipe import load_recipe
 
 STAGE = "sft"
 USAGE = "usage: pipeline/sft.py RECIPE [sft.KEY=VALUE ...]"
 TRAIN_COLUMNS = ("messages", "prompt", "completion", "tools")
-
-
-def heldout_accuracy(recipe, path, rows, keys, label):
-    """Verifier accuracy of the model saved at `path` (read back from disk, as later stages will)."""
-    from pipeline.generation import verifier_accuracy
-
-    model = models.load_causal_lm(recipe, path)
-    tokenizer = models.load_tokenizer(recipe, runs.Checkpoint(label, path, "", "local"))
-    models.configure_generation(model, tokenizer)
-    result = verifier_accuracy(model, tokenizer, rows, max_new_tokens=keys.heldout_max_new_tokens,
-                               batch_size=keys.heldout_batch_size, desc=f"scoring {label}")
-    print(f"[sft] held-out verifier accuracy of {label}: {result['accuracy']:.3f} "
-          f"(n={result['n']}, {', '.join(f'{s} {a:.2f}' for s, a in result['per_skill'].items())})", flush=True)
-    return result
 
 
 def main(argv):
@@ -82,8 +71,10 @@ def main(argv):
 
         if heldout is not None and run.state.is_main_process:
             rows = heldout.select(range(min(len(heldout), keys.heldout_max_prompts))).to_list()
-            base = heldout_accuracy(recipe, init.path, rows, keys, label=f"base ({init.ref})")
-            tuned = heldout_accuracy(recipe, str(run.out), rows, keys, label="sft")
+            score = functools.partial(score_checkpoint, recipe, rows=rows, max_new_tokens=keys.heldout_max_new_tokens,
+                                      batch_size=keys.heldout_batch_size)
+            base = score(init.path, label=f"base ({init.ref})")
+            tuned = score(str(run.out), label="sft")
             metrics["heldout"] = {"prompts": keys.heldout_prompts, "n": tuned["n"], "base": base, "sft": tuned}
             metrics["heldout_accuracy_base"] = base["accuracy"]
             metrics["heldout_accuracy_sft"] = tuned["accuracy"]

@@ -237,7 +237,12 @@ def train_tokenizer(
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    # Digits are split into single tokens (as in Llama/Qwen): numbers are then compared and added digit by digit,
+    # which a small model learns and generalizes; whole-number tokens would need a learned order over every number.
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
     bpe.decoder = decoders.ByteLevel()
     # No post-processor: no BOS/EOS is ever inserted automatically (ByteLevel post-processor only adjusts offsets,
     # with trim_offsets=False it is a no-op; leaving it out keeps offsets exact for assistant masks).

@@ -46,7 +46,10 @@ preference data targets exactly what SFT gets wrong. The label is flipped with p
 
 Pretraining corpus. Plain-text documents of 4..8 sentences: correct facts about train problems ("3 plus 5 is 8.",
 "Between 45 and 47, the larger number is 47.") and correct question/reply lines in all three styles, no chat
-markup. Every document carries one addition fact, cycling through the whole train addition table.
+markup. Every document carries one addition fact, cycling through the whole addition table: the table is world
+knowledge (as in a real corpus), so held-out `add` prompts test using a fact read in plain text, in a chat format
+never seen with it. No held-out problem of the other skills appears in the corpus, and no held-out prompt appears
+in any training split.
 """
 
 from __future__ import annotations
@@ -457,7 +460,9 @@ def _skills(cfg: WorldConfig) -> list[str]:
 
 def _pretrain(cfg: WorldConfig, rng: random.Random) -> list[dict]:
     skills = _skills(cfg)
-    add_table = [("add", a, b) for a in range(10) for b in range(10) if not is_heldout(("add", a, b))]
+    # The addition table is world knowledge, stated in full as a real corpus would: a held-out `add` prompt asks
+    # the model to use a fact it read, in a chat it never saw. Algorithmic skills state train problems only.
+    add_table = [("add", a, b) for a in range(10) for b in range(10)]
     cycle: list[tuple] = []
     rows = []
     for _ in range(cfg.n_pretrain_docs):

@@ -45,7 +45,7 @@ def tiny_recipe(directory: Path, **sections) -> Path:
 def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python <args>` the way a user would, in `cwd`, with the repo's scripts."""
     full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    cmd = [sys.executable, *[str(REPO / a) if a.startswith("pipeline/") else str(a) for a in args]]
+    cmd = [sys.executable, *[str(REPO / a) if str(a).startswith("pipeline/") else str(a) for a in args]]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 

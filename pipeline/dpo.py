@@ -1,0 +1,120 @@
+"""Stage 4a, dpo: direct preference optimisation with TRL's DPOTrainer.
+
+    accelerate launch pipeline/dpo.py recipes/small.yaml [dpo.beta=0.1 dpo.loss_type=[sigmoid] dpo.use_peft=true ...]
+
+The policy starts from `dpo.init_from` (default `sft`); the reference is the same checkpoint loaded once and
+frozen or, with `use_peft`, the policy with its adapter switched off. `precompute_ref_log_probs: true` scores the
+reference once before training and reuses the log-probs every epoch. Data: any preference format the reward stage
+reads (data.load_preferences). Section keys: TRL's DPOConfig fields, ModelConfig's LoRA fields, DPOKeys
+(pipeline/stages.py). At the end the input and the tuned policy answer the held-out prompts (verifier accuracy).
+"""
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import the package, never shadow libraries with our modules
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import functools
+
+from pipeline import cli, data, models, runs
+from pipeline.generation import score_checkpoint
+from pipeline.recipe import load_recipe
+
+STAGE = "dpo"
+USAGE = "usage: pipeline/dpo.py RECIPE [dpo.KEY=VALUE ...]"
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def chosen_logp_watch(drop: float):
+    """A TrainerCallback that warns once when logps/chosen falls `drop` nats below its first logged value:
+    both replies losing probability while the margin grows is DPO's best-known failure mode."""
+    from transformers import TrainerCallback
+
+    class ChosenLogpWatch(TrainerCallback):
+        start = None
+        warned = False
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            value = (logs or {}).get("logps/chosen")
+            if value is None or not state.is_world_process_zero:
+                return
+            if self.start is None:
+                self.start = value
+            elif not self.warned and value < self.start - drop:
+                self.warned = True
+                print(f"[dpo] WARNING: log-prob of chosen replies fell from {self.start:.2f} to {value:.2f} "
+                      f"(step {state.global_step}): the policy is moving mass away from both replies; consider a "
+                      f"larger beta, a lower learning rate, or loss_type [sigmoid, sft] (RPO)", flush=True)
+
+    return ChosenLogpWatch()
+
+
+def main(argv):
+    recipe = load_recipe(*cli.split_stage_args(argv, USAGE))
+    keys = recipe.keys(STAGE)
+    peft_values = recipe.peft_values(STAGE)
+    with runs.StageRun(recipe, STAGE) as run:
+        train_ds, train_info = data.load_preferences(keys.dataset, recipe)
+        if keys.eval_dataset:
+            eval_ds, _ = data.load_preferences(keys.eval_dataset, recipe)
+        else:
+            train_ds, eval_ds = data.split_by_prompt(train_ds, keys.eval_fraction, recipe.run.seed)
+        heldout = data.load(keys.heldout_prompts, "prompts", recipe) if keys.heldout_prompts else None
+        if heldout is not None and not {"skill", "answer"} <= set(heldout.column_names):
+            print(f"[dpo] {keys.heldout_prompts} has no skill/answer columns: held-out scoring skipped")
+            heldout = None
+        args = recipe.trainer_config(STAGE, output_dir=str(run.out))
+        init = run.checkpoint()
+        if init.path is None:
+            raise cli.PipelineError(f"{recipe.path}: dpo.init_from is a new model from `model.config`; "
+                                    f"start DPO from a trained checkpoint (sft)")
+        run.prepare()
+
+        from trl import DPOTrainer
+
+        tokenizer = models.load_tokenizer(recipe, init)
+        policy = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision)
+        models.configure_generation(policy, tokenizer)
+        peft_config = models.peft_config(peft_values)
+        reference = None
+        if peft_config is None:  # with LoRA the reference is the policy with its adapter switched off
+            reference = models.load_causal_lm(recipe, init.path, revision=recipe.model.revision).eval()
+            reference.requires_grad_(False)
+
+        def pairs_only(ds):
+            return ds.remove_columns([c for c in ds.column_names if c not in PAIR_COLUMNS])
+
+        trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=pairs_only(train_ds),
+                             eval_dataset=pairs_only(eval_ds), processing_class=tokenizer, peft_config=peft_config,
+                             callbacks=[chosen_logp_watch(keys.chosen_logp_warn_drop)])
+        if run.state.is_main_process:
+            print(f"[dpo] {models.describe(trainer.model)}; {len(train_ds)} pairs ({train_info}), "
+                  f"{len(eval_ds)} held out; beta {args.beta}, loss {args.loss_type}", flush=True)
+        result = trainer.train(resume_from_checkpoint=run.last_checkpoint())
+        eval_metrics = trainer.evaluate()
+        models.save_trained(trainer, tokenizer, run.out, merge_adapter=keys.merge_adapter)
+
+        logged = [h for h in trainer.state.log_history if "loss" in h and "logps/chosen" in h]
+        metrics = {
+            "train_loss": result.training_loss,
+            "steps": result.global_step,
+            "train_pairs": len(train_ds),
+            "data": train_info,
+            **{k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))},
+            "history": [{k: v for k, v in h.items() if k == "step" or "/" in k or k == "loss"} for h in logged],
+        }
+        if heldout is not None and run.state.is_main_process:
+            rows = heldout.select(range(min(len(heldout), keys.heldout_max_prompts))).to_list()
+            score = functools.partial(score_checkpoint, recipe, rows=rows, max_new_tokens=keys.heldout_max_new_tokens,
+                                      batch_size=keys.heldout_batch_size)
+            before = score(init.path, label=f"input ({init.ref})")
+            after = score(str(run.out), label="dpo")
+            metrics["heldout"] = {"prompts": keys.heldout_prompts, "n": after["n"], "input": before, "dpo": after}
+            metrics["heldout_accuracy_input"] = before["accuracy"]
+            metrics["heldout_accuracy_dpo"] = after["accuracy"]
+        run.finish(metrics, config=args, global_batch_size=runs.global_batch_size(args, run.state.num_processes))
+
+
+if __name__ == "__main__":
+    cli.run_main(main)
