@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import enum
 import importlib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Any
 import yaml
 
 from pipeline.cli import PipelineError
-from pipeline.stages import PEFT_FIELDS, STAGES, StageSpec
+from pipeline.stages import PEFT_FIELDS, STAGES, StageSpec, TrainingKeys
 
 
 @dataclass
@@ -51,14 +52,36 @@ class ModelSection:
     attn_implementation: str | None = None
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 would read `save_strategy: no` as false."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 def _world_section():
     from pipeline.world import WorldConfig
 
     return WorldConfig
 
 
+def _slurm_section():
+    from pipeline.slurm import SlurmSection
+
+    return SlurmSection
+
+
 GLOBAL_SECTIONS = {"run": lambda: RunSection, "world": _world_section, "tokenizer": lambda: TokenizerSection,
-                   "model": lambda: ModelSection}
+                   "model": lambda: ModelSection, "slurm": _slurm_section}
 
 
 @lru_cache(maxsize=None)
@@ -78,7 +101,7 @@ def _field_types(cls) -> dict[str, Any]:
 
 @lru_cache(maxsize=None)
 def stage_fields(stage: str) -> dict[str, tuple[str, Any]]:
-    """key -> (destination, type) for a stage section; destination is 'keys', 'config' or 'peft'."""
+    """key -> (destination, type) for a stage section; destination is 'keys', 'config', 'peft' or 'training'."""
     spec = STAGES[stage]
     out: dict[str, tuple[str, Any]] = {}
     if spec.config_class:
@@ -91,6 +114,9 @@ def stage_fields(stage: str) -> dict[str, tuple[str, Any]]:
         for name in PEFT_FIELDS:
             if name in peft_types:
                 out[name] = ("peft", peft_types[name])
+    if {"per_device_train_batch_size", "gradient_accumulation_steps"} <= set(out):
+        for name, tp in _field_types(TrainingKeys).items():
+            out[name] = ("training", tp)
     for name, tp in _field_types(spec.keys).items():
         out[name] = ("keys", tp)
     out.pop("output_dir", None)  # the pipeline owns where stages write
@@ -195,6 +221,7 @@ class Recipe:
     model: ModelSection
     stages: dict[str, dict] = field(default_factory=dict)  # section name -> validated values, in recipe order
     overrides: list[str] = field(default_factory=list)
+    slurm: Any = None  # pipeline.slurm.SlurmSection: how `run.py --slurm` submits the stages
 
     @property
     def run_dir(self) -> Path:
@@ -214,20 +241,46 @@ class Recipe:
         keys = spec.keys(**values)
         if hasattr(keys, "init_from") and not keys.init_from and spec.default_init:
             keys.init_from = next((s for s in spec.default_init if s in self.stages), spec.default_init[-1])
+        if hasattr(keys, "fill_defaults"):  # defaults that depend on the recipe (e.g. eval's checkpoint list)
+            keys.fill_defaults(self)
         return keys
 
     def peft_values(self, stage: str) -> dict:
         fields = stage_fields(stage)
         return {k: v for k, v in self.section(stage).items() if fields[k][0] == "peft"}
 
-    def trainer_config(self, stage: str, **fixed):
-        """The stage's TRL/Transformers config object built from the section's config keys."""
+    def training_keys(self, stage: str) -> TrainingKeys:
+        fields = stage_fields(stage)
+        return TrainingKeys(**{k: v for k, v in self.section(stage).items() if fields[k][0] == "training"})
+
+    def config_default(self, stage: str, name: str):
+        """The value of a config-class key: the section's, else the config class's own default."""
+        if name in self.section(stage):
+            return self.section(stage)[name]
+        f = next(f for f in dataclasses.fields(_config_class(STAGES[stage].config_class)) if f.name == name)
+        return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+    def trainer_config(self, stage: str, num_processes: int | None = None, **fixed):
+        """The stage's TRL/Transformers config object built from the section's config keys. With the section's
+        `global_batch_size`, gradient_accumulation_steps is derived (or checked) for the number of processes this
+        stage runs with (default: the processes of the current launch)."""
         spec = STAGES[stage]
         fields = stage_fields(stage)
         values = {k: v for k, v in self.section(stage).items() if fields[k][0] == "config"}
         values.setdefault("seed", self.run.seed)
         values.setdefault("report_to", "none")
         values.update(fixed)
+        expected = self.training_keys(stage).global_batch_size if "global_batch_size" in fields else None
+        if expected is not None:
+            from pipeline.cluster import batch_plan
+
+            if num_processes is None:
+                from accelerate import PartialState
+
+                num_processes = PartialState().num_processes
+            plan = batch_plan(stage, self.config_default(stage, "per_device_train_batch_size"),
+                              values.get("gradient_accumulation_steps"), num_processes, expected)
+            values["gradient_accumulation_steps"] = plan.accumulation
         try:
             return _config_class(spec.config_class)(**values)
         except (ValueError, TypeError) as err:
@@ -262,7 +315,7 @@ def _apply_override(data: dict, text: str) -> tuple[str, str]:
     if len(parts) < 2 or not all(parts):
         raise PipelineError(f"override '{text}': expected section.key=value")
     try:
-        value = yaml.safe_load(value_text) if value_text.strip() else None
+        value = yaml_load(value_text) if value_text.strip() else None
     except yaml.YAMLError:
         value = value_text
     node = data
@@ -281,7 +334,7 @@ def load_recipe(path, overrides: list[str] = ()) -> Recipe:
     if not path.is_file():
         raise PipelineError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
@@ -310,7 +363,7 @@ def load_recipe(path, overrides: list[str] = ()) -> Recipe:
         return cls(**values.get(section, {}))
 
     recipe = Recipe(path=path, run=build("run"), world=build("world"), tokenizer=build("tokenizer"),
-                    model=build("model"), overrides=list(overrides),
+                    model=build("model"), overrides=list(overrides), slurm=build("slurm"),
                     stages={s: v for s, v in values.items() if s in STAGES})
     _check_world(recipe)
     return recipe

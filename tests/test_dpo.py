@@ -23,7 +23,7 @@ def test_dpo_moves_the_implicit_reward_margin_up_on_training_pairs(tiny_run):
     work, recipe, _ = tiny_run
     # evaluate on the training pairs themselves: before training policy == reference, so every margin is 0
     metrics = dpo(work, recipe, "dpo_margin", "dpo.eval_dataset=world:preference", "dpo.heldout_max_prompts=8",
-                  "dpo.heldout_max_new_tokens=16")
+                  "dpo.heldout_max_new_tokens=16", "dpo.max_steps=24", "dpo.learning_rate=2e-3")
     assert metrics["eval_rewards/margins"] > 0.05
     assert metrics["eval_rewards/accuracies"] > 0.5
     assert metrics["history"] and "rewards/chosen" in metrics["history"][0]

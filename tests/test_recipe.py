@@ -91,3 +91,10 @@ def test_peft_keys_route_to_model_config():
     recipe = load_recipe(SMALL, ["sft.use_peft=true", "sft.lora_r=8", "sft.load_in_4bit=true"])
     assert recipe.peft_values("sft") == {"use_peft": True, "lora_r": 8, "load_in_4bit": True}
     assert "use_peft" not in recipe.trainer_config("sft", output_dir="/tmp/x").to_dict()
+
+
+def test_yaml_1_2_booleans_keep_no_a_string():
+    # YAML 1.1 would make `no` false; TrainingArguments' save_strategy wants the string "no"
+    recipe = load_recipe(SMALL, ["sft.save_strategy=no", "sft.bf16=false"])
+    assert recipe.section("sft")["save_strategy"] == "no" and recipe.section("sft")["bf16"] is False
+    assert recipe.trainer_config("sft", output_dir="/tmp/x").save_strategy == "no"
