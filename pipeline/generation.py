@@ -13,6 +13,7 @@ class Reply:
     text: str
     ended: bool      # stopped with end-of-turn rather than running out of tokens
     n_tokens: int
+    token_ids: list[int] | None = None  # the tokens as generated, up to (without) the end-of-turn token
 
 
 def render_prompt(tokenizer, prompt) -> str:
@@ -55,16 +56,55 @@ def generate(model, tokenizer, prompts, *, max_new_tokens=64, batch_size=32, do_
                 replies = []
                 for row in new[j * num_samples:(j + 1) * num_samples].tolist():
                     ended = eos in row
-                    tokens = row[:row.index(eos)] if ended else row
-                    tokens = [t for t in tokens if t != pad]
+                    sampled = row[:row.index(eos)] if ended else row  # pads only ever follow the eos
+                    tokens = [t for t in sampled if t != pad]
                     replies.append(Reply(tokenizer.decode(tokens, skip_special_tokens=True).strip(), ended,
-                                         len(tokens)))
+                                         len(tokens), sampled))
                 out[i] = replies
             bar.update(len(idx))
         bar.close()
     finally:
         tokenizer.padding_side = side
         model.config.use_cache = use_cache
+        model.train(was_training)
+    return out
+
+
+def prompt_ids(tokenizer, prompt) -> list[int]:
+    """The token ids `generate` feeds for a prompt (chat template with the generation prompt, no extra specials)."""
+    return tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def token_logprobs(model, sequences, *, batch_size=32, desc="scoring", progress=True) -> list[list[float]]:
+    """log p(token_t | tokens before it) for t = 1 .. len-1 of each token-id sequence (teacher forcing).
+
+    Batches are right-padded (positions start at 0 for every row) and formed longest-first; log-softmax in float32.
+    With prompt + reply sequences, the reply's log-probs are the last len(reply) entries.
+    """
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[list[float] | None] = [None] * len(sequences)
+    bar = tqdm(total=len(sequences), desc=desc, disable=not progress, leave=False)
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            width = max(len(sequences[i]) for i in idx)
+            ids = torch.zeros(len(idx), width, dtype=torch.long)
+            mask = torch.zeros(len(idx), width, dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, :len(sequences[i])] = torch.tensor(sequences[i], dtype=torch.long)
+                mask[row, :len(sequences[i])] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            logps = torch.gather(logits.log_softmax(-1), 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            for row, i in enumerate(idx):
+                out[i] = logps[row, :len(sequences[i]) - 1].tolist()
+            bar.update(len(idx))
+    finally:
+        bar.close()
         model.train(was_training)
     return out
 
@@ -85,3 +125,19 @@ def verifier_accuracy(model, tokenizer, rows, *, max_new_tokens=48, batch_size=6
         "n": len(scores),
         "ended": sum(r[0].ended for r in replies) / len(replies),
     }
+
+
+def score_checkpoint(recipe, path: str, rows, *, max_new_tokens=48, batch_size=64, label="model") -> dict:
+    """Verifier accuracy of the model saved at `path`, read back from disk as later stages will read it."""
+    from pipeline import models, runs
+
+    # Called on the main process only, while the others wait: no ZeRO-3 partitioned loading or synced generation.
+    with models.single_process():
+        model = models.load_causal_lm(recipe, path)
+        tokenizer = models.load_tokenizer(recipe, runs.Checkpoint(label, path, "", "local"))
+        models.configure_generation(model, tokenizer)
+        result = verifier_accuracy(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   desc=f"scoring {label}")
+    print(f"held-out verifier accuracy of {label}: {result['accuracy']:.3f} (n={result['n']}, "
+          f"{', '.join(f'{s} {a:.2f}' for s, a in result['per_skill'].items())})", flush=True)
+    return result

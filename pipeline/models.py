@@ -139,11 +139,13 @@ def load_causal_lm(recipe, path: str, *, peft_values: dict | None = None, cls=No
 
 @contextlib.contextmanager
 def single_process():
-    """Load models for this process alone, e.g. the main process scoring a saved checkpoint while the others wait.
+    """Load and run models in this process alone, e.g. the main process scoring a saved checkpoint while the
+    others wait.
 
     Under DeepSpeed ZeRO-3, transformers builds every model it loads partitioned over all processes
-    (`deepspeed.zero.Init`), a collective the waiting processes never join: the load would hang. Inside this
-    block models load whole, as in a single-process run."""
+    (`deepspeed.zero.Init`) and generates with `synced_gpus` (a collective per token): both would wait forever for
+    processes that are not there. Inside this block models load whole and generate alone, as in a
+    single-process run."""
     from transformers.integrations import deepspeed as hf_deepspeed
 
     saved = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)

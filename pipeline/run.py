@@ -1,10 +1,14 @@
 """Run a whole recipe: every stage in dependency order, each in its own process.
 
     python pipeline/run.py recipes/small.yaml [section.key=value ...] [--dry-run] [--force] [--only S[,S]] [--from S]
+    python pipeline/run.py RECIPE --check [--device-memory 80GiB] [--slurm --nodes N --gpus-per-node G ...]
+    python pipeline/run.py RECIPE --slurm [--partition P] [--account A] [--nodes N] [--gpus-per-node G] [--time T]
 
 A stage whose manifest matches its current inputs and settings is skipped (see pipeline/runs.py). `--force` reruns
 the selected stages, `--from S` reruns S and everything after it, `--only` restricts the plan. Each stage is started
 as `python pipeline/<stage>.py RECIPE OVERRIDES`, or behind `run.launcher` (e.g. `accelerate launch ...`).
+`--check` validates models, data, global batch and per-device memory without running anything (pipeline/check.py);
+`--slurm` submits the planned stages as chained Slurm jobs instead of running them here (pipeline/slurm.py).
 """
 
 import sys
@@ -20,7 +24,7 @@ import shlex
 import subprocess
 import time
 
-from pipeline import cli, runs
+from pipeline import check, cli, cluster, runs, slurm
 from pipeline.recipe import load_recipe
 from pipeline.stages import STAGES
 
@@ -107,10 +111,52 @@ def main(argv):
     parser.add_argument("--force", action="store_true", help="rerun the selected stages even if up to date")
     parser.add_argument("--only", default="", help="comma-separated stages to consider")
     parser.add_argument("--from", dest="start", default=None, help="rerun this stage and every later one")
-    args = parser.parse_args(argv)
+    group = parser.add_argument_group("GPUs and clusters (README: Running on GPUs and clusters)")
+    group.add_argument("--check", action="store_true", help="check models, data, global batch and per-device "
+                                                             "memory of the planned stages; run nothing")
+    group.add_argument("--device-memory", default=None, help="memory of one device, e.g. 80GiB: --check warns "
+                                                             "above it (default: this machine's GPU, if any)")
+    group.add_argument("--slurm", action="store_true", help="submit the stages as Slurm jobs chained with "
+                                                             "--dependency=afterok instead of running them here")
+    group.add_argument("--config", default=None, help="Accelerate config of the jobs (launch/accelerate/*.yaml)")
+    group.add_argument("--nodes", type=int, default=None, help="nodes per stage job")
+    group.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node, one process each")
+    group.add_argument("--procs-per-node", type=int, default=None, help="processes per node (CPU jobs)")
+    group.add_argument("--cpus-per-task", type=int, default=None, help="CPUs for each node's launcher")
+    group.add_argument("--partition", default=None)
+    group.add_argument("--account", default=None)
+    group.add_argument("--time", default=None, help="time limit per stage job, e.g. 24:00:00")
+    group.add_argument("--signal-seconds", type=int, default=None, help="checkpoint and requeue this long "
+                                                                        "before the time limit (300)")
+    group.add_argument("--sbatch", default=None, help="more sbatch options for every job, e.g. '--qos=high --mem=0'")
+    args = parser.parse_intermixed_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
     only = [s for s in args.only.split(",") if s]
     steps = plan(recipe, only=only, start=args.start, force=args.force)
+
+    flags = {"partition": args.partition, "account": args.account, "nodes": args.nodes,
+             "gpus_per_node": args.gpus_per_node, "procs_per_node": args.procs_per_node,
+             "cpus_per_task": args.cpus_per_task, "time": args.time, "config": args.config,
+             "signal_seconds": args.signal_seconds}
+    if args.sbatch:
+        flags["sbatch_args"] = [*recipe.slurm.sbatch_args, *shlex.split(args.sbatch)]
+    if args.check or args.slurm:
+        def launch_for(stage):
+            if args.slurm:
+                return slurm.settings(recipe, flags).for_stage(stage, str(recipe.path)).launch()
+            if args.config:
+                n = (args.nodes or 1) * (args.gpus_per_node or args.procs_per_node or 1)
+                return cluster.read_launch(args.config, num_processes=n, num_machines=args.nodes)
+            return cluster.launch_from_command(recipe.run.launcher)
+
+        memory = check.parse_size(args.device_memory) if args.device_memory else check.local_device_memory()
+        errors, warnings = check.run_check(recipe, steps, launch_for, memory)
+        if errors:
+            sys.exit(2)
+        if args.check:
+            sys.exit(1 if warnings else 0)
+        slurm.submit(recipe, steps, args.overrides, flags, lambda s: dependencies(recipe, s), dry_run=args.dry_run)
+        return
 
     print(f"plan for {recipe.path} -> {recipe.run_dir}/")
     for stage, run, why in steps:
@@ -124,6 +170,10 @@ def main(argv):
         print(f"\n=== {stage}: {shlex.join(cmd)}", flush=True)
         started = time.time()
         code = subprocess.call(cmd)
+        if code == cluster.PREEMPTED_EXIT:
+            print(f"\nstage {stage} stopped on a signal after saving a checkpoint; run the same command again to "
+                  f"resume it", file=sys.stderr)
+            sys.exit(code)
         if code != 0:
             print(f"\nstage {stage} failed (exit code {code}); later stages not run", file=sys.stderr)
             sys.exit(code)

@@ -159,21 +159,33 @@ class StageRun:
     """Context manager around one stage's output folder (see the module docstring)."""
 
     def __init__(self, recipe, stage: str):
+        import torch
         from accelerate import PartialState
 
+        from pipeline import cluster
+
+        cluster.check_environment()  # e.g. ZeRO-3 that would not save a loadable model: stop before any work
         self.recipe, self.stage = recipe, stage
-        self.state = PartialState()
+        # The first PartialState fixes the process group for everything after it (trainers included). Without a
+        # GPU, processes started by `accelerate launch --multi_gpu` join as CPU workers (gloo) only with cpu=True;
+        # a plain PartialState() would leave each of them alone, all writing as the main process.
+        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        self.state = PartialState(cpu=not torch.cuda.is_available() and not deepspeed)
         self.inputs = stage_inputs(recipe, stage)
         self.fingerprint = hash_obj(self.inputs)
         self.final_dir = recipe.stage_dir(stage)
         self.out = recipe.run_dir / f"{stage}.partial"
         self._run_dir_existed = recipe.run_dir.exists()
         self._started = time.time()
+        self.resumed_from: str | None = None
 
     def checkpoint(self, name: str = "init_from") -> Checkpoint:
         return Checkpoint(**self.inputs["checkpoints"][name])
 
     def __enter__(self):
+        from pipeline import cluster
+
+        cluster.watch_for_preemption()  # SIGUSR1/SIGTERM: checkpoint into self.out and exit (see pipeline/cluster.py)
         if self.state.is_main_process:
             marker = self.out / ".fingerprint"
             if self.out.exists() and (not marker.is_file() or marker.read_text() != self.fingerprint):
@@ -192,6 +204,10 @@ class StageRun:
     def last_checkpoint(self) -> str | None:
         """The newest trainer checkpoint a killed run of the same inputs left behind."""
         ckpts = sorted(self.out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        if ckpts:
+            self.resumed_from = ckpts[-1].name
+            if self.state.is_main_process:
+                print(f"[{self.stage}] resuming from {ckpts[-1]}", flush=True)
         return str(ckpts[-1]) if ckpts else None
 
     def finish(self, metrics: dict, config=None, global_batch_size: int | None = None, keep=()) -> Path:
@@ -215,6 +231,8 @@ class StageRun:
         return self.final_dir
 
     def _manifest(self, config, global_batch_size) -> dict:
+        from pipeline import cluster
+
         return {
             "stage": self.stage,
             "run": self.recipe.run.name,
@@ -225,6 +243,8 @@ class StageRun:
             "config": config.to_dict() if hasattr(config, "to_dict") else config,
             "num_processes": self.state.num_processes,
             "global_batch_size": global_batch_size,
+            "launch": cluster.launch_here(),
+            "resumed_from": self.resumed_from,
             "versions": library_versions(),
             "command": sys.argv,
             "host": socket.gethostname(),

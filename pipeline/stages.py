@@ -43,17 +43,125 @@ class PretrainKeys:
 
 
 @dataclass
-class SFTKeys:
+class HeldoutKeys:
+    """Verifier accuracy on held-out prompts, scored at the end of a policy stage for its input and its output."""
+
+    heldout_prompts: str | None = key("world:eval", "prompts with verifiers (`skill`, `answer`) scored at the end "
+                                                    "for the input and the trained model; empty: skip", ref="data")
+    heldout_max_prompts: int = key(400, "score at most this many held-out prompts")
+    heldout_max_new_tokens: int = key(48, "generation budget per held-out reply")
+    heldout_batch_size: int = key(64, "prompts per generation batch")
+
+
+@dataclass
+class SFTKeys(HeldoutKeys):
     init_from: str | None = key(None, "model to fine-tune; empty: `pretrain` if the recipe has it, else `model`",
                                 ref="checkpoint")
     dataset: str = key("world:sft", "conversations (`messages`) or prompt/completion rows", ref="data")
     eval_dataset: str | None = key("world:sft_eval", "conversations for eval loss; empty: none", ref="data")
-    heldout_prompts: str | None = key("world:eval", "prompts with verifiers scored for base and SFT at the end; "
-                                                    "empty: skip", ref="data")
-    heldout_max_prompts: int = key(400, "score at most this many held-out prompts")
-    heldout_max_new_tokens: int = key(48, "generation budget per held-out reply")
-    heldout_batch_size: int = key(64, "prompts per generation batch")
     merge_adapter: bool = key(False, "with use_peft: also save the merged full model under `merged/`")
+
+
+@dataclass
+class DPOKeys(HeldoutKeys):
+    init_from: str | None = key(None, "policy to tune, also the frozen reference; empty: `sft`, else `pretrain`, "
+                                      "else `model`", ref="checkpoint")
+    dataset: str = key("world:preference", "preference pairs in any format of data/README.md", ref="data")
+    eval_dataset: str | None = key("world:preference_eval", "held-out pairs for eval loss and reward accuracy; "
+                                                             "empty: hold out `eval_fraction` of the prompts",
+                                   ref="data")
+    eval_fraction: float = key(0.05, "share of training prompts held out when no eval_dataset is given")
+    merge_adapter: bool = key(False, "with use_peft: also save the merged full model under `merged/`")
+    chosen_logp_warn_drop: float = key(5.0, "warn when the mean log-prob of chosen replies falls this many nats "
+                                            "below its first logged value (a known DPO failure)")
+
+
+@dataclass
+class RewardKeys:
+    init_from: str | None = key(None, "model the reward model starts from (a causal LM; its LM head is replaced by "
+                                      "a one-output score head); empty: `sft`, else `pretrain`, else `model`",
+                                ref="checkpoint")
+    dataset: str = key("world:preference", "preference pairs in any format of data/README.md", ref="data")
+    eval_dataset: str | None = key("world:preference_eval", "held-out pairs for the evaluation; empty: hold out "
+                                                             "`eval_fraction` of the training prompts", ref="data")
+    eval_fraction: float = key(0.1, "share of training prompts held out when no eval_dataset is given")
+    category_column: str = key("skill", "column whose values get their own accuracy (if the data has it)")
+    clean_column: str = key("clean_agrees", "column telling whether noise-free labels agree with chosen "
+                                            "(if the data has it): accuracy against the clean labels")
+    margin_scale: float = key(1.0, "factor on a margin / score difference before TRL subtracts it in the loss; "
+                                   "0: ignore margins")
+    norm_max_pairs: int = key(2000, "training pairs scored for the reward mean/std saved in the model config")
+    eval_batch_size: int = key(64, "sequences per forward pass when scoring pairs")
+    calibration_bins: int = key(10, "bins of the reliability diagram and the ECE")
+
+
+@dataclass
+class PPOKeys(HeldoutKeys):
+    init_from: str | None = key(None, "policy to train, also the frozen reference; empty: `sft`, else `pretrain`, "
+                                      "else `model`", ref="checkpoint")
+    reward_model: str = key("reward", "reward model: the `reward` stage, or a folder of a one-output "
+                                      "sequence-classification model; its config's reward_mean/reward_std "
+                                      "normalise the scores", ref="checkpoint")
+    prompts: str = key("world:preference", "prompts to answer: a `prompt` column (text or messages); preference "
+                                           "pairs qualify (their chosen/rejected are ignored)", ref="data")
+    merge_adapter: bool = key(False, "with use_peft: also save the merged full model under `merged/`")
+
+
+NON_POLICY_STAGES = ("reward", "eval")  # stages whose output is not a causal LM to evaluate
+
+
+@dataclass
+class EvalKeys:
+    checkpoints: list[str] = key([], "models to evaluate, in report order: stages of the recipe or paths to saved "
+                                     "causal LMs / LoRA adapters (or hub ids); empty: every model stage of the "
+                                     "recipe in order (all but " + ", ".join(NON_POLICY_STAGES) + ")",
+                                 ref="checkpoints")
+    baseline: str | None = key(None, "checkpoint every other one is compared with pairwise (evaluated too if not "
+                                     "in `checkpoints`); empty: the first checkpoint", ref="checkpoint")
+    reference: str | None = key(None, "model for the sequence KL of each checkpoint's samples; empty: the "
+                                      "baseline", ref="checkpoint")
+    reward_model: str | None = key("auto", "reward model (a stage or a saved sequence-classification model) for "
+                                           "scores and reward win rates; `auto`: the recipe's `reward` stage if it "
+                                           "has one; empty: none", ref="checkpoint")
+    prompts: str = key("world:eval", "prompts: text or conversational `prompt`, optional `answer` (reference) and "
+                                     "`skill` (a world skill names its verifier)", ref="data")
+    max_prompts: int | None = key(None, "evaluate at most this many prompts (the first ones); empty: all")
+    perplexity_data: str | None = key("world:sft_eval", "held-out text for perplexity: `text` rows, or "
+                                                        "conversations scored on assistant turns; empty: skip",
+                                      ref="data")
+    perplexity_max_rows: int = key(200, "perplexity on at most this many rows")
+    max_new_tokens: int = key(48, "generation budget per reply")
+    num_samples: int = key(4, "sampled replies per prompt besides the greedy one (pass@n, KL, diversity); 0: none")
+    temperature: float = key(1.0, "sampling temperature (the KL estimate needs 1.0)")
+    top_p: float = key(1.0, "nucleus sampling (the KL estimate needs 1.0)")
+    batch_size: int = key(64, "prompts per generation batch and sequences per scoring batch")
+    seed: int | None = key(None, "sampling and bootstrap seed; empty: run.seed")
+    bootstrap: int = key(1000, "bootstrap resamples for the 95% confidence intervals")
+    report_examples: int = key(6, "prompts shown with every checkpoint's reply side by side in report.md")
+
+    def fill_defaults(self, recipe) -> None:
+        """Resolve the recipe-dependent defaults, so the runner orders and fingerprints eval after what it reads."""
+        if not self.checkpoints:
+            self.checkpoints = [s for s in recipe.stages if s not in NON_POLICY_STAGES]
+        if not self.baseline and self.checkpoints:
+            self.baseline = self.checkpoints[0]
+        if not self.reference:
+            self.reference = self.baseline
+        if self.reward_model == "auto":
+            self.reward_model = "reward" if "reward" in recipe.stages else None
+        if not self.perplexity_data:
+            self.perplexity_data = None
+
+
+@dataclass
+class TrainingKeys:
+    """Pipeline keys of every stage whose config class has per_device_train_batch_size and
+    gradient_accumulation_steps (the Trainer stages); see pipeline/cluster.py."""
+
+    global_batch_size: int | None = key(None, "examples per optimizer step over all processes (processes x "
+                                              "per_device_train_batch_size x gradient_accumulation_steps); "
+                                              "without gradient_accumulation_steps the accumulation is derived "
+                                              "from the number of processes; empty: not checked")
 
 
 @dataclass(frozen=True)
@@ -70,4 +178,11 @@ STAGES: dict[str, StageSpec] = {
     "pretrain": StageSpec("pretrain", "pipeline.pretrain", "transformers:TrainingArguments", PretrainKeys),
     "sft": StageSpec("sft", "pipeline.sft", "trl:SFTConfig", SFTKeys, peft=True,
                      default_init=("pretrain", "model")),
+    "dpo": StageSpec("dpo", "pipeline.dpo", "trl:DPOConfig", DPOKeys, peft=True,
+                     default_init=("sft", "pretrain", "model")),
+    "reward": StageSpec("reward", "pipeline.reward", "trl:RewardConfig", RewardKeys, peft=True,
+                        default_init=("sft", "pretrain", "model")),
+    "ppo": StageSpec("ppo", "pipeline.ppo", "pipeline.ppo:PPOConfig", PPOKeys, peft=True,
+                     default_init=("sft", "pretrain", "model")),
+    "eval": StageSpec("eval", "pipeline.evaluate", None, EvalKeys),
 }

@@ -49,6 +49,18 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = N
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+def launch_cli(config: str, args: list, cwd: Path, num_processes: int | None = None, timeout: int = 600,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file launch/accelerate/<config>.yaml [--num_processes N] pipeline/x.py ...`."""
+    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "launch" / "accelerate" / f"{config}.yaml")]
+    if num_processes:
+        cmd += ["--num_processes", str(num_processes)]
+    cmd += [str(REPO / a) if str(a).startswith("pipeline/") else str(a) for a in args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """pretrain + sft of the tiny recipe through the runner, once per test session."""

@@ -1,0 +1,353 @@
+"""Running a stage under many processes: launch configs, the global batch, and stopping cleanly when preempted.
+
+Launch configs. `read_launch(path)` reads an Accelerate config (launch/accelerate/*.yaml, and the DeepSpeed JSON it
+may point to) into a `Launch`: how many processes, and how the model is sharded (DDP, FSDP, ZeRO stage, offload).
+`pipeline/run.py --check` uses it to predict memory; `launch_here()` describes the launch a running stage is in.
+
+The global batch. A training stage's section may set `global_batch_size` (examples per optimizer step over all
+processes). Without `gradient_accumulation_steps` the stage derives the accumulation from the number of processes
+it runs with, so one recipe trains the same way on one GPU and on 64; with it, the product must match or the stage
+stops before training (`batch_plan`).
+
+Preemption. Every stage run (runs.StageRun) calls `watch_for_preemption()`: SIGUSR1 (Slurm's warning before the
+time limit, see launch/slurm/stage.sbatch), and SIGTERM while a trainer is training (preemption, `scontrol
+requeue`, `scancel`, a plain `kill`), ask the stage to stop. Every transformers/TRL Trainer the stage builds gets
+`PreemptionCallback`: at the end of each optimizer step the processes agree (one all-reduce) whether any of them
+was asked to stop; if so they save a trainer checkpoint into the stage's `.partial` folder together and exit with
+`PREEMPTED_EXIT`. The next run of the same inputs resumes from that checkpoint (`run.last_checkpoint()`). Stages
+with their own training loop call `stop_requested()` at the same point of every step and `exit_preempted()`
+after saving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+from pipeline.cli import PipelineError
+
+REPO = Path(__file__).resolve().parents[1]
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped on request after saving a checkpoint; run again to resume
+
+
+# ---------------------------------------------------------------------------------------------- launch configs
+
+
+@dataclasses.dataclass
+class Launch:
+    """How a stage is launched: processes and the way model state is spread over them."""
+
+    config: str | None = None        # the Accelerate config file, None: plain `python`
+    num_processes: int = 1           # all processes, over all machines
+    num_machines: int = 1
+    distributed_type: str = "NO"     # NO, MULTI_GPU (DDP), FSDP, DEEPSPEED
+    zero_stage: int = 0              # DeepSpeed ZeRO stage (0: not DeepSpeed)
+    offload_optimizer: bool = False  # optimizer state (and fp32 master weights) in CPU memory
+    offload_params: bool = False     # weights in CPU memory between uses (ZeRO-3 / FSDP)
+    fsdp_version: int = 0            # 0: not FSDP
+    save_full_model: bool = True     # the checkpoint a stage saves is one full model (ZeRO-3: gather on save)
+
+    @property
+    def shards_params(self) -> bool:
+        return self.zero_stage == 3 or self.fsdp_version > 0
+
+    def describe(self) -> str:
+        if self.distributed_type == "DEEPSPEED":
+            how = f"DeepSpeed ZeRO-{self.zero_stage}"
+            offload = [w for w, on in (("optimizer", self.offload_optimizer), ("weights", self.offload_params)) if on]
+            if offload:
+                how += f" (offload {' and '.join(offload)} to CPU)"
+        elif self.fsdp_version:
+            how = f"FSDP{self.fsdp_version}" + (" (offload weights to CPU)" if self.offload_params else "")
+        elif self.num_processes > 1:
+            how = "DDP"
+        else:
+            how = "no sharding"
+        where = f"{self.num_processes} process{'es' if self.num_processes != 1 else ''}"
+        if self.num_machines > 1:
+            where += f" on {self.num_machines} machines"
+        config = Path(self.config).name if self.config else "plain python"
+        return f"{how}, {where} ({config})"
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A config path as given, or relative to the repository (so `launch/...` works from any directory)."""
+    p = Path(path).expanduser()
+    if not p.is_absolute() and not p.exists() and (REPO / p).exists():
+        return REPO / p
+    return p
+
+
+def _truthy(v) -> bool:
+    return str(v).lower() in ("1", "true", "yes", "on")
+
+
+def read_launch(path, num_processes: int | None = None, num_machines: int | None = None) -> Launch:
+    """Read an Accelerate config file (YAML or JSON); flags given on the command line win over the file."""
+    import yaml
+
+    p = resolve_path(path)
+    if not p.is_file():
+        raise PipelineError(f"launch config '{path}' not found")
+    try:
+        cfg = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise PipelineError(f"{p}: YAML syntax error: {str(err).splitlines()[0]}") from None
+    if not isinstance(cfg, dict):
+        raise PipelineError(f"{p}: an Accelerate config is a mapping of keys")
+    dist = str(cfg.get("distributed_type", "NO")).upper()
+    launch = Launch(config=str(p), num_processes=int(num_processes or cfg.get("num_processes") or 1),
+                    num_machines=int(num_machines or cfg.get("num_machines") or 1), distributed_type=dist)
+    if dist == "DEEPSPEED":
+        ds = cfg.get("deepspeed_config") or {}
+        zero = {"stage": ds.get("zero_stage", 2),
+                "offload_optimizer": {"device": ds.get("offload_optimizer_device", "none")},
+                "offload_param": {"device": ds.get("offload_param_device", "none")},
+                "stage3_gather_16bit_weights_on_model_save": _truthy(ds.get("zero3_save_16bit_model", False))}
+        if ds.get("deepspeed_config_file"):
+            ds_file = resolve_path(ds["deepspeed_config_file"])
+            if not ds_file.is_file():
+                raise PipelineError(f"{p}: deepspeed_config_file '{ds['deepspeed_config_file']}' not found")
+            try:
+                zero = json.loads(ds_file.read_text()).get("zero_optimization", {})
+            except json.JSONDecodeError as err:
+                raise PipelineError(f"{ds_file}: invalid JSON ({err.msg}, line {err.lineno})") from None
+        launch.zero_stage = int(zero.get("stage", 0))
+        launch.offload_optimizer = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+        launch.offload_params = (zero.get("offload_param") or {}).get("device", "none") not in ("none", None)
+        launch.save_full_model = launch.zero_stage < 3 or _truthy(
+            zero.get("stage3_gather_16bit_weights_on_model_save", False))
+    elif dist == "FSDP":
+        fsdp = cfg.get("fsdp_config") or {}
+        launch.fsdp_version = int(fsdp.get("fsdp_version", 1))
+        launch.offload_params = _truthy(fsdp.get("fsdp_offload_params", False))
+        launch.save_full_model = str(fsdp.get("fsdp_state_dict_type", "FULL_STATE_DICT")).upper() \
+            .replace("STATEDICTTYPE.", "") == "FULL_STATE_DICT"
+    return launch
+
+
+def launch_from_command(launcher: str | None) -> Launch:
+    """The launch a `run.launcher` prefix gives: `accelerate launch [--config_file X] [--num_processes N]
+    [--num_machines M] ...` or `torchrun --nproc_per_node N [--nnodes M]`; none: plain python, one process."""
+    if not launcher:
+        return Launch()
+    words = shlex.split(launcher)
+
+    def flag(*names):
+        for i, w in enumerate(words):
+            for name in names:
+                if w == name and i + 1 < len(words):
+                    return words[i + 1]
+                if w.startswith(name + "="):
+                    return w.split("=", 1)[1]
+        return None
+
+    try:
+        machines = int(flag("--num_machines", "--nnodes") or 1)
+        per_node = flag("--nproc_per_node", "--nproc-per-node")
+        procs = int(per_node) * machines if per_node else flag("--num_processes")
+        procs = int(procs) if procs else None
+    except ValueError:
+        raise PipelineError(f"run.launcher '{launcher}': process counts must be numbers") from None
+    config = flag("--config_file")
+    if config:
+        return read_launch(config, procs, machines if flag("--num_machines", "--nnodes") else None)
+    n = procs or 1
+    return Launch(num_processes=n, num_machines=machines, distributed_type="MULTI_GPU" if n > 1 else "NO")
+
+
+def launch_here() -> dict:
+    """The launch this process runs in, for the manifest."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    out = {"distributed_type": str(state.distributed_type).split(".")[-1], "num_processes": state.num_processes,
+           "backend": state.backend}
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        out["zero_stage"] = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0") or 0)
+        if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+            out["deepspeed_config_file"] = os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        out["fsdp_version"] = int(os.environ.get("FSDP_VERSION", "1") or 1)
+    slurm = {k: os.environ[v] for k, v in (("job_id", "SLURM_JOB_ID"), ("restart_count", "SLURM_RESTART_COUNT"),
+                                           ("nodes", "SLURM_JOB_NODELIST"), ("partition", "SLURM_JOB_PARTITION"))
+             if v in os.environ}
+    if slurm:
+        out["slurm"] = slurm
+    return out
+
+
+def check_environment() -> None:
+    """Fail before any work when the launch cannot produce a loadable model; fix up relative config paths."""
+    env = os.environ
+    ds_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if ds_file and ds_file != "none" and not Path(ds_file).exists():
+        found = resolve_path(ds_file)
+        if not found.exists():
+            raise PipelineError(f"DeepSpeed config file '{ds_file}' not found (run from the repository root, or "
+                                f"give an absolute deepspeed_config_file)")
+        env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(found)
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return
+    if ds_file and ds_file != "none":
+        zero = json.loads(Path(env["ACCELERATE_DEEPSPEED_CONFIG_FILE"]).read_text()).get("zero_optimization", {})
+        stage, gather = int(zero.get("stage", 0)), _truthy(zero.get("stage3_gather_16bit_weights_on_model_save"))
+    else:
+        stage = int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2") or 2)
+        gather = _truthy(env.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "false"))
+    if stage == 3 and not gather:
+        raise PipelineError("DeepSpeed ZeRO-3 without zero3_save_16bit_model (stage3_gather_16bit_weights_on_"
+                            "model_save) saves only sharded optimizer files, not a model later stages can load: "
+                            "use launch/accelerate/zero3.yaml or set it to true")
+
+
+# ---------------------------------------------------------------------------------------------- global batch
+
+
+@dataclasses.dataclass
+class BatchPlan:
+    per_device: int
+    accumulation: int
+    num_processes: int
+    expected: int | None       # the recipe's global_batch_size, None: not set
+    derived: bool = False      # accumulation computed from global_batch_size
+
+    @property
+    def global_batch(self) -> int:
+        return self.per_device * self.accumulation * self.num_processes
+
+    def describe(self) -> str:
+        text = (f"{self.num_processes} process{'es' if self.num_processes != 1 else ''} x {self.per_device} per "
+                f"device x {self.accumulation} accumulation{' (derived)' if self.derived else ''} = "
+                f"{self.global_batch} per optimizer step")
+        if self.expected is None:
+            text += " (no global_batch_size set: it changes with the number of processes)"
+        return text
+
+
+def batch_plan(stage: str, per_device: int, accumulation: int | None, num_processes: int,
+               expected: int | None) -> BatchPlan:
+    """Check (or derive the accumulation for) processes x per-device batch x accumulation = global_batch_size.
+
+    `accumulation` None: the recipe did not set gradient_accumulation_steps, so it is derived from `expected`."""
+    if expected is None:
+        return BatchPlan(per_device, accumulation or 1, num_processes, None)
+    per_step = per_device * num_processes
+    if accumulation is None:
+        if expected % per_step:
+            raise PipelineError(
+                f"{stage}.global_batch_size {expected} is not a multiple of {num_processes} process(es) x "
+                f"{per_device} per_device_train_batch_size = {per_step}: change per_device_train_batch_size or "
+                f"the number of processes")
+        return BatchPlan(per_device, expected // per_step, num_processes, expected, derived=True)
+    plan = BatchPlan(per_device, accumulation, num_processes, expected)
+    if plan.global_batch != expected:
+        hint = (f"; drop gradient_accumulation_steps to derive it ({expected // per_step})"
+                if expected % per_step == 0 else "")
+        raise PipelineError(f"{stage}.global_batch_size is {expected}, but {plan.describe()}{hint}")
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------- preemption
+
+
+class _StopState:
+    requested: int | None = None   # the signal that asked this process to stop
+    training: bool = False         # a trainer is inside its training loop (SIGTERM then means: save and stop)
+    installed: bool = False
+
+
+STOP = _StopState()
+
+
+def _on_signal(signum, frame):
+    if signum == signal.SIGTERM and not STOP.training:
+        # nothing to checkpoint right now: behave as if we had no handler
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    STOP.requested = signum
+
+
+def watch_for_preemption() -> None:
+    """Install the signal handlers and give every Trainer built from now on a PreemptionCallback."""
+    import threading
+
+    if STOP.installed or threading.current_thread() is not threading.main_thread():
+        return
+    STOP.installed = True
+    signal.signal(signal.SIGUSR1, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    import transformers.trainer as hf_trainer
+
+    # Trainer.__init__ starts from this module-level list; TRL's trainers subclass Trainer. Registering here gives
+    # every trainer of every stage the callback without each stage having to remember it.
+    if _callback_class() not in hf_trainer.DEFAULT_CALLBACKS:
+        hf_trainer.DEFAULT_CALLBACKS.append(_callback_class())
+
+
+def stop_requested(device=None) -> bool:
+    """Collective: True on every process when any process was asked to stop. Call at the same point of each step on
+    every process (stages with their own training loop; Trainer stages get it from PreemptionCallback)."""
+    import torch
+    import torch.distributed as dist
+
+    local = STOP.requested is not None
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([1.0 if local else 0.0], device=device if device is not None else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+    return local
+
+
+def exit_preempted(checkpoint: str | Path | None, is_main: bool = True) -> None:
+    """Leave the stage after a checkpoint was saved on request: every process waits for the others, then exits
+    with PREEMPTED_EXIT (the `.partial` folder stays; the next run with the same inputs resumes)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    if is_main:
+        name = signal.Signals(STOP.requested).name if STOP.requested else "a request"
+        print(f"[preempted] stopped on {name}; saved {checkpoint}; run the stage again to resume from it",
+              flush=True)
+    sys.stdout.flush()
+    raise SystemExit(PREEMPTED_EXIT)
+
+
+@functools.lru_cache(maxsize=None)
+def _callback_class():
+    from transformers import TrainerCallback
+
+    class PreemptionCallback(TrainerCallback):
+        """Saves a checkpoint and stops every process together once any of them was asked to stop."""
+
+        stopping = False
+
+        def on_train_begin(self, args, state, control, **kw):
+            STOP.training = True
+
+        def on_train_end(self, args, state, control, **kw):
+            STOP.training = False
+
+        def on_step_end(self, args, state, control, **kw):
+            if stop_requested(args.device):
+                self.stopping = True
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+        def on_save(self, args, state, control, **kw):
+            if self.stopping:
+                STOP.training = False
+                exit_preempted(Path(args.output_dir) / f"checkpoint-{state.global_step}",
+                               state.is_world_process_zero)
+            return control
+
+    return PreemptionCallback

@@ -1,0 +1,276 @@
+"""Stages under several processes (gloo on the CPU): the launch configs, 2 processes against 1 with the same global
+batch, DeepSpeed ZeRO-3 saving full models, preemption (checkpoint on a signal, resume), rendezvous timeouts,
+`run.py --check` and its memory estimate."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import REPO, launch_cli, run_cli, tiny_recipe
+from pipeline import check, cluster
+from pipeline.cli import PipelineError
+
+CONFIGS = REPO / "launch" / "accelerate"
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # what accelerate gives each CPU process; the same for the 1-process runs
+# the same global batch of 8 either way: 1 process x 4 x 2 accumulation, or 2 processes x 4 (accumulation derived)
+BATCH = ["pretrain.per_device_train_batch_size=4", "pretrain.global_batch_size=8"]
+
+
+def weights(folder) -> dict:
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def max_weight_diff(a, b) -> float:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    return max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+
+
+# ---------------------------------------------------------------------------------------------- launch configs
+
+
+def test_launch_configs_parse_and_describe_their_sharding():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    expected = {  # config: (distributed_type, ZeRO stage, FSDP version, offload optimizer, offload weights)
+        "single": ("NO", 0, 0, False, False), "ddp": ("MULTI_GPU", 0, 0, False, False),
+        "fsdp2": ("FSDP", 0, 2, False, False), "zero2": ("DEEPSPEED", 2, 0, False, False),
+        "zero3": ("DEEPSPEED", 3, 0, False, False), "zero3_offload": ("DEEPSPEED", 3, 0, True, True),
+        "cpu2": ("MULTI_GPU", 0, 0, False, False),
+    }
+    assert {p.stem for p in CONFIGS.glob("*.yaml")} == set(expected)
+    for name, (dist, zero, fsdp, off_opt, off_par) in expected.items():
+        accel = load_config_from_file(str(CONFIGS / f"{name}.yaml"))  # Accelerate's own reader accepts it
+        assert str(accel.distributed_type).split(".")[-1] == dist, name
+        launch = cluster.read_launch(CONFIGS / f"{name}.yaml")
+        assert (launch.distributed_type, launch.zero_stage, launch.fsdp_version, launch.offload_optimizer,
+                launch.offload_params) == expected[name], name
+        assert launch.save_full_model, f"{name} must save a model from_pretrained can load"
+        raw = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+        if dist == "DEEPSPEED":  # many nodes: torchrun on each node, not pdsh/ssh
+            assert raw["deepspeed_config"]["deepspeed_multinode_launcher"] == "standard"
+    assert cluster.read_launch(CONFIGS / "cpu2.yaml").num_processes == 2
+    offload = json.loads((CONFIGS / "zero3_offload.json").read_text())
+    assert offload["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    # ZeRO-2/3 without an optimizer section use the trainer's optimizer: no fused_adam build
+    assert "deepspeed_config_file" not in yaml.safe_load((CONFIGS / "zero3.yaml").read_text())["deepspeed_config"]
+    # a launcher command line: flags win over the file
+    launch = cluster.launch_from_command("accelerate launch --config_file launch/accelerate/zero3.yaml "
+                                         "--num_processes 16 --num_machines 2")
+    assert (launch.num_processes, launch.num_machines, launch.zero_stage) == (16, 2, 3)
+    assert cluster.launch_from_command(None).num_processes == 1
+    assert cluster.launch_from_command("torchrun --nproc_per_node 4 --nnodes 2").num_processes == 8
+
+
+def test_zero3_without_gathering_weights_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "false")
+    with pytest.raises(PipelineError, match="zero3_save_16bit_model"):
+        cluster.check_environment()
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "true")
+    cluster.check_environment()
+    bad = tmp_path / "zero3_shards.yaml"
+    bad.write_text("distributed_type: DEEPSPEED\ndeepspeed_config: {zero_stage: 3}\n")
+    assert not cluster.read_launch(bad).save_full_model
+
+
+# ---------------------------------------------------------------------------------------------- global batch
+
+
+def test_batch_plan_derives_accumulation_or_names_the_mismatch():
+    plan = cluster.batch_plan("sft", per_device=4, accumulation=None, num_processes=2, expected=64)
+    assert (plan.accumulation, plan.global_batch, plan.derived) == (8, 64, True)
+    assert cluster.batch_plan("sft", 4, 2, 8, 64).global_batch == 64
+    assert cluster.batch_plan("sft", 4, None, 3, None).global_batch == 12  # nothing expected: 1 accumulation
+    with pytest.raises(PipelineError, match=r"sft.global_batch_size is 64, but 2 processes x 4 per device x 3"):
+        cluster.batch_plan("sft", 4, 3, 2, 64)
+    with pytest.raises(PipelineError, match="not a multiple of 3 process"):
+        cluster.batch_plan("sft", 4, None, 3, 64)
+
+
+# ---------------------------------------------------------------------------------------------- several processes
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The tiny pretrain in one process (global batch 8 = 4 x 2 accumulation): the reference for 2 processes."""
+    work = tmp_path_factory.mktemp("dist")
+    recipe = tiny_recipe(work)
+    proc = run_cli(["pipeline/pretrain.py", recipe, *BATCH], cwd=work, env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work, recipe
+
+
+def test_two_processes_reach_the_same_loss_as_one_with_the_same_global_batch(one_process):
+    work, recipe = one_process
+    proc = launch_cli("cpu2", ["pipeline/pretrain.py", recipe, *BATCH, "run.name=two"], cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = work / "runs/tiny/pretrain", work / "runs/two/pretrain"
+    m1, m2 = (json.loads((d / "manifest.json").read_text()) for d in (one, two))
+    assert (m1["num_processes"], m2["num_processes"]) == (1, 2)
+    assert m1["global_batch_size"] == m2["global_batch_size"] == 8
+    assert m1["config"]["gradient_accumulation_steps"] == 2 and m2["config"]["gradient_accumulation_steps"] == 1
+    assert m2["launch"]["distributed_type"] == "MULTI_CPU" and m2["launch"]["backend"] == "gloo"
+    r1, r2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    # each process read its own half of every global batch: together the same examples as the single process
+    assert r2["steps"] == r1["steps"] == 12
+    assert r2["train_loss"] == pytest.approx(r1["train_loss"], rel=2e-3)
+    assert r2["eval_loss"] == pytest.approx(r1["eval_loss"], rel=1e-2)
+    assert max_weight_diff(one, two) < 2e-3
+    # only the main process writes and reports
+    assert proc.stdout.count("[pretrain] eval loss") == 1
+    assert len(re.findall(r"\[pretrain\] [\d.]+M parameters", proc.stdout)) == 1
+    assert sorted(p.name for p in (work / "runs/two").iterdir()) == ["pretrain"]
+
+
+def test_sft_and_dpo_under_zero3_with_two_processes_save_full_models(one_process):
+    work, recipe = one_process
+    zero3 = f"{sys.executable} -m accelerate.commands.launch --config_file {CONFIGS / 'zero3.yaml'} --num_processes 2"
+    # through the runner with run.launcher, as a cluster recipe would; DPO starts from the ZeRO-3 SFT model.
+    # DPO under ZeRO-3 also shards its frozen reference model.
+    proc = run_cli(["pipeline/run.py", recipe, "--only", "sft,dpo", f"run.launcher={zero3}",
+                    f"sft.init_from={work / 'runs/tiny/pretrain'}", "sft.max_steps=4", "sft.heldout_max_prompts=4",
+                    "sft.heldout_max_new_tokens=8", "sft.per_device_train_batch_size=4",
+                    "dpo.max_steps=3", "dpo.per_device_train_batch_size=4", "dpo.per_device_eval_batch_size=8",
+                    "dpo.use_cpu=true", "dpo.bf16=false", "dpo.gradient_checkpointing=false", "dpo.max_length=128",
+                    "dpo.save_strategy=no", "dpo.heldout_prompts=", "dpo.init_from=sft"], cwd=work)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    pretrained = AutoModelForCausalLM.from_pretrained(work / "runs/tiny/pretrain")
+    for stage in ("sft", "dpo"):
+        out = work / "runs/tiny" / stage
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["num_processes"] == 2 and manifest["launch"]["zero_stage"] == 3
+        assert manifest["global_batch_size"] == 8
+        model = AutoModelForCausalLM.from_pretrained(out)  # one full model, not ZeRO shards
+        assert not list(out.glob("global_step*")) and not list(out.glob("*.pt"))
+        for (name, a), (_, b) in zip(model.state_dict().items(), pretrained.state_dict().items()):
+            assert a.shape == b.shape and a.numel() > 0, name
+        assert any((a - b).abs().max() > 0 for a, b in zip(model.parameters(), pretrained.parameters()))
+    # the held-out scoring ran on the main process alone, on the model read back from disk
+    metrics = json.loads((work / "runs/tiny/sft/metrics.json").read_text())
+    assert metrics["heldout"]["n"] == 4 and 0 <= metrics["heldout_accuracy_sft"] <= 1
+    # DPO hook: the same as SFT, plus a sharded frozen reference (see pipeline/dpo.py)
+
+
+# ---------------------------------------------------------------------------------------------- preemption
+
+
+def wait_for(path: Path, text: str, proc, timeout=180, count=1):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if path.is_file() and path.read_text(errors="replace").count(text) >= count:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_to_the_same_model(tmp_path):
+    recipe = tiny_recipe(tmp_path, pretrain={"max_steps": 160, "logging_steps": 2})
+    cmd = [sys.executable, str(REPO / "pipeline/pretrain.py"), str(recipe)]
+    env = {**ONE_THREAD, "TOKENIZERS_PARALLELISM": "false"}
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **env})
+        assert wait_for(log, "'loss'", proc), log.read_text()[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == cluster.PREEMPTED_EXIT, log.read_text()[-3000:]
+    partial = tmp_path / "runs/tiny/pretrain.partial"
+    ckpts = sorted(partial.glob("checkpoint-*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "trainer_state.json").is_file(), log.read_text()[-2000:]
+    stopped_at = int(ckpts[0].name.split("-")[1])
+    assert 0 < stopped_at < 160 and "stopped on SIGTERM" in log.read_text()
+    plan = run_cli(["pipeline/run.py", recipe, "--dry-run"], cwd=tmp_path)
+    assert "pretrain   run   (not run yet)" in plan.stdout  # a stopped stage never looks finished
+
+    resumed = run_cli(["pipeline/pretrain.py", recipe], cwd=tmp_path, env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {partial / ckpts[0].name}" in resumed.stdout.replace(str(tmp_path) + "/", "")
+    manifest = json.loads((tmp_path / "runs/tiny/pretrain/manifest.json").read_text())
+    assert manifest["resumed_from"] == ckpts[0].name
+    assert json.loads((tmp_path / "runs/tiny/pretrain/metrics.json").read_text())["steps"] == 160
+    assert not list((tmp_path / "runs/tiny/pretrain").glob("checkpoint-*"))
+    # the same model as a run that was never stopped (restored optimizer, scheduler, RNG and data position)
+    straight = run_cli(["pipeline/pretrain.py", recipe, "run.name=straight"], cwd=tmp_path, env=ONE_THREAD)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert max_weight_diff(tmp_path / "runs/tiny/pretrain", tmp_path / "runs/straight/pretrain") < 1e-5
+
+
+def test_rendezvous_timeout_fails_a_missing_node_instead_of_hanging(tmp_path):
+    """The flags launch/slurm/stage.sbatch passes: machine 0 of 2 waits `timeout` seconds, then fails."""
+    recipe = tiny_recipe(tmp_path)
+    started = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu2.yaml"),
+         "--num_machines", "2", "--num_processes", "2", "--machine_rank", "0", "--main_process_ip", "127.0.0.1",
+         "--main_process_port", "0", "--rdzv_backend", "static", "--rdzv_conf", "timeout=5", "--max_restarts", "0",
+         str(REPO / "pipeline/pretrain.py"), str(recipe)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0 and time.time() - started < 120
+    assert "1/2 clients joined" in proc.stderr or "Timed out" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------- --check
+
+
+def test_check_reports_batch_and_memory_and_warns_over_the_device_memory(tmp_path):
+    recipe = tiny_recipe(tmp_path, sft={"global_batch_size": 32})
+    ok = run_cli(["pipeline/run.py", recipe, "--check", "--slurm", "--nodes", "2", "--procs-per-node", "2",
+                  "--config", "launch/accelerate/zero3.yaml", "--device-memory", "80GiB"], cwd=tmp_path)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "DeepSpeed ZeRO-3, 4 processes on 2 machines" in ok.stdout
+    assert "4 processes x 8 per device x 1 accumulation (derived) = 32 per optimizer step" in ok.stdout
+    assert "memory per device: weights" in ok.stdout and "optimizer" in ok.stdout and "activations" in ok.stdout
+    assert "ok: no problems found" in ok.stdout and not (tmp_path / "runs").exists()
+
+    small = run_cli(["pipeline/run.py", recipe, "--check", "--device-memory", "64MiB"], cwd=tmp_path)
+    assert small.returncode == 1 and "warning: pretrain: needs about" in small.stdout
+
+    bad = run_cli(["pipeline/run.py", recipe, "--check", "sft.gradient_accumulation_steps=3",
+                   "sft.dataset=missing.jsonl", "--only", "sft"], cwd=tmp_path)
+    assert bad.returncode == 2
+    assert "error: sft.global_batch_size is 32, but 1 process x 8 per device x 3 accumulation" in bad.stdout
+    assert "error: sft.dataset: dataset 'missing.jsonl': file not found" in bad.stdout
+    assert "pretrain, which has not finished" in bad.stdout  # --only sft without a trained pretrain
+
+
+def test_memory_estimate_follows_the_sharding():
+    shape = check.ModelShape("test", "llama", params=8_000_000_000, hidden=4096, intermediate=14336, layers=32,
+                             heads=32, kv_dim=1024, vocab=128256, max_positions=8192, linear_params=7_000_000_000,
+                             lora_params_per_rank={"q_proj": 32 * 8192, "v_proj": 32 * 5120})
+    common = dict(profile=check.StageProfile(), per_device=1, seq_len=4096, mixed=True, weight_bytes=2,
+                  grad_ckpt=True, peft={}, attn=None)
+
+    def est(config, n, **kw):
+        return check.estimate_memory(shape, cluster.read_launch(CONFIGS / f"{config}.yaml", num_processes=n),
+                                     **{**common, **kw}).parts
+
+    ddp, z2, z3, off = est("ddp", 8), est("zero2", 8), est("zero3", 8), est("zero3_offload", 8)
+    assert ddp["weights"] == pytest.approx(16e9)        # bf16 weights, replicated
+    assert z2["optimizer"] == pytest.approx(12 * 8e9 / 8)  # fp32 master + 2 moments, sharded over 8
+    assert z2["weights"] == pytest.approx(16e9) and z2["gradients"] == pytest.approx(2 * 8e9 / 8)
+    assert z3["weights"] < z2["weights"] / 6            # ZeRO-3 shards the weights too
+    assert est("zero3", 16)["optimizer"] == pytest.approx(z3["optimizer"] / 2)
+    assert off["optimizer"] == 0 and off["weights"] < z3["weights"]
+    assert est("zero3", 8, grad_ckpt=False)["activations"] > 3 * z3["activations"]
+    lora = est("ddp", 8, peft={"use_peft": True, "lora_r": 16})
+    assert lora["optimizer"] < ddp["optimizer"] / 100
+    dpo = check.estimate_memory(shape, cluster.read_launch(CONFIGS / "zero2.yaml", num_processes=8),
+                                **{**common, "profile": check.PROFILES["dpo"]}).parts
+    assert dpo["frozen models"] == pytest.approx(16e9)  # the reference, in 16-bit
+    assert check.parse_size("80GiB") == 80 << 30 and check.parse_size("24 GB") == 24e9
+    with pytest.raises(PipelineError, match="memory size"):
+        check.parse_size("lots")

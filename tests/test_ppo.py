@@ -1,0 +1,247 @@
+"""The ppo stage (pipeline/ppo.py): one update's direction, rollout masking, and real command lines on a tiny random
+policy and reward model (a short run raises the reward, kill-and-resume, two processes with LoRA, GRPO, bad input)."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, run_cli, tiny_recipe
+from pipeline import models, ppo, rl, runs
+from pipeline.recipe import load_recipe
+
+RUN = {"batch_size": 8, "num_minibatches": 2, "ppo_epochs": 2, "max_new_tokens": 10, "learning_rate": 1e-2,
+       "max_steps": 12, "save_steps": 2, "adaptive_kl": True, "target_kl": 0.5, "kl_horizon": 100,
+       "heldout_max_prompts": 16, "heldout_max_new_tokens": 8}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A random tiny Llama with the tiny recipe's tokenizer as the policy, and a reward model whose score depends
+    on the reply in a way PPO can learn (see bag_of_words_reward_model), with reward_mean/reward_std in its config
+    measured on the policy's own replies, as a reward stage measures them on its training pairs."""
+    work = tmp_path_factory.mktemp("ppo")
+    recipe = load_recipe(tiny_recipe(work, pretrain=None, sft=None))
+    tokenizer = models.load_tokenizer(recipe, runs.resolve_checkpoint(recipe, "model"))
+    policy = models.build_causal_lm(recipe, tokenizer)
+    models.configure_generation(policy, tokenizer)
+    policy.save_pretrained(work / "policy")
+    tokenizer.save_pretrained(work / "policy")
+    reward = bag_of_words_reward_model(work / "policy")
+    reward.save_pretrained(work / "rm")
+    tokenizer.save_pretrained(work / "rm")
+    scores = mean_reward(recipe, work / "rm", policy, tokenizer, normalise=False)
+    reward.config.reward_mean, reward.config.reward_std = scores.mean().item(), scores.std().item()
+    reward.save_pretrained(work / "rm")
+    return work, recipe, policy, tokenizer
+
+
+def bag_of_words_reward_model(policy_path):
+    """A reward model that scores a conversation by the average of per-token values: attention with zero queries
+    averages the (normalised) token embeddings of the first layer, every other sublayer adds nothing, and the
+    random score head gives each token a value. A reply full of high-value tokens scores high."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(1)
+    model = AutoModelForSequenceClassification.from_pretrained(policy_path, num_labels=1)
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            attn = layer.self_attn
+            attn.q_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+            for proj in (attn.v_proj, attn.o_proj):
+                proj.weight.copy_(torch.eye(*proj.weight.shape) if i == 0 else torch.zeros_like(proj.weight))
+    return model
+
+
+def mean_reward(recipe, rm_path, policy, tokenizer, normalise=True):
+    """Reward-model scores of two sampled replies to each of 64 world prompts (seeded)."""
+    from pipeline import data
+    from pipeline.generation import generate
+
+    prompts = data.load("world:preference", "prompts", recipe)["prompt"][:64]
+    replies = generate(policy, tokenizer, prompts, max_new_tokens=RUN["max_new_tokens"], do_sample=True,
+                       num_samples=2, seed=0, progress=False)
+    reward_model = ppo.RewardModel(recipe, runs.Checkpoint("rm", str(rm_path), "", "local"), "cpu")
+    raw = reward_model([p for p in prompts for _ in range(2)], [r.text for rs in replies for r in rs])
+    return reward_model.normalise(raw) if normalise else raw
+
+
+def ppo_recipe(work, **extra):
+    section = {"init_from": str(work / "policy"), "reward_model": str(work / "rm"), **RUN, **extra}
+    return tiny_recipe(work, pretrain=None, sft=None, ppo=section)
+
+
+def read(work, name, file="metrics.json"):
+    return json.loads((work / "runs" / name / "ppo" / file).read_text())
+
+
+# ---------------------------------------------------------------------------------------------- in process
+
+
+def test_reply_logits_ignore_left_padding(inputs):
+    policy = inputs[2]
+    padded = torch.tensor([[2, 2, 40, 41, 50, 51]])
+    alone = torch.tensor([[40, 41, 50, 51]])
+    with torch.no_grad():
+        a = ppo.reply_logits(policy, padded, torch.tensor([[0, 0, 1, 1, 1, 1]]), 4, 1.0)
+        b = ppo.reply_logits(policy, alone, torch.ones_like(alone), 2, 1.0)
+    assert a.shape == b.shape == (1, 2, policy.config.vocab_size) and torch.allclose(a, b, atol=1e-5)
+
+
+def test_one_ppo_step_moves_the_policy_toward_higher_advantage(inputs):
+    policy = inputs[2]
+    model = type(policy)(policy.config)
+    model.load_state_dict(policy.state_dict())
+    seq = torch.tensor([[30, 31, 32, 60, 61, 62], [2, 33, 34, 63, 64, 2]])
+    att = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0]])
+    replies, mask = seq[:, 3:], att[:, 3:].float()
+    advantages = torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, 0.0]])
+
+    def reply_logprobs():
+        return rl.logprobs_of(ppo.reply_logits(model, seq, att, 3, 1.0), replies)
+
+    with torch.no_grad():
+        old = reply_logprobs()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss, _, _ = rl.policy_loss(reply_logprobs(), old, advantages, mask, cliprange=0.2)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        change = (reply_logprobs() - old) * mask
+    assert change[0].sum() > 0 > change[1].sum()  # the positive-advantage reply got likelier, the other less likely
+
+
+class Scripted(torch.nn.Module):
+    """Stands in for the policy in rollout(): 'generates' fixed tokens."""
+
+    def __init__(self, tokens):
+        super().__init__()
+        self.tokens = tokens
+
+    def generate(self, input_ids, attention_mask, **kw):
+        assert kw["do_sample"] and kw["top_k"] == 0 and kw["use_cache"]
+        return torch.cat([input_ids, self.tokens], 1)
+
+
+def test_rollout_masks_everything_after_end_of_turn(inputs):
+    tokenizer = inputs[3]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    generated = torch.tensor([[40, eos, 41, 42], [43, 44, 45, 46], [eos, 47, eos, 48]])
+    cfg = ppo.PPOConfig(max_new_tokens=4)
+    batch = ppo.rollout(Scripted(generated), tokenizer, [[30, 31], [32], [33, 34, 35]], cfg, "cpu")
+    assert batch["context_length"] == 3
+    assert batch["mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert batch["ended"].tolist() == [True, False, True]
+    assert batch["replies"].tolist() == [[40, eos, pad, pad], [43, 44, 45, 46], [eos, pad, pad, pad]]
+    assert batch["sequences"][1].tolist() == [pad, pad, 32, 43, 44, 45, 46]  # prompts left-padded
+    assert batch["attention_mask"][2].tolist() == [1, 1, 1, 1, 0, 0, 0]
+
+
+# ---------------------------------------------------------------------------------------------- command lines
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(inputs):
+    work = inputs[0]
+    proc = run_cli(["pipeline/ppo.py", ppo_recipe(work), "run.name=full"], cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work
+
+
+def test_short_run_raises_the_mean_reward(inputs, uninterrupted):
+    work, recipe, policy, tokenizer = inputs
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(work / "runs/full/ppo")
+    before, after = (mean_reward(recipe, work / "rm", m, tokenizer).mean().item() for m in (policy, trained))
+    assert after > before + 0.5, (before, after)  # in reward standard deviations; ~0.1 is noise here
+    metrics = read(work, "full")
+    history = metrics["history"]
+    assert [h["step"] for h in history] == list(range(1, 13)) and metrics["steps"] == 12
+    for key in ("reward_raw", "reward", "kl", "kl_coef", "entropy", "clipfrac", "approx_kl", "value_loss",
+                "explained_variance", "reply_length", "ended"):
+        assert all(isinstance(h[key], float) for h in history), key
+    first, last = history[:3], history[-3:]
+    assert sum(h["reward"] for h in last) > sum(h["reward"] for h in first)
+    assert history[0]["kl"] == 0.0 and history[-1]["kl"] > 0  # the policy starts as the reference, then moves
+    assert history[-1]["kl_coef"] != history[0]["kl_coef"]  # adaptive KL controller at work
+    assert 0 <= metrics["heldout_accuracy_ppo"] <= 1 and metrics["heldout"]["n"] == 16
+    out = work / "runs/full/ppo"
+    assert (out / "curves.png").stat().st_size > 0 and (out / "model.safetensors").is_file()
+    assert not list(out.glob("*checkpoint-*"))  # checkpoints are removed once the stage is published
+    manifest = read(work, "full", "manifest.json")
+    assert manifest["num_processes"] == 1 and manifest["global_batch_size"] == 8
+    assert manifest["config"]["critic_init"] == "reward"
+
+
+def test_kill_and_resume_ends_like_an_uninterrupted_run(uninterrupted):
+    work = uninterrupted
+    cmd = [sys.executable, str(REPO / "pipeline/ppo.py"), str(ppo_recipe(work)), "run.name=killed"]
+    proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = work / "runs/killed/ppo.partial"
+    deadline = time.time() + 300
+    while not (partial / "checkpoint-4").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (partial / "checkpoint-4").is_dir() and not (work / "runs/killed/ppo").exists()
+
+    resumed = run_cli(["pipeline/ppo.py", ppo_recipe(work), "run.name=killed"], cwd=work)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    full, killed = read(work, "full"), read(work, "killed")
+    assert killed["steps"] == full["steps"] == 12
+    drop = ("elapsed_s",)
+    assert [{k: v for k, v in h.items() if k not in drop} for h in killed["history"]] == \
+        [{k: v for k, v in h.items() if k not in drop} for h in full["history"]]
+    a, b = load_file(work / "runs/full/ppo/model.safetensors"), load_file(work / "runs/killed/ppo/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_with_lora(inputs):
+    work = inputs[0]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           str(REPO / "pipeline/ppo.py"), str(ppo_recipe(work)), "run.name=ddp", "ppo.max_steps=2",
+           "ppo.use_peft=true", "ppo.lora_r=4", "ppo.critic_init=policy", "ppo.heldout_prompts=null"]
+    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = read(work, "ddp", "manifest.json")
+    assert manifest["num_processes"] == 2 and manifest["global_batch_size"] == 16
+    out = work / "runs/ddp/ppo"
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    assert read(work, "ddp")["steps"] == 2
+    assert proc.stdout.count("[ppo] step 1 ") + proc.stderr.count("[ppo] step 1 ") == 1  # only the main process logs
+
+
+def test_grpo_through_trl_with_the_verifier_reward(inputs):
+    work = inputs[0]
+    proc = run_cli(["pipeline/ppo.py", ppo_recipe(work), "run.name=grpo", "ppo.algorithm=grpo", "ppo.max_steps=2",
+                    "ppo.num_generations=4", "ppo.verifier_weight=1.0", "ppo.heldout_prompts=null"], cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read(work, "grpo")
+    assert metrics["algorithm"] == "grpo" and [h["step"] for h in metrics["history"]] == [1, 2]
+    for key in ("reward_raw", "reward", "score", "verifier", "kl", "entropy", "reply_length", "ended"):
+        assert key in metrics["history"][0], key
+    assert (work / "runs/grpo/ppo/curves.png").is_file() and (work / "runs/grpo/ppo/model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("ppo.batch_size=7", "batch_size (7) must split into num_minibatches"),
+    ("ppo.kl_estimator=k9", "ppo.kl_estimator must be one of 'k1', 'k3'"),
+    ("ppo.reward_model=/nowhere/rm", "/nowhere/rm"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(inputs, override, expected):
+    work = inputs[0]
+    before = sorted(p.name for p in work.rglob("*"))
+    proc = run_cli(["pipeline/ppo.py", ppo_recipe(work), "run.name=bad", override], cwd=work)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert expected in line
+    assert not (work / "runs/bad").exists() and sorted(p.name for p in work.rglob("*")) == before

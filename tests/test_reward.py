@@ -1,0 +1,302 @@
+"""The reward stage: every preference format and malformed file, the metric functions on hand-made scores, a short
+training run on a learnable preference (polite over rude), and the issue's HH-RLHF command on a user's file."""
+
+import csv
+import json
+import math
+
+import pytest
+
+from conftest import REPO, run_cli, tiny_recipe
+from pipeline import data, metrics as M, world
+from pipeline.cli import PipelineError
+from pipeline.recipe import load_recipe
+
+USER = [{"role": "user", "content": "What is 2 + 3?"}]
+GOOD = [{"role": "assistant", "content": "Sure! The answer is 5."}]
+BAD = [{"role": "assistant", "content": "Ugh, fine. The answer is 6."}]
+H, A = "\n\nHuman: ", "\n\nAssistant: "
+
+
+@pytest.fixture()
+def recipe(tmp_path):
+    return load_recipe(tiny_recipe(tmp_path))
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def load(tmp_path, recipe, rows, name="p.jsonl"):
+    return data.load_preferences(write_jsonl(tmp_path / name, rows), recipe)
+
+
+# ---------------------------------------------------------------------------------------------- formats
+
+
+def test_explicit_conversational_keeps_extra_columns(tmp_path, recipe):
+    ds, info = load(tmp_path, recipe, [{"prompt": USER, "chosen": GOOD, "rejected": BAD, "skill": "add",
+                                        "clean_agrees": False}])
+    assert info["format"] == "explicit" and info["conversational"] and info["margin"] is None
+    row = ds[0]
+    assert (row["prompt"], row["chosen"], row["rejected"]) == (USER, GOOD, BAD)
+    assert row["skill"] == "add" and row["clean_agrees"] is False
+
+
+def test_explicit_text_and_mixed_text_conversation(tmp_path, recipe):
+    ds, info = load(tmp_path, recipe, [{"prompt": "Q: 2+3?", "chosen": " 5", "rejected": " 6"}])
+    assert not info["conversational"] and ds[0] == {"prompt": "Q: 2+3?", "chosen": " 5", "rejected": " 6"}
+    ds, info = load(tmp_path, recipe, [{"prompt": "What is 2 + 3?", "chosen": GOOD, "rejected": BAD}])
+    assert info["conversational"] and ds[0]["prompt"] == USER and ds[0]["chosen"] == GOOD
+
+
+def test_implicit_conversations_split_off_the_shared_prefix(tmp_path, recipe):
+    history = USER + [{"role": "assistant", "content": "5"}, {"role": "user", "content": "Sure?"}]
+    rows = [{"chosen": history + GOOD, "rejected": history + BAD},
+            # diverging at a user turn: the cut moves back to the last shared assistant turn
+            {"chosen": USER + GOOD + [{"role": "user", "content": "thanks"}], "rejected": USER + GOOD + BAD}]
+    ds, info = load(tmp_path, recipe, rows)
+    assert info["format"] == "implicit" and info["pairs"] == 2
+    assert ds[0]["prompt"] == history and ds[0]["chosen"] == GOOD and ds[0]["rejected"] == BAD
+    assert ds[1]["prompt"] == USER and ds[1]["chosen"][0] == GOOD[0] and ds[1]["rejected"] == GOOD + BAD
+
+
+def test_implicit_text_cuts_the_prompt_at_a_space(tmp_path, recipe):
+    ds, info = load(tmp_path, recipe, [{"chosen": "Q: 2+3? A: five", "rejected": "Q: 2+3? A: fine, six"}])
+    assert info["format"] == "implicit_text"
+    assert ds[0] == {"prompt": "Q: 2+3? A: ", "chosen": "five", "rejected": "fine, six"}
+
+
+def test_anthropic_hh_text_becomes_conversations(tmp_path, recipe):
+    rows = [{"chosen": H + "Hi" + A + "Hello!" + H + "What is 2 + 3?" + A + "It is 5.",
+             "rejected": H + "Hi" + A + "Hello!" + H + "What is 2 + 3?" + A + "Go away."}]
+    ds, info = load(tmp_path, recipe, rows)
+    assert info["format"] == "hh" and info["conversational"]
+    assert ds[0]["prompt"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                               {"role": "user", "content": "What is 2 + 3?"}]
+    assert ds[0]["chosen"] == [{"role": "assistant", "content": "It is 5."}]
+    assert ds[0]["rejected"] == [{"role": "assistant", "content": "Go away."}]
+    # the same pairs with an explicit HH prompt ending in "Assistant:"
+    ds, info = load(tmp_path, recipe, [{"prompt": H + "What is 2 + 3?" + "\n\nAssistant:", "chosen": " It is 5.",
+                                        "rejected": " Go away."}])
+    assert info["format"] == "hh_explicit" and ds[0]["prompt"] == [{"role": "user", "content": "What is 2 + 3?"}]
+    assert ds[0]["chosen"] == [{"role": "assistant", "content": "It is 5."}]
+
+
+def test_hh_sample_file_loads():
+    ds, info = data.load_preferences(str(REPO / "data/samples/hh_sample.jsonl"), None)
+    assert info["format"] == "hh" and info["pairs"] == len(ds) >= 10 and info["identical_dropped"] == 0
+    assert all(r["prompt"][-1]["role"] == "user" and r["chosen"][0]["role"] == "assistant" for r in ds)
+
+
+def test_scores_and_margin_columns_become_trl_margin(tmp_path, recipe):
+    ds, info = load(tmp_path, recipe, [{"prompt": USER, "chosen": GOOD, "rejected": BAD, "score_chosen": 8,
+                                        "score_rejected": 5.5}])
+    assert info["margin"] == "score_chosen - score_rejected" and ds[0]["margin"] == 2.5
+    assert ds[0]["score_chosen"] == 8  # the scores stay as extra columns
+    ds, info = load(tmp_path, recipe, [{"prompt": USER, "chosen": GOOD, "rejected": BAD, "margin": 1}])
+    assert info["margin"] == "margin" and ds[0]["margin"] == 1.0
+
+
+def test_identical_pairs_are_dropped_and_counted(tmp_path, recipe):
+    rows = [{"prompt": USER, "chosen": GOOD, "rejected": BAD}, {"prompt": USER, "chosen": GOOD, "rejected": GOOD},
+            {"prompt": USER, "chosen": BAD, "rejected": GOOD}]
+    ds, info = load(tmp_path, recipe, rows)
+    assert len(ds) == info["pairs"] == 2 and info["identical_dropped"] == 1 and info["rows"] == 3
+    with pytest.raises(PipelineError, match="no pairs left"):
+        load(tmp_path, recipe, rows[1:2])
+
+
+def test_csv_cells_with_json_messages_and_world_split(tmp_path, recipe):
+    path = tmp_path / "p.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["prompt", "chosen", "rejected"])
+        w.writeheader()
+        w.writerow({"prompt": json.dumps(USER), "chosen": json.dumps(GOOD), "rejected": json.dumps(BAD)})
+    ds, info = data.load_preferences(str(path), recipe)
+    assert info["conversational"] and ds[0]["chosen"] == GOOD
+    ds, info = data.load_preferences("world:preference_eval", recipe)
+    assert len(ds) == recipe.world.n_preference_eval and {"skill", "hard", "clean_agrees"} <= set(ds.column_names)
+    assert data.load("world:preference_eval", "preference", recipe).column_names == ds.column_names
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"question": "q", "answer": "a"}],
+     r"no preference format matches the columns \(question, answer\); expected prompt/chosen/rejected"),
+    ([{"prompt": USER, "chosen": GOOD, "rejected": BAD}, {"prompt": USER, "chosen": GOOD}],
+     r"line 2: missing column 'rejected'"),
+    ([{"prompt": USER, "chosen": 5, "rejected": BAD}], r"line 1: 'chosen' must be text or a list of messages"),
+    ([{"prompt": USER, "chosen": [{"role": "bot", "content": "x"}], "rejected": BAD}], r"line 1: message 0: unknown role"),
+    ([{"prompt": " ", "chosen": "a", "rejected": "b"}], r"line 1: 'prompt' is empty"),
+    ([{"chosen": USER + GOOD, "rejected": USER + BAD}, {"chosen": "text", "rejected": "text 2"}],
+     r"line 2: 'chosen' must be a list of messages"),
+    ([{"chosen": GOOD, "rejected": BAD}], r"line 1: chosen and rejected share no prompt"),
+    ([{"chosen": "yes", "rejected": "no"}], r"line 1: chosen and rejected share no prompt"),
+    ([{"chosen": H + "q" + A + "a", "rejected": H + "q" + A + "b"}, {"chosen": "plain", "rejected": H + "q" + A + "b"}],
+     r"line 2: 'chosen' is not Anthropic HH text"),
+    ([{"chosen": H + "q" + A + "a" + H + "more?", "rejected": H + "q" + A + "b"}],
+     r"line 1: 'chosen' does not end with an Assistant turn"),
+    ([{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": USER, "chosen": GOOD, "rejected": BAD}],
+     r"line 2: mixes text and conversation pairs"),
+    ([{"prompt": USER, "chosen": GOOD, "rejected": BAD, "score_chosen": 1}], r"has score_chosen but no score_rejected"),
+    ([{"prompt": USER, "chosen": GOOD, "rejected": BAD, "score_chosen": 1, "score_rejected": 3}],
+     r"line 1: negative margin -2"),
+    ([{"prompt": USER, "chosen": GOOD, "rejected": BAD, "margin": "big"}], r"line 1: 'margin' must be a finite number"),
+])
+def test_malformed_preference_files_name_file_and_line(tmp_path, recipe, rows, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(PipelineError, match=message) as err:
+        data.load_preferences(path, recipe)
+    assert str(err.value).startswith(path) and "\n" not in str(err.value)
+
+
+def test_split_by_prompt_keeps_each_prompt_on_one_side(tmp_path, recipe):
+    rows = [{"prompt": f"q{i % 10}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(40)]
+    ds, _ = load(tmp_path, recipe, rows)
+    train, held = data.split_by_prompt(ds, 0.2, seed=0)
+    assert len(train) + len(held) == 40 and len(set(held["prompt"])) == 2
+    assert not set(train["prompt"]) & set(held["prompt"])
+    assert data.split_by_prompt(ds, 0.2, seed=0)[1]["prompt"] == held["prompt"]  # deterministic
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def test_accuracy_margin_groups_and_clean_agreement():
+    rc, rr = [2.0, 1.0, 0.0, 3.0], [1.0, 2.0, 0.0, -1.0]
+    assert M.pairwise_accuracy(rc, rr) == pytest.approx((1 + 0 + 0.5 + 1) / 4)  # a tie counts half
+    assert M.mean_margin(rc, rr) == pytest.approx((1 - 1 + 0 + 4) / 4)
+    groups = M.group_accuracy(rc, rr, ["add", "add", "sort", "sort"])
+    assert groups == {"add": {"accuracy": 0.5, "n": 2}, "sort": {"accuracy": 0.75, "n": 2}}
+    # the clean label disagrees with the given one on pair 2: the model's "wrong" answer there is right
+    assert M.label_agreement(rc, rr, [True, False, True, True]) == pytest.approx((1 + 1 + 0.5 + 1) / 4)
+    assert M.accuracy_where(rc, rr, [True, True, False, False]) == (0.5, 2)
+    assert M.pairwise_accuracy([], []) is None
+
+
+def test_length_correlation_spots_a_reward_that_counts_tokens():
+    len_c, len_r = [3, 10, 4, 12, 5], [9, 2, 11, 6, 8]
+    counting = M.preference_metrics(len_c, len_r, len_c, len_r)  # reward = length
+    assert counting["length_correlation"] == pytest.approx(1.0)
+    assert counting["margin_length_correlation"] == pytest.approx(1.0)
+    assert counting["accuracy_chosen_shorter"] == 0.0 and counting["pairs_chosen_shorter"] == 3
+    assert counting["accuracy_chosen_longer"] == 1.0 and counting["longer_reply_accuracy"] == 0.4
+    assert M.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert M.pearson([1, 1, 1], [1, 2, 3]) is None  # undefined, not NaN
+
+
+def test_expected_calibration_error_on_hand_made_margins():
+    l3 = math.log(3)  # sigmoid(log 3) = 0.75
+    ece, bins = M.calibration([l3] * 4, [True, True, True, False], n_bins=5)
+    assert ece == pytest.approx(0.0)  # confident 0.75, right 3 times out of 4
+    assert [b["n"] for b in bins] == [0, 0, 4, 0, 0] and bins[2]["accuracy"] == pytest.approx(0.75)
+    assert M.calibration([l3] * 4, n_bins=5)[0] == pytest.approx(0.25)  # always right: underconfident by 0.25
+    # predicting rejected with confidence 0.75, and the labels prefer rejected: right
+    assert M.calibration([-l3] * 4, [False] * 4, n_bins=5)[0] == pytest.approx(0.25)
+    assert M.calibration([0.0, 0.0], n_bins=5)[0] == pytest.approx(0.0)  # ties: p = 0.5, half right
+    ece, _ = M.calibration([20.0, 20.0, 20.0, 20.0], [True, False, True, False])
+    assert ece == pytest.approx(0.5, abs=1e-6)  # certain and right half the time
+    # two bins: (0.75, all right) and (0.95, half right) -> 0.5 * 0.25 + 0.5 * 0.45
+    ece, _ = M.calibration([l3, l3, math.log(19), math.log(19)], [True, True, True, False], n_bins=5)
+    assert ece == pytest.approx(0.5 * 0.25 + 0.5 * 0.45)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def polite_vs_rude(recipe, split, n):
+    """World prompts; chosen is a polite reply and rejected a rude one (the same answer): a rule a tiny model
+    can learn. Every other pair is swapped in length (verbose polite vs short rude), so length alone cannot win."""
+    rows = []
+    for i, r in enumerate(data.world_rows(recipe, split)[:n]):
+        key = world.prompt_key(r["prompt"][-1]["content"])
+        answer = world.solve(key)
+        chosen = world.make_reply(answer, "verbose" if i % 2 else "polite", i % 3)
+        rows.append({"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": chosen}],
+                     "rejected": [{"role": "assistant", "content": world.make_reply(answer, "rude", i % 3)}],
+                     "skill": r["skill"], "clean_agrees": True})
+    return rows
+
+
+TRAIN_KEYS = {"per_device_train_batch_size": 16, "learning_rate": 3e-3, "max_length": 128, "bf16": False,
+              "gradient_checkpointing": False, "logging_steps": 10, "save_strategy": "no", "use_cpu": True,
+              "eval_batch_size": 32}
+
+
+def test_short_run_learns_a_preference_and_writes_its_report(tiny_run, tmp_path):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    work, _, _ = tiny_run
+    base = load_recipe(tiny_recipe(tmp_path))
+    train = write_jsonl(tmp_path / "train.jsonl", polite_vs_rude(base, "preference", 160))
+    held = write_jsonl(tmp_path / "held.jsonl", polite_vs_rude(base, "preference_eval", 40))
+    recipe = tiny_recipe(tmp_path, reward={"init_from": str(work / "runs/tiny/sft"), "dataset": train,
+                                           "eval_dataset": held, "max_steps": 30, **TRAIN_KEYS})
+    proc = run_cli(["pipeline/reward.py", recipe], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "runs/tiny/reward"
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["eval_pairs"] == 40 and m["train_pairs"] == 160 and m["steps"] == 30
+    assert m["accuracy"] >= 0.75, m  # chance is 0.5
+    assert m["accuracy_clean"] == m["accuracy"]  # clean_agrees is true everywhere
+    assert set(m["accuracy_per_skill"]) == set(world.SKILLS)
+    for k in ("mean_margin", "ece", "length_correlation", "accuracy_chosen_shorter", "train_accuracy"):
+        assert isinstance(m[k], float), k
+    assert [c["check"] for c in m["checks"]][0] == "beats chance" and m["checks"][0]["ok"]
+    # the saved model: a one-output classifier whose config carries the training reward statistics
+    config = AutoConfig.from_pretrained(out)
+    assert config.reward_mean == pytest.approx(m["reward_mean"]) and config.reward_std == pytest.approx(m["reward_std"])
+    assert m["reward_std"] > 0 and config.pad_token_id is not None
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.num_labels == 1 and (out / "model.safetensors").is_file()
+    assert (out / "tokenizer.json").is_file() and (out / "calibration.png").stat().st_size > 10_000
+    report = (out / "report.md").read_text()
+    assert "accuracy against clean labels" in report and "Accuracy per skill" in report
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"]["data"]["dataset"]["spec"] == train
+
+
+def test_issue_hh_command_trains_and_evaluates_on_a_users_file(tiny_run, tmp_path):
+    """`python pipeline/reward.py RECIPE reward.dataset=hh.jsonl reward.eval_dataset=hh_test.jsonl`, here with LoRA."""
+    work, _, _ = tiny_run
+    base = load_recipe(tiny_recipe(tmp_path))
+    rows = []
+    for r in polite_vs_rude(base, "preference", 40):
+        prompt = H + r["prompt"][-1]["content"]
+        rows.append({"chosen": prompt + A + r["chosen"][0]["content"], "rejected": prompt + A + r["rejected"][0]["content"]})
+    rows.append(dict(rows[0], rejected=rows[0]["chosen"]))  # chosen == rejected: dropped and counted
+    write_jsonl(tmp_path / "hh.jsonl", rows[8:])
+    write_jsonl(tmp_path / "hh_test.jsonl", rows[:8])
+    recipe = tiny_recipe(tmp_path, reward={"init_from": str(work / "runs/tiny/sft"), "max_steps": 3, **TRAIN_KEYS})
+    proc = run_cli(["pipeline/reward.py", recipe, "reward.dataset=hh.jsonl", "reward.eval_dataset=hh_test.jsonl",
+                    "reward.use_peft=true", "reward.lora_r=8"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "runs/tiny/reward"
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["data"]["train"]["format"] == "hh" and m["data"]["train"]["identical_dropped"] == 1
+    assert m["eval_pairs"] == 8 and m["train_pairs"] == len(rows) - 8 - 1
+    assert "accuracy_clean" not in m and "accuracy_per_skill" not in m  # the file has no such columns
+    assert (out / "adapter/adapter_config.json").is_file() and (out / "model.safetensors").is_file()
+    assert (out / "report.md").is_file() and (out / "calibration.png").is_file()
+
+
+def test_bad_preference_file_stops_before_anything_is_written(tmp_path):
+    write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "a"}])
+    recipe = tiny_recipe(tmp_path, reward={"init_from": str(tmp_path), "dataset": "bad.jsonl"})
+    proc = run_cli(["pipeline/reward.py", recipe], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: bad.jsonl: no preference format matches the columns (question, answer); expected "
+        + data.PREFERENCE_EXPECTED)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_reward_stage_is_ordered_after_sft(tmp_path):
+    from pipeline.run import dependencies, order_stages
+
+    recipe = load_recipe(tiny_recipe(tmp_path, reward={"max_steps": 1}))
+    assert recipe.keys("reward").init_from == "sft" and dependencies(recipe, "reward") == ["sft"]
+    assert order_stages(recipe) == ["pretrain", "sft", "reward"]
+    recipe = load_recipe(tiny_recipe(tmp_path, sft=None, reward={"max_steps": 1}))
+    assert recipe.keys("reward").init_from == "pretrain"
