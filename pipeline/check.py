@@ -423,8 +423,10 @@ def _seq_len(recipe, stage, keys, shape) -> int:
             value = recipe.config_default(stage, name)
         if value:
             return int(value)
-    if hasattr(keys, "max_new_tokens"):
-        return 256 + int(keys.max_new_tokens)
+    fields = _fields(stage)
+    if "max_new_tokens" in fields:  # generating stages: prompt and reply
+        prompt = recipe.config_default(stage, "max_prompt_length") if "max_prompt_length" in fields else 256
+        return int(prompt or 256) + int(recipe.config_default(stage, "max_new_tokens") or 0)
     return int(shape.max_positions or 2048)
 
 

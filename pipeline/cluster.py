@@ -164,17 +164,20 @@ def launch_from_command(launcher: str | None) -> Launch:
 
 def launch_here() -> dict:
     """The launch this process runs in, for the manifest."""
-    from accelerate import PartialState
+    from accelerate.state import AcceleratorState, PartialState
 
-    state = PartialState()
+    # the trainer's accelerator state (FSDP, DeepSpeed) once a trainer exists, else the process group's
+    state = AcceleratorState() if AcceleratorState._shared_state else PartialState()
     out = {"distributed_type": str(state.distributed_type).split(".")[-1], "num_processes": state.num_processes,
-           "backend": state.backend}
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        out["zero_stage"] = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0") or 0)
+           "backend": PartialState().backend}
+    if out["distributed_type"] == "DEEPSPEED":
+        plugin = getattr(state, "deepspeed_plugin", None)
+        out["zero_stage"] = plugin.zero_stage if plugin is not None else \
+            int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0") or 0)
         if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
             out["deepspeed_config_file"] = os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        out["fsdp_version"] = int(os.environ.get("FSDP_VERSION", "1") or 1)
+    elif out["distributed_type"] == "FSDP":
+        out["fsdp_version"] = state.fsdp_plugin.fsdp_version if getattr(state, "fsdp_plugin", None) else 1
     slurm = {k: os.environ[v] for k, v in (("job_id", "SLURM_JOB_ID"), ("restart_count", "SLURM_RESTART_COUNT"),
                                            ("nodes", "SLURM_JOB_NODELIST"), ("partition", "SLURM_JOB_PARTITION"))
              if v in os.environ}

@@ -51,9 +51,9 @@ class PPOConfig:
 
     algorithm: Literal["ppo", "grpo", "rloo"] = "ppo"   # ppo: ours below; grpo / rloo: TRL's trainers
     max_steps: int = 100                 # rollout batches (grpo/rloo: optimizer steps)
-    batch_size: int = 32                 # replies per step per process (one per prompt; grpo/rloo: num_generations per prompt)
+    batch_size: int = 32                 # replies per step per process (ppo: one per prompt)
     num_minibatches: int = 2             # minibatches per PPO epoch (one optimizer step each)
-    ppo_epochs: int = 4                  # passes over each rollout batch (grpo/rloo: num_iterations)
+    ppo_epochs: int = 4                  # passes over each rollout batch
     gradient_accumulation_steps: int = 1  # micro-batches per minibatch
     learning_rate: float = 1e-5          # policy
     critic_learning_rate: float | None = None  # critic; empty: learning_rate
@@ -96,7 +96,8 @@ def ppo_config(recipe) -> PPOConfig:
     values.setdefault("seed", recipe.run.seed)
     cfg = PPOConfig(**values)
     where = f"{recipe.path}: section '{STAGE}'"
-    if cfg.batch_size % cfg.num_minibatches or (cfg.batch_size // cfg.num_minibatches) % cfg.gradient_accumulation_steps:
+    minibatch = cfg.batch_size // cfg.num_minibatches
+    if cfg.batch_size % cfg.num_minibatches or minibatch % cfg.gradient_accumulation_steps:
         raise cli.PipelineError(f"{where}: batch_size ({cfg.batch_size}) must split into num_minibatches "
                                 f"({cfg.num_minibatches}) x gradient_accumulation_steps "
                                 f"({cfg.gradient_accumulation_steps}) equal parts")
@@ -268,6 +269,11 @@ def rollout(policy, tokenizer, prompt_ids: list[list[int]], cfg: PPOConfig, devi
 # ---------------------------------------------------------------------------------------------- PPO
 
 
+# printed every logging_steps (metrics.json has every statistic of every step)
+LOG_KEYS = ("step", "reward_raw", "reward", "verifier", "kl", "kl_coef", "entropy", "clipfrac", "approx_kl",
+            "value_loss", "explained_variance", "reply_length", "ended")
+
+
 def train_ppo(recipe, run, cfg: PPOConfig, keys, peft_values, prompts, init, reward_ckpt):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -338,6 +344,9 @@ def train_ppo(recipe, run, cfg: PPOConfig, keys, peft_values, prompts, init, rew
     progress = Progress()
     for obj in (kl_ctl, sampler, progress):
         accelerator.register_for_checkpointing(obj)
+    if main:  # a save interrupted by a kill; the checkpoint before it is intact
+        for partial_save in run.out.glob("tmp-checkpoint-*"):
+            shutil.rmtree(partial_save)
     resume = run.last_checkpoint()
     if resume:
         accelerator.load_state(resume)
@@ -430,8 +439,7 @@ def train_ppo(recipe, run, cfg: PPOConfig, keys, peft_values, prompts, init, rew
         progress.history.append(step_stats)
         bar.update(1)
         if main and (progress.step % cfg.logging_steps == 0 or progress.step == cfg.max_steps):
-            bar.write("[ppo] " + " ".join(f"{k} {v:.4g}" for k, v in step_stats.items()
-                                          if k in LOG_KEYS))
+            bar.write("[ppo] " + " ".join(f"{k} {v:.4g}" for k, v in step_stats.items() if k in LOG_KEYS))
         if progress.step == cfg.max_steps or (cfg.save_steps and progress.step % cfg.save_steps == 0):
             save_checkpoint(accelerator, run.out, progress.step, cfg.save_total_limit)
     bar.close()
@@ -447,10 +455,6 @@ def train_ppo(recipe, run, cfg: PPOConfig, keys, peft_values, prompts, init, rew
             tokenizer.save_pretrained(str(run.out / "merged"))
     accelerator.wait_for_everyone()
     return progress.history
-
-
-LOG_KEYS = ("step", "reward_raw", "reward", "verifier", "kl", "kl_coef", "entropy", "clipfrac", "approx_kl",
-            "value_loss", "explained_variance", "reply_length", "ended")
 
 
 def save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
@@ -580,12 +584,12 @@ def plot_curves(history: list[dict], path: Path, algorithm: str) -> None:
             ax_r.plot(steps, [r.get(key) for r in history], label=label)
     ax_r.set(xlabel="step", title=f"{algorithm}: reward", ylabel="mean per reply")
     ax_r.legend()
-    ax_k.plot(steps, [r.get("kl") for r in history], color="tab:red", label="KL to reference")
+    ax_k.plot(steps, [r.get("kl") for r in history], color="tab:red")
+    ax_k.set(xlabel="step", title="KL to the reference", ylabel="nats per reply")
     if any("kl_coef" in r for r in history):
         ax_c = ax_k.twinx()
-        ax_c.plot(steps, [r.get("kl_coef") for r in history], color="tab:gray", ls="--", label="KL coefficient")
-        ax_c.set_ylabel("KL coefficient")
-    ax_k.set(xlabel="step", title="KL to the reference", ylabel="nats per reply")
+        ax_c.plot(steps, [r.get("kl_coef") for r in history], color="tab:gray", ls="--")
+        ax_c.set_ylabel("KL coefficient (dashed)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -606,6 +610,9 @@ def main(argv):
         if init.path is None:
             raise cli.PipelineError(f"{recipe.path}: ppo.init_from is a new model from `model.config`; "
                                     f"start PPO from a trained checkpoint (e.g. sft)")
+        if peft_values.get("use_peft") and models.is_adapter(models.model_path(init.path)):
+            raise cli.PipelineError(f"{init.path}: a LoRA adapter without a merged model: a new adapter needs a full "
+                                    f"model under it; save that stage with merge_adapter=true")
         run.prepare()
 
         train = train_ppo if cfg.algorithm == "ppo" else train_trl

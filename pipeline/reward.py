@@ -339,7 +339,8 @@ def main(argv):
             return ds.remove_columns([c for c in ds.column_names if c not in TRAIN_COLUMNS])
 
         trainer = RewardTrainer(model=model, args=args, train_dataset=keep_training_columns(train_ds),
-                                eval_dataset=keep_training_columns(eval_ds), processing_class=tokenizer,
+                                eval_dataset=keep_training_columns(eval_ds) if args.eval_strategy != "no" else None,
+                                processing_class=tokenizer,
                                 peft_config=models.peft_config(peft_values, task_type="SEQ_CLS"))
         too_long = len(train_ds) - len(trainer.train_dataset)
         if run.state.is_main_process:

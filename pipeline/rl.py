@@ -14,7 +14,6 @@ end-of-turn token) and 0 on the padding after them, so it is a prefix of each ro
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 KL_ESTIMATORS = ("k1", "k3")
 
@@ -164,8 +163,3 @@ class KLController:
     def load_state_dict(self, state: dict) -> None:
         self.value = float(state["value"])
 
-
-def pad_right(rows: list[torch.Tensor], value) -> torch.Tensor:
-    """Stack 1-d tensors of different lengths, padding on the right."""
-    width = max(len(r) for r in rows)
-    return torch.stack([F.pad(r, (0, width - len(r)), value=value) for r in rows])

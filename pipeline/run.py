@@ -128,7 +128,7 @@ def main(argv):
     group.add_argument("--time", default=None, help="time limit per stage job, e.g. 24:00:00")
     group.add_argument("--signal-seconds", type=int, default=None, help="checkpoint and requeue this long "
                                                                         "before the time limit (300)")
-    group.add_argument("--sbatch", default=None, help="more sbatch options for every job, e.g. '--qos=high --mem=0'")
+    group.add_argument("--sbatch", default=None, help="more sbatch options for every job, e.g. --sbatch='--qos=high --mem=0'")
     args = parser.parse_intermixed_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
     only = [s for s in args.only.split(",") if s]

@@ -204,6 +204,9 @@ class StageRun:
     def last_checkpoint(self) -> str | None:
         """The newest trainer checkpoint a killed run of the same inputs left behind."""
         ckpts = sorted(self.out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        # a Trainer writes trainer_state.json last: without it the save was cut short (killed mid-save); a custom
+        # loop's Accelerator.save_state folder is complete when its random_states_*.pkl are there
+        ckpts = [c for c in ckpts if (c / "trainer_state.json").is_file() or any(c.glob("random_states_*.pkl"))]
         if ckpts:
             self.resumed_from = ckpts[-1].name
             if self.state.is_main_process:

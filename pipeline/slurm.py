@@ -149,8 +149,8 @@ def submit(recipe, steps, overrides: list[str], flags: dict, dependencies_of, dr
                 queued[stage] = previous["job_id"]
                 print(f"  {stage:<10} job {previous['job_id']}  (already {state.lower()}; not resubmitted)")
                 continue
-        deps = []
-        for dep in dependencies_of(stage):
+        deps, inputs = [], list(dict.fromkeys(dependencies_of(stage)))  # in order, once each
+        for dep in inputs:
             if dep in queued:
                 deps.append(queued[dep])
             elif dep in will_run:
@@ -159,7 +159,7 @@ def submit(recipe, steps, overrides: list[str], flags: dict, dependencies_of, dr
                 raise PipelineError(f"stage {stage} reads {dep}, which has not finished and is not part of this "
                                     f"submission (drop --only, or add {dep})")
         cmd = sbatch_command(recipe, stage, s, overrides, deps, log_dir)
-        after = f"  (after {', '.join(d for d in dependencies_of(stage) if d in queued)})" if deps else ""
+        after = f"  (after {', '.join(d for d in inputs if d in queued)})" if deps else ""
         if dry_run:
             print(f"  {stage:<10} would submit: {' '.join(f'{k}={shlex.quote(v)}' for k, v in job_environment(s).items())} "
                   f"{shlex.join(cmd)}")
@@ -176,6 +176,5 @@ def submit(recipe, steps, overrides: list[str], flags: dict, dependencies_of, dr
         cluster_tmp = jobs_file.with_name("jobs.json.tmp")
         cluster_tmp.write_text(json.dumps(known, indent=2) + "\n")
         os.replace(cluster_tmp, jobs_file)
-        print(f"  {stage:<10} job {job_id}{after}: {s.nodes} node(s) x {s.processes_per_node} process(es), "
-              f"{s.launch().describe()}", flush=True)
+        print(f"  {stage:<10} job {job_id}{after}: {s.launch().describe()}", flush=True)
     return queued

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -176,36 +175,35 @@ def wait_for(path: Path, text: str, proc, timeout=180, count=1):
     return False
 
 
-def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_to_the_same_model(tmp_path):
-    recipe = tiny_recipe(tmp_path, pretrain={"max_steps": 160, "logging_steps": 2})
-    cmd = [sys.executable, str(REPO / "pipeline/pretrain.py"), str(recipe)]
-    env = {**ONE_THREAD, "TOKENIZERS_PARALLELISM": "false"}
-    log = tmp_path / "first.log"
+def test_signal_saves_a_checkpoint_and_the_rerun_resumes_to_the_same_model(one_process):
+    """SIGUSR1 (Slurm's warning before the time limit; SIGTERM while training does the same): the stage saves a
+    trainer checkpoint into its .partial folder and exits; the same command then resumes from it and ends with the
+    model of a run that was never stopped (restored optimizer, scheduler, RNG and data position)."""
+    work, recipe = one_process
+    cmd = [sys.executable, str(REPO / "pipeline/pretrain.py"), str(recipe), *BATCH, "run.name=stopped"]
+    log = work / "stopped.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, **env})
-        assert wait_for(log, "'loss'", proc), log.read_text()[-2000:]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == cluster.PREEMPTED_EXIT, log.read_text()[-3000:]
-    partial = tmp_path / "runs/tiny/pretrain.partial"
+        proc = subprocess.Popen(cmd, cwd=work, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **ONE_THREAD, "TOKENIZERS_PARALLELISM": "false"})
+        # once the stage is up (handlers installed) and before it trains: it stops after its first step
+        assert wait_for(log, "M parameters", proc), log.read_text()[-2000:]
+        proc.send_signal(signal.SIGUSR1)
+        assert proc.wait(timeout=300) == cluster.PREEMPTED_EXIT, log.read_text()[-3000:]
+    partial = work / "runs/stopped/pretrain.partial"
     ckpts = sorted(partial.glob("checkpoint-*"))
-    assert len(ckpts) == 1 and (ckpts[0] / "trainer_state.json").is_file(), log.read_text()[-2000:]
-    stopped_at = int(ckpts[0].name.split("-")[1])
-    assert 0 < stopped_at < 160 and "stopped on SIGTERM" in log.read_text()
-    plan = run_cli(["pipeline/run.py", recipe, "--dry-run"], cwd=tmp_path)
+    assert [c.name for c in ckpts] == ["checkpoint-1"], log.read_text()[-2000:]
+    assert (ckpts[0] / "trainer_state.json").is_file() and "stopped on SIGUSR1" in log.read_text()
+    plan = run_cli(["pipeline/run.py", recipe, *BATCH, "run.name=stopped", "--dry-run"], cwd=work)
     assert "pretrain   run   (not run yet)" in plan.stdout  # a stopped stage never looks finished
 
-    resumed = run_cli(["pipeline/pretrain.py", recipe], cwd=tmp_path, env=ONE_THREAD)
+    resumed = run_cli(["pipeline/pretrain.py", recipe, *BATCH, "run.name=stopped"], cwd=work, env=ONE_THREAD)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming from {partial / ckpts[0].name}" in resumed.stdout.replace(str(tmp_path) + "/", "")
-    manifest = json.loads((tmp_path / "runs/tiny/pretrain/manifest.json").read_text())
-    assert manifest["resumed_from"] == ckpts[0].name
-    assert json.loads((tmp_path / "runs/tiny/pretrain/metrics.json").read_text())["steps"] == 160
-    assert not list((tmp_path / "runs/tiny/pretrain").glob("checkpoint-*"))
-    # the same model as a run that was never stopped (restored optimizer, scheduler, RNG and data position)
-    straight = run_cli(["pipeline/pretrain.py", recipe, "run.name=straight"], cwd=tmp_path, env=ONE_THREAD)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    assert max_weight_diff(tmp_path / "runs/tiny/pretrain", tmp_path / "runs/straight/pretrain") < 1e-5
+    assert "resuming from runs/stopped/pretrain.partial/checkpoint-1" in resumed.stdout
+    out = work / "runs/stopped/pretrain"
+    assert json.loads((out / "manifest.json").read_text())["resumed_from"] == "checkpoint-1"
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 12
+    assert not list(out.glob("checkpoint-*")) and not partial.exists()
+    assert max_weight_diff(out, work / "runs/tiny/pretrain") < 1e-5
 
 
 def test_rendezvous_timeout_fails_a_missing_node_instead_of_hanging(tmp_path):
@@ -226,25 +224,43 @@ def test_rendezvous_timeout_fails_a_missing_node_instead_of_hanging(tmp_path):
 # ---------------------------------------------------------------------------------------------- --check
 
 
-def test_check_reports_batch_and_memory_and_warns_over_the_device_memory(tmp_path):
+def test_check_reports_launch_batch_and_memory_and_submits_nothing(tmp_path):
     recipe = tiny_recipe(tmp_path, sft={"global_batch_size": 32})
     ok = run_cli(["pipeline/run.py", recipe, "--check", "--slurm", "--nodes", "2", "--procs-per-node", "2",
                   "--config", "launch/accelerate/zero3.yaml", "--device-memory", "80GiB"], cwd=tmp_path)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "DeepSpeed ZeRO-3, 4 processes on 2 machines" in ok.stdout
     assert "4 processes x 8 per device x 1 accumulation (derived) = 32 per optimizer step" in ok.stdout
+    assert "init_from: pretrain (stage not trained yet, llama 0.1" in ok.stdout
     assert "memory per device: weights" in ok.stdout and "optimizer" in ok.stdout and "activations" in ok.stdout
     assert "ok: no problems found" in ok.stdout and not (tmp_path / "runs").exists()
 
-    small = run_cli(["pipeline/run.py", recipe, "--check", "--device-memory", "64MiB"], cwd=tmp_path)
-    assert small.returncode == 1 and "warning: pretrain: needs about" in small.stdout
 
-    bad = run_cli(["pipeline/run.py", recipe, "--check", "sft.gradient_accumulation_steps=3",
-                   "sft.dataset=missing.jsonl", "--only", "sft"], cwd=tmp_path)
-    assert bad.returncode == 2
-    assert "error: sft.global_batch_size is 32, but 1 process x 8 per device x 3 accumulation" in bad.stdout
-    assert "error: sft.dataset: dataset 'missing.jsonl': file not found" in bad.stdout
-    assert "pretrain, which has not finished" in bad.stdout  # --only sft without a trained pretrain
+def check_output(capsys, recipe_path, overrides, only=(), memory=None, launch=None):
+    from pipeline.recipe import load_recipe
+    from pipeline.run import plan
+
+    recipe = load_recipe(recipe_path, overrides)
+    result = check.run_check(recipe, plan(recipe, only=list(only)), lambda stage: launch or cluster.Launch(),
+                             memory)
+    return result, capsys.readouterr().out
+
+
+def test_check_warns_over_the_device_memory_and_names_every_error(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path, sft={"global_batch_size": 32})
+    (errors, warnings), out = check_output(capsys, recipe, [], memory=check.parse_size("64MiB"))
+    assert (errors, warnings) == (0, 2) and "warning: pretrain: needs about" in out
+
+    (errors, _), out = check_output(capsys, recipe, ["sft.gradient_accumulation_steps=3",
+                                                     "sft.dataset=missing.jsonl"], only=["sft"])
+    assert errors == 3, out
+    assert "error: sft.global_batch_size is 32, but 1 process x 8 per device x 3 accumulation" in out
+    assert "error: sft.dataset: dataset 'missing.jsonl': file not found" in out
+    assert "error: sft.init_from: reads pretrain, which has not finished and is not planned to run" in out
+
+    single = cluster.read_launch(CONFIGS / "single.yaml", num_processes=4)
+    (errors, _), out = check_output(capsys, recipe, ["sft.global_batch_size=null"], launch=single)
+    assert errors == 2 and "runs a single process (distributed_type NO) but 4 were asked for" in out
 
 
 def test_memory_estimate_follows_the_sharding():
@@ -262,7 +278,7 @@ def test_memory_estimate_follows_the_sharding():
     assert ddp["weights"] == pytest.approx(16e9)        # bf16 weights, replicated
     assert z2["optimizer"] == pytest.approx(12 * 8e9 / 8)  # fp32 master + 2 moments, sharded over 8
     assert z2["weights"] == pytest.approx(16e9) and z2["gradients"] == pytest.approx(2 * 8e9 / 8)
-    assert z3["weights"] < z2["weights"] / 6            # ZeRO-3 shards the weights too
+    assert z3["weights"] < z2["weights"] / 4            # ZeRO-3 shards the weights too (plus gathered layers)
     assert est("zero3", 16)["optimizer"] == pytest.approx(z3["optimizer"] / 2)
     assert off["optimizer"] == 0 and off["weights"] < z3["weights"]
     assert est("zero3", 8, grad_ckpt=False)["activations"] > 3 * z3["activations"]
