@@ -15,10 +15,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the package, never shadow libraries with our modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import functools
-
 from pipeline import cli, data, models, runs
-from pipeline.generation import score_checkpoint
+from pipeline.generation import heldout_comparison, heldout_rows
 from pipeline.recipe import load_recipe
 
 STAGE = "dpo"
@@ -60,10 +58,7 @@ def main(argv):
             eval_ds, _ = data.load_preferences(keys.eval_dataset, recipe)
         else:
             train_ds, eval_ds = data.split_by_prompt(train_ds, keys.eval_fraction, recipe.run.seed)
-        heldout = data.load(keys.heldout_prompts, "prompts", recipe) if keys.heldout_prompts else None
-        if heldout is not None and not {"skill", "answer"} <= set(heldout.column_names):
-            print(f"[dpo] {keys.heldout_prompts} has no skill/answer columns: held-out scoring skipped")
-            heldout = None
+        heldout = heldout_rows(recipe, keys, STAGE)
         args = recipe.trainer_config(STAGE, output_dir=str(run.out))
         init = run.checkpoint()
         if init.path is None:
@@ -105,14 +100,7 @@ def main(argv):
             "history": [{k: v for k, v in h.items() if k == "step" or "/" in k or k == "loss"} for h in logged],
         }
         if heldout is not None and run.state.is_main_process:
-            rows = heldout.select(range(min(len(heldout), keys.heldout_max_prompts))).to_list()
-            score = functools.partial(score_checkpoint, recipe, rows=rows, max_new_tokens=keys.heldout_max_new_tokens,
-                                      batch_size=keys.heldout_batch_size)
-            before = score(init.path, label=f"input ({init.ref})")
-            after = score(str(run.out), label="dpo")
-            metrics["heldout"] = {"prompts": keys.heldout_prompts, "n": after["n"], "input": before, "dpo": after}
-            metrics["heldout_accuracy_input"] = before["accuracy"]
-            metrics["heldout_accuracy_dpo"] = after["accuracy"]
+            metrics.update(heldout_comparison(recipe, keys, heldout, ("input", init.path), ("dpo", str(run.out))))
         run.finish(metrics, config=args, global_batch_size=runs.global_batch_size(args, run.state.num_processes))
 
 

@@ -141,3 +141,28 @@ def score_checkpoint(recipe, path: str, rows, *, max_new_tokens=48, batch_size=6
     print(f"held-out verifier accuracy of {label}: {result['accuracy']:.3f} (n={result['n']}, "
           f"{', '.join(f'{s} {a:.2f}' for s, a in result['per_skill'].items())})", flush=True)
     return result
+
+
+def heldout_rows(recipe, keys, stage: str) -> list[dict] | None:
+    """The stage's held-out prompts (HeldoutKeys) if they carry verifiers (`skill`, `answer`), else None."""
+    from pipeline import data
+
+    if not keys.heldout_prompts:
+        return None
+    ds = data.load(keys.heldout_prompts, "prompts", recipe)
+    if not {"skill", "answer"} <= set(ds.column_names):
+        print(f"[{stage}] {keys.heldout_prompts} has no skill/answer columns: held-out scoring skipped")
+        return None
+    return ds.select(range(min(len(ds), keys.heldout_max_prompts))).to_list()
+
+
+def heldout_comparison(recipe, keys, rows, before: tuple[str, str], after: tuple[str, str]) -> dict:
+    """Verifier accuracy of two saved models, `(name, path)` each, as metrics.json entries."""
+    result = {"heldout": {"prompts": keys.heldout_prompts}}
+    for name, path in (before, after):
+        scored = score_checkpoint(recipe, path, rows, max_new_tokens=keys.heldout_max_new_tokens,
+                                  batch_size=keys.heldout_batch_size, label=name)
+        result["heldout"][name] = scored
+        result["heldout"]["n"] = scored["n"]
+        result[f"heldout_accuracy_{name}"] = scored["accuracy"]
+    return result

@@ -14,10 +14,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the package, never shadow libraries with our modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import functools
-
 from pipeline import cli, data, models, runs
-from pipeline.generation import score_checkpoint
+from pipeline.generation import heldout_comparison, heldout_rows
 from pipeline.recipe import load_recipe
 
 STAGE = "sft"
@@ -32,10 +30,7 @@ def main(argv):
     with runs.StageRun(recipe, STAGE) as run:
         train_ds = data.load(keys.dataset, "chat", recipe)
         eval_ds = data.load(keys.eval_dataset, "chat", recipe) if keys.eval_dataset else None
-        heldout = data.load(keys.heldout_prompts, "prompts", recipe) if keys.heldout_prompts else None
-        if heldout is not None and not {"skill", "answer"} <= set(heldout.column_names):
-            print(f"[sft] {keys.heldout_prompts} has no skill/answer columns: held-out scoring skipped")
-            heldout = None
+        heldout = heldout_rows(recipe, keys, STAGE)
         conversational = "messages" in train_ds.column_names
         fixed = {"output_dir": str(run.out)}
         if "assistant_only_loss" not in recipe.section(STAGE):
@@ -70,14 +65,7 @@ def main(argv):
         models.save_trained(trainer, tokenizer, run.out, merge_adapter=keys.merge_adapter)
 
         if heldout is not None and run.state.is_main_process:
-            rows = heldout.select(range(min(len(heldout), keys.heldout_max_prompts))).to_list()
-            score = functools.partial(score_checkpoint, recipe, rows=rows, max_new_tokens=keys.heldout_max_new_tokens,
-                                      batch_size=keys.heldout_batch_size)
-            base = score(init.path, label=f"base ({init.ref})")
-            tuned = score(str(run.out), label="sft")
-            metrics["heldout"] = {"prompts": keys.heldout_prompts, "n": tuned["n"], "base": base, "sft": tuned}
-            metrics["heldout_accuracy_base"] = base["accuracy"]
-            metrics["heldout_accuracy_sft"] = tuned["accuracy"]
+            metrics.update(heldout_comparison(recipe, keys, heldout, ("base", init.path), ("sft", str(run.out))))
         run.finish(metrics, config=args, global_batch_size=runs.global_batch_size(args, run.state.num_processes))
 
 
