@@ -93,7 +93,8 @@ def test_bad_data_row_exits_2_naming_file_and_row(tiny_run, content, expected):
     bad = work / "bad.jsonl"
     bad.write_text(content)
     before = sorted(p.name for p in (work / "runs").rglob("*"))
-    proc = run_cli(["pipeline/sft.py", recipe, f"sft.dataset={bad}", "run.name=bad"], cwd=work)
+    proc = run_cli(["pipeline/sft.py", recipe, f"sft.dataset={bad}", "run.name=bad",
+                    f"sft.init_from={work / 'runs/tiny/pretrain'}"], cwd=work)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
     assert str(bad) in line and expected in line
