@@ -27,7 +27,6 @@ import json
 import os
 import shlex
 import signal
-import sys
 from pathlib import Path
 
 from pipeline.cli import PipelineError
@@ -314,13 +313,12 @@ def exit_preempted(checkpoint: str | Path | None, is_main: bool = True) -> None:
     with PREEMPTED_EXIT (the `.partial` folder stays; the next run with the same inputs resumes)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
     if is_main:
-        name = signal.Signals(STOP.requested).name if STOP.requested else "a request"
+        name = signal.Signals(STOP.requested).name if STOP.requested else "a signal to another process"
         print(f"[preempted] stopped on {name}; saved {checkpoint}; run the stage again to resume from it",
               flush=True)
-    sys.stdout.flush()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no process leaves (and gets the others killed by the launcher) before all have saved
     raise SystemExit(PREEMPTED_EXIT)
 
 

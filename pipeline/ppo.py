@@ -36,10 +36,11 @@ from typing import Literal
 
 import torch
 
-from pipeline import cli, data, models, rl, runs
+from pipeline import cli, cluster, data, models, rl, runs
 from pipeline.generation import score_checkpoint
 from pipeline.recipe import load_recipe, stage_fields
 from pipeline.reward import load_reward_model
+from pipeline.stages import STAGES
 
 STAGE = "ppo"
 USAGE = "usage: pipeline/ppo.py RECIPE [ppo.KEY=VALUE ...]"
@@ -356,6 +357,7 @@ def train_ppo(recipe, run, cfg: PPOConfig, keys, peft_values, prompts, init, rew
     micro_size = cfg.batch_size // cfg.num_minibatches // cfg.gradient_accumulation_steps
     started = time.time() - (progress.history[-1]["elapsed_s"] if progress.history else 0.0)
     bar = tqdm(total=cfg.max_steps, initial=progress.step, desc="ppo", disable=not main)
+    cluster.STOP.training = True  # from here SIGTERM/SIGUSR1 mean: checkpoint after this step and exit to requeue
     while progress.step < cfg.max_steps:
         # 1. rollout: sample replies, score them, compute log-probs, reference log-probs and values
         batch_rows = [usable[i] for i in sampler.next_batch()]
@@ -440,8 +442,15 @@ def train_ppo(recipe, run, cfg: PPOConfig, keys, peft_values, prompts, init, rew
         bar.update(1)
         if main and (progress.step % cfg.logging_steps == 0 or progress.step == cfg.max_steps):
             bar.write("[ppo] " + " ".join(f"{k} {v:.4g}" for k, v in step_stats.items() if k in LOG_KEYS))
-        if progress.step == cfg.max_steps or (cfg.save_steps and progress.step % cfg.save_steps == 0):
+        saved = progress.step == cfg.max_steps or (cfg.save_steps and progress.step % cfg.save_steps == 0)
+        if saved:
             save_checkpoint(accelerator, run.out, progress.step, cfg.save_total_limit)
+        if progress.step < cfg.max_steps and cluster.stop_requested(device):  # every process, same step
+            if not saved:
+                save_checkpoint(accelerator, run.out, progress.step, cfg.save_total_limit)
+            bar.close()
+            cluster.exit_preempted(run.out / f"checkpoint-{progress.step}", main)
+    cluster.STOP.training = False
     bar.close()
 
     # the trained policy (full model, or adapter [+ merged/]), like every other stage
@@ -473,9 +482,10 @@ def save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
 # ---------------------------------------------------------------------------------------------- GRPO / RLOO
 
 
-# TRL's logged names -> ours ("reward" is TRL's weighted sum of the reward functions: our `score`)
+# TRL's logged names -> ours ("reward" is TRL's weighted sum of the reward functions: our `score`; TRL's "kl" is a
+# mean per token, ours a mean per reply)
 TRL_NAMES = {"reward": "score", "reward_raw": "reward_raw", "reward_normalised": "reward", "ended": "ended",
-             "rewards/verifier/mean": "verifier", "kl": "kl", "entropy": "entropy",
+             "rewards/verifier/mean": "verifier", "kl": "kl_per_token", "entropy": "entropy",
              "completions/mean_length": "reply_length", "clip_ratio/region_mean": "clipfrac", "loss": "policy_loss",
              "learning_rate": "lr"}
 
@@ -564,7 +574,7 @@ def summarise(history: list[dict], algorithm: str) -> dict:
         return sum(vals) / len(vals) if vals else None
 
     out = {"algorithm": algorithm, "steps": history[-1]["step"] if history else 0}
-    for key in ("reward_raw", "reward", "kl", "verifier", "reply_length", "ended"):
+    for key in ("reward_raw", "reward", "kl", "kl_per_token", "verifier", "reply_length", "ended"):
         start, end = mean(history[:n], key), mean(history[-n:], key)
         if start is not None:
             out[f"{key}_start"], out[f"{key}_end"] = start, end
@@ -584,8 +594,9 @@ def plot_curves(history: list[dict], path: Path, algorithm: str) -> None:
             ax_r.plot(steps, [r.get(key) for r in history], label=label)
     ax_r.set(xlabel="step", title=f"{algorithm}: reward", ylabel="mean per reply")
     ax_r.legend()
-    ax_k.plot(steps, [r.get("kl") for r in history], color="tab:red")
-    ax_k.set(xlabel="step", title="KL to the reference", ylabel="nats per reply")
+    per = "reply" if any(r.get("kl") is not None for r in history) else "token"
+    ax_k.plot(steps, [r.get("kl" if per == "reply" else "kl_per_token") for r in history], color="tab:red")
+    ax_k.set(xlabel="step", title="KL to the reference", ylabel=f"nats per {per}")
     if any("kl_coef" in r for r in history):
         ax_c = ax_k.twinx()
         ax_c.plot(steps, [r.get("kl_coef") for r in history], color="tab:gray", ls="--")
@@ -598,6 +609,9 @@ def plot_curves(history: list[dict], path: Path, algorithm: str) -> None:
 def main(argv):
     recipe = load_recipe(*cli.split_stage_args(argv, USAGE))
     keys, cfg, peft_values = recipe.keys(STAGE), ppo_config(recipe), recipe.peft_values(STAGE)
+    if keys.reward_model in STAGES and keys.reward_model not in recipe.stages:
+        raise cli.PipelineError(f"{recipe.path}: ppo.reward_model is the `{keys.reward_model}` stage, but the recipe "
+                                f"has no `{keys.reward_model}` section: add one, or name a saved reward model folder")
     with runs.StageRun(recipe, STAGE) as run:
         prompts = load_prompts(keys.prompts, recipe)
         if cfg.verifier_weight:

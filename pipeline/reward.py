@@ -66,12 +66,13 @@ def save_reward_model(trainer, tokenizer, out: Path, recipe, init_path: str) -> 
     else:
         trainer.save_model(str(out / "adapter"))
         if trainer.accelerator.is_main_process:  # merge from disk: works whatever sharding trained the adapter
-            base = load_reward_model(recipe, init_path)
-            if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
-                base.resize_token_embeddings(len(tokenizer))
-            merged = PeftModel.from_pretrained(base, str(out / "adapter")).merge_and_unload()
-            merged.config.pad_token_id = tokenizer.pad_token_id
-            merged.save_pretrained(str(out), safe_serialization=True)
+            with models.single_process():  # under ZeRO-3 a load would wait for the other processes
+                base = load_reward_model(recipe, init_path)
+                if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
+                    base.resize_token_embeddings(len(tokenizer))
+                merged = PeftModel.from_pretrained(base, str(out / "adapter")).merge_and_unload()
+                merged.config.pad_token_id = tokenizer.pad_token_id
+                merged.save_pretrained(str(out), safe_serialization=True)
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(str(out))
     trainer.accelerator.wait_for_everyone()
@@ -136,7 +137,8 @@ def score_pairs(model, tokenizer, rows, batch_size, max_length, desc):
         for side in ("chosen", "rejected"):
             seqs.append(encode(tokenizer, row["prompt"], row[side], _tools(row)))
             lengths.append(len(tokenizer(reply_text(row[side]), add_special_tokens=False)["input_ids"]))
-    rewards, cut = score(model, seqs, tokenizer.pad_token_id, batch_size, max_length, desc)
+    rewards, _ = score(model, seqs, tokenizer.pad_token_id, batch_size, max_length, desc)
+    cut = sum(max(len(c), len(r)) > max_length for c, r in zip(seqs[0::2], seqs[1::2])) if max_length else 0
     return rewards[0::2], rewards[1::2], lengths[0::2], lengths[1::2], cut
 
 
@@ -163,25 +165,33 @@ def trust_checks(m: dict, category: str) -> list[dict]:
     else:
         add("not length-driven", True, "too few pairs with a shorter and a longer chosen reply to compare")
     if m["ece"] is not None:
-        over = sum(b["n"] * (b["confidence"] - b["accuracy"]) for b in m["calibration_bins"] if b["n"]) > 0
-        add("calibrated", m["ece"] <= 0.1, f"ECE {m['ece']:.3f}" + ("" if m["ece"] <= 0.1 else
-            f": sigmoid(margin) is {'over' if over else 'under'}confident; rescale rewards before using them as "
-            f"probabilities"))
-    weak = {g: v["accuracy"] for g, v in m.get(f"accuracy_per_{category}", {}).items()
-            if v["n"] >= 10 and v["accuracy"] < 0.6}
+        detail = f"ECE {m['ece']:.3f}"
+        for name, lo, hi in (("confidence >= 0.8", 0.8, 1.01), ("confidence < 0.65", 0.5, 0.65)):
+            bins = [b for b in m["calibration_bins"] if b["n"] and lo - 1e-9 <= b["lo"] < hi - 1e-9]
+            n = sum(b["n"] for b in bins)
+            if n:
+                won = sum(b["n"] * b["accuracy"] for b in bins) / n
+                conf = sum(b["n"] * b["confidence"] for b in bins) / n
+                detail += f"; at {name} ({n} pairs) the preferred reply wins {won:.2f} (mean confidence {conf:.2f})"
+        add("calibrated", m["ece"] <= 0.1, detail + ("" if m["ece"] <= 0.1 else
+            ": treat sigmoid(margin) as a ranking, not a probability"))
+    clean = f"accuracy_clean_per_{category}" in m  # judge categories by the clean labels where known
+    per = m.get(f"accuracy_clean_per_{category}" if clean else f"accuracy_per_{category}", {})
+    weak = {g: v["accuracy"] for g, v in per.items() if v["n"] >= 10 and v["accuracy"] < 0.6}
     add(f"no weak {category}", not weak, ", ".join(f"{g} {a:.2f}" for g, a in weak.items())
         + " near chance: a policy optimised on this reward can drift there unchecked" if weak
-        else f"every {category} with 10+ pairs is at 0.6 or better")
+        else f"every {category} with 10+ pairs is at 0.6 or better" + (" (clean labels)" if clean else ""))
     gap = m["train_accuracy"] - acc
     add("generalises", gap <= 0.15, f"training-pair accuracy {m['train_accuracy']:.3f} vs held-out {acc:.3f}"
         + ("" if gap <= 0.15 else ": overfitting; fewer epochs or more data"))
     dropped = m["train_pairs_too_long"] / max(m["train_pairs_too_long"] + m["train_pairs"], 1)
     add("data fits max_length", dropped <= 0.1, f"{m['train_pairs_too_long']} training pairs over max_length "
-        f"were left out by the trainer ({dropped:.1%})")
+        f"were left out by the trainer ({dropped:.1%}); {m['eval_pairs_truncated']} held-out pairs were scored "
+        f"on their last max_length tokens")
     return checks
 
 
-def write_report(path: Path, m: dict, keys, category: str) -> None:
+def write_report(path: Path, m: dict, category: str) -> None:
     def f(v, fmt=".3f"):
         return "n/a" if v is None else format(v, fmt)
 
@@ -233,7 +243,7 @@ def plot(path: Path, m: dict, margins, clean) -> None:
     import numpy as np
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    bins = [b for b in m["calibration_bins"]]
+    bins = m["calibration_bins"]
     centers = [(b["lo"] + b["hi"]) / 2 for b in bins]
     width = bins[0]["hi"] - bins[0]["lo"]
     ax1.bar(centers, [b["accuracy"] or 0 for b in bins], width=width * 0.9, color="tab:blue", alpha=0.75,
@@ -351,7 +361,8 @@ def main(argv):
 
         out = {"train_loss": result.training_loss, "steps": result.global_step}
         if run.state.is_main_process:  # score with the saved model, read back as PPO will read it
-            scorer = load_reward_model(recipe, str(run.out))
+            with models.single_process():  # under ZeRO-3 a load would wait for the other processes
+                scorer = load_reward_model(recipe, str(run.out))
             m, margins, clean = evaluate(scorer, tokenizer, eval_ds, train_ds, keys, args.max_length, args.seed)
             m.update(train_pairs=len(trainer.train_dataset), train_pairs_too_long=too_long,
                      data={"train": train_info, "eval": eval_info})
@@ -361,7 +372,7 @@ def main(argv):
             headline = ("accuracy", "accuracy_clean", "accuracy_chosen_shorter", "ece", "length_correlation",
                         "mean_margin")
             out = {**{k: m[k] for k in headline if k in m}, **out, **{k: v for k, v in m.items() if k not in headline}}
-            write_report(run.out / "report.md", out, keys, keys.category_column)
+            write_report(run.out / "report.md", out, keys.category_column)
             plot(run.out / FIGURE, out, margins, clean)
             print(f"[reward] held-out accuracy {m['accuracy']:.3f}"
                   + (f", against clean labels {m['accuracy_clean']:.3f}" if "accuracy_clean" in m else "")

@@ -112,10 +112,17 @@ def one_process(tmp_path_factory):
     return work, recipe
 
 
-def test_two_processes_reach_the_same_loss_as_one_with_the_same_global_batch(one_process):
+@pytest.fixture(scope="module")
+def two_processes(one_process):
+    """The same pretrain in 2 processes (2 x 4, accumulation 1 derived from global_batch_size 8)."""
     work, recipe = one_process
     proc = launch_cli("cpu2", ["pipeline/pretrain.py", recipe, *BATCH, "run.name=two"], cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return work, recipe, proc
+
+
+def test_two_processes_reach_the_same_loss_as_one_with_the_same_global_batch(two_processes):
+    work, recipe, proc = two_processes
     one, two = work / "runs/tiny/pretrain", work / "runs/two/pretrain"
     m1, m2 = (json.loads((d / "manifest.json").read_text()) for d in (one, two))
     assert (m1["num_processes"], m2["num_processes"]) == (1, 2)
@@ -175,35 +182,46 @@ def wait_for(path: Path, text: str, proc, timeout=180, count=1):
     return False
 
 
-def test_signal_saves_a_checkpoint_and_the_rerun_resumes_to_the_same_model(one_process):
-    """SIGUSR1 (Slurm's warning before the time limit; SIGTERM while training does the same): the stage saves a
-    trainer checkpoint into its .partial folder and exits; the same command then resumes from it and ends with the
-    model of a run that was never stopped (restored optimizer, scheduler, RNG and data position)."""
-    work, recipe = one_process
-    cmd = [sys.executable, str(REPO / "pipeline/pretrain.py"), str(recipe), *BATCH, "run.name=stopped"]
+def test_a_signal_to_one_process_checkpoints_all_and_the_rerun_resumes_to_the_same_model(two_processes):
+    """SIGUSR1 (Slurm's warning before the time limit; SIGTERM while training does the same) to ONE of two
+    processes: they agree to stop after the same step, save one trainer checkpoint together into the .partial
+    folder and exit; the same command then resumes from it and ends with the model of the run that was never
+    stopped (restored optimizer, scheduler, RNG and data position of both processes)."""
+    import psutil
+
+    work, recipe, _ = two_processes
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu2.yaml"),
+           str(REPO / "pipeline/pretrain.py"), str(recipe), *BATCH, "run.name=stopped"]
     log = work / "stopped.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=work, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, **ONE_THREAD, "TOKENIZERS_PARALLELISM": "false"})
+                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         # once the stage is up (handlers installed) and before it trains: it stops after its first step
         assert wait_for(log, "M parameters", proc), log.read_text()[-2000:]
-        proc.send_signal(signal.SIGUSR1)
-        assert proc.wait(timeout=300) == cluster.PREEMPTED_EXIT, log.read_text()[-3000:]
+        workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                   if "pretrain.py" in " ".join(c.cmdline())]
+        rank1 = [w for w in workers if w.environ().get("RANK") == "1"]
+        assert len(workers) == 2 and len(rank1) == 1, [w.cmdline() for w in workers]
+        rank1[0].send_signal(signal.SIGUSR1)
+        assert proc.wait(timeout=300) != 0, log.read_text()[-3000:]
+    text = log.read_text()
     partial = work / "runs/stopped/pretrain.partial"
-    ckpts = sorted(partial.glob("checkpoint-*"))
-    assert [c.name for c in ckpts] == ["checkpoint-1"], log.read_text()[-2000:]
-    assert (ckpts[0] / "trainer_state.json").is_file() and "stopped on SIGUSR1" in log.read_text()
+    assert [c.name for c in partial.glob("checkpoint-*")] == ["checkpoint-1"], text[-2000:]
+    ckpt = partial / "checkpoint-1"
+    assert (ckpt / "trainer_state.json").is_file() and (ckpt / "rng_state_0.pth").is_file()
+    assert (ckpt / "rng_state_1.pth").is_file() and "[preempted] stopped on" in text
+    assert f"exitcode  : {cluster.PREEMPTED_EXIT}" in text  # both processes left with "stopped, resume me"
     plan = run_cli(["pipeline/run.py", recipe, *BATCH, "run.name=stopped", "--dry-run"], cwd=work)
     assert "pretrain   run   (not run yet)" in plan.stdout  # a stopped stage never looks finished
 
-    resumed = run_cli(["pipeline/pretrain.py", recipe, *BATCH, "run.name=stopped"], cwd=work, env=ONE_THREAD)
+    resumed = launch_cli("cpu2", ["pipeline/pretrain.py", recipe, *BATCH, "run.name=stopped"], cwd=work)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from runs/stopped/pretrain.partial/checkpoint-1" in resumed.stdout
     out = work / "runs/stopped/pretrain"
     assert json.loads((out / "manifest.json").read_text())["resumed_from"] == "checkpoint-1"
     assert json.loads((out / "metrics.json").read_text())["steps"] == 12
     assert not list(out.glob("checkpoint-*")) and not partial.exists()
-    assert max_weight_diff(out, work / "runs/tiny/pretrain") < 1e-5
+    assert max_weight_diff(out, work / "runs/two/pretrain") < 1e-5
 
 
 def test_rendezvous_timeout_fails_a_missing_node_instead_of_hanging(tmp_path):

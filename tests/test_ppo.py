@@ -2,6 +2,7 @@
 policy and reward model (a short run raises the reward, kill-and-resume, two processes with LoRA, GRPO, bad input)."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -18,6 +19,9 @@ from pipeline.recipe import load_recipe
 RUN = {"batch_size": 8, "num_minibatches": 2, "ppo_epochs": 2, "max_new_tokens": 10, "learning_rate": 1e-2,
        "max_steps": 12, "save_steps": 2, "adaptive_kl": True, "target_kl": 0.5, "kl_horizon": 100,
        "heldout_max_prompts": 16, "heldout_max_new_tokens": 8}
+# One thread per process: on a busy 2-core machine, multi-threaded tiny matmuls spend their time waiting for each
+# other (a 1-second step took over a minute); accelerate's multi-process launch does the same by default.
+ENV = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +153,7 @@ def test_rollout_masks_everything_after_end_of_turn(inputs):
 @pytest.fixture(scope="module")
 def uninterrupted(inputs):
     work = inputs[0]
-    proc = run_cli(["pipeline/ppo.py", ppo_recipe(work), "run.name=full"], cwd=work)
+    proc = run_cli(["pipeline/ppo.py", ppo_recipe(work), "run.name=full"], cwd=work, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return work
 
@@ -183,7 +187,8 @@ def test_short_run_raises_the_mean_reward(inputs, uninterrupted):
 def test_kill_and_resume_ends_like_an_uninterrupted_run(uninterrupted):
     work = uninterrupted
     cmd = [sys.executable, str(REPO / "pipeline/ppo.py"), str(ppo_recipe(work)), "run.name=killed"]
-    proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **ENV})
     partial = work / "runs/killed/ppo.partial"
     deadline = time.time() + 300
     while not (partial / "checkpoint-4").is_dir() and proc.poll() is None and time.time() < deadline:
@@ -192,7 +197,7 @@ def test_kill_and_resume_ends_like_an_uninterrupted_run(uninterrupted):
     proc.wait()
     assert (partial / "checkpoint-4").is_dir() and not (work / "runs/killed/ppo").exists()
 
-    resumed = run_cli(["pipeline/ppo.py", ppo_recipe(work), "run.name=killed"], cwd=work)
+    resumed = run_cli(["pipeline/ppo.py", ppo_recipe(work), "run.name=killed"], cwd=work, env=ENV)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
     full, killed = read(work, "full"), read(work, "killed")
@@ -204,13 +209,42 @@ def test_kill_and_resume_ends_like_an_uninterrupted_run(uninterrupted):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_preemption_signal_checkpoints_between_steps_and_the_rerun_finishes(uninterrupted):
+    """SIGUSR1 (Slurm's warning before the time limit): the loop saves a checkpoint after the step it is in, exits
+    with the "preempted, requeue me" code, and the same command finishes the run like an uninterrupted one."""
+    from pipeline import cluster
+
+    work = uninterrupted
+    cmd = [sys.executable, str(REPO / "pipeline/ppo.py"), str(ppo_recipe(work)), "run.name=preempted",
+           "ppo.save_steps=100"]  # no periodic checkpoints: the one found afterwards is the preemption's
+    proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **ENV})
+    deadline = time.time() + 300
+    for line in proc.stdout:  # the progress bar writes "ppo: ... 1/12" once the first step is done
+        if "1/12" in line or "2/12" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGUSR1)
+    rest = proc.communicate(timeout=300)[0]
+    assert proc.returncode == cluster.PREEMPTED_EXIT, rest[-3000:]
+    partial = work / "runs/preempted/ppo.partial"
+    ckpts = [p.name for p in partial.glob("checkpoint-*")]
+    assert len(ckpts) == 1 and "[preempted] stopped on SIGUSR1" in rest, (ckpts, rest[-2000:])
+    assert not (work / "runs/preempted/ppo").exists()
+
+    resumed = run_cli(["pipeline/ppo.py", ppo_recipe(work), "run.name=preempted", "ppo.save_steps=100"], cwd=work,
+                      env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"ppo.partial/{ckpts[0]} at step" in resumed.stdout + resumed.stderr
+    assert read(work, "preempted")["steps"] == read(work, "full")["steps"] == 12
+
+
 def test_two_processes_with_lora(inputs):
     work = inputs[0]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
            str(REPO / "pipeline/ppo.py"), str(ppo_recipe(work)), "run.name=ddp", "ppo.max_steps=2",
            "ppo.use_peft=true", "ppo.lora_r=4", "ppo.critic_init=policy", "ppo.heldout_prompts=null"]
-    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=600, env={**os.environ, **ENV})
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = read(work, "ddp", "manifest.json")
     assert manifest["num_processes"] == 2 and manifest["global_batch_size"] == 16
@@ -223,11 +257,11 @@ def test_two_processes_with_lora(inputs):
 def test_grpo_through_trl_with_the_verifier_reward(inputs):
     work = inputs[0]
     proc = run_cli(["pipeline/ppo.py", ppo_recipe(work), "run.name=grpo", "ppo.algorithm=grpo", "ppo.max_steps=2",
-                    "ppo.num_generations=4", "ppo.verifier_weight=1.0", "ppo.heldout_prompts=null"], cwd=work)
+                    "ppo.num_generations=4", "ppo.verifier_weight=1.0", "ppo.heldout_prompts=null"], cwd=work, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read(work, "grpo")
     assert metrics["algorithm"] == "grpo" and [h["step"] for h in metrics["history"]] == [1, 2]
-    for key in ("reward_raw", "reward", "score", "verifier", "kl", "entropy", "reply_length", "ended"):
+    for key in ("reward_raw", "reward", "score", "verifier", "kl_per_token", "entropy", "reply_length", "ended"):
         assert key in metrics["history"][0], key
     assert (work / "runs/grpo/ppo/curves.png").is_file() and (work / "runs/grpo/ppo/model.safetensors").is_file()
 
@@ -235,11 +269,12 @@ def test_grpo_through_trl_with_the_verifier_reward(inputs):
 @pytest.mark.parametrize("override, expected", [
     ("ppo.batch_size=7", "batch_size (7) must split into num_minibatches"),
     ("ppo.reward_model=/nowhere/rm", "/nowhere/rm"),
+    ("ppo.reward_model=reward", "has no `reward` section"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(inputs, override, expected):
     work = inputs[0]
     before = sorted(p.name for p in work.rglob("*"))
-    proc = run_cli(["pipeline/ppo.py", ppo_recipe(work), "run.name=bad", override], cwd=work)
+    proc = run_cli(["pipeline/ppo.py", ppo_recipe(work), "run.name=bad", override], cwd=work, env=ENV)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
     assert expected in line

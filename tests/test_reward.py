@@ -127,7 +127,8 @@ def test_csv_cells_with_json_messages_and_world_split(tmp_path, recipe):
     ([{"prompt": USER, "chosen": GOOD, "rejected": BAD}, {"prompt": USER, "chosen": GOOD}],
      r"line 2: missing column 'rejected'"),
     ([{"prompt": USER, "chosen": 5, "rejected": BAD}], r"line 1: 'chosen' must be text or a list of messages"),
-    ([{"prompt": USER, "chosen": [{"role": "bot", "content": "x"}], "rejected": BAD}], r"line 1: message 0: unknown role"),
+    ([{"prompt": USER, "chosen": [{"role": "bot", "content": "x"}], "rejected": BAD}],
+     r"line 1: message 0: unknown role"),
     ([{"prompt": " ", "chosen": "a", "rejected": "b"}], r"line 1: 'prompt' is empty"),
     ([{"chosen": USER + GOOD, "rejected": USER + BAD}, {"chosen": "text", "rejected": "text 2"}],
      r"line 2: 'chosen' must be a list of messages"),
@@ -202,6 +203,20 @@ def test_expected_calibration_error_on_hand_made_margins():
     assert ece == pytest.approx(0.5 * 0.25 + 0.5 * 0.45)
 
 
+def test_trust_checks_flag_a_reward_that_counts_tokens():
+    from pipeline.reward import trust_checks
+
+    len_c, len_r = [3, 10, 4, 12, 5] * 6, [9, 2, 11, 6, 8] * 6
+    m = M.preference_metrics(len_c, len_r, len_c, len_r, groups=["add", "sort"] * 15)
+    m.update(accuracy_per_skill=m.pop("accuracy_per_group"), train_accuracy=0.9, train_pairs=100,
+             train_pairs_too_long=0, eval_pairs_truncated=0)
+    checks = {c["check"]: c for c in trust_checks(m, "skill")}
+    assert not checks["beats chance"]["ok"]  # 0.4
+    assert not checks["not length-driven"]["ok"] and "prefers longer replies" in checks["not length-driven"]["detail"]
+    assert not checks["generalises"]["ok"] and checks["data fits max_length"]["ok"]
+    assert not checks["no weak skill"]["ok"] and "add 0.40, sort 0.40" in checks["no weak skill"]["detail"]
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 
@@ -229,15 +244,15 @@ def test_short_run_learns_a_preference_and_writes_its_report(tiny_run, tmp_path)
 
     work, _, _ = tiny_run
     base = load_recipe(tiny_recipe(tmp_path))
-    train = write_jsonl(tmp_path / "train.jsonl", polite_vs_rude(base, "preference", 160))
+    train = write_jsonl(tmp_path / "train.jsonl", polite_vs_rude(base, "preference", 128))
     held = write_jsonl(tmp_path / "held.jsonl", polite_vs_rude(base, "preference_eval", 40))
     recipe = tiny_recipe(tmp_path, reward={"init_from": str(work / "runs/tiny/sft"), "dataset": train,
-                                           "eval_dataset": held, "max_steps": 30, **TRAIN_KEYS})
+                                           "eval_dataset": held, "max_steps": 20, **TRAIN_KEYS})
     proc = run_cli(["pipeline/reward.py", recipe], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "runs/tiny/reward"
     m = json.loads((out / "metrics.json").read_text())
-    assert m["eval_pairs"] == 40 and m["train_pairs"] == 160 and m["steps"] == 30
+    assert m["eval_pairs"] == 40 and m["train_pairs"] == 128 and m["steps"] == 20
     assert m["accuracy"] >= 0.75, m  # chance is 0.5
     assert m["accuracy_clean"] == m["accuracy"]  # clean_agrees is true everywhere
     assert set(m["accuracy_per_skill"]) == set(world.SKILLS)
@@ -264,7 +279,8 @@ def test_issue_hh_command_trains_and_evaluates_on_a_users_file(tiny_run, tmp_pat
     rows = []
     for r in polite_vs_rude(base, "preference", 40):
         prompt = H + r["prompt"][-1]["content"]
-        rows.append({"chosen": prompt + A + r["chosen"][0]["content"], "rejected": prompt + A + r["rejected"][0]["content"]})
+        rows.append({"chosen": prompt + A + r["chosen"][0]["content"],
+                     "rejected": prompt + A + r["rejected"][0]["content"]})
     rows.append(dict(rows[0], rejected=rows[0]["chosen"]))  # chosen == rejected: dropped and counted
     write_jsonl(tmp_path / "hh.jsonl", rows[8:])
     write_jsonl(tmp_path / "hh_test.jsonl", rows[:8])
@@ -279,6 +295,25 @@ def test_issue_hh_command_trains_and_evaluates_on_a_users_file(tiny_run, tmp_pat
     assert "accuracy_clean" not in m and "accuracy_per_skill" not in m  # the file has no such columns
     assert (out / "adapter/adapter_config.json").is_file() and (out / "model.safetensors").is_file()
     assert (out / "report.md").is_file() and (out / "calibration.png").is_file()
+
+
+def test_two_processes_under_accelerate_launch(tiny_run, tmp_path):
+    from conftest import launch_cli
+
+    work, _, _ = tiny_run
+    base = load_recipe(tiny_recipe(tmp_path))
+    train = write_jsonl(tmp_path / "train.jsonl", polite_vs_rude(base, "preference", 64))
+    recipe = tiny_recipe(tmp_path, reward={"init_from": str(work / "runs/tiny/sft"), "dataset": train,
+                                           "eval_dataset": None, "eval_fraction": 0.25, "max_steps": 2,
+                                           **TRAIN_KEYS, "per_device_train_batch_size": 4})
+    proc = launch_cli("cpu2", ["pipeline/reward.py", recipe], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "runs/tiny/reward"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_processes"] == 2 and manifest["global_batch_size"] == 8
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["eval_pairs"] + m["train_pairs"] == 64 and 8 <= m["eval_pairs"] <= 24  # about a quarter of the prompts
+    assert (out / "model.safetensors").is_file() and (out / "report.md").is_file()
 
 
 def test_bad_preference_file_stops_before_anything_is_written(tmp_path):
