@@ -53,7 +53,20 @@ class ModelSection:
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.2 booleans: only true/false. YAML 1.1 would read `save_strategy: no` as false."""
+    """YAML 1.2 booleans: only true/false. YAML 1.1 would read `save_strategy: no` as false. A key given twice in
+    one mapping is an error (plain YAML loaders keep the last one silently: a second `ppo:` section would replace
+    the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.yaml_implicit_resolvers = {

@@ -72,6 +72,19 @@ def test_yaml_syntax_error_and_missing_file(tmp_path):
         load_recipe(tmp_path / "nope.yaml")
 
 
+def test_a_section_or_key_given_twice_is_an_error_not_a_silent_replacement(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("run:\n  name: x\nsft:\n  max_steps: 3\ndpo:\n  beta: 0.1\nsft:\n  max_steps: 5\n")
+    with pytest.raises(PipelineError, match=r"twice.yaml: line 7: .*duplicate key 'sft'"):
+        load_recipe(path)
+    path.write_text("run:\n  name: x\nsft:\n  max_steps: 3\n  max_steps: 5\n")
+    with pytest.raises(PipelineError, match=r"line 5: .*duplicate key 'max_steps'"):
+        load_recipe(path)
+    path.write_text("base: &base {max_steps: 3}\nrun: {name: x}\nsft:\n  <<: *base\n  learning_rate: 0.1\n")
+    with pytest.raises(PipelineError, match="unknown section 'base'"):  # merge keys still work; `base` is unknown
+        load_recipe(path)
+
+
 def test_malformed_override_and_non_mapping_section(tmp_path):
     with pytest.raises(PipelineError, match="section.key=value"):
         load_recipe(SMALL, ["learning_rate=1"])
