@@ -169,8 +169,11 @@ class StageRun:
         # The first PartialState fixes the process group for everything after it (trainers included). Without a
         # GPU, processes started by `accelerate launch --multi_gpu` join as CPU workers (gloo) only with cpu=True;
         # a plain PartialState() would leave each of them alone, all writing as the main process.
+        # Under DeepSpeed without a GPU, Accelerate picks no backend and again counts each process alone (stages
+        # without a trainer, e.g. eval, would all write): name gloo.
         deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-        self.state = PartialState(cpu=not torch.cuda.is_available() and not deepspeed)
+        gpu = torch.cuda.is_available()
+        self.state = PartialState(cpu=not gpu and not deepspeed, **({"backend": "gloo"} if deepspeed and not gpu else {}))
         self.inputs = stage_inputs(recipe, stage)
         self.fingerprint = hash_obj(self.inputs)
         self.final_dir = recipe.stage_dir(stage)

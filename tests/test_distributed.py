@@ -141,7 +141,7 @@ def test_two_processes_reach_the_same_loss_as_one_with_the_same_global_batch(two
     assert sorted(p.name for p in (work / "runs/two").iterdir()) == ["pretrain"]
 
 
-def test_sft_and_dpo_under_zero3_with_two_processes_save_full_models(one_process):
+def test_sft_dpo_and_eval_under_zero3_with_two_processes_save_full_models_and_one_report(one_process):
     work, recipe = one_process
     zero3 = f"{sys.executable} -m accelerate.commands.launch --config_file {CONFIGS / 'zero3.yaml'} --num_processes 2"
     # through the runner with run.launcher, as a cluster recipe would; DPO starts from the ZeRO-3 SFT model.
@@ -168,6 +168,17 @@ def test_sft_and_dpo_under_zero3_with_two_processes_save_full_models(one_process
     metrics = json.loads((work / "runs/tiny/sft/metrics.json").read_text())
     assert metrics["heldout"]["n"] == 4 and 0 <= metrics["heldout_accuracy_sft"] <= 1
     # DPO hook: the same as SFT, plus a sharded frozen reference (see pipeline/dpo.py)
+
+    # eval (no trainer) under the same launch: 2 processes counted, the main one alone generates and writes
+    proc = launch_cli("zero3", ["pipeline/evaluate.py", recipe, "eval.max_prompts=8", "eval.max_new_tokens=8",
+                                "eval.num_samples=1", "eval.batch_size=8"], cwd=work, num_processes=2, env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = work / "runs/tiny/eval"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_processes"] == 2 and manifest["launch"]["zero_stage"] == 3
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["checkpoints"]) == {"pretrain", "sft"}, metrics.keys()  # the recipe's model stages
+    assert (out / "report.md").is_file() and not (work / "runs/tiny/eval.partial").exists()
 
 
 # ---------------------------------------------------------------------------------------------- preemption
