@@ -479,6 +479,18 @@ def split_by_prompt(ds, fraction: float, seed: int):
     return ds.select(train_idx), ds.select(eval_idx)
 
 
+def load_preference_splits(dataset: str, eval_dataset: str | None, eval_fraction: float, recipe):
+    """Training and held-out pairs for a preference stage: `eval_dataset`, or `eval_fraction` of the training
+    prompts held out. Returns (train, held_out, train_info, held_out_info)."""
+    train_ds, train_info = load_preferences(dataset, recipe)
+    if eval_dataset:
+        eval_ds, eval_info = load_preferences(eval_dataset, recipe)
+        return train_ds, eval_ds, train_info, eval_info
+    train_ds, eval_ds = split_by_prompt(train_ds, eval_fraction, recipe.run.seed)
+    eval_info = {**train_info, "source": f"{dataset} (held-out {eval_fraction:.0%} of prompts)", "pairs": len(eval_ds)}
+    return train_ds, eval_ds, {**train_info, "pairs": len(train_ds)}, eval_info
+
+
 def _check_eval_prompts(rows, where, source):
     """Evaluation prompts: `prompt` (text or messages; in CSV a JSON list of messages), optional `answer` (a
     reference: text or a number) and `skill` (text: a world skill names its verifier, anything else a category)."""

@@ -53,11 +53,8 @@ def main(argv):
     keys = recipe.keys(STAGE)
     peft_values = recipe.peft_values(STAGE)
     with runs.StageRun(recipe, STAGE) as run:
-        train_ds, train_info = data.load_preferences(keys.dataset, recipe)
-        if keys.eval_dataset:
-            eval_ds, _ = data.load_preferences(keys.eval_dataset, recipe)
-        else:
-            train_ds, eval_ds = data.split_by_prompt(train_ds, keys.eval_fraction, recipe.run.seed)
+        train_ds, eval_ds, train_info, _ = data.load_preference_splits(
+            keys.dataset, keys.eval_dataset, keys.eval_fraction, recipe)
         heldout = heldout_rows(recipe, keys, STAGE)
         args = recipe.trainer_config(STAGE, output_dir=str(run.out))
         init = run.checkpoint()

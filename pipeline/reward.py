@@ -309,14 +309,8 @@ def main(argv):
     keys = recipe.keys(STAGE)
     peft_values = recipe.peft_values(STAGE)
     with runs.StageRun(recipe, STAGE) as run:
-        train_ds, train_info = data.load_preferences(keys.dataset, recipe)
-        if keys.eval_dataset:
-            eval_ds, eval_info = data.load_preferences(keys.eval_dataset, recipe)
-        else:
-            train_ds, eval_ds = data.split_by_prompt(train_ds, keys.eval_fraction, recipe.run.seed)
-            eval_info = {**train_info, "source": f"{keys.dataset} (held-out {keys.eval_fraction:.0%} of prompts)",
-                         "pairs": len(eval_ds)}
-            train_info = {**train_info, "pairs": len(train_ds)}
+        train_ds, eval_ds, train_info, eval_info = data.load_preference_splits(
+            keys.dataset, keys.eval_dataset, keys.eval_fraction, recipe)
         if "margin" in train_ds.column_names:
             if keys.margin_scale == 0:
                 train_ds = train_ds.remove_columns("margin")
