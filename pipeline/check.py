@@ -59,7 +59,6 @@ class StageProfile:
     frozen_models: int = 0           # DPO's reference; PPO's reference and reward model
     frozen_with_peft: int | None = None  # frozen models when use_peft (the reference is the adapter switched off)
     lm_head: bool = True             # logits over the vocabulary (a reward model has a one-output head)
-    trains: bool = True              # eval only generates and scores
 
 
 # Add new stages here when they keep more than one trained model, or more than one sequence per example.
@@ -67,7 +66,6 @@ PROFILES = {
     "reward": StageProfile(sequences_per_example=2, lm_head=False),
     "dpo": StageProfile(sequences_per_example=2, frozen_models=1, frozen_with_peft=0),
     "ppo": StageProfile(trained_models=2, frozen_models=2, frozen_with_peft=1),
-    "eval": StageProfile(trains=False, frozen_models=1),
 }
 
 
@@ -249,27 +247,21 @@ def estimate_memory(shape: ModelShape, launch: cluster.Launch, *, profile: Stage
     frozen = frozen_count * p * (2 if mixed and deepspeed else weight_bytes)
     if zero == 3 or fsdp:
         frozen /= n
-    if not profile.trains:
-        grads = optimizer = 0
-        trainable = 0
-    parts = {"weights": weights * profile.trained_models if profile.trains else base_weight,
+    parts = {"weights": weights * profile.trained_models,
              "gradients": grads * profile.trained_models, "optimizer": optimizer * profile.trained_models}
     if frozen:
         parts["frozen models"] = frozen
     act_b = 2 if (mixed or weight_bytes == 2) else 4
     seqs = per_device * profile.sequences_per_example
-    if profile.trains:
-        per_token_layer = 8 * shape.hidden + 4 * shape.intermediate + 2 * shape.kv_dim
-        if attn == "eager":
-            per_token_layer += 2 * shape.heads * seq_len
-        stored = shape.hidden * shape.layers + per_token_layer if grad_ckpt else per_token_layer * shape.layers
-        activations = seqs * seq_len * stored * act_b * profile.trained_models
-        if profile.lm_head:
-            activations += seqs * seq_len * shape.vocab * (2 * act_b + 4)
-            if frozen_count:
-                activations += seqs * seq_len * shape.vocab * act_b
-    else:  # generation: the KV cache of a batch
-        activations = seqs * seq_len * shape.layers * 2 * shape.kv_dim * act_b
+    per_token_layer = 8 * shape.hidden + 4 * shape.intermediate + 2 * shape.kv_dim
+    if attn == "eager":
+        per_token_layer += 2 * shape.heads * seq_len
+    stored = shape.hidden * shape.layers + per_token_layer if grad_ckpt else per_token_layer * shape.layers
+    activations = seqs * seq_len * stored * act_b * profile.trained_models
+    if profile.lm_head:
+        activations += seqs * seq_len * shape.vocab * (2 * act_b + 4)
+        if frozen_count:
+            activations += seqs * seq_len * shape.vocab * act_b
     parts["activations"] = activations
     parts["overhead"] = OVERHEAD + 0.05 * sum(parts.values())
     if peft.get("use_peft"):

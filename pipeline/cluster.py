@@ -52,10 +52,6 @@ class Launch:
     fsdp_version: int = 0            # 0: not FSDP
     save_full_model: bool = True     # the checkpoint a stage saves is one full model (ZeRO-3: gather on save)
 
-    @property
-    def shards_params(self) -> bool:
-        return self.zero_stage == 3 or self.fsdp_version > 0
-
     def describe(self) -> str:
         if self.distributed_type == "DEEPSPEED":
             how = f"DeepSpeed ZeRO-{self.zero_stage}"

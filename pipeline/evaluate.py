@@ -271,12 +271,16 @@ def held_out_perplexity(model, tokenizer, rows, batch_size, desc) -> tuple[float
     return (M.perplexity(picked), n) if n else None
 
 
-def run_checkpoint(recipe, keys, target: Target, rows, ppl_rows, reference, kl_ok, seed, device) -> None:
-    """Generate greedy and sampled replies, score the samples under the policy and the reference, perplexity."""
+def run_checkpoint(recipe, keys, target: Target, rows, ppl_rows, reference, seed, device) -> None:
+    """Generate greedy and sampled replies, score the samples under the policy and the reference (loaded when the
+    sequence KL applies, else None), perplexity."""
     from pipeline.generation import generate
 
     started = time.time()
-    model, tokenizer = load_lm(recipe, target.checkpoint, device)
+    if reference is not None and reference[2] == target.checkpoint.path:  # the reference is loaded already
+        model, tokenizer = reference[:2]
+    else:
+        model, tokenizer = load_lm(recipe, target.checkpoint, device)
     print(f"[eval] {target.name}: {models.describe(model)} from {target.checkpoint.path}", flush=True)
     prompts = [row["prompt"] for row in rows]
     gen = dict(max_new_tokens=keys.max_new_tokens, batch_size=keys.batch_size, seed=seed)
@@ -286,7 +290,7 @@ def run_checkpoint(recipe, keys, target: Target, rows, ppl_rows, reference, kl_o
         target.samples = generate(model, tokenizer, prompts, do_sample=True, temperature=keys.temperature,
                                   top_p=keys.top_p, num_samples=keys.num_samples,
                                   desc=f"{target.name}: {keys.num_samples} samples", **gen)
-    if kl_ok and reference is not None:
+    if reference is not None:
         ref_model, ref_tokenizer, ref_path = reference
         if ref_path == target.checkpoint.path:
             target.log_ratios = np.zeros((len(prompts), keys.num_samples))
@@ -467,7 +471,7 @@ def write_report(path: Path, recipe, keys, info: dict, rows, targets, per: dict,
              f"top_p {keys.top_p}; at most {keys.max_new_tokens} new tokens; seed {info['seed']}",
              f"- baseline for win rates: `{baseline}`; KL reference: "
              + (f"`{info['reference']}`" if info.get("kl") else f"none ({info.get('kl_note', 'not set')})"),
-             f"- reward model: " + (f"`{keys.reward_model}`" + (" (scores standardised with its training "
+             "- reward model: " + (f"`{keys.reward_model}`" + (" (scores standardised with its training "
                                                                 "reward_mean / reward_std)"
                                                                 if info.get("reward_standardised") else "")
                                     if keys.reward_model else "none"),
@@ -574,6 +578,13 @@ def plot_all(out: Path, targets, per: dict, matrix: dict, baseline: str) -> list
             ax.bar(xs, ys, width, yerr=err, capsize=3, label=s, color=colors[k % len(colors)])
         ax.set_xticks(range(len(groups)), groups)
 
+    def save(fig, ax, name):
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(out / name)
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
     accuracy = [t for t in names if "accuracy" in per[t]]
     if accuracy:
         skills = sorted({s for t in accuracy for s in per[t].get("accuracy_per_skill", {})})
@@ -586,11 +597,7 @@ def plot_all(out: Path, targets, per: dict, matrix: dict, baseline: str) -> list
         ax.set_ylim(0, 1)
         ax.set_ylabel("verifier accuracy (greedy)")
         ax.set_title("verifier accuracy per checkpoint, 95% bootstrap intervals", fontsize=10)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(out / "accuracy.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        save(fig, ax, "accuracy.png")
 
     others = [t for t in names if t != baseline]
     if matrix and others:
@@ -603,11 +610,7 @@ def plot_all(out: Path, targets, per: dict, matrix: dict, baseline: str) -> list
         ax.set_ylim(0, 1)
         ax.set_ylabel("win rate (ties count half)")
         ax.set_title(f"win rate against {baseline}, 95% bootstrap intervals", fontsize=10)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(out / "win_rate.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        save(fig, ax, "win_rate.png")
 
     scored = [t for t in targets if t.rewards is not None]
     if scored:
@@ -618,11 +621,7 @@ def plot_all(out: Path, targets, per: dict, matrix: dict, baseline: str) -> list
         ax.set_xticks(range(1, len(scored) + 1), [t.name for t in scored])
         ax.set_ylabel("reward of the greedy reply")
         ax.set_title("reward-model score of each greedy reply", fontsize=10)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(out / "reward.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        save(fig, ax, "reward.png")
     return written
 
 
@@ -665,7 +664,7 @@ def main(argv):
             print(f"[eval] {len(rows)} prompts from {keys.prompts} ({info['verified']} with a verifier); "
                   f"checkpoints: {', '.join(t.name for t in targets)}; baseline {baseline}", flush=True)
             for t in targets:
-                run_checkpoint(recipe, keys, t, rows, ppl_rows, ref_models, kl_ok, seed, device)
+                run_checkpoint(recipe, keys, t, rows, ppl_rows, ref_models, seed, device)
             del ref_models
             if reward is not None:
                 info["reward_standardised"] = score_rewards(recipe, reward, targets, rows, keys.batch_size, device)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from pipeline import rl
+
 
 @dataclass
 class Reply:
@@ -99,7 +101,7 @@ def token_logprobs(model, sequences, *, batch_size=32, desc="scoring", progress=
                 mask[row, :len(sequences[i])] = 1
             ids, mask = ids.to(device), mask.to(device)
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-            logps = torch.gather(logits.log_softmax(-1), 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            logps = rl.logprobs_of(logits, ids[:, 1:])
             for row, i in enumerate(idx):
                 out[i] = logps[row, :len(sequences[i]) - 1].tolist()
             bar.update(len(idx))

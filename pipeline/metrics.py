@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 
+from pipeline.world import normalize_answer  # the world's verifier and exact match compare alike
+
 
 def _arrays(*xs):
     arrays = [np.asarray(x, dtype=float) for x in xs]
@@ -223,11 +225,6 @@ def distinct_n(texts, n: int) -> float | None:
         words = str(text).lower().split()
         grams += [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else None
-
-
-def normalize_answer(text) -> str:
-    """Lowercase, single spaces, no surrounding quotes or punctuation: ' The Cat. ' -> 'the cat'."""
-    return " ".join(str(text).lower().split()).strip(" \"'`.!?,;:")
 
 
 def exact_match(prediction, reference) -> bool:

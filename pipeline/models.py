@@ -156,6 +156,13 @@ def single_process():
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
+def fit_embeddings(model, tokenizer) -> None:
+    """Grow the embeddings to the tokenizer when it has more tokens (chat tokens added to a hub tokenizer); padded
+    hub embeddings larger than the tokenizer stay as they are."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+
+
 def configure_generation(model, tokenizer) -> None:
     """Stop at end of turn, pad with pad, use the KV cache (trainers may have saved use_cache=False)."""
     model.config.use_cache = True

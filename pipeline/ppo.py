@@ -24,8 +24,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the package, never shadow libraries with our modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import copy
 import dataclasses
-import functools
 import math
 import os
 import shutil
@@ -37,7 +37,7 @@ from typing import Literal
 import torch
 
 from pipeline import cli, cluster, data, models, rl, runs
-from pipeline.generation import score_checkpoint
+from pipeline.generation import heldout_comparison, heldout_rows
 from pipeline.recipe import load_recipe, stage_fields
 from pipeline.reward import load_reward_model
 from pipeline.stages import STAGES
@@ -306,7 +306,7 @@ def train_ppo(recipe, run, cfg: PPOConfig, keys, peft_values, prompts, init, rew
         if reward_model.tokenizer.get_vocab() != tokenizer.get_vocab():
             raise cli.PipelineError(f"{reward_ckpt.path}: critic_init: reward needs the reward model to share the "
                                     f"policy's tokenizer; use critic_init: policy")
-        critic = Critic(load_reward_model(recipe, reward_ckpt.path))
+        critic = Critic(copy.deepcopy(reward_model.model).requires_grad_(True))  # loaded once, trained copy
     else:
         critic = Critic(load_reward_model(recipe, init.path))
     critic.model.config.pad_token_id = tokenizer.pad_token_id
@@ -616,10 +616,7 @@ def main(argv):
         prompts = load_prompts(keys.prompts, recipe)
         if cfg.verifier_weight:
             prompts = with_answers(prompts, keys.prompts)
-        heldout = data.load(keys.heldout_prompts, "prompts", recipe) if keys.heldout_prompts else None
-        if heldout is not None and not {"skill", "answer"} <= set(heldout.column_names):
-            print(f"[ppo] {keys.heldout_prompts} has no skill/answer columns: held-out scoring skipped")
-            heldout = None
+        heldout = heldout_rows(recipe, keys, STAGE)
         init, reward_ckpt = run.checkpoint(), run.checkpoint("reward_model")
         if init.path is None:
             raise cli.PipelineError(f"{recipe.path}: ppo.init_from is a new model from `model.config`; "
@@ -634,14 +631,7 @@ def main(argv):
 
         metrics = summarise(history, cfg.algorithm)
         if heldout is not None and run.state.is_main_process:
-            rows = heldout.select(range(min(len(heldout), keys.heldout_max_prompts))).to_list()
-            score = functools.partial(score_checkpoint, recipe, rows=rows, max_new_tokens=keys.heldout_max_new_tokens,
-                                      batch_size=keys.heldout_batch_size)
-            base = score(init.path, label=f"start ({init.ref})")
-            tuned = score(str(run.out), label=STAGE)
-            metrics["heldout"] = {"prompts": keys.heldout_prompts, "n": tuned["n"], "start": base, STAGE: tuned}
-            metrics["heldout_accuracy_start"] = base["accuracy"]
-            metrics["heldout_accuracy_ppo"] = tuned["accuracy"]
+            metrics.update(heldout_comparison(recipe, keys, heldout, ("start", init.path), (STAGE, str(run.out))))
         metrics["final"] = history[-1] if history else {}
         metrics["history"] = history
         if run.state.is_main_process and history:

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from pipeline.cli import PipelineError
-from pipeline.stages import PEFT_FIELDS, STAGES, StageSpec, TrainingKeys
+from pipeline.stages import PEFT_FIELDS, STAGES, TrainingKeys
 
 
 @dataclass

@@ -68,8 +68,7 @@ def save_reward_model(trainer, tokenizer, out: Path, recipe, init_path: str) -> 
         if trainer.accelerator.is_main_process:  # merge from disk: works whatever sharding trained the adapter
             with models.single_process():  # under ZeRO-3 a load would wait for the other processes
                 base = load_reward_model(recipe, init_path)
-                if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
-                    base.resize_token_embeddings(len(tokenizer))
+                models.fit_embeddings(base, tokenizer)
                 merged = PeftModel.from_pretrained(base, str(out / "adapter")).merge_and_unload()
                 merged.config.pad_token_id = tokenizer.pad_token_id
                 merged.save_pretrained(str(out), safe_serialization=True)
@@ -335,8 +334,7 @@ def main(argv):
         tokenizer = models.load_tokenizer(recipe, init)
         set_seed(args.seed)  # the score head is initialised at random
         model = load_reward_model(recipe, init.path, peft_values)
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # chat tokens added to a hub tokenizer
-            model.resize_token_embeddings(len(tokenizer))
+        models.fit_embeddings(model, tokenizer)
         model.config.pad_token_id = tokenizer.pad_token_id
 
         def keep_training_columns(ds):

@@ -28,8 +28,6 @@ from pipeline import check, cli, cluster, runs, slurm
 from pipeline.recipe import load_recipe
 from pipeline.stages import STAGES
 
-PIPELINE_DIR = Path(__file__).resolve().parent
-
 
 def dependencies(recipe, stage: str) -> list[str]:
     """Stages of this recipe that `stage` reads a checkpoint from."""
@@ -93,9 +91,8 @@ def plan(recipe, only=(), start=None, force=False) -> list[tuple[str, bool, str]
 
 
 def stage_command(recipe, stage: str, overrides: list[str]) -> list[str]:
-    script = PIPELINE_DIR / f"{STAGES[stage].module.rsplit('.', 1)[-1]}.py"
     prefix = shlex.split(recipe.run.launcher) if recipe.run.launcher else [sys.executable]
-    return [*prefix, str(script), str(recipe.path), *overrides]
+    return [*prefix, str(STAGES[stage].script), str(recipe.path), *overrides]
 
 
 def headline(metrics: dict) -> str:

@@ -46,8 +46,7 @@ def main(argv):
 
         tokenizer = models.load_tokenizer(recipe, init)
         model = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision)
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # chat tokens added to a hub tokenizer
-            model.resize_token_embeddings(len(tokenizer))
+        models.fit_embeddings(model, tokenizer)
         models.configure_generation(model, tokenizer)
 
         def keep_training_columns(ds):

@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import cluster
+from pipeline import cluster, runs
 from pipeline.cli import PipelineError
 from pipeline.stages import STAGES
 
@@ -82,10 +82,6 @@ def settings(recipe, flags: dict) -> SlurmSection:
     return dataclasses.replace(base, **given)
 
 
-def stage_script(stage: str) -> Path:
-    return cluster.REPO / "pipeline" / f"{STAGES[stage].module.rsplit('.', 1)[-1]}.py"
-
-
 def sbatch_command(recipe, stage: str, s: SlurmSection, overrides: list[str], dependencies: list[str],
                    log_dir: Path) -> list[str]:
     cmd = ["sbatch", "--parsable", f"--job-name={recipe.run.name}-{stage}", f"--chdir={Path.cwd()}",
@@ -100,7 +96,7 @@ def sbatch_command(recipe, stage: str, s: SlurmSection, overrides: list[str], de
     if dependencies:
         cmd += [f"--dependency=afterok:{':'.join(dependencies)}", "--kill-on-invalid-dep=yes"]
     cmd += list(s.sbatch_args)
-    cmd += [str(SBATCH_SCRIPT), str(stage_script(stage)), str(recipe.path), *overrides]
+    cmd += [str(SBATCH_SCRIPT), str(STAGES[stage].script), str(recipe.path), *overrides]
     return cmd
 
 
@@ -173,8 +169,6 @@ def submit(recipe, steps, overrides: list[str], flags: dict, dependencies_of, dr
         queued[stage] = job_id
         known[stage] = {"job_id": job_id, "overrides": overrides, "command": cmd,
                         "nodes": s.nodes, "processes": s.nodes * s.processes_per_node}
-        cluster_tmp = jobs_file.with_name("jobs.json.tmp")
-        cluster_tmp.write_text(json.dumps(known, indent=2) + "\n")
-        os.replace(cluster_tmp, jobs_file)
+        runs.write_json(jobs_file, known)
         print(f"  {stage:<10} job {job_id}{after}: {s.launch().describe()}", flush=True)
     return queued

@@ -12,6 +12,7 @@ or a hub id): its fingerprint enters the stage's manifest.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 def key(default, help: str, ref: str | None = None, **kw):
@@ -172,6 +173,11 @@ class StageSpec:
     keys: type                  # dataclass of pipeline keys
     peft: bool = False          # accepts TRL ModelConfig's LoRA/quantization fields
     default_init: tuple[str, ...] = ()  # init_from when empty: first of these that is a stage of the recipe
+
+    @property
+    def script(self) -> Path:
+        """pipeline/<stage>.py, what `run.py` runs and Slurm jobs launch."""
+        return Path(__file__).resolve().parent / f"{self.module.rsplit('.', 1)[-1]}.py"
 
 
 STAGES: dict[str, StageSpec] = {

@@ -309,7 +309,8 @@ def _random_reply(answer: str, rng: random.Random, style: str | None = None) -> 
     return make_reply(answer, style, rng.randrange(len(STYLE_PREFIXES[style])))
 
 
-def _norm(text: str) -> str:
+def normalize_answer(text) -> str:
+    """Lowercase, single spaces, no surrounding quotes or punctuation: ' The Cat. ' -> 'the cat'."""
     text = " ".join(str(text).lower().split())
     return text.strip(" \"'`.!?,;:")
 
@@ -328,7 +329,7 @@ def extract_answer(reply: str) -> str | None:
         return None
     rest = reply[last.end():].split("\n", 1)[0]
     rest = rest.split(".", 1)[0]
-    ans = _norm(rest)
+    ans = normalize_answer(rest)
     return ans or None
 
 
@@ -337,7 +338,7 @@ def verify(skill: str, reply: str, answer: str) -> bool:
     if skill not in SKILLS:
         raise ValueError(f"unknown skill {skill!r}; expected one of {', '.join(SKILLS)}")
     got = extract_answer(reply)
-    return got is not None and got == _norm(answer)
+    return got is not None and got == normalize_answer(answer)
 
 
 def is_polite(reply: str) -> bool:
