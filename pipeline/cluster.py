@@ -27,6 +27,7 @@ import json
 import os
 import shlex
 import signal
+import sys
 from pathlib import Path
 
 from pipeline.cli import PipelineError
@@ -313,9 +314,15 @@ def exit_preempted(checkpoint: str | Path | None, is_main: bool = True) -> None:
         name = signal.Signals(STOP.requested).name if STOP.requested else "a signal to another process"
         print(f"[preempted] stopped on {name}; saved {checkpoint}; run the stage again to resume from it",
               flush=True)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # no process leaves (and gets the others killed by the launcher) before all have saved
-    raise SystemExit(PREEMPTED_EXIT)
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        raise SystemExit(PREEMPTED_EXIT)
+    dist.barrier()  # no process leaves (and gets the others killed by the launcher) before all have saved
+    # Leave at once, skipping interpreter shutdown: there the process group's destructor can abort (SIGABRT) when
+    # a peer has already closed its sockets, and the launcher would report a crash instead of "stopped, resume".
+    # Everything the next run needs is on disk already.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(PREEMPTED_EXIT)
 
 
 @functools.lru_cache(maxsize=None)

@@ -221,7 +221,8 @@ def test_a_signal_to_one_process_checkpoints_all_and_the_rerun_resumes_to_the_sa
     ckpt = partial / "checkpoint-1"
     assert (ckpt / "trainer_state.json").is_file() and (ckpt / "rng_state_0.pth").is_file()
     assert (ckpt / "rng_state_1.pth").is_file() and "[preempted] stopped on" in text
-    assert f"exitcode  : {cluster.PREEMPTED_EXIT}" in text  # both processes left with "stopped, resume me"
+    assert f"exitcode  : {cluster.PREEMPTED_EXIT}" in text  # the processes left with "stopped, resume me"
+    assert "SIGABRT" not in text  # ... and none crashed on the way out (process-group teardown)
     plan = run_cli(["pipeline/run.py", recipe, *BATCH, "run.name=stopped", "--dry-run"], cwd=work)
     assert "pretrain   run   (not run yet)" in plan.stdout  # a stopped stage never looks finished
 
