@@ -6,8 +6,9 @@ says whether to trust it.
 
 The model is the causal LM named by `init_from` (default: the sft stage) with its LM head replaced by a score head
 of one output (AutoModelForSequenceClassification, num_labels=1), trained on the Bradley-Terry loss
--log sigmoid(r_chosen - r_rejected [- margin]); `use_peft: true` trains LoRA adapters plus the score head and saves
-the merged model. Pairs come in any format of data/README.md (`data.load_preferences`).
+-log sigmoid(r_chosen - r_rejected [- margin]), plus `lm_loss_coefficient` times a next-token loss on the chosen
+replies (read by the starting model's frozen LM head; `reward_trainer`); `use_peft: true` trains LoRA adapters plus
+the score head and saves the merged model. Pairs come in any format of data/README.md (`data.load_preferences`).
 
 The held-out pairs (`eval_dataset`, or `eval_fraction` of the training prompts) are scored at the end by the saved
 model read back from disk: accuracy, mean margin, accuracy per category (`category_column`, the world's skill),
@@ -77,6 +78,73 @@ def save_reward_model(trainer, tokenizer, out: Path, recipe, init_path: str) -> 
     trainer.accelerator.wait_for_everyone()
 
 
+# ---------------------------------------------------------------------------------------------- training
+
+
+def lm_head_weight(recipe, path: str, tokenizer):
+    """The output embedding (LM head) of the causal LM at `path`, sized to the tokenizer, as a frozen tensor."""
+    with models.single_process():  # a plain load on every process; under ZeRO-3 it would wait for the others
+        lm = models.load_causal_lm(recipe, path)
+        models.fit_embeddings(lm, tokenizer)
+        return lm.get_output_embeddings().weight.detach().clone()
+
+
+def reward_trainer(lm_loss_coefficient: float, lm_head, **kwargs):
+    """TRL's RewardTrainer. With lm_loss_coefficient > 0 the loss gains that weight times a next-token loss on the
+    chosen replies, read from the reward model's last hidden states by the starting model's frozen LM head (GRM:
+    Yang et al. 2024, "Regularizing Hidden States Enables Learning Generalizable Reward Model for LLMs"). It keeps
+    the hidden states those of a language model that predicts good replies, so the score head can check a reply
+    against them instead of settling on surface features such as style (README "Reward model")."""
+    import torch.nn.functional as F
+    from trl import RewardTrainer
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    if not lm_loss_coefficient:
+        return RewardTrainer(**kwargs)
+
+    class ChosenLabelsCollator(DataCollatorForPreference):
+        """Also returns `lm_labels`: the chosen sequences (the batch's first half) with prompt and padding -100."""
+
+        def torch_call(self, examples):
+            batch = super().torch_call(examples)
+            n = len(examples)
+            labels = batch["input_ids"][:n].clone()
+            labels[batch["attention_mask"][:n] == 0] = -100
+            for i, example in enumerate(examples):
+                labels[i, :example["chosen_prompt_length"]] = -100
+            batch["lm_labels"] = labels
+            return batch
+
+    class LMRegularizedRewardTrainer(RewardTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            return dataset.map(lambda row: {"chosen_prompt_length": len(encode_prompt(
+                processing_class, row["prompt"], _tools(row)))}, desc=f"Prompt lengths of {dataset_name} dataset")
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            self._signature_columns = [*self._signature_columns, "chosen_prompt_length"]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            nonlocal lm_head
+            labels = inputs.pop("lm_labels")[:, 1:]
+            inputs["output_hidden_states"] = True
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
+            hidden = outputs.hidden_states[-1][:len(labels), :-1]
+            lm_head = lm_head.to(hidden.device, hidden.dtype)
+            token_loss = F.cross_entropy(F.linear(hidden, lm_head).flatten(0, 1).float(), labels.flatten(),
+                                         ignore_index=-100, reduction="sum")
+            lm_loss = token_loss / (labels != -100).sum().clamp(min=1)  # a batch of empty replies adds nothing
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["lm_loss"].append(self.accelerator.gather_for_metrics(lm_loss.detach()).mean().item())
+            loss = loss + lm_loss_coefficient * lm_loss
+            return (loss, outputs) if return_outputs else loss
+
+    return LMRegularizedRewardTrainer(data_collator=ChosenLabelsCollator(
+        pad_token_id=kwargs["processing_class"].pad_token_id, pad_to_multiple_of=kwargs["args"].pad_to_multiple_of),
+        **kwargs)
+
+
 # ---------------------------------------------------------------------------------------------- scoring
 
 
@@ -93,6 +161,14 @@ def encode(tokenizer, prompt, reply, tools=None) -> list[int]:
     if not reply.endswith(tokenizer.eos_token):
         reply = reply + tokenizer.eos_token
     return list(tokenizer(prompt + reply)["input_ids"])
+
+
+def encode_prompt(tokenizer, prompt, tools=None) -> list[int]:
+    """Token ids of the prompt as it begins `encode(tokenizer, prompt, reply)`: the reply's tokens follow them."""
+    if isinstance(prompt, list):
+        return list(tokenizer.apply_chat_template(prompt, tools=tools, tokenize=True, add_generation_prompt=True,
+                                                  return_dict=True)["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
 
 
 def reply_text(reply) -> str:
@@ -329,7 +405,6 @@ def main(argv):
         run.prepare()
 
         from transformers import set_seed
-        from trl import RewardTrainer
 
         tokenizer = models.load_tokenizer(recipe, init)
         set_seed(args.seed)  # the score head is initialised at random
@@ -340,10 +415,12 @@ def main(argv):
         def keep_training_columns(ds):
             return ds.remove_columns([c for c in ds.column_names if c not in TRAIN_COLUMNS])
 
-        trainer = RewardTrainer(model=model, args=args, train_dataset=keep_training_columns(train_ds),
-                                eval_dataset=keep_training_columns(eval_ds) if args.eval_strategy != "no" else None,
-                                processing_class=tokenizer,
-                                peft_config=models.peft_config(peft_values, task_type="SEQ_CLS"))
+        lm_head = lm_head_weight(recipe, init.path, tokenizer) if keys.lm_loss_coefficient else None
+        trainer = reward_trainer(keys.lm_loss_coefficient, lm_head, model=model, args=args,
+                                 train_dataset=keep_training_columns(train_ds),
+                                 eval_dataset=keep_training_columns(eval_ds) if args.eval_strategy != "no" else None,
+                                 processing_class=tokenizer,
+                                 peft_config=models.peft_config(peft_values, task_type="SEQ_CLS"))
         too_long = len(train_ds) - len(trainer.train_dataset)
         if run.state.is_main_process:
             print(f"[reward] {models.describe(trainer.model)}; {len(trainer.train_dataset)} training pairs"
@@ -352,6 +429,9 @@ def main(argv):
         save_reward_model(trainer, tokenizer, run.out, recipe, init.path)
 
         out = {"train_loss": result.training_loss, "steps": result.global_step}
+        lm_losses = [h["lm_loss"] for h in trainer.state.log_history if "lm_loss" in h]
+        if lm_losses:
+            out["train_lm_loss"] = lm_losses[-1]  # the last logged value of the regulariser
         if run.state.is_main_process:  # score with the saved model, read back as PPO will read it
             with models.single_process():  # under ZeRO-3 a load would wait for the other processes
                 scorer = load_reward_model(recipe, str(run.out))

@@ -91,6 +91,8 @@ class RewardKeys:
                                             "(if the data has it): accuracy against the clean labels")
     margin_scale: float = key(1.0, "factor on a margin / score difference before TRL subtracts it in the loss; "
                                    "0: ignore margins")
+    lm_loss_coefficient: float = key(0.0, "weight of a next-token loss on the chosen replies, read by the starting "
+                                          "model's frozen LM head (GRM); 0: the plain Bradley-Terry loss")
     norm_max_pairs: int = key(2000, "training pairs scored for the reward mean/std saved in the model config")
     eval_batch_size: int = key(64, "sequences per forward pass when scoring pairs")
     calibration_bins: int = key(10, "bins of the reliability diagram and the ECE")

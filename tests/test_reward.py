@@ -272,6 +272,47 @@ def test_short_run_learns_a_preference_and_writes_its_report(tiny_run, tmp_path)
     assert manifest["inputs"]["data"]["dataset"]["spec"] == train
 
 
+def test_lm_loss_reads_the_chosen_reply_with_the_starting_models_head(tiny_run, tmp_path):
+    """reward.lm_loss_coefficient: the labels are the chosen reply's tokens alone, and before any step the added
+    loss is the starting causal LM's own next-token loss on them (same hidden states, its LM head)."""
+    import torch
+    import torch.nn.functional as F
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import RewardConfig
+
+    from pipeline import reward
+
+    work, _, _ = tiny_run
+    sft = str(work / "runs/tiny/sft")
+    recipe = load_recipe(tiny_recipe(tmp_path))
+    tokenizer = AutoTokenizer.from_pretrained(sft)
+    rows = polite_vs_rude(recipe, "preference", 4)
+    model = reward.load_reward_model(recipe, sft)
+    args = RewardConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, max_length=128,
+                        gradient_checkpointing=False, center_rewards_coefficient=None)
+    trainer = reward.reward_trainer(0.5, reward.lm_head_weight(recipe, sft, tokenizer), model=model, args=args,
+                                    train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    assert batch["lm_labels"].shape[0] == len(rows) == batch["input_ids"].shape[0] // 2  # the chosen half
+    for row, labels in zip(rows, batch["lm_labels"]):
+        full = reward.encode(tokenizer, row["prompt"], row["chosen"])
+        prompt = reward.encode_prompt(tokenizer, row["prompt"])
+        assert full[:len(prompt)] == prompt and len(prompt) < len(full)
+        assert labels[labels != -100].tolist() == full[len(prompt):]
+        assert tokenizer.decode(full[len(prompt):]).startswith(row["chosen"][0]["content"])
+
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        rewards = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+        bradley_terry = -F.logsigmoid(rewards[:len(rows)] - rewards[len(rows):]).mean()
+        lm = AutoModelForCausalLM.from_pretrained(sft)
+        n = len(rows)
+        nll = lm(input_ids=batch["input_ids"][:n], attention_mask=batch["attention_mask"][:n],
+                 labels=batch["lm_labels"]).loss
+    assert nll > 0 and float(loss) == pytest.approx(float(bradley_terry + 0.5 * nll), rel=1e-4)
+
+
 def test_issue_hh_command_trains_and_evaluates_on_a_users_file(tiny_run, tmp_path):
     """`python pipeline/reward.py RECIPE reward.dataset=hh.jsonl reward.eval_dataset=hh_test.jsonl`, here with LoRA."""
     work, _, _ = tiny_run
@@ -305,7 +346,8 @@ def test_two_processes_under_accelerate_launch(tiny_run, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", polite_vs_rude(base, "preference", 64))
     recipe = tiny_recipe(tmp_path, reward={"init_from": str(work / "runs/tiny/sft"), "dataset": train,
                                            "eval_dataset": None, "eval_fraction": 0.25, "max_steps": 2,
-                                           **TRAIN_KEYS, "per_device_train_batch_size": 4})
+                                           "lm_loss_coefficient": 0.5, **TRAIN_KEYS,
+                                           "per_device_train_batch_size": 4, "logging_steps": 1})
     proc = launch_cli("cpu2", ["pipeline/reward.py", recipe], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "runs/tiny/reward"
@@ -313,6 +355,7 @@ def test_two_processes_under_accelerate_launch(tiny_run, tmp_path):
     assert manifest["num_processes"] == 2 and manifest["global_batch_size"] == 8
     m = json.loads((out / "metrics.json").read_text())
     assert m["eval_pairs"] + m["train_pairs"] == 64 and 8 <= m["eval_pairs"] <= 24  # about a quarter of the prompts
+    assert m["train_lm_loss"] > 0  # the LM regulariser trained and was logged under 2 processes
     assert (out / "model.safetensors").is_file() and (out / "report.md").is_file()
 
 
