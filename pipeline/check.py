@@ -369,6 +369,8 @@ def check_stage(recipe, stage: str, launch: cluster.Launch, device_memory: int |
     # memory
     if shape is not None and per_device:
         profile = PROFILES.get(stage, StageProfile())
+        if getattr(keys, "lm_loss_coefficient", 0):  # reward's LM regulariser: vocabulary logits again (counted
+            profile = dataclasses.replace(profile, lm_head=True)  # for both replies, though only chosen needs them)
         est = estimate_memory(shape, launch, profile=profile, per_device=per_device,
                               seq_len=_seq_len(recipe, stage, keys, shape), mixed=_mixed(recipe, stage, fields),
                               weight_bytes=_weight_bytes(recipe), peft=recipe.peft_values(stage) if spec.peft else {},
