@@ -116,6 +116,8 @@ def reward_trainer(lm_loss_coefficient: float, lm_head, **kwargs):
             return batch
 
     class LMRegularizedRewardTrainer(RewardTrainer):
+        lm_head_weight = lm_head  # moved to the device and dtype of the hidden states at the first step
+
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
             return dataset.map(lambda row: {"chosen_prompt_length": len(encode_prompt(
@@ -126,14 +128,13 @@ def reward_trainer(lm_loss_coefficient: float, lm_head, **kwargs):
             self._signature_columns = [*self._signature_columns, "chosen_prompt_length"]
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            nonlocal lm_head
             labels = inputs.pop("lm_labels")[:, 1:]
             inputs["output_hidden_states"] = True
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
             hidden = outputs.hidden_states[-1][:len(labels), :-1]
-            lm_head = lm_head.to(hidden.device, hidden.dtype)
-            token_loss = F.cross_entropy(F.linear(hidden, lm_head).flatten(0, 1).float(), labels.flatten(),
-                                         ignore_index=-100, reduction="sum")
+            self.lm_head_weight = self.lm_head_weight.to(hidden.device, hidden.dtype)
+            logits = F.linear(hidden, self.lm_head_weight).flatten(0, 1).float()
+            token_loss = F.cross_entropy(logits, labels.flatten(), ignore_index=-100, reduction="sum")
             lm_loss = token_loss / (labels != -100).sum().clamp(min=1)  # a batch of empty replies adds nothing
             mode = "train" if self.model.training else "eval"
             self._metrics[mode]["lm_loss"].append(self.accelerator.gather_for_metrics(lm_loss.detach()).mean().item())
@@ -164,7 +165,8 @@ def encode(tokenizer, prompt, reply, tools=None) -> list[int]:
 
 
 def encode_prompt(tokenizer, prompt, tools=None) -> list[int]:
-    """Token ids of the prompt as it begins `encode(tokenizer, prompt, reply)`: the reply's tokens follow them."""
+    """Token ids of the prompt as it begins `encode(tokenizer, prompt, reply)`: the reply's tokens follow them (for a
+    text prompt, up to a BPE merge across the boundary, which moves the split by a token)."""
     if isinstance(prompt, list):
         return list(tokenizer.apply_chat_template(prompt, tools=tools, tokenize=True, add_generation_prompt=True,
                                                   return_dict=True)["input_ids"])

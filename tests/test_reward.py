@@ -302,12 +302,12 @@ def test_lm_loss_reads_the_chosen_reply_with_the_starting_models_head(tiny_run, 
         assert labels[labels != -100].tolist() == full[len(prompt):]
         assert tokenizer.decode(full[len(prompt):]).startswith(row["chosen"][0]["content"])
 
+    n = len(rows)
     with torch.no_grad():
         loss = trainer.compute_loss(trainer.model, dict(batch))
         rewards = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
-        bradley_terry = -F.logsigmoid(rewards[:len(rows)] - rewards[len(rows):]).mean()
+        bradley_terry = -F.logsigmoid(rewards[:n] - rewards[n:]).mean()
         lm = AutoModelForCausalLM.from_pretrained(sft)
-        n = len(rows)
         nll = lm(input_ids=batch["input_ids"][:n], attention_mask=batch["attention_mask"][:n],
                  labels=batch["lm_labels"]).loss
     assert nll > 0 and float(loss) == pytest.approx(float(bradley_terry + 0.5 * nll), rel=1e-4)
