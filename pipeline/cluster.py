@@ -30,6 +30,7 @@ import signal
 import sys
 from pathlib import Path
 
+from pipeline import log
 from pipeline.cli import PipelineError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -312,8 +313,7 @@ def exit_preempted(checkpoint: str | Path | None, is_main: bool = True) -> None:
 
     if is_main:
         name = signal.Signals(STOP.requested).name if STOP.requested else "a signal to another process"
-        print(f"[preempted] stopped on {name}; saved {checkpoint}; run the stage again to resume from it",
-              flush=True)
+        log.info(f"preempted: stopped on {name}; saved {checkpoint}; run the stage again to resume from it")
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         raise SystemExit(PREEMPTED_EXIT)
     dist.barrier()  # no process leaves (and gets the others killed by the launcher) before all have saved

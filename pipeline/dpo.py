@@ -5,7 +5,7 @@
 The policy starts from `dpo.init_from` (default `sft`); the reference is the same checkpoint loaded once and
 frozen or, with `use_peft`, the policy with its adapter switched off. `precompute_ref_log_probs: true` scores the
 reference once before training and reuses the log-probs every epoch. Data: any preference format the reward stage
-reads (data.load_preferences). Section keys: TRL's DPOConfig fields, ModelConfig's LoRA fields, DPOKeys
+reads (preferences.load_preferences). Section keys: TRL's DPOConfig fields, ModelConfig's LoRA fields, DPOKeys
 (pipeline/stages.py). At the end the input and the tuned policy answer the held-out prompts (verifier accuracy).
 """
 
@@ -15,8 +15,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the package, never shadow libraries with our modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from pipeline import cli, data, models, runs
-from pipeline.generation import heldout_comparison, heldout_rows
+from pipeline import cli, log, models, preferences, runs
+from pipeline.heldout import heldout_comparison, heldout_rows
 from pipeline.recipe import load_recipe
 
 STAGE = "dpo"
@@ -41,9 +41,9 @@ def chosen_logp_watch(drop: float):
                 self.start = value
             elif not self.warned and value < self.start - drop:
                 self.warned = True
-                print(f"[dpo] WARNING: log-prob of chosen replies fell from {self.start:.2f} to {value:.2f} "
-                      f"(step {state.global_step}): the policy is moving mass away from both replies; consider a "
-                      f"larger beta, a lower learning rate, or loss_type [sigmoid, sft] (RPO)", flush=True)
+                log.warning(f"log-prob of chosen replies fell from {self.start:.2f} to {value:.2f} (step "
+                            f"{state.global_step}): the policy is moving mass away from both replies; consider a "
+                            f"larger beta, a lower learning rate, or loss_type [sigmoid, sft] (RPO)")
 
     return ChosenLogpWatch()
 
@@ -53,9 +53,9 @@ def main(argv):
     keys = recipe.keys(STAGE)
     peft_values = recipe.peft_values(STAGE)
     with runs.StageRun(recipe, STAGE) as run:
-        train_ds, eval_ds, train_info, _ = data.load_preference_splits(
+        train_ds, eval_ds, train_info, _ = preferences.load_preference_splits(
             keys.dataset, keys.eval_dataset, keys.eval_fraction, recipe)
-        heldout = heldout_rows(recipe, keys, STAGE)
+        heldout = heldout_rows(recipe, keys)
         args = recipe.trainer_config(STAGE, output_dir=str(run.out))
         init = run.checkpoint()
         if init.path is None:
@@ -80,9 +80,8 @@ def main(argv):
         trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=pairs_only(train_ds),
                              eval_dataset=pairs_only(eval_ds), processing_class=tokenizer, peft_config=peft_config,
                              callbacks=[chosen_logp_watch(keys.chosen_logp_warn_drop)])
-        if run.state.is_main_process:
-            print(f"[dpo] {models.describe(trainer.model)}; {len(train_ds)} pairs ({train_info}), "
-                  f"{len(eval_ds)} held out; beta {args.beta}, loss {args.loss_type}", flush=True)
+        log.info(f"{models.describe(trainer.model)}; {len(train_ds)} pairs ({train_info}), {len(eval_ds)} held out; "
+                 f"beta {args.beta}, loss {args.loss_type}")
         result = trainer.train(resume_from_checkpoint=run.last_checkpoint())
         eval_metrics = trainer.evaluate()
         models.save_trained(trainer, tokenizer, run.out, merge_adapter=keys.merge_adapter)

@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
 import math
 from itertools import chain
 
-from pipeline import cli, data, models, runs
+from pipeline import cli, data, log, models, runs
 from pipeline.recipe import load_recipe
 from pipeline.tokenizer import doc_sep_id
 
@@ -70,9 +70,8 @@ def main(argv):
         else:
             model = models.load_causal_lm(recipe, init.path, revision=recipe.model.revision)
         models.configure_generation(model, tokenizer)
-        if run.state.is_main_process:
-            print(f"[pretrain] {models.describe(model)}; {len(blocks)} blocks of {keys.block_size} tokens "
-                  f"({len(blocks) * keys.block_size / 1e6:.2f}M tokens), {len(eval_blocks)} held out", flush=True)
+        log.info(f"{models.describe(model)}; {len(blocks)} blocks of {keys.block_size} tokens "
+                 f"({len(blocks) * keys.block_size / 1e6:.2f}M tokens), {len(eval_blocks)} held out")
 
         trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           data_collator=default_data_collator, processing_class=tokenizer)
@@ -88,8 +87,7 @@ def main(argv):
             "steps": result.global_step,
             "parameters": models.param_count(model),
         }
-        if run.state.is_main_process:
-            print(f"[pretrain] eval loss {metrics['eval_loss']:.3f}, perplexity {metrics['eval_perplexity']:.2f}")
+        log.info(f"eval loss {metrics['eval_loss']:.3f}, perplexity {metrics['eval_perplexity']:.2f}")
         run.finish(metrics, config=args, global_batch_size=runs.global_batch_size(args, run.state.num_processes))
 
 

@@ -7,12 +7,8 @@ valid names, values are coerced to the field's declared type or rejected with th
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import enum
 import importlib
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -21,6 +17,7 @@ from typing import Any
 import yaml
 
 from pipeline.cli import PipelineError
+from pipeline.values import Mismatch, closest, coerce, field_types, type_name
 from pipeline.stages import PEFT_FIELDS, STAGES, TrainingKeys
 
 
@@ -104,125 +101,27 @@ def _config_class(spec: str):
 
 
 @lru_cache(maxsize=None)
-def _field_types(cls) -> dict[str, Any]:
-    try:
-        hints = typing.get_type_hints(cls)
-    except Exception:  # a forward reference we cannot resolve: fall back to "anything goes"
-        hints = {}
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
-
-
-@lru_cache(maxsize=None)
 def stage_fields(stage: str) -> dict[str, tuple[str, Any]]:
     """key -> (destination, type) for a stage section; destination is 'keys', 'config', 'peft' or 'training'."""
     spec = STAGES[stage]
     out: dict[str, tuple[str, Any]] = {}
     if spec.config_class:
-        for name, tp in _field_types(_config_class(spec.config_class)).items():
+        for name, tp in field_types(_config_class(spec.config_class)).items():
             out[name] = ("config", tp)
     if spec.peft:
         from trl import ModelConfig
 
-        peft_types = _field_types(ModelConfig)
+        peft_types = field_types(ModelConfig)
         for name in PEFT_FIELDS:
             if name in peft_types:
                 out[name] = ("peft", peft_types[name])
     if {"per_device_train_batch_size", "gradient_accumulation_steps"} <= set(out):
-        for name, tp in _field_types(TrainingKeys).items():
+        for name, tp in field_types(TrainingKeys).items():
             out[name] = ("training", tp)
-    for name, tp in _field_types(spec.keys).items():
+    for name, tp in field_types(spec.keys).items():
         out[name] = ("keys", tp)
     out.pop("output_dir", None)  # the pipeline owns where stages write
     return out
-
-
-def _type_name(tp) -> str:
-    if tp is Any:
-        return "any"
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin is not None:
-        return getattr(origin, "__name__", str(origin))
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-class _Mismatch(Exception):
-    pass
-
-
-def coerce(value, tp):
-    """Return value converted to type tp, or raise _Mismatch. YAML leaves '1e-4' a string: accept it for floats."""
-    if tp is Any or tp is object:
-        return value
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in sorted(args, key=lambda a: a is str):  # try str last so '1e-4' becomes a float where allowed
-            if arg is type(None):
-                continue
-            try:
-                return coerce(value, arg)
-            except _Mismatch:
-                pass
-        raise _Mismatch
-    if origin is typing.Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise _Mismatch
-    if origin in (list, tuple, typing.Sequence) or tp in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        args = typing.get_args(tp)
-        return [coerce(v, args[0]) if args else v for v in value]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise _Mismatch
-        return value
-    if tp is type(None):
-        if value is None:
-            return None
-        raise _Mismatch
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            return int(value)
-        raise _Mismatch
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise _Mismatch from None
-        raise _Mismatch
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _Mismatch
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        values = {m.value for m in tp}
-        if value in values or isinstance(value, tp):
-            return value
-        raise _Mismatch
-    return value  # a type we do not check (a config class handles it)
-
-
-def _closest(name: str, valid) -> str:
-    close = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.5)
-    return f" (closest: {', '.join(close)})" if close else ""
 
 
 @dataclass
@@ -281,7 +180,8 @@ class Recipe:
         fields = stage_fields(stage)
         values = {k: v for k, v in self.section(stage).items() if fields[k][0] == "config"}
         values.setdefault("seed", self.run.seed)
-        values.setdefault("report_to", "none")
+        if "report_to" in fields:
+            values.setdefault("report_to", "none")
         values.update(fixed)
         expected = self.training_keys(stage).global_batch_size if "global_batch_size" in fields else None
         if expected is not None:
@@ -307,18 +207,18 @@ def _validate_section(section: str, raw, where, origins) -> dict:
     if not isinstance(raw, dict):
         raise PipelineError(f"{where}: section '{section}' must be a mapping of keys, got {type(raw).__name__}")
     if section in GLOBAL_SECTIONS:
-        fields = {k: ("global", tp) for k, tp in _field_types(GLOBAL_SECTIONS[section]()).items()}
+        fields = {k: ("global", tp) for k, tp in field_types(GLOBAL_SECTIONS[section]()).items()}
     else:
         fields = stage_fields(section)
     out = {}
     for k, v in raw.items():
         src = f"override '{origins[k]}'" if k in origins else where
         if k not in fields:
-            raise PipelineError(f"{src}: unknown key '{k}' in section '{section}'{_closest(str(k), fields)}")
+            raise PipelineError(f"{src}: unknown key '{k}' in section '{section}'{closest(str(k), fields)}")
         try:
             out[k] = coerce(v, fields[k][1])
-        except _Mismatch:
-            raise PipelineError(f"{src}: {section}.{k} must be {_type_name(fields[k][1])}, got {v!r}") from None
+        except Mismatch:
+            raise PipelineError(f"{src}: {section}.{k} must be {type_name(fields[k][1])}, got {v!r}") from None
     return out
 
 
@@ -368,7 +268,7 @@ def load_recipe(path, overrides: list[str] = ()) -> Recipe:
     for section, raw in data.items():
         if section not in known:
             src = f"override '{next(iter(origins[section].values()))}'" if section in origins else str(path)
-            raise PipelineError(f"{src}: unknown section '{section}'{_closest(str(section), known)}")
+            raise PipelineError(f"{src}: unknown section '{section}'{closest(str(section), known)}")
         values[section] = _validate_section(section, raw, str(path), origins.get(section, {}))
 
     def build(section):
@@ -387,7 +287,7 @@ def _check_world(recipe: Recipe) -> None:
 
     bad = [s for s in recipe.world.skills if s not in SKILLS]
     if bad:
-        raise PipelineError(f"{recipe.path}: world.skills: unknown skill '{bad[0]}'{_closest(bad[0], SKILLS)}")
+        raise PipelineError(f"{recipe.path}: world.skills: unknown skill '{bad[0]}'{closest(bad[0], SKILLS)}")
 
 
 def section_docs(cls) -> dict[str, str]:

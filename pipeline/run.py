@@ -24,7 +24,7 @@ import shlex
 import subprocess
 import time
 
-from pipeline import check, cli, cluster, runs, slurm
+from pipeline import check, cli, cluster, memory, runs, slurm
 from pipeline.recipe import load_recipe
 from pipeline.stages import STAGES
 
@@ -146,8 +146,9 @@ def main(argv):
                 return cluster.read_launch(args.config, num_processes=n, num_machines=args.nodes)
             return cluster.launch_from_command(recipe.run.launcher)
 
-        memory = check.parse_size(args.device_memory) if args.device_memory else check.local_device_memory()
-        errors, warnings = check.run_check(recipe, steps, launch_for, memory)
+        device_memory = (memory.parse_size(args.device_memory) if args.device_memory
+                         else check.local_device_memory())
+        errors, warnings = check.run_check(recipe, steps, launch_for, device_memory)
         if errors:
             sys.exit(2)
         if args.check:

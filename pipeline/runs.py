@@ -13,7 +13,6 @@ and of its data. The runner skips a stage whose manifest carries the fingerprint
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -24,36 +23,15 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from pipeline import log
 from pipeline.cli import PipelineError
+from pipeline.fingerprints import hash_file, hash_folder, hash_obj
 from pipeline.stages import STAGES
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
 LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "tokenizers", "deepspeed",
              "bitsandbytes")
-
-
-def hash_obj(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def hash_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def hash_folder(path: Path) -> str:
-    """Contents for small files, name/size/mtime for big ones (hashing 100 GB of weights is not worth it)."""
-    entries = []
-    for p in sorted(path.rglob("*")):
-        if p.is_file() and ".partial" not in p.parts:
-            st = p.stat()
-            rel = str(p.relative_to(path))
-            entries.append((rel, hash_file(p)) if st.st_size < (64 << 20) else (rel, st.st_size, st.st_mtime_ns))
-    return hash_obj(entries)
 
 
 def write_json(path: Path, obj) -> None:
@@ -174,6 +152,7 @@ class StageRun:
         deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
         gpu = torch.cuda.is_available()
         self.state = PartialState(cpu=not gpu and not deepspeed, **({"backend": "gloo"} if deepspeed and not gpu else {}))
+        log.setup(stage, self.state.is_main_process)
         self.inputs = stage_inputs(recipe, stage)
         self.fingerprint = hash_obj(self.inputs)
         self.final_dir = recipe.stage_dir(stage)
@@ -201,6 +180,7 @@ class StageRun:
         if self.state.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / ".fingerprint").write_text(self.fingerprint)
+            log.attach_file(self.out)
         self.state.wait_for_everyone()
         return self.out
 
@@ -212,8 +192,7 @@ class StageRun:
         ckpts = [c for c in ckpts if (c / "trainer_state.json").is_file() or any(c.glob("random_states_*.pkl"))]
         if ckpts:
             self.resumed_from = ckpts[-1].name
-            if self.state.is_main_process:
-                print(f"[{self.stage}] resuming from {ckpts[-1]}", flush=True)
+            log.info("resuming from %s", ckpts[-1])
         return str(ckpts[-1]) if ckpts else None
 
     def finish(self, metrics: dict, config=None, global_batch_size: int | None = None, keep=()) -> Path:
@@ -226,6 +205,7 @@ class StageRun:
             (self.out / ".fingerprint").unlink(missing_ok=True)
             write_json(self.out / METRICS, metrics)
             write_json(self.out / MANIFEST, self._manifest(config, global_batch_size))
+            log.close()  # log.txt is complete: the folder is published next
             old = self.final_dir.with_name(f"{self.stage}.old")
             if old.exists():
                 shutil.rmtree(old)
@@ -260,6 +240,7 @@ class StageRun:
         }
 
     def __exit__(self, exc_type, exc, tb):
+        log.close()
         if exc_type is not None and issubclass(exc_type, PipelineError) and self.state.is_main_process:
             shutil.rmtree(self.out, ignore_errors=True)  # bad input: leave nothing behind
             if not self._run_dir_existed and self.recipe.run_dir.exists() and not any(self.recipe.run_dir.iterdir()):

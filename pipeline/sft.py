@@ -14,8 +14,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the package, never shadow libraries with our modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from pipeline import cli, data, models, runs
-from pipeline.generation import heldout_comparison, heldout_rows
+from pipeline import cli, data, log, models, runs
+from pipeline.heldout import heldout_comparison, heldout_rows
 from pipeline.recipe import load_recipe
 
 STAGE = "sft"
@@ -30,7 +30,7 @@ def main(argv):
     with runs.StageRun(recipe, STAGE) as run:
         train_ds = data.load(keys.dataset, "chat", recipe)
         eval_ds = data.load(keys.eval_dataset, "chat", recipe) if keys.eval_dataset else None
-        heldout = heldout_rows(recipe, keys, STAGE)
+        heldout = heldout_rows(recipe, keys)
         conversational = "messages" in train_ds.column_names
         fixed = {"output_dir": str(run.out)}
         if "assistant_only_loss" not in recipe.section(STAGE):
@@ -55,8 +55,7 @@ def main(argv):
         trainer = SFTTrainer(model=model, args=args, train_dataset=keep_training_columns(train_ds),
                              eval_dataset=keep_training_columns(eval_ds), processing_class=tokenizer,
                              peft_config=models.peft_config(peft_values))
-        if run.state.is_main_process:
-            print(f"[sft] {models.describe(trainer.model)}; {len(train_ds)} training rows", flush=True)
+        log.info("%s; %d training rows", models.describe(trainer.model), len(train_ds))
         result = trainer.train(resume_from_checkpoint=run.last_checkpoint())
         metrics = {"train_loss": result.training_loss, "steps": result.global_step}
         if eval_ds is not None:

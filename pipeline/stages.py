@@ -190,7 +190,7 @@ STAGES: dict[str, StageSpec] = {
                      default_init=("sft", "pretrain", "model")),
     "reward": StageSpec("reward", "pipeline.reward", "trl:RewardConfig", RewardKeys, peft=True,
                         default_init=("sft", "pretrain", "model")),
-    "ppo": StageSpec("ppo", "pipeline.ppo", "pipeline.ppo:PPOConfig", PPOKeys, peft=True,
+    "ppo": StageSpec("ppo", "pipeline.ppo", "pipeline.ppo_config:PPOConfig", PPOKeys, peft=True,
                      default_init=("sft", "pretrain", "model")),
     "eval": StageSpec("eval", "pipeline.evaluate", None, EvalKeys),
 }

@@ -13,7 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, run_cli, tiny_recipe
-from pipeline import models, ppo, rl, runs
+from pipeline import models, ppo_trainer, rl, runs
+from pipeline.ppo_config import PPOConfig
+from pipeline.reward_model import RewardModel
 from pipeline.recipe import load_recipe
 
 RUN = {"batch_size": 8, "num_minibatches": 2, "ppo_epochs": 2, "max_new_tokens": 10, "learning_rate": 1e-2,
@@ -71,8 +73,8 @@ def mean_reward(recipe, rm_path, policy, tokenizer, normalise=True):
     prompts = data.load("world:preference", "prompts", recipe)["prompt"][:64]
     replies = generate(policy, tokenizer, prompts, max_new_tokens=RUN["max_new_tokens"], do_sample=True,
                        num_samples=2, seed=0, progress=False)
-    reward_model = ppo.RewardModel(recipe, runs.Checkpoint("rm", str(rm_path), "", "local"), "cpu")
-    raw = reward_model([p for p in prompts for _ in range(2)], [r.text for rs in replies for r in rs])
+    reward_model = RewardModel.load(recipe, runs.Checkpoint("rm", str(rm_path), "", "local"), "cpu")
+    raw = torch.tensor(reward_model.scores([p for p in prompts for _ in range(2)], [r.text for rs in replies for r in rs]))
     return reward_model.normalise(raw) if normalise else raw
 
 
@@ -93,8 +95,8 @@ def test_reply_logits_ignore_left_padding(inputs):
     padded = torch.tensor([[2, 2, 40, 41, 50, 51]])
     alone = torch.tensor([[40, 41, 50, 51]])
     with torch.no_grad():
-        a = ppo.reply_logits(policy, padded, torch.tensor([[0, 0, 1, 1, 1, 1]]), 4, 1.0)
-        b = ppo.reply_logits(policy, alone, torch.ones_like(alone), 2, 1.0)
+        a = ppo_trainer.reply_logits(policy, padded, torch.tensor([[0, 0, 1, 1, 1, 1]]), 4, 1.0)
+        b = ppo_trainer.reply_logits(policy, alone, torch.ones_like(alone), 2, 1.0)
     assert a.shape == b.shape == (1, 2, policy.config.vocab_size) and torch.allclose(a, b, atol=1e-5)
 
 
@@ -108,7 +110,7 @@ def test_one_ppo_step_moves_the_policy_toward_higher_advantage(inputs):
     advantages = torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, 0.0]])
 
     def reply_logprobs():
-        return rl.logprobs_of(ppo.reply_logits(model, seq, att, 3, 1.0), replies)
+        return rl.logprobs_of(ppo_trainer.reply_logits(model, seq, att, 3, 1.0), replies)
 
     with torch.no_grad():
         old = reply_logprobs()
@@ -137,14 +139,15 @@ def test_rollout_masks_everything_after_end_of_turn(inputs):
     tokenizer = inputs[3]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     generated = torch.tensor([[40, eos, 41, 42], [43, 44, 45, 46], [eos, 47, eos, 48]])
-    cfg = ppo.PPOConfig(max_new_tokens=4)
-    batch = ppo.rollout(Scripted(generated), tokenizer, [[30, 31], [32], [33, 34, 35]], cfg, "cpu")
-    assert batch["context_length"] == 3
-    assert batch["mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
-    assert batch["ended"].tolist() == [True, False, True]
-    assert batch["replies"].tolist() == [[40, eos, pad, pad], [43, 44, 45, 46], [eos, pad, pad, pad]]
-    assert batch["sequences"][1].tolist() == [pad, pad, 32, 43, 44, 45, 46]  # prompts left-padded
-    assert batch["attention_mask"][2].tolist() == [1, 1, 1, 1, 0, 0, 0]
+    cfg = PPOConfig(max_new_tokens=4)
+    batch = ppo_trainer.sample_replies(Scripted(generated), tokenizer, [[30, 31], [32], [33, 34, 35]], [0, 1, 2],
+                                       cfg, "cpu")
+    assert batch.context_length == 3 and batch.rows == [0, 1, 2]
+    assert batch.mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert batch.ended.tolist() == [True, False, True]
+    assert batch.replies.tolist() == [[40, eos, pad, pad], [43, 44, 45, 46], [eos, pad, pad, pad]]
+    assert batch.sequences[1].tolist() == [pad, pad, 32, 43, 44, 45, 46]  # prompts left-padded
+    assert batch.attention_mask[2].tolist() == [1, 1, 1, 1, 0, 0, 0]
 
 
 # ---------------------------------------------------------------------------------------------- command lines
@@ -228,7 +231,7 @@ def test_preemption_signal_checkpoints_between_steps_and_the_rerun_finishes(unin
     assert proc.returncode == cluster.PREEMPTED_EXIT, rest[-3000:]
     partial = work / "runs/preempted/ppo.partial"
     ckpts = [p.name for p in partial.glob("checkpoint-*")]
-    assert len(ckpts) == 1 and "[preempted] stopped on SIGUSR1" in rest, (ckpts, rest[-2000:])
+    assert len(ckpts) == 1 and "preempted: stopped on SIGUSR1" in rest, (ckpts, rest[-2000:])
     assert not (work / "runs/preempted/ppo").exists()
 
     resumed = run_cli(["pipeline/ppo.py", ppo_recipe(work), "run.name=preempted", "ppo.save_steps=100"], cwd=work,
