@@ -202,11 +202,11 @@ def plot_all(out: Path, targets, per: dict, matrix: dict, baseline: str) -> list
 
     others = [t for t in names if t != baseline]
     if matrix and others:
-        judges = list(matrix)
-        values = {judges.JUDGES[j]: [(s["win_rate"], s["ci"]) if (s := matrix[j][t][baseline]) else None for t in others]
-                  for j in judges}
-        fig, ax = plt.subplots(figsize=(max(6, 2 + 1.2 * len(others) * len(judges)), 4))
-        bars(ax, others, [judges.JUDGES[j] for j in judges], values)
+        used = list(matrix)
+        values = {judges.JUDGES[j]: [(s["win_rate"], s["ci"]) if (s := matrix[j][t][baseline]) else None
+                                     for t in others] for j in used}
+        fig, ax = plt.subplots(figsize=(max(6, 2 + 1.2 * len(others) * len(used)), 4))
+        bars(ax, others, [judges.JUDGES[j] for j in used], values)
         ax.axhline(0.5, color="gray", linestyle="--", linewidth=1)
         ax.set_ylim(0, 1)
         ax.set_ylabel("win rate (ties count half)")

@@ -44,7 +44,8 @@ USAGE = "usage: pipeline/ppo.py RECIPE [ppo.KEY=VALUE ...]"
 
 def load_prompts(spec: str, recipe):
     """The `prompt` column (with `skill`/`answer` when present) of a prompt dataset or of preference pairs in any
-    format preferences.load_preferences reads (pairs without a prompt column: the shared beginning of chosen/rejected)."""
+    format preferences.load_preferences reads (pairs without a prompt column: the shared beginning of
+    chosen/rejected)."""
     rows, _, _ = data.read_rows(spec, recipe)
     if "prompt" in rows[0]:
         ds = data.load(spec, "prompts", recipe)

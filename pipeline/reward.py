@@ -1,14 +1,14 @@
-"""Stage 3, reward: a reward model trained on preference pairs with TRL's RewardTrainer, and an evaluation that
-says whether to trust it.
+"""Stage 3, reward: a reward model trained on preference pairs with TRL's RewardTrainer, and an evaluation that says
+whether to trust it.
 
     accelerate launch pipeline/reward.py recipes/small.yaml [reward.learning_rate=1e-4 ...]
     python pipeline/reward.py recipes/small.yaml reward.dataset=hh.jsonl reward.eval_dataset=hh_test.jsonl
 
 The model is the causal LM named by `init_from` (default: the sft stage) with its LM head replaced by a score head
-of one output (AutoModelForSequenceClassification, num_labels=1), trained on the Bradley-Terry loss
--log sigmoid(r_chosen - r_rejected [- margin]), plus `lm_loss_coefficient` times a next-token loss on the chosen
-replies (read by the starting model's frozen LM head; `reward_trainer`); `use_peft: true` trains LoRA adapters plus
-the score head and saves the merged model. Pairs come in any format of data/README.md (`preferences.load_preferences`).
+of one output (AutoModelForSequenceClassification, num_labels=1), trained on the Bradley-Terry loss -log
+sigmoid(r_chosen - r_rejected [- margin]), plus `lm_loss_coefficient` times a next-token loss on the chosen replies
+(read by the starting model's frozen LM head; `reward_trainer`); `use_peft: true` trains LoRA adapters plus the
+score head and saves the merged model. Pairs come in any format of data/README.md (`preferences.load_preferences`).
 
 The held-out pairs (`eval_dataset`, or `eval_fraction` of the training prompts) are scored at the end by the saved
 model read back from disk: accuracy, mean margin, accuracy per category (`category_column`, the world's skill),
@@ -16,9 +16,9 @@ accuracy against the clean labels (`clean_column`, the world's clean_agrees), co
 length and accuracy on pairs whose chosen reply is the shorter / longer one, and the expected calibration error of
 sigmoid(r_chosen - r_rejected). The reward mean and standard deviation on training pairs go into the saved
 config.json as `reward_mean` / `reward_std`, and `max_length` as `reward_max_length`: every later reader scores
-through pipeline/reward_model.py with them, so it sees replies as this stage trained on them. Outputs: the model (safetensors) and
-tokenizer, metrics.json, report.md and calibration.png (reliability diagram, histogram of margins).
-Section keys: TRL's RewardConfig fields, ModelConfig's LoRA fields, and RewardKeys (pipeline/stages.py).
+through pipeline/reward_model.py with them, so it sees replies as this stage trained on them. Outputs: the model
+(safetensors) and tokenizer, metrics.json, report.md and calibration.png (reliability diagram, histogram of
+margins). Section keys: TRL's RewardConfig fields, ModelConfig's LoRA fields, and RewardKeys (pipeline/stages.py).
 """
 
 import sys

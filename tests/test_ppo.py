@@ -74,7 +74,8 @@ def mean_reward(recipe, rm_path, policy, tokenizer, normalise=True):
     replies = generate(policy, tokenizer, prompts, max_new_tokens=RUN["max_new_tokens"], do_sample=True,
                        num_samples=2, seed=0, progress=False)
     reward_model = RewardModel.load(recipe, runs.Checkpoint("rm", str(rm_path), "", "local"), "cpu")
-    raw = torch.tensor(reward_model.scores([p for p in prompts for _ in range(2)], [r.text for rs in replies for r in rs]))
+    raw = torch.tensor(reward_model.scores([p for p in prompts for _ in range(2)],
+                                           [r.text for rs in replies for r in rs]))
     return reward_model.normalise(raw) if normalise else raw
 
 
