@@ -1,10 +1,13 @@
 """Datasets for every stage: the task world's splits, the user's local files and folders, or hub datasets.
 
-A dataset spec is one string:
+A dataset spec is a string:
   world:<split>             a split of the offline task world (pipeline/world_splits.py), e.g. world:sft
-  path/to/file.jsonl        a local JSON Lines, JSON, Parquet or CSV file
+  path/to/file.jsonl        a local JSON Lines, JSON, Parquet, CSV or plain-text file (each optionally .gz)
   path/to/folder            a folder saved with `datasets.save_to_disk`, or a folder of such files
+  data/*.txt                a glob: every file it matches
   org/name[:split]          a hub dataset (default split: train)
+or several: a list of specs (all their rows), or a mixture with a fraction of each, as alignment-handbook recipes
+write them: {spec: fraction, ...} or {datasets: [{id, split, columns, weight}, ...], seed: N}.
 
 Rows are checked against what the stage needs (`kind`) before any model is loaded; a bad row is reported as
 one line naming the file and the row (JSONL: the line number).
@@ -13,15 +16,18 @@ one line naming the file and the row (JSONL: the line number).
 from __future__ import annotations
 
 import dataclasses
+import glob
+import gzip
 import json
+import random
 from functools import lru_cache
 from pathlib import Path
 
 from pipeline.cli import PipelineError
 from pipeline.fingerprints import hash_file, hash_folder, hash_obj
+from pipeline.formats import bad_row, check_messages, detect_sft_format, expected_sft_columns, to_sft_row
 
-ROLES = ("system", "user", "assistant", "tool")
-FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "txt"}
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -43,37 +49,78 @@ def world_rows(recipe, split: str) -> list[dict]:
     return list(_world_rows(json.dumps(dataclasses.asdict(recipe.world), sort_keys=True), split))
 
 
-def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
+def _text_of(path: Path) -> str:
+    """The file's text (gzip-compressed when it ends in .gz); invalid UTF-8 is named with its line."""
+    raw = gzip.open(path, "rb").read() if path.suffix.lower() == ".gz" else path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise PipelineError(f"{path}: line {line}: invalid UTF-8 (byte 0x{raw[err.start]:02x}); save the file as "
+                            f"UTF-8") from None
+
+
+def _kind(path: Path) -> str | None:
+    suffix = Path(path.name[:-3]).suffix if path.name.lower().endswith(".gz") else path.suffix
+    return FILE_TYPES.get(suffix.lower())
+
+
+def _read_jsonl(path: Path, text: str) -> tuple[list[dict], list[str]]:
     rows, where = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PipelineError(f"{path}: line {lineno}: invalid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise PipelineError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-            where.append(f"line {lineno}")
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PipelineError(f"{path}: line {lineno}: invalid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise PipelineError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+        where.append(f"line {lineno}")
     return rows, where
 
 
-def _read_file(path: Path) -> tuple[list[dict], list[str]]:
-    kind = FILE_TYPES.get(path.suffix.lower())
+def _read_txt(text: str, split: str) -> tuple[list[dict], list[str]]:
+    """Plain text: one document per blank-line-separated block (`paragraph`) or per line (`line`)."""
+    rows, where, start = [], [], 1
+    if split == "line":
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                rows.append({"text": line.strip()})
+                where.append(f"line {lineno}")
+        return rows, where
+    block: list[str] = []
+    for lineno, line in enumerate(text.splitlines() + [""], 1):
+        if line.strip():
+            if not block:
+                start = lineno
+            block.append(line)
+        elif block:
+            rows.append({"text": "\n".join(block).strip()})
+            where.append(f"line {start}")
+            block = []
+    return rows, where
+
+
+def _read_file(path: Path, text_split: str = "paragraph") -> tuple[list[dict], list[str]]:
+    kind = _kind(path)
     if kind is None:
-        raise PipelineError(f"{path}: unsupported file type '{path.suffix}' (use {', '.join(FILE_TYPES)})")
+        raise PipelineError(f"{path}: unsupported file type '{path.suffix}' (use {', '.join(FILE_TYPES)}, "
+                            f"optionally .gz)")
     if path.stat().st_size == 0:
         raise PipelineError(f"{path}: empty file")
-    if kind == "jsonl":
-        return _read_jsonl(path)
-    if kind == "json":
+    if kind in ("jsonl", "json", "txt"):
+        text = _text_of(path)
+        if kind == "txt":
+            return _read_txt(text, text_split)
+        if kind == "jsonl":
+            return _read_jsonl(path, text)
         try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
+            obj = json.loads(text)
         except json.JSONDecodeError as err:
             try:  # JSON Lines saved with a .json name
-                return _read_jsonl(path)
+                return _read_jsonl(path, text)
             except PipelineError:
                 raise PipelineError(f"{path}: line {err.lineno}: invalid JSON ({err.msg})") from None
         if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
@@ -83,6 +130,8 @@ def _read_file(path: Path) -> tuple[list[dict], list[str]]:
         return obj, [f"row {i}" for i in range(1, len(obj) + 1)]
     import datasets
 
+    if kind == "csv":
+        _text_of(path)  # names the line of invalid UTF-8 before pandas does
     try:
         ds = datasets.Dataset.from_parquet(str(path)) if kind == "parquet" else datasets.Dataset.from_csv(str(path))
     except Exception as err:  # pyarrow/pandas parse errors
@@ -117,36 +166,109 @@ def _read_folder(path: Path) -> tuple[list[dict], list[str]]:
 def _read_hub(spec: str) -> tuple[list[dict], list[str]]:
     import datasets
 
+    from pipeline import hub
+
     name, _, split = spec.partition(":")
+    online = hub.reachable()
     try:
         ds = datasets.load_dataset(name, split=split or "train")
     except Exception as err:
-        raise PipelineError(f"dataset '{spec}': not a local file or folder, and loading it from the hub failed: "
-                            f"{str(err).splitlines()[0]}") from None
+        why = hub.unreachable_note() + " and it is not in the local cache" if not online else \
+            f"loading it from the hub failed: {str(err).splitlines()[0]}"
+        raise PipelineError(f"dataset '{spec}': not a local file or folder, and {why}") from None
     rows = ds.to_list()
     return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
 
 
-def read_rows(spec: str, recipe) -> tuple[list[dict], list[str], str]:
-    """Rows, where each row came from (for error messages), and a name for the source."""
+def _read_one(spec: str, recipe, text_split: str) -> tuple[list[dict], list[str]]:
     if spec.startswith("world:"):
         rows = world_rows(recipe, spec.split(":", 1)[1])
-        return rows, [f"row {i}" for i in range(1, len(rows) + 1)], spec
+        return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
     path = Path(spec).expanduser()
     if path.is_file():
-        rows, where = _read_file(path)
-    elif path.is_dir():
-        rows, where = _read_folder(path)
-    elif spec.startswith((".", "/", "~")) or Path(spec).suffix.lower() in FILE_TYPES or spec.count("/") != 1:
+        return _read_file(path, text_split)
+    if path.is_dir():
+        return _read_folder(path)
+    if glob.has_magic(spec):
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if not files:
+            raise PipelineError(f"dataset '{spec}': no file matches")
+        rows, where = [], []
+        for f in files:
+            r, w = _read_file(f, text_split)
+            rows += r
+            where += [f"{f} {x}" for x in w]
+        return rows, where
+    if spec.startswith((".", "/", "~")) or _kind(path) or spec.count("/") != 1:
         raise PipelineError(f"dataset '{spec}': file not found")
-    else:
-        rows, where = _read_hub(spec)
+    return _read_hub(spec)
+
+
+def mixture_parts(spec) -> tuple[list[tuple[str, float | None, object]], int | None]:
+    """A spec as (dataset, fraction or None, columns) parts and the mixture's seed: a string (one dataset or a
+    glob), a list of specs (all rows of each), {spec: fraction} (alignment-handbook's dataset_mixer), or
+    {datasets: [{id or path, split, columns, weight}], seed} (its dataset_mixture)."""
+    if isinstance(spec, str):
+        return [(spec, None, None)], None
+    if isinstance(spec, list):
+        return [(s, None, None) for s in spec], None
+    if isinstance(spec, dict) and "datasets" in spec:
+        parts = []
+        for d in spec["datasets"]:
+            name = d.get("path") or d.get("id")
+            if not isinstance(name, str):
+                raise PipelineError(f"dataset mixture: each entry of `datasets` needs an `id` or `path`, got {d!r}")
+            if d.get("split") and ":" not in name and not Path(name).exists():
+                name = f"{name}:{d['split']}"
+            parts.append((name, d.get("weight", d.get("fraction")), d.get("columns")))
+        return parts, spec.get("seed")
+    if isinstance(spec, dict):
+        return [(k, v, None) for k, v in spec.items()], None
+    raise PipelineError(f"dataset spec {spec!r}: expected a string, a list of specs or a mapping of spec: fraction")
+
+
+def spec_name(spec) -> str:
+    return spec if isinstance(spec, str) else " + ".join(p for p, _, _ in mixture_parts(spec)[0])
+
+
+def read_rows(spec, recipe, text_split: str = "paragraph") -> tuple[list[dict], list[str], str]:
+    """Rows, where each row came from (for error messages), and a name for the source. A mixture takes
+    `fraction` of each dataset's rows (shuffled with the mixture's seed, else run.seed) and shuffles the union."""
+    parts, seed = mixture_parts(spec)
+    rows, where = [], []
+    for name, fraction, columns in parts:
+        if not isinstance(name, str):
+            raise PipelineError(f"dataset spec {name!r}: expected a string")
+        r, w = _read_one(name, recipe, text_split)
+        if fraction is not None:
+            if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+                raise PipelineError(f"dataset mixture: the fraction of '{name}' must be in (0, 1], got {fraction!r}")
+            order = list(range(len(r)))
+            random.Random(recipe.run.seed if seed is None else seed).shuffle(order)
+            keep = order[:max(1, round(fraction * len(r)))]
+            r, w = [r[i] for i in keep], [w[i] for i in keep]
+        if isinstance(columns, list):  # the handbook's `columns`: the ones to keep
+            r = [{k: v for k, v in row.items() if k in columns} for row in r]
+        elif isinstance(columns, dict):
+            from pipeline.formats import rename_columns
+
+            r = rename_columns(r, columns, name, w)
+        rows += r
+        where += [f"{name} {x}" if len(parts) > 1 else x for x in w]
+    if len(parts) > 1 and any(f is not None for _, f, _ in parts):
+        order = list(range(len(rows)))
+        random.Random(recipe.run.seed if seed is None else seed).shuffle(order)
+        rows, where = [rows[i] for i in order], [where[i] for i in order]
     if not rows:
-        raise PipelineError(f"{spec}: no rows")
-    return rows, where, str(spec)
+        raise PipelineError(f"{spec_name(spec)}: no rows")
+    return rows, where, spec_name(spec)
 
 
-def fingerprint(spec: str, recipe) -> str:
+def fingerprint(spec, recipe) -> str:
+    if not isinstance(spec, str):  # a list or mixture: its parts' fingerprints and the mixing settings
+        parts, seed = mixture_parts(spec)
+        return hash_obj({"parts": [(fingerprint(p, recipe), f, c) for p, f, c in parts], "seed": seed,
+                         "run_seed": recipe.run.seed})
     if spec.startswith("world:"):
         return hash_obj({"world": dataclasses.asdict(recipe.world), "split": spec})
     path = Path(spec).expanduser()
@@ -154,44 +276,13 @@ def fingerprint(spec: str, recipe) -> str:
         return hash_file(path)
     if path.is_dir():
         return hash_folder(path)
+    if glob.has_magic(spec):
+        return hash_obj([(p, hash_file(Path(p))) for p in sorted(glob.glob(str(path), recursive=True))
+                         if Path(p).is_file()])
     return hash_obj({"hub": spec})
 
 
 # ---------------------------------------------------------------------------------------------- checking
-
-
-def bad_row(source, where, msg):
-    """Stop with one line naming the source and the row."""
-    raise PipelineError(f"{source}: {where}: {msg}")
-
-
-def check_messages(messages, source, where, need_assistant=True):
-    if isinstance(messages, str):  # CSV cells hold JSON text
-        try:
-            messages = json.loads(messages)
-        except json.JSONDecodeError:
-            bad_row(source, where, "'messages' is a string that is not a JSON list of messages")
-    if not isinstance(messages, list) or not messages:
-        bad_row(source, where, "'messages' must be a non-empty list of {role, content} objects")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            bad_row(source, where, f"message {i} is not an object")
-        role = m.get("role")
-        if role not in ROLES:
-            bad_row(source, where, f"message {i}: unknown role {role!r} (expected one of: {', '.join(ROLES)})")
-        content, calls = m.get("content"), m.get("tool_calls")
-        if calls is not None:
-            if role != "assistant" or not isinstance(calls, list):
-                bad_row(source, where, f"message {i}: tool_calls must be a list on an assistant message")
-            for call in calls:
-                fn = call.get("function", call) if isinstance(call, dict) else None
-                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-                    bad_row(source, where, f"message {i}: a tool call needs a function name")
-        if not isinstance(content, str) and not (content is None and calls):
-            bad_row(source, where, f"message {i}: 'content' must be a string")
-    if need_assistant and not any(m["role"] == "assistant" for m in messages):
-        bad_row(source, where, "no assistant message to learn from")
-    return messages
 
 
 def _check_text(rows, where, source, column="text"):
@@ -204,19 +295,18 @@ def _check_text(rows, where, source, column="text"):
 
 
 def _check_chat(rows, where, source):
+    """Conversations in any format of pipeline/formats.py (detected from the first row), as messages or
+    prompt/completion rows."""
+    fmt = detect_sft_format(rows[0])
+    if fmt is None:
+        raise PipelineError(f"{source}: no conversation format matches the columns ({', '.join(rows[0]) or 'none'});"
+                            f" expected {expected_sft_columns()}")
+    out = []
     for row, w in zip(rows, where):
-        if "messages" in row:
-            row["messages"] = check_messages(row["messages"], source, w)
-        elif "prompt" in row and "completion" in row:
-            for col in ("prompt", "completion"):
-                if isinstance(row[col], list):
-                    check_messages(row[col], source, w, need_assistant=(col == "completion"))
-                elif not isinstance(row[col], str):
-                    bad_row(source, w, f"'{col}' must be text or a list of messages")
-        else:
-            bad_row(source, w, f"expected a 'messages' column or 'prompt' and 'completion' "
-                            f"(columns: {', '.join(row) or 'none'})")
-    return rows
+        if detect_sft_format(row) != fmt:
+            bad_row(source, w, f"not in the {fmt} format of the first row (columns: {', '.join(row) or 'none'})")
+        out.append({**{k: v for k, v in row.items() if k not in FORMAT_COLUMNS}, **to_sft_row(row, fmt, source, w)})
+    return out
 
 
 def _check_prompts(rows, where, source):
@@ -230,19 +320,34 @@ def _check_prompts(rows, where, source):
     return rows
 
 
+FORMAT_COLUMNS = {"messages", "conversations", "instruction", "input", "output", "history", "system", "prompt",
+                  "completion", "tools"}
 CHECKS = {"text": _check_text, "chat": _check_chat, "prompts": _check_prompts}
 
 
-def load(spec: str, kind: str, recipe, **kw):
-    """Read a dataset spec, check every row for `kind`, and return a `datasets.Dataset`."""
+def load_with_info(spec, kind: str, recipe, columns: dict | None = None, text_split: str = "paragraph", **kw):
+    """Read a dataset spec, map its columns (`columns`: {our name: the file's name}), check every row for `kind`,
+    and return a `datasets.Dataset` with what was read: {source, rows, format}."""
     import datasets
 
-    rows, where, source = read_rows(spec, recipe)
+    from pipeline.formats import rename_columns
+
+    rows, where, source = read_rows(spec, recipe, text_split=text_split)
+    rows = rename_columns(rows, columns, source, where)
+    plain = any(_kind(Path(name)) == "txt" for name, _, _ in mixture_parts(spec)[0])
+    fmt = {"chat": lambda: detect_sft_format(rows[0]), "text": lambda: f"txt, a document per {text_split}" if plain
+           else "text", "prompts": lambda: "prompts", "eval_prompts": lambda: "prompts"}[kind]()
     rows = CHECKS[kind](rows, where, source, **kw)
     try:
-        return datasets.Dataset.from_list(rows)
+        ds = datasets.Dataset.from_list(rows)
     except Exception as err:  # mixed types across rows that Arrow cannot unify
         raise PipelineError(f"{source}: rows do not share one schema: {str(err).splitlines()[0]}") from None
+    return ds, {"source": source, "rows": len(ds), "format": fmt}
+
+
+def load(spec, kind: str, recipe, **kw):
+    """`load_with_info` without the info."""
+    return load_with_info(spec, kind, recipe, **kw)[0]
 
 
 def _check_eval_prompts(rows, where, source):

@@ -53,8 +53,10 @@ def main(argv):
     keys = recipe.keys(STAGE)
     peft_values = recipe.peft_values(STAGE)
     with runs.StageRun(recipe, STAGE) as run:
-        train_ds, eval_ds, train_info, _ = preferences.load_preference_splits(
-            keys.dataset, keys.eval_dataset, keys.eval_fraction, recipe)
+        train_ds, eval_ds, train_info, eval_info = preferences.load_preference_splits(
+            keys.dataset, keys.eval_dataset, keys.eval_fraction, recipe, keys.columns)
+        run.note_data("dataset", train_info)
+        run.note_data("eval_dataset", eval_info)
         heldout = heldout_rows(recipe, keys)
         args = recipe.trainer_config(STAGE, output_dir=str(run.out))
         init = run.checkpoint()
@@ -80,7 +82,7 @@ def main(argv):
         trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=pairs_only(train_ds),
                              eval_dataset=pairs_only(eval_ds), processing_class=tokenizer, peft_config=peft_config,
                              callbacks=[chosen_logp_watch(keys.chosen_logp_warn_drop)])
-        log.info(f"{models.describe(trainer.model)}; {len(train_ds)} pairs ({train_info}), {len(eval_ds)} held out; "
+        log.info(f"{models.describe(trainer.model)}; {len(train_ds)} pairs, {len(eval_ds)} held out; "
                  f"beta {args.beta}, loss {args.loss_type}")
         result = trainer.train(resume_from_checkpoint=run.last_checkpoint())
         eval_metrics = trainer.evaluate()

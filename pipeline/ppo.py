@@ -42,15 +42,15 @@ USAGE = "usage: pipeline/ppo.py RECIPE [ppo.KEY=VALUE ...]"
 # ---------------------------------------------------------------------------------------------- prompts
 
 
-def load_prompts(spec: str, recipe):
+def load_prompts(spec, recipe, columns: dict | None = None):
     """The `prompt` column (with `skill`/`answer` when present) of a prompt dataset or of preference pairs in any
     format preferences.load_preferences reads (pairs without a prompt column: the shared beginning of
     chosen/rejected)."""
     rows, _, _ = data.read_rows(spec, recipe)
-    if "prompt" in rows[0]:
-        ds = data.load(spec, "prompts", recipe)
+    if "prompt" in rows[0] or "prompt" in (columns or {}):
+        ds = data.load(spec, "prompts", recipe, columns=columns)
     else:
-        ds, _ = preferences.load_preferences(spec, recipe)
+        ds, _ = preferences.load_preferences(spec, recipe, columns)
     return ds.select_columns([c for c in ("prompt", "skill", "answer") if c in ds.column_names])
 
 
@@ -134,7 +134,7 @@ def main(argv):
         raise cli.PipelineError(f"{recipe.path}: ppo.reward_model is the `{keys.reward_model}` stage, but the recipe "
                                 f"has no `{keys.reward_model}` section: add one, or name a saved reward model folder")
     with runs.StageRun(recipe, STAGE) as run:
-        prompts = load_prompts(keys.prompts, recipe)
+        prompts = load_prompts(keys.prompts, recipe, keys.columns)
         if cfg.verifier_weight:
             prompts = with_answers(prompts, keys.prompts)
         heldout = heldout_rows(recipe, keys)

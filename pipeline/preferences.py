@@ -13,7 +13,7 @@ import re
 
 from pipeline import data
 from pipeline.cli import PipelineError
-from pipeline.data import bad_row
+from pipeline.formats import bad_row, check_messages
 
 
 PREFERENCE_FORMATS = {
@@ -22,9 +22,13 @@ PREFERENCE_FORMATS = {
     "implicit_text": "chosen + rejected full texts (the shared beginning, cut at a space, is the prompt)",
     "hh": "chosen + rejected Anthropic HH-RLHF text (\\n\\nHuman: ... \\n\\nAssistant: ...)",
     "hh_explicit": "prompt (HH text ending in 'Assistant:') + chosen + rejected replies",
+    "sharegpt": "conversations (ShareGPT from/value) + chosen + rejected (message objects or text)",
+    "alpaca": "instruction (+ input, system, history) + chosen + rejected (Alpaca / LLaMA-Factory)",
 }
-PREFERENCE_EXPECTED = ("prompt/chosen/rejected, or chosen/rejected (full conversations or Anthropic HH text); "
+PREFERENCE_EXPECTED = ("prompt/chosen/rejected, chosen/rejected (full conversations or Anthropic HH text), "
+                       "conversations/chosen/rejected (ShareGPT) or instruction/chosen/rejected (Alpaca); "
                        "optionally score_chosen/score_rejected or margin")
+CONVERTED = ("sharegpt", "alpaca")  # turned into the explicit conversational format row by row
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
 
 
@@ -80,8 +84,47 @@ def _split_text(chosen: str, rejected: str, source, where):
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
+def _reply(value, source, where, col):
+    """A reply given as a message object (ShareGPT {from, value} or {role, content}), a list of them, or text, as
+    a list of assistant messages."""
+    value = _as_messages(value)
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+        bad_row(source, where, f"'{col}' must be a message object, a list of messages or text")
+    return [{"role": "assistant", "content": m["value"]} if "value" in m and "from" in m else m for m in value]
+
+
+def _to_explicit(row: dict, fmt: str, source, where) -> dict:
+    """A ShareGPT or Alpaca preference row as an explicit conversational pair (other columns kept)."""
+    from pipeline.formats import alpaca_messages, sharegpt_messages, tools_of
+
+    for col in ("chosen", "rejected") + (("conversations",) if fmt == "sharegpt" else ("instruction",)):
+        if col not in row:
+            bad_row(source, where, f"missing column '{col}' (columns: {', '.join(row) or 'none'}; format: "
+                                   f"{PREFERENCE_FORMATS[fmt]})")
+    if fmt == "sharegpt":
+        prompt = sharegpt_messages(row, source, where)
+    else:
+        prompt = alpaca_messages({**row, "output": ""}, source, where)[:-1]
+    if not prompt or prompt[-1]["role"] != "user":
+        bad_row(source, where, "the conversation must end with a user turn before the chosen/rejected replies")
+    drop = ("conversations", "system", "tools", "instruction", "input", "history")
+    tools = tools_of(row, source, where)
+    return {**{k: v for k, v in row.items() if k not in drop}, **({"tools": json.dumps(tools)} if tools else {}),
+            "prompt": prompt,
+            "chosen": _reply(row["chosen"], source, where, "chosen"),
+            "rejected": _reply(row["rejected"], source, where, "rejected")}
+
+
 def _detect_preference_format(first: dict, source) -> str:
     cols = set(first)
+    if {"conversations", "chosen", "rejected"} <= cols:
+        return "sharegpt"
+    if {"instruction", "chosen", "rejected"} <= cols:
+        return "alpaca"
     if not {"chosen", "rejected"} <= cols:
         have = ", ".join(first) or "none"
         raise PipelineError(f"{source}: no preference format matches the columns ({have}); expected "
@@ -137,22 +180,26 @@ def normalize_preferences(rows, where, source) -> tuple[list[dict], dict]:
     conversational = None
     out, identical = [], 0
     for row, w in zip(rows, where):
+        if fmt in CONVERTED:
+            row = _to_explicit(row, fmt, source, w)
         for col in needed:
             if col not in row:
                 bad_row(source, w, f"missing column '{col}' (columns: {', '.join(row) or 'none'}; format: "
                                 f"{PREFERENCE_FORMATS[fmt]})")
         chosen, rejected = _as_messages(row["chosen"]), _as_messages(row["rejected"])
         prompt = _as_messages(row.get("prompt"))
-        if fmt == "explicit":
+        if fmt in ("explicit", *CONVERTED):
+            if isinstance(chosen, dict) or isinstance(rejected, dict):  # a reply as one message object
+                chosen, rejected = _reply(chosen, source, w, "chosen"), _reply(rejected, source, w, "rejected")
             for col, v in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
                 if not isinstance(v, (str, list)):
                     bad_row(source, w, f"'{col}' must be text or a list of messages, got {type(v).__name__}")
             if isinstance(prompt, str) and not prompt.strip():
                 bad_row(source, w, "'prompt' is empty")
             if isinstance(prompt, list) or isinstance(chosen, list) or isinstance(rejected, list):
-                prompt = data.check_messages(prompt, source, w, need_assistant=False) if isinstance(prompt, list) \
+                prompt = check_messages(prompt, source, w, need_assistant=False) if isinstance(prompt, list) \
                     else [{"role": "user", "content": prompt}]
-                chosen, rejected = [data.check_messages(v, source, w) if isinstance(v, list)
+                chosen, rejected = [check_messages(v, source, w) if isinstance(v, list)
                                     else [{"role": "assistant", "content": v}] for v in (chosen, rejected)]
         elif fmt == "hh_explicit":
             turns = parse_hh(prompt) if isinstance(prompt, str) else None
@@ -168,7 +215,7 @@ def normalize_preferences(rows, where, source) -> tuple[list[dict], dict]:
             for col, v in (("chosen", chosen), ("rejected", rejected)):
                 if not isinstance(v, list):
                     bad_row(source, w, f"'{col}' must be a list of messages, like the first row's")
-                data.check_messages(v, source, w)
+                check_messages(v, source, w)
             prompt, chosen, rejected = _split_conversations(chosen, rejected, source, w)
         elif fmt == "hh":
             turns_c, turns_r = parse_hh(chosen), parse_hh(rejected)
@@ -202,11 +249,15 @@ def normalize_preferences(rows, where, source) -> tuple[list[dict], dict]:
     return out, info
 
 
-def load_preferences(spec: str, recipe):
-    """Preference pairs of any supported format (see PREFERENCE_FORMATS), normalized; returns (Dataset, info)."""
+def load_preferences(spec, recipe, columns: dict | None = None):
+    """Preference pairs of any supported format (see PREFERENCE_FORMATS), normalized; returns (Dataset, info).
+    `columns` maps our column names to the file's ({prompt: question, chosen: good, rejected: bad})."""
     import datasets
 
+    from pipeline.formats import rename_columns
+
     rows, where, source = data.read_rows(spec, recipe)
+    rows = rename_columns(rows, columns, source, where)
     pairs, info = normalize_preferences(rows, where, source)
     if not pairs:
         raise PipelineError(f"{source}: no pairs left: all {info['identical_dropped']} have chosen equal to rejected")
@@ -235,12 +286,12 @@ def split_by_prompt(ds, fraction: float, seed: int):
     return ds.select(train_idx), ds.select(eval_idx)
 
 
-def load_preference_splits(dataset: str, eval_dataset: str | None, eval_fraction: float, recipe):
+def load_preference_splits(dataset, eval_dataset, eval_fraction: float, recipe, columns: dict | None = None):
     """Training and held-out pairs for a preference stage: `eval_dataset`, or `eval_fraction` of the training
     prompts held out. Returns (train, held_out, train_info, held_out_info)."""
-    train_ds, train_info = load_preferences(dataset, recipe)
+    train_ds, train_info = load_preferences(dataset, recipe, columns)
     if eval_dataset:
-        eval_ds, eval_info = load_preferences(eval_dataset, recipe)
+        eval_ds, eval_info = load_preferences(eval_dataset, recipe, columns)
         return train_ds, eval_ds, train_info, eval_info
     train_ds, eval_ds = split_by_prompt(train_ds, eval_fraction, recipe.run.seed)
     eval_info = {**train_info, "source": f"{dataset} (held-out {eval_fraction:.0%} of prompts)", "pairs": len(eval_ds)}

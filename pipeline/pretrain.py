@@ -37,9 +37,15 @@ def main(argv):
     keys = recipe.keys(STAGE)
     with runs.StageRun(recipe, STAGE) as run:
         args = recipe.trainer_config(STAGE, output_dir=str(run.out))
-        corpus = data.load(keys.dataset, "text", recipe, column=keys.text_column)[keys.text_column]
-        eval_corpus = (data.load(keys.eval_dataset, "text", recipe, column=keys.text_column)[keys.text_column]
-                       if keys.eval_dataset else None)
+        corpus, info = data.load_with_info(keys.dataset, "text", recipe, text_split=keys.text_split,
+                                           column=keys.text_column)
+        run.note_data("dataset", info)
+        corpus, eval_corpus = corpus[keys.text_column], None
+        if keys.eval_dataset:
+            eval_corpus, info = data.load_with_info(keys.eval_dataset, "text", recipe, text_split=keys.text_split,
+                                                    column=keys.text_column)
+            run.note_data("eval_dataset", info)
+            eval_corpus = eval_corpus[keys.text_column]
         init = run.checkpoint()
         run.prepare()
 

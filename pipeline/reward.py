@@ -30,8 +30,8 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
 import random
 
 from pipeline import cli, log, metrics as M, models, preferences, reward_report, runs
-from pipeline.reward_model import (RewardModel, encode_prompt, load_reward_model, save_reward_model, save_statistics,
-                                   tools_of)
+from pipeline.reward_model import (RewardModel, encode, encode_prompt, load_reward_model, save_reward_model,
+                                   save_statistics, tools_of)
 from pipeline.recipe import load_recipe
 
 STAGE = "reward"
@@ -110,6 +110,19 @@ def reward_trainer(lm_loss_coefficient: float, lm_head, **kwargs):
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
+def within_max_length(ds, tokenizer, max_length: int | None, source: str):
+    """The pairs whose chosen and rejected sequences both fit max_length, as TRL's RewardTrainer keeps them for
+    training (held-out pairs are treated the same way), and how many were left out."""
+    if not max_length:
+        return ds, 0
+    keep = [i for i, row in enumerate(ds) if max(len(encode(tokenizer, row["prompt"], row[side], tools_of(row)))
+                                                for side in ("chosen", "rejected")) <= max_length]
+    if not keep:
+        raise cli.PipelineError(f"{source}: all {len(ds)} pairs are longer than reward.max_length={max_length} "
+                                f"tokens: raise max_length")
+    return (ds if len(keep) == len(ds) else ds.select(keep)), len(ds) - len(keep)
+
+
 def evaluate(scorer: RewardModel, eval_ds, train_ds, keys, seed) -> tuple[dict, list, list | None]:
     """All held-out metrics, plus the training reward statistics; also returns margins and clean labels to plot."""
     rows = eval_ds.to_list()
@@ -127,11 +140,11 @@ def evaluate(scorer: RewardModel, eval_ds, train_ds, keys, seed) -> tuple[dict, 
             m[f"accuracy_clean_per_{category}"] = M.group_accuracy(
                 [s * x for s, x in zip(sign, rc)], [s * x for s, x in zip(sign, rr)], groups)
     m["eval_pairs"] = m.pop("pairs")
-    m["eval_pairs_truncated"] = held.truncated
 
     idx = list(range(len(train_ds)))
     random.Random(seed).shuffle(idx)
-    sample = train_ds.select(sorted(idx[:keys.norm_max_pairs])).to_list()
+    sample = train_ds.select(sorted(idx[:keys.norm_max_pairs]))
+    sample = within_max_length(sample, scorer.tokenizer, scorer.max_length, "training pairs")[0].to_list()
     train = scorer.score_pairs(sample, batch_size=keys.eval_batch_size, desc="scoring training pairs")
     m["reward_mean"], m["reward_std"] = M.mean_std(train.chosen + train.rejected)
     m["reward_stats_pairs"] = len(sample)
@@ -148,7 +161,7 @@ def main(argv):
     peft_values = recipe.peft_values(STAGE)
     with runs.StageRun(recipe, STAGE) as run:
         train_ds, eval_ds, train_info, eval_info = preferences.load_preference_splits(
-            keys.dataset, keys.eval_dataset, keys.eval_fraction, recipe)
+            keys.dataset, keys.eval_dataset, keys.eval_fraction, recipe, keys.columns)
         if "margin" in train_ds.column_names:
             if keys.margin_scale == 0:
                 train_ds = train_ds.remove_columns("margin")
@@ -159,16 +172,19 @@ def main(argv):
         if init.path is None:
             raise cli.PipelineError(f"{recipe.path}: reward.init_from is a new model from `model.config`; a reward "
                                     f"model starts from a trained language model (pretrain or sft it first)")
+        run.note_data("dataset", train_info)
+        run.note_data("eval_dataset", eval_info)
         for name, info in (("training", train_info), ("held-out", eval_info)):
-            log.info(f"{name} pairs: {info['pairs']} from {info['source']} (format {info['format']}"
-                     + (f", {info['identical_dropped']} with chosen == rejected dropped" if
-                        info['identical_dropped'] else "")
-                     + (f", margin from {info['margin']}" if info.get("margin") else "") + ")")
+            if info["identical_dropped"] or info.get("margin"):
+                log.info(f"{name} pairs: " + ", ".join(
+                    ([f"{info['identical_dropped']} with chosen == rejected dropped"] if info["identical_dropped"]
+                     else []) + ([f"margin from {info['margin']}"] if info.get("margin") else [])))
         run.prepare()
 
         from transformers import set_seed
 
         tokenizer = models.load_tokenizer(recipe, init)
+        eval_ds, eval_too_long = within_max_length(eval_ds, tokenizer, args.max_length, eval_info["source"])
         set_seed(args.seed)  # the score head is initialised at random
         model = load_reward_model(recipe, init.path, peft_values)
         models.fit_embeddings(model, tokenizer)
@@ -185,7 +201,8 @@ def main(argv):
                                  peft_config=models.peft_config(peft_values, task_type="SEQ_CLS"))
         too_long = len(train_ds) - len(trainer.train_dataset)
         log.info(f"{models.describe(trainer.model)}; {len(trainer.train_dataset)} training pairs"
-                 + (f" ({too_long} over max_length={args.max_length} left out)" if too_long else ""))
+                 + (f" ({too_long} over max_length={args.max_length} left out)" if too_long else "")
+                 + (f"; {eval_too_long} held-out pairs over max_length left out too" if eval_too_long else ""))
         result = trainer.train(resume_from_checkpoint=run.last_checkpoint())
         save_reward_model(trainer, tokenizer, run.out, recipe, init.path)
 
@@ -199,6 +216,7 @@ def main(argv):
                                           run.state.device, max_length=args.max_length)
             m, margins, clean = evaluate(scorer, eval_ds, train_ds, keys, args.seed)
             m.update(train_pairs=len(trainer.train_dataset), train_pairs_too_long=too_long,
+                     eval_pairs_too_long=eval_too_long,
                      data={"train": train_info, "eval": eval_info})
             m["checks"] = reward_report.trust_checks(m, keys.category_column)
             save_statistics(run.out, scorer.model, mean=m["reward_mean"], std=m["reward_std"],

@@ -49,8 +49,8 @@ def trust_checks(m: dict, category: str) -> list[dict]:
         + ("" if gap <= 0.15 else ": overfitting; fewer epochs or more data"))
     dropped = m["train_pairs_too_long"] / max(m["train_pairs_too_long"] + m["train_pairs"], 1)
     add("data fits max_length", dropped <= 0.1, f"{m['train_pairs_too_long']} training pairs over max_length "
-        f"were left out by the trainer ({dropped:.1%}); {m['eval_pairs_truncated']} held-out pairs were scored "
-        f"on their last max_length tokens")
+        f"were left out by the trainer ({dropped:.1%}); {m['eval_pairs_too_long']} held-out pairs over it were "
+        f"left out of the evaluation")
     return checks
 
 

@@ -160,6 +160,13 @@ class StageRun:
         self._run_dir_existed = recipe.run_dir.exists()
         self._started = time.time()
         self.resumed_from: str | None = None
+        self.data: dict[str, dict] = {}  # what each dataset key read: source, rows, detected format
+
+    def note_data(self, key: str, info: dict) -> None:
+        """Record (in the manifest) and log what a dataset key read, e.g. {source, rows or pairs, format}."""
+        self.data[key] = info
+        size = f"{info['pairs']} pairs" if "pairs" in info else f"{info.get('rows')} rows"
+        log.info(f"{key}: {size} from {info.get('source')} (format {info.get('format')})")
 
     def checkpoint(self, name: str = "init_from") -> Checkpoint:
         return Checkpoint(**self.inputs["checkpoints"][name])
@@ -231,6 +238,7 @@ class StageRun:
             "global_batch_size": global_batch_size,
             "launch": cluster.launch_here(),
             "resumed_from": self.resumed_from,
+            "data": self.data,
             "versions": library_versions(),
             "command": sys.argv,
             "host": socket.gethostname(),

@@ -208,7 +208,7 @@ def test_trust_checks_flag_a_reward_that_counts_tokens():
     len_c, len_r = [3, 10, 4, 12, 5] * 6, [9, 2, 11, 6, 8] * 6
     m = M.preference_metrics(len_c, len_r, len_c, len_r, groups=["add", "sort"] * 15)
     m.update(accuracy_per_skill=m.pop("accuracy_per_group"), train_accuracy=0.9, train_pairs=100,
-             train_pairs_too_long=0, eval_pairs_truncated=0)
+             train_pairs_too_long=0, eval_pairs_too_long=0)
     checks = {c["check"]: c for c in trust_checks(m, "skill")}
     assert not checks["beats chance"]["ok"]  # 0.4
     assert not checks["not length-driven"]["ok"] and "prefers longer replies" in checks["not length-driven"]["detail"]
