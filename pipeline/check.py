@@ -11,7 +11,7 @@ device: no weights are read. The memory estimate is pipeline/memory.py.
 from __future__ import annotations
 
 import dataclasses
-import os
+import glob
 from pathlib import Path
 
 from pipeline import cluster, runs
@@ -22,29 +22,74 @@ from pipeline.stages import STAGES
 # ---------------------------------------------------------------------------------------------- checking
 
 
-def _data_problem(spec: str, recipe) -> str | None:
-    """None when a dataset spec resolves; else what is wrong. Rows are checked when the stage starts."""
-    from pipeline import data
+SAMPLE_ROWS = 500  # rows of a local dataset that --check runs through the stage's own loader
+
+
+def _resolve_problem(spec: str, recipe) -> str | None:
+    """None when one dataset spec resolves (a world split, a local file, folder or glob, a hub id)."""
+    from pipeline import data, hub
     from pipeline.world import SPLITS
 
     if spec.startswith("world:"):
         split = spec.split(":", 1)[1]
         return None if split in SPLITS else f"unknown world split '{spec}' (splits: {', '.join(SPLITS)})"
     path = Path(spec).expanduser()
-    if path.is_file():
-        return None if path.suffix.lower() in data.FILE_TYPES else f"'{spec}': unsupported file type"
-    if path.is_dir():
+    if path.is_file() or path.is_dir():
         return None
-    if spec.startswith((".", "/", "~")) or path.suffix.lower() in data.FILE_TYPES or spec.count("/") != 1:
+    if glob.has_magic(spec):
+        return None if glob.glob(str(path), recursive=True) else f"dataset '{spec}': no file matches"
+    if spec.startswith((".", "/", "~")) or data.FILE_TYPES.get(path.suffix.lower()) or spec.count("/") != 1:
         return f"dataset '{spec}': file not found"
-    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE"):
-        return None  # offline: the stage will read it from the local cache or fail there
+    if not hub.reachable():
+        return None if hub.offline_by_setting() else f"dataset '{spec}': {hub.unreachable_note()}"
     try:
         from huggingface_hub import HfApi
 
         HfApi().dataset_info(spec.split(":", 1)[0], timeout=20)
-    except Exception as err:  # not found, gated, no network (requests/httpx errors): reported as an error
+    except Exception as err:  # not found, gated: reported as an error
         return f"dataset '{spec}': cannot resolve on the hub ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+    return None
+
+
+def _rows_problem(spec, recipe, stage: str, key: str, keys) -> str | None:
+    """Run the first SAMPLE_ROWS rows of a local dataset through the loader the stage uses: a bad row, a missing
+    column or an unknown format is found now, not after the upstream stages ran."""
+    from pipeline import data, preferences
+    from pipeline.formats import rename_columns
+
+    rows, where, source = data.read_rows(spec, recipe, text_split=getattr(keys, "text_split", "paragraph"))
+    rows, where = [dict(r) for r in rows[:SAMPLE_ROWS]], where[:SAMPLE_ROWS]
+    columns = getattr(keys, "columns", None)
+    if stage in ("reward", "dpo") or (stage == "ppo" and "prompt" not in rows[0] and not columns):
+        preferences.normalize_preferences(rename_columns(rows, columns, source, where), where, source)
+        return None
+    kind = {"pretrain": "text", "sft": "chat"}.get(stage, "prompts")
+    if key == "perplexity_data":
+        kind = "text" if "text" in rows[0] else "chat"
+    elif key == "prompts" and stage == "eval":
+        kind = "eval_prompts"
+    if stage in ("sft", "ppo"):
+        rows = rename_columns(rows, columns, source, where)
+    kw = {"column": keys.text_column} if kind == "text" and stage == "pretrain" else {}
+    data.CHECKS[kind](rows, where, source, **kw)
+    return None
+
+
+def _data_problem(spec, recipe, stage: str, key: str, keys) -> str | None:
+    """None when a dataset spec resolves and its first rows load as the stage loads them; else what is wrong."""
+    from pipeline import data
+
+    try:
+        parts, _ = data.mixture_parts(spec)
+        for name, _, _ in parts:
+            problem = _resolve_problem(name, recipe)
+            if problem:
+                return problem
+        if all(not name.startswith("world:") and (Path(name).expanduser().exists() or glob.has_magic(name))
+               for name, _, _ in parts):
+            return _rows_problem(spec, recipe, stage, key, keys)
+    except PipelineError as err:
+        return str(err)
     return None
 
 
@@ -83,7 +128,7 @@ def check_stage(recipe, stage: str, launch: cluster.Launch, device_memory: int |
             if described:
                 lines.append(f"{f.name}: {', '.join(described)}")
         elif ref == "data" and value:
-            problem = _data_problem(value, recipe)
+            problem = _data_problem(value, recipe, stage, f.name, keys)
             if problem:
                 errors.append(f"{stage}.{f.name}: {problem}")
     data_keys = [f"{f.name} {getattr(keys, f.name)}" for f in dataclasses.fields(keys)

@@ -375,3 +375,38 @@ def _check_eval_prompts(rows, where, source):
 
 
 CHECKS["eval_prompts"] = _check_eval_prompts
+
+
+# ---------------------------------------------------------------------------------------------- warnings
+
+TRAINING_KEYS = ("dataset", "prompts")
+EVAL_KEYS = ("eval_dataset", "heldout_prompts", "perplexity_data")
+
+
+def warn_world_eval(recipe, stage: str, keys) -> None:
+    """A user's training data measured on the task world's held-out splits says little about that data: say so."""
+    from pipeline import log
+
+    user = [getattr(keys, k) for k in TRAINING_KEYS if getattr(keys, k, None)]
+    if stage == "eval":
+        user = [keys.prompts]
+    if not user or all(isinstance(u, str) and u.startswith("world:") for u in user):
+        return
+    world = [f"{stage}.{k}={getattr(keys, k)}" for k in EVAL_KEYS
+             if isinstance(getattr(keys, k, None), str) and getattr(keys, k).startswith("world:")]
+    if world:
+        log.warning(f"your data is paired with the task world's held-out data ({', '.join(world)}): those figures "
+                    f"measure the world's tasks, not yours; set them to your own held-out data or empty")
+
+
+def warn_many_epochs(args, rows: int, num_processes: int) -> None:
+    """max_steps that loops a small dataset many times: say how many epochs that is."""
+    from pipeline import log
+
+    if getattr(args, "max_steps", -1) > 0 and rows:
+        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes
+        epochs = args.max_steps * per_step / rows
+        if epochs > 3:
+            log.warning(f"max_steps={args.max_steps} at {per_step} examples per step is {epochs:.1f} epochs of the "
+                        f"{rows} training rows: the model may memorise them")
+

@@ -15,9 +15,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the package, never shadow libraries with our modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from pipeline import cli, log, models, preferences, runs
+from pipeline import cli, data, log, models, preferences, runs
 from pipeline.heldout import heldout_comparison, heldout_rows
-from pipeline.recipe import load_recipe
+from pipeline.recipe import load_recipe, stage_help
 
 STAGE = "dpo"
 USAGE = "usage: pipeline/dpo.py RECIPE [dpo.KEY=VALUE ...]"
@@ -49,7 +49,7 @@ def chosen_logp_watch(drop: float):
 
 
 def main(argv):
-    recipe = load_recipe(*cli.split_stage_args(argv, USAGE))
+    recipe = load_recipe(*cli.split_stage_args(argv, USAGE, lambda: stage_help(STAGE)))
     keys = recipe.keys(STAGE)
     peft_values = recipe.peft_values(STAGE)
     with runs.StageRun(recipe, STAGE) as run:
@@ -57,6 +57,7 @@ def main(argv):
             keys.dataset, keys.eval_dataset, keys.eval_fraction, recipe, keys.columns)
         run.note_data("dataset", train_info)
         run.note_data("eval_dataset", eval_info)
+        data.warn_world_eval(recipe, STAGE, keys)
         heldout = heldout_rows(recipe, keys)
         args = recipe.trainer_config(STAGE, output_dir=str(run.out))
         init = run.checkpoint()
@@ -84,6 +85,7 @@ def main(argv):
                              callbacks=[chosen_logp_watch(keys.chosen_logp_warn_drop)])
         log.info(f"{models.describe(trainer.model)}; {len(train_ds)} pairs, {len(eval_ds)} held out; "
                  f"beta {args.beta}, loss {args.loss_type}")
+        data.warn_many_epochs(args, len(trainer.train_dataset), run.state.num_processes)
         result = trainer.train(resume_from_checkpoint=run.last_checkpoint())
         eval_metrics = trainer.evaluate()
         models.save_trained(trainer, tokenizer, run.out, merge_adapter=keys.merge_adapter)

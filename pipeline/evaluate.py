@@ -36,7 +36,7 @@ import numpy as np
 
 from pipeline import cli, data, eval_report, judges, log, metrics as M, models, runs
 from pipeline.generation import generate, held_out_perplexity, reply_logprob_sums
-from pipeline.recipe import load_recipe
+from pipeline.recipe import load_recipe, stage_help
 from pipeline.reward_model import RewardModel, tools_of
 
 STAGE = "eval"
@@ -333,7 +333,7 @@ def kl_setup(setup: EvalSetup, keys, reference: runs.Checkpoint | None, targets)
 
 
 def main(argv):
-    recipe = load_recipe(*cli.split_stage_args(argv, USAGE))
+    recipe = load_recipe(*cli.split_stage_args(argv, USAGE, lambda: stage_help(STAGE)))
     keys = recipe.keys(STAGE)
     check_keys(recipe, keys)
     seed = recipe.run.seed if keys.seed is None else keys.seed
@@ -346,6 +346,9 @@ def main(argv):
         if reference is not None:
             check_model(recipe, reference, "reference")
         reward = run.checkpoint("reward_model") if keys.reward_model else None
+        if reward is None and recipe.section(STAGE).get("reward_model", "auto") == "auto" and "reward" in recipe.stages:
+            log.info("the reward stage has not finished: no reward-model scores (name one with eval.reward_model)")
+        data.warn_world_eval(recipe, STAGE, keys)
         if reward is not None:
             check_model(recipe, reward, "reward_model", reward=True)
         run.prepare()

@@ -31,7 +31,7 @@ import math
 from pipeline import cli, data, models, preferences, runs
 from pipeline.heldout import heldout_comparison, heldout_rows
 from pipeline.ppo_trainer import PPOTrainer
-from pipeline.recipe import load_recipe
+from pipeline.recipe import load_recipe, stage_help
 from pipeline.stages import STAGES
 from pipeline.trl_online import train_trl
 
@@ -128,7 +128,7 @@ def train_ppo(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
 
 
 def main(argv):
-    recipe = load_recipe(*cli.split_stage_args(argv, USAGE))
+    recipe = load_recipe(*cli.split_stage_args(argv, USAGE, lambda: stage_help(STAGE)))
     keys, cfg, peft_values = recipe.keys(STAGE), recipe.trainer_config(STAGE), recipe.peft_values(STAGE)
     if keys.reward_model in STAGES and keys.reward_model not in recipe.stages:
         raise cli.PipelineError(f"{recipe.path}: ppo.reward_model is the `{keys.reward_model}` stage, but the recipe "
@@ -137,6 +137,7 @@ def main(argv):
         prompts = load_prompts(keys.prompts, recipe, keys.columns)
         if cfg.verifier_weight:
             prompts = with_answers(prompts, keys.prompts)
+        data.warn_world_eval(recipe, STAGE, keys)
         heldout = heldout_rows(recipe, keys)
         init, reward_checkpoint = run.checkpoint(), run.checkpoint("reward_model")
         if init.path is None:

@@ -17,7 +17,7 @@ import math
 from itertools import chain
 
 from pipeline import cli, data, log, models, runs
-from pipeline.recipe import load_recipe
+from pipeline.recipe import load_recipe, stage_help
 from pipeline.tokenizer import doc_sep_id
 
 STAGE = "pretrain"
@@ -33,7 +33,7 @@ def pack(texts, tokenizer, block_size: int) -> list[list[int]]:
 
 
 def main(argv):
-    recipe = load_recipe(*cli.split_stage_args(argv, USAGE))
+    recipe = load_recipe(*cli.split_stage_args(argv, USAGE, lambda: stage_help(STAGE)))
     keys = recipe.keys(STAGE)
     with runs.StageRun(recipe, STAGE) as run:
         args = recipe.trainer_config(STAGE, output_dir=str(run.out))
@@ -81,6 +81,7 @@ def main(argv):
 
         trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           data_collator=default_data_collator, processing_class=tokenizer)
+        data.warn_many_epochs(args, len(train_ds), run.state.num_processes)
         result = trainer.train(resume_from_checkpoint=run.last_checkpoint())
         eval_metrics = trainer.evaluate()
         models.save_trained(trainer, tokenizer, run.out)

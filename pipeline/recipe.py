@@ -175,7 +175,7 @@ class Recipe:
     def trainer_config(self, stage: str, num_processes: int | None = None, **fixed):
         """The stage's TRL/Transformers config object built from the section's config keys. With the section's
         `global_batch_size`, gradient_accumulation_steps is derived (or checked) for the number of processes this
-        stage runs with (default: the processes of the current launch)."""
+        stage runs with (default: the processes of the current launch; 0: not checked, as when loading)."""
         spec = STAGES[stage]
         fields = stage_fields(stage)
         values = {k: v for k, v in self.section(stage).items() if fields[k][0] == "config"}
@@ -184,7 +184,7 @@ class Recipe:
             values.setdefault("report_to", "none")
         values.update(fixed)
         expected = self.training_keys(stage).global_batch_size if "global_batch_size" in fields else None
-        if expected is not None:
+        if expected is not None and num_processes != 0:
             from pipeline.cluster import batch_plan
 
             if num_processes is None:
@@ -198,6 +198,43 @@ class Recipe:
             return _config_class(spec.config_class)(**values)
         except (ValueError, TypeError) as err:
             raise PipelineError(f"{self.path}: section '{stage}': {str(err).splitlines()[0]}") from None
+
+
+# Numeric keys whose value has a floor (checked when the recipe loads, before any stage starts): key -> (lowest
+# allowed, what it means). Names shared by many config classes; a stage's own rules stay in its config class.
+FLOORS = {
+    "per_device_train_batch_size": (1, "at least 1"), "per_device_eval_batch_size": (1, "at least 1"),
+    "gradient_accumulation_steps": (1, "at least 1"), "global_batch_size": (1, "at least 1"),
+    "batch_size": (1, "at least 1"), "eval_batch_size": (1, "at least 1"), "heldout_batch_size": (1, "at least 1"),
+    "learning_rate": (0, "0 or more"), "critic_learning_rate": (0, "0 or more"), "weight_decay": (0, "0 or more"),
+    "num_train_epochs": (0, "0 or more"), "max_steps": (-1, "-1 (not set) or more"), "warmup_steps": (0, "0 or more"),
+    "logging_steps": (0, "0 or more"), "save_steps": (0, "0 or more"), "eval_steps": (0, "0 or more"),
+    "save_total_limit": (0, "0 or more"), "max_grad_norm": (0, "0 or more"), "max_length": (1, "at least 1"),
+    "block_size": (2, "at least 2"), "max_new_tokens": (1, "at least 1"), "heldout_max_prompts": (1, "at least 1"),
+    "heldout_max_new_tokens": (1, "at least 1"), "num_generations": (1, "at least 1"),
+    "norm_max_pairs": (1, "at least 1"), "calibration_bins": (1, "at least 1"),
+}
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+            "trackio": ("trackio",), "comet_ml": ("comet_ml",), "clearml": ("clearml",), "dvclive": ("dvclive",),
+            "swanlab": ("swanlab",), "neptune": ("neptune",), "codecarbon": ("codecarbon",)}
+
+
+def _check_value(section: str, key: str, value, src) -> None:
+    floor = FLOORS.get(key)
+    if floor and isinstance(value, (int, float)) and not isinstance(value, bool) and value < floor[0]:
+        raise PipelineError(f"{src}: {section}.{key} must be {floor[1]}, got {value!r}")
+    if key == "report_to":
+        import importlib.util
+
+        for name in [value] if isinstance(value, str) else value or []:
+            if name in ("none", "all"):
+                continue
+            if name not in TRACKERS:
+                raise PipelineError(f"{src}: {section}.report_to: unknown tracker '{name}' (one of: none, all, "
+                                    f"{', '.join(TRACKERS)}){closest(str(name), TRACKERS)}")
+            if not any(importlib.util.find_spec(m) for m in TRACKERS[name]):
+                raise PipelineError(f"{src}: {section}.report_to: '{name}' is not installed "
+                                    f"(pip install {TRACKERS[name][0]})")
 
 
 def _validate_section(section: str, raw, where, origins) -> dict:
@@ -219,6 +256,7 @@ def _validate_section(section: str, raw, where, origins) -> dict:
             out[k] = coerce(v, fields[k][1])
         except Mismatch:
             raise PipelineError(f"{src}: {section}.{k} must be {type_name(fields[k][1])}, got {v!r}") from None
+        _check_value(section, k, out[k], src)
     return out
 
 
@@ -279,6 +317,11 @@ def load_recipe(path, overrides: list[str] = ()) -> Recipe:
                     model=build("model"), overrides=list(overrides), slurm=build("slurm"),
                     stages={s: v for s, v in values.items() if s in STAGES})
     _check_world(recipe)
+    for stage in recipe.stages:  # a config class's own checks, before any stage looks at models or data
+        if STAGES[stage].config_class:
+            output = {} if "output_dir" not in field_types(_config_class(STAGES[stage].config_class)) else \
+                {"output_dir": str(recipe.stage_dir(stage))}  # not created: the class only records it
+            recipe.trainer_config(stage, num_processes=0, **output)
     return recipe
 
 
@@ -293,3 +336,49 @@ def _check_world(recipe: Recipe) -> None:
 def section_docs(cls) -> dict[str, str]:
     """Help text of a pipeline-keys dataclass, for docs and --help."""
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def _first_sentence(text: str) -> str:
+    text = " ".join(str(text).split())
+    end = text.find(". ")
+    return text if end < 0 else text[:end + 1]
+
+
+def _default_text(f) -> str:
+    if f.default is not dataclasses.MISSING:
+        return repr(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return repr(f.default_factory())
+    return "required"
+
+
+def stage_help(stage: str) -> str:
+    """`pipeline/<stage>.py --help`: every key of the stage's section with its type, default and meaning (from the
+    config classes' own field help), and which other sections take overrides."""
+    from trl import ModelConfig
+
+    spec = STAGES[stage]
+    groups = [("pipeline keys", spec.keys)]
+    if spec.config_class:
+        groups.append((f"training keys ({spec.config_class.replace(':', '.')})", _config_class(spec.config_class)))
+    if spec.peft:
+        groups.append(("LoRA / quantization keys (trl.ModelConfig)", ModelConfig))
+    fields = stage_fields(stage)
+    lines = [f"Keys of the `{stage}` section (override any as {stage}.KEY=VALUE; values are YAML):"]
+    shown = set()
+    for title, cls in groups:
+        rows = [f for f in dataclasses.fields(cls) if f.name in fields and f.name not in shown]
+        if cls is not spec.keys and title.startswith("training") and "global_batch_size" in fields:
+            rows += [f for f in dataclasses.fields(TrainingKeys)]
+        if not rows:
+            continue
+        lines += ["", f"{title}:"]
+        for f in rows:
+            shown.add(f.name)
+            meaning = _first_sentence(f.metadata.get("help", "")) if f.metadata else ""
+            lines.append(f"  {f.name} ({type_name(fields[f.name][1])}, default {_default_text(f)})"
+                         + (f": {meaning}" if meaning else ""))
+    lines += ["", "Other sections take overrides too: run.KEY, model.KEY, tokenizer.KEY, world.KEY, slurm.KEY "
+                  "(e.g. run.output_dir=elsewhere model.dtype=bfloat16); see README.md, \"Recipe reference\"."]
+    return "\n".join(lines)
+

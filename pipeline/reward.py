@@ -29,10 +29,10 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
 
 import random
 
-from pipeline import cli, log, metrics as M, models, preferences, reward_report, runs
+from pipeline import cli, data, log, metrics as M, models, preferences, reward_report, runs
 from pipeline.reward_model import (RewardModel, encode, encode_prompt, load_reward_model, save_reward_model,
                                    save_statistics, tools_of)
-from pipeline.recipe import load_recipe
+from pipeline.recipe import load_recipe, stage_help
 
 STAGE = "reward"
 USAGE = "usage: pipeline/reward.py RECIPE [reward.KEY=VALUE ...]"
@@ -156,7 +156,7 @@ def evaluate(scorer: RewardModel, eval_ds, train_ds, keys, seed) -> tuple[dict, 
 
 
 def main(argv):
-    recipe = load_recipe(*cli.split_stage_args(argv, USAGE))
+    recipe = load_recipe(*cli.split_stage_args(argv, USAGE, lambda: stage_help(STAGE)))
     keys = recipe.keys(STAGE)
     peft_values = recipe.peft_values(STAGE)
     with runs.StageRun(recipe, STAGE) as run:
@@ -172,6 +172,7 @@ def main(argv):
         if init.path is None:
             raise cli.PipelineError(f"{recipe.path}: reward.init_from is a new model from `model.config`; a reward "
                                     f"model starts from a trained language model (pretrain or sft it first)")
+        data.warn_world_eval(recipe, STAGE, keys)
         run.note_data("dataset", train_info)
         run.note_data("eval_dataset", eval_info)
         for name, info in (("training", train_info), ("held-out", eval_info)):
@@ -203,6 +204,7 @@ def main(argv):
         log.info(f"{models.describe(trainer.model)}; {len(trainer.train_dataset)} training pairs"
                  + (f" ({too_long} over max_length={args.max_length} left out)" if too_long else "")
                  + (f"; {eval_too_long} held-out pairs over max_length left out too" if eval_too_long else ""))
+        data.warn_many_epochs(args, len(trainer.train_dataset), run.state.num_processes)
         result = trainer.train(resume_from_checkpoint=run.last_checkpoint())
         save_reward_model(trainer, tokenizer, run.out, recipe, init.path)
 

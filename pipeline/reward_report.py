@@ -39,11 +39,12 @@ def trust_checks(m: dict, category: str) -> list[dict]:
         add("calibrated", m["ece"] <= 0.1, detail + ("" if m["ece"] <= 0.1 else
             ": treat sigmoid(margin) as a ranking, not a probability"))
     clean = f"accuracy_clean_per_{category}" in m  # judge categories by the clean labels where known
-    per = m.get(f"accuracy_clean_per_{category}" if clean else f"accuracy_per_{category}", {})
-    weak = {g: v["accuracy"] for g, v in per.items() if v["n"] >= 10 and v["accuracy"] < 0.6}
-    add(f"no weak {category}", not weak, ", ".join(f"{g} {a:.2f}" for g, a in weak.items())
-        + " near chance: a policy optimised on this reward can drift there unchecked" if weak
-        else f"every {category} with 10+ pairs is at 0.6 or better" + (" (clean labels)" if clean else ""))
+    per = m.get(f"accuracy_clean_per_{category}" if clean else f"accuracy_per_{category}")
+    if per is not None:  # without a category column there is nothing to say about categories
+        weak = {g: v["accuracy"] for g, v in per.items() if v["n"] >= 10 and v["accuracy"] < 0.6}
+        add(f"no weak {category}", not weak, ", ".join(f"{g} {a:.2f}" for g, a in weak.items())
+            + " near chance: a policy optimised on this reward can drift there unchecked" if weak
+            else f"every {category} with 10+ pairs is at 0.6 or better" + (" (clean labels)" if clean else ""))
     gap = m["train_accuracy"] - acc
     add("generalises", gap <= 0.15, f"training-pair accuracy {m['train_accuracy']:.3f} vs held-out {acc:.3f}"
         + ("" if gap <= 0.15 else ": overfitting; fewer epochs or more data"))

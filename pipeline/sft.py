@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
 
 from pipeline import cli, data, log, models, runs
 from pipeline.heldout import heldout_comparison, heldout_rows
-from pipeline.recipe import load_recipe
+from pipeline.recipe import load_recipe, stage_help
 
 STAGE = "sft"
 USAGE = "usage: pipeline/sft.py RECIPE [sft.KEY=VALUE ...]"
@@ -42,7 +42,7 @@ def rows_over(tokenizer, ds, max_length: int) -> int:
 
 
 def main(argv):
-    recipe = load_recipe(*cli.split_stage_args(argv, USAGE))
+    recipe = load_recipe(*cli.split_stage_args(argv, USAGE, lambda: stage_help(STAGE)))
     keys = recipe.keys(STAGE)
     peft_values = recipe.peft_values(STAGE)
     with runs.StageRun(recipe, STAGE) as run:
@@ -52,6 +52,7 @@ def main(argv):
         if keys.eval_dataset:
             eval_ds, eval_info = data.load_with_info(keys.eval_dataset, "chat", recipe, columns=keys.columns)
             run.note_data("eval_dataset", eval_info)
+        data.warn_world_eval(recipe, STAGE, keys)
         heldout = heldout_rows(recipe, keys)
         conversational = "messages" in train_ds.column_names
         fixed = {"output_dir": str(run.out)}
@@ -87,6 +88,7 @@ def main(argv):
         log.info(f"{models.describe(trainer.model)}; {len(trainer.train_dataset)} training rows"
                  + (f" ({too_long} over max_length={args.max_length} cut ({args.truncation_mode}), {dropped} of them "
                     f"left out: no completion token left)" if too_long else ""))
+        data.warn_many_epochs(args, len(trainer.train_dataset), run.state.num_processes)
         result = trainer.train(resume_from_checkpoint=run.last_checkpoint())
         metrics = {"train_loss": result.training_loss, "steps": result.global_step, "train_rows": len(train_ds),
                    "train_rows_too_long": too_long, "train_rows_dropped": dropped}

@@ -161,14 +161,16 @@ class EvalKeys:
 
     def fill_defaults(self, recipe) -> None:
         """Resolve the recipe-dependent defaults, so the runner orders and fingerprints eval after what it reads."""
+        given = bool(self.checkpoints)
         if not self.checkpoints:
             self.checkpoints = [s for s in recipe.stages if s not in NON_POLICY_STAGES]
         if not self.baseline and self.checkpoints:
             self.baseline = self.checkpoints[0]
         if not self.reference:
             self.reference = self.baseline
-        if self.reward_model == "auto":
-            self.reward_model = "reward" if "reward" in recipe.stages else None
+        if self.reward_model == "auto":  # with checkpoints named by hand, only a reward stage that has finished
+            finished = (recipe.stage_dir("reward") / "manifest.json").is_file()
+            self.reward_model = "reward" if "reward" in recipe.stages and (finished or not given) else None
         if not self.perplexity_data:
             self.perplexity_data = None
 
