@@ -240,3 +240,19 @@ def log_summary(targets, per, baseline) -> None:
             parts.append(f"KL {m['kl']:.2f}")
         parts.append(f"ended {m['ended']:.2f}")
         log.info(f"{t.name}: " + ", ".join(parts))
+
+
+def to_trackers(report_to, out: Path, per: dict) -> None:
+    """Each checkpoint's scalar metrics to the trackers of `report_to` (one step per checkpoint, in report order)."""
+    trackers = [t for t in ([report_to] if isinstance(report_to, str) else report_to) if t != "none"]
+    if not trackers:
+        return
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(log_with=trackers, project_dir=str(out / "runs"))
+    accelerator.init_trackers("eval")
+    for step, (name, m) in enumerate(per.items()):
+        accelerator.log({f"{name}/{k}": v for k, v in m.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=step)
+    accelerator.end_training()
+

@@ -390,6 +390,7 @@ def main(argv):
             plots = eval_report.plot_all(run.out, targets, per, matrix, baseline)
             eval_report.write_report(run.out / "report.md", recipe, keys, setup, rows, targets, per, matrix, plots)
             eval_report.log_summary(targets, per, baseline)
+            eval_report.to_trackers(keys.report_to, run.out, per)
         run.finish(metrics, config=dataclasses.asdict(keys))
         log.info(f"report: {recipe.stage_dir(STAGE) / 'report.md'}")
 

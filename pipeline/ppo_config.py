@@ -49,6 +49,7 @@ class PPOConfig:
     save_total_limit: int = 1            # checkpoints kept
     seed: int = 0                        # default: run.seed
     use_cpu: bool = False                # train on CPU even if a GPU is present (automatic without one)
+    report_to: str | list[str] = "none"  # trackers for the per-step statistics: tensorboard, wandb, mlflow, trackio
     trl_args: dict = field(default_factory=dict)  # grpo/rloo: more GRPOConfig/RLOOConfig fields, verbatim
 
     def __post_init__(self):  # ValueError: the recipe loader reports it as one line naming the section

@@ -165,8 +165,13 @@ class PPOTrainer:
         from transformers import get_scheduler
 
         self.run, self.cfg, self.keys, self.prompts = run, cfg, keys, prompts
+        trackers = [t for t in ([cfg.report_to] if isinstance(cfg.report_to, str) else cfg.report_to) if t != "none"]
         self.accelerator = Accelerator(cpu=cfg.use_cpu or not torch.cuda.is_available(),
-                                       step_scheduler_with_optimizer=False)
+                                       step_scheduler_with_optimizer=False, log_with=trackers or None,
+                                       project_dir=str(run.out / "runs"))
+        if trackers:
+            self.accelerator.init_trackers("ppo", config={k: v for k, v in cfg.to_dict().items()
+                                                          if isinstance(v, (int, float, str, bool))})
         self.device, self.main = self.accelerator.device, self.accelerator.is_main_process
         set_seed(cfg.seed, device_specific=True)
 
@@ -349,6 +354,7 @@ class PPOTrainer:
             step_stats = self.step_statistics(batch, stats, started)  # phase 5: log and checkpoint
             progress.step = step_stats["step"]
             progress.history.append(step_stats)
+            self.accelerator.log(step_stats, step=progress.step)  # to the trackers of report_to, if any
             bar.update(1)
             if progress.step % cfg.logging_steps == 0 or progress.step == cfg.max_steps:
                 log.info(" ".join(f"{k} {v:.4g}" for k, v in step_stats.items() if k in LOG_KEYS))
@@ -362,6 +368,7 @@ class PPOTrainer:
                 cluster.exit_preempted(self.run.out / f"checkpoint-{progress.step}", self.main)
         cluster.STOP.training = False
         bar.close()
+        self.accelerator.end_training()
         return progress.history
 
     def save_checkpoint(self) -> None:

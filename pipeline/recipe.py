@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import re
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -321,7 +322,9 @@ def load_recipe(path, overrides: list[str] = ()) -> Recipe:
         if STAGES[stage].config_class:
             output = {} if "output_dir" not in field_types(_config_class(STAGES[stage].config_class)) else \
                 {"output_dir": str(recipe.stage_dir(stage))}  # not created: the class only records it
-            recipe.trainer_config(stage, num_processes=0, **output)
+            with warnings.catch_warnings():  # the stage itself shows the class's warnings when it runs
+                warnings.simplefilter("ignore")
+                recipe.trainer_config(stage, num_processes=0, **output)
     return recipe
 
 

@@ -211,6 +211,11 @@ class StageRun:
                     shutil.rmtree(ckpt)
             (self.out / ".fingerprint").unlink(missing_ok=True)
             write_json(self.out / METRICS, metrics)
+            from pipeline import cards
+
+            cards.write(self.out, stage=self.stage, run=self.recipe.run.name, recipe_path=str(self.recipe.path),
+                        section=self.recipe.section(self.stage), inputs=self.inputs, data=self.data, metrics=metrics)
+            share_with_group(self.out)
             write_json(self.out / MANIFEST, self._manifest(config, global_batch_size))
             log.close()  # log.txt is complete: the folder is published next
             old = self.final_dir.with_name(f"{self.stage}.old")
@@ -254,6 +259,15 @@ class StageRun:
             if not self._run_dir_existed and self.recipe.run_dir.exists() and not any(self.recipe.run_dir.iterdir()):
                 self.recipe.run_dir.rmdir()
         return False
+
+
+def share_with_group(folder: Path) -> None:
+    """Files as the umask allows (safetensors' writer creates weights 0600, unlike every other file)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, 0o666 & ~mask)
 
 
 def global_batch_size(args, num_processes: int) -> int:

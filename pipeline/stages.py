@@ -158,6 +158,8 @@ class EvalKeys:
     seed: int | None = key(None, "sampling and bootstrap seed; empty: run.seed")
     bootstrap: int = key(1000, "bootstrap resamples for the 95% confidence intervals")
     report_examples: int = key(6, "prompts shown with every checkpoint's reply side by side in report.md")
+    report_to: str | list[str] = key("none", "trackers that also get each checkpoint's metrics: tensorboard, "
+                                             "wandb, mlflow, trackio (whichever are installed)")
 
     def fill_defaults(self, recipe) -> None:
         """Resolve the recipe-dependent defaults, so the runner orders and fingerprints eval after what it reads."""

@@ -64,7 +64,7 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
         max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
         logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500, save_total_limit=cfg.save_total_limit, seed=cfg.seed,
-        use_cpu=cfg.use_cpu or not torch.cuda.is_available(), use_vllm=False, report_to="none", bf16=False,
+        use_cpu=cfg.use_cpu or not torch.cuda.is_available(), use_vllm=False, report_to=cfg.report_to, bf16=False,
         gradient_checkpointing=False,
     )
     funcs, weights = ["reward_model"], [1.0]
