@@ -334,7 +334,8 @@ def load_with_info(spec, kind: str, recipe, columns: dict | None = None, text_sp
 
     rows, where, source = read_rows(spec, recipe, text_split=text_split)
     rows = rename_columns(rows, columns, source, where)
-    plain = any(_kind(Path(name)) == "txt" for name, _, _ in mixture_parts(spec)[0])
+    plain = any(_kind(Path(p)) == "txt" for name, _, _ in mixture_parts(spec)[0]
+                for p in (glob.glob(str(Path(name).expanduser())) if glob.has_magic(name) else [name]))
     fmt = {"chat": lambda: detect_sft_format(rows[0]), "text": lambda: f"txt, a document per {text_split}" if plain
            else "text", "prompts": lambda: "prompts", "eval_prompts": lambda: "prompts"}[kind]()
     rows = CHECKS[kind](rows, where, source, **kw)
