@@ -117,13 +117,17 @@ def _architecture(recipe, ref: str | None, seen=()) -> tuple:
         if not (folder / "config.json").is_file():
             raise PipelineError(f"checkpoint '{ref}': no config.json (not a saved model)")
         return AutoConfig.from_pretrained(str(folder), trust_remote_code=recipe.model.trust_remote_code), "local"
+    from pipeline import hub
+
     cp = runs.resolve_checkpoint(recipe, ref, must_exist=False)  # raises for a missing local path
+    online = hub.reachable()  # offline: the cache only, at once
     try:
         config = AutoConfig.from_pretrained(cp.path, revision=recipe.model.revision,
                                             trust_remote_code=recipe.model.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise PipelineError(f"model '{ref}': cannot read its config from the hub: {str(err).splitlines()[0]}") \
-            from None
+        why = f"{hub.unreachable_note()} and it is not in the local cache" if not online else \
+            f"cannot read its config from the hub: {str(err).splitlines()[0]}"
+        raise PipelineError(f"model '{ref}': {why}") from None
     return config, "hub"
 
 

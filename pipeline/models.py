@@ -45,8 +45,16 @@ def load_tokenizer(recipe, checkpoint, corpus=None):
         source = checkpoint.path
         if is_adapter(source) and not (Path(source) / "tokenizer_config.json").is_file():
             source = _adapter_base(source)
-        tok = tok_lib.load_tokenizer(source, trust_remote_code=recipe.model.trust_remote_code,
-                                     revision=recipe.model.revision if checkpoint.source == "hub" else None)
+        from pipeline import hub
+
+        online = hub.reachable() if not Path(source).exists() else True  # a hub id offline: the cache only
+        try:
+            tok = tok_lib.load_tokenizer(source, trust_remote_code=recipe.model.trust_remote_code,
+                                         revision=recipe.model.revision if checkpoint.source == "hub" else None)
+        except OSError as err:
+            why = f"{hub.unreachable_note()} and it is not in the local cache" if not online else \
+                f"cannot load its tokenizer: {str(err).splitlines()[0]}"
+            raise PipelineError(f"{source}: {why}") from None
     elif tcfg.train:
         if corpus is None:
             from pipeline import data
@@ -121,6 +129,9 @@ def load_causal_lm(recipe, path: str, *, peft_values: dict | None = None, cls=No
                    attn_implementation=recipe.model.attn_implementation, use_safetensors=None, **kw)
     if quant is not None:
         load_kw["quantization_config"] = quant
+    from pipeline import hub
+
+    online = hub.reachable() if not Path(path).exists() else True  # a hub id offline: the cache only, at once
     try:
         if adapter:
             from peft import PeftModel
@@ -133,7 +144,9 @@ def load_causal_lm(recipe, path: str, *, peft_values: dict | None = None, cls=No
         else:
             model = cls.from_pretrained(path, revision=revision, **load_kw)
     except OSError as err:
-        raise PipelineError(f"{path}: cannot load model: {str(err).splitlines()[0]}") from None
+        why = f"{hub.unreachable_note()} and it is not in the local cache" if not online else \
+            f"cannot load model: {str(err).splitlines()[0]}"
+        raise PipelineError(f"{path}: {why}") from None
     return model
 
 

@@ -143,3 +143,12 @@ def test_standalone_evaluation_into_another_folder(tiny_run, tmp_path):
     metrics = json.loads((tmp_path / "elsewhere/tiny/eval/metrics.json").read_text())
     assert metrics["baseline"] == "tiny/sft" and metrics["reference"] == "tiny/sft" and metrics["reward_model"] is None
     assert metrics["checkpoints"]["tiny/sft"]["verified"] == 1 and not (tmp_path / "runs").exists()
+
+
+def test_check_with_a_hub_model_and_no_network_names_it_at_once(tmp_path):
+    recipe = tiny_recipe(tmp_path, model={"config": None, "name_or_path": "someone/no-such-model"}, pretrain=None,
+                         tokenizer={"train": False}, sft={"init_from": "model", "heldout_prompts": ""})
+    proc = run_cli(["pipeline/run.py", recipe, "--check"], cwd=tmp_path,
+                   env={**ONE_THREAD, "HF_ENDPOINT": "http://127.0.0.1:9"})  # nothing listens: offline at once
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "model 'someone/no-such-model': the hub cannot be reached from this machine" in proc.stdout
