@@ -6,7 +6,6 @@ import json
 import os
 import stat
 
-import pytest
 
 from conftest import REPO, run_cli, tiny_recipe
 from test_formats import ALPACA, SHAREGPT
