@@ -157,7 +157,7 @@ class StageRun:
         self.fingerprint = hash_obj(self.inputs)
         self.final_dir = recipe.stage_dir(stage)
         self.out = recipe.run_dir / f"{stage}.partial"
-        self._run_dir_existed = recipe.run_dir.exists()
+        self._new_dirs = [d for d in (recipe.run_dir, recipe.run_dir.parent) if not d.exists()]  # removed on bad input
         self._started = time.time()
         self.resumed_from: str | None = None
         self.data: dict[str, dict] = {}  # what each dataset key read: source, rows, detected format
@@ -256,8 +256,9 @@ class StageRun:
         log.close()
         if exc_type is not None and issubclass(exc_type, PipelineError) and self.state.is_main_process:
             shutil.rmtree(self.out, ignore_errors=True)  # bad input: leave nothing behind
-            if not self._run_dir_existed and self.recipe.run_dir.exists() and not any(self.recipe.run_dir.iterdir()):
-                self.recipe.run_dir.rmdir()
+            for folder in self._new_dirs:  # the run folder, then the output folder, if this stage made them
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
         return False
 
 
