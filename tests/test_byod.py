@@ -34,7 +34,7 @@ def test_sft_on_an_alpaca_file_names_the_format_and_writes_a_model_card(tiny_run
     rows = [ALPACA, {"instruction": "Say hi.", "output": "Hi."}] * 4
     recipe = tiny_recipe(tmp_path, pretrain=None, sft={
         **SHORT, "init_from": str(work / "runs/tiny/pretrain"), "dataset": write_jsonl(tmp_path / "a.jsonl", rows),
-        "heldout_prompts": "world:eval", "max_steps": 6})
+        "heldout_prompts": "world:eval", "max_steps": 6, "report_to": "tensorboard"})
     proc = run_cli(["pipeline/sft.py", recipe, "run.name=alpaca"], cwd=tmp_path, env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert manifest(tmp_path, "alpaca", "sft")["data"]["dataset"]["format"] == "alpaca"
@@ -49,6 +49,7 @@ def test_sft_on_an_alpaca_file_names_the_format_and_writes_a_model_card(tiny_run
     os.umask(mask)
     assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o666 & ~mask  # as readable as the rest
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pkl"))
+    assert list(out.rglob("events.out.tfevents.*"))  # report_to: tensorboard
 
 
 def test_sft_on_sharegpt_with_tool_calls_and_the_shipped_tool_sample(tiny_run, tmp_path):
@@ -133,7 +134,8 @@ def test_standalone_evaluation_into_another_folder(tiny_run, tmp_path):
     work, _, _ = tiny_run
     prompts = write_jsonl(tmp_path / "my.jsonl", [{"prompt": "What is 2 + 3?", "answer": "5"},
                                                    {"prompt": "Say hello."}])
-    recipe = tiny_recipe(tmp_path, reward={"use_cpu": True}, eval={"num_samples": 1, "perplexity_data": ""})
+    recipe = tiny_recipe(tmp_path, reward={"use_cpu": True}, eval={"num_samples": 1, "perplexity_data": "",
+                                                                   "report_to": "tensorboard"})
     sft = str(work / "runs/tiny/sft")
     proc = run_cli(["pipeline/evaluate.py", recipe, f"eval.checkpoints=[{sft}]", f"eval.prompts={prompts}",
                     "run.output_dir=elsewhere"], cwd=tmp_path, env=ONE_THREAD)
@@ -142,6 +144,7 @@ def test_standalone_evaluation_into_another_folder(tiny_run, tmp_path):
     metrics = json.loads((tmp_path / "elsewhere/tiny/eval/metrics.json").read_text())
     assert metrics["baseline"] == "tiny/sft" and metrics["reference"] == "tiny/sft" and metrics["reward_model"] is None
     assert metrics["checkpoints"]["tiny/sft"]["verified"] == 1 and not (tmp_path / "runs").exists()
+    assert list((tmp_path / "elsewhere/tiny/eval").rglob("events.out.tfevents.*"))
 
 
 def test_check_with_a_hub_model_and_no_network_names_it_at_once(tmp_path):

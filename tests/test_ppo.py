@@ -20,7 +20,7 @@ from pipeline.recipe import load_recipe
 
 RUN = {"batch_size": 8, "num_minibatches": 2, "ppo_epochs": 2, "max_new_tokens": 10, "learning_rate": 1e-2,
        "max_steps": 12, "save_steps": 2, "adaptive_kl": True, "target_kl": 0.5, "kl_horizon": 100,
-       "heldout_max_prompts": 16, "heldout_max_new_tokens": 8}
+       "heldout_max_prompts": 16, "heldout_max_new_tokens": 8, "report_to": "tensorboard"}
 # One thread per process: on a busy 2-core machine, multi-threaded tiny matmuls spend their time waiting for each
 # other (a 1-second step took over a minute); accelerate's multi-process launch does the same by default.
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -182,6 +182,7 @@ def test_short_run_raises_the_mean_reward(inputs, uninterrupted):
     assert 0 <= metrics["heldout_accuracy_ppo"] <= 1 and metrics["heldout"]["n"] == 16
     out = work / "runs/full/ppo"
     assert (out / "curves.png").stat().st_size > 0 and (out / "model.safetensors").is_file()
+    assert list(out.rglob("events.out.tfevents.*"))  # every step's statistics, for TensorBoard
     assert not list(out.glob("*checkpoint-*"))  # checkpoints are removed once the stage is published
     manifest = read(work, "full", "manifest.json")
     assert manifest["num_processes"] == 1 and manifest["global_batch_size"] == 8
