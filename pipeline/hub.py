@@ -13,6 +13,7 @@ from functools import lru_cache
 from urllib.parse import urlparse
 
 TIMEOUT_S = 3.0
+_probe_failed = False  # set when this process found the hub unreachable (and then switched the libraries offline)
 
 
 def offline_by_setting() -> bool:
@@ -26,12 +27,14 @@ def reachable() -> bool:
     the libraries are switched to their caches for the rest of the process."""
     if offline_by_setting():
         return False
+    global _probe_failed
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
         with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
                                       timeout=TIMEOUT_S):
             return True
     except OSError:
+        _probe_failed = True
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["HF_DATASETS_OFFLINE"] = "1"
         try:  # huggingface_hub reads the variable at import: tell an already imported one too
@@ -44,5 +47,6 @@ def reachable() -> bool:
 
 
 def unreachable_note() -> str:
-    return ("the hub cannot be reached (HF_HUB_OFFLINE is set)" if offline_by_setting()
-            else f"the hub cannot be reached from this machine (no connection within {TIMEOUT_S:g} s)")
+    if _probe_failed:
+        return f"the hub cannot be reached from this machine (no connection within {TIMEOUT_S:g} s)"
+    return "the hub cannot be reached (HF_HUB_OFFLINE is set)"
