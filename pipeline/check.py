@@ -107,6 +107,10 @@ def check_stage(recipe, stage: str, launch: cluster.Launch, device_memory: int |
     lines, errors, warnings = [], [], []
     keys = recipe.keys(stage)
     spec = STAGES[stage]
+    try:  # the config class's own checks, without those that depend on this machine (a login node has no GPU)
+        recipe.check_config(stage, portable=True)
+    except PipelineError as err:
+        errors.append(str(err))
     # inputs
     shape = None
     for f in dataclasses.fields(keys):

@@ -173,6 +173,22 @@ class Recipe:
         f = next(f for f in dataclasses.fields(_config_class(STAGES[stage].config_class)) if f.name == name)
         return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
+    def check_config(self, stage: str, portable: bool = False) -> None:
+        """The stage's config class's own checks (TRL's, transformers'), before the stage looks at models or data.
+        portable: leave out what depends on this machine (bf16/fp16/tf32 where there is no GPU), as `--check` on a
+        login node must."""
+        spec = STAGES[stage]
+        if not spec.config_class:
+            return
+        fields = field_types(_config_class(spec.config_class))
+        fixed = {"output_dir": str(self.stage_dir(stage))} if "output_dir" in fields else {}  # recorded, not created
+        if portable:
+            fixed.update({k: False for k in ("bf16", "fp16") if k in fields})
+            fixed.update({k: None for k in ("tf32",) if k in fields})
+        with warnings.catch_warnings():  # the stage itself shows the class's warnings when it runs
+            warnings.simplefilter("ignore")
+            self.trainer_config(stage, num_processes=0, **fixed)
+
     def trainer_config(self, stage: str, num_processes: int | None = None, **fixed):
         """The stage's TRL/Transformers config object built from the section's config keys. With the section's
         `global_batch_size`, gradient_accumulation_steps is derived (or checked) for the number of processes this
@@ -318,13 +334,6 @@ def load_recipe(path, overrides: list[str] = ()) -> Recipe:
                     model=build("model"), overrides=list(overrides), slurm=build("slurm"),
                     stages={s: v for s, v in values.items() if s in STAGES})
     _check_world(recipe)
-    for stage in recipe.stages:  # a config class's own checks, before any stage looks at models or data
-        if STAGES[stage].config_class:
-            output = {} if "output_dir" not in field_types(_config_class(STAGES[stage].config_class)) else \
-                {"output_dir": str(recipe.stage_dir(stage))}  # not created: the class only records it
-            with warnings.catch_warnings():  # the stage itself shows the class's warnings when it runs
-                warnings.simplefilter("ignore")
-                recipe.trainer_config(stage, num_processes=0, **output)
     return recipe
 
 

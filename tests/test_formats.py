@@ -169,11 +169,23 @@ def test_a_hub_id_without_network_fails_at_once_naming_the_id(tmp_path, recipe, 
     ("sft.learning_rate=-1e-4", "sft.learning_rate must be 0 or more, got -0.0001"),
     ("pretrain.max_steps=-5", "pretrain.max_steps must be -1 (not set) or more, got -5"),
     ("sft.report_to=[nosuchtracker]", "unknown tracker 'nosuchtracker'"),
-    ("sft.lr_scheduler_type=nope", "section 'sft': nope is not a valid SchedulerType"),
 ])
-def test_out_of_range_and_config_errors_stop_the_recipe_before_anything_loads(tmp_path, override, message):
+def test_out_of_range_values_stop_the_recipe_before_anything_loads(tmp_path, override, message):
     with pytest.raises(PipelineError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_recipe(tiny_recipe(tmp_path), [override])
+
+
+def test_a_config_class_error_comes_before_any_upstream_check(tmp_path):
+    """The stage checks its own section with its config class before it looks for the stages it reads."""
+    from pipeline import sft
+
+    recipe = tiny_recipe(tmp_path)  # its pretrain stage has not run
+    with pytest.raises(PipelineError, match="section 'sft': nope is not a valid SchedulerType"):
+        sft.main([str(recipe), "sft.lr_scheduler_type=nope"])
+    with pytest.raises(PipelineError, match="stage 'pretrain' has not finished"):
+        sft.main([str(recipe)])
+    loaded = load_recipe(recipe, ["reward.bf16=true"])  # bf16 without a GPU: --check leaves that to the machine
+    loaded.check_config("reward", portable=True)
 
 
 def test_a_tracker_that_is_not_installed_is_caught_at_validation(tmp_path, monkeypatch):
