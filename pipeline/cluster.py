@@ -31,7 +31,7 @@ import signal
 import sys
 from pathlib import Path
 
-from pipeline import log, threads
+from pipeline import faults, log, threads
 from pipeline.cli import PipelineError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -348,6 +348,7 @@ def _callback_class():
             threads.rebalance()  # another stage started or ended next to this one: take our share of the CPUs
 
         def on_step_end(self, args, state, control, **kw):
+            faults.point("training", until=lambda: STOP.requested is not None)
             last = state.global_step >= state.max_steps
             if stop_requested(args.device) and not last:  # at the last step, finishing is the quickest way out
                 self.stopping = True

@@ -42,11 +42,19 @@ def describe(holder: dict | None) -> str:
             + (f" ({holder['what']})" if holder.get("what") else ""))
 
 
-def read_holder(path: Path) -> dict | None:
+def _parse(data: bytes) -> dict | None:
     try:
-        holder = json.loads(Path(path).read_text())
+        holder = json.loads(data.decode())
         return holder if isinstance(holder, dict) else None
-    except (OSError, ValueError):
+    except ValueError:
+        return None
+
+
+def read_holder(path: Path) -> dict | None:
+    """Who holds (or last held) the lock. Never call it in the process holding the lock: see is_held."""
+    try:
+        return _parse(Path(path).read_bytes())
+    except OSError:
         return None
 
 
@@ -119,7 +127,8 @@ class Lock:
             if not same:
                 os.close(fd)
                 continue
-            old = read_holder(self.path)
+            # read through our own descriptor: closing any other descriptor of this file would drop our lock
+            old = _parse(os.pread(fd, 65536, 0))
             if old and old.get("pid") != os.getpid():
                 log.info("taking over the lock %s left by %s (that process is gone)", self.path, describe(old))
             self.fd = fd

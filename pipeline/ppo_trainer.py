@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import cli, cluster, log, models, rl, safe_resume, threads
+from pipeline import cli, cluster, faults, log, models, rl, safe_resume, threads
 from pipeline.generation import render_prompt
 from pipeline.reward_model import RewardModel, load_reward_model
 
@@ -357,6 +357,7 @@ class PPOTrainer:
             progress.step = step_stats["step"]
             progress.history.append(step_stats)
             bar.update(1)
+            faults.point("training")
             if progress.step % cfg.logging_steps == 0 or progress.step == cfg.max_steps:
                 log.info(" ".join(f"{k} {v:.4g}" for k, v in step_stats.items() if k in LOG_KEYS))
             saved = progress.step == cfg.max_steps or (cfg.save_steps and progress.step % cfg.save_steps == 0)
@@ -376,6 +377,7 @@ class PPOTrainer:
         out, step, accelerator = self.run.out, self.progress.step, self.accelerator
         tmp = out / f"tmp-checkpoint-{step}"
         accelerator.save_state(str(tmp))
+        faults.point("checkpoint")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (tmp / safe_resume.LOOP_STATE).write_text(json.dumps(
@@ -391,6 +393,7 @@ class PPOTrainer:
         out: Path = self.run.out
         if self.main:
             self.unwrapped.save_pretrained(str(out), safe_serialization=True)
+            faults.point("final-save")
             self.tokenizer.save_pretrained(str(out))
             if self.keys.merge_adapter and self.lora is not None:
                 merged = self.unwrapped.merge_and_unload()

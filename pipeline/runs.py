@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from pipeline import integrity, locks, log, safe_resume, threads
+from pipeline import faults, integrity, locks, log, safe_resume, threads
 from pipeline.cli import PipelineError
 from pipeline.fingerprints import hash_file, hash_folder, hash_obj
 from pipeline.stages import STAGES
@@ -197,6 +197,7 @@ class StageRun:
         from pipeline import cluster
 
         cluster.watch_for_preemption()  # SIGUSR1/SIGTERM: checkpoint into self.out and exit (see pipeline/cluster.py)
+        faults.install_trainer_hooks()  # tests only (PIPELINE_FAULT)
         self._lock = None
         if self.state.is_main_process:
             ensure_writable(self.recipe.run_dir)
@@ -216,6 +217,7 @@ class StageRun:
             (self.out / ".fingerprint").write_text(self.fingerprint)
             log.attach_file(self.out)
         self.state.wait_for_everyone()
+        faults.point("loading")
         return self.out
 
     def last_checkpoint(self) -> str | None:
