@@ -40,9 +40,9 @@ def point(name: str, until=None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"(injected at {name})")
-    elif action == "pause":  # tell the test where we are (PIPELINE_FAULT_MARKER), wait for its signal (60 s at most)
+    elif action == "pause":  # tell the test where we are (PIPELINE_FAULT_MARKER), wait for its signal
         Path(os.environ[ENV + "_MARKER"]).write_text(str(os.getpid()))
-        deadline = time.time() + 60
+        deadline = time.time() + float(os.environ.get(ENV + "_WAIT", 60))
         while time.time() < deadline and not (until and until()):
             time.sleep(0.05)
 

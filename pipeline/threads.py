@@ -106,6 +106,9 @@ def _set(n: int, why: str) -> None:
 def configure() -> int:
     """Set this process's torch threads (see the module docstring); returns the number."""
     given = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if os.environ.get("PIPELINE_THREADS") == "torch-default":  # benchmarks/threads.py: the behaviour before
+        STATE.fixed = True
+        return STATE.threads or 0
     if given.isdigit() and int(given) > 0:
         STATE.fixed = True
         _set(int(given), "OMP_NUM_THREADS")
