@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 from pathlib import Path
 
 from pipeline.cli import PipelineError
@@ -66,7 +67,20 @@ def torch_safe_globals() -> list:
     import numpy as np
 
     core = np._core if hasattr(np, "_core") else np.core
-    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)), *deepspeed_safe_globals()]
+
+
+def deepspeed_safe_globals() -> list:
+    """DeepSpeed's optimizer checkpoints hold its ZeRO stage (an Enum) and loss scaler (plain attributes): data
+    classes, allowed by name when the stage runs under DeepSpeed (which then loads them itself, unchecked)."""
+    if "deepspeed" not in sys.modules:
+        return []
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+    except Exception:  # pragma: no cover - another DeepSpeed layout: its checkpoints are then refused
+        return []
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
 
 
 def torch_problem(path: Path) -> str | None:

@@ -107,13 +107,23 @@ class Lock:
                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "command": " ".join(sys.argv)[:500]}
 
-    def acquire(self) -> "Lock":
-        for _ in range(20):  # retried only when the file was replaced under us (a release in between)
+    def acquire(self, wait: float | None = None) -> "Lock":
+        """Take the lock or raise PipelineError naming the holder. `wait`: seconds to keep trying (default
+        PIPELINE_LOCK_WAIT, else 0; a requeued Slurm job waits 120 s, for the lease of a lock held by a node that
+        died to expire on the shared filesystem)."""
+        if wait is None:
+            requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+            wait = float(os.environ.get("PIPELINE_LOCK_WAIT", 120 if requeued else 0))
+        deadline = time.time() + wait
+        for _ in range(100000):  # retried when the file was replaced under us (a release in between), or waiting
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
             except OSError as err:
                 os.close(fd)
+                if err.errno in (errno.EACCES, errno.EAGAIN) and time.time() < deadline:
+                    time.sleep(1.0)
+                    continue
                 if err.errno in (errno.EACCES, errno.EAGAIN):
                     raise PipelineError(f"{self.target} is being written by {describe(read_holder(self.path))}: "
                                         f"wait for it to finish or stop it (lock {self.path})") from None
