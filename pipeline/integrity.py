@@ -24,6 +24,9 @@ from pipeline.cli import PipelineError
 TEXT_SUFFIXES = {".json", ".jinja", ".txt", ".md", ".yaml", ".yml", ".model", ".tiktoken"}  # .model: sentencepiece
 TORCH_SUFFIXES = {".bin", ".pt", ".pth", ".pkl"}
 VOCAB_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt", "tiktoken.model")
+# files without a telling suffix that nothing loads as code: DeepSpeed's `latest` (a tag) and `zero_to_fp32.py` (a
+# script for people, never imported on resume)
+NAMED_TEXT = ("log.txt", ".fingerprint", "latest", "zero_to_fp32.py")
 MAX_HEADER = 100 << 20
 
 
@@ -112,11 +115,11 @@ def file_problem(path: Path) -> str | None:
         return json_problem(path)
     if suffix in TORCH_SUFFIXES:
         return torch_problem(path)
-    if suffix in TEXT_SUFFIXES or path.name in ("log.txt", ".fingerprint"):
+    if suffix in TEXT_SUFFIXES or path.name in NAMED_TEXT:
         return None
     raise UnsafeFile(f"{path}: refusing to load a checkpoint holding a file of unknown type (only safetensors, "
-                     f"JSON, text and torch files that load with weights_only=True are read); delete the checkpoint "
-                     f"to start over")
+                     f"JSON, text and torch files that load with weights_only=True are read; FSDP's sharded .distcp "
+                     f"checkpoints are not: use FULL_STATE_DICT); delete the checkpoint to start over")
 
 
 def model_folder_problem(path, need_tokenizer: bool = False) -> str | None:
