@@ -82,7 +82,7 @@ def planned_to_run(work: Path, name: str, stage: str) -> bool:
     from pipeline import runs
     from pipeline.recipe import load_recipe
 
-    recipe = load_recipe(work / "recipe.yaml", [f"run.name={name}"])
+    recipe = load_recipe(work / "recipe.yaml", [f"run.name={name}", f"run.output_dir={work / 'runs'}"])
     return not runs.up_to_date(recipe, stage)[0]
 
 
@@ -146,13 +146,17 @@ def main():
     (work / "recipe.yaml").write_text(yaml.safe_dump(RECIPE, sort_keys=False))
     rng = random.Random(args.seed)
 
-    durations = {}
+    saved = work / "reference.json"  # a reference already run in this workdir is reused
+    durations = json.loads(saved.read_text()) if saved.is_file() else {}
     for stage in STAGE_ORDER[:max(STAGE_ORDER.index(s) for s in stages) + 1]:  # the uninterrupted reference
+        if stage in durations and (work / "runs/ref" / stage / "manifest.json").is_file():
+            continue
         started = time.time()
         proc = subprocess.run(command(work, stage, "ref"), cwd=work, env=environment(), capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"reference {stage} failed:\n{proc.stderr[-3000:]}")
         durations[stage] = time.time() - started
+        saved.write_text(json.dumps(durations))
         print(f"reference {stage}: {durations[stage]:.0f} s, {steps_of(work / 'runs/ref' / stage)} steps", flush=True)
 
     table = {}
