@@ -185,8 +185,7 @@ class StageRun:
         self.fingerprint = hash_obj(self.inputs)
         self.final_dir = recipe.stage_dir(stage)
         self.out = recipe.run_dir / f"{stage}.partial"
-        self._created_root = next((p for p in reversed([recipe.run_dir, *recipe.run_dir.parents]) if not p.exists()),
-                                  None)  # the first folder this run will create: removed again on bad input
+        self._new_dirs = [d for d in (recipe.run_dir, recipe.run_dir.parent) if not d.exists()]  # removed on bad input
         self._started = time.time()
         self.resumed_from: str | None = None
 
@@ -275,19 +274,16 @@ class StageRun:
 
     def __exit__(self, exc_type, exc, tb):
         log.close()
-        bad_input = exc_type is not None and issubclass(exc_type, PipelineError)
-        if bad_input and self.state.is_main_process and getattr(self, "_lock", None) is not None:
-            if not (exc_type is integrity.UnsafeFile):  # keep the refused checkpoint for a person to look at
+        lock = getattr(self, "_lock", None)  # None: not the main process, or the folder is another process's
+        if exc_type is not None and issubclass(exc_type, PipelineError) and self.state.is_main_process and lock:
+            if exc_type is not integrity.UnsafeFile:  # a refused checkpoint stays for a person to look at
                 shutil.rmtree(self.out, ignore_errors=True)  # bad input: leave nothing behind
-        if getattr(self, "_lock", None) is not None:
-            self._lock.release()
-            if bad_input and self._created_root is not None:
-                for folder in [self.recipe.run_dir, *self.recipe.run_dir.parents]:
-                    if not folder.is_dir() or any(folder.iterdir()):
-                        break
+            lock.release()  # its file is in the run folder
+            for folder in self._new_dirs:  # the run folder, then the output folder, if this stage made them
+                if folder.is_dir() and not any(folder.iterdir()):
                     folder.rmdir()
-                    if folder == self._created_root:
-                        break
+        if lock is not None:
+            lock.release()
         return False
 
 
