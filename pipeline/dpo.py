@@ -15,7 +15,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the package, never shadow libraries with our modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from pipeline import cli, log, models, preferences, runs, safe_resume
+from pipeline import cli, log, models, preferences, runs
 from pipeline.heldout import heldout_comparison, heldout_rows
 from pipeline.recipe import load_recipe
 
@@ -88,7 +88,7 @@ def main(argv):
 
         logged = [h for h in trainer.state.log_history if "loss" in h and "logps/chosen" in h]
         metrics = {
-            "train_loss": safe_resume.train_loss(trainer.state.log_history),
+            "train_loss": runs.train_loss(trainer),
             "steps": result.global_step,
             "train_pairs": len(train_ds),
             "data": train_info,

@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
 import math
 from itertools import chain
 
-from pipeline import cli, data, log, models, runs, safe_resume
+from pipeline import cli, data, log, models, runs
 from pipeline.recipe import load_recipe
 from pipeline.tokenizer import doc_sep_id
 
@@ -80,7 +80,7 @@ def main(argv):
         models.save_trained(trainer, tokenizer, run.out)
 
         metrics = {
-            "train_loss": safe_resume.train_loss(trainer.state.log_history),
+            "train_loss": runs.train_loss(trainer),
             "eval_loss": eval_metrics["eval_loss"],
             "eval_perplexity": math.exp(min(eval_metrics["eval_loss"], 50)),
             "train_tokens": len(blocks) * keys.block_size,

@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
 
 import random
 
-from pipeline import cli, log, metrics as M, models, preferences, reward_report, runs, safe_resume
+from pipeline import cli, log, metrics as M, models, preferences, reward_report, runs
 from pipeline.reward_model import (RewardModel, encode_prompt, load_reward_model, save_reward_model, save_statistics,
                                    tools_of)
 from pipeline.recipe import load_recipe
@@ -189,7 +189,7 @@ def main(argv):
         result = trainer.train(resume_from_checkpoint=run.last_checkpoint())
         save_reward_model(trainer, tokenizer, run.out, recipe, init.path)
 
-        out = {"train_loss": safe_resume.train_loss(trainer.state.log_history), "steps": result.global_step}
+        out = {"train_loss": runs.train_loss(trainer), "steps": result.global_step}
         lm_losses = [h["lm_loss"] for h in trainer.state.log_history if "lm_loss" in h]
         if lm_losses:
             out["train_lm_loss"] = lm_losses[-1]  # the last logged value of the regulariser

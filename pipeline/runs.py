@@ -287,6 +287,10 @@ class StageRun:
         return False
 
 
+def global_batch_size(args, num_processes: int) -> int:
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes
+
+
 def ensure_writable(folder: Path) -> None:
     """Create the run folder, and check a file can be written in it: one line (exit 2) instead of a traceback."""
     folder = Path(folder)
@@ -306,5 +310,6 @@ def ensure_writable(folder: Path) -> None:
         raise PipelineError(f"output folder {folder}: cannot write in it ({err.strerror})") from None
 
 
-def global_batch_size(args, num_processes: int) -> int:
-    return args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes
+def train_loss(trainer) -> float:
+    """The mean training loss of the whole run, also when it was resumed (safe_resume.train_loss)."""
+    return safe_resume.train_loss(trainer.state.log_history)

@@ -14,7 +14,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the package, never shadow libraries with our modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from pipeline import cli, data, log, models, runs, safe_resume
+from pipeline import cli, data, log, models, runs
 from pipeline.heldout import heldout_comparison, heldout_rows
 from pipeline.recipe import load_recipe
 
@@ -57,7 +57,7 @@ def main(argv):
                              peft_config=models.peft_config(peft_values))
         log.info("%s; %d training rows", models.describe(trainer.model), len(train_ds))
         result = trainer.train(resume_from_checkpoint=run.last_checkpoint())
-        metrics = {"train_loss": safe_resume.train_loss(trainer.state.log_history), "steps": result.global_step}
+        metrics = {"train_loss": runs.train_loss(trainer), "steps": result.global_step}
         if eval_ds is not None:
             metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
         models.save_trained(trainer, tokenizer, run.out, merge_adapter=keys.merge_adapter)
