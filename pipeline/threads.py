@@ -17,6 +17,7 @@ threads when another one starts next to it, and takes them back when that one en
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import json
@@ -63,6 +64,12 @@ def _register(cpus: set[int]) -> None:
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(sorted(cpus)).encode())
         STATE.fd = fd
+        atexit.register(_unregister)  # a process killed outright leaves its file; the next count removes it
+
+
+def _unregister() -> None:
+    with contextlib.suppress(OSError):
+        (REGISTRY / str(os.getpid())).unlink()
 
 
 def sharing(cpus: set[int]) -> int:
