@@ -5,8 +5,8 @@
 Not part of `make test` (about a minute per trial on a 2-core machine). A short recipe (below: the test suite's tiny
 model, with checkpoints every few steps) is first run uninterrupted, stage by stage. Then, for each stage and trial,
 the finished upstream stages are copied into a fresh run folder (run folders are relocatable), the stage is started
-and SIGKILLed once or twice at a uniformly random time within its measured duration (loading, training,
-checkpoint saves and the final save are all hit in proportion to their length), and then run to the end.
+and SIGKILLed once or twice at a uniformly random time within its measured duration after its imports (loading,
+training, checkpoint saves and the final save are all hit in proportion to their length), and then run to the end.
 
 Checked after every kill: a stage folder without `.partial` exists only if the stage had finished (manifest and an
 intact model: pipeline/integrity.py), and the runner's plan (`runs.up_to_date`) says "run" exactly when it has not.
@@ -99,7 +99,12 @@ def trial(work: Path, stage: str, index: int, duration: float, rng: random.Rando
     for _ in range(rng.choice((1, 2))):
         proc = subprocess.Popen(command(work, stage, name), cwd=work, env=environment(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        at = rng.uniform(0.5, duration * 1.05)
+        # after the interpreter and libraries are loaded (the stage's lock appears), so that kills spread over the
+        # stage's own work: loading data and models, training, checkpoint saves, the final save, publishing
+        lock = run_dir / f"{stage}.lock"
+        while not lock.exists() and proc.poll() is None:
+            time.sleep(0.05)
+        at = rng.uniform(0.0, duration * 1.05)
         try:
             proc.wait(timeout=at)
         except subprocess.TimeoutExpired:
@@ -155,9 +160,10 @@ def main():
         proc = subprocess.run(command(work, stage, "ref"), cwd=work, env=environment(), capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"reference {stage} failed:\n{proc.stderr[-3000:]}")
-        durations[stage] = time.time() - started
+        durations[stage] = json.loads((work / "runs/ref" / stage / "manifest.json").read_text())["wall_time_s"]
         saved.write_text(json.dumps(durations))
-        print(f"reference {stage}: {durations[stage]:.0f} s, {steps_of(work / 'runs/ref' / stage)} steps", flush=True)
+        print(f"reference {stage}: {time.time() - started:.0f} s ({durations[stage]:.0f} s after imports), "
+              f"{steps_of(work / 'runs/ref' / stage)} steps", flush=True)
 
     table = {}
     for stage in stages:
