@@ -5,8 +5,10 @@
 Not part of `make test` (about a minute per trial on a 2-core machine). A short recipe (below: the test suite's tiny
 model, with checkpoints every few steps) is first run uninterrupted, stage by stage. Then, for each stage and trial,
 the finished upstream stages are copied into a fresh run folder (run folders are relocatable), the stage is started
-and SIGKILLed once or twice at a uniformly random time within its measured duration after its imports (loading,
-training, checkpoint saves and the final save are all hit in proportion to their length), and then run to the end.
+and SIGKILLed once or twice at a random time: half the kills uniformly within its measured duration after its
+imports (loading, training, checkpoint saves and the final save are hit in proportion to their length), half
+uniformly within half that duration after its first checkpoint appears (so that resumes are exercised); then it is
+run to the end.
 
 Checked after every kill: a stage folder without `.partial` exists only if the stage had finished (manifest and an
 intact model: pipeline/integrity.py), and the runner's plan (`runs.up_to_date`) says "run" exactly when it has not.
@@ -105,6 +107,11 @@ def trial(work: Path, stage: str, index: int, duration: float, rng: random.Rando
         while not lock.exists() and proc.poll() is None:
             time.sleep(0.05)
         at = rng.uniform(0.0, duration * 1.05)
+        if rng.random() < 0.5:  # half the kills land after the first checkpoint: training, saves, the end
+            partial = run_dir / f"{stage}.partial"
+            while proc.poll() is None and not any(partial.glob("checkpoint-*")):
+                time.sleep(0.05)
+            at = rng.uniform(0.0, duration * 0.5)
         try:
             proc.wait(timeout=at)
         except subprocess.TimeoutExpired:
