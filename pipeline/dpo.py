@@ -93,7 +93,7 @@ def main(argv):
 
         logged = [h for h in trainer.state.log_history if "loss" in h and "logps/chosen" in h]
         metrics = {
-            "train_loss": result.training_loss,
+            "train_loss": runs.train_loss(trainer),
             "steps": result.global_step,
             "train_pairs": len(train_ds),
             "data": train_info,

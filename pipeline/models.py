@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import faults
 from pipeline.cli import PipelineError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -192,6 +193,7 @@ def save_trained(trainer, tokenizer, out: Path, merge_adapter: bool = False) -> 
     unwrapped = trainer.accelerator.unwrap_model(model)
     configure_generation(unwrapped, tokenizer)
     trainer.save_model(str(out))
+    faults.point("final-save")
     if trainer.accelerator.is_main_process:
         (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; manifest.json records the config instead
         tokenizer.save_pretrained(str(out))

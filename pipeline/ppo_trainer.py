@@ -12,12 +12,14 @@ KL penalty is added and GAE gives the advantages. Then `ppo_epochs` passes of cl
 `num_minibatches` minibatches. The math on tensors is pipeline/rl.py. The critic is a value head on a copy of the
 reward model (`critic_init: reward`) or of the policy (`critic_init: policy`). Every `save_steps` steps all state
 (models, optimizers, schedulers, KL coefficient, prompt position, random states, history) goes into
-`checkpoint-N/`.
+`checkpoint-N/`: the accelerate state (safetensors, and torch files that load with weights_only=True) and
+`loop_state.json` (KL coefficient, prompt position, step and history), no pickle.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import time
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import cli, cluster, log, models, rl
+from pipeline import cli, cluster, faults, log, models, rl, safe_resume, threads
 from pipeline.generation import render_prompt
 from pipeline.reward_model import RewardModel, load_reward_model
 
@@ -229,8 +231,9 @@ class PPOTrainer:
         self.sampler = PromptSampler(len(self.usable), cfg.batch_size, num_processes,
                                      self.accelerator.process_index, cfg.seed)
         self.progress = Progress()
-        for obj in (self.kl_ctl, self.sampler, self.progress):
-            self.accelerator.register_for_checkpointing(obj)
+        # saved as JSON beside the accelerate state (safe_resume.LOOP_STATE), never with register_for_checkpointing:
+        # accelerate pickles registered objects and unpickles them on resume, running whatever a checkpoint holds
+        self.loop_state = {"kl_controller": self.kl_ctl, "sampler": self.sampler, "progress": self.progress}
 
     # ------------------------------------------------------------------------------------------ one step
 
@@ -338,14 +341,18 @@ class PPOTrainer:
         if self.main:  # a save interrupted by a kill; the checkpoint before it is intact
             for partial_save in self.run.out.glob("tmp-checkpoint-*"):
                 shutil.rmtree(partial_save)
-        resume = self.run.last_checkpoint()
+        resume = self.run.last_checkpoint()  # complete, intact, and every file loads with weights_only=True
         if resume:
             self.accelerator.load_state(resume)
+            state = json.loads((Path(resume) / safe_resume.LOOP_STATE).read_text())
+            for name, obj in self.loop_state.items():
+                obj.load_state_dict(state[name])
             log.info("resumed from %s at step %d", resume, progress.step)
         started = time.time() - (progress.history[-1]["elapsed_s"] if progress.history else 0.0)
         bar = tqdm(total=cfg.max_steps, initial=progress.step, desc="ppo", disable=not self.main)
         cluster.STOP.training = True  # from here SIGTERM/SIGUSR1 mean: checkpoint after this step and exit to requeue
         while progress.step < cfg.max_steps:
+            threads.rebalance()
             batch = self.rollout()
             self.score(batch)
             self.advantages(batch)
@@ -356,6 +363,7 @@ class PPOTrainer:
             progress.history.append(step_stats)
             self.accelerator.log(step_stats, step=progress.step)  # to the trackers of report_to, if any
             bar.update(1)
+            faults.point("training")
             if progress.step % cfg.logging_steps == 0 or progress.step == cfg.max_steps:
                 log.info(" ".join(f"{k} {v:.4g}" for k, v in step_stats.items() if k in LOG_KEYS))
             saved = progress.step == cfg.max_steps or (cfg.save_steps and progress.step % cfg.save_steps == 0)
@@ -376,8 +384,11 @@ class PPOTrainer:
         out, step, accelerator = self.run.out, self.progress.step, self.accelerator
         tmp = out / f"tmp-checkpoint-{step}"
         accelerator.save_state(str(tmp))
+        faults.point("checkpoint")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            (tmp / safe_resume.LOOP_STATE).write_text(json.dumps(
+                {name: obj.state_dict() for name, obj in self.loop_state.items()}))
             os.replace(tmp, out / f"checkpoint-{step}")
             old = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
             for path in old[:-max(self.cfg.save_total_limit, 1)]:
@@ -389,6 +400,7 @@ class PPOTrainer:
         out: Path = self.run.out
         if self.main:
             self.unwrapped.save_pretrained(str(out), safe_serialization=True)
+            faults.point("final-save")
             self.tokenizer.save_pretrained(str(out))
             if self.keys.merge_adapter and self.lora is not None:
                 merged = self.unwrapped.merge_and_unload()

@@ -88,7 +88,7 @@ def main(argv):
         models.save_trained(trainer, tokenizer, run.out)
 
         metrics = {
-            "train_loss": result.training_loss,
+            "train_loss": runs.train_loss(trainer),
             "eval_loss": eval_metrics["eval_loss"],
             "eval_perplexity": math.exp(min(eval_metrics["eval_loss"], 50)),
             "train_tokens": len(blocks) * keys.block_size,

@@ -200,6 +200,8 @@ class Recipe:
         if "report_to" in fields:
             values.setdefault("report_to", "none")
         values.update(fixed)
+        if "save_steps" in values and "save_strategy" in fields and values.get("save_strategy", "no") == "no":
+            values["save_strategy"] = "steps"  # save_steps asks for checkpoints: without this it saved none
         expected = self.training_keys(stage).global_batch_size if "global_batch_size" in fields else None
         if expected is not None and num_processes != 0:
             from pipeline.cluster import batch_plan

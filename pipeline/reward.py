@@ -209,7 +209,7 @@ def main(argv):
         result = trainer.train(resume_from_checkpoint=run.last_checkpoint())
         save_reward_model(trainer, tokenizer, run.out, recipe, init.path)
 
-        out = {"train_loss": result.training_loss, "steps": result.global_step}
+        out = {"train_loss": runs.train_loss(trainer), "steps": result.global_step}
         lm_losses = [h["lm_loss"] for h in trainer.state.log_history if "lm_loss" in h]
         if lm_losses:
             out["train_lm_loss"] = lm_losses[-1]  # the last logged value of the regulariser

@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import models
+from pipeline import faults, models
 
 
 def load_reward_model(recipe, path, peft_values=None):
@@ -54,7 +54,10 @@ def save_reward_model(trainer, tokenizer, out: Path, recipe, init_path: str) -> 
                 merged = PeftModel.from_pretrained(base, str(out / "adapter")).merge_and_unload()
                 merged.config.pad_token_id = tokenizer.pad_token_id
                 merged.save_pretrained(str(out), safe_serialization=True)
+    faults.point("final-save")
     if trainer.accelerator.is_main_process:
+        for folder in (out, out / "adapter"):  # a pickle of the arguments; manifest.json records the config
+            (folder / "training_args.bin").unlink(missing_ok=True)
         tokenizer.save_pretrained(str(out))
     trainer.accelerator.wait_for_everyone()
 

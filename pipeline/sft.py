@@ -91,7 +91,7 @@ def main(argv):
                     f"left out: no completion token left)" if too_long else ""))
         data.warn_many_epochs(args, len(trainer.train_dataset), run.state.num_processes)
         result = trainer.train(resume_from_checkpoint=run.last_checkpoint())
-        metrics = {"train_loss": result.training_loss, "steps": result.global_step, "train_rows": len(train_ds),
+        metrics = {"train_loss": runs.train_loss(trainer), "steps": result.global_step, "train_rows": len(train_ds),
                    "train_rows_too_long": too_long, "train_rows_dropped": dropped}
         if eval_ds is not None:
             metrics["eval_loss"] = trainer.evaluate()["eval_loss"]

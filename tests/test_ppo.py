@@ -214,6 +214,30 @@ def test_kill_and_resume_ends_like_an_uninterrupted_run(uninterrupted):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_killed_inside_a_checkpoint_save_and_the_final_save_ends_like_an_uninterrupted_run(uninterrupted):
+    """SIGKILL inside the second checkpoint save (accelerate state written, loop_state.json and the rename not), then
+    during the final save (weights written, tokenizer not): the rerun resumes from the last whole checkpoint and
+    ends with the history and weights of the run that was never killed. Kill points: pipeline/faults.py."""
+    work = uninterrupted
+    args = ["pipeline/ppo.py", ppo_recipe(work), "run.name=saves"]
+    partial = work / "runs/saves/ppo.partial"
+    killed = run_cli(args, cwd=work, env={**ENV, "PIPELINE_FAULT": "kill:checkpoint:2"})
+    assert killed.returncode == -signal.SIGKILL and (partial / "tmp-checkpoint-4").is_dir()
+    assert sorted(p.name for p in partial.glob("checkpoint-*")) == ["checkpoint-2"]
+    killed = run_cli(args, cwd=work, env={**ENV, "PIPELINE_FAULT": "kill:final-save"})
+    assert killed.returncode == -signal.SIGKILL and (partial / "model.safetensors").is_file()
+    assert (partial / "checkpoint-12/loop_state.json").is_file() and not list(partial.rglob("*checkpoint_*.pkl"))
+    resumed = run_cli(args, cwd=work, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full, saves = read(work, "full"), read(work, "saves")
+    assert saves["steps"] == full["steps"] == 12
+    drop = ("elapsed_s",)
+    assert [{k: v for k, v in h.items() if k not in drop} for h in saves["history"]] == \
+        [{k: v for k, v in h.items() if k not in drop} for h in full["history"]]
+    a, b = load_file(work / "runs/full/ppo/model.safetensors"), load_file(work / "runs/saves/ppo/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_preemption_signal_checkpoints_between_steps_and_the_rerun_finishes(uninterrupted):
     """SIGUSR1 (Slurm's warning before the time limit): the loop saves a checkpoint after the step it is in, exits
     with the "preempted, requeue me" code, and the same command finishes the run like an uninterrupted one."""
