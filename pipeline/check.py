@@ -14,7 +14,7 @@ import dataclasses
 import glob
 from pathlib import Path
 
-from pipeline import cluster, runs
+from pipeline import cluster, integrity, runs
 from pipeline.memory import PROFILES, StageProfile, estimate_memory, human, model_shape
 from pipeline.cli import PipelineError
 from pipeline.stages import STAGES
@@ -123,6 +123,9 @@ def check_stage(recipe, stage: str, launch: cluster.Launch, device_memory: int |
                     if cp.source == "stage" and cp.fingerprint is None and v not in will_run:
                         raise PipelineError(f"reads {v}, which has not finished and is not planned to run "
                                             f"(drop --only, or add {v})")
+                    if cp.source in ("stage", "local") and cp.fingerprint is not None and v not in will_run and \
+                            (problem := integrity.model_folder_problem(cp.path)):  # headers, not whole weights
+                        raise PipelineError(f"checkpoint '{v}' is damaged: {problem}")
                     s = model_shape(recipe, v)
                     if f.name == "init_from":
                         shape = s

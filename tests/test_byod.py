@@ -154,3 +154,18 @@ def test_check_with_a_hub_model_and_no_network_names_it_at_once(tmp_path):
                    env={**ONE_THREAD, "HF_ENDPOINT": "http://127.0.0.1:9"})  # nothing listens: offline at once
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "model 'someone/no-such-model': the hub cannot be reached from this machine" in proc.stdout
+
+
+def test_a_truncated_init_from_is_named_by_the_stage_and_by_check(tiny_run, tmp_path):
+    import shutil
+
+    work, _, _ = tiny_run
+    damaged = tmp_path / "damaged"
+    shutil.copytree(work / "runs/tiny/pretrain", damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # cut short, as by a full disk or a killed copy
+    recipe = tiny_recipe(tmp_path, pretrain=None, sft={**SHORT, "init_from": str(damaged)})
+    proc = run_cli(["pipeline/sft.py", recipe], cwd=tmp_path, env=ONE_THREAD)
+    assert f"{weights}" in one_error_line(proc) and not (tmp_path / "runs").exists()
+    check = run_cli(["pipeline/run.py", recipe, "--check"], cwd=tmp_path, env=ONE_THREAD)
+    assert check.returncode == 2 and f"checkpoint '{damaged}' is damaged: {weights}" in check.stdout
