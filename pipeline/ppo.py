@@ -129,7 +129,7 @@ def train_ppo(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
 
 def main(argv):
     recipe = load_recipe(*cli.split_stage_args(argv, USAGE, lambda: stage_help(STAGE)))
-    recipe.check_config(STAGE)  # the config class's own checks first: before upstream stages are looked at
+    recipe.check_config(STAGE, portable=True)  # the config class's own checks before upstream stages
     keys, cfg, peft_values = recipe.keys(STAGE), recipe.trainer_config(STAGE), recipe.peft_values(STAGE)
     if keys.reward_model in STAGES and keys.reward_model not in recipe.stages:
         raise cli.PipelineError(f"{recipe.path}: ppo.reward_model is the `{keys.reward_model}` stage, but the recipe "

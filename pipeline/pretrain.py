@@ -34,7 +34,7 @@ def pack(texts, tokenizer, block_size: int) -> list[list[int]]:
 
 def main(argv):
     recipe = load_recipe(*cli.split_stage_args(argv, USAGE, lambda: stage_help(STAGE)))
-    recipe.check_config(STAGE)  # the config class's own checks first: before upstream stages are looked at
+    recipe.check_config(STAGE, portable=True)  # the config class's own checks before upstream stages
     keys = recipe.keys(STAGE)
     with runs.StageRun(recipe, STAGE) as run:
         args = recipe.trainer_config(STAGE, output_dir=str(run.out))

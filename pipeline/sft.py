@@ -43,7 +43,7 @@ def rows_over(tokenizer, ds, max_length: int) -> int:
 
 def main(argv):
     recipe = load_recipe(*cli.split_stage_args(argv, USAGE, lambda: stage_help(STAGE)))
-    recipe.check_config(STAGE)  # the config class's own checks first: before upstream stages are looked at
+    recipe.check_config(STAGE, portable=True)  # the config class's own checks before upstream stages
     keys = recipe.keys(STAGE)
     peft_values = recipe.peft_values(STAGE)
     with runs.StageRun(recipe, STAGE) as run:
