@@ -254,5 +254,6 @@ def to_trackers(report_to, out: Path, per: dict) -> None:
     for step, (name, m) in enumerate(per.items()):
         accelerator.log({f"{name}/{k}": v for k, v in m.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=step)
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # not end_training(): it also destroys the process group
+        tracker.finish()
 

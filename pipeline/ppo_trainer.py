@@ -376,7 +376,8 @@ class PPOTrainer:
                 cluster.exit_preempted(self.run.out / f"checkpoint-{progress.step}", self.main)
         cluster.STOP.training = False
         bar.close()
-        self.accelerator.end_training()
+        for tracker in self.accelerator.trackers:  # not end_training(): it also destroys the process group
+            tracker.finish()
         return progress.history
 
     def save_checkpoint(self) -> None:
