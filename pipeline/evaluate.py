@@ -125,7 +125,7 @@ def check_model(recipe, cp: runs.Checkpoint, key: str, reward: bool = False) -> 
 def targets_of(recipe, run, keys) -> tuple[list[Target], str]:
     """The checkpoints to evaluate, in report order (the baseline first if `checkpoints` does not list it), and the
     baseline's name."""
-    targets = [Target(d["ref"], runs.Checkpoint(**d)) for d in run.inputs["checkpoints"]["checkpoints"]]
+    targets = [Target(d["ref"], runs.usable(recipe, d)) for d in run.inputs["checkpoints"]["checkpoints"]]
     by_path = {}
     for t in targets:
         check_model(recipe, t.checkpoint, "checkpoints")
