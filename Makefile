@@ -25,7 +25,7 @@ run: install
 	$(PY) pipeline/run.py $(RECIPE)
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 clean:
 	rm -rf runs
