@@ -9,6 +9,7 @@ is None, so metrics.json never holds NaN.
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 
@@ -238,3 +239,82 @@ def perplexity(token_logprobs) -> float | None:
     if not len(flat):
         return None
     return float(math.exp(min(-float(np.mean(flat)), 700.0)))
+
+
+# ---------------------------------------------------------------------------------------------- best-of-n, diversity
+
+
+def best_of_n_expected(rewards, values, n: int) -> float | None:
+    """The expected value of `values` at the reply with the highest reward among n of one prompt's N replies, over
+    every n-subset drawn without replacement (all C(N, n) equally likely), a tie for the highest reward broken
+    uniformly at random. Exact, no resampling (the order-statistics estimator).
+
+    With the replies grouped by equal reward, the subset's best lies in the group at reward r with probability
+    [C(at or below r, n) - C(below r, n)] / C(N, n); given that, each reply of the group is equally likely to be the
+    pick (exchangeability), so the group contributes its mean value. None when n > N or a value is None (a prompt
+    without a verifier)."""
+    r = np.asarray(rewards, dtype=float)
+    if len(values) != r.size:
+        raise ValueError(f"{r.size} rewards but {len(values)} values")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if n > r.size or any(v is None for v in values):
+        return None
+    v = np.asarray(values, dtype=float)
+    total, expected, below = math.comb(r.size, n), 0.0, 0
+    for level in np.unique(r):  # ascending
+        group = r == level
+        at_or_below = below + int(group.sum())
+        expected += (math.comb(at_or_below, n) - math.comb(below, n)) / total * float(v[group].mean())
+        below = at_or_below
+    return expected
+
+
+def best_of_n_curve(rewards, values, ns, n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """[{"n", "mean", "ci", "prompts"}] per n of `ns`: the mean over prompts of best_of_n_expected (rewards[i] and
+    values[i]: one prompt's replies) with a bootstrap 95% interval over prompts. Prompts whose values are None are
+    left out; an n larger than every prompt's number of replies is left out."""
+    curve = []
+    for n in ns:
+        per_prompt = [e for r, v in zip(rewards, values) if (e := best_of_n_expected(r, v, n)) is not None]
+        if per_prompt:
+            s = mean_ci(per_prompt, n_boot=n_boot, seed=seed)
+            curve.append({"n": int(n), "mean": s["mean"], "ci": s["ci"], "prompts": s["n"]})
+    return curve
+
+
+def _ngram_counts(words, n) -> Counter:
+    return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+
+
+def bleu(hypothesis: str, references, max_n: int = 4) -> float:
+    """Sentence BLEU (Papineni et al., 2002) of one text against references: whitespace words, lowercased; clipped
+    n-gram precisions for n = 1..max_n (n > 1 smoothed by adding one to matches and counts, Lin & Och 2004, so
+    short replies without a shared 4-gram still score), their geometric mean, times the brevity penalty against the
+    reference length closest to the hypothesis'. 0 when no word is shared or the hypothesis is empty."""
+    hyp = str(hypothesis).lower().split()
+    refs = [str(t).lower().split() for t in references]
+    if not hyp or not refs:
+        return 0.0
+    log_p = 0.0
+    for n in range(1, max_n + 1):
+        counts = _ngram_counts(hyp, n)
+        ref_counts = [_ngram_counts(ref, n) for ref in refs]
+        matches = sum(min(c, max(rc[g] for rc in ref_counts)) for g, c in counts.items())
+        if n == 1 and matches == 0:
+            return 0.0
+        smooth = 1 if n > 1 else 0
+        log_p += math.log((matches + smooth) / (sum(counts.values()) + smooth)) / max_n
+    closest = min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1]
+    brevity = 1.0 if len(hyp) >= closest else math.exp(1 - closest / len(hyp))
+    return brevity * math.exp(log_p)
+
+
+def self_bleu(texts, max_n: int = 4) -> float | None:
+    """Self-BLEU (Zhu et al., 2018): the mean BLEU of each text against all the others. 1 when every text is the
+    same, near 0 when they share no words: a spread measure of replies that needs no embedding model. None with
+    fewer than two texts."""
+    texts = list(texts)
+    if len(texts) < 2:
+        return None
+    return float(np.mean([bleu(t, texts[:i] + texts[i + 1:], max_n) for i, t in enumerate(texts)]))
