@@ -14,7 +14,7 @@ from pipeline import judges, log
 def write_samples(path: Path, rows, targets, versus: dict) -> None:
     """One line per prompt: the prompt, its reference, and each checkpoint's greedy reply with its verdict, reward
     and outcome against the baseline per judge (`versus[checkpoint][judge]`: one outcome per prompt), and its
-    samples (verdict, log-ratio to the reference)."""
+    samples (verdict, reward, log-ratio to the reference)."""
     words = {1: "win", 0: "tie", -1: "loss"}
     with open(path, "w", encoding="utf-8") as f:
         for i, row in enumerate(rows):
@@ -33,8 +33,10 @@ def write_samples(path: Path, rows, targets, versus: dict) -> None:
                     entry["samples"] = []
                     for k, sample in enumerate(t.samples[i]):
                         item = {"text": sample.text, "ended": sample.ended}
-                        if t.correct[i] is not None:
-                            item["correct"] = judges.is_correct(row, sample.text)
+                        if t.sample_correct[i][k] is not None:
+                            item["correct"] = t.sample_correct[i][k]
+                        if t.sample_rewards is not None:
+                            item["reward"] = round(float(t.sample_rewards[i, k]), 4)
                         if t.log_ratios is not None:
                             item["log_ratio"] = round(float(t.log_ratios[i, k]), 4)
                         entry["samples"].append(item)
@@ -60,9 +62,9 @@ def _prompt_text(prompt) -> str:
     return prompt if isinstance(prompt, str) else " / ".join(f"{m['role']}: {m.get('content') or ''}" for m in prompt)
 
 
-def write_report(path: Path, recipe, keys, setup, rows, targets, per: dict, matrix: dict, plots) -> None:
-    """report.md: the settings, one row per checkpoint, accuracy by skill, the win-rate matrices, the plots and
-    example replies side by side."""
+def write_report(path: Path, recipe, keys, setup, rows, targets, per: dict, matrix: dict, plots, collapse) -> None:
+    """report.md: the settings, one row per checkpoint, accuracy by skill, the win-rate matrices, best-of-n,
+    diversity and the collapse checks, the plots and example replies side by side."""
     baseline = setup.baseline
     lines = [f"# Evaluation: run `{recipe.run.name}`", "",
              f"- prompts: `{keys.prompts}` ({len(rows)} prompts, "
@@ -89,6 +91,8 @@ def write_report(path: Path, recipe, keys, setup, rows, targets, per: dict, matr
                ("ended", lambda m: _fmt(m.get("ended"), digits=2)),
                ("distinct-1 / 2 of samples", lambda m: f"{_fmt(m.get('distinct_1'), digits=2)} / "
                                             f"{_fmt(m.get('distinct_2'), digits=2)}"),
+               ("self-BLEU of samples", lambda m: _fmt(m.get("self_bleu"), digits=2)),
+               ("entropy (nats/token)", lambda m: _fmt(m.get("sample_entropy"), digits=2)),
                ("perplexity", lambda m: _fmt(m.get("perplexity"), digits=2))]
     columns = [(title, get) for title, get in columns
                if any(get(m).strip("— /") for m in per.values())]  # drop columns no checkpoint has
@@ -126,6 +130,15 @@ def write_report(path: Path, recipe, keys, setup, rows, targets, per: dict, matr
                 lines.append(f"| `{a.name}` | " + " | ".join(cells) + " |")
             lines.append("")
 
+    lines += best_of_n_section(targets, per, setup.best_of, keys.num_samples)
+    if collapse:
+        lines += ["## Collapse checks", "", "Each checkpoint against the one it was trained from, on its samples: "
+                  "collapsing when distinct-2 fell by more than verifier accuracy rose, beyond 0.02 "
+                  "(pipeline/monitors.py).", "", "| from | to | accuracy change | distinct-2 change | collapsing |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| `{c['from']}` | `{c['to']}` | {c['accuracy_change']:+.3f} | {c['diversity_change']:+.3f} | "
+                  f"{'**yes**' if c['collapsing'] else 'no'} |" for c in collapse] + [""]
+
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
 
@@ -149,6 +162,32 @@ def write_report(path: Path, recipe, keys, setup, rows, targets, per: dict, matr
     path.write_text("\n".join(lines))
 
 
+BEST_OF_N = {"accuracy": "verifier accuracy of the pick",
+             "annotator_win_rate_vs_greedy": "annotator win rate of the pick against the checkpoint's greedy reply",
+             "reward": "reward of the pick (the proxy it maximises)"}
+
+
+def best_of_n_section(targets, per, ns, num_samples) -> list[str]:
+    """report.md's best-of-n tables: one per judge, a row per checkpoint, a column per n."""
+    curves = {t.name: {p["n"]: p for p in per[t.name].get("best_of_n", [])} for t in targets}
+    if not any(curves.values()):
+        return []
+    lines = ["## Best-of-n", "", f"The reward model picks the highest-scoring of n samples (of the {num_samples} "
+             "per prompt; exact expectation over every n-subset, ties broken at random), with 95% bootstrap "
+             "intervals over prompts. n = 1 is a random sample.", ""]
+    for judge, title in BEST_OF_N.items():
+        named = [t.name for t in targets if any(judge in p for p in curves[t.name].values())]
+        if not named:
+            continue
+        lines += [f"### {title}", "", "| checkpoint | " + " | ".join(f"n = {n}" for n in ns) + " |",
+                  "|---|" + "---|" * len(ns)]
+        for name in named:
+            cells = [_fmt(c["mean"], c["ci"]) if (c := curves[name].get(n, {}).get(judge)) else "—" for n in ns]
+            lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 def pick_examples(rows, targets, k: int) -> list[int]:
     """Prompts where the checkpoints disagree most (verdicts, then reply texts) first, then in file order."""
     def spread(i):
@@ -162,6 +201,7 @@ def plot_all(out: Path, targets, per: dict, matrix: dict, baseline: str) -> list
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     names = [t.name for t in targets]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -212,6 +252,30 @@ def plot_all(out: Path, targets, per: dict, matrix: dict, baseline: str) -> list
         ax.set_ylabel("win rate (ties count half)")
         ax.set_title(f"win rate against {baseline}, 95% bootstrap intervals", fontsize=10)
         save(fig, ax, "win_rate.png")
+
+    curves = {t: per[t]["best_of_n"] for t in names if per[t].get("best_of_n")}
+    if curves:
+        judged = [j for j in BEST_OF_N if any(j in p for c in curves.values() for p in c)]
+        fig, axes = plt.subplots(1, len(judged), figsize=(4.6 * len(judged), 3.8), squeeze=False)
+        for ax, judge in zip(axes[0], judged):
+            for k, (name, curve) in enumerate(curves.items()):
+                points = [(p["n"], p[judge]) for p in curve if judge in p]
+                if points:
+                    ns, stats = zip(*points)
+                    ys = np.array([s["mean"] for s in stats])
+                    err = np.array([[y - s["ci"][0], s["ci"][1] - y] for y, s in zip(ys, stats)]).T.clip(min=0)
+                    ax.errorbar(ns, ys, yerr=err, marker="o", capsize=3, label=name, color=colors[k % len(colors)])
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted({p["n"] for c in curves.values() for p in c}))
+            ax.get_xaxis().set_major_formatter(ScalarFormatter())
+            if judge != "reward":  # shares: on their whole scale; a pick as good as the greedy reply wins half
+                ax.set_ylim(0, 1)
+            if judge == "annotator_win_rate_vs_greedy":
+                ax.axhline(0.5, color="gray", linestyle="--", linewidth=1)
+            ax.set(xlabel="n (samples the reward model picks from)", title=BEST_OF_N[judge])
+            ax.title.set_fontsize(9)
+        fig.suptitle("best-of-n, 95% bootstrap intervals over prompts", fontsize=10)
+        save(fig, axes[0][0], "best_of_n.png")
 
     scored = [t for t in targets if t.rewards is not None]
     if scored:

@@ -34,7 +34,8 @@ from collections import Counter
 
 import numpy as np
 
-from pipeline import cli, data, eval_report, judges, log, metrics as M, models, runs
+from pipeline import cli, data, eval_report, judges, log, models, runs
+from pipeline.eval_metrics import checkpoint_metrics, collapse_checks, outcomes, win_matrix
 from pipeline.generation import generate, held_out_perplexity, reply_logprob_sums
 from pipeline.recipe import load_recipe, stage_help
 from pipeline.reward_model import RewardModel, tools_of
@@ -52,10 +53,14 @@ class Target:
     greedy: list = None           # one generation.Reply per prompt
     correct: list = None          # the verifier's verdict on each greedy reply (None: the prompt has none)
     samples: list = None          # num_samples Replies per prompt, or None
+    sample_correct: list = None   # per prompt: the verifier's verdict on each sample (None: the prompt has none)
+    sample_logprobs: np.ndarray = None  # (prompts, samples) log pi(y|x) of each sample (own-distribution samples)
+    sample_rewards: np.ndarray = None   # (prompts, samples) reward-model score of each sample, or None
     log_ratios: list = None       # per prompt: log pi(y|x) - log ref(y|x) of each sample, or None
     perplexity: float = None      # on perplexity_data, or None
     perplexity_tokens: int = None  # tokens it was measured on
     rewards: list = None          # reward-model score of each greedy reply, or None
+    parent: str | None = None     # path of the model it was trained from (its manifest), for the collapse check
     seconds: float = 0.0
 
 
@@ -71,7 +76,9 @@ def check_keys(recipe, keys) -> None:
              ("max_prompts", keys.max_prompts is None or keys.max_prompts >= 1, "at least 1 (or empty: all)"),
              ("perplexity_max_rows", keys.perplexity_max_rows >= 1, "at least 1"),
              ("bootstrap", keys.bootstrap >= 100, "at least 100"),
-             ("report_examples", keys.report_examples >= 0, "0 or more")]
+             ("report_examples", keys.report_examples >= 0, "0 or more"),
+             ("best_of_n", all(n >= 1 for n in keys.best_of_n), "a list of sample counts, each at least 1 "
+                                                                  "(empty: no best-of-n)")]
     for name, ok, want in rules:
         if not ok:
             raise cli.PipelineError(f"{recipe.path}: eval.{name} must be {want}, got {getattr(keys, name)!r}")
@@ -183,10 +190,10 @@ def load_lm(recipe, cp: runs.Checkpoint, device) -> LoadedModel:
     return LoadedModel(model.to(device).eval(), tokenizer, cp.path)
 
 
-def run_checkpoint(recipe, keys, target: Target, rows, ppl_rows, reference: LoadedModel | None, seed,
-                   device) -> None:
-    """Generate greedy and sampled replies, score the samples under the policy and the reference (loaded when the
-    sequence KL applies, else None), perplexity."""
+def run_checkpoint(recipe, keys, target: Target, rows, ppl_rows, reference: LoadedModel | None, own_samples: bool,
+                   seed, device) -> None:
+    """Generate greedy and sampled replies and judge them, score own-distribution samples (`own_samples`) under the
+    policy (entropy) and the reference (loaded when the sequence KL applies, else None), perplexity."""
     started = time.time()
     if reference is not None and reference.path == target.checkpoint.path:  # the reference is loaded already
         lm = reference
@@ -202,15 +209,18 @@ def run_checkpoint(recipe, keys, target: Target, rows, ppl_rows, reference: Load
         target.samples = generate(model, tokenizer, prompts, do_sample=True, temperature=keys.temperature,
                                   top_p=keys.top_p, num_samples=keys.num_samples,
                                   desc=f"{target.name}: {keys.num_samples} samples", **gen)
+        target.sample_correct = [[judges.is_correct(row, s.text) for s in samples]
+                                 for row, samples in zip(rows, target.samples)]
+    if own_samples:
+        target.sample_logprobs = reply_logprob_sums(model, tokenizer, prompts, target.samples, keys.batch_size,
+                                                    desc=f"{target.name}: sample log-probs")
     if reference is not None:
         if reference.path == target.checkpoint.path:
             target.log_ratios = np.zeros((len(prompts), keys.num_samples))
         else:
-            own = reply_logprob_sums(model, tokenizer, prompts, target.samples, keys.batch_size,
-                                     desc=f"{target.name}: sample log-probs")
             ref = reply_logprob_sums(reference.model, reference.tokenizer, prompts, target.samples, keys.batch_size,
                                      desc=f"{target.name}: reference log-probs", policy_tokenizer=tokenizer)
-            target.log_ratios = own - ref
+            target.log_ratios = target.sample_logprobs - ref
     if ppl_rows:
         scored = held_out_perplexity(model, tokenizer, ppl_rows, keys.batch_size, desc=f"{target.name}: perplexity")
         if scored is None:
@@ -223,84 +233,22 @@ def run_checkpoint(recipe, keys, target: Target, rows, ppl_rows, reference: Load
 
 
 def score_rewards(recipe, cp: runs.Checkpoint, targets, rows, batch_size, device) -> bool:
-    """The reward model's score of every greedy reply (pipeline/reward_model.py: encoded and truncated as its stage
-    trained it), standardised with the reward_mean / reward_std its stage stored when its config has them."""
+    """The reward model's score of every greedy reply and every sample (pipeline/reward_model.py: encoded and
+    truncated as its stage trained it), standardised with the reward_mean / reward_std its stage stored when its
+    config has them."""
     reward_model = RewardModel.load(recipe, cp, device)
-    prompts = [row["prompt"] for row in rows]
+
+    def scores(replies_per_prompt, desc):
+        pairs = [(row, r) for row, replies in zip(rows, replies_per_prompt) for r in replies]
+        raw = reward_model.scores([row["prompt"] for row, _ in pairs], [r.text for _, r in pairs],
+                                  [tools_of(row) for row, _ in pairs], batch_size=batch_size, desc=desc)
+        return np.asarray(reward_model.normalise(raw) if reward_model.standardised else raw, dtype=float)
+
     for t in targets:
-        raw = reward_model.scores(prompts, [r.text for r in t.greedy], [tools_of(row) for row in rows],
-                                  batch_size=batch_size, desc=f"{t.name}: rewards")
-        t.rewards = reward_model.normalise(raw) if reward_model.standardised else raw
-    return reward_model.standardised
-
-
-# ---------------------------------------------------------------------------------------------- metrics
-
-
-def outcomes(rows, a: Target, b: Target, judge: str) -> list[int | None]:
-    """Per prompt, +1 / 0 / -1 when the judge finds a's greedy reply better than / as good as / worse than b's."""
-    scores = {"verifier": (a.correct, b.correct), "reward": (a.rewards, b.rewards)}.get(judge, (None, None))
-    return judges.outcomes(rows, judge, [r.text for r in a.greedy], [r.text for r in b.greedy], *scores)
-
-
-def judged(values: list[int | None]) -> list[int]:
-    return [o for o in values if o is not None]
-
-
-def win_matrix(rows, targets, boot) -> dict:
-    """{judge: {a: {b: win-rate summary of a over b}}} for every judge that can compare anything."""
-    matrix = {}
-    for judge in judges.JUDGES:
-        table = {a.name: {b.name: M.win_rate_summary(judged(outcomes(rows, a, b, judge)), **boot)
-                          for b in targets if b is not a} for a in targets}
-        if any(s is not None for row in table.values() for s in row.values()):
-            matrix[judge] = table
-    return matrix
-
-
-def checkpoint_metrics(rows, t: Target, baseline: str, matrix: dict, boot: dict) -> dict:
-    m: dict = {"ref": t.checkpoint.ref, "path": t.checkpoint.path}
-    verified = [(row, c) for row, c in zip(rows, t.correct) if c is not None]
-    if verified:
-        acc = M.mean_ci([c for _, c in verified], **boot)
-        m.update(accuracy=acc["mean"], accuracy_ci=acc["ci"], verified=acc["n"])
-        skills = sorted({row["skill"] for row, _ in verified if row.get("skill")})
-        if skills:
-            m["accuracy_per_skill"] = {s: M.mean_ci([c for row, c in verified if row.get("skill") == s], **boot)
-                                       for s in skills}
-        levels = {"easy": [c for row, c in verified if row.get("hard") is False],
-                  "hard": [c for row, c in verified if row.get("hard") is True]}
-        if any(levels.values()):
-            m["accuracy_by_difficulty"] = {level: M.mean_ci(v, **boot) for level, v in levels.items() if v}
+        t.rewards = scores([[r] for r in t.greedy], f"{t.name}: rewards").tolist()
         if t.samples is not None:
-            per_row = [[judges.is_correct(row, s.text) for s in samples] for row, samples in zip(rows, t.samples)
-                       if judges.has_verifier(row)]
-            m["sample_accuracy"] = float(np.mean(per_row))
-            m["pass_at_n"] = float(np.mean([any(x) for x in per_row]))
-    if t.rewards is not None:
-        reward = M.mean_ci(t.rewards, **boot)
-        m.update(reward=reward["mean"], reward_ci=reward["ci"])
-    if t.name != baseline:
-        wins = {judge: matrix[judge][t.name][baseline] for judge in matrix
-                if matrix[judge][t.name][baseline] is not None}
-        if wins:
-            m["win_rate"] = wins
-    if t.log_ratios is not None:
-        kl = M.mean_ci(t.log_ratios.mean(axis=1), **boot)  # per prompt, then a bootstrap over prompts
-        m.update(kl=kl["mean"], kl_ci=kl["ci"])
-    m["reply_tokens"] = float(np.mean([r.n_tokens for r in t.greedy]))
-    m["reply_words"] = float(np.mean([len(r.text.split()) for r in t.greedy]))
-    m["ended"] = float(np.mean([r.ended for r in t.greedy]))
-    if t.samples is not None:  # diversity among the samples of one prompt, averaged over prompts
-        for n in (1, 2):
-            values = [v for samples in t.samples if (v := M.distinct_n([s.text for s in samples], n)) is not None]
-            if values:
-                m[f"distinct_{n}"] = float(np.mean(values))
-        m["sample_ended"] = float(np.mean([s.ended for samples in t.samples for s in samples]))
-    if t.perplexity is not None:
-        m["perplexity"], m["perplexity_tokens"] = t.perplexity, t.perplexity_tokens
-    m["seconds"] = round(t.seconds, 1)
-    return m
+            t.sample_rewards = scores(t.samples, f"{t.name}: sample rewards").reshape(len(rows), -1)
+    return reward_model.standardised
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -313,19 +261,30 @@ class EvalSetup:
     baseline: str                     # every win rate is against this checkpoint
     seed: int                         # sampling and bootstrap seed
     verified: int                     # prompts with a reference answer (a verifier)
+    own_samples: bool = False         # samples from each model's own distribution: entropy, and KL with a reference
     kl: bool = False                  # the sequence KL to `reference` is measured
     kl_note: str | None = None        # why it is not, when a reference was named
+    best_of: list = dataclasses.field(default_factory=list)  # n of the best-of-n curve (at most num_samples)
     reference: str | None = None      # the KL reference's name in the report
     reward_standardised: bool = False  # reward scores are standardised with the reward stage's mean and std
 
 
-def kl_setup(setup: EvalSetup, keys, reference: runs.Checkpoint | None, targets) -> None:
-    """The sequence KL needs samples from each model's own distribution (temperature 1, top_p 1)."""
+def samples_setup(setup: EvalSetup, keys, reference: runs.Checkpoint | None, reward, targets) -> None:
+    """The sequence KL and the entropy need samples from each model's own distribution (temperature 1, top_p 1);
+    best-of-n needs a reward model and as many samples as n."""
     if not keys.num_samples:
         setup.kl_note = "no samples (num_samples: 0)"
     elif keys.temperature != 1.0 or keys.top_p != 1.0:
         setup.kl_note = "samples not from the model's own distribution (temperature or top_p not 1)"
-    setup.kl = reference is not None and setup.kl_note is None
+    setup.own_samples = setup.kl_note is None
+    setup.kl = reference is not None and setup.own_samples
+    setup.best_of = sorted({n for n in keys.best_of_n if n <= keys.num_samples}) if reward is not None else []
+    if keys.best_of_n and not setup.best_of:
+        log.info("no best-of-n: " + ("no reward model to pick with" if reward is None else
+                                     f"num_samples {keys.num_samples} is below every n of best_of_n"))
+    elif len(setup.best_of) < len(set(keys.best_of_n)):
+        log.info(f"best-of-n up to num_samples ({keys.num_samples}): n = "
+                 f"{', '.join(str(n) for n in sorted(set(keys.best_of_n)) if n > keys.num_samples)} left out")
     if reference is not None:
         if not setup.kl:
             log.info(f"sequence KL skipped: {setup.kl_note}")
@@ -357,18 +316,24 @@ def main(argv):
         if run.state.is_main_process:  # generation is not sharded: other processes only wait
             device = run.state.device
             setup = EvalSetup(baseline=baseline, seed=seed, verified=sum(judges.has_verifier(r) for r in rows))
-            kl_setup(setup, keys, reference, targets)
+            samples_setup(setup, keys, reference, reward, targets)
             log.info(f"{len(rows)} prompts from {keys.prompts} ({setup.verified} with a verifier); "
                      f"checkpoints: {', '.join(t.name for t in targets)}; baseline {baseline}")
             reference_lm = load_lm(recipe, reference, device) if setup.kl else None
             for t in targets:
-                run_checkpoint(recipe, keys, t, rows, ppl_rows, reference_lm, seed, device)
+                t.parent = runs.trained_from(t.checkpoint.path) if t.checkpoint.source != "hub" else None
+                run_checkpoint(recipe, keys, t, rows, ppl_rows, reference_lm, setup.own_samples, seed, device)
             del reference_lm
             if reward is not None:
                 setup.reward_standardised = score_rewards(recipe, reward, targets, rows, keys.batch_size, device)
 
             matrix = win_matrix(rows, targets, boot)
-            per = {t.name: checkpoint_metrics(rows, t, baseline, matrix, boot) for t in targets}
+            per = {t.name: checkpoint_metrics(rows, t, baseline, matrix, boot, setup.best_of) for t in targets}
+            collapse = collapse_checks(targets, per)
+            for c in collapse:
+                if c["collapsing"]:
+                    log.warning(f"collapse: from {c['from']} to {c['to']} distinct-2 of the samples changed by "
+                                f"{c['diversity_change']:+.3f}, their verifier accuracy by {c['accuracy_change']:+.3f}")
             metrics = {f"accuracy_{t.name}": per[t.name]["accuracy"] for t in targets if "accuracy" in per[t.name]}
             skills = Counter(r["skill"] for r in rows if r.get("skill"))
             metrics.update({
@@ -381,6 +346,7 @@ def main(argv):
                                "temperature": keys.temperature, "top_p": keys.top_p, "seed": seed},
                 "checkpoints": per,
                 "win_rates": matrix,
+                "collapse_checks": collapse,
             })
             if setup.kl_note:
                 metrics["kl_note"] = setup.kl_note
@@ -388,7 +354,8 @@ def main(argv):
             versus = {t.name: {j: outcomes(rows, t, base, j) for j in judges.JUDGES} for t in targets if t is not base}
             eval_report.write_samples(run.out / "samples.jsonl", rows, targets, versus)
             plots = eval_report.plot_all(run.out, targets, per, matrix, baseline)
-            eval_report.write_report(run.out / "report.md", recipe, keys, setup, rows, targets, per, matrix, plots)
+            eval_report.write_report(run.out / "report.md", recipe, keys, setup, rows, targets, per, matrix, plots,
+                                     collapse)
             eval_report.log_summary(targets, per, baseline)
             eval_report.to_trackers(keys.report_to, run.out, per)
         run.finish(metrics, config=dataclasses.asdict(keys))

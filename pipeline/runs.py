@@ -109,6 +109,17 @@ def usable(recipe, recorded: dict) -> Checkpoint:
     return Checkpoint(**values)
 
 
+def trained_from(folder) -> str | None:
+    """The absolute path of the model a finished stage folder started from (its manifest's `init_from`), or None
+    (not a stage folder, or a model built from `model.config`). A path recorded relative to the run folder is read
+    against the folder's own run folder, so a moved run still answers."""
+    recorded = ((read_manifest(Path(folder)) or {}).get("inputs", {}).get("checkpoints", {}).get("init_from"))
+    if not recorded or not recorded.get("path"):
+        return None
+    path = Path(folder).parent / recorded["path"] if recorded.get("in_run_dir") else Path(recorded["path"])
+    return str(path.resolve()) if recorded.get("source") != "hub" else recorded["path"]
+
+
 def stage_inputs(recipe, stage: str, must_exist: bool = True) -> dict:
     """Everything a stage's result depends on, as recorded in its manifest and hashed into its fingerprint."""
     from pipeline import data

@@ -125,6 +125,8 @@ class PPOKeys(HeldoutKeys):
                                                          "ignored)", ref="data")
     columns: dict | None = key(None, "column mapping {our name: your column}, e.g. {prompt: question}")
     merge_adapter: bool = key(False, "with use_peft: also save the merged full model under `merged/`")
+    monitor_window: int = key(10, "history rows (ppo: steps; grpo/rloo: logged steps) per window of the "
+                                  "over-optimisation and collapse warnings (pipeline/monitors.py)")
 
 
 NON_POLICY_STAGES = ("reward", "eval")  # stages whose output is not a causal LM to evaluate
@@ -151,9 +153,13 @@ class EvalKeys:
                                       ref="data")
     perplexity_max_rows: int = key(200, "perplexity on at most this many rows")
     max_new_tokens: int = key(48, "generation budget per reply")
-    num_samples: int = key(4, "sampled replies per prompt besides the greedy one (pass@n, KL, diversity); 0: none")
+    num_samples: int = key(4, "sampled replies per prompt besides the greedy one (pass@n, KL, diversity, "
+                              "best-of-n); 0: none")
     temperature: float = key(1.0, "sampling temperature (the KL estimate needs 1.0)")
     top_p: float = key(1.0, "nucleus sampling (the KL estimate needs 1.0)")
+    best_of_n: list[int] = key([1, 2, 4, 8, 16], "with a reward model: the reward model picks the best of n samples "
+                                                 "for each n (up to num_samples); the pick's verifier accuracy, win "
+                                                 "rate against the greedy reply and reward per n; empty: none")
     batch_size: int = key(64, "prompts per generation batch and sequences per scoring batch")
     seed: int | None = key(None, "sampling and bootstrap seed; empty: run.seed")
     bootstrap: int = key(1000, "bootstrap resamples for the 95% confidence intervals")

@@ -1,5 +1,6 @@
 """The eval stage: metric functions on hand-made inputs, and pipeline/evaluate.py through its real command lines."""
 
+import itertools
 import json
 import math
 
@@ -64,6 +65,59 @@ def test_distinct_n_counts_unique_ngrams_over_all_texts():
     assert M.distinct_n(["one"], 2) is None
     with pytest.raises(ValueError):
         M.distinct_n(texts, 0)
+
+
+def brute_force_best_of_n(rewards, values, n):
+    """Every n-subset in turn; its highest reward picked, a tie shared equally among the tied replies."""
+    picks = []
+    for subset in itertools.combinations(range(len(rewards)), n):
+        top = max(rewards[i] for i in subset)
+        tied = [values[i] for i in subset if rewards[i] == top]
+        picks.append(sum(tied) / len(tied))
+    return sum(picks) / len(picks)
+
+
+def test_best_of_n_is_the_reward_models_pick_over_every_subset():
+    # by hand: values 0, 1, 0 at rewards 1, 3, 2; of the pairs {1,3} {1,2} {3,2} two contain the best reply
+    assert M.best_of_n_expected([1, 3, 2], [0, 1, 0], 1) == pytest.approx(1 / 3)
+    assert M.best_of_n_expected([1, 3, 2], [0, 1, 0], 2) == pytest.approx(2 / 3)
+    assert M.best_of_n_expected([1, 3, 2], [0, 1, 0], 3) == pytest.approx(1.0)
+    # ties: the two replies at reward 2 split the pick; {a,b}: 0.5, {a,c}: 1, {b,c}: 0
+    assert M.best_of_n_expected([2, 2, 0], [1, 0, 1], 2) == pytest.approx(0.5)
+    assert M.best_of_n_expected([5, 5, 5, 5], [1, 0, 0, 0], 3) == pytest.approx(0.25)  # constant reward: random pick
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        size = int(rng.integers(1, 8))
+        rewards, values = rng.integers(0, 3, size).tolist(), rng.random(size).tolist()  # many ties
+        for n in range(1, size + 1):
+            assert M.best_of_n_expected(rewards, values, n) == pytest.approx(brute_force_best_of_n(rewards, values, n))
+    assert M.best_of_n_expected([1, 2], [0, 1], 3) is None  # more than the samples there are
+    assert M.best_of_n_expected([1, 2], [None, None], 1) is None  # a prompt without a verifier
+    with pytest.raises(ValueError):
+        M.best_of_n_expected([1, 2], [0, 1, 1], 1)
+
+
+def test_best_of_n_curve_averages_prompts_with_a_verifier_and_caps_n():
+    rewards = [[1, 3, 2], [0, 0, 1], [4, 5, 6]]
+    values = [[0, 1, 0], [1, 1, 0], [None, None, None]]  # the third prompt has no verifier
+    curve = M.best_of_n_curve(rewards, values, [1, 2, 4], n_boot=200)
+    assert [p["n"] for p in curve] == [1, 2]  # 4 > the 3 samples
+    assert [p["prompts"] for p in curve] == [2, 2]
+    assert curve[0]["mean"] == pytest.approx((1 / 3 + 2 / 3) / 2)
+    assert curve[1]["mean"] == pytest.approx((2 / 3 + 1 / 3) / 2)  # second prompt: the best of 2 holds c 2/3 of the time
+    assert all(p["ci"][0] <= p["mean"] <= p["ci"][1] for p in curve)
+
+
+def test_self_bleu_measures_how_alike_samples_are():
+    assert M.self_bleu(["Sure! The answer is 8."] * 3) == pytest.approx(1.0)
+    assert M.self_bleu(["a b c", "d e f"]) == 0.0  # no shared word
+    # "a b" against "a c": unigram precision 1/2, bigram (0 + 1) / (1 + 1); geometric mean 0.5; same lengths
+    assert M.self_bleu(["a b", "a c"], max_n=2) == pytest.approx(0.5)
+    assert M.bleu("a", ["a b c"], max_n=1) == pytest.approx(math.exp(1 - 3))  # brevity penalty, precision 1
+    alike, varied = (M.self_bleu(t) for t in (["the answer is 8", "the answer is 9", "the answer is 8"],
+                                              ["the answer is 8", "I think it is 12", "no idea"]))
+    assert 0 < varied < alike < 1
+    assert M.self_bleu(["one"]) is None
 
 
 def test_exact_match_and_perplexity():
@@ -317,8 +371,52 @@ def test_bad_eval_settings_stop_before_anything_is_written(tiny_run, tmp_path, m
     cases = [("eval.top_p=1.5", "eval.top_p must be in (0, 1]"),
              (f"eval.checkpoints=[{tmp_path}]", "not a saved model"),
              (f"eval.reward_model={work / 'runs/tiny/sft'}", "not a reward model"),
-             ("eval.checkpoints=[model]", "nothing trained to evaluate")]
+             ("eval.checkpoints=[model]", "nothing trained to evaluate"),
+             ("eval.best_of_n=[1,0]", "eval.best_of_n must be a list of sample counts, each at least 1")]
     for override, message in cases:
         with pytest.raises(PipelineError, match=message.replace("(", r"\(").replace("]", r"\]")):
             evaluate.main([str(recipe), override])
     assert not (tmp_path / "runs").exists()
+
+
+def test_best_of_n_diversity_and_collapse_check_through_the_stage(ranked, tmp_path, monkeypatch):
+    """With a reward model (random here: what it prefers does not matter) the stage scores every sample, and the
+    best-of-n curve in metrics.json is what samples.jsonl's rewards and verdicts give; n above num_samples is left
+    out. The SFT model was trained from the base (its manifest says so): the two get a collapse check."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    work, _, base, _ = ranked
+    sft = work / "runs/ranked/sft"
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(base, num_labels=1).save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path / "rm")
+    recipe = tiny_recipe(tmp_path, eval={**SMALL_EVAL, "num_samples": 4, "checkpoints": [base, str(sft)],
+                                         "reward_model": str(tmp_path / "rm"), "best_of_n": [1, 2, 4, 8]})
+    monkeypatch.chdir(tmp_path)
+    evaluate.main([str(recipe)])
+    out = tmp_path / "runs/tiny/eval"
+    metrics = json.loads((out / "metrics.json").read_text())
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert metrics["checkpoints"]["ranked/sft"]["sample_accuracy"] > 0  # else the accuracy check below is 0 == 0
+    for name, m in metrics["checkpoints"].items():
+        curve = m["best_of_n"]
+        assert [p["n"] for p in curve] == [1, 2, 4]
+        assert set(curve[0]) == {"n", "accuracy", "annotator_win_rate_vs_greedy", "reward"}
+        assert curve[0]["accuracy"]["mean"] == pytest.approx(m["sample_accuracy"])  # n = 1: a random sample
+        picked, best = [], []  # n = 4 = all samples: the highest-reward sample (a tie shared)
+        for s in samples:
+            replies = s["replies"][name]["samples"]
+            best.append(max(r["reward"] for r in replies))
+            picked.append(np.mean([r["correct"] for r in replies if r["reward"] == best[-1]]))
+        assert curve[-1]["accuracy"]["mean"] == pytest.approx(np.mean(picked), abs=1e-6)
+        assert curve[-1]["reward"]["mean"] == pytest.approx(np.mean(best), abs=1e-3)  # samples.jsonl rounds to 1e-4
+        assert 0 <= m["self_bleu"] <= 1 and m["sample_entropy"] > 0
+    [check] = metrics["collapse_checks"]
+    assert (check["from"], check["to"]) == ("tiny/pretrain", "ranked/sft")
+    before, after = metrics["checkpoints"]["tiny/pretrain"], metrics["checkpoints"]["ranked/sft"]
+    assert check["diversity_change"] == pytest.approx(after["distinct_2"] - before["distinct_2"])
+    assert check["accuracy_change"] == pytest.approx(after["sample_accuracy"] - before["sample_accuracy"])
+    report = (out / "report.md").read_text()
+    assert "## Best-of-n" in report and "| n = 1 | n = 2 | n = 4 |" in report and "n = 8" not in report
+    assert "## Collapse checks" in report and "self-BLEU" in report
+    assert (out / "best_of_n.png").read_bytes()[:4] == b"\x89PNG" and "![best_of_n](best_of_n.png)" in report
