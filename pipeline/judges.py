@@ -27,6 +27,12 @@ def is_correct(row, text: str) -> bool | None:
     return M.exact_match(final if final is not None else text, row["answer"])
 
 
+def verifier_scores(skills, answers, texts) -> list[float]:
+    """1.0 / 0.0: the verifier's verdict on each reply to prompts with these skills and reference answers. Online RL
+    logs it as the gold score of its rollouts, and adds it to the reward only with `verifier_weight`."""
+    return [float(is_correct({"skill": s, "answer": a}, t)) for s, a, t in zip(skills, answers, texts)]
+
+
 def annotator_outcome(row, a: str, b: str) -> int | None:
     """+1 / 0 / -1: the world's noise-free annotator prefers a / neither (equal quality) / b. None off-world."""
     skill, answer = row.get("skill"), row.get("answer")

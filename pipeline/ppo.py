@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
 
 import math
 
-from pipeline import cli, data, models, preferences, runs
+from pipeline import cli, data, log, models, monitors, preferences, runs
 from pipeline.heldout import heldout_comparison, heldout_rows
 from pipeline.ppo_trainer import PPOTrainer
 from pipeline.recipe import load_recipe, stage_help
@@ -58,8 +58,9 @@ def last_user_text(prompt) -> str:
     return prompt if isinstance(prompt, str) else next(m["content"] for m in reversed(prompt) if m["role"] == "user")
 
 
-def with_answers(ds, spec: str):
-    """Add `skill`/`answer` for the verifier reward: the dataset's own columns, or solved from world prompts."""
+def with_answers(ds, spec: str, required: bool):
+    """Add `skill`/`answer` for the verifier (the gold score, and the reward with verifier_weight): the dataset's own
+    columns, or solved from world prompts. Prompts that are neither: an error when `required`, else no gold score."""
     from pipeline import world
 
     if {"skill", "answer"} <= set(ds.column_names):
@@ -67,6 +68,9 @@ def with_answers(ds, spec: str):
     skills, answers = [], []
     for i, prompt in enumerate(ds["prompt"]):
         key = world.prompt_key(last_user_text(prompt))
+        if key is None and not required:
+            log.info(f"{spec}: row {i + 1} has no answer to check: no gold score (verifier accuracy) is logged")
+            return ds
         if key is None:
             raise cli.PipelineError(f"{spec}: row {i + 1}: verifier_weight needs `skill` and `answer` columns, and "
                                     f"this prompt is not a world problem to solve")
@@ -88,33 +92,54 @@ def summarise(history: list[dict], algorithm: str) -> dict:
         return sum(vals) / len(vals) if vals else None
 
     out = {"algorithm": algorithm, "steps": history[-1]["step"] if history else 0}
-    for key in ("reward_raw", "reward", "kl", "kl_per_token", "verifier", "reply_length", "ended"):
+    for key in ("reward_raw", "reward", "kl", "kl_per_token", "verifier", "distinct_2", "reply_length", "ended"):
         start, end = mean(history[:n], key), mean(history[-n:], key)
         if start is not None:
             out[f"{key}_start"], out[f"{key}_end"] = start, end
     return out
 
 
-def plot_curves(history: list[dict], path: Path, algorithm: str) -> None:
+def plot_curves(history: list[dict], path: Path, algorithm: str, window: int) -> None:
+    """Reward and KL per step, and the proxy reward and the gold score against KL (moving means over `window` rows:
+    over-optimisation shows as the gold curve turning down while the proxy still climbs)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     steps = [r["step"] for r in history]
-    fig, (ax_r, ax_k) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax_r, ax_k, ax_g) = plt.subplots(1, 3, figsize=(15, 3.8))
     for key, label in (("reward", "reward (normalised)"), ("reward_raw", "reward (raw)"), ("verifier", "verifier")):
         if any(r.get(key) is not None for r in history):
             ax_r.plot(steps, [r.get(key) for r in history], label=label)
     ax_r.set(xlabel="step", title=f"{algorithm}: reward", ylabel="mean per reply")
     ax_r.legend()
-    per = "reply" if any(r.get("kl") is not None for r in history) else "token"
-    ax_k.plot(steps, [r.get("kl" if per == "reply" else "kl_per_token") for r in history], color="tab:red")
+    kl_key, per = ("kl", "reply") if any(r.get("kl") is not None for r in history) else ("kl_per_token", "token")
+    ax_k.plot(steps, [r.get(kl_key) for r in history], color="tab:red")
     ax_k.set(xlabel="step", title="KL to the reference", ylabel=f"nats per {per}")
     if any("kl_coef" in r for r in history):
         ax_c = ax_k.twinx()
         ax_c.plot(steps, [r.get("kl_coef") for r in history], color="tab:gray", ls="--")
         ax_c.set_ylabel("KL coefficient (dashed)")
+
+    rows = [r for r in history if r.get(kl_key) is not None and r.get("reward") is not None]
+    if rows:
+        w = min(window, len(rows))
+
+        def moving(key):
+            return np.convolve([r[key] for r in rows], np.ones(w) / w, mode="valid")
+
+        kl = moving(kl_key)
+        ax_g.plot(kl, moving("reward"), color="tab:blue", label="proxy: reward model (normalised)")
+        ax_g.set(xlabel=f"KL to the reference (nats per {per})", ylabel="proxy reward",
+                 title=f"proxy and gold against KL (means over {w} rows)")
+        if all(r.get("verifier") is not None for r in rows):
+            ax_gold = ax_g.twinx()
+            ax_gold.plot(kl, moving("verifier"), color="tab:green", label="gold: verifier accuracy")
+            ax_gold.set_ylabel("gold: verifier accuracy (green)")
+            ax_gold.legend(loc="lower right", fontsize=8)
+        ax_g.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -136,8 +161,7 @@ def main(argv):
                                 f"has no `{keys.reward_model}` section: add one, or name a saved reward model folder")
     with runs.StageRun(recipe, STAGE) as run:
         prompts = load_prompts(keys.prompts, recipe, keys.columns)
-        if cfg.verifier_weight:
-            prompts = with_answers(prompts, keys.prompts)
+        prompts = with_answers(prompts, keys.prompts, required=bool(cfg.verifier_weight))
         data.warn_world_eval(recipe, STAGE, keys)
         heldout = heldout_rows(recipe, keys)
         init, reward_checkpoint = run.checkpoint(), run.checkpoint("reward_model")
@@ -156,9 +180,10 @@ def main(argv):
         if heldout is not None and run.state.is_main_process:
             metrics.update(heldout_comparison(recipe, keys, heldout, ("start", init.path), (STAGE, str(run.out))))
         metrics["final"] = history[-1] if history else {}
+        metrics["warnings"] = monitors.online_warnings(history, keys.monitor_window)
         metrics["history"] = history
         if run.state.is_main_process and history:
-            plot_curves(history, run.out / "curves.png", cfg.algorithm)
+            plot_curves(history, run.out / "curves.png", cfg.algorithm, keys.monitor_window)
         run.finish(metrics, config=cfg, global_batch_size=cfg.batch_size * run.state.num_processes)
 
 

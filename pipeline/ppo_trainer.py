@@ -7,10 +7,12 @@
 Each process takes `batch_size` prompts per step and samples one reply each from the policy (KV cache, left
 padding, stops at end-of-turn): a `Rollout`. The reward model scores the replies (normalised with the statistics its
 stage stored; minus `missing_eos_penalty` for replies that ran out of tokens; plus `verifier_weight` times the
-world's verifier), the policy's, the frozen reference's and the critic's per-token values are computed, a per-token
-KL penalty is added and GAE gives the advantages. Then `ppo_epochs` passes of clipped policy and value updates over
-`num_minibatches` minibatches. The math on tensors is pipeline/rl.py. The critic is a value head on a copy of the
-reward model (`critic_init: reward`) or of the policy (`critic_init: policy`). Every `save_steps` steps all state
+world's verifier, which is also logged as the gold score whenever the prompts have answers), the policy's, the
+frozen reference's and the critic's per-token values are computed, a per-token KL penalty is added and GAE gives
+the advantages. Then `ppo_epochs` passes of clipped policy and value updates over `num_minibatches` minibatches.
+After each step pipeline/monitors.py's rules read the history (over-optimisation, collapse) and warn. The math on
+tensors is pipeline/rl.py. The critic is a value head on a copy of the reward model (`critic_init: reward`) or of the
+policy (`critic_init: policy`). Every `save_steps` steps all state
 (models, optimizers, schedulers, KL coefficient, prompt position, random states, history) goes into
 `checkpoint-N/`: the accelerate state (safetensors, and torch files that load with weights_only=True) and
 `loop_state.json` (KL coefficient, prompt position, step and history), no pickle.
@@ -29,13 +31,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline import cli, cluster, faults, log, models, rl, safe_resume, threads
+from pipeline import cli, cluster, faults, judges, log, metrics, models, monitors, rl, safe_resume, threads
 from pipeline.generation import render_prompt
 from pipeline.reward_model import RewardModel, load_reward_model
 
 # printed every logging_steps (metrics.json has every statistic of every step)
-LOG_KEYS = ("step", "reward_raw", "reward", "verifier", "kl", "kl_coef", "entropy", "clipfrac", "approx_kl",
-            "value_loss", "explained_variance", "reply_length", "ended")
+LOG_KEYS = ("step", "reward_raw", "reward", "verifier", "kl", "kl_coef", "entropy", "distinct_2", "clipfrac",
+            "approx_kl", "value_loss", "explained_variance", "reply_length", "ended")
 UPDATE_STATS = ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl", "entropy")
 
 
@@ -59,7 +61,7 @@ class Rollout:
 
     raw: torch.Tensor = None           # (B,) reward-model scores
     normalised: torch.Tensor = None    # (B,) the same standardised with the reward stage's mean and std
-    correct: torch.Tensor = None       # (B,) float 1/0: the world's verifier (only with verifier_weight)
+    correct: torch.Tensor = None       # (B,) float 1/0: the verifier, the gold score (when prompts have answers)
     scores: torch.Tensor = None        # (B,) the score given at the last reply token
     logprobs: torch.Tensor = None      # (B, R) log pi(token) under the policy that sampled it
     ref_logprobs: torch.Tensor = None  # (B, R) the same under the frozen reference
@@ -248,15 +250,13 @@ class PPOTrainer:
     @torch.no_grad()
     def score(self, batch: Rollout) -> None:
         """Phase 2: the reward of each reply, and the policy's, the reference's and the critic's view of it."""
-        from pipeline import world
-
         cfg, rows = self.cfg, self.prompts.select(batch.rows)
         batch.raw, batch.normalised, batch.scores = self.reward_model.policy_scores(
             rows["prompt"], batch.texts, batch.ended, cfg.missing_eos_penalty, desc="ppo rewards")
-        if cfg.verifier_weight:
-            batch.correct = torch.tensor([world.verify(s, t, a) for s, t, a in
-                                          zip(rows["skill"], batch.texts, rows["answer"])],
+        if "answer" in rows.column_names:  # the gold score, logged to see over-optimisation
+            batch.correct = torch.tensor(judges.verifier_scores(rows["skill"], rows["answer"], batch.texts),
                                          dtype=torch.float32, device=self.device)
+        if cfg.verifier_weight:  # only then does the gold score enter the reward
             batch.scores = batch.scores + cfg.verifier_weight * batch.correct
         seq, att, ctx = batch.sequences, batch.attention_mask, batch.context_length
         batch.logprobs = rl.logprobs_of(reply_logits(self.unwrapped, seq, att, ctx, cfg.temperature), batch.replies)
@@ -321,6 +321,9 @@ class PPOTrainer:
             "explained_variance": torch.tensor(rl.explained_variance(batch.values, batch.returns, batch.mask),
                                                device=self.device),
             "reply_length": batch.mask.sum(1).mean(), "ended": batch.ended.float().mean(),
+            # diversity of this process's replies (no n-gram at all: none); averaged over processes below
+            **{f"distinct_{n}": torch.tensor(metrics.distinct_n(batch.texts, n) or 0.0, device=self.device)
+               for n in (1, 2)},
         }
         if batch.correct is not None:
             local["verifier"] = batch.correct.mean()
@@ -366,6 +369,9 @@ class PPOTrainer:
             faults.point("training")
             if progress.step % cfg.logging_steps == 0 or progress.step == cfg.max_steps:
                 log.info(" ".join(f"{k} {v:.4g}" for k, v in step_stats.items() if k in LOG_KEYS))
+            for warning in monitors.online_warnings(progress.history, self.keys.monitor_window):
+                if warning["step"] == progress.step:  # new at this step
+                    log.warning(warning["message"])
             saved = progress.step == cfg.max_steps or (cfg.save_steps and progress.step % cfg.save_steps == 0)
             if saved:
                 self.save_checkpoint()

@@ -2,21 +2,25 @@
 
 The same prompts and the same reward as our PPO (pipeline/ppo_trainer.py): the reward model scored through
 pipeline/reward_model.py and normalised with its stage's statistics, the missing-eos penalty, and optionally the
-world's verifier as a second reward function with `verifier_weight`. Returns the per-step history in ppo's names.
+world's verifier as a second reward function with `verifier_weight`. Whenever the prompts have answers the
+verifier's accuracy on the rollouts is logged as the gold score (never rewarded without `verifier_weight`), with the
+replies' distinct-1/2; pipeline/monitors.py's rules read the logged history and warn. Returns the per-step history in
+ppo's names.
 """
 
 from __future__ import annotations
 
 import torch
 
-from pipeline import cli, models
+from pipeline import cli, judges, log, metrics, models, monitors
 from pipeline.reward_model import RewardModel
 
 
 # TRL's logged names -> ours ("reward" is TRL's weighted sum of the reward functions: our `score`; TRL's "kl" is a
 # mean per token, ours a mean per reply)
 TRL_NAMES = {"reward": "score", "reward_raw": "reward_raw", "reward_normalised": "reward", "ended": "ended",
-             "rewards/verifier/mean": "verifier", "kl": "kl_per_token", "entropy": "entropy",
+             "verifier": "verifier", "distinct_1": "distinct_1", "distinct_2": "distinct_2",
+             "kl": "kl_per_token", "entropy": "entropy",
              "completions/mean_length": "reply_length", "clip_ratio/region_mean": "clipfrac", "loss": "policy_loss",
              "learning_rate": "lr"}
 
@@ -25,20 +29,55 @@ def reply_texts(completions) -> list[str]:
     return [c[-1]["content"] if isinstance(c, list) else c for c in completions]
 
 
+def log_rollout_statistics(texts, log_metric, skill=None, answer=None) -> None:
+    """What a step's replies say beyond their reward: the gold score (the verifier's accuracy, when the prompts have
+    answers) and their diversity (distinct-1/2 over the step's replies on this process; no n-gram at all: 0)."""
+    if answer is not None:
+        scores = judges.verifier_scores(skill, answer, texts)
+        log_metric("verifier", sum(scores) / len(scores))
+    for n in (1, 2):
+        log_metric(f"distinct_{n}", metrics.distinct_n(texts, n) or 0.0)
+
+
 def reward_function(reward_model: RewardModel, eos_token_id: int, missing_eos_penalty: float | None):
     """The reward model as a TRL reward function: the same score as our PPO gives a reply (RewardModel.policy_scores),
-    and its raw and normalised means logged."""
+    its raw and normalised means logged, and the rollout statistics (log_rollout_statistics), which never change the
+    score."""
 
-    def reward_model_score(prompts, completions, completion_ids, log_metric, **_):
+    def reward_model_score(prompts, completions, completion_ids, log_metric, skill=None, answer=None, **_):
+        texts = reply_texts(completions)
         ended = torch.tensor([len(ids) > 0 and ids[-1] == eos_token_id for ids in completion_ids])
-        raw, normalised, scores = reward_model.policy_scores(prompts, reply_texts(completions), ended,
-                                                             missing_eos_penalty)
+        raw, normalised, scores = reward_model.policy_scores(prompts, texts, ended, missing_eos_penalty)
         log_metric("reward_raw", raw.mean().item())
         log_metric("reward_normalised", normalised.mean().item())
         log_metric("ended", ended.float().mean().item())
+        log_rollout_statistics(texts, log_metric, skill, answer)
         return scores.tolist()
 
     return reward_model_score
+
+
+def history_of(log_history: list[dict]) -> list[dict]:
+    """TRL's log entries of steps that generated (with num_iterations > 1 the others reuse their replies), in ppo's
+    names."""
+    return [{"step": entry["step"], **{ours: entry[theirs] for theirs, ours in TRL_NAMES.items() if theirs in entry}}
+            for entry in log_history if "reward" in entry]
+
+
+def monitor_callback(window: int):
+    """A TrainerCallback that runs pipeline/monitors.py's rules on the history logged so far and logs the warnings
+    that are new at this step."""
+    from transformers import TrainerCallback
+
+    class Monitor(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            history = history_of(state.log_history)
+            if state.is_world_process_zero and history and logs and "reward" in logs:
+                for warning in monitors.online_warnings(history, window):
+                    if warning["step"] == history[-1]["step"]:
+                        log.warning(warning["message"])
+
+    return Monitor()
 
 
 def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoint) -> list[dict]:
@@ -52,8 +91,6 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
     Anything else of GRPOConfig / RLOOConfig goes in `trl_args` (e.g. {num_iterations: 2, scale_rewards: batch}).
     """
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
-
-    from pipeline import world
 
     config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if cfg.algorithm == "grpo" else (RLOOConfig, RLOOTrainer)
     mapped = dict(
@@ -83,20 +120,14 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
     eos = tokenizer.eos_token_id
 
     def verifier(prompts, completions, skill, answer, **_):
-        return [float(world.verify(s, r, a)) for s, r, a in zip(skill, reply_texts(completions), answer)]
+        return judges.verifier_scores(skill, answer, reply_texts(completions))
 
     reward_funcs = {"reward_model": reward_function(reward_model, eos, cfg.missing_eos_penalty), "verifier": verifier}
-    columns = ["prompt"] + (["skill", "answer"] if cfg.verifier_weight else [])
-    trainer = trainer_cls(model=model, args=args, train_dataset=prompts.select_columns(columns),
-                          reward_funcs=[reward_funcs[f] for f in funcs],
-                          processing_class=tokenizer, peft_config=models.peft_config(peft_values))
+    trainer = trainer_cls(model=model, args=args, train_dataset=prompts, reward_funcs=[reward_funcs[f] for f in funcs],
+                          processing_class=tokenizer, peft_config=models.peft_config(peft_values),
+                          callbacks=[monitor_callback(keys.monitor_window)])
     reward_model.model.to(trainer.accelerator.device)
     trainer.train(resume_from_checkpoint=run.last_checkpoint())
     models.save_trained(trainer, tokenizer, run.out, merge_adapter=keys.merge_adapter)
 
-    history = []
-    for entry in trainer.state.log_history:
-        if "reward" in entry:  # a step that generated (with num_iterations > 1 the others reuse its replies)
-            history.append({"step": entry["step"],
-                            **{ours: entry[theirs] for theirs, ours in TRL_NAMES.items() if theirs in entry}})
-    return history
+    return history_of(trainer.state.log_history)

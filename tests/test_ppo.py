@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, run_cli, tiny_recipe
-from pipeline import models, ppo_trainer, rl, runs
+from pipeline import models, monitors, ppo_trainer, rl, runs
 from pipeline.ppo_config import PPOConfig
 from pipeline.reward_model import RewardModel
 from pipeline.recipe import load_recipe
@@ -151,6 +151,64 @@ def test_rollout_masks_everything_after_end_of_turn(inputs):
     assert batch.attention_mask[2].tolist() == [1, 1, 1, 1, 0, 0, 0]
 
 
+def test_the_gold_score_is_logged_but_never_rewarded_without_verifier_weight(inputs, monkeypatch):
+    """One rollout scored twice by our PPO: with the gold path on (the prompts have answers; the verifier made to
+    answer 1e6, so any share of it in the reward would show) and off (no answer columns). Scores, per-token rewards
+    and advantages must be equal; with verifier_weight 1 the same verdicts do enter the score."""
+    import copy
+    from types import SimpleNamespace
+
+    from pipeline import judges, ppo
+
+    work = inputs[0]
+    recipe = load_recipe(ppo_recipe(work, max_steps=1))
+    keys, cfg = recipe.keys("ppo"), recipe.trainer_config("ppo")
+    prompts = ppo.with_answers(ppo.load_prompts(keys.prompts, recipe), keys.prompts, required=False)
+    assert {"skill", "answer"} <= set(prompts.column_names) and cfg.verifier_weight == 0.0
+    monkeypatch.setattr(judges, "verifier_scores", lambda skills, answers, texts: [1e6] * len(texts))
+    trainer = ppo_trainer.PPOTrainer(recipe, SimpleNamespace(out=work / "in-process"), cfg, keys,
+                                     recipe.peft_values("ppo"), prompts,
+                                     runs.Checkpoint("policy", str(work / "policy"), "", "local"),
+                                     runs.Checkpoint("rm", str(work / "rm"), "", "local"))
+    rollout = trainer.rollout()
+
+    def scored(prompt_rows, verifier_weight=0.0):
+        trainer.prompts, trainer.cfg.verifier_weight = prompt_rows, verifier_weight
+        batch = copy.deepcopy(rollout)
+        trainer.score(batch)
+        trainer.advantages(batch)
+        return batch
+
+    gold, no_gold = scored(prompts), scored(prompts.remove_columns(["skill", "answer"]))
+    assert gold.correct.tolist() == [1e6] * cfg.batch_size and no_gold.correct is None  # the gold path ran
+    for name in ("scores", "rewards", "advantages", "returns"):
+        assert torch.equal(getattr(gold, name), getattr(no_gold, name)), name
+    rewarded = scored(prompts, verifier_weight=1.0)
+    assert torch.allclose(rewarded.scores, no_gold.scores + 1e6)
+
+
+def test_trl_reward_function_logs_the_gold_score_and_never_returns_it(monkeypatch):
+    """GRPO/RLOO: the reward-model function logs the verifier's accuracy and the replies' diversity; its rewards are
+    the same with and without the prompts' answers (the verifier made to answer 1e6)."""
+    from pipeline import judges, trl_online
+
+    class StubRewardModel:
+        def policy_scores(self, prompts, replies, ended, missing_eos_penalty):
+            raw = torch.arange(len(replies), dtype=torch.float32)
+            return raw, raw / 2, raw / 2 - 1.0 * (~ended)
+
+    monkeypatch.setattr(judges, "verifier_scores", lambda skills, answers, texts: [1e6] * len(texts))
+    score = trl_online.reward_function(StubRewardModel(), eos_token_id=9, missing_eos_penalty=1.0)
+    texts = ["the answer is 3", "the answer is 3", "the answer is 4"]
+    call = dict(prompts=["a", "b", "c"], completions=texts, completion_ids=[[5, 9], [5], [9]])
+    logged, plain_logged = {}, {}
+    with_gold = score(**call, log_metric=logged.__setitem__, skill=["add"] * 3, answer=["3", "3", "3"])
+    without = score(**call, log_metric=plain_logged.__setitem__)
+    assert with_gold == without == [0.0, -0.5, 1.0]
+    assert logged["verifier"] == 1e6 and "verifier" not in plain_logged
+    assert logged["distinct_1"] == pytest.approx(5 / 12) and logged["distinct_2"] == pytest.approx(4 / 9)
+
+
 # ---------------------------------------------------------------------------------------------- command lines
 
 
@@ -183,8 +241,9 @@ def test_short_run_raises_the_mean_reward(inputs, uninterrupted):
     history = metrics["history"]
     assert [h["step"] for h in history] == list(range(1, 13)) and metrics["steps"] == 12
     for key in ("reward_raw", "reward", "kl", "kl_coef", "entropy", "clipfrac", "approx_kl", "value_loss",
-                "explained_variance", "reply_length", "ended"):
-        assert all(isinstance(h[key], float) for h in history), key
+                "explained_variance", "reply_length", "ended", "verifier", "distinct_1", "distinct_2"):
+        assert all(isinstance(h[key], float) for h in history), key  # verifier: world prompts, logged unrewarded
+    assert metrics["warnings"] == monitors.online_warnings(history, 10)
     first, last = history[:3], history[-3:]
     assert sum(h["reward"] for h in last) > sum(h["reward"] for h in first)
     assert history[0]["kl"] == 0.0 and history[-1]["kl"] > 0  # the policy starts as the reference, then moves
@@ -288,7 +347,8 @@ def test_grpo_through_trl_with_the_verifier_reward(inputs):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read(work, "grpo")
     assert metrics["algorithm"] == "grpo" and [h["step"] for h in metrics["history"]] == [1, 2]
-    for key in ("reward_raw", "reward", "score", "verifier", "kl_per_token", "entropy", "reply_length", "ended"):
+    for key in ("reward_raw", "reward", "score", "verifier", "distinct_2", "kl_per_token", "entropy", "reply_length",
+                "ended"):
         assert key in metrics["history"][0], key
     assert (work / "runs/grpo/ppo/curves.png").is_file() and (work / "runs/grpo/ppo/model.safetensors").is_file()
 
