@@ -12,12 +12,15 @@ sampled ones, batched and left-padded with the KV cache and each checkpoint's ow
 Per checkpoint: verifier accuracy (overall, per skill, easy/hard), accuracy of the samples and pass@n; the reward
 model's mean score; win rates against the `baseline` judged by the verifier, the reward model and the world's
 annotator (the rule the preference data was labelled with, without noise); the sequence KL of the samples to the
-`reference` model; reply length, the share of replies that end with end-of-turn, distinct-1/2 and perplexity on
-held-out text. Accuracy, rewards, win rates and KL carry bootstrap 95% intervals over prompts. A metric that cannot
-be computed (no verifier, no reward model, samples not at temperature 1) is absent, never zero.
+`reference` model; reply length, the share of replies that end with end-of-turn, distinct-1/2, Self-BLEU and entropy
+of the samples, and perplexity on held-out text; with a reward model, the best-of-n curve (the reward model's pick
+among n samples: its accuracy, annotator win rate against the greedy reply, reward). Each checkpoint trained from
+another evaluated one gets a collapse check (pipeline/monitors.py). Accuracy, rewards, win rates, KL and best-of-n
+carry bootstrap 95% intervals over prompts. A metric that cannot be computed (no verifier, no reward model, samples
+not at temperature 1) is absent, never zero. The numbers come from pipeline/eval_metrics.py.
 
 Outputs in runs/<run>/eval/: metrics.json, samples.jsonl (every prompt with every checkpoint's replies and scores),
-report.md, and accuracy.png, win_rate.png, reward.png (each when its metric exists).
+report.md, and accuracy.png, win_rate.png, reward.png, best_of_n.png (each when its metric exists).
 Section keys: EvalKeys (pipeline/stages.py).
 """
 
