@@ -1,8 +1,9 @@
 """Rules that watch a policy being optimised and say when to worry: over-optimisation (the proxy reward keeps rising
 while the gold score falls) and collapse (output diversity falls faster than accuracy rises). Plain functions on
 numbers, no model code: the online stages (pipeline/ppo_trainer.py, pipeline/trl_online.py) run them on their
-per-step history, the eval stage (pipeline/evaluate.py) on pairs of checkpoints, and an iterated DPO can call
-`collapse_check` once per round. Callers log what they return.
+per-step history (`new_warnings` after each step, `online_warnings` over the whole run for metrics.json), the eval
+stage (pipeline/eval_metrics.py) on pairs of checkpoints, and an iterated DPO can call `collapse_check` once per
+round. Callers log what they return.
 
 Scores are shares in [0, 1] (verifier accuracy, distinct-2), so "faster" compares changes in the same units.
 """
@@ -19,22 +20,33 @@ def _mean(rows, key) -> float:
     return float(np.mean([r[key] for r in rows]))
 
 
+def _overoptimisation(history, window, proxy, gold, gold_drop) -> tuple[list[dict], np.ndarray]:
+    """The rows of `history` that have both keys, and whether the rule holds at each (see `overoptimised`), in one
+    pass of moving means (a run of thousands of steps checks its whole history at every step)."""
+    rows = [r for r in history if r.get(proxy) is not None and r.get(gold) is not None]
+    flags = np.zeros(len(rows), dtype=bool)
+    if window < 1 or len(rows) < 2 * window:
+        return rows, flags
+    kernel = np.ones(window) / window
+    proxies = np.convolve([r[proxy] for r in rows], kernel, mode="valid")  # [k]: mean of rows k .. k + window - 1
+    golds = np.convolve([r[gold] for r in rows], kernel, mode="valid")
+    best = np.maximum.accumulate(golds)
+    t = np.arange(2 * window - 1, len(rows))  # B: rows t - window + 1 .. t; A: the window before
+    b, a = t - window + 1, t - 2 * window + 1
+    flags[t] = (proxies[b] > proxies[a]) & (golds[b] < golds[a]) & (golds[b] <= best[b] - gold_drop)
+    return rows, flags
+
+
 def overoptimised(history: list[dict], window: int, proxy: str = "reward", gold: str = "verifier",
                   gold_drop: float = GOLD_DROP) -> bool:
     """Whether the proxy reward keeps rising while the gold score falls, at the last row of `history` (the rows that
     have both keys, in order; t of them).
 
-    With B the last `window` rows and A the `window` rows before them (so t >= 2 x window), it fires when
+    With B the last `window` rows and A the `window` rows before them (so t >= 2 x window), it holds when
     mean_B(proxy) > mean_A(proxy), mean_B(gold) < mean_A(gold), and mean_B(gold) is at least `gold_drop` below the
     best gold so far: the largest mean of any `window` consecutive rows up to now."""
-    rows = [r for r in history if r.get(proxy) is not None and r.get(gold) is not None]
-    if window < 1 or len(rows) < 2 * window:
-        return False
-    a, b = rows[-2 * window:-window], rows[-window:]
-    golds = np.array([r[gold] for r in rows], dtype=float)
-    moving = np.convolve(golds, np.ones(window) / window, mode="valid")  # mean of every `window` consecutive rows
-    return bool(_mean(b, proxy) > _mean(a, proxy) and _mean(b, gold) < _mean(a, gold)
-                and _mean(b, gold) <= moving.max() - gold_drop)
+    rows, flags = _overoptimisation(history, window, proxy, gold, gold_drop)
+    return bool(flags[-1]) if rows else False
 
 
 def collapse_check(before: tuple[float, float], after: tuple[float, float],
@@ -48,31 +60,50 @@ def collapse_check(before: tuple[float, float], after: tuple[float, float],
             "collapsing": bool(-diversity_change > max(accuracy_change, 0.0) + tolerance)}
 
 
+def _onset(rows, flags, i: int, window: int) -> dict | None:
+    """The over-optimisation warning when the rule starts to hold at row i (it did not at row i - 1)."""
+    if not flags[i] or (i > 0 and flags[i - 1]):
+        return None
+    recent = rows[i - window + 1:i + 1]
+    return {"step": rows[i]["step"], "rule": "overoptimisation",
+            "message": f"over-optimisation: over the last {window} rows the proxy reward rose to "
+                       f"{_mean(recent, 'reward'):.3g} while the gold score (verifier accuracy) fell to "
+                       f"{_mean(recent, 'verifier'):.3f}, below its best so far"}
+
+
+def _collapse_at(history, t: int, window: int, diversity: str) -> dict | None:
+    """The collapse warning for the `window` rows ending at row t against the `window` rows before them."""
+    a, b = history[t - 2 * window:t - window], history[t - window:t]
+    if not all(r.get("verifier") is not None and r.get(diversity) is not None for r in a + b):
+        return None
+    check = collapse_check((_mean(a, "verifier"), _mean(a, diversity)), (_mean(b, "verifier"), _mean(b, diversity)))
+    if not check["collapsing"]:
+        return None
+    return {"step": history[t - 1]["step"], "rule": "collapse",
+            "message": f"collapse: {diversity} of the replies changed by {check['diversity_change']:+.3f} over the "
+                       f"last {window} rows, verifier accuracy by {check['accuracy_change']:+.3f}"}
+
+
 def online_warnings(history: list[dict], window: int, diversity: str = "distinct_2") -> list[dict]:
     """Every warning the rules give over an online run's history (one row per step; GRPO/RLOO: per logged step),
     as {"step", "rule", "message"}, in order. Over-optimisation is reported at the row where it starts to hold (not
     again while it keeps holding); collapse compares the `window` rows just completed with the `window` rows before
-    them, at every multiple of `window` rows, where the rows have a gold score (`verifier`). Run at every step, the
-    warnings whose step is the current one are new."""
+    them, at every multiple of `window` rows, where the rows have a gold score (`verifier`)."""
+    rows, flags = _overoptimisation(history, window, "reward", "verifier", GOLD_DROP)
+    out = [w for i in range(len(rows)) if (w := _onset(rows, flags, i, window))]
+    ends = range(2 * window, len(history) + 1, window)
+    out += [w for t in ends if (w := _collapse_at(history, t, window, diversity))]
+    return sorted(out, key=lambda w: w["step"])
+
+
+def new_warnings(history: list[dict], window: int, diversity: str = "distinct_2") -> list[dict]:
+    """The warnings of `online_warnings` at the last row of `history` only: what a training loop logs after a step,
+    without going over the whole history again."""
+    rows, flags = _overoptimisation(history, window, "reward", "verifier", GOLD_DROP)
     out = []
-    was = False
-    for t in range(1, len(history) + 1):
-        now = overoptimised(history[:t], window)
-        if now and not was:
-            rows = [r for r in history[:t] if r.get("reward") is not None and r.get("verifier") is not None][-window:]
-            out.append({"step": history[t - 1]["step"], "rule": "overoptimisation",
-                        "message": f"over-optimisation: over the last {window} rows the proxy reward rose to "
-                                   f"{_mean(rows, 'reward'):.3g} while the gold score (verifier accuracy) fell to "
-                                   f"{_mean(rows, 'verifier'):.3f}, below its best so far"})
-        was = now
-        if t % window == 0 and t >= 2 * window:
-            a, b = history[t - 2 * window:t - window], history[t - window:t]
-            if all(r.get("verifier") is not None and r.get(diversity) is not None for r in a + b):
-                check = collapse_check((_mean(a, "verifier"), _mean(a, diversity)),
-                                       (_mean(b, "verifier"), _mean(b, diversity)))
-                if check["collapsing"]:
-                    out.append({"step": history[t - 1]["step"], "rule": "collapse",
-                                "message": f"collapse: {diversity} of the replies changed by "
-                                           f"{check['diversity_change']:+.3f} over the last {window} rows, verifier "
-                                           f"accuracy by {check['accuracy_change']:+.3f}"})
+    if rows and rows[-1] is history[-1] and (w := _onset(rows, flags, len(rows) - 1, window)):
+        out.append(w)
+    t = len(history)
+    if t >= 2 * window and t % window == 0 and (w := _collapse_at(history, t, window, diversity)):
+        out.append(w)
     return out

@@ -253,7 +253,7 @@ class PPOTrainer:
         cfg, rows = self.cfg, self.prompts.select(batch.rows)
         batch.raw, batch.normalised, batch.scores = self.reward_model.policy_scores(
             rows["prompt"], batch.texts, batch.ended, cfg.missing_eos_penalty, desc="ppo rewards")
-        if "answer" in rows.column_names:  # the gold score, logged to see over-optimisation
+        if {"skill", "answer"} <= set(rows.column_names):  # the gold score, logged to see over-optimisation
             batch.correct = torch.tensor(judges.verifier_scores(rows["skill"], rows["answer"], batch.texts),
                                          dtype=torch.float32, device=self.device)
         if cfg.verifier_weight:  # only then does the gold score enter the reward
@@ -369,9 +369,8 @@ class PPOTrainer:
             faults.point("training")
             if progress.step % cfg.logging_steps == 0 or progress.step == cfg.max_steps:
                 log.info(" ".join(f"{k} {v:.4g}" for k, v in step_stats.items() if k in LOG_KEYS))
-            for warning in monitors.online_warnings(progress.history, self.keys.monitor_window):
-                if warning["step"] == progress.step:  # new at this step
-                    log.warning(warning["message"])
+            for warning in monitors.new_warnings(progress.history, self.keys.monitor_window):
+                log.warning(warning["message"])
             saved = progress.step == cfg.max_steps or (cfg.save_steps and progress.step % cfg.save_steps == 0)
             if saved:
                 self.save_checkpoint()

@@ -31,8 +31,8 @@ def reply_texts(completions) -> list[str]:
 
 def log_rollout_statistics(texts, log_metric, skill=None, answer=None) -> None:
     """What a step's replies say beyond their reward: the gold score (the verifier's accuracy, when the prompts have
-    answers) and their diversity (distinct-1/2 over the step's replies on this process; no n-gram at all: 0)."""
-    if answer is not None:
+    skills and answers) and their diversity (distinct-1/2 over the step's replies on this process; no n-gram at all: 0)."""
+    if skill is not None and answer is not None:
         scores = judges.verifier_scores(skill, answer, texts)
         log_metric("verifier", sum(scores) / len(scores))
     for n in (1, 2):
@@ -73,9 +73,8 @@ def monitor_callback(window: int):
         def on_log(self, args, state, control, logs=None, **kwargs):
             history = history_of(state.log_history)
             if state.is_world_process_zero and history and logs and "reward" in logs:
-                for warning in monitors.online_warnings(history, window):
-                    if warning["step"] == history[-1]["step"]:
-                        log.warning(warning["message"])
+                for warning in monitors.new_warnings(history, window):
+                    log.warning(warning["message"])
 
     return Monitor()
 

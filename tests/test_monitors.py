@@ -64,3 +64,12 @@ def test_online_warnings_report_each_rule_once_where_it_starts():
     assert [(w["rule"], w["step"]) for w in warnings] == [("overoptimisation", 8), ("collapse", 9)]
     assert "over-optimisation" in warnings[0]["message"] and "distinct_2" in warnings[1]["message"]
     assert monitors.online_warnings(history(RISING, [0.1 * i for i in range(12)], [0.8] * 12), window=3) == []
+
+
+def test_new_warnings_are_those_of_the_whole_history_at_its_last_row():
+    gold = [0.5, 0.6, 0.7, 0.8, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
+    rows = history(RISING, gold, [0.8] * 6 + [0.5] * 6)
+    for t in range(1, 13):
+        expected = [w for w in monitors.online_warnings(rows[:t], window=3) if w["step"] == t]
+        assert monitors.new_warnings(rows[:t], window=3) == expected, t
+    assert sum(len(monitors.new_warnings(rows[:t], window=3)) for t in range(1, 13)) == 2
