@@ -1,0 +1,314 @@
+"""Training shared by the image stages: their config classes, the denoising and Diffusion-DPO losses, the training
+loop (Accelerate, EMA, mixed precision, checkpoints), LoRA through peft.
+
+Checkpoints (`<stage>.partial/checkpoint-N/`) hold the trainable weights, the EMA weights and the optimizer's
+tensors as safetensors, and everything else (step, history, optimizer hyper-parameters, the learning-rate
+schedule's state, the EMA's counters) as JSON: nothing is pickled, so nothing runs on resume. Each step's
+randomness (batch, noise, timesteps, caption dropout) comes from a generator seeded by (seed, step, process), so a
+resumed run draws what the uninterrupted run would have drawn. A checkpoint is written to `tmp-checkpoint-N` and
+renamed: a kill never leaves a half checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@dataclass
+class DiffusionConfig:
+    """Keys of the `diffusion` section besides the pipeline keys (pipeline/stages.py: DiffusionKeys)."""
+
+    max_steps: int = 2000               # optimizer steps
+    batch_size: int = 64                # images per process per micro-batch
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3
+    lr_scheduler_type: str = "cosine"   # any name of diffusers.optimization.get_scheduler
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"         # no | bf16 | fp16: Accelerate's autocast over fp32 weights
+    ema_decay: float = 0.999            # EMA of the trained weights (with warmup); the saved model is the EMA; 0: off
+    caption_dropout: float = 0.1        # share of captions replaced by "" (classifier-free guidance)
+    property_dropout: float = 0.3       # world captions: each property left out with this probability
+    num_train_timesteps: int = 1000     # new model: DDPM schedule; a loaded pipeline keeps its own
+    beta_schedule: str = "squaredcos_cap_v2"
+    prediction_type: str = "epsilon"    # epsilon | v_prediction
+    train_text_encoder: bool = True     # new model: the text encoder trains with the UNet; fine-tuning: usually false
+    use_lora: bool = False              # train LoRA adapters on the UNet's attention (peft) instead of all weights
+    lora_rank: int = 8
+    lora_alpha: int = 8
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    unet: dict = field(default_factory=dict)          # new model: UNet2DConditionModel kwargs over images.DEFAULT_UNET
+    text_encoder: dict = field(default_factory=dict)  # new model: T5Config kwargs over images.DEFAULT_TEXT_ENCODER
+    sampler: str = "dpm"                # scheduler saved with the model for sampling: dpm | ddim | ddpm | euler
+    logging_steps: int = 50
+    save_steps: int = 500               # checkpoint every N steps (resume after a kill); 0: only at the end
+    save_total_limit: int = 1
+    seed: int | None = None             # empty: run.seed
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class DiffusionDPOConfig:
+    """Keys of the `diffusion_dpo` section besides the pipeline keys (DiffusionDPOKeys)."""
+
+    max_steps: int = 200
+    batch_size: int = 32                # preference pairs per process per micro-batch
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler_type: str = "constant_with_warmup"
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    beta: float = 2000.0                # Diffusion-DPO's beta (the official script's beta_dpo; SD1.5 used 5000)
+    sft_weight: float = 0.0             # weight of the plain denoising loss on chosen images (keeps the model near the data)
+    ema_decay: float = 0.0              # 0: the tuned weights as they are
+    use_lora: bool = False
+    lora_rank: int = 8
+    lora_alpha: int = 8
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    candidates_per_caption: int = 4     # images the start model draws per training caption; pairs come from them
+    rounds: int = 2                     # times every training caption is drawn for
+    label_noise: float = 0.15           # the simulated annotator flips this share of labels (as the text world)
+    logging_steps: int = 25
+    save_steps: int = 100
+    save_total_limit: int = 1
+    seed: int | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+
+def denoise_target(scheduler, x0, noise, t):
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    return noise
+
+
+def diffusion_dpo_loss(model_pred, ref_pred, target, beta: float):
+    """Diffusion-DPO (Wallace et al. 2023), as in the official training script: the batch holds the winners then
+    the losers (same noise and timestep for both halves).
+
+        err(x) = mean over pixels of ||target - pred(x_t, t)||^2
+        inside = -beta/2 * ((err_θ(w) - err_ref(w)) - (err_θ(l) - err_ref(l)))
+        loss   = -log σ(inside)
+
+    Returns (loss, stats): implicit accuracy (inside > 0) and the model's raw denoising loss."""
+    import torch.nn.functional as F
+
+    model_err = (model_pred.float() - target.float()).pow(2).mean(dim=list(range(1, target.ndim)))
+    ref_err = (ref_pred.float() - target.float()).pow(2).mean(dim=list(range(1, target.ndim)))
+    model_w, model_l = model_err.chunk(2)
+    ref_w, ref_l = ref_err.chunk(2)
+    inside = -0.5 * beta * ((model_w - ref_w) - (model_l - ref_l))
+    loss = -F.logsigmoid(inside).mean()
+    stats = {"implicit_acc": float((inside > 0).float().mean()), "model_loss": float(model_err.mean()),
+             "ref_loss": float(ref_err.mean()), "margin": float(inside.mean())}
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+
+
+def add_lora(unet, rank: int, alpha: int, targets: list[str]) -> None:
+    """LoRA adapters on the UNet (as diffusers' train_text_to_image_lora.py); everything else frozen."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
+
+
+def lora_state_dict(unet) -> dict:
+    """The adapter weights in diffusers' format, keys prefixed `unet.` (pipeline.load_lora_weights reads them)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return {f"unet.{k}": v.detach().contiguous() for k, v in sd.items()}
+
+
+def merge_lora(unet) -> None:
+    """Fold the adapters into the base weights and remove them: a plain UNet that saves and loads without peft."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(unet.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(unet.get_submodule(parent) if parent else unet, child, module.get_base_layer())
+    unet._hf_peft_config_loaded = False
+    if hasattr(unet, "peft_config"):
+        del unet.peft_config
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def _trainable(module) -> dict:
+    return {n: p.detach().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(out: Path, step: int, modules: dict, optimizer, scheduler, ema, history: list, keep: int,
+                    is_main: bool) -> None:
+    from safetensors.torch import save_file
+
+    if not is_main:
+        return
+    tmp = out / f"tmp-checkpoint-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, module in modules.items():
+        save_file(_trainable(module), str(tmp / f"{name}.safetensors"))
+    opt_state = optimizer.state_dict()
+    tensors, meta = {}, {}
+    for idx, st in opt_state["state"].items():
+        meta[str(idx)] = {}
+        for k, v in st.items():
+            if hasattr(v, "shape"):
+                tensors[f"{idx}.{k}"] = v.detach().contiguous()
+            else:
+                meta[str(idx)][k] = v
+    save_file(tensors or {"_empty": __import__("torch").zeros(1)}, str(tmp / "optimizer.safetensors"))
+    state = {"step": step, "history": history, "optimizer": {"param_groups": opt_state["param_groups"], "scalars": meta},
+             "lr_scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}}
+    if ema is not None:
+        save_file({str(i): p.detach().contiguous() for i, p in enumerate(ema.shadow_params)},
+                  str(tmp / "ema.safetensors"))
+        state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+    (tmp / "state.json").write_text(json.dumps(state, default=float) + "\n")
+    final = out / f"checkpoint-{step}"
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))[:-max(keep, 1)]:
+        shutil.rmtree(old)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted((p for p in out.glob("checkpoint-*") if (p / "state.json").is_file()),
+                   key=lambda p: int(p.name.split("-")[-1]))
+    return ckpts[-1] if ckpts else None
+
+
+def load_checkpoint(ckpt: Path, modules: dict, optimizer, scheduler, ema) -> tuple[int, list]:
+    import torch
+    from safetensors.torch import load_file
+
+    state = json.loads((ckpt / "state.json").read_text())
+    for name, module in modules.items():
+        weights = load_file(str(ckpt / f"{name}.safetensors"))
+        missing = set(weights) - set(dict(module.named_parameters()))
+        if missing:
+            raise RuntimeError(f"{ckpt}: {name} has no parameter {sorted(missing)[0]}")
+        module.load_state_dict(weights, strict=False)
+    tensors = load_file(str(ckpt / "optimizer.safetensors"))
+    opt_state = {"param_groups": state["optimizer"]["param_groups"], "state": {}}
+    for idx, scalars in state["optimizer"]["scalars"].items():
+        st = dict(scalars)
+        for k in [k.split(".", 1)[1] for k in tensors if k.split(".", 1)[0] == idx]:
+            st[k] = tensors[f"{idx}.{k}"]
+        opt_state["state"][int(idx)] = st
+    optimizer.load_state_dict(opt_state)
+    scheduler.load_state_dict({**scheduler.state_dict(), **state["lr_scheduler"]})
+    if ema is not None:
+        shadow = load_file(str(ckpt / "ema.safetensors"))
+        ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+    del torch
+    return state["step"], state["history"]
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int):
+    import torch
+
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 101 + micro) * 97 + rank)
+
+
+def train_loop(*, accelerator, run, cfg, tag: str, modules: dict, step_fn, ema_params=None) -> list[dict]:
+    """Run cfg.max_steps optimizer steps of `step_fn(step, micro, generator) -> (loss, stats)` over the trainable
+    parameters of `modules` (name -> prepared module), resuming from the newest checkpoint in run.out. Returns the
+    per-logged-step history. With cfg.ema_decay and `ema_params`, the EMA is copied into them at the end."""
+    import torch
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    from pipeline import cluster
+
+    main = accelerator.is_main_process
+    seed = cfg.seed if cfg.seed is not None else run.recipe.run.seed
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=cfg.max_steps)
+    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    ema = None
+    if cfg.ema_decay and ema_params is not None:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(ema_params, decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
+    plain = {k: accelerator.unwrap_model(m) for k, m in modules.items()}
+    step, history = 0, []
+    ckpt = latest_checkpoint(run.out)
+    if ckpt is not None:
+        step, history = load_checkpoint(ckpt, plain, optimizer, scheduler, ema)
+        run.resumed_from = ckpt.name
+        if main:
+            print(f"[{tag}] resuming from {ckpt} (step {step})", flush=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=tag, disable=not main, dynamic_ncols=True)
+    started, window = time.time(), []
+    cluster.STOP.training = True
+    while step < cfg.max_steps:
+        for m in modules.values():
+            m.train()
+        stats = {}
+        for micro in range(cfg.gradient_accumulation_steps):
+            gen = step_generator(seed, step, micro, accelerator.process_index)
+            with accelerator.autocast():
+                loss, stats = step_fn(step, micro, gen)
+            accelerator.backward(loss / cfg.gradient_accumulation_steps)
+            window.append(float(loss.detach()))
+        if cfg.max_grad_norm:
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(ema_params)
+        step += 1
+        bar.update(1)
+        if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+            entry = {"step": step, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
+                     **{k: v for k, v in stats.items()}, "elapsed_s": round(time.time() - started, 1)}
+            history.append(entry)
+            window = []
+            if main:
+                bar.write(f"[{tag}] " + " ".join(f"{k} {v:.4g}" for k, v in entry.items()))
+        saved = step < cfg.max_steps and cfg.save_steps and step % cfg.save_steps == 0
+        if saved:
+            save_checkpoint(run.out, step, plain, optimizer, scheduler, ema, history, cfg.save_total_limit, main)
+            accelerator.wait_for_everyone()
+        if step < cfg.max_steps and cluster.stop_requested():
+            if not saved:
+                save_checkpoint(run.out, step, plain, optimizer, scheduler, ema, history, cfg.save_total_limit, main)
+            bar.close()
+            cluster.exit_preempted(run.out / f"checkpoint-{step}", main)
+    cluster.STOP.training = False
+    bar.close()
+    if ema is not None:
+        ema.copy_to(ema_params)
+    return history
