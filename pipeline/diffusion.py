@@ -68,8 +68,7 @@ def main(argv):
         text_encoder.requires_grad_(cfg.train_text_encoder and not cfg.use_lora)
         modules = {"unet": unet, **({"text_encoder": text_encoder} if cfg.train_text_encoder and not cfg.use_lora
                                     else {})}
-        prepared = dict(zip(modules, accelerator.prepare(*modules.values())))
-        if "text_encoder" not in prepared:
+        if "text_encoder" not in modules:
             text_encoder.eval()
         params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
         if main_process:
@@ -80,7 +79,7 @@ def main(argv):
                   f"{shape['channels']}, {source.size} training images, {accelerator.num_processes} process(es)",
                   flush=True)
 
-        def step_fn(step, micro, gen):
+        def step_fn(prepared, step, micro, gen):
             x, captions = source.sample(cfg.batch_size, gen)
             drop = torch.rand(len(captions), generator=gen) < cfg.caption_dropout
             captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
@@ -97,8 +96,8 @@ def main(argv):
             return F.mse_loss(pred[:, :x.shape[1]].float(), target.float()), {}
 
         started = time.time()
-        history = diffusion_train.train_loop(accelerator=accelerator, run=run, cfg=cfg, tag="diffusion",
-                                             modules=prepared, step_fn=step_fn, ema_params=params)
+        history, prepared = diffusion_train.train_loop(accelerator=accelerator, run=run, cfg=cfg, tag="diffusion",
+                                                       modules=modules, step_fn=step_fn, ema_params=params)
         train_s = time.time() - started
         accelerator.wait_for_everyone()
 
@@ -132,6 +131,7 @@ def main(argv):
                 evals["model"] = image_eval.evaluate(saved, judge, heldout, run.out, samples=keys.heldout_samples,
                                                      steps=keys.sample_steps, guidance=keys.guidance_scale,
                                                      seed=cfg.seed, columns=keys.grid_columns, name="model")
+                evals["model"].pop("matches")
                 acc = evals["model"]["accuracy"]
                 metrics = {"heldout_digit_accuracy": acc["digit"]["mean"], "heldout_all_accuracy": acc["all"]["mean"],
                            **metrics, "heldout": evals["model"],

@@ -110,14 +110,15 @@ def diffusion_dpo_loss(model_pred, ref_pred, target, beta: float):
     Returns (loss, stats): implicit accuracy (inside > 0) and the model's raw denoising loss."""
     import torch.nn.functional as F
 
-    model_err = (model_pred.float() - target.float()).pow(2).mean(dim=list(range(1, target.ndim)))
-    ref_err = (ref_pred.float() - target.float()).pow(2).mean(dim=list(range(1, target.ndim)))
+    dims = list(range(1, target.ndim))
+    model_err = (model_pred.float() - target.float()).pow(2).mean(dim=dims)
+    ref_err = (ref_pred.float() - target.float()).pow(2).mean(dim=dims)
     model_w, model_l = model_err.chunk(2)
     ref_w, ref_l = ref_err.chunk(2)
     inside = -0.5 * beta * ((model_w - ref_w) - (model_l - ref_l))
     loss = -F.logsigmoid(inside).mean()
-    stats = {"implicit_acc": float((inside > 0).float().mean()), "model_loss": float(model_err.mean()),
-             "ref_loss": float(ref_err.mean()), "margin": float(inside.mean())}
+    stats = {"implicit_acc": float((inside > 0).float().mean()), "model_loss": float(model_err.detach().mean()),
+             "ref_loss": float(ref_err.mean()), "margin": float(inside.detach().mean())}
     return loss, stats
 
 
@@ -239,10 +240,11 @@ def step_generator(seed: int, step: int, micro: int, rank: int):
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 101 + micro) * 97 + rank)
 
 
-def train_loop(*, accelerator, run, cfg, tag: str, modules: dict, step_fn, ema_params=None) -> list[dict]:
-    """Run cfg.max_steps optimizer steps of `step_fn(step, micro, generator) -> (loss, stats)` over the trainable
-    parameters of `modules` (name -> prepared module), resuming from the newest checkpoint in run.out. Returns the
-    per-logged-step history. With cfg.ema_decay and `ema_params`, the EMA is copied into them at the end."""
+def train_loop(*, accelerator, run, cfg, tag: str, modules: dict, step_fn, ema_params=None) -> tuple[list, dict]:
+    """Run cfg.max_steps optimizer steps of `step_fn(prepared, step, micro, generator) -> (loss, stats)` over the
+    trainable parameters of `modules` (name -> module, prepared here together with the optimizer, as DeepSpeed
+    needs), resuming from the newest checkpoint in run.out. Returns (per-logged-step history, prepared modules).
+    With cfg.ema_decay and `ema_params`, the EMA is copied into them at the end."""
     import torch
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
@@ -255,13 +257,18 @@ def train_loop(*, accelerator, run, cfg, tag: str, modules: dict, step_fn, ema_p
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=cfg.max_steps)
-    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    ds = getattr(accelerator.state, "deepspeed_plugin", None)
+    if ds is not None:  # no dataloader passes through prepare: tell DeepSpeed the batch
+        ds.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+        ds.deepspeed_config["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
+    *prepared_modules, optimizer, scheduler = accelerator.prepare(*modules.values(), optimizer, scheduler)
+    prepared = dict(zip(modules, prepared_modules))
     ema = None
     if cfg.ema_decay and ema_params is not None:
         from diffusers.training_utils import EMAModel
 
         ema = EMAModel(ema_params, decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
-    plain = {k: accelerator.unwrap_model(m) for k, m in modules.items()}
+    plain = {k: accelerator.unwrap_model(m) for k, m in prepared.items()}
     step, history = 0, []
     ckpt = latest_checkpoint(run.out)
     if ckpt is not None:
@@ -273,13 +280,13 @@ def train_loop(*, accelerator, run, cfg, tag: str, modules: dict, step_fn, ema_p
     started, window = time.time(), []
     cluster.STOP.training = True
     while step < cfg.max_steps:
-        for m in modules.values():
+        for m in prepared.values():
             m.train()
         stats = {}
         for micro in range(cfg.gradient_accumulation_steps):
             gen = step_generator(seed, step, micro, accelerator.process_index)
             with accelerator.autocast():
-                loss, stats = step_fn(step, micro, gen)
+                loss, stats = step_fn(prepared, step, micro, gen)
             accelerator.backward(loss / cfg.gradient_accumulation_steps)
             window.append(float(loss.detach()))
         if cfg.max_grad_norm:
@@ -311,4 +318,4 @@ def train_loop(*, accelerator, run, cfg, tag: str, modules: dict, step_fn, ema_p
     bar.close()
     if ema is not None:
         ema.copy_to(ema_params)
-    return history
+    return history, prepared

@@ -85,7 +85,8 @@ def real_diversity(captions: list[str], per_caption: int) -> float | None:
 
 def evaluate(pipe, judge, captions: list[str], out: Path, *, samples: int, steps: int, guidance: float, seed: int,
              columns: int, name: str, n_boot: int = 1000) -> dict:
-    """Draw, judge and summarise; writes out/samples/<name>/ and out/<name>_grid.png (or grid.png for `model`)."""
+    """Draw, judge and summarise; writes out/samples/<name>/ and out/grid_<name>.png (grid.png for `model`).
+    The result's `matches` (per image, for paired comparisons) is for the caller to drop before saving."""
     from pipeline import images
     from pipeline.image_judge import score_images
     from pipeline.metrics import mean_ci
@@ -116,7 +117,19 @@ def evaluate(pipe, judge, captions: list[str], out: Path, *, samples: int, steps
     images.save_grid(out / ("grid.png" if name == "model" else f"grid_{name}.png"), drawn[grid_idx], captions,
                      per_row=keep)
     return {"accuracy": result, "per_caption": per_caption, "diversity": diversity(drawn, groups),
-            "images": len(expanded), "captions": len(captions)}
+            "images": len(expanded), "captions": len(captions),
+            "matches": {m: [float(r["match"][m]) if m in r["match"] else None for r in rows] for m in MEASURES}}
+
+
+def paired_gain(start: dict, tuned: dict, seed: int = 0, n_boot: int = 1000) -> dict:
+    """Per measure: mean of (tuned − start) over images drawn for the same caption with the same seed, 95% CI."""
+    from pipeline.metrics import mean_ci
+
+    out = {}
+    for m in MEASURES:
+        diffs = [b - a for a, b in zip(start["matches"][m], tuned["matches"][m]) if a is not None and b is not None]
+        out[m] = mean_ci(diffs, n_boot=n_boot, seed=seed)
+    return out
 
 
 def fmt(ci: dict | None) -> str:
