@@ -152,16 +152,27 @@ class WorldImages:
 
 
 class FileImages:
-    """Images and captions read from files (all in memory), in [-1, 1]."""
+    """Images and captions from files: checked (readable, right size) when the stage starts, decoded per batch, so
+    a large dataset never has to fit in memory. Images in [-1, 1]."""
 
-    def __init__(self, images, captions: list[str]):
-        self.images, self.captions, self.size = images, captions, len(captions)
+    def __init__(self, files: list[Path], captions: list[str], channels: int):
+        self.files, self.captions, self.channels, self.size = files, captions, channels, len(captions)
 
     def sample(self, n: int, gen) -> tuple:
         import torch
 
-        idx = torch.randint(0, self.size, (n,), generator=gen)
-        return self.images[idx], [self.captions[i] for i in idx.tolist()]
+        idx = torch.randint(0, self.size, (n,), generator=gen).tolist()
+        return torch.stack([_decode(self.files[i], self.channels) for i in idx]) * 2 - 1, [self.captions[i] for i in idx]
+
+
+def _decode(file: Path, channels: int):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    with Image.open(file) as im:
+        arr = torch.from_numpy(np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0)
+    return arr[None] if channels == 1 else arr.permute(2, 0, 1)
 
 
 def load_images(spec: str, resolution: int, channels: int, property_dropout: float = 0.0):
@@ -177,12 +188,12 @@ def load_images(spec: str, resolution: int, channels: int, property_dropout: flo
     if not path.is_file():
         raise PipelineError(f"dataset '{spec}': not found (expected {WORLD_SPEC}, a .jsonl file or a folder with "
                             f"metadata.jsonl)")
-    return FileImages(*read_image_rows(path, resolution, channels))
+    return FileImages(*read_image_rows(path, resolution), channels)
 
 
-def read_image_rows(path: Path, resolution: int, channels: int):
-    import numpy as np
-    import torch
+def read_image_rows(path: Path, resolution: int) -> tuple[list[Path], list[str]]:
+    """(image files, captions) of a metadata file; a missing caption, an unreadable image or one of the wrong size
+    raises PipelineError naming the file and the line."""
     from PIL import Image, UnidentifiedImageError
 
     from pipeline.data import _read_jsonl
@@ -190,7 +201,7 @@ def read_image_rows(path: Path, resolution: int, channels: int):
     rows, where = _read_jsonl(path)
     if not rows:
         raise PipelineError(f"{path}: no rows")
-    images, captions = [], []
+    files, captions = [], []
     for row, w in zip(rows, where):
         name = row.get("file_name", row.get("image"))
         text = row.get("caption", row.get("text"))
@@ -198,21 +209,20 @@ def read_image_rows(path: Path, resolution: int, channels: int):
             raise PipelineError(f"{path}: {w}: missing 'file_name' (the image file, relative to {path.name})")
         if not isinstance(text, str) or not text.strip():
             raise PipelineError(f"{path}: {w}: missing caption (a non-empty 'caption' or 'text')")
-        file = (path.parent / name)
+        file = path.parent / name
         try:
             with Image.open(file) as im:
-                im.load()
-                img = im.convert("L" if channels == 1 else "RGB")
-        except (OSError, UnidentifiedImageError) as err:
+                size = im.size
+                im.verify()
+        except (OSError, UnidentifiedImageError, SyntaxError) as err:
             raise PipelineError(f"{path}: {w}: cannot read image '{name}' ({type(err).__name__}: "
                                 f"{str(err).splitlines()[0][:100]})") from None
-        if img.size != (resolution, resolution):
-            raise PipelineError(f"{path}: {w}: image '{name}' is {img.size[0]}x{img.size[1]}, expected "
+        if size != (resolution, resolution):
+            raise PipelineError(f"{path}: {w}: image '{name}' is {size[0]}x{size[1]}, expected "
                                 f"{resolution}x{resolution} (the model's resolution)")
-        arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
-        images.append(arr[None] if channels == 1 else arr.permute(2, 0, 1))
+        files.append(file)
         captions.append(text.strip())
-    return torch.stack(images) * 2 - 1, captions
+    return files, captions
 
 
 class _Converted:
