@@ -35,7 +35,8 @@ def main(argv):
     recipe = load_recipe(*cli.split_stage_args(argv, USAGE))
     keys = recipe.keys(STAGE)
     fields = stage_fields(STAGE)
-    cfg = diffusion_train.DiffusionConfig(**{k: v for k, v in recipe.section(STAGE).items() if fields[k][0] == "config"})
+    cfg = diffusion_train.DiffusionConfig(**{k: v for k, v in recipe.section(STAGE).items()
+                                             if fields[k][0] == "config"})
     if cfg.seed is None:
         cfg.seed = recipe.run.seed
     with runs.StageRun(recipe, STAGE) as run:

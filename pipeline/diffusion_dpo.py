@@ -33,7 +33,6 @@ USAGE = "usage: pipeline/diffusion_dpo.py RECIPE [diffusion_dpo.KEY=VALUE ...]"
 
 def candidate_pairs(pipe, judge, captions, cfg, keys, out: Path, log) -> tuple:
     """Draw candidates, let the annotator label pairs; cached in out/pairs.safetensors for a resumed run."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     from pipeline.image_judge import annotate_pairs, score_images
@@ -50,8 +49,8 @@ def candidate_pairs(pipe, judge, captions, cfg, keys, out: Path, log) -> tuple:
     k = cfg.candidates_per_caption
     pairs = []
     for g in range(len(expanded) // k):
-        pairs += [(w, lose, clean, expanded[w]) for w, lose, clean in annotate_pairs(rows, list(range(g * k, (g + 1) * k)),
-                                                                                    cfg.label_noise, rng)]
+        group = list(range(g * k, (g + 1) * k))
+        pairs += [(w, lose, clean, expanded[w]) for w, lose, clean in annotate_pairs(rows, group, cfg.label_noise, rng)]
     if not pairs:
         raise cli.PipelineError("diffusion_dpo: the annotator found no pair with a preference (every candidate of "
                                 "every caption scored the same): raise candidates_per_caption or rounds")
@@ -196,9 +195,8 @@ def main(argv):
                      f"{train_s:.0f} s. `start` is the model before tuning, drawn with the same seeds; the paired "
                      f"gain (tuned − start, per image) with its 95% interval is in metrics.json (`gain`).",
                      "", "Start model's samples: ![start](grid_start.png)"]
-            (run.out / "report.md").write_text(image_eval.report("Diffusion-DPO stage", metrics,
-                                                                 {"start": evals.get("start"), "dpo": evals.get("model")}
-                                                                 if evals else {}, notes))
+            shown = {"start": evals["start"], "dpo": evals["model"]} if evals else {}
+            (run.out / "report.md").write_text(image_eval.report("Diffusion-DPO stage", metrics, shown, notes))
         run.finish(metrics, config=dataclasses.asdict(cfg))
 
 

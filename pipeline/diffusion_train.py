@@ -48,7 +48,7 @@ class DiffusionConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     unet: dict = field(default_factory=dict)          # new model: UNet2DConditionModel kwargs over images.DEFAULT_UNET
     text_encoder: dict = field(default_factory=dict)  # new model: T5Config kwargs over images.DEFAULT_TEXT_ENCODER
-    sampler: str = "dpm"                # scheduler saved with the model for sampling: dpm | ddim | ddpm | euler
+    sampler: str = "ddim"               # scheduler saved with the model for sampling: ddim | dpm | ddpm | euler
     logging_steps: int = 50
     save_steps: int = 500               # checkpoint every N steps (resume after a kill); 0: only at the end
     save_total_limit: int = 1
@@ -72,7 +72,7 @@ class DiffusionDPOConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"
     beta: float = 2000.0                # Diffusion-DPO's beta (the official script's beta_dpo; SD1.5 used 5000)
-    sft_weight: float = 0.0             # weight of the plain denoising loss on chosen images (keeps the model near the data)
+    sft_weight: float = 0.0             # weight of the plain denoising loss on chosen images (stays near the data)
     ema_decay: float = 0.0              # 0: the tuned weights as they are
     use_lora: bool = False
     lora_rank: int = 8
@@ -184,7 +184,8 @@ def save_checkpoint(out: Path, step: int, modules: dict, optimizer, scheduler, e
             else:
                 meta[str(idx)][k] = v
     save_file(tensors or {"_empty": __import__("torch").zeros(1)}, str(tmp / "optimizer.safetensors"))
-    state = {"step": step, "history": history, "optimizer": {"param_groups": opt_state["param_groups"], "scalars": meta},
+    state = {"step": step, "history": history,
+             "optimizer": {"param_groups": opt_state["param_groups"], "scalars": meta},
              "lr_scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}}
     if ema is not None:
         save_file({str(i): p.detach().contiguous() for i, p in enumerate(ema.shadow_params)},

@@ -80,7 +80,10 @@ def components(recipe, ref: str | None, section_cfg: dict, resolution: int, seen
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise PipelineError(f"'{ref}': no model_index.json (not a diffusers pipeline folder)")
-        read = lambda sub: json.loads((path / sub / "config.json").read_text()) if (path / sub / "config.json").is_file() else None
+        def read(sub):
+            file = path / sub / "config.json"
+            return json.loads(file.read_text()) if file.is_file() else None
+
         from transformers import AutoConfig
 
         text = AutoConfig.from_pretrained(str(path / "text_encoder")) if (path / "text_encoder").is_dir() else None
@@ -160,7 +163,8 @@ def check_image_stage(recipe, stage: str, launch, device_memory: int | None, wil
         if not (path.is_file() or (path.is_dir() and (path / "metadata.jsonl").is_file())):
             errors.append(f"{stage}.dataset: '{spec}' not found (expected {images.WORLD_SPEC}, a .jsonl file or a "
                           f"folder with metadata.jsonl)")
-    lines.append(f"data: dataset {spec}" + (f", heldout_captions {keys.heldout_captions}" if keys.heldout_captions else ""))
+    held = f", heldout_captions {keys.heldout_captions}" if keys.heldout_captions else ""
+    lines.append(f"data: dataset {spec}{held}")
     lines.append(f"launch: {launch.describe()}")
     if comps is None:
         return lines, errors, warnings

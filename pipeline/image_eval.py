@@ -41,7 +41,8 @@ def read_captions(spec: str | None, recipe) -> list[str]:
         if not isinstance(text, str) or not text.strip():
             raise PipelineError(f"{path}: {where}: missing caption (a non-empty 'caption' or 'text')")
         if images.parse_caption(text) is None:
-            raise PipelineError(f"{path}: {where}: caption '{text}' names no single digit, so the judge cannot score it")
+            raise PipelineError(f"{path}: {where}: caption '{text}' names no single digit, so the judge cannot "
+                                f"score it")
         out.append(text.strip())
     if not out:
         raise PipelineError(f"{path}: no captions")

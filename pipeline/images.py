@@ -162,7 +162,8 @@ class FileImages:
         import torch
 
         idx = torch.randint(0, self.size, (n,), generator=gen).tolist()
-        return torch.stack([_decode(self.files[i], self.channels) for i in idx]) * 2 - 1, [self.captions[i] for i in idx]
+        batch = torch.stack([_decode(self.files[i], self.channels) for i in idx]) * 2 - 1
+        return batch, [self.captions[i] for i in idx]
 
 
 def _decode(file: Path, channels: int):
@@ -266,7 +267,8 @@ def build_tokenizer(extra_captions=()):
 DEFAULT_UNET = dict(sample_size=16, in_channels=1, out_channels=2, layers_per_block=1, block_out_channels=[32, 64, 64],
                     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
                     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-                    cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8)
+                    cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8,
+                    addition_embed_type="text", addition_embed_type_num_heads=4)
 DEFAULT_TEXT_ENCODER = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, dropout_rate=0.0)
 
 
@@ -288,7 +290,8 @@ def build_pipeline(unet_config: dict, text_config: dict, scheduler_config: dict,
         unet = UNet2DConditionModel(**ucfg)
     except (TypeError, ValueError) as err:
         raise PipelineError(f"unet config: {str(err).splitlines()[0]}") from None
-    return IFPipeline(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, scheduler=make_scheduler("ddpm", scheduler_config),
+    return IFPipeline(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet,
+                      scheduler=make_scheduler("ddpm", scheduler_config),
                       safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
 
 
