@@ -48,7 +48,6 @@ def main(argv):
         run.prepare()
 
         import torch
-        import torch.nn.functional as F
         from accelerate import Accelerator
 
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
@@ -94,7 +93,7 @@ def main(argv):
                 emb = images.encode_text(pipe, prepared.get("text_encoder", text_encoder), captions, x.device)
             pred = prepared["unet"](noise_scheduler.add_noise(x, noise, t), t, encoder_hidden_states=emb).sample
             target = diffusion_train.denoise_target(noise_scheduler, x, noise, t)
-            return F.mse_loss(pred[:, :x.shape[1]].float(), target.float()), {}
+            return diffusion_train.denoise_loss(noise_scheduler, pred[:, :x.shape[1]], target, t, cfg.snr_gamma), {}
 
         started = time.time()
         history, prepared = diffusion_train.train_loop(accelerator=accelerator, run=run, cfg=cfg, tag="diffusion",

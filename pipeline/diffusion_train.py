@@ -41,6 +41,7 @@ class DiffusionConfig:
     num_train_timesteps: int = 1000     # new model: DDPM schedule; a loaded pipeline keeps its own
     beta_schedule: str = "squaredcos_cap_v2"
     prediction_type: str = "epsilon"    # epsilon | v_prediction
+    snr_gamma: float | None = 5.0       # Min-SNR loss weighting (Hang et al. 2023: faster convergence); empty: plain MSE
     train_text_encoder: bool = True     # new model: the text encoder trains with the UNet; fine-tuning: usually false
     use_lora: bool = False              # train LoRA adapters on the UNet's attention (peft) instead of all weights
     lora_rank: int = 8
@@ -97,6 +98,17 @@ def denoise_target(scheduler, x0, noise, t):
     if scheduler.config.prediction_type == "v_prediction":
         return scheduler.get_velocity(x0, noise, t)
     return noise
+
+
+def denoise_loss(scheduler, pred, target, t, snr_gamma: float | None):
+    """Mean squared error per image, weighted by min(SNR(t), gamma) / SNR(t) (Min-SNR; / (SNR + 1) for v)."""
+    err = (pred.float() - target.float()).pow(2).mean(dim=list(range(1, target.ndim)))
+    if not snr_gamma:
+        return err.mean()
+    alphas = scheduler.alphas_cumprod.to(t.device)[t]
+    snr = alphas / (1 - alphas)
+    weight = snr.clamp(max=snr_gamma) / (snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr)
+    return (err * weight).mean()
 
 
 def diffusion_dpo_loss(model_pred, ref_pred, target, beta: float):
