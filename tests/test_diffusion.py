@@ -174,7 +174,7 @@ def test_diffusion_dpo_loss_against_a_worked_example():
     target = torch.zeros(2, 1, 1, 2)
     # per-sample mean squared errors: model on the winner 1.0, on the loser 0.5; reference 2.0 and 0.25
     model = torch.tensor([[1.0, 1.0], [0.5 ** 0.5, 0.5 ** 0.5]]).reshape(2, 1, 1, 2)
-    ref = torch.tensor([[2.0, 0.0], [0.5, 0.0]]).reshape(2, 1, 1, 2)
+    ref = torch.tensor([[2.0, 0.0], [0.5 ** 0.5, 0.0]]).reshape(2, 1, 1, 2)
     loss, stats = diffusion_dpo_loss(model, ref, target, beta=2.0)
     # inside = -beta/2 * ((1.0 - 2.0) - (0.5 - 0.25)) = -1 * (-1.25) = 1.25; loss = log(1 + e^-1.25)
     assert math.isclose(float(loss), math.log(1 + math.exp(-1.25)), rel_tol=1e-6)
