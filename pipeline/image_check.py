@@ -44,9 +44,12 @@ def _components_from_configs(unet_cfg: dict, text_cfg: dict | None, vae_cfg: dic
 
     out = {"unet_config": unet_cfg, "unet": _meta_count(lambda: UNet2DConditionModel.from_config(unet_cfg))}
     if text_model_cfg is not None:
-        from transformers import AutoModel
+        import transformers
 
-        out["text_encoder"] = _meta_count(lambda: AutoModel.from_config(text_model_cfg))
+        cls_name, config = text_model_cfg
+        cls = getattr(transformers, cls_name or "", None) or transformers.AutoModel
+        out["text_encoder"] = _meta_count(lambda: cls._from_config(config) if hasattr(cls, "_from_config")
+                                          else cls.from_config(config))
     if vae_cfg is not None:
         out["vae"] = _meta_count(lambda: AutoencoderKL.from_config(vae_cfg))
         out["vae_factor"] = 2 ** (len(vae_cfg.get("block_out_channels", [0])) - 1)
@@ -66,7 +69,8 @@ def components(recipe, ref: str | None, section_cfg: dict, resolution: int, seen
                 "cross_attention_dim": tcfg["d_model"]}
         ucfg["out_channels"] = 2 * ucfg["in_channels"]
         t5 = T5Config(vocab_size=tokenizer_size, **tcfg)
-        return {**_components_from_configs(ucfg, None, None, t5), "source": "new model from the section"}
+        return {**_components_from_configs(ucfg, None, None, ("T5EncoderModel", t5)),
+                "source": "new model from the section"}
     if ref in recipe.stages and ref not in seen:
         folder = recipe.stage_dir(ref)
         if runs.read_manifest(folder) is not None and (folder / "model_index.json").is_file():
@@ -86,7 +90,9 @@ def components(recipe, ref: str | None, section_cfg: dict, resolution: int, seen
 
         from transformers import AutoConfig
 
-        text = AutoConfig.from_pretrained(str(path / "text_encoder")) if (path / "text_encoder").is_dir() else None
+        index = json.loads((path / "model_index.json").read_text())
+        text = ((index.get("text_encoder", [None, None])[1], AutoConfig.from_pretrained(str(path / "text_encoder")))
+                if (path / "text_encoder").is_dir() else None)
         return {**_components_from_configs(read("unet"), None, read("vae"), text), "source": "local"}
     cp = runs.resolve_checkpoint(recipe, ref, must_exist=False)
     try:
@@ -96,7 +102,8 @@ def components(recipe, ref: str | None, section_cfg: dict, resolution: int, seen
         index = json.loads(Path(_hub_file(cp.path, "model_index.json")).read_text())
         unet = UNet2DConditionModel.load_config(cp.path, subfolder="unet")
         vae = AutoencoderKL.load_config(cp.path, subfolder="vae") if "vae" in index else None
-        text = AutoConfig.from_pretrained(cp.path, subfolder="text_encoder") if "text_encoder" in index else None
+        text = ((index["text_encoder"][1], AutoConfig.from_pretrained(cp.path, subfolder="text_encoder"))
+                if "text_encoder" in index else None)
     except Exception as err:  # offline, not found, gated
         raise PipelineError(f"'{ref}': cannot read the pipeline's configs from the hub "
                             f"({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
