@@ -251,7 +251,7 @@ def _unet_weights(folder):
 
 
 def test_killed_diffusion_stage_resumes_to_the_uninterrupted_result(tmp_path):
-    section = {**TINY_DIFFUSION, "max_steps": 40, "save_steps": 5, "judge_epochs": 0, "logging_steps": 20}
+    section = {**TINY_DIFFUSION, "max_steps": 24, "save_steps": 4, "judge_epochs": 0, "logging_steps": 12}
     recipe = image_recipe(tmp_path, diffusion=section)
     cmd = [sys.executable, str(REPO / "pipeline/diffusion.py"), str(recipe)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
