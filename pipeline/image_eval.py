@@ -32,9 +32,7 @@ def read_captions(spec: str | None, recipe) -> list[str]:
     if path.suffix == ".txt":
         rows = [(f"line {i}", line.strip()) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
     else:
-        from pipeline.data import _read_jsonl
-
-        got, where = _read_jsonl(path)
+        got, where = images.read_jsonl(path)
         rows = [(w, r.get("caption", r.get("text"))) for r, w in zip(got, where)]
     out = []
     for where, text in rows:

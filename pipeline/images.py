@@ -192,14 +192,30 @@ def load_images(spec: str, resolution: int, channels: int, property_dropout: flo
     return FileImages(*read_image_rows(path, resolution), channels)
 
 
+def read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
+    """Rows of a JSON Lines file and where each came from (`line N`); bad JSON raises PipelineError."""
+    rows, where = [], []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise PipelineError(f"{path}: line {lineno}: invalid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise PipelineError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+            where.append(f"line {lineno}")
+    return rows, where
+
+
 def read_image_rows(path: Path, resolution: int) -> tuple[list[Path], list[str]]:
     """(image files, captions) of a metadata file; a missing caption, an unreadable image or one of the wrong size
     raises PipelineError naming the file and the line."""
     from PIL import Image, UnidentifiedImageError
 
-    from pipeline.data import _read_jsonl
-
-    rows, where = _read_jsonl(path)
+    rows, where = read_jsonl(path)
     if not rows:
         raise PipelineError(f"{path}: no rows")
     files, captions = [], []
