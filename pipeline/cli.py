@@ -22,11 +22,14 @@ def run_main(main, argv=None) -> None:
         sys.exit(2)
 
 
-def split_stage_args(argv: list[str], usage: str) -> tuple[Path, list[str]]:
-    """`RECIPE [section.key=value ...]`; the deepspeed launcher's `--local_rank=N` is accepted and ignored."""
+def split_stage_args(argv: list[str], usage: str, help_text=None) -> tuple[Path, list[str]]:
+    """`RECIPE [section.key=value ...]`; the deepspeed launcher's `--local_rank=N` is accepted and ignored. `--help`
+    prints the usage and `help_text()` (the section's keys)."""
     args = [a for a in argv if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
     if any(a in ("-h", "--help") for a in args):
         print(usage)
+        if help_text is not None:
+            print("\n" + help_text())
         sys.exit(0)
     if not args:
         raise PipelineError(f"missing recipe path\n{usage}")

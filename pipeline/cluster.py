@@ -10,8 +10,9 @@ it runs with, so one recipe trains the same way on one GPU and on 64; with it, t
 stops before training (`batch_plan`).
 
 Preemption. Every stage run (runs.StageRun) calls `watch_for_preemption()`: SIGUSR1 (Slurm's warning before the
-time limit, see launch/slurm/stage.sbatch), and SIGTERM while a trainer is training (preemption, `scontrol
-requeue`, `scancel`, a plain `kill`), ask the stage to stop. Every transformers/TRL Trainer the stage builds gets
+time limit, see launch/slurm/stage.sbatch), and SIGTERM or SIGINT while a trainer is training (preemption,
+`scontrol requeue`, `scancel`, a plain `kill`, Ctrl-C, or any of them sent to pipeline/run.py, which passes them
+on), ask the stage to stop. Every transformers/TRL Trainer the stage builds gets
 `PreemptionCallback`: at the end of each optimizer step the processes agree (one all-reduce) whether any of them
 was asked to stop; if so they save a trainer checkpoint into the stage's `.partial` folder together and exit with
 `PREEMPTED_EXIT`. The next run of the same inputs resumes from that checkpoint (`run.last_checkpoint()`). Stages
@@ -30,6 +31,7 @@ import signal
 import sys
 from pathlib import Path
 
+from pipeline import faults, log, threads
 from pipeline.cli import PipelineError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -263,9 +265,12 @@ class _StopState:
 
 
 STOP = _StopState()
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)  # SIGINT: Ctrl-C, or passed on by pipeline/run.py
 
 
 def _on_signal(signum, frame):
+    if signum == signal.SIGINT and not STOP.training:
+        signal.default_int_handler(signum, frame)  # KeyboardInterrupt, as without a handler
     if signum == signal.SIGTERM and not STOP.training:
         # nothing to checkpoint right now: behave as if we had no handler
         signal.signal(signum, signal.SIG_DFL)
@@ -281,8 +286,8 @@ def watch_for_preemption() -> None:
     if STOP.installed or threading.current_thread() is not threading.main_thread():
         return
     STOP.installed = True
-    signal.signal(signal.SIGUSR1, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _on_signal)
     import transformers.trainer as hf_trainer
 
     # Trainer.__init__ starts from this module-level list; TRL's trainers subclass Trainer. Registering here gives
@@ -312,8 +317,7 @@ def exit_preempted(checkpoint: str | Path | None, is_main: bool = True) -> None:
 
     if is_main:
         name = signal.Signals(STOP.requested).name if STOP.requested else "a signal to another process"
-        print(f"[preempted] stopped on {name}; saved {checkpoint}; run the stage again to resume from it",
-              flush=True)
+        log.info(f"preempted: stopped on {name}; saved {checkpoint}; run the stage again to resume from it")
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         raise SystemExit(PREEMPTED_EXIT)
     dist.barrier()  # no process leaves (and gets the others killed by the launcher) before all have saved
@@ -340,14 +344,30 @@ def _callback_class():
         def on_train_end(self, args, state, control, **kw):
             STOP.training = False
 
+        def on_step_begin(self, args, state, control, **kw):
+            threads.rebalance()  # another stage started or ended next to this one: take our share of the CPUs
+
         def on_step_end(self, args, state, control, **kw):
-            if stop_requested(args.device):
+            faults.point("training", until=lambda: STOP.requested is not None)
+            last = state.global_step >= state.max_steps
+            if stop_requested(args.device) and not last:  # at the last step, finishing is the quickest way out
                 self.stopping = True
                 control.should_save = True
                 control.should_training_stop = True
+            if last:
+                # No checkpoint of a finished run: a kill during the final save resumes from the one before and
+                # trains exactly the missing steps (transformers resumed from a last-step checkpoint trains one
+                # step past max_steps). Log at every checkpoint and at the end, so that the logged loss windows
+                # cover the whole run after any resume (safe_resume.train_loss).
+                control.should_save = False
+            if control.should_save or last:
+                control.should_log = True
             return control
 
         def on_save(self, args, state, control, **kw):
+            if state.is_world_process_zero:  # a pickle of the arguments, never read back (manifest.json has them)
+                (Path(args.output_dir) / f"checkpoint-{state.global_step}" / "training_args.bin").unlink(
+                    missing_ok=True)
             if self.stopping:
                 STOP.training = False
                 exit_preempted(Path(args.output_dir) / f"checkpoint-{state.global_step}",

@@ -1,10 +1,13 @@
 """Datasets for every stage: the task world's splits, the user's local files and folders, or hub datasets.
 
-A dataset spec is one string:
-  world:<split>             a split of the offline task world (pipeline/world.py), e.g. world:sft
-  path/to/file.jsonl        a local JSON Lines, JSON, Parquet or CSV file
+A dataset spec is a string:
+  world:<split>             a split of the offline task world (pipeline/world_splits.py), e.g. world:sft
+  path/to/file.jsonl        a local JSON Lines, JSON, Parquet, CSV or plain-text file (each optionally .gz)
   path/to/folder            a folder saved with `datasets.save_to_disk`, or a folder of such files
+  data/*.txt                a glob: every file it matches
   org/name[:split]          a hub dataset (default split: train)
+or several: a list of specs (all their rows), or a mixture with a fraction of each, as alignment-handbook recipes
+write them: {spec: fraction, ...} or {datasets: [{id, split, columns, weight}, ...], seed: N}.
 
 Rows are checked against what the stage needs (`kind`) before any model is loaded; a bad row is reported as
 one line naming the file and the row (JSONL: the line number).
@@ -13,15 +16,18 @@ one line naming the file and the row (JSONL: the line number).
 from __future__ import annotations
 
 import dataclasses
+import glob
+import gzip
 import json
-import re
+import random
 from functools import lru_cache
 from pathlib import Path
 
 from pipeline.cli import PipelineError
+from pipeline.fingerprints import hash_file, hash_folder, hash_obj
+from pipeline.formats import bad_row, check_messages, detect_sft_format, expected_sft_columns, to_sft_row
 
-ROLES = ("system", "user", "assistant", "tool")
-FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "txt"}
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -29,10 +35,10 @@ FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv":
 
 @lru_cache(maxsize=16)
 def _world_rows(world_json: str, split: str) -> tuple:
-    from pipeline import world
+    from pipeline import world, world_splits
 
     cfg = world.WorldConfig(**json.loads(world_json))
-    return tuple(world.build_split(cfg, split))
+    return tuple(world_splits.build_split(cfg, split))
 
 
 def world_rows(recipe, split: str) -> list[dict]:
@@ -43,37 +49,78 @@ def world_rows(recipe, split: str) -> list[dict]:
     return list(_world_rows(json.dumps(dataclasses.asdict(recipe.world), sort_keys=True), split))
 
 
-def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
+def _text_of(path: Path) -> str:
+    """The file's text (gzip-compressed when it ends in .gz); invalid UTF-8 is named with its line."""
+    raw = gzip.open(path, "rb").read() if path.suffix.lower() == ".gz" else path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise PipelineError(f"{path}: line {line}: invalid UTF-8 (byte 0x{raw[err.start]:02x}); save the file as "
+                            f"UTF-8") from None
+
+
+def _kind(path: Path) -> str | None:
+    suffix = Path(path.name[:-3]).suffix if path.name.lower().endswith(".gz") else path.suffix
+    return FILE_TYPES.get(suffix.lower())
+
+
+def _read_jsonl(path: Path, text: str) -> tuple[list[dict], list[str]]:
     rows, where = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PipelineError(f"{path}: line {lineno}: invalid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise PipelineError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-            where.append(f"line {lineno}")
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PipelineError(f"{path}: line {lineno}: invalid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise PipelineError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+        where.append(f"line {lineno}")
     return rows, where
 
 
-def _read_file(path: Path) -> tuple[list[dict], list[str]]:
-    kind = FILE_TYPES.get(path.suffix.lower())
+def _read_txt(text: str, split: str) -> tuple[list[dict], list[str]]:
+    """Plain text: one document per blank-line-separated block (`paragraph`) or per line (`line`)."""
+    rows, where, start = [], [], 1
+    if split == "line":
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                rows.append({"text": line.strip()})
+                where.append(f"line {lineno}")
+        return rows, where
+    block: list[str] = []
+    for lineno, line in enumerate(text.splitlines() + [""], 1):
+        if line.strip():
+            if not block:
+                start = lineno
+            block.append(line)
+        elif block:
+            rows.append({"text": "\n".join(block).strip()})
+            where.append(f"line {start}")
+            block = []
+    return rows, where
+
+
+def _read_file(path: Path, text_split: str = "paragraph") -> tuple[list[dict], list[str]]:
+    kind = _kind(path)
     if kind is None:
-        raise PipelineError(f"{path}: unsupported file type '{path.suffix}' (use {', '.join(FILE_TYPES)})")
+        raise PipelineError(f"{path}: unsupported file type '{path.suffix}' (use {', '.join(FILE_TYPES)}, "
+                            f"optionally .gz)")
     if path.stat().st_size == 0:
         raise PipelineError(f"{path}: empty file")
-    if kind == "jsonl":
-        return _read_jsonl(path)
-    if kind == "json":
+    if kind in ("jsonl", "json", "txt"):
+        text = _text_of(path)
+        if kind == "txt":
+            return _read_txt(text, text_split)
+        if kind == "jsonl":
+            return _read_jsonl(path, text)
         try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
+            obj = json.loads(text)
         except json.JSONDecodeError as err:
             try:  # JSON Lines saved with a .json name
-                return _read_jsonl(path)
+                return _read_jsonl(path, text)
             except PipelineError:
                 raise PipelineError(f"{path}: line {err.lineno}: invalid JSON ({err.msg})") from None
         if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
@@ -83,6 +130,8 @@ def _read_file(path: Path) -> tuple[list[dict], list[str]]:
         return obj, [f"row {i}" for i in range(1, len(obj) + 1)]
     import datasets
 
+    if kind == "csv":
+        _text_of(path)  # names the line of invalid UTF-8 before pandas does
     try:
         ds = datasets.Dataset.from_parquet(str(path)) if kind == "parquet" else datasets.Dataset.from_csv(str(path))
     except Exception as err:  # pyarrow/pandas parse errors
@@ -117,38 +166,109 @@ def _read_folder(path: Path) -> tuple[list[dict], list[str]]:
 def _read_hub(spec: str) -> tuple[list[dict], list[str]]:
     import datasets
 
+    from pipeline import hub
+
     name, _, split = spec.partition(":")
+    online = hub.reachable()
     try:
         ds = datasets.load_dataset(name, split=split or "train")
     except Exception as err:
-        raise PipelineError(f"dataset '{spec}': not a local file or folder, and loading it from the hub failed: "
-                            f"{str(err).splitlines()[0]}") from None
+        why = hub.unreachable_note() + " and it is not in the local cache" if not online else \
+            f"loading it from the hub failed: {str(err).splitlines()[0]}"
+        raise PipelineError(f"dataset '{spec}': not a local file or folder, and {why}") from None
     rows = ds.to_list()
     return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
 
 
-def read_rows(spec: str, recipe) -> tuple[list[dict], list[str], str]:
-    """Rows, where each row came from (for error messages), and a name for the source."""
+def _read_one(spec: str, recipe, text_split: str) -> tuple[list[dict], list[str]]:
     if spec.startswith("world:"):
         rows = world_rows(recipe, spec.split(":", 1)[1])
-        return rows, [f"row {i}" for i in range(1, len(rows) + 1)], spec
+        return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
     path = Path(spec).expanduser()
     if path.is_file():
-        rows, where = _read_file(path)
-    elif path.is_dir():
-        rows, where = _read_folder(path)
-    elif spec.startswith((".", "/", "~")) or Path(spec).suffix.lower() in FILE_TYPES or spec.count("/") != 1:
+        return _read_file(path, text_split)
+    if path.is_dir():
+        return _read_folder(path)
+    if glob.has_magic(spec):
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if not files:
+            raise PipelineError(f"dataset '{spec}': no file matches")
+        rows, where = [], []
+        for f in files:
+            r, w = _read_file(f, text_split)
+            rows += r
+            where += [f"{f} {x}" for x in w]
+        return rows, where
+    if spec.startswith((".", "/", "~")) or _kind(path) or spec.count("/") != 1:
         raise PipelineError(f"dataset '{spec}': file not found")
-    else:
-        rows, where = _read_hub(spec)
+    return _read_hub(spec)
+
+
+def mixture_parts(spec) -> tuple[list[tuple[str, float | None, object]], int | None]:
+    """A spec as (dataset, fraction or None, columns) parts and the mixture's seed: a string (one dataset or a
+    glob), a list of specs (all rows of each), {spec: fraction} (alignment-handbook's dataset_mixer), or
+    {datasets: [{id or path, split, columns, weight}], seed} (its dataset_mixture)."""
+    if isinstance(spec, str):
+        return [(spec, None, None)], None
+    if isinstance(spec, list):
+        return [(s, None, None) for s in spec], None
+    if isinstance(spec, dict) and "datasets" in spec:
+        parts = []
+        for d in spec["datasets"]:
+            name = d.get("path") or d.get("id")
+            if not isinstance(name, str):
+                raise PipelineError(f"dataset mixture: each entry of `datasets` needs an `id` or `path`, got {d!r}")
+            if d.get("split") and ":" not in name and not Path(name).exists():
+                name = f"{name}:{d['split']}"
+            parts.append((name, d.get("weight", d.get("fraction")), d.get("columns")))
+        return parts, spec.get("seed")
+    if isinstance(spec, dict):
+        return [(k, v, None) for k, v in spec.items()], None
+    raise PipelineError(f"dataset spec {spec!r}: expected a string, a list of specs or a mapping of spec: fraction")
+
+
+def spec_name(spec) -> str:
+    return spec if isinstance(spec, str) else " + ".join(p for p, _, _ in mixture_parts(spec)[0])
+
+
+def read_rows(spec, recipe, text_split: str = "paragraph") -> tuple[list[dict], list[str], str]:
+    """Rows, where each row came from (for error messages), and a name for the source. A mixture takes
+    `fraction` of each dataset's rows (shuffled with the mixture's seed, else run.seed) and shuffles the union."""
+    parts, seed = mixture_parts(spec)
+    rows, where = [], []
+    for name, fraction, columns in parts:
+        if not isinstance(name, str):
+            raise PipelineError(f"dataset spec {name!r}: expected a string")
+        r, w = _read_one(name, recipe, text_split)
+        if fraction is not None:
+            if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+                raise PipelineError(f"dataset mixture: the fraction of '{name}' must be in (0, 1], got {fraction!r}")
+            order = list(range(len(r)))
+            random.Random(recipe.run.seed if seed is None else seed).shuffle(order)
+            keep = order[:max(1, round(fraction * len(r)))]
+            r, w = [r[i] for i in keep], [w[i] for i in keep]
+        if isinstance(columns, list):  # the handbook's `columns`: the ones to keep
+            r = [{k: v for k, v in row.items() if k in columns} for row in r]
+        elif isinstance(columns, dict):
+            from pipeline.formats import rename_columns
+
+            r = rename_columns(r, columns, name, w)
+        rows += r
+        where += [f"{name} {x}" if len(parts) > 1 else x for x in w]
+    if len(parts) > 1 and any(f is not None for _, f, _ in parts):
+        order = list(range(len(rows)))
+        random.Random(recipe.run.seed if seed is None else seed).shuffle(order)
+        rows, where = [rows[i] for i in order], [where[i] for i in order]
     if not rows:
-        raise PipelineError(f"{spec}: no rows")
-    return rows, where, str(spec)
+        raise PipelineError(f"{spec_name(spec)}: no rows")
+    return rows, where, spec_name(spec)
 
 
-def fingerprint(spec: str, recipe) -> str:
-    from pipeline.runs import hash_file, hash_folder, hash_obj
-
+def fingerprint(spec, recipe) -> str:
+    if not isinstance(spec, str):  # a list or mixture: its parts' fingerprints and the mixing settings
+        parts, seed = mixture_parts(spec)
+        return hash_obj({"parts": [(fingerprint(p, recipe), f, c) for p, f, c in parts], "seed": seed,
+                         "run_seed": recipe.run.seed})
     if spec.startswith("world:"):
         return hash_obj({"world": dataclasses.asdict(recipe.world), "split": spec})
     path = Path(spec).expanduser()
@@ -156,339 +276,79 @@ def fingerprint(spec: str, recipe) -> str:
         return hash_file(path)
     if path.is_dir():
         return hash_folder(path)
+    if glob.has_magic(spec):
+        return hash_obj([(p, hash_file(Path(p))) for p in sorted(glob.glob(str(path), recursive=True))
+                         if Path(p).is_file()])
     return hash_obj({"hub": spec})
 
 
 # ---------------------------------------------------------------------------------------------- checking
 
 
-def _bad(source, where, msg):
-    raise PipelineError(f"{source}: {where}: {msg}")
-
-
-def check_messages(messages, source, where, need_assistant=True):
-    if isinstance(messages, str):  # CSV cells hold JSON text
-        try:
-            messages = json.loads(messages)
-        except json.JSONDecodeError:
-            _bad(source, where, "'messages' is a string that is not a JSON list of messages")
-    if not isinstance(messages, list) or not messages:
-        _bad(source, where, "'messages' must be a non-empty list of {role, content} objects")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            _bad(source, where, f"message {i} is not an object")
-        role = m.get("role")
-        if role not in ROLES:
-            _bad(source, where, f"message {i}: unknown role {role!r} (expected one of: {', '.join(ROLES)})")
-        content, calls = m.get("content"), m.get("tool_calls")
-        if calls is not None:
-            if role != "assistant" or not isinstance(calls, list):
-                _bad(source, where, f"message {i}: tool_calls must be a list on an assistant message")
-            for call in calls:
-                fn = call.get("function", call) if isinstance(call, dict) else None
-                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-                    _bad(source, where, f"message {i}: a tool call needs a function name")
-        if not isinstance(content, str) and not (content is None and calls):
-            _bad(source, where, f"message {i}: 'content' must be a string")
-    if need_assistant and not any(m["role"] == "assistant" for m in messages):
-        _bad(source, where, "no assistant message to learn from")
-    return messages
-
-
 def _check_text(rows, where, source, column="text"):
     for row, w in zip(rows, where):
         if column not in row:
-            _bad(source, w, f"missing column '{column}' (columns: {', '.join(row) or 'none'})")
+            bad_row(source, w, f"missing column '{column}' (columns: {', '.join(row) or 'none'})")
         if not isinstance(row[column], str):
-            _bad(source, w, f"'{column}' must be a string")
+            bad_row(source, w, f"'{column}' must be a string")
     return rows
 
 
 def _check_chat(rows, where, source):
+    """Conversations in any format of pipeline/formats.py (detected from the first row), as messages or
+    prompt/completion rows."""
+    fmt = detect_sft_format(rows[0])
+    if fmt is None:
+        raise PipelineError(f"{source}: no conversation format matches the columns ({', '.join(rows[0]) or 'none'});"
+                            f" expected {expected_sft_columns()}")
+    out = []
     for row, w in zip(rows, where):
-        if "messages" in row:
-            row["messages"] = check_messages(row["messages"], source, w)
-        elif "prompt" in row and "completion" in row:
-            for col in ("prompt", "completion"):
-                if isinstance(row[col], list):
-                    check_messages(row[col], source, w, need_assistant=(col == "completion"))
-                elif not isinstance(row[col], str):
-                    _bad(source, w, f"'{col}' must be text or a list of messages")
-        else:
-            _bad(source, w, f"expected a 'messages' column or 'prompt' and 'completion' "
-                            f"(columns: {', '.join(row) or 'none'})")
-    return rows
+        if detect_sft_format(row) != fmt:
+            bad_row(source, w, f"not in the {fmt} format of the first row (columns: {', '.join(row) or 'none'})")
+        out.append({**{k: v for k, v in row.items() if k not in FORMAT_COLUMNS}, **to_sft_row(row, fmt, source, w)})
+    return out
 
 
 def _check_prompts(rows, where, source):
     for row, w in zip(rows, where):
         if "prompt" not in row:
-            _bad(source, w, f"missing column 'prompt' (columns: {', '.join(row) or 'none'})")
+            bad_row(source, w, f"missing column 'prompt' (columns: {', '.join(row) or 'none'})")
         if isinstance(row["prompt"], list):
             check_messages(row["prompt"], source, w, need_assistant=False)
         elif not isinstance(row["prompt"], str) or not row["prompt"].strip():
-            _bad(source, w, "'prompt' must be non-empty text or a list of messages")
+            bad_row(source, w, "'prompt' must be non-empty text or a list of messages")
     return rows
 
 
+FORMAT_COLUMNS = {"messages", "conversations", "instruction", "input", "output", "history", "system", "prompt",
+                  "completion", "tools"}
 CHECKS = {"text": _check_text, "chat": _check_chat, "prompts": _check_prompts}
 
 
-def load(spec: str, kind: str, recipe, **kw):
-    """Read a dataset spec, check every row for `kind`, and return a `datasets.Dataset`."""
+def load_with_info(spec, kind: str, recipe, columns: dict | None = None, text_split: str = "paragraph", **kw):
+    """Read a dataset spec, map its columns (`columns`: {our name: the file's name}), check every row for `kind`,
+    and return a `datasets.Dataset` with what was read: {source, rows, format}."""
     import datasets
 
-    rows, where, source = read_rows(spec, recipe)
+    from pipeline.formats import rename_columns
+
+    rows, where, source = read_rows(spec, recipe, text_split=text_split)
+    rows = rename_columns(rows, columns, source, where)
+    plain = any(_kind(Path(p)) == "txt" for name, _, _ in mixture_parts(spec)[0]
+                for p in (glob.glob(str(Path(name).expanduser())) if glob.has_magic(name) else [name]))
+    fmt = {"chat": lambda: detect_sft_format(rows[0]), "text": lambda: f"txt, a document per {text_split}" if plain
+           else "text", "prompts": lambda: "prompts", "eval_prompts": lambda: "prompts"}[kind]()
     rows = CHECKS[kind](rows, where, source, **kw)
     try:
-        return datasets.Dataset.from_list(rows)
+        ds = datasets.Dataset.from_list(rows)
     except Exception as err:  # mixed types across rows that Arrow cannot unify
         raise PipelineError(f"{source}: rows do not share one schema: {str(err).splitlines()[0]}") from None
+    return ds, {"source": source, "rows": len(ds), "format": fmt}
 
 
-# ---------------------------------------------------------------------------------------------- preference pairs
-#
-# One loader for the reward, DPO and PPO stages. Whatever the input format, rows come out in ONE normalized TRL
-# format: explicit `prompt`, `chosen`, `rejected` (lists of messages when the input was conversational or Anthropic
-# HH text, plain strings otherwise), an optional float `margin` (TRL's RewardTrainer subtracts it inside the loss),
-# and every other column of the input kept as it was (e.g. the world's skill, hard, clean_agrees).
-
-PREFERENCE_FORMATS = {
-    "explicit": "prompt + chosen + rejected (text or lists of messages)",
-    "implicit": "chosen + rejected full conversations (the shared beginning is the prompt)",
-    "implicit_text": "chosen + rejected full texts (the shared beginning, cut at a space, is the prompt)",
-    "hh": "chosen + rejected Anthropic HH-RLHF text (\\n\\nHuman: ... \\n\\nAssistant: ...)",
-    "hh_explicit": "prompt (HH text ending in 'Assistant:') + chosen + rejected replies",
-}
-PREFERENCE_EXPECTED = ("prompt/chosen/rejected, or chosen/rejected (full conversations or Anthropic HH text); "
-                       "optionally score_chosen/score_rejected or margin")
-_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
-
-
-def parse_hh(text: str) -> list[dict] | None:
-    """Anthropic HH-RLHF text as messages (Human -> user, Assistant -> assistant); None if not in that form."""
-    if not isinstance(text, str) or not re.match(r"\s*Human:", text):
-        return None
-    parts = _HH_TURN.split(text.lstrip(" \t\n"))  # [before, role, content, role, content, ...]
-    if len(parts) < 5 or parts[0].strip():
-        return None
-    return [{"role": "user" if role == "Human" else "assistant", "content": content.strip()}
-            for role, content in zip(parts[1::2], parts[2::2])]
-
-
-def _as_messages(value):
-    """A CSV cell (or any string) holding a JSON list of messages becomes that list; anything else is unchanged."""
-    if isinstance(value, str) and value.lstrip().startswith("[{"):
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            return value
-        if isinstance(parsed, list) and all(isinstance(m, dict) and "role" in m for m in parsed):
-            return parsed
-    return value
-
-
-def _split_conversations(chosen: list, rejected: list, source, where):
-    """Shared leading messages -> prompt; the rest of each side (starting at an assistant turn) -> completions."""
-    n = 0
-    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-        n += 1
-    if n == len(chosen) == len(rejected):
-        return chosen, [], []  # identical conversations: the caller drops the pair
-    # the completions must start with an assistant turn: move the cut back to one
-    k = n
-    while k > 0 and not (k < len(chosen) and k < len(rejected)
-                         and chosen[k]["role"] == "assistant" and rejected[k]["role"] == "assistant"):
-        k -= 1
-    if k == 0:
-        _bad(source, where, "chosen and rejected share no prompt that ends before an assistant reply")
-    return chosen[:k], chosen[k:], rejected[k:]
-
-
-def _split_text(chosen: str, rejected: str, source, where):
-    n = 0
-    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-        n += 1
-    if chosen == rejected:
-        return chosen, "", ""
-    cut = max(chosen.rfind(" ", 0, n), chosen.rfind("\n", 0, n)) + 1  # keep whole words in the replies
-    if cut == 0:
-        _bad(source, where, "chosen and rejected share no prompt (no common beginning ending at a space)")
-    return chosen[:cut], chosen[cut:], rejected[cut:]
-
-
-def _detect_preference_format(first: dict, source) -> str:
-    cols = set(first)
-    if not {"chosen", "rejected"} <= cols:
-        have = ", ".join(first) or "none"
-        raise PipelineError(f"{source}: no preference format matches the columns ({have}); expected "
-                            f"{PREFERENCE_EXPECTED}")
-    chosen = _as_messages(first["chosen"])
-    if "prompt" in cols:
-        prompt = first["prompt"]
-        if isinstance(prompt, str) and not isinstance(chosen, list):
-            turns = parse_hh(prompt)
-            if turns and turns[-1]["role"] == "assistant" and not turns[-1]["content"]:
-                return "hh_explicit"
-        return "explicit"
-    if isinstance(chosen, list):
-        return "implicit"
-    if parse_hh(chosen) is not None:
-        return "hh"
-    return "implicit_text"
-
-
-def _pair_margin(row, margin_from, source, where):
-    import math
-
-    if margin_from == "margin":
-        values = {"margin": row.get("margin")}
-    else:
-        values = {c: row.get(c) for c in ("score_chosen", "score_rejected")}
-    for col, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            _bad(source, where, f"'{col}' must be a finite number, got {v!r}")
-    margin = float(values["margin"]) if margin_from == "margin" else \
-        float(values["score_chosen"]) - float(values["score_rejected"])
-    if margin < 0:
-        _bad(source, where, f"negative margin {margin:g}: the chosen reply must score at least as high as the "
-                            f"rejected one")
-    return margin
-
-
-def normalize_preferences(rows, where, source) -> tuple[list[dict], dict]:
-    """Rows of any supported preference format -> normalized rows, and what was done (format, drops, margin)."""
-    fmt = _detect_preference_format(rows[0], source)
-    cols = set(rows[0])
-    if "margin" in cols:
-        margin_from = "margin"
-    elif {"score_chosen", "score_rejected"} & cols:
-        missing = {"score_chosen", "score_rejected"} - cols
-        if missing:
-            raise PipelineError(f"{source}: has {({'score_chosen', 'score_rejected'} - missing).pop()} but no "
-                                f"{missing.pop()} column (scores come in pairs)")
-        margin_from = "score_chosen - score_rejected"
-    else:
-        margin_from = None
-    needed = ("prompt", "chosen", "rejected") if fmt in ("explicit", "hh_explicit") else ("chosen", "rejected")
-    conversational = None
-    out, identical = [], 0
-    for row, w in zip(rows, where):
-        for col in needed:
-            if col not in row:
-                _bad(source, w, f"missing column '{col}' (columns: {', '.join(row) or 'none'}; format: "
-                                f"{PREFERENCE_FORMATS[fmt]})")
-        chosen, rejected = _as_messages(row["chosen"]), _as_messages(row["rejected"])
-        prompt = _as_messages(row.get("prompt"))
-        if fmt == "explicit":
-            for col, v in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
-                if not isinstance(v, (str, list)):
-                    _bad(source, w, f"'{col}' must be text or a list of messages, got {type(v).__name__}")
-            if isinstance(prompt, str) and not prompt.strip():
-                _bad(source, w, "'prompt' is empty")
-            if isinstance(prompt, list) or isinstance(chosen, list) or isinstance(rejected, list):
-                prompt = check_messages(prompt, source, w, need_assistant=False) if isinstance(prompt, list) \
-                    else [{"role": "user", "content": prompt}]
-                chosen, rejected = [check_messages(v, source, w) if isinstance(v, list)
-                                    else [{"role": "assistant", "content": v}] for v in (chosen, rejected)]
-        elif fmt == "hh_explicit":
-            turns = parse_hh(prompt) if isinstance(prompt, str) else None
-            if not turns or turns[-1]["role"] != "assistant" or turns[-1]["content"] or len(turns) < 2:
-                _bad(source, w, "'prompt' is not Anthropic HH text ending in '\\n\\nAssistant:'")
-            for col, v in (("chosen", chosen), ("rejected", rejected)):
-                if not isinstance(v, str):
-                    _bad(source, w, f"'{col}' must be text, like the first row's")
-            prompt = turns[:-1]
-            chosen, rejected = [{"role": "assistant", "content": chosen.strip()}], \
-                [{"role": "assistant", "content": rejected.strip()}]
-        elif fmt == "implicit":
-            for col, v in (("chosen", chosen), ("rejected", rejected)):
-                if not isinstance(v, list):
-                    _bad(source, w, f"'{col}' must be a list of messages, like the first row's")
-                check_messages(v, source, w)
-            prompt, chosen, rejected = _split_conversations(chosen, rejected, source, w)
-        elif fmt == "hh":
-            turns_c, turns_r = parse_hh(chosen), parse_hh(rejected)
-            for col, turns in (("chosen", turns_c), ("rejected", turns_r)):
-                if turns is None:
-                    _bad(source, w, f"'{col}' is not Anthropic HH text (\\n\\nHuman: ... \\n\\nAssistant: ...)")
-                if turns[-1]["role"] != "assistant":
-                    _bad(source, w, f"'{col}' does not end with an Assistant turn")
-            prompt, chosen, rejected = _split_conversations(turns_c, turns_r, source, w)
-        else:  # implicit_text
-            for col, v in (("chosen", chosen), ("rejected", rejected)):
-                if not isinstance(v, str):
-                    _bad(source, w, f"'{col}' must be text, like the first row's")
-            prompt, chosen, rejected = _split_text(chosen, rejected, source, w)
-        is_conv = isinstance(chosen, list)
-        if conversational is None:
-            conversational = is_conv
-        elif is_conv != conversational:
-            _bad(source, w, "mixes text and conversation pairs (earlier rows are "
-                            f"{'conversations' if conversational else 'text'})")
-        if chosen == rejected:
-            identical += 1
-            continue
-        pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-        if margin_from:
-            pair["margin"] = _pair_margin(row, margin_from, source, w)
-        pair.update((k, v) for k, v in row.items() if k not in ("prompt", "chosen", "rejected", "margin"))
-        out.append(pair)
-    info = {"source": str(source), "format": fmt, "conversational": bool(conversational), "rows": len(rows),
-            "pairs": len(out), "identical_dropped": identical, "margin": margin_from}
-    return out, info
-
-
-def _check_preference(rows, where, source):
-    return normalize_preferences(rows, where, source)[0]
-
-
-CHECKS["preference"] = _check_preference
-
-
-def load_preferences(spec: str, recipe):
-    """Preference pairs of any supported format (see PREFERENCE_FORMATS), normalized; returns (Dataset, info)."""
-    import datasets
-
-    rows, where, source = read_rows(spec, recipe)
-    pairs, info = normalize_preferences(rows, where, source)
-    if not pairs:
-        raise PipelineError(f"{source}: no pairs left: all {info['identical_dropped']} have chosen equal to rejected")
-    try:
-        return datasets.Dataset.from_list(pairs), info
-    except Exception as err:  # mixed types across rows that Arrow cannot unify
-        raise PipelineError(f"{source}: rows do not share one schema: {str(err).splitlines()[0]}") from None
-
-
-def split_by_prompt(ds, fraction: float, seed: int):
-    """Hold out `fraction` of the prompts (with all their pairs), so no prompt is on both sides. (train, held-out)"""
-    import random
-
-    if not 0 < fraction < 1:
-        raise PipelineError(f"eval_fraction must be between 0 and 1, got {fraction}")
-    keys = [json.dumps(p, sort_keys=True) for p in ds["prompt"]]
-    prompts = sorted(set(keys))
-    if len(prompts) < 2:
-        raise PipelineError(f"{len(ds)} pairs with {len(prompts)} distinct prompt: too few to hold any out; "
-                            f"give an eval_dataset")
-    random.Random(seed).shuffle(prompts)
-    n_eval = min(len(prompts) - 1, max(1, round(fraction * len(prompts))))
-    held = set(prompts[:n_eval])
-    train_idx = [i for i, k in enumerate(keys) if k not in held]
-    eval_idx = [i for i, k in enumerate(keys) if k in held]
-    return ds.select(train_idx), ds.select(eval_idx)
-
-
-def load_preference_splits(dataset: str, eval_dataset: str | None, eval_fraction: float, recipe):
-    """Training and held-out pairs for a preference stage: `eval_dataset`, or `eval_fraction` of the training
-    prompts held out. Returns (train, held_out, train_info, held_out_info)."""
-    train_ds, train_info = load_preferences(dataset, recipe)
-    if eval_dataset:
-        eval_ds, eval_info = load_preferences(eval_dataset, recipe)
-        return train_ds, eval_ds, train_info, eval_info
-    train_ds, eval_ds = split_by_prompt(train_ds, eval_fraction, recipe.run.seed)
-    eval_info = {**train_info, "source": f"{dataset} (held-out {eval_fraction:.0%} of prompts)", "pairs": len(eval_ds)}
-    return train_ds, eval_ds, {**train_info, "pairs": len(train_ds)}, eval_info
+def load(spec, kind: str, recipe, **kw):
+    """`load_with_info` without the info."""
+    return load_with_info(spec, kind, recipe, **kw)[0]
 
 
 def _check_eval_prompts(rows, where, source):
@@ -508,11 +368,46 @@ def _check_eval_prompts(rows, where, source):
         answer, skill = row.get("answer"), row.get("skill")
         if answer is not None:
             if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
-                _bad(source, w, f"'answer' must be non-empty text or a number, got {answer!r}")
+                bad_row(source, w, f"'answer' must be non-empty text or a number, got {answer!r}")
             row["answer"] = str(int(answer)) if isinstance(answer, float) and answer.is_integer() else str(answer)
         if skill is not None and not isinstance(skill, str):
-            _bad(source, w, f"'skill' must be text, got {skill!r}")
+            bad_row(source, w, f"'skill' must be text, got {skill!r}")
     return rows
 
 
 CHECKS["eval_prompts"] = _check_eval_prompts
+
+
+# ---------------------------------------------------------------------------------------------- warnings
+
+TRAINING_KEYS = ("dataset", "prompts")
+EVAL_KEYS = ("eval_dataset", "heldout_prompts", "perplexity_data")
+
+
+def warn_world_eval(recipe, stage: str, keys) -> None:
+    """A user's training data measured on the task world's held-out splits says little about that data: say so."""
+    from pipeline import log
+
+    user = [getattr(keys, k) for k in TRAINING_KEYS if getattr(keys, k, None)]
+    if stage == "eval":
+        user = [keys.prompts]
+    if not user or all(isinstance(u, str) and u.startswith("world:") for u in user):
+        return
+    world = [f"{stage}.{k}={getattr(keys, k)}" for k in EVAL_KEYS
+             if isinstance(getattr(keys, k, None), str) and getattr(keys, k).startswith("world:")]
+    if world:
+        log.warning(f"your data is paired with the task world's held-out data ({', '.join(world)}): those figures "
+                    f"measure the world's tasks, not yours; set them to your own held-out data or empty")
+
+
+def warn_many_epochs(args, rows: int, num_processes: int) -> None:
+    """max_steps that loops a small dataset many times: say how many epochs that is."""
+    from pipeline import log
+
+    if getattr(args, "max_steps", -1) > 0 and rows:
+        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes
+        epochs = args.max_steps * per_step / rows
+        if epochs > 3:
+            log.warning(f"max_steps={args.max_steps} at {per_step} examples per step is {epochs:.1f} epochs of the "
+                        f"{rows} training rows: the model may memorise them")
+

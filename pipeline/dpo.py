@@ -5,7 +5,7 @@
 The policy starts from `dpo.init_from` (default `sft`); the reference is the same checkpoint loaded once and
 frozen or, with `use_peft`, the policy with its adapter switched off. `precompute_ref_log_probs: true` scores the
 reference once before training and reuses the log-probs every epoch. Data: any preference format the reward stage
-reads (data.load_preferences). Section keys: TRL's DPOConfig fields, ModelConfig's LoRA fields, DPOKeys
+reads (preferences.load_preferences). Section keys: TRL's DPOConfig fields, ModelConfig's LoRA fields, DPOKeys
 (pipeline/stages.py). At the end the input and the tuned policy answer the held-out prompts (verifier accuracy).
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the package, never shadow libraries with our modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from pipeline import cli, data, models, runs
-from pipeline.generation import heldout_comparison, heldout_rows
-from pipeline.recipe import load_recipe
+from pipeline import cli, data, log, models, preferences, runs
+from pipeline.heldout import heldout_comparison, heldout_rows
+from pipeline.recipe import load_recipe, stage_help
 
 STAGE = "dpo"
 USAGE = "usage: pipeline/dpo.py RECIPE [dpo.KEY=VALUE ...]"
@@ -41,21 +41,25 @@ def chosen_logp_watch(drop: float):
                 self.start = value
             elif not self.warned and value < self.start - drop:
                 self.warned = True
-                print(f"[dpo] WARNING: log-prob of chosen replies fell from {self.start:.2f} to {value:.2f} "
-                      f"(step {state.global_step}): the policy is moving mass away from both replies; consider a "
-                      f"larger beta, a lower learning rate, or loss_type [sigmoid, sft] (RPO)", flush=True)
+                log.warning(f"log-prob of chosen replies fell from {self.start:.2f} to {value:.2f} (step "
+                            f"{state.global_step}): the policy is moving mass away from both replies; consider a "
+                            f"larger beta, a lower learning rate, or loss_type [sigmoid, sft] (RPO)")
 
     return ChosenLogpWatch()
 
 
 def main(argv):
-    recipe = load_recipe(*cli.split_stage_args(argv, USAGE))
+    recipe = load_recipe(*cli.split_stage_args(argv, USAGE, lambda: stage_help(STAGE)))
+    recipe.check_config(STAGE, portable=True)  # the config class's own checks before upstream stages
     keys = recipe.keys(STAGE)
     peft_values = recipe.peft_values(STAGE)
     with runs.StageRun(recipe, STAGE) as run:
-        train_ds, eval_ds, train_info, _ = data.load_preference_splits(
-            keys.dataset, keys.eval_dataset, keys.eval_fraction, recipe)
-        heldout = heldout_rows(recipe, keys, STAGE)
+        train_ds, eval_ds, train_info, eval_info = preferences.load_preference_splits(
+            keys.dataset, keys.eval_dataset, keys.eval_fraction, recipe, keys.columns)
+        run.note_data("dataset", train_info)
+        run.note_data("eval_dataset", eval_info)
+        data.warn_world_eval(recipe, STAGE, keys)
+        heldout = heldout_rows(recipe, keys)
         args = recipe.trainer_config(STAGE, output_dir=str(run.out))
         init = run.checkpoint()
         if init.path is None:
@@ -80,16 +84,16 @@ def main(argv):
         trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=pairs_only(train_ds),
                              eval_dataset=pairs_only(eval_ds), processing_class=tokenizer, peft_config=peft_config,
                              callbacks=[chosen_logp_watch(keys.chosen_logp_warn_drop)])
-        if run.state.is_main_process:
-            print(f"[dpo] {models.describe(trainer.model)}; {len(train_ds)} pairs ({train_info}), "
-                  f"{len(eval_ds)} held out; beta {args.beta}, loss {args.loss_type}", flush=True)
+        log.info(f"{models.describe(trainer.model)}; {len(train_ds)} pairs, {len(eval_ds)} held out; "
+                 f"beta {args.beta}, loss {args.loss_type}")
+        data.warn_many_epochs(args, len(trainer.train_dataset), run.state.num_processes)
         result = trainer.train(resume_from_checkpoint=run.last_checkpoint())
         eval_metrics = trainer.evaluate()
         models.save_trained(trainer, tokenizer, run.out, merge_adapter=keys.merge_adapter)
 
         logged = [h for h in trainer.state.log_history if "loss" in h and "logps/chosen" in h]
         metrics = {
-            "train_loss": result.training_loss,
+            "train_loss": runs.train_loss(trainer),
             "steps": result.global_step,
             "train_pairs": len(train_ds),
             "data": train_info,

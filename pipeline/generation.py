@@ -1,13 +1,16 @@
-"""Batched generation with the checkpoint's chat template, and verifier accuracy on the world's held-out prompts."""
+"""Batched generation with a checkpoint's chat template, and log-probabilities of token sequences under a model
+(the samples' log-ratios to a reference, perplexity on held-out text)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline import rl
+from pipeline import metrics as M, rl
 
 
 @dataclass
@@ -18,9 +21,13 @@ class Reply:
     token_ids: list[int] | None = None  # the tokens as generated, up to (without) the end-of-turn token
 
 
+def as_messages(prompt) -> list[dict]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
 def render_prompt(tokenizer, prompt) -> str:
     """A conversational prompt goes through the chat template; plain text becomes one user turn."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    messages = as_messages(prompt)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -111,60 +118,67 @@ def token_logprobs(model, sequences, *, batch_size=32, desc="scoring", progress=
     return out
 
 
-def verifier_accuracy(model, tokenizer, rows, *, max_new_tokens=48, batch_size=64, desc="scoring") -> dict:
-    """Greedy replies to world prompts scored by each skill's verifier: overall and per-skill accuracy."""
-    from pipeline import world
-
-    replies = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
-                       batch_size=batch_size, desc=desc)
-    per_skill: dict[str, list[bool]] = {}
-    for row, (reply,) in zip(rows, replies):
-        per_skill.setdefault(row["skill"], []).append(world.verify(row["skill"], reply.text, row["answer"]))
-    scores = [ok for oks in per_skill.values() for ok in oks]
-    return {
-        "accuracy": sum(scores) / len(scores),
-        "per_skill": {s: sum(v) / len(v) for s, v in sorted(per_skill.items())},
-        "n": len(scores),
-        "ended": sum(r[0].ended for r in replies) / len(replies),
-    }
+# ---------------------------------------------------------------------------------------------- sequence scores
 
 
-def score_checkpoint(recipe, path: str, rows, *, max_new_tokens=48, batch_size=64, label="model") -> dict:
-    """Verifier accuracy of the model saved at `path`, read back from disk as later stages will read it."""
-    from pipeline import models, runs
-
-    # Called on the main process only, while the others wait: no ZeRO-3 partitioned loading or synced generation.
-    with models.single_process():
-        model = models.load_causal_lm(recipe, path)
-        tokenizer = models.load_tokenizer(recipe, runs.Checkpoint(label, path, "", "local"))
-        models.configure_generation(model, tokenizer)
-        result = verifier_accuracy(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                   desc=f"scoring {label}")
-    print(f"held-out verifier accuracy of {label}: {result['accuracy']:.3f} (n={result['n']}, "
-          f"{', '.join(f'{s} {a:.2f}' for s, a in result['per_skill'].items())})", flush=True)
-    return result
+def same_tokenizer(a, b) -> bool:
+    return a.get_vocab() == b.get_vocab() and a.chat_template == b.chat_template and a.eos_token_id == b.eos_token_id
 
 
-def heldout_rows(recipe, keys, stage: str) -> list[dict] | None:
-    """The stage's held-out prompts (HeldoutKeys) if they carry verifiers (`skill`, `answer`), else None."""
-    from pipeline import data
+def sample_sequences(tokenizer, prompts, samples, policy_tokenizer=None) -> tuple[list[list[int]], list[int]]:
+    """prompt + sampled reply (+ end-of-turn if it ended) token ids, and each prompt's length. With the policy's own
+    tokenizer the reply keeps its sampled ids; another tokenizer re-encodes the reply text."""
+    reuse = policy_tokenizer is None or same_tokenizer(tokenizer, policy_tokenizer)
+    seqs, starts = [], []
+    for prompt, replies in zip(prompts, samples):
+        head = prompt_ids(tokenizer, prompt)
+        for r in replies:
+            body = r.token_ids if reuse else tokenizer(r.text, add_special_tokens=False)["input_ids"]
+            seqs.append(head + list(body) + ([tokenizer.eos_token_id] if r.ended else []))
+            starts.append(len(head))
+    return seqs, starts
 
-    if not keys.heldout_prompts:
-        return None
-    ds = data.load(keys.heldout_prompts, "prompts", recipe)
-    if not {"skill", "answer"} <= set(ds.column_names):
-        print(f"[{stage}] {keys.heldout_prompts} has no skill/answer columns: held-out scoring skipped")
-        return None
-    return ds.select(range(min(len(ds), keys.heldout_max_prompts))).to_list()
+
+def reply_logprob_sums(model, tokenizer, prompts, samples, batch_size, desc, policy_tokenizer=None) -> np.ndarray:
+    """log p(reply | prompt) of every sample under `model`, shaped (prompts, samples)."""
+    seqs, starts = sample_sequences(tokenizer, prompts, samples, policy_tokenizer)
+    lps = token_logprobs(model, seqs, batch_size=batch_size, desc=desc)
+    sums = [float(np.sum(lp[s - 1:])) for lp, s in zip(lps, starts)]
+    return np.array(sums).reshape(len(prompts), -1)
 
 
-def heldout_comparison(recipe, keys, rows, before: tuple[str, str], after: tuple[str, str]) -> dict:
-    """Verifier accuracy of two saved models, `(name, path)` each, as metrics.json entries."""
-    result = {"heldout": {"prompts": keys.heldout_prompts}}
-    for name, path in (before, after):
-        scored = score_checkpoint(recipe, path, rows, max_new_tokens=keys.heldout_max_new_tokens,
-                                  batch_size=keys.heldout_batch_size, label=name)
-        result["heldout"][name] = scored
-        result["heldout"]["n"] = scored["n"]
-        result[f"heldout_accuracy_{name}"] = scored["accuracy"]
-    return result
+def perplexity_sequences(tokenizer, rows, max_len: int) -> list[tuple[list[int], list[bool]]]:
+    """Token ids of each held-out row and which of them are scored: every token of `text`, the assistant turns
+    of a conversation (the chat template's generation block), the completion of a prompt/completion row."""
+    out = []
+    for row in rows:
+        if "text" in row:
+            ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"]
+            scored = [True] * len(ids)
+        elif "messages" in row or isinstance(row.get("prompt"), list):
+            if "messages" in row:
+                messages = row["messages"]
+            else:
+                completion = row["completion"]
+                messages = row["prompt"] + (as_messages(completion) if isinstance(completion, list)
+                                            else [{"role": "assistant", "content": completion}])
+            tools = row.get("tools")
+            enc = tokenizer.apply_chat_template(messages, tools=json.loads(tools) if isinstance(tools, str) else tools,
+                                                tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+            ids, scored = list(enc["input_ids"]), [bool(m) for m in enc["assistant_masks"]]
+        else:
+            head = len(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"])
+            ids = tokenizer(row["prompt"] + row["completion"], add_special_tokens=False)["input_ids"]
+            scored = [i >= head for i in range(len(ids))]
+        out.append((ids[:max_len], scored[:max_len]))
+    return out
+
+
+def held_out_perplexity(model, tokenizer, rows, batch_size, desc) -> tuple[float, int] | None:
+    """exp of the mean NLL of the scored tokens of `rows` (see perplexity_sequences), and how many were scored."""
+    max_len = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+    pairs = [(ids, scored) for ids, scored in perplexity_sequences(tokenizer, rows, max_len) if len(ids) > 1]
+    lps = token_logprobs(model, [ids for ids, _ in pairs], batch_size=batch_size, desc=desc)
+    picked = [[lp[t - 1] for t in range(1, len(ids)) if scored[t]] for (ids, scored), lp in zip(pairs, lps)]
+    n = sum(len(p) for p in picked)
+    return (M.perplexity(picked), n) if n else None

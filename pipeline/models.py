@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import faults
 from pipeline.cli import PipelineError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -45,8 +46,16 @@ def load_tokenizer(recipe, checkpoint, corpus=None):
         source = checkpoint.path
         if is_adapter(source) and not (Path(source) / "tokenizer_config.json").is_file():
             source = _adapter_base(source)
-        tok = tok_lib.load_tokenizer(source, trust_remote_code=recipe.model.trust_remote_code,
-                                     revision=recipe.model.revision if checkpoint.source == "hub" else None)
+        from pipeline import hub
+
+        online = hub.reachable() if not Path(source).exists() else True  # a hub id offline: the cache only
+        try:
+            tok = tok_lib.load_tokenizer(source, trust_remote_code=recipe.model.trust_remote_code,
+                                         revision=recipe.model.revision if checkpoint.source == "hub" else None)
+        except OSError as err:
+            why = f"{hub.unreachable_note()} and it is not in the local cache" if not online else \
+                f"cannot load its tokenizer: {str(err).splitlines()[0]}"
+            raise PipelineError(f"{source}: {why}") from None
     elif tcfg.train:
         if corpus is None:
             from pipeline import data
@@ -121,6 +130,9 @@ def load_causal_lm(recipe, path: str, *, peft_values: dict | None = None, cls=No
                    attn_implementation=recipe.model.attn_implementation, use_safetensors=None, **kw)
     if quant is not None:
         load_kw["quantization_config"] = quant
+    from pipeline import hub
+
+    online = hub.reachable() if not Path(path).exists() else True  # a hub id offline: the cache only, at once
     try:
         if adapter:
             from peft import PeftModel
@@ -133,7 +145,9 @@ def load_causal_lm(recipe, path: str, *, peft_values: dict | None = None, cls=No
         else:
             model = cls.from_pretrained(path, revision=revision, **load_kw)
     except OSError as err:
-        raise PipelineError(f"{path}: cannot load model: {str(err).splitlines()[0]}") from None
+        why = f"{hub.unreachable_note()} and it is not in the local cache" if not online else \
+            f"cannot load model: {str(err).splitlines()[0]}"
+        raise PipelineError(f"{path}: {why}") from None
     return model
 
 
@@ -179,6 +193,7 @@ def save_trained(trainer, tokenizer, out: Path, merge_adapter: bool = False) -> 
     unwrapped = trainer.accelerator.unwrap_model(model)
     configure_generation(unwrapped, tokenizer)
     trainer.save_model(str(out))
+    faults.point("final-save")
     if trainer.accelerator.is_main_process:
         (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; manifest.json records the config instead
         tokenizer.save_pretrained(str(out))

@@ -16,8 +16,8 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
 import math
 from itertools import chain
 
-from pipeline import cli, data, models, runs
-from pipeline.recipe import load_recipe
+from pipeline import cli, data, log, models, runs
+from pipeline.recipe import load_recipe, stage_help
 from pipeline.tokenizer import doc_sep_id
 
 STAGE = "pretrain"
@@ -33,13 +33,20 @@ def pack(texts, tokenizer, block_size: int) -> list[list[int]]:
 
 
 def main(argv):
-    recipe = load_recipe(*cli.split_stage_args(argv, USAGE))
+    recipe = load_recipe(*cli.split_stage_args(argv, USAGE, lambda: stage_help(STAGE)))
+    recipe.check_config(STAGE, portable=True)  # the config class's own checks before upstream stages
     keys = recipe.keys(STAGE)
     with runs.StageRun(recipe, STAGE) as run:
         args = recipe.trainer_config(STAGE, output_dir=str(run.out))
-        corpus = data.load(keys.dataset, "text", recipe, column=keys.text_column)[keys.text_column]
-        eval_corpus = (data.load(keys.eval_dataset, "text", recipe, column=keys.text_column)[keys.text_column]
-                       if keys.eval_dataset else None)
+        corpus, info = data.load_with_info(keys.dataset, "text", recipe, text_split=keys.text_split,
+                                           column=keys.text_column)
+        run.note_data("dataset", info)
+        corpus, eval_corpus = corpus[keys.text_column], None
+        if keys.eval_dataset:
+            eval_corpus, info = data.load_with_info(keys.eval_dataset, "text", recipe, text_split=keys.text_split,
+                                                    column=keys.text_column)
+            run.note_data("eval_dataset", info)
+            eval_corpus = eval_corpus[keys.text_column]
         init = run.checkpoint()
         run.prepare()
 
@@ -70,26 +77,25 @@ def main(argv):
         else:
             model = models.load_causal_lm(recipe, init.path, revision=recipe.model.revision)
         models.configure_generation(model, tokenizer)
-        if run.state.is_main_process:
-            print(f"[pretrain] {models.describe(model)}; {len(blocks)} blocks of {keys.block_size} tokens "
-                  f"({len(blocks) * keys.block_size / 1e6:.2f}M tokens), {len(eval_blocks)} held out", flush=True)
+        log.info(f"{models.describe(model)}; {len(blocks)} blocks of {keys.block_size} tokens "
+                 f"({len(blocks) * keys.block_size / 1e6:.2f}M tokens), {len(eval_blocks)} held out")
 
         trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           data_collator=default_data_collator, processing_class=tokenizer)
+        data.warn_many_epochs(args, len(train_ds), run.state.num_processes)
         result = trainer.train(resume_from_checkpoint=run.last_checkpoint())
         eval_metrics = trainer.evaluate()
         models.save_trained(trainer, tokenizer, run.out)
 
         metrics = {
-            "train_loss": result.training_loss,
+            "train_loss": runs.train_loss(trainer),
             "eval_loss": eval_metrics["eval_loss"],
             "eval_perplexity": math.exp(min(eval_metrics["eval_loss"], 50)),
             "train_tokens": len(blocks) * keys.block_size,
             "steps": result.global_step,
             "parameters": models.param_count(model),
         }
-        if run.state.is_main_process:
-            print(f"[pretrain] eval loss {metrics['eval_loss']:.3f}, perplexity {metrics['eval_perplexity']:.2f}")
+        log.info(f"eval loss {metrics['eval_loss']:.3f}, perplexity {metrics['eval_perplexity']:.2f}")
         run.finish(metrics, config=args, global_batch_size=runs.global_batch_size(args, run.state.num_processes))
 
 

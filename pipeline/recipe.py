@@ -7,12 +7,9 @@ valid names, values are coerced to the field's declared type or rejected with th
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import enum
 import importlib
 import re
-import types
-import typing
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -21,6 +18,7 @@ from typing import Any
 import yaml
 
 from pipeline.cli import PipelineError
+from pipeline.values import Mismatch, closest, coerce, field_types, type_name
 from pipeline.stages import PEFT_FIELDS, STAGES, TrainingKeys
 
 
@@ -104,125 +102,27 @@ def _config_class(spec: str):
 
 
 @lru_cache(maxsize=None)
-def _field_types(cls) -> dict[str, Any]:
-    try:
-        hints = typing.get_type_hints(cls)
-    except Exception:  # a forward reference we cannot resolve: fall back to "anything goes"
-        hints = {}
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
-
-
-@lru_cache(maxsize=None)
 def stage_fields(stage: str) -> dict[str, tuple[str, Any]]:
     """key -> (destination, type) for a stage section; destination is 'keys', 'config', 'peft' or 'training'."""
     spec = STAGES[stage]
     out: dict[str, tuple[str, Any]] = {}
     if spec.config_class:
-        for name, tp in _field_types(_config_class(spec.config_class)).items():
+        for name, tp in field_types(_config_class(spec.config_class)).items():
             out[name] = ("config", tp)
     if spec.peft:
         from trl import ModelConfig
 
-        peft_types = _field_types(ModelConfig)
+        peft_types = field_types(ModelConfig)
         for name in PEFT_FIELDS:
             if name in peft_types:
                 out[name] = ("peft", peft_types[name])
     if {"per_device_train_batch_size", "gradient_accumulation_steps"} <= set(out):
-        for name, tp in _field_types(TrainingKeys).items():
+        for name, tp in field_types(TrainingKeys).items():
             out[name] = ("training", tp)
-    for name, tp in _field_types(spec.keys).items():
+    for name, tp in field_types(spec.keys).items():
         out[name] = ("keys", tp)
     out.pop("output_dir", None)  # the pipeline owns where stages write
     return out
-
-
-def _type_name(tp) -> str:
-    if tp is Any:
-        return "any"
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin is not None:
-        return getattr(origin, "__name__", str(origin))
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-class _Mismatch(Exception):
-    pass
-
-
-def coerce(value, tp):
-    """Return value converted to type tp, or raise _Mismatch. YAML leaves '1e-4' a string: accept it for floats."""
-    if tp is Any or tp is object:
-        return value
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in sorted(args, key=lambda a: a is str):  # try str last so '1e-4' becomes a float where allowed
-            if arg is type(None):
-                continue
-            try:
-                return coerce(value, arg)
-            except _Mismatch:
-                pass
-        raise _Mismatch
-    if origin is typing.Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise _Mismatch
-    if origin in (list, tuple, typing.Sequence) or tp in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        args = typing.get_args(tp)
-        return [coerce(v, args[0]) if args else v for v in value]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise _Mismatch
-        return value
-    if tp is type(None):
-        if value is None:
-            return None
-        raise _Mismatch
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            return int(value)
-        raise _Mismatch
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise _Mismatch from None
-        raise _Mismatch
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _Mismatch
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        values = {m.value for m in tp}
-        if value in values or isinstance(value, tp):
-            return value
-        raise _Mismatch
-    return value  # a type we do not check (a config class handles it)
-
-
-def _closest(name: str, valid) -> str:
-    close = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.5)
-    return f" (closest: {', '.join(close)})" if close else ""
 
 
 @dataclass
@@ -273,18 +173,37 @@ class Recipe:
         f = next(f for f in dataclasses.fields(_config_class(STAGES[stage].config_class)) if f.name == name)
         return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
+    def check_config(self, stage: str, portable: bool = False) -> None:
+        """The stage's config class's own checks (TRL's, transformers'), before the stage looks at models or data.
+        portable: leave out what depends on this machine (bf16/fp16/tf32 where there is no GPU), as `--check` on a
+        login node must."""
+        spec = STAGES[stage]
+        if not spec.config_class:
+            return
+        fields = field_types(_config_class(spec.config_class))
+        fixed = {"output_dir": str(self.stage_dir(stage))} if "output_dir" in fields else {}  # recorded, not created
+        if portable:
+            fixed.update({k: False for k in ("bf16", "fp16") if k in fields})
+            fixed.update({k: None for k in ("tf32",) if k in fields})
+        with warnings.catch_warnings():  # the stage itself shows the class's warnings when it runs
+            warnings.simplefilter("ignore")
+            self.trainer_config(stage, num_processes=0, **fixed)
+
     def trainer_config(self, stage: str, num_processes: int | None = None, **fixed):
         """The stage's TRL/Transformers config object built from the section's config keys. With the section's
         `global_batch_size`, gradient_accumulation_steps is derived (or checked) for the number of processes this
-        stage runs with (default: the processes of the current launch)."""
+        stage runs with (default: the processes of the current launch; 0: not checked, as when loading)."""
         spec = STAGES[stage]
         fields = stage_fields(stage)
         values = {k: v for k, v in self.section(stage).items() if fields[k][0] == "config"}
         values.setdefault("seed", self.run.seed)
-        values.setdefault("report_to", "none")
+        if "report_to" in fields:
+            values.setdefault("report_to", "none")
         values.update(fixed)
+        if "save_steps" in values and "save_strategy" in fields and values.get("save_strategy", "no") == "no":
+            values["save_strategy"] = "steps"  # save_steps asks for checkpoints: without this it saved none
         expected = self.training_keys(stage).global_batch_size if "global_batch_size" in fields else None
-        if expected is not None:
+        if expected is not None and num_processes != 0:
             from pipeline.cluster import batch_plan
 
             if num_processes is None:
@@ -300,6 +219,43 @@ class Recipe:
             raise PipelineError(f"{self.path}: section '{stage}': {str(err).splitlines()[0]}") from None
 
 
+# Numeric keys whose value has a floor (checked when the recipe loads, before any stage starts): key -> (lowest
+# allowed, what it means). Names shared by many config classes; a stage's own rules stay in its config class.
+FLOORS = {
+    "per_device_train_batch_size": (1, "at least 1"), "per_device_eval_batch_size": (1, "at least 1"),
+    "gradient_accumulation_steps": (1, "at least 1"), "global_batch_size": (1, "at least 1"),
+    "batch_size": (1, "at least 1"), "eval_batch_size": (1, "at least 1"), "heldout_batch_size": (1, "at least 1"),
+    "learning_rate": (0, "0 or more"), "critic_learning_rate": (0, "0 or more"), "weight_decay": (0, "0 or more"),
+    "num_train_epochs": (0, "0 or more"), "max_steps": (-1, "-1 (not set) or more"), "warmup_steps": (0, "0 or more"),
+    "logging_steps": (0, "0 or more"), "save_steps": (0, "0 or more"), "eval_steps": (0, "0 or more"),
+    "save_total_limit": (0, "0 or more"), "max_grad_norm": (0, "0 or more"), "max_length": (1, "at least 1"),
+    "block_size": (2, "at least 2"), "max_new_tokens": (1, "at least 1"), "heldout_max_prompts": (1, "at least 1"),
+    "heldout_max_new_tokens": (1, "at least 1"), "num_generations": (1, "at least 1"),
+    "norm_max_pairs": (1, "at least 1"), "calibration_bins": (1, "at least 1"),
+}
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+            "trackio": ("trackio",), "comet_ml": ("comet_ml",), "clearml": ("clearml",), "dvclive": ("dvclive",),
+            "swanlab": ("swanlab",), "neptune": ("neptune",), "codecarbon": ("codecarbon",)}
+
+
+def _check_value(section: str, key: str, value, src) -> None:
+    floor = FLOORS.get(key)
+    if floor and isinstance(value, (int, float)) and not isinstance(value, bool) and value < floor[0]:
+        raise PipelineError(f"{src}: {section}.{key} must be {floor[1]}, got {value!r}")
+    if key == "report_to":
+        import importlib.util
+
+        for name in [value] if isinstance(value, str) else value or []:
+            if name in ("none", "all"):
+                continue
+            if name not in TRACKERS:
+                raise PipelineError(f"{src}: {section}.report_to: unknown tracker '{name}' (one of: none, all, "
+                                    f"{', '.join(TRACKERS)}){closest(str(name), TRACKERS)}")
+            if not any(importlib.util.find_spec(m) for m in TRACKERS[name]):
+                raise PipelineError(f"{src}: {section}.report_to: '{name}' is not installed "
+                                    f"(pip install {TRACKERS[name][0]})")
+
+
 def _validate_section(section: str, raw, where, origins) -> dict:
     """Check keys and types of one section; returns coerced values. `origins` maps key -> override text."""
     if raw is None:
@@ -307,18 +263,19 @@ def _validate_section(section: str, raw, where, origins) -> dict:
     if not isinstance(raw, dict):
         raise PipelineError(f"{where}: section '{section}' must be a mapping of keys, got {type(raw).__name__}")
     if section in GLOBAL_SECTIONS:
-        fields = {k: ("global", tp) for k, tp in _field_types(GLOBAL_SECTIONS[section]()).items()}
+        fields = {k: ("global", tp) for k, tp in field_types(GLOBAL_SECTIONS[section]()).items()}
     else:
         fields = stage_fields(section)
     out = {}
     for k, v in raw.items():
         src = f"override '{origins[k]}'" if k in origins else where
         if k not in fields:
-            raise PipelineError(f"{src}: unknown key '{k}' in section '{section}'{_closest(str(k), fields)}")
+            raise PipelineError(f"{src}: unknown key '{k}' in section '{section}'{closest(str(k), fields)}")
         try:
             out[k] = coerce(v, fields[k][1])
-        except _Mismatch:
-            raise PipelineError(f"{src}: {section}.{k} must be {_type_name(fields[k][1])}, got {v!r}") from None
+        except Mismatch:
+            raise PipelineError(f"{src}: {section}.{k} must be {type_name(fields[k][1])}, got {v!r}") from None
+        _check_value(section, k, out[k], src)
     return out
 
 
@@ -368,7 +325,7 @@ def load_recipe(path, overrides: list[str] = ()) -> Recipe:
     for section, raw in data.items():
         if section not in known:
             src = f"override '{next(iter(origins[section].values()))}'" if section in origins else str(path)
-            raise PipelineError(f"{src}: unknown section '{section}'{_closest(str(section), known)}")
+            raise PipelineError(f"{src}: unknown section '{section}'{closest(str(section), known)}")
         values[section] = _validate_section(section, raw, str(path), origins.get(section, {}))
 
     def build(section):
@@ -387,9 +344,55 @@ def _check_world(recipe: Recipe) -> None:
 
     bad = [s for s in recipe.world.skills if s not in SKILLS]
     if bad:
-        raise PipelineError(f"{recipe.path}: world.skills: unknown skill '{bad[0]}'{_closest(bad[0], SKILLS)}")
+        raise PipelineError(f"{recipe.path}: world.skills: unknown skill '{bad[0]}'{closest(bad[0], SKILLS)}")
 
 
 def section_docs(cls) -> dict[str, str]:
     """Help text of a pipeline-keys dataclass, for docs and --help."""
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def _first_sentence(text: str) -> str:
+    text = " ".join(str(text).split())
+    end = text.find(". ")
+    return text if end < 0 else text[:end + 1]
+
+
+def _default_text(f) -> str:
+    if f.default is not dataclasses.MISSING:
+        return repr(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return repr(f.default_factory())
+    return "required"
+
+
+def stage_help(stage: str) -> str:
+    """`pipeline/<stage>.py --help`: every key of the stage's section with its type, default and meaning (from the
+    config classes' own field help), and which other sections take overrides."""
+    from trl import ModelConfig
+
+    spec = STAGES[stage]
+    groups = [("pipeline keys", spec.keys)]
+    if spec.config_class:
+        groups.append((f"training keys ({spec.config_class.replace(':', '.')})", _config_class(spec.config_class)))
+    if spec.peft:
+        groups.append(("LoRA / quantization keys (trl.ModelConfig)", ModelConfig))
+    fields = stage_fields(stage)
+    lines = [f"Keys of the `{stage}` section (override any as {stage}.KEY=VALUE; values are YAML):"]
+    shown = set()
+    for title, cls in groups:
+        rows = [f for f in dataclasses.fields(cls) if f.name in fields and f.name not in shown]
+        if cls is not spec.keys and title.startswith("training") and "global_batch_size" in fields:
+            rows += [f for f in dataclasses.fields(TrainingKeys)]
+        if not rows:
+            continue
+        lines += ["", f"{title}:"]
+        for f in rows:
+            shown.add(f.name)
+            meaning = _first_sentence(f.metadata.get("help", "")) if f.metadata else ""
+            lines.append(f"  {f.name} ({type_name(fields[f.name][1])}, default {_default_text(f)})"
+                         + (f": {meaning}" if meaning else ""))
+    lines += ["", "Other sections take overrides too: run.KEY, model.KEY, tokenizer.KEY, world.KEY, slurm.KEY "
+                  "(e.g. run.output_dir=elsewhere model.dtype=bfloat16); see README.md, \"Recipe reference\"."]
+    return "\n".join(lines)
+

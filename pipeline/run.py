@@ -21,10 +21,11 @@ import argparse
 import dataclasses
 import json
 import shlex
+import signal
 import subprocess
 import time
 
-from pipeline import check, cli, cluster, runs, slurm
+from pipeline import check, cli, cluster, locks, memory, runs, slurm
 from pipeline.recipe import load_recipe
 from pipeline.stages import STAGES
 
@@ -75,7 +76,10 @@ def plan(recipe, only=(), start=None, force=False) -> list[tuple[str, bool, str]
         if only and stage not in only:
             continue
         upstream = [d for d in dependencies(recipe, stage) if d in rerun]
-        if force:
+        holder = locks.is_held(recipe.run_dir / f"{stage}.lock")
+        if holder is not None:
+            run, why = True, f"being written now by {locks.describe(holder)}"
+        elif force:
             run, why = True, "--force"
         elif forced_from is not None and i >= forced_from:
             run, why = True, f"--from {start}"
@@ -93,6 +97,34 @@ def plan(recipe, only=(), start=None, force=False) -> list[tuple[str, bool, str]
 def stage_command(recipe, stage: str, overrides: list[str]) -> list[str]:
     prefix = shlex.split(recipe.run.launcher) if recipe.run.launcher else [sys.executable]
     return [*prefix, str(STAGES[stage].script), str(recipe.path), *overrides]
+
+
+def _die_with_parent() -> None:
+    """In the stage process, before exec: get SIGTERM (checkpoint and stop) if the runner dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
+
+
+def run_stage(cmd: list[str]) -> int:
+    """Run one stage; SIGTERM, SIGUSR1 and SIGINT sent to the runner are passed on to it (it checkpoints and exits),
+    and the runner waits for it. Returns the stage's exit code (128 + N for a stage killed by signal N)."""
+    proc = subprocess.Popen(cmd, process_group=0, preexec_fn=_die_with_parent)  # own group: Ctrl-C arrives once
+
+    def pass_on(signum, frame):
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, pass_on) for s in cluster.STOP_SIGNALS}
+    try:
+        code = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 128 - code if code < 0 else code
 
 
 def headline(metrics: dict) -> str:
@@ -146,8 +178,9 @@ def main(argv):
                 return cluster.read_launch(args.config, num_processes=n, num_machines=args.nodes)
             return cluster.launch_from_command(recipe.run.launcher)
 
-        memory = check.parse_size(args.device_memory) if args.device_memory else check.local_device_memory()
-        errors, warnings = check.run_check(recipe, steps, launch_for, memory)
+        device_memory = (memory.parse_size(args.device_memory) if args.device_memory
+                         else check.local_device_memory())
+        errors, warnings = check.run_check(recipe, steps, launch_for, device_memory)
         if errors:
             sys.exit(2)
         if args.check:
@@ -158,15 +191,21 @@ def main(argv):
     print(f"plan for {recipe.path} -> {recipe.run_dir}/")
     for stage, run, why in steps:
         print(f"  {stage:<10} {'run ' if run else 'skip'}  ({why})")
-    if args.dry_run:
+    if args.dry_run or not any(run for _, run, _ in steps):
         return
+    runs.ensure_writable(recipe.run_dir)
+    with locks.hold(recipe.run_dir / "run.lock", "pipeline/run.py", target=f"run folder {recipe.run_dir}"):
+        run_steps(recipe, steps, args.overrides)
+
+
+def run_steps(recipe, steps, overrides) -> None:
     for stage, run, _ in steps:
         if not run:
             continue
-        cmd = stage_command(recipe, stage, args.overrides)
+        cmd = stage_command(recipe, stage, overrides)
         print(f"\n=== {stage}: {shlex.join(cmd)}", flush=True)
         started = time.time()
-        code = subprocess.call(cmd)
+        code = run_stage(cmd)
         if code == cluster.PREEMPTED_EXIT:
             print(f"\nstage {stage} stopped on a signal after saving a checkpoint; run the same command again to "
                   f"resume it", file=sys.stderr)

@@ -13,7 +13,6 @@ and of its data. The runner skips a stage whose manifest carries the fingerprint
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -24,36 +23,15 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from pipeline import faults, integrity, locks, log, safe_resume, threads
 from pipeline.cli import PipelineError
+from pipeline.fingerprints import hash_file, hash_folder, hash_obj
 from pipeline.stages import STAGES
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
 LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "tokenizers", "deepspeed", "diffusers",
              "bitsandbytes")
-
-
-def hash_obj(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def hash_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def hash_folder(path: Path) -> str:
-    """Contents for small files, name/size/mtime for big ones (hashing 100 GB of weights is not worth it)."""
-    entries = []
-    for p in sorted(path.rglob("*")):
-        if p.is_file() and ".partial" not in p.parts:
-            st = p.stat()
-            rel = str(p.relative_to(path))
-            entries.append((rel, hash_file(p)) if st.st_size < (64 << 20) else (rel, st.st_size, st.st_mtime_ns))
-    return hash_obj(entries)
 
 
 def write_json(path: Path, obj) -> None:
@@ -97,13 +75,38 @@ def resolve_checkpoint(recipe, ref: str | None, must_exist: bool = True) -> Chec
                 raise PipelineError(f"stage '{ref}' has not finished ({manifest_path} is missing): run it first, "
                                     f"e.g. python pipeline/run.py {recipe.path} --only {ref}")
             return Checkpoint(ref, str(stage_dir.resolve()), None, "stage")
+        if must_exist and (problem := integrity.model_folder_problem(stage_dir, need_tokenizer=True)):
+            raise PipelineError(f"stage '{ref}' is damaged ({problem}): rerun it, e.g. python pipeline/run.py "
+                                f"{recipe.path} --only {ref} --force")
         return Checkpoint(ref, str(stage_dir.resolve()), hash_file(manifest_path), "stage")
     path = Path(ref).expanduser()
     if path.exists():
+        if must_exist and path.is_dir() and (problem := integrity.model_folder_problem(path)):
+            raise PipelineError(f"checkpoint '{ref}' is damaged: {problem}")
         return Checkpoint(ref, str(path.resolve()), hash_folder(path) if path.is_dir() else hash_file(path), "local")
     if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
         raise PipelineError(f"{recipe.path}: checkpoint '{ref}' not found (not a stage, a folder or a hub id)")
     return Checkpoint(ref, ref, hash_obj({"hub": ref, "revision": recipe.model.revision}), "hub")
+
+
+def portable(recipe, checkpoint: Checkpoint) -> dict:
+    """A checkpoint as the manifest records it: a path inside the run folder relative to it, so a moved or copied
+    run folder is still up to date (absolute paths elsewhere stay as they are)."""
+    out = dataclasses.asdict(checkpoint)
+    if checkpoint.path and checkpoint.source in ("stage", "local"):
+        path, run_dir = Path(checkpoint.path), recipe.run_dir.resolve()
+        if path == run_dir or run_dir in path.parents:
+            out["path"] = path.relative_to(run_dir).as_posix()
+            out["in_run_dir"] = True
+    return out
+
+
+def usable(recipe, recorded: dict) -> Checkpoint:
+    """The Checkpoint a stage loads from a recorded (portable) one."""
+    values = {k: v for k, v in recorded.items() if k != "in_run_dir"}
+    if recorded.get("in_run_dir"):
+        values["path"] = str((recipe.run_dir / recorded["path"]).resolve())
+    return Checkpoint(**values)
 
 
 def stage_inputs(recipe, stage: str, must_exist: bool = True) -> dict:
@@ -115,9 +118,9 @@ def stage_inputs(recipe, stage: str, must_exist: bool = True) -> dict:
     for f in dataclasses.fields(keys):
         value, ref = getattr(keys, f.name), f.metadata.get("ref")
         if ref == "checkpoint" and (value or f.name == "init_from"):
-            checkpoints[f.name] = dataclasses.asdict(resolve_checkpoint(recipe, value, must_exist))
+            checkpoints[f.name] = portable(recipe, resolve_checkpoint(recipe, value, must_exist))
         elif ref == "checkpoints" and value:
-            checkpoints[f.name] = [dataclasses.asdict(resolve_checkpoint(recipe, v, must_exist)) for v in value]
+            checkpoints[f.name] = [portable(recipe, resolve_checkpoint(recipe, v, must_exist)) for v in value]
         elif ref == "data" and value:
             datasets[f.name] = {"spec": value, "fingerprint": data.fingerprint(value, recipe)}
     settings = {"section": recipe.section(stage), "seed": recipe.run.seed}
@@ -130,6 +133,8 @@ def up_to_date(recipe, stage: str) -> tuple[bool, str]:
     manifest = read_manifest(recipe.stage_dir(stage))
     if manifest is None:
         return False, "not run yet"
+    if (problem := integrity.model_folder_problem(recipe.stage_dir(stage), need_tokenizer=True)):
+        return False, f"damaged: {problem}"
     inputs = stage_inputs(recipe, stage, must_exist=False)
     pending = [c["ref"] for c in _flat_checkpoints(inputs) if c["fingerprint"] is None]
     if pending:
@@ -174,22 +179,37 @@ class StageRun:
         deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
         gpu = torch.cuda.is_available()
         self.state = PartialState(cpu=not gpu and not deepspeed, **({"backend": "gloo"} if deepspeed and not gpu else {}))
+        log.setup(stage, self.state.is_main_process)
+        threads.configure()  # this process's share of the CPUs it was given; OMP_NUM_THREADS wins (logged)
         self.inputs = stage_inputs(recipe, stage)
         self.fingerprint = hash_obj(self.inputs)
         self.final_dir = recipe.stage_dir(stage)
         self.out = recipe.run_dir / f"{stage}.partial"
-        self._run_dir_existed = recipe.run_dir.exists()
+        self._new_dirs = [d for d in (recipe.run_dir, recipe.run_dir.parent) if not d.exists()]  # removed on bad input
         self._started = time.time()
         self.resumed_from: str | None = None
+        self.data: dict[str, dict] = {}  # what each dataset key read: source, rows, detected format
+
+    def note_data(self, key: str, info: dict) -> None:
+        """Record (in the manifest) and log what a dataset key read, e.g. {source, rows or pairs, format}."""
+        self.data[key] = info
+        size = f"{info['pairs']} pairs" if "pairs" in info else f"{info.get('rows')} rows"
+        log.info(f"{key}: {size} from {info.get('source')} (format {info.get('format')})")
 
     def checkpoint(self, name: str = "init_from") -> Checkpoint:
-        return Checkpoint(**self.inputs["checkpoints"][name])
+        return usable(self.recipe, self.inputs["checkpoints"][name])
 
     def __enter__(self):
         from pipeline import cluster
 
         cluster.watch_for_preemption()  # SIGUSR1/SIGTERM: checkpoint into self.out and exit (see pipeline/cluster.py)
+        faults.install_trainer_hooks()  # tests only (PIPELINE_FAULT)
+        self._lock = None
         if self.state.is_main_process:
+            ensure_writable(self.recipe.run_dir)
+            # one writer per stage folder: taken before anything in it is touched (README "Run directory")
+            self._lock = locks.Lock(self.recipe.run_dir / f"{self.stage}.lock", f"stage {self.stage}",
+                                    target=str(self.final_dir)).acquire()
             marker = self.out / ".fingerprint"
             if self.out.exists() and (not marker.is_file() or marker.read_text() != self.fingerprint):
                 shutil.rmtree(self.out)  # leftovers of a run with other inputs: nothing to resume
@@ -201,20 +221,19 @@ class StageRun:
         if self.state.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / ".fingerprint").write_text(self.fingerprint)
+            log.attach_file(self.out)
         self.state.wait_for_everyone()
+        faults.point("loading")
         return self.out
 
     def last_checkpoint(self) -> str | None:
         """The newest trainer checkpoint a killed run of the same inputs left behind."""
-        ckpts = sorted(self.out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        # a Trainer writes trainer_state.json last: without it the save was cut short (killed mid-save); a custom
-        # loop's Accelerator.save_state folder is complete when its random_states_*.pkl are there
-        ckpts = [c for c in ckpts if (c / "trainer_state.json").is_file() or any(c.glob("random_states_*.pkl"))]
-        if ckpts:
-            self.resumed_from = ckpts[-1].name
-            if self.state.is_main_process:
-                print(f"[{self.stage}] resuming from {ckpts[-1]}", flush=True)
-        return str(ckpts[-1]) if ckpts else None
+        # the newest one that is complete, intact and safe to load; an unsafe file stops the stage (exit 2)
+        ckpt = safe_resume.find_checkpoint(self.out)
+        if ckpt is not None:
+            self.resumed_from = ckpt.name
+            log.info("resuming from %s", ckpt)
+        return str(ckpt) if ckpt else None
 
     def finish(self, metrics: dict, config=None, global_batch_size: int | None = None, keep=()) -> Path:
         """Write metrics and manifest, then publish the folder atomically. Returns the final folder."""
@@ -225,7 +244,13 @@ class StageRun:
                     shutil.rmtree(ckpt)
             (self.out / ".fingerprint").unlink(missing_ok=True)
             write_json(self.out / METRICS, metrics)
+            from pipeline import cards
+
+            cards.write(self.out, stage=self.stage, run=self.recipe.run.name, recipe_path=str(self.recipe.path),
+                        section=self.recipe.section(self.stage), inputs=self.inputs, data=self.data, metrics=metrics)
+            share_with_group(self.out)
             write_json(self.out / MANIFEST, self._manifest(config, global_batch_size))
+            log.close()  # log.txt is complete: the folder is published next
             old = self.final_dir.with_name(f"{self.stage}.old")
             if old.exists():
                 shutil.rmtree(old)
@@ -251,6 +276,7 @@ class StageRun:
             "global_batch_size": global_batch_size,
             "launch": cluster.launch_here(),
             "resumed_from": self.resumed_from,
+            "data": self.data,
             "versions": library_versions(),
             "command": sys.argv,
             "host": socket.gethostname(),
@@ -260,12 +286,52 @@ class StageRun:
         }
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None and issubclass(exc_type, PipelineError) and self.state.is_main_process:
-            shutil.rmtree(self.out, ignore_errors=True)  # bad input: leave nothing behind
-            if not self._run_dir_existed and self.recipe.run_dir.exists() and not any(self.recipe.run_dir.iterdir()):
-                self.recipe.run_dir.rmdir()
+        log.close()
+        lock = getattr(self, "_lock", None)  # None: not the main process, or the folder is another process's
+        if exc_type is not None and issubclass(exc_type, PipelineError) and self.state.is_main_process and lock:
+            if exc_type is not integrity.UnsafeFile:  # a refused checkpoint stays for a person to look at
+                shutil.rmtree(self.out, ignore_errors=True)  # bad input: leave nothing behind
+            lock.release()  # its file is in the run folder
+            for folder in self._new_dirs:  # the run folder, then the output folder, if this stage made them
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+        if lock is not None:
+            lock.release()
         return False
+
+
+def share_with_group(folder: Path) -> None:
+    """Files as the umask allows (safetensors' writer creates weights 0600, unlike every other file)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, 0o666 & ~mask)
 
 
 def global_batch_size(args, num_processes: int) -> int:
     return args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes
+
+
+def ensure_writable(folder: Path) -> None:
+    """Create the run folder, and check a file can be written in it: one line (exit 2) instead of a traceback."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise PipelineError(f"output folder {folder}: a file is in the way (not a folder)") from None
+    except NotADirectoryError:
+        raise PipelineError(f"output folder {folder}: a part of the path is a file, not a folder") from None
+    except OSError as err:
+        raise PipelineError(f"output folder {folder}: cannot create it ({err.strerror})") from None
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise PipelineError(f"output folder {folder}: cannot write in it ({err.strerror})") from None
+
+
+def train_loss(trainer) -> float:
+    """The mean training loss of the whole run, also when it was resumed (safe_resume.train_loss)."""
+    return safe_resume.train_loss(trainer.state.log_history)

@@ -8,29 +8,53 @@ At the end the base and the fine-tuned model answer the held-out world prompts, 
 into metrics.json. Section keys: TRL's SFTConfig fields, ModelConfig's LoRA fields, and SFTKeys (pipeline/stages.py).
 """
 
+import json
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import the package, never shadow libraries with our modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from pipeline import cli, data, models, runs
-from pipeline.generation import heldout_comparison, heldout_rows
-from pipeline.recipe import load_recipe
+from pipeline import cli, data, log, models, runs
+from pipeline.heldout import heldout_comparison, heldout_rows
+from pipeline.recipe import load_recipe, stage_help
 
 STAGE = "sft"
 USAGE = "usage: pipeline/sft.py RECIPE [sft.KEY=VALUE ...]"
 TRAIN_COLUMNS = ("messages", "prompt", "completion", "tools")
 
 
+def rows_over(tokenizer, ds, max_length: int) -> int:
+    """How many rows are longer than max_length tokens as the trainer tokenizes them (chat template with tools)."""
+    n = 0
+    for row in ds:
+        tools = json.loads(row["tools"]) if row.get("tools") else None
+        if "messages" in row:
+            ids = tokenizer.apply_chat_template(row["messages"], tools=tools, tokenize=True, return_dict=True)
+            length = len(ids["input_ids"])
+        elif isinstance(row["prompt"], list):
+            length = len(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tools=tools, tokenize=True,
+                                                       return_dict=True)["input_ids"])
+        else:
+            length = len(tokenizer(row["prompt"] + row["completion"])["input_ids"]) + 1  # + eos
+        n += length > max_length
+    return n
+
+
 def main(argv):
-    recipe = load_recipe(*cli.split_stage_args(argv, USAGE))
+    recipe = load_recipe(*cli.split_stage_args(argv, USAGE, lambda: stage_help(STAGE)))
+    recipe.check_config(STAGE, portable=True)  # the config class's own checks before upstream stages
     keys = recipe.keys(STAGE)
     peft_values = recipe.peft_values(STAGE)
     with runs.StageRun(recipe, STAGE) as run:
-        train_ds = data.load(keys.dataset, "chat", recipe)
-        eval_ds = data.load(keys.eval_dataset, "chat", recipe) if keys.eval_dataset else None
-        heldout = heldout_rows(recipe, keys, STAGE)
+        train_ds, train_info = data.load_with_info(keys.dataset, "chat", recipe, columns=keys.columns)
+        run.note_data("dataset", train_info)
+        eval_ds = None
+        if keys.eval_dataset:
+            eval_ds, eval_info = data.load_with_info(keys.eval_dataset, "chat", recipe, columns=keys.columns)
+            run.note_data("eval_dataset", eval_info)
+        data.warn_world_eval(recipe, STAGE, keys)
+        heldout = heldout_rows(recipe, keys)
         conversational = "messages" in train_ds.column_names
         fixed = {"output_dir": str(run.out)}
         if "assistant_only_loss" not in recipe.section(STAGE):
@@ -55,10 +79,20 @@ def main(argv):
         trainer = SFTTrainer(model=model, args=args, train_dataset=keep_training_columns(train_ds),
                              eval_dataset=keep_training_columns(eval_ds), processing_class=tokenizer,
                              peft_config=models.peft_config(peft_values))
-        if run.state.is_main_process:
-            print(f"[sft] {models.describe(trainer.model)}; {len(train_ds)} training rows", flush=True)
+        too_long = rows_over(tokenizer, train_ds, args.max_length) if args.max_length and not args.packing else 0
+        dropped = 0 if args.packing else len(train_ds) - len(trainer.train_dataset)
+        if not len(trainer.train_dataset):
+            raise cli.PipelineError(f"{train_info['source']}: all {len(train_ds)} rows are over sft.max_length="
+                                    f"{args.max_length} tokens and keep no completion token once cut "
+                                    f"(truncation_mode {args.truncation_mode}): raise max_length or set "
+                                    f"truncation_mode: keep_end")
+        log.info(f"{models.describe(trainer.model)}; {len(trainer.train_dataset)} training rows"
+                 + (f" ({too_long} over max_length={args.max_length} cut ({args.truncation_mode}), {dropped} of them "
+                    f"left out: no completion token left)" if too_long else ""))
+        data.warn_many_epochs(args, len(trainer.train_dataset), run.state.num_processes)
         result = trainer.train(resume_from_checkpoint=run.last_checkpoint())
-        metrics = {"train_loss": result.training_loss, "steps": result.global_step}
+        metrics = {"train_loss": runs.train_loss(trainer), "steps": result.global_step, "train_rows": len(train_ds),
+                   "train_rows_too_long": too_long, "train_rows_dropped": dropped}
         if eval_ds is not None:
             metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
         models.save_trained(trainer, tokenizer, run.out, merge_adapter=keys.merge_adapter)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from pipeline import cluster, runs
 from pipeline.cli import PipelineError
+from pipeline.values import Mismatch, closest, coerce, field_types, type_name
 from pipeline.stages import STAGES
 
 SBATCH_SCRIPT = cluster.REPO / "launch" / "slurm" / "stage.sbatch"
@@ -51,17 +52,15 @@ class SlurmSection:
         overrides = self.stages.get(stage) or {}
         if not isinstance(overrides, dict):
             raise PipelineError(f"{where}: slurm.stages.{stage} must be a mapping of slurm keys")
-        from pipeline.recipe import _Mismatch, _closest, _field_types, _type_name, coerce
-
-        types = {k: v for k, v in _field_types(SlurmSection).items() if k != "stages"}
+        types = {k: v for k, v in field_types(SlurmSection).items() if k != "stages"}
         values = {}
         for k, v in overrides.items():
             if k not in types:
-                raise PipelineError(f"{where}: unknown key '{k}' in slurm.stages.{stage}{_closest(str(k), types)}")
+                raise PipelineError(f"{where}: unknown key '{k}' in slurm.stages.{stage}{closest(str(k), types)}")
             try:
                 values[k] = coerce(v, types[k])
-            except _Mismatch:
-                raise PipelineError(f"{where}: slurm.stages.{stage}.{k} must be {_type_name(types[k])}, "
+            except Mismatch:
+                raise PipelineError(f"{where}: slurm.stages.{stage}.{k} must be {type_name(types[k])}, "
                                     f"got {v!r}") from None
         return dataclasses.replace(self, **values, stages={})
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 
 def key(default, help: str, ref: str | None = None, **kw):
@@ -36,10 +37,14 @@ PEFT_FIELDS = (
 class PretrainKeys:
     init_from: str | None = key(None, "checkpoint to continue from (stage, path or hub id); empty: a new model "
                                       "from the `model` section", ref="checkpoint")
-    dataset: str = key("world:pretrain", "plain-text corpus (a `text` column)", ref="data")
+    dataset: str | list | dict = key("world:pretrain", "plain-text corpus: `text` rows (JSON Lines, Parquet, ...) "
+                                                       "or .txt files (optionally .gz), a glob, a list or a mixture",
+                                     ref="data")
     eval_dataset: str | None = key(None, "held-out text; empty: `eval_fraction` of the packed blocks", ref="data")
     eval_fraction: float = key(0.02, "share of packed blocks held out when no eval_dataset is given")
     text_column: str = key("text", "column holding the documents")
+    text_split: Literal["paragraph", "line"] = key("paragraph", "how a .txt file is cut into documents: `paragraph` (blocks separated by a "
+                                       "blank line) or `line` (one per line)")
     block_size: int = key(256, "tokens per packed training block")
 
 
@@ -58,8 +63,13 @@ class HeldoutKeys:
 class SFTKeys(HeldoutKeys):
     init_from: str | None = key(None, "model to fine-tune; empty: `pretrain` if the recipe has it, else `model`",
                                 ref="checkpoint")
-    dataset: str = key("world:sft", "conversations (`messages`) or prompt/completion rows", ref="data")
-    eval_dataset: str | None = key("world:sft_eval", "conversations for eval loss; empty: none", ref="data")
+    dataset: str | list | dict = key("world:sft", "conversations: messages, ShareGPT `conversations`, Alpaca "
+                                                  "`instruction`/`output` or prompt/completion rows (data/README.md); "
+                                                  "a list or a mixture of several", ref="data")
+    eval_dataset: str | list | dict | None = key("world:sft_eval", "conversations for eval loss; empty: none",
+                                                 ref="data")
+    columns: dict | None = key(None, "column mapping {our name: your column}, e.g. {prompt: question, completion: "
+                                     "answer}")
     merge_adapter: bool = key(False, "with use_peft: also save the merged full model under `merged/`")
 
 
@@ -67,10 +77,12 @@ class SFTKeys(HeldoutKeys):
 class DPOKeys(HeldoutKeys):
     init_from: str | None = key(None, "policy to tune, also the frozen reference; empty: `sft`, else `pretrain`, "
                                       "else `model`", ref="checkpoint")
-    dataset: str = key("world:preference", "preference pairs in any format of data/README.md", ref="data")
-    eval_dataset: str | None = key("world:preference_eval", "held-out pairs for eval loss and reward accuracy; "
-                                                             "empty: hold out `eval_fraction` of the prompts",
-                                   ref="data")
+    dataset: str | list | dict = key("world:preference", "preference pairs in any format of data/README.md",
+                                     ref="data")
+    eval_dataset: str | list | dict | None = key("world:preference_eval", "held-out pairs for eval loss and reward "
+                                                                          "accuracy; empty: hold out `eval_fraction` "
+                                                                          "of the prompts", ref="data")
+    columns: dict | None = key(None, "column mapping {our name: your column}, e.g. {chosen: good, rejected: bad}")
     eval_fraction: float = key(0.05, "share of training prompts held out when no eval_dataset is given")
     merge_adapter: bool = key(False, "with use_peft: also save the merged full model under `merged/`")
     chosen_logp_warn_drop: float = key(5.0, "warn when the mean log-prob of chosen replies falls this many nats "
@@ -82,9 +94,12 @@ class RewardKeys:
     init_from: str | None = key(None, "model the reward model starts from (a causal LM; its LM head is replaced by "
                                       "a one-output score head); empty: `sft`, else `pretrain`, else `model`",
                                 ref="checkpoint")
-    dataset: str = key("world:preference", "preference pairs in any format of data/README.md", ref="data")
-    eval_dataset: str | None = key("world:preference_eval", "held-out pairs for the evaluation; empty: hold out "
-                                                             "`eval_fraction` of the training prompts", ref="data")
+    dataset: str | list | dict = key("world:preference", "preference pairs in any format of data/README.md",
+                                     ref="data")
+    eval_dataset: str | list | dict | None = key("world:preference_eval", "held-out pairs for the evaluation; "
+                                                                          "empty: hold out `eval_fraction` of the "
+                                                                          "training prompts", ref="data")
+    columns: dict | None = key(None, "column mapping {our name: your column}, e.g. {chosen: good, rejected: bad}")
     eval_fraction: float = key(0.1, "share of training prompts held out when no eval_dataset is given")
     category_column: str = key("skill", "column whose values get their own accuracy (if the data has it)")
     clean_column: str = key("clean_agrees", "column telling whether noise-free labels agree with chosen "
@@ -105,8 +120,10 @@ class PPOKeys(HeldoutKeys):
     reward_model: str = key("reward", "reward model: the `reward` stage, or a folder of a one-output "
                                       "sequence-classification model; its config's reward_mean/reward_std "
                                       "normalise the scores", ref="checkpoint")
-    prompts: str = key("world:preference", "prompts to answer: a `prompt` column (text or messages); preference "
-                                           "pairs qualify (their chosen/rejected are ignored)", ref="data")
+    prompts: str | list | dict = key("world:preference", "prompts to answer: a `prompt` column (text or messages); "
+                                                         "preference pairs qualify (their chosen/rejected are "
+                                                         "ignored)", ref="data")
+    columns: dict | None = key(None, "column mapping {our name: your column}, e.g. {prompt: question}")
     merge_adapter: bool = key(False, "with use_peft: also save the merged full model under `merged/`")
 
 
@@ -141,17 +158,21 @@ class EvalKeys:
     seed: int | None = key(None, "sampling and bootstrap seed; empty: run.seed")
     bootstrap: int = key(1000, "bootstrap resamples for the 95% confidence intervals")
     report_examples: int = key(6, "prompts shown with every checkpoint's reply side by side in report.md")
+    report_to: str | list[str] = key("none", "trackers that also get each checkpoint's metrics: tensorboard, "
+                                             "wandb, mlflow, trackio (whichever are installed)")
 
     def fill_defaults(self, recipe) -> None:
         """Resolve the recipe-dependent defaults, so the runner orders and fingerprints eval after what it reads."""
+        given = bool(self.checkpoints)
         if not self.checkpoints:
             self.checkpoints = [s for s in recipe.stages if s not in NON_POLICY_STAGES]
         if not self.baseline and self.checkpoints:
             self.baseline = self.checkpoints[0]
         if not self.reference:
             self.reference = self.baseline
-        if self.reward_model == "auto":
-            self.reward_model = "reward" if "reward" in recipe.stages else None
+        if self.reward_model == "auto":  # with checkpoints named by hand, only a reward stage that has finished
+            finished = (recipe.stage_dir("reward") / "manifest.json").is_file()
+            self.reward_model = "reward" if "reward" in recipe.stages and (finished or not given) else None
         if not self.perplexity_data:
             self.perplexity_data = None
 
@@ -227,7 +248,7 @@ STAGES: dict[str, StageSpec] = {
                      default_init=("sft", "pretrain", "model")),
     "reward": StageSpec("reward", "pipeline.reward", "trl:RewardConfig", RewardKeys, peft=True,
                         default_init=("sft", "pretrain", "model")),
-    "ppo": StageSpec("ppo", "pipeline.ppo", "pipeline.ppo:PPOConfig", PPOKeys, peft=True,
+    "ppo": StageSpec("ppo", "pipeline.ppo", "pipeline.ppo_config:PPOConfig", PPOKeys, peft=True,
                      default_init=("sft", "pretrain", "model")),
     "eval": StageSpec("eval", "pipeline.evaluate", None, EvalKeys),
     "diffusion": StageSpec("diffusion", "pipeline.diffusion", "pipeline.diffusion_train:DiffusionConfig",

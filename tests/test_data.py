@@ -66,14 +66,19 @@ def test_prompt_completion_and_tool_calls_are_accepted(tmp_path, recipe):
         {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "a"}]},
         {"prompt": [{"role": "user", "content": "draw a cat"}],
          "completion": [{"role": "assistant", "content": None,
-                         "tool_calls": [{"type": "function", "function": {"name": "draw", "arguments": {"x": 1}}}]}]},
+                         "tool_calls": [{"type": "function", "function": {"name": "draw", "arguments": {"x": 1}}}]}],
+         "tools": [{"type": "function", "function": {"name": "draw", "parameters": {
+             "type": "object", "properties": {"x": {"type": "integer"}}}}}]},
     ]
     assert len(data.load(str(write_jsonl(tmp_path / "pc.jsonl", rows)), "chat", recipe)) == 2
+    del rows[1]["tools"]  # a call is checked against the row's tools: here there are none
+    with pytest.raises(PipelineError, match="line 2: message 0: unknown tool 'draw' \\(tools: none\\)"):
+        data.load(str(write_jsonl(tmp_path / "pc.jsonl", rows)), "chat", recipe)
 
 
 @pytest.mark.parametrize("content, message", [
     ('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [}\n', r"line 2: invalid JSON"),
-    ('{"text": "hi"}\n', r"line 1: expected a 'messages' column"),
+    ('{"text": "hi"}\n', r"no conversation format matches the columns \(text\)"),
     ('{"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "x"}]}\n',
      r"line 1: message 0: unknown role 'bot'"),
     ('{"messages": [{"role": "user", "content": "hi"}]}\n', r"line 1: no assistant message"),
@@ -93,9 +98,9 @@ def test_malformed_rows_name_file_and_line(tmp_path, recipe, content, message):
 def test_missing_file_unsupported_type_and_text_column(tmp_path, recipe):
     with pytest.raises(PipelineError, match="file not found"):
         data.load(str(tmp_path / "nope.jsonl"), "chat", recipe)
-    (tmp_path / "x.txt").write_text("hello")
+    (tmp_path / "x.xml").write_text("<hello/>")
     with pytest.raises(PipelineError, match="unsupported file type"):
-        data.load(str(tmp_path / "x.txt"), "text", recipe)
+        data.load(str(tmp_path / "x.xml"), "text", recipe)
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": "a"}, {"body": "b"}])
     with pytest.raises(PipelineError, match="line 2: missing column 'text'"):
         data.load(str(path), "text", recipe)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO, launch_cli, run_cli, tiny_recipe
-from pipeline import check, cluster
+from pipeline import check, cluster, memory
 from pipeline.cli import PipelineError
 
 CONFIGS = REPO / "launch" / "accelerate"
@@ -220,7 +220,7 @@ def test_a_signal_to_one_process_checkpoints_all_and_the_rerun_resumes_to_the_sa
     assert [c.name for c in partial.glob("checkpoint-*")] == ["checkpoint-1"], text[-2000:]
     ckpt = partial / "checkpoint-1"
     assert (ckpt / "trainer_state.json").is_file() and (ckpt / "rng_state_0.pth").is_file()
-    assert (ckpt / "rng_state_1.pth").is_file() and "[preempted] stopped on" in text
+    assert (ckpt / "rng_state_1.pth").is_file() and "preempted: stopped on" in text
     assert f"exitcode  : {cluster.PREEMPTED_EXIT}" in text  # the processes left with "stopped, resume me"
     assert "SIGABRT" not in text  # ... and none crashed on the way out (process-group teardown)
     plan = run_cli(["pipeline/run.py", recipe, *BATCH, "run.name=stopped", "--dry-run"], cwd=work)
@@ -278,7 +278,7 @@ def check_output(capsys, recipe_path, overrides, only=(), memory=None, launch=No
 
 def test_check_warns_over_the_device_memory_and_names_every_error(tmp_path, capsys):
     recipe = tiny_recipe(tmp_path, sft={"global_batch_size": 32})
-    (errors, warnings), out = check_output(capsys, recipe, [], memory=check.parse_size("64MiB"))
+    (errors, warnings), out = check_output(capsys, recipe, [], memory=memory.parse_size("64MiB"))
     assert (errors, warnings) == (0, 2) and "warning: pretrain: needs about" in out
 
     (errors, _), out = check_output(capsys, recipe, ["sft.gradient_accumulation_steps=3",
@@ -294,14 +294,14 @@ def test_check_warns_over_the_device_memory_and_names_every_error(tmp_path, caps
 
 
 def test_memory_estimate_follows_the_sharding():
-    shape = check.ModelShape("test", "llama", params=8_000_000_000, hidden=4096, intermediate=14336, layers=32,
+    shape = memory.ModelShape("test", "llama", params=8_000_000_000, hidden=4096, intermediate=14336, layers=32,
                              heads=32, kv_dim=1024, vocab=128256, max_positions=8192, linear_params=7_000_000_000,
                              lora_params_per_rank={"q_proj": 32 * 8192, "v_proj": 32 * 5120})
-    common = dict(profile=check.StageProfile(), per_device=1, seq_len=4096, mixed=True, weight_bytes=2,
+    common = dict(profile=memory.StageProfile(), per_device=1, seq_len=4096, mixed=True, weight_bytes=2,
                   grad_ckpt=True, peft={}, attn=None)
 
     def est(config, n, **kw):
-        return check.estimate_memory(shape, cluster.read_launch(CONFIGS / f"{config}.yaml", num_processes=n),
+        return memory.estimate_memory(shape, cluster.read_launch(CONFIGS / f"{config}.yaml", num_processes=n),
                                      **{**common, **kw}).parts
 
     ddp, z2, z3, off = est("ddp", 8), est("zero2", 8), est("zero3", 8), est("zero3_offload", 8)
@@ -314,9 +314,9 @@ def test_memory_estimate_follows_the_sharding():
     assert est("zero3", 8, grad_ckpt=False)["activations"] > 3 * z3["activations"]
     lora = est("ddp", 8, peft={"use_peft": True, "lora_r": 16})
     assert lora["optimizer"] < ddp["optimizer"] / 100
-    dpo = check.estimate_memory(shape, cluster.read_launch(CONFIGS / "zero2.yaml", num_processes=8),
-                                **{**common, "profile": check.PROFILES["dpo"]}).parts
+    dpo = memory.estimate_memory(shape, cluster.read_launch(CONFIGS / "zero2.yaml", num_processes=8),
+                                **{**common, "profile": memory.PROFILES["dpo"]}).parts
     assert dpo["frozen models"] == pytest.approx(16e9)  # the reference, in 16-bit
-    assert check.parse_size("80GiB") == 80 << 30 and check.parse_size("24 GB") == 24e9
+    assert memory.parse_size("80GiB") == 80 << 30 and memory.parse_size("24 GB") == 24e9
     with pytest.raises(PipelineError, match="memory size"):
-        check.parse_size("lots")
+        memory.parse_size("lots")

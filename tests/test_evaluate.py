@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import cli, evaluate, metrics as M, runs
+from pipeline import cli, evaluate, judges, metrics as M, runs
 from pipeline.cli import PipelineError
 from pipeline.recipe import load_recipe
 from conftest import run_cli, tiny_recipe
@@ -74,7 +74,7 @@ def test_exact_match_and_perplexity():
 
 
 def test_reference_answers_without_a_world_skill_are_checked_by_exact_match():
-    is_correct, annotator_outcome = evaluate.is_correct, evaluate.annotator_outcome
+    is_correct, annotator_outcome = judges.is_correct, judges.annotator_outcome
 
     assert is_correct({"prompt": "capital of France?", "answer": "Paris"}, "Sure! The answer is paris.") is True
     assert is_correct({"prompt": "capital of France?", "answer": "Paris"}, "Paris") is True
@@ -203,6 +203,24 @@ def test_runner_evaluation_ranks_sft_above_its_base(ranked, monkeypatch):
 
     monkeypatch.chdir(work)  # the runner would skip eval now: nothing it reads has changed
     assert runs.up_to_date(load_recipe(recipe), "eval") == (True, "up to date")
+
+
+def test_a_stages_heldout_accuracy_is_the_eval_stages_on_the_same_checkpoint(ranked, monkeypatch):
+    """sft/dpo/ppo score their held-out prompts with pipeline/heldout.py; the eval stage judges with the same
+    replies and verdicts, so the two report the same accuracy for one checkpoint, prompts and budget."""
+    from pipeline import data, heldout
+
+    work, recipe_path, _, _ = ranked
+    monkeypatch.chdir(work)
+    recipe = load_recipe(recipe_path)
+    keys = recipe.keys("eval")
+    evaluated = json.loads((work / "runs/ranked/eval/metrics.json").read_text())["checkpoints"]["sft"]
+    rows = data.load(keys.prompts, "prompts", recipe).to_list()
+    stage = heldout.score_checkpoint(recipe, str(work / "runs/ranked/sft"), rows, max_new_tokens=keys.max_new_tokens,
+                                     batch_size=keys.batch_size, label="sft")
+    assert stage["n"] == evaluated["verified"] == 40 and evaluated["accuracy"] > 0
+    assert stage["accuracy"] == evaluated["accuracy"]
+    assert stage["per_skill"] == {s: v["mean"] for s, v in evaluated["accuracy_per_skill"].items()}
 
 
 def test_user_prompt_file_without_verifiers_has_no_verifier_metrics(tiny_run, tmp_path):

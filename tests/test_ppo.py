@@ -13,12 +13,14 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, run_cli, tiny_recipe
-from pipeline import models, ppo, rl, runs
+from pipeline import models, ppo_trainer, rl, runs
+from pipeline.ppo_config import PPOConfig
+from pipeline.reward_model import RewardModel
 from pipeline.recipe import load_recipe
 
 RUN = {"batch_size": 8, "num_minibatches": 2, "ppo_epochs": 2, "max_new_tokens": 10, "learning_rate": 1e-2,
        "max_steps": 12, "save_steps": 2, "adaptive_kl": True, "target_kl": 0.5, "kl_horizon": 100,
-       "heldout_max_prompts": 16, "heldout_max_new_tokens": 8}
+       "heldout_max_prompts": 16, "heldout_max_new_tokens": 8, "report_to": "tensorboard"}
 # One thread per process: on a busy 2-core machine, multi-threaded tiny matmuls spend their time waiting for each
 # other (a 1-second step took over a minute); accelerate's multi-process launch does the same by default.
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -71,8 +73,9 @@ def mean_reward(recipe, rm_path, policy, tokenizer, normalise=True):
     prompts = data.load("world:preference", "prompts", recipe)["prompt"][:64]
     replies = generate(policy, tokenizer, prompts, max_new_tokens=RUN["max_new_tokens"], do_sample=True,
                        num_samples=2, seed=0, progress=False)
-    reward_model = ppo.RewardModel(recipe, runs.Checkpoint("rm", str(rm_path), "", "local"), "cpu")
-    raw = reward_model([p for p in prompts for _ in range(2)], [r.text for rs in replies for r in rs])
+    reward_model = RewardModel.load(recipe, runs.Checkpoint("rm", str(rm_path), "", "local"), "cpu")
+    raw = torch.tensor(reward_model.scores([p for p in prompts for _ in range(2)],
+                                           [r.text for rs in replies for r in rs]))
     return reward_model.normalise(raw) if normalise else raw
 
 
@@ -93,8 +96,8 @@ def test_reply_logits_ignore_left_padding(inputs):
     padded = torch.tensor([[2, 2, 40, 41, 50, 51]])
     alone = torch.tensor([[40, 41, 50, 51]])
     with torch.no_grad():
-        a = ppo.reply_logits(policy, padded, torch.tensor([[0, 0, 1, 1, 1, 1]]), 4, 1.0)
-        b = ppo.reply_logits(policy, alone, torch.ones_like(alone), 2, 1.0)
+        a = ppo_trainer.reply_logits(policy, padded, torch.tensor([[0, 0, 1, 1, 1, 1]]), 4, 1.0)
+        b = ppo_trainer.reply_logits(policy, alone, torch.ones_like(alone), 2, 1.0)
     assert a.shape == b.shape == (1, 2, policy.config.vocab_size) and torch.allclose(a, b, atol=1e-5)
 
 
@@ -108,7 +111,7 @@ def test_one_ppo_step_moves_the_policy_toward_higher_advantage(inputs):
     advantages = torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, 0.0]])
 
     def reply_logprobs():
-        return rl.logprobs_of(ppo.reply_logits(model, seq, att, 3, 1.0), replies)
+        return rl.logprobs_of(ppo_trainer.reply_logits(model, seq, att, 3, 1.0), replies)
 
     with torch.no_grad():
         old = reply_logprobs()
@@ -137,14 +140,15 @@ def test_rollout_masks_everything_after_end_of_turn(inputs):
     tokenizer = inputs[3]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     generated = torch.tensor([[40, eos, 41, 42], [43, 44, 45, 46], [eos, 47, eos, 48]])
-    cfg = ppo.PPOConfig(max_new_tokens=4)
-    batch = ppo.rollout(Scripted(generated), tokenizer, [[30, 31], [32], [33, 34, 35]], cfg, "cpu")
-    assert batch["context_length"] == 3
-    assert batch["mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
-    assert batch["ended"].tolist() == [True, False, True]
-    assert batch["replies"].tolist() == [[40, eos, pad, pad], [43, 44, 45, 46], [eos, pad, pad, pad]]
-    assert batch["sequences"][1].tolist() == [pad, pad, 32, 43, 44, 45, 46]  # prompts left-padded
-    assert batch["attention_mask"][2].tolist() == [1, 1, 1, 1, 0, 0, 0]
+    cfg = PPOConfig(max_new_tokens=4)
+    batch = ppo_trainer.sample_replies(Scripted(generated), tokenizer, [[30, 31], [32], [33, 34, 35]], [0, 1, 2],
+                                       cfg, "cpu")
+    assert batch.context_length == 3 and batch.rows == [0, 1, 2]
+    assert batch.mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert batch.ended.tolist() == [True, False, True]
+    assert batch.replies.tolist() == [[40, eos, pad, pad], [43, 44, 45, 46], [eos, pad, pad, pad]]
+    assert batch.sequences[1].tolist() == [pad, pad, 32, 43, 44, 45, 46]  # prompts left-padded
+    assert batch.attention_mask[2].tolist() == [1, 1, 1, 1, 0, 0, 0]
 
 
 # ---------------------------------------------------------------------------------------------- command lines
@@ -178,6 +182,7 @@ def test_short_run_raises_the_mean_reward(inputs, uninterrupted):
     assert 0 <= metrics["heldout_accuracy_ppo"] <= 1 and metrics["heldout"]["n"] == 16
     out = work / "runs/full/ppo"
     assert (out / "curves.png").stat().st_size > 0 and (out / "model.safetensors").is_file()
+    assert list(out.rglob("events.out.tfevents.*"))  # every step's statistics, for TensorBoard
     assert not list(out.glob("*checkpoint-*"))  # checkpoints are removed once the stage is published
     manifest = read(work, "full", "manifest.json")
     assert manifest["num_processes"] == 1 and manifest["global_batch_size"] == 8
@@ -209,6 +214,30 @@ def test_kill_and_resume_ends_like_an_uninterrupted_run(uninterrupted):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_killed_inside_a_checkpoint_save_and_the_final_save_ends_like_an_uninterrupted_run(uninterrupted):
+    """SIGKILL inside the second checkpoint save (accelerate state written, loop_state.json and the rename not), then
+    during the final save (weights written, tokenizer not): the rerun resumes from the last whole checkpoint and
+    ends with the history and weights of the run that was never killed. Kill points: pipeline/faults.py."""
+    work = uninterrupted
+    args = ["pipeline/ppo.py", ppo_recipe(work), "run.name=saves"]
+    partial = work / "runs/saves/ppo.partial"
+    killed = run_cli(args, cwd=work, env={**ENV, "PIPELINE_FAULT": "kill:checkpoint:2"})
+    assert killed.returncode == -signal.SIGKILL and (partial / "tmp-checkpoint-4").is_dir()
+    assert sorted(p.name for p in partial.glob("checkpoint-*")) == ["checkpoint-2"]
+    killed = run_cli(args, cwd=work, env={**ENV, "PIPELINE_FAULT": "kill:final-save"})
+    assert killed.returncode == -signal.SIGKILL and (partial / "model.safetensors").is_file()
+    assert (partial / "checkpoint-12/loop_state.json").is_file() and not list(partial.rglob("*checkpoint_*.pkl"))
+    resumed = run_cli(args, cwd=work, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full, saves = read(work, "full"), read(work, "saves")
+    assert saves["steps"] == full["steps"] == 12
+    drop = ("elapsed_s",)
+    assert [{k: v for k, v in h.items() if k not in drop} for h in saves["history"]] == \
+        [{k: v for k, v in h.items() if k not in drop} for h in full["history"]]
+    a, b = load_file(work / "runs/full/ppo/model.safetensors"), load_file(work / "runs/saves/ppo/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_preemption_signal_checkpoints_between_steps_and_the_rerun_finishes(uninterrupted):
     """SIGUSR1 (Slurm's warning before the time limit): the loop saves a checkpoint after the step it is in, exits
     with the "preempted, requeue me" code, and the same command finishes the run like an uninterrupted one."""
@@ -228,7 +257,7 @@ def test_preemption_signal_checkpoints_between_steps_and_the_rerun_finishes(unin
     assert proc.returncode == cluster.PREEMPTED_EXIT, rest[-3000:]
     partial = work / "runs/preempted/ppo.partial"
     ckpts = [p.name for p in partial.glob("checkpoint-*")]
-    assert len(ckpts) == 1 and "[preempted] stopped on SIGUSR1" in rest, (ckpts, rest[-2000:])
+    assert len(ckpts) == 1 and "preempted: stopped on SIGUSR1" in rest, (ckpts, rest[-2000:])
     assert not (work / "runs/preempted/ppo").exists()
 
     resumed = run_cli(["pipeline/ppo.py", ppo_recipe(work), "run.name=preempted", "ppo.save_steps=100"], cwd=work,

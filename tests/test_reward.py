@@ -8,7 +8,7 @@ import math
 import pytest
 
 from conftest import REPO, run_cli, tiny_recipe
-from pipeline import data, metrics as M, world
+from pipeline import data, metrics as M, preferences, world
 from pipeline.cli import PipelineError
 from pipeline.recipe import load_recipe
 
@@ -29,7 +29,7 @@ def write_jsonl(path, rows):
 
 
 def load(tmp_path, recipe, rows, name="p.jsonl"):
-    return data.load_preferences(write_jsonl(tmp_path / name, rows), recipe)
+    return preferences.load_preferences(write_jsonl(tmp_path / name, rows), recipe)
 
 
 # ---------------------------------------------------------------------------------------------- formats
@@ -85,7 +85,7 @@ def test_anthropic_hh_text_becomes_conversations(tmp_path, recipe):
 
 
 def test_hh_sample_file_loads():
-    ds, info = data.load_preferences(str(REPO / "data/samples/hh_sample.jsonl"), None)
+    ds, info = preferences.load_preferences(str(REPO / "data/samples/hh_sample.jsonl"), None)
     assert info["format"] == "hh" and info["pairs"] == len(ds) >= 10 and info["identical_dropped"] == 0
     assert all(r["prompt"][-1]["role"] == "user" and r["chosen"][0]["role"] == "assistant" for r in ds)
 
@@ -114,11 +114,10 @@ def test_csv_cells_with_json_messages_and_world_split(tmp_path, recipe):
         w = csv.DictWriter(f, fieldnames=["prompt", "chosen", "rejected"])
         w.writeheader()
         w.writerow({"prompt": json.dumps(USER), "chosen": json.dumps(GOOD), "rejected": json.dumps(BAD)})
-    ds, info = data.load_preferences(str(path), recipe)
+    ds, info = preferences.load_preferences(str(path), recipe)
     assert info["conversational"] and ds[0]["chosen"] == GOOD
-    ds, info = data.load_preferences("world:preference_eval", recipe)
+    ds, info = preferences.load_preferences("world:preference_eval", recipe)
     assert len(ds) == recipe.world.n_preference_eval and {"skill", "hard", "clean_agrees"} <= set(ds.column_names)
-    assert data.load("world:preference_eval", "preference", recipe).column_names == ds.column_names
 
 
 @pytest.mark.parametrize("rows, message", [
@@ -148,17 +147,17 @@ def test_csv_cells_with_json_messages_and_world_split(tmp_path, recipe):
 def test_malformed_preference_files_name_file_and_line(tmp_path, recipe, rows, message):
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(PipelineError, match=message) as err:
-        data.load_preferences(path, recipe)
+        preferences.load_preferences(path, recipe)
     assert str(err.value).startswith(path) and "\n" not in str(err.value)
 
 
 def test_split_by_prompt_keeps_each_prompt_on_one_side(tmp_path, recipe):
     rows = [{"prompt": f"q{i % 10}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(40)]
     ds, _ = load(tmp_path, recipe, rows)
-    train, held = data.split_by_prompt(ds, 0.2, seed=0)
+    train, held = preferences.split_by_prompt(ds, 0.2, seed=0)
     assert len(train) + len(held) == 40 and len(set(held["prompt"])) == 2
     assert not set(train["prompt"]) & set(held["prompt"])
-    assert data.split_by_prompt(ds, 0.2, seed=0)[1]["prompt"] == held["prompt"]  # deterministic
+    assert preferences.split_by_prompt(ds, 0.2, seed=0)[1]["prompt"] == held["prompt"]  # deterministic
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -204,12 +203,12 @@ def test_expected_calibration_error_on_hand_made_margins():
 
 
 def test_trust_checks_flag_a_reward_that_counts_tokens():
-    from pipeline.reward import trust_checks
+    from pipeline.reward_report import trust_checks
 
     len_c, len_r = [3, 10, 4, 12, 5] * 6, [9, 2, 11, 6, 8] * 6
     m = M.preference_metrics(len_c, len_r, len_c, len_r, groups=["add", "sort"] * 15)
     m.update(accuracy_per_skill=m.pop("accuracy_per_group"), train_accuracy=0.9, train_pairs=100,
-             train_pairs_too_long=0, eval_pairs_truncated=0)
+             train_pairs_too_long=0, eval_pairs_too_long=0)
     checks = {c["check"]: c for c in trust_checks(m, "skill")}
     assert not checks["beats chance"]["ok"]  # 0.4
     assert not checks["not length-driven"]["ok"] and "prefers longer replies" in checks["not length-driven"]["detail"]
@@ -281,14 +280,14 @@ def test_lm_loss_reads_the_chosen_reply_with_the_starting_models_head(tiny_run, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import RewardConfig
 
-    from pipeline import reward
+    from pipeline import reward, reward_model
 
     work, _, _ = tiny_run
     sft = str(work / "runs/tiny/sft")
     recipe = load_recipe(tiny_recipe(tmp_path))
     tokenizer = AutoTokenizer.from_pretrained(sft)
     rows = polite_vs_rude(recipe, "preference", 4)
-    model = reward.load_reward_model(recipe, sft)
+    model = reward_model.load_reward_model(recipe, sft)
     args = RewardConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, max_length=128,
                         gradient_checkpointing=False, center_rewards_coefficient=None)
     trainer = reward.reward_trainer(0.5, reward.lm_head_weight(recipe, sft, tokenizer), model=model, args=args,
@@ -296,8 +295,8 @@ def test_lm_loss_reads_the_chosen_reply_with_the_starting_models_head(tiny_run, 
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
     assert batch["lm_labels"].shape[0] == len(rows) == batch["input_ids"].shape[0] // 2  # the chosen half
     for row, labels in zip(rows, batch["lm_labels"]):
-        full = reward.encode(tokenizer, row["prompt"], row["chosen"])
-        prompt = reward.encode_prompt(tokenizer, row["prompt"])
+        full = reward_model.encode(tokenizer, row["prompt"], row["chosen"])
+        prompt = reward_model.encode_prompt(tokenizer, row["prompt"])
         assert full[:len(prompt)] == prompt and len(prompt) < len(full)
         assert labels[labels != -100].tolist() == full[len(prompt):]
         assert tokenizer.decode(full[len(prompt):]).startswith(row["chosen"][0]["content"])
@@ -366,7 +365,7 @@ def test_bad_preference_file_stops_before_anything_is_written(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: bad.jsonl: no preference format matches the columns (question, answer); expected "
-        + data.PREFERENCE_EXPECTED)
+        + preferences.PREFERENCE_EXPECTED)
     assert not (tmp_path / "runs").exists()
 
 

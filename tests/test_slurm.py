@@ -119,7 +119,7 @@ def test_requeued_stage_job_resumes_from_its_checkpoint(slurm, tmp_path):
     text = log()
     assert states[job] == "COMPLETED", text[-4000:]
 
-    saved = [int(n) for n in re.findall(r"\[preempted\] stopped on SIG\w+; saved \S+/checkpoint-(\d+)", text)]
+    saved = [int(n) for n in re.findall(r"\[\w+\] preempted: stopped on SIG\w+; saved \S+/checkpoint-(\d+)", text)]
     assert "stopped on SIGUSR1" in text and "stopped on SIGTERM" in text and len(saved) == 2, text[-4000:]
     assert 0 < saved[0] < saved[1] < 150
     assert "requeueing job" in text and text.count("resuming from") == 2

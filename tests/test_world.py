@@ -6,9 +6,10 @@ from dataclasses import replace
 import pytest
 
 from pipeline import world
-from pipeline.world import (SKILLS, SPLITS, STYLE_PREFIXES, WorldConfig, annotator_prefers, build_split,
-                            extract_answer, find_keys, is_hard, is_heldout, prompt_key, reply_quality, solve,
-                            split_stats, systematic_mistake, verify)
+from pipeline.world import (SKILLS, SPLITS, STYLE_PREFIXES, WorldConfig, annotator_prefers, extract_answer,
+                            find_keys, is_hard, is_heldout, prompt_key, reply_quality, solve, systematic_mistake,
+                            verify)
+from pipeline.world_splits import build_split, split_stats
 
 CFG = WorldConfig()
 

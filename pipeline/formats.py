@@ -1,0 +1,250 @@
+"""Conversation formats users bring, detected from the columns and converted to one: TRL's `messages` (or
+prompt/completion), with tool calls checked against the row's tool schemas.
+
+    messages            OpenAI / Hugging Face: {"messages": [{"role", "content", "tool_calls"?}], "tools"?}
+    prompt_completion   {"prompt": text or messages, "completion": text or messages}
+    sharegpt            ShareGPT / Vicuna / LLaMA-Factory: {"conversations": [{"from", "value"}], "system"?, "tools"?}
+                        from: human/user, gpt/assistant, system, function_call (an assistant tool call: `value` is
+                        JSON {"name", "arguments"} or a list of them), observation (a tool result)
+    alpaca              Alpaca / LLaMA-Factory: {"instruction", "input"?, "output", "system"?, "history"?}
+                        (history: [[user, assistant], ...] turns before this one)
+
+Rows come out Arrow-friendly: `tools` as a JSON string (TRL reads both), tool-call `arguments` as a JSON string
+(the chat template keeps a string as is), so rows whose tools or arguments have different keys share one schema.
+"""
+
+from __future__ import annotations
+
+import json
+
+from pipeline.cli import PipelineError
+
+ROLES = ("system", "user", "assistant", "tool")
+SFT_FORMATS = {
+    "messages": "messages (role/content)",
+    "prompt_completion": "prompt + completion",
+    "sharegpt": "conversations (ShareGPT: from/value)",
+    "alpaca": "instruction + output (Alpaca)",
+}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+                  "observation": "tool", "tool": "tool", "function_call": "assistant", "function": "tool"}
+JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "array": list, "object": dict,
+              "null": type(None)}
+
+
+def detect_sft_format(row: dict) -> str | None:
+    if "messages" in row:
+        return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    return None
+
+
+def expected_sft_columns() -> str:
+    return "; ".join(SFT_FORMATS.values())
+
+
+def rename_columns(rows: list[dict], columns: dict | None, source, where) -> list[dict]:
+    """Apply a recipe's column mapping ({our name: the file's name}) to every row."""
+    if not columns:
+        return rows
+    out = []
+    for row, w in zip(rows, where):
+        row = dict(row)
+        for ours, theirs in columns.items():
+            if theirs not in row:
+                bad_row(source, w, f"column '{theirs}' (mapped to '{ours}' by `columns`) is missing "
+                                   f"(columns: {', '.join(row) or 'none'})")
+            row[ours] = row.pop(theirs)
+        out.append(row)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- converting
+
+
+def bad_row(source, where, msg):
+    """Stop with one line naming the source and the row."""
+    raise PipelineError(f"{source}: {where}: {msg}")
+
+
+def check_messages(messages, source, where, need_assistant=True):
+    if isinstance(messages, str):  # CSV cells hold JSON text
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError:
+            bad_row(source, where, "'messages' is a string that is not a JSON list of messages")
+    if not isinstance(messages, list) or not messages:
+        bad_row(source, where, "'messages' must be a non-empty list of {role, content} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            bad_row(source, where, f"message {i} is not an object")
+        role = m.get("role")
+        if role not in ROLES:
+            bad_row(source, where, f"message {i}: unknown role {role!r} (expected one of: {', '.join(ROLES)})")
+        content, calls = m.get("content"), m.get("tool_calls")
+        if calls is not None:
+            if role != "assistant" or not isinstance(calls, list):
+                bad_row(source, where, f"message {i}: tool_calls must be a list on an assistant message")
+            for call in calls:
+                fn = call.get("function", call) if isinstance(call, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                    bad_row(source, where, f"message {i}: a tool call needs a function name")
+        if not isinstance(content, str) and not (content is None and calls):
+            bad_row(source, where, f"message {i}: 'content' must be a string")
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
+        bad_row(source, where, "no assistant message to learn from")
+    return messages
+
+
+
+def _json_value(value, source, where, what):
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            bad_row(source, where, f"{what} is a string that is not JSON")
+    return value
+
+
+def tools_of(row: dict, source, where) -> list[dict] | None:
+    """The row's tool schemas (a list, or a JSON string of one), each {name, parameters} or HF's
+    {type: function, function: {...}}."""
+    tools = row.get("tools")
+    if tools is None or tools == "" or tools == []:
+        return None
+    tools = _json_value(tools, source, where, "'tools'")
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        bad_row(source, where, "'tools' must be a list of tool schemas (JSON objects)")
+    for t in tools:
+        if not isinstance((t.get("function") or t).get("name"), str):
+            bad_row(source, where, "a tool schema in 'tools' has no 'name'")
+    return tools
+
+
+def sharegpt_messages(row: dict, source, where) -> list[dict]:
+    turns = _json_value(row["conversations"], source, where, "'conversations'")
+    if not isinstance(turns, list) or not turns:
+        bad_row(source, where, "'conversations' must be a non-empty list of {from, value} turns")
+    messages = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            bad_row(source, where, f"turn {i} of 'conversations' needs 'from' and 'value'")
+        who = SHAREGPT_ROLES.get(turn["from"])
+        if who is None:
+            bad_row(source, where, f"turn {i}: unknown 'from' {turn['from']!r} (expected one of: "
+                                   f"{', '.join(SHAREGPT_ROLES)})")
+        if turn["from"] == "function_call":
+            calls = _json_value(turn["value"], source, where, f"turn {i} (function_call)")
+            calls = calls if isinstance(calls, list) else [calls]
+            if not all(isinstance(c, dict) and "name" in c for c in calls):
+                bad_row(source, where, f"turn {i}: a function_call is JSON {{\"name\": ..., \"arguments\": ...}}")
+            messages.append({"role": "assistant", "content": None, "tool_calls": [
+                {"type": "function", "function": {"name": c["name"], "arguments": c.get("arguments", {})}}
+                for c in calls]})
+        else:
+            messages.append({"role": who, "content": turn["value"]})
+    return messages
+
+
+def alpaca_messages(row: dict, source, where) -> list[dict]:
+    messages = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+    history = row.get("history") or []
+    if not isinstance(history, list) or not all(isinstance(h, (list, tuple)) and len(h) == 2 for h in history):
+        bad_row(source, where, "'history' must be a list of [user, assistant] pairs")
+    for user, assistant in history:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    prompt = "\n".join(x for x in (row["instruction"], row.get("input")) if x)  # as LLaMA-Factory joins them
+    if not isinstance(prompt, str) or not prompt.strip():
+        bad_row(source, where, "'instruction' is empty")
+    if not isinstance(row["output"], str):
+        bad_row(source, where, "'output' must be text")
+    return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+
+
+def to_sft_row(row: dict, fmt: str, source, where) -> dict:
+    """One row in `messages` or prompt/completion form, tools and tool calls checked and serialised."""
+    tools = tools_of(row, source, where)
+    if fmt == "prompt_completion":
+        out = {"prompt": row["prompt"], "completion": row["completion"]}
+        for col in ("prompt", "completion"):
+            if isinstance(out[col], list):
+                out[col] = check_messages(out[col], source, where, need_assistant=(col == "completion"))
+                check_tool_calls(out[col], tools, source, where)
+            elif not isinstance(out[col], str):
+                bad_row(source, where, f"'{col}' must be text or a list of messages")
+    else:
+        messages = {"messages": lambda: row["messages"], "sharegpt": lambda: sharegpt_messages(row, source, where),
+                    "alpaca": lambda: alpaca_messages(row, source, where)}[fmt]()
+        messages = check_messages(messages, source, where)
+        check_tool_calls(messages, tools, source, where)
+        out = {"messages": messages}
+    if tools is not None:
+        out["tools"] = json.dumps(tools)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- tool calls
+
+
+def _schema(tool: dict) -> dict:
+    return tool.get("function") or tool
+
+
+def _type_ok(value, spec) -> bool:
+    kinds = spec.get("type")
+    if kinds is None:
+        return True
+    for kind in (kinds if isinstance(kinds, list) else [kinds]):
+        py = JSON_TYPES.get(kind)
+        if py is None or (isinstance(value, py) and not (kind in ("integer", "number") and isinstance(value, bool))):
+            return True
+    return False
+
+
+def call_problem(name, arguments, tools: list[dict] | None) -> str | None:
+    """Why a tool call does not fit the tools' schemas (unknown tool, arguments not an object, a required key
+    missing, a value of the wrong type, an undeclared key where additionalProperties is false), or None."""
+    schemas = {_schema(t)["name"]: _schema(t) for t in tools or []}
+    if name not in schemas:
+        return f"unknown tool {name!r} (tools: {', '.join(schemas) or 'none'})"
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError:
+            return f"tool {name!r}: arguments are not JSON"
+    if arguments is None:
+        arguments = {}
+    if not isinstance(arguments, dict):
+        return f"tool {name!r}: arguments must be a JSON object, got {type(arguments).__name__}"
+    params = schemas[name].get("parameters") or {}
+    props = params.get("properties") or {}
+    missing = [k for k in params.get("required") or [] if k not in arguments]
+    if missing:
+        return f"tool {name!r}: required argument {missing[0]!r} is missing"
+    for key, value in arguments.items():
+        if key not in props:
+            if params.get("additionalProperties") is False:
+                return f"tool {name!r}: argument {key!r} is not in its schema"
+            continue
+        if not _type_ok(value, props[key]):
+            return f"tool {name!r}: argument {key!r} must be {props[key].get('type')}, got {type(value).__name__}"
+        if "enum" in props[key] and value not in props[key]["enum"]:
+            return f"tool {name!r}: argument {key!r} must be one of {props[key]['enum']}, got {value!r}"
+    return None
+
+
+def check_tool_calls(messages: list[dict], tools: list[dict] | None, source, where) -> None:
+    """Every assistant tool call fits the row's tools; its arguments become a JSON string (one Arrow schema)."""
+    for i, m in enumerate(messages):
+        for call in m.get("tool_calls") or []:
+            fn = call.get("function", call)
+            problem = call_problem(fn.get("name"), fn.get("arguments"), tools)
+            if problem:
+                bad_row(source, where, f"message {i}: {problem}")
+            if not isinstance(fn.get("arguments"), str):
+                fn["arguments"] = json.dumps(fn.get("arguments") or {})

@@ -1,0 +1,58 @@
+"""Held-out scoring at the end of a policy stage (sft, dpo, ppo): the verifier accuracy of its input and of the model
+it trained, each read back from disk as later stages will read it.
+
+The replies are the eval stage's greedy replies (pipeline/generation.py `generate`) and the verdicts the eval
+stage's (pipeline/judges.py), so a stage's `heldout_accuracy_<name>` equals the eval stage's accuracy of the same
+checkpoint on the same prompts with the same generation budget and batch size.
+"""
+
+from __future__ import annotations
+
+from pipeline import data, judges, log, models, runs
+from pipeline.generation import generate
+
+
+def heldout_rows(recipe, keys) -> list[dict] | None:
+    """The stage's held-out prompts (HeldoutKeys) if they carry verifiers (`skill`, `answer`), else None."""
+    if not keys.heldout_prompts:
+        return None
+    ds = data.load(keys.heldout_prompts, "prompts", recipe)
+    if not {"skill", "answer"} <= set(ds.column_names):
+        log.info("%s has no skill/answer columns: held-out scoring skipped", keys.heldout_prompts)
+        return None
+    return ds.select(range(min(len(ds), keys.heldout_max_prompts))).to_list()
+
+
+def verifier_accuracy(model, tokenizer, rows, *, max_new_tokens=48, batch_size=64, desc="scoring") -> dict:
+    """Greedy replies to the rows' prompts judged by the verifier: overall and per-skill accuracy, share ended."""
+    replies = [r[0] for r in generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
+                                      batch_size=batch_size, desc=desc)]
+    result = judges.accuracy(rows, [r.text for r in replies])
+    result["ended"] = sum(r.ended for r in replies) / len(replies)
+    return result
+
+
+def score_checkpoint(recipe, path: str, rows, *, max_new_tokens=48, batch_size=64, label="model") -> dict:
+    """Verifier accuracy of the model saved at `path`, read back from disk as later stages will read it."""
+    # Called on the main process only, while the others wait: no ZeRO-3 partitioned loading or synced generation.
+    with models.single_process():
+        model = models.load_causal_lm(recipe, path)
+        tokenizer = models.load_tokenizer(recipe, runs.Checkpoint(label, path, "", "local"))
+        models.configure_generation(model, tokenizer)
+        result = verifier_accuracy(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   desc=f"scoring {label}")
+    log.info("held-out verifier accuracy of %s: %.3f (n=%d, %s)", label, result["accuracy"], result["n"],
+             ", ".join(f"{s} {a:.2f}" for s, a in result["per_skill"].items()))
+    return result
+
+
+def heldout_comparison(recipe, keys, rows, before: tuple[str, str], after: tuple[str, str]) -> dict:
+    """Verifier accuracy of two saved models, `(name, path)` each, as metrics.json entries."""
+    result = {"heldout": {"prompts": keys.heldout_prompts}}
+    for name, path in (before, after):
+        scored = score_checkpoint(recipe, path, rows, max_new_tokens=keys.heldout_max_new_tokens,
+                                  batch_size=keys.heldout_batch_size, label=name)
+        result["heldout"][name] = scored
+        result["heldout"]["n"] = scored["n"]
+        result[f"heldout_accuracy_{name}"] = scored["accuracy"]
+    return result

@@ -1,0 +1,52 @@
+"""Is the Hugging Face Hub reachable? Asked once per process, in seconds, so that a hub id on a machine without
+network fails at once with one line instead of after minutes of the libraries' retries.
+
+When the hub cannot be reached, `HF_HUB_OFFLINE=1` is set for this process: transformers, datasets and
+huggingface_hub then read their local caches only, and a model or dataset that is not cached fails immediately.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from functools import lru_cache
+from urllib.parse import urlparse
+
+TIMEOUT_S = 3.0
+_probe_failed = False  # set when this process found the hub unreachable (and then switched the libraries offline)
+
+
+def offline_by_setting() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
+                                                                                  "TRANSFORMERS_OFFLINE"))
+
+
+@lru_cache(maxsize=1)
+def reachable() -> bool:
+    """False when offline by setting or when a TCP connection to the hub's endpoint fails within TIMEOUT_S; then
+    the libraries are switched to their caches for the rest of the process."""
+    if offline_by_setting():
+        return False
+    global _probe_failed
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                      timeout=TIMEOUT_S):
+            return True
+    except OSError:
+        _probe_failed = True
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+        try:  # huggingface_hub reads the variable at import: tell an already imported one too
+            from huggingface_hub import constants
+
+            constants.HF_HUB_OFFLINE = True
+        except Exception:  # pragma: no cover - an older huggingface_hub
+            pass
+        return False
+
+
+def unreachable_note() -> str:
+    if _probe_failed:
+        return f"the hub cannot be reached from this machine (no connection within {TIMEOUT_S:g} s)"
+    return "the hub cannot be reached (HF_HUB_OFFLINE is set)"

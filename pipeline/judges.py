@@ -1,0 +1,66 @@
+"""Judges of replies: the verifier, the world's noise-free annotator, and pairwise outcomes between two checkpoints.
+
+One place decides whether a reply is correct, so the held-out accuracy a policy stage reports (pipeline/heldout.py)
+and the eval stage's accuracy and win rates (pipeline/evaluate.py) cannot drift apart. The reward model judges
+through pipeline/reward_model.py.
+"""
+
+from __future__ import annotations
+
+from pipeline import metrics as M, world
+
+JUDGES = {"verifier": "verifier", "reward": "reward model", "annotator": "annotator"}
+
+
+def has_verifier(row) -> bool:
+    return row.get("answer") is not None
+
+
+def is_correct(row, text: str) -> bool | None:
+    """A world skill's verifier; without a world skill, exact match of the final answer ("... the answer is X.",
+    else the whole reply) with the reference; None when the row has no reference answer."""
+    if not has_verifier(row):
+        return None
+    if row.get("skill") in world.SKILLS:
+        return world.verify(row["skill"], text, row["answer"])
+    final = world.extract_answer(text)
+    return M.exact_match(final if final is not None else text, row["answer"])
+
+
+def annotator_outcome(row, a: str, b: str) -> int | None:
+    """+1 / 0 / -1: the world's noise-free annotator prefers a / neither (equal quality) / b. None off-world."""
+    skill, answer = row.get("skill"), row.get("answer")
+    if skill not in world.SKILLS or answer is None:
+        return None
+    if world.reply_quality(skill, a, answer) == world.reply_quality(skill, b, answer):
+        return 0
+    return 1 if world.annotator_prefers(skill, answer, a, b) == 0 else -1
+
+
+def accuracy(rows, texts) -> dict:
+    """Verifier accuracy of one reply per row (rows with a reference answer): overall and per skill."""
+    per_skill: dict[str, list[bool]] = {}
+    for row, text in zip(rows, texts):
+        verdict = is_correct(row, text)
+        if verdict is not None:
+            per_skill.setdefault(row.get("skill") or "-", []).append(verdict)
+    verdicts = [v for vs in per_skill.values() for v in vs]
+    return {"accuracy": sum(verdicts) / len(verdicts) if verdicts else None,
+            "per_skill": {s: sum(v) / len(v) for s, v in sorted(per_skill.items())},
+            "n": len(verdicts)}
+
+
+def outcomes(rows, judge: str, texts_a, texts_b, scores_a=None, scores_b=None) -> list[int | None]:
+    """Per prompt, +1 / 0 / -1 when the judge finds reply a better than / as good as / worse than reply b; None
+    where it cannot judge (no verifier, no reward model, a prompt off the world for the annotator). scores: the
+    verifier's verdicts or the reward model's scores of each side, by judge."""
+    if judge == "annotator":
+        return [annotator_outcome(row, x, y) for row, x, y in zip(rows, texts_a, texts_b)]
+    if scores_a is None or scores_b is None:
+        return [None] * len(rows)
+    both = [i for i, (x, y) in enumerate(zip(scores_a, scores_b)) if x is not None and y is not None]
+    out: list[int | None] = [None] * len(rows)
+    if both:
+        for i, o in zip(both, M.pairwise_outcomes([scores_a[i] for i in both], [scores_b[i] for i in both]).tolist()):
+            out[i] = o
+    return out

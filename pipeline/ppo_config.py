@@ -1,0 +1,69 @@
+"""The `ppo` section's training keys: our PPO's settings, and the GRPO/RLOO keys mapped onto TRL's configs.
+
+Kept apart from the stage script so the recipe loader can validate a `ppo` section without importing the stage
+(pipeline/stages.py names this class). The pipeline keys of the section (init_from, reward_model, prompts, ...) are
+PPOKeys in pipeline/stages.py.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class PPOConfig:
+    """The `ppo` section's training keys (the pipeline keys are PPOKeys in pipeline/stages.py)."""
+
+    algorithm: Literal["ppo", "grpo", "rloo"] = "ppo"   # ppo: ours below; grpo / rloo: TRL's trainers
+    max_steps: int = 100                 # rollout batches (grpo/rloo: optimizer steps)
+    batch_size: int = 32                 # replies per step per process (ppo: one per prompt)
+    num_minibatches: int = 2             # minibatches per PPO epoch (one optimizer step each)
+    ppo_epochs: int = 4                  # passes over each rollout batch
+    gradient_accumulation_steps: int = 1  # micro-batches per minibatch
+    learning_rate: float = 1e-5          # policy
+    critic_learning_rate: float | None = None  # critic; empty: learning_rate
+    lr_scheduler_type: str = "constant"  # transformers scheduler name: constant, linear, cosine, ...
+    warmup_steps: int = 0                # optimizer steps of linear warmup
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0           # gradient clipping, policy and critic separately
+    gamma: float = 1.0                   # discount
+    lam: float = 0.95                    # GAE lambda
+    cliprange: float = 0.2               # policy ratio clip (grpo/rloo: epsilon)
+    cliprange_value: float = 0.2         # value clip around the rollout's values
+    whiten_advantages: bool = True       # normalise advantages per batch
+    kl_coef: float = 0.05                # initial KL coefficient beta (grpo/rloo: beta)
+    kl_estimator: Literal["k1", "k3"] = "k1"  # per-token KL estimate in the penalty
+    adaptive_kl: bool = False            # adapt beta towards target_kl (Ziegler et al.)
+    target_kl: float = 6.0               # target KL per reply (nats) for adaptive_kl
+    kl_horizon: int = 10000              # adaptive_kl horizon, in replies
+    missing_eos_penalty: float | None = 1.0  # subtracted from the score of replies without end-of-turn
+    verifier_weight: float = 0.0         # add this times the world's verifier (1 correct, 0 not) to the score
+    max_new_tokens: int = 32             # reply budget
+    max_prompt_length: int = 128         # longer prompts (in tokens) are skipped
+    temperature: float = 1.0             # sampling temperature (log-probabilities use the same)
+    top_p: float = 1.0                   # nucleus sampling
+    num_generations: int = 4             # grpo/rloo: replies per prompt (the group)
+    critic_init: Literal["reward", "policy"] = "reward"  # value head on a copy of the reward model or the policy
+    logging_steps: int = 1               # print a line every this many steps (every step goes into metrics.json)
+    save_steps: int = 20                 # checkpoint every this many steps; 0: only at the end of training
+    save_total_limit: int = 1            # checkpoints kept
+    seed: int = 0                        # default: run.seed
+    use_cpu: bool = False                # train on CPU even if a GPU is present (automatic without one)
+    report_to: str | list[str] = "none"  # trackers for the per-step statistics: tensorboard, wandb, mlflow, trackio
+    trl_args: dict = field(default_factory=dict)  # grpo/rloo: more GRPOConfig/RLOOConfig fields, verbatim
+
+    def __post_init__(self):  # ValueError: the recipe loader reports it as one line naming the section
+        minibatch = self.batch_size // self.num_minibatches
+        if self.batch_size % self.num_minibatches or minibatch % self.gradient_accumulation_steps:
+            raise ValueError(f"batch_size ({self.batch_size}) must split into num_minibatches "
+                             f"({self.num_minibatches}) x gradient_accumulation_steps "
+                             f"({self.gradient_accumulation_steps}) equal parts")
+        for name in ("max_steps", "batch_size", "ppo_epochs", "max_new_tokens", "temperature", "target_kl",
+                     "kl_horizon"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.trl_args and self.algorithm == "ppo":
+            raise ValueError("trl_args apply to algorithm grpo or rloo, not ppo")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

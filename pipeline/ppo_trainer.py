@@ -1,0 +1,411 @@
+"""Our actor-critic PPO for language models: one step is rollout -> score -> advantages -> update -> log/checkpoint.
+
+    trainer = PPOTrainer(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoint)
+    history = trainer.train()   # resumes from the newest checkpoint of a killed run of the same inputs
+    trainer.save()
+
+Each process takes `batch_size` prompts per step and samples one reply each from the policy (KV cache, left
+padding, stops at end-of-turn): a `Rollout`. The reward model scores the replies (normalised with the statistics its
+stage stored; minus `missing_eos_penalty` for replies that ran out of tokens; plus `verifier_weight` times the
+world's verifier), the policy's, the frozen reference's and the critic's per-token values are computed, a per-token
+KL penalty is added and GAE gives the advantages. Then `ppo_epochs` passes of clipped policy and value updates over
+`num_minibatches` minibatches. The math on tensors is pipeline/rl.py. The critic is a value head on a copy of the
+reward model (`critic_init: reward`) or of the policy (`critic_init: policy`). Every `save_steps` steps all state
+(models, optimizers, schedulers, KL coefficient, prompt position, random states, history) goes into
+`checkpoint-N/`: the accelerate state (safetensors, and torch files that load with weights_only=True) and
+`loop_state.json` (KL coefficient, prompt position, step and history), no pickle.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline import cli, cluster, faults, log, models, rl, safe_resume, threads
+from pipeline.generation import render_prompt
+from pipeline.reward_model import RewardModel, load_reward_model
+
+# printed every logging_steps (metrics.json has every statistic of every step)
+LOG_KEYS = ("step", "reward_raw", "reward", "verifier", "kl", "kl_coef", "entropy", "clipfrac", "approx_kl",
+            "value_loss", "explained_variance", "reply_length", "ended")
+UPDATE_STATS = ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl", "entropy")
+
+
+@dataclass
+class Rollout:
+    """One step's sampled replies, and what the update needs of them.
+
+    B: prompts of this step on this process (`batch_size`), P: the longest prompt (the others left-padded to it),
+    R: reply tokens generated (at most `max_new_tokens`). Reply tokens after the first end-of-turn are padding.
+    The first block is filled by `PPOTrainer.rollout`, the second by `score`, the third by `advantages`.
+    """
+
+    rows: list[int]                # (B,) indices into the prompt dataset
+    sequences: torch.Tensor        # (B, P + R) long: prompt then reply token ids
+    attention_mask: torch.Tensor   # (B, P + R) long: 0 on left padding and on reply padding
+    replies: torch.Tensor          # (B, R) long: reply token ids, pad after end-of-turn
+    mask: torch.Tensor             # (B, R) float: 1 on reply tokens up to and including end-of-turn
+    ended: torch.Tensor            # (B,) bool: the reply stopped with end-of-turn within the budget
+    context_length: int            # P
+    texts: list[str] = None        # (B,) decoded replies, what the reward model and the verifier read
+
+    raw: torch.Tensor = None           # (B,) reward-model scores
+    normalised: torch.Tensor = None    # (B,) the same standardised with the reward stage's mean and std
+    correct: torch.Tensor = None       # (B,) float 1/0: the world's verifier (only with verifier_weight)
+    scores: torch.Tensor = None        # (B,) the score given at the last reply token
+    logprobs: torch.Tensor = None      # (B, R) log pi(token) under the policy that sampled it
+    ref_logprobs: torch.Tensor = None  # (B, R) the same under the frozen reference
+    values: torch.Tensor = None        # (B, R) the critic's value before each reply token
+
+    kl: torch.Tensor = None            # (B, R) per-token KL estimate, 0 on padding
+    rewards: torch.Tensor = None       # (B, R) -kl_coef * kl per token, plus the score on the last token
+    advantages: torch.Tensor = None    # (B, R) GAE advantages (whitened with whiten_advantages)
+    returns: torch.Tensor = None       # (B, R) advantages + values: the critic's targets
+
+
+class PromptSampler:
+    """Shuffled passes over the prompts; each step takes `batch_size` per process. Its state is the data position."""
+
+    def __init__(self, n: int, batch_size: int, num_processes: int, rank: int, seed: int):
+        self.n, self.batch_size, self.num_processes, self.rank, self.seed = n, batch_size, num_processes, rank, seed
+        self.epoch, self.position = 0, 0
+
+    def next_batch(self) -> list[int]:
+        need = self.batch_size * self.num_processes
+        if self.position + need > self.n:
+            self.epoch, self.position = self.epoch + 1, 0
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        chunk = order[self.position:self.position + need]
+        self.position += need
+        return chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
+class Progress:
+    """Step counter and per-step history, checkpointed with the rest."""
+
+    def __init__(self):
+        self.step, self.history = 0, []
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.history = state["step"], list(state["history"])
+
+
+class Critic(torch.nn.Module):
+    """A value per token: a sequence-classification model's backbone and its one-output head, applied at every
+    position (the head of a reward model already maps a hidden state to a score)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.head = next((h for h in ("score", "classifier") if hasattr(model, h)), None)
+        if self.head is None:
+            raise cli.PipelineError(f"{type(model).__name__}: no `score` head to use as a value head")
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        backbone = getattr(self.model, self.model.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).last_hidden_state
+        return getattr(self.model, self.head)(hidden).squeeze(-1).float()
+
+
+def positions(attention_mask):
+    """Position ids that ignore left padding, as generate() used them."""
+    return (attention_mask.cumsum(1) - 1).clamp(min=0)
+
+
+def reply_logits(model, sequences, attention_mask, context_length: int, temperature: float):
+    """Logits (scaled by the sampling temperature) of the distributions each reply token was drawn from."""
+    out = model(input_ids=sequences, attention_mask=attention_mask, position_ids=positions(attention_mask),
+                use_cache=False)
+    return out.logits[:, context_length - 1:-1].float() / temperature
+
+
+@torch.no_grad()
+def sample_replies(policy, tokenizer, prompt_ids: list[list[int]], rows: list[int], cfg, device) -> Rollout:
+    """One sampled reply per prompt (KV cache, left padding); reply tokens after the first end-of-turn become
+    padding."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    enc = tokenizer.pad({"input_ids": prompt_ids}, padding_side="left", return_tensors="pt").to(device)
+    sequences = policy.generate(**enc, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+                                max_new_tokens=cfg.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                                use_cache=True)
+    context_length = enc["input_ids"].shape[1]
+    replies = sequences[:, context_length:]
+    is_eos = replies == eos
+    ended = is_eos.any(1)
+    last = torch.where(ended, is_eos.int().argmax(1), replies.shape[1] - 1)
+    mask = (torch.arange(replies.shape[1], device=device)[None] <= last[:, None]).long()
+    replies = replies.masked_fill(mask == 0, pad)
+    return Rollout(rows=rows, sequences=torch.cat([enc["input_ids"], replies], 1),
+                   attention_mask=torch.cat([enc["attention_mask"], mask], 1), replies=replies, mask=mask.float(),
+                   ended=ended, context_length=context_length)
+
+
+class PPOTrainer:
+    """Models, optimizers and resumable state of one PPO run (see the module docstring)."""
+
+    def __init__(self, recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoint):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+        from transformers import get_scheduler
+
+        self.run, self.cfg, self.keys, self.prompts = run, cfg, keys, prompts
+        trackers = [t for t in ([cfg.report_to] if isinstance(cfg.report_to, str) else cfg.report_to) if t != "none"]
+        self.accelerator = Accelerator(cpu=cfg.use_cpu or not torch.cuda.is_available(),
+                                       step_scheduler_with_optimizer=False, log_with=trackers or None,
+                                       project_dir=str(run.out / "runs"))
+        if trackers:
+            self.accelerator.init_trackers("ppo", config={k: v for k, v in cfg.to_dict().items()
+                                                          if isinstance(v, (int, float, str, bool))})
+        self.device, self.main = self.accelerator.device, self.accelerator.is_main_process
+        set_seed(cfg.seed, device_specific=True)
+
+        # models: policy (maybe LoRA), frozen reference, reward model, critic
+        self.tokenizer = tokenizer = models.load_tokenizer(recipe, init)
+        policy = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision)
+        models.configure_generation(policy, tokenizer)
+        self.lora = models.peft_config(peft_values)
+        if self.lora is not None:
+            from peft import get_peft_model
+
+            policy = get_peft_model(policy, self.lora)
+            self.reference = None  # the policy with its adapter off
+        else:
+            reference = models.load_causal_lm(recipe, init.path, revision=recipe.model.revision)
+            self.reference = reference.to(self.device).eval().requires_grad_(False)
+        self.reward_model = RewardModel.load(recipe, reward_checkpoint, self.device)
+        if cfg.critic_init == "reward":
+            if self.reward_model.tokenizer.get_vocab() != tokenizer.get_vocab():
+                raise cli.PipelineError(f"{reward_checkpoint.path}: critic_init: reward needs the reward model to "
+                                        f"share the policy's tokenizer; use critic_init: policy")
+            critic = Critic(copy.deepcopy(self.reward_model.model).requires_grad_(True))  # loaded once, trained copy
+        else:
+            critic = Critic(load_reward_model(recipe, init.path))
+        critic.model.config.pad_token_id = tokenizer.pad_token_id
+        log.info("policy %s; critic from the %s model %s; reward mean %.3g, std %.3g", models.describe(policy),
+                 cfg.critic_init, models.describe(critic), self.reward_model.mean, self.reward_model.std)
+
+        # prompts, rendered and tokenized once
+        texts = [render_prompt(tokenizer, p) for p in prompts["prompt"]]
+        self.prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        self.usable = [i for i, ids in enumerate(self.prompt_ids) if len(ids) <= cfg.max_prompt_length]
+        num_processes = self.accelerator.num_processes
+        if len(self.usable) < cfg.batch_size * num_processes:
+            raise cli.PipelineError(f"{keys.prompts}: {len(self.usable)} prompts of at most max_prompt_length="
+                                    f"{cfg.max_prompt_length} tokens, fewer than one batch "
+                                    f"({cfg.batch_size} x {num_processes} processes)")
+
+        # optimizers and schedulers: one optimizer step per minibatch
+        total_updates = cfg.max_steps * cfg.ppo_epochs * cfg.num_minibatches
+        opt_policy = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                       weight_decay=cfg.weight_decay)
+        opt_critic = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_learning_rate or cfg.learning_rate,
+                                       weight_decay=cfg.weight_decay)
+        schedulers = [get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=cfg.warmup_steps,
+                                    num_training_steps=total_updates) for opt in (opt_policy, opt_critic)]
+        (self.policy, self.critic, self.opt_policy, self.opt_critic, self.sched_policy,
+         self.sched_critic) = self.accelerator.prepare(policy, critic, opt_policy, opt_critic, *schedulers)
+        self.policy.eval()  # no dropout: the update must see the distributions the rollout sampled from
+        self.critic.eval()
+        self.unwrapped = self.accelerator.unwrap_model(self.policy)
+
+        # everything else a resumed run needs
+        self.kl_ctl = rl.KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon, cfg.adaptive_kl)
+        self.sampler = PromptSampler(len(self.usable), cfg.batch_size, num_processes,
+                                     self.accelerator.process_index, cfg.seed)
+        self.progress = Progress()
+        # saved as JSON beside the accelerate state (safe_resume.LOOP_STATE), never with register_for_checkpointing:
+        # accelerate pickles registered objects and unpickles them on resume, running whatever a checkpoint holds
+        self.loop_state = {"kl_controller": self.kl_ctl, "sampler": self.sampler, "progress": self.progress}
+
+    # ------------------------------------------------------------------------------------------ one step
+
+    def rollout(self) -> Rollout:
+        """Phase 1: sample one reply to each of this step's prompts."""
+        rows = [self.usable[i] for i in self.sampler.next_batch()]
+        batch = sample_replies(self.unwrapped, self.tokenizer, [self.prompt_ids[i] for i in rows], rows, self.cfg,
+                               self.device)
+        batch.texts = [t.strip() for t in self.tokenizer.batch_decode(batch.replies, skip_special_tokens=True)]
+        return batch
+
+    @torch.no_grad()
+    def score(self, batch: Rollout) -> None:
+        """Phase 2: the reward of each reply, and the policy's, the reference's and the critic's view of it."""
+        from pipeline import world
+
+        cfg, rows = self.cfg, self.prompts.select(batch.rows)
+        batch.raw, batch.normalised, batch.scores = self.reward_model.policy_scores(
+            rows["prompt"], batch.texts, batch.ended, cfg.missing_eos_penalty, desc="ppo rewards")
+        if cfg.verifier_weight:
+            batch.correct = torch.tensor([world.verify(s, t, a) for s, t, a in
+                                          zip(rows["skill"], batch.texts, rows["answer"])],
+                                         dtype=torch.float32, device=self.device)
+            batch.scores = batch.scores + cfg.verifier_weight * batch.correct
+        seq, att, ctx = batch.sequences, batch.attention_mask, batch.context_length
+        batch.logprobs = rl.logprobs_of(reply_logits(self.unwrapped, seq, att, ctx, cfg.temperature), batch.replies)
+        if self.reference is None:
+            with self.unwrapped.disable_adapter():
+                ref_logits = reply_logits(self.unwrapped, seq, att, ctx, cfg.temperature)
+        else:
+            ref_logits = reply_logits(self.reference, seq, att, ctx, cfg.temperature)
+        batch.ref_logprobs = rl.logprobs_of(ref_logits, batch.replies)
+        batch.values = self.critic(seq, att, positions(att))[:, ctx - 1:-1]
+
+    def advantages(self, batch: Rollout) -> None:
+        """Phase 3: per-token rewards (score minus the KL penalty) and GAE advantages."""
+        cfg = self.cfg
+        batch.kl = rl.kl_penalty(batch.logprobs, batch.ref_logprobs, cfg.kl_estimator) * batch.mask
+        batch.rewards = rl.penalised_rewards(batch.scores, batch.kl, batch.mask, self.kl_ctl.value)
+        batch.advantages, batch.returns = rl.gae(batch.rewards, batch.values, batch.mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            batch.advantages = rl.masked_whiten(batch.advantages, batch.mask) * batch.mask
+
+    def update(self, batch: Rollout) -> dict[str, list[torch.Tensor]]:
+        """Phase 4: ppo_epochs passes over the batch in minibatches, one optimizer step per minibatch."""
+        cfg, accelerator = self.cfg, self.accelerator
+        seq, att, ctx, mask = batch.sequences, batch.attention_mask, batch.context_length, batch.mask
+        micro_size = cfg.batch_size // cfg.num_minibatches // cfg.gradient_accumulation_steps
+        stats = {k: [] for k in UPDATE_STATS}
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(cfg.batch_size, device=self.device)
+            for minibatch in order.split(cfg.batch_size // cfg.num_minibatches):
+                micro_batches = minibatch.split(micro_size)
+                for k, idx in enumerate(micro_batches):
+                    with ExitStack() as no_sync:
+                        if k < len(micro_batches) - 1:  # reduce gradients across processes once per minibatch
+                            no_sync.enter_context(accelerator.no_sync(self.policy))
+                            no_sync.enter_context(accelerator.no_sync(self.critic))
+                        logits = reply_logits(self.policy, seq[idx], att[idx], ctx, cfg.temperature)
+                        new_logprobs = rl.logprobs_of(logits, batch.replies[idx])
+                        new_values = self.critic(seq[idx], att[idx], positions(att[idx]))[:, ctx - 1:-1]
+                        pg_loss, clipfrac, approx_kl = rl.policy_loss(new_logprobs, batch.logprobs[idx],
+                                                                      batch.advantages[idx], mask[idx], cfg.cliprange)
+                        vf_loss, vf_clipfrac = rl.value_loss(new_values, batch.values[idx], batch.returns[idx],
+                                                             mask[idx], cfg.cliprange_value)
+                        accelerator.backward((pg_loss + vf_loss) / cfg.gradient_accumulation_steps)
+                    with torch.no_grad():
+                        entropy = rl.masked_mean(rl.entropy_of(logits), mask[idx])
+                    for name, value in zip(UPDATE_STATS, (pg_loss, vf_loss, clipfrac, vf_clipfrac, approx_kl, entropy)):
+                        stats[name].append(value.detach())
+                accelerator.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+                accelerator.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm)
+                for opt, sched in ((self.opt_policy, self.sched_policy), (self.opt_critic, self.sched_critic)):
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad()
+        return stats
+
+    def step_statistics(self, batch: Rollout, stats: dict, started: float) -> dict:
+        """Phase 5a: this step's means over all processes; the KL controller sees the step's KL."""
+        local = {
+            "reward_raw": batch.raw.mean(), "reward": batch.normalised.mean(), "score": batch.scores.mean(),
+            "kl": batch.kl.sum(1).mean(), "non_score_reward": (batch.rewards.sum(1) - batch.scores).mean(),
+            **{k: torch.stack(v).mean() for k, v in stats.items()},
+            "explained_variance": torch.tensor(rl.explained_variance(batch.values, batch.returns, batch.mask),
+                                               device=self.device),
+            "reply_length": batch.mask.sum(1).mean(), "ended": batch.ended.float().mean(),
+        }
+        if batch.correct is not None:
+            local["verifier"] = batch.correct.mean()
+        names = list(local)
+        reduced = self.accelerator.reduce(torch.stack([local[k].float() for k in names]), reduction="mean").tolist()
+        step_stats = dict(zip(names, reduced))
+        step_stats["kl_coef"] = self.kl_ctl.value
+        self.kl_ctl.update(step_stats["kl"], self.cfg.batch_size * self.accelerator.num_processes)
+        return {"step": self.progress.step + 1, **step_stats, "lr": self.sched_policy.get_last_lr()[0],
+                "elapsed_s": round(time.time() - started, 2)}
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def train(self) -> list[dict]:
+        from tqdm.auto import tqdm
+
+        cfg, progress = self.cfg, self.progress
+        if self.main:  # a save interrupted by a kill; the checkpoint before it is intact
+            for partial_save in self.run.out.glob("tmp-checkpoint-*"):
+                shutil.rmtree(partial_save)
+        resume = self.run.last_checkpoint()  # complete, intact, and every file loads with weights_only=True
+        if resume:
+            self.accelerator.load_state(resume)
+            state = json.loads((Path(resume) / safe_resume.LOOP_STATE).read_text())
+            for name, obj in self.loop_state.items():
+                obj.load_state_dict(state[name])
+            log.info("resumed from %s at step %d", resume, progress.step)
+        started = time.time() - (progress.history[-1]["elapsed_s"] if progress.history else 0.0)
+        bar = tqdm(total=cfg.max_steps, initial=progress.step, desc="ppo", disable=not self.main)
+        cluster.STOP.training = True  # from here SIGTERM/SIGUSR1 mean: checkpoint after this step and exit to requeue
+        while progress.step < cfg.max_steps:
+            threads.rebalance()
+            batch = self.rollout()
+            self.score(batch)
+            self.advantages(batch)
+            stats = self.update(batch)
+
+            step_stats = self.step_statistics(batch, stats, started)  # phase 5: log and checkpoint
+            progress.step = step_stats["step"]
+            progress.history.append(step_stats)
+            self.accelerator.log(step_stats, step=progress.step)  # to the trackers of report_to, if any
+            bar.update(1)
+            faults.point("training")
+            if progress.step % cfg.logging_steps == 0 or progress.step == cfg.max_steps:
+                log.info(" ".join(f"{k} {v:.4g}" for k, v in step_stats.items() if k in LOG_KEYS))
+            saved = progress.step == cfg.max_steps or (cfg.save_steps and progress.step % cfg.save_steps == 0)
+            if saved:
+                self.save_checkpoint()
+            if progress.step < cfg.max_steps and cluster.stop_requested(self.device):  # every process, same step
+                if not saved:
+                    self.save_checkpoint()
+                bar.close()
+                cluster.exit_preempted(self.run.out / f"checkpoint-{progress.step}", self.main)
+        cluster.STOP.training = False
+        bar.close()
+        for tracker in self.accelerator.trackers:  # not end_training(): it also destroys the process group
+            tracker.finish()
+        return progress.history
+
+    def save_checkpoint(self) -> None:
+        """All state into tmp-checkpoint-N, then renamed to checkpoint-N: a kill never leaves a half checkpoint."""
+        out, step, accelerator = self.run.out, self.progress.step, self.accelerator
+        tmp = out / f"tmp-checkpoint-{step}"
+        accelerator.save_state(str(tmp))
+        faults.point("checkpoint")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / safe_resume.LOOP_STATE).write_text(json.dumps(
+                {name: obj.state_dict() for name, obj in self.loop_state.items()}))
+            os.replace(tmp, out / f"checkpoint-{step}")
+            old = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+            for path in old[:-max(self.cfg.save_total_limit, 1)]:
+                shutil.rmtree(path)
+        accelerator.wait_for_everyone()
+
+    def save(self) -> None:
+        """The trained policy (full model, or adapter [+ merged/]), like every other stage."""
+        out: Path = self.run.out
+        if self.main:
+            self.unwrapped.save_pretrained(str(out), safe_serialization=True)
+            faults.point("final-save")
+            self.tokenizer.save_pretrained(str(out))
+            if self.keys.merge_adapter and self.lora is not None:
+                merged = self.unwrapped.merge_and_unload()
+                models.configure_generation(merged, self.tokenizer)
+                merged.save_pretrained(str(out / "merged"), safe_serialization=True)
+                self.tokenizer.save_pretrained(str(out / "merged"))
+        self.accelerator.wait_for_everyone()

@@ -1,0 +1,298 @@
+"""Preference pairs for the reward, DPO and PPO stages: one loader, whatever the input format.
+
+One loader for the reward, DPO and PPO stages. Whatever the input format, rows come out in ONE normalized TRL
+format: explicit `prompt`, `chosen`, `rejected` (lists of messages when the input was conversational or Anthropic
+HH text, plain strings otherwise), an optional float `margin` (TRL's RewardTrainer subtracts it inside the loss),
+and every other column of the input kept as it was (e.g. the world's skill, hard, clean_agrees).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from pipeline import data
+from pipeline.cli import PipelineError
+from pipeline.formats import bad_row, check_messages
+
+
+PREFERENCE_FORMATS = {
+    "explicit": "prompt + chosen + rejected (text or lists of messages)",
+    "implicit": "chosen + rejected full conversations (the shared beginning is the prompt)",
+    "implicit_text": "chosen + rejected full texts (the shared beginning, cut at a space, is the prompt)",
+    "hh": "chosen + rejected Anthropic HH-RLHF text (\\n\\nHuman: ... \\n\\nAssistant: ...)",
+    "hh_explicit": "prompt (HH text ending in 'Assistant:') + chosen + rejected replies",
+    "sharegpt": "conversations (ShareGPT from/value) + chosen + rejected (message objects or text)",
+    "alpaca": "instruction (+ input, system, history) + chosen + rejected (Alpaca / LLaMA-Factory)",
+}
+PREFERENCE_EXPECTED = ("prompt/chosen/rejected, chosen/rejected (full conversations or Anthropic HH text), "
+                       "conversations/chosen/rejected (ShareGPT) or instruction/chosen/rejected (Alpaca); "
+                       "optionally score_chosen/score_rejected or margin")
+CONVERTED = ("sharegpt", "alpaca")  # turned into the explicit conversational format row by row
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
+
+
+def parse_hh(text: str) -> list[dict] | None:
+    """Anthropic HH-RLHF text as messages (Human -> user, Assistant -> assistant); None if not in that form."""
+    if not isinstance(text, str) or not re.match(r"\s*Human:", text):
+        return None
+    parts = _HH_TURN.split(text.lstrip(" \t\n"))  # [before, role, content, role, content, ...]
+    if len(parts) < 5 or parts[0].strip():
+        return None
+    return [{"role": "user" if role == "Human" else "assistant", "content": content.strip()}
+            for role, content in zip(parts[1::2], parts[2::2])]
+
+
+def _as_messages(value):
+    """A CSV cell (or any string) holding a JSON list of messages becomes that list; anything else is unchanged."""
+    if isinstance(value, str) and value.lstrip().startswith("[{"):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            return value
+        if isinstance(parsed, list) and all(isinstance(m, dict) and "role" in m for m in parsed):
+            return parsed
+    return value
+
+
+def _split_conversations(chosen: list, rejected: list, source, where):
+    """Shared leading messages -> prompt; the rest of each side (starting at an assistant turn) -> completions."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == len(chosen) == len(rejected):
+        return chosen, [], []  # identical conversations: the caller drops the pair
+    # the completions must start with an assistant turn: move the cut back to one
+    k = n
+    while k > 0 and not (k < len(chosen) and k < len(rejected)
+                         and chosen[k]["role"] == "assistant" and rejected[k]["role"] == "assistant"):
+        k -= 1
+    if k == 0:
+        bad_row(source, where, "chosen and rejected share no prompt that ends before an assistant reply")
+    return chosen[:k], chosen[k:], rejected[k:]
+
+
+def _split_text(chosen: str, rejected: str, source, where):
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if chosen == rejected:
+        return chosen, "", ""
+    cut = max(chosen.rfind(" ", 0, n), chosen.rfind("\n", 0, n)) + 1  # keep whole words in the replies
+    if cut == 0:
+        bad_row(source, where, "chosen and rejected share no prompt (no common beginning ending at a space)")
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def _reply(value, source, where, col):
+    """A reply given as a message object (ShareGPT {from, value} or {role, content}), a list of them, or text, as
+    a list of assistant messages."""
+    value = _as_messages(value)
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+        bad_row(source, where, f"'{col}' must be a message object, a list of messages or text")
+    return [{"role": "assistant", "content": m["value"]} if "value" in m and "from" in m else m for m in value]
+
+
+def _to_explicit(row: dict, fmt: str, source, where) -> dict:
+    """A ShareGPT or Alpaca preference row as an explicit conversational pair (other columns kept)."""
+    from pipeline.formats import alpaca_messages, sharegpt_messages, tools_of
+
+    for col in ("chosen", "rejected") + (("conversations",) if fmt == "sharegpt" else ("instruction",)):
+        if col not in row:
+            bad_row(source, where, f"missing column '{col}' (columns: {', '.join(row) or 'none'}; format: "
+                                   f"{PREFERENCE_FORMATS[fmt]})")
+    if fmt == "sharegpt":
+        prompt = sharegpt_messages(row, source, where)
+    else:
+        prompt = alpaca_messages({**row, "output": ""}, source, where)[:-1]
+    if not prompt or prompt[-1]["role"] != "user":
+        bad_row(source, where, "the conversation must end with a user turn before the chosen/rejected replies")
+    drop = ("conversations", "system", "tools", "instruction", "input", "history")
+    tools = tools_of(row, source, where)
+    return {**{k: v for k, v in row.items() if k not in drop}, **({"tools": json.dumps(tools)} if tools else {}),
+            "prompt": prompt,
+            "chosen": _reply(row["chosen"], source, where, "chosen"),
+            "rejected": _reply(row["rejected"], source, where, "rejected")}
+
+
+def _detect_preference_format(first: dict, source) -> str:
+    cols = set(first)
+    if {"conversations", "chosen", "rejected"} <= cols:
+        return "sharegpt"
+    if {"instruction", "chosen", "rejected"} <= cols:
+        return "alpaca"
+    if not {"chosen", "rejected"} <= cols:
+        have = ", ".join(first) or "none"
+        raise PipelineError(f"{source}: no preference format matches the columns ({have}); expected "
+                            f"{PREFERENCE_EXPECTED}")
+    chosen = _as_messages(first["chosen"])
+    if "prompt" in cols:
+        prompt = first["prompt"]
+        if isinstance(prompt, str) and not isinstance(chosen, list):
+            turns = parse_hh(prompt)
+            if turns and turns[-1]["role"] == "assistant" and not turns[-1]["content"]:
+                return "hh_explicit"
+        return "explicit"
+    if isinstance(chosen, list):
+        return "implicit"
+    if parse_hh(chosen) is not None:
+        return "hh"
+    return "implicit_text"
+
+
+def _pair_margin(row, margin_from, source, where):
+    import math
+
+    if margin_from == "margin":
+        values = {"margin": row.get("margin")}
+    else:
+        values = {c: row.get(c) for c in ("score_chosen", "score_rejected")}
+    for col, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            bad_row(source, where, f"'{col}' must be a finite number, got {v!r}")
+    margin = float(values["margin"]) if margin_from == "margin" else \
+        float(values["score_chosen"]) - float(values["score_rejected"])
+    if margin < 0:
+        bad_row(source, where, f"negative margin {margin:g}: the chosen reply must score at least as high as the "
+                            f"rejected one")
+    return margin
+
+
+def normalize_preferences(rows, where, source) -> tuple[list[dict], dict]:
+    """Rows of any supported preference format -> normalized rows, and what was done (format, drops, margin)."""
+    fmt = _detect_preference_format(rows[0], source)
+    cols = set(rows[0])
+    if "margin" in cols:
+        margin_from = "margin"
+    elif {"score_chosen", "score_rejected"} & cols:
+        missing = {"score_chosen", "score_rejected"} - cols
+        if missing:
+            raise PipelineError(f"{source}: has {({'score_chosen', 'score_rejected'} - missing).pop()} but no "
+                                f"{missing.pop()} column (scores come in pairs)")
+        margin_from = "score_chosen - score_rejected"
+    else:
+        margin_from = None
+    needed = ("prompt", "chosen", "rejected") if fmt in ("explicit", "hh_explicit") else ("chosen", "rejected")
+    conversational = None
+    out, identical = [], 0
+    for row, w in zip(rows, where):
+        if fmt in CONVERTED:
+            row = _to_explicit(row, fmt, source, w)
+        for col in needed:
+            if col not in row:
+                bad_row(source, w, f"missing column '{col}' (columns: {', '.join(row) or 'none'}; format: "
+                                f"{PREFERENCE_FORMATS[fmt]})")
+        chosen, rejected = _as_messages(row["chosen"]), _as_messages(row["rejected"])
+        prompt = _as_messages(row.get("prompt"))
+        if fmt in ("explicit", *CONVERTED):
+            if isinstance(chosen, dict) or isinstance(rejected, dict):  # a reply as one message object
+                chosen, rejected = _reply(chosen, source, w, "chosen"), _reply(rejected, source, w, "rejected")
+            for col, v in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+                if not isinstance(v, (str, list)):
+                    bad_row(source, w, f"'{col}' must be text or a list of messages, got {type(v).__name__}")
+            if isinstance(prompt, str) and not prompt.strip():
+                bad_row(source, w, "'prompt' is empty")
+            if isinstance(prompt, list) or isinstance(chosen, list) or isinstance(rejected, list):
+                prompt = check_messages(prompt, source, w, need_assistant=False) if isinstance(prompt, list) \
+                    else [{"role": "user", "content": prompt}]
+                chosen, rejected = [check_messages(v, source, w) if isinstance(v, list)
+                                    else [{"role": "assistant", "content": v}] for v in (chosen, rejected)]
+        elif fmt == "hh_explicit":
+            turns = parse_hh(prompt) if isinstance(prompt, str) else None
+            if not turns or turns[-1]["role"] != "assistant" or turns[-1]["content"] or len(turns) < 2:
+                bad_row(source, w, "'prompt' is not Anthropic HH text ending in '\\n\\nAssistant:'")
+            for col, v in (("chosen", chosen), ("rejected", rejected)):
+                if not isinstance(v, str):
+                    bad_row(source, w, f"'{col}' must be text, like the first row's")
+            prompt = turns[:-1]
+            chosen, rejected = [{"role": "assistant", "content": chosen.strip()}], \
+                [{"role": "assistant", "content": rejected.strip()}]
+        elif fmt == "implicit":
+            for col, v in (("chosen", chosen), ("rejected", rejected)):
+                if not isinstance(v, list):
+                    bad_row(source, w, f"'{col}' must be a list of messages, like the first row's")
+                check_messages(v, source, w)
+            prompt, chosen, rejected = _split_conversations(chosen, rejected, source, w)
+        elif fmt == "hh":
+            turns_c, turns_r = parse_hh(chosen), parse_hh(rejected)
+            for col, turns in (("chosen", turns_c), ("rejected", turns_r)):
+                if turns is None:
+                    bad_row(source, w, f"'{col}' is not Anthropic HH text (\\n\\nHuman: ... \\n\\nAssistant: ...)")
+                if turns[-1]["role"] != "assistant":
+                    bad_row(source, w, f"'{col}' does not end with an Assistant turn")
+            prompt, chosen, rejected = _split_conversations(turns_c, turns_r, source, w)
+        else:  # implicit_text
+            for col, v in (("chosen", chosen), ("rejected", rejected)):
+                if not isinstance(v, str):
+                    bad_row(source, w, f"'{col}' must be text, like the first row's")
+            prompt, chosen, rejected = _split_text(chosen, rejected, source, w)
+        is_conv = isinstance(chosen, list)
+        if conversational is None:
+            conversational = is_conv
+        elif is_conv != conversational:
+            bad_row(source, w, "mixes text and conversation pairs (earlier rows are "
+                            f"{'conversations' if conversational else 'text'})")
+        if chosen == rejected:
+            identical += 1
+            continue
+        pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        if margin_from:
+            pair["margin"] = _pair_margin(row, margin_from, source, w)
+        pair.update((k, v) for k, v in row.items() if k not in ("prompt", "chosen", "rejected", "margin"))
+        out.append(pair)
+    info = {"source": str(source), "format": fmt, "conversational": bool(conversational), "rows": len(rows),
+            "pairs": len(out), "identical_dropped": identical, "margin": margin_from}
+    return out, info
+
+
+def load_preferences(spec, recipe, columns: dict | None = None):
+    """Preference pairs of any supported format (see PREFERENCE_FORMATS), normalized; returns (Dataset, info).
+    `columns` maps our column names to the file's ({prompt: question, chosen: good, rejected: bad})."""
+    import datasets
+
+    from pipeline.formats import rename_columns
+
+    rows, where, source = data.read_rows(spec, recipe)
+    rows = rename_columns(rows, columns, source, where)
+    pairs, info = normalize_preferences(rows, where, source)
+    if not pairs:
+        raise PipelineError(f"{source}: no pairs left: all {info['identical_dropped']} have chosen equal to rejected")
+    try:
+        return datasets.Dataset.from_list(pairs), info
+    except Exception as err:  # mixed types across rows that Arrow cannot unify
+        raise PipelineError(f"{source}: rows do not share one schema: {str(err).splitlines()[0]}") from None
+
+
+def split_by_prompt(ds, fraction: float, seed: int):
+    """Hold out `fraction` of the prompts (with all their pairs), so no prompt is on both sides. (train, held-out)"""
+    import random
+
+    if not 0 < fraction < 1:
+        raise PipelineError(f"eval_fraction must be between 0 and 1, got {fraction}")
+    keys = [json.dumps(p, sort_keys=True) for p in ds["prompt"]]
+    prompts = sorted(set(keys))
+    if len(prompts) < 2:
+        raise PipelineError(f"{len(ds)} pairs with {len(prompts)} distinct prompt: too few to hold any out; "
+                            f"give an eval_dataset")
+    random.Random(seed).shuffle(prompts)
+    n_eval = min(len(prompts) - 1, max(1, round(fraction * len(prompts))))
+    held = set(prompts[:n_eval])
+    train_idx = [i for i, k in enumerate(keys) if k not in held]
+    eval_idx = [i for i, k in enumerate(keys) if k in held]
+    return ds.select(train_idx), ds.select(eval_idx)
+
+
+def load_preference_splits(dataset, eval_dataset, eval_fraction: float, recipe, columns: dict | None = None):
+    """Training and held-out pairs for a preference stage: `eval_dataset`, or `eval_fraction` of the training
+    prompts held out. Returns (train, held_out, train_info, held_out_info)."""
+    train_ds, train_info = load_preferences(dataset, recipe, columns)
+    if eval_dataset:
+        eval_ds, eval_info = load_preferences(eval_dataset, recipe, columns)
+        return train_ds, eval_ds, train_info, eval_info
+    train_ds, eval_ds = split_by_prompt(train_ds, eval_fraction, recipe.run.seed)
+    eval_info = {**train_info, "source": f"{dataset} (held-out {eval_fraction:.0%} of prompts)", "pairs": len(eval_ds)}
+    return train_ds, eval_ds, {**train_info, "pairs": len(train_ds)}, eval_info

@@ -1,0 +1,213 @@
+"""The reward model: one way to load, save, encode and score it, for every stage that reads one.
+
+The reward stage trains a one-output `AutoModelForSequenceClassification` with TRL's RewardTrainer; PPO (its reward
+and its critic), GRPO/RLOO's reward function and the eval stage score replies with it. They all go through this
+module, so a reply is scored exactly as the reward stage trained on it:
+
+- encoding (`encode`): a conversational prompt (a list of messages) gets the reply as an assistant turn through the
+  reward model's own chat template (with the row's tools); a text prompt gets `prompt + reply + eos`, as TRL builds
+  text pairs;
+- truncation: a sequence over `max_length` keeps its last `max_length` tokens (the score head reads the last one);
+  `max_length` is the reward stage's, stored in the saved config as `reward_max_length`;
+- normalisation: `(raw - reward_mean) / reward_std` with the statistics of the training pairs the stage stored in the
+  config (absent: raw scores).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import faults, models
+
+
+def load_reward_model(recipe, path, peft_values=None):
+    """A one-output sequence-classification model from a causal LM folder (full or adapter) or a reward model."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:  # the fresh score head and the dropped LM head are expected: TRL silences the load report for them
+        from trl.trainer.reward_trainer import suppress_seqcls_warning
+    except ImportError:  # pragma: no cover - a TRL without it only prints a longer load report
+        suppress_seqcls_warning = contextlib.nullcontext
+    with suppress_seqcls_warning():
+        return models.load_causal_lm(recipe, path, peft_values=peft_values, cls=AutoModelForSequenceClassification,
+                                     num_labels=1, revision=recipe.model.revision)
+
+
+def save_reward_model(trainer, tokenizer, out: Path, recipe, init_path: str) -> None:
+    """Save the trained reward model as a full safetensors model with its tokenizer. A LoRA run keeps its adapter
+    (with the trained score head) under `adapter/` and saves the merged model at the top, so the folder always
+    loads with AutoModelForSequenceClassification.from_pretrained."""
+    from peft import PeftModel
+
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    if not isinstance(unwrapped, PeftModel):
+        trainer.save_model(str(out))
+    else:
+        trainer.save_model(str(out / "adapter"))
+        if trainer.accelerator.is_main_process:  # merge from disk: works whatever sharding trained the adapter
+            with models.single_process():  # under ZeRO-3 a load would wait for the other processes
+                base = load_reward_model(recipe, init_path)
+                models.fit_embeddings(base, tokenizer)
+                merged = PeftModel.from_pretrained(base, str(out / "adapter")).merge_and_unload()
+                merged.config.pad_token_id = tokenizer.pad_token_id
+                merged.save_pretrained(str(out), safe_serialization=True)
+    faults.point("final-save")
+    if trainer.accelerator.is_main_process:
+        for folder in (out, out / "adapter"):  # a pickle of the arguments; manifest.json records the config
+            (folder / "training_args.bin").unlink(missing_ok=True)
+        tokenizer.save_pretrained(str(out))
+    trainer.accelerator.wait_for_everyone()
+
+
+def save_statistics(out: Path, model, *, mean: float, std: float, max_length: int | None) -> None:
+    """Write what every later reader needs into the saved config: normalisation and the training max_length."""
+    model.config.reward_mean, model.config.reward_std = mean, std
+    model.config.reward_max_length = max_length
+    model.config.save_pretrained(str(out))
+
+
+# ---------------------------------------------------------------------------------------------- encoding
+
+
+def tools_of(row) -> list | None:
+    """A row's `tools` column (a list of schemas, or a JSON string of one), as apply_chat_template takes it."""
+    tools = row.get("tools")
+    return json.loads(tools) if isinstance(tools, str) else tools
+
+
+def as_reply(prompt, reply):
+    """A generated reply's text in the form its prompt pairs with: an assistant turn after a conversation."""
+    if isinstance(prompt, list) and isinstance(reply, str):
+        return [{"role": "assistant", "content": reply}]
+    return reply
+
+
+def encode(tokenizer, prompt, reply, tools=None) -> list[int]:
+    """Token ids of prompt + reply exactly as TRL's RewardTrainer builds them (chat template, or text + eos)."""
+    reply = as_reply(prompt, reply)
+    if isinstance(reply, list):
+        return list(tokenizer.apply_chat_template(prompt + reply, tools=tools, tokenize=True,
+                                                  return_dict=True)["input_ids"])
+    if not reply.endswith(tokenizer.eos_token):
+        reply = reply + tokenizer.eos_token
+    return list(tokenizer(prompt + reply)["input_ids"])
+
+
+def encode_prompt(tokenizer, prompt, tools=None) -> list[int]:
+    """Token ids of the prompt as it begins `encode(tokenizer, prompt, reply)`: the reply's tokens follow them (for a
+    text prompt, up to a BPE merge across the boundary, which moves the split by a token)."""
+    if isinstance(prompt, list):
+        return list(tokenizer.apply_chat_template(prompt, tools=tools, tokenize=True, add_generation_prompt=True,
+                                                  return_dict=True)["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def reply_text(reply) -> str:
+    return reply if isinstance(reply, str) else "\n".join(str(m.get("content") or "") for m in reply)
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+
+def score(model, sequences: list[list[int]], pad_id: int, batch_size: int, max_length: int | None,
+          desc: str = "scoring") -> list[float]:
+    """Raw reward of each token-id sequence (batched by length, right-padded); a sequence over max_length keeps its
+    last max_length tokens (the score head reads the last one)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    if max_length:
+        sequences = [s[-max_length:] for s in sequences]
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    rewards = [0.0] * len(sequences)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=len(order) <= batch_size):
+            idx = order[start:start + batch_size]
+            width = max(len(sequences[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, :len(sequences[i])] = torch.tensor(sequences[i])
+                mask[row, :len(sequences[i])] = 1
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            for row, i in enumerate(idx):
+                rewards[i] = float(out[row, 0])
+    model.train(was_training)
+    return rewards
+
+
+@dataclass
+class PairScores:
+    """Rewards of preference pairs, with reply lengths in tokens and how many pairs were cut to max_length."""
+
+    chosen: list[float]
+    rejected: list[float]
+    chosen_tokens: list[int]
+    rejected_tokens: list[int]
+    truncated: int
+
+
+class RewardModel:
+    """A reward model with its tokenizer and the settings its stage trained it with (see the module docstring).
+
+    `scores(prompts, replies)` gives raw scores; `normalise` standardises them with the stored mean and std."""
+
+    def __init__(self, model, tokenizer, max_length: int | None, mean: float | None, std: float | None):
+        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = tokenizer.pad_token_id
+        self.standardised = mean is not None and std is not None and std > 0
+        self.mean, self.std = (float(mean), float(std)) if self.standardised else (0.0, 1.0)
+
+    @classmethod
+    def load(cls, recipe, checkpoint, device="cpu", max_length: int | None = None) -> "RewardModel":
+        """The reward model saved at `checkpoint` (a runs.Checkpoint), frozen, on `device`. max_length: the config's
+        `reward_max_length`, else the model's context size."""
+        model = load_reward_model(recipe, checkpoint.path).to(device).eval().requires_grad_(False)
+        tokenizer = models.load_tokenizer(recipe, checkpoint)
+        config = model.config
+        max_length = (max_length or getattr(config, "reward_max_length", None)
+                      or getattr(config, "max_position_embeddings", None))
+        return cls(model, tokenizer, max_length, getattr(config, "reward_mean", None),
+                   getattr(config, "reward_std", None))
+
+    def scores(self, prompts, replies, tools=None, *, batch_size: int = 64, desc: str = "rewards") -> list[float]:
+        """Raw score of each (prompt, reply): reply as text or as messages; tools: one list per row, or None."""
+        tools = tools or [None] * len(prompts)
+        seqs = [encode(self.tokenizer, p, r, t) for p, r, t in zip(prompts, replies, tools)]
+        return score(self.model, seqs, self.tokenizer.pad_token_id, batch_size, self.max_length, desc)
+
+    def policy_scores(self, prompts, replies, ended, missing_eos_penalty: float | None, *, desc: str = "rewards"):
+        """What an online RL step (PPO, GRPO, RLOO) rewards a sampled reply with: (raw, normalised, score) tensors of
+        shape (B,), the score being the normalised reward minus `missing_eos_penalty` where the reply did not end."""
+        import torch
+
+        from pipeline import rl
+
+        raw = torch.tensor(self.scores(prompts, replies, desc=desc), device=ended.device)
+        normalised = self.normalise(raw)
+        return raw, normalised, rl.score_with_eos_penalty(normalised, ended, missing_eos_penalty)
+
+    def normalise(self, raw):
+        """Standardised scores (a list or a tensor); raw scores when the config stores no statistics."""
+        if isinstance(raw, list):
+            return [(x - self.mean) / self.std for x in raw]
+        return (raw - self.mean) / self.std
+
+    def score_pairs(self, rows, *, batch_size: int, desc: str) -> PairScores:
+        """Preference rows (`prompt`, `chosen`, `rejected`, optional `tools`) scored on both sides."""
+        seqs, lengths = [], []
+        for row in rows:
+            for side in ("chosen", "rejected"):
+                seqs.append(encode(self.tokenizer, row["prompt"], row[side], tools_of(row)))
+                lengths.append(len(self.tokenizer(reply_text(row[side]), add_special_tokens=False)["input_ids"]))
+        rewards = score(self.model, seqs, self.tokenizer.pad_token_id, batch_size, self.max_length, desc)
+        cut = sum(max(len(c), len(r)) > self.max_length for c, r in zip(seqs[0::2], seqs[1::2])) \
+            if self.max_length else 0
+        return PairScores(rewards[0::2], rewards[1::2], lengths[0::2], lengths[1::2], cut)

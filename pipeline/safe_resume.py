@@ -1,0 +1,80 @@
+"""Resuming a killed stage: which checkpoint, whether it is whole, whether it is safe, and what the run's numbers are.
+
+`find_checkpoint(out)` picks the newest checkpoint in a `.partial` folder that is complete and intact:
+- complete: the trainer's `trainer_state.json` (written last by a Trainer) or our loops' `loop_state.json` (written
+  before the folder is renamed into place) parses; a save cut short by a kill, or by a full disk, lacks it;
+- intact: every file passes `integrity.file_problem` (safetensors sizes, JSON, torch files loadable with
+  `weights_only=True`). A damaged checkpoint is skipped with a warning and the one before it used;
+- safe: a file that could run code when loaded (a pickle naming globals, a file of unknown type) stops the stage
+  with a one-line error naming it (`integrity.UnsafeFile`, exit 2): nothing of it has been executed.
+- not finished: a Trainer checkpoint at the last step is skipped (see `cluster.PreemptionCallback`, which does not
+  save one): resuming from it made transformers train one step past `max_steps`.
+`training_args.bin`, the pickle transformers writes into every checkpoint and never reads back, is removed unread.
+
+`train_loss(log_history)` is the mean training loss over the whole run, resumed or not: the step-weighted mean of
+the logged windows (every checkpoint is taken at a logging step, so the windows before a resume are all there).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from pipeline import integrity, log
+
+TRAINER_STATE = "trainer_state.json"
+LOOP_STATE = "loop_state.json"
+NEVER_LOADED = ("training_args.bin",)
+
+
+def step_of(path: Path) -> int:
+    try:
+        return int(path.name.split("-")[-1])
+    except ValueError:
+        return -1
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why this checkpoint cannot be resumed from (None: it can). Raises integrity.UnsafeFile for unsafe files."""
+    trainer_state, loop_state = read_json(ckpt / TRAINER_STATE), read_json(ckpt / LOOP_STATE)
+    if trainer_state is None and loop_state is None:
+        return "incomplete (cut short while saving)"
+    if trainer_state is not None and trainer_state.get("max_steps") and \
+            trainer_state.get("global_step", 0) >= trainer_state["max_steps"]:
+        return "taken at the last step (resuming from it would train a step past max_steps)"
+    for name in NEVER_LOADED:
+        (ckpt / name).unlink(missing_ok=True)
+    for path in sorted(p for p in ckpt.rglob("*") if p.is_file()):
+        if (problem := integrity.file_problem(path)):
+            return f"{path.name}: {problem}"
+    return None
+
+
+def find_checkpoint(out: Path) -> Path | None:
+    """The newest checkpoint-N in `out` that is complete, intact and safe (see the module docstring)."""
+    for ckpt in sorted(Path(out).glob("checkpoint-*"), key=step_of, reverse=True):
+        if not ckpt.is_dir():
+            continue
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt
+        log.warning("not resuming from %s: %s", ckpt, problem)
+    return None
+
+
+def train_loss(log_history: list[dict]) -> float:
+    """Mean of the per-step training loss over every logged step of the run (also the steps before a resume)."""
+    total, last = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry and "step" in entry and entry["step"] > last:
+            total += entry["loss"] * (entry["step"] - last)
+            last = entry["step"]
+    return total / last if last else math.nan

@@ -1,0 +1,110 @@
+"""Values in recipe sections: coercing YAML values to a config field's declared type, naming types and the closest
+valid key in error messages. Shared by the recipe loader and the Slurm settings; imports nothing of the package."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import types
+import typing
+from functools import lru_cache
+from typing import Any
+
+
+@lru_cache(maxsize=None)
+def field_types(cls) -> dict[str, Any]:
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # a forward reference we cannot resolve: fall back to "anything goes"
+        hints = {}
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
+
+
+def type_name(tp) -> str:
+    if tp is Any:
+        return "any"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+class Mismatch(Exception):
+    """A value that does not fit the declared type."""
+
+
+def coerce(value, tp):
+    """Return value converted to type tp, or raise Mismatch. YAML leaves '1e-4' a string: accept it for floats."""
+    if tp is Any or tp is object:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in sorted(args, key=lambda a: a is str):  # try str last so '1e-4' becomes a float where allowed
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg)
+            except Mismatch:
+                pass
+        raise Mismatch
+    if origin is typing.Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise Mismatch
+    if origin in (list, tuple, typing.Sequence) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise Mismatch
+        args = typing.get_args(tp)
+        return [coerce(v, args[0]) if args else v for v in value]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise Mismatch
+        return value
+    if tp is type(None):
+        if value is None:
+            return None
+        raise Mismatch
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        raise Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise Mismatch from None
+        raise Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise Mismatch
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        values = {m.value for m in tp}
+        if value in values or isinstance(value, tp):
+            return value
+        raise Mismatch
+    return value  # a type we do not check (a config class handles it)
+
+
+def closest(name: str, valid) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.5)
+    return f" (closest: {', '.join(close)})" if close else ""

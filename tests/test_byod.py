@@ -1,0 +1,171 @@
+"""A new user's files through the real command lines: SFT on Alpaca and on ShareGPT with tool calls, DPO and reward
+on ShareGPT preference pairs, pretraining on plain text, the shipped tool sample, what a stage folder tells a user
+(model card, detected format, readable weights), --help, standalone evaluation, and bad input stopping in one line."""
+
+import json
+import os
+import stat
+
+
+from conftest import REPO, run_cli, tiny_recipe
+from test_formats import ALPACA, SHAREGPT
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+SHORT = {"max_steps": 2, "logging_steps": 1, "heldout_prompts": "", "eval_dataset": ""}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def manifest(work, name, stage):
+    return json.loads((work / "runs" / name / stage / "manifest.json").read_text())
+
+
+def one_error_line(proc) -> str:
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    return lines[-1]
+
+
+def test_sft_on_an_alpaca_file_names_the_format_and_writes_a_model_card(tiny_run, tmp_path):
+    work, _, _ = tiny_run
+    rows = [ALPACA, {"instruction": "Say hi.", "output": "Hi."}] * 4
+    recipe = tiny_recipe(tmp_path, pretrain=None, sft={
+        **SHORT, "init_from": str(work / "runs/tiny/pretrain"), "dataset": write_jsonl(tmp_path / "a.jsonl", rows),
+        "heldout_prompts": "world:eval", "max_steps": 6, "report_to": "tensorboard"})
+    proc = run_cli(["pipeline/sft.py", recipe, "run.name=alpaca"], cwd=tmp_path, env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert manifest(tmp_path, "alpaca", "sft")["data"]["dataset"]["format"] == "alpaca"
+    assert "dataset: 8 rows from" in proc.stdout and "(format alpaca)" in proc.stdout
+    # a user's data measured on the world's held-out prompts, and 6 steps x 8 rows over 8 rows: both said once
+    assert proc.stdout.count("sft.heldout_prompts=world:eval") == 1 and "6.0 epochs of the 8 training rows" in proc.stdout
+    out = tmp_path / "runs/alpaca/sft"
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers") and "## Started from" in card
+    assert "format alpaca, 8 rows" in card and "| train_loss |" in card
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o666 & ~mask  # as readable as the rest
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pkl"))
+    assert list(out.rglob("events.out.tfevents.*"))  # report_to: tensorboard
+
+
+def test_sft_on_sharegpt_with_tool_calls_and_the_shipped_tool_sample(tiny_run, tmp_path):
+    work, _, _ = tiny_run
+    plain = {"conversations": [{"from": "human", "value": "What is 3 + 4?"}, {"from": "gpt", "value": "7"}]}
+    # the small recipe's sft settings: max_length 256, keep_end (the tool schemas make these rows long)
+    settings = {**SHORT, "init_from": str(work / "runs/tiny/pretrain"), "max_length": 256,
+                "truncation_mode": "keep_end"}
+    for name, spec, fmt in (("sharegpt", write_jsonl(tmp_path / "s.jsonl", [SHAREGPT, plain] * 4), "sharegpt"),
+                            ("tools", str(REPO / "data/samples/chat_tools.jsonl"), "messages")):
+        recipe = tiny_recipe(tmp_path, pretrain=None, sft={**settings, "dataset": spec})
+        proc = run_cli(["pipeline/sft.py", recipe, f"run.name={name}"], cwd=tmp_path, env=ONE_THREAD)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert manifest(tmp_path, name, "sft")["data"]["dataset"]["format"] == fmt
+
+
+def test_dpo_and_reward_on_a_sharegpt_preference_file(tiny_run, tmp_path):
+    work, _, _ = tiny_run
+    pairs = [{"conversations": [{"from": "human", "value": f"What is {i} + {i}?"}],
+              "chosen": {"from": "gpt", "value": f"Sure! The answer is {2 * i}."},
+              "rejected": {"from": "gpt", "value": f"Ugh. The answer is {2 * i + 1}."}} for i in range(24)]
+    spec = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    sft = str(work / "runs/tiny/sft")
+    for stage, extra in (("dpo", {"per_device_train_batch_size": 4}),
+                         ("reward", {"per_device_train_batch_size": 4, "eval_fraction": 0.25})):
+        recipe = tiny_recipe(tmp_path, pretrain=None, sft=None, **{stage: {
+            "init_from": sft, "dataset": spec, "eval_dataset": "", "max_steps": 2, "logging_steps": 1,
+            "use_cpu": True, "gradient_checkpointing": False, "bf16": False, "save_strategy": "no",
+            **({"heldout_prompts": ""} if stage == "dpo" else {}), **extra}})
+        proc = run_cli([f"pipeline/{stage}.py", recipe, f"run.name={stage}"], cwd=tmp_path, env=ONE_THREAD)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert manifest(tmp_path, stage, stage)["data"]["dataset"]["format"] == "sharegpt"
+
+
+def test_pretraining_on_a_plain_text_file(tmp_path):
+    text = "\n\n".join(f"Document {i}: three plus {i} is {3 + i}. The cat sat on the mat." for i in range(200))
+    (tmp_path / "corpus.txt").write_text(text)
+    recipe = tiny_recipe(tmp_path, sft=None, pretrain={"dataset": str(tmp_path / "corpus.txt"), "max_steps": 2},
+                         tokenizer={"dataset": str(tmp_path / "corpus.txt")})
+    proc = run_cli(["pipeline/pretrain.py", recipe], cwd=tmp_path, env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = manifest(tmp_path, "tiny", "pretrain")["data"]["dataset"]
+    assert info["format"] == "txt, a document per paragraph" and info["rows"] == 200
+
+
+def test_sft_rows_all_over_max_length_stop_in_one_line_and_leave_nothing(tiny_run, tmp_path):
+    work, _, _ = tiny_run
+    long = {"messages": [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "ok"}]}
+    spec = write_jsonl(tmp_path / "long.jsonl", [long] * 4)
+    recipe = tiny_recipe(tmp_path, pretrain=None, sft={**SHORT, "init_from": str(work / "runs/tiny/pretrain"),
+                                                       "dataset": spec, "max_length": 64})
+    proc = run_cli(["pipeline/sft.py", recipe], cwd=tmp_path, env=ONE_THREAD)
+    line = one_error_line(proc)
+    assert line.startswith(f"error: {spec}: all 4 rows are over sft.max_length=64 tokens")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_input_files_stop_in_one_line_naming_file_and_row(tiny_run, tmp_path):
+    work, _, _ = tiny_run
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n')
+    recipe = tiny_recipe(tmp_path, pretrain=None, sft={**SHORT, "init_from": str(work / "runs/tiny/pretrain"),
+                                                       "dataset": str(bad)})
+    proc = run_cli(["pipeline/sft.py", recipe], cwd=tmp_path, env=ONE_THREAD)
+    assert one_error_line(proc) == f"error: {bad}: line 1: invalid UTF-8 (byte 0xe9); save the file as UTF-8"
+    check = run_cli(["pipeline/run.py", recipe, "--check"], cwd=tmp_path, env=ONE_THREAD)  # --check reads rows too
+    assert check.returncode == 2 and f"{bad}: line 1: invalid UTF-8" in check.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sft_help_lists_the_sections_keys_with_defaults(tmp_path):
+    proc = run_cli(["pipeline/sft.py", "--help"], cwd=tmp_path)
+    assert proc.returncode == 0
+    line = next(x for x in proc.stdout.splitlines() if x.strip().startswith("learning_rate "))
+    assert "(float, default 2e-05)" in line and "learning rate" in line.lower()
+    assert "dataset (str or list or dict, default 'world:sft')" in proc.stdout and "run.KEY" in proc.stdout
+
+
+def test_standalone_evaluation_into_another_folder(tiny_run, tmp_path):
+    """eval.checkpoints given by hand in a recipe whose reward stage has not run: the baseline and the KL reference
+    are the first checkpoint, and the reward model is skipped with a word instead of stopping the evaluation."""
+    work, _, _ = tiny_run
+    prompts = write_jsonl(tmp_path / "my.jsonl", [{"prompt": "What is 2 + 3?", "answer": "5"},
+                                                   {"prompt": "Say hello."}])
+    recipe = tiny_recipe(tmp_path, reward={"use_cpu": True}, eval={"num_samples": 1, "perplexity_data": "",
+                                                                   "report_to": "tensorboard"})
+    sft = str(work / "runs/tiny/sft")
+    proc = run_cli(["pipeline/evaluate.py", recipe, f"eval.checkpoints=[{sft}]", f"eval.prompts={prompts}",
+                    "run.output_dir=elsewhere"], cwd=tmp_path, env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the reward stage has not finished: no reward-model scores" in proc.stdout
+    metrics = json.loads((tmp_path / "elsewhere/tiny/eval/metrics.json").read_text())
+    assert metrics["baseline"] == "tiny/sft" and metrics["reference"] == "tiny/sft" and metrics["reward_model"] is None
+    assert metrics["checkpoints"]["tiny/sft"]["verified"] == 1 and not (tmp_path / "runs").exists()
+    assert list((tmp_path / "elsewhere/tiny/eval").rglob("events.out.tfevents.*"))
+
+
+def test_check_with_a_hub_model_and_no_network_names_it_at_once(tmp_path):
+    recipe = tiny_recipe(tmp_path, model={"config": None, "name_or_path": "someone/no-such-model"}, pretrain=None,
+                         tokenizer={"train": False}, sft={"init_from": "model", "heldout_prompts": ""})
+    proc = run_cli(["pipeline/run.py", recipe, "--check"], cwd=tmp_path,
+                   env={**ONE_THREAD, "HF_ENDPOINT": "http://127.0.0.1:9"})  # nothing listens: offline at once
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "model 'someone/no-such-model': the hub cannot be reached from this machine" in proc.stdout
+
+
+def test_a_truncated_init_from_is_named_by_the_stage_and_by_check(tiny_run, tmp_path):
+    import shutil
+
+    work, _, _ = tiny_run
+    damaged = tmp_path / "damaged"
+    shutil.copytree(work / "runs/tiny/pretrain", damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # cut short, as by a full disk or a killed copy
+    recipe = tiny_recipe(tmp_path, pretrain=None, sft={**SHORT, "init_from": str(damaged)})
+    proc = run_cli(["pipeline/sft.py", recipe], cwd=tmp_path, env=ONE_THREAD)
+    assert f"{weights}" in one_error_line(proc) and not (tmp_path / "runs").exists()
+    check = run_cli(["pipeline/run.py", recipe, "--check"], cwd=tmp_path, env=ONE_THREAD)
+    assert check.returncode == 2 and f"checkpoint '{damaged}' is damaged: {weights}" in check.stdout

@@ -1,0 +1,216 @@
+"""Bring your own data: the formats users of LLaMA-Factory and TRL have (Alpaca, ShareGPT with tool calls, ShareGPT
+and Alpaca preference pairs, plain text, compressed files, globs, mixtures, column mappings), tool calls checked
+against their schemas, and the bad inputs that must stop with one line."""
+
+import gzip
+import json
+
+import pytest
+
+from conftest import tiny_recipe
+from pipeline import data, formats, preferences
+from pipeline.cli import PipelineError
+from pipeline.recipe import load_recipe
+
+TOOLS = [{"name": "render_image", "description": "Draw a picture.",
+          "parameters": {"type": "object", "properties": {"prompt": {"type": "string"}, "size": {"type": "integer"}},
+                         "required": ["prompt"]}}]
+SHAREGPT = {"conversations": [
+    {"from": "human", "value": "Draw a red circle."},
+    {"from": "function_call", "value": json.dumps({"name": "render_image", "arguments": {"prompt": "a red circle"}})},
+    {"from": "observation", "value": "{\"image\": \"img-1.png\"}"},
+    {"from": "gpt", "value": "Here it is."}], "system": "You can draw.", "tools": json.dumps(TOOLS)}
+ALPACA = {"instruction": "Add the numbers.", "input": "3 and 4", "output": "The answer is 7.", "system": "Be brief.",
+          "history": [["hi", "Hello!"]]}
+
+
+@pytest.fixture()
+def recipe(tmp_path):
+    return load_recipe(tiny_recipe(tmp_path))
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_alpaca_rows_become_conversations(tmp_path, recipe):
+    ds, info = data.load_with_info(write_jsonl(tmp_path / "a.jsonl", [ALPACA, {"instruction": "Say hi.",
+                                                                              "output": "Hi."}]), "chat", recipe)
+    assert info["format"] == "alpaca" and info["rows"] == 2
+    assert ds[0]["messages"] == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Add the numbers.\n3 and 4"},
+        {"role": "assistant", "content": "The answer is 7."}]
+    assert ds[1]["messages"][-2:] == [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}]
+
+
+def test_sharegpt_with_function_call_observation_and_a_tools_string(tmp_path, recipe):
+    plain = {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]}
+    ds, info = data.load_with_info(write_jsonl(tmp_path / "s.jsonl", [SHAREGPT, plain]), "chat", recipe)
+    assert info["format"] == "sharegpt"
+    messages = ds[0]["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant"]
+    call = messages[2]["tool_calls"][0]["function"]
+    assert call["name"] == "render_image" and json.loads(call["arguments"]) == {"prompt": "a red circle"}
+    assert messages[3]["content"] == "{\"image\": \"img-1.png\"}"
+    assert json.loads(ds[0]["tools"]) == TOOLS and ds[1]["tools"] is None
+
+
+def test_rows_with_object_and_string_arguments_share_one_schema(tmp_path, recipe):
+    rows = []
+    for args in ({"prompt": "a cat"}, json.dumps({"prompt": "a dog", "size": 8})):
+        rows.append({"messages": [{"role": "user", "content": "draw"}, {"role": "assistant", "content": None,
+                     "tool_calls": [{"type": "function", "function": {"name": "render_image", "arguments": args}}]}],
+                     "tools": TOOLS})
+    ds = data.load(write_jsonl(tmp_path / "m.jsonl", rows), "chat", recipe)
+    assert [json.loads(r["messages"][1]["tool_calls"][0]["function"]["arguments"]) for r in ds] == \
+        [{"prompt": "a cat"}, {"prompt": "a dog", "size": 8}]
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"size": 3}, "required argument 'prompt' is missing"),
+    ({"prompt": 5}, "argument 'prompt' must be string, got int"),
+    ({"prompt": "x", "size": "big"}, "argument 'size' must be integer, got str"),
+    ("{not json", "arguments are not JSON"),
+    ([1, 2], "arguments must be a JSON object, got list"),
+])
+def test_a_tool_call_that_breaks_its_schema_names_file_row_and_tool(tmp_path, recipe, arguments, message):
+    call = {"role": "assistant", "content": None,
+            "tool_calls": [{"type": "function", "function": {"name": "render_image", "arguments": arguments}}]}
+    rows = [{"messages": [{"role": "user", "content": "draw"}, {"role": "assistant", "content": "ok"}]},
+            {"messages": [{"role": "user", "content": "draw"}, call], "tools": TOOLS}]
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(PipelineError) as err:
+        data.load(path, "chat", recipe)
+    assert str(err.value).startswith(f"{path}: line 2: message 1: tool 'render_image'") and message in str(err.value)
+
+
+def test_a_call_to_a_tool_the_row_does_not_declare(tmp_path, recipe):
+    row = dict(SHAREGPT, tools=json.dumps([{"name": "search", "parameters": {}}]))
+    with pytest.raises(PipelineError, match=r"line 1: message 2: unknown tool 'render_image' \(tools: search\)"):
+        data.load(write_jsonl(tmp_path / "t.jsonl", [row]), "chat", recipe)
+
+
+def test_a_file_in_no_format_says_which_were_expected_and_what_it_has(tmp_path, recipe):
+    with pytest.raises(PipelineError) as err:
+        data.load(write_jsonl(tmp_path / "q.jsonl", [{"question": "q", "answer": "a"}]), "chat", recipe)
+    assert "no conversation format matches the columns (question, answer)" in str(err.value)
+    assert "Alpaca" in str(err.value) and "ShareGPT" in str(err.value)
+
+
+def test_a_column_mapping_reads_any_names(tmp_path, recipe):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "2+2?", "answer": "4"}])
+    ds, info = data.load_with_info(path, "chat", recipe, columns={"prompt": "question", "completion": "answer"})
+    assert info["format"] == "prompt_completion" and ds[0]["prompt"] == "2+2?" and ds[0]["completion"] == "4"
+    with pytest.raises(PipelineError, match="column 'query' \\(mapped to 'prompt' by `columns`\\) is missing"):
+        data.load(path, "chat", recipe, columns={"prompt": "query"})
+
+
+def test_sharegpt_and_alpaca_preference_pairs(tmp_path, recipe):
+    sharegpt = [{"conversations": [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "Hi?"}],
+                 "chosen": {"from": "gpt", "value": "Hello!"}, "rejected": {"from": "gpt", "value": "What."}},
+                {"conversations": [{"from": "human", "value": "2+2?"}], "chosen": "4", "rejected": "5"}]
+    ds, info = preferences.load_preferences(write_jsonl(tmp_path / "p.jsonl", sharegpt), recipe)
+    assert info["format"] == "sharegpt" and info["conversational"] and len(ds) == 2
+    assert ds[0]["prompt"] == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}]
+    assert ds[0]["chosen"] == [{"role": "assistant", "content": "Hello!"}]
+    assert ds[1]["rejected"] == [{"role": "assistant", "content": "5"}]
+    alpaca = [{"instruction": "Add.", "input": "1 and 2", "chosen": "3", "rejected": "4"}]
+    ds, info = preferences.load_preferences(write_jsonl(tmp_path / "a.jsonl", alpaca), recipe)
+    assert info["format"] == "alpaca" and ds[0]["prompt"] == [{"role": "user", "content": "Add.\n1 and 2"}]
+
+
+def test_plain_text_compressed_files_globs_lists_and_mixtures(tmp_path, recipe):
+    (tmp_path / "a.txt").write_text("First document,\nstill the first.\n\nSecond document.\n")
+    with gzip.open(tmp_path / "b.txt.gz", "wt") as f:
+        f.write("Third.\n")
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": "Fourth."}) + "\n")
+    ds, info = data.load_with_info(str(tmp_path / "*.txt*"), "text", recipe)
+    assert ds["text"] == ["First document,\nstill the first.", "Second document.", "Third."]
+    assert info["format"] == "txt, a document per paragraph"
+    assert data.load(str(tmp_path / "a.txt"), "text", recipe, text_split="line")["text"] == \
+        ["First document,", "still the first.", "Second document."]
+    both = data.load([str(tmp_path / "c.jsonl.gz"), str(tmp_path / "b.txt.gz")], "text", recipe)
+    assert both["text"] == ["Fourth.", "Third."]
+    rows = [{"text": f"doc {i}"} for i in range(10)]
+    mix = {write_jsonl(tmp_path / "x.jsonl", rows): 0.5, write_jsonl(tmp_path / "y.jsonl", rows[:4]): 1.0}
+    mixed = data.load(mix, "text", recipe)
+    assert len(mixed) == 5 + 4 and mixed["text"] == data.load(mix, "text", recipe)["text"]  # one seed
+    handbook = {"datasets": [{"path": str(tmp_path / "x.jsonl"), "weight": 0.2}], "seed": 3}
+    assert len(data.load(handbook, "text", recipe)) == 2
+
+
+def test_invalid_utf8_is_named_by_file_and_line(tmp_path, recipe):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(PipelineError, match=rf"{path}: line 2: invalid UTF-8 \(byte 0xe9\)"):
+        data.load(str(path), "text", recipe)
+
+
+def test_a_hub_id_without_network_fails_at_once_naming_the_id(tmp_path, recipe, monkeypatch):
+    from pipeline import hub
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: the probe fails at once
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    hub.reachable.cache_clear()
+    try:
+        with pytest.raises(PipelineError, match="dataset 'someone/nothing-here': not a local file or folder, and "
+                                                "the hub cannot be reached"):
+            data.load("someone/nothing-here", "chat", recipe)
+    finally:
+        hub.reachable.cache_clear()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sft.per_device_train_batch_size=0", "sft.per_device_train_batch_size must be at least 1, got 0"),
+    ("sft.learning_rate=-1e-4", "sft.learning_rate must be 0 or more, got -0.0001"),
+    ("pretrain.max_steps=-5", "pretrain.max_steps must be -1 (not set) or more, got -5"),
+    ("sft.report_to=[nosuchtracker]", "unknown tracker 'nosuchtracker'"),
+])
+def test_out_of_range_values_stop_the_recipe_before_anything_loads(tmp_path, override, message):
+    with pytest.raises(PipelineError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_recipe(tiny_recipe(tmp_path), [override])
+
+
+def test_a_config_class_error_comes_before_any_upstream_check(tmp_path):
+    """The stage checks its own section with its config class before it looks for the stages it reads."""
+    from pipeline import sft
+
+    recipe = tiny_recipe(tmp_path)  # its pretrain stage has not run
+    with pytest.raises(PipelineError, match="section 'sft': nope is not a valid SchedulerType"):
+        sft.main([str(recipe), "sft.lr_scheduler_type=nope"])
+    with pytest.raises(PipelineError, match="stage 'pretrain' has not finished"):
+        sft.main([str(recipe)])
+    loaded = load_recipe(recipe, ["reward.bf16=true"])  # bf16 without a GPU: --check leaves that to the machine
+    loaded.check_config("reward", portable=True)
+
+
+def test_a_tracker_that_is_not_installed_is_caught_at_validation(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(PipelineError, match="dpo.report_to: 'wandb' is not installed \\(pip install wandb\\)"):
+        load_recipe(tiny_recipe(tmp_path, dpo={}), ["dpo.report_to=wandb"])
+
+
+def test_reward_checks_say_nothing_about_categories_the_data_does_not_have():
+    from pipeline.reward_report import trust_checks
+
+    m = {"accuracy": 0.8, "accuracy_chosen_shorter": None, "accuracy_chosen_longer": None, "pairs_chosen_shorter": 0,
+         "pairs_chosen_longer": 0, "ece": None, "train_accuracy": 0.85, "train_pairs": 10,
+         "train_pairs_too_long": 0, "eval_pairs_too_long": 0}
+    assert not any(c["check"].startswith("no weak") for c in trust_checks(m, "skill"))
+    m["accuracy_per_skill"] = {"add": {"n": 20, "accuracy": 0.5}}
+    assert [c["ok"] for c in trust_checks(m, "skill") if c["check"] == "no weak skill"] == [False]
+
+
+def test_formats_detect_from_the_first_row():
+    assert formats.detect_sft_format({"conversations": []}) == "sharegpt"
+    assert formats.detect_sft_format({"instruction": "x", "output": "y"}) == "alpaca"
+    assert formats.detect_sft_format({"messages": []}) == "messages"
+    assert formats.detect_sft_format({"prompt": "a", "completion": "b"}) == "prompt_completion"
+    assert formats.detect_sft_format({"text": "a"}) is None

@@ -1,0 +1,127 @@
+"""One reward-model path (pipeline/reward_model.py): every reader scores a reply exactly as TRL's RewardTrainer built
+the pair the reward stage trained on, and gets the same number: the reward stage's held-out scoring, PPO's and
+GRPO/RLOO's reward, and the eval stage."""
+
+import pytest
+import torch
+
+from conftest import tiny_recipe
+from pipeline import evaluate, judges, runs, trl_online
+from pipeline.generation import Reply
+from pipeline.reward_model import RewardModel, load_reward_model, save_statistics
+from pipeline.recipe import load_recipe
+
+MEAN, STD = 0.25, 2.0
+
+
+@pytest.fixture(scope="module")
+def scored(tiny_run, tmp_path_factory):
+    """A reward model on the tiny SFT model (a random score head, statistics saved as the reward stage saves them),
+    world preference pairs (conversations) plus text pairs, and each chosen reply's reward as TRL computes it: the
+    RewardTrainer's own tokenisation of the pair, scored one sequence at a time."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    work, _, _ = tiny_run
+    out = tmp_path_factory.mktemp("rm")
+    recipe = load_recipe(tiny_recipe(out))
+    sft = str(work / "runs/tiny/sft")
+    tokenizer = AutoTokenizer.from_pretrained(sft)
+    torch.manual_seed(0)
+    model = load_reward_model(recipe, sft)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out / "rm")
+    tokenizer.save_pretrained(out / "rm")
+    save_statistics(out / "rm", model, mean=MEAN, std=STD, max_length=128)
+
+    from pipeline import data
+
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected", "skill")}
+            for r in data.world_rows(recipe, "preference")[:12]]
+    text_rows = [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f" The answer is {2 * i}.",
+                  "rejected": f" The answer is {2 * i + 1}."} for i in range(4)]
+    truth = []
+    for pairs in (rows, text_rows):
+        args = RewardConfig(output_dir=str(out / "trl"), report_to="none", use_cpu=True, max_length=128,
+                            gradient_checkpointing=False, center_rewards_coefficient=None)
+        trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
+                                processing_class=tokenizer)
+        model.eval()
+        with torch.no_grad():
+            for ids in trainer.train_dataset["chosen_ids"]:
+                truth.append(float(model(input_ids=torch.tensor([ids])).logits[0, 0]))
+    checkpoint = runs.Checkpoint("rm", str(out / "rm"), "", "local")
+    return recipe, checkpoint, rows + text_rows, truth
+
+
+def reply_text(reply) -> str:
+    return reply if isinstance(reply, str) else reply[-1]["content"]
+
+
+def test_the_saved_model_carries_what_readers_need(scored):
+    recipe, checkpoint, _, _ = scored
+    reward_model = RewardModel.load(recipe, checkpoint)
+    assert (reward_model.mean, reward_model.std, reward_model.max_length) == (MEAN, STD, 128)
+    assert reward_model.standardised and reward_model.normalise([MEAN + STD]) == [1.0]
+
+
+def test_every_reader_gets_the_reward_trl_trained_on(scored):
+    recipe, checkpoint, rows, truth = scored
+    reward_model = RewardModel.load(recipe, checkpoint)
+    prompts, texts = [r["prompt"] for r in rows], [reply_text(r["chosen"]) for r in rows]
+    normalised = [(t - MEAN) / STD for t in truth]
+
+    # the reward stage: held-out pairs scored on both sides
+    stage = reward_model.score_pairs(rows, batch_size=5, desc="pairs").chosen
+    assert stage == pytest.approx(truth, abs=1e-5)
+
+    # PPO: a generated reply's text after its prompt, normalised, minus the penalty where it did not end
+    ended = torch.tensor([i % 3 != 0 for i in range(len(rows))])
+    raw, norm, ppo_scores = reward_model.policy_scores(prompts, texts, ended, missing_eos_penalty=1.0)
+    assert raw.tolist() == pytest.approx(truth, abs=1e-5) and norm.tolist() == pytest.approx(normalised, abs=1e-5)
+    assert ppo_scores.tolist() == pytest.approx([n - (0 if e else 1.0) for n, e in zip(normalised, ended)], abs=1e-5)
+
+    # GRPO / RLOO: TRL's reward-function call, completions as assistant messages (or text), token ids for eos
+    eos = reward_model.tokenizer.eos_token_id
+    completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
+    logged = {}
+    grpo = trl_online.reward_function(reward_model, eos, 1.0)(
+        prompts=prompts, completions=completions, completion_ids=[[5, eos] if e else [5, 6] for e in ended],
+        log_metric=lambda k, v: logged.__setitem__(k, v))
+    assert grpo == pytest.approx(ppo_scores.tolist(), abs=1e-5)
+    assert logged["reward_raw"] == pytest.approx(sum(truth) / len(truth), abs=1e-5)
+
+    # the eval stage: each checkpoint's greedy reply, standardised
+    target = evaluate.Target("policy", checkpoint, greedy=[Reply(t, True, 0) for t in texts])
+    assert evaluate.score_rewards(recipe, checkpoint, [target], rows, batch_size=3, device="cpu") is True
+    assert target.rewards == pytest.approx(normalised, abs=1e-5)
+
+
+def test_a_sequence_over_max_length_keeps_its_end(scored):
+    """The score head reads the last token: a cut keeps the end of the reply (left truncation)."""
+    recipe, checkpoint, rows, _ = scored
+    reward_model = RewardModel.load(recipe, checkpoint, max_length=6)
+    prompt, reply = rows[0]["prompt"], rows[0]["chosen"]
+    from pipeline.reward_model import encode
+
+    ids = encode(reward_model.tokenizer, prompt, reply)
+    assert len(ids) > 6
+    with torch.no_grad():
+        tail = float(reward_model.model(input_ids=torch.tensor([ids[-6:]])).logits[0, 0])
+    assert reward_model.scores([prompt], [reply]) == pytest.approx([tail], abs=1e-5)
+    assert reward_model.score_pairs(rows[:1], batch_size=2, desc="x").truncated == 1
+
+
+def test_only_the_reward_model_module_loads_a_reward_model():
+    """The other modules load and score through pipeline/reward_model.py: a second loader or encoder would drift."""
+    from pathlib import Path
+
+    import ast
+
+    def uses(path):
+        return any(isinstance(n, ast.alias) and n.name == "AutoModelForSequenceClassification"
+                   for n in ast.walk(ast.parse(path.read_text())))
+
+    others = [p.name for p in Path(judges.__file__).parent.glob("*.py") if p.name != "reward_model.py" and uses(p)]
+    assert not others, others

@@ -1,0 +1,119 @@
+"""The package's shape as tested properties: no import cycles, stage scripts that never import each other, no
+private helper imported across modules, no module too long to read. The import graph is built from the source with
+`ast` (imports inside functions count: a lazy import is still a dependency)."""
+
+import ast
+from pathlib import Path
+
+from pipeline.stages import STAGES
+
+PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
+MAX_LINES = 450
+
+
+def modules() -> dict[str, ast.Module]:
+    return {p.stem: ast.parse(p.read_text(), filename=str(p)) for p in sorted(PACKAGE.glob("*.py"))
+            if p.stem != "__init__"}
+
+
+def imports(tree: ast.Module, names: set[str]) -> list[tuple[str, str | None, int]]:
+    """(module imported, name imported from it or None, line) for every import of a pipeline module."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "pipeline":  # from pipeline import a, b: each is a module
+                out += [(a.name, None, node.lineno) for a in node.names if a.name in names]
+            elif node.module.startswith("pipeline."):
+                target = node.module.split(".")[1]
+                out += [(target, a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.Import):
+            out += [(a.name.split(".")[1], None, node.lineno) for a in node.names
+                    if a.name.startswith("pipeline.") and a.name.split(".")[1] in names]
+    return out
+
+
+def module_aliases(tree: ast.Module, names: set[str]) -> dict[str, str]:
+    """Local name -> pipeline module, for `from pipeline import x [as y]`."""
+    out = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
+            out.update({a.asname or a.name: a.name for a in node.names if a.name in names})
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    trees = modules()
+    return {name: {target for target, _, _ in imports(tree, set(trees)) if target != name}
+            for name, tree in trees.items()}
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the stack, 2: done
+    stack: list[str] = []
+
+    def visit(node):
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(edges):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_cycle_finder_finds_a_planted_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_no_import_cycles_in_the_package():
+    cycle = find_cycle(graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_stage_module_imports_another_stage_module():
+    stage_modules = {spec.module.split(".")[1] for spec in STAGES.values()}
+    edges = graph()
+    bad = [f"{a} imports {b}" for a in stage_modules for b in edges.get(a, ()) if b in stage_modules]
+    assert not bad, bad
+    for spec in STAGES.values():  # the registry names stage classes by module: none of them is a stage script
+        if spec.config_class and spec.config_class.startswith("pipeline."):
+            assert spec.config_class.split(":")[0].split(".")[1] not in stage_modules, spec
+
+
+def test_no_private_name_is_used_across_modules():
+    trees = modules()
+    names = set(trees)
+    bad = []
+    for name, tree in trees.items():
+        for target, imported, line in imports(tree, names):
+            if imported and imported.startswith("_") and not imported.startswith("__"):
+                bad.append(f"{name}.py:{line} imports {target}.{imported}")
+        aliases = module_aliases(tree, names)
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                bad.append(f"{name}.py:{node.lineno} uses {aliases[node.value.id]}.{node.attr}")
+    assert not bad, bad
+
+
+def test_no_module_is_too_long_to_read():
+    long = {p.name: n for p in PACKAGE.glob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_stage_scripts_do_not_print_directly():
+    """Stages log through pipeline.log (main process only, stage prefix, log.txt in the stage folder)."""
+    trees = modules()
+    stage_modules = {spec.module.split(".")[1] for spec in STAGES.values()}
+    bad = [f"{name}.py:{node.lineno}" for name in stage_modules for node in ast.walk(trees[name])
+           if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"]
+    assert not bad, bad
