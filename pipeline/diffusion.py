@@ -24,27 +24,25 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
 import dataclasses
 import time
 
-from pipeline import cli, diffusion_train, image_eval, images, runs
-from pipeline.recipe import load_recipe, stage_fields
+from pipeline import cli, diffusion_train, image_eval, images, log, runs
+from pipeline.recipe import load_recipe, stage_help
 
 STAGE = "diffusion"
 USAGE = "usage: pipeline/diffusion.py RECIPE [diffusion.KEY=VALUE ...]"
 
 
 def main(argv):
-    recipe = load_recipe(*cli.split_stage_args(argv, USAGE))
+    recipe = load_recipe(*cli.split_stage_args(argv, USAGE, lambda: stage_help(STAGE)))
+    recipe.check_config(STAGE, portable=True)  # the config class's own checks before upstream stages
     keys = recipe.keys(STAGE)
-    fields = stage_fields(STAGE)
-    cfg = diffusion_train.DiffusionConfig(**{k: v for k, v in recipe.section(STAGE).items()
-                                             if fields[k][0] == "config"})
-    if cfg.seed is None:
-        cfg.seed = recipe.run.seed
+    cfg = recipe.trainer_config(STAGE)  # DiffusionConfig; seed: run.seed unless the section sets one
     with runs.StageRun(recipe, STAGE) as run:
         images.make_scheduler(cfg.sampler, {})  # an unknown sampler fails here, before any work
         pipe = images.load_pipeline(run.checkpoint("pretrained").path) if keys.pretrained else None
         shape = images.pipeline_shape(pipe) if pipe else {"resolution": keys.resolution, "channels": 1, "latent": False}
         source = images.load_images(keys.dataset, shape["resolution"], shape["channels"], cfg.property_dropout)
         heldout = image_eval.read_captions(keys.heldout_captions, recipe) if keys.judge_epochs else []
+        run.note_data("dataset", {"source": keys.dataset, "rows": source.size, "format": "images"})
         run.prepare()
 
         import torch
@@ -73,11 +71,10 @@ def main(argv):
         params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
         if main_process:
             counts = {k: sum(p.numel() for p in m.parameters()) for k, m in modules.items()}
-            print(f"[diffusion] {'new ' if not keys.pretrained else ''}{type(pipe).__name__}: "
-                  + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items())
-                  + f", trainable {sum(p.numel() for p in params) / 1e6:.3f}M; {shape['resolution']}px x "
-                  f"{shape['channels']}, {source.size} training images, {accelerator.num_processes} process(es)",
-                  flush=True)
+            log.info(f"{'new ' if not keys.pretrained else ''}{type(pipe).__name__}: "
+                     + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items())
+                     + f", trainable {sum(p.numel() for p in params) / 1e6:.3f}M; {shape['resolution']}px x "
+                     f"{shape['channels']}, {source.size} training images, {accelerator.num_processes} process(es)")
 
         def step_fn(prepared, step, micro, gen):
             x, captions = source.sample(cfg.batch_size, gen)
@@ -121,8 +118,8 @@ def main(argv):
                 judge, judge_metrics = train_judge(cfg.seed, epochs=keys.judge_epochs)
                 judge.save(run.out / "judge")
                 metrics.update(judge_metrics, judge_wall_s=round(time.time() - started, 1))
-                print("[diffusion] judge on held-out real images: " + ", ".join(
-                    f"{k} {v:.3f}" for k, v in judge_metrics["judge_heldout_accuracy"].items()), flush=True)
+                log.info("judge on held-out real images: " + ", ".join(
+                    f"{k} {v:.3f}" for k, v in judge_metrics["judge_heldout_accuracy"].items()))
             evals = {}
             if heldout and keys.judge_epochs:
                 started = time.time()
@@ -137,8 +134,8 @@ def main(argv):
                            **metrics, "heldout": evals["model"],
                            "real_diversity": image_eval.real_diversity(heldout, keys.heldout_samples),
                            "eval_wall_s": round(time.time() - started, 1)}
-                print("[diffusion] held-out captions: " + ", ".join(
-                    f"{m} {image_eval.fmt(acc[m])}" for m in image_eval.MEASURES if acc.get(m)), flush=True)
+                log.info("held-out captions: " + ", ".join(
+                    f"{m} {image_eval.fmt(acc[m])}" for m in image_eval.MEASURES if acc.get(m)))
             notes = [f"Model: {type(pipe).__name__}, {cfg.max_steps} steps of {cfg.batch_size} images "
                      f"x {accelerator.num_processes} process(es) x {cfg.gradient_accumulation_steps} accumulation, "
                      f"{train_s:.0f} s; sampler {cfg.sampler}, {keys.sample_steps} steps, guidance "

@@ -24,14 +24,14 @@ import random
 import shutil
 import time
 
-from pipeline import cli, diffusion_train, image_eval, images, runs
-from pipeline.recipe import load_recipe, stage_fields
+from pipeline import cli, diffusion_train, image_eval, images, log, runs
+from pipeline.recipe import load_recipe, stage_help
 
 STAGE = "diffusion_dpo"
 USAGE = "usage: pipeline/diffusion_dpo.py RECIPE [diffusion_dpo.KEY=VALUE ...]"
 
 
-def candidate_pairs(pipe, judge, captions, cfg, keys, out: Path, log) -> tuple:
+def candidate_pairs(pipe, judge, captions, cfg, keys, out: Path) -> tuple:
     """Draw candidates, let the annotator label pairs; cached in out/pairs.safetensors for a resumed run."""
     from safetensors.torch import load_file, save_file
 
@@ -62,20 +62,17 @@ def candidate_pairs(pipe, judge, captions, cfg, keys, out: Path, log) -> tuple:
              "candidate_all_accuracy": sum(r["match"].get("all", 0) for r in rows) / len(rows)}
     save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(cache))
     (out / "pairs.json").write_text(json.dumps({"captions": [p[3] for p in pairs], "stats": stats}) + "\n")
-    log(f"[diffusion_dpo] {stats['pairs']} pairs from {stats['candidates']} candidates (candidates' digit accuracy "
+    log.info(f"{stats['pairs']} pairs from {stats['candidates']} candidates (candidates' digit accuracy "
         f"{stats['candidate_digit_accuracy']:.3f}; labels agreeing with the noise-free annotator "
         f"{stats['pairs_clean_agree']:.3f})")
     return chosen, rejected, [p[3] for p in pairs], stats
 
 
 def main(argv):
-    recipe = load_recipe(*cli.split_stage_args(argv, USAGE))
+    recipe = load_recipe(*cli.split_stage_args(argv, USAGE, lambda: stage_help(STAGE)))
+    recipe.check_config(STAGE, portable=True)  # the config class's own checks before upstream stages
     keys = recipe.keys(STAGE)
-    fields = stage_fields(STAGE)
-    cfg = diffusion_train.DiffusionDPOConfig(**{k: v for k, v in recipe.section(STAGE).items()
-                                                if fields[k][0] == "config"})
-    if cfg.seed is None:
-        cfg.seed = recipe.run.seed
+    cfg = recipe.trainer_config(STAGE)  # DiffusionDPOConfig; seed: run.seed unless the section sets one
     with runs.StageRun(recipe, STAGE) as run:
         init = run.checkpoint()
         judge_dir = Path(keys.judge) if keys.judge else Path(init.path) / "judge"
@@ -88,6 +85,7 @@ def main(argv):
             captions = image_eval.read_captions(keys.dataset, recipe)
         heldout = image_eval.read_captions(keys.heldout_captions, recipe)
         pipe = images.load_pipeline(init.path)
+        run.note_data("dataset", {"source": keys.dataset, "rows": len(captions), "format": "captions"})
         run.prepare()
 
         import copy
@@ -100,15 +98,14 @@ def main(argv):
 
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
         main_process = accelerator.is_main_process
-        log = (lambda s: print(s, flush=True)) if main_process else (lambda s: None)
         torch.manual_seed(cfg.seed)
         judge = ImageJudge.load(judge_dir)
         pipe.set_progress_bar_config(disable=True)
         started = time.time()
         if main_process:
-            candidate_pairs(pipe, judge, captions, cfg, keys, run.out, log)
+            candidate_pairs(pipe, judge, captions, cfg, keys, run.out)
         accelerator.wait_for_everyone()
-        chosen, rejected, pair_captions, pair_stats = candidate_pairs(pipe, judge, captions, cfg, keys, run.out, log)
+        chosen, rejected, pair_captions, pair_stats = candidate_pairs(pipe, judge, captions, cfg, keys, run.out)
         pairs_s = time.time() - started
         vae = getattr(pipe, "vae", None)
         unet, text_encoder = pipe.unet, pipe.text_encoder.eval().requires_grad_(False)
@@ -116,7 +113,7 @@ def main(argv):
         if cfg.use_lora:
             diffusion_train.add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
         noise_scheduler = images.make_scheduler("ddpm", pipe.scheduler.config)
-        log(f"[diffusion_dpo] tuning {init.ref}: unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, "
+        log.info(f"tuning {init.ref}: unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, "
             f"trainable {sum(p.numel() for p in unet.parameters() if p.requires_grad) / 1e6:.3f}M; "
             f"{len(pair_captions)} pairs, beta {cfg.beta}")
 
@@ -185,7 +182,7 @@ def main(argv):
                            "eval_wall_s": round(time.time() - started, 1)}
                 for name in ("start", "model"):
                     evals[name].pop("matches", None)
-                log("[diffusion_dpo] held-out captions, start -> tuned: " + ", ".join(
+                log.info("held-out captions, start -> tuned: " + ", ".join(
                     f"{m} {acc0[m]['mean']:.3f} -> {acc[m]['mean']:.3f} (gain {image_eval.fmt(gain[m])})"
                     for m in image_eval.MEASURES if acc.get(m)))
             notes = [f"Diffusion-DPO from `{init.ref}` (also the frozen reference): {pair_stats['pairs']} pairs "

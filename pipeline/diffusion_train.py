@@ -3,10 +3,11 @@ loop (Accelerate, EMA, mixed precision, checkpoints), LoRA through peft.
 
 Checkpoints (`<stage>.partial/checkpoint-N/`) hold the trainable weights, the EMA weights and the optimizer's
 tensors as safetensors, and everything else (step, history, optimizer hyper-parameters, the learning-rate
-schedule's state, the EMA's counters) as JSON: nothing is pickled, so nothing runs on resume. Each step's
-randomness (batch, noise, timesteps, caption dropout) comes from a generator seeded by (seed, step, process), so a
-resumed run draws what the uninterrupted run would have drawn. A checkpoint is written to `tmp-checkpoint-N` and
-renamed: a kill never leaves a half checkpoint.
+schedule's state, the EMA's counters) as JSON in `loop_state.json`: nothing is pickled, so nothing runs on resume,
+and the checkpoint is found and checked by `safe_resume` like every other stage's (complete, intact, safe). Each
+step's randomness (batch, noise, timesteps, caption dropout) comes from a generator seeded by (seed, step,
+process), so a resumed run draws what the uninterrupted run would have drawn. A checkpoint is written to
+`tmp-checkpoint-N` and renamed: a kill never leaves a half checkpoint.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pipeline import cluster, faults, log, safe_resume, threads
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -55,8 +58,33 @@ class DiffusionConfig:
     save_total_limit: int = 1
     seed: int | None = None             # empty: run.seed
 
+    def __post_init__(self):
+        check_common(self)
+        _one_of("prediction_type", self.prediction_type, ("epsilon", "v_prediction", "sample"))
+        _one_of("sampler", self.sampler, SAMPLERS)
+        for name in ("caption_dropout", "property_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+SAMPLERS = ("ddim", "dpm", "ddpm", "euler")
+
+
+def _one_of(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def check_common(cfg) -> None:
+    """The checks both image configs share (recipe.check_config runs them before any work)."""
+    _one_of("mixed_precision", cfg.mixed_precision, ("no", "bf16", "fp16"))
+    if not 0 <= cfg.ema_decay < 1:
+        raise ValueError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
+    if cfg.max_steps < 1:
+        raise ValueError(f"max_steps must be at least 1, got {cfg.max_steps}")
 
 
 @dataclass
@@ -87,6 +115,15 @@ class DiffusionDPOConfig:
     save_total_limit: int = 1
     seed: int | None = None
 
+    def __post_init__(self):
+        check_common(self)
+        if self.beta <= 0:
+            raise ValueError(f"beta must be above 0, got {self.beta}")
+        if not 0 <= self.label_noise <= 0.5:
+            raise ValueError(f"label_noise must be in [0, 0.5], got {self.label_noise}")
+        if self.candidates_per_caption < 2 or self.rounds < 1:
+            raise ValueError("candidates_per_caption must be at least 2 and rounds at least 1 (pairs need two images)")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -95,19 +132,24 @@ class DiffusionDPOConfig:
 
 
 def denoise_target(scheduler, x0, noise, t):
-    if scheduler.config.prediction_type == "v_prediction":
+    """What the UNet predicts: the noise (epsilon), the velocity (v_prediction) or the clean image (sample)."""
+    kind = scheduler.config.prediction_type
+    if kind == "v_prediction":
         return scheduler.get_velocity(x0, noise, t)
-    return noise
+    return x0 if kind == "sample" else noise
 
 
 def denoise_loss(scheduler, pred, target, t, snr_gamma: float | None):
-    """Mean squared error per image, weighted by min(SNR(t), gamma) / SNR(t) (Min-SNR; / (SNR + 1) for v)."""
+    """Mean squared error per image; with snr_gamma, Min-SNR weighting (Hang et al. 2023): the clean-image error
+    weighted by min(SNR(t), gamma), i.e. the MSE of an epsilon prediction times min(SNR, gamma) / SNR, of a v
+    prediction times min(SNR, gamma) / (SNR + 1), of a sample prediction times min(SNR, gamma)."""
     err = (pred.float() - target.float()).pow(2).mean(dim=list(range(1, target.ndim)))
     if not snr_gamma:
         return err.mean()
     alphas = scheduler.alphas_cumprod.to(t.device)[t]
     snr = alphas / (1 - alphas)
-    weight = snr.clamp(max=snr_gamma) / (snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr)
+    kind = scheduler.config.prediction_type
+    weight = snr.clamp(max=snr_gamma) / {"v_prediction": snr + 1, "sample": 1}.get(kind, snr)
     return (err * weight).mean()
 
 
@@ -203,7 +245,8 @@ def save_checkpoint(out: Path, step: int, modules: dict, optimizer, scheduler, e
         save_file({str(i): p.detach().contiguous() for i, p in enumerate(ema.shadow_params)},
                   str(tmp / "ema.safetensors"))
         state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-    (tmp / "state.json").write_text(json.dumps(state, default=float) + "\n")
+    faults.point("checkpoint")
+    (tmp / safe_resume.LOOP_STATE).write_text(json.dumps(state, default=float) + "\n")
     final = out / f"checkpoint-{step}"
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -211,17 +254,11 @@ def save_checkpoint(out: Path, step: int, modules: dict, optimizer, scheduler, e
         shutil.rmtree(old)
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted((p for p in out.glob("checkpoint-*") if (p / "state.json").is_file()),
-                   key=lambda p: int(p.name.split("-")[-1]))
-    return ckpts[-1] if ckpts else None
-
-
 def load_checkpoint(ckpt: Path, modules: dict, optimizer, scheduler, ema) -> tuple[int, list]:
     import torch
     from safetensors.torch import load_file
 
-    state = json.loads((ckpt / "state.json").read_text())
+    state = json.loads((ckpt / safe_resume.LOOP_STATE).read_text())
     for name, module in modules.items():
         weights = load_file(str(ckpt / f"{name}.safetensors"))
         missing = set(weights) - set(dict(module.named_parameters()))
@@ -262,8 +299,6 @@ def train_loop(*, accelerator, run, cfg, tag: str, modules: dict, step_fn, ema_p
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    from pipeline import cluster
-
     main = accelerator.is_main_process
     seed = cfg.seed if cfg.seed is not None else run.recipe.run.seed
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
@@ -283,16 +318,18 @@ def train_loop(*, accelerator, run, cfg, tag: str, modules: dict, step_fn, ema_p
         ema = EMAModel(ema_params, decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
     plain = {k: accelerator.unwrap_model(m) for k, m in prepared.items()}
     step, history = 0, []
-    ckpt = latest_checkpoint(run.out)
+    if main:  # a save cut short by a kill; the checkpoint before it is intact
+        for partial_save in run.out.glob("tmp-checkpoint-*"):
+            shutil.rmtree(partial_save)
+    ckpt = run.last_checkpoint()  # complete, intact, nothing but safetensors and JSON (safe_resume)
     if ckpt is not None:
-        step, history = load_checkpoint(ckpt, plain, optimizer, scheduler, ema)
-        run.resumed_from = ckpt.name
-        if main:
-            print(f"[{tag}] resuming from {ckpt} (step {step})", flush=True)
+        step, history = load_checkpoint(Path(ckpt), plain, optimizer, scheduler, ema)
+        log.info(f"resumed at step {step}")
     bar = tqdm(total=cfg.max_steps, initial=step, desc=tag, disable=not main, dynamic_ncols=True)
     started, window = time.time(), []
     cluster.STOP.training = True
     while step < cfg.max_steps:
+        threads.rebalance()
         for m in prepared.values():
             m.train()
         stats = {}
@@ -311,13 +348,13 @@ def train_loop(*, accelerator, run, cfg, tag: str, modules: dict, step_fn, ema_p
             ema.step(ema_params)
         step += 1
         bar.update(1)
-        if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+        faults.point("training")
+        if step % max(cfg.logging_steps, 1) == 0 or step == cfg.max_steps:
             entry = {"step": step, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
                      **{k: v for k, v in stats.items()}, "elapsed_s": round(time.time() - started, 1)}
             history.append(entry)
             window = []
-            if main:
-                bar.write(f"[{tag}] " + " ".join(f"{k} {v:.4g}" for k, v in entry.items()))
+            log.info(" ".join(f"{k} {v:.4g}" for k, v in entry.items()))
         saved = step < cfg.max_steps and cfg.save_steps and step % cfg.save_steps == 0
         if saved:
             save_checkpoint(run.out, step, plain, optimizer, scheduler, ema, history, cfg.save_total_limit, main)

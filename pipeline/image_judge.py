@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline import log as stage_log
 from pipeline.images import PROPERTIES
 
 HEADS = {"digit": 10, **{p: len(v) for p, v in PROPERTIES.items()}}
@@ -119,9 +120,12 @@ def _targets(labels, n_combos: int):
     return out
 
 
-def train_judge(seed: int, epochs: int = 24, width: int = 16, batch_size: int = 64, log=print) -> tuple:
-    """Train on the real training digits, score the held-out ones. Returns (judge, metrics)."""
+def train_judge(seed: int, epochs: int = 24, width: int = 16, batch_size: int = 64, log=None) -> tuple:
+    """Train on the real training digits, score the held-out ones. Returns (judge, metrics). `log`: where progress
+    lines go (default: the stage's log)."""
     import torch
+
+    log = log or stage_log.info
 
     from pipeline.images import render_all
 
@@ -152,7 +156,7 @@ def train_judge(seed: int, epochs: int = 24, width: int = 16, batch_size: int = 
             sched.step()
             total += float(loss.detach()) * len(b)
         if (epoch + 1) % max(1, epochs // 4) == 0 or epoch + 1 == epochs:
-            log(f"[diffusion] judge epoch {epoch + 1}/{epochs}: loss {total / n:.4f}")
+            log(f"judge epoch {epoch + 1}/{epochs}: loss {total / n:.4f}")
     judge = ImageJudge(model, {"width": width, "resolution": RESOLUTION, "heads": HEADS,
                                "values": {"digit": list(range(10)), **{k: list(v) for k, v in PROPERTIES.items()}},
                                "seed": seed, "epochs": epochs})

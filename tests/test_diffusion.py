@@ -263,8 +263,9 @@ def test_killed_diffusion_stage_resumes_to_the_uninterrupted_result(tmp_path):
     proc.wait()
     ckpts = list(partial.glob("checkpoint-*"))
     assert ckpts and not (tmp_path / "runs/tiny/diffusion").exists()
-    assert sorted(p.name for p in ckpts[0].iterdir()) == ["ema.safetensors", "optimizer.safetensors", "state.json",
-                                                          "text_encoder.safetensors", "unet.safetensors"]
+    assert sorted(p.name for p in ckpts[0].iterdir()) == ["ema.safetensors", "loop_state.json",
+                                                          "optimizer.safetensors", "text_encoder.safetensors",
+                                                          "unet.safetensors"]
     resumed = run_cli(["pipeline/diffusion.py", recipe], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     manifest = json.loads((tmp_path / "runs/tiny/diffusion/manifest.json").read_text())
