@@ -63,7 +63,7 @@ def components(recipe, ref: str | None, section_cfg: dict, resolution: int, seen
     if not ref:  # a new model from the section
         from transformers import T5Config
 
-        tokenizer_size = len(images.SPECIAL_TOKENS) + len(images.CAPTION_WORDS)
+        tokenizer_size = len(images.SPECIAL_TOKENS) + len(set(images.CAPTION_WORDS) - set(images.STOP_WORDS))
         tcfg = {**images.DEFAULT_TEXT_ENCODER, **section_cfg.get("text_encoder", {})}
         ucfg = {**images.DEFAULT_UNET, **section_cfg.get("unet", {}), "sample_size": resolution,
                 "cross_attention_dim": tcfg["d_model"]}

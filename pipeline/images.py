@@ -259,39 +259,54 @@ class _Converted:
 # ---------------------------------------------------------------------------------------------- the model
 
 
+STOP_WORDS = ("a", "an", "the", "on", "of")  # carry nothing in the world's captions; dropped by the tokenizer
+
+
 def build_tokenizer(extra_captions=()):
     """A word-level tokenizer over the world's words (and those of any extra captions), saved and loaded as a
-    transformers fast tokenizer: lower-cased, split on whitespace and punctuation, `</s>` appended."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    transformers fast tokenizer: lower-cased, punctuation and STOP_WORDS removed, split on whitespace. No `</s>` is
+    appended: every token of a caption is a word that says something ("a large thin 7 on the left" -> large, thin,
+    7, left), and the empty caption of classifier-free guidance is all padding."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     pre = pre_tokenizers.Whitespace()
-    words = list(CAPTION_WORDS)
+    norm = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(Regex(r"[^\w\s]"), " "),
+                                 normalizers.Replace(Regex(r"\b(" + "|".join(STOP_WORDS) + r")\b"), " ")])
+    words = [w for w in CAPTION_WORDS if w not in STOP_WORDS]
     for text in extra_captions:
-        for w, _ in pre.pre_tokenize_str(text.lower()):
+        for w, _ in pre.pre_tokenize_str(norm.normalize_str(text)):
             if w not in words:
                 words.append(w)
     vocab = {w: i for i, w in enumerate([*SPECIAL_TOKENS, *words])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
+    tok.normalizer = norm
     tok.pre_tokenizer = pre
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
                                    model_max_length=MAX_TEXT_LENGTH)
 
 
 DEFAULT_UNET = dict(sample_size=16, in_channels=1, out_channels=2, layers_per_block=1, block_out_channels=[32, 64, 64],
-                    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-                    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-                    cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8,
-                    addition_embed_type="text", addition_embed_type_num_heads=4)
-DEFAULT_TEXT_ENCODER = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, dropout_rate=0.0)
+                    down_block_types=["DownBlock2D", "DownBlock2D", "DownBlock2D"],
+                    up_block_types=["UpBlock2D", "UpBlock2D", "UpBlock2D"],
+                    mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=64, attention_head_dim=8,
+                    norm_num_groups=8, addition_embed_type="text", addition_embed_type_num_heads=4)
+DEFAULT_TEXT_ENCODER = dict(d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4, dropout_rate=0.0)
 
 
 def build_pipeline(unet_config: dict, text_config: dict, scheduler_config: dict, extra_captions=()):
     """A new pixel-space IFPipeline: word-level tokenizer, T5 encoder and UNet built from configs. The UNet's output
     has twice the image channels (IF's layout: noise and variance); training and sampling use the noise half with a
-    fixed variance."""
+    fixed variance.
+
+    The text reaches the UNet through IF's pooled-text embedding (`addition_embed_type: text`, added to the timestep
+    embedding, as a class embedding would be) and through cross-attention in the middle block. IF pads every prompt to
+    77 tokens and the UNet sees all of them, so three things keep the caption's few words from drowning in padding
+    (README "Image models" has the measurements): the pad token's embedding is zero and held there in training
+    (`hold_pad_at_zero`), so each padded position of the T5 encoder's output is the caption's words seen through
+    attention, never a constant; the pooled embedding's projections start without biases; and the final norm of
+    that embedding has no trainable scale or shift (the model cannot turn the caption down to a constant while it
+    does not yet use it)."""
     from diffusers import IFPipeline, UNet2DConditionModel
     from transformers import T5Config, T5EncoderModel
 
@@ -306,9 +321,34 @@ def build_pipeline(unet_config: dict, text_config: dict, scheduler_config: dict,
         unet = UNet2DConditionModel(**ucfg)
     except (TypeError, ValueError) as err:
         raise PipelineError(f"unet config: {str(err).splitlines()[0]}") from None
+    hold_pad_at_zero(text_encoder, tokenizer.pad_token_id)
+    pooled = getattr(unet, "add_embedding", None)
+    if pooled is not None and hasattr(pooled, "pool"):  # TextTimeEmbedding
+        import torch
+
+        with torch.no_grad():
+            for linear in (pooled.pool.k_proj, pooled.pool.q_proj, pooled.pool.v_proj, pooled.proj):
+                linear.bias.zero_()
+        pooled.norm2.requires_grad_(False)
     return IFPipeline(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet,
                       scheduler=make_scheduler("ddpm", scheduler_config),
                       safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
+
+
+def hold_pad_at_zero(text_encoder, pad_id: int) -> None:
+    """Zero the pad token's embedding and its gradient, so training (AdamW without weight decay on it) keeps it 0."""
+    import torch
+
+    weight = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[pad_id] = 0
+
+    def no_pad_gradient(grad):
+        grad = grad.clone()
+        grad[pad_id] = 0
+        return grad
+
+    weight.register_hook(no_pad_gradient)
 
 
 def make_scheduler(kind: str, config: dict):

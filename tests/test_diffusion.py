@@ -71,11 +71,30 @@ def test_render_draws_the_properties_it_is_asked_for():
     assert large.shape == (20, 1, 16, 16) and 0 <= float(large.min()) and float(large.max()) <= 1
 
 
-def test_tokenizer_is_word_level_and_ends_with_eos():
+def test_tokenizer_is_word_level_without_stop_words_or_eos():
     tok = images.build_tokenizer(["a red 7"])
     ids = tok("a large 7", padding="max_length", max_length=6).input_ids
-    assert tok.convert_ids_to_tokens(ids) == ["a", "large", "7", "</s>", "<pad>", "<pad>"]
-    assert tok.convert_ids_to_tokens(tok("A RED 7").input_ids) == ["a", "red", "7", "</s>"]
+    assert tok.convert_ids_to_tokens(ids) == ["large", "7", "<pad>", "<pad>", "<pad>", "<pad>"]
+    assert tok.convert_ids_to_tokens(tok("A RED 7").input_ids) == ["red", "7"]
+    assert tok.convert_ids_to_tokens(tok("a large thin 7, on the left").input_ids) == ["large", "thin", "7", "left"]
+    assert tok("").input_ids == []  # the empty caption of classifier-free guidance: padding only
+
+
+def test_new_pipeline_keeps_padding_from_drowning_the_caption():
+    """IF pads prompts to 77 tokens: the pad embedding stays zero in training, so padded positions carry the
+    caption's words; the pooled-text embedding differs strongly between digits from the first step."""
+    torch.manual_seed(0)
+    pipe = images.build_pipeline({"block_out_channels": [8, 16], "down_block_types": ["DownBlock2D"] * 2,
+                                  "up_block_types": ["UpBlock2D"] * 2, "norm_num_groups": 4,
+                                  "attention_head_dim": 4}, {"d_model": 16, "d_ff": 32, "num_heads": 2, "d_kv": 8},
+                                 {"num_train_timesteps": 10})
+    pad = pipe.tokenizer.pad_token_id
+    emb = images.encode_text(pipe, pipe.text_encoder, ["a 3", "a 7"], "cpu")
+    assert float(emb[:, 1:].norm(dim=-1).min()) > 1  # padded positions are not empty: they see the caption
+    pooled = pipe.unet.add_embedding(emb)
+    assert float((pooled[0] - pooled[1]).norm()) > 0.5 * float(pooled.norm(dim=-1).mean())
+    emb.sum().backward()
+    assert float(pipe.text_encoder.get_input_embeddings().weight.grad[pad].abs().max()) == 0.0
 
 
 @pytest.mark.parametrize("content, expected", [
