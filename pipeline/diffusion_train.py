@@ -44,7 +44,7 @@ class DiffusionConfig:
     num_train_timesteps: int = 1000     # new model: DDPM schedule; a loaded pipeline keeps its own
     beta_schedule: str = "squaredcos_cap_v2"
     prediction_type: str = "epsilon"    # epsilon | v_prediction
-    snr_gamma: float | None = 5.0       # Min-SNR loss weighting (Hang et al. 2023: faster convergence); empty: plain MSE
+    snr_gamma: float | None = 5.0       # Min-SNR loss weighting (Hang et al. 2023); empty: plain MSE
     train_text_encoder: bool = True     # new model: the text encoder trains with the UNet; fine-tuning: usually false
     use_lora: bool = False              # train LoRA adapters on the UNet's attention (peft) instead of all weights
     lora_rank: int = 8
