@@ -287,8 +287,8 @@ def build_tokenizer(extra_captions=()):
 
 
 DEFAULT_UNET = dict(sample_size=16, in_channels=1, out_channels=2, layers_per_block=1, block_out_channels=[32, 64, 64],
-                    down_block_types=["DownBlock2D", "DownBlock2D", "DownBlock2D"],
-                    up_block_types=["UpBlock2D", "UpBlock2D", "UpBlock2D"],
+                    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
                     mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=64, attention_head_dim=8,
                     norm_num_groups=8, addition_embed_type="text", addition_embed_type_num_heads=4)
 DEFAULT_TEXT_ENCODER = dict(d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4, dropout_rate=0.0)
@@ -299,8 +299,9 @@ def build_pipeline(unet_config: dict, text_config: dict, scheduler_config: dict,
     has twice the image channels (IF's layout: noise and variance); training and sampling use the noise half with a
     fixed variance.
 
-    The text reaches the UNet through IF's pooled-text embedding (`addition_embed_type: text`, added to the timestep
-    embedding, as a class embedding would be) and through cross-attention in the middle block. IF pads every prompt to
+    The text reaches the UNet through cross-attention at the 8x8 and 4x4 levels and the middle block (the digit's
+    shape is read from there: README "Image models") and through IF's pooled-text embedding (`addition_embed_type:
+    text`, added to the timestep embedding, as a class embedding would be). IF pads every prompt to
     77 tokens and the UNet sees all of them, so three things keep the caption's few words from drowning in padding
     (README "Image models" has the measurements): the pad token's embedding is zero and held there in training
     (`hold_pad_at_zero`), so each padded position of the T5 encoder's output is the caption's words seen through
