@@ -1,7 +1,8 @@
 # Quickstart: `make run` trains recipes/small.yaml end to end; `make test` runs the test suite.
 # Both create .venv and install the project the first time. On a machine without torch the CPU wheel
 # torch==2.13.0 is installed first, so pip never pulls the multi-GB CUDA build; GPU users install their torch
-# into .venv (or any environment) before `make`.
+# into .venv (or any environment) before `make`. Other packages: the versions in constraints.txt, with which the
+# README's figures were measured.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,18 +14,18 @@ TORCH_CPU ?= torch==2.13.0
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_CPU)
-	$(PY) -m pip install -q -e ".[dev,tensorboard]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,tensorboard]"
 	touch $@
 
 run: install
 	$(PY) pipeline/run.py $(RECIPE)
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 clean:
 	rm -rf runs

@@ -45,8 +45,9 @@ RECIPE = {
     "tokenizer": {"train": True, "vocab_size": 400},
     "model": {"config": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                          "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 256}},
-    "pretrain": {"block_size": 64, "max_steps": 12, "per_device_train_batch_size": 8, "learning_rate": 3e-3,
-                 "logging_steps": 2, "save_steps": 4, "use_cpu": True},
+    # pretrain trains 48 steps (12 took about a second: kills after its first checkpoint mostly missed training)
+    "pretrain": {"block_size": 64, "max_steps": 48, "per_device_train_batch_size": 8, "learning_rate": 3e-3,
+                 "logging_steps": 4, "save_steps": 8, "use_cpu": True},
     "sft": {**TRAIN, "max_steps": 12, "learning_rate": 1e-3, "max_length": 128, "heldout_prompts": None},
     "reward": {**TRAIN, "max_steps": 12, "learning_rate": 1e-3, "max_length": 128, "norm_max_pairs": 64},
     "dpo": {**TRAIN, "max_steps": 8, "learning_rate": 1e-3, "max_length": 128, "heldout_prompts": None},

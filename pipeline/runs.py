@@ -288,15 +288,15 @@ class StageRun:
     def __exit__(self, exc_type, exc, tb):
         log.close()
         lock = getattr(self, "_lock", None)  # None: not the main process, or the folder is another process's
-        if exc_type is not None and issubclass(exc_type, PipelineError) and self.state.is_main_process and lock:
-            if exc_type is not integrity.UnsafeFile:  # a refused checkpoint stays for a person to look at
-                shutil.rmtree(self.out, ignore_errors=True)  # bad input: leave nothing behind
-            lock.release()  # its file is in the run folder
+        bad_input = exc_type is not None and issubclass(exc_type, PipelineError) and lock is not None
+        if bad_input and exc_type is not integrity.UnsafeFile:  # a refused checkpoint stays for a person to look at
+            shutil.rmtree(self.out, ignore_errors=True)  # bad input: leave nothing behind (still under the lock)
+        if lock is not None:
+            lock.release()  # before the empty folders go: its file is in the run folder
+        if bad_input:
             for folder in self._new_dirs:  # the run folder, then the output folder, if this stage made them
                 if folder.is_dir() and not any(folder.iterdir()):
                     folder.rmdir()
-        if lock is not None:
-            lock.release()
         return False
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -40,6 +41,12 @@ def tiny_recipe(directory: Path, **sections) -> Path:
     path = Path(directory) / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> str:
+    """Write `rows` as JSON Lines to `path`; returns the path as a data spec."""
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
 
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -7,16 +7,12 @@ import os
 import stat
 
 
-from conftest import REPO, run_cli, tiny_recipe
+from conftest import REPO, run_cli, tiny_recipe, write_jsonl
 from test_formats import ALPACA, SHAREGPT
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 SHORT = {"max_steps": 2, "logging_steps": 1, "heldout_prompts": "", "eval_dataset": ""}
 
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def manifest(work, name, stage):

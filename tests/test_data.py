@@ -6,7 +6,7 @@ import pytest
 from pipeline import data
 from pipeline.cli import PipelineError
 from pipeline.recipe import load_recipe
-from conftest import tiny_recipe
+from conftest import tiny_recipe, write_jsonl
 
 CHATS = [
     {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure! The answer is 1."}]},
@@ -19,10 +19,6 @@ CHATS = [
 def recipe(tmp_path):
     return load_recipe(tiny_recipe(tmp_path))
 
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet", "csv", "saved", "folder"])

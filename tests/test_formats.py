@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import tiny_recipe
+from conftest import tiny_recipe, write_jsonl
 from pipeline import data, formats, preferences
 from pipeline.cli import PipelineError
 from pipeline.recipe import load_recipe
@@ -28,10 +28,6 @@ ALPACA = {"instruction": "Add the numbers.", "input": "3 and 4", "output": "The 
 def recipe(tmp_path):
     return load_recipe(tiny_recipe(tmp_path))
 
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def test_alpaca_rows_become_conversations(tmp_path, recipe):

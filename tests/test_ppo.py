@@ -162,6 +162,16 @@ def uninterrupted(inputs):
     return work
 
 
+def assert_same_as_uninterrupted(work, name):
+    """Run `name` ended with the step count, every step's statistics and the exact weights of run "full"."""
+    full, other = read(work, "full"), read(work, name)
+    assert other["steps"] == full["steps"] == 12
+    timeless = [[{k: v for k, v in h.items() if k != "elapsed_s"} for h in m["history"]] for m in (other, full)]
+    assert timeless[0] == timeless[1]
+    a, b = (load_file(work / f"runs/{n}/ppo/model.safetensors") for n in ("full", name))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_short_run_raises_the_mean_reward(inputs, uninterrupted):
     work, recipe, policy, tokenizer = inputs
     from transformers import AutoModelForCausalLM
@@ -205,13 +215,7 @@ def test_kill_and_resume_ends_like_an_uninterrupted_run(uninterrupted):
     resumed = run_cli(["pipeline/ppo.py", ppo_recipe(work), "run.name=killed"], cwd=work, env=ENV)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
-    full, killed = read(work, "full"), read(work, "killed")
-    assert killed["steps"] == full["steps"] == 12
-    drop = ("elapsed_s",)
-    assert [{k: v for k, v in h.items() if k not in drop} for h in killed["history"]] == \
-        [{k: v for k, v in h.items() if k not in drop} for h in full["history"]]
-    a, b = load_file(work / "runs/full/ppo/model.safetensors"), load_file(work / "runs/killed/ppo/model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_as_uninterrupted(work, "killed")
 
 
 def test_killed_inside_a_checkpoint_save_and_the_final_save_ends_like_an_uninterrupted_run(uninterrupted):
@@ -229,13 +233,7 @@ def test_killed_inside_a_checkpoint_save_and_the_final_save_ends_like_an_uninter
     assert (partial / "checkpoint-12/loop_state.json").is_file() and not list(partial.rglob("*checkpoint_*.pkl"))
     resumed = run_cli(args, cwd=work, env=ENV)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    full, saves = read(work, "full"), read(work, "saves")
-    assert saves["steps"] == full["steps"] == 12
-    drop = ("elapsed_s",)
-    assert [{k: v for k, v in h.items() if k not in drop} for h in saves["history"]] == \
-        [{k: v for k, v in h.items() if k not in drop} for h in full["history"]]
-    a, b = load_file(work / "runs/full/ppo/model.safetensors"), load_file(work / "runs/saves/ppo/model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_as_uninterrupted(work, "saves")
 
 
 def test_preemption_signal_checkpoints_between_steps_and_the_rerun_finishes(uninterrupted):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from conftest import REPO, run_cli, tiny_recipe
+from conftest import REPO, run_cli, tiny_recipe, write_jsonl
 from pipeline import data, metrics as M, preferences, world
 from pipeline.cli import PipelineError
 from pipeline.recipe import load_recipe
@@ -22,10 +22,6 @@ H, A = "\n\nHuman: ", "\n\nAssistant: "
 def recipe(tmp_path):
     return load_recipe(tiny_recipe(tmp_path))
 
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def load(tmp_path, recipe, rows, name="p.jsonl"):
