@@ -22,7 +22,9 @@ def write(folder: Path, *, stage: str, run: str, recipe_path: str, section: dict
         for cp in value if isinstance(value, list) else [value]:
             checkpoints.append((name, cp))
     hub_bases = [cp["path"] for _, cp in checkpoints if cp.get("source") == "hub"]
-    meta = {"library_name": "transformers", "tags": ["alignment-pipeline", stage]}
+    diffusers = (Path(folder) / "model_index.json").is_file()  # an image stage's pipeline folder
+    meta = {"library_name": "diffusers" if diffusers else "transformers", "tags": ["alignment-pipeline", stage],
+            **({"pipeline_tag": "text-to-image"} if diffusers else {})}
     if hub_bases:
         meta["base_model"] = hub_bases[0]
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",

@@ -128,6 +128,8 @@ def model_folder_problem(path, need_tokenizer: bool = False) -> str | None:
     path = Path(path)
     if not path.is_dir():
         return f"{path} is not a folder"
+    if (path / "model_index.json").is_file():
+        return diffusers_folder_problem(path)
     configs = [p for p in ("config.json", "adapter_config.json") if (path / p).is_file()]
     if not configs:
         return None  # not a model folder (e.g. the eval stage's report): nothing more to check
@@ -146,4 +148,30 @@ def model_folder_problem(path, need_tokenizer: bool = False) -> str | None:
     merged = path / "merged"
     if (merged / "config.json").is_file():
         return model_folder_problem(merged)
+    return None
+
+
+def diffusers_folder_problem(path: Path) -> str | None:
+    """A diffusers pipeline folder (the image stages' output): `model_index.json` parses and every component it
+    names is whole (a model subfolder: config and safetensors; a tokenizer: its vocabulary; a scheduler: its JSON);
+    the image judge beside it (`judge/`) too."""
+    if (problem := json_problem(path / "model_index.json")):
+        return f"{path / 'model_index.json'}: {problem}"
+    index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    parts = [name for name, value in index.items() if isinstance(value, list) and len(value) == 2 and value[1]]
+    for name in [*parts, *(["judge"] if (path / "judge").is_dir() else [])]:
+        sub = path / name
+        if not sub.is_dir():
+            return f"{path}: component '{name}' missing (model_index.json names it)"
+        for p in sorted(sub.glob("*.json")):
+            if (problem := json_problem(p)):
+                return f"{p}: {problem}"
+        if name.startswith("tokenizer") and not any((sub / v).is_file() for v in VOCAB_FILES):
+            return f"{sub}: tokenizer files missing (none of {', '.join(VOCAB_FILES[:3])}, ...)"
+        weights = sorted(sub.glob("*.safetensors"))
+        if (sub / "config.json").is_file() and not weights:
+            return f"{sub}: no weights (*.safetensors) next to config.json"
+        for p in weights:
+            if (problem := safetensors_problem(p)):
+                return f"{p}: {problem}"
     return None

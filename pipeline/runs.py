@@ -30,7 +30,7 @@ from pipeline.stages import STAGES
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
-LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "tokenizers", "deepspeed",
+LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "tokenizers", "deepspeed", "diffusers",
              "bitsandbytes")
 
 

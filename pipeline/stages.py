@@ -129,7 +129,7 @@ class PPOKeys(HeldoutKeys):
                                   "over-optimisation and collapse warnings (pipeline/monitors.py)")
 
 
-NON_POLICY_STAGES = ("reward", "eval")  # stages whose output is not a causal LM to evaluate
+NON_POLICY_STAGES = ("reward", "eval", "diffusion", "diffusion_dpo")  # stages whose output is not a causal LM
 
 
 @dataclass
@@ -194,6 +194,42 @@ class TrainingKeys:
                                               "from the number of processes; empty: not checked")
 
 
+@dataclass
+class ImageHeldoutKeys:
+    """The image stages' evaluation: held-out captions drawn at the end and read by the image judge."""
+
+    heldout_captions: str | None = key("images:digits", "captions drawn at the end and scored by the image judge: "
+                                                        "`images:digits` (the world's 20 held-out captions) or a "
+                                                        "file of `caption` rows in the world's words; empty: skip")
+    heldout_samples: int = key(16, "images drawn per held-out caption")
+    sample_steps: int = key(20, "sampler steps per image at the end (and for DPO's candidates)")
+    guidance_scale: float = key(4.0, "classifier-free guidance scale at the end (and for DPO's candidates)")
+    grid_columns: int = key(8, "samples per caption in grid.png")
+
+
+@dataclass
+class DiffusionKeys(ImageHeldoutKeys):
+    pretrained: str | None = key(None, "a diffusers text-to-image pipeline to fine-tune (a stage, a folder or a hub "
+                                       "id); empty: a new pixel-space pipeline from `unet` and `text_encoder`",
+                                 ref="checkpoint")
+    dataset: str = key("images:digits", "images with captions: `images:digits` (the offline digit world) or a "
+                                        ".jsonl / folder with metadata.jsonl of `file_name`, `caption` rows",
+                       ref="data")
+    resolution: int = key(16, "image side of a new model (its UNet's sample_size)")
+    judge_epochs: int = key(24, "passes of the image judge over the world's real training digits (each under a "
+                                "random property combination); 0: no judge and no evaluation")
+
+
+@dataclass
+class DiffusionDPOKeys(ImageHeldoutKeys):
+    init_from: str = key("diffusion", "the image model to tune, also the frozen reference (a stage, a folder or a "
+                                      "hub id)", ref="checkpoint")
+    judge: str | None = key(None, "folder of the image judge (config.json, model.safetensors) that the simulated "
+                                  "annotator and the evaluation read; empty: `judge/` inside init_from")
+    dataset: str = key("images:digits", "captions the start model draws candidates for: `images:digits` (the "
+                                        "world's 60 training captions) or a file of `caption` rows", ref="data")
+
+
 @dataclass(frozen=True)
 class StageSpec:
     name: str
@@ -202,6 +238,7 @@ class StageSpec:
     keys: type                  # dataclass of pipeline keys
     peft: bool = False          # accepts TRL ModelConfig's LoRA/quantization fields
     default_init: tuple[str, ...] = ()  # init_from when empty: first of these that is a stage of the recipe
+    check: str | None = None    # "module:function" that `--check` calls instead of its causal-LM check
 
     @property
     def script(self) -> Path:
@@ -220,4 +257,9 @@ STAGES: dict[str, StageSpec] = {
     "ppo": StageSpec("ppo", "pipeline.ppo", "pipeline.ppo_config:PPOConfig", PPOKeys, peft=True,
                      default_init=("sft", "pretrain", "model")),
     "eval": StageSpec("eval", "pipeline.evaluate", None, EvalKeys),
+    "diffusion": StageSpec("diffusion", "pipeline.diffusion", "pipeline.diffusion_train:DiffusionConfig",
+                           DiffusionKeys, check="pipeline.image_check:check_image_stage"),
+    "diffusion_dpo": StageSpec("diffusion_dpo", "pipeline.diffusion_dpo",
+                               "pipeline.diffusion_train:DiffusionDPOConfig", DiffusionDPOKeys,
+                               check="pipeline.image_check:check_image_stage"),
 }

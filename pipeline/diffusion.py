@@ -1,0 +1,148 @@
+"""Image stage 1, diffusion: a text-to-image diffusion model trained with diffusers.
+
+    accelerate launch pipeline/diffusion.py recipes/small.yaml [diffusion.max_steps=500 ...]
+
+Without `pretrained`, a new pixel-space pipeline in diffusers' IFPipeline layout is built from the section's `unet`
+and `text_encoder` configs (a word-level tokenizer over the captions' words, a small T5 encoder trained with the
+UNet) and trained from nothing; with `pretrained` (a stage, a folder or a hub id of any diffusers text-to-image
+pipeline) it is fine-tuned, fully or with LoRA (`use_lora`), in its VAE's latent space if it has one, as diffusers'
+train_text_to_image(_lora).py do. DDPM noise schedule, epsilon (or v) prediction, captions dropped for
+classifier-free guidance, EMA weights, Accelerate's mixed precision; the saved scheduler is a fast sampler
+(DPM-Solver++ by default). The output folder loads with `DiffusionPipeline.from_pretrained(folder)` (safetensors).
+
+At the end the image judge is trained on the world's real images (`judge/`), the model draws every held-out
+caption and the judge scores the images: metrics.json, report.md, grid.png, samples/. Section keys:
+DiffusionConfig (pipeline/diffusion_train.py) and DiffusionKeys (pipeline/stages.py).
+"""
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import the package, never shadow libraries with our modules
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import dataclasses
+import time
+
+from pipeline import cli, diffusion_train, image_eval, images, log, runs
+from pipeline.recipe import load_recipe, stage_help
+
+STAGE = "diffusion"
+USAGE = "usage: pipeline/diffusion.py RECIPE [diffusion.KEY=VALUE ...]"
+
+
+def main(argv):
+    recipe = load_recipe(*cli.split_stage_args(argv, USAGE, lambda: stage_help(STAGE)))
+    recipe.check_config(STAGE, portable=True)  # the config class's own checks before upstream stages
+    keys = recipe.keys(STAGE)
+    cfg = recipe.trainer_config(STAGE)  # DiffusionConfig; seed: run.seed unless the section sets one
+    with runs.StageRun(recipe, STAGE) as run:
+        images.make_scheduler(cfg.sampler, {})  # an unknown sampler fails here, before any work
+        pipe = images.load_pipeline(run.checkpoint("pretrained").path) if keys.pretrained else None
+        shape = images.pipeline_shape(pipe) if pipe else {"resolution": keys.resolution, "channels": 1, "latent": False}
+        source = images.load_images(keys.dataset, shape["resolution"], shape["channels"], cfg.property_dropout)
+        heldout = image_eval.read_captions(keys.heldout_captions, recipe) if keys.judge_epochs else []
+        run.note_data("dataset", {"source": keys.dataset, "rows": source.size, "format": "images"})
+        run.prepare()
+
+        import torch
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+        main_process = accelerator.is_main_process
+        torch.manual_seed(cfg.seed)
+        if pipe is None:
+            noise_config = {"num_train_timesteps": cfg.num_train_timesteps, "beta_schedule": cfg.beta_schedule,
+                            "prediction_type": cfg.prediction_type, "variance_type": "fixed_small",
+                            "clip_sample": True}
+            pipe = images.build_pipeline({**cfg.unet, "sample_size": keys.resolution}, cfg.text_encoder, noise_config,
+                                         extra_captions=getattr(source, "captions", ()))
+        noise_scheduler = images.make_scheduler("ddpm", pipe.scheduler.config)
+        unet, text_encoder, vae = pipe.unet, pipe.text_encoder, getattr(pipe, "vae", None)
+        if vae is not None:
+            vae.requires_grad_(False).eval()
+        if cfg.use_lora:
+            diffusion_train.add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
+        text_encoder.requires_grad_(cfg.train_text_encoder and not cfg.use_lora)
+        modules = {"unet": unet, **({"text_encoder": text_encoder} if cfg.train_text_encoder and not cfg.use_lora
+                                    else {})}
+        if "text_encoder" not in modules:
+            text_encoder.eval()
+        params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+        if main_process:
+            counts = {k: sum(p.numel() for p in m.parameters()) for k, m in modules.items()}
+            log.info(f"{'new ' if not keys.pretrained else ''}{type(pipe).__name__}: "
+                     + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items())
+                     + f", trainable {sum(p.numel() for p in params) / 1e6:.3f}M; {shape['resolution']}px x "
+                     f"{shape['channels']}, {source.size} training images, {accelerator.num_processes} process(es)")
+
+        def step_fn(prepared, step, micro, gen):
+            x, captions = source.sample(cfg.batch_size, gen)
+            drop = torch.rand(len(captions), generator=gen) < cfg.caption_dropout
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+            x = x.to(accelerator.device)
+            if vae is not None:
+                with torch.no_grad():
+                    x = vae.encode(x).latent_dist.sample(generator=gen) * vae.config.scaling_factor
+            noise = torch.randn(x.shape, generator=gen).to(x.device)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x),), generator=gen).to(x.device)
+            with torch.set_grad_enabled("text_encoder" in prepared):
+                emb = images.encode_text(pipe, prepared.get("text_encoder", text_encoder), captions, x.device)
+            pred = prepared["unet"](noise_scheduler.add_noise(x, noise, t), t, encoder_hidden_states=emb).sample
+            target = diffusion_train.denoise_target(noise_scheduler, x, noise, t)
+            return diffusion_train.denoise_loss(noise_scheduler, pred[:, :x.shape[1]], target, t, cfg.snr_gamma), {}
+
+        started = time.time()
+        history, prepared = diffusion_train.train_loop(accelerator=accelerator, run=run, cfg=cfg, tag="diffusion",
+                                                       modules=modules, step_fn=step_fn, ema_params=params)
+        train_s = time.time() - started
+        accelerator.wait_for_everyone()
+
+        metrics = {}
+        if main_process:
+            unet = accelerator.unwrap_model(prepared["unet"]).eval()
+            if cfg.use_lora:
+                from safetensors.torch import save_file
+
+                save_file(diffusion_train.lora_state_dict(unet), str(run.out / "pytorch_lora_weights.safetensors"))
+                diffusion_train.merge_lora(unet)
+            pipe.register_modules(unet=unet, scheduler=images.make_scheduler(cfg.sampler, noise_scheduler.config))
+            pipe.save_pretrained(str(run.out), safe_serialization=True)
+            images.write_json(run.out / "world.json", images.world_json())
+            metrics = {"steps": cfg.max_steps, "train_loss": history[-1]["loss"] if history else None,
+                       "train_wall_s": round(train_s, 1), "history": history}
+            if keys.judge_epochs:
+                from pipeline.image_judge import train_judge
+
+                started = time.time()
+                judge, judge_metrics = train_judge(cfg.seed, epochs=keys.judge_epochs)
+                judge.save(run.out / "judge")
+                metrics.update(judge_metrics, judge_wall_s=round(time.time() - started, 1))
+                log.info("judge on held-out real images: " + ", ".join(
+                    f"{k} {v:.3f}" for k, v in judge_metrics["judge_heldout_accuracy"].items()))
+            evals = {}
+            if heldout and keys.judge_epochs:
+                started = time.time()
+                saved = images.load_pipeline(str(run.out))  # what a user loads: the check that the folder works
+                saved.set_progress_bar_config(disable=True)
+                evals["model"] = image_eval.evaluate(saved, judge, heldout, run.out, samples=keys.heldout_samples,
+                                                     steps=keys.sample_steps, guidance=keys.guidance_scale,
+                                                     seed=cfg.seed, columns=keys.grid_columns, name="model")
+                evals["model"].pop("matches")
+                acc = evals["model"]["accuracy"]
+                metrics = {"heldout_digit_accuracy": acc["digit"]["mean"], "heldout_all_accuracy": acc["all"]["mean"],
+                           **metrics, "heldout": evals["model"],
+                           "real_diversity": image_eval.real_diversity(heldout, keys.heldout_samples),
+                           "eval_wall_s": round(time.time() - started, 1)}
+                log.info("held-out captions: " + ", ".join(
+                    f"{m} {image_eval.fmt(acc[m])}" for m in image_eval.MEASURES if acc.get(m)))
+            notes = [f"Model: {type(pipe).__name__}, {cfg.max_steps} steps of {cfg.batch_size} images "
+                     f"x {accelerator.num_processes} process(es) x {cfg.gradient_accumulation_steps} accumulation, "
+                     f"{train_s:.0f} s; sampler {cfg.sampler}, {keys.sample_steps} steps, guidance "
+                     f"{keys.guidance_scale}. Load it: `DiffusionPipeline.from_pretrained(\"{run.final_dir}\")`."]
+            (run.out / "report.md").write_text(image_eval.report("Diffusion stage", metrics, evals, notes))
+        run.finish(metrics, config=dataclasses.asdict(cfg))
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

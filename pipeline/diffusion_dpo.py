@@ -1,0 +1,201 @@
+"""Image stage 2, diffusion_dpo: a text-to-image model tuned from image preferences with Diffusion-DPO.
+
+    accelerate launch pipeline/diffusion_dpo.py recipes/small.yaml [diffusion_dpo.beta=1000 ...]
+
+The model of `init_from` (the `diffusion` stage by default) is the start and the frozen reference. It draws
+`candidates_per_caption` images for every training caption (`rounds` times); a simulated annotator reads them with
+the image judge and prefers, within each draw, the image that matches more of its caption (the digit first), its
+label flipped with probability `label_noise` as the text world's annotators do. Those pairs train the UNet with the
+Diffusion-DPO loss (Wallace et al. 2023; pipeline/diffusion_train.py), the text encoder frozen, fully or with LoRA.
+At the end the start and the tuned model draw the held-out captions with the same seeds; the judge's accuracies,
+their paired differences with 95% intervals, report.md and grids are written. Section keys: DiffusionDPOConfig
+(pipeline/diffusion_train.py) and DiffusionDPOKeys (pipeline/stages.py).
+"""
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import the package, never shadow libraries with our modules
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import dataclasses
+import json
+import random
+import shutil
+import time
+
+from pipeline import cli, diffusion_train, image_eval, images, log, runs
+from pipeline.recipe import load_recipe, stage_help
+
+STAGE = "diffusion_dpo"
+USAGE = "usage: pipeline/diffusion_dpo.py RECIPE [diffusion_dpo.KEY=VALUE ...]"
+
+
+def candidate_pairs(pipe, judge, captions, cfg, keys, out: Path) -> tuple:
+    """Draw candidates, let the annotator label pairs; cached in out/pairs.safetensors for a resumed run."""
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.image_judge import annotate_pairs, score_images
+
+    cache = out / "pairs.safetensors"
+    if cache.is_file() and (out / "pairs.json").is_file():
+        meta = json.loads((out / "pairs.json").read_text())
+        t = load_file(str(cache))
+        return t["chosen"], t["rejected"], meta["captions"], meta["stats"]
+    expanded = [c for _ in range(cfg.rounds) for c in captions for _ in range(cfg.candidates_per_caption)]
+    drawn = images.generate(pipe, expanded, steps=keys.sample_steps, guidance=keys.guidance_scale, seed=cfg.seed + 1)
+    rows = score_images(judge, drawn, expanded)
+    rng = random.Random(cfg.seed)
+    k = cfg.candidates_per_caption
+    pairs = []
+    for g in range(len(expanded) // k):
+        group = list(range(g * k, (g + 1) * k))
+        pairs += [(w, lose, clean, expanded[w]) for w, lose, clean in annotate_pairs(rows, group, cfg.label_noise, rng)]
+    if not pairs:
+        raise cli.PipelineError("diffusion_dpo: the annotator found no pair with a preference (every candidate of "
+                                "every caption scored the same): raise candidates_per_caption or rounds")
+    chosen = drawn[[p[0] for p in pairs]] * 2 - 1
+    rejected = drawn[[p[1] for p in pairs]] * 2 - 1
+    stats = {"candidates": len(expanded), "pairs": len(pairs),
+             "pairs_clean_agree": sum(p[2] for p in pairs) / len(pairs),
+             "candidate_digit_accuracy": sum(r["match"].get("digit", 0) for r in rows) / len(rows),
+             "candidate_all_accuracy": sum(r["match"].get("all", 0) for r in rows) / len(rows)}
+    save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(cache))
+    (out / "pairs.json").write_text(json.dumps({"captions": [p[3] for p in pairs], "stats": stats}) + "\n")
+    log.info(f"{stats['pairs']} pairs from {stats['candidates']} candidates (candidates' digit accuracy "
+        f"{stats['candidate_digit_accuracy']:.3f}; labels agreeing with the noise-free annotator "
+        f"{stats['pairs_clean_agree']:.3f})")
+    return chosen, rejected, [p[3] for p in pairs], stats
+
+
+def main(argv):
+    recipe = load_recipe(*cli.split_stage_args(argv, USAGE, lambda: stage_help(STAGE)))
+    recipe.check_config(STAGE, portable=True)  # the config class's own checks before upstream stages
+    keys = recipe.keys(STAGE)
+    cfg = recipe.trainer_config(STAGE)  # DiffusionDPOConfig; seed: run.seed unless the section sets one
+    with runs.StageRun(recipe, STAGE) as run:
+        init = run.checkpoint()
+        judge_dir = Path(keys.judge) if keys.judge else Path(init.path) / "judge"
+        if not (judge_dir / "config.json").is_file() or not (judge_dir / "model.safetensors").is_file():
+            raise cli.PipelineError(f"{recipe.path}: diffusion_dpo.judge: no image judge in {judge_dir} (train the "
+                                    f"diffusion stage with judge_epochs > 0, or point `judge` at one)")
+        if keys.dataset == images.WORLD_SPEC:
+            captions = [images.caption(*c) for c in images.train_combos()]
+        else:
+            captions = image_eval.read_captions(keys.dataset, recipe)
+        heldout = image_eval.read_captions(keys.heldout_captions, recipe)
+        pipe = images.load_pipeline(init.path)
+        run.note_data("dataset", {"source": keys.dataset, "rows": len(captions), "format": "captions"})
+        run.prepare()
+
+        import copy
+
+        import torch
+        import torch.nn.functional as F
+        from accelerate import Accelerator
+
+        from pipeline.image_judge import ImageJudge
+
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+        main_process = accelerator.is_main_process
+        torch.manual_seed(cfg.seed)
+        judge = ImageJudge.load(judge_dir)
+        pipe.set_progress_bar_config(disable=True)
+        started = time.time()
+        if main_process:
+            candidate_pairs(pipe, judge, captions, cfg, keys, run.out)
+        accelerator.wait_for_everyone()
+        chosen, rejected, pair_captions, pair_stats = candidate_pairs(pipe, judge, captions, cfg, keys, run.out)
+        pairs_s = time.time() - started
+        vae = getattr(pipe, "vae", None)
+        unet, text_encoder = pipe.unet, pipe.text_encoder.eval().requires_grad_(False)
+        ref_unet = copy.deepcopy(unet).eval().requires_grad_(False)
+        if cfg.use_lora:
+            diffusion_train.add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
+        noise_scheduler = images.make_scheduler("ddpm", pipe.scheduler.config)
+        log.info(f"tuning {init.ref}: unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, "
+            f"trainable {sum(p.numel() for p in unet.parameters() if p.requires_grad) / 1e6:.3f}M; "
+            f"{len(pair_captions)} pairs, beta {cfg.beta}")
+
+        def step_fn(prepared, step, micro, gen):
+            idx = torch.randint(0, len(pair_captions), (cfg.batch_size,), generator=gen)
+            x = torch.cat([chosen[idx], rejected[idx]]).to(accelerator.device)
+            if vae is not None:
+                with torch.no_grad():
+                    x = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
+            with torch.no_grad():
+                emb = images.encode_text(pipe, text_encoder, [pair_captions[i] for i in idx.tolist()], x.device)
+            emb = emb.repeat(2, 1, 1)
+            noise = torch.randn((len(idx), *x.shape[1:]), generator=gen).repeat(2, 1, 1, 1).to(x.device)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
+            t = t.repeat(2).to(x.device)
+            noisy = noise_scheduler.add_noise(x, noise, t)
+            channels = x.shape[1]
+            pred = prepared["unet"](noisy, t, encoder_hidden_states=emb).sample[:, :channels]
+            with torch.no_grad():
+                ref = ref_unet(noisy, t, encoder_hidden_states=emb).sample[:, :channels]
+            target = diffusion_train.denoise_target(noise_scheduler, x, noise, t)
+            loss, stats = diffusion_train.diffusion_dpo_loss(pred, ref, target, cfg.beta)
+            if cfg.sft_weight:
+                loss = loss + cfg.sft_weight * F.mse_loss(pred[:len(idx)].float(), target[:len(idx)].float())
+            return loss, stats
+
+        started = time.time()
+        params = [p for p in unet.parameters() if p.requires_grad]
+        history, prepared = diffusion_train.train_loop(accelerator=accelerator, run=run, cfg=cfg,
+                                                       tag="diffusion_dpo", modules={"unet": unet},
+                                                       step_fn=step_fn, ema_params=params)
+        train_s = time.time() - started
+        accelerator.wait_for_everyone()
+
+        metrics = {}
+        if main_process:
+            unet = accelerator.unwrap_model(prepared["unet"]).eval()
+            if cfg.use_lora:
+                from safetensors.torch import save_file
+
+                save_file(diffusion_train.lora_state_dict(unet), str(run.out / "pytorch_lora_weights.safetensors"))
+                diffusion_train.merge_lora(unet)
+            pipe.register_modules(unet=unet)
+            pipe.save_pretrained(str(run.out), safe_serialization=True)
+            shutil.copytree(judge_dir, run.out / "judge", dirs_exist_ok=True)
+            images.write_json(run.out / "world.json", images.world_json())
+            (run.out / "pairs.safetensors").unlink(missing_ok=True)
+            metrics = {"steps": cfg.max_steps, "train_loss": history[-1]["loss"] if history else None,
+                       "pairs_wall_s": round(pairs_s, 1), "train_wall_s": round(train_s, 1), **pair_stats,
+                       "history": history}
+            evals = {}
+            if heldout:
+                started = time.time()
+                start = images.load_pipeline(init.path)
+                tuned = images.load_pipeline(str(run.out))
+                for name, p in (("start", start), ("model", tuned)):
+                    p.set_progress_bar_config(disable=True)
+                    evals[name] = image_eval.evaluate(p, judge, heldout, run.out, samples=keys.heldout_samples,
+                                                      steps=keys.sample_steps, guidance=keys.guidance_scale,
+                                                      seed=cfg.seed, columns=keys.grid_columns, name=name)
+                gain = image_eval.paired_gain(evals["start"], evals["model"], seed=cfg.seed)
+                acc, acc0 = evals["model"]["accuracy"], evals["start"]["accuracy"]
+                metrics = {"heldout_digit_accuracy": acc["digit"]["mean"], "heldout_all_accuracy": acc["all"]["mean"],
+                           "start_digit_accuracy": acc0["digit"]["mean"], "start_all_accuracy": acc0["all"]["mean"],
+                           **metrics, "gain": gain, "heldout": evals["model"], "start": evals["start"],
+                           "eval_wall_s": round(time.time() - started, 1)}
+                for name in ("start", "model"):
+                    evals[name].pop("matches", None)
+                log.info("held-out captions, start -> tuned: " + ", ".join(
+                    f"{m} {acc0[m]['mean']:.3f} -> {acc[m]['mean']:.3f} (gain {image_eval.fmt(gain[m])})"
+                    for m in image_eval.MEASURES if acc.get(m)))
+            notes = [f"Diffusion-DPO from `{init.ref}` (also the frozen reference): {pair_stats['pairs']} pairs "
+                     f"labelled by the simulated annotator (label noise {cfg.label_noise}; "
+                     f"{pair_stats['pairs_clean_agree']:.3f} agree with the noise-free annotator), {cfg.max_steps} "
+                     f"steps of {cfg.batch_size} pairs, beta {cfg.beta}, learning rate {cfg.learning_rate}, "
+                     f"{train_s:.0f} s. `start` is the model before tuning, drawn with the same seeds; the paired "
+                     f"gain (tuned − start, per image) with its 95% interval is in metrics.json (`gain`).",
+                     "", "Start model's samples: ![start](grid_start.png)"]
+            shown = {"start": evals["start"], "dpo": evals["model"]} if evals else {}
+            (run.out / "report.md").write_text(image_eval.report("Diffusion-DPO stage", metrics, shown, notes))
+        run.finish(metrics, config=dataclasses.asdict(cfg))
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

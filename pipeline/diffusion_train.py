@@ -1,0 +1,371 @@
+"""Training shared by the image stages: their config classes, the denoising and Diffusion-DPO losses, the training
+loop (Accelerate, EMA, mixed precision, checkpoints), LoRA through peft.
+
+Checkpoints (`<stage>.partial/checkpoint-N/`) hold the trainable weights, the EMA weights and the optimizer's
+tensors as safetensors, and everything else (step, history, optimizer hyper-parameters, the learning-rate
+schedule's state, the EMA's counters) as JSON in `loop_state.json`: nothing is pickled, so nothing runs on resume,
+and the checkpoint is found and checked by `safe_resume` like every other stage's (complete, intact, safe). Each
+step's randomness (batch, noise, timesteps, caption dropout) comes from a generator seeded by (seed, step,
+process), so a resumed run draws what the uninterrupted run would have drawn. A checkpoint is written to
+`tmp-checkpoint-N` and renamed: a kill never leaves a half checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline import cluster, faults, log, safe_resume, threads
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@dataclass
+class DiffusionConfig:
+    """Keys of the `diffusion` section besides the pipeline keys (pipeline/stages.py: DiffusionKeys)."""
+
+    max_steps: int = 2000               # optimizer steps
+    batch_size: int = 64                # images per process per micro-batch
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3
+    lr_scheduler_type: str = "cosine"   # any name of diffusers.optimization.get_scheduler
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"         # no | bf16 | fp16: Accelerate's autocast over fp32 weights
+    ema_decay: float = 0.999            # EMA of the trained weights (with warmup); the saved model is the EMA; 0: off
+    caption_dropout: float = 0.1        # share of captions replaced by "" (classifier-free guidance)
+    property_dropout: float = 0.3       # world captions: each property left out with this probability
+    num_train_timesteps: int = 1000     # new model: DDPM schedule; a loaded pipeline keeps its own
+    beta_schedule: str = "squaredcos_cap_v2"
+    prediction_type: str = "epsilon"    # epsilon | v_prediction
+    snr_gamma: float | None = 5.0       # Min-SNR loss weighting (Hang et al. 2023); empty: plain MSE
+    train_text_encoder: bool = True     # new model: the text encoder trains with the UNet; fine-tuning: usually false
+    use_lora: bool = False              # train LoRA adapters on the UNet's attention (peft) instead of all weights
+    lora_rank: int = 8
+    lora_alpha: int = 8
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    unet: dict = field(default_factory=dict)          # new model: UNet2DConditionModel kwargs over images.DEFAULT_UNET
+    text_encoder: dict = field(default_factory=dict)  # new model: T5Config kwargs over images.DEFAULT_TEXT_ENCODER
+    sampler: str = "ddim"               # scheduler saved with the model for sampling: ddim | dpm | ddpm | euler
+    logging_steps: int = 50
+    save_steps: int = 500               # checkpoint every N steps (resume after a kill); 0: only at the end
+    save_total_limit: int = 1
+    seed: int | None = None             # empty: run.seed
+
+    def __post_init__(self):
+        check_common(self)
+        _one_of("prediction_type", self.prediction_type, ("epsilon", "v_prediction", "sample"))
+        _one_of("sampler", self.sampler, SAMPLERS)
+        for name in ("caption_dropout", "property_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SAMPLERS = ("ddim", "dpm", "ddpm", "euler")
+
+
+def _one_of(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def check_common(cfg) -> None:
+    """The checks both image configs share (recipe.check_config runs them before any work)."""
+    _one_of("mixed_precision", cfg.mixed_precision, ("no", "bf16", "fp16"))
+    if not 0 <= cfg.ema_decay < 1:
+        raise ValueError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
+    if cfg.max_steps < 1:
+        raise ValueError(f"max_steps must be at least 1, got {cfg.max_steps}")
+
+
+@dataclass
+class DiffusionDPOConfig:
+    """Keys of the `diffusion_dpo` section besides the pipeline keys (DiffusionDPOKeys)."""
+
+    max_steps: int = 200
+    batch_size: int = 32                # preference pairs per process per micro-batch
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler_type: str = "constant_with_warmup"
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    beta: float = 2000.0                # Diffusion-DPO's beta (the official script's beta_dpo; SD1.5 used 5000)
+    sft_weight: float = 0.0             # weight of the plain denoising loss on chosen images (stays near the data)
+    ema_decay: float = 0.0              # 0: the tuned weights as they are
+    use_lora: bool = False
+    lora_rank: int = 8
+    lora_alpha: int = 8
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    candidates_per_caption: int = 4     # images the start model draws per training caption; pairs come from them
+    rounds: int = 2                     # times every training caption is drawn for
+    label_noise: float = 0.15           # the simulated annotator flips this share of labels (as the text world)
+    logging_steps: int = 25
+    save_steps: int = 100
+    save_total_limit: int = 1
+    seed: int | None = None
+
+    def __post_init__(self):
+        check_common(self)
+        if self.beta <= 0:
+            raise ValueError(f"beta must be above 0, got {self.beta}")
+        if not 0 <= self.label_noise <= 0.5:
+            raise ValueError(f"label_noise must be in [0, 0.5], got {self.label_noise}")
+        if self.candidates_per_caption < 2 or self.rounds < 1:
+            raise ValueError("candidates_per_caption must be at least 2 and rounds at least 1 (pairs need two images)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+
+def denoise_target(scheduler, x0, noise, t):
+    """What the UNet predicts: the noise (epsilon), the velocity (v_prediction) or the clean image (sample)."""
+    kind = scheduler.config.prediction_type
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    return x0 if kind == "sample" else noise
+
+
+def denoise_loss(scheduler, pred, target, t, snr_gamma: float | None):
+    """Mean squared error per image; with snr_gamma, Min-SNR weighting (Hang et al. 2023): the clean-image error
+    weighted by min(SNR(t), gamma), i.e. the MSE of an epsilon prediction times min(SNR, gamma) / SNR, of a v
+    prediction times min(SNR, gamma) / (SNR + 1), of a sample prediction times min(SNR, gamma)."""
+    err = (pred.float() - target.float()).pow(2).mean(dim=list(range(1, target.ndim)))
+    if not snr_gamma:
+        return err.mean()
+    alphas = scheduler.alphas_cumprod.to(t.device)[t]
+    snr = alphas / (1 - alphas)
+    kind = scheduler.config.prediction_type
+    weight = snr.clamp(max=snr_gamma) / {"v_prediction": snr + 1, "sample": 1}.get(kind, snr)
+    return (err * weight).mean()
+
+
+def diffusion_dpo_loss(model_pred, ref_pred, target, beta: float):
+    """Diffusion-DPO (Wallace et al. 2023), as in the official training script: the batch holds the winners then
+    the losers (same noise and timestep for both halves).
+
+        err(x) = mean over pixels of ||target - pred(x_t, t)||^2
+        inside = -beta/2 * ((err_θ(w) - err_ref(w)) - (err_θ(l) - err_ref(l)))
+        loss   = -log σ(inside)
+
+    Returns (loss, stats): implicit accuracy (inside > 0) and the model's raw denoising loss."""
+    import torch.nn.functional as F
+
+    dims = list(range(1, target.ndim))
+    model_err = (model_pred.float() - target.float()).pow(2).mean(dim=dims)
+    ref_err = (ref_pred.float() - target.float()).pow(2).mean(dim=dims)
+    model_w, model_l = model_err.chunk(2)
+    ref_w, ref_l = ref_err.chunk(2)
+    inside = -0.5 * beta * ((model_w - ref_w) - (model_l - ref_l))
+    loss = -F.logsigmoid(inside).mean()
+    stats = {"implicit_acc": float((inside > 0).float().mean()), "model_loss": float(model_err.detach().mean()),
+             "ref_loss": float(ref_err.mean()), "margin": float(inside.detach().mean())}
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+
+
+def add_lora(unet, rank: int, alpha: int, targets: list[str]) -> None:
+    """LoRA adapters on the UNet (as diffusers' train_text_to_image_lora.py); everything else frozen."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
+
+
+def lora_state_dict(unet) -> dict:
+    """The adapter weights in diffusers' format, keys prefixed `unet.` (pipeline.load_lora_weights reads them)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return {f"unet.{k}": v.detach().contiguous() for k, v in sd.items()}
+
+
+def merge_lora(unet) -> None:
+    """Fold the adapters into the base weights and remove them: a plain UNet that saves and loads without peft."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(unet.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(unet.get_submodule(parent) if parent else unet, child, module.get_base_layer())
+    unet._hf_peft_config_loaded = False
+    if hasattr(unet, "peft_config"):
+        del unet.peft_config
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def _trainable(module) -> dict:
+    return {n: p.detach().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(out: Path, step: int, modules: dict, optimizer, scheduler, ema, history: list, keep: int,
+                    is_main: bool) -> None:
+    from safetensors.torch import save_file
+
+    if not is_main:
+        return
+    tmp = out / f"tmp-checkpoint-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, module in modules.items():
+        save_file(_trainable(module), str(tmp / f"{name}.safetensors"))
+    opt_state = optimizer.state_dict()
+    tensors, meta = {}, {}
+    for idx, st in opt_state["state"].items():
+        meta[str(idx)] = {}
+        for k, v in st.items():
+            if hasattr(v, "shape"):
+                tensors[f"{idx}.{k}"] = v.detach().contiguous()
+            else:
+                meta[str(idx)][k] = v
+    save_file(tensors or {"_empty": __import__("torch").zeros(1)}, str(tmp / "optimizer.safetensors"))
+    state = {"step": step, "history": history,
+             "optimizer": {"param_groups": opt_state["param_groups"], "scalars": meta},
+             "lr_scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}}
+    if ema is not None:
+        save_file({str(i): p.detach().contiguous() for i, p in enumerate(ema.shadow_params)},
+                  str(tmp / "ema.safetensors"))
+        state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+    faults.point("checkpoint")
+    (tmp / safe_resume.LOOP_STATE).write_text(json.dumps(state, default=float) + "\n")
+    final = out / f"checkpoint-{step}"
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))[:-max(keep, 1)]:
+        shutil.rmtree(old)
+
+
+def load_checkpoint(ckpt: Path, modules: dict, optimizer, scheduler, ema) -> tuple[int, list]:
+    import torch
+    from safetensors.torch import load_file
+
+    state = json.loads((ckpt / safe_resume.LOOP_STATE).read_text())
+    for name, module in modules.items():
+        weights = load_file(str(ckpt / f"{name}.safetensors"))
+        missing = set(weights) - set(dict(module.named_parameters()))
+        if missing:
+            raise RuntimeError(f"{ckpt}: {name} has no parameter {sorted(missing)[0]}")
+        module.load_state_dict(weights, strict=False)
+    tensors = load_file(str(ckpt / "optimizer.safetensors"))
+    opt_state = {"param_groups": state["optimizer"]["param_groups"], "state": {}}
+    for idx, scalars in state["optimizer"]["scalars"].items():
+        st = dict(scalars)
+        for k in [k.split(".", 1)[1] for k in tensors if k.split(".", 1)[0] == idx]:
+            st[k] = tensors[f"{idx}.{k}"]
+        opt_state["state"][int(idx)] = st
+    optimizer.load_state_dict(opt_state)
+    scheduler.load_state_dict({**scheduler.state_dict(), **state["lr_scheduler"]})
+    if ema is not None:
+        shadow = load_file(str(ckpt / "ema.safetensors"))
+        ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+    del torch
+    return state["step"], state["history"]
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int):
+    import torch
+
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 101 + micro) * 97 + rank)
+
+
+def train_loop(*, accelerator, run, cfg, tag: str, modules: dict, step_fn, ema_params=None) -> tuple[list, dict]:
+    """Run cfg.max_steps optimizer steps of `step_fn(prepared, step, micro, generator) -> (loss, stats)` over the
+    trainable parameters of `modules` (name -> module, prepared here together with the optimizer, as DeepSpeed
+    needs), resuming from the newest checkpoint in run.out. Returns (per-logged-step history, prepared modules).
+    With cfg.ema_decay and `ema_params`, the EMA is copied into them at the end."""
+    import torch
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    main = accelerator.is_main_process
+    seed = cfg.seed if cfg.seed is not None else run.recipe.run.seed
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=cfg.max_steps)
+    ds = getattr(accelerator.state, "deepspeed_plugin", None)
+    if ds is not None:  # no dataloader passes through prepare: tell DeepSpeed the batch
+        ds.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+        ds.deepspeed_config["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
+    *prepared_modules, optimizer, scheduler = accelerator.prepare(*modules.values(), optimizer, scheduler)
+    prepared = dict(zip(modules, prepared_modules))
+    ema = None
+    if cfg.ema_decay and ema_params is not None:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(ema_params, decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
+    plain = {k: accelerator.unwrap_model(m) for k, m in prepared.items()}
+    step, history = 0, []
+    if main:  # a save cut short by a kill; the checkpoint before it is intact
+        for partial_save in run.out.glob("tmp-checkpoint-*"):
+            shutil.rmtree(partial_save)
+    ckpt = run.last_checkpoint()  # complete, intact, nothing but safetensors and JSON (safe_resume)
+    if ckpt is not None:
+        step, history = load_checkpoint(Path(ckpt), plain, optimizer, scheduler, ema)
+        log.info(f"resumed at step {step}")
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=tag, disable=not main, dynamic_ncols=True)
+    started, window = time.time(), []
+    cluster.STOP.training = True
+    while step < cfg.max_steps:
+        threads.rebalance()
+        for m in prepared.values():
+            m.train()
+        stats = {}
+        for micro in range(cfg.gradient_accumulation_steps):
+            gen = step_generator(seed, step, micro, accelerator.process_index)
+            with accelerator.autocast():
+                loss, stats = step_fn(prepared, step, micro, gen)
+            accelerator.backward(loss / cfg.gradient_accumulation_steps)
+            window.append(float(loss.detach()))
+        if cfg.max_grad_norm:
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(ema_params)
+        step += 1
+        bar.update(1)
+        faults.point("training")
+        if step % max(cfg.logging_steps, 1) == 0 or step == cfg.max_steps:
+            entry = {"step": step, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
+                     **{k: v for k, v in stats.items()}, "elapsed_s": round(time.time() - started, 1)}
+            history.append(entry)
+            window = []
+            log.info(" ".join(f"{k} {v:.4g}" for k, v in entry.items()))
+        saved = step < cfg.max_steps and cfg.save_steps and step % cfg.save_steps == 0
+        if saved:
+            save_checkpoint(run.out, step, plain, optimizer, scheduler, ema, history, cfg.save_total_limit, main)
+            accelerator.wait_for_everyone()
+        if step < cfg.max_steps and cluster.stop_requested():
+            if not saved:
+                save_checkpoint(run.out, step, plain, optimizer, scheduler, ema, history, cfg.save_total_limit, main)
+            bar.close()
+            cluster.exit_preempted(run.out / f"checkpoint-{step}", main)
+    cluster.STOP.training = False
+    bar.close()
+    if ema is not None:
+        ema.copy_to(ema_params)
+    return history, prepared

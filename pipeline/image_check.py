@@ -1,0 +1,218 @@
+"""`run.py RECIPE --check` for the image stages: inputs resolve, and an estimate of the memory per device.
+
+Sizes come from the components' configs built on the meta device (no weights read): a new model from the section's
+`unet` / `text_encoder`, a stage of the recipe from its folder (or, not trained yet, from its own section), a local
+pipeline folder from its model_index.json, a hub id from the hub (configs only; offline this is an error).
+
+The estimate: fp32 weights of every component (DPO: plus the frozen reference UNet); for the trained weights
+(all of the UNet and, for a new model, the text encoder; or LoRA's rank x (in + out) per targeted attention
+projection) fp32 gradients and AdamW's two moments, divided over processes by ZeRO-1/2/3 or FSDP as in
+pipeline/check.py; activations ~ 24 stored values per feature-map element of every UNet block (images x channels
+x height x width, summed over levels, twice for the skip paths) at 4 bytes (2 with mixed precision), attention
+through PyTorch's fused SDPA (no score matrices kept), DPO doubling the batch; a VAE encoding without gradients.
+Expect the real peak within some tens of percent.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline import runs
+from pipeline.cli import PipelineError
+
+GIB = 1 << 30
+
+
+def _human(n: float) -> str:
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def _meta_count(build) -> int:
+    import torch
+
+    with torch.device("meta"):
+        model = build()
+    return sum(p.numel() for p in model.parameters())
+
+
+def _components_from_configs(unet_cfg: dict, text_cfg: dict | None, vae_cfg: dict | None, text_model_cfg=None):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    out = {"unet_config": unet_cfg, "unet": _meta_count(lambda: UNet2DConditionModel.from_config(unet_cfg))}
+    if text_model_cfg is not None:
+        import transformers
+
+        cls_name, config = text_model_cfg
+        cls = getattr(transformers, cls_name or "", None) or transformers.AutoModel
+        out["text_encoder"] = _meta_count(lambda: cls._from_config(config) if hasattr(cls, "_from_config")
+                                          else cls.from_config(config))
+    if vae_cfg is not None:
+        out["vae"] = _meta_count(lambda: AutoencoderKL.from_config(vae_cfg))
+        out["vae_factor"] = 2 ** (len(vae_cfg.get("block_out_channels", [0])) - 1)
+    return out
+
+
+def components(recipe, ref: str | None, section_cfg: dict, resolution: int, seen=()) -> dict:
+    """Parameter counts (unet, text_encoder, vae) and the UNet config of the pipeline a ref names."""
+    from pipeline import images
+
+    if not ref:  # a new model from the section
+        from transformers import T5Config
+
+        tokenizer_size = len(images.SPECIAL_TOKENS) + len(set(images.CAPTION_WORDS) - set(images.STOP_WORDS))
+        tcfg = {**images.DEFAULT_TEXT_ENCODER, **section_cfg.get("text_encoder", {})}
+        ucfg = {**images.DEFAULT_UNET, **section_cfg.get("unet", {}), "sample_size": resolution,
+                "cross_attention_dim": tcfg["d_model"]}
+        ucfg["out_channels"] = 2 * ucfg["in_channels"]
+        t5 = T5Config(vocab_size=tokenizer_size, **tcfg)
+        return {**_components_from_configs(ucfg, None, None, ("T5EncoderModel", t5)),
+                "source": "new model from the section"}
+    if ref in recipe.stages and ref not in seen:
+        folder = recipe.stage_dir(ref)
+        if runs.read_manifest(folder) is not None and (folder / "model_index.json").is_file():
+            return {**components(recipe, str(folder), {}, resolution, (*seen, ref)), "source": "finished stage"}
+        up = recipe.keys(ref)
+        upstream = getattr(up, "pretrained", None) or getattr(up, "init_from", None)
+        section = recipe.section(ref)
+        out = components(recipe, upstream, section, getattr(up, "resolution", resolution), (*seen, ref))
+        return {**out, "source": "stage not trained yet"}
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise PipelineError(f"'{ref}': no model_index.json (not a diffusers pipeline folder)")
+        def read(sub):
+            file = path / sub / "config.json"
+            return json.loads(file.read_text()) if file.is_file() else None
+
+        from transformers import AutoConfig
+
+        index = json.loads((path / "model_index.json").read_text())
+        text = ((index.get("text_encoder", [None, None])[1], AutoConfig.from_pretrained(str(path / "text_encoder")))
+                if (path / "text_encoder").is_dir() else None)
+        return {**_components_from_configs(read("unet"), None, read("vae"), text), "source": "local"}
+    cp = runs.resolve_checkpoint(recipe, ref, must_exist=False)
+    try:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import AutoConfig
+
+        index = json.loads(Path(_hub_file(cp.path, "model_index.json")).read_text())
+        unet = UNet2DConditionModel.load_config(cp.path, subfolder="unet")
+        vae = AutoencoderKL.load_config(cp.path, subfolder="vae") if "vae" in index else None
+        text = ((index["text_encoder"][1], AutoConfig.from_pretrained(cp.path, subfolder="text_encoder"))
+                if "text_encoder" in index else None)
+    except Exception as err:  # offline, not found, gated
+        raise PipelineError(f"'{ref}': cannot read the pipeline's configs from the hub "
+                            f"({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
+    return {**_components_from_configs(dict(unet), None, dict(vae) if vae else None, text), "source": "hub"}
+
+
+def _hub_file(repo: str, name: str) -> str:
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(repo, name)
+
+
+def lora_params(unet_cfg: dict, rank: int, targets: list[str]) -> int:
+    """LoRA parameters on a UNet's attention projections, counted on the meta device."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_cfg)
+    total = 0
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name.endswith(t) for t in targets):
+            total += rank * (module.in_features + module.out_features)
+    return total
+
+
+def activation_values(unet_cfg: dict, latent_res: int) -> int:
+    """Feature-map elements of one image through the UNet (rough: see the module docstring)."""
+    chans = unet_cfg.get("block_out_channels", [320, 640, 1280, 1280])
+    layers = unet_cfg.get("layers_per_block", 2)
+    total, res = 0, latent_res
+    for c in chans:
+        total += c * res * res * (2 * layers + 1) * 2
+        res = max(1, res // 2)
+    return 24 * total
+
+
+def check_image_stage(recipe, stage: str, launch, device_memory: int | None, will_run=frozenset()):
+    """(lines, errors, warnings) for an image stage."""
+    from pipeline import images
+    from pipeline.recipe import stage_fields
+
+    lines, errors, warnings = [], [], []
+    keys = recipe.keys(stage)
+    section = recipe.section(stage)
+    fields = stage_fields(stage)
+    cfg = {k: v for k, v in section.items() if fields[k][0] == "config"}
+    ref_key = "pretrained" if hasattr(keys, "pretrained") else "init_from"
+    ref = getattr(keys, ref_key)
+    comps = None
+    try:
+        if ref:
+            cp = runs.resolve_checkpoint(recipe, ref, must_exist=False)
+            if cp.source == "stage" and cp.fingerprint is None and ref not in will_run:
+                raise PipelineError(f"reads {ref}, which has not finished and is not planned to run")
+        comps = components(recipe, ref, section, getattr(keys, "resolution", 16))
+        sizes = ", ".join(f"{k} {comps[k] / 1e6:.4g}M" for k in ("unet", "text_encoder", "vae") if k in comps)
+        lines.append(f"{ref_key}: {ref or 'new model'} ({comps['source']}; {sizes} parameters)")
+    except PipelineError as err:
+        errors.append(f"{stage}.{ref_key}: {err}")
+    spec = keys.dataset
+    if spec != images.WORLD_SPEC:
+        path = Path(spec).expanduser()
+        if not (path.is_file() or (path.is_dir() and (path / "metadata.jsonl").is_file())):
+            errors.append(f"{stage}.dataset: '{spec}' not found (expected {images.WORLD_SPEC}, a .jsonl file or a "
+                          f"folder with metadata.jsonl)")
+    held = f", heldout_captions {keys.heldout_captions}" if keys.heldout_captions else ""
+    lines.append(f"data: dataset {spec}{held}")
+    lines.append(f"launch: {launch.describe()}")
+    if comps is None:
+        return lines, errors, warnings
+    n = max(1, launch.num_processes)
+    per_device = cfg.get("batch_size", 64 if stage == "diffusion" else 32)
+    accum = cfg.get("gradient_accumulation_steps", 1)
+    lines.append(f"batch: {per_device} per process x {accum} accumulation x {n} processes = {per_device * accum * n}"
+                 + (" pairs" if stage == "diffusion_dpo" else " images"))
+    use_lora = cfg.get("use_lora", False)
+    if use_lora:
+        trainable = lora_params(comps["unet_config"], cfg.get("lora_rank", 8),
+                                cfg.get("lora_target_modules", ["to_q", "to_k", "to_v", "to_out.0"]))
+    else:
+        trainable = comps["unet"] + (comps.get("text_encoder", 0) if stage == "diffusion" and
+                                     cfg.get("train_text_encoder", True) else 0)
+    weights = 4 * (comps["unet"] + comps.get("text_encoder", 0) + comps.get("vae", 0))
+    if stage == "diffusion_dpo":
+        weights += 4 * comps["unet"]  # the frozen reference
+    grads, optimizer = 4 * trainable, 8 * trainable
+    zero = launch.zero_stage if launch.distributed_type == "DEEPSPEED" else 0
+    sharded = launch.fsdp_version > 0
+    if zero >= 1 or sharded:
+        optimizer /= n
+    if zero >= 2 or sharded:
+        grads /= n
+    host = 0.0
+    if launch.offload_optimizer:
+        host, optimizer = optimizer, 0
+    mixed = cfg.get("mixed_precision", "no") in ("bf16", "fp16")
+    latent_res = comps["unet_config"].get("sample_size", 16)
+    images_per_step = per_device * (2 if stage == "diffusion_dpo" else 1)
+    activations = images_per_step * activation_values(comps["unet_config"], latent_res) * (2 if mixed else 4)
+    parts = {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations}
+    parts["overhead"] = 0.75 * GIB + 0.05 * sum(parts.values())
+    total = sum(parts.values())
+    lines.append(f"memory per device: ~{_human(total)} (" + ", ".join(f"{k} {_human(v)}" for k, v in parts.items())
+                 + ")" + (f"; {_human(host)} in CPU memory" if host else ""))
+    if use_lora:
+        lines.append(f"  LoRA: {trainable / 1e6:.3g}M trainable of {comps['unet'] / 1e6:.4g}M UNet parameters")
+    if device_memory and total > device_memory:
+        warnings.append(f"{stage}: needs about {_human(total)} per device, more than the {_human(device_memory)} "
+                        f"given: lower batch_size (raise gradient_accumulation_steps), use LoRA, mixed precision "
+                        f"or ZeRO")
+    return lines, errors, warnings

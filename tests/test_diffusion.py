@@ -1,0 +1,359 @@
+"""The image side: the digit world, the image judge, Diffusion-DPO's loss, and the diffusion / diffusion_dpo
+stages through their real command lines on a tiny config (a 0.1M-parameter UNet, a few steps)."""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, run_cli, tiny_recipe
+from pipeline import images
+from pipeline.cli import PipelineError
+
+TINY_UNET = {"block_out_channels": [8, 16], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+             "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "attention_head_dim": 4, "norm_num_groups": 4}
+TINY_TEXT = {"d_model": 16, "d_ff": 32, "num_layers": 1, "num_heads": 2, "d_kv": 8}
+TINY_DIFFUSION = {"max_steps": 6, "batch_size": 8, "logging_steps": 3, "save_steps": 0, "unet": TINY_UNET,
+                  "text_encoder": TINY_TEXT, "judge_epochs": 4, "heldout_samples": 2, "sample_steps": 3,
+                  "grid_columns": 2}
+TINY_DPO = {"max_steps": 4, "batch_size": 4, "logging_steps": 2, "save_steps": 0, "candidates_per_caption": 2,
+            "rounds": 1, "heldout_samples": 2, "sample_steps": 3, "grid_columns": 2}
+
+
+def image_recipe(directory, **sections):
+    """The tiny recipe with only image stages (no pretrain / sft)."""
+    return tiny_recipe(directory, pretrain=None, sft=None, **sections)
+
+
+# ---------------------------------------------------------------------------------------------- the world
+
+
+def test_heldout_captions_are_disjoint_from_every_training_caption():
+    held = set(images.heldout_captions())
+    assert len(held) == 20 and all(images.parse_caption(c) is not None for c in held)
+    # every caption a training image can carry: its full caption with any properties left out
+    train = set()
+    for d, *attrs in images.train_combos():
+        for keep in range(8):
+            train.add(images.caption(d, *[a if keep >> j & 1 else None for j, a in enumerate(attrs)]))
+    assert not held & train
+    # every digit and every property value is still trained on with every digit
+    for d in range(10):
+        combos = [c for c in images.train_combos() if c[0] == d]
+        for j, values in enumerate(images.PROPERTIES.values()):
+            assert {c[j + 1] for c in combos} == set(values)
+    assert images.parse_caption("a large thin 7 on the left") == {"digit": 7, "size": "large", "thickness": "thin",
+                                                                 "position": "left"}
+    assert images.parse_caption("a large 7") == {"digit": 7, "size": "large"}
+    assert images.parse_caption("a large cat") is None
+
+
+def test_render_draws_the_properties_it_is_asked_for():
+    base, _ = images.real_digits("heldout")
+    base = base[:20]
+
+    def ink_columns(img):  # columns holding ink, per image
+        return (img[:, 0] > 0.2).any(1)
+
+    large, small = images.render(base, "large", "thin", "left"), images.render(base, "small", "thin", "left")
+    assert (ink_columns(large).sum(1) > ink_columns(small).sum(1)).float().mean() > 0.9
+    right = images.render(base, "small", "thin", "right")
+    cols = torch.arange(16).float()
+    centre = lambda img: (img[:, 0].sum(1) * cols).sum(1) / img[:, 0].sum((1, 2))
+    assert (centre(right) > 8).all() and (centre(small) < 8).all()
+    thick = images.render(base, "small", "thick", "left")
+    assert (thick.sum((1, 2, 3)) > small.sum((1, 2, 3))).all()
+    assert large.shape == (20, 1, 16, 16) and 0 <= float(large.min()) and float(large.max()) <= 1
+
+
+def test_tokenizer_is_word_level_without_stop_words_or_eos():
+    tok = images.build_tokenizer(["a red 7"])
+    ids = tok("a large 7", padding="max_length", max_length=6).input_ids
+    assert tok.convert_ids_to_tokens(ids) == ["large", "7", "<pad>", "<pad>", "<pad>", "<pad>"]
+    assert tok.convert_ids_to_tokens(tok("A RED 7").input_ids) == ["red", "7"]
+    assert tok.convert_ids_to_tokens(tok("a large thin 7, on the left").input_ids) == ["large", "thin", "7", "left"]
+    assert tok("").input_ids == []  # the empty caption of classifier-free guidance: padding only
+
+
+def test_new_pipeline_keeps_padding_from_drowning_the_caption():
+    """IF pads prompts to 77 tokens: the pad embedding stays zero in training, so padded positions carry the
+    caption's words; the pooled-text embedding differs strongly between digits from the first step."""
+    torch.manual_seed(0)
+    pipe = images.build_pipeline({"block_out_channels": [8, 16], "down_block_types": ["DownBlock2D"] * 2,
+                                  "up_block_types": ["UpBlock2D"] * 2, "norm_num_groups": 4,
+                                  "attention_head_dim": 4}, {"d_model": 16, "d_ff": 32, "num_heads": 2, "d_kv": 8},
+                                 {"num_train_timesteps": 10})
+    pad = pipe.tokenizer.pad_token_id
+    emb = images.encode_text(pipe, pipe.text_encoder, ["a 3", "a 7"], "cpu")
+    assert float(emb.detach()[:, 1:].norm(dim=-1).min()) > 1  # padded positions are not empty: they see the caption
+    pooled = pipe.unet.add_embedding(emb).detach()
+    assert float((pooled[0] - pooled[1]).norm()) > 0.5 * float(pooled.norm(dim=-1).mean())
+    emb.sum().backward()
+    assert float(pipe.text_encoder.get_input_embeddings().weight.grad[pad].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("wrong_shape", "is 20x12, expected 16x16"),
+    ("missing_caption", "line 1: missing caption"),
+    ("unreadable", "cannot read image 'broken.png'"),
+])
+def test_bad_image_rows_raise_one_line_errors(tmp_path, content, expected):
+    from PIL import Image
+
+    Image.new("L", (20, 12)).save(tmp_path / "wide.png")
+    Image.new("L", (16, 16)).save(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png at all")
+    rows = {"wrong_shape": {"file_name": "wide.png", "caption": "a 7"},
+            "missing_caption": {"file_name": "ok.png"},
+            "unreadable": {"file_name": "broken.png", "caption": "a 7"}}[content]
+    (tmp_path / "metadata.jsonl").write_text(json.dumps(rows) + "\n")
+    with pytest.raises(PipelineError) as err:
+        images.load_images(str(tmp_path), 16, 1)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_local_image_folder_loads_in_model_range(tmp_path):
+    from PIL import Image
+
+    Image.new("L", (16, 16), 255).save(tmp_path / "white.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "white.png", "caption": "a 1"}) + "\n")
+    source = images.load_images(str(tmp_path), 16, 1)
+    x, caps = source.sample(3, torch.Generator().manual_seed(0))
+    assert x.shape == (3, 1, 16, 16) and float(x.min()) == 1.0 and caps == ["a 1"] * 3
+
+
+# ---------------------------------------------------------------------------------------------- the judge
+
+
+@pytest.fixture(scope="module")
+def judge():
+    from pipeline.image_judge import train_judge
+
+    model, metrics = train_judge(0, epochs=8, log=lambda s: None)
+    return model, metrics
+
+
+def test_judge_reads_real_heldout_digits_and_hand_made_images(judge, tmp_path):
+    from pipeline.image_judge import ImageJudge
+
+    model, metrics = judge
+    acc = metrics["judge_heldout_accuracy"]
+    assert metrics["judge_heldout_images"] == 360 * 8
+    assert acc["digit"] > 0.85 and acc["size"] > 0.95 and acc["position"] > 0.95 and acc["thickness"] > 0.9
+    # hand-made: a vertical bar (a "1") in the middle of the world's small box on the left (columns 0-7, rows
+    # 4-11), and of its large box on the right (columns 4-15, rows 2-13)
+    left = torch.zeros(1, 1, 16, 16)
+    left[0, 0, 4:12, 3:5] = 1.0
+    right = torch.zeros(1, 1, 16, 16)
+    right[0, 0, 2:14, 9:11] = 1.0
+    read = model.predict(torch.cat([left, right]))
+    assert read[0]["position"] == "left" and read[1]["position"] == "right"
+    assert read[0]["size"] == "small" and read[1]["size"] == "large"
+    assert read[0]["digit"] == 1 and read[1]["digit"] == 1
+    probs = model.read(torch.cat([left, right]))
+    assert torch.allclose(probs["digit"].sum(-1), torch.ones(2)) and probs["size"].shape == (2, 2)
+    # saved as safetensors + JSON; loads to the same readings; RGB and larger images are converted
+    model.save(tmp_path / "judge")
+    assert sorted(p.name for p in (tmp_path / "judge").iterdir()) == ["config.json", "model.safetensors"]
+    again = ImageJudge.load(tmp_path / "judge")
+    assert torch.allclose(again.read(left)["digit"], probs["digit"][:1])
+    rgb32 = torch.nn.functional.interpolate(right, size=(32, 32), mode="nearest").repeat(1, 3, 1, 1)
+    assert again.predict(rgb32)[0]["position"] == "right"
+
+
+def test_annotator_prefers_the_matching_image_and_flips_at_the_noise_rate():
+    import random
+
+    from pipeline.image_judge import annotate_pairs, matches
+
+    want = {"digit": 7, "size": "large"}
+    good = {"match": matches({"digit": 7, "size": "large"}, want)}
+    half = {"match": matches({"digit": 7, "size": "small"}, want)}
+    bad = {"match": matches({"digit": 1, "size": "large"}, want)}
+    same = {"match": matches({"digit": 7, "size": "large"}, want)}
+    pairs = annotate_pairs([good, half, bad, same], [0, 1, 2, 3], 0.0, random.Random(0))
+    assert (0, 1, True) in pairs and (0, 2, True) in pairs and (1, 2, True) in pairs  # digit first
+    assert not any({i, j} == {0, 3} for i, j, _ in pairs)  # equal scores: no pair
+    rng = random.Random(0)
+    flipped = [not annotate_pairs([good, bad], [0, 1], 0.3, rng)[0][2] for _ in range(2000)]
+    assert abs(sum(flipped) / 2000 - 0.3) < 0.03
+
+
+# ---------------------------------------------------------------------------------------------- Diffusion-DPO
+
+
+def test_diffusion_dpo_loss_against_a_worked_example():
+    from pipeline.diffusion_train import diffusion_dpo_loss
+
+    target = torch.zeros(2, 1, 1, 2)
+    # per-sample mean squared errors: model on the winner 1.0, on the loser 0.5; reference 2.0 and 0.25
+    model = torch.tensor([[1.0, 1.0], [0.5 ** 0.5, 0.5 ** 0.5]]).reshape(2, 1, 1, 2)
+    ref = torch.tensor([[2.0, 0.0], [0.5 ** 0.5, 0.0]]).reshape(2, 1, 1, 2)
+    loss, stats = diffusion_dpo_loss(model, ref, target, beta=2.0)
+    # inside = -beta/2 * ((1.0 - 2.0) - (0.5 - 0.25)) = -1 * (-1.25) = 1.25; loss = log(1 + e^-1.25)
+    assert math.isclose(float(loss), math.log(1 + math.exp(-1.25)), rel_tol=1e-6)
+    assert stats["implicit_acc"] == 1.0 and math.isclose(stats["margin"], 1.25, rel_tol=1e-6)
+    # the model equal to the reference: log 2, whatever beta
+    loss0, _ = diffusion_dpo_loss(ref, ref, target, beta=5000.0)
+    assert math.isclose(float(loss0), math.log(2), rel_tol=1e-6)
+    # the gradient lowers the winner's error and raises the loser's
+    pred = model.clone().requires_grad_(True)
+    diffusion_dpo_loss(pred, ref, target, beta=2.0)[0].backward()
+    assert (pred.grad[0] * pred[0].detach()).sum() > 0 and (pred.grad[1] * pred[1].detach()).sum() < 0
+
+
+# ---------------------------------------------------------------------------------------------- the stages
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("images")
+    recipe = image_recipe(work, diffusion=TINY_DIFFUSION, diffusion_dpo=TINY_DPO)
+    proc = run_cli(["pipeline/run.py", recipe], cwd=work)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return work, recipe, proc
+
+
+def test_diffusion_and_dpo_stages_write_loadable_pipelines_and_reports(image_run):
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    work, _, proc = image_run
+    run_dir = work / "runs" / "tiny"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["diffusion", "diffusion_dpo"]
+    for stage in ("diffusion", "diffusion_dpo"):
+        out = run_dir / stage
+        files = [p for p in out.rglob("*") if p.is_file()]
+        assert not [p for p in files if p.suffix in (".bin", ".pkl", ".pt", ".ckpt")]
+        assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+        assert (out / "judge" / "model.safetensors").is_file() and (out / "report.md").is_file()
+        assert Image.open(out / "grid.png").size[1] == 20 * (16 * 3 + 2) + 2  # a row per held-out caption
+        assert len(list((out / "samples" / "model").glob("*.png"))) == 20
+        metrics = json.loads((out / "metrics.json").read_text())
+        for m in ("digit", "size", "thickness", "position", "all"):
+            ci = metrics["heldout"]["accuracy"][m]
+            assert ci["n"] == 40 and ci["ci"][0] <= ci["mean"] <= ci["ci"][1]
+        assert metrics["heldout"]["diversity"] > 0
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["stage"] == stage and manifest["config"]["max_steps"] in (6, 4)
+    metrics = json.loads((run_dir / "diffusion" / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["judge_heldout_images"] == 2880 and metrics["real_diversity"] > 0
+    dpo = json.loads((run_dir / "diffusion_dpo" / "metrics.json").read_text())
+    assert dpo["pairs"] > 0 and set(dpo["gain"]) == {"digit", "size", "thickness", "position", "all"}
+    assert json.loads((run_dir / "diffusion_dpo" / "manifest.json").read_text())["inputs"]["checkpoints"][
+        "init_from"]["ref"] == "diffusion"
+    # the stage folders are plain diffusers pipelines: a prompt string in, an image out
+    pipe = DiffusionPipeline.from_pretrained(run_dir / "diffusion")
+    assert type(pipe).__name__ == "IFPipeline" and type(pipe.scheduler).__name__ == "DDIMScheduler"
+    image = pipe("a large 7", num_inference_steps=3).images[0]
+    assert isinstance(image, Image.Image) and image.size == (16, 16)
+    # same seed, same image; the DPO stage changed the weights
+    a = pipe("a small 3", num_inference_steps=3, generator=torch.Generator().manual_seed(1), output_type="np").images
+    b = pipe("a small 3", num_inference_steps=3, generator=torch.Generator().manual_seed(1), output_type="np").images
+    assert (a == b).all()
+    tuned = DiffusionPipeline.from_pretrained(run_dir / "diffusion_dpo")
+    assert any(not torch.equal(p, q) for p, q in zip(pipe.unet.parameters(), tuned.unet.parameters()))
+    # the runner skips both when nothing changed
+    plan = run_cli(["pipeline/run.py", work / "recipe.yaml", "--dry-run"], cwd=work)
+    assert "diffusion  skip" in plan.stdout and "diffusion_dpo skip" in plan.stdout
+
+
+def _unet_weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_killed_diffusion_stage_resumes_to_the_uninterrupted_result(tmp_path):
+    section = {**TINY_DIFFUSION, "max_steps": 24, "save_steps": 4, "judge_epochs": 0, "logging_steps": 12}
+    recipe = image_recipe(tmp_path, diffusion=section)
+    cmd = [sys.executable, str(REPO / "pipeline/diffusion.py"), str(recipe)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = tmp_path / "runs/tiny/diffusion.partial"
+    deadline = time.time() + 120
+    while not list(partial.glob("checkpoint-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpts = list(partial.glob("checkpoint-*"))
+    assert ckpts and not (tmp_path / "runs/tiny/diffusion").exists()
+    assert sorted(p.name for p in ckpts[0].iterdir()) == ["ema.safetensors", "loop_state.json",
+                                                          "optimizer.safetensors", "text_encoder.safetensors",
+                                                          "unet.safetensors"]
+    resumed = run_cli(["pipeline/diffusion.py", recipe], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    manifest = json.loads((tmp_path / "runs/tiny/diffusion/manifest.json").read_text())
+    assert manifest["resumed_from"] and manifest["resumed_from"].startswith("checkpoint-")
+    assert "resuming from" in resumed.stdout
+    fresh = run_cli(["pipeline/diffusion.py", recipe, "run.name=fresh"], cwd=tmp_path)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    a, b = _unet_weights(tmp_path / "runs/tiny/diffusion"), _unet_weights(tmp_path / "runs/fresh/diffusion")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_bad_image_data_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "metadata.jsonl").write_text(json.dumps({"file_name": "gone.png", "caption": "a 7"}) + "\n")
+    recipe = image_recipe(tmp_path, diffusion=TINY_DIFFUSION)
+    proc = run_cli(["pipeline/diffusion.py", recipe, f"diffusion.dataset={tmp_path / 'data'}"], cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "line 1: cannot read image 'gone.png'" in lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def _tiny_stable_diffusion(folder):
+    """A StableDiffusionPipeline built from configs (tiny VAE, CLIP text encoder, UNet): what a hub pipeline is."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    tokenizer = images.build_tokenizer()
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
+                                        pad_token_id=0, bos_token_id=1, eos_token_id=1))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], latent_channels=4,
+                        norm_num_groups=4, sample_size=16)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=[16, 32], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                                up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], cross_attention_dim=16,
+                                attention_head_dim=4, norm_num_groups=4)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDPMScheduler(beta_schedule="scaled_linear"), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def test_lora_fine_tuning_of_a_pretrained_pipeline_and_its_memory_check(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    base = _tiny_stable_diffusion(tmp_path / "tiny-sd")
+    recipe = image_recipe(tmp_path, diffusion={"pretrained": str(base), "use_lora": True, "lora_rank": 4,
+                                               "train_text_encoder": False, "max_steps": 3, "batch_size": 4,
+                                               "ema_decay": 0.0, "judge_epochs": 0, "save_steps": 0,
+                                               "learning_rate": 1e-2})
+    proc = run_cli(["pipeline/diffusion.py", recipe], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "runs/tiny/diffusion"
+    assert "trainable 0.0" in proc.stdout and (out / "pytorch_lora_weights.safetensors").is_file()
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and not hasattr(pipe.unet, "peft_config")
+    image = pipe("a large 7", num_inference_steps=2, height=16, width=16).images[0]
+    assert image.size == (16, 16)
+    before, after = _unet_weights(base), _unet_weights(out)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all("attn" in k for k in changed)  # LoRA folded into the attention projections only
+    # the LoRA file loads back onto the base pipeline
+    base_pipe = DiffusionPipeline.from_pretrained(base)
+    base_pipe.load_lora_weights(out / "pytorch_lora_weights.safetensors")
+    # --check sizes the stage from the configs alone
+    check = run_cli(["pipeline/run.py", recipe, "--check", "--force", "--device-memory", "1GiB"], cwd=tmp_path)
+    assert check.returncode in (0, 1), check.stdout + check.stderr
+    assert "memory per device" in check.stdout and "LoRA:" in check.stdout and "vae" in check.stdout
