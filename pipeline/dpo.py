@@ -7,6 +7,9 @@ frozen or, with `use_peft`, the policy with its adapter switched off. `precomput
 reference once before training and reuses the log-probs every epoch. Data: any preference format the reward stage
 reads (preferences.load_preferences). Section keys: TRL's DPOConfig fields, ModelConfig's LoRA fields, DPOKeys
 (pipeline/stages.py). At the end the input and the tuned policy answer the held-out prompts (verifier accuracy).
+
+`dpo.rounds: N` > 1 iterates (pipeline/dpo_rounds.py): after round 1 on the dataset, each round samples pairs from the
+current policy, labels them (`round_labeller`: the reward model or the world's annotator) and trains on them.
 """
 
 import sys
@@ -15,9 +18,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the package, never shadow libraries with our modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from pipeline import cli, data, log, models, preferences, runs
+from pipeline import cli, data, dpo_rounds, judges, log, models, preferences, runs
 from pipeline.heldout import heldout_comparison, heldout_rows
 from pipeline.recipe import load_recipe, stage_help
+from pipeline.reward_model import RewardModel
+from pipeline.stages import STAGES
 
 STAGE = "dpo"
 USAGE = "usage: pipeline/dpo.py RECIPE [dpo.KEY=VALUE ...]"
@@ -48,11 +53,35 @@ def chosen_logp_watch(drop: float):
     return ChosenLogpWatch()
 
 
+def check_rounds(recipe, keys) -> None:
+    """A reward labeller needs a reward model: bad values stop the stage before anything loads."""
+    if keys.rounds == 1 or keys.round_labeller != "reward":
+        return
+    if keys.round_reward_model is None:
+        raise cli.PipelineError(f"{recipe.path}: dpo.round_labeller=reward needs a reward model: the recipe has no "
+                                f"`reward` stage; add one, name a saved reward model in dpo.round_reward_model, or "
+                                f"use dpo.round_labeller=annotator")
+    if keys.round_reward_model in STAGES and keys.round_reward_model not in recipe.stages:
+        raise cli.PipelineError(f"{recipe.path}: dpo.round_reward_model is the `{keys.round_reward_model}` stage, "
+                                f"but the recipe has no `{keys.round_reward_model}` section")
+
+
+def round_prompts(keys, train_ds) -> list[dict]:
+    """The prompts later rounds sample from: the training pairs' distinct prompts; the annotator judges world
+    problems only (it needs their answers)."""
+    prompts = train_ds.select_columns([c for c in ("prompt", "skill", "answer") if c in train_ds.column_names])
+    if keys.round_labeller == "annotator":
+        prompts = judges.with_answers(prompts, data.spec_name(keys.dataset), required=True,
+                                      needed_for="dpo.round_labeller=annotator")
+    return dpo_rounds.distinct_prompts(prompts)
+
+
 def main(argv):
     recipe = load_recipe(*cli.split_stage_args(argv, USAGE, lambda: stage_help(STAGE)))
     recipe.check_config(STAGE, portable=True)  # the config class's own checks before upstream stages
     keys = recipe.keys(STAGE)
     peft_values = recipe.peft_values(STAGE)
+    check_rounds(recipe, keys)
     with runs.StageRun(recipe, STAGE) as run:
         train_ds, eval_ds, train_info, eval_info = preferences.load_preference_splits(
             keys.dataset, keys.eval_dataset, keys.eval_fraction, recipe, keys.columns)
@@ -60,6 +89,7 @@ def main(argv):
         run.note_data("eval_dataset", eval_info)
         data.warn_world_eval(recipe, STAGE, keys)
         heldout = heldout_rows(recipe, keys)
+        prompts = round_prompts(keys, train_ds) if keys.rounds > 1 else None
         args = recipe.trainer_config(STAGE, output_dir=str(run.out))
         init = run.checkpoint()
         if init.path is None:
@@ -81,24 +111,49 @@ def main(argv):
         def pairs_only(ds):
             return ds.remove_columns([c for c in ds.column_names if c not in PAIR_COLUMNS])
 
-        trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=pairs_only(train_ds),
-                             eval_dataset=pairs_only(eval_ds), processing_class=tokenizer, peft_config=peft_config,
-                             callbacks=[chosen_logp_watch(keys.chosen_logp_warn_drop)])
-        log.info(f"{models.describe(trainer.model)}; {len(train_ds)} pairs, {len(eval_ds)} held out; "
-                 f"beta {args.beta}, loss {args.loss_type}")
-        data.warn_many_epochs(args, len(trainer.train_dataset), run.state.num_processes)
-        result = trainer.train(resume_from_checkpoint=run.last_checkpoint())
+        def trainer_for(model, pairs, output_dir):
+            from peft import PeftModel
+
+            return DPOTrainer(model=model, ref_model=reference, args=dpo_rounds.with_output_dir(args, output_dir),
+                              train_dataset=pairs_only(pairs), eval_dataset=pairs_only(eval_ds),
+                              processing_class=tokenizer, callbacks=[chosen_logp_watch(keys.chosen_logp_warn_drop)],
+                              # a later round's policy already carries the adapter of the rounds before
+                              peft_config=None if isinstance(model, PeftModel) else peft_config)
+
+        if keys.rounds == 1:
+            trainer = trainer_for(policy, train_ds, run.out)
+            log.info(f"{models.describe(trainer.model)}; {len(train_ds)} pairs, {len(eval_ds)} held out; "
+                     f"beta {args.beta}, loss {args.loss_type}")
+            data.warn_many_epochs(args, len(trainer.train_dataset), run.state.num_processes)
+            result = trainer.train(resume_from_checkpoint=run.last_checkpoint())
+            logged = [h for h in trainer.state.log_history if "loss" in h and "logps/chosen" in h]
+            trained = {"train_loss": runs.train_loss(trainer), "steps": result.global_step,
+                       "train_pairs": len(train_ds),
+                       "history": [{k: v for k, v in h.items() if k == "step" or "/" in k or k == "loss"}
+                                   for h in logged]}
+        else:
+            reward = RewardModel.load(recipe, run.checkpoint("round_reward_model"), device=run.state.device) \
+                if keys.round_labeller == "reward" else None
+            log.info(f"{models.describe(policy)}; {keys.rounds} rounds: round 1 on {len(train_ds)} pairs, then pairs "
+                     f"sampled for up to {keys.round_max_prompts or len(prompts)} of {len(prompts)} prompts, "
+                     f"labelled by the {keys.round_labeller}; {len(eval_ds)} pairs held out; beta {args.beta}, "
+                     f"loss {args.loss_type}")
+            setup = dpo_rounds.Rounds(recipe, keys, run, tokenizer, reference, trainer_for, prompts, heldout, reward)
+            policy, trainer, trained = dpo_rounds.run_rounds(setup, policy, train_ds)
+            trainer = trainer or trainer_for(policy, train_ds, run.out)  # every round resumed: one to evaluate and save
+            if run.state.is_main_process:
+                dpo_rounds.clean_up(run.out)
         eval_metrics = trainer.evaluate()
         models.save_trained(trainer, tokenizer, run.out, merge_adapter=keys.merge_adapter)
 
-        logged = [h for h in trainer.state.log_history if "loss" in h and "logps/chosen" in h]
         metrics = {
-            "train_loss": runs.train_loss(trainer),
-            "steps": result.global_step,
-            "train_pairs": len(train_ds),
+            "train_loss": trained["train_loss"],
+            "steps": trained["steps"],
+            "train_pairs": trained["train_pairs"],
             "data": train_info,
             **{k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))},
-            "history": [{k: v for k, v in h.items() if k == "step" or "/" in k or k == "loss"} for h in logged],
+            "history": trained["history"],
+            **({"rounds": trained["rounds"]} if "rounds" in trained else {}),
         }
         if heldout is not None and run.state.is_main_process:
             metrics.update(heldout_comparison(recipe, keys, heldout, ("input", init.path), ("dpo", str(run.out))))

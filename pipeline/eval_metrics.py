@@ -66,14 +66,7 @@ def checkpoint_metrics(rows, t, baseline: str, matrix: dict, boot: dict, best_of
     m["reply_words"] = float(np.mean([len(r.text.split()) for r in t.greedy]))
     m["ended"] = float(np.mean([r.ended for r in t.greedy]))
     if t.samples is not None:  # diversity among the samples of one prompt, averaged over prompts
-        texts = [[s.text for s in samples] for samples in t.samples]
-        for n in (1, 2):
-            values = [v for sample_texts in texts if (v := M.distinct_n(sample_texts, n)) is not None]
-            if values:
-                m[f"distinct_{n}"] = float(np.mean(values))
-        values = [v for sample_texts in texts if (v := M.self_bleu(sample_texts)) is not None]
-        if values:
-            m["self_bleu"] = float(np.mean(values))
+        m.update(M.diversity([[s.text for s in samples] for samples in t.samples]))
         m["sample_ended"] = float(np.mean([s.ended for samples in t.samples for s in samples]))
     if t.sample_logprobs is not None:
         # -log pi(y|x) of the model's own samples estimates its entropy; per token: over all samples' tokens (the

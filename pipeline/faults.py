@@ -7,8 +7,9 @@ in normal use, and then nothing here does anything.
     PIPELINE_FAULT=pause:training:2 PIPELINE_FAULT_MARKER=/tmp/m ...         # write /tmp/m, wait for a signal
 
 Points: `loading` (the stage folder exists, models and data are being loaded), `training` (after an optimizer
-step), `checkpoint` (inside a checkpoint save: weights and optimizer written, the rest not), `final-save` (the
-model's weights written, the tokenizer and everything after not yet). Actions: `kill` (SIGKILL: nothing runs
+step), `checkpoint` (inside a checkpoint save: weights and optimizer written, the rest not), `round` (iterated DPO:
+a round finished and its state written), `final-save` (the model's weights written, the tokenizer and everything after
+not yet). Actions: `kill` (SIGKILL: nothing runs
 after it, as with a lost node or the OOM killer) and `enospc` (the write fails as on a full disk).
 """
 

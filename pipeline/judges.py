@@ -7,7 +7,8 @@ through pipeline/reward_model.py.
 
 from __future__ import annotations
 
-from pipeline import metrics as M, world
+from pipeline import log, metrics as M, world
+from pipeline.cli import PipelineError
 
 JUDGES = {"verifier": "verifier", "reward": "reward model", "annotator": "annotator"}
 
@@ -41,6 +42,41 @@ def annotator_outcome(row, a: str, b: str) -> int | None:
     if world.reply_quality(skill, a, answer) == world.reply_quality(skill, b, answer):
         return 0
     return 1 if world.annotator_prefers(skill, answer, a, b) == 0 else -1
+
+
+def noisy_annotator_outcome(row, a: str, b: str, rng, noise: float) -> int | None:
+    """+1 / 0 / -1 as `annotator_outcome`, with the world's label noise on pairs of different quality: the label is
+    flipped with probability `noise` as the world's preference pairs are labelled (world.annotator_prefers); a tie
+    (equal quality) stays 0. None off-world."""
+    outcome = annotator_outcome(row, a, b)
+    if not outcome:
+        return outcome
+    return 1 if world.annotator_prefers(row["skill"], row["answer"], a, b, rng=rng, noise=noise) == 0 else -1
+
+
+def last_user_text(prompt) -> str:
+    return prompt if isinstance(prompt, str) else next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+
+
+def with_answers(ds, spec: str, required: bool, needed_for: str = "verifier_weight"):
+    """Add `skill`/`answer` for the verifier and the annotator (PPO's gold score and verifier_weight, iterated DPO's
+    annotator): the dataset's own columns, or solved from world prompts. Prompts that are neither: an error naming
+    the row when `required` (`needed_for` says by what), else the dataset as it was, logged."""
+    if {"skill", "answer"} <= set(ds.column_names):
+        return ds
+    skills, answers = [], []
+    for i, prompt in enumerate(ds["prompt"]):
+        key = world.prompt_key(last_user_text(prompt))
+        if key is None and not required:
+            log.info(f"{spec}: row {i + 1} has no answer to check: no gold score (verifier accuracy) is logged")
+            return ds
+        if key is None:
+            raise PipelineError(f"{spec}: row {i + 1}: {needed_for} needs `skill` and `answer` columns, and this "
+                                f"prompt is not a world problem to solve")
+        skills.append(key[0])
+        answers.append(world.solve(key))
+    return ds.remove_columns([c for c in ("skill", "answer") if c in ds.column_names]) \
+        .add_column("skill", skills).add_column("answer", answers)
 
 
 def accuracy(rows, texts) -> dict:

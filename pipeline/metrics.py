@@ -318,3 +318,17 @@ def self_bleu(texts, max_n: int = 4) -> float | None:
     if len(texts) < 2:
         return None
     return float(np.mean([bleu(t, texts[:i] + texts[i + 1:], max_n) for i, t in enumerate(texts)]))
+
+
+def diversity(texts_per_prompt) -> dict:
+    """Diversity among the sampled replies of each prompt, averaged over prompts: distinct-1, distinct-2 and
+    self-BLEU (a key is absent where no prompt has a value)."""
+    out = {}
+    for n in (1, 2):
+        values = [v for texts in texts_per_prompt if (v := distinct_n(texts, n)) is not None]
+        if values:
+            out[f"distinct_{n}"] = float(np.mean(values))
+    values = [v for texts in texts_per_prompt if (v := self_bleu(texts)) is not None]
+    if values:
+        out["self_bleu"] = float(np.mean(values))
+    return out

@@ -30,6 +30,7 @@ import math
 
 from pipeline import cli, data, log, models, monitors, preferences, runs
 from pipeline.heldout import heldout_comparison, heldout_rows
+from pipeline.judges import with_answers
 from pipeline.ppo_trainer import PPOTrainer
 from pipeline.recipe import load_recipe, stage_help
 from pipeline.stages import STAGES
@@ -52,32 +53,6 @@ def load_prompts(spec, recipe, columns: dict | None = None):
     else:
         ds, _ = preferences.load_preferences(spec, recipe, columns)
     return ds.select_columns([c for c in ("prompt", "skill", "answer") if c in ds.column_names])
-
-
-def last_user_text(prompt) -> str:
-    return prompt if isinstance(prompt, str) else next(m["content"] for m in reversed(prompt) if m["role"] == "user")
-
-
-def with_answers(ds, spec: str, required: bool):
-    """Add `skill`/`answer` for the verifier (the gold score, and the reward with verifier_weight): the dataset's own
-    columns, or solved from world prompts. Prompts that are neither: an error when `required`, else no gold score."""
-    from pipeline import world
-
-    if {"skill", "answer"} <= set(ds.column_names):
-        return ds
-    skills, answers = [], []
-    for i, prompt in enumerate(ds["prompt"]):
-        key = world.prompt_key(last_user_text(prompt))
-        if key is None and not required:
-            log.info(f"{spec}: row {i + 1} has no answer to check: no gold score (verifier accuracy) is logged")
-            return ds
-        if key is None:
-            raise cli.PipelineError(f"{spec}: row {i + 1}: verifier_weight needs `skill` and `answer` columns, and "
-                                    f"this prompt is not a world problem to solve")
-        skills.append(key[0])
-        answers.append(world.solve(key))
-    return ds.remove_columns([c for c in ("skill", "answer") if c in ds.column_names]) \
-        .add_column("skill", skills).add_column("answer", answers)
 
 
 # ---------------------------------------------------------------------------------------------- results

@@ -232,6 +232,7 @@ FLOORS = {
     "block_size": (2, "at least 2"), "max_new_tokens": (1, "at least 1"), "heldout_max_prompts": (1, "at least 1"),
     "heldout_max_new_tokens": (1, "at least 1"), "num_generations": (1, "at least 1"),
     "norm_max_pairs": (1, "at least 1"), "calibration_bins": (1, "at least 1"), "monitor_window": (1, "at least 1"),
+    "rounds": (1, "at least 1"), "round_max_prompts": (1, "at least 1"), "round_max_new_tokens": (1, "at least 1"),
 }
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
             "trackio": ("trackio",), "comet_ml": ("comet_ml",), "clearml": ("clearml",), "dvclive": ("dvclive",),

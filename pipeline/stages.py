@@ -87,6 +87,27 @@ class DPOKeys(HeldoutKeys):
     merge_adapter: bool = key(False, "with use_peft: also save the merged full model under `merged/`")
     chosen_logp_warn_drop: float = key(5.0, "warn when the mean log-prob of chosen replies falls this many nats "
                                             "below its first logged value (a known DPO failure)")
+    rounds: int = key(1, "rounds of iterated DPO: 1 trains on `dataset` (offline DPO); N > 1: round 1 as 1, then "
+                         "each round samples two replies per prompt of `dataset` from the current policy, labels "
+                         "them with `round_labeller` (ties dropped) and runs DPO on them; the reference stays "
+                         "`init_from`")
+    round_labeller: Literal["reward", "annotator"] = key("reward", "who labels the sampled pairs: `reward` "
+                                                                   "(round_reward_model) or `annotator` (the world's "
+                                                                   "simulated annotator with world.label_noise; "
+                                                                   "world prompts only)")
+    round_reward_model: str | None = key("auto", "reward model of round_labeller=reward: a stage or a folder of a "
+                                                 "one-output sequence-classification model; `auto`: the recipe's "
+                                                 "`reward` stage", ref="checkpoint")
+    round_max_prompts: int | None = key(2000, "prompts sampled per round after the first (a new random draw each "
+                                              "round); empty: every prompt of `dataset`")
+    round_max_new_tokens: int = key(48, "generation budget per sampled reply")
+
+    def fill_defaults(self, recipe) -> None:
+        """The reward model is an input (ordered after, fingerprinted) only when a round reads it."""
+        if self.rounds <= 1 or self.round_labeller != "reward":
+            self.round_reward_model = None
+        elif self.round_reward_model == "auto":
+            self.round_reward_model = "reward" if "reward" in recipe.stages else None
 
 
 @dataclass

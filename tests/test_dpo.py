@@ -28,6 +28,9 @@ def test_dpo_moves_the_implicit_reward_margin_up_on_training_pairs(tiny_run):
     assert metrics["eval_rewards/accuracies"] > 0.5
     assert metrics["history"] and "rewards/chosen" in metrics["history"][0]
     assert 0 <= metrics["heldout_accuracy_dpo"] <= 1 and "heldout_accuracy_input" in metrics
+    # rounds: 1 (the default) is offline DPO with the metrics it always had: no per-round records or folders
+    assert "rounds" not in metrics and metrics["train_pairs"] == metrics["data"]["pairs"]
+    assert not (work / "runs/dpo_margin/dpo/rounds").exists()
 
 
 def test_dpo_lora_saves_adapter_and_merged_model_that_reload(tiny_run):
