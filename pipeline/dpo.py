@@ -104,7 +104,9 @@ def main(argv):
         models.configure_generation(policy, tokenizer)
         peft_config = models.peft_config(peft_values)
         reference = None
-        if peft_config is None:  # with LoRA the reference is the policy with its adapter switched off
+        # with LoRA the reference is the policy with its adapter switched off; iterated, TRL would copy a later
+        # round's adapter as that round's reference, so the rounds keep the initial model loaded instead
+        if peft_config is None or keys.rounds > 1:
             reference = models.load_causal_lm(recipe, init.path, revision=recipe.model.revision).eval()
             reference.requires_grad_(False)
 
@@ -134,7 +136,7 @@ def main(argv):
         else:
             reward = RewardModel.load(recipe, run.checkpoint("round_reward_model"), device=run.state.device) \
                 if keys.round_labeller == "reward" else None
-            log.info(f"{models.describe(policy)}; {keys.rounds} rounds: round 1 on {len(train_ds)} pairs, then pairs "
+            log.info(f"{models.param_count(policy) / 1e6:.2f}M parameters; {keys.rounds} rounds: round 1 on {len(train_ds)} pairs, then pairs "
                      f"sampled for up to {keys.round_max_prompts or len(prompts)} of {len(prompts)} prompts, "
                      f"labelled by the {keys.round_labeller}; {len(eval_ds)} pairs held out; beta {args.beta}, "
                      f"loss {args.loss_type}")

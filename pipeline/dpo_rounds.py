@@ -19,7 +19,6 @@ last round whose state, policy and next pairs are whole. Trainer checkpoints of 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import random
@@ -41,7 +40,7 @@ PAIRS = "pairs.json"
 @dataclass
 class Rounds:
     """What the rounds need from the DPO stage. `trainer_for(policy, pairs, output_dir)`: the stage's DPOTrainer
-    over those pairs; reference None: the policy with its LoRA adapter switched off; reward: a RewardModel when the
+    over those pairs; reference: the frozen initial model (also with LoRA); reward: a RewardModel when the
     labeller is the reward model; prompts: one row per distinct training prompt (`prompt`, and `skill`/`answer` for
     the annotator)."""
 
@@ -107,15 +106,6 @@ def prompt_draw(setup: Rounds, r: int) -> list[dict]:
     return [setup.prompts[i] for i in sorted(picked)]
 
 
-@contextlib.contextmanager
-def reference_model(policy, reference):
-    if reference is not None:
-        yield reference
-    else:  # LoRA: the reference is the policy with its adapter off
-        with policy.disable_adapter():
-            yield policy
-
-
 def label_pairs(setup: Rounds, rows, samples, r: int) -> tuple[list[dict], int]:
     """Each prompt's two samples as a (chosen, rejected) pair by the round's labeller; ties (and prompts it cannot
     judge) dropped. Returns the pairs and how many were dropped."""
@@ -148,9 +138,8 @@ def measure(setup: Rounds, policy, r: int, rows, samples, previous: dict | None)
         record["heldout_accuracy"] = scored["accuracy"]
     prompts = [row["prompt"] for row in rows]
     own = reply_logprob_sums(policy, tokenizer, prompts, samples, keys.heldout_batch_size, f"round {r} policy")
-    with reference_model(policy, setup.reference) as reference:
-        ref = reply_logprob_sums(reference, tokenizer, prompts, samples, keys.heldout_batch_size,
-                                 f"round {r} reference")
+    ref = reply_logprob_sums(setup.reference, tokenizer, prompts, samples, keys.heldout_batch_size,
+                             f"round {r} reference")
     record["kl"] = float(np.mean(own - ref))  # E_{y ~ policy}[log policy(y|x) - log ref(y|x)] over its samples
     record.update(M.diversity([[s.text for s in pair] for pair in samples]))
     record["collapse"] = None
