@@ -191,7 +191,7 @@ def run_rounds(setup: Rounds, policy, first_pairs):
             policy = run_model(trainer)
         else:  # every sampled pair a tie: nothing to learn from this round
             log.warning(f"round {r}: no pairs left after dropping {dropped} ties: the policy is unchanged")
-            stats = {"steps": 0, "train_loss": float("nan"), "history": []}
+            stats = {"steps": 0, "train_loss": None, "history": []}  # metrics.json never holds NaN
         rows = prompt_draw(setup, r + 1)  # the next round's prompts: these samples measure this round's policy
         state = {"round": r, **stats, "dropped_next": 0}
         if main:
@@ -234,7 +234,7 @@ def round_line(record: dict, rounds: int) -> str:
 def summary(states: list[dict]) -> dict:
     steps = sum(s["steps"] for s in states)
     weighted = [(s["train_loss"], s["steps"]) for s in states if s["steps"]]
-    return {"steps": steps, "train_loss": sum(l * n for l, n in weighted) / steps if steps else float("nan"),
+    return {"steps": steps, "train_loss": sum(l * n for l, n in weighted) / steps if steps else None,
             "train_pairs": sum(s["record"]["pairs"] for s in states),
             "history": [h for s in states for h in s["history"]], "rounds": [s["record"] for s in states]}
 
