@@ -68,7 +68,7 @@ def with_answers(ds, spec: str, required: bool, needed_for: str = "verifier_weig
     for i, prompt in enumerate(ds["prompt"]):
         key = world.prompt_key(last_user_text(prompt))
         if key is None and not required:
-            log.info(f"{spec}: row {i + 1} has no answer to check: no gold score (verifier accuracy) is logged")
+            log.info(f"{spec}: row {i + 1} has no answer to check: these prompts get no verifier accuracy")
             return ds
         if key is None:
             raise PipelineError(f"{spec}: row {i + 1}: {needed_for} needs `skill` and `answer` columns, and this "
