@@ -91,18 +91,15 @@ if not a.eval_only:
         pred = unet(noisy, t, encoder_hidden_states=emb).sample[:, :1]
         with torch.no_grad():
             rp = ref(noisy, t, encoder_hidden_states=emb).sample[:, :1]
-        me = (pred - noise).pow(2).mean(dim=(1, 2, 3)); re_ = (rp - noise).pow(2).mean(dim=(1, 2, 3))
-        mw, ml = me.chunk(2); rw, rl = re_.chunk(2)
-        inside = -0.5 * a.beta * ((mw - rw) - (ml - rl) + a.dpop * torch.relu(mw - rw))
-        loss = -F.logsigmoid(inside).mean()
-        if a.anchor == "winner":
-            loss = loss + a.anchor_w * mw.mean()
-        elif a.anchor == "both":
-            loss = loss + a.anchor_w * me.mean()
+        target = diffusion_train.denoise_target(sched, x, noise, t)
+        loss, stats = diffusion_train.diffusion_dpo_loss(pred, rp, target, a.beta, winner_penalty=a.dpop)
+        if a.anchor != "none":  # the plain denoising loss on the winners, or on both images of each pair
+            anchored = slice(0, a.batch) if a.anchor == "winner" else slice(None)
+            loss = loss + a.anchor_w * F.mse_loss(pred[anchored], target[anchored])
         opt.zero_grad(); loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0); opt.step()
         if (step + 1) % 25 == 0:
-            h = dict(step=step + 1, loss=float(loss), acc=float((inside > 0).float().mean()), dw=float((mw - rw).mean()), dl=float((ml - rl).mean()), s=round(time.time() - t0))
+            h = dict(step=step + 1, loss=float(loss.detach()), **stats, s=round(time.time() - t0))
             hist.append(h); print(h, flush=True)
     unet.eval()
     res = evals(pipe, a.name)

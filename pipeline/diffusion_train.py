@@ -153,7 +153,7 @@ def denoise_loss(scheduler, pred, target, t, snr_gamma: float | None):
     return (err * weight).mean()
 
 
-def diffusion_dpo_loss(model_pred, ref_pred, target, beta: float):
+def diffusion_dpo_loss(model_pred, ref_pred, target, beta: float, winner_penalty: float = 0.0):
     """Diffusion-DPO (Wallace et al. 2023), as in the official training script: the batch holds the winners then
     the losers (same noise and timestep for both halves).
 
@@ -161,7 +161,11 @@ def diffusion_dpo_loss(model_pred, ref_pred, target, beta: float):
         inside = -beta/2 * ((err_θ(w) - err_ref(w)) - (err_θ(l) - err_ref(l)))
         loss   = -log σ(inside)
 
-    Returns (loss, stats): implicit accuracy (inside > 0) and the model's raw denoising loss."""
+    With `winner_penalty` λ > 0 (DPO-Positive, Pal et al. 2024), inside also subtracts beta/2 * λ * max(0,
+    err_θ(w) - err_ref(w)): the winner may not get worse than under the reference.
+
+    Returns (loss, stats): implicit accuracy (inside > 0), the model's raw denoising loss, and the mean change of
+    the winners' and losers' errors against the reference."""
     import torch.nn.functional as F
 
     dims = list(range(1, target.ndim))
@@ -169,10 +173,12 @@ def diffusion_dpo_loss(model_pred, ref_pred, target, beta: float):
     ref_err = (ref_pred.float() - target.float()).pow(2).mean(dim=dims)
     model_w, model_l = model_err.chunk(2)
     ref_w, ref_l = ref_err.chunk(2)
-    inside = -0.5 * beta * ((model_w - ref_w) - (model_l - ref_l))
+    inside = -0.5 * beta * ((model_w - ref_w) - (model_l - ref_l) + winner_penalty * (model_w - ref_w).clamp(min=0))
     loss = -F.logsigmoid(inside).mean()
     stats = {"implicit_acc": float((inside > 0).float().mean()), "model_loss": float(model_err.detach().mean()),
-             "ref_loss": float(ref_err.mean()), "margin": float(inside.detach().mean())}
+             "ref_loss": float(ref_err.mean()), "margin": float(inside.detach().mean()),
+             "winner_change": float((model_w - ref_w).detach().mean()),
+             "loser_change": float((model_l - ref_l).detach().mean())}
     return loss, stats
 
 
