@@ -50,10 +50,12 @@ def candidate_pairs(pipe, judge, captions, cfg, keys, out: Path) -> tuple:
     pairs = []
     for g in range(len(expanded) // k):
         group = list(range(g * k, (g + 1) * k))
-        pairs += [(w, lose, clean, expanded[w]) for w, lose, clean in annotate_pairs(rows, group, cfg.label_noise, rng)]
+        labelled = annotate_pairs(rows, group, cfg.label_noise, rng, digit_only=cfg.pair_filter == "digit")
+        pairs += [(w, lose, clean, expanded[w]) for w, lose, clean in labelled]
     if not pairs:
         raise cli.PipelineError("diffusion_dpo: the annotator found no pair with a preference (every candidate of "
-                                "every caption scored the same): raise candidates_per_caption or rounds")
+                                "every caption scored the same, or no pair differed on the digit under pair_filter: digit): raise "
+                                "candidates_per_caption or rounds")
     chosen = drawn[[p[0] for p in pairs]] * 2 - 1
     rejected = drawn[[p[1] for p in pairs]] * 2 - 1
     stats = {"candidates": len(expanded), "pairs": len(pairs),
@@ -126,18 +128,16 @@ def main(argv):
             with torch.no_grad():
                 emb = images.encode_text(pipe, text_encoder, [pair_captions[i] for i in idx.tolist()], x.device)
             emb = emb.repeat(2, 1, 1)
-            noise = torch.randn((len(idx), *x.shape[1:]), generator=gen).repeat(2, 1, 1, 1).to(x.device)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
-            t = t.repeat(2).to(x.device)
-            noisy = noise_scheduler.add_noise(x, noise, t)
+            noisy, noise, t = diffusion_train.noise_pairs(noise_scheduler, x, gen, cfg.max_timestep)
             channels = x.shape[1]
             pred = prepared["unet"](noisy, t, encoder_hidden_states=emb).sample[:, :channels]
             with torch.no_grad():
                 ref = ref_unet(noisy, t, encoder_hidden_states=emb).sample[:, :channels]
             target = diffusion_train.denoise_target(noise_scheduler, x, noise, t)
-            loss, stats = diffusion_train.diffusion_dpo_loss(pred, ref, target, cfg.beta)
+            loss, stats = diffusion_train.diffusion_dpo_loss(pred, ref, target, cfg.beta, cfg.winner_penalty)
             if cfg.sft_weight:
-                loss = loss + cfg.sft_weight * F.mse_loss(pred[:len(idx)].float(), target[:len(idx)].float())
+                anchored = slice(None) if cfg.sft_images == "both" else slice(0, len(idx))
+                loss = loss + cfg.sft_weight * F.mse_loss(pred[anchored].float(), target[anchored].float())
             return loss, stats
 
         started = time.time()
@@ -189,7 +189,10 @@ def main(argv):
                      f"labelled by the simulated annotator (label noise {cfg.label_noise}; "
                      f"{pair_stats['pairs_clean_agree']:.3f} agree with the noise-free annotator), {cfg.max_steps} "
                      f"steps of {cfg.batch_size} pairs, beta {cfg.beta}, learning rate {cfg.learning_rate}, "
-                     f"{train_s:.0f} s. `start` is the model before tuning, drawn with the same seeds; the paired "
+                     f"pairs {'of differing digits' if cfg.pair_filter == 'digit' else 'of any difference'} noised "
+                     f"at t < {cfg.max_timestep or noise_scheduler.config.num_train_timesteps}, denoising loss "
+                     f"weight {cfg.sft_weight} on {'both images' if cfg.sft_images == 'both' else 'the chosen image'}"
+                     f", {train_s:.0f} s. `start` is the model before tuning, drawn with the same seeds; the paired "
                      f"gain (tuned − start, per image) with its 95% interval is in metrics.json (`gain`).",
                      "", "Start model's samples: ![start](grid_start.png)"]
             shown = {"start": evals["start"], "dpo": evals["model"]} if evals else {}

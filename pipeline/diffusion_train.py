@@ -101,7 +101,11 @@ class DiffusionDPOConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"
     beta: float = 2000.0                # Diffusion-DPO's beta (the official script's beta_dpo; SD1.5 used 5000)
-    sft_weight: float = 0.0             # weight of the plain denoising loss on chosen images (stays near the data)
+    sft_weight: float = 0.0             # weight of the plain denoising loss (stays near the data)
+    sft_images: str = "chosen"          # what that loss sees: `chosen` images, or `both` images of every pair
+    max_timestep: int | None = None     # pairs noised only at t < this; empty: every training timestep
+    winner_penalty: float = 0.0         # DPO-Positive's lambda: the winner's error may not rise over the reference's
+    pair_filter: str = "any"            # `digit`: keep only pairs whose images differ on showing the caption's digit
     ema_decay: float = 0.0              # 0: the tuned weights as they are
     use_lora: bool = False
     lora_rank: int = 8
@@ -123,6 +127,12 @@ class DiffusionDPOConfig:
             raise ValueError(f"label_noise must be in [0, 0.5], got {self.label_noise}")
         if self.candidates_per_caption < 2 or self.rounds < 1:
             raise ValueError("candidates_per_caption must be at least 2 and rounds at least 1 (pairs need two images)")
+        _one_of("sft_images", self.sft_images, ("chosen", "both"))
+        _one_of("pair_filter", self.pair_filter, ("any", "digit"))
+        if self.max_timestep is not None and self.max_timestep < 1:
+            raise ValueError(f"max_timestep must be at least 1 (or empty: every timestep), got {self.max_timestep}")
+        if self.winner_penalty < 0:
+            raise ValueError(f"winner_penalty must be 0 or above, got {self.winner_penalty}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -137,6 +147,18 @@ def denoise_target(scheduler, x0, noise, t):
     if kind == "v_prediction":
         return scheduler.get_velocity(x0, noise, t)
     return x0 if kind == "sample" else noise
+
+
+def noise_pairs(scheduler, x, gen, max_timestep: int | None = None):
+    """Diffusion-DPO's noising: x holds the winners then the losers; each pair shares its noise and its timestep
+    (uniform below max_timestep, or over the whole schedule). Returns (noisy x, noise, t) for the whole batch."""
+    import torch
+
+    n = len(x) // 2
+    top = min(max_timestep or scheduler.config.num_train_timesteps, scheduler.config.num_train_timesteps)
+    noise = torch.randn((n, *x.shape[1:]), generator=gen).repeat(2, 1, 1, 1).to(x.device)
+    t = torch.randint(0, top, (n,), generator=gen).repeat(2).to(x.device)
+    return scheduler.add_noise(x, noise, t), noise, t
 
 
 def denoise_loss(scheduler, pred, target, t, snr_gamma: float | None):

@@ -202,15 +202,17 @@ def annotator_score(row: dict) -> tuple:
     return (int(m.get("digit", False)), sum(int(v) for k, v in m.items() if k not in ("digit", "all")))
 
 
-def annotate_pairs(rows: list[dict], group: list[int], label_noise: float, rng) -> list[tuple[int, int, bool]]:
+def annotate_pairs(rows: list[dict], group: list[int], label_noise: float, rng,
+                   digit_only: bool = False) -> list[tuple[int, int, bool]]:
     """(chosen, rejected, clean_agrees) index pairs among images of one caption (`group`: their indices): every
-    pair whose annotator scores differ, the better one chosen, the label flipped with probability label_noise."""
+    pair whose annotator scores differ, the better one chosen, the label flipped with probability label_noise.
+    digit_only: only pairs where one image shows the caption's digit and the other does not."""
     pairs = []
     for a in range(len(group)):
         for b in range(a + 1, len(group)):
             i, j = group[a], group[b]
             si, sj = annotator_score(rows[i]), annotator_score(rows[j])
-            if si == sj:
+            if si == sj or digit_only and rows[i]["match"].get("digit") == rows[j]["match"].get("digit"):
                 continue
             win, lose = (i, j) if si > sj else (j, i)
             if rng.random() < label_noise:

@@ -22,7 +22,8 @@ TINY_DIFFUSION = {"max_steps": 6, "batch_size": 8, "logging_steps": 3, "save_ste
                   "text_encoder": TINY_TEXT, "judge_epochs": 4, "heldout_samples": 2, "sample_steps": 3,
                   "grid_columns": 2}
 TINY_DPO = {"max_steps": 4, "batch_size": 4, "logging_steps": 2, "save_steps": 0, "candidates_per_caption": 2,
-            "rounds": 1, "heldout_samples": 2, "sample_steps": 3, "grid_columns": 2}
+            "rounds": 1, "heldout_samples": 2, "sample_steps": 3, "grid_columns": 2, "max_timestep": 500,
+            "sft_weight": 1.0, "sft_images": "both", "winner_penalty": 1.0}
 
 
 def image_recipe(directory, **sections):
@@ -179,6 +180,9 @@ def test_annotator_prefers_the_matching_image_and_flips_at_the_noise_rate():
     pairs = annotate_pairs([good, half, bad, same], [0, 1, 2, 3], 0.0, random.Random(0))
     assert (0, 1, True) in pairs and (0, 2, True) in pairs and (1, 2, True) in pairs  # digit first
     assert not any({i, j} == {0, 3} for i, j, _ in pairs)  # equal scores: no pair
+    # digit_only keeps the pairs where exactly one image shows the caption's digit
+    digit_pairs = annotate_pairs([good, half, bad, same], [0, 1, 2, 3], 0.0, random.Random(0), digit_only=True)
+    assert sorted(digit_pairs) == [(0, 2, True), (1, 2, True), (3, 2, True)]
     rng = random.Random(0)
     flipped = [not annotate_pairs([good, bad], [0, 1], 0.3, rng)[0][2] for _ in range(2000)]
     assert abs(sum(flipped) / 2000 - 0.3) < 0.03
@@ -205,6 +209,35 @@ def test_diffusion_dpo_loss_against_a_worked_example():
     pred = model.clone().requires_grad_(True)
     diffusion_dpo_loss(pred, ref, target, beta=2.0)[0].backward()
     assert (pred.grad[0] * pred[0].detach()).sum() > 0 and (pred.grad[1] * pred[1].detach()).sum() < 0
+    assert math.isclose(stats["winner_change"], -1.0, rel_tol=1e-6)
+    assert math.isclose(stats["loser_change"], 0.25, rel_tol=1e-6)
+    # DPO-Positive: the winner's error fell (1.0 < 2.0), so the penalty is 0 and the loss unchanged
+    assert math.isclose(float(diffusion_dpo_loss(model, ref, target, beta=2.0, winner_penalty=10.0)[0]), float(loss))
+    # swap the reference's errors (winner 0.5 -> model 1.0: +0.5; loser 1.0 -> model 0.5: -0.5): inside =
+    # -1 * (0.5 - (-0.5) + 3 * 0.5) = -2.5 with lambda 3, against -1.0 without
+    swapped_ref = torch.tensor([[0.5 ** 0.5, 0.5 ** 0.5], [1.0, 1.0]]).reshape(2, 1, 1, 2)
+    plain, _ = diffusion_dpo_loss(model, swapped_ref, target, beta=2.0)
+    positive, stats = diffusion_dpo_loss(model, swapped_ref, target, beta=2.0, winner_penalty=3.0)
+    assert math.isclose(float(plain), math.log(1 + math.exp(1.0)), rel_tol=1e-6)
+    assert math.isclose(float(positive), math.log(1 + math.exp(2.5)), rel_tol=1e-6)
+    assert math.isclose(stats["margin"], -2.5, rel_tol=1e-6)
+
+
+def test_diffusion_dpo_pairs_share_noise_and_timestep_below_max_timestep():
+    from diffusers import DDPMScheduler
+
+    from pipeline.diffusion_train import DiffusionDPOConfig, noise_pairs
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    x = torch.randn(2 * 64, 1, 4, 4)
+    noisy, noise, t = noise_pairs(scheduler, x, torch.Generator().manual_seed(0), max_timestep=500)
+    assert t.max() < 500 and torch.equal(t[:64], t[64:]) and torch.equal(noise[:64], noise[64:])
+    assert torch.allclose(noisy, scheduler.add_noise(x, noise, t))
+    _, _, every = noise_pairs(scheduler, x, torch.Generator().manual_seed(0))  # empty: the whole schedule
+    assert every.max() >= 500 and every.max() < 1000
+    for bad in ({"sft_images": "losers"}, {"pair_filter": "size"}, {"max_timestep": 0}, {"winner_penalty": -1.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            DiffusionDPOConfig(**bad)
 
 
 # ---------------------------------------------------------------------------------------------- the stages
