@@ -3,10 +3,12 @@
     accelerate launch pipeline/diffusion_dpo.py recipes/small.yaml [diffusion_dpo.beta=1000 ...]
 
 The model of `init_from` (the `diffusion` stage by default) is the start and the frozen reference. It draws
-`candidates_per_caption` images for every training caption (`rounds` times); a simulated annotator reads them with
-the image judge and prefers, within each draw, the image that matches more of its caption (the digit first), its
-label flipped with probability `label_noise` as the text world's annotators do. Those pairs train the UNet with the
+`candidates_per_caption` images for every training caption; a simulated annotator reads them with the image judge
+and prefers, within each caption's draw, the image that matches more of its caption (the digit first), its label
+flipped with probability `label_noise` as the text world's annotators do. Those pairs train the UNet with the
 Diffusion-DPO loss (Wallace et al. 2023; pipeline/diffusion_train.py), the text encoder frozen, fully or with LoRA.
+With `rounds` > 1 the steps are split into rounds and each later round's candidates are drawn by the model tuned so
+far (online, as `dpo.rounds`); the reference stays the start model.
 At the end the start and the tuned model draw the held-out captions with the same seeds; the judge's accuracies,
 their paired differences with 95% intervals, report.md and grids are written. Section keys: DiffusionDPOConfig
 (pipeline/diffusion_train.py) and DiffusionDPOKeys (pipeline/stages.py).
@@ -31,42 +33,47 @@ STAGE = "diffusion_dpo"
 USAGE = "usage: pipeline/diffusion_dpo.py RECIPE [diffusion_dpo.KEY=VALUE ...]"
 
 
-def candidate_pairs(pipe, judge, captions, cfg, keys, out: Path) -> tuple:
-    """Draw candidates, let the annotator label pairs; cached in out/pairs.safetensors for a resumed run."""
+def round_pairs(pipe, judge, captions, cfg, keys, out: Path, r: int) -> tuple:
+    """Round r's preference pairs: `candidates_per_caption` images per caption drawn by `pipe` as it is now (round 0:
+    the start model; later rounds: the model tuned so far), labelled by the simulated annotator. Cached in
+    out/pairs-r.safetensors + pairs-r.json (written last, atomically), so a resumed run reuses them."""
     from safetensors.torch import load_file, save_file
 
     from pipeline.image_judge import annotate_pairs, score_images
 
-    cache = out / "pairs.safetensors"
-    if cache.is_file() and (out / "pairs.json").is_file():
-        meta = json.loads((out / "pairs.json").read_text())
+    cache, meta_file = out / f"pairs-{r}.safetensors", out / f"pairs-{r}.json"
+    if cache.is_file() and meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
         t = load_file(str(cache))
         return t["chosen"], t["rejected"], meta["captions"], meta["stats"]
-    expanded = [c for _ in range(cfg.rounds) for c in captions for _ in range(cfg.candidates_per_caption)]
-    drawn = images.generate(pipe, expanded, steps=keys.sample_steps, guidance=keys.guidance_scale, seed=cfg.seed + 1)
-    rows = score_images(judge, drawn, expanded)
-    rng = random.Random(cfg.seed)
+    started = time.time()
     k = cfg.candidates_per_caption
+    expanded = [c for c in captions for _ in range(k)]
+    drawn = images.generate(pipe, expanded, steps=keys.sample_steps, guidance=keys.guidance_scale,
+                            seed=cfg.seed + 1 + r)
+    rows = score_images(judge, drawn, expanded)
+    rng = random.Random(cfg.seed + r)
     pairs = []
-    for g in range(len(expanded) // k):
-        group = list(range(g * k, (g + 1) * k))
-        labelled = annotate_pairs(rows, group, cfg.label_noise, rng, digit_only=cfg.pair_filter == "digit")
+    for g in range(len(captions)):
+        labelled = annotate_pairs(rows, list(range(g * k, (g + 1) * k)), cfg.label_noise, rng,
+                                  digit_only=cfg.pair_filter == "digit")
         pairs += [(w, lose, clean, expanded[w]) for w, lose, clean in labelled]
     if not pairs:
-        raise cli.PipelineError("diffusion_dpo: the annotator found no pair with a preference (every candidate of "
-                                "every caption scored the same, or no pair differed on the digit under pair_filter: digit): raise "
-                                "candidates_per_caption or rounds")
+        raise cli.PipelineError(f"diffusion_dpo: round {r + 1}: the annotator found no pair with a preference (every "
+                                "candidate of every caption scored the same, or none differed on the digit under "
+                                "pair_filter: digit): raise candidates_per_caption")
     chosen = drawn[[p[0] for p in pairs]] * 2 - 1
     rejected = drawn[[p[1] for p in pairs]] * 2 - 1
-    stats = {"candidates": len(expanded), "pairs": len(pairs),
+    stats = {"round": r + 1, "candidates": len(expanded), "pairs": len(pairs),
              "pairs_clean_agree": sum(p[2] for p in pairs) / len(pairs),
-             "candidate_digit_accuracy": sum(r["match"].get("digit", 0) for r in rows) / len(rows),
-             "candidate_all_accuracy": sum(r["match"].get("all", 0) for r in rows) / len(rows)}
+             "candidate_digit_accuracy": sum(row["match"].get("digit", 0) for row in rows) / len(rows),
+             "candidate_all_accuracy": sum(row["match"].get("all", 0) for row in rows) / len(rows),
+             "wall_s": round(time.time() - started, 1)}
     save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(cache))
-    (out / "pairs.json").write_text(json.dumps({"captions": [p[3] for p in pairs], "stats": stats}) + "\n")
-    log.info(f"{stats['pairs']} pairs from {stats['candidates']} candidates (candidates' digit accuracy "
-        f"{stats['candidate_digit_accuracy']:.3f}; labels agreeing with the noise-free annotator "
-        f"{stats['pairs_clean_agree']:.3f})")
+    runs.write_json(meta_file, {"captions": [p[3] for p in pairs], "stats": stats})
+    log.info(f"round {r + 1}: {stats['pairs']} pairs from {stats['candidates']} candidates (candidates' digit "
+             f"accuracy {stats['candidate_digit_accuracy']:.3f}, all {stats['candidate_all_accuracy']:.3f}; labels "
+             f"agreeing with the noise-free annotator {stats['pairs_clean_agree']:.3f})")
     return chosen, rejected, [p[3] for p in pairs], stats
 
 
@@ -103,12 +110,13 @@ def main(argv):
         torch.manual_seed(cfg.seed)
         judge = ImageJudge.load(judge_dir)
         pipe.set_progress_bar_config(disable=True)
-        started = time.time()
-        if main_process:
-            candidate_pairs(pipe, judge, captions, cfg, keys, run.out)
-        accelerator.wait_for_everyone()
-        chosen, rejected, pair_captions, pair_stats = candidate_pairs(pipe, judge, captions, cfg, keys, run.out)
-        pairs_s = time.time() - started
+        def load_round(r):  # the main process draws (or finds the cache); then every process reads the cache
+            if main_process:
+                round_pairs(pipe, judge, captions, cfg, keys, run.out, r)
+            accelerator.wait_for_everyone()
+            return {"round": r, "pairs": round_pairs(pipe, judge, captions, cfg, keys, run.out, r)}
+
+        current = load_round(0)
         vae = getattr(pipe, "vae", None)
         unet, text_encoder = pipe.unet, pipe.text_encoder.eval().requires_grad_(False)
         ref_unet = copy.deepcopy(unet).eval().requires_grad_(False)
@@ -117,9 +125,15 @@ def main(argv):
         noise_scheduler = images.make_scheduler("ddpm", pipe.scheduler.config)
         log.info(f"tuning {init.ref}: unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, "
             f"trainable {sum(p.numel() for p in unet.parameters() if p.requires_grad) / 1e6:.3f}M; "
-            f"{len(pair_captions)} pairs, beta {cfg.beta}")
+            f"{cfg.rounds} round(s), the first on {len(current['pairs'][2])} pairs, beta {cfg.beta}")
 
         def step_fn(prepared, step, micro, gen):
+            r = step * cfg.rounds // cfg.max_steps
+            if r != current["round"]:  # online: a later round's candidates come from the model tuned so far
+                prepared["unet"].eval()
+                current.update(load_round(r))
+                prepared["unet"].train()
+            chosen, rejected, pair_captions, _ = current["pairs"]
             idx = torch.randint(0, len(pair_captions), (cfg.batch_size,), generator=gen)
             x = torch.cat([chosen[idx], rejected[idx]]).to(accelerator.device)
             if vae is not None:
@@ -160,10 +174,14 @@ def main(argv):
             pipe.save_pretrained(str(run.out), safe_serialization=True)
             shutil.copytree(judge_dir, run.out / "judge", dirs_exist_ok=True)
             images.write_json(run.out / "world.json", images.world_json())
-            (run.out / "pairs.safetensors").unlink(missing_ok=True)
+            rounds = [json.loads((run.out / f"pairs-{r}.json").read_text())["stats"] for r in range(cfg.rounds)]
+            for r in range(cfg.rounds):
+                (run.out / f"pairs-{r}.safetensors").unlink()
+                (run.out / f"pairs-{r}.json").unlink()
+            pair_stats = {**rounds[0], "pairs": sum(s["pairs"] for s in rounds)}
+            pair_stats.pop("round")
             metrics = {"steps": cfg.max_steps, "train_loss": history[-1]["loss"] if history else None,
-                       "pairs_wall_s": round(pairs_s, 1), "train_wall_s": round(train_s, 1), **pair_stats,
-                       "history": history}
+                       "train_wall_s": round(train_s, 1), **pair_stats, "rounds": rounds, "history": history}
             evals = {}
             if heldout:
                 started = time.time()
@@ -186,7 +204,8 @@ def main(argv):
                     f"{m} {acc0[m]['mean']:.3f} -> {acc[m]['mean']:.3f} (gain {image_eval.fmt(gain[m])})"
                     for m in image_eval.MEASURES if acc.get(m)))
             notes = [f"Diffusion-DPO from `{init.ref}` (also the frozen reference): {pair_stats['pairs']} pairs "
-                     f"labelled by the simulated annotator (label noise {cfg.label_noise}; "
+                     f"in {cfg.rounds} round(s), each drawn by the model as it was at the round's start and labelled "
+                     f"by the simulated annotator (label noise {cfg.label_noise}; round 1: "
                      f"{pair_stats['pairs_clean_agree']:.3f} agree with the noise-free annotator), {cfg.max_steps} "
                      f"steps of {cfg.batch_size} pairs, beta {cfg.beta}, learning rate {cfg.learning_rate}, "
                      f"pairs {'of differing digits' if cfg.pair_filter == 'digit' else 'of any difference'} noised "

@@ -112,7 +112,7 @@ class DiffusionDPOConfig:
     lora_alpha: int = 8
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     candidates_per_caption: int = 4     # images the start model draws per training caption; pairs come from them
-    rounds: int = 2                     # times every training caption is drawn for
+    rounds: int = 1                     # > 1: later rounds draw their candidates from the model tuned so far
     label_noise: float = 0.15           # the simulated annotator flips this share of labels (as the text world)
     logging_steps: int = 25
     save_steps: int = 100
@@ -127,6 +127,8 @@ class DiffusionDPOConfig:
             raise ValueError(f"label_noise must be in [0, 0.5], got {self.label_noise}")
         if self.candidates_per_caption < 2 or self.rounds < 1:
             raise ValueError("candidates_per_caption must be at least 2 and rounds at least 1 (pairs need two images)")
+        if self.rounds > self.max_steps:
+            raise ValueError(f"rounds ({self.rounds}) must not exceed max_steps ({self.max_steps}): each round trains")
         _one_of("sft_images", self.sft_images, ("chosen", "both"))
         _one_of("pair_filter", self.pair_filter, ("any", "digit"))
         if self.max_timestep is not None and self.max_timestep < 1:

@@ -22,7 +22,7 @@ TINY_DIFFUSION = {"max_steps": 6, "batch_size": 8, "logging_steps": 3, "save_ste
                   "text_encoder": TINY_TEXT, "judge_epochs": 4, "heldout_samples": 2, "sample_steps": 3,
                   "grid_columns": 2}
 TINY_DPO = {"max_steps": 4, "batch_size": 4, "logging_steps": 2, "save_steps": 0, "candidates_per_caption": 2,
-            "rounds": 1, "heldout_samples": 2, "sample_steps": 3, "grid_columns": 2, "max_timestep": 500,
+            "rounds": 2, "heldout_samples": 2, "sample_steps": 3, "grid_columns": 2, "max_timestep": 500,
             "sft_weight": 1.0, "sft_images": "both", "winner_penalty": 1.0}
 
 
@@ -278,6 +278,10 @@ def test_diffusion_and_dpo_stages_write_loadable_pipelines_and_reports(image_run
     assert metrics["steps"] == 6 and metrics["judge_heldout_images"] == 2880 and metrics["real_diversity"] > 0
     dpo = json.loads((run_dir / "diffusion_dpo" / "metrics.json").read_text())
     assert dpo["pairs"] > 0 and set(dpo["gain"]) == {"digit", "size", "thickness", "position", "all"}
+    # two online rounds, each drawn for the 60 training captions; their caches are gone from the finished folder
+    assert [r["round"] for r in dpo["rounds"]] == [1, 2] and all(r["candidates"] == 120 for r in dpo["rounds"])
+    assert dpo["pairs"] == sum(r["pairs"] for r in dpo["rounds"])
+    assert not list((run_dir / "diffusion_dpo").glob("pairs-*"))
     assert json.loads((run_dir / "diffusion_dpo" / "manifest.json").read_text())["inputs"]["checkpoints"][
         "init_from"]["ref"] == "diffusion"
     # the stage folders are plain diffusers pipelines: a prompt string in, an image out
@@ -327,6 +331,30 @@ def test_killed_diffusion_stage_resumes_to_the_uninterrupted_result(tmp_path):
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     a, b = _unet_weights(tmp_path / "runs/tiny/diffusion"), _unet_weights(tmp_path / "runs/fresh/diffusion")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_killed_online_diffusion_dpo_resumes_to_the_uninterrupted_result(image_run, tmp_path):
+    """Killed in round 2 (after its candidates were drawn by the tuned model, before the next checkpoint), the
+    stage resumes from the round-1 checkpoint and ends with the weights of a run never killed."""
+    start = image_run[0] / "runs" / "tiny" / "diffusion"
+    section = {**TINY_DPO, "max_steps": 6, "save_steps": 2, "rounds": 2, "init_from": str(start),
+               "heldout_captions": ""}
+    recipe = image_recipe(tmp_path, diffusion_dpo=section)
+    killed = run_cli(["pipeline/diffusion_dpo.py", recipe], cwd=tmp_path, env={"PIPELINE_FAULT": "kill:training:5"})
+    assert killed.returncode != 0
+    partial = tmp_path / "runs/tiny/diffusion_dpo.partial"
+    assert (partial / "pairs-1.json").is_file() and not (tmp_path / "runs/tiny/diffusion_dpo").exists()
+    resumed = run_cli(["pipeline/diffusion_dpo.py", recipe], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at step 4" in resumed.stdout + resumed.stderr
+    fresh = run_cli(["pipeline/diffusion_dpo.py", recipe, "run.name=fresh"], cwd=tmp_path)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    a, b = _unet_weights(tmp_path / "runs/tiny/diffusion_dpo"), _unet_weights(tmp_path / "runs/fresh/diffusion_dpo")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    rounds = [json.loads((tmp_path / f"runs/{name}/diffusion_dpo/metrics.json").read_text())["rounds"]
+              for name in ("tiny", "fresh")]
+    assert [[{k: v for k, v in r.items() if k != "wall_s"} for r in x] for x in rounds] == \
+           [[{k: v for k, v in r.items() if k != "wall_s"} for r in rounds[1]]] * 2
 
 
 def test_bad_image_data_exits_2_with_one_line_and_writes_nothing(tmp_path):
