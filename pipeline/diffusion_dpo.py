@@ -50,7 +50,7 @@ def round_pairs(pipe, judge, captions, cfg, keys, out: Path, r: int) -> tuple:
     k = cfg.candidates_per_caption
     expanded = [c for c in captions for _ in range(k)]
     drawn = images.generate(pipe, expanded, steps=keys.sample_steps, guidance=keys.guidance_scale,
-                            seed=cfg.seed + 1 + r)
+                            seed=cfg.seed + 1 + r, desc=f"round {r + 1} candidates")
     rows = score_images(judge, drawn, expanded)
     rng = random.Random(cfg.seed + r)
     pairs = []

@@ -91,7 +91,7 @@ def evaluate(pipe, judge, captions: list[str], out: Path, *, samples: int, steps
     from pipeline.metrics import mean_ci
 
     expanded = [c for c in captions for _ in range(samples)]
-    drawn = images.generate(pipe, expanded, steps=steps, guidance=guidance, seed=seed)
+    drawn = images.generate(pipe, expanded, steps=steps, guidance=guidance, seed=seed, desc=f"held-out {name}")
     rows = score_images(judge, drawn, expanded)
     result = {}
     for m in MEASURES:

@@ -390,13 +390,17 @@ def encode_text(pipe, text_encoder, captions: list[str], device):
     return text_encoder(tok.input_ids.to(device), attention_mask=mask)[0]
 
 
-def generate(pipe, captions: list[str], *, steps: int, guidance: float, seed: int, batch_size: int = 256):
-    """Images for captions (N x C x R x R in [0, 1]), through the pipeline's own __call__ (what a user gets)."""
+def generate(pipe, captions: list[str], *, steps: int, guidance: float, seed: int, batch_size: int = 256,
+             desc: str = "drawing"):
+    """Images for captions (N x C x R x R in [0, 1]), through the pipeline's own __call__ (what a user gets);
+    a progress bar counts the batches."""
     import numpy as np
     import torch
+    from tqdm.auto import tqdm
 
     out = []
-    for start in range(0, len(captions), batch_size):
+    for start in tqdm(range(0, len(captions), batch_size), desc=f"{desc} ({len(captions)} images)",
+                      dynamic_ncols=True):
         chunk = captions[start:start + batch_size]
         gen = torch.Generator().manual_seed(seed + start)
         kw = {"clean_caption": False} if pipe.__class__.__name__.startswith("IF") else {}
