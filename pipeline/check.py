@@ -14,7 +14,7 @@ import dataclasses
 import glob
 from pathlib import Path
 
-from pipeline import cluster, integrity, runs
+from pipeline import cluster, cost_check, integrity, runs
 from pipeline.memory import PROFILES, StageProfile, estimate_memory, human, model_shape
 from pipeline.cli import PipelineError
 from pipeline.stages import STAGES
@@ -99,11 +99,13 @@ class StageCheck:
     lines: list
     errors: list
     warnings: list
+    projection: object = None  # cost_check.Projection of a training stage, if its step count is known
 
 
 def check_stage(recipe, stage: str, launch: cluster.Launch, device_memory: int | None,
-                will_run: set = frozenset()) -> StageCheck:
-    """`will_run`: the stages planned to run before this one (their outputs need not exist yet)."""
+                will_run: set = frozenset(), throughput: cost_check.Throughput | None = None) -> StageCheck:
+    """`will_run`: the stages planned to run before this one (their outputs need not exist yet). `throughput`:
+    what the cost projection assumes of a GPU (default: cost_check's)."""
     if STAGES[stage].check:  # a stage whose models are not causal LMs brings its own check
         import importlib
 
@@ -161,7 +163,7 @@ def check_stage(recipe, stage: str, launch: cluster.Launch, device_memory: int |
     lines.append(f"launch: {launch.describe()}")
     # batch
     fields = set(_fields(stage))
-    per_device = None
+    per_device = sequences = None
     if {"per_device_train_batch_size", "gradient_accumulation_steps"} <= fields:
         per_device = recipe.config_default(stage, "per_device_train_batch_size")
         accum = recipe.section(stage).get("gradient_accumulation_steps")
@@ -169,18 +171,22 @@ def check_stage(recipe, stage: str, launch: cluster.Launch, device_memory: int |
         try:
             plan = cluster.batch_plan(stage, per_device, accum, launch.num_processes, expected)
             lines.append(f"batch: {plan.describe()}")
+            sequences = plan.global_batch
         except PipelineError as err:
             errors.append(str(err))
     elif "batch_size" in fields:
         per_device = recipe.config_default(stage, "batch_size")
         lines.append(f"batch: {per_device} per process (this stage's own batch keys)")
+        sequences = per_device * launch.num_processes
     # memory
+    projection = None
     if shape is not None and per_device:
+        seq_len = _seq_len(recipe, stage, keys, shape)
         profile = PROFILES.get(stage, StageProfile())
         if getattr(keys, "lm_loss_coefficient", 0):  # reward's LM regulariser: vocabulary logits again (counted
             profile = dataclasses.replace(profile, lm_head=True)  # for both replies, though only chosen needs them)
         est = estimate_memory(shape, launch, profile=profile, per_device=per_device,
-                              seq_len=_seq_len(recipe, stage, keys, shape), mixed=_mixed(recipe, stage, fields),
+                              seq_len=seq_len, mixed=_mixed(recipe, stage, fields),
                               weight_bytes=_weight_bytes(recipe), peft=recipe.peft_values(stage) if spec.peft else {},
                               grad_ckpt=bool(_config_value(recipe, stage, fields, "gradient_checkpointing", False)),
                               attn=recipe.model.attn_implementation)
@@ -191,7 +197,14 @@ def check_stage(recipe, stage: str, launch: cluster.Launch, device_memory: int |
                             f" given: use more processes with ZeRO-3/FSDP, CPU offload (zero3_offload.yaml), "
                             f"gradient_checkpointing, a smaller per_device_train_batch_size (raise "
                             f"gradient_accumulation_steps), or LoRA")
-    return StageCheck(stage, lines, errors, warnings)
+        # cost: FLOPs from the step count and throughput (pipeline/cost_check.py)
+        if sequences:
+            peft = bool(spec.peft and recipe.peft_values(stage).get("use_peft"))
+            projection = cost_check.project(recipe, stage, keys, shape.params, launch.num_processes, sequences,
+                                            seq_len, peft, throughput or cost_check.Throughput())
+            lines.append(f"cost: {projection if isinstance(projection, str) else projection.describe()}")
+            projection = None if isinstance(projection, str) else projection
+    return StageCheck(stage, lines, errors, warnings, projection)
 
 
 def _fields(stage):
@@ -232,16 +245,19 @@ def _seq_len(recipe, stage, keys, shape) -> int:
     return int(shape.max_positions or 2048)
 
 
-def run_check(recipe, steps, launch_for, device_memory: int | None) -> tuple[int, int]:
-    """Print the report for the planned stages; returns (errors, warnings)."""
+def run_check(recipe, steps, launch_for, device_memory: int | None,
+              throughput: cost_check.Throughput | None = None) -> tuple[int, int]:
+    """Print the report for the planned stages and their projected cost; returns (errors, warnings)."""
     n_err = n_warn = 0
+    throughput = throughput or cost_check.Throughput()
+    projections = []
     print(f"check {recipe.path} -> {recipe.run_dir}/"
           + (f" (device memory {human(device_memory)})" if device_memory else ""))
     will_run = {stage for stage, run, _ in steps if run}
     for stage, run, why in steps:
         try:
             launch = launch_for(stage)
-            result = check_stage(recipe, stage, launch, device_memory, will_run)
+            result = check_stage(recipe, stage, launch, device_memory, will_run, throughput)
         except PipelineError as err:
             result = StageCheck(stage, [], [str(err)], [])
         print(f"  {stage:<10} {'runs' if run else 'skipped'} ({why})")
@@ -253,6 +269,10 @@ def run_check(recipe, steps, launch_for, device_memory: int | None) -> tuple[int
             print(f"  {'':<10} warning: {w}")
         n_err += len(result.errors)
         n_warn += len(result.warnings)
+        if run and result.projection is not None:
+            projections.append(result.projection)
+    for line in cost_check.report(projections, throughput):
+        print(line)
     print(f"{n_err} error(s), {n_warn} warning(s)" if n_err or n_warn else "ok: no problems found")
     return n_err, n_warn
 

@@ -28,6 +28,8 @@ class RunSection:
     output_dir: str = "runs"      # relative to the current directory
     seed: int = 0                 # default seed of every stage (a stage's own `seed` key wins)
     launcher: str | None = None   # prefix the runner starts each stage with, e.g. "accelerate launch --config_file launch/accelerate/ddp.yaml"
+    carbon_country: str = "USA"   # ISO 3166 alpha-3 code of the grid: codecarbon's intensity (README "Cost per stage")
+    carbon_intensity_g_per_kwh: float | None = None  # the grid's gCO2e per kWh; wins over the country's figure
 
 
 @dataclass
@@ -233,6 +235,7 @@ FLOORS = {
     "heldout_max_new_tokens": (1, "at least 1"), "num_generations": (1, "at least 1"),
     "norm_max_pairs": (1, "at least 1"), "calibration_bins": (1, "at least 1"), "monitor_window": (1, "at least 1"),
     "rounds": (1, "at least 1"), "round_max_prompts": (1, "at least 1"), "round_max_new_tokens": (1, "at least 1"),
+    "carbon_intensity_g_per_kwh": (0, "0 or more"),
 }
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
             "trackio": ("trackio",), "comet_ml": ("comet_ml",), "clearml": ("clearml",), "dvclive": ("dvclive",),
@@ -243,6 +246,9 @@ def _check_value(section: str, key: str, value, src) -> None:
     floor = FLOORS.get(key)
     if floor and isinstance(value, (int, float)) and not isinstance(value, bool) and value < floor[0]:
         raise PipelineError(f"{src}: {section}.{key} must be {floor[1]}, got {value!r}")
+    if section == "run" and key == "carbon_country" and not re.fullmatch(r"[A-Za-z]{3}", str(value)):
+        raise PipelineError(f"{src}: run.carbon_country must be a 3-letter ISO 3166 country code (e.g. USA, FRA, "
+                            f"DEU), got {value!r}")
     if key == "report_to":
         import importlib.util
 

@@ -1,13 +1,16 @@
 """Run a whole recipe: every stage in dependency order, each in its own process.
 
     python pipeline/run.py recipes/small.yaml [section.key=value ...] [--dry-run] [--force] [--only S[,S]] [--from S]
-    python pipeline/run.py RECIPE --check [--device-memory 80GiB] [--slurm --nodes N --gpus-per-node G ...]
+    python pipeline/run.py RECIPE --check [--device-memory 80GiB] [--gpu-tflops T --gpu-watts W --mfu M]
+                                          [--slurm --nodes N --gpus-per-node G ...]
     python pipeline/run.py RECIPE --slurm [--partition P] [--account A] [--nodes N] [--gpus-per-node G] [--time T]
 
 A stage whose manifest matches its current inputs and settings is skipped (see pipeline/runs.py). `--force` reruns
 the selected stages, `--from S` reruns S and everything after it, `--only` restricts the plan. Each stage is started
 as `python pipeline/<stage>.py RECIPE OVERRIDES`, or behind `run.launcher` (e.g. `accelerate launch ...`).
-`--check` validates models, data, global batch and per-device memory without running anything (pipeline/check.py);
+`--check` validates models, data, global batch and per-device memory without running anything (pipeline/check.py)
+and projects each stage's GPU time, energy and CO2e (pipeline/cost_check.py); after a run the summary prints the
+cost table of the stages' manifests and writes it to `<run>/cost.md` (pipeline/cost.py);
 `--slurm` submits the planned stages as chained Slurm jobs instead of running them here (pipeline/slurm.py).
 """
 
@@ -25,9 +28,11 @@ import signal
 import subprocess
 import time
 
-from pipeline import check, cli, cluster, locks, memory, runs, slurm
+from pipeline import check, cli, cluster, cost, cost_check, locks, memory, runs, slurm
 from pipeline.recipe import load_recipe
 from pipeline.stages import STAGES
+
+COST_FILE = "cost.md"  # the run's cost table, written by the runner into the run folder
 
 
 def dependencies(recipe, stage: str) -> list[str]:
@@ -145,6 +150,13 @@ def main(argv):
                                                              "memory of the planned stages; run nothing")
     group.add_argument("--device-memory", default=None, help="memory of one device, e.g. 80GiB: --check warns "
                                                              "above it (default: this machine's GPU, if any)")
+    group.add_argument("--gpu-tflops", type=float, default=cost_check.DEFAULT_TFLOPS,
+                       help="--check's cost projection: peak TFLOPS of one GPU (default %(default)g: an A100's "
+                            "dense BF16)")
+    group.add_argument("--gpu-watts", type=float, default=cost_check.DEFAULT_WATTS,
+                       help="--check's cost projection: watts per GPU under load (default %(default)g: an A100 SXM)")
+    group.add_argument("--mfu", type=float, default=cost_check.DEFAULT_MFU,
+                       help="--check's cost projection: model FLOPs utilisation, 0-1 (default %(default)g)")
     group.add_argument("--slurm", action="store_true", help="submit the stages as Slurm jobs chained with "
                                                              "--dependency=afterok instead of running them here")
     group.add_argument("--config", default=None, help="Accelerate config of the jobs (launch/accelerate/*.yaml)")
@@ -180,7 +192,8 @@ def main(argv):
 
         device_memory = (memory.parse_size(args.device_memory) if args.device_memory
                          else check.local_device_memory())
-        errors, warnings = check.run_check(recipe, steps, launch_for, device_memory)
+        throughput = cost_check.Throughput(args.gpu_tflops, args.gpu_watts, args.mfu)
+        errors, warnings = check.run_check(recipe, steps, launch_for, device_memory, throughput)
         if errors:
             sys.exit(2)
         if args.check:
@@ -220,6 +233,17 @@ def run_steps(recipe, steps, overrides) -> None:
         metrics_path = recipe.stage_dir(stage) / runs.METRICS
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
         print(f"  {stage:<10} {headline(metrics)}")
+    write_cost(recipe, order_stages(recipe))  # every stage of the run folder, also those skipped or not selected
+
+
+def write_cost(recipe, stages: list[str]) -> None:
+    """The cost table of the run's stages (their manifests' `cost` blocks), printed and written to cost.md."""
+    manifests = {stage: runs.read_manifest(recipe.stage_dir(stage)) for stage in stages}
+    lines = cost.run_report(stages, manifests, recipe.run_dir)
+    print("\ncost (README: Cost per stage):")
+    print("\n".join(lines[2:]))
+    (recipe.run_dir / COST_FILE).write_text("\n".join(lines) + "\n")
+    print(f"written to {recipe.run_dir / COST_FILE}", flush=True)
 
 
 if __name__ == "__main__":

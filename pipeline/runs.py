@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from pipeline import faults, integrity, locks, log, safe_resume, threads
+from pipeline import cost, faults, integrity, locks, log, safe_resume, threads
 from pipeline.cli import PipelineError
 from pipeline.fingerprints import hash_file, hash_folder, hash_obj
 from pipeline.stages import STAGES
@@ -198,6 +198,8 @@ class StageRun:
         self.out = recipe.run_dir / f"{stage}.partial"
         self._new_dirs = [d for d in (recipe.run_dir, recipe.run_dir.parent) if not d.exists()]  # removed on bad input
         self._started = time.time()
+        # wall/CPU time of the whole process; energy from prepare() (README "Cost per stage"); main process only
+        self.meter = cost.Meter(recipe.run.carbon_country, recipe.run.carbon_intensity_g_per_kwh, whole_process=True)
         self.resumed_from: str | None = None
         self.data: dict[str, dict] = {}  # what each dataset key read: source, rows, detected format
 
@@ -233,6 +235,7 @@ class StageRun:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / ".fingerprint").write_text(self.fingerprint)
             log.attach_file(self.out)
+            self.meter.start_energy()  # in a background thread; never stops the stage
         self.state.wait_for_everyone()
         faults.point("loading")
         return self.out
@@ -260,7 +263,9 @@ class StageRun:
             cards.write(self.out, stage=self.stage, run=self.recipe.run.name, recipe_path=str(self.recipe.path),
                         section=self.recipe.section(self.stage), inputs=self.inputs, data=self.data, metrics=metrics)
             share_with_group(self.out)
-            write_json(self.out / MANIFEST, self._manifest(config, global_batch_size))
+            manifest = self._manifest(config, global_batch_size)
+            manifest["cost"] = self._cost()
+            write_json(self.out / MANIFEST, manifest)
             log.close()  # log.txt is complete: the folder is published next
             old = self.final_dir.with_name(f"{self.stage}.old")
             if old.exists():
@@ -296,7 +301,25 @@ class StageRun:
             "wall_time_s": round(time.time() - self._started, 1),
         }
 
+    def _cost(self) -> dict:
+        """The manifest's `cost` block (pipeline/cost.py); one line of it in the log."""
+        import torch
+
+        cuda = self.state.device.type == "cuda"
+        parameters, of = cost.saved_parameters(self.out)
+        block = self.meter.stop(gpus=self.state.num_processes if cuda else 0, parameters=parameters,
+                                parameters_of=of,
+                                peak_gpu_mem_mb=torch.cuda.max_memory_allocated() / (1 << 20) if cuda else None)
+        kwh, co2e = block.get("energy_kwh"), block.get("co2e_kg")
+        how = "estimate" if block.get("energy_estimate") else "CPU from counters"
+        energy = (f"energy not recorded: {block.get('energy_error')}" if kwh is None else f"{kwh:.3g} kWh ({how})"
+                  + ("" if co2e is None else f", {co2e:.3g} kg CO2e"))
+        log.info(f"cost: {block['wall_s']:.0f} s wall, {block['cpu_s']:.0f} s CPU, {block['gpu_hours']:.3g} GPU-h, "
+                 f"peak RSS {block['peak_rss_mb']:.0f} MiB, {energy}")
+        return block
+
     def __exit__(self, exc_type, exc, tb):
+        self.meter.abandon()  # after finish() a no-op; otherwise stop tracking without waiting
         log.close()
         lock = getattr(self, "_lock", None)  # None: not the main process, or the folder is another process's
         bad_input = exc_type is not None and issubclass(exc_type, PipelineError) and lock is not None

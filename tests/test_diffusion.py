@@ -258,7 +258,7 @@ def test_diffusion_and_dpo_stages_write_loadable_pipelines_and_reports(image_run
 
     work, _, proc = image_run
     run_dir = work / "runs" / "tiny"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["diffusion", "diffusion_dpo"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["cost.md", "diffusion", "diffusion_dpo"]
     for stage in ("diffusion", "diffusion_dpo"):
         out = run_dir / stage
         files = [p for p in out.rglob("*") if p.is_file()]

@@ -15,7 +15,7 @@ from conftest import REPO, run_cli, tiny_recipe
 def test_pretrain_and_sft_write_finished_stage_folders(tiny_run):
     work, _, proc = tiny_run
     run_dir = work / "runs" / "tiny"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["pretrain", "sft"]  # no .partial left
+    assert sorted(p.name for p in run_dir.iterdir()) == ["cost.md", "pretrain", "sft"]  # no .partial left
     for stage in ("pretrain", "sft"):
         out = run_dir / stage
         assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
