@@ -110,6 +110,7 @@ def main(argv):
         torch.manual_seed(cfg.seed)
         judge = ImageJudge.load(judge_dir)
         pipe.set_progress_bar_config(disable=True)
+
         def load_round(r):  # the main process draws (or finds the cache); then every process reads the cache
             if main_process:
                 round_pairs(pipe, judge, captions, cfg, keys, run.out, r)
