@@ -18,7 +18,6 @@ from conftest import run_cli, tiny_recipe
 from slurm_cluster import LocalSlurm
 
 ONE_PROCESS = ["--nodes", "1", "--procs-per-node", "1", "--config", "launch/accelerate/cpu2.yaml", "--time", "30:00"]
-TWO_LAUNCHERS = [*ONE_PROCESS, "--sbatch=--ntasks-per-node=2"]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +54,9 @@ def wait_until(condition, what: str, timeout: float = 300):
 
 def test_whole_pipeline_as_chained_jobs_each_stage_on_two_launchers(slurm, tmp_path):
     recipe = tiny_recipe(tmp_path, sft={"max_steps": 6, "heldout_max_prompts": 4, "heldout_max_new_tokens": 8})
-    args = ["pipeline/run.py", recipe, "--slurm", *TWO_LAUNCHERS]
+    # submitted held, so the jobs are still queued when the same command runs again (a tiny pretrain job can
+    # finish within the seconds the second command takes to start); released below
+    args = ["pipeline/run.py", recipe, "--slurm", *ONE_PROCESS, "--sbatch=--ntasks-per-node=2 --hold"]
     proc = run_cli(args, cwd=tmp_path, env=slurm.env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     jobs = submitted(proc.stdout)
@@ -67,6 +68,8 @@ def test_whole_pipeline_as_chained_jobs_each_stage_on_two_launchers(slurm, tmp_p
     assert again.returncode == 0, again.stdout + again.stderr
     assert submitted(again.stdout) == jobs and again.stdout.count("not resubmitted") == 2
 
+    released = slurm.run("scontrol", "release", ",".join(jobs.values()))
+    assert released.returncode == 0, released.stdout + released.stderr
     states = slurm.wait_for_jobs(list(jobs.values()))
     logs = {s: job_log(tmp_path, s, j) for s, j in jobs.items()}
     assert set(states.values()) == {"COMPLETED"}, f"{states}\n" + "\n".join(v[-3000:] for v in logs.values())
