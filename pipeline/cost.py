@@ -19,6 +19,7 @@ carbon table: stage, parameters, wall, energy kWh, intensity gCO2e/kWh, CO2e kg,
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import resource
@@ -81,6 +82,7 @@ def offline_tracker(country: str, intensity: float | None = None):
                                    **extra)
 
 
+@functools.lru_cache(maxsize=None)  # the tracker's start and the stop both ask: codecarbon's data read once
 def grid_intensity(country: str | None, recipe_value: float | None) -> tuple[float | None, str]:
     """(gCO2e per kWh, where it comes from): the recipe's figure, else codecarbon's for the country (its energy-mix
     data, read offline), else its world average."""

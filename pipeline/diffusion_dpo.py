@@ -111,11 +111,10 @@ def main(argv):
         judge = ImageJudge.load(judge_dir)
         pipe.set_progress_bar_config(disable=True)
 
-        def load_round(r):  # the main process draws (or finds the cache); then every process reads the cache
-            if main_process:
-                round_pairs(pipe, judge, captions, cfg, keys, run.out, r)
+        def load_round(r):  # the main process draws (or finds the cache); the others read the cache it wrote
+            pairs = round_pairs(pipe, judge, captions, cfg, keys, run.out, r) if main_process else None
             accelerator.wait_for_everyone()
-            return {"round": r, "pairs": round_pairs(pipe, judge, captions, cfg, keys, run.out, r)}
+            return {"round": r, "pairs": pairs or round_pairs(pipe, judge, captions, cfg, keys, run.out, r)}
 
         current = load_round(0)
         vae = getattr(pipe, "vae", None)
