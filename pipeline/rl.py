@@ -1,8 +1,11 @@
 """The math of PPO for language models, on plain tensors: no models, no I/O (tested by hand in tests/test_rl.py).
 
-Shapes: a batch of B replies of at most T tokens. `mask` (B, T) is 1 on reply tokens (up to and including the
-end-of-turn token) and 0 on the padding after them, so it is a prefix of each row. Token t of a reply is one action;
-`values[:, t]` is the critic's estimate before that token was chosen.
+Shapes: a batch of B replies of at most T tokens. `mask` (B, T) is 1 on the tokens the policy chose (up to and
+including the end-of-turn token) and 0 on the padding after them. With tool calls (pipeline/tool_rollout.py) a reply
+also holds tokens the policy did not choose (tool results, the template's turn headers): `mask` is 0 there too, so it
+may have zeros inside a row. Those positions are not actions: they get no reward, no advantage and no loss, and GAE
+steps over them (see `gae`). Token t with mask 1 is one action; `values[:, t]` is the critic's estimate before that
+token was chosen.
 
     per-token KL      kl_penalty(logprobs, ref_logprobs, "k1" | "k3")        Schulman, "Approximating KL divergence"
     rewards           penalised_rewards(scores, kl, mask, kl_coef): -kl_coef * kl on every token, score on the last
@@ -67,12 +70,14 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
 
 
 def last_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last reply token (0 for an empty reply)."""
-    return (mask.sum(1).long() - 1).clamp(min=0)
+    """Index of each row's last position where mask is 1, i.e. the last action (0 for an empty reply). For a mask
+    that is a prefix of the row this is mask.sum - 1; with interior zeros (tool tokens) the sum would fall short."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return ((mask > 0).long() * positions).amax(1)
 
 
 def penalised_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
-    """Per-token rewards: -kl_coef * kl on every reply token, plus the sequence score on the last one."""
+    """Per-token rewards: -kl_coef * kl on every action (mask 1), plus the sequence score on the last action."""
     rewards = -kl_coef * kl * mask
     rows = torch.arange(len(scores), device=scores.device)
     rewards[rows, last_index(mask)] += scores
@@ -89,18 +94,26 @@ def score_with_eos_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: f
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
     """Generalised advantage estimation (Schulman et al. 2016). Returns (advantages, returns), both (B, T).
 
-    delta_t = r_t + gamma * V_{t+1} - V_t, A_t = delta_t + gamma * lam * A_{t+1}, with V and A zero after the
-    reply's last token; returns = A + V are the critic's targets.
+    delta_t = r_t + gamma * V_{t'} - V_t, A_t = delta_t + gamma * lam * A_{t'}, where t' is the next action after t
+    (the next position with mask 1), with V and A zero after the reply's last action; returns = A + V are the
+    critic's targets. Positions with mask 0 are transparent: an action before a tool result bootstraps from the value
+    of the first action after it (one step, one discount: the tool's tokens are the environment's reply, not steps of
+    the policy), and they get advantage and return 0. For a mask that is a prefix of each row this is the usual
+    recursion over consecutive tokens.
     """
     rewards, values = rewards * mask, values * mask
+    action = mask > 0
     T = rewards.shape[1]
     advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(values[:, 0])
     next_advantage = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(T)):
-        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(values[:, t])
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_advantage = delta + gamma * lam * next_advantage
-        advantages[:, t] = next_advantage
+        advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = advantage
+        # carried past positions that are not actions, so the action before them sees the next action's V and A
+        next_value = torch.where(action[:, t], values[:, t], next_value)
+        next_advantage = torch.where(action[:, t], advantage, next_advantage)
     advantages = advantages * mask
     return advantages, (advantages + values) * mask
 

@@ -121,3 +121,67 @@ def test_kl_controller_fixed_and_adaptive():
     restored = rl.KLController(0.5, target=6.0, adaptive=True)
     restored.load_state_dict(ctl.state_dict())
     assert restored.value == ctl.value
+
+
+# ---------------------------------------------------------------------------------------------- interior masks
+# A reply with tool calls has positions the policy did not choose (tool results) inside it: mask 0 there.
+
+
+def old_gae(rewards, values, mask, gamma, lam):
+    """gae as it was before interior masks (a mask that is a prefix of each row), kept to compare against."""
+    rewards, values = rewards * mask, values * mask
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(values[:, t])
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = next_advantage
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def test_gae_is_unchanged_for_prefix_masks():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        B, T = 5, 12
+        lengths = torch.randint(0, T + 1, (B,), generator=gen)
+        mask = (torch.arange(T)[None] < lengths[:, None]).float()
+        rewards, values = torch.randn(B, T, generator=gen), torch.randn(B, T, generator=gen)
+        for gamma, lam in ((1.0, 0.95), (0.9, 0.8), (0.5, 1.0)):
+            new, old = rl.gae(rewards, values, mask, gamma, lam), old_gae(rewards, values, mask, gamma, lam)
+            assert torch.equal(new[0], old[0]) and torch.equal(new[1], old[1])
+
+
+def test_gae_steps_over_tool_tokens():
+    # actions at 0 and 3, tool tokens at 1, 2 (their reward 5 and value 9 must play no part); gamma 0.9, lambda 0.8
+    # A3 = 1 + 0 - 0.7 = 0.3; A0 = (0 + 0.9 * 0.7 - 0.5) + 0.72 * 0.3 = 0.13 + 0.216 = 0.346: one discount, not three
+    rewards, values, mask = T([[0.0, 5.0, 5.0, 1.0, 7.0]]), T([[0.5, 9.0, 9.0, 0.7, 3.0]]), T([[1.0, 0, 0, 1.0, 0]])
+    adv, ret = rl.gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    assert close(adv, [[0.346, 0.0, 0.0, 0.3, 0.0]]) and close(ret, [[0.846, 0.0, 0.0, 1.0, 0.0]])
+
+
+def test_gae_with_interior_zeros_equals_gae_of_the_actions_alone():
+    gen = torch.Generator().manual_seed(1)
+    B, T = 6, 15
+    mask = (torch.rand(B, T, generator=gen) < 0.6).float()
+    mask[0] = 0.0  # an empty reply
+    rewards, values = torch.randn(B, T, generator=gen), torch.randn(B, T, generator=gen)
+    adv, ret = rl.gae(rewards, values, mask, gamma=0.95, lam=0.9)
+    for b in range(B):
+        keep = mask[b] > 0
+        assert not adv[b, ~keep].any() and not ret[b, ~keep].any()
+        if not keep.any():
+            continue
+        a_alone, r_alone = rl.gae(rewards[b:b + 1, keep], values[b:b + 1, keep], mask[b:b + 1, keep], 0.95, 0.9)
+        assert close(adv[b, keep], a_alone[0]) and close(ret[b, keep], r_alone[0])
+
+
+def test_last_index_and_rewards_with_interior_zeros():
+    mask = T([[1.0, 1.0, 0.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0, 0.0, 0.0], [0.0] * 6])
+    assert rl.last_index(mask).tolist() == [4, 2, 0]
+    assert rl.last_index(T([[1.0, 1.0, 1.0]])).tolist() == [2]
+    rewards = rl.penalised_rewards(T([1.0, 2.0, 3.0]), torch.ones(3, 6), mask, kl_coef=0.1)
+    assert close(rewards[0], [-0.1, -0.1, 0.0, 0.0, 0.9, 0.0])  # the score on the last action, none on tool tokens
+    assert close(rewards[1], [-0.1, -0.1, 1.9, 0.0, 0.0, 0.0])
