@@ -29,7 +29,9 @@ DEFAULT_WATTS = 400.0    # per GPU under load: an A100 SXM's TDP (H100 SXM: 700)
 DEFAULT_MFU = 0.4        # model FLOPs utilisation: well-tuned large-model training reaches 0.35-0.5, small models less
 # world splits whose size is a recipe key (rows, or pairs): epochs over them give a step count
 WORLD_ROWS = {"sft": "n_sft", "sft_eval": "n_sft_eval", "preference": "n_preference",
-              "preference_eval": "n_preference_eval", "eval": "n_eval"}
+              "preference_eval": "n_preference_eval", "eval": "n_eval", "tool_sft": "n_tool_sft",
+              "tool_sft_eval": "n_tool_sft_eval", "tool_preference": "n_tool_preference",
+              "tool_preference_eval": "n_tool_preference_eval", "tool_eval": "n_tool_eval"}
 
 
 @dataclasses.dataclass

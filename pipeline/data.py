@@ -270,7 +270,9 @@ def fingerprint(spec, recipe) -> str:
         return hash_obj({"parts": [(fingerprint(p, recipe), f, c) for p, f, c in parts], "seed": seed,
                          "run_seed": recipe.run.seed})
     if spec.startswith("world:"):
-        return hash_obj({"world": dataclasses.asdict(recipe.world), "split": spec})
+        from pipeline.world import fingerprint_settings
+
+        return hash_obj({"world": fingerprint_settings(recipe.world), "split": spec})
     path = Path(spec).expanduser()
     if path.is_file():
         return hash_file(path)
@@ -328,8 +330,6 @@ CHECKS = {"text": _check_text, "chat": _check_chat, "prompts": _check_prompts}
 def load_with_info(spec, kind: str, recipe, columns: dict | None = None, text_split: str = "paragraph", **kw):
     """Read a dataset spec, map its columns (`columns`: {our name: the file's name}), check every row for `kind`,
     and return a `datasets.Dataset` with what was read: {source, rows, format}."""
-    import datasets
-
     from pipeline.formats import rename_columns
 
     rows, where, source = read_rows(spec, recipe, text_split=text_split)
@@ -339,11 +339,20 @@ def load_with_info(spec, kind: str, recipe, columns: dict | None = None, text_sp
     fmt = {"chat": lambda: detect_sft_format(rows[0]), "text": lambda: f"txt, a document per {text_split}" if plain
            else "text", "prompts": lambda: "prompts", "eval_prompts": lambda: "prompts"}[kind]()
     rows = CHECKS[kind](rows, where, source, **kw)
+    ds = dataset_of(rows, source)
+    return ds, {"source": source, "rows": len(ds), "format": fmt}
+
+
+def dataset_of(rows: list[dict], source):
+    """A `datasets.Dataset` with every column any row has (None where a row lacks it: a mixture of datasets with
+    different columns, e.g. world:sft with world:tool_sft, keeps each one's `tools`)."""
+    import datasets
+
+    columns = list(dict.fromkeys(k for row in rows for k in row))
     try:
-        ds = datasets.Dataset.from_list(rows)
+        return datasets.Dataset.from_dict({k: [row.get(k) for row in rows] for k in columns})
     except Exception as err:  # mixed types across rows that Arrow cannot unify
         raise PipelineError(f"{source}: rows do not share one schema: {str(err).splitlines()[0]}") from None
-    return ds, {"source": source, "rows": len(ds), "format": fmt}
 
 
 def load(spec, kind: str, recipe, **kw):

@@ -252,8 +252,6 @@ def normalize_preferences(rows, where, source) -> tuple[list[dict], dict]:
 def load_preferences(spec, recipe, columns: dict | None = None):
     """Preference pairs of any supported format (see PREFERENCE_FORMATS), normalized; returns (Dataset, info).
     `columns` maps our column names to the file's ({prompt: question, chosen: good, rejected: bad})."""
-    import datasets
-
     from pipeline.formats import rename_columns
 
     rows, where, source = data.read_rows(spec, recipe)
@@ -261,10 +259,7 @@ def load_preferences(spec, recipe, columns: dict | None = None):
     pairs, info = normalize_preferences(rows, where, source)
     if not pairs:
         raise PipelineError(f"{source}: no pairs left: all {info['identical_dropped']} have chosen equal to rejected")
-    try:
-        return datasets.Dataset.from_list(pairs), info
-    except Exception as err:  # mixed types across rows that Arrow cannot unify
-        raise PipelineError(f"{source}: rows do not share one schema: {str(err).splitlines()[0]}") from None
+    return data.dataset_of(pairs, source), info
 
 
 def split_by_prompt(ds, fraction: float, seed: int):

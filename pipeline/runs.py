@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from pipeline import cost, faults, integrity, locks, log, safe_resume, threads
+from pipeline import cost, faults, integrity, locks, log, safe_resume, threads, world
 from pipeline.cli import PipelineError
 from pipeline.fingerprints import hash_file, hash_folder, hash_obj
 from pipeline.stages import STAGES
@@ -136,7 +136,7 @@ def stage_inputs(recipe, stage: str, must_exist: bool = True) -> dict:
             datasets[f.name] = {"spec": value, "fingerprint": data.fingerprint(value, recipe)}
     settings = {"section": recipe.section(stage), "seed": recipe.run.seed}
     if any(str(d["spec"]).startswith("world:") for d in datasets.values()):
-        settings["world"] = dataclasses.asdict(recipe.world)
+        settings["world"] = world.fingerprint_settings(recipe.world)
     return {"settings": settings, "checkpoints": checkpoints, "data": datasets}
 
 

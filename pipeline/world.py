@@ -50,6 +50,8 @@ markup. Every document carries one addition fact, cycling through the whole addi
 knowledge (as in a real corpus), so held-out `add` prompts test using a fact read in plain text, in a chat format
 never seen with it. No held-out problem of the other skills appears in the corpus, and no held-out prompt appears
 in any training split.
+
+Tool tasks (the `tool_*` splits and config fields: a chat policy calling draw_image / read_image): tool_world.py.
 """
 
 from __future__ import annotations
@@ -57,11 +59,13 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
 SKILLS = ("add", "compare", "reverse", "sort", "count")
-SPLITS = ("pretrain", "sft", "sft_eval", "preference", "preference_eval", "eval")
+TEXT_SPLITS = ("pretrain", "sft", "sft_eval", "preference", "preference_eval", "eval")
+TOOL_SPLITS = ("tool_sft", "tool_sft_eval", "tool_preference", "tool_preference_eval", "tool_eval")  # tool_world.py
+SPLITS = TEXT_SPLITS + TOOL_SPLITS
 
 HELDOUT_PERCENT = 20  # share (in %) of hash groups held out for the `eval` split
 
@@ -143,6 +147,21 @@ class WorldConfig:
     label_noise: float = 0.15               # share of preference pairs whose annotator label is flipped
     pref_hard_share: float = 0.6            # share of preference pairs drawn from hard problems
     pref_correctness_share: float = 0.5     # share of preference pairs with one correct and one wrong reply
+    # the tool tasks (pipeline/tool_world.py); label_noise and pref_hard_share apply to their pairs too
+    n_tool_sft: int = 1500                  # demonstrator tool conversations in `tool_sft`
+    n_tool_sft_eval: int = 100              # ... in `tool_sft_eval` (train tasks, other draws)
+    n_tool_preference: int = 1500           # annotated turn pairs in `tool_preference`
+    n_tool_preference_eval: int = 150       # ... in `tool_preference_eval` (train tasks, other draws)
+    n_tool_eval: int = 150                  # held-out tool tasks in `tool_eval` (unique tasks, ~equal per kind)
+    tool_demo_error_rate: float = 0.7       # share of hard draw / draw_sum tasks where the demonstrator errs
+    tool_demo_guess_rate: float = 0.6       # share of read tasks the demonstrator answers without calling read_image
+
+
+def fingerprint_settings(cfg: WorldConfig) -> dict:
+    """The config as stage fingerprints see it: the tool fields (which came later) only where a recipe sets them, so
+    the fingerprints, and the finished stages, of recipes that never set them stay as they were."""
+    defaults = WorldConfig()
+    return {k: v for k, v in asdict(cfg).items() if "tool" not in k or v != getattr(defaults, k)}
 
 
 # ----------------------------------------------------------------------------------------------------- problems

@@ -1,6 +1,6 @@
 """The task world's splits: the pretraining corpus, the demonstrators' conversations, the annotators' preference
 pairs and the held-out eval prompts, generated from a `WorldConfig` (the rules they follow are pipeline/world.py's
-docstring). The same config always yields the same rows.
+docstring; the `tool_*` splits are pipeline/tool_world.py's). The same config always yields the same rows.
 
     python -m pipeline.world_splits SPLIT [--n N] [--seed S]     # print a split as JSON Lines
 """
@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import random
 
-from pipeline.world import (FACTS, SKILLS, SPLITS, SYSTEM_PROMPTS, Problem, WorldConfig, annotator_prefers, is_heldout,
+from pipeline import tool_world
+from pipeline.world import (FACTS, SKILLS, SPLITS, SYSTEM_PROMPTS, TOOL_SPLITS, Problem, WorldConfig, annotator_prefers, is_heldout,
                             prompt_key, random_reply, random_wrong, reply_quality, sample_key, sample_problem, solve,
                             verify)
 
@@ -32,7 +33,8 @@ def _check(cfg: WorldConfig, split: str) -> None:
     if bad:
         raise ValueError(f"unknown skill {bad[0]!r}; expected one of {', '.join(SKILLS)}")
     for name in ("demo_hard_error_rate", "demo_easy_error_rate", "demo_rude_rate", "demo_verbose_rate",
-                 "system_prompt_rate", "label_noise", "pref_hard_share", "pref_correctness_share"):
+                 "system_prompt_rate", "label_noise", "pref_hard_share", "pref_correctness_share",
+                 "tool_demo_error_rate", "tool_demo_guess_rate"):
         v = getattr(cfg, name)
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"world.{name} must be in [0, 1], got {v}")
@@ -152,6 +154,8 @@ def build_split(cfg: WorldConfig, split: str) -> list[dict]:
     """The rows of one split; deterministic given cfg. Raises ValueError for an unknown split or skill."""
     _check(cfg, split)
     rng = _rng(cfg, split)
+    if split in TOOL_SPLITS:
+        return tool_world.build(cfg, split, rng)
     if split == "pretrain":
         return _pretrain(cfg, rng)
     if split == "sft":
@@ -168,6 +172,8 @@ def build_split(cfg: WorldConfig, split: str) -> list[dict]:
 def split_stats(cfg: WorldConfig, split: str, rows: list[dict] | None = None) -> dict:
     """Row count, rows per skill, and the shares of hard / correct / clean-label rows where the split has them."""
     rows = build_split(cfg, split) if rows is None else rows
+    if split in TOOL_SPLITS:
+        return tool_world.split_stats(split, rows)
     out: dict = {"split": split, "rows": len(rows)}
     if split == "pretrain":
         out["words"] = sum(len(r["text"].split()) for r in rows)
