@@ -1,0 +1,300 @@
+"""Tools the policy calls: the image model, the image judge and Python functions, attached by a recipe, and the
+store of the images they make. Parsing, schema checks and running with a timeout are in `pipeline.tool_calls`,
+re-exported here: `from pipeline.tools import ToolBox, parse_tool_calls, ...`.
+
+A call whose arguments break its tool's schema never runs (valid=False; the reason is the tool message). A tool that
+raises or runs past `timeout_s` gives ok=False: a `python` tool's process is killed, an in-process model call runs on
+in the background and the next call of that tool waits for it. Loading a model (once, before its first call) is not
+timed; a model that does not load stops with PipelineError. Recipe section::
+
+    tools:
+      timeout_s: 30              # per call
+      max_chars: 500             # a tool message is cut to this many characters
+      allow_code: false          # `python` tools only when true: they import and run code the recipe names
+      tools:
+        - name: draw_image
+          backend: diffusion
+          source: diffusion      # a stage of this recipe (<run>/<stage>), a local pipeline folder, or a hub id
+          steps: 100             # sampler steps; guidance: 1.0; seed: 0 (call k = 0, 1, ... is seeded seed + k)
+          description: "..."    # optional: replaces the default description (any backend)
+        - name: read_image
+          backend: image_judge
+          source: diffusion      # a folder holding judge/ (the diffusion stage writes <stage>/judge/) or a judge
+        - name: add
+          backend: python
+          function: mymodule:add # imported in a subprocess (the recipe's folder and the working directory on its
+                                 # path); schema from its signature and Google-style docstring
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from pipeline.cli import PipelineError
+from pipeline.tool_calls import (Tool, ToolBox, ToolCall, ToolError, ToolOutput, ToolResult, ToolTimeout,
+                                 describe_error, parse_tool_calls)
+from pipeline.values import Mismatch, closest, coerce, type_name
+
+__all__ = ["Tool", "ToolBox", "ToolCall", "ToolError", "ToolOutput", "ToolResult", "ToolTimeout", "parse_tool_calls",
+           "ImageStore", "diffusion_tool", "judge_tool", "python_tool", "tools_from_config"]
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+
+class ImageStore:
+    """Images the tools make and read (tensors C x H x W in [0, 1]) by string id: "1", "2", ... after `prefix`
+    (e.g. "r0-" per process). With a folder, each is also saved as <folder>/<id>.png, its meta appended to
+    <folder>/images.jsonl."""
+
+    def __init__(self, folder: Path | None, prefix: str = ""):
+        self.folder, self.prefix = (Path(folder) if folder is not None else None), prefix
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        self._images, self._meta, self._next, self._lock = {}, {}, 1, threading.Lock()
+
+    def add(self, image, meta: dict | None = None, image_id: str | None = None) -> str:
+        image = image.detach().float().cpu().clamp(0, 1)
+        if image.dim() != 3 or image.shape[0] not in (1, 3):
+            raise ValueError(f"expected an image C x H x W with 1 or 3 channels, got shape {tuple(image.shape)}")
+        with self._lock:
+            if image_id is None:
+                image_id, self._next = f"{self.prefix}{self._next}", self._next + 1
+            image_id = str(image_id)
+            if image_id in self._images or not re.fullmatch(r"[\w.-]+", image_id):
+                raise ValueError(f"image id {image_id!r} is taken or not a file name")
+            self._images[image_id], self._meta[image_id] = image, dict(meta or {})
+            if self.folder is not None:
+                from PIL import Image
+
+                pixels = (image * 255).round().byte().permute(1, 2, 0).numpy()
+                Image.fromarray(pixels[..., 0] if len(image) == 1 else pixels).save(self.folder / f"{image_id}.png")
+                with open(self.folder / "images.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"id": image_id, **self._meta[image_id]}, default=str) + "\n")
+        return image_id
+
+    def get(self, image_id: str):
+        if image_id not in self:
+            raise KeyError(f"no image {image_id}")
+        return self._images[str(image_id)]
+
+    def meta(self, image_id: str) -> dict:
+        return dict(self._meta[str(image_id)]) if image_id in self else self.get(image_id)
+
+    def __contains__(self, image_id) -> bool:
+        return str(image_id) in self._images
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+
+def _function_schema(name: str, description: str, properties: dict) -> dict:
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
+        "type": "object", "properties": properties, "required": list(properties)}}}
+
+
+def diffusion_tool(name: str, source: str, store: ImageStore, *, steps: int = 100, guidance: float = 1.0,
+                   seed: int = 0, description: str | None = None) -> Tool:
+    """draw_image(prompt): one image from the text-to-image pipeline at `source` (loaded once), kept in `store`."""
+    state = {"pipe": None, "calls": 0}
+
+    def setup():
+        if state["pipe"] is None:
+            import torch
+
+            from pipeline.images import load_pipeline
+
+            pipe = load_pipeline(source)
+            pipe.set_progress_bar_config(disable=True)
+            state["pipe"] = pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+        return state["pipe"]
+
+    def run_batch(batch: list[dict]) -> list[ToolOutput]:
+        """As images.generate draws, but with a generator per image (an image depends on its seed, not on its batch)
+        and no progress bar per call."""
+        import numpy as np
+        import torch
+
+        pipe, prompts = setup(), [args["prompt"] for args in batch]
+        seeds = [seed + state["calls"] + k for k in range(len(batch))]
+        state["calls"] += len(batch)
+        kw = {"clean_caption": False} if pipe.__class__.__name__.startswith("IF") else {}
+        drawn = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
+                     generator=[torch.Generator().manual_seed(s) for s in seeds], **kw).images
+        drawn = torch.from_numpy(np.asarray(drawn, dtype=np.float32)).permute(0, 3, 1, 2)
+        ids = [store.add(img, {"tool": name, "prompt": p, "seed": s}) for img, p, s in zip(drawn, prompts, seeds)]
+        return [ToolOutput(f"Image {i} drawn.", i) for i in ids]
+
+    schema = _function_schema(name, description or "Draw an image from a description, e.g. 'a large thin 7 on the "
+                              "left'. Returns the new image's id.",
+                              {"prompt": {"type": "string", "description": "what the image shows"}})
+    return Tool(name, schema, lambda args: run_batch([args])[0], setup=setup, run_batch=run_batch)
+
+
+def judge_tool(name: str, folder: Path, store: ImageStore, *, description: str | None = None) -> Tool:
+    """read_image(image_id): what the image judge at `folder` reads in a stored image."""
+    state = {}
+
+    def setup():
+        if "judge" not in state:
+            from pipeline.image_judge import ImageJudge
+
+            try:
+                state["judge"] = ImageJudge.load(folder)
+            except (OSError, ValueError, KeyError, RuntimeError) as err:
+                raise PipelineError(f"image judge '{folder}': cannot load it ({describe_error(err)})") from None
+        return state["judge"]
+
+    def run(args: dict) -> ToolOutput:
+        from pipeline.images import caption
+
+        image_id = str(args["image_id"])
+        if image_id not in store:
+            raise ToolError(f"no image {image_id}")
+        seen = setup().predict(store.get(image_id)[None])[0]
+        text = caption(seen["digit"], seen["size"], seen["thickness"], seen["position"])
+        return ToolOutput(f"Image {image_id} shows {text}.", image_id)
+
+    schema = _function_schema(name, description or "Look at an image by its id and say what it shows: the digit, "
+                              "its size, thickness and position.",
+                              {"image_id": {"type": ["string", "integer"], "description": "the image's id"}})
+    return Tool(name, schema, run, setup=setup)
+
+
+# ---------------------------------------------------------------------------------------------- user code
+
+_CHILD = """
+import contextlib, importlib, json, sys
+try:
+    with contextlib.redirect_stdout(sys.stderr):  # the function's own prints must not mix with the answer
+        module, _, name = sys.argv[2].partition(":")
+        fn = getattr(importlib.import_module(module), name)
+        if sys.argv[1] == "schema":
+            from transformers.utils import get_json_schema
+            out = {"value": get_json_schema(fn)}
+        else:
+            out = {"value": str(fn(**json.loads(sys.stdin.read())))}
+except Exception as err:
+    out = {"error": f"error: {type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"}
+print(json.dumps(out))
+"""
+
+
+def _child(mode: str, spec: str, args: dict | None, timeout_s: float, path: list[Path]):
+    """Run `spec` (module:function) in a fresh Python process, killed (with anything it started) at the timeout."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, path), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, mode, spec], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(json.dumps(args or {}), timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise ToolTimeout(f"timeout after {timeout_s:g} s") from None
+    try:
+        answer = json.loads(out.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        last = (err.strip().splitlines() or [""])[-1]
+        raise ToolError(f"error: the process exited with code {proc.returncode}" + (f" ({last})" if last else ""))
+    if "error" in answer:
+        raise ToolError(answer["error"])
+    return answer["value"]
+
+
+def python_tool(name: str, spec: str, *, timeout_s: float, path: list[Path] = (), description: str | None = None):
+    """A Python function (module:function) run in a new subprocess per call; its return value str()'d."""
+    schema = _child("schema", spec, None, max(60.0, timeout_s), list(path))
+    schema["function"].update(name=name, **({"description": description} if description else {}))
+    return Tool(name, schema, lambda args: _child("call", spec, args, timeout_s, list(path)))
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+
+SECTION_KEYS = {"timeout_s": float, "max_chars": int, "allow_code": bool, "tools": list}
+BACKEND_KEYS = {"diffusion": {"source": str, "steps": int, "guidance": float, "seed": int},
+                "image_judge": {"source": str}, "python": {"function": str}}
+
+
+def _keys(values, types: dict, key: str, where: str) -> dict:
+    if not isinstance(values, dict):
+        raise PipelineError(f"{where}: {key}: expected a mapping, got {type(values).__name__}")
+    out = {}
+    for k, v in values.items():
+        if k not in types:
+            raise PipelineError(f"{where}: unknown key '{k}' in {key}{closest(str(k), types)}")
+        try:
+            out[k] = coerce(v, types[k])
+        except Mismatch:
+            raise PipelineError(f"{where}: {key}.{k}: expected {type_name(types[k])}, got {v!r}") from None
+    return out
+
+
+def _folder(source: str, run_root: Path, key: str, where: str, hub_ok: bool) -> Path | str:
+    """A stage's folder under run_root, a local folder, or (hub_ok) a hub id: the first that exists."""
+    for path in (Path(run_root) / source, Path(source).expanduser()):
+        if path.is_dir():
+            return path
+    if hub_ok and source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        return source
+    raise PipelineError(f"{where}: {key}: '{source}' is not a stage folder ({Path(run_root) / source} is missing: "
+                        f"run that stage first) or a local folder" + (" or a hub id" if hub_ok else ""))
+
+
+def tools_from_config(section: dict, *, run_root: Path, store: ImageStore, where: str) -> ToolBox:
+    """The ToolBox a recipe's `tools` section describes (see the module docstring); bad keys raise PipelineError."""
+    cfg = _keys(section, SECTION_KEYS, "tools", where)
+    timeout_s, max_chars = cfg.get("timeout_s", 30.0), cfg.get("max_chars", 500)
+    if timeout_s <= 0 or max_chars < 20:
+        raise PipelineError(f"{where}: tools: timeout_s must be > 0 and max_chars >= 20")
+    if not cfg.get("tools"):
+        raise PipelineError(f"{where}: tools.tools: a non-empty list of tools is needed")
+    tools = []
+    for i, entry in enumerate(cfg["tools"]):
+        key = f"tools.tools[{i}]"
+        backend = entry.get("backend") if isinstance(entry, dict) else None
+        if backend not in BACKEND_KEYS:
+            raise PipelineError(f"{where}: {key}.backend: {backend!r} is not one of {', '.join(BACKEND_KEYS)}")
+        entry = _keys(entry, {"name": str, "backend": str, "description": str, **BACKEND_KEYS[backend]}, key, where)
+        for need in ("name", "function" if backend == "python" else "source"):
+            if not entry.get(need):
+                raise PipelineError(f"{where}: {key}.{need}: missing")
+        name, description = entry["name"], entry.get("description")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name) or name in {t.name for t in tools}:
+            raise PipelineError(f"{where}: {key}.name: '{name}' is taken or not a tool name (letters, digits, _ -)")
+        if backend == "diffusion":
+            source = _folder(entry["source"], run_root, f"{key}.source", where, hub_ok=True)
+            if isinstance(source, Path) and not (source / "model_index.json").is_file():
+                raise PipelineError(f"{where}: {key}.source: {source} is not a diffusers pipeline (no "
+                                    f"model_index.json)")
+            if entry.get("steps", 100) < 1:
+                raise PipelineError(f"{where}: {key}.steps: must be at least 1")
+            tools.append(diffusion_tool(name, str(source), store, steps=entry.get("steps", 100),
+                                        guidance=entry.get("guidance", 1.0), seed=entry.get("seed", 0),
+                                        description=description))
+        elif backend == "image_judge":
+            folder = _folder(entry["source"], run_root, f"{key}.source", where, hub_ok=False)
+            folder = folder / "judge" if (folder / "judge" / "config.json").is_file() else folder
+            if not ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
+                raise PipelineError(f"{where}: {key}.source: no image judge in {folder} (config.json and "
+                                    f"model.safetensors)")
+            tools.append(judge_tool(name, folder, store, description=description))
+        else:
+            if not cfg.get("allow_code", False):
+                raise PipelineError(f"{where}: {key}.backend: 'python' runs code the recipe names; set "
+                                    f"tools.allow_code: true to allow it")
+            if not re.fullmatch(r"[\w.]+:\w+", entry["function"]):
+                raise PipelineError(f"{where}: {key}.function: '{entry['function']}' is not module:function")
+            try:
+                tools.append(python_tool(name, entry["function"], timeout_s=timeout_s, description=description,
+                                         path=[Path(where).resolve().parent]))
+            except (ToolError, ToolTimeout) as err:
+                raise PipelineError(f"{where}: {key}.function: cannot make a tool of '{entry['function']}' "
+                                    f"({err})") from None
+    return ToolBox(tools, timeout_s=timeout_s, max_chars=max_chars)

@@ -1,0 +1,321 @@
+"""Tools the policy calls (pipeline/tools.py, pipeline/tool_calls.py): parsing `<tool_call>` blocks, schema checks
+that keep bad calls from running, timeouts (threads, and subprocesses that are killed), and the recipe backends on a
+tiny untrained diffusers pipeline and an untrained judge."""
+
+import os
+import re
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import images
+from pipeline.cli import PipelineError
+from pipeline.image_judge import ImageJudge, _net
+from pipeline.tools import (ImageStore, Tool, ToolBox, ToolCall, ToolOutput, parse_tool_calls, tools_from_config)
+from test_diffusion import TINY_TEXT, TINY_UNET
+
+CALL = '<tool_call>\n{{"name": "{name}", "arguments": {args}}}\n</tool_call>'
+
+
+def counting_tool(name="echo", schema_props=None, required=("text",), fn=None):
+    """A tool whose runs are counted in `tool.calls`."""
+    calls = []
+    props = schema_props or {"text": {"type": "string"}}
+
+    def run(args):
+        calls.append(args)
+        return fn(args) if fn else f"echo {args['text']}"
+
+    tool = Tool(name, {"type": "function", "function": {"name": name, "description": "test",
+                "parameters": {"type": "object", "properties": props, "required": list(required)}}}, run)
+    tool.calls = calls
+    return tool
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+def test_parse_one_call_with_text_before():
+    text, calls = parse_tool_calls('Let me draw it.\n' + CALL.format(name="draw_image", args='{"prompt": "a 7"}'))
+    assert text == "Let me draw it."
+    assert [(c.name, c.arguments, c.error) for c in calls] == [("draw_image", {"prompt": "a 7"}, None)]
+    assert calls[0].text == '{"name": "draw_image", "arguments": {"prompt": "a 7"}}'
+
+
+def test_parse_two_calls_in_order_and_aliases():
+    text, calls = parse_tool_calls(CALL.format(name="a", args='{"x": 1}') + "\n"
+                                   + '<tool_call>\n{"name": "b", "parameters": {"y": 2}}\n</tool_call>\n'
+                                   + '<tool_call>{"name": "c", "arguments": "{\\"z\\": 3}"}</tool_call> done')
+    assert text == "done"
+    assert [(c.name, c.arguments, c.error) for c in calls] == [("a", {"x": 1}, None), ("b", {"y": 2}, None),
+                                                               ("c", {"z": 3}, None)]
+    assert parse_tool_calls("no calls here ") == ("no calls here", [])
+
+
+@pytest.mark.parametrize("body, error", [
+    ('{"name": "a", "arguments": {"x": 1}', "bad JSON"),
+    ('{"arguments": {"x": 1}}', "no tool name"),
+    ('{"name": "a", "arguments": [1, 2]}', "arguments must be a JSON object, got list"),
+    ('{"name": "a", "arguments": "{not json"}', "arguments must be a JSON object, got a string that is not JSON"),
+    ('["a"]', "expected a JSON object"),
+])
+def test_parse_errors_say_why(body, error):
+    _, calls = parse_tool_calls(f"<tool_call>\n{body}\n</tool_call>")
+    assert len(calls) == 1 and error in calls[0].error and calls[0].text == body
+
+
+def test_unclosed_final_call_is_an_error():
+    text, calls = parse_tool_calls('ok ' + CALL.format(name="a", args="{}") + ' <tool_call>\n{"name": "b", "argu')
+    assert text == "ok" and [c.error for c in calls][0] is None
+    assert calls[1].error.startswith("no </tool_call>") and "bad JSON" in calls[1].error
+    _, calls = parse_tool_calls('<tool_call>{"name": "b", "arguments": {}}')  # complete JSON, still unclosed
+    assert calls[0].name == "b" and calls[0].error == "no </tool_call>"
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+@pytest.mark.parametrize("args, error", [
+    ("{}", "invalid: 'text' is a required property"),
+    ('{"text": 5}', "invalid: text: 5 is not of type 'string'"),
+    ('{"text": "hi", "loud": true}', "invalid: Additional properties are not allowed ('loud' was unexpected)"),
+])
+def test_calls_that_break_the_schema_are_never_run(args, error):
+    tool = counting_tool()
+    box = ToolBox([tool])
+    text, results = box.run_text(CALL.format(name="echo", args=args))
+    (r,) = results
+    assert (r.valid, r.ok, r.error, r.content) == (False, False, error, error)
+    assert tool.calls == []  # never executed
+    r = box.call(parse_tool_calls(CALL.format(name="echo", args='{"text": "hi"}'))[1][0])
+    assert (r.valid, r.ok, r.content, r.error) == (True, True, "echo hi", None) and tool.calls == [{"text": "hi"}]
+
+
+def test_unknown_tools_and_unparsed_calls_are_invalid_and_not_run():
+    tool = counting_tool()
+    box = ToolBox([tool])
+    _, results = box.run_text(CALL.format(name="nope", args="{}") + '<tool_call>{"name": "echo"')
+    assert [r.valid for r in results] == [False, False] and tool.calls == []
+    assert results[0].error == "invalid: unknown tool 'nope' (tools: echo)"
+    assert results[1].error.startswith("invalid: no </tool_call>")
+
+
+def test_exceptions_become_errors_and_long_content_is_cut():
+    def fail(args):
+        raise ValueError("bad text\nsecond line")
+
+    box = ToolBox([counting_tool(fn=fail), counting_tool("long", fn=lambda a: ToolOutput("x" * 1000, image="3"))],
+                  max_chars=50)
+    r = box.call(ToolCall("echo", {"text": "hi"}, "", None))
+    assert (r.valid, r.ok, r.error) == (True, False, "error: ValueError: bad text")
+    r = box.call(ToolCall("long", {"text": "hi"}, "", None))
+    assert r.ok and len(r.content) == 50 and r.content.endswith("…") and r.image == "3"
+
+
+def test_slow_in_process_tool_times_out_and_the_next_call_waits_for_it():
+    box = ToolBox([counting_tool("slow", fn=lambda a: time.sleep(float(a["text"])) or "slept")], timeout_s=0.5)
+    start = time.monotonic()
+    r = box.call(ToolCall("slow", {"text": "2"}, "", None))
+    assert time.monotonic() - start < 1.5
+    assert (r.valid, r.ok, r.error) == (True, False, "timeout after 0.5 s")
+    r = box.call(ToolCall("slow", {"text": "0"}, "", None))  # the first still sleeps, holding the tool
+    assert r.error == "timeout after 0.5 s (its previous call is still running)"
+    time.sleep(1.2)
+    assert box.call(ToolCall("slow", {"text": "0"}, "", None)).ok
+
+
+def test_loading_a_tool_is_not_timed():
+    loaded = []
+    tool = counting_tool()
+    tool.setup = lambda: time.sleep(1) or loaded.append(1)
+    box = ToolBox([tool], timeout_s=0.5)
+    assert [box.call(ToolCall("echo", {"text": t}, "", None)).ok for t in "ab"] == [True, True] and loaded == [1]
+
+
+# ---------------------------------------------------------------------------------------------- python tools
+
+
+@pytest.fixture()
+def user_module(tmp_path):
+    (tmp_path / "usertools.py").write_text(textwrap.dedent('''
+        import os, time
+
+        def add(a: int, b: int) -> int:
+            """Add two numbers.
+
+            Args:
+                a: the first number
+                b: the second number
+            """
+            print("noise on stdout")
+            with open(os.environ["TOOL_LOG"], "a") as f:
+                f.write("ran\\n")
+            return a + b
+
+        def nap(seconds: float, pid_file: str) -> str:
+            """Sleep.
+
+            Args:
+                seconds: how long
+                pid_file: where to write the process id
+            """
+            open(pid_file, "w").write(str(os.getpid()))
+            time.sleep(seconds)
+            return "awake"
+
+        def boom(x: int) -> int:
+            """Fail.
+
+            Args:
+                x: anything
+            """
+            raise ValueError(f"boom {x}")
+
+        def undocumented(x):
+            return x
+    '''))
+    return tmp_path
+
+
+def python_box(folder, names, timeout_s=30, allow_code=True):
+    tools = [{"name": n, "backend": "python", "function": f"usertools:{n}"} for n in names]
+    return tools_from_config({"timeout_s": timeout_s, "allow_code": allow_code, "tools": tools},
+                             run_root=folder, store=ImageStore(None), where=str(folder / "recipe.yaml"))
+
+
+def test_python_tools_run_in_a_subprocess_with_checked_arguments(user_module, monkeypatch):
+    log = user_module / "ran.txt"
+    monkeypatch.setenv("TOOL_LOG", str(log))
+    box = python_box(user_module, ["add", "boom"])
+    add = box.tools["add"].schema["function"]
+    assert add["description"] == "Add two numbers." and add["parameters"]["required"] == ["a", "b"]
+    _, (ok, bad, failed) = box.run_text(CALL.format(name="add", args='{"a": 2, "b": 3}')
+                                        + CALL.format(name="add", args='{"a": 2, "b": "3"}')
+                                        + CALL.format(name="boom", args='{"x": 4}'))
+    assert (ok.ok, ok.content) == (True, "5")  # the function's own print does not leak into the answer
+    assert (bad.valid, bad.error) == (False, "invalid: b: '3' is not of type 'integer'")
+    assert (failed.valid, failed.ok, failed.error) == (True, False, "error: ValueError: boom 4")
+    assert log.read_text() == "ran\n"  # the call that broke the schema never ran
+
+
+def test_slow_python_tool_is_killed_at_the_timeout(user_module):
+    box = python_box(user_module, ["nap"], timeout_s=2)
+    pid_file = user_module / "pid"
+    start = time.monotonic()
+    r = box.call(ToolCall("nap", {"seconds": 60, "pid_file": str(pid_file)}, "", None))
+    assert time.monotonic() - start < 10 and r.error == "timeout after 2 s" and not r.ok
+    pid = int(pid_file.read_text())
+    for _ in range(50):  # the process is gone (killed, not left sleeping)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the tool's process {pid} is still alive")
+
+
+def test_python_tools_need_allow_code_and_a_usable_function(user_module):
+    with pytest.raises(PipelineError, match=r"recipe.yaml: tools.tools\[0\].backend: 'python' runs code .*"
+                                            r"allow_code: true"):
+        python_box(user_module, ["add"], allow_code=False)
+    for function, error in [("usertools", "is not module:function"),
+                            ("usertools:undocumented", "DocstringParsingException"),
+                            ("missing_module:f", "ModuleNotFoundError")]:
+        with pytest.raises(PipelineError, match=r"tools.tools\[0\].function: ") as err:
+            tools_from_config({"allow_code": True, "tools": [{"name": "f", "backend": "python", "function": function}]},
+                              run_root=user_module, store=ImageStore(None), where=str(user_module / "recipe.yaml"))
+        assert error in str(err.value) and "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------- image tools
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+    """A run folder whose `diffusion` stage holds a tiny untrained pipeline and an untrained judge."""
+    root = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    pipe = images.build_pipeline(TINY_UNET, TINY_TEXT, {"num_train_timesteps": 10})
+    pipe.save_pretrained(str(root / "diffusion"), safe_serialization=True)
+    ImageJudge(_net(4), {"width": 4}).save(root / "diffusion" / "judge")
+    return root
+
+
+def image_box(root, store, **draw):
+    return tools_from_config({"timeout_s": 60, "tools": [
+        {"name": "draw_image", "backend": "diffusion", "source": "diffusion", "steps": 3, "seed": 5, **draw},
+        {"name": "read_image", "backend": "image_judge", "source": "diffusion"}]},
+        run_root=root, store=store, where="recipe.yaml")
+
+
+def test_draw_image_stores_a_png_and_read_image_reads_it_back(image_run, tmp_path):
+    store = ImageStore(tmp_path / "images", prefix="r0-")
+    box = image_box(image_run, store)
+    assert [s["function"]["name"] for s in box.schemas()] == ["draw_image", "read_image"]
+    _, (drawn,) = box.run_text(CALL.format(name="draw_image", args='{"prompt": "a large thin 7 on the left"}'))
+    assert (drawn.ok, drawn.content, drawn.image) == (True, "Image r0-1 drawn.", "r0-1")
+    assert store.get("r0-1").shape == (1, 16, 16)
+    png = torch.tensor(np.asarray(Image.open(tmp_path / "images" / "r0-1.png")), dtype=torch.float32) / 255
+    assert float((png - store.get("r0-1")[0]).abs().max()) <= 0.5 / 255
+    assert store.meta("r0-1") == {"tool": "draw_image", "prompt": "a large thin 7 on the left", "seed": 5}
+    # the tool draws what images.generate draws for the same caption and seed
+    expected = images.generate(images.load_pipeline(str(image_run / "diffusion")), ["a large thin 7 on the left"],
+                               steps=3, guidance=1.0, seed=5)[0]
+    assert torch.allclose(store.get("r0-1"), expected, atol=1e-5)
+
+    _, (read, missing) = box.run_text(CALL.format(name="read_image", args='{"image_id": "r0-1"}')
+                                      + CALL.format(name="read_image", args='{"image_id": 12}'))
+    assert read.ok and read.image == "r0-1"
+    assert re.fullmatch(r"Image r0-1 shows a (small|large) (thin|thick) \d on the (left|right)\.", read.content)
+    assert (missing.valid, missing.ok, missing.error) == (True, False, "no image 12")
+
+
+def test_drawing_is_reproducible_and_batches_draw_what_single_calls_draw(image_run):
+    prompts = ["a 3", "a small thick 8 on the right", "a 3"]
+    calls = [ToolCall("draw_image", {"prompt": p}, "", None) for p in prompts]
+    one_by_one, batched = ImageStore(None), ImageStore(None)
+    image_box(image_run, one_by_one).call(calls[0])  # image "1": the first call of a first box
+    box = image_box(image_run, one_by_one)
+    singles = [box.call(c) for c in calls]  # "2", "3", "4" from a second box
+    results = image_box(image_run, batched).call_many(calls + [ToolCall("draw_image", {}, "", None)])
+    assert [r.image for r in singles] == ["2", "3", "4"] and [r.image for r in results[:3]] == ["1", "2", "3"]
+    assert results[3].valid is False and len(batched) == 3
+    for r, s in zip(results, singles):
+        assert torch.allclose(batched.get(r.image), one_by_one.get(s.image), atol=1e-4)
+    # call k is seeded seed + k: a new box repeats the first box's images, the same prompt twice differs
+    assert torch.equal(one_by_one.get("1"), one_by_one.get("2"))
+    assert not torch.allclose(batched.get("1"), batched.get("3"))
+
+
+def test_bad_tool_configs_are_one_line_errors(image_run):
+    def config(tools, **section):
+        return {"tools": tools, **section}
+
+    cases = [
+        (config([{"name": "x", "backend": "magic"}]), r"tools.tools\[0\].backend: 'magic' is not one of"),
+        (config([{"backend": "diffusion", "source": "diffusion"}]), r"tools.tools\[0\].name: missing"),
+        (config([{"name": "x", "backend": "image_judge"}]), r"tools.tools\[0\].source: missing"),
+        (config([{"name": "x", "backend": "diffusion", "source": "sft"}]), r"tools.tools\[0\].source: 'sft' is not a "
+                                                                           r"stage folder .*run that stage first"),
+        (config([{"name": "x", "backend": "image_judge", "source": "diffusion/judge"},
+                 {"name": "x", "backend": "image_judge", "source": "diffusion"}]),
+         r"tools.tools\[1\].name: 'x' is taken"),
+        (config([{"name": "x", "backend": "diffusion", "source": "diffusion", "stpes": 3}]),
+         r"unknown key 'stpes' in tools.tools\[0\] \(closest: steps\)"),
+        (config([{"name": "x", "backend": "diffusion", "source": "diffusion", "steps": "many"}]),
+         r"tools.tools\[0\].steps: expected int"),
+        (config([{"name": "x", "backend": "image_judge", "source": str(image_run)}]),
+         r"tools.tools\[0\].source: no image judge in"),
+        (config([]), r"tools.tools: a non-empty list"),
+        (config([{"name": "x", "backend": "image_judge", "source": "diffusion"}], timeout=3),
+         r"unknown key 'timeout' in tools \(closest: timeout_s\)"),
+    ]
+    for section, pattern in cases:
+        with pytest.raises(PipelineError, match=r"^my.yaml: " + pattern) as err:
+            tools_from_config(section, run_root=image_run, store=ImageStore(None), where="my.yaml")
+        assert "\n" not in str(err.value)
