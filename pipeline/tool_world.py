@@ -54,6 +54,7 @@ from functools import lru_cache
 from pipeline import world
 from pipeline.cli import PipelineError
 from pipeline.images import ATTR_COMBOS, PROPERTIES, caption, heldout_combos
+from pipeline.tools import draw_schema, drawn_text, read_schema, read_text
 
 KINDS = ("draw", "draw_sum", "read")
 PROPS = tuple(PROPERTIES)  # size, thickness, position
@@ -62,14 +63,7 @@ GALLERY_RANKS = 130  # a gallery image is one of the first 130 training images o
 HARD_SUM = 7
 PROP_RATE = {"draw": 0.6, "draw_sum": 0.4}  # probability that the user asks for each property
 
-TOOL_SCHEMAS = [
-    {"type": "function", "function": {
-        "name": "draw_image", "description": "Draw a digit from a caption; returns the image id.",
-        "parameters": {"type": "object", "properties": {"prompt": {"type": "string"}}, "required": ["prompt"]}}},
-    {"type": "function", "function": {
-        "name": "read_image", "description": "Say what an image shows.",
-        "parameters": {"type": "object", "properties": {"image_id": {"type": "string"}}, "required": ["image_id"]}}},
-]
+TOOL_SCHEMAS = [draw_schema("draw_image"), read_schema("read_image")]  # what the recipe's image tools present
 TOOLS_JSON = json.dumps(TOOL_SCHEMAS)
 
 PROMPTS = {
@@ -246,14 +240,8 @@ def tool_message(name: str, content: str) -> dict:
     return {"role": "tool", "name": name, "content": content}
 
 
-def draw_result_text(image_id: str) -> str:
-    """What draw_image says in the demonstrations."""
-    return f"Drew image {image_id}."
-
-
-def read_result_text(image_id: str, reading: dict) -> str:
-    """What read_image says: "Image 12 shows a small thick 4 on the right." (a reading or a truth dict)."""
-    return f"Image {image_id} shows {caption(reading['digit'], *(reading.get(p) for p in PROPS))}."
+draw_result_text = drawn_text  # what draw_image says (pipeline/tools.py), in the demonstrations too
+read_result_text = read_text    # "Image 12 shows a small thick 4 on the right."
 
 
 def _reply(text: str) -> dict:

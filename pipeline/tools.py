@@ -43,7 +43,8 @@ from pipeline.tool_calls import (Tool, ToolBox, ToolCall, ToolError, ToolOutput,
 from pipeline.values import Mismatch, closest, coerce, type_name
 
 __all__ = ["Tool", "ToolBox", "ToolCall", "ToolError", "ToolOutput", "ToolResult", "ToolTimeout", "parse_tool_calls",
-           "ImageStore", "diffusion_tool", "judge_tool", "python_tool", "tools_from_config"]
+           "ImageStore", "diffusion_tool", "judge_tool", "python_tool", "tools_from_config", "draw_schema", "read_schema",
+           "drawn_text", "read_text"]
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -64,8 +65,9 @@ class ImageStore:
         image = image.detach().float().cpu().clamp(0, 1)
         if image.dim() != 3 or image.shape[0] not in (1, 3):
             raise ValueError(f"expected an image C x H x W with 1 or 3 channels, got shape {tuple(image.shape)}")
+        auto = image_id is None
         with self._lock:
-            if image_id is None:
+            while image_id is None or (auto and image_id in self._images):  # skip ids given explicitly (a gallery)
                 image_id, self._next = f"{self.prefix}{self._next}", self._next + 1
             image_id = str(image_id)
             if image_id in self._images or not re.fullmatch(r"[\w.-]+", image_id):
@@ -100,6 +102,33 @@ def _function_schema(name: str, description: str, properties: dict) -> dict:
         "type": "object", "properties": properties, "required": list(properties)}}}
 
 
+# What the image tools look like to the policy and what they answer: one definition, used by the tools and by the
+# world's demonstrations (pipeline/tool_world.py), so SFT data shows exactly what the tools say. Short: a small
+# model reads the schemas in its system prompt in every conversation.
+DRAW_DESCRIPTION = "Draw an image from a caption; returns the image id."
+READ_DESCRIPTION = "Say what an image shows."
+
+
+def draw_schema(name: str = "draw_image", description: str | None = None) -> dict:
+    return _function_schema(name, description or DRAW_DESCRIPTION, {"prompt": {"type": "string"}})
+
+
+def read_schema(name: str = "read_image", description: str | None = None) -> dict:
+    return _function_schema(name, description or READ_DESCRIPTION, {"image_id": {"type": ["string", "integer"]}})
+
+
+def drawn_text(image_id: str) -> str:
+    return f"Drew image {image_id}."
+
+
+def read_text(image_id: str, reading: dict) -> str:
+    """"Image 12 shows a small thick 4 on the right." from a reading (or truth) {digit, size, thickness, position}."""
+    from pipeline.images import caption
+
+    shown = caption(reading["digit"], reading.get("size"), reading.get("thickness"), reading.get("position"))
+    return f"Image {image_id} shows {shown}."
+
+
 def diffusion_tool(name: str, source: str, store: ImageStore, *, steps: int = 100, guidance: float = 1.0,
                    seed: int = 0, description: str | None = None) -> Tool:
     """draw_image(prompt): one image from the text-to-image pipeline at `source` (loaded once), kept in `store`."""
@@ -130,12 +159,9 @@ def diffusion_tool(name: str, source: str, store: ImageStore, *, steps: int = 10
                      generator=[torch.Generator().manual_seed(s) for s in seeds], **kw).images
         drawn = torch.from_numpy(np.asarray(drawn, dtype=np.float32)).permute(0, 3, 1, 2)
         ids = [store.add(img, {"tool": name, "prompt": p, "seed": s}) for img, p, s in zip(drawn, prompts, seeds)]
-        return [ToolOutput(f"Image {i} drawn.", i) for i in ids]
+        return [ToolOutput(drawn_text(i), i) for i in ids]
 
-    schema = _function_schema(name, description or "Draw an image from a description, e.g. 'a large thin 7 on the "
-                              "left'. Returns the new image's id.",
-                              {"prompt": {"type": "string", "description": "what the image shows"}})
-    return Tool(name, schema, lambda args: run_batch([args])[0], setup=setup, run_batch=run_batch)
+    return Tool(name, draw_schema(name, description), lambda args: run_batch([args])[0], setup=setup, run_batch=run_batch)
 
 
 def judge_tool(name: str, folder: Path, store: ImageStore, *, description: str | None = None) -> Tool:
@@ -153,19 +179,12 @@ def judge_tool(name: str, folder: Path, store: ImageStore, *, description: str |
         return state["judge"]
 
     def run(args: dict) -> ToolOutput:
-        from pipeline.images import caption
-
         image_id = str(args["image_id"])
         if image_id not in store:
             raise ToolError(f"no image {image_id}")
-        seen = setup().predict(store.get(image_id)[None])[0]
-        text = caption(seen["digit"], seen["size"], seen["thickness"], seen["position"])
-        return ToolOutput(f"Image {image_id} shows {text}.", image_id)
+        return ToolOutput(read_text(image_id, setup().predict(store.get(image_id)[None])[0]), image_id)
 
-    schema = _function_schema(name, description or "Look at an image by its id and say what it shows: the digit, "
-                              "its size, thickness and position.",
-                              {"image_id": {"type": ["string", "integer"], "description": "the image's id"}})
-    return Tool(name, schema, run, setup=setup)
+    return Tool(name, read_schema(name, description), run, setup=setup)
 
 
 # ---------------------------------------------------------------------------------------------- user code

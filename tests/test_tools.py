@@ -258,7 +258,7 @@ def test_draw_image_stores_a_png_and_read_image_reads_it_back(image_run, tmp_pat
     box = image_box(image_run, store)
     assert [s["function"]["name"] for s in box.schemas()] == ["draw_image", "read_image"]
     _, (drawn,) = box.run_text(CALL.format(name="draw_image", args='{"prompt": "a large thin 7 on the left"}'))
-    assert (drawn.ok, drawn.content, drawn.image) == (True, "Image r0-1 drawn.", "r0-1")
+    assert (drawn.ok, drawn.content, drawn.image) == (True, "Drew image r0-1.", "r0-1")
     assert store.get("r0-1").shape == (1, 16, 16)
     png = torch.tensor(np.asarray(Image.open(tmp_path / "images" / "r0-1.png")), dtype=torch.float32) / 255
     assert float((png - store.get("r0-1")[0]).abs().max()) <= 0.5 / 255
@@ -319,3 +319,15 @@ def test_bad_tool_configs_are_one_line_errors(image_run):
         with pytest.raises(PipelineError, match=r"^my.yaml: " + pattern) as err:
             tools_from_config(section, run_root=image_run, store=ImageStore(None), where="my.yaml")
         assert "\n" not in str(err.value)
+
+
+def test_image_store_new_ids_skip_ids_given_explicitly():
+    """A gallery registered under ids "1".."3" keeps them; drawn images get the next free ids."""
+    import torch
+
+    store = ImageStore(None)
+    for i in ("1", "2", "3"):
+        store.add(torch.zeros(1, 4, 4), {"gallery": True}, image_id=i)
+    assert store.add(torch.ones(1, 4, 4)) == "4" and store.meta("1") == {"gallery": True}
+    with pytest.raises(ValueError):
+        store.add(torch.zeros(1, 4, 4), image_id="2")
