@@ -93,8 +93,14 @@ def _slurm_section():
     return SlurmSection
 
 
+def _tools_section():
+    from pipeline.tools import ToolsSection
+
+    return ToolsSection
+
+
 GLOBAL_SECTIONS = {"run": lambda: RunSection, "world": _world_section, "tokenizer": lambda: TokenizerSection,
-                   "model": lambda: ModelSection, "slurm": _slurm_section}
+                   "model": lambda: ModelSection, "slurm": _slurm_section, "tools": _tools_section}
 
 
 @lru_cache(maxsize=None)
@@ -137,6 +143,7 @@ class Recipe:
     stages: dict[str, dict] = field(default_factory=dict)  # section name -> validated values, in recipe order
     overrides: list[str] = field(default_factory=list)
     slurm: Any = None  # pipeline.slurm.SlurmSection: how `run.py --slurm` submits the stages
+    tools: Any = None  # pipeline.tools.ToolsSection: the tools the policy may call (none when its list is empty)
 
     @property
     def run_dir(self) -> Path:
@@ -340,9 +347,15 @@ def load_recipe(path, overrides: list[str] = ()) -> Recipe:
         return cls(**values.get(section, {}))
 
     recipe = Recipe(path=path, run=build("run"), world=build("world"), tokenizer=build("tokenizer"),
-                    model=build("model"), overrides=list(overrides), slurm=build("slurm"),
+                    model=build("model"), overrides=list(overrides), slurm=build("slurm"), tools=build("tools"),
                     stages={s: v for s, v in values.items() if s in STAGES})
     _check_world(recipe)
+    if recipe.tools.tools:
+        import dataclasses
+
+        from pipeline.tools import check_section
+
+        check_section(dataclasses.asdict(recipe.tools), str(path))
     return recipe
 
 

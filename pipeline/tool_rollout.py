@@ -25,6 +25,7 @@ the re-read prompt costs little next to the sampling).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -209,3 +210,19 @@ def pack(tokenizer, prompts_ids, reply, source, ended, calls, turns, final, pad,
                        context_length=prompts.shape[1], replies=replies, mask=(kinds == POLICY).float(),
                        tool_mask=(kinds == TOOL).float(), ended=torch.tensor(ended, device=device),
                        calls=calls, turns=turns, final=final, texts=texts)
+
+
+def stage_toolbox(recipe, folder: Path, rank: int = 0) -> tuple[ToolBox, ImageStore]:
+    """The recipe's tools for a stage writing into `folder`: drawn images go to <folder>/images/ (one folder per
+    process: ids are per store), with the world's gallery under ids "1".."200" when `world_gallery` is set."""
+    import dataclasses
+
+    from pipeline.tools import ImageStore, tools_from_config
+
+    section = dataclasses.asdict(recipe.tools)
+    store = ImageStore(Path(folder) / ("images" if rank == 0 else f"images-rank{rank}"))
+    if recipe.tools.world_gallery:
+        from pipeline.tool_world import register_gallery
+
+        register_gallery(store)
+    return tools_from_config(section, run_root=recipe.run_dir, store=store, where=str(recipe.path)), store

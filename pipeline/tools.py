@@ -35,6 +35,7 @@ import signal
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.cli import PipelineError
@@ -236,11 +237,20 @@ def python_tool(name: str, spec: str, *, timeout_s: float, path: list[Path] = ()
 
 # ---------------------------------------------------------------------------------------------- recipes
 
-SECTION_KEYS = {"timeout_s": float, "max_chars": int, "allow_code": bool, "tools": list}
+@dataclass
+class ToolsSection:
+    """The recipe's `tools` section (module docstring): the tools every stage that runs them attaches."""
+
+    timeout_s: float = 30.0          # per call
+    max_chars: int = 500             # a tool message is cut to this many characters
+    allow_code: bool = False         # `python` tools only when true: they import and run code the recipe names
+    world_gallery: bool = False      # the world's gallery images (pipeline/tool_world.py) in the store as "1".."200"
+    tools: list = field(default_factory=list)  # the tools: name, backend and the backend's keys
+
+
+SECTION_KEYS = {"timeout_s": float, "max_chars": int, "allow_code": bool, "world_gallery": bool, "tools": list}
 BACKEND_KEYS = {"diffusion": {"source": str, "steps": int, "guidance": float, "seed": int},
                 "image_judge": {"source": str}, "python": {"function": str}}
-
-
 def _keys(values, types: dict, key: str, where: str) -> dict:
     if not isinstance(values, dict):
         raise PipelineError(f"{where}: {key}: expected a mapping, got {type(values).__name__}")
@@ -266,15 +276,14 @@ def _folder(source: str, run_root: Path, key: str, where: str, hub_ok: bool) -> 
                         f"run that stage first) or a local folder" + (" or a hub id" if hub_ok else ""))
 
 
-def tools_from_config(section: dict, *, run_root: Path, store: ImageStore, where: str) -> ToolBox:
-    """The ToolBox a recipe's `tools` section describes (see the module docstring); bad keys raise PipelineError."""
+def check_section(section: dict, where: str) -> list[dict]:
+    """The section's tool entries, checked without touching the file system (a stage folder may not exist yet)."""
     cfg = _keys(section, SECTION_KEYS, "tools", where)
-    timeout_s, max_chars = cfg.get("timeout_s", 30.0), cfg.get("max_chars", 500)
-    if timeout_s <= 0 or max_chars < 20:
+    if cfg.get("timeout_s", 30.0) <= 0 or cfg.get("max_chars", 500) < 20:
         raise PipelineError(f"{where}: tools: timeout_s must be > 0 and max_chars >= 20")
     if not cfg.get("tools"):
         raise PipelineError(f"{where}: tools.tools: a non-empty list of tools is needed")
-    tools = []
+    entries, names = [], set()
     for i, entry in enumerate(cfg["tools"]):
         key = f"tools.tools[{i}]"
         backend = entry.get("backend") if isinstance(entry, dict) else None
@@ -284,16 +293,35 @@ def tools_from_config(section: dict, *, run_root: Path, store: ImageStore, where
         for need in ("name", "function" if backend == "python" else "source"):
             if not entry.get(need):
                 raise PipelineError(f"{where}: {key}.{need}: missing")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", entry["name"]) or entry["name"] in names:
+            raise PipelineError(f"{where}: {key}.name: '{entry['name']}' is taken or not a tool name (letters, "
+                                f"digits, _ -)")
+        if backend == "diffusion" and entry.get("steps", 100) < 1:
+            raise PipelineError(f"{where}: {key}.steps: must be at least 1")
+        if backend == "python" and not cfg.get("allow_code", False):
+            raise PipelineError(f"{where}: {key}.backend: 'python' runs code the recipe names; set "
+                                f"tools.allow_code: true to allow it")
+        if backend == "python" and not re.fullmatch(r"[\w.]+:\w+", entry["function"]):
+            raise PipelineError(f"{where}: {key}.function: '{entry['function']}' is not module:function")
+        names.add(entry["name"])
+        entries.append(entry)
+    return entries
+
+
+def tools_from_config(section: dict, *, run_root: Path, store: ImageStore, where: str) -> ToolBox:
+    """The ToolBox a recipe's `tools` section describes (see the module docstring); bad keys, and stage folders
+    that are not there yet, raise PipelineError."""
+    entries = check_section(section, where)
+    timeout_s, max_chars = section.get("timeout_s", 30.0), section.get("max_chars", 500)
+    tools = []
+    for i, entry in enumerate(entries):
+        key, backend = f"tools.tools[{i}]", entry["backend"]
         name, description = entry["name"], entry.get("description")
-        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name) or name in {t.name for t in tools}:
-            raise PipelineError(f"{where}: {key}.name: '{name}' is taken or not a tool name (letters, digits, _ -)")
         if backend == "diffusion":
             source = _folder(entry["source"], run_root, f"{key}.source", where, hub_ok=True)
             if isinstance(source, Path) and not (source / "model_index.json").is_file():
                 raise PipelineError(f"{where}: {key}.source: {source} is not a diffusers pipeline (no "
                                     f"model_index.json)")
-            if entry.get("steps", 100) < 1:
-                raise PipelineError(f"{where}: {key}.steps: must be at least 1")
             tools.append(diffusion_tool(name, str(source), store, steps=entry.get("steps", 100),
                                         guidance=entry.get("guidance", 1.0), seed=entry.get("seed", 0),
                                         description=description))
@@ -305,11 +333,6 @@ def tools_from_config(section: dict, *, run_root: Path, store: ImageStore, where
                                     f"model.safetensors)")
             tools.append(judge_tool(name, folder, store, description=description))
         else:
-            if not cfg.get("allow_code", False):
-                raise PipelineError(f"{where}: {key}.backend: 'python' runs code the recipe names; set "
-                                    f"tools.allow_code: true to allow it")
-            if not re.fullmatch(r"[\w.]+:\w+", entry["function"]):
-                raise PipelineError(f"{where}: {key}.function: '{entry['function']}' is not module:function")
             try:
                 tools.append(python_tool(name, entry["function"], timeout_s=timeout_s, description=description,
                                          path=[Path(where).resolve().parent]))

@@ -331,3 +331,25 @@ def test_image_store_new_ids_skip_ids_given_explicitly():
     assert store.add(torch.ones(1, 4, 4)) == "4" and store.meta("1") == {"gallery": True}
     with pytest.raises(ValueError):
         store.add(torch.zeros(1, 4, 4), image_id="2")
+
+
+def test_recipe_tools_section_is_checked_when_the_recipe_loads(tmp_path):
+    """A bad tool entry stops at load time with one line naming the recipe and the key, before any stage runs;
+    stage folders are looked for only when a stage builds the tools."""
+    from pipeline.cli import PipelineError
+    from pipeline.recipe import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("tools:\n  world_gallery: true\n  tools:\n    - {name: draw_image, backend: diffusion, "
+                      "source: diffusion}\n    - {name: read_image, backend: image_judge, source: diffusion}\n")
+    loaded = load_recipe(recipe)
+    assert [t["name"] for t in loaded.tools.tools] == ["draw_image", "read_image"] and loaded.tools.world_gallery
+    with pytest.raises(PipelineError, match=r"r\.yaml: tools\.tools\[1\]\.backend: 'paint'"):
+        load_recipe(recipe, ["tools.tools=[{name: a, backend: diffusion, source: x}, {name: b, backend: paint}]"])
+    with pytest.raises(PipelineError, match=r"tools\.tools\[0\]\.backend: 'python' runs code"):
+        load_recipe(recipe, ["tools.tools=[{name: a, backend: python, function: m:f}]"])
+    from pipeline.tool_rollout import stage_toolbox
+
+    with pytest.raises(PipelineError, match="is not a stage folder"):
+        stage_toolbox(loaded, tmp_path / "stage")
+    assert load_recipe(tmp_path / "r.yaml", ["tools.tools=[]"]).tools.tools == []
