@@ -61,6 +61,10 @@ def load_tokenizer(recipe, checkpoint, corpus=None):
             from pipeline import data
 
             corpus = data.load(tcfg.dataset, "text", recipe)["text"]
+        if tcfg.chat_dataset:  # conversations as the model will read them: chat markup and tool schemas get merges
+            from pipeline import data
+
+            corpus = list(corpus) + tok_lib.rendered_chats(data.load(tcfg.chat_dataset, "chat", recipe))
         tok = tok_lib.train_tokenizer(corpus, vocab_size=tcfg.vocab_size, min_frequency=tcfg.min_frequency)
     elif tcfg.name_or_path:
         tok = tok_lib.load_tokenizer(tcfg.name_or_path, trust_remote_code=recipe.model.trust_remote_code)

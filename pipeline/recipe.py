@@ -36,7 +36,9 @@ class RunSection:
 class TokenizerSection:
     name_or_path: str | None = None     # load a tokenizer from a path or hub id
     train: bool = False                 # or train a byte-level BPE on `dataset`
-    dataset: str = "world:pretrain"     # corpus the tokenizer is trained on
+    dataset: str = "world:pretrain"     # corpus the tokenizer is trained on (the pretrain stage: its own corpus)
+    chat_dataset: Any = None            # chat data (tool conversations) added to that corpus, rendered as the chat
+                                        # template renders them, tools included
     vocab_size: int = 2048
     min_frequency: int = 2
     chat_template: str = "pipeline"     # "pipeline": our tool-aware template; "own": keep a loaded one if it has one

@@ -65,7 +65,12 @@ def resolve_checkpoint(recipe, ref: str | None, must_exist: bool = True) -> Chec
             return dataclasses.replace(cp, ref="model")
         if not m.config:
             raise PipelineError(f"{recipe.path}: the model section needs `name_or_path` or `config`")
-        fp = hash_obj({"model": dataclasses.asdict(m), "tokenizer": dataclasses.asdict(recipe.tokenizer)})
+        tok = {k: v for k, v in dataclasses.asdict(recipe.tokenizer).items() if k != "chat_dataset"}
+        if recipe.tokenizer.chat_dataset:  # left out when unset, so runs from before the key keep their fingerprint
+            from pipeline import data
+
+            tok["chat_dataset"] = data.fingerprint(recipe.tokenizer.chat_dataset, recipe)
+        fp = hash_obj({"model": dataclasses.asdict(m), "tokenizer": tok})
         return Checkpoint("model", None, fp, "config")
     if ref in recipe.stages or ref in STAGES:
         stage_dir = recipe.stage_dir(ref)

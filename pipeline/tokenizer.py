@@ -64,6 +64,7 @@ __all__ = [
     "RESPONSE_TEMPLATE",
     "DEFAULT_MODEL_MAX_LENGTH",
     "train_tokenizer",
+    "rendered_chats",
     "apply_chat_format",
     "load_tokenizer",
     "has_generation_block",
@@ -215,6 +216,23 @@ def _batched(texts: Iterable[str], batch_size: int = 1000) -> Iterator[list[str]
             batch = []
     if batch:
         yield batch
+
+
+def rendered_chats(rows, chat_template: str = CHAT_TEMPLATE) -> list[str]:
+    """Conversations (rows with `messages`, or `prompt` + `completion`, and optional `tools`, as pipeline.data loads
+    them) as text, the way `chat_template` renders them for the model, tool schemas included: tokenizer training
+    text, so the chat markup and the tools' JSON become tokens instead of single bytes."""
+    import json
+
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    texts = []
+    for row in rows:
+        messages = row.get("messages") or list(row.get("prompt") or []) + list(row.get("completion") or [])
+        tools = row.get("tools")
+        tools = json.loads(tools) if isinstance(tools, str) and tools else tools or None
+        texts += render_jinja_template(conversations=[messages], tools=tools, chat_template=chat_template)[0]
+    return texts
 
 
 def train_tokenizer(

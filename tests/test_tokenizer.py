@@ -9,6 +9,7 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from pipeline.tokenizer import (
+    rendered_chats,
     CHAT_TEMPLATE,
     DOC_SEP,
     EOS,
@@ -464,3 +465,28 @@ def test_apply_chat_format_replaces_template_without_generation(tok, tmp_path):
     fmt, n_added = apply_chat_format(other)
     assert n_added == 0
     assert fmt.chat_template == CHAT_TEMPLATE and fmt.eos_token == EOS and fmt.pad_token == PAD
+
+
+def test_chat_dataset_puts_tool_conversations_into_the_tokenizer_corpus(tmp_path):
+    """`tokenizer.chat_dataset: world:tool_sft` adds the rendered tool conversations to the tokenizer's corpus: the
+    template's tool header and the schemas' JSON get merges, so a tool conversation takes far fewer tokens; the
+    key enters the new model's fingerprint only when set."""
+    from pipeline import data, models, runs
+    from pipeline.recipe import load_recipe
+
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("world: {n_pretrain_docs: 300, n_tool_sft: 200}\n"
+                           "tokenizer: {train: true, vocab_size: 600}\nmodel: {config: {model_type: llama}}\n")
+    plain, with_chats = load_recipe(recipe_file), load_recipe(recipe_file, ["tokenizer.chat_dataset=world:tool_sft"])
+    corpus = data.load("world:pretrain", "text", plain)["text"]
+    base = runs.Checkpoint("model", None, "", "config")
+    tok_plain = models.load_tokenizer(plain, base, corpus=corpus)
+    tok_chats = models.load_tokenizer(with_chats, base, corpus=corpus)
+    row = data.load("world:tool_sft", "chat", plain)[0]
+    text = rendered_chats([row])[0]
+    assert text.startswith("<|im_start|>system\n# Tools") and "<tool_call>" in text and "<tool_response>" in text
+    n_plain, n_chats = len(tok_plain(text)["input_ids"]), len(tok_chats(text)["input_ids"])
+    assert n_chats < 0.6 * n_plain, (n_plain, n_chats)
+    assert tok_chats.decode(tok_chats(text)["input_ids"]) == text
+    fp = lambda r: runs.resolve_checkpoint(r, "model").fingerprint
+    assert fp(plain) != fp(with_chats) and fp(plain) == fp(load_recipe(recipe_file))
