@@ -152,7 +152,7 @@ def generate_with_tools(policy, tokenizer, prompts_ids: list[list[int]], message
                                   temperature=temperature if do_sample else None,
                                   top_p=top_p if do_sample else None, top_k=0 if do_sample else None,
                                   eos_token_id=eos, pad_token_id=pad, use_cache=True)
-            still = []
+            pending = {}  # row -> (its calls' results, or None where a call is to run, the calls, budget exhausted)
             for i, row in zip(active, out[:, ids.shape[1]:].tolist()):
                 turn = row[:row.index(eos) + 1] if eos in row else row  # pads only ever follow the eos
                 turn = turn[:room[i]]
@@ -174,8 +174,18 @@ def generate_with_tools(policy, tokenizer, prompts_ids: list[list[int]], message
                         results.append(budget_result(call))
                         exhausted = True
                     else:
-                        results.append(toolbox.call(call))
+                        results.append(None)
                         n_calls[i] += 1
+                pending[i] = (results, parsed, exhausted)
+            # every row's calls of this round at once: the image tool draws them in one batch
+            to_run = [(i, k) for i, (results, _, _) in pending.items() for k, r in enumerate(results) if r is None]
+            calls_to_run = [pending[i][1][k] for i, k in to_run]
+            ran = (toolbox.call_many(calls_to_run) if hasattr(toolbox, "call_many")
+                   else [toolbox.call(c) for c in calls_to_run])
+            for (i, k), result in zip(to_run, ran):
+                pending[i][0][k] = result
+            still = []
+            for i, (results, _, exhausted) in pending.items():
                 calls[i] += results
                 tool_messages = [tool_message(r) for r in results]
                 delta = tool_turn_text(tokenizer, list(messages[i]) + turns[i], tool_messages, tools)

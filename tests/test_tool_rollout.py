@@ -388,3 +388,27 @@ def test_tool_positions_get_no_gradient(tok, real_batch):
     rewards2 = rl.penalised_rewards(scores, rl.kl_penalty(logprobs.detach(), moved, "k1") * mask, mask, 0.5)
     after = rl.gae(rewards2, values + 10.0 * tool, mask, 1.0, 0.95)  # tool positions' values play no part either
     assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+
+
+def test_the_calls_of_one_round_run_as_one_batch(tok):
+    """All rows' calls of a round go to toolbox.call_many together (the image tool draws them in one batch), in
+    row order, and each row gets its own results back."""
+    class Batching(ToolBox):
+        def __init__(self):
+            super().__init__()
+            self.batches = []
+
+        def call_many(self, calls):
+            self.batches.append([c.arguments for c in calls])
+            return [self.call(c) for c in calls]
+
+    scripts = [[ids(tok, call_text(a=1, b=1)), ids(tok, "done")],
+               [ids(tok, call_text(a=2, b=2) + "\n" + call_text(a=3, b=3)), ids(tok, "done")],
+               [ids(tok, "no call")]]
+    prompts, messages = zip(*[prompt(tok, q) for q in ["one", "two", "three"]])
+    box = Batching()
+    batch = generate_with_tools(Scripted(prompts, scripts), tok, list(prompts), list(messages), box, parse=parse,
+                                max_new_tokens=200, max_tool_calls=3, max_total_tokens=1000)
+    assert box.batches == [[{"a": 1, "b": 1}, {"a": 2, "b": 2}, {"a": 3, "b": 3}]]
+    assert [[r.content for r in c] for c in batch.calls] == [["2"], ["4", "6"], []]
+    assert batch.ended.tolist() == [True, True, True]
