@@ -180,7 +180,7 @@ def generate_with_tools(policy, tokenizer, prompts_ids: list[list[int]], message
             # every row's calls of this round at once: the image tool draws them in one batch
             to_run = [(i, k) for i, (results, _, _) in pending.items() for k, r in enumerate(results) if r is None]
             calls_to_run = [pending[i][1][k] for i, k in to_run]
-            ran = (toolbox.call_many(calls_to_run) if hasattr(toolbox, "call_many")
+            ran = (toolbox.call_many(calls_to_run) if calls_to_run and hasattr(toolbox, "call_many")
                    else [toolbox.call(c) for c in calls_to_run])
             for (i, k), result in zip(to_run, ran):
                 pending[i][0][k] = result
