@@ -66,7 +66,7 @@ def _rows_problem(spec, recipe, stage: str, key: str, keys) -> str | None:
     kind = {"pretrain": "text", "sft": "chat"}.get(stage, "prompts")
     if key == "perplexity_data":
         kind = "text" if "text" in rows[0] else "chat"
-    elif key == "prompts" and stage == "eval":
+    elif key in ("prompts", "tool_prompts") and stage == "eval":
         kind = "eval_prompts"
     if stage in ("sft", "ppo"):
         rows = rename_columns(rows, columns, source, where)

@@ -62,9 +62,10 @@ def _prompt_text(prompt) -> str:
     return prompt if isinstance(prompt, str) else " / ".join(f"{m['role']}: {m.get('content') or ''}" for m in prompt)
 
 
-def write_report(path: Path, recipe, keys, setup, rows, targets, per: dict, matrix: dict, plots, collapse) -> None:
+def write_report(path: Path, recipe, keys, setup, rows, targets, per: dict, matrix: dict, plots, collapse,
+                 sections=()) -> None:
     """report.md: the settings, one row per checkpoint, accuracy by skill, the win-rate matrices, best-of-n,
-    diversity and the collapse checks, the plots and example replies side by side."""
+    diversity and the collapse checks, `sections` (lines: tool use), the plots and example replies side by side."""
     baseline = setup.baseline
     lines = [f"# Evaluation: run `{recipe.run.name}`", "",
              f"- prompts: `{keys.prompts}` ({len(rows)} prompts, "
@@ -139,6 +140,7 @@ def write_report(path: Path, recipe, keys, setup, rows, targets, per: dict, matr
         lines += [f"| `{c['from']}` | `{c['to']}` | {c['accuracy_change']:+.3f} | {c['diversity_change']:+.3f} | "
                   f"{'**yes**' if c['collapsing'] else 'no'} |" for c in collapse] + [""]
 
+    lines += list(sections)
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
 

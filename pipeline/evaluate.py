@@ -19,8 +19,13 @@ another evaluated one gets a collapse check (pipeline/monitors.py). Accuracy, re
 carry bootstrap 95% intervals over prompts. A metric that cannot be computed (no verifier, no reward model, samples
 not at temperature 1) is absent, never zero. The numbers come from pipeline/eval_metrics.py.
 
+With tools (`tool_prompts`; by default world:tool_eval when the recipe has a `tools` section) every checkpoint also
+answers held-out tool prompts with the recipe's tools: call and valid-call rates, execution errors, the world tasks'
+correctness by the image judge and the KL to `reference` over the policy's own tokens (pipeline/eval_tools.py).
+
 Outputs in runs/<run>/eval/: metrics.json, samples.jsonl (every prompt with every checkpoint's replies and scores),
-report.md, and accuracy.png, win_rate.png, reward.png, best_of_n.png (each when its metric exists).
+report.md, and accuracy.png, win_rate.png, reward.png, best_of_n.png (each when its metric exists); with tools,
+images/ (every image drawn, PNG) and tool_images.png.
 Section keys: EvalKeys (pipeline/stages.py).
 """
 
@@ -37,7 +42,7 @@ from collections import Counter
 
 import numpy as np
 
-from pipeline import cli, data, eval_report, judges, log, models, runs
+from pipeline import cli, data, eval_report, eval_tools, eval_tools_report, judges, log, models, runs
 from pipeline.eval_metrics import checkpoint_metrics, collapse_checks, outcomes, win_matrix
 from pipeline.generation import generate, held_out_perplexity, reply_logprob_sums
 from pipeline.recipe import load_recipe, stage_help
@@ -80,6 +85,13 @@ def check_keys(recipe, keys) -> None:
              ("perplexity_max_rows", keys.perplexity_max_rows >= 1, "at least 1"),
              ("bootstrap", keys.bootstrap >= 100, "at least 100"),
              ("report_examples", keys.report_examples >= 0, "0 or more"),
+             ("tool_max_prompts", keys.tool_max_prompts is None or keys.tool_max_prompts >= 1,
+              "at least 1 (or empty: all)"),
+             ("max_tool_calls", keys.max_tool_calls >= 1, "at least 1"),
+             ("tool_max_new_tokens", keys.tool_max_new_tokens >= 1, "at least 1"),
+             ("tool_max_total_tokens", keys.tool_max_total_tokens >= keys.tool_max_new_tokens,
+              "at least tool_max_new_tokens"),
+             ("tool_samples", keys.tool_samples >= 0, "0 or more"),
              ("best_of_n", all(n >= 1 for n in keys.best_of_n), "a list of sample counts, each at least 1 "
                                                                   "(empty: no best-of-n)")]
     for name, ok, want in rules:
@@ -194,9 +206,10 @@ def load_lm(recipe, cp: runs.Checkpoint, device) -> LoadedModel:
 
 
 def run_checkpoint(recipe, keys, target: Target, rows, ppl_rows, reference: LoadedModel | None, own_samples: bool,
-                   seed, device) -> None:
+                   seed, device, tools=None) -> None:
     """Generate greedy and sampled replies and judge them, score own-distribution samples (`own_samples`) under the
-    policy (entropy) and the reference (loaded when the sequence KL applies, else None), perplexity."""
+    policy (entropy) and the reference (loaded when the sequence KL applies, else None), perplexity; then the tool
+    prompts (`tools`: an eval_tools.ToolEval, or None)."""
     started = time.time()
     if reference is not None and reference.path == target.checkpoint.path:  # the reference is loaded already
         lm = reference
@@ -231,6 +244,8 @@ def run_checkpoint(recipe, keys, target: Target, rows, ppl_rows, reference: Load
                      f"without a generation block marks no assistant token)")
         else:
             target.perplexity, target.perplexity_tokens = scored
+    if tools is not None:
+        tools.run(target.name, lm)
     target.seconds = time.time() - started
     del model, lm
 
@@ -313,6 +328,7 @@ def main(argv):
         data.warn_world_eval(recipe, STAGE, keys)
         if reward is not None:
             check_model(recipe, reward, "reward_model", reward=True)
+        tool_plan = eval_tools.plan(recipe, keys) if keys.tool_prompts else None
         run.prepare()
 
         metrics = {}
@@ -322,16 +338,31 @@ def main(argv):
             samples_setup(setup, keys, reference, reward, targets)
             log.info(f"{len(rows)} prompts from {keys.prompts} ({setup.verified} with a verifier); "
                      f"checkpoints: {', '.join(t.name for t in targets)}; baseline {baseline}")
-            reference_lm = load_lm(recipe, reference, device) if setup.kl else None
+            tools = None
+            if tool_plan is not None:
+                tools = eval_tools.ToolEval(recipe, keys, tool_plan, run.out,
+                                            recipe.stage_dir(STAGE).relative_to(recipe.run_dir), seed, device)
+                log.info(f"{len(tool_plan.rows)} tool prompts from {keys.tool_prompts}; tools: "
+                         f"{', '.join(tool_plan.tools)}")
+            tool_kl = tools is not None and keys.tool_samples > 0 and reference is not None
+            reference_lm = load_lm(recipe, reference, device) if setup.kl or tool_kl else None
+            if tool_kl:
+                tools.reference = reference_lm
             for t in targets:
                 t.parent = runs.trained_from(t.checkpoint.path) if t.checkpoint.source != "hub" else None
-                run_checkpoint(recipe, keys, t, rows, ppl_rows, reference_lm, setup.own_samples, seed, device)
+                run_checkpoint(recipe, keys, t, rows, ppl_rows, reference_lm if setup.kl else None,
+                               setup.own_samples, seed, device, tools)
+            if tools is not None:
+                tools.reference = None
             del reference_lm
             if reward is not None:
                 setup.reward_standardised = score_rewards(recipe, reward, targets, rows, keys.batch_size, device)
 
             matrix = win_matrix(rows, targets, boot)
             per = {t.name: checkpoint_metrics(rows, t, baseline, matrix, boot, setup.best_of) for t in targets}
+            if tools is not None:
+                for t in targets:
+                    per[t.name]["tools"] = tools.metrics(t.name, boot)
             collapse = collapse_checks(targets, per)
             for c in collapse:
                 if c["collapsing"]:
@@ -357,9 +388,13 @@ def main(argv):
             versus = {t.name: {j: outcomes(rows, t, base, j) for j in judges.JUDGES} for t in targets if t is not base}
             eval_report.write_samples(run.out / "samples.jsonl", rows, targets, versus)
             plots = eval_report.plot_all(run.out, targets, per, matrix, baseline)
+            tool_lines = [] if tools is None else eval_tools_report.write_outputs(
+                run.out, tools, metrics, [t.name for t in targets], setup.reference)
             eval_report.write_report(run.out / "report.md", recipe, keys, setup, rows, targets, per, matrix, plots,
-                                     collapse)
+                                     collapse, tool_lines)
             eval_report.log_summary(targets, per, baseline)
+            if tools is not None:
+                eval_tools_report.log_summary({t.name: per[t.name]["tools"] for t in targets})
             eval_report.to_trackers(keys.report_to, run.out, per)
         run.finish(metrics, config=dataclasses.asdict(keys))
         log.info(f"report: {recipe.stage_dir(STAGE) / 'report.md'}")

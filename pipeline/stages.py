@@ -181,6 +181,16 @@ class EvalKeys:
     best_of_n: list[int] = key([1, 2, 4, 8, 16], "with a reward model: the reward model picks the best of n samples "
                                                  "for each n (up to num_samples); the pick's verifier accuracy, win "
                                                  "rate against the greedy reply and reward per n; empty: none")
+    tool_prompts: str | None = key("auto", "held-out prompts for tool use, answered with the recipe's tools "
+                                           "(pipeline/eval_tools.py): `prompt`, optional `tools`, and `kind` / "
+                                           "`expect` of the world's tool tasks to verify them; `auto`: "
+                                           "world:tool_eval when the recipe has tools; empty: none", ref="data")
+    tool_max_prompts: int | None = key(None, "evaluate at most this many tool prompts (the first ones); empty: all")
+    max_tool_calls: int = key(2, "tool calls per rollout; a call past them is not run and ends the rollout")
+    tool_max_new_tokens: int = key(96, "generation budget per assistant turn of a tool rollout")
+    tool_max_total_tokens: int = key(384, "budget of a whole tool rollout, tool results included")
+    tool_samples: int = key(1, "rollouts per tool prompt sampled at temperature 1 for the KL to `reference` "
+                               "(policy tokens only); 0: no KL on tool prompts")
     batch_size: int = key(64, "prompts per generation batch and sequences per scoring batch")
     seed: int | None = key(None, "sampling and bootstrap seed; empty: run.seed")
     bootstrap: int = key(1000, "bootstrap resamples for the 95% confidence intervals")
@@ -202,6 +212,10 @@ class EvalKeys:
             self.reward_model = "reward" if "reward" in recipe.stages and (finished or not given) else None
         if not self.perplexity_data:
             self.perplexity_data = None
+        if self.tool_prompts == "auto":
+            self.tool_prompts = "world:tool_eval" if recipe.tools.tools else None
+        elif not self.tool_prompts:
+            self.tool_prompts = None
 
 
 @dataclass

@@ -420,3 +420,258 @@ def test_best_of_n_diversity_and_collapse_check_through_the_stage(ranked, tmp_pa
     assert "## Best-of-n" in report and "| n = 1 | n = 2 | n = 4 |" in report and "n = 8" not in report
     assert "## Collapse checks" in report and "self-BLEU" in report
     assert (out / "best_of_n.png").read_bytes()[:4] == b"\x89PNG" and "![best_of_n](best_of_n.png)" in report
+
+
+# ---------------------------------------------------------------------------------------------- tool use
+
+
+def tool_result(name, valid=True, ok=True, error=None, image=None, **arguments):
+    from pipeline.tools import ToolResult
+
+    return ToolResult(name, arguments, valid, ok, error or f"ran {name}", error, image, 0.0)
+
+
+def test_tool_metrics_on_hand_made_rollouts():
+    """Rates over calls, errors among valid calls, correctness per kind with intervals, KL per prompt; a call past
+    the budget is never run and is counted apart, not as a call."""
+    from pipeline.eval_tools import tool_metrics
+    from pipeline.tool_rollout import budget_result
+
+    rows = [{"kind": "draw"}, {"kind": "read"}, {"kind": "draw_sum"}, {"prompt": "a user's prompt"}]
+    greedy = [{"calls": [tool_result("draw_image", image="201", prompt="a 7")], "ended": True},
+              {"calls": [tool_result("read_image", valid=False, ok=False, error="invalid: 'image_id' is required"),
+                         tool_result("read_image", ok=False, error="no image 999", image_id="999")], "ended": True},
+              {"calls": [], "ended": False},
+              {"calls": [tool_result("draw_image", image="202", prompt="a cat"),
+                         budget_result(tool_result("draw_image", prompt="again"))], "ended": False}]
+    verdicts = [{"correct": True}, {"correct": False, "looked": False}, {"correct": False}, None]
+    log_ratios = np.array([[1.0, 3.0], [0.0, 0.0], [2.0, 2.0], [-1.0, 1.0]])
+    m = tool_metrics(rows, greedy, verdicts, log_ratios, {"n_boot": 200, "seed": 0})
+    assert m["call_rate"] == 0.75 and m["calls"] == 4 and m["calls_per_prompt"] == 1.0
+    assert m["valid_calls"] == 3 and m["valid_rate"] == 0.75 and m["execution_errors"] == 1
+    assert m["over_budget"] == 1 and m["ended"] == 0.5
+    assert m["verified"] == 3 and m["correct"] == pytest.approx(1 / 3)
+    assert m["correct_ci"][0] <= m["correct"] <= m["correct_ci"][1]
+    assert {k: v["mean"] for k, v in m["correct_per_kind"].items()} == {"draw": 1.0, "draw_sum": 0.0, "read": 0.0}
+    assert m["read_looked"] == 0.0
+    assert m["kl"] == pytest.approx(1.0) and m["kl_samples"] == 2  # per prompt 2, 0, 2, 0
+    # a model that never calls: rates 0, no valid rate (nothing to divide), correctness from the outcome alone
+    silent = tool_metrics(rows[:2], [{"calls": [], "ended": True}] * 2, [{"correct": False}, {"correct": True}],
+                          None, {"n_boot": 200, "seed": 0})
+    assert (silent["call_rate"], silent["calls"], silent["execution_errors"]) == (0.0, 0, 0)
+    assert "valid_rate" not in silent and "kl" not in silent and silent["correct"] == 0.5
+
+
+def hand_rollout():
+    """Two rows: prompts of 3 and 2 tokens (the second left-padded), replies policy (P) and tool (T) tokens:
+    P P T T P P and P T P (right-padded)."""
+    from pipeline.tool_rollout import ToolRollout
+
+    pad = 0
+    prompts = torch.tensor([[11, 12, 13], [pad, 21, 22]])
+    replies = torch.tensor([[31, 32, 41, 42, 33, 34], [51, 61, 52, pad, pad, pad]])
+    kinds = torch.tensor([[1, 1, 2, 2, 1, 1], [1, 2, 1, 0, 0, 0]])
+    return ToolRollout(sequences=torch.cat([prompts, replies], 1),
+                       attention_mask=torch.cat([(prompts != pad).long(), (kinds > 0).long()], 1),
+                       context_length=3, replies=replies, mask=(kinds == 1).float(), tool_mask=(kinds == 2).float(),
+                       ended=torch.tensor([True, True]))
+
+
+def test_tool_kl_counts_the_policys_tokens_only():
+    from pipeline.eval_tools import policy_token_sums, rollout_sequences
+
+    seqs, scored = rollout_sequences(hand_rollout())
+    assert seqs == [[11, 12, 13, 31, 32, 41, 42, 33, 34], [21, 22, 51, 61, 52]]
+    assert scored == [[False] * 3 + [True, True, False, False, True, True], [False] * 2 + [True, False, True]]
+    rng = np.random.default_rng(0)
+    policy = [(-rng.random(len(s) - 1)).tolist() for s in seqs]  # token t's log-prob at index t - 1
+    reference = [(-rng.random(len(s) - 1)).tolist() for s in seqs]
+    ratios = policy_token_sums(policy, scored) - policy_token_sums(reference, scored)
+    by_hand = [sum(policy[0][t - 1] - reference[0][t - 1] for t in (3, 4, 7, 8)),
+               sum(policy[1][t - 1] - reference[1][t - 1] for t in (2, 4))]
+    assert ratios == pytest.approx(by_hand)
+    # the reference (or the policy) saying anything at all about tool tokens and the prompt changes nothing
+    moved = [list(lp) for lp in reference]
+    for row, s in enumerate(scored):
+        for t in range(1, len(s)):
+            if not s[t]:
+                moved[row][t - 1] -= 50.0
+    assert policy_token_sums(moved, scored) == pytest.approx(policy_token_sums(reference, scored))
+    moved[1][3] -= 1.0  # token 4 of row 2: the policy's
+    assert policy_token_sums(moved, scored)[1] == pytest.approx(policy_token_sums(reference, scored)[1] - 1.0)
+
+
+class ScriptedToolUser(torch.nn.Module):
+    """A real checkpoint whose `generate` is scripted: it calls the right tool for a world tool task (draw_image with
+    the task's caption, read_image on the image asked about) and then answers from the tool's result; scoring
+    (forward) is the real model's. It stands in for a policy trained to call tools."""
+
+    def __init__(self, model, tokenizer):
+        super().__init__()
+        self.inner, self.tokenizer = model, tokenizer
+
+    @property
+    def config(self):
+        return self.inner.config
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+    @staticmethod
+    def task(text: str):
+        from pipeline import tool_world
+
+        return tool_world.task_key(text.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0])
+
+    def turn(self, text: str) -> str:
+        import re
+
+        from pipeline import tool_world
+
+        key = self.task(text)
+        responses = re.findall(r"<tool_response>\n(.*?)\n</tool_response>", text, re.S)
+        if not responses:
+            name, args = (("read_image", {"image_id": key[1]}) if key[0] == "read"
+                          else ("draw_image", {"prompt": tool_world.answer(key)}))
+            return f'<tool_call>\n{json.dumps({"name": name, "arguments": args})}\n</tool_call>'
+        if key[0] == "read":
+            digit = re.search(r"(\d) on the", responses[-1]).group(1)
+            return f"The answer is {digit}."
+        return f"Here is image {responses[-1].split()[-1].rstrip('.')}."
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, pad_token_id, eos_token_id, **kwargs):
+        texts = [self.tokenizer.decode(ids[att.bool()].tolist(), skip_special_tokens=False)
+                 for ids, att in zip(input_ids, attention_mask)]
+        if not any(self.task(text) for text in texts):  # the text prompts: the real model answers
+            return self.inner.generate(input_ids=input_ids, attention_mask=attention_mask, pad_token_id=pad_token_id,
+                                       max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, **kwargs)
+        new = []
+        for text in texts:
+            turn = self.tokenizer(self.turn(text), add_special_tokens=False)["input_ids"] + [eos_token_id]
+            new.append(turn[:max_new_tokens])
+        width = max(len(n) for n in new)
+        new = torch.tensor([n + [pad_token_id] * (width - len(n)) for n in new], dtype=torch.long)
+        return torch.cat([input_ids, new.to(input_ids.device)], 1)
+
+
+TOOLS = {"world_gallery": True, "timeout_s": 120, "tools": [
+    {"name": "draw_image", "backend": "diffusion", "source": "diffusion", "steps": 2},
+    {"name": "read_image", "backend": "image_judge", "source": "diffusion"}]}
+
+
+@pytest.fixture(scope="module")
+def tool_work(tmp_path_factory):
+    """A folder with runs/tiny/diffusion: a tiny untrained text-to-image pipeline and an untrained image judge."""
+    from pipeline import images
+    from pipeline.image_judge import ImageJudge, _net
+    from test_diffusion import TINY_TEXT, TINY_UNET
+
+    work = tmp_path_factory.mktemp("tools")
+    torch.manual_seed(0)
+    pipe = images.build_pipeline(TINY_UNET, TINY_TEXT, {"num_train_timesteps": 10})
+    pipe.save_pretrained(str(work / "runs/tiny/diffusion"), safe_serialization=True)
+    ImageJudge(_net(4), {"width": 4}).save(work / "runs/tiny/diffusion/judge")
+    return work
+
+
+def test_eval_with_tools_reports_tool_use_per_checkpoint(tiny_run, tool_work, monkeypatch):
+    """The base never calls a tool (rates 0; the read tasks judged on its answer alone); the SFT checkpoint, scripted
+    to call the right tool, draws images that land in eval/images/, the report's table and the grid."""
+    work, _, _ = tiny_run
+    pre, sft = str(work / "runs/tiny/pretrain"), str(work / "runs/tiny/sft")
+    load_lm = evaluate.load_lm
+
+    def scripted_sft(recipe, cp, device):
+        lm = load_lm(recipe, cp, device)
+        if cp.path == sft:
+            lm.model = ScriptedToolUser(lm.model, lm.tokenizer)
+        return lm
+
+    monkeypatch.setattr(evaluate, "load_lm", scripted_sft)
+    monkeypatch.chdir(tool_work)
+    recipe = tiny_recipe(tool_work, world={"n_tool_eval": 9}, tools=TOOLS,
+                         eval={**SMALL_EVAL, "max_prompts": 4, "num_samples": 0, "perplexity_data": "",
+                               "checkpoints": [pre, sft], "batch_size": 8})
+    evaluate.main([str(recipe)])
+    out = tool_work / "runs/tiny/eval"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tool_prompts"]["spec"] == "world:tool_eval" and metrics["tool_prompts"]["n"] == 9
+    assert metrics["tool_prompts"]["kinds"] == {"draw": 3, "draw_sum": 3, "read": 3}
+    base, tuned = (metrics["checkpoints"][n]["tools"] for n in ("tiny/pretrain", "tiny/sft"))
+    assert (base["call_rate"], base["calls"], base["execution_errors"]) == (0.0, 0, 0) and "valid_rate" not in base
+    assert base["correct_per_kind"]["draw"]["mean"] == 0.0 and base["kl"] == 0.0  # the reference itself
+    assert (tuned["call_rate"], tuned["valid_rate"], tuned["calls_per_prompt"]) == (1.0, 1.0, 1.0)
+    assert tuned["execution_errors"] == 0 and tuned["read_looked"] == 1.0
+    assert tuned["correct_ci"][0] <= tuned["correct"] <= tuned["correct_ci"][1] and "kl" in tuned
+
+    lines = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    tool_lines = [s for s in lines if s.get("task") == "tool"]
+    assert len(lines) == 4 + 9 and len(tool_lines) == 9
+    verdicts = {n: [s["replies"][n]["verdict"]["correct"] for s in tool_lines] for n in ("tiny/pretrain", "tiny/sft")}
+    assert np.mean(verdicts["tiny/sft"]) == pytest.approx(tuned["correct"])
+    assert np.mean(verdicts["tiny/pretrain"]) == pytest.approx(base["correct"])
+    drawn = 0
+    for s in tool_lines:
+        reply = s["replies"]["tiny/sft"]
+        (call,) = reply["calls"]
+        assert call["valid"] and call["ok"] and call["error"] is None and call["content"]
+        assert reply["turns"][0]["tool_calls"][0]["function"]["name"] == call["name"]
+        assert reply["image_paths"] == [f"eval/images/{i}.png" for i in reply["images"]]
+        assert all((tool_work / "runs/tiny" / p).read_bytes()[:4] == b"\x89PNG" for p in reply["image_paths"])
+        if s["kind"] != "read":
+            assert reply["verdict"]["image"] == call["image"] == reply["images"][0]
+            drawn += 1
+        else:
+            assert call["image"] == s["expect"]["image_id"]  # a gallery image, in eval/images/ too
+        log_ratios = [x["log_ratio"] for x in reply["samples"]]
+        assert len(log_ratios) == 1
+        assert s["replies"]["tiny/pretrain"]["calls"] == []
+    assert drawn == 6
+    kl = np.mean([s["replies"]["tiny/sft"]["samples"][0]["log_ratio"] for s in tool_lines])
+    assert tuned["kl"] == pytest.approx(kl, abs=1e-3)
+
+    report = (out / "report.md").read_text()
+    assert "## Tool use" in report and "![tool_images](tool_images.png)" in report
+    assert "| `tiny/pretrain` | 0.00 | — | 0 of 0 | 0.00 |" in report
+    assert "| `tiny/sft` | 1.00 | 1.00 | 0 of 9 | 1.00 |" in report and "KL to `tiny/pretrain`" in report
+    from PIL import Image
+
+    grid = Image.open(out / "tool_images.png")
+    assert grid.size[1] == 22 + 6 * (64 + 10) and grid.size[0] == 250 + 2 * (110 + 8)  # 6 draw prompts, 2 columns
+
+
+def test_tool_prompts_bad_setups_stop_before_anything_is_written(tiny_run, tool_work, monkeypatch):
+    work, _, _ = tiny_run
+    monkeypatch.chdir(tool_work)
+    bad = tool_work / "bad_tools.jsonl"
+    bad.write_text(json.dumps({"prompt": "Draw a 3.", "kind": "draw", "expect": {"digit": 3}}) + "\n"
+                   + json.dumps({"prompt": "Search the web.", "tools": [{"type": "function", "function": {
+                       "name": "search", "parameters": {"type": "object", "properties": {}}}}]}) + "\n")
+    tools = {**TOOLS, "tools": [{**t, "source": str(tool_work / "runs/tiny/diffusion")} for t in TOOLS["tools"]]}
+    cases = [({"tools": {**tools, "world_gallery": False}}, [], r"tools\.world_gallery: world:tool_eval has \d+ "
+                                                               r"read tasks"),
+             ({}, ["eval.tool_prompts=world:tool_eval"], r"eval\.tool_prompts: the recipe has no tools"),
+             ({"tools": tools}, [f"eval.tool_prompts={bad}"], r"bad_tools\.jsonl: line 2: tool 'search' is not among "
+                                                              r"the recipe's tools \(draw_image, read_image\)"),
+             ({"tools": tools}, ["eval.max_tool_calls=0"], r"eval\.max_tool_calls must be at least 1")]
+    for sections, overrides, message in cases:
+        recipe = tiny_recipe(tool_work, run={"name": "bad"}, world={"n_tool_eval": 9}, **sections,
+                             eval={"checkpoints": [str(work / "runs/tiny/pretrain")]})
+        with pytest.raises(PipelineError, match=message) as err:
+            evaluate.main([str(recipe), *overrides])
+        assert "\n" not in str(err.value) and str(err.value).startswith(str(recipe) if "line" not in message
+                                                                         else str(bad))
+        assert not (tool_work / "runs/bad").exists()
+    # a user's file: a world task (`kind` / `expect`) is verified, a prompt without them only counted
+    from pipeline import eval_tools
+
+    mine = tool_work / "my_tools.jsonl"
+    mine.write_text(json.dumps({"prompt": "Which digit is in image 7?", "kind": "read",
+                                "expect": {"image_id": 7, "answer": 3}}) + "\n"
+                    + json.dumps({"prompt": [{"role": "user", "content": "Draw me a cat."}],
+                                  "tools": json.dumps([{"type": "function", "function": {"name": "draw_image"}}])})
+                    + "\n")
+    recipe = load_recipe(tiny_recipe(tool_work, run={"name": "bad"}, tools=tools), [f"eval.tool_prompts={mine}"])
+    plan = eval_tools.plan(recipe, recipe.keys("eval"))
+    assert [eval_tools.is_verified(r) for r in plan.rows] == [True, False] and plan.judge is None  # no draw task
+    assert plan.rows[0]["expect"] == {"image_id": "7", "answer": "3"} and plan.tools == ["draw_image", "read_image"]

@@ -1,0 +1,305 @@
+"""Tool use in the eval stage (issue #16): each checkpoint answers held-out tool prompts with the recipe's tools.
+
+Per checkpoint, one greedy rollout per prompt (pipeline/tool_rollout.py: assistant turns and tool turns, at most
+`max_tool_calls` calls) with the recipe's tools (`stage_toolbox`: drawn images become PNGs in the eval folder's
+images/, the world's gallery is there with `tools.world_gallery`). The figures:
+
+- call rate (share of prompts with a call), valid rate (calls that parsed and passed the tool's schema / calls),
+  execution errors (valid calls whose tool failed or timed out), calls per prompt; a call past `max_tool_calls` is
+  never run and counts apart (`over_budget`), not as a call;
+- correctness of the world's tasks (rows with `kind` and `expect`; `tool_world.verify`: the image judge reads the
+  last image drawn, a read task's final answer is checked) with bootstrap 95% intervals over prompts, per kind;
+- the sequence KL to the `reference` on `tool_samples` rollouts per prompt sampled at temperature 1, tools run as
+  in the greedy ones: log pi(y|x) - log ref(y|x) summed over the tokens the policy chose (the rollout's `mask`);
+  the tokens a tool's result put in are context for both models, never counted.
+
+Metric functions (`tool_metrics`, `policy_token_sums`) work on stored results; the report's part and the image grid
+are in pipeline/eval_tools_report.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline import data, log, metrics as M, tool_world
+from pipeline.cli import PipelineError
+from pipeline.formats import bad_row, tools_of
+from pipeline.generation import as_messages, same_tokenizer, token_logprobs
+from pipeline.images import PROPERTIES
+from pipeline.tool_rollout import BUDGET_MESSAGE, generate_with_tools, stage_toolbox
+
+DRAW_KINDS = ("draw", "draw_sum")
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+
+@dataclasses.dataclass
+class ToolPlan:
+    """What the tool evaluation needs, checked before the stage writes anything."""
+
+    spec: str                   # eval.tool_prompts
+    rows: list                  # the prompts
+    judge: Path | None          # the image judge's folder, when draw tasks are verified
+    tools: list                 # the recipe's tool names
+
+
+def is_verified(row: dict) -> bool:
+    """A world tool task: `kind` draw / draw_sum / read with its `expect` (pipeline/tool_world.py)."""
+    return row.get("kind") in tool_world.KINDS and isinstance(row.get("expect"), dict)
+
+
+def expect_problem(row: dict) -> str | None:
+    """Why a row's `kind` / `expect` cannot be verified as a world task, or None (also None: neither is there)."""
+    kind, exp = row.get("kind"), row.get("expect")
+    if exp is None:
+        return None
+    if kind not in tool_world.KINDS:
+        return f"'expect' needs 'kind' {', '.join(tool_world.KINDS)}, got {kind!r}"
+    if not isinstance(exp, dict):
+        return f"'expect' must be a JSON object, got {type(exp).__name__}"
+    if kind == "read":
+        if not str(exp.get("image_id") or "").strip() or exp.get("answer") is None:
+            return "'expect' of a read task needs 'image_id' and 'answer'"
+        exp["image_id"], exp["answer"] = str(exp["image_id"]), str(exp["answer"])
+        return None
+    if not isinstance(exp.get("digit"), int) or not 0 <= exp["digit"] <= 9:
+        return f"'expect' of a {kind} task needs 'digit' 0-9, got {exp.get('digit')!r}"
+    for prop, values in PROPERTIES.items():
+        if exp.get(prop) is not None and exp[prop] not in values:
+            return f"'expect.{prop}' must be one of {', '.join(values)}, got {exp[prop]!r}"
+    return None
+
+
+def judge_folder(recipe) -> Path | None:
+    """The image judge of the recipe's image tools: the image_judge tool's folder, else judge/ in the diffusion
+    tool's source (the diffusion stage writes <stage>/judge/)."""
+    entries = sorted(recipe.tools.tools, key=lambda e: e["backend"] != "image_judge")
+    for entry in entries:
+        if entry["backend"] not in ("image_judge", "diffusion"):
+            continue
+        for base in (Path(recipe.run_dir) / entry["source"], Path(entry["source"]).expanduser()):
+            for folder in (base / "judge", base):
+                if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+                    return folder
+    return None
+
+
+def plan(recipe, keys) -> ToolPlan:
+    """Read and check the tool prompts and what verifying them needs; one line naming the file and key if not."""
+    from pipeline.tools import ImageStore, tools_from_config
+
+    where_key = f"{recipe.path}: eval.tool_prompts"
+    if not recipe.tools.tools:
+        raise PipelineError(f"{where_key}: the recipe has no tools (section `tools`) for the policy to call; add "
+                            f"them or leave tool_prompts empty")
+    # the tools as the stage will build them (stage folders looked up now, before anything is written)
+    box = tools_from_config(dataclasses.asdict(recipe.tools), run_root=recipe.run_dir, store=ImageStore(None),
+                            where=str(recipe.path))
+    rows, where, source = data.read_rows(keys.tool_prompts, recipe)
+    if keys.tool_max_prompts:
+        rows, where = rows[:keys.tool_max_prompts], where[:keys.tool_max_prompts]
+    rows = data.CHECKS["eval_prompts"]([dict(r) for r in rows], where, source)
+    for i, (row, w) in enumerate(zip(rows, where)):
+        row["id"] = str(row.get("id") or f"tool-prompt-{i + 1}")
+        if isinstance(row.get("expect"), dict):
+            row["expect"] = dict(row["expect"])  # normalised below; the world's rows are cached
+        if (problem := expect_problem(row)):
+            bad_row(source, w, problem)
+        named = [t.get("function", t).get("name") for t in tools_of(row, source, w) or []]
+        if (missing := [n for n in named if n not in box.tools]):
+            bad_row(source, w, f"tool {missing[0]!r} is not among the recipe's tools ({', '.join(box.tools)})")
+    kinds = Counter(r["kind"] for r in rows if is_verified(r))
+    if kinds["read"] and not recipe.tools.world_gallery:
+        raise PipelineError(f"{recipe.path}: tools.world_gallery: {keys.tool_prompts} has {kinds['read']} read "
+                            f"tasks about the world's gallery images, which the tools see only with "
+                            f"tools.world_gallery: true")
+    draws = sum(kinds[k] for k in DRAW_KINDS)
+    judge = judge_folder(recipe) if draws else None
+    if draws and judge is None:
+        raise PipelineError(f"{where_key}: {keys.tool_prompts} has draw tasks, verified by the image judge, but "
+                            f"no tool of the recipe has one (an image_judge tool, or judge/ in the diffusion "
+                            f"tool's source)")
+    return ToolPlan(keys.tool_prompts, rows, judge, list(box.tools))
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def over_budget(result) -> bool:
+    """A call past max_tool_calls: never run (tool_rollout.budget_result)."""
+    return result.error == BUDGET_MESSAGE
+
+
+def tool_metrics(rows, greedy: list[dict], verdicts: list, log_ratios, boot: dict) -> dict:
+    """One checkpoint's `tools` block from its greedy rollouts ({"calls": [ToolResult], "ended"} per prompt), the
+    verdicts (a tool_world.verify dict per prompt, None where the row is not a world task) and the log-ratios of
+    its sampled rollouts to the reference ((prompts, samples), or None)."""
+    calls = [[r for r in g["calls"] if not over_budget(r)] for g in greedy]
+    made = [r for c in calls for r in c]
+    valid = [r for r in made if r.valid]
+    m = {"prompts": len(rows), "call_rate": float(np.mean([bool(c) for c in calls])),
+         "calls_per_prompt": len(made) / max(len(rows), 1), "calls": len(made), "valid_calls": len(valid),
+         "execution_errors": sum(not r.ok for r in valid),
+         "over_budget": sum(over_budget(r) for g in greedy for r in g["calls"]),
+         "ended": float(np.mean([bool(g["ended"]) for g in greedy]))}
+    if made:
+        m["valid_rate"] = len(valid) / len(made)
+    judged = [(row, v) for row, v in zip(rows, verdicts) if v is not None]
+    if judged:
+        correct = M.mean_ci([float(v["correct"]) for _, v in judged], **boot)
+        m.update(verified=correct["n"], correct=correct["mean"], correct_ci=correct["ci"])
+        kinds = [k for k in tool_world.KINDS if any(row["kind"] == k for row, _ in judged)]
+        m["correct_per_kind"] = {k: M.mean_ci([float(v["correct"]) for row, v in judged if row["kind"] == k],
+                                              **boot) for k in kinds}
+        looked = [v["looked"] for _, v in judged if "looked" in v]
+        if looked:
+            m["read_looked"] = float(np.mean(looked))  # read tasks where read_image was called on the image
+    if log_ratios is not None:
+        kl = M.mean_ci(np.asarray(log_ratios).mean(axis=1), **boot)  # per prompt, then a bootstrap over prompts
+        m.update(kl=kl["mean"], kl_ci=kl["ci"], kl_samples=int(np.asarray(log_ratios).shape[1]))
+    return m
+
+
+def rollout_sequences(batch) -> tuple[list[list[int]], list[list[bool]]]:
+    """Per row of a ToolRollout: its token ids (prompt + reply, no padding) and which of them the policy chose."""
+    seqs, scored = [], []
+    for i in range(len(batch.sequences)):
+        prompt_len = int(batch.attention_mask[i, :batch.context_length].sum())
+        ids = batch.sequences[i][batch.attention_mask[i].bool()].tolist()
+        chose = (batch.mask[i, :len(ids) - prompt_len] > 0).tolist()
+        seqs.append(ids)
+        scored.append([False] * prompt_len + chose)
+    return seqs, scored
+
+
+def policy_token_sums(token_lps: list[list[float]], scored: list[list[bool]]) -> np.ndarray:
+    """Sum of log p(token t | before) over the tokens t marked in `scored` (token_lps[t - 1] is token t's, as
+    generation.token_logprobs gives them)."""
+    return np.array([float(sum(lp[t - 1] for t in range(1, len(s)) if s[t])) for lp, s in zip(token_lps, scored)])
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+@dataclasses.dataclass
+class ToolRun:
+    """One checkpoint on the tool prompts."""
+
+    greedy: list                   # per prompt: {"calls", "turns", "final", "ended", "text"}
+    verdicts: list                 # per prompt: tool_world.verify's dict, or None (not a world task)
+    log_ratios: np.ndarray = None  # (prompts, tool_samples) over the policy's tokens, or None
+    samples: list = None           # per prompt: its sampled rollouts (as greedy, with "log_ratio"), or None
+    kl_note: str | None = None     # why there is no KL
+
+
+class ToolEval:
+    """The recipe's tools and the tool prompts, run for one checkpoint after another (`run`)."""
+
+    def __init__(self, recipe, keys, tool_plan: ToolPlan, folder: Path, stage_rel: Path, seed: int, device):
+        images = Path(folder) / "images"
+        if images.exists():  # an earlier try's images: ids would repeat
+            shutil.rmtree(images)
+        self.toolbox, self.store = stage_toolbox(recipe, folder, 0)
+        self.image_dir = Path(stage_rel) / "images"  # where the PNGs are, relative to the run folder
+        self.draw_tools = {e["name"] for e in recipe.tools.tools if e["backend"] == "diffusion"}
+        self.judge = None
+        if tool_plan.judge is not None:
+            from pipeline.image_judge import ImageJudge
+
+            self.judge = ImageJudge.load(tool_plan.judge)
+        self.plan, self.keys, self.seed, self.device = tool_plan, keys, seed, device
+        self.rows = tool_plan.rows
+        self.reference = None  # the reference LoadedModel, set by the caller when the KL is measured
+        self.runs: dict[str, ToolRun] = {}
+
+    def rollouts(self, lm, rows, sample: bool, desc: str) -> list[dict]:
+        """One rollout per row (greedy, or sampled at temperature 1), in batches of eval.batch_size."""
+        keys, schemas, out = self.keys, self.toolbox.schemas(), []
+        for start in tqdm(range(0, len(rows), keys.batch_size), desc=desc, leave=False):
+            messages = [as_messages(r["prompt"]) for r in rows[start:start + keys.batch_size]]
+            ids = [lm.tokenizer(lm.tokenizer.apply_chat_template(m, tools=schemas, tokenize=False,
+                                                                 add_generation_prompt=True),
+                                add_special_tokens=False)["input_ids"] for m in messages]
+            batch = generate_with_tools(lm.model, lm.tokenizer, ids, messages, self.toolbox,
+                                        max_new_tokens=keys.tool_max_new_tokens, max_tool_calls=keys.max_tool_calls,
+                                        max_total_tokens=keys.tool_max_total_tokens, do_sample=sample,
+                                        temperature=1.0, top_p=1.0, device=self.device)
+            seqs, scored = rollout_sequences(batch)
+            out += [{"calls": batch.calls[i], "turns": batch.turns[i], "final": batch.final[i],
+                     "ended": bool(batch.ended[i]), "text": batch.texts[i], "ids": seqs[i], "scored": scored[i]}
+                    for i in range(len(messages))]
+        return out
+
+    def run(self, name: str, lm) -> None:
+        """Greedy rollouts with their verdicts, then the sampled ones for the KL (`lm`: model, tokenizer, path)."""
+        greedy = self.rollouts(lm, self.rows, False, f"{name}: tool prompts")
+        verdicts = [tool_world.verify(row, g["calls"], g["final"], self.judge, self.store) if is_verified(row)
+                    else None for row, g in zip(self.rows, greedy)]
+        for g in greedy:
+            del g["ids"], g["scored"]
+        run = ToolRun(greedy, verdicts)
+        if self.keys.tool_samples and self.reference is not None:
+            self.sample_kl(run, name, lm)
+        self.runs[name] = run
+
+    def sample_kl(self, run: ToolRun, name: str, lm) -> None:
+        n, k, ref = len(self.rows), self.keys.tool_samples, self.reference
+        if ref.path == lm.path:
+            run.log_ratios = np.zeros((n, k))
+            return
+        if not same_tokenizer(ref.tokenizer, lm.tokenizer):
+            run.kl_note = "the reference's tokenizer differs: the rollouts' token ids cannot be scored under it"
+            log.info(f"{name}: no KL on tool prompts: {run.kl_note}")
+            return
+        torch.manual_seed(self.seed)
+        rows = [row for row in self.rows for _ in range(k)]
+        samples = self.rollouts(lm, rows, True, f"{name}: {k} sampled tool rollouts")
+        seqs, scored = [s["ids"] for s in samples], [s["scored"] for s in samples]
+        bs = self.keys.batch_size
+        policy = policy_token_sums(token_logprobs(lm.model, seqs, batch_size=bs, desc=f"{name}: log-probs"), scored)
+        reference = policy_token_sums(token_logprobs(ref.model, seqs, batch_size=bs, desc=f"{name}: reference"),
+                                      scored)
+        ratios = policy - reference
+        for s, r in zip(samples, ratios):
+            del s["ids"], s["scored"]
+            s["log_ratio"] = float(r)
+        run.log_ratios = ratios.reshape(n, k)
+        run.samples = [samples[i * k:(i + 1) * k] for i in range(n)]
+
+    # ------------------------------------------------------------------------------------------ results
+
+    def metrics(self, name: str, boot: dict) -> dict:
+        run = self.runs[name]
+        m = tool_metrics(self.rows, run.greedy, run.verdicts, run.log_ratios, boot)
+        if run.kl_note:
+            m["kl_note"] = run.kl_note
+        return m
+
+    def summary(self, reference: str | None) -> dict:
+        """metrics.json's `tool_prompts`: the prompts and the settings."""
+        kinds = Counter(r["kind"] for r in self.rows if is_verified(r))
+        keys = self.keys
+        return {"spec": self.plan.spec, "n": len(self.rows), "verified": sum(kinds.values()),
+                "kinds": {k: kinds[k] for k in tool_world.KINDS if kinds[k]}, "tools": self.plan.tools,
+                "judge": str(self.plan.judge) if self.plan.judge else None, "max_tool_calls": keys.max_tool_calls,
+                "max_new_tokens": keys.tool_max_new_tokens, "max_total_tokens": keys.tool_max_total_tokens,
+                "samples": keys.tool_samples, "reference": reference if keys.tool_samples else None}
+
+    def drawn_image(self, name: str, i: int) -> str | None:
+        """The image checkpoint `name` drew for prompt i: the one its verdict judged, else its last drawn one."""
+        run = self.runs[name]
+        if run.verdicts[i] is not None and self.rows[i]["kind"] in DRAW_KINDS:
+            return run.verdicts[i]["image"]
+        drawn = [r.image for r in run.greedy[i]["calls"] if r.ok and r.image and r.name in self.draw_tools]
+        return drawn[-1] if drawn else None
+
+    def image_path(self, image_id: str) -> str:
+        return (self.image_dir / f"{image_id}.png").as_posix()
