@@ -44,7 +44,7 @@ def dependencies(recipe, stage: str) -> list[str]:
         values = value if isinstance(value, list) else [value]
         if ref in ("checkpoint", "checkpoints"):
             deps += [v for v in values if v in recipe.stages and v != stage]
-    return deps
+    return deps + [s for s in runs.tool_stages(recipe, stage) if s not in deps]
 
 
 def order_stages(recipe) -> list[str]:

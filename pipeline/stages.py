@@ -274,6 +274,7 @@ class StageSpec:
     peft: bool = False          # accepts TRL ModelConfig's LoRA/quantization fields
     default_init: tuple[str, ...] = ()  # init_from when empty: first of these that is a stage of the recipe
     check: str | None = None    # "module:function" that `--check` calls instead of its causal-LM check
+    runs_tools: bool = False    # runs the recipe's tools: their settings and the stages they load are its inputs
 
     @property
     def script(self) -> Path:
@@ -290,8 +291,8 @@ STAGES: dict[str, StageSpec] = {
     "reward": StageSpec("reward", "pipeline.reward", "trl:RewardConfig", RewardKeys, peft=True,
                         default_init=("sft", "pretrain", "model")),
     "ppo": StageSpec("ppo", "pipeline.ppo", "pipeline.ppo_config:PPOConfig", PPOKeys, peft=True,
-                     default_init=("sft", "pretrain", "model")),
-    "eval": StageSpec("eval", "pipeline.evaluate", None, EvalKeys),
+                     default_init=("sft", "pretrain", "model"), runs_tools=True),
+    "eval": StageSpec("eval", "pipeline.evaluate", None, EvalKeys, runs_tools=True),
     "diffusion": StageSpec("diffusion", "pipeline.diffusion", "pipeline.diffusion_train:DiffusionConfig",
                            DiffusionKeys, check="pipeline.image_check:check_image_stage"),
     "diffusion_dpo": StageSpec("diffusion_dpo", "pipeline.diffusion_dpo",

@@ -353,3 +353,32 @@ def test_recipe_tools_section_is_checked_when_the_recipe_loads(tmp_path):
     with pytest.raises(PipelineError, match="is not a stage folder"):
         stage_toolbox(loaded, tmp_path / "stage")
     assert load_recipe(tmp_path / "r.yaml", ["tools.tools=[]"]).tools.tools == []
+
+
+def test_stages_that_run_tools_come_after_the_tools_stages_and_rerun_when_tools_change(tmp_path):
+    """eval and ppo run the recipe's tools: the stages the tools load come first in the run order, and the tools'
+    settings are part of the stage's fingerprint (another sampler step count reruns eval)."""
+    from pipeline.fingerprints import hash_obj
+    from pipeline.recipe import load_recipe
+    from pipeline.run import dependencies, order_stages
+    from pipeline.runs import stage_inputs
+
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(
+        "run: {output_dir: " + str(tmp_path / "runs") + "}\nmodel: {config: {model_type: llama}}\n"
+        "tools:\n  world_gallery: true\n  tools:\n    - {name: draw_image, backend: diffusion, source: diffusion_dpo}\n"
+        "    - {name: read_image, backend: image_judge, source: diffusion}\n"
+        "eval: {checkpoints: [model]}\ndiffusion: {}\ndiffusion_dpo: {init_from: diffusion}\n")
+    recipe = load_recipe(recipe_file)
+    assert set(dependencies(recipe, "eval")) == {"diffusion_dpo", "diffusion"}
+    order = order_stages(recipe)
+    assert order.index("eval") > order.index("diffusion_dpo") > order.index("diffusion")
+    inputs = stage_inputs(recipe, "eval", must_exist=False)
+    assert [c["ref"] for c in inputs["checkpoints"]["tools"]] == ["diffusion_dpo", "diffusion"]
+    assert inputs["settings"]["tools"]["tools"][0]["source"] == "diffusion_dpo"
+    other = load_recipe(recipe_file, ["tools.tools=[{name: draw_image, backend: diffusion, source: diffusion_dpo, "
+                                      "steps: 20}, {name: read_image, backend: image_judge, source: diffusion}]"])
+    assert hash_obj(stage_inputs(other, "eval", must_exist=False)) != hash_obj(inputs)
+    no_tools = load_recipe(recipe_file, ["tools.tools=[]"])
+    assert "tools" not in stage_inputs(no_tools, "eval", must_exist=False)["settings"]
+    assert dependencies(no_tools, "eval") == [] and "tools" not in stage_inputs(recipe, "diffusion", False)["settings"]
