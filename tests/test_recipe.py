@@ -13,7 +13,7 @@ def test_small_recipe_loads_with_stage_order_and_defaults():
     assert list(recipe.stages)[:2] == ["pretrain", "sft"]
     assert recipe.run.name == "small"
     assert recipe.keys("sft").init_from == "pretrain"
-    assert recipe.keys("sft").dataset == "world:sft"
+    assert recipe.keys("sft").dataset == ["world:sft", "world:tool_sft"]  # text and tool conversations
 
 
 def test_overrides_are_coerced_to_the_field_type():
