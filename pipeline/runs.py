@@ -134,10 +134,24 @@ def stage_inputs(recipe, stage: str, must_exist: bool = True) -> dict:
             checkpoints[f.name] = [portable(recipe, resolve_checkpoint(recipe, v, must_exist)) for v in value]
         elif ref == "data" and value:
             datasets[f.name] = {"spec": value, "fingerprint": data.fingerprint(value, recipe)}
+    for name, ref in tool_sources(recipe, stage).items():  # the folders the stage's tools load
+        checkpoints[name] = portable(recipe, resolve_checkpoint(recipe, ref, must_exist))
     settings = {"section": recipe.section(stage), "seed": recipe.run.seed}
+    if getattr(keys, "RUNS_TOOLS", False) and recipe.tools.tools:
+        settings["tools"] = dataclasses.asdict(recipe.tools)
     if any(str(d["spec"]).startswith("world:") for d in datasets.values()):
         settings["world"] = world.fingerprint_settings(recipe.world)
     return {"settings": settings, "checkpoints": checkpoints, "data": datasets}
+
+
+def tool_sources(recipe, stage: str) -> dict[str, str]:
+    """{input name: stage, folder or hub id} the recipe's tools load, for a stage that runs them (ppo): the image
+    model and judge folders ("tools.draw_image": "diffusion"); the stage's image judge is its own key."""
+    if not (getattr(STAGES[stage].keys, "RUNS_TOOLS", False) and recipe.tools.tools):
+        return {}
+    from pipeline.tools import stage_sources
+
+    return {k: v for k, v in stage_sources(recipe.tools).items() if k != "image_judge"}
 
 
 def up_to_date(recipe, stage: str) -> tuple[bool, str]:
