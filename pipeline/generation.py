@@ -25,10 +25,11 @@ def as_messages(prompt) -> list[dict]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
-def render_prompt(tokenizer, prompt) -> str:
-    """A conversational prompt goes through the chat template; plain text becomes one user turn."""
+def render_prompt(tokenizer, prompt, tools=None) -> str:
+    """A conversational prompt goes through the chat template (with the tools it offers, if any); plain text becomes
+    one user turn."""
     messages = as_messages(prompt)
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True)
 
 
 @torch.no_grad()

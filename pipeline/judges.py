@@ -28,10 +28,12 @@ def is_correct(row, text: str) -> bool | None:
     return M.exact_match(final if final is not None else text, row["answer"])
 
 
-def verifier_scores(skills, answers, texts) -> list[float]:
-    """1.0 / 0.0: the verifier's verdict on each reply to prompts with these skills and reference answers. Online RL
-    logs it as the gold score of its rollouts, and adds it to the reward only with `verifier_weight`."""
-    return [float(is_correct({"skill": s, "answer": a}, t)) for s, a, t in zip(skills, answers, texts)]
+def verifier_scores(skills, answers, texts) -> list[float | None]:
+    """1.0 / 0.0: the verifier's verdict on each reply to prompts with these skills and reference answers (None where
+    a prompt has no answer: a tool task in a mixture). Online RL logs it as the gold score of its rollouts, and adds
+    it to the reward only with `verifier_weight`."""
+    verdicts = [is_correct({"skill": s, "answer": a}, t) for s, a, t in zip(skills, answers, texts)]
+    return [None if v is None else float(v) for v in verdicts]
 
 
 def annotator_outcome(row, a: str, b: str) -> int | None:
@@ -61,11 +63,17 @@ def last_user_text(prompt) -> str:
 def with_answers(ds, spec: str, required: bool, needed_for: str = "verifier_weight"):
     """Add `skill`/`answer` for the verifier and the annotator (PPO's gold score and verifier_weight, iterated DPO's
     annotator): the dataset's own columns, or solved from world prompts. Prompts that are neither: an error naming
-    the row when `required` (`needed_for` says by what), else the dataset as it was, logged."""
+    the row when `required` (`needed_for` says by what), else the dataset as it was, logged. Rows that offer tools
+    (a `tools` value) are tool tasks, judged by pipeline/tool_world.py: they get no skill/answer."""
     if {"skill", "answer"} <= set(ds.column_names):
         return ds
+    offers = ds["tools"] if "tools" in ds.column_names else [None] * len(ds)
     skills, answers = [], []
-    for i, prompt in enumerate(ds["prompt"]):
+    for i, (prompt, tools) in enumerate(zip(ds["prompt"], offers)):
+        if tools:
+            skills.append(None)
+            answers.append(None)
+            continue
         key = world.prompt_key(last_user_text(prompt))
         if key is None and not required:
             log.info(f"{spec}: row {i + 1} has no answer to check: these prompts get no verifier accuracy")
@@ -75,6 +83,8 @@ def with_answers(ds, spec: str, required: bool, needed_for: str = "verifier_weig
                                 f"prompt is not a world problem to solve")
         skills.append(key[0])
         answers.append(world.solve(key))
+    if all(a is None for a in answers):  # tool tasks only
+        return ds
     return ds.remove_columns([c for c in ("skill", "answer") if c in ds.column_names]) \
         .add_column("skill", skills).add_column("answer", answers)
 

@@ -31,6 +31,7 @@ import math
 from pipeline import cli, data, log, models, monitors, preferences, runs
 from pipeline.heldout import heldout_comparison, heldout_rows
 from pipeline.judges import with_answers
+from pipeline.ppo_tools import check_offers
 from pipeline.ppo_trainer import PPOTrainer
 from pipeline.recipe import load_recipe, stage_help
 from pipeline.stages import STAGES
@@ -44,15 +45,16 @@ USAGE = "usage: pipeline/ppo.py RECIPE [ppo.KEY=VALUE ...]"
 
 
 def load_prompts(spec, recipe, columns: dict | None = None):
-    """The `prompt` column (with `skill`/`answer` when present) of a prompt dataset or of preference pairs in any
-    format preferences.load_preferences reads (pairs without a prompt column: the shared beginning of
-    chosen/rejected)."""
+    """The `prompt` column (with `skill`/`answer`, and a tool task's `tools`/`kind`/`expect`, when present) of a
+    prompt dataset or of preference pairs in any format preferences.load_preferences reads (pairs without a prompt
+    column: the shared beginning of chosen/rejected)."""
     rows, _, _ = data.read_rows(spec, recipe)
     if "prompt" in rows[0] or "prompt" in (columns or {}):
         ds = data.load(spec, "prompts", recipe, columns=columns)
     else:
         ds, _ = preferences.load_preferences(spec, recipe, columns)
-    return ds.select_columns([c for c in ("prompt", "skill", "answer") if c in ds.column_names])
+    return ds.select_columns([c for c in ("prompt", "skill", "answer", "tools", "kind", "expect")
+                              if c in ds.column_names])
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -67,7 +69,8 @@ def summarise(history: list[dict], algorithm: str) -> dict:
         return sum(vals) / len(vals) if vals else None
 
     out = {"algorithm": algorithm, "steps": history[-1]["step"] if history else 0}
-    for key in ("reward_raw", "reward", "kl", "kl_per_token", "verifier", "distinct_2", "reply_length", "ended"):
+    for key in ("reward_raw", "reward", "kl", "kl_per_token", "verifier", "image_verifier", "tool_call_rate",
+                "valid_call_rate", "distinct_2", "reply_length", "ended"):
         start, end = mean(history[:n], key), mean(history[-n:], key)
         if start is not None:
             out[f"{key}_start"], out[f"{key}_end"] = start, end
@@ -85,7 +88,8 @@ def plot_curves(history: list[dict], path: Path, algorithm: str, window: int) ->
 
     steps = [r["step"] for r in history]
     fig, (ax_r, ax_k, ax_g) = plt.subplots(1, 3, figsize=(15, 3.8))
-    for key, label in (("reward", "reward (normalised)"), ("reward_raw", "reward (raw)"), ("verifier", "verifier")):
+    for key, label in (("reward", "reward (normalised)"), ("reward_raw", "reward (raw)"), ("verifier", "verifier"),
+                       ("image_verifier", "image verifier (tool tasks)")):
         if any(r.get(key) is not None for r in history):
             ax_r.plot(steps, [r.get(key) for r in history], label=label)
     ax_r.set(xlabel="step", title=f"{algorithm}: reward", ylabel="mean per reply")
@@ -120,6 +124,23 @@ def plot_curves(history: list[dict], path: Path, algorithm: str, window: int) ->
     plt.close(fig)
 
 
+def check_tool_keys(recipe, cfg, keys, prompts) -> None:
+    """Weights that would reward nothing, tools the recipe does not have, and tools with a trainer that cannot run
+    ours: one line each, before anything is written."""
+    offers = check_offers(prompts, [t["name"] for t in recipe.tools.tools], keys.prompts) if recipe.tools.tools else \
+        (prompts["tools"] if "tools" in prompts.column_names else [])
+    if cfg.verifier_weight and "answer" not in prompts.column_names:
+        raise cli.PipelineError(f"{keys.prompts}: ppo.verifier_weight needs prompts with answers; these are tool "
+                                f"tasks only (their gold score is image_verifier_weight's)")
+    if cfg.image_verifier_weight and not (recipe.tools.tools and any(offers)):
+        raise cli.PipelineError(f"{recipe.path}: ppo.image_verifier_weight rewards tool tasks: it needs a `tools` "
+                                f"section and prompts that offer tools (a `tools` column, e.g. world:tool_preference)")
+    if cfg.algorithm != "ppo" and recipe.tools.tools and any(offers):
+        from pipeline.trl_tools import check_grpo_tools
+
+        check_grpo_tools(recipe, cfg, keys, prompts)
+
+
 def train_ppo(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoint) -> list[dict]:
     trainer = PPOTrainer(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoint)
     history = trainer.train()
@@ -137,6 +158,7 @@ def main(argv):
     with runs.StageRun(recipe, STAGE) as run:
         prompts = load_prompts(keys.prompts, recipe, keys.columns)
         prompts = with_answers(prompts, keys.prompts, required=bool(cfg.verifier_weight))
+        check_tool_keys(recipe, cfg, keys, prompts)
         data.warn_world_eval(recipe, STAGE, keys)
         heldout = heldout_rows(recipe, keys)
         init, reward_checkpoint = run.checkpoint(), run.checkpoint("reward_model")

@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 
+TOOL_TURN_TOKENS = 64  # room for one tool turn in the default max_total_tokens
+
+
 @dataclass
 class PPOConfig:
     """The `ppo` section's training keys (the pipeline keys are PPOKeys in pipeline/stages.py)."""
@@ -38,6 +41,9 @@ class PPOConfig:
     kl_horizon: int = 10000              # adaptive_kl horizon, in replies
     missing_eos_penalty: float | None = 1.0  # subtracted from the score of replies without end-of-turn
     verifier_weight: float = 0.0         # add this times the world's verifier (1 correct, 0 not) to the score
+    image_verifier_weight: float = 0.0   # tools: add this times tool_world.verify's verdict on tool tasks to the score
+    max_tool_calls: int = 2              # tools: calls run per reply; a call past them gets an error and ends the reply
+    max_total_tokens: int | None = None  # tools: a whole reply's tokens (turns and tool results); empty: see below
     max_new_tokens: int = 32             # reply budget
     max_prompt_length: int = 128         # longer prompts (in tokens) are skipped
     temperature: float = 1.0             # sampling temperature (log-probabilities use the same)
@@ -64,6 +70,17 @@ class PPOConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.trl_args and self.algorithm == "ppo":
             raise ValueError("trl_args apply to algorithm grpo or rloo, not ppo")
+        if self.max_tool_calls < 0 or (self.max_total_tokens is not None and self.max_total_tokens <= 0):
+            raise ValueError(f"max_tool_calls must be >= 0 and max_total_tokens positive, got {self.max_tool_calls} "
+                             f"and {self.max_total_tokens}")
+
+    def total_tokens(self) -> int:
+        """A reply's budget with tools: `max_total_tokens`, else max_new_tokens per assistant turn (max_tool_calls
+        + 1 of them) and TOOL_TURN_TOKENS per tool turn (the world's tool turns, template headers included, take
+        35-55 tokens with the tiny recipes' 400-token vocabulary)."""
+        if self.max_total_tokens is not None:
+            return self.max_total_tokens
+        return self.max_new_tokens * (self.max_tool_calls + 1) + TOOL_TURN_TOKENS * self.max_tool_calls
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

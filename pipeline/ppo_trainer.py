@@ -5,9 +5,12 @@
     trainer.save()
 
 Each process takes `batch_size` prompts per step and samples one reply each from the policy (KV cache, left
-padding, stops at end-of-turn): a `Rollout`. The reward model scores the replies (normalised with the statistics its
+padding, stops at end-of-turn): a `Rollout`; prompts that offer tools are answered in multi-turn rollouts that call the
+recipe's tools (pipeline/ppo_tools.py), and every phase after the rollout reads only the tokens the policy chose
+(`Rollout.mask`). The reward model scores the replies (normalised with the statistics its
 stage stored; minus `missing_eos_penalty` for replies that ran out of tokens; plus `verifier_weight` times the
-world's verifier, which is also logged as the gold score whenever the prompts have answers), the policy's, the
+world's verifier, which is also logged as the gold score whenever the prompts have answers, and
+`image_verifier_weight` times tool_world.verify's verdict on tool tasks, logged as `image_verifier`), the policy's, the
 frozen reference's and the critic's per-token values are computed, a per-token KL penalty is added and GAE gives
 the advantages. Then `ppo_epochs` passes of clipped policy and value updates over `num_minibatches` minibatches.
 After each step pipeline/monitors.py's rules read the history (over-optimisation, collapse) and warn. The math on
@@ -26,51 +29,21 @@ import os
 import shutil
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pipeline import cli, cluster, faults, judges, log, metrics, models, monitors, rl, safe_resume, threads
 from pipeline.generation import render_prompt
-from pipeline.reward_model import RewardModel, load_reward_model
+from pipeline.ppo_rollout import Rollout, positions, reply_logits, sample_replies
+from pipeline.ppo_tools import ToolEnv, conversation, tool_counts
+from pipeline.reward_model import RewardModel, load_reward_model, tools_of
 
 # printed every logging_steps (metrics.json has every statistic of every step)
-LOG_KEYS = ("step", "reward_raw", "reward", "verifier", "kl", "kl_coef", "entropy", "distinct_2", "clipfrac",
-            "approx_kl", "value_loss", "explained_variance", "reply_length", "ended")
+LOG_KEYS = ("step", "reward_raw", "reward", "verifier", "image_verifier", "tool_call_rate", "valid_call_rate", "kl",
+            "kl_coef", "entropy", "distinct_2", "clipfrac", "approx_kl", "value_loss", "explained_variance",
+            "reply_length", "ended")
 UPDATE_STATS = ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl", "entropy")
-
-
-@dataclass
-class Rollout:
-    """One step's sampled replies, and what the update needs of them.
-
-    B: prompts of this step on this process (`batch_size`), P: the longest prompt (the others left-padded to it),
-    R: reply tokens generated (at most `max_new_tokens`). Reply tokens after the first end-of-turn are padding.
-    The first block is filled by `PPOTrainer.rollout`, the second by `score`, the third by `advantages`.
-    """
-
-    rows: list[int]                # (B,) indices into the prompt dataset
-    sequences: torch.Tensor        # (B, P + R) long: prompt then reply token ids
-    attention_mask: torch.Tensor   # (B, P + R) long: 0 on left padding and on reply padding
-    replies: torch.Tensor          # (B, R) long: reply token ids, pad after end-of-turn
-    mask: torch.Tensor             # (B, R) float: 1 on reply tokens up to and including end-of-turn
-    ended: torch.Tensor            # (B,) bool: the reply stopped with end-of-turn within the budget
-    context_length: int            # P
-    texts: list[str] = None        # (B,) decoded replies, what the reward model and the verifier read
-
-    raw: torch.Tensor = None           # (B,) reward-model scores
-    normalised: torch.Tensor = None    # (B,) the same standardised with the reward stage's mean and std
-    correct: torch.Tensor = None       # (B,) float 1/0: the verifier, the gold score (when prompts have answers)
-    scores: torch.Tensor = None        # (B,) the score given at the last reply token
-    logprobs: torch.Tensor = None      # (B, R) log pi(token) under the policy that sampled it
-    ref_logprobs: torch.Tensor = None  # (B, R) the same under the frozen reference
-    values: torch.Tensor = None        # (B, R) the critic's value before each reply token
-
-    kl: torch.Tensor = None            # (B, R) per-token KL estimate, 0 on padding
-    rewards: torch.Tensor = None       # (B, R) -kl_coef * kl per token, plus the score on the last token
-    advantages: torch.Tensor = None    # (B, R) GAE advantages (whitened with whiten_advantages)
-    returns: torch.Tensor = None       # (B, R) advantages + values: the critic's targets
 
 
 class PromptSampler:
@@ -127,39 +100,6 @@ class Critic(torch.nn.Module):
         return getattr(self.model, self.head)(hidden).squeeze(-1).float()
 
 
-def positions(attention_mask):
-    """Position ids that ignore left padding, as generate() used them."""
-    return (attention_mask.cumsum(1) - 1).clamp(min=0)
-
-
-def reply_logits(model, sequences, attention_mask, context_length: int, temperature: float):
-    """Logits (scaled by the sampling temperature) of the distributions each reply token was drawn from."""
-    out = model(input_ids=sequences, attention_mask=attention_mask, position_ids=positions(attention_mask),
-                use_cache=False)
-    return out.logits[:, context_length - 1:-1].float() / temperature
-
-
-@torch.no_grad()
-def sample_replies(policy, tokenizer, prompt_ids: list[list[int]], rows: list[int], cfg, device) -> Rollout:
-    """One sampled reply per prompt (KV cache, left padding); reply tokens after the first end-of-turn become
-    padding."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    enc = tokenizer.pad({"input_ids": prompt_ids}, padding_side="left", return_tensors="pt").to(device)
-    sequences = policy.generate(**enc, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-                                max_new_tokens=cfg.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                                use_cache=True)
-    context_length = enc["input_ids"].shape[1]
-    replies = sequences[:, context_length:]
-    is_eos = replies == eos
-    ended = is_eos.any(1)
-    last = torch.where(ended, is_eos.int().argmax(1), replies.shape[1] - 1)
-    mask = (torch.arange(replies.shape[1], device=device)[None] <= last[:, None]).long()
-    replies = replies.masked_fill(mask == 0, pad)
-    return Rollout(rows=rows, sequences=torch.cat([enc["input_ids"], replies], 1),
-                   attention_mask=torch.cat([enc["attention_mask"], mask], 1), replies=replies, mask=mask.float(),
-                   ended=ended, context_length=context_length)
-
-
 class PPOTrainer:
     """Models, optimizers and resumable state of one PPO run (see the module docstring)."""
 
@@ -204,11 +144,21 @@ class PPOTrainer:
         log.info("policy %s; critic from the %s model %s; reward mean %.3g, std %.3g", models.describe(policy),
                  cfg.critic_init, models.describe(critic), self.reward_model.mean, self.reward_model.std)
 
-        # prompts, rendered and tokenized once
-        texts = [render_prompt(tokenizer, p) for p in prompts["prompt"]]
+        # the recipe's tools, when prompts offer some (loaded now: see pipeline/ppo_tools.py); prompts rendered with
+        # the tools they offer and tokenized once
+        num_processes = self.accelerator.num_processes
+        offers = [tools_of(row) or None for row in prompts] if "tools" in prompts.column_names else []
+        self.tools = None
+        if any(offers) and recipe.tools.tools:
+            self.tools = ToolEnv(recipe, cfg, keys, prompts, folder=run.out, rank=self.accelerator.process_index,
+                                 num_processes=num_processes)
+        elif any(offers):
+            log.warning("%s: %d prompts offer tools, but the recipe has no `tools` section: they are answered "
+                        "without tools", keys.prompts, sum(o is not None for o in offers))
+        texts = [render_prompt(tokenizer, p, t if self.tools else None)
+                 for p, t in zip(prompts["prompt"], offers or [None] * len(prompts))]
         self.prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         self.usable = [i for i, ids in enumerate(self.prompt_ids) if len(ids) <= cfg.max_prompt_length]
-        num_processes = self.accelerator.num_processes
         if len(self.usable) < cfg.batch_size * num_processes:
             raise cli.PipelineError(f"{keys.prompts}: {len(self.usable)} prompts of at most max_prompt_length="
                                     f"{cfg.max_prompt_length} tokens, fewer than one batch "
@@ -242,6 +192,11 @@ class PPOTrainer:
     def rollout(self) -> Rollout:
         """Phase 1: sample one reply to each of this step's prompts."""
         rows = [self.usable[i] for i in self.sampler.next_batch()]
+        if self.tools is not None:  # multi-turn: the policy calls tools (pipeline/ppo_tools.py)
+            step, cfg = self.progress.step, self.cfg
+            keep = (step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.max_steps
+            return self.tools.rollout(self.unwrapped, self.tokenizer, self.prompt_ids, rows, step=step,
+                                      keep_images=keep, device=self.device)
         batch = sample_replies(self.unwrapped, self.tokenizer, [self.prompt_ids[i] for i in rows], rows, self.cfg,
                                self.device)
         batch.texts = [t.strip() for t in self.tokenizer.batch_decode(batch.replies, skip_special_tokens=True)]
@@ -252,12 +207,18 @@ class PPOTrainer:
         """Phase 2: the reward of each reply, and the policy's, the reference's and the critic's view of it."""
         cfg, rows = self.cfg, self.prompts.select(batch.rows)
         batch.raw, batch.normalised, batch.scores = self.reward_model.policy_scores(
-            rows["prompt"], batch.texts, batch.ended, cfg.missing_eos_penalty, desc="ppo rewards")
+            rows["prompt"], conversation(batch), batch.ended, cfg.missing_eos_penalty, tools=batch.tools,
+            desc="ppo rewards")
         if {"skill", "answer"} <= set(rows.column_names):  # the gold score, logged to see over-optimisation
-            batch.correct = torch.tensor(judges.verifier_scores(rows["skill"], rows["answer"], batch.texts),
-                                         dtype=torch.float32, device=self.device)
+            verdicts = judges.verifier_scores(rows["skill"], rows["answer"], batch.texts)  # None: a tool task
+            batch.judged = torch.tensor([v is not None for v in verdicts], device=self.device)
+            batch.correct = torch.tensor([v or 0.0 for v in verdicts], dtype=torch.float32, device=self.device)
+        if self.tools is not None:  # the tool tasks' gold score (tool_world.verify), logged as image_verifier
+            self.tools.judge(rows, batch)
         if cfg.verifier_weight:  # only then does the gold score enter the reward
             batch.scores = batch.scores + cfg.verifier_weight * batch.correct
+        if cfg.image_verifier_weight:  # the same for the tool tasks' gold score
+            batch.scores = batch.scores + cfg.image_verifier_weight * batch.tool_correct
         seq, att, ctx = batch.sequences, batch.attention_mask, batch.context_length
         batch.logprobs = rl.logprobs_of(reply_logits(self.unwrapped, seq, att, ctx, cfg.temperature), batch.replies)
         if self.reference is None:
@@ -325,11 +286,17 @@ class PPOTrainer:
             **{f"distinct_{n}": torch.tensor(metrics.distinct_n(batch.texts, n) or 0.0, device=self.device)
                for n in (1, 2)},
         }
-        if batch.correct is not None:
-            local["verifier"] = batch.correct.mean()
         names = list(local)
         reduced = self.accelerator.reduce(torch.stack([local[k].float() for k in names]), reduction="mean").tolist()
         step_stats = dict(zip(names, reduced))
+        # shares over the rows they concern, summed over processes (a key without any such row this step is left out)
+        ratios = tool_counts(batch.calls, batch.tools, batch.verdicts) if self.tools is not None else {}
+        if batch.correct is not None:
+            ratios["verifier"] = ((batch.correct * batch.judged).sum(), batch.judged.sum())
+        if ratios:
+            sums = torch.tensor([[float(n), float(d)] for n, d in ratios.values()], device=self.device)
+            sums = self.accelerator.reduce(sums, reduction="sum").tolist()
+            step_stats.update({k: n / d for k, (n, d) in zip(ratios, sums) if d > 0})
         step_stats["kl_coef"] = self.kl_ctl.value
         self.kl_ctl.update(step_stats["kl"], self.cfg.batch_size * self.accelerator.num_processes)
         return {"step": self.progress.step + 1, **step_stats, "lr": self.sched_policy.get_last_lr()[0],

@@ -183,14 +183,17 @@ class RewardModel:
         seqs = [encode(self.tokenizer, p, r, t) for p, r, t in zip(prompts, replies, tools)]
         return score(self.model, seqs, self.tokenizer.pad_token_id, batch_size, self.max_length, desc)
 
-    def policy_scores(self, prompts, replies, ended, missing_eos_penalty: float | None, *, desc: str = "rewards"):
+    def policy_scores(self, prompts, replies, ended, missing_eos_penalty: float | None, *, tools=None,
+                      desc: str = "rewards"):
         """What an online RL step (PPO, GRPO, RLOO) rewards a sampled reply with: (raw, normalised, score) tensors of
-        shape (B,), the score being the normalised reward minus `missing_eos_penalty` where the reply did not end."""
+        shape (B,), the score being the normalised reward minus `missing_eos_penalty` where the reply did not end.
+        A reply with tool calls is its messages (assistant and tool turns), read with the tools its prompt offered
+        (`tools`: one list per row, or None), as the reward stage reads a conversation with tools."""
         import torch
 
         from pipeline import rl
 
-        raw = torch.tensor(self.scores(prompts, replies, desc=desc), device=ended.device)
+        raw = torch.tensor(self.scores(prompts, replies, tools, desc=desc), device=ended.device)
         normalised = self.normalise(raw)
         return raw, normalised, rl.score_with_eos_penalty(normalised, ended, missing_eos_penalty)
 

@@ -36,7 +36,7 @@ COST_FILE = "cost.md"  # the run's cost table, written by the runner into the ru
 
 
 def dependencies(recipe, stage: str) -> list[str]:
-    """Stages of this recipe that `stage` reads a checkpoint from."""
+    """Stages of this recipe that `stage` reads a checkpoint from (or its tools load)."""
     keys = recipe.keys(stage)
     deps = []
     for f in dataclasses.fields(keys):
@@ -44,7 +44,8 @@ def dependencies(recipe, stage: str) -> list[str]:
         values = value if isinstance(value, list) else [value]
         if ref in ("checkpoint", "checkpoints"):
             deps += [v for v in values if v in recipe.stages and v != stage]
-    return deps + [s for s in runs.tool_stages(recipe, stage) if s not in deps]
+    deps += [v for v in runs.tool_sources(recipe, stage).values() if v in recipe.stages and v != stage]
+    return deps
 
 
 def order_stages(recipe) -> list[str]:

@@ -125,13 +125,6 @@ def trained_from(folder) -> str | None:
     return str(path.resolve()) if recorded.get("source") != "hub" else recorded["path"]
 
 
-def tool_stages(recipe, stage: str) -> list[str]:
-    """The stages of this recipe whose models the recipe's tools load, when `stage` runs the tools."""
-    if not (STAGES[stage].runs_tools and recipe.tools is not None and recipe.tools.tools):
-        return []
-    return [t["source"] for t in recipe.tools.tools if t.get("source") in recipe.stages and t["source"] != stage]
-
-
 def stage_inputs(recipe, stage: str, must_exist: bool = True) -> dict:
     """Everything a stage's result depends on, as recorded in its manifest and hashed into its fingerprint."""
     from pipeline import data
@@ -146,14 +139,25 @@ def stage_inputs(recipe, stage: str, must_exist: bool = True) -> dict:
             checkpoints[f.name] = [portable(recipe, resolve_checkpoint(recipe, v, must_exist)) for v in value]
         elif ref == "data" and value:
             datasets[f.name] = {"spec": value, "fingerprint": data.fingerprint(value, recipe)}
-    if (sources := tool_stages(recipe, stage)):  # the tools' models: a retrained image model reruns the stage
-        checkpoints["tools"] = [portable(recipe, resolve_checkpoint(recipe, s, must_exist)) for s in sources]
+    for name, ref in tool_sources(recipe, stage).items():  # the folders the stage's tools load
+        checkpoints[name] = portable(recipe, resolve_checkpoint(recipe, ref, must_exist))
     settings = {"section": recipe.section(stage), "seed": recipe.run.seed}
-    if STAGES[stage].runs_tools and recipe.tools is not None and recipe.tools.tools:
+    if STAGES[stage].runs_tools and recipe.tools.tools:
         settings["tools"] = dataclasses.asdict(recipe.tools)
     if any(str(d["spec"]).startswith("world:") for d in datasets.values()):
         settings["world"] = world.fingerprint_settings(recipe.world)
     return {"settings": settings, "checkpoints": checkpoints, "data": datasets}
+
+
+def tool_sources(recipe, stage: str) -> dict[str, str]:
+    """{input name: stage, folder or hub id} the recipe's tools load, for a stage that runs them (ppo, eval): the image
+    model and judge folders ("tools.draw_image": "diffusion"); ppo's image judge is its own key."""
+    if not (STAGES[stage].runs_tools and recipe.tools.tools):
+        return {}
+    from pipeline.tools import stage_sources
+
+    own_judge = "image_judge" in {f.name for f in dataclasses.fields(STAGES[stage].keys)}  # ppo: a key of its own
+    return {k: v for k, v in stage_sources(recipe.tools).items() if not (k == "image_judge" and own_judge)}
 
 
 def up_to_date(recipe, stage: str) -> tuple[bool, str]:

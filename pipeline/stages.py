@@ -146,8 +146,22 @@ class PPOKeys(HeldoutKeys):
                                                          "ignored)", ref="data")
     columns: dict | None = key(None, "column mapping {our name: your column}, e.g. {prompt: question}")
     merge_adapter: bool = key(False, "with use_peft: also save the merged full model under `merged/`")
+    image_judge: str | None = key(None, "with tools: the image judge that checks drawn images for the gold score: "
+                                        "a stage (its `judge/` folder) or a folder; empty: the source of the "
+                                        "recipe's image_judge tool, else `diffusion` when a tool draws",
+                                  ref="checkpoint")
     monitor_window: int = key(10, "history rows (ppo: steps; grpo/rloo: logged steps) per window of the "
                                   "over-optimisation and collapse warnings (pipeline/monitors.py)")
+
+
+    def fill_defaults(self, recipe) -> None:
+        """The image judge is an input (ordered after, fingerprinted) only when the recipe has tools."""
+        if not recipe.tools.tools:
+            self.image_judge = None
+            return
+        from pipeline.tools import stage_sources
+
+        self.image_judge = stage_sources(recipe.tools, self.image_judge).get("image_judge")
 
 
 NON_POLICY_STAGES = ("reward", "eval", "diffusion", "diffusion_dpo")  # stages whose output is not a causal LM

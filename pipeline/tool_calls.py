@@ -60,6 +60,7 @@ class Tool:
     run: Callable[[dict], ToolOutput | str]                # gets validated arguments
     setup: Callable[[], object] | None = None              # loads what run needs: once, untimed, before a first run
     run_batch: Callable[[list[dict]], list] | None = None  # several calls at once (one generate batch)
+    restart: Callable[[int], None] | None = None           # number the next call k (a tool seeding call k by k)
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
@@ -128,6 +129,13 @@ class ToolBox:
             if self.tools[name].setup is not None:
                 self.tools[name].setup()
             self._ready.add(name)
+
+    def restart(self, first_call: int) -> None:
+        """Number the next call of every tool `first_call` (draw_image seeds call k with seed + k): online RL restarts
+        the numbering before each step, so a step's draws depend on the step alone and a resumed run repeats them."""
+        for tool in self.tools.values():
+            if tool.restart is not None:
+                tool.restart(first_call)
 
     def check(self, call: ToolCall) -> str | None:
         """Why the call may not run (it did not parse, names no tool, or breaks the schema), or None."""

@@ -122,7 +122,9 @@ def generate_with_tools(policy, tokenizer, prompts_ids: list[list[int]], message
     """Sample one reply per prompt, running the tools the policy calls (see the module docstring).
 
     `prompts_ids[i]` are the ids of `messages[i]` rendered with the generation prompt (and `toolbox.schemas()`);
-    `messages` is used only to render the tool turns. `max_new_tokens` bounds each assistant turn,
+    `messages` is used only to render the tool turns. `toolbox` may also be a list, one per row (prompts that
+    offer different tools); None in it: the row was offered no tools, and its reply is one turn, never parsed for
+    calls (as a reply sampled without tools). `max_new_tokens` bounds each assistant turn,
     `max_total_tokens` the whole reply (tool tokens included), `max_tool_calls` the calls per reply: a call past it
     is not run, gets the tool message BUDGET_MESSAGE, and the row stops. A row stops (ended=False) when a turn runs
     out of tokens before its end-of-turn. A row that stops keeps the tool messages of its last turn in `turns` and
@@ -133,8 +135,8 @@ def generate_with_tools(policy, tokenizer, prompts_ids: list[list[int]], message
         from pipeline.tools import parse_tool_calls as parse
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    tools = toolbox.schemas()
     B = len(prompts_ids)
+    boxes = list(toolbox) if isinstance(toolbox, (list, tuple)) else [toolbox] * B
     reply: list[list[int]] = [[] for _ in range(B)]
     source: list[list[int]] = [[] for _ in range(B)]  # POLICY or TOOL per reply token
     calls: list[list] = [[] for _ in range(B)]
@@ -161,7 +163,7 @@ def generate_with_tools(policy, tokenizer, prompts_ids: list[list[int]], message
                 done = bool(turn) and turn[-1] == eos
                 text = tokenizer.decode(turn[:-1] if done else turn, skip_special_tokens=True)
                 final[i] = text.strip()
-                content, parsed = parse(text) if done else (text, [])
+                content, parsed = parse(text) if done and boxes[i] is not None else (text, [])
                 turns[i].append(assistant_message(content if parsed else text, parsed))
                 if not done:  # out of tokens within the turn, or of the reply's budget
                     continue
@@ -177,18 +179,20 @@ def generate_with_tools(policy, tokenizer, prompts_ids: list[list[int]], message
                         results.append(None)
                         n_calls[i] += 1
                 pending[i] = (results, parsed, exhausted)
-            # every row's calls of this round at once: the image tool draws them in one batch
+            # every row's calls of this round at once, per toolbox: the image tool draws them in one batch
             to_run = [(i, k) for i, (results, _, _) in pending.items() for k, r in enumerate(results) if r is None]
-            calls_to_run = [pending[i][1][k] for i, k in to_run]
-            ran = (toolbox.call_many(calls_to_run) if calls_to_run and hasattr(toolbox, "call_many")
-                   else [toolbox.call(c) for c in calls_to_run])
-            for (i, k), result in zip(to_run, ran):
-                pending[i][0][k] = result
+            for box in {id(boxes[i]): boxes[i] for i, _ in to_run}.values():
+                mine = [(i, k) for i, k in to_run if boxes[i] is box]
+                calls_to_run = [pending[i][1][k] for i, k in mine]
+                ran = (box.call_many(calls_to_run) if hasattr(box, "call_many")
+                       else [box.call(c) for c in calls_to_run])
+                for (i, k), result in zip(mine, ran):
+                    pending[i][0][k] = result
             still = []
             for i, (results, _, exhausted) in pending.items():
                 calls[i] += results
                 tool_messages = [tool_message(r) for r in results]
-                delta = tool_turn_text(tokenizer, list(messages[i]) + turns[i], tool_messages, tools)
+                delta = tool_turn_text(tokenizer, list(messages[i]) + turns[i], tool_messages, boxes[i].schemas())
                 turns[i] += tool_messages
                 if exhausted:
                     continue
@@ -224,15 +228,17 @@ def pack(tokenizer, prompts_ids, reply, source, ended, calls, turns, final, pad,
 
 def stage_toolbox(recipe, folder: Path, rank: int = 0) -> tuple[ToolBox, ImageStore]:
     """The recipe's tools for a stage writing into `folder`: drawn images go to <folder>/images/ (one folder per
-    process: ids are per store), with the world's gallery under ids "1".."200" when `world_gallery` is set."""
+    process: ids are per store), with the world's gallery under ids "1".."200" when `world_gallery` is set (in
+    memory only: it is the world's, `tool_world.gallery()` draws it again)."""
     import dataclasses
 
     from pipeline.tools import ImageStore, tools_from_config
 
     section = dataclasses.asdict(recipe.tools)
-    store = ImageStore(Path(folder) / ("images" if rank == 0 else f"images-rank{rank}"))
+    store = ImageStore(None)
     if recipe.tools.world_gallery:
         from pipeline.tool_world import register_gallery
 
         register_gallery(store)
+    store.restart(Path(folder) / ("images" if rank == 0 else f"images-rank{rank}"))
     return tools_from_config(section, run_root=recipe.run_dir, store=store, where=str(recipe.path)), store

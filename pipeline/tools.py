@@ -61,6 +61,7 @@ class ImageStore:
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
         self._images, self._meta, self._next, self._lock = {}, {}, 1, threading.Lock()
+        self._fixed: set[str] = set()  # ids given explicitly (a gallery): kept by `restart`
 
     def add(self, image, meta: dict | None = None, image_id: str | None = None) -> str:
         image = image.detach().float().cpu().clamp(0, 1)
@@ -74,14 +75,26 @@ class ImageStore:
             if image_id in self._images or not re.fullmatch(r"[\w.-]+", image_id):
                 raise ValueError(f"image id {image_id!r} is taken or not a file name")
             self._images[image_id], self._meta[image_id] = image, dict(meta or {})
+            if not auto:
+                self._fixed.add(image_id)
             if self.folder is not None:
                 from PIL import Image
 
+                self.folder.mkdir(parents=True, exist_ok=True)
                 pixels = (image * 255).round().byte().permute(1, 2, 0).numpy()
                 Image.fromarray(pixels[..., 0] if len(image) == 1 else pixels).save(self.folder / f"{image_id}.png")
                 with open(self.folder / "images.jsonl", "a", encoding="utf-8") as f:
                     f.write(json.dumps({"id": image_id, **self._meta[image_id]}, default=str) + "\n")
         return image_id
+
+    def restart(self, folder: Path | None) -> None:
+        """Forget the images with automatic ids and number new ones from the first free id again (ids given
+        explicitly, e.g. the gallery, stay); images added from now on are saved in `folder` (None: memory only).
+        Online RL restarts the store before each step: a step's image ids depend on the step alone."""
+        with self._lock:
+            for image_id in [i for i in self._images if i not in self._fixed]:
+                del self._images[image_id], self._meta[image_id]
+            self._next, self.folder = 1, (Path(folder) if folder is not None else None)  # made at its first image
 
     def get(self, image_id: str):
         if image_id not in self:
@@ -162,7 +175,8 @@ def diffusion_tool(name: str, source: str, store: ImageStore, *, steps: int = 10
         ids = [store.add(img, {"tool": name, "prompt": p, "seed": s}) for img, p, s in zip(drawn, prompts, seeds)]
         return [ToolOutput(drawn_text(i), i) for i in ids]
 
-    return Tool(name, draw_schema(name, description), lambda args: run_batch([args])[0], setup=setup, run_batch=run_batch)
+    return Tool(name, draw_schema(name, description), lambda args: run_batch([args])[0], setup=setup, run_batch=run_batch,
+                restart=lambda k: state.update(calls=k))
 
 
 def judge_tool(name: str, folder: Path, store: ImageStore, *, description: str | None = None) -> Tool:
@@ -274,6 +288,20 @@ def _folder(source: str, run_root: Path, key: str, where: str, hub_ok: bool) -> 
         return source
     raise PipelineError(f"{where}: {key}: '{source}' is not a stage folder ({Path(run_root) / source} is missing: "
                         f"run that stage first) or a local folder" + (" or a hub id" if hub_ok else ""))
+
+
+def stage_sources(section: ToolsSection, image_judge: str | None = None) -> dict[str, str]:
+    """The folders (stages, local folders, hub ids) a stage that runs these tools reads, by input name: the
+    `source` of each model tool ("tools.draw_image": "diffusion") and the image judge that checks drawn images
+    ("image_judge": `image_judge`, else the image_judge tool's source, else `diffusion` when a tool draws)."""
+    out = {f"tools.{t['name']}": t["source"] for t in section.tools
+           if t.get("backend") in ("diffusion", "image_judge") and t.get("source")}
+    judges = [t["source"] for t in section.tools if t.get("backend") == "image_judge" and t.get("source")]
+    draws = any(t.get("backend") == "diffusion" for t in section.tools)
+    judge = image_judge or (judges[0] if judges else "diffusion" if draws else None)
+    if judge:
+        out["image_judge"] = judge
+    return out
 
 
 def check_section(section: dict, where: str) -> list[dict]:

@@ -22,7 +22,8 @@ TRL_NAMES = {"reward": "score", "reward_raw": "reward_raw", "reward_normalised":
              "verifier": "verifier", "distinct_1": "distinct_1", "distinct_2": "distinct_2",
              "kl": "kl_per_token", "entropy": "entropy",
              "completions/mean_length": "reply_length", "clip_ratio/region_mean": "clipfrac", "loss": "policy_loss",
-             "learning_rate": "lr"}
+             "learning_rate": "lr", **{k: k for k in ("tool_call_rate", "tool_calls", "valid_call_rate",
+                                                       "tool_error_rate", "image_verifier")}}
 
 
 def reply_texts(completions) -> list[str]:
@@ -33,25 +34,32 @@ def log_rollout_statistics(texts, log_metric, skill=None, answer=None) -> None:
     """What a step's replies say beyond their reward: the gold score (the verifier's accuracy, when the prompts have
     skills and answers) and their diversity (distinct-1/2 over the step's replies on this process; no n-gram at all: 0)."""
     if skill is not None and answer is not None:
-        scores = judges.verifier_scores(skill, answer, texts)
-        log_metric("verifier", sum(scores) / len(scores))
+        scores = [s for s in judges.verifier_scores(skill, answer, texts) if s is not None]
+        if scores:
+            log_metric("verifier", sum(scores) / len(scores))
     for n in (1, 2):
         log_metric(f"distinct_{n}", metrics.distinct_n(texts, n) or 0.0)
 
 
-def reward_function(reward_model: RewardModel, eos_token_id: int, missing_eos_penalty: float | None):
+def reward_function(reward_model: RewardModel, eos_token_id: int, missing_eos_penalty: float | None, tools=None):
     """The reward model as a TRL reward function: the same score as our PPO gives a reply (RewardModel.policy_scores),
     its raw and normalised means logged, and the rollout statistics (log_rollout_statistics), which never change the
-    score."""
+    score. With tools (a pipeline/trl_tools.TRLTools) the reward model reads the whole completion with the tools, and
+    the tool statistics and the tool tasks' gold score are logged."""
 
-    def reward_model_score(prompts, completions, completion_ids, log_metric, skill=None, answer=None, **_):
+    def reward_model_score(prompts, completions, completion_ids, log_metric, skill=None, answer=None, **columns):
         texts = reply_texts(completions)
         ended = torch.tensor([len(ids) > 0 and ids[-1] == eos_token_id for ids in completion_ids])
-        raw, normalised, scores = reward_model.policy_scores(prompts, texts, ended, missing_eos_penalty)
+        replies, schemas = (texts, None) if tools is None else (completions, [list(tools.tools)] * len(texts))
+        raw, normalised, scores = reward_model.policy_scores(prompts, replies, ended, missing_eos_penalty,
+                                                             tools=schemas)
         log_metric("reward_raw", raw.mean().item())
         log_metric("reward_normalised", normalised.mean().item())
         log_metric("ended", ended.float().mean().item())
         log_rollout_statistics(texts, log_metric, skill, answer)
+        if tools is not None:
+            tools.log_statistics(prompts, completions, log_metric,
+                                 **{k: columns.get(k) for k in ("kind", "expect", "tools")})
         return scores.tolist()
 
     return reward_model_score
@@ -88,8 +96,20 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
     lr_scheduler_type, warmup_steps, weight_decay, max_grad_norm, kl_coef (beta), cliprange (epsilon),
     max_new_tokens (max_completion_length), temperature, top_p, logging_steps, save_steps, save_total_limit, seed.
     Anything else of GRPOConfig / RLOOConfig goes in `trl_args` (e.g. {num_iterations: 2, scale_rewards: batch}).
+    With tools (GRPO only): pipeline/trl_tools.py, max_total_tokens -> max_completion_length, max_tool_calls ->
+    max_tool_calling_iterations, and image_verifier_weight weighs the tool tasks' gold score as a reward function.
     """
+    from accelerate import PartialState
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    env = None
+    if recipe.tools.tools and "tools" in prompts.column_names and any(prompts["tools"]):
+        from pipeline.trl_tools import TRLTools, check_grpo_tools
+
+        check_grpo_tools(recipe, cfg, keys, prompts)
+        state = PartialState()
+        env = TRLTools(recipe, cfg, keys, prompts, folder=run.out, rank=state.process_index,
+                       num_processes=state.num_processes)
 
     config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if cfg.algorithm == "grpo" else (RLOOConfig, RLOOTrainer)
     mapped = dict(
@@ -103,9 +123,13 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
         use_cpu=cfg.use_cpu or not torch.cuda.is_available(), use_vllm=False, report_to=cfg.report_to, bf16=False,
         gradient_checkpointing=False,
     )
+    if env is not None:
+        mapped.update(max_completion_length=cfg.total_tokens(), max_tool_calling_iterations=cfg.max_tool_calls)
     funcs, weights = ["reward_model"], [1.0]
     if cfg.verifier_weight:
         funcs, weights = funcs + ["verifier"], weights + [cfg.verifier_weight]
+    if cfg.image_verifier_weight:
+        funcs, weights = funcs + ["image_verifier"], weights + [cfg.image_verifier_weight]
     try:
         args = config_cls(**{**mapped, "reward_weights": weights, **cfg.trl_args})
     except (ValueError, TypeError) as err:
@@ -118,13 +142,15 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
     reward_model = RewardModel.load(recipe, reward_checkpoint, "cpu")
     eos = tokenizer.eos_token_id
 
-    def verifier(prompts, completions, skill, answer, **_):
+    def verifier(prompts, completions, skill, answer, **_):  # None: a tool task, judged by image_verifier
         return judges.verifier_scores(skill, answer, reply_texts(completions))
 
-    reward_funcs = {"reward_model": reward_function(reward_model, eos, cfg.missing_eos_penalty), "verifier": verifier}
+    reward_funcs = {"reward_model": reward_function(reward_model, eos, cfg.missing_eos_penalty, env),
+                    "verifier": verifier, "image_verifier": env and env.image_verifier}
     trainer = trainer_cls(model=model, args=args, train_dataset=prompts, reward_funcs=[reward_funcs[f] for f in funcs],
                           processing_class=tokenizer, peft_config=models.peft_config(peft_values),
-                          callbacks=[monitor_callback(keys.monitor_window)])
+                          callbacks=[monitor_callback(keys.monitor_window)] + ([env.callback()] if env else []),
+                          **({"tools": env.tools} if env else {}))
     reward_model.model.to(trainer.accelerator.device)
     trainer.train(resume_from_checkpoint=run.last_checkpoint())
     models.save_trained(trainer, tokenizer, run.out, merge_adapter=keys.merge_adapter)

@@ -333,6 +333,33 @@ def test_image_store_new_ids_skip_ids_given_explicitly():
         store.add(torch.zeros(1, 4, 4), image_id="2")
 
 
+def test_image_store_restart_keeps_given_ids_and_numbers_new_images_again(tmp_path):
+    """Online RL restarts the store before each step: drawn images are forgotten and numbered from the first free
+    id again, the gallery stays, and images go to the new folder (made at its first image; None: memory only)."""
+    store = ImageStore(None)
+    store.add(torch.zeros(1, 4, 4), {"gallery": True}, image_id="1")
+    assert store.add(torch.ones(1, 4, 4)) == "2" and store.add(torch.ones(1, 4, 4)) == "3"
+    store.restart(tmp_path / "step-2")
+    assert "1" in store and "2" not in store and len(store) == 1 and not (tmp_path / "step-2").exists()
+    assert store.add(torch.ones(1, 4, 4), {"tool": "draw_image"}) == "2"
+    assert sorted(p.name for p in (tmp_path / "step-2").iterdir()) == ["2.png", "images.jsonl"]
+    store.restart(None)
+    assert store.add(torch.ones(1, 4, 4)) == "2" and len(list(tmp_path.rglob("*.png"))) == 1
+
+
+def test_a_restarted_toolbox_draws_again_what_its_call_k_drew(image_run):
+    """ToolBox.restart(k): the next draw is seeded seed + k, whatever the box drew before (a resumed PPO step)."""
+    calls = [ToolCall("draw_image", {"prompt": p}, "", None) for p in ("a 3", "a 5", "a 3")]
+    store = ImageStore(None)
+    box = image_box(image_run, store)
+    first = [box.call(c).image for c in calls]
+    box.restart(1)
+    again = [box.call(c).image for c in calls[1:]]
+    assert torch.equal(store.get(again[0]), store.get(first[1]))
+    assert torch.equal(store.get(again[1]), store.get(first[2]))
+    assert store.meta(again[1])["seed"] == 5 + 2
+
+
 def test_recipe_tools_section_is_checked_when_the_recipe_loads(tmp_path):
     """A bad tool entry stops at load time with one line naming the recipe and the key, before any stage runs;
     stage folders are looked for only when a stage builds the tools."""
@@ -374,7 +401,8 @@ def test_stages_that_run_tools_come_after_the_tools_stages_and_rerun_when_tools_
     order = order_stages(recipe)
     assert order.index("eval") > order.index("diffusion_dpo") > order.index("diffusion")
     inputs = stage_inputs(recipe, "eval", must_exist=False)
-    assert [c["ref"] for c in inputs["checkpoints"]["tools"]] == ["diffusion_dpo", "diffusion"]
+    assert {k: c["ref"] for k, c in inputs["checkpoints"].items() if k.startswith(("tools.", "image_judge"))} == {
+        "tools.draw_image": "diffusion_dpo", "tools.read_image": "diffusion", "image_judge": "diffusion"}
     assert inputs["settings"]["tools"]["tools"][0]["source"] == "diffusion_dpo"
     other = load_recipe(recipe_file, ["tools.tools=[{name: draw_image, backend: diffusion, source: diffusion_dpo, "
                                       "steps: 20}, {name: read_image, backend: image_judge, source: diffusion}]"])
