@@ -207,7 +207,7 @@ class ToolEval:
         images = Path(folder) / "images"
         if images.exists():  # an earlier try's images: ids would repeat
             shutil.rmtree(images)
-        self.toolbox, self.store = stage_toolbox(recipe, folder, 0)
+        self.toolbox, self.store = stage_toolbox(recipe, folder, 0, save_gallery=True)
         self.image_dir = Path(stage_rel) / "images"  # where the PNGs are, relative to the run folder
         self.draw_tools = {e["name"] for e in recipe.tools.tools if e["backend"] == "diffusion"}
         self.judge = None

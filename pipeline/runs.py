@@ -140,7 +140,11 @@ def stage_inputs(recipe, stage: str, must_exist: bool = True) -> dict:
         elif ref == "data" and value:
             datasets[f.name] = {"spec": value, "fingerprint": data.fingerprint(value, recipe)}
     for name, ref in tool_sources(recipe, stage).items():  # the folders the stage's tools load
-        checkpoints[name] = portable(recipe, resolve_checkpoint(recipe, ref, must_exist))
+        folder = recipe.run_dir / ref
+        if ref not in recipe.stages and folder.is_dir():  # a folder in the run folder, where the tools look first
+            checkpoints[name] = portable(recipe, Checkpoint(ref, str(folder.resolve()), hash_folder(folder), "local"))
+        else:
+            checkpoints[name] = portable(recipe, resolve_checkpoint(recipe, ref, must_exist))
     settings = {"section": recipe.section(stage), "seed": recipe.run.seed}
     if STAGES[stage].runs_tools and recipe.tools.tools:
         settings["tools"] = dataclasses.asdict(recipe.tools)

@@ -226,19 +226,22 @@ def pack(tokenizer, prompts_ids, reply, source, ended, calls, turns, final, pad,
                        calls=calls, turns=turns, final=final, texts=texts)
 
 
-def stage_toolbox(recipe, folder: Path, rank: int = 0) -> tuple[ToolBox, ImageStore]:
+def stage_toolbox(recipe, folder: Path, rank: int = 0, save_gallery: bool = False) -> tuple[ToolBox, ImageStore]:
     """The recipe's tools for a stage writing into `folder`: drawn images go to <folder>/images/ (one folder per
     process: ids are per store), with the world's gallery under ids "1".."200" when `world_gallery` is set (in
-    memory only: it is the world's, `tool_world.gallery()` draws it again)."""
+    memory only, as `tool_world.gallery()` draws it again; `save_gallery`: saved with the others, so a report can
+    show the images that were read)."""
     import dataclasses
 
     from pipeline.tools import ImageStore, tools_from_config
 
     section = dataclasses.asdict(recipe.tools)
+    images = Path(folder) / ("images" if rank == 0 else f"images-rank{rank}")
     store = ImageStore(None)
     if recipe.tools.world_gallery:
         from pipeline.tool_world import register_gallery
 
+        store.restart(images if save_gallery else None)
         register_gallery(store)
-    store.restart(Path(folder) / ("images" if rank == 0 else f"images-rank{rank}"))
+    store.restart(images)
     return tools_from_config(section, run_root=recipe.run_dir, store=store, where=str(recipe.path)), store
