@@ -350,9 +350,35 @@ def dataset_of(rows: list[dict], source):
 
     columns = list(dict.fromkeys(k for row in rows for k in row))
     try:
-        return datasets.Dataset.from_dict({k: [row.get(k) for row in rows] for k in columns})
+        return _one_message_type(datasets.Dataset.from_dict({k: [row.get(k) for row in rows] for k in columns}))
     except Exception as err:  # mixed types across rows that Arrow cannot unify
         raise PipelineError(f"{source}: rows do not share one schema: {str(err).splitlines()[0]}") from None
+
+
+def _one_message_type(ds):
+    """Every column of chat messages (prompt, chosen, rejected, messages, ...) with one message type: the union of
+    their fields. TRL concatenates them (prompt + chosen) inside `map`, which cannot write a message with
+    `tool_calls` into a column whose messages never had any (pairs whose prompt holds a tool call)."""
+    import datasets
+
+    def is_messages(f):
+        return isinstance(f, datasets.List) and isinstance(f.feature, dict) and "role" in f.feature
+
+    def is_null(f):
+        return isinstance(f, datasets.Value) and f.dtype == "null"
+
+    columns = [c for c, f in ds.features.items() if is_messages(f)]
+    merged = {}
+    for c in columns:
+        for k, f in ds.features[c].feature.items():
+            if k not in merged or is_null(merged[k]):
+                merged[k] = f
+    if all(ds.features[c].feature == merged for c in columns):
+        return ds
+    features = ds.features.copy()
+    for c in columns:
+        features[c] = datasets.List(merged)
+    return ds.cast(features)
 
 
 def load(spec, kind: str, recipe, **kw):

@@ -401,3 +401,27 @@ def test_annotator_prefers_tool():
     rng = random.Random(0)
     flips = sum(tw.annotator_prefers_tool(row, right, wrong_, rng=rng, noise=0.2) for _ in range(2000))
     assert 0.16 < flips / 2000 < 0.24
+
+
+def test_text_and_tool_pairs_mixed_survive_trls_prompt_plus_reply_map(tmp_path):
+    """TRL's reward and DPO trainers write prompt + chosen back into `chosen` inside `Dataset.map`; with text pairs
+    first and tool pairs after (a list of specs), the messages of every column must share one type or the map
+    fails ("Couldn't cast ... to null": a tool call in a column that never had one)."""
+    from pipeline import preferences
+    from pipeline.recipe import load_recipe
+
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("world: {n_preference: 1200, n_tool_preference: 60}\n")
+    ds = preferences.load_preferences(["world:preference", "world:tool_preference"], load_recipe(recipe_file))
+    ds = ds[0] if isinstance(ds, tuple) else ds
+    assert {"prompt", "chosen", "rejected"} <= set(ds.column_names)
+    assert ds.features["prompt"] == ds.features["chosen"] == ds.features["rejected"]
+
+    def as_trl_does(example):
+        example["chosen"] = example["prompt"] + example["chosen"]
+        example["rejected"] = example["prompt"] + example["rejected"]
+        return {"turns": len(example["chosen"])}
+
+    mapped = ds.map(as_trl_does)
+    with_call = [m for m in mapped["chosen"] if any(x.get("tool_calls") for x in m)]
+    assert len(mapped) == len(ds) and with_call  # tool calls survived in the concatenated conversations
