@@ -53,11 +53,22 @@ class OfferedTools:
     def schemas(self) -> list[dict]:
         return self._schemas
 
-    def call(self, call) -> ToolResult:
+    def _refused(self, call) -> ToolResult | None:
         if call.error is None and call.name not in self.names:
             error = f"invalid: unknown tool {call.name!r} (tools: {', '.join(self.names)})"
             return ToolResult(call.name, call.arguments, False, False, error[:self.box.max_chars], error, None, 0.0)
-        return self.box.call(call)
+        return None
+
+    def call(self, call) -> ToolResult:
+        return self._refused(call) or self.box.call(call)
+
+    def call_many(self, calls: list) -> list[ToolResult]:
+        """As `call` for each, the offered ones through the ToolBox's batch (one diffusion batch per round)."""
+        results = [self._refused(c) for c in calls]
+        todo = [i for i, r in enumerate(results) if r is None]
+        for i, result in zip(todo, self.box.call_many([calls[i] for i in todo]) if todo else []):
+            results[i] = result
+        return results
 
 
 def check_offers(prompts, names: list[str], spec) -> list[list[dict] | None]:

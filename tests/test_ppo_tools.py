@@ -475,3 +475,25 @@ def test_bad_tool_input_exits_2_with_one_line_and_writes_nothing(inputs, case):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert expected in proc.stderr.strip().splitlines()[-1]
     assert not (work / "runs/bad").exists()
+
+
+def test_offered_tools_batch_the_calls_they_offer_and_refuse_the_others():
+    """A prompt's offered tools pass its calls to the ToolBox's batch (the image tool draws a round's calls at
+    once); a call to a tool the prompt does not offer never reaches the ToolBox."""
+    ran = []
+    batches = []
+
+    def run_batch(batch):
+        batches.append([a["x"] for a in batch])
+        return [str(a["x"] * 2) for a in batch]
+
+    schema = {"type": "function", "function": {"name": "double", "parameters": {
+        "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}}
+    other = {"type": "function", "function": {"name": "other", "parameters": {"type": "object", "properties": {}}}}
+    box = ToolBox([Tool("double", schema, lambda a: ran.append(a) or str(a["x"] * 2), run_batch=run_batch),
+                   Tool("other", other, lambda a: ran.append(a) or "ran")])
+    offered = OfferedTools(box, [schema])
+    results = offered.call_many([ToolCall("double", {"x": 1}, "", None), ToolCall("other", {}, "", None),
+                                 ToolCall("double", {"x": 3}, "", None)])
+    assert [r.content for r in results[::2]] == ["2", "6"] and batches == [[1, 3]]
+    assert results[1].valid is False and "unknown tool 'other'" in results[1].error and ran == []
