@@ -41,7 +41,7 @@ from pathlib import Path
 from pipeline.cli import PipelineError
 from pipeline.tool_calls import (Tool, ToolBox, ToolCall, ToolError, ToolOutput, ToolResult, ToolTimeout,
                                  describe_error, parse_tool_calls)
-from pipeline.values import Mismatch, closest, coerce, type_name
+from pipeline.values import Mismatch, closest, coerce, field_types, type_name
 
 __all__ = ["Tool", "ToolBox", "ToolCall", "ToolError", "ToolOutput", "ToolResult", "ToolTimeout", "parse_tool_calls",
            "ImageStore", "diffusion_tool", "judge_tool", "python_tool", "tools_from_config", "draw_schema", "read_schema",
@@ -262,9 +262,11 @@ class ToolsSection:
     tools: list = field(default_factory=list)  # the tools: name, backend and the backend's keys
 
 
-SECTION_KEYS = {"timeout_s": float, "max_chars": int, "allow_code": bool, "world_gallery": bool, "tools": list}
+SECTION_KEYS = field_types(ToolsSection)
 BACKEND_KEYS = {"diffusion": {"source": str, "steps": int, "guidance": float, "seed": int},
                 "image_judge": {"source": str}, "python": {"function": str}}
+
+
 def _keys(values, types: dict, key: str, where: str) -> dict:
     if not isinstance(values, dict):
         raise PipelineError(f"{where}: {key}: expected a mapping, got {type(values).__name__}")

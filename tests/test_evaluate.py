@@ -562,15 +562,10 @@ TOOLS = {"world_gallery": True, "timeout_s": 120, "tools": [
 @pytest.fixture(scope="module")
 def tool_work(tmp_path_factory):
     """A folder with runs/tiny/diffusion: a tiny untrained text-to-image pipeline and an untrained image judge."""
-    from pipeline import images
-    from pipeline.image_judge import ImageJudge, _net
-    from test_diffusion import TINY_TEXT, TINY_UNET
+    from test_tools import save_tiny_image_stage
 
     work = tmp_path_factory.mktemp("tools")
-    torch.manual_seed(0)
-    pipe = images.build_pipeline(TINY_UNET, TINY_TEXT, {"num_train_timesteps": 10})
-    pipe.save_pretrained(str(work / "runs/tiny/diffusion"), safe_serialization=True)
-    ImageJudge(_net(4), {"width": 4}).save(work / "runs/tiny/diffusion/judge")
+    save_tiny_image_stage(work / "runs/tiny/diffusion")
     return work
 
 

@@ -6,6 +6,7 @@ import os
 import re
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,14 +236,19 @@ def test_python_tools_need_allow_code_and_a_usable_function(user_module):
 # ---------------------------------------------------------------------------------------------- image tools
 
 
+def save_tiny_image_stage(folder: Path) -> None:
+    """A `diffusion` stage folder: a tiny untrained text-to-image pipeline and an untrained judge in judge/."""
+    torch.manual_seed(0)
+    pipe = images.build_pipeline(TINY_UNET, TINY_TEXT, {"num_train_timesteps": 10})
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    ImageJudge(_net(4), {"width": 4}).save(Path(folder) / "judge")
+
+
 @pytest.fixture(scope="module")
 def image_run(tmp_path_factory):
     """A run folder whose `diffusion` stage holds a tiny untrained pipeline and an untrained judge."""
     root = tmp_path_factory.mktemp("run")
-    torch.manual_seed(0)
-    pipe = images.build_pipeline(TINY_UNET, TINY_TEXT, {"num_train_timesteps": 10})
-    pipe.save_pretrained(str(root / "diffusion"), safe_serialization=True)
-    ImageJudge(_net(4), {"width": 4}).save(root / "diffusion" / "judge")
+    save_tiny_image_stage(root / "diffusion")
     return root
 
 
