@@ -78,23 +78,9 @@ def expect_problem(row: dict) -> str | None:
     return None
 
 
-def judge_folder(recipe) -> Path | None:
-    """The image judge of the recipe's image tools: the image_judge tool's folder, else judge/ in the diffusion
-    tool's source (the diffusion stage writes <stage>/judge/)."""
-    entries = sorted(recipe.tools.tools, key=lambda e: e["backend"] != "image_judge")
-    for entry in entries:
-        if entry["backend"] not in ("image_judge", "diffusion"):
-            continue
-        for base in (Path(recipe.run_dir) / entry["source"], Path(entry["source"]).expanduser()):
-            for folder in (base / "judge", base):
-                if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-                    return folder
-    return None
-
-
 def plan(recipe, keys) -> ToolPlan:
     """Read and check the tool prompts and what verifying them needs; one line naming the file and key if not."""
-    from pipeline.tools import ImageStore, tools_from_config
+    from pipeline.tools import ImageStore, judge_folder, judge_source, tools_from_config, unknown_tool
 
     where_key = f"{recipe.path}: eval.tool_prompts"
     if not recipe.tools.tools:
@@ -113,20 +99,20 @@ def plan(recipe, keys) -> ToolPlan:
             row["expect"] = dict(row["expect"])  # normalised below; the world's rows are cached
         if (problem := expect_problem(row)):
             bad_row(source, w, problem)
-        named = [t.get("function", t).get("name") for t in tools_of(row, source, w) or []]
-        if (missing := [n for n in named if n not in box.tools]):
-            bad_row(source, w, f"tool {missing[0]!r} is not among the recipe's tools ({', '.join(box.tools)})")
+        if (missing := unknown_tool(tools_of(row, source, w), box.tools)):
+            bad_row(source, w, f"tool {missing!r} is not among the recipe's tools ({', '.join(box.tools)})")
     kinds = Counter(r["kind"] for r in rows if is_verified(r))
     if kinds["read"] and not recipe.tools.world_gallery:
         raise PipelineError(f"{recipe.path}: tools.world_gallery: {keys.tool_prompts} has {kinds['read']} read "
                             f"tasks about the world's gallery images, which the tools see only with "
                             f"tools.world_gallery: true")
     draws = sum(kinds[k] for k in DRAW_KINDS)
-    judge = judge_folder(recipe) if draws else None
-    if draws and judge is None:
-        raise PipelineError(f"{where_key}: {keys.tool_prompts} has draw tasks, verified by the image judge, but "
-                            f"no tool of the recipe has one (an image_judge tool, or judge/ in the diffusion "
-                            f"tool's source)")
+    judge = None
+    if draws:
+        if not (source := judge_source(recipe.tools)):
+            raise PipelineError(f"{where_key}: {keys.tool_prompts} has draw tasks, verified by the image judge, but "
+                                f"the recipe has no image tool to find one by (an image_judge or diffusion tool)")
+        judge = judge_folder(source, recipe.run_dir, "tools (the image judge of draw tasks)", str(recipe.path))
     return ToolPlan(keys.tool_prompts, rows, judge, list(box.tools))
 
 

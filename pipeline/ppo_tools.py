@@ -27,19 +27,15 @@ from pathlib import Path
 
 import torch
 
-from pipeline import log, runs, tool_world
+from pipeline import log, tool_world
 from pipeline.cli import PipelineError
 from pipeline.generation import as_messages
 from pipeline.ppo_rollout import Rollout
 from pipeline.reward_model import tools_of
 from pipeline.tool_rollout import generate_with_tools, stage_toolbox
-from pipeline.tools import ToolResult
+from pipeline.tools import ToolResult, judge_folder, tool_name, unknown_tool
 
 DRAW_KINDS = ("draw", "draw_sum")
-
-
-def tool_name(schema: dict) -> str | None:
-    return (schema.get("function") or schema).get("name")
 
 
 class OfferedTools:
@@ -75,10 +71,9 @@ def check_offers(prompts, names: list[str], spec) -> list[list[dict] | None]:
     """The tools each prompt offers (None: none); a tool the recipe does not have is a PipelineError naming the row."""
     offers = [tools_of(row) or None for row in prompts] if "tools" in prompts.column_names else [None] * len(prompts)
     for i, offer in enumerate(offers):
-        for name in [tool_name(s) for s in offer or []]:
-            if name not in names:
-                raise PipelineError(f"{spec}: row {i + 1} offers the tool '{name}', which the recipe's `tools` "
-                                    f"section does not have (tools: {', '.join(names)})")
+        if (name := unknown_tool(offer, names)):
+            raise PipelineError(f"{spec}: row {i + 1} offers the tool '{name}', which the recipe's `tools` "
+                                f"section does not have (tools: {', '.join(names)})")
     return offers
 
 
@@ -96,12 +91,7 @@ def load_judge(recipe, keys, prompts):
                             f"an image judge: name a stage or a folder holding judge/")
     from pipeline.image_judge import ImageJudge
 
-    path = Path(runs.resolve_checkpoint(recipe, keys.image_judge).path)
-    folder = path / "judge" if (path / "judge" / "config.json").is_file() else path
-    if not ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
-        raise PipelineError(f"{recipe.path}: ppo.image_judge: no image judge in {folder} (config.json and "
-                            f"model.safetensors)")
-    return ImageJudge.load(folder)
+    return ImageJudge.load(judge_folder(keys.image_judge, recipe.run_dir, "ppo.image_judge", str(recipe.path)))
 
 
 class ToolEnv:

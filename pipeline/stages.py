@@ -148,7 +148,7 @@ class PPOKeys(HeldoutKeys):
     merge_adapter: bool = key(False, "with use_peft: also save the merged full model under `merged/`")
     image_judge: str | None = key(None, "with tools: the image judge that checks drawn images for the gold score: "
                                         "a stage (its `judge/` folder) or a folder; empty: the source of the "
-                                        "recipe's image_judge tool, else `diffusion` when a tool draws",
+                                        "recipe's image_judge tool, else of its diffusion tool",
                                   ref="checkpoint")
     monitor_window: int = key(10, "history rows (ppo: steps; grpo/rloo: logged steps) per window of the "
                                   "over-optimisation and collapse warnings (pipeline/monitors.py)")

@@ -318,7 +318,8 @@ def _preference(cfg, rng: random.Random, n: int) -> list[dict]:
         flip = rng.random() < cfg.label_noise
         chosen, rejected = (bad, good) if flip else (good, bad)
         rows.append({"prompt": context, "chosen": [chosen], "rejected": [rejected], "tools": TOOLS_JSON,
-                     "kind": key[0], "hard": is_hard(key), "turn": turn, "clean_agrees": not flip})
+                     "kind": key[0], "skill": f"tool_{key[0]}",  # the reward stage's per-skill accuracy
+                     "hard": is_hard(key), "turn": turn, "clean_agrees": not flip})
     return rows
 
 

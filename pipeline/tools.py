@@ -44,8 +44,8 @@ from pipeline.tool_calls import (Tool, ToolBox, ToolCall, ToolError, ToolOutput,
 from pipeline.values import Mismatch, closest, coerce, field_types, type_name
 
 __all__ = ["Tool", "ToolBox", "ToolCall", "ToolError", "ToolOutput", "ToolResult", "ToolTimeout", "parse_tool_calls",
-           "ImageStore", "diffusion_tool", "judge_tool", "python_tool", "tools_from_config", "draw_schema", "read_schema",
-           "drawn_text", "read_text"]
+           "ImageStore", "diffusion_tool", "judge_tool", "python_tool", "tools_from_config", "judge_source",
+           "judge_folder", "tool_name", "unknown_tool", "draw_schema", "read_schema", "drawn_text", "read_text"]
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -292,16 +292,44 @@ def _folder(source: str, run_root: Path, key: str, where: str, hub_ok: bool) -> 
                         f"run that stage first) or a local folder" + (" or a hub id" if hub_ok else ""))
 
 
+def tool_name(schema: dict) -> str | None:
+    """The name in a tool schema, HF's {type: function, function: {...}} or a bare {name, parameters}."""
+    return (schema.get("function") or schema).get("name")
+
+
+def unknown_tool(schemas: list[dict] | None, names) -> str | None:
+    """The first tool a row offers (its schemas) that is not among `names`, the recipe's tools; None if all are."""
+    return next((n for n in map(tool_name, schemas or []) if n not in names), None)
+
+
+def judge_source(section: ToolsSection, override: str | None = None) -> str | None:
+    """Where the image judge that checks drawn images lives (a stage or a folder): `override`, else the image_judge
+    tool's source, else the diffusion tool's source (the diffusion stages write <stage>/judge/); None without
+    either tool. The one rule the eval and ppo stages and the runner's inputs share."""
+    for backend in ("image_judge", "diffusion"):
+        sources = [t["source"] for t in section.tools if t.get("backend") == backend and t.get("source")]
+        if override or sources:
+            return override or sources[0]
+    return None
+
+
+def judge_folder(source: str, run_root: Path, key: str, where: str) -> Path:
+    """The image judge's folder for `source` (a stage of the run or a local folder, holding judge/ or a judge
+    itself); one line naming `key` when there is none."""
+    folder = _folder(source, run_root, key, where, hub_ok=False)
+    folder = folder / "judge" if (folder / "judge" / "config.json").is_file() else folder
+    if not ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
+        raise PipelineError(f"{where}: {key}: no image judge in {folder} (config.json and model.safetensors)")
+    return folder
+
+
 def stage_sources(section: ToolsSection, image_judge: str | None = None) -> dict[str, str]:
     """The folders (stages, local folders, hub ids) a stage that runs these tools reads, by input name: the
     `source` of each model tool ("tools.draw_image": "diffusion") and the image judge that checks drawn images
-    ("image_judge": `image_judge`, else the image_judge tool's source, else `diffusion` when a tool draws)."""
+    ("image_judge": see `judge_source`)."""
     out = {f"tools.{t['name']}": t["source"] for t in section.tools
            if t.get("backend") in ("diffusion", "image_judge") and t.get("source")}
-    judges = [t["source"] for t in section.tools if t.get("backend") == "image_judge" and t.get("source")]
-    draws = any(t.get("backend") == "diffusion" for t in section.tools)
-    judge = image_judge or (judges[0] if judges else "diffusion" if draws else None)
-    if judge:
+    if (judge := judge_source(section, image_judge)):
         out["image_judge"] = judge
     return out
 
@@ -356,11 +384,7 @@ def tools_from_config(section: dict, *, run_root: Path, store: ImageStore, where
                                         guidance=entry.get("guidance", 1.0), seed=entry.get("seed", 0),
                                         description=description))
         elif backend == "image_judge":
-            folder = _folder(entry["source"], run_root, f"{key}.source", where, hub_ok=False)
-            folder = folder / "judge" if (folder / "judge" / "config.json").is_file() else folder
-            if not ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
-                raise PipelineError(f"{where}: {key}.source: no image judge in {folder} (config.json and "
-                                    f"model.safetensors)")
+            folder = judge_folder(entry["source"], run_root, f"{key}.source", where)
             tools.append(judge_tool(name, folder, store, description=description))
         else:
             try:

@@ -27,9 +27,9 @@ import shutil
 
 from pipeline import tool_world
 from pipeline.cli import PipelineError
-from pipeline.ppo_tools import check_offers, is_tool_task, load_judge, tool_counts, tool_name
+from pipeline.ppo_tools import check_offers, is_tool_task, load_judge, tool_counts
 from pipeline.tool_rollout import stage_toolbox, tool_message
-from pipeline.tools import ToolCall, ToolResult
+from pipeline.tools import ToolCall, ToolResult, tool_name
 
 CALLS_PER_STEP = 10 ** 6  # call numbers a step may use per process (TRL bounds rounds of calls, not calls)
 

@@ -214,6 +214,7 @@ def test_preference_rows(splits):
     for r in rows:
         key = tw.task_key(_user(r))
         assert r["hard"] == tw.is_hard(key) and len(r["chosen"]) == len(r["rejected"]) == 1
+        assert r["skill"] == f"tool_{key[0]}" and r["skill"] not in world.SKILLS  # the reward's per-skill table
         good, bad = (r["chosen"][0], r["rejected"][0]) if r["clean_agrees"] else (r["rejected"][0], r["chosen"][0])
         if r["turn"] == "final":
             assert key[0] == "read" and [m["role"] for m in r["prompt"]] == ["user", "assistant", "tool"]

@@ -2,6 +2,7 @@
 that keep bad calls from running, timeouts (threads, and subprocesses that are killed), and the recipe backends on a
 tiny untrained diffusers pipeline and an untrained judge."""
 
+import json
 import os
 import re
 import textwrap
@@ -416,3 +417,48 @@ def test_stages_that_run_tools_come_after_the_tools_stages_and_rerun_when_tools_
     no_tools = load_recipe(recipe_file, ["tools.tools=[]"])
     assert "tools" not in stage_inputs(no_tools, "eval", must_exist=False)["settings"]
     assert dependencies(no_tools, "eval") == [] and "tools" not in stage_inputs(recipe, "diffusion", False)["settings"]
+
+
+def test_one_rule_finds_the_image_judge_for_eval_ppo_and_the_runner(image_run, tmp_path):
+    """The judge that checks drawn images: ppo.image_judge when set, else the image_judge tool's source, else the
+    diffusion tool's source. eval's plan, ppo's key and the runner's inputs all take it from `judge_source`."""
+    from pipeline.eval_tools import plan
+    from pipeline.recipe import load_recipe
+    from pipeline.runs import stage_inputs
+    from pipeline.tools import ToolsSection, judge_folder, judge_source
+
+    draw = {"name": "draw_image", "backend": "diffusion", "source": "diffusion_dpo"}
+    read = {"name": "read_image", "backend": "image_judge", "source": "diffusion"}
+    assert judge_source(ToolsSection(tools=[draw, read])) == "diffusion"
+    assert judge_source(ToolsSection(tools=[draw])) == "diffusion_dpo"
+    assert judge_source(ToolsSection(tools=[draw, read]), "mine") == "mine"
+    assert judge_source(ToolsSection(tools=[{"name": "f", "backend": "python", "function": "m:f"}])) is None
+    assert judge_folder("diffusion", image_run, "k", "r.yaml") == image_run / "diffusion" / "judge"
+    with pytest.raises(PipelineError, match=r"^r.yaml: k: no image judge in .*sft"):
+        (image_run / "sft").mkdir(exist_ok=True)
+        judge_folder("sft", image_run, "k", "r.yaml")
+
+    # a recipe whose only image tool draws with the stage `painter` (not `diffusion`): eval, ppo and the runner all
+    # check drawn images with painter/judge
+    import shutil
+
+    from pipeline import tool_world
+    from pipeline.world import WorldConfig
+    from pipeline.world_splits import build_split
+
+    prompts = tmp_path / "draw_tasks.jsonl"
+    prompts.write_text("".join(json.dumps({**r, "tools": json.dumps([tool_world.TOOL_SCHEMAS[0]])}) + "\n"
+                               for r in build_split(WorldConfig(), "tool_eval")
+                               if r["kind"] != "read"))
+    run_dir = tmp_path / "runs" / "small"
+    shutil.copytree(image_run / "diffusion", run_dir / "painter")
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(
+        f"run: {{output_dir: {run_dir.parent}, name: small}}\nmodel: {{config: {{model_type: llama}}}}\n"
+        "tools:\n  tools:\n    - {name: draw_image, backend: diffusion, source: painter}\n"
+        f"eval: {{checkpoints: [model], tool_prompts: {prompts}}}\nppo: {{prompts: {prompts}}}\n")
+    recipe = load_recipe(recipe_file)
+    eval_plan = plan(recipe, recipe.keys("eval"))
+    assert len(eval_plan.rows) > 0 and eval_plan.judge == run_dir / "painter" / "judge"
+    assert recipe.keys("ppo").image_judge == "painter"
+    assert stage_inputs(recipe, "eval", must_exist=False)["checkpoints"]["image_judge"]["ref"] == "painter"
