@@ -60,8 +60,27 @@ def reward_trainer(lm_loss_coefficient: float, lm_head, **kwargs):
     from trl import RewardTrainer
     from trl.trainer.reward_trainer import DataCollatorForPreference
 
+    class LengthGroupedRewardTrainer(RewardTrainer):
+        """With `train_sampling_strategy: group_by_length` the prepared pairs carry their longer side's token count
+        as `length_column_name`: transformers' LengthGroupedSampler cannot measure chosen_ids/rejected_ids itself,
+        and with it a few long pairs (tool use, ~300 tokens) no longer pad most batches of short ones."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            if args.train_sampling_strategy != "group_by_length" or not hasattr(dataset, "column_names"):
+                return dataset
+            return dataset.map(lambda row: {args.length_column_name: max(len(row["chosen_ids"]),
+                                                                         len(row["rejected_ids"]))},
+                               desc=f"Lengths of {dataset_name} dataset")
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if self.args.train_sampling_strategy == "group_by_length" and \
+                    self.args.length_column_name not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, self.args.length_column_name]
+
     if not lm_loss_coefficient:
-        return RewardTrainer(**kwargs)
+        return LengthGroupedRewardTrainer(**kwargs)
 
     class ChosenLabelsCollator(DataCollatorForPreference):
         """Also returns `lm_labels`: the chosen sequences (the batch's first half) with prompt and padding -100."""
@@ -76,7 +95,7 @@ def reward_trainer(lm_loss_coefficient: float, lm_head, **kwargs):
             batch["lm_labels"] = labels
             return batch
 
-    class LMRegularizedRewardTrainer(RewardTrainer):
+    class LMRegularizedRewardTrainer(LengthGroupedRewardTrainer):
         lm_head_weight = lm_head  # moved to the device and dtype of the hidden states at the first step
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -86,7 +105,8 @@ def reward_trainer(lm_loss_coefficient: float, lm_head, **kwargs):
 
         def _set_signature_columns_if_needed(self):
             super()._set_signature_columns_if_needed()
-            self._signature_columns = [*self._signature_columns, "chosen_prompt_length"]
+            if "chosen_prompt_length" not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, "chosen_prompt_length"]
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs.pop("lm_labels")[:, 1:]

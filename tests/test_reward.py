@@ -308,6 +308,45 @@ def test_lm_loss_reads_the_chosen_reply_with_the_starting_models_head(tiny_run, 
     assert nll > 0 and float(loss) == pytest.approx(float(bradley_terry + 0.5 * nll), rel=1e-4)
 
 
+@pytest.mark.parametrize("lm_loss_coefficient", [0.0, 0.5])
+def test_group_by_length_batches_pairs_of_similar_length(tiny_run, tmp_path, lm_loss_coefficient):
+    """reward.train_sampling_strategy: group_by_length: the prepared pairs carry their longer side's token count,
+    transformers' LengthGroupedSampler batches by it, and a few long pairs no longer pad most batches."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+    from trl import RewardConfig
+
+    from pipeline import reward, reward_model
+
+    work, _, _ = tiny_run
+    sft = str(work / "runs/tiny/sft")
+    recipe = load_recipe(tiny_recipe(tmp_path))
+    tokenizer = AutoTokenizer.from_pretrained(sft)
+    rows = polite_vs_rude(recipe, "preference", 512)  # sorted within megabatches of 16 batches here
+    for row in rows[::8]:  # one pair in eight is long, as tool pairs are among the world's text pairs
+        row["prompt"] = [{"role": "user", "content": row["prompt"][0]["content"] + " please" * 40}]
+    head = reward.lm_head_weight(recipe, sft, tokenizer) if lm_loss_coefficient else None
+
+    def padded_tokens(strategy):
+        args = RewardConfig(output_dir=str(tmp_path / strategy), report_to="none", use_cpu=True, max_length=256,
+                            per_device_train_batch_size=8, train_sampling_strategy=strategy, seed=3,
+                            gradient_checkpointing=False, center_rewards_coefficient=None)
+        trainer = reward.reward_trainer(lm_loss_coefficient, head, model=reward_model.load_reward_model(recipe, sft),
+                                        args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+        loader = trainer.get_train_dataloader()
+        if strategy == "group_by_length":
+            ds = trainer.train_dataset
+            assert ds["length"] == [max(len(c), len(r)) for c, r in zip(ds["chosen_ids"], ds["rejected_ids"])]
+            assert isinstance(trainer._get_train_sampler(ds), LengthGroupedSampler)
+        batches = list(loader)
+        assert sum(b["input_ids"].shape[0] for b in batches) == 2 * len(rows)  # every pair once, both sides
+        return sum(b["input_ids"].numel() - int(b["attention_mask"].sum()) for b in batches)
+
+    random_padding, grouped_padding = padded_tokens("random"), padded_tokens("group_by_length")
+    assert grouped_padding < random_padding / 2, (grouped_padding, random_padding)
+
+
 def test_issue_hh_command_trains_and_evaluates_on_a_users_file(tiny_run, tmp_path):
     """`python pipeline/reward.py RECIPE reward.dataset=hh.jsonl reward.eval_dataset=hh_test.jsonl`, here with LoRA."""
     work, _, _ = tiny_run
