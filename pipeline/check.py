@@ -127,6 +127,9 @@ def check_stage(recipe, stage: str, launch: cluster.Launch, device_memory: int |
             described = []
             for v in (value if isinstance(value, list) else [value]):
                 try:
+                    if f.name == "image_judge":  # an image classifier (ppo with tools), not a language model
+                        described.append(_judge_described(recipe, v, will_run, f"{stage}.{f.name}"))
+                        continue
                     cp = runs.resolve_checkpoint(recipe, v, must_exist=False)
                     if cp.source == "stage" and cp.fingerprint is None and v not in will_run:
                         raise PipelineError(f"reads {v}, which has not finished and is not planned to run "
@@ -284,3 +287,10 @@ def local_device_memory() -> int | None:
     return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
 
 
+def _judge_described(recipe, source: str, will_run, key: str) -> str:
+    """The image judge a stage reads (ppo.image_judge): its folder, or that the stage writing it runs first."""
+    from pipeline.tools import judge_folder
+
+    if source in recipe.stages and source in will_run:
+        return f"{source} (image judge: judge/ of a stage that runs first)"
+    return f"{source} (image judge: {judge_folder(source, recipe.run_dir, key, str(recipe.path))})"

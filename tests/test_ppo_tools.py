@@ -459,6 +459,11 @@ def test_stage_with_tools_at_the_command_line(inputs):
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert 0 <= history[0]["tool_call_rate"] <= 1
     assert "8 of 16 prompts offer tools (8 tool tasks" in proc.stdout + proc.stderr
+    # --check names the image judge's folder (an image classifier, not described as a language model)
+    check = run_cli(["pipeline/run.py", tool_recipe(work), "run.name=cli", "--check", "--only", "ppo"], cwd=work,
+                    env=ENV)
+    assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-3000:]
+    assert f"image_judge: {work / 'diffusion'} (image judge: {work / 'diffusion' / 'judge'})" in check.stdout
 
 
 @pytest.mark.parametrize("case", ["unknown tool", "rloo", "no tools"])
