@@ -262,11 +262,17 @@ class ToolEval:
 
     # ------------------------------------------------------------------------------------------ results
 
-    def metrics(self, name: str, boot: dict) -> dict:
+    def metrics(self, name: str, boot: dict, reference: str | None = None) -> dict:
+        """The checkpoint's `tools` block; with `reference` (a checkpoint run here, e.g. sft) also `gain`: its
+        correctness minus the reference's, paired by prompt, with a bootstrap interval over prompts."""
         run = self.runs[name]
         m = tool_metrics(self.rows, run.greedy, run.verdicts, run.log_ratios, boot)
         if run.kl_note:
             m["kl_note"] = run.kl_note
+        if reference in self.runs and reference != name and "correct" in m:
+            gain = M.mean_ci([float(v["correct"]) - float(r["correct"]) for v, r in
+                              zip(run.verdicts, self.runs[reference].verdicts) if v is not None], **boot)
+            m.update(gain=gain["mean"], gain_ci=gain["ci"], gain_vs=reference)
         return m
 
     def summary(self, reference: str | None) -> dict:

@@ -68,10 +68,11 @@ def write_outputs(out: Path, tools, metrics: dict, names: list[str], reference: 
 # ---------------------------------------------------------------------------------------------- report
 
 
-def _fmt(value, ci=None, digits=2) -> str:
+def _fmt(value, ci=None, digits=2, signed=False) -> str:
     if value is None:
         return "—"
-    return f"{value:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+    f = f"+.{digits}f" if signed else f".{digits}f"
+    return format(value, f) + (f" [{format(ci[0], f)}, {format(ci[1], f)}]" if ci else "")
 
 
 def report_lines(tools, per: dict, names: list[str], reference: str | None, grid: bool) -> list[str]:
@@ -92,6 +93,10 @@ def report_lines(tools, per: dict, names: list[str], reference: str | None, grid
                      + (f" (`{summary['judge']}`)" if summary["judge"] else "") + " reads every property asked for "
                      "in the last image drawn; a read task when the final answer is the image's digit (whether or "
                      "not it looked); bootstrap 95% intervals over prompts")
+    gain_vs = next((m["gain_vs"] for m in per.values() if "gain_vs" in m), None)
+    if gain_vs:
+        lines.append(f"- gain over `{gain_vs}`: correct minus `{gain_vs}`'s correct on the same prompts; the "
+                     f"interval bootstraps the per-prompt differences (paired)")
     if reference and keys.tool_samples:
         lines.append(f"- KL to `{reference}`: {keys.tool_samples} rollout(s) per prompt sampled at temperature 1 "
                      f"(tools run), log-probs summed over the tokens the policy chose (tool results are context, "
@@ -105,6 +110,8 @@ def report_lines(tools, per: dict, names: list[str], reference: str | None, grid
         columns.append(("correct", lambda m: _fmt(m.get("correct"), m.get("correct_ci"))))
         columns += [(k, (lambda k: lambda m: _fmt((c := m["correct_per_kind"].get(k)) and c["mean"],
                                                    c and c["ci"]))(k)) for k in kinds]
+    if gain_vs:
+        columns.append((f"gain over `{gain_vs}`", lambda m: _fmt(m.get("gain"), m.get("gain_ci"), signed=True)))
     if reference and keys.tool_samples:
         columns.append((f"KL to `{reference}`", lambda m: _fmt(m.get("kl"), m.get("kl_ci"))))
     lines += ["", "| checkpoint | " + " | ".join(c for c, _ in columns) + " |", "|---|" + "---|" * len(columns)]
@@ -125,6 +132,8 @@ def log_summary(per: dict) -> None:
                  f"execution errors {m['execution_errors']}"]
         if "correct" in m:
             parts.append(f"correct {_fmt(m['correct'], m['correct_ci'])}")
+        if "gain" in m:
+            parts.append(f"gain over {m['gain_vs']} {_fmt(m['gain'], m['gain_ci'], signed=True)}")
         if "kl" in m:
             parts.append(f"KL {m['kl']:.2f}")
         log.info(f"{name} (tools): " + ", ".join(parts))

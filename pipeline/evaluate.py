@@ -362,7 +362,7 @@ def main(argv):
             per = {t.name: checkpoint_metrics(rows, t, baseline, matrix, boot, setup.best_of) for t in targets}
             if tools is not None:
                 for t in targets:
-                    per[t.name]["tools"] = tools.metrics(t.name, boot)
+                    per[t.name]["tools"] = tools.metrics(t.name, boot, setup.reference)
             collapse = collapse_checks(targets, per)
             for c in collapse:
                 if c["collapsing"]:

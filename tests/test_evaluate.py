@@ -605,6 +605,10 @@ def test_eval_with_tools_reports_tool_use_per_checkpoint(tiny_run, tool_work, mo
     verdicts = {n: [s["replies"][n]["verdict"]["correct"] for s in tool_lines] for n in ("tiny/pretrain", "tiny/sft")}
     assert np.mean(verdicts["tiny/sft"]) == pytest.approx(tuned["correct"])
     assert np.mean(verdicts["tiny/pretrain"]) == pytest.approx(base["correct"])
+    # the gain over the reference, paired by prompt
+    differences = np.array(verdicts["tiny/sft"], float) - np.array(verdicts["tiny/pretrain"], float)
+    assert tuned["gain_vs"] == "tiny/pretrain" and "gain" not in base
+    assert tuned["gain"] == pytest.approx(differences.mean()) and tuned["gain_ci"][0] <= tuned["gain"]
     drawn = 0
     for s in tool_lines:
         reply = s["replies"]["tiny/sft"]
@@ -629,6 +633,7 @@ def test_eval_with_tools_reports_tool_use_per_checkpoint(tiny_run, tool_work, mo
     assert "## Tool use" in report and "![tool_images](tool_images.png)" in report
     assert "| `tiny/pretrain` | 0.00 | — | 0 of 0 | 0.00 |" in report
     assert "| `tiny/sft` | 1.00 | 1.00 | 0 of 9 | 1.00 |" in report and "KL to `tiny/pretrain`" in report
+    assert f"| {tuned['gain']:+.2f} [{tuned['gain_ci'][0]:+.2f}, {tuned['gain_ci'][1]:+.2f}] |" in report
     from PIL import Image
 
     grid = Image.open(out / "tool_images.png")
