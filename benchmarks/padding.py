@@ -1,10 +1,10 @@
-"""How much of the reward stage's compute is padding, in random order and grouped by length.
+"""How much of a training stage's compute is padding, in random order and grouped by length.
 
-    python benchmarks/padding.py recipes/small.yaml [--steps 20] [reward.KEY=VALUE ...]
+    python benchmarks/padding.py recipes/small.yaml [--stage reward|sft] [--steps 20] [STAGE.KEY=VALUE ...]
 
-Builds the reward stage's trainer as the stage does (its data, tokenizer, `init_from` model, batch size, max_length
-and lm_loss_coefficient; the init_from stage must have run) once with `train_sampling_strategy: random` and once with
-`group_by_length`, iterates one epoch of each train dataloader and prints the tokens fed (padding included), the real
+Builds the stage's trainer as the stage does (its data, tokenizer, `init_from` model, batch size and max_length;
+reward: lm_loss_coefficient; sft: assistant-only loss on conversations; the init_from stage must have run) once with
+`train_sampling_strategy: random` and once with `group_by_length`, iterates one epoch of each train dataloader and prints the tokens fed (padding included), the real
 tokens and the padding share. With --steps N it also times N optimizer steps of each, one after the other in this
 process, and prints s/step and the ratio.
 """
@@ -21,36 +21,54 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--stage", choices=("reward", "sft"), default="reward")
     parser.add_argument("--steps", type=int, default=0, help="also time this many training steps of each")
     args = parser.parse_args()
 
     from transformers import set_seed
 
-    from pipeline import models, preferences, reward, runs, threads
+    from pipeline import data, models, preferences, reward, runs, threads
     from pipeline.recipe import load_recipe
     from pipeline.reward_model import load_reward_model
 
     print(f"CPU threads: {threads.configure()}")
     recipe = load_recipe(args.recipe, args.overrides)
-    keys = recipe.keys("reward")
+    keys = recipe.keys(args.stage)
     init = runs.resolve_checkpoint(recipe, keys.init_from)
     tokenizer = models.load_tokenizer(recipe, init)
-    train_ds = preferences.load_preference_splits(keys.dataset, keys.eval_dataset, keys.eval_fraction, recipe,
-                                                  keys.columns)[0]
-    train_ds = train_ds.select_columns([c for c in reward.TRAIN_COLUMNS if c in train_ds.column_names])
-    head = reward.lm_head_weight(recipe, init.path, tokenizer) if keys.lm_loss_coefficient else None
+    if args.stage == "reward":
+        train_ds = preferences.load_preference_splits(keys.dataset, keys.eval_dataset, keys.eval_fraction, recipe,
+                                                      keys.columns)[0]
+        train_ds = train_ds.select_columns([c for c in reward.TRAIN_COLUMNS if c in train_ds.column_names])
+        head = reward.lm_head_weight(recipe, init.path, tokenizer) if keys.lm_loss_coefficient else None
+    else:
+        from pipeline.sft import TRAIN_COLUMNS
+
+        train_ds = data.load_with_info(keys.dataset, "chat", recipe, columns=keys.columns)[0]
+        train_ds = train_ds.select_columns([c for c in TRAIN_COLUMNS if c in train_ds.column_names])
+
+    def trainer_for(strategy):
+        fixed = dict(output_dir=f"/tmp/padding-benchmark-{args.stage}-{strategy}", train_sampling_strategy=strategy,
+                     report_to="none", save_strategy="no", max_steps=args.steps or 1, logging_steps=10 ** 6)
+        if args.stage == "sft" and "assistant_only_loss" not in recipe.section("sft"):
+            fixed["assistant_only_loss"] = "messages" in train_ds.column_names  # as the stage sets it
+        config = recipe.trainer_config(args.stage, **fixed)
+        set_seed(config.seed)
+        if args.stage == "reward":
+            model = load_reward_model(recipe, init.path)
+            models.fit_embeddings(model, tokenizer)
+            model.config.pad_token_id = tokenizer.pad_token_id
+            return config, reward.reward_trainer(keys.lm_loss_coefficient, head, model=model, args=config,
+                                                 train_dataset=train_ds, processing_class=tokenizer)
+        from trl import SFTTrainer
+
+        model = models.load_causal_lm(recipe, init.path)
+        models.fit_embeddings(model, tokenizer)
+        return config, SFTTrainer(model=model, args=config, train_dataset=train_ds, processing_class=tokenizer)
 
     rows = []
     for strategy in ("random", "group_by_length"):
-        config = recipe.trainer_config("reward", output_dir=f"/tmp/padding-benchmark-{strategy}",
-                                       train_sampling_strategy=strategy, report_to="none", save_strategy="no",
-                                       max_steps=args.steps or 1, logging_steps=10 ** 6)
-        set_seed(config.seed)
-        model = load_reward_model(recipe, init.path)
-        models.fit_embeddings(model, tokenizer)
-        model.config.pad_token_id = tokenizer.pad_token_id
-        trainer = reward.reward_trainer(keys.lm_loss_coefficient, head, model=model, args=config,
-                                        train_dataset=train_ds, processing_class=tokenizer)
+        config, trainer = trainer_for(strategy)
         fed = real = batches = 0
         for batch in trainer.get_train_dataloader():
             fed += batch["input_ids"].numel()
@@ -63,7 +81,7 @@ def main():
             seconds = (time.perf_counter() - start) / args.steps
         rows.append((strategy, batches, fed, real, seconds))
 
-    print(f"\nreward stage of {args.recipe}: {len(train_ds)} pairs, batch {config.per_device_train_batch_size}, "
+    print(f"\n{args.stage} stage of {args.recipe}: {len(train_ds)} {'pairs' if args.stage == 'reward' else 'rows'}, batch {config.per_device_train_batch_size}, "
           f"max_length {config.max_length}, one epoch")
     print("| order           | batches | tokens fed | real tokens | padding | s/step |")
     print("|-----------------|---------|------------|-------------|---------|--------|")
