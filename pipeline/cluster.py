@@ -265,6 +265,7 @@ class _StopState:
 
 
 STOP = _StopState()
+BEFORE_PREEMPTED_EXIT: list = []  # called on the main process before exit_preempted leaves (the stage's cost so far)
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)  # SIGINT: Ctrl-C, or passed on by pipeline/run.py
 
 
@@ -318,6 +319,8 @@ def exit_preempted(checkpoint: str | Path | None, is_main: bool = True) -> None:
     if is_main:
         name = signal.Signals(STOP.requested).name if STOP.requested else "a signal to another process"
         log.info(f"preempted: stopped on {name}; saved {checkpoint}; run the stage again to resume from it")
+        for hook in list(BEFORE_PREEMPTED_EXIT):
+            hook()
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         raise SystemExit(PREEMPTED_EXIT)
     dist.barrier()  # no process leaves (and gets the others killed by the launcher) before all have saved

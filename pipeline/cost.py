@@ -31,6 +31,9 @@ from pathlib import Path
 
 DEFAULT_COUNTRY = "USA"
 MEASURE_POWER_SECS = 15     # codecarbon's own default: one power sample per 15 s (and one at the stop)
+ATTEMPT_WAIT_S = 10         # an attempt that stops early waits this long for its energy figure (a signal's grace)
+ATTEMPT_KEYS = ("wall_s", "cpu_s", "gpu_hours", "peak_rss_mb", "energy_kwh", "energy_cpu_kwh", "energy_gpu_kwh",
+                "energy_ram_kwh", "energy_error")
 START_WAIT_S = 60           # at the stop, how long to wait for a tracker still starting before giving up on energy
 RECIPE_INTENSITY = "recipe run.carbon_intensity_g_per_kwh"
 # codecarbon's CPU modes: (what to call it, an estimate rather than a counter?)
@@ -191,9 +194,24 @@ class Meter:
         if tracker is not None:
             _stop_quietly(tracker)
 
+    def attempt(self, gpus: int = 0, wait_s: float = ATTEMPT_WAIT_S) -> dict:
+        """What an attempt that stops before finishing (a signal, an error) cost so far: wall, CPU and GPU time, peak
+        memory and, when the tracker stops within `wait_s`, its energy. The finished attempt adds it to its own."""
+        wall = time.time() - self._t0
+        out = {"wall_s": round(wall, 1), "cpu_s": round(_cpu_seconds() - self._cpu0, 1),
+               "gpu_hours": round(gpus * wall / 3600, 4), "peak_rss_mb": round(peak_rss_mb(), 1)}
+        box: dict = {}
+        worker = threading.Thread(target=lambda: box.update(self._stop_energy()), name="cost-attempt", daemon=True)
+        worker.start()
+        worker.join(wait_s)
+        out.update(box or {"energy_kwh": None, "energy_error": f"codecarbon did not stop within {wait_s:g} s"})
+        return out
+
     def stop(self, gpus: int = 0, parameters: int | None = None, parameters_of: str | None = None,
-             peak_gpu_mem_mb: float | None = None) -> dict:
-        """The manifest's `cost` block. `gpus`: devices the stage ran on (processes on CUDA), 0 on CPU."""
+             peak_gpu_mem_mb: float | None = None, earlier: list[dict] | None = None) -> dict:
+        """The manifest's `cost` block. `gpus`: devices the stage ran on (processes on CUDA), 0 on CPU. `earlier`:
+        the `attempt` records of runs of this stage that stopped before finishing (resumed here); wall, CPU and GPU
+        time, energy and CO2e are then sums over every attempt, listed under `attempts`."""
         wall = time.time() - self._t0
         out = {"wall_s": round(wall, 1), "cpu_s": round(_cpu_seconds() - self._cpu0, 1),
                "gpu_hours": round(gpus * wall / 3600, 4), "gpus": gpus, "peak_rss_mb": round(peak_rss_mb(), 1)}
@@ -207,7 +225,7 @@ class Meter:
                     "carbon_country": self.country})
         kwh = energy.get("energy_kwh")
         out["co2e_kg"] = kwh * intensity / 1000 if kwh is not None and intensity is not None else None
-        return out
+        return with_attempts(out, earlier) if earlier else out
 
     def _stop_energy(self) -> dict:
         if self._thread is None:
@@ -230,6 +248,28 @@ class Meter:
         except Exception as err:
             return {"energy_kwh": None, "energy_error": f"codecarbon failed at the stop ({type(err).__name__}: "
                                                         f"{_first_line(err)})"}
+
+
+def with_attempts(last: dict, earlier: list[dict]) -> dict:
+    """The cost block of a stage finished after `earlier` unfinished attempts: sums over all of them (energy only
+    when every attempt has it: a partial sum would look whole), each attempt under `attempts`."""
+    attempts = [*earlier, {k: last.get(k) for k in ATTEMPT_KEYS}]
+    out = dict(last, attempts=attempts)
+    for key in ("wall_s", "cpu_s", "gpu_hours"):
+        out[key] = round(sum(a.get(key) or 0.0 for a in attempts), 4 if key == "gpu_hours" else 1)
+    out["peak_rss_mb"] = max(a.get("peak_rss_mb") or 0.0 for a in attempts)
+    if any(a.get("energy_kwh") is None for a in attempts):
+        missing = sum(a.get("energy_kwh") is None for a in attempts)
+        out.update(energy_kwh=None, co2e_kg=None,
+                   energy_error=f"{missing} of {len(attempts)} attempts have no energy figure")
+        return out
+    out["energy_kwh"] = sum(a["energy_kwh"] for a in attempts)
+    for key in ("energy_cpu_kwh", "energy_gpu_kwh", "energy_ram_kwh"):
+        if all(a.get(key) is not None for a in attempts):
+            out[key] = sum(a[key] for a in attempts)
+    intensity = out.get("carbon_intensity_g_per_kwh")
+    out["co2e_kg"] = out["energy_kwh"] * intensity / 1000 if intensity is not None else None
+    return out
 
 
 def _stop_quietly(tracker) -> None:
@@ -344,8 +384,9 @@ def run_report(stages: list[str], manifests: dict[str, dict | None], run_dir) ->
             continue
         rows.append({"stage": stage, **cost})
         how = cost.get("energy_method") or f"no energy: {cost.get('energy_error')}"
+        tries = f" over {len(cost['attempts'])} attempts (it was stopped and resumed)" if cost.get("attempts") else ""
         notes.append(f"- {stage}: CPU {human_time(cost.get('cpu_s'))}, GPU {cost.get('gpu_hours', 0):.3g} h, "
-                     f"peak RSS {cost.get('peak_rss_mb', 0):.0f} MiB; intensity from "
+                     f"peak RSS {cost.get('peak_rss_mb', 0):.0f} MiB{tries}; intensity from "
                      f"{cost.get('carbon_intensity_source')}; energy {how}")
     lines = [f"# Cost of run {run_dir}", "", *cost_table(rows), ""]
     lines += ["Energy comes from codecarbon's offline tracker: where it says `estimate`, the CPU's power is estimated "

@@ -30,6 +30,7 @@ from pipeline.stages import STAGES
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
+ATTEMPTS = "cost_attempts.json"  # in a stage's .partial folder: what its unfinished attempts cost (StageRun)
 LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "tokenizers", "deepspeed", "diffusers",
              "bitsandbytes")
 
@@ -38,6 +39,15 @@ def write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def read_attempts(path: Path) -> list[dict]:
+    """The ATTEMPTS file's records; a damaged file (cut short by a kill) counts as none."""
+    try:
+        records = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
 
 
 def read_manifest(stage_dir: Path) -> dict | None:
@@ -236,9 +246,21 @@ class StageRun:
     def checkpoint(self, name: str = "init_from") -> Checkpoint:
         return usable(self.recipe, self.inputs["checkpoints"][name])
 
+    def record_attempt(self) -> None:
+        """This attempt stops before finishing (an error, a preemption): add its cost so far to the staging
+        folder's ATTEMPTS file, which the run that finishes adds to its own (README "Cost per stage")."""
+        if not (self.state.is_main_process and (self.out / ".fingerprint").is_file()) or self._attempt_recorded:
+            return
+        self._attempt_recorded = True
+        cuda = self.state.device.type == "cuda"
+        path = self.out / ATTEMPTS
+        write_json(path, [*read_attempts(path), self.meter.attempt(gpus=self.state.num_processes if cuda else 0)])
+
     def __enter__(self):
         from pipeline import cluster
 
+        self._attempt_recorded = False
+        cluster.BEFORE_PREEMPTED_EXIT.append(self.record_attempt)
         cluster.watch_for_preemption()  # SIGUSR1/SIGTERM: checkpoint into self.out and exit (see pipeline/cluster.py)
         faults.install_trainer_hooks()  # tests only (PIPELINE_FAULT)
         self._lock = None
@@ -331,22 +353,32 @@ class StageRun:
 
         cuda = self.state.device.type == "cuda"
         parameters, of = cost.saved_parameters(self.out)
+        attempts = self.out / ATTEMPTS  # runs of this stage that stopped before finishing, resumed by this one
+        earlier = read_attempts(attempts)
+        attempts.unlink(missing_ok=True)
         block = self.meter.stop(gpus=self.state.num_processes if cuda else 0, parameters=parameters,
-                                parameters_of=of,
+                                parameters_of=of, earlier=earlier,
                                 peak_gpu_mem_mb=torch.cuda.max_memory_allocated() / (1 << 20) if cuda else None)
         kwh, co2e = block.get("energy_kwh"), block.get("co2e_kg")
         how = "estimate" if block.get("energy_estimate") else "CPU from counters"
         energy = (f"energy not recorded: {block.get('energy_error')}" if kwh is None else f"{kwh:.3g} kWh ({how})"
                   + ("" if co2e is None else f", {co2e:.3g} kg CO2e"))
         log.info(f"cost: {block['wall_s']:.0f} s wall, {block['cpu_s']:.0f} s CPU, {block['gpu_hours']:.3g} GPU-h, "
-                 f"peak RSS {block['peak_rss_mb']:.0f} MiB, {energy}")
+                 f"peak RSS {block['peak_rss_mb']:.0f} MiB, {energy}"
+                 + (f" ({len(block['attempts'])} attempts)" if "attempts" in block else ""))
         return block
 
     def __exit__(self, exc_type, exc, tb):
-        self.meter.abandon()  # after finish() a no-op; otherwise stop tracking without waiting
-        log.close()
+        from pipeline import cluster
+
         lock = getattr(self, "_lock", None)  # None: not the main process, or the folder is another process's
         bad_input = exc_type is not None and issubclass(exc_type, PipelineError) and lock is not None
+        if exc_type is not None and not bad_input and lock is not None:
+            self.record_attempt()  # an error or a signal after the staging folder was made: its cost so far
+        if self.record_attempt in cluster.BEFORE_PREEMPTED_EXIT:
+            cluster.BEFORE_PREEMPTED_EXIT.remove(self.record_attempt)
+        self.meter.abandon()  # after finish() a no-op; otherwise stop tracking without waiting
+        log.close()
         if bad_input and exc_type is not integrity.UnsafeFile:  # a refused checkpoint stays for a person to look at
             shutil.rmtree(self.out, ignore_errors=True)  # bad input: leave nothing behind (still under the lock)
         if lock is not None:

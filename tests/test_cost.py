@@ -128,6 +128,34 @@ def test_a_tracker_abandoned_or_still_starting_is_stopped_without_waiting(monkey
     assert early.stopped
 
 
+def test_a_resumed_stage_costs_the_sum_of_its_attempts():
+    """An attempt that stops early records wall, CPU time and energy so far; the attempt that finishes adds them
+    to its own, lists each, and leaves energy out of the sum when one attempt has none."""
+    first = cost.Meter("USA", intensity=200.0, tracker_factory=lambda c, i: FakeTracker(kwh=0.001))
+    first.start_energy()
+    busy(0.5)
+    stopped = first.attempt()
+    assert stopped["wall_s"] >= 0.5 and stopped["cpu_s"] > 0 and stopped["energy_kwh"] == 0.001
+
+    last = cost.Meter("USA", intensity=200.0, tracker_factory=lambda c, i: FakeTracker(kwh=0.003))
+    last.start_energy()
+    busy(0.3)
+    alone = dict(last.stop())
+    last = cost.Meter("USA", intensity=200.0, tracker_factory=lambda c, i: FakeTracker(kwh=0.003))
+    last.start_energy()
+    block = last.stop(earlier=[stopped])
+    assert [a["energy_kwh"] for a in block["attempts"]] == [0.001, 0.003]
+    assert block["wall_s"] == pytest.approx(stopped["wall_s"] + block["attempts"][1]["wall_s"], abs=0.11)
+    assert block["energy_kwh"] == pytest.approx(0.004) and block["co2e_kg"] == pytest.approx(0.004 * 200 / 1000)
+    assert block["energy_cpu_kwh"] == pytest.approx(0.003) and "attempts" not in alone
+
+    no_energy = {**stopped, "energy_kwh": None, "energy_error": "codecarbon did not stop within 10 s"}
+    block = cost.with_attempts(dict(alone), [no_energy])
+    assert block["energy_kwh"] is None and block["co2e_kg"] is None
+    assert block["energy_error"] == "1 of 2 attempts have no energy figure"
+    assert block["cpu_s"] == pytest.approx(stopped["cpu_s"] + alone["cpu_s"], abs=0.11)
+
+
 def test_a_stage_without_codecarbon_finishes_and_records_why(tmp_path):
     """A codecarbon that cannot be imported (shadowed here by a broken package): the stage finishes, its manifest
     has wall/CPU/memory and energy_error, and nothing about it reaches stderr."""
@@ -183,6 +211,9 @@ def test_cost_table_formats_rows_and_totals():
     manifests["sft"]["cost"].update(energy_kwh=None, co2e_kg=None, energy_method=None, energy_error="x")
     total = cost.cost_table([{"stage": s, **manifests[s]["cost"]} for s in ("pretrain", "sft")])[-1]
     assert total == "| **total** | | 2h 42m | - | - | - |"
+    manifests["pretrain"]["cost"]["attempts"] = [{"wall_s": 1000.0}, {"wall_s": 1389.4}]
+    assert any(line.startswith("- pretrain: CPU 1h 06m, GPU 0 h, peak RSS 900 MiB over 2 attempts (it was stopped")
+               for line in cost.run_report(["pretrain"], manifests, "runs/x"))
 
 
 def test_runner_prints_the_cost_table_and_writes_cost_md(tiny_run):

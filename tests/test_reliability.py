@@ -131,7 +131,14 @@ def test_pretrain_killed_in_every_phase_and_signalled_through_the_runner_ends_li
     assert ours["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-5)  # the whole run, not the last 4
     a, b = load_file(final / "model.safetensors"), load_file(work / "runs/tiny/pretrain/model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert json.loads((final / "manifest.json").read_text())["resumed_from"] == "checkpoint-8"
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["resumed_from"] == "checkpoint-8"
+    # the cost is every attempt's that could say what it spent: SIGTERM, SIGINT and the full disk did (SIGKILLs
+    # cannot, a refused pickle is bad input), then the finished one
+    attempts = manifest["cost"]["attempts"]
+    assert len(attempts) == 4 and all(a["wall_s"] > 0 for a in attempts)
+    assert manifest["cost"]["wall_s"] == pytest.approx(sum(a["wall_s"] for a in attempts), abs=0.2)
+    assert not (final / "cost_attempts.json").exists()
     assert not partial.exists() and not [p for pat in PICKLE_FILES for p in final.rglob(pat)]
     assert sorted(p.name for p in (work / "runs/chain").iterdir()) == ["pretrain"]  # lock files gone too
 
