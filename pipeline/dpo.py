@@ -26,7 +26,7 @@ from pipeline.stages import STAGES
 
 STAGE = "dpo"
 USAGE = "usage: pipeline/dpo.py RECIPE [dpo.KEY=VALUE ...]"
-PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+PAIR_COLUMNS = ("prompt", "chosen", "rejected", "tools")  # tools: TRL renders a tool pair's prompt with its schemas
 
 
 def chosen_logp_watch(drop: float):
@@ -76,6 +76,11 @@ def round_prompts(keys, train_ds) -> list[dict]:
     return dpo_rounds.distinct_prompts(prompts)
 
 
+def pairs_only(ds):
+    """The columns DPOTrainer reads: the pair, and the tool schemas its chat template renders into the prompt."""
+    return ds.remove_columns([c for c in ds.column_names if c not in PAIR_COLUMNS])
+
+
 def main(argv):
     recipe = load_recipe(*cli.split_stage_args(argv, USAGE, lambda: stage_help(STAGE)))
     recipe.check_config(STAGE, portable=True)  # the config class's own checks before upstream stages
@@ -109,9 +114,6 @@ def main(argv):
         if peft_config is None or keys.rounds > 1:
             reference = models.load_causal_lm(recipe, init.path, revision=recipe.model.revision).eval()
             reference.requires_grad_(False)
-
-        def pairs_only(ds):
-            return ds.remove_columns([c for c in ds.column_names if c not in PAIR_COLUMNS])
 
         def trainer_for(model, pairs, output_dir):
             from peft import PeftModel

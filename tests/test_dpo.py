@@ -53,3 +53,33 @@ def test_precomputed_reference_log_probs_match_on_the_fly(tiny_run):
     precomputed = dpo(work, recipe, "dpo_pre", "dpo.heldout_prompts=", "dpo.precompute_ref_log_probs=true")
     assert precomputed["train_loss"] == pytest.approx(on_the_fly["train_loss"], rel=1e-3)
     assert precomputed["eval_loss"] == pytest.approx(on_the_fly["eval_loss"], rel=1e-3)
+
+
+def test_tool_pairs_are_rendered_with_their_tool_schemas(tiny_run):
+    """The stage hands DPOTrainer the `tools` column: a tool pair's prompt is tokenized with the schemas in it, as
+    the eval stage and PPO render tool prompts, and a text pair's without."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from pipeline import data, tool_world
+    from pipeline.dpo import pairs_only
+    from pipeline.recipe import load_recipe
+
+    work, recipe_path, _ = tiny_run
+    sft = str(work / "runs/tiny/sft")
+    tokenizer = AutoTokenizer.from_pretrained(sft)
+    text_pair = {"prompt": [{"role": "user", "content": "What is 2 + 3?"}],
+                 "chosen": [{"role": "assistant", "content": "The answer is 5."}],
+                 "rejected": [{"role": "assistant", "content": "The answer is 6."}]}
+    tool_pair = data.read_rows("world:tool_preference", load_recipe(recipe_path))[0][0]
+    pairs = data.dataset_of([text_pair, {k: tool_pair[k] for k in ("prompt", "chosen", "rejected", "tools", "kind")}],
+                            "pairs")
+    assert set(pairs_only(pairs).column_names) == {"prompt", "chosen", "rejected", "tools"}
+    args = DPOConfig(output_dir=str(work / "dpo-tools"), report_to="none", use_cpu=True, max_length=None,
+                     gradient_checkpointing=False)
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(sft), args=args,
+                         train_dataset=pairs_only(pairs), processing_class=tokenizer)
+    text, tool = (tokenizer.decode(row["prompt_ids"]) for row in trainer.train_dataset)
+    name = tool_world.TOOL_SCHEMAS[0]["function"]["name"]
+    assert name in tool and name not in text
