@@ -27,7 +27,8 @@ def main():
 
     from transformers import set_seed
 
-    from pipeline import data, models, preferences, reward, runs, threads
+    from benchmarks.trl_cli import training_rows
+    from pipeline import models, reward, runs, threads
     from pipeline.recipe import load_recipe
     from pipeline.reward_model import load_reward_model
 
@@ -36,16 +37,9 @@ def main():
     keys = recipe.keys(args.stage)
     init = runs.resolve_checkpoint(recipe, keys.init_from)
     tokenizer = models.load_tokenizer(recipe, init)
+    train_ds = training_rows(args.stage, recipe)  # the rows and columns the stage hands its trainer
     if args.stage == "reward":
-        train_ds = preferences.load_preference_splits(keys.dataset, keys.eval_dataset, keys.eval_fraction, recipe,
-                                                      keys.columns)[0]
-        train_ds = train_ds.select_columns([c for c in reward.TRAIN_COLUMNS if c in train_ds.column_names])
         head = reward.lm_head_weight(recipe, init.path, tokenizer) if keys.lm_loss_coefficient else None
-    else:
-        from pipeline.sft import TRAIN_COLUMNS
-
-        train_ds = data.load_with_info(keys.dataset, "chat", recipe, columns=keys.columns)[0]
-        train_ds = train_ds.select_columns([c for c in TRAIN_COLUMNS if c in train_ds.column_names])
 
     def trainer_for(strategy):
         fixed = dict(output_dir=f"/tmp/padding-benchmark-{args.stage}-{strategy}", train_sampling_strategy=strategy,

@@ -33,25 +33,29 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RECIPE = "recipes/small.yaml"
 INIT = {"sft": "pretrain", "reward": "sft", "dpo": "sft"}
-COLUMNS = {"sft": ("messages", "prompt", "completion", "tools"),  # what each stage hands its trainer
-           "reward": ("prompt", "chosen", "rejected", "margin", "tools"), "dpo": ("prompt", "chosen", "rejected")}
 OFF = {"sft": ["sft.heldout_prompts=null"], "reward": [], "dpo": ["dpo.heldout_prompts=null"]}
 
 
-def export(stage, recipe, path: Path):
-    """The training rows our stage trains on, as a JSONL file; returns them as a Dataset."""
-    from pipeline import data, preferences
+def training_rows(stage, recipe):
+    """The rows our stage hands its trainer (its data, the columns it keeps), as a Dataset."""
+    from pipeline import data, dpo, preferences, reward, sft
 
     keys = recipe.keys(stage)
     if stage == "sft":
-        ds = data.load_with_info(keys.dataset, "chat", recipe, columns=keys.columns)[0]
+        ds, columns = data.load_with_info(keys.dataset, "chat", recipe, columns=keys.columns)[0], sft.TRAIN_COLUMNS
     else:
         ds = preferences.load_preference_splits(keys.dataset, keys.eval_dataset, keys.eval_fraction, recipe,
                                                 keys.columns)[0]
+        columns = reward.TRAIN_COLUMNS if stage == "reward" else dpo.PAIR_COLUMNS
+    return ds.select_columns([c for c in columns if c in ds.column_names])
+
+
+def export(stage, recipe, path: Path):
+    """`training_rows` as a JSONL file; returns them as a Dataset."""
+    ds = training_rows(stage, recipe)
     if "tools" in ds.column_names:  # tool rows first: the `json` loader types a column (tools, tool_calls) by its
         tools = ds["tools"]         # first block of rows, and a column of nulls there cannot take later values
         ds = ds.select([i for i, t in enumerate(tools) if t] + [i for i, t in enumerate(tools) if not t])
-    ds = ds.select_columns([c for c in COLUMNS[stage] if c in ds.column_names])
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.to_json(str(path), lines=True)
     return ds

@@ -194,12 +194,15 @@ class Meter:
         if tracker is not None:
             _stop_quietly(tracker)
 
+    def _times(self, gpus: int) -> dict:
+        wall = time.time() - self._t0
+        return {"wall_s": round(wall, 1), "cpu_s": round(_cpu_seconds() - self._cpu0, 1),
+                "gpu_hours": round(gpus * wall / 3600, 4), "gpus": gpus, "peak_rss_mb": round(peak_rss_mb(), 1)}
+
     def attempt(self, gpus: int = 0, wait_s: float = ATTEMPT_WAIT_S) -> dict:
         """What an attempt that stops before finishing (a signal, an error) cost so far: wall, CPU and GPU time, peak
         memory and, when the tracker stops within `wait_s`, its energy. The finished attempt adds it to its own."""
-        wall = time.time() - self._t0
-        out = {"wall_s": round(wall, 1), "cpu_s": round(_cpu_seconds() - self._cpu0, 1),
-               "gpu_hours": round(gpus * wall / 3600, 4), "peak_rss_mb": round(peak_rss_mb(), 1)}
+        out = self._times(gpus)
         box: dict = {}
         worker = threading.Thread(target=lambda: box.update(self._stop_energy()), name="cost-attempt", daemon=True)
         worker.start()
@@ -212,9 +215,7 @@ class Meter:
         """The manifest's `cost` block. `gpus`: devices the stage ran on (processes on CUDA), 0 on CPU. `earlier`:
         the `attempt` records of runs of this stage that stopped before finishing (resumed here); wall, CPU and GPU
         time, energy and CO2e are then sums over every attempt, listed under `attempts`."""
-        wall = time.time() - self._t0
-        out = {"wall_s": round(wall, 1), "cpu_s": round(_cpu_seconds() - self._cpu0, 1),
-               "gpu_hours": round(gpus * wall / 3600, 4), "gpus": gpus, "peak_rss_mb": round(peak_rss_mb(), 1)}
+        out = self._times(gpus)
         if peak_gpu_mem_mb is not None:
             out["peak_gpu_mem_mb"] = round(peak_gpu_mem_mb, 1)
         out.update({"parameters": parameters, "parameters_of": parameters_of})

@@ -73,11 +73,12 @@ def reward_trainer(lm_loss_coefficient: float, lm_head, **kwargs):
                                                                          len(row["rejected_ids"]))},
                                desc=f"Lengths of {dataset_name} dataset")
 
+        extra_columns = ()  # columns of the prepared data the collator reads besides TRL's
+
         def _set_signature_columns_if_needed(self):
             super()._set_signature_columns_if_needed()
-            if self.args.train_sampling_strategy == "group_by_length" and \
-                    self.args.length_column_name not in self._signature_columns:
-                self._signature_columns = [*self._signature_columns, self.args.length_column_name]
+            grouped = [self.args.length_column_name] if self.args.train_sampling_strategy == "group_by_length" else []
+            self._signature_columns = list(dict.fromkeys([*self._signature_columns, *self.extra_columns, *grouped]))
 
     if not lm_loss_coefficient:
         return LengthGroupedRewardTrainer(**kwargs)
@@ -97,16 +98,12 @@ def reward_trainer(lm_loss_coefficient: float, lm_head, **kwargs):
 
     class LMRegularizedRewardTrainer(LengthGroupedRewardTrainer):
         lm_head_weight = lm_head  # moved to the device and dtype of the hidden states at the first step
+        extra_columns = ("chosen_prompt_length",)
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
             return dataset.map(lambda row: {"chosen_prompt_length": len(encode_prompt(
                 processing_class, row["prompt"], tools_of(row)))}, desc=f"Prompt lengths of {dataset_name} dataset")
-
-        def _set_signature_columns_if_needed(self):
-            super()._set_signature_columns_if_needed()
-            if "chosen_prompt_length" not in self._signature_columns:
-                self._signature_columns = [*self._signature_columns, "chosen_prompt_length"]
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs.pop("lm_labels")[:, 1:]

@@ -306,10 +306,12 @@ def judge_source(section: ToolsSection, override: str | None = None) -> str | No
     """Where the image judge that checks drawn images lives (a stage or a folder): `override`, else the image_judge
     tool's source, else the diffusion tool's source (the diffusion stages write <stage>/judge/); None without
     either tool. The one rule the eval and ppo stages and the runner's inputs share."""
+    if override:
+        return override
     for backend in ("image_judge", "diffusion"):
-        sources = [t["source"] for t in section.tools if t.get("backend") == backend and t.get("source")]
-        if override or sources:
-            return override or sources[0]
+        for tool in section.tools:
+            if tool.get("backend") == backend and tool.get("source"):
+                return tool["source"]
     return None
 
 
