@@ -47,18 +47,23 @@ def busy(seconds: float) -> None:
 
 
 def test_meter_records_every_field_with_codecarbon_on_a_busy_loop(capfd):
+    started = time.time()
     meter = cost.Meter("USA")
     meter.start_energy()
+    # codecarbon starts in a background thread; on a loaded CI machine that took longer than the loop (tracked 0.0 s),
+    # so wait for it: this test is about the fields of a tracked span, not about how fast codecarbon starts
+    meter._thread.join(cost.START_WAIT_S)
     busy(4)
     block = meter.stop()
+    elapsed = time.time() - started
     assert all(k in block for k in FIELDS), block
-    assert block["wall_s"] == pytest.approx(4, abs=1) and block["cpu_s"] >= 2 and block["peak_rss_mb"] > 10
+    assert block["wall_s"] == pytest.approx(elapsed, abs=0.5) and block["cpu_s"] >= 2 and block["peak_rss_mb"] > 10
     assert block["gpu_hours"] == 0 and block["gpus"] == 0
     assert block["energy_kwh"] > 0, block.get("energy_error")
     parts = block["energy_cpu_kwh"] + block["energy_gpu_kwh"] + block["energy_ram_kwh"]
     assert parts == pytest.approx(block["energy_kwh"], rel=1e-6)
     assert block["energy_method"].startswith("codecarbon ") and "process mode" in block["energy_method"]
-    assert isinstance(block["energy_estimate"], bool) and 0 < block["energy_tracked_s"] <= block["wall_s"] + 1
+    assert isinstance(block["energy_estimate"], bool) and 3 <= block["energy_tracked_s"] <= block["wall_s"] + 1
     assert block["carbon_intensity_source"].startswith("codecarbon USA")
     assert block["co2e_kg"] == pytest.approx(block["energy_kwh"] * block["carbon_intensity_g_per_kwh"] / 1000)
     out, err = capfd.readouterr()
