@@ -184,6 +184,7 @@ class ToolRun:
     log_ratios: np.ndarray = None  # (prompts, tool_samples) over the policy's tokens, or None
     samples: list = None           # per prompt: its sampled rollouts (as greedy, with "log_ratio"), or None
     kl_note: str | None = None     # why there is no KL
+    images: dict = None            # id -> image: what this checkpoint's rollouts drew, under images/<checkpoint>/
 
 
 class ToolEval:
@@ -194,6 +195,7 @@ class ToolEval:
         if images.exists():  # an earlier try's images: ids would repeat
             shutil.rmtree(images)
         self.toolbox, self.store = stage_toolbox(recipe, folder, 0, save_gallery=True)
+        self.images = images
         self.image_dir = Path(stage_rel) / "images"  # where the PNGs are, relative to the run folder
         self.draw_tools = {e["name"] for e in recipe.tools.tools if e["backend"] == "diffusion"}
         self.judge = None
@@ -226,6 +228,10 @@ class ToolEval:
 
     def run(self, name: str, lm) -> None:
         """Greedy rollouts with their verdicts, then the sampled ones for the KL (`lm`: model, tokenizer, path)."""
+        # each checkpoint seeds its drawings from call 0 and numbers its images from the first free id, saved under
+        # images/<name>/: what it draws depends on it alone, not on how many calls the checkpoints before it made
+        self.toolbox.restart(0)
+        self.store.restart(self.images / name)
         greedy = self.rollouts(lm, self.rows, False, f"{name}: tool prompts")
         verdicts = [tool_world.verify(row, g["calls"], g["final"], self.judge, self.store) if is_verified(row)
                     else None for row, g in zip(self.rows, greedy)]
@@ -234,6 +240,7 @@ class ToolEval:
         run = ToolRun(greedy, verdicts)
         if self.keys.tool_samples and self.reference is not None:
             self.sample_kl(run, name, lm)
+        run.images = self.store.drawn()
         self.runs[name] = run
 
     def sample_kl(self, run: ToolRun, name: str, lm) -> None:
@@ -246,6 +253,7 @@ class ToolEval:
             log.info(f"{name}: no KL on tool prompts: {run.kl_note}")
             return
         torch.manual_seed(self.seed)
+        self.toolbox.restart(n * max(self.keys.max_tool_calls, 1))  # seeds after the greedy rollouts' calls
         rows = [row for row in self.rows for _ in range(k)]
         samples = self.rollouts(lm, rows, True, f"{name}: {k} sampled tool rollouts")
         seqs, scored = [s["ids"] for s in samples], [s["scored"] for s in samples]
@@ -293,5 +301,13 @@ class ToolEval:
         drawn = [r.image for r in run.greedy[i]["calls"] if r.ok and r.image and r.name in self.draw_tools]
         return drawn[-1] if drawn else None
 
-    def image_path(self, image_id: str) -> str:
-        return (self.image_dir / f"{image_id}.png").as_posix()
+    def image(self, name: str, image_id: str):
+        """An image checkpoint `name` drew or read (the gallery's are shared), or None."""
+        images = self.runs[name].images or {}
+        return images.get(image_id) if image_id in images else self.store.get(image_id) if image_id in self.store \
+            else None
+
+    def image_path(self, name: str, image_id: str) -> str:
+        """The PNG of `image` relative to the run folder: images/<name>/<id>.png, or images/<id>.png (gallery)."""
+        folder = self.image_dir / name if image_id in (self.runs[name].images or {}) else self.image_dir
+        return (folder / f"{image_id}.png").as_posix()

@@ -21,19 +21,20 @@ def prompt_text(row) -> str:
     return next((m.get("content") or "" for m in reversed(prompt) if m["role"] == "user"), "")
 
 
-def call_record(result, tools) -> dict:
-    """A call as samples.jsonl keeps it; an image it made or read with its PNG's path (relative to the run folder)."""
+def call_record(result, tools, name: str) -> dict:
+    """A call of checkpoint `name` as samples.jsonl keeps it; an image it made or read with its PNG's path (relative
+    to the run folder)."""
     out = {k: getattr(result, k) for k in ("name", "arguments", "valid", "ok", "error", "content")}
-    if result.image and result.image in tools.store:
-        out.update(image=result.image, image_path=tools.image_path(result.image))
+    if result.image and tools.image(name, result.image) is not None:
+        out.update(image=result.image, image_path=tools.image_path(name, result.image))
     return out
 
 
-def rollout_record(rollout: dict, tools) -> dict:
-    calls = [call_record(r, tools) for r in rollout["calls"]]
+def rollout_record(rollout: dict, tools, name: str) -> dict:
+    calls = [call_record(r, tools, name) for r in rollout["calls"]]
     images = list(dict.fromkeys(c["image"] for c in calls if "image" in c))
     return {"turns": rollout["turns"], "final": rollout["final"], "ended": rollout["ended"], "calls": calls,
-            "images": images, "image_paths": [tools.image_path(i) for i in images]}
+            "images": images, "image_paths": [tools.image_path(name, i) for i in images]}
 
 
 def write_samples(path: Path, tools) -> None:
@@ -44,11 +45,11 @@ def write_samples(path: Path, tools) -> None:
         for i, row in enumerate(tools.rows):
             replies = {}
             for name, run in tools.runs.items():
-                entry = rollout_record(run.greedy[i], tools)
+                entry = rollout_record(run.greedy[i], tools, name)
                 if run.verdicts[i] is not None:
                     entry["verdict"] = run.verdicts[i]
                 if run.samples is not None:
-                    entry["samples"] = [{**rollout_record(s, tools), "log_ratio": round(s["log_ratio"], 4)}
+                    entry["samples"] = [{**rollout_record(s, tools, name), "log_ratio": round(s["log_ratio"], 4)}
                                         for s in run.samples[i]]
                 replies[name] = entry
             head = {k: row[k] for k in ("id", "kind", "hard", "prompt", "expect") if row.get(k) is not None}
@@ -159,7 +160,7 @@ def draw_grid(path: Path, tools, names: list[str]) -> bool:
     if not picks:
         return False
     cells = {(r, c): tools.drawn_image(name, i) for r, i in enumerate(picks) for c, name in enumerate(names)}
-    res = max([tools.store.get(x).shape[-1] for x in cells.values() if x] or [16])
+    res = max([tools.image(names[c], x).shape[-1] for (_, c), x in cells.items() if x] or [16])
     side = res * max(1, 64 // res)
     cell_w, cell_h, label_w, head = max(side, 110) + 8, side + 10, 250, 22
     canvas = Image.new("RGB", (label_w + len(names) * cell_w, head + len(picks) * cell_h), (40, 40, 40))
@@ -180,7 +181,7 @@ def draw_grid(path: Path, tools, names: list[str]) -> bool:
                 draw.line(box, fill=grey)
                 draw.line([box[0], box[3], box[2], box[1]], fill=grey)
                 continue
-            image = tools.store.get(image_id)
+            image = tools.image(name, image_id)
             pixels = (image * 255).round().byte().permute(1, 2, 0).numpy()
             tile = Image.fromarray(pixels[..., 0] if len(image) == 1 else pixels).convert("RGB")
             canvas.paste(tile.resize((side, side), Image.NEAREST), (x0, y0))

@@ -96,6 +96,11 @@ class ImageStore:
                 del self._images[image_id], self._meta[image_id]
             self._next, self.folder = 1, (Path(folder) if folder is not None else None)  # made at its first image
 
+    def drawn(self) -> dict:
+        """The images with automatic ids, by id: what `restart` forgets (the fixed ones stay)."""
+        with self._lock:
+            return {i: image for i, image in self._images.items() if i not in self._fixed}
+
     def get(self, image_id: str):
         if image_id not in self:
             raise KeyError(f"no image {image_id}")

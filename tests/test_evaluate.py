@@ -3,6 +3,7 @@
 import itertools
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -615,7 +616,8 @@ def test_eval_with_tools_reports_tool_use_per_checkpoint(tiny_run, tool_work, mo
         (call,) = reply["calls"]
         assert call["valid"] and call["ok"] and call["error"] is None and call["content"]
         assert reply["turns"][0]["tool_calls"][0]["function"]["name"] == call["name"]
-        assert reply["image_paths"] == [f"eval/images/{i}.png" for i in reply["images"]]
+        folder = "eval/images/" if s["kind"] == "read" else "eval/images/tiny/sft/"  # the gallery; what sft drew
+        assert reply["image_paths"] == [f"{folder}{i}.png" for i in reply["images"]]
         assert all((tool_work / "runs/tiny" / p).read_bytes()[:4] == b"\x89PNG" for p in reply["image_paths"])
         if s["kind"] != "read":
             assert reply["verdict"]["image"] == call["image"] == reply["images"][0]
@@ -638,6 +640,39 @@ def test_eval_with_tools_reports_tool_use_per_checkpoint(tiny_run, tool_work, mo
 
     grid = Image.open(out / "tool_images.png")
     assert grid.size[1] == 22 + 6 * (64 + 10) and grid.size[0] == 250 + 2 * (110 + 8)  # 6 draw prompts, 2 columns
+
+
+def test_a_checkpoint_draws_the_same_images_whatever_was_evaluated_before_it(tiny_run, tool_work, monkeypatch):
+    """Two copies of one scripted checkpoint, evaluated one after the other, draw the same images under the same ids,
+    each in its own folder: the drawing tool's seeds and the image ids restart per checkpoint (before, the second
+    copy's seeds went on from the first's calls, so its images depended on what was evaluated before it)."""
+    work, _, _ = tiny_run
+    sft, copy = work / "runs/tiny/sft", tool_work / "copies/sft"
+    if not copy.exists():
+        shutil.copytree(sft, copy)
+    load_lm = evaluate.load_lm
+
+    def scripted(recipe, cp, device):
+        lm = load_lm(recipe, cp, device)
+        lm.model = ScriptedToolUser(lm.model, lm.tokenizer)
+        return lm
+
+    monkeypatch.setattr(evaluate, "load_lm", scripted)
+    monkeypatch.chdir(tool_work)
+    recipe = tiny_recipe(tool_work, world={"n_tool_eval": 6}, tools=TOOLS,
+                         eval={**SMALL_EVAL, "max_prompts": 2, "num_samples": 0, "perplexity_data": "",
+                               "checkpoints": [str(sft), str(copy)], "batch_size": 8, "tool_samples": 0})
+    evaluate.main([str(recipe)])
+    lines = [json.loads(line) for line in (tool_work / "runs/tiny/eval/samples.jsonl").read_text().splitlines()]
+    drawn = [s for s in lines if s.get("task") == "tool" and s["kind"] != "read"]
+    assert len(drawn) == 4
+    for s in drawn:
+        first, second = s["replies"].values()
+        assert first["images"] == second["images"] and len(first["images"]) == 1
+        assert first["image_paths"] != second["image_paths"]  # images/<checkpoint>/<id>.png
+        pngs = [(tool_work / "runs/tiny" / r["image_paths"][0]).read_bytes() for r in (first, second)]
+        assert pngs[0][:4] == b"\x89PNG" and pngs[0] == pngs[1]
+        assert first["verdict"] == second["verdict"]
 
 
 def test_tool_prompts_bad_setups_stop_before_anything_is_written(tiny_run, tool_work, monkeypatch):
