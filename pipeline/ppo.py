@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
 
 import math
 
-from pipeline import cli, data, log, models, monitors, preferences, runs
+from pipeline import cli, data, log, models, monitors, preferences, reward_rounds, runs
 from pipeline.heldout import heldout_comparison, heldout_rows
 from pipeline.judges import with_answers
 from pipeline.ppo_tools import check_offers
@@ -125,8 +125,8 @@ def plot_curves(history: list[dict], path: Path, algorithm: str, window: int) ->
 
 
 def check_tool_keys(recipe, cfg, keys, prompts) -> None:
-    """Weights that would reward nothing, tools the recipe does not have, and tools with a trainer that cannot run
-    ours: one line each, before anything is written."""
+    """Weights that would reward nothing, tools the recipe does not have, tools with a trainer that cannot run ours,
+    reward rounds without prompts the annotator can judge: one line each, before anything is written."""
     offers = check_offers(prompts, [t["name"] for t in recipe.tools.tools], keys.prompts) if recipe.tools.tools else \
         (prompts["tools"] if "tools" in prompts.column_names else [])
     if cfg.verifier_weight and "answer" not in prompts.column_names:
@@ -135,6 +135,9 @@ def check_tool_keys(recipe, cfg, keys, prompts) -> None:
     if cfg.image_verifier_weight and not (recipe.tools.tools and any(offers)):
         raise cli.PipelineError(f"{recipe.path}: ppo.image_verifier_weight rewards tool tasks: it needs a `tools` "
                                 f"section and prompts that offer tools (a `tools` column, e.g. world:tool_preference)")
+    if cfg.reward_rounds > 1 and not reward_rounds.annotated_rows(prompts):
+        raise cli.PipelineError(f"{keys.prompts}: ppo.reward_rounds needs prompts the world's annotator can judge "
+                                f"(world problems, or `skill`/`answer` columns) to label fresh samples; none is")
     if cfg.algorithm != "ppo" and recipe.tools.tools and any(offers):
         from pipeline.trl_tools import check_grpo_tools
 
@@ -176,6 +179,8 @@ def main(argv):
         metrics = summarise(history, cfg.algorithm)
         if heldout is not None and run.state.is_main_process:
             metrics.update(heldout_comparison(recipe, keys, heldout, ("start", init.path), (STAGE, str(run.out))))
+        if cfg.reward_rounds > 1:
+            metrics["reward_rounds"] = reward_rounds.records(run.out, cfg.reward_rounds)
         metrics["final"] = history[-1] if history else {}
         metrics["warnings"] = monitors.online_warnings(history, keys.monitor_window)
         metrics["history"] = history

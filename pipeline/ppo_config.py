@@ -50,6 +50,12 @@ class PPOConfig:
     top_p: float = 1.0                   # nucleus sampling
     num_generations: int = 4             # grpo/rloo: replies per prompt (the group)
     critic_init: Literal["reward", "policy"] = "reward"  # value head on a copy of the reward model or the policy
+    reward_rounds: int = 1               # ppo: >1 splits the steps into rounds; before each round after the first the
+                                         # reward model is fine-tuned on fresh policy samples the annotator labelled
+    reward_round_prompts: int = 2000     # prompts answered twice per round (pipeline/reward_rounds.py)
+    reward_round_epochs: int = 1         # passes over the pairs of every round so far
+    reward_round_learning_rate: float = 1e-4
+    reward_round_batch_size: int = 32    # pairs per step of the reward model's fine-tuning
     logging_steps: int = 1               # print a line every this many steps (every step goes into metrics.json)
     save_steps: int = 20                 # checkpoint every this many steps; 0: only at the end of training
     save_total_limit: int = 1            # checkpoints kept
@@ -66,6 +72,15 @@ class PPOConfig:
                              f"({self.gradient_accumulation_steps}) equal parts")
         for name in ("max_steps", "batch_size", "ppo_epochs", "max_new_tokens", "temperature", "target_kl",
                      "kl_horizon"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 1 <= self.reward_rounds <= self.max_steps:
+            raise ValueError(f"reward_rounds must be between 1 and max_steps ({self.max_steps}), got "
+                             f"{self.reward_rounds}")
+        if self.reward_rounds > 1 and self.algorithm != "ppo":
+            raise ValueError(f"reward_rounds > 1 runs in algorithm: ppo, not {self.algorithm}")
+        for name in ("reward_round_prompts", "reward_round_epochs", "reward_round_learning_rate",
+                     "reward_round_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.trl_args and self.algorithm == "ppo":

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline import cli, cluster, faults, judges, log, metrics, models, monitors, rl, safe_resume, threads
+from pipeline import (cli, cluster, faults, judges, log, metrics, models, monitors, reward_rounds, rl, safe_resume,
+                      threads)
 from pipeline.generation import render_prompt
 from pipeline.ppo_rollout import Rollout, positions, reply_logits, sample_replies
 from pipeline.ppo_tools import ToolEnv, conversation, tool_counts
@@ -133,6 +134,7 @@ class PPOTrainer:
             reference = models.load_causal_lm(recipe, init.path, revision=recipe.model.revision)
             self.reference = reference.to(self.device).eval().requires_grad_(False)
         self.reward_model = RewardModel.load(recipe, reward_checkpoint, self.device)
+        self.reward_round, self.recipe = 1, recipe  # iterated RLHF (reward_rounds > 1): pipeline/reward_rounds.py
         if cfg.critic_init == "reward":
             if self.reward_model.tokenizer.get_vocab() != tokenizer.get_vocab():
                 raise cli.PipelineError(f"{reward_checkpoint.path}: critic_init: reward needs the reward model to "
@@ -159,6 +161,8 @@ class PPOTrainer:
                  for p, t in zip(prompts["prompt"], offers or [None] * len(prompts))]
         self.prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         self.usable = [i for i, ids in enumerate(self.prompt_ids) if len(ids) <= cfg.max_prompt_length]
+        usable = set(self.usable)
+        self.annotated = [i for i in reward_rounds.annotated_rows(prompts) if i in usable]  # reward rounds' prompts
         if len(self.usable) < cfg.batch_size * num_processes:
             raise cli.PipelineError(f"{keys.prompts}: {len(self.usable)} prompts of at most max_prompt_length="
                                     f"{cfg.max_prompt_length} tokens, fewer than one batch "
@@ -298,6 +302,8 @@ class PPOTrainer:
             sums = self.accelerator.reduce(sums, reduction="sum").tolist()
             step_stats.update({k: n / d for k, (n, d) in zip(ratios, sums) if d > 0})
         step_stats["kl_coef"] = self.kl_ctl.value
+        if self.cfg.reward_rounds > 1:
+            step_stats["reward_round"] = self.reward_round  # the proxy's scale changes with the round
         self.kl_ctl.update(step_stats["kl"], self.cfg.batch_size * self.accelerator.num_processes)
         return {"step": self.progress.step + 1, **step_stats, "lr": self.sched_policy.get_last_lr()[0],
                 "elapsed_s": round(time.time() - started, 2)}
@@ -323,6 +329,8 @@ class PPOTrainer:
         cluster.STOP.training = True  # from here SIGTERM/SIGUSR1 mean: checkpoint after this step and exit to requeue
         while progress.step < cfg.max_steps:
             threads.rebalance()
+            if cfg.reward_rounds > 1:
+                self.enter_reward_round(reward_rounds.round_at(progress.step, cfg.max_steps, cfg.reward_rounds))
             batch = self.rollout()
             self.score(batch)
             self.advantages(batch)
@@ -351,6 +359,23 @@ class PPOTrainer:
         for tracker in self.accelerator.trackers:  # not end_training(): it also destroys the process group
             tracker.finish()
         return progress.history
+
+    def enter_reward_round(self, r: int) -> None:
+        """Score with round r's reward model from now on: the one saved in its folder, built first (by the main
+        process, from round r-1's) when the folder is not whole. A resumed run loads the round it resumes in."""
+        if r == self.reward_round:
+            return
+        folder = reward_rounds.round_dir(self.run.out, r)
+        if not reward_rounds.is_whole(folder):
+            if self.reward_round != r - 1:  # resumed at round r's first step: round r-1's model is the start
+                self.enter_reward_round(r - 1)
+            if self.main:
+                reward_rounds.build_round(r, out=self.run.out, reward=self.reward_model, policy=self.unwrapped,
+                                          tokenizer=self.tokenizer, prompts=self.prompts, rows=self.annotated,
+                                          cfg=self.cfg, noise=self.recipe.world.label_noise, step=self.progress.step)
+            self.accelerator.wait_for_everyone()
+        self.reward_model = reward_rounds.load_round(self.recipe, folder, self.device)
+        self.reward_round = r
 
     def save_checkpoint(self) -> None:
         """All state into tmp-checkpoint-N, then renamed to checkpoint-N: a kill never leaves a half checkpoint."""

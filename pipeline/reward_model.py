@@ -129,17 +129,26 @@ def score(model, sequences: list[list[int]], pad_id: int, batch_size: int, max_l
     with torch.inference_mode():
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=len(order) <= batch_size):
             idx = order[start:start + batch_size]
-            width = max(len(sequences[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids[row, :len(sequences[i])] = torch.tensor(sequences[i])
-                mask[row, :len(sequences[i])] = 1
+            ids, mask = pad_right([sequences[i] for i in idx], pad_id)
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
             for row, i in enumerate(idx):
                 rewards[i] = float(out[row, 0])
     model.train(was_training)
     return rewards
+
+
+def pad_right(sequences: list[list[int]], pad_id: int):
+    """(input_ids, attention_mask) of token-id sequences padded on the right, as the score head expects (it reads
+    each row's last non-pad token)."""
+    import torch
+
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)] = torch.tensor(seq)
+        mask[row, :len(seq)] = 1
+    return ids, mask
 
 
 @dataclass

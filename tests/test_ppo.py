@@ -324,6 +324,54 @@ def test_preemption_signal_checkpoints_between_steps_and_the_rerun_finishes(unin
     assert read(work, "preempted")["steps"] == read(work, "full")["steps"] == 12
 
 
+def test_reward_rounds_split_the_steps_evenly():
+    from pipeline.reward_rounds import round_at, round_starts
+
+    assert round_starts(12, 3) == [4, 8] and round_starts(10, 1) == [] and round_starts(10, 4) == [2, 5, 7]
+    assert [round_at(done, 12, 3) for done in range(12)] == [1] * 4 + [2] * 4 + [3] * 4
+    assert [round_at(done, 5, 1) for done in range(5)] == [1] * 5
+
+
+def test_reward_rounds_fine_tune_the_reward_model_on_fresh_samples_and_resume_after_a_kill(inputs):
+    """Iterated RLHF (reward_rounds: 2 of 4 steps): before step 3 the policy's own samples, labelled by the world's
+    annotator, fine-tune the reward model, which scores steps 3-4 and is saved with its pairs and record. A run
+    SIGKILLed while saving that round (the model written, its state not) reruns to the uninterrupted run's history
+    and weights."""
+    work = inputs[0]
+    rounds = {"max_steps": 4, "save_steps": 2, "reward_rounds": 2, "reward_round_prompts": 48,
+              "reward_round_epochs": 2, "reward_round_learning_rate": 1e-3}
+    args = ["pipeline/ppo.py", ppo_recipe(work, **rounds)]
+    proc = run_cli([*args, "run.name=rounds"], cwd=work, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read(work, "rounds")
+    assert [h["reward_round"] for h in metrics["history"]] == [1, 1, 2, 2]
+    (record,) = metrics["reward_rounds"]
+    assert record["round"] == 2 and record["step"] == 2 and record["prompts"] == 48
+    assert record["pairs"] + record["ties_dropped"] == 48 and record["pairs"] > 0
+    assert 0 <= record["accuracy_before"] <= 1 and record["accuracy_after"] > record["accuracy_before"]
+    folder = work / "runs/rounds/ppo/reward-rounds/round-2"
+    pairs = json.loads((folder / "pairs.json").read_text())
+    assert len(pairs) == record["pairs"] and {"prompt", "chosen", "rejected"} <= set(pairs[0])
+    before, after = load_file(work / "rm/model.safetensors"), load_file(folder / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # fine-tuned
+    config = json.loads((folder / "config.json").read_text())
+    assert config["reward_mean"] == pytest.approx(record["reward_mean"]) and config["reward_std"] > 0
+
+    killed = run_cli([*args, "run.name=rounds-killed"], cwd=work, env={**ENV, "PIPELINE_FAULT": "kill:reward-round"})
+    partial = work / "runs/rounds-killed/ppo.partial"
+    assert killed.returncode == -signal.SIGKILL and (partial / "reward-rounds/round-2.tmp/model.safetensors").is_file()
+    assert not (partial / "reward-rounds/round-2").exists()
+    resumed = run_cli([*args, "run.name=rounds-killed"], cwd=work, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    other = read(work, "rounds-killed")
+    timeless = [[{k: v for k, v in h.items() if k != "elapsed_s"} for h in m["history"]] for m in (other, metrics)]
+    assert timeless[0] == timeless[1]
+    a, b = (load_file(work / f"runs/{n}/ppo/model.safetensors") for n in ("rounds", "rounds-killed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert {k: v for k, v in other["reward_rounds"][0].items() if k != "seconds"} == \
+        {k: v for k, v in record.items() if k != "seconds"}
+
+
 def test_two_processes_with_lora(inputs):
     work = inputs[0]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
