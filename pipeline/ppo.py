@@ -69,7 +69,8 @@ def summarise(history: list[dict], algorithm: str) -> dict:
         return sum(vals) / len(vals) if vals else None
 
     out = {"algorithm": algorithm, "steps": history[-1]["step"] if history else 0}
-    for key in ("reward_raw", "reward", "kl", "kl_per_token", "verifier", "image_verifier", "tool_call_rate",
+    for key in ("reward_raw", "reward", "kl", "kl_per_token", "verifier", "annotator_vs_start", "image_verifier",
+                "tool_call_rate",
                 "valid_call_rate", "distinct_2", "reply_length", "ended"):
         start, end = mean(history[:n], key), mean(history[-n:], key)
         if start is not None:
@@ -92,6 +93,10 @@ def plot_curves(history: list[dict], path: Path, algorithm: str, window: int) ->
                        ("image_verifier", "image verifier (tool tasks)")):
         if any(r.get(key) is not None for r in history):
             ax_r.plot(steps, [r.get(key) for r in history], label=label)
+    logged = [r for r in history if r.get("annotator_vs_start") is not None]  # logged steps only
+    if logged:
+        ax_r.plot([r["step"] for r in logged], [r["annotator_vs_start"] for r in logged], "o-", ms=3,
+                  label="annotator: win rate vs start")
     ax_r.set(xlabel="step", title=f"{algorithm}: reward", ylabel="mean per reply")
     ax_r.legend()
     kl_key, per = ("kl", "reply") if any(r.get("kl") is not None for r in history) else ("kl_per_token", "token")
@@ -116,6 +121,9 @@ def plot_curves(history: list[dict], path: Path, algorithm: str, window: int) ->
         if all(r.get("verifier") is not None for r in rows):
             ax_gold = ax_g.twinx()
             ax_gold.plot(kl, moving("verifier"), color="tab:green", label="gold: verifier accuracy")
+            if logged:
+                ax_gold.plot([r[kl_key] for r in logged], [r["annotator_vs_start"] for r in logged], "o", ms=3,
+                             color="tab:olive", label="gold: annotator win rate vs start (logged steps)")
             ax_gold.set_ylabel("gold: verifier accuracy (green)")
             ax_gold.legend(loc="lower right", fontsize=8)
         ax_g.legend(loc="upper left", fontsize=8)

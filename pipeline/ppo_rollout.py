@@ -43,6 +43,8 @@ class Rollout:
     judged: torch.Tensor = None        # (B,) bool: the verifier has a verdict on the row (a tool task has none)
     verdicts: list = None              # (B,) tools: tool_world.verify's outcome on tool tasks, None elsewhere
     tool_correct: torch.Tensor = None  # (B,) float 1/0: the same verdicts' `correct` (0 where none)
+    vs_start: tuple = None             # logged steps: (wins, judged) of the replies against the starting policy's by
+                                       #   the world's noise-free annotator, a tie half a win; None: not measured
     scores: torch.Tensor = None        # (B,) the score given at the last reply token
     logprobs: torch.Tensor = None      # (B, R) log pi(token) under the policy that sampled it
     ref_logprobs: torch.Tensor = None  # (B, R) the same under the frozen reference

@@ -41,7 +41,7 @@ from pipeline.ppo_tools import ToolEnv, conversation, tool_counts
 from pipeline.reward_model import RewardModel, load_reward_model, tools_of
 
 # printed every logging_steps (metrics.json has every statistic of every step)
-LOG_KEYS = ("step", "reward_raw", "reward", "verifier", "image_verifier", "tool_call_rate", "valid_call_rate", "kl",
+LOG_KEYS = ("step", "reward_raw", "reward", "verifier", "annotator_vs_start", "image_verifier", "tool_call_rate", "valid_call_rate", "kl",
             "kl_coef", "entropy", "distinct_2", "clipfrac", "approx_kl", "value_loss", "explained_variance",
             "reply_length", "ended")
 UPDATE_STATS = ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl", "entropy")
@@ -197,10 +197,8 @@ class PPOTrainer:
         """Phase 1: sample one reply to each of this step's prompts."""
         rows = [self.usable[i] for i in self.sampler.next_batch()]
         if self.tools is not None:  # multi-turn: the policy calls tools (pipeline/ppo_tools.py)
-            step, cfg = self.progress.step, self.cfg
-            keep = (step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.max_steps
-            return self.tools.rollout(self.unwrapped, self.tokenizer, self.prompt_ids, rows, step=step,
-                                      keep_images=keep, device=self.device)
+            return self.tools.rollout(self.unwrapped, self.tokenizer, self.prompt_ids, rows, step=self.progress.step,
+                                      keep_images=self.logged_step(), device=self.device)
         batch = sample_replies(self.unwrapped, self.tokenizer, [self.prompt_ids[i] for i in rows], rows, self.cfg,
                                self.device)
         batch.texts = [t.strip() for t in self.tokenizer.batch_decode(batch.replies, skip_special_tokens=True)]
@@ -217,6 +215,8 @@ class PPOTrainer:
             verdicts = judges.verifier_scores(rows["skill"], rows["answer"], batch.texts)  # None: a tool task
             batch.judged = torch.tensor([v is not None for v in verdicts], device=self.device)
             batch.correct = torch.tensor([v or 0.0 for v in verdicts], dtype=torch.float32, device=self.device)
+            if self.logged_step():
+                batch.vs_start = self.against_start(rows, batch, [i for i, v in enumerate(verdicts) if v is not None])
         if self.tools is not None:  # the tool tasks' gold score (tool_world.verify), logged as image_verifier
             self.tools.judge(rows, batch)
         if cfg.verifier_weight:  # only then does the gold score enter the reward
@@ -232,6 +232,31 @@ class PPOTrainer:
             ref_logits = reply_logits(self.reference, seq, att, ctx, cfg.temperature)
         batch.ref_logprobs = rl.logprobs_of(ref_logits, batch.replies)
         batch.values = self.critic(seq, att, positions(att))[:, ctx - 1:-1]
+
+    def logged_step(self) -> bool:
+        step = self.progress.step + 1
+        return step % self.cfg.logging_steps == 0 or step == self.cfg.max_steps
+
+    @torch.no_grad()
+    def against_start(self, rows, batch: Rollout, judged: list[int]) -> tuple[float, int]:
+        """A second gold score: the world's noise-free annotator compares each judged reply with a reply the starting
+        policy (the reference) samples for the same prompt. Returns (wins, judged), a tie half a win. Sampled under
+        its own seed with the global random state left as it was: logging never changes the run."""
+        if not judged:
+            return 0.0, 0
+        ids = [self.prompt_ids[batch.rows[i]] for i in judged]
+        seed = (self.cfg.seed * 1_000_003 + self.progress.step) * self.accelerator.num_processes \
+            + self.accelerator.process_index
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            if self.reference is None:
+                with self.unwrapped.disable_adapter():
+                    start = sample_replies(self.unwrapped, self.tokenizer, ids, judged, self.cfg, self.device)
+            else:
+                start = sample_replies(self.reference, self.tokenizer, ids, judged, self.cfg, self.device)
+        texts = [t.strip() for t in self.tokenizer.batch_decode(start.replies, skip_special_tokens=True)]
+        outcomes = [judges.annotator_outcome(rows[i], batch.texts[i], text) for i, text in zip(judged, texts)]
+        return sum((o + 1) / 2 for o in outcomes), len(outcomes)
 
     def advantages(self, batch: Rollout) -> None:
         """Phase 3: per-token rewards (score minus the KL penalty) and GAE advantages."""
@@ -297,6 +322,8 @@ class PPOTrainer:
         ratios = tool_counts(batch.calls, batch.tools, batch.verdicts) if self.tools is not None else {}
         if batch.correct is not None:
             ratios["verifier"] = ((batch.correct * batch.judged).sum(), batch.judged.sum())
+        if batch.vs_start is not None:
+            ratios["annotator_vs_start"] = batch.vs_start
         if ratios:
             sums = torch.tensor([[float(n), float(d)] for n, d in ratios.values()], device=self.device)
             sums = self.accelerator.reduce(sums, reduction="sum").tolist()

@@ -336,15 +336,19 @@ def test_reward_rounds_fine_tune_the_reward_model_on_fresh_samples_and_resume_af
     """Iterated RLHF (reward_rounds: 2 of 4 steps): before step 3 the policy's own samples, labelled by the world's
     annotator, fine-tune the reward model, which scores steps 3-4 and is saved with its pairs and record. A run
     SIGKILLed while saving that round (the model written, its state not) reruns to the uninterrupted run's history
-    and weights."""
+    and weights; it logs every step instead of every second one, which adds the annotator's win rate against the
+    start to every row and changes nothing else."""
     work = inputs[0]
     rounds = {"max_steps": 4, "save_steps": 2, "reward_rounds": 2, "reward_round_prompts": 48,
               "reward_round_epochs": 2, "reward_round_learning_rate": 1e-3}
     args = ["pipeline/ppo.py", ppo_recipe(work, **rounds)]
-    proc = run_cli([*args, "run.name=rounds"], cwd=work, env=ENV)
+    proc = run_cli([*args, "run.name=rounds", "ppo.logging_steps=2"], cwd=work, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read(work, "rounds")
     assert [h["reward_round"] for h in metrics["history"]] == [1, 1, 2, 2]
+    # the annotator's win rate against the start is measured on logged steps only
+    assert ["annotator_vs_start" in h for h in metrics["history"]] == [False, True, False, True]
+    assert all(0 <= h["annotator_vs_start"] <= 1 for h in metrics["history"][1::2])
     (record,) = metrics["reward_rounds"]
     assert record["round"] == 2 and record["step"] == 2 and record["prompts"] == 48
     assert record["pairs"] + record["ties_dropped"] == 48 and record["pairs"] > 0
@@ -363,8 +367,10 @@ def test_reward_rounds_fine_tune_the_reward_model_on_fresh_samples_and_resume_af
     assert not (partial / "reward-rounds/round-2").exists()
     resumed = run_cli([*args, "run.name=rounds-killed"], cwd=work, env=ENV)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    other = read(work, "rounds-killed")
-    timeless = [[{k: v for k, v in h.items() if k != "elapsed_s"} for h in m["history"]] for m in (other, metrics)]
+    other = read(work, "rounds-killed")  # logged every step: logging changes nothing else
+    assert all("annotator_vs_start" in h for h in other["history"])
+    timeless = [[{k: v for k, v in h.items() if k not in ("elapsed_s", "annotator_vs_start")} for h in m["history"]]
+                for m in (other, metrics)]
     assert timeless[0] == timeless[1]
     a, b = (load_file(work / f"runs/{n}/ppo/model.safetensors") for n in ("rounds", "rounds-killed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
