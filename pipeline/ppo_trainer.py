@@ -210,7 +210,7 @@ class PPOTrainer:
         cfg, rows = self.cfg, self.prompts.select(batch.rows)
         batch.raw, batch.normalised, batch.scores = self.reward_model.policy_scores(
             rows["prompt"], conversation(batch), batch.ended, cfg.missing_eos_penalty, tools=batch.tools,
-            desc="ppo rewards")
+            clip=cfg.reward_clip, desc="ppo rewards")
         if {"skill", "answer"} <= set(rows.column_names):  # the gold score, logged to see over-optimisation
             verdicts = judges.verifier_scores(rows["skill"], rows["answer"], batch.texts)  # None: a tool task
             batch.judged = torch.tensor([v is not None for v in verdicts], device=self.device)

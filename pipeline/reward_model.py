@@ -193,9 +193,10 @@ class RewardModel:
         return score(self.model, seqs, self.tokenizer.pad_token_id, batch_size, self.max_length, desc)
 
     def policy_scores(self, prompts, replies, ended, missing_eos_penalty: float | None, *, tools=None,
-                      desc: str = "rewards"):
+                      clip: float | None = None, desc: str = "rewards"):
         """What an online RL step (PPO, GRPO, RLOO) rewards a sampled reply with: (raw, normalised, score) tensors of
-        shape (B,), the score being the normalised reward minus `missing_eos_penalty` where the reply did not end.
+        shape (B,), the score being the normalised reward (clamped to [-clip, clip] when `clip` is set) minus
+        `missing_eos_penalty` where the reply did not end.
         A reply with tool calls is its messages (assistant and tool turns), read with the tools its prompt offered
         (`tools`: one list per row, or None), as the reward stage reads a conversation with tools."""
         import torch
@@ -204,6 +205,8 @@ class RewardModel:
 
         raw = torch.tensor(self.scores(prompts, replies, tools, desc=desc), device=ended.device)
         normalised = self.normalise(raw)
+        if clip is not None:
+            normalised = normalised.clamp(-clip, clip)
         return raw, normalised, rl.score_with_eos_penalty(normalised, ended, missing_eos_penalty)
 
     def normalise(self, raw):

@@ -41,7 +41,8 @@ def log_rollout_statistics(texts, log_metric, skill=None, answer=None) -> None:
         log_metric(f"distinct_{n}", metrics.distinct_n(texts, n) or 0.0)
 
 
-def reward_function(reward_model: RewardModel, eos_token_id: int, missing_eos_penalty: float | None, tools=None):
+def reward_function(reward_model: RewardModel, eos_token_id: int, missing_eos_penalty: float | None, tools=None,
+                    clip: float | None = None):
     """The reward model as a TRL reward function: the same score as our PPO gives a reply (RewardModel.policy_scores),
     its raw and normalised means logged, and the rollout statistics (log_rollout_statistics), which never change the
     score. With tools (a pipeline/trl_tools.TRLTools) the reward model reads the whole completion with the tools, and
@@ -52,7 +53,7 @@ def reward_function(reward_model: RewardModel, eos_token_id: int, missing_eos_pe
         ended = torch.tensor([len(ids) > 0 and ids[-1] == eos_token_id for ids in completion_ids])
         replies, schemas = (texts, None) if tools is None else (completions, [list(tools.tools)] * len(texts))
         raw, normalised, scores = reward_model.policy_scores(prompts, replies, ended, missing_eos_penalty,
-                                                             tools=schemas)
+                                                             tools=schemas, clip=clip)
         log_metric("reward_raw", raw.mean().item())
         log_metric("reward_normalised", normalised.mean().item())
         log_metric("ended", ended.float().mean().item())
@@ -145,7 +146,8 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
     def verifier(prompts, completions, skill, answer, **_):  # None: a tool task, judged by image_verifier
         return judges.verifier_scores(skill, answer, reply_texts(completions))
 
-    reward_funcs = {"reward_model": reward_function(reward_model, eos, cfg.missing_eos_penalty, env),
+    reward_funcs = {"reward_model": reward_function(reward_model, eos, cfg.missing_eos_penalty, env,
+                                                    cfg.reward_clip),
                     "verifier": verifier, "image_verifier": env and env.image_verifier}
     trainer = trainer_cls(model=model, args=args, train_dataset=prompts, reward_funcs=[reward_funcs[f] for f in funcs],
                           processing_class=tokenizer, peft_config=models.peft_config(peft_values),

@@ -193,7 +193,7 @@ def test_trl_reward_function_logs_the_gold_score_and_never_returns_it(monkeypatc
     from pipeline import judges, trl_online
 
     class StubRewardModel:
-        def policy_scores(self, prompts, replies, ended, missing_eos_penalty, tools=None):
+        def policy_scores(self, prompts, replies, ended, missing_eos_penalty, tools=None, clip=None):
             raw = torch.arange(len(replies), dtype=torch.float32)
             return raw, raw / 2, raw / 2 - 1.0 * (~ended)
 

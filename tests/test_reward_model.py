@@ -92,6 +92,16 @@ def test_every_reader_gets_the_reward_trl_trained_on(scored):
     assert grpo == pytest.approx(ppo_scores.tolist(), abs=1e-5)
     assert logged["reward_raw"] == pytest.approx(sum(truth) / len(truth), abs=1e-5)
 
+    # reward_clip: the normalised score clamped before the penalty, the same for ppo and grpo
+    clip = sorted(abs(n) for n in normalised)[len(normalised) // 2]  # half the replies are past it
+    _, clipped, clipped_scores = reward_model.policy_scores(prompts, texts, ended, missing_eos_penalty=1.0, clip=clip)
+    assert clipped.tolist() == pytest.approx([max(-clip, min(clip, n)) for n in normalised], abs=1e-5)
+    assert sum(abs(n) > clip + 1e-6 for n in normalised) > 0
+    grpo = trl_online.reward_function(reward_model, eos, 1.0, clip=clip)(
+        prompts=prompts, completions=completions, completion_ids=[[5, eos] if e else [5, 6] for e in ended],
+        log_metric=lambda k, v: None)
+    assert grpo == pytest.approx(clipped_scores.tolist(), abs=1e-5)
+
     # the eval stage: each checkpoint's greedy reply, standardised
     target = evaluate.Target("policy", checkpoint, greedy=[Reply(t, True, 0) for t in texts])
     assert evaluate.score_rewards(recipe, checkpoint, [target], rows, batch_size=3, device="cpu") is True
