@@ -107,7 +107,6 @@ def fine_tune(reward: RewardModel, pairs: list[dict], *, epochs: int, learning_r
     model.requires_grad_(True).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     order_rng = torch.Generator().manual_seed(seed)
-    losses, right = [], []
     for _ in range(epochs):
         losses, right = [], []
         order = torch.randperm(len(seqs), generator=order_rng).tolist()
