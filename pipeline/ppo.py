@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
 
 import math
 
-from pipeline import cli, data, log, models, monitors, preferences, reward_rounds, runs
+from pipeline import cli, data, models, monitors, preferences, reward_rounds, runs
 from pipeline.heldout import heldout_comparison, heldout_rows
 from pipeline.judges import with_answers
 from pipeline.ppo_tools import check_offers
@@ -70,8 +70,7 @@ def summarise(history: list[dict], algorithm: str) -> dict:
 
     out = {"algorithm": algorithm, "steps": history[-1]["step"] if history else 0}
     for key in ("reward_raw", "reward", "kl", "kl_per_token", "verifier", "annotator_vs_start", "image_verifier",
-                "tool_call_rate",
-                "valid_call_rate", "distinct_2", "reply_length", "ended"):
+                "tool_call_rate", "valid_call_rate", "distinct_2", "reply_length", "ended"):
         start, end = mean(history[:n], key), mean(history[-n:], key)
         if start is not None:
             out[f"{key}_start"], out[f"{key}_end"] = start, end

@@ -41,9 +41,9 @@ from pipeline.ppo_tools import ToolEnv, conversation, tool_counts
 from pipeline.reward_model import RewardModel, load_reward_model, tools_of
 
 # printed every logging_steps (metrics.json has every statistic of every step)
-LOG_KEYS = ("step", "reward_raw", "reward", "verifier", "annotator_vs_start", "image_verifier", "tool_call_rate", "valid_call_rate", "kl",
-            "kl_coef", "entropy", "distinct_2", "clipfrac", "approx_kl", "value_loss", "explained_variance",
-            "reply_length", "ended")
+LOG_KEYS = ("step", "reward_raw", "reward", "verifier", "annotator_vs_start", "image_verifier", "tool_call_rate",
+            "valid_call_rate", "kl", "kl_coef", "entropy", "distinct_2", "clipfrac", "approx_kl", "value_loss",
+            "explained_variance", "reply_length", "ended")
 UPDATE_STATS = ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl", "entropy")
 
 
