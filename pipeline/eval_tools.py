@@ -303,11 +303,11 @@ class ToolEval:
 
     def image(self, name: str, image_id: str):
         """An image checkpoint `name` drew or read (the gallery's are shared), or None."""
-        images = self.runs[name].images or {}
-        return images.get(image_id) if image_id in images else self.store.get(image_id) if image_id in self.store \
-            else None
+        if image_id in self.runs[name].images:
+            return self.runs[name].images[image_id]
+        return self.store.get(image_id) if image_id in self.store else None
 
     def image_path(self, name: str, image_id: str) -> str:
         """The PNG of `image` relative to the run folder: images/<name>/<id>.png, or images/<id>.png (gallery)."""
-        folder = self.image_dir / name if image_id in (self.runs[name].images or {}) else self.image_dir
+        folder = self.image_dir / name if image_id in self.runs[name].images else self.image_dir
         return (folder / f"{image_id}.png").as_posix()

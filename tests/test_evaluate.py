@@ -560,6 +560,19 @@ TOOLS = {"world_gallery": True, "timeout_s": 120, "tools": [
     {"name": "read_image", "backend": "image_judge", "source": "diffusion"}]}
 
 
+def script_tool_use(monkeypatch, paths: list[str]) -> None:
+    """The eval stage loads the checkpoints at `paths` as ScriptedToolUser, the others as they are."""
+    load_lm = evaluate.load_lm
+
+    def scripted(recipe, cp, device):
+        lm = load_lm(recipe, cp, device)
+        if cp.path in paths:
+            lm.model = ScriptedToolUser(lm.model, lm.tokenizer)
+        return lm
+
+    monkeypatch.setattr(evaluate, "load_lm", scripted)
+
+
 @pytest.fixture(scope="module")
 def tool_work(tmp_path_factory):
     """A folder with runs/tiny/diffusion: a tiny untrained text-to-image pipeline and an untrained image judge."""
@@ -575,15 +588,7 @@ def test_eval_with_tools_reports_tool_use_per_checkpoint(tiny_run, tool_work, mo
     to call the right tool, draws images that land in eval/images/, the report's table and the grid."""
     work, _, _ = tiny_run
     pre, sft = str(work / "runs/tiny/pretrain"), str(work / "runs/tiny/sft")
-    load_lm = evaluate.load_lm
-
-    def scripted_sft(recipe, cp, device):
-        lm = load_lm(recipe, cp, device)
-        if cp.path == sft:
-            lm.model = ScriptedToolUser(lm.model, lm.tokenizer)
-        return lm
-
-    monkeypatch.setattr(evaluate, "load_lm", scripted_sft)
+    script_tool_use(monkeypatch, [sft])
     monkeypatch.chdir(tool_work)
     recipe = tiny_recipe(tool_work, world={"n_tool_eval": 9}, tools=TOOLS,
                          eval={**SMALL_EVAL, "max_prompts": 4, "num_samples": 0, "perplexity_data": "",
@@ -650,14 +655,7 @@ def test_a_checkpoint_draws_the_same_images_whatever_was_evaluated_before_it(tin
     sft, copy = work / "runs/tiny/sft", tool_work / "copies/sft"
     if not copy.exists():
         shutil.copytree(sft, copy)
-    load_lm = evaluate.load_lm
-
-    def scripted(recipe, cp, device):
-        lm = load_lm(recipe, cp, device)
-        lm.model = ScriptedToolUser(lm.model, lm.tokenizer)
-        return lm
-
-    monkeypatch.setattr(evaluate, "load_lm", scripted)
+    script_tool_use(monkeypatch, [str(sft), str(copy)])
     monkeypatch.chdir(tool_work)
     recipe = tiny_recipe(tool_work, world={"n_tool_eval": 6}, tools=TOOLS,
                          eval={**SMALL_EVAL, "max_prompts": 2, "num_samples": 0, "perplexity_data": "",
