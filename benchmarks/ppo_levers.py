@@ -38,6 +38,12 @@ VARIANTS = {  # name: overrides on top of the recipe's ppo section
     "rounds3": ["ppo.reward_rounds=3", "ppo.reward_round_prompts=4000"],
     "rounds3_kl0.5": ["ppo.reward_rounds=3", "ppo.reward_round_prompts=4000", "ppo.kl_coef=0.5"],
     "rounds3_kl1": ["ppo.reward_rounds=3", "ppo.reward_round_prompts=4000", "ppo.kl_coef=1.0"],
+    "rounds3_kl0.5_lm": ["ppo.reward_rounds=3", "ppo.reward_round_prompts=4000", "ppo.kl_coef=0.5",
+                         "ppo.reward_round_lm_loss_coefficient=1.0"],
+    "rounds3_kl0.5_replay": ["ppo.reward_rounds=3", "ppo.reward_round_prompts=4000", "ppo.kl_coef=0.5",
+                             "ppo.reward_round_replay=2000"],
+    "rounds3_kl0.5_lm_replay": ["ppo.reward_rounds=3", "ppo.reward_round_prompts=4000", "ppo.kl_coef=0.5",
+                                "ppo.reward_round_lm_loss_coefficient=1.0", "ppo.reward_round_replay=2000"],
     "rounds4_kl1_steps240": ["ppo.max_steps=240", "ppo.reward_rounds=4", "ppo.reward_round_prompts=4000",
                              "ppo.kl_coef=1.0"],
 }

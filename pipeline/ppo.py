@@ -44,17 +44,18 @@ USAGE = "usage: pipeline/ppo.py RECIPE [ppo.KEY=VALUE ...]"
 # ---------------------------------------------------------------------------------------------- prompts
 
 
-def load_prompts(spec, recipe, columns: dict | None = None):
+def load_prompts(spec, recipe, columns: dict | None = None, pairs: bool = False):
     """The `prompt` column (with `skill`/`answer`, and a tool task's `tools`/`kind`/`expect`, when present) of a
     prompt dataset or of preference pairs in any format preferences.load_preferences reads (pairs without a prompt
-    column: the shared beginning of chosen/rejected)."""
+    column: the shared beginning of chosen/rejected). pairs: keep the pairs' `chosen`/`rejected` too (replayed by
+    reward rounds)."""
     rows, _, _ = data.read_rows(spec, recipe)
     if "prompt" in rows[0] or "prompt" in (columns or {}):
         ds = data.load(spec, "prompts", recipe, columns=columns)
     else:
         ds, _ = preferences.load_preferences(spec, recipe, columns)
-    return ds.select_columns([c for c in ("prompt", "skill", "answer", "tools", "kind", "expect")
-                              if c in ds.column_names])
+    keep = ("prompt", "skill", "answer", "tools", "kind", "expect") + (("chosen", "rejected") if pairs else ())
+    return ds.select_columns([c for c in keep if c in ds.column_names])
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -145,6 +146,9 @@ def check_tool_keys(recipe, cfg, keys, prompts) -> None:
     if cfg.reward_rounds > 1 and not reward_rounds.annotated_rows(prompts):
         raise cli.PipelineError(f"{keys.prompts}: ppo.reward_rounds needs prompts the world's annotator can judge "
                                 f"(world problems, or `skill`/`answer` columns) to label fresh samples; none is")
+    if cfg.reward_rounds > 1 and cfg.reward_round_replay and "chosen" not in prompts.column_names:
+        raise cli.PipelineError(f"{keys.prompts}: ppo.reward_round_replay replays the prompt data's preference pairs; "
+                                f"these prompts have no chosen/rejected (use preference data, or replay 0)")
     if cfg.algorithm != "ppo" and recipe.tools.tools and any(offers):
         from pipeline.trl_tools import check_grpo_tools
 
@@ -166,7 +170,7 @@ def main(argv):
         raise cli.PipelineError(f"{recipe.path}: ppo.reward_model is the `{keys.reward_model}` stage, but the recipe "
                                 f"has no `{keys.reward_model}` section: add one, or name a saved reward model folder")
     with runs.StageRun(recipe, STAGE) as run:
-        prompts = load_prompts(keys.prompts, recipe, keys.columns)
+        prompts = load_prompts(keys.prompts, recipe, keys.columns, pairs=cfg.reward_round_replay > 0)
         prompts = with_answers(prompts, keys.prompts, required=bool(cfg.verifier_weight))
         check_tool_keys(recipe, cfg, keys, prompts)
         data.warn_world_eval(recipe, STAGE, keys)

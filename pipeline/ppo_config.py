@@ -57,6 +57,9 @@ class PPOConfig:
     reward_round_epochs: int = 1         # passes over the pairs of every round so far
     reward_round_learning_rate: float = 1e-4
     reward_round_batch_size: int = 32    # pairs per step of the reward model's fine-tuning
+    reward_round_lm_loss_coefficient: float = 0.0  # GRM's next-token loss on chosen replies in that fine-tuning, read
+                                         # by the starting policy's LM head (the reward stage's lm_loss_coefficient)
+    reward_round_replay: int = 0         # pairs of the prompt data's own chosen/rejected mixed into each round
     logging_steps: int = 1               # print a line every this many steps (every step goes into metrics.json)
     save_steps: int = 20                 # checkpoint every this many steps; 0: only at the end of training
     save_total_limit: int = 1            # checkpoints kept
@@ -86,6 +89,9 @@ class PPOConfig:
                      "reward_round_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("reward_round_lm_loss_coefficient", "reward_round_replay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.trl_args and self.algorithm == "ppo":
             raise ValueError("trl_args apply to algorithm grpo or rloo, not ppo")
         if self.max_tool_calls < 0 or (self.max_total_tokens is not None and self.max_total_tokens <= 0):

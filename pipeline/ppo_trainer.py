@@ -38,7 +38,7 @@ from pipeline import (cli, cluster, faults, judges, log, metrics, models, monito
 from pipeline.generation import render_prompt
 from pipeline.ppo_rollout import Rollout, positions, reply_logits, sample_replies
 from pipeline.ppo_tools import ToolEnv, conversation, tool_counts
-from pipeline.reward_model import RewardModel, load_reward_model, tools_of
+from pipeline.reward_model import RewardModel, lm_head_weight, load_reward_model, tools_of
 
 # printed every logging_steps (metrics.json has every statistic of every step)
 LOG_KEYS = ("step", "reward_raw", "reward", "verifier", "annotator_vs_start", "image_verifier", "tool_call_rate",
@@ -135,6 +135,14 @@ class PPOTrainer:
             self.reference = reference.to(self.device).eval().requires_grad_(False)
         self.reward_model = RewardModel.load(recipe, reward_checkpoint, self.device)
         self.reward_round, self.recipe = 1, recipe  # iterated RLHF (reward_rounds > 1): pipeline/reward_rounds.py
+        self.round_lm_head = None  # GRM's frozen LM head for the rounds' fine-tuning: the starting policy's
+        if cfg.reward_rounds > 1 and cfg.reward_round_lm_loss_coefficient:
+            self.round_lm_head = lm_head_weight(recipe, init.path, self.reward_model.tokenizer)
+            if self.round_lm_head.shape[1] != self.reward_model.model.config.hidden_size:
+                raise cli.PipelineError(f"{reward_checkpoint.path}: ppo.reward_round_lm_loss_coefficient reads the "
+                                        f"reward model's hidden states with the policy's LM head, but their sizes "
+                                        f"differ ({self.reward_model.model.config.hidden_size} vs "
+                                        f"{self.round_lm_head.shape[1]}); set it to 0")
         if cfg.critic_init == "reward":
             if self.reward_model.tokenizer.get_vocab() != tokenizer.get_vocab():
                 raise cli.PipelineError(f"{reward_checkpoint.path}: critic_init: reward needs the reward model to "
@@ -399,7 +407,8 @@ class PPOTrainer:
             if self.main:
                 reward_rounds.build_round(r, out=self.run.out, reward=self.reward_model, policy=self.unwrapped,
                                           tokenizer=self.tokenizer, prompts=self.prompts, rows=self.annotated,
-                                          cfg=self.cfg, noise=self.recipe.world.label_noise, step=self.progress.step)
+                                          cfg=self.cfg, noise=self.recipe.world.label_noise, step=self.progress.step,
+                                          lm_head=self.round_lm_head)
             self.accelerator.wait_for_everyone()
         self.reward_model = reward_rounds.load_round(self.recipe, folder, self.device)
         self.reward_round = r

@@ -30,8 +30,8 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
 import random
 
 from pipeline import cli, data, log, metrics as M, models, preferences, reward_report, runs
-from pipeline.reward_model import (RewardModel, encode, encode_prompt, load_reward_model, save_reward_model,
-                                   save_statistics, tools_of)
+from pipeline.reward_model import (RewardModel, encode, encode_prompt, lm_head_weight, load_reward_model,
+                                   next_token_loss, save_reward_model, save_statistics, tools_of)
 from pipeline.recipe import load_recipe, stage_help
 
 STAGE = "reward"
@@ -42,21 +42,10 @@ TRAIN_COLUMNS = ("prompt", "chosen", "rejected", "margin", "tools")
 # ---------------------------------------------------------------------------------------------- training
 
 
-def lm_head_weight(recipe, path: str, tokenizer):
-    """The output embedding (LM head) of the causal LM at `path`, sized to the tokenizer, as a frozen tensor."""
-    with models.single_process():  # a plain load on every process; under ZeRO-3 it would wait for the others
-        lm = models.load_causal_lm(recipe, path)
-        models.fit_embeddings(lm, tokenizer)
-        return lm.get_output_embeddings().weight.detach().clone()
-
-
 def reward_trainer(lm_loss_coefficient: float, lm_head, **kwargs):
     """TRL's RewardTrainer. With lm_loss_coefficient > 0 the loss gains that weight times a next-token loss on the
     chosen replies, read from the reward model's last hidden states by the starting model's frozen LM head (GRM:
-    Yang et al. 2024, "Regularizing Hidden States Enables Learning Generalizable Reward Model for LLMs"). It keeps
-    the hidden states those of a language model that predicts good replies, so the score head can check a reply
-    against them instead of settling on surface features such as style (README "Reward model")."""
-    import torch.nn.functional as F
+    `reward_model.next_token_loss`)."""
     from trl import RewardTrainer
     from trl.trainer.reward_trainer import DataCollatorForPreference
 
@@ -106,14 +95,12 @@ def reward_trainer(lm_loss_coefficient: float, lm_head, **kwargs):
                 processing_class, row["prompt"], tools_of(row)))}, desc=f"Prompt lengths of {dataset_name} dataset")
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            labels = inputs.pop("lm_labels")[:, 1:]
+            labels = inputs.pop("lm_labels")
             inputs["output_hidden_states"] = True
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
-            hidden = outputs.hidden_states[-1][:len(labels), :-1]
-            self.lm_head_weight = self.lm_head_weight.to(hidden.device, hidden.dtype)
-            logits = F.linear(hidden, self.lm_head_weight).flatten(0, 1).float()
-            token_loss = F.cross_entropy(logits, labels.flatten(), ignore_index=-100, reduction="sum")
-            lm_loss = token_loss / (labels != -100).sum().clamp(min=1)  # a batch of empty replies adds nothing
+            hidden = outputs.hidden_states[-1][:len(labels)]
+            self.lm_head_weight = self.lm_head_weight.to(hidden.device, hidden.dtype)  # moved once
+            lm_loss = next_token_loss(hidden, labels, self.lm_head_weight)
             mode = "train" if self.model.training else "eval"
             self._metrics[mode]["lm_loss"].append(self.accelerator.gather_for_metrics(lm_loss.detach()).mean().item())
             loss = loss + lm_loss_coefficient * lm_loss

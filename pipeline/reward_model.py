@@ -69,6 +69,28 @@ def save_statistics(out: Path, model, *, mean: float, std: float, max_length: in
     model.config.save_pretrained(str(out))
 
 
+def lm_head_weight(recipe, path: str, tokenizer):
+    """The output embedding (LM head) of the causal LM at `path`, sized to the tokenizer, as a frozen tensor: what
+    reads the reward model's hidden states in `next_token_loss`."""
+    with models.single_process():  # a plain load on every process; under ZeRO-3 it would wait for the others
+        lm = models.load_causal_lm(recipe, path)
+        models.fit_embeddings(lm, tokenizer)
+        return lm.get_output_embeddings().weight.detach().clone()
+
+
+def next_token_loss(hidden, labels, lm_head):
+    """The GRM regulariser (Yang et al. 2024, "Regularizing Hidden States Enables Learning Generalizable Reward Model
+    for LLMs"): the mean next-token loss of `labels` (B, T: token ids, -100 where not counted) read from the reward
+    model's last hidden states `hidden` (B, T, H) by a frozen LM head `lm_head` (V, H). It keeps the hidden states
+    those of a language model that predicts good replies, so the score head can check a reply against them instead
+    of settling on surface features such as style (README "Reward model"). A batch of empty replies adds 0."""
+    import torch.nn.functional as F
+
+    logits = F.linear(hidden[:, :-1], lm_head.to(hidden.device, hidden.dtype)).flatten(0, 1).float()
+    labels = labels[:, 1:].flatten()
+    return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum") / (labels != -100).sum().clamp(min=1)
+
+
 # ---------------------------------------------------------------------------------------------- encoding
 
 

@@ -36,7 +36,8 @@ import torch
 
 from pipeline import faults, judges, log, runs
 from pipeline.generation import generate
-from pipeline.reward_model import RewardModel, as_reply, encode, pad_right, save_statistics
+from pipeline.reward_model import (RewardModel, encode, encode_prompt, next_token_loss, pad_right, save_statistics,
+                                   tools_of)
 
 STATE, PAIRS = "state.json", "pairs.json"
 
@@ -95,35 +96,50 @@ def clean_accuracy(reward: RewardModel, rows, first, second, clean) -> float | N
 
 
 def fine_tune(reward: RewardModel, pairs: list[dict], *, epochs: int, learning_rate: float, batch_size: int,
-              seed: int) -> dict:
-    """Bradley-Terry fine-tuning of `reward.model` in place on (prompt, chosen, rejected) text pairs: loss
-    -log sigmoid(r(chosen) - r(rejected)), AdamW, gradients clipped to 1. Returns the mean loss and accuracy of the
-    last epoch (on the pairs as they came in the batches)."""
+              seed: int, lm_loss_coefficient: float = 0.0, lm_head=None) -> dict:
+    """Fine-tune `reward.model` in place on (prompt, chosen, rejected) text pairs with the reward stage's objective:
+    the Bradley-Terry loss -log sigmoid(r(chosen) - r(rejected)), plus `lm_loss_coefficient` times GRM's next-token
+    loss on the chosen replies read by the frozen LM head `lm_head` (reward_model.next_token_loss). AdamW, gradients
+    clipped to 1. Returns the mean loss and accuracy of the last epoch (on the pairs as they came in the batches)."""
     model, tokenizer = reward.model, reward.tokenizer
     keep = -reward.max_length if reward.max_length else 0  # as `score` reads them: the last max_length tokens
-    seqs = [tuple(encode(tokenizer, p["prompt"], as_reply(p["prompt"], p[side]))[keep:]
-                  for side in ("chosen", "rejected")) for p in pairs]
+    seqs, reply_starts = [], []
+    for p in pairs:
+        chosen, rejected = (encode(tokenizer, p["prompt"], p[side], tools_of(p)) for side in ("chosen", "rejected"))
+        cut = len(chosen) - len(chosen[keep:])  # tokens truncation drops from the front of the chosen sequence
+        reply_starts.append(max(0, len(encode_prompt(tokenizer, p["prompt"], tools_of(p))) - cut))
+        seqs.append((chosen[keep:], rejected[keep:]))
     device = next(model.parameters()).device
     model.requires_grad_(True).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     order_rng = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
-        losses, right = [], []
+        losses, lm_losses, right = [], [], []
         order = torch.randperm(len(seqs), generator=order_rng).tolist()
         for start in range(0, len(order), batch_size):
-            batch = [seqs[i] for i in order[start:start + batch_size]]
-            ids, mask = pad_right([c for c, _ in batch] + [r for _, r in batch], tokenizer.pad_token_id)
-            scores = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits[:, 0]
-            margin = scores[:len(batch)] - scores[len(batch):]
+            rows = order[start:start + batch_size]
+            n = len(rows)
+            ids, mask = pad_right([seqs[i][0] for i in rows] + [seqs[i][1] for i in rows], tokenizer.pad_token_id)
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False,
+                        output_hidden_states=bool(lm_loss_coefficient))
+            margin = out.logits[:n, 0] - out.logits[n:, 0]
             loss = -torch.nn.functional.logsigmoid(margin.float()).mean()
+            if lm_loss_coefficient:
+                labels = ids[:n].masked_fill(mask[:n] == 0, -100)
+                for row, i in enumerate(rows):
+                    labels[row, :reply_starts[i]] = -100  # the prompt is context, as in the reward stage
+                lm_loss = next_token_loss(out.hidden_states[-1][:n], labels.to(device), lm_head)
+                loss = loss + lm_loss_coefficient * lm_loss
+                lm_losses.append(lm_loss.item() * n)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            losses.append(loss.item() * len(batch))
+            losses.append(loss.item() * n)
             right.append(int((margin > 0).sum()))
     model.requires_grad_(False).eval()
-    return {"train_loss": sum(losses) / len(seqs), "train_accuracy": sum(right) / len(seqs)}
+    return {"train_loss": sum(losses) / len(seqs), "train_accuracy": sum(right) / len(seqs),
+            **({"train_lm_loss": sum(lm_losses) / len(seqs)} if lm_losses else {})}
 
 
 def standardise(reward: RewardModel, pairs: list[dict]) -> None:
@@ -134,10 +150,21 @@ def standardise(reward: RewardModel, pairs: list[dict]) -> None:
     reward.mean, reward.std, reward.standardised = float(raw.mean()), float(raw.std()) or 1.0, True
 
 
+def replay_pairs(prompts, n: int, seed: int) -> list[dict]:
+    """`n` of the prompt dataset's own preference pairs (its `chosen`/`rejected` columns: the kind of pairs the reward
+    model was trained on), drawn at random: mixed into a round's fine-tuning so it does not forget them."""
+    if not n or "chosen" not in prompts.column_names:
+        return []
+    pick = sorted(random.Random(seed).sample(range(len(prompts)), min(n, len(prompts))))
+    return [{c: prompts[i][c] for c in ("prompt", "chosen", "rejected", "tools") if c in prompts.column_names}
+            for i in pick]
+
+
 def build_round(r: int, *, out: Path, reward: RewardModel, policy, tokenizer, prompts, rows: list[int], cfg,
-                noise: float, step: int) -> dict:
+                noise: float, step: int, lm_head=None) -> dict:
     """Round r's reward model from `reward` (round r-1's), saved whole under round_dir(out, r); returns its record.
-    Only the main process calls it; the global random state is left as it was."""
+    Only the main process calls it; the global random state is left as it was. `lm_head`: the frozen LM head of
+    GRM's next-token loss, when `cfg.reward_round_lm_loss_coefficient` is set."""
     started, folder = time.time(), round_dir(out, r)
     pick = random.Random(cfg.seed * 1000 + r).sample(rows, min(cfg.reward_round_prompts, len(rows)))
     chosen_rows = [{c: prompts[i][c] for c in ("prompt", "skill", "answer")} for i in sorted(pick)]
@@ -149,13 +176,16 @@ def build_round(r: int, *, out: Path, reward: RewardModel, policy, tokenizer, pr
     pairs, clean = label(chosen_rows, first, second, random.Random(cfg.seed * 1000 + r), noise)
     before = clean_accuracy(reward, chosen_rows, first, second, clean)
     earlier = [pair for k in range(2, r) for pair in json.loads((round_dir(out, k) / PAIRS).read_text())]
-    trained = fine_tune(reward, earlier + pairs, epochs=cfg.reward_round_epochs,
+    replay = replay_pairs(prompts, cfg.reward_round_replay, cfg.seed * 1000 + r)
+    trained = fine_tune(reward, earlier + pairs + replay, epochs=cfg.reward_round_epochs,
                         learning_rate=cfg.reward_round_learning_rate, batch_size=cfg.reward_round_batch_size,
-                        seed=cfg.seed * 1000 + r)
+                        seed=cfg.seed * 1000 + r, lm_loss_coefficient=cfg.reward_round_lm_loss_coefficient,
+                        lm_head=lm_head)
     after = clean_accuracy(reward, chosen_rows, first, second, clean)
     standardise(reward, earlier + pairs)
     record = {"round": r, "step": step, "prompts": len(chosen_rows), "pairs": len(pairs),
-              "ties_dropped": len(chosen_rows) - len(pairs), "pairs_trained": len(earlier) + len(pairs),
+              "ties_dropped": len(chosen_rows) - len(pairs), "pairs_trained": len(earlier) + len(pairs) + len(replay),
+              "pairs_replayed": len(replay),
               "accuracy_before": before, "accuracy_after": after, **trained,
               "reward_mean": reward.mean, "reward_std": reward.std, "seconds": round(time.time() - started, 1)}
 

@@ -334,13 +334,15 @@ def test_reward_rounds_split_the_steps_evenly():
 
 def test_reward_rounds_fine_tune_the_reward_model_on_fresh_samples_and_resume_after_a_kill(inputs):
     """Iterated RLHF (reward_rounds: 2 of 4 steps): before step 3 the policy's own samples, labelled by the world's
-    annotator, fine-tune the reward model, which scores steps 3-4 and is saved with its pairs and record. A run
-    SIGKILLed while saving that round (the model written, its state not) reruns to the uninterrupted run's history
-    and weights; it logs every step instead of every second one, which adds the annotator's win rate against the
-    start to every row and changes nothing else."""
+    annotator, with 16 of the prompt data's own pairs replayed and GRM's next-token loss, fine-tune the reward
+    model, which scores steps 3-4 and is saved with its pairs and record. A run SIGKILLed while saving that round
+    (the model written, its state not) reruns to the uninterrupted run's history and weights; it logs every step
+    instead of every second one, which adds the annotator's win rate against the start to every row and changes
+    nothing else."""
     work = inputs[0]
     rounds = {"max_steps": 4, "save_steps": 2, "reward_rounds": 2, "reward_round_prompts": 48,
-              "reward_round_epochs": 2, "reward_round_learning_rate": 1e-3}
+              "reward_round_epochs": 2, "reward_round_learning_rate": 1e-3, "reward_round_lm_loss_coefficient": 1.0,
+              "reward_round_replay": 16}
     args = ["pipeline/ppo.py", ppo_recipe(work, **rounds)]
     proc = run_cli([*args, "run.name=rounds", "ppo.logging_steps=2"], cwd=work, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -352,6 +354,8 @@ def test_reward_rounds_fine_tune_the_reward_model_on_fresh_samples_and_resume_af
     (record,) = metrics["reward_rounds"]
     assert record["round"] == 2 and record["step"] == 2 and record["prompts"] == 48
     assert record["pairs"] + record["ties_dropped"] == 48 and record["pairs"] > 0
+    assert record["pairs_replayed"] == 16 and record["pairs_trained"] == record["pairs"] + 16  # the data's own pairs
+    assert record["train_lm_loss"] > 0  # GRM's next-token loss, as in the reward stage
     assert 0 <= record["accuracy_before"] <= 1 and record["accuracy_after"] > record["accuracy_before"]
     folder = work / "runs/rounds/ppo/reward-rounds/round-2"
     pairs = json.loads((folder / "pairs.json").read_text())

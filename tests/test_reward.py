@@ -308,6 +308,46 @@ def test_lm_loss_reads_the_chosen_reply_with_the_starting_models_head(tiny_run, 
     assert nll > 0 and float(loss) == pytest.approx(float(bradley_terry + 0.5 * nll), rel=1e-4)
 
 
+def test_reward_rounds_fine_tune_with_the_reward_stages_lm_loss(tiny_run, tmp_path, monkeypatch):
+    """ppo.reward_round_lm_loss_coefficient: a round's fine-tuning adds the same GRM loss as the reward stage, through
+    the one reward_model.next_token_loss. Its labels are each chosen reply's tokens alone (prompt and padding -100),
+    and at the first step it is the starting causal LM's own next-token loss on them."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline import reward_model, reward_rounds
+
+    work, _, _ = tiny_run
+    sft = str(work / "runs/tiny/sft")
+    recipe = load_recipe(tiny_recipe(tmp_path))
+    tokenizer = AutoTokenizer.from_pretrained(sft)
+    rows = polite_vs_rude(recipe, "preference", 4)
+    scorer = reward_model.RewardModel(reward_model.load_reward_model(recipe, sft), tokenizer, 128, None, None)
+    seen = []
+
+    def spy(hidden, labels, lm_head):
+        loss = reward_model.next_token_loss(hidden, labels, lm_head)
+        seen.append((labels.clone(), float(loss.detach())))
+        return loss
+
+    monkeypatch.setattr(reward_rounds, "next_token_loss", spy)
+    head = reward_model.lm_head_weight(recipe, sft, tokenizer)
+    out = reward_rounds.fine_tune(scorer, rows, epochs=1, learning_rate=1e-3, batch_size=len(rows), seed=0,
+                                  lm_loss_coefficient=0.5, lm_head=head)
+    (labels, first_loss), = seen
+    assert out["train_lm_loss"] == pytest.approx(first_loss)
+    ids = torch.full_like(labels, tokenizer.pad_token_id)
+    mask = torch.zeros_like(labels)
+    for i, row in enumerate(rows):  # batch order is the seed's permutation: match rows by their reply tokens
+        full = reward_model.encode(tokenizer, row["prompt"], row["chosen"])
+        prompt = reward_model.encode_prompt(tokenizer, row["prompt"])
+        (k,) = [k for k, lab in enumerate(labels) if lab[lab != -100].tolist() == full[len(prompt):]]
+        ids[k, :len(full)], mask[k, :len(full)] = torch.tensor(full), 1
+    with torch.no_grad():
+        nll = AutoModelForCausalLM.from_pretrained(sft)(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert nll > 0 and first_loss == pytest.approx(float(nll), rel=1e-4)
+
+
 @pytest.mark.parametrize("lm_loss_coefficient", [0.0, 0.5])
 def test_group_by_length_batches_pairs_of_similar_length(tiny_run, tmp_path, lm_loss_coefficient):
     """reward.train_sampling_strategy: group_by_length: the prepared pairs carry their longer side's token count,
