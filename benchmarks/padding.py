@@ -30,7 +30,7 @@ def main():
     from benchmarks.trl_cli import training_rows
     from pipeline import models, reward, runs, threads
     from pipeline.recipe import load_recipe
-    from pipeline.reward_model import load_reward_model
+    from pipeline.reward_model import lm_head_weight, load_reward_model
 
     print(f"CPU threads: {threads.configure()}")
     recipe = load_recipe(args.recipe, args.overrides)
@@ -39,7 +39,7 @@ def main():
     tokenizer = models.load_tokenizer(recipe, init)
     train_ds = training_rows(args.stage, recipe)  # the rows and columns the stage hands its trainer
     if args.stage == "reward":
-        head = reward.lm_head_weight(recipe, init.path, tokenizer) if keys.lm_loss_coefficient else None
+        head = lm_head_weight(recipe, init.path, tokenizer) if keys.lm_loss_coefficient else None
 
     def trainer_for(strategy):
         fixed = dict(output_dir=f"/tmp/padding-benchmark-{args.stage}-{strategy}", train_sampling_strategy=strategy,

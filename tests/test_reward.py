@@ -286,8 +286,9 @@ def test_lm_loss_reads_the_chosen_reply_with_the_starting_models_head(tiny_run, 
     model = reward_model.load_reward_model(recipe, sft)
     args = RewardConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, max_length=128,
                         gradient_checkpointing=False, center_rewards_coefficient=None)
-    trainer = reward.reward_trainer(0.5, reward.lm_head_weight(recipe, sft, tokenizer), model=model, args=args,
-                                    train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    head = reward_model.lm_head_weight(recipe, sft, tokenizer)
+    trainer = reward.reward_trainer(0.5, head, model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                    processing_class=tokenizer)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
     assert batch["lm_labels"].shape[0] == len(rows) == batch["input_ids"].shape[0] // 2  # the chosen half
     for row, labels in zip(rows, batch["lm_labels"]):
@@ -366,7 +367,7 @@ def test_group_by_length_batches_pairs_of_similar_length(tiny_run, tmp_path, lm_
     rows = polite_vs_rude(recipe, "preference", 512)  # sorted within megabatches of 16 batches here
     for row in rows[::8]:  # one pair in eight is long, as tool pairs are among the world's text pairs
         row["prompt"] = [{"role": "user", "content": row["prompt"][0]["content"] + " please" * 40}]
-    head = reward.lm_head_weight(recipe, sft, tokenizer) if lm_loss_coefficient else None
+    head = reward_model.lm_head_weight(recipe, sft, tokenizer) if lm_loss_coefficient else None
 
     def padded_tokens(strategy):
         args = RewardConfig(output_dir=str(tmp_path / strategy), report_to="none", use_cpu=True, max_length=256,
