@@ -146,6 +146,9 @@ def check_tool_keys(recipe, cfg, keys, prompts) -> None:
     if cfg.reward_rounds > 1 and not reward_rounds.annotated_rows(prompts):
         raise cli.PipelineError(f"{keys.prompts}: ppo.reward_rounds needs prompts the world's annotator can judge "
                                 f"(world problems, or `skill`/`answer` columns) to label fresh samples; none is")
+    if cfg.reward_rounds > 1 and keys.reward_ensemble:
+        raise cli.PipelineError(f"{recipe.path}: ppo.reward_rounds fine-tunes one reward model; it does not run with "
+                                f"ppo.reward_ensemble")
     if cfg.reward_rounds > 1 and cfg.reward_round_replay and "chosen" not in prompts.column_names:
         raise cli.PipelineError(f"{keys.prompts}: ppo.reward_round_replay replays the prompt data's preference pairs; "
                                 f"these prompts have no chosen/rejected (use preference data, or replay 0)")
@@ -155,8 +158,8 @@ def check_tool_keys(recipe, cfg, keys, prompts) -> None:
         check_grpo_tools(recipe, cfg, keys, prompts)
 
 
-def train_ppo(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoint) -> list[dict]:
-    trainer = PPOTrainer(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoint)
+def train_ppo(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints) -> list[dict]:
+    trainer = PPOTrainer(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints)
     history = trainer.train()
     trainer.save()
     return history
@@ -175,7 +178,8 @@ def main(argv):
         check_tool_keys(recipe, cfg, keys, prompts)
         data.warn_world_eval(recipe, STAGE, keys)
         heldout = heldout_rows(recipe, keys)
-        init, reward_checkpoint = run.checkpoint(), run.checkpoint("reward_model")
+        init = run.checkpoint()
+        reward_checkpoints = [run.checkpoint("reward_model"), *run.checkpoints("reward_ensemble")]
         if init.path is None:
             raise cli.PipelineError(f"{recipe.path}: ppo.init_from is a new model from `model.config`; "
                                     f"start PPO from a trained checkpoint (e.g. sft)")
@@ -185,7 +189,7 @@ def main(argv):
         run.prepare()
 
         train = train_ppo if cfg.algorithm == "ppo" else train_trl
-        history = train(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoint)
+        history = train(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints)
 
         metrics = summarise(history, cfg.algorithm)
         if heldout is not None and run.state.is_main_process:

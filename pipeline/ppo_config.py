@@ -41,6 +41,9 @@ class PPOConfig:
     kl_horizon: int = 10000              # adaptive_kl horizon, in replies
     missing_eos_penalty: float | None = 1.0  # subtracted from the score of replies without end-of-turn
     reward_clip: float | None = None     # clamp the normalised reward-model score to [-reward_clip, reward_clip]
+    ensemble_objective: Literal["mean", "worst_case", "uncertainty_weighted"] = "mean"  # with reward_ensemble: how
+                                         # the members' normalised scores make one (reward_model.combine)
+    uncertainty_penalty: float = 1.0     # uncertainty_weighted: mean - this x the members' variance
     verifier_weight: float = 0.0         # add this times the world's verifier (1 correct, 0 not) to the score
     image_verifier_weight: float = 0.0   # tools: add this times tool_world.verify's verdict on tool tasks to the score
     max_tool_calls: int = 2              # tools: calls run per reply; a call past them gets an error and ends the reply
@@ -78,6 +81,8 @@ class PPOConfig:
                      "kl_horizon"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.uncertainty_penalty < 0:
+            raise ValueError(f"uncertainty_penalty must be >= 0, got {self.uncertainty_penalty}")
         if self.reward_clip is not None and self.reward_clip <= 0:
             raise ValueError(f"reward_clip must be positive (or empty: no clipping), got {self.reward_clip}")
         if not 1 <= self.reward_rounds <= self.max_steps:

@@ -1,6 +1,6 @@
 """Our actor-critic PPO for language models: one step is rollout -> score -> advantages -> update -> log/checkpoint.
 
-    trainer = PPOTrainer(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoint)
+    trainer = PPOTrainer(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints)
     history = trainer.train()   # resumes from the newest checkpoint of a killed run of the same inputs
     trainer.save()
 
@@ -38,7 +38,7 @@ from pipeline import (cli, cluster, faults, judges, log, metrics, models, monito
 from pipeline.generation import render_prompt
 from pipeline.ppo_rollout import Rollout, positions, reply_logits, sample_replies
 from pipeline.ppo_tools import ToolEnv, conversation, tool_counts
-from pipeline.reward_model import RewardModel, lm_head_weight, load_reward_model, tools_of
+from pipeline.reward_model import lm_head_weight, load_reward_model, load_scorer, tools_of
 
 # printed every logging_steps (metrics.json has every statistic of every step)
 LOG_KEYS = ("step", "reward_raw", "reward", "verifier", "annotator_vs_start", "image_verifier", "tool_call_rate",
@@ -104,7 +104,7 @@ class Critic(torch.nn.Module):
 class PPOTrainer:
     """Models, optimizers and resumable state of one PPO run (see the module docstring)."""
 
-    def __init__(self, recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoint):
+    def __init__(self, recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
         from transformers import get_scheduler
@@ -133,7 +133,9 @@ class PPOTrainer:
         else:
             reference = models.load_causal_lm(recipe, init.path, revision=recipe.model.revision)
             self.reference = reference.to(self.device).eval().requires_grad_(False)
-        self.reward_model = RewardModel.load(recipe, reward_checkpoint, self.device)
+        reward_checkpoint = reward_checkpoints[0]
+        self.reward_model = load_scorer(recipe, reward_checkpoints, self.device, cfg.ensemble_objective,
+                                        cfg.uncertainty_penalty)  # one model, or an ensemble (reward_ensemble)
         self.reward_round, self.recipe = 1, recipe  # iterated RLHF (reward_rounds > 1): pipeline/reward_rounds.py
         self.round_lm_head = None  # GRM's frozen LM head for the rounds' fine-tuning: the starting policy's
         if cfg.reward_rounds > 1 and cfg.reward_round_lm_loss_coefficient:

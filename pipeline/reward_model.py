@@ -221,15 +221,24 @@ class RewardModel:
         `missing_eos_penalty` where the reply did not end.
         A reply with tool calls is its messages (assistant and tool turns), read with the tools its prompt offered
         (`tools`: one list per row, or None), as the reward stage reads a conversation with tools."""
-        import torch
-
         from pipeline import rl
 
-        raw = torch.tensor(self.scores(prompts, replies, tools, desc=desc), device=ended.device)
-        normalised = self.normalise(raw)
+        raw, normalised = self.normalised_scores(prompts, replies, tools, desc=desc)
+        raw, normalised = raw.to(ended.device), normalised.to(ended.device)
         if clip is not None:
             normalised = normalised.clamp(-clip, clip)
         return raw, normalised, rl.score_with_eos_penalty(normalised, ended, missing_eos_penalty)
+
+    def normalised_scores(self, prompts, replies, tools=None, *, desc: str = "rewards"):
+        """(raw, normalised) score tensors of shape (B,)."""
+        import torch
+
+        raw = torch.tensor(self.scores(prompts, replies, tools, desc=desc))
+        return raw, self.normalise(raw)
+
+    def to(self, device) -> "RewardModel":
+        self.model.to(device)
+        return self
 
     def normalise(self, raw):
         """Standardised scores (a list or a tensor); raw scores when the config stores no statistics."""
@@ -248,3 +257,55 @@ class RewardModel:
         cut = sum(max(len(c), len(r)) > self.max_length for c, r in zip(seqs[0::2], seqs[1::2])) \
             if self.max_length else 0
         return PairScores(rewards[0::2], rewards[1::2], lengths[0::2], lengths[1::2], cut)
+
+
+# ---------------------------------------------------------------------------------------------- ensembles
+
+
+ENSEMBLE_OBJECTIVES = ("mean", "worst_case", "uncertainty_weighted")
+
+
+def combine(normalised, objective: str, penalty: float = 0.0):
+    """One score per reply from the members' normalised scores (K members, B replies): their `mean`; the
+    `worst_case` (lowest); or `uncertainty_weighted`, the mean minus `penalty` times their variance (Coste et al. 2023)."""
+    if objective == "worst_case":
+        return normalised.min(0).values
+    mean = normalised.mean(0)
+    if objective == "uncertainty_weighted":
+        return mean - penalty * normalised.var(0, unbiased=False)
+    return mean
+
+
+class RewardEnsemble:
+    """Reward models scored together (Coste et al. 2023, "Reward Model Ensembles Help Mitigate Overoptimization").
+    Each member reads a reply as its own stage trained it and normalises its raw score with its own statistics;
+    `combine` makes one score of them. Where the members disagree the policy has left their data, and the worst-case
+    and uncertainty-weighted objectives pay less there. The first member stands for the ensemble where one model is
+    needed (the critic's starting weights, the log line); the raw score is the members' mean."""
+
+    def __init__(self, members: list[RewardModel], objective: str = "mean", penalty: float = 0.0):
+        self.members, self.objective, self.penalty = list(members), objective, penalty
+        first = self.members[0]
+        self.model, self.tokenizer, self.mean, self.std = first.model, first.tokenizer, first.mean, first.std
+
+    def normalised_scores(self, prompts, replies, tools=None, *, desc: str = "rewards"):
+        import torch
+
+        n = len(self.members)
+        raws = torch.stack([m.normalised_scores(prompts, replies, tools, desc=f"{desc} ({k + 1}/{n})")[0]
+                            for k, m in enumerate(self.members)])
+        normalised = torch.stack([m.normalise(raw) for m, raw in zip(self.members, raws)])
+        return raws.mean(0), combine(normalised, self.objective, self.penalty)
+
+    policy_scores = RewardModel.policy_scores  # the same clip and end-of-turn penalty on the combined score
+
+    def to(self, device) -> "RewardEnsemble":
+        for member in self.members:
+            member.to(device)
+        return self
+
+
+def load_scorer(recipe, checkpoints: list, device="cpu", objective: str = "mean", penalty: float = 0.0):
+    """The reward model at the one checkpoint, or the ensemble of the models at several (runs.Checkpoint each)."""
+    members = [RewardModel.load(recipe, cp, device) for cp in checkpoints]
+    return members[0] if len(members) == 1 else RewardEnsemble(members, objective, penalty)

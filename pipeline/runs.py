@@ -246,6 +246,10 @@ class StageRun:
     def checkpoint(self, name: str = "init_from") -> Checkpoint:
         return usable(self.recipe, self.inputs["checkpoints"][name])
 
+    def checkpoints(self, name: str) -> list[Checkpoint]:
+        """The checkpoints of a list-valued key (empty when unset)."""
+        return [usable(self.recipe, d) for d in self.inputs["checkpoints"].get(name, [])]
+
     def record_attempt(self) -> None:
         """This attempt stops before finishing (an error, a preemption): add its cost so far to the staging
         folder's ATTEMPTS file, which the run that finishes adds to its own (README "Cost per stage")."""

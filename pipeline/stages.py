@@ -141,6 +141,9 @@ class PPOKeys(HeldoutKeys):
     reward_model: str = key("reward", "reward model: the `reward` stage, or a folder of a one-output "
                                       "sequence-classification model; its config's reward_mean/reward_std "
                                       "normalise the scores", ref="checkpoint")
+    reward_ensemble: list[str] = key([], "more reward models (stages or folders) scored beside reward_model, each "
+                                         "normalised by its own statistics and combined by ppo.ensemble_objective",
+                                     ref="checkpoints")
     prompts: str | list | dict = key("world:preference", "prompts to answer: a `prompt` column (text or messages); "
                                                          "preference pairs qualify (their chosen/rejected are "
                                                          "ignored)", ref="data")

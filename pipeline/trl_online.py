@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from pipeline import cli, judges, log, metrics, models, monitors
-from pipeline.reward_model import RewardModel
+from pipeline.reward_model import RewardEnsemble, RewardModel, load_scorer
 
 
 # TRL's logged names -> ours ("reward" is TRL's weighted sum of the reward functions: our `score`; TRL's "kl" is a
@@ -41,8 +41,8 @@ def log_rollout_statistics(texts, log_metric, skill=None, answer=None) -> None:
         log_metric(f"distinct_{n}", metrics.distinct_n(texts, n) or 0.0)
 
 
-def reward_function(reward_model: RewardModel, eos_token_id: int, missing_eos_penalty: float | None, tools=None,
-                    clip: float | None = None):
+def reward_function(reward_model: RewardModel | RewardEnsemble, eos_token_id: int, missing_eos_penalty: float | None,
+                    tools=None, clip: float | None = None):
     """The reward model as a TRL reward function: the same score as our PPO gives a reply (RewardModel.policy_scores),
     its raw and normalised means logged, and the rollout statistics (log_rollout_statistics), which never change the
     score. With tools (a pipeline/trl_tools.TRLTools) the reward model reads the whole completion with the tools, and
@@ -88,7 +88,7 @@ def monitor_callback(window: int):
     return Monitor()
 
 
-def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoint) -> list[dict]:
+def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints) -> list[dict]:
     """TRL's GRPOTrainer or RLOOTrainer on the same prompts, with the same reward (the normalised reward model,
     the missing-eos penalty, optionally the verifier). Returns the per-step history in ppo's names.
 
@@ -140,7 +140,7 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
     tokenizer = models.load_tokenizer(recipe, init)
     model = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision)
     models.configure_generation(model, tokenizer)
-    reward_model = RewardModel.load(recipe, reward_checkpoint, "cpu")
+    reward_model = load_scorer(recipe, reward_checkpoints, "cpu", cfg.ensemble_objective, cfg.uncertainty_penalty)
     eos = tokenizer.eos_token_id
 
     def verifier(prompts, completions, skill, answer, **_):  # None: a tool task, judged by image_verifier
@@ -153,7 +153,7 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
                           processing_class=tokenizer, peft_config=models.peft_config(peft_values),
                           callbacks=[monitor_callback(keys.monitor_window)] + ([env.callback()] if env else []),
                           **({"tools": env.tools} if env else {}))
-    reward_model.model.to(trainer.accelerator.device)
+    reward_model.to(trainer.accelerator.device)
     trainer.train(resume_from_checkpoint=run.last_checkpoint())
     models.save_trained(trainer, tokenizer, run.out, merge_adapter=keys.merge_adapter)
 

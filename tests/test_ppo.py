@@ -169,7 +169,7 @@ def test_the_gold_score_is_logged_but_never_rewarded_without_verifier_weight(inp
     trainer = ppo_trainer.PPOTrainer(recipe, SimpleNamespace(out=work / "in-process"), cfg, keys,
                                      recipe.peft_values("ppo"), prompts,
                                      runs.Checkpoint("policy", str(work / "policy"), "", "local"),
-                                     runs.Checkpoint("rm", str(work / "rm"), "", "local"))
+                                     [runs.Checkpoint("rm", str(work / "rm"), "", "local")])
     rollout = trainer.rollout()
 
     def scored(prompt_rows, verifier_weight=0.0):
@@ -185,6 +185,57 @@ def test_the_gold_score_is_logged_but_never_rewarded_without_verifier_weight(inp
         assert torch.equal(getattr(gold, name), getattr(no_gold, name)), name
     rewarded = scored(prompts, verifier_weight=1.0)
     assert torch.allclose(rewarded.scores, no_gold.scores + 1e6)
+
+
+def test_ensemble_objectives_on_hand_made_scores():
+    from pipeline.reward_model import combine
+
+    normalised = torch.tensor([[1.0, 0.0, 2.0], [3.0, 0.0, -2.0]])  # 2 members x 3 replies
+    assert combine(normalised, "mean").tolist() == [2.0, 0.0, 0.0]
+    assert combine(normalised, "worst_case").tolist() == [1.0, 0.0, -2.0]
+    # variances 1, 0, 4: the reply the members disagree on most loses most
+    assert combine(normalised, "uncertainty_weighted", 0.5).tolist() == [1.5, 0.0, -2.0]
+
+
+def test_an_ensemble_normalises_each_member_by_its_own_statistics_and_ppo_trains_on_it(inputs):
+    """ppo.reward_ensemble: a second member, the reward model with its stored mean moved up by 10 std, scores each
+    reply 10 below the first. The ensemble's score is their mean (5 below), their minimum (10 below), or the mean less
+    the penalty times their variance (25); the raw score is the members' mean. Through the CLI, the member is an
+    input of the stage and step 1's mean normalised reward is 5 below a run without it (same seed, same replies)."""
+    import shutil
+
+    from pipeline.reward_model import load_scorer
+
+    work, recipe = inputs[0], inputs[1]
+    shifted = work / "rm-shifted"
+    if not shifted.exists():
+        shutil.copytree(work / "rm", shifted)
+        config = json.loads((shifted / "config.json").read_text())
+        config["reward_mean"] += 10 * config["reward_std"]
+        (shifted / "config.json").write_text(json.dumps(config))
+    members = [runs.Checkpoint(p.name, str(p), "", "local") for p in (work / "rm", shifted)]
+    prompts = ["What is 2 plus 3?", "Which is larger, 9 or 4?"]
+    replies, ended = ["5", "9 is larger."], torch.tensor([True, True])
+    raw, alone, _ = load_scorer(recipe, members[:1]).policy_scores(prompts, replies, ended, None)
+    for objective, penalty, shift in (("mean", 0.0, -5.0), ("worst_case", 0.0, -10.0),
+                                      ("uncertainty_weighted", 0.1, -5.0 - 0.1 * 25)):
+        ensemble = load_scorer(recipe, members, objective=objective, penalty=penalty)
+        raw_e, normalised, scores = ensemble.policy_scores(prompts, replies, ended, None)
+        assert torch.allclose(raw_e, raw) and torch.allclose(normalised, alone + shift, atol=1e-4)
+
+    common = ["ppo.max_steps=1", "ppo.heldout_prompts=null", "ppo.ensemble_objective=mean"]
+    for name, extra in (("single", []), ("ensemble", [f"ppo.reward_ensemble=[{shifted}]"])):
+        proc = run_cli(["pipeline/ppo.py", ppo_recipe(work), f"run.name={name}", *common, *extra], cwd=work, env=ENV)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    single, ensemble = (read(work, n)["history"][0] for n in ("single", "ensemble"))
+    assert ensemble["reward_raw"] == pytest.approx(single["reward_raw"], abs=1e-5)
+    assert ensemble["reward"] == pytest.approx(single["reward"] - 5.0, abs=1e-4)
+    recorded = read(work, "ensemble", "manifest.json")["inputs"]["checkpoints"]["reward_ensemble"]
+    assert [c["path"] for c in recorded] == [str(shifted)]
+    rounds = run_cli(["pipeline/ppo.py", ppo_recipe(work), "run.name=ensemble-rounds", *common[:2],
+                      f"ppo.reward_ensemble=[{shifted}]", "ppo.max_steps=2", "ppo.reward_rounds=2"], cwd=work, env=ENV)
+    assert rounds.returncode == 2 and "does not run with ppo.reward_ensemble" in rounds.stderr
+    assert len(rounds.stderr.strip().splitlines()) == 1
 
 
 def test_trl_reward_function_logs_the_gold_score_and_never_returns_it(monkeypatch):

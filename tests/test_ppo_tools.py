@@ -146,7 +146,7 @@ def make_trainer(work, tokenizer, name, overrides=()):
     prompts = judges.with_answers(ppo.load_prompts(keys.prompts, recipe), keys.prompts, required=False)
     trainer = ppo_trainer.PPOTrainer(recipe, Run(work / name), cfg, keys, recipe.peft_values("ppo"), prompts,
                                      runs.Checkpoint("policy", str(work / "policy"), "", "local"),
-                                     runs.Checkpoint("rm", str(work / "rm"), "", "local"))
+                                     [runs.Checkpoint("rm", str(work / "rm"), "", "local")])
     trainer.forced = force_calls(trainer)
     return trainer
 
@@ -406,7 +406,7 @@ def test_grpo_with_tools_masks_tool_results_and_logs_the_tool_statistics(inputs,
                         lambda self, model, batch: seen.append(batch) or compute_loss(self, model, batch))
     history = trl_online.train_trl(recipe, Run(work / "grpo"), cfg, keys, recipe.peft_values("ppo"), prompts,
                                    runs.Checkpoint("policy", str(work / "policy"), "", "local"),
-                                   runs.Checkpoint("rm", str(work / "rm"), "", "local"))
+                                   [runs.Checkpoint("rm", str(work / "rm"), "", "local")])
 
     checked = 0
     for batch in seen:
