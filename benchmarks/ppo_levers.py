@@ -1,16 +1,19 @@
 """Which settings move PPO against the reward model alone: held-out verifier accuracy and KL per variant.
 
     python benchmarks/ppo_levers.py recipes/small.yaml --run-dir runs/small [--variants base,kl1,rounds3_kl1]
-        [--jobs 2] [--seeds 0] [--work /tmp/ppo-levers]
+        [--jobs 2] [--seeds 0] [--work /tmp/ppo-levers] [--members 3]
 
 Every variant is the recipe's ppo stage from the run's finished `sft` and `reward` stages, on the text prompts only
 (`ppo.prompts=world:preference`), with no rule reward (`verifier_weight: 0`), plus the variant's overrides (VARIANTS
 below). Each runs in its own run folder under --work (the run's upstream stages linked in), `--jobs` at a time with
 one thread each. The held-out figures are the stage's own (`metrics.json` → `heldout`: greedy replies to the
-recipe's held-out prompts, judged by the world's verifier). Prints one row per variant and seed: held-out accuracy at
-the start (the sft model) and after, the gain, per skill, the mean per-reply KL over the last tenth of the steps, the
-gold score of the rollouts (verifier accuracy of the sampled replies) at the start and the end, and with reward
-rounds the reward model's accuracy on each round's fresh pairs before it was fine-tuned.
+recipe's held-out prompts, judged by the world's verifier). The ensemble_* variants first train the reward stage
+again with seeds 1..--members-1 from the run's sft (under --work/members; about half an hour each here).
+
+Prints one row per variant and seed: held-out accuracy at the start (the sft model) and after, the gain, per skill,
+the mean per-reply KL over the last tenth of the steps, the gold score of the rollouts (verifier accuracy of the
+sampled replies) at the start and the end, and with reward rounds the reward model's accuracy on each round's fresh
+pairs before it was fine-tuned.
 """
 
 import argparse
@@ -44,10 +47,37 @@ VARIANTS = {  # name: overrides on top of the recipe's ppo section
                              "ppo.reward_round_replay=2000"],
     "rounds3_kl0.5_lm_replay": ["ppo.reward_rounds=3", "ppo.reward_round_prompts=4000", "ppo.kl_coef=0.5",
                                 "ppo.reward_round_lm_loss_coefficient=1.0", "ppo.reward_round_replay=2000"],
+    # reward-model ensembles: the run's reward stage and the members --members trains ({ensemble})
+    "ensemble_mean": ["ppo.reward_ensemble={ensemble}", "ppo.ensemble_objective=mean"],
+    "ensemble_worst": ["ppo.reward_ensemble={ensemble}", "ppo.ensemble_objective=worst_case"],
+    "ensemble_uwo": ["ppo.reward_ensemble={ensemble}", "ppo.ensemble_objective=uncertainty_weighted",
+                     "ppo.uncertainty_penalty=1.0"],
+    "ensemble_uwo_kl0.5": ["ppo.reward_ensemble={ensemble}", "ppo.ensemble_objective=uncertainty_weighted",
+                           "ppo.uncertainty_penalty=1.0", "ppo.kl_coef=0.5"],
     "rounds4_kl1_steps240": ["ppo.max_steps=240", "ppo.reward_rounds=4", "ppo.reward_round_prompts=4000",
                              "ppo.kl_coef=1.0"],
 }
 UPSTREAM = ("pretrain", "sft", "reward", "diffusion", "diffusion_dpo")
+
+
+def train_members(recipe: str, run_dir: Path, work: Path, count: int) -> list[Path]:
+    """The reward stage trained again with seeds 1..count-1 (the same data and settings, another score-head
+    initialisation and pair order) under work/members/seed-k, from the run's sft; finished ones are reused."""
+    folders = []
+    for seed in range(1, count):
+        folder = work / "members" / f"seed-{seed}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for stage in ("pretrain", "sft"):
+            if (run_dir / stage).exists() and not (folder / stage).exists():
+                (folder / stage).symlink_to((run_dir / stage).resolve())
+        if not (folder / "reward" / "manifest.json").exists():
+            cmd = [sys.executable, str(REPO / "pipeline/reward.py"), recipe, f"run.output_dir={work / 'members'}",
+                   f"run.name=seed-{seed}", f"reward.seed={seed}"]
+            with open(work / "members" / f"seed-{seed}.log", "w") as log:
+                subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+        folders.append(folder / "reward")
+    return folders
 
 
 def run_variant(recipe: str, run_dir: Path, work: Path, name: str, seed: int, overrides: list[str]) -> dict:
@@ -88,6 +118,8 @@ def main():
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--work", default="/tmp/ppo-levers")
+    parser.add_argument("--members", type=int, default=3,
+                        help="ensemble_* variants: reward models in the ensemble, the run's and members-1 more")
     args = parser.parse_args()
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
@@ -95,9 +127,14 @@ def main():
         parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     run_dir, work = Path(args.run_dir).resolve(), Path(args.work).resolve()
     jobs = [(n, int(s)) for n in names for s in args.seeds.split(",")]
+    members = []
+    if any("{ensemble}" in o for n in names for o in VARIANTS[n]):
+        members = train_members(str(Path(args.recipe).resolve()), run_dir, work, args.members)
+    ensemble = "[" + ",".join(str(m) for m in members) + "]"
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda job: run_variant(str(Path(args.recipe).resolve()), run_dir, work, job[0],
-                                                        job[1], VARIANTS[job[0]]), jobs))
+                                                        job[1], [o.format(ensemble=ensemble)
+                                                                 for o in VARIANTS[job[0]]]), jobs))
     print(f"\nppo from {run_dir}/sft against {run_dir}/reward, text prompts, verifier_weight 0 "
           f"(held-out: greedy, the stage's heldout_prompts)")
     print("| variant | seed | held-out start | held-out end | gain | per skill (end) | KL (last tenth) | "
