@@ -11,6 +11,10 @@ module, so a reply is scored exactly as the reward stage trained on it:
   `max_length` is the reward stage's, stored in the saved config as `reward_max_length`;
 - normalisation: `(raw - reward_mean) / reward_std` with the statistics of the training pairs the stage stored in the
   config (absent: raw scores).
+
+Several reward models score together as a `RewardEnsemble` (ppo's `reward_ensemble`), each member as above, their
+normalised scores combined into one (`combine`). The reward stage's GRM regulariser (`next_token_loss`) is here too,
+for the reward stage and for PPO's reward rounds.
 """
 
 from __future__ import annotations
@@ -260,9 +264,6 @@ class RewardModel:
 
 
 # ---------------------------------------------------------------------------------------------- ensembles
-
-
-ENSEMBLE_OBJECTIVES = ("mean", "worst_case", "uncertainty_weighted")
 
 
 def combine(normalised, objective: str, penalty: float = 0.0):
