@@ -47,11 +47,16 @@ VARIANTS = {  # name: overrides on top of the recipe's ppo section
                              "ppo.reward_round_replay=2000"],
     "rounds3_kl0.5_lm_replay": ["ppo.reward_rounds=3", "ppo.reward_round_prompts=4000", "ppo.kl_coef=0.5",
                                 "ppo.reward_round_lm_loss_coefficient=1.0", "ppo.reward_round_replay=2000"],
-    # reward-model ensembles: the run's reward stage and the members --members trains ({ensemble})
+    # reward-model ensembles: the run's reward stage and the members --members trains ({ensemble}); the first of
+    # those alone, to tell the ensemble from a better reward model
+    "member1": ["ppo.reward_model={member1}"],
     "ensemble_mean": ["ppo.reward_ensemble={ensemble}", "ppo.ensemble_objective=mean"],
     "ensemble_worst": ["ppo.reward_ensemble={ensemble}", "ppo.ensemble_objective=worst_case"],
     "ensemble_uwo": ["ppo.reward_ensemble={ensemble}", "ppo.ensemble_objective=uncertainty_weighted",
                      "ppo.uncertainty_penalty=1.0"],
+    "ensemble_worst_kl0.5": ["ppo.reward_ensemble={ensemble}", "ppo.ensemble_objective=worst_case", "ppo.kl_coef=0.5"],
+    "ensemble_uwo4_kl0.5": ["ppo.reward_ensemble={ensemble}", "ppo.ensemble_objective=uncertainty_weighted",
+                            "ppo.uncertainty_penalty=4.0", "ppo.kl_coef=0.5"],
     "ensemble_uwo_kl0.5": ["ppo.reward_ensemble={ensemble}", "ppo.ensemble_objective=uncertainty_weighted",
                            "ppo.uncertainty_penalty=1.0", "ppo.kl_coef=0.5"],
     "rounds4_kl1_steps240": ["ppo.max_steps=240", "ppo.reward_rounds=4", "ppo.reward_round_prompts=4000",
@@ -128,12 +133,12 @@ def main():
     run_dir, work = Path(args.run_dir).resolve(), Path(args.work).resolve()
     jobs = [(n, int(s)) for n in names for s in args.seeds.split(",")]
     members = []
-    if any("{ensemble}" in o for n in names for o in VARIANTS[n]):
+    if any("{ensemble}" in o or "{member1}" in o for n in names for o in VARIANTS[n]):
         members = train_members(str(Path(args.recipe).resolve()), run_dir, work, args.members)
-    ensemble = "[" + ",".join(str(m) for m in members) + "]"
+    ensemble, member1 = "[" + ",".join(str(m) for m in members) + "]", members[0] if members else None
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda job: run_variant(str(Path(args.recipe).resolve()), run_dir, work, job[0],
-                                                        job[1], [o.format(ensemble=ensemble)
+                                                        job[1], [o.format(ensemble=ensemble, member1=member1)
                                                                  for o in VARIANTS[job[0]]]), jobs))
     print(f"\nppo from {run_dir}/sft against {run_dir}/reward, text prompts, verifier_weight 0 "
           f"(held-out: greedy, the stage's heldout_prompts)")
