@@ -26,6 +26,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT_ONLY = ["ppo.prompts=world:preference", "ppo.verifier_weight=0.0", "ppo.save_steps=0"]
+ROUNDS3 = ["ppo.reward_rounds=3", "ppo.reward_round_prompts=4000"]
+ENSEMBLE, UWO = ["ppo.reward_ensemble={ensemble}"], ["ppo.ensemble_objective=uncertainty_weighted"]
 VARIANTS = {  # name: overrides on top of the recipe's ppo section
     "base": [],
     "kl_k3": ["ppo.kl_estimator=k3"],
@@ -38,27 +40,22 @@ VARIANTS = {  # name: overrides on top of the recipe's ppo section
     "steps240": ["ppo.max_steps=240"],
     "clip1": ["ppo.reward_clip=1.0"],
     "kl1_clip1": ["ppo.kl_coef=1.0", "ppo.reward_clip=1.0"],
-    "rounds3": ["ppo.reward_rounds=3", "ppo.reward_round_prompts=4000"],
-    "rounds3_kl0.5": ["ppo.reward_rounds=3", "ppo.reward_round_prompts=4000", "ppo.kl_coef=0.5"],
-    "rounds3_kl1": ["ppo.reward_rounds=3", "ppo.reward_round_prompts=4000", "ppo.kl_coef=1.0"],
-    "rounds3_kl0.5_lm": ["ppo.reward_rounds=3", "ppo.reward_round_prompts=4000", "ppo.kl_coef=0.5",
-                         "ppo.reward_round_lm_loss_coefficient=1.0"],
-    "rounds3_kl0.5_replay": ["ppo.reward_rounds=3", "ppo.reward_round_prompts=4000", "ppo.kl_coef=0.5",
-                             "ppo.reward_round_replay=2000"],
-    "rounds3_kl0.5_lm_replay": ["ppo.reward_rounds=3", "ppo.reward_round_prompts=4000", "ppo.kl_coef=0.5",
-                                "ppo.reward_round_lm_loss_coefficient=1.0", "ppo.reward_round_replay=2000"],
+    "rounds3": ROUNDS3,
+    "rounds3_kl0.5": [*ROUNDS3, "ppo.kl_coef=0.5"],
+    "rounds3_kl1": [*ROUNDS3, "ppo.kl_coef=1.0"],
+    "rounds3_kl0.5_lm": [*ROUNDS3, "ppo.kl_coef=0.5", "ppo.reward_round_lm_loss_coefficient=1.0"],
+    "rounds3_kl0.5_replay": [*ROUNDS3, "ppo.kl_coef=0.5", "ppo.reward_round_replay=2000"],
+    "rounds3_kl0.5_lm_replay": [*ROUNDS3, "ppo.kl_coef=0.5", "ppo.reward_round_lm_loss_coefficient=1.0",
+                                "ppo.reward_round_replay=2000"],
     # reward-model ensembles: the run's reward stage and the members --members trains ({ensemble}); the first of
     # those alone, to tell the ensemble from a better reward model
     "member1": ["ppo.reward_model={member1}"],
-    "ensemble_mean": ["ppo.reward_ensemble={ensemble}", "ppo.ensemble_objective=mean"],
-    "ensemble_worst": ["ppo.reward_ensemble={ensemble}", "ppo.ensemble_objective=worst_case"],
-    "ensemble_uwo": ["ppo.reward_ensemble={ensemble}", "ppo.ensemble_objective=uncertainty_weighted",
-                     "ppo.uncertainty_penalty=1.0"],
-    "ensemble_worst_kl0.5": ["ppo.reward_ensemble={ensemble}", "ppo.ensemble_objective=worst_case", "ppo.kl_coef=0.5"],
-    "ensemble_uwo4_kl0.5": ["ppo.reward_ensemble={ensemble}", "ppo.ensemble_objective=uncertainty_weighted",
-                            "ppo.uncertainty_penalty=4.0", "ppo.kl_coef=0.5"],
-    "ensemble_uwo_kl0.5": ["ppo.reward_ensemble={ensemble}", "ppo.ensemble_objective=uncertainty_weighted",
-                           "ppo.uncertainty_penalty=1.0", "ppo.kl_coef=0.5"],
+    "ensemble_mean": [*ENSEMBLE, "ppo.ensemble_objective=mean"],
+    "ensemble_worst": [*ENSEMBLE, "ppo.ensemble_objective=worst_case"],
+    "ensemble_uwo": [*ENSEMBLE, *UWO, "ppo.uncertainty_penalty=1.0"],
+    "ensemble_worst_kl0.5": [*ENSEMBLE, "ppo.ensemble_objective=worst_case", "ppo.kl_coef=0.5"],
+    "ensemble_uwo4_kl0.5": [*ENSEMBLE, *UWO, "ppo.uncertainty_penalty=4.0", "ppo.kl_coef=0.5"],
+    "ensemble_uwo_kl0.5": [*ENSEMBLE, *UWO, "ppo.uncertainty_penalty=1.0", "ppo.kl_coef=0.5"],
     "rounds4_kl1_steps240": ["ppo.max_steps=240", "ppo.reward_rounds=4", "ppo.reward_round_prompts=4000",
                              "ppo.kl_coef=1.0"],
 }

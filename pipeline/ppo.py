@@ -132,7 +132,7 @@ def plot_curves(history: list[dict], path: Path, algorithm: str, window: int) ->
     plt.close(fig)
 
 
-def check_tool_keys(recipe, cfg, keys, prompts) -> None:
+def check_keys(recipe, cfg, keys, prompts) -> None:
     """Weights that would reward nothing, tools the recipe does not have, tools with a trainer that cannot run ours,
     reward rounds without prompts the annotator can judge: one line each, before anything is written."""
     offers = check_offers(prompts, [t["name"] for t in recipe.tools.tools], keys.prompts) if recipe.tools.tools else \
@@ -175,7 +175,7 @@ def main(argv):
     with runs.StageRun(recipe, STAGE) as run:
         prompts = load_prompts(keys.prompts, recipe, keys.columns, pairs=cfg.reward_round_replay > 0)
         prompts = with_answers(prompts, keys.prompts, required=bool(cfg.verifier_weight))
-        check_tool_keys(recipe, cfg, keys, prompts)
+        check_keys(recipe, cfg, keys, prompts)
         data.warn_world_eval(recipe, STAGE, keys)
         heldout = heldout_rows(recipe, keys)
         init = run.checkpoint()

@@ -105,11 +105,15 @@ def fine_tune(reward: RewardModel, pairs: list[dict], *, epochs: int, learning_r
     keep = -reward.max_length if reward.max_length else 0  # as `score` reads them: the last max_length tokens
     seqs, reply_starts = [], []
     for p in pairs:
-        chosen, rejected = (encode(tokenizer, p["prompt"], p[side], tools_of(p)) for side in ("chosen", "rejected"))
+        tools = tools_of(p)
+        chosen, rejected = (encode(tokenizer, p["prompt"], p[side], tools) for side in ("chosen", "rejected"))
         cut = len(chosen) - len(chosen[keep:])  # tokens truncation drops from the front of the chosen sequence
-        reply_starts.append(max(0, len(encode_prompt(tokenizer, p["prompt"], tools_of(p))) - cut))
+        reply_starts.append(max(0, len(encode_prompt(tokenizer, p["prompt"], tools)) - cut))
         seqs.append((chosen[keep:], rejected[keep:]))
-    device = next(model.parameters()).device
+    first = next(model.parameters())
+    device = first.device
+    if lm_loss_coefficient:
+        lm_head = lm_head.to(device, first.dtype)  # once, not per batch
     model.requires_grad_(True).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     order_rng = torch.Generator().manual_seed(seed)
@@ -153,7 +157,7 @@ def standardise(reward: RewardModel, pairs: list[dict]) -> None:
 def replay_pairs(prompts, n: int, seed: int) -> list[dict]:
     """`n` of the prompt dataset's own preference pairs (its `chosen`/`rejected` columns: the kind of pairs the reward
     model was trained on), drawn at random: mixed into a round's fine-tuning so it does not forget them."""
-    if not n or "chosen" not in prompts.column_names:
+    if not n:  # ppo.check_keys refuses replay from prompts without chosen/rejected
         return []
     pick = sorted(random.Random(seed).sample(range(len(prompts)), min(n, len(prompts))))
     return [{c: prompts[i][c] for c in ("prompt", "chosen", "rejected", "tools") if c in prompts.column_names}
