@@ -27,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TEXT_ONLY = ["ppo.prompts=world:preference", "ppo.verifier_weight=0.0", "ppo.save_steps=0"]
 ROUNDS3 = ["ppo.reward_rounds=3", "ppo.reward_round_prompts=4000"]
+IMPLICIT = ["ppo.implicit_reward=dpo"]
 ENSEMBLE, UWO = ["ppo.reward_ensemble={ensemble}"], ["ppo.ensemble_objective=uncertainty_weighted"]
 VARIANTS = {  # name: overrides on top of the recipe's ppo section
     "base": [],
@@ -56,10 +57,23 @@ VARIANTS = {  # name: overrides on top of the recipe's ppo section
     "ensemble_worst_kl0.5": [*ENSEMBLE, "ppo.ensemble_objective=worst_case", "ppo.kl_coef=0.5"],
     "ensemble_uwo4_kl0.5": [*ENSEMBLE, *UWO, "ppo.uncertainty_penalty=4.0", "ppo.kl_coef=0.5"],
     "ensemble_uwo_kl0.5": [*ENSEMBLE, *UWO, "ppo.uncertainty_penalty=1.0", "ppo.kl_coef=0.5"],
+    # DPO's implicit reward as a dense per-token reward beside the reward model's (RTO), from the run's dpo stage
+    "implicit_b0.2": [*IMPLICIT, "ppo.implicit_reward_beta=0.2"],
+    "implicit_b0.5_kl0.5": [*IMPLICIT, "ppo.implicit_reward_beta=0.5", "ppo.kl_coef=0.5"],
+    "implicit_b1_kl1": [*IMPLICIT, "ppo.implicit_reward_beta=1.0", "ppo.kl_coef=1.0"],
+    "implicit_b2_kl2": [*IMPLICIT, "ppo.implicit_reward_beta=2.0", "ppo.kl_coef=2.0"],
+    "implicit_b1_kl1_steps240": [*IMPLICIT, "ppo.implicit_reward_beta=1.0", "ppo.kl_coef=1.0", "ppo.max_steps=240"],
+    "implicit_only_b1_kl1_steps240": [*IMPLICIT, "ppo.implicit_reward_beta=1.0", "ppo.kl_coef=1.0", "ppo.max_steps=240",
+                                      "ppo.reward_clip=1e-6"],  # the reward model's score clipped to nothing
+    "kl1_steps240": ["ppo.kl_coef=1.0", "ppo.max_steps=240"],
+    "implicit_b1_kl0.5": [*IMPLICIT, "ppo.implicit_reward_beta=1.0", "ppo.kl_coef=0.5"],
+    "implicit_b0.5_kl0.5_steps240": [*IMPLICIT, "ppo.implicit_reward_beta=0.5", "ppo.kl_coef=0.5", "ppo.max_steps=240"],
+    "implicit_b0.5_kl0.5_lr3e-4": [*IMPLICIT, "ppo.implicit_reward_beta=0.5", "ppo.kl_coef=0.5",
+                                   "ppo.learning_rate=3e-4"],
     "rounds4_kl1_steps240": ["ppo.max_steps=240", "ppo.reward_rounds=4", "ppo.reward_round_prompts=4000",
                              "ppo.kl_coef=1.0"],
 }
-UPSTREAM = ("pretrain", "sft", "reward", "diffusion", "diffusion_dpo")
+UPSTREAM = ("pretrain", "sft", "reward", "dpo", "diffusion", "diffusion_dpo")
 
 
 def train_members(recipe: str, run_dir: Path, work: Path, count: int) -> list[Path]:

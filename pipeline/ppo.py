@@ -70,7 +70,8 @@ def summarise(history: list[dict], algorithm: str) -> dict:
         return sum(vals) / len(vals) if vals else None
 
     out = {"algorithm": algorithm, "steps": history[-1]["step"] if history else 0}
-    for key in ("reward_raw", "reward", "kl", "kl_per_token", "verifier", "annotator_vs_start", "image_verifier",
+    for key in ("reward_raw", "reward", "implicit_reward", "kl", "kl_per_token", "verifier", "annotator_vs_start",
+                "image_verifier",
                 "tool_call_rate", "valid_call_rate", "distinct_2", "reply_length", "ended"):
         start, end = mean(history[:n], key), mean(history[-n:], key)
         if start is not None:
@@ -158,8 +159,21 @@ def check_keys(recipe, cfg, keys, prompts) -> None:
         check_grpo_tools(recipe, cfg, keys, prompts)
 
 
-def train_ppo(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints) -> list[dict]:
-    trainer = PPOTrainer(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints)
+def check_implicit_reward(recipe, cfg, init, implicit) -> None:
+    """DPO's implicit reward is beta log pi_dpo/pi_ref with pi_ref the model DPO started from: PPO's reference (its
+    init_from) must be that model. A folder that is no stage of ours says nothing of its start: taken as given."""
+    if cfg.algorithm != "ppo":
+        raise cli.PipelineError(f"{recipe.path}: ppo.implicit_reward is a per-token reward of our PPO "
+                                f"(algorithm: ppo), not of {cfg.algorithm}")
+    started = runs.trained_from(implicit.path)
+    if started is not None and init.path is not None and started != str(Path(init.path).resolve()):
+        raise cli.PipelineError(f"{recipe.path}: ppo.implicit_reward `{implicit.ref}` was tuned from {started}, but "
+                                f"ppo starts from {init.path}: its implicit reward is measured against the model it "
+                                f"started from, so set ppo.init_from to that model")
+
+
+def train_ppo(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints, implicit=None) -> list[dict]:
+    trainer = PPOTrainer(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints, implicit)
     history = trainer.train()
     trainer.save()
     return history
@@ -186,10 +200,15 @@ def main(argv):
         if peft_values.get("use_peft") and models.is_adapter(models.model_path(init.path)):
             raise cli.PipelineError(f"{init.path}: a LoRA adapter without a merged model: a new adapter needs a full "
                                     f"model under it; save that stage with merge_adapter=true")
+        implicit = run.checkpoint("implicit_reward") if keys.implicit_reward else None
+        if implicit is not None:
+            check_implicit_reward(recipe, cfg, init, implicit)
         run.prepare()
 
-        train = train_ppo if cfg.algorithm == "ppo" else train_trl
-        history = train(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints)
+        if cfg.algorithm == "ppo":
+            history = train_ppo(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints, implicit)
+        else:
+            history = train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints)
 
         metrics = summarise(history, cfg.algorithm)
         if heldout is not None and run.state.is_main_process:

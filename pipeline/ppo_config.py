@@ -44,6 +44,7 @@ class PPOConfig:
     ensemble_objective: Literal["mean", "worst_case", "uncertainty_weighted"] = "mean"  # with reward_ensemble: how
                                          # the members' normalised scores make one (reward_model.combine)
     uncertainty_penalty: float = 1.0     # uncertainty_weighted: mean - this x the members' variance
+    implicit_reward_beta: float = 0.1    # with ppo.implicit_reward: the beta of its per-token reward (DPO's beta)
     verifier_weight: float = 0.0         # add this times the world's verifier (1 correct, 0 not) to the score
     image_verifier_weight: float = 0.0   # tools: add this times tool_world.verify's verdict on tool tasks to the score
     max_tool_calls: int = 2              # tools: calls run per reply; a call past them gets an error and ends the reply
@@ -81,6 +82,8 @@ class PPOConfig:
                      "kl_horizon"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.implicit_reward_beta <= 0:
+            raise ValueError(f"implicit_reward_beta must be positive, got {self.implicit_reward_beta}")
         if self.uncertainty_penalty < 0:
             raise ValueError(f"uncertainty_penalty must be >= 0, got {self.uncertainty_penalty}")
         if self.reward_clip is not None and self.reward_clip <= 0:

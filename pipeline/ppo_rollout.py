@@ -1,7 +1,7 @@
-"""What one PPO step samples (`Rollout`) and how: one reply per prompt (`sample_replies`), and the logits the update
-reads them with (`reply_logits`). Replies with tool calls come from pipeline/ppo_tools.py in the same `Rollout`, with
-`mask` 1 only on the tokens the policy chose: every later phase (log-probabilities, KL, values, GAE, losses) reads
-`mask`, so tool results are context, never actions.
+"""What one PPO step samples (`Rollout`) and how: its prompts (`PromptSampler`), one reply per prompt
+(`sample_replies`), and the logits the update reads them with (`reply_logits`). Replies with tool calls come from
+pipeline/ppo_tools.py in the same `Rollout`, with `mask` 1 only on the tokens the policy chose: every later phase
+(log-probabilities, KL, values, GAE, losses) reads `mask`, so tool results are context, never actions.
 """
 
 from __future__ import annotations
@@ -48,12 +48,37 @@ class Rollout:
     scores: torch.Tensor = None        # (B,) the score given at the last reply token
     logprobs: torch.Tensor = None      # (B, R) log pi(token) under the policy that sampled it
     ref_logprobs: torch.Tensor = None  # (B, R) the same under the frozen reference
+    implicit: torch.Tensor = None      # (B, R) ppo.implicit_reward: implicit_reward_beta x (log pi_dpo - log pi_ref) of
+                                       #   each chosen token at temperature 1, 0 elsewhere; None without
     values: torch.Tensor = None        # (B, R) the critic's value before each reply token
 
     kl: torch.Tensor = None            # (B, R) per-token KL estimate, 0 where mask is 0
     rewards: torch.Tensor = None       # (B, R) -kl_coef * kl per token, plus the score on the last token
     advantages: torch.Tensor = None    # (B, R) GAE advantages (whitened with whiten_advantages)
     returns: torch.Tensor = None       # (B, R) advantages + values: the critic's targets
+
+
+class PromptSampler:
+    """Shuffled passes over the prompts; each step takes `batch_size` per process. Its state is the data position."""
+
+    def __init__(self, n: int, batch_size: int, num_processes: int, rank: int, seed: int):
+        self.n, self.batch_size, self.num_processes, self.rank, self.seed = n, batch_size, num_processes, rank, seed
+        self.epoch, self.position = 0, 0
+
+    def next_batch(self) -> list[int]:
+        need = self.batch_size * self.num_processes
+        if self.position + need > self.n:
+            self.epoch, self.position = self.epoch + 1, 0
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        chunk = order[self.position:self.position + need]
+        self.position += need
+        return chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
 
 
 def positions(attention_mask):

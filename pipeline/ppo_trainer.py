@@ -4,21 +4,21 @@
     history = trainer.train()   # resumes from the newest checkpoint of a killed run of the same inputs
     trainer.save()
 
-Each process takes `batch_size` prompts per step and samples one reply each from the policy (KV cache, left
-padding, stops at end-of-turn): a `Rollout`; prompts that offer tools are answered in multi-turn rollouts that call the
+Each process takes `batch_size` prompts per step and samples one reply each from the policy (KV cache, left padding,
+stops at end-of-turn): a `Rollout`; prompts that offer tools are answered in multi-turn rollouts that call the
 recipe's tools (pipeline/ppo_tools.py), and every phase after the rollout reads only the tokens the policy chose
-(`Rollout.mask`). The reward model scores the replies (normalised with the statistics its
-stage stored; minus `missing_eos_penalty` for replies that ran out of tokens; plus `verifier_weight` times the
-world's verifier, which is also logged as the gold score whenever the prompts have answers, and
-`image_verifier_weight` times tool_world.verify's verdict on tool tasks, logged as `image_verifier`), the policy's, the
-frozen reference's and the critic's per-token values are computed, a per-token KL penalty is added and GAE gives
-the advantages. Then `ppo_epochs` passes of clipped policy and value updates over `num_minibatches` minibatches.
-After each step pipeline/monitors.py's rules read the history (over-optimisation, collapse) and warn. The math on
-tensors is pipeline/rl.py. The critic is a value head on a copy of the reward model (`critic_init: reward`) or of the
-policy (`critic_init: policy`). Every `save_steps` steps all state
-(models, optimizers, schedulers, KL coefficient, prompt position, random states, history) goes into
-`checkpoint-N/`: the accelerate state (safetensors, and torch files that load with weights_only=True) and
-`loop_state.json` (KL coefficient, prompt position, step and history), no pickle.
+(`Rollout.mask`). The reward model scores the replies (normalised with the statistics its stage stored; minus
+`missing_eos_penalty` for replies that ran out of tokens; plus `verifier_weight` times the world's verifier, which is
+also logged as the gold score whenever the prompts have answers, and `image_verifier_weight` times
+tool_world.verify's verdict on tool tasks, logged as `image_verifier`), the policy's, the frozen reference's and the
+critic's per-token values are computed, a per-token KL penalty is added and GAE gives the advantages. Then
+`ppo_epochs` passes of clipped policy and value updates over `num_minibatches` minibatches. After each step
+pipeline/monitors.py's rules read the history (over-optimisation, collapse) and warn. The math on tensors is
+pipeline/rl.py. The critic is a value head on a copy of the reward model (`critic_init: reward`) or of the policy
+(`critic_init: policy`). `implicit_reward` adds a DPO policy's per-token reward (reward_model.ImplicitReward). Every
+`save_steps` steps all state (models, optimizers, schedulers, KL coefficient, prompt position, random states,
+history) goes into `checkpoint-N/`: the accelerate state (safetensors, and torch files that load with
+weights_only=True) and `loop_state.json` (KL coefficient, prompt position, step and history), no pickle.
 """
 
 from __future__ import annotations
@@ -36,38 +36,15 @@ import torch
 from pipeline import (cli, cluster, faults, judges, log, metrics, models, monitors, reward_rounds, rl, safe_resume,
                       threads)
 from pipeline.generation import render_prompt
-from pipeline.ppo_rollout import Rollout, positions, reply_logits, sample_replies
+from pipeline.ppo_rollout import PromptSampler, Rollout, positions, reply_logits, sample_replies
 from pipeline.ppo_tools import ToolEnv, conversation, tool_counts
-from pipeline.reward_model import lm_head_weight, load_reward_model, load_scorer, tools_of
+from pipeline.reward_model import ImplicitReward, lm_head_weight, load_reward_model, load_scorer, tools_of
 
 # printed every logging_steps (metrics.json has every statistic of every step)
-LOG_KEYS = ("step", "reward_raw", "reward", "verifier", "annotator_vs_start", "image_verifier", "tool_call_rate",
-            "valid_call_rate", "kl", "kl_coef", "entropy", "distinct_2", "clipfrac", "approx_kl", "value_loss",
-            "explained_variance", "reply_length", "ended")
+LOG_KEYS = ("step", "reward_raw", "reward", "implicit_reward", "verifier", "annotator_vs_start", "image_verifier",
+            "tool_call_rate", "valid_call_rate", "kl", "kl_coef", "entropy", "distinct_2", "clipfrac", "approx_kl",
+            "value_loss", "explained_variance", "reply_length", "ended")
 UPDATE_STATS = ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl", "entropy")
-
-
-class PromptSampler:
-    """Shuffled passes over the prompts; each step takes `batch_size` per process. Its state is the data position."""
-
-    def __init__(self, n: int, batch_size: int, num_processes: int, rank: int, seed: int):
-        self.n, self.batch_size, self.num_processes, self.rank, self.seed = n, batch_size, num_processes, rank, seed
-        self.epoch, self.position = 0, 0
-
-    def next_batch(self) -> list[int]:
-        need = self.batch_size * self.num_processes
-        if self.position + need > self.n:
-            self.epoch, self.position = self.epoch + 1, 0
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        chunk = order[self.position:self.position + need]
-        self.position += need
-        return chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist()
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
 
 
 class Progress:
@@ -104,7 +81,7 @@ class Critic(torch.nn.Module):
 class PPOTrainer:
     """Models, optimizers and resumable state of one PPO run (see the module docstring)."""
 
-    def __init__(self, recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints):
+    def __init__(self, recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints, implicit=None):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
         from transformers import get_scheduler
@@ -133,6 +110,8 @@ class PPOTrainer:
         else:
             reference = models.load_causal_lm(recipe, init.path, revision=recipe.model.revision)
             self.reference = reference.to(self.device).eval().requires_grad_(False)
+        self.implicit = implicit and ImplicitReward(recipe, implicit, tokenizer, cfg.implicit_reward_beta,
+                                                    self.device)  # ppo.implicit_reward: a DPO policy's dense reward
         reward_checkpoint = reward_checkpoints[0]
         self.reward_model = load_scorer(recipe, reward_checkpoints, self.device, cfg.ensemble_objective,
                                         cfg.uncertainty_penalty)  # one model, or an ensemble (reward_ensemble)
@@ -235,13 +214,19 @@ class PPOTrainer:
             batch.scores = batch.scores + cfg.image_verifier_weight * batch.tool_correct
         seq, att, ctx = batch.sequences, batch.attention_mask, batch.context_length
         batch.logprobs = rl.logprobs_of(reply_logits(self.unwrapped, seq, att, ctx, cfg.temperature), batch.replies)
+        batch.ref_logprobs = rl.logprobs_of(self.reference_logits(seq, att, ctx, cfg.temperature), batch.replies)
+        if self.implicit:  # RTO's dense reward, read at temperature 1
+            batch.implicit = self.implicit.token_rewards(batch, batch.ref_logprobs if cfg.temperature == 1.0 else
+                                                         rl.logprobs_of(self.reference_logits(seq, att, ctx, 1.0),
+                                                                        batch.replies))
+        batch.values = self.critic(seq, att, positions(att))[:, ctx - 1:-1]
+
+    def reference_logits(self, seq, att, ctx, temperature):
+        """The frozen reference's reply logits: the reference model, or the policy with its LoRA adapter off."""
         if self.reference is None:
             with self.unwrapped.disable_adapter():
-                ref_logits = reply_logits(self.unwrapped, seq, att, ctx, cfg.temperature)
-        else:
-            ref_logits = reply_logits(self.reference, seq, att, ctx, cfg.temperature)
-        batch.ref_logprobs = rl.logprobs_of(ref_logits, batch.replies)
-        batch.values = self.critic(seq, att, positions(att))[:, ctx - 1:-1]
+                return reply_logits(self.unwrapped, seq, att, ctx, temperature)
+        return reply_logits(self.reference, seq, att, ctx, temperature)
 
     def logged_step(self) -> bool:
         step = self.progress.step + 1
@@ -272,7 +257,7 @@ class PPOTrainer:
         """Phase 3: per-token rewards (score minus the KL penalty) and GAE advantages."""
         cfg = self.cfg
         batch.kl = rl.kl_penalty(batch.logprobs, batch.ref_logprobs, cfg.kl_estimator) * batch.mask
-        batch.rewards = rl.penalised_rewards(batch.scores, batch.kl, batch.mask, self.kl_ctl.value)
+        batch.rewards = rl.penalised_rewards(batch.scores, batch.kl, batch.mask, self.kl_ctl.value, batch.implicit)
         batch.advantages, batch.returns = rl.gae(batch.rewards, batch.values, batch.mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             batch.advantages = rl.masked_whiten(batch.advantages, batch.mask) * batch.mask
@@ -316,7 +301,7 @@ class PPOTrainer:
         """Phase 5a: this step's means over all processes; the KL controller sees the step's KL."""
         local = {
             "reward_raw": batch.raw.mean(), "reward": batch.normalised.mean(), "score": batch.scores.mean(),
-            "kl": batch.kl.sum(1).mean(), "non_score_reward": (batch.rewards.sum(1) - batch.scores).mean(),
+            "kl": batch.kl.sum(1).mean(), "non_score_reward": -self.kl_ctl.value * batch.kl.sum(1).mean(),
             **{k: torch.stack(v).mean() for k, v in stats.items()},
             "explained_variance": torch.tensor(rl.explained_variance(batch.values, batch.returns, batch.mask),
                                                device=self.device),
@@ -339,6 +324,8 @@ class PPOTrainer:
             sums = self.accelerator.reduce(sums, reduction="sum").tolist()
             step_stats.update({k: n / d for k, (n, d) in zip(ratios, sums) if d > 0})
         step_stats["kl_coef"] = self.kl_ctl.value
+        if batch.implicit is not None:  # the DPO policy's implicit reward of each reply, summed over its tokens
+            step_stats["implicit_reward"] = self.accelerator.reduce(batch.implicit.sum(1).mean(), "mean").item()
         if self.cfg.reward_rounds > 1:
             step_stats["reward_round"] = self.reward_round  # the proxy's scale changes with the round
         self.kl_ctl.update(step_stats["kl"], self.cfg.batch_size * self.accelerator.num_processes)

@@ -14,7 +14,8 @@ module, so a reply is scored exactly as the reward stage trained on it:
 
 Several reward models score together as a `RewardEnsemble` (ppo's `reward_ensemble`), each member as above, their
 normalised scores combined into one (`combine`). The reward stage's GRM regulariser (`next_token_loss`) is here too,
-for the reward stage and for PPO's reward rounds.
+for the reward stage and for PPO's reward rounds, and so is DPO's implicit reward, a per-token reward read off a DPO
+policy (`ImplicitReward`, ppo's `implicit_reward`).
 """
 
 from __future__ import annotations
@@ -268,7 +269,8 @@ class RewardModel:
 
 def combine(normalised, objective: str, penalty: float = 0.0):
     """One score per reply from the members' normalised scores (K members, B replies): their `mean`; the
-    `worst_case` (lowest); or `uncertainty_weighted`, the mean minus `penalty` times their variance (Coste et al. 2023)."""
+    `worst_case` (lowest); or `uncertainty_weighted`, the mean minus `penalty` times their variance (Coste et al.
+    2023)."""
     if objective == "worst_case":
         return normalised.min(0).values
     mean = normalised.mean(0)
@@ -310,3 +312,25 @@ def load_scorer(recipe, checkpoints: list, device="cpu", objective: str = "mean"
     """The reward model at the one checkpoint, or the ensemble of the models at several (runs.Checkpoint each)."""
     members = [RewardModel.load(recipe, cp, device) for cp in checkpoints]
     return members[0] if len(members) == 1 else RewardEnsemble(members, objective, penalty)
+
+
+class ImplicitReward:
+    """DPO's implicit reward as a dense reward (RTO, Zhong et al. 2024): beta x (log pi_dpo - log pi_ref) of each
+    token the policy chose, read at temperature 1 off a policy DPO tuned from the PPO reference."""
+
+    def __init__(self, recipe, checkpoint, tokenizer, beta: float, device):
+        from pipeline import cli
+
+        if models.load_tokenizer(recipe, checkpoint).get_vocab() != tokenizer.get_vocab():
+            raise cli.PipelineError(f"{checkpoint.path}: ppo.implicit_reward needs a policy with the policy's "
+                                    f"tokenizer (its log-probabilities are read on the policy's tokens)")
+        self.model = models.load_causal_lm(recipe, checkpoint.path).to(device).eval().requires_grad_(False)
+        self.beta = beta
+
+    def token_rewards(self, batch, ref_logprobs):
+        """(B, R) rewards of a Rollout's reply tokens (0 where its mask is 0), given the reference's log-probs."""
+        from pipeline import rl
+        from pipeline.ppo_rollout import reply_logits
+
+        logits = reply_logits(self.model, batch.sequences, batch.attention_mask, batch.context_length, 1.0)
+        return self.beta * (rl.logprobs_of(logits, batch.replies) - ref_logprobs) * batch.mask

@@ -8,7 +8,8 @@ steps over them (see `gae`). Token t with mask 1 is one action; `values[:, t]` i
 token was chosen.
 
     per-token KL      kl_penalty(logprobs, ref_logprobs, "k1" | "k3")        Schulman, "Approximating KL divergence"
-    rewards           penalised_rewards(scores, kl, mask, kl_coef): -kl_coef * kl on every token, score on the last
+    rewards           penalised_rewards(scores, kl, mask, kl_coef[, token_rewards]): -kl_coef * kl (+ a dense reward)
+                      on every token, score on the last
     advantages        gae(rewards, values, mask, gamma, lam), then masked_whiten
     losses            policy_loss (clipped surrogate), value_loss (clipped), both masked means
     KL coefficient    KLController: fixed, or adaptive towards a target KL (Ziegler et al. 2019)
@@ -76,9 +77,13 @@ def last_index(mask: torch.Tensor) -> torch.Tensor:
     return ((mask > 0).long() * positions).amax(1)
 
 
-def penalised_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
-    """Per-token rewards: -kl_coef * kl on every action (mask 1), plus the sequence score on the last action."""
+def penalised_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float,
+                      token_rewards: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token rewards: -kl_coef * kl on every action (mask 1), plus the sequence score on the last action, plus
+    token_rewards (B, T) on every action when given (a dense reward, e.g. DPO's implicit one)."""
     rewards = -kl_coef * kl * mask
+    if token_rewards is not None:
+        rewards = rewards + token_rewards * mask
     rows = torch.arange(len(scores), device=scores.device)
     rewards[rows, last_index(mask)] += scores
     return rewards

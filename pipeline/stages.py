@@ -144,6 +144,10 @@ class PPOKeys(HeldoutKeys):
     reward_ensemble: list[str] = key([], "more reward models (stages or folders) scored beside reward_model, each "
                                          "normalised by its own statistics and combined by ppo.ensemble_objective",
                                      ref="checkpoints")
+    implicit_reward: str | None = key(None, "a policy DPO tuned from init_from (a stage, e.g. `dpo`, or a folder): "
+                                            "ppo.implicit_reward_beta x its log-probability ratio to the reference "
+                                            "is added as a reward on every reply token (RTO); empty: none",
+                                      ref="checkpoint")
     prompts: str | list | dict = key("world:preference", "prompts to answer: a `prompt` column (text or messages); "
                                                          "preference pairs qualify (their chosen/rejected are "
                                                          "ignored)", ref="data")

@@ -187,6 +187,72 @@ def test_the_gold_score_is_logged_but_never_rewarded_without_verifier_weight(inp
     assert torch.allclose(rewarded.scores, no_gold.scores + 1e6)
 
 
+def test_the_implicit_reward_is_beta_times_the_dpo_policys_log_ratio_on_the_policys_tokens(inputs):
+    """ppo.implicit_reward (RTO): a 'DPO' policy (the policy with its output layer perturbed) adds
+    implicit_reward_beta x (log pi_dpo - log pi_ref) of each chosen token to that token's reward, computed here
+    from the two models directly, and nothing on padding. The policy itself as the DPO policy adds exactly zero."""
+    import copy
+    from types import SimpleNamespace
+
+    from pipeline import ppo
+
+    work, recipe = inputs[0], inputs[1]
+    dpo = work / "dpo-like"
+    if not dpo.exists():
+        model = models.load_causal_lm(recipe, str(work / "policy"))
+        with torch.no_grad():
+            model.lm_head.weight.add_(0.5 * torch.randn_like(model.lm_head.weight))
+        model.save_pretrained(dpo)
+        inputs[3].save_pretrained(dpo)
+    recipe = load_recipe(ppo_recipe(work, max_steps=1, implicit_reward_beta=0.3))
+    keys, cfg = recipe.keys("ppo"), recipe.trainer_config("ppo")
+    prompts = ppo.load_prompts(keys.prompts, recipe)
+    checkpoint = lambda path: runs.Checkpoint(path.name, str(path), "", "local")  # noqa: E731
+
+    def scored(implicit):
+        trainer = ppo_trainer.PPOTrainer(recipe, SimpleNamespace(out=work / "in-process"), cfg, keys, {}, prompts,
+                                         checkpoint(work / "policy"), [checkpoint(work / "rm")], implicit)
+        torch.manual_seed(0)
+        batch = trainer.rollout()
+        trainer.score(batch)
+        trainer.advantages(batch)
+        return trainer, batch
+
+    _, plain = scored(None)
+    trainer, batch = scored(checkpoint(dpo))
+    assert plain.implicit is None and torch.equal(batch.replies, plain.replies)  # the same replies
+    seq, att, ctx = batch.sequences, batch.attention_mask, batch.context_length
+    with torch.no_grad():
+        lp_dpo = rl.logprobs_of(ppo_trainer.reply_logits(trainer.implicit.model, seq, att, ctx, 1.0), batch.replies)
+        lp_ref = rl.logprobs_of(ppo_trainer.reply_logits(trainer.reference, seq, att, ctx, 1.0), batch.replies)
+    expected = 0.3 * (lp_dpo - lp_ref) * batch.mask
+    assert torch.allclose(batch.implicit, expected, atol=1e-5) and expected.abs().sum() > 0
+    assert torch.allclose(batch.rewards, plain.rewards + expected, atol=1e-5)
+    assert (batch.implicit[batch.mask == 0] == 0).all() and (batch.mask == 0).any()
+    _, itself = scored(checkpoint(work / "policy"))
+    assert torch.equal(itself.implicit, torch.zeros_like(itself.implicit))
+    assert torch.allclose(itself.rewards, plain.rewards)
+
+
+def test_an_implicit_reward_from_another_start_or_for_trls_trainers_is_refused(inputs):
+    """DPO's implicit reward is measured against the model DPO started from: a DPO folder whose manifest says it
+    started elsewhere than ppo.init_from is refused, and so is the key with GRPO (our PPO's per-token reward only)."""
+    import shutil
+
+    work = inputs[0]
+    elsewhere = work / "dpo-from-elsewhere"
+    if not elsewhere.exists():
+        shutil.copytree(work / "policy", elsewhere)
+        (elsewhere / "manifest.json").write_text(json.dumps({"inputs": {"checkpoints": {"init_from": {
+            "ref": "other", "path": str(work / "rm"), "fingerprint": "x", "source": "local"}}}}))
+    for name, extra, expected in (
+            ("elsewhere", [f"ppo.implicit_reward={elsewhere}"], "was tuned from"),
+            ("grpo", [f"ppo.implicit_reward={work / 'policy'}", "ppo.algorithm=grpo"], "not of grpo")):
+        proc = run_cli(["pipeline/ppo.py", ppo_recipe(work), f"run.name={name}", *extra], cwd=work, env=ENV)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert expected in proc.stderr.strip().splitlines()[-1] and not (work / "runs" / name).exists()
+
+
 def test_ensemble_objectives_on_hand_made_scores():
     from pipeline.reward_model import combine
 
@@ -466,6 +532,8 @@ def test_grpo_through_trl_with_the_verifier_reward(inputs):
     ("ppo.batch_size=7", "batch_size (7) must split into num_minibatches"),
     ("ppo.reward_model=/nowhere/rm", "/nowhere/rm"),
     ("ppo.reward_model=reward", "has no `reward` section"),
+    ("ppo.implicit_reward=/nowhere/dpo", "/nowhere/dpo"),
+    ("ppo.implicit_reward_beta=0", "implicit_reward_beta must be positive"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(inputs, override, expected):
     work = inputs[0]

@@ -59,6 +59,9 @@ def test_penalised_rewards_put_the_score_on_the_last_reply_token():
     mask = T([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     rewards = rl.penalised_rewards(scores, kl, mask, kl_coef=0.5)
     assert close(rewards, [[-0.05, -0.1, -0.15 + 1.0], [-0.25 - 2.0, 0.0, 0.0]])
+    dense = T([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # a per-token reward lands on the actions only
+    rewards = rl.penalised_rewards(scores, kl, mask, kl_coef=0.5, token_rewards=dense)
+    assert close(rewards, [[0.95, 1.9, 2.85 + 1.0], [3.75 - 2.0, 0.0, 0.0]])
 
 
 def test_missing_eos_penalty():
