@@ -3,9 +3,10 @@
     python benchmarks/ppo_levers.py recipes/small.yaml --run-dir runs/small [--variants base,kl1,rounds3_kl1]
         [--jobs 2] [--seeds 0] [--work /tmp/ppo-levers] [--members 3]
 
-Every variant is the recipe's ppo stage from the run's finished `sft` and `reward` stages, on the text prompts only
-(`ppo.prompts=world:preference`), with no rule reward (`verifier_weight: 0`), plus the variant's overrides (VARIANTS
-below). Each runs in its own run folder under --work (the run's upstream stages linked in), `--jobs` at a time with
+Every variant is the recipe's ppo stage from the run's finished `sft` and `reward` stages (and `dpo`, for the
+implicit_* variants), on the text prompts only (`ppo.prompts=world:preference`), with no rule reward
+(`verifier_weight: 0`), from the study's pinned starting point (LEVER_BASE: `kl_coef` 0.2, 120 steps, no implicit
+reward), plus the variant's overrides (VARIANTS below). Each runs in its own run folder under --work (the run's upstream stages linked in), `--jobs` at a time with
 one thread each. The held-out figures are the stage's own (`metrics.json` → `heldout`: greedy replies to the
 recipe's held-out prompts, judged by the world's verifier). The ensemble_* variants first train the reward stage
 again with seeds 1..--members-1 from the run's sft (under --work/members; about half an hour each here).
@@ -26,6 +27,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT_ONLY = ["ppo.prompts=world:preference", "ppo.verifier_weight=0.0", "ppo.save_steps=0"]
+# the study's starting point, pinned (the recipe's ppo section before it took the implicit reward): every variant is
+# these plus its own overrides
+LEVER_BASE = ["ppo.kl_coef=0.2", "ppo.max_steps=120", "ppo.implicit_reward=null", "ppo.implicit_reward_beta=0.1"]
 ROUNDS3 = ["ppo.reward_rounds=3", "ppo.reward_round_prompts=4000"]
 IMPLICIT = ["ppo.implicit_reward=dpo"]
 ENSEMBLE, UWO = ["ppo.reward_ensemble={ensemble}"], ["ppo.ensemble_objective=uncertainty_weighted"]
@@ -106,7 +110,7 @@ def run_variant(recipe: str, run_dir: Path, work: Path, name: str, seed: int, ov
     metrics = folder / "ppo" / "metrics.json"
     if not metrics.exists():
         cmd = [sys.executable, str(REPO / "pipeline/ppo.py"), recipe, f"run.output_dir={work}",
-               f"run.name={run_name}", f"ppo.seed={seed}", *TEXT_ONLY, *overrides]
+               f"run.name={run_name}", f"ppo.seed={seed}", *TEXT_ONLY, *LEVER_BASE, *overrides]
         with open(work / f"{run_name}.log", "w") as log:
             done = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
