@@ -15,7 +15,7 @@ import glob
 from pathlib import Path
 
 from pipeline import cluster, cost_check, integrity, runs
-from pipeline.memory import PROFILES, StageProfile, estimate_memory, human, model_shape
+from pipeline.memory import estimate_memory, human, model_shape, profile_of
 from pipeline.cli import PipelineError
 from pipeline.stages import STAGES
 
@@ -185,10 +185,7 @@ def check_stage(recipe, stage: str, launch: cluster.Launch, device_memory: int |
     projection = None
     if shape is not None and per_device:
         seq_len = _seq_len(recipe, stage, keys, shape)
-        profile = PROFILES.get(stage, StageProfile())
-        if getattr(keys, "lm_loss_coefficient", 0):  # reward's LM regulariser: vocabulary logits again (counted
-            profile = dataclasses.replace(profile, lm_head=True)  # for both replies, though only chosen needs them)
-        est = estimate_memory(shape, launch, profile=profile, per_device=per_device,
+        est = estimate_memory(shape, launch, profile=profile_of(recipe, stage), per_device=per_device,
                               seq_len=seq_len, mixed=_mixed(recipe, stage, fields),
                               weight_bytes=_weight_bytes(recipe), peft=recipe.peft_values(stage) if spec.peft else {},
                               grad_ckpt=bool(_config_value(recipe, stage, fields, "gradient_checkpointing", False)),

@@ -22,7 +22,7 @@ import math
 
 from pipeline import cost
 from pipeline.cli import PipelineError
-from pipeline.memory import PROFILES, StageProfile
+from pipeline.memory import profile_of
 
 DEFAULT_TFLOPS = 312.0   # per GPU: an A100's dense BF16 peak (H100 SXM: 989)
 DEFAULT_WATTS = 400.0    # per GPU under load: an A100 SXM's TDP (H100 SXM: 700)
@@ -99,7 +99,7 @@ class Projection:
 
 def flops_factor(recipe, stage: str, peft: bool) -> float:
     """FLOPs per parameter and token position of one optimizer step's sequences (see the module docstring)."""
-    profile = PROFILES.get(stage, StageProfile())
+    profile = profile_of(recipe, stage)
     trained, passes, generation = profile.trained_models, 1, 0
     if stage == "ppo":
         algorithm = recipe.config_default(stage, "algorithm")

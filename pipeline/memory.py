@@ -61,6 +61,20 @@ PROFILES = {
 }
 
 
+def profile_of(recipe, stage: str) -> StageProfile:
+    """The stage's profile with what its keys add: the reward stage's LM regulariser (vocabulary logits again,
+    counted for both replies though only the chosen need them); ppo's further frozen models (each of
+    `reward_ensemble`, and the `implicit_reward` policy)."""
+    profile, keys = PROFILES.get(stage, StageProfile()), recipe.keys(stage)
+    if getattr(keys, "lm_loss_coefficient", 0):
+        profile = dataclasses.replace(profile, lm_head=True)
+    more = len(getattr(keys, "reward_ensemble", None) or []) + bool(getattr(keys, "implicit_reward", None))
+    if more:
+        with_peft = None if profile.frozen_with_peft is None else profile.frozen_with_peft + more
+        profile = dataclasses.replace(profile, frozen_models=profile.frozen_models + more, frozen_with_peft=with_peft)
+    return profile
+
+
 @dataclasses.dataclass
 class ModelShape:
     source: str                  # where the architecture came from, for the report

@@ -71,8 +71,7 @@ def summarise(history: list[dict], algorithm: str) -> dict:
 
     out = {"algorithm": algorithm, "steps": history[-1]["step"] if history else 0}
     for key in ("reward_raw", "reward", "implicit_reward", "kl", "kl_per_token", "verifier", "annotator_vs_start",
-                "image_verifier",
-                "tool_call_rate", "valid_call_rate", "distinct_2", "reply_length", "ended"):
+                "image_verifier", "tool_call_rate", "valid_call_rate", "distinct_2", "reply_length", "ended"):
         start, end = mean(history[:n], key), mean(history[-n:], key)
         if start is not None:
             out[f"{key}_start"], out[f"{key}_end"] = start, end

@@ -110,8 +110,9 @@ class PPOTrainer:
         else:
             reference = models.load_causal_lm(recipe, init.path, revision=recipe.model.revision)
             self.reference = reference.to(self.device).eval().requires_grad_(False)
-        self.implicit = implicit and ImplicitReward(recipe, implicit, tokenizer, cfg.implicit_reward_beta,
-                                                    self.device)  # ppo.implicit_reward: a DPO policy's dense reward
+        self.implicit = None  # ppo.implicit_reward: a DPO policy whose log-ratio to the reference is a dense reward
+        if implicit is not None:
+            self.implicit = ImplicitReward(recipe, implicit, tokenizer, cfg.implicit_reward_beta, self.device)
         reward_checkpoint = reward_checkpoints[0]
         self.reward_model = load_scorer(recipe, reward_checkpoints, self.device, cfg.ensemble_objective,
                                         cfg.uncertainty_penalty)  # one model, or an ensemble (reward_ensemble)
@@ -215,7 +216,7 @@ class PPOTrainer:
         seq, att, ctx = batch.sequences, batch.attention_mask, batch.context_length
         batch.logprobs = rl.logprobs_of(reply_logits(self.unwrapped, seq, att, ctx, cfg.temperature), batch.replies)
         batch.ref_logprobs = rl.logprobs_of(self.reference_logits(seq, att, ctx, cfg.temperature), batch.replies)
-        if self.implicit:  # RTO's dense reward, read at temperature 1
+        if self.implicit is not None:  # RTO's dense reward, read at temperature 1
             batch.implicit = self.implicit.token_rewards(batch, batch.ref_logprobs if cfg.temperature == 1.0 else
                                                          rl.logprobs_of(self.reference_logits(seq, att, ctx, 1.0),
                                                                         batch.replies))

@@ -293,6 +293,21 @@ def test_check_warns_over_the_device_memory_and_names_every_error(tmp_path, caps
     assert errors == 2 and "runs a single process (distributed_type NO) but 4 were asked for" in out
 
 
+def test_ppo_counts_a_frozen_model_per_ensemble_member_and_for_the_implicit_reward_policy():
+    from pipeline.recipe import load_recipe
+
+    small = REPO / "recipes" / "small.yaml"
+
+    def frozen(*overrides):
+        profile = memory.profile_of(load_recipe(small, list(overrides)), "ppo")
+        return profile.frozen_models, profile.frozen_with_peft
+
+    assert frozen("ppo.implicit_reward=null") == (2, 1)  # the reference and the reward model (LoRA: no reference)
+    assert frozen("ppo.implicit_reward=dpo") == (3, 2)
+    assert frozen("ppo.implicit_reward=null", "ppo.reward_ensemble=[a, b]") == (4, 3)
+    assert memory.profile_of(load_recipe(small), "reward").lm_head  # its LM regulariser reads the vocabulary
+
+
 def test_memory_estimate_follows_the_sharding():
     shape = memory.ModelShape("test", "llama", params=8_000_000_000, hidden=4096, intermediate=14336, layers=32,
                              heads=32, kv_dim=1024, vocab=128256, max_positions=8192, linear_params=7_000_000_000,
