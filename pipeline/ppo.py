@@ -89,7 +89,8 @@ def plot_curves(history: list[dict], path: Path, algorithm: str, window: int) ->
 
     steps = [r["step"] for r in history]
     fig, (ax_r, ax_k, ax_g) = plt.subplots(1, 3, figsize=(15, 3.8))
-    for key, label in (("reward", "reward (normalised)"), ("reward_raw", "reward (raw)"), ("verifier", "verifier"),
+    for key, label in (("reward", "reward (normalised)"), ("reward_raw", "reward (raw)"),
+                       ("implicit_reward", "implicit reward (DPO policy)"), ("verifier", "verifier"),
                        ("image_verifier", "image verifier (tool tasks)")):
         if any(r.get(key) is not None for r in history):
             ax_r.plot(steps, [r.get(key) for r in history], label=label)
