@@ -166,7 +166,8 @@ def check_implicit_reward(recipe, cfg, init, implicit) -> None:
         raise cli.PipelineError(f"{recipe.path}: ppo.implicit_reward is a per-token reward of our PPO "
                                 f"(algorithm: ppo), not of {cfg.algorithm}")
     started = runs.trained_from(implicit.path)
-    if started is not None and init.path is not None and started != str(Path(init.path).resolve()):
+    init_path = init.path if init.source == "hub" or init.path is None else str(Path(init.path).resolve())
+    if started is not None and init_path is not None and started != init_path:
         raise cli.PipelineError(f"{recipe.path}: ppo.implicit_reward `{implicit.ref}` was tuned from {started}, but "
                                 f"ppo starts from {init.path}: its implicit reward is measured against the model it "
                                 f"started from, so set ppo.init_from to that model")

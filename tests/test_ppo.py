@@ -253,6 +253,22 @@ def test_an_implicit_reward_from_another_start_or_for_trls_trainers_is_refused(i
         assert expected in proc.stderr.strip().splitlines()[-1] and not (work / "runs" / name).exists()
 
 
+def test_an_implicit_reward_tuned_from_the_same_hub_model_is_accepted(tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline import cli, ppo
+
+    dpo = tmp_path / "dpo"
+    dpo.mkdir()
+    (dpo / "manifest.json").write_text(json.dumps({"inputs": {"checkpoints": {"init_from": {
+        "ref": "org/model", "path": "org/model", "fingerprint": "x", "source": "hub"}}}}))
+    recipe, cfg = SimpleNamespace(path="r.yaml"), PPOConfig()
+    implicit = runs.Checkpoint("dpo", str(dpo), "x", "local")
+    ppo.check_implicit_reward(recipe, cfg, runs.Checkpoint("org/model", "org/model", "x", "hub"), implicit)
+    with pytest.raises(cli.PipelineError, match="was tuned from org/model"):
+        ppo.check_implicit_reward(recipe, cfg, runs.Checkpoint("org/other", "org/other", "x", "hub"), implicit)
+
+
 def test_ensemble_objectives_on_hand_made_scores():
     from pipeline.reward_model import combine
 
