@@ -191,7 +191,6 @@ def test_the_implicit_reward_is_beta_times_the_dpo_policys_log_ratio_on_the_poli
     """ppo.implicit_reward (RTO): a 'DPO' policy (the policy with its output layer perturbed) adds
     implicit_reward_beta x (log pi_dpo - log pi_ref) of each chosen token to that token's reward, computed here
     from the two models directly, and nothing on padding. The policy itself as the DPO policy adds exactly zero."""
-    import copy
     from types import SimpleNamespace
 
     from pipeline import ppo
