@@ -83,6 +83,9 @@ def main():
     parser.add_argument("--stages", default="sft,reward,dpo")
     parser.add_argument("--run-dir", default="runs/small", help="a run folder with finished pretrain and sft stages")
     parser.add_argument("--out", default="/tmp/trlcli-bench", help="data, logs and both sides' outputs")
+    parser.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting of our stage's section on our side only, e.g. "
+                             "train_sampling_strategy=group_by_length (a lever not in the recipe); repeatable")
     args = parser.parse_args()
 
     from pipeline.recipe import load_recipe
@@ -104,7 +107,8 @@ def main():
 
         ours = [sys.executable, f"pipeline/{stage}.py", RECIPE, f"run.output_dir={out / 'ours'}",
                 f"{stage}.init_from={init}", f"{stage}.dataset={data_file}", f"{stage}.max_steps={args.steps}",
-                f"{stage}.report_to=none", f"{stage}.logging_steps={args.steps}", *OFF[stage]]
+                f"{stage}.report_to=none", f"{stage}.logging_steps={args.steps}", *OFF[stage],
+                *(f"{stage}.{setting}" for setting in args.ours_set)]
         trl = [str(bin_dir / "trl"), stage, "--model_name_or_path", str(init), "--dataset_name", str(data_file.parent),
                "--output_dir", str(out / "trl" / stage), "--per_device_train_batch_size", str(batch),
                "--max_length", str(max_length), "--max_steps", str(args.steps), "--learning_rate", str(lr),
@@ -120,7 +124,8 @@ def main():
             results.append((tokens / runtime if runtime else None, wall))
         rows.append((stage, *results[0], *results[1]))
 
-    print(f"\nrecipes/small.yaml stages against TRL's CLI defaults, {args.steps} steps each, "
+    ours_set = f" (ours with {', '.join(args.ours_set)})" if args.ours_set else ""
+    print(f"\nrecipes/small.yaml stages{ours_set} against TRL's CLI defaults, {args.steps} steps each, "
           f"{os.cpu_count()} CPUs, OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print("| stage  | ours tokens/s | TRL CLI tokens/s | ours / TRL | ours wall s | TRL CLI wall s |")
