@@ -311,6 +311,8 @@ class PPOTrainer:
             **{f"distinct_{n}": torch.tensor(metrics.distinct_n(batch.texts, n) or 0.0, device=self.device)
                for n in (1, 2)},
         }
+        if batch.implicit is not None:  # the DPO policy's implicit reward of each reply, summed over its tokens
+            local["implicit_reward"] = batch.implicit.sum(1).mean()
         names = list(local)
         reduced = self.accelerator.reduce(torch.stack([local[k].float() for k in names]), reduction="mean").tolist()
         step_stats = dict(zip(names, reduced))
@@ -325,8 +327,6 @@ class PPOTrainer:
             sums = self.accelerator.reduce(sums, reduction="sum").tolist()
             step_stats.update({k: n / d for k, (n, d) in zip(ratios, sums) if d > 0})
         step_stats["kl_coef"] = self.kl_ctl.value
-        if batch.implicit is not None:  # the DPO policy's implicit reward of each reply, summed over its tokens
-            step_stats["implicit_reward"] = self.accelerator.reduce(batch.implicit.sum(1).mean(), "mean").item()
         if self.cfg.reward_rounds > 1:
             step_stats["reward_round"] = self.reward_round  # the proxy's scale changes with the round
         self.kl_ctl.update(step_stats["kl"], self.cfg.batch_size * self.accelerator.num_processes)
