@@ -102,7 +102,9 @@ def main(argv):
                                     f"start DPO from a trained checkpoint (sft)")
         run.prepare()
 
-        from trl import DPOTrainer
+        from trl import DPOTrainer as TRLDPOTrainer
+
+        DPOTrainer = preferences.length_grouped(TRLDPOTrainer)  # train_sampling_strategy: group_by_length works
 
         tokenizer = models.load_tokenizer(recipe, init)
         policy = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision)

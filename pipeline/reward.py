@@ -49,25 +49,7 @@ def reward_trainer(lm_loss_coefficient: float, lm_head, **kwargs):
     from trl import RewardTrainer
     from trl.trainer.reward_trainer import DataCollatorForPreference
 
-    class LengthGroupedRewardTrainer(RewardTrainer):
-        """With `train_sampling_strategy: group_by_length` the prepared pairs carry their longer side's token count
-        as `length_column_name`: transformers' LengthGroupedSampler cannot measure chosen_ids/rejected_ids itself,
-        and with it a few long pairs (tool use, ~300 tokens) no longer pad most batches of short ones."""
-
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-            if args.train_sampling_strategy != "group_by_length" or not hasattr(dataset, "column_names"):
-                return dataset
-            return dataset.map(lambda row: {args.length_column_name: max(len(row["chosen_ids"]),
-                                                                         len(row["rejected_ids"]))},
-                               desc=f"Lengths of {dataset_name} dataset")
-
-        extra_columns = ()  # columns of the prepared data the collator reads besides TRL's
-
-        def _set_signature_columns_if_needed(self):
-            super()._set_signature_columns_if_needed()
-            grouped = [self.args.length_column_name] if self.args.train_sampling_strategy == "group_by_length" else []
-            self._signature_columns = list(dict.fromkeys([*self._signature_columns, *self.extra_columns, *grouped]))
+    LengthGroupedRewardTrainer = preferences.length_grouped(RewardTrainer)
 
     if not lm_loss_coefficient:
         return LengthGroupedRewardTrainer(**kwargs)

@@ -83,3 +83,47 @@ def test_tool_pairs_are_rendered_with_their_tool_schemas(tiny_run):
     text, tool = (tokenizer.decode(row["prompt_ids"]) for row in trainer.train_dataset)
     name = tool_world.TOOL_SCHEMAS[0]["function"]["name"]
     assert name in tool and name not in text
+
+
+def test_group_by_length_batches_pairs_of_similar_length(tiny_run):
+    """dpo.train_sampling_strategy: group_by_length: the prepared pairs carry their padded width (prompt plus the
+    longer reply), transformers' LengthGroupedSampler batches by it, a few long pairs no longer pad most batches,
+    and the stage trains with it (TRL's DPOTrainer alone fails: its rows have no `input_ids` to measure)."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+    from trl import DPOConfig, DPOTrainer
+
+    from pipeline import data, preferences
+    from pipeline.recipe import load_recipe
+
+    work, recipe_path, _ = tiny_run
+    sft = str(work / "runs/tiny/sft")
+    tokenizer = AutoTokenizer.from_pretrained(sft)
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")}
+            for r in data.read_rows("world:preference", load_recipe(recipe_path))[0][:256]]
+    for row in rows[::8]:  # one pair in eight is long, as tool pairs are among the world's text pairs
+        row["prompt"] = [{"role": "user", "content": row["prompt"][-1]["content"] + " please" * 40}]
+
+    def padded_tokens(strategy):
+        args = DPOConfig(output_dir=str(work / f"dpo-{strategy}"), report_to="none", use_cpu=True, max_length=256,
+                         per_device_train_batch_size=8, train_sampling_strategy=strategy, seed=3,
+                         gradient_checkpointing=False)
+        trainer = preferences.length_grouped(DPOTrainer)(
+            model=AutoModelForCausalLM.from_pretrained(sft), ref_model=AutoModelForCausalLM.from_pretrained(sft),
+            args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+        loader = trainer.get_train_dataloader()
+        if strategy == "group_by_length":
+            ds = trainer.train_dataset
+            assert ds["length"] == [len(p) + max(len(c), len(r))
+                                    for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
+            assert isinstance(trainer._get_train_sampler(ds), LengthGroupedSampler)
+        batches = list(loader)
+        assert sum(b["input_ids"].shape[0] for b in batches) == 2 * len(rows)  # every pair once, both sides
+        return sum(b["input_ids"].numel() - int(b["attention_mask"].sum()) for b in batches)
+
+    random_padding, grouped_padding = padded_tokens("random"), padded_tokens("group_by_length")
+    assert grouped_padding < random_padding / 2, (grouped_padding, random_padding)
+    metrics = dpo(work, recipe_path, "dpo_grouped", "dpo.heldout_prompts=",
+                  "dpo.train_sampling_strategy=group_by_length")
+    assert metrics["steps"] == 8 and metrics["train_loss"] > 0
