@@ -61,20 +61,21 @@ def export(stage, recipe, path: Path):
     return ds
 
 
-def run(name, cmd, log: Path, env):
-    """Runs cmd with output to log; returns (wall s, train_runtime s, real tokens trained) as the trainer printed."""
+def run(name, cmd, log: Path, env, logs_tokens=True):
+    """Runs cmd with output to log; returns (wall s, train_runtime s, real tokens trained) as the trainer printed
+    (tokens None when the trainer does not log them: `logs_tokens` False, e.g. transformers' Trainer in pretrain)."""
     start = time.perf_counter()
     with open(log, "w") as f:
         code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     wall = time.perf_counter() - start
     text = log.read_text()
     runtime, tokens = (re.findall(rf"'{key}': '([0-9.e+-]+)'", text) for key in ("train_runtime", "num_tokens"))
-    if code or not runtime or not tokens:
+    if code or not runtime or (logs_tokens and not tokens):
         lines = [line for line in text.splitlines() if line.strip() and "CalledProcessError" not in line]
         why = ([line for line in lines if re.match(r"\w*(Error|error)\b", line)] or lines or [""])[-1]
         print(f"  {name}: FAILED (exit {code}, see {log}): {why[:200]}", flush=True)
         return wall, None, None
-    return wall, float(runtime[-1]), float(tokens[-1])
+    return wall, float(runtime[-1]), float(tokens[-1]) if tokens else None
 
 
 def main():

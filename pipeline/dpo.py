@@ -18,7 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the package, never shadow libraries with our modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from pipeline import cli, data, dpo_rounds, judges, log, models, preferences, runs
+from pipeline import batching, cli, data, dpo_rounds, judges, log, models, preferences, runs
 from pipeline.heldout import heldout_comparison, heldout_rows
 from pipeline.recipe import load_recipe, stage_help
 from pipeline.reward_model import RewardModel
@@ -104,7 +104,7 @@ def main(argv):
 
         from trl import DPOTrainer as TRLDPOTrainer
 
-        DPOTrainer = preferences.length_grouped(TRLDPOTrainer)  # train_sampling_strategy: group_by_length works
+        DPOTrainer = batching.length_grouped(TRLDPOTrainer)  # group_by_length measures pairs, batches shuffled
 
         tokenizer = models.load_tokenizer(recipe, init)
         policy = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision)
@@ -120,11 +120,15 @@ def main(argv):
         def trainer_for(model, pairs, output_dir):
             from peft import PeftModel
 
-            return DPOTrainer(model=model, ref_model=reference, args=dpo_rounds.with_output_dir(args, output_dir),
-                              train_dataset=pairs_only(pairs), eval_dataset=pairs_only(eval_ds),
-                              processing_class=tokenizer, callbacks=[chosen_logp_watch(keys.chosen_logp_warn_drop)],
-                              # a later round's policy already carries the adapter of the rounds before
-                              peft_config=None if isinstance(model, PeftModel) else peft_config)
+            trainer = DPOTrainer(model=model, ref_model=reference, args=dpo_rounds.with_output_dir(args, output_dir),
+                                 train_dataset=pairs_only(pairs), eval_dataset=pairs_only(eval_ds),
+                                 processing_class=tokenizer, callbacks=[chosen_logp_watch(keys.chosen_logp_warn_drop)],
+                                 # a later round's policy already carries the adapter of the rounds before
+                                 peft_config=None if isinstance(model, PeftModel) else peft_config)
+            for net in (trainer.model, trainer.ref_model):  # policy and reference: less padding, the same outputs
+                if net is not None:
+                    batching.split_forward(net, keys.length_split)
+            return trainer
 
         if keys.rounds == 1:
             trainer = trainer_for(policy, train_ds, run.out)

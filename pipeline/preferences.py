@@ -292,34 +292,3 @@ def load_preference_splits(dataset, eval_dataset, eval_fraction: float, recipe, 
     eval_info = {**train_info, "source": f"{dataset} (held-out {eval_fraction:.0%} of prompts)", "pairs": len(eval_ds)}
     return train_ds, eval_ds, {**train_info, "pairs": len(train_ds)}, eval_info
 
-
-def pair_token_count(row: dict) -> int:
-    """The padded width a pair takes in its batch, as the sampler should see it: TRL's reward rows hold whole
-    sequences (chosen_ids, rejected_ids); its DPO rows hold the prompt apart (prompt_ids + each reply's ids), and
-    the collator pads both replies to the longer one."""
-    return len(row.get("prompt_ids") or ()) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
-
-
-def length_grouped(trainer_class):
-    """`trainer_class` (TRL's RewardTrainer or DPOTrainer) that works with `train_sampling_strategy:
-    group_by_length`: transformers' LengthGroupedSampler measures `input_ids`, which tokenized pairs do not have, so
-    the prepared pairs carry `pair_token_count` as `length_column_name` and the column survives the unused-column
-    filter. Grouped, a few long pairs (tool use, ~300 tokens) no longer pad most batches of short ones."""
-
-    class LengthGrouped(trainer_class):
-        extra_columns = ()  # columns of the prepared data a subclass's collator reads besides TRL's
-
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-            if args.train_sampling_strategy != "group_by_length" or not hasattr(dataset, "column_names"):
-                return dataset
-            return dataset.map(lambda row: {args.length_column_name: pair_token_count(row)},
-                               desc=f"Lengths of {dataset_name} dataset")
-
-        def _set_signature_columns_if_needed(self):
-            super()._set_signature_columns_if_needed()
-            grouped = [self.args.length_column_name] if self.args.train_sampling_strategy == "group_by_length" else []
-            self._signature_columns = list(dict.fromkeys([*self._signature_columns, *self.extra_columns, *grouped]))
-
-    LengthGrouped.__name__ = LengthGrouped.__qualname__ = f"LengthGrouped{trainer_class.__name__}"
-    return LengthGrouped

@@ -244,7 +244,7 @@ FLOORS = {
     "heldout_max_new_tokens": (1, "at least 1"), "num_generations": (1, "at least 1"),
     "norm_max_pairs": (1, "at least 1"), "calibration_bins": (1, "at least 1"), "monitor_window": (1, "at least 1"),
     "rounds": (1, "at least 1"), "round_max_prompts": (1, "at least 1"), "round_max_new_tokens": (1, "at least 1"),
-    "carbon_intensity_g_per_kwh": (0, "0 or more"),
+    "carbon_intensity_g_per_kwh": (0, "0 or more"), "length_split": (1, "at least 1"),
 }
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
             "trackio": ("trackio",), "comet_ml": ("comet_ml",), "clearml": ("clearml",), "dvclive": ("dvclive",),

@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
 
 import random
 
-from pipeline import cli, data, log, metrics as M, models, preferences, reward_report, runs
+from pipeline import batching, cli, data, log, metrics as M, models, preferences, reward_report, runs
 from pipeline.reward_model import (RewardModel, encode, encode_prompt, lm_head_weight, load_reward_model,
                                    next_token_loss, save_reward_model, save_statistics, tools_of)
 from pipeline.recipe import load_recipe, stage_help
@@ -49,7 +49,7 @@ def reward_trainer(lm_loss_coefficient: float, lm_head, **kwargs):
     from trl import RewardTrainer
     from trl.trainer.reward_trainer import DataCollatorForPreference
 
-    LengthGroupedRewardTrainer = preferences.length_grouped(RewardTrainer)
+    LengthGroupedRewardTrainer = batching.length_grouped(RewardTrainer)
 
     if not lm_loss_coefficient:
         return LengthGroupedRewardTrainer(**kwargs)
@@ -69,7 +69,10 @@ def reward_trainer(lm_loss_coefficient: float, lm_head, **kwargs):
 
     class LMRegularizedRewardTrainer(LengthGroupedRewardTrainer):
         lm_head_weight = lm_head  # moved to the device and dtype of the hidden states at the first step
-        extra_columns = ("chosen_prompt_length",)
+
+        def _set_signature_columns_if_needed(self):  # the collator reads the prompt length too
+            super()._set_signature_columns_if_needed()
+            self._signature_columns = list(dict.fromkeys([*self._signature_columns, "chosen_prompt_length"]))
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
@@ -187,6 +190,7 @@ def main(argv):
                                  eval_dataset=keep_training_columns(eval_ds) if args.eval_strategy != "no" else None,
                                  processing_class=tokenizer,
                                  peft_config=models.peft_config(peft_values, task_type="SEQ_CLS"))
+        batching.split_forward(trainer.model, keys.length_split)
         too_long = len(train_ds) - len(trainer.train_dataset)
         log.info(f"{models.describe(trainer.model)}; {len(trainer.train_dataset)} training pairs"
                  + (f" ({too_long} over max_length={args.max_length} left out)" if too_long else "")

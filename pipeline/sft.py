@@ -15,7 +15,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the package, never shadow libraries with our modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from pipeline import cli, data, log, models, runs
+from pipeline import batching, cli, data, log, models, runs
 from pipeline.heldout import heldout_comparison, heldout_rows
 from pipeline.recipe import load_recipe, stage_help
 
@@ -66,7 +66,9 @@ def main(argv):
                                     f"pretrain it first (add a pretrain stage) or start from a checkpoint")
         run.prepare()
 
-        from trl import SFTTrainer
+        from trl import SFTTrainer as TRLSFTTrainer
+
+        SFTTrainer = batching.length_grouped(TRLSFTTrainer)  # group_by_length: batches shuffled, tokens weighed alike
 
         tokenizer = models.load_tokenizer(recipe, init)
         model = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision)
@@ -79,6 +81,7 @@ def main(argv):
         trainer = SFTTrainer(model=model, args=args, train_dataset=keep_training_columns(train_ds),
                              eval_dataset=keep_training_columns(eval_ds), processing_class=tokenizer,
                              peft_config=models.peft_config(peft_values))
+        batching.split_forward(trainer.model, keys.length_split)
         too_long = rows_over(tokenizer, train_ds, args.max_length) if args.max_length and not args.packing else 0
         dropped = 0 if args.packing else len(train_ds) - len(trainer.train_dataset)
         if not len(trainer.train_dataset):

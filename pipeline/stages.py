@@ -25,6 +25,9 @@ def key(default, help: str, ref: str | None = None, **kw):
     return field(default=default, metadata=meta, **kw)
 
 
+LENGTH_SPLIT_HELP = ("run each batch through the model as up to this many groups of rows of similar length, each "
+                     "padded on its own: the same outputs and gradients with less padding (pipeline/batching.py)")
+
 # TRL ModelConfig fields accepted by stages that can train LoRA adapters (QLoRA with load_in_4bit).
 PEFT_FIELDS = (
     "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save",
@@ -71,6 +74,7 @@ class SFTKeys(HeldoutKeys):
     columns: dict | None = key(None, "column mapping {our name: your column}, e.g. {prompt: question, completion: "
                                      "answer}")
     merge_adapter: bool = key(False, "with use_peft: also save the merged full model under `merged/`")
+    length_split: int = key(1, LENGTH_SPLIT_HELP)
 
 
 @dataclass
@@ -85,6 +89,7 @@ class DPOKeys(HeldoutKeys):
     columns: dict | None = key(None, "column mapping {our name: your column}, e.g. {chosen: good, rejected: bad}")
     eval_fraction: float = key(0.05, "share of training prompts held out when no eval_dataset is given")
     merge_adapter: bool = key(False, "with use_peft: also save the merged full model under `merged/`")
+    length_split: int = key(1, LENGTH_SPLIT_HELP)
     chosen_logp_warn_drop: float = key(5.0, "warn when the mean log-prob of chosen replies falls this many nats "
                                             "below its first logged value (a known DPO failure)")
     rounds: int = key(1, "rounds of iterated DPO: 1 trains on `dataset` (offline DPO); N > 1: round 1 as 1, then "
@@ -132,6 +137,7 @@ class RewardKeys:
     norm_max_pairs: int = key(2000, "training pairs scored for the reward mean/std saved in the model config")
     eval_batch_size: int = key(64, "sequences per forward pass when scoring pairs")
     calibration_bins: int = key(10, "bins of the reliability diagram and the ECE")
+    length_split: int = key(1, LENGTH_SPLIT_HELP)
 
 
 @dataclass

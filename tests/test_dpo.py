@@ -86,15 +86,14 @@ def test_tool_pairs_are_rendered_with_their_tool_schemas(tiny_run):
 
 
 def test_group_by_length_batches_pairs_of_similar_length(tiny_run):
-    """dpo.train_sampling_strategy: group_by_length: the prepared pairs carry their padded width (prompt plus the
-    longer reply), transformers' LengthGroupedSampler batches by it, a few long pairs no longer pad most batches,
-    and the stage trains with it (TRL's DPOTrainer alone fails: its rows have no `input_ids` to measure)."""
+    """dpo.train_sampling_strategy: group_by_length: the sampler measures each pair by its padded width (prompt plus
+    the longer reply), batches by it, a few long pairs no longer pad most batches, and the stage trains with it
+    (TRL's DPOTrainer alone stops: its rows have no `input_ids` for transformers' sampler to measure)."""
     from datasets import Dataset
     from transformers import AutoTokenizer
-    from transformers.trainer_pt_utils import LengthGroupedSampler
     from trl import DPOConfig, DPOTrainer
 
-    from pipeline import data, preferences
+    from pipeline import batching, data
     from pipeline.recipe import load_recipe
 
     work, recipe_path, _ = tiny_run
@@ -105,25 +104,30 @@ def test_group_by_length_batches_pairs_of_similar_length(tiny_run):
     for row in rows[::8]:  # one pair in eight is long, as tool pairs are among the world's text pairs
         row["prompt"] = [{"role": "user", "content": row["prompt"][-1]["content"] + " please" * 40}]
 
-    def padded_tokens(strategy):
+    def padded_tokens(strategy, trainer_class):
         args = DPOConfig(output_dir=str(work / f"dpo-{strategy}"), report_to="none", use_cpu=True, max_length=256,
                          per_device_train_batch_size=8, train_sampling_strategy=strategy, seed=3,
                          gradient_checkpointing=False)
-        trainer = preferences.length_grouped(DPOTrainer)(
+        trainer = trainer_class(
             model=AutoModelForCausalLM.from_pretrained(sft), ref_model=AutoModelForCausalLM.from_pretrained(sft),
-            args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-        loader = trainer.get_train_dataloader()
+            args=args, train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows[:32]),
+            processing_class=tokenizer)
         if strategy == "group_by_length":
             ds = trainer.train_dataset
-            assert ds["length"] == [len(p) + max(len(c), len(r))
-                                    for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
-            assert isinstance(trainer._get_train_sampler(ds), LengthGroupedSampler)
-        batches = list(loader)
+            sampler = trainer._get_train_sampler(ds)
+            assert isinstance(sampler, batching.ShuffledLengthGroupedSampler)
+            assert sampler.lengths == [len(p) + max(len(c), len(r))
+                                       for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
+            assert trainer.evaluate()["eval_loss"] > 0  # the eval sampler measures the pairs too
+        batches = list(trainer.get_train_dataloader())
         assert sum(b["input_ids"].shape[0] for b in batches) == 2 * len(rows)  # every pair once, both sides
         return sum(b["input_ids"].numel() - int(b["attention_mask"].sum()) for b in batches)
 
-    random_padding, grouped_padding = padded_tokens("random"), padded_tokens("group_by_length")
+    with pytest.raises(ValueError, match="infer lengths"):
+        padded_tokens("group_by_length", DPOTrainer)
+    grouped = batching.length_grouped(DPOTrainer)
+    random_padding, grouped_padding = padded_tokens("random", grouped), padded_tokens("group_by_length", grouped)
     assert grouped_padding < random_padding / 2, (grouped_padding, random_padding)
-    metrics = dpo(work, recipe_path, "dpo_grouped", "dpo.heldout_prompts=",
+    metrics = dpo(work, recipe_path, "dpo_grouped", "dpo.heldout_prompts=", "dpo.length_split=3",
                   "dpo.train_sampling_strategy=group_by_length")
     assert metrics["steps"] == 8 and metrics["train_loss"] > 0

@@ -351,14 +351,13 @@ def test_reward_rounds_fine_tune_with_the_reward_stages_lm_loss(tiny_run, tmp_pa
 
 @pytest.mark.parametrize("lm_loss_coefficient", [0.0, 0.5])
 def test_group_by_length_batches_pairs_of_similar_length(tiny_run, tmp_path, lm_loss_coefficient):
-    """reward.train_sampling_strategy: group_by_length: the prepared pairs carry their longer side's token count,
-    transformers' LengthGroupedSampler batches by it, and a few long pairs no longer pad most batches."""
+    """reward.train_sampling_strategy: group_by_length: the sampler measures each pair by its longer side's token
+    count (TRL's pairs have no `input_ids`), batches by it, and a few long pairs no longer pad most batches."""
     from datasets import Dataset
     from transformers import AutoTokenizer
-    from transformers.trainer_pt_utils import LengthGroupedSampler
     from trl import RewardConfig
 
-    from pipeline import reward, reward_model
+    from pipeline import batching, reward, reward_model
 
     work, _, _ = tiny_run
     sft = str(work / "runs/tiny/sft")
@@ -378,8 +377,9 @@ def test_group_by_length_batches_pairs_of_similar_length(tiny_run, tmp_path, lm_
         loader = trainer.get_train_dataloader()
         if strategy == "group_by_length":
             ds = trainer.train_dataset
-            assert ds["length"] == [max(len(c), len(r)) for c, r in zip(ds["chosen_ids"], ds["rejected_ids"])]
-            assert isinstance(trainer._get_train_sampler(ds), LengthGroupedSampler)
+            sampler = trainer._get_train_sampler(ds)
+            assert isinstance(sampler, batching.ShuffledLengthGroupedSampler)
+            assert sampler.lengths == [max(len(c), len(r)) for c, r in zip(ds["chosen_ids"], ds["rejected_ids"])]
         batches = list(loader)
         assert sum(b["input_ids"].shape[0] for b in batches) == 2 * len(rows)  # every pair once, both sides
         return sum(b["input_ids"].numel() - int(b["attention_mask"].sum()) for b in batches)
@@ -418,10 +418,13 @@ def test_two_processes_under_accelerate_launch(tiny_run, tmp_path):
 
     work, _, _ = tiny_run
     base = load_recipe(tiny_recipe(tmp_path))
-    train = write_jsonl(tmp_path / "train.jsonl", polite_vs_rude(base, "preference", 64))
+    rows = polite_vs_rude(base, "preference", 64)
+    for row in rows[::3]:  # long and short pairs in a batch: length_split runs them apart, under DDP too
+        row["prompt"] = [{"role": "user", "content": row["prompt"][-1]["content"] + " please" * 30}]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
     recipe = tiny_recipe(tmp_path, reward={"init_from": str(work / "runs/tiny/sft"), "dataset": train,
                                            "eval_dataset": None, "eval_fraction": 0.25, "max_steps": 2,
-                                           "lm_loss_coefficient": 0.5, **TRAIN_KEYS,
+                                           "lm_loss_coefficient": 0.5, **TRAIN_KEYS, "length_split": 3, "max_length": 256,
                                            "per_device_train_batch_size": 4, "logging_steps": 1})
     proc = launch_cli("cpu2", ["pipeline/reward.py", recipe], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

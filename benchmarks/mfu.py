@@ -1,0 +1,139 @@
+"""Model FLOP utilisation of each training stage (pretrain, sft, reward, dpo) on a larger benchmark model, per dtype.
+
+    python benchmarks/mfu.py [--steps 10] [--dtypes fp32,bf16] [--model 512x8] [--run-dir runs/small] \
+        [--set sft.train_sampling_strategy=group_by_length ...]
+
+The small recipe's 0.7M-parameter model (hidden size 128) is too narrow for any matmul to reach the machine's peak
+(benchmarks/README: 6-18% of it). This script measures our own stages on a wider model of the same family: the small
+recipe with `model.config` widened (`--model WIDTHxLAYERS`: hidden WIDTH, intermediate 3 x WIDTH, WIDTH/64 heads, half
+as many key-value heads) and the run folder's trained tokenizer. Per dtype, one after the other:
+`pipeline/pretrain.py` builds and trains it from the config for --steps steps, then `pipeline/sft.py`,
+`pipeline/reward.py` and `pipeline/dpo.py` train --steps steps each from that checkpoint (bf16: `<stage>.bf16=true`,
+autocast on CPU), on the recipe's data, batch sizes and max_length.
+
+Achieved FLOP/s = FLOPs per real (non-padding) token x real tokens / the `train_runtime` the trainer prints; FLOPs
+per token: 6 x N for a forward and backward pass over the N weights a token goes through (pretrain and sft: the
+whole causal LM, its tied LM head counted once; reward: without the LM head, its score head is one column), dpo
+8 x N (its frozen reference's forward pass too). Attention score FLOPs, the reward stage's LM regulariser and
+padding are not counted, so the share is a lower bound. Real tokens: pretrain steps x batch x block size (blocks
+are full), the others the `num_tokens` TRL logs. The peak is matmul_peak.py's best square matmul in that dtype, with
+the same threads, measured first. Stage logs and outputs go under --out.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(BENCH))
+RECIPE = "recipes/small.yaml"
+STAGES = ("pretrain", "sft", "reward", "dpo")
+
+
+def model_overrides(spec: str) -> list[str]:
+    """`WIDTHxLAYERS` as the recipe's model.config keys."""
+    width, layers = (int(v) for v in spec.lower().split("x"))
+    heads = width // 64
+    return [f"model.config.hidden_size={width}", f"model.config.intermediate_size={3 * width}",
+            f"model.config.num_hidden_layers={layers}", f"model.config.num_attention_heads={heads}",
+            f"model.config.num_key_value_heads={max(1, heads // 2)}"]
+
+
+def weights_per_token(folder: Path) -> tuple[int, int]:
+    """(parameters of the causal LM, parameters of its LM head) of a saved checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    with __import__("torch").device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())  # tied LM head and embedding counted once
+    return total, config.vocab_size * config.hidden_size
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--model", default="512x8", help="WIDTHxLAYERS of the benchmark model")
+    parser.add_argument("--run-dir", default="runs/small", help="a run folder whose pretrain holds the tokenizer")
+    parser.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "mfu-bench"))
+    parser.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                        help="a recipe override for every run, e.g. sft.train_sampling_strategy=group_by_length")
+    args = parser.parse_args()
+
+    import torch
+
+    from matmul_peak import gflops
+    from pipeline import threads
+    from pipeline.recipe import load_recipe
+    from trl_cli import run
+
+    n_threads = threads.configure()
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    peaks = {name: max(gflops(n, dtypes[name], 2.0) for n in (256, 512, 1024, 2048))
+             for name in args.dtypes.split(",")}
+    print(f"matmul peak, {n_threads} thread(s): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()),
+          flush=True)
+
+    recipe = load_recipe(str(ROOT / RECIPE), args.set)
+    tokenizer = Path(args.run_dir).resolve() / "pretrain"
+    out = Path(args.out)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    rows, params = [], 0
+    for dtype in peaks:
+        name = f"mfu-{args.model}-{dtype}"
+        base = [RECIPE, f"run.output_dir={out}", f"run.name={name}", "tokenizer.train=false",
+                f"tokenizer.name_or_path={tokenizer}", *model_overrides(args.model), *args.set]
+        pretrained = out / name / "pretrain"
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        for stage in STAGES:
+            settings = [f"{stage}.max_steps={args.steps}", f"{stage}.logging_steps={args.steps}",
+                        f"{stage}.report_to=none", f"{stage}.bf16={'true' if dtype == 'bf16' else 'false'}"]
+            if stage == "pretrain":
+                settings += ["pretrain.save_strategy=no"]
+            else:
+                settings += [f"{stage}.init_from={pretrained}"]
+                settings += [f"{stage}.heldout_prompts=null"] if stage in ("sft", "dpo") else []
+            cmd = [sys.executable, f"pipeline/{stage}.py", *base, *settings]
+            wall, runtime, tokens = run(stage, cmd, out / "logs" / f"{name}-{stage}.txt", env,
+                                        logs_tokens=stage != "pretrain")
+            if stage == "pretrain" and runtime:
+                section = recipe.section("pretrain")
+                tokens = args.steps * section["per_device_train_batch_size"] * section["block_size"]
+            if not runtime:
+                rows.append((stage, dtype, None, None, None, None, wall))
+                if stage == "pretrain":
+                    break
+                continue
+            total, head = weights_per_token(pretrained)
+            params = total
+            flops_per_token = {"pretrain": 6 * total, "sft": 6 * total, "reward": 6 * (total - head),
+                               "dpo": 8 * total}[stage]
+            achieved = flops_per_token * tokens / runtime / 1e9
+            rows.append((stage, dtype, tokens, runtime, achieved, achieved / peaks[dtype], wall))
+            print(f"  {stage} {dtype}: {tokens:,.0f} real tokens in {runtime:.1f} s, {achieved:.1f} GFLOP/s, "
+                  f"{achieved / peaks[dtype]:.1%} of the {dtype} peak (wall {wall:.0f} s)", flush=True)
+
+    extra = f", {' '.join(args.set)}" if args.set else ""
+    print(f"\nrecipes/small.yaml stages on a {args.model} model ({params / 1e6:.1f}M parameters){extra}, "
+          f"{args.steps} steps each, {n_threads} thread(s), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print("| stage | dtype | real tokens | train s | tokens/s | GFLOP/s | peak GFLOP/s | share of peak | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for stage, dtype, tokens, runtime, achieved, share, wall in rows:
+        if runtime is None:
+            print(f"| {stage} | {dtype} | - | - | - | - | {peaks[dtype]:.1f} | failed | {wall:.0f} |")
+            continue
+        print(f"| {stage} | {dtype} | {tokens:,.0f} | {runtime:.1f} | {tokens / runtime:,.0f} | {achieved:.1f} | "
+              f"{peaks[dtype]:.1f} | {share:.1%} | {wall:.0f} |")
+    (out / "mfu.json").write_text(json.dumps({"model": args.model, "parameters": params, "peaks": peaks,
+                                              "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
