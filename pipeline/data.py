@@ -426,7 +426,8 @@ def warn_world_eval(recipe, stage: str, keys) -> None:
     user = [getattr(keys, k) for k in TRAINING_KEYS if getattr(keys, k, None)]
     if stage == "eval":
         user = [keys.prompts]
-    if not user or all(isinstance(u, str) and u.startswith("world:") for u in user):
+    # a list or mixture of world splits (the small recipe's sft data) is the world's too
+    if not user or all(str(part).startswith("world:") for u in user for part, _, _ in mixture_parts(u)[0]):
         return
     world = [f"{stage}.{k}={getattr(keys, k)}" for k in EVAL_KEYS
              if isinstance(getattr(keys, k, None), str) and getattr(keys, k).startswith("world:")]

@@ -109,3 +109,31 @@ def test_fingerprint_follows_content(tmp_path, recipe):
     write_jsonl(path, CHATS[:1])
     assert data.fingerprint(str(path), recipe) != before
     assert data.fingerprint("world:sft", recipe) != data.fingerprint("world:eval", recipe)
+
+
+def test_world_eval_warning_is_for_a_users_data_not_for_a_list_of_world_splits(tmp_path):
+    """sft.dataset: [world:sft, world:tool_sft] (the small recipe) measured on world:eval is the world's own pairing:
+    no warning; a user's file among them, or alone, measured there gets one."""
+    import logging
+    from types import SimpleNamespace
+
+    from pipeline.log import LOGGER
+
+    class Lines(logging.Handler):
+        lines: list = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    recipe = load_recipe(tiny_recipe(tmp_path))
+    handler = Lines()
+    LOGGER.addHandler(handler)
+    try:
+        for dataset, warned in ((["world:sft", "world:tool_sft"], False), ({"world:sft": 0.5}, False),
+                                ("world:sft", False), (["world:sft", "mine.jsonl"], True), ("mine.jsonl", True)):
+            handler.lines.clear()
+            data.warn_world_eval(recipe, "sft", SimpleNamespace(dataset=dataset, heldout_prompts="world:eval"))
+            assert any("paired with the task world's held-out data" in line for line in handler.lines) == warned, \
+                dataset
+    finally:
+        LOGGER.removeHandler(handler)
