@@ -291,4 +291,3 @@ def load_preference_splits(dataset, eval_dataset, eval_fraction: float, recipe, 
     train_ds, eval_ds = split_by_prompt(train_ds, eval_fraction, recipe.run.seed)
     eval_info = {**train_info, "source": f"{dataset} (held-out {eval_fraction:.0%} of prompts)", "pairs": len(eval_ds)}
     return train_ds, eval_ds, {**train_info, "pairs": len(train_ds)}, eval_info
-
