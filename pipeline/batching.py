@@ -154,7 +154,7 @@ def _reassemble(outputs, parts, batch: int, width: int):
         return tuple(_reassemble([o[k] for o in outputs], parts, batch, width) for k in range(len(first)))
     if not torch.is_tensor(first) or any(o.dim() == 0 or o.shape[0] != len(rows) for o, (rows, _) in
                                          zip(outputs, parts)):
-        return first
+        return None  # not per row (a cache, a statistic of the group): nothing of the whole batch's to give
     offsets = {o.shape[1] - w for o, (_, w) in zip(outputs, parts)} if first.dim() >= 2 else {None}
     per_token = len(offsets) == 1 and next(iter(offsets)) in (0, -1)
     full = (batch, width + next(iter(offsets)), *first.shape[2:]) if per_token else (batch, *first.shape[1:])
@@ -208,7 +208,7 @@ def split_forward(model, max_chunks: int, min_saving: float = 0.1):
             if key == "loss":
                 merged[key] = _combined_loss(values, outputs, pieces, kwargs)
             elif key == "aux_loss" or any(v is None for v in values):
-                merged[key] = values[0] if all(v is None for v in values) else None
+                merged[key] = None
             else:
                 merged[key] = _reassemble(values, parts, batch, width)
         return merged
