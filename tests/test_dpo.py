@@ -58,7 +58,6 @@ def test_precomputed_reference_log_probs_match_on_the_fly(tiny_run):
 def test_tool_pairs_are_rendered_with_their_tool_schemas(tiny_run):
     """The stage hands DPOTrainer the `tools` column: a tool pair's prompt is tokenized with the schemas in it, as
     the eval stage and PPO render tool prompts, and a text pair's without."""
-    from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
