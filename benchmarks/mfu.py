@@ -47,10 +47,11 @@ def model_overrides(spec: str) -> list[str]:
 
 def weights_per_token(folder: Path) -> tuple[int, int]:
     """(parameters of the causal LM, parameters of its LM head) of a saved checkpoint."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder)
-    with __import__("torch").device("meta"):
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
         model = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in model.parameters())  # tied LM head and embedding counted once
     return total, config.vocab_size * config.hidden_size
