@@ -22,7 +22,6 @@ the same threads, measured first. Stage logs and outputs go under --out.
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -73,7 +72,7 @@ def main():
     from matmul_peak import gflops
     from pipeline import threads
     from pipeline.recipe import load_recipe
-    from trl_cli import run
+    from trl_cli import offline_env, run
 
     n_threads = threads.configure()
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -85,7 +84,7 @@ def main():
     recipe = load_recipe(str(ROOT / RECIPE), args.set)
     tokenizer = Path(args.run_dir).resolve() / "pretrain"
     out = Path(args.out)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = offline_env()
     rows, params = [], 0
     for dtype in peaks:
         name = f"mfu-{args.model}-{dtype}"

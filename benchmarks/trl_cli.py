@@ -61,6 +61,11 @@ def export(stage, recipe, path: Path):
     return ds
 
 
+def offline_env() -> dict:
+    """This process's environment for a stage or TRL subprocess: hub and datasets offline, no tokenizer threads."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def run(name, cmd, log: Path, env, logs_tokens=True):
     """Runs cmd with output to log; returns (wall s, train_runtime s, real tokens trained) as the trainer printed
     (tokens None when the trainer does not log them: `logs_tokens` False, e.g. transformers' Trainer in pretrain)."""
@@ -93,7 +98,7 @@ def main():
 
     recipe = load_recipe(str(ROOT / RECIPE), [])
     out, run_dir = Path(args.out), Path(args.run_dir).resolve()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = offline_env()
     env.setdefault("OMP_NUM_THREADS", "1")
     bin_dir = Path(sys.executable).parent
     rows = []

@@ -18,20 +18,25 @@ import functools
 import torch
 
 
+def measurable(dataset, length_column: str) -> bool:
+    """Whether `row_lengths` can measure the rows (from the column names alone, without reading the rows)."""
+    columns = getattr(dataset, "column_names", None) or ()
+    return length_column in columns or "input_ids" in columns or {"chosen_ids", "rejected_ids"} <= set(columns)
+
+
 def row_lengths(dataset, length_column: str) -> list[int] | None:
     """Each row's padded width in its batch: `length_column` when the data has one, else the tokenized row (TRL's
     sft `input_ids`; reward pairs' longer side; dpo pairs' prompt plus longer reply, the collator pads both replies
     to it); None for data that is not a tokenized `datasets.Dataset`."""
-    columns = getattr(dataset, "column_names", None) or ()
+    if not measurable(dataset, length_column):
+        return None
+    columns = dataset.column_names
     if length_column in columns:
         return list(dataset[length_column])
     if "input_ids" in columns:
         return [len(ids) for ids in dataset["input_ids"]]
-    if "chosen_ids" in columns and "rejected_ids" in columns:
-        prompts = dataset["prompt_ids"] if "prompt_ids" in columns else [()] * len(dataset)
-        return [len(p) + max(len(c), len(r))
-                for p, c, r in zip(prompts, dataset["chosen_ids"], dataset["rejected_ids"])]
-    return None
+    prompts = dataset["prompt_ids"] if "prompt_ids" in columns else [()] * len(dataset)
+    return [len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, dataset["chosen_ids"], dataset["rejected_ids"])]
 
 
 class ShuffledLengthGroupedSampler(torch.utils.data.Sampler):
@@ -112,7 +117,8 @@ def length_grouped(trainer_class):
         def _get_eval_sampler(self, eval_dataset):
             # the order random-order runs evaluate in: a batch's loss is the mean over its own tokens and batches
             # weigh by rows, so batches sorted by length would change eval_loss itself (transformers sorts them)
-            if self._lengths(eval_dataset) is None:
+            if self.args.train_sampling_strategy != "group_by_length" or not measurable(eval_dataset,
+                                                                                     self.args.length_column_name):
                 return super()._get_eval_sampler(eval_dataset)
             return torch.utils.data.SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
 
@@ -187,9 +193,10 @@ def split_forward(model, max_chunks: int, min_saving: float = 0.1):
                 is not None):
             return inner(*args, **kwargs)
         batch, width = mask.shape
-        lengths = mask.sum(1).tolist()
-        if any(mask[row, length:].any() for row, length in enumerate(lengths)):
+        counts = mask.sum(1)
+        if not torch.equal(mask.bool(), torch.arange(width, device=mask.device) < counts[:, None]):
             return inner(*args, **kwargs)  # left-padded: a row's tokens are not its first `length` positions
+        lengths = counts.tolist()
         groups = length_chunks(lengths, max_chunks)
         cuts = [max(lengths[i] for i in group) for group in groups]
         if len(groups) < 2 or len(set(cuts)) < len(cuts) or \
