@@ -28,6 +28,7 @@ class RunSection:
     output_dir: str = "runs"      # relative to the current directory
     seed: int = 0                 # default seed of every stage (a stage's own `seed` key wins)
     launcher: str | None = None   # prefix the runner starts each stage with, e.g. "accelerate launch --config_file launch/accelerate/ddp.yaml"
+    parallel_stages: int = 1      # stages the runner runs side by side when neither needs the other (CPU machines)
     carbon_country: str = "USA"   # ISO 3166 alpha-3 code of the grid: codecarbon's intensity (README "Cost per stage")
     carbon_intensity_g_per_kwh: float | None = None  # the grid's gCO2e per kWh; wins over the country's figure
 
@@ -245,6 +246,7 @@ FLOORS = {
     "norm_max_pairs": (1, "at least 1"), "calibration_bins": (1, "at least 1"), "monitor_window": (1, "at least 1"),
     "rounds": (1, "at least 1"), "round_max_prompts": (1, "at least 1"), "round_max_new_tokens": (1, "at least 1"),
     "carbon_intensity_g_per_kwh": (0, "0 or more"), "length_split": (1, "at least 1"),
+    "parallel_stages": (1, "at least 1"),
 }
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
             "trackio": ("trackio",), "comet_ml": ("comet_ml",), "clearml": ("clearml",), "dvclive": ("dvclive",),

@@ -23,9 +23,12 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
 import argparse
 import dataclasses
 import json
+import os
+import re
 import shlex
 import signal
 import subprocess
+import threading
 import time
 
 from pipeline import check, cli, cluster, cost, cost_check, locks, memory, runs, slurm
@@ -115,22 +118,105 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_stage(cmd: list[str]) -> int:
-    """Run one stage; SIGTERM, SIGUSR1 and SIGINT sent to the runner are passed on to it (it checkpoints and exits),
-    and the runner waits for it. Returns the stage's exit code (128 + N for a stage killed by signal N)."""
-    proc = subprocess.Popen(cmd, process_group=0, preexec_fn=_die_with_parent)  # own group: Ctrl-C arrives once
+class StageProcess:
+    """One stage's process. Side by side with others, its output comes through the runner, each line prefixed
+    with `[stage]` and its progress bars redrawn at most every BAR_EVERY_S seconds, so two stages stay readable."""
+
+    BAR_EVERY_S = 30.0
+    _print_lock = threading.Lock()
+
+    def __init__(self, stage: str, cmd: list[str], prefixed: bool):
+        self.stage, self.started = stage, time.time()
+        pipe = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT,
+                "env": {**os.environ, "PYTHONUNBUFFERED": "1"}} if prefixed else {}
+        self.proc = subprocess.Popen(cmd, process_group=0, preexec_fn=_die_with_parent, **pipe)  # own group:
+        self.relay = None                                                                    # Ctrl-C arrives once
+        if prefixed:
+            self.relay = threading.Thread(target=self._relay, daemon=True)
+            self.relay.start()
+
+    def _relay(self) -> None:
+        tag, pending, last_bar = f"[{self.stage}]", b"", 0.0
+        for chunk in iter(lambda: self.proc.stdout.read1(65536), b""):
+            pending += chunk
+            *pieces, pending = re.split(rb"(\r\n|\n|\r)", pending)  # text, end, text, end, ..., unfinished
+            for text, end in zip(pieces[::2], pieces[1::2]):
+                line = text.decode(errors="replace").rstrip()
+                if not line:
+                    continue
+                if end == b"\r":  # a progress bar redrawn in place
+                    if time.time() - last_bar < self.BAR_EVERY_S:
+                        continue
+                    last_bar = time.time()
+                self.say(line if line.startswith(tag) else f"{tag} {line}")
+        if pending.strip():
+            self.say(f"{tag} {pending.decode(errors='replace').rstrip()}")
+
+    @classmethod
+    def say(cls, line: str) -> None:
+        with cls._print_lock:
+            print(line, flush=True)
+
+    def poll(self) -> int | None:
+        """The exit code once the stage has ended (128 + N for a stage killed by signal N), else None."""
+        code = self.proc.poll()
+        if code is None:
+            return None
+        if self.relay is not None:
+            self.relay.join()
+        return 128 - code if code < 0 else code
+
+
+def run_stages(recipe, todo: list[str], overrides: list[str]) -> tuple[str, int] | None:
+    """Run the stages `todo` (in plan order), up to `run.parallel_stages` at a time: a stage starts once every stage
+    of `todo` it needs has finished. SIGTERM, SIGUSR1 and SIGINT sent to the runner are passed on to the running
+    stages (they checkpoint and exit). After a stage fails or a signal arrives no stage starts; the running ones are
+    waited for. Returns (stage, exit code) of the first stage that did not finish, or None."""
+    slots = recipe.run.parallel_stages
+    prefixed = slots > 1 and len(todo) > 1
+    needs = {stage: [d for d in dependencies(recipe, stage) if d in todo] for stage in todo}
+    waiting, running, finished = list(todo), {}, set()
+    failed: tuple[str, int] | None = None
+    stopping = False
 
     def pass_on(signum, frame):
-        if proc.poll() is None:
-            proc.send_signal(signum)
+        nonlocal stopping
+        stopping = True
+        for stage in running.values():
+            if stage.proc.poll() is None:
+                stage.proc.send_signal(signum)
 
     previous = {s: signal.signal(s, pass_on) for s in cluster.STOP_SIGNALS}
     try:
-        code = proc.wait()
+        while waiting or running:
+            ready = [s for s in waiting if all(d in finished for d in needs[s])]
+            while ready and len(running) < slots and failed is None and not stopping:
+                stage = ready.pop(0)
+                waiting.remove(stage)
+                cmd = stage_command(recipe, stage, overrides)
+                side = f" (beside {', '.join(running)})" if running else ""
+                StageProcess.say(f"\n=== {stage}{side}: {shlex.join(cmd)}")
+                running[stage] = StageProcess(stage, cmd, prefixed)
+            if not running:
+                break  # a stage failed or a signal came: what is still waiting does not start
+            time.sleep(0.2)
+            for stage, proc in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                del running[stage]
+                if code == 0:
+                    finished.add(stage)
+                    StageProcess.say(f"=== {stage} done in {time.time() - proc.started:.0f}s")
+                    continue
+                failed = failed or (stage, code)
+                if running:
+                    StageProcess.say(f"=== {stage} stopped (exit code {code}); no further stage starts; waiting for "
+                                     f"{', '.join(running)} to end (Ctrl-C stops it with a checkpoint)")
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    return 128 - code if code < 0 else code
+    return failed
 
 
 def headline(metrics: dict) -> str:
@@ -202,7 +288,9 @@ def main(argv):
         slurm.submit(recipe, steps, args.overrides, flags, lambda s: dependencies(recipe, s), dry_run=args.dry_run)
         return
 
-    print(f"plan for {recipe.path} -> {recipe.run_dir}/")
+    side = recipe.run.parallel_stages
+    print(f"plan for {recipe.path} -> {recipe.run_dir}/" + (f" (up to {side} stages side by side: run.parallel_stages)"
+                                                           if side > 1 else ""))
     for stage, run, why in steps:
         print(f"  {stage:<10} {'run ' if run else 'skip'}  ({why})")
     if args.dry_run or not any(run for _, run, _ in steps):
@@ -213,34 +301,33 @@ def main(argv):
 
 
 def run_steps(recipe, steps, overrides) -> None:
-    for stage, run, _ in steps:
-        if not run:
-            continue
-        cmd = stage_command(recipe, stage, overrides)
-        print(f"\n=== {stage}: {shlex.join(cmd)}", flush=True)
-        started = time.time()
-        code = run_stage(cmd)
+    started = time.time()
+    todo = [stage for stage, run, _ in steps if run]
+    failed = run_stages(recipe, todo, overrides)
+    if failed:
+        stage, code = failed
         if code == cluster.PREEMPTED_EXIT:
             print(f"\nstage {stage} stopped on a signal after saving a checkpoint; run the same command again to "
                   f"resume it", file=sys.stderr)
-            sys.exit(code)
-        if code != 0:
+        else:
             print(f"\nstage {stage} failed (exit code {code}); later stages not run", file=sys.stderr)
-            sys.exit(code)
-        print(f"=== {stage} done in {time.time() - started:.0f}s", flush=True)
+        sys.exit(code)
 
     print("\nsummary:")
     for stage, _, _ in steps:
         metrics_path = recipe.stage_dir(stage) / runs.METRICS
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
         print(f"  {stage:<10} {headline(metrics)}")
-    write_cost(recipe, order_stages(recipe))  # every stage of the run folder, also those skipped or not selected
+    elapsed = (f"this run: {len(todo)} stage(s) in {cost.human_time(time.time() - started)} of wall time, up to "
+               f"{recipe.run.parallel_stages} side by side (run.parallel_stages)")
+    write_cost(recipe, order_stages(recipe), elapsed)  # every stage of the run folder, also those skipped
 
 
-def write_cost(recipe, stages: list[str]) -> None:
+def write_cost(recipe, stages: list[str], elapsed: str) -> None:
     """The cost table of the run's stages (their manifests' `cost` blocks), printed and written to cost.md."""
     manifests = {stage: runs.read_manifest(recipe.stage_dir(stage)) for stage in stages}
     lines = cost.run_report(stages, manifests, recipe.run_dir)
+    lines[2:2] = [elapsed, ""]  # under the title: the table's total sums the stages, which may have overlapped
     print("\ncost (README: Cost per stage):")
     print("\n".join(lines[2:]))
     (recipe.run_dir / COST_FILE).write_text("\n".join(lines) + "\n")
