@@ -153,34 +153,52 @@ def length_chunks(lengths: list[int], max_chunks: int) -> list[list[int]]:
 
 def _reassemble(outputs, parts, batch: int, width: int):
     """One output of the whole batch from its groups' outputs: per-row tensors scattered back to their rows,
-    per-token ones (a group's width, or one less: next-token fields) padded with zeros to the batch's width, as the
-    models leave padded and ignored positions; tuples (hidden states) field by field."""
+    per-token ones (a group's columns, or one less: next-token fields) put back at the group's first column and
+    padded with zeros to the batch's width, as the models leave padded and ignored positions; tuples (hidden states)
+    field by field."""
     first = outputs[0]
     if isinstance(first, tuple):
         return tuple(_reassemble([o[k] for o in outputs], parts, batch, width) for k in range(len(first)))
-    if not torch.is_tensor(first) or any(o.dim() == 0 or o.shape[0] != len(rows) for o, (rows, _) in
+    if not torch.is_tensor(first) or any(o.dim() == 0 or o.shape[0] != len(rows) for o, (rows, _, _) in
                                          zip(outputs, parts)):
         return None  # not per row (a cache, a statistic of the group): nothing of the whole batch's to give
-    offsets = {o.shape[1] - w for o, (_, w) in zip(outputs, parts)} if first.dim() >= 2 else {None}
+    offsets = {o.shape[1] - (end - start) for o, (_, start, end) in zip(outputs, parts)} if first.dim() >= 2 \
+        else {None}
     per_token = len(offsets) == 1 and next(iter(offsets)) in (0, -1)
     full = (batch, width + next(iter(offsets)), *first.shape[2:]) if per_token else (batch, *first.shape[1:])
     merged = first.new_zeros(full)
-    for out, (rows, _) in zip(outputs, parts):
+    for out, (rows, start, _) in zip(outputs, parts):
         if per_token:
-            merged[rows, :out.shape[1]] = out
+            merged[rows, start:start + out.shape[1]] = out
         else:
             merged[rows] = out
     return merged
 
 
+def row_spans(mask: torch.Tensor) -> tuple[list[int], list[int]] | None:
+    """(first, one past the last) column of each row's tokens when every row's tokens are one run of columns
+    (padding on the left, the right or both); else None."""
+    batch, width = mask.shape
+    columns = torch.arange(width, device=mask.device)
+    real = mask.bool()
+    counts = real.sum(1)
+    starts = torch.where(real, columns, width).amin(1).clamp(max=width)
+    ends = starts + counts
+    if not torch.equal(real, (columns >= starts[:, None]) & (columns < ends[:, None])):
+        return None
+    return starts.tolist(), ends.tolist()
+
+
 def split_forward(model, max_chunks: int, min_saving: float = 0.1):
-    """Make `model`'s forward run a right-padded batch as up to `max_chunks` groups of rows of similar length
-    (`length_chunks`), each padded to its own longest row, and return the output the whole batch would have given:
-    the same logits, log-probs, scores and loss on every real token (up to float rounding), so the same gradients.
-    Only padding goes: the small recipe's batches mix ~300-token tool rows with ~100-token text ones and pad all to
-    ~300. One forward call of the wrapper is one of the model's, so DDP and the trainers see nothing else. A batch
-    goes through whole when splitting saves under `min_saving` of its tokens, when it is not right-padded, and for
-    generation (a cache) or MoE router outputs."""
+    """Make `model`'s forward run a padded batch as up to `max_chunks` groups of rows of similar length
+    (`length_chunks`), each cut to the columns its own rows use, and return the output the whole batch would have
+    given: the same logits, log-probs, scores, values and loss on every real token (up to float rounding), so the same
+    gradients. Only padding goes: the small recipe's batches mix ~300-token tool rows with ~100-token text ones and pad
+    all to ~300. One forward call of the wrapper is one of the model's, so DDP and the trainers see nothing else.
+    Right-padded batches (sft, reward, dpo) split as they are; batches padded on the left too (PPO's prompts and
+    replies) only with explicit `position_ids`, since the model's default positions count the left padding. A batch
+    goes through whole when splitting saves under `min_saving` of its tokens, when a row's tokens are not one run of
+    columns, and for generation (a cache) or MoE router outputs."""
     inner = model.forward
     if max_chunks < 2 or getattr(inner, "length_split", None):
         return model
@@ -193,19 +211,20 @@ def split_forward(model, max_chunks: int, min_saving: float = 0.1):
                 is not None):
             return inner(*args, **kwargs)
         batch, width = mask.shape
-        counts = mask.sum(1)
-        if not torch.equal(mask.bool(), torch.arange(width, device=mask.device) < counts[:, None]):
-            return inner(*args, **kwargs)  # left-padded: a row's tokens are not its first `length` positions
-        lengths = counts.tolist()
-        groups = length_chunks(lengths, max_chunks)
-        cuts = [max(lengths[i] for i in group) for group in groups]
-        if len(groups) < 2 or len(set(cuts)) < len(cuts) or \
-                sum(len(g) * c for g, c in zip(groups, cuts)) > (1 - min_saving) * mask.numel():
+        spans = row_spans(mask)
+        if spans is None or min(e - s for s, e in zip(*spans)) == 0 or \
+                (max(spans[0]) > 0 and kwargs.get("position_ids") is None):
             return inner(*args, **kwargs)
-        parts = [(torch.tensor(group, device=mask.device), cut) for group, cut in zip(groups, cuts)]
-        pieces = [{key: value[rows][:, :cut] if torch.is_tensor(value) and value.shape[:2] == (batch, width)
+        starts, ends = spans
+        groups = length_chunks([e - s for s, e in zip(starts, ends)], max_chunks)
+        bounds = [(min(starts[i] for i in group), max(ends[i] for i in group)) for group in groups]
+        if len(groups) < 2 or len(set(bounds)) < len(bounds) or \
+                sum(len(g) * (e - s) for g, (s, e) in zip(groups, bounds)) > (1 - min_saving) * mask.numel():
+            return inner(*args, **kwargs)
+        parts = [(torch.tensor(group, device=mask.device), s, e) for group, (s, e) in zip(groups, bounds)]
+        pieces = [{key: value[rows][:, s:e] if torch.is_tensor(value) and value.shape[:2] == (batch, width)
                    else value[rows] if torch.is_tensor(value) and value.dim() and value.shape[0] == batch
-                   else value for key, value in kwargs.items()} for rows, cut in parts]
+                   else value for key, value in kwargs.items()} for rows, s, e in parts]
         outputs = [inner(**piece) for piece in pieces]
         merged = type(outputs[0])() if hasattr(outputs[0], "keys") else None
         if merged is None:

@@ -153,6 +153,9 @@ def check_keys(recipe, cfg, keys, prompts) -> None:
     if cfg.reward_rounds > 1 and cfg.reward_round_replay and "chosen" not in prompts.column_names:
         raise cli.PipelineError(f"{keys.prompts}: ppo.reward_round_replay replays the prompt data's preference pairs; "
                                 f"these prompts have no chosen/rejected (use preference data, or replay 0)")
+    if cfg.algorithm != "ppo" and keys.length_split > 1:
+        raise cli.PipelineError(f"{recipe.path}: ppo.length_split splits the forward passes of our PPO (algorithm: "
+                                f"ppo), not of {cfg.algorithm}")
     if cfg.algorithm != "ppo" and recipe.tools.tools and any(offers):
         from pipeline.trl_tools import check_grpo_tools
 

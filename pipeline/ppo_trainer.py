@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline import (cli, cluster, faults, judges, log, metrics, models, monitors, reward_rounds, rl, safe_resume,
-                      threads)
+from pipeline import (batching, cli, cluster, faults, judges, log, metrics, models, monitors, reward_rounds, rl,
+                      safe_resume, threads)
 from pipeline.generation import render_prompt
 from pipeline.ppo_rollout import PromptSampler, Rollout, positions, reply_logits, sample_replies
 from pipeline.ppo_tools import ToolEnv, conversation, tool_counts
@@ -166,6 +166,11 @@ class PPOTrainer:
                                        weight_decay=cfg.weight_decay)
         schedulers = [get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=cfg.warmup_steps,
                                     num_training_steps=total_updates) for opt in (opt_policy, opt_critic)]
+        # ppo.length_split: the forward passes over a rollout (policy, reference, DPO policy, critic) in groups of
+        # rows of similar length; generation and the reward model's scoring are not touched
+        for model in (policy, critic, self.reference, self.implicit and self.implicit.model):
+            if model is not None:
+                batching.split_forward(model, keys.length_split)
         (self.policy, self.critic, self.opt_policy, self.opt_critic, self.sched_policy,
          self.sched_critic) = self.accelerator.prepare(policy, critic, opt_policy, opt_critic, *schedulers)
         self.policy.eval()  # no dropout: the update must see the distributions the rollout sampled from
@@ -220,7 +225,7 @@ class PPOTrainer:
             batch.implicit = self.implicit.token_rewards(batch, batch.ref_logprobs if cfg.temperature == 1.0 else
                                                          rl.logprobs_of(self.reference_logits(seq, att, ctx, 1.0),
                                                                         batch.replies))
-        batch.values = self.critic(seq, att, positions(att))[:, ctx - 1:-1]
+        batch.values = self.critic(input_ids=seq, attention_mask=att, position_ids=positions(att))[:, ctx - 1:-1]
 
     def reference_logits(self, seq, att, ctx, temperature):
         """The frozen reference's reply logits: the reference model, or the policy with its LoRA adapter off."""
@@ -280,7 +285,8 @@ class PPOTrainer:
                             no_sync.enter_context(accelerator.no_sync(self.critic))
                         logits = reply_logits(self.policy, seq[idx], att[idx], ctx, cfg.temperature)
                         new_logprobs = rl.logprobs_of(logits, batch.replies[idx])
-                        new_values = self.critic(seq[idx], att[idx], positions(att[idx]))[:, ctx - 1:-1]
+                        new_values = self.critic(input_ids=seq[idx], attention_mask=att[idx],
+                                                     position_ids=positions(att[idx]))[:, ctx - 1:-1]
                         pg_loss, clipfrac, approx_kl = rl.policy_loss(new_logprobs, batch.logprobs[idx],
                                                                       batch.advantages[idx], mask[idx], cfg.cliprange)
                         vf_loss, vf_clipfrac = rl.value_loss(new_values, batch.values[idx], batch.returns[idx],

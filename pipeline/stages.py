@@ -165,6 +165,10 @@ class PPOKeys(HeldoutKeys):
                                   ref="checkpoint")
     monitor_window: int = key(10, "history rows (ppo: steps; grpo/rloo: logged steps) per window of the "
                                   "over-optimisation and collapse warnings (pipeline/monitors.py)")
+    length_split: int = key(1, "algorithm ppo: run the forward passes over a rollout (policy, reference, "
+                               "implicit_reward's policy, critic) as up to this many groups of rows of similar "
+                               "length, each cut to its own columns: the same outputs and gradients with less "
+                               "padding (pipeline/batching.py)")
 
 
     def fill_defaults(self, recipe) -> None:

@@ -169,3 +169,56 @@ def test_a_batch_split_by_length_gives_the_whole_batchs_outputs_and_gradients(ti
     (a, _), (b, wb) = run(whole, output_hidden_states=True), run(split, output_hidden_states=True)
     assert len(wb) >= 2 and torch.allclose(a.logits, b.logits, atol=1e-5)  # the score at each row's last token
     assert all(torch.allclose(x[real], y[real], atol=1e-5) for x, y in zip(a.hidden_states, b.hidden_states))
+
+
+def test_a_ppo_batch_padded_on_both_sides_splits_with_its_positions(tiny_run):
+    """ppo.length_split: a rollout (prompts padded on the left, replies on the right) runs as groups of rows, each cut
+    to its own columns; the reply logits and the critic's values on every real token and the gradients are the whole
+    batch's. Without position_ids (the model would count the left padding) the batch goes through whole."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline import batching, rl
+    from pipeline.ppo_rollout import positions, reply_logits
+    from pipeline.ppo_trainer import Critic
+
+    work, _, _ = tiny_run
+    sft = str(work / "runs/tiny/sft")
+    tokenizer = AutoTokenizer.from_pretrained(sft)
+    prompts = ["What is 2 + 3?"] * 5 + ["Sort 9 4 7 1 for me please " * 6] * 3  # text and tool-sized prompts
+    replies = ["The answer is 5."] * 3 + ["It is five, " * 4] * 2 + ["1 4 7 9"] * 3
+    left = tokenizer.pad({"input_ids": tokenizer(prompts)["input_ids"]}, padding_side="left", return_tensors="pt")
+    right = tokenizer.pad({"input_ids": tokenizer(replies)["input_ids"]}, padding_side="right", return_tensors="pt")
+    seq = torch.cat([left["input_ids"], right["input_ids"]], 1)
+    att = torch.cat([left["attention_mask"], right["attention_mask"]], 1)
+    ctx, reply_ids, reply_mask = left["input_ids"].shape[1], right["input_ids"], right["attention_mask"].bool()
+    assert batching.row_spans(att) is not None and min(batching.row_spans(att)[0]) == 0 < max(batching.row_spans(att)[0])
+
+    def widths_of(model):
+        widths = []
+        model.model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].numel()),
+                                              with_kwargs=True)
+        return widths
+
+    whole = AutoModelForCausalLM.from_pretrained(sft)
+    split = batching.split_forward(copy.deepcopy(whole), 3)
+    wa, wb = widths_of(whole), widths_of(split)
+    a, b = (reply_logits(m, seq, att, ctx, 0.7) for m in (whole, split))
+    assert wa == [seq.numel()] and len(wb) >= 2 and sum(wb) < 0.75 * seq.numel(), (wa, wb)
+    assert torch.allclose(a[reply_mask], b[reply_mask], atol=1e-5)
+    (rl.logprobs_of(a, reply_ids)[reply_mask].sum()).backward()
+    (rl.logprobs_of(b, reply_ids)[reply_mask].sum()).backward()
+    ga = {n: p.grad for n, p in whole.named_parameters()}
+    gb = {n: p.grad for n, p in split.named_parameters()}
+    assert max(float((ga[n] - gb[n]).abs().max() / ga[n].abs().max()) for n in ga) < 1e-4
+    wb.clear()
+    split(input_ids=seq, attention_mask=att)  # no position_ids: not split
+    assert wb == [seq.numel()]
+
+    scorer = AutoModelForSequenceClassification.from_pretrained(sft, num_labels=1)
+    critic, split_critic = Critic(scorer), batching.split_forward(Critic(copy.deepcopy(scorer)), 3)
+    wc = widths_of(split_critic.model)
+    va, vb = (c(input_ids=seq, attention_mask=att, position_ids=positions(att)) for c in (critic, split_critic))
+    assert len(wc) >= 2 and va.shape == vb.shape == seq.shape and torch.allclose(va[att.bool()], vb[att.bool()],
+                                                                                 atol=1e-5)

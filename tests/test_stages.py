@@ -132,3 +132,50 @@ def test_lora_and_qlora_sft_save_loadable_adapters(tiny_run, extra):
     if name == "lora":
         assert AutoModelForCausalLM.from_pretrained(out / "merged") is not None
     assert "heldout_accuracy_sft" in json.loads((out / "metrics.json").read_text())
+
+
+# ---------------------------------------------------------------------------------- stages side by side
+
+def _span(run_dir, stage):
+    """(start, end) of a finished stage in seconds since the epoch, from its manifest (start to the seconds)."""
+    from datetime import datetime
+
+    manifest = json.loads((run_dir / stage / "manifest.json").read_text())
+    start = datetime.fromisoformat(manifest["started"]).timestamp()
+    return start, start + manifest["wall_time_s"]
+
+
+def test_parallel_stages_run_what_does_not_depend_on_each_other_side_by_side(tmp_path):
+    from test_diffusion import TINY_DIFFUSION
+
+    recipe = tiny_recipe(tmp_path, run={"parallel_stages": 2}, diffusion=TINY_DIFFUSION)
+    proc = run_cli(["pipeline/run.py", recipe], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "up to 2 stages side by side" in proc.stdout and "=== diffusion (beside pretrain)" in proc.stdout
+    run_dir = tmp_path / "runs" / "tiny"
+    pretrain, sft, diffusion = (_span(run_dir, s) for s in ("pretrain", "sft", "diffusion"))
+    assert diffusion[0] < pretrain[1] and pretrain[0] < diffusion[1]  # they overlapped
+    assert sft[0] >= pretrain[1] - 1  # sft starts from pretrain's model: only once it is finished
+    # every line of a stage's own output (a trainer's loss dict too) names its stage; progress bars come as lines
+    assert "[pretrain] {'loss'" in proc.stdout and "[diffusion] step 3 loss" in proc.stdout
+    assert "\r" not in proc.stdout
+    cost_md = (run_dir / "cost.md").read_text()
+    assert "this run: 3 stage(s) in" in cost_md and "up to 2 side by side" in cost_md
+
+
+def test_a_failed_stage_stops_what_needs_it_while_the_stage_beside_it_finishes(tmp_path):
+    from test_diffusion import TINY_DIFFUSION
+
+    bad = tmp_path / "corpus.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": \n')
+    recipe = tiny_recipe(tmp_path, run={"parallel_stages": 2}, pretrain={"dataset": str(bad)},
+                         diffusion=TINY_DIFFUSION)
+    proc = run_cli(["pipeline/run.py", recipe], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "corpus.jsonl" in proc.stdout and "stage pretrain failed (exit code 2)" in proc.stderr
+    assert "waiting for diffusion to end" in proc.stdout
+    run_dir = tmp_path / "runs" / "tiny"
+    assert (run_dir / "diffusion" / "manifest.json").is_file()  # finished, not killed
+    assert not (run_dir / "pretrain").exists() and not (run_dir / "sft").exists() and "=== sft" not in proc.stdout
+    plan = run_cli(["pipeline/run.py", recipe, "--dry-run"], cwd=tmp_path)
+    assert "diffusion  skip" in plan.stdout and "pretrain   run" in plan.stdout
