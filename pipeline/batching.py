@@ -203,29 +203,43 @@ def split_forward(model, max_chunks: int, min_saving: float = 0.1):
     if max_chunks < 2 or getattr(inner, "length_split", None):
         return model
 
+    counts = {"passes": 0, "split": 0, "tokens": 0, "run": 0}  # what went through the model: `tokens_run`
+
+    def whole(*args, **kwargs):
+        mask = kwargs.get("attention_mask")
+        if torch.is_tensor(mask) and mask.dim() == 2:
+            counts["passes"] += 1
+            counts["tokens"] += mask.numel()
+            counts["run"] += mask.numel()
+        return inner(*args, **kwargs)
+
     @functools.wraps(inner)
     def forward(*args, **kwargs):
         input_ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
         if (args or input_ids is None or mask is None or mask.dim() != 2 or kwargs.get("past_key_values") is not None
                 or kwargs.get("use_cache") or kwargs.get("output_router_logits") or kwargs.get("inputs_embeds")
                 is not None):
-            return inner(*args, **kwargs)
+            return inner(*args, **kwargs)  # generation and other calls this does not split: not counted
         batch, width = mask.shape
         spans = row_spans(mask)
         if spans is None or min(e - s for s, e in zip(*spans)) == 0 or \
                 (max(spans[0]) > 0 and kwargs.get("position_ids") is None):
-            return inner(*args, **kwargs)
+            return whole(*args, **kwargs)
         starts, ends = spans
         groups = length_chunks([e - s for s, e in zip(starts, ends)], max_chunks)
         bounds = [(min(starts[i] for i in group), max(ends[i] for i in group)) for group in groups]
         if len(groups) < 2 or len(set(bounds)) < len(bounds) or \
                 sum(len(g) * (e - s) for g, (s, e) in zip(groups, bounds)) > (1 - min_saving) * mask.numel():
-            return inner(*args, **kwargs)
+            return whole(*args, **kwargs)
         parts = [(torch.tensor(group, device=mask.device), s, e) for group, (s, e) in zip(groups, bounds)]
         pieces = [{key: value[rows][:, s:e] if torch.is_tensor(value) and value.shape[:2] == (batch, width)
                    else value[rows] if torch.is_tensor(value) and value.dim() and value.shape[0] == batch
                    else value for key, value in kwargs.items()} for rows, s, e in parts]
         outputs = [inner(**piece) for piece in pieces]
+        counts["passes"] += 1
+        counts["split"] += 1
+        counts["tokens"] += mask.numel()
+        counts["run"] += sum(piece["attention_mask"].numel() for piece in pieces)
         merged = type(outputs[0])() if hasattr(outputs[0], "keys") else None
         if merged is None:
             return _reassemble(outputs, parts, batch, width)
@@ -240,8 +254,18 @@ def split_forward(model, max_chunks: int, min_saving: float = 0.1):
         return merged
 
     forward.length_split = max_chunks
+    forward.counts = counts
     model.forward = forward
     return model
+
+
+def tokens_run(model) -> str | None:
+    """What `split_forward` saved on `model` so far, in words; None when its forward is not split."""
+    counts = getattr(getattr(model, "forward", None), "counts", None)
+    if not counts or not counts["tokens"]:
+        return None
+    return (f"{counts['split']} of {counts['passes']} forward passes split by length; "
+            f"{counts['run'] / counts['tokens']:.0%} of their padded tokens went through the model")
 
 
 def _combined_loss(losses, outputs, pieces, kwargs):

@@ -222,3 +222,6 @@ def test_a_ppo_batch_padded_on_both_sides_splits_with_its_positions(tiny_run):
     va, vb = (c(input_ids=seq, attention_mask=att, position_ids=positions(att)) for c in (critic, split_critic))
     assert len(wc) >= 2 and va.shape == vb.shape == seq.shape and torch.allclose(va[att.bool()], vb[att.bool()],
                                                                                  atol=1e-5)
+    assert batching.tokens_run(split_critic.model) is None  # the critic's forward is split, not its model's
+    counted = batching.tokens_run(split_critic)
+    assert counted.startswith("1 of 1 forward passes split") and "%" in counted

@@ -3,6 +3,7 @@ policy and reward model (a short run raises the reward, kill-and-resume, two pro
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -390,6 +391,21 @@ def test_short_run_raises_the_mean_reward(inputs, uninterrupted):
     assert manifest["config"]["critic_init"] == "reward"
 
 
+def test_length_split_gives_the_same_first_step_with_fewer_tokens(uninterrupted):
+    """ppo.length_split: 3 splits the rollouts' forward passes by length: step 1 (the same rollouts: generation is
+    not split) scores and updates to the same statistics as the run without it, up to float rounding."""
+    work = uninterrupted
+    proc = run_cli(["pipeline/ppo.py", ppo_recipe(work), "run.name=split", "ppo.length_split=3", "ppo.max_steps=2"],
+                   cwd=work, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = re.search(r"ppo.length_split, the policy: (\d+) of (\d+) forward passes split by length; (\d+)% of",
+                      proc.stdout)
+    assert saved and int(saved[1]) > 0 and int(saved[3]) < 90, proc.stdout[-2000:]
+    full, split = read(work, "full")["history"][0], read(work, "split")["history"][0]
+    for key in ("reward_raw", "reward", "kl", "entropy", "value_loss", "policy_loss", "approx_kl", "reply_length"):
+        assert split[key] == pytest.approx(full[key], rel=1e-3, abs=1e-5), key
+
+
 def test_kill_and_resume_ends_like_an_uninterrupted_run(uninterrupted):
     work = uninterrupted
     cmd = [sys.executable, str(REPO / "pipeline/ppo.py"), str(ppo_recipe(work)), "run.name=killed"]
@@ -549,11 +565,12 @@ def test_grpo_through_trl_with_the_verifier_reward(inputs):
     ("ppo.reward_model=reward", "has no `reward` section"),
     ("ppo.implicit_reward=/nowhere/dpo", "/nowhere/dpo"),
     ("ppo.implicit_reward_beta=0", "implicit_reward_beta must be positive"),
+    ("ppo.algorithm=grpo ppo.length_split=3", "ppo.length_split splits the forward passes of our PPO"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(inputs, override, expected):
     work = inputs[0]
     before = sorted(p.name for p in work.rglob("*"))
-    proc = run_cli(["pipeline/ppo.py", ppo_recipe(work), "run.name=bad", override], cwd=work, env=ENV)
+    proc = run_cli(["pipeline/ppo.py", ppo_recipe(work), "run.name=bad", *override.split()], cwd=work, env=ENV)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
     assert expected in line
