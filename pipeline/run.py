@@ -171,7 +171,8 @@ def run_stages(recipe, todo: list[str], overrides: list[str]) -> tuple[str, int]
     """Run the stages `todo` (in plan order), up to `run.parallel_stages` at a time: a stage starts once every stage
     of `todo` it needs has finished. SIGTERM, SIGUSR1 and SIGINT sent to the runner are passed on to the running
     stages (they checkpoint and exit). After a stage fails or a signal arrives no stage starts; the running ones are
-    waited for. Returns (stage, exit code) of the first stage that did not finish, or None."""
+    waited for. Returns (stage, exit code) of the first stage that did not finish, (the first stage not started, None)
+    when a signal came just as the running stages finished, or None when all finished."""
     slots = recipe.run.parallel_stages
     prefixed = slots > 1 and len(todo) > 1
     needs = {stage: [d for d in dependencies(recipe, stage) if d in todo] for stage in todo}
@@ -182,7 +183,7 @@ def run_stages(recipe, todo: list[str], overrides: list[str]) -> tuple[str, int]
     def pass_on(signum, frame):
         nonlocal stopping
         stopping = True
-        for stage in running.values():
+        for stage in list(running.values()):
             if stage.proc.poll() is None:
                 stage.proc.send_signal(signum)
 
@@ -216,6 +217,8 @@ def run_stages(recipe, todo: list[str], overrides: list[str]) -> tuple[str, int]
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if failed is None and stopping and waiting:  # the signal came as the running stages finished
+        return waiting[0], None
     return failed
 
 
@@ -306,6 +309,10 @@ def run_steps(recipe, steps, overrides) -> None:
     failed = run_stages(recipe, todo, overrides)
     if failed:
         stage, code = failed
+        if code is None:
+            print(f"\nstopped on a signal before stage {stage} started; run the same command again to go on",
+                  file=sys.stderr)
+            sys.exit(cluster.PREEMPTED_EXIT)
         if code == cluster.PREEMPTED_EXIT:
             print(f"\nstage {stage} stopped on a signal after saving a checkpoint; run the same command again to "
                   f"resume it", file=sys.stderr)

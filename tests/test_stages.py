@@ -1,6 +1,7 @@
 """pretrain and sft through their real command lines and the runner, on the tiny recipe."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -179,3 +180,36 @@ def test_a_failed_stage_stops_what_needs_it_while_the_stage_beside_it_finishes(t
     assert not (run_dir / "pretrain").exists() and not (run_dir / "sft").exists() and "=== sft" not in proc.stdout
     plan = run_cli(["pipeline/run.py", recipe, "--dry-run"], cwd=tmp_path)
     assert "diffusion  skip" in plan.stdout and "pretrain   run" in plan.stdout
+
+
+def test_a_signal_to_the_runner_stops_every_stage_side_by_side_with_a_checkpoint_and_the_rerun_resumes(tmp_path):
+    """SIGTERM to run.py while pretrain and diffusion train side by side: both save a checkpoint and exit 75, sft
+    (it waits for pretrain) never starts, the runner exits 75; the same command resumes both and runs sft."""
+    from test_diffusion import TINY_DIFFUSION
+
+    recipe = tiny_recipe(tmp_path, run={"parallel_stages": 2}, pretrain={"save_steps": 4},
+                         diffusion={**TINY_DIFFUSION, "save_steps": 2, "judge_epochs": 0})
+    marker = tmp_path / "paused"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PIPELINE_FAULT": "pause:training:2", "PIPELINE_FAULT_MARKER": str(marker), "PIPELINE_FAULT_WAIT": "20"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "pipeline/run.py"), str(recipe)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(6)  # the other stage reaches its step 2 as well and waits there
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 75, out[-3000:]
+    run_dir = tmp_path / "runs" / "tiny"
+    for stage in ("pretrain", "diffusion"):
+        assert f"[{stage}]" in out and not (run_dir / stage).exists()
+        assert list((run_dir / f"{stage}.partial").glob("checkpoint-*")), stage
+    assert "=== sft" not in out and not (run_dir / "sft").exists()
+
+    again = run_cli(["pipeline/run.py", recipe], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "[pretrain] resumed from" in again.stdout or "[pretrain] resuming from" in again.stdout, again.stdout[-3000:]
+    assert json.loads((run_dir / "pretrain" / "metrics.json").read_text())["steps"] == 12
+    assert json.loads((run_dir / "diffusion" / "metrics.json").read_text())["steps"] == 6
+    assert (run_dir / "sft" / "manifest.json").is_file()
