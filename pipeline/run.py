@@ -35,6 +35,7 @@ from pipeline import check, cli, cluster, cost, cost_check, locks, memory, runs,
 from pipeline.recipe import load_recipe
 from pipeline.stages import STAGES
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 COST_FILE = "cost.md"  # the run's cost table, written by the runner into the run folder
 
 
@@ -141,7 +142,7 @@ class StageProcess:
             pending += chunk
             *pieces, pending = re.split(rb"(\r\n|\n|\r)", pending)  # text, end, text, end, ..., unfinished
             for text, end in zip(pieces[::2], pieces[1::2]):
-                line = text.decode(errors="replace").rstrip()
+                line = ANSI_ESCAPE.sub("", text.decode(errors="replace")).rstrip()  # nested bars move the cursor
                 if not line:
                     continue
                 if end == b"\r":  # a progress bar redrawn in place
