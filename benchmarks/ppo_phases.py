@@ -33,7 +33,7 @@ def main():
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--from-run", required=True, help="a run folder holding the stages ppo reads")
     parser.add_argument("--steps", type=int, default=4)
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
 
     from pipeline import ppo
     from pipeline.recipe import load_recipe
