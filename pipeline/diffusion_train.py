@@ -378,7 +378,7 @@ def train_loop(*, accelerator, run, cfg, tag: str, modules: dict, step_fn, ema_p
             ema.step(ema_params)
         step += 1
         bar.update(1)
-        faults.point("training")
+        faults.point("training", until=lambda: cluster.STOP.requested is not None)
         if step % max(cfg.logging_steps, 1) == 0 or step == cfg.max_steps:
             entry = {"step": step, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
                      **{k: v for k, v in stats.items()}, "elapsed_s": round(time.time() - started, 1)}

@@ -5,6 +5,7 @@ in normal use, and then nothing here does anything.
     PIPELINE_FAULT=kill:training:5 ...                                       # at the end of the 5th training step
     PIPELINE_FAULT=enospc:checkpoint:2 ...                                   # "No space left" in the 2nd checkpoint
     PIPELINE_FAULT=pause:training:2 PIPELINE_FAULT_MARKER=/tmp/m ...         # write /tmp/m, wait for a signal
+                                                          # (a `{pid}` in the marker: one file per process)
 
 Points: `loading` (the stage folder exists, models and data are being loaded), `training` (after an optimizer
 step), `checkpoint` (inside a checkpoint save: weights and optimizer written, the rest not), `round` (iterated DPO:
@@ -43,7 +44,7 @@ def point(name: str, until=None) -> None:
     elif action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"(injected at {name})")
     elif action == "pause":  # tell the test where we are (PIPELINE_FAULT_MARKER), wait for its signal
-        Path(os.environ[ENV + "_MARKER"]).write_text(str(os.getpid()))
+        Path(os.environ[ENV + "_MARKER"].replace("{pid}", str(os.getpid()))).write_text(str(os.getpid()))
         deadline = time.time() + float(os.environ.get(ENV + "_WAIT", 60))
         while time.time() < deadline and not (until and until()):
             time.sleep(0.05)

@@ -189,15 +189,15 @@ def test_a_signal_to_the_runner_stops_every_stage_side_by_side_with_a_checkpoint
 
     recipe = tiny_recipe(tmp_path, run={"parallel_stages": 2}, pretrain={"save_steps": 4},
                          diffusion={**TINY_DIFFUSION, "save_steps": 2, "judge_epochs": 0})
-    marker = tmp_path / "paused"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PIPELINE_FAULT": "pause:training:2", "PIPELINE_FAULT_MARKER": str(marker), "PIPELINE_FAULT_WAIT": "20"}
+           "PIPELINE_FAULT": "pause:training:2", "PIPELINE_FAULT_MARKER": str(tmp_path / "paused-{pid}"),
+           "PIPELINE_FAULT_WAIT": "240"}
     proc = subprocess.Popen([sys.executable, str(REPO / "pipeline/run.py"), str(recipe)], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+    deadline = time.time() + 300  # each stage writes paused-<its pid> when it waits at its step 2
+    while len(list(tmp_path.glob("paused-*"))) < 2 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(6)  # the other stage reaches its step 2 as well and waits there
+    assert len(list(tmp_path.glob("paused-*"))) == 2
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 75, out[-3000:]
