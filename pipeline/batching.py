@@ -178,12 +178,11 @@ def _reassemble(outputs, parts, batch: int, width: int):
 def row_spans(mask: torch.Tensor) -> tuple[list[int], list[int]] | None:
     """(first, one past the last) column of each row's tokens when every row's tokens are one run of columns
     (padding on the left, the right or both); else None."""
-    batch, width = mask.shape
+    width = mask.shape[1]
     columns = torch.arange(width, device=mask.device)
     real = mask.bool()
-    counts = real.sum(1)
-    starts = torch.where(real, columns, width).amin(1).clamp(max=width)
-    ends = starts + counts
+    starts = torch.where(real, columns, width).amin(1)  # `width` for a row without tokens
+    ends = starts + real.sum(1)
     if not torch.equal(real, (columns >= starts[:, None]) & (columns < ends[:, None])):
         return None
     return starts.tolist(), ends.tolist()
@@ -205,13 +204,15 @@ def split_forward(model, max_chunks: int, min_saving: float = 0.1):
 
     counts = {"passes": 0, "split": 0, "tokens": 0, "run": 0}  # what went through the model: `tokens_run`
 
-    def whole(*args, **kwargs):
-        mask = kwargs.get("attention_mask")
-        if torch.is_tensor(mask) and mask.dim() == 2:
-            counts["passes"] += 1
-            counts["tokens"] += mask.numel()
-            counts["run"] += mask.numel()
-        return inner(*args, **kwargs)
+    def tally(tokens: int, run: int) -> None:
+        counts["passes"] += 1
+        counts["split"] += run < tokens
+        counts["tokens"] += tokens
+        counts["run"] += run
+
+    def whole(kwargs):
+        tally(kwargs["attention_mask"].numel(), kwargs["attention_mask"].numel())
+        return inner(**kwargs)
 
     @functools.wraps(inner)
     def forward(*args, **kwargs):
@@ -222,24 +223,23 @@ def split_forward(model, max_chunks: int, min_saving: float = 0.1):
             return inner(*args, **kwargs)  # generation and other calls this does not split: not counted
         batch, width = mask.shape
         spans = row_spans(mask)
-        if spans is None or min(e - s for s, e in zip(*spans)) == 0 or \
-                (max(spans[0]) > 0 and kwargs.get("position_ids") is None):
-            return whole(*args, **kwargs)
+        if spans is None or (max(spans[0]) > 0 and kwargs.get("position_ids") is None):
+            return whole(kwargs)
         starts, ends = spans
-        groups = length_chunks([e - s for s, e in zip(starts, ends)], max_chunks)
+        lengths = [e - s for s, e in zip(starts, ends)]
+        if min(lengths) == 0:
+            return whole(kwargs)
+        groups = length_chunks(lengths, max_chunks)
         bounds = [(min(starts[i] for i in group), max(ends[i] for i in group)) for group in groups]
-        if len(groups) < 2 or len(set(bounds)) < len(bounds) or \
-                sum(len(g) * (e - s) for g, (s, e) in zip(groups, bounds)) > (1 - min_saving) * mask.numel():
-            return whole(*args, **kwargs)
+        run = sum(len(g) * (e - s) for g, (s, e) in zip(groups, bounds))
+        if len(groups) < 2 or len(set(bounds)) < len(bounds) or run > (1 - min_saving) * mask.numel():
+            return whole(kwargs)
         parts = [(torch.tensor(group, device=mask.device), s, e) for group, (s, e) in zip(groups, bounds)]
         pieces = [{key: value[rows][:, s:e] if torch.is_tensor(value) and value.shape[:2] == (batch, width)
                    else value[rows] if torch.is_tensor(value) and value.dim() and value.shape[0] == batch
                    else value for key, value in kwargs.items()} for rows, s, e in parts]
         outputs = [inner(**piece) for piece in pieces]
-        counts["passes"] += 1
-        counts["split"] += 1
-        counts["tokens"] += mask.numel()
-        counts["run"] += sum(piece["attention_mask"].numel() for piece in pieces)
+        tally(mask.numel(), run)
         merged = type(outputs[0])() if hasattr(outputs[0], "keys") else None
         if merged is None:
             return _reassemble(outputs, parts, batch, width)

@@ -373,8 +373,9 @@ def totals(rows: list[dict]) -> dict:
             "carbon_intensity_g_per_kwh": intensity, "cpu_s": total("cpu_s"), "gpu_hours": total("gpu_hours")}
 
 
-def run_report(stages: list[str], manifests: dict[str, dict | None], run_dir) -> list[str]:
-    """The runner's cost section: the table over the stages' manifests, then what each stage's figures rest on."""
+def run_report(stages: list[str], manifests: dict[str, dict | None], run_dir, lead: str | None = None) -> list[str]:
+    """The runner's cost section: `lead` (a line above the table), the table over the stages' manifests, then what
+    each stage's figures rest on."""
     rows, notes = [], []
     for stage in stages:
         manifest = manifests.get(stage)
@@ -389,7 +390,7 @@ def run_report(stages: list[str], manifests: dict[str, dict | None], run_dir) ->
         notes.append(f"- {stage}: CPU {human_time(cost.get('cpu_s'))}, GPU {cost.get('gpu_hours', 0):.3g} h, "
                      f"peak RSS {cost.get('peak_rss_mb', 0):.0f} MiB{tries}; intensity from "
                      f"{cost.get('carbon_intensity_source')}; energy {how}")
-    lines = [f"# Cost of run {run_dir}", "", *cost_table(rows), ""]
+    lines = [f"# Cost of run {run_dir}", "", *([lead, ""] if lead else []), *cost_table(rows), ""]
     lines += ["Energy comes from codecarbon's offline tracker: where it says `estimate`, the CPU's power is estimated "
               "from its TDP and load (no power counters), not measured. CO2e = energy x intensity.", "", *notes]
     return lines

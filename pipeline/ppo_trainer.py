@@ -387,8 +387,9 @@ class PPOTrainer:
                 cluster.exit_preempted(self.run.out / f"checkpoint-{progress.step}", self.main)
         cluster.STOP.training = False
         bar.close()
-        if batching.tokens_run(self.unwrapped):
-            log.info("ppo.length_split, the policy: %s", batching.tokens_run(self.unwrapped))
+        saved = batching.tokens_run(self.unwrapped)
+        if saved:
+            log.info("ppo.length_split, the policy: %s", saved)
         for tracker in self.accelerator.trackers:  # not end_training(): it also destroys the process group
             tracker.finish()
         return progress.history

@@ -334,8 +334,7 @@ def run_steps(recipe, steps, overrides) -> None:
 def write_cost(recipe, stages: list[str], elapsed: str) -> None:
     """The cost table of the run's stages (their manifests' `cost` blocks), printed and written to cost.md."""
     manifests = {stage: runs.read_manifest(recipe.stage_dir(stage)) for stage in stages}
-    lines = cost.run_report(stages, manifests, recipe.run_dir)
-    lines[2:2] = [elapsed, ""]  # under the title: the table's total sums the stages, which may have overlapped
+    lines = cost.run_report(stages, manifests, recipe.run_dir, lead=elapsed)  # the total sums overlapping stages
     print("\ncost (README: Cost per stage):")
     print("\n".join(lines[2:]))
     (recipe.run_dir / COST_FILE).write_text("\n".join(lines) + "\n")
