@@ -263,6 +263,10 @@ class _StopState:
     training: bool = False         # a trainer is inside its training loop (SIGTERM then means: save and stop)
     installed: bool = False
 
+    def signalled(self) -> bool:
+        """A stop signal reached this process: what ends a test's pause inside a training loop."""
+        return self.requested is not None
+
 
 STOP = _StopState()
 BEFORE_PREEMPTED_EXIT: list = []  # called on the main process before exit_preempted leaves (the stage's cost so far)
@@ -351,7 +355,7 @@ def _callback_class():
             threads.rebalance()  # another stage started or ended next to this one: take our share of the CPUs
 
         def on_step_end(self, args, state, control, **kw):
-            faults.point("training", until=lambda: STOP.requested is not None)
+            faults.point("training", until=STOP.signalled)
             last = state.global_step >= state.max_steps
             if stop_requested(args.device) and not last:  # at the last step, finishing is the quickest way out
                 self.stopping = True

@@ -49,8 +49,9 @@ def round_pairs(pipe, judge, captions, cfg, keys, out: Path, r: int) -> tuple:
     started = time.time()
     k = cfg.candidates_per_caption
     expanded = [c for c in captions for _ in range(k)]
-    drawn = images.generate(pipe, expanded, steps=keys.sample_steps, guidance=keys.guidance_scale,
-                            seed=cfg.seed + 1 + r, desc=f"round {r + 1} candidates")
+    steps = cfg.candidate_steps or keys.sample_steps
+    drawn = images.generate(pipe, expanded, steps=steps, guidance=keys.guidance_scale, seed=cfg.seed + 1 + r,
+                            desc=f"round {r + 1} candidates")
     rows = score_images(judge, drawn, expanded)
     rng = random.Random(cfg.seed + r)
     pairs = []
@@ -64,7 +65,7 @@ def round_pairs(pipe, judge, captions, cfg, keys, out: Path, r: int) -> tuple:
                                 "pair_filter: digit): raise candidates_per_caption")
     chosen = drawn[[p[0] for p in pairs]] * 2 - 1
     rejected = drawn[[p[1] for p in pairs]] * 2 - 1
-    stats = {"round": r + 1, "candidates": len(expanded), "pairs": len(pairs),
+    stats = {"round": r + 1, "candidates": len(expanded), "sampler_steps": steps, "pairs": len(pairs),
              "pairs_clean_agree": sum(p[2] for p in pairs) / len(pairs),
              "candidate_digit_accuracy": sum(row["match"].get("digit", 0) for row in rows) / len(rows),
              "candidate_all_accuracy": sum(row["match"].get("all", 0) for row in rows) / len(rows),
@@ -204,7 +205,8 @@ def main(argv):
                     f"{m} {acc0[m]['mean']:.3f} -> {acc[m]['mean']:.3f} (gain {image_eval.fmt(gain[m])})"
                     for m in image_eval.MEASURES if acc.get(m)))
             notes = [f"Diffusion-DPO from `{init.ref}` (also the frozen reference): {pair_stats['pairs']} pairs "
-                     f"in {cfg.rounds} round(s), each drawn by the model as it was at the round's start and labelled "
+                     f"in {cfg.rounds} round(s), each drawn by the model as it was at the round's start "
+                     f"({pair_stats['sampler_steps']} sampler steps per candidate) and labelled "
                      f"by the simulated annotator (label noise {cfg.label_noise}; round 1: "
                      f"{pair_stats['pairs_clean_agree']:.3f} agree with the noise-free annotator), {cfg.max_steps} "
                      f"steps of {cfg.batch_size} pairs, beta {cfg.beta}, learning rate {cfg.learning_rate}, "

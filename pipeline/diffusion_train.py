@@ -112,6 +112,7 @@ class DiffusionDPOConfig:
     lora_alpha: int = 8
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     candidates_per_caption: int = 4     # images the start model draws per training caption; pairs come from them
+    candidate_steps: int | None = None  # sampler steps per candidate; empty: the section's sample_steps
     rounds: int = 1                     # > 1: later rounds draw their candidates from the model tuned so far
     label_noise: float = 0.15           # the simulated annotator flips this share of labels (as the text world)
     logging_steps: int = 25
@@ -127,6 +128,8 @@ class DiffusionDPOConfig:
             raise ValueError(f"label_noise must be in [0, 0.5], got {self.label_noise}")
         if self.candidates_per_caption < 2 or self.rounds < 1:
             raise ValueError("candidates_per_caption must be at least 2 and rounds at least 1 (pairs need two images)")
+        if self.candidate_steps is not None and self.candidate_steps < 1:
+            raise ValueError(f"candidate_steps must be at least 1 (or empty: sample_steps), got {self.candidate_steps}")
         if self.rounds > self.max_steps:
             raise ValueError(f"rounds ({self.rounds}) must not exceed max_steps ({self.max_steps}): each round trains")
         _one_of("sft_images", self.sft_images, ("chosen", "both"))
@@ -378,7 +381,7 @@ def train_loop(*, accelerator, run, cfg, tag: str, modules: dict, step_fn, ema_p
             ema.step(ema_params)
         step += 1
         bar.update(1)
-        faults.point("training", until=lambda: cluster.STOP.requested is not None)
+        faults.point("training", until=cluster.STOP.signalled)
         if step % max(cfg.logging_steps, 1) == 0 or step == cfg.max_steps:
             entry = {"step": step, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
                      **{k: v for k, v in stats.items()}, "elapsed_s": round(time.time() - started, 1)}

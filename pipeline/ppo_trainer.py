@@ -372,7 +372,7 @@ class PPOTrainer:
             progress.history.append(step_stats)
             self.accelerator.log(step_stats, step=progress.step)  # to the trackers of report_to, if any
             bar.update(1)
-            faults.point("training")
+            faults.point("training", until=cluster.STOP.signalled)
             if progress.step % cfg.logging_steps == 0 or progress.step == cfg.max_steps:
                 log.info(" ".join(f"{k} {v:.4g}" for k, v in step_stats.items() if k in LOG_KEYS))
             for warning in monitors.new_warnings(progress.history, self.keys.monitor_window):

@@ -268,7 +268,8 @@ class ImageHeldoutKeys:
                                                         "`images:digits` (the world's 20 held-out captions) or a "
                                                         "file of `caption` rows in the world's words; empty: skip")
     heldout_samples: int = key(16, "images drawn per held-out caption")
-    sample_steps: int = key(20, "sampler steps per image at the end (and for DPO's candidates)")
+    sample_steps: int = key(20, "sampler steps per image at the end (and for DPO's candidates unless "
+                                "`candidate_steps` is set)")
     guidance_scale: float = key(4.0, "classifier-free guidance scale at the end (and for DPO's candidates)")
     grid_columns: int = key(8, "samples per caption in grid.png")
 

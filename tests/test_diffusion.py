@@ -22,7 +22,7 @@ TINY_DIFFUSION = {"max_steps": 6, "batch_size": 8, "logging_steps": 3, "save_ste
                   "text_encoder": TINY_TEXT, "judge_epochs": 4, "heldout_samples": 2, "sample_steps": 3,
                   "grid_columns": 2}
 TINY_DPO = {"max_steps": 4, "batch_size": 4, "logging_steps": 2, "save_steps": 0, "candidates_per_caption": 2,
-            "rounds": 2, "heldout_samples": 2, "sample_steps": 3, "grid_columns": 2, "max_timestep": 500,
+            "rounds": 2, "candidate_steps": 2, "heldout_samples": 2, "sample_steps": 3, "grid_columns": 2, "max_timestep": 500,
             "sft_weight": 1.0, "sft_images": "both", "winner_penalty": 1.0}
 
 
@@ -280,6 +280,7 @@ def test_diffusion_and_dpo_stages_write_loadable_pipelines_and_reports(image_run
     assert dpo["pairs"] > 0 and set(dpo["gain"]) == {"digit", "size", "thickness", "position", "all"}
     # two online rounds, each drawn for the 60 training captions; their caches are gone from the finished folder
     assert [r["round"] for r in dpo["rounds"]] == [1, 2] and all(r["candidates"] == 120 for r in dpo["rounds"])
+    assert all(r["sampler_steps"] == 2 for r in dpo["rounds"])  # candidate_steps, not the evaluation's 3
     assert dpo["pairs"] == sum(r["pairs"] for r in dpo["rounds"])
     assert not list((run_dir / "diffusion_dpo").glob("pairs-*"))
     assert json.loads((run_dir / "diffusion_dpo" / "manifest.json").read_text())["inputs"]["checkpoints"][
@@ -365,6 +366,13 @@ def test_bad_image_data_exits_2_with_one_line_and_writes_nothing(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "line 1: cannot read image 'gone.png'" in lines[0]
+    assert not (tmp_path / "runs").exists()
+    # a bad key of the DPO stage: caught before it looks for its start model
+    recipe = image_recipe(tmp_path, diffusion=TINY_DIFFUSION, diffusion_dpo=TINY_DPO)
+    proc = run_cli(["pipeline/diffusion_dpo.py", recipe, "diffusion_dpo.candidate_steps=0"], cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'diffusion_dpo': candidate_steps must be at least 1" in lines[0]
     assert not (tmp_path / "runs").exists()
 
 
