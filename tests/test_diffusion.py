@@ -22,8 +22,8 @@ TINY_DIFFUSION = {"max_steps": 6, "batch_size": 8, "logging_steps": 3, "save_ste
                   "text_encoder": TINY_TEXT, "judge_epochs": 4, "heldout_samples": 2, "sample_steps": 3,
                   "grid_columns": 2}
 TINY_DPO = {"max_steps": 4, "batch_size": 4, "logging_steps": 2, "save_steps": 0, "candidates_per_caption": 2,
-            "rounds": 2, "candidate_steps": 2, "heldout_samples": 2, "sample_steps": 3, "grid_columns": 2, "max_timestep": 500,
-            "sft_weight": 1.0, "sft_images": "both", "winner_penalty": 1.0}
+            "rounds": 2, "candidate_steps": 2, "heldout_samples": 2, "sample_steps": 3, "grid_columns": 2,
+            "max_timestep": 500, "sft_weight": 1.0, "sft_images": "both", "winner_penalty": 1.0}
 
 
 def image_recipe(directory, **sections):
