@@ -61,6 +61,21 @@ class Tool:
     setup: Callable[[], object] | None = None              # loads what run needs: once, untimed, before a first run
     run_batch: Callable[[list[dict]], list] | None = None  # several calls at once (one generate batch)
     restart: Callable[[int], None] | None = None           # number the next call k (a tool seeding call k by k)
+    # Runs on the caller's thread and keeps to its time by calling check_deadline() as it goes (the draw: after every
+    # sampler step). A worker thread would cost a model tool more than the call itself: its second OpenMP team puts
+    # more threads than CPUs under libgomp, which then stops spin-waiting between small parallel regions (the 16x16
+    # draw ran 2.7x slower with 2 threads: benchmarks/README.md, ppo_phases.py).
+    on_calling_thread: bool = False
+
+
+_DEADLINE = threading.local()  # (monotonic time, limit) of the call running on this thread, for check_deadline
+
+
+def check_deadline() -> None:
+    """Raise ToolTimeout once the call running on this thread (a tool with `on_calling_thread`) is past its time."""
+    deadline = getattr(_DEADLINE, "at", None)
+    if deadline is not None and time.monotonic() > deadline[0]:
+        raise ToolTimeout(f"timeout after {deadline[1]:g} s")
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
@@ -188,10 +203,22 @@ class ToolBox:
     def _timed(self, tool: Tool, fn, limit: float):
         """fn() in a worker thread, waited on for `limit` seconds. A Python thread cannot be killed: a timed-out call
         runs on in the background, holding the tool's lock, so the next call of that tool waits for it instead of
-        running beside it on a shared model. That is why user code (`python` tools) runs in a subprocess."""
+        running beside it on a shared model. That is why user code (`python` tools) runs in a subprocess. A tool
+        `on_calling_thread` runs here instead and stops itself at the deadline (check_deadline); a result that
+        comes after it is a timeout all the same."""
         start, lock, box = time.monotonic(), self._locks[tool.name], {}
         if not lock.acquire(timeout=limit):
             raise ToolTimeout(f"timeout after {limit:g} s (its previous call is still running)")
+        if tool.on_calling_thread:
+            _DEADLINE.at = (start + limit, limit)
+            try:
+                out = fn()
+            finally:
+                _DEADLINE.at = None
+                lock.release()
+            if time.monotonic() - start > limit:
+                raise ToolTimeout(f"timeout after {limit:g} s")
+            return out
 
         def work():
             try:

@@ -28,6 +28,7 @@ timed; a model that does not load stops with PipelineError. Recipe section::
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -40,7 +41,7 @@ from pathlib import Path
 
 from pipeline.cli import PipelineError
 from pipeline.tool_calls import (Tool, ToolBox, ToolCall, ToolError, ToolOutput, ToolResult, ToolTimeout,
-                                 describe_error, parse_tool_calls)
+                                 check_deadline, describe_error, parse_tool_calls)
 from pipeline.values import Mismatch, closest, coerce, field_types, type_name
 
 __all__ = ["Tool", "ToolBox", "ToolCall", "ToolError", "ToolOutput", "ToolResult", "ToolTimeout", "parse_tool_calls",
@@ -174,6 +175,11 @@ def diffusion_tool(name: str, source: str, store: ImageStore, *, steps: int = 10
         seeds = [seed + state["calls"] + k for k in range(len(batch))]
         state["calls"] += len(batch)
         kw = {"clean_caption": False} if pipe.__class__.__name__.startswith("IF") else {}
+        # the deadline after every sampler step: IF's pipelines take `callback`, the others `callback_on_step_end`
+        if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
+            kw["callback_on_step_end"] = lambda _pipe, _step, _t, tensors: check_deadline() or tensors
+        else:
+            kw.update(callback=lambda *_: check_deadline(), callback_steps=1)
         drawn = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
                      generator=[torch.Generator().manual_seed(s) for s in seeds], **kw).images
         drawn = torch.from_numpy(np.asarray(drawn, dtype=np.float32)).permute(0, 3, 1, 2)
@@ -181,7 +187,7 @@ def diffusion_tool(name: str, source: str, store: ImageStore, *, steps: int = 10
         return [ToolOutput(drawn_text(i), i) for i in ids]
 
     return Tool(name, draw_schema(name, description), lambda args: run_batch([args])[0], setup=setup, run_batch=run_batch,
-                restart=lambda k: state.update(calls=k))
+                restart=lambda k: state.update(calls=k), on_calling_thread=True)
 
 
 def judge_tool(name: str, folder: Path, store: ImageStore, *, description: str | None = None) -> Tool:
@@ -204,7 +210,7 @@ def judge_tool(name: str, folder: Path, store: ImageStore, *, description: str |
             raise ToolError(f"no image {image_id}")
         return ToolOutput(read_text(image_id, setup().predict(store.get(image_id)[None])[0]), image_id)
 
-    return Tool(name, read_schema(name, description), run, setup=setup)
+    return Tool(name, read_schema(name, description), run, setup=setup, on_calling_thread=True)  # one small forward
 
 
 # ---------------------------------------------------------------------------------------------- user code

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -280,6 +281,30 @@ def test_draw_image_stores_a_png_and_read_image_reads_it_back(image_run, tmp_pat
     assert read.ok and read.image == "r0-1"
     assert re.fullmatch(r"Image r0-1 shows a (small|large) (thin|thick) \d on the (left|right)\.", read.content)
     assert (missing.valid, missing.ok, missing.error) == (True, False, "no image 12")
+
+
+def test_model_tools_run_on_the_calling_thread_and_a_draw_stops_at_its_deadline(image_run):
+    """The draw and the judge run on the caller's thread (a worker thread's OpenMP team made the draw 2.7x slower);
+    a draw past its time stops at the next sampler step with a timeout, and the tool is free for the next call."""
+    store = ImageStore(None)
+    box = image_box(image_run, store)
+    seen = []
+    box.setup()
+    box.tools["draw_image"].setup().unet.register_forward_pre_hook(lambda *_: seen.append(threading.current_thread()))
+    assert box.call(ToolCall("draw_image", {"prompt": "a 3"}, "", None)).ok
+    assert box.call(ToolCall("read_image", {"image_id": "1"}, "", None)).ok
+    assert len(seen) == 3 and set(seen) == {threading.current_thread()}  # 3 sampler steps, all on this thread
+
+    slow = image_box(image_run, store, steps=10)  # the tiny scheduler's 10 timesteps
+    slow.setup()
+    steps = []
+    slow.tools["draw_image"].setup().unet.register_forward_pre_hook(lambda *_: steps.append(1))
+    slow.timeout_s = 1e-6  # past before the first step ends
+    timed_out = slow.call(ToolCall("draw_image", {"prompt": "a 3"}, "", None))
+    assert (timed_out.valid, timed_out.ok, timed_out.error) == (True, False, "timeout after 1e-06 s")
+    assert len(steps) == 1  # it stopped after its first sampler step, not after all 10
+    slow.timeout_s = 60
+    assert slow.call(ToolCall("draw_image", {"prompt": "a 3"}, "", None)).ok and len(steps) == 11  # nothing holds it
 
 
 def test_drawing_is_reproducible_and_batches_draw_what_single_calls_draw(image_run):
