@@ -163,6 +163,14 @@ def diffusion_tool(name: str, source: str, store: ImageStore, *, steps: int = 10
             pipe = load_pipeline(source)
             pipe.set_progress_bar_config(disable=True)
             state["pipe"] = pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+            # what this pipeline's __call__ takes: the deadline after every sampler step (IF's pipelines take
+            # `callback`, the others `callback_on_step_end`), and IF's caption cleaning off
+            state["call_kw"] = (
+                {"callback_on_step_end": lambda _pipe, _step, _t, tensors: check_deadline() or tensors}
+                if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters
+                else {"callback": lambda *_: check_deadline(), "callback_steps": 1})
+            if pipe.__class__.__name__.startswith("IF"):
+                state["call_kw"]["clean_caption"] = False
         return state["pipe"]
 
     def run_batch(batch: list[dict]) -> list[ToolOutput]:
@@ -174,14 +182,8 @@ def diffusion_tool(name: str, source: str, store: ImageStore, *, steps: int = 10
         pipe, prompts = setup(), [args["prompt"] for args in batch]
         seeds = [seed + state["calls"] + k for k in range(len(batch))]
         state["calls"] += len(batch)
-        kw = {"clean_caption": False} if pipe.__class__.__name__.startswith("IF") else {}
-        # the deadline after every sampler step: IF's pipelines take `callback`, the others `callback_on_step_end`
-        if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
-            kw["callback_on_step_end"] = lambda _pipe, _step, _t, tensors: check_deadline() or tensors
-        else:
-            kw.update(callback=lambda *_: check_deadline(), callback_steps=1)
         drawn = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
-                     generator=[torch.Generator().manual_seed(s) for s in seeds], **kw).images
+                     generator=[torch.Generator().manual_seed(s) for s in seeds], **state["call_kw"]).images
         drawn = torch.from_numpy(np.asarray(drawn, dtype=np.float32)).permute(0, 3, 1, 2)
         ids = [store.add(img, {"tool": name, "prompt": p, "seed": s}) for img, p, s in zip(drawn, prompts, seeds)]
         return [ToolOutput(drawn_text(i), i) for i in ids]
