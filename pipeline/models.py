@@ -99,7 +99,7 @@ def build_causal_lm(recipe, tokenizer):
     config.eos_token_id = tokenizer.eos_token_id
     config.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     torch.manual_seed(recipe.run.seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=recipe.model.attn_implementation)
     dtype = torch_dtype(recipe.model.dtype)
     return model.to(dtype) if dtype != "auto" else model
 

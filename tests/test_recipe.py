@@ -30,6 +30,23 @@ def test_overrides_are_coerced_to_the_field_type():
     assert config.seed == recipe.run.seed  # run seed flows into every stage
 
 
+def test_model_attn_implementation_applies_to_a_model_built_from_its_config(tmp_path):
+    # pretrain builds its model from model.config: the key must reach it, not only the stages that load a checkpoint
+    from pipeline import models
+
+    class Vocab:  # what build_causal_lm reads of a tokenizer
+        pad_token_id, eos_token_id, bos_token_id = 0, 1, None
+
+        def __len__(self):
+            return 96
+
+    for key, expected in ((None, "sdpa"), ("eager", "eager")):
+        overrides = [f"model.attn_implementation={key}"] if key else []
+        model = models.build_causal_lm(load_recipe(tiny_recipe(tmp_path), overrides), Vocab())
+        assert model.config._attn_implementation == expected
+        assert model.config.vocab_size == 96
+
+
 def test_unknown_key_names_key_section_and_closest(tmp_path):
     with pytest.raises(PipelineError) as err:
         load_recipe(SMALL, ["sft.learning_rte=1"])
