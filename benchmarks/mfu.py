@@ -18,10 +18,16 @@ whole causal LM, its tied LM head counted once; reward: without the LM head, its
 padding are not counted, so the share is a lower bound. Real tokens: pretrain steps x batch x block size (blocks
 are full), the others the `num_tokens` TRL logs. The peak is matmul_peak.py's best square matmul in that dtype, with
 the same threads, measured first. Stage logs and outputs go under --out.
+
+Each stage runs --warmup steps more than --steps, through step_timer.py (one log line per step), so the table has two
+rates: over the whole `train_runtime` (warm-up steps included, as a run pays them), and over the last --steps steps
+alone, the steady state a longer run converges to (with `torch_compile`, the first step compiles for tens of seconds).
+Stages after pretrain leave right after training (their final evaluation and save are not timed and not needed).
 """
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -56,13 +62,24 @@ def weights_per_token(folder: Path) -> tuple[int, int]:
     return total, config.vocab_size * config.hidden_size
 
 
+def step_times(log_text: str) -> dict[int, tuple[float, float | None]]:
+    """{step: (seconds since training began, real tokens so far or None)} from step_timer.py's lines; a step printed
+    twice (before and after its token count was logged) keeps its last line."""
+    steps = {}
+    for step, seconds, tokens in re.findall(r"\[step_timer\] (\d+) ([0-9.]+) (\S+)", log_text):
+        steps[int(step)] = (float(seconds), None if tokens == "-" else float(tokens))
+    return steps
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10, help="the steady-state steps timed after the warm-up")
+    parser.add_argument("--warmup", type=int, default=2, help="steps before the steady-state window")
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--model", default="512x8", help="WIDTHxLAYERS of the benchmark model")
     parser.add_argument("--run-dir", default="runs/small", help="a run folder whose pretrain holds the tokenizer")
     parser.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "mfu-bench"))
+    parser.add_argument("--stages", default=",".join(STAGES), help="a comma list of " + ", ".join(STAGES))
     parser.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
                         help="a recipe override for every run, e.g. sft.train_sampling_strategy=group_by_length")
     args = parser.parse_args()
@@ -92,22 +109,26 @@ def main():
                 f"tokenizer.name_or_path={tokenizer}", *model_overrides(args.model), *args.set]
         pretrained = out / name / "pretrain"
         (out / "logs").mkdir(parents=True, exist_ok=True)
-        for stage in STAGES:
-            settings = [f"{stage}.max_steps={args.steps}", f"{stage}.logging_steps={args.steps}",
+        for stage in [s for s in STAGES if s in args.stages.split(",")]:
+            settings = [f"{stage}.max_steps={args.warmup + args.steps}", f"{stage}.logging_steps=1",
                         f"{stage}.report_to=none", f"{stage}.bf16={'true' if dtype == 'bf16' else 'false'}"]
             if stage == "pretrain":
                 settings += ["pretrain.save_strategy=no"]
             else:
                 settings += [f"{stage}.init_from={pretrained}"]
                 settings += [f"{stage}.heldout_prompts=null"] if stage in ("sft", "dpo") else []
-            cmd = [sys.executable, f"pipeline/{stage}.py", *base, *settings]
-            wall, runtime, tokens = run(stage, cmd, out / "logs" / f"{name}-{stage}.txt", env,
-                                        logs_tokens=stage != "pretrain")
+            cmd = [sys.executable, str(BENCH / "step_timer.py"), f"pipeline/{stage}.py", *base, *settings]
+            log = out / "logs" / f"{name}-{stage}.txt"
+            stage_env = {**env, "STEP_TIMER_EXIT": "0" if stage == "pretrain" else "1"}
+            wall, runtime, tokens = run(stage, cmd, log, stage_env, logs_tokens=stage != "pretrain")
+            steps = step_times(log.read_text())
             if stage == "pretrain" and runtime:
                 section = recipe.section("pretrain")
-                tokens = args.steps * section["per_device_train_batch_size"] * section["block_size"]
-            if not runtime:
-                rows.append((stage, dtype, None, None, None, None, wall))
+                per_step = section["per_device_train_batch_size"] * section["block_size"]  # full blocks
+                steps = {step: (seconds, step * per_step) for step, (seconds, _) in steps.items()}
+                tokens = steps[max(steps)][1]
+            if not runtime or args.warmup not in steps or args.warmup + args.steps not in steps:
+                rows.append((stage, dtype, None, None, None, None, None, None, wall))
                 if stage == "pretrain":
                     break
                 continue
@@ -116,21 +137,27 @@ def main():
             flops_per_token = {"pretrain": 6 * total, "sft": 6 * total, "reward": 6 * (total - head),
                                "dpo": 8 * total}[stage]
             achieved = flops_per_token * tokens / runtime / 1e9
-            rows.append((stage, dtype, tokens, runtime, achieved, achieved / peaks[dtype], wall))
+            (t0, tok0), (t1, tok1) = steps[args.warmup], steps[args.warmup + args.steps]
+            steady = flops_per_token * (tok1 - tok0) / (t1 - t0) / 1e9
+            rows.append((stage, dtype, tokens, runtime, achieved, achieved / peaks[dtype], (tok1 - tok0) / (t1 - t0),
+                         steady / peaks[dtype], wall))
             print(f"  {stage} {dtype}: {tokens:,.0f} real tokens in {runtime:.1f} s, {achieved:.1f} GFLOP/s, "
-                  f"{achieved / peaks[dtype]:.1%} of the {dtype} peak (wall {wall:.0f} s)", flush=True)
+                  f"{achieved / peaks[dtype]:.1%} of the {dtype} peak; the last {args.steps} steps "
+                  f"{steady:.1f} GFLOP/s, {steady / peaks[dtype]:.1%} (wall {wall:.0f} s)", flush=True)
 
     extra = f", {' '.join(args.set)}" if args.set else ""
     print(f"\nrecipes/small.yaml stages on a {args.model} model ({params / 1e6:.1f}M parameters){extra}, "
-          f"{args.steps} steps each, {n_threads} thread(s), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print("| stage | dtype | real tokens | train s | tokens/s | GFLOP/s | peak GFLOP/s | share of peak | wall s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for stage, dtype, tokens, runtime, achieved, share, wall in rows:
+          f"{args.warmup} + {args.steps} steps each, {n_threads} thread(s), "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print("| stage | dtype | real tokens | train s | tokens/s | GFLOP/s | peak GFLOP/s | share of peak | "
+          f"last {args.steps} steps: tokens/s | share of peak | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for stage, dtype, tokens, runtime, achieved, share, steady_tokens, steady_share, wall in rows:
         if runtime is None:
-            print(f"| {stage} | {dtype} | - | - | - | - | {peaks[dtype]:.1f} | failed | {wall:.0f} |")
+            print(f"| {stage} | {dtype} | - | - | - | - | {peaks[dtype]:.1f} | failed | - | - | {wall:.0f} |")
             continue
         print(f"| {stage} | {dtype} | {tokens:,.0f} | {runtime:.1f} | {tokens / runtime:,.0f} | {achieved:.1f} | "
-              f"{peaks[dtype]:.1f} | {share:.1%} | {wall:.0f} |")
+              f"{peaks[dtype]:.1f} | {share:.1%} | {steady_tokens:,.0f} | {steady_share:.1%} | {wall:.0f} |")
     (out / "mfu.json").write_text(json.dumps({"model": args.model, "parameters": params, "peaks": peaks,
                                               "rows": rows}, indent=1))
 
