@@ -122,7 +122,7 @@ def main():
             stage_env = {**env, "STEP_TIMER_EXIT": "0" if stage == "pretrain" else "1"}
             wall, runtime, tokens = run(stage, cmd, log, stage_env, logs_tokens=stage != "pretrain")
             steps = step_times(log.read_text())
-            if stage == "pretrain" and runtime:
+            if stage == "pretrain" and runtime and steps:
                 section = recipe.section("pretrain")
                 per_step = section["per_device_train_batch_size"] * section["block_size"]  # full blocks
                 steps = {step: (seconds, step * per_step) for step, (seconds, _) in steps.items()}
