@@ -208,8 +208,9 @@ class ToolEval:
         self.reference = None  # the reference LoadedModel, set by the caller when the KL is measured
         self.runs: dict[str, ToolRun] = {}
 
-    def rollouts(self, lm, rows, sample: bool, desc: str) -> list[dict]:
-        """One rollout per row (greedy, or sampled at temperature 1), in batches of eval.batch_size."""
+    def rollouts(self, lm, rows, sample: bool, desc: str, engine=None) -> list[dict]:
+        """One rollout per row (greedy, or sampled at temperature 1), in batches of eval.batch_size (vLLM: `engine`,
+        holding lm's weights)."""
         keys, schemas, out = self.keys, self.toolbox.schemas(), []
         for start in tqdm(range(0, len(rows), keys.batch_size), desc=desc, leave=False):
             messages = [as_messages(r["prompt"]) for r in rows[start:start + keys.batch_size]]
@@ -219,31 +220,31 @@ class ToolEval:
             batch = generate_with_tools(lm.model, lm.tokenizer, ids, messages, self.toolbox,
                                         max_new_tokens=keys.tool_max_new_tokens, max_tool_calls=keys.max_tool_calls,
                                         max_total_tokens=keys.tool_max_total_tokens, do_sample=sample,
-                                        temperature=1.0, top_p=1.0, device=self.device)
+                                        temperature=1.0, top_p=1.0, device=self.device, engine=engine)
             seqs, scored = rollout_sequences(batch)
             out += [{"calls": batch.calls[i], "turns": batch.turns[i], "final": batch.final[i],
                      "ended": bool(batch.ended[i]), "text": batch.texts[i], "ids": seqs[i], "scored": scored[i]}
                     for i in range(len(messages))]
         return out
 
-    def run(self, name: str, lm) -> None:
+    def run(self, name: str, lm, engine=None) -> None:
         """Greedy rollouts with their verdicts, then the sampled ones for the KL (`lm`: model, tokenizer, path)."""
         # each checkpoint seeds its drawings from call 0 and numbers its images from the first free id, saved under
         # images/<name>/: what it draws depends on it alone, not on how many calls the checkpoints before it made
         self.toolbox.restart(0)
         self.store.restart(self.images / name)
-        greedy = self.rollouts(lm, self.rows, False, f"{name}: tool prompts")
+        greedy = self.rollouts(lm, self.rows, False, f"{name}: tool prompts", engine)
         verdicts = [tool_world.verify(row, g["calls"], g["final"], self.judge, self.store) if is_verified(row)
                     else None for row, g in zip(self.rows, greedy)]
         for g in greedy:
             del g["ids"], g["scored"]
         run = ToolRun(greedy, verdicts)
         if self.keys.tool_samples and self.reference is not None:
-            self.sample_kl(run, name, lm)
+            self.sample_kl(run, name, lm, engine)
         run.images = self.store.drawn()
         self.runs[name] = run
 
-    def sample_kl(self, run: ToolRun, name: str, lm) -> None:
+    def sample_kl(self, run: ToolRun, name: str, lm, engine=None) -> None:
         n, k, ref = len(self.rows), self.keys.tool_samples, self.reference
         if ref.path == lm.path:
             run.log_ratios = np.zeros((n, k))
@@ -255,7 +256,7 @@ class ToolEval:
         torch.manual_seed(self.seed)
         self.toolbox.restart(n * max(self.keys.max_tool_calls, 1))  # seeds after the greedy rollouts' calls
         rows = [row for row in self.rows for _ in range(k)]
-        samples = self.rollouts(lm, rows, True, f"{name}: {k} sampled tool rollouts")
+        samples = self.rollouts(lm, rows, True, f"{name}: {k} sampled tool rollouts", engine)
         seqs, scored = [s["ids"] for s in samples], [s["scored"] for s in samples]
         bs = self.keys.batch_size
         policy = policy_token_sums(token_logprobs(lm.model, seqs, batch_size=bs, desc=f"{name}: log-probs"), scored)

@@ -42,7 +42,7 @@ from collections import Counter
 
 import numpy as np
 
-from pipeline import cli, data, eval_report, eval_tools, eval_tools_report, judges, log, models, runs
+from pipeline import cli, data, eval_report, eval_tools, eval_tools_report, judges, log, models, runs, vllm_engine
 from pipeline.eval_metrics import checkpoint_metrics, collapse_checks, outcomes, win_matrix
 from pipeline.generation import generate, held_out_perplexity, reply_logprob_sums
 from pipeline.recipe import load_recipe, stage_help
@@ -206,10 +206,11 @@ def load_lm(recipe, cp: runs.Checkpoint, device) -> LoadedModel:
 
 
 def run_checkpoint(recipe, keys, target: Target, rows, ppl_rows, reference: LoadedModel | None, own_samples: bool,
-                   seed, device, tools=None) -> None:
+                   seed, device, tools=None, engines: vllm_engine.EvalEngines | None = None) -> None:
     """Generate greedy and sampled replies and judge them, score own-distribution samples (`own_samples`) under the
     policy (entropy) and the reference (loaded when the sequence KL applies, else None), perplexity; then the tool
-    prompts (`tools`: an eval_tools.ToolEval, or None)."""
+    prompts (`tools`: an eval_tools.ToolEval, or None). With `engines` and `generation.backend: vllm`, vLLM
+    generates."""
     started = time.time()
     if reference is not None and reference.path == target.checkpoint.path:  # the reference is loaded already
         lm = reference
@@ -218,7 +219,8 @@ def run_checkpoint(recipe, keys, target: Target, rows, ppl_rows, reference: Load
     model, tokenizer = lm.model, lm.tokenizer
     log.info(f"{target.name}: {models.describe(model)} from {target.checkpoint.path}")
     prompts = [row["prompt"] for row in rows]
-    gen = dict(max_new_tokens=keys.max_new_tokens, batch_size=keys.batch_size, seed=seed)
+    engine = engines.load(model, tokenizer) if engines is not None else None
+    gen = dict(max_new_tokens=keys.max_new_tokens, batch_size=keys.batch_size, seed=seed, engine=engine)
     target.greedy = [r[0] for r in generate(model, tokenizer, prompts, desc=f"{target.name}: greedy", **gen)]
     target.correct = [judges.is_correct(row, r.text) for row, r in zip(rows, target.greedy)]
     if keys.num_samples:
@@ -245,7 +247,7 @@ def run_checkpoint(recipe, keys, target: Target, rows, ppl_rows, reference: Load
         else:
             target.perplexity, target.perplexity_tokens = scored
     if tools is not None:
-        tools.run(target.name, lm)
+        tools.run(target.name, lm, engine)
     target.seconds = time.time() - started
     del model, lm
 
@@ -311,6 +313,7 @@ def samples_setup(setup: EvalSetup, keys, reference: runs.Checkpoint | None, rew
 
 def main(argv):
     recipe = load_recipe(*cli.split_stage_args(argv, USAGE, lambda: stage_help(STAGE)))
+    vllm_engine.check(recipe)
     keys = recipe.keys(STAGE)
     check_keys(recipe, keys)
     seed = recipe.run.seed if keys.seed is None else keys.seed
@@ -344,6 +347,7 @@ def main(argv):
                                             recipe.stage_dir(STAGE).relative_to(recipe.run_dir), seed, device)
                 log.info(f"{len(tool_plan.rows)} tool prompts from {keys.tool_prompts}; tools: "
                          f"{', '.join(tool_plan.tools)}")
+            engines = vllm_engine.EvalEngines(recipe)
             tool_kl = tools is not None and keys.tool_samples > 0 and reference is not None
             reference_lm = load_lm(recipe, reference, device) if setup.kl or tool_kl else None
             if tool_kl:
@@ -351,7 +355,7 @@ def main(argv):
             for t in targets:
                 t.parent = runs.trained_from(t.checkpoint.path) if t.checkpoint.source != "hub" else None
                 run_checkpoint(recipe, keys, t, rows, ppl_rows, reference_lm if setup.kl else None,
-                               setup.own_samples, seed, device, tools)
+                               setup.own_samples, seed, device, tools, engines)
             if tools is not None:
                 tools.reference = None
             del reference_lm

@@ -34,15 +34,22 @@ def render_prompt(tokenizer, prompt, tools=None) -> str:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, *, max_new_tokens=64, batch_size=32, do_sample=False, temperature=1.0,
-             top_p=1.0, num_samples=1, seed=0, desc="generating", progress=True) -> list[list[Reply]]:
+             top_p=1.0, num_samples=1, seed=0, desc="generating", progress=True, engine=None) -> list[list[Reply]]:
     """Replies for each prompt (num_samples each), batched with left padding and the KV cache.
 
-    Prompts are generated longest-first, so each batch pads little; results come back in the input order.
+    Prompts are generated longest-first, so each batch pads little; results come back in the input order. With
+    `engine` (pipeline/vllm_engine.py, holding `model`'s weights) vLLM samples them instead, all at once.
     """
     texts = [render_prompt(tokenizer, p) for p in prompts]
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad = eos if pad is None else pad
+    if engine is not None:
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        rows = engine.sample(ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                             top_p=top_p, n=num_samples)
+        return [[_reply(tokenizer, row, eos, pad) for row in rows[i * num_samples:(i + 1) * num_samples]]
+                for i in range(len(texts))]
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     was_training, use_cache = model.training, model.config.use_cache
     model.eval()
@@ -63,14 +70,8 @@ def generate(model, tokenizer, prompts, *, max_new_tokens=64, batch_size=32, do_
                                  use_cache=True)
             new = gen[:, enc["input_ids"].shape[1]:]
             for j, i in enumerate(idx):
-                replies = []
-                for row in new[j * num_samples:(j + 1) * num_samples].tolist():
-                    ended = eos in row
-                    sampled = row[:row.index(eos)] if ended else row  # pads only ever follow the eos
-                    tokens = [t for t in sampled if t != pad]
-                    replies.append(Reply(tokenizer.decode(tokens, skip_special_tokens=True).strip(), ended,
-                                         len(tokens), sampled))
-                out[i] = replies
+                rows = new[j * num_samples:(j + 1) * num_samples].tolist()
+                out[i] = [_reply(tokenizer, row, eos, pad) for row in rows]
             bar.update(len(idx))
         bar.close()
     finally:
@@ -78,6 +79,14 @@ def generate(model, tokenizer, prompts, *, max_new_tokens=64, batch_size=32, do_
         model.config.use_cache = use_cache
         model.train(was_training)
     return out
+
+
+def _reply(tokenizer, row: list[int], eos: int, pad: int) -> Reply:
+    """A generated row (its new tokens; after an end-of-turn only padding, or nothing) as a Reply."""
+    ended = eos in row
+    sampled = row[:row.index(eos)] if ended else row  # pads only ever follow the eos
+    tokens = [t for t in sampled if t != pad]
+    return Reply(tokenizer.decode(tokens, skip_special_tokens=True).strip(), ended, len(tokens), sampled)
 
 
 def prompt_ids(tokenizer, prompt) -> list[int]:

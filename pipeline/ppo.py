@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
 
 import math
 
-from pipeline import cli, data, models, monitors, preferences, reward_rounds, runs
+from pipeline import cli, data, models, monitors, preferences, reward_rounds, runs, vllm_engine
 from pipeline.heldout import heldout_comparison, heldout_rows
 from pipeline.judges import with_answers
 from pipeline.ppo_tools import check_offers
@@ -187,6 +187,7 @@ def main(argv):
     recipe = load_recipe(*cli.split_stage_args(argv, USAGE, lambda: stage_help(STAGE)))
     recipe.check_config(STAGE, portable=True)  # the config class's own checks before upstream stages
     keys, cfg, peft_values = recipe.keys(STAGE), recipe.trainer_config(STAGE), recipe.peft_values(STAGE)
+    vllm_engine.check(recipe, server_ok=cfg.algorithm != "ppo")  # TRL's trainers can also use a vLLM server
     if keys.reward_model in STAGES and keys.reward_model not in recipe.stages:
         raise cli.PipelineError(f"{recipe.path}: ppo.reward_model is the `{keys.reward_model}` stage, but the recipe "
                                 f"has no `{keys.reward_model}` section: add one, or name a saved reward model folder")

@@ -94,16 +94,23 @@ def reply_logits(model, sequences, attention_mask, context_length: int, temperat
 
 
 @torch.no_grad()
-def sample_replies(policy, tokenizer, prompt_ids: list[list[int]], rows: list[int], cfg, device) -> Rollout:
-    """One sampled reply per prompt (KV cache, left padding); reply tokens after the first end-of-turn become
-    padding."""
+def sample_replies(policy, tokenizer, prompt_ids: list[list[int]], rows: list[int], cfg, device,
+                   engine=None) -> Rollout:
+    """One sampled reply per prompt (KV cache, left padding; or vLLM: `engine`, holding the policy's weights);
+    reply tokens after the first end-of-turn become padding."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     enc = tokenizer.pad({"input_ids": prompt_ids}, padding_side="left", return_tensors="pt").to(device)
-    sequences = policy.generate(**enc, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-                                max_new_tokens=cfg.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                                use_cache=True)
     context_length = enc["input_ids"].shape[1]
-    replies = sequences[:, context_length:]
+    if engine is not None:
+        sampled = engine.sample(prompt_ids, max_new_tokens=cfg.max_new_tokens, do_sample=True,
+                                temperature=cfg.temperature, top_p=cfg.top_p)
+        width = max(1, max(map(len, sampled)))
+        replies = torch.tensor([row + [pad] * (width - len(row)) for row in sampled], device=device)
+    else:
+        sequences = policy.generate(**enc, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+                                    max_new_tokens=cfg.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                                    use_cache=True)
+        replies = sequences[:, context_length:]
     is_eos = replies == eos
     ended = is_eos.any(1)
     last = torch.where(ended, is_eos.int().argmax(1), replies.shape[1] - 1)

@@ -117,7 +117,7 @@ class ToolEnv:
                  len(self.offers), tasks, cfg.max_tool_calls, cfg.total_tokens())
 
     def rollout(self, policy, tokenizer, prompt_ids: list[list[int]], rows: list[int], *, step: int,
-                keep_images: bool, device) -> Rollout:
+                keep_images: bool, device, engine=None) -> Rollout:
         """One reply per prompt of `rows`, tools run where the prompt offers them; `step` counts from 0."""
         cfg = self.cfg
         self.box.restart((step * self.num_processes + self.rank) * cfg.batch_size * max(cfg.max_tool_calls, 1))
@@ -128,7 +128,8 @@ class ToolEnv:
         out = generate_with_tools(policy, tokenizer, [prompt_ids[i] for i in rows], [self.messages[i] for i in rows],
                                   [self.views[i] for i in rows], max_new_tokens=cfg.max_new_tokens,
                                   max_tool_calls=cfg.max_tool_calls, max_total_tokens=cfg.total_tokens(),
-                                  do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, device=device)
+                                  do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, device=device,
+                                  engine=engine)
         return Rollout(rows=rows, sequences=out.sequences, attention_mask=out.attention_mask, replies=out.replies,
                        mask=out.mask, ended=out.ended, context_length=out.context_length, texts=out.texts,
                        tools=[self.offers[i] for i in rows], tool_mask=out.tool_mask, calls=out.calls,

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from pipeline import (batching, cli, cluster, faults, judges, log, metrics, models, monitors, reward_rounds, rl,
-                      safe_resume, threads)
+                      safe_resume, threads, vllm_engine)
 from pipeline.generation import render_prompt
 from pipeline.ppo_rollout import PromptSampler, Rollout, positions, reply_logits, sample_replies
 from pipeline.ppo_tools import ToolEnv, conversation, tool_counts
@@ -176,6 +176,9 @@ class PPOTrainer:
         self.policy.eval()  # no dropout: the update must see the distributions the rollout sampled from
         self.critic.eval()
         self.unwrapped = self.accelerator.unwrap_model(self.policy)
+        self.engine = None  # generation.backend: vllm: rollouts sampled by vLLM, the policy's weights pushed each step
+        if recipe.generation.backend == "vllm":
+            self.engine = vllm_engine.Engine(recipe, self.unwrapped, tokenizer, self.accelerator)
 
         # everything else a resumed run needs
         self.kl_ctl = rl.KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon, cfg.adaptive_kl)
@@ -191,11 +194,13 @@ class PPOTrainer:
     def rollout(self) -> Rollout:
         """Phase 1: sample one reply to each of this step's prompts."""
         rows = [self.usable[i] for i in self.sampler.next_batch()]
+        if self.engine is not None:
+            self.engine.use(self.unwrapped)  # the weights of the last update
         if self.tools is not None:  # multi-turn: the policy calls tools (pipeline/ppo_tools.py)
             return self.tools.rollout(self.unwrapped, self.tokenizer, self.prompt_ids, rows, step=self.progress.step,
-                                      keep_images=self.logged_step(), device=self.device)
+                                      keep_images=self.logged_step(), device=self.device, engine=self.engine)
         batch = sample_replies(self.unwrapped, self.tokenizer, [self.prompt_ids[i] for i in rows], rows, self.cfg,
-                               self.device)
+                               self.device, engine=self.engine)
         batch.texts = [t.strip() for t in self.tokenizer.batch_decode(batch.replies, skip_special_tokens=True)]
         return batch
 

@@ -102,8 +102,15 @@ def _tools_section():
     return ToolsSection
 
 
+def _generation_section():
+    from pipeline.vllm_engine import GenerationSection
+
+    return GenerationSection
+
+
 GLOBAL_SECTIONS = {"run": lambda: RunSection, "world": _world_section, "tokenizer": lambda: TokenizerSection,
-                   "model": lambda: ModelSection, "slurm": _slurm_section, "tools": _tools_section}
+                   "model": lambda: ModelSection, "slurm": _slurm_section, "tools": _tools_section,
+                   "generation": _generation_section}
 
 
 @lru_cache(maxsize=None)
@@ -147,6 +154,7 @@ class Recipe:
     overrides: list[str] = field(default_factory=list)
     slurm: Any = None  # pipeline.slurm.SlurmSection: how `run.py --slurm` submits the stages
     tools: Any = None  # pipeline.tools.ToolsSection: the tools the policy may call (none when its list is empty)
+    generation: Any = None  # pipeline.vllm_engine.GenerationSection: how eval and ppo generate (hf or vllm)
 
     @property
     def run_dir(self) -> Path:
@@ -352,8 +360,12 @@ def load_recipe(path, overrides: list[str] = ()) -> Recipe:
 
     recipe = Recipe(path=path, run=build("run"), world=build("world"), tokenizer=build("tokenizer"),
                     model=build("model"), overrides=list(overrides), slurm=build("slurm"), tools=build("tools"),
+                    generation=build("generation"),
                     stages={s: v for s, v in values.items() if s in STAGES})
     _check_world(recipe)
+    from pipeline.vllm_engine import check_section as check_generation
+
+    check_generation(recipe)
     if recipe.tools.tools:
         import dataclasses
 

@@ -118,7 +118,8 @@ def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, tor
 @torch.no_grad()
 def generate_with_tools(policy, tokenizer, prompts_ids: list[list[int]], messages: list[list[dict]], toolbox, *,
                         max_new_tokens: int, max_tool_calls: int, max_total_tokens: int, do_sample: bool = True,
-                        temperature: float = 1.0, top_p: float = 1.0, device="cpu", parse=None) -> ToolRollout:
+                        temperature: float = 1.0, top_p: float = 1.0, device="cpu", parse=None,
+                        engine=None) -> ToolRollout:
     """Sample one reply per prompt, running the tools the policy calls (see the module docstring).
 
     `prompts_ids[i]` are the ids of `messages[i]` rendered with the generation prompt (and `toolbox.schemas()`);
@@ -129,7 +130,8 @@ def generate_with_tools(policy, tokenizer, prompts_ids: list[list[int]], message
     is not run, gets the tool message BUDGET_MESSAGE, and the row stops. A row stops (ended=False) when a turn runs
     out of tokens before its end-of-turn. A row that stops keeps the tool messages of its last turn in `turns` and
     `calls` for the record, but their tokens are not appended (no policy token follows them): every reply ends
-    on a policy token. `parse(text) -> (content, [ToolCall])` defaults to pipeline.tools.parse_tool_calls.
+    on a policy token. `parse(text) -> (content, [ToolCall])` defaults to pipeline.tools.parse_tool_calls. With
+    `engine` (pipeline/vllm_engine.py, holding the policy's weights) vLLM samples each round's turns instead.
     """
     if parse is None:
         from pipeline.tools import parse_tool_calls as parse
@@ -148,14 +150,20 @@ def generate_with_tools(policy, tokenizer, prompts_ids: list[list[int]], message
     try:
         while active:
             room = {i: max_total_tokens - len(reply[i]) for i in active}
-            ids, att = left_pad([list(prompts_ids[i]) + reply[i] for i in active], pad, device)
-            out = policy.generate(input_ids=ids, attention_mask=att, max_new_tokens=min(max_new_tokens,
-                                  max(room.values())), do_sample=do_sample,
-                                  temperature=temperature if do_sample else None,
-                                  top_p=top_p if do_sample else None, top_k=0 if do_sample else None,
-                                  eos_token_id=eos, pad_token_id=pad, use_cache=True)
+            contexts = [list(prompts_ids[i]) + reply[i] for i in active]
+            turn_tokens = min(max_new_tokens, max(room.values()))
+            if engine is not None:
+                new_rows = engine.sample(contexts, max_new_tokens=turn_tokens, do_sample=do_sample,
+                                         temperature=temperature, top_p=top_p)
+            else:
+                ids, att = left_pad(contexts, pad, device)
+                out = policy.generate(input_ids=ids, attention_mask=att, max_new_tokens=turn_tokens,
+                                      do_sample=do_sample, temperature=temperature if do_sample else None,
+                                      top_p=top_p if do_sample else None, top_k=0 if do_sample else None,
+                                      eos_token_id=eos, pad_token_id=pad, use_cache=True)
+                new_rows = out[:, ids.shape[1]:].tolist()
             pending = {}  # row -> (its calls' results, or None where a call is to run, the calls, budget exhausted)
-            for i, row in zip(active, out[:, ids.shape[1]:].tolist()):
+            for i, row in zip(active, new_rows):
                 turn = row[:row.index(eos) + 1] if eos in row else row  # pads only ever follow the eos
                 turn = turn[:room[i]]
                 reply[i] += turn

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline import cli, judges, log, metrics, models, monitors
+from pipeline import cli, judges, log, metrics, models, monitors, vllm_engine
 from pipeline.reward_model import RewardEnsemble, RewardModel, load_scorer
 
 
@@ -121,7 +121,8 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
         max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
         logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500, save_total_limit=cfg.save_total_limit, seed=cfg.seed,
-        use_cpu=cfg.use_cpu or not torch.cuda.is_available(), use_vllm=False, report_to=cfg.report_to, bf16=False,
+        use_cpu=cfg.use_cpu or not torch.cuda.is_available(), report_to=cfg.report_to, bf16=False,
+        **vllm_engine.trl_args(recipe),  # generation.backend: vllm: TRL's own vLLM engine
         gradient_checkpointing=False,
     )
     if env is not None:

@@ -133,11 +133,30 @@ class Scripted(torch.nn.Module):
         return torch.cat([input_ids, pad], 1)
 
 
-def run(tok, questions, scripts, **kw):
+class ScriptedEngine:
+    """The same script behind vllm_engine.Engine's interface: `sample` gets the unpadded contexts and returns each
+    row's next turn, unpadded (`generation.backend: vllm`'s path through generate_with_tools)."""
+
+    def __init__(self, scripted: Scripted):
+        self.scripted = scripted
+
+    def sample(self, prompt_ids, *, max_new_tokens, do_sample, temperature=1.0, top_p=1.0, n=1):
+        out = []
+        for real in prompt_ids:
+            policy = self.scripted
+            row = next(i for i, p in enumerate(policy.prompts) if real[:len(p)] == p)
+            policy.seen.append((row, list(real)))
+            out.append(policy.scripts[row][policy.count[row]][:max_new_tokens])
+            policy.count[row] += 1
+        return out
+
+
+def run(tok, questions, scripts, engine=False, **kw):
     prompts, messages = zip(*[prompt(tok, q) for q in questions])
     policy, box = Scripted(prompts, scripts), ToolBox()
     args = {"max_new_tokens": 200, "max_tool_calls": 3, "max_total_tokens": 1000, "do_sample": True, **kw}
-    batch = generate_with_tools(policy, tok, list(prompts), list(messages), box, parse=parse, **args)
+    batch = generate_with_tools(policy, tok, list(prompts), list(messages), box, parse=parse,
+                                engine=ScriptedEngine(policy) if engine else None, **args)
     return batch, policy, box, prompts, messages
 
 
@@ -199,6 +218,27 @@ def test_masks_and_ids_of_a_rollout_with_a_tool_call(tok):
     assert batch.final == ["The answer is 5.", "five", "The answer is 5."]
     assert "<tool_response>\n5\n</tool_response>" in batch.texts[0] and batch.texts[0].endswith("The answer is 5.")
     assert batch.texts[1] == "five"
+
+
+def test_an_engine_gives_the_rollouts_of_generate(tok):
+    """generation.backend: vllm: the engine returns each turn unpadded; the rollout is the one generate() gives."""
+    call, answer = ids(tok, call_text(a=2, b=3)), ids(tok, "The answer is 5.")
+    two_calls = ids(tok, call_text(a=1, b=2) + "\n" + call_text(a=3, b=4))
+    cases = [(["what is 2 plus 3?", "say five", "add 2 and 3"],
+              [[call, answer], [ids(tok, "five", split=True)], [ids(tok, call_text(a=2, b=3), split=True), answer]],
+              {}),
+             (["one", "two"], [[call, call, answer], [two_calls, answer]], {"max_tool_calls": 1}),
+             (["q"], [[call, answer]], {"max_total_tokens": len(call) + 30}),
+             (["q"], [[call, answer]], {"max_new_tokens": len(call) - 1})]
+    for questions, scripts, kw in cases:
+        plain, policy, _, _, _ = run(tok, questions, scripts, **kw)
+        routed, engine_policy, _, _, _ = run(tok, questions, scripts, engine=True, **kw)
+        assert engine_policy.seen == policy.seen  # the same contexts, turn by turn
+        for name in ("sequences", "attention_mask", "replies", "mask", "tool_mask", "ended"):
+            assert torch.equal(getattr(routed, name), getattr(plain, name)), (questions, name)
+        assert (routed.context_length, routed.texts, routed.turns, routed.final) == \
+            (plain.context_length, plain.texts, plain.turns, plain.final)
+        assert [[r.content for r in c] for c in routed.calls] == [[r.content for r in c] for c in plain.calls]
 
 
 def test_the_tool_turn_comes_from_the_template(tok):
