@@ -101,7 +101,7 @@ class Engine:
             accelerator = Accelerator()
         gen = recipe.generation
         self.eos = tokenizer.eos_token_id
-        self.config = _architecture(model)
+        self.architecture = _architecture(model)
         self.trl = VLLMGeneration(
             model=model, accelerator=accelerator, processing_class=tokenizer, mode="colocate",
             tensor_parallel_size=gen.vllm_tensor_parallel_size,
@@ -115,7 +115,7 @@ class Engine:
 
     def use(self, model) -> None:
         """Load `model`'s current weights into the engine (same architecture as the one it was built from)."""
-        if _architecture(model) != self.config:
+        if _architecture(model) != self.architecture:
             raise PipelineError(f"{model.name_or_path}: generation.backend: vllm loads every model into one engine, "
                                 f"but this one's architecture differs from {self.model.name_or_path}'s")
         self.trl.model, self.model = model, model
@@ -153,10 +153,8 @@ class EvalEngines:
 
 
 def _architecture(model) -> tuple:
-    """What must match for one model's weights to load into an engine built from another's."""
-    config = getattr(model, "config", None)
-    if hasattr(model, "get_base_model"):  # peft: the base model's config
-        config = model.get_base_model().config
-    return tuple(sorted((k, str(v)) for k, v in config.to_diff_dict().items()
-                        if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache",
-                                     "architectures", "eos_token_id", "bos_token_id", "pad_token_id")))
+    """What must match for one model's weights to load into an engine built from another's: its parameters' names
+    and shapes (a LoRA model: its base model's)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return type(base).__name__, tuple((name.replace(".base_layer", ""), tuple(p.shape))
+                                      for name, p in base.named_parameters() if "lora_" not in name)

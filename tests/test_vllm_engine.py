@@ -192,3 +192,15 @@ def test_ppo_and_eval_run_with_vllm(tmp_path):
         assert out.returncode == 0, f"{stage}: {out.stderr[-3000:]}"
     assert (tmp_path / "runs" / "tiny" / "eval" / "metrics.json").exists()
     assert "vLLM engine" in (tmp_path / "runs" / "tiny" / "ppo" / "log.txt").read_text()
+
+
+def test_engine_architecture_check_reads_parameter_shapes(model):
+    """One eval engine takes every checkpoint's weights: the same architecture (a LoRA-wrapped one: its base) loads,
+    another size does not."""
+    from peft import LoraConfig, get_peft_model
+
+    same = LlamaForCausalLM(model.config)
+    bigger = LlamaForCausalLM(LlamaConfig(**{**model.config.to_dict(), "intermediate_size": 192}))
+    lora = get_peft_model(LlamaForCausalLM(model.config), LoraConfig(r=4, target_modules=["q_proj"]))
+    arch = vllm_engine._architecture
+    assert arch(same) == arch(model) == arch(lora) != arch(bigger)
