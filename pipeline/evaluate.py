@@ -248,6 +248,8 @@ def run_checkpoint(recipe, keys, target: Target, rows, ppl_rows, reference: Load
             target.perplexity, target.perplexity_tokens = scored
     if tools is not None:
         tools.run(target.name, lm, engine)
+    if engine is not None:
+        engine.release()
     target.seconds = time.time() - started
     del model, lm
 

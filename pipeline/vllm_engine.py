@@ -109,17 +109,21 @@ class Engine:
             max_model_length=gen.vllm_max_model_length, enable_sleep_mode=gen.vllm_enable_sleep_mode,
             trust_remote_code=recipe.model.trust_remote_code, logprobs=None,
             generation_kwargs={"stop_token_ids": [self.eos]})
-        log.info(f"vLLM engine from {model.name_or_path} (colocated, gpu_memory_utilization "
+        self.built_from = model.name_or_path
+        log.info(f"vLLM engine from {self.built_from} (colocated, gpu_memory_utilization "
                  f"{gen.vllm_gpu_memory_utilization})")
-        self.model = model
 
     def use(self, model) -> None:
         """Load `model`'s current weights into the engine (same architecture as the one it was built from)."""
         if _architecture(model) != self.architecture:
             raise PipelineError(f"{model.name_or_path}: generation.backend: vllm loads every model into one engine, "
-                                f"but this one's architecture differs from {self.model.name_or_path}'s")
-        self.trl.model, self.model = model, model
+                                f"but this one's architecture differs from {self.built_from}'s")
+        self.trl.model = model  # TRL reads it again to re-push the weights after a sleep
         self.trl.sync_weights()
+
+    def release(self) -> None:
+        """Drop the reference to the last model (eval: the checkpoint is done, its memory can go)."""
+        self.trl.model = None
 
     def sample(self, prompt_ids: list[list[int]], *, max_new_tokens: int, do_sample: bool, temperature: float = 1.0,
                top_p: float = 1.0, n: int = 1) -> list[list[int]]:
