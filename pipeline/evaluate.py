@@ -315,7 +315,7 @@ def samples_setup(setup: EvalSetup, keys, reference: runs.Checkpoint | None, rew
 
 def main(argv):
     recipe = load_recipe(*cli.split_stage_args(argv, USAGE, lambda: stage_help(STAGE)))
-    vllm_engine.check(recipe)
+    vllm_engine.check(recipe, one_process=True)
     keys = recipe.keys(STAGE)
     check_keys(recipe, keys)
     seed = recipe.run.seed if keys.seed is None else keys.seed

@@ -14,6 +14,7 @@ chooses the tokens, so its kernels' small numeric differences make the rollout s
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 
 from pipeline import log
@@ -55,12 +56,21 @@ def check_section(recipe) -> None:
 GENERATING_STAGES = ("eval", "ppo")  # the stages `generation` applies to (the end-of-stage held-out checks use hf)
 
 
-def check(recipe, server_ok: bool = False) -> None:
+def check(recipe, server_ok: bool = False, one_process: bool = False) -> None:
     """Fail before any work when the recipe asks for vLLM on a machine that cannot run it (`server_ok`: GRPO/RLOO,
-    where TRL can also reach a vLLM server)."""
+    where TRL can also reach a vLLM server; `one_process`: eval, which generates in its main process only, so an
+    engine there cannot wait for the other processes)."""
     gen = recipe.generation
     if gen.backend != "vllm":
         return
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if one_process and (processes > 1 or gen.vllm_tensor_parallel_size > 1):
+        raise PipelineError(f"{recipe.path}: generation.backend: vllm in eval runs one engine in one process "
+                            f"(vllm_tensor_parallel_size 1); this launch has {processes} processes and "
+                            f"vllm_tensor_parallel_size {gen.vllm_tensor_parallel_size}")
+    if gen.vllm_mode != "colocate" and not server_ok:
+        raise PipelineError(f"{recipe.path}: generation.vllm_mode: {gen.vllm_mode}: eval and our ppo run vLLM "
+                            f"colocated; a vLLM server serves GRPO/RLOO only (ppo.algorithm: grpo or rloo)")
     import torch
 
     missing = [what for what, ok in (("the vllm package (pip install '.[vllm]')", importlib.util.find_spec("vllm")),
@@ -68,9 +78,6 @@ def check(recipe, server_ok: bool = False) -> None:
     if missing:
         raise PipelineError(f"{recipe.path}: generation.backend: vllm needs {' and '.join(missing)}, "
                             f"which this machine lacks; use generation.backend=hf")
-    if gen.vllm_mode != "colocate" and not server_ok:
-        raise PipelineError(f"{recipe.path}: generation.vllm_mode: {gen.vllm_mode}: eval and our ppo run vLLM "
-                            f"colocated; a vLLM server serves GRPO/RLOO only (ppo.algorithm: grpo or rloo)")
 
 
 def trl_args(recipe) -> dict:

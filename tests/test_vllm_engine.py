@@ -204,3 +204,19 @@ def test_engine_architecture_check_reads_parameter_shapes(model):
     lora = get_peft_model(LlamaForCausalLM(model.config), LoraConfig(r=4, target_modules=["q_proj"]))
     arch = vllm_engine._architecture
     assert arch(same) == arch(model) == arch(lora) != arch(bigger)
+
+
+def test_vllm_settings_that_cannot_work_fail_on_any_machine(tmp_path, monkeypatch):
+    """eval generates in its main process: an engine there would wait for the other processes forever; our PPO
+    and eval run vLLM colocated, never through a server."""
+    recipe = load_recipe(tiny_recipe(tmp_path), ["generation.backend=vllm"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(PipelineError, match="vllm in eval runs one engine in one process"):
+        vllm_engine.check(recipe, one_process=True)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    wide = load_recipe(tiny_recipe(tmp_path), ["generation.backend=vllm", "generation.vllm_tensor_parallel_size=2"])
+    with pytest.raises(PipelineError, match="vllm_tensor_parallel_size 2"):
+        vllm_engine.check(wide, one_process=True)
+    server = load_recipe(tiny_recipe(tmp_path), ["generation.backend=vllm", "generation.vllm_mode=server"])
+    with pytest.raises(PipelineError, match="a vLLM server serves GRPO/RLOO only"):
+        vllm_engine.check(server)  # our ppo
