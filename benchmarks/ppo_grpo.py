@@ -7,11 +7,13 @@ Both run the recipe's ppo stage from `--from-run`'s stages (copied into a tempor
 you name is never written), one after the other, for `--steps` steps, in a subprocess each under cProfile, with the
 same prompts, sft policy, reward model, `batch_size` (replies per step: ours samples one reply to each of
 `batch_size` prompts, GRPO `batch_size / num_generations` prompts `num_generations` times), `max_new_tokens`,
-temperature and learning rate. What only one of them has is switched off for both: `implicit_reward` (ours only),
-`length_split` (ours only; GRPO refuses it), the held-out check and logging to trackers. Everything else is each
-side's own: ours trains `ppo_epochs` x `num_minibatches` updates per step with a critic, GRPO one update per step
-(TRL's defaults: `num_iterations` 1, `steps_per_generation` 1). Pass overrides (e.g. `ppo.prompts=world:preference`
-for text prompts only) after the recipe.
+temperature and learning rate. What only one of them computes is switched off for both: `implicit_reward` (ours
+only: one more model's forward pass), the held-out check and logging to trackers; both log the last step only (ours
+samples the starting policy's replies on a logged step, for its annotator score). Everything else is each side's
+own: ours keeps the recipe's `length_split` (GRPO refuses it: it gets 1) and trains `ppo_epochs` x
+`num_minibatches` updates per step with a critic, GRPO one update per step (TRL's defaults: `num_iterations` 1,
+`steps_per_generation` 1). Pass overrides (e.g. `ppo.prompts=world:preference`
+and `"tools.tools=[]"` for text prompts only, from a run without the image stages) after the recipe.
 
 The table: the training loop's seconds (ours: `PPOTrainer.train`; GRPO: transformers' `Trainer.train`), replies/s
 (steps x batch_size over that), generation's seconds (ours: `PPOTrainer.rollout`, which samples every turn and runs
@@ -39,8 +41,8 @@ PHASES = {  # algorithm -> {phase: (file, function)}: cumulative time of the fun
     "grpo": {"loop": ("transformers/trainer.py", "train"), "generation": ("grpo_trainer.py", "_generate"),
              "tools": ("tool_calls.py", "_timed")},
 }
-EQUAL = ["ppo.implicit_reward=", "ppo.length_split=1", "ppo.heldout_prompts=", "ppo.report_to=none",
-         "ppo.save_steps=0", "ppo.logging_steps=1"]
+EQUAL = ["ppo.implicit_reward=", "ppo.heldout_prompts=", "ppo.report_to=none", "ppo.save_steps=0"]
+OWN = {"ppo": [], "grpo": ["ppo.length_split=1"]}  # GRPO refuses our length_split (ours keeps the recipe's)
 
 
 def profile_one(algorithm: str, recipe_path: str, overrides: list[str], from_run: str, steps: int) -> dict:
@@ -49,7 +51,8 @@ def profile_one(algorithm: str, recipe_path: str, overrides: list[str], from_run
     from pipeline.recipe import load_recipe
     from pipeline.run import dependencies
 
-    argv_overrides = [*overrides, *EQUAL, f"ppo.algorithm={algorithm}", f"ppo.max_steps={steps}"]
+    argv_overrides = [*overrides, *EQUAL, *OWN[algorithm], f"ppo.algorithm={algorithm}", f"ppo.max_steps={steps}",
+                      f"ppo.logging_steps={steps}"]  # one logged step: ours samples the start policy's replies there
     recipe = load_recipe(recipe_path, argv_overrides)
     work = Path(tempfile.mkdtemp(prefix=f"ppo-grpo-{algorithm}-"))
     try:
