@@ -105,7 +105,8 @@ def sample_replies(policy, tokenizer, prompt_ids: list[list[int]], rows: list[in
         sampled = engine.sample(prompt_ids, max_new_tokens=cfg.max_new_tokens, do_sample=True,
                                 temperature=cfg.temperature, top_p=cfg.top_p)
         width = max(1, max(map(len, sampled)))
-        replies = torch.tensor([row + [pad] * (width - len(row)) for row in sampled], device=device)
+        fill = eos if pad is None else pad
+        replies = torch.tensor([row + [fill] * (width - len(row)) for row in sampled], device=device)
     else:
         sequences = policy.generate(**enc, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
                                     max_new_tokens=cfg.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
