@@ -18,6 +18,7 @@ from pipeline import cluster, cost_check, integrity, runs
 from pipeline.memory import estimate_memory, human, model_shape, profile_of
 from pipeline.cli import PipelineError
 from pipeline.stages import STAGES
+from pipeline.vllm_engine import GENERATING_STAGES
 
 # ---------------------------------------------------------------------------------------------- checking
 
@@ -192,9 +193,16 @@ def check_stage(recipe, stage: str, launch: cluster.Launch, device_memory: int |
                               attn=recipe.model.attn_implementation)
         lines.append(f"memory per device: {est.describe()}")
         lines += [f"  {n}" for n in est.notes]
-        if device_memory and est.total > device_memory:
-            warnings.append(f"{stage}: needs about {human(est.total)} per device, more than the {human(device_memory)}"
-                            f" given: use more processes with ZeRO-3/FSDP, CPU offload (zero3_offload.yaml), "
+        budget, gen = device_memory, recipe.generation
+        if stage in GENERATING_STAGES and gen.backend == "vllm" and gen.vllm_mode == "colocate":
+            share = gen.vllm_gpu_memory_utilization  # vLLM takes this share of each device up front
+            budget = device_memory * (1 - share) if device_memory else None
+            lines.append(f"  vLLM engine (generation.vllm_gpu_memory_utilization): {share:.0%} of each device"
+                         + (f", {human(budget)} left for training" if budget else ""))
+        if budget and est.total > budget:
+            given = "given" if budget == device_memory else "left beside the vLLM engine"
+            warnings.append(f"{stage}: needs about {human(est.total)} per device, more than the {human(budget)}"
+                            f" {given}: use more processes with ZeRO-3/FSDP, CPU offload (zero3_offload.yaml), "
                             f"gradient_checkpointing, a smaller per_device_train_batch_size (raise "
                             f"gradient_accumulation_steps), or LoRA")
         # cost: FLOPs from the step count and throughput (pipeline/cost_check.py)

@@ -220,3 +220,26 @@ def test_vllm_settings_that_cannot_work_fail_on_any_machine(tmp_path, monkeypatc
     server = load_recipe(tiny_recipe(tmp_path), ["generation.backend=vllm", "generation.vllm_mode=server"])
     with pytest.raises(PipelineError, match="a vLLM server serves GRPO/RLOO only"):
         vllm_engine.check(server)  # our ppo
+
+
+def test_check_counts_the_vllm_engines_share_of_device_memory(tmp_path, capsys):
+    """`run.py --check`: with vLLM colocated, the training models get what the engine leaves of each device."""
+    from pipeline import check, cluster, memory
+    from pipeline.run import plan
+
+    path = tiny_recipe(tmp_path, reward={"init_from": "sft", "max_steps": 2},
+                       ppo={"init_from": "sft", "reward_model": "reward", "max_steps": 2, "batch_size": 8})
+
+    def warnings(*overrides):
+        recipe = load_recipe(path, list(overrides))
+        (errors, n_warnings), out = (check.run_check(recipe, plan(recipe), lambda stage: cluster.Launch(),
+                                                     memory.parse_size("8GiB")), capsys.readouterr().out)
+        assert errors == 0, out
+        return n_warnings, out
+
+    n, out = warnings()
+    assert n == 0 and "vLLM engine" not in out
+    n, out = warnings("generation.backend=vllm", "generation.vllm_gpu_memory_utilization=0.5")
+    assert n == 0 and "vLLM engine (generation.vllm_gpu_memory_utilization): 50% of each device, 4 GiB left" in out
+    n, out = warnings("generation.backend=vllm", "generation.vllm_gpu_memory_utilization=0.9999")
+    assert n == 1 and "warning: ppo: needs about" in out and "left beside the vLLM engine" in out
