@@ -22,18 +22,14 @@ seconds (`ToolBox._timed`, where either side's tool runs: the drawing and readin
 """
 
 import argparse
-import cProfile
 import json
 import os
-import pstats
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # ppo_phases.py
+from ppo_phases import profile_ppo  # noqa: E402  (its own path setup puts the repository on sys.path)
 
 PHASES = {  # algorithm -> {phase: (file, function)}: cumulative time of the function in the profile
     "ppo": {"loop": ("ppo_trainer.py", "train"), "generation": ("ppo_trainer.py", "rollout"),
@@ -47,30 +43,13 @@ OWN = {"ppo": [], "grpo": ["ppo.length_split=1"]}  # GRPO refuses our length_spl
 
 def profile_one(algorithm: str, recipe_path: str, overrides: list[str], from_run: str, steps: int) -> dict:
     """Run the ppo stage once under cProfile (in this process); the phases' seconds."""
-    from pipeline import ppo
     from pipeline.recipe import load_recipe
-    from pipeline.run import dependencies
 
     argv_overrides = [*overrides, *EQUAL, *OWN[algorithm], f"ppo.algorithm={algorithm}", f"ppo.max_steps={steps}",
                       f"ppo.logging_steps={steps}"]  # one logged step: ours samples the start policy's replies there
-    recipe = load_recipe(recipe_path, argv_overrides)
-    work = Path(tempfile.mkdtemp(prefix=f"ppo-grpo-{algorithm}-"))
-    try:
-        for stage in dict.fromkeys(dependencies(recipe, "ppo")):  # a stage can be named twice (tool and judge)
-            shutil.copytree(Path(from_run) / stage, work / recipe.run.name / stage)
-        profile = cProfile.Profile()
-        try:
-            profile.runcall(ppo.main, [recipe_path, *argv_overrides, f"run.output_dir={work}"])
-        except SystemExit as exit_:
-            if exit_.code:
-                raise
-        stats = pstats.Stats(profile).stats
-        seconds = {phase: sum(v[3] for (path, _, name), v in stats.items() if path.endswith(file) and name == fn)
-                   for phase, (file, fn) in PHASES[algorithm].items()}
-        cfg = recipe.trainer_config("ppo")
-        return {**seconds, "steps": steps, "batch_size": cfg.batch_size, "num_generations": cfg.num_generations}
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    seconds = profile_ppo(recipe_path, argv_overrides, from_run, PHASES[algorithm])
+    cfg = load_recipe(recipe_path, argv_overrides).trainer_config("ppo")
+    return {**seconds, "steps": steps, "batch_size": cfg.batch_size, "num_generations": cfg.num_generations}
 
 
 def main():

@@ -27,6 +27,31 @@ PHASES = [  # (phase, file, function): cumulative time of the function in the pr
 ]
 
 
+def profile_ppo(recipe_path: str, overrides: list[str], from_run: str, phases: dict) -> dict:
+    """Run the ppo stage under cProfile (in this process) in a temporary run folder holding copies of `from_run`'s
+    stages it reads; {phase: cumulative seconds of its (file, function)}. Also used by ppo_grpo.py."""
+    from pipeline import ppo
+    from pipeline.recipe import load_recipe
+    from pipeline.run import dependencies
+
+    recipe = load_recipe(recipe_path, overrides)
+    work = Path(tempfile.mkdtemp(prefix="ppo-profile-"))
+    try:
+        for stage in dict.fromkeys(dependencies(recipe, "ppo")):  # a stage can be named twice (tool and judge)
+            shutil.copytree(Path(from_run) / stage, work / recipe.run.name / stage)
+        profile = cProfile.Profile()
+        try:
+            profile.runcall(ppo.main, [recipe_path, *overrides, f"run.output_dir={work}"])
+        except SystemExit as exit_:
+            if exit_.code:
+                raise
+        stats = pstats.Stats(profile).stats
+        return {phase: sum(v[3] for (path, _, name), v in stats.items() if path.endswith(file) and name == fn)
+                for phase, (file, fn) in phases.items()}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe")
@@ -35,26 +60,9 @@ def main():
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_intermixed_args()
 
-    from pipeline import ppo
-    from pipeline.recipe import load_recipe
-    from pipeline.run import dependencies
-
-    recipe = load_recipe(args.recipe, args.overrides)
-    work = Path(tempfile.mkdtemp(prefix="ppo-phases-"))
-    for stage in dict.fromkeys(dependencies(recipe, "ppo")):  # a stage can be named twice (tool and judge)
-        shutil.copytree(Path(args.from_run) / stage, work / recipe.run.name / stage)
-    argv = [args.recipe, *args.overrides, f"run.output_dir={work}", f"ppo.max_steps={args.steps}",
-            "ppo.logging_steps=1", "ppo.heldout_prompts=", "ppo.report_to=none"]
-    profile = cProfile.Profile()
-    try:
-        profile.runcall(ppo.main, argv)
-    except SystemExit as exit_:
-        if exit_.code:
-            raise
-    stats = pstats.Stats(profile).stats
-    seconds = {}
-    for phase, file, function in PHASES:
-        seconds[phase] = sum(v[3] for (path, _, name), v in stats.items() if path.endswith(file) and name == function)
+    seconds = profile_ppo(args.recipe, [*args.overrides, f"ppo.max_steps={args.steps}", "ppo.logging_steps=1",
+                                        "ppo.heldout_prompts=", "ppo.report_to=none"],
+                          args.from_run, {phase: (file, fn) for phase, file, fn in PHASES})
     loop = seconds["training loop"]
     print(f"\nppo stage of {args.recipe}, {args.steps} steps ({' '.join(args.overrides) or 'recipe settings'})")
     print("| phase                                | seconds | per step | share of loop |")
@@ -62,7 +70,6 @@ def main():
     for phase, _, _ in PHASES:
         s = seconds[phase]
         print(f"| {phase:36} | {s:7.1f} | {s / args.steps:8.2f} | {s / loop:13.2f} |")
-    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pipeline import cluster, cost_check, integrity, runs
 from pipeline.memory import estimate_memory, human, model_shape, profile_of
 from pipeline.cli import PipelineError
 from pipeline.stages import STAGES
-from pipeline.vllm_engine import GENERATING_STAGES
+from pipeline.vllm_engine import uses_vllm
 
 # ---------------------------------------------------------------------------------------------- checking
 
@@ -194,7 +194,7 @@ def check_stage(recipe, stage: str, launch: cluster.Launch, device_memory: int |
         lines.append(f"memory per device: {est.describe()}")
         lines += [f"  {n}" for n in est.notes]
         budget, gen = device_memory, recipe.generation
-        if stage in GENERATING_STAGES and gen.backend == "vllm" and gen.vllm_mode == "colocate":
+        if uses_vllm(recipe, stage) and gen.vllm_mode == "colocate":
             share = gen.vllm_gpu_memory_utilization  # vLLM takes this share of each device up front
             budget = device_memory * (1 - share) if device_memory else None
             lines.append(f"  vLLM engine (generation.vllm_gpu_memory_utilization): {share:.0%} of each device"

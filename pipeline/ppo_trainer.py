@@ -177,7 +177,7 @@ class PPOTrainer:
         self.critic.eval()
         self.unwrapped = self.accelerator.unwrap_model(self.policy)
         self.engine = None  # generation.backend: vllm: rollouts sampled by vLLM, the policy's weights pushed each step
-        if recipe.generation.backend == "vllm":
+        if vllm_engine.uses_vllm(recipe, "ppo"):
             self.engine = vllm_engine.Engine(recipe, self.unwrapped, tokenizer, self.accelerator)
 
         # everything else a resumed run needs

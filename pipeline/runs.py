@@ -27,7 +27,7 @@ from pipeline import cost, faults, integrity, locks, log, safe_resume, threads, 
 from pipeline.cli import PipelineError
 from pipeline.fingerprints import hash_file, hash_folder, hash_obj
 from pipeline.stages import STAGES
-from pipeline.vllm_engine import GENERATING_STAGES
+from pipeline.vllm_engine import uses_vllm
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
@@ -159,7 +159,7 @@ def stage_inputs(recipe, stage: str, must_exist: bool = True) -> dict:
     settings = {"section": recipe.section(stage), "seed": recipe.run.seed}
     if STAGES[stage].runs_tools and recipe.tools.tools:
         settings["tools"] = dataclasses.asdict(recipe.tools)
-    if stage in GENERATING_STAGES and recipe.generation.backend != "hf":  # hf: as before the section existed
+    if uses_vllm(recipe, stage):  # hf: the settings as before the section existed
         settings["generation"] = dataclasses.asdict(recipe.generation)
     if any(str(d["spec"]).startswith("world:") for d in datasets.values()):
         settings["world"] = world.fingerprint_settings(recipe.world)

@@ -56,6 +56,11 @@ def check_section(recipe) -> None:
 GENERATING_STAGES = ("eval", "ppo")  # the stages `generation` applies to (the end-of-stage held-out checks use hf)
 
 
+def uses_vllm(recipe, stage: str) -> bool:
+    """Whether `stage` generates with vLLM under this recipe."""
+    return stage in GENERATING_STAGES and recipe.generation.backend == "vllm"
+
+
 def check(recipe, server_ok: bool = False, one_process: bool = False) -> None:
     """Fail before any work when the recipe asks for vLLM on a machine that cannot run it (`server_ok`: GRPO/RLOO,
     where TRL can also reach a vLLM server; `one_process`: eval, which generates in its main process only, so an
@@ -155,7 +160,7 @@ class EvalEngines:
         self.recipe, self.engine = recipe, None
 
     def load(self, model, tokenizer) -> Engine | None:
-        if self.recipe.generation.backend != "vllm":
+        if not uses_vllm(self.recipe, "eval"):
             return None
         if self.engine is None:
             self.engine = Engine(self.recipe, model, tokenizer)
