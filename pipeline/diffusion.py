@@ -59,6 +59,7 @@ def main(argv):
                                          extra_captions=getattr(source, "captions", ()))
         noise_scheduler = images.make_scheduler("ddpm", pipe.scheduler.config)
         unet, text_encoder, vae = pipe.unet, pipe.text_encoder, getattr(pipe, "vae", None)
+        diffusion_train.set_attention(unet, cfg.attn_implementation)
         if vae is not None:
             vae.requires_grad_(False).eval()
         if cfg.use_lora:

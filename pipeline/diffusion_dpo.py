@@ -120,6 +120,7 @@ def main(argv):
         current = load_round(0)
         vae = getattr(pipe, "vae", None)
         unet, text_encoder = pipe.unet, pipe.text_encoder.eval().requires_grad_(False)
+        diffusion_train.set_attention(unet, cfg.attn_implementation)  # before the copy: the reference's too
         ref_unet = copy.deepcopy(unet).eval().requires_grad_(False)
         if cfg.use_lora:
             diffusion_train.add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)

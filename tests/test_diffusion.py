@@ -98,6 +98,32 @@ def test_new_pipeline_keeps_padding_from_drowning_the_caption():
     assert float(pipe.text_encoder.get_input_embeddings().weight.grad[pad].abs().max()) == 0.0
 
 
+def test_eager_attention_computes_what_sdpa_does_and_other_names_are_refused():
+    """`attn_implementation: eager` swaps every attention processor of the UNet for the bmm + softmax one: the same
+    noise prediction as diffusers' SDPA default (it only runs faster in bf16 on a CPU)."""
+    import copy
+
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from pipeline import diffusion_train
+
+    torch.manual_seed(0)
+    pipe = images.build_pipeline(TINY_UNET, TINY_TEXT, {"num_train_timesteps": 10})
+    eager = copy.deepcopy(pipe.unet)
+    diffusion_train.set_attention(eager, "eager")
+    processors = eager.attn_processors
+    assert processors and all(type(p) is AttnProcessor for p in processors.values())
+    assert any(type(p) is not AttnProcessor for p in pipe.unet.attn_processors.values())  # the default: SDPA
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 7])
+    emb = images.encode_text(pipe, pipe.text_encoder, ["a large 3", "a 7"], "cpu")
+    with torch.no_grad():
+        assert torch.allclose(pipe.unet(x, t, encoder_hidden_states=emb).sample,
+                              eager(x, t, encoder_hidden_states=emb).sample, atol=1e-5)
+    for config in (diffusion_train.DiffusionConfig, diffusion_train.DiffusionDPOConfig):
+        with pytest.raises(ValueError, match="attn_implementation must be one of sdpa, eager, got 'flash'"):
+            config(attn_implementation="flash")
+
+
 @pytest.mark.parametrize("content, expected", [
     ("wrong_shape", "is 20x12, expected 16x16"),
     ("missing_caption", "line 1: missing caption"),
@@ -246,7 +272,8 @@ def test_diffusion_dpo_pairs_share_noise_and_timestep_below_max_timestep():
 @pytest.fixture(scope="module")
 def image_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("images")
-    recipe = image_recipe(work, diffusion=TINY_DIFFUSION, diffusion_dpo=TINY_DPO)
+    small = {"mixed_precision": "bf16", "attn_implementation": "eager"}  # as recipes/small.yaml trains
+    recipe = image_recipe(work, diffusion={**TINY_DIFFUSION, **small}, diffusion_dpo={**TINY_DPO, **small})
     proc = run_cli(["pipeline/run.py", recipe], cwd=work)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return work, recipe, proc
