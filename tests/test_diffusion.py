@@ -272,8 +272,8 @@ def test_diffusion_dpo_pairs_share_noise_and_timestep_below_max_timestep():
 @pytest.fixture(scope="module")
 def image_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("images")
-    small = {"mixed_precision": "bf16", "attn_implementation": "eager"}  # as recipes/small.yaml trains
-    recipe = image_recipe(work, diffusion={**TINY_DIFFUSION, **small}, diffusion_dpo={**TINY_DPO, **small})
+    small = {"mixed_precision": "bf16", "attn_implementation": "eager"}  # as recipes/small.yaml trains diffusion
+    recipe = image_recipe(work, diffusion={**TINY_DIFFUSION, **small}, diffusion_dpo=TINY_DPO)
     proc = run_cli(["pipeline/run.py", recipe], cwd=work)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return work, recipe, proc
