@@ -216,6 +216,14 @@ def diffusion_dpo_loss(model_pred, ref_pred, target, beta: float, winner_penalty
 # ---------------------------------------------------------------------------------------------- LoRA
 
 
+def set_attention(unet, implementation: str) -> None:
+    """The UNet's attention processors: diffusers' default (SDPA) or its plain bmm + softmax one (`eager`)."""
+    if implementation == "eager":
+        from diffusers.models.attention_processor import AttnProcessor
+
+        unet.set_attn_processor(AttnProcessor())
+
+
 def add_lora(unet, rank: int, alpha: int, targets: list[str]) -> None:
     """LoRA adapters on the UNet (as diffusers' train_text_to_image_lora.py); everything else frozen."""
     from peft import LoraConfig
@@ -248,14 +256,6 @@ def merge_lora(unet) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-
-
-def set_attention(unet, implementation: str) -> None:
-    """The UNet's attention processors: diffusers' default (SDPA) or its plain bmm + softmax one (`eager`)."""
-    if implementation == "eager":
-        from diffusers.models.attention_processor import AttnProcessor
-
-        unet.set_attn_processor(AttnProcessor())
 
 
 def _trainable(module) -> dict:
