@@ -41,10 +41,7 @@ def main():
     keys, cfg = recipe.keys("diffusion"), recipe.trainer_config("diffusion")
     source = images.load_images(keys.dataset, keys.resolution, 1, cfg.property_dropout)
     torch.manual_seed(0)
-    noise_config = {"num_train_timesteps": cfg.num_train_timesteps, "beta_schedule": cfg.beta_schedule,
-                    "prediction_type": cfg.prediction_type, "variance_type": "fixed_small", "clip_sample": True}
-    pipe = images.build_pipeline({**cfg.unet, "sample_size": keys.resolution}, cfg.text_encoder, noise_config,
-                                 extra_captions=getattr(source, "captions", ()))
+    pipe = diffusion_train.new_pipeline(cfg, keys.resolution, getattr(source, "captions", ()))  # as the stage
     scheduler = images.make_scheduler("ddpm", pipe.scheduler.config)
 
     def build(attention):

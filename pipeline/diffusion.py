@@ -52,11 +52,7 @@ def main(argv):
         main_process = accelerator.is_main_process
         torch.manual_seed(cfg.seed)
         if pipe is None:
-            noise_config = {"num_train_timesteps": cfg.num_train_timesteps, "beta_schedule": cfg.beta_schedule,
-                            "prediction_type": cfg.prediction_type, "variance_type": "fixed_small",
-                            "clip_sample": True}
-            pipe = images.build_pipeline({**cfg.unet, "sample_size": keys.resolution}, cfg.text_encoder, noise_config,
-                                         extra_captions=getattr(source, "captions", ()))
+            pipe = diffusion_train.new_pipeline(cfg, keys.resolution, getattr(source, "captions", ()))
         noise_scheduler = images.make_scheduler("ddpm", pipe.scheduler.config)
         unet, text_encoder, vae = pipe.unet, pipe.text_encoder, getattr(pipe, "vae", None)
         diffusion_train.set_attention(unet, cfg.attn_implementation)
