@@ -74,20 +74,10 @@ def main(argv):
                      f"{shape['channels']}, {source.size} training images, {accelerator.num_processes} process(es)")
 
         def step_fn(prepared, step, micro, gen):
-            x, captions = source.sample(cfg.batch_size, gen)
-            drop = torch.rand(len(captions), generator=gen) < cfg.caption_dropout
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-            x = x.to(accelerator.device)
-            if vae is not None:
-                with torch.no_grad():
-                    x = vae.encode(x).latent_dist.sample(generator=gen) * vae.config.scaling_factor
-            noise = torch.randn(x.shape, generator=gen).to(x.device)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x),), generator=gen).to(x.device)
-            with torch.set_grad_enabled("text_encoder" in prepared):
-                emb = images.encode_text(pipe, prepared.get("text_encoder", text_encoder), captions, x.device)
-            pred = prepared["unet"](noise_scheduler.add_noise(x, noise, t), t, encoder_hidden_states=emb).sample
-            target = diffusion_train.denoise_target(noise_scheduler, x, noise, t)
-            return diffusion_train.denoise_loss(noise_scheduler, pred[:, :x.shape[1]], target, t, cfg.snr_gamma), {}
+            loss = diffusion_train.text_to_image_loss(
+                pipe, prepared["unet"], prepared.get("text_encoder", text_encoder), noise_scheduler, source, cfg, gen,
+                accelerator.device, vae=vae, train_text_encoder="text_encoder" in prepared)
+            return loss, {}
 
         started = time.time()
         history, prepared = diffusion_train.train_loop(accelerator=accelerator, run=run, cfg=cfg, tag="diffusion",

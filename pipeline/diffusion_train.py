@@ -184,6 +184,32 @@ def denoise_loss(scheduler, pred, target, t, snr_gamma: float | None):
     return (err * weight).mean()
 
 
+def text_to_image_loss(pipe, unet, text_encoder, scheduler, source, cfg, gen, device, vae=None,
+                       train_text_encoder: bool = False):
+    """The diffusion stage's loss on one batch: `cfg.batch_size` images and captions drawn from `source` with `gen`,
+    captions dropped with `cfg.caption_dropout` (classifier-free guidance), latents through the VAE where there is
+    one, a random timestep per image, the Min-SNR denoising loss. Draws from `gen` in a fixed order, so a resumed
+    step draws what it drew the first time."""
+    import torch
+
+    from pipeline import images
+
+    x, captions = source.sample(cfg.batch_size, gen)
+    drop = torch.rand(len(captions), generator=gen) < cfg.caption_dropout
+    captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+    x = x.to(device)
+    if vae is not None:
+        with torch.no_grad():
+            x = vae.encode(x).latent_dist.sample(generator=gen) * vae.config.scaling_factor
+    noise = torch.randn(x.shape, generator=gen).to(x.device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x),), generator=gen).to(x.device)
+    with torch.set_grad_enabled(train_text_encoder):
+        emb = images.encode_text(pipe, text_encoder, captions, x.device)
+    pred = unet(scheduler.add_noise(x, noise, t), t, encoder_hidden_states=emb).sample
+    target = denoise_target(scheduler, x, noise, t)
+    return denoise_loss(scheduler, pred[:, :x.shape[1]], target, t, cfg.snr_gamma)
+
+
 def diffusion_dpo_loss(model_pred, ref_pred, target, beta: float, winner_penalty: float = 0.0):
     """Diffusion-DPO (Wallace et al. 2023), as in the official training script: the batch holds the winners then
     the losers (same noise and timestep for both halves).
