@@ -1,22 +1,32 @@
 """Where our PPO stage's step time goes: generation, the tools (drawing, reading), scoring and the update.
 
-    python benchmarks/ppo_phases.py recipes/small.yaml --from-run runs/small [--steps 4] [ppo.KEY=VALUE ...]
+    python benchmarks/ppo_phases.py recipes/small.yaml --from-run runs/small [--steps 4] [--flops] [ppo.KEY=VALUE ...]
 
 Copies the stages the ppo stage reads (its init_from, reward model, the tools' stages) from `--from-run` into a
 temporary run folder, runs the ppo stage there for `--steps` steps under cProfile (in this process; the run folder
-you name is never written) and prints the seconds each phase took and its share of the training loop. Tool calls
-run in a worker thread (the timeout), so their time is what the main thread waited for them.
+you name is never written) and prints the seconds each phase took and its share of the training loop.
+
+`--flops`: the ppo stage's share of the matmul peak, as mfu.py gives the other stages'. Two more runs of the same
+steps (the same work: a step's sampling and draws depend on the seed and the step alone): one without cProfile, timing
+each phase's calls with a clock, and one under torch's FlopCounterMode, adding up each phase's FLOPs (matmuls,
+convolutions and attention's bmm; CPU SDPA, elementwise work and the optimizer are not counted, so each share is a
+lower bound). The table gives each phase's GFLOP/s and its share of the fp32 peak (ppo trains in fp32; matmul_peak.py's
+best square matmul with the same threads, measured first).
 """
 
 import argparse
+import contextlib
 import cProfile
+import functools
 import pstats
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PHASES = [  # (phase, file, function): cumulative time of the function in the profile
     ("training loop", "ppo_trainer.py", "train"),
@@ -27,9 +37,9 @@ PHASES = [  # (phase, file, function): cumulative time of the function in the pr
 ]
 
 
-def profile_ppo(recipe_path: str, overrides: list[str], from_run: str, phases: dict) -> dict:
-    """Run the ppo stage under cProfile (in this process) in a temporary run folder holding copies of `from_run`'s
-    stages it reads; {phase: cumulative seconds of its (file, function)}. Also used by ppo_grpo.py."""
+def run_ppo_copy(recipe_path: str, overrides: list[str], from_run: str, runner=None) -> None:
+    """Run the ppo stage (in this process, through `runner(function, argv)` if given) in a temporary run folder
+    holding copies of `from_run`'s stages it reads; the folder is deleted after."""
     from pipeline import ppo
     from pipeline.recipe import load_recipe
     from pipeline.run import dependencies
@@ -39,17 +49,61 @@ def profile_ppo(recipe_path: str, overrides: list[str], from_run: str, phases: d
     try:
         for stage in dict.fromkeys(dependencies(recipe, "ppo")):  # a stage can be named twice (tool and judge)
             shutil.copytree(Path(from_run) / stage, work / recipe.run.name / stage)
-        profile = cProfile.Profile()
         try:
-            profile.runcall(ppo.main, [recipe_path, *overrides, f"run.output_dir={work}"])
+            (runner or (lambda f, argv: f(argv)))(ppo.main, [recipe_path, *overrides, f"run.output_dir={work}"])
         except SystemExit as exit_:
             if exit_.code:
                 raise
-        stats = pstats.Stats(profile).stats
-        return {phase: sum(v[3] for (path, _, name), v in stats.items() if path.endswith(file) and name == fn)
-                for phase, (file, fn) in phases.items()}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def profile_ppo(recipe_path: str, overrides: list[str], from_run: str, phases: dict) -> dict:
+    """Run the ppo stage under cProfile (in this process) in a temporary run folder holding copies of `from_run`'s
+    stages it reads; {phase: cumulative seconds of its (file, function)}. Also used by ppo_grpo.py."""
+    profile = cProfile.Profile()
+    run_ppo_copy(recipe_path, overrides, from_run, profile.runcall)
+    stats = pstats.Stats(profile).stats
+    return {phase: sum(v[3] for (path, _, name), v in stats.items() if path.endswith(file) and name == fn)
+            for phase, (file, fn) in phases.items()}
+
+
+def measure_phases(recipe_path: str, overrides: list[str], from_run: str, count_flops: bool) -> dict:
+    """{phase: seconds} of a run without cProfile, each phase's calls timed by a clock; with count_flops, under
+    torch's FlopCounterMode, {phase: FLOPs} instead."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline import ppo_trainer, tool_calls
+
+    methods = {"training loop": (ppo_trainer.PPOTrainer, "train"),
+               "rollouts (generation + tools)": (ppo_trainer.PPOTrainer, "rollout"),
+               "  tool calls": (tool_calls.ToolBox, "call_many"),
+               "scoring (reward, reference, values)": (ppo_trainer.PPOTrainer, "score"),
+               "update (PPO epochs)": (ppo_trainer.PPOTrainer, "update")}
+    counter = FlopCounterMode(display=False)
+    measure = counter.get_total_flops if count_flops else time.perf_counter
+    totals = dict.fromkeys(methods, 0.0)
+
+    def measured(phase, original):
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            before = measure()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                totals[phase] += measure() - before
+        return wrapper
+
+    originals = {phase: getattr(cls, name) for phase, (cls, name) in methods.items()}
+    try:
+        for phase, (cls, name) in methods.items():
+            setattr(cls, name, measured(phase, originals[phase]))
+        with counter if count_flops else contextlib.nullcontext():
+            run_ppo_copy(recipe_path, overrides, from_run)
+    finally:
+        for phase, (cls, name) in methods.items():
+            setattr(cls, name, originals[phase])
+    return totals
 
 
 def main():
@@ -58,11 +112,21 @@ def main():
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--from-run", required=True, help="a run folder holding the stages ppo reads")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--flops", action="store_true", help="also each phase's GFLOP/s and share of the fp32 peak")
     args = parser.parse_intermixed_args()
 
-    seconds = profile_ppo(args.recipe, [*args.overrides, f"ppo.max_steps={args.steps}", "ppo.logging_steps=1",
-                                        "ppo.heldout_prompts=", "ppo.report_to=none"],
-                          args.from_run, {phase: (file, fn) for phase, file, fn in PHASES})
+    overrides = [*args.overrides, f"ppo.max_steps={args.steps}", "ppo.logging_steps=1", "ppo.heldout_prompts=",
+                 "ppo.report_to=none"]
+    if args.flops:
+        import torch
+
+        from matmul_peak import gflops
+        from pipeline import threads
+
+        n_threads = threads.configure()
+        peak = max(gflops(n, torch.float32, 2.0) for n in (256, 512, 1024, 2048))
+        print(f"matmul peak, {n_threads} thread(s): fp32 {peak:.1f} GFLOP/s", flush=True)
+    seconds = profile_ppo(args.recipe, overrides, args.from_run, {phase: (file, fn) for phase, file, fn in PHASES})
     loop = seconds["training loop"]
     print(f"\nppo stage of {args.recipe}, {args.steps} steps ({' '.join(args.overrides) or 'recipe settings'})")
     print("| phase                                | seconds | per step | share of loop |")
@@ -70,6 +134,17 @@ def main():
     for phase, _, _ in PHASES:
         s = seconds[phase]
         print(f"| {phase:36} | {s:7.1f} | {s / args.steps:8.2f} | {s / loop:13.2f} |")
+    if not args.flops:
+        return
+    clock = measure_phases(args.recipe, overrides, args.from_run, count_flops=False)
+    flops = measure_phases(args.recipe, overrides, args.from_run, count_flops=True)
+    print(f"\nthe same {args.steps} steps without cProfile, {n_threads} thread(s); FLOPs from a run under FlopCounterMode")
+    print("| phase | seconds | GFLOP | GFLOP/s | share of the fp32 peak |")
+    print("|---|---|---|---|---|")
+    for phase in clock:
+        achieved = flops[phase] / clock[phase] / 1e9
+        print(f"| {phase.strip()} | {clock[phase]:.1f} | {flops[phase] / 1e9:.1f} | {achieved:.1f} | "
+              f"{achieved / peak:.1%} |")
 
 
 if __name__ == "__main__":

@@ -186,10 +186,8 @@ def denoise_loss(scheduler, pred, target, t, snr_gamma: float | None):
 
 def text_to_image_loss(pipe, unet, text_encoder, scheduler, source, cfg, gen, device, vae=None,
                        train_text_encoder: bool = False):
-    """The diffusion stage's loss on one batch: `cfg.batch_size` images and captions drawn from `source` with `gen`,
-    captions dropped with `cfg.caption_dropout` (classifier-free guidance), latents through the VAE where there is
-    one, a random timestep per image, the Min-SNR denoising loss. Draws from `gen` in a fixed order, so a resumed
-    step draws what it drew the first time."""
+    """The diffusion stage's loss on a batch drawn from `source` with `gen` (in a fixed order: a resumed step draws
+    the same): caption dropout, VAE latents where there is one, a timestep per image, Min-SNR denoising loss."""
     import torch
 
     from pipeline import images
