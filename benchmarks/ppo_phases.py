@@ -10,8 +10,8 @@ you name is never written) and prints the seconds each phase took and its share 
 steps (the same work: a step's sampling and draws depend on the seed and the step alone): one without cProfile, timing
 each phase's calls with a clock, and one under torch's FlopCounterMode, adding up each phase's FLOPs (matmuls,
 convolutions and attention's bmm as they ran, padding included, unlike mfu.py's real tokens; CPU SDPA, elementwise
-work and the optimizer are not counted). The table gives each phase's GFLOP/s and its share of the fp32 peak (ppo trains in fp32; matmul_peak.py's
-best square matmul with the same threads, measured first).
+work and the optimizer are not counted). The table gives each phase's GFLOP/s and its share of the fp32 peak (ppo
+trains in fp32; matmul_peak.py's best square matmul with the same threads, measured first).
 """
 
 import argparse
