@@ -7,7 +7,8 @@ the stage's optimizer step on its own data and batch size: the stage's own loss 
 captions with caption dropout through the text encoder, a noised batch through the UNet, Min-SNR weighting), backward,
 AdamW. Per variant (`mixed_precision` no / bf16 x `attn_implementation` sdpa / eager, the keys of the `diffusion`
 section) the same seeds and batches; the variants take turns, `--repeats` rounds of `--steps` timed steps each after
-`--warmup`, and the table has each variant's best round (ms a step) and its ratio to fp32 with SDPA. Threads: pipeline/threads.py, as a stage sets them.
+`--warmup`, and the table has each variant's best round (ms a step) and its ratio to fp32 with SDPA. Threads:
+pipeline/threads.py, as a stage sets them.
 
 The table also has each variant's achieved FLOP/s and its share of this machine's matmul peak in the variant's dtype
 (matmul_peak.py's best square matmul with the same threads, measured first), as mfu.py has for the language-model

@@ -138,7 +138,8 @@ def main():
         return
     clock = measure_phases(args.recipe, overrides, args.from_run, count_flops=False)
     flops = measure_phases(args.recipe, overrides, args.from_run, count_flops=True)
-    print(f"\nthe same {args.steps} steps without cProfile, {n_threads} thread(s); FLOPs from a run under FlopCounterMode")
+    print(f"\nthe same {args.steps} steps without cProfile, {n_threads} thread(s); "
+          "FLOPs from a run under FlopCounterMode")
     print("| phase | seconds | GFLOP | GFLOP/s | share of the fp32 peak |")
     print("|---|---|---|---|---|")
     for phase in clock:
