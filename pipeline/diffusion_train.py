@@ -237,7 +237,7 @@ def diffusion_dpo_loss(model_pred, ref_pred, target, beta: float, winner_penalty
     return loss, stats
 
 
-# ---------------------------------------------------------------------------------------------- new models, attention, LoRA
+# -------------------------------------------------------------------------- new models, attention, LoRA
 
 
 def new_pipeline(cfg: DiffusionConfig, resolution: int, extra_captions=()):
