@@ -25,7 +25,7 @@ run: install
 	$(PY) pipeline/run.py $(RECIPE)
 
 test: install
-	$(PY) -m pytest -q --durations=20 tests
+	$(PY) -m pytest -q --durations=20 -n auto --maxprocesses 4 --dist loadfile tests
 
 clean:
 	rm -rf runs

@@ -30,6 +30,29 @@ TINY = {
 }
 
 
+def pytest_configure(config):
+    """`make test` runs the suite in one pytest-xdist worker per core (tests of a file stay together). Each worker
+    and what it starts then take their share of the cores: two torch processes with the default threads each on the
+    same two cores run about ten times slower (pipeline/threads.py). Tests that check the thread logic unset it."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if workers > 1 and not os.environ.get("OMP_NUM_THREADS"):
+        import torch
+
+        share = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(share)
+        torch.set_num_threads(share)
+
+
+@pytest.fixture(autouse=True)
+def environment_restored():
+    """Pipeline code a test runs in this process may change os.environ (hub.reachable() switches the process
+    offline); the next test in this worker, and what it starts, gets the environment this one started with."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def tiny_recipe(directory: Path, **sections) -> Path:
     """Write the tiny recipe (sections replaced or extended by keyword) into `directory`."""
     recipe = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY.items()}
@@ -64,6 +87,7 @@ def launch_cli(config: str, args: list, cwd: Path, num_processes: int | None = N
            str(REPO / "launch" / "accelerate" / f"{config}.yaml")]
     if num_processes:
         cmd += ["--num_processes", str(num_processes)]
+    cmd += ["--main_process_port", "0"]  # a free port: another test may be launching beside this one
     cmd += [str(REPO / a) if str(a).startswith("pipeline/") else str(a) for a in args]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
