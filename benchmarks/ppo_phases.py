@@ -12,20 +12,30 @@ each phase's calls with a clock, and one under torch's FlopCounterMode, adding u
 convolutions and attention's bmm as they ran, padding included, unlike mfu.py's real tokens; CPU SDPA, elementwise
 work and the optimizer are not counted). The table gives each phase's GFLOP/s and its share of the fp32 peak (ppo
 trains in fp32; matmul_peak.py's best square matmul with the same threads, measured first).
+
+`--model WIDTHxLAYERS`: the same on mfu.py's wider benchmark model instead of `--from-run`'s. Its pretrain, sft, reward
+and dpo (the policy, the reward model and critic, the implicit reward's model) are trained `--model-steps` steps each
+into a temporary run folder, with `--from-run`'s tokenizer, beside copies of `--from-run`'s other stages (the tools'
+image models); ppo starts from them. Their throughput, not their quality, is measured: an untrained policy's replies
+run to max_new_tokens more often, so a step holds more generated tokens than the recipe's.
 """
 
 import argparse
+import atexit
 import contextlib
 import cProfile
 import functools
+import os
 import pstats
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PHASES = [  # (phase, file, function): cumulative time of the function in the profile
@@ -56,6 +66,34 @@ def run_ppo_copy(recipe_path: str, overrides: list[str], from_run: str, runner=N
                 raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def wide_model_run(recipe_path: str, overrides: list[str], from_run: str, spec: str, steps: int) -> Path:
+    """A temporary run folder holding pretrain, sft, reward and dpo of a `spec` (WIDTHxLAYERS) model, trained `steps`
+    steps each by the stage scripts, and copies of `from_run`'s other stages ppo reads; returns the folder."""
+    from mfu import model_overrides
+    from pipeline.recipe import load_recipe
+    from pipeline.run import dependencies
+
+    language = ("pretrain", "sft", "reward", "dpo")
+    recipe = load_recipe(recipe_path, overrides)
+    work = Path(tempfile.mkdtemp(prefix="ppo-wide-"))
+    atexit.register(shutil.rmtree, work, True)
+    for stage in dict.fromkeys(dependencies(recipe, "ppo")):
+        if stage not in language:
+            shutil.copytree(Path(from_run) / stage, work / recipe.run.name / stage)
+    base = [recipe_path, *overrides, *model_overrides(spec), f"run.output_dir={work}", "tokenizer.train=false",
+            f"tokenizer.name_or_path={Path(from_run).resolve() / 'pretrain'}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for stage in language:
+        settings = [f"{stage}.max_steps={steps}", f"{stage}.report_to=none"]
+        settings += [f"{stage}.heldout_prompts=null"] if stage in ("sft", "dpo") else []
+        print(f"{spec} model: {stage}, {steps} steps", flush=True)
+        proc = subprocess.run([sys.executable, str(ROOT / "pipeline" / f"{stage}.py"), *base, *settings], cwd=ROOT,
+                              env=env, capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"{stage} of the {spec} model failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return work / recipe.run.name
 
 
 def profile_ppo(recipe_path: str, overrides: list[str], from_run: str, phases: dict) -> dict:
@@ -113,7 +151,14 @@ def main():
     parser.add_argument("--from-run", required=True, help="a run folder holding the stages ppo reads")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--flops", action="store_true", help="also each phase's GFLOP/s and share of the fp32 peak")
+    parser.add_argument("--model", default=None, help="WIDTHxLAYERS: measure on mfu.py's wider model (see above)")
+    parser.add_argument("--model-steps", type=int, default=2, help="training steps of each --model stage")
     args = parser.parse_intermixed_args()
+    if args.model:
+        from mfu import model_overrides
+
+        args.from_run = str(wide_model_run(args.recipe, args.overrides, args.from_run, args.model, args.model_steps))
+        args.overrides = [*args.overrides, *model_overrides(args.model)]
 
     overrides = [*args.overrides, f"ppo.max_steps={args.steps}", "ppo.logging_steps=1", "ppo.heldout_prompts=",
                  "ppo.report_to=none"]
