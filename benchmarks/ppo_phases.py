@@ -17,7 +17,7 @@ trains in fp32; matmul_peak.py's best square matmul with the same threads, measu
 and dpo (the policy, the reward model and critic, the implicit reward's model) are trained `--model-steps` steps each
 into a temporary run folder, with `--from-run`'s tokenizer, beside copies of `--from-run`'s other stages (the tools'
 image models); ppo starts from them. Their throughput, not their quality, is measured: an untrained policy's replies
-run to max_new_tokens more often, so a step holds more generated tokens than the recipe's.
+(their lengths, their tool calls) differ from the trained one's, so its steps hold other work than the recipe's.
 """
 
 import argparse
@@ -25,7 +25,6 @@ import atexit
 import contextlib
 import cProfile
 import functools
-import os
 import pstats
 import shutil
 import subprocess
@@ -74,6 +73,7 @@ def wide_model_run(recipe_path: str, overrides: list[str], from_run: str, spec: 
     from mfu import model_overrides
     from pipeline.recipe import load_recipe
     from pipeline.run import dependencies
+    from trl_cli import offline_env
 
     language = ("pretrain", "sft", "reward", "dpo")
     recipe = load_recipe(recipe_path, overrides)
@@ -84,13 +84,12 @@ def wide_model_run(recipe_path: str, overrides: list[str], from_run: str, spec: 
             shutil.copytree(Path(from_run) / stage, work / recipe.run.name / stage)
     base = [recipe_path, *overrides, *model_overrides(spec), f"run.output_dir={work}", "tokenizer.train=false",
             f"tokenizer.name_or_path={Path(from_run).resolve() / 'pretrain'}"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     for stage in language:
         settings = [f"{stage}.max_steps={steps}", f"{stage}.report_to=none"]
         settings += [f"{stage}.heldout_prompts=null"] if stage in ("sft", "dpo") else []
         print(f"{spec} model: {stage}, {steps} steps", flush=True)
         proc = subprocess.run([sys.executable, str(ROOT / "pipeline" / f"{stage}.py"), *base, *settings], cwd=ROOT,
-                              env=env, capture_output=True, text=True)
+                              env=offline_env(), capture_output=True, text=True)
         if proc.returncode:
             sys.exit(f"{stage} of the {spec} model failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     return work / recipe.run.name
