@@ -67,10 +67,10 @@ def run_ppo_copy(recipe_path: str, overrides: list[str], from_run: str, runner=N
         shutil.rmtree(work, ignore_errors=True)
 
 
-def wide_model_run(recipe_path: str, overrides: list[str], from_run: str, spec: str, steps: int) -> Path:
-    """A temporary run folder holding pretrain, sft, reward and dpo of a `spec` (WIDTHxLAYERS) model, trained `steps`
-    steps each by the stage scripts, and copies of `from_run`'s other stages ppo reads; returns the folder."""
-    from mfu import model_overrides
+def wide_model_run(recipe_path: str, overrides: list[str], from_run: str, steps: int) -> Path:
+    """A temporary run folder holding pretrain, sft, reward and dpo of the model `overrides` widen (mfu.py's
+    model_overrides among them), trained `steps` steps each by the stage scripts, and copies of `from_run`'s other
+    stages ppo reads; returns the folder."""
     from pipeline.recipe import load_recipe
     from pipeline.run import dependencies
     from trl_cli import offline_env
@@ -82,16 +82,16 @@ def wide_model_run(recipe_path: str, overrides: list[str], from_run: str, spec: 
     for stage in dict.fromkeys(dependencies(recipe, "ppo")):
         if stage not in language:
             shutil.copytree(Path(from_run) / stage, work / recipe.run.name / stage)
-    base = [recipe_path, *overrides, *model_overrides(spec), f"run.output_dir={work}", "tokenizer.train=false",
+    base = [recipe_path, *overrides, f"run.output_dir={work}", "tokenizer.train=false",
             f"tokenizer.name_or_path={Path(from_run).resolve() / 'pretrain'}"]
     for stage in language:
         settings = [f"{stage}.max_steps={steps}", f"{stage}.report_to=none"]
         settings += [f"{stage}.heldout_prompts=null"] if stage in ("sft", "dpo") else []
-        print(f"{spec} model: {stage}, {steps} steps", flush=True)
+        print(f"wider model: {stage}, {steps} steps", flush=True)
         proc = subprocess.run([sys.executable, str(ROOT / "pipeline" / f"{stage}.py"), *base, *settings], cwd=ROOT,
                               env=offline_env(), capture_output=True, text=True)
         if proc.returncode:
-            sys.exit(f"{stage} of the {spec} model failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+            sys.exit(f"{stage} of the wider model failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     return work / recipe.run.name
 
 
@@ -156,8 +156,8 @@ def main():
     if args.model:
         from mfu import model_overrides
 
-        args.from_run = str(wide_model_run(args.recipe, args.overrides, args.from_run, args.model, args.model_steps))
         args.overrides = [*args.overrides, *model_overrides(args.model)]
+        args.from_run = str(wide_model_run(args.recipe, args.overrides, args.from_run, args.model_steps))
 
     overrides = [*args.overrides, f"ppo.max_steps={args.steps}", "ppo.logging_steps=1", "ppo.heldout_prompts=",
                  "ppo.report_to=none"]

@@ -38,7 +38,9 @@ def pytest_configure(config):
     if workers > 1 and not os.environ.get("OMP_NUM_THREADS"):
         import torch
 
-        share = max(1, len(os.sched_getaffinity(0)) // workers)
+        from pipeline import threads
+
+        share = max(1, len(threads.cpus_given()[0]) // workers)
         os.environ["OMP_NUM_THREADS"] = str(share)
         torch.set_num_threads(share)
 
