@@ -50,6 +50,16 @@ def model_overrides(spec: str) -> list[str]:
             f"model.config.num_key_value_heads={max(1, heads // 2)}"]
 
 
+def short_stage_overrides(run_dir: str, stage: str, steps: int) -> list[str]:
+    """What a benchmark's short run of a language-model stage of a widened model sets (mfu.py, ppo_phases.py
+    --model): `run_dir`'s trained tokenizer (a new model cannot train its own in a few steps), `steps` steps, no
+    report, and no held-out generation after training."""
+    tokenizer = Path(run_dir).resolve() / "pretrain"
+    settings = ["tokenizer.train=false", f"tokenizer.name_or_path={tokenizer}", f"{stage}.max_steps={steps}",
+                f"{stage}.report_to=none"]
+    return settings + ([f"{stage}.heldout_prompts=null"] if stage in ("sft", "dpo") else [])
+
+
 def weights_per_token(folder: Path) -> tuple[int, int]:
     """(parameters of the causal LM, parameters of its LM head) of a saved checkpoint."""
     import torch
@@ -99,24 +109,18 @@ def main():
           flush=True)
 
     recipe = load_recipe(str(ROOT / RECIPE), args.set)
-    tokenizer = Path(args.run_dir).resolve() / "pretrain"
     out = Path(args.out)
     env = offline_env()
     rows, params = [], 0
     for dtype in peaks:
         name = f"mfu-{args.model}-{dtype}"
-        base = [RECIPE, f"run.output_dir={out}", f"run.name={name}", "tokenizer.train=false",
-                f"tokenizer.name_or_path={tokenizer}", *model_overrides(args.model), *args.set]
+        base = [RECIPE, f"run.output_dir={out}", f"run.name={name}", *model_overrides(args.model), *args.set]
         pretrained = out / name / "pretrain"
         (out / "logs").mkdir(parents=True, exist_ok=True)
         for stage in [s for s in STAGES if s in args.stages.split(",")]:
-            settings = [f"{stage}.max_steps={args.warmup + args.steps}", f"{stage}.logging_steps=1",
-                        f"{stage}.report_to=none", f"{stage}.bf16={'true' if dtype == 'bf16' else 'false'}"]
-            if stage == "pretrain":
-                settings += ["pretrain.save_strategy=no"]
-            else:
-                settings += [f"{stage}.init_from={pretrained}"]
-                settings += [f"{stage}.heldout_prompts=null"] if stage in ("sft", "dpo") else []
+            settings = short_stage_overrides(args.run_dir, stage, args.warmup + args.steps)
+            settings += [f"{stage}.logging_steps=1", f"{stage}.bf16={'true' if dtype == 'bf16' else 'false'}"]
+            settings += ["pretrain.save_strategy=no"] if stage == "pretrain" else [f"{stage}.init_from={pretrained}"]
             cmd = [sys.executable, str(BENCH / "step_timer.py"), f"pipeline/{stage}.py", *base, *settings]
             log = out / "logs" / f"{name}-{stage}.txt"
             stage_env = {**env, "STEP_TIMER_EXIT": "0" if stage == "pretrain" else "1"}

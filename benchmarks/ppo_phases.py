@@ -71,6 +71,7 @@ def wide_model_run(recipe_path: str, overrides: list[str], from_run: str, steps:
     """A temporary run folder holding pretrain, sft, reward and dpo of the model `overrides` widen (mfu.py's
     model_overrides among them), trained `steps` steps each by the stage scripts, and copies of `from_run`'s other
     stages ppo reads; returns the folder."""
+    from mfu import short_stage_overrides
     from pipeline.recipe import load_recipe
     from pipeline.run import dependencies
     from trl_cli import offline_env
@@ -82,11 +83,9 @@ def wide_model_run(recipe_path: str, overrides: list[str], from_run: str, steps:
     for stage in dict.fromkeys(dependencies(recipe, "ppo")):
         if stage not in language:
             shutil.copytree(Path(from_run) / stage, work / recipe.run.name / stage)
-    base = [recipe_path, *overrides, f"run.output_dir={work}", "tokenizer.train=false",
-            f"tokenizer.name_or_path={Path(from_run).resolve() / 'pretrain'}"]
+    base = [recipe_path, *overrides, f"run.output_dir={work}"]
     for stage in language:
-        settings = [f"{stage}.max_steps={steps}", f"{stage}.report_to=none"]
-        settings += [f"{stage}.heldout_prompts=null"] if stage in ("sft", "dpo") else []
+        settings = short_stage_overrides(from_run, stage, steps)
         print(f"wider model: {stage}, {steps} steps", flush=True)
         proc = subprocess.run([sys.executable, str(ROOT / "pipeline" / f"{stage}.py"), *base, *settings], cwd=ROOT,
                               env=offline_env(), capture_output=True, text=True)
