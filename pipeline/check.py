@@ -28,7 +28,7 @@ SAMPLE_ROWS = 500  # rows of a local dataset that --check runs through the stage
 
 def _resolve_problem(spec: str, recipe) -> str | None:
     """None when one dataset spec resolves (a world split, a local file, folder or glob, a hub id)."""
-    from pipeline import data, hub
+    from pipeline import files, hub
     from pipeline.world import SPLITS
 
     if spec.startswith("world:"):
@@ -39,7 +39,7 @@ def _resolve_problem(spec: str, recipe) -> str | None:
         return None
     if glob.has_magic(spec):
         return None if glob.glob(str(path), recursive=True) else f"dataset '{spec}': no file matches"
-    if spec.startswith((".", "/", "~")) or data.FILE_TYPES.get(path.suffix.lower()) or spec.count("/") != 1:
+    if files.names_a_local_file(spec):
         return f"dataset '{spec}': file not found"
     if not hub.reachable():
         return None if hub.offline_by_setting() else f"dataset '{spec}': {hub.unreachable_note()}"

@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import gzip
 import json
 import random
 from functools import lru_cache
 from pathlib import Path
 
 from pipeline.cli import PipelineError
+from pipeline.files import file_kind, names_a_local_file, read_file, read_folder
 from pipeline.fingerprints import hash_file, hash_folder, hash_obj
 from pipeline.formats import bad_row, check_messages, detect_sft_format, expected_sft_columns, to_sft_row
-
-FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "txt"}
-
 
 # ---------------------------------------------------------------------------------------------- reading
 
@@ -47,120 +44,6 @@ def world_rows(recipe, split: str) -> list[dict]:
     if split not in SPLITS:
         raise PipelineError(f"{recipe.path}: unknown world split 'world:{split}' (splits: {', '.join(SPLITS)})")
     return list(_world_rows(json.dumps(dataclasses.asdict(recipe.world), sort_keys=True), split))
-
-
-def _text_of(path: Path) -> str:
-    """The file's text (gzip-compressed when it ends in .gz); invalid UTF-8 is named with its line."""
-    raw = gzip.open(path, "rb").read() if path.suffix.lower() == ".gz" else path.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw[:err.start].count(b"\n") + 1
-        raise PipelineError(f"{path}: line {line}: invalid UTF-8 (byte 0x{raw[err.start]:02x}); save the file as "
-                            f"UTF-8") from None
-
-
-def _kind(path: Path) -> str | None:
-    suffix = Path(path.name[:-3]).suffix if path.name.lower().endswith(".gz") else path.suffix
-    return FILE_TYPES.get(suffix.lower())
-
-
-def _read_jsonl(path: Path, text: str) -> tuple[list[dict], list[str]]:
-    rows, where = [], []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise PipelineError(f"{path}: line {lineno}: invalid JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise PipelineError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-        where.append(f"line {lineno}")
-    return rows, where
-
-
-def _read_txt(text: str, split: str) -> tuple[list[dict], list[str]]:
-    """Plain text: one document per blank-line-separated block (`paragraph`) or per line (`line`)."""
-    rows, where, start = [], [], 1
-    if split == "line":
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                rows.append({"text": line.strip()})
-                where.append(f"line {lineno}")
-        return rows, where
-    block: list[str] = []
-    for lineno, line in enumerate(text.splitlines() + [""], 1):
-        if line.strip():
-            if not block:
-                start = lineno
-            block.append(line)
-        elif block:
-            rows.append({"text": "\n".join(block).strip()})
-            where.append(f"line {start}")
-            block = []
-    return rows, where
-
-
-def _read_file(path: Path, text_split: str = "paragraph") -> tuple[list[dict], list[str]]:
-    kind = _kind(path)
-    if kind is None:
-        raise PipelineError(f"{path}: unsupported file type '{path.suffix}' (use {', '.join(FILE_TYPES)}, "
-                            f"optionally .gz)")
-    if path.stat().st_size == 0:
-        raise PipelineError(f"{path}: empty file")
-    if kind in ("jsonl", "json", "txt"):
-        text = _text_of(path)
-        if kind == "txt":
-            return _read_txt(text, text_split)
-        if kind == "jsonl":
-            return _read_jsonl(path, text)
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as err:
-            try:  # JSON Lines saved with a .json name
-                return _read_jsonl(path, text)
-            except PipelineError:
-                raise PipelineError(f"{path}: line {err.lineno}: invalid JSON ({err.msg})") from None
-        if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
-            obj = next(iter(obj.values()))  # {"data": [...]}
-        if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
-            raise PipelineError(f"{path}: expected a list of JSON objects")
-        return obj, [f"row {i}" for i in range(1, len(obj) + 1)]
-    import datasets
-
-    if kind == "csv":
-        _text_of(path)  # names the line of invalid UTF-8 before pandas does
-    try:
-        ds = datasets.Dataset.from_parquet(str(path)) if kind == "parquet" else datasets.Dataset.from_csv(str(path))
-    except Exception as err:  # pyarrow/pandas parse errors
-        raise PipelineError(f"{path}: cannot read {kind}: {str(err).splitlines()[0]}") from None
-    rows = ds.to_list()
-    offset = 2 if kind == "csv" else 1  # CSV: line 1 is the header
-    return rows, [f"line {i + offset}" if kind == "csv" else f"row {i + 1}" for i in range(len(rows))]
-
-
-def _read_folder(path: Path) -> tuple[list[dict], list[str]]:
-    if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
-        import datasets
-
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            if "train" not in ds:
-                raise PipelineError(f"{path}: a saved DatasetDict without a 'train' split (has {list(ds)})")
-            ds = ds["train"]
-        rows = ds.to_list()
-        return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in FILE_TYPES)
-    if not files:
-        raise PipelineError(f"{path}: folder holds no saved dataset and no {'/'.join(FILE_TYPES)} files")
-    rows, where = [], []
-    for f in files:
-        r, w = _read_file(f)
-        rows += r
-        where += [f"{f.name} {x}" for x in w]
-    return rows, where
 
 
 def _read_hub(spec: str) -> tuple[list[dict], list[str]]:
@@ -186,20 +69,20 @@ def _read_one(spec: str, recipe, text_split: str) -> tuple[list[dict], list[str]
         return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
     path = Path(spec).expanduser()
     if path.is_file():
-        return _read_file(path, text_split)
+        return read_file(path, text_split)
     if path.is_dir():
-        return _read_folder(path)
+        return read_folder(path)
     if glob.has_magic(spec):
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not files:
             raise PipelineError(f"dataset '{spec}': no file matches")
         rows, where = [], []
         for f in files:
-            r, w = _read_file(f, text_split)
+            r, w = read_file(f, text_split)
             rows += r
             where += [f"{f} {x}" for x in w]
         return rows, where
-    if spec.startswith((".", "/", "~")) or _kind(path) or spec.count("/") != 1:
+    if names_a_local_file(spec):
         raise PipelineError(f"dataset '{spec}': file not found")
     return _read_hub(spec)
 
@@ -334,7 +217,7 @@ def load_with_info(spec, kind: str, recipe, columns: dict | None = None, text_sp
 
     rows, where, source = read_rows(spec, recipe, text_split=text_split)
     rows = rename_columns(rows, columns, source, where)
-    plain = any(_kind(Path(p)) == "txt" for name, _, _ in mixture_parts(spec)[0]
+    plain = any(file_kind(Path(p)) == "txt" for name, _, _ in mixture_parts(spec)[0]
                 for p in (glob.glob(str(Path(name).expanduser())) if glob.has_magic(name) else [name]))
     fmt = {"chat": lambda: detect_sft_format(rows[0]), "text": lambda: f"txt, a document per {text_split}" if plain
            else "text", "prompts": lambda: "prompts", "eval_prompts": lambda: "prompts"}[kind]()

@@ -20,7 +20,7 @@ MEASURES = ("digit", "size", "thickness", "position", "all")
 
 def read_captions(spec: str | None, recipe) -> list[str]:
     """Held-out captions: the world's (`images:digits`), or `caption` rows of a .jsonl / .txt file."""
-    from pipeline import images
+    from pipeline import files, images
 
     if not spec:
         return []
@@ -29,11 +29,8 @@ def read_captions(spec: str | None, recipe) -> list[str]:
     path = Path(spec).expanduser()
     if not path.is_file():
         raise PipelineError(f"captions '{spec}': not found (expected {images.WORLD_SPEC} or a .jsonl / .txt file)")
-    if path.suffix == ".txt":
-        rows = [(f"line {i}", line.strip()) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
-    else:
-        got, where = images.read_jsonl(path)
-        rows = [(w, r.get("caption", r.get("text"))) for r, w in zip(got, where)]
+    got, where = files.txt_rows(files.text_of(path), "line") if path.suffix == ".txt" else files.read_jsonl(path)
+    rows = [(w, r.get("caption", r.get("text"))) for r, w in zip(got, where)]
     out = []
     for where, text in rows:
         if not isinstance(text, str) or not text.strip():

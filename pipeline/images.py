@@ -29,6 +29,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from pipeline.cli import PipelineError
+from pipeline.files import read_jsonl
 
 WORLD_SPEC = "images:digits"
 PROPERTIES = {"size": ("small", "large"), "thickness": ("thin", "thick"), "position": ("left", "right")}
@@ -190,24 +191,6 @@ def load_images(spec: str, resolution: int, channels: int, property_dropout: flo
         raise PipelineError(f"dataset '{spec}': not found (expected {WORLD_SPEC}, a .jsonl file or a folder with "
                             f"metadata.jsonl)")
     return FileImages(*read_image_rows(path, resolution), channels)
-
-
-def read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
-    """Rows of a JSON Lines file and where each came from (`line N`); bad JSON raises PipelineError."""
-    rows, where = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PipelineError(f"{path}: line {lineno}: invalid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise PipelineError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-            where.append(f"line {lineno}")
-    return rows, where
 
 
 def read_image_rows(path: Path, resolution: int) -> tuple[list[Path], list[str]]:

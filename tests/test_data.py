@@ -91,6 +91,22 @@ def test_malformed_rows_name_file_and_line(tmp_path, recipe, content, message):
     assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
+def test_lines_split_at_line_feeds_alone(tmp_path, recipe):
+    """JSON strings may hold U+2028, U+2029 and U+0085 unescaped (json.dumps(..., ensure_ascii=False) writes them so):
+    they stay inside their row, as does a form feed in plain text; CRLF files read the same; errors count lines by
+    line feeds."""
+    texts = ["one\u2028line", "two\u2029par\u0085nel"]
+    path = tmp_path / "t.jsonl"
+    path.write_bytes("\r\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in texts).encode() + b"\r\n")
+    assert data.load(str(path), "text", recipe)["text"] == texts
+    path.write_text(json.dumps({"text": "a\u2028b"}, ensure_ascii=False) + "\n{bad\n")
+    with pytest.raises(PipelineError, match="line 2: invalid JSON"):
+        data.load(str(path), "text", recipe)
+    (tmp_path / "t.txt").write_text("page\fbreak\u2028kept\nnext\n")
+    assert data.load(str(tmp_path / "t.txt"), "text", recipe, text_split="line")["text"] == \
+        ["page\fbreak\u2028kept", "next"]
+
+
 def test_missing_file_unsupported_type_and_text_column(tmp_path, recipe):
     with pytest.raises(PipelineError, match="file not found"):
         data.load(str(tmp_path / "nope.jsonl"), "chat", recipe)

@@ -130,6 +130,13 @@ def test_plain_text_compressed_files_globs_lists_and_mixtures(tmp_path, recipe):
         ["First document,", "still the first.", "Second document."]
     both = data.load([str(tmp_path / "c.jsonl.gz"), str(tmp_path / "b.txt.gz")], "text", recipe)
     assert both["text"] == ["Fourth.", "Third."]
+    folder = tmp_path / "folder"  # a folder's data files, compressed ones too, in name order; other files skipped
+    folder.mkdir()
+    for name in ("b.txt.gz", "c.jsonl.gz", "a.txt"):
+        (folder / name).write_bytes((tmp_path / name).read_bytes())
+    (folder / "notes.md").write_text("not data")
+    assert data.load(str(folder), "text", recipe)["text"] == \
+        ["First document,\nstill the first.", "Second document.", "Third.", "Fourth."]
     rows = [{"text": f"doc {i}"} for i in range(10)]
     mix = {write_jsonl(tmp_path / "x.jsonl", rows): 0.5, write_jsonl(tmp_path / "y.jsonl", rows[:4]): 1.0}
     mixed = data.load(mix, "text", recipe)

@@ -1,0 +1,149 @@
+"""Local data files and folders read into rows, each with where it came from (`line N`, `row N`), for the
+messages that name a bad row: JSON Lines, JSON, Parquet, CSV and plain text (each optionally .gz), and folders saved
+with `datasets.save_to_disk` or holding such files. pipeline/data.py resolves dataset specs to these."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+from pipeline.cli import PipelineError
+
+FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "txt"}
+
+
+def names_a_local_file(spec: str) -> bool:
+    """Whether a spec that is no file or folder here was meant as one (a path, or a data file's name) rather than a
+    hub dataset id (`org/name`)."""
+    return spec.startswith((".", "/", "~")) or bool(file_kind(Path(spec))) or spec.count("/") != 1
+
+
+def text_of(path: Path) -> str:
+    """The file's text (gzip-compressed when it ends in .gz); invalid UTF-8 is named with its line."""
+    raw = gzip.open(path, "rb").read() if path.suffix.lower() == ".gz" else path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise PipelineError(f"{path}: line {line}: invalid UTF-8 (byte 0x{raw[err.start]:02x}); save the file as "
+                            f"UTF-8") from None
+
+
+def file_kind(path: Path) -> str | None:
+    """The file's type by its name (a FILE_TYPES value; `x.jsonl.gz` is jsonl), or None for any other name."""
+    suffix = Path(path.name[:-3]).suffix if path.name.lower().endswith(".gz") else path.suffix
+    return FILE_TYPES.get(suffix.lower())
+
+
+def lines(text: str) -> list[str]:
+    """The text's lines, split at line feeds alone, as JSON Lines and the line numbers in errors count them:
+    `str.splitlines` also splits at U+2028, U+2029 and U+0085, which a JSON string may hold unescaped."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def jsonl_rows(path: Path, text: str) -> tuple[list[dict], list[str]]:
+    """The rows of JSON Lines `text` read from `path` and where each came from (`line N`); a line that is not a JSON
+    object raises PipelineError naming the file and the line."""
+    rows, where = [], []
+    for lineno, line in enumerate(lines(text), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PipelineError(f"{path}: line {lineno}: invalid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise PipelineError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+        where.append(f"line {lineno}")
+    return rows, where
+
+
+def read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
+    """A JSON Lines file's rows (gzip-compressed when it ends in .gz) and where each came from (`line N`)."""
+    return jsonl_rows(path, text_of(path))
+
+
+def txt_rows(text: str, split: str) -> tuple[list[dict], list[str]]:
+    """Plain text: one document per blank-line-separated block (`paragraph`) or per line (`line`)."""
+    rows, where, start = [], [], 1
+    if split == "line":
+        for lineno, line in enumerate(lines(text), 1):
+            if line.strip():
+                rows.append({"text": line.strip()})
+                where.append(f"line {lineno}")
+        return rows, where
+    block: list[str] = []
+    for lineno, line in enumerate(lines(text) + [""], 1):
+        if line.strip():
+            if not block:
+                start = lineno
+            block.append(line)
+        elif block:
+            rows.append({"text": "\n".join(block).strip()})
+            where.append(f"line {start}")
+            block = []
+    return rows, where
+
+
+def read_file(path: Path, text_split: str = "paragraph") -> tuple[list[dict], list[str]]:
+    """A local file's rows and where each came from; plain text split into documents by `text_split`."""
+    kind = file_kind(path)
+    if kind is None:
+        raise PipelineError(f"{path}: unsupported file type '{path.suffix}' (use {', '.join(FILE_TYPES)}, "
+                            f"optionally .gz)")
+    if path.stat().st_size == 0:
+        raise PipelineError(f"{path}: empty file")
+    if kind in ("jsonl", "json", "txt"):
+        text = text_of(path)
+        if kind == "txt":
+            return txt_rows(text, text_split)
+        if kind == "jsonl":
+            return jsonl_rows(path, text)
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as err:
+            try:  # JSON Lines saved with a .json name
+                return jsonl_rows(path, text)
+            except PipelineError:
+                raise PipelineError(f"{path}: line {err.lineno}: invalid JSON ({err.msg})") from None
+        if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
+            obj = next(iter(obj.values()))  # {"data": [...]}
+        if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
+            raise PipelineError(f"{path}: expected a list of JSON objects")
+        return obj, [f"row {i}" for i in range(1, len(obj) + 1)]
+    import datasets
+
+    if kind == "csv":
+        text_of(path)  # names the line of invalid UTF-8 before pandas does
+    try:
+        ds = datasets.Dataset.from_parquet(str(path)) if kind == "parquet" else datasets.Dataset.from_csv(str(path))
+    except Exception as err:  # pyarrow/pandas parse errors
+        raise PipelineError(f"{path}: cannot read {kind}: {str(err).splitlines()[0]}") from None
+    rows = ds.to_list()
+    offset = 2 if kind == "csv" else 1  # CSV: line 1 is the header
+    return rows, [f"line {i + offset}" if kind == "csv" else f"row {i + 1}" for i in range(len(rows))]
+
+
+def read_folder(path: Path) -> tuple[list[dict], list[str]]:
+    """A folder saved with `datasets.save_to_disk` (its train split), or every data file in it, in name order."""
+    if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+        import datasets
+
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise PipelineError(f"{path}: a saved DatasetDict without a 'train' split (has {list(ds)})")
+            ds = ds["train"]
+        rows = ds.to_list()
+        return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
+    files = sorted(p for p in path.iterdir() if p.is_file() and file_kind(p))
+    if not files:
+        raise PipelineError(f"{path}: folder holds no saved dataset and no {'/'.join(FILE_TYPES)} files")
+    rows, where = [], []
+    for f in files:
+        r, w = read_file(f)
+        rows += r
+        where += [f"{f.name} {x}" for x in w]
+    return rows, where
