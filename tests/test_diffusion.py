@@ -128,6 +128,7 @@ def test_eager_attention_computes_what_sdpa_does_and_other_names_are_refused():
     ("wrong_shape", "is 20x12, expected 16x16"),
     ("missing_caption", "line 1: missing caption"),
     ("unreadable", "cannot read image 'broken.png'"),
+    ("bad_utf8", "metadata.jsonl: line 2: invalid UTF-8 (byte 0xff)"),
 ])
 def test_bad_image_rows_raise_one_line_errors(tmp_path, content, expected):
     from PIL import Image
@@ -137,8 +138,11 @@ def test_bad_image_rows_raise_one_line_errors(tmp_path, content, expected):
     (tmp_path / "broken.png").write_bytes(b"not a png at all")
     rows = {"wrong_shape": {"file_name": "wide.png", "caption": "a 7"},
             "missing_caption": {"file_name": "ok.png"},
-            "unreadable": {"file_name": "broken.png", "caption": "a 7"}}[content]
-    (tmp_path / "metadata.jsonl").write_text(json.dumps(rows) + "\n")
+            "unreadable": {"file_name": "broken.png", "caption": "a 7"},
+            "bad_utf8": {"file_name": "ok.png", "caption": "a 7"}}[content]
+    (tmp_path / "metadata.jsonl").write_bytes(json.dumps(rows).encode() + b"\n"
+                                              + (b'{"file_name": "ok.png", "caption": "a \xff"}\n'
+                                                 if content == "bad_utf8" else b""))
     with pytest.raises(PipelineError) as err:
         images.load_images(str(tmp_path), 16, 1)
     assert expected in str(err.value) and "\n" not in str(err.value)
