@@ -36,7 +36,7 @@ def file_kind(path: Path) -> str | None:
     return FILE_TYPES.get(suffix.lower())
 
 
-def lines(text: str) -> list[str]:
+def _lines(text: str) -> list[str]:
     """The text's lines, split at line feeds alone, as JSON Lines and the line numbers in errors count them:
     `str.splitlines` also splits at U+2028, U+2029 and U+0085, which a JSON string may hold unescaped."""
     return [line.removesuffix("\r") for line in text.split("\n")]
@@ -46,7 +46,7 @@ def jsonl_rows(path: Path, text: str) -> tuple[list[dict], list[str]]:
     """The rows of JSON Lines `text` read from `path` and where each came from (`line N`); a line that is not a JSON
     object raises PipelineError naming the file and the line."""
     rows, where = [], []
-    for lineno, line in enumerate(lines(text), 1):
+    for lineno, line in enumerate(_lines(text), 1):
         if not line.strip():
             continue
         try:
@@ -69,13 +69,13 @@ def txt_rows(text: str, split: str) -> tuple[list[dict], list[str]]:
     """Plain text: one document per blank-line-separated block (`paragraph`) or per line (`line`)."""
     rows, where, start = [], [], 1
     if split == "line":
-        for lineno, line in enumerate(lines(text), 1):
+        for lineno, line in enumerate(_lines(text), 1):
             if line.strip():
                 rows.append({"text": line.strip()})
                 where.append(f"line {lineno}")
         return rows, where
     block: list[str] = []
-    for lineno, line in enumerate(lines(text) + [""], 1):
+    for lineno, line in enumerate(_lines(text) + [""], 1):
         if line.strip():
             if not block:
                 start = lineno
