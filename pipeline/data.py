@@ -71,7 +71,7 @@ def _read_one(spec: str, recipe, text_split: str) -> tuple[list[dict], list[str]
     if path.is_file():
         return read_file(path, text_split)
     if path.is_dir():
-        return read_folder(path)
+        return read_folder(path, text_split)
     if glob.has_magic(spec):
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not files:

@@ -126,8 +126,9 @@ def read_file(path: Path, text_split: str = "paragraph") -> tuple[list[dict], li
     return rows, [f"line {i + offset}" if kind == "csv" else f"row {i + 1}" for i in range(len(rows))]
 
 
-def read_folder(path: Path) -> tuple[list[dict], list[str]]:
-    """A folder saved with `datasets.save_to_disk` (its train split), or every data file in it, in name order."""
+def read_folder(path: Path, text_split: str = "paragraph") -> tuple[list[dict], list[str]]:
+    """A folder saved with `datasets.save_to_disk` (its train split), or every data file in it, in name order (plain
+    text split by `text_split`, as a single file's)."""
     if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
         import datasets
 
@@ -143,7 +144,7 @@ def read_folder(path: Path) -> tuple[list[dict], list[str]]:
         raise PipelineError(f"{path}: folder holds no saved dataset and no {'/'.join(FILE_TYPES)} files")
     rows, where = [], []
     for f in files:
-        r, w = read_file(f)
+        r, w = read_file(f, text_split)
         rows += r
         where += [f"{f.name} {x}" for x in w]
     return rows, where

@@ -137,6 +137,8 @@ def test_plain_text_compressed_files_globs_lists_and_mixtures(tmp_path, recipe):
     (folder / "notes.md").write_text("not data")
     assert data.load(str(folder), "text", recipe)["text"] == \
         ["First document,\nstill the first.", "Second document.", "Third.", "Fourth."]
+    assert data.load(str(folder), "text", recipe, text_split="line")["text"] == \
+        ["First document,", "still the first.", "Second document.", "Third.", "Fourth."]
     rows = [{"text": f"doc {i}"} for i in range(10)]
     mix = {write_jsonl(tmp_path / "x.jsonl", rows): 0.5, write_jsonl(tmp_path / "y.jsonl", rows[:4]): 1.0}
     mixed = data.load(mix, "text", recipe)
