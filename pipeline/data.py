@@ -23,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from pipeline.cli import PipelineError
-from pipeline.files import file_kind, names_a_local_file, read_file, read_folder
+from pipeline.files import file_kind, names_a_local_file, read_file, read_files, read_folder
 from pipeline.fingerprints import hash_file, hash_folder, hash_obj
 from pipeline.formats import bad_row, check_messages, detect_sft_format, expected_sft_columns, to_sft_row
 
@@ -76,12 +76,7 @@ def _read_one(spec: str, recipe, text_split: str) -> tuple[list[dict], list[str]
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not files:
             raise PipelineError(f"dataset '{spec}': no file matches")
-        rows, where = [], []
-        for f in files:
-            r, w = read_file(f, text_split)
-            rows += r
-            where += [f"{f} {x}" for x in w]
-        return rows, where
+        return read_files(files, text_split, str)
     if names_a_local_file(spec):
         raise PipelineError(f"dataset '{spec}': file not found")
     return _read_hub(spec)

@@ -142,9 +142,14 @@ def read_folder(path: Path, text_split: str = "paragraph") -> tuple[list[dict], 
     files = sorted(p for p in path.iterdir() if p.is_file() and file_kind(p))
     if not files:
         raise PipelineError(f"{path}: folder holds no saved dataset and no {'/'.join(FILE_TYPES)} files")
+    return read_files(files, text_split, lambda f: f.name)
+
+
+def read_files(files: list[Path], text_split: str, label) -> tuple[list[dict], list[str]]:
+    """Every file's rows in order (a folder's or a glob's), each row's `where` led by `label(file)`."""
     rows, where = [], []
     for f in files:
         r, w = read_file(f, text_split)
         rows += r
-        where += [f"{f.name} {x}" for x in w]
+        where += [f"{label(f)} {x}" for x in w]
     return rows, where
