@@ -12,7 +12,7 @@ classifier-free guidance, EMA weights, Accelerate's mixed precision; the saved s
 
 At the end the image judge is trained on the world's real images (`judge/`), the model draws every held-out
 caption and the judge scores the images: metrics.json, report.md, grid.png, samples/. Section keys:
-DiffusionConfig (pipeline/diffusion_train.py) and DiffusionKeys (pipeline/stages.py).
+DiffusionConfig (pipeline/diffusion_config.py) and DiffusionKeys (pipeline/stages.py).
 """
 
 import sys
@@ -88,13 +88,8 @@ def main(argv):
         metrics = {}
         if main_process:
             unet = accelerator.unwrap_model(prepared["unet"]).eval()
-            if cfg.use_lora:
-                from safetensors.torch import save_file
-
-                save_file(diffusion_train.lora_state_dict(unet), str(run.out / "pytorch_lora_weights.safetensors"))
-                diffusion_train.merge_lora(unet)
-            pipe.register_modules(unet=unet, scheduler=images.make_scheduler(cfg.sampler, noise_scheduler.config))
-            pipe.save_pretrained(str(run.out), safe_serialization=True)
+            diffusion_train.save_pipeline(pipe, unet, run.out, cfg.use_lora,
+                                          scheduler=images.make_scheduler(cfg.sampler, noise_scheduler.config))
             images.write_json(run.out / "world.json", images.world_json())
             metrics = {"steps": cfg.max_steps, "train_loss": history[-1]["loss"] if history else None,
                        "train_wall_s": round(train_s, 1), "history": history}

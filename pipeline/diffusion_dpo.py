@@ -11,7 +11,7 @@ With `rounds` > 1 the steps are split into rounds and each later round's candida
 far (online, as `dpo.rounds`); the reference stays the start model.
 At the end the start and the tuned model draw the held-out captions with the same seeds; the judge's accuracies,
 their paired differences with 95% intervals, report.md and grids are written. Section keys: DiffusionDPOConfig
-(pipeline/diffusion_train.py) and DiffusionDPOKeys (pipeline/stages.py).
+(pipeline/diffusion_config.py) and DiffusionDPOKeys (pipeline/stages.py).
 """
 
 import sys
@@ -167,13 +167,7 @@ def main(argv):
         metrics = {}
         if main_process:
             unet = accelerator.unwrap_model(prepared["unet"]).eval()
-            if cfg.use_lora:
-                from safetensors.torch import save_file
-
-                save_file(diffusion_train.lora_state_dict(unet), str(run.out / "pytorch_lora_weights.safetensors"))
-                diffusion_train.merge_lora(unet)
-            pipe.register_modules(unet=unet)
-            pipe.save_pretrained(str(run.out), safe_serialization=True)
+            diffusion_train.save_pipeline(pipe, unet, run.out, cfg.use_lora)
             shutil.copytree(judge_dir, run.out / "judge", dirs_exist_ok=True)
             images.write_json(run.out / "world.json", images.world_json())
             rounds = [json.loads((run.out / f"pairs-{r}.json").read_text())["stats"] for r in range(cfg.rounds)]

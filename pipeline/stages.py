@@ -325,9 +325,9 @@ STAGES: dict[str, StageSpec] = {
     "ppo": StageSpec("ppo", "pipeline.ppo", "pipeline.ppo_config:PPOConfig", PPOKeys, peft=True,
                      default_init=("sft", "pretrain", "model"), runs_tools=True),
     "eval": StageSpec("eval", "pipeline.evaluate", None, EvalKeys, runs_tools=True),
-    "diffusion": StageSpec("diffusion", "pipeline.diffusion", "pipeline.diffusion_train:DiffusionConfig",
+    "diffusion": StageSpec("diffusion", "pipeline.diffusion", "pipeline.diffusion_config:DiffusionConfig",
                            DiffusionKeys, check="pipeline.image_check:check_image_stage"),
     "diffusion_dpo": StageSpec("diffusion_dpo", "pipeline.diffusion_dpo",
-                               "pipeline.diffusion_train:DiffusionDPOConfig", DiffusionDPOKeys,
+                               "pipeline.diffusion_config:DiffusionDPOConfig", DiffusionDPOKeys,
                                check="pipeline.image_check:check_image_stage"),
 }

@@ -105,7 +105,7 @@ def test_eager_attention_computes_what_sdpa_does_and_other_names_are_refused():
 
     from diffusers.models.attention_processor import AttnProcessor
 
-    from pipeline import diffusion_train
+    from pipeline import diffusion_config, diffusion_train
 
     torch.manual_seed(0)
     pipe = images.build_pipeline(TINY_UNET, TINY_TEXT, {"num_train_timesteps": 10})
@@ -119,7 +119,7 @@ def test_eager_attention_computes_what_sdpa_does_and_other_names_are_refused():
     with torch.no_grad():
         assert torch.allclose(pipe.unet(x, t, encoder_hidden_states=emb).sample,
                               eager(x, t, encoder_hidden_states=emb).sample, atol=1e-5)
-    for config in (diffusion_train.DiffusionConfig, diffusion_train.DiffusionDPOConfig):
+    for config in (diffusion_config.DiffusionConfig, diffusion_config.DiffusionDPOConfig):
         with pytest.raises(ValueError, match="attn_implementation must be one of sdpa, eager, got 'flash'"):
             config(attn_implementation="flash")
 
@@ -256,7 +256,8 @@ def test_diffusion_dpo_loss_against_a_worked_example():
 def test_diffusion_dpo_pairs_share_noise_and_timestep_below_max_timestep():
     from diffusers import DDPMScheduler
 
-    from pipeline.diffusion_train import DiffusionDPOConfig, noise_pairs
+    from pipeline.diffusion_config import DiffusionDPOConfig
+    from pipeline.diffusion_train import noise_pairs
 
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     x = torch.randn(2 * 64, 1, 4, 4)
