@@ -25,7 +25,8 @@ from pathlib import Path
 from pipeline.cli import PipelineError
 from pipeline.files import file_kind, names_a_local_file, read_file, read_files, read_folder
 from pipeline.fingerprints import hash_file, hash_folder, hash_obj
-from pipeline.formats import bad_row, check_messages, detect_sft_format, expected_sft_columns, to_sft_row
+from pipeline.formats import (bad_row, check_messages, detect_sft_format, expected_sft_columns, is_unpaired_preference,
+                              to_sft_row)
 
 # ---------------------------------------------------------------------------------------------- reading
 
@@ -177,6 +178,10 @@ def _check_text(rows, where, source, column="text"):
 def _check_chat(rows, where, source):
     """Conversations in any format of pipeline/formats.py (detected from the first row), as messages or
     prompt/completion rows."""
+    if is_unpaired_preference(rows[0]):
+        raise PipelineError(f"{source}: unpaired preference rows (a completion with a true/false label, TRL's KTO "
+                            f"format) are not demonstrations (columns: {', '.join(rows[0])}); keep the rows "
+                            f"labelled true and drop the label column")
     fmt = detect_sft_format(rows[0])
     if fmt is None:
         raise PipelineError(f"{source}: no conversation format matches the columns ({', '.join(rows[0]) or 'none'});"

@@ -44,6 +44,12 @@ def detect_sft_format(row: dict) -> str | None:
     return None
 
 
+def is_unpaired_preference(row: dict) -> bool:
+    """TRL's unpaired preference (KTO: a completion with a true/false `label`) or LLaMA-Factory's KTO rows
+    (`kto_tag`): a completion labelled false is one the model must not learn, so these are no demonstrations."""
+    return "kto_tag" in row or isinstance(row.get("label"), bool)
+
+
 def expected_sft_columns() -> str:
     return "; ".join(SFT_FORMATS.values())
 

@@ -219,3 +219,20 @@ def test_formats_detect_from_the_first_row():
     assert formats.detect_sft_format({"messages": []}) == "messages"
     assert formats.detect_sft_format({"prompt": "a", "completion": "b"}) == "prompt_completion"
     assert formats.detect_sft_format({"text": "a"}) is None
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": "The sky is", "completion": " blue.", "label": True},  # TRL's unpaired preference (KTO)
+    {"prompt": [{"role": "user", "content": "What color is the sky?"}],
+     "completion": [{"role": "assistant", "content": "It is green."}], "label": False},
+    {"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}], "label": True},
+    {"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}], "kto_tag": False},
+    {"instruction": "Q?", "output": "A.", "kto_tag": True},  # LLaMA-Factory's KTO rows
+])
+def test_unpaired_preference_rows_are_not_taken_for_demonstrations(tmp_path, recipe, row):
+    """A completion labelled false is one the model must not learn: sft stops, naming the file and the columns."""
+    path = write_jsonl(tmp_path / "kto.jsonl", [row])
+    with pytest.raises(PipelineError) as err:
+        data.load(path, "chat", recipe)
+    assert str(err.value).startswith(f"{path}: unpaired preference rows") and len(str(err.value).splitlines()) == 1
+    assert f"(columns: {', '.join(row)})" in str(err.value)
