@@ -13,7 +13,7 @@ import re
 
 from pipeline import data
 from pipeline.cli import PipelineError
-from pipeline.formats import bad_row, check_messages
+from pipeline.formats import bad_row, check_messages, check_tool_calls, tools_of
 
 
 PREFERENCE_FORMATS = {
@@ -99,7 +99,7 @@ def _reply(value, source, where, col):
 
 def _to_explicit(row: dict, fmt: str, source, where) -> dict:
     """A ShareGPT or Alpaca preference row as an explicit conversational pair (other columns kept)."""
-    from pipeline.formats import alpaca_messages, sharegpt_messages, tools_of
+    from pipeline.formats import alpaca_messages, sharegpt_messages
 
     for col in ("chosen", "rejected") + (("conversations",) if fmt == "sharegpt" else ("instruction",)):
         if col not in row:
@@ -243,6 +243,12 @@ def normalize_preferences(rows, where, source) -> tuple[list[dict], dict]:
         if margin_from:
             pair["margin"] = _pair_margin(row, margin_from, source, w)
         pair.update((k, v) for k, v in row.items() if k not in ("prompt", "chosen", "rejected", "margin"))
+        tools = tools_of(row, source, w)
+        if is_conv:  # calls fit the row's tools; arguments become JSON strings (one Arrow schema, as for sft)
+            for col in ("prompt", "chosen", "rejected"):
+                check_tool_calls(pair[col], tools, source, f"{w}: {col}")
+        if tools is not None and not isinstance(row["tools"], str):
+            pair["tools"] = json.dumps(tools)
         out.append(pair)
     info = {"source": str(source), "format": fmt, "conversational": bool(conversational), "rows": len(rows),
             "pairs": len(out), "identical_dropped": identical, "margin": margin_from}

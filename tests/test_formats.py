@@ -236,3 +236,33 @@ def test_unpaired_preference_rows_are_not_taken_for_demonstrations(tmp_path, rec
         data.load(path, "chat", recipe)
     assert str(err.value).startswith(f"{path}: unpaired preference rows") and len(str(err.value).splitlines()) == 1
     assert f"(columns: {', '.join(row)})" in str(err.value)
+
+
+def test_preference_pairs_with_tool_calls_are_checked_and_keep_their_own_arguments(tmp_path, recipe):
+    """TRL's conversational pairs with a `tools` column: each call fits its row's schemas, and arguments and tools
+    become JSON strings, so Arrow does not give every call the keys of every other row's (as nulls)."""
+    light = {"type": "function", "function": {"name": "control_light", "parameters": {
+        "type": "object", "properties": {"room": {"type": "string"}, "state": {"type": "string"}},
+        "required": ["room", "state"]}}}
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+    def call(name, arguments):
+        return [{"role": "assistant", "tool_calls": [{"type": "function",
+                                                      "function": {"name": name, "arguments": arguments}}]}]
+
+    rows = [{"prompt": [{"role": "user", "content": "Kitchen lights on."}], "tools": [light],
+             "chosen": call("control_light", {"room": "kitchen", "state": "on"}),
+             "rejected": call("control_light", {"room": "kitchen", "state": "off"})},
+            {"prompt": [{"role": "user", "content": "Weather in Paris?"}], "tools": [weather],
+             "chosen": call("get_weather", {"city": "Paris"}), "rejected": call("get_weather", {"city": "Rome"})}]
+    ds, info = preferences.load_preferences(write_jsonl(tmp_path / "p.jsonl", rows), recipe)
+    assert info["format"] == "explicit"
+    assert json.loads(ds[0]["chosen"][0]["tool_calls"][0]["function"]["arguments"]) == {"room": "kitchen",
+                                                                                         "state": "on"}
+    assert json.loads(ds[1]["rejected"][0]["tool_calls"][0]["function"]["arguments"]) == {"city": "Rome"}
+    assert [json.loads(t) for t in ds["tools"]] == [[light], [weather]]
+    rows.append(dict(rows[1], rejected=call("get_forecast", {"city": "Rome"})))
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(PipelineError, match=rf"^{path}: line 3: rejected: message 0: unknown tool 'get_forecast'"):
+        preferences.load_preferences(path, recipe)
