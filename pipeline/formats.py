@@ -177,6 +177,10 @@ def to_sft_row(row: dict, fmt: str, source, where) -> dict:
     tools = tools_of(row, source, where)
     if fmt == "prompt_completion":
         out = {"prompt": row["prompt"], "completion": row["completion"]}
+        if isinstance(out["prompt"], list) != isinstance(out["completion"], list):  # TRL joins prompt + completion
+            for col, role in (("prompt", "user"), ("completion", "assistant")):
+                if isinstance(out[col], str):
+                    out[col] = [{"role": role, "content": out[col]}]
         for col in ("prompt", "completion"):
             if isinstance(out[col], list):
                 out[col] = check_messages(out[col], source, where, need_assistant=(col == "completion"))

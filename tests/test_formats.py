@@ -266,3 +266,12 @@ def test_preference_pairs_with_tool_calls_are_checked_and_keep_their_own_argumen
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(PipelineError, match=rf"^{path}: line 3: rejected: message 0: unknown tool 'get_forecast'"):
         preferences.load_preferences(path, recipe)
+
+
+def test_prompt_completion_rows_mixing_text_and_messages_become_conversations(tmp_path, recipe):
+    """TRL joins prompt + completion: text with a list of messages cannot be joined, so the text side becomes a
+    message (a user prompt, an assistant completion), as the preference loader does."""
+    user, reply = [{"role": "user", "content": "What color is the sky?"}], [{"role": "assistant", "content": "Blue."}]
+    rows = [{"prompt": "What color is the sky?", "completion": reply}, {"prompt": user, "completion": "Blue."}]
+    ds = data.load(write_jsonl(tmp_path / "pc.jsonl", rows), "chat", recipe)
+    assert ds["prompt"] == [user, user] and ds["completion"] == [reply, reply]
