@@ -13,7 +13,7 @@ import re
 
 from pipeline import data
 from pipeline.cli import PipelineError
-from pipeline.formats import bad_row, check_messages, check_tool_calls, tools_of
+from pipeline.formats import bad_row, check_messages, check_tool_calls, sharegpt_messages, tools_of
 
 
 PREFERENCE_FORMATS = {
@@ -86,7 +86,7 @@ def _split_text(chosen: str, rejected: str, source, where):
 
 def _reply(value, source, where, col):
     """A reply given as a message object (ShareGPT {from, value} or {role, content}), a list of them, or text, as
-    a list of assistant messages."""
+    a list of assistant messages (a ShareGPT function_call turn as an assistant tool call)."""
     value = _as_messages(value)
     if isinstance(value, dict):
         value = [value]
@@ -94,12 +94,13 @@ def _reply(value, source, where, col):
         return [{"role": "assistant", "content": value}]
     if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
         bad_row(source, where, f"'{col}' must be a message object, a list of messages or text")
-    return [{"role": "assistant", "content": m["value"]} if "value" in m and "from" in m else m for m in value]
+    return [msg for m in value for msg in  # ShareGPT turns: gpt -> assistant, function_call -> a tool call
+            (sharegpt_messages({"conversations": [m]}, source, where) if "value" in m and "from" in m else [m])]
 
 
 def _to_explicit(row: dict, fmt: str, source, where) -> dict:
     """A ShareGPT or Alpaca preference row as an explicit conversational pair (other columns kept)."""
-    from pipeline.formats import alpaca_messages, sharegpt_messages
+    from pipeline.formats import alpaca_messages
 
     for col in ("chosen", "rejected") + (("conversations",) if fmt == "sharegpt" else ("instruction",)):
         if col not in row:

@@ -275,3 +275,18 @@ def test_prompt_completion_rows_mixing_text_and_messages_become_conversations(tm
     rows = [{"prompt": "What color is the sky?", "completion": reply}, {"prompt": user, "completion": "Blue."}]
     ds = data.load(write_jsonl(tmp_path / "pc.jsonl", rows), "chat", recipe)
     assert ds["prompt"] == [user, user] and ds["completion"] == [reply, reply]
+
+
+def test_a_sharegpt_preference_reply_that_is_a_function_call_stays_a_tool_call(tmp_path, recipe):
+    """LLaMA-Factory lets chosen/rejected be a function_call turn: it is trained as the template's tool call, not as
+    its JSON text in an assistant message."""
+    row = {"conversations": [{"from": "human", "value": "Draw a red circle."}], "system": "You can draw.",
+           "chosen": {"from": "function_call", "value": json.dumps({"name": "render_image",
+                                                                    "arguments": {"prompt": "a red circle"}})},
+           "rejected": {"from": "gpt", "value": "I cannot draw."}, "tools": json.dumps(TOOLS)}
+    ds, info = preferences.load_preferences(write_jsonl(tmp_path / "p.jsonl", [row]), recipe)
+    chosen = ds[0]["chosen"]
+    assert len(chosen) == 1 and chosen[0]["role"] == "assistant" and chosen[0]["content"] is None
+    call = chosen[0]["tool_calls"][0]["function"]
+    assert call["name"] == "render_image" and json.loads(call["arguments"]) == {"prompt": "a red circle"}
+    assert ds[0]["rejected"][0]["content"] == "I cannot draw." and json.loads(ds[0]["tools"]) == TOOLS
