@@ -136,7 +136,8 @@ def sharegpt_messages(row: dict, source, where) -> list[dict]:
     turns = _json_value(row["conversations"], source, where, "'conversations'")
     if not isinstance(turns, list) or not turns:
         bad_row(source, where, "'conversations' must be a non-empty list of {from, value} turns")
-    messages = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+    first = turns[0].get("from") if isinstance(turns[0], dict) else None  # a system turn overrides the column
+    messages = [{"role": "system", "content": row["system"]}] if row.get("system") and first != "system" else []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             bad_row(source, where, f"turn {i} of 'conversations' needs 'from' and 'value'")

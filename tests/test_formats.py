@@ -290,3 +290,12 @@ def test_a_sharegpt_preference_reply_that_is_a_function_call_stays_a_tool_call(t
     call = chosen[0]["tool_calls"][0]["function"]
     assert call["name"] == "render_image" and json.loads(call["arguments"]) == {"prompt": "a red circle"}
     assert ds[0]["rejected"][0]["content"] == "I cannot draw." and json.loads(ds[0]["tools"]) == TOOLS
+
+
+def test_a_sharegpt_system_turn_overrides_the_system_column(tmp_path, recipe):
+    """As LLaMA-Factory reads them (its system_tag "can override system column"): one system message, not two."""
+    row = {"conversations": [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "Hi?"},
+                             {"from": "gpt", "value": "Hello!"}], "system": "Be brief."}
+    ds = data.load(write_jsonl(tmp_path / "s.jsonl", [row]), "chat", recipe)
+    assert ds[0]["messages"] == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"},
+                                 {"role": "assistant", "content": "Hello!"}]
