@@ -124,6 +124,8 @@ def tools_of(row: dict, source, where) -> list[dict] | None:
     if tools is None or tools == "" or tools == []:
         return None
     tools = _json_value(tools, source, where, "'tools'")
+    if tools == []:  # "[]": LLaMA-Factory's rows without tools
+        return None
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         bad_row(source, where, "'tools' must be a list of tool schemas (JSON objects)")
     for t in tools:

@@ -248,8 +248,9 @@ def normalize_preferences(rows, where, source) -> tuple[list[dict], dict]:
         if is_conv:  # calls fit the row's tools; arguments become JSON strings (one Arrow schema, as for sft)
             for col in ("prompt", "chosen", "rejected"):
                 check_tool_calls(pair[col], tools, source, f"{w}: {col}")
-        if tools is not None and not isinstance(row["tools"], str):
-            pair["tools"] = json.dumps(tools)
+        if "tools" in pair:  # no tools ("[]" too): None; a list: JSON text
+            pair["tools"] = None if tools is None else pair["tools"] if isinstance(pair["tools"], str) \
+                else json.dumps(tools)
         out.append(pair)
     info = {"source": str(source), "format": fmt, "conversational": bool(conversational), "rows": len(rows),
             "pairs": len(out), "identical_dropped": identical, "margin": margin_from}

@@ -299,3 +299,14 @@ def test_a_sharegpt_system_turn_overrides_the_system_column(tmp_path, recipe):
     ds = data.load(write_jsonl(tmp_path / "s.jsonl", [row]), "chat", recipe)
     assert ds[0]["messages"] == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"},
                                  {"role": "assistant", "content": "Hello!"}]
+
+
+def test_an_empty_tools_string_means_no_tools(tmp_path, recipe):
+    """LLaMA-Factory's glaive_toolcall demo writes "tools": "[]" on rows without tools: like an empty list, no tools
+    (a template testing `tools is not none` would render an empty tool preamble)."""
+    rows = [{"conversations": [{"from": "human", "value": "Define photoshop."}, {"from": "gpt", "value": "An app."}],
+             "tools": "[]"}, dict(SHAREGPT)]
+    ds = data.load(write_jsonl(tmp_path / "g.jsonl", rows), "chat", recipe)
+    assert ds[0]["tools"] is None and json.loads(ds[1]["tools"]) == TOOLS
+    pairs = [{"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go.", "tools": "[]"}]
+    assert preferences.load_preferences(write_jsonl(tmp_path / "p.jsonl", pairs), recipe)[0][0]["tools"] is None
