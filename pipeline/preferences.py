@@ -79,7 +79,9 @@ def _split_text(chosen: str, rejected: str, source, where):
     if chosen == rejected:
         return chosen, "", ""
     cut = max(chosen.rfind(" ", 0, n), chosen.rfind("\n", 0, n)) + 1  # keep whole words in the replies
-    if cut == 0:
+    if chosen[cut - 1:cut] == " ":  # the space starts the replies, as TRL's extract_prompt leaves it
+        cut -= 1
+    if not chosen[:cut].strip():
         bad_row(source, where, "chosen and rejected share no prompt (no common beginning ending at a space)")
     return chosen[:cut], chosen[cut:], rejected[cut:]
 

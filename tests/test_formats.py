@@ -310,3 +310,12 @@ def test_an_empty_tools_string_means_no_tools(tmp_path, recipe):
     assert ds[0]["tools"] is None and json.loads(ds[1]["tools"]) == TOOLS
     pairs = [{"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go.", "tools": "[]"}]
     assert preferences.load_preferences(write_jsonl(tmp_path / "p.jsonl", pairs), recipe)[0][0]["tools"] is None
+
+
+def test_implicit_text_pairs_split_as_trls_explicit_example(tmp_path, recipe):
+    """TRL's implicit pair {"chosen": "The sky is blue.", "rejected": "The sky is green."} is its explicit one: the
+    space starts the replies (extract_prompt), so a prompt never ends in a lone space token."""
+    ds, info = preferences.load_preferences(write_jsonl(tmp_path / "i.jsonl", [
+        {"chosen": "The sky is blue.", "rejected": "The sky is green."}]), recipe)
+    assert info["format"] == "implicit_text"
+    assert ds[0] == {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}

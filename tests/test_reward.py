@@ -61,7 +61,7 @@ def test_implicit_conversations_split_off_the_shared_prefix(tmp_path, recipe):
 def test_implicit_text_cuts_the_prompt_at_a_space(tmp_path, recipe):
     ds, info = load(tmp_path, recipe, [{"chosen": "Q: 2+3? A: five", "rejected": "Q: 2+3? A: fine, six"}])
     assert info["format"] == "implicit_text"
-    assert ds[0] == {"prompt": "Q: 2+3? A: ", "chosen": "five", "rejected": "fine, six"}
+    assert ds[0] == {"prompt": "Q: 2+3? A:", "chosen": " five", "rejected": " fine, six"}
 
 
 def test_anthropic_hh_text_becomes_conversations(tmp_path, recipe):
