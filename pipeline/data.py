@@ -183,6 +183,10 @@ def _check_chat(rows, where, source):
                             f"format) are not demonstrations (columns: {', '.join(rows[0])}); keep the rows "
                             f"labelled true and drop the label column")
     fmt = detect_sft_format(rows[0])
+    if fmt == "sharegpt" and {"chosen", "rejected"} <= set(rows[0]):  # LLaMA-Factory's ranking rows
+        raise PipelineError(f"{source}: ShareGPT preference pairs (the replies in chosen/rejected) are not "
+                            f"demonstrations (columns: {', '.join(rows[0])}); use them as reward.dataset or "
+                            f"dpo.dataset")
     if fmt is None:
         raise PipelineError(f"{source}: no conversation format matches the columns ({', '.join(rows[0]) or 'none'});"
                             f" expected {expected_sft_columns()}")

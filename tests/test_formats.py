@@ -319,3 +319,15 @@ def test_implicit_text_pairs_split_as_trls_explicit_example(tmp_path, recipe):
         {"chosen": "The sky is blue.", "rejected": "The sky is green."}]), recipe)
     assert info["format"] == "implicit_text"
     assert ds[0] == {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}
+
+
+def test_sharegpt_preference_pairs_are_not_taken_for_demonstrations(tmp_path, recipe):
+    """LLaMA-Factory's ShareGPT ranking rows end with the user's turn, the replies in chosen/rejected: as sft data the
+    chosen reply was lost and the history's replies trained; sft stops, naming the file and the columns."""
+    row = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"},
+                             {"from": "human", "value": "2+2?"}],
+           "chosen": {"from": "gpt", "value": "4"}, "rejected": {"from": "gpt", "value": "5"}}
+    path = write_jsonl(tmp_path / "dpo.jsonl", [row])
+    with pytest.raises(PipelineError, match=rf"^{path}: ShareGPT preference pairs .* \(columns: conversations, "
+                                            rf"chosen, rejected\); use them as reward.dataset or dpo.dataset$"):
+        data.load(path, "chat", recipe)
