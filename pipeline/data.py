@@ -26,7 +26,7 @@ from pipeline.cli import PipelineError
 from pipeline.files import file_kind, names_a_local_file, read_file, read_files, read_folder
 from pipeline.fingerprints import hash_file, hash_folder, hash_obj
 from pipeline.formats import (bad_row, check_messages, detect_sft_format, expected_sft_columns, is_unpaired_preference,
-                              to_sft_row)
+                              to_sft_row, tools_json)
 
 # ---------------------------------------------------------------------------------------------- reading
 
@@ -206,6 +206,8 @@ def _check_prompts(rows, where, source):
             check_messages(row["prompt"], source, w, need_assistant=False)
         elif not isinstance(row["prompt"], str) or not row["prompt"].strip():
             bad_row(source, w, "'prompt' must be non-empty text or a list of messages")
+        if row.get("tools") is not None and tools_json(row, source, w) != row["tools"]:  # lists: JSON text
+            row["tools"] = tools_json(row, source, w)
     return rows
 
 

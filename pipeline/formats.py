@@ -134,6 +134,12 @@ def tools_of(row: dict, source, where) -> list[dict] | None:
     return tools
 
 
+def tools_json(row: dict, source, where) -> str | None:
+    """The row's tools as JSON text (a string kept as written), None for none: one Arrow type whatever the schemas."""
+    tools = tools_of(row, source, where)
+    return None if tools is None else row["tools"] if isinstance(row["tools"], str) else json.dumps(tools)
+
+
 def sharegpt_messages(row: dict, source, where) -> list[dict]:
     turns = _json_value(row["conversations"], source, where, "'conversations'")
     if not isinstance(turns, list) or not turns:

@@ -13,7 +13,7 @@ import re
 
 from pipeline import data
 from pipeline.cli import PipelineError
-from pipeline.formats import bad_row, check_messages, check_tool_calls, sharegpt_messages, tools_of
+from pipeline.formats import bad_row, check_messages, check_tool_calls, sharegpt_messages, tools_json, tools_of
 
 
 PREFERENCE_FORMATS = {
@@ -251,8 +251,7 @@ def normalize_preferences(rows, where, source) -> tuple[list[dict], dict]:
             for col in ("prompt", "chosen", "rejected"):
                 check_tool_calls(pair[col], tools, source, f"{w}: {col}")
         if "tools" in pair:  # no tools ("[]" too): None; a list: JSON text
-            pair["tools"] = None if tools is None else pair["tools"] if isinstance(pair["tools"], str) \
-                else json.dumps(tools)
+            pair["tools"] = tools_json(row, source, w)
         out.append(pair)
     info = {"source": str(source), "format": fmt, "conversational": bool(conversational), "rows": len(rows),
             "pairs": len(out), "identical_dropped": identical, "margin": margin_from}

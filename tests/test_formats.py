@@ -331,3 +331,17 @@ def test_sharegpt_preference_pairs_are_not_taken_for_demonstrations(tmp_path, re
     with pytest.raises(PipelineError, match=rf"^{path}: ShareGPT preference pairs .* \(columns: conversations, "
                                             rf"chosen, rejected\); use them as reward.dataset or dpo.dataset$"):
         data.load(path, "chat", recipe)
+
+
+def test_prompt_rows_offering_different_tools_keep_their_own_schemas(tmp_path, recipe):
+    """PPO's prompts (`ppo.load_prompts` reads them as kind "prompts"): tools given as lists become JSON text, so
+    Arrow does not give each row's schemas the other rows' properties as nulls; "[]" is no tools."""
+    draw = {"type": "function", "function": {"name": "draw_image", "parameters": {
+        "type": "object", "properties": {"prompt": {"type": "string"}}, "required": ["prompt"]}}}
+    read = {"type": "function", "function": {"name": "read_image", "parameters": {
+        "type": "object", "properties": {"image_id": {"type": "string"}}, "required": ["image_id"]}}}
+    rows = [{"prompt": [{"role": "user", "content": "Draw a 7."}], "tools": [draw]},
+            {"prompt": [{"role": "user", "content": "Which digit is in image 12?"}], "tools": [read]},
+            {"prompt": [{"role": "user", "content": "Hi?"}], "tools": "[]"}]
+    ds = data.load(write_jsonl(tmp_path / "prompts.jsonl", rows), "prompts", recipe)
+    assert [json.loads(t) for t in ds["tools"][:2]] == [[draw], [read]] and ds[2]["tools"] is None
