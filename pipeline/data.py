@@ -206,7 +206,7 @@ def _check_prompts(rows, where, source):
             check_messages(row["prompt"], source, w, need_assistant=False)
         elif not isinstance(row["prompt"], str) or not row["prompt"].strip():
             bad_row(source, w, "'prompt' must be non-empty text or a list of messages")
-        if row.get("tools") is not None and tools_json(row, source, w) != row["tools"]:  # lists: JSON text
+        if row.get("tools") is not None:  # a list of schemas as JSON text; [] or "[]": None
             row["tools"] = tools_json(row, source, w)
     return rows
 
