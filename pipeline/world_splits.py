@@ -204,7 +204,7 @@ def _pair_answer(row: dict) -> str:
 
 
 def main(argv=None) -> None:
-    """`python -m pipeline.world SPLIT [--n N] [--seed S]`: print a split as JSON Lines (e.g. to make samples)."""
+    """`python -m pipeline.world_splits SPLIT [--n N] [--seed S]`: print a split as JSON Lines (e.g. to make samples)."""
     import argparse
     import json
 

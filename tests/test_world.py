@@ -262,3 +262,13 @@ def test_split_stats(splits):
     assert 0 < st["hard_correct_share"] < st["easy_correct_share"]
     st = split_stats(CFG, "preference", splits["preference"])
     assert 0.8 < st["clean_agrees_share"] < 0.9
+
+
+def test_world_splits_help_names_the_module_that_prints_the_splits(capsys):
+    # data/README.md: `python -m pipeline.world_splits SPLIT --n 8`; pipeline.world has no command line
+    from pipeline import world_splits
+
+    with pytest.raises(SystemExit):
+        world_splits.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse reflows the description
+    assert "`python -m pipeline.world_splits SPLIT" in out and "pipeline.world SPLIT" not in out
