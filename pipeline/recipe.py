@@ -428,7 +428,8 @@ def stage_help(stage: str) -> str:
             meaning = _first_sentence(f.metadata.get("help", "")) if f.metadata else ""
             lines.append(f"  {f.name} ({type_name(fields[f.name][1])}, default {_default_text(f)})"
                          + (f": {meaning}" if meaning else ""))
-    lines += ["", "Other sections take overrides too: run.KEY, model.KEY, tokenizer.KEY, world.KEY, slurm.KEY "
-                  "(e.g. run.output_dir=elsewhere model.dtype=bfloat16); see README.md, \"Recipe reference\"."]
+    others = ", ".join(f"{section}.KEY" for section in GLOBAL_SECTIONS)
+    lines += ["", f"Other sections take overrides too: {others} (e.g. run.output_dir=elsewhere "
+                  f"model.dtype=bfloat16); see README.md, \"Recipe reference\"."]
     return "\n".join(lines)
 

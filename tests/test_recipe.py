@@ -128,3 +128,12 @@ def test_yaml_1_2_booleans_keep_no_a_string():
     recipe = load_recipe(SMALL, ["sft.save_strategy=no", "sft.bf16=false"])
     assert recipe.section("sft")["save_strategy"] == "no" and recipe.section("sft")["bf16"] is False
     assert recipe.trainer_config("sft", output_dir="/tmp/x").save_strategy == "no"
+
+
+def test_stage_help_names_every_section_that_takes_overrides():
+    # `--help` ends by naming the other sections a command line may override: all of them (tools.tools=[...] and
+    # generation.backend=vllm are README commands), not a list that stopped growing with the recipe
+    from pipeline.recipe import GLOBAL_SECTIONS, stage_help
+
+    last = stage_help("ppo").splitlines()[-1]
+    assert all(f"{section}.KEY" in last for section in GLOBAL_SECTIONS), last
