@@ -95,6 +95,9 @@ def components(recipe, ref: str | None, section_cfg: dict, resolution: int, seen
                 if (path / "text_encoder").is_dir() else None)
         return {**_components_from_configs(read("unet"), None, read("vae"), text), "source": "local"}
     cp = runs.resolve_checkpoint(recipe, ref, must_exist=False)
+    from pipeline import hub
+
+    online = hub.reachable()  # offline: the cache only, at once
     try:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import AutoConfig
@@ -105,8 +108,9 @@ def components(recipe, ref: str | None, section_cfg: dict, resolution: int, seen
         text = ((index["text_encoder"][1], AutoConfig.from_pretrained(cp.path, subfolder="text_encoder"))
                 if "text_encoder" in index else None)
     except Exception as err:  # offline, not found, gated
-        raise PipelineError(f"'{ref}': cannot read the pipeline's configs from the hub "
-                            f"({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
+        why = f"{hub.unreachable_note()} and it is not in the local cache" if not online else \
+            f"cannot read the pipeline's configs from the hub ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+        raise PipelineError(f"'{ref}': {why}") from None
     return {**_components_from_configs(dict(unet), None, dict(vae) if vae else None, text), "source": "hub"}
 
 

@@ -349,11 +349,15 @@ def make_scheduler(kind: str, config: dict):
 def load_pipeline(path: str, revision: str | None = None):
     from diffusers import DiffusionPipeline
 
+    from pipeline import hub
+
+    online = hub.reachable() if not Path(path).exists() else True  # a hub id offline: the cache only, at once
     try:
         return DiffusionPipeline.from_pretrained(path, revision=revision)
     except (OSError, ValueError, EnvironmentError) as err:
-        raise PipelineError(f"init_from '{path}': not a loadable diffusers pipeline "
-                            f"({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
+        why = f"{hub.unreachable_note()} and it is not in the local cache" if not online else \
+            f"not a loadable diffusers pipeline ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+        raise PipelineError(f"init_from '{path}': {why}") from None
 
 
 def pipeline_shape(pipe) -> dict:

@@ -458,3 +458,23 @@ def test_lora_fine_tuning_of_a_pretrained_pipeline_and_its_memory_check(tmp_path
     check = run_cli(["pipeline/run.py", recipe, "--check", "--force", "--device-memory", "1GiB"], cwd=tmp_path)
     assert check.returncode in (0, 1), check.stdout + check.stderr
     assert "memory per device" in check.stdout and "LoRA:" in check.stdout and "vae" in check.stdout
+
+
+def test_a_hub_pipeline_without_network_is_named_at_once_by_check_and_stage(tmp_path, monkeypatch):
+    # as a language model's hub id (tests/test_byod.py): the hub is probed once, then only the local cache is read,
+    # instead of huggingface_hub's retries (23 s) ending in a message that does not say the hub is unreachable
+    from pipeline import hub, image_check
+    from pipeline.recipe import load_recipe
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: the probe fails at once
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    hub.reachable.cache_clear()
+    recipe = load_recipe(image_recipe(tmp_path, diffusion={"pretrained": "someone/no-such-pipeline"}))
+    try:
+        with pytest.raises(PipelineError, match="'someone/no-such-pipeline': the hub cannot be reached"):
+            image_check.components(recipe, "someone/no-such-pipeline", {}, 16)
+        with pytest.raises(PipelineError, match="'someone/no-such-pipeline': .*the hub cannot be reached"):
+            images.load_pipeline("someone/no-such-pipeline")
+    finally:
+        hub.reachable.cache_clear()
