@@ -190,11 +190,16 @@ def _check_chat(rows, where, source):
     if fmt is None:
         raise PipelineError(f"{source}: no conversation format matches the columns ({', '.join(rows[0]) or 'none'});"
                             f" expected {expected_sft_columns()}")
-    out = []
+    out, conversational = [], None
     for row, w in zip(rows, where):
         if detect_sft_format(row) != fmt:
             bad_row(source, w, f"not in the {fmt} format of the first row (columns: {', '.join(row) or 'none'})")
         out.append({**{k: v for k, v in row.items() if k not in FORMAT_COLUMNS}, **to_sft_row(row, fmt, source, w)})
+        is_conv = isinstance(out[-1].get("completion", []), list)  # prompt/completion: text, or messages
+        if conversational is not None and is_conv != conversational:
+            bad_row(source, w, f"mixes text and conversation rows (earlier rows are "
+                               f"{'conversations' if conversational else 'text'})")
+        conversational = is_conv
     return out
 
 

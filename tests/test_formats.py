@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import tiny_recipe, write_jsonl
+from conftest import REPO, tiny_recipe, write_jsonl
 from pipeline import data, formats, preferences
 from pipeline.cli import PipelineError
 from pipeline.recipe import load_recipe
@@ -275,6 +275,22 @@ def test_prompt_completion_rows_mixing_text_and_messages_become_conversations(tm
     rows = [{"prompt": "What color is the sky?", "completion": reply}, {"prompt": user, "completion": "Blue."}]
     ds = data.load(write_jsonl(tmp_path / "pc.jsonl", rows), "chat", recipe)
     assert ds["prompt"] == [user, user] and ds["completion"] == [reply, reply]
+
+
+def test_prompt_completion_text_rows_after_conversation_rows_are_named_by_row(tmp_path, recipe):
+    """A text row (prompt and completion both text: a plain continuation) after conversational rows is not in the
+    first row's format: one line naming the row, as the preference loader says it, not Arrow's schema error."""
+    user, reply = [{"role": "user", "content": "What color is the sky?"}], [{"role": "assistant", "content": "Blue."}]
+    path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": user, "completion": reply},
+                                               {"prompt": "The sky is", "completion": " blue."}])
+    with pytest.raises(PipelineError, match=rf"^{path}: line 2: mixes text and conversation rows \(earlier rows "
+                                            rf"are conversations\)"):
+        data.load(path, "chat", recipe)
+
+
+def test_the_shipped_prompt_completion_sample_loads(recipe):
+    ds, info = data.load_with_info(str(REPO / "data/samples/prompt_completion.jsonl"), "chat", recipe)
+    assert info["format"] == "prompt_completion" and len(ds) >= 2
 
 
 def test_a_sharegpt_preference_reply_that_is_a_function_call_stays_a_tool_call(tmp_path, recipe):
