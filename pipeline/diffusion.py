@@ -8,7 +8,8 @@ UNet) and trained from nothing; with `pretrained` (a stage, a folder or a hub id
 pipeline) it is fine-tuned, fully or with LoRA (`use_lora`), in its VAE's latent space if it has one, as diffusers'
 train_text_to_image(_lora).py do. DDPM noise schedule, epsilon (or v) prediction, captions dropped for
 classifier-free guidance, EMA weights, Accelerate's mixed precision; the saved scheduler is a fast sampler
-(DPM-Solver++ by default). The output folder loads with `DiffusionPipeline.from_pretrained(folder)` (safetensors).
+(`sampler`: DDIM by default, or DPM-Solver++, Euler, DDPM). The output folder loads with
+`DiffusionPipeline.from_pretrained(folder)` (safetensors).
 
 At the end the image judge is trained on the world's real images (`judge/`), the model draws every held-out
 caption and the judge scores the images: metrics.json, report.md, grid.png, samples/. Section keys:
