@@ -9,7 +9,8 @@ reads (preferences.load_preferences). Section keys: TRL's DPOConfig fields, Mode
 (pipeline/stages.py). At the end the input and the tuned policy answer the held-out prompts (verifier accuracy).
 
 `dpo.rounds: N` > 1 iterates (pipeline/dpo_rounds.py): after round 1 on the dataset, each round samples pairs from the
-current policy, labels them (`round_labeller`: the reward model or the world's annotator) and trains on them.
+current policy (a tool prompt with its tools), labels them (`round_labeller`: the reward model or the world's
+annotator, which leaves tool prompts out) and trains on them.
 """
 
 import sys
@@ -67,12 +68,13 @@ def check_rounds(recipe, keys) -> None:
 
 
 def round_prompts(keys, train_ds) -> list[dict]:
-    """The prompts later rounds sample from: the training pairs' distinct prompts; the annotator judges world
-    problems only (it needs their answers)."""
-    prompts = train_ds.select_columns([c for c in ("prompt", "skill", "answer") if c in train_ds.column_names])
+    """The prompts later rounds sample from: the training pairs' distinct prompts, with the tools each offers; the
+    annotator judges world problems only (it needs their answers), not tool replies (their prompts are left out)."""
+    prompts = train_ds.select_columns([c for c in ("prompt", "skill", "answer", "tools") if c in train_ds.column_names])
     if keys.round_labeller == "annotator":
-        prompts = judges.with_answers(prompts, data.spec_name(keys.dataset), required=True,
-                                      needed_for="dpo.round_labeller=annotator")
+        spec = data.spec_name(keys.dataset)
+        prompts = judges.with_answers(prompts, spec, required=True, needed_for="dpo.round_labeller=annotator")
+        return dpo_rounds.annotator_prompts(dpo_rounds.distinct_prompts(prompts), spec)
     return dpo_rounds.distinct_prompts(prompts)
 
 

@@ -3,6 +3,15 @@ round samples two replies per prompt of that dataset from the current policy (pi
 1), labels each pair with the reward model (pipeline/reward_model.py) or the world's annotator with its label noise
 (pipeline/judges.py), drops ties, and runs a DPO step (a new DPOTrainer) on those pairs.
 
+A prompt that offers tools (a `tools` column, as world:tool_preference's rows) is sampled with its tools rendered by
+the chat template, as the eval and ppo stages render it; a sampled reply is one assistant turn (its calls are not
+run). A reply that is tool calls, every one of them parsed (pipeline/tool_calls.py), becomes an assistant message with
+structured `tool_calls` (arguments as JSON strings, as the world's tool pairs hold them); one whose calls do not parse
+stays text. The reward model scores each reply with its row's tools, and the pair keeps `tools`, so DPO renders it
+as round 1 renders the dataset's tool pairs. The world's annotator cannot judge a tool reply (pipeline/tool_world.py
+judges whole rollouts, the calls run): with `round_labeller: annotator` tool prompts are left out of rounds 2+
+(`annotator_prompts`, logged).
+
 The reference stays the stage's initial model in every round, as in OpenRLHF: each round's KL is then measured
 against the same model (the one the held-out comparison and the eval stage compare with), and a reference that
 followed the policy would let the KL budget compound from round to round.
@@ -29,9 +38,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import data, faults, integrity, judges, log, metrics as M, models, monitors, runs, safe_resume
+from pipeline.cli import PipelineError
 from pipeline.generation import generate, reply_logprob_sums
 from pipeline.heldout import verifier_accuracy
-from pipeline.reward_model import as_reply
+from pipeline.reward_model import as_reply, tools_of
+from pipeline.tools import parse_tool_calls
 
 STATE = "state.json"
 PAIRS = "pairs.json"
@@ -41,8 +52,8 @@ PAIRS = "pairs.json"
 class Rounds:
     """What the rounds need from the DPO stage. `trainer_for(policy, pairs, output_dir)`: the stage's DPOTrainer
     over those pairs; reference: the frozen initial model (also with LoRA); reward: a RewardModel when the
-    labeller is the reward model; prompts: one row per distinct training prompt (`prompt`, and `skill`/`answer` for
-    the annotator)."""
+    labeller is the reward model; prompts: one row per distinct training prompt (`prompt`, `tools` where it offers
+    some, and `skill`/`answer` for the annotator)."""
 
     recipe: object
     keys: object
@@ -56,14 +67,57 @@ class Rounds:
 
 
 def distinct_prompts(ds) -> list[dict]:
-    """One row per distinct prompt of preference pairs, in first-seen order."""
+    """One row per distinct prompt of preference pairs (a prompt with other tools is another prompt), in first-seen
+    order; `tools` kept where a row offers some."""
     seen, rows = set(), []
     for row in ds:
-        k = json.dumps(row["prompt"], sort_keys=True)
+        tools = row.get("tools") or None
+        k = json.dumps(row["prompt"] if tools is None else [row["prompt"], tools], sort_keys=True)
         if k not in seen:
             seen.add(k)
             rows.append({c: row[c] for c in ("prompt", "skill", "answer") if c in row})
+            if tools is not None:
+                rows[-1]["tools"] = tools
     return rows
+
+
+def annotator_prompts(rows: list[dict], spec: str) -> list[dict]:
+    """The prompts the world's annotator can judge replies to: those that offer no tools. Its tool judge
+    (tool_world.annotator_prefers_tool) ranks whole rollouts whose calls ran (and whose drawn images the image judge
+    read); a sampled turn is not run, so a tool prompt's replies cannot be judged and the prompt is left out of rounds
+    2+ (round 1 trains on its pairs as on the others). Every prompt a tool prompt: an error."""
+    kept = [row for row in rows if not row.get("tools")]
+    if not kept:
+        raise PipelineError(f"{spec}: every prompt offers tools, and dpo.round_labeller=annotator cannot judge a tool "
+                            f"reply (the world's annotator ranks rollouts whose calls ran); use dpo.round_labeller="
+                            f"reward")
+    if len(kept) < len(rows):
+        log.warning(f"{spec}: {len(rows) - len(kept)} of {len(rows)} prompts offer tools: rounds 2+ leave them out, "
+                    f"as the world's annotator cannot judge a tool reply without running its calls "
+                    f"(dpo.round_labeller=reward samples them)")
+    return kept
+
+
+def offered_tools(rows) -> list | None:
+    """The tool schemas each row offers (None where it offers none), or None when no row offers any."""
+    tools = [tools_of(row) or None for row in rows]
+    return tools if any(tools) else None
+
+
+def pair_reply(row: dict, text: str):
+    """A sampled reply as its pair holds it: `as_reply`; after a conversation that offers tools, a reply with tool
+    calls, every one parsed, is an assistant message with structured `tool_calls` (arguments as JSON strings, content
+    None when the reply is only calls, as tool_world.call_message writes them). A call that does not parse keeps the
+    reply as text."""
+    prompt = row["prompt"]
+    if not row.get("tools") or not isinstance(prompt, list):
+        return as_reply(prompt, text)
+    content, calls = parse_tool_calls(text)
+    if not calls or any(c.error for c in calls):
+        return as_reply(prompt, text)
+    return [{"role": "assistant", "content": content or None,
+             "tool_calls": [{"type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
+                            for c in calls]}]
 
 
 def round_dir(out: Path, r: int) -> Path:
@@ -108,23 +162,34 @@ def prompt_draw(setup: Rounds, r: int) -> list[dict]:
 
 def label_pairs(setup: Rounds, rows, samples, r: int) -> tuple[list[dict], int]:
     """Each prompt's two samples as a (chosen, rejected) pair by the round's labeller; ties (and prompts it cannot
-    judge) dropped. Returns the pairs and how many were dropped."""
+    judge) dropped. Returns the pairs and how many were dropped. A tool prompt's replies are scored and paired as
+    `pair_reply` writes them, with the row's tools (kept in its pair)."""
     a, b = [s[0].text for s in samples], [s[1].text for s in samples]
+    replies_a = [pair_reply(row, x) for row, x in zip(rows, a)]
+    replies_b = [pair_reply(row, y) for row, y in zip(rows, b)]
     if setup.keys.round_labeller == "reward":
-        prompts = [row["prompt"] for row in rows]
-        outcomes = judges.outcomes(rows, "reward", a, b, setup.reward.scores(prompts, a, desc="rewards"),
-                                   setup.reward.scores(prompts, b, desc="rewards"))
+        prompts, tools = [row["prompt"] for row in rows], offered_tools(rows)
+        outcomes = judges.outcomes(rows, "reward", a, b, setup.reward.scores(prompts, replies_a, tools, desc="rewards"),
+                                   setup.reward.scores(prompts, replies_b, tools, desc="rewards"))
     else:
         rng = random.Random(setup.recipe.run.seed * 1000 + r)
         outcomes = [judges.noisy_annotator_outcome(row, x, y, rng, setup.recipe.world.label_noise)
                     for row, x, y in zip(rows, a, b)]
     pairs = []
-    for row, x, y, outcome in zip(rows, a, b, outcomes):
+    for row, x, y, outcome in zip(rows, replies_a, replies_b, outcomes):
         if outcome:
             chosen, rejected = (x, y) if outcome > 0 else (y, x)
-            pairs.append({"prompt": row["prompt"], "chosen": as_reply(row["prompt"], chosen),
-                          "rejected": as_reply(row["prompt"], rejected)})
+            pairs.append({"prompt": row["prompt"], "chosen": chosen, "rejected": rejected,
+                          **({"tools": row["tools"]} if row.get("tools") else {})})
     return pairs, len(rows) - len(pairs)
+
+
+def sample(setup: Rounds, policy, rows, r: int):
+    """Two samples (temperature 1) per row from round r's policy, each prompt rendered with the tools it offers."""
+    keys = setup.keys
+    return generate(policy, setup.tokenizer, [row["prompt"] for row in rows], max_new_tokens=keys.round_max_new_tokens,
+                    batch_size=keys.heldout_batch_size, do_sample=True, num_samples=2,
+                    seed=setup.recipe.run.seed * 1000 + r, desc=f"round {r} samples", tools=offered_tools(rows))
 
 
 def measure(setup: Rounds, policy, r: int, rows, samples, previous: dict | None) -> dict:
@@ -136,10 +201,11 @@ def measure(setup: Rounds, policy, r: int, rows, samples, previous: dict | None)
         scored = verifier_accuracy(policy, tokenizer, setup.heldout, max_new_tokens=keys.heldout_max_new_tokens,
                                    batch_size=keys.heldout_batch_size, desc=f"round {r} held-out")
         record["heldout_accuracy"] = scored["accuracy"]
-    prompts = [row["prompt"] for row in rows]
-    own = reply_logprob_sums(policy, tokenizer, prompts, samples, keys.heldout_batch_size, f"round {r} policy")
+    prompts, tools = [row["prompt"] for row in rows], offered_tools(rows)
+    own = reply_logprob_sums(policy, tokenizer, prompts, samples, keys.heldout_batch_size, f"round {r} policy",
+                             tools=tools)
     ref = reply_logprob_sums(setup.reference, tokenizer, prompts, samples, keys.heldout_batch_size,
-                             f"round {r} reference")
+                             f"round {r} reference", tools=tools)
     record["kl"] = float(np.mean(own - ref))  # E_{y ~ policy}[log policy(y|x) - log ref(y|x)] over its samples
     record.update(M.diversity([[s.text for s in pair] for pair in samples]))
     record["collapse"] = None
@@ -157,7 +223,9 @@ def train_round(setup: Rounds, policy, pairs, r: int, output_dir: Path, resume):
     """One DPO step of the iteration: a DPOTrainer over the round's pairs from the current policy."""
     import datasets
 
-    pairs = datasets.Dataset.from_list(pairs) if isinstance(pairs, list) else pairs
+    if isinstance(pairs, list):  # from_list takes its columns from the first row: a text pair among tool pairs
+        with_tools = any("tools" in p for p in pairs)  # gets tools None, as in the loaded dataset
+        pairs = datasets.Dataset.from_list([{**p, "tools": p.get("tools")} if with_tools else p for p in pairs])
     trainer = setup.trainer_for(policy, pairs, output_dir)
     data.warn_many_epochs(trainer.args, len(trainer.train_dataset), setup.run.state.num_processes)
     result = trainer.train(resume_from_checkpoint=resume)
@@ -196,10 +264,7 @@ def run_rounds(setup: Rounds, policy, first_pairs):
         state = {"round": r, **stats, "dropped_next": 0}
         if main:
             policy.save_pretrained(str(folder / "policy"), safe_serialization=True)
-            samples = generate(policy, setup.tokenizer, [row["prompt"] for row in rows],
-                               max_new_tokens=keys.round_max_new_tokens, batch_size=keys.heldout_batch_size,
-                               do_sample=True, num_samples=2, seed=setup.recipe.run.seed * 1000 + r,
-                               desc=f"round {r} samples")
+            samples = sample(setup, policy, rows, r)
             record = {"round": r, "pairs": len(pairs), "ties_dropped": dropped, "sample_prompts": len(rows),
                       **measure(setup, policy, r, rows, samples, previous)}
             if r < keys.rounds:

@@ -34,13 +34,16 @@ def render_prompt(tokenizer, prompt, tools=None) -> str:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, *, max_new_tokens=64, batch_size=32, do_sample=False, temperature=1.0,
-             top_p=1.0, num_samples=1, seed=0, desc="generating", progress=True, engine=None) -> list[list[Reply]]:
-    """Replies for each prompt (num_samples each), batched with left padding and the KV cache.
+             top_p=1.0, num_samples=1, seed=0, desc="generating", progress=True, engine=None,
+             tools=None) -> list[list[Reply]]:
+    """Replies for each prompt (num_samples each), batched with left padding and the KV cache. `tools`: the tool
+    schemas each prompt offers (a list per prompt, None where it offers none), rendered by the chat template; the
+    replies are one turn each (a tool call is sampled, never run: parse it with pipeline.tools.parse_tool_calls).
 
     Prompts are generated longest-first, so each batch pads little; results come back in the input order. With
     `engine` (pipeline/vllm_engine.py, holding `model`'s weights) vLLM samples them instead, all at once.
     """
-    texts = [render_prompt(tokenizer, p) for p in prompts]
+    texts = [render_prompt(tokenizer, p, t) for p, t in zip(prompts, tools or [None] * len(prompts))]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad = eos if pad is None else pad
     if engine is not None:
@@ -89,9 +92,10 @@ def _reply(tokenizer, row: list[int], eos: int, pad: int) -> Reply:
     return Reply(tokenizer.decode(tokens, skip_special_tokens=True).strip(), ended, len(tokens), sampled)
 
 
-def prompt_ids(tokenizer, prompt) -> list[int]:
-    """The token ids `generate` feeds for a prompt (chat template with the generation prompt, no extra specials)."""
-    return tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+def prompt_ids(tokenizer, prompt, tools=None) -> list[int]:
+    """The token ids `generate` feeds for a prompt (chat template with the generation prompt and the prompt's tools,
+    no extra specials)."""
+    return tokenizer(render_prompt(tokenizer, prompt, tools), add_special_tokens=False)["input_ids"]
 
 
 @torch.no_grad()
@@ -135,13 +139,14 @@ def same_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab() and a.chat_template == b.chat_template and a.eos_token_id == b.eos_token_id
 
 
-def sample_sequences(tokenizer, prompts, samples, policy_tokenizer=None) -> tuple[list[list[int]], list[int]]:
+def sample_sequences(tokenizer, prompts, samples, policy_tokenizer=None,
+                     tools=None) -> tuple[list[list[int]], list[int]]:
     """prompt + sampled reply (+ end-of-turn if it ended) token ids, and each prompt's length. With the policy's own
-    tokenizer the reply keeps its sampled ids; another tokenizer re-encodes the reply text."""
+    tokenizer the reply keeps its sampled ids; another tokenizer re-encodes the reply text. `tools`: as `generate`'s."""
     reuse = policy_tokenizer is None or same_tokenizer(tokenizer, policy_tokenizer)
     seqs, starts = [], []
-    for prompt, replies in zip(prompts, samples):
-        head = prompt_ids(tokenizer, prompt)
+    for prompt, replies, offered in zip(prompts, samples, tools or [None] * len(prompts)):
+        head = prompt_ids(tokenizer, prompt, offered)
         for r in replies:
             body = r.token_ids if reuse else tokenizer(r.text, add_special_tokens=False)["input_ids"]
             seqs.append(head + list(body) + ([tokenizer.eos_token_id] if r.ended else []))
@@ -149,9 +154,10 @@ def sample_sequences(tokenizer, prompts, samples, policy_tokenizer=None) -> tupl
     return seqs, starts
 
 
-def reply_logprob_sums(model, tokenizer, prompts, samples, batch_size, desc, policy_tokenizer=None) -> np.ndarray:
-    """log p(reply | prompt) of every sample under `model`, shaped (prompts, samples)."""
-    seqs, starts = sample_sequences(tokenizer, prompts, samples, policy_tokenizer)
+def reply_logprob_sums(model, tokenizer, prompts, samples, batch_size, desc, policy_tokenizer=None,
+                       tools=None) -> np.ndarray:
+    """log p(reply | prompt) of every sample under `model`, shaped (prompts, samples); `tools` as `generate`'s."""
+    seqs, starts = sample_sequences(tokenizer, prompts, samples, policy_tokenizer, tools)
     lps = token_logprobs(model, seqs, batch_size=batch_size, desc=desc)
     sums = [float(np.sum(lp[s - 1:])) for lp, s in zip(lps, starts)]
     return np.array(sums).reshape(len(prompts), -1)
