@@ -306,13 +306,16 @@ def _validate_section(section: str, raw, where, origins) -> dict:
 
 
 def _apply_override(data: dict, text: str) -> tuple[str, str]:
-    dotted, _, value_text = text.partition("=")
+    dotted, equals, value_text = text.partition("=")
     parts = dotted.strip().split(".")
-    if len(parts) < 2 or not all(parts):
+    if not equals or len(parts) < 2 or not all(parts):  # without `=` the runner took it for key=null
         raise PipelineError(f"override '{text}': expected section.key=value")
     try:
         value = yaml_load(value_text) if value_text.strip() else None
-    except yaml.YAMLError:
+    except yaml.YAMLError as err:  # text that is not YAML (`*.jsonl`) stays text, an unclosed [, { or quote no
+        if value_text.lstrip()[0] in "[{\"'":
+            raise PipelineError(f"override '{text}': the value is not valid YAML "
+                                f"({getattr(err, 'problem', None) or 'unclosed'}): close it or quote it") from None
         value = value_text
     node = data
     for p in parts[:-1]:

@@ -3,7 +3,7 @@ from trl import SFTConfig
 
 from pipeline.cli import PipelineError
 from pipeline.recipe import load_recipe
-from conftest import REPO, tiny_recipe
+from conftest import REPO, run_cli, tiny_recipe
 
 SMALL = REPO / "recipes" / "small.yaml"
 
@@ -137,3 +137,16 @@ def test_stage_help_names_every_section_that_takes_overrides():
 
     last = stage_help("ppo").splitlines()[-1]
     assert all(f"{section}.KEY" in last for section in GLOBAL_SECTIONS), last
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("sft.eval_dataset", "expected section.key=value"),  # no `=`: the runner read it as null (eval data off)
+    ("sft.dataset=[a,b", "not valid YAML"),  # an unclosed list was kept as the text '[a,b'
+    ("sft.columns={prompt: q", "not valid YAML"),
+])
+def test_override_without_value_or_with_unclosed_brackets_is_refused_naming_it(tmp_path, override, expected):
+    with pytest.raises(PipelineError) as err:
+        load_recipe(tiny_recipe(tmp_path), [override])
+    assert f"override '{override}'" in str(err.value) and expected in str(err.value) and "\n" not in str(err.value)
+    proc = run_cli(["pipeline/run.py", tiny_recipe(tmp_path), override, "--dry-run"], cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: {err.value}"]
