@@ -14,6 +14,7 @@ import torch
 
 from pipeline import faults
 from pipeline.cli import PipelineError
+from pipeline.values import closest
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -84,16 +85,53 @@ def _adapter_base(path) -> str:
 # ---------------------------------------------------------------------------------------------- models
 
 
-def build_causal_lm(recipe, tokenizer):
-    """A new model from `model.config` (e.g. {model_type: llama, hidden_size: 128, ...}) sized to the tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def check_section(recipe) -> None:
+    """The model section's values that need transformers to check (when the recipe loads, before any stage):
+    `attn_implementation` and the config `model.config` builds."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    attn = recipe.model.attn_implementation
+    known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    if attn is not None and "/" not in attn and attn.removeprefix("paged|") not in known:  # org/repo: a hub kernel
+        raise PipelineError(f"{recipe.path}: model.attn_implementation: '{attn}' is not one of {', '.join(known)} "
+                            f"(or a kernels hub repo){closest(attn, known)}")
+    if recipe.model.config:
+        model_config(recipe)
+
+
+def model_config(recipe):
+    """The transformers config `model.config` describes ({model_type: llama, hidden_size: 128, ...}); a key that
+    is close to one of the config's own names but not one (a typo, which transformers keeps unused) is refused."""
+    import dataclasses
+    import difflib
+
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     cfg = dict(recipe.model.config)
     model_type = cfg.pop("model_type", "llama")
+    if model_type not in CONFIG_MAPPING:
+        raise PipelineError(f"{recipe.path}: model.config.model_type: unknown '{model_type}'"
+                            f"{closest(str(model_type), list(CONFIG_MAPPING.keys()))}")
+    cls = CONFIG_MAPPING[model_type]
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    names |= set(getattr(cls, "attribute_map", {}))
+    for key in cfg:
+        close = difflib.get_close_matches(str(key), sorted(names), n=3, cutoff=0.8)
+        if key not in names and not hasattr(cls, key) and close:
+            raise PipelineError(f"{recipe.path}: model.config: unknown key '{key}' for {model_type} "
+                                f"(closest: {', '.join(close)})")
     try:
-        config = AutoConfig.for_model(model_type, **cfg)
-    except (ValueError, TypeError) as err:
-        raise PipelineError(f"{recipe.path}: model.config: {str(err).splitlines()[0]}") from None
+        return AutoConfig.for_model(model_type, **cfg)
+    except Exception as err:  # ValueError, TypeError, huggingface_hub's strict-dataclass validation errors
+        why = " ".join(line.strip() for line in str(err).splitlines()[:2])
+        raise PipelineError(f"{recipe.path}: model.config: {why[:300]}") from None
+
+
+def build_causal_lm(recipe, tokenizer):
+    """A new model from `model.config` (e.g. {model_type: llama, hidden_size: 128, ...}) sized to the tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(recipe)
     config.vocab_size = len(tokenizer)
     config.pad_token_id = tokenizer.pad_token_id
     config.eos_token_id = tokenizer.eos_token_id

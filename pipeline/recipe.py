@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -51,7 +51,7 @@ class ModelSection:
     config: dict | None = None          # ... or an architecture built from scratch (AutoConfig.for_model kwargs)
     revision: str | None = None
     trust_remote_code: bool = False     # safe by default: remote code runs only if the recipe says so
-    dtype: str = "float32"              # float32 | bfloat16 | float16 | auto: dtype weights are loaded in
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"  # the dtype weights are loaded in
     attn_implementation: str | None = None
 
 
@@ -366,6 +366,9 @@ def load_recipe(path, overrides: list[str] = ()) -> Recipe:
                     generation=build("generation"),
                     stages={s: v for s, v in values.items() if s in STAGES})
     _check_world(recipe)
+    from pipeline.models import check_section as check_model
+
+    check_model(recipe)
     from pipeline.vllm_engine import check_section as check_generation
 
     check_generation(recipe)

@@ -3,7 +3,7 @@ from trl import SFTConfig
 
 from pipeline.cli import PipelineError
 from pipeline.recipe import load_recipe
-from conftest import REPO, run_cli, tiny_recipe
+from conftest import REPO, TINY, run_cli, tiny_recipe
 
 SMALL = REPO / "recipes" / "small.yaml"
 
@@ -150,3 +150,28 @@ def test_override_without_value_or_with_unclosed_brackets_is_refused_naming_it(t
     assert f"override '{override}'" in str(err.value) and expected in str(err.value) and "\n" not in str(err.value)
     proc = run_cli(["pipeline/run.py", tiny_recipe(tmp_path), override, "--dry-run"], cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: {err.value}"]
+
+
+@pytest.mark.parametrize("model, expected", [
+    ({"dtype": "float64"}, "model.dtype must be one of"),  # --check passed it; the stage's line named no file
+    ({"attn_implementation": "flash"}, "model.attn_implementation: 'flash' is not"),  # a traceback at model build
+    ({"config": {**TINY["model"]["config"], "hidden_size": "big"}}, "model.config: .*'hidden_size'"),  # traceback
+    ({"config": {**TINY["model"]["config"], "hiden_size": 96}}, r"model.config: unknown key 'hiden_size' .*\(closest: "
+                                                                r"hidden_size\)"),  # built the default 4096 wide
+    ({"config": {**TINY["model"]["config"], "model_type": "lama"}}, r"model.config.model_type: unknown 'lama' "
+                                                                    r"\(closest: .*llama"),
+])
+def test_model_section_values_are_checked_when_the_recipe_loads(tmp_path, model, expected):
+    path = tiny_recipe(tmp_path, model=model)
+    with pytest.raises(PipelineError, match=expected) as err:
+        load_recipe(path)
+    assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value) and len(str(err.value)) < 400
+
+
+def test_bad_model_section_stops_stage_and_check_in_one_line_leaving_nothing(tmp_path):
+    recipe = tiny_recipe(tmp_path, model={"attn_implementation": "flash"}, sft=None)
+    for args in (["pipeline/pretrain.py", recipe], ["pipeline/run.py", recipe, "--check"]):
+        proc = run_cli(args, cwd=tmp_path)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert "model.attn_implementation" in proc.stderr.strip().splitlines()[-1]
+        assert not (tmp_path / "runs").exists()
