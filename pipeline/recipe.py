@@ -268,6 +268,13 @@ def _check_value(section: str, key: str, value, src) -> None:
     if section == "run" and key == "carbon_country" and not re.fullmatch(r"[A-Za-z]{3}", str(value)):
         raise PipelineError(f"{src}: run.carbon_country must be a 3-letter ISO 3166 country code (e.g. USA, FRA, "
                             f"DEU), got {value!r}")
+    if section == "run" and key == "launcher" and value:
+        import shlex
+
+        try:
+            shlex.split(value)
+        except ValueError as err:
+            raise PipelineError(f"{src}: run.launcher: {err} in {value!r}") from None
     if key == "report_to":
         import importlib.util
 

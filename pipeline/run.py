@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import threading
@@ -104,9 +105,19 @@ def plan(recipe, only=(), start=None, force=False) -> list[tuple[str, bool, str]
     return steps
 
 
+def launcher_prefix(recipe) -> list[str]:
+    """What each stage's command starts with: `run.launcher`'s words, its program found on PATH, else python."""
+    if not recipe.run.launcher:
+        return [sys.executable]
+    prefix = shlex.split(recipe.run.launcher)  # checked when the recipe loads
+    if not prefix or shutil.which(prefix[0]) is None:
+        raise cli.PipelineError(f"{recipe.path}: run.launcher: '{prefix[0] if prefix else ''}' is not a program on "
+                                f"PATH (install it, e.g. accelerate, or leave run.launcher empty for plain python)")
+    return prefix
+
+
 def stage_command(recipe, stage: str, overrides: list[str]) -> list[str]:
-    prefix = shlex.split(recipe.run.launcher) if recipe.run.launcher else [sys.executable]
-    return [*prefix, str(STAGES[stage].script), str(recipe.path), *overrides]
+    return [*launcher_prefix(recipe), str(STAGES[stage].script), str(recipe.path), *overrides]
 
 
 def _die_with_parent() -> None:
@@ -279,6 +290,7 @@ def main(argv):
             if args.config:
                 n = (args.nodes or 1) * (args.gpus_per_node or args.procs_per_node or 1)
                 return cluster.read_launch(args.config, num_processes=n, num_machines=args.nodes)
+            launcher_prefix(recipe)  # a launcher that is not there: an error of every stage
             return cluster.launch_from_command(recipe.run.launcher)
 
         device_memory = (memory.parse_size(args.device_memory) if args.device_memory
@@ -299,6 +311,7 @@ def main(argv):
         print(f"  {stage:<10} {'run ' if run else 'skip'}  ({why})")
     if args.dry_run or not any(run for _, run, _ in steps):
         return
+    launcher_prefix(recipe)  # before anything is written
     runs.ensure_writable(recipe.run_dir)
     with locks.hold(recipe.run_dir / "run.lock", "pipeline/run.py", target=f"run folder {recipe.run_dir}"):
         run_steps(recipe, steps, args.overrides)

@@ -85,6 +85,20 @@ def test_bad_recipe_key_exits_2_with_one_line_and_writes_nothing(tmp_path):
     assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("launcher, expected", [
+    ("no-such-launcher --x", "run.launcher: 'no-such-launcher' is not a program on PATH"),  # was a traceback
+    ("accelerate launch --config_file 'my config.yaml", "run.launcher: No closing quotation"),  # traceback, --check too
+])
+def test_bad_launcher_is_one_line_in_the_runner_and_check_leaving_nothing(tmp_path, launcher, expected):
+    recipe = tiny_recipe(tmp_path, run={"launcher": launcher}, sft=None)
+    run = run_cli(["pipeline/run.py", recipe], cwd=tmp_path)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert len(run.stderr.strip().splitlines()) == 1 and expected in run.stderr and str(recipe) in run.stderr
+    check = run_cli(["pipeline/run.py", recipe, "--check"], cwd=tmp_path)
+    assert check.returncode == 2 and "Traceback" not in check.stderr and expected in check.stdout + check.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("content, expected", [
     ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}\n{oops\n', "line 2"),
     ('{"messages": [{"role": "narrator", "content": "hi"}]}\n', "unknown role 'narrator'"),
