@@ -56,7 +56,7 @@ def main():
     keys, cfg = recipe.keys("diffusion"), recipe.trainer_config("diffusion")
     source = images.load_images(keys.dataset, keys.resolution, 1, cfg.property_dropout)
     torch.manual_seed(0)
-    pipe = diffusion_train.new_pipeline(cfg, keys.resolution, getattr(source, "captions", ()))  # as the stage
+    pipe = images.new_pipeline(cfg, keys.resolution, getattr(source, "captions", ()))  # as the stage
     scheduler = images.make_scheduler("ddpm", pipe.scheduler.config)
 
     def build(attention):

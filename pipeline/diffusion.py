@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
 import dataclasses
 import time
 
-from pipeline import cli, diffusion_train, image_eval, images, log, runs
+from pipeline import cli, diffusion_train, image_check, image_eval, images, log, runs
 from pipeline.recipe import load_recipe, stage_help
 
 STAGE = "diffusion"
@@ -37,6 +37,8 @@ def main(argv):
     recipe.check_config(STAGE, portable=True)  # the config class's own checks before upstream stages
     keys = recipe.keys(STAGE)
     cfg = recipe.trainer_config(STAGE)  # DiffusionConfig; seed: run.seed unless the section sets one
+    if not keys.pretrained:  # a new model: its unet / text_encoder configs build (on the meta device) before any work
+        image_check.components(recipe, None, recipe.section(STAGE), keys.resolution, stage=STAGE)
     with runs.StageRun(recipe, STAGE) as run:
         images.make_scheduler(cfg.sampler, {})  # an unknown sampler fails here, before any work
         pipe = images.load_pipeline(run.checkpoint("pretrained").path) if keys.pretrained else None
@@ -53,7 +55,7 @@ def main(argv):
         main_process = accelerator.is_main_process
         torch.manual_seed(cfg.seed)
         if pipe is None:
-            pipe = diffusion_train.new_pipeline(cfg, keys.resolution, getattr(source, "captions", ()))
+            pipe = images.new_pipeline(cfg, keys.resolution, getattr(source, "captions", ()))
         noise_scheduler = images.make_scheduler("ddpm", pipe.scheduler.config)
         unet, text_encoder, vae = pipe.unet, pipe.text_encoder, getattr(pipe, "vae", None)
         diffusion_train.set_attention(unet, cfg.attn_implementation)

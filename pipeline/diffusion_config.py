@@ -67,8 +67,11 @@ def _one_of(name: str, value, allowed) -> None:
 
 def check_common(cfg) -> None:
     """The checks both image configs share (recipe.check_config runs them before any work)."""
+    from diffusers.optimization import SchedulerType
+
     _one_of("mixed_precision", cfg.mixed_precision, ("no", "bf16", "fp16"))
     _one_of("attn_implementation", cfg.attn_implementation, ("sdpa", "eager"))
+    _one_of("lr_scheduler_type", cfg.lr_scheduler_type, [t.value for t in SchedulerType])  # get_scheduler's names
     if not 0 <= cfg.ema_decay < 1:
         raise ValueError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
     if cfg.max_steps < 1:

@@ -113,16 +113,6 @@ def diffusion_dpo_loss(model_pred, ref_pred, target, beta: float, winner_penalty
 # -------------------------------------------------------------------------- new models, attention, LoRA
 
 
-def new_pipeline(cfg, resolution: int, extra_captions=()):
-    """A new pixel-space pipeline from the section's `unet` / `text_encoder` configs and its DDPM schedule keys."""
-    from pipeline import images
-
-    noise_config = {"num_train_timesteps": cfg.num_train_timesteps, "beta_schedule": cfg.beta_schedule,
-                    "prediction_type": cfg.prediction_type, "variance_type": "fixed_small", "clip_sample": True}
-    return images.build_pipeline({**cfg.unet, "sample_size": resolution}, cfg.text_encoder, noise_config,
-                                 extra_captions=extra_captions)
-
-
 def set_attention(unet, implementation: str) -> None:
     """The UNet's attention processors: diffusers' default (SDPA) or its plain bmm + softmax one (`eager`)."""
     if implementation == "eager":

@@ -56,19 +56,31 @@ def _components_from_configs(unet_cfg: dict, text_cfg: dict | None, vae_cfg: dic
     return out
 
 
-def components(recipe, ref: str | None, section_cfg: dict, resolution: int, seen=()) -> dict:
-    """Parameter counts (unet, text_encoder, vae) and the UNet config of the pipeline a ref names."""
+def _built(build, what: str):
+    """build(), or one line naming `what` (the recipe and the key) when the config it builds from is bad."""
+    try:
+        return build()
+    except Exception as err:  # ValueError, TypeError, huggingface_hub's strict-dataclass validation errors
+        why = " ".join(line.strip() for line in str(err).splitlines()[:2])
+        raise PipelineError(f"{what}: {why[:300]}") from None
+
+
+def components(recipe, ref: str | None, section_cfg: dict, resolution: int, seen=(), stage: str = "") -> dict:
+    """Parameter counts (unet, text_encoder, vae) and the UNet config of the pipeline a ref names. A new model
+    (`stage`'s section) is built on the meta device as the stage builds it: a bad config is one line naming it."""
     from pipeline import images
 
     if not ref:  # a new model from the section
+        from diffusers import UNet2DConditionModel
         from transformers import T5Config
 
         tokenizer_size = len(images.SPECIAL_TOKENS) + len(set(images.CAPTION_WORDS) - set(images.STOP_WORDS))
         tcfg = {**images.DEFAULT_TEXT_ENCODER, **section_cfg.get("text_encoder", {})}
+        t5 = _built(lambda: T5Config(vocab_size=tokenizer_size, **tcfg), f"{recipe.path}: {stage}.text_encoder")
         ucfg = {**images.DEFAULT_UNET, **section_cfg.get("unet", {}), "sample_size": resolution,
                 "cross_attention_dim": tcfg["d_model"]}
         ucfg["out_channels"] = 2 * ucfg["in_channels"]
-        t5 = T5Config(vocab_size=tokenizer_size, **tcfg)
+        _built(lambda: _meta_count(lambda: UNet2DConditionModel(**ucfg)), f"{recipe.path}: {stage}.unet")
         return {**_components_from_configs(ucfg, None, None, ("T5EncoderModel", t5)),
                 "source": "new model from the section"}
     if ref in recipe.stages and ref not in seen:
@@ -78,7 +90,7 @@ def components(recipe, ref: str | None, section_cfg: dict, resolution: int, seen
         up = recipe.keys(ref)
         upstream = getattr(up, "pretrained", None) or getattr(up, "init_from", None)
         section = recipe.section(ref)
-        out = components(recipe, upstream, section, getattr(up, "resolution", resolution), (*seen, ref))
+        out = components(recipe, upstream, section, getattr(up, "resolution", resolution), (*seen, ref), ref)
         return {**out, "source": "stage not trained yet"}
     path = Path(ref).expanduser()
     if path.is_dir():
@@ -158,16 +170,20 @@ def check_image_stage(recipe, stage: str, launch, device_memory: int | None, wil
     ref_key = "pretrained" if hasattr(keys, "pretrained") else "init_from"
     ref = getattr(keys, ref_key)
     comps = None
+    try:  # the config class's own checks (names of schedulers, samplers, precisions), as the stage runs them
+        recipe.check_config(stage, portable=True)
+    except PipelineError as err:
+        errors.append(str(err))
     try:
         if ref:
             cp = runs.resolve_checkpoint(recipe, ref, must_exist=False)
             if cp.source == "stage" and cp.fingerprint is None and ref not in will_run:
                 raise PipelineError(f"reads {ref}, which has not finished and is not planned to run")
-        comps = components(recipe, ref, section, getattr(keys, "resolution", 16))
+        comps = components(recipe, ref, section, getattr(keys, "resolution", 16), stage=stage)
         sizes = ", ".join(f"{k} {comps[k] / 1e6:.4g}M" for k in ("unet", "text_encoder", "vae") if k in comps)
         lines.append(f"{ref_key}: {ref or 'new model'} ({comps['source']}; {sizes} parameters)")
     except PipelineError as err:
-        errors.append(f"{stage}.{ref_key}: {err}")
+        errors.append(f"{stage}.{ref_key}: {err}" if ref else str(err))
     spec = keys.dataset
     if spec != images.WORLD_SPEC:
         path = Path(spec).expanduser()

@@ -277,6 +277,14 @@ DEFAULT_UNET = dict(sample_size=16, in_channels=1, out_channels=2, layers_per_bl
 DEFAULT_TEXT_ENCODER = dict(d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4, dropout_rate=0.0)
 
 
+def new_pipeline(cfg, resolution: int, extra_captions=()):
+    """A new pixel-space pipeline from a DiffusionConfig's `unet` / `text_encoder` configs and DDPM schedule keys."""
+    noise_config = {"num_train_timesteps": cfg.num_train_timesteps, "beta_schedule": cfg.beta_schedule,
+                    "prediction_type": cfg.prediction_type, "variance_type": "fixed_small", "clip_sample": True}
+    return build_pipeline({**cfg.unet, "sample_size": resolution}, cfg.text_encoder, noise_config,
+                          extra_captions=extra_captions)
+
+
 def build_pipeline(unet_config: dict, text_config: dict, scheduler_config: dict, extra_captions=()):
     """A new pixel-space IFPipeline: word-level tokenizer, T5 encoder and UNet built from configs. The UNet's output
     has twice the image channels (IF's layout: noise and variance); training and sampling use the noise half with a

@@ -3,6 +3,7 @@ stages through their real command lines on a tiny config (a 0.1M-parameter UNet,
 
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -405,6 +406,24 @@ def test_bad_image_data_exits_2_with_one_line_and_writes_nothing(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "'diffusion_dpo': candidate_steps must be at least 1" in lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("section, expected", [
+    ({"lr_scheduler_type": "cosinus"}, "'diffusion': lr_scheduler_type must be one of"),  # a traceback in training
+    ({"attn_implementation": "flash"}, "'diffusion': attn_implementation must be one of"),  # --check passed it
+    ({"text_encoder": {**TINY_TEXT, "d_model": "wide"}}, "diffusion.text_encoder: .*'d_model'"),  # traceback
+    ({"unet": {**TINY_UNET, "block_out_channels": "wide"}}, "diffusion.unet: .*block_out_channels"),  # --check crashed
+    ({"unet": {**TINY_UNET, "block_out_chanels": [8, 16]}}, "diffusion.unet: .*block_out_chanels"),  # --check passed
+])
+def test_bad_image_section_is_one_line_in_the_stage_and_check_leaving_nothing(tmp_path, section, expected):
+    recipe = image_recipe(tmp_path, diffusion={**TINY_DIFFUSION, **section})
+    stage = run_cli(["pipeline/diffusion.py", recipe], cwd=tmp_path)
+    assert stage.returncode == 2 and "Traceback" not in stage.stderr, stage.stderr[-2000:]
+    assert re.search(expected, stage.stderr.strip().splitlines()[-1]) and str(recipe) in stage.stderr
+    check = run_cli(["pipeline/run.py", recipe, "--check"], cwd=tmp_path)
+    assert check.returncode == 2 and "Traceback" not in check.stderr, check.stderr[-2000:]
+    assert re.search(expected, check.stdout)
     assert not (tmp_path / "runs").exists()
 
 
