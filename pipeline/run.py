@@ -48,6 +48,8 @@ def dependencies(recipe, stage: str) -> list[str]:
         ref, value = f.metadata.get("ref"), getattr(keys, f.name)
         values = value if isinstance(value, list) else [value]
         if ref in ("checkpoint", "checkpoints"):
+            for v in [v for v in values if v]:  # a misspelt stage name: one line now, not after the other stages
+                runs.misspelt_stage(recipe, v, f"{stage}.{f.name}")
             deps += [v for v in values if v in recipe.stages and v != stage]
     deps += [v for v in runs.tool_sources(recipe, stage).values() if v in recipe.stages and v != stage]
     return deps

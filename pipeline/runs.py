@@ -27,6 +27,7 @@ from pipeline import cost, faults, integrity, locks, log, safe_resume, threads, 
 from pipeline.cli import PipelineError
 from pipeline.fingerprints import hash_file, hash_folder, hash_obj
 from pipeline.stages import STAGES
+from pipeline.values import closest
 from pipeline.vllm_engine import uses_vllm
 
 MANIFEST = "manifest.json"
@@ -68,7 +69,17 @@ class Checkpoint:
     source: str               # "stage", "config", "local" or "hub"
 
 
-def resolve_checkpoint(recipe, ref: str | None, must_exist: bool = True) -> Checkpoint:
+def misspelt_stage(recipe, ref: str, key: str) -> None:
+    """A bare name that is no stage and nothing here but close to a stage's name is a typo, not a hub id (`rewrd`
+    was looked up on the hub, and failed there or only once the stages before it had run)."""
+    if ref in (*recipe.stages, *STAGES, "model") or "/" in ref or Path(ref).expanduser().exists() or \
+            (recipe.run_dir / ref).is_dir():  # tools and image judges look in the run folder first
+        return
+    if (near := closest(ref, [*STAGES, "model"])):
+        raise PipelineError(f"{recipe.path}: {key}: '{ref}' is not a stage of this recipe, a folder or a hub id{near}")
+
+
+def resolve_checkpoint(recipe, ref: str | None, must_exist: bool = True, key: str = "checkpoint") -> Checkpoint:
     if not ref or ref == "model":
         m = recipe.model
         if m.name_or_path:
@@ -102,6 +113,7 @@ def resolve_checkpoint(recipe, ref: str | None, must_exist: bool = True) -> Chec
         return Checkpoint(ref, str(path.resolve()), hash_folder(path) if path.is_dir() else hash_file(path), "local")
     if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
         raise PipelineError(f"{recipe.path}: checkpoint '{ref}' not found (not a stage, a folder or a hub id)")
+    misspelt_stage(recipe, ref, key)
     return Checkpoint(ref, ref, hash_obj({"hub": ref, "revision": recipe.model.revision}), "hub")
 
 
@@ -145,9 +157,10 @@ def stage_inputs(recipe, stage: str, must_exist: bool = True) -> dict:
     for f in dataclasses.fields(keys):
         value, ref = getattr(keys, f.name), f.metadata.get("ref")
         if ref == "checkpoint" and (value or f.name == "init_from"):
-            checkpoints[f.name] = portable(recipe, resolve_checkpoint(recipe, value, must_exist))
+            checkpoints[f.name] = portable(recipe, resolve_checkpoint(recipe, value, must_exist, f"{stage}.{f.name}"))
         elif ref == "checkpoints" and value:
-            checkpoints[f.name] = [portable(recipe, resolve_checkpoint(recipe, v, must_exist)) for v in value]
+            checkpoints[f.name] = [portable(recipe, resolve_checkpoint(recipe, v, must_exist, f"{stage}.{f.name}"))
+                                   for v in value]
         elif ref == "data" and value:
             datasets[f.name] = {"spec": value, "fingerprint": data.fingerprint(value, recipe)}
     for name, ref in tool_sources(recipe, stage).items():  # the folders the stage's tools load

@@ -99,6 +99,21 @@ def test_bad_launcher_is_one_line_in_the_runner_and_check_leaving_nothing(tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("script, override, expected", [
+    ("pipeline/dpo.py", "dpo.init_from=rewrd",  # was: "rewrd: the hub cannot be reached" (no key, no file)
+     "dpo.init_from: 'rewrd' is not a stage of this recipe, a folder or a hub id (closest: reward"),
+    ("pipeline/ppo.py", "ppo.reward_model=rewards", "ppo.reward_model: 'rewards' is not a stage"),  # after the policy
+])
+def test_misspelt_stage_name_is_not_taken_for_a_hub_id(tmp_path, script, override, expected):
+    recipe = tiny_recipe(tmp_path, dpo={}, ppo={"init_from": "model"})
+    for args in ([script, recipe, override], ["pipeline/run.py", recipe, override, "--dry-run"]):
+        proc = run_cli(args, cwd=tmp_path)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        line = proc.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"error: {recipe}: ") and expected in line
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("content, expected", [
     ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}\n{oops\n', "line 2"),
     ('{"messages": [{"role": "narrator", "content": "hi"}]}\n', "unknown role 'narrator'"),
