@@ -94,6 +94,21 @@ def _data_problem(spec, recipe, stage: str, key: str, keys) -> str | None:
     return None
 
 
+def python_tool_problems(recipe) -> list[str]:
+    """The recipe's `python` tools made as the stages that run tools make them (the recipe allows their code:
+    `tools.allow_code`): a function whose schema cannot be made (no docstring, no such module) is an error now."""
+    from pipeline.tools import check_section, recipe_python_tool
+
+    problems, where = [], str(recipe.path)
+    for i, entry in enumerate(check_section(dataclasses.asdict(recipe.tools), where)):
+        if entry["backend"] == "python":
+            try:
+                recipe_python_tool(entry, f"tools.tools[{i}]", recipe.tools.timeout_s, where)
+            except PipelineError as err:
+                problems.append(str(err))
+    return problems
+
+
 @dataclasses.dataclass
 class StageCheck:
     stage: str
@@ -150,6 +165,8 @@ def check_stage(recipe, stage: str, launch: cluster.Launch, device_memory: int |
             problem = _data_problem(value, recipe, stage, f.name, keys)
             if problem:
                 errors.append(f"{stage}.{f.name}: {problem}")
+    if spec.runs_tools and recipe.tools.tools:
+        errors += python_tool_problems(recipe)
     data_keys = [f"{f.name} {getattr(keys, f.name)}" for f in dataclasses.fields(keys)
                  if f.metadata.get("ref") == "data" and getattr(keys, f.name)]
     if data_keys:

@@ -46,7 +46,8 @@ from pipeline.values import Mismatch, closest, coerce, field_types, type_name
 
 __all__ = ["Tool", "ToolBox", "ToolCall", "ToolError", "ToolOutput", "ToolResult", "ToolTimeout", "parse_tool_calls",
            "ImageStore", "diffusion_tool", "judge_tool", "python_tool", "tools_from_config", "judge_source",
-           "judge_folder", "tool_name", "unknown_tool", "draw_schema", "read_schema", "drawn_text", "read_text"]
+           "judge_folder", "tool_name", "unknown_tool", "draw_schema", "read_schema", "drawn_text", "read_text",
+           "recipe_python_tool"]
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -402,10 +403,15 @@ def tools_from_config(section: dict, *, run_root: Path, store: ImageStore, where
             folder = judge_folder(entry["source"], run_root, f"{key}.source", where)
             tools.append(judge_tool(name, folder, store, description=description))
         else:
-            try:
-                tools.append(python_tool(name, entry["function"], timeout_s=timeout_s, description=description,
-                                         path=[Path(where).resolve().parent]))
-            except (ToolError, ToolTimeout) as err:
-                raise PipelineError(f"{where}: {key}.function: cannot make a tool of '{entry['function']}' "
-                                    f"({err})") from None
+            tools.append(recipe_python_tool(entry, key, timeout_s, where))
     return ToolBox(tools, timeout_s=timeout_s, max_chars=max_chars)
+
+
+def recipe_python_tool(entry: dict, key: str, timeout_s: float, where: str) -> Tool:
+    """The tool of a checked `python` entry, its schema made in a subprocess from the function's signature and
+    docstring (the recipe's folder on the path); one line naming the recipe and `key` when it cannot be made."""
+    try:
+        return python_tool(entry["name"], entry["function"], timeout_s=timeout_s, description=entry.get("description"),
+                           path=[Path(where).resolve().parent])
+    except (ToolError, ToolTimeout) as err:
+        raise PipelineError(f"{where}: {key}.function: cannot make a tool of '{entry['function']}' ({err})") from None

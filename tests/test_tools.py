@@ -235,6 +235,21 @@ def test_python_tools_need_allow_code_and_a_usable_function(user_module):
         assert error in str(err.value) and "\n" not in str(err.value)
 
 
+def test_check_makes_the_python_tools_as_the_stages_do(user_module):
+    """`run.py --check` said ok to a python tool whose schema cannot be made; eval then stopped on it (exit 2)."""
+    from conftest import run_cli, tiny_recipe
+
+    tools = {"allow_code": True, "tools": [{"name": "add", "backend": "python", "function": "usertools:add"},
+                                           {"name": "u", "backend": "python", "function": "usertools:undocumented"}]}
+    recipe = tiny_recipe(user_module, tools=tools, eval={"checkpoints": ["model"]})
+    proc = run_cli(["pipeline/run.py", recipe, "--check", "--only", "eval"], cwd=user_module)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+    errors = [line.strip() for line in proc.stdout.splitlines() if "error: " in line]
+    assert len(errors) == 1 and f"{recipe}: tools.tools[1].function: cannot make a tool of 'usertools:undocumented'" \
+        in errors[0] and "DocstringParsingException" in errors[0], errors
+    assert not (user_module / "runs").exists()
+
+
 # ---------------------------------------------------------------------------------------------- image tools
 
 
