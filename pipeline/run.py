@@ -314,9 +314,17 @@ def main(argv):
     if args.dry_run or not any(run for _, run, _ in steps):
         return
     launcher_prefix(recipe)  # before anything is written
+    made = [d for d in (recipe.run_dir, recipe.run_dir.parent) if not d.exists()]
     runs.ensure_writable(recipe.run_dir)
-    with locks.hold(recipe.run_dir / "run.lock", "pipeline/run.py", target=f"run folder {recipe.run_dir}"):
-        run_steps(recipe, steps, args.overrides)
+    try:
+        with locks.hold(recipe.run_dir / "run.lock", "pipeline/run.py", target=f"run folder {recipe.run_dir}"):
+            run_steps(recipe, steps, args.overrides)
+    finally:  # a first stage that refused its input: the folders made for the lock go again, as a stage's do
+        for folder in made:
+            try:
+                folder.rmdir()  # only when empty: another process's files keep it
+            except OSError:
+                break
 
 
 def run_steps(recipe, steps, overrides) -> None:

@@ -114,6 +114,13 @@ def test_misspelt_stage_name_is_not_taken_for_a_hub_id(tmp_path, script, overrid
     assert not (tmp_path / "runs").exists()
 
 
+def test_runner_whose_first_stage_refuses_its_input_leaves_no_run_folder(tmp_path):
+    recipe = tiny_recipe(tmp_path, pretrain=None, sft={"dataset": str(tmp_path / "missing.jsonl")})
+    proc = run_cli(["pipeline/run.py", recipe], cwd=tmp_path)
+    assert proc.returncode == 2 and "missing.jsonl': file not found" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()  # the runner made runs/tiny/ for its lock and left it empty
+
+
 @pytest.mark.parametrize("content, expected", [
     ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}\n{oops\n', "line 2"),
     ('{"messages": [{"role": "narrator", "content": "hi"}]}\n', "unknown role 'narrator'"),
