@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.cli import PipelineError
+from pipeline.files import text_of
 from pipeline.values import Mismatch, closest, coerce, field_types, type_name
 from pipeline.stages import PEFT_FIELDS, STAGES, TrainingKeys
 
@@ -340,7 +341,7 @@ def load_recipe(path, overrides: list[str] = ()) -> Recipe:
     if not path.is_file():
         raise PipelineError(f"{path}: recipe file not found")
     try:
-        data = yaml_load(path.read_text())
+        data = yaml_load(text_of(path))  # invalid UTF-8: one line naming the line
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""

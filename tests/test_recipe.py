@@ -175,3 +175,10 @@ def test_bad_model_section_stops_stage_and_check_in_one_line_leaving_nothing(tmp
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert "model.attn_implementation" in proc.stderr.strip().splitlines()[-1]
         assert not (tmp_path / "runs").exists()
+
+
+def test_recipe_that_is_not_utf8_is_one_line_naming_the_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"run:\n  name: caf\xe9\n")  # saved by an editor in Latin-1: was a UnicodeDecodeError traceback
+    with pytest.raises(PipelineError, match=rf"^{path}: line 2: invalid UTF-8 \(byte 0xe9\)"):
+        load_recipe(path)
