@@ -390,11 +390,12 @@ def load_recipe(path, overrides: list[str] = ()) -> Recipe:
 
 
 def _check_world(recipe: Recipe) -> None:
-    from pipeline.world import SKILLS
+    from pipeline.world_splits import check_world
 
-    bad = [s for s in recipe.world.skills if s not in SKILLS]
-    if bad:
-        raise PipelineError(f"{recipe.path}: world.skills: unknown skill '{bad[0]}'{closest(bad[0], SKILLS)}")
+    try:  # rates in [0, 1], sizes 0 or more, known skills: a ValueError when a split is built (a traceback)
+        check_world(recipe.world)
+    except ValueError as err:
+        raise PipelineError(f"{recipe.path}: {err}") from None
 
 
 def section_docs(cls) -> dict[str, str]:

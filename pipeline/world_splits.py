@@ -27,11 +27,21 @@ def _rng(cfg: WorldConfig, split: str) -> random.Random:
 def _check(cfg: WorldConfig, split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"unknown world split {split!r}; expected one of {', '.join(SPLITS)}")
+    check_world(cfg)
+
+
+def check_world(cfg: WorldConfig) -> None:
+    """The world section's values (the recipe loader runs this, naming the recipe): skills, sizes and rates."""
+    from pipeline.values import closest
+
     if not cfg.skills:
         raise ValueError("world.skills is empty")
     bad = [s for s in cfg.skills if s not in SKILLS]
     if bad:
-        raise ValueError(f"unknown skill {bad[0]!r}; expected one of {', '.join(SKILLS)}")
+        raise ValueError(f"world.skills: unknown skill '{bad[0]}'{closest(str(bad[0]), SKILLS)}")
+    for name, value in vars(cfg).items():
+        if name.startswith("n_") and value < 0:
+            raise ValueError(f"world.{name} must be 0 or more, got {value}")
     for name in ("demo_hard_error_rate", "demo_easy_error_rate", "demo_rude_rate", "demo_verbose_rate",
                  "system_prompt_rate", "label_noise", "pref_hard_share", "pref_correctness_share",
                  "tool_demo_error_rate", "tool_demo_guess_rate"):

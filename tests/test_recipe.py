@@ -182,3 +182,17 @@ def test_recipe_that_is_not_utf8_is_one_line_naming_the_line(tmp_path):
     path.write_bytes(b"run:\n  name: caf\xe9\n")  # saved by an editor in Latin-1: was a UnicodeDecodeError traceback
     with pytest.raises(PipelineError, match=rf"^{path}: line 2: invalid UTF-8 \(byte 0xe9\)"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("world.label_noise=3", r"world.label_noise must be in \[0, 1\], got 3.0"),  # a ValueError traceback in the stage
+    ("world.n_sft=-5", "world.n_sft must be 0 or more, got -5"),  # was "world:sft: no rows"
+    ("world.skills=[]", "world.skills is empty"),
+])
+def test_world_settings_are_checked_when_the_recipe_loads(tmp_path, override, expected):
+    path = tiny_recipe(tmp_path)
+    with pytest.raises(PipelineError, match=rf"^{path}: {expected}"):
+        load_recipe(path, [override])
+    proc = run_cli(["pipeline/sft.py", path, override], cwd=tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()
