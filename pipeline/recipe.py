@@ -255,7 +255,7 @@ FLOORS = {
     "norm_max_pairs": (1, "at least 1"), "calibration_bins": (1, "at least 1"), "monitor_window": (1, "at least 1"),
     "rounds": (1, "at least 1"), "round_max_prompts": (1, "at least 1"), "round_max_new_tokens": (1, "at least 1"),
     "carbon_intensity_g_per_kwh": (0, "0 or more"), "length_split": (1, "at least 1"),
-    "parallel_stages": (1, "at least 1"),
+    "parallel_stages": (1, "at least 1"), "beta": (0, "0 or more"),
 }
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
             "trackio": ("trackio",), "comet_ml": ("comet_ml",), "clearml": ("clearml",), "dvclive": ("dvclive",),

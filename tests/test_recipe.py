@@ -196,3 +196,9 @@ def test_world_settings_are_checked_when_the_recipe_loads(tmp_path, override, ex
     proc = run_cli(["pipeline/sft.py", path, override], cwd=tmp_path)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
     assert not (tmp_path / "runs").exists()
+
+
+def test_negative_dpo_beta_is_refused():
+    # beta < 0 trained without a word: DPO then pushes the rejected replies up
+    with pytest.raises(PipelineError, match="dpo.beta must be 0 or more, got -0.1"):
+        load_recipe(SMALL, ["dpo.beta=-0.1"])
