@@ -26,7 +26,7 @@ from pipeline.cli import PipelineError
 from pipeline.files import file_kind, names_a_local_file, read_file, read_files, read_folder
 from pipeline.fingerprints import hash_file, hash_folder, hash_obj
 from pipeline.formats import (bad_row, check_messages, detect_sft_format, expected_sft_columns, is_unpaired_preference,
-                              to_sft_row, tools_json)
+                              to_sft_row, tools_json, tools_of)
 
 # ---------------------------------------------------------------------------------------------- reading
 
@@ -57,8 +57,7 @@ def _read_hub(spec: str) -> tuple[list[dict], list[str]]:
     try:
         ds = datasets.load_dataset(name, split=split or "train")
     except Exception as err:
-        why = hub.unreachable_note() + " and it is not in the local cache" if not online else \
-            f"loading it from the hub failed: {str(err).splitlines()[0]}"
+        why = hub.load_failure(online, f"loading it from the hub failed: {str(err).splitlines()[0]}")
         raise PipelineError(f"dataset '{spec}': not a local file or folder, and {why}") from None
     rows = ds.to_list()
     return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
@@ -212,7 +211,7 @@ def _check_prompts(rows, where, source):
         elif not isinstance(row["prompt"], str) or not row["prompt"].strip():
             bad_row(source, w, "'prompt' must be non-empty text or a list of messages")
         if row.get("tools") is not None:  # a list of schemas as JSON text; [] or "[]": None
-            row["tools"] = tools_json(row, source, w)
+            row["tools"] = tools_json(row["tools"], tools_of(row, source, w))
     return rows
 
 

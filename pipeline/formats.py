@@ -134,10 +134,10 @@ def tools_of(row: dict, source, where) -> list[dict] | None:
     return tools
 
 
-def tools_json(row: dict, source, where) -> str | None:
-    """The row's tools as JSON text (a string kept as written), None for none: one Arrow type whatever the schemas."""
-    tools = tools_of(row, source, where)
-    return None if tools is None else row["tools"] if isinstance(row["tools"], str) else json.dumps(tools)
+def tools_json(cell, tools: list[dict] | None) -> str | None:
+    """A row's tools as JSON text: `tools` (the cell's schemas, as tools_of parsed them) None for none, else the cell
+    as written when it was text, else the schemas dumped: one Arrow type whatever the schemas."""
+    return None if tools is None else cell if isinstance(cell, str) else json.dumps(tools)
 
 
 def sharegpt_messages(row: dict, source, where) -> list[dict]:

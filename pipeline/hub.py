@@ -50,3 +50,9 @@ def unreachable_note() -> str:
     if _probe_failed:
         return f"the hub cannot be reached from this machine (no connection within {TIMEOUT_S:g} s)"
     return "the hub cannot be reached (HF_HUB_OFFLINE is set)"
+
+
+def load_failure(online: bool, failure: str) -> str:
+    """Why loading from the hub failed: offline, that the hub cannot be reached and the cache lacks it; online,
+    `failure` (what the library said)."""
+    return failure if online else f"{unreachable_note()} and it is not in the local cache"

@@ -120,8 +120,8 @@ def components(recipe, ref: str | None, section_cfg: dict, resolution: int, seen
         text = ((index["text_encoder"][1], AutoConfig.from_pretrained(cp.path, subfolder="text_encoder"))
                 if "text_encoder" in index else None)
     except Exception as err:  # offline, not found, gated
-        why = f"{hub.unreachable_note()} and it is not in the local cache" if not online else \
-            f"cannot read the pipeline's configs from the hub ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+        why = hub.load_failure(online, f"cannot read the pipeline's configs from the hub ({type(err).__name__}: "
+                                       f"{str(err).splitlines()[0][:120]})")
         raise PipelineError(f"'{ref}': {why}") from None
     return {**_components_from_configs(dict(unet), None, dict(vae) if vae else None, text), "source": "hub"}
 

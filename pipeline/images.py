@@ -363,8 +363,8 @@ def load_pipeline(path: str, revision: str | None = None):
     try:
         return DiffusionPipeline.from_pretrained(path, revision=revision)
     except (OSError, ValueError, EnvironmentError) as err:
-        why = f"{hub.unreachable_note()} and it is not in the local cache" if not online else \
-            f"not a loadable diffusers pipeline ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+        why = hub.load_failure(online, f"not a loadable diffusers pipeline ({type(err).__name__}: "
+                                       f"{str(err).splitlines()[0][:160]})")
         raise PipelineError(f"init_from '{path}': {why}") from None
 
 

@@ -139,8 +139,7 @@ def _architecture(recipe, ref: str | None, seen=()) -> tuple:
         config = AutoConfig.from_pretrained(cp.path, revision=recipe.model.revision,
                                             trust_remote_code=recipe.model.trust_remote_code)
     except (OSError, ValueError) as err:
-        why = f"{hub.unreachable_note()} and it is not in the local cache" if not online else \
-            f"cannot read its config from the hub: {str(err).splitlines()[0]}"
+        why = hub.load_failure(online, f"cannot read its config from the hub: {str(err).splitlines()[0]}")
         raise PipelineError(f"model '{ref}': {why}") from None
     return config, "hub"
 

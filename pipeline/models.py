@@ -54,8 +54,7 @@ def load_tokenizer(recipe, checkpoint, corpus=None):
             tok = tok_lib.load_tokenizer(source, trust_remote_code=recipe.model.trust_remote_code,
                                          revision=recipe.model.revision if checkpoint.source == "hub" else None)
         except OSError as err:
-            why = f"{hub.unreachable_note()} and it is not in the local cache" if not online else \
-                f"cannot load its tokenizer: {str(err).splitlines()[0]}"
+            why = hub.load_failure(online, f"cannot load its tokenizer: {str(err).splitlines()[0]}")
             raise PipelineError(f"{source}: {why}") from None
     elif tcfg.train:
         if corpus is None:
@@ -187,8 +186,7 @@ def load_causal_lm(recipe, path: str, *, peft_values: dict | None = None, cls=No
         else:
             model = cls.from_pretrained(path, revision=revision, **load_kw)
     except OSError as err:
-        why = f"{hub.unreachable_note()} and it is not in the local cache" if not online else \
-            f"cannot load model: {str(err).splitlines()[0]}"
+        why = hub.load_failure(online, f"cannot load model: {str(err).splitlines()[0]}")
         raise PipelineError(f"{path}: {why}") from None
     return model
 

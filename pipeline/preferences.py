@@ -251,7 +251,7 @@ def normalize_preferences(rows, where, source) -> tuple[list[dict], dict]:
             for col in ("prompt", "chosen", "rejected"):
                 check_tool_calls(pair[col], tools, source, f"{w}: {col}")
         if "tools" in pair:  # no tools ("[]" too): None; a list: JSON text
-            pair["tools"] = tools_json(row, source, w)
+            pair["tools"] = tools_json(row["tools"], tools)
         out.append(pair)
     info = {"source": str(source), "format": fmt, "conversational": bool(conversational), "rows": len(rows),
             "pairs": len(out), "identical_dropped": identical, "margin": margin_from}
