@@ -22,6 +22,15 @@ def run_main(main, argv=None) -> None:
         sys.exit(2)
 
 
+def built_from_config(build, what: str):
+    """build(), or one line naming `what` (the recipe and the key) when the config it builds from is bad."""
+    try:
+        return build()
+    except Exception as err:  # ValueError, TypeError, huggingface_hub's strict-dataclass validation errors
+        why = " ".join(line.strip() for line in str(err).splitlines()[:2])
+        raise PipelineError(f"{what}: {why[:300]}") from None
+
+
 def split_stage_args(argv: list[str], usage: str, help_text=None) -> tuple[Path, list[str]]:
     """`RECIPE [section.key=value ...]`; the deepspeed launcher's `--local_rank=N` is accepted and ignored. `--help`
     prints the usage and `help_text()` (the section's keys)."""

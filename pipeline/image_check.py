@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from pipeline import runs
-from pipeline.cli import PipelineError
+from pipeline.cli import PipelineError, built_from_config
 
 GIB = 1 << 30
 
@@ -56,15 +56,6 @@ def _components_from_configs(unet_cfg: dict, text_cfg: dict | None, vae_cfg: dic
     return out
 
 
-def _built(build, what: str):
-    """build(), or one line naming `what` (the recipe and the key) when the config it builds from is bad."""
-    try:
-        return build()
-    except Exception as err:  # ValueError, TypeError, huggingface_hub's strict-dataclass validation errors
-        why = " ".join(line.strip() for line in str(err).splitlines()[:2])
-        raise PipelineError(f"{what}: {why[:300]}") from None
-
-
 def components(recipe, ref: str | None, section_cfg: dict, resolution: int, seen=(), stage: str = "") -> dict:
     """Parameter counts (unet, text_encoder, vae) and the UNet config of the pipeline a ref names. A new model
     (`stage`'s section) is built on the meta device as the stage builds it: a bad config is one line naming it."""
@@ -76,11 +67,12 @@ def components(recipe, ref: str | None, section_cfg: dict, resolution: int, seen
 
         tokenizer_size = len(images.SPECIAL_TOKENS) + len(set(images.CAPTION_WORDS) - set(images.STOP_WORDS))
         tcfg = {**images.DEFAULT_TEXT_ENCODER, **section_cfg.get("text_encoder", {})}
-        t5 = _built(lambda: T5Config(vocab_size=tokenizer_size, **tcfg), f"{recipe.path}: {stage}.text_encoder")
+        t5 = built_from_config(lambda: T5Config(vocab_size=tokenizer_size, **tcfg),
+                               f"{recipe.path}: {stage}.text_encoder")
         ucfg = {**images.DEFAULT_UNET, **section_cfg.get("unet", {}), "sample_size": resolution,
                 "cross_attention_dim": tcfg["d_model"]}
         ucfg["out_channels"] = 2 * ucfg["in_channels"]
-        _built(lambda: _meta_count(lambda: UNet2DConditionModel(**ucfg)), f"{recipe.path}: {stage}.unet")
+        built_from_config(lambda: _meta_count(lambda: UNet2DConditionModel(**ucfg)), f"{recipe.path}: {stage}.unet")
         return {**_components_from_configs(ucfg, None, None, ("T5EncoderModel", t5)),
                 "source": "new model from the section"}
     if ref in recipe.stages and ref not in seen:

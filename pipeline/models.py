@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from pipeline import faults
-from pipeline.cli import PipelineError
+from pipeline.cli import PipelineError, built_from_config
 from pipeline.values import closest
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -119,11 +119,10 @@ def model_config(recipe):
         if key not in names and not hasattr(cls, key) and close:
             raise PipelineError(f"{recipe.path}: model.config: unknown key '{key}' for {model_type} "
                                 f"(closest: {', '.join(close)})")
-    try:
-        return AutoConfig.for_model(model_type, **cfg)
-    except Exception as err:  # ValueError, TypeError, huggingface_hub's strict-dataclass validation errors
-        why = " ".join(line.strip() for line in str(err).splitlines()[:2])
-        raise PipelineError(f"{recipe.path}: model.config: {why[:300]}") from None
+    for key, value in cfg.items():  # transformers builds a model with no layers from num_hidden_layers: -2
+        if (key.startswith("num_") or key.endswith("_size")) and type(value) is int and value < 0:
+            raise PipelineError(f"{recipe.path}: model.config.{key} must be 0 or more, got {value}")
+    return built_from_config(lambda: AutoConfig.for_model(model_type, **cfg), f"{recipe.path}: model.config")
 
 
 def build_causal_lm(recipe, tokenizer):

@@ -266,6 +266,8 @@ def _check_value(section: str, key: str, value, src) -> None:
     floor = FLOORS.get(key)
     if floor and isinstance(value, (int, float)) and not isinstance(value, bool) and value < floor[0]:
         raise PipelineError(f"{src}: {section}.{key} must be {floor[1]}, got {value!r}")
+    if key == "eval_fraction" and isinstance(value, (int, float)) and not 0 < value < 1:
+        raise PipelineError(f"{src}: {section}.eval_fraction must be between 0 and 1 (exclusive), got {value!r}")
     if section == "run" and key == "carbon_country" and not re.fullmatch(r"[A-Za-z]{3}", str(value)):
         raise PipelineError(f"{src}: run.carbon_country must be a 3-letter ISO 3166 country code (e.g. USA, FRA, "
                             f"DEU), got {value!r}")
@@ -381,8 +383,6 @@ def load_recipe(path, overrides: list[str] = ()) -> Recipe:
 
     check_generation(recipe)
     if recipe.tools.tools:
-        import dataclasses
-
         from pipeline.tools import check_section
 
         check_section(dataclasses.asdict(recipe.tools), str(path))

@@ -160,6 +160,8 @@ def test_override_without_value_or_with_unclosed_brackets_is_refused_naming_it(t
                                                                 r"hidden_size\)"),  # built the default 4096 wide
     ({"config": {**TINY["model"]["config"], "model_type": "lama"}}, r"model.config.model_type: unknown 'lama' "
                                                                     r"\(closest: .*llama"),
+    ({"config": {**TINY["model"]["config"], "num_hidden_layers": -2}},  # built and trained a model with no layers
+     r"model.config.num_hidden_layers must be 0 or more, got -2"),
 ])
 def test_model_section_values_are_checked_when_the_recipe_loads(tmp_path, model, expected):
     path = tiny_recipe(tmp_path, model=model)
@@ -202,3 +204,13 @@ def test_negative_dpo_beta_is_refused():
     # beta < 0 trained without a word: DPO then pushes the rejected replies up
     with pytest.raises(PipelineError, match="dpo.beta must be 0 or more, got -0.1"):
         load_recipe(SMALL, ["dpo.beta=-0.1"])
+
+
+@pytest.mark.parametrize("override", ["dpo.eval_fraction=0", "reward.eval_fraction=1", "pretrain.eval_fraction=1.5"])
+def test_eval_fraction_outside_zero_to_one_is_refused_naming_the_key(override):
+    # dpo/reward: the stage stopped after loading its data with a line naming neither file nor key; pretrain held out
+    # every block and then said the text was too short for one block
+    section = override.split(".")[0]
+    with pytest.raises(PipelineError, match=rf"^override '{override}': {section}.eval_fraction must be between 0 and "
+                                            r"1 \(exclusive\)"):
+        load_recipe(SMALL, [override])
