@@ -165,8 +165,6 @@ def check_stage(recipe, stage: str, launch: cluster.Launch, device_memory: int |
             problem = _data_problem(value, recipe, stage, f.name, keys)
             if problem:
                 errors.append(f"{stage}.{f.name}: {problem}")
-    if spec.runs_tools and recipe.tools.tools:
-        errors += python_tool_problems(recipe)
     data_keys = [f"{f.name} {getattr(keys, f.name)}" for f in dataclasses.fields(keys)
                  if f.metadata.get("ref") == "data" and getattr(keys, f.name)]
     if data_keys:
@@ -279,6 +277,13 @@ def run_check(recipe, steps, launch_for, device_memory: int | None,
     print(f"check {recipe.path} -> {recipe.run_dir}/"
           + (f" (device memory {human(device_memory)})" if device_memory else ""))
     will_run = {stage for stage, run, _ in steps if run}
+    tool_stages = [stage for stage, run, _ in steps if run and STAGES[stage].runs_tools]
+    if recipe.tools.tools and tool_stages:  # made once for the stages that run them: one error per broken tool
+        tool_errors = python_tool_problems(recipe)
+        print(f"  {'tools':<10} {len(recipe.tools.tools)} tool(s), run by {', '.join(tool_stages)}")
+        for e in tool_errors:
+            print(f"  {'':<10} error: {e}")
+        n_err += len(tool_errors)
     for stage, run, why in steps:
         try:
             launch = launch_for(stage)

@@ -241,8 +241,10 @@ def test_check_makes_the_python_tools_as_the_stages_do(user_module):
 
     tools = {"allow_code": True, "tools": [{"name": "add", "backend": "python", "function": "usertools:add"},
                                            {"name": "u", "backend": "python", "function": "usertools:undocumented"}]}
-    recipe = tiny_recipe(user_module, tools=tools, eval={"checkpoints": ["model"]})
-    proc = run_cli(["pipeline/run.py", recipe, "--check", "--only", "eval"], cwd=user_module)
+    recipe = tiny_recipe(user_module, tools=tools, eval={"checkpoints": ["model"]},
+                         ppo={"init_from": "model", "reward_model": "model"})
+    proc = run_cli(["pipeline/run.py", recipe, "--check", "--only", "ppo,eval"], cwd=user_module)
+    # ppo and eval both run the tools: the broken one is one error, not one per stage
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
     errors = [line.strip() for line in proc.stdout.splitlines() if "error: " in line]
     assert len(errors) == 1 and f"{recipe}: tools.tools[1].function: cannot make a tool of 'usertools:undocumented'" \
