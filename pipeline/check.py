@@ -290,6 +290,8 @@ def run_check(recipe, steps, launch_for, device_memory: int | None,
             result = check_stage(recipe, stage, launch, device_memory, will_run, throughput)
         except PipelineError as err:
             result = StageCheck(stage, [], [str(err)], [])
+        if why.startswith("being written now"):  # its lock stops a run started now (README "Kills, signals, locks")
+            result.warnings.append(f"{stage}: {why}: a run started now stops at its lock; wait for it to finish")
         print(f"  {stage:<10} {'runs' if run else 'skipped'} ({why})")
         for line in result.lines:
             print(f"  {'':<10} {line}")

@@ -252,6 +252,9 @@ def test_a_second_process_on_a_stage_folder_stops_at_once_naming_the_holder(tmp_
             assert set(before) <= {p.name for p in partial.iterdir()}
         plan = run_cli(["pipeline/run.py", recipe, "--dry-run"], cwd=tmp_path, env=ENV)
         assert f"pretrain   run   (being written now by pid {first.pid}" in plan.stdout
+        check = run_cli(["pipeline/run.py", recipe, "--check", "--only", "pretrain"], cwd=tmp_path, env=ENV)
+        assert check.returncode == 1, check.stdout[-2000:] + check.stderr[-2000:]  # said ok (exit 0)
+        assert f"warning: pretrain: being written now by pid {first.pid}" in check.stdout
     finally:
         first.kill()
         first.wait()
