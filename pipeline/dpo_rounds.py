@@ -41,7 +41,7 @@ from pipeline import data, faults, integrity, judges, log, metrics as M, models,
 from pipeline.cli import PipelineError
 from pipeline.generation import generate, reply_logprob_sums
 from pipeline.heldout import verifier_accuracy
-from pipeline.reward_model import as_reply, tools_of
+from pipeline.reward_model import as_reply, offered_tools
 from pipeline.tools import parse_tool_calls
 
 STATE = "state.json"
@@ -96,12 +96,6 @@ def annotator_prompts(rows: list[dict], spec: str) -> list[dict]:
                     f"as the world's annotator cannot judge a tool reply without running its calls "
                     f"(dpo.round_labeller=reward samples them)")
     return kept
-
-
-def offered_tools(rows) -> list | None:
-    """The tool schemas each row offers (None where it offers none), or None when no row offers any."""
-    tools = [tools_of(row) or None for row in rows]
-    return tools if any(tools) else None
 
 
 def pair_reply(row: dict, text: str):

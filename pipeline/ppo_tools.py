@@ -31,7 +31,7 @@ from pipeline import log, tool_world
 from pipeline.cli import PipelineError
 from pipeline.generation import as_messages
 from pipeline.ppo_rollout import Rollout
-from pipeline.reward_model import tools_of
+from pipeline.reward_model import offered_tools
 from pipeline.tool_rollout import generate_with_tools, stage_toolbox
 from pipeline.tools import ToolResult, judge_folder, tool_name, unknown_tool
 
@@ -69,7 +69,7 @@ class OfferedTools:
 
 def check_offers(prompts, names: list[str], spec) -> list[list[dict] | None]:
     """The tools each prompt offers (None: none); a tool the recipe does not have is a PipelineError naming the row."""
-    offers = [tools_of(row) or None for row in prompts] if "tools" in prompts.column_names else [None] * len(prompts)
+    offers = offered_tools(prompts)
     for i, offer in enumerate(offers):
         if (name := unknown_tool(offer, names)):
             raise PipelineError(f"{spec}: row {i + 1} offers the tool '{name}', which the recipe's `tools` "

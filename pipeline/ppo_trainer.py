@@ -38,7 +38,7 @@ from pipeline import (batching, cli, cluster, faults, judges, log, metrics, mode
 from pipeline.generation import render_prompt
 from pipeline.ppo_rollout import PromptSampler, Rollout, positions, reply_logits, sample_replies
 from pipeline.ppo_tools import ToolEnv, conversation, tool_counts
-from pipeline.reward_model import ImplicitReward, lm_head_weight, load_reward_model, load_scorer, tools_of
+from pipeline.reward_model import ImplicitReward, lm_head_weight, load_reward_model, load_scorer, offered_tools
 
 # printed every logging_steps (metrics.json has every statistic of every step)
 LOG_KEYS = ("step", "reward_raw", "reward", "implicit_reward", "verifier", "annotator_vs_start", "image_verifier",
@@ -139,7 +139,7 @@ class PPOTrainer:
         # the recipe's tools, when prompts offer some (loaded now: see pipeline/ppo_tools.py); prompts rendered with
         # the tools they offer and tokenized once
         num_processes = self.accelerator.num_processes
-        offers = [tools_of(row) or None for row in prompts] if "tools" in prompts.column_names else []
+        offers = offered_tools(prompts)
         self.tools = None
         if any(offers) and recipe.tools.tools:
             self.tools = ToolEnv(recipe, cfg, keys, prompts, folder=run.out, rank=self.accelerator.process_index,
@@ -148,7 +148,7 @@ class PPOTrainer:
             log.warning("%s: %d prompts offer tools, but the recipe has no `tools` section: they are answered "
                         "without tools", keys.prompts, sum(o is not None for o in offers))
         texts = [render_prompt(tokenizer, p, t if self.tools else None)
-                 for p, t in zip(prompts["prompt"], offers or [None] * len(prompts))]
+                 for p, t in zip(prompts["prompt"], offers)]
         self.prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         self.usable = [i for i, ids in enumerate(self.prompt_ids) if len(ids) <= cfg.max_prompt_length]
         usable = set(self.usable)

@@ -105,6 +105,11 @@ def tools_of(row) -> list | None:
     return json.loads(tools) if isinstance(tools, str) else tools
 
 
+def offered_tools(rows) -> list[list | None]:
+    """The tool schemas each row offers (None where it offers none: no `tools` column, null or an empty list)."""
+    return [tools_of(row) or None for row in rows]
+
+
 def as_reply(prompt, reply):
     """A generated reply's text in the form its prompt pairs with: an assistant turn after a conversation."""
     if isinstance(prompt, list) and isinstance(reply, str):
