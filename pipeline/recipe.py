@@ -43,7 +43,7 @@ class TokenizerSection:
                                         # template renders them, tools included
     vocab_size: int = 2048
     min_frequency: int = 2
-    chat_template: Literal["pipeline", "auto", "own"] = "pipeline"  # README "tokenizer": which template is used
+    chat_template: str = "pipeline"     # "pipeline": our tool-aware template; "own": keep a loaded one if it has one
 
 
 @dataclass

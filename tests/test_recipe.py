@@ -214,10 +214,3 @@ def test_eval_fraction_outside_zero_to_one_is_refused_naming_the_key(override):
     with pytest.raises(PipelineError, match=rf"^override '{override}': {section}.eval_fraction must be between 0 and "
                                             r"1 \(exclusive\)"):
         load_recipe(SMALL, [override])
-
-
-def test_unknown_tokenizer_chat_template_is_refused():
-    # any unknown value (a typo of `pipeline`) silently kept the loaded template, as `own` does
-    with pytest.raises(PipelineError, match="tokenizer.chat_template must be one of 'pipeline', 'auto', 'own', "
-                                            "got 'pipline'"):
-        load_recipe(SMALL, ["tokenizer.chat_template=pipline"])
