@@ -109,14 +109,16 @@ def main(argv):
         DPOTrainer = batching.length_grouped(TRLDPOTrainer)  # group_by_length measures pairs, batches shuffled
 
         tokenizer = models.load_tokenizer(recipe, init)
-        policy = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision)
+        policy = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision,
+                                       tokenizer=tokenizer)
         models.configure_generation(policy, tokenizer)
         peft_config = models.peft_config(peft_values)
         reference = None
         # with LoRA the reference is the policy with its adapter switched off; iterated, TRL would copy a later
         # round's adapter as that round's reference, so the rounds keep the initial model loaded instead
         if peft_config is None or keys.rounds > 1:
-            reference = models.load_causal_lm(recipe, init.path, revision=recipe.model.revision).eval()
+            reference = models.load_causal_lm(recipe, init.path, revision=recipe.model.revision,
+                                              tokenizer=tokenizer).eval()
             reference.requires_grad_(False)
 
         def trainer_for(model, pairs, output_dir):

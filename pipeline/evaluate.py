@@ -196,11 +196,9 @@ class LoadedModel:
 
 
 def load_lm(recipe, cp: runs.Checkpoint, device) -> LoadedModel:
-    model = models.load_causal_lm(recipe, cp.path, revision=recipe.model.revision if cp.source == "hub" else None)
     tokenizer = models.load_tokenizer(recipe, cp)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        raise cli.PipelineError(f"{cp.path}: its tokenizer has {len(tokenizer)} tokens but the model only "
-                                f"{model.get_input_embeddings().weight.shape[0]} embeddings")
+    model = models.load_causal_lm(recipe, cp.path, revision=recipe.model.revision if cp.source == "hub" else None,
+                                  tokenizer=tokenizer)  # a user's model: the chat tokens its tokenizer got
     models.configure_generation(model, tokenizer)
     return LoadedModel(model.to(device).eval(), tokenizer, cp.path)
 

@@ -36,8 +36,8 @@ def score_checkpoint(recipe, path: str, rows, *, max_new_tokens=48, batch_size=6
     """Verifier accuracy of the model saved at `path`, read back from disk as later stages will read it."""
     # Called on the main process only, while the others wait: no ZeRO-3 partitioned loading or synced generation.
     with models.single_process():
-        model = models.load_causal_lm(recipe, path)
         tokenizer = models.load_tokenizer(recipe, runs.Checkpoint(label, path, "", "local"))
+        model = models.load_causal_lm(recipe, path, tokenizer=tokenizer)
         models.configure_generation(model, tokenizer)
         result = verifier_accuracy(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                    desc=f"scoring {label}")

@@ -157,9 +157,11 @@ def peft_config(peft_values: dict, task_type: str = "CAUSAL_LM"):
     return get_peft_config(ModelConfig(**values))
 
 
-def load_causal_lm(recipe, path: str, *, peft_values: dict | None = None, cls=None, revision=None, **kw):
+def load_causal_lm(recipe, path: str, *, peft_values: dict | None = None, cls=None, revision=None, tokenizer=None,
+                   **kw):
     """Load a saved causal LM (full or adapter). An adapter is merged into its base so the next stage starts
-    from a plain model (it may add a fresh adapter of its own)."""
+    from a plain model (it may add a fresh adapter of its own). With `tokenizer`, the embeddings are grown to it
+    (`fit_embeddings`): a user's model whose tokenizer got the chat tokens (`apply_chat_format`) reads them."""
     from transformers import AutoModelForCausalLM
 
     cls = cls or AutoModelForCausalLM
@@ -181,12 +183,16 @@ def load_causal_lm(recipe, path: str, *, peft_values: dict | None = None, cls=No
                 raise PipelineError(f"{path}: quantized training from an adapter checkpoint: save the stage with "
                                     f"merge_adapter=true and start from its merged model")
             base = cls.from_pretrained(_adapter_base(path), **load_kw)
+            if tokenizer is not None:  # an adapter trained on grown embeddings saved them at that size
+                fit_embeddings(base, tokenizer)
             model = PeftModel.from_pretrained(base, path).merge_and_unload()
         else:
             model = cls.from_pretrained(path, revision=revision, **load_kw)
     except OSError as err:
         why = hub.load_failure(online, f"cannot load model: {str(err).splitlines()[0]}")
         raise PipelineError(f"{path}: {why}") from None
+    if tokenizer is not None:
+        fit_embeddings(model, tokenizer)
     return model
 
 
@@ -211,9 +217,13 @@ def single_process():
 
 def fit_embeddings(model, tokenizer) -> None:
     """Grow the embeddings to the tokenizer when it has more tokens (chat tokens added to a hub tokenizer); padded
-    hub embeddings larger than the tokenizer stay as they are."""
+    hub embeddings larger than the tokenizer stay as they are. The new rows (drawn around the old ones' mean) are
+    seeded: every load of the same model grows the same rows, so a policy and its reference, or a LoRA base at
+    training and at merging, agree on them."""
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
+        with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
+            torch.manual_seed(0)
+            model.resize_token_embeddings(len(tokenizer))
 
 
 def configure_generation(model, tokenizer) -> None:

@@ -99,7 +99,8 @@ class PPOTrainer:
 
         # models: policy (maybe LoRA), frozen reference, reward model, critic
         self.tokenizer = tokenizer = models.load_tokenizer(recipe, init)
-        policy = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision)
+        policy = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision,
+                                       tokenizer=tokenizer)
         models.configure_generation(policy, tokenizer)
         self.lora = models.peft_config(peft_values)
         if self.lora is not None:
@@ -108,7 +109,7 @@ class PPOTrainer:
             policy = get_peft_model(policy, self.lora)
             self.reference = None  # the policy with its adapter off
         else:
-            reference = models.load_causal_lm(recipe, init.path, revision=recipe.model.revision)
+            reference = models.load_causal_lm(recipe, init.path, revision=recipe.model.revision, tokenizer=tokenizer)
             self.reference = reference.to(self.device).eval().requires_grad_(False)
         self.implicit = None  # ppo.implicit_reward: a DPO policy whose log-ratio to the reference is a dense reward
         if implicit is not None:

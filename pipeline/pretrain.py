@@ -75,7 +75,7 @@ def main(argv):
         if init.path is None:
             model = models.build_causal_lm(recipe, tokenizer)
         else:
-            model = models.load_causal_lm(recipe, init.path, revision=recipe.model.revision)
+            model = models.load_causal_lm(recipe, init.path, revision=recipe.model.revision, tokenizer=tokenizer)
         models.configure_generation(model, tokenizer)
         log.info(f"{models.describe(model)}; {len(blocks)} blocks of {keys.block_size} tokens "
                  f"({len(blocks) * keys.block_size / 1e6:.2f}M tokens), {len(eval_blocks)} held out")

@@ -78,8 +78,7 @@ def lm_head_weight(recipe, path: str, tokenizer):
     """The output embedding (LM head) of the causal LM at `path`, sized to the tokenizer, as a frozen tensor: what
     reads the reward model's hidden states in `next_token_loss`."""
     with models.single_process():  # a plain load on every process; under ZeRO-3 it would wait for the others
-        lm = models.load_causal_lm(recipe, path)
-        models.fit_embeddings(lm, tokenizer)
+        lm = models.load_causal_lm(recipe, path, tokenizer=tokenizer)
         return lm.get_output_embeddings().weight.detach().clone()
 
 

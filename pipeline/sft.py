@@ -71,8 +71,8 @@ def main(argv):
         SFTTrainer = batching.length_grouped(TRLSFTTrainer)  # group_by_length: batches shuffled, tokens weighed alike
 
         tokenizer = models.load_tokenizer(recipe, init)
-        model = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision)
-        models.fit_embeddings(model, tokenizer)
+        model = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision,
+                                      tokenizer=tokenizer)
         models.configure_generation(model, tokenizer)
 
         def keep_training_columns(ds):

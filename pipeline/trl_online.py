@@ -139,7 +139,8 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
                                 f"{str(err).splitlines()[0]}") from None
 
     tokenizer = models.load_tokenizer(recipe, init)
-    model = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision)
+    model = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision,
+                                  tokenizer=tokenizer)
     models.configure_generation(model, tokenizer)
     reward_model = load_scorer(recipe, reward_checkpoints, "cpu", cfg.ensemble_objective, cfg.uncertainty_penalty)
     eos = tokenizer.eos_token_id

@@ -165,3 +165,59 @@ def test_a_truncated_init_from_is_named_by_the_stage_and_by_check(tiny_run, tmp_
     assert f"{weights}" in one_error_line(proc) and not (tmp_path / "runs").exists()
     check = run_cli(["pipeline/run.py", recipe, "--check"], cwd=tmp_path, env=ONE_THREAD)
     assert check.returncode == 2 and f"checkpoint '{damaged}' is damaged: {weights}" in check.stdout
+
+
+LLAMA3_TEMPLATE = ("{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + "
+                   "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+                   "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if "
+                   "add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+
+
+def user_model(folder, template=LLAMA3_TEMPLATE, extra_rows=0, tied=False):
+    """A user's model folder in the shape of a Llama-3 instruct model: a byte-level BPE whose post-processor puts
+    `<|begin_of_text|>` first, eos `<|eot_id|>`, no pad token, no chat tokens of ours; untied embeddings with exactly
+    len(tokenizer) rows (+ `extra_rows`, as hub models pad them), saved with save_pretrained."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models as bpe_models, pre_tokenizers, processors, trainers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    bpe = Tokenizer(bpe_models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator([f"What is {i} + {i}? Sure! The answer is {2 * i}." for i in range(50)],
+                            trainer=trainers.BpeTrainer(vocab_size=320, special_tokens=specials, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       special_tokens=[("<|begin_of_text|>", 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                  chat_template=template)
+    config = LlamaConfig(vocab_size=len(tok) + extra_rows, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=tied, bos_token_id=0, eos_token_id=[1, 4])
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_users_model_without_the_chat_tokens_is_grown_to_them_wherever_it_loads(tmp_path):
+    """The chat format adds tokens to a user's tokenizer (Llama-3's has no <|im_start|>): the held-out check of its
+    input model, eval and the dpo/ppo reference read it with grown embeddings, the same rows on every load."""
+    import torch
+
+    from pipeline import evaluate, heldout, models, runs
+    from pipeline.recipe import load_recipe
+
+    folder = user_model(tmp_path / "llama3")
+    recipe = load_recipe(tiny_recipe(tmp_path, pretrain=None, tokenizer=None, model={"config": None,
+                                                                                   "name_or_path": folder}))
+    cp = runs.Checkpoint("model", folder, "", "local")
+    tokenizer = models.load_tokenizer(recipe, cp)
+    assert len(tokenizer) > 325 and tokenizer.eos_token == "<|im_end|>"
+    rows = [{"prompt": "What is 2 + 2?", "skill": "add", "answer": "4"}]
+    assert heldout.score_checkpoint(recipe, folder, rows, max_new_tokens=4)["n"] == 1  # was an IndexError
+    loaded = evaluate.load_lm(recipe, cp, "cpu")  # was "its tokenizer has 332 tokens but the model only 325"
+    assert loaded.model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    policy, reference = (models.load_causal_lm(recipe, folder, tokenizer=tokenizer) for _ in range(2))
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        assert torch.equal(getattr(policy, get)().weight, getattr(reference, get)().weight)
