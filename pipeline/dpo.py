@@ -109,6 +109,7 @@ def main(argv):
         DPOTrainer = batching.length_grouped(TRLDPOTrainer)  # group_by_length measures pairs, batches shuffled
 
         tokenizer = models.load_tokenizer(recipe, init)
+        models.check_chat_template(tokenizer, {train_info["source"]: train_ds, eval_info["source"]: eval_ds})
         policy = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision,
                                        tokenizer=tokenizer)
         models.configure_generation(policy, tokenizer)

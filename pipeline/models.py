@@ -77,6 +77,18 @@ def load_tokenizer(recipe, checkpoint, corpus=None):
     return tok
 
 
+def check_chat_template(tokenizer, data: dict, assistant_only: bool = False) -> None:
+    """One line (exit 2) before training when the tokenizer's own chat template cannot train on a dataset of the
+    stage (`data`: {source: rows}; pipeline.tokenizer.chat_template_problem says why)."""
+    from pipeline import tokenizer as tok_lib
+
+    for source, rows in data.items():
+        problem = rows is not None and tok_lib.chat_template_problem(tokenizer, rows, assistant_only)
+        if problem:
+            raise PipelineError(f"{source}: the tokenizer of {tokenizer.name_or_path}: {problem} "
+                                f"(tokenizer.chat_template: pipeline trains on the pipeline's ChatML template)")
+
+
 def _adapter_base(path) -> str:
     return json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
 

@@ -175,6 +175,7 @@ def main(argv):
         from transformers import set_seed
 
         tokenizer = models.load_tokenizer(recipe, init)
+        models.check_chat_template(tokenizer, {train_info["source"]: train_ds, eval_info["source"]: eval_ds})
         eval_ds, eval_too_long = within_max_length(eval_ds, tokenizer, args.max_length, eval_info["source"])
         set_seed(args.seed)  # the score head is initialised at random
         model = load_reward_model(recipe, init.path, peft_values)

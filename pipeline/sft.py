@@ -71,6 +71,8 @@ def main(argv):
         SFTTrainer = batching.length_grouped(TRLSFTTrainer)  # group_by_length: batches shuffled, tokens weighed alike
 
         tokenizer = models.load_tokenizer(recipe, init)
+        models.check_chat_template(tokenizer, {train_info["source"]: train_ds, **({eval_info["source"]: eval_ds}
+                                   if eval_ds is not None else {})}, assistant_only=args.assistant_only_loss)
         model = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision,
                                       tokenizer=tokenizer)
         models.configure_generation(model, tokenizer)

@@ -69,6 +69,7 @@ __all__ = [
     "load_tokenizer",
     "has_generation_block",
     "doc_sep_id",
+    "chat_template_problem",
 ]
 
 EOS = "<|im_end|>"
@@ -352,3 +353,55 @@ def load_tokenizer(
             raise ValueError(f"Tokenizer {name_or_path!r} has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _conversations(row) -> list[list[dict]]:
+    """A data row's conversations as the stages render them: messages, prompt + completion, prompt + each reply."""
+    if row.get("messages"):
+        return [row["messages"]]
+    prompt = row.get("prompt")
+    if not isinstance(prompt, list):
+        return []  # plain text rows: no chat template
+    replies = [row[k] for k in ("completion", "chosen", "rejected") if isinstance(row.get(k), list)]
+    return [prompt + reply for reply in replies] or [prompt]
+
+
+def chat_template_problem(tokenizer: PreTrainedTokenizerBase, rows, assistant_only: bool = False) -> str | None:
+    """Why a template that is not ours cannot train on `rows` (messages, prompt/completion or preference rows, as
+    pipeline.data loads them), or None: no template; a row it raises on (Mistral's and Gemma's refuse a system
+    message or turns that do not alternate), by index; a first tool row whose tool schemas or calls it leaves out
+    (a template without tool support trains on replies with the calls missing); for assistant-only loss, no
+    `{% generation %}` markers and no training version of it in TRL. Our own template renders every row."""
+    import json
+
+    from jinja2 import TemplateError
+
+    if tokenizer.chat_template == CHAT_TEMPLATE:
+        return None
+    if not tokenizer.chat_template:
+        return "it has no chat template (a base model)"
+    if assistant_only and not has_generation_block(tokenizer.chat_template):
+        from trl.chat_template_utils import get_training_chat_template
+
+        try:
+            get_training_chat_template(tokenizer)
+        except ValueError:
+            return ("its chat template has no {% generation %} markers around assistant replies and TRL has no "
+                    "training version of it, so assistant-only loss cannot find the replies")
+    tool_checked = False
+    for i, row in enumerate(rows):
+        tools = json.loads(row["tools"]) if isinstance(row.get("tools"), str) else row.get("tools") or None
+        for messages in _conversations(row):
+            try:
+                text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+            except TemplateError as err:
+                return f"row {i}: its chat template refuses the row: {err}"
+            calls = [c.get("function", c)["name"] for m in messages for c in m.get("tool_calls") or []]
+            names = [t.get("function", t)["name"] for t in tools or []]
+            if (calls or names) and not tool_checked:
+                tool_checked = True
+                left_out = [n for n in calls + names if n not in text]
+                if left_out:
+                    return (f"row {i}: its chat template leaves out the row's tools or tool calls "
+                            f"({', '.join(dict.fromkeys(left_out))}): it has no tool support")
+    return None

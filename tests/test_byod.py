@@ -6,6 +6,8 @@ import json
 import os
 import stat
 
+import pytest
+
 
 from conftest import REPO, run_cli, tiny_recipe, write_jsonl
 from test_formats import ALPACA, SHAREGPT
@@ -221,3 +223,33 @@ def test_a_users_model_without_the_chat_tokens_is_grown_to_them_wherever_it_load
     policy, reference = (models.load_causal_lm(recipe, folder, tokenizer=tokenizer) for _ in range(2))
     for get in ("get_input_embeddings", "get_output_embeddings"):
         assert torch.equal(getattr(policy, get)().weight, getattr(reference, get)().weight)
+
+
+MISTRAL_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0)"
+                    " %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+                    "{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+                    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}"
+                    "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
+
+
+def test_a_users_chat_template_that_cannot_train_on_the_data_stops_in_one_line(tmp_path):
+    """`tokenizer.chat_template: own` keeps a user's template: one that raises on a row (Mistral's on a system
+    message) or has no assistant markers TRL can patch stops the stage before training, naming the row."""
+    folder = user_model(tmp_path / "mistral", template=MISTRAL_TEMPLATE)
+    chats = [{"messages": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]},
+             {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                           {"role": "assistant", "content": "Hi."}]}]
+    spec = write_jsonl(tmp_path / "chats.jsonl", chats)
+    recipe = tiny_recipe(tmp_path, pretrain=None, tokenizer={"train": False, "chat_template": "own"},
+                         model={"config": None, "name_or_path": folder}, sft={**SHORT, "dataset": spec})
+    proc = run_cli(["pipeline/sft.py", recipe, "sft.assistant_only_loss=false"], cwd=tmp_path, env=ONE_THREAD)
+    assert one_error_line(proc) == (f"error: {spec}: the tokenizer of {folder}: row 1: its chat template refuses "
+                                    f"the row: Conversation roles must alternate user/assistant/user/assistant/... "
+                                    f"(tokenizer.chat_template: pipeline trains on the pipeline's ChatML template)")
+    assert not (tmp_path / "runs").exists()
+    from pipeline import models
+    from pipeline.cli import PipelineError
+    from transformers import AutoTokenizer
+
+    with pytest.raises(PipelineError, match="no {% generation %} markers .* TRL has no training version"):
+        models.check_chat_template(AutoTokenizer.from_pretrained(folder), {spec: chats[:1]}, assistant_only=True)

@@ -490,3 +490,24 @@ def test_chat_dataset_puts_tool_conversations_into_the_tokenizer_corpus(tmp_path
     assert tok_chats.decode(tok_chats(text)["input_ids"]) == text
     fp = lambda r: runs.resolve_checkpoint(r, "model").fingerprint
     assert fp(plain) != fp(with_chats) and fp(plain) == fp(load_recipe(recipe_file))
+
+
+def test_chat_template_problem_names_what_a_users_template_cannot_do(tok, tmp_path):
+    """A template without tool support would train on tool rows with their calls left out; a base model's tokenizer
+    has none; the pipeline's own template renders every row."""
+    from pipeline.tokenizer import chat_template_problem
+
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    rows = [{"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]},
+            {"messages": [{"role": "user", "content": "Weather in Paris?"},
+                          {"role": "assistant", "content": None, "tool_calls": [call]}],
+             "tools": json.dumps(TOOLS)}]
+    assert chat_template_problem(tok, rows, assistant_only=True) is None
+    tok.save_pretrained(tmp_path)
+    other = AutoTokenizer.from_pretrained(tmp_path)
+    other.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + (m['content'] or '') "
+                           "+ '<|im_end|>\\n' }}{% endfor %}")
+    assert chat_template_problem(other, rows) == ("row 1: its chat template leaves out the row's tools or tool calls "
+                                                  "(get_weather): it has no tool support")
+    other.chat_template = None
+    assert chat_template_problem(other, rows) == "it has no chat template (a base model)"
