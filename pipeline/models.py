@@ -71,9 +71,8 @@ def load_tokenizer(recipe, checkpoint, corpus=None):
     else:
         raise PipelineError(f"{recipe.path}: a model built from `model.config` needs `tokenizer.train: true` "
                             f"or `tokenizer.name_or_path`")
-    template = tok.chat_template or ""
-    if tcfg.chat_template == "pipeline" or (tcfg.chat_template == "auto" and "generation" not in template):
-        tok, _ = tok_lib.apply_chat_format(tok)
+    if tcfg.chat_template == "pipeline" or (tcfg.chat_template == "auto" and not tok_lib.trains_as_is(tok)):
+        tok, _ = tok_lib.apply_chat_format(tok, force=True)  # the pipeline's ChatML, also over a marked template
     return tok
 
 

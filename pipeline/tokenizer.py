@@ -70,6 +70,7 @@ __all__ = [
     "has_generation_block",
     "doc_sep_id",
     "chat_template_problem",
+    "trains_as_is",
 ]
 
 EOS = "<|im_end|>"
@@ -355,6 +356,22 @@ def load_tokenizer(
     return tokenizer
 
 
+def trains_as_is(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether assistant-only loss can train on the tokenizer's own template: it has ``{% generation %}`` markers, or
+    TRL has a training version of it (Llama 3, Qwen 2.5 and 3, Gemma, Phi-3, ...: trl.chat_template_utils)."""
+    if has_generation_block(tokenizer.chat_template):
+        return True
+    if not tokenizer.chat_template:
+        return False
+    from trl.chat_template_utils import get_training_chat_template
+
+    try:
+        get_training_chat_template(tokenizer)
+    except ValueError:
+        return False
+    return True
+
+
 def _conversations(row) -> list[list[dict]]:
     """A data row's conversations as the stages render them: messages, prompt + completion, prompt + each reply."""
     if row.get("messages"):
@@ -380,14 +397,9 @@ def chat_template_problem(tokenizer: PreTrainedTokenizerBase, rows, assistant_on
         return None
     if not tokenizer.chat_template:
         return "it has no chat template (a base model)"
-    if assistant_only and not has_generation_block(tokenizer.chat_template):
-        from trl.chat_template_utils import get_training_chat_template
-
-        try:
-            get_training_chat_template(tokenizer)
-        except ValueError:
-            return ("its chat template has no {% generation %} markers around assistant replies and TRL has no "
-                    "training version of it, so assistant-only loss cannot find the replies")
+    if assistant_only and not trains_as_is(tokenizer):
+        return ("its chat template has no {% generation %} markers around assistant replies and TRL has no "
+                "training version of it, so assistant-only loss cannot find the replies")
     tool_checked = False
     for i, row in enumerate(rows):
         tools = json.loads(row["tools"]) if isinstance(row.get("tools"), str) else row.get("tools") or None

@@ -511,3 +511,30 @@ def test_chat_template_problem_names_what_a_users_template_cannot_do(tok, tmp_pa
                                                   "(get_weather): it has no tool support")
     other.chat_template = None
     assert chat_template_problem(other, rows) == "it has no chat template (a base model)"
+
+
+def test_chat_template_modes_on_a_users_model(tmp_path):
+    """`pipeline` puts our ChatML over any template, one with assistant markers too; `auto` keeps a template that
+    assistant-only loss trains on as is (markers, or a training version in TRL: Llama 3's) and replaces others
+    (a template that merely mentions add_generation_prompt); an unknown mode is refused when the recipe loads."""
+    from trl.chat_template_utils import llama3_chat_template
+
+    from pipeline import models, runs
+    from pipeline.cli import PipelineError
+    from pipeline.recipe import load_recipe
+    from test_byod import MISTRAL_TEMPLATE, user_model
+
+    marked = CHAT_TEMPLATE.replace("<|im_start|>assistant", "<|im_start|>bot")  # has {% generation %} markers
+    unknown = MISTRAL_TEMPLATE + "{% if add_generation_prompt %}{% endif %}"
+    recipe_file = tmp_path / "r.yaml"
+    for name, template, auto_keeps in (("llama3", llama3_chat_template, True), ("marked", marked, True),
+                                       ("unknown", unknown, False)):
+        folder = user_model(tmp_path / name, template=template)
+        recipe_file.write_text(f"model: {{name_or_path: {folder}}}\n")
+        cp = runs.Checkpoint("model", folder, "", "local")
+        for mode, kept in (("pipeline", False), ("auto", auto_keeps), ("own", True)):
+            tok = models.load_tokenizer(load_recipe(recipe_file, [f"tokenizer.chat_template={mode}"]), cp)
+            assert tok.chat_template == (template if kept else CHAT_TEMPLATE), (name, mode)
+            assert kept or (tok.eos_token == EOS and tok.pad_token != EOS)
+    with pytest.raises(PipelineError, match="tokenizer.chat_template must be"):
+        load_recipe(recipe_file, ["tokenizer.chat_template=chatml"])
