@@ -26,7 +26,7 @@ from pathlib import Path
 from pipeline import cost, faults, integrity, locks, log, safe_resume, threads, world
 from pipeline.cli import PipelineError
 from pipeline.fingerprints import hash_file, hash_folder, hash_obj
-from pipeline.stages import STAGES
+from pipeline.stages import STAGES, model_loading
 from pipeline.values import closest
 from pipeline.vllm_engine import uses_vllm
 
@@ -176,6 +176,8 @@ def stage_inputs(recipe, stage: str, must_exist: bool = True) -> dict:
         settings["generation"] = dataclasses.asdict(recipe.generation)
     if any(str(d["spec"]).startswith("world:") for d in datasets.values()):
         settings["world"] = world.fingerprint_settings(recipe.world)
+    if (loading := model_loading(recipe, stage)):
+        settings["loading"] = loading
     return {"settings": settings, "checkpoints": checkpoints, "data": datasets}
 
 

@@ -331,3 +331,14 @@ STAGES: dict[str, StageSpec] = {
                                "pipeline.diffusion_config:DiffusionDPOConfig", DiffusionDPOKeys,
                                check="pipeline.image_check:check_image_stage"),
 }
+
+
+def model_loading(recipe, stage: str) -> dict:
+    """How a language-model stage loads its checkpoint and tokenizer (`tokenizer.chat_template`, `model.dtype`,
+    `model.attn_implementation`), for its fingerprint: a stage from a folder reruns when they change. Only the values
+    that differ from the defaults, so runs from before the key keep their fingerprints."""
+    if stage.startswith("diffusion"):
+        return {}
+    values = {"chat_template": (recipe.tokenizer.chat_template, "pipeline"), "dtype": (recipe.model.dtype, "float32"),
+              "attn_implementation": (recipe.model.attn_implementation, None)}
+    return {key: value for key, (value, default) in values.items() if value != default}

@@ -251,3 +251,24 @@ def test_a_signal_to_the_runner_stops_every_stage_side_by_side_with_a_checkpoint
     assert json.loads((run_dir / "pretrain" / "metrics.json").read_text())["steps"] == 12
     assert json.loads((run_dir / "diffusion" / "metrics.json").read_text())["steps"] == 6
     assert (run_dir / "sft" / "manifest.json").is_file()
+
+
+def test_how_a_stage_loads_its_model_is_in_its_fingerprint(tmp_path):
+    """A stage from a user's folder reruns when `tokenizer.chat_template`, `model.dtype` or
+    `model.attn_implementation` change (the runner called it up to date); at their defaults nothing changes."""
+    from pipeline import runs
+    from pipeline.fingerprints import hash_obj
+    from pipeline.recipe import load_recipe
+    from test_byod import user_model
+
+    folder = user_model(tmp_path / "llama3")
+    recipe = tiny_recipe(tmp_path, pretrain=None, tokenizer=None, model={"config": None, "name_or_path": folder})
+
+    def fingerprint(*overrides):
+        return hash_obj(runs.stage_inputs(load_recipe(recipe, list(overrides)), "sft"))
+
+    plain = fingerprint()
+    assert plain == fingerprint("tokenizer.chat_template=pipeline", "model.dtype=float32")
+    changed = [fingerprint(o) for o in ("tokenizer.chat_template=own", "tokenizer.chat_template=auto",
+                                        "model.dtype=bfloat16", "model.attn_implementation=eager")]
+    assert len({plain, *changed}) == 5
