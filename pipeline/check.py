@@ -151,7 +151,7 @@ def check_stage(recipe, stage: str, launch: cluster.Launch, device_memory: int |
                         raise PipelineError(f"reads {v}, which has not finished and is not planned to run "
                                             f"(drop --only, or add {v})")
                     if cp.source in ("stage", "local") and cp.fingerprint is not None and v not in will_run and \
-                            (problem := integrity.model_folder_problem(cp.path)):  # headers, not whole weights
+                            (problem := integrity.language_model_problem(cp.path)):  # headers, not whole weights
                         raise PipelineError(f"checkpoint '{v}' is damaged: {problem}")
                     s = model_shape(recipe, v)
                     if f.name == "init_from":

@@ -151,6 +151,16 @@ def model_folder_problem(path, need_tokenizer: bool = False) -> str | None:
     return None
 
 
+def language_model_problem(path) -> str | None:
+    """What is wrong with a folder a stage loads a language model and its tokenizer from (`init_from`, a reward
+    model, an eval checkpoint), or None: it must be a saved model, whole, with its tokenizer files (an adapter
+    without them takes its base model's)."""
+    path = Path(path)
+    if path.is_dir() and not any((path / c).is_file() for c in ("config.json", "adapter_config.json")):
+        return f"{path}: no config.json or adapter_config.json (not a saved model)"
+    return model_folder_problem(path, need_tokenizer=not (path / "adapter_config.json").is_file())
+
+
 def diffusers_folder_problem(path: Path) -> str | None:
     """A diffusers pipeline folder (the image stages' output): `model_index.json` parses and every component it
     names is whole (a model subfolder: config and safetensors; a tokenizer: its vocabulary; a scheduler: its JSON);

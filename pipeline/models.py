@@ -47,14 +47,16 @@ def load_tokenizer(recipe, checkpoint, corpus=None):
         source = checkpoint.path
         if is_adapter(source) and not (Path(source) / "tokenizer_config.json").is_file():
             source = _adapter_base(source)
-        from pipeline import hub
+        from pipeline import hub, integrity
 
+        if Path(source).is_dir() and (problem := integrity.language_model_problem(source)):
+            raise PipelineError(problem)  # a folder that is no model, or without its tokenizer files
         online = hub.reachable() if not Path(source).exists() else True  # a hub id offline: the cache only
         try:
             tok = tok_lib.load_tokenizer(source, trust_remote_code=recipe.model.trust_remote_code,
                                          revision=recipe.model.revision if checkpoint.source == "hub" else None)
-        except OSError as err:
-            why = hub.load_failure(online, f"cannot load its tokenizer: {str(err).splitlines()[0]}")
+        except (OSError, ValueError) as err:  # ValueError: tokenizer files transformers cannot read
+            why = hub.load_failure(online, f"cannot load its tokenizer: {' '.join(str(err).split())[:300]}")
             raise PipelineError(f"{source}: {why}") from None
     elif tcfg.train:
         if corpus is None:

@@ -253,3 +253,31 @@ def test_a_users_chat_template_that_cannot_train_on_the_data_stops_in_one_line(t
 
     with pytest.raises(PipelineError, match="no {% generation %} markers .* TRL has no training version"):
         models.check_chat_template(AutoTokenizer.from_pretrained(folder), {spec: chats[:1]}, assistant_only=True)
+
+
+def test_a_model_folder_without_a_model_or_its_tokenizer_stops_in_one_line(tmp_path):
+    """`model.name_or_path` naming a folder that holds no model, or a model without its tokenizer files: one line
+    from the stage (a traceback from the tokenizer loader before) and from --check (which called the second ok)."""
+    import shutil
+
+    from pipeline import models, runs
+    from pipeline.cli import PipelineError
+    from pipeline.recipe import load_recipe
+
+    folder = user_model(tmp_path / "llama3")
+    no_model, no_tokenizer = tmp_path / "downloads", tmp_path / "weights_only"
+    no_model.mkdir()
+    (no_model / "notes.txt").write_text("the model is somewhere else")
+    no_tokenizer.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(f"{folder}/{name}", no_tokenizer)
+    for bad, why in ((no_model, "no config.json or adapter_config.json (not a saved model)"),
+                     (no_tokenizer, "tokenizer files missing (none of tokenizer.json, vocab.json, tokenizer.model, ...)")):
+        recipe = tiny_recipe(tmp_path, pretrain=None, tokenizer=None, model={"config": None, "name_or_path": str(bad)},
+                             sft=SHORT)
+        with pytest.raises(PipelineError) as err:  # what the stage says (sft, dpo, reward, ppo, eval load it so)
+            models.load_tokenizer(load_recipe(recipe), runs.Checkpoint("model", str(bad), "", "local"))
+        assert str(err.value) == f"{bad}: {why}"
+    check = run_cli(["pipeline/run.py", recipe, "--check"], cwd=tmp_path, env=ONE_THREAD)
+    assert check.returncode == 2 and f"sft.init_from: checkpoint 'model' is damaged: {no_tokenizer}: tokenizer " \
+                                      f"files missing" in check.stdout
