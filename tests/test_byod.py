@@ -225,8 +225,8 @@ def test_a_users_model_without_the_chat_tokens_is_grown_to_them_wherever_it_load
         assert torch.equal(getattr(policy, get)().weight, getattr(reference, get)().weight)
 
 
-MISTRAL_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0)"
-                    " %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+MISTRAL_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != "
+                    "(loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
                     "{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
                     "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}"
                     "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
@@ -272,7 +272,8 @@ def test_a_model_folder_without_a_model_or_its_tokenizer_stops_in_one_line(tmp_p
     for name in ("config.json", "generation_config.json", "model.safetensors"):
         shutil.copy(f"{folder}/{name}", no_tokenizer)
     for bad, why in ((no_model, "no config.json or adapter_config.json (not a saved model)"),
-                     (no_tokenizer, "tokenizer files missing (none of tokenizer.json, vocab.json, tokenizer.model, ...)")):
+                     (no_tokenizer, "tokenizer files missing (none of tokenizer.json, vocab.json, tokenizer.model, "
+                                    "...)")):
         recipe = tiny_recipe(tmp_path, pretrain=None, tokenizer=None, model={"config": None, "name_or_path": str(bad)},
                              sft=SHORT)
         with pytest.raises(PipelineError) as err:  # what the stage says (sft, dpo, reward, ppo, eval load it so)
