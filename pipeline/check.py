@@ -133,6 +133,10 @@ def check_stage(recipe, stage: str, launch: cluster.Launch, device_memory: int |
     spec = STAGES[stage]
     try:  # the config class's own checks, without those that depend on this machine (a login node has no GPU)
         recipe.check_config(stage, portable=True)
+        if stage == "eval":  # no config class: the stage's own key rules
+            from pipeline.evaluate import check_keys
+
+            check_keys(recipe, keys)
     except PipelineError as err:
         errors.append(str(err))
     # inputs

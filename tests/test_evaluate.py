@@ -708,3 +708,18 @@ def test_tool_prompts_bad_setups_stop_before_anything_is_written(tiny_run, tool_
     plan = eval_tools.plan(recipe, recipe.keys("eval"))
     assert [eval_tools.is_verified(r) for r in plan.rows] == [True, False] and plan.judge is None  # no draw task
     assert plan.rows[0]["expect"] == {"image_id": "7", "answer": "3"} and plan.tools == ["draw_image", "read_image"]
+
+
+def test_eval_keys_are_checked_by_check_and_before_the_runner_starts_any_stage(tmp_path):
+    """eval has no config class: its key rules ran only when the eval stage started, after every stage before it had
+    trained, and `--check` called such a recipe ok."""
+    from pipeline import check, cluster
+    from pipeline.recipe import load_recipe
+
+    recipe = tiny_recipe(tmp_path, eval={"bootstrap": 50})
+    stage = check.check_stage(load_recipe(recipe), "eval", cluster.launch_from_command(None), None, {"pretrain", "sft"})
+    assert stage.errors == [f"{recipe}: eval.bootstrap must be at least 100, got 50"]
+    proc = run_cli(["pipeline/run.py", recipe], cwd=tmp_path, env=ONE_THREAD)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {recipe}: eval.bootstrap must be at least 100, got 50"
+    assert not (tmp_path / "runs").exists()

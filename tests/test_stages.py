@@ -272,3 +272,15 @@ def test_how_a_stage_loads_its_model_is_in_its_fingerprint(tmp_path):
     changed = [fingerprint(o) for o in ("tokenizer.chat_template=own", "tokenizer.chat_template=auto",
                                         "model.dtype=bfloat16", "model.attn_implementation=eager")]
     assert len({plain, *changed}) == 5
+
+
+def test_runner_checks_every_stages_config_before_the_first_stage_starts(tmp_path):
+    """README: the config classes' own checks stop the recipe before any stage looks at models or data; the runner
+    ran them only as each stage started, so a bad value of a later stage stopped it after the stages before had
+    trained."""
+    recipe = tiny_recipe(tmp_path, reward={"eval_strategy": "bogus", "use_cpu": True})
+    proc = run_cli(["pipeline/run.py", recipe], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: {recipe}: section 'reward': bogus is not a valid IntervalStrategy, please select one of "
+        f"['no', 'steps', 'epoch']")
+    assert not (tmp_path / "runs").exists()
