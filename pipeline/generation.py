@@ -13,6 +13,14 @@ from tqdm.auto import tqdm
 from pipeline import metrics as M, rl
 
 
+# What a model's own generation_config.json may set to shape its samples (Qwen2.5's: repetition_penalty 1.05-1.1,
+# top_k 20; others min_p, num_beams, ...): generate() applies each one it is not given, so every generate call here
+# gives them, at the values that leave the model's distribution as it is. Eval's samples (and the KL read from
+# them), PPO's rollouts (whose log-probabilities are the policy's own) and greedy replies need exactly that.
+UNSHAPED = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_p": None, "typical_p": 1.0,
+            "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "num_beams": 1, "min_new_tokens": None}
+
+
 @dataclass
 class Reply:
     text: str
@@ -70,7 +78,7 @@ def generate(model, tokenizer, prompts, *, max_new_tokens=64, batch_size=32, do_
                                  temperature=temperature if do_sample else None,
                                  top_p=top_p if do_sample else None, top_k=None,
                                  num_return_sequences=num_samples, eos_token_id=eos, pad_token_id=pad,
-                                 use_cache=True)
+                                 use_cache=True, **UNSHAPED)
             new = gen[:, enc["input_ids"].shape[1]:]
             for j, i in enumerate(idx):
                 rows = new[j * num_samples:(j + 1) * num_samples].tolist()

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.generation import UNSHAPED
+
 
 @dataclass
 class Rollout:
@@ -110,7 +112,7 @@ def sample_replies(policy, tokenizer, prompt_ids: list[list[int]], rows: list[in
     else:
         sequences = policy.generate(**enc, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
                                     max_new_tokens=cfg.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                                    use_cache=True)
+                                    use_cache=True, **UNSHAPED)
         replies = sequences[:, context_length:]
     is_eos = replies == eos
     ended = is_eos.any(1)

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from pipeline import log
+from pipeline.generation import UNSHAPED
 
 BUDGET_MESSAGE = "tool call budget exhausted"
 POLICY, TOOL = 1, 2  # what put each reply token in: the policy's sampling, or a tool result (and the template)
@@ -160,7 +161,7 @@ def generate_with_tools(policy, tokenizer, prompts_ids: list[list[int]], message
                 out = policy.generate(input_ids=ids, attention_mask=att, max_new_tokens=turn_tokens,
                                       do_sample=do_sample, temperature=temperature if do_sample else None,
                                       top_p=top_p if do_sample else None, top_k=0 if do_sample else None,
-                                      eos_token_id=eos, pad_token_id=pad, use_cache=True)
+                                      eos_token_id=eos, pad_token_id=pad, use_cache=True, **UNSHAPED)
                 new_rows = out[:, ids.shape[1]:].tolist()
             pending = {}  # row -> (its calls' results, or None where a call is to run, the calls, budget exhausted)
             for i, row in zip(active, new_rows):

@@ -723,3 +723,26 @@ def test_eval_keys_are_checked_by_check_and_before_the_runner_starts_any_stage(t
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {recipe}: eval.bootstrap must be at least 100, got 50"
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_models_own_sampling_defaults_do_not_shape_its_replies(tmp_path):
+    """A user's generation_config.json (Qwen2.5's sets repetition_penalty and top_k) applied to every generate call:
+    greedy replies were not greedy and samples (eval's KL, PPO's rollouts) not from the model's own distribution."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.generation import generate
+    from test_byod import user_model
+
+    folder = user_model(tmp_path / "user")
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    tokenizer.pad_token = tokenizer.eos_token
+    prompts = ["What is 2 + 2?", "Say hi.", "What is 7 + 1?"]
+
+    def replies():
+        return [[r.token_ids for r in rows] for rows in (
+            generate(model, tokenizer, prompts, max_new_tokens=16, progress=False) +
+            generate(model, tokenizer, prompts, max_new_tokens=16, do_sample=True, num_samples=2, progress=False))]
+
+    own = replies()
+    model.generation_config.update(repetition_penalty=3.0, no_repeat_ngram_size=1, top_k=2, min_new_tokens=16)
+    assert replies() == own
