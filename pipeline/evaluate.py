@@ -332,6 +332,9 @@ def main(argv):
         if reward is not None:
             check_model(recipe, reward, "reward_model", reward=True)
         tool_plan = eval_tools.plan(recipe, keys) if keys.tool_prompts else None
+        for target in targets:  # each checkpoint's chat template renders the prompts and the perplexity rows
+            models.check_chat_template(models.load_tokenizer(recipe, target.checkpoint),
+                                       {keys.prompts: rows, keys.perplexity_data: ppl_rows})
         run.prepare()
 
         metrics = {}

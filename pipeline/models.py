@@ -87,7 +87,7 @@ def check_chat_template(tokenizer, data: dict, assistant_only: bool = False) -> 
         problem = rows is not None and tok_lib.chat_template_problem(tokenizer, rows, assistant_only)
         if problem:
             raise PipelineError(f"{source}: the tokenizer of {tokenizer.name_or_path}: {problem} "
-                                f"(tokenizer.chat_template: pipeline trains on the pipeline's ChatML template)")
+                                f"(tokenizer.chat_template: pipeline uses the pipeline's ChatML template)")
 
 
 def _adapter_base(path) -> str:

@@ -208,6 +208,7 @@ def main(argv):
         implicit = run.checkpoint("implicit_reward") if keys.implicit_reward else None
         if implicit is not None:
             check_implicit_reward(recipe, cfg, init, implicit)
+        models.check_chat_template(models.load_tokenizer(recipe, init), {keys.prompts: prompts})
         run.prepare()
 
         if cfg.algorithm == "ppo":

@@ -12,7 +12,7 @@ import torch
 from pipeline import cli, evaluate, judges, metrics as M, runs
 from pipeline.cli import PipelineError
 from pipeline.recipe import load_recipe
-from conftest import run_cli, tiny_recipe
+from conftest import run_cli, tiny_recipe, write_jsonl
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models on a shared CPU: one thread is faster than two that wait
 SMALL_EVAL = {"max_prompts": 16, "num_samples": 2, "perplexity_max_rows": 8, "bootstrap": 200}
@@ -746,3 +746,23 @@ def test_a_models_own_sampling_defaults_do_not_shape_its_replies(tmp_path):
     own = replies()
     model.generation_config.update(repetition_penalty=3.0, no_repeat_ngram_size=1, top_k=2, min_new_tokens=16)
     assert replies() == own
+
+
+def test_a_chat_template_that_refuses_an_eval_prompt_stops_in_one_line(tmp_path, monkeypatch):
+    """A user's own template (`tokenizer.chat_template: own`) that raises on a prompt (Mistral's on a system
+    message): one line naming the prompt file and row before anything is written (a traceback mid-stage before);
+    ppo checks its prompts the same way."""
+    from test_byod import MISTRAL_TEMPLATE, user_model
+
+    folder = user_model(tmp_path / "mistral", template=MISTRAL_TEMPLATE)
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is 2 + 2?", "answer": "4"},
+                                                 {"prompt": [{"role": "system", "content": "Be brief."},
+                                                             {"role": "user", "content": "What is 1 + 1?"}]}])
+    recipe = tiny_recipe(tmp_path, pretrain=None, sft=None, tokenizer={"train": False, "chat_template": "own"},
+                         model={"config": None, "name_or_path": folder},
+                         eval={**SMALL_EVAL, "checkpoints": [folder], "prompts": prompts, "perplexity_data": ""})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PipelineError, match=f"^{prompts}: the tokenizer of {folder}: row 1: its chat template "
+                                            f"refuses the row: Conversation roles must alternate"):
+        evaluate.main([str(recipe)])
+    assert not (tmp_path / "runs").exists()
