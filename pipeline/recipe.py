@@ -43,8 +43,7 @@ class TokenizerSection:
                                         # template renders them, tools included
     vocab_size: int = 2048
     min_frequency: int = 2
-    chat_template: Literal["pipeline", "auto", "own"] = "pipeline"  # "pipeline": ours, tool-aware; "auto": keep a
-                                        # loaded one assistant-only loss can train on; "own": keep a loaded one
+    chat_template: Literal["pipeline", "auto", "own"] = "pipeline"  # README "tokenizer": ours / trainable / theirs
 
 
 @dataclass
