@@ -408,11 +408,11 @@ def chat_template_problem(tokenizer: PreTrainedTokenizerBase, rows, assistant_on
                 text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
             except TemplateError as err:
                 return f"row {i}: its chat template refuses the row: {err}"
-            calls = [c.get("function", c)["name"] for m in messages for c in m.get("tool_calls") or []]
-            names = [t.get("function", t)["name"] for t in tools or []]
+            calls = [(c.get("function") or c).get("name") for m in messages for c in m.get("tool_calls") or []]
+            names = [(t.get("function") or t).get("name") for t in tools or []]
             if (calls or names) and not tool_checked:
                 tool_checked = True
-                left_out = [n for n in calls + names if n not in text]
+                left_out = [n for n in calls + names if n and n not in text]
                 if left_out:
                     return (f"row {i}: its chat template leaves out the row's tools or tool calls "
                             f"({', '.join(dict.fromkeys(left_out))}): it has no tool support")
