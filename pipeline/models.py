@@ -190,15 +190,10 @@ def load_causal_lm(recipe, path: str, *, peft_values: dict | None = None, cls=No
     online = hub.reachable() if not Path(path).exists() else True  # a hub id offline: the cache only, at once
     try:
         if adapter:
-            from peft import PeftModel
-
             if quant is not None:
                 raise PipelineError(f"{path}: quantized training from an adapter checkpoint: save the stage with "
                                     f"merge_adapter=true and start from its merged model")
-            base = cls.from_pretrained(_adapter_base(path), **load_kw)
-            if tokenizer is not None:  # an adapter trained on grown embeddings saved them at that size
-                fit_embeddings(base, tokenizer)
-            model = PeftModel.from_pretrained(base, path).merge_and_unload()
+            model = _merged_adapter(cls, path, load_kw)
         else:
             model = cls.from_pretrained(path, revision=revision, **load_kw)
     except OSError as err:
@@ -206,6 +201,25 @@ def load_causal_lm(recipe, path: str, *, peft_values: dict | None = None, cls=No
         raise PipelineError(f"{path}: {why}") from None
     if tokenizer is not None:
         fit_embeddings(model, tokenizer)
+    return model
+
+
+def _merged_adapter(cls, path: str, load_kw: dict):
+    """The model an adapter folder stands for: its base with the adapter merged in. The base may itself be an adapter
+    stage (a LoRA stage started from an unmerged LoRA stage records that folder as its base), loaded the same way.
+    The merged model then names the adapter folder as its own, so an adapter trained on it records that folder, not
+    the base below, which lacks this adapter. A causal-LM adapter read into another head (a reward model or critic
+    started from a LoRA sft) applies to the shared body; the LM head is not there."""
+    from peft import PeftConfig, PeftModel
+
+    config = PeftConfig.from_pretrained(path)
+    base_path = model_path(config.base_model_name_or_path)
+    base = _merged_adapter(cls, base_path, load_kw) if is_adapter(base_path) else cls.from_pretrained(base_path,
+                                                                                                       **load_kw)
+    if config.task_type == "CAUSAL_LM" and not type(base).__name__.endswith("ForCausalLM"):
+        config.task_type = None  # peft's causal-LM wrapper needs generate(); the plain wrapper merges the same LoRA
+    model = PeftModel.from_pretrained(base, path, config=config).merge_and_unload()
+    model.name_or_path = model.config.name_or_path = str(path)  # what peft records as a new adapter's base
     return model
 
 

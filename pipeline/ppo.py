@@ -202,9 +202,6 @@ def main(argv):
         if init.path is None:
             raise cli.PipelineError(f"{recipe.path}: ppo.init_from is a new model from `model.config`; "
                                     f"start PPO from a trained checkpoint (e.g. sft)")
-        if peft_values.get("use_peft") and models.is_adapter(models.model_path(init.path)):
-            raise cli.PipelineError(f"{init.path}: a LoRA adapter without a merged model: a new adapter needs a full "
-                                    f"model under it; save that stage with merge_adapter=true")
         implicit = run.checkpoint("implicit_reward") if keys.implicit_reward else None
         if implicit is not None:
             check_implicit_reward(recipe, cfg, init, implicit)

@@ -171,6 +171,41 @@ def test_lora_and_qlora_sft_save_loadable_adapters(tiny_run, extra):
     assert "heldout_accuracy_sft" in json.loads((out / "metrics.json").read_text())
 
 
+def test_an_adapter_trained_on_an_unmerged_adapter_stage_reloads_with_both(tmp_path):
+    """sft (LoRA, not merged) -> dpo/reward/ppo (LoRA): the later adapter was trained on the base with the sft adapter
+    merged in, so that is what it must load onto, and the sft adapter must read into a reward model's body too."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline import models
+    from pipeline.recipe import load_recipe
+    from pipeline.reward_model import load_reward_model
+
+    recipe = load_recipe(tiny_recipe(tmp_path))
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "base")
+
+    def lora():
+        return LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
+
+    def trained_on(path, name):  # a stage's LoRA run: the loaded start model, a fresh adapter, saved
+        model = get_peft_model(models.load_causal_lm(recipe, str(path)), lora())
+        model.save_pretrained(tmp_path / name)
+        return model.merge_and_unload()
+
+    sft = trained_on(tmp_path / "base", "sft")
+    dpo = trained_on(tmp_path / "sft", "dpo")
+    x = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        for name, expected in (("sft", sft), ("dpo", dpo)):
+            got = models.load_causal_lm(recipe, str(tmp_path / name))
+            assert torch.allclose(got(x).logits, expected(x).logits, atol=1e-5), name
+        reward = load_reward_model(recipe, str(tmp_path / "sft"))
+        assert torch.allclose(reward.model(x).last_hidden_state, sft.model(x).last_hidden_state, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------- stages side by side
 
 def _span(run_dir, stage):
