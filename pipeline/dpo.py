@@ -113,7 +113,7 @@ def main(argv):
         policy = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision,
                                        tokenizer=tokenizer)
         models.configure_generation(policy, tokenizer)
-        peft_config = models.peft_config(peft_values)
+        peft_config = models.peft_config(peft_values, model=policy, where=f"{recipe.path}: {STAGE}")
         reference = None
         # with LoRA the reference is the policy with its adapter switched off; iterated, TRL would copy a later
         # round's adapter as that round's reference, so the rounds keep the initial model loaded instead

@@ -109,6 +109,7 @@ def check_section(recipe) -> None:
                             f"(or a kernels hub repo){closest(attn, known)}")
     if recipe.model.config:
         model_config(recipe)
+    check_peft(recipe)
 
 
 def model_config(recipe):
@@ -161,13 +162,76 @@ def quantization_config(recipe, peft_values: dict):
     return get_quantization_config(ModelConfig(dtype=recipe.model.dtype, **peft_values))
 
 
-def peft_config(peft_values: dict, task_type: str = "CAUSAL_LM"):
+def peft_config(peft_values: dict, task_type: str = "CAUSAL_LM", *, model=None, where: str = ""):
+    """The stage's LoRA config (None without use_peft). With `model` (the loaded model the adapter goes on; `where`:
+    "<recipe>: <stage>" for messages), target modules and modules to save that name no module, and 4-bit layers this
+    CPU cannot run, are one line here rather than a traceback inside the trainer."""
     if not peft_values.get("use_peft"):
         return None
     from trl import ModelConfig, get_peft_config
 
     values = {"lora_task_type": task_type, **peft_values}
-    return get_peft_config(ModelConfig(**values))
+    config = get_peft_config(ModelConfig(**values))
+    if model is not None:
+        _check_against(model, config, where)
+    return config
+
+
+def _check_against(model, config, where: str) -> None:
+    import re
+
+    names = [name for name, _ in model.named_modules()]
+
+    def found(wanted: str) -> bool:  # as peft matches a name in a list: the module's name or its last parts
+        return any(n == wanted or n.endswith("." + wanted) for n in names)
+
+    targets = config.target_modules  # TRL makes a list of one name a string, which peft matches as a regex
+    if isinstance(targets, str):
+        missing = [] if targets.lower() == "all-linear" or any(re.fullmatch(targets, n) for n in names) else [targets]
+    else:
+        missing = sorted(t for t in targets or [] if not found(t))
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise PipelineError(f"{where}.lora_target_modules: {', '.join(missing)} names no module of the model (its "
+                            f"linear layers: {', '.join(linear)}; or [all-linear])")
+    for wanted in config.modules_to_save or []:
+        if not found(wanted):
+            raise PipelineError(f"{where}.lora_modules_to_save: '{wanted}' names no module of the model"
+                                f"{closest(wanted, {n.rsplit('.', 1)[-1] for n in names if n})}")
+    if not torch.cuda.is_available():  # bitsandbytes' packed CPU kernel (AVX512-BF16) works on blocks of 32 outputs
+        for name, module in model.named_modules():
+            if getattr(module, "support_avx512bf16_for_cpu", False) and module.out_features % 32:
+                raise PipelineError(f"{where}.load_in_4bit: on this CPU bitsandbytes runs a 4-bit layer only when its "
+                                    f"output size is a multiple of 32, and {name} has {module.out_features}: train "
+                                    f"this model without load_in_4bit here, or on a GPU")
+
+
+def check_peft(recipe) -> None:
+    """Every stage's LoRA/quantization keys, when the recipe loads: what peft, TRL or bitsandbytes would reject
+    inside the stage with a traceback, as one line naming the key."""
+    import importlib.util
+
+    for stage in recipe.stages:
+        values, where = recipe.peft_values(stage), f"{recipe.path}: {stage}"
+        quant = [k for k in ("load_in_4bit", "load_in_8bit") if values.get(k)]
+        if len(quant) == 2:
+            raise PipelineError(f"{where}.load_in_4bit and {stage}.load_in_8bit are both set: choose one")
+        if quant and not values.get("use_peft"):
+            raise PipelineError(f"{where}.{quant[0]} needs {stage}.use_peft: true (a quantized model trains only "
+                                f"through LoRA adapters: QLoRA)")
+        if quant and importlib.util.find_spec("bitsandbytes") is None:
+            raise PipelineError(f"{where}.{quant[0]} needs bitsandbytes, which is not installed "
+                                f"(pip install bitsandbytes)")
+        if not values.get("use_peft"):
+            continue
+        if values.get("lora_r", 16) < 1:
+            raise PipelineError(f"{where}.lora_r must be at least 1, got {values['lora_r']}")
+        if not 0 <= values.get("lora_dropout", 0.0) < 1:
+            raise PipelineError(f"{where}.lora_dropout must be in [0, 1), got {values['lora_dropout']}")
+        try:
+            peft_config(values)
+        except (ValueError, TypeError) as err:  # peft's LoraConfig checks (e.g. settings that exclude each other)
+            raise PipelineError(f"{where}: LoRA settings: {str(err).splitlines()[0]}") from None
 
 
 def load_causal_lm(recipe, path: str, *, peft_values: dict | None = None, cls=None, revision=None, tokenizer=None,

@@ -102,7 +102,7 @@ class PPOTrainer:
         policy = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision,
                                        tokenizer=tokenizer)
         models.configure_generation(policy, tokenizer)
-        self.lora = models.peft_config(peft_values)
+        self.lora = models.peft_config(peft_values, model=policy, where=f"{recipe.path}: ppo")
         if self.lora is not None:
             from peft import get_peft_model
 

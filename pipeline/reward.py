@@ -190,7 +190,8 @@ def main(argv):
                                  train_dataset=keep_training_columns(train_ds),
                                  eval_dataset=keep_training_columns(eval_ds) if args.eval_strategy != "no" else None,
                                  processing_class=tokenizer,
-                                 peft_config=models.peft_config(peft_values, task_type="SEQ_CLS"))
+                                 peft_config=models.peft_config(peft_values, "SEQ_CLS", model=model,
+                                                                 where=f"{recipe.path}: {STAGE}"))
         batching.split_forward(trainer.model, keys.length_split)
         too_long = len(train_ds) - len(trainer.train_dataset)
         log.info(f"{models.describe(trainer.model)}; {len(trainer.train_dataset)} training pairs"

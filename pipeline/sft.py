@@ -80,9 +80,9 @@ def main(argv):
         def keep_training_columns(ds):
             return ds.remove_columns([c for c in ds.column_names if c not in TRAIN_COLUMNS]) if ds else ds
 
+        lora = models.peft_config(peft_values, model=model, where=f"{recipe.path}: {STAGE}")
         trainer = SFTTrainer(model=model, args=args, train_dataset=keep_training_columns(train_ds),
-                             eval_dataset=keep_training_columns(eval_ds), processing_class=tokenizer,
-                             peft_config=models.peft_config(peft_values))
+                             eval_dataset=keep_training_columns(eval_ds), processing_class=tokenizer, peft_config=lora)
         batching.split_forward(trainer.model, keys.length_split)
         too_long = rows_over(tokenizer, train_ds, args.max_length) if args.max_length and not args.packing else 0
         dropped = 0 if args.packing else len(train_ds) - len(trainer.train_dataset)

@@ -151,8 +151,9 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
     reward_funcs = {"reward_model": reward_function(reward_model, eos, cfg.missing_eos_penalty, env,
                                                     cfg.reward_clip),
                     "verifier": verifier, "image_verifier": env and env.image_verifier}
+    lora = models.peft_config(peft_values, model=model, where=f"{recipe.path}: ppo")
     trainer = trainer_cls(model=model, args=args, train_dataset=prompts, reward_funcs=[reward_funcs[f] for f in funcs],
-                          processing_class=tokenizer, peft_config=models.peft_config(peft_values),
+                          processing_class=tokenizer, peft_config=lora,
                           callbacks=[monitor_callback(keys.monitor_window)] + ([env.callback()] if env else []),
                           **({"tools": env.tools} if env else {}))
     reward_model.to(trainer.accelerator.device)

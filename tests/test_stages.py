@@ -206,6 +206,39 @@ def test_an_adapter_trained_on_an_unmerged_adapter_stage_reloads_with_both(tmp_p
         assert torch.allclose(reward.model(x).last_hidden_state, sft.model(x).last_hidden_state, atol=1e-5)
 
 
+def test_lora_names_that_match_no_module_stop_in_one_line(tiny_run, tmp_path):
+    import torch
+    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    from pipeline import models
+    from pipeline.cli import PipelineError
+
+    work, recipe, _ = tiny_run
+    proc = run_cli(["pipeline/sft.py", recipe, "run.name=bad_lora", f"sft.init_from={work / 'runs/tiny/pretrain'}",
+                    "sft.use_peft=true", "sft.lora_target_modules=[nope_proj]"], cwd=work)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {recipe}: sft.lora_target_modules: nope_proj ")
+    assert not (work / "runs/bad_lora").exists()
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    for values, message in (({"lora_target_modules": ["q_proj", "v_prj"]}, "lora_target_modules: v_prj names no"),
+                            ({"lora_modules_to_save": ["lm_heads"]}, "lora_modules_to_save: 'lm_heads' names no")):
+        with pytest.raises(PipelineError, match=f"r.yaml: dpo.{message}"):
+            models.peft_config({"use_peft": True, **values}, model=model, where="r.yaml: dpo")
+    assert models.peft_config({"use_peft": True, "lora_target_modules": ["all-linear"]}, model=model, where="")
+
+    from bitsandbytes.functional import has_avx512bf16  # bitsandbytes' own test for its packed CPU kernel
+
+    if torch.cuda.is_available() or not has_avx512bf16():
+        return
+    model.config.hidden_size, model.config.intermediate_size = 48, 96  # 48 outputs: not a block of 32
+    LlamaForCausalLM(model.config).save_pretrained(tmp_path / "odd")
+    odd = LlamaForCausalLM.from_pretrained(tmp_path / "odd", quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    with pytest.raises(PipelineError, match="sft.load_in_4bit: .* multiple of 32, and model.layers.0.* has 48"):
+        models.peft_config({"use_peft": True, "load_in_4bit": True}, model=odd, where="r.yaml: sft")
+
+
 # ---------------------------------------------------------------------------------- stages side by side
 
 def _span(run_dir, stage):
