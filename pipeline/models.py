@@ -172,6 +172,9 @@ def peft_config(peft_values: dict, task_type: str = "CAUSAL_LM", *, model=None, 
 
     values = {"lora_task_type": task_type, **peft_values}
     config = get_peft_config(ModelConfig(**values))
+    targets = peft_values.get("lora_target_modules")
+    if targets and [t.lower() for t in targets] != ["all-linear"]:  # TRL makes a list of one name a string, which
+        config.target_modules = set(targets)  # peft matches as a regex against the whole module path: no module
     if model is not None:
         _check_against(model, config, where)
     return config
@@ -185,7 +188,7 @@ def _check_against(model, config, where: str) -> None:
     def found(wanted: str) -> bool:  # as peft matches a name in a list: the module's name or its last parts
         return any(n == wanted or n.endswith("." + wanted) for n in names)
 
-    targets = config.target_modules  # TRL makes a list of one name a string, which peft matches as a regex
+    targets = config.target_modules  # a string: all-linear, or a regex peft matches against the whole path
     if isinstance(targets, str):
         missing = [] if targets.lower() == "all-linear" or any(re.fullmatch(targets, n) for n in names) else [targets]
     else:

@@ -227,6 +227,11 @@ def test_lora_names_that_match_no_module_stop_in_one_line(tiny_run, tmp_path):
         with pytest.raises(PipelineError, match=f"r.yaml: dpo.{message}"):
             models.peft_config({"use_peft": True, **values}, model=model, where="r.yaml: dpo")
     assert models.peft_config({"use_peft": True, "lora_target_modules": ["all-linear"]}, model=model, where="")
+    from peft import get_peft_model  # one target (TRL turned [q_proj] into the regex 'q_proj', which matched nothing)
+
+    one = get_peft_model(model, models.peft_config({"use_peft": True, "lora_target_modules": ["q_proj"]}, model=model))
+    assert {n.split(".")[-4] for n, _ in one.named_parameters() if "lora_A" in n} == {"q_proj"}
+    model = one.unload()
 
     from bitsandbytes.functional import has_avx512bf16  # bitsandbytes' own test for its packed CPU kernel
 
