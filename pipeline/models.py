@@ -343,9 +343,10 @@ def save_trained(trainer, tokenizer, out: Path, merge_adapter: bool = False) -> 
         unwrapped.generation_config.save_pretrained(str(out))
     trainer.accelerator.wait_for_everyone()
     if merge_adapter and is_adapter(out) and trainer.accelerator.is_main_process:
-        from peft import AutoPeftModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        merged = AutoPeftModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).merge_and_unload()
+        # from disk, in float32 (a QLoRA adapter onto its base unquantized); the base may be an unmerged adapter stage
+        merged = _merged_adapter(AutoModelForCausalLM, str(out), {"dtype": torch.float32})
         configure_generation(merged, tokenizer)
         merged.save_pretrained(str(out / "merged"), safe_serialization=True)
         tokenizer.save_pretrained(str(out / "merged"))

@@ -205,6 +205,19 @@ def test_an_adapter_trained_on_an_unmerged_adapter_stage_reloads_with_both(tmp_p
         reward = load_reward_model(recipe, str(tmp_path / "sft"))
         assert torch.allclose(reward.model(x).last_hidden_state, sft.model(x).last_hidden_state, atol=1e-5)
 
+    # merge_adapter: the stage's merged/ is read from its saved adapter, over the same chain (peft's AutoPeftModel
+    # took the adapter folder below for a model)
+    from types import SimpleNamespace
+
+    tokenizer = SimpleNamespace(eos_token_id=1, pad_token_id=0, save_pretrained=lambda path: None)
+    saved = get_peft_model(models.load_causal_lm(recipe, str(tmp_path / "sft")), lora())  # a dpo run's trainer
+    trainer = SimpleNamespace(model=saved, save_model=saved.save_pretrained, accelerator=SimpleNamespace(
+        unwrap_model=lambda m: m, is_main_process=True, wait_for_everyone=lambda: None))
+    models.save_trained(trainer, tokenizer, tmp_path / "dpo2", merge_adapter=True)
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "dpo2" / "merged")
+        assert torch.allclose(merged(x).logits, saved.merge_and_unload()(x).logits, atol=1e-5)
+
 
 def test_lora_names_that_match_no_module_stop_in_one_line(tiny_run, tmp_path):
     import torch
