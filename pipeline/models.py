@@ -343,14 +343,20 @@ def save_trained(trainer, tokenizer, out: Path, merge_adapter: bool = False) -> 
         unwrapped.generation_config.save_pretrained(str(out))
     trainer.accelerator.wait_for_everyone()
     if merge_adapter and is_adapter(out) and trainer.accelerator.is_main_process:
-        from transformers import AutoModelForCausalLM
-
-        # from disk, in float32 (a QLoRA adapter onto its base unquantized); the base may be an unmerged adapter stage
-        merged = _merged_adapter(AutoModelForCausalLM, str(out), {"dtype": torch.float32})
-        configure_generation(merged, tokenizer)
-        merged.save_pretrained(str(out / "merged"), safe_serialization=True)
-        tokenizer.save_pretrained(str(out / "merged"))
+        save_merged(out, tokenizer)
     trainer.accelerator.wait_for_everyone()
+
+
+def save_merged(out: Path, tokenizer) -> None:
+    """`merge_adapter`: `out/merged/`, the full model, from the adapter saved in `out` merged into its base read from
+    disk in float32: a QLoRA adapter goes onto its base unquantized (merging into 4-bit weights would round them and
+    save a quantized model); a base that is an unmerged adapter stage is loaded through its chain."""
+    from transformers import AutoModelForCausalLM
+
+    merged = _merged_adapter(AutoModelForCausalLM, str(out), {"dtype": torch.float32})
+    configure_generation(merged, tokenizer)
+    merged.save_pretrained(str(out / "merged"), safe_serialization=True)
+    tokenizer.save_pretrained(str(out / "merged"))
 
 
 def param_count(model) -> int:

@@ -442,8 +442,5 @@ class PPOTrainer:
             faults.point("final-save")
             self.tokenizer.save_pretrained(str(out))
             if self.keys.merge_adapter and self.lora is not None:
-                merged = self.unwrapped.merge_and_unload()
-                models.configure_generation(merged, self.tokenizer)
-                merged.save_pretrained(str(out / "merged"), safe_serialization=True)
-                self.tokenizer.save_pretrained(str(out / "merged"))
+                models.save_merged(out, self.tokenizer)
         self.accelerator.wait_for_everyone()

@@ -546,6 +546,26 @@ def test_two_processes_with_lora(inputs):
     assert proc.stdout.count("[ppo] step 1 ") + proc.stderr.count("[ppo] step 1 ") == 1  # only the main process logs
 
 
+def test_qlora_merge_adapter_saves_the_full_precision_merge(inputs):
+    """merged/ of a QLoRA run: the adapter merged into the unquantized base (as sft and dpo merge it), not into the
+    4-bit weights (rounded, and saved as a bitsandbytes model the next stage would load quantized)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    work = inputs[0]
+    proc = run_cli(["pipeline/ppo.py", ppo_recipe(work), "run.name=qlora", "ppo.max_steps=1", "ppo.use_peft=true",
+                    "ppo.load_in_4bit=true", "ppo.merge_adapter=true", "ppo.critic_init=policy",
+                    "ppo.heldout_prompts=null"], cwd=work, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = work / "runs/qlora/ppo"
+    assert "quantization_config" not in json.loads((out / "merged/config.json").read_text())
+    expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work / "policy"), out).merge_and_unload()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    x = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(merged(x).logits, expected(x).logits, atol=1e-5)
+
+
 def test_grpo_through_trl_with_the_verifier_reward(inputs):
     work = inputs[0]
     proc = run_cli(["pipeline/ppo.py", ppo_recipe(work), "run.name=grpo", "ppo.algorithm=grpo", "ppo.max_steps=2",
