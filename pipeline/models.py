@@ -283,6 +283,10 @@ def _merged_adapter(cls, path: str, load_kw: dict):
     base_path = model_path(config.base_model_name_or_path)
     base = _merged_adapter(cls, base_path, load_kw) if is_adapter(base_path) else cls.from_pretrained(base_path,
                                                                                                        **load_kw)
+    if (Path(path) / "tokenizer_config.json").is_file():  # the stage grew the embeddings to its tokenizer (chat
+        from transformers import AutoTokenizer  # tokens added to a hub tokenizer): the adapter holds the grown ones
+
+        fit_embeddings(base, AutoTokenizer.from_pretrained(path))
     if config.task_type == "CAUSAL_LM" and not type(base).__name__.endswith("ForCausalLM"):
         config.task_type = None  # peft's causal-LM wrapper needs generate(); the plain wrapper merges the same LoRA
     model = PeftModel.from_pretrained(base, path, config=config).merge_and_unload()

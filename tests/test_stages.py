@@ -219,6 +219,36 @@ def test_an_adapter_trained_on_an_unmerged_adapter_stage_reloads_with_both(tmp_p
         assert torch.allclose(merged(x).logits, saved.merge_and_unload()(x).logits, atol=1e-5)
 
 
+def test_an_adapter_trained_with_chat_tokens_added_to_its_base_tokenizer_reloads(tmp_path):
+    """A LoRA stage on a base whose tokenizer lacks the chat tokens grows the embeddings first (peft then saves them
+    in the adapter); reading it back must grow the base the same way (it stopped on a size mismatch)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from tokenizers import Tokenizer, models as tok_models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from pipeline import models
+    from pipeline.recipe import load_recipe
+
+    recipe = load_recipe(tiny_recipe(tmp_path))
+    vocab = {f"t{i}": i for i in range(60)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel(vocab, unk_token="t0")))
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    model = models.load_causal_lm(recipe, str(tmp_path / "base"))
+    models.fit_embeddings(model, tokenizer)  # as sft does before training
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "sft")
+    tokenizer.save_pretrained(tmp_path / "sft")
+    x = torch.tensor([[1, 2, 60, 61, 3]])
+    with torch.no_grad():
+        assert torch.allclose(models.load_causal_lm(recipe, str(tmp_path / "sft"))(x).logits, model(x).logits,
+                              atol=1e-5)
+
+
 def test_lora_names_that_match_no_module_stop_in_one_line(tiny_run, tmp_path):
     import torch
     from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
