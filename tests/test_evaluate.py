@@ -278,6 +278,28 @@ def test_a_stages_heldout_accuracy_is_the_eval_stages_on_the_same_checkpoint(ran
     assert stage["per_skill"] == {s: v["mean"] for s, v in evaluated["accuracy_per_skill"].items()}
 
 
+def test_heldout_scores_a_start_model_whose_tokenizer_gains_the_chat_tokens(tmp_path):
+    """sft from a base model without ChatML tokens: the tokenizer gains them (sft grows the embeddings), and the
+    held-out check of the start model at the end of sft stopped on an index error after training."""
+    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from pipeline import data, heldout
+
+    recipe = load_recipe(tiny_recipe(tmp_path))
+    rows = data.load("world:eval", "prompts", recipe).to_list()[:2]
+    tok = Tokenizer(tok_models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator([r["prompt"][-1]["content"] for r in rows], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    scored = heldout.score_checkpoint(recipe, str(tmp_path / "base"), rows, max_new_tokens=4, label="base")
+    assert scored["n"] == 2 and 0 <= scored["accuracy"] <= 1
+
+
 def test_user_prompt_file_without_verifiers_has_no_verifier_metrics(tiny_run, tmp_path):
     """The issue's command on a file that is not from the world; a reward model still judges."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
