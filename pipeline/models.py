@@ -91,7 +91,16 @@ def check_chat_template(tokenizer, data: dict, assistant_only: bool = False) -> 
 
 
 def _adapter_base(path) -> str:
-    return json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    """The model an adapter folder goes on. peft records its absolute path at training time; a stage folder's manifest
+    records where the stage started relative to its run folder, which stays right when the run folder is moved or
+    copied (a reward stage keeps its adapter in `adapter/`, its manifest one folder up). The manifest's answer wins
+    where it names an existing folder; otherwise (no manifest, a hub id) peft's."""
+    from pipeline import runs
+
+    recorded = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    stage = Path(path) if (Path(path) / runs.MANIFEST).is_file() else Path(path).parent
+    started = runs.trained_from(stage)
+    return started if started and Path(started).is_dir() else recorded
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -280,7 +289,7 @@ def _merged_adapter(cls, path: str, load_kw: dict):
     from peft import PeftConfig, PeftModel
 
     config = PeftConfig.from_pretrained(path)
-    base_path = model_path(config.base_model_name_or_path)
+    base_path = model_path(_adapter_base(path))
     base = _merged_adapter(cls, base_path, load_kw) if is_adapter(base_path) else cls.from_pretrained(base_path,
                                                                                                        **load_kw)
     if (Path(path) / "tokenizer_config.json").is_file():  # the stage grew the embeddings to its tokenizer (chat

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -217,6 +218,16 @@ def test_an_adapter_trained_on_an_unmerged_adapter_stage_reloads_with_both(tmp_p
     with torch.no_grad():
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "dpo2" / "merged")
         assert torch.allclose(merged(x).logits, saved.merge_and_unload()(x).logits, atol=1e-5)
+
+    # a moved run folder: peft's recorded base is gone; the stages' manifests say where they started, in the run folder
+    for name, start in (("sft", "base"), ("dpo", "sft")):
+        (tmp_path / name / "manifest.json").write_text(json.dumps({"inputs": {"checkpoints": {"init_from": {
+            "ref": start, "path": start, "source": "stage", "in_run_dir": True}}}}))
+    moved = tmp_path / "moved"
+    for name in ("base", "sft", "dpo"):
+        shutil.move(tmp_path / name, moved / name)
+    with torch.no_grad():
+        assert torch.allclose(models.load_causal_lm(recipe, str(moved / "dpo"))(x).logits, dpo(x).logits, atol=1e-5)
 
 
 def test_an_adapter_trained_with_chat_tokens_added_to_its_base_tokenizer_reloads(tmp_path):
