@@ -127,7 +127,8 @@ def test_peft_keys_route_to_model_config():
     (["sft.use_peft=true", "sft.lora_r=0"], "sft.lora_r must be at least 1, got 0"),
     (["dpo.use_peft=true", "dpo.lora_dropout=1.5"], r"dpo.lora_dropout must be in \[0, 1\), got 1.5"),
     (["reward.load_in_4bit=true"], "reward.load_in_4bit needs reward.use_peft: true"),
-    (["sft.use_peft=true", "sft.load_in_4bit=true", "sft.load_in_8bit=true"], "sft.load_in_4bit and sft.load_in_8bit are both set"),
+    (["sft.use_peft=true", "sft.load_in_4bit=true", "sft.load_in_8bit=true"],
+     "sft.load_in_4bit and sft.load_in_8bit are both set"),
 ])
 def test_bad_lora_and_quantization_values_stop_when_the_recipe_loads(overrides, message):
     # peft, TRL and transformers raised these inside the stage, after the run folder was made, with a traceback
