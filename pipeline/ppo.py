@@ -202,6 +202,12 @@ def main(argv):
         if init.path is None:
             raise cli.PipelineError(f"{recipe.path}: ppo.init_from is a new model from `model.config`; "
                                     f"start PPO from a trained checkpoint (e.g. sft)")
+        if cfg.algorithm != "ppo" and cfg.kl_coef and not peft_values.get("use_peft") \
+                and models.is_adapter(models.model_path(init.path)):
+            raise cli.PipelineError(f"{init.path}: a LoRA adapter saved without merge_adapter: ppo.algorithm "
+                                    f"{cfg.algorithm} trains the whole model with TRL, which loads the KL reference "
+                                    f"from the start model's folder and cannot read an adapter; save that stage with "
+                                    f"merge_adapter: true, or set ppo.use_peft: true or ppo.kl_coef: 0")
         implicit = run.checkpoint("implicit_reward") if keys.implicit_reward else None
         if implicit is not None:
             check_implicit_reward(recipe, cfg, init, implicit)

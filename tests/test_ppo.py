@@ -566,6 +566,23 @@ def test_qlora_merge_adapter_saves_the_full_precision_merge(inputs):
         assert torch.allclose(merged(x).logits, expected(x).logits, atol=1e-5)
 
 
+def test_grpo_of_the_whole_model_from_an_unmerged_adapter_stops_in_one_line(inputs):
+    """TRL builds GRPO's KL reference from the start model's folder; an adapter folder is no model to it (it
+    stopped with a traceback after loading, or, when the adapter recorded its base's base, used that as reference)."""
+    from peft import LoraConfig, get_peft_model
+
+    work, _, policy, tokenizer = inputs
+    adapter = get_peft_model(type(policy)(policy.config), LoraConfig(r=2, target_modules=["q_proj"]))
+    adapter.save_pretrained(work / "policy_lora")
+    tokenizer.save_pretrained(work / "policy_lora")
+    proc = run_cli(["pipeline/ppo.py", ppo_recipe(work, init_from=str(work / "policy_lora")), "run.name=bad_grpo",
+                    "ppo.algorithm=grpo", "ppo.max_steps=1", "ppo.num_generations=4", "ppo.heldout_prompts=null"],
+                   cwd=work, env=ENV)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "save that stage with merge_adapter: true" in proc.stderr.strip().splitlines()[-1]
+    assert not (work / "runs/bad_grpo").exists()
+
+
 def test_grpo_through_trl_with_the_verifier_reward(inputs):
     work = inputs[0]
     proc = run_cli(["pipeline/ppo.py", ppo_recipe(work), "run.name=grpo", "ppo.algorithm=grpo", "ppo.max_steps=2",
