@@ -401,7 +401,7 @@ def chat_template_problem(tokenizer: PreTrainedTokenizerBase, rows, assistant_on
         return ("its chat template has no {% generation %} markers around assistant replies and TRL has no "
                 "training version of it, so assistant-only loss cannot find the replies")
     tool_checked = False
-    for i, row in enumerate(rows):
+    for i, row in enumerate(rows, 1):  # rows counted from 1, as every data error counts them
         tools = json.loads(row["tools"]) if isinstance(row.get("tools"), str) else row.get("tools") or None
         for messages in _conversations(row):
             try:

@@ -244,7 +244,7 @@ def test_a_users_chat_template_that_cannot_train_on_the_data_stops_in_one_line(t
     recipe = tiny_recipe(tmp_path, pretrain=None, tokenizer={"train": False, "chat_template": "own"},
                          model={"config": None, "name_or_path": folder}, sft={**SHORT, "dataset": spec})
     proc = run_cli(["pipeline/sft.py", recipe, "sft.assistant_only_loss=false"], cwd=tmp_path, env=ONE_THREAD)
-    assert one_error_line(proc) == (f"error: {spec}: the tokenizer of {folder}: row 1: its chat template refuses "
+    assert one_error_line(proc) == (f"error: {spec}: the tokenizer of {folder}: row 2: its chat template refuses "
                                     f"the row: Conversation roles must alternate user/assistant/user/assistant/... "
                                     f"(tokenizer.chat_template: pipeline uses the pipeline's ChatML template)")
     assert not (tmp_path / "runs").exists()

@@ -784,7 +784,7 @@ def test_a_chat_template_that_refuses_an_eval_prompt_stops_in_one_line(tmp_path,
                          model={"config": None, "name_or_path": folder},
                          eval={**SMALL_EVAL, "checkpoints": [folder], "prompts": prompts, "perplexity_data": ""})
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(PipelineError, match=f"^{prompts}: the tokenizer of {folder}: row 1: its chat template "
+    with pytest.raises(PipelineError, match=f"^{prompts}: the tokenizer of {folder}: row 2: its chat template "
                                             f"refuses the row: Conversation roles must alternate"):
         evaluate.main([str(recipe)])
     assert not (tmp_path / "runs").exists()

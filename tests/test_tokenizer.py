@@ -507,7 +507,7 @@ def test_chat_template_problem_names_what_a_users_template_cannot_do(tok, tmp_pa
     other = AutoTokenizer.from_pretrained(tmp_path)
     other.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + (m['content'] or '') "
                            "+ '<|im_end|>\\n' }}{% endfor %}")
-    assert chat_template_problem(other, rows) == ("row 1: its chat template leaves out the row's tools or tool calls "
+    assert chat_template_problem(other, rows) == ("row 2: its chat template leaves out the row's tools or tool calls "
                                                   "(get_weather): it has no tool support")
     other.chat_template = None
     assert chat_template_problem(other, rows) == "it has no chat template (a base model)"
