@@ -109,6 +109,17 @@ def python_tool_problems(recipe) -> list[str]:
     return problems
 
 
+def check_stage_config(recipe, stage: str) -> None:
+    """A stage's settings checks that hold on any machine (a login node has no GPU): its config class's own, and
+    eval's key rules (it has no config class). The runner makes them for every planned stage before the first starts,
+    --check for each stage; PipelineError on the first problem."""
+    recipe.check_config(stage, portable=True)
+    if stage == "eval":
+        from pipeline.evaluate import check_keys
+
+        check_keys(recipe, recipe.keys(stage))
+
+
 @dataclasses.dataclass
 class StageCheck:
     stage: str
@@ -131,12 +142,8 @@ def check_stage(recipe, stage: str, launch: cluster.Launch, device_memory: int |
     lines, errors, warnings = [], [], []
     keys = recipe.keys(stage)
     spec = STAGES[stage]
-    try:  # the config class's own checks, without those that depend on this machine (a login node has no GPU)
-        recipe.check_config(stage, portable=True)
-        if stage == "eval":  # no config class: the stage's own key rules
-            from pipeline.evaluate import check_keys
-
-            check_keys(recipe, keys)
+    try:
+        check_stage_config(recipe, stage)
     except PipelineError as err:
         errors.append(str(err))
     # inputs

@@ -307,11 +307,7 @@ def main(argv):
         return
 
     for stage in [stage for stage, run, _ in steps if run]:  # each stage's config checks before any stage starts
-        recipe.check_config(stage, portable=True)
-        if stage == "eval":  # no config class: its own key rules
-            from pipeline.evaluate import check_keys
-
-            check_keys(recipe, recipe.keys("eval"))
+        check.check_stage_config(recipe, stage)
     side = recipe.run.parallel_stages
     print(f"plan for {recipe.path} -> {recipe.run_dir}/" + (f" (up to {side} stages side by side: run.parallel_stages)"
                                                            if side > 1 else ""))
