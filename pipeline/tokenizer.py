@@ -224,16 +224,12 @@ def rendered_chats(rows, chat_template: str = CHAT_TEMPLATE) -> list[str]:
     """Conversations (rows with `messages`, or `prompt` + `completion`, and optional `tools`, as pipeline.data loads
     them) as text, the way `chat_template` renders them for the model, tool schemas included: tokenizer training
     text, so the chat markup and the tools' JSON become tokens instead of single bytes."""
-    import json
-
     from transformers.utils.chat_template_utils import render_jinja_template
 
     texts = []
     for row in rows:
-        messages = row.get("messages") or list(row.get("prompt") or []) + list(row.get("completion") or [])
-        tools = row.get("tools")
-        tools = json.loads(tools) if isinstance(tools, str) and tools else tools or None
-        texts += render_jinja_template(conversations=[messages], tools=tools, chat_template=chat_template)[0]
+        for messages in _conversations(row):
+            texts += render_jinja_template(conversations=[messages], tools=_tools(row), chat_template=chat_template)[0]
     return texts
 
 
@@ -372,6 +368,14 @@ def trains_as_is(tokenizer: PreTrainedTokenizerBase) -> bool:
     return True
 
 
+def _tools(row) -> list[dict] | None:
+    """A row's tool schemas (a list, or JSON text of one, as pipeline.data keeps them); None for none."""
+    import json
+
+    tools = row.get("tools")
+    return json.loads(tools) if isinstance(tools, str) and tools else tools or None
+
+
 def _conversations(row) -> list[list[dict]]:
     """A data row's conversations as the stages render them: messages, prompt + completion, prompt + each reply."""
     if row.get("messages"):
@@ -389,8 +393,6 @@ def chat_template_problem(tokenizer: PreTrainedTokenizerBase, rows, assistant_on
     message or turns that do not alternate), by index; a first tool row whose tool schemas or calls it leaves out
     (a template without tool support trains on replies with the calls missing); for assistant-only loss, no
     `{% generation %}` markers and no training version of it in TRL. Our own template renders every row."""
-    import json
-
     from jinja2 import TemplateError
 
     if tokenizer.chat_template == CHAT_TEMPLATE:
@@ -402,7 +404,7 @@ def chat_template_problem(tokenizer: PreTrainedTokenizerBase, rows, assistant_on
                 "training version of it, so assistant-only loss cannot find the replies")
     tool_checked = False
     for i, row in enumerate(rows, 1):  # rows counted from 1, as every data error counts them
-        tools = json.loads(row["tools"]) if isinstance(row.get("tools"), str) else row.get("tools") or None
+        tools = _tools(row)
         for messages in _conversations(row):
             try:
                 text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
