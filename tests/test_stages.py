@@ -56,8 +56,12 @@ def test_runner_skips_finished_stages_and_reruns_on_change(tiny_run):
     assert again.returncode == 0 and "=== " not in again.stdout
 
 
-def test_force_reruns_only_the_selected_stage(tiny_run):
-    work, recipe, _ = tiny_run
+def test_force_reruns_only_the_selected_stage(tiny_run, tmp_path):
+    import shutil
+
+    # on a copy: the shared run's sft (and cost.md) stay as the other tests of this worker read them (test_cost)
+    shutil.copytree(tiny_run[0] / "runs", tmp_path / "runs")
+    work, recipe = tmp_path, shutil.copy(tiny_run[1], tmp_path / "recipe.yaml")
     sft_manifest = work / "runs" / "tiny" / "sft" / "manifest.json"
     pretrain_manifest = work / "runs" / "tiny" / "pretrain" / "manifest.json"
     before_sft, before_pre = sft_manifest.read_text(), pretrain_manifest.read_text()
