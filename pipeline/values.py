@@ -49,7 +49,9 @@ def coerce(value, tp):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        for arg in sorted(args, key=lambda a: a is str):  # try str last so '1e-4' becomes a float where allowed
+        # str after the other scalars ('1e-4' becomes a float where allowed), lists last (a string stays a string
+        # where the type allows one, and becomes a list of one only where it does not)
+        for arg in sorted(args, key=lambda a: 2 if _is_list(a) else a is str):
             if arg is type(None):
                 continue
             try:
@@ -61,10 +63,12 @@ def coerce(value, tp):
         if value in typing.get_args(tp):
             return value
         raise Mismatch
-    if origin in (list, tuple, typing.Sequence) or tp in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise Mismatch
+    if _is_list(tp):
         args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):  # one value for a list: a list of one, as TRL's CLI (nargs="+")
+            if not args or not (args[0] in (str, int, float) or typing.get_origin(args[0]) is typing.Literal):
+                raise Mismatch  # and its configs (loss_type="sigmoid") take it; only for lists of plain values
+            return [coerce(value, args[0])]
         return [coerce(v, args[0]) if args else v for v in value]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
@@ -103,6 +107,10 @@ def coerce(value, tp):
             return value
         raise Mismatch
     return value  # a type we do not check (a config class handles it)
+
+
+def _is_list(tp) -> bool:
+    return typing.get_origin(tp) in (list, tuple, typing.Sequence) or tp in (list, tuple)
 
 
 def closest(name: str, valid) -> str:

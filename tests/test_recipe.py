@@ -111,6 +111,22 @@ def test_malformed_override_and_non_mapping_section(tmp_path):
         load_recipe(path)
 
 
+def test_one_value_for_a_list_key_is_a_list_of_one_as_trl_takes_it():
+    # TRL's configs and CLI take `loss_type: sigmoid` and `lora_target_modules: all-linear`; they stopped the recipe
+    recipe = load_recipe(SMALL, ["dpo.loss_type=sigmoid", "sft.use_peft=true", "sft.lora_target_modules=all-linear",
+                                 "eval.best_of_n=4"])
+    assert recipe.section("dpo")["loss_type"] == ["sigmoid"]
+    assert recipe.trainer_config("dpo", output_dir="/tmp/x").loss_type == ["sigmoid"]
+    assert recipe.section("eval")["best_of_n"] == [4]
+    from pipeline.models import peft_config
+
+    assert peft_config(recipe.peft_values("sft")).target_modules == "all-linear"
+    assert recipe.keys("sft").dataset == ["world:sft", "world:tool_sft"]  # a key that takes a string keeps it:
+    assert load_recipe(SMALL, ["sft.dataset=my.jsonl"]).keys("sft").dataset == "my.jsonl"
+    with pytest.raises(PipelineError, match="eval.best_of_n must be list, got 'x'"):
+        load_recipe(SMALL, ["eval.best_of_n=x"])  # the one value must still be of the list's type
+
+
 def test_invalid_combination_is_reported_by_the_config_class():
     recipe = load_recipe(SMALL, ["sft.lr_scheduler_type=not_a_scheduler"])
     with pytest.raises(PipelineError, match="sft"):
