@@ -195,7 +195,9 @@ class Estimate:
 def _lora_trainable(shape: ModelShape, peft: dict) -> int:
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
 
-    r = peft.get("lora_r", 16)
+    from trl import ModelConfig
+
+    r = peft.get("lora_r", ModelConfig.lora_r)  # absent: TRL's default
     targets = peft.get("lora_target_modules")
     if targets in ("all-linear", ["all-linear"]):
         names = list(shape.lora_params_per_rank)

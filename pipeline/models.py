@@ -239,7 +239,9 @@ def check_peft(recipe) -> None:
                                 f"(pip install bitsandbytes)")
         if not values.get("use_peft"):
             continue
-        if values.get("lora_r", 16) < 1:
+        from trl import ModelConfig
+
+        if values.get("lora_r", ModelConfig.lora_r) < 1:  # absent: TRL's default
             raise PipelineError(f"{where}.lora_r must be at least 1, got {values['lora_r']}")
         if not 0 <= values.get("lora_dropout", 0.0) < 1:
             raise PipelineError(f"{where}.lora_dropout must be in [0, 1), got {values['lora_dropout']}")
