@@ -49,10 +49,8 @@ def load_tokenizer(recipe, checkpoint, corpus=None):
             source = _adapter_base(source)
         from pipeline import hub, integrity
 
-        # a folder that is no model, or without its tokenizer files (not pretrain's other processes reading the
-        # tokenizer the main process saved before the model exists: ref "tokenizer")
-        if checkpoint.ref != "tokenizer" and Path(source).is_dir() and \
-                (problem := integrity.language_model_problem(source)):
+        # a folder that is no model, or without its tokenizer files
+        if Path(source).is_dir() and (problem := integrity.language_model_problem(source)):
             raise PipelineError(problem)
         online = hub.reachable() if not Path(source).exists() else True  # a hub id offline: the cache only
         try:

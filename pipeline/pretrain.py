@@ -18,7 +18,7 @@ from itertools import chain
 
 from pipeline import cli, data, log, models, runs
 from pipeline.recipe import load_recipe, stage_help
-from pipeline.tokenizer import doc_sep_id
+from pipeline.tokenizer import doc_sep_id, load_tokenizer as load_saved_tokenizer
 
 STAGE = "pretrain"
 USAGE = "usage: pipeline/pretrain.py RECIPE [pretrain.KEY=VALUE ...]"
@@ -57,8 +57,8 @@ def main(argv):
             if init.path is None and run.state.is_main_process:
                 tokenizer = models.load_tokenizer(recipe, init, corpus=corpus)
                 tokenizer.save_pretrained(str(run.out))
-            elif init.path is None:
-                tokenizer = models.load_tokenizer(recipe, runs.Checkpoint("tokenizer", str(run.out), "", "local"))
+            elif init.path is None:  # the saved tokenizer as it is: the stage folder holds no model yet
+                tokenizer = load_saved_tokenizer(str(run.out), trust_remote_code=recipe.model.trust_remote_code)
             else:
                 tokenizer = models.load_tokenizer(recipe, init)
         blocks = pack(corpus, tokenizer, keys.block_size)
