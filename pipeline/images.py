@@ -16,9 +16,10 @@ the text world's held-out prompts are, and every property value still appears wi
 
 Dataset specs of the image stages: `images:digits` (the world above), or a local JSON Lines file / a folder with
 `metadata.jsonl` whose rows name an image file (`file_name`, relative to the file) and a `caption`
-(`data/README.md`). The model: diffusers' `IFPipeline` layout (pixel space: tokenizer, T5 text encoder,
-`UNet2DConditionModel`, scheduler), which plain `DiffusionPipeline.from_pretrained(folder)` loads; or any
-diffusers text-to-image pipeline given as `init_from` (a VAE then moves training into its latent space).
+(`data/README.md`; pipeline/image_files.py reads them). The model: diffusers' `IFPipeline` layout (pixel space:
+tokenizer, T5 text encoder, `UNet2DConditionModel`, scheduler), which plain
+`DiffusionPipeline.from_pretrained(folder)` loads; or any diffusers text-to-image pipeline given as `init_from` (a VAE
+then moves training into its latent space).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from functools import lru_cache
 from pathlib import Path
 
 from pipeline.cli import PipelineError
-from pipeline.files import read_jsonl
 
 WORLD_SPEC = "images:digits"
 PROPERTIES = {"size": ("small", "large"), "thickness": ("thin", "thick"), "position": ("left", "right")}
@@ -152,31 +152,6 @@ class WorldImages:
         return self.images[idx, combo] * 2 - 1, captions
 
 
-class FileImages:
-    """Images and captions from files: checked (readable, right size) when the stage starts, decoded per batch, so
-    a large dataset never has to fit in memory. Images in [-1, 1]."""
-
-    def __init__(self, files: list[Path], captions: list[str], channels: int):
-        self.files, self.captions, self.channels, self.size = files, captions, channels, len(captions)
-
-    def sample(self, n: int, gen) -> tuple:
-        import torch
-
-        idx = torch.randint(0, self.size, (n,), generator=gen).tolist()
-        batch = torch.stack([_decode(self.files[i], self.channels) for i in idx]) * 2 - 1
-        return batch, [self.captions[i] for i in idx]
-
-
-def _decode(file: Path, channels: int):
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    with Image.open(file) as im:
-        arr = torch.from_numpy(np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0)
-    return arr[None] if channels == 1 else arr.permute(2, 0, 1)
-
-
 def load_images(spec: str, resolution: int, channels: int, property_dropout: float = 0.0):
     """A training source for a dataset spec (see the module docstring); bad files and rows raise PipelineError."""
     if spec == WORLD_SPEC:
@@ -190,39 +165,9 @@ def load_images(spec: str, resolution: int, channels: int, property_dropout: flo
     if not path.is_file():
         raise PipelineError(f"dataset '{spec}': not found (expected {WORLD_SPEC}, a .jsonl file or a folder with "
                             f"metadata.jsonl)")
-    return FileImages(*read_image_rows(path, resolution), channels)
+    from pipeline import image_files
 
-
-def read_image_rows(path: Path, resolution: int) -> tuple[list[Path], list[str]]:
-    """(image files, captions) of a metadata file; a missing caption, an unreadable image or one of the wrong size
-    raises PipelineError naming the file and the line."""
-    from PIL import Image, UnidentifiedImageError
-
-    rows, where = read_jsonl(path)
-    if not rows:
-        raise PipelineError(f"{path}: no rows")
-    files, captions = [], []
-    for row, w in zip(rows, where):
-        name = row.get("file_name", row.get("image"))
-        text = row.get("caption", row.get("text"))
-        if not isinstance(name, str) or not name:
-            raise PipelineError(f"{path}: {w}: missing 'file_name' (the image file, relative to {path.name})")
-        if not isinstance(text, str) or not text.strip():
-            raise PipelineError(f"{path}: {w}: missing caption (a non-empty 'caption' or 'text')")
-        file = path.parent / name
-        try:
-            with Image.open(file) as im:
-                size = im.size
-                im.verify()
-        except (OSError, UnidentifiedImageError, SyntaxError) as err:
-            raise PipelineError(f"{path}: {w}: cannot read image '{name}' ({type(err).__name__}: "
-                                f"{str(err).splitlines()[0][:100]})") from None
-        if size != (resolution, resolution):
-            raise PipelineError(f"{path}: {w}: image '{name}' is {size[0]}x{size[1]}, expected "
-                                f"{resolution}x{resolution} (the model's resolution)")
-        files.append(file)
-        captions.append(text.strip())
-    return files, captions
+    return image_files.read_image_rows(path, resolution, channels)
 
 
 class _Converted:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO, run_cli, tiny_recipe
-from pipeline import images
+from pipeline import image_files, images
 from pipeline.cli import PipelineError
 
 TINY_UNET = {"block_out_channels": [8, 16], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
@@ -157,6 +157,41 @@ def test_local_image_folder_loads_in_model_range(tmp_path):
     source = images.load_images(str(tmp_path), 16, 1)
     x, caps = source.sample(3, torch.Generator().manual_seed(0))
     assert x.shape == (3, 1, 16, 16) and float(x.min()) == 1.0 and caps == ["a 1"] * 3
+
+
+def test_image_modes_decode_as_they_look_and_truncated_files_fail_at_the_start(tmp_path):
+    # 16-bit PNGs came out nearly all white (PIL's convert clips them) and transparent pixels took the colour hidden
+    # under them; a JPEG cut short passed the start's verify() and crashed training with a traceback
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.full((16, 16), 32896, dtype=np.uint16)).save(tmp_path / "deep.png")  # 16-bit grey, half
+    rgba = np.zeros((16, 16, 4), dtype=np.uint8)  # black, fully transparent: white as shown on a page
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")
+    Image.fromarray(np.full((16, 16, 3), 128, dtype=np.uint8)).convert("P").save(tmp_path / "palette.png")
+    rows = [{"file_name": n, "caption": "a 1"} for n in ("deep.png", "clear.png", "palette.png")]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for channels in (1, 3):
+        source = images.load_images(str(tmp_path), 16, channels)
+        x, _ = source.sample(4, torch.Generator().manual_seed(0))
+        assert x.shape == (4, channels, 16, 16) and float(x.min()) >= -1 and float(x.max()) <= 1
+        decoded = {f.name: image_files.decode(f, channels, 16) for f in source.files}
+        assert decoded["deep.png"].shape == (channels, 16, 16)
+        assert abs(float(decoded["deep.png"].mean()) - 0.5) < 0.01
+        assert float(decoded["clear.png"].min()) == 1.0
+        assert abs(float(decoded["palette.png"].mean()) - 128 / 255) < 0.01
+    Image.fromarray(np.full((16, 16, 3), 90, dtype=np.uint8)).save(tmp_path / "cut.jpg")
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "cut.jpg").read_bytes()[:-40])
+    with open(tmp_path / "metadata.jsonl", "a") as f:
+        f.write(json.dumps({"file_name": "cut.jpg", "caption": "a 2"}) + "\n")
+    with pytest.raises(PipelineError, match=r"metadata.jsonl: line 4: cannot read image 'cut.jpg' \(OSError"):
+        images.load_images(str(tmp_path), 16, 3)
+    # a file removed after the start: one line naming it, not a traceback
+    (tmp_path / "metadata.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    source = images.load_images(str(tmp_path), 16, 1)
+    (tmp_path / "deep.png").unlink()
+    with pytest.raises(PipelineError, match=r"metadata.jsonl: line 1: cannot read image 'deep.png'"):
+        source.sample(2, torch.Generator().manual_seed(0))
 
 
 # ---------------------------------------------------------------------------------------------- the judge

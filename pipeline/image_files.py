@@ -1,0 +1,101 @@
+"""Training images from files for the diffusion stage: a `metadata.jsonl` of `file_name` + `caption` rows, files
+relative to it (Hugging Face's `imagefolder` layout; data/README.md). Every image is decoded once when the stage
+starts (an unreadable, truncated or missing file is one line naming the metadata file and the row, before anything
+is written), then again per batch, so a large set need not fit in memory.
+
+Decoding turns any image into the model's `L` or `RGB` the way it looks: 16-bit images are scaled to 8 bits
+(PIL's `convert` clips them, nearly all white), transparency is composited onto white (dropping the alpha channel
+would keep whatever colour hides under transparent pixels).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.cli import PipelineError
+from pipeline.files import read_jsonl
+
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PNG's 16-bit grey opens as one of these
+
+
+def as_model_image(im, channels: int, resolution: int):
+    """A PIL image as the model sees it: mode `L` (channels 1) or `RGB`."""
+    import numpy as np
+    from PIL import Image
+
+    if im.mode in SIXTEEN_BIT:
+        im = Image.fromarray((np.clip(np.asarray(im, dtype=np.float64), 0, 65535) / 257).round().astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+        im = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
+    return im.convert("L" if channels == 1 else "RGB")
+
+
+def decode(file: Path, channels: int, resolution: int):
+    """An image file as a C x R x R tensor in [0, 1]."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    with Image.open(file) as im:
+        arr = np.asarray(as_model_image(im, channels, resolution), dtype=np.float32) / 255.0
+    t = torch.from_numpy(arr)
+    return t[None] if channels == 1 else t.permute(2, 0, 1)
+
+
+def _unreadable(name: str, err: Exception) -> str:
+    return f"cannot read image '{name}' ({type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''})"
+
+
+class FileImages:
+    """Images and captions from files (checked by read_image_rows), decoded per batch. Images in [-1, 1]."""
+
+    def __init__(self, files: list[Path], captions: list[str], channels: int, resolution: int, where: list[str],
+                 metadata: Path):
+        self.files, self.captions, self.channels, self.resolution = files, captions, channels, resolution
+        self.where, self.metadata, self.size = where, metadata, len(captions)
+
+    def sample(self, n: int, gen) -> tuple:
+        import torch
+
+        idx = torch.randint(0, self.size, (n,), generator=gen).tolist()
+        batch = []
+        for i in idx:
+            try:
+                batch.append(decode(self.files[i], self.channels, self.resolution))
+            except (OSError, ValueError, SyntaxError) as err:  # changed or removed since the stage started
+                raise PipelineError(f"{self.metadata}: {self.where[i]}: "
+                                    f"{_unreadable(self.files[i].name, err)}") from None
+        return torch.stack(batch) * 2 - 1, [self.captions[i] for i in idx]
+
+
+def read_image_rows(path: Path, resolution: int, channels: int) -> FileImages:
+    """The images of a metadata file, each decoded once: a missing caption or an image that does not decode
+    (missing, truncated, not an image) raises PipelineError naming the file and the line."""
+    rows, where = read_jsonl(path)
+    if not rows:
+        raise PipelineError(f"{path}: no rows")
+    files, captions = [], []
+    for row, w in zip(rows, where):
+        name = row.get("file_name", row.get("image"))
+        text = row.get("caption", row.get("text"))
+        if not isinstance(name, str) or not name:
+            raise PipelineError(f"{path}: {w}: missing 'file_name' (the image file, relative to {path.name})")
+        if not isinstance(text, str) or not text.strip():
+            raise PipelineError(f"{path}: {w}: missing caption (a non-empty 'caption' or 'text')")
+        file = path.parent / name
+        try:
+            from PIL import Image
+
+            with Image.open(file) as im:
+                size = im.size
+                im.load()  # decodes: a truncated file fails here, not in training (verify() passed cut JPEGs)
+                as_model_image(im, channels, resolution)
+        except (OSError, ValueError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
+            raise PipelineError(f"{path}: {w}: {_unreadable(name, err)}") from None
+        if size != (resolution, resolution):
+            raise PipelineError(f"{path}: {w}: image '{name}' is {size[0]}x{size[1]}, expected "
+                                f"{resolution}x{resolution} (the model's resolution)")
+        files.append(file)
+        captions.append(text.strip())
+    return FileImages(files, captions, channels, resolution, where, path)
