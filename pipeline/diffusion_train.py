@@ -168,7 +168,7 @@ def _trainable(module) -> dict:
 
 
 def save_checkpoint(out: Path, step: int, modules: dict, optimizer, scheduler, ema, history: list, keep: int,
-                    is_main: bool) -> None:
+                    is_main: bool, window: list | None = None) -> None:
     from safetensors.torch import save_file
 
     if not is_main:
@@ -188,7 +188,8 @@ def save_checkpoint(out: Path, step: int, modules: dict, optimizer, scheduler, e
             else:
                 meta[str(idx)][k] = v
     save_file(tensors or {"_empty": __import__("torch").zeros(1)}, str(tmp / "optimizer.safetensors"))
-    state = {"step": step, "history": history,
+    # window: the losses since the last logged step, so a resumed run logs the mean an uninterrupted one does
+    state = {"step": step, "history": history, "window": list(window or []),
              "optimizer": {"param_groups": opt_state["param_groups"], "scalars": meta},
              "lr_scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}}
     if ema is not None:
@@ -204,7 +205,7 @@ def save_checkpoint(out: Path, step: int, modules: dict, optimizer, scheduler, e
         shutil.rmtree(old)
 
 
-def load_checkpoint(ckpt: Path, modules: dict, optimizer, scheduler, ema) -> tuple[int, list]:
+def load_checkpoint(ckpt: Path, modules: dict, optimizer, scheduler, ema) -> tuple[int, list, list]:
     import torch
     from safetensors.torch import load_file
 
@@ -228,7 +229,7 @@ def load_checkpoint(ckpt: Path, modules: dict, optimizer, scheduler, ema) -> tup
         shadow = load_file(str(ckpt / "ema.safetensors"))
         ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
     del torch
-    return state["step"], state["history"]
+    return state["step"], state["history"], state.get("window", [])
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -267,16 +268,16 @@ def train_loop(*, accelerator, run, cfg, tag: str, modules: dict, step_fn, ema_p
 
         ema = EMAModel(ema_params, decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
     plain = {k: accelerator.unwrap_model(m) for k, m in prepared.items()}
-    step, history = 0, []
+    step, history, window = 0, [], []
     if main:  # a save cut short by a kill; the checkpoint before it is intact
         for partial_save in run.out.glob("tmp-checkpoint-*"):
             shutil.rmtree(partial_save)
     ckpt = run.last_checkpoint()  # complete, intact, nothing but safetensors and JSON (safe_resume)
     if ckpt is not None:
-        step, history = load_checkpoint(Path(ckpt), plain, optimizer, scheduler, ema)
+        step, history, window = load_checkpoint(Path(ckpt), plain, optimizer, scheduler, ema)
         log.info(f"resumed at step {step}")
     bar = tqdm(total=cfg.max_steps, initial=step, desc=tag, disable=not main, dynamic_ncols=True)
-    started, window = time.time(), []
+    started = time.time()
     cluster.STOP.training = True
     while step < cfg.max_steps:
         threads.rebalance()
@@ -307,11 +308,13 @@ def train_loop(*, accelerator, run, cfg, tag: str, modules: dict, step_fn, ema_p
             log.info(" ".join(f"{k} {v:.4g}" for k, v in entry.items()))
         saved = step < cfg.max_steps and cfg.save_steps and step % cfg.save_steps == 0
         if saved:
-            save_checkpoint(run.out, step, plain, optimizer, scheduler, ema, history, cfg.save_total_limit, main)
+            save_checkpoint(run.out, step, plain, optimizer, scheduler, ema, history, cfg.save_total_limit, main,
+                            window)
             accelerator.wait_for_everyone()
         if step < cfg.max_steps and cluster.stop_requested():
             if not saved:
-                save_checkpoint(run.out, step, plain, optimizer, scheduler, ema, history, cfg.save_total_limit, main)
+                save_checkpoint(run.out, step, plain, optimizer, scheduler, ema, history, cfg.save_total_limit,
+                                main, window)
             bar.close()
             cluster.exit_preempted(run.out / f"checkpoint-{step}", main)
     cluster.STOP.training = False

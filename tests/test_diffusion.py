@@ -400,6 +400,10 @@ def test_killed_diffusion_stage_resumes_to_the_uninterrupted_result(tmp_path):
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     a, b = _unet_weights(tmp_path / "runs/tiny/diffusion"), _unet_weights(tmp_path / "runs/fresh/diffusion")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # the logged losses too: the resumed run's first log covered only the steps since the checkpoint
+    logged = [[h["loss"] for h in json.loads((tmp_path / f"runs/{name}/diffusion/metrics.json").read_text())["history"]]
+              for name in ("tiny", "fresh")]
+    assert logged[0] == pytest.approx(logged[1], rel=1e-5) and len(logged[0]) == 2
 
 
 def test_killed_online_diffusion_dpo_resumes_to_the_uninterrupted_result(image_run, tmp_path):
