@@ -43,9 +43,17 @@ def main(argv):
         images.make_scheduler(cfg.sampler, {})  # an unknown sampler fails here, before any work
         pipe = images.load_pipeline(run.checkpoint("pretrained").path) if keys.pretrained else None
         shape = images.pipeline_shape(pipe) if pipe else {"resolution": keys.resolution, "channels": 1, "latent": False}
+        if pipe and "resolution" in recipe.section(STAGE):  # as diffusers' --resolution: train at another size
+            if keys.resolution < 1 or keys.resolution % shape["multiple"]:
+                raise cli.PipelineError(f"{recipe.path}: diffusion.resolution: {keys.resolution} is not a multiple of "
+                                        f"{shape['multiple']} (the pipeline's VAE factor x its UNet's downsampling)")
+            shape["resolution"] = keys.resolution
         source = images.load_images(keys.dataset, shape["resolution"], shape["channels"], cfg.property_dropout)
         heldout = image_eval.read_captions(keys.heldout_captions, recipe) if keys.judge_epochs else []
         run.note_data("dataset", {"source": keys.dataset, "rows": source.size, "format": "images"})
+        if getattr(source, "resized", 0):
+            log.info(f"{source.resized} of {source.size} images are not {shape['resolution']}x{shape['resolution']}: "
+                     f"resized (shorter side) and centre-cropped")
         run.prepare()
 
         import torch

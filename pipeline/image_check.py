@@ -214,6 +214,12 @@ def check_image_stage(recipe, stage: str, launch, device_memory: int | None, wil
         host, optimizer = optimizer, 0
     mixed = cfg.get("mixed_precision", "no") in ("bf16", "fp16")
     latent_res = comps["unet_config"].get("sample_size", 16)
+    if ref and "resolution" in section:  # a pretrained pipeline trained at another size (as the stage checks it)
+        multiple = comps.get("vae_factor", 1) * 2 ** (len(comps["unet_config"].get("block_out_channels", [0])) - 1)
+        if keys.resolution < 1 or keys.resolution % multiple:
+            errors.append(f"{stage}.resolution: {keys.resolution} is not a multiple of {multiple} (the pipeline's VAE "
+                          f"factor x its UNet's downsampling)")
+        latent_res = max(1, keys.resolution // comps.get("vae_factor", 1))
     images_per_step = per_device * (2 if stage == "diffusion_dpo" else 1)
     activations = images_per_step * activation_values(comps["unet_config"], latent_res) * (2 if mixed else 4)
     parts = {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations}

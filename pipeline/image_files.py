@@ -5,7 +5,8 @@ is written), then again per batch, so a large set need not fit in memory.
 
 Decoding turns any image into the model's `L` or `RGB` the way it looks: 16-bit images are scaled to 8 bits
 (PIL's `convert` clips them, nearly all white), transparency is composited onto white (dropping the alpha channel
-would keep whatever colour hides under transparent pixels).
+would keep whatever colour hides under transparent pixels), and an image of another size is resized (shorter side
+to the resolution, bilinear) and centre-cropped, as diffusers' train_text_to_image.py does with `--center_crop`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PNG's 16-bit grey open
 
 
 def as_model_image(im, channels: int, resolution: int):
-    """A PIL image as the model sees it: mode `L` (channels 1) or `RGB`."""
+    """A PIL image as the model sees it: mode `L` (channels 1) or `RGB`, resolution x resolution."""
     import numpy as np
     from PIL import Image
 
@@ -28,7 +29,14 @@ def as_model_image(im, channels: int, resolution: int):
     if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
         im = im.convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
-    return im.convert("L" if channels == 1 else "RGB")
+    im = im.convert("L" if channels == 1 else "RGB")
+    if im.size != (resolution, resolution):
+        scale = resolution / min(im.size)
+        w, h = max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))
+        im = im.resize((w, h), Image.BILINEAR)
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+        im = im.crop((left, top, left + resolution, top + resolution))
+    return im
 
 
 def decode(file: Path, channels: int, resolution: int):
@@ -54,6 +62,7 @@ class FileImages:
                  metadata: Path):
         self.files, self.captions, self.channels, self.resolution = files, captions, channels, resolution
         self.where, self.metadata, self.size = where, metadata, len(captions)
+        self.resized = 0  # how many are not resolution x resolution (resized and cropped when decoded)
 
     def sample(self, n: int, gen) -> tuple:
         import torch
@@ -75,7 +84,7 @@ def read_image_rows(path: Path, resolution: int, channels: int) -> FileImages:
     rows, where = read_jsonl(path)
     if not rows:
         raise PipelineError(f"{path}: no rows")
-    files, captions = [], []
+    files, captions, resized = [], [], 0
     for row, w in zip(rows, where):
         name = row.get("file_name", row.get("image"))
         text = row.get("caption", row.get("text"))
@@ -88,14 +97,13 @@ def read_image_rows(path: Path, resolution: int, channels: int) -> FileImages:
             from PIL import Image
 
             with Image.open(file) as im:
-                size = im.size
+                resized += im.size != (resolution, resolution)
                 im.load()  # decodes: a truncated file fails here, not in training (verify() passed cut JPEGs)
                 as_model_image(im, channels, resolution)
         except (OSError, ValueError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
             raise PipelineError(f"{path}: {w}: {_unreadable(name, err)}") from None
-        if size != (resolution, resolution):
-            raise PipelineError(f"{path}: {w}: image '{name}' is {size[0]}x{size[1]}, expected "
-                                f"{resolution}x{resolution} (the model's resolution)")
         files.append(file)
         captions.append(text.strip())
-    return FileImages(files, captions, channels, resolution, where, path)
+    out = FileImages(files, captions, channels, resolution, where, path)
+    out.resized = resized
+    return out

@@ -314,11 +314,13 @@ def load_pipeline(path: str, revision: str | None = None):
 
 
 def pipeline_shape(pipe) -> dict:
-    """Resolution and channels of the images a pipeline makes, and whether it works in a VAE's latent space."""
+    """Resolution and channels of the images a pipeline makes, whether it works in a VAE's latent space, and what
+    any image side it trains on must be a multiple of (the VAE's factor x the UNet's downsampling)."""
     unet, vae = pipe.unet, getattr(pipe, "vae", None)
     factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
     channels = vae.config.in_channels if vae is not None else unet.config.in_channels
-    return {"resolution": unet.config.sample_size * factor, "channels": channels, "latent": vae is not None}
+    return {"resolution": unet.config.sample_size * factor, "channels": channels, "latent": vae is not None,
+            "multiple": factor * 2 ** (len(unet.config.block_out_channels) - 1)}
 
 
 def encode_text(pipe, text_encoder, captions: list[str], device):

@@ -282,7 +282,8 @@ class DiffusionKeys(ImageHeldoutKeys):
     dataset: str = key("images:digits", "images with captions: `images:digits` (the offline digit world) or a "
                                         ".jsonl / folder with metadata.jsonl of `file_name`, `caption` rows",
                        ref="data")
-    resolution: int = key(16, "image side of a new model (its UNet's sample_size)")
+    resolution: int = key(16, "image side of a new model (its UNet's sample_size); set with `pretrained`: the side "
+                              "it trains at (unset: the pipeline's own)")
     judge_epochs: int = key(24, "passes of the image judge over the world's real training digits (each under a "
                                 "random property combination); 0: no judge and no evaluation")
 

@@ -126,7 +126,6 @@ def test_eager_attention_computes_what_sdpa_does_and_other_names_are_refused():
 
 
 @pytest.mark.parametrize("content, expected", [
-    ("wrong_shape", "is 20x12, expected 16x16"),
     ("missing_caption", "line 1: missing caption"),
     ("unreadable", "cannot read image 'broken.png'"),
     ("bad_utf8", "metadata.jsonl: line 2: invalid UTF-8 (byte 0xff)"),
@@ -134,11 +133,9 @@ def test_eager_attention_computes_what_sdpa_does_and_other_names_are_refused():
 def test_bad_image_rows_raise_one_line_errors(tmp_path, content, expected):
     from PIL import Image
 
-    Image.new("L", (20, 12)).save(tmp_path / "wide.png")
     Image.new("L", (16, 16)).save(tmp_path / "ok.png")
     (tmp_path / "broken.png").write_bytes(b"not a png at all")
-    rows = {"wrong_shape": {"file_name": "wide.png", "caption": "a 7"},
-            "missing_caption": {"file_name": "ok.png"},
+    rows = {"missing_caption": {"file_name": "ok.png"},
             "unreadable": {"file_name": "broken.png", "caption": "a 7"},
             "bad_utf8": {"file_name": "ok.png", "caption": "a 7"}}[content]
     (tmp_path / "metadata.jsonl").write_bytes(json.dumps(rows).encode() + b"\n"
@@ -157,6 +154,29 @@ def test_local_image_folder_loads_in_model_range(tmp_path):
     source = images.load_images(str(tmp_path), 16, 1)
     x, caps = source.sample(3, torch.Generator().manual_seed(0))
     assert x.shape == (3, 1, 16, 16) and float(x.min()) == 1.0 and caps == ["a 1"] * 3
+
+
+def test_images_of_other_sizes_are_resized_and_centre_cropped(tmp_path):
+    # they were refused ("is 20x12, expected 16x16"); diffusers' scripts resize the shorter side and crop
+    import numpy as np
+    from PIL import Image
+
+    wide = np.zeros((16, 32), dtype=np.uint8)
+    wide[:, 8:24] = 255  # white in the middle half: all that the centre crop keeps
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    tall = np.zeros((80, 32), dtype=np.uint8)
+    tall[20:60] = 255
+    Image.fromarray(tall).save(tmp_path / "tall.png")
+    Image.new("L", (7, 9), 255).save(tmp_path / "tiny.png")
+    rows = [{"file_name": n, "caption": "a 7"} for n in ("wide.png", "tall.png", "tiny.png")]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = images.load_images(str(tmp_path), 16, 1)
+    assert source.resized == 3
+    for file in source.files:
+        x = image_files.decode(file, 1, 16)
+        assert x.shape == (1, 16, 16) and float(x.min()) > 0.95, file.name
+    x, _ = source.sample(5, torch.Generator().manual_seed(0))
+    assert x.shape == (5, 1, 16, 16)
 
 
 def test_image_modes_decode_as_they_look_and_truncated_files_fail_at_the_start(tmp_path):
@@ -516,6 +536,31 @@ def test_lora_fine_tuning_of_a_pretrained_pipeline_and_its_memory_check(tmp_path
     check = run_cli(["pipeline/run.py", recipe, "--check", "--force", "--device-memory", "1GiB"], cwd=tmp_path)
     assert check.returncode in (0, 1), check.stdout + check.stderr
     assert "memory per device" in check.stdout and "LoRA:" in check.stdout and "vae" in check.stdout
+
+
+def test_a_pretrained_pipeline_trains_at_the_section_resolution(tmp_path):
+    # `resolution` was silently ignored with `pretrained` (images had to be the pipeline's own size); now it is the
+    # training size, as diffusers' --resolution, checked against the VAE and UNet downsampling
+    from PIL import Image
+
+    base = _tiny_stable_diffusion(tmp_path / "tiny-sd")  # 16px: UNet sample_size 8 x VAE factor 2, multiples of 4
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (40, 24), (200, 10, 10)).save(tmp_path / "data" / "red.png")
+    (tmp_path / "data" / "metadata.jsonl").write_text(json.dumps({"file_name": "red.png", "text": "a 3"}) + "\n")
+    section = {"pretrained": str(base), "dataset": str(tmp_path / "data"), "train_text_encoder": False,
+               "max_steps": 1, "batch_size": 2, "ema_decay": 0.0, "judge_epochs": 0, "save_steps": 0}
+    recipe = image_recipe(tmp_path, diffusion={**section, "resolution": 18})
+    proc = run_cli(["pipeline/diffusion.py", recipe], cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: {recipe}: diffusion.resolution: 18 is not a multiple "
+                                                    f"of 4 (the pipeline's VAE factor x its UNet's downsampling)")
+    assert not (tmp_path / "runs").exists()
+    check = run_cli(["pipeline/run.py", recipe, "--check"], cwd=tmp_path)
+    assert check.returncode == 2 and "diffusion.resolution: 18 is not a multiple of 4" in check.stdout
+    recipe = image_recipe(tmp_path, diffusion={**section, "resolution": 24})
+    proc = run_cli(["pipeline/diffusion.py", recipe], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 of 1 images are not 24x24: resized" in proc.stdout + proc.stderr
 
 
 def test_a_hub_pipeline_without_network_is_named_at_once_by_check_and_stage(tmp_path, monkeypatch):
