@@ -149,6 +149,34 @@ def activation_values(unet_cfg: dict, latent_res: int) -> int:
     return 24 * total
 
 
+def caption_and_judge_problems(recipe, stage: str, keys, ref: str | None, will_run=frozenset()) -> list[str]:
+    """What the stage reads besides its model, read as it reads them: caption files (DPO's dataset, held-out
+    captions) and DPO's image judge, which `--check` passed and the stage then refused after loading its model."""
+    from pipeline import image_eval, images
+
+    out = []
+    specs = [("heldout_captions", keys.heldout_captions)] if getattr(keys, "judge_epochs", 1) else []
+    if stage == "diffusion_dpo" and keys.dataset != images.WORLD_SPEC:
+        specs.append(("dataset", keys.dataset))
+    for key, spec in specs:
+        try:
+            image_eval.read_captions(spec, recipe)
+        except PipelineError as err:
+            out.append(f"{stage}.{key}: {err}")
+    if stage != "diffusion_dpo":
+        return out
+    if keys.judge:
+        judge = Path(keys.judge).expanduser()
+    elif ref in recipe.stages and ref in will_run:  # trained by this run: it writes judge/ unless judge_epochs is 0
+        judge = None if getattr(recipe.keys(ref), "judge_epochs", 0) else Path(f"{ref} (judge_epochs: 0)")
+    else:
+        judge = Path(runs.resolve_checkpoint(recipe, ref, must_exist=False).path or ref) / "judge"
+    if judge is not None and not ((judge / "config.json").is_file() and (judge / "model.safetensors").is_file()):
+        out.append(f"{stage}.judge: no image judge in {judge} (train the diffusion stage with judge_epochs > 0, or "
+                   f"point `judge` at one: diffusion_dpo labels its pairs with it)")
+    return out
+
+
 def check_image_stage(recipe, stage: str, launch, device_memory: int | None, will_run=frozenset()):
     """(lines, errors, warnings) for an image stage."""
     from pipeline import images
@@ -182,6 +210,7 @@ def check_image_stage(recipe, stage: str, launch, device_memory: int | None, wil
         if not (path.is_file() or (path.is_dir() and (path / "metadata.jsonl").is_file())):
             errors.append(f"{stage}.dataset: '{spec}' not found (expected {images.WORLD_SPEC}, a .jsonl file or a "
                           f"folder with metadata.jsonl)")
+    errors += caption_and_judge_problems(recipe, stage, keys, ref, will_run)
     held = f", heldout_captions {keys.heldout_captions}" if keys.heldout_captions else ""
     lines.append(f"data: dataset {spec}{held}")
     lines.append(f"launch: {launch.describe()}")

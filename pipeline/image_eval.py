@@ -18,6 +18,9 @@ from pipeline.cli import PipelineError
 MEASURES = ("digit", "size", "thickness", "position", "all")
 
 
+PAIR_COLUMNS = ("jpg_0", "jpg_1", "label_0", "chosen", "rejected")  # Pick-a-Pic's and Diffusion-DPO's pair columns
+
+
 def read_captions(spec: str | None, recipe) -> list[str]:
     """Held-out captions: the world's (`images:digits`), or `caption` rows of a .jsonl / .txt file."""
     from pipeline import files, images
@@ -30,6 +33,11 @@ def read_captions(spec: str | None, recipe) -> list[str]:
     if not path.is_file():
         raise PipelineError(f"captions '{spec}': not found (expected {images.WORLD_SPEC} or a .jsonl / .txt file)")
     got, where = files.txt_rows(files.text_of(path), "line") if path.suffix == ".txt" else files.read_jsonl(path)
+    for row, w in zip(got, where):  # a preference set (Pick-a-Pic's layout) was read as its captions alone
+        if any(k in row for k in PAIR_COLUMNS):
+            raise PipelineError(f"{path}: {w}: a preference pair ({', '.join(k for k in PAIR_COLUMNS if k in row)}): "
+                                f"image preference pairs are not read; diffusion_dpo draws and labels its own pairs, "
+                                f"this file gives captions only (README: Image models)")
     rows = [(w, r.get("caption", r.get("text"))) for r, w in zip(got, where)]
     out = []
     for where, text in rows:

@@ -563,6 +563,26 @@ def test_a_pretrained_pipeline_trains_at_the_section_resolution(tmp_path):
     assert "1 of 1 images are not 24x24: resized" in proc.stdout + proc.stderr
 
 
+def test_diffusion_dpo_refuses_preference_pairs_and_check_reads_its_captions_and_judge(tmp_path):
+    # Pick-a-Pic rows were read as their captions alone (the pairs silently ignored), and --check said "ok" for a
+    # start model without the image judge that the stage then refused after loading the model
+    from pipeline import image_eval
+    from pipeline.recipe import load_recipe
+
+    base = _tiny_stable_diffusion(tmp_path / "tiny-sd")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"caption": "a 7", "jpg_0": "a.png", "jpg_1": "b.png", "label_0": 0.5}) + "\n")
+    recipe = image_recipe(tmp_path, diffusion_dpo={**TINY_DPO, "init_from": str(base), "dataset": str(pairs)})
+    with pytest.raises(PipelineError, match=r"pairs.jsonl: line 1: a preference pair \(jpg_0, jpg_1, label_0\): "
+                                            r"image preference pairs are not read"):
+        image_eval.read_captions(str(pairs), load_recipe(recipe))
+    check = run_cli(["pipeline/run.py", recipe, "--check"], cwd=tmp_path)
+    assert check.returncode == 2 and "Traceback" not in check.stderr, check.stderr[-2000:]
+    assert "diffusion_dpo.dataset: " in check.stdout and "a preference pair (jpg_0, jpg_1, label_0)" in check.stdout
+    assert f"diffusion_dpo.judge: no image judge in {base / 'judge'}" in check.stdout
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_hub_pipeline_without_network_is_named_at_once_by_check_and_stage(tmp_path, monkeypatch):
     # as a language model's hub id (tests/test_byod.py): the hub is probed once, then only the local cache is read,
     # instead of huggingface_hub's retries (23 s) ending in a message that does not say the hub is unreachable
