@@ -48,7 +48,8 @@ def main(argv):
                 raise cli.PipelineError(f"{recipe.path}: diffusion.resolution: {keys.resolution} is not a multiple of "
                                         f"{shape['multiple']} (the pipeline's VAE factor x its UNet's downsampling)")
             shape["resolution"] = keys.resolution
-        source = images.load_images(keys.dataset, shape["resolution"], shape["channels"], cfg.property_dropout)
+        source = images.load_images(keys.dataset, shape["resolution"], shape["channels"], cfg.property_dropout,
+                                    image_column=keys.image_column, caption_column=keys.caption_column)
         heldout = image_eval.read_captions(keys.heldout_captions, recipe) if keys.judge_epochs else []
         run.note_data("dataset", {"source": keys.dataset, "rows": source.size, "format": "images"})
         if getattr(source, "resized", 0):

@@ -206,10 +206,11 @@ def check_image_stage(recipe, stage: str, launch, device_memory: int | None, wil
         errors.append(f"{stage}.{ref_key}: {err}" if ref else str(err))
     spec = keys.dataset
     if spec != images.WORLD_SPEC:
-        path = Path(spec).expanduser()
-        if not (path.is_file() or (path.is_dir() and (path / "metadata.jsonl").is_file())):
-            errors.append(f"{stage}.dataset: '{spec}' not found (expected {images.WORLD_SPEC}, a .jsonl file or a "
-                          f"folder with metadata.jsonl)")
+        from pipeline.image_files import metadata_file
+
+        if metadata_file(spec) is None:
+            errors.append(f"{stage}.dataset: '{spec}' not found (expected {images.WORLD_SPEC}, a .jsonl / .csv / "
+                          f".parquet file or a folder with metadata.jsonl, .csv or .parquet)")
     errors += caption_and_judge_problems(recipe, stage, keys, ref, will_run)
     held = f", heldout_captions {keys.heldout_captions}" if keys.heldout_captions else ""
     lines.append(f"data: dataset {spec}{held}")

@@ -1,7 +1,7 @@
-"""Training images from files for the diffusion stage: a `metadata.jsonl` of `file_name` + `caption` rows, files
-relative to it (Hugging Face's `imagefolder` layout; data/README.md). Every image is decoded once when the stage
-starts (an unreadable, truncated or missing file is one line naming the metadata file and the row, before anything
-is written), then again per batch, so a large set need not fit in memory.
+"""Training images from files for the diffusion stage: a `metadata.jsonl` (or .csv, .parquet) of `file_name`
++ `caption` rows, files relative to it (Hugging Face's `imagefolder` layout; data/README.md). Every image is
+decoded once when the stage starts (an unreadable, truncated or missing file is one line naming the metadata file
+and the row, before anything is written), then again per batch, so a large set need not fit in memory.
 
 Decoding turns any image into the model's `L` or `RGB` the way it looks: 16-bit images are scaled to 8 bits
 (PIL's `convert` clips them, nearly all white), transparency is composited onto white (dropping the alpha channel
@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.cli import PipelineError
-from pipeline.files import read_jsonl
+from pipeline.files import read_file
 
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PNG's 16-bit grey opens as one of these
 
@@ -78,24 +78,51 @@ class FileImages:
         return torch.stack(batch) * 2 - 1, [self.captions[i] for i in idx]
 
 
-def read_image_rows(path: Path, resolution: int, channels: int) -> FileImages:
-    """The images of a metadata file, each decoded once: a missing caption or an image that does not decode
-    (missing, truncated, not an image) raises PipelineError naming the file and the line."""
-    rows, where = read_jsonl(path)
+METADATA = ("metadata.jsonl", "metadata.csv", "metadata.parquet")  # what Hugging Face's imagefolder reads
+
+
+def metadata_file(spec: str) -> Path | None:
+    """The metadata file a dataset spec names: the file itself, or a folder's metadata.jsonl / .csv / .parquet."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        path = next((path / m for m in METADATA if (path / m).is_file()), path / METADATA[0])
+    return path if path.is_file() else None
+
+
+def _column(row: dict, named: str | None, defaults: tuple[str, ...]):
+    return row.get(named) if named else next((row[k] for k in defaults if row.get(k) is not None), None)
+
+
+def read_image_rows(path: Path, resolution: int, channels: int, image_column: str | None = None,
+                    caption_column: str | None = None) -> FileImages:
+    """The images of a metadata file (.jsonl, .json, .csv, .parquet), each decoded once: a missing column or caption
+    or an image that does not decode (missing, truncated, not an image) raises PipelineError naming the file and
+    the line. Columns: `image_column` / `caption_column` (as diffusers' --image_column / --caption_column), else
+    `file_name` or `image`, and `caption` or `text`."""
+    from PIL import Image
+
+    rows, where = read_file(path)
     if not rows:
         raise PipelineError(f"{path}: no rows")
+    for key, named in (("image_column", image_column), ("caption_column", caption_column)):
+        if named and named not in rows[0]:
+            raise PipelineError(f"{path}: {where[0]}: no column '{named}' (diffusion.{key}; the row has "
+                                f"{', '.join(map(repr, rows[0])) or 'no columns'})")
+    image_name = f"'{image_column}'" if image_column else "'file_name' (or 'image')"
+    caption_name = f"'{caption_column}'" if caption_column else "'caption' (or 'text')"
     files, captions, resized = [], [], 0
     for row, w in zip(rows, where):
-        name = row.get("file_name", row.get("image"))
-        text = row.get("caption", row.get("text"))
+        name = _column(row, image_column, ("file_name", "image"))
+        text = _column(row, caption_column, ("caption", "text"))
+        if isinstance(name, dict) and isinstance(name.get("path"), str):  # a datasets Image value saved as a path
+            name = name["path"]
         if not isinstance(name, str) or not name:
-            raise PipelineError(f"{path}: {w}: missing 'file_name' (the image file, relative to {path.name})")
+            raise PipelineError(f"{path}: {w}: missing {image_name}: an image file's path, relative to {path.name} "
+                                f"(images stored as bytes are not read)")
         if not isinstance(text, str) or not text.strip():
-            raise PipelineError(f"{path}: {w}: missing caption (a non-empty 'caption' or 'text')")
+            raise PipelineError(f"{path}: {w}: missing caption (a non-empty {caption_name})")
         file = path.parent / name
         try:
-            from PIL import Image
-
             with Image.open(file) as im:
                 resized += im.size != (resolution, resolution)
                 im.load()  # decodes: a truncated file fails here, not in training (verify() passed cut JPEGs)

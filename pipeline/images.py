@@ -152,22 +152,21 @@ class WorldImages:
         return self.images[idx, combo] * 2 - 1, captions
 
 
-def load_images(spec: str, resolution: int, channels: int, property_dropout: float = 0.0):
-    """A training source for a dataset spec (see the module docstring); bad files and rows raise PipelineError."""
+def load_images(spec: str, resolution: int, channels: int, property_dropout: float = 0.0, **columns):
+    """A training source for a dataset spec (see the module docstring); bad files and rows raise PipelineError.
+    `columns`: image_column / caption_column of a metadata file."""
     if spec == WORLD_SPEC:
         return WorldImages(resolution, property_dropout) if channels == 1 else _Converted(
             WorldImages(16, property_dropout), resolution, channels)
     if spec.startswith("images:"):
         raise PipelineError(f"dataset '{spec}': unknown image world (the world is {WORLD_SPEC})")
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        path = path / "metadata.jsonl"
-    if not path.is_file():
-        raise PipelineError(f"dataset '{spec}': not found (expected {WORLD_SPEC}, a .jsonl file or a folder with "
-                            f"metadata.jsonl)")
     from pipeline import image_files
 
-    return image_files.read_image_rows(path, resolution, channels)
+    path = image_files.metadata_file(spec)
+    if path is None:
+        raise PipelineError(f"dataset '{spec}': not found (expected {WORLD_SPEC}, a .jsonl / .csv / .parquet file "
+                            f"or a folder with metadata.jsonl, .csv or .parquet)")
+    return image_files.read_image_rows(path, resolution, channels, **columns)
 
 
 class _Converted:

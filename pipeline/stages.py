@@ -282,6 +282,10 @@ class DiffusionKeys(ImageHeldoutKeys):
     dataset: str = key("images:digits", "images with captions: `images:digits` (the offline digit world) or a "
                                         ".jsonl / folder with metadata.jsonl of `file_name`, `caption` rows",
                        ref="data")
+    image_column: str | None = key(None, "the metadata file's column naming each image file (as diffusers' "
+                                         "--image_column); empty: `file_name` or `image`")
+    caption_column: str | None = key(None, "the metadata file's caption column (as diffusers' --caption_column); "
+                                           "empty: `caption` or `text`")
     resolution: int = key(16, "image side of a new model (its UNet's sample_size); set with `pretrained`: the side "
                               "it trains at (unset: the pipeline's own)")
     judge_epochs: int = key(24, "passes of the image judge over the world's real training digits (each under a "
