@@ -37,6 +37,8 @@ def main(argv):
     recipe.check_config(STAGE, portable=True)  # the config class's own checks before upstream stages
     keys = recipe.keys(STAGE)
     cfg = recipe.trainer_config(STAGE)  # DiffusionConfig; seed: run.seed unless the section sets one
+    if cfg.train_text_encoder is None:  # a pretrained pipeline's text encoder stays as it is unless asked
+        cfg.train_text_encoder = not keys.pretrained
     if not keys.pretrained:  # a new model: its unet / text_encoder configs build (on the meta device) before any work
         image_check.components(recipe, None, recipe.section(STAGE), keys.resolution, stage=STAGE)
     with runs.StageRun(recipe, STAGE) as run:

@@ -32,7 +32,8 @@ class DiffusionConfig:
     beta_schedule: str = "squaredcos_cap_v2"
     prediction_type: str = "epsilon"    # epsilon | v_prediction
     snr_gamma: float | None = 5.0       # Min-SNR loss weighting (Hang et al. 2023); empty: plain MSE
-    train_text_encoder: bool = True     # new model: the text encoder trains with the UNet; fine-tuning: usually false
+    train_text_encoder: bool | None = None  # empty: true for a new model (it trains with the UNet), false when
+                                            # fine-tuning a pipeline (as diffusers' train_text_to_image.py)
     use_lora: bool = False              # train LoRA adapters on the UNet's attention (peft) instead of all weights
     lora_rank: int = 8
     lora_alpha: int = 8

@@ -227,8 +227,9 @@ def check_image_stage(recipe, stage: str, launch, device_memory: int | None, wil
         trainable = lora_params(comps["unet_config"], cfg.get("lora_rank", 8),
                                 cfg.get("lora_target_modules", ["to_q", "to_k", "to_v", "to_out.0"]))
     else:
+        text = cfg.get("train_text_encoder")
         trainable = comps["unet"] + (comps.get("text_encoder", 0) if stage == "diffusion" and
-                                     cfg.get("train_text_encoder", True) else 0)
+                                     (text if text is not None else not ref) else 0)
     weights = 4 * (comps["unet"] + comps.get("text_encoder", 0) + comps.get("vae", 0))
     if stage == "diffusion_dpo":
         weights += 4 * comps["unet"]  # the frozen reference

@@ -595,6 +595,28 @@ def test_a_pretrained_pipeline_trains_at_the_section_resolution(tmp_path):
     assert "1 of 1 images are not 24x24: resized" in proc.stdout + proc.stderr
 
 
+def test_fine_tuning_a_pipeline_leaves_its_text_encoder_alone_unless_asked(tmp_path):
+    # train_text_encoder defaulted to true for a pretrained pipeline too: a diffusers user's CLIP was trained at the
+    # UNet's learning rate without asking (train_text_to_image.py freezes it)
+    base = _tiny_stable_diffusion(tmp_path / "tiny-sd")
+    section = {"pretrained": str(base), "max_steps": 2, "batch_size": 2, "ema_decay": 0.0, "judge_epochs": 0,
+               "save_steps": 0, "learning_rate": 1e-2}
+    recipe = image_recipe(tmp_path, diffusion=section)
+    proc = run_cli(["pipeline/diffusion.py", recipe], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "text_encoder" not in proc.stdout.split("StableDiffusionPipeline:")[1].split("\n")[0]
+    before, after = (_weights(folder / "text_encoder") for folder in (base, tmp_path / "runs/tiny/diffusion"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not all(torch.equal(a, b) for a, b in zip(_unet_weights(base).values(),
+                                                      _unet_weights(tmp_path / "runs/tiny/diffusion").values()))
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
 def test_diffusion_dpo_refuses_preference_pairs_and_check_reads_its_captions_and_judge(tmp_path):
     # Pick-a-Pic rows were read as their captions alone (the pairs silently ignored), and --check said "ok" for a
     # start model without the image judge that the stage then refused after loading the model
