@@ -142,7 +142,8 @@ def read_rows(spec, recipe, text_split: str = "paragraph") -> tuple[list[dict], 
     return rows, where, spec_name(spec)
 
 
-def fingerprint(spec, recipe) -> str:
+def fingerprint(spec, recipe, images: bool = False) -> str:
+    """`images`: a metadata file's fingerprint also covers the image files it names (a folder's covers them all)."""
     if not isinstance(spec, str):  # a list or mixture: its parts' fingerprints and the mixing settings
         parts, seed = mixture_parts(spec)
         return hash_obj({"parts": [(fingerprint(p, recipe), f, c) for p, f, c in parts], "seed": seed,
@@ -153,6 +154,10 @@ def fingerprint(spec, recipe) -> str:
         return hash_obj({"world": fingerprint_settings(recipe.world), "split": spec})
     path = Path(spec).expanduser()
     if path.is_file():
+        if images:
+            from pipeline.image_files import named_files
+
+            return hash_obj({"metadata": hash_file(path), "images": named_files(path)})
         return hash_file(path)
     if path.is_dir():
         return hash_folder(path)

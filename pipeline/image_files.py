@@ -93,6 +93,26 @@ def _column(row: dict, named: str | None, defaults: tuple[str, ...]):
     return row.get(named) if named else next((row[k] for k in defaults if row.get(k) is not None), None)
 
 
+def named_files(path: Path) -> list:
+    """(value, size, mtime) of every existing file a metadata file's rows name (any column), for the runner's
+    fingerprint: images replaced under the same names rerun the stage. Unreadable metadata: [] (the stage says why)."""
+    try:
+        rows, _ = read_file(path)
+    except PipelineError:
+        return []
+    out = []
+    for row in rows:
+        for value in row.values():
+            value = value.get("path") if isinstance(value, dict) else value
+            try:  # captions are values too: most name no file (or no possible one: OSError)
+                st = (path.parent / value).stat() if isinstance(value, str) and value else None
+            except (OSError, ValueError):
+                continue
+            if st is not None and (st.st_mode & 0o170000) == 0o100000:  # a regular file
+                out.append((value, st.st_size, st.st_mtime_ns))
+    return out
+
+
 def read_image_rows(path: Path, resolution: int, channels: int, image_column: str | None = None,
                     caption_column: str | None = None) -> FileImages:
     """The images of a metadata file (.jsonl, .json, .csv, .parquet), each decoded once: a missing column or caption

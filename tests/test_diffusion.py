@@ -211,6 +211,31 @@ def test_metadata_as_csv_or_parquet_with_named_columns(tmp_path):
     assert "1 training images" in proc.stdout + proc.stderr
 
 
+def test_replacing_an_image_named_by_a_metadata_file_reruns_the_stage(tmp_path):
+    # with `dataset` naming the metadata file, only that file was fingerprinted: images replaced under the same
+    # names left the stage "up to date"
+    import os
+
+    from PIL import Image
+
+    from pipeline import runs
+    from pipeline.recipe import load_recipe
+
+    Image.new("L", (16, 16), 0).save(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "caption": "a 1"}) + "\n")
+    recipe = load_recipe(image_recipe(tmp_path, diffusion={**TINY_DIFFUSION,
+                                                           "dataset": str(tmp_path / "metadata.jsonl")}))
+
+    def fingerprint():
+        return runs.stage_inputs(recipe, "diffusion", must_exist=False)["data"]["dataset"]["fingerprint"]
+
+    before = fingerprint()
+    assert fingerprint() == before
+    Image.new("L", (16, 16), 255).save(tmp_path / "a.png")
+    os.utime(tmp_path / "a.png", ns=(1, 1))
+    assert fingerprint() != before
+
+
 def test_image_modes_decode_as_they_look_and_truncated_files_fail_at_the_start(tmp_path):
     # 16-bit PNGs came out nearly all white (PIL's convert clips them) and transparent pixels took the colour hidden
     # under them; a JPEG cut short passed the start's verify() and crashed training with a traceback
