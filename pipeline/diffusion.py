@@ -44,7 +44,9 @@ def main(argv):
     with runs.StageRun(recipe, STAGE) as run:
         images.make_scheduler(cfg.sampler, {})  # an unknown sampler fails here, before any work
         pipe = images.load_pipeline(run.checkpoint("pretrained").path) if keys.pretrained else None
-        shape = images.pipeline_shape(pipe) if pipe else {"resolution": keys.resolution, "channels": 1, "latent": False}
+        channels = {**images.DEFAULT_UNET, **cfg.unet}["in_channels"]  # a new model: grey unless its unet says 3
+        shape = images.pipeline_shape(pipe) if pipe else {"resolution": keys.resolution, "channels": channels,
+                                                          "latent": False}
         if pipe and "resolution" in recipe.section(STAGE):  # as diffusers' --resolution: train at another size
             if keys.resolution < 1 or keys.resolution % shape["multiple"]:
                 raise cli.PipelineError(f"{recipe.path}: diffusion.resolution: {keys.resolution} is not a multiple of "

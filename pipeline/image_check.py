@@ -72,6 +72,9 @@ def components(recipe, ref: str | None, section_cfg: dict, resolution: int, seen
         ucfg = {**images.DEFAULT_UNET, **section_cfg.get("unet", {}), "sample_size": resolution,
                 "cross_attention_dim": tcfg["d_model"]}
         ucfg["out_channels"] = 2 * ucfg["in_channels"]
+        if ucfg["in_channels"] not in (1, 3):  # the images it trains on are decoded as grey or RGB
+            raise PipelineError(f"{recipe.path}: {stage}.unet: in_channels must be 1 (grey) or 3 (RGB), got "
+                                f"{ucfg['in_channels']!r}")
         built_from_config(lambda: _meta_count(lambda: UNet2DConditionModel(**ucfg)), f"{recipe.path}: {stage}.unet")
         return {**_components_from_configs(ucfg, None, None, ("T5EncoderModel", t5)),
                 "source": "new model from the section"}

@@ -236,6 +236,24 @@ def test_replacing_an_image_named_by_a_metadata_file_reruns_the_stage(tmp_path):
     assert fingerprint() != before
 
 
+def test_a_new_rgb_model_trains_on_rgb_images(tmp_path):
+    # unet.in_channels: 3 built an RGB UNet but fed it grey images: a traceback in the first step, a .partial left
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (16, 16), (250, 0, 0)).save(tmp_path / "data" / "red.png")
+    (tmp_path / "data" / "metadata.jsonl").write_text(json.dumps({"file_name": "red.png", "text": "a red 1"}) + "\n")
+    recipe = image_recipe(tmp_path, diffusion={**TINY_DIFFUSION, "max_steps": 1, "judge_epochs": 0,
+                                               "dataset": str(tmp_path / "data"),
+                                               "unet": {**TINY_UNET, "in_channels": 3}})
+    proc = run_cli(["pipeline/diffusion.py", recipe], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "16px x 3, 1 training images" in proc.stdout + proc.stderr
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "runs/tiny/diffusion")
+    assert pipe("a red 1", num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 3)
+
+
 def test_image_modes_decode_as_they_look_and_truncated_files_fail_at_the_start(tmp_path):
     # 16-bit PNGs came out nearly all white (PIL's convert clips them) and transparent pixels took the colour hidden
     # under them; a JPEG cut short passed the start's verify() and crashed training with a traceback
@@ -531,6 +549,7 @@ def test_bad_image_data_exits_2_with_one_line_and_writes_nothing(tmp_path):
     ({"text_encoder": {**TINY_TEXT, "d_model": "wide"}}, "diffusion.text_encoder: .*'d_model'"),  # traceback
     ({"unet": {**TINY_UNET, "block_out_channels": "wide"}}, "diffusion.unet: .*block_out_channels"),  # --check crashed
     ({"unet": {**TINY_UNET, "block_out_chanels": [8, 16]}}, "diffusion.unet: .*block_out_chanels"),  # --check passed
+    ({"unet": {**TINY_UNET, "in_channels": 4}}, "diffusion.unet: in_channels must be 1 .grey. or 3 .RGB., got 4"),
 ])
 def test_bad_image_section_is_one_line_in_the_stage_and_check_leaving_nothing(tmp_path, section, expected):
     recipe = image_recipe(tmp_path, diffusion={**TINY_DIFFUSION, **section})
