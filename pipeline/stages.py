@@ -288,8 +288,13 @@ class DiffusionKeys(ImageHeldoutKeys):
                                            "empty: `caption` or `text`")
     resolution: int = key(16, "image side of a new model (its UNet's sample_size); set with `pretrained`: the side "
                               "it trains at (unset: the pipeline's own)")
-    judge_epochs: int = key(24, "passes of the image judge over the world's real training digits (each under a "
-                                "random property combination); 0: no judge and no evaluation")
+    judge_epochs: int | None = key(None, "passes of the image judge over the world's real training digits (each "
+                                         "under a random property combination); 0: no judge and no evaluation; "
+                                         "empty: 24 with `images:digits`, 0 with your own images")
+
+    def __post_init__(self):  # the judge and the held-out captions know only the digit world
+        if self.judge_epochs is None:
+            self.judge_epochs = 24 if self.dataset == "images:digits" else 0
 
 
 @dataclass

@@ -254,6 +254,19 @@ def test_a_new_rgb_model_trains_on_rgb_images(tmp_path):
     assert pipe("a red 1", num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 3)
 
 
+def test_own_images_train_no_digit_judge_unless_asked(tmp_path):
+    # judge_epochs defaulted to 24 for any dataset: a model of your own images trained the digit judge and was
+    # scored on the digit world's held-out captions (minutes of drawing for meaningless accuracies)
+    from pipeline.recipe import load_recipe
+
+    def judge_epochs(**section):
+        return load_recipe(image_recipe(tmp_path, diffusion=section)).keys("diffusion").judge_epochs
+
+    assert judge_epochs() == 24 and judge_epochs(dataset="images:digits") == 24
+    assert judge_epochs(dataset="my/metadata.jsonl") == 0
+    assert judge_epochs(dataset="my/metadata.jsonl", judge_epochs=3) == 3
+
+
 def test_image_modes_decode_as_they_look_and_truncated_files_fail_at_the_start(tmp_path):
     # 16-bit PNGs came out nearly all white (PIL's convert clips them) and transparent pixels took the colour hidden
     # under them; a JPEG cut short passed the start's verify() and crashed training with a traceback
