@@ -280,7 +280,8 @@ class DiffusionKeys(ImageHeldoutKeys):
                                        "id); empty: a new pixel-space pipeline from `unet` and `text_encoder`",
                                  ref="checkpoint")
     dataset: str = key("images:digits", "images with captions: `images:digits` (the offline digit world) or a "
-                                        ".jsonl / folder with metadata.jsonl of `file_name`, `caption` rows",
+                                        "metadata .jsonl / .csv / .parquet file, or a folder holding one, of "
+                                        "`file_name`, `caption` rows",
                        ref="data")
     image_column: str | None = key(None, "the metadata file's column naming each image file (as diffusers' "
                                          "--image_column); empty: `file_name` or `image`")
