@@ -68,7 +68,7 @@ def main(argv):
         main_process = accelerator.is_main_process
         torch.manual_seed(cfg.seed)
         if pipe is None:
-            pipe = images.new_pipeline(cfg, keys.resolution, getattr(source, "captions", ()))
+            pipe = images.new_pipeline(cfg, keys.resolution, getattr(source, "texts", ()))
         noise_scheduler = images.make_scheduler("ddpm", pipe.scheduler.config)
         unet, text_encoder, vae = pipe.unet, pipe.text_encoder, getattr(pipe, "vae", None)
         diffusion_train.set_attention(unet, cfg.attn_implementation)

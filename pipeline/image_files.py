@@ -56,9 +56,10 @@ def _unreadable(name: str, err: Exception) -> str:
 
 
 class FileImages:
-    """Images and captions from files (checked by read_image_rows), decoded per batch. Images in [-1, 1]."""
+    """Images and captions from files (checked by read_image_rows), decoded per batch. Images in [-1, 1]. A row's
+    caption may be a list (several captions of one image): each draw picks one, as diffusers' scripts do."""
 
-    def __init__(self, files: list[Path], captions: list[str], channels: int, resolution: int, where: list[str],
+    def __init__(self, files: list[Path], captions: list, channels: int, resolution: int, where: list[str],
                  metadata: Path):
         self.files, self.captions, self.channels, self.resolution = files, captions, channels, resolution
         self.where, self.metadata, self.size = where, metadata, len(captions)
@@ -75,7 +76,14 @@ class FileImages:
             except (OSError, ValueError, SyntaxError) as err:  # changed or removed since the stage started
                 raise PipelineError(f"{self.metadata}: {self.where[i]}: "
                                     f"{_unreadable(self.files[i].name, err)}") from None
-        return torch.stack(batch) * 2 - 1, [self.captions[i] for i in idx]
+        texts = [c if isinstance(c, str) else c[int(torch.randint(0, len(c), (1,), generator=gen))]
+                 for c in (self.captions[i] for i in idx)]
+        return torch.stack(batch) * 2 - 1, texts
+
+    @property
+    def texts(self) -> list[str]:
+        """Every caption, a list's one by one (a new model's tokenizer takes its words from them)."""
+        return [t for c in self.captions for t in ([c] if isinstance(c, str) else c)]
 
 
 METADATA = ("metadata.jsonl", "metadata.csv", "metadata.parquet")  # what Hugging Face's imagefolder reads
@@ -139,8 +147,11 @@ def read_image_rows(path: Path, resolution: int, channels: int, image_column: st
         if not isinstance(name, str) or not name:
             raise PipelineError(f"{path}: {w}: missing {image_name}: an image file's path, relative to {path.name} "
                                 f"(images stored as bytes are not read)")
-        if not isinstance(text, str) or not text.strip():
-            raise PipelineError(f"{path}: {w}: missing caption (a non-empty {caption_name})")
+        if isinstance(text, (list, tuple)) and text and all(isinstance(t, str) and t.strip() for t in text):
+            text = [t.strip() for t in text]  # several captions: one is drawn each time the image is
+        elif not isinstance(text, str) or not text.strip():
+            raise PipelineError(f"{path}: {w}: missing caption (a non-empty {caption_name}: a string, or a list of "
+                                f"them)")
         file = path.parent / name
         try:
             with Image.open(file) as im:
@@ -150,7 +161,7 @@ def read_image_rows(path: Path, resolution: int, channels: int, image_column: st
         except (OSError, ValueError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
             raise PipelineError(f"{path}: {w}: {_unreadable(name, err)}") from None
         files.append(file)
-        captions.append(text.strip())
+        captions.append(text.strip() if isinstance(text, str) else text)
     out = FileImages(files, captions, channels, resolution, where, path)
     out.resized = resized
     return out

@@ -193,7 +193,7 @@ def test_metadata_as_csv_or_parquet_with_named_columns(tmp_path):
     with pytest.raises(PipelineError, match=r"metadata.parquet: row 1: no column 'caption' \(diffusion.caption_column;"
                                             r" the row has 'image', 'prompt'\)"):
         images.load_images(str(tmp_path), 16, 1, caption_column="caption")
-    with pytest.raises(PipelineError, match=r"row 1: missing caption \(a non-empty 'caption' \(or 'text'\)\)"):
+    with pytest.raises(PipelineError, match=r"row 1: missing caption \(a non-empty 'caption' \(or 'text'\): a string"):
         images.load_images(str(tmp_path / "metadata.parquet"), 16, 1)
     (tmp_path / "metadata.parquet").unlink()
     (tmp_path / "metadata.csv").write_text("file_name,text\nimgs/a.png,a 5\n")
@@ -265,6 +265,20 @@ def test_own_images_train_no_digit_judge_unless_asked(tmp_path):
     assert judge_epochs() == 24 and judge_epochs(dataset="images:digits") == 24
     assert judge_epochs(dataset="my/metadata.jsonl") == 0
     assert judge_epochs(dataset="my/metadata.jsonl", judge_epochs=3) == 3
+
+
+def test_a_list_of_captions_gives_one_per_draw(tmp_path):
+    # diffusers' scripts take a list of captions per image (one drawn per step); here it was "missing caption"
+    from PIL import Image
+
+    Image.new("L", (16, 16), 255).save(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": ["a 1", " a large 1 "]}) + "\n")
+    source = images.load_images(str(tmp_path), 16, 1)
+    _, caps = source.sample(40, torch.Generator().manual_seed(0))
+    assert set(caps) == {"a 1", "a large 1"} and source.texts == ["a 1", "a large 1"]
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": ["a 1", ""]}) + "\n")
+    with pytest.raises(PipelineError, match="line 1: missing caption"):
+        images.load_images(str(tmp_path), 16, 1)
 
 
 def test_image_modes_decode_as_they_look_and_truncated_files_fail_at_the_start(tmp_path):
