@@ -1,0 +1,72 @@
+"""GRPO/RLOO through TRL (pipeline/trl_online.py) as a TRL user runs them: the policy's own sampling defaults, prompt
+files in TRL's formats, a reward model of their own."""
+
+import json
+import shutil
+
+import pytest
+
+from conftest import tiny_recipe
+from pipeline import models, runs
+from pipeline.recipe import load_recipe
+from test_ppo import bag_of_words_reward_model
+
+SHAPING = {"top_k": 3, "repetition_penalty": 1.8, "temperature": 0.3, "top_p": 0.5, "min_p": 0.2,
+           "no_repeat_ngram_size": 2, "typical_p": 0.9, "do_sample": True}
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory):
+    """A tiny random policy whose generation_config.json shapes samples (as Qwen2.5's does), and a reward model."""
+    work = tmp_path_factory.mktemp("trl_online")
+    recipe = load_recipe(tiny_recipe(work, pretrain=None, sft=None))
+    tokenizer = models.load_tokenizer(recipe, runs.resolve_checkpoint(recipe, "model"))
+    policy = models.build_causal_lm(recipe, tokenizer)
+    models.configure_generation(policy, tokenizer)
+    policy.save_pretrained(work / "policy")
+    tokenizer.save_pretrained(work / "policy")
+    rm = bag_of_words_reward_model(work / "policy")
+    rm.save_pretrained(work / "rm")
+    tokenizer.save_pretrained(work / "rm")
+    shutil.copytree(work / "policy", work / "shaped")
+    config = json.loads((work / "shaped/generation_config.json").read_text())
+    (work / "shaped/generation_config.json").write_text(json.dumps({**config, **SHAPING}))
+    return work
+
+
+def grpo_recipe(work, **extra):
+    section = {"init_from": str(work / "policy"), "reward_model": str(work / "rm"), "algorithm": "grpo",
+               "max_steps": 1, "batch_size": 8, "num_generations": 4, "max_new_tokens": 6,
+               "heldout_prompts": None, "save_steps": 0, **extra}
+    return tiny_recipe(work, pretrain=None, sft=None, ppo=section)
+
+
+@pytest.mark.parametrize("algorithm, trl_args, expected", [
+    ("grpo", {}, {"min_p": 0.0, "typical_p": 1.0}),
+    ("rloo", {"min_p": 0.1, "generation_kwargs": {"typical_p": 0.5}}, {"min_p": 0.1, "typical_p": 0.5}),
+])
+def test_rollouts_sample_as_trls_config_says_not_as_the_policys_generation_config(user, monkeypatch, algorithm,
+                                                                                trl_args, expected):
+    """The policy's generation_config.json set min_p, no_repeat_ngram_size and typical_p of TRL's rollouts
+    (transformers fills what TRL's GenerationConfig leaves unset from it); TRL's own keys and trl_args win."""
+    from transformers.generation import utils
+
+    from pipeline import ppo
+
+    seen, prepare = [], utils.GenerationMixin._prepare_generation_config
+
+    def spy(self, config, **kwargs):
+        out = prepare(self, config, **kwargs)
+        seen.append(out[0])
+        return out
+
+    monkeypatch.setattr(utils.GenerationMixin, "_prepare_generation_config", spy)
+    monkeypatch.chdir(user)
+    ppo.main([str(grpo_recipe(user, init_from=str(user / "shaped"), algorithm=algorithm, trl_args=trl_args)),
+              f"run.name={algorithm}_shaped"])
+    effective = {k: getattr(seen[0], k) for k in ("temperature", "top_k", "top_p", "repetition_penalty",
+                                                   "no_repeat_ngram_size", "num_beams", "min_p", "typical_p")}
+    assert effective == {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0,
+                         "no_repeat_ngram_size": 0, "num_beams": 1, **expected}
+    saved = json.loads((user / f"runs/{algorithm}_shaped/ppo/generation_config.json").read_text())
+    assert saved["min_p"] == 0.2 and saved["no_repeat_ngram_size"] == 2  # kept for the user's own use
