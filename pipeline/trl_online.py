@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from pipeline import cli, judges, log, metrics, models, monitors, vllm_engine
-from pipeline.generation import UNSHAPED
-from pipeline.reward_model import RewardEnsemble, RewardModel, load_scorer
+from pipeline.generation import UNSHAPED, prompt_ids
+from pipeline.reward_model import RewardEnsemble, RewardModel, load_scorer, offered_tools
 
 
 # TRL's logged names -> ours ("reward" is TRL's weighted sum of the reward functions: our `score`; TRL's "kl" is a
@@ -78,6 +78,23 @@ def unshaped_generation(values: dict) -> dict:
     neutral = {k: {"min_p": 0.0, "min_new_tokens": 0}.get(k, v) for k, v in UNSHAPED.items()
                if k != "repetition_penalty" and not (k == "min_p" and values.get("min_p") is not None)}
     return {**values, "generation_kwargs": {**neutral, **(values.get("generation_kwargs") or {})}}
+
+
+def within_prompt_length(prompts, tokenizer, cfg, spec: str, tools: bool, num_processes: int):
+    """The prompts of at most `max_prompt_length` tokens (chat template, with their tools when tools run), as our PPO
+    keeps: TRL 1.x has no max_prompt_length and fed every prompt whole. Fewer than one step's prompts: an error."""
+    offers = offered_tools(prompts) if tools else [None] * len(prompts)
+    keep = [i for i, (p, t) in enumerate(zip(prompts["prompt"], offers))
+            if len(prompt_ids(tokenizer, p, t)) <= cfg.max_prompt_length]
+    needed = max(1, cfg.batch_size * num_processes // cfg.num_generations)
+    if len(keep) < needed:
+        raise cli.PipelineError(f"{spec}: {len(keep)} prompts of at most max_prompt_length={cfg.max_prompt_length} "
+                                f"tokens, fewer than one step's {needed} ({cfg.batch_size} replies x {num_processes} "
+                                f"processes / num_generations {cfg.num_generations})")
+    if len(keep) < len(prompts):
+        log.info(f"{spec}: {len(prompts) - len(keep)} of {len(prompts)} prompts are longer than "
+                 f"max_prompt_length={cfg.max_prompt_length} tokens: left out")
+    return prompts if len(keep) == len(prompts) else prompts.select(keep)
 
 
 def history_of(log_history: list[dict]) -> list[dict]:
@@ -153,6 +170,8 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
                                 f"{str(err).splitlines()[0]}") from None
 
     tokenizer = models.load_tokenizer(recipe, init)
+    prompts = within_prompt_length(prompts, tokenizer, cfg, keys.prompts, env is not None,
+                                   PartialState().num_processes)
     model = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision,
                                   tokenizer=tokenizer)
     models.configure_generation(model, tokenizer)

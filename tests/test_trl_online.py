@@ -70,3 +70,44 @@ def test_rollouts_sample_as_trls_config_says_not_as_the_policys_generation_confi
                          "no_repeat_ngram_size": 0, "num_beams": 1, **expected}
     saved = json.loads((user / f"runs/{algorithm}_shaped/ppo/generation_config.json").read_text())
     assert saved["min_p"] == 0.2 and saved["no_repeat_ngram_size"] == 2  # kept for the user's own use
+
+
+def write_prompts(path, prompts):
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return str(path)
+
+
+def test_prompts_longer_than_max_prompt_length_are_left_out_as_our_ppo_leaves_them(user, monkeypatch):
+    """TRL 1.x has no max_prompt_length: ppo.max_prompt_length was silently ignored and a long prompt went whole
+    into the rollouts (past the model's context, a crash mid-training); now it is left out, and said so."""
+    import trl
+
+    from pipeline import ppo
+
+    short = [f"What is {i} + {i}?" for i in range(6)]
+    spec = write_prompts(user / "long.jsonl", short[:3] + ["word " * 300] + short[3:])
+    given, init = [], trl.GRPOTrainer.__init__
+
+    def spy(self, *args, **kwargs):
+        given.append(list(kwargs["train_dataset"]["prompt"]))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(trl.GRPOTrainer, "__init__", spy)
+    monkeypatch.chdir(user)
+    ppo.main([str(grpo_recipe(user, prompts=spec)), "run.name=long"])
+    assert given == [short]
+    assert "1 of 7 prompts are longer than max_prompt_length=128 tokens: left out" in \
+        (user / "runs/long/ppo/log.txt").read_text()
+
+
+def test_too_few_prompts_within_max_prompt_length_stop_in_one_line(user):
+    from conftest import run_cli
+
+    spec = write_prompts(user / "all_long.jsonl", ["word " * 300, "What is 1 + 1?"])
+    proc = run_cli(["pipeline/ppo.py", grpo_recipe(user, prompts=spec), "run.name=all_long"], cwd=user,
+                   env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {spec}: 1 prompts of at most max_prompt_length=128 tokens, fewer than one step's 2 (8 replies x 1 "
+        f"processes / num_generations 4)")
+    assert not (user / "runs/all_long").exists()
