@@ -46,7 +46,7 @@ from pipeline import cli, data, eval_report, eval_tools, eval_tools_report, judg
 from pipeline.eval_metrics import checkpoint_metrics, collapse_checks, outcomes, win_matrix
 from pipeline.generation import generate, held_out_perplexity, reply_logprob_sums
 from pipeline.recipe import load_recipe, stage_help
-from pipeline.reward_model import RewardModel, tools_of
+from pipeline.reward_model import RewardModel, check_reads, tools_of
 
 STAGE = "eval"
 USAGE = "usage: pipeline/evaluate.py RECIPE [eval.KEY=VALUE ...]"
@@ -331,6 +331,7 @@ def main(argv):
         data.warn_world_eval(recipe, STAGE, keys)
         if reward is not None:
             check_model(recipe, reward, "reward_model", reward=True)
+            check_reads(recipe, [reward], [r["prompt"] for r in rows], keys.prompts, "eval.reward_model")
         tool_plan = eval_tools.plan(recipe, keys) if keys.tool_prompts else None
         for target in targets:  # each checkpoint's chat template renders the prompts and the perplexity rows
             models.check_chat_template(models.load_tokenizer(recipe, target.checkpoint),

@@ -38,8 +38,10 @@ def model_path(path: str) -> str:
 # ---------------------------------------------------------------------------------------------- tokenizers
 
 
-def load_tokenizer(recipe, checkpoint, corpus=None):
-    """The tokenizer for a stage: the checkpoint's own, or (new model) trained/loaded per the recipe."""
+def load_tokenizer(recipe, checkpoint, corpus=None, as_saved: bool = False):
+    """The tokenizer for a stage: the checkpoint's own, or (new model) trained/loaded per the recipe. as_saved: the
+    checkpoint's own as it is, without the recipe's chat format (a finished model that only reads: a reward model
+    whose vocabulary the chat format's added tokens would overrun)."""
     from pipeline import tokenizer as tok_lib
 
     tcfg = recipe.tokenizer
@@ -74,6 +76,8 @@ def load_tokenizer(recipe, checkpoint, corpus=None):
     else:
         raise PipelineError(f"{recipe.path}: a model built from `model.config` needs `tokenizer.train: true` "
                             f"or `tokenizer.name_or_path`")
+    if as_saved and checkpoint.path is not None:
+        return tok
     if tcfg.chat_template == "pipeline" or (tcfg.chat_template == "auto" and not tok_lib.trains_as_is(tok)):
         tok, _ = tok_lib.apply_chat_format(tok, force=True)  # the pipeline's ChatML, also over a marked template
     return tok

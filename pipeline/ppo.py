@@ -33,6 +33,7 @@ from pipeline.heldout import heldout_comparison, heldout_rows
 from pipeline.judges import with_answers
 from pipeline.ppo_tools import check_offers
 from pipeline.ppo_trainer import PPOTrainer
+from pipeline.reward_model import check_reads
 from pipeline.recipe import load_recipe, stage_help
 from pipeline.stages import STAGES
 from pipeline.trl_online import train_trl
@@ -212,6 +213,7 @@ def main(argv):
         if implicit is not None:
             check_implicit_reward(recipe, cfg, init, implicit)
         models.check_chat_template(models.load_tokenizer(recipe, init), {keys.prompts: prompts})
+        check_reads(recipe, reward_checkpoints, prompts["prompt"], keys.prompts, "ppo.reward_model")
         run.prepare()
 
         if cfg.algorithm == "ppo":

@@ -210,7 +210,7 @@ class RewardModel:
         """The reward model saved at `checkpoint` (a runs.Checkpoint), frozen, on `device`. max_length: the config's
         `reward_max_length`, else the model's context size."""
         model = load_reward_model(recipe, checkpoint.path).to(device).eval().requires_grad_(False)
-        tokenizer = models.load_tokenizer(recipe, checkpoint)
+        tokenizer = models.load_tokenizer(recipe, checkpoint, as_saved=True)  # as the reward model was trained
         config = model.config
         max_length = (max_length or getattr(config, "reward_max_length", None)
                       or getattr(config, "max_position_embeddings", None))
@@ -310,6 +310,19 @@ class RewardEnsemble:
         for member in self.members:
             member.to(device)
         return self
+
+
+def check_reads(recipe, checkpoints: list, prompts, spec: str, key: str) -> None:
+    """One line before any work when a reward model (runs.Checkpoint each) cannot read the prompts: conversational
+    ones go through its own chat template, and one trained elsewhere may have none."""
+    from pipeline import cli
+
+    row = next((i for i, p in enumerate(prompts) if isinstance(p, list)), None)
+    for cp in checkpoints if row is not None else []:
+        if not models.load_tokenizer(recipe, cp, as_saved=True).chat_template:
+            raise cli.PipelineError(f"{cp.path}: {key}: its tokenizer has no chat template, so it cannot read the "
+                                    f"conversational prompts of {spec} (row {row + 1}); give it one or use text "
+                                    f"prompts")
 
 
 def load_scorer(recipe, checkpoints: list, device="cpu", objective: str = "mean", penalty: float = 0.0):

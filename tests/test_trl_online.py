@@ -111,3 +111,57 @@ def test_too_few_prompts_within_max_prompt_length_stop_in_one_line(user):
         f"error: {spec}: 1 prompts of at most max_prompt_length=128 tokens, fewer than one step's 2 (8 replies x 1 "
         f"processes / num_generations 4)")
     assert not (user / "runs/all_long").exists()
+
+
+def foreign_reward_model(folder, chat_template=None):
+    """A reward model trained elsewhere: its own 300-token BPE (eos `</s>`, no pad token, maybe no chat template),
+    pad_token_id unset in its config."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(tok_models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator([f"What is {i} + {j}? {i + j}." for i in range(30) for j in range(30)],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+    tokenizer.chat_template = chat_template
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=128, num_labels=1, pad_token_id=None))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text()).get("pad_token_id") is None
+    return folder
+
+
+def test_a_reward_model_with_its_own_tokenizer_scores_replies(user):
+    """Its tokenizer got the recipe's chat format (new tokens past its 300 embeddings): every score was an
+    IndexError traceback. It reads replies with its tokenizer as saved."""
+    from pipeline.reward_model import RewardModel
+
+    folder = foreign_reward_model(user / "rm_foreign")
+    recipe = load_recipe(tiny_recipe(user, pretrain=None, sft=None))
+    reward_model = RewardModel.load(recipe, runs.Checkpoint("rm", str(folder), "", "local"))
+    assert len(reward_model.tokenizer) == 300 and reward_model.tokenizer.pad_token == "</s>"
+    scores = reward_model.scores(["What is 2 + 3?", "What is 10 + 11?"], ["5", "The answer is 21."])
+    assert len(scores) == 2 and scores[0] != scores[1]
+
+
+def test_a_reward_model_without_a_chat_template_and_conversational_prompts_stop_in_one_line(user):
+    from conftest import run_cli
+
+    folder = foreign_reward_model(user / "rm_no_template")
+    spec = str(user / "chats.jsonl")
+    (user / "chats.jsonl").write_text("".join(json.dumps({"prompt": [
+        {"role": "system", "content": "Be terse."}, {"role": "user", "content": f"What is {i} + 1?"}]}) + "\n"
+        for i in range(4)))
+    proc = run_cli(["pipeline/ppo.py", grpo_recipe(user, reward_model=str(folder), prompts=spec),
+                    "run.name=no_template"], cwd=user, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {folder}: ppo.reward_model: its tokenizer has no chat template, so it cannot read the "
+        f"conversational prompts of {spec} (row 1); give it one or use text prompts")
+    assert not (user / "runs/no_template").exists()
