@@ -73,7 +73,8 @@ def round_prompts(keys, train_ds) -> list[dict]:
     prompts = train_ds.select_columns([c for c in ("prompt", "skill", "answer", "tools") if c in train_ds.column_names])
     if keys.round_labeller == "annotator":
         spec = data.spec_name(keys.dataset)
-        prompts = judges.with_answers(prompts, spec, required=True, needed_for="dpo.round_labeller=annotator")
+        prompts = judges.with_answers(prompts, spec, required=True, needed_for="dpo.round_labeller=annotator",
+                                      own_answers=False)
         return dpo_rounds.annotator_prompts(dpo_rounds.distinct_prompts(prompts), spec)
     return dpo_rounds.distinct_prompts(prompts)
 

@@ -60,30 +60,32 @@ def last_user_text(prompt) -> str:
     return prompt if isinstance(prompt, str) else next(m["content"] for m in reversed(prompt) if m["role"] == "user")
 
 
-def with_answers(ds, spec: str, required: bool, needed_for: str = "verifier_weight"):
+def with_answers(ds, spec: str, required: bool, needed_for: str = "verifier_weight", own_answers: bool = True):
     """Add `skill`/`answer` for the verifier and the annotator (PPO's gold score and verifier_weight, iterated DPO's
-    annotator): the dataset's own columns, or solved from world prompts. Prompts that are neither: an error naming
-    the row when `required` (`needed_for` says by what), else the dataset as it was, logged. Rows that offer tools
-    (a `tools` value) are tool tasks, judged by pipeline/tool_world.py: they get no skill/answer."""
+    annotator): the dataset's own columns; else a world problem's skill and solution, and the row's own `answer`
+    (checked by exact match, as eval checks a reference without a skill; not `own_answers`: the annotator, which
+    judges world problems only) where it is no world problem. A row with
+    neither: an error naming it when `required` (`needed_for` says by what), else left unchecked, logged. Rows that
+    offer tools (a `tools` value) are tool tasks, judged by pipeline/tool_world.py: they get no skill/answer."""
     if {"skill", "answer"} <= set(ds.column_names):
         return ds
     offers = ds["tools"] if "tools" in ds.column_names else [None] * len(ds)
-    skills, answers = [], []
-    for i, (prompt, tools) in enumerate(zip(ds["prompt"], offers)):
-        if tools:
-            skills.append(None)
-            answers.append(None)
-            continue
-        key = world.prompt_key(last_user_text(prompt))
-        if key is None and not required:
-            log.info(f"{spec}: row {i + 1} has no answer to check: these prompts get no verifier accuracy")
-            return ds
-        if key is None:
-            raise PipelineError(f"{spec}: row {i + 1}: {needed_for} needs `skill` and `answer` columns, and this "
-                                f"prompt is not a world problem to solve")
-        skills.append(key[0])
-        answers.append(world.solve(key))
-    if all(a is None for a in answers):  # tool tasks only
+    given = ds["answer"] if own_answers and "answer" in ds.column_names else [None] * len(ds)
+    skills, answers, unchecked = [], [], []
+    for i, (prompt, tools, answer) in enumerate(zip(ds["prompt"], offers, given)):
+        key = None if tools else world.prompt_key(last_user_text(prompt))
+        if key is None and not tools and answer is None:
+            if required:
+                alone = " (or an `answer` alone)" if own_answers else ""
+                raise PipelineError(f"{spec}: row {i + 1}: {needed_for} needs `skill` and `answer` columns{alone}, "
+                                    f"and this prompt is not a world problem to solve")
+            unchecked.append(i + 1)
+        skills.append(key[0] if key else None)
+        answers.append(world.solve(key) if key else None if tools else answer)
+    if unchecked:
+        log.info(f"{spec}: {len(unchecked)} rows (row {unchecked[0]} first) have no answer to check: they get no "
+                 f"verifier accuracy")
+    if all(a is None for a in answers):  # tool tasks only, or nothing to check
         return ds
     return ds.remove_columns([c for c in ("skill", "answer") if c in ds.column_names]) \
         .add_column("skill", skills).add_column("answer", answers)

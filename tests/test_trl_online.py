@@ -165,3 +165,26 @@ def test_a_reward_model_without_a_chat_template_and_conversational_prompts_stop_
         f"error: {folder}: ppo.reward_model: its tokenizer has no chat template, so it cannot read the "
         f"conversational prompts of {spec} (row 1); give it one or use text prompts")
     assert not (user / "runs/no_template").exists()
+
+
+def test_prompts_with_an_answer_column_alone_are_verified_by_it():
+    """An `answer` column without `skill` (TRL-style prompt data) lost its answers wherever one prompt was no world
+    problem, and verifier_weight refused it; now a world problem gets its skill and the others their own answer."""
+    from datasets import Dataset
+
+    from pipeline import judges
+    from pipeline.cli import PipelineError
+
+    ds = Dataset.from_list([{"prompt": [{"role": "system", "content": "Be terse."},
+                                        {"role": "user", "content": "What is 2 + 3?"}], "answer": "5"},
+                            {"prompt": [{"role": "user", "content": "Name the capital of France."}],
+                             "answer": "Paris"}])
+    out = judges.with_answers(ds, "p.jsonl", required=True)
+    assert out["skill"][1] is None and out["answer"][1] == "Paris" and out["skill"][0] is not None
+    assert judges.verifier_scores(out["skill"], out["answer"], ["The answer is 5.", "The answer is Paris."]) == \
+        [1.0, 1.0]
+    missing = Dataset.from_list([{"prompt": "What is 2 + 3?", "answer": "5"},
+                                 {"prompt": "Name the capital of France.", "answer": None}])
+    with pytest.raises(PipelineError, match=r"^p.jsonl: row 2: verifier_weight needs"):
+        judges.with_answers(missing, "p.jsonl", required=True)
+    assert judges.with_answers(missing, "p.jsonl", required=False)["answer"] == ["5", None]  # row 1 still checked
