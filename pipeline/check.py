@@ -114,6 +114,10 @@ def check_stage_config(recipe, stage: str) -> None:
     eval's key rules (it has no config class). The runner makes them for every planned stage before the first starts,
     --check for each stage; PipelineError on the first problem."""
     recipe.check_config(stage, portable=True)
+    if stage == "ppo" and (cfg := recipe.trainer_config(stage)).algorithm != "ppo":  # TRL's config checks too
+        from pipeline.trl_online import trl_config
+
+        trl_config(recipe, cfg, str(recipe.stage_dir(stage)))
     if stage == "eval":
         from pipeline.evaluate import check_keys
 

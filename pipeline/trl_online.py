@@ -119,6 +119,53 @@ def monitor_callback(window: int):
     return Monitor()
 
 
+# ppo keys the pipeline maps to TRL's (trl_args may not set those again: which would win?), and what it owns
+MAPPED = {"max_steps": "max_steps", "per_device_train_batch_size": "batch_size", "num_generations": "num_generations",
+          "gradient_accumulation_steps": "gradient_accumulation_steps", "learning_rate": "learning_rate",
+          "lr_scheduler_type": "lr_scheduler_type", "warmup_steps": "warmup_steps", "weight_decay": "weight_decay",
+          "max_grad_norm": "max_grad_norm", "beta": "kl_coef", "epsilon": "cliprange",
+          "max_completion_length": "max_new_tokens", "temperature": "temperature", "top_p": "top_p",
+          "logging_steps": "logging_steps", "save_strategy": "save_steps", "save_steps": "save_steps",
+          "save_total_limit": "save_total_limit", "seed": "seed", "use_cpu": "use_cpu", "report_to": "report_to"}
+OWNED = {"output_dir": "the stage folder", "reward_weights": "ppo.verifier_weight and ppo.image_verifier_weight"}
+
+
+def trl_config(recipe, cfg, output_dir: str, tools: bool = False):
+    """(GRPOConfig or RLOOConfig, the reward functions' names) of the ppo section: the mapped keys (train_trl),
+    trl_args for the rest. The stage builds it, and the runner's checks and --check before any stage starts."""
+    from trl import GRPOConfig, RLOOConfig
+
+    config_cls = GRPOConfig if cfg.algorithm == "grpo" else RLOOConfig
+    where = f"{recipe.path}: section 'ppo' ({config_cls.__name__})"
+    for key in cfg.trl_args:
+        if key in MAPPED or key in OWNED:
+            raise cli.PipelineError(f"{where}: trl_args.{key} is set by " +
+                                    (f"ppo.{MAPPED[key]}: set that instead" if key in MAPPED else OWNED[key]))
+    mapped = dict(
+        output_dir=output_dir, max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
+        num_generations=cfg.num_generations, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, beta=cfg.kl_coef, epsilon=cfg.cliprange,
+        max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+        logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500, save_total_limit=cfg.save_total_limit, seed=cfg.seed,
+        use_cpu=cfg.use_cpu or not torch.cuda.is_available(), report_to=cfg.report_to, bf16=False,
+        **vllm_engine.trl_args(recipe),  # generation.backend: vllm: TRL's own vLLM engine
+        gradient_checkpointing=False,
+    )
+    if tools:
+        mapped.update(max_completion_length=cfg.total_tokens(), max_tool_calling_iterations=cfg.max_tool_calls)
+    funcs, weights = ["reward_model"], [1.0]
+    if cfg.verifier_weight:
+        funcs, weights = funcs + ["verifier"], weights + [cfg.verifier_weight]
+    if cfg.image_verifier_weight:
+        funcs, weights = funcs + ["image_verifier"], weights + [cfg.image_verifier_weight]
+    try:
+        return config_cls(**unshaped_generation({**mapped, "reward_weights": weights, **cfg.trl_args})), funcs
+    except (ValueError, TypeError) as err:
+        raise cli.PipelineError(f"{where}: {str(err).splitlines()[0]}") from None
+
+
 def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints) -> list[dict]:
     """TRL's GRPOTrainer or RLOOTrainer on the same prompts, with the same reward (the normalised reward model,
     the missing-eos penalty, optionally the verifier). Returns the per-step history in ppo's names.
@@ -132,7 +179,7 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
     max_tool_calling_iterations, and image_verifier_weight weighs the tool tasks' gold score as a reward function.
     """
     from accelerate import PartialState
-    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+    from trl import GRPOTrainer, RLOOTrainer
 
     env = None
     if recipe.tools.tools and "tools" in prompts.column_names and any(prompts["tools"]):
@@ -143,31 +190,8 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
         env = TRLTools(recipe, cfg, keys, prompts, folder=run.out, rank=state.process_index,
                        num_processes=state.num_processes)
 
-    config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if cfg.algorithm == "grpo" else (RLOOConfig, RLOOTrainer)
-    mapped = dict(
-        output_dir=str(run.out), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
-        num_generations=cfg.num_generations, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, beta=cfg.kl_coef, epsilon=cfg.cliprange,
-        max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-        logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
-        save_steps=cfg.save_steps or 500, save_total_limit=cfg.save_total_limit, seed=cfg.seed,
-        use_cpu=cfg.use_cpu or not torch.cuda.is_available(), report_to=cfg.report_to, bf16=False,
-        **vllm_engine.trl_args(recipe),  # generation.backend: vllm: TRL's own vLLM engine
-        gradient_checkpointing=False,
-    )
-    if env is not None:
-        mapped.update(max_completion_length=cfg.total_tokens(), max_tool_calling_iterations=cfg.max_tool_calls)
-    funcs, weights = ["reward_model"], [1.0]
-    if cfg.verifier_weight:
-        funcs, weights = funcs + ["verifier"], weights + [cfg.verifier_weight]
-    if cfg.image_verifier_weight:
-        funcs, weights = funcs + ["image_verifier"], weights + [cfg.image_verifier_weight]
-    try:
-        args = config_cls(**unshaped_generation({**mapped, "reward_weights": weights, **cfg.trl_args}))
-    except (ValueError, TypeError) as err:
-        raise cli.PipelineError(f"{recipe.path}: section 'ppo' ({config_cls.__name__}): "
-                                f"{str(err).splitlines()[0]}") from None
+    trainer_cls = GRPOTrainer if cfg.algorithm == "grpo" else RLOOTrainer
+    args, funcs = trl_config(recipe, cfg, str(run.out), tools=env is not None)
 
     tokenizer = models.load_tokenizer(recipe, init)
     prompts = within_prompt_length(prompts, tokenizer, cfg, keys.prompts, env is not None,
@@ -185,10 +209,15 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
                                                     cfg.reward_clip),
                     "verifier": verifier, "image_verifier": env and env.image_verifier}
     lora = models.peft_config(peft_values, model=model, where=f"{recipe.path}: ppo")
-    trainer = trainer_cls(model=model, args=args, train_dataset=prompts, reward_funcs=[reward_funcs[f] for f in funcs],
-                          processing_class=tokenizer, peft_config=lora,
-                          callbacks=[monitor_callback(keys.monitor_window)] + ([env.callback()] if env else []),
-                          **({"tools": env.tools} if env else {}))
+    try:  # what TRL checks only here (loss_type, ...): one line, not a traceback from a half-made stage
+        trainer = trainer_cls(model=model, args=args, train_dataset=prompts,
+                              reward_funcs=[reward_funcs[f] for f in funcs], processing_class=tokenizer,
+                              peft_config=lora,
+                              callbacks=[monitor_callback(keys.monitor_window)] + ([env.callback()] if env else []),
+                              **({"tools": env.tools} if env else {}))
+    except ValueError as err:
+        raise cli.PipelineError(f"{recipe.path}: section 'ppo' ({trainer_cls.__name__}): "
+                                f"{str(err).splitlines()[0]}") from None
     reward_model.to(trainer.accelerator.device)
     trainer.train(resume_from_checkpoint=run.last_checkpoint())
     models.save_trained(trainer, tokenizer, run.out, merge_adapter=keys.merge_adapter)

@@ -188,3 +188,34 @@ def test_prompts_with_an_answer_column_alone_are_verified_by_it():
     with pytest.raises(PipelineError, match=r"^p.jsonl: row 2: verifier_weight needs"):
         judges.with_answers(missing, "p.jsonl", required=True)
     assert judges.with_answers(missing, "p.jsonl", required=False)["answer"] == ["5", None]  # row 1 still checked
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("ppo.num_generations=3", "(GRPOConfig): generation_batch_size (8) must be divisible by num_generations (3)."),
+    ("ppo.trl_args={bogus_key: 1}", "(GRPOConfig): GRPOConfig.__init__() got an unexpected keyword argument"),
+    ("ppo.trl_args={beta: 0.2}", "(GRPOConfig): trl_args.beta is set by ppo.kl_coef: set that instead"),
+    ("ppo.trl_args={output_dir: /elsewhere}", "(GRPOConfig): trl_args.output_dir is set by the stage folder"),
+])
+def test_trls_own_config_checks_run_before_any_stage(user, override, expected):
+    """--check and the runner's checks said "no problems" to a GRPO section TRL refuses, found only when the ppo
+    stage started (after every stage before it); a trl_args key the pipeline maps silently beat the ppo key."""
+    from pipeline import check
+    from pipeline.cli import PipelineError
+
+    recipe = load_recipe(grpo_recipe(user), [override])
+    with pytest.raises(PipelineError) as err:
+        check.check_stage_config(recipe, "ppo")
+    assert str(err.value).startswith(f"{recipe.path}: section 'ppo' {expected}")
+    check.check_stage_config(load_recipe(grpo_recipe(user), ["ppo.trl_args={loss_type: dr_grpo}"]), "ppo")  # fine
+
+
+def test_what_trls_trainer_refuses_stops_in_one_line(user):
+    """A ValueError of TRL's trainer (a Llama is no mixture of experts) was a traceback from a started stage."""
+    from conftest import run_cli
+
+    proc = run_cli(["pipeline/ppo.py", grpo_recipe(user), "run.name=moe", "ppo.trl_args={router_aux_loss_coef: 0.1}"],
+                   cwd=user, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "section 'ppo' (GRPOTrainer): `router_aux_loss_coef` is set to 0.1 but" in line
+    assert not list((user / "runs").glob("moe/ppo*"))
