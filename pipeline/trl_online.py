@@ -166,6 +166,28 @@ def trl_config(recipe, cfg, output_dir: str, tools: bool = False):
         raise cli.PipelineError(f"{where}: {str(err).splitlines()[0]}") from None
 
 
+def resumable(trainer_cls):
+    """trainer_cls whose prompt order in epoch e is the same however the run got there. TRL's RepeatSampler shuffles
+    every epoch with one generator seeded once, so a run resumed in a later epoch drew epoch 0's order again (and
+    trained on other prompts than the uninterrupted run). The Trainer calls set_epoch(e) before each epoch (a resume
+    too): the generator is seeded again and advanced past the e permutations drawn before."""
+
+    def set_epoch(sampler, epoch: int) -> None:
+        sampler.generator.manual_seed(sampler.seed)
+        for _ in range(epoch):
+            torch.randperm(sampler.num_samples, generator=sampler.generator)
+
+    class Resumable(trainer_cls):
+        def _get_train_sampler(self, *args, **kwargs):
+            sampler = super()._get_train_sampler(*args, **kwargs)
+            if getattr(sampler, "shuffle", False) and getattr(sampler, "seed", None) is not None:
+                sampler.set_epoch = lambda epoch: set_epoch(sampler, epoch)
+            return sampler
+
+    Resumable.__name__ = trainer_cls.__name__
+    return Resumable
+
+
 def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints) -> list[dict]:
     """TRL's GRPOTrainer or RLOOTrainer on the same prompts, with the same reward (the normalised reward model,
     the missing-eos penalty, optionally the verifier). Returns the per-step history in ppo's names.
@@ -190,7 +212,7 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
         env = TRLTools(recipe, cfg, keys, prompts, folder=run.out, rank=state.process_index,
                        num_processes=state.num_processes)
 
-    trainer_cls = GRPOTrainer if cfg.algorithm == "grpo" else RLOOTrainer
+    trainer_cls = resumable(GRPOTrainer if cfg.algorithm == "grpo" else RLOOTrainer)
     args, funcs = trl_config(recipe, cfg, str(run.out), tools=env is not None)
 
     tokenizer = models.load_tokenizer(recipe, init)
