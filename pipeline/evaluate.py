@@ -334,8 +334,13 @@ def main(argv):
             check_reads(recipe, [reward], [r["prompt"] for r in rows], keys.prompts, "eval.reward_model")
         tool_plan = eval_tools.plan(recipe, keys) if keys.tool_prompts else None
         for target in targets:  # each checkpoint's chat template renders the prompts and the perplexity rows
-            models.check_chat_template(models.load_tokenizer(recipe, target.checkpoint),
-                                       {keys.prompts: rows, keys.perplexity_data: ppl_rows})
+            tokenizer = models.load_tokenizer(recipe, target.checkpoint)
+            models.check_chat_template(tokenizer, {keys.prompts: rows, keys.perplexity_data: ppl_rows})
+            if (own := models.load_tokenizer(recipe, target.checkpoint, as_saved=True).chat_template) and \
+                    own != tokenizer.chat_template:  # a model tuned elsewhere, answering in a format it never saw
+                log.warning(f"{target.name}: evaluated with the pipeline's chat template over its own "
+                            f"(tokenizer.chat_template: {recipe.tokenizer.chat_template}); set it to `own` to "
+                            f"evaluate it in its own format")
         run.prepare()
 
         metrics = {}
