@@ -105,7 +105,12 @@ def _adapter_base(path) -> str:
     recorded = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
     stage = Path(path) if (Path(path) / runs.MANIFEST).is_file() else Path(path).parent
     started = runs.trained_from(stage)
-    return started if started and Path(started).is_dir() else recorded
+    if started and Path(started).is_dir():
+        return started
+    if Path(recorded).is_absolute() and not Path(recorded).exists():  # a folder that moved, not a hub id
+        raise PipelineError(f"{path}: the LoRA adapter's base model {recorded} (base_model_name_or_path in its "
+                            f"adapter_config.json) does not exist: point it at the base model's folder")
+    return recorded
 
 
 # ---------------------------------------------------------------------------------------------- models
