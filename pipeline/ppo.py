@@ -216,10 +216,12 @@ def main(argv):
         check_reads(recipe, reward_checkpoints, prompts["prompt"], keys.prompts, "ppo.reward_model")
         run.prepare()
 
+        config = cfg  # the manifest's settings; grpo/rloo: with TRL's whole config, its defaults included
         if cfg.algorithm == "ppo":
             history = train_ppo(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints, implicit)
         else:
-            history = train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints)
+            history, trl = train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints)
+            config = {**cfg.to_dict(), "trl": trl}
 
         metrics = summarise(history, cfg.algorithm)
         if heldout is not None and run.state.is_main_process:
@@ -231,7 +233,7 @@ def main(argv):
         metrics["history"] = history
         if run.state.is_main_process and history:
             plot_curves(history, run.out / "curves.png", cfg.algorithm, keys.monitor_window)
-        run.finish(metrics, config=cfg, global_batch_size=cfg.batch_size * run.state.num_processes)
+        run.finish(metrics, config=config, global_batch_size=cfg.batch_size * run.state.num_processes)
 
 
 if __name__ == "__main__":

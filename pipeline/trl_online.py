@@ -188,9 +188,10 @@ def resumable(trainer_cls):
     return Resumable
 
 
-def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints) -> list[dict]:
+def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints) -> tuple[list[dict], dict]:
     """TRL's GRPOTrainer or RLOOTrainer on the same prompts, with the same reward (the normalised reward model,
-    the missing-eos penalty, optionally the verifier). Returns the per-step history in ppo's names.
+    the missing-eos penalty, optionally the verifier). Returns the per-step history in ppo's names, and TRL's
+    whole config (its defaults too: loss_type, scale_rewards, ...) for the manifest.
 
     Mapped keys: max_steps, batch_size (per_device_train_batch_size: replies per process, a multiple of
     num_generations across processes), num_generations, gradient_accumulation_steps, learning_rate,
@@ -244,4 +245,4 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
     trainer.train(resume_from_checkpoint=run.last_checkpoint())
     models.save_trained(trainer, tokenizer, run.out, merge_adapter=keys.merge_adapter)
 
-    return history_of(trainer.state.log_history)
+    return history_of(trainer.state.log_history), args.to_dict()

@@ -404,9 +404,9 @@ def test_grpo_with_tools_masks_tool_results_and_logs_the_tool_statistics(inputs,
     compute_loss = GRPOTrainer._compute_loss
     monkeypatch.setattr(GRPOTrainer, "_compute_loss",
                         lambda self, model, batch: seen.append(batch) or compute_loss(self, model, batch))
-    history = trl_online.train_trl(recipe, Run(work / "grpo"), cfg, keys, recipe.peft_values("ppo"), prompts,
-                                   runs.Checkpoint("policy", str(work / "policy"), "", "local"),
-                                   [runs.Checkpoint("rm", str(work / "rm"), "", "local")])
+    history, _ = trl_online.train_trl(recipe, Run(work / "grpo"), cfg, keys, recipe.peft_values("ppo"), prompts,
+                                      runs.Checkpoint("policy", str(work / "policy"), "", "local"),
+                                      [runs.Checkpoint("rm", str(work / "rm"), "", "local")])
 
     checked = 0
     for batch in seen:

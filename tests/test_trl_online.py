@@ -244,3 +244,16 @@ def test_killed_in_a_later_epoch_resumes_to_the_uninterrupted_result(user, algor
     history = [json.loads((user / f"runs/{algorithm}_{n}/ppo/metrics.json").read_text())["history"]
                for n in ("whole", "killed")]
     assert [h["step"] for h in history[1]] == [1, 2, 3, 4] and history[0] == history[1]
+
+
+def test_the_manifest_records_trls_whole_config(user, monkeypatch):
+    """The manifest of a grpo run kept our ppo keys only: TRL's own defaults the run trained with (loss_type,
+    scale_rewards, ...) were nowhere, though the README says the manifest has the full trainer config."""
+    from pipeline import ppo
+
+    monkeypatch.chdir(user)
+    ppo.main([str(grpo_recipe(user, kl_coef=0.02, trl_args={"scale_rewards": "none"})), "run.name=manifest"])
+    config = json.loads((user / "runs/manifest/ppo/manifest.json").read_text())["config"]
+    assert config["kl_coef"] == 0.02 and config["trl_args"] == {"scale_rewards": "none"}
+    assert config["trl"]["beta"] == 0.02 and config["trl"]["scale_rewards"] == "none"
+    assert config["trl"]["loss_type"] == "dapo" and config["trl"]["num_generations"] == 4  # TRL's default; mapped
