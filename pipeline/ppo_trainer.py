@@ -155,8 +155,8 @@ class PPOTrainer:
         usable = set(self.usable)
         self.annotated = [i for i in reward_rounds.annotated_rows(prompts) if i in usable]  # reward rounds' prompts
         if len(self.usable) < cfg.batch_size * num_processes:
-            raise cli.PipelineError(f"{keys.prompts}: {len(self.usable)} prompts of at most max_prompt_length="
-                                    f"{cfg.max_prompt_length} tokens, fewer than one batch "
+            raise cli.PipelineError(f"{keys.prompts}: {len(self.usable)} of its {len(self.prompt_ids)} prompts within "
+                                    f"max_prompt_length={cfg.max_prompt_length} tokens, fewer than one batch "
                                     f"({cfg.batch_size} x {num_processes} processes)")
 
         # optimizers and schedulers: one optimizer step per minibatch

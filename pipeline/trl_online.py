@@ -88,9 +88,9 @@ def within_prompt_length(prompts, tokenizer, cfg, spec: str, tools: bool, num_pr
             if len(prompt_ids(tokenizer, p, t)) <= cfg.max_prompt_length]
     needed = max(1, cfg.batch_size * num_processes // cfg.num_generations)
     if len(keep) < needed:
-        raise cli.PipelineError(f"{spec}: {len(keep)} prompts of at most max_prompt_length={cfg.max_prompt_length} "
-                                f"tokens, fewer than one step's {needed} ({cfg.batch_size} replies x {num_processes} "
-                                f"processes / num_generations {cfg.num_generations})")
+        raise cli.PipelineError(f"{spec}: {len(keep)} of its {len(prompts)} prompts within max_prompt_length="
+                                f"{cfg.max_prompt_length} tokens, fewer than one step's {needed} ({cfg.batch_size} "
+                                f"replies x {num_processes} processes / num_generations {cfg.num_generations})")
     if len(keep) < len(prompts):
         log.info(f"{spec}: {len(prompts) - len(keep)} of {len(prompts)} prompts are longer than "
                  f"max_prompt_length={cfg.max_prompt_length} tokens: left out")

@@ -109,8 +109,8 @@ def test_too_few_prompts_within_max_prompt_length_stop_in_one_line(user):
                    env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: {spec}: 1 prompts of at most max_prompt_length=128 tokens, fewer than one step's 2 (8 replies x 1 "
-        f"processes / num_generations 4)")
+        f"error: {spec}: 1 of its 2 prompts within max_prompt_length=128 tokens, fewer than one step's 2 (8 replies "
+        f"x 1 processes / num_generations 4)")
     assert not (user / "runs/all_long").exists()
 
 
@@ -257,3 +257,16 @@ def test_the_manifest_records_trls_whole_config(user, monkeypatch):
     assert config["kl_coef"] == 0.02 and config["trl_args"] == {"scale_rewards": "none"}
     assert config["trl"]["beta"] == 0.02 and config["trl"]["scale_rewards"] == "none"
     assert config["trl"]["loss_type"] == "dapo" and config["trl"]["num_generations"] == 4  # TRL's default; mapped
+
+
+def test_our_ppo_with_fewer_prompts_than_a_batch_says_so_not_that_they_are_too_long(user):
+    """4 short prompts and batch_size 8: the error blamed max_prompt_length ("4 prompts of at most ...")."""
+    from conftest import run_cli
+
+    spec = write_prompts(user / "few.jsonl", [f"What is {i} + 1?" for i in range(4)])
+    proc = run_cli(["pipeline/ppo.py", grpo_recipe(user, algorithm="ppo", prompts=spec, critic_init="policy"),
+                    "run.name=few"], cwd=user, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {spec}: 4 of its 4 prompts within max_prompt_length=128 tokens, fewer than one batch (8 x 1 "
+        f"processes)")
