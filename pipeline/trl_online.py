@@ -10,6 +10,8 @@ ppo's names.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from pipeline import cli, judges, log, metrics, models, monitors, vllm_engine
@@ -239,6 +241,8 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
                               callbacks=[monitor_callback(keys.monitor_window)] + ([env.callback()] if env else []),
                               **({"tools": env.tools} if env else {}))
     except ValueError as err:
+        if any(Path(run.out).glob("checkpoint-*")):  # one line would remove the folder: keep a killed run's steps
+            raise
         raise cli.PipelineError(f"{recipe.path}: section 'ppo' ({trainer_cls.__name__}): "
                                 f"{str(err).splitlines()[0]}") from None
     reward_model.to(trainer.accelerator.device)

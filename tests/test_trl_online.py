@@ -270,3 +270,27 @@ def test_our_ppo_with_fewer_prompts_than_a_batch_says_so_not_that_they_are_too_l
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: {spec}: 4 of its 4 prompts within max_prompt_length=128 tokens, fewer than one batch (8 x 1 "
         f"processes)")
+
+
+def test_a_trainer_error_on_resume_keeps_the_killed_runs_checkpoints(user, monkeypatch):
+    """A ValueError of TRL's trainer is one line and, as bad input, removes the stage folder; when the folder holds a
+    killed run's checkpoints (the error then comes from the machine, e.g. several GPUs seen by one process) it is
+    raised as it is and the checkpoints stay."""
+    import trl
+
+    from conftest import run_cli
+    from pipeline import ppo
+
+    recipe = grpo_recipe(user, max_steps=3, save_steps=1)
+    killed = run_cli(["pipeline/ppo.py", recipe, "run.name=kept"], cwd=user,
+                     env={"OMP_NUM_THREADS": "1", "PIPELINE_FAULT": "kill:training:2"})
+    assert killed.returncode == -9 and (user / "runs/kept/ppo.partial/checkpoint-1").is_dir()
+
+    def refuse(self, *args, **kwargs):
+        raise ValueError("GRPOTrainer does not support `nn.DataParallel`")
+
+    monkeypatch.setattr(trl.GRPOTrainer, "__init__", refuse)
+    monkeypatch.chdir(user)
+    with pytest.raises(ValueError, match="DataParallel"):
+        ppo.main([str(recipe), "run.name=kept"])
+    assert (user / "runs/kept/ppo.partial/checkpoint-1/trainer_state.json").is_file()
