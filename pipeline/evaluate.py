@@ -69,6 +69,7 @@ class Target:
     perplexity_tokens: int = None  # tokens it was measured on
     rewards: list = None          # reward-model score of each greedy reply, or None
     parent: str | None = None     # path of the model it was trained from (its manifest), for the collapse check
+    tokenizer: object = None      # loaded once for its checks, then used to evaluate it
     seconds: float = 0.0
 
 
@@ -195,8 +196,9 @@ class LoadedModel:
     path: str
 
 
-def load_lm(recipe, cp: runs.Checkpoint, device) -> LoadedModel:
-    tokenizer = models.load_tokenizer(recipe, cp)
+def load_lm(recipe, cp: runs.Checkpoint, device, tokenizer=None) -> LoadedModel:
+    """The checkpoint's model and tokenizer (`tokenizer`: the one already loaded for its checks, else loaded)."""
+    tokenizer = tokenizer or models.load_tokenizer(recipe, cp)
     model = models.load_causal_lm(recipe, cp.path, revision=recipe.model.revision if cp.source == "hub" else None,
                                   tokenizer=tokenizer)  # a user's model: the chat tokens its tokenizer got
     models.configure_generation(model, tokenizer)
@@ -213,7 +215,7 @@ def run_checkpoint(recipe, keys, target: Target, rows, ppl_rows, reference: Load
     if reference is not None and reference.path == target.checkpoint.path:  # the reference is loaded already
         lm = reference
     else:
-        lm = load_lm(recipe, target.checkpoint, device)
+        lm = load_lm(recipe, target.checkpoint, device, target.tokenizer)
     model, tokenizer = lm.model, lm.tokenizer
     log.info(f"{target.name}: {models.describe(model)} from {target.checkpoint.path}")
     prompts = [row["prompt"] for row in rows]
@@ -334,10 +336,11 @@ def main(argv):
             check_reads(recipe, [reward], [r["prompt"] for r in rows], keys.prompts, "eval.reward_model")
         tool_plan = eval_tools.plan(recipe, keys) if keys.tool_prompts else None
         for target in targets:  # each checkpoint's chat template renders the prompts and the perplexity rows
-            tokenizer = models.load_tokenizer(recipe, target.checkpoint)
+            tokenizer = models.load_tokenizer(recipe, target.checkpoint, as_saved=True)
+            own = tokenizer.chat_template
+            target.tokenizer = tokenizer = models.recipe_chat_template(recipe, tokenizer)
             models.check_chat_template(tokenizer, {keys.prompts: rows, keys.perplexity_data: ppl_rows})
-            if (own := models.load_tokenizer(recipe, target.checkpoint, as_saved=True).chat_template) and \
-                    own != tokenizer.chat_template:  # a model tuned elsewhere, answering in a format it never saw
+            if own and own != tokenizer.chat_template:  # a model tuned elsewhere, answering in a format it never saw
                 log.warning(f"{target.name}: evaluated with the pipeline's chat template over its own "
                             f"(tokenizer.chat_template: {recipe.tokenizer.chat_template}); set it to `own` to "
                             f"evaluate it in its own format")

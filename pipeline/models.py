@@ -76,9 +76,15 @@ def load_tokenizer(recipe, checkpoint, corpus=None, as_saved: bool = False):
     else:
         raise PipelineError(f"{recipe.path}: a model built from `model.config` needs `tokenizer.train: true` "
                             f"or `tokenizer.name_or_path`")
-    if as_saved and checkpoint.path is not None:
-        return tok
-    if tcfg.chat_template == "pipeline" or (tcfg.chat_template == "auto" and not tok_lib.trains_as_is(tok)):
+    return tok if as_saved and checkpoint.path is not None else recipe_chat_template(recipe, tok)
+
+
+def recipe_chat_template(recipe, tok):
+    """`tok` (changed in place) with the chat template `tokenizer.chat_template` asks for."""
+    from pipeline import tokenizer as tok_lib
+
+    mode = recipe.tokenizer.chat_template
+    if mode == "pipeline" or (mode == "auto" and not tok_lib.trains_as_is(tok)):
         tok, _ = tok_lib.apply_chat_format(tok, force=True)  # the pipeline's ChatML, also over a marked template
     return tok
 

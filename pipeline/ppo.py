@@ -177,8 +177,9 @@ def check_implicit_reward(recipe, cfg, init, implicit) -> None:
                                 f"started from, so set ppo.init_from to that model")
 
 
-def train_ppo(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints, implicit=None) -> list[dict]:
-    trainer = PPOTrainer(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints, implicit)
+def train_ppo(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints, implicit=None,
+              tokenizer=None) -> list[dict]:
+    trainer = PPOTrainer(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints, implicit, tokenizer)
     history = trainer.train()
     trainer.save()
     return history
@@ -212,15 +213,18 @@ def main(argv):
         implicit = run.checkpoint("implicit_reward") if keys.implicit_reward else None
         if implicit is not None:
             check_implicit_reward(recipe, cfg, init, implicit)
-        models.check_chat_template(models.load_tokenizer(recipe, init), {keys.prompts: prompts})
+        tokenizer = models.load_tokenizer(recipe, init)  # checked here, then the policy's
+        models.check_chat_template(tokenizer, {keys.prompts: prompts})
         check_reads(recipe, reward_checkpoints, prompts["prompt"], keys.prompts, "ppo.reward_model")
         run.prepare()
 
         config = cfg  # the manifest's settings; grpo/rloo: with TRL's whole config, its defaults included
         if cfg.algorithm == "ppo":
-            history = train_ppo(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints, implicit)
+            history = train_ppo(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints, implicit,
+                                tokenizer)
         else:
-            history, trl = train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints)
+            history, trl = train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints,
+                                     tokenizer)
             config = {**cfg.to_dict(), "trl": trl}
 
         metrics = summarise(history, cfg.algorithm)

@@ -81,7 +81,8 @@ class Critic(torch.nn.Module):
 class PPOTrainer:
     """Models, optimizers and resumable state of one PPO run (see the module docstring)."""
 
-    def __init__(self, recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints, implicit=None):
+    def __init__(self, recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints, implicit=None,
+                 tokenizer=None):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
         from transformers import get_scheduler
@@ -98,7 +99,7 @@ class PPOTrainer:
         set_seed(cfg.seed, device_specific=True)
 
         # models: policy (maybe LoRA), frozen reference, reward model, critic
-        self.tokenizer = tokenizer = models.load_tokenizer(recipe, init)
+        self.tokenizer = tokenizer = tokenizer or models.load_tokenizer(recipe, init)  # the stage's, if checked
         policy = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision,
                                        tokenizer=tokenizer)
         models.configure_generation(policy, tokenizer)

@@ -190,7 +190,8 @@ def resumable(trainer_cls):
     return Resumable
 
 
-def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints) -> tuple[list[dict], dict]:
+def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints,
+              tokenizer=None) -> tuple[list[dict], dict]:
     """TRL's GRPOTrainer or RLOOTrainer on the same prompts, with the same reward (the normalised reward model,
     the missing-eos penalty, optionally the verifier). Returns the per-step history in ppo's names, and TRL's
     whole config (its defaults too: loss_type, scale_rewards, ...) for the manifest.
@@ -218,7 +219,7 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
     trainer_cls = resumable(GRPOTrainer if cfg.algorithm == "grpo" else RLOOTrainer)
     args, funcs = trl_config(recipe, cfg, str(run.out), tools=env is not None)
 
-    tokenizer = models.load_tokenizer(recipe, init)
+    tokenizer = tokenizer or models.load_tokenizer(recipe, init)  # the stage's, if it checked one
     prompts = within_prompt_length(prompts, tokenizer, cfg, keys.prompts, env is not None,
                                    PartialState().num_processes)
     model = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision,

@@ -586,8 +586,8 @@ def script_tool_use(monkeypatch, paths: list[str]) -> None:
     """The eval stage loads the checkpoints at `paths` as ScriptedToolUser, the others as they are."""
     load_lm = evaluate.load_lm
 
-    def scripted(recipe, cp, device):
-        lm = load_lm(recipe, cp, device)
+    def scripted(recipe, cp, device, tokenizer=None):
+        lm = load_lm(recipe, cp, device, tokenizer)
         if cp.path in paths:
             lm.model = ScriptedToolUser(lm.model, lm.tokenizer)
         return lm
