@@ -33,6 +33,16 @@ def inputs(tmp_path_factory):
     on the reply in a way PPO can learn (see bag_of_words_reward_model), with reward_mean/reward_std in its config
     measured on the policy's own replies, as a reward stage measures them on its training pairs."""
     work = tmp_path_factory.mktemp("ppo")
+    recipe, tokenizer, policy, reward = random_policy_and_reward(work)
+    scores = mean_reward(recipe, work / "rm", policy, tokenizer, normalise=False)
+    reward.config.reward_mean, reward.config.reward_std = scores.mean().item(), scores.std().item()
+    reward.save_pretrained(work / "rm")
+    return work, recipe, policy, tokenizer
+
+
+def random_policy_and_reward(work):
+    """(recipe, tokenizer, policy, reward model): the tiny recipe's random policy saved in work/policy, and
+    bag_of_words_reward_model on it in work/rm, each folder with the tokenizer."""
     recipe = load_recipe(tiny_recipe(work, pretrain=None, sft=None))
     tokenizer = models.load_tokenizer(recipe, runs.resolve_checkpoint(recipe, "model"))
     policy = models.build_causal_lm(recipe, tokenizer)
@@ -42,10 +52,7 @@ def inputs(tmp_path_factory):
     reward = bag_of_words_reward_model(work / "policy")
     reward.save_pretrained(work / "rm")
     tokenizer.save_pretrained(work / "rm")
-    scores = mean_reward(recipe, work / "rm", policy, tokenizer, normalise=False)
-    reward.config.reward_mean, reward.config.reward_std = scores.mean().item(), scores.std().item()
-    reward.save_pretrained(work / "rm")
-    return work, recipe, policy, tokenizer
+    return recipe, tokenizer, policy, reward
 
 
 def bag_of_words_reward_model(policy_path):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import tiny_recipe
-from pipeline import models, runs
+from pipeline import runs
 from pipeline.recipe import load_recipe
-from test_ppo import bag_of_words_reward_model
+from test_ppo import random_policy_and_reward
 
 SHAPING = {"top_k": 3, "repetition_penalty": 1.8, "temperature": 0.3, "top_p": 0.5, "min_p": 0.2,
            "no_repeat_ngram_size": 2, "typical_p": 0.9, "do_sample": True}
@@ -20,15 +20,7 @@ SHAPING = {"top_k": 3, "repetition_penalty": 1.8, "temperature": 0.3, "top_p": 0
 def user(tmp_path_factory):
     """A tiny random policy whose generation_config.json shapes samples (as Qwen2.5's does), and a reward model."""
     work = tmp_path_factory.mktemp("trl_online")
-    recipe = load_recipe(tiny_recipe(work, pretrain=None, sft=None))
-    tokenizer = models.load_tokenizer(recipe, runs.resolve_checkpoint(recipe, "model"))
-    policy = models.build_causal_lm(recipe, tokenizer)
-    models.configure_generation(policy, tokenizer)
-    policy.save_pretrained(work / "policy")
-    tokenizer.save_pretrained(work / "policy")
-    rm = bag_of_words_reward_model(work / "policy")
-    rm.save_pretrained(work / "rm")
-    tokenizer.save_pretrained(work / "rm")
+    random_policy_and_reward(work)
     shutil.copytree(work / "policy", work / "shaped")
     config = json.loads((work / "shaped/generation_config.json").read_text())
     (work / "shaped/generation_config.json").write_text(json.dumps({**config, **SHAPING}))
