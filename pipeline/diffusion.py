@@ -37,8 +37,7 @@ def main(argv):
     recipe.check_config(STAGE, portable=True)  # the config class's own checks before upstream stages
     keys = recipe.keys(STAGE)
     cfg = recipe.trainer_config(STAGE)  # DiffusionConfig; seed: run.seed unless the section sets one
-    if cfg.train_text_encoder is None:  # a pretrained pipeline's text encoder stays as it is unless asked
-        cfg.train_text_encoder = not keys.pretrained
+    cfg.train_text_encoder = images.trains_text_encoder(cfg.train_text_encoder, bool(keys.pretrained))
     if not keys.pretrained:  # a new model: its unet / text_encoder configs build (on the meta device) before any work
         image_check.components(recipe, None, recipe.section(STAGE), keys.resolution, stage=STAGE)
     with runs.StageRun(recipe, STAGE) as run:
@@ -48,9 +47,8 @@ def main(argv):
         shape = images.pipeline_shape(pipe) if pipe else {"resolution": keys.resolution, "channels": channels,
                                                           "latent": False}
         if pipe and "resolution" in recipe.section(STAGE):  # as diffusers' --resolution: train at another size
-            if keys.resolution < 1 or keys.resolution % shape["multiple"]:
-                raise cli.PipelineError(f"{recipe.path}: diffusion.resolution: {keys.resolution} is not a multiple of "
-                                        f"{shape['multiple']} (the pipeline's VAE factor x its UNet's downsampling)")
+            if problem := images.resolution_problem(keys.resolution, shape["multiple"]):
+                raise cli.PipelineError(f"{recipe.path}: diffusion.resolution: {problem}")
             shape["resolution"] = keys.resolution
         source = images.load_images(keys.dataset, shape["resolution"], shape["channels"], cfg.property_dropout,
                                     image_column=keys.image_column, caption_column=keys.caption_column)

@@ -230,9 +230,8 @@ def check_image_stage(recipe, stage: str, launch, device_memory: int | None, wil
         trainable = lora_params(comps["unet_config"], cfg.get("lora_rank", 8),
                                 cfg.get("lora_target_modules", ["to_q", "to_k", "to_v", "to_out.0"]))
     else:
-        text = cfg.get("train_text_encoder")
         trainable = comps["unet"] + (comps.get("text_encoder", 0) if stage == "diffusion" and
-                                     (text if text is not None else not ref) else 0)
+                                     images.trains_text_encoder(cfg.get("train_text_encoder"), bool(ref)) else 0)
     weights = 4 * (comps["unet"] + comps.get("text_encoder", 0) + comps.get("vae", 0))
     if stage == "diffusion_dpo":
         weights += 4 * comps["unet"]  # the frozen reference
@@ -250,9 +249,8 @@ def check_image_stage(recipe, stage: str, launch, device_memory: int | None, wil
     latent_res = comps["unet_config"].get("sample_size", 16)
     if ref and "resolution" in section:  # a pretrained pipeline trained at another size (as the stage checks it)
         multiple = comps.get("vae_factor", 1) * 2 ** (len(comps["unet_config"].get("block_out_channels", [0])) - 1)
-        if keys.resolution < 1 or keys.resolution % multiple:
-            errors.append(f"{stage}.resolution: {keys.resolution} is not a multiple of {multiple} (the pipeline's VAE "
-                          f"factor x its UNet's downsampling)")
+        if problem := images.resolution_problem(keys.resolution, multiple):
+            errors.append(f"{stage}.resolution: {problem}")
         latent_res = max(1, keys.resolution // comps.get("vae_factor", 1))
     images_per_step = per_device * (2 if stage == "diffusion_dpo" else 1)
     activations = images_per_step * activation_values(comps["unet_config"], latent_res) * (2 if mixed else 4)

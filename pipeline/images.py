@@ -322,6 +322,20 @@ def pipeline_shape(pipe) -> dict:
             "multiple": factor * 2 ** (len(unet.config.block_out_channels) - 1)}
 
 
+def resolution_problem(resolution: int, multiple: int) -> str | None:
+    """Why a pipeline whose image sides must be multiples of `multiple` (pipeline_shape) cannot train at
+    `resolution`, or None. The stage and --check ask the same."""
+    if resolution < 1 or resolution % multiple:
+        return f"{resolution} is not a multiple of {multiple} (the pipeline's VAE factor x its UNet's downsampling)"
+    return None
+
+
+def trains_text_encoder(value: bool | None, pretrained: bool) -> bool:
+    """diffusion.train_text_encoder; empty: a new model's trains with its UNet, a pretrained pipeline's stays as it
+    is (as diffusers' train_text_to_image.py)."""
+    return value if value is not None else not pretrained
+
+
 def encode_text(pipe, text_encoder, captions: list[str], device):
     """Text embeddings the way the pipeline computes them at sampling time (IF: 77 tokens with attention mask)."""
     tok = pipe.tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt",
