@@ -227,6 +227,11 @@ def _check_against(model, config, where: str) -> None:
             raise PipelineError(f"{where}.lora_modules_to_save: '{wanted}' names no module of the model"
                                 f"{closest(wanted, {n.rsplit('.', 1)[-1] for n in names if n})}")
     if not torch.cuda.is_available():  # bitsandbytes' packed CPU kernel (AVX512-BF16) works on blocks of 32 outputs
+        if config.use_dora and any(type(m).__name__ == "Linear8bitLt" for m in model.modules()):
+            # peft 0.21's DoRA moves each 8-bit weight back to the CPU after the first forward pass, which drops
+            # its int8 scales: the second step fails inside bitsandbytes ('NoneType' has no attribute 'unsqueeze')
+            raise PipelineError(f"{where}.use_dora with load_in_8bit does not train on a CPU (peft's DoRA loses the "
+                                f"8-bit scales after the first step): use load_in_4bit, plain LoRA, or a GPU")
         for name, module in model.named_modules():
             if getattr(module, "support_avx512bf16_for_cpu", False) and module.out_features % 32:
                 raise PipelineError(f"{where}.load_in_4bit: on this CPU bitsandbytes runs a 4-bit layer only when its "
