@@ -372,6 +372,59 @@ def test_lora_adapter_folder_evaluates_reproducibly(tiny_run, tmp_path, monkeypa
         (tmp_path / "runs/tiny/eval/samples.jsonl").read_text()
 
 
+def test_a_checkpoint_added_to_the_list_is_the_only_one_generated_again(ranked, tmp_path, monkeypatch):
+    """Each checkpoint's replies are kept as a record keyed by everything they depend on: a later evaluation with one
+    more checkpoint generates for that one only, and comes out as an evaluation that generated everything; a changed
+    generation setting, or eval.reuse=false, generates every checkpoint again."""
+    work, _, base, _ = ranked
+    sft = str(work / "runs/ranked/sft")
+    recipe = tiny_recipe(tmp_path, eval={**SMALL_EVAL, "checkpoints": [base]})
+    generated = []
+    original = evaluate.generate_replies
+
+    def counting(keys, target, *args, **kwargs):
+        generated.append(target.name)
+        return original(keys, target, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate_replies", counting)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "runs/tiny/eval"
+
+    def evaluation(*overrides):
+        generated.clear()
+        evaluate.main([str(recipe), *overrides])
+        metrics = json.loads((out / "metrics.json").read_text())
+        for m in metrics["checkpoints"].values():
+            m.pop("seconds")
+        return metrics, (out / "samples.jsonl").read_text(), list(generated)
+
+    alone, _, made = evaluation()
+    assert made == ["tiny/pretrain"] and len(list((out / "checkpoints").glob("*.json"))) == 1
+    both = [f"eval.checkpoints=[{base},{sft}]"]
+    reused, reused_samples, made = evaluation(*both)
+    assert made == ["ranked/sft"]  # the base's replies were read from the first evaluation's record
+    assert reused["checkpoints"]["tiny/pretrain"] == alone["checkpoints"]["tiny/pretrain"]
+    assert len(list((out / "checkpoints").glob("*.json"))) == 2  # the published folder keeps both records
+    fresh, fresh_samples, made = evaluation(*both, "eval.reuse=false")
+    assert made == ["tiny/pretrain", "ranked/sft"]
+    assert fresh == reused and fresh_samples == reused_samples
+    _, _, made = evaluation(*both, "eval.max_new_tokens=12")
+    assert made == ["tiny/pretrain", "ranked/sft"]  # other replies: no record matches
+
+    def failing(keys, target, *args, **kwargs):  # the stage stops (a crash, a lost node) on the second checkpoint
+        generated.append(target.name)
+        if target.name == "ranked/sft":
+            raise RuntimeError("stopped")
+        return original(keys, target, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate_replies", failing)
+    with pytest.raises(RuntimeError, match="stopped"):
+        evaluation(*both, "eval.max_new_tokens=16")
+    monkeypatch.setattr(evaluate, "generate_replies", counting)
+    _, _, made = evaluation(*both, "eval.max_new_tokens=16")
+    assert made == ["ranked/sft"]  # the base's record from the stopped attempt, in eval.partial
+
+
 def test_malformed_prompt_file_gets_one_line_naming_the_row(tmp_path, monkeypatch, capsys):
     bad = tmp_path / "prompts.jsonl"
     bad.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps({"prompt": "fine", "answer": "1"}) + "\n"
@@ -667,6 +720,11 @@ def test_eval_with_tools_reports_tool_use_per_checkpoint(tiny_run, tool_work, mo
 
     grid = Image.open(out / "tool_images.png")
     assert grid.size[1] == 22 + 6 * (64 + 10) and grid.size[0] == 250 + 2 * (110 + 8)  # 6 draw prompts, 2 columns
+
+    generated, before = [], (out / "samples.jsonl").read_text()
+    monkeypatch.setattr(evaluate, "generate_replies", lambda keys, target, *args: generated.append(target.name))
+    evaluate.main([str(recipe), "eval.bootstrap=150"])  # both checkpoints' records match: the tool prompts run again
+    assert generated == [] and (out / "samples.jsonl").read_text() == before
 
 
 def test_a_checkpoint_draws_the_same_images_whatever_was_evaluated_before_it(tiny_run, tool_work, monkeypatch):
