@@ -380,7 +380,7 @@ def main(argv):
                 log.info(f"{len(tool_plan.rows)} tool prompts from {keys.tool_prompts}; tools: "
                          f"{', '.join(tool_plan.tools)}")
             engines = vllm_engine.EvalEngines(recipe)
-            earlier = [run.out, recipe.stage_dir(STAGE)] if keys.reuse else []  # this attempt's records, the last eval's
+            earlier = [run.out, recipe.stage_dir(STAGE)] if keys.reuse else []  # a stopped attempt's, the last eval's
             for t in targets:
                 t.record_key = eval_records.record_key(recipe, keys, t, rows, ppl_rows, reference if setup.kl else None,
                                                        setup.own_samples, seed)
