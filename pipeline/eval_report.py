@@ -323,3 +323,20 @@ def to_trackers(report_to, out: Path, per: dict) -> None:
     for tracker in accelerator.trackers:  # not end_training(): it also destroys the process group
         tracker.finish()
 
+
+def display_names(recipe, checkpoints) -> dict[str, str]:
+    """Path -> the name a checkpoint goes by in the report: a stage or hub id as written, a folder by the shortest
+    tail of its path (at least two parts, e.g. `small/sft`) that no other checkpoint shares."""
+    names = {cp.path: cp.ref for cp in checkpoints if cp.source != "local"}
+    folders = [cp for cp in checkpoints if cp.source == "local"]
+    for cp in folders:
+        parts = Path(cp.path).parts
+        for k in range(min(2, len(parts)), len(parts) + 1):
+            name = "/".join(parts[-k:])
+            clash = [o for o in folders if o is not cp and Path(o.path).parts[-k:] == parts[-k:]]
+            if not clash and name not in names.values():
+                break
+        else:
+            name = cp.path
+        names[cp.path] = name
+    return names

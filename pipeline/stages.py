@@ -225,8 +225,9 @@ class EvalKeys:
     batch_size: int = key(64, "prompts per generation batch and sequences per scoring batch")
     seed: int | None = key(None, "sampling and bootstrap seed; empty: run.seed")
     bootstrap: int = key(1000, "bootstrap resamples for the 95% confidence intervals")
-    reuse: bool = key(True, "read a checkpoint's replies from its record in eval's folder (an earlier evaluation "
-                            "with the same inputs: pipeline/eval_records.py) instead of generating them again")
+    reuse: bool = key(True, "read a checkpoint's replies and tool rollouts from their records in eval's folder (an "
+                            "earlier evaluation with the same inputs: pipeline/eval_records.py) instead of generating "
+                            "them again")
     report_examples: int = key(6, "prompts shown with every checkpoint's reply side by side in report.md")
     report_to: str | list[str] = key("none", "trackers that also get each checkpoint's metrics: tensorboard, "
                                              "wandb, mlflow, trackio (whichever are installed)")

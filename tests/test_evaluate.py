@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import cli, evaluate, judges, metrics as M, runs
+from pipeline import cli, eval_report, evaluate, judges, metrics as M, runs
 from pipeline.cli import PipelineError
 from pipeline.recipe import load_recipe
 from conftest import run_cli, tiny_recipe, write_jsonl
@@ -149,7 +149,7 @@ def test_checkpoints_go_by_stage_name_or_the_shortest_distinct_tail_of_their_pat
            runs.Checkpoint("a/x/lora", "/w/a/x/lora", "f", "local"),
            runs.Checkpoint("b/x/lora", "/w/b/x/lora", "f", "local"),
            runs.Checkpoint("org/model", "org/model", "f", "hub")]
-    names = evaluate.display_names(None, cps)
+    names = eval_report.display_names(None, cps)
     assert [names[cp.path] for cp in cps] == ["sft", "small/pretrain", "a/x/lora", "b/x/lora", "org/model"]
 
 
@@ -721,10 +721,21 @@ def test_eval_with_tools_reports_tool_use_per_checkpoint(tiny_run, tool_work, mo
     grid = Image.open(out / "tool_images.png")
     assert grid.size[1] == 22 + 6 * (64 + 10) and grid.size[0] == 250 + 2 * (110 + 8)  # 6 draw prompts, 2 columns
 
-    generated, before = [], (out / "samples.jsonl").read_text()
+    # evaluated again (another bootstrap): every checkpoint's replies and tool rollouts are read from their records,
+    # with the images drawn, and come out as before
+    generated, rolled = [], []
+    before = {f: (out / f).read_bytes() for f in ("samples.jsonl", "tool_images.png")}
+    drawn = {p.relative_to(out): p.read_bytes() for p in (out / "images").rglob("*.png")}
     monkeypatch.setattr(evaluate, "generate_replies", lambda keys, target, *args: generated.append(target.name))
-    evaluate.main([str(recipe), "eval.bootstrap=150"])  # both checkpoints' records match: the tool prompts run again
-    assert generated == [] and (out / "samples.jsonl").read_text() == before
+    original = evaluate.eval_tools.ToolEval.rollouts
+    monkeypatch.setattr(evaluate.eval_tools.ToolEval, "rollouts",
+                        lambda self, lm, *args, **kw: rolled.append(lm.path) or original(self, lm, *args, **kw))
+    evaluate.main([str(recipe), "eval.bootstrap=150"])
+    assert generated == [] and rolled == []
+    assert {f: (out / f).read_bytes() for f in before} == before
+    assert {p.relative_to(out): p.read_bytes() for p in (out / "images").rglob("*.png")} == drawn
+    evaluate.main([str(recipe), "eval.tool_max_new_tokens=80"])  # the tool rollouts depend on it, the replies not
+    assert generated == [] and sorted(set(rolled)) == sorted([pre, sft])
 
 
 def test_a_checkpoint_draws_the_same_images_whatever_was_evaluated_before_it(tiny_run, tool_work, monkeypatch):
