@@ -91,11 +91,26 @@ def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
 
 
 def _parse_call(raw: str, closed: bool) -> ToolCall:
-    call = ToolCall(None, None, raw, None)
     try:
         obj = json.loads(raw)
     except json.JSONDecodeError as err:
-        obj, call.error = None, f"bad JSON ({err.msg} at char {err.pos})"
+        call = ToolCall(None, None, raw, json_error(err))
+    else:
+        call = call_from_object(obj, raw)
+    if not closed:
+        call.error = "no </tool_call>" + (f"; {call.error}" if call.error else "")
+    return call
+
+
+def json_error(err: json.JSONDecodeError) -> str:
+    return f"bad JSON ({err.msg} at char {err.pos})"
+
+
+def call_from_object(obj, raw: str) -> ToolCall:
+    """The call a parsed {"name": ..., "arguments": {...}} object stands for (also `parameters`, Llama's key, and
+    arguments written as a JSON string), with why it cannot run when it names no tool or its arguments are no
+    object. Shared with pipeline.tool_formats (calls parsed by a tokenizer's response schema)."""
+    call = ToolCall(None, None, raw, None)
     if isinstance(obj, dict):
         name, args = obj.get("name"), obj.get("arguments", obj.get("parameters"))
         try:  # some models write the arguments as a JSON string
@@ -107,10 +122,8 @@ def _parse_call(raw: str, closed: bool) -> ToolCall:
         what = "a string that is not JSON" if isinstance(args, str) else type(args).__name__
         call.error = ("no tool name" if call.name is None else
                       f"arguments must be a JSON object, got {what}" if call.arguments is None else None)
-    elif obj is not None:
+    elif obj is not None:  # JSON null: no error here, "unknown tool None" at the toolbox (as before)
         call.error = f"expected a JSON object {{\"name\": ..., \"arguments\": {{...}}}}, got {type(obj).__name__}"
-    if not closed:
-        call.error = "no </tool_call>" + (f"; {call.error}" if call.error else "")
     return call
 
 

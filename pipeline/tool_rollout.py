@@ -106,6 +106,20 @@ def tool_turn_text(tokenizer, conversation: list[dict], tool_messages: list[dict
                           for m in tool_messages) + "<|im_start|>assistant\n"
 
 
+def reader(tokenizer, parse=None):
+    """read(turn_ids, context_ids, schemas) -> (content, [ToolCall]) for a turn that ended with end-of-turn: `parse`
+    on its text, else the tokenizer's own format (tool_formats.turn_reader). A tokenizer with no schema falls back to
+    our `<tool_call>` parser: the stages refuse one whose template renders tools (tool_formats.tool_parser_problem)."""
+    if parse is None:
+        from pipeline.tool_formats import turn_reader
+
+        read = turn_reader(tokenizer)
+        if read is not None:
+            return read
+        from pipeline.tools import parse_tool_calls as parse
+    return lambda turn, context, schemas: parse(tokenizer.decode(turn[:-1], skip_special_tokens=True))
+
+
 def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -131,11 +145,11 @@ def generate_with_tools(policy, tokenizer, prompts_ids: list[list[int]], message
     is not run, gets the tool message BUDGET_MESSAGE, and the row stops. A row stops (ended=False) when a turn runs
     out of tokens before its end-of-turn. A row that stops keeps the tool messages of its last turn in `turns` and
     `calls` for the record, but their tokens are not appended (no policy token follows them): every reply ends
-    on a policy token. `parse(text) -> (content, [ToolCall])` defaults to pipeline.tools.parse_tool_calls. With
-    `engine` (pipeline/vllm_engine.py, holding the policy's weights) vLLM samples each round's turns instead.
+    on a policy token. `parse(text) -> (content, [ToolCall])` reads a turn's text; by default the tokenizer's own
+    format is read (pipeline/tool_formats.py: its response schema, or our `<tool_call>` parser for our template).
+    With `engine` (pipeline/vllm_engine.py, holding the policy's weights) vLLM samples each round's turns instead.
     """
-    if parse is None:
-        from pipeline.tools import parse_tool_calls as parse
+    read = reader(tokenizer, parse)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     B = len(prompts_ids)
@@ -167,12 +181,14 @@ def generate_with_tools(policy, tokenizer, prompts_ids: list[list[int]], message
             for i, row in zip(active, new_rows):
                 turn = row[:row.index(eos) + 1] if eos in row else row  # pads only ever follow the eos
                 turn = turn[:room[i]]
+                context = list(prompts_ids[i]) + reply[i]  # what the turn followed: the schema reads its prompt
                 reply[i] += turn
                 source[i] += [POLICY] * len(turn)
                 done = bool(turn) and turn[-1] == eos
                 text = tokenizer.decode(turn[:-1] if done else turn, skip_special_tokens=True)
                 final[i] = text.strip()
-                content, parsed = parse(text) if done and boxes[i] is not None else (text, [])
+                content, parsed = (read(turn, context, boxes[i].schemas()) if done and boxes[i] is not None
+                                   else (text, []))
                 turns[i].append(assistant_message(content if parsed else text, parsed))
                 if not done:  # out of tokens within the turn, or of the reply's budget
                     continue

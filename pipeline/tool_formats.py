@@ -1,0 +1,159 @@
+"""Tool calls in the policy's own format: the tokenizer's response schema (transformers' `response_template`, read
+by `tokenizer.parse_response`) says how its chat template writes them (Llama 3.1 JSON, Qwen3 with <think>, gpt-oss,
+Qwen3.5/GLM XML, Gemma 4, ...).
+
+    read = turn_reader(tokenizer)  # None: the template renders tools but nothing can parse its calls
+    content, calls = read(turn_ids, context_ids, schemas)
+
+Where the schema comes from: the one the tokenizer carries (ours, or a hub model's `response_template` saved in its
+tokenizer_config.json), else TRL's registry (trl.chat_template_utils.add_response_schema) when the chat template is
+one it knows. Our own format (the pipeline's ChatML template, Hermes `<tool_call>` JSON) keeps
+pipeline.tool_calls.parse_tool_calls: its error messages (no </tool_call>, bad JSON at char N) are what the small
+recipe's policy has always read, and its results on our format are the schema's (tests/test_tool_formats.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+from pipeline.tool_calls import ToolCall, call_from_object, json_error, parse_tool_calls
+
+CALLS = "tool_calls"  # the response schema's field for calls, as transformers and TRL name it
+
+
+def response_schema(tokenizer) -> dict | None:
+    """The tokenizer's response schema: its own, else TRL's for a chat template TRL knows (attached to it), else
+    None."""
+    schema = getattr(tokenizer, "response_template", None)
+    if schema is None and getattr(tokenizer, "chat_template", None):
+        from trl.chat_template_utils import add_response_schema
+
+        try:
+            add_response_schema(tokenizer)
+        except ValueError:  # a template TRL does not know
+            return None
+        schema = getattr(tokenizer, "response_template", None)
+    return schema
+
+
+def own_format(tokenizer) -> bool:
+    """The pipeline's chat format: parsed by parse_tool_calls (a checkpoint saved before tokenizers carried the
+    schema has our template alone)."""
+    from pipeline.tokenizer import CHAT_TEMPLATE, RESPONSE_TEMPLATE
+
+    schema = getattr(tokenizer, "response_template", None)
+    return schema == RESPONSE_TEMPLATE or (schema is None and tokenizer.chat_template == CHAT_TEMPLATE)
+
+
+def turn_reader(tokenizer):
+    """read(turn_ids, context_ids, schemas) -> (content, [ToolCall]) for one assistant turn ending with its end-of-turn
+    token (`context_ids`: the ids before it), or None when no schema is to be had (see `tool_parser_problem`)."""
+    if own_format(tokenizer):
+        return lambda turn, context, schemas: parse_tool_calls(tokenizer.decode(turn[:-1], skip_special_tokens=True))
+    schema = response_schema(tokenizer)
+    if schema is None or CALLS not in schema.get("fields", {}):
+        return None
+
+    # the schema's delimiters include special tokens (<|eot_id|>, <|im_end|>, <|call|>): decoded with them
+    return lambda turn, context, schemas: schema_calls(tokenizer, schema, tokenizer.decode(turn),
+                                                       tokenizer.decode(context), schemas)
+
+
+def schema_calls(tokenizer, schema: dict, text: str, prefix: str = "", tools=None) -> tuple[str, list[ToolCall]]:
+    """(the reply's content, its calls) as the response schema reads `text` after the prompt `prefix`. A call whose
+    body does not parse (bad JSON) is a ToolCall with the error, never an exception: transformers' parser fails
+    the whole reply on one bad call, so the calls' raw bodies are read first with a text-only copy of the schema."""
+    raw_schema, keys = raw_copy(schema)
+    try:
+        raw = tokenizer.parse_response(text, schema=raw_schema, prefix=prefix)
+    except (ValueError, KeyError):  # the delimiters themselves did not parse: the reply is text
+        return text, []
+    bodies = raw.get(CALLS) or []
+    bodies = bodies if isinstance(bodies, list) else [bodies]  # a field without `repeats`: one region
+    content = raw.get("content") or ""
+    for token in tokenizer.all_special_tokens:  # markers such as Llama's <|python_tag|> are no content
+        content = content.replace(token, "")
+    calls = [call for body in bodies for call in calls_alone(schema, body, keys)]
+    try:  # the whole reply again, so that arguments are typed by the tools' schemas as transformers does it
+        parsed = tokenizer.parse_response(text, prefix=prefix, tools=tools or None, schema=schema).get(CALLS) or []
+    except (ValueError, KeyError, TypeError):
+        return content.strip(), calls  # a malformed call: transformers fails the reply, the others stand alone
+    if len(parsed) == len(calls) and not any(call.error for call in calls):
+        calls = [to_call(item, call.text) for item, call in zip(parsed, calls)]
+    return content.strip(), calls
+
+
+def raw_copy(schema: dict) -> tuple[dict, list[str]]:
+    """The schema with its calls read as text: each call is {"body": its text, <capture>: ...} with the named groups
+    of its delimiters (a name written before the arguments, as Llama and gpt-oss do)."""
+    raw = copy.deepcopy(schema)
+    field = raw["fields"][CALLS]
+    patterns = [field.get(k) for k in ("open_pattern", "close_pattern")]
+    keys = [g for p in patterns if isinstance(p, str) for g in re.findall(r"\(\?P<(\w+)>", p) if g != "body"]
+    for key in ("content_args", "transform_each"):
+        field.pop(key, None)
+    field["content"] = "text"
+    field["transform"] = {"body": "{content}", **{k: "{" + k + "}" for k in keys}}
+    return raw, keys
+
+
+def raw_text(body: dict, keys: list[str]) -> str:
+    return " ".join([body[k] for k in keys if isinstance(body.get(k), str)] + [body.get("body") or ""])
+
+
+def calls_alone(schema: dict, body: dict, keys: list[str]) -> list[ToolCall]:
+    """The calls of one region (one, or a list with `transform_each`), parsed by the schema's own content parser;
+    one call with the error when it does not parse."""
+    from transformers.utils.chat_parsing.content_parsers import process_field
+    from transformers.utils.chat_parsing.response_templates import load_response_template
+
+    field = load_response_template(schema).fields[CALLS]
+    text, raw = body.get("body") or "", raw_text(body, keys)
+    try:
+        value = process_field(text, field, {k: body[k] for k in keys if k in body})
+    except (ValueError, KeyError, TypeError) as err:
+        name = body.get("name") if isinstance(body.get("name"), str) else None
+        return [ToolCall(name, None, raw, bad_body(text, field.content, err))]
+    return [to_call(item, raw) for item in (value if isinstance(value, list) else [value])]
+
+
+def bad_body(text: str, content: str, err: Exception) -> str:
+    if content == "json":
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as json_err:
+            return json_error(json_err)
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return f"unparsable tool call ({lines[-1] if lines else type(err).__name__})"
+
+
+def to_call(item, raw: str) -> ToolCall:
+    """A parsed {"type": "function", "function": {"name", "arguments"}} as a ToolCall (checked as ours are)."""
+    function = item.get("function", item) if isinstance(item, dict) else item
+    return call_from_object(function, raw)
+
+
+def renders_tools(tokenizer) -> bool:
+    """Whether the chat template writes a tool list into the prompt (a template that ignores `tools` cannot offer
+    them, whatever parses the replies)."""
+    probe = {"type": "function", "function": {"name": "zq_probe_tool", "description": "probe",
+                                              "parameters": {"type": "object", "properties": {}}}}
+    messages = [{"role": "user", "content": "hi"}]
+    try:
+        return "zq_probe_tool" in tokenizer.apply_chat_template(messages, tools=[probe], tokenize=False,
+                                                                add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 (a template that fails on tools renders none)
+        return False
+
+
+def tool_parser_problem(tokenizer) -> str | None:
+    """Why the policy's tool calls could not be parsed (one line), or None: a chat template that renders tools
+    but has no response schema, saved or from TRL's registry."""
+    if turn_reader(tokenizer) is not None or not renders_tools(tokenizer):
+        return None
+    return (f"the tokenizer of {tokenizer.name_or_path} has a chat template that renders tools but no response "
+            f"schema to parse its tool calls (and TRL's registry does not know the template): save one as "
+            f"`response_template` in its tokenizer_config.json (transformers' response parsing), or set "
+            f"tokenizer.chat_template: pipeline to use the pipeline's ChatML template and its <tool_call> format")

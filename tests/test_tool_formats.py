@@ -1,0 +1,189 @@
+"""Tool calls in the policy's own format (pipeline/tool_formats.py): a hub chat template's calls parsed by its
+response schema (TRL's registry, or one saved in tokenizer_config.json) into the ToolCalls our toolbox validates;
+a malformed call is an error ToolCall; our own `<tool_call>` format reads as it always did. Tokenizers are ours
+(trained offline) with the hub templates TRL ships put on them."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+from trl import chat_template_utils as ctu
+
+from pipeline.tokenizer import RESPONSE_TEMPLATE, train_tokenizer
+from pipeline.tool_formats import schema_calls, tool_parser_problem, turn_reader
+from pipeline.tool_rollout import generate_with_tools
+from pipeline.tools import Tool, ToolBox, parse_tool_calls
+
+ADD = {"type": "function", "function": {"name": "add", "description": "Add two integers",
+                                        "parameters": {"type": "object", "properties": {
+                                            "a": {"type": "integer"}, "b": {"type": "integer"}},
+                                            "required": ["a", "b"]}}}
+LLAMA_TOKENS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|python_tag|>",
+                "<|eom_id|>"]
+# A Mistral-like template with its schema, as a hub model would save it: `[TOOL_CALLS]` then a JSON list of calls.
+MISTRAL_TEMPLATE = (
+    "{%- if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'user' %}[INST]{{ m.content }}[/INST]"
+    "{%- elif m.role == 'assistant' %}{% if m.tool_calls %}[TOOL_CALLS]"
+    "{{ m.tool_calls | map(attribute='function') | list | tojson }}{% else %}{{ m.content }}{% endif %}<|im_end|>"
+    "{%- elif m.role == 'tool' %}[TOOL_RESULTS]{{ m.content }}[/TOOL_RESULTS]{% endif %}"
+    "{%- endfor %}")
+MISTRAL_SCHEMA = {
+    "defaults": {"role": "assistant"},
+    "start_anchor_pattern": r"\[/INST\]|\[/TOOL_RESULTS\]",
+    "fields": {
+        "tool_calls": {"open": "[TOOL_CALLS]", "close_pattern": r"<\|im_end\|>\s*", "content": "json",
+                       "transform_each": True,
+                       "transform": {"type": "function", "function": {"name": "{name}", "arguments": "{arguments}"}}},
+        "content": {"close_pattern": r"<\|im_end\|>\s*", "content": "text"},
+    },
+}
+
+
+def base_tokenizer():
+    rng = random.Random(0)
+    words = "the answer is what plus add two three five seven number".split()
+    corpus = [" ".join(rng.choice(words) for _ in range(12)) + ' {"name": "add", "arguments": {"a": 2, "b": 3}}'
+              for _ in range(200)]
+    return train_tokenizer(corpus, vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def ours():
+    return base_tokenizer()
+
+
+def hub_like(template: str, extra=(), eos=None):
+    """Our tokenizer with a hub chat template and no response schema (as a hub model without one loads)."""
+    tok = base_tokenizer()
+    if extra:
+        tok.add_special_tokens({"additional_special_tokens": list(extra)})
+    tok.chat_template, tok.response_template = template, None
+    if eos:
+        tok.eos_token = eos
+    return tok
+
+
+@pytest.fixture(scope="module")
+def llama():
+    tok = hub_like(ctu.llama3_1_chat_template, LLAMA_TOKENS, eos="<|eot_id|>")
+    tok.bos_token = "<|begin_of_text|>"
+    return tok
+
+
+@pytest.fixture(scope="module")
+def qwen3():
+    return hub_like(ctu.qwen3_chat_template)
+
+
+def add_box():
+    return ToolBox([Tool("add", ADD, lambda args: str(args["a"] + args["b"]))])
+
+
+def prompt_ids(tok):
+    text = tok.apply_chat_template([{"role": "user", "content": "2 plus 3?"}], tools=[ADD], tokenize=False,
+                                   add_generation_prompt=True)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def read_turn(tok, text: str):
+    turn = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return turn_reader(tok)(turn, prompt_ids(tok), [ADD])
+
+
+@pytest.mark.parametrize("marker", ["", "<|python_tag|>"])
+def test_llama_calls_parse_and_validate(llama, marker):
+    content, calls = read_turn(llama, marker + '{"name": "add", "parameters": {"a": 2, "b": 3}}')
+    assert content == "" and [(c.name, c.arguments, c.error) for c in calls] == [("add", {"a": 2, "b": 3}, None)]
+    assert add_box().call(calls[0]).content == "5"
+    assert llama.response_template is not None  # attached from TRL's registry
+    assert read_turn(llama, "The answer is 5.") == ("The answer is 5.", [])
+
+
+def test_llama_malformed_call_is_an_error_call(llama):
+    _, calls = read_turn(llama, '{"name": "add", "parameters": {"a": 2, "b": }}')
+    assert len(calls) == 1 and calls[0].name == "add" and calls[0].arguments is None
+    assert calls[0].error == "bad JSON (Expecting value at char 14)"
+    result = add_box().call(calls[0])
+    assert not result.valid and result.content == "invalid: bad JSON (Expecting value at char 14)"
+    _, calls = read_turn(llama, '{"name": "add", "parameters": {"a": 2, "b": "x"}}')  # parses; the schema refuses
+    assert calls[0].error is None and add_box().call(calls[0]).content.startswith("invalid: b: 'x' is not of type")
+
+
+def test_qwen3_calls_after_thinking(qwen3):
+    text = '<think>\nadd them\n</think>\n\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
+    content, calls = read_turn(qwen3, text)
+    assert content == "" and [(c.name, c.arguments) for c in calls] == [("add", {"a": 2, "b": 3})]
+    assert read_turn(qwen3, "<think>\nok\n</think>\n\nfive") == ("five", [])
+    bad = ('<tool_call>\n{"name": "add", "arguments": {"a": 2,}}\n</tool_call>\n'
+           '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 1}}\n</tool_call>')
+    _, calls = read_turn(qwen3, bad)  # one bad call does not lose the good one
+    assert calls[0].error.startswith("bad JSON (") and calls[1].arguments == {"a": 1, "b": 1}
+
+
+def test_saved_response_template_is_used(tmp_path):
+    tok = hub_like(MISTRAL_TEMPLATE)
+    tok.response_template = MISTRAL_SCHEMA
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = '[TOOL_CALLS][{"name": "add", "arguments": {"a": 2, "b": 3}}, {"name": "add", "arguments": {"a": 1}}]'
+    _, calls = read_turn(loaded, text)
+    box = add_box()
+    assert [(c.name, c.arguments) for c in calls] == [("add", {"a": 2, "b": 3}), ("add", {"a": 1})]
+    assert box.call(calls[0]).content == "5" and box.call(calls[1]).content == "invalid: 'b' is a required property"
+    assert tool_parser_problem(loaded) is None
+
+
+def test_our_format_reads_as_before(ours):
+    """Our template keeps parse_tool_calls (its errors included); on well-formed calls the schema path agrees."""
+    texts = ["The answer is 5.",
+             'Let me add.\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>',
+             '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>\n'
+             '<tool_call>\n{"name": "draw", "arguments": {"prompt": "a 7", "n": [1, 2]}}\n</tool_call>',
+             '<tool_call>\n{"name": "add", "arguments": "{\\"a\\": 1, \\"b\\": 2}"}\n</tool_call>',
+             '<tool_call>{"name": "add", "parameters": {}}</tool_call>',
+             '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": }}\n</tool_call>',
+             '<tool_call>\n{"name": "add", "arguments": {"a": 2}}']
+    prefix = ours.decode(prompt_ids(ours))
+    for text in texts:
+        assert read_turn(ours, text) == parse_tool_calls(text)
+        expect = parse_tool_calls(text)
+        if not any(c.error for c in expect[1]):
+            got = schema_calls(ours, RESPONSE_TEMPLATE, text + ours.eos_token, prefix)
+            assert [(c.name, c.arguments) for c in got[1]] == [(c.name, c.arguments) for c in expect[1]], text
+            assert got[0] == expect[0]
+
+
+class Scripted(torch.nn.Module):
+    """Generates its scripted turns in order (one row), whatever the input."""
+
+    def __init__(self, turns):
+        super().__init__()
+        self.turns = list(turns)
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kw):
+        return torch.cat([input_ids, torch.tensor([self.turns.pop(0)[:max_new_tokens]])], 1)
+
+
+def test_rollout_runs_a_llama_call(llama):
+    prompt = prompt_ids(llama)
+    call = llama('{"name": "add", "parameters": {"a": 2, "b": 3}}', add_special_tokens=False)["input_ids"]
+    answer = llama("five", add_special_tokens=False)["input_ids"]
+    eos = llama.eos_token_id
+    batch = generate_with_tools(Scripted([call + [eos], answer + [eos]]), llama, [prompt],
+                                [[{"role": "user", "content": "2 plus 3?"}]], add_box(), max_new_tokens=64,
+                                max_tool_calls=3, max_total_tokens=400, do_sample=False)
+    assert [(r.name, r.valid, r.content) for r in batch.calls[0]] == [("add", True, "5")]
+    assert batch.ended[0] and batch.final[0] == "five"
+
+
+def test_template_without_a_schema_is_a_problem(ours, llama):
+    tok = hub_like(MISTRAL_TEMPLATE)  # renders tools; no schema saved; TRL does not know it
+    problem = tool_parser_problem(tok)
+    assert problem and "response_template" in problem and "\n" not in problem
+    assert tool_parser_problem(ours) is None and tool_parser_problem(llama) is None
+    assert tool_parser_problem(hub_like("{% for m in messages %}{{ m.content }}{% endfor %}")) is None  # no tools
