@@ -94,6 +94,21 @@ def _data_problem(spec, recipe, stage: str, key: str, keys) -> str | None:
     return None
 
 
+def _tool_parser_problem(recipe, stage: str, keys, cp) -> str | None:
+    """The stage-start error of a checkpoint whose tokenizer cannot parse the policy's tool calls
+    (models.check_tool_parser), read from its tokenizer alone; only for a folder there now. eval with tool_prompts
+    stops on it; ppo with a tools section only if its prompts offer tools (unknown here: a warning)."""
+    if not ((stage == "eval" and keys.tool_prompts) or (stage == "ppo" and recipe.tools.tools)):
+        return None
+    if cp.path is None or not Path(cp.path).is_dir():  # a new model gets our tokenizer; hub ids are not fetched
+        return None
+    from pipeline import models
+    from pipeline.tool_formats import tool_parser_problem
+
+    problem = tool_parser_problem(models.load_tokenizer(recipe, cp))
+    return problem and (problem if stage == "eval" else f"{problem} (ppo stops at start if its prompts offer tools)")
+
+
 def python_tool_problems(recipe) -> list[str]:
     """The recipe's `python` tools made as the stages that run tools make them (the recipe allows their code:
     `tools.allow_code`): a function whose schema cannot be made (no docstring, no such module) is an error now."""
@@ -169,6 +184,9 @@ def check_stage(recipe, stage: str, launch: cluster.Launch, device_memory: int |
                             (problem := integrity.language_model_problem(cp.path)):  # headers, not whole weights
                         raise PipelineError(f"checkpoint '{v}' is damaged: {problem}")
                     s = model_shape(recipe, v)
+                    if f.name in ("init_from", "checkpoints") and \
+                            (problem := _tool_parser_problem(recipe, stage, keys, cp)):
+                        (errors if stage == "eval" else warnings).append(f"{stage}.{f.name}: {problem}")
                     if f.name == "init_from":
                         shape = s
                     described.append(f"{v or 'model'} ({s.source}, {s.model_type} {s.params / 1e6:.4g}M parameters)")

@@ -111,6 +111,8 @@ def main(argv):
 
         tokenizer = models.load_tokenizer(recipe, init)
         models.check_chat_template(tokenizer, {train_info["source"]: train_ds, eval_info["source"]: eval_ds})
+        if prompts and any(row.get("tools") for row in prompts):  # rounds 2+ read the sampled replies' calls
+            models.check_tool_parser(tokenizer, f"{recipe.path}: dpo.rounds")
         policy = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision,
                                        tokenizer=tokenizer)
         models.configure_generation(policy, tokenizer)

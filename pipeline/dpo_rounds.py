@@ -39,10 +39,10 @@ import numpy as np
 
 from pipeline import data, faults, integrity, judges, log, metrics as M, models, monitors, runs, safe_resume
 from pipeline.cli import PipelineError
-from pipeline.generation import generate, reply_logprob_sums
+from pipeline.generation import generate, prompt_ids, reply_logprob_sums
 from pipeline.heldout import verifier_accuracy
-from pipeline.reward_model import as_reply, offered_tools
-from pipeline.tools import parse_tool_calls
+from pipeline.reward_model import as_reply, offered_tools, tools_of
+from pipeline.tool_formats import call_reader
 
 STATE = "state.json"
 PAIRS = "pairs.json"
@@ -98,15 +98,18 @@ def annotator_prompts(rows: list[dict], spec: str) -> list[dict]:
     return kept
 
 
-def pair_reply(row: dict, text: str):
-    """A sampled reply as its pair holds it: `as_reply`; after a conversation that offers tools, a reply with tool
-    calls, every one parsed, is an assistant message with structured `tool_calls` (arguments as JSON strings, content
-    None when the reply is only calls, as tool_world.call_message writes them). A call that does not parse keeps the
-    reply as text."""
-    prompt = row["prompt"]
+def pair_reply(row: dict, reply, tokenizer, read=None):
+    """A sampled reply (generation.Reply) as its pair holds it: `as_reply`; after a conversation that offers tools, a
+    reply with tool calls, every one parsed (in the tokenizer's own format: tool_formats.call_reader, or `read`), is
+    an assistant message with structured `tool_calls` (arguments as JSON strings, content None when the reply is only
+    calls, as tool_world.call_message writes them). A call that does not parse keeps the reply as text."""
+    prompt, text = row["prompt"], reply.text
     if not row.get("tools") or not isinstance(prompt, list):
         return as_reply(prompt, text)
-    content, calls = parse_tool_calls(text)
+    read = read or call_reader(tokenizer)
+    turn = (reply.token_ids if reply.token_ids is not None else tokenizer(text, add_special_tokens=False)["input_ids"])
+    tools = tools_of(row)
+    content, calls = read(list(turn) + [tokenizer.eos_token_id], prompt_ids(tokenizer, prompt, tools), tools)
     if not calls or any(c.error for c in calls):
         return as_reply(prompt, text)
     return [{"role": "assistant", "content": content or None,
@@ -159,8 +162,9 @@ def label_pairs(setup: Rounds, rows, samples, r: int) -> tuple[list[dict], int]:
     judge) dropped. Returns the pairs and how many were dropped. A tool prompt's replies are scored and paired as
     `pair_reply` writes them, with the row's tools (kept in its pair)."""
     a, b = [s[0].text for s in samples], [s[1].text for s in samples]
-    replies_a = [pair_reply(row, x) for row, x in zip(rows, a)]
-    replies_b = [pair_reply(row, y) for row, y in zip(rows, b)]
+    read = call_reader(setup.tokenizer)
+    replies_a = [pair_reply(row, s[0], setup.tokenizer, read) for row, s in zip(rows, samples)]
+    replies_b = [pair_reply(row, s[1], setup.tokenizer, read) for row, s in zip(rows, samples)]
     if setup.keys.round_labeller == "reward":
         prompts, tools = [row["prompt"] for row in rows], offered_tools(rows)
         outcomes = judges.outcomes(rows, "reward", a, b, setup.reward.scores(prompts, replies_a, tools, desc="rewards"),

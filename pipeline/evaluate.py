@@ -355,6 +355,8 @@ def main(argv):
             own = tokenizer.chat_template
             target.tokenizer = tokenizer = models.recipe_chat_template(recipe, tokenizer)
             models.check_chat_template(tokenizer, {keys.prompts: rows, keys.perplexity_data: ppl_rows})
+            if tool_plan is not None:
+                models.check_tool_parser(tokenizer, f"{keys.tool_prompts}: {target.name}")
             if own and own != tokenizer.chat_template:  # a model tuned elsewhere, answering in a format it never saw
                 log.warning(f"{target.name}: evaluated with the pipeline's chat template over its own "
                             f"(tokenizer.chat_template: {recipe.tokenizer.chat_template}); set it to `own` to "

@@ -46,7 +46,7 @@ def generate(model, tokenizer, prompts, *, max_new_tokens=64, batch_size=32, do_
              tools=None) -> list[list[Reply]]:
     """Replies for each prompt (num_samples each), batched with left padding and the KV cache. `tools`: the tool
     schemas each prompt offers (a list per prompt, None where it offers none), rendered by the chat template; the
-    replies are one turn each (a tool call is sampled, never run: parse it with pipeline.tools.parse_tool_calls).
+    replies are one turn each (a tool call is sampled, never run: read it with pipeline.tool_formats.call_reader).
 
     Prompts are generated longest-first, so each batch pads little; results come back in the input order. With
     `engine` (pipeline/vllm_engine.py, holding `model`'s weights) vLLM samples them instead, all at once.

@@ -101,6 +101,16 @@ def check_chat_template(tokenizer, data: dict, assistant_only: bool = False) -> 
                                 f"(tokenizer.chat_template: pipeline uses the pipeline's ChatML template)")
 
 
+def check_tool_parser(tokenizer, where: str) -> None:
+    """One line (exit 2) before a stage that reads the policy's tool calls when nothing can parse them: a chat
+    template that renders tools without a response schema (pipeline.tool_formats.tool_parser_problem)."""
+    from pipeline.tool_formats import tool_parser_problem
+
+    problem = tool_parser_problem(tokenizer)
+    if problem:
+        raise PipelineError(f"{where}: {problem}")
+
+
 def _adapter_base(path) -> str:
     """The model an adapter folder goes on. peft records its absolute path at training time; a stage folder's manifest
     records where the stage started relative to its run folder, which stays right when the run folder is moved or

@@ -215,6 +215,8 @@ def main(argv):
             check_implicit_reward(recipe, cfg, init, implicit)
         tokenizer = models.load_tokenizer(recipe, init)  # checked here, then the policy's
         models.check_chat_template(tokenizer, {keys.prompts: prompts})
+        if recipe.tools.tools and "tools" in prompts.column_names and any(prompts["tools"]):
+            models.check_tool_parser(tokenizer, f"{recipe.path}: ppo")
         check_reads(recipe, reward_checkpoints, prompts["prompt"], keys.prompts, "ppo.reward_model")
         run.prepare()
 

@@ -61,6 +61,16 @@ def turn_reader(tokenizer):
                                                        tokenizer.decode(context), schemas)
 
 
+def call_reader(tokenizer, parse=None):
+    """`turn_reader`, or `parse(text)` on the turn's text when given, or parse_tool_calls when there is no schema
+    (a template that renders no tools: the stages refuse one that does, see `tool_parser_problem`)."""
+    read = turn_reader(tokenizer) if parse is None else None
+    if read is not None:
+        return read
+    parse = parse or parse_tool_calls
+    return lambda turn, context, schemas: parse(tokenizer.decode(turn[:-1], skip_special_tokens=True))
+
+
 def schema_calls(tokenizer, schema: dict, text: str, prefix: str = "", tools=None) -> tuple[str, list[ToolCall]]:
     """(the reply's content, its calls) as the response schema reads `text` after the prompt `prefix`. A call whose
     body does not parse (bad JSON) is a ToolCall with the error, never an exception: transformers' parser fails

@@ -106,20 +106,6 @@ def tool_turn_text(tokenizer, conversation: list[dict], tool_messages: list[dict
                           for m in tool_messages) + "<|im_start|>assistant\n"
 
 
-def reader(tokenizer, parse=None):
-    """read(turn_ids, context_ids, schemas) -> (content, [ToolCall]) for a turn that ended with end-of-turn: `parse`
-    on its text, else the tokenizer's own format (tool_formats.turn_reader). A tokenizer with no schema falls back to
-    our `<tool_call>` parser: the stages refuse one whose template renders tools (tool_formats.tool_parser_problem)."""
-    if parse is None:
-        from pipeline.tool_formats import turn_reader
-
-        read = turn_reader(tokenizer)
-        if read is not None:
-            return read
-        from pipeline.tools import parse_tool_calls as parse
-    return lambda turn, context, schemas: parse(tokenizer.decode(turn[:-1], skip_special_tokens=True))
-
-
 def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -149,7 +135,9 @@ def generate_with_tools(policy, tokenizer, prompts_ids: list[list[int]], message
     format is read (pipeline/tool_formats.py: its response schema, or our `<tool_call>` parser for our template).
     With `engine` (pipeline/vllm_engine.py, holding the policy's weights) vLLM samples each round's turns instead.
     """
-    read = reader(tokenizer, parse)
+    from pipeline.tool_formats import call_reader
+
+    read = call_reader(tokenizer, parse)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     B = len(prompts_ids)

@@ -187,3 +187,59 @@ def test_template_without_a_schema_is_a_problem(ours, llama):
     assert problem and "response_template" in problem and "\n" not in problem
     assert tool_parser_problem(ours) is None and tool_parser_problem(llama) is None
     assert tool_parser_problem(hub_like("{% for m in messages %}{{ m.content }}{% endfor %}")) is None  # no tools
+
+
+USERTOOLS = '''
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: the first
+        b: the second
+    """
+    return a + b
+'''
+
+
+def test_stages_and_check_stop_on_a_template_they_cannot_parse(tmp_path, monkeypatch):
+    """A hub model whose template renders tools, with no schema: eval with tool prompts and --check say so in one
+    line (exit 2) before anything is written, instead of reading every call as a final answer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import run_cli, tiny_recipe, write_jsonl
+    from pipeline import evaluate
+    from pipeline.cli import PipelineError
+
+    tok = hub_like(MISTRAL_TEMPLATE)
+    user = tmp_path / "user"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(user)
+    tok.save_pretrained(user)
+    (tmp_path / "usertools.py").write_text(USERTOOLS)
+    prompts = write_jsonl(tmp_path / "tool_prompts.jsonl", [{"prompt": "Add 2 and 3.", "tools": [ADD]}])
+    recipe = tiny_recipe(tmp_path, tokenizer={"chat_template": "own"},
+                         tools={"allow_code": True, "tools": [{"name": "add", "backend": "python",
+                                                               "function": "usertools:add"}]},
+                         eval={"checkpoints": [str(user)], "tool_prompts": prompts, "max_prompts": 2})
+    check = run_cli(["pipeline/run.py", recipe, "--check", "--only", "eval"], cwd=tmp_path,
+                    env={"OMP_NUM_THREADS": "1"})
+    errors = [line.strip() for line in check.stdout.splitlines() if "error: " in line]
+    assert check.returncode == 2 and len(errors) == 1, check.stdout[-2000:] + check.stderr[-2000:]
+    assert "renders tools but no response schema" in errors[0] and str(user) in errors[0]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PipelineError, match=r"tool_prompts\.jsonl: \S*user: the tokenizer of .*`response_template`") \
+            as err:
+        evaluate.main([str(recipe)])
+    assert "\n" not in str(err.value) and not (tmp_path / "runs").exists()
+
+
+def test_dpo_round_pairs_keep_a_llama_call_structured(llama):
+    """dpo rounds 2+ pair a sampled call as a structured tool call: in Llama's format it was kept as text."""
+    from pipeline.dpo_rounds import pair_reply
+    from pipeline.generation import Reply
+
+    ids = llama('{"name": "add", "parameters": {"a": 2, "b": 3}}', add_special_tokens=False)["input_ids"]
+    row = {"prompt": [{"role": "user", "content": "2 plus 3?"}], "tools": [ADD]}
+    reply = Reply(llama.decode(ids, skip_special_tokens=True), True, len(ids), ids)
+    assert pair_reply(row, reply, llama) == [{"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]}]
