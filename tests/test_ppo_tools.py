@@ -482,6 +482,32 @@ def test_bad_tool_input_exits_2_with_one_line_and_writes_nothing(inputs, case):
     assert not (work / "runs/bad").exists()
 
 
+def test_a_template_that_renders_tools_without_a_response_schema_exits_2(inputs):
+    """A policy kept in its own chat format (tokenizer.chat_template: own) that renders tools, with no response schema
+    saved and none in TRL's registry: every call it wrote read as a final answer; now the stage stops at start (one
+    line) and --check warns."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from test_tool_formats import MISTRAL_TEMPLATE
+
+    work = inputs[0]
+    user = work / "policy-own-format"
+    shutil.copytree(work / "policy", user, dirs_exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(user)
+    tok.chat_template, tok.response_template = MISTRAL_TEMPLATE, None
+    tok.save_pretrained(user)
+    args = [tool_recipe(work), "run.name=own", f"ppo.init_from={user}", "tokenizer.chat_template=own"]
+    proc = run_cli(["pipeline/ppo.py", *args], cwd=work, env=ENV)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"the tokenizer of {user} has a chat template that renders tools but no response schema" in last
+    assert not (work / "runs/own").exists()
+    check = run_cli(["pipeline/run.py", *args, "--check", "--only", "ppo"], cwd=work, env=ENV)
+    assert "warning: ppo.init_from: the tokenizer of" in check.stdout, check.stdout[-2000:]
+
+
 def test_offered_tools_batch_the_calls_they_offer_and_refuse_the_others():
     """A prompt's offered tools pass its calls to the ToolBox's batch (the image tool draws a round's calls at
     once); a call to a tool the prompt does not offer never reaches the ToolBox."""
