@@ -51,7 +51,7 @@ def turn_reader(tokenizer):
     """read(turn_ids, context_ids, schemas) -> (content, [ToolCall]) for one assistant turn ending with its end-of-turn
     token (`context_ids`: the ids before it), or None when no schema is to be had (see `tool_parser_problem`)."""
     if own_format(tokenizer):
-        return lambda turn, context, schemas: parse_tool_calls(tokenizer.decode(turn[:-1], skip_special_tokens=True))
+        return text_reader(tokenizer, parse_tool_calls)
     schema = response_schema(tokenizer)
     if schema is None or CALLS not in schema.get("fields", {}):
         return None
@@ -65,9 +65,11 @@ def call_reader(tokenizer, parse=None):
     """`turn_reader`, or `parse(text)` on the turn's text when given, or parse_tool_calls when there is no schema
     (a template that renders no tools: the stages refuse one that does, see `tool_parser_problem`)."""
     read = turn_reader(tokenizer) if parse is None else None
-    if read is not None:
-        return read
-    parse = parse or parse_tool_calls
+    return read or text_reader(tokenizer, parse or parse_tool_calls)
+
+
+def text_reader(tokenizer, parse):
+    """`parse(text)` on the turn's text without its end-of-turn and special tokens."""
     return lambda turn, context, schemas: parse(tokenizer.decode(turn[:-1], skip_special_tokens=True))
 
 
