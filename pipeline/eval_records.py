@@ -108,8 +108,9 @@ def save(folder: Path, key: str, target) -> None:
     runs.write_json(folder / FOLDER / f"{key}.json", record)
 
 
-def load(folders: list[Path], key: str, target) -> Path | None:
-    """Fill `target` from the first of `folders` holding a record with this key; the record's path, or None."""
+def read(folders: list[Path], key: str) -> tuple[dict, Path] | None:
+    """(the record with this key, its path) from the first of `folders` that has it, or None. A damaged record (cut
+    short by a full disk, edited) is warned about and passed over: what it held is made again."""
     for folder in folders:
         path = folder / FOLDER / f"{key}.json"
         try:
@@ -117,22 +118,29 @@ def load(folders: list[Path], key: str, target) -> Path | None:
         except FileNotFoundError:
             continue
         except (OSError, json.JSONDecodeError) as err:
-            log.warning(f"{path}: unreadable ({err}): generating instead")
+            log.warning(f"{path}: unreadable ({err}): made again instead")
             continue
-        if record.get("key") != key:
-            continue
-        for name in REPLY_LISTS:
-            setattr(target, name, [Reply(**r) for r in record[name]])
-        for name in SAMPLE_LISTS:
-            value = record[name]
-            setattr(target, name, None if value is None else [[Reply(**r) for r in replies] for replies in value])
-        for name in ARRAYS:
-            value = record[name]
-            setattr(target, name, None if value is None else np.asarray(value, dtype=float))
-        for name in PLAIN:
-            setattr(target, name, record[name])
-        return path
+        if record.get("key") == key:
+            return record, path
     return None
+
+
+def load(folders: list[Path], key: str, target) -> Path | None:
+    """Fill `target` from the first of `folders` holding a record with this key; the record's path, or None."""
+    if (found := read(folders, key)) is None:
+        return None
+    record, path = found
+    for name in REPLY_LISTS:
+        setattr(target, name, [Reply(**r) for r in record[name]])
+    for name in SAMPLE_LISTS:
+        value = record[name]
+        setattr(target, name, None if value is None else [[Reply(**r) for r in replies] for replies in value])
+    for name in ARRAYS:
+        value = record[name]
+        setattr(target, name, None if value is None else np.asarray(value, dtype=float))
+    for name in PLAIN:
+        setattr(target, name, record[name])
+    return path
 
 
 def rollout_record(rollout: dict) -> dict:
@@ -150,12 +158,13 @@ def save_tools(folder: Path, key: str, run: ToolRun, seconds: float, images: Pat
               "samples": None if run.samples is None else [[rollout_record(r) for r in rs] for rs in run.samples],
               "log_ratios": None if run.log_ratios is None else np.asarray(run.log_ratios, dtype=float).tolist(),
               "images": sorted(run.images or {})}
-    drawn = folder / FOLDER / key
-    if drawn.resolve() != images.resolve():
-        shutil.rmtree(drawn, ignore_errors=True)
-        if images.is_dir():
-            shutil.copytree(images, drawn)
-    runs.write_json(folder / FOLDER / f"{key}.json", record)  # last: a record is never without its images
+    path, drawn = folder / FOLDER / f"{key}.json", folder / FOLDER / key
+    (folder / FOLDER).mkdir(exist_ok=True)
+    path.unlink(missing_ok=True)  # a record is never without its images: gone while they are replaced
+    shutil.rmtree(drawn, ignore_errors=True)
+    if images.is_dir():
+        shutil.copytree(images, drawn)
+    runs.write_json(path, record)
 
 
 def load_tools(folders: list[Path], key: str, images: Path) -> tuple[ToolRun, float, Path] | None:
@@ -164,30 +173,23 @@ def load_tools(folders: list[Path], key: str, images: Path) -> tuple[ToolRun, fl
     import torch
     from PIL import Image
 
-    for folder in folders:
-        path = folder / FOLDER / f"{key}.json"
-        try:
-            record = json.loads(path.read_text())
-        except FileNotFoundError:
-            continue
-        except (OSError, json.JSONDecodeError) as err:
-            log.warning(f"{path}: unreadable ({err}): rolling out instead")
-            continue
-        if record.get("key") != key:
-            continue
-        drawn = folder / FOLDER / key
+    if (found := read(folders, key)) is None:
+        return None
+    record, path = found
+    loaded = {}
+    try:
         if record["images"]:
-            if images.exists():
-                shutil.rmtree(images)
-            shutil.copytree(drawn, images)
-        loaded = {}
+            shutil.rmtree(images, ignore_errors=True)
+            shutil.copytree(path.with_suffix(""), images)  # checkpoints/<key>/
         for image_id in record["images"]:  # as the image store holds them: C x H x W in [0, 1]
             pixels = torch.from_numpy(np.array(Image.open(images / f"{image_id}.png"))).float() / 255
             loaded[image_id] = pixels[None] if pixels.dim() == 2 else pixels.permute(2, 0, 1)
-        run = ToolRun([rollout_from(r) for r in record["greedy"]], record["verdicts"],
-                      None if record["log_ratios"] is None else np.asarray(record["log_ratios"], dtype=float),
-                      None if record["samples"] is None else [[rollout_from(r) for r in rs]
-                                                               for rs in record["samples"]],
-                      record["kl_note"], loaded)
-        return run, record["seconds"], path
-    return None
+    except OSError as err:  # its images deleted or damaged: roll out again
+        log.warning(f"{path}: the images drawn are not all there ({err}): rolling out instead")
+        shutil.rmtree(images, ignore_errors=True)
+        return None
+    run = ToolRun([rollout_from(r) for r in record["greedy"]], record["verdicts"],
+                  None if record["log_ratios"] is None else np.asarray(record["log_ratios"], dtype=float),
+                  None if record["samples"] is None else [[rollout_from(r) for r in rs] for rs in record["samples"]],
+                  record["kl_note"], loaded)
+    return run, record["seconds"], path

@@ -425,6 +425,33 @@ def test_a_checkpoint_added_to_the_list_is_the_only_one_generated_again(ranked, 
     assert made == ["ranked/sft"]  # the base's record from the stopped attempt, in eval.partial
 
 
+def test_a_tool_record_reads_back_and_a_damaged_one_is_made_again(tmp_path):
+    """A checkpoint's tool rollouts read back as they were saved, with the images drawn; a record whose images are
+    gone, or whose file was cut short, is no record (the rollouts are made again) rather than an error."""
+    from PIL import Image
+
+    from pipeline import eval_records
+    from pipeline.eval_tools import ToolRun
+    from pipeline.tool_calls import ToolResult
+
+    folder, drawn = tmp_path / "eval", tmp_path / "eval/images/sft"
+    drawn.mkdir(parents=True)
+    Image.fromarray(np.full((4, 4), 255, np.uint8)).save(drawn / "1.png")
+    call = ToolResult(name="draw_image", arguments={"prompt": "a 3"}, valid=True, ok=True, content="image 1",
+                      error=None, image="1", seconds=0.5)
+    run = ToolRun([{"calls": [call], "turns": [], "final": "3", "ended": True, "text": "3"}], [{"correct": True}],
+                  log_ratios=np.array([[0.25]]), images={"1": torch.ones(1, 4, 4)})
+    eval_records.save_tools(folder, "k", run, 1.5, drawn)
+    got, seconds, path = eval_records.load_tools([folder], "k", tmp_path / "restored")
+    assert got.greedy == run.greedy and got.verdicts == run.verdicts and seconds == 1.5
+    assert got.log_ratios.tolist() == [[0.25]] and torch.equal(got.images["1"], torch.ones(1, 4, 4))
+    assert (tmp_path / "restored/1.png").read_bytes() == (drawn / "1.png").read_bytes()
+    shutil.rmtree(folder / "checkpoints/k")  # its images deleted
+    assert eval_records.load_tools([folder], "k", tmp_path / "again") is None
+    (folder / "checkpoints/k.json").write_text('{"key": "k", "greedy": [')  # cut short
+    assert eval_records.read([folder], "k") is None
+
+
 def test_malformed_prompt_file_gets_one_line_naming_the_row(tmp_path, monkeypatch, capsys):
     bad = tmp_path / "prompts.jsonl"
     bad.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps({"prompt": "fine", "answer": "1"}) + "\n"
