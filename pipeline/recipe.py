@@ -19,6 +19,7 @@ import yaml
 
 from pipeline.cli import PipelineError
 from pipeline.files import text_of
+from pipeline.key_checks import check_value, unknown_key_hint
 from pipeline.values import Mismatch, closest, coerce, field_types, type_name
 from pipeline.stages import PEFT_FIELDS, STAGES, TrainingKeys
 
@@ -240,58 +241,6 @@ class Recipe:
             raise PipelineError(f"{self.path}: section '{stage}': {str(err).splitlines()[0]}") from None
 
 
-# Numeric keys whose value has a floor (checked when the recipe loads, before any stage starts): key -> (lowest
-# allowed, what it means). Names shared by many config classes; a stage's own rules stay in its config class.
-FLOORS = {
-    "per_device_train_batch_size": (1, "at least 1"), "per_device_eval_batch_size": (1, "at least 1"),
-    "gradient_accumulation_steps": (1, "at least 1"), "global_batch_size": (1, "at least 1"),
-    "batch_size": (1, "at least 1"), "eval_batch_size": (1, "at least 1"), "heldout_batch_size": (1, "at least 1"),
-    "learning_rate": (0, "0 or more"), "critic_learning_rate": (0, "0 or more"), "weight_decay": (0, "0 or more"),
-    "num_train_epochs": (0, "0 or more"), "max_steps": (-1, "-1 (not set) or more"), "warmup_steps": (0, "0 or more"),
-    "logging_steps": (0, "0 or more"), "save_steps": (0, "0 or more"), "eval_steps": (0, "0 or more"),
-    "save_total_limit": (0, "0 or more"), "max_grad_norm": (0, "0 or more"), "max_length": (1, "at least 1"),
-    "block_size": (2, "at least 2"), "max_new_tokens": (1, "at least 1"), "heldout_max_prompts": (1, "at least 1"),
-    "heldout_max_new_tokens": (1, "at least 1"), "num_generations": (1, "at least 1"),
-    "norm_max_pairs": (1, "at least 1"), "calibration_bins": (1, "at least 1"), "monitor_window": (1, "at least 1"),
-    "rounds": (1, "at least 1"), "round_max_prompts": (1, "at least 1"), "round_max_new_tokens": (1, "at least 1"),
-    "carbon_intensity_g_per_kwh": (0, "0 or more"), "length_split": (1, "at least 1"),
-    "parallel_stages": (1, "at least 1"), "beta": (0, "0 or more"),
-}
-TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
-            "trackio": ("trackio",), "comet_ml": ("comet_ml",), "clearml": ("clearml",), "dvclive": ("dvclive",),
-            "swanlab": ("swanlab",), "neptune": ("neptune",), "codecarbon": ("codecarbon",)}
-
-
-def _check_value(section: str, key: str, value, src) -> None:
-    floor = FLOORS.get(key)
-    if floor and isinstance(value, (int, float)) and not isinstance(value, bool) and value < floor[0]:
-        raise PipelineError(f"{src}: {section}.{key} must be {floor[1]}, got {value!r}")
-    if key == "eval_fraction" and isinstance(value, (int, float)) and not 0 < value < 1:
-        raise PipelineError(f"{src}: {section}.eval_fraction must be between 0 and 1 (exclusive), got {value!r}")
-    if section == "run" and key == "carbon_country" and not re.fullmatch(r"[A-Za-z]{3}", str(value)):
-        raise PipelineError(f"{src}: run.carbon_country must be a 3-letter ISO 3166 country code (e.g. USA, FRA, "
-                            f"DEU), got {value!r}")
-    if section == "run" and key == "launcher" and value:
-        import shlex
-
-        try:
-            shlex.split(value)
-        except ValueError as err:
-            raise PipelineError(f"{src}: run.launcher: {err} in {value!r}") from None
-    if key == "report_to":
-        import importlib.util
-
-        for name in [value] if isinstance(value, str) else value or []:
-            if name in ("none", "all"):
-                continue
-            if name not in TRACKERS:
-                raise PipelineError(f"{src}: {section}.report_to: unknown tracker '{name}' (one of: none, all, "
-                                    f"{', '.join(TRACKERS)}){closest(str(name), TRACKERS)}")
-            if not any(importlib.util.find_spec(m) for m in TRACKERS[name]):
-                raise PipelineError(f"{src}: {section}.report_to: '{name}' is not installed "
-                                    f"(pip install {TRACKERS[name][0]})")
-
-
 def _validate_section(section: str, raw, where, origins) -> dict:
     """Check keys and types of one section; returns coerced values. `origins` maps key -> override text."""
     if raw is None:
@@ -306,12 +255,14 @@ def _validate_section(section: str, raw, where, origins) -> dict:
     for k, v in raw.items():
         src = f"override '{origins[k]}'" if k in origins else where
         if k not in fields:
-            raise PipelineError(f"{src}: unknown key '{k}' in section '{section}'{closest(str(k), fields)}")
+            raise PipelineError(f"{src}: unknown key '{k}' in section '{section}'{closest(str(k), fields)}"
+                                f"{unknown_key_hint(section, k)}")
         try:
             out[k] = coerce(v, fields[k][1])
         except Mismatch:
             raise PipelineError(f"{src}: {section}.{k} must be {type_name(fields[k][1])}, got {v!r}") from None
-        _check_value(section, k, out[k], src)
+        check_value(section, k, out[k], src, _config_class(STAGES[section].config_class)
+                    if fields[k][0] == "config" else None)
     return out
 
 

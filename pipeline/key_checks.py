@@ -1,0 +1,107 @@
+"""Checks of one recipe value as the recipe loads (pipeline/recipe.py calls them for every key of every section): floors
+of numeric keys, trackers, the values a TRL/transformers config accepts from a list, and hints for unknown keys.
+
+TRL's configs accept any string for keys their trainers check only when they start or at the first training step
+(DPOConfig.loss_type is checked when the first loss is computed: a traceback mid-stage); the lists of valid values
+come from the config classes themselves (a field's `choices`, or the values its help text lists), not from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from pipeline.cli import PipelineError
+from pipeline.values import closest
+
+# Fields whose valid values TRL lists only in the help text (no `choices`): (config class name, key). The trainer
+# raises "Unknown loss type" at the first step, listing the same values (tests/test_recipe.py compares them).
+HELP_LISTED = {("DPOConfig", "loss_type")}
+
+# Keys of one section that users of another section write: (section, key) -> the hint added to "unknown key".
+KEY_HINTS = {}
+
+
+def listed_values(config_class, key: str) -> list[str] | None:
+    """The values `config_class` accepts for `key`, if it lists them; None when any value goes."""
+    f = next((f for f in dataclasses.fields(config_class) if f.name == key), None)
+    if f is None:
+        return None
+    if "choices" in f.metadata:
+        return [str(c) for c in f.metadata["choices"]]
+    if (config_class.__name__, key) in HELP_LISTED:
+        return re.findall(r"`'(\w+)'`", f.metadata.get("help", "")) or None
+    return None
+
+
+def choice_problem(config_class, key: str, value) -> str | None:
+    """What is wrong with `value` (one value, or a list of them) for a key whose values the config class lists."""
+    valid = listed_values(config_class, key)
+    if not valid or value is None:
+        return None
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if str(v) not in valid:
+            return f"'{v}' is not a {config_class.__name__} {key} (one of: {', '.join(valid)}){closest(str(v), valid)}"
+    return None
+
+
+def unknown_key_hint(section: str, key: str) -> str:
+    """What to write instead of an unknown key that other sections have ("": no hint)."""
+    hint = KEY_HINTS.get((section, key))
+    return f": {hint}" if hint else ""
+
+
+# Numeric keys whose value has a floor (checked when the recipe loads, before any stage starts): key -> (lowest
+# allowed, what it means). Names shared by many config classes; a stage's own rules stay in its config class.
+FLOORS = {
+    "per_device_train_batch_size": (1, "at least 1"), "per_device_eval_batch_size": (1, "at least 1"),
+    "gradient_accumulation_steps": (1, "at least 1"), "global_batch_size": (1, "at least 1"),
+    "batch_size": (1, "at least 1"), "eval_batch_size": (1, "at least 1"), "heldout_batch_size": (1, "at least 1"),
+    "learning_rate": (0, "0 or more"), "critic_learning_rate": (0, "0 or more"), "weight_decay": (0, "0 or more"),
+    "num_train_epochs": (0, "0 or more"), "max_steps": (-1, "-1 (not set) or more"), "warmup_steps": (0, "0 or more"),
+    "logging_steps": (0, "0 or more"), "save_steps": (0, "0 or more"), "eval_steps": (0, "0 or more"),
+    "save_total_limit": (0, "0 or more"), "max_grad_norm": (0, "0 or more"), "max_length": (1, "at least 1"),
+    "block_size": (2, "at least 2"), "max_new_tokens": (1, "at least 1"), "heldout_max_prompts": (1, "at least 1"),
+    "heldout_max_new_tokens": (1, "at least 1"), "num_generations": (1, "at least 1"),
+    "norm_max_pairs": (1, "at least 1"), "calibration_bins": (1, "at least 1"), "monitor_window": (1, "at least 1"),
+    "rounds": (1, "at least 1"), "round_max_prompts": (1, "at least 1"), "round_max_new_tokens": (1, "at least 1"),
+    "carbon_intensity_g_per_kwh": (0, "0 or more"), "length_split": (1, "at least 1"),
+    "parallel_stages": (1, "at least 1"), "beta": (0, "0 or more"),
+}
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+            "trackio": ("trackio",), "comet_ml": ("comet_ml",), "clearml": ("clearml",), "dvclive": ("dvclive",),
+            "swanlab": ("swanlab",), "neptune": ("neptune",), "codecarbon": ("codecarbon",)}
+
+
+def check_value(section: str, key: str, value, src, config_class=None) -> None:
+    """One key's value as the recipe loads (file or override `src`); `config_class`: the TRL/transformers class a
+    config key goes to, whose listed values (`choices`) are checked here, not at the trainer's first step."""
+    if config_class is not None and (problem := choice_problem(config_class, key, value)):
+        raise PipelineError(f"{src}: {section}.{key}: {problem}")
+    floor = FLOORS.get(key)
+    if floor and isinstance(value, (int, float)) and not isinstance(value, bool) and value < floor[0]:
+        raise PipelineError(f"{src}: {section}.{key} must be {floor[1]}, got {value!r}")
+    if key == "eval_fraction" and isinstance(value, (int, float)) and not 0 < value < 1:
+        raise PipelineError(f"{src}: {section}.eval_fraction must be between 0 and 1 (exclusive), got {value!r}")
+    if section == "run" and key == "carbon_country" and not re.fullmatch(r"[A-Za-z]{3}", str(value)):
+        raise PipelineError(f"{src}: run.carbon_country must be a 3-letter ISO 3166 country code (e.g. USA, FRA, "
+                            f"DEU), got {value!r}")
+    if section == "run" and key == "launcher" and value:
+        import shlex
+
+        try:
+            shlex.split(value)
+        except ValueError as err:
+            raise PipelineError(f"{src}: run.launcher: {err} in {value!r}") from None
+    if key == "report_to":
+        import importlib.util
+
+        for name in [value] if isinstance(value, str) else value or []:
+            if name in ("none", "all"):
+                continue
+            if name not in TRACKERS:
+                raise PipelineError(f"{src}: {section}.report_to: unknown tracker '{name}' (one of: none, all, "
+                                    f"{', '.join(TRACKERS)}){closest(str(name), TRACKERS)}")
+            if not any(importlib.util.find_spec(m) for m in TRACKERS[name]):
+                raise PipelineError(f"{src}: {section}.report_to: '{name}' is not installed "
+                                    f"(pip install {TRACKERS[name][0]})")
