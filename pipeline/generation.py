@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,12 +14,34 @@ from tqdm.auto import tqdm
 from pipeline import metrics as M, rl
 
 
-# What a model's own generation_config.json may set to shape its samples (Qwen2.5's: repetition_penalty 1.05-1.1,
-# top_k 20; others min_p, num_beams, ...): generate() applies each one it is not given, so every generate call here
-# gives them, at the values that leave the model's distribution as it is. Eval's samples (and the KL read from
-# them), PPO's rollouts (whose log-probabilities are the policy's own) and greedy replies need exactly that.
+# What a model's own generation_config.json may set to shape its samples away from the model's distribution (Qwen2.5's:
+# repetition_penalty 1.05-1.1; others min_p, num_beams, suppress_tokens, min_length, bad_words_ids, forced tokens, ...):
+# generate() applies each one it is not given. This is every field that adds a logits processor besides temperature,
+# top_k and top_p (which each call sets itself), at the value that adds none. Eval's samples (and the KL read from
+# them), PPO's rollouts (whose log-probabilities are the policy's own) and greedy replies need exactly that: every
+# generate call here passes them, and TRL's rollouts run inside `unshaped` (its GenerationConfig is filled from the
+# model's for every field it leaves unset).
 UNSHAPED = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_p": None, "typical_p": 1.0,
-            "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "num_beams": 1, "min_new_tokens": None}
+            "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "num_beams": 1, "min_new_tokens": None, "min_length": 0,
+            "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
+            "forced_eos_token_id": None, "sequence_bias": None, "exponential_decay_length_penalty": None,
+            "renormalize_logits": False, "remove_invalid_values": False, "encoder_no_repeat_ngram_size": 0,
+            "encoder_repetition_penalty": 1.0, "guidance_scale": None, "top_h": None, "watermarking_config": None}
+
+
+@contextmanager
+def unshaped(model):
+    """`model`'s generation_config without what shapes samples (UNSHAPED) for the duration: for generate calls made
+    by others (TRL's trainers). Restored after, so a saved model keeps the user's settings."""
+    gen = model.generation_config
+    kept = {k: getattr(gen, k, None) for k in UNSHAPED}
+    for k, v in UNSHAPED.items():
+        setattr(gen, k, v)
+    try:
+        yield model
+    finally:
+        for k, v in kept.items():
+            setattr(gen, k, v)
 
 
 @dataclass

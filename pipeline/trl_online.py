@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from pipeline import cli, judges, log, metrics, models, monitors, vllm_engine
-from pipeline.generation import UNSHAPED, prompt_ids
+from pipeline.generation import prompt_ids, unshaped
 from pipeline.reward_model import RewardEnsemble, RewardModel, load_scorer, offered_tools
 
 
@@ -67,19 +67,6 @@ def reward_function(reward_model: RewardModel | RewardEnsemble, eos_token_id: in
         return scores.tolist()
 
     return reward_model_score
-
-
-def unshaped_generation(values: dict) -> dict:
-    """`values` (GRPOConfig / RLOOConfig arguments) with `generation_kwargs` that keep the policy's own sampling
-    defaults (its generation_config.json: min_p, no_repeat_ngram_size, typical_p, ...) out of TRL's rollouts:
-    transformers fills every field TRL's GenerationConfig leaves unset from them, so each gets its neutral value
-    (None ones too: they would be filled). What TRL sets itself (repetition_penalty, a min_p of trl_args) and the
-    user's own generation_kwargs win. vLLM takes no such keys (it samples with TRL's SamplingParams)."""
-    if values.get("use_vllm") or not isinstance(values.get("generation_kwargs") or {}, dict):
-        return values
-    neutral = {k: {"min_p": 0.0, "min_new_tokens": 0}.get(k, v) for k, v in UNSHAPED.items()
-               if k != "repetition_penalty" and not (k == "min_p" and values.get("min_p") is not None)}
-    return {**values, "generation_kwargs": {**neutral, **(values.get("generation_kwargs") or {})}}
 
 
 def within_prompt_length(prompts, tokenizer, cfg, spec: str, tools: bool, num_processes: int):
@@ -163,7 +150,7 @@ def trl_config(recipe, cfg, output_dir: str, tools: bool = False):
     if cfg.image_verifier_weight:
         funcs, weights = funcs + ["image_verifier"], weights + [cfg.image_verifier_weight]
     try:
-        return config_cls(**unshaped_generation({**mapped, "reward_weights": weights, **cfg.trl_args})), funcs
+        return config_cls(**{**mapped, "reward_weights": weights, **cfg.trl_args}), funcs
     except (ValueError, TypeError) as err:
         raise cli.PipelineError(f"{where}: {str(err).splitlines()[0]}") from None
 
@@ -247,7 +234,8 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
         raise cli.PipelineError(f"{recipe.path}: section 'ppo' ({trainer_cls.__name__}): "
                                 f"{str(err).splitlines()[0]}") from None
     reward_model.to(trainer.accelerator.device)
-    trainer.train(resume_from_checkpoint=run.last_checkpoint())
+    with unshaped(model):  # TRL fills what its GenerationConfig leaves unset from the policy's (min_p, ...)
+        trainer.train(resume_from_checkpoint=run.last_checkpoint())
     models.save_trained(trainer, tokenizer, run.out, merge_adapter=keys.merge_adapter)
 
     return history_of(trainer.state.log_history), args.to_dict()

@@ -884,3 +884,43 @@ def test_a_chat_template_that_refuses_an_eval_prompt_stops_in_one_line(tmp_path,
                                             f"refuses the row: Conversation roles must alternate"):
         evaluate.main([str(recipe)])
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("setting", ["suppress_tokens", "begin_suppress_tokens", "bad_words_ids", "sequence_bias",
+                                     "min_length", "exponential_decay_length_penalty", "forced_eos_token_id"])
+def test_a_models_token_rules_do_not_shape_its_replies_nor_trls_rollouts(tmp_path, setting):
+    """generation_config.json fields that suppress, ban, bias or force tokens (suppress_tokens, min_length, ...)
+    reached every generate call: greedy replies and samples (eval's KL, PPO's log-probs) were no longer the model's
+    own. Here each is set to change the replies the model gives, and must not; inside `unshaped` (what TRL's
+    rollouts run in) the model's config holds none of them, and keeps them after."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.generation import UNSHAPED, generate, unshaped
+    from test_byod import user_model
+
+    folder = user_model(tmp_path / "user")
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    tokenizer.pad_token = tokenizer.eos_token
+    prompts = ["What is 2 + 2?", "Say hi.", "What is 7 + 1?"]
+
+    if setting == "min_length":  # a random model never ends a reply: make it end them (min_length holds the eos)
+        model.lm_head.register_forward_hook(lambda mod, args, out: out.index_add(
+            -1, torch.tensor([tokenizer.eos_token_id]), torch.full((*out.shape[:-1], 1), 6.0)))
+
+    def replies():
+        return [[r.token_ids for r in rows] for rows in (
+            generate(model, tokenizer, prompts, max_new_tokens=8, progress=False) +
+            generate(model, tokenizer, prompts, max_new_tokens=8, do_sample=True, num_samples=2, progress=False))]
+
+    own = replies()
+    seen = sorted({t for rows in own for row in rows for t in row})
+    first = sorted({row[0] for rows in own for row in rows if row})
+    eos = tokenizer.eos_token_id
+    value = {"suppress_tokens": seen, "begin_suppress_tokens": first, "bad_words_ids": [[t] for t in first],
+             "sequence_bias": [[[t], -50.0] for t in first], "min_length": 200,
+             "exponential_decay_length_penalty": (0, 50.0), "forced_eos_token_id": eos}[setting]
+    model.generation_config.update(**{setting: value})
+    assert replies() == own
+    with unshaped(model) as m:
+        assert all(getattr(m.generation_config, k) == v for k, v in UNSHAPED.items())
+    assert getattr(model.generation_config, setting) == value

@@ -13,7 +13,8 @@ from pipeline.recipe import load_recipe
 from test_ppo import random_policy_and_reward
 
 SHAPING = {"top_k": 3, "repetition_penalty": 1.8, "temperature": 0.3, "top_p": 0.5, "min_p": 0.2,
-           "no_repeat_ngram_size": 2, "typical_p": 0.9, "do_sample": True}
+           "no_repeat_ngram_size": 2, "typical_p": 0.9, "do_sample": True, "suppress_tokens": [5, 6, 7],
+           "min_length": 12, "bad_words_ids": [[8]]}
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +36,14 @@ def grpo_recipe(work, **extra):
 
 
 @pytest.mark.parametrize("algorithm, trl_args, expected", [
-    ("grpo", {}, {"min_p": 0.0, "typical_p": 1.0}),
+    ("grpo", {}, {"min_p": None, "typical_p": 1.0}),
     ("rloo", {"min_p": 0.1, "generation_kwargs": {"typical_p": 0.5}}, {"min_p": 0.1, "typical_p": 0.5}),
 ])
 def test_rollouts_sample_as_trls_config_says_not_as_the_policys_generation_config(user, monkeypatch, algorithm,
                                                                                 trl_args, expected):
-    """The policy's generation_config.json set min_p, no_repeat_ngram_size and typical_p of TRL's rollouts
-    (transformers fills what TRL's GenerationConfig leaves unset from it); TRL's own keys and trl_args win."""
+    """The policy's generation_config.json set min_p, no_repeat_ngram_size, typical_p, suppress_tokens, min_length
+    and bad_words_ids of TRL's rollouts (transformers fills what TRL's GenerationConfig leaves unset from it); TRL's
+    own keys and trl_args win."""
     from transformers.generation import utils
 
     from pipeline import ppo
@@ -58,11 +60,14 @@ def test_rollouts_sample_as_trls_config_says_not_as_the_policys_generation_confi
     ppo.main([str(grpo_recipe(user, init_from=str(user / "shaped"), algorithm=algorithm, trl_args=trl_args)),
               f"run.name={algorithm}_shaped"])
     effective = {k: getattr(seen[0], k) for k in ("temperature", "top_k", "top_p", "repetition_penalty",
-                                                   "no_repeat_ngram_size", "num_beams", "min_p", "typical_p")}
+                                                   "no_repeat_ngram_size", "num_beams", "min_p", "typical_p",
+                                                   "suppress_tokens", "min_length", "bad_words_ids")}
     assert effective == {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0,
-                         "no_repeat_ngram_size": 0, "num_beams": 1, **expected}
+                         "no_repeat_ngram_size": 0, "num_beams": 1, "suppress_tokens": None, "min_length": 0,
+                         "bad_words_ids": None, **expected}
     saved = json.loads((user / f"runs/{algorithm}_shaped/ppo/generation_config.json").read_text())
     assert saved["min_p"] == 0.2 and saved["no_repeat_ngram_size"] == 2  # kept for the user's own use
+    assert saved["suppress_tokens"] == [5, 6, 7] and saved["min_length"] == 12
 
 
 def write_prompts(path, prompts):
