@@ -52,7 +52,7 @@ def _resolve_problem(spec: str, recipe) -> str | None:
     return None
 
 
-def _rows_problem(spec, recipe, stage: str, key: str, keys) -> str | None:
+def _rows_problem(spec, recipe, stage: str, key: str, keys, will_run) -> str | None:
     """Run the first SAMPLE_ROWS rows of a local dataset through the loader the stage uses: a bad row, a missing
     column or an unknown format is found now, not after the upstream stages ran."""
     from pipeline import data, preferences
@@ -73,10 +73,25 @@ def _rows_problem(spec, recipe, stage: str, key: str, keys) -> str | None:
         rows = rename_columns(rows, columns, source, where)
     kw = {"column": keys.text_column} if kind == "text" and stage == "pretrain" else {}
     data.CHECKS[kind](rows, where, source, **kw)
+    if key == "prompts" and stage in ("ppo", "eval"):
+        _reward_reads(recipe, stage, keys, [r.get("prompt") for r in rows], spec, will_run)
     return None
 
 
-def _data_problem(spec, recipe, stage: str, key: str, keys) -> str | None:
+def _reward_reads(recipe, stage: str, keys, prompts: list, spec, will_run) -> None:
+    """The stage's own check that its reward models can read its prompts (reward_model.check_reads: a chat template
+    for conversational ones), on the sampled rows: tokenizer files only. A reward stage that runs first is left out
+    (it trains with the recipe's tokenizer), as is a hub id (nothing is downloaded here)."""
+    from pipeline.reward_model import check_reads
+
+    refs = [keys.reward_model] + list(getattr(keys, "reward_ensemble", None) or [])
+    checkpoints = [cp for cp in (runs.resolve_checkpoint(recipe, r, must_exist=False) for r in refs
+                                 if r and r not in will_run)
+                   if cp.source == "local" or (cp.source == "stage" and cp.fingerprint is not None)]
+    check_reads(recipe, checkpoints, prompts, spec, f"{stage}.reward_model")
+
+
+def _data_problem(spec, recipe, stage: str, key: str, keys, will_run=frozenset()) -> str | None:
     """None when a dataset spec resolves and its first rows load as the stage loads them; else what is wrong."""
     from pipeline import data
 
@@ -88,7 +103,7 @@ def _data_problem(spec, recipe, stage: str, key: str, keys) -> str | None:
                 return problem
         if all(not name.startswith("world:") and (Path(name).expanduser().exists() or glob.has_magic(name))
                for name, _, _ in parts):
-            return _rows_problem(spec, recipe, stage, key, keys)
+            return _rows_problem(spec, recipe, stage, key, keys, will_run)
     except PipelineError as err:
         return str(err)
     return None
@@ -195,7 +210,7 @@ def check_stage(recipe, stage: str, launch: cluster.Launch, device_memory: int |
             if described:
                 lines.append(f"{f.name}: {', '.join(described)}")
         elif ref == "data" and value:
-            problem = _data_problem(value, recipe, stage, f.name, keys)
+            problem = _data_problem(value, recipe, stage, f.name, keys, will_run)
             if problem:
                 errors.append(f"{stage}.{f.name}: {problem}")
     data_keys = [f"{f.name} {getattr(keys, f.name)}" for f in dataclasses.fields(keys)

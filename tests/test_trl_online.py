@@ -156,12 +156,18 @@ def test_a_reward_model_without_a_chat_template_and_conversational_prompts_stop_
     (user / "chats.jsonl").write_text("".join(json.dumps({"prompt": [
         {"role": "system", "content": "Be terse."}, {"role": "user", "content": f"What is {i} + 1?"}]}) + "\n"
         for i in range(4)))
-    proc = run_cli(["pipeline/ppo.py", grpo_recipe(user, reward_model=str(folder), prompts=spec),
-                    "run.name=no_template"], cwd=user, env={"OMP_NUM_THREADS": "1"})
+    recipe = grpo_recipe(user, reward_model=str(folder), prompts=spec)
+    proc = run_cli(["pipeline/ppo.py", recipe, "run.name=no_template"], cwd=user, env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: {folder}: ppo.reward_model: its tokenizer has no chat template, so it cannot read the "
-        f"conversational prompts of {spec} (row 1); give it one or use text prompts")
+    line = (f"{folder}: ppo.reward_model: its tokenizer has no chat template, so it cannot read the "
+            f"conversational prompts of {spec} (row 1); give it one or use text prompts")
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {line}"
+    assert not (user / "runs/no_template").exists()
+    # --check said nothing of it: the stage stopped only once submitted (tokenizer files are read, no weights)
+    proc = run_cli(["pipeline/run.py", recipe, "run.name=no_template", "--check"], cwd=user,
+                   env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"error: ppo.prompts: {line}" in [x.strip() for x in proc.stdout.splitlines()], proc.stdout[-3000:]
     assert not (user / "runs/no_template").exists()
 
 
