@@ -19,7 +19,14 @@ from pipeline.values import closest
 HELP_LISTED = {("DPOConfig", "loss_type")}
 
 # Keys of one section that users of another section write: (section, key) -> the hint added to "unknown key".
-KEY_HINTS = {}
+_PIPELINE = "a diffusers pipeline: a stage, a folder or a hub id"
+KEY_HINTS = {
+    ("diffusion", "init_from"): f"the diffusion stage starts from `pretrained` ({_PIPELINE}), not init_from",
+    ("diffusion", "pretrained_model_name_or_path"): f"write `pretrained` ({_PIPELINE})",
+    ("diffusion_dpo", "pretrained"): f"diffusion_dpo starts from `init_from` ({_PIPELINE}; default: the diffusion "
+                                     f"stage)",
+    ("diffusion_dpo", "pretrained_model_name_or_path"): f"write `init_from` ({_PIPELINE})",
+}
 
 
 def listed_values(config_class, key: str) -> list[str] | None:

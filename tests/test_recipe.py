@@ -280,3 +280,19 @@ def test_dpo_loss_types_read_from_trl_are_those_its_trainer_computes():
                              inspect.getsource(dpo_trainer).replace('"\n', "").replace('  "', ""))
     assert trainer_list, "TRL's DPOTrainer no longer lists its loss types: check pipeline/key_checks.HELP_LISTED"
     assert listed_values(DPOConfig, "loss_type") == ast.literal_eval(trainer_list.group(1))
+
+
+@pytest.mark.parametrize("override, hint", [
+    # every other stage starts from `init_from`: the image stage's refusal named no replacement
+    ("diffusion.init_from=sd", "the diffusion stage starts from `pretrained` (a diffusers pipeline"),
+    ("diffusion.pretrained_model_name_or_path=sd", "write `pretrained`"),  # diffusers' training scripts' name
+    ("diffusion_dpo.pretrained=diffusion", "diffusion_dpo starts from `init_from`"),
+])
+def test_an_image_stage_key_written_as_other_stages_write_it_names_the_right_one(tmp_path, override, hint):
+    key = override.split("=")[0].split(".")[1]
+    with pytest.raises(PipelineError, match=rf"^override '{override}': unknown key '{key}' in section .*: "
+                                            rf"{re.escape(hint)}"):
+        load_recipe(SMALL, [override])
+    proc = run_cli([f"pipeline/{override.split('.')[0]}.py", SMALL, override], cwd=tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and hint in proc.stderr, proc.stderr
+    assert not (tmp_path / "runs").exists()
