@@ -147,10 +147,12 @@ def read_image_rows(path: Path, resolution: int, channels: int, image_column: st
         if not isinstance(name, str) or not name:
             raise PipelineError(f"{path}: {w}: missing {image_name}: an image file's path, relative to {path.name} "
                                 f"(images stored as bytes are not read)")
-        if isinstance(text, (list, tuple)) and text and all(isinstance(t, str) and t.strip() for t in text):
+        # an empty caption is the empty prompt: that image trains unconditionally (what caption dropout does), as
+        # diffusers' train_text_to_image.py takes it; a missing one (no such column, null) is an error
+        if isinstance(text, (list, tuple)) and text and all(isinstance(t, str) for t in text):
             text = [t.strip() for t in text]  # several captions: one is drawn each time the image is
-        elif not isinstance(text, str) or not text.strip():
-            raise PipelineError(f"{path}: {w}: missing caption (a non-empty {caption_name}: a string, or a list of "
+        elif not isinstance(text, str):
+            raise PipelineError(f"{path}: {w}: missing caption ({caption_name}: a string, \"\" for none, or a list of "
                                 f"them)")
         file = path.parent / name
         try:

@@ -193,7 +193,7 @@ def test_metadata_as_csv_or_parquet_with_named_columns(tmp_path):
     with pytest.raises(PipelineError, match=r"metadata.parquet: row 1: no column 'caption' \(diffusion.caption_column;"
                                             r" the row has 'image', 'prompt'\)"):
         images.load_images(str(tmp_path), 16, 1, caption_column="caption")
-    with pytest.raises(PipelineError, match=r"row 1: missing caption \(a non-empty 'caption' \(or 'text'\): a string"):
+    with pytest.raises(PipelineError, match=r"row 1: missing caption \('caption' \(or 'text'\): a string"):
         images.load_images(str(tmp_path / "metadata.parquet"), 16, 1)
     (tmp_path / "metadata.parquet").unlink()
     (tmp_path / "metadata.csv").write_text("file_name,text\nimgs/a.png,a 5\n")
@@ -276,8 +276,39 @@ def test_a_list_of_captions_gives_one_per_draw(tmp_path):
     source = images.load_images(str(tmp_path), 16, 1)
     _, caps = source.sample(40, torch.Generator().manual_seed(0))
     assert set(caps) == {"a 1", "a large 1"} and source.texts == ["a 1", "a large 1"]
-    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": ["a 1", ""]}) + "\n")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": ["a 1", None]}) + "\n")
     with pytest.raises(PipelineError, match="line 1: missing caption"):
+        images.load_images(str(tmp_path), 16, 1)
+
+
+def test_an_empty_caption_trains_as_the_empty_prompt(tmp_path):
+    """diffusers' train_text_to_image.py takes an empty caption (the image trains unconditionally); here it was
+    "missing caption". It is the empty prompt: the loss equals that of a captioned image whose caption is dropped."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from pipeline import diffusion_config, diffusion_train
+
+    Image.new("L", (16, 16), 255).save(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "caption": " "}) + "\n")
+    empty = images.load_images(str(tmp_path), 16, 1)
+    assert empty.captions == [""] and empty.sample(3, torch.Generator().manual_seed(0))[1] == ["", "", ""]
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "caption": "a large 7"}) + "\n")
+    captioned = images.load_images(str(tmp_path), 16, 1)
+    torch.manual_seed(0)
+    pipe = images.build_pipeline(TINY_UNET, TINY_TEXT, {"num_train_timesteps": 10})
+
+    def loss(source, dropout):
+        cfg = SimpleNamespace(batch_size=2, caption_dropout=dropout,  # 1: every caption dropped (the config's < 1)
+                              snr_gamma=diffusion_config.DiffusionConfig().snr_gamma)
+        return diffusion_train.text_to_image_loss(pipe, pipe.unet, pipe.text_encoder, pipe.scheduler, source, cfg,
+                                                  torch.Generator().manual_seed(1), "cpu")
+
+    with torch.no_grad():
+        assert loss(empty, 0.0) == loss(captioned, 1.0) != loss(captioned, 0.0)
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "caption": None}) + "\n")
+    with pytest.raises(PipelineError, match="line 1: missing caption"):  # no caption at all is still an error
         images.load_images(str(tmp_path), 16, 1)
 
 
