@@ -1,5 +1,6 @@
 """Training images from files for the diffusion stage: a `metadata.jsonl` (or .csv, .parquet) of `file_name`
-+ `caption` rows, files relative to it (Hugging Face's `imagefolder` layout; data/README.md). Every image is
++ `caption` rows, files relative to it (Hugging Face's `imagefolder` layout; data/README.md), or in a parquet file
+the images' bytes (a `datasets` Image column, {bytes, path} per row; held in memory). Every image is
 decoded once when the stage starts (an unreadable, truncated or missing file is one line naming the metadata file
 and the row, before anything is written), then again per batch, so a large set need not fit in memory.
 
@@ -39,27 +40,37 @@ def as_model_image(im, channels: int, resolution: int):
     return im
 
 
-def decode(file: Path, channels: int, resolution: int):
-    """An image file as a C x R x R tensor in [0, 1]."""
-    import numpy as np
-    import torch
+def open_image(file: Path | bytes):
+    """A PIL image from a file, or from the bytes a metadata file stores (datasets' Image feature in a parquet)."""
+    import io
+
     from PIL import Image
 
-    with Image.open(file) as im:
+    return Image.open(io.BytesIO(file) if isinstance(file, bytes) else file)
+
+
+def decode(file: Path | bytes, channels: int, resolution: int):
+    """An image file (or an image's stored bytes) as a C x R x R tensor in [0, 1]."""
+    import numpy as np
+    import torch
+
+    with open_image(file) as im:
         arr = np.asarray(as_model_image(im, channels, resolution), dtype=np.float32) / 255.0
     t = torch.from_numpy(arr)
     return t[None] if channels == 1 else t.permute(2, 0, 1)
 
 
-def _unreadable(name: str, err: Exception) -> str:
-    return f"cannot read image '{name}' ({type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''})"
+def _unreadable(name: str | bytes, err: Exception) -> str:
+    name = f"of {len(name)} stored bytes" if isinstance(name, bytes) else f"'{name}'"
+    return f"cannot read image {name} ({type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''})"
 
 
 class FileImages:
     """Images and captions from files (checked by read_image_rows), decoded per batch. Images in [-1, 1]. A row's
-    caption may be a list (several captions of one image): each draw picks one, as diffusers' scripts do."""
+    caption may be a list (several captions of one image): each draw picks one, as diffusers' scripts do. `files`:
+    paths, or the bytes of images stored in the metadata file itself (kept in memory)."""
 
-    def __init__(self, files: list[Path], captions: list, channels: int, resolution: int, where: list[str],
+    def __init__(self, files: list[Path | bytes], captions: list, channels: int, resolution: int, where: list[str],
                  metadata: Path):
         self.files, self.captions, self.channels, self.resolution = files, captions, channels, resolution
         self.where, self.metadata, self.size = where, metadata, len(captions)
@@ -75,7 +86,7 @@ class FileImages:
                 batch.append(decode(self.files[i], self.channels, self.resolution))
             except (OSError, ValueError, SyntaxError) as err:  # changed or removed since the stage started
                 raise PipelineError(f"{self.metadata}: {self.where[i]}: "
-                                    f"{_unreadable(self.files[i].name, err)}") from None
+                                    f"{_unreadable(getattr(self.files[i], 'name', self.files[i]), err)}") from None
         texts = [c if isinstance(c, str) else c[int(torch.randint(0, len(c), (1,), generator=gen))]
                  for c in (self.captions[i] for i in idx)]
         return torch.stack(batch) * 2 - 1, texts
@@ -127,7 +138,6 @@ def read_image_rows(path: Path, resolution: int, channels: int, image_column: st
     or an image that does not decode (missing, truncated, not an image) raises PipelineError naming the file and
     the line. Columns: `image_column` / `caption_column` (as diffusers' --image_column / --caption_column), else
     `file_name` or `image`, and `caption` or `text`."""
-    from PIL import Image
 
     rows, where = read_file(path)
     if not rows:
@@ -142,11 +152,11 @@ def read_image_rows(path: Path, resolution: int, channels: int, image_column: st
     for row, w in zip(rows, where):
         name = _column(row, image_column, ("file_name", "image"))
         text = _column(row, caption_column, ("caption", "text"))
-        if isinstance(name, dict) and isinstance(name.get("path"), str):  # a datasets Image value saved as a path
-            name = name["path"]
-        if not isinstance(name, str) or not name:
-            raise PipelineError(f"{path}: {w}: missing {image_name}: an image file's path, relative to {path.name} "
-                                f"(images stored as bytes are not read)")
+        if isinstance(name, dict):  # a datasets Image value ({bytes, path}): its stored bytes, else its file
+            name = name.get("bytes") or name.get("path")
+        if not isinstance(name, (str, bytes)) or not name:
+            raise PipelineError(f"{path}: {w}: missing {image_name}: an image file's path, relative to {path.name}, "
+                                f"or the image's bytes (a datasets Image column)")
         # an empty caption is the empty prompt: that image trains unconditionally (what caption dropout does), as
         # diffusers' train_text_to_image.py takes it; a missing one (no such column, null) is an error
         if isinstance(text, (list, tuple)) and text and all(isinstance(t, str) for t in text):
@@ -154,9 +164,9 @@ def read_image_rows(path: Path, resolution: int, channels: int, image_column: st
         elif not isinstance(text, str):
             raise PipelineError(f"{path}: {w}: missing caption ({caption_name}: a string, \"\" for none, or a list of "
                                 f"them)")
-        file = path.parent / name
+        file = name if isinstance(name, bytes) else path.parent / name
         try:
-            with Image.open(file) as im:
+            with open_image(file) as im:
                 resized += im.size != (resolution, resolution)
                 im.load()  # decodes: a truncated file fails here, not in training (verify() passed cut JPEGs)
                 as_model_image(im, channels, resolution)

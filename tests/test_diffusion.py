@@ -757,3 +757,31 @@ def test_a_hub_pipeline_without_network_is_named_at_once_by_check_and_stage(tmp_
             images.load_pipeline("someone/no-such-pipeline")
     finally:
         hub.reachable.cache_clear()
+
+
+def test_images_stored_as_bytes_in_a_parquet_file_are_read(tmp_path):
+    """A Hugging Face dataset saved with its Image feature (a parquet column of {bytes, path} structs, the path the
+    original file's name, not here) was "missing 'file_name' (or 'image')": its images are read from the bytes."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    def png(value):
+        out = io.BytesIO()
+        Image.new("L", (16, 16), value).save(out, format="PNG")
+        return out.getvalue()
+
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    rows = {"image": [{"bytes": png(0), "path": "black.png"}, {"bytes": png(255), "path": None}],
+            "text": ["a black square", "a white square"]}
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(tmp_path / "metadata.parquet")
+    source = images.load_images(str(tmp_path), 16, 1)
+    assert source.captions == ["a black square", "a white square"]
+    x, texts = source.sample(6, torch.Generator().manual_seed(0))
+    for image, text in zip(x, texts):  # in [-1, 1]: black -1, white 1, each with its own caption
+        assert torch.all(image == (-1.0 if text == "a black square" else 1.0))
+    rows["image"][1] = {"bytes": png(255)[:40], "path": "cut.png"}  # a truncated PNG: one line naming the row
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(tmp_path / "metadata.parquet")
+    with pytest.raises(PipelineError, match=r"metadata.parquet: row 2: cannot read image of 40 stored bytes \("):
+        images.load_images(str(tmp_path), 16, 1)
