@@ -14,9 +14,11 @@ import re
 from pipeline.cli import PipelineError
 from pipeline.values import closest
 
-# Fields whose valid values TRL lists only in the help text (no `choices`): (config class name, key). The trainer
-# raises "Unknown loss type" at the first step, listing the same values (tests/test_recipe.py compares them).
-HELP_LISTED = {("DPOConfig", "loss_type")}
+# Fields whose valid values TRL lists only in the help text (no `choices`): (config class name, key) -> the part of
+# the help that lists them, each quoted 'so'. The trainers raise "Unknown loss type" at the first step; tests compare
+# these lists with the trainers' code (tests/test_recipe.py, tests/test_trl_online.py).
+HELP_LISTED = {("DPOConfig", "loss_type"): r"Possible values are:(.*?)\. If", ("GRPOConfig", "loss_type"):
+               r"Supported values are (.*?)\. "}
 
 # Keys of one section that users of another section write: (section, key) -> the hint added to "unknown key".
 _PIPELINE = "a diffusers pipeline: a stage, a folder or a hub id"
@@ -37,7 +39,8 @@ def listed_values(config_class, key: str) -> list[str] | None:
     if "choices" in f.metadata:
         return [str(c) for c in f.metadata["choices"]]
     if (config_class.__name__, key) in HELP_LISTED:
-        return re.findall(r"`'(\w+)'`", f.metadata.get("help", "")) or None
+        listed = re.search(HELP_LISTED[config_class.__name__, key], f.metadata.get("help", ""), re.S)
+        return re.findall(r"'(\w+)'", listed.group(1)) or None if listed else None
     return None
 
 

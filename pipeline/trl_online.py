@@ -16,6 +16,7 @@ import torch
 
 from pipeline import cli, judges, log, metrics, models, monitors, vllm_engine
 from pipeline.generation import prompt_ids, unshaped
+from pipeline.key_checks import choice_problem
 from pipeline.reward_model import RewardEnsemble, RewardModel, load_scorer, offered_tools
 
 
@@ -126,10 +127,12 @@ def trl_config(recipe, cfg, output_dir: str, tools: bool = False):
 
     config_cls = GRPOConfig if cfg.algorithm == "grpo" else RLOOConfig
     where = f"{recipe.path}: section 'ppo' ({config_cls.__name__})"
-    for key in cfg.trl_args:
+    for key, value in cfg.trl_args.items():
         if key in MAPPED or key in OWNED:
             raise cli.PipelineError(f"{where}: trl_args.{key} is set by " +
                                     (f"ppo.{MAPPED[key]}: set that instead" if key in MAPPED else OWNED[key]))
+        if problem := choice_problem(config_cls, key, value):  # TRL checks loss_type only at the first step
+            raise cli.PipelineError(f"{where}: trl_args.{key}: {problem}")
     mapped = dict(
         output_dir=output_dir, max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
         num_generations=cfg.num_generations, gradient_accumulation_steps=cfg.gradient_accumulation_steps,

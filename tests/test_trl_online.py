@@ -199,6 +199,10 @@ def test_prompts_with_an_answer_column_alone_are_verified_by_it():
     ("ppo.trl_args={bogus_key: 1}", "(GRPOConfig): GRPOConfig.__init__() got an unexpected keyword argument"),
     ("ppo.trl_args={beta: 0.2}", "(GRPOConfig): trl_args.beta is set by ppo.kl_coef: set that instead"),
     ("ppo.trl_args={output_dir: /elsewhere}", "(GRPOConfig): trl_args.output_dir is set by the stage folder"),
+    # TRL took it and raised "Unknown loss type" at the first training step: a traceback mid-stage
+    ("ppo.trl_args={loss_type: dr_grp}", "(GRPOConfig): trl_args.loss_type: 'dr_grp' is not a GRPOConfig loss_type "
+                                         "(one of: grpo, dr_grpo, dapo, bnpo, cispo, sapo, luspo, vespo) (closest: "
+                                         "dr_grpo"),
 ])
 def test_trls_own_config_checks_run_before_any_stage(user, override, expected):
     """--check and the runner's checks said "no problems" to a GRPO section TRL refuses, found only when the ppo
@@ -297,3 +301,20 @@ def test_a_trainer_error_on_resume_keeps_the_killed_runs_checkpoints(user, monke
     with pytest.raises(ValueError, match="DataParallel"):
         ppo.main([str(recipe), "run.name=kept"])
     assert (user / "runs/kept/ppo.partial/checkpoint-1/trainer_state.json").is_file()
+
+
+def test_grpo_loss_types_read_from_trl_are_those_its_trainer_computes():
+    # the list comes from GRPOConfig's help text; the trainer's branches on self.loss_type are the truth
+    import inspect
+    import re
+
+    from trl import GRPOConfig
+    from trl.trainer import grpo_trainer
+
+    from pipeline.key_checks import listed_values
+
+    source = inspect.getsource(grpo_trainer.GRPOTrainer._compute_loss)
+    branches = set(re.findall(r'self\.loss_type == "(\w+)"', source))
+    for group in re.findall(r"self\.loss_type in \[([^\]]*)\]", source):
+        branches |= set(re.findall(r'"(\w+)"', group))
+    assert branches and set(listed_values(GRPOConfig, "loss_type")) == branches
