@@ -62,8 +62,8 @@ def _rows_problem(spec, recipe, stage: str, key: str, keys, will_run) -> str | N
     rows, where = [dict(r) for r in rows[:SAMPLE_ROWS]], where[:SAMPLE_ROWS]
     columns = getattr(keys, "columns", None)
     if stage in ("reward", "dpo") or (stage == "ppo" and "prompt" not in rows[0] and not columns):
-        preferences.normalize_preferences(rename_columns(rows, columns, source, where), where, source)
-        return None
+        pairs, _ = preferences.normalize_preferences(rename_columns(rows, columns, source, where), where, source)
+        return _template_problem(recipe, stage, keys, pairs, source, will_run) if stage != "ppo" else None
     kind = {"pretrain": "text", "sft": "chat"}.get(stage, "prompts")
     if key == "perplexity_data":
         kind = "text" if "text" in rows[0] else "chat"
@@ -72,9 +72,28 @@ def _rows_problem(spec, recipe, stage: str, key: str, keys, will_run) -> str | N
     if stage in ("sft", "ppo"):
         rows = rename_columns(rows, columns, source, where)
     kw = {"column": keys.text_column} if kind == "text" and stage == "pretrain" else {}
-    data.CHECKS[kind](rows, where, source, **kw)
+    rows = data.CHECKS[kind](rows, where, source, **kw)
     if key == "prompts" and stage in ("ppo", "eval"):
         _reward_reads(recipe, stage, keys, [r.get("prompt") for r in rows], spec, will_run)
+    return _template_problem(recipe, stage, keys, rows, source, will_run) if stage in ("sft", "ppo") else None
+
+
+def _template_problem(recipe, stage: str, keys, rows: list, source: str, will_run) -> str | None:
+    """The stage's own chat-template check (models.check_chat_template: a template that refuses a row, leaves out its
+    tools, or cannot mask assistant replies) on the sampled rows, with the tokenizer of the checkpoint the stage starts
+    from when it is on disk now and not planned to be trained again first (a new model's tokenizer: not yet)."""
+    from pipeline import models
+
+    ref = keys.init_from
+    cp = runs.resolve_checkpoint(recipe, ref, must_exist=False)
+    if cp.path is None or cp.fingerprint is None or ref in will_run or not Path(cp.path).is_dir():
+        return None
+    conversational = "messages" in rows[0]  # sft's assistant-only loss defaults to it, as the stage sets it
+    assistant_only = stage == "sft" and bool(recipe.section(stage).get("assistant_only_loss", conversational))
+    try:
+        models.check_chat_template(models.load_tokenizer(recipe, cp), {source: rows}, assistant_only)
+    except PipelineError as err:
+        return str(err)
     return None
 
 

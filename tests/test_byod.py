@@ -248,6 +248,11 @@ def test_a_users_chat_template_that_cannot_train_on_the_data_stops_in_one_line(t
                                     f"the row: Conversation roles must alternate user/assistant/user/assistant/... "
                                     f"(tokenizer.chat_template: pipeline uses the pipeline's ChatML template)")
     assert not (tmp_path / "runs").exists()
+    check = run_cli(["pipeline/run.py", recipe, "--check", "sft.assistant_only_loss=false"], cwd=tmp_path,
+                    env=ONE_THREAD)  # --check finds it too, on the rows it samples, from the tokenizer alone
+    assert check.returncode == 2 and f"sft.dataset: {spec}: the tokenizer of {folder}: row 2: its chat template " \
+                                      f"refuses the row: Conversation roles must alternate" in check.stdout
+    assert not (tmp_path / "runs").exists()
     from pipeline import models
     from pipeline.cli import PipelineError
     from transformers import AutoTokenizer
