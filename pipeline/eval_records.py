@@ -108,6 +108,21 @@ def save(folder: Path, key: str, target) -> None:
     runs.write_json(folder / FOLDER / f"{key}.json", record)
 
 
+def keep(folder: Path, path: Path) -> None:
+    """A record read from elsewhere (the last eval's folder), with its images, copied as it is into `folder`'s
+    records, so the folder published next keeps it; one read from `folder` itself stays where it is."""
+    records = folder / FOLDER
+    if path.parent.resolve() == records.resolve():
+        return
+    records.mkdir(exist_ok=True)
+    if path.with_suffix("").is_dir():  # a tool record's images: checkpoints/<key>/
+        shutil.rmtree(records / path.stem, ignore_errors=True)
+        shutil.copytree(path.with_suffix(""), records / path.stem)
+    tmp = records / f"{path.name}.tmp"
+    shutil.copyfile(path, tmp)
+    tmp.replace(records / path.name)  # last, and whole: a record is never without its images
+
+
 def read(folders: list[Path], key: str) -> tuple[dict, Path] | None:
     """(the record with this key, its path) from the first of `folders` that has it, or None. A damaged record (cut
     short by a full disk, edited) is warned about and passed over: what it held is made again."""

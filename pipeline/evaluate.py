@@ -204,11 +204,8 @@ def run_checkpoint(recipe, keys, target: Target, rows, ppl_rows, reference: Load
     for what, path in (("replies, log-probs and perplexity", target.record), ("tool rollouts", target.tool_record)):
         if path is not None:
             log.info(f"{target.name}: {what} read from {path} (eval.reuse)")
-    if target.record is not None:  # the published folder keeps every checkpoint's records
-        eval_records.save(out, target.record_key, target)
+            eval_records.keep(out, path)  # the published folder keeps every checkpoint's records
     if rolled:
-        eval_records.save_tools(out, target.tool_key, tools.runs[target.name], target.tool_seconds,
-                                tools.images / target.name)
         target.seconds += target.tool_seconds
     if target.record is not None and (tools is None or rolled):
         return
