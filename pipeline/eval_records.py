@@ -1,10 +1,10 @@
 """Eval's per-checkpoint records: what one checkpoint answered, kept so that it is not generated twice.
 
 Generating is most of eval's time, and it depends on the checkpoint and on little else: the prompts, the chat
-template, the generation settings and seed, how the model loads, the KL reference and the library versions. Each
-checkpoint's replies (greedy and sampled, with their token ids), their verifier verdicts, the samples' log-probs
-under the checkpoint and the reference, and the perplexity are saved as `checkpoints/<key>.json` in eval's folder,
-the key a hash of all of those inputs. A later evaluation (a checkpoint added to `checkpoints`, the baseline or the
+template, the generation settings and seed, how the model loads, the KL reference, the library versions and the
+pipeline's own code. Each checkpoint's replies (greedy and sampled, with their token ids), their verifier verdicts,
+the samples' log-probs under the checkpoint and the reference, and the perplexity are saved as `checkpoints/<key>.json`
+in eval's folder, the key a hash of all of those inputs. A later evaluation (a checkpoint added to `checkpoints`, the baseline or the
 reward model changed, or the same one killed and started again) reads a checkpoint's record instead of generating
 when its key matches, from the folder being written or the finished `eval/` before it. The tool prompts' rollouts
 have records of their own (`checkpoints/<key>.json` and the images drawn in `checkpoints/<key>/`), keyed also by the
@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline import log, runs
 from pipeline.eval_tools import ToolRun
-from pipeline.fingerprints import hash_obj
+from pipeline.fingerprints import code_hash, hash_obj
 from pipeline.generation import Reply
 from pipeline.tool_calls import ToolResult
 
@@ -43,7 +43,8 @@ def common(recipe, target, seed: int) -> dict:
     """What every record of `target` depends on: the checkpoint, how it loads, its chat template, how it samples."""
     return {"checkpoint": fingerprint(target.checkpoint), "chat_template": target.tokenizer.chat_template,
             "model": dataclasses.asdict(recipe.model),  # dtype, attention, revision, trust_remote_code
-            "backend": dataclasses.asdict(recipe.generation), "seed": seed, "versions": runs.library_versions()}
+            "backend": dataclasses.asdict(recipe.generation), "seed": seed, "versions": runs.library_versions(),
+            "code": code_hash()}
 
 
 def record_key(recipe, keys, target, rows, ppl_rows, reference, own_samples: bool, seed: int) -> str:

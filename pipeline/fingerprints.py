@@ -21,6 +21,18 @@ def hash_file(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+_CODE: list[str] = []
+
+
+def code_hash() -> str:
+    """This package's own code: the hash of every module's source, so a cache of outputs that the code computes
+    (eval's records) is not read back after the code changed (an upgrade, a local edit)."""
+    if not _CODE:
+        here = Path(__file__).resolve().parent
+        _CODE.append(hash_obj([(p.name, hash_file(p)) for p in sorted(here.glob("*.py"))]))
+    return _CODE[0]
+
+
 def hash_folder(path: Path) -> str:
     """Contents for small files, name/size/mtime for big ones (hashing 100 GB of weights is not worth it)."""
     entries = []

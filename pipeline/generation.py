@@ -32,13 +32,17 @@ UNSHAPED = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_p": None,
 @contextmanager
 def unshaped(model):
     """`model`'s generation_config without what shapes samples (UNSHAPED) for the duration: for generate calls made
-    by others (TRL's trainers). Restored after, so a saved model keeps the user's settings."""
+    by others (TRL's trainers). Restored after, so a saved model keeps the user's settings; yields a copy of them,
+    for what is saved meanwhile (TRL's checkpoints)."""
+    import copy
+
     gen = model.generation_config
+    users = copy.deepcopy(gen)
     kept = {k: getattr(gen, k, None) for k in UNSHAPED}
     for k, v in UNSHAPED.items():
         setattr(gen, k, v)
     try:
-        yield model
+        yield users
     finally:
         for k, v in kept.items():
             setattr(gen, k, v)

@@ -180,6 +180,20 @@ def resumable(trainer_cls):
     return Resumable
 
 
+def generation_in_checkpoints(users):
+    """A callback giving each checkpoint TRL saves the user's generation_config (`users`): the policy's own holds
+    neutral values while TRL trains (generation.unshaped), and a checkpoint is a model someone may load."""
+    from transformers import TrainerCallback
+
+    class UsersGeneration(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and (folder / "generation_config.json").is_file():
+                users.save_pretrained(folder)
+
+    return UsersGeneration()
+
+
 def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints,
               tokenizer=None) -> tuple[list[dict], dict]:
     """TRL's GRPOTrainer or RLOOTrainer on the same prompts, with the same reward (the normalised reward model,
@@ -237,7 +251,8 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
         raise cli.PipelineError(f"{recipe.path}: section 'ppo' ({trainer_cls.__name__}): "
                                 f"{str(err).splitlines()[0]}") from None
     reward_model.to(trainer.accelerator.device)
-    with unshaped(model):  # TRL fills what its GenerationConfig leaves unset from the policy's (min_p, ...)
+    with unshaped(model) as users:  # TRL fills what its GenerationConfig leaves unset from the policy's (min_p, ...)
+        trainer.add_callback(generation_in_checkpoints(users))
         trainer.train(resume_from_checkpoint=run.last_checkpoint())
     models.save_trained(trainer, tokenizer, run.out, merge_adapter=keys.merge_adapter)
 

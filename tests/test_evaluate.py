@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import cli, eval_report, evaluate, judges, metrics as M, runs
+from pipeline import cli, eval_report, evaluate, fingerprints, judges, metrics as M, runs
 from pipeline.cli import PipelineError
 from pipeline.recipe import load_recipe
 from conftest import run_cli, tiny_recipe, write_jsonl
@@ -375,7 +375,7 @@ def test_lora_adapter_folder_evaluates_reproducibly(tiny_run, tmp_path, monkeypa
 def test_a_checkpoint_added_to_the_list_is_the_only_one_generated_again(ranked, tmp_path, monkeypatch):
     """Each checkpoint's replies are kept as a record keyed by everything they depend on: a later evaluation with one
     more checkpoint generates for that one only, and comes out as an evaluation that generated everything; a changed
-    generation setting, or eval.reuse=false, generates every checkpoint again."""
+    generation setting, a change of the pipeline's code, or eval.reuse=false, generates every checkpoint again."""
     work, _, base, _ = ranked
     sft = str(work / "runs/ranked/sft")
     recipe = tiny_recipe(tmp_path, eval={**SMALL_EVAL, "checkpoints": [base]})
@@ -408,6 +408,12 @@ def test_a_checkpoint_added_to_the_list_is_the_only_one_generated_again(ranked, 
     fresh, fresh_samples, made = evaluation(*both, "eval.reuse=false")
     assert made == ["tiny/pretrain", "ranked/sft"]
     assert fresh == reused and fresh_samples == reused_samples
+    _, _, made = evaluation(*both)
+    assert made == []  # every record matches
+    with monkeypatch.context() as edited:  # the pipeline's own code changed (an upgrade, an edit): its hash did
+        edited.setattr(fingerprints, "_CODE", ["another version of pipeline/"])
+        _, _, made = evaluation(*both)
+    assert made == ["tiny/pretrain", "ranked/sft"]
     _, _, made = evaluation(*both, "eval.max_new_tokens=12")
     assert made == ["tiny/pretrain", "ranked/sft"]  # other replies: no record matches
 
@@ -921,6 +927,7 @@ def test_a_models_token_rules_do_not_shape_its_replies_nor_trls_rollouts(tmp_pat
              "exponential_decay_length_penalty": (0, 50.0), "forced_eos_token_id": eos}[setting]
     model.generation_config.update(**{setting: value})
     assert replies() == own
-    with unshaped(model) as m:
-        assert all(getattr(m.generation_config, k) == v for k, v in UNSHAPED.items())
+    with unshaped(model) as users:
+        assert all(getattr(model.generation_config, k) == v for k, v in UNSHAPED.items())
+        assert getattr(users, setting) == value  # the user's, for what is saved meanwhile
     assert getattr(model.generation_config, setting) == value

@@ -318,3 +318,17 @@ def test_grpo_loss_types_read_from_trl_are_those_its_trainer_computes():
     for group in re.findall(r"self\.loss_type in \[([^\]]*)\]", source):
         branches |= set(re.findall(r'"(\w+)"', group))
     assert branches and set(listed_values(GRPOConfig, "loss_type")) == branches
+
+
+def test_trls_checkpoints_keep_the_policys_own_generation_config(user):
+    """While TRL trains, the policy's generation_config holds neutral values (generation.unshaped); the checkpoints
+    TRL saved meanwhile carried those instead of the user's min_p, repetition_penalty, ..., so a checkpoint loaded
+    as a model sampled otherwise than the policy it came from."""
+    from conftest import run_cli
+
+    recipe = grpo_recipe(user, init_from=str(user / "shaped"), max_steps=3, save_steps=1)
+    killed = run_cli(["pipeline/ppo.py", recipe, "run.name=gen_kept"], cwd=user,
+                     env={"OMP_NUM_THREADS": "1", "PIPELINE_FAULT": "kill:training:2"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    saved = json.loads((user / "runs/gen_kept/ppo.partial/checkpoint-1/generation_config.json").read_text())
+    assert {k: saved.get(k) for k in SHAPING} == SHAPING
