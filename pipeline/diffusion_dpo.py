@@ -26,14 +26,15 @@ import random
 import shutil
 import time
 
-from pipeline import cli, diffusion_train, image_eval, images, log, runs
+from pipeline import cli, diffusion_train, image_eval, image_pairs, images, log, runs
 from pipeline.recipe import load_recipe, stage_help
 
 STAGE = "diffusion_dpo"
+HELD_OUT_DRAWS = 4  # noisings per held-out pair (fixed seeds): the implicit accuracy's estimate per pair
 USAGE = "usage: pipeline/diffusion_dpo.py RECIPE [diffusion_dpo.KEY=VALUE ...]"
 
 
-def round_pairs(pipe, judge, captions, cfg, keys, out: Path, r: int) -> tuple:
+def round_pairs(pipe, judge, captions, cfg, keys, out: Path, r: int) -> tuple:  # (DrawnPairs, stats)
     """Round r's preference pairs: `candidates_per_caption` images per caption drawn by `pipe` as it is now (round 0:
     the start model; later rounds: the model tuned so far), labelled by the simulated annotator. Cached in
     out/pairs-r.safetensors + pairs-r.json (written last, atomically), so a resumed run reuses them."""
@@ -45,7 +46,7 @@ def round_pairs(pipe, judge, captions, cfg, keys, out: Path, r: int) -> tuple:
     if cache.is_file() and meta_file.is_file():
         meta = json.loads(meta_file.read_text())
         t = load_file(str(cache))
-        return t["chosen"], t["rejected"], meta["captions"], meta["stats"]
+        return image_pairs.DrawnPairs(t["chosen"], t["rejected"], meta["captions"]), meta["stats"]
     started = time.time()
     k = cfg.candidates_per_caption
     expanded = [c for c in captions for _ in range(k)]
@@ -75,7 +76,40 @@ def round_pairs(pipe, judge, captions, cfg, keys, out: Path, r: int) -> tuple:
     log.info(f"round {r + 1}: {stats['pairs']} pairs from {stats['candidates']} candidates (candidates' digit "
              f"accuracy {stats['candidate_digit_accuracy']:.3f}, all {stats['candidate_all_accuracy']:.3f}; labels "
              f"agreeing with the noise-free annotator {stats['pairs_clean_agree']:.3f})")
-    return chosen, rejected, [p[3] for p in pairs], stats
+    return image_pairs.DrawnPairs(chosen, rejected, [p[3] for p in pairs]), stats
+
+
+def report_notes(init, cfg, keys, pair_stats: dict, metrics: dict, train_s: float, noise_scheduler) -> list[str]:
+    """report.md's lines below the held-out captions' table: where the pairs came from, how they trained, the
+    held-out pairs' accuracy."""
+    if "source" in pair_stats:
+        source = (f"{pair_stats['pairs']} pairs of your own from `{pair_stats['source']}`"
+                  + (f" ({pair_stats['ties_dropped']} ties dropped)" if pair_stats["ties_dropped"] else ""))
+    else:
+        source = (f"{pair_stats['pairs']} pairs in {cfg.rounds} round(s), each drawn by the model as it was at the "
+                  f"round's start ({pair_stats['sampler_steps']} sampler steps per candidate) and labelled by the "
+                  f"simulated annotator (label noise {cfg.label_noise}; round 1: {pair_stats['pairs_clean_agree']:.3f}"
+                  f" agree with the noise-free annotator), pairs "
+                  f"{'of differing digits' if cfg.pair_filter == 'digit' else 'of any difference'}")
+    notes = [f"Diffusion-DPO from `{init.ref}` (also the frozen reference): {source}; {cfg.max_steps} steps of "
+             f"{cfg.batch_size} pairs, beta {cfg.beta}, learning rate {cfg.learning_rate}, noised at t < "
+             f"{cfg.max_timestep or noise_scheduler.config.num_train_timesteps}, denoising loss weight "
+             f"{cfg.sft_weight} on {'both images' if cfg.sft_images == 'both' else 'the chosen image'}, "
+             f"{train_s:.0f} s."]
+    if "heldout_pairs" in metrics:
+        acc = metrics["heldout_pairs"]
+        notes += ["", f"Held-out pairs (`{keys.eval_dataset}`): the tuned model prefers {image_eval.fmt(acc)} of "
+                      f"{acc['pairs']} as labelled (Diffusion-DPO's implicit accuracy: its error on the chosen image "
+                      f"fell further below the reference's than on the rejected one, over {acc['draws']} noisings "
+                      f"per pair; 95% bootstrap interval). The start model scores 0.5."]
+    if "gain" in metrics:
+        notes += ["", "`start` is the model before tuning, drawn with the same seeds; the paired gain (tuned − start, "
+                      "per image) with its 95% interval is in metrics.json (`gain`).", "",
+                  "Start model's samples: ![start](grid_start.png)"]
+    elif "heldout_pairs" in metrics:
+        notes += ["", "The held-out pairs' first captions, drawn by the start and the tuned model with the same "
+                      "seeds: ![samples](grid.png)"]
+    return notes
 
 
 def main(argv):
@@ -83,19 +117,32 @@ def main(argv):
     recipe.check_config(STAGE, portable=True)  # the config class's own checks before upstream stages
     keys = recipe.keys(STAGE)
     cfg = recipe.trainer_config(STAGE)  # DiffusionDPOConfig; seed: run.seed unless the section sets one
+    if problem := image_pairs.section_problem(keys, cfg.rounds):
+        raise cli.PipelineError(f"{recipe.path}: diffusion_dpo.{problem}")
+    own_file = image_pairs.pair_file(keys.dataset)  # pairs of your own, or captions the start model draws for
+    eval_file = image_pairs.pair_file(keys.eval_dataset)
     with runs.StageRun(recipe, STAGE) as run:
         init = run.checkpoint()
-        judge_dir = Path(keys.judge) if keys.judge else Path(init.path) / "judge"
-        if not (judge_dir / "config.json").is_file() or not (judge_dir / "model.safetensors").is_file():
-            raise cli.PipelineError(f"{recipe.path}: diffusion_dpo.judge: no image judge in {judge_dir} (train the "
-                                    f"diffusion stage with judge_epochs > 0, or point `judge` at one)")
-        if keys.dataset == images.WORLD_SPEC:
-            captions = [images.caption(*c) for c in images.train_combos()]
-        else:
-            captions = image_eval.read_captions(keys.dataset, recipe)
         heldout = image_eval.read_captions(keys.heldout_captions, recipe)
+        judge_dir = Path(keys.judge) if keys.judge else Path(init.path) / "judge"
+        needs_judge = "the simulated annotator labels the pairs" if not own_file else \
+            "the held-out captions are scored" if heldout else None
+        if needs_judge and not ((judge_dir / "config.json").is_file() and (judge_dir / "model.safetensors").is_file()):
+            raise cli.PipelineError(f"{recipe.path}: diffusion_dpo.judge: no image judge in {judge_dir}, with which "
+                                    f"{needs_judge} (train the diffusion stage with judge_epochs > 0, or point `judge` "
+                                    f"at one" + (", or set heldout_captions empty)" if own_file else ")"))
         pipe = images.load_pipeline(init.path)
-        run.note_data("dataset", {"source": keys.dataset, "rows": len(captions), "format": "captions"})
+        shape = images.pipeline_shape(pipe)
+        if own_file:
+            own = image_pairs.read_pairs(own_file, shape["channels"], shape["resolution"])
+            log.info(f"{own_file}: {len(own)} pairs" + (f" ({own.ties} ties dropped)" if own.ties else "") +
+                     (f"; {own.resized} images not {shape['resolution']}px: resized" if own.resized else ""))
+            run.note_data("dataset", {"source": keys.dataset, "rows": len(own), "ties": own.ties, "format": "pairs"})
+        else:
+            captions = [images.caption(*c) for c in images.train_combos()] if keys.dataset == images.WORLD_SPEC \
+                else image_eval.read_captions(keys.dataset, recipe)
+            run.note_data("dataset", {"source": keys.dataset, "rows": len(captions), "format": "captions"})
+        held_pairs = eval_file and image_pairs.read_pairs(eval_file, shape["channels"], shape["resolution"])
         run.prepare()
 
         import copy
@@ -109,10 +156,12 @@ def main(argv):
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
         main_process = accelerator.is_main_process
         torch.manual_seed(cfg.seed)
-        judge = ImageJudge.load(judge_dir)
+        judge = ImageJudge.load(judge_dir) if needs_judge else None
         pipe.set_progress_bar_config(disable=True)
 
         def load_round(r):  # the main process draws (or finds the cache); the others read the cache it wrote
+            if own_file:
+                return {"round": r, "pairs": (own, None)}
             pairs = round_pairs(pipe, judge, captions, cfg, keys, run.out, r) if main_process else None
             accelerator.wait_for_everyone()
             return {"round": r, "pairs": pairs or round_pairs(pipe, judge, captions, cfg, keys, run.out, r)}
@@ -127,7 +176,23 @@ def main(argv):
         noise_scheduler = images.make_scheduler("ddpm", pipe.scheduler.config)
         log.info(f"tuning {init.ref}: unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, "
             f"trainable {sum(p.numel() for p in unet.parameters() if p.requires_grad) / 1e6:.3f}M; "
-            f"{cfg.rounds} round(s), the first on {len(current['pairs'][2])} pairs, beta {cfg.beta}")
+            f"{cfg.rounds} round(s), the first on {len(current['pairs'][0])} pairs, beta {cfg.beta}")
+
+        def forward(unet, chosen, rejected, captions, gen):
+            """The model's and the reference's predictions for both halves, and the target: winners then losers,
+            each pair under one noise and timestep (what the loss and the held-out accuracy compare)."""
+            x = torch.cat([chosen, rejected]).to(accelerator.device)
+            if vae is not None:
+                with torch.no_grad():
+                    x = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
+            with torch.no_grad():
+                emb = images.encode_text(pipe, text_encoder, captions, x.device).repeat(2, 1, 1)
+            noisy, noise, t = diffusion_train.noise_pairs(noise_scheduler, x, gen, cfg.max_timestep)
+            channels = x.shape[1]
+            pred = unet(noisy, t, encoder_hidden_states=emb).sample[:, :channels]
+            with torch.no_grad():
+                ref = ref_unet(noisy, t, encoder_hidden_states=emb).sample[:, :channels]
+            return pred, ref, diffusion_train.denoise_target(noise_scheduler, x, noise, t)
 
         def step_fn(prepared, step, micro, gen):
             r = step * cfg.rounds // cfg.max_steps
@@ -135,21 +200,9 @@ def main(argv):
                 prepared["unet"].eval()
                 current.update(load_round(r))
                 prepared["unet"].train()
-            chosen, rejected, pair_captions, _ = current["pairs"]
-            idx = torch.randint(0, len(pair_captions), (cfg.batch_size,), generator=gen)
-            x = torch.cat([chosen[idx], rejected[idx]]).to(accelerator.device)
-            if vae is not None:
-                with torch.no_grad():
-                    x = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
-            with torch.no_grad():
-                emb = images.encode_text(pipe, text_encoder, [pair_captions[i] for i in idx.tolist()], x.device)
-            emb = emb.repeat(2, 1, 1)
-            noisy, noise, t = diffusion_train.noise_pairs(noise_scheduler, x, gen, cfg.max_timestep)
-            channels = x.shape[1]
-            pred = prepared["unet"](noisy, t, encoder_hidden_states=emb).sample[:, :channels]
-            with torch.no_grad():
-                ref = ref_unet(noisy, t, encoder_hidden_states=emb).sample[:, :channels]
-            target = diffusion_train.denoise_target(noise_scheduler, x, noise, t)
+            pairs = current["pairs"][0]
+            idx = torch.randint(0, len(pairs), (cfg.batch_size,), generator=gen).tolist()
+            pred, ref, target = forward(prepared["unet"], *pairs.batch(idx), gen)
             loss, stats = diffusion_train.diffusion_dpo_loss(pred, ref, target, cfg.beta, cfg.winner_penalty)
             if cfg.sft_weight:
                 anchored = slice(None) if cfg.sft_images == "both" else slice(0, len(idx))
@@ -168,16 +221,28 @@ def main(argv):
         if main_process:
             unet = accelerator.unwrap_model(prepared["unet"]).eval()
             diffusion_train.save_pipeline(pipe, unet, run.out, cfg.use_lora)
-            shutil.copytree(judge_dir, run.out / "judge", dirs_exist_ok=True)
+            if judge is not None or (judge_dir / "model.safetensors").is_file():
+                shutil.copytree(judge_dir, run.out / "judge", dirs_exist_ok=True)
             images.write_json(run.out / "world.json", images.world_json())
-            rounds = [json.loads((run.out / f"pairs-{r}.json").read_text())["stats"] for r in range(cfg.rounds)]
-            for r in range(cfg.rounds):
-                (run.out / f"pairs-{r}.safetensors").unlink()
-                (run.out / f"pairs-{r}.json").unlink()
-            pair_stats = {**rounds[0], "pairs": sum(s["pairs"] for s in rounds)}
-            pair_stats.pop("round")
+            if own_file:
+                pair_stats = {"pairs": len(own), "ties_dropped": own.ties, "source": str(own_file)}
+            else:
+                rounds = [json.loads((run.out / f"pairs-{r}.json").read_text())["stats"] for r in range(cfg.rounds)]
+                for r in range(cfg.rounds):
+                    (run.out / f"pairs-{r}.safetensors").unlink()
+                    (run.out / f"pairs-{r}.json").unlink()
+                pair_stats = {**rounds[0], "pairs": sum(s["pairs"] for s in rounds), "rounds": rounds}
+                pair_stats.pop("round")
             metrics = {"steps": cfg.max_steps, "train_loss": history[-1]["loss"] if history else None,
-                       "train_wall_s": round(train_s, 1), **pair_stats, "rounds": rounds, "history": history}
+                       "train_wall_s": round(train_s, 1), **pair_stats, "history": history}
+            if held_pairs:
+                started = time.time()
+                acc = image_pairs.implicit_accuracy(lambda *a: forward(unet, *a), held_pairs,
+                                                    batch_size=cfg.batch_size, draws=HELD_OUT_DRAWS, seed=cfg.seed)
+                metrics = {"heldout_pair_accuracy": acc["mean"], **metrics, "heldout_pairs": acc,
+                           "heldout_pairs_wall_s": round(time.time() - started, 1)}
+                log.info(f"held-out pairs ({eval_file}): the tuned model prefers {image_eval.fmt(acc)} of "
+                         f"{acc['pairs']} as labelled (the start model: 0.5)")
             evals = {}
             if heldout:
                 started = time.time()
@@ -199,20 +264,19 @@ def main(argv):
                 log.info("held-out captions, start -> tuned: " + ", ".join(
                     f"{m} {acc0[m]['mean']:.3f} -> {acc[m]['mean']:.3f} (gain {image_eval.fmt(gain[m])})"
                     for m in image_eval.MEASURES if acc.get(m)))
-            notes = [f"Diffusion-DPO from `{init.ref}` (also the frozen reference): {pair_stats['pairs']} pairs "
-                     f"in {cfg.rounds} round(s), each drawn by the model as it was at the round's start "
-                     f"({pair_stats['sampler_steps']} sampler steps per candidate) and labelled "
-                     f"by the simulated annotator (label noise {cfg.label_noise}; round 1: "
-                     f"{pair_stats['pairs_clean_agree']:.3f} agree with the noise-free annotator), {cfg.max_steps} "
-                     f"steps of {cfg.batch_size} pairs, beta {cfg.beta}, learning rate {cfg.learning_rate}, "
-                     f"pairs {'of differing digits' if cfg.pair_filter == 'digit' else 'of any difference'} noised "
-                     f"at t < {cfg.max_timestep or noise_scheduler.config.num_train_timesteps}, denoising loss "
-                     f"weight {cfg.sft_weight} on {'both images' if cfg.sft_images == 'both' else 'the chosen image'}"
-                     f", {train_s:.0f} s. `start` is the model before tuning, drawn with the same seeds; the paired "
-                     f"gain (tuned − start, per image) with its 95% interval is in metrics.json (`gain`).",
-                     "", "Start model's samples: ![start](grid_start.png)"]
-            shown = {"start": evals["start"], "dpo": evals["model"]} if evals else {}
-            (run.out / "report.md").write_text(image_eval.report("Diffusion-DPO stage", metrics, shown, notes))
+            elif held_pairs:  # no judge: the held-out pairs' captions drawn by both models, to look at
+                captions = list(dict.fromkeys(held_pairs.captions))[:8]
+                per_row = min(keys.heldout_samples, keys.grid_columns)
+                drawn = [images.generate(images.load_pipeline(path), [c for c in captions for _ in range(per_row)],
+                                         steps=keys.sample_steps, guidance=keys.guidance_scale, seed=cfg.seed,
+                                         desc=f"held-out pair captions, {name}")
+                         for name, path in (("start", init.path), ("tuned", str(run.out)))]
+                images.save_grid(run.out / "grid.png", torch.cat([d.view(len(captions), per_row, *d.shape[1:])
+                                                                  for d in drawn], 1).flatten(0, 1),
+                                 [f"{who}: {c}"[:30] for c in captions for who in ("start", "tuned")], per_row)
+            (run.out / "report.md").write_text(image_eval.report(
+                "Diffusion-DPO stage", metrics, {"start": evals["start"], "dpo": evals["model"]} if evals else {},
+                report_notes(init, cfg, keys, pair_stats, metrics, train_s, noise_scheduler)))
         run.finish(metrics, config=dataclasses.asdict(cfg))
 
 

@@ -81,6 +81,12 @@ def text_to_image_loss(pipe, unet, text_encoder, scheduler, source, cfg, gen, de
     return denoise_loss(scheduler, pred[:, :x.shape[1]], target, t, cfg.snr_gamma)
 
 
+def pair_errors(pred, target):
+    """err(x) of Diffusion-DPO: the mean over pixels of the squared noise-prediction error, one per image (winners
+    then losers)."""
+    return (pred.float() - target.float()).pow(2).mean(dim=list(range(1, target.ndim)))
+
+
 def diffusion_dpo_loss(model_pred, ref_pred, target, beta: float, winner_penalty: float = 0.0):
     """Diffusion-DPO (Wallace et al. 2023), as in the official training script: the batch holds the winners then
     the losers (same noise and timestep for both halves).
@@ -96,9 +102,7 @@ def diffusion_dpo_loss(model_pred, ref_pred, target, beta: float, winner_penalty
     the winners' and losers' errors against the reference."""
     import torch.nn.functional as F
 
-    dims = list(range(1, target.ndim))
-    model_err = (model_pred.float() - target.float()).pow(2).mean(dim=dims)
-    ref_err = (ref_pred.float() - target.float()).pow(2).mean(dim=dims)
+    model_err, ref_err = pair_errors(model_pred, target), pair_errors(ref_pred, target)
     model_w, model_l = model_err.chunk(2)
     ref_w, ref_l = ref_err.chunk(2)
     inside = -0.5 * beta * ((model_w - ref_w) - (model_l - ref_l) + winner_penalty * (model_w - ref_w).clamp(min=0))

@@ -154,12 +154,18 @@ def activation_values(unet_cfg: dict, latent_res: int) -> int:
 
 def caption_and_judge_problems(recipe, stage: str, keys, ref: str | None, will_run=frozenset()) -> list[str]:
     """What the stage reads besides its model, read as it reads them: caption files (DPO's dataset, held-out
-    captions) and DPO's image judge, which `--check` passed and the stage then refused after loading its model."""
-    from pipeline import image_eval, images
+    captions), DPO's pairs of your own (their rows and that their image files exist; decoded by the stage) and its
+    image judge, which `--check` passed and the stage then refused after loading its model."""
+    from pipeline import image_eval, image_pairs, images
 
-    out = []
+    out, own = [], None
+    absent = keys.dataset != images.WORLD_SPEC and not Path(keys.dataset).expanduser().exists()  # said already
+    try:
+        own = stage == "diffusion_dpo" and not absent and image_pairs.pair_file(keys.dataset)
+    except PipelineError as err:
+        out.append(f"{stage}.dataset: {err}")
     specs = [("heldout_captions", keys.heldout_captions)] if getattr(keys, "judge_epochs", 1) else []
-    if stage == "diffusion_dpo" and keys.dataset != images.WORLD_SPEC:
+    if stage == "diffusion_dpo" and keys.dataset != images.WORLD_SPEC and not (own or out or absent):
         specs.append(("dataset", keys.dataset))
     for key, spec in specs:
         try:
@@ -168,6 +174,19 @@ def caption_and_judge_problems(recipe, stage: str, keys, ref: str | None, will_r
             out.append(f"{stage}.{key}: {err}")
     if stage != "diffusion_dpo":
         return out
+    try:
+        if problem := image_pairs.section_problem(keys, recipe.section(stage).get("rounds", 1)):
+            out.append(f"{stage}.{problem}")
+        for key, path in (("dataset", own), ("eval_dataset", image_pairs.pair_file(keys.eval_dataset))):
+            files, _, where, _ = image_pairs.pair_rows(path) if path else ([], [], [], 0)
+            lost = next(((f, w) for pair, w in zip(files, where) for f in pair
+                         if isinstance(f, Path) and not f.is_file()), None)
+            if lost:
+                out.append(f"{stage}.{key}: {path}: {lost[1]}: no image file {lost[0]}")
+    except PipelineError as err:
+        out.append(f"{stage}: {err}")
+    if absent or (own and not keys.heldout_captions):  # pairs of your own, no held-out captions: no judge is read
+        return out
     if keys.judge:
         judge = Path(keys.judge).expanduser()
     elif ref in recipe.stages and ref in will_run:  # trained by this run: it writes judge/ unless judge_epochs is 0
@@ -175,8 +194,10 @@ def caption_and_judge_problems(recipe, stage: str, keys, ref: str | None, will_r
     else:
         judge = Path(runs.resolve_checkpoint(recipe, ref, must_exist=False).path or ref) / "judge"
     if judge is not None and not ((judge / "config.json").is_file() and (judge / "model.safetensors").is_file()):
+        use = ("the held-out captions are scored with it; or set heldout_captions empty" if own else
+               "diffusion_dpo labels its pairs with it")
         out.append(f"{stage}.judge: no image judge in {judge} (train the diffusion stage with judge_epochs > 0, or "
-                   f"point `judge` at one: diffusion_dpo labels its pairs with it)")
+                   f"point `judge` at one: {use})")
     return out
 
 
@@ -216,6 +237,7 @@ def check_image_stage(recipe, stage: str, launch, device_memory: int | None, wil
                           f".parquet file or a folder with metadata.jsonl, .csv or .parquet)")
     errors += caption_and_judge_problems(recipe, stage, keys, ref, will_run)
     held = f", heldout_captions {keys.heldout_captions}" if keys.heldout_captions else ""
+    held += f", eval_dataset {keys.eval_dataset}" if getattr(keys, "eval_dataset", None) else ""
     lines.append(f"data: dataset {spec}{held}")
     lines.append(f"launch: {launch.describe()}")
     if comps is None:

@@ -36,8 +36,8 @@ def read_captions(spec: str | None, recipe) -> list[str]:
     for row, w in zip(got, where):  # a preference set (Pick-a-Pic's layout) was read as its captions alone
         if any(k in row for k in PAIR_COLUMNS):
             raise PipelineError(f"{path}: {w}: a preference pair ({', '.join(k for k in PAIR_COLUMNS if k in row)}): "
-                                f"image preference pairs are not read; diffusion_dpo draws and labels its own pairs, "
-                                f"this file gives captions only (README: Image models)")
+                                f"this key takes captions; image preference pairs go in diffusion_dpo's `dataset` "
+                                f"or `eval_dataset` (README: Image models)")
     rows = [(w, r.get("caption", r.get("text"))) for r, w in zip(got, where)]
     out = []
     for where, text in rows:

@@ -60,7 +60,7 @@ def decode(file: Path | bytes, channels: int, resolution: int):
     return t[None] if channels == 1 else t.permute(2, 0, 1)
 
 
-def _unreadable(name: str | bytes, err: Exception) -> str:
+def unreadable(name: str | bytes, err: Exception) -> str:
     name = f"of {len(name)} stored bytes" if isinstance(name, bytes) else f"'{name}'"
     return f"cannot read image {name} ({type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''})"
 
@@ -86,7 +86,7 @@ class FileImages:
                 batch.append(decode(self.files[i], self.channels, self.resolution))
             except (OSError, ValueError, SyntaxError) as err:  # changed or removed since the stage started
                 raise PipelineError(f"{self.metadata}: {self.where[i]}: "
-                                    f"{_unreadable(getattr(self.files[i], 'name', self.files[i]), err)}") from None
+                                    f"{unreadable(getattr(self.files[i], 'name', self.files[i]), err)}") from None
         texts = [c if isinstance(c, str) else c[int(torch.randint(0, len(c), (1,), generator=gen))]
                  for c in (self.captions[i] for i in idx)]
         return torch.stack(batch) * 2 - 1, texts
@@ -132,6 +132,32 @@ def named_files(path: Path) -> list:
     return out
 
 
+def cell_file(path: Path, where: str, value, column: str) -> Path | bytes:
+    """The image a metadata file's cell names: a file relative to the metadata file, or its stored bytes (a datasets
+    Image value, {bytes, path}: the bytes, else the file)."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if not isinstance(value, (str, bytes)) or not value:
+        raise PipelineError(f"{path}: {where}: missing {column}: an image file's path, relative to {path.name}, "
+                            f"or the image's bytes (a datasets Image column)")
+    return value if isinstance(value, bytes) else path.parent / value
+
+
+def check_decodes(file: Path | bytes, path: Path, where: str, channels: int, resolution: int) -> bool:
+    """Decode one image as training will (a truncated file fails here, not in training: verify() passes cut JPEGs);
+    False when it is not resolution x resolution (it is resized and cropped when decoded)."""
+    try:
+        with open_image(file) as im:
+            right_size = im.size == (resolution, resolution)
+            im.load()
+            as_model_image(im, channels, resolution)
+    except (OSError, ValueError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
+        name = file if isinstance(file, bytes) or not file.is_relative_to(path.parent) else \
+            str(file.relative_to(path.parent))  # as the row names it
+        raise PipelineError(f"{path}: {where}: {unreadable(name, err)}") from None
+    return right_size
+
+
 def read_image_rows(path: Path, resolution: int, channels: int, image_column: str | None = None,
                     caption_column: str | None = None) -> FileImages:
     """The images of a metadata file (.jsonl, .json, .csv, .parquet), each decoded once: a missing column or caption
@@ -150,13 +176,8 @@ def read_image_rows(path: Path, resolution: int, channels: int, image_column: st
     caption_name = f"'{caption_column}'" if caption_column else "'caption' (or 'text')"
     files, captions, resized = [], [], 0
     for row, w in zip(rows, where):
-        name = _column(row, image_column, ("file_name", "image"))
+        file = cell_file(path, w, _column(row, image_column, ("file_name", "image")), image_name)
         text = _column(row, caption_column, ("caption", "text"))
-        if isinstance(name, dict):  # a datasets Image value ({bytes, path}): its stored bytes, else its file
-            name = name.get("bytes") or name.get("path")
-        if not isinstance(name, (str, bytes)) or not name:
-            raise PipelineError(f"{path}: {w}: missing {image_name}: an image file's path, relative to {path.name}, "
-                                f"or the image's bytes (a datasets Image column)")
         # an empty caption is the empty prompt: that image trains unconditionally (what caption dropout does), as
         # diffusers' train_text_to_image.py takes it; a missing one (no such column, null) is an error
         if isinstance(text, (list, tuple)) and text and all(isinstance(t, str) for t in text):
@@ -164,14 +185,7 @@ def read_image_rows(path: Path, resolution: int, channels: int, image_column: st
         elif not isinstance(text, str):
             raise PipelineError(f"{path}: {w}: missing caption ({caption_name}: a string, \"\" for none, or a list of "
                                 f"them)")
-        file = name if isinstance(name, bytes) else path.parent / name
-        try:
-            with open_image(file) as im:
-                resized += im.size != (resolution, resolution)
-                im.load()  # decodes: a truncated file fails here, not in training (verify() passed cut JPEGs)
-                as_model_image(im, channels, resolution)
-        except (OSError, ValueError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
-            raise PipelineError(f"{path}: {w}: {_unreadable(name, err)}") from None
+        resized += not check_decodes(file, path, w, channels, resolution)
         files.append(file)
         captions.append(text.strip() if isinstance(text, str) else text)
     out = FileImages(files, captions, channels, resolution, where, path)

@@ -162,7 +162,7 @@ def stage_inputs(recipe, stage: str, must_exist: bool = True) -> dict:
             checkpoints[f.name] = [portable(recipe, resolve_checkpoint(recipe, v, must_exist, f"{stage}.{f.name}"))
                                    for v in value]
         elif ref == "data" and value:
-            datasets[f.name] = {"spec": value, "fingerprint": data.fingerprint(value, recipe, stage == "diffusion")}
+            datasets[f.name] = {"spec": value, "fingerprint": data.fingerprint(value, recipe, "diffusion" in stage)}
     for name, ref in tool_sources(recipe, stage).items():  # the folders the stage's tools load
         folder = recipe.run_dir / ref
         if ref not in recipe.stages and folder.is_dir():  # a folder in the run folder, where the tools look first

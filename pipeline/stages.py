@@ -306,9 +306,15 @@ class DiffusionDPOKeys(ImageHeldoutKeys):
     init_from: str = key("diffusion", "the image model to tune, also the frozen reference (a stage, a folder or a "
                                       "hub id)", ref="checkpoint")
     judge: str | None = key(None, "folder of the image judge (config.json, model.safetensors) that the simulated "
-                                  "annotator and the evaluation read; empty: `judge/` inside init_from")
-    dataset: str = key("images:digits", "captions the start model draws candidates for: `images:digits` (the "
-                                        "world's 60 training captions) or a file of `caption` rows", ref="data")
+                                  "annotator and the held-out captions' evaluation read; empty: `judge/` inside "
+                                  "init_from")
+    dataset: str = key("images:digits", "captions the start model draws candidates for (`images:digits`: the world's "
+                                        "60 training captions, or a file of `caption` rows), or preference pairs of "
+                                        "your own: a metadata file or folder of `caption`, `jpg_0`, `jpg_1`, "
+                                        "`label_0` rows (Pick-a-Pic) or `caption`, `chosen`, `rejected`", ref="data")
+    eval_dataset: str | None = key(None, "held-out preference pairs (a pairs `dataset`'s layouts): the share the "
+                                         "tuned model prefers as labelled (Diffusion-DPO's implicit accuracy)",
+                                   ref="data")
 
 
 @dataclass(frozen=True)

@@ -719,7 +719,7 @@ def _weights(folder):
     return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
 
-def test_diffusion_dpo_refuses_preference_pairs_and_check_reads_its_captions_and_judge(tmp_path):
+def test_held_out_captions_refuse_preference_pairs_and_check_reads_dpos_captions_and_judge(tmp_path):
     # Pick-a-Pic rows were read as their captions alone (the pairs silently ignored), and --check said "ok" for a
     # start model without the image judge that the stage then refused after loading the model
     from pipeline import image_eval
@@ -728,14 +728,18 @@ def test_diffusion_dpo_refuses_preference_pairs_and_check_reads_its_captions_and
     base = _tiny_stable_diffusion(tmp_path / "tiny-sd")
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"caption": "a 7", "jpg_0": "a.png", "jpg_1": "b.png", "label_0": 0.5}) + "\n")
-    recipe = image_recipe(tmp_path, diffusion_dpo={**TINY_DPO, "init_from": str(base), "dataset": str(pairs)})
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text(json.dumps({"caption": "a 7"}) + "\n")
+    recipe = image_recipe(tmp_path, diffusion_dpo={**TINY_DPO, "init_from": str(base), "dataset": str(captions),
+                                                   "heldout_captions": str(pairs)})
     with pytest.raises(PipelineError, match=r"pairs.jsonl: line 1: a preference pair \(jpg_0, jpg_1, label_0\): "
-                                            r"image preference pairs are not read"):
+                                            r"this key takes captions"):
         image_eval.read_captions(str(pairs), load_recipe(recipe))
     check = run_cli(["pipeline/run.py", recipe, "--check"], cwd=tmp_path)
     assert check.returncode == 2 and "Traceback" not in check.stderr, check.stderr[-2000:]
-    assert "diffusion_dpo.dataset: " in check.stdout and "a preference pair (jpg_0, jpg_1, label_0)" in check.stdout
+    assert "diffusion_dpo.heldout_captions: " in check.stdout and "a preference pair (jpg_0" in check.stdout
     assert f"diffusion_dpo.judge: no image judge in {base / 'judge'}" in check.stdout
+    assert "labels its pairs with it" in check.stdout
     assert not (tmp_path / "runs").exists()
 
 

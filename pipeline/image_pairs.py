@@ -1,0 +1,197 @@
+"""Image preference pairs for diffusion_dpo: the model's own draws labelled by the simulated annotator (held in
+memory), or pairs of your own read from a metadata file (.jsonl, .json, .csv, .parquet, or a folder holding
+metadata.jsonl / .csv / .parquet) in one of two layouts:
+
+- Pick-a-Pic's, which the official Diffusion-DPO script reads: `caption`, `jpg_0`, `jpg_1`, `label_0` (1: jpg_0 is
+  preferred, 0: jpg_1 is, 0.5: a tie, dropped as that script drops them);
+- chosen / rejected: `caption` (or `prompt`, `text`), `chosen`, `rejected`.
+
+An image is a file path relative to the metadata file or the image's bytes (a datasets Image column, {bytes, path},
+as Pick-a-Pic's parquet files store them). Each is decoded once when the stage starts, so a missing, truncated or
+unreadable image is one line naming the file and the row before anything is written, then again per batch: a large
+set need not fit in memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.cli import PipelineError
+
+PICKAPIC = ("jpg_0", "jpg_1", "label_0")
+CHOSEN_REJECTED = ("chosen", "rejected")
+CAPTIONS = ("caption", "prompt", "text")
+
+
+def layout(row: dict) -> str | None:
+    """`pickapic`, `chosen` (chosen / rejected), or None: a row of captions only."""
+    if "jpg_0" in row or "jpg_1" in row or "label_0" in row:
+        return "pickapic"
+    if "chosen" in row or "rejected" in row:
+        return "chosen"
+    return None
+
+
+def pair_file(spec: str | None) -> Path | None:
+    """The metadata file of `spec` when it holds preference pairs (its columns say), else None. A parquet file's
+    columns are read from its schema: Pick-a-Pic's shards hold their images."""
+    from pipeline.files import file_kind, read_file
+    from pipeline.image_files import metadata_file
+
+    if not spec or spec.startswith("images:"):
+        return None
+    path = metadata_file(spec)
+    kind = path and file_kind(path)
+    if kind in (None, "txt"):
+        return None
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return path if layout(dict.fromkeys(pq.read_schema(path).names)) else None
+        except (OSError, ValueError):  # not a parquet file (ArrowInvalid): the stage's reader says so in one line
+            return None
+    rows, _ = read_file(path)
+    return path if rows and layout(rows[0]) else None
+
+
+class DrawnPairs:
+    """Pairs held as tensors in [-1, 1] (the stage's own labelled draws)."""
+
+    def __init__(self, chosen, rejected, captions: list[str]):
+        self.chosen, self.rejected, self.captions = chosen, rejected, captions
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def batch(self, idx: list[int]) -> tuple:
+        return self.chosen[idx], self.rejected[idx], [self.captions[i] for i in idx]
+
+
+class FilePairs:
+    """Pairs of image files (or stored bytes) checked by read_pairs, decoded per batch, in [-1, 1]."""
+
+    def __init__(self, files: list[tuple], captions: list[str], where: list[str], path: Path, channels: int,
+                 resolution: int):
+        self.files, self.captions, self.where, self.path = files, captions, where, path
+        self.channels, self.resolution = channels, resolution
+        self.ties = self.resized = 0
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def batch(self, idx: list[int]) -> tuple:
+        import torch
+
+        from pipeline.image_files import unreadable, decode
+
+        out = []
+        for i in idx:
+            for file in self.files[i]:
+                try:
+                    out.append(decode(file, self.channels, self.resolution))
+                except (OSError, ValueError, SyntaxError) as err:  # changed or removed since the stage started
+                    raise PipelineError(f"{self.path}: {self.where[i]}: "
+                                        f"{unreadable(getattr(file, 'name', file), err)}") from None
+        x = torch.stack(out) * 2 - 1
+        return x[0::2], x[1::2], [self.captions[i] for i in idx]
+
+
+def _label(value, path: Path, where: str) -> float:
+    try:
+        label = float(value)
+    except (TypeError, ValueError):
+        label = None
+    if label not in (0.0, 0.5, 1.0):
+        raise PipelineError(f"{path}: {where}: label_0 must be 1 (jpg_0 preferred), 0 (jpg_1 preferred) or 0.5 (a "
+                            f"tie), got {value!r}")
+    return label
+
+
+def pair_rows(path: Path) -> tuple[list[tuple], list[str], list[str], int]:
+    """A pairs file's rows checked without decoding the images: ((chosen, rejected) files, captions, where each
+    came from, ties dropped). A missing column, caption, label or image cell raises PipelineError naming the file and
+    the row."""
+    from pipeline.files import read_file
+    from pipeline.image_files import cell_file
+
+    rows, where = read_file(path)
+    kind = layout(rows[0]) if rows else None
+    if kind is None:
+        raise PipelineError(f"{path}: no preference pairs (rows of caption, jpg_0, jpg_1, label_0 or of caption, "
+                            f"chosen, rejected)")
+    files, captions, kept, ties = [], [], [], 0
+    for row, w in zip(rows, where):
+        text = next((row[k] for k in CAPTIONS if row.get(k) is not None), None)
+        if not isinstance(text, str):
+            raise PipelineError(f"{path}: {w}: missing caption ('caption', 'prompt' or 'text': a string, \"\" for "
+                                f"none)")
+        if kind == "pickapic":
+            label = _label(row.get("label_0"), path, w)
+            a, b = (cell_file(path, w, row.get(k), f"'{k}'") for k in ("jpg_0", "jpg_1"))
+            if label == 0.5:
+                ties += 1
+                continue
+            pair = (a, b) if label == 1.0 else (b, a)
+        else:
+            pair = tuple(cell_file(path, w, row.get(k), f"'{k}'") for k in CHOSEN_REJECTED)
+        files.append(pair)
+        captions.append(text.strip())
+        kept.append(w)
+    if not files:
+        raise PipelineError(f"{path}: no pair with a preference ({ties} ties, label_0 0.5, dropped)")
+    return files, captions, kept, ties
+
+
+def read_pairs(path: Path, channels: int, resolution: int) -> FilePairs:
+    """Every pair of a metadata file (pair_rows), each image decoded once as training will decode it; ties dropped
+    and counted (`.ties`)."""
+    from pipeline.image_files import check_decodes
+
+    files, captions, where, ties = pair_rows(path)
+    resized = sum(not check_decodes(f, path, w, channels, resolution) for pair, w in zip(files, where) for f in pair)
+    out = FilePairs(files, captions, where, path, channels, resolution)
+    out.ties, out.resized = ties, resized
+    return out
+
+
+def section_problem(keys, rounds: int) -> str | None:
+    """What diffusion_dpo's section asks that its data cannot give (the stage and `--check` both say it)."""
+    from pipeline.image_files import metadata_file
+
+    if keys.eval_dataset and metadata_file(keys.eval_dataset) is None:
+        return f"eval_dataset: '{keys.eval_dataset}' not found (a metadata file of pairs, or a folder holding one)"
+    if keys.eval_dataset and pair_file(keys.eval_dataset) is None:
+        return (f"eval_dataset: '{keys.eval_dataset}' holds no preference pairs (rows of caption, jpg_0, jpg_1, "
+                f"label_0 or of caption, chosen, rejected)")
+    if rounds > 1 and pair_file(keys.dataset):
+        return (f"rounds: {rounds}: later rounds draw new candidates for the image judge to label; pairs of your own "
+                f"({keys.dataset}) train in one round")
+    return None
+
+
+def implicit_accuracy(forward, pairs, *, batch_size: int, draws: int, seed: int) -> dict:
+    """How many held-out pairs the tuned model prefers as labelled: Diffusion-DPO's implicit accuracy. `forward(chosen,
+    rejected, captions, gen)` gives the tuned and the reference model's predictions and the target for both halves
+    (as in training: a shared noise and timestep per pair). Per pair, the change of the winner's error against the
+    reference minus the loser's, averaged over `draws` noisings with fixed seeds: below 0 is right, 0 (the start
+    model: no change) half right. Returns the share with its 95% bootstrap interval and the mean change."""
+    import torch
+
+    from pipeline import metrics as M
+    from pipeline.diffusion_train import pair_errors
+
+    changes = torch.zeros(len(pairs))
+    gen = torch.Generator().manual_seed(seed)
+    for start in range(0, len(pairs), batch_size):
+        idx = list(range(start, min(start + batch_size, len(pairs))))
+        chosen, rejected, captions = pairs.batch(idx)
+        for _ in range(draws):
+            with torch.no_grad():
+                pred, ref, target = forward(chosen, rejected, captions, gen)
+            model_w, model_l = pair_errors(pred, target).chunk(2)
+            ref_w, ref_l = pair_errors(ref, target).chunk(2)
+            changes[idx] += ((model_w - ref_w) - (model_l - ref_l)).cpu() / draws
+    right = (changes < 0).float() + 0.5 * (changes == 0).float()
+    return {**M.mean_ci(right.tolist(), seed=seed), "pairs": len(pairs), "draws": draws,
+            "mean_error_change": float(changes.mean())}

@@ -1,0 +1,183 @@
+"""Diffusion-DPO on preference pairs of your own (pipeline/image_pairs.py): Pick-a-Pic's layout (caption, jpg_0,
+jpg_1, label_0; images as bytes in a parquet file) and chosen / rejected files, trained on a hub-shaped pipeline
+with no image judge, evaluated on held-out pairs."""
+
+import io
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli
+from pipeline import image_pairs
+from pipeline.cli import PipelineError
+from test_diffusion import _tiny_stable_diffusion, _unet_weights, image_recipe
+
+
+def png(value: int) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), (value,) * 3).save(out, format="PNG")
+    return out.getvalue()
+
+
+def pickapic(path, n: int = 24, tie: bool = True):
+    """n pairs of a white and a black square, the white one preferred: jpg_0 in even rows (label_0 1), jpg_1 in odd
+    ones (label_0 0); and one tie (label_0 0.5), which is dropped."""
+    import datasets
+
+    rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": []}
+    for i in range(n):
+        white_first = i % 2 == 0
+        rows["caption"].append(f"a {i % 10}")
+        rows["jpg_0"].append({"bytes": png(255 if white_first else 0), "path": None})
+        rows["jpg_1"].append({"bytes": png(0 if white_first else 255), "path": None})
+        rows["label_0"].append(1.0 if white_first else 0.0)
+    if tie:
+        for key, value in (("caption", "a 1"), ("jpg_0", {"bytes": png(9), "path": None}),
+                           ("jpg_1", {"bytes": png(99), "path": None}), ("label_0", 0.5)):
+            rows[key].append(value)
+    features = datasets.Features({"caption": datasets.Value("string"), "jpg_0": datasets.Image(),
+                                  "jpg_1": datasets.Image(), "label_0": datasets.Value("float64")})
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(path)
+    return path
+
+
+def chosen_rejected(folder, chosen: str, rejected: str, n: int = 8):
+    """A folder of two image files and a metadata.jsonl of `prompt`, `chosen`, `rejected` rows naming them."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (16, 16), "white").save(folder / "white.png")
+    Image.new("RGB", (16, 16), "black").save(folder / "black.png")
+    (folder / "metadata.jsonl").write_text("".join(
+        json.dumps({"prompt": f"a {i}", "chosen": chosen, "rejected": rejected}) + "\n" for i in range(n)))
+    return folder
+
+
+def own_pairs_recipe(work, base, dataset, **extra):
+    section = {"init_from": str(base), "dataset": str(dataset), "heldout_captions": None, "max_steps": 30,
+               "batch_size": 4, "learning_rate": 1e-3, "beta": 500.0, "logging_steps": 10, "save_steps": 0,
+               "heldout_samples": 2, "sample_steps": 2, "grid_columns": 2, **extra}
+    return image_recipe(work, diffusion_dpo=section)
+
+
+def test_pickapic_labels_pick_the_chosen_image_and_ties_are_dropped(tmp_path):
+    """label_0 1: jpg_0 is the chosen image, 0: jpg_1 is; 0.5 (a tie) is dropped, as the official script does."""
+    files = image_pairs.read_pairs(pickapic(tmp_path / "train.parquet"), channels=3, resolution=16)
+    assert len(files) == 24 and files.ties == 1
+    chosen, rejected, captions = files.batch(list(range(24)))
+    assert torch.all(chosen == 1.0) and torch.all(rejected == -1.0)  # white chosen, in [-1, 1], whichever column
+    assert captions == [f"a {i % 10}" for i in range(24)]
+
+
+@pytest.mark.parametrize("row, expected", [
+    ({"caption": "a 1", "jpg_0": "x.png", "jpg_1": "y.png", "label_0": 2},
+     "line 1: label_0 must be 1 (jpg_0 preferred), 0 (jpg_1 preferred) or 0.5 (a tie), got 2"),
+    ({"caption": "a 1", "jpg_0": "white.png", "label_0": 1},
+     "line 1: missing 'jpg_1': an image file's path, relative to pairs.jsonl, or the image's bytes"),
+    ({"jpg_0": "white.png", "jpg_1": "white.png", "label_0": 1},
+     "line 1: missing caption ('caption', 'prompt' or 'text'"),
+    ({"caption": "a 1", "chosen": "white.png", "rejected": "gone.png"}, "line 1: cannot read image 'gone.png'"),
+    ({"caption": "a 1", "jpg_0": "white.png", "jpg_1": "white.png", "label_0": 0.5},
+     "no pair with a preference (1 ties, label_0 0.5, dropped)"),
+])
+def test_bad_pair_rows_raise_one_line_errors_naming_the_row(tmp_path, row, expected):
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), "white").save(tmp_path / "white.png")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(PipelineError) as err:
+        image_pairs.read_pairs(tmp_path / "pairs.jsonl", channels=3, resolution=16)
+    assert str(err.value).startswith(f"{tmp_path / 'pairs.jsonl'}: ") and expected in str(err.value)
+
+
+def test_implicit_accuracy_is_a_half_at_the_start_and_counts_pairs_the_model_prefers():
+    """Per pair: the change of the winner's error against the reference minus the loser's. The start model (the
+    reference itself) changes nothing: 0.5; a model closer to the target on the winners only: 1.0."""
+    pairs = image_pairs.DrawnPairs(torch.zeros(6, 1, 4, 4), torch.zeros(6, 1, 4, 4), ["a 1"] * 6)
+
+    def forward(better):
+        def run(chosen, rejected, captions, gen):
+            target = torch.randn((2 * len(captions), 1, 4, 4), generator=gen)
+            ref = target + 0.5
+            pred = ref.clone()
+            if better:
+                pred[:len(captions)] = target[:len(captions)] + 0.1  # the winners' error falls
+            return pred, ref, target
+        return run
+
+    start = image_pairs.implicit_accuracy(forward(False), pairs, batch_size=4, draws=2, seed=0)
+    tuned = image_pairs.implicit_accuracy(forward(True), pairs, batch_size=4, draws=2, seed=0)
+    assert start["mean"] == 0.5 and start["mean_error_change"] == 0.0 and start["pairs"] == 6
+    assert tuned["mean"] == 1.0 and tuned["mean_error_change"] < 0 and tuned["ci"] == [1.0, 1.0]
+
+
+def test_own_pairs_tune_a_pipeline_without_a_judge_toward_the_labelled_preference(tmp_path):
+    """A hub-shaped pipeline (VAE, CLIP) with no image judge trains on Pick-a-Pic rows (white preferred, in either
+    column); held-out pairs in the chosen / rejected layout say how often the tuned model prefers as labelled. The
+    same held-out pairs with the preference reversed score below a half: the stage learnt the labels, not a
+    column."""
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    base = _tiny_stable_diffusion(tmp_path / "tiny-sd")
+    train = pickapic(tmp_path / "train.parquet")
+    agree, disagree = (chosen_rejected(tmp_path / name, c, r) for name, c, r in
+                       (("held", "white.png", "black.png"), ("reversed", "black.png", "white.png")))
+    for name, held in (("agree", agree), ("reversed", disagree)):
+        recipe = own_pairs_recipe(tmp_path, base, train, eval_dataset=str(held))
+        proc = run_cli(["pipeline/diffusion_dpo.py", recipe, f"run.name={name}"], cwd=tmp_path,
+                       env={"OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "runs/agree/diffusion_dpo"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["pairs"] == 24 and metrics["ties_dropped"] == 1 and "rounds" not in metrics
+    assert metrics["heldout_pairs"]["pairs"] == 8 and metrics["heldout_pair_accuracy"] > 0.5
+    reversed_ = json.loads((tmp_path / "runs/reversed/diffusion_dpo/metrics.json").read_text())
+    assert reversed_["heldout_pair_accuracy"] < 0.5
+    assert not (out / "judge").exists() and "Held-out pairs" in (out / "report.md").read_text()
+    assert Image.open(out / "grid.png").size[1] == 16 * (16 * 3 + 2) + 2  # start and tuned rows of 8 captions
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"]["data"]["dataset"]["spec"] == str(train)
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    before, after = _unet_weights(base), _unet_weights(out)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_own_pairs_refuse_rounds_and_check_reads_them_without_a_judge(tmp_path):
+    """Later rounds draw candidates for the image judge to label: with pairs of your own the stage stops at once in
+    one line, writing nothing; `--check` says so, names a pair whose image file is missing, and asks for no judge
+    (none is read without held-out captions); with held-out captions both ask for one, the stage before writing
+    anything."""
+    base = _tiny_stable_diffusion(tmp_path / "tiny-sd")
+    train = pickapic(tmp_path / "train.parquet", n=4, tie=False)
+    recipe = own_pairs_recipe(tmp_path, base, train, rounds=2)
+    proc = run_cli(["pipeline/diffusion_dpo.py", recipe], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {recipe}: diffusion_dpo.rounds: 2: later rounds draw new candidates for the image judge to label; "
+        f"pairs of your own ({train}) train in one round")
+    assert not (tmp_path / "runs").exists()
+    held = chosen_rejected(tmp_path / "held", "white.png", "gone.png", n=2)
+    recipe = own_pairs_recipe(tmp_path, base, train, rounds=2, eval_dataset=str(held))
+    check = run_cli(["pipeline/run.py", recipe, "--check"], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert check.returncode == 2 and "Traceback" not in check.stderr, check.stderr[-2000:]
+    assert "diffusion_dpo.rounds: 2: later rounds draw new candidates" in check.stdout
+    assert f"diffusion_dpo.eval_dataset: {held / 'metadata.jsonl'}: line 1: no image file {held / 'gone.png'}" \
+        in check.stdout
+    assert "diffusion_dpo.judge" not in check.stdout and "2 error(s)" in check.stdout
+    recipe = own_pairs_recipe(tmp_path, base, train, eval_dataset=str(tmp_path / "train.parquet"),
+                              heldout_captions="images:digits")  # held-out captions: scored by the judge
+    check = run_cli(["pipeline/run.py", recipe, "--check"], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert check.returncode == 2 and f"diffusion_dpo.judge: no image judge in {base / 'judge'}" in check.stdout
+    assert "or set heldout_captions empty" in check.stdout
+    proc = run_cli(["pipeline/diffusion_dpo.py", recipe], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {recipe}: diffusion_dpo.judge: no image judge in {base / 'judge'}, with which the held-out captions "
+        f"are scored (train the diffusion stage with judge_epochs > 0, or point `judge` at one, or set "
+        f"heldout_captions empty)")
+    assert not (tmp_path / "runs").exists()
