@@ -366,7 +366,8 @@ def generate(pipe, captions: list[str], *, steps: int, guidance: float, seed: in
 
 
 def save_grid(path: Path, images, row_labels: list[str], per_row: int, scale: int = 3) -> None:
-    """A PNG with one row of `per_row` samples per label (images N x C x R x R in [0, 1], grouped by row)."""
+    """A PNG with one row of `per_row` samples per label (images N x C x R x R in [0, 1], grouped by row); in colour
+    when the images have 3 channels."""
     import numpy as np
     from PIL import Image, ImageDraw
 
@@ -374,17 +375,20 @@ def save_grid(path: Path, images, row_labels: list[str], per_row: int, scale: in
     res = images.shape[-1]
     cell = res * scale + 2
     label_w = 190
-    canvas = Image.new("L", (label_w + per_row * cell, n_rows * cell + 2), 40)
+    rgb = images.shape[1] == 3
+    mode, background, ink = ("RGB", (40, 40, 40), (230, 230, 230)) if rgb else ("L", 40, 230)
+    canvas = Image.new(mode, (label_w + per_row * cell, n_rows * cell + 2), background)
     draw = ImageDraw.Draw(canvas)
-    gray = images.mean(1).clamp(0, 1).numpy()
+    pixels = (images if rgb else images.mean(1, keepdim=True)).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     for r, label in enumerate(row_labels):
-        draw.text((4, r * cell + cell // 2 - 5), label, fill=230)
+        draw.text((4, r * cell + cell // 2 - 5), label, fill=ink)
         for c in range(per_row):
             i = r * per_row + c
-            if i >= len(gray):
+            if i >= len(pixels):
                 break
-            tile = Image.fromarray((gray[i] * 255).astype(np.uint8)).resize((res * scale,) * 2, Image.NEAREST)
-            canvas.paste(tile, (label_w + c * cell + 1, r * cell + 1))
+            tile = (pixels[i] * 255).astype(np.uint8)
+            tile = Image.fromarray(tile if rgb else tile[..., 0], mode)
+            canvas.paste(tile.resize((res * scale,) * 2, Image.NEAREST), (label_w + c * cell + 1, r * cell + 1))
     canvas.save(path)
 
 

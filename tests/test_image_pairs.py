@@ -138,7 +138,9 @@ def test_own_pairs_tune_a_pipeline_without_a_judge_toward_the_labelled_preferenc
     reversed_ = json.loads((tmp_path / "runs/reversed/diffusion_dpo/metrics.json").read_text())
     assert reversed_["heldout_pair_accuracy"] < 0.5
     assert not (out / "judge").exists() and "Held-out pairs" in (out / "report.md").read_text()
-    assert Image.open(out / "grid.png").size[1] == 16 * (16 * 3 + 2) + 2  # start and tuned rows of 8 captions
+    grid = Image.open(out / "grid.png")
+    assert grid.size[1] == 16 * (16 * 3 + 2) + 2 and grid.mode == "RGB"  # start and tuned rows of 8 captions, in
+                                                                          # colour (grids were grey for RGB models)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["inputs"]["data"]["dataset"]["spec"] == str(train)
     pipe = DiffusionPipeline.from_pretrained(out)
