@@ -156,14 +156,17 @@ def caption_and_judge_problems(recipe, stage: str, keys, ref: str | None, will_r
     """What the stage reads besides its model, read as it reads them: caption files (DPO's dataset, held-out
     captions), DPO's pairs of your own (their rows and that their image files exist; decoded by the stage) and its
     image judge, which `--check` passed and the stage then refused after loading its model."""
-    from pipeline import image_eval, image_pairs, images
+    from pipeline import image_eval, image_files, image_pairs, images
 
     out, own = [], None
-    absent = keys.dataset != images.WORLD_SPEC and not Path(keys.dataset).expanduser().exists()  # said already
+    absent = keys.dataset != images.WORLD_SPEC and not Path(keys.dataset).expanduser().exists() and \
+        not image_files.is_hub_id(keys.dataset)  # said already
     try:
         own = stage == "diffusion_dpo" and not absent and image_pairs.pair_file(keys.dataset)
     except PipelineError as err:
-        out.append(f"{stage}.dataset: {err}")
+        if not image_files.is_hub_id(keys.dataset):  # a hub dataset's failure is said with the dataset's line
+            out.append(f"{stage}.dataset: {err}")
+        absent = True
     specs = [("heldout_captions", keys.heldout_captions)] if getattr(keys, "judge_epochs", 1) else []
     if stage == "diffusion_dpo" and keys.dataset != images.WORLD_SPEC and not (own or out or absent):
         specs.append(("dataset", keys.dataset))
@@ -230,11 +233,16 @@ def check_image_stage(recipe, stage: str, launch, device_memory: int | None, wil
         errors.append(f"{stage}.{ref_key}: {err}" if ref else str(err))
     spec = keys.dataset
     if spec != images.WORLD_SPEC:
-        from pipeline.image_files import metadata_file
+        from pipeline.image_files import hub_rows, is_hub_id, metadata_file
 
-        if metadata_file(spec) is None:
+        if metadata_file(spec) is None and not is_hub_id(spec):
             errors.append(f"{stage}.dataset: '{spec}' not found (expected {images.WORLD_SPEC}, a .jsonl / .csv / "
-                          f".parquet file or a folder with metadata.jsonl, .csv or .parquet)")
+                          f".parquet file, a folder with metadata.jsonl, .csv or .parquet, or a hub dataset id)")
+        elif metadata_file(spec) is None:
+            try:  # the stage reads it the same way: from the datasets cache afterwards
+                lines.append(f"hub dataset {spec}: {len(hub_rows(spec)[0])} rows")
+            except PipelineError as err:
+                errors.append(f"{stage}.dataset: {err}")
     errors += caption_and_judge_problems(recipe, stage, keys, ref, will_run)
     held = f", heldout_captions {keys.heldout_captions}" if keys.heldout_captions else ""
     held += f", eval_dataset {keys.eval_dataset}" if getattr(keys, "eval_dataset", None) else ""

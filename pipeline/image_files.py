@@ -1,6 +1,7 @@
 """Training images from files for the diffusion stage: a `metadata.jsonl` (or .csv, .parquet) of `file_name`
 + `caption` rows, files relative to it (Hugging Face's `imagefolder` layout; data/README.md), or in a parquet file
-the images' bytes (a `datasets` Image column, {bytes, path} per row; held in memory). Every image is
+the images' bytes (a `datasets` Image column, {bytes, path} per row; held in memory), or a hub dataset by its id
+(`org/name[:split]`, diffusers' `--dataset_name`; its images held in memory or in the datasets cache). Every image is
 decoded once when the stage starts (an unreadable, truncated or missing file is one line naming the metadata file
 and the row, before anything is written), then again per batch, so a large set need not fit in memory.
 
@@ -12,6 +13,7 @@ to the resolution, bilinear) and centre-cropped, as diffusers' train_text_to_ima
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 from pipeline.cli import PipelineError
@@ -158,14 +160,51 @@ def check_decodes(file: Path | bytes, path: Path, where: str, channels: int, res
     return right_size
 
 
-def read_image_rows(path: Path, resolution: int, channels: int, image_column: str | None = None,
-                    caption_column: str | None = None) -> FileImages:
-    """The images of a metadata file (.jsonl, .json, .csv, .parquet), each decoded once: a missing column or caption
-    or an image that does not decode (missing, truncated, not an image) raises PipelineError naming the file and
-    the line. Columns: `image_column` / `caption_column` (as diffusers' --image_column / --caption_column), else
-    `file_name` or `image`, and `caption` or `text`."""
+def is_hub_id(spec: str) -> bool:
+    """A spec that is no local file or folder and reads as a hub dataset id (`org/name`, optionally `:split`)."""
+    from pipeline.files import names_a_local_file
 
-    rows, where = read_file(path)
+    return not Path(spec).expanduser().exists() and not spec.startswith("images:") and \
+        not names_a_local_file(spec.partition(":")[0])
+
+
+@lru_cache(maxsize=2)
+def hub_rows(spec: str) -> tuple[list[dict], list[str]]:
+    """The rows of a hub dataset (`org/name[:split]`, split train by default), as diffusers' `--dataset_name` reads
+    it: images as their stored bytes or cached files ({bytes, path}: each datasets Image column is read undecoded),
+    held in memory. Offline, only the local cache is read; a failure is one line."""
+    import datasets
+
+    from pipeline import hub
+
+    name, _, split = spec.partition(":")
+    online = hub.reachable()
+    try:
+        ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as err:  # the hub's and the library's many failures: one line, not a traceback
+        why = hub.load_failure(online, f"loading it from the hub failed: {str(err).splitlines()[0]}")
+        raise PipelineError(f"dataset '{spec}': not a local file or folder, and {why}") from None
+    for column, feature in ds.features.items():
+        if isinstance(feature, datasets.Image):
+            ds = ds.cast_column(column, datasets.Image(decode=False))
+    rows = ds.to_list()
+    return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
+
+
+def table_rows(source: Path | str) -> tuple[list[dict], list[str]]:
+    """A metadata file's rows (a Path) or a hub dataset's (its id), with where each came from."""
+    return read_file(source) if isinstance(source, Path) else hub_rows(source)
+
+
+def read_image_rows(source: Path | str, resolution: int, channels: int, image_column: str | None = None,
+                    caption_column: str | None = None) -> FileImages:
+    """The images of a metadata file (.jsonl, .json, .csv, .parquet) or a hub dataset (its id), each decoded once:
+    a missing column or caption or an image that does not decode (missing, truncated, not an image) raises
+    PipelineError naming the file and the line. Columns: `image_column` / `caption_column` (as diffusers'
+    --image_column / --caption_column), else `file_name` or `image`, and `caption` or `text`."""
+
+    rows, where = table_rows(source)
+    path = Path(source)  # for messages, and the folder that relative image paths start from
     if not rows:
         raise PipelineError(f"{path}: no rows")
     for key, named in (("image_column", image_column), ("caption_column", caption_column)):

@@ -1,6 +1,6 @@
 """Image preference pairs for diffusion_dpo: the model's own draws labelled by the simulated annotator (held in
 memory), or pairs of your own read from a metadata file (.jsonl, .json, .csv, .parquet, or a folder holding
-metadata.jsonl / .csv / .parquet) in one of two layouts:
+metadata.jsonl / .csv / .parquet) or a hub dataset (`org/name[:split]`), in one of two layouts:
 
 - Pick-a-Pic's, which the official Diffusion-DPO script reads: `caption`, `jpg_0`, `jpg_1`, `label_0` (1: jpg_0 is
   preferred, 0: jpg_1 is, 0.5: a tie, dropped as that script drops them);
@@ -32,14 +32,17 @@ def layout(row: dict) -> str | None:
     return None
 
 
-def pair_file(spec: str | None) -> Path | None:
-    """The metadata file of `spec` when it holds preference pairs (its columns say), else None. A parquet file's
-    columns are read from its schema: Pick-a-Pic's shards hold their images."""
+def pair_file(spec: str | None) -> Path | str | None:
+    """The metadata file of `spec` (or the hub dataset id) when it holds preference pairs (its columns say), else
+    None. A parquet file's columns are read from its schema: Pick-a-Pic's shards hold their images."""
     from pipeline.files import file_kind, read_file
-    from pipeline.image_files import metadata_file
+    from pipeline.image_files import hub_rows, is_hub_id, metadata_file
 
     if not spec or spec.startswith("images:"):
         return None
+    if is_hub_id(spec):
+        rows, _ = hub_rows(spec)
+        return spec if rows and layout(rows[0]) else None
     path = metadata_file(spec)
     kind = path and file_kind(path)
     if kind in (None, "txt"):
@@ -108,14 +111,14 @@ def _label(value, path: Path, where: str) -> float:
     return label
 
 
-def pair_rows(path: Path) -> tuple[list[tuple], list[str], list[str], int]:
-    """A pairs file's rows checked without decoding the images: ((chosen, rejected) files, captions, where each
-    came from, ties dropped). A missing column, caption, label or image cell raises PipelineError naming the file and
-    the row."""
-    from pipeline.files import read_file
-    from pipeline.image_files import cell_file
+def pair_rows(source: Path | str) -> tuple[list[tuple], list[str], list[str], int]:
+    """A pairs file's (or hub dataset's) rows checked without decoding the images: ((chosen, rejected) files,
+    captions, where each came from, ties dropped). A missing column, caption, label or image cell raises
+    PipelineError naming the file and the row."""
+    from pipeline.image_files import cell_file, table_rows
 
-    rows, where = read_file(path)
+    rows, where = table_rows(source)
+    path = Path(source)  # for messages, and the folder that relative image paths start from
     kind = layout(rows[0]) if rows else None
     if kind is None:
         raise PipelineError(f"{path}: no preference pairs (rows of caption, jpg_0, jpg_1, label_0 or of caption, "
@@ -143,12 +146,13 @@ def pair_rows(path: Path) -> tuple[list[tuple], list[str], list[str], int]:
     return files, captions, kept, ties
 
 
-def read_pairs(path: Path, channels: int, resolution: int) -> FilePairs:
-    """Every pair of a metadata file (pair_rows), each image decoded once as training will decode it; ties dropped
-    and counted (`.ties`)."""
+def read_pairs(source: Path | str, channels: int, resolution: int) -> FilePairs:
+    """Every pair of a metadata file or hub dataset (pair_rows), each image decoded once as training will decode
+    it; ties dropped and counted (`.ties`)."""
     from pipeline.image_files import check_decodes
 
-    files, captions, where, ties = pair_rows(path)
+    files, captions, where, ties = pair_rows(source)
+    path = Path(source)
     resized = sum(not check_decodes(f, path, w, channels, resolution) for pair, w in zip(files, where) for f in pair)
     out = FilePairs(files, captions, where, path, channels, resolution)
     out.ties, out.resized = ties, resized
@@ -157,9 +161,9 @@ def read_pairs(path: Path, channels: int, resolution: int) -> FilePairs:
 
 def section_problem(keys, rounds: int) -> str | None:
     """What diffusion_dpo's section asks that its data cannot give (the stage and `--check` both say it)."""
-    from pipeline.image_files import metadata_file
+    from pipeline.image_files import is_hub_id, metadata_file
 
-    if keys.eval_dataset and metadata_file(keys.eval_dataset) is None:
+    if keys.eval_dataset and metadata_file(keys.eval_dataset) is None and not is_hub_id(keys.eval_dataset):
         return f"eval_dataset: '{keys.eval_dataset}' not found (a metadata file of pairs, or a folder holding one)"
     if keys.eval_dataset and pair_file(keys.eval_dataset) is None:
         return (f"eval_dataset: '{keys.eval_dataset}' holds no preference pairs (rows of caption, jpg_0, jpg_1, "

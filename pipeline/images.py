@@ -162,11 +162,11 @@ def load_images(spec: str, resolution: int, channels: int, property_dropout: flo
         raise PipelineError(f"dataset '{spec}': unknown image world (the world is {WORLD_SPEC})")
     from pipeline import image_files
 
-    path = image_files.metadata_file(spec)
-    if path is None:
-        raise PipelineError(f"dataset '{spec}': not found (expected {WORLD_SPEC}, a .jsonl / .csv / .parquet file "
-                            f"or a folder with metadata.jsonl, .csv or .parquet)")
-    return image_files.read_image_rows(path, resolution, channels, **columns)
+    source = image_files.metadata_file(spec) or (spec if image_files.is_hub_id(spec) else None)
+    if source is None:
+        raise PipelineError(f"dataset '{spec}': not found (expected {WORLD_SPEC}, a .jsonl / .csv / .parquet file, "
+                            f"a folder with metadata.jsonl, .csv or .parquet, or a hub dataset id)")
+    return image_files.read_image_rows(source, resolution, channels, **columns)
 
 
 class _Converted:

@@ -282,9 +282,9 @@ class DiffusionKeys(ImageHeldoutKeys):
     pretrained: str | None = key(None, "a diffusers text-to-image pipeline to fine-tune (a stage, a folder or a hub "
                                        "id); empty: a new pixel-space pipeline from `unet` and `text_encoder`",
                                  ref="checkpoint")
-    dataset: str = key("images:digits", "images with captions: `images:digits` (the offline digit world) or a "
+    dataset: str = key("images:digits", "images with captions: `images:digits` (the offline digit world), a "
                                         "metadata .jsonl / .csv / .parquet file, or a folder holding one, of "
-                                        "`file_name`, `caption` rows",
+                                        "`file_name`, `caption` rows, or a hub dataset id (diffusers' --dataset_name)",
                        ref="data")
     image_column: str | None = key(None, "the metadata file's column naming each image file (as diffusers' "
                                          "--image_column); empty: `file_name` or `image`")
@@ -310,8 +310,9 @@ class DiffusionDPOKeys(ImageHeldoutKeys):
                                   "init_from")
     dataset: str = key("images:digits", "captions the start model draws candidates for (`images:digits`: the world's "
                                         "60 training captions, or a file of `caption` rows), or preference pairs of "
-                                        "your own: a metadata file or folder of `caption`, `jpg_0`, `jpg_1`, "
-                                        "`label_0` rows (Pick-a-Pic) or `caption`, `chosen`, `rejected`", ref="data")
+                                        "your own: a metadata file or folder, or a hub dataset id, of `caption`, "
+                                        "`jpg_0`, `jpg_1`, `label_0` rows (Pick-a-Pic) or `caption`, `chosen`, "
+                                        "`rejected`", ref="data")
     eval_dataset: str | None = key(None, "held-out preference pairs (a pairs `dataset`'s layouts): the share the "
                                          "tuned model prefers as labelled (Diffusion-DPO's implicit accuracy)",
                                    ref="data")

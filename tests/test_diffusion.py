@@ -789,3 +789,59 @@ def test_images_stored_as_bytes_in_a_parquet_file_are_read(tmp_path):
     datasets.Dataset.from_dict(rows, features=features).to_parquet(tmp_path / "metadata.parquet")
     with pytest.raises(PipelineError, match=r"metadata.parquet: row 2: cannot read image of 40 stored bytes \("):
         images.load_images(str(tmp_path), 16, 1)
+
+
+def test_a_hub_image_dataset_is_read_as_diffusers_dataset_name_reads_it(tmp_path, monkeypatch):
+    """`dataset: org/name` (diffusers' --dataset_name, e.g. lambdalabs/naruto-blip-captions) was "not found": only
+    metadata files were read. It loads with datasets.load_dataset (here a stand-in returning the dataset the hub
+    would: an Image column and a text column), its images read undecoded from their bytes; without the hub and
+    the cache, one line says so, in the stage's reader and in --check."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    from pipeline import hub, image_check
+    from pipeline.cluster import Launch
+    from pipeline.recipe import load_recipe
+
+    def png(value):
+        out = io.BytesIO()
+        Image.new("RGB", (20, 20), (value,) * 3).save(out, format="PNG")
+        return out.getvalue()
+
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    hub_dataset = datasets.Dataset.from_dict({"image": [{"bytes": png(0), "path": None},
+                                                        {"bytes": png(255), "path": None}],
+                                              "text": ["a black square", "a white square"]}, features=features)
+    asked = []
+
+    def load_dataset(name, split=None, **kwargs):
+        asked.append((name, split))
+        return hub_dataset
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(hub, "reachable", lambda: True)
+    image_files.hub_rows.cache_clear()
+    source = images.load_images("someone/squares:train", 16, 1)
+    assert asked == [("someone/squares", "train")] and source.captions == ["a black square", "a white square"]
+    x, texts = source.sample(4, torch.Generator().manual_seed(0))
+    for image, text in zip(x, texts):  # resized to 16 x 16, grey, in [-1, 1]
+        assert image.shape == (1, 16, 16) and torch.all(image == (-1.0 if text == "a black square" else 1.0))
+    recipe = load_recipe(image_recipe(tmp_path, diffusion={"dataset": "someone/squares"}))
+    lines, errors, _ = image_check.check_image_stage(recipe, "diffusion", Launch(), None)
+    assert not errors and "hub dataset someone/squares: 2 rows" in lines
+    monkeypatch.setattr(hub, "reachable", lambda: False)
+
+    def unreachable(name, split=None, **kwargs):
+        raise ConnectionError("Couldn't reach the hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    image_files.hub_rows.cache_clear()
+    with pytest.raises(PipelineError, match=r"^dataset 'someone/absent': not a local file or folder, and the hub "
+                                            r"cannot be reached"):
+        images.load_images("someone/absent", 16, 1)
+    recipe = load_recipe(image_recipe(tmp_path, diffusion={"dataset": "someone/absent"}))
+    _, errors, _ = image_check.check_image_stage(recipe, "diffusion", Launch(), None)
+    assert len(errors) == 1 and errors[0].startswith("diffusion.dataset: dataset 'someone/absent': not a local")
+    image_files.hub_rows.cache_clear()

@@ -183,3 +183,25 @@ def test_own_pairs_refuse_rounds_and_check_reads_them_without_a_judge(tmp_path):
         f"are scored (train the diffusion stage with judge_epochs > 0, or point `judge` at one, or set "
         f"heldout_captions empty)")
     assert not (tmp_path / "runs").exists()
+
+
+def test_pickapic_from_the_hub_reads_its_binary_image_columns(monkeypatch):
+    """yuvalkirstain/pickapic_v2 stores jpg_0 / jpg_1 as binary columns (not an Image feature): a hub id in
+    `dataset` loads with datasets.load_dataset (here a stand-in returning such a dataset) and reads them."""
+    import datasets
+
+    from pipeline import hub, image_files
+
+    rows = {"caption": ["a 1", "a 2", "a 3"], "jpg_0": [png(255), png(0), png(7)], "jpg_1": [png(0), png(255), png(7)],
+            "label_0": [1.0, 0.0, 0.5]}
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split=None, **kw: datasets.Dataset.from_dict(rows))
+    monkeypatch.setattr(hub, "reachable", lambda: True)
+    image_files.hub_rows.cache_clear()
+    try:
+        assert image_pairs.pair_file("someone/pickapic") == "someone/pickapic"
+        pairs = image_pairs.read_pairs("someone/pickapic", channels=3, resolution=16)
+    finally:
+        image_files.hub_rows.cache_clear()
+    chosen, rejected, captions = pairs.batch([0, 1])
+    assert pairs.ties == 1 and captions == ["a 1", "a 2"]
+    assert torch.all(chosen == 1.0) and torch.all(rejected == -1.0)
