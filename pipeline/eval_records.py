@@ -3,13 +3,14 @@
 Generating is most of eval's time, and it depends on the checkpoint and on little else: the prompts, the chat
 template, the generation settings and seed, how the model loads, the KL reference, the library versions and the
 pipeline's own code. Each checkpoint's replies (greedy and sampled, with their token ids), their verifier verdicts,
-the samples' log-probs under the checkpoint and the reference, and the perplexity are saved as `checkpoints/<key>.json`
-in eval's folder, the key a hash of all of those inputs. A later evaluation (a checkpoint added to `checkpoints`, the baseline or the
-reward model changed, or the same one killed and started again) reads a checkpoint's record instead of generating
-when its key matches, from the folder being written or the finished `eval/` before it. The tool prompts' rollouts
-have records of their own (`checkpoints/<key>.json` and the images drawn in `checkpoints/<key>/`), keyed also by the
-tools, the folders they load and the tool settings. What depends on the other checkpoints or on the reward model
-(win rates, reward scores, best-of-n) is computed again. `eval.reuse: false` generates everything afresh.
+the samples' log-probs under the checkpoint and the reference, and the perplexity are saved as
+`checkpoints/<key>.json` in eval's folder, the key a hash of all of those inputs. A later evaluation (a checkpoint
+added to `checkpoints`, the baseline or the reward model changed, or the same one killed and started again) reads a
+checkpoint's record instead of generating when its key matches, from the folder being written or the finished
+`eval/` before it. The tool prompts' rollouts have records of their own (`checkpoints/<key>.json` and the images
+drawn in `checkpoints/<key>/`), keyed also by the tools, the folders they load and the tool settings. What depends
+on the other checkpoints or on the reward model (win rates, reward scores, best-of-n) is computed again.
+`eval.reuse: false` generates everything afresh.
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ class FilePairs:
     def batch(self, idx: list[int]) -> tuple:
         import torch
 
-        from pipeline.image_files import unreadable, decode
+        from pipeline.image_files import decode, unreadable
 
         out = []
         for i in idx:
