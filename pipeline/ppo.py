@@ -214,7 +214,7 @@ def main(argv):
         if implicit is not None:
             check_implicit_reward(recipe, cfg, init, implicit)
         tokenizer = models.load_tokenizer(recipe, init)  # checked here, then the policy's
-        models.check_chat_template(tokenizer, {keys.prompts: prompts})
+        models.check_chat_template(tokenizer, {data.spec_name(keys.prompts): prompts})  # a mixture is a dict
         if recipe.tools.tools and "tools" in prompts.column_names and any(prompts["tools"]):
             models.check_tool_parser(tokenizer, f"{recipe.path}: ppo")
         check_reads(recipe, reward_checkpoints, prompts["prompt"], keys.prompts, "ppo.reward_model")

@@ -603,6 +603,17 @@ def test_grpo_through_trl_with_the_verifier_reward(inputs):
     assert (work / "runs/grpo/ppo/curves.png").is_file() and (work / "runs/grpo/ppo/model.safetensors").is_file()
 
 
+def test_prompts_given_as_a_mixture_train(inputs):
+    """recipes/small.yaml gives ppo its prompts as a mixture ({spec: fraction}): the stage's chat-template check
+    used the spec as a dict key and stopped `make run` with "unhashable type: 'dict'"."""
+    work = inputs[0]
+    recipe = ppo_recipe(work, prompts={"world:preference": 0.5}, max_steps=1, save_steps=0,
+                        heldout_prompts=None)
+    proc = run_cli(["pipeline/ppo.py", recipe, "run.name=mixture"], cwd=work, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [h["step"] for h in read(work, "mixture")["history"]] == [1]
+
+
 @pytest.mark.parametrize("override, expected", [
     ("ppo.batch_size=7", "batch_size (7) must split into num_minibatches"),
     ("ppo.reward_model=/nowhere/rm", "/nowhere/rm"),
