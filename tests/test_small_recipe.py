@@ -1,0 +1,46 @@
+"""recipes/small.yaml itself, end to end through the runner, with every stage cut to a few steps and the world to a
+few rows: the recipe's own structure (a mixture of prompt sets, the tools and the image models they load, the
+implicit reward, length_split, stages side by side, eval's tool prompts) runs as `make run` runs it. The unit tests
+build their own tiny recipes; a stage that broke only on this one (ppo's chat-template check on a mixture of prompt
+sets, 625ab5e to 0107503) was first seen in a user's `make run`."""
+
+import json
+
+from conftest import REPO, run_cli
+
+SMALL = REPO / "recipes" / "small.yaml"
+SHRUNK = [
+    "world.n_pretrain_docs=300", "world.n_sft=64", "world.n_sft_eval=16", "world.n_preference=200",
+    "world.n_preference_eval=32", "world.n_eval=16", "world.n_tool_sft=32", "world.n_tool_sft_eval=8",
+    "world.n_tool_preference=64", "world.n_tool_preference_eval=16", "world.n_tool_eval=6",
+    "pretrain.max_steps=2", "pretrain.per_device_train_batch_size=4", "pretrain.logging_steps=1",
+    "sft.max_steps=2", "sft.per_device_train_batch_size=4", "sft.logging_steps=1",
+    "reward.max_steps=2", "reward.per_device_train_batch_size=4", "reward.logging_steps=1",
+    "dpo.max_steps=2", "dpo.per_device_train_batch_size=4", "dpo.logging_steps=1",
+    "diffusion.max_steps=2", "diffusion.batch_size=4", "diffusion.judge_epochs=1", "diffusion.heldout_samples=1",
+    "diffusion.sample_steps=2", "diffusion.save_steps=0", "diffusion.logging_steps=1",
+    "diffusion_dpo.max_steps=4", "diffusion_dpo.batch_size=2", "diffusion_dpo.candidates_per_caption=2",
+    "diffusion_dpo.candidate_steps=2", "diffusion_dpo.pair_filter=any", "diffusion_dpo.heldout_samples=1",
+    "diffusion_dpo.sample_steps=2", "diffusion_dpo.save_steps=0", "diffusion_dpo.logging_steps=1",
+    "ppo.max_steps=1", "ppo.batch_size=4", "ppo.save_steps=0", "ppo.logging_steps=1", "ppo.max_new_tokens=8",
+    "ppo.heldout_max_prompts=4",
+    "eval.num_samples=1", "eval.best_of_n=[1]", "eval.max_new_tokens=8", "eval.tool_max_new_tokens=8",
+    "eval.max_prompts=8",
+]
+STAGES = ["pretrain", "sft", "reward", "dpo", "diffusion", "diffusion_dpo", "ppo", "eval"]
+
+
+def test_the_small_recipe_runs_every_stage_through_the_runner(tmp_path):
+    proc = run_cli(["pipeline/run.py", SMALL, f"run.output_dir={tmp_path / 'runs'}", *SHRUNK], cwd=REPO,
+                   timeout=900, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "small"
+    for stage in STAGES:
+        manifest = json.loads((run_dir / stage / "manifest.json").read_text())
+        assert manifest["stage"] == stage and (run_dir / stage / "metrics.json").is_file(), stage
+    ppo = json.loads((run_dir / "ppo" / "manifest.json").read_text())
+    assert ppo["inputs"]["settings"]["section"]["prompts"] == {"world:preference": 0.1, "world:tool_preference": 1.0}
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert set(metrics["checkpoints"]) == {"pretrain", "sft", "dpo", "ppo"}
+    assert all("tools" in m for m in metrics["checkpoints"].values())  # the tool prompts ran for every checkpoint
+    assert "cost (README: Cost per stage)" in proc.stdout and (run_dir / "cost.md").is_file()
