@@ -48,18 +48,9 @@ def world_rows(recipe, split: str) -> list[dict]:
 
 
 def _read_hub(spec: str) -> tuple[list[dict], list[str]]:
-    import datasets
-
     from pipeline import hub
 
-    name, _, split = spec.partition(":")
-    online = hub.reachable()
-    try:
-        ds = datasets.load_dataset(name, split=split or "train")
-    except Exception as err:
-        why = hub.load_failure(online, f"loading it from the hub failed: {str(err).splitlines()[0]}")
-        raise PipelineError(f"dataset '{spec}': not a local file or folder, and {why}") from None
-    rows = ds.to_list()
+    rows = hub.load_dataset(spec).to_list()
     return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
 
 

@@ -117,10 +117,10 @@ def main(argv):
     recipe.check_config(STAGE, portable=True)  # the config class's own checks before upstream stages
     keys = recipe.keys(STAGE)
     cfg = recipe.trainer_config(STAGE)  # DiffusionDPOConfig; seed: run.seed unless the section sets one
-    if problem := image_pairs.section_problem(keys, cfg.rounds):
-        raise cli.PipelineError(f"{recipe.path}: diffusion_dpo.{problem}")
     own_file = image_pairs.pair_file(keys.dataset)  # pairs of your own, or captions the start model draws for
     eval_file = image_pairs.pair_file(keys.eval_dataset)
+    if problem := image_pairs.section_problem(keys, cfg.rounds, own_file, eval_file):
+        raise cli.PipelineError(f"{recipe.path}: diffusion_dpo.{problem}")
     with runs.StageRun(recipe, STAGE) as run:
         init = run.checkpoint()
         heldout = image_eval.read_captions(keys.heldout_captions, recipe)

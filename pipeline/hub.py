@@ -3,6 +3,7 @@ network fails at once with one line instead of after minutes of the libraries' r
 
 When the hub cannot be reached, `HF_HUB_OFFLINE=1` is set for this process: transformers, datasets and
 huggingface_hub then read their local caches only, and a model or dataset that is not cached fails immediately.
+`load_dataset` is the one place a hub dataset is loaded (text and image stages).
 """
 
 from __future__ import annotations
@@ -56,3 +57,19 @@ def load_failure(online: bool, failure: str) -> str:
     """Why loading from the hub failed: offline, that the hub cannot be reached and the cache lacks it; online,
     `failure` (what the library said)."""
     return failure if online else f"{unreachable_note()} and it is not in the local cache"
+
+
+def load_dataset(spec: str):
+    """A hub dataset (`org/name[:split]`, split train by default) as a datasets.Dataset; offline, from the local
+    cache only. A failure is one line (PipelineError)."""
+    import datasets
+
+    from pipeline.cli import PipelineError
+
+    name, _, split = spec.partition(":")
+    online = reachable()
+    try:
+        return datasets.load_dataset(name, split=split or "train")
+    except Exception as err:  # the hub's and the library's many failures: one line, not a traceback
+        why = load_failure(online, f"loading it from the hub failed: {str(err).splitlines()[0]}")
+        raise PipelineError(f"dataset '{spec}': not a local file or folder, and {why}") from None

@@ -178,9 +178,10 @@ def caption_and_judge_problems(recipe, stage: str, keys, ref: str | None, will_r
     if stage != "diffusion_dpo":
         return out
     try:
-        if problem := image_pairs.section_problem(keys, recipe.section(stage).get("rounds", 1)):
+        eval_file = image_pairs.pair_file(keys.eval_dataset)
+        if problem := image_pairs.section_problem(keys, recipe.section(stage).get("rounds", 1), own, eval_file):
             out.append(f"{stage}.{problem}")
-        for key, path in (("dataset", own), ("eval_dataset", image_pairs.pair_file(keys.eval_dataset))):
+        for key, path in (("dataset", own), ("eval_dataset", eval_file)):
             files, _, where, _ = image_pairs.pair_rows(path) if path else ([], [], [], 0)
             lost = next(((f, w) for pair, w in zip(files, where) for f in pair
                          if isinstance(f, Path) and not f.is_file()), None)
@@ -235,10 +236,11 @@ def check_image_stage(recipe, stage: str, launch, device_memory: int | None, wil
     if spec != images.WORLD_SPEC:
         from pipeline.image_files import hub_rows, is_hub_id, metadata_file
 
-        if metadata_file(spec) is None and not is_hub_id(spec):
+        local = metadata_file(spec)
+        if local is None and not is_hub_id(spec):
             errors.append(f"{stage}.dataset: '{spec}' not found (expected {images.WORLD_SPEC}, a .jsonl / .csv / "
                           f".parquet file, a folder with metadata.jsonl, .csv or .parquet, or a hub dataset id)")
-        elif metadata_file(spec) is None:
+        elif local is None:
             try:  # the stage reads it the same way: from the datasets cache afterwards
                 lines.append(f"hub dataset {spec}: {len(hub_rows(spec)[0])} rows")
             except PipelineError as err:

@@ -62,6 +62,15 @@ def decode(file: Path | bytes, channels: int, resolution: int):
     return t[None] if channels == 1 else t.permute(2, 0, 1)
 
 
+def decode_checked(file: Path | bytes, channels: int, resolution: int, metadata, where: str):
+    """decode() in training: an image changed or removed since the stage checked it is one line naming the
+    metadata file (or hub dataset) and the row."""
+    try:
+        return decode(file, channels, resolution)
+    except (OSError, ValueError, SyntaxError) as err:
+        raise PipelineError(f"{metadata}: {where}: {unreadable(getattr(file, 'name', file), err)}") from None
+
+
 def unreadable(name: str | bytes, err: Exception) -> str:
     name = f"of {len(name)} stored bytes" if isinstance(name, bytes) else f"'{name}'"
     return f"cannot read image {name} ({type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''})"
@@ -82,13 +91,8 @@ class FileImages:
         import torch
 
         idx = torch.randint(0, self.size, (n,), generator=gen).tolist()
-        batch = []
-        for i in idx:
-            try:
-                batch.append(decode(self.files[i], self.channels, self.resolution))
-            except (OSError, ValueError, SyntaxError) as err:  # changed or removed since the stage started
-                raise PipelineError(f"{self.metadata}: {self.where[i]}: "
-                                    f"{unreadable(getattr(self.files[i], 'name', self.files[i]), err)}") from None
+        batch = [decode_checked(self.files[i], self.channels, self.resolution, self.metadata, self.where[i])
+                 for i in idx]
         texts = [c if isinstance(c, str) else c[int(torch.randint(0, len(c), (1,), generator=gen))]
                  for c in (self.captions[i] for i in idx)]
         return torch.stack(batch) * 2 - 1, texts
@@ -170,20 +174,13 @@ def is_hub_id(spec: str) -> bool:
 
 @lru_cache(maxsize=2)
 def hub_rows(spec: str) -> tuple[list[dict], list[str]]:
-    """The rows of a hub dataset (`org/name[:split]`, split train by default), as diffusers' `--dataset_name` reads
-    it: images as their stored bytes or cached files ({bytes, path}: each datasets Image column is read undecoded),
-    held in memory. Offline, only the local cache is read; a failure is one line."""
+    """The rows of a hub dataset (hub.load_dataset), as diffusers' `--dataset_name` reads it: images as their stored
+    bytes or cached files ({bytes, path}: each datasets Image column is read undecoded), held in memory."""
     import datasets
 
     from pipeline import hub
 
-    name, _, split = spec.partition(":")
-    online = hub.reachable()
-    try:
-        ds = datasets.load_dataset(name, split=split or "train")
-    except Exception as err:  # the hub's and the library's many failures: one line, not a traceback
-        why = hub.load_failure(online, f"loading it from the hub failed: {str(err).splitlines()[0]}")
-        raise PipelineError(f"dataset '{spec}': not a local file or folder, and {why}") from None
+    ds = hub.load_dataset(spec)
     for column, feature in ds.features.items():
         if isinstance(feature, datasets.Image):
             ds = ds.cast_column(column, datasets.Image(decode=False))

@@ -86,17 +86,10 @@ class FilePairs:
     def batch(self, idx: list[int]) -> tuple:
         import torch
 
-        from pipeline.image_files import decode, unreadable
+        from pipeline.image_files import decode_checked
 
-        out = []
-        for i in idx:
-            for file in self.files[i]:
-                try:
-                    out.append(decode(file, self.channels, self.resolution))
-                except (OSError, ValueError, SyntaxError) as err:  # changed or removed since the stage started
-                    raise PipelineError(f"{self.path}: {self.where[i]}: "
-                                        f"{unreadable(getattr(file, 'name', file), err)}") from None
-        x = torch.stack(out) * 2 - 1
+        x = torch.stack([decode_checked(file, self.channels, self.resolution, self.path, self.where[i])
+                         for i in idx for file in self.files[i]]) * 2 - 1
         return x[0::2], x[1::2], [self.captions[i] for i in idx]
 
 
@@ -159,16 +152,17 @@ def read_pairs(source: Path | str, channels: int, resolution: int) -> FilePairs:
     return out
 
 
-def section_problem(keys, rounds: int) -> str | None:
-    """What diffusion_dpo's section asks that its data cannot give (the stage and `--check` both say it)."""
+def section_problem(keys, rounds: int, own_file, eval_file) -> str | None:
+    """What diffusion_dpo's section asks that its data cannot give (the stage and `--check` both say it);
+    `own_file`, `eval_file`: pair_file of `dataset` and `eval_dataset`."""
     from pipeline.image_files import is_hub_id, metadata_file
 
-    if keys.eval_dataset and metadata_file(keys.eval_dataset) is None and not is_hub_id(keys.eval_dataset):
-        return f"eval_dataset: '{keys.eval_dataset}' not found (a metadata file of pairs, or a folder holding one)"
-    if keys.eval_dataset and pair_file(keys.eval_dataset) is None:
+    if keys.eval_dataset and eval_file is None:
+        if metadata_file(keys.eval_dataset) is None and not is_hub_id(keys.eval_dataset):
+            return f"eval_dataset: '{keys.eval_dataset}' not found (a metadata file of pairs, or a folder holding one)"
         return (f"eval_dataset: '{keys.eval_dataset}' holds no preference pairs (rows of caption, jpg_0, jpg_1, "
                 f"label_0 or of caption, chosen, rejected)")
-    if rounds > 1 and pair_file(keys.dataset):
+    if rounds > 1 and own_file:
         return (f"rounds: {rounds}: later rounds draw new candidates for the image judge to label; pairs of your own "
                 f"({keys.dataset}) train in one round")
     return None
