@@ -5,17 +5,16 @@ a malformed call is an error ToolCall; our own `<tool_call>` format reads as it 
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 from transformers import AutoTokenizer
 from trl import chat_template_utils as ctu
 
-from pipeline.tokenizer import RESPONSE_TEMPLATE, train_tokenizer
+from pipeline.tokenizer import RESPONSE_TEMPLATE
 from pipeline.tool_formats import schema_calls, tool_parser_problem, turn_reader
 from pipeline.tool_rollout import generate_with_tools
 from pipeline.tools import Tool, ToolBox, parse_tool_calls
+from test_tool_rollout import add_call_tokenizer
 
 ADD = {"type": "function", "function": {"name": "add", "description": "Add two integers",
                                         "parameters": {"type": "object", "properties": {
@@ -45,11 +44,7 @@ MISTRAL_SCHEMA = {
 
 
 def base_tokenizer():
-    rng = random.Random(0)
-    words = "the answer is what plus add two three five seven number".split()
-    corpus = [" ".join(rng.choice(words) for _ in range(12)) + ' {"name": "add", "arguments": {"a": 2, "b": 3}}'
-              for _ in range(200)]
-    return train_tokenizer(corpus, vocab_size=400)
+    return add_call_tokenizer("the answer is what plus add two three five seven number", 200)
 
 
 @pytest.fixture(scope="module")

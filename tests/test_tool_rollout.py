@@ -76,13 +76,20 @@ class ToolBox:
                           None, 0.0)
 
 
+def add_call_tokenizer(words: str, rows: int):
+    """A byte-level BPE tokenizer (vocabulary 400) trained on `rows` random 12-word sentences of `words`, each
+    followed by an `add` call's JSON."""
+    rng = random.Random(0)
+    words = words.split()
+    corpus = [" ".join(rng.choice(words) for _ in range(12)) + ' {"name": "add", "arguments": {"a": 2, "b": 3}}'
+              for _ in range(rows)]
+    return train_tokenizer(corpus, vocab_size=400)
+
+
 @pytest.fixture(scope="module")
 def tok():
-    rng = random.Random(0)
-    words = "the answer is what plus add two three five seven number call tool result please sum of".split()
-    corpus = [" ".join(rng.choice(words) for _ in range(12)) + ' {"name": "add", "arguments": {"a": 2, "b": 3}}'
-              for _ in range(300)]
-    return train_tokenizer(corpus, vocab_size=400)
+    return add_call_tokenizer("the answer is what plus add two three five seven number call tool result please sum of",
+                              300)
 
 
 def call_text(name="add", **arguments):
