@@ -76,6 +76,7 @@ def main(argv):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline import data, generation, models, ppo_rollout, threads, vllm_engine
+    from pipeline.cli import PipelineError
     from pipeline.recipe import load_recipe
 
     n_threads = threads.configure()
@@ -83,10 +84,15 @@ def main(argv):
     if args.vllm:
         recipe.generation.backend = "vllm"
         vllm_engine.check(recipe)  # before any work
+    if not Path(args.model).is_dir():
+        raise PipelineError(f"--model {args.model}: no such model folder (train it first: make run)")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(args.model).eval().to(device)
     models.configure_generation(model, tokenizer)
+    with torch.no_grad():  # untimed: the first way timed must not pay for the device's start (CUDA context, kernels)
+        model.generate(**tokenizer(["warm up"], return_tensors="pt", add_special_tokens=False).to(device),
+                       max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     engine = vllm_engine.EvalEngines(recipe).load(model, tokenizer) if args.vllm else None
     eos = tokenizer.eos_token_id
 

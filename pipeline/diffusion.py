@@ -67,6 +67,7 @@ def main(argv):
         torch.manual_seed(cfg.seed)
         if pipe is None:
             pipe = images.new_pipeline(cfg, keys.resolution, getattr(source, "texts", ()))
+        pipe.to(accelerator.device)  # the frozen VAE and text encoder too: accelerator.prepare moves only what trains
         noise_scheduler = images.make_scheduler("ddpm", pipe.scheduler.config)
         unet, text_encoder, vae = pipe.unet, pipe.text_encoder, getattr(pipe, "vae", None)
         diffusion_train.set_attention(unet, cfg.attn_implementation)

@@ -279,6 +279,8 @@ def train_loop(*, accelerator, run, cfg, tag: str, modules: dict, step_fn, ema_p
     ckpt = run.last_checkpoint()  # complete, intact, nothing but safetensors and JSON (safe_resume)
     if ckpt is not None:
         step, history, window = load_checkpoint(Path(ckpt), plain, optimizer, scheduler, ema)
+        if ema is not None:  # its shadow weights load on the CPU; the weights it follows may be on a GPU
+            ema.to(device=accelerator.device)
         log.info(f"resumed at step {step}")
     bar = tqdm(total=cfg.max_steps, initial=step, desc=tag, disable=not main, dynamic_ncols=True)
     started = time.time()

@@ -6,6 +6,9 @@ sets, 625ab5e to 0107503) was first seen in a user's `make run`."""
 
 import json
 
+import pytest
+import torch
+
 from conftest import REPO, run_cli
 
 SMALL = REPO / "recipes" / "small.yaml"
@@ -44,3 +47,17 @@ def test_the_small_recipe_runs_every_stage_through_the_runner(tmp_path):
     assert set(metrics["checkpoints"]) == {"pretrain", "sft", "dpo", "ppo"}
     assert all("tools" in m for m in metrics["checkpoints"].values())  # the tool prompts ran for every checkpoint
     assert "cost (README: Cost per stage)" in proc.stdout and (run_dir / "cost.md").is_file()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (this machine has none): the stages' "
+                                                           "device placement there (models, frozen parts, rollouts)")
+def test_the_small_recipe_runs_every_stage_on_a_cuda_gpu(tmp_path):
+    """On a GPU every stage trains there, in bf16 where the recipe says fp32 for the CPU: a module left on the CPU
+    beside one on the GPU (diffusion_dpo's frozen text encoder, found on an H200) fails here, not on CI's CPUs."""
+    on_gpu = [f"{s}.{k}" for s in ("pretrain", "sft", "reward", "dpo") for k in ("use_cpu=false", "bf16=true")]
+    proc = run_cli(["pipeline/run.py", SMALL, f"run.output_dir={tmp_path / 'runs'}", *SHRUNK, *on_gpu], cwd=REPO,
+                   timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for stage in STAGES:
+        cost = json.loads((tmp_path / "runs" / "small" / stage / "manifest.json").read_text())["cost"]
+        assert cost["gpu_hours"] > 0 and cost["peak_gpu_mem_mb"] > 0, (stage, cost)
