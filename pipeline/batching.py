@@ -282,7 +282,7 @@ def _combined_loss(losses, outputs, pieces, kwargs):
         elif torch.is_tensor(labels) and labels.dim() == 2:
             counts.append(labels[:, 1:].ne(-100).sum())  # a causal LM's loss: shifted labels, -100 ignored
         elif torch.is_tensor(labels):
-            counts.append(torch.tensor(labels.shape[0]))
+            counts.append(torch.tensor(labels.shape[0], device=labels.device))
         else:
             return None
     return sum(loss * count for loss, count in zip(losses, counts)) / sum(counts).clamp(min=1)
