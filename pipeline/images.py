@@ -380,8 +380,11 @@ def save_grid(path: Path, images, row_labels: list[str], per_row: int, scale: in
     canvas = Image.new(mode, (label_w + per_row * cell, n_rows * cell + 2), background)
     draw = ImageDraw.Draw(canvas)
     pixels = (images if rgb else images.mean(1, keepdim=True)).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    line_h = draw.textbbox((0, 0), "Ag")[3] + 1
     for r, label in enumerate(row_labels):
-        draw.text((4, r * cell + cell // 2 - 5), label, fill=ink)
+        lines = label_lines(draw, label, label_w - 8, max(1, (cell - 2) // line_h))
+        for k, line in enumerate(lines):
+            draw.text((4, r * cell + cell // 2 - 5 + (2 * k - len(lines) + 1) * line_h // 2), line, fill=ink)
         for c in range(per_row):
             i = r * per_row + c
             if i >= len(pixels):
@@ -390,6 +393,21 @@ def save_grid(path: Path, images, row_labels: list[str], per_row: int, scale: in
             tile = Image.fromarray(tile if rgb else tile[..., 0], mode)
             canvas.paste(tile.resize((res * scale,) * 2, Image.NEAREST), (label_w + c * cell + 1, r * cell + 1))
     canvas.save(path)
+
+
+def label_lines(draw, text: str, width: int, max_lines: int) -> list[str]:
+    """`text` wrapped at spaces into lines of at most `width` pixels (a longer word stays whole), at most `max_lines`
+    of them; a cut caption ends with '...'."""
+    lines = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] += " ..."
+    return lines or [""]
 
 
 def world_json() -> dict:

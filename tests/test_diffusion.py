@@ -845,3 +845,28 @@ def test_a_hub_image_dataset_is_read_as_diffusers_dataset_name_reads_it(tmp_path
     _, errors, _ = image_check.check_image_stage(recipe, "diffusion", Launch(), None)
     assert len(errors) == 1 and errors[0].startswith("diffusion.dataset: dataset 'someone/absent': not a local")
     image_files.hub_rows.cache_clear()
+
+
+def test_grid_labels_wrap_long_captions_within_their_column(tmp_path):
+    """A user's long caption (Pick-a-Pic's run to a paragraph) is wrapped at spaces within the label column and cut
+    with '...' where the row has no more room; the digit world's short captions stay one line."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from pipeline.images import label_lines, save_grid
+
+    draw = ImageDraw.Draw(Image.new("L", (10, 10)))
+    text = "a watercolour painting of a lighthouse on a cliff at dawn with seagulls and a small red boat below it"
+    lines = label_lines(draw, text, 182, 10)
+    assert len(lines) > 1 and " ".join(lines) == text and all(draw.textlength(line) <= 182 for line in lines)
+    cut = label_lines(draw, text, 182, 2)
+    assert len(cut) == 2 and cut[-1].endswith(" ...") and cut[0] == lines[0]
+    assert label_lines(draw, "digit 3, small, thin, left", 182, 4) == ["digit 3, small, thin, left"]
+
+    pictures = torch.rand(2, 1, 16, 16)
+    save_grid(tmp_path / "grid.png", pictures, ["digit 3", text], per_row=1)
+    label_column = np.asarray(Image.open(tmp_path / "grid.png"))[:, :190]
+    inked_rows = np.flatnonzero((label_column > 128).any(axis=1))
+    cell = 16 * 3 + 2
+    short, long = inked_rows[inked_rows < cell], inked_rows[inked_rows >= cell]
+    assert short.max() - short.min() < 14 < long.max() - long.min()  # one line of text; several
