@@ -1,7 +1,7 @@
 """Training images from files for the diffusion stage: a `metadata.jsonl` (or .csv, .parquet) of `file_name`
 + `caption` rows, files relative to it (Hugging Face's `imagefolder` layout; data/README.md), or in a parquet file
 the images' bytes (a `datasets` Image column, {bytes, path} per row; held in memory), or a hub dataset by its id
-(`org/name[:split]`, diffusers' `--dataset_name`; its images held in memory or in the datasets cache). Every image is
+(`org/name[:split]`, diffusers' `--dataset_name`; its rows read from the datasets cache when needed). Every image is
 decoded once when the stage starts (an unreadable, truncated or missing file is one line naming the metadata file
 and the row, before anything is written), then again per batch, so a large set need not fit in memory.
 
@@ -79,7 +79,7 @@ def unreadable(name: str | bytes, err: Exception) -> str:
 class FileImages:
     """Images and captions from files (checked by read_image_rows), decoded per batch. Images in [-1, 1]. A row's
     caption may be a list (several captions of one image): each draw picks one, as diffusers' scripts do. `files`:
-    paths, or the bytes of images stored in the metadata file itself (kept in memory)."""
+    paths, the bytes of images stored in the metadata file itself (kept in memory), or a hub dataset's RowCells."""
 
     def __init__(self, files: list[Path | bytes], captions: list, channels: int, resolution: int, where: list[str],
                  metadata: Path):
@@ -172,10 +172,44 @@ def is_hub_id(spec: str) -> bool:
         not names_a_local_file(spec.partition(":")[0])
 
 
+class HubRows:
+    """A hub dataset's rows, each read from the dataset's memory-mapped cache when asked for (its images are never
+    all in memory at once, as with diffusers' --dataset_name)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.dataset[i]
+
+    def __iter__(self):
+        return iter(self.dataset)
+
+
+class RowCells:
+    """What `pick(row, i)` reads from rows[i] for each of `indices` (a row's image, or a pair's two), read when asked
+    for: FileImages and FilePairs hold this instead of a hub dataset's image bytes."""
+
+    def __init__(self, rows: HubRows, indices: list[int], pick):
+        self.rows, self.indices, self.pick = rows, indices, pick
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int):
+        return self.pick(self.rows[self.indices[k]], self.indices[k])
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
+
+
 @lru_cache(maxsize=2)
-def hub_rows(spec: str) -> tuple[list[dict], list[str]]:
+def hub_rows(spec: str) -> tuple[HubRows, list[str]]:
     """The rows of a hub dataset (hub.load_dataset), as diffusers' `--dataset_name` reads it: images as their stored
-    bytes or cached files ({bytes, path}: each datasets Image column is read undecoded), held in memory."""
+    bytes or cached files ({bytes, path}: each datasets Image column is read undecoded), a row at a time."""
     import datasets
 
     from pipeline import hub
@@ -184,11 +218,10 @@ def hub_rows(spec: str) -> tuple[list[dict], list[str]]:
     for column, feature in ds.features.items():
         if isinstance(feature, datasets.Image):
             ds = ds.cast_column(column, datasets.Image(decode=False))
-    rows = ds.to_list()
-    return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
+    return HubRows(ds), [f"row {i}" for i in range(1, len(ds) + 1)]
 
 
-def table_rows(source: Path | str) -> tuple[list[dict], list[str]]:
+def table_rows(source: Path | str) -> tuple[list[dict] | HubRows, list[str]]:
     """A metadata file's rows (a Path) or a hub dataset's (its id), with where each came from."""
     return read_file(source) if isinstance(source, Path) else hub_rows(source)
 
@@ -210,9 +243,13 @@ def read_image_rows(source: Path | str, resolution: int, channels: int, image_co
                                 f"{', '.join(map(repr, rows[0])) or 'no columns'})")
     image_name = f"'{image_column}'" if image_column else "'file_name' (or 'image')"
     caption_name = f"'{caption_column}'" if caption_column else "'caption' (or 'text')"
-    files, captions, resized = [], [], 0
-    for row, w in zip(rows, where):
-        file = cell_file(path, w, _column(row, image_column, ("file_name", "image")), image_name)
+
+    def image_of(row: dict, i: int) -> Path | bytes:
+        return cell_file(path, where[i], _column(row, image_column, ("file_name", "image")), image_name)
+
+    files, captions, resized, lazy = [], [], 0, isinstance(rows, HubRows)  # a hub dataset's images stay in it
+    for i, (row, w) in enumerate(zip(rows, where)):
+        file = image_of(row, i)
         text = _column(row, caption_column, ("caption", "text"))
         # an empty caption is the empty prompt: that image trains unconditionally (what caption dropout does), as
         # diffusers' train_text_to_image.py takes it; a missing one (no such column, null) is an error
@@ -222,8 +259,10 @@ def read_image_rows(source: Path | str, resolution: int, channels: int, image_co
             raise PipelineError(f"{path}: {w}: missing caption ({caption_name}: a string, \"\" for none, or a list of "
                                 f"them)")
         resized += not check_decodes(file, path, w, channels, resolution)
-        files.append(file)
+        if not lazy:
+            files.append(file)
         captions.append(text.strip() if isinstance(text, str) else text)
-    out = FileImages(files, captions, channels, resolution, where, path)
+    out = FileImages(RowCells(rows, list(range(len(rows))), image_of) if lazy else files, captions, channels,
+                     resolution, where, path)
     out.resized = resized
     return out

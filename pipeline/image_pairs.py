@@ -72,7 +72,8 @@ class DrawnPairs:
 
 
 class FilePairs:
-    """Pairs of image files (or stored bytes) checked by read_pairs, decoded per batch, in [-1, 1]."""
+    """Pairs of image files (or stored bytes, or a hub dataset's RowCells) checked by read_pairs, decoded per batch,
+    in [-1, 1]."""
 
     def __init__(self, files: list[tuple], captions: list[str], where: list[str], path: Path, channels: int,
                  resolution: int):
@@ -104,11 +105,11 @@ def _label(value, path: Path, where: str) -> float:
     return label
 
 
-def pair_rows(source: Path | str) -> tuple[list[tuple], list[str], list[str], int]:
+def pair_rows(source: Path | str) -> tuple:  # (list of (chosen, rejected) or RowCells, captions, where, ties)
     """A pairs file's (or hub dataset's) rows checked without decoding the images: ((chosen, rejected) files,
     captions, where each came from, ties dropped). A missing column, caption, label or image cell raises
     PipelineError naming the file and the row."""
-    from pipeline.image_files import cell_file, table_rows
+    from pipeline.image_files import HubRows, RowCells, cell_file, table_rows
 
     rows, where = table_rows(source)
     path = Path(source)  # for messages, and the folder that relative image paths start from
@@ -116,27 +117,33 @@ def pair_rows(source: Path | str) -> tuple[list[tuple], list[str], list[str], in
     if kind is None:
         raise PipelineError(f"{path}: no preference pairs (rows of caption, jpg_0, jpg_1, label_0 or of caption, "
                             f"chosen, rejected)")
-    files, captions, kept, ties = [], [], [], 0
-    for row, w in zip(rows, where):
+
+    def pair_of(row: dict, i: int) -> tuple | None:  # (chosen, rejected), or None for a tie
+        if kind == "chosen":
+            return tuple(cell_file(path, where[i], row.get(k), f"'{k}'") for k in CHOSEN_REJECTED)
+        label = _label(row.get("label_0"), path, where[i])
+        a, b = (cell_file(path, where[i], row.get(k), f"'{k}'") for k in ("jpg_0", "jpg_1"))
+        return None if label == 0.5 else (a, b) if label == 1.0 else (b, a)
+
+    lazy = isinstance(rows, HubRows)  # a hub dataset's images stay in it: a pair is read again when a batch needs it
+    files, captions, kept, indices, ties = [], [], [], [], 0
+    for i, (row, w) in enumerate(zip(rows, where)):
         text = next((row[k] for k in CAPTIONS if row.get(k) is not None), None)
         if not isinstance(text, str):
             raise PipelineError(f"{path}: {w}: missing caption ('caption', 'prompt' or 'text': a string, \"\" for "
                                 f"none)")
-        if kind == "pickapic":
-            label = _label(row.get("label_0"), path, w)
-            a, b = (cell_file(path, w, row.get(k), f"'{k}'") for k in ("jpg_0", "jpg_1"))
-            if label == 0.5:
-                ties += 1
-                continue
-            pair = (a, b) if label == 1.0 else (b, a)
-        else:
-            pair = tuple(cell_file(path, w, row.get(k), f"'{k}'") for k in CHOSEN_REJECTED)
-        files.append(pair)
+        pair = pair_of(row, i)
+        if pair is None:
+            ties += 1
+            continue
+        if not lazy:
+            files.append(pair)
         captions.append(text.strip())
         kept.append(w)
-    if not files:
+        indices.append(i)
+    if not kept:
         raise PipelineError(f"{path}: no pair with a preference ({ties} ties, label_0 0.5, dropped)")
-    return files, captions, kept, ties
+    return RowCells(rows, indices, pair_of) if lazy else files, captions, kept, ties
 
 
 def read_pairs(source: Path | str, channels: int, resolution: int) -> FilePairs:

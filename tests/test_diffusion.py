@@ -847,6 +847,43 @@ def test_a_hub_image_dataset_is_read_as_diffusers_dataset_name_reads_it(tmp_path
     image_files.hub_rows.cache_clear()
 
 
+def test_a_hub_datasets_images_stay_in_its_cache_and_each_batch_reads_its_rows(tmp_path, monkeypatch):
+    """diffusers' --dataset_name trains on sets larger than memory: the dataset is memory-mapped and a batch reads
+    its rows. Ours did `to_list()`, every image's bytes in memory. Now the reader checks each image once and keeps
+    row numbers; a batch of 3 reads 3 rows, each image the one its caption names."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    from pipeline import hub
+
+    def png(value):
+        out = io.BytesIO()
+        Image.new("L", (16, 16), value).save(out, format="PNG")
+        return out.getvalue()
+
+    shades = [0, 51, 102, 153, 204, 255]
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    datasets.Dataset.from_dict({"image": [{"bytes": png(v), "path": None} for v in shades],
+                                "text": [f"shade {v}" for v in shades]}, features=features).save_to_disk(tmp_path / "ds")
+    on_disk = datasets.load_from_disk(str(tmp_path / "ds"))  # memory-mapped, as load_dataset's cache is
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split=None, **kw: on_disk)
+    monkeypatch.setattr(hub, "reachable", lambda: True)
+    image_files.hub_rows.cache_clear()
+    try:
+        source = images.load_images("someone/shades", 16, 1)
+        reads = []
+        read_row = image_files.HubRows.__getitem__
+        monkeypatch.setattr(image_files.HubRows, "__getitem__", lambda self, i: reads.append(i) or read_row(self, i))
+        x, texts = source.sample(3, torch.Generator().manual_seed(0))
+    finally:
+        image_files.hub_rows.cache_clear()
+    assert len(reads) == 3
+    for image, text in zip(x, texts):
+        assert torch.allclose(image, torch.full_like(image, int(text.split()[1]) / 255 * 2 - 1), atol=1e-6)
+
+
 def test_grid_labels_wrap_long_captions_within_their_column(tmp_path):
     """A user's long caption (Pick-a-Pic's run to a paragraph) is wrapped at spaces within the label column and cut
     with '...' where the row has no more room; the digit world's short captions stay one line."""

@@ -200,8 +200,11 @@ def test_pickapic_from_the_hub_reads_its_binary_image_columns(monkeypatch):
     try:
         assert image_pairs.pair_file("someone/pickapic") == "someone/pickapic"
         pairs = image_pairs.read_pairs("someone/pickapic", channels=3, resolution=16)
+        reads = []  # the images stay in the dataset: a batch of 2 pairs reads their 2 rows again
+        read_row = image_files.HubRows.__getitem__
+        monkeypatch.setattr(image_files.HubRows, "__getitem__", lambda self, i: reads.append(i) or read_row(self, i))
+        chosen, rejected, captions = pairs.batch([0, 1])
     finally:
         image_files.hub_rows.cache_clear()
-    chosen, rejected, captions = pairs.batch([0, 1])
-    assert pairs.ties == 1 and captions == ["a 1", "a 2"]
+    assert sorted(reads) == [0, 1] and pairs.ties == 1 and captions == ["a 1", "a 2"]
     assert torch.all(chosen == 1.0) and torch.all(rejected == -1.0)
