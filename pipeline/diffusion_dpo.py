@@ -155,7 +155,7 @@ def main(argv):
 
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
         main_process = accelerator.is_main_process
-        pipe.to(accelerator.device)  # candidates drawn there; the frozen parts and the reference copy stay with the UNet
+        pipe.to(accelerator.device)  # candidates drawn there; the frozen parts and the reference copy join the UNet
         torch.manual_seed(cfg.seed)
         judge = ImageJudge.load(judge_dir) if needs_judge else None
         pipe.set_progress_bar_config(disable=True)
