@@ -296,3 +296,20 @@ def test_an_image_stage_key_written_as_other_stages_write_it_names_the_right_one
     proc = run_cli([f"pipeline/{override.split('.')[0]}.py", SMALL, override], cwd=tmp_path)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and hint in proc.stderr, proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("name", ["cluster.yaml", "cluster_diffusion.yaml"])
+def test_the_cluster_recipes_load_and_check_finds_nothing_but_the_missing_hub(name, tmp_path):
+    """The shipped cluster recipes cannot run here (they read the hub), so nothing else would notice a key they use
+    being renamed or mistyped: each loads, and `run.py --check` for 8 GPUs, offline, plans every stage with no error
+    but the hub being out of reach (its models and datasets, and the placeholder folders of your own data)."""
+    recipe = load_recipe(REPO / "recipes" / name)
+    sections = list(recipe.stages)
+    proc = run_cli(["pipeline/run.py", REPO / "recipes" / name, "--check", "--config",
+                    REPO / "launch/accelerate/zero2.yaml", "--gpus-per-node", "8", "--device-memory", "80GiB",
+                    f"run.output_dir={tmp_path}"], cwd=tmp_path, timeout=300, env={"HF_HUB_OFFLINE": "1"})
+    planned = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("  ") and line.split()
+               and line.split()[0] in sections]
+    errors = [line.strip() for line in proc.stdout.splitlines() if line.strip().startswith("error:")]
+    assert planned == sections, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert all("the hub cannot be reached (HF_HUB_OFFLINE is set)" in e for e in errors), errors
