@@ -20,6 +20,17 @@ def run_main(main, argv=None) -> None:
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    end_process_group()
+
+
+def end_process_group() -> None:
+    """After a stage that ran under `accelerate launch` finished, its process group ends here: left to the
+    interpreter's exit, gloo's worker threads can abort a process whose work is saved (SIGABRT, "terminate called
+    without an active exception"; pytorch/pytorch#190489). Only on success: after an error the other processes may be
+    inside a collective, and destroying the group then can hang them."""
+    torch = sys.modules.get("torch")  # a stage that never imported torch has no process group
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def built_from_config(build, what: str):

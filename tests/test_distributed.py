@@ -335,3 +335,27 @@ def test_memory_estimate_follows_the_sharding():
     assert memory.parse_size("80GiB") == 80 << 30 and memory.parse_size("24 GB") == 24e9
     with pytest.raises(PipelineError, match="memory size"):
         memory.parse_size("lots")
+
+
+def test_a_finished_stage_ends_its_process_group_and_a_failed_one_leaves_it(tmp_path):
+    """A process that exits with its gloo group alive can abort after its work is saved (SIGABRT, "terminate called
+    without an active exception": pytorch/pytorch#190489; test_reward's two-process test once failed so in a full
+    suite). `run_main` ends the group after a stage that finished, and leaves it after a bad-input error, when the
+    other processes may still be inside a collective."""
+    import torch.distributed as dist
+
+    from pipeline import cli
+
+    def bad_input(argv):
+        raise PipelineError("bad input")
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(SystemExit):
+            cli.run_main(bad_input, [])
+        assert dist.is_initialized()
+        cli.run_main(lambda argv: None, [])
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
