@@ -79,9 +79,9 @@ def unreadable(name: str | bytes, err: Exception) -> str:
 class FileImages:
     """Images and captions from files (checked by read_image_rows), decoded per batch. Images in [-1, 1]. A row's
     caption may be a list (several captions of one image): each draw picks one, as diffusers' scripts do. `files`:
-    paths, the bytes of images stored in the metadata file itself (kept in memory), or a hub dataset's RowCells."""
+    each row's image (a path, or the bytes stored in a metadata file or hub dataset), read from its row when asked."""
 
-    def __init__(self, files: list[Path | bytes], captions: list, channels: int, resolution: int, where: list[str],
+    def __init__(self, files: RowCells, captions: list, channels: int, resolution: int, where: list[str],
                  metadata: Path):
         self.files, self.captions, self.channels, self.resolution = files, captions, channels, resolution
         self.where, self.metadata, self.size = where, metadata, len(captions)
@@ -191,9 +191,9 @@ class HubRows:
 
 class RowCells:
     """What `pick(row, i)` reads from rows[i] for each of `indices` (a row's image, or a pair's two), read when asked
-    for: FileImages and FilePairs hold this instead of a hub dataset's image bytes."""
+    for: FileImages and FilePairs hold this, so a hub dataset's image bytes stay in its cache."""
 
-    def __init__(self, rows: HubRows, indices: list[int], pick):
+    def __init__(self, rows, indices: list[int], pick):
         self.rows, self.indices, self.pick = rows, indices, pick
 
     def __len__(self) -> int:
@@ -247,7 +247,7 @@ def read_image_rows(source: Path | str, resolution: int, channels: int, image_co
     def image_of(row: dict, i: int) -> Path | bytes:
         return cell_file(path, where[i], _column(row, image_column, ("file_name", "image")), image_name)
 
-    files, captions, resized, lazy = [], [], 0, isinstance(rows, HubRows)  # a hub dataset's images stay in it
+    captions, resized = [], 0
     for i, (row, w) in enumerate(zip(rows, where)):
         file = image_of(row, i)
         text = _column(row, caption_column, ("caption", "text"))
@@ -259,10 +259,7 @@ def read_image_rows(source: Path | str, resolution: int, channels: int, image_co
             raise PipelineError(f"{path}: {w}: missing caption ({caption_name}: a string, \"\" for none, or a list of "
                                 f"them)")
         resized += not check_decodes(file, path, w, channels, resolution)
-        if not lazy:
-            files.append(file)
         captions.append(text.strip() if isinstance(text, str) else text)
-    out = FileImages(RowCells(rows, list(range(len(rows))), image_of) if lazy else files, captions, channels,
-                     resolution, where, path)
+    out = FileImages(RowCells(rows, list(range(len(rows))), image_of), captions, channels, resolution, where, path)
     out.resized = resized
     return out

@@ -72,10 +72,9 @@ class DrawnPairs:
 
 
 class FilePairs:
-    """Pairs of image files (or stored bytes, or a hub dataset's RowCells) checked by read_pairs, decoded per batch,
-    in [-1, 1]."""
+    """Pairs of image files (or stored bytes; RowCells) checked by read_pairs, decoded per batch, in [-1, 1]."""
 
-    def __init__(self, files: list[tuple], captions: list[str], where: list[str], path: Path, channels: int,
+    def __init__(self, files, captions: list[str], where: list[str], path: Path, channels: int,
                  resolution: int):
         self.files, self.captions, self.where, self.path = files, captions, where, path
         self.channels, self.resolution = channels, resolution
@@ -105,11 +104,11 @@ def _label(value, path: Path, where: str) -> float:
     return label
 
 
-def pair_rows(source: Path | str) -> tuple:  # (list of (chosen, rejected) or RowCells, captions, where, ties)
+def pair_rows(source: Path | str) -> tuple:  # (RowCells of (chosen, rejected), captions, where, ties)
     """A pairs file's (or hub dataset's) rows checked without decoding the images: ((chosen, rejected) files,
     captions, where each came from, ties dropped). A missing column, caption, label or image cell raises
     PipelineError naming the file and the row."""
-    from pipeline.image_files import HubRows, RowCells, cell_file, table_rows
+    from pipeline.image_files import RowCells, cell_file, table_rows
 
     rows, where = table_rows(source)
     path = Path(source)  # for messages, and the folder that relative image paths start from
@@ -125,8 +124,7 @@ def pair_rows(source: Path | str) -> tuple:  # (list of (chosen, rejected) or Ro
         a, b = (cell_file(path, where[i], row.get(k), f"'{k}'") for k in ("jpg_0", "jpg_1"))
         return None if label == 0.5 else (a, b) if label == 1.0 else (b, a)
 
-    lazy = isinstance(rows, HubRows)  # a hub dataset's images stay in it: a pair is read again when a batch needs it
-    files, captions, kept, indices, ties = [], [], [], [], 0
+    captions, kept, indices, ties = [], [], [], 0
     for i, (row, w) in enumerate(zip(rows, where)):
         text = next((row[k] for k in CAPTIONS if row.get(k) is not None), None)
         if not isinstance(text, str):
@@ -136,14 +134,12 @@ def pair_rows(source: Path | str) -> tuple:  # (list of (chosen, rejected) or Ro
         if pair is None:
             ties += 1
             continue
-        if not lazy:
-            files.append(pair)
         captions.append(text.strip())
         kept.append(w)
         indices.append(i)
     if not kept:
         raise PipelineError(f"{path}: no pair with a preference ({ties} ties, label_0 0.5, dropped)")
-    return RowCells(rows, indices, pair_of) if lazy else files, captions, kept, ties
+    return RowCells(rows, indices, pair_of), captions, kept, ties  # a pair is read from its row when asked for
 
 
 def read_pairs(source: Path | str, channels: int, resolution: int) -> FilePairs:

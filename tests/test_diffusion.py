@@ -189,7 +189,7 @@ def test_metadata_as_csv_or_parquet_with_named_columns(tmp_path):
     Image.new("L", (16, 16), 255).save(tmp_path / "imgs" / "a.png")
     pd.DataFrame({"image": ["imgs/a.png"], "prompt": ["a 4"]}).to_parquet(tmp_path / "metadata.parquet")
     source = images.load_images(str(tmp_path), 16, 1, image_column="image", caption_column="prompt")
-    assert source.captions == ["a 4"] and source.files == [tmp_path / "imgs" / "a.png"]
+    assert source.captions == ["a 4"] and list(source.files) == [tmp_path / "imgs" / "a.png"]
     with pytest.raises(PipelineError, match=r"metadata.parquet: row 1: no column 'caption' \(diffusion.caption_column;"
                                             r" the row has 'image', 'prompt'\)"):
         images.load_images(str(tmp_path), 16, 1, caption_column="caption")
