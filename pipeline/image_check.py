@@ -31,18 +31,24 @@ def _human(n: float) -> str:
     return f"{int(n)} B"
 
 
-def _meta_count(build) -> int:
+def _meta_built(build):
     import torch
 
     with torch.device("meta"):
-        model = build()
-    return sum(p.numel() for p in model.parameters())
+        return build()
+
+
+def _meta_count(build) -> int:
+    return sum(p.numel() for p in _meta_built(build).parameters())
 
 
 def _components_from_configs(unet_cfg: dict, text_cfg: dict | None, vae_cfg: dict | None, text_model_cfg=None):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    out = {"unet_config": unet_cfg, "unet": _meta_count(lambda: UNet2DConditionModel.from_config(unet_cfg))}
+    from pipeline import images
+
+    unet = _meta_built(lambda: UNet2DConditionModel.from_config(unet_cfg))  # its config: the file's, with defaults
+    out = {"unet_config": dict(unet.config), "unet": sum(p.numel() for p in unet.parameters())}
     if text_model_cfg is not None:
         import transformers
 
@@ -51,8 +57,8 @@ def _components_from_configs(unet_cfg: dict, text_cfg: dict | None, vae_cfg: dic
         out["text_encoder"] = _meta_count(lambda: cls._from_config(config) if hasattr(cls, "_from_config")
                                           else cls.from_config(config))
     if vae_cfg is not None:
-        out["vae"] = _meta_count(lambda: AutoencoderKL.from_config(vae_cfg))
-        out["vae_factor"] = 2 ** (len(vae_cfg.get("block_out_channels", [0])) - 1)
+        vae = _meta_built(lambda: AutoencoderKL.from_config(vae_cfg))
+        out["vae"], out["vae_factor"] = sum(p.numel() for p in vae.parameters()), images.vae_factor(vae.config)
     return out
 
 
@@ -278,9 +284,9 @@ def check_image_stage(recipe, stage: str, launch, device_memory: int | None, wil
     if launch.offload_optimizer:
         host, optimizer = optimizer, 0
     mixed = cfg.get("mixed_precision", "no") in ("bf16", "fp16")
-    latent_res = comps["unet_config"].get("sample_size", 16)
+    latent_res = comps["unet_config"].get("sample_size") or 16
     if ref and "resolution" in section:  # a pretrained pipeline trained at another size (as the stage checks it)
-        multiple = comps.get("vae_factor", 1) * 2 ** (len(comps["unet_config"].get("block_out_channels", [0])) - 1)
+        multiple = images.side_multiple(comps["unet_config"], comps.get("vae_factor", 1))
         if problem := images.resolution_problem(keys.resolution, multiple):
             errors.append(f"{stage}.resolution: {problem}")
         latent_res = max(1, keys.resolution // comps.get("vae_factor", 1))

@@ -316,10 +316,21 @@ def pipeline_shape(pipe) -> dict:
     """Resolution and channels of the images a pipeline makes, whether it works in a VAE's latent space, and what
     any image side it trains on must be a multiple of (the VAE's factor x the UNet's downsampling)."""
     unet, vae = pipe.unet, getattr(pipe, "vae", None)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    factor = vae_factor(vae.config if vae is not None else None)
     channels = vae.config.in_channels if vae is not None else unet.config.in_channels
     return {"resolution": unet.config.sample_size * factor, "channels": channels, "latent": vae is not None,
-            "multiple": factor * 2 ** (len(unet.config.block_out_channels) - 1)}
+            "multiple": side_multiple(unet.config, factor)}
+
+
+def vae_factor(vae_config) -> int:
+    """How many pixels a side of one latent cell covers: 2 per downsampling of the VAE (1 without one)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1) if vae_config is not None else 1
+
+
+def side_multiple(unet_config, factor: int) -> int:
+    """What every image side a pipeline trains on must be a multiple of: the VAE's factor x the UNet's
+    downsampling (one halving between consecutive blocks). The stages and --check ask this one function."""
+    return factor * 2 ** (len(unet_config["block_out_channels"]) - 1)
 
 
 def resolution_problem(resolution: int, multiple: int) -> str | None:

@@ -697,6 +697,33 @@ def test_a_pretrained_pipeline_trains_at_the_section_resolution(tmp_path):
     assert "1 of 1 images are not 24x24: resized" in proc.stdout + proc.stderr
 
 
+def test_check_sizes_a_pipeline_from_its_configs_with_the_defaults_the_stage_would_build(tmp_path):
+    # a config.json may leave out keys that diffusers fills with defaults when it builds the model; --check read the
+    # file as written (a UNet with no block_out_channels counted as one block: side multiple 2 instead of 2 x 8)
+    from pipeline import image_check
+    from pipeline.recipe import load_recipe
+
+    base = _tiny_stable_diffusion(tmp_path / "tiny-sd")
+    unet_file = base / "unet" / "config.json"
+    unet_config = json.loads(unet_file.read_text())
+    left_out = ("block_out_channels", "down_block_types", "up_block_types")  # so: SD 1.5's four blocks
+    written = {k: v for k, v in unet_config.items() if k not in left_out}
+    unet_file.write_text(json.dumps(written))
+    recipe = load_recipe(image_recipe(tmp_path, diffusion={"pretrained": str(base)}))
+    comps = image_check.components(recipe, str(base), {}, 16)
+    assert list(comps["unet_config"]["block_out_channels"]) == [320, 640, 1280, 1280]  # UNet2DConditionModel's
+    assert comps["vae_factor"] == 2
+    assert images.side_multiple(comps["unet_config"], comps["vae_factor"]) == 2 * 8
+    # the one function the stage asks too, on the pipeline it loads
+    from diffusers import DiffusionPipeline
+
+    unet_file.write_text(json.dumps(unet_config))
+    pipe = DiffusionPipeline.from_pretrained(base)
+    comps = image_check.components(recipe, str(base), {}, 16)
+    assert images.pipeline_shape(pipe)["multiple"] == images.side_multiple(comps["unet_config"],
+                                                                            comps["vae_factor"]) == 4
+
+
 def test_fine_tuning_a_pipeline_leaves_its_text_encoder_alone_unless_asked(tmp_path):
     # train_text_encoder defaulted to true for a pretrained pipeline too: a diffusers user's CLIP was trained at the
     # UNet's learning rate without asking (train_text_to_image.py freezes it)
