@@ -18,6 +18,8 @@ import copy
 import json
 import re
 
+from jinja2 import TemplateError
+
 from pipeline.tool_calls import ToolCall, call_from_object, json_error, parse_tool_calls
 
 CALLS = "tool_calls"  # the response schema's field for calls, as transformers and TRL name it
@@ -74,9 +76,12 @@ def text_reader(tokenizer, parse):
 
 
 def schema_calls(tokenizer, schema: dict, text: str, prefix: str = "", tools=None) -> tuple[str, list[ToolCall]]:
-    """(the reply's content, its calls) as the response schema reads `text` after the prompt `prefix`. A call whose
-    body does not parse (bad JSON) is a ToolCall with the error, never an exception: transformers' parser fails
-    the whole reply on one bad call, so the calls' raw bodies are read first with a text-only copy of the schema."""
+    """(the reply's content, its calls) as the response schema reads `text` after the prompt `prefix`, each call's
+    arguments typed by its tool's JSON schema in `tools`. A call whose body does not parse (bad JSON) is a ToolCall
+    with the error, never an exception: transformers' parser fails the whole reply on one bad call, so the reply is
+    read once with a text-only copy of the schema, then each call's body is parsed and typed by itself."""
+    from transformers.utils.chat_parsing.response_templates import load_response_template
+
     raw_schema, keys = raw_copy(schema)
     try:
         raw = tokenizer.parse_response(text, schema=raw_schema, prefix=prefix)
@@ -87,14 +92,28 @@ def schema_calls(tokenizer, schema: dict, text: str, prefix: str = "", tools=Non
     content = raw.get("content") or ""
     for token in tokenizer.all_special_tokens:  # markers such as Llama's <|python_tag|> are no content
         content = content.replace(token, "")
-    calls = [call for body in bodies for call in calls_alone(schema, body, keys)]
-    try:  # the whole reply again, so that arguments are typed by the tools' schemas as transformers does it
-        parsed = tokenizer.parse_response(text, prefix=prefix, tools=tools or None, schema=schema).get(CALLS) or []
-    except (ValueError, KeyError, TypeError):
-        return content.strip(), calls  # a malformed call: transformers fails the reply, the others stand alone
-    if len(parsed) == len(calls) and not any(call.error for call in calls):
-        calls = [to_call(item, call.text) for item, call in zip(parsed, calls)]
+    template = load_response_template(schema)
+    typed = argument_caster(template, tools)
+    calls = [call for body in bodies for call in calls_alone(template.fields[CALLS], body, keys, typed)]
     return content.strip(), calls
+
+
+def argument_caster(template, tools):
+    """item -> the parsed call item with its arguments typed by its tool's JSON schema ("25" is 25 for an integer
+    parameter: XML formats give every argument as text), exactly as transformers' parse_response(tools=...) types a
+    reply's calls. That cast has no public entry for one call: this uses transformers' own
+    (ResponseParser._coerce_tool_calls) rather than a copy that could drift from it; tests/test_tool_formats.py checks
+    it against parse_response on every format, and a transformers without it stops here, naming it."""
+    if not tools:
+        return lambda item: item
+    import transformers
+    from transformers.utils.chat_parsing import ResponseParser
+
+    cast = getattr(ResponseParser(template, prefix="", tools=tools), "_coerce_tool_calls", None)
+    if cast is None:
+        raise RuntimeError(f"transformers {transformers.__version__} has no ResponseParser._coerce_tool_calls, which "
+                           f"pipeline/tool_formats.py uses to type tool-call arguments by their tools' schemas")
+    return cast
 
 
 def raw_copy(schema: dict) -> tuple[dict, list[str]]:
@@ -115,20 +134,19 @@ def raw_text(body: dict, keys: list[str]) -> str:
     return " ".join([body[k] for k in keys if isinstance(body.get(k), str)] + [body.get("body") or ""])
 
 
-def calls_alone(schema: dict, body: dict, keys: list[str]) -> list[ToolCall]:
-    """The calls of one region (one, or a list with `transform_each`), parsed by the schema's own content parser;
-    one call with the error when it does not parse."""
+def calls_alone(field, body: dict, keys: list[str], typed) -> list[ToolCall]:
+    """The calls of one region (one, or a list with `transform_each`), parsed by the schema's own content parser
+    (`field`: the loaded schema's calls field) and typed by `typed` (see argument_caster); one call with the error
+    when it does not parse."""
     from transformers.utils.chat_parsing.content_parsers import process_field
-    from transformers.utils.chat_parsing.response_templates import load_response_template
 
-    field = load_response_template(schema).fields[CALLS]
     text, raw = body.get("body") or "", raw_text(body, keys)
     try:
         value = process_field(text, field, {k: body[k] for k in keys if k in body})
     except (ValueError, KeyError, TypeError) as err:
         name = body.get("name") if isinstance(body.get("name"), str) else None
         return [ToolCall(name, None, raw, bad_body(text, field.content, err))]
-    return [to_call(item, raw) for item in (value if isinstance(value, list) else [value])]
+    return [to_call(typed(item), raw) for item in (value if isinstance(value, list) else [value])]
 
 
 def bad_body(text: str, content: str, err: Exception) -> str:
@@ -156,7 +174,9 @@ def renders_tools(tokenizer) -> bool:
     try:
         return "zq_probe_tool" in tokenizer.apply_chat_template(messages, tools=[probe], tokenize=False,
                                                                 add_generation_prompt=True)
-    except Exception:  # noqa: BLE001 (a template that fails on tools renders none)
+    # a template that fails on tools renders none: its raise_exception() or a jinja fault (TemplateError), a Python
+    # operation on the tool dicts (TypeError), or transformers refusing the call (ValueError, e.g. no template)
+    except (TemplateError, TypeError, ValueError):
         return False
 
 

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from trl import chat_template_utils as ctu
 
 from pipeline.tokenizer import RESPONSE_TEMPLATE
-from pipeline.tool_formats import schema_calls, tool_parser_problem, turn_reader
+from pipeline.tool_formats import renders_tools, schema_calls, to_call, tool_parser_problem, turn_reader
 from pipeline.tool_rollout import generate_with_tools
 from pipeline.tools import Tool, ToolBox, parse_tool_calls
 from test_tool_rollout import add_call_tokenizer
@@ -238,3 +238,117 @@ def test_dpo_round_pairs_keep_a_llama_call_structured(llama):
     reply = Reply(llama.decode(ids, skip_special_tokens=True), True, len(ids), ids)
     assert pair_reply(row, reply, llama) == [{"role": "assistant", "content": None, "tool_calls": [
         {"type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]}]
+
+
+# A reply per format whose good calls need typing by the tool's schema: XML formats write every argument as text, and
+# a JSON one may quote a number. TRL's registry schemas, and the saved Mistral-like one (a list of calls in one region).
+TYPED_REPLIES = {
+    "qwen3": (ctu.qwen3_template, '<tool_call>\n{"name": "add", "arguments": {"a": "25", "b": 3}}\n</tool_call>\n'
+                                  '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": "2"}}\n</tool_call>'
+                                  '<|im_end|>'),
+    "llama3": (ctu.llama3_template, '{"name": "add", "parameters": {"a": "25", "b": 3}}<|eot_id|>'),
+    "qwen3_5": (ctu.qwen3_5_template, "<tool_call>\n<function=add>\n<parameter=a>\n25\n</parameter>\n<parameter=b>\n3\n"
+                                      "</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=add>\n"
+                                      "<parameter=a>\n1\n</parameter>\n<parameter=b>\n2\n</parameter>\n</function>\n"
+                                      "</tool_call><|im_end|>"),
+    "nemotron_3": (ctu.nemotron_3_template, "<tool_call>\n<function=add>\n<parameter=a>\n25\n</parameter>\n"
+                                            "<parameter=b>\n3\n</parameter>\n</function>\n</tool_call>\n<|im_end|>"),
+    "glm4moe": (ctu.glm4moe_template, "<tool_call>add\n<arg_key>a</arg_key>\n<arg_value>25</arg_value>\n<arg_key>b"
+                                      "</arg_key>\n<arg_value>3</arg_value>\n</tool_call><tool_call>add\n<arg_key>a"
+                                      "</arg_key>\n<arg_value>1</arg_value>\n<arg_key>b</arg_key>\n<arg_value>2"
+                                      "</arg_value>\n</tool_call>"),
+    "gptoss": (ctu.gptoss_template,
+               ' to=functions.add<|channel|>commentary json<|message|>{"a": "25", "b": 3}<|call|>'),
+    "gemma4": (ctu.gemma4_template, '<|tool_call>call:add{a:<|"|>25<|"|>,b:3}<tool_call|>'
+                                    '<|tool_call>call:add{a:1,b:<|"|>2<|"|>}<tool_call|>'),
+    "lfm2_5": (ctu.lfm2_2_5_template, "<|tool_call_start|>[add(a='25', b=3), add(a=1, b='2')]<|tool_call_end|>"
+                                      "<|im_end|>"),
+    "mistral": (MISTRAL_SCHEMA, '[TOOL_CALLS][{"name": "add", "arguments": {"a": "25", "b": 3}}, '
+                                '{"name": "add", "arguments": {"a": 1, "b": "2"}}]<|im_end|>'),
+}
+MIX = {"type": "function", "function": {"name": "mix", "description": "every JSON Schema type", "parameters": {
+    "type": "object", "properties": {
+        "n": {"type": "integer"}, "whole": {"type": "integer"}, "x": {"type": "number"}, "flag": {"type": "boolean"},
+        "none": {"type": "null"}, "tags": {"type": "array"}, "opts": {"type": "object"}, "s": {"type": "string"},
+        "either": {"type": ["integer", "string"]}, "maybe": {"anyOf": [{"type": "number"}, {"type": "null"}]},
+        "word": {"type": "integer"}}}}}
+MIX_REPLY = "<tool_call>\n<function=mix>\n" + "".join(
+    f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in [
+        ("n", "7"), ("whole", "3.0"), ("x", "2.5"), ("flag", "true"), ("none", "null"), ("tags", '[1, "b"]'),
+        ("opts", '{"k": 1}'), ("s", "42"), ("either", "9"), ("maybe", "null"), ("word", "seven")]) + \
+    "</function>\n</tool_call><|im_end|>"
+
+
+@pytest.mark.parametrize("name", sorted(TYPED_REPLIES) + ["qwen3_5 every type"])
+def test_arguments_are_typed_as_transformers_types_a_whole_reply(ours, name, monkeypatch):
+    """Each call is typed by itself (argument_caster, transformers' own cast) to what transformers' public
+    parse_response(tools=...) gives for the whole reply, on every format and every JSON Schema type."""
+    from transformers.utils.chat_parsing import ResponseParser, parse_response
+
+    schema, text = TYPED_REPLIES.get(name, (ctu.qwen3_5_template, MIX_REPLY))
+    tools = [ADD, MIX]
+    whole = [to_call(item, "") for item in parse_response(text, schema, prefix="", tools=tools)["tool_calls"]]
+    _, calls = schema_calls(ours, schema, text, "", tools)
+    assert [(c.name, c.arguments, c.error) for c in calls] == [(c.name, c.arguments, c.error) for c in whole]
+    if name == "qwen3_5 every type":
+        assert calls[0].arguments == {"n": 7, "whole": 3, "x": 2.5, "flag": True, "none": None, "tags": [1, "b"],
+                                      "opts": {"k": 1}, "s": "42", "either": 9, "maybe": None, "word": "seven"}
+    else:
+        assert calls[0].arguments == {"a": 25, "b": 3}  # typed, not "25"
+        assert schema_calls(ours, schema, text)[1][0].arguments["a"] == "25"  # no tools: as the format wrote it
+    monkeypatch.delattr(ResponseParser, "_coerce_tool_calls")  # a transformers without the cast stops, naming it
+    with pytest.raises(RuntimeError, match="no ResponseParser._coerce_tool_calls"):
+        schema_calls(ours, schema, text, "", tools)
+
+
+MALFORMED = {  # (a call that does not parse, a good call whose "25" its tool's schema types)
+    "qwen3": (ctu.qwen3_template, '<tool_call>\n{"name": "add", "arguments": {"a": 2,}}\n</tool_call>\n',
+              '<tool_call>\n{"name": "add", "arguments": {"a": "25", "b": 3}}\n</tool_call>\n', "<|im_end|>"),
+    "gptoss": (ctu.gptoss_template, ' to=functions.add<|channel|>commentary json<|message|>{"a": 2,}<|call|>',
+               ' to=functions.add<|channel|>commentary json<|message|>{"a": "25", "b": 3}<|call|>', ""),
+    "gemma4": (ctu.gemma4_template, "<|tool_call>call:add{a:2,,}<tool_call|>",
+               '<|tool_call>call:add{a:<|"|>25<|"|>,b:3}<tool_call|>', ""),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_a_malformed_call_leaves_the_good_calls_typed(ours, name):
+    """A good call's arguments are typed the same whether or not another call in the reply is malformed (transformers
+    fails the whole typed parse on one bad call: the good ones were left as text and failed their schema).
+    TRL's XML formats (Qwen3.5, GLM, Nemotron) cannot hold a malformed call: their values are text."""
+    schema, bad, good, end = MALFORMED[name]
+    alone = schema_calls(ours, schema, good + end, "", [ADD])[1]
+    assert [(c.name, c.arguments, c.error) for c in alone] == [("add", {"a": 25, "b": 3}, None)]
+    for text in (bad + good + end, good + bad + end):
+        _, calls = schema_calls(ours, schema, text, "", [ADD])
+        assert [c.error is None for c in calls] == ([False, True] if text.startswith(bad) else [True, False])
+        good_call = next(c for c in calls if c.error is None)
+        assert good_call.arguments == {"a": 25, "b": 3} and add_box().call(good_call).content == "28"
+
+
+def test_a_turn_is_parsed_once(qwen3, monkeypatch):
+    """One parse_response per tool turn (the text-only schema); the calls are parsed and typed from its regions."""
+    parses = []
+    parse = qwen3.parse_response
+    monkeypatch.setattr(qwen3, "parse_response", lambda *a, **kw: parses.append(1) or parse(*a, **kw))
+    text = ('<tool_call>\n{"name": "add", "arguments": {"a": "25", "b": 3}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "add", "arguments": {"a": 1,}}\n</tool_call>')
+    _, calls = read_turn(qwen3, text)
+    assert len(parses) == 1 and calls[0].arguments == {"a": 25, "b": 3} and calls[1].error.startswith("bad JSON")
+
+
+def test_renders_tools_catches_only_a_template_failing_on_tools(monkeypatch):
+    """A template that fails on tools (raise_exception, a Python error on the tool dicts) renders none; any other
+    fault (a broken tokenizer) surfaces instead of reading as "renders no tools"."""
+    chat = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert not renders_tools(hub_like("{% if tools %}{{ raise_exception('no tools') }}{% endif %}" + chat))
+    assert not renders_tools(hub_like("{% if tools %}{{ tools + 1 }}{% endif %}" + chat))
+    assert renders_tools(hub_like(MISTRAL_TEMPLATE))
+    tok = hub_like(MISTRAL_TEMPLATE)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("broken tokenizer")
+
+    monkeypatch.setattr(tok, "apply_chat_template", broken)
+    with pytest.raises(RuntimeError, match="broken tokenizer"):
+        renders_tools(tok)
