@@ -93,7 +93,7 @@ def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
 def _parse_call(raw: str, closed: bool) -> ToolCall:
     try:
         obj = json.loads(raw)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, RecursionError) as err:  # a sampled reply can nest brackets past Python's stack
         call = ToolCall(None, None, raw, json_error(err))
     else:
         call = call_from_object(obj, raw)
@@ -102,7 +102,9 @@ def _parse_call(raw: str, closed: bool) -> ToolCall:
     return call
 
 
-def json_error(err: json.JSONDecodeError) -> str:
+def json_error(err: json.JSONDecodeError | RecursionError) -> str:
+    if isinstance(err, RecursionError):
+        return "bad JSON (nested too deeply)"
     return f"bad JSON ({err.msg} at char {err.pos})"
 
 
@@ -115,7 +117,7 @@ def call_from_object(obj, raw: str) -> ToolCall:
         name, args = obj.get("name"), obj.get("arguments", obj.get("parameters"))
         try:  # some models write the arguments as a JSON string
             args = (json.loads(args) if args.strip() else None) if isinstance(args, str) else args
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             pass
         call.name = name if isinstance(name, str) and name else None
         call.arguments = {} if args is None else args if isinstance(args, dict) else None

@@ -143,7 +143,7 @@ def calls_alone(field, body: dict, keys: list[str], typed) -> list[ToolCall]:
     text, raw = body.get("body") or "", raw_text(body, keys)
     try:
         value = process_field(text, field, {k: body[k] for k in keys if k in body})
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, RecursionError) as err:  # RecursionError: brackets nested too deep
         name = body.get("name") if isinstance(body.get("name"), str) else None
         return [ToolCall(name, None, raw, bad_body(text, field.content, err))]
     return [to_call(typed(item), raw) for item in (value if isinstance(value, list) else [value])]
@@ -153,7 +153,7 @@ def bad_body(text: str, content: str, err: Exception) -> str:
     if content == "json":
         try:
             json.loads(text)
-        except json.JSONDecodeError as json_err:
+        except (json.JSONDecodeError, RecursionError) as json_err:
             return json_error(json_err)
     lines = [line for line in str(err).splitlines() if line.strip()]
     return f"unparsable tool call ({lines[-1] if lines else type(err).__name__})"

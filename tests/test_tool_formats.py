@@ -352,3 +352,15 @@ def test_renders_tools_catches_only_a_template_failing_on_tools(monkeypatch):
     monkeypatch.setattr(tok, "apply_chat_template", broken)
     with pytest.raises(RuntimeError, match="broken tokenizer"):
         renders_tools(tok)
+
+
+def test_a_call_nested_past_pythons_stack_is_an_error_call(llama, qwen3):
+    """json.loads raises RecursionError on ~1,000 nested brackets (a sampled reply can hold them): the call is an
+    error call for the policy to read, as bad JSON is, never an exception out of the rollout."""
+    deep = "[" * 5000 + "]" * 5000
+    for tok, text in ((qwen3, f'<tool_call>\n{{"name": "add", "arguments": {deep}}}\n</tool_call>'),
+                      (qwen3, f"<tool_call>\n{deep}\n</tool_call>"),
+                      (llama, f'{{"name": "add", "parameters": {deep}}}')):
+        _, calls = read_turn(tok, text)
+        assert len(calls) == 1 and calls[0].error == "bad JSON (nested too deeply)", (tok.name_or_path, calls)
+        assert not add_box().call(calls[0]).valid

@@ -107,6 +107,18 @@ def test_unknown_tools_and_unparsed_calls_are_invalid_and_not_run():
     assert results[1].error.startswith("invalid: no </tool_call>")
 
 
+def test_a_call_nested_past_pythons_stack_is_an_invalid_call_not_a_crash():
+    # json.loads raises RecursionError (not JSONDecodeError) on ~1,000 nested brackets: a sampled reply can hold them
+    tool = counting_tool()
+    box = ToolBox([tool])
+    deep = "[" * 5000 + "]" * 5000
+    for body in (deep, '{"name": "echo", "arguments": ' + deep + "}", '{"name": "echo", "arguments": "' + deep + '"}'):
+        text, results = box.run_text(f"before <tool_call>{body}</tool_call>")
+        assert text == "before" and len(results) == 1 and not results[0].valid and tool.calls == []
+    assert [r.error for r in box.run_text(f"<tool_call>{deep}</tool_call>")[1]] == ["invalid: bad JSON (nested too "
+                                                                                   "deeply)"]
+
+
 def test_exceptions_become_errors_and_long_content_is_cut():
     def fail(args):
         raise ValueError("bad text\nsecond line")
