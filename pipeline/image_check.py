@@ -187,12 +187,21 @@ def caption_and_judge_problems(recipe, stage: str, keys, ref: str | None, will_r
         eval_file = image_pairs.pair_file(keys.eval_dataset)
         if problem := image_pairs.section_problem(keys, recipe.section(stage).get("rounds", 1), own, eval_file):
             out.append(f"{stage}.{problem}")
+        lost: list[str] = []  # a pairs file's first missing image file, noted in the pass that reads its rows
+
+        def note_missing(file, where: str):  # only a local file can be missing (not a hub dataset's, stored bytes)
+            if not lost and isinstance(file, Path) and not file.is_file():
+                lost.append(f"{where}: no image file {file}")
+
         for key, path in (("dataset", own), ("eval_dataset", eval_file)):
-            files, _, where, _ = image_pairs.pair_rows(path) if path else ([], [], [], 0)
-            lost = next(((f, w) for pair, w in zip(files, where) for f in pair
-                         if isinstance(f, Path) and not f.is_file()), None)
+            lost.clear()
+            try:  # pair_file read the columns only: a later row that does not read is said here
+                if path:
+                    image_pairs.pair_rows(path, note_missing)
+            except PipelineError as err:
+                out.append(f"{stage}.{key}: {err}")
             if lost:
-                out.append(f"{stage}.{key}: {path}: {lost[1]}: no image file {lost[0]}")
+                out.append(f"{stage}.{key}: {path}: {lost[0]}")
     except PipelineError as err:
         out.append(f"{stage}: {err}")
     if absent or (own and not keys.heldout_captions):  # pairs of your own, no held-out captions: no judge is read

@@ -1,9 +1,10 @@
 """Training images from files for the diffusion stage: a `metadata.jsonl` (or .csv, .parquet) of `file_name`
 + `caption` rows, files relative to it (Hugging Face's `imagefolder` layout; data/README.md), or in a parquet file
-the images' bytes (a `datasets` Image column, {bytes, path} per row; held in memory), or a hub dataset by its id
-(`org/name[:split]`, diffusers' `--dataset_name`; its rows read from the datasets cache when needed). Every image is
-decoded once when the stage starts (an unreadable, truncated or missing file is one line naming the metadata file
-and the row, before anything is written), then again per batch, so a large set need not fit in memory.
+the images' bytes (a `datasets` Image column, {bytes, path} per row), or a hub dataset by its id (`org/name[:split]`,
+diffusers' `--dataset_name`); a parquet file's and a hub dataset's rows are read from the datasets cache
+(memory-mapped) when needed. Every image is decoded once when the stage starts (an unreadable, truncated or missing
+file is one line naming the metadata file and the row, before anything is written), then again per batch, so a large
+set need not fit in memory.
 
 Decoding turns any image into the model's `L` or `RGB` the way it looks: 16-bit images are scaled to 8 bits
 (PIL's `convert` clips them, nearly all white), transparency is composited onto white (dropping the alpha channel
@@ -17,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from pipeline.cli import PipelineError
-from pipeline.files import read_file
+from pipeline.files import file_kind, read_file
 
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PNG's 16-bit grey opens as one of these
 
@@ -122,7 +123,7 @@ def named_files(path: Path) -> list:
     """(value, size, mtime) of every existing file a metadata file's rows name (any column), for the runner's
     fingerprint: images replaced under the same names rerun the stage. Unreadable metadata: [] (the stage says why)."""
     try:
-        rows, _ = read_file(path)
+        rows, _ = table_rows(path)
     except PipelineError:
         return []
     out = []
@@ -172,26 +173,9 @@ def is_hub_id(spec: str) -> bool:
         not names_a_local_file(spec.partition(":")[0])
 
 
-class HubRows:
-    """A hub dataset's rows, each read from the dataset's memory-mapped cache when asked for (its images are never
-    all in memory at once, as with diffusers' --dataset_name)."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.dataset[i]
-
-    def __iter__(self):
-        return iter(self.dataset)
-
-
 class RowCells:
     """What `pick(row, i)` reads from rows[i] for each of `indices` (a row's image, or a pair's two), read when asked
-    for: FileImages and FilePairs hold this, so a hub dataset's image bytes stay in its cache."""
+    for: FileImages and FilePairs hold this, so the image bytes of a hub dataset or parquet file stay in its cache."""
 
     def __init__(self, rows, indices: list[int], pick):
         self.rows, self.indices, self.pick = rows, indices, pick
@@ -206,24 +190,46 @@ class RowCells:
         return (self[k] for k in range(len(self)))
 
 
-@lru_cache(maxsize=2)
-def hub_rows(spec: str) -> tuple[HubRows, list[str]]:
-    """The rows of a hub dataset (hub.load_dataset), as diffusers' `--dataset_name` reads it: images as their stored
-    bytes or cached files ({bytes, path}: each datasets Image column is read undecoded), a row at a time."""
+def undecoded(ds):
+    """A datasets.Dataset whose Image columns read as their stored {bytes, path} (decoded when a batch needs them)."""
     import datasets
 
-    from pipeline import hub
-
-    ds = hub.load_dataset(spec)
     for column, feature in ds.features.items():
         if isinstance(feature, datasets.Image):
             ds = ds.cast_column(column, datasets.Image(decode=False))
-    return HubRows(ds), [f"row {i}" for i in range(1, len(ds) + 1)]
+    return ds
 
 
-def table_rows(source: Path | str) -> tuple[list[dict] | HubRows, list[str]]:
-    """A metadata file's rows (a Path) or a hub dataset's (its id), with where each came from."""
-    return read_file(source) if isinstance(source, Path) else hub_rows(source)
+@lru_cache(maxsize=2)
+def hub_rows(spec: str) -> tuple:  # (datasets.Dataset, where each row came from)
+    """The rows of a hub dataset (hub.load_dataset), as diffusers' `--dataset_name` reads it: images as their stored
+    bytes or cached files, a row at a time from the dataset's memory-mapped cache (never all in memory at once)."""
+    from pipeline import hub
+
+    ds = undecoded(hub.load_dataset(spec))
+    return ds, [f"row {i}" for i in range(1, len(ds) + 1)]
+
+
+def table_rows(source: Path | str) -> tuple:  # (rows: a list of dicts or a datasets.Dataset, where each came from)
+    """A metadata file's rows (a Path) or a hub dataset's (its id), with where each came from. A parquet file is read
+    as a hub dataset is (memory-mapped by `datasets`): the images it stores are read with their row, when asked for."""
+    import datasets
+
+    if isinstance(source, str):
+        return hub_rows(source)
+    if file_kind(source) != "parquet":
+        return read_file(source)
+    try:
+        ds = undecoded(datasets.Dataset.from_parquet(str(source)))
+    except Exception:  # pyarrow's parse errors, an empty file
+        read_file(source)  # says why in one line
+        raise
+    return ds, [f"row {i}" for i in range(1, len(ds) + 1)]
+
+
+def columns(rows) -> list[str]:
+    """The column names of table_rows' rows: a dataset's (no row read), else the first row's keys."""
+    return list(rows.column_names) if hasattr(rows, "column_names") else list(rows[0]) if rows else []
 
 
 def read_image_rows(source: Path | str, resolution: int, channels: int, image_column: str | None = None,
@@ -238,9 +244,9 @@ def read_image_rows(source: Path | str, resolution: int, channels: int, image_co
     if not rows:
         raise PipelineError(f"{path}: no rows")
     for key, named in (("image_column", image_column), ("caption_column", caption_column)):
-        if named and named not in rows[0]:
+        if named and named not in columns(rows):
             raise PipelineError(f"{path}: {where[0]}: no column '{named}' (diffusion.{key}; the row has "
-                                f"{', '.join(map(repr, rows[0])) or 'no columns'})")
+                                f"{', '.join(map(repr, columns(rows))) or 'no columns'})")
     image_name = f"'{image_column}'" if image_column else "'file_name' (or 'image')"
     caption_name = f"'{caption_column}'" if caption_column else "'caption' (or 'text')"
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.cli import PipelineError
+from pipeline.files import file_kind, jsonl_rows, read_file
 
 PICKAPIC = ("jpg_0", "jpg_1", "label_0")
 CHOSEN_REJECTED = ("chosen", "rejected")
@@ -34,15 +35,15 @@ def layout(row: dict) -> str | None:
 
 def pair_file(spec: str | None) -> Path | str | None:
     """The metadata file of `spec` (or the hub dataset id) when it holds preference pairs (its columns say), else
-    None. A parquet file's columns are read from its schema: Pick-a-Pic's shards hold their images."""
-    from pipeline.files import file_kind, read_file
-    from pipeline.image_files import hub_rows, is_hub_id, metadata_file
+    None. Only the columns are read: a parquet file's from its schema (Pick-a-Pic's shards hold their images), a
+    .jsonl's or .csv's from its first row, a hub dataset's from its features."""
+    from pipeline.image_files import columns, hub_rows, is_hub_id, metadata_file
 
     if not spec or spec.startswith("images:"):
         return None
     if is_hub_id(spec):
         rows, _ = hub_rows(spec)
-        return spec if rows and layout(rows[0]) else None
+        return spec if len(rows) and layout(dict.fromkeys(columns(rows))) else None
     path = metadata_file(spec)
     kind = path and file_kind(path)
     if kind in (None, "txt"):
@@ -54,8 +55,35 @@ def pair_file(spec: str | None) -> Path | str | None:
             return path if layout(dict.fromkeys(pq.read_schema(path).names)) else None
         except (OSError, ValueError):  # not a parquet file (ArrowInvalid): the stage's reader says so in one line
             return None
-    rows, _ = read_file(path)
-    return path if rows and layout(rows[0]) else None
+    row = first_row(path, kind)
+    return path if row is not None and layout(row) else None
+
+
+def first_row(path: Path, kind: str) -> dict | None:
+    """A local file's first row, for its columns: a .jsonl's first line, a .csv's header and first line, read
+    alone (a large file is not read whole; its later rows are checked when the stage reads them); a .json is read
+    whole. A file that does not read, or has no row, is read_file's (its one-line error)."""
+    import csv
+    import gzip
+    import io
+
+    row = None
+    if kind in ("jsonl", "csv"):
+        head = []
+        with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as f:
+            for line in f:
+                head.append(line)
+                if (len(head) == 2) if kind == "csv" else line.strip():
+                    break
+        try:
+            text = b"".join(head).decode("utf-8-sig" if kind == "csv" else "utf-8")
+            row = next(csv.DictReader(io.StringIO(text)) if kind == "csv" else iter(jsonl_rows(path, text)[0]), None)
+        except (UnicodeDecodeError, csv.Error, PipelineError):
+            pass  # read_file names the line
+    if row is None:  # a .json, an empty file, no row, a first line that does not read
+        rows, _ = read_file(path)
+        row = rows[0] if rows else None
+    return row
 
 
 class DrawnPairs:
@@ -104,15 +132,15 @@ def _label(value, path: Path, where: str) -> float:
     return label
 
 
-def pair_rows(source: Path | str) -> tuple:  # (RowCells of (chosen, rejected), captions, where, ties)
-    """A pairs file's (or hub dataset's) rows checked without decoding the images: ((chosen, rejected) files,
-    captions, where each came from, ties dropped). A missing column, caption, label or image cell raises
-    PipelineError naming the file and the row."""
-    from pipeline.image_files import RowCells, cell_file, table_rows
+def pair_rows(source: Path | str, check=None) -> tuple:  # (RowCells of (chosen, rejected), captions, where, ties)
+    """A pairs file's (or hub dataset's) rows read once: ((chosen, rejected) files, captions, where each came from,
+    ties dropped), `check(file, where)` called on each image of a pair kept, in the same pass (a hub dataset's row is
+    read once). A missing column, caption, label or image cell raises PipelineError naming the file and the row."""
+    from pipeline.image_files import RowCells, cell_file, columns, table_rows
 
     rows, where = table_rows(source)
     path = Path(source)  # for messages, and the folder that relative image paths start from
-    kind = layout(rows[0]) if rows else None
+    kind = layout(dict.fromkeys(columns(rows)))
     if kind is None:
         raise PipelineError(f"{path}: no preference pairs (rows of caption, jpg_0, jpg_1, label_0 or of caption, "
                             f"chosen, rejected)")
@@ -134,6 +162,9 @@ def pair_rows(source: Path | str) -> tuple:  # (RowCells of (chosen, rejected), 
         if pair is None:
             ties += 1
             continue
+        if check:
+            for file in pair:
+                check(file, w)
         captions.append(text.strip())
         kept.append(w)
         indices.append(i)
@@ -144,12 +175,16 @@ def pair_rows(source: Path | str) -> tuple:  # (RowCells of (chosen, rejected), 
 
 def read_pairs(source: Path | str, channels: int, resolution: int) -> FilePairs:
     """Every pair of a metadata file or hub dataset (pair_rows), each image decoded once as training will decode
-    it; ties dropped and counted (`.ties`)."""
+    it, in the pass that reads the rows; ties dropped and counted (`.ties`)."""
     from pipeline.image_files import check_decodes
 
-    files, captions, where, ties = pair_rows(source)
-    path = Path(source)
-    resized = sum(not check_decodes(f, path, w, channels, resolution) for pair, w in zip(files, where) for f in pair)
+    path, resized = Path(source), 0
+
+    def decodes(file, where: str):
+        nonlocal resized
+        resized += not check_decodes(file, path, where, channels, resolution)
+
+    files, captions, where, ties = pair_rows(source, decodes)
     out = FilePairs(files, captions, where, path, channels, resolution)
     out.ties, out.resized = ties, resized
     return out

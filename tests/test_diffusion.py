@@ -32,6 +32,24 @@ def image_recipe(directory, **sections):
     return tiny_recipe(directory, pretrain=None, sft=None, **sections)
 
 
+def counting_rows(ds, reads: list):
+    """`ds` (a datasets.Dataset, and any copy made of it: cast_column's) noting in `reads` the index of each row it
+    reads, by index or by iterating: what the readers read from a hub dataset's memory-mapped cache."""
+    class Counting(type(ds)):
+        def __getitem__(self, key):
+            if isinstance(key, int):
+                reads.append(key)
+            return super().__getitem__(key)
+
+        def __iter__(self):
+            for i, row in enumerate(super().__iter__()):
+                reads.append(i)
+                yield row
+
+    ds.__class__ = Counting
+    return ds
+
+
 # ---------------------------------------------------------------------------------------------- the world
 
 
@@ -894,15 +912,15 @@ def test_a_hub_datasets_images_stay_in_its_cache_and_each_batch_reads_its_rows(t
     features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
     datasets.Dataset.from_dict({"image": [{"bytes": png(v), "path": None} for v in shades],
                                 "text": [f"shade {v}" for v in shades]}, features=features).save_to_disk(tmp_path / "ds")
-    on_disk = datasets.load_from_disk(str(tmp_path / "ds"))  # memory-mapped, as load_dataset's cache is
+    reads = []
+    on_disk = counting_rows(datasets.load_from_disk(str(tmp_path / "ds")), reads)  # memory-mapped, as the hub's
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split=None, **kw: on_disk)
     monkeypatch.setattr(hub, "reachable", lambda: True)
     image_files.hub_rows.cache_clear()
     try:
         source = images.load_images("someone/shades", 16, 1)
-        reads = []
-        read_row = image_files.HubRows.__getitem__
-        monkeypatch.setattr(image_files.HubRows, "__getitem__", lambda self, i: reads.append(i) or read_row(self, i))
+        assert sorted(reads) == list(range(len(shades)))  # each row read once to check its image
+        reads.clear()
         x, texts = source.sample(3, torch.Generator().manual_seed(0))
     finally:
         image_files.hub_rows.cache_clear()

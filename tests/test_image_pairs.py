@@ -11,7 +11,7 @@ import torch
 from conftest import run_cli
 from pipeline import image_pairs
 from pipeline.cli import PipelineError
-from test_diffusion import _tiny_stable_diffusion, _unet_weights, image_recipe
+from test_diffusion import _tiny_stable_diffusion, _unet_weights, counting_rows, image_recipe
 
 
 def png(value: int) -> bytes:
@@ -194,17 +194,117 @@ def test_pickapic_from_the_hub_reads_its_binary_image_columns(monkeypatch):
 
     rows = {"caption": ["a 1", "a 2", "a 3"], "jpg_0": [png(255), png(0), png(7)], "jpg_1": [png(0), png(255), png(7)],
             "label_0": [1.0, 0.0, 0.5]}
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, split=None, **kw: datasets.Dataset.from_dict(rows))
+    reads = []
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda name, split=None, **kw: counting_rows(datasets.Dataset.from_dict(rows), reads))
     monkeypatch.setattr(hub, "reachable", lambda: True)
     image_files.hub_rows.cache_clear()
     try:
         assert image_pairs.pair_file("someone/pickapic") == "someone/pickapic"
         pairs = image_pairs.read_pairs("someone/pickapic", channels=3, resolution=16)
-        reads = []  # the images stay in the dataset: a batch of 2 pairs reads their 2 rows again
-        read_row = image_files.HubRows.__getitem__
-        monkeypatch.setattr(image_files.HubRows, "__getitem__", lambda self, i: reads.append(i) or read_row(self, i))
+        reads.clear()  # the images stay in the dataset: a batch of 2 pairs reads their 2 rows again
         chosen, rejected, captions = pairs.batch([0, 1])
     finally:
         image_files.hub_rows.cache_clear()
     assert sorted(reads) == [0, 1] and pairs.ties == 1 and captions == ["a 1", "a 2"]
     assert torch.all(chosen == 1.0) and torch.all(rejected == -1.0)
+
+
+def test_a_hub_pair_dataset_is_read_once_at_the_start_in_the_stage_and_in_check(tmp_path, monkeypatch):
+    """Pick-a-Pic has ~1M rows: a pass over it costs minutes. The stage read every row to sort out ties and
+    orientation, then every kept row again to decode its images; `--check` read them all again to look for missing
+    files, which a hub dataset's stored bytes cannot be. Now each reads every row once, tie or not."""
+    import datasets
+
+    from pipeline import hub, image_check, image_files
+    from pipeline.recipe import load_recipe
+
+    rows = {"caption": [f"a {i}" for i in range(5)], "jpg_0": [png(255), png(0), png(7), png(255), png(0)],
+            "jpg_1": [png(0), png(255), png(7), png(0), png(255)], "label_0": [1.0, 0.0, 0.5, 1.0, 0.0]}
+    reads = []
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda name, split=None, **kw: counting_rows(datasets.Dataset.from_dict(rows), reads))
+    monkeypatch.setattr(hub, "reachable", lambda: True)
+    image_files.hub_rows.cache_clear()
+    try:
+        assert image_pairs.pair_file("someone/pickapic") == "someone/pickapic"
+        pairs = image_pairs.read_pairs("someone/pickapic", channels=3, resolution=16)
+        assert len(pairs) == 4 and pairs.ties == 1 and sorted(reads) == [0, 1, 2, 3, 4]
+        reads.clear()
+        recipe = load_recipe(own_pairs_recipe(tmp_path, tmp_path / "base", "someone/pickapic"))
+        keys = recipe.keys("diffusion_dpo")
+        assert image_check.caption_and_judge_problems(recipe, "diffusion_dpo", keys, keys.init_from) == []
+        assert sorted(reads) == [0, 1, 2, 3, 4]
+    finally:
+        image_files.hub_rows.cache_clear()
+
+
+ROW = json.dumps({"prompt": "a 1", "chosen": "white.png", "rejected": "black.png"})
+
+
+@pytest.mark.parametrize("name, lines, expected", [
+    ("pairs.jsonl", [ROW, "", ROW, "{not json"], "line 4: invalid JSON"),
+    ("pairs.csv", ["prompt,chosen,rejected", "a 1,white.png,black.png", "a 2,white.png,black.png",
+                   "a 3,white.png,black.png,extra,fields"], "cannot read csv"),
+])
+def test_pair_file_reads_only_a_files_first_row_and_the_stage_names_a_bad_later_row(tmp_path, name, lines, expected):
+    """A pairs file of a million rows was read whole to see its columns, and again by the stage. Its columns are
+    the first row's: a later row that does not read is not read to find them (it failed here before) and is named
+    by the stage's reader, with its line."""
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), "white").save(tmp_path / "white.png")
+    Image.new("RGB", (16, 16), "black").save(tmp_path / "black.png")
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    assert image_pairs.pair_file(str(path)) == path
+    with pytest.raises(PipelineError, match=rf"^{path}: {expected}"):
+        image_pairs.read_pairs(path, channels=3, resolution=16)
+
+
+@pytest.mark.parametrize("reader", ["pairs", "images"])
+def test_images_stored_in_a_local_parquet_file_are_read_with_their_row_not_held_in_memory(tmp_path, reader):
+    """A local parquet file's images (Pick-a-Pic's shards hold theirs) were all read into memory (`to_list()`) and
+    held for the whole run; a hub dataset's were not. Now the parquet file is read as a hub dataset is (memory-mapped
+    by `datasets`): once the images are checked, what the reader holds is far smaller than the images."""
+    import tracemalloc
+
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    from pipeline import images
+
+    def noise(seed: int) -> dict:  # a PNG that does not compress: ~200 KB
+        out = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(out, "PNG")
+        return {"bytes": out.getvalue(), "path": None}
+
+    n = 8
+    if reader == "pairs":
+        cells = {"caption": [f"a {i}" for i in range(n)], "jpg_0": [noise(2 * i) for i in range(n)],
+                 "jpg_1": [noise(2 * i + 1) for i in range(n)], "label_0": [1.0] * n}
+        features = {"caption": datasets.Value("string"), "jpg_0": datasets.Image(), "jpg_1": datasets.Image(),
+                    "label_0": datasets.Value("float64")}
+    else:
+        cells = {"image": [noise(i) for i in range(n)], "text": [f"a {i}" for i in range(n)]}
+        features = {"image": datasets.Image(), "text": datasets.Value("string")}
+    datasets.Dataset.from_dict(cells, features=datasets.Features(features)).to_parquet(tmp_path / "metadata.parquet")
+    stored = sum(len(c["bytes"]) for column in cells.values() for c in column if isinstance(c, dict))
+
+    def read():
+        if reader == "pairs":
+            return image_pairs.read_pairs(tmp_path / "metadata.parquet", channels=3, resolution=16)
+        return images.load_images(str(tmp_path), 16, 3)
+
+    read()  # the first read converts the file into the datasets cache, as the stage's first run does
+    tracemalloc.start()
+    try:
+        held = read()
+        kept = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert stored > 1_000_000 and kept < stored / 4, (kept, stored)
+    if reader == "pairs":  # and the images are read from their rows when a batch asks
+        chosen, _, captions = held.batch([3])
+        assert captions == ["a 3"] and chosen.shape == (1, 3, 16, 16)
