@@ -129,9 +129,28 @@ def tools_of(row: dict, source, where) -> list[dict] | None:
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         bad_row(source, where, "'tools' must be a list of tool schemas (JSON objects)")
     for t in tools:
-        if not isinstance((t.get("function") or t).get("name"), str):
+        fn = t.get("function") or t
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             bad_row(source, where, "a tool schema in 'tools' has no 'name'")
+        if problem := schema_problem(fn.get("parameters")):
+            bad_row(source, where, f"tool {fn['name']!r}: 'parameters' {problem}")
     return tools
+
+
+def schema_problem(params) -> str | None:
+    """Why a tool's `parameters` is not a JSON Schema object (jsonschema's own check of the schema), or None."""
+    import jsonschema
+
+    if params is None:
+        return None
+    if not isinstance(params, dict):
+        return f"must be a JSON Schema object, got {type(params).__name__}"
+    try:
+        jsonschema.validators.validator_for(params, default=jsonschema.Draft202012Validator).check_schema(params)
+    except jsonschema.exceptions.SchemaError as err:
+        path = "/".join(str(p) for p in err.absolute_path)
+        return f"is not a valid JSON Schema ({f'{path}: ' if path else ''}{err.message})"
+    return None
 
 
 def tools_json(cell, tools: list[dict] | None) -> str | None:
@@ -149,7 +168,7 @@ def sharegpt_messages(row: dict, source, where) -> list[dict]:
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             bad_row(source, where, f"turn {i} of 'conversations' needs 'from' and 'value'")
-        who = SHAREGPT_ROLES.get(turn["from"])
+        who = SHAREGPT_ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
         if who is None:
             bad_row(source, where, f"turn {i}: unknown 'from' {turn['from']!r} (expected one of: "
                                    f"{', '.join(SHAREGPT_ROLES)})")
@@ -173,8 +192,11 @@ def alpaca_messages(row: dict, source, where) -> list[dict]:
         bad_row(source, where, "'history' must be a list of [user, assistant] pairs")
     for user, assistant in history:
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    for col in ("instruction", "input"):
+        if row.get(col) is not None and not isinstance(row[col], str):
+            bad_row(source, where, f"'{col}' must be text, got {type(row[col]).__name__}")
     prompt = "\n".join(x for x in (row["instruction"], row.get("input")) if x)  # as LLaMA-Factory joins them
-    if not isinstance(prompt, str) or not prompt.strip():
+    if not prompt.strip():
         bad_row(source, where, "'instruction' is empty")
     if not isinstance(row["output"], str):
         bad_row(source, where, "'output' must be text")
@@ -249,6 +271,8 @@ def call_problem(name, arguments, tools: list[dict] | None) -> str | None:
         if key not in props:
             if params.get("additionalProperties") is False:
                 return f"tool {name!r}: argument {key!r} is not in its schema"
+            continue
+        if not isinstance(props[key], dict):  # a boolean schema (true: anything)
             continue
         if not _type_ok(value, props[key]):
             return f"tool {name!r}: argument {key!r} must be {props[key].get('type')}, got {type(value).__name__}"

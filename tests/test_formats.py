@@ -361,3 +361,44 @@ def test_prompt_rows_offering_different_tools_keep_their_own_schemas(tmp_path, r
             {"prompt": [{"role": "user", "content": "Hi?"}], "tools": "[]"}]
     ds = data.load(write_jsonl(tmp_path / "prompts.jsonl", rows), "prompts", recipe)
     assert [json.loads(t) for t in ds["tools"][:2]] == [[draw], [read]] and ds[2]["tools"] is None
+
+
+def _with_tool(parameters=None, function=None):
+    tool = {"type": "function", "function": function if function is not None else
+            {"name": "render_image", "description": "Draw.", "parameters": parameters}}
+    return dict(SHAREGPT, tools=json.dumps([tool]))
+
+
+# Cells of the wrong type that reached Python operations before any check (found by mutating rows of every format
+# at random): each was a traceback (TypeError, AttributeError) instead of one line naming the file and row.
+WRONG_CELLS = [
+    ("chat", {"conversations": [{"from": "human", "value": "hi"}, {"from": ["gpt"], "value": "yo"}]},
+     "turn 1: unknown 'from' ['gpt']"),
+    ("chat", {"instruction": "Add.", "input": [3, 4], "output": "7"}, "'input' must be text, got list"),
+    ("chat", {"instruction": {"text": "Add."}, "output": "7"}, "'instruction' must be text, got dict"),
+    ("chat", _with_tool(function="render_image"), "a tool schema in 'tools' has no 'name'"),
+    ("chat", _with_tool(function=[{"name": "render_image"}]), "a tool schema in 'tools' has no 'name'"),
+    ("chat", _with_tool({"type": "object", "properties": {"prompt": {"type": [{}]}}}),
+     "tool 'render_image': 'parameters' is not a valid JSON Schema (properties/prompt/type: "),
+    ("chat", _with_tool({"type": "object", "properties": {}, "required": [["prompt"]]}),
+     "tool 'render_image': 'parameters' is not a valid JSON Schema (required/0: ['prompt'] is not of type 'string')"),
+    ("chat", _with_tool("object"), "tool 'render_image': 'parameters' must be a JSON Schema object, got str"),
+    ("pref", {"conversations": [{"from": {"who": "human"}, "value": "q"}], "chosen": {"from": "gpt", "value": "a"},
+              "rejected": {"from": "gpt", "value": "b"}}, "turn 0: unknown 'from' {'who': 'human'}"),
+    ("pref", {"instruction": ["q"], "chosen": "a", "rejected": "b"}, "'instruction' must be text, got list"),
+]
+
+
+@pytest.mark.parametrize("kind, row, message", WRONG_CELLS)
+def test_a_cell_of_the_wrong_type_stops_with_one_line_naming_file_and_row(tmp_path, recipe, kind, row, message):
+    path = write_jsonl(tmp_path / "rows.jsonl", [row])
+    with pytest.raises(PipelineError) as err:
+        data.load(path, "chat", recipe) if kind == "chat" else preferences.load_preferences(path, recipe)
+    assert str(err.value).startswith(f"{path}: line 1: ") and message in str(err.value), str(err.value)
+
+
+def test_a_tool_schema_may_give_an_argument_the_schema_true(tmp_path, recipe):
+    # JSON Schema allows `true` (anything) as a property's schema: a call with any value for it loads
+    row = _with_tool({"type": "object", "properties": {"prompt": True}, "required": ["prompt"]})
+    ds = data.load(write_jsonl(tmp_path / "rows.jsonl", [row]), "chat", recipe)
+    assert json.loads(ds[0]["messages"][2]["tool_calls"][0]["function"]["arguments"]) == {"prompt": "a red circle"}
