@@ -53,10 +53,13 @@ def read_attempts(path: Path) -> list[dict]:
 
 
 def read_manifest(stage_dir: Path) -> dict | None:
+    """A stage folder's manifest, or None where there is none that reads as one (missing, damaged, not an object):
+    such a folder is no finished stage."""
     try:
-        return json.loads((Path(stage_dir) / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
+        manifest = json.loads((Path(stage_dir) / MANIFEST).read_text())
+    except (OSError, ValueError):  # ValueError: bad JSON, or bytes that are not UTF-8
         return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 @dataclasses.dataclass

@@ -360,3 +360,19 @@ def test_threads_are_shared_between_pipeline_processes_and_omp_num_threads_wins(
         assert threads.configure() == 3 and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe not text", b"[1, 2]", b'"finished"', b"{\"stage\": "])
+def test_a_damaged_manifest_is_no_finished_stage_and_check_says_it_runs(tmp_path, content):
+    # bytes that are not UTF-8 (UnicodeDecodeError) and JSON that is no object (`.get` on a list) were tracebacks
+    from pipeline import runs
+
+    recipe = tiny_recipe(tmp_path)
+    folder = tmp_path / "runs" / "tiny" / "pretrain"
+    folder.mkdir(parents=True)
+    (folder / runs.MANIFEST).write_bytes(content)
+    assert runs.read_manifest(folder) is None
+    if content.startswith(b"["):  # the runner too: --check plans the stage, no traceback
+        proc = run_cli(["pipeline/run.py", recipe, "--check", "--only", "pretrain"], cwd=tmp_path)
+        assert "Traceback" not in proc.stderr and re.search(r"pretrain\s+runs \(not run yet\)", proc.stdout), \
+            proc.stdout + proc.stderr
