@@ -82,6 +82,27 @@ def resolve_path(path: str | Path) -> Path:
     return p
 
 
+def deepspeed_zero(ds_file: Path) -> dict:
+    """The `zero_optimization` section of a DeepSpeed config file ({} without one); one line naming the file when it
+    is not a JSON object with an object there."""
+    try:
+        config = json.loads(ds_file.read_text())
+    except json.JSONDecodeError as err:
+        raise PipelineError(f"{ds_file}: invalid JSON ({err.msg}, line {err.lineno})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise PipelineError(f"{ds_file}: cannot read the DeepSpeed config ({err})") from None
+    zero = config.get("zero_optimization", {}) if isinstance(config, dict) else None
+    if not isinstance(zero, dict):
+        raise PipelineError(f"{ds_file}: not a DeepSpeed config (a JSON object whose zero_optimization is an object)")
+    if zero.get("stage", 0) not in (0, 1, 2, 3) or isinstance(zero.get("stage"), bool):
+        raise PipelineError(f"{ds_file}: zero_optimization.stage must be 0, 1, 2 or 3, got {zero['stage']!r}")
+    for key in ("offload_optimizer", "offload_param"):
+        if not isinstance(zero.get(key) or {}, dict):
+            raise PipelineError(f"{ds_file}: zero_optimization.{key} must be an object ({{\"device\": \"cpu\"}}), "
+                                f"got {zero[key]!r}")
+    return zero
+
+
 def _truthy(v) -> bool:
     return str(v).lower() in ("1", "true", "yes", "on")
 
@@ -112,10 +133,7 @@ def read_launch(path, num_processes: int | None = None, num_machines: int | None
             ds_file = resolve_path(ds["deepspeed_config_file"])
             if not ds_file.is_file():
                 raise PipelineError(f"{p}: deepspeed_config_file '{ds['deepspeed_config_file']}' not found")
-            try:
-                zero = json.loads(ds_file.read_text()).get("zero_optimization", {})
-            except json.JSONDecodeError as err:
-                raise PipelineError(f"{ds_file}: invalid JSON ({err.msg}, line {err.lineno})") from None
+            zero = deepspeed_zero(ds_file)
         launch.zero_stage = int(zero.get("stage", 0))
         launch.offload_optimizer = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
         launch.offload_params = (zero.get("offload_param") or {}).get("device", "none") not in ("none", None)
@@ -197,7 +215,7 @@ def check_environment() -> None:
     if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
         return
     if ds_file and ds_file != "none":
-        zero = json.loads(Path(env["ACCELERATE_DEEPSPEED_CONFIG_FILE"]).read_text()).get("zero_optimization", {})
+        zero = deepspeed_zero(Path(env["ACCELERATE_DEEPSPEED_CONFIG_FILE"]))
         stage, gather = int(zero.get("stage", 0)), _truthy(zero.get("stage3_gather_16bit_weights_on_model_save"))
     else:
         stage = int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2") or 2)

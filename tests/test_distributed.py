@@ -85,6 +85,33 @@ def test_zero3_without_gathering_weights_is_refused_before_any_work(tmp_path, mo
     assert not cluster.read_launch(bad).save_full_model
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfe", "cannot read the DeepSpeed config"),
+    (b"[1, 2]", "not a DeepSpeed config"),
+    (b'{"zero_optimization": 3}', "not a DeepSpeed config"),
+    (b'{"zero_optimization": {"stage": "three"}}', "zero_optimization.stage must be 0, 1, 2 or 3, got 'three'"),
+    (b'{"zero_optimization": {"stage": 2, "offload_optimizer": "cpu"}}', "zero_optimization.offload_optimizer must "
+                                                                          "be an object"),
+    (b'{"zero_optimization": {"stage": 3,}}', "invalid JSON"),
+])
+def test_a_bad_deepspeed_config_file_is_one_line_naming_it_from_the_launch_and_the_environment(
+        tmp_path, monkeypatch, content, message):
+    # the runner reads it from an accelerate config (read_launch), a stage from accelerate's environment
+    # (check_environment): one reader for both; a list, bytes that are not UTF-8 or a bad stage were tracebacks
+    ds_file = tmp_path / "ds.json"
+    ds_file.write_bytes(content)
+    launch = tmp_path / "zero.yaml"
+    launch.write_text(f"distributed_type: DEEPSPEED\ndeepspeed_config: {{deepspeed_config_file: {ds_file}}}\n")
+    with pytest.raises(PipelineError, match=f"^{ds_file}: ") as err:
+        cluster.read_launch(launch)
+    assert message in str(err.value)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds_file))
+    with pytest.raises(PipelineError, match=f"^{ds_file}: ") as err:
+        cluster.check_environment()
+    assert message in str(err.value)
+
+
 # ---------------------------------------------------------------------------------------------- global batch
 
 
