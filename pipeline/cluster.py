@@ -107,6 +107,25 @@ def _truthy(v) -> bool:
     return str(v).lower() in ("1", "true", "yes", "on")
 
 
+def _launch_int(cfg: dict, key: str, p: Path, default: int, allowed=None, prefix: str = "") -> int:
+    """A whole-number key of an Accelerate config (default when absent), as one line naming the file when not."""
+    value = cfg.get(key)
+    if value is None:
+        return default
+    number = int(value) if isinstance(value, str) and value.strip().isdigit() else value
+    if isinstance(number, bool) or not isinstance(number, int) or (number not in allowed if allowed else number < 1):
+        want = f"one of {', '.join(map(str, allowed))}" if allowed else "a whole number of 1 or more"
+        raise PipelineError(f"{p}: {prefix}{key} must be {want}, got {value!r}")
+    return number
+
+
+def _launch_section(cfg: dict, key: str, p: Path) -> dict:
+    section = cfg.get(key) or {}
+    if not isinstance(section, dict):
+        raise PipelineError(f"{p}: {key} must be a mapping of keys, got {section!r}")
+    return section
+
+
 def read_launch(path, num_processes: int | None = None, num_machines: int | None = None) -> Launch:
     """Read an Accelerate config file (YAML or JSON); flags given on the command line win over the file."""
     import yaml
@@ -121,16 +140,21 @@ def read_launch(path, num_processes: int | None = None, num_machines: int | None
     if not isinstance(cfg, dict):
         raise PipelineError(f"{p}: an Accelerate config is a mapping of keys")
     dist = str(cfg.get("distributed_type", "NO")).upper()
-    launch = Launch(config=str(p), num_processes=int(num_processes or cfg.get("num_processes") or 1),
-                    num_machines=int(num_machines or cfg.get("num_machines") or 1), distributed_type=dist)
+    from accelerate.utils import DistributedType
+
+    if dist not in DistributedType.__members__:
+        raise PipelineError(f"{p}: distributed_type: {cfg['distributed_type']!r} is not one of Accelerate's "
+                            f"({', '.join(DistributedType.__members__)})")
+    launch = Launch(config=str(p), num_processes=num_processes or _launch_int(cfg, "num_processes", p, 1),
+                    num_machines=num_machines or _launch_int(cfg, "num_machines", p, 1), distributed_type=dist)
     if dist == "DEEPSPEED":
-        ds = cfg.get("deepspeed_config") or {}
-        zero = {"stage": ds.get("zero_stage", 2),
+        ds = _launch_section(cfg, "deepspeed_config", p)
+        zero = {"stage": _launch_int(ds, "zero_stage", p, 2, (0, 1, 2, 3), "deepspeed_config."),
                 "offload_optimizer": {"device": ds.get("offload_optimizer_device", "none")},
                 "offload_param": {"device": ds.get("offload_param_device", "none")},
                 "stage3_gather_16bit_weights_on_model_save": _truthy(ds.get("zero3_save_16bit_model", False))}
         if ds.get("deepspeed_config_file"):
-            ds_file = resolve_path(ds["deepspeed_config_file"])
+            ds_file = resolve_path(str(ds["deepspeed_config_file"]))
             if not ds_file.is_file():
                 raise PipelineError(f"{p}: deepspeed_config_file '{ds['deepspeed_config_file']}' not found")
             zero = deepspeed_zero(ds_file)
@@ -140,8 +164,8 @@ def read_launch(path, num_processes: int | None = None, num_machines: int | None
         launch.save_full_model = launch.zero_stage < 3 or _truthy(
             zero.get("stage3_gather_16bit_weights_on_model_save", False))
     elif dist == "FSDP":
-        fsdp = cfg.get("fsdp_config") or {}
-        launch.fsdp_version = int(fsdp.get("fsdp_version", 1))
+        fsdp = _launch_section(cfg, "fsdp_config", p)
+        launch.fsdp_version = _launch_int(fsdp, "fsdp_version", p, 1, (1, 2), "fsdp_config.")
         launch.offload_params = _truthy(fsdp.get("fsdp_offload_params", False))
         launch.save_full_model = str(fsdp.get("fsdp_state_dict_type", "FULL_STATE_DICT")).upper() \
             .replace("STATEDICTTYPE.", "") == "FULL_STATE_DICT"

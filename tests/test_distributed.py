@@ -112,6 +112,30 @@ def test_a_bad_deepspeed_config_file_is_one_line_naming_it_from_the_launch_and_t
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("config, message", [
+    ("distributed_type: MULTI_GPU\nnum_processes: eight\n", "num_processes must be a whole number of 1 or more, "
+                                                           "got 'eight'"),
+    ("distributed_type: MULTI_GPU\nnum_machines: [2]\n", "num_machines must be a whole number of 1 or more"),
+    ("distributed_type: MULTI_GUP\n", "distributed_type: 'MULTI_GUP' is not one of Accelerate's (NO, "),
+    ("distributed_type: DEEPSPEED\ndeepspeed_config: true\n", "deepspeed_config must be a mapping of keys"),
+    ("distributed_type: DEEPSPEED\ndeepspeed_config: {zero_stage: none}\n", "deepspeed_config.zero_stage must be "
+                                                                            "one of 0, 1, 2, 3, got 'none'"),
+    ("distributed_type: FSDP\nfsdp_config: {fsdp_version: x}\n", "fsdp_config.fsdp_version must be one of 1, 2"),
+    ("distributed_type: FSDP\nfsdp_config: full\n", "fsdp_config must be a mapping of keys, got 'full'"),
+])
+def test_a_bad_accelerate_config_is_one_line_naming_the_file_and_key(tmp_path, config, message):
+    # found by mutating launch/accelerate/*.yaml at random: 228 of 2,000 configs were tracebacks (int('eight'),
+    # .get on a bool); the runner reads this file for --check and run.launcher before any stage starts
+    path = tmp_path / "launch.yaml"
+    path.write_text(config)
+    with pytest.raises(PipelineError, match=f"^{path}: ") as err:
+        cluster.launch_from_command(f"accelerate launch --config_file {path}")
+    assert message in str(err.value)
+    good = tmp_path / "good.yaml"  # a number written as text reads as the number
+    good.write_text("distributed_type: multi_gpu\nnum_processes: '4'\n")
+    assert cluster.read_launch(good).num_processes == 4
+
+
 # ---------------------------------------------------------------------------------------------- global batch
 
 
