@@ -185,58 +185,57 @@ def test_own_pairs_refuse_rounds_and_check_reads_them_without_a_judge(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_pickapic_from_the_hub_reads_its_binary_image_columns(monkeypatch):
-    """yuvalkirstain/pickapic_v2 stores jpg_0 / jpg_1 as binary columns (not an Image feature): a hub id in
-    `dataset` loads with datasets.load_dataset (here a stand-in returning such a dataset) and reads them."""
+@pytest.fixture()
+def hub_pairs(monkeypatch):
+    """serve(rows) -> reads: datasets.load_dataset stands in for the hub, serving `rows` (a dict of columns) as a
+    memory-mapped-like Dataset that notes every row it reads in `reads`; the reader's cache is cleared around it."""
     import datasets
 
     from pipeline import hub, image_files
 
-    rows = {"caption": ["a 1", "a 2", "a 3"], "jpg_0": [png(255), png(0), png(7)], "jpg_1": [png(0), png(255), png(7)],
-            "label_0": [1.0, 0.0, 0.5]}
     reads = []
-    monkeypatch.setattr(datasets, "load_dataset",
-                        lambda name, split=None, **kw: counting_rows(datasets.Dataset.from_dict(rows), reads))
+
+    def serve(rows: dict) -> list:
+        monkeypatch.setattr(datasets, "load_dataset",
+                            lambda name, split=None, **kw: counting_rows(datasets.Dataset.from_dict(rows), reads))
+        return reads
+
     monkeypatch.setattr(hub, "reachable", lambda: True)
     image_files.hub_rows.cache_clear()
-    try:
-        assert image_pairs.pair_file("someone/pickapic") == "someone/pickapic"
-        pairs = image_pairs.read_pairs("someone/pickapic", channels=3, resolution=16)
-        reads.clear()  # the images stay in the dataset: a batch of 2 pairs reads their 2 rows again
-        chosen, rejected, captions = pairs.batch([0, 1])
-    finally:
-        image_files.hub_rows.cache_clear()
+    yield serve
+    image_files.hub_rows.cache_clear()
+
+
+def test_pickapic_from_the_hub_reads_its_binary_image_columns(hub_pairs):
+    """yuvalkirstain/pickapic_v2 stores jpg_0 / jpg_1 as binary columns (not an Image feature): a hub id in
+    `dataset` loads with datasets.load_dataset (here a stand-in returning such a dataset) and reads them."""
+    reads = hub_pairs({"caption": ["a 1", "a 2", "a 3"], "jpg_0": [png(255), png(0), png(7)],
+                       "jpg_1": [png(0), png(255), png(7)], "label_0": [1.0, 0.0, 0.5]})
+    assert image_pairs.pair_file("someone/pickapic") == "someone/pickapic"
+    pairs = image_pairs.read_pairs("someone/pickapic", channels=3, resolution=16)
+    reads.clear()  # the images stay in the dataset: a batch of 2 pairs reads their 2 rows again
+    chosen, rejected, captions = pairs.batch([0, 1])
     assert sorted(reads) == [0, 1] and pairs.ties == 1 and captions == ["a 1", "a 2"]
     assert torch.all(chosen == 1.0) and torch.all(rejected == -1.0)
 
 
-def test_a_hub_pair_dataset_is_read_once_at_the_start_in_the_stage_and_in_check(tmp_path, monkeypatch):
+def test_a_hub_pair_dataset_is_read_once_at_the_start_in_the_stage_and_in_check(tmp_path, hub_pairs):
     """Pick-a-Pic has ~1M rows: a pass over it costs minutes. The stage read every row to sort out ties and
     orientation, then every kept row again to decode its images; `--check` read them all again to look for missing
     files, which a hub dataset's stored bytes cannot be. Now each reads every row once, tie or not."""
-    import datasets
-
-    from pipeline import hub, image_check, image_files
+    from pipeline import image_check
     from pipeline.recipe import load_recipe
 
-    rows = {"caption": [f"a {i}" for i in range(5)], "jpg_0": [png(255), png(0), png(7), png(255), png(0)],
-            "jpg_1": [png(0), png(255), png(7), png(0), png(255)], "label_0": [1.0, 0.0, 0.5, 1.0, 0.0]}
-    reads = []
-    monkeypatch.setattr(datasets, "load_dataset",
-                        lambda name, split=None, **kw: counting_rows(datasets.Dataset.from_dict(rows), reads))
-    monkeypatch.setattr(hub, "reachable", lambda: True)
-    image_files.hub_rows.cache_clear()
-    try:
-        assert image_pairs.pair_file("someone/pickapic") == "someone/pickapic"
-        pairs = image_pairs.read_pairs("someone/pickapic", channels=3, resolution=16)
-        assert len(pairs) == 4 and pairs.ties == 1 and sorted(reads) == [0, 1, 2, 3, 4]
-        reads.clear()
-        recipe = load_recipe(own_pairs_recipe(tmp_path, tmp_path / "base", "someone/pickapic"))
-        keys = recipe.keys("diffusion_dpo")
-        assert image_check.caption_and_judge_problems(recipe, "diffusion_dpo", keys, keys.init_from) == []
-        assert sorted(reads) == [0, 1, 2, 3, 4]
-    finally:
-        image_files.hub_rows.cache_clear()
+    reads = hub_pairs({"caption": [f"a {i}" for i in range(5)], "jpg_0": [png(255), png(0), png(7), png(255), png(0)],
+                       "jpg_1": [png(0), png(255), png(7), png(0), png(255)], "label_0": [1.0, 0.0, 0.5, 1.0, 0.0]})
+    assert image_pairs.pair_file("someone/pickapic") == "someone/pickapic"
+    pairs = image_pairs.read_pairs("someone/pickapic", channels=3, resolution=16)
+    assert len(pairs) == 4 and pairs.ties == 1 and sorted(reads) == [0, 1, 2, 3, 4]
+    reads.clear()
+    recipe = load_recipe(own_pairs_recipe(tmp_path, tmp_path / "base", "someone/pickapic"))
+    keys = recipe.keys("diffusion_dpo")
+    assert image_check.caption_and_judge_problems(recipe, "diffusion_dpo", keys, keys.init_from) == []
+    assert sorted(reads) == [0, 1, 2, 3, 4]
 
 
 ROW = json.dumps({"prompt": "a 1", "chosen": "white.png", "rejected": "black.png"})
