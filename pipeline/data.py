@@ -79,20 +79,25 @@ def mixture_parts(spec) -> tuple[list[tuple[str, float | None, object]], int | N
     {datasets: [{id or path, split, columns, weight}], seed} (its dataset_mixture)."""
     if isinstance(spec, str):
         return [(spec, None, None)], None
-    if isinstance(spec, list):
-        return [(s, None, None) for s in spec], None
     if isinstance(spec, dict) and "datasets" in spec:
+        if not isinstance(spec["datasets"], list):
+            raise PipelineError(f"dataset mixture: `datasets` must be a list of {{id or path, split, weight}}, got "
+                                f"{spec['datasets']!r}")
         parts = []
         for d in spec["datasets"]:
-            name = d.get("path") or d.get("id")
+            name = (d.get("path") or d.get("id")) if isinstance(d, dict) else None
             if not isinstance(name, str):
                 raise PipelineError(f"dataset mixture: each entry of `datasets` needs an `id` or `path`, got {d!r}")
             if d.get("split") and ":" not in name and not Path(name).exists():
                 name = f"{name}:{d['split']}"
             parts.append((name, d.get("weight", d.get("fraction")), d.get("columns")))
         return parts, spec.get("seed")
-    if isinstance(spec, dict):
-        return [(k, v, None) for k, v in spec.items()], None
+    if isinstance(spec, (list, dict)):
+        parts = [(s, None, None) for s in spec] if isinstance(spec, list) else [(k, v, None) for k, v in spec.items()]
+        bad = [name for name, _, _ in parts if not isinstance(name, str)]  # a number or a list among the specs
+        if bad:
+            raise PipelineError(f"dataset spec {bad[0]!r}: expected a string")
+        return parts, None
     raise PipelineError(f"dataset spec {spec!r}: expected a string, a list of specs or a mapping of spec: fraction")
 
 
@@ -106,8 +111,6 @@ def read_rows(spec, recipe, text_split: str = "paragraph") -> tuple[list[dict], 
     parts, seed = mixture_parts(spec)
     rows, where = [], []
     for name, fraction, columns in parts:
-        if not isinstance(name, str):
-            raise PipelineError(f"dataset spec {name!r}: expected a string")
         r, w = _read_one(name, recipe, text_split)
         if fraction is not None:
             if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:

@@ -1,5 +1,6 @@
 """Checks of one recipe value as the recipe loads (pipeline/recipe.py calls them for every key of every section): floors
-of numeric keys, trackers, the values a TRL/transformers config accepts from a list, and hints for unknown keys.
+of numeric keys, numbers that are finite and fit in 64 bits, trackers, the values a TRL/transformers config accepts
+from a list, and hints for unknown keys.
 
 TRL's configs accept any string for keys their trainers check only when they start or at the first training step
 (DPOConfig.loss_type is checked when the first loss is computed: a traceback mid-stage); the lists of valid values
@@ -9,6 +10,7 @@ come from the config classes themselves (a field's `choices`, or the values its 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 from pipeline.cli import PipelineError
@@ -76,16 +78,35 @@ FLOORS = {
     "norm_max_pairs": (1, "at least 1"), "calibration_bins": (1, "at least 1"), "monitor_window": (1, "at least 1"),
     "rounds": (1, "at least 1"), "round_max_prompts": (1, "at least 1"), "round_max_new_tokens": (1, "at least 1"),
     "carbon_intensity_g_per_kwh": (0, "0 or more"), "length_split": (1, "at least 1"),
-    "parallel_stages": (1, "at least 1"), "beta": (0, "0 or more"),
+    "parallel_stages": (1, "at least 1"), "beta": (0, "0 or more"), "num_minibatches": (1, "at least 1"),
+    "vocab_size": (1, "at least 1"), "min_frequency": (0, "0 or more"),
 }
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
             "trackio": ("trackio",), "comet_ml": ("comet_ml",), "clearml": ("clearml",), "dvclive": ("dvclive",),
             "swanlab": ("swanlab",), "neptune": ("neptune",), "codecarbon": ("codecarbon",)}
 
 
+NAME_MAX = 255  # bytes in one file or folder name (ext4, XFS, APFS): os.stat raises on a longer one, is_file too
+PATH_KEYS = {("run", "name"), ("run", "output_dir"), ("model", "name_or_path"), ("tokenizer", "name_or_path")}
+
+
+def long_name(path: str) -> str | None:
+    """What is wrong with a path or hub id that has a name longer than a file system takes; None when none is."""
+    name = next((p for p in str(path).split("/") if len(p.encode()) > NAME_MAX), None)
+    return name and f"'{name[:20]}...' is {len(name.encode())} bytes, longer than a file or folder name can be " \
+                    f"({NAME_MAX})"
+
+
 def check_value(section: str, key: str, value, src, config_class=None) -> None:
     """One key's value as the recipe loads (file or override `src`); `config_class`: the TRL/transformers class a
     config key goes to, whose listed values (`choices`) are checked here, not at the trainer's first step."""
+    # .inf, .nan, '1e999' and 10**30 are numbers to YAML that no key means: int(inf) raised in a config class, and
+    # torch, numpy and tokenizers take int64
+    for number in value if isinstance(value, list) else [value]:
+        if isinstance(number, float) and not math.isfinite(number):
+            raise PipelineError(f"{src}: {section}.{key} must be a finite number, got {value!r}")
+        if isinstance(number, int) and not -2**63 <= number < 2**63:
+            raise PipelineError(f"{src}: {section}.{key} must fit in 64 bits (below 2**63), got {value!r}")
     if config_class is not None and (problem := choice_problem(config_class, key, value)):
         raise PipelineError(f"{src}: {section}.{key}: {problem}")
     floor = FLOORS.get(key)
@@ -96,6 +117,8 @@ def check_value(section: str, key: str, value, src, config_class=None) -> None:
     if section == "run" and key == "carbon_country" and not re.fullmatch(r"[A-Za-z]{3}", str(value)):
         raise PipelineError(f"{src}: run.carbon_country must be a 3-letter ISO 3166 country code (e.g. USA, FRA, "
                             f"DEU), got {value!r}")
+    if (section, key) in PATH_KEYS and value and (problem := long_name(value)):
+        raise PipelineError(f"{src}: {section}.{key}: {problem}")
     if section == "run" and key == "launcher" and value:
         import shlex
 

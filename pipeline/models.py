@@ -157,20 +157,27 @@ def model_config(recipe):
 
     cfg = dict(recipe.model.config)
     model_type = cfg.pop("model_type", "llama")
-    if model_type not in CONFIG_MAPPING:
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:  # a list is named, not hashed
         raise PipelineError(f"{recipe.path}: model.config.model_type: unknown '{model_type}'"
                             f"{closest(str(model_type), list(CONFIG_MAPPING.keys()))}")
     cls = CONFIG_MAPPING[model_type]
     names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
     names |= set(getattr(cls, "attribute_map", {}))
     for key in cfg:
+        if not isinstance(key, str):  # YAML reads `7:` or `true:` as a number or a boolean
+            raise PipelineError(f"{recipe.path}: model.config: key {key!r} is not a name")
         close = difflib.get_close_matches(str(key), sorted(names), n=3, cutoff=0.8)
         if key not in names and not hasattr(cls, key) and close:
             raise PipelineError(f"{recipe.path}: model.config: unknown key '{key}' for {model_type} "
                                 f"(closest: {', '.join(close)})")
-    for key, value in cfg.items():  # transformers builds a model with no layers from num_hidden_layers: -2
-        if (key.startswith("num_") or key.endswith("_size")) and type(value) is int and value < 0:
-            raise PipelineError(f"{recipe.path}: model.config.{key} must be 0 or more, got {value}")
+    # transformers takes these, but builds a model with no layers from num_hidden_layers: -2, divides by 0 heads or a
+    # 0 hidden_size, and torch cannot make a layer 10**30 wide
+    for key, value in cfg.items():
+        if (key.startswith("num_") or key.endswith("_size")) and type(value) is int:
+            least = 1 if key.endswith("_heads") or key == "hidden_size" else 0
+            if not least <= value < 2**31:
+                bound = f"{least} or more" if value < least else "below 2**31"
+                raise PipelineError(f"{recipe.path}: model.config.{key} must be {bound}, got {value}")
     return built_from_config(lambda: AutoConfig.for_model(model_type, **cfg), f"{recipe.path}: model.config")
 
 

@@ -19,7 +19,7 @@ import yaml
 
 from pipeline.cli import PipelineError
 from pipeline.files import text_of
-from pipeline.key_checks import check_value, unknown_key_hint
+from pipeline.key_checks import check_value, long_name, unknown_key_hint
 from pipeline.values import Mismatch, closest, coerce, field_types, type_name
 from pipeline.stages import PEFT_FIELDS, STAGES, TrainingKeys
 
@@ -263,7 +263,26 @@ def _validate_section(section: str, raw, where, origins) -> dict:
             raise PipelineError(f"{src}: {section}.{k} must be {type_name(fields[k][1])}, got {v!r}") from None
         check_value(section, k, out[k], src, _config_class(STAGES[section].config_class)
                     if fields[k][0] == "config" else None)
+        try:  # a spec of the wrong shape or a name os.stat refuses: here, not a traceback where a stage looks
+            for name in _named_paths(section, k, out[k]):
+                if problem := long_name(name):
+                    raise PipelineError(problem)
+        except PipelineError as err:
+            raise PipelineError(f"{src}: {section}.{k}: {err}") from None
     return out
+
+
+def _named_paths(section: str, key: str, value) -> list:
+    """The datasets or checkpoints a stage key names ([] for other keys); PipelineError for a dataset spec of the
+    wrong shape (a number among the specs), now rather than when the stage reads it."""
+    if section not in STAGES or value is None:
+        return []
+    ref = next((f.metadata.get("ref") for f in dataclasses.fields(STAGES[section].keys) if f.name == key), None)
+    if ref == "data":
+        from pipeline.data import mixture_parts
+
+        return [name for name, _, _ in mixture_parts(value)[0]]
+    return (value if isinstance(value, list) else [value]) if ref else []
 
 
 def _apply_override(data: dict, text: str) -> tuple[str, str]:

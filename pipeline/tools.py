@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.cli import PipelineError
+from pipeline.key_checks import long_name
 from pipeline.tool_calls import (Tool, ToolBox, ToolCall, ToolError, ToolOutput, ToolResult, ToolTimeout,
                                  check_deadline, describe_error, parse_tool_calls)
 from pipeline.values import Mismatch, closest, coerce, field_types, type_name
@@ -361,7 +362,7 @@ def check_section(section: dict, where: str) -> list[dict]:
     for i, entry in enumerate(cfg["tools"]):
         key = f"tools.tools[{i}]"
         backend = entry.get("backend") if isinstance(entry, dict) else None
-        if backend not in BACKEND_KEYS:
+        if not isinstance(backend, str) or backend not in BACKEND_KEYS:  # a list or mapping: named, not hashed
             raise PipelineError(f"{where}: {key}.backend: {backend!r} is not one of {', '.join(BACKEND_KEYS)}")
         entry = _keys(entry, {"name": str, "backend": str, "description": str, **BACKEND_KEYS[backend]}, key, where)
         for need in ("name", "function" if backend == "python" else "source"):
@@ -370,6 +371,8 @@ def check_section(section: dict, where: str) -> list[dict]:
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", entry["name"]) or entry["name"] in names:
             raise PipelineError(f"{where}: {key}.name: '{entry['name']}' is taken or not a tool name (letters, "
                                 f"digits, _ -)")
+        if entry.get("source") and (problem := long_name(entry["source"])):  # os.stat would raise on it
+            raise PipelineError(f"{where}: {key}.source: {problem}")
         if backend == "diffusion" and entry.get("steps", 100) < 1:
             raise PipelineError(f"{where}: {key}.steps: must be at least 1")
         if backend == "python" and not cfg.get("allow_code", False):

@@ -102,8 +102,8 @@ def coerce(value, tp):
             return value
         raise Mismatch
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        values = {m.value for m in tp}
-        if value in values or isinstance(value, tp):
+        values = [m.value for m in tp]  # a list: a list or mapping given for a name is compared, not hashed
+        if isinstance(value, tp) or value in values:
             return value
         raise Mismatch
     return value  # a type we do not check (a config class handles it)

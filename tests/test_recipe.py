@@ -193,12 +193,64 @@ def test_override_without_value_or_with_unclosed_brackets_is_refused_naming_it(t
                                                                     r"\(closest: .*llama"),
     ({"config": {**TINY["model"]["config"], "num_hidden_layers": -2}},  # built and trained a model with no layers
      r"model.config.num_hidden_layers must be 0 or more, got -2"),
+    # found by mutating recipes at random: TypeError, ZeroDivisionError or a hang where the model is built (--check too)
+    ({"config": {**TINY["model"]["config"], "model_type": ["llama"]}},
+     r"model.config.model_type: unknown '\['llama'\]'"),
+    ({"config": {**TINY["model"]["config"], 7: 1}}, "model.config: key 7 is not a name"),
+    ({"config": {**TINY["model"]["config"], "num_key_value_heads": 0}},
+     "model.config.num_key_value_heads must be 1 or more, got 0"),
+    ({"config": {**TINY["model"]["config"], "hidden_size": 0}}, "model.config.hidden_size must be 1 or more, got 0"),
+    ({"config": {**TINY["model"]["config"], "num_hidden_layers": 10**30}},
+     r"model.config.num_hidden_layers must be below 2\*\*31"),
 ])
 def test_model_section_values_are_checked_when_the_recipe_loads(tmp_path, model, expected):
     path = tiny_recipe(tmp_path, model=model)
     with pytest.raises(PipelineError, match=expected) as err:
         load_recipe(path)
     assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value) and len(str(err.value)) < 400
+
+
+LONG = "x" * 300  # a name longer than a file system takes: os.stat raised OSError where a stage or --check looked
+
+
+@pytest.mark.parametrize("override, expected", [  # found by mutating recipe values at random (each was a traceback)
+    ("sft.save_strategy={}", "sft.save_strategy must be SaveStrategy or str, got {}"),  # TypeError: unhashable
+    ("tools.tools=[{name: d, backend: [diffusion], source: diffusion}]",
+     r"tools.tools\[0\].backend: \['diffusion'\] is not one of"),  # TypeError: unhashable
+    ("sft.logging_steps=.inf", "sft.logging_steps must be a finite number, got inf"),  # OverflowError in SFTConfig
+    ("sft.learning_rate=1e999", "sft.learning_rate must be a finite number, got inf"),  # taken without a word
+    ("tools.timeout_s=.nan", "tools.timeout_s must be a finite number, got nan"),
+    ("tokenizer.vocab_size=1000000000000000000000000000000", "tokenizer.vocab_size must fit in 64 bits"),
+    ("tokenizer.vocab_size=-1", "tokenizer.vocab_size must be at least 1, got -1"),  # RuntimeError in --check
+    ("ppo.num_minibatches=0", "ppo.num_minibatches must be at least 1, got 0"),  # ZeroDivisionError in PPOConfig
+    ("sft.dataset=[world:sft, 1]", "sft.dataset: dataset spec 1: expected a string"),  # AttributeError in --check
+    ("sft.eval_dataset={datasets: {id: world:sft_eval}}",  # AttributeError where the stage or --check read it
+     "sft.eval_dataset: dataset mixture: `datasets` must be a list"),
+    (f"run.output_dir={LONG}", r"run.output_dir: 'x{20}\.\.\.' is 300 bytes, longer than a file or folder name"),
+    (f"sft.dataset=[world:sft, data/{LONG}.jsonl]", r"sft.dataset: 'x{20}\.\.\.' is 306 bytes"),
+    (f"dpo.init_from={LONG}", r"dpo.init_from: 'x{20}\.\.\.' is 300 bytes"),
+    (f"tools.tools=[{{name: d, backend: diffusion, source: {LONG}}}]",
+     r"tools.tools\[0\].source: 'x{20}\.\.\.' is 300"),
+])
+def test_a_value_of_the_wrong_type_or_range_stops_in_one_line_naming_the_key(tmp_path, monkeypatch, override,
+                                                                              expected):
+    from pipeline.check import check_stage_config
+
+    monkeypatch.chdir(tmp_path)  # the run folder (runs/ or LONG) is looked for here
+    with pytest.raises(PipelineError, match=expected) as err:
+        recipe = load_recipe(SMALL, [override])
+        for stage in recipe.stages:  # the config classes' own checks, as the runner and --check make them
+            check_stage_config(recipe, stage)
+    assert str(err.value).startswith((f"override '{override}': ", f"{SMALL}: ")) and "\n" not in str(err.value)
+    assert len(str(err.value)) < 400 + len(override)
+
+
+def test_a_bad_value_on_the_command_line_is_one_line_and_exit_2(tmp_path):
+    proc = run_cli(["pipeline/run.py", SMALL, "sft.save_strategy={}", "--check"], cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]  # was a TypeError traceback
+    assert proc.stderr.strip().splitlines() == ["error: override 'sft.save_strategy={}': sft.save_strategy must be "
+                                                "SaveStrategy or str, got {}"]
+    assert not list(tmp_path.iterdir())
 
 
 def test_bad_model_section_stops_stage_and_check_in_one_line_leaving_nothing(tmp_path):
