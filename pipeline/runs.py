@@ -47,14 +47,13 @@ def read_attempts(path: Path) -> list[dict]:
     """The ATTEMPTS file's records; a damaged file (cut short by a kill) counts as none."""
     try:
         records = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # ValueError: bad JSON, or bytes that are not UTF-8
         return []
     return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
 
 
 def read_manifest(stage_dir: Path) -> dict | None:
-    """A stage folder's manifest, or None where there is none that reads as one (missing, damaged, not an object):
-    such a folder is no finished stage."""
+    """A stage folder's manifest; None (no finished stage) where none reads as one: missing, damaged, no object."""
     try:
         manifest = json.loads((Path(stage_dir) / MANIFEST).read_text())
     except (OSError, ValueError):  # ValueError: bad JSON, or bytes that are not UTF-8
@@ -121,8 +120,7 @@ def resolve_checkpoint(recipe, ref: str | None, must_exist: bool = True, key: st
 
 
 def portable(recipe, checkpoint: Checkpoint) -> dict:
-    """A checkpoint as the manifest records it: a path inside the run folder relative to it, so a moved or copied
-    run folder is still up to date (absolute paths elsewhere stay as they are)."""
+    """A checkpoint as the manifest records it: a path in the run folder relative to it (a moved run stays valid)."""
     out = dataclasses.asdict(checkpoint)
     if checkpoint.path and checkpoint.source in ("stage", "local"):
         path, run_dir = Path(checkpoint.path), recipe.run_dir.resolve()
