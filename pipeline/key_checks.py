@@ -97,16 +97,22 @@ def long_name(path: str) -> str | None:
                     f"({NAME_MAX})"
 
 
+def number_problem(value) -> str | None:
+    """Why a value (or a list of them) is a number no key means, or None. .inf, .nan, '1e999' and 10**30 are numbers
+    to YAML: int(inf) raised in a config class, and torch, numpy and tokenizers take int64."""
+    for number in value if isinstance(value, list) else [value]:
+        if isinstance(number, float) and not math.isfinite(number):
+            return "must be a finite number"
+        if isinstance(number, int) and not -2**63 <= number < 2**63:
+            return "must fit in 64 bits (below 2**63)"
+    return None
+
+
 def check_value(section: str, key: str, value, src, config_class=None) -> None:
     """One key's value as the recipe loads (file or override `src`); `config_class`: the TRL/transformers class a
     config key goes to, whose listed values (`choices`) are checked here, not at the trainer's first step."""
-    # .inf, .nan, '1e999' and 10**30 are numbers to YAML that no key means: int(inf) raised in a config class, and
-    # torch, numpy and tokenizers take int64
-    for number in value if isinstance(value, list) else [value]:
-        if isinstance(number, float) and not math.isfinite(number):
-            raise PipelineError(f"{src}: {section}.{key} must be a finite number, got {value!r}")
-        if isinstance(number, int) and not -2**63 <= number < 2**63:
-            raise PipelineError(f"{src}: {section}.{key} must fit in 64 bits (below 2**63), got {value!r}")
+    if problem := number_problem(value):
+        raise PipelineError(f"{src}: {section}.{key} {problem}, got {value!r}")
     if config_class is not None and (problem := choice_problem(config_class, key, value)):
         raise PipelineError(f"{src}: {section}.{key}: {problem}")
     floor = FLOORS.get(key)

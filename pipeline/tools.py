@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.cli import PipelineError
-from pipeline.key_checks import long_name
+from pipeline.key_checks import long_name, number_problem
 from pipeline.tool_calls import (Tool, ToolBox, ToolCall, ToolError, ToolOutput, ToolResult, ToolTimeout,
                                  check_deadline, describe_error, parse_tool_calls)
 from pipeline.values import Mismatch, closest, coerce, field_types, type_name
@@ -293,6 +293,8 @@ def _keys(values, types: dict, key: str, where: str) -> dict:
             out[k] = coerce(v, types[k])
         except Mismatch:
             raise PipelineError(f"{where}: {key}.{k}: expected {type_name(types[k])}, got {v!r}") from None
+        if problem := number_problem(out[k]):  # steps: .inf, guidance: .nan
+            raise PipelineError(f"{where}: {key}.{k} {problem}, got {v!r}")
     return out
 
 

@@ -436,6 +436,12 @@ def test_recipe_tools_section_is_checked_when_the_recipe_loads(tmp_path):
         load_recipe(recipe, ["tools.tools=[{name: a, backend: diffusion, source: x}, {name: b, backend: paint}]"])
     with pytest.raises(PipelineError, match=r"tools\.tools\[0\]\.backend: 'python' runs code"):
         load_recipe(recipe, ["tools.tools=[{name: a, backend: python, function: m:f}]"])
+    for value, problem in ((".inf", "guidance must be a finite number"), (".nan", "guidance must be a finite number"),
+                           ("1e999", "guidance must be a finite number")):
+        with pytest.raises(PipelineError, match=rf"tools\.tools\[0\]\.{problem}"):  # drew NaN images, no error
+            load_recipe(recipe, [f"tools.tools=[{{name: a, backend: diffusion, source: x, guidance: {value}}}]"])
+    with pytest.raises(PipelineError, match=r"tools\.tools\[0\]\.seed must fit in 64 bits"):  # failed each draw
+        load_recipe(recipe, [f"tools.tools=[{{name: a, backend: diffusion, source: x, seed: {10**30}}}]"])
     from pipeline.tool_rollout import stage_toolbox
 
     with pytest.raises(PipelineError, match="is not a stage folder"):
