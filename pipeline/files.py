@@ -113,6 +113,13 @@ def read_file(path: Path, text_split: str = "paragraph") -> tuple[list[dict], li
         if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
             raise PipelineError(f"{path}: expected a list of JSON objects")
         return obj, [f"row {i}" for i in range(1, len(obj) + 1)]
+    ds, where = read_table(path, kind)
+    return ds.to_list(), where
+
+
+def read_table(path: Path, kind: str) -> tuple:  # (datasets.Dataset, where each row came from)
+    """A non-empty .csv or .parquet file as a memory-mapped datasets.Dataset (rows read when asked for), and where
+    each row came from; a file that does not parse is one line naming it."""
     import datasets
 
     if kind == "csv":
@@ -121,9 +128,8 @@ def read_file(path: Path, text_split: str = "paragraph") -> tuple[list[dict], li
         ds = datasets.Dataset.from_parquet(str(path)) if kind == "parquet" else datasets.Dataset.from_csv(str(path))
     except Exception as err:  # pyarrow/pandas parse errors
         raise PipelineError(f"{path}: cannot read {kind}: {str(err).splitlines()[0]}") from None
-    rows = ds.to_list()
     offset = 2 if kind == "csv" else 1  # CSV: line 1 is the header
-    return rows, [f"line {i + offset}" if kind == "csv" else f"row {i + 1}" for i in range(len(rows))]
+    return ds, [f"line {i + offset}" if kind == "csv" else f"row {i + 1}" for i in range(len(ds))]
 
 
 def read_folder(path: Path, text_split: str = "paragraph") -> tuple[list[dict], list[str]]:

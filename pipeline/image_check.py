@@ -38,8 +38,12 @@ def _meta_built(build):
         return build()
 
 
+def _count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def _meta_count(build) -> int:
-    return sum(p.numel() for p in _meta_built(build).parameters())
+    return _count(_meta_built(build))
 
 
 def _components_from_configs(unet_cfg: dict, text_cfg: dict | None, vae_cfg: dict | None, text_model_cfg=None):
@@ -48,7 +52,7 @@ def _components_from_configs(unet_cfg: dict, text_cfg: dict | None, vae_cfg: dic
     from pipeline import images
 
     unet = _meta_built(lambda: UNet2DConditionModel.from_config(unet_cfg))  # its config: the file's, with defaults
-    out = {"unet_config": dict(unet.config), "unet": sum(p.numel() for p in unet.parameters())}
+    out = {"unet_config": dict(unet.config), "unet": _count(unet)}
     if text_model_cfg is not None:
         import transformers
 
@@ -58,7 +62,7 @@ def _components_from_configs(unet_cfg: dict, text_cfg: dict | None, vae_cfg: dic
                                           else cls.from_config(config))
     if vae_cfg is not None:
         vae = _meta_built(lambda: AutoencoderKL.from_config(vae_cfg))
-        out["vae"], out["vae_factor"] = sum(p.numel() for p in vae.parameters()), images.vae_factor(vae.config)
+        out["vae"], out["vae_factor"] = _count(vae), images.vae_factor(vae.config)
     return out
 
 

@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from pipeline.cli import PipelineError
-from pipeline.files import file_kind, read_file
+from pipeline.files import file_kind, read_file, read_table
 
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PNG's 16-bit grey opens as one of these
 
@@ -213,18 +213,12 @@ def hub_rows(spec: str) -> tuple:  # (datasets.Dataset, where each row came from
 def table_rows(source: Path | str) -> tuple:  # (rows: a list of dicts or a datasets.Dataset, where each came from)
     """A metadata file's rows (a Path) or a hub dataset's (its id), with where each came from. A parquet file is read
     as a hub dataset is (memory-mapped by `datasets`): the images it stores are read with their row, when asked for."""
-    import datasets
-
     if isinstance(source, str):
         return hub_rows(source)
-    if file_kind(source) != "parquet":
-        return read_file(source)
-    try:
-        ds = undecoded(datasets.Dataset.from_parquet(str(source)))
-    except Exception:  # pyarrow's parse errors, an empty file
-        read_file(source)  # says why in one line
-        raise
-    return ds, [f"row {i}" for i in range(1, len(ds) + 1)]
+    if file_kind(source) != "parquet" or source.stat().st_size == 0:
+        return read_file(source)  # an empty file: read_file says so
+    ds, where = read_table(source, "parquet")
+    return undecoded(ds), where
 
 
 def columns(rows) -> list[str]:
