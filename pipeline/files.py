@@ -4,7 +4,9 @@ with `datasets.save_to_disk` or holding such files. pipeline/data.py resolves da
 
 from __future__ import annotations
 
+import csv
 import gzip
+import io
 import json
 from pathlib import Path
 
@@ -115,6 +117,29 @@ def read_file(path: Path, text_split: str = "paragraph") -> tuple[list[dict], li
         return obj, [f"row {i}" for i in range(1, len(obj) + 1)]
     ds, where = read_table(path, kind)
     return ds.to_list(), where
+
+
+def first_row(path: Path) -> dict | None:
+    """A local file's first row, for its columns. A .jsonl's first object line and a .csv's header and first record
+    (a quoted field may run over lines) are read alone, so a large file is not read whole (its later rows are checked
+    when a stage reads them); any other file is read whole. A file without a row is None; one whose first row does
+    not read is read_file's one-line error, naming its line."""
+    kind = file_kind(path)
+    if kind in ("jsonl", "csv"):
+        try:
+            with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as raw, \
+                    io.TextIOWrapper(raw, encoding="utf-8-sig" if kind == "csv" else "utf-8", newline="") as f:
+                if kind == "csv":
+                    row = next(csv.DictReader(f), None)
+                else:
+                    line = next((line for line in f if line.strip()), None)
+                    row = line and jsonl_rows(path, line)[0][0]
+            if row is not None:
+                return row
+        except (UnicodeDecodeError, csv.Error, PipelineError):
+            pass  # read_file names the line
+    rows, _ = read_file(path)
+    return rows[0] if rows else None
 
 
 def read_table(path: Path, kind: str) -> tuple:  # (datasets.Dataset, where each row came from)

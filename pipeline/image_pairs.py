@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.cli import PipelineError
-from pipeline.files import file_kind, jsonl_rows, read_file
+from pipeline.files import file_kind, first_row
 
 PICKAPIC = ("jpg_0", "jpg_1", "label_0")
 CHOSEN_REJECTED = ("chosen", "rejected")
@@ -55,35 +55,8 @@ def pair_file(spec: str | None) -> Path | str | None:
             return path if layout(dict.fromkeys(pq.read_schema(path).names)) else None
         except (OSError, ValueError):  # not a parquet file (ArrowInvalid): the stage's reader says so in one line
             return None
-    row = first_row(path, kind)
+    row = first_row(path)
     return path if row is not None and layout(row) else None
-
-
-def first_row(path: Path, kind: str) -> dict | None:
-    """A local file's first row, for its columns: a .jsonl's first line, a .csv's header and first line, read
-    alone (a large file is not read whole; its later rows are checked when the stage reads them); a .json is read
-    whole. A file that does not read, or has no row, is read_file's (its one-line error)."""
-    import csv
-    import gzip
-    import io
-
-    row = None
-    if kind in ("jsonl", "csv"):
-        head = []
-        with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as f:
-            for line in f:
-                head.append(line)
-                if (len(head) == 2) if kind == "csv" else line.strip():
-                    break
-        try:
-            text = b"".join(head).decode("utf-8-sig" if kind == "csv" else "utf-8")
-            row = next(csv.DictReader(io.StringIO(text)) if kind == "csv" else iter(jsonl_rows(path, text)[0]), None)
-        except (UnicodeDecodeError, csv.Error, PipelineError):
-            pass  # read_file names the line
-    if row is None:  # a .json, an empty file, no row, a first line that does not read
-        rows, _ = read_file(path)
-        row = rows[0] if rows else None
-    return row
 
 
 class DrawnPairs:

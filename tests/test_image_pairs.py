@@ -261,6 +261,21 @@ def test_pair_file_reads_only_a_files_first_row_and_the_stage_names_a_bad_later_
         image_pairs.read_pairs(path, channels=3, resolution=16)
 
 
+@pytest.mark.parametrize("name, text, expected", [
+    ("pairs.csv", 'caption,chosen,rejected\n"a 1\nwritten over two lines",white.png,black.png\nnot,"a,row\n',
+     {"caption": "a 1\nwritten over two lines", "chosen": "white.png", "rejected": "black.png"}),
+    ("pairs.jsonl", '\n\n' + ROW + '\n{not json\n', json.loads(ROW)),
+])
+def test_a_files_first_row_is_read_whole_and_alone(tmp_path, name, text, expected):
+    """A .csv's first record may hold a quoted field written over lines: it was cut at the line's end ("a 1", no
+    images), now csv reads the record whole; neither file's bad later row is read (it would fail here)."""
+    from pipeline.files import first_row
+
+    path = tmp_path / name
+    path.write_text(text)
+    assert first_row(path) == expected
+
+
 @pytest.mark.parametrize("reader", ["pairs", "images"])
 def test_images_stored_in_a_local_parquet_file_are_read_with_their_row_not_held_in_memory(tmp_path, reader):
     """A local parquet file's images (Pick-a-Pic's shards hold theirs) were all read into memory (`to_list()`) and
