@@ -122,21 +122,43 @@ def _column(row: dict, named: str | None, defaults: tuple[str, ...]):
 def named_files(path: Path) -> list:
     """(value, size, mtime) of every existing file a metadata file's rows name (any column), for the runner's
     fingerprint: images replaced under the same names rerun the stage. Unreadable metadata: [] (the stage says why)."""
+    out = []
+    for value in _cell_names(path):
+        value = value.get("path") if isinstance(value, dict) else value
+        try:  # captions are values too: most name no file (or no possible one: OSError)
+            st = (path.parent / value).stat() if isinstance(value, str) and value else None
+        except (OSError, ValueError):
+            continue
+        if st is not None and (st.st_mode & 0o170000) == 0o100000:  # a regular file
+            out.append((value, st.st_size, st.st_mtime_ns))
+    return out
+
+
+def _cell_names(path: Path):
+    """Row by row, each cell that could name a file (text, or a stored image's {path}). A parquet file is read from
+    those columns alone: its stored image bytes (Pick-a-Pic's shards hold GBs) are not read for a fingerprint."""
+    if file_kind(path) == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            parquet = pq.ParquetFile(path)
+            schema = parquet.schema_arrow
+            text = {f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)}
+            stored = {f.name for f in schema if pa.types.is_struct(f.type) and f.type.get_field_index("path") >= 0}
+            names = [f.name if f.name in text else f"{f.name}.path" for f in schema if f.name in text | stored]
+            for batch in parquet.iter_batches(columns=names):
+                for row in zip(*(column.to_pylist() for column in batch.columns)):
+                    yield from row
+        except (OSError, ValueError):  # not a parquet file (ArrowInvalid): the stage's reader says so in one line
+            return
+        return
     try:
         rows, _ = table_rows(path)
     except PipelineError:
-        return []
-    out = []
+        return
     for row in rows:
-        for value in row.values():
-            value = value.get("path") if isinstance(value, dict) else value
-            try:  # captions are values too: most name no file (or no possible one: OSError)
-                st = (path.parent / value).stat() if isinstance(value, str) and value else None
-            except (OSError, ValueError):
-                continue
-            if st is not None and (st.st_mode & 0o170000) == 0o100000:  # a regular file
-                out.append((value, st.st_size, st.st_mtime_ns))
-    return out
+        yield from row.values()
 
 
 def cell_file(path: Path, where: str, value, column: str) -> Path | bytes:

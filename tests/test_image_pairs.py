@@ -322,3 +322,39 @@ def test_images_stored_in_a_local_parquet_file_are_read_with_their_row_not_held_
     if reader == "pairs":  # and the images are read from their rows when a batch asks
         chosen, _, captions = held.batch([3])
         assert captions == ["a 3"] and chosen.shape == (1, 3, 16, 16)
+
+
+def test_a_parquet_files_fingerprint_reads_its_names_not_its_stored_images(tmp_path):
+    """The runner fingerprints the files a metadata file names on every run; a parquet file's rows were read whole for
+    it, the images it stores (Pick-a-Pic's shards: GBs) included. Now only its text columns and its images' `path`
+    are read: with the stored bytes' pages overwritten, the files it names are still found (none were before)."""
+    import datasets
+    from PIL import Image
+
+    from pipeline.image_files import named_files
+
+    for name, shade in (("white.png", "white"), ("black.png", "black")):
+        Image.new("RGB", (16, 16), shade).save(tmp_path / name)
+    stored = io.BytesIO()
+    Image.new("RGB", (16, 16), "grey").save(stored, "PNG")
+    path = tmp_path / "pairs.parquet"
+    datasets.Dataset.from_dict(
+        {"caption": ["a 1"], "jpg_0": [{"bytes": stored.getvalue(), "path": "white.png"}], "jpg_1": ["black.png"]},
+        features=datasets.Features({"caption": datasets.Value("string"), "jpg_0": datasets.Image(),
+                                    "jpg_1": datasets.Value("string")})).to_parquet(str(path))
+    files = [(name, (tmp_path / name).stat().st_size, (tmp_path / name).stat().st_mtime_ns)
+             for name in ("white.png", "black.png")]
+    assert named_files(path) == files
+
+    import pyarrow.parquet as pq
+
+    chunks = pq.ParquetFile(path).metadata.row_group(0)
+    chunk = next(chunks.column(i) for i in range(chunks.num_columns)
+                 if chunks.column(i).path_in_schema == "jpg_0.bytes")
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    raw = bytearray(path.read_bytes())
+    raw[start:start + chunk.total_compressed_size] = b"\xff" * chunk.total_compressed_size
+    path.write_bytes(bytes(raw))
+    with pytest.raises(Exception):  # the stored images no longer read
+        pq.read_table(path)
+    assert named_files(path) == files
