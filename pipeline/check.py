@@ -14,7 +14,7 @@ import dataclasses
 import glob
 from pathlib import Path
 
-from pipeline import cluster, cost_check, integrity, runs
+from pipeline import cluster, cost_check, integrity, llamafactory, runs
 from pipeline.memory import estimate_memory, human, model_shape, profile_of
 from pipeline.cli import PipelineError
 from pipeline.stages import STAGES
@@ -37,6 +37,8 @@ def _resolve_problem(spec: str, recipe) -> str | None:
     path = Path(spec).expanduser()
     if path.is_file() or path.is_dir():
         return None
+    if entry := llamafactory.entry_of(spec):
+        return llamafactory.source_problem(entry)
     if glob.has_magic(spec):
         return None if glob.glob(str(path), recursive=True) else f"dataset '{spec}': no file matches"
     if files.names_a_local_file(spec):
@@ -120,7 +122,8 @@ def _data_problem(spec, recipe, stage: str, key: str, keys, will_run=frozenset()
             problem = _resolve_problem(name, recipe)
             if problem:
                 return problem
-        if all(not name.startswith("world:") and (Path(name).expanduser().exists() or glob.has_magic(name))
+        if all(not name.startswith("world:") and (Path(name).expanduser().exists() or glob.has_magic(name)
+                                                  or llamafactory.is_local(llamafactory.entry_of(name)))
                for name, _, _ in parts):
             return _rows_problem(spec, recipe, stage, key, keys, will_run)
     except PipelineError as err:

@@ -4,6 +4,7 @@ A dataset spec is a string:
   world:<split>             a split of the offline task world (pipeline/world_splits.py), e.g. world:sft
   path/to/file.jsonl        a local JSON Lines, JSON, Parquet, CSV or plain-text file (each optionally .gz)
   path/to/folder            a folder saved with `datasets.save_to_disk`, or a folder of such files
+  path/to/data:NAME         a dataset LLaMA-Factory's data/dataset_info.json names (pipeline/llamafactory.py)
   data/*.txt                a glob: every file it matches
   org/name[:split]          a hub dataset (default split: train)
 or several: a list of specs (all their rows), or a mixture with a fraction of each, as alignment-handbook recipes
@@ -22,6 +23,7 @@ import random
 from functools import lru_cache
 from pathlib import Path
 
+from pipeline import llamafactory
 from pipeline.cli import PipelineError
 from pipeline.files import file_kind, names_a_local_file, read_file, read_files, read_folder
 from pipeline.fingerprints import hash_file, hash_folder, hash_obj
@@ -62,7 +64,12 @@ def _read_one(spec: str, recipe, text_split: str) -> tuple[list[dict], list[str]
     if path.is_file():
         return read_file(path, text_split)
     if path.is_dir():
+        if registry := llamafactory.folder_registry(path):
+            raise PipelineError(f"{path}: a LLaMA-Factory data folder (its {llamafactory.REGISTRY} names datasets): "
+                                f"name one as {spec}:NAME ({', '.join(sorted(registry))})")
         return read_folder(path, text_split)
+    if entry := llamafactory.entry_of(spec):
+        return llamafactory.read(entry, recipe.run.seed, text_split)
     if glob.has_magic(spec):
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not files:
@@ -155,6 +162,8 @@ def fingerprint(spec, recipe, images: bool = False) -> str:
         return hash_file(path)
     if path.is_dir():
         return hash_folder(path)
+    if entry := llamafactory.entry_of(spec):
+        return llamafactory.fingerprint(entry)
     if glob.has_magic(spec):
         return hash_obj([(p, hash_file(Path(p))) for p in sorted(glob.glob(str(path), recursive=True))
                          if Path(p).is_file()])

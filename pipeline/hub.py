@@ -59,9 +59,10 @@ def load_failure(online: bool, failure: str) -> str:
     return failure if online else f"{unreachable_note()} and it is not in the local cache"
 
 
-def load_dataset(spec: str):
+def load_dataset(spec: str, **options):
     """A hub dataset (`org/name[:split]`, split train by default) as a datasets.Dataset; offline, from the local
-    cache only. A failure is one line (PipelineError)."""
+    cache only. `options`: datasets.load_dataset's (name, data_dir, revision), None ones left out. A failure is one
+    line (PipelineError)."""
     import datasets
 
     from pipeline.cli import PipelineError
@@ -69,7 +70,8 @@ def load_dataset(spec: str):
     name, _, split = spec.partition(":")
     online = reachable()
     try:
-        return datasets.load_dataset(name, split=split or "train")
+        options = {key: value for key, value in options.items() if value is not None}
+        return datasets.load_dataset(name, split=split or "train", **options)
     except Exception as err:  # the hub's and the library's many failures: one line, not a traceback
         why = load_failure(online, f"loading it from the hub failed: {str(err).splitlines()[0]}")
         raise PipelineError(f"dataset '{spec}': not a local file or folder, and {why}") from None

@@ -93,6 +93,33 @@ def test_pretraining_on_a_plain_text_file(tmp_path):
     assert info["format"] == "txt, a document per paragraph" and info["rows"] == 200
 
 
+def test_sft_on_a_llamafactory_data_folder_by_the_name_its_registry_gives(tiny_run, tmp_path):
+    """A LLaMA-Factory user's data folder as it is: `data:NAME` trains on the dataset its dataset_info.json names
+    (with its own column names); a bad row in another is found by --check and by the stage, naming file and row."""
+    work, _, _ = tiny_run
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "dataset_info.json").write_text(json.dumps({
+        "qa": {"file_name": "qa.json", "columns": {"prompt": "question", "response": "answer"}},
+        "chats": {"file_name": "chats.json", "formatting": "sharegpt"}}))
+    (folder / "qa.json").write_text(json.dumps([{"question": f"Say {i}.", "answer": f"{i}."} for i in range(8)]))
+    (folder / "chats.json").write_text(json.dumps([
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "Hello."}]},
+        {"conversations": [{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "Hello."}]}]))
+    settings = {**SHORT, "init_from": str(work / "runs/tiny/pretrain")}
+    recipe = tiny_recipe(tmp_path, pretrain=None, sft={**settings, "dataset": f"{folder}:qa"})
+    proc = run_cli(["pipeline/sft.py", recipe, "run.name=lf"], cwd=tmp_path, env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert manifest(tmp_path, "lf", "sft")["data"]["dataset"]["format"] == "alpaca"
+    assert f"dataset: 8 rows from {folder}:qa" in proc.stdout
+    recipe = tiny_recipe(tmp_path, pretrain=None, sft={**settings, "dataset": f"{folder}:chats"})
+    check = run_cli(["pipeline/run.py", recipe, "--check", "run.name=bad"], cwd=tmp_path, env=ONE_THREAD)
+    assert check.returncode == 2 and f"{folder}:chats: chats.json row 2: turn 0: unknown 'from' 'robot'" in check.stdout
+    proc = run_cli(["pipeline/sft.py", recipe, "run.name=bad"], cwd=tmp_path, env=ONE_THREAD)
+    assert one_error_line(proc).startswith(f"error: {folder}:chats: chats.json row 2: turn 0: unknown 'from'")
+    assert not (tmp_path / "runs/bad").exists()
+
+
 def test_sft_rows_all_over_max_length_stop_in_one_line_and_leave_nothing(tiny_run, tmp_path):
     work, _, _ = tiny_run
     long = {"messages": [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "ok"}]}

@@ -1,0 +1,216 @@
+"""LLaMA-Factory's dataset registry: the `dataset_info.json` in its data folder names each dataset (a file or folder
+beside it, or a hub dataset), its format (`formatting`: alpaca or sharegpt), whether it holds preference pairs
+(`ranking`), its column names (`columns`) and, for sharegpt, its messages' keys and role names (`tags`).
+
+A dataset spec `path/to/data:NAME` (the folder holding dataset_info.json: LLaMA-Factory's `dataset_dir`) or
+`path/to/data/dataset_info.json:NAME` reads the dataset as LLaMA-Factory does and hands its rows on under the
+standard alpaca and ShareGPT names (instruction, input, output, system, history, tools, chosen, rejected, kto_tag;
+`conversations` of from/value turns with human, gpt, observation, function_call and system), which pipeline/formats.py
+converts as it converts any such file. An alpaca row with a prompt and nothing to learn from (no response, chosen,
+rejected or kto_tag: LLaMA-Factory's pre-training layout) is a document, `text`. As in LLaMA-Factory, a `columns`
+mapping names every column read (a column it leaves out is not read), and `num_samples` takes that many rows (each
+row once, in a shuffled order, then drawn again at random; seeded by run.seed). Refused in one line: `script_url`
+(no code that comes with a dataset runs here), `ms_hub_url` alone (ModelScope is not read) and image, video or audio
+columns (the language-model stages read text).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.cli import PipelineError
+from pipeline.fingerprints import hash_file, hash_folder, hash_obj
+
+REGISTRY = "dataset_info.json"
+SOURCES = ("file_name", "hf_hub_url", "ms_hub_url", "script_url")  # one of them says where the dataset is
+ALPACA = {"prompt": "instruction", "query": "input", "response": "output", "history": "history"}  # theirs: ours
+SHAREGPT = {"messages": "conversations"}
+COMMON = {"system": "system", "tools": "tools", "chosen": "chosen", "rejected": "rejected", "kto_tag": "kto_tag"}
+DEFAULTS = {"prompt": "instruction", "query": "input", "response": "output", "messages": "conversations"}
+MEDIA = ("images", "videos", "audios")
+TAGS = {"role_tag": "from", "content_tag": "value"}  # the keys of a message
+ROLES = {"user_tag": "human", "assistant_tag": "gpt", "observation_tag": "observation",
+         "function_tag": "function_call", "system_tag": "system"}  # the role names, LLaMA-Factory's defaults
+
+
+@dataclass(frozen=True)
+class Entry:
+    registry: Path  # the dataset_info.json
+    name: str
+    info: dict  # the entry as written
+
+    def where(self) -> str:
+        return f"{self.registry}: dataset '{self.name}'"
+
+
+def is_registry(obj) -> bool:
+    """Whether parsed JSON is LLaMA-Factory's registry (every entry an object saying where its data is), not the
+    dataset_info.json that `datasets.save_to_disk` writes beside its data (features, splits, ...)."""
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(entry, dict) and any(key in entry for key in SOURCES) for entry in obj.values())
+
+
+def read_registry(path: Path) -> dict | None:
+    """The registry in `path` (a dataset_info.json), or None when the file is no LLaMA-Factory registry."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return obj if is_registry(obj) else None
+
+
+def folder_registry(folder: Path) -> dict | None:
+    """The registry of a LLaMA-Factory data folder, or None for any other folder."""
+    return read_registry(folder / REGISTRY) if (folder / REGISTRY).is_file() else None
+
+
+def entry_of(spec: str) -> Entry | None:
+    """The registry entry `folder:NAME` or `dataset_info.json:NAME` names, or None for any other spec; a name the
+    registry lacks is one line listing the names it has."""
+    head, sep, name = spec.rpartition(":")
+    if not sep or not head or not name:
+        return None
+    path = Path(head).expanduser()
+    registry_file = path / REGISTRY if path.is_dir() else path
+    if registry_file.name != REGISTRY or not registry_file.is_file():
+        return None
+    registry = read_registry(registry_file)
+    if registry is None:
+        return None
+    if name not in registry:
+        raise PipelineError(f"{registry_file}: no dataset '{name}' (it names {', '.join(sorted(registry))})")
+    return Entry(registry_file, name, registry[name])
+
+
+def source(entry: Entry) -> tuple[str, Path | str]:
+    """("file", the local file or folder) or ("hub", the dataset id), as LLaMA-Factory picks it (hf_hub_url first);
+    what this pipeline does not read is one line."""
+    info = entry.info
+    if info.get("hf_hub_url"):
+        return "hub", _text(entry, "hf_hub_url")
+    if info.get("ms_hub_url"):
+        raise PipelineError(f"{entry.where()}: ms_hub_url (ModelScope) is not read here; download the dataset and "
+                            f"name it with file_name")
+    if info.get("script_url"):
+        raise PipelineError(f"{entry.where()}: script_url names a loading script, and no dataset code runs here; "
+                            f"save the data as a file and name it with file_name")
+    return "file", entry.registry.parent / _text(entry, "file_name")
+
+
+def source_problem(entry: Entry) -> str | None:
+    """Why the entry's data cannot be read (its file or folder missing), or None."""
+    kind, where = source(entry)
+    if kind == "file" and not Path(where).exists():
+        return f"{entry.where()}: file_name '{entry.info['file_name']}' not found in {entry.registry.parent}"
+    return None
+
+
+def is_local(entry: Entry | None) -> bool:
+    """Whether a spec's entry (entry_of's) reads a local file or folder."""
+    return entry is not None and source(entry)[0] == "file"
+
+
+def fingerprint(entry: Entry) -> str:
+    kind, where = source(entry)
+    data = {"hub": where} if kind == "hub" else hash_folder(where) if Path(where).is_dir() else hash_file(where)
+    return hash_obj({"llamafactory": entry.info, "data": data})
+
+
+def read(entry: Entry, seed: int, text_split: str = "paragraph") -> tuple[list[dict], list[str]]:
+    """The entry's rows under the standard names (module docstring) and where each came from."""
+    from pipeline import files, hub
+
+    kind, where = source(entry)
+    if kind == "hub":
+        ds = hub.load_dataset(f"{where}:{entry.info.get('split') or 'train'}", name=entry.info.get("subset"),
+                              data_dir=entry.info.get("folder"), revision=entry.info.get("revision"))
+        rows, labels = ds.to_list(), [f"row {i}" for i in range(1, len(ds) + 1)]
+    elif Path(where).is_dir():
+        rows, labels = files.read_folder(Path(where), text_split)
+    elif Path(where).is_file():
+        rows, labels = files.read_file(Path(where), text_split)
+    else:
+        raise PipelineError(source_problem(entry))
+    labels = labels if kind == "hub" else [f"{entry.info['file_name']} {w}" for w in labels]
+    return sample(entry, [standard_row(entry, row, w) for row, w in zip(rows, labels)], labels, seed)
+
+
+def standard_row(entry: Entry, row: dict, where: str) -> dict:
+    """One row under the standard names, read through the entry's `columns` and `tags`."""
+    info = entry.info
+    sharegpt = _formatting(entry) == "sharegpt"
+    named = {**COMMON, **(SHAREGPT if sharegpt else ALPACA)}
+    columns = info.get("columns")
+    if columns is not None and not isinstance(columns, dict):
+        raise PipelineError(f"{entry.where()}: columns must be an object, got {columns!r}")
+    media = [key for key in MEDIA if (columns or {}).get(key)]
+    if media:
+        raise PipelineError(f"{entry.where()}: columns.{media[0]}: {media[0]} are not read by the language-model "
+                            f"stages (text only)")
+    # with `columns`, LLaMA-Factory reads the columns it names and no other (a missing default is None)
+    mapping = {theirs: columns.get(theirs) for theirs in named} if columns is not None else \
+        {theirs: column for theirs, column in DEFAULTS.items() if theirs in named}
+    out = {named[theirs]: row[column] for theirs, column in mapping.items()
+           if column is not None and row.get(column) is not None}
+    if sharegpt:
+        tags = _tags(entry)
+        for key in ("conversations", "chosen", "rejected"):
+            value = out.get(key)
+            if isinstance(value, list):
+                out[key] = [_message(m, tags) for m in value]
+            elif isinstance(value, dict):
+                out[key] = _message(value, tags)
+    elif not any(mapping.get(theirs) for theirs in ("response", "chosen", "rejected", "kto_tag")):
+        out = {"text": out["instruction"]} if "instruction" in out else {}  # pre-training: the prompt is the document
+    if not out:
+        raise PipelineError(f"{entry.where()}: {where}: none of the columns it names "
+                            f"({', '.join(c for c in mapping.values() if c)}) (columns: {', '.join(row) or 'none'})")
+    return out
+
+
+def sample(entry: Entry, rows: list, where: list, seed: int) -> tuple[list, list]:
+    """`num_samples` rows as LLaMA-Factory takes them: every row once in a shuffled order, then drawn at random."""
+    n = entry.info.get("num_samples")
+    if n is None:
+        return rows, where
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise PipelineError(f"{entry.where()}: num_samples must be a whole number of 1 or more, got {n!r}")
+    rng = random.Random(seed)
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    order = order[:n] + rng.choices(range(len(rows)), k=max(0, n - len(rows)))
+    return [rows[i] for i in order], [where[i] for i in order]
+
+
+def _formatting(entry: Entry) -> str:
+    formatting = entry.info.get("formatting", "alpaca")
+    if formatting not in ("alpaca", "sharegpt"):
+        raise PipelineError(f"{entry.where()}: formatting must be alpaca or sharegpt, got {formatting!r}")
+    return formatting
+
+
+def _tags(entry: Entry) -> dict:
+    tags = entry.info.get("tags") or {}
+    if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
+        raise PipelineError(f"{entry.where()}: tags must be an object of names, got {tags!r}")
+    return {key: tags.get(key, default) for key, default in {**TAGS, **ROLES}.items()}
+
+
+def _message(message, tags: dict):
+    """A message under from/value with the standard role names; a role the tags do not name is left for the
+    ShareGPT reader to name."""
+    if not isinstance(message, dict):
+        return message  # the ShareGPT reader names what is wrong with it
+    roles = {tags[key]: standard for key, standard in ROLES.items()}
+    role = message.get(tags["role_tag"])
+    return {"from": roles.get(role, role), "value": message.get(tags["content_tag"])}
+
+
+def _text(entry: Entry, key: str) -> str:
+    value = entry.info.get(key)
+    if not isinstance(value, str) or not value:
+        raise PipelineError(f"{entry.where()}: {key} must be a name, got {value!r}")
+    return value

@@ -1,0 +1,168 @@
+"""LLaMA-Factory's dataset registry (data/dataset_info.json) as a dataset spec, `folder:NAME`: each of its layouts
+reads as the same data in the standard columns would, and what cannot be read stops in one line."""
+
+import json
+
+import datasets
+import pytest
+
+from pipeline import data, hub, llamafactory, preferences
+from pipeline.cli import PipelineError
+from pipeline.recipe import load_recipe
+from conftest import tiny_recipe, write_jsonl
+from test_formats import ALPACA, SHAREGPT
+
+OPENAI = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "3 + 4?"},
+                       {"role": "assistant", "content": "7"}]}
+PAIR = {"conversations": [{"from": "human", "value": "3 + 4?"}], "chosen": {"from": "gpt", "value": "7"},
+        "rejected": {"from": "gpt", "value": "8"}}
+
+
+@pytest.fixture()
+def recipe(tmp_path):
+    return load_recipe(tiny_recipe(tmp_path))
+
+
+def registry(folder, entries: dict, files: dict) -> str:
+    """A LLaMA-Factory data folder: dataset_info.json and its files (.json lists, as LLaMA-Factory ships them)."""
+    folder.mkdir(exist_ok=True)
+    (folder / "dataset_info.json").write_text(json.dumps(entries))
+    for name, rows in files.items():
+        (folder / name).write_text(json.dumps(rows))
+    return str(folder)
+
+
+def renamed(row: dict, names: dict) -> dict:
+    return {names.get(k, k): v for k, v in row.items()}
+
+
+def retagged(message: dict) -> dict:
+    roles = {"human": "user", "gpt": "assistant", "observation": "tool", "function_call": "call"}
+    return {"role": roles.get(message["from"], message["from"]), "content": message["value"]}
+
+
+# each: (entry, the rows as LLaMA-Factory's file holds them, the same rows in the standard columns, the loader's kind)
+LAYOUTS = {
+    "alpaca": ({"file_name": "a.json"}, [ALPACA], [{k: ALPACA[k] for k in ("instruction", "input", "output")}],
+               "chat"),  # without `columns`, system and history are not read (LLaMA-Factory's defaults are None)
+    "alpaca_columns": ({"file_name": "a.json", "columns": {"prompt": "q", "query": "ctx", "response": "a",
+                                                           "system": "sys", "history": "past"}},
+                       [renamed(ALPACA, {"instruction": "q", "input": "ctx", "output": "a", "system": "sys",
+                                         "history": "past"})], [ALPACA], "chat"),
+    "alpaca_unlisted_column": ({"file_name": "a.json", "columns": {"prompt": "instruction", "response": "output"}},
+                               [ALPACA], [{"instruction": ALPACA["instruction"], "output": ALPACA["output"]}], "chat"),
+    "sharegpt_tools": ({"file_name": "s.json", "formatting": "sharegpt",
+                        "columns": {"messages": "conversations", "system": "system", "tools": "tools"}},
+                       [SHAREGPT], [SHAREGPT], "chat"),
+    "openai": ({"file_name": "o.json", "formatting": "sharegpt", "columns": {"messages": "messages"},
+                "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                         "assistant_tag": "assistant", "system_tag": "system"}}, [OPENAI], [OPENAI], "chat"),
+    "retagged_sharegpt": ({"file_name": "s.json", "formatting": "sharegpt",
+                           "columns": {"messages": "turns", "system": "system", "tools": "tools"},
+                           "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                                    "assistant_tag": "assistant", "observation_tag": "tool",
+                                    "function_tag": "call"}},
+                          [{"turns": [retagged(m) for m in SHAREGPT["conversations"]], "system": SHAREGPT["system"],
+                            "tools": SHAREGPT["tools"]}], [SHAREGPT], "chat"),
+    "pretraining": ({"file_name": "p.json", "columns": {"prompt": "text"}}, [{"text": "A document."}],
+                    [{"text": "A document."}], "text"),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_each_layout_reads_as_the_same_rows_in_the_standard_columns(tmp_path, recipe, layout):
+    entry, theirs, standard = LAYOUTS[layout][:3]
+    kind = LAYOUTS[layout][3]
+    folder = registry(tmp_path / "data", {"mine": entry}, {entry["file_name"]: theirs})
+    expected = data.load(write_jsonl(tmp_path / "standard.jsonl", standard), kind, recipe).to_list()
+    assert data.load(f"{folder}:mine", kind, recipe).to_list() == expected
+    assert data.load(f"{folder}/dataset_info.json:mine", kind, recipe).to_list() == expected
+
+
+@pytest.mark.parametrize("entry, theirs, standard", [
+    ({"file_name": "p.json", "formatting": "sharegpt", "ranking": True,
+      "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}}, [PAIR], [PAIR]),
+    ({"file_name": "p.json", "ranking": True,
+      "columns": {"prompt": "instruction", "query": "input", "chosen": "better", "rejected": "worse"}},
+     [{"instruction": "Add.", "input": "3 and 4", "better": "7", "worse": "8"}],
+     [{"instruction": "Add.", "input": "3 and 4", "chosen": "7", "rejected": "8"}]),
+])
+def test_preference_layouts_read_as_the_same_pairs(tmp_path, recipe, entry, theirs, standard):
+    folder = registry(tmp_path / "data", {"pairs": entry}, {"p.json": theirs})
+    expected = preferences.load_preferences(write_jsonl(tmp_path / "standard.jsonl", standard), recipe)
+    got = preferences.load_preferences(f"{folder}:pairs", recipe)
+    assert got[0].to_list() == expected[0].to_list() and len(got[0]) == 1
+
+
+def test_num_samples_takes_every_row_once_then_draws_again(tmp_path, recipe):
+    """LLaMA-Factory's num_samples: a shuffled subset when smaller than the data, every row then random repeats when
+    larger; the same rows for the same run.seed."""
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(10)]
+    folder = registry(tmp_path / "data", {"few": {"file_name": "a.json", "num_samples": 4},
+                                          "many": {"file_name": "a.json", "num_samples": 25}}, {"a.json": rows})
+    few, where, _ = data.read_rows(f"{folder}:few", recipe)
+    assert len(few) == 4 and len({r["instruction"] for r in few}) == 4 and where[0].startswith("a.json row ")
+    many, _, _ = data.read_rows(f"{folder}:many", recipe)
+    assert len(many) == 25 and {r["instruction"] for r in many} == {r["instruction"] for r in rows}
+    assert data.read_rows(f"{folder}:many", recipe)[0] == many
+    (tmp_path / "other").mkdir()
+    other = load_recipe(tiny_recipe(tmp_path / "other", run={"name": "tiny", "seed": 1}))
+    assert data.read_rows(f"{folder}:many", other)[0] != many
+
+
+def test_a_hub_entry_loads_its_subset_split_and_folder(tmp_path, recipe, monkeypatch):
+    calls = []
+
+    def load_dataset(spec, **options):
+        calls.append((spec, options))
+        return datasets.Dataset.from_list([{"instruction": "q", "output": "a"}])
+
+    monkeypatch.setattr(hub, "load_dataset", load_dataset)
+    folder = registry(tmp_path / "data", {"h": {"hf_hub_url": "org/set", "subset": "en", "split": "test",
+                                                "folder": "v2", "ms_hub_url": "org/ms"}}, {})
+    rows, where, _ = data.read_rows(f"{folder}:h", recipe)
+    assert rows == [{"instruction": "q", "output": "a"}] and where == ["row 1"]
+    assert calls == [("org/set:test", {"name": "en", "data_dir": "v2", "revision": None})]
+    assert data.fingerprint(f"{folder}:h", recipe) != data.fingerprint(
+        registry(tmp_path / "other", {"h": {"hf_hub_url": "org/set", "subset": "fr"}}, {}) + ":h", recipe)
+
+
+def test_the_fingerprint_follows_the_entry_and_its_file(tmp_path, recipe):
+    folder = registry(tmp_path / "data", {"a": {"file_name": "a.json"}}, {"a.json": [ALPACA]})
+    before = data.fingerprint(f"{folder}:a", recipe)
+    assert data.fingerprint(f"{folder}:a", recipe) == before
+    (tmp_path / "data/a.json").write_text(json.dumps([ALPACA, ALPACA]))
+    after = data.fingerprint(f"{folder}:a", recipe)
+    assert after != before
+    registry(tmp_path / "data", {"a": {"file_name": "a.json", "num_samples": 1}}, {})
+    assert data.fingerprint(f"{folder}:a", recipe) != after
+
+
+@pytest.mark.parametrize("entries, spec, message", [
+    ({"a": {"file_name": "a.json"}}, "{folder}:b", r"dataset_info.json: no dataset 'b' \(it names a\)$"),
+    ({"a": {"file_name": "gone.json"}}, "{folder}:a", r"file_name 'gone.json' not found in"),
+    ({"a": {"ms_hub_url": "org/x"}}, "{folder}:a", r"dataset 'a': ms_hub_url \(ModelScope\) is not read here"),
+    ({"a": {"script_url": "loader"}}, "{folder}:a", r"dataset 'a': script_url names a loading script, and no "
+                                                    r"dataset code runs here"),
+    ({"a": {"file_name": "a.json", "columns": {"prompt": "instruction", "response": "output", "images": "im"}}},
+     "{folder}:a", r"columns.images: images are not read by the language-model stages"),
+    ({"a": {"file_name": "a.json", "formatting": "chatml"}}, "{folder}:a", r"formatting must be alpaca or sharegpt"),
+    ({"a": {"file_name": "a.json", "formatting": "sharegpt", "tags": ["role"]}}, "{folder}:a",
+     r"tags must be an object of names"),
+    ({"a": {"file_name": "a.json", "num_samples": 0}}, "{folder}:a", r"num_samples must be a whole number"),
+    ({"a": {"file_name": "a.json", "columns": {"prompt": "q", "response": "r"}}}, "{folder}:a",
+     r"dataset 'a': a.json row 1: none of the columns it names \(q, r\)"),
+    ({"a": {"file_name": "a.json"}}, "{folder}", r"a LLaMA-Factory data folder .*: name one as .*:NAME \(a\)$"),
+])
+def test_what_cannot_be_read_stops_in_one_line(tmp_path, recipe, entries, spec, message):
+    folder = registry(tmp_path / "data", entries, {"a.json": [ALPACA]})
+    with pytest.raises(PipelineError, match=message):
+        data.read_rows(spec.format(folder=folder), recipe)
+
+
+def test_a_saved_dataset_folder_is_not_taken_for_a_registry(tmp_path, recipe):
+    """`datasets.save_to_disk` writes a dataset_info.json too (features, splits): that folder reads as before."""
+    datasets.Dataset.from_list([ALPACA]).save_to_disk(str(tmp_path / "saved"))
+    assert llamafactory.folder_registry(tmp_path / "saved") is None
+    rows, _, _ = data.read_rows(str(tmp_path / "saved"), recipe)
+    assert rows == [ALPACA]
