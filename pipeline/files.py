@@ -163,7 +163,11 @@ def read_folder(path: Path, text_split: str = "paragraph") -> tuple[list[dict], 
     if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
         import datasets
 
-        ds = datasets.load_from_disk(str(path))
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except (OSError, ValueError, KeyError, TypeError) as err:  # state.json or the Arrow files missing or broken
+            raise PipelineError(f"{path}: cannot read the dataset saved here ({type(err).__name__}: "
+                                f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
         if isinstance(ds, datasets.DatasetDict):
             if "train" not in ds:
                 raise PipelineError(f"{path}: a saved DatasetDict without a 'train' split (has {list(ds)})")

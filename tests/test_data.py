@@ -153,3 +153,22 @@ def test_world_eval_warning_is_for_a_users_data_not_for_a_list_of_world_splits(t
                 dataset
     finally:
         LOGGER.removeHandler(handler)
+
+
+@pytest.mark.parametrize("damage", ["stray_info", "arrow_gone", "state_not_json"])
+def test_a_saved_dataset_folder_that_does_not_load_stops_in_one_line(tmp_path, recipe, damage):
+    """A folder with a dataset_info.json is read with datasets.load_from_disk; one that is not a whole saved
+    dataset (a stray dataset_info.json, its Arrow file or state.json gone or broken) raised the library's
+    FileNotFoundError or JSONDecodeError, a traceback."""
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_list(CHATS).save_to_disk(str(folder))
+    if damage == "stray_info":
+        for f in folder.iterdir():
+            f.unlink()
+        (folder / "dataset_info.json").write_text("{}")
+    elif damage == "arrow_gone":
+        next(folder.glob("*.arrow")).unlink()
+    else:
+        (folder / "state.json").write_text("{not json")
+    with pytest.raises(PipelineError, match=rf"^{folder}: cannot read the dataset saved here \("):
+        data.load(str(folder), "chat", recipe)
