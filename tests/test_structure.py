@@ -1,13 +1,15 @@
 """The package's shape as tested properties: no import cycles, stage scripts that never import each other, no
-private helper imported across modules, no module too long to read. The import graph is built from the source with
-`ast` (imports inside functions count: a lazy import is still a dependency)."""
+private helper imported across modules, no module too long to read, no recipe key missing from the README. The import
+graph is built from the source with `ast` (imports inside functions count: a lazy import is still a dependency)."""
 
 import ast
+import re
 from pathlib import Path
 
 from pipeline.stages import STAGES
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
+README = PACKAGE.parent / "README.md"
 MAX_LINES = 450
 
 
@@ -117,3 +119,68 @@ def test_stage_scripts_do_not_print_directly():
     bad = [f"{name}.py:{node.lineno}" for name in stage_modules for node in ast.walk(trees[name])
            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"]
     assert not bad, bad
+
+
+def readme_sections(text: str) -> dict[str, str]:
+    """The README's "Recipe reference" as {heading: its text, subsections included}; a heading also under its
+    anchor (GitHub's: lower case, punctuation but - and _ dropped, spaces as -), which the README's links name."""
+    start = text.index("\n## Recipe reference\n")
+    end = text.index("\n## ", start + 1)
+    lines = text[start:end].splitlines()
+    heads = [(i, len(m.group(1)), m.group(2).strip()) for i, line in enumerate(lines)
+             if (m := re.match(r"(#{2,6}) (.+)", line))]
+    out = {}
+    for n, (i, level, title) in enumerate(heads):
+        stop = next((j for j, lv, _ in heads[n + 1:] if lv <= level), len(lines))
+        body = "\n".join(lines[i:stop])
+        out[title] = out[re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")] = body
+    return out
+
+
+def names_in(text: str) -> set[str]:
+    """What the text names in backticks, outside fenced code blocks."""
+    return set(re.findall(r"`([^`]+)`", re.sub(r"(?ms)^```.*?^```", "", text)))
+
+
+def named(key: str, names: set[str]) -> bool:
+    """`key` is named, itself or by a pattern such as `heldout_*`."""
+    return key in names or any(n.endswith("*") and key.startswith(n[:-1]) for n in names)
+
+
+def undocumented_keys(text: str) -> list[str]:
+    """Every key a recipe accepts, from the code's own classes (recipe.GLOBAL_SECTIONS, recipe.stage_fields,
+    tools.BACKEND_KEYS), that the README's "Recipe reference" does not name, in backticks, where it documents that
+    key: a global section's under its heading (`tools`: each backend and its entry keys too); a stage's pipeline,
+    global-batch and LoRA/quantization keys in the stage's row of the "Stage sections" table (LoRA/quantization: in
+    that subsection); the keys of a config class of ours (ppo, diffusion, diffusion_dpo) under a heading the row links
+    to. The fields of TRL's and transformers' config classes are documented by those libraries."""
+    from pipeline.recipe import GLOBAL_SECTIONS, stage_fields
+    from pipeline.tools import BACKEND_KEYS
+    from pipeline.values import field_types
+
+    sections = readme_sections(text)
+    missing = []
+    for section, get in GLOBAL_SECTIONS.items():
+        names = names_in(sections.get(f"`{section}`", ""))
+        keys = list(field_types(get()))  # what the recipe loader accepts in the section
+        if section == "tools":
+            keys += [k for backend, entry in BACKEND_KEYS.items() for k in (backend, *entry)]
+        missing += [f"{section}.{k}" for k in keys if not named(k, names)]
+    table = sections.get("Stage sections", "")
+    for stage, spec in STAGES.items():
+        row = next((line for line in table.splitlines() if line.startswith(f"| `{stage}` |")), "")
+        if not row:
+            missing.append(f"{stage}: no row in the Stage sections table")
+        linked = names_in("".join(sections.get(a, "") for a in re.findall(r"\]\(#([\w-]+)\)", row)))
+        ours = (spec.config_class or "").startswith("pipeline.")
+        for k, (dest, _) in stage_fields(stage).items():
+            where = {"keys": names_in(row), "training": names_in(row), "peft": names_in(table),
+                     "config": linked if ours else None}[dest]
+            if where is not None and not named(k, where):
+                missing.append(f"{stage}.{k} ({dest})")
+    return missing
+
+
+def test_every_recipe_key_is_in_the_readme_recipe_reference():
+    missing = undocumented_keys(README.read_text())
+    assert not missing, f"recipe keys the README's Recipe reference does not name: {missing}"
