@@ -1,17 +1,19 @@
 """LLaMA-Factory's dataset registry: the `dataset_info.json` in its data folder names each dataset (a file or folder
-beside it, or a hub dataset), its format (`formatting`: alpaca or sharegpt), whether it holds preference pairs
-(`ranking`), its column names (`columns`) and, for sharegpt, its messages' keys and role names (`tags`).
+beside it, or a hub dataset), its format (`formatting`: alpaca, sharegpt or openai), whether it holds preference
+pairs (`ranking`), its column names (`columns`) and its messages' keys and role names (`tags`).
 
 A dataset spec `path/to/data:NAME` (the folder holding dataset_info.json: LLaMA-Factory's `dataset_dir`) or
 `path/to/data/dataset_info.json:NAME` reads the dataset as LLaMA-Factory does and hands its rows on under the
-standard alpaca and ShareGPT names (instruction, input, output, system, history, tools, chosen, rejected, kto_tag;
-`conversations` of from/value turns with human, gpt, observation, function_call and system), which pipeline/formats.py
-converts as it converts any such file. An alpaca row with a prompt and nothing to learn from (no response, chosen,
-rejected or kto_tag: LLaMA-Factory's pre-training layout) is a document, `text`. As in LLaMA-Factory, a `columns`
-mapping names every column read (a column it leaves out is not read), and `num_samples` takes that many rows (each
-row once, in a shuffled order, then drawn again at random; seeded by run.seed). Refused in one line: `script_url`
-(no code that comes with a dataset runs here), `ms_hub_url` alone (ModelScope is not read) and image, video or audio
-columns (the language-model stages read text).
+standard names, which pipeline/formats.py converts as it converts any such file: alpaca's instruction, input, output,
+system, history, tools, chosen, rejected, kto_tag; ShareGPT's `conversations` of from/value turns (human, gpt,
+observation, function_call, system); OpenAI's `messages` of role/content (user, assistant, tool, system; tool_calls
+kept), with a pair's prompt, chosen and rejected as TRL's conversational pairs. An alpaca row with a prompt and nothing
+to learn from (no response, chosen, rejected or kto_tag: LLaMA-Factory's pre-training layout) is a document, `text`.
+As in LLaMA-Factory, a `columns` mapping names every column read (a column it leaves out is not read), and
+`num_samples` takes that many rows (each row once, in a shuffled order, then drawn again at random; seeded by
+run.seed). Refused in one line: `script_url` (no code that comes with a dataset runs here), `ms_hub_url`,
+`om_hub_url` or `cloud_file_name` without an `hf_hub_url` (only the Hugging Face hub and local files are read), and
+image, video or audio columns (the language-model stages read text).
 """
 
 from __future__ import annotations
@@ -25,15 +27,18 @@ from pipeline.cli import PipelineError
 from pipeline.fingerprints import hash_file, hash_folder, hash_obj
 
 REGISTRY = "dataset_info.json"
-SOURCES = ("file_name", "hf_hub_url", "ms_hub_url", "script_url")  # one of them says where the dataset is
+SOURCES = ("file_name", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")  # where it is
 ALPACA = {"prompt": "instruction", "query": "input", "response": "output", "history": "history"}  # theirs: ours
 SHAREGPT = {"messages": "conversations"}
+OPENAI = {"messages": "messages"}
 COMMON = {"system": "system", "tools": "tools", "chosen": "chosen", "rejected": "rejected", "kto_tag": "kto_tag"}
 DEFAULTS = {"prompt": "instruction", "query": "input", "response": "output", "messages": "conversations"}
 MEDIA = ("images", "videos", "audios")
 TAGS = {"role_tag": "from", "content_tag": "value"}  # the keys of a message
 ROLES = {"user_tag": "human", "assistant_tag": "gpt", "observation_tag": "observation",
-         "function_tag": "function_call", "system_tag": "system"}  # the role names, LLaMA-Factory's defaults
+         "function_tag": "function_call", "system_tag": "system"}  # the role names: LLaMA-Factory's, ShareGPT's
+OPENAI_ROLES = {"user_tag": "user", "assistant_tag": "assistant", "observation_tag": "tool",
+                "function_tag": "assistant", "system_tag": "system"}  # the same roles in OpenAI's messages
 
 
 @dataclass(frozen=True)
@@ -91,9 +96,11 @@ def source(entry: Entry) -> tuple[str, Path | str]:
     info = entry.info
     if info.get("hf_hub_url"):
         return "hub", _text(entry, "hf_hub_url")
-    if info.get("ms_hub_url"):
-        raise PipelineError(f"{entry.where()}: ms_hub_url (ModelScope) is not read here; download the dataset and "
-                            f"name it with file_name")
+    for key, hub in (("ms_hub_url", "ModelScope"), ("om_hub_url", "Modelers (OpenMind)"),
+                     ("cloud_file_name", "S3 or GCS")):
+        if info.get(key):
+            raise PipelineError(f"{entry.where()}: {key} ({hub}) is not read here; download the dataset and name "
+                                f"it with file_name")
     if info.get("script_url"):
         raise PipelineError(f"{entry.where()}: script_url names a loading script, and no dataset code runs here; "
                             f"save the data as a file and name it with file_name")
@@ -141,8 +148,8 @@ def read(entry: Entry, seed: int, text_split: str = "paragraph") -> tuple[list[d
 def standard_row(entry: Entry, row: dict, where: str) -> dict:
     """One row under the standard names, read through the entry's `columns` and `tags`."""
     info = entry.info
-    sharegpt = _formatting(entry) == "sharegpt"
-    named = {**COMMON, **(SHAREGPT if sharegpt else ALPACA)}
+    formatting = _formatting(entry)
+    named = {**COMMON, **{"alpaca": ALPACA, "sharegpt": SHAREGPT, "openai": OPENAI}[formatting]}
     columns = info.get("columns")
     if columns is not None and not isinstance(columns, dict):
         raise PipelineError(f"{entry.where()}: columns must be an object, got {columns!r}")
@@ -155,14 +162,20 @@ def standard_row(entry: Entry, row: dict, where: str) -> dict:
         {theirs: column for theirs, column in DEFAULTS.items() if theirs in named}
     out = {named[theirs]: row[column] for theirs, column in mapping.items()
            if column is not None and row.get(column) is not None}
-    if sharegpt:
-        tags = _tags(entry)
-        for key in ("conversations", "chosen", "rejected"):
+    if formatting != "alpaca":
+        tags, openai = _tags(entry), formatting == "openai"
+        for key in ("conversations", "messages", "chosen", "rejected"):
             value = out.get(key)
             if isinstance(value, list):
-                out[key] = [_message(m, tags) for m in value]
+                out[key] = [_message(m, tags, openai) for m in value]
             elif isinstance(value, dict):
-                out[key] = _message(value, tags)
+                out[key] = _message(value, tags, openai)
+        if openai and ("chosen" in out or "rejected" in out):  # TRL's conversational pairs: prompt, chosen, rejected
+            if "messages" in out:
+                out["prompt"] = out.pop("messages")
+            for key in ("chosen", "rejected"):
+                if isinstance(out.get(key), dict):
+                    out[key] = [out[key]]
     elif not any(mapping.get(theirs) for theirs in ("response", "chosen", "rejected", "kto_tag")):
         out = {"text": out["instruction"]} if "instruction" in out else {}  # pre-training: the prompt is the document
     if not out:
@@ -187,8 +200,8 @@ def sample(entry: Entry, rows: list, where: list, seed: int) -> tuple[list, list
 
 def _formatting(entry: Entry) -> str:
     formatting = entry.info.get("formatting", "alpaca")
-    if formatting not in ("alpaca", "sharegpt"):
-        raise PipelineError(f"{entry.where()}: formatting must be alpaca or sharegpt, got {formatting!r}")
+    if formatting not in ("alpaca", "sharegpt", "openai"):
+        raise PipelineError(f"{entry.where()}: formatting must be alpaca, sharegpt or openai, got {formatting!r}")
     return formatting
 
 
@@ -199,14 +212,17 @@ def _tags(entry: Entry) -> dict:
     return {key: tags.get(key, default) for key, default in {**TAGS, **ROLES}.items()}
 
 
-def _message(message, tags: dict):
-    """A message under from/value with the standard role names; a role the tags do not name is left for the
-    ShareGPT reader to name."""
+def _message(message, tags: dict, openai: bool):
+    """A message with the standard keys and role names: ShareGPT's from/value, or (`openai`) role/content with its
+    other keys (tool_calls) kept. A role the tags do not name is left for the format's reader to name."""
     if not isinstance(message, dict):
-        return message  # the ShareGPT reader names what is wrong with it
-    roles = {tags[key]: standard for key, standard in ROLES.items()}
-    role = message.get(tags["role_tag"])
-    return {"from": roles.get(role, role), "value": message.get(tags["content_tag"])}
+        return message  # the format's reader names what is wrong with it
+    roles = {tags[key]: standard for key, standard in (OPENAI_ROLES if openai else ROLES).items()}
+    role, content = message.get(tags["role_tag"]), message.get(tags["content_tag"])
+    if not openai:
+        return {"from": roles.get(role, role), "value": content}
+    rest = {k: v for k, v in message.items() if k not in (tags["role_tag"], tags["content_tag"])}
+    return {"role": roles.get(role, role), "content": content, **rest}
 
 
 def _text(entry: Entry, key: str) -> str:

@@ -10,10 +10,16 @@ from pipeline import data, hub, llamafactory, preferences
 from pipeline.cli import PipelineError
 from pipeline.recipe import load_recipe
 from conftest import tiny_recipe, write_jsonl
-from test_formats import ALPACA, SHAREGPT
+from test_formats import ALPACA, SHAREGPT, TOOLS
 
 OPENAI = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "3 + 4?"},
                        {"role": "assistant", "content": "7"}]}
+OPENAI_TOOLS = {"messages": [
+    {"role": "user", "content": "Draw a red circle."},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "render_image", "arguments": {"prompt": "a red circle"}}}]},
+    {"role": "tool", "content": "{\"image\": \"img-1.png\"}"}, {"role": "assistant", "content": "Here it is."}],
+    "tools": json.dumps(TOOLS)}
 PAIR = {"conversations": [{"from": "human", "value": "3 + 4?"}], "chosen": {"from": "gpt", "value": "7"},
         "rejected": {"from": "gpt", "value": "8"}}
 
@@ -64,6 +70,11 @@ LAYOUTS = {
                                     "function_tag": "call"}},
                           [{"turns": [retagged(m) for m in SHAREGPT["conversations"]], "system": SHAREGPT["system"],
                             "tools": SHAREGPT["tools"]}], [SHAREGPT], "chat"),
+    "openai_tool_calls": ({"file_name": "o.json", "formatting": "openai",
+                           "columns": {"messages": "chat", "tools": "tools"},
+                           "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                                    "assistant_tag": "assistant", "observation_tag": "tool"}},
+                          [renamed(OPENAI_TOOLS, {"messages": "chat"})], [OPENAI_TOOLS], "chat"),
     "pretraining": ({"file_name": "p.json", "columns": {"prompt": "text"}}, [{"text": "A document."}],
                     [{"text": "A document."}], "text"),
 }
@@ -86,6 +97,13 @@ def test_each_layout_reads_as_the_same_rows_in_the_standard_columns(tmp_path, re
       "columns": {"prompt": "instruction", "query": "input", "chosen": "better", "rejected": "worse"}},
      [{"instruction": "Add.", "input": "3 and 4", "better": "7", "worse": "8"}],
      [{"instruction": "Add.", "input": "3 and 4", "chosen": "7", "rejected": "8"}]),
+    ({"file_name": "p.json", "formatting": "openai", "ranking": True,
+      "columns": {"messages": "messages", "chosen": "chosen", "rejected": "rejected"},
+      "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}},
+     [{"messages": [{"role": "user", "content": "3 + 4?"}], "chosen": {"role": "assistant", "content": "7"},
+       "rejected": {"role": "assistant", "content": "8"}}],
+     [{"prompt": [{"role": "user", "content": "3 + 4?"}], "chosen": [{"role": "assistant", "content": "7"}],
+       "rejected": [{"role": "assistant", "content": "8"}]}]),
 ])
 def test_preference_layouts_read_as_the_same_pairs(tmp_path, recipe, entry, theirs, standard):
     folder = registry(tmp_path / "data", {"pairs": entry}, {"p.json": theirs})
@@ -142,11 +160,14 @@ def test_the_fingerprint_follows_the_entry_and_its_file(tmp_path, recipe):
     ({"a": {"file_name": "a.json"}}, "{folder}:b", r"dataset_info.json: no dataset 'b' \(it names a\)$"),
     ({"a": {"file_name": "gone.json"}}, "{folder}:a", r"file_name 'gone.json' not found in"),
     ({"a": {"ms_hub_url": "org/x"}}, "{folder}:a", r"dataset 'a': ms_hub_url \(ModelScope\) is not read here"),
+    ({"a": {"om_hub_url": "org/x"}}, "{folder}:a", r"dataset 'a': om_hub_url \(Modelers \(OpenMind\)\) is not read"),
+    ({"a": {"cloud_file_name": "s3://b/x.json"}}, "{folder}:a", r"dataset 'a': cloud_file_name \(S3 or GCS\) is not"),
     ({"a": {"script_url": "loader"}}, "{folder}:a", r"dataset 'a': script_url names a loading script, and no "
                                                     r"dataset code runs here"),
     ({"a": {"file_name": "a.json", "columns": {"prompt": "instruction", "response": "output", "images": "im"}}},
      "{folder}:a", r"columns.images: images are not read by the language-model stages"),
-    ({"a": {"file_name": "a.json", "formatting": "chatml"}}, "{folder}:a", r"formatting must be alpaca or sharegpt"),
+    ({"a": {"file_name": "a.json", "formatting": "chatml"}}, "{folder}:a",
+     r"formatting must be alpaca, sharegpt or openai"),
     ({"a": {"file_name": "a.json", "formatting": "sharegpt", "tags": ["role"]}}, "{folder}:a",
      r"tags must be an object of names"),
     ({"a": {"file_name": "a.json", "num_samples": 0}}, "{folder}:a", r"num_samples must be a whole number"),
