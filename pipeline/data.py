@@ -69,7 +69,7 @@ def _read_one(spec: str, recipe, text_split: str) -> tuple[list[dict], list[str]
                                 f"name one as {spec}:NAME ({', '.join(sorted(registry))})")
         return read_folder(path, text_split)
     if entry := llamafactory.entry_of(spec):
-        return llamafactory.read(entry, recipe.run.seed, text_split)
+        return llamafactory.read(entry, recipe.run.seed)
     if glob.has_magic(spec):
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not files:

@@ -8,7 +8,8 @@ standard names, which pipeline/formats.py converts as it converts any such file:
 system, history, tools, chosen, rejected, kto_tag; ShareGPT's `conversations` of from/value turns (human, gpt,
 observation, function_call, system); OpenAI's `messages` of role/content (user, assistant, tool, system; tool_calls
 kept), with a pair's prompt, chosen and rejected as TRL's conversational pairs. An alpaca row with a prompt and nothing
-to learn from (no response, chosen, rejected or kto_tag: LLaMA-Factory's pre-training layout) is a document, `text`.
+to learn from (no response, chosen, rejected or kto_tag: LLaMA-Factory's pre-training layout) is a document, `text`
+(a .txt file: a document per line).
 As in LLaMA-Factory, a `columns` mapping names every column read (a column it leaves out is not read), and
 `num_samples` takes that many rows (each row once, in a shuffled order, then drawn again at random; seeded by
 run.seed). Refused in one line: `script_url` (no code that comes with a dataset runs here), `ms_hub_url`,
@@ -126,8 +127,9 @@ def fingerprint(entry: Entry) -> str:
     return hash_obj({"llamafactory": entry.info, "data": data})
 
 
-def read(entry: Entry, seed: int, text_split: str = "paragraph") -> tuple[list[dict], list[str]]:
-    """The entry's rows under the standard names (module docstring) and where each came from."""
+def read(entry: Entry, seed: int) -> tuple[list[dict], list[str]]:
+    """The entry's rows under the standard names (module docstring) and where each came from. Plain text is a
+    document per line, as LLaMA-Factory reads it (datasets' text builder), whatever the stage's `text_split`."""
     from pipeline import files, hub
 
     kind, where = source(entry)
@@ -136,9 +138,9 @@ def read(entry: Entry, seed: int, text_split: str = "paragraph") -> tuple[list[d
                               data_dir=entry.info.get("folder"), revision=entry.info.get("revision"))
         rows, labels = ds.to_list(), [f"row {i}" for i in range(1, len(ds) + 1)]
     elif Path(where).is_dir():
-        rows, labels = files.read_folder(Path(where), text_split)
+        rows, labels = files.read_folder(Path(where), "line")
     elif Path(where).is_file():
-        rows, labels = files.read_file(Path(where), text_split)
+        rows, labels = files.read_file(Path(where), "line")
     else:
         raise PipelineError(source_problem(entry))
     labels = labels if kind == "hub" else [f"{entry.info['file_name']} {w}" for w in labels]

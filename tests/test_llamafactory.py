@@ -187,3 +187,13 @@ def test_a_saved_dataset_folder_is_not_taken_for_a_registry(tmp_path, recipe):
     assert llamafactory.folder_registry(tmp_path / "saved") is None
     rows, _, _ = data.read_rows(str(tmp_path / "saved"), recipe)
     assert rows == [ALPACA]
+
+
+def test_plain_text_is_a_document_per_line_as_llamafactory_reads_it(tmp_path, recipe):
+    """LLaMA-Factory reads a .txt file (its wiki_demo.txt) with datasets' text builder, a row per line; read as the
+    pipeline's own .txt (a document per blank-line-separated block) it was one 1 MB document."""
+    folder = registry(tmp_path / "data", {"wiki": {"file_name": "wiki.txt", "columns": {"prompt": "text"}}}, {})
+    (tmp_path / "data/wiki.txt").write_text("First article.\nSecond article.\n\nThird article.\n")
+    rows, where, _ = data.read_rows(f"{folder}:wiki", recipe)
+    assert rows == [{"text": "First article."}, {"text": "Second article."}, {"text": "Third article."}]
+    assert where == ["wiki.txt line 1", "wiki.txt line 2", "wiki.txt line 4"]
