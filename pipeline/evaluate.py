@@ -334,7 +334,11 @@ def main(argv):
     boot = {"n_boot": keys.bootstrap, "seed": seed}
     with runs.StageRun(recipe, STAGE) as run:
         rows = load_prompts(recipe, keys)
+        run.note_data("prompts", {"source": data.spec_name(keys.prompts), "rows": len(rows), "format": "prompts"})
         ppl_rows = load_perplexity_rows(recipe, keys)
+        if ppl_rows is not None:
+            run.note_data("perplexity_data", {"source": data.spec_name(keys.perplexity_data), "rows": len(ppl_rows),
+                                              "format": "text" if "text" in ppl_rows[0] else "conversations"})
         targets, baseline = targets_of(recipe, run, keys)
         reference = run.checkpoint("reference") if keys.reference else None
         if reference is not None:
@@ -347,6 +351,9 @@ def main(argv):
             check_model(recipe, reward, "reward_model", reward=True)
             check_reads(recipe, [reward], [r["prompt"] for r in rows], keys.prompts, "eval.reward_model")
         tool_plan = eval_tools.plan(recipe, keys) if keys.tool_prompts else None
+        if tool_plan is not None:
+            run.note_data("tool_prompts", {"source": data.spec_name(keys.tool_prompts), "rows": len(tool_plan.rows),
+                                           "format": "tool prompts"})
         for target in targets:  # each checkpoint's chat template renders the prompts and the perplexity rows
             tokenizer = models.load_tokenizer(recipe, target.checkpoint, as_saved=True)
             own = tokenizer.chat_template

@@ -50,13 +50,20 @@ def load_prompts(spec, recipe, columns: dict | None = None, pairs: bool = False)
     prompt dataset or of preference pairs in any format preferences.load_preferences reads (pairs without a prompt
     column: the shared beginning of chosen/rejected). pairs: keep the pairs' `chosen`/`rejected` too (replayed by
     reward rounds)."""
+    return read_prompts(spec, recipe, columns, pairs)[0]
+
+
+def read_prompts(spec, recipe, columns: dict | None = None, pairs: bool = False) -> tuple:
+    """(load_prompts' dataset, what was read for the manifest: {source, rows, format})."""
     rows, _, _ = data.read_rows(spec, recipe)
     if "prompt" in rows[0] or "prompt" in (columns or {}):
-        ds = data.load(spec, "prompts", recipe, columns=columns)
+        ds, fmt = data.load(spec, "prompts", recipe, columns=columns), "prompts"
     else:
-        ds, _ = preferences.load_preferences(spec, recipe, columns)
+        ds, pair_info = preferences.load_preferences(spec, recipe, columns)
+        fmt = f"the prompts of {pair_info['format']} preference pairs"
     keep = ("prompt", "skill", "answer", "tools", "kind", "expect") + (("chosen", "rejected") if pairs else ())
-    return ds.select_columns([c for c in keep if c in ds.column_names])
+    return ds.select_columns([c for c in keep if c in ds.column_names]), \
+        {"source": data.spec_name(spec), "rows": len(ds), "format": fmt}
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -194,7 +201,8 @@ def main(argv):
         raise cli.PipelineError(f"{recipe.path}: ppo.reward_model is the `{keys.reward_model}` stage, but the recipe "
                                 f"has no `{keys.reward_model}` section: add one, or name a saved reward model folder")
     with runs.StageRun(recipe, STAGE) as run:
-        prompts = load_prompts(keys.prompts, recipe, keys.columns, pairs=cfg.reward_round_replay > 0)
+        prompts, info = read_prompts(keys.prompts, recipe, keys.columns, pairs=cfg.reward_round_replay > 0)
+        run.note_data("prompts", info)
         prompts = with_answers(prompts, keys.prompts, required=bool(cfg.verifier_weight))
         check_keys(recipe, cfg, keys, prompts)
         data.warn_world_eval(recipe, STAGE, keys)

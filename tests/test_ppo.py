@@ -631,3 +631,22 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(inputs, override, ex
     line = proc.stderr.strip().splitlines()[-1]
     assert expected in line
     assert not (work / "runs/bad").exists() and sorted(p.name for p in work.rglob("*")) == before
+
+
+def test_read_prompts_says_what_it_read_for_the_manifest(tmp_path):
+    """ppo's manifest records its prompts (source, rows, format) as every other stage records its data: a prompt
+    file as prompts, pairs without a prompt column as the shared beginnings of their conversations."""
+    from conftest import write_jsonl
+    from pipeline import ppo
+
+    recipe = load_recipe(tiny_recipe(tmp_path))
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is 2 + 3?"}, {"prompt": "Say hi."}])
+    turn = [{"role": "user", "content": "What is 2 + 3?"}]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"chosen": turn + [{"role": "assistant", "content": "5"}],
+         "rejected": turn + [{"role": "assistant", "content": "6"}]}])
+    ds, info = ppo.read_prompts(prompts, recipe)
+    assert len(ds) == 2 and info == {"source": prompts, "rows": 2, "format": "prompts"}
+    ds, info = ppo.read_prompts(pairs, recipe)
+    assert ds["prompt"] == [turn] and info == {"source": pairs, "rows": 1,
+                                               "format": "the prompts of implicit preference pairs"}

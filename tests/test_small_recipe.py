@@ -43,6 +43,14 @@ def test_the_small_recipe_runs_every_stage_through_the_runner(tmp_path):
         assert manifest["stage"] == stage and (run_dir / stage / "metrics.json").is_file(), stage
     ppo = json.loads((run_dir / "ppo" / "manifest.json").read_text())
     assert ppo["inputs"]["settings"]["section"]["prompts"] == {"world:preference": 0.1, "world:tool_preference": 1.0}
+    # what ppo and eval read is in their manifests, as every other stage's data is
+    prompts = ppo["data"]["prompts"]
+    assert prompts["source"] == "world:preference + world:tool_preference" and prompts["rows"] > 0
+    assert prompts["format"] == "prompts"  # the world's pairs have a prompt column
+    eval_data = json.loads((run_dir / "eval" / "manifest.json").read_text())["data"]
+    assert eval_data["prompts"] == {"source": "world:eval", "rows": 8, "format": "prompts"}
+    assert eval_data["tool_prompts"]["source"] == "world:tool_eval" and eval_data["tool_prompts"]["rows"] > 0
+    assert eval_data["perplexity_data"]["rows"] > 0
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     assert set(metrics["checkpoints"]) == {"pretrain", "sft", "dpo", "ppo"}
     assert all("tools" in m for m in metrics["checkpoints"].values())  # the tool prompts ran for every checkpoint
