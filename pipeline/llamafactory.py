@@ -53,18 +53,21 @@ class Entry:
 
 
 def is_registry(obj) -> bool:
-    """Whether parsed JSON is LLaMA-Factory's registry (every entry an object saying where its data is), not the
-    dataset_info.json that `datasets.save_to_disk` writes beside its data (features, splits, ...)."""
-    return isinstance(obj, dict) and bool(obj) and all(
-        isinstance(entry, dict) and any(key in entry for key in SOURCES) for entry in obj.values())
+    """Whether parsed JSON is LLaMA-Factory's registry (objects, one at least saying where its data is), not the
+    dataset_info.json that `datasets.save_to_disk` writes beside its data (text and objects: features, splits)."""
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(entry, dict) for entry in obj.values()) and any(
+        key in entry for entry in obj.values() for key in SOURCES)
 
 
 def read_registry(path: Path) -> dict | None:
-    """The registry in `path` (a dataset_info.json), or None when the file is no LLaMA-Factory registry."""
+    """The registry in `path` (a dataset_info.json), or None when the file is no LLaMA-Factory registry; a file
+    that does not read as JSON is one line."""
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
+    except json.JSONDecodeError as err:
+        raise PipelineError(f"{path}: invalid JSON ({err.msg}, line {err.lineno})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise PipelineError(f"{path}: cannot read it ({err})") from None
     return obj if is_registry(obj) else None
 
 
@@ -105,6 +108,8 @@ def source(entry: Entry) -> tuple[str, Path | str]:
     if info.get("script_url"):
         raise PipelineError(f"{entry.where()}: script_url names a loading script, and no dataset code runs here; "
                             f"save the data as a file and name it with file_name")
+    if "file_name" not in info:
+        raise PipelineError(f"{entry.where()}: says nowhere where its data is (file_name or hf_hub_url)")
     return "file", entry.registry.parent / _text(entry, "file_name")
 
 

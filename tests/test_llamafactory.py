@@ -174,6 +174,8 @@ def test_the_fingerprint_follows_the_entry_and_its_file(tmp_path, recipe):
     ({"a": {"file_name": "a.json", "columns": {"prompt": "q", "response": "r"}}}, "{folder}:a",
      r"dataset 'a': a.json row 1: none of the columns it names \(q, r\)"),
     ({"a": {"file_name": "a.json"}}, "{folder}", r"a LLaMA-Factory data folder .*: name one as .*:NAME \(a\)$"),
+    ({"a": {"file_name": "a.json"}, "b": {"formatting": "sharegpt"}}, "{folder}:b",
+     r"dataset 'b': says nowhere where its data is \(file_name or hf_hub_url\)$"),
 ])
 def test_what_cannot_be_read_stops_in_one_line(tmp_path, recipe, entries, spec, message):
     folder = registry(tmp_path / "data", entries, {"a.json": [ALPACA]})
@@ -197,3 +199,11 @@ def test_plain_text_is_a_document_per_line_as_llamafactory_reads_it(tmp_path, re
     rows, where, _ = data.read_rows(f"{folder}:wiki", recipe)
     assert rows == [{"text": "First article."}, {"text": "Second article."}, {"text": "Third article."}]
     assert where == ["wiki.txt line 1", "wiki.txt line 2", "wiki.txt line 4"]
+
+
+def test_a_registry_that_is_not_json_is_named_in_one_line(tmp_path, recipe):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/dataset_info.json").write_text('{"a": {"file_name": "a.json",}}')
+    for spec in (f"{tmp_path}/data:a", f"{tmp_path}/data"):
+        with pytest.raises(PipelineError, match=r"dataset_info.json: invalid JSON \(Expecting property name"):
+            data.read_rows(spec, recipe)
