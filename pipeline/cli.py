@@ -20,6 +20,9 @@ def run_main(main, argv=None) -> None:
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except PermissionError as err:  # a file or folder of the user's this user may not read or write: no traceback
+        print(f"error: {err.filename}: {(err.strerror or 'permission denied').lower()}", file=sys.stderr, flush=True)
+        sys.exit(2)
     end_process_group()
 
 

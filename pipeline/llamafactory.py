@@ -127,8 +127,10 @@ def is_local(entry: Entry | None) -> bool:
 
 
 def fingerprint(entry: Entry) -> str:
+    """The entry and its data's fingerprint (a file that is not there: none; the stage names it)."""
     kind, where = source(entry)
-    data = {"hub": where} if kind == "hub" else hash_folder(where) if Path(where).is_dir() else hash_file(where)
+    data = {"hub": where} if kind == "hub" else hash_folder(where) if Path(where).is_dir() else \
+        hash_file(where) if Path(where).is_file() else None
     return hash_obj({"llamafactory": entry.info, "data": data})
 
 
@@ -138,6 +140,7 @@ def read(entry: Entry, seed: int) -> tuple[list[dict], list[str]]:
     from pipeline import files, hub
 
     kind, where = source(entry)
+    plan, n = layout(entry), num_samples(entry)
     if kind == "hub":
         ds = hub.load_dataset(f"{where}:{entry.info.get('split') or 'train'}", name=entry.info.get("subset"),
                               data_dir=entry.info.get("folder"), revision=entry.info.get("revision"))
@@ -149,55 +152,84 @@ def read(entry: Entry, seed: int) -> tuple[list[dict], list[str]]:
     else:
         raise PipelineError(source_problem(entry))
     labels = labels if kind == "hub" else [f"{entry.info['file_name']} {w}" for w in labels]
-    return sample(entry, [standard_row(entry, row, w) for row, w in zip(rows, labels)], labels, seed)
+    rows = [standard_row(entry, plan, row, w) for row, w in zip(rows, labels)]
+    return (rows, labels) if n is None else sample(rows, labels, n, seed)
 
 
-def standard_row(entry: Entry, row: dict, where: str) -> dict:
-    """One row under the standard names, read through the entry's `columns` and `tags`."""
+@dataclass(frozen=True)
+class Layout:
+    """How an entry's rows read, checked once: their format, LLaMA-Factory's column names with the file's (None: not
+    read) and ours, the message tags (sharegpt, openai), and whether the rows are documents (pre-training)."""
+    formatting: str
+    columns: dict
+    ours: dict
+    tags: dict | None
+    documents: bool
+
+
+def layout(entry: Entry) -> Layout:
     info = entry.info
-    formatting = _formatting(entry)
-    named = {**COMMON, **{"alpaca": ALPACA, "sharegpt": SHAREGPT, "openai": OPENAI}[formatting]}
-    columns = info.get("columns")
-    if columns is not None and not isinstance(columns, dict):
-        raise PipelineError(f"{entry.where()}: columns must be an object, got {columns!r}")
-    media = [key for key in MEDIA if (columns or {}).get(key)]
+    formatting = info.get("formatting", "alpaca")
+    if formatting not in ("alpaca", "sharegpt", "openai"):
+        raise PipelineError(f"{entry.where()}: formatting must be alpaca, sharegpt or openai, got {formatting!r}")
+    ours = {**COMMON, **{"alpaca": ALPACA, "sharegpt": SHAREGPT, "openai": OPENAI}[formatting]}
+    given = info.get("columns")
+    if given is not None and not _names(given):
+        raise PipelineError(f"{entry.where()}: columns must be an object of column names, got {given!r}")
+    media = [key for key in MEDIA if (given or {}).get(key)]
     if media:
         raise PipelineError(f"{entry.where()}: columns.{media[0]}: {media[0]} are not read by the language-model "
                             f"stages (text only)")
     # with `columns`, LLaMA-Factory reads the columns it names and no other (a missing default is None)
-    mapping = {theirs: columns.get(theirs) for theirs in named} if columns is not None else \
-        {theirs: column for theirs, column in DEFAULTS.items() if theirs in named}
-    out = {named[theirs]: row[column] for theirs, column in mapping.items()
-           if column is not None and row.get(column) is not None}
+    columns = {theirs: given.get(theirs) for theirs in ours} if given is not None else \
+        {theirs: column for theirs, column in DEFAULTS.items() if theirs in ours}
+    tags = None
     if formatting != "alpaca":
-        tags, openai = _tags(entry), formatting == "openai"
+        given = info.get("tags") or {}
+        if not _names(given):
+            raise PipelineError(f"{entry.where()}: tags must be an object of names, got {given!r}")
+        tags = {key: given.get(key, default) for key, default in {**TAGS, **ROLES}.items()}
+    learnt = ("response", "chosen", "rejected", "kto_tag")  # without one, an alpaca entry's prompts are documents
+    documents = formatting == "alpaca" and not any(columns.get(k) for k in learnt)
+    return Layout(formatting, columns, ours, tags, documents)
+
+
+def num_samples(entry: Entry) -> int | None:
+    n = entry.info.get("num_samples")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < 2**31):
+        raise PipelineError(f"{entry.where()}: num_samples must be a whole number from 1 to 2**31 - 1, got {n!r}")
+    return n
+
+
+def standard_row(entry: Entry, plan: Layout, row: dict, where: str) -> dict:
+    """One row under the standard names, read as the entry's layout says."""
+    out = {plan.ours[theirs]: row[column] for theirs, column in plan.columns.items()
+           if column is not None and row.get(column) is not None}
+    if plan.tags is not None:
+        openai = plan.formatting == "openai"
         for key in ("conversations", "messages", "chosen", "rejected"):
             value = out.get(key)
             if isinstance(value, list):
-                out[key] = [_message(m, tags, openai) for m in value]
+                out[key] = [_message(m, plan.tags, openai) for m in value]
             elif isinstance(value, dict):
-                out[key] = _message(value, tags, openai)
+                out[key] = _message(value, plan.tags, openai)
         if openai and ("chosen" in out or "rejected" in out):  # TRL's conversational pairs: prompt, chosen, rejected
             if "messages" in out:
                 out["prompt"] = out.pop("messages")
             for key in ("chosen", "rejected"):
                 if isinstance(out.get(key), dict):
                     out[key] = [out[key]]
-    elif not any(mapping.get(theirs) for theirs in ("response", "chosen", "rejected", "kto_tag")):
+    elif plan.documents:
         out = {"text": out["instruction"]} if "instruction" in out else {}  # pre-training: the prompt is the document
     if not out:
         raise PipelineError(f"{entry.where()}: {where}: none of the columns it names "
-                            f"({', '.join(c for c in mapping.values() if c)}) (columns: {', '.join(row) or 'none'})")
+                            f"({', '.join(c for c in plan.columns.values() if c)}) "
+                            f"(columns: {', '.join(row) or 'none'})")
     return out
 
 
-def sample(entry: Entry, rows: list, where: list, seed: int) -> tuple[list, list]:
+def sample(rows: list, where: list, n: int, seed: int) -> tuple[list, list]:
     """`num_samples` rows as LLaMA-Factory takes them: every row once in a shuffled order, then drawn at random."""
-    n = entry.info.get("num_samples")
-    if n is None:
-        return rows, where
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise PipelineError(f"{entry.where()}: num_samples must be a whole number of 1 or more, got {n!r}")
     rng = random.Random(seed)
     order = list(range(len(rows)))
     rng.shuffle(order)
@@ -205,18 +237,9 @@ def sample(entry: Entry, rows: list, where: list, seed: int) -> tuple[list, list
     return [rows[i] for i in order], [where[i] for i in order]
 
 
-def _formatting(entry: Entry) -> str:
-    formatting = entry.info.get("formatting", "alpaca")
-    if formatting not in ("alpaca", "sharegpt", "openai"):
-        raise PipelineError(f"{entry.where()}: formatting must be alpaca, sharegpt or openai, got {formatting!r}")
-    return formatting
-
-
-def _tags(entry: Entry) -> dict:
-    tags = entry.info.get("tags") or {}
-    if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
-        raise PipelineError(f"{entry.where()}: tags must be an object of names, got {tags!r}")
-    return {key: tags.get(key, default) for key, default in {**TAGS, **ROLES}.items()}
+def _names(obj) -> bool:
+    """An object of names (None: a column or role that is not there)."""
+    return isinstance(obj, dict) and all(isinstance(v, str) or v is None for v in obj.values())
 
 
 def _message(message, tags: dict, openai: bool):
@@ -224,12 +247,13 @@ def _message(message, tags: dict, openai: bool):
     other keys (tool_calls) kept. A role the tags do not name is left for the format's reader to name."""
     if not isinstance(message, dict):
         return message  # the format's reader names what is wrong with it
-    roles = {tags[key]: standard for key, standard in (OPENAI_ROLES if openai else ROLES).items()}
+    roles = {tags[key]: standard for key, standard in (OPENAI_ROLES if openai else ROLES).items() if tags[key]}
     role, content = message.get(tags["role_tag"]), message.get(tags["content_tag"])
+    role = roles.get(role, role) if isinstance(role, str) else role
     if not openai:
-        return {"from": roles.get(role, role), "value": content}
+        return {"from": role, "value": content}
     rest = {k: v for k, v in message.items() if k not in (tags["role_tag"], tags["content_tag"])}
-    return {"role": roles.get(role, role), "content": content, **rest}
+    return {"role": role, "content": content, **rest}
 
 
 def _text(entry: Entry, key: str) -> str:

@@ -172,3 +172,19 @@ def test_a_saved_dataset_folder_that_does_not_load_stops_in_one_line(tmp_path, r
         (folder / "state.json").write_text("{not json")
     with pytest.raises(PipelineError, match=rf"^{folder}: cannot read the dataset saved here \("):
         data.load(str(folder), "chat", recipe)
+
+
+def test_a_file_the_user_may_not_read_stops_in_one_line(tmp_path, recipe, monkeypatch, capsys):
+    """A data file without read permission for the user raised PermissionError out of the stage: a traceback. As root
+    (CI) every file reads, so the error is raised where the file is read, as the OS raises it for other users."""
+    from pathlib import Path
+
+    from pipeline import cli
+
+    bad = Path(write_jsonl(tmp_path / "chats.jsonl", CHATS))
+    read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied", str(self))) if self == bad else read_bytes(self))
+    with pytest.raises(SystemExit) as stop:
+        cli.run_main(lambda argv: data.load(str(bad), "chat", recipe), [])
+    assert stop.value.code == 2 and capsys.readouterr().err == f"error: {bad}: permission denied\n"

@@ -171,6 +171,9 @@ def test_the_fingerprint_follows_the_entry_and_its_file(tmp_path, recipe):
     ({"a": {"file_name": "a.json", "formatting": "sharegpt", "tags": ["role"]}}, "{folder}:a",
      r"tags must be an object of names"),
     ({"a": {"file_name": "a.json", "num_samples": 0}}, "{folder}:a", r"num_samples must be a whole number"),
+    ({"a": {"file_name": "a.json", "num_samples": 10**30}}, "{folder}:a", r"num_samples must be a whole number from 1"),
+    ({"a": {"file_name": "a.json", "columns": {"prompt": "instruction", "response": {}}}}, "{folder}:a",
+     r"columns must be an object of column names"),
     ({"a": {"file_name": "a.json", "columns": {"prompt": "q", "response": "r"}}}, "{folder}:a",
      r"dataset 'a': a.json row 1: none of the columns it names \(q, r\)"),
     ({"a": {"file_name": "a.json"}}, "{folder}", r"a LLaMA-Factory data folder .*: name one as .*:NAME \(a\)$"),
@@ -207,3 +210,20 @@ def test_a_registry_that_is_not_json_is_named_in_one_line(tmp_path, recipe):
     for spec in (f"{tmp_path}/data:a", f"{tmp_path}/data"):
         with pytest.raises(PipelineError, match=r"dataset_info.json: invalid JSON \(Expecting property name"):
             data.read_rows(spec, recipe)
+
+
+def test_the_fingerprint_of_an_entry_whose_file_is_missing_leaves_the_stage_to_name_it(tmp_path, recipe):
+    """The runner fingerprints every input before the stage runs: a missing file_name raised FileNotFoundError there
+    (a traceback); now the stage's reader names it in one line."""
+    folder = registry(tmp_path / "data", {"a": {"file_name": "gone.json"}}, {})
+    assert data.fingerprint(f"{folder}:a", recipe) == data.fingerprint(f"{folder}:a", recipe)
+    with pytest.raises(PipelineError, match="file_name 'gone.json' not found"):
+        data.read_rows(f"{folder}:a", recipe)
+
+
+def test_a_role_that_is_not_a_name_is_left_for_the_sharegpt_reader_to_name(tmp_path, recipe):
+    turns = [{"from": ["human"], "value": "q"}, {"from": "gpt", "value": "a"}]
+    folder = registry(tmp_path / "data", {"s": {"file_name": "s.json", "formatting": "sharegpt"}},
+                      {"s.json": [{"conversations": turns}]})
+    with pytest.raises(PipelineError, match=r"s.json row 1: turn 0"):
+        data.load(f"{folder}:s", "chat", recipe)
