@@ -22,6 +22,7 @@ import json
 import random
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 from pipeline import llamafactory
 from pipeline.cli import PipelineError
@@ -49,14 +50,17 @@ def world_rows(recipe, split: str) -> list[dict]:
     return list(_world_rows(json.dumps(dataclasses.asdict(recipe.world), sort_keys=True), split))
 
 
-def _read_hub(spec: str) -> tuple[list[dict], list[str]]:
+def _read_hub(spec: str, config: str | None = None) -> tuple[list[dict], list[str]]:
     from pipeline import hub
 
-    rows = hub.load_dataset(spec).to_list()
+    rows = hub.load_dataset(spec, name=config).to_list()
     return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
 
 
-def _read_one(spec: str, recipe, text_split: str) -> tuple[list[dict], list[str]]:
+def _read_one(spec: str, recipe, text_split: str, config: str | None = None) -> tuple[list[dict], list[str]]:
+    if config is not None and (spec.startswith("world:") or Path(spec).expanduser().exists() or glob.has_magic(spec)
+                               or names_a_local_file(spec) or llamafactory.entry_of(spec)):
+        raise PipelineError(f"dataset '{spec}': config names a hub dataset's configuration; this one is not on the hub")
     if spec.startswith("world:"):
         rows = world_rows(recipe, spec.split(":", 1)[1])
         return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
@@ -77,31 +81,60 @@ def _read_one(spec: str, recipe, text_split: str) -> tuple[list[dict], list[str]
         return read_files(files, text_split, str)
     if names_a_local_file(spec):
         raise PipelineError(f"dataset '{spec}': file not found")
-    return _read_hub(spec)
+    return _read_hub(spec, config)
 
 
-def mixture_parts(spec) -> tuple[list[tuple[str, float | None, object]], int | None]:
-    """A spec as (dataset, fraction or None, columns) parts and the mixture's seed: a string (one dataset or a
-    glob), a list of specs (all rows of each), {spec: fraction} (alignment-handbook's dataset_mixer), or
-    {datasets: [{id or path, split, columns, weight}], seed} (its dataset_mixture)."""
+class Part(NamedTuple):
+    """One dataset of a spec: its name (a world split, a path, a glob, a LLaMA-Factory entry or a hub id[:split]), the
+    fraction of its rows a mixture takes (None: all), the columns to keep (a list) or rename (a mapping), and a hub
+    dataset's configuration (datasets' `name`: gsm8k's `main`)."""
+    name: str
+    fraction: float | None = None
+    columns: object = None
+    config: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name if self.config is None else f"{self.name} (config {self.config})"
+
+
+MIXTURE_KEYS = ("datasets", "seed")
+ENTRY_KEYS = ("id", "path", "config", "split", "columns", "weight", "fraction")
+
+
+def mixture_parts(spec) -> tuple[list[Part], int | None]:
+    """A spec as its parts and the mixture's seed: a string (one dataset or a glob), a list of specs (all rows of
+    each), {spec: fraction} (alignment-handbook's dataset_mixer), or {datasets: [{id or path, config, split, columns,
+    weight}], seed} (its dataset_mixture)."""
     if isinstance(spec, str):
-        return [(spec, None, None)], None
+        return [Part(spec)], None
     if isinstance(spec, dict) and "datasets" in spec:
         if not isinstance(spec["datasets"], list):
             raise PipelineError(f"dataset mixture: `datasets` must be a list of {{id or path, split, weight}}, got "
                                 f"{spec['datasets']!r}")
+        if "test_split_size" in spec:
+            raise PipelineError("dataset mixture: test_split_size is not read here: name the stage's eval_dataset "
+                                "(pretrain, reward and dpo can hold out eval_fraction of their dataset instead)")
+        if unknown := [k for k in spec if k not in MIXTURE_KEYS]:
+            raise PipelineError(f"dataset mixture: unknown key '{unknown[0]}' (keys: {', '.join(MIXTURE_KEYS)})")
         parts = []
         for d in spec["datasets"]:
             name = (d.get("path") or d.get("id")) if isinstance(d, dict) else None
             if not isinstance(name, str):
                 raise PipelineError(f"dataset mixture: each entry of `datasets` needs an `id` or `path`, got {d!r}")
+            if unknown := [k for k in d if k not in ENTRY_KEYS]:
+                raise PipelineError(f"dataset mixture: '{name}': unknown key '{unknown[0]}' (keys: "
+                                    f"{', '.join(ENTRY_KEYS)})")
+            config = d.get("config")
+            if config is not None and (not isinstance(config, str) or not config):
+                raise PipelineError(f"dataset mixture: '{name}': config must be a name, got {config!r}")
             if d.get("split") and ":" not in name and not Path(name).exists():
                 name = f"{name}:{d['split']}"
-            parts.append((name, d.get("weight", d.get("fraction")), d.get("columns")))
+            parts.append(Part(name, d.get("weight", d.get("fraction")), d.get("columns"), config))
         return parts, spec.get("seed")
     if isinstance(spec, (list, dict)):
-        parts = [(s, None, None) for s in spec] if isinstance(spec, list) else [(k, v, None) for k, v in spec.items()]
-        bad = [name for name, _, _ in parts if not isinstance(name, str)]  # a number or a list among the specs
+        parts = [Part(s) for s in spec] if isinstance(spec, list) else [Part(k, v) for k, v in spec.items()]
+        bad = [part.name for part in parts if not isinstance(part.name, str)]  # a number or a list among the specs
         if bad:
             raise PipelineError(f"dataset spec {bad[0]!r}: expected a string")
         return parts, None
@@ -109,7 +142,7 @@ def mixture_parts(spec) -> tuple[list[tuple[str, float | None, object]], int | N
 
 
 def spec_name(spec) -> str:
-    return spec if isinstance(spec, str) else " + ".join(p for p, _, _ in mixture_parts(spec)[0])
+    return spec if isinstance(spec, str) else " + ".join(part.label for part in mixture_parts(spec)[0])
 
 
 def read_rows(spec, recipe, text_split: str = "paragraph") -> tuple[list[dict], list[str], str]:
@@ -117,8 +150,8 @@ def read_rows(spec, recipe, text_split: str = "paragraph") -> tuple[list[dict], 
     `fraction` of each dataset's rows (shuffled with the mixture's seed, else run.seed) and shuffles the union."""
     parts, seed = mixture_parts(spec)
     rows, where = [], []
-    for name, fraction, columns in parts:
-        r, w = _read_one(name, recipe, text_split)
+    for name, fraction, columns, config in parts:
+        r, w = _read_one(name, recipe, text_split, config)
         if fraction is not None:
             if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
                 raise PipelineError(f"dataset mixture: the fraction of '{name}' must be in (0, 1], got {fraction!r}")
@@ -134,7 +167,7 @@ def read_rows(spec, recipe, text_split: str = "paragraph") -> tuple[list[dict], 
             r = rename_columns(r, columns, name, w)
         rows += r
         where += [f"{name} {x}" if len(parts) > 1 else x for x in w]
-    if len(parts) > 1 and any(f is not None for _, f, _ in parts):
+    if len(parts) > 1 and any(part.fraction is not None for part in parts):
         order = list(range(len(rows)))
         random.Random(recipe.run.seed if seed is None else seed).shuffle(order)
         rows, where = [rows[i] for i in order], [where[i] for i in order]
@@ -143,12 +176,13 @@ def read_rows(spec, recipe, text_split: str = "paragraph") -> tuple[list[dict], 
     return rows, where, spec_name(spec)
 
 
-def fingerprint(spec, recipe, images: bool = False) -> str:
-    """`images`: a metadata file's fingerprint also covers the image files it names (a folder's covers them all)."""
+def fingerprint(spec, recipe, images: bool = False, config: str | None = None) -> str:
+    """`images`: a metadata file's fingerprint also covers the image files it names (a folder's covers them all);
+    `config`: a hub dataset's configuration."""
     if not isinstance(spec, str):  # a list or mixture: its parts' fingerprints and the mixing settings
         parts, seed = mixture_parts(spec)
-        return hash_obj({"parts": [(fingerprint(p, recipe), f, c) for p, f, c in parts], "seed": seed,
-                         "run_seed": recipe.run.seed})
+        return hash_obj({"parts": [(fingerprint(p.name, recipe, config=p.config), p.fraction, p.columns)
+                                   for p in parts], "seed": seed, "run_seed": recipe.run.seed})
     if spec.startswith("world:"):
         from pipeline.world import fingerprint_settings
 
@@ -167,7 +201,7 @@ def fingerprint(spec, recipe, images: bool = False) -> str:
     if glob.has_magic(spec):
         return hash_obj([(p, hash_file(Path(p))) for p in sorted(glob.glob(str(path), recursive=True))
                          if Path(p).is_file()])
-    return hash_obj({"hub": spec})
+    return hash_obj({"hub": spec} if config is None else {"hub": spec, "config": config})
 
 
 # ---------------------------------------------------------------------------------------------- checking
@@ -235,7 +269,7 @@ def load_with_info(spec, kind: str, recipe, columns: dict | None = None, text_sp
 
     rows, where, source = read_rows(spec, recipe, text_split=text_split)
     rows = rename_columns(rows, columns, source, where)
-    plain = any(file_kind(Path(p)) == "txt" for name, _, _ in mixture_parts(spec)[0]
+    plain = any(file_kind(Path(p)) == "txt" for name, *_ in mixture_parts(spec)[0]
                 for p in (glob.glob(str(Path(name).expanduser())) if glob.has_magic(name) else [name]))
     fmt = {"chat": lambda: detect_sft_format(rows[0]), "text": lambda: f"txt, a document per {text_split}" if plain
            else "text", "prompts": lambda: "prompts", "eval_prompts": lambda: "prompts"}[kind]()
@@ -328,7 +362,7 @@ def warn_world_eval(recipe, stage: str, keys) -> None:
     if stage == "eval":
         user = [keys.prompts]
     # a list or mixture of world splits (the small recipe's sft data) is the world's too
-    if not user or all(str(part).startswith("world:") for u in user for part, _, _ in mixture_parts(u)[0]):
+    if not user or all(part.name.startswith("world:") for u in user for part in mixture_parts(u)[0]):
         return
     world = [f"{stage}.{k}={getattr(keys, k)}" for k in EVAL_KEYS
              if isinstance(getattr(keys, k, None), str) and getattr(keys, k).startswith("world:")]

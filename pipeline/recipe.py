@@ -281,7 +281,7 @@ def _named_paths(section: str, key: str, value) -> list:
     if ref == "data":
         from pipeline.data import mixture_parts
 
-        return [name for name, _, _ in mixture_parts(value)[0]]
+        return [part.name for part in mixture_parts(value)[0]]
     return (value if isinstance(value, list) else [value]) if ref else []
 
 

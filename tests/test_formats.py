@@ -147,6 +147,35 @@ def test_plain_text_compressed_files_globs_lists_and_mixtures(tmp_path, recipe):
     assert len(data.load(handbook, "text", recipe)) == 2
 
 
+def test_a_mixtures_hub_dataset_loads_with_its_config(tmp_path, recipe, monkeypatch):
+    """alignment-handbook's dataset_mixture names each hub dataset's configuration (`config: main` for gsm8k,
+    `Preference` for smoltalk2); it was dropped, so such a dataset failed to load ("Config name is missing") or loaded
+    another configuration. It is passed to datasets (its `name`), named in messages and in the fingerprint."""
+    import datasets
+
+    from pipeline import hub
+
+    calls = []
+
+    def load_dataset(spec, **options):
+        calls.append((spec, options))
+        return datasets.Dataset.from_list([{"text": f"doc of {options.get('name')}"}])
+
+    monkeypatch.setattr(hub, "load_dataset", load_dataset)
+    main = {"datasets": [{"id": "openai/gsm8k", "config": "main", "split": "train"}]}
+    socratic = {"datasets": [{"id": "openai/gsm8k", "config": "socratic", "split": "train"}]}
+    rows, _, source = data.read_rows(main, recipe)
+    assert rows == [{"text": "doc of main"}] and calls == [("openai/gsm8k:train", {"name": "main"})]
+    assert source == "openai/gsm8k:train (config main)"
+    assert data.fingerprint(main, recipe) != data.fingerprint(socratic, recipe)
+    from pipeline.fingerprints import hash_obj
+
+    assert data.fingerprint("openai/gsm8k:train", recipe) == hash_obj({"hub": "openai/gsm8k:train"})  # as before
+    local = {"datasets": [{"path": write_jsonl(tmp_path / "x.jsonl", [{"text": "a"}]), "config": "main"}]}
+    with pytest.raises(PipelineError, match=r"config names a hub dataset's configuration; this one is not on the hub"):
+        data.read_rows(local, recipe)
+
+
 def test_invalid_utf8_is_named_by_file_and_line(tmp_path, recipe):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
