@@ -6,7 +6,7 @@ A dataset spec is a string:
   path/to/folder            a folder saved with `datasets.save_to_disk`, or a folder of such files
   path/to/data:NAME         a dataset LLaMA-Factory's data/dataset_info.json names (pipeline/llamafactory.py)
   data/*.txt                a glob: every file it matches
-  org/name[:split]          a hub dataset (default split: train)
+  org/name[:split]          a hub dataset (default split: train); org/name:config:split with its configuration
 or several: a list of specs (all their rows), or a mixture with a fraction of each, as alignment-handbook recipes
 write them: {spec: fraction, ...} or {datasets: [{id, split, columns, weight}, ...], seed: N}.
 
@@ -50,17 +50,14 @@ def world_rows(recipe, split: str) -> list[dict]:
     return list(_world_rows(json.dumps(dataclasses.asdict(recipe.world), sort_keys=True), split))
 
 
-def _read_hub(spec: str, config: str | None = None) -> tuple[list[dict], list[str]]:
+def _read_hub(spec: str) -> tuple[list[dict], list[str]]:
     from pipeline import hub
 
-    rows = hub.load_dataset(spec, name=config).to_list()
+    rows = hub.load_dataset(spec).to_list()
     return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
 
 
-def _read_one(spec: str, recipe, text_split: str, config: str | None = None) -> tuple[list[dict], list[str]]:
-    if config is not None and (spec.startswith("world:") or Path(spec).expanduser().exists() or glob.has_magic(spec)
-                               or names_a_local_file(spec) or llamafactory.entry_of(spec)):
-        raise PipelineError(f"dataset '{spec}': config names a hub dataset's configuration; this one is not on the hub")
+def _read_one(spec: str, recipe, text_split: str) -> tuple[list[dict], list[str]]:
     if spec.startswith("world:"):
         rows = world_rows(recipe, spec.split(":", 1)[1])
         return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
@@ -81,21 +78,16 @@ def _read_one(spec: str, recipe, text_split: str, config: str | None = None) -> 
         return read_files(files, text_split, str)
     if names_a_local_file(spec):
         raise PipelineError(f"dataset '{spec}': file not found")
-    return _read_hub(spec, config)
+    return _read_hub(spec)
 
 
 class Part(NamedTuple):
-    """One dataset of a spec: its name (a world split, a path, a glob, a LLaMA-Factory entry or a hub id[:split]), the
-    fraction of its rows a mixture takes (None: all), the columns to keep (a list) or rename (a mapping), and a hub
-    dataset's configuration (datasets' `name`: gsm8k's `main`)."""
+    """One dataset of a spec: its name (a world split, a path, a glob, a LLaMA-Factory entry or a hub id[:config]:
+    split), the fraction of its rows a mixture takes (None: all), and the columns to keep (a list) or rename (a
+    mapping)."""
     name: str
     fraction: float | None = None
     columns: object = None
-    config: str | None = None
-
-    @property
-    def label(self) -> str:
-        return self.name if self.config is None else f"{self.name} (config {self.config})"
 
 
 MIXTURE_KEYS = ("datasets", "seed")
@@ -126,11 +118,16 @@ def mixture_parts(spec) -> tuple[list[Part], int | None]:
                 raise PipelineError(f"dataset mixture: '{name}': unknown key '{unknown[0]}' (keys: "
                                     f"{', '.join(ENTRY_KEYS)})")
             config = d.get("config")
-            if config is not None and (not isinstance(config, str) or not config):
+            if config is not None and (not isinstance(config, str) or not config or ":" in config):
                 raise PipelineError(f"dataset mixture: '{name}': config must be a name, got {config!r}")
-            if d.get("split") and ":" not in name and not Path(name).exists():
+            if config is not None and (":" in name or Path(name).exists()):
+                raise PipelineError(f"dataset mixture: '{name}': config names a hub dataset's configuration (an `id` "
+                                    f"without a split in it)")
+            if config is not None:  # the hub spec's own form, org/name:config:split
+                name = f"{name}:{config}:{d.get('split') or 'train'}"
+            elif d.get("split") and ":" not in name and not Path(name).exists():
                 name = f"{name}:{d['split']}"
-            parts.append(Part(name, d.get("weight", d.get("fraction")), d.get("columns"), config))
+            parts.append(Part(name, d.get("weight", d.get("fraction")), d.get("columns")))
         return parts, spec.get("seed")
     if isinstance(spec, (list, dict)):
         parts = [Part(s) for s in spec] if isinstance(spec, list) else [Part(k, v) for k, v in spec.items()]
@@ -142,7 +139,7 @@ def mixture_parts(spec) -> tuple[list[Part], int | None]:
 
 
 def spec_name(spec) -> str:
-    return spec if isinstance(spec, str) else " + ".join(part.label for part in mixture_parts(spec)[0])
+    return spec if isinstance(spec, str) else " + ".join(part.name for part in mixture_parts(spec)[0])
 
 
 def read_rows(spec, recipe, text_split: str = "paragraph") -> tuple[list[dict], list[str], str]:
@@ -150,8 +147,8 @@ def read_rows(spec, recipe, text_split: str = "paragraph") -> tuple[list[dict], 
     `fraction` of each dataset's rows (shuffled with the mixture's seed, else run.seed) and shuffles the union."""
     parts, seed = mixture_parts(spec)
     rows, where = [], []
-    for name, fraction, columns, config in parts:
-        r, w = _read_one(name, recipe, text_split, config)
+    for name, fraction, columns in parts:
+        r, w = _read_one(name, recipe, text_split)
         if fraction is not None:
             if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
                 raise PipelineError(f"dataset mixture: the fraction of '{name}' must be in (0, 1], got {fraction!r}")
@@ -176,13 +173,12 @@ def read_rows(spec, recipe, text_split: str = "paragraph") -> tuple[list[dict], 
     return rows, where, spec_name(spec)
 
 
-def fingerprint(spec, recipe, images: bool = False, config: str | None = None) -> str:
-    """`images`: a metadata file's fingerprint also covers the image files it names (a folder's covers them all);
-    `config`: a hub dataset's configuration."""
+def fingerprint(spec, recipe, images: bool = False) -> str:
+    """`images`: a metadata file's fingerprint also covers the image files it names (a folder's covers them all)."""
     if not isinstance(spec, str):  # a list or mixture: its parts' fingerprints and the mixing settings
         parts, seed = mixture_parts(spec)
-        return hash_obj({"parts": [(fingerprint(p.name, recipe, config=p.config), p.fraction, p.columns)
-                                   for p in parts], "seed": seed, "run_seed": recipe.run.seed})
+        return hash_obj({"parts": [(fingerprint(p.name, recipe), p.fraction, p.columns) for p in parts],
+                         "seed": seed, "run_seed": recipe.run.seed})
     if spec.startswith("world:"):
         from pipeline.world import fingerprint_settings
 
@@ -201,7 +197,7 @@ def fingerprint(spec, recipe, images: bool = False, config: str | None = None) -
     if glob.has_magic(spec):
         return hash_obj([(p, hash_file(Path(p))) for p in sorted(glob.glob(str(path), recursive=True))
                          if Path(p).is_file()])
-    return hash_obj({"hub": spec} if config is None else {"hub": spec, "config": config})
+    return hash_obj({"hub": spec})
 
 
 # ---------------------------------------------------------------------------------------------- checking

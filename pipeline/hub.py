@@ -59,19 +59,27 @@ def load_failure(online: bool, failure: str) -> str:
     return failure if online else f"{unreachable_note()} and it is not in the local cache"
 
 
+def dataset_parts(spec: str) -> tuple[str, str | None, str]:
+    """(id, configuration or None, split) of a hub dataset spec: `org/name`, `org/name:split` or
+    `org/name:config:split` (a dataset with several configurations: `openai/gsm8k:main:test`); split train by
+    default."""
+    name, *rest = spec.split(":", 2)
+    config, split = (None, rest[0] if rest else "") if len(rest) < 2 else rest
+    return name, config or None, split or "train"
+
+
 def load_dataset(spec: str, **options):
-    """A hub dataset (`org/name[:split]`, split train by default) as a datasets.Dataset; offline, from the local
-    cache only. `options`: datasets.load_dataset's (name, data_dir, revision), None ones left out. A failure is one
-    line (PipelineError)."""
+    """A hub dataset (dataset_parts' spec) as a datasets.Dataset; offline, from the local cache only. `options`:
+    datasets.load_dataset's (data_dir, revision), None ones left out. A failure is one line (PipelineError)."""
     import datasets
 
     from pipeline.cli import PipelineError
 
-    name, _, split = spec.partition(":")
+    name, config, split = dataset_parts(spec)
     online = reachable()
     try:
         options = {key: value for key, value in options.items() if value is not None}
-        return datasets.load_dataset(name, split=split or "train", **options)
+        return datasets.load_dataset(name, config, split=split, **options)
     except Exception as err:  # the hub's and the library's many failures: one line, not a traceback
         why = load_failure(online, f"loading it from the hub failed: {str(err).splitlines()[0]}")
         raise PipelineError(f"dataset '{spec}': not a local file or folder, and {why}") from None

@@ -142,7 +142,8 @@ def read(entry: Entry, seed: int) -> tuple[list[dict], list[str]]:
     kind, where = source(entry)
     plan, n = layout(entry), num_samples(entry)
     if kind == "hub":
-        ds = hub.load_dataset(f"{where}:{entry.info.get('split') or 'train'}", name=entry.info.get("subset"),
+        subset, split = entry.info.get("subset"), entry.info.get("split") or "train"
+        ds = hub.load_dataset(f"{where}:{subset}:{split}" if subset else f"{where}:{split}",
                               data_dir=entry.info.get("folder"), revision=entry.info.get("revision"))
         rows, labels = ds.to_list(), [f"row {i}" for i in range(1, len(ds) + 1)]
     elif Path(where).is_dir():

@@ -147,32 +147,35 @@ def test_plain_text_compressed_files_globs_lists_and_mixtures(tmp_path, recipe):
     assert len(data.load(handbook, "text", recipe)) == 2
 
 
-def test_a_mixtures_hub_dataset_loads_with_its_config(tmp_path, recipe, monkeypatch):
-    """alignment-handbook's dataset_mixture names each hub dataset's configuration (`config: main` for gsm8k,
-    `Preference` for smoltalk2); it was dropped, so such a dataset failed to load ("Config name is missing") or loaded
-    another configuration. It is passed to datasets (its `name`), named in messages and in the fingerprint."""
+def test_a_hub_dataset_loads_with_its_configuration(tmp_path, recipe, monkeypatch):
+    """A hub dataset with several configurations (gsm8k's `main` and `socratic`, smoltalk2's `Preference`) is named
+    `org/name:config:split`, or in alignment-handbook's dataset_mixture with its `config`, which was dropped: such a
+    dataset failed to load ("Config name is missing") or loaded another configuration."""
     import datasets
 
     from pipeline import hub
+    from pipeline.fingerprints import hash_obj
 
     calls = []
 
-    def load_dataset(spec, **options):
-        calls.append((spec, options))
-        return datasets.Dataset.from_list([{"text": f"doc of {options.get('name')}"}])
+    def load_dataset(name, config=None, split=None):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_list([{"text": f"doc of {config}"}])
 
-    monkeypatch.setattr(hub, "load_dataset", load_dataset)
-    main = {"datasets": [{"id": "openai/gsm8k", "config": "main", "split": "train"}]}
-    socratic = {"datasets": [{"id": "openai/gsm8k", "config": "socratic", "split": "train"}]}
-    rows, _, source = data.read_rows(main, recipe)
-    assert rows == [{"text": "doc of main"}] and calls == [("openai/gsm8k:train", {"name": "main"})]
-    assert source == "openai/gsm8k:train (config main)"
-    assert data.fingerprint(main, recipe) != data.fingerprint(socratic, recipe)
-    from pipeline.fingerprints import hash_obj
-
-    assert data.fingerprint("openai/gsm8k:train", recipe) == hash_obj({"hub": "openai/gsm8k:train"})  # as before
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(hub, "reachable", lambda: True)
+    handbook = {"datasets": [{"id": "openai/gsm8k", "config": "main", "split": "test"}]}
+    for spec in ("openai/gsm8k:main:test", handbook):
+        rows, _, source = data.read_rows(spec, recipe)
+        assert rows == [{"text": "doc of main"}] and calls[-1] == ("openai/gsm8k", "main", "test")
+        assert source == "openai/gsm8k:main:test"
+    assert data.read_rows("openai/gsm8k:test", recipe)[0] and calls[-1] == ("openai/gsm8k", None, "test")
+    assert data.read_rows("openai/gsm8k", recipe)[0] and calls[-1] == ("openai/gsm8k", None, "train")
+    assert data.fingerprint(handbook, recipe) != data.fingerprint(
+        {"datasets": [{"id": "openai/gsm8k", "config": "socratic", "split": "test"}]}, recipe)
+    assert data.fingerprint("openai/gsm8k:test", recipe) == hash_obj({"hub": "openai/gsm8k:test"})  # as before
     local = {"datasets": [{"path": write_jsonl(tmp_path / "x.jsonl", [{"text": "a"}]), "config": "main"}]}
-    with pytest.raises(PipelineError, match=r"config names a hub dataset's configuration; this one is not on the hub"):
+    with pytest.raises(PipelineError, match=r"config names a hub dataset's configuration"):
         data.read_rows(local, recipe)
 
 

@@ -140,7 +140,7 @@ def test_a_hub_entry_loads_its_subset_split_and_folder(tmp_path, recipe, monkeyp
                                                 "folder": "v2", "ms_hub_url": "org/ms"}}, {})
     rows, where, _ = data.read_rows(f"{folder}:h", recipe)
     assert rows == [{"instruction": "q", "output": "a"}] and where == ["row 1"]
-    assert calls == [("org/set:test", {"name": "en", "data_dir": "v2", "revision": None})]
+    assert calls == [("org/set:en:test", {"data_dir": "v2", "revision": None})]
     assert data.fingerprint(f"{folder}:h", recipe) != data.fingerprint(
         registry(tmp_path / "other", {"h": {"hf_hub_url": "org/set", "subset": "fr"}}, {}) + ":h", recipe)
 

@@ -231,6 +231,7 @@ LONG = "x" * 300  # a name longer than a file system takes: os.stat raised OSErr
     ("sft.dataset={datasets: [{id: a/b}], test_split_size: 0.1}",  # no test split came of it, without a word
      "sft.dataset: dataset mixture: test_split_size is not read here: name the stage's eval_dataset"),
     ("sft.dataset={datasets: [{id: a/b, config: [main]}]}", "dataset mixture: 'a/b': config must be a name"),
+    ("sft.dataset={datasets: [{id: 'a/b:test', config: main}]}", "config names a hub dataset's configuration"),
     (f"run.output_dir={LONG}", r"run.output_dir: 'x{20}\.\.\.' is 300 bytes, longer than a file or folder name"),
     (f"sft.dataset=[world:sft, data/{LONG}.jsonl]", r"sft.dataset: 'x{20}\.\.\.' is 306 bytes"),
     (f"dpo.init_from={LONG}", r"dpo.init_from: 'x{20}\.\.\.' is 300 bytes"),
