@@ -118,13 +118,13 @@ def _data_problem(spec, recipe, stage: str, key: str, keys, will_run=frozenset()
 
     try:
         parts, _ = data.mixture_parts(spec)
-        for name, *_ in parts:
-            problem = _resolve_problem(name, recipe)
+        for part in parts:
+            problem = _resolve_problem(part.name, recipe)
             if problem:
                 return problem
-        if all(not name.startswith("world:") and (Path(name).expanduser().exists() or glob.has_magic(name)
-                                                  or llamafactory.is_local(llamafactory.entry_of(name)))
-               for name, *_ in parts):
+        if all(not p.name.startswith("world:") and (Path(p.name).expanduser().exists() or glob.has_magic(p.name)
+                                                    or llamafactory.is_local(llamafactory.entry_of(p.name)))
+               for p in parts):
             return _rows_problem(spec, recipe, stage, key, keys, will_run)
     except PipelineError as err:
         return str(err)

@@ -8,7 +8,7 @@ A dataset spec is a string:
   data/*.txt                a glob: every file it matches
   org/name[:split]          a hub dataset (default split: train); org/name:config:split with its configuration
 or several: a list of specs (all their rows), or a mixture with a fraction of each, as alignment-handbook recipes
-write them: {spec: fraction, ...} or {datasets: [{id, split, columns, weight}, ...], seed: N}.
+write them: {spec: fraction, ...} or {datasets: [{id, config, split, columns, weight}, ...], seed: N}.
 
 Rows are checked against what the stage needs (`kind`) before any model is loaded; a bad row is reported as
 one line naming the file and the row (JSONL: the line number).
@@ -265,8 +265,8 @@ def load_with_info(spec, kind: str, recipe, columns: dict | None = None, text_sp
 
     rows, where, source = read_rows(spec, recipe, text_split=text_split)
     rows = rename_columns(rows, columns, source, where)
-    plain = any(file_kind(Path(p)) == "txt" for name, *_ in mixture_parts(spec)[0]
-                for p in (glob.glob(str(Path(name).expanduser())) if glob.has_magic(name) else [name]))
+    plain = any(file_kind(Path(p)) == "txt" for part in mixture_parts(spec)[0]
+                for p in (glob.glob(str(Path(part.name).expanduser())) if glob.has_magic(part.name) else [part.name]))
     fmt = {"chat": lambda: detect_sft_format(rows[0]), "text": lambda: f"txt, a document per {text_split}" if plain
            else "text", "prompts": lambda: "prompts", "eval_prompts": lambda: "prompts"}[kind]()
     rows = CHECKS[kind](rows, where, source, **kw)

@@ -78,8 +78,8 @@ def load_dataset(spec: str, **options):
     name, config, split = dataset_parts(spec)
     online = reachable()
     try:
-        options = {key: value for key, value in options.items() if value is not None}
-        return datasets.load_dataset(name, config, split=split, **options)
+        options = {key: value for key, value in {"name": config, **options}.items() if value is not None}
+        return datasets.load_dataset(name, split=split, **options)
     except Exception as err:  # the hub's and the library's many failures: one line, not a traceback
         why = load_failure(online, f"loading it from the hub failed: {str(err).splitlines()[0]}")
         raise PipelineError(f"dataset '{spec}': not a local file or folder, and {why}") from None

@@ -158,9 +158,9 @@ def test_a_hub_dataset_loads_with_its_configuration(tmp_path, recipe, monkeypatc
 
     calls = []
 
-    def load_dataset(name, config=None, split=None):
-        calls.append((name, config, split))
-        return datasets.Dataset.from_list([{"text": f"doc of {config}"}])
+    def load_dataset(path, name=None, split=None):  # datasets' own names: `name` is the configuration
+        calls.append((path, name, split))
+        return datasets.Dataset.from_list([{"text": f"doc of {name}"}])
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     monkeypatch.setattr(hub, "reachable", lambda: True)
