@@ -100,10 +100,10 @@ def source(entry: Entry) -> tuple[str, Path | str]:
     info = entry.info
     if info.get("hf_hub_url"):
         return "hub", _text(entry, "hf_hub_url")
-    for key, hub in (("ms_hub_url", "ModelScope"), ("om_hub_url", "Modelers (OpenMind)"),
-                     ("cloud_file_name", "S3 or GCS")):
+    for key, store in (("ms_hub_url", "ModelScope"), ("om_hub_url", "Modelers (OpenMind)"),
+                       ("cloud_file_name", "S3 or GCS")):
         if info.get(key):
-            raise PipelineError(f"{entry.where()}: {key} ({hub}) is not read here; download the dataset and name "
+            raise PipelineError(f"{entry.where()}: {key} ({store}) is not read here; download the dataset and name "
                                 f"it with file_name")
     if info.get("script_url"):
         raise PipelineError(f"{entry.where()}: script_url names a loading script, and no dataset code runs here; "
