@@ -66,8 +66,9 @@ def _read_one(spec: str, recipe, text_split: str) -> tuple[list[dict], list[str]
         return read_file(path, text_split)
     if path.is_dir():
         if registry := llamafactory.folder_registry(path):
+            names = ", ".join(sorted(registry)[:12]) + (", ..." if len(registry) > 12 else "")
             raise PipelineError(f"{path}: a LLaMA-Factory data folder (its {llamafactory.REGISTRY} names datasets): "
-                                f"name one as {spec}:NAME ({', '.join(sorted(registry))})")
+                                f"name one as {spec}:NAME ({names})")
         return read_folder(path, text_split)
     if entry := llamafactory.entry_of(spec):
         return llamafactory.read(entry, recipe.run.seed)

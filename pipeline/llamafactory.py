@@ -26,6 +26,7 @@ from pathlib import Path
 
 from pipeline.cli import PipelineError
 from pipeline.fingerprints import hash_file, hash_folder, hash_obj
+from pipeline.values import closest
 
 REGISTRY = "dataset_info.json"
 SOURCES = ("file_name", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")  # where it is
@@ -90,7 +91,9 @@ def entry_of(spec: str) -> Entry | None:
     if registry is None:
         return None
     if name not in registry:
-        raise PipelineError(f"{registry_file}: no dataset '{name}' (it names {', '.join(sorted(registry))})")
+        names = sorted(registry)
+        listed = ", ".join(names) if len(names) <= 12 else f"{len(names)} datasets{closest(name, names)}"
+        raise PipelineError(f"{registry_file}: no dataset '{name}' (it names {listed})")
     return Entry(registry_file, name, registry[name])
 
 

@@ -227,3 +227,15 @@ def test_a_role_that_is_not_a_name_is_left_for_the_sharegpt_reader_to_name(tmp_p
                       {"s.json": [{"conversations": turns}]})
     with pytest.raises(PipelineError, match=r"s.json row 1: turn 0"):
         data.load(f"{folder}:s", "chat", recipe)
+
+
+def test_a_name_a_long_registry_lacks_is_one_short_line_with_the_closest_names(tmp_path, recipe):
+    """LLaMA-Factory's own registry names 104 datasets: all of them were listed in the error (a 1,900-character
+    line)."""
+    names = {f"set_{i:03d}": {"file_name": "a.json"} for i in range(100)} | {"alpaca_en_demo": {"file_name": "a.json"}}
+    folder = registry(tmp_path / "data", names, {"a.json": [ALPACA]})
+    with pytest.raises(PipelineError, match=r"no dataset 'alpaca_en_dem' \(it names 101 datasets \(closest: "
+                                            r"alpaca_en_demo\)\)$"):
+        data.read_rows(f"{folder}:alpaca_en_dem", recipe)
+    with pytest.raises(PipelineError, match=r"name one as .*:NAME \(alpaca_en_demo, set_000, .*, set_010, \.\.\.\)$"):
+        data.read_rows(folder, recipe)
