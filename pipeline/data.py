@@ -24,7 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
-from pipeline import llamafactory
+from pipeline import hub, llamafactory
 from pipeline.cli import PipelineError
 from pipeline.files import file_kind, names_a_local_file, read_file, read_files, read_folder
 from pipeline.fingerprints import hash_file, hash_folder, hash_obj
@@ -51,8 +51,6 @@ def world_rows(recipe, split: str) -> list[dict]:
 
 
 def _read_hub(spec: str) -> tuple[list[dict], list[str]]:
-    from pipeline import hub
-
     rows = hub.load_dataset(spec).to_list()
     return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
 
@@ -118,16 +116,15 @@ def mixture_parts(spec) -> tuple[list[Part], int | None]:
             if unknown := [k for k in d if k not in ENTRY_KEYS]:
                 raise PipelineError(f"dataset mixture: '{name}': unknown key '{unknown[0]}' (keys: "
                                     f"{', '.join(ENTRY_KEYS)})")
-            config = d.get("config")
-            if config is not None and (not isinstance(config, str) or not config or ":" in config):
-                raise PipelineError(f"dataset mixture: '{name}': config must be a name, got {config!r}")
-            if config is not None and (":" in name or Path(name).exists()):
-                raise PipelineError(f"dataset mixture: '{name}': config names a hub dataset's configuration (an `id` "
-                                    f"without a split in it)")
-            if config is not None:  # the hub spec's own form, org/name:config:split
-                name = f"{name}:{config}:{d.get('split') or 'train'}"
+            if (config := d.get("config")) is not None:
+                if not isinstance(config, str) or not config or ":" in config:
+                    raise PipelineError(f"dataset mixture: '{name}': config must be a name, got {config!r}")
+                if ":" in name or Path(name).exists():
+                    raise PipelineError(f"dataset mixture: '{name}': config names a hub dataset's configuration (an "
+                                        f"`id` without a split in it)")
+                name = hub.dataset_spec(name, config, d.get("split"))
             elif d.get("split") and ":" not in name and not Path(name).exists():
-                name = f"{name}:{d['split']}"
+                name = hub.dataset_spec(name, split=d["split"])
             parts.append(Part(name, d.get("weight", d.get("fraction")), d.get("columns")))
         return parts, spec.get("seed")
     if isinstance(spec, (list, dict)):

@@ -68,6 +68,11 @@ def dataset_parts(spec: str) -> tuple[str, str | None, str]:
     return name, config or None, split or "train"
 
 
+def dataset_spec(name: str, config: str | None = None, split: str | None = None) -> str:
+    """The spec dataset_parts reads: `org/name:split`, or `org/name:config:split` with a configuration."""
+    return f"{name}:{config}:{split or 'train'}" if config else f"{name}:{split or 'train'}"
+
+
 def load_dataset(spec: str, **options):
     """A hub dataset (dataset_parts' spec) as a datasets.Dataset; offline, from the local cache only. `options`:
     datasets.load_dataset's (data_dir, revision), None ones left out. A failure is one line (PipelineError)."""

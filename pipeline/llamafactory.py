@@ -145,8 +145,7 @@ def read(entry: Entry, seed: int) -> tuple[list[dict], list[str]]:
     kind, where = source(entry)
     plan, n = layout(entry), num_samples(entry)
     if kind == "hub":
-        subset, split = entry.info.get("subset"), entry.info.get("split") or "train"
-        ds = hub.load_dataset(f"{where}:{subset}:{split}" if subset else f"{where}:{split}",
+        ds = hub.load_dataset(hub.dataset_spec(where, entry.info.get("subset"), entry.info.get("split")),
                               data_dir=entry.info.get("folder"), revision=entry.info.get("revision"))
         rows, labels = ds.to_list(), [f"row {i}" for i in range(1, len(ds) + 1)]
     elif Path(where).is_dir():
@@ -167,7 +166,8 @@ class Layout:
     formatting: str
     columns: dict
     ours: dict
-    tags: dict | None
+    tags: dict | None  # role_tag, content_tag: the keys of a message
+    roles: dict  # their role names: ours
     documents: bool
 
 
@@ -187,15 +187,17 @@ def layout(entry: Entry) -> Layout:
     # with `columns`, LLaMA-Factory reads the columns it names and no other (a missing default is None)
     columns = {theirs: given.get(theirs) for theirs in ours} if given is not None else \
         {theirs: column for theirs, column in DEFAULTS.items() if theirs in ours}
-    tags = None
+    tags, roles = None, {}
     if formatting != "alpaca":
         given = info.get("tags") or {}
         if not _names(given):
             raise PipelineError(f"{entry.where()}: tags must be an object of names, got {given!r}")
-        tags = {key: given.get(key, default) for key, default in {**TAGS, **ROLES}.items()}
+        tags = {key: given.get(key, default) for key, default in TAGS.items()}
+        standard = OPENAI_ROLES if formatting == "openai" else ROLES
+        roles = {theirs: standard[key] for key in ROLES if (theirs := given.get(key, ROLES[key]))}
     learnt = ("response", "chosen", "rejected", "kto_tag")  # without one, an alpaca entry's prompts are documents
     documents = formatting == "alpaca" and not any(columns.get(k) for k in learnt)
-    return Layout(formatting, columns, ours, tags, documents)
+    return Layout(formatting, columns, ours, tags, roles, documents)
 
 
 def num_samples(entry: Entry) -> int | None:
@@ -210,14 +212,14 @@ def standard_row(entry: Entry, plan: Layout, row: dict, where: str) -> dict:
     out = {plan.ours[theirs]: row[column] for theirs, column in plan.columns.items()
            if column is not None and row.get(column) is not None}
     if plan.tags is not None:
-        openai = plan.formatting == "openai"
         for key in ("conversations", "messages", "chosen", "rejected"):
             value = out.get(key)
             if isinstance(value, list):
-                out[key] = [_message(m, plan.tags, openai) for m in value]
+                out[key] = [_message(m, plan) for m in value]
             elif isinstance(value, dict):
-                out[key] = _message(value, plan.tags, openai)
-        if openai and ("chosen" in out or "rejected" in out):  # TRL's conversational pairs: prompt, chosen, rejected
+                out[key] = _message(value, plan)
+        if plan.formatting == "openai" and ("chosen" in out or "rejected" in out):
+            # TRL's conversational pairs: prompt, chosen, rejected
             if "messages" in out:
                 out["prompt"] = out.pop("messages")
             for key in ("chosen", "rejected"):
@@ -246,17 +248,17 @@ def _names(obj) -> bool:
     return isinstance(obj, dict) and all(isinstance(v, str) or v is None for v in obj.values())
 
 
-def _message(message, tags: dict, openai: bool):
-    """A message with the standard keys and role names: ShareGPT's from/value, or (`openai`) role/content with its
+def _message(message, plan: Layout):
+    """A message with the standard keys and role names: ShareGPT's from/value, or (openai) role/content with its
     other keys (tool_calls) kept. A role the tags do not name is left for the format's reader to name."""
     if not isinstance(message, dict):
         return message  # the format's reader names what is wrong with it
-    roles = {tags[key]: standard for key, standard in (OPENAI_ROLES if openai else ROLES).items() if tags[key]}
-    role, content = message.get(tags["role_tag"]), message.get(tags["content_tag"])
-    role = roles.get(role, role) if isinstance(role, str) else role
-    if not openai:
+    role_key, content_key = plan.tags["role_tag"], plan.tags["content_tag"]
+    role, content = message.get(role_key), message.get(content_key)
+    role = plan.roles.get(role, role) if isinstance(role, str) else role
+    if plan.formatting != "openai":
         return {"from": role, "value": content}
-    rest = {k: v for k, v in message.items() if k not in (tags["role_tag"], tags["content_tag"])}
+    rest = {k: v for k, v in message.items() if k not in (role_key, content_key)}
     return {"role": role, "content": content, **rest}
 
 
