@@ -120,13 +120,14 @@ def load_prompts(recipe, keys) -> list[dict]:
     return rows
 
 
-def load_perplexity_rows(recipe, keys) -> list[dict] | None:
+def load_perplexity_rows(recipe, keys) -> tuple[list[dict] | None, str | None]:
+    """The perplexity rows (None: no perplexity_data) and their format (text or conversations)."""
     if not keys.perplexity_data:
-        return None
+        return None, None
     rows, where, source = data.read_rows(keys.perplexity_data, recipe)
     rows, where = rows[:keys.perplexity_max_rows], where[:keys.perplexity_max_rows]
     kind = "text" if "text" in rows[0] else "chat"
-    return data.CHECKS[kind]([dict(r) for r in rows], where, source)
+    return data.CHECKS[kind]([dict(r) for r in rows], where, source), "text" if kind == "text" else "conversations"
 
 
 def check_model(recipe, cp: runs.Checkpoint, key: str, reward: bool = False) -> None:
@@ -335,10 +336,10 @@ def main(argv):
     with runs.StageRun(recipe, STAGE) as run:
         rows = load_prompts(recipe, keys)
         run.note_data("prompts", {"source": data.spec_name(keys.prompts), "rows": len(rows), "format": "prompts"})
-        ppl_rows = load_perplexity_rows(recipe, keys)
+        ppl_rows, ppl_format = load_perplexity_rows(recipe, keys)
         if ppl_rows is not None:
             run.note_data("perplexity_data", {"source": data.spec_name(keys.perplexity_data), "rows": len(ppl_rows),
-                                              "format": "text" if "text" in ppl_rows[0] else "conversations"})
+                                              "format": ppl_format})
         targets, baseline = targets_of(recipe, run, keys)
         reference = run.checkpoint("reference") if keys.reference else None
         if reference is not None:
