@@ -1,6 +1,7 @@
 """Local data files and folders read into rows, each with where it came from (`line N`, `row N`), for the
-messages that name a bad row: JSON Lines, JSON, Parquet, CSV and plain text (each optionally .gz), and folders saved
-with `datasets.save_to_disk` or holding such files. pipeline/data.py resolves dataset specs to these."""
+messages that name a bad row: JSON Lines, JSON, CSV and plain text (each optionally .gz), Parquet and Arrow (the IPC
+stream format `datasets` writes, e.g. save_to_disk's `data-00000-of-00001.arrow`, or the IPC file format), and folders
+saved with `datasets.save_to_disk` or holding such files. pipeline/data.py resolves dataset specs to these."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from pathlib import Path
 
 from pipeline.cli import PipelineError
 
-FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "txt"}
+FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv",
+              ".txt": "txt"}
+TABLES = ("parquet", "arrow")  # read memory-mapped in place, so never compressed
 
 
 def names_a_local_file(spec: str) -> bool:
@@ -94,7 +97,7 @@ def read_file(path: Path, text_split: str = "paragraph") -> tuple[list[dict], li
     kind = file_kind(path)
     if kind is None:
         raise PipelineError(f"{path}: unsupported file type '{path.suffix}' (use {', '.join(FILE_TYPES)}, "
-                            f"optionally .gz)")
+                            f"each but {' and '.join('.' + t for t in TABLES)} optionally .gz)")
     if path.stat().st_size == 0:
         raise PipelineError(f"{path}: empty file")
     if kind in ("jsonl", "json", "txt"):
@@ -116,7 +119,10 @@ def read_file(path: Path, text_split: str = "paragraph") -> tuple[list[dict], li
             raise PipelineError(f"{path}: expected a list of JSON objects")
         return obj, [f"row {i}" for i in range(1, len(obj) + 1)]
     ds, where = read_table(path, kind)
-    return ds.to_list(), where
+    try:
+        return ds.to_list(), where
+    except Exception as err:  # a value the table's features cannot decode
+        raise PipelineError(f"{path}: cannot read {kind}: {_first_line(err)}") from None
 
 
 def first_row(path: Path) -> dict | None:
@@ -143,18 +149,59 @@ def first_row(path: Path) -> dict | None:
 
 
 def read_table(path: Path, kind: str) -> tuple:  # (datasets.Dataset, where each row came from)
-    """A non-empty .csv or .parquet file as a memory-mapped datasets.Dataset (rows read when asked for), and where
-    each row came from; a file that does not parse is one line naming it."""
+    """A non-empty .csv, .parquet or .arrow file as a memory-mapped datasets.Dataset (rows read when asked for), and
+    where each row came from; a file that does not parse is one line naming it."""
     import datasets
 
     if kind == "csv":
         text_of(path)  # names the line of invalid UTF-8 before pandas does
+    if kind in TABLES and path.name.lower().endswith(".gz"):
+        raise PipelineError(f"{path}: a compressed .{kind} file is not read (.{kind} files are read in place, "
+                            f"memory-mapped); decompress it (gunzip)")
     try:
-        ds = datasets.Dataset.from_parquet(str(path)) if kind == "parquet" else datasets.Dataset.from_csv(str(path))
+        ds = arrow_dataset(path) if kind == "arrow" else datasets.Dataset.from_parquet(str(path)) \
+            if kind == "parquet" else datasets.Dataset.from_csv(str(path))
+    except PipelineError:
+        raise
     except Exception as err:  # pyarrow/pandas parse errors
-        raise PipelineError(f"{path}: cannot read {kind}: {str(err).splitlines()[0]}") from None
+        raise PipelineError(f"{path}: cannot read {kind}: {_first_line(err)}") from None
     offset = 2 if kind == "csv" else 1  # CSV: line 1 is the header
     return ds, [f"line {i + offset}" if kind == "csv" else f"row {i + 1}" for i in range(len(ds))]
+
+
+ARROW_FILE, ARROW_STREAM = b"ARROW1", b"\xff\xff\xff\xff"  # how each Arrow IPC format starts
+
+
+def arrow_dataset(path: Path):  # datasets.Dataset
+    """An .arrow file as a datasets.Dataset, memory-mapped: the IPC stream format (what `datasets` writes: its
+    `Dataset.from_file` and LLaMA-Factory's `load_dataset("arrow")` read it) or the IPC file format (`pa.ipc.new_file`,
+    Feather 2: `load_dataset("arrow")` reads it, `Dataset.from_file` does not). Every buffer is validated first: a
+    corrupt file read unchecked can crash the process (SIGSEGV). Arrow holds no code: nothing is unpickled."""
+    import datasets
+    import pyarrow as pa
+    from datasets.fingerprint import generate_random_fingerprint
+    from datasets.table import InMemoryTable, MemoryMappedTable
+
+    with open(path, "rb") as f:
+        head = f.read(len(ARROW_FILE))
+    try:
+        if head == ARROW_FILE:  # the table's buffers still point into the memory map: nothing is copied
+            table = InMemoryTable(pa.ipc.open_file(pa.memory_map(str(path))).read_all())
+        else:
+            table = MemoryMappedTable.from_file(str(path))
+        table.table.validate(full=True)
+    except (pa.ArrowException, OSError):
+        if head != ARROW_FILE and not head.startswith(ARROW_STREAM):
+            raise PipelineError(f"{path}: cannot read arrow: not an Arrow file (neither the IPC stream format, which "
+                                f"datasets writes, nor the IPC file format)") from None
+        raise
+    # an in-memory table is hashed whole for its fingerprint: a random one instead (nothing is cached from it)
+    fingerprint = None if isinstance(table, MemoryMappedTable) else generate_random_fingerprint()
+    return datasets.Dataset(table, fingerprint=fingerprint)
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0]
 
 
 def read_folder(path: Path, text_split: str = "paragraph") -> tuple[list[dict], list[str]]:
