@@ -57,7 +57,7 @@ def _resolve_problem(spec: str, recipe) -> str | None:
 def _rows_problem(spec, recipe, stage: str, key: str, keys, will_run) -> str | None:
     """Run the first SAMPLE_ROWS rows of a local dataset through the loader the stage uses: a bad row, a missing
     column or an unknown format is found now, not after the upstream stages ran."""
-    from pipeline import data, preferences
+    from pipeline import data, preferences, unpaired
     from pipeline.formats import rename_columns
 
     rows, where, source = data.read_rows(spec, recipe, text_split=getattr(keys, "text_split", "paragraph"))
@@ -66,6 +66,9 @@ def _rows_problem(spec, recipe, stage: str, key: str, keys, will_run) -> str | N
     if stage in ("reward", "dpo") or (stage == "ppo" and "prompt" not in rows[0] and not columns):
         pairs, _ = preferences.normalize_preferences(rename_columns(rows, columns, source, where), where, source)
         return _template_problem(recipe, stage, keys, pairs, source, will_run) if stage != "ppo" else None
+    if stage == "kto":
+        examples, _ = unpaired.normalize_unpaired(rename_columns(rows, columns, source, where), where, source)
+        return _template_problem(recipe, stage, keys, examples, source, will_run)
     kind = {"pretrain": "text", "sft": "chat"}.get(stage, "prompts")
     if key == "perplexity_data":
         kind = "text" if "text" in rows[0] else "chat"

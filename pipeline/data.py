@@ -2,7 +2,7 @@
 
 A dataset spec is a string:
   world:<split>             a split of the offline task world (pipeline/world_splits.py), e.g. world:sft
-  path/to/file.jsonl        a local JSON Lines, JSON, Parquet, CSV or plain-text file (each optionally .gz)
+  path/to/file.jsonl        a local JSON Lines, JSON, CSV or plain-text file (each optionally .gz), Parquet or Arrow
   path/to/folder            a folder saved with `datasets.save_to_disk`, or a folder of such files
   path/to/data:NAME         a dataset LLaMA-Factory's data/dataset_info.json names (pipeline/llamafactory.py)
   data/*.txt                a glob: every file it matches
@@ -215,8 +215,8 @@ def _check_chat(rows, where, source):
     prompt/completion rows."""
     if is_unpaired_preference(rows[0]):
         raise PipelineError(f"{source}: unpaired preference rows (a completion with a true/false label, TRL's KTO "
-                            f"format) are not demonstrations (columns: {', '.join(rows[0])}); keep the rows "
-                            f"labelled true and drop the label column")
+                            f"format) are not demonstrations (columns: {', '.join(rows[0])}); train on them "
+                            f"with the kto stage, or keep the rows labelled true and drop the label column")
     fmt = detect_sft_format(rows[0])
     if fmt == "sharegpt" and {"chosen", "rejected"} <= set(rows[0]):  # LLaMA-Factory's ranking rows
         raise PipelineError(f"{source}: ShareGPT preference pairs (the replies in chosen/rejected) are not "

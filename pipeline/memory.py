@@ -57,6 +57,7 @@ class StageProfile:
 PROFILES = {
     "reward": StageProfile(sequences_per_example=2, lm_head=False),
     "dpo": StageProfile(sequences_per_example=2, frozen_models=1, frozen_with_peft=0),
+    "kto": StageProfile(sequences_per_example=2, frozen_models=1, frozen_with_peft=0),  # a reply and a KL reply
     "ppo": StageProfile(trained_models=2, frozen_models=2, frozen_with_peft=1),
 }
 

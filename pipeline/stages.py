@@ -116,6 +116,23 @@ class DPOKeys(HeldoutKeys):
 
 
 @dataclass
+class KTOKeys(HeldoutKeys):
+    init_from: str | None = key(None, "policy to tune, also the frozen reference; empty: `sft`, else `pretrain`, "
+                                      "else `model`", ref="checkpoint")
+    dataset: str | list | dict = key("world:preference", "unpaired preference rows: prompt/completion/label (TRL), "
+                                                          "a conversation with `label` or `kto_tag` (LLaMA-Factory), "
+                                                          "or preference pairs, each a desirable and an undesirable "
+                                                          "row (data/README.md)", ref="data")
+    eval_dataset: str | list | dict | None = key("world:preference_eval", "held-out rows (the same formats) for eval "
+                                                                          "loss and rewards; empty: hold out "
+                                                                          "`eval_fraction` of the prompts", ref="data")
+    columns: dict | None = key(None, "column mapping {our name: your column}, e.g. {completion: reply, label: good}")
+    eval_fraction: float = key(0.05, "share of training prompts held out when no eval_dataset is given")
+    merge_adapter: bool = key(False, "with use_peft: also save the merged full model under `merged/`")
+    length_split: int = key(1, LENGTH_SPLIT_HELP)
+
+
+@dataclass
 class RewardKeys:
     init_from: str | None = key(None, "model the reward model starts from (a causal LM; its LM head is replaced by "
                                       "a one-output score head); empty: `sft`, else `pretrain`, else `model`",
@@ -340,6 +357,8 @@ STAGES: dict[str, StageSpec] = {
     "sft": StageSpec("sft", "pipeline.sft", "trl:SFTConfig", SFTKeys, peft=True,
                      default_init=("pretrain", "model")),
     "dpo": StageSpec("dpo", "pipeline.dpo", "trl:DPOConfig", DPOKeys, peft=True,
+                     default_init=("sft", "pretrain", "model")),
+    "kto": StageSpec("kto", "pipeline.kto", "trl:KTOConfig", KTOKeys, peft=True,
                      default_init=("sft", "pretrain", "model")),
     "reward": StageSpec("reward", "pipeline.reward", "trl:RewardConfig", RewardKeys, peft=True,
                         default_init=("sft", "pretrain", "model")),

@@ -1,0 +1,114 @@
+"""Stage 4b, kto: Kahneman-Tversky optimisation with TRL's KTOTrainer, from replies labelled good or bad.
+
+    accelerate launch pipeline/kto.py recipes/small.yaml [kto.beta=0.1 kto.desirable_weight=1.0 kto.use_peft=true ...]
+
+KTO learns from unpaired feedback: a reply with a thumbs up or down (TRL's prompt/completion/label rows, LLaMA-Factory's
+`kto_tag`), where DPO needs two replies to one prompt; preference pairs work too, each as a desirable and an
+undesirable row (pipeline/unpaired.py). The policy starts from `kto.init_from` (default `sft`); the reference is the
+same checkpoint loaded once and frozen or, with `use_peft`, the policy with its adapter switched off. KTOTrainer
+estimates the KL term from each batch's replies paired with the batch's other prompts, so it reads the rows in order:
+the training rows are shuffled once here (run.seed) so a batch mixes good and bad replies to many prompts. Section
+keys: TRL's KTOConfig fields, ModelConfig's LoRA fields, KTOKeys (pipeline/stages.py). At the end the input and the
+tuned policy answer the held-out prompts (verifier accuracy).
+"""
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import the package, never shadow libraries with our modules
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from pipeline import batching, cli, data, log, models, runs, unpaired
+from pipeline.heldout import heldout_comparison, heldout_rows
+from pipeline.preferences import split_by_prompt
+from pipeline.recipe import load_recipe, stage_help
+
+STAGE = "kto"
+USAGE = "usage: pipeline/kto.py RECIPE [kto.KEY=VALUE ...]"
+ROW_COLUMNS = ("prompt", "completion", "label", "tools")  # tools: TRL renders a tool row's prompt with its schemas
+
+
+def load_splits(keys, recipe):
+    """Training and held-out rows: `eval_dataset`, or `eval_fraction` of the training prompts held out (a prompt's
+    rows all on one side). Returns (train, held_out, train_info, held_out_info)."""
+    train_ds, train_info = unpaired.load_unpaired(keys.dataset, recipe, keys.columns)
+    if keys.eval_dataset:
+        eval_ds, eval_info = unpaired.load_unpaired(keys.eval_dataset, recipe, keys.columns)
+    else:
+        train_ds, eval_ds = split_by_prompt(train_ds, keys.eval_fraction, recipe.run.seed)
+        eval_info = {**train_info, "source": f"{train_info['source']} (held-out {keys.eval_fraction:.0%} of prompts)",
+                     **balance(eval_ds)}
+        train_info = {**train_info, **balance(train_ds)}
+    return train_ds.shuffle(seed=recipe.run.seed).flatten_indices(), eval_ds, train_info, eval_info
+
+
+def balance(ds) -> dict:
+    desirable = sum(ds["label"])
+    return {"examples": len(ds), "desirable": desirable, "undesirable": len(ds) - desirable}
+
+
+def rows_only(ds):
+    """The columns KTOTrainer reads: the row, and the tool schemas its chat template renders into the prompt."""
+    return ds.remove_columns([c for c in ds.column_names if c not in ROW_COLUMNS])
+
+
+def main(argv):
+    recipe = load_recipe(*cli.split_stage_args(argv, USAGE, lambda: stage_help(STAGE)))
+    recipe.check_config(STAGE, portable=True)  # the config class's own checks before upstream stages
+    keys = recipe.keys(STAGE)
+    peft_values = recipe.peft_values(STAGE)
+    with runs.StageRun(recipe, STAGE) as run:
+        train_ds, eval_ds, train_info, eval_info = load_splits(keys, recipe)
+        run.note_data("dataset", train_info)
+        run.note_data("eval_dataset", eval_info)
+        data.warn_world_eval(recipe, STAGE, keys)
+        heldout = heldout_rows(recipe, keys)
+        args = recipe.trainer_config(STAGE, output_dir=str(run.out))
+        init = run.checkpoint()
+        if init.path is None:
+            raise cli.PipelineError(f"{recipe.path}: kto.init_from is a new model from `model.config`; "
+                                    f"start KTO from a trained checkpoint (sft)")
+        run.prepare()
+
+        from trl import KTOTrainer
+
+        tokenizer = models.load_tokenizer(recipe, init)
+        models.check_chat_template(tokenizer, {train_info["source"]: train_ds, eval_info["source"]: eval_ds})
+        policy = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision,
+                                       tokenizer=tokenizer)
+        models.configure_generation(policy, tokenizer)
+        peft_config = models.peft_config(peft_values, model=policy, where=f"{recipe.path}: {STAGE}")
+        reference = None  # with LoRA the reference is the policy with its adapter switched off
+        if peft_config is None:
+            reference = models.load_causal_lm(recipe, init.path, revision=recipe.model.revision,
+                                              tokenizer=tokenizer).eval()
+            reference.requires_grad_(False)
+        trainer = KTOTrainer(model=policy, ref_model=reference, args=args, train_dataset=rows_only(train_ds),
+                             eval_dataset=rows_only(eval_ds), processing_class=tokenizer, peft_config=peft_config)
+        for net in (trainer.model, trainer.ref_model):  # policy and reference: less padding, the same outputs
+            if net is not None:
+                batching.split_forward(net, keys.length_split)
+        log.info(f"{models.describe(trainer.model)}; {train_info['desirable']} desirable and "
+                 f"{train_info['undesirable']} undesirable replies, {len(eval_ds)} held out; beta {args.beta}, "
+                 f"weights {args.desirable_weight:g}/{args.undesirable_weight:g}, loss {args.loss_type}")
+        data.warn_many_epochs(args, len(trainer.train_dataset), run.state.num_processes)
+        result = trainer.train(resume_from_checkpoint=run.last_checkpoint())
+        eval_metrics = trainer.evaluate()
+        models.save_trained(trainer, tokenizer, run.out, merge_adapter=keys.merge_adapter)
+
+        logged = [h for h in trainer.state.log_history if "loss" in h and "kl" in h]
+        metrics = {
+            "train_loss": runs.train_loss(trainer),
+            "steps": result.global_step,
+            "train_examples": len(train_ds),
+            "data": train_info,
+            **{k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))},
+            "history": [{k: v for k, v in h.items() if k in ("step", "loss", "kl") or "/" in k} for h in logged],
+        }
+        if heldout is not None and run.state.is_main_process:
+            metrics.update(heldout_comparison(recipe, keys, heldout, ("input", init.path), ("kto", str(run.out))))
+        run.finish(metrics, config=args, global_batch_size=runs.global_batch_size(args, run.state.num_processes))
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

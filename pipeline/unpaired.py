@@ -1,0 +1,118 @@
+"""Unpaired preference rows for the KTO stage: one loader, whatever the input format.
+
+Rows come out in TRL's unpaired preference format: `prompt`, `completion` (both text, or both lists of messages),
+a boolean `label` (true: a reply to learn from, false: one to unlearn), `tools` as JSON text when the row has tool
+schemas, and every other column of the input kept as it was. The formats read (data/README.md):
+
+    unpaired        TRL's: {"prompt", "completion", "label"} (text or messages)
+    conversation    a conversation (messages, ShareGPT `conversations`, Alpaca instruction/output) with a `label`
+                    or LLaMA-Factory's `kto_tag`: the trailing assistant turns are the completion, the rest the prompt
+    pairs           preference pairs in any format of pipeline/preferences.py: each pair is two rows, its chosen
+                    reply labelled true and its rejected one false (what TRL's KTOTrainer does with pairs)
+"""
+
+from __future__ import annotations
+
+from pipeline import data
+from pipeline.cli import PipelineError
+from pipeline.formats import bad_row, detect_sft_format, to_sft_row
+from pipeline.preferences import normalize_preferences
+
+UNPAIRED_FORMATS = {
+    "unpaired": "prompt + completion + label (TRL's unpaired preference)",
+    "conversation": "a conversation (messages, conversations or instruction/output) + label or kto_tag",
+    "pairs": "preference pairs (prompt/chosen/rejected or any pair format of data/README.md), each split in two",
+}
+LABEL_COLUMNS = ("label", "kto_tag")  # TRL's name, LLaMA-Factory's
+TRUE, FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
+DROPPED = {"messages", "conversations", "instruction", "input", "output", "history", "system", "prompt",
+           "completion", "tools", "label", "kto_tag"}
+
+
+def label_of(value, source, where) -> bool:
+    """A row's label as a bool: true/false, 1/0, or their text (a CSV cell)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in TRUE | FALSE:
+        return value.strip().lower() in TRUE
+    bad_row(source, where, f"the label must be true or false, got {value!r}")
+
+
+def detect_unpaired_format(first: dict, source) -> str:
+    cols = set(first)
+    if {"chosen", "rejected"} <= cols:
+        return "pairs"
+    if cols & set(LABEL_COLUMNS):
+        if {"prompt", "completion"} <= cols:
+            return "unpaired"
+        if detect_sft_format(first) is not None:
+            return "conversation"
+    raise PipelineError(f"{source}: no unpaired preference format matches the columns ({', '.join(first) or 'none'})"
+                        f"; expected " + "; ".join(UNPAIRED_FORMATS.values()))
+
+
+def split_reply(messages: list[dict], source, where) -> tuple[list[dict], list[dict]]:
+    """A conversation as (prompt, completion): the completion is its trailing assistant turns, a tool call and its
+    reply after the tool's result being two turns of the prompt and one of the completion, as LLaMA-Factory cuts it."""
+    cut = len(messages)
+    while cut > 0 and messages[cut - 1]["role"] == "assistant":
+        cut -= 1
+    if cut == len(messages):
+        bad_row(source, where, "the conversation must end with the assistant reply the label judges")
+    if cut == 0:
+        bad_row(source, where, "the conversation has no prompt before the assistant reply")
+    return messages[:cut], messages[cut:]
+
+
+def _unpair(row: dict) -> list[dict]:
+    rest = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected", "margin")}
+    return [{"prompt": row["prompt"], "completion": row["chosen"], "label": True, **rest},
+            {"prompt": row["prompt"], "completion": row["rejected"], "label": False, **rest}]
+
+
+def normalize_unpaired(rows: list[dict], where: list[str], source) -> tuple[list[dict], dict]:
+    """Rows of any unpaired format (UNPAIRED_FORMATS) -> TRL's unpaired rows, and what was done."""
+    fmt = detect_unpaired_format(rows[0], source)
+    if fmt == "pairs":
+        pairs, pair_info = normalize_preferences(rows, where, source)
+        out = [r for pair in pairs for r in _unpair(pair)]
+        conversational = pair_info["conversational"]
+    else:
+        label_column = next(c for c in LABEL_COLUMNS if c in rows[0])
+        out, conversational = [], None
+        for row, w in zip(rows, where):
+            if label_column not in row:
+                bad_row(source, w, f"missing column '{label_column}' (columns: {', '.join(row) or 'none'})")
+            sft_format = "prompt_completion" if fmt == "unpaired" else detect_sft_format(row)
+            if sft_format is None or (fmt == "unpaired") != ({"prompt", "completion"} <= set(row)):
+                bad_row(source, w, f"not in the format of the first row, {UNPAIRED_FORMATS[fmt]} (columns: "
+                                   f"{', '.join(row) or 'none'})")
+            converted = to_sft_row(row, sft_format, source, w)
+            if "messages" in converted:
+                converted["prompt"], converted["completion"] = split_reply(converted.pop("messages"), source, w)
+            is_conv = isinstance(converted["completion"], list)
+            if conversational is not None and is_conv != conversational:
+                bad_row(source, w, f"mixes text and conversation rows (earlier rows are "
+                                   f"{'conversations' if conversational else 'text'})")
+            conversational = is_conv
+            out.append({**{k: v for k, v in row.items() if k not in DROPPED}, **converted,
+                        "label": label_of(row[label_column], source, w)})
+    desirable = sum(r["label"] for r in out)
+    info = {"source": str(source), "format": fmt, "conversational": bool(conversational), "rows": len(rows),
+            "examples": len(out), "desirable": desirable, "undesirable": len(out) - desirable}
+    return out, info
+
+
+def load_unpaired(spec, recipe, columns: dict | None = None):
+    """Unpaired preference rows of any supported format, normalized; returns (Dataset, info). `columns` maps our
+    column names to the file's ({completion: reply, label: thumbs_up})."""
+    from pipeline.formats import rename_columns
+
+    rows, where, source = data.read_rows(spec, recipe)
+    rows = rename_columns(rows, columns, source, where)
+    out, info = normalize_unpaired(rows, where, source)
+    if not out:
+        raise PipelineError(f"{source}: no rows left to learn from (every pair has chosen equal to rejected)")
+    return data.dataset_of(out, source), info
