@@ -26,7 +26,8 @@ from typing import NamedTuple
 
 from pipeline import hub, llamafactory
 from pipeline.cli import PipelineError
-from pipeline.files import file_kind, names_a_local_file, read_file, read_files, read_folder
+from pipeline.files import (file_kind, folder_fingerprint, names_a_local_file, read_file, read_files,
+                            read_folder)
 from pipeline.fingerprints import hash_file, hash_folder, hash_obj
 from pipeline.formats import (bad_row, check_messages, detect_sft_format, expected_sft_columns, is_unpaired_preference,
                               to_sft_row, tools_json, tools_of)
@@ -188,8 +189,8 @@ def fingerprint(spec, recipe, images: bool = False) -> str:
 
             return hash_obj({"metadata": hash_file(path), "images": named_files(path)})
         return hash_file(path)
-    if path.is_dir():
-        return hash_folder(path)
+    if path.is_dir():  # an image folder's images may sit in subfolders: all of it
+        return hash_folder(path) if images else folder_fingerprint(path)
     if entry := llamafactory.entry_of(spec):
         return llamafactory.fingerprint(entry)
     if glob.has_magic(spec):

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from pipeline.cli import PipelineError
+from pipeline.fingerprints import hash_folder
 
 FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv",
               ".txt": "txt"}
@@ -207,7 +208,7 @@ def _first_line(err: Exception) -> str:
 def read_folder(path: Path, text_split: str = "paragraph") -> tuple[list[dict], list[str]]:
     """A folder saved with `datasets.save_to_disk` (its train split), or every data file in it, in name order (plain
     text split by `text_split`, as a single file's)."""
-    if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+    if is_saved_dataset(path):
         import datasets
 
         try:
@@ -221,10 +222,25 @@ def read_folder(path: Path, text_split: str = "paragraph") -> tuple[list[dict], 
             ds = ds["train"]
         rows = ds.to_list()
         return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
-    files = sorted(p for p in path.iterdir() if p.is_file() and file_kind(p))
+    files = data_files(path)
     if not files:
         raise PipelineError(f"{path}: folder holds no saved dataset and no {'/'.join(FILE_TYPES)} files")
     return read_files(files, text_split, lambda f: f.name)
+
+
+def is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def data_files(path: Path) -> list[Path]:
+    """The files read_folder reads from a folder that is no saved dataset: its data files, not its subfolders'."""
+    return sorted(p for p in path.iterdir() if p.is_file() and file_kind(p))
+
+
+def folder_fingerprint(path: Path) -> str:
+    """A data folder's fingerprint over what read_folder reads: a saved dataset whole, else its data files (a
+    folder of other things, `/` even, is not walked; for a folder of data files alone it is the whole folder's)."""
+    return hash_folder(path) if is_saved_dataset(path) else hash_folder(path, data_files(path))
 
 
 def read_files(files: list[Path], text_split: str, label) -> tuple[list[dict], list[str]]:

@@ -33,10 +33,11 @@ def code_hash() -> str:
     return _CODE[0]
 
 
-def hash_folder(path: Path) -> str:
-    """Contents for small files, name/size/mtime for big ones (hashing 100 GB of weights is not worth it)."""
+def hash_folder(path: Path, files: list[Path] | None = None) -> str:
+    """Contents for small files, name/size/mtime for big ones (hashing 100 GB of weights is not worth it): every
+    file under `path`, or only `files` (the ones a reader reads)."""
     entries = []
-    for p in sorted(path.rglob("*")):
+    for p in sorted(path.rglob("*") if files is None else files):
         if p.is_file() and ".partial" not in p.parts:
             st = p.stat()
             rel = str(p.relative_to(path))

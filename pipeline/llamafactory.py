@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.cli import PipelineError
-from pipeline.fingerprints import hash_file, hash_folder, hash_obj
+from pipeline.files import folder_fingerprint
+from pipeline.fingerprints import hash_file, hash_obj
 from pipeline.values import closest
 
 REGISTRY = "dataset_info.json"
@@ -132,7 +133,7 @@ def is_local(entry: Entry | None) -> bool:
 def fingerprint(entry: Entry) -> str:
     """The entry and its data's fingerprint (a file that is not there: none; the stage names it)."""
     kind, where = source(entry)
-    data = {"hub": where} if kind == "hub" else hash_folder(where) if Path(where).is_dir() else \
+    data = {"hub": where} if kind == "hub" else folder_fingerprint(Path(where)) if Path(where).is_dir() else \
         hash_file(where) if Path(where).is_file() else None
     return hash_obj({"llamafactory": entry.info, "data": data})
 

@@ -127,6 +127,28 @@ def test_fingerprint_follows_content(tmp_path, recipe):
     assert data.fingerprint("world:sft", recipe) != data.fingerprint("world:eval", recipe)
 
 
+def test_a_data_folders_fingerprint_covers_what_is_read_and_nothing_else(tmp_path, recipe):
+    """A folder of data files is fingerprinted over the files read_folder reads: a change to one reruns the stage; a
+    subfolder or a file of another type (a checkout's .git, notes, `dataset: /`'s whole file system) is not walked.
+    A folder of data files alone keeps the fingerprint it had (every file hashed)."""
+    from pipeline.fingerprints import hash_folder
+
+    folder = tmp_path / "chats"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", CHATS)
+    assert data.fingerprint(str(folder), recipe) == hash_folder(folder)
+    before = data.fingerprint(str(folder), recipe)
+    (folder / ".git").mkdir()
+    (folder / ".git" / "index").write_bytes(b"x" * 100)
+    (folder / "notes.md").write_text("not read")
+    assert data.fingerprint(str(folder), recipe) == before
+    write_jsonl(folder / "a.jsonl", CHATS[:1])
+    assert data.fingerprint(str(folder), recipe) != before
+    saved = tmp_path / "saved"
+    data.dataset_of(CHATS, "chats").save_to_disk(str(saved))
+    assert data.fingerprint(str(saved), recipe) == hash_folder(saved)  # a saved dataset: all of it
+
+
 def test_world_eval_warning_is_for_a_users_data_not_for_a_list_of_world_splits(tmp_path):
     """sft.dataset: [world:sft, world:tool_sft] (the small recipe) measured on world:eval is the world's own pairing:
     no warning; a user's file among them, or alone, measured there gets one."""
