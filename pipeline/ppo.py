@@ -54,12 +54,16 @@ def load_prompts(spec, recipe, columns: dict | None = None, pairs: bool = False)
 
 
 def read_prompts(spec, recipe, columns: dict | None = None, pairs: bool = False) -> tuple:
-    """(load_prompts' dataset, what was read for the manifest: {source, rows, format})."""
-    rows, _, _ = data.read_rows(spec, recipe)
-    if "prompt" in rows[0] or "prompt" in (columns or {}):
-        ds, fmt = data.load(spec, "prompts", recipe, columns=columns), "prompts"
+    """(load_prompts' dataset, what was read for the manifest: {source, rows, format}). The spec is read once:
+    prompts, or preference pairs whose prompts these are."""
+    from pipeline.formats import rename_columns
+
+    rows, where, source = data.read_rows(spec, recipe)
+    rows = rename_columns(rows, columns, source, where)
+    if "prompt" in rows[0]:
+        ds, fmt = data.dataset_of(data.CHECKS["prompts"](rows, where, source), source), "prompts"
     else:
-        ds, pair_info = preferences.load_preferences(spec, recipe, columns)
+        ds, pair_info = preferences.pairs_dataset(rows, where, source)
         fmt = f"the prompts of {pair_info['format']} preference pairs"
     keep = ("prompt", "skill", "answer", "tools", "kind", "expect") + (("chosen", "rejected") if pairs else ())
     return ds.select_columns([c for c in keep if c in ds.column_names]), \

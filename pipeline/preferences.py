@@ -264,7 +264,11 @@ def load_preferences(spec, recipe, columns: dict | None = None):
     from pipeline.formats import rename_columns
 
     rows, where, source = data.read_rows(spec, recipe)
-    rows = rename_columns(rows, columns, source, where)
+    return pairs_dataset(rename_columns(rows, columns, source, where), where, source)
+
+
+def pairs_dataset(rows: list[dict], where: list[str], source):
+    """Rows read from `source` as normalized pairs in a Dataset, and what was done (normalize_preferences)."""
     pairs, info = normalize_preferences(rows, where, source)
     if not pairs:
         raise PipelineError(f"{source}: no pairs left: all {info['identical_dropped']} have chosen equal to rejected")

@@ -633,20 +633,24 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(inputs, override, ex
     assert not (work / "runs/bad").exists() and sorted(p.name for p in work.rglob("*")) == before
 
 
-def test_read_prompts_says_what_it_read_for_the_manifest(tmp_path):
+def test_read_prompts_says_what_it_read_for_the_manifest(tmp_path, monkeypatch):
     """ppo's manifest records its prompts (source, rows, format) as every other stage records its data: a prompt
     file as prompts, pairs without a prompt column as the shared beginnings of their conversations."""
     from conftest import write_jsonl
-    from pipeline import ppo
+    from pipeline import data, ppo
 
+    read_rows = data.read_rows
     recipe = load_recipe(tiny_recipe(tmp_path))
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is 2 + 3?"}, {"prompt": "Say hi."}])
     turn = [{"role": "user", "content": "What is 2 + 3?"}]
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [
         {"chosen": turn + [{"role": "assistant", "content": "5"}],
          "rejected": turn + [{"role": "assistant", "content": "6"}]}])
+    reads = []
+    monkeypatch.setattr(data, "read_rows", lambda spec, *a, **kw: reads.append(spec) or read_rows(spec, *a, **kw))
     ds, info = ppo.read_prompts(prompts, recipe)
     assert len(ds) == 2 and info == {"source": prompts, "rows": 2, "format": "prompts"}
     ds, info = ppo.read_prompts(pairs, recipe)
     assert ds["prompt"] == [turn] and info == {"source": pairs, "rows": 1,
                                                "format": "the prompts of implicit preference pairs"}
+    assert reads == [prompts, pairs]  # each spec read once (a hub dataset or a LLaMA-Factory entry: one conversion)
