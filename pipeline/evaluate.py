@@ -373,14 +373,13 @@ def main(argv):
             device = run.state.device
             setup = EvalSetup(baseline=baseline, seed=seed, verified=sum(judges.has_verifier(r) for r in rows))
             samples_setup(setup, keys, reference, reward, targets)
-            log.info(f"{len(rows)} prompts from {keys.prompts} ({setup.verified} with a verifier); "
-                     f"checkpoints: {', '.join(t.name for t in targets)}; baseline {baseline}")
+            log.info(f"{setup.verified} of the prompts with a verifier; checkpoints: "
+                     f"{', '.join(t.name for t in targets)}; baseline {baseline}")  # note_data logged how many
             tools = None
             if tool_plan is not None:
                 tools = eval_tools.ToolEval(recipe, keys, tool_plan, run.out,
                                             recipe.stage_dir(STAGE).relative_to(recipe.run_dir), seed, device)
-                log.info(f"{len(tool_plan.rows)} tool prompts from {keys.tool_prompts}; tools: "
-                         f"{', '.join(tool_plan.tools)}")
+                log.info(f"tools for the tool prompts: {', '.join(tool_plan.tools)}")
             engines = vllm_engine.EvalEngines(recipe)
             tool_kl = tools is not None and keys.tool_samples > 0 and reference is not None
             earlier = [run.out, recipe.stage_dir(STAGE)] if keys.reuse else []  # a stopped attempt's, the last eval's
