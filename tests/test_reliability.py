@@ -143,7 +143,7 @@ def test_pretrain_killed_in_every_phase_and_signalled_through_the_runner_ends_li
     assert sorted(p.name for p in (work / "runs/chain").iterdir()) == ["pretrain"]  # lock files gone too
 
 
-@pytest.mark.parametrize("stage_name", ["sft", "reward", "dpo"])
+@pytest.mark.parametrize("stage_name", ["sft", "reward", "dpo", "kto"])
 def test_killed_during_the_final_save_resumes_to_the_exact_step_count(tiny_run, stage_name):
     work, recipe, _ = tiny_run
     common = [f"{stage_name}.max_steps=6", f"{stage_name}.save_steps=4", f"{stage_name}.init_from="
