@@ -28,6 +28,20 @@ USAGE = "usage: pipeline/kto.py RECIPE [kto.KEY=VALUE ...]"
 ROW_COLUMNS = ("prompt", "completion", "label", "tools")  # tools: TRL renders a tool row's prompt with its schemas
 
 
+def check_kl_batches(recipe) -> None:
+    """KTOTrainer's own refusals, before anything loads or is written: a loss that estimates the KL term from each
+    batch's other rows needs batches of two rows at least, read in order."""
+    if recipe.config_default(STAGE, "loss_type") == "apo_zero_unpaired":  # no KL term
+        return
+    if recipe.config_default(STAGE, "per_device_train_batch_size") < 2:
+        raise cli.PipelineError(f"{recipe.path}: kto.per_device_train_batch_size must be 2 or more: the KL term is "
+                                f"estimated from each batch's replies to its other prompts")
+    if recipe.config_default(STAGE, "train_sampling_strategy") != "sequential":
+        raise cli.PipelineError(f"{recipe.path}: kto.train_sampling_strategy must be sequential (its default): the "
+                                f"KL term pairs each reply with its neighbours' prompts (the stage shuffles the rows "
+                                f"once); or use loss_type apo_zero_unpaired, which has no KL term")
+
+
 def load_splits(keys, recipe):
     """Training and held-out rows: `eval_dataset`, or `eval_fraction` of the training prompts held out (a prompt's
     rows all on one side). Returns (train, held_out, train_info, held_out_info)."""
@@ -57,6 +71,7 @@ def main(argv):
     recipe.check_config(STAGE, portable=True)  # the config class's own checks before upstream stages
     keys = recipe.keys(STAGE)
     peft_values = recipe.peft_values(STAGE)
+    check_kl_batches(recipe)
     with runs.StageRun(recipe, STAGE) as run:
         train_ds, eval_ds, train_info, eval_info = load_splits(keys, recipe)
         run.note_data("dataset", train_info)

@@ -68,8 +68,9 @@ def split_reply(messages: list[dict], source, where) -> tuple[list[dict], list[d
 
 def _unpair(row: dict) -> list[dict]:
     rest = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected", "margin")}
-    return [{"prompt": row["prompt"], "completion": row["chosen"], "label": True, **rest},
-            {"prompt": row["prompt"], "completion": row["rejected"], "label": False, **rest}]
+    # the pair's own columns are kept, but a `completion` or `label` of its own gives way to the split's
+    return [{**rest, "prompt": row["prompt"], "completion": row["chosen"], "label": True},
+            {**rest, "prompt": row["prompt"], "completion": row["rejected"], "label": False}]
 
 
 def normalize_unpaired(rows: list[dict], where: list[str], source) -> tuple[list[dict], dict]:

@@ -83,6 +83,9 @@ def test_pairs_become_a_desirable_and_an_undesirable_row():
                              "skill": "s"}])
     assert [(r["completion"], r["label"]) for r in rows] == [(" a", True), (" b", False)]
     assert all(r["prompt"] == "p" and r["skill"] == "s" and "margin" not in r for r in rows)
+    # a pair's own `label` column (another meaning) gives way to the split's
+    rows, _ = normalize([{"prompt": "p", "chosen": " a", "rejected": " b", "label": "spam"}])
+    assert [r["label"] for r in rows] == [True, False]
     assert (info["format"], info["rows"], info["examples"]) == ("pairs", 1, 2)
 
 
@@ -188,3 +191,16 @@ def test_the_runner_orders_kto_after_sft_and_eval_scores_it(tmp_path):
     assert planned == ["pretrain", "sft", "kto", "eval"]
     recipe = load_recipe(path)
     assert recipe.keys("kto").init_from == "sft" and recipe.keys("eval").checkpoints == ["pretrain", "sft", "kto"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("kto.per_device_train_batch_size=1", "kto.per_device_train_batch_size must be 2 or more"),
+    ("kto.train_sampling_strategy=random", "kto.train_sampling_strategy must be sequential"),
+])
+def test_batches_the_kl_term_cannot_use_stop_before_anything_loads(tmp_path, override, message):
+    """KTOTrainer raises these after the model has loaded (a traceback, a staging folder left): one line first."""
+    from conftest import tiny_recipe
+
+    proc = run_cli(["pipeline/kto.py", tiny_recipe(tmp_path), override], cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and message in proc.stderr
+    assert not (tmp_path / "runs").exists()
