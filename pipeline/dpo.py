@@ -113,17 +113,10 @@ def main(argv):
         models.check_chat_template(tokenizer, {train_info["source"]: train_ds, eval_info["source"]: eval_ds})
         if prompts and any(row.get("tools") for row in prompts):  # rounds 2+ read the sampled replies' calls
             models.check_tool_parser(tokenizer, f"{recipe.path}: dpo.rounds")
-        policy = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision,
-                                       tokenizer=tokenizer)
-        models.configure_generation(policy, tokenizer)
-        peft_config = models.peft_config(peft_values, model=policy, where=f"{recipe.path}: {STAGE}")
-        reference = None
         # with LoRA the reference is the policy with its adapter switched off; iterated, TRL would copy a later
         # round's adapter as that round's reference, so the rounds keep the initial model loaded instead
-        if peft_config is None or keys.rounds > 1:
-            reference = models.load_causal_lm(recipe, init.path, revision=recipe.model.revision,
-                                              tokenizer=tokenizer).eval()
-            reference.requires_grad_(False)
+        policy, peft_config, reference = models.load_policy(recipe, init, peft_values, tokenizer, f"{recipe.path}: "
+                                                            f"{STAGE}", reference_with_peft=keys.rounds > 1)
 
         def trainer_for(model, pairs, output_dir):
             from peft import PeftModel

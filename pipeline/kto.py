@@ -89,15 +89,9 @@ def main(argv):
 
         tokenizer = models.load_tokenizer(recipe, init)
         models.check_chat_template(tokenizer, {train_info["source"]: train_ds, eval_info["source"]: eval_ds})
-        policy = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision,
-                                       tokenizer=tokenizer)
-        models.configure_generation(policy, tokenizer)
-        peft_config = models.peft_config(peft_values, model=policy, where=f"{recipe.path}: {STAGE}")
-        reference = None  # with LoRA the reference is the policy with its adapter switched off
-        if peft_config is None:
-            reference = models.load_causal_lm(recipe, init.path, revision=recipe.model.revision,
-                                              tokenizer=tokenizer).eval()
-            reference.requires_grad_(False)
+        # with LoRA the reference is the policy with its adapter switched off
+        policy, peft_config, reference = models.load_policy(recipe, init, peft_values, tokenizer,
+                                                            f"{recipe.path}: {STAGE}")
         trainer = KTOTrainer(model=policy, ref_model=reference, args=args, train_dataset=rows_only(train_ds),
                              eval_dataset=rows_only(eval_ds), processing_class=tokenizer, peft_config=peft_config)
         for net in (trainer.model, trainer.ref_model):  # policy and reference: less padding, the same outputs

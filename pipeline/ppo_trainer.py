@@ -100,18 +100,12 @@ class PPOTrainer:
 
         # models: policy (maybe LoRA), frozen reference, reward model, critic
         self.tokenizer = tokenizer = tokenizer or models.load_tokenizer(recipe, init)  # the stage's, if checked
-        policy = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision,
-                                       tokenizer=tokenizer)
-        models.configure_generation(policy, tokenizer)
-        self.lora = models.peft_config(peft_values, model=policy, where=f"{recipe.path}: ppo")
+        policy, self.lora, reference = models.load_policy(recipe, init, peft_values, tokenizer, f"{recipe.path}: ppo")
+        self.reference = None if reference is None else reference.to(self.device)  # None: the policy, adapter off
         if self.lora is not None:
             from peft import get_peft_model
 
             policy = get_peft_model(policy, self.lora)
-            self.reference = None  # the policy with its adapter off
-        else:
-            reference = models.load_causal_lm(recipe, init.path, revision=recipe.model.revision, tokenizer=tokenizer)
-            self.reference = reference.to(self.device).eval().requires_grad_(False)
         self.implicit = None  # ppo.implicit_reward: a DPO policy whose log-ratio to the reference is a dense reward
         if implicit is not None:
             self.implicit = ImplicitReward(recipe, implicit, tokenizer, cfg.implicit_reward_beta, self.device)
