@@ -54,8 +54,8 @@ def detect_unpaired_format(first: dict, source) -> str:
 
 
 def split_reply(messages: list[dict], source, where) -> tuple[list[dict], list[dict]]:
-    """A conversation as (prompt, completion): the completion is its trailing assistant turns, a tool call and its
-    reply after the tool's result being two turns of the prompt and one of the completion, as LLaMA-Factory cuts it."""
+    """A conversation as (prompt, completion): the completion is its trailing assistant turns, the rest the prompt
+    (after a tool call and its result, the final reply alone is judged), as LLaMA-Factory cuts a KTO row."""
     cut = len(messages)
     while cut > 0 and messages[cut - 1]["role"] == "assistant":
         cut -= 1
