@@ -204,3 +204,18 @@ def test_batches_the_kl_term_cannot_use_stop_before_anything_loads(tmp_path, ove
     proc = run_cli(["pipeline/kto.py", tiny_recipe(tmp_path), override], cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and message in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_check_runs_kto_rows_through_the_unpaired_loader(tmp_path):
+    """`run.py --check` reads a sample of kto's rows as the stage does: a bad label is found before any stage runs."""
+    from conftest import tiny_recipe, write_jsonl
+
+    rows = [{"prompt": "What is 2 + 3?", "completion": " 5", "label": True},
+            {"prompt": "What is 2 + 3?", "completion": " 6", "label": "sometimes"}]
+    spec = write_jsonl(tmp_path / "feedback.jsonl", rows)
+    recipe = tiny_recipe(tmp_path, kto={"dataset": str(spec), "eval_dataset": str(spec)})
+    check = run_cli(["pipeline/run.py", recipe, "--check"], cwd=tmp_path)
+    assert check.returncode == 2, check.stdout[-2000:] + check.stderr[-2000:]
+    assert f"{spec}: line 2: the label must be true or false, got 'sometimes'" in check.stdout
+    write_jsonl(spec, rows[:1] + [{**rows[1], "label": False}])
+    assert run_cli(["pipeline/run.py", recipe, "--check"], cwd=tmp_path).returncode == 0
