@@ -1,4 +1,5 @@
-"""Model FLOP utilisation of each training stage (pretrain, sft, reward, dpo) on a larger benchmark model, per dtype.
+"""Model FLOP utilisation of each training stage (pretrain, sft, reward, dpo, kto) on a larger benchmark model, per
+dtype.
 
     python benchmarks/mfu.py [--steps 10] [--dtypes fp32,bf16] [--model 512x8] [--run-dir runs/small] \
         [--set sft.train_sampling_strategy=group_by_length ...]
@@ -8,13 +9,16 @@ The small recipe's 0.7M-parameter model (hidden size 128) is too narrow for any 
 recipe with `model.config` widened (`--model WIDTHxLAYERS`: hidden WIDTH, intermediate 3 x WIDTH, WIDTH/64 heads, half
 as many key-value heads) and the run folder's trained tokenizer. Per dtype, one after the other:
 `pipeline/pretrain.py` builds and trains it from the config for --steps steps, then `pipeline/sft.py`,
-`pipeline/reward.py` and `pipeline/dpo.py` train --steps steps each from that checkpoint (bf16: `<stage>.bf16=true`,
-autocast on CPU), on the recipe's data, batch sizes and max_length.
+`pipeline/reward.py`, `pipeline/dpo.py` and `pipeline/kto.py` train --steps steps each from that checkpoint (bf16:
+`<stage>.bf16=true`, autocast on CPU), on the recipe's data, batch sizes and max_length (kto, which the small recipe
+has no section for: dpo's data, batch, max_length and length_split, each pair two rows).
 
 Achieved FLOP/s = FLOPs per real (non-padding) token x real tokens / the `train_runtime` the trainer prints; FLOPs
 per token: 6 x N for a forward and backward pass over the N weights a token goes through (pretrain and sft: the
 whole causal LM, its tied LM head counted once; reward: without the LM head, its score head is one column), dpo
-8 x N (its frozen reference's forward pass too). Attention score FLOPs, the reward stage's LM regulariser and
+8 x N (its frozen reference's forward pass too), kto 12 x N (TRL counts the rows' tokens; each row also goes through
+the policy and the reference as the KL row, the batch's completions under other prompts: as many tokens, forward
+passes only, 2 x N each, and the reference's forward pass of the row itself, 2 x N). Attention score FLOPs, the reward stage's LM regulariser and
 padding are not counted, so the share is a lower bound. Real tokens: pretrain steps x batch x block size (blocks
 are full), the others the `num_tokens` TRL logs. The peak is matmul_peak.py's best square matmul in that dtype, with
 the same threads, measured first. Stage logs and outputs go under --out.
@@ -38,7 +42,9 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 RECIPE = "recipes/small.yaml"
-STAGES = ("pretrain", "sft", "reward", "dpo")
+STAGES = ("pretrain", "sft", "reward", "dpo", "kto")
+KTO_FROM_DPO = ("dataset", "per_device_train_batch_size", "max_length", "length_split", "gradient_checkpointing",
+                "use_cpu")  # the small recipe has no kto section: dpo's settings (KTOConfig's: batch 8, 1,024 tokens)
 
 
 def model_overrides(spec: str) -> list[str]:
@@ -57,7 +63,7 @@ def short_stage_overrides(run_dir: str, stage: str, steps: int) -> list[str]:
     tokenizer = Path(run_dir).resolve() / "pretrain"
     settings = ["tokenizer.train=false", f"tokenizer.name_or_path={tokenizer}", f"{stage}.max_steps={steps}",
                 f"{stage}.report_to=none"]
-    return settings + ([f"{stage}.heldout_prompts=null"] if stage in ("sft", "dpo") else [])
+    return settings + ([f"{stage}.heldout_prompts=null"] if stage in ("sft", "dpo", "kto") else [])
 
 
 def weights_per_token(folder: Path) -> tuple[int, int]:
@@ -121,6 +127,9 @@ def main():
             settings = short_stage_overrides(args.run_dir, stage, args.warmup + args.steps)
             settings += [f"{stage}.logging_steps=1", f"{stage}.bf16={'true' if dtype == 'bf16' else 'false'}"]
             settings += ["pretrain.save_strategy=no"] if stage == "pretrain" else [f"{stage}.init_from={pretrained}"]
+            if stage == "kto" and "kto" not in recipe.stages:
+                settings += [f"kto.{k}={json.dumps(recipe.section('dpo')[k])}" for k in KTO_FROM_DPO
+                             if k in recipe.section("dpo")]
             cmd = [sys.executable, str(BENCH / "step_timer.py"), f"pipeline/{stage}.py", *base, *settings]
             log = out / "logs" / f"{name}-{stage}.txt"
             stage_env = {**env, "STEP_TIMER_EXIT": "0" if stage == "pretrain" else "1"}
@@ -139,7 +148,7 @@ def main():
             total, head = weights_per_token(pretrained)
             params = total
             flops_per_token = {"pretrain": 6 * total, "sft": 6 * total, "reward": 6 * (total - head),
-                               "dpo": 8 * total}[stage]
+                               "dpo": 8 * total, "kto": 12 * total}[stage]
             achieved = flops_per_token * tokens / runtime / 1e9
             (t0, tok0), (t1, tok1) = steps[args.warmup], steps[args.warmup + args.steps]
             steady = flops_per_token * (tok1 - tok0) / (t1 - t0) / 1e9
