@@ -219,3 +219,12 @@ def test_check_runs_kto_rows_through_the_unpaired_loader(tmp_path):
     assert f"{spec}: line 2: the label must be true or false, got 'sometimes'" in check.stdout
     write_jsonl(spec, rows[:1] + [{**rows[1], "label": False}])
     assert run_cli(["pipeline/run.py", recipe, "--check"], cwd=tmp_path).returncode == 0
+
+
+def test_precomputed_reference_log_probs_match_on_the_fly(tiny_run):
+    """precompute_ref_log_probs scores the reference once (its KL rows too) before training: the same losses."""
+    work, recipe, _ = tiny_run
+    on_the_fly = kto(work, recipe, "kto_fly", "kto.heldout_prompts=")
+    precomputed = kto(work, recipe, "kto_pre", "kto.heldout_prompts=", "kto.precompute_ref_log_probs=true")
+    assert precomputed["train_loss"] == pytest.approx(on_the_fly["train_loss"], rel=1e-3)
+    assert precomputed["eval_loss"] == pytest.approx(on_the_fly["eval_loss"], rel=1e-3)
