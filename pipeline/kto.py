@@ -1,4 +1,4 @@
-"""Stage 4b, kto: Kahneman-Tversky optimisation with TRL's KTOTrainer, from replies labelled good or bad.
+"""Stage 4c, kto: Kahneman-Tversky optimisation with TRL's KTOTrainer, from replies labelled good or bad.
 
     accelerate launch pipeline/kto.py recipes/small.yaml [kto.beta=0.1 kto.desirable_weight=1.0 kto.use_peft=true ...]
 
