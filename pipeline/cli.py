@@ -30,10 +30,25 @@ def end_process_group() -> None:
     """After a stage that ran under `accelerate launch` finished, its process group ends here: left to the
     interpreter's exit, gloo's worker threads can abort a process whose work is saved (SIGABRT, "terminate called
     without an active exception"; pytorch/pytorch#190489). Only on success: after an error the other processes may be
-    inside a collective, and destroying the group then can hang them."""
+    inside a collective, and destroying the group then can hang them. With several processes the process then leaves
+    once Python's exit handlers have run, without the interpreter's teardown: DeepSpeed and accelerate keep the
+    groups' objects alive past destroy_process_group, and their teardown still aborted a ZeRO-3 process after its
+    stage had finished (2 full suites of 2 on 2026-12-05, the two-process test_distributed run beside other tests)."""
     torch = sys.modules.get("torch")  # a stage that never imported torch has no process group
-    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    several = torch.distributed.get_world_size() > 1
+    torch.distributed.destroy_process_group()
+    if several:
+        import atexit
+        import logging
+        import os
+
+        atexit._run_exitfuncs()  # trackers' and loggers' own exit work (wandb, codecarbon, ...), as a normal exit
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def built_from_config(build, what: str):

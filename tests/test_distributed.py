@@ -388,6 +388,28 @@ def test_memory_estimate_follows_the_sharding():
         memory.parse_size("lots")
 
 
+def test_a_finished_stage_of_several_processes_leaves_after_its_exit_handlers(tmp_path):
+    """With several processes, a finished stage's process runs Python's exit handlers (trackers finish their runs)
+    and leaves with code 0 without the interpreter's teardown, where DeepSpeed's and accelerate's leftover group
+    objects aborted a ZeRO-3 process whose work was saved."""
+    script = tmp_path / "stage.py"
+    script.write_text(f"""
+import atexit, sys
+sys.path.insert(0, {str(REPO)!r})
+import torch.distributed as dist
+from pipeline import cli
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=rank, world_size=2)
+atexit.register(lambda: open("{tmp_path}/exit-%d" % rank, "w").write("ran"))
+cli.run_main(lambda argv: dist.barrier(), [])
+open("{tmp_path}/after-%d" % rank, "w").write("ran")  # not reached: the process has left
+""")
+    procs = [subprocess.Popen([sys.executable, str(script), str(rank)]) for rank in (0, 1)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert all((tmp_path / f"exit-{rank}").read_text() == "ran" for rank in (0, 1))
+    assert not list(tmp_path.glob("after-*"))
+
+
 def test_a_finished_stage_ends_its_process_group_and_a_failed_one_leaves_it(tmp_path):
     """A process that exits with its gloo group alive can abort after its work is saved (SIGABRT, "terminate called
     without an active exception": pytorch/pytorch#190489; test_reward's two-process test once failed so in a full
