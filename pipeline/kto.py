@@ -51,14 +51,9 @@ def load_splits(keys, recipe):
     else:
         train_ds, eval_ds = split_by_prompt(train_ds, keys.eval_fraction, recipe.run.seed)
         eval_info = {**train_info, "source": f"{train_info['source']} (held-out {keys.eval_fraction:.0%} of prompts)",
-                     **balance(eval_ds)}
-        train_info = {**train_info, **balance(train_ds)}
+                     **unpaired.balance(eval_ds["label"])}
+        train_info = {**train_info, **unpaired.balance(train_ds["label"])}
     return train_ds.shuffle(seed=recipe.run.seed).flatten_indices(), eval_ds, train_info, eval_info
-
-
-def balance(ds) -> dict:
-    desirable = sum(ds["label"])
-    return {"examples": len(ds), "desirable": desirable, "undesirable": len(ds) - desirable}
 
 
 def rows_only(ds):

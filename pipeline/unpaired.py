@@ -66,6 +66,12 @@ def split_reply(messages: list[dict], source, where) -> tuple[list[dict], list[d
     return messages[:cut], messages[cut:]
 
 
+def balance(labels) -> dict:
+    """How many rows there are, and how many of them are desirable (labelled true) and undesirable."""
+    desirable = sum(bool(label) for label in labels)
+    return {"examples": len(labels), "desirable": desirable, "undesirable": len(labels) - desirable}
+
+
 def _unpair(row: dict) -> list[dict]:
     rest = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected", "margin")}
     # the pair's own columns are kept, but a `completion` or `label` of its own gives way to the split's
@@ -100,9 +106,8 @@ def normalize_unpaired(rows: list[dict], where: list[str], source) -> tuple[list
             conversational = is_conv
             out.append({**{k: v for k, v in row.items() if k not in DROPPED}, **converted,
                         "label": label_of(row[label_column], source, w)})
-    desirable = sum(r["label"] for r in out)
     info = {"source": str(source), "format": fmt, "conversational": bool(conversational), "rows": len(rows),
-            "examples": len(out), "desirable": desirable, "undesirable": len(out) - desirable}
+            **balance([r["label"] for r in out])}
     return out, info
 
 
