@@ -14,7 +14,7 @@ import dataclasses
 import glob
 from pathlib import Path
 
-from pipeline import cluster, cost_check, integrity, llamafactory, runs
+from pipeline import cluster, cost_check, integrity, llamafactory, reference_free, runs
 from pipeline.memory import estimate_memory, human, model_shape, profile_of
 from pipeline.cli import PipelineError
 from pipeline.stages import STAGES
@@ -169,6 +169,8 @@ def check_stage_config(recipe, stage: str) -> None:
     eval's key rules (it has no config class). The runner makes them for every planned stage before the first starts,
     --check for each stage; PipelineError on the first problem."""
     recipe.check_config(stage, portable=True)
+    if stage == "dpo":
+        reference_free.check(recipe, stage)
     if stage == "ppo" and (cfg := recipe.trainer_config(stage)).algorithm != "ppo":  # TRL's config checks too
         from pipeline.trl_online import trl_config
 

@@ -4,7 +4,8 @@
 
 The policy starts from `dpo.init_from` (default `sft`); the reference is the same checkpoint loaded once and
 frozen or, with `use_peft`, the policy with its adapter switched off. `precompute_ref_log_probs: true` scores the
-reference once before training and reuses the log-probs every epoch. Data: any preference format the reward stage
+reference once before training and reuses the log-probs every epoch. `loss_type` simpo, cpo and orpo need no
+reference: none is loaded (pipeline/reference_free.py). Data: any preference format the reward stage
 reads (preferences.load_preferences). Section keys: TRL's DPOConfig fields, ModelConfig's LoRA fields, DPOKeys
 (pipeline/stages.py). At the end the input and the tuned policy answer the held-out prompts (verifier accuracy).
 
@@ -19,7 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the package, never shadow libraries with our modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from pipeline import batching, cli, data, dpo_rounds, judges, log, models, preferences, runs
+from pipeline import batching, cli, data, dpo_rounds, judges, log, models, preferences, reference_free, runs
 from pipeline.heldout import heldout_comparison, heldout_rows
 from pipeline.recipe import load_recipe, stage_help
 from pipeline.reward_model import RewardModel
@@ -28,6 +29,7 @@ from pipeline.stages import STAGES
 STAGE = "dpo"
 USAGE = "usage: pipeline/dpo.py RECIPE [dpo.KEY=VALUE ...]"
 PAIR_COLUMNS = ("prompt", "chosen", "rejected", "tools")  # tools: TRL renders a tool pair's prompt with its schemas
+HISTORY_KEYS = ("step", "loss", "nll_loss", "log_odds_ratio")  # and every `group/name` the trainer logs
 
 
 def chosen_logp_watch(drop: float):
@@ -49,7 +51,7 @@ def chosen_logp_watch(drop: float):
                 self.warned = True
                 log.warning(f"log-prob of chosen replies fell from {self.start:.2f} to {value:.2f} (step "
                             f"{state.global_step}): the policy is moving mass away from both replies; consider a "
-                            f"larger beta, a lower learning rate, or loss_type [sigmoid, sft] (RPO)")
+                            f"larger beta, a lower learning rate, or `sft` in loss_type (e.g. [sigmoid, sft]: RPO)")
 
     return ChosenLogpWatch()
 
@@ -90,6 +92,8 @@ def main(argv):
     keys = recipe.keys(STAGE)
     peft_values = recipe.peft_values(STAGE)
     check_rounds(recipe, keys)
+    reference_free.check(recipe, STAGE)
+    no_reference = reference_free.is_reference_free(recipe.config_default(STAGE, "loss_type"))
     with runs.StageRun(recipe, STAGE) as run:
         train_ds, eval_ds, train_info, eval_info = preferences.load_preference_splits(
             keys.dataset, keys.eval_dataset, keys.eval_fraction, recipe, keys.columns)
@@ -108,6 +112,8 @@ def main(argv):
         from trl import DPOTrainer as TRLDPOTrainer
 
         DPOTrainer = batching.length_grouped(TRLDPOTrainer)  # group_by_length measures pairs, batches shuffled
+        if no_reference:  # simpo, cpo, orpo: the policy's own log-probs, no reference model
+            DPOTrainer = reference_free.trainer_class(DPOTrainer, keys.simpo_gamma)
 
         tokenizer = models.load_tokenizer(recipe, init)
         models.check_chat_template(tokenizer, {train_info["source"]: train_ds, eval_info["source"]: eval_ds})
@@ -115,8 +121,10 @@ def main(argv):
             models.check_tool_parser(tokenizer, f"{recipe.path}: dpo.rounds")
         # with LoRA the reference is the policy with its adapter switched off; iterated, TRL would copy a later
         # round's adapter as that round's reference, so the rounds keep the initial model loaded instead
+        # rounds > 1 measure each round's samples' KL to the initial model, so they load it with any loss
         policy, peft_config, reference = models.load_policy(recipe, init, peft_values, tokenizer, f"{recipe.path}: "
-                                                            f"{STAGE}", reference_with_peft=keys.rounds > 1)
+                                                            f"{STAGE}", reference_with_peft=keys.rounds > 1,
+                                                            reference=keys.rounds > 1 or not no_reference)
 
         def trainer_for(model, pairs, output_dir):
             from peft import PeftModel
@@ -134,14 +142,13 @@ def main(argv):
         if keys.rounds == 1:
             trainer = trainer_for(policy, train_ds, run.out)
             log.info(f"{models.describe(trainer.model)}; {len(train_ds)} pairs, {len(eval_ds)} held out; "
-                     f"beta {args.beta}, loss {args.loss_type}")
+                     f"beta {args.beta}, loss {args.loss_type}{'; no reference model' if no_reference else ''}")
             data.warn_many_epochs(args, len(trainer.train_dataset), run.state.num_processes)
             result = trainer.train(resume_from_checkpoint=run.last_checkpoint())
             logged = [h for h in trainer.state.log_history if "loss" in h and "logps/chosen" in h]
             trained = {"train_loss": runs.train_loss(trainer), "steps": result.global_step,
                        "train_pairs": len(train_ds),
-                       "history": [{k: v for k, v in h.items() if k == "step" or "/" in k or k == "loss"}
-                                   for h in logged]}
+                       "history": [{k: v for k, v in h.items() if k in HISTORY_KEYS or "/" in k} for h in logged]}
         else:
             reward = RewardModel.load(recipe, run.checkpoint("round_reward_model"), device=run.state.device) \
                 if keys.round_labeller == "reward" else None

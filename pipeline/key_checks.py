@@ -13,6 +13,7 @@ import dataclasses
 import math
 import re
 
+from pipeline import reference_free
 from pipeline.cli import PipelineError
 from pipeline.values import closest
 
@@ -21,6 +22,8 @@ from pipeline.values import closest
 # these lists with the trainers' code (tests/test_recipe.py, tests/test_trl_online.py).
 HELP_LISTED = {("DPOConfig", "loss_type"): r"Possible values are:(.*?)\. If", ("GRPOConfig", "loss_type"):
                r"Supported values are (.*?)\. "}
+# Values the pipeline adds to a config class's list: the dpo stage's reference-free losses (pipeline/reference_free.py)
+ADDED_VALUES = {("DPOConfig", "loss_type"): reference_free.LOSSES}
 
 # Keys of one section that users of another section write: (section, key) -> the hint added to "unknown key".
 _PIPELINE = "a diffusers pipeline: a stage, a folder or a hub id"
@@ -42,7 +45,8 @@ def listed_values(config_class, key: str) -> list[str] | None:
         return [str(c) for c in f.metadata["choices"]]
     if (config_class.__name__, key) in HELP_LISTED:
         listed = re.search(HELP_LISTED[config_class.__name__, key], f.metadata.get("help", ""), re.S)
-        return re.findall(r"'(\w+)'", listed.group(1)) or None if listed else None
+        valid = re.findall(r"'(\w+)'", listed.group(1)) if listed else []
+        return valid + list(ADDED_VALUES.get((config_class.__name__, key), ())) if valid else None
     return None
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pipeline import cluster, runs
 from pipeline.cli import PipelineError
+from pipeline.reference_free import is_reference_free
 
 
 GIB = 1 << 30
@@ -69,6 +70,8 @@ def profile_of(recipe, stage: str) -> StageProfile:
     profile, keys = PROFILES.get(stage, StageProfile()), recipe.keys(stage)
     if getattr(keys, "lm_loss_coefficient", 0):
         profile = dataclasses.replace(profile, lm_head=True)
+    if stage == "dpo" and keys.rounds == 1 and is_reference_free(recipe.config_default(stage, "loss_type")):
+        profile = dataclasses.replace(profile, frozen_models=0)  # simpo, cpo, orpo: no reference model
     more = len(getattr(keys, "reward_ensemble", None) or []) + bool(getattr(keys, "implicit_reward", None))
     if more:
         with_peft = None if profile.frozen_with_peft is None else profile.frozen_with_peft + more

@@ -373,19 +373,20 @@ def fit_embeddings(model, tokenizer) -> None:
             model.resize_token_embeddings(len(tokenizer))
 
 
-def load_policy(recipe, init, peft_values: dict, tokenizer, where: str, reference_with_peft: bool = False):
+def load_policy(recipe, init, peft_values: dict, tokenizer, where: str, reference_with_peft: bool = False,
+                reference: bool = True):
     """A preference stage's policy (generation configured), its LoRA config (None without use_peft) and its frozen
     reference: the same checkpoint loaded again, or with LoRA None (the policy with its adapter switched off) unless
-    `reference_with_peft`."""
+    `reference_with_peft`; None without `reference` (a reference-free loss)."""
     policy = load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision,
                             tokenizer=tokenizer)
     configure_generation(policy, tokenizer)
     lora = peft_config(peft_values, model=policy, where=where)
-    reference = None
-    if lora is None or reference_with_peft:
-        reference = load_causal_lm(recipe, init.path, revision=recipe.model.revision, tokenizer=tokenizer).eval()
-        reference.requires_grad_(False)
-    return policy, lora, reference
+    frozen = None
+    if reference and (lora is None or reference_with_peft):
+        frozen = load_causal_lm(recipe, init.path, revision=recipe.model.revision, tokenizer=tokenizer).eval()
+        frozen.requires_grad_(False)
+    return policy, lora, frozen
 
 
 def configure_generation(model, tokenizer) -> None:

@@ -92,6 +92,8 @@ class DPOKeys(HeldoutKeys):
     length_split: int = key(1, LENGTH_SPLIT_HELP)
     chosen_logp_warn_drop: float = key(5.0, "warn when the mean log-prob of chosen replies falls this many nats "
                                             "below its first logged value (a known DPO failure)")
+    simpo_gamma: float = key(0.5, "loss_type simpo: the target margin γ between the replies' mean log-probs, scaled "
+                                  "by beta (TRL's CPOConfig and LLaMA-Factory: 0.5)")
     rounds: int = key(1, "rounds of iterated DPO: 1 trains on `dataset` (offline DPO); N > 1: round 1 as 1, then "
                          "each round samples two replies per prompt of `dataset` from the current policy, labels "
                          "them with `round_labeller` (ties dropped) and runs DPO on them; the reference stays "

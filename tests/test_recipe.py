@@ -308,7 +308,7 @@ def test_eval_fraction_outside_zero_to_one_is_refused_naming_the_key(override):
 @pytest.mark.parametrize("override, expected", [
     # TRL took any loss name and raised "Unknown loss type" at the first step: a traceback mid-stage
     ("dpo.loss_type=[sigmoid, sigmoidd]", r"dpo.loss_type: 'sigmoidd' is not a DPOConfig loss_type \(one of: sigmoid, "
-                                          r"hinge, ipo, .*sigmoid_norm\) \(closest: sigmoid"),
+                                          r"hinge, ipo, .*sigmoid_norm, simpo, cpo, orpo\) \(closest: sigmoid"),
     ("sft.loss_type=nlll", r"sft.loss_type: 'nlll' is not a SFTConfig loss_type \(one of: nll, dft"),  # trainer start
     ("sft.packing_strategy=bdf", r"sft.packing_strategy: 'bdf' is not a SFTConfig packing_strategy"),
     ("reward.train_sampling_strategy=shuffle", r"reward.train_sampling_strategy: 'shuffle' is not a RewardConfig"),
@@ -326,18 +326,20 @@ def test_a_trl_value_outside_its_list_stops_the_stage_and_check_in_one_line(tmp_
 
 
 def test_dpo_loss_types_read_from_trl_are_those_its_trainer_computes():
-    # the list comes from DPOConfig's help text; the trainer's own "Unknown loss type" list is the truth
+    # the list comes from DPOConfig's help text; the trainer's own "Unknown loss type" list is the truth (the
+    # pipeline adds its reference-free losses after it)
     import ast
     import inspect
 
     from trl import DPOConfig
     from trl.trainer import dpo_trainer
     from pipeline.key_checks import listed_values
+    from pipeline.reference_free import LOSSES
 
     trainer_list = re.search(r"Unknown loss type: \{loss_type\}\. Should be one of (\[[^\]]*\])",
                              inspect.getsource(dpo_trainer).replace('"\n', "").replace('  "', ""))
     assert trainer_list, "TRL's DPOTrainer no longer lists its loss types: check pipeline/key_checks.HELP_LISTED"
-    assert listed_values(DPOConfig, "loss_type") == ast.literal_eval(trainer_list.group(1))
+    assert listed_values(DPOConfig, "loss_type") == ast.literal_eval(trainer_list.group(1)) + list(LOSSES)
 
 
 @pytest.mark.parametrize("override, hint", [
