@@ -428,12 +428,13 @@ def save_merged(out: Path, tokenizer) -> None:
     tokenizer.save_pretrained(str(out / "merged"))
 
 
-def param_count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+def param_count(model, trainable_only: bool = False) -> int:
+    """Parameters of the whole model: under ZeRO-3 a partitioned tensor's numel() is this rank's share (often 0)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def describe(model) -> str:
     total = param_count(model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = param_count(model, trainable_only=True)
     return f"{total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable)"
 

@@ -205,8 +205,11 @@ def test_sft_dpo_and_eval_under_zero3_with_two_processes_save_full_models_and_on
                     "dpo.save_strategy=no", "dpo.heldout_prompts=", "dpo.init_from=sft"], cwd=work)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     pretrained = AutoModelForCausalLM.from_pretrained(work / "runs/tiny/pretrain")
+    count = sum(p.numel() for p in pretrained.parameters()) / 1e6
     for stage in ("sft", "dpo"):
         out = work / "runs/tiny" / stage
+        # the whole model's count, not a rank's ZeRO-3 shard (0.05M of 0.13M before models.param_count read ds_numel)
+        assert f"{count:.2f}M parameters ({count:.2f}M trainable)" in (out / "log.txt").read_text()
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["num_processes"] == 2 and manifest["launch"]["zero_stage"] == 3
         assert manifest["global_batch_size"] == 8
