@@ -49,7 +49,8 @@ def load_splits(keys, recipe):
     if keys.eval_dataset:
         eval_ds, eval_info = unpaired.load_unpaired(keys.eval_dataset, recipe, keys.columns)
     else:
-        train_ds, eval_ds = split_by_prompt(train_ds, keys.eval_fraction, recipe.run.seed)
+        train_ds, eval_ds = split_by_prompt(train_ds, keys.eval_fraction, recipe.run.seed, train_info["source"],
+                                            unit="rows")
         eval_info = {**train_info, "source": f"{train_info['source']} (held-out {keys.eval_fraction:.0%} of prompts)",
                      **unpaired.balance(eval_ds["label"])}
         train_info = {**train_info, **unpaired.balance(train_ds["label"])}

@@ -275,8 +275,9 @@ def pairs_dataset(rows: list[dict], where: list[str], source):
     return data.dataset_of(pairs, source), info
 
 
-def split_by_prompt(ds, fraction: float, seed: int):
-    """Hold out `fraction` of the prompts (with all their pairs), so no prompt is on both sides. (train, held-out)"""
+def split_by_prompt(ds, fraction: float, seed: int, source: str, unit: str = "pairs"):
+    """Hold out `fraction` of the prompts (with all their pairs, or kto's rows: `unit`), so no prompt is on both
+    sides. (train, held-out)"""
     import random
 
     if not 0 < fraction < 1:
@@ -284,8 +285,8 @@ def split_by_prompt(ds, fraction: float, seed: int):
     keys = [json.dumps(p, sort_keys=True) for p in ds["prompt"]]
     prompts = sorted(set(keys))
     if len(prompts) < 2:
-        raise PipelineError(f"{len(ds)} pairs with {len(prompts)} distinct prompt: too few to hold any out; "
-                            f"give an eval_dataset")
+        raise PipelineError(f"{source}: {len(ds)} {unit} with {len(prompts)} distinct prompt: too few to hold any "
+                            f"out; give an eval_dataset")
     random.Random(seed).shuffle(prompts)
     n_eval = min(len(prompts) - 1, max(1, round(fraction * len(prompts))))
     held = set(prompts[:n_eval])
@@ -301,6 +302,6 @@ def load_preference_splits(dataset, eval_dataset, eval_fraction: float, recipe, 
     if eval_dataset:
         eval_ds, eval_info = load_preferences(eval_dataset, recipe, columns)
         return train_ds, eval_ds, train_info, eval_info
-    train_ds, eval_ds = split_by_prompt(train_ds, eval_fraction, recipe.run.seed)
+    train_ds, eval_ds = split_by_prompt(train_ds, eval_fraction, recipe.run.seed, train_info["source"])
     eval_info = {**train_info, "source": f"{dataset} (held-out {eval_fraction:.0%} of prompts)", "pairs": len(eval_ds)}
     return train_ds, eval_ds, {**train_info, "pairs": len(train_ds)}, eval_info

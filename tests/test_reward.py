@@ -150,10 +150,19 @@ def test_malformed_preference_files_name_file_and_line(tmp_path, recipe, rows, m
 def test_split_by_prompt_keeps_each_prompt_on_one_side(tmp_path, recipe):
     rows = [{"prompt": f"q{i % 10}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(40)]
     ds, _ = load(tmp_path, recipe, rows)
-    train, held = preferences.split_by_prompt(ds, 0.2, seed=0)
+    train, held = preferences.split_by_prompt(ds, 0.2, seed=0, source="pairs.jsonl")
     assert len(train) + len(held) == 40 and len(set(held["prompt"])) == 2
     assert not set(train["prompt"]) & set(held["prompt"])
-    assert preferences.split_by_prompt(ds, 0.2, seed=0)[1]["prompt"] == held["prompt"]  # deterministic
+    assert preferences.split_by_prompt(ds, 0.2, 0, "pairs.jsonl")[1]["prompt"] == held["prompt"]  # deterministic
+
+
+def test_one_prompt_cannot_be_split_and_the_error_names_the_data_and_its_rows(tmp_path, recipe):
+    """kto splits its unpaired rows with the same function: the message counts rows there, not pairs."""
+    rows = [{"prompt": "q", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(3)]
+    ds, _ = load(tmp_path, recipe, rows)
+    with pytest.raises(PipelineError, match=r"^feedback.jsonl: 3 rows with 1 distinct prompt: too few to hold any "
+                                            r"out; give an eval_dataset$"):
+        preferences.split_by_prompt(ds, 0.2, 0, "feedback.jsonl", unit="rows")
 
 
 # ---------------------------------------------------------------------------------------------- metrics
