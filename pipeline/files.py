@@ -9,6 +9,7 @@ import csv
 import gzip
 import io
 import json
+import re
 from pathlib import Path
 
 from pipeline.cli import PipelineError
@@ -206,8 +207,10 @@ def _first_line(err: Exception) -> str:
 
 
 def read_folder(path: Path, text_split: str = "paragraph") -> tuple[list[dict], list[str]]:
-    """A folder saved with `datasets.save_to_disk` (its train split), or every data file in it, in name order (plain
-    text split by `text_split`, as a single file's)."""
+    """A folder saved with `datasets.save_to_disk` (its train split), a `datasets` cache folder (its train split's
+    Arrow files), or every data file in it, in name order (plain text split by `text_split`, as a single file's)."""
+    if (shards := cache_train_files(path)) is not None:
+        return read_files(shards, text_split, lambda f: f.name)
     if is_saved_dataset(path):
         import datasets
 
@@ -232,14 +235,34 @@ def is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
+def cache_train_files(path: Path) -> list[Path] | None:
+    """The train split's files of a `datasets` cache folder (what `load_dataset` prepares under its cache_dir:
+    `dataset_info.json` and `<builder>-<split>.arrow` or `<builder>-<split>-NNNNN-of-NNNNN.arrow`, no `state.json`),
+    in shard order; None for any other folder. A cache folder without a train split stops in one line."""
+    if not (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+        return None
+    # a split name has no '-' (datasets' rule), so it is the last part of the name without its shard suffix
+    splits = {a: re.sub(r"-\d{5}-of-\d{5}$", "", a.stem).rpartition("-") for a in sorted(path.glob("*.arrow"))}
+    splits = {a: split for a, (builder, dash, split) in splits.items() if builder and dash}
+    if not splits:
+        return None  # not a cache folder: read_folder says what is wrong with it as a saved dataset
+    if "train" not in splits.values():
+        raise PipelineError(f"{path}: a datasets cache folder without a train split (has "
+                            f"{', '.join(sorted(set(splits.values())))})")
+    return [a for a, split in splits.items() if split == "train"]
+
+
 def data_files(path: Path) -> list[Path]:
     """The files read_folder reads from a folder that is no saved dataset: its data files, not its subfolders'."""
     return sorted(p for p in path.iterdir() if p.is_file() and file_kind(p))
 
 
 def folder_fingerprint(path: Path) -> str:
-    """A data folder's fingerprint over what read_folder reads: a saved dataset whole, else its data files (a
-    folder of other things, `/` even, is not walked; for a folder of data files alone it is the whole folder's)."""
+    """A data folder's fingerprint over what read_folder reads: a cache folder's train files, a saved dataset whole,
+    else its data files (a folder of other things, `/` even, is not walked; for a folder of data files alone it is
+    the whole folder's)."""
+    if (shards := cache_train_files(path)) is not None:
+        return hash_folder(path, shards)
     return hash_folder(path) if is_saved_dataset(path) else hash_folder(path, data_files(path))
 
 

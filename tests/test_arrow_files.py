@@ -102,6 +102,44 @@ def test_the_fingerprint_of_an_arrow_file_is_its_hash(tmp_path, recipe):
     assert data.fingerprint(str(path), recipe) == hash_file(path) != before
 
 
+def cache_folder(tmp_path, splits: dict) -> Path:
+    """The folder `load_dataset` prepares in its cache_dir (dataset_info.json, `json-<split>.arrow`), offline from
+    local JSON Lines files."""
+    files = {name: write_jsonl(tmp_path / f"{name}.jsonl", rows) for name, rows in splits.items()}
+    datasets.load_dataset("json", data_files=files, cache_dir=str(tmp_path / "cache"))
+    (info,) = (tmp_path / "cache").rglob("dataset_info.json")
+    return info.parent
+
+
+def test_a_datasets_cache_folder_reads_its_train_split(tmp_path, recipe):
+    """Before, the folder stopped with "cannot read the dataset saved here" (no state.json); read as a folder of
+    Arrow files it would have mixed the test split in. Its train shards read in order; the fingerprint follows
+    them, not the other splits."""
+    rows = chats(recipe)
+    folder = cache_folder(tmp_path, {"train": rows[:6], "test": rows[6:]})
+    assert sorted(p.name for p in folder.glob("*.arrow")) == ["json-test.arrow", "json-train.arrow"]
+    train_jsonl = write_jsonl(tmp_path / "train.jsonl", rows[:6])
+    assert data.load(str(folder), "chat", recipe).to_list() == data.load(train_jsonl, "chat", recipe).to_list()
+    assert data.read_rows(str(folder), recipe)[1][0] == "json-train.arrow row 1"
+    before = data.fingerprint(str(folder), recipe)
+    write_stream(folder / "json-test.arrow", pa.table({"text": ["another test split"]}))
+    assert data.fingerprint(str(folder), recipe) == before
+    # sharded: load_dataset's `<builder>-train-NNNNN-of-NNNNN.arrow` names, read in shard order
+    table = datasets.Dataset.from_file(str(folder / "json-train.arrow")).data.table
+    (folder / "json-train.arrow").unlink()
+    write_stream(folder / "json-train-00001-of-00002.arrow", table.slice(3))
+    write_stream(folder / "json-train-00000-of-00002.arrow", table.slice(0, 3))
+    assert data.load(str(folder), "chat", recipe).to_list() == data.load(train_jsonl, "chat", recipe).to_list()
+    assert data.fingerprint(str(folder), recipe) != before
+
+
+def test_a_datasets_cache_folder_without_a_train_split_is_one_line(tmp_path, recipe):
+    folder = cache_folder(tmp_path, {"validation": chats(recipe)[:2], "test": chats(recipe)[2:4]})
+    with pytest.raises(cli.PipelineError, match=rf"^{folder}: a datasets cache folder without a train split \(has "
+                                                rf"test, validation\)$"):
+        data.load(str(folder), "chat", recipe)
+
+
 def _offsets_past_the_data(path: Path) -> Path:
     """A stream whose string offsets point 1 GiB past the file: read without validation, this crashes the process
     (SIGBUS or SIGSEGV), no exception."""
