@@ -112,7 +112,7 @@ def main(argv):
         from trl import DPOTrainer as TRLDPOTrainer
 
         DPOTrainer = batching.length_grouped(TRLDPOTrainer)  # group_by_length measures pairs, batches shuffled
-        if no_reference:  # simpo, cpo, orpo: the policy's own log-probs, no reference model
+        if no_reference:  # simpo, cpo, orpo (or sft alone): the policy's own log-probs, no reference model
             DPOTrainer = reference_free.trainer_class(DPOTrainer, keys.simpo_gamma)
 
         tokenizer = models.load_tokenizer(recipe, init)

@@ -12,7 +12,7 @@ the chosen and the rejected reply, so no reference model is loaded or run. LLaMA
 
 NLL is TRL's `sft` term: the mean negative log-probability of the chosen replies' tokens. The names combine with
 each other and with `sft` (`[simpo, sft]` is CPO-SimPO), weighted by `loss_weights`, not with the losses that
-compare against a reference.
+compare against a reference. `[sft]` alone (SFT on the chosen replies) runs here too: it reads no reference either.
 """
 
 from __future__ import annotations
@@ -34,7 +34,10 @@ def names(loss_type) -> list[str]:
 
 
 def is_reference_free(loss_type) -> bool:
-    return any(n in LOSSES for n in names(loss_type))
+    """No term of `loss_type` reads a reference: these losses and `sft` (the NLL of the chosen replies alone, whose
+    reference TRL would load and run for nothing)."""
+    given = names(loss_type)
+    return bool(given) and all(n in LOSSES or n == "sft" for n in given)
 
 
 def check(recipe, stage: str = "dpo") -> None:
@@ -42,7 +45,7 @@ def check(recipe, stage: str = "dpo") -> None:
     the keys that only concern a reference."""
     loss_type = names(recipe.config_default(stage, "loss_type"))
     free = [n for n in loss_type if n in LOSSES]
-    if not free:
+    if not free and not is_reference_free(loss_type):
         return
     needs_reference = [n for n in loss_type if n not in LOSSES and n != "sft"]
     if needs_reference:

@@ -125,6 +125,24 @@ def test_orpo_trains_without_a_reference_model(tiny_run, monkeypatch):
     assert manifest["config"]["loss_type"] == ["orpo"] and manifest["config"]["precompute_ref_log_probs"] is False
 
 
+def test_sft_alone_loads_no_reference_and_its_loss_is_the_nll(tiny_run, monkeypatch):
+    """`[sft]` (SFT on the chosen replies) reads no reference: TRL loaded and ran one for nothing."""
+    from pipeline import dpo, models
+
+    work, recipe, _ = tiny_run
+    loaded = []
+    load = models.load_causal_lm
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: loaded.append(a[1]) or load(*a, **k))
+    monkeypatch.chdir(work)
+    dpo.main([str(recipe), "run.name=sft_alone", f"dpo.init_from={work / 'runs/tiny/sft'}", *FAST,
+              "dpo.loss_type=[sft]", "dpo.max_steps=4"])
+    assert len(loaded) == 1
+    metrics = json.loads((work / "runs/sft_alone/dpo/metrics.json").read_text())
+    assert len(metrics["history"]) == 2  # logged every 2 of 4 steps: the step loss is the chosen replies' NLL
+    for logged in metrics["history"]:
+        assert logged["loss"] == pytest.approx(logged["nll_loss"], abs=1e-4)
+
+
 def test_simpo_with_sft_and_length_split_gives_the_loss_of_whole_batches(tiny_run):
     """CPO-SimPO through length_split 3: the same losses as whole batches, so the split reaches these losses too."""
     work, recipe, _ = tiny_run
@@ -160,5 +178,6 @@ def test_check_counts_no_reference_model_in_memory(tmp_path):
     path = tiny_recipe(tmp_path, dpo={"max_steps": 2})
     frozen = {overrides: profile_of(load_recipe(path, list(overrides)), "dpo").frozen_models
               for overrides in [(), ("dpo.loss_type=[orpo]",), ("dpo.loss_type=[simpo, sft]",),
+                                ("dpo.loss_type=[sft]",),
                                 ("dpo.loss_type=[orpo]", "dpo.rounds=2", "dpo.round_labeller=annotator")]}
-    assert list(frozen.values()) == [1, 0, 0, 1]
+    assert list(frozen.values()) == [1, 0, 0, 0, 1]
