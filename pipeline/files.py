@@ -242,8 +242,8 @@ def cache_train_files(path: Path) -> list[Path] | None:
     if not (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
         return None
     # a split name has no '-' (datasets' rule), so it is the last part of the name without its shard suffix
-    splits = {a: re.sub(r"-\d{5}-of-\d{5}$", "", a.stem).rpartition("-") for a in sorted(path.glob("*.arrow"))}
-    splits = {a: split for a, (builder, dash, split) in splits.items() if builder and dash}
+    parts = {a: re.sub(r"-\d{5}-of-\d{5}$", "", a.stem).rpartition("-") for a in sorted(path.glob("*.arrow"))}
+    splits = {a: split for a, (builder, dash, split) in parts.items() if builder and dash}
     if not splits:
         return None  # not a cache folder: read_folder says what is wrong with it as a saved dataset
     if "train" not in splits.values():

@@ -45,13 +45,13 @@ def check(recipe, stage: str = "dpo") -> None:
     the keys that only concern a reference."""
     loss_type = names(recipe.config_default(stage, "loss_type"))
     free = [n for n in loss_type if n in LOSSES]
-    if not free and not is_reference_free(loss_type):
-        return
     needs_reference = [n for n in loss_type if n not in LOSSES and n != "sft"]
-    if needs_reference:
+    if free and needs_reference:
         raise PipelineError(f"{recipe.path}: {stage}.loss_type {loss_type}: {', '.join(free)} compare the policy's "
                             f"own log-probs and load no reference model; combine them with each other and `sft` "
                             f"only, not with {', '.join(needs_reference)}")
+    if not is_reference_free(loss_type):
+        return
     for key, default in IGNORED.items():
         if recipe.config_default(stage, key) != default:
             raise PipelineError(f"{recipe.path}: {stage}.{key} does nothing with the reference-free loss_type "

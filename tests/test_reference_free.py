@@ -102,9 +102,8 @@ def test_what_cannot_work_stops_in_one_line_before_anything_runs(tmp_path, overr
     assert not (tmp_path / "runs").exists()
 
 
-def test_orpo_trains_without_a_reference_model(tiny_run, monkeypatch):
-    """The stage loads one model (the policy), trains ORPO on pairs and moves their margin; the loss it logs is
-    the formula's."""
+def dpo_in_process(tiny_run, monkeypatch, name, *overrides):
+    """The dpo stage run here from the tiny run's sft, counting the models it loads: (checkpoints loaded, metrics)."""
     from pipeline import dpo, models
 
     work, recipe, _ = tiny_run
@@ -112,11 +111,18 @@ def test_orpo_trains_without_a_reference_model(tiny_run, monkeypatch):
     load = models.load_causal_lm
     monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: loaded.append(a[1]) or load(*a, **k))
     monkeypatch.chdir(work)
-    dpo.main([str(recipe), "run.name=orpo", f"dpo.init_from={work / 'runs/tiny/sft'}", *FAST,
-              "dpo.loss_type=[orpo]", "dpo.beta=0.5", "dpo.max_steps=24", "dpo.learning_rate=2e-3",
-              "dpo.eval_dataset=world:preference"])  # evaluated on its training pairs
+    dpo.main([str(recipe), f"run.name={name}", f"dpo.init_from={work / 'runs/tiny/sft'}", *FAST, *overrides])
+    return loaded, json.loads((work / "runs" / name / "dpo" / "metrics.json").read_text())
+
+
+def test_orpo_trains_without_a_reference_model(tiny_run, monkeypatch):
+    """The stage loads one model (the policy), trains ORPO on pairs and moves their margin; the loss it logs is
+    the formula's."""
+    work = tiny_run[0]
+    loaded, metrics = dpo_in_process(tiny_run, monkeypatch, "orpo", "dpo.loss_type=[orpo]", "dpo.beta=0.5",
+                                     "dpo.max_steps=24", "dpo.learning_rate=2e-3",
+                                     "dpo.eval_dataset=world:preference")  # evaluated on its training pairs
     assert len(loaded) == 1  # the policy: no reference
-    metrics = json.loads((work / "runs/orpo/dpo/metrics.json").read_text())
     first = metrics["history"][0]
     assert metrics["eval_rewards/margins"] > first["rewards/margins"] + 0.02
     assert metrics["eval_log_odds_ratio"] > first["log_odds_ratio"]
@@ -127,17 +133,8 @@ def test_orpo_trains_without_a_reference_model(tiny_run, monkeypatch):
 
 def test_sft_alone_loads_no_reference_and_its_loss_is_the_nll(tiny_run, monkeypatch):
     """`[sft]` (SFT on the chosen replies) reads no reference: TRL loaded and ran one for nothing."""
-    from pipeline import dpo, models
-
-    work, recipe, _ = tiny_run
-    loaded = []
-    load = models.load_causal_lm
-    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: loaded.append(a[1]) or load(*a, **k))
-    monkeypatch.chdir(work)
-    dpo.main([str(recipe), "run.name=sft_alone", f"dpo.init_from={work / 'runs/tiny/sft'}", *FAST,
-              "dpo.loss_type=[sft]", "dpo.max_steps=4"])
+    loaded, metrics = dpo_in_process(tiny_run, monkeypatch, "sft_alone", "dpo.loss_type=[sft]", "dpo.max_steps=4")
     assert len(loaded) == 1
-    metrics = json.loads((work / "runs/sft_alone/dpo/metrics.json").read_text())
     assert len(metrics["history"]) == 2  # logged every 2 of 4 steps: the step loss is the chosen replies' NLL
     for logged in metrics["history"]:
         assert logged["loss"] == pytest.approx(logged["nll_loss"], abs=1e-4)
