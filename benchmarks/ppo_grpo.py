@@ -2,6 +2,7 @@
 each step spent generating.
 
     python benchmarks/ppo_grpo.py recipes/small.yaml --from-run runs/small [--steps 8] [ppo.KEY=VALUE ...]
+    python benchmarks/ppo_grpo.py ... --algorithms ppo,ppo:group_norm,grpo   # also ours with GRPO's advantages
 
 Both run the recipe's ppo stage from `--from-run`'s stages (copied into a temporary run folder per run: the folder
 you name is never written), one after the other, for `--steps` steps, in a subprocess each under cProfile, with the
@@ -12,7 +13,9 @@ only: one more model's forward pass), the held-out check and logging to trackers
 samples the starting policy's replies on a logged step, for its annotator score). Everything else is each side's
 own: ours keeps the recipe's `length_split` (GRPO refuses it: it gets 1) and trains `ppo_epochs` x
 `num_minibatches` updates per step with a critic, GRPO one update per step (TRL's defaults: `num_iterations` 1,
-`steps_per_generation` 1). Pass overrides (e.g. `ppo.prompts=world:preference`
+`steps_per_generation` 1). `ppo:ESTIMATOR` in `--algorithms` runs ours with
+`ppo.advantage_estimator=ESTIMATOR` (no critic) and, for the group estimators, GRPO's `num_generations` replies per
+prompt: `ppo:group_norm` is GRPO's advantage in our loop. Pass overrides (e.g. `ppo.prompts=world:preference`
 and `"tools.tools=[]"` for text prompts only, from a run without the image stages) after the recipe.
 
 The table: the training loop's seconds (ours: `PPOTrainer.train`; GRPO: transformers' `Trainer.train`), replies/s
@@ -41,12 +44,20 @@ EQUAL = ["ppo.implicit_reward=", "ppo.heldout_prompts=", "ppo.report_to=none", "
 OWN = {"ppo": [], "grpo": ["ppo.length_split=1"]}  # GRPO refuses our length_split (ours keeps the recipe's)
 
 
-def profile_one(algorithm: str, recipe_path: str, overrides: list[str], from_run: str, steps: int) -> dict:
-    """Run the ppo stage once under cProfile (in this process); the phases' seconds."""
+def profile_one(name: str, recipe_path: str, overrides: list[str], from_run: str, steps: int) -> dict:
+    """Run the ppo stage once under cProfile (in this process); the phases' seconds. `name`: ppo, grpo, or
+    ppo:ESTIMATOR (ours with that advantage_estimator; a group estimator gets GRPO's num_generations)."""
+    from pipeline.ppo_config import GROUP_ESTIMATORS
     from pipeline.recipe import load_recipe
 
+    algorithm, _, estimator = name.partition(":")
     argv_overrides = [*overrides, *EQUAL, *OWN[algorithm], f"ppo.algorithm={algorithm}", f"ppo.max_steps={steps}",
                       f"ppo.logging_steps={steps}"]  # one logged step: ours samples the start policy's replies there
+    if estimator:
+        argv_overrides.append(f"ppo.advantage_estimator={estimator}")
+    if estimator in GROUP_ESTIMATORS:
+        group = load_recipe(recipe_path, [*overrides, "ppo.algorithm=grpo"]).trainer_config("ppo").num_generations
+        argv_overrides.append(f"ppo.num_generations={group}")
     seconds = profile_ppo(recipe_path, argv_overrides, from_run, PHASES[algorithm])
     cfg = load_recipe(recipe_path, argv_overrides).trainer_config("ppo")
     return {**seconds, "steps": steps, "batch_size": cfg.batch_size, "num_generations": cfg.num_generations}
@@ -88,7 +99,9 @@ def main():
     ours = rows["ppo"]["steps"] * rows["ppo"]["batch_size"] / rows["ppo"]["loop"] if "ppo" in rows else None
     for algorithm, r in rows.items():
         rate = r["steps"] * r["batch_size"] / r["loop"]
-        name = "ours (ppo)" if algorithm == "ppo" else f"TRL {algorithm} ({r['num_generations']} per prompt)"
+        per_prompt = f"{r['num_generations']} per prompt"
+        name = ("ours (ppo)" if algorithm == "ppo" else f"ours ({algorithm[4:]}, {per_prompt})"
+                if algorithm.startswith("ppo:") else f"TRL {algorithm} ({per_prompt})")
         print(f"| {name} | {r['batch_size']} | {r['loop']:.1f} | {rate:.2f} | {r['generation']:.1f} | "
               f"{r['generation'] / r['loop']:.2f} | {r['tools']:.1f} | {f'{rate / ours:.2f}' if ours else '-'} |")
 

@@ -251,6 +251,10 @@ def check_stage(recipe, stage: str, launch: cluster.Launch, device_memory: int |
     if launch.distributed_type == "NO" and launch.num_processes > 1:
         errors.append(f"{stage}: {launch.config} runs a single process (distributed_type NO) but "
                       f"{launch.num_processes} were asked for: use ddp.yaml, fsdp2.yaml or a zero*.yaml config")
+    if stage == "ppo" and launch.distributed_type == "DEEPSPEED" and recipe.config_default(stage, "algorithm") == "ppo":
+        launch = dataclasses.replace(launch, distributed_type="MULTI_GPU", zero_stage=0, offload_optimizer=False,
+                                     offload_params=False, save_full_model=True)  # as pipeline/ppo.py runs it
+        lines.append("our PPO under a DeepSpeed launch: data parallel (DDP), whole models on every process")
     if not launch.save_full_model:
         errors.append(f"{stage}: {launch.config} does not save a full model (ZeRO-3 needs zero3_save_16bit_model: "
                       f"true, FSDP fsdp_state_dict_type: FULL_STATE_DICT); later stages could not load it")

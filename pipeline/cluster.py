@@ -226,6 +226,11 @@ def launch_here() -> dict:
     return out
 
 
+def launched_with_deepspeed() -> bool:
+    """This process was started by `accelerate launch` with a DeepSpeed config."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def check_environment() -> None:
     """Fail before any work when the launch cannot produce a loadable model; fix up relative config paths."""
     env = os.environ
@@ -236,7 +241,7 @@ def check_environment() -> None:
             raise PipelineError(f"DeepSpeed config file '{ds_file}' not found (run from the repository root, or "
                                 f"give an absolute deepspeed_config_file)")
         env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(found)
-    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+    if not launched_with_deepspeed():
         return
     if ds_file and ds_file != "none":
         zero = deepspeed_zero(Path(env["ACCELERATE_DEEPSPEED_CONFIG_FILE"]))

@@ -103,7 +103,6 @@ def flops_factor(recipe, stage: str, peft: bool) -> float:
     trained, passes, generation = profile.trained_models, 1, 0
     if stage == "ppo":
         algorithm = recipe.config_default(stage, "algorithm")
-        trained = profile.trained_models if algorithm == "ppo" else 1  # grpo / rloo: no critic
         passes = int(recipe.config_default(stage, "ppo_epochs")) if algorithm == "ppo" else 1
         generation = 2
     per_trained = 4 if peft else 6

@@ -65,13 +65,16 @@ PROFILES = {
 
 def profile_of(recipe, stage: str) -> StageProfile:
     """The stage's profile with what its keys add: the reward stage's LM regulariser (vocabulary logits again,
-    counted for both replies though only the chosen need them); ppo's further frozen models (each of
-    `reward_ensemble`, and the `implicit_reward` policy)."""
+    counted for both replies though only the chosen need them); dpo's reference-free losses; ppo's critic only with
+    GAE, and its further frozen models (each of `reward_ensemble`, and the `implicit_reward` policy)."""
     profile, keys = PROFILES.get(stage, StageProfile()), recipe.keys(stage)
     if getattr(keys, "lm_loss_coefficient", 0):
         profile = dataclasses.replace(profile, lm_head=True)
     if stage == "dpo" and keys.rounds == 1 and is_reference_free(recipe.config_default(stage, "loss_type")):
         profile = dataclasses.replace(profile, frozen_models=0)  # simpo, cpo, orpo: no reference model
+    if stage == "ppo" and (recipe.config_default(stage, "algorithm") != "ppo" or
+                           recipe.config_default(stage, "advantage_estimator") != "gae"):
+        profile = dataclasses.replace(profile, trained_models=1)  # no critic: grpo, rloo, or ours without GAE
     more = len(getattr(keys, "reward_ensemble", None) or []) + bool(getattr(keys, "implicit_reward", None))
     if more:
         with_peft = None if profile.frozen_with_peft is None else profile.frozen_with_peft + more

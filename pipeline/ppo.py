@@ -6,12 +6,15 @@
     python pipeline/ppo.py recipes/small.yaml ppo.algorithm=grpo    # TRL's GRPOTrainer (rloo: RLOOTrainer)
 
 One PPO step (InstructGPT's step 3, Ziegler et al. 2019): each process takes `batch_size` prompts, samples one reply
-per prompt from the policy (KV cache, left padding, stops at end-of-turn), scores the replies with the reward model
-(normalised with the reward_mean/reward_std its stage stored; minus `missing_eos_penalty` for replies that ran out
-of tokens), adds a per-token KL penalty against the frozen reference (the starting checkpoint, or the policy with its
-LoRA adapter off), computes GAE advantages with the critic's values, and runs `ppo_epochs` epochs of clipped policy
-and value updates over `num_minibatches` minibatches. The math lives in pipeline/rl.py. The critic is a value head
-on a copy of the reward model (`critic_init: reward`) or of the policy (`critic_init: policy`).
+per prompt (or `num_generations` to each of `batch_size` / `num_generations` prompts) from the policy (KV cache, left
+padding, stops at end-of-turn), scores the replies with the reward model (normalised with the
+reward_mean/reward_std its stage stored; minus `missing_eos_penalty` for replies that ran out of tokens), adds a
+per-token KL penalty against the frozen reference (the starting checkpoint, or the policy with its LoRA adapter
+off), computes GAE advantages with the critic's values, and runs `ppo_epochs` epochs of clipped policy and value
+updates over `num_minibatches` minibatches. The math lives in pipeline/rl.py. The critic is a value head on a copy
+of the reward model (`critic_init: reward`) or of the policy (`critic_init: policy`). Without a critic
+(`advantage_estimator`: REINFORCE++'s `reinforce`, or `reinforce_baseline` / `rloo` / `group_norm` over
+`num_generations` replies per prompt) the advantage is the return-to-go of the same per-token rewards.
 
 Every `save_steps` steps the policy, critic, optimizers, schedulers, KL coefficient, prompt position, random states,
 step counter and history go into `checkpoint-N/`; a killed run resumes from the newest one when run again with the
@@ -27,8 +30,9 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import math
+import os
 
-from pipeline import cli, data, models, monitors, preferences, reward_rounds, runs, vllm_engine
+from pipeline import cli, cluster, data, log, models, monitors, preferences, reward_rounds, runs, vllm_engine
 from pipeline.heldout import heldout_comparison, heldout_rows
 from pipeline.judges import with_answers
 from pipeline.ppo_tools import check_offers
@@ -204,6 +208,12 @@ def main(argv):
     if keys.reward_model in STAGES and keys.reward_model not in recipe.stages:
         raise cli.PipelineError(f"{recipe.path}: ppo.reward_model is the `{keys.reward_model}` stage, but the recipe "
                                 f"has no `{keys.reward_model}` section: add one, or name a saved reward model folder")
+    if cfg.algorithm == "ppo" and cluster.launched_with_deepspeed():
+        # our PPO trains two models (policy and critic), which one Accelerator cannot hand to DeepSpeed: data
+        # parallel over the same processes instead, decided before the stage's process group is made
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"
+        log.warning("launched with DeepSpeed: our PPO (algorithm: ppo) runs data-parallel (DDP) over the same "
+                    "processes, each holding whole models; GRPO and RLOO (TRL's) use DeepSpeed")
     with runs.StageRun(recipe, STAGE) as run:
         prompts, info = read_prompts(keys.prompts, recipe, keys.columns, pairs=cfg.reward_round_replay > 0)
         run.note_data("prompts", info)

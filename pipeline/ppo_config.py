@@ -11,6 +11,9 @@ from typing import Literal
 
 
 TOOL_TURN_TOKENS = 64  # room for one tool turn in the default max_total_tokens
+# our PPO's advantages without a critic that take a baseline from the other replies to the same prompt (rl.py)
+GROUP_ESTIMATORS = ("rloo", "reinforce_baseline", "group_norm")
+CRITIC_KEYS = ("critic_init", "critic_learning_rate", "cliprange_value", "lam")  # refused away from their defaults
 
 
 @dataclass
@@ -18,8 +21,10 @@ class PPOConfig:
     """The `ppo` section's training keys (the pipeline keys are PPOKeys in pipeline/stages.py)."""
 
     algorithm: Literal["ppo", "grpo", "rloo"] = "ppo"   # ppo: ours below; grpo / rloo: TRL's trainers
+    advantage_estimator: Literal["gae", "reinforce", "reinforce_baseline", "rloo", "group_norm"] = "gae"  # ppo:
+                                         # gae with a critic; the others without one (pipeline/rl.py)
     max_steps: int = 100                 # rollout batches (grpo/rloo: optimizer steps)
-    batch_size: int = 32                 # replies per step per process (ppo: one per prompt)
+    batch_size: int = 32                 # replies per step per process, num_generations to a prompt
     num_minibatches: int = 2             # minibatches per PPO epoch (one optimizer step each)
     ppo_epochs: int = 4                  # passes over each rollout batch
     gradient_accumulation_steps: int = 1  # micro-batches per minibatch
@@ -33,9 +38,10 @@ class PPOConfig:
     lam: float = 0.95                    # GAE lambda
     cliprange: float = 0.2               # policy ratio clip (grpo/rloo: epsilon)
     cliprange_value: float = 0.2         # value clip around the rollout's values
-    whiten_advantages: bool = True       # normalise advantages per batch
+    whiten_advantages: bool | None = None  # normalise advantages per batch; empty: true, false with rloo, group_norm
     kl_coef: float = 0.05                # initial KL coefficient beta (grpo/rloo: beta)
     kl_estimator: Literal["k1", "k3"] = "k1"  # per-token KL estimate in the penalty
+    use_kl_loss: bool = False            # ppo: kl_coef x KL in the policy loss, not in the reward (GRPO's; k3 advised)
     adaptive_kl: bool = False            # adapt beta towards target_kl (Ziegler et al.)
     target_kl: float = 6.0               # target KL per reply (nats) for adaptive_kl
     kl_horizon: int = 10000              # adaptive_kl horizon, in replies
@@ -53,7 +59,7 @@ class PPOConfig:
     max_prompt_length: int = 128         # longer prompts (in tokens) are skipped
     temperature: float = 1.0             # sampling temperature (log-probabilities use the same)
     top_p: float = 1.0                   # nucleus sampling
-    num_generations: int = 4             # grpo/rloo: replies per prompt (the group)
+    num_generations: int | None = None   # replies per prompt (the group); empty: grpo/rloo 4, ppo 1
     critic_init: Literal["reward", "policy"] = "reward"  # value head on a copy of the reward model or the policy
     reward_rounds: int = 1               # ppo: >1 splits the steps into rounds; before each round after the first the
                                          # reward model is fine-tuned on fresh policy samples the annotator labelled
@@ -73,6 +79,7 @@ class PPOConfig:
     trl_args: dict = field(default_factory=dict)  # grpo/rloo: more GRPOConfig/RLOOConfig fields, verbatim
 
     def __post_init__(self):  # ValueError: the recipe loader reports it as one line naming the section
+        self.check_estimator()
         minibatch = self.batch_size // self.num_minibatches
         if self.batch_size % self.num_minibatches or minibatch % self.gradient_accumulation_steps:
             raise ValueError(f"batch_size ({self.batch_size}) must split into num_minibatches "
@@ -105,6 +112,33 @@ class PPOConfig:
         if self.max_tool_calls < 0 or (self.max_total_tokens is not None and self.max_total_tokens <= 0):
             raise ValueError(f"max_tool_calls must be >= 0 and max_total_tokens positive, got {self.max_tool_calls} "
                              f"and {self.max_total_tokens}")
+
+    def check_estimator(self) -> None:
+        """Fill the estimator's defaults (num_generations, whiten_advantages) and refuse what it cannot run."""
+        ours, group = self.algorithm == "ppo", self.advantage_estimator in GROUP_ESTIMATORS
+        if self.num_generations is None:
+            self.num_generations = 1 if ours else 4
+        if self.whiten_advantages is None:
+            self.whiten_advantages = self.advantage_estimator not in ("rloo", "group_norm")  # as OpenRLHF
+        if not ours and self.use_kl_loss:
+            raise ValueError(f"use_kl_loss applies to algorithm ppo (ours); {self.algorithm} puts beta x KL in its "
+                             f"loss already")
+        if not ours and self.advantage_estimator != "gae":
+            raise ValueError(f"advantage_estimator applies to algorithm ppo (ours); {self.algorithm} computes TRL's "
+                             f"own advantages")
+        if group and self.num_generations < 2:
+            raise ValueError(f"advantage_estimator {self.advantage_estimator} compares the replies to one prompt: "
+                             f"set num_generations to 2 or more")
+        if ours and self.batch_size % self.num_generations:
+            raise ValueError(f"batch_size ({self.batch_size}) must be whole groups of num_generations "
+                             f"({self.num_generations}) replies")
+        if group and self.gamma != 1.0:
+            raise ValueError(f"advantage_estimator {self.advantage_estimator} subtracts its baseline from whole "
+                             f"replies' scores: gamma must be 1.0, got {self.gamma}")
+        for key in CRITIC_KEYS:
+            if self.advantage_estimator != "gae" and getattr(self, key) != self.__dataclass_fields__[key].default:
+                raise ValueError(f"{key} concerns the critic, which advantage_estimator {self.advantage_estimator} "
+                                 f"does not have; remove it")
 
     def total_tokens(self) -> int:
         """A reply's budget with tools: `max_total_tokens`, else max_new_tokens per assistant turn (max_tool_calls

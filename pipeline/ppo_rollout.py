@@ -17,10 +17,10 @@ from pipeline.generation import UNSHAPED
 class Rollout:
     """One step's sampled replies, and what the update needs of them.
 
-    B: prompts of this step on this process (`batch_size`), P: the longest prompt (the others left-padded to it),
-    R: reply tokens (at most `max_new_tokens`; with tools, the longest reply, tool results included). Reply tokens
-    after the reply's end are padding. The first block is filled by the rollout, the second by `score`, the third by
-    `advantages`.
+    B: replies of this step on this process (`batch_size`: `num_generations` to each prompt, consecutive), P: the
+    longest prompt (the others left-padded to it), R: reply tokens (at most `max_new_tokens`; with tools, the longest
+    reply, tool results included). Reply tokens after the reply's end are padding. The first block is filled by the
+    rollout, the second by `score`, the third by `advantages`.
     """
 
     rows: list[int]                # (B,) indices into the prompt dataset
@@ -52,12 +52,15 @@ class Rollout:
     ref_logprobs: torch.Tensor = None  # (B, R) the same under the frozen reference
     implicit: torch.Tensor = None      # (B, R) ppo.implicit_reward: implicit_reward_beta x (log pi_dpo - log pi_ref) of
                                        #   each chosen token at temperature 1, 0 elsewhere; None without
-    values: torch.Tensor = None        # (B, R) the critic's value before each reply token
+    values: torch.Tensor = None        # (B, R) the critic's value before each reply token; None without a critic
 
     kl: torch.Tensor = None            # (B, R) per-token KL estimate, 0 where mask is 0
-    rewards: torch.Tensor = None       # (B, R) -kl_coef * kl per token, plus the score on the last token
-    advantages: torch.Tensor = None    # (B, R) GAE advantages (whitened with whiten_advantages)
-    returns: torch.Tensor = None       # (B, R) advantages + values: the critic's targets
+    kl_coef: float = None              # beta of the KL penalty in the rewards (0 with use_kl_loss: in the loss)
+    rewards: torch.Tensor = None       # (B, R) -kl_coef * kl per token, plus the score (less a group estimator's
+                                       #   baseline) on the last token
+    advantages: torch.Tensor = None    # (B, R) GAE advantages, or without a critic the return-to-go (whitened with
+                                       #   whiten_advantages)
+    returns: torch.Tensor = None       # (B, R) advantages + values: the critic's targets (no critic: the return-to-go)
 
 
 class PromptSampler:

@@ -4,18 +4,19 @@
     history = trainer.train()   # resumes from the newest checkpoint of a killed run of the same inputs
     trainer.save()
 
-Each process takes `batch_size` prompts per step and samples one reply each from the policy (KV cache, left padding,
-stops at end-of-turn): a `Rollout`; prompts that offer tools are answered in multi-turn rollouts that call the
-recipe's tools (pipeline/ppo_tools.py), and every phase after the rollout reads only the tokens the policy chose
-(`Rollout.mask`). The reward model scores the replies (normalised with the statistics its stage stored; minus
-`missing_eos_penalty` for replies that ran out of tokens; plus `verifier_weight` times the world's verifier, which is
-also logged as the gold score whenever the prompts have answers, and `image_verifier_weight` times
-tool_world.verify's verdict on tool tasks, logged as `image_verifier`), the policy's, the frozen reference's and the
-critic's per-token values are computed, a per-token KL penalty is added and GAE gives the advantages. Then
-`ppo_epochs` passes of clipped policy and value updates over `num_minibatches` minibatches. After each step
-pipeline/monitors.py's rules read the history (over-optimisation, collapse) and warn. The math on tensors is
-pipeline/rl.py. The critic is a value head on a copy of the reward model (`critic_init: reward`) or of the policy
-(`critic_init: policy`). `implicit_reward` adds a DPO policy's per-token reward (reward_model.ImplicitReward). Every
+Each process takes `batch_size` / `num_generations` prompts per step and samples `num_generations` replies (1 by
+default) to each from the policy (KV cache, left padding, stops at end-of-turn): a `Rollout`; prompts that offer
+tools are answered in multi-turn rollouts that call the recipe's tools (pipeline/ppo_tools.py), and every phase after
+the rollout reads only the tokens the policy chose (`Rollout.mask`). The reward model scores the replies (normalised
+with the statistics its stage stored; minus `missing_eos_penalty` for replies that ran out of tokens; plus
+`verifier_weight` times the world's verifier, which is also logged as the gold score whenever the prompts have
+answers, and `image_verifier_weight` times tool_world.verify's verdict on tool tasks, logged as `image_verifier`),
+the policy's, the frozen reference's and the critic's per-token values are computed, a per-token KL penalty is added
+and GAE gives the advantages; without a critic (`advantage_estimator` other than gae) the return-to-go does, after a
+baseline from the other replies to the same prompt for the group estimators. Then `ppo_epochs` passes of clipped
+policy (and value) updates over `num_minibatches` minibatches. After each step pipeline/monitors.py's rules read the
+history (over-optimisation, collapse) and warn. The math on tensors is pipeline/rl.py, the critic
+pipeline/ppo_critic.py. `implicit_reward` adds a DPO policy's per-token reward (reward_model.ImplicitReward). Every
 `save_steps` steps all state (models, optimizers, schedulers, KL coefficient, prompt position, random states,
 history) goes into `checkpoint-N/`: the accelerate state (safetensors, and torch files that load with
 weights_only=True) and `loop_state.json` (KL coefficient, prompt position, step and history), no pickle.
@@ -23,7 +24,6 @@ weights_only=True) and `loop_state.json` (KL coefficient, prompt position, step 
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -36,15 +36,18 @@ import torch
 from pipeline import (batching, cli, cluster, faults, judges, log, metrics, models, monitors, reward_rounds, rl,
                       safe_resume, threads, vllm_engine)
 from pipeline.generation import render_prompt
+from pipeline.ppo_config import GROUP_ESTIMATORS
+from pipeline.ppo_critic import build_critic
 from pipeline.ppo_rollout import PromptSampler, Rollout, positions, reply_logits, sample_replies
 from pipeline.ppo_tools import ToolEnv, conversation, tool_counts
-from pipeline.reward_model import ImplicitReward, lm_head_weight, load_reward_model, load_scorer, offered_tools
+from pipeline.reward_model import ImplicitReward, lm_head_weight, load_scorer, offered_tools
 
 # printed every logging_steps (metrics.json has every statistic of every step)
 LOG_KEYS = ("step", "reward_raw", "reward", "implicit_reward", "verifier", "annotator_vs_start", "image_verifier",
             "tool_call_rate", "valid_call_rate", "kl", "kl_coef", "entropy", "distinct_2", "clipfrac", "approx_kl",
             "value_loss", "explained_variance", "reply_length", "ended")
-UPDATE_STATS = ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl", "entropy")
+# each minibatch's statistics, in this order (value_*: with a critic; kl_loss: with use_kl_loss)
+UPDATE_STATS = ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl", "entropy", "kl_loss")
 
 
 class Progress:
@@ -60,24 +63,6 @@ class Progress:
         self.step, self.history = state["step"], list(state["history"])
 
 
-class Critic(torch.nn.Module):
-    """A value per token: a sequence-classification model's backbone and its one-output head, applied at every
-    position (the head of a reward model already maps a hidden state to a score)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.head = next((h for h in ("score", "classifier") if hasattr(model, h)), None)
-        if self.head is None:
-            raise cli.PipelineError(f"{type(model).__name__}: no `score` head to use as a value head")
-
-    def forward(self, input_ids, attention_mask, position_ids):
-        backbone = getattr(self.model, self.model.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False).last_hidden_state
-        return getattr(self.model, self.head)(hidden).squeeze(-1).float()
-
-
 class PPOTrainer:
     """Models, optimizers and resumable state of one PPO run (see the module docstring)."""
 
@@ -89,7 +74,7 @@ class PPOTrainer:
 
         self.run, self.cfg, self.keys, self.prompts = run, cfg, keys, prompts
         trackers = [t for t in ([cfg.report_to] if isinstance(cfg.report_to, str) else cfg.report_to) if t != "none"]
-        self.accelerator = Accelerator(cpu=cfg.use_cpu or not torch.cuda.is_available(),
+        self.accelerator = Accelerator(cpu=cfg.use_cpu or not torch.cuda.is_available(),  # never DeepSpeed: ppo.py
                                        step_scheduler_with_optimizer=False, log_with=trackers or None,
                                        project_dir=str(run.out / "runs"))
         if trackers:
@@ -121,16 +106,13 @@ class PPOTrainer:
                                         f"reward model's hidden states with the policy's LM head, but their sizes "
                                         f"differ ({self.reward_model.model.config.hidden_size} vs "
                                         f"{self.round_lm_head.shape[1]}); set it to 0")
-        if cfg.critic_init == "reward":
-            if self.reward_model.tokenizer.get_vocab() != tokenizer.get_vocab():
-                raise cli.PipelineError(f"{reward_checkpoint.path}: critic_init: reward needs the reward model to "
-                                        f"share the policy's tokenizer; use critic_init: policy")
-            critic = Critic(copy.deepcopy(self.reward_model.model).requires_grad_(True))  # loaded once, trained copy
-        else:
-            critic = Critic(load_reward_model(recipe, init.path))
-        critic.model.config.pad_token_id = tokenizer.pad_token_id
-        log.info("policy %s; critic from the %s model %s; reward mean %.3g, std %.3g", models.describe(policy),
-                 cfg.critic_init, models.describe(critic), self.reward_model.mean, self.reward_model.std)
+        critic = None  # advantage_estimator gae only; the others take a baseline from the rewards (pipeline/rl.py)
+        if cfg.advantage_estimator == "gae":
+            critic = build_critic(recipe, cfg, init, self.reward_model, reward_checkpoint.path, tokenizer)
+        log.info("policy %s; %s; reward mean %.3g, std %.3g", models.describe(policy),
+                 f"critic from the {cfg.critic_init} model {models.describe(critic)}" if critic is not None else
+                 f"no critic (advantage_estimator {cfg.advantage_estimator}, {cfg.num_generations} replies per prompt)",
+                 self.reward_model.mean, self.reward_model.std)
 
         # the recipe's tools, when prompts offer some (loaded now: see pipeline/ppo_tools.py); prompts rendered with
         # the tools they offer and tokenized once
@@ -149,28 +131,34 @@ class PPOTrainer:
         self.usable = [i for i, ids in enumerate(self.prompt_ids) if len(ids) <= cfg.max_prompt_length]
         usable = set(self.usable)
         self.annotated = [i for i in reward_rounds.annotated_rows(prompts) if i in usable]  # reward rounds' prompts
-        if len(self.usable) < cfg.batch_size * num_processes:
+        prompts_per_step = cfg.batch_size // cfg.num_generations  # each answered num_generations times
+        if len(self.usable) < prompts_per_step * num_processes:
             raise cli.PipelineError(f"{keys.prompts}: {len(self.usable)} of its {len(self.prompt_ids)} prompts within "
                                     f"max_prompt_length={cfg.max_prompt_length} tokens, fewer than one batch "
-                                    f"({cfg.batch_size} x {num_processes} processes)")
+                                    f"({prompts_per_step} x {num_processes} processes)")
 
         # optimizers and schedulers: one optimizer step per minibatch
         total_updates = cfg.max_steps * cfg.ppo_epochs * cfg.num_minibatches
         opt_policy = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                        weight_decay=cfg.weight_decay)
-        opt_critic = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_learning_rate or cfg.learning_rate,
-                                       weight_decay=cfg.weight_decay)
-        schedulers = [get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=cfg.warmup_steps,
-                                    num_training_steps=total_updates) for opt in (opt_policy, opt_critic)]
+        opt_critic = None if critic is None else torch.optim.AdamW(
+            critic.parameters(), lr=cfg.critic_learning_rate or cfg.learning_rate, weight_decay=cfg.weight_decay)
+        schedulers = [None if opt is None else get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=
+                      cfg.warmup_steps, num_training_steps=total_updates) for opt in (opt_policy, opt_critic)]
         # ppo.length_split: the forward passes over a rollout (policy, reference, DPO policy, critic) in groups of
         # rows of similar length; generation and the reward model's scoring are not touched
         for model in (policy, critic, self.reference, self.implicit and self.implicit.model):
             if model is not None:
                 batching.split_forward(model, keys.length_split)
+        objects = [policy, critic, opt_policy, opt_critic, *schedulers]  # None: no critic
+        prepared = iter(self.accelerator.prepare(*[o for o in objects if o is not None]))
         (self.policy, self.critic, self.opt_policy, self.opt_critic, self.sched_policy,
-         self.sched_critic) = self.accelerator.prepare(policy, critic, opt_policy, opt_critic, *schedulers)
-        self.policy.eval()  # no dropout: the update must see the distributions the rollout sampled from
-        self.critic.eval()
+         self.sched_critic) = [None if o is None else next(prepared) for o in objects]
+        # (model, optimizer, scheduler) of each trained model: the policy, and the critic when there is one
+        self.trained = [(self.policy, self.opt_policy, self.sched_policy)] + (
+            [(self.critic, self.opt_critic, self.sched_critic)] if critic is not None else [])
+        for model, _, _ in self.trained:
+            model.eval()  # no dropout: the update must see the distributions the rollout sampled from
         self.unwrapped = self.accelerator.unwrap_model(self.policy)
         self.engine = None  # generation.backend: vllm: rollouts sampled by vLLM, the policy's weights pushed each step
         if vllm_engine.uses_vllm(recipe, "ppo"):
@@ -178,7 +166,7 @@ class PPOTrainer:
 
         # everything else a resumed run needs
         self.kl_ctl = rl.KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon, cfg.adaptive_kl)
-        self.sampler = PromptSampler(len(self.usable), cfg.batch_size, num_processes,
+        self.sampler = PromptSampler(len(self.usable), prompts_per_step, num_processes,
                                      self.accelerator.process_index, cfg.seed)
         self.progress = Progress()
         # saved as JSON beside the accelerate state (safe_resume.LOOP_STATE), never with register_for_checkpointing:
@@ -188,8 +176,9 @@ class PPOTrainer:
     # ------------------------------------------------------------------------------------------ one step
 
     def rollout(self) -> Rollout:
-        """Phase 1: sample one reply to each of this step's prompts."""
-        rows = [self.usable[i] for i in self.sampler.next_batch()]
+        """Phase 1: sample `num_generations` replies (1 by default) to each of this step's prompts, a prompt's
+        replies in consecutive rows (the group rl.group_baseline reads)."""
+        rows = [self.usable[i] for i in self.sampler.next_batch() for _ in range(self.cfg.num_generations)]
         if self.engine is not None:
             self.engine.use(self.unwrapped)  # the weights of the last update
         if self.tools is not None:  # multi-turn: the policy calls tools (pipeline/ppo_tools.py)
@@ -226,7 +215,8 @@ class PPOTrainer:
             batch.implicit = self.implicit.token_rewards(batch, batch.ref_logprobs if cfg.temperature == 1.0 else
                                                          rl.logprobs_of(self.reference_logits(seq, att, ctx, 1.0),
                                                                         batch.replies))
-        batch.values = self.critic(input_ids=seq, attention_mask=att, position_ids=positions(att))[:, ctx - 1:-1]
+        if self.critic is not None:
+            batch.values = self.critic(input_ids=seq, attention_mask=att, position_ids=positions(att))[:, ctx - 1:-1]
 
     def reference_logits(self, seq, att, ctx, temperature):
         """The frozen reference's reply logits: the reference model, or the policy with its LoRA adapter off."""
@@ -261,11 +251,19 @@ class PPOTrainer:
         return sum((o + 1) / 2 for o in outcomes), len(outcomes)
 
     def advantages(self, batch: Rollout) -> None:
-        """Phase 3: per-token rewards (score minus the KL penalty) and GAE advantages."""
+        """Phase 3: per-token rewards (the score, less a group baseline with rloo / reinforce_baseline / group_norm,
+        minus the KL penalty) and advantages: GAE with the critic's values, or the return-to-go without a critic."""
         cfg = self.cfg
         batch.kl = rl.kl_penalty(batch.logprobs, batch.ref_logprobs, cfg.kl_estimator) * batch.mask
-        batch.rewards = rl.penalised_rewards(batch.scores, batch.kl, batch.mask, self.kl_ctl.value, batch.implicit)
-        batch.advantages, batch.returns = rl.gae(batch.rewards, batch.values, batch.mask, cfg.gamma, cfg.lam)
+        scores = batch.scores
+        if cfg.advantage_estimator in GROUP_ESTIMATORS:
+            scores = rl.group_baseline(scores, cfg.num_generations, cfg.advantage_estimator)
+        batch.kl_coef = 0.0 if cfg.use_kl_loss else self.kl_ctl.value  # use_kl_loss: the update's loss has it
+        batch.rewards = rl.penalised_rewards(scores, batch.kl, batch.mask, batch.kl_coef, batch.implicit)
+        if self.critic is None:
+            batch.advantages = batch.returns = rl.returns_to_go(batch.rewards, batch.mask, cfg.gamma)
+        else:
+            batch.advantages, batch.returns = rl.gae(batch.rewards, batch.values, batch.mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             batch.advantages = rl.masked_whiten(batch.advantages, batch.mask) * batch.mask
 
@@ -274,7 +272,7 @@ class PPOTrainer:
         cfg, accelerator = self.cfg, self.accelerator
         seq, att, ctx, mask = batch.sequences, batch.attention_mask, batch.context_length, batch.mask
         micro_size = cfg.batch_size // cfg.num_minibatches // cfg.gradient_accumulation_steps
-        stats = {k: [] for k in UPDATE_STATS}
+        stats = {}
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(cfg.batch_size, device=self.device)
             for minibatch in order.split(cfg.batch_size // cfg.num_minibatches):
@@ -282,24 +280,31 @@ class PPOTrainer:
                 for k, idx in enumerate(micro_batches):
                     with ExitStack() as no_sync:
                         if k < len(micro_batches) - 1:  # reduce gradients across processes once per minibatch
-                            no_sync.enter_context(accelerator.no_sync(self.policy))
-                            no_sync.enter_context(accelerator.no_sync(self.critic))
+                            for model, _, _ in self.trained:
+                                no_sync.enter_context(accelerator.no_sync(model))
                         logits = reply_logits(self.policy, seq[idx], att[idx], ctx, cfg.temperature)
                         new_logprobs = rl.logprobs_of(logits, batch.replies[idx])
-                        new_values = self.critic(input_ids=seq[idx], attention_mask=att[idx],
-                                                     position_ids=positions(att[idx]))[:, ctx - 1:-1]
                         pg_loss, clipfrac, approx_kl = rl.policy_loss(new_logprobs, batch.logprobs[idx],
                                                                       batch.advantages[idx], mask[idx], cfg.cliprange)
-                        vf_loss, vf_clipfrac = rl.value_loss(new_values, batch.values[idx], batch.returns[idx],
-                                                             mask[idx], cfg.cliprange_value)
-                        accelerator.backward((pg_loss + vf_loss) / cfg.gradient_accumulation_steps)
+                        step, loss = {"policy_loss": pg_loss, "clipfrac": clipfrac, "approx_kl": approx_kl}, pg_loss
+                        if cfg.use_kl_loss:  # GRPO's way: beta x KL to the reference in the loss, not in the reward
+                            step["kl_loss"] = rl.masked_mean(rl.kl_penalty(new_logprobs, batch.ref_logprobs[idx],
+                                                                           cfg.kl_estimator), mask[idx])
+                            loss = loss + self.kl_ctl.value * step["kl_loss"]
+                        if self.critic is not None:
+                            new_values = self.critic(input_ids=seq[idx], attention_mask=att[idx],
+                                                     position_ids=positions(att[idx]))[:, ctx - 1:-1]
+                            step["value_loss"], step["value_clipfrac"] = rl.value_loss(
+                                new_values, batch.values[idx], batch.returns[idx], mask[idx], cfg.cliprange_value)
+                            loss = loss + step["value_loss"]
+                        accelerator.backward(loss / cfg.gradient_accumulation_steps)
                     with torch.no_grad():
-                        entropy = rl.masked_mean(rl.entropy_of(logits), mask[idx])
-                    for name, value in zip(UPDATE_STATS, (pg_loss, vf_loss, clipfrac, vf_clipfrac, approx_kl, entropy)):
-                        stats[name].append(value.detach())
-                accelerator.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
-                accelerator.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm)
-                for opt, sched in ((self.opt_policy, self.sched_policy), (self.opt_critic, self.sched_critic)):
+                        step["entropy"] = rl.masked_mean(rl.entropy_of(logits), mask[idx])
+                    for name in (n for n in UPDATE_STATS if n in step):
+                        stats.setdefault(name, []).append(step[name].detach())
+                for model, _, _ in self.trained:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                for _, opt, sched in self.trained:
                     opt.step()
                     sched.step()
                     opt.zero_grad()
@@ -309,15 +314,18 @@ class PPOTrainer:
         """Phase 5a: this step's means over all processes; the KL controller sees the step's KL."""
         local = {
             "reward_raw": batch.raw.mean(), "reward": batch.normalised.mean(), "score": batch.scores.mean(),
-            "kl": batch.kl.sum(1).mean(), "non_score_reward": -self.kl_ctl.value * batch.kl.sum(1).mean(),
+            "kl": batch.kl.sum(1).mean(), "non_score_reward": -batch.kl_coef * batch.kl.sum(1).mean(),
             **{k: torch.stack(v).mean() for k, v in stats.items()},
-            "explained_variance": torch.tensor(rl.explained_variance(batch.values, batch.returns, batch.mask),
-                                               device=self.device),
             "reply_length": batch.mask.sum(1).mean(), "ended": batch.ended.float().mean(),
             # diversity of this process's replies (no n-gram at all: none); averaged over processes below
             **{f"distinct_{n}": torch.tensor(metrics.distinct_n(batch.texts, n) or 0.0, device=self.device)
                for n in (1, 2)},
         }
+        if self.critic is not None:
+            local["explained_variance"] = torch.tensor(rl.explained_variance(batch.values, batch.returns, batch.mask),
+                                                       device=self.device)
+        if self.cfg.num_generations > 1:  # GRPO's zero-variance groups (all replies scored alike) show here
+            local["group_score_std"] = batch.scores.view(-1, self.cfg.num_generations).std(1).mean()
         if batch.implicit is not None:  # the DPO policy's implicit reward of each reply, summed over its tokens
             local["implicit_reward"] = batch.implicit.sum(1).mean()
         names = list(local)

@@ -10,7 +10,9 @@ token was chosen.
     per-token KL      kl_penalty(logprobs, ref_logprobs, "k1" | "k3")        Schulman, "Approximating KL divergence"
     rewards           penalised_rewards(scores, kl, mask, kl_coef[, token_rewards]): -kl_coef * kl (+ a dense reward)
                       on every token, score on the last
-    advantages        gae(rewards, values, mask, gamma, lam), then masked_whiten
+    advantages        gae(rewards, values, mask, gamma, lam), then masked_whiten; without a critic
+                      returns_to_go(rewards, mask, gamma) (REINFORCE++), the scores first less
+                      group_baseline(scores, group_size, "rloo" | "reinforce_baseline" | "group_norm")
     losses            policy_loss (clipped surrogate), value_loss (clipped), both masked means
     KL coefficient    KLController: fixed, or adaptive towards a target KL (Ziegler et al. 2019)
 """
@@ -121,6 +123,32 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         next_advantage = torch.where(action[:, t], advantage, next_advantage)
     advantages = advantages * mask
     return advantages, (advantages + values) * mask
+
+
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """REINFORCE's return from each action on, G_t = r_t + gamma * G_t' (t' the next action), the advantage of the
+    critic-free estimators (REINFORCE++, Hu 2025; OpenRLHF's get_cumulative_returns). It is GAE with every value 0
+    and lam 1, so tool tokens (mask 0) are stepped over the same way."""
+    return gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)[0]
+
+
+def group_baseline(scores: torch.Tensor, group_size: int, estimator: str) -> torch.Tensor:
+    """Each reply's score less a baseline from the other replies to its prompt: rows come in consecutive groups of
+    `group_size` replies to one prompt. (B,) -> (B,).
+
+        rloo                the mean of the group's other replies (Ahmadian et al. 2024)
+        reinforce_baseline  the group's mean (REINFORCE++-baseline, Hu 2025)
+        group_norm          the group's mean, then divided by its standard deviation + 1e-9 (GRPO, Shao et al. 2024)
+    """
+    groups = scores.view(-1, group_size)
+    total, mean = groups.sum(1, keepdim=True), groups.mean(1, keepdim=True)
+    if estimator == "rloo":
+        return (groups - (total - groups) / (group_size - 1)).view(-1)
+    if estimator == "reinforce_baseline":
+        return (groups - mean).view(-1)
+    if estimator == "group_norm":
+        return ((groups - mean) / (groups.std(1, keepdim=True) + 1e-9)).view(-1)
+    raise ValueError(f"unknown group estimator {estimator!r} (expected rloo, reinforce_baseline or group_norm)")
 
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float):

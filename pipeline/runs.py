@@ -240,7 +240,7 @@ class StageRun:
         # a plain PartialState() would leave each of them alone, all writing as the main process.
         # Under DeepSpeed without a GPU, Accelerate picks no backend and again counts each process alone (stages
         # without a trainer, e.g. eval, would all write): name gloo.
-        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        deepspeed = cluster.launched_with_deepspeed()
         gpu = torch.cuda.is_available()
         self.state = PartialState(cpu=not gpu and not deepspeed, **({"backend": "gloo"} if deepspeed and not gpu else {}))
         log.setup(stage, self.state.is_main_process)

@@ -181,7 +181,7 @@ def test_a_ppo_batch_padded_on_both_sides_splits_with_its_positions(tiny_run):
 
     from pipeline import batching, rl
     from pipeline.ppo_rollout import positions, reply_logits
-    from pipeline.ppo_trainer import Critic
+    from pipeline.ppo_critic import Critic
 
     work, _, _ = tiny_run
     sft = str(work / "runs/tiny/sft")

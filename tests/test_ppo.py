@@ -361,13 +361,13 @@ def uninterrupted(inputs):
     return work
 
 
-def assert_same_as_uninterrupted(work, name):
-    """Run `name` ended with the step count, every step's statistics and the exact weights of run "full"."""
-    full, other = read(work, "full"), read(work, name)
+def assert_same_as_uninterrupted(work, name, reference="full"):
+    """Run `name` ended with the step count, every step's statistics and the exact weights of run `reference`."""
+    full, other = read(work, reference), read(work, name)
     assert other["steps"] == full["steps"] == 12
     timeless = [[{k: v for k, v in h.items() if k != "elapsed_s"} for h in m["history"]] for m in (other, full)]
     assert timeless[0] == timeless[1]
-    a, b = (load_file(work / f"runs/{n}/ppo/model.safetensors") for n in ("full", name))
+    a, b = (load_file(work / f"runs/{n}/ppo/model.safetensors") for n in (reference, name))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -552,6 +552,22 @@ def test_two_processes_with_lora(inputs):
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
     assert read(work, "ddp")["steps"] == 2
     assert proc.stdout.count("[ppo] step 1 ") + proc.stderr.count("[ppo] step 1 ") == 1  # only the main process logs
+
+
+def test_our_ppo_under_a_deepspeed_launch_runs_data_parallel(inputs):
+    """Launched with a DeepSpeed config (ZeRO-2, two processes), our PPO, which trains two models, runs data-parallel
+    and says so (Accelerate stopped with AttributeError 'mixed_precision' before it, then refused a second model)."""
+    work = inputs[0]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "launch/accelerate/zero2.yaml"), "--num_processes", "2", "--main_process_port", "0",
+           str(REPO / "pipeline/ppo.py"), str(ppo_recipe(work)), "run.name=deepspeed", "ppo.max_steps=2",
+           "ppo.heldout_prompts=null"]
+    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=600, env={**os.environ, **ENV})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "our PPO (algorithm: ppo) runs data-parallel (DDP)" in proc.stdout + proc.stderr
+    manifest = read(work, "deepspeed", "manifest.json")
+    assert manifest["num_processes"] == 2 and manifest["global_batch_size"] == 16
+    assert read(work, "deepspeed")["steps"] == 2
 
 
 def test_qlora_merge_adapter_saves_the_full_precision_merge(inputs):

@@ -373,3 +373,5 @@ def test_the_cluster_recipes_load_and_check_finds_nothing_but_the_missing_hub(na
     errors = [line.strip() for line in proc.stdout.splitlines() if line.strip().startswith("error:")]
     assert planned == sections, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert all("the hub cannot be reached (HF_HUB_OFFLINE is set)" in e for e in errors), errors
+    if "ppo" in sections:  # our PPO runs data-parallel under DeepSpeed (pipeline/ppo.py): planned as it runs
+        assert "our PPO under a DeepSpeed launch: data parallel (DDP)" in proc.stdout

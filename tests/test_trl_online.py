@@ -267,12 +267,14 @@ def test_the_manifest_records_trls_whole_config(user, monkeypatch):
 
 
 def test_our_ppo_with_fewer_prompts_than_a_batch_says_so_not_that_they_are_too_long(user):
-    """4 short prompts and batch_size 8: the error blamed max_prompt_length ("4 prompts of at most ...")."""
+    """4 short prompts and batch_size 8 (one reply each): the error blamed max_prompt_length ("4 prompts of at most
+    ...")."""
     from conftest import run_cli
 
     spec = write_prompts(user / "few.jsonl", [f"What is {i} + 1?" for i in range(4)])
-    proc = run_cli(["pipeline/ppo.py", grpo_recipe(user, algorithm="ppo", prompts=spec, critic_init="policy"),
-                    "run.name=few"], cwd=user, env={"OMP_NUM_THREADS": "1"})
+    proc = run_cli(["pipeline/ppo.py", grpo_recipe(user, algorithm="ppo", prompts=spec, critic_init="policy",
+                                                   num_generations=1), "run.name=few"],
+                   cwd=user, env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: {spec}: 4 of its 4 prompts within max_prompt_length=128 tokens, fewer than one batch (8 x 1 "
