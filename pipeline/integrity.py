@@ -19,14 +19,15 @@ import struct
 import sys
 from pathlib import Path
 
+from pipeline import cluster
 from pipeline.cli import PipelineError
 
 TEXT_SUFFIXES = {".json", ".jinja", ".txt", ".md", ".yaml", ".yml", ".model", ".tiktoken"}  # .model: sentencepiece
 TORCH_SUFFIXES = {".bin", ".pt", ".pth", ".pkl"}
 VOCAB_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt", "tiktoken.model")
-# files without a telling suffix that nothing loads as code: DeepSpeed's `latest` (a tag) and `zero_to_fp32.py` (a
-# script for people, never imported on resume)
-NAMED_TEXT = ("log.txt", ".fingerprint", "latest", "zero_to_fp32.py")
+# files without a telling suffix that nothing loads as code: DeepSpeed's `latest` (a tag), `zero_to_fp32.py` and
+# `zero_to_torch.py` (scripts for people, never imported on resume)
+NAMED_TEXT = ("log.txt", ".fingerprint", "latest", "zero_to_fp32.py", "zero_to_torch.py")
 MAX_HEADER = 100 << 20
 
 
@@ -74,16 +75,19 @@ def torch_safe_globals() -> list:
 
 
 def deepspeed_safe_globals() -> list:
-    """DeepSpeed's optimizer checkpoints hold its ZeRO stage (an Enum) and loss scaler (plain attributes): data
-    classes, allowed by name when the stage runs under DeepSpeed (which then loads them itself, unchecked)."""
-    if "deepspeed" not in sys.modules:
+    """DeepSpeed's optimizer checkpoints hold its ZeRO stage (an Enum), loss scaler (plain attributes) and the
+    fragment addresses of ZeRO's flat buffers (a dataclass of two ints): data classes, allowed by name when the stage
+    runs under DeepSpeed (which then loads them itself, unchecked). Checked before the stage's trainer has imported
+    DeepSpeed, hence the launch's environment and not sys.modules."""
+    if not (cluster.launched_with_deepspeed() or "deepspeed" in sys.modules):
         return []
     try:
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
     except Exception:  # pragma: no cover - another DeepSpeed layout: its checkpoints are then refused
         return []
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 def torch_problem(path: Path) -> str | None:

@@ -290,6 +290,31 @@ def test_a_signal_to_one_process_checkpoints_all_and_the_rerun_resumes_to_the_sa
     assert max_weight_diff(out, work / "runs/two/pretrain") < 1e-5
 
 
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_a_stage_killed_under_deepspeed_resumes_from_its_checkpoint_to_the_uninterrupted_model(one_process, zero):
+    """Killed (SIGKILL, as a lost node) after a checkpoint under ZeRO-2 / ZeRO-3 with 2 processes, the same command
+    resumes from DeepSpeed's checkpoint files and ends with the model of the run that was never killed. Those files
+    name DeepSpeed's own data classes (its ZeRO stage, loss scaler, fragment addresses): they pass the weights_only
+    check by name, and before the stage's trainer has imported DeepSpeed (refused as "a pickle that names code",
+    exit 2, until 2026-12-05: no stage under DeepSpeed could resume)."""
+    work, recipe = one_process
+    args = ["pipeline/pretrain.py", recipe, *BATCH, "pretrain.save_strategy=steps", "pretrain.save_steps=4"]
+    whole = launch_cli(zero, [*args, f"run.name={zero}-whole"], cwd=work, num_processes=2, env=ONE_THREAD)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = launch_cli(zero, [*args, f"run.name={zero}-killed"], cwd=work, num_processes=2,
+                        env={**ONE_THREAD, "PIPELINE_FAULT": "kill:training:6"})
+    assert killed.returncode != 0
+    ckpt = work / f"runs/{zero}-killed/pretrain.partial/checkpoint-4"
+    assert sorted(p.name for p in (ckpt / "global_step4").glob("*optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    resumed = launch_cli(zero, [*args, f"run.name={zero}-killed"], cwd=work, num_processes=2, env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stdout[-1000:] + resumed.stderr[-3000:]
+    assert f"resuming from runs/{zero}-killed/pretrain.partial/checkpoint-4" in resumed.stdout
+    out = work / f"runs/{zero}-killed/pretrain"
+    assert json.loads((out / "manifest.json").read_text())["resumed_from"] == "checkpoint-4"
+    assert max_weight_diff(out, work / f"runs/{zero}-whole/pretrain") == 0.0
+
+
 def test_rendezvous_timeout_fails_a_missing_node_instead_of_hanging(tmp_path):
     """The flags launch/slurm/stage.sbatch passes: machine 0 of 2 waits `timeout` seconds, then fails."""
     recipe = tiny_recipe(tmp_path)
