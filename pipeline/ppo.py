@@ -208,13 +208,15 @@ def main(argv):
     if keys.reward_model in STAGES and keys.reward_model not in recipe.stages:
         raise cli.PipelineError(f"{recipe.path}: ppo.reward_model is the `{keys.reward_model}` stage, but the recipe "
                                 f"has no `{keys.reward_model}` section: add one, or name a saved reward model folder")
-    if cfg.algorithm == "ppo" and cluster.launched_with_deepspeed():
+    ddp_not_deepspeed = cfg.algorithm == "ppo" and cluster.launched_with_deepspeed()
+    if ddp_not_deepspeed:
         # our PPO trains two models (policy and critic), which one Accelerator cannot hand to DeepSpeed: data
         # parallel over the same processes instead, decided before the stage's process group is made
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"
-        log.warning("launched with DeepSpeed: our PPO (algorithm: ppo) runs data-parallel (DDP) over the same "
-                    "processes, each holding whole models; GRPO and RLOO (TRL's) use DeepSpeed")
     with runs.StageRun(recipe, STAGE) as run:
+        if ddp_not_deepspeed:  # logged here: from the main process only, and into the stage's log.txt
+            log.warning("launched with DeepSpeed: our PPO (algorithm: ppo) runs data-parallel (DDP) over the same "
+                        "processes, each holding whole models; GRPO and RLOO (TRL's) use DeepSpeed")
         prompts, info = read_prompts(keys.prompts, recipe, keys.columns, pairs=cfg.reward_round_replay > 0)
         run.note_data("prompts", info)
         prompts = with_answers(prompts, keys.prompts, required=bool(cfg.verifier_weight))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline import metrics, rl
 from pipeline.generation import UNSHAPED
 
 
@@ -61,6 +62,26 @@ class Rollout:
     advantages: torch.Tensor = None    # (B, R) GAE advantages, or without a critic the return-to-go (whitened with
                                        #   whiten_advantages)
     returns: torch.Tensor = None       # (B, R) advantages + values: the critic's targets (no critic: the return-to-go)
+
+    def statistics(self, update: dict[str, torch.Tensor], num_generations: int) -> dict[str, torch.Tensor]:
+        """This process's means of the step's statistics (README "PPO"), the update's minibatch means in `update`."""
+        kl = self.kl.sum(1).mean()
+        local = {
+            "reward_raw": self.raw.mean(), "reward": self.normalised.mean(), "score": self.scores.mean(),
+            "kl": kl, "non_score_reward": -self.kl_coef * kl, **update,
+            "reply_length": self.mask.sum(1).mean(), "ended": self.ended.float().mean(),
+            # diversity of this process's replies (no n-gram at all: none)
+            **{f"distinct_{n}": torch.tensor(metrics.distinct_n(self.texts, n) or 0.0, device=self.mask.device)
+               for n in (1, 2)},
+        }
+        if self.values is not None:  # a critic's
+            local["explained_variance"] = torch.tensor(rl.explained_variance(self.values, self.returns, self.mask),
+                                                       device=self.mask.device)
+        if num_generations > 1:  # GRPO's zero-variance groups (all replies scored alike) show here
+            local["group_score_std"] = self.scores.view(-1, num_generations).std(1).mean()
+        if self.implicit is not None:  # the DPO policy's implicit reward of each reply, summed over its tokens
+            local["implicit_reward"] = self.implicit.sum(1).mean()
+        return local
 
 
 class PromptSampler:

@@ -29,11 +29,12 @@ import os
 import shutil
 import time
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from pipeline import (batching, cli, cluster, faults, judges, log, metrics, models, monitors, reward_rounds, rl,
+from pipeline import (batching, cli, cluster, faults, judges, log, models, monitors, reward_rounds, rl,
                       safe_resume, threads, vllm_engine)
 from pipeline.generation import render_prompt
 from pipeline.ppo_config import GROUP_ESTIMATORS
@@ -264,8 +265,11 @@ class PPOTrainer:
             batch.advantages = batch.returns = rl.returns_to_go(batch.rewards, batch.mask, cfg.gamma)
         else:
             batch.advantages, batch.returns = rl.gae(batch.rewards, batch.values, batch.mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            batch.advantages = rl.masked_whiten(batch.advantages, batch.mask) * batch.mask
+        if cfg.whiten_advantages:  # over every process's replies: N processes whiten as one with the whole batch
+            sum_over_processes = None if self.accelerator.num_processes == 1 else \
+                partial(self.accelerator.reduce, reduction="sum")
+            batch.advantages = rl.masked_whiten(batch.advantages, batch.mask, sum_over_processes=sum_over_processes) \
+                * batch.mask
 
     def update(self, batch: Rollout) -> dict[str, list[torch.Tensor]]:
         """Phase 4: ppo_epochs passes over the batch in minibatches, one optimizer step per minibatch."""
@@ -312,22 +316,7 @@ class PPOTrainer:
 
     def step_statistics(self, batch: Rollout, stats: dict, started: float) -> dict:
         """Phase 5a: this step's means over all processes; the KL controller sees the step's KL."""
-        local = {
-            "reward_raw": batch.raw.mean(), "reward": batch.normalised.mean(), "score": batch.scores.mean(),
-            "kl": batch.kl.sum(1).mean(), "non_score_reward": -batch.kl_coef * batch.kl.sum(1).mean(),
-            **{k: torch.stack(v).mean() for k, v in stats.items()},
-            "reply_length": batch.mask.sum(1).mean(), "ended": batch.ended.float().mean(),
-            # diversity of this process's replies (no n-gram at all: none); averaged over processes below
-            **{f"distinct_{n}": torch.tensor(metrics.distinct_n(batch.texts, n) or 0.0, device=self.device)
-               for n in (1, 2)},
-        }
-        if self.critic is not None:
-            local["explained_variance"] = torch.tensor(rl.explained_variance(batch.values, batch.returns, batch.mask),
-                                                       device=self.device)
-        if self.cfg.num_generations > 1:  # GRPO's zero-variance groups (all replies scored alike) show here
-            local["group_score_std"] = batch.scores.view(-1, self.cfg.num_generations).std(1).mean()
-        if batch.implicit is not None:  # the DPO policy's implicit reward of each reply, summed over its tokens
-            local["implicit_reward"] = batch.implicit.sum(1).mean()
+        local = batch.statistics({k: torch.stack(v).mean() for k, v in stats.items()}, self.cfg.num_generations)
         names = list(local)
         reduced = self.accelerator.reduce(torch.stack([local[k].float() for k in names]), reduction="mean").tolist()
         step_stats = dict(zip(names, reduced))

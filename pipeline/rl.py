@@ -10,7 +10,7 @@ token was chosen.
     per-token KL      kl_penalty(logprobs, ref_logprobs, "k1" | "k3")        Schulman, "Approximating KL divergence"
     rewards           penalised_rewards(scores, kl, mask, kl_coef[, token_rewards]): -kl_coef * kl (+ a dense reward)
                       on every token, score on the last
-    advantages        gae(rewards, values, mask, gamma, lam), then masked_whiten; without a critic
+    advantages        gae(rewards, values, mask, gamma, lam), then masked_whiten over all processes; without a critic
                       returns_to_go(rewards, mask, gamma) (REINFORCE++), the scores first less
                       group_baseline(scores, group_size, "rloo" | "reinforce_baseline" | "group_norm")
     losses            policy_loss (clipped surrogate), value_loss (clipped), both masked means
@@ -40,9 +40,22 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the masked entries; with shift_mean=False the mean is kept (only scaled)."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, sum_over_processes=None
+                  ) -> torch.Tensor:
+    """(x - mean) / std over the masked entries; with shift_mean=False the mean is kept (only scaled).
+
+    sum_over_processes (a function summing a tensor over the data-parallel processes, or None for one process):
+    the mean and variance of every process's entries, so N processes whiten as one process with their whole batch
+    would (OpenRLHF's global normalisation), not each against its own share.
+    """
+    if sum_over_processes is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        weights = mask.to(x.dtype)
+        total, count = sum_over_processes(torch.stack([(x * weights).sum(), weights.sum()])).unbind()
+        mean = total / count.clamp(min=1)
+        squares = sum_over_processes(((x - mean) ** 2 * weights).sum())
+        var = squares / (count - 1).clamp(min=1)  # unbiased, as masked_var
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     return whitened if shift_mean else whitened + mean
 

@@ -564,7 +564,9 @@ def test_our_ppo_under_a_deepspeed_launch_runs_data_parallel(inputs):
            "ppo.heldout_prompts=null"]
     proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=600, env={**os.environ, **ENV})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "our PPO (algorithm: ppo) runs data-parallel (DDP)" in proc.stdout + proc.stderr
+    said = "our PPO (algorithm: ppo) runs data-parallel (DDP)"
+    assert (proc.stdout + proc.stderr).count(said) == 1  # from the main process only
+    assert said in (work / "runs/deepspeed/ppo/log.txt").read_text()  # and in the stage's log
     manifest = read(work, "deepspeed", "manifest.json")
     assert manifest["num_processes"] == 2 and manifest["global_batch_size"] == 16
     assert read(work, "deepspeed")["steps"] == 2

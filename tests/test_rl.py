@@ -1,6 +1,7 @@
 """PPO's math (pipeline/rl.py) against values worked out by hand on tiny tensors."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,6 +41,40 @@ def test_masked_whiten():
     # mean 2, unbiased variance ((1 + 0 + 1) / 2) = 1: the masked 100 plays no part
     assert close(rl.masked_whiten(x, mask)[:, :3], [[-1.0, 0.0, 1.0]])
     assert close(rl.masked_whiten(x, mask, shift_mean=False)[:, :3], [[1.0, 2.0, 3.0]])
+
+
+def _whiten_share(rank: int, folder: str) -> None:
+    """One of two gloo processes: whiten this process's share of the batch over both processes."""
+    import json
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+
+    def sum_over_processes(t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    shares = [(T([[1.0, 2.0], [3.0, 50.0]]), T([[1.0, 1.0], [1.0, 0.0]])), (T([[10.0, 7.0]]), T([[1.0, 0.0]]))]
+    x, mask = shares[rank]
+    out = rl.masked_whiten(x, mask, sum_over_processes=sum_over_processes)
+    Path(folder, f"rank{rank}.json").write_text(json.dumps((out * mask).tolist()))
+    dist.destroy_process_group()
+
+
+def test_masked_whiten_over_processes(tmp_path):
+    """Two processes whiten their shares with the mean and variance of the whole batch, as one process with it would:
+    entries 1, 2, 3 on one process and 10 on the other: mean 4, unbiased variance (9 + 4 + 1 + 36) / 3."""
+    import json
+
+    torch.multiprocessing.spawn(_whiten_share, args=(str(tmp_path),), nprocs=2)
+    first, second = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    std = math.sqrt(50 / 3)
+    assert close(first, [[-3 / std, -2 / std], [-1 / std, 0.0]]) and close(second, [[6 / std, 0.0]])
+    whole = rl.masked_whiten(T([[1.0, 2.0, 3.0, 10.0]]), T([[1.0, 1.0, 1.0, 1.0]]))
+    assert close([first[0] + first[1][:1] + second[0][:1]], whole)
+    # each process alone would have centred its own share: the other process's 10 to 0
+    assert close(rl.masked_whiten(T([[10.0, 7.0]]), T([[1.0, 0.0]])) * T([[1.0, 0.0]]), [[0.0, 0.0]])
 
 
 def test_kl_estimators():
