@@ -231,6 +231,23 @@ def launched_with_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
+def data_parallel_under_deepspeed(stage: str, algorithm: str | None = None) -> bool:
+    """Stages whose own loops hand DeepSpeed no model: our PPO (a policy and a critic trained, where one Accelerator
+    hands DeepSpeed one) and the image stages (a UNet and a text encoder; their own safetensors checkpoints, which a
+    ZeRO optimizer's state is not). Under a DeepSpeed launch they run data-parallel (DDP) on the same processes."""
+    return stage in ("diffusion", "diffusion_dpo") or (stage == "ppo" and algorithm == "ppo")
+
+
+def leave_deepspeed(stage: str, algorithm: str | None = None) -> str | None:
+    """In a stage process, before its process group is made: such a stage launched with DeepSpeed is switched to DDP.
+    Returns the line saying so (for the stage to log once its log is set up), or None."""
+    if not (launched_with_deepspeed() and data_parallel_under_deepspeed(stage, algorithm)):
+        return None
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"
+    return (f"launched with DeepSpeed: {'our PPO (algorithm: ppo)' if stage == 'ppo' else stage} runs data-parallel "
+            f"(DDP) over the same processes, each holding whole models (README \"Running on GPUs and clusters\")")
+
+
 def check_environment() -> None:
     """Fail before any work when the launch cannot produce a loadable model; fix up relative config paths."""
     env = os.environ

@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
 import dataclasses
 import time
 
-from pipeline import cli, diffusion_train, image_check, image_eval, images, log, runs
+from pipeline import cli, cluster, diffusion_train, image_check, image_eval, images, log, runs
 from pipeline.recipe import load_recipe, stage_help
 
 STAGE = "diffusion"
@@ -40,7 +40,10 @@ def main(argv):
     cfg.train_text_encoder = images.trains_text_encoder(cfg.train_text_encoder, bool(keys.pretrained))
     if not keys.pretrained:  # a new model: its unet / text_encoder configs build (on the meta device) before any work
         image_check.components(recipe, None, recipe.section(STAGE), keys.resolution, stage=STAGE)
+    ddp_warning = cluster.leave_deepspeed(STAGE)  # DDP under a DeepSpeed launch (cluster.py says why)
     with runs.StageRun(recipe, STAGE) as run:
+        if ddp_warning:  # said here: from the main process only, and into the stage's log.txt
+            log.warning(ddp_warning)
         images.make_scheduler(cfg.sampler, {})  # an unknown sampler fails here, before any work
         pipe = images.load_pipeline(run.checkpoint("pretrained").path) if keys.pretrained else None
         channels = {**images.DEFAULT_UNET, **cfg.unet}["in_channels"]  # a new model: grey unless its unet says 3

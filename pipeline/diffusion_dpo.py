@@ -26,7 +26,7 @@ import random
 import shutil
 import time
 
-from pipeline import cli, diffusion_train, image_eval, image_pairs, images, log, runs
+from pipeline import cli, cluster, diffusion_train, image_eval, image_pairs, images, log, runs
 from pipeline.recipe import load_recipe, stage_help
 
 STAGE = "diffusion_dpo"
@@ -121,7 +121,10 @@ def main(argv):
     eval_file = image_pairs.pair_file(keys.eval_dataset)
     if problem := image_pairs.section_problem(keys, cfg.rounds, own_file, eval_file):
         raise cli.PipelineError(f"{recipe.path}: diffusion_dpo.{problem}")
+    ddp_warning = cluster.leave_deepspeed(STAGE)  # DDP under a DeepSpeed launch (cluster.py says why)
     with runs.StageRun(recipe, STAGE) as run:
+        if ddp_warning:  # said here: from the main process only, and into the stage's log.txt
+            log.warning(ddp_warning)
         init = run.checkpoint()
         heldout = image_eval.read_captions(keys.heldout_captions, recipe)
         judge_dir = Path(keys.judge) if keys.judge else Path(init.path) / "judge"

@@ -30,7 +30,6 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import math
-import os
 
 from pipeline import cli, cluster, data, log, models, monitors, preferences, reward_rounds, runs, vllm_engine
 from pipeline.heldout import heldout_comparison, heldout_rows
@@ -208,15 +207,10 @@ def main(argv):
     if keys.reward_model in STAGES and keys.reward_model not in recipe.stages:
         raise cli.PipelineError(f"{recipe.path}: ppo.reward_model is the `{keys.reward_model}` stage, but the recipe "
                                 f"has no `{keys.reward_model}` section: add one, or name a saved reward model folder")
-    ddp_not_deepspeed = cfg.algorithm == "ppo" and cluster.launched_with_deepspeed()
-    if ddp_not_deepspeed:
-        # our PPO trains two models (policy and critic), which one Accelerator cannot hand to DeepSpeed: data
-        # parallel over the same processes instead, decided before the stage's process group is made
-        os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"
+    ddp_warning = cluster.leave_deepspeed(STAGE, cfg.algorithm)  # DDP under a DeepSpeed launch (GRPO/RLOO: DeepSpeed)
     with runs.StageRun(recipe, STAGE) as run:
-        if ddp_not_deepspeed:  # logged here: from the main process only, and into the stage's log.txt
-            log.warning("launched with DeepSpeed: our PPO (algorithm: ppo) runs data-parallel (DDP) over the same "
-                        "processes, each holding whole models; GRPO and RLOO (TRL's) use DeepSpeed")
+        if ddp_warning:  # said here: from the main process only, and into the stage's log.txt
+            log.warning(ddp_warning)
         prompts, info = read_prompts(keys.prompts, recipe, keys.columns, pairs=cfg.reward_round_replay > 0)
         run.note_data("prompts", info)
         prompts = with_answers(prompts, keys.prompts, required=bool(cfg.verifier_weight))

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, run_cli, tiny_recipe
+from conftest import REPO, launch_cli, run_cli, tiny_recipe
 from pipeline import image_files, images
 from pipeline.cli import PipelineError
 
@@ -575,6 +575,43 @@ def test_killed_diffusion_stage_resumes_to_the_uninterrupted_result(tmp_path):
     logged = [[h["loss"] for h in json.loads((tmp_path / f"runs/{name}/diffusion/metrics.json").read_text())["history"]]
               for name in ("tiny", "fresh")]
     assert logged[0] == pytest.approx(logged[1], rel=1e-5) and len(logged[0]) == 2
+
+
+def test_image_stages_under_a_deepspeed_launch_run_data_parallel_and_resume_after_a_kill(image_run, tmp_path):
+    """Launched with ZeRO-2 (as recipes/cluster_diffusion.yaml), the image stages, whose loops train a UNet and a
+    text encoder and save their own safetensors checkpoints, run data-parallel (DDP) and say so once. Before, a new
+    model stopped in accelerator.prepare ("multiple models when using DeepSpeed") and a UNet alone at its first
+    checkpoint (KeyError 'state': a ZeRO optimizer's state dict). A kill after a checkpoint resumes to the weights of
+    the run never killed; diffusion_dpo finishes under the same launch."""
+    section = {**TINY_DIFFUSION, "max_steps": 12, "save_steps": 4, "judge_epochs": 0, "logging_steps": 6}
+    recipe = image_recipe(tmp_path, diffusion=section)
+    one_thread = {"OMP_NUM_THREADS": "1"}
+    whole = launch_cli("zero2", ["pipeline/diffusion.py", recipe, "run.name=whole"], cwd=tmp_path, num_processes=2,
+                       env=one_thread)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    said = "launched with DeepSpeed: diffusion runs data-parallel (DDP)"
+    assert (whole.stdout + whole.stderr).count(said) == 1 and "2 process(es)" in whole.stdout
+    assert said in (tmp_path / "runs/whole/diffusion/log.txt").read_text()
+    manifest = json.loads((tmp_path / "runs/whole/diffusion/manifest.json").read_text())
+    assert manifest["num_processes"] == 2
+    killed = launch_cli("zero2", ["pipeline/diffusion.py", recipe], cwd=tmp_path, num_processes=2,
+                        env={**one_thread, "PIPELINE_FAULT": "kill:training:6"})
+    assert killed.returncode != 0
+    assert (tmp_path / "runs/tiny/diffusion.partial/checkpoint-4/optimizer.safetensors").is_file()
+    resumed = launch_cli("zero2", ["pipeline/diffusion.py", recipe], cwd=tmp_path, num_processes=2, env=one_thread)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at step 4" in resumed.stdout + resumed.stderr
+    a, b = _unet_weights(tmp_path / "runs/tiny/diffusion"), _unet_weights(tmp_path / "runs/whole/diffusion")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    start = image_run[0] / "runs" / "tiny" / "diffusion"
+    (tmp_path / "dpo").mkdir()
+    dpo = image_recipe(tmp_path / "dpo", diffusion_dpo={**TINY_DPO, "init_from": str(start), "heldout_captions": ""})
+    tuned = launch_cli("zero2", ["pipeline/diffusion_dpo.py", dpo], cwd=tmp_path / "dpo", num_processes=2,
+                       env=one_thread)
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    assert (tuned.stdout + tuned.stderr).count("launched with DeepSpeed: diffusion_dpo runs data-parallel (DDP)") == 1
+    assert json.loads((tmp_path / "dpo/runs/tiny/diffusion_dpo/manifest.json").read_text())["num_processes"] == 2
 
 
 def test_killed_online_diffusion_dpo_resumes_to_the_uninterrupted_result(image_run, tmp_path):
