@@ -72,9 +72,8 @@ def profile_of(recipe, stage: str) -> StageProfile:
         profile = dataclasses.replace(profile, lm_head=True)
     if stage == "dpo" and keys.rounds == 1 and is_reference_free(recipe.config_default(stage, "loss_type")):
         profile = dataclasses.replace(profile, frozen_models=0)  # simpo, cpo, orpo: no reference model
-    if stage == "ppo" and (recipe.config_default(stage, "algorithm") != "ppo" or
-                           recipe.config_default(stage, "advantage_estimator") != "gae"):
-        profile = dataclasses.replace(profile, trained_models=1)  # no critic: grpo, rloo, or ours without GAE
+    if stage == "ppo" and not recipe.trainer_config(stage, num_processes=0).trains_critic:
+        profile = dataclasses.replace(profile, trained_models=1)
     more = len(getattr(keys, "reward_ensemble", None) or []) + bool(getattr(keys, "implicit_reward", None))
     if more:
         with_peft = None if profile.frozen_with_peft is None else profile.frozen_with_peft + more

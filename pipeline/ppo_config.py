@@ -136,9 +136,16 @@ class PPOConfig:
             raise ValueError(f"advantage_estimator {self.advantage_estimator} subtracts its baseline from whole "
                              f"replies' scores: gamma must be 1.0, got {self.gamma}")
         for key in CRITIC_KEYS:
-            if self.advantage_estimator != "gae" and getattr(self, key) != self.__dataclass_fields__[key].default:
-                raise ValueError(f"{key} concerns the critic, which advantage_estimator {self.advantage_estimator} "
-                                 f"does not have; remove it")
+            if not self.trains_critic and getattr(self, key) != self.__dataclass_fields__[key].default:
+                without = (f"advantage_estimator {self.advantage_estimator}" if ours else
+                           f"algorithm {self.algorithm} (TRL's)")
+                raise ValueError(f"{key} concerns the critic, which {without} does not have; remove it")
+
+    @property
+    def trains_critic(self) -> bool:
+        """Our PPO with GAE trains a critic; our other estimators and TRL's grpo / rloo take their baseline from the
+        rewards. The trainer, the memory estimate and the checks above all ask this."""
+        return self.algorithm == "ppo" and self.advantage_estimator == "gae"
 
     def total_tokens(self) -> int:
         """A reply's budget with tools: `max_total_tokens`, else max_new_tokens per assistant turn (max_tool_calls

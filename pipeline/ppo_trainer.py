@@ -107,8 +107,8 @@ class PPOTrainer:
                                         f"reward model's hidden states with the policy's LM head, but their sizes "
                                         f"differ ({self.reward_model.model.config.hidden_size} vs "
                                         f"{self.round_lm_head.shape[1]}); set it to 0")
-        critic = None  # advantage_estimator gae only; the others take a baseline from the rewards (pipeline/rl.py)
-        if cfg.advantage_estimator == "gae":
+        critic = None  # the other estimators take a baseline from the rewards (pipeline/rl.py)
+        if cfg.trains_critic:
             critic = build_critic(recipe, cfg, init, self.reward_model, reward_checkpoint.path, tokenizer)
         log.info("policy %s; %s; reward mean %.3g, std %.3g", models.describe(policy),
                  f"critic from the {cfg.critic_init} model {models.describe(critic)}" if critic is not None else

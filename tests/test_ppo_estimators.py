@@ -72,6 +72,7 @@ def test_the_estimators_defaults_follow_openrlhf():
     ({"advantage_estimator": "reinforce", "critic_init": "policy"}, "critic_init concerns the critic"),
     ({"advantage_estimator": "reinforce", "lam": 0.9}, "lam concerns the critic"),
     ({"advantage_estimator": "reinforce", "critic_learning_rate": 1e-4}, "critic_learning_rate concerns the critic"),
+    ({"algorithm": "grpo", "cliprange_value": 0.5}, "cliprange_value concerns the critic, which algorithm grpo"),
     ({"algorithm": "grpo", "advantage_estimator": "reinforce"}, "applies to algorithm ppo"),
     ({"num_generations": 3}, "must be whole groups of num_generations (3)"),
     ({"algorithm": "grpo", "use_kl_loss": True}, "use_kl_loss applies to algorithm ppo"),
