@@ -199,8 +199,7 @@ def check_stage(recipe, stage: str, launch: cluster.Launch, device_memory: int |
     if launch.distributed_type == "DEEPSPEED" and cluster.data_parallel_under_deepspeed(stage, algorithm):
         launch = dataclasses.replace(launch, distributed_type="MULTI_GPU", zero_stage=0, offload_optimizer=False,
                                      offload_params=False, save_full_model=True)  # as cluster.leave_deepspeed runs it
-        ddp_note = f"under a DeepSpeed launch: {'our PPO' if stage == 'ppo' else stage} runs data parallel (DDP), " \
-                   f"whole models on every process"
+        ddp_note = cluster.data_parallel_line(stage)
     if STAGES[stage].check:  # a stage whose models are not causal LMs brings its own check
         import importlib
 

@@ -226,8 +226,7 @@ def launch_here() -> dict:
     return out
 
 
-def launched_with_deepspeed() -> bool:
-    """This process was started by `accelerate launch` with a DeepSpeed config."""
+def launched_with_deepspeed() -> bool:  # this process was started by `accelerate launch` with a DeepSpeed config
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
@@ -239,11 +238,14 @@ def data_parallel_under_deepspeed(stage: str, algorithm: str | None = None) -> b
 
 
 def leave_deepspeed(stage: str, algorithm: str | None = None) -> str | None:
-    """In a stage process, before its process group is made: such a stage launched with DeepSpeed is switched to DDP.
-    Returns the line saying so (for the stage to log once its log is set up), or None."""
+    """Before the process group is made, such a stage launched with DeepSpeed switches to DDP; the line to log."""
     if not (launched_with_deepspeed() and data_parallel_under_deepspeed(stage, algorithm)):
         return None
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"
+    return data_parallel_line(stage)
+
+
+def data_parallel_line(stage: str) -> str:  # what the stage and `--check` say of such a stage
     return (f"launched with DeepSpeed: {'our PPO (algorithm: ppo)' if stage == 'ppo' else stage} runs data-parallel "
             f"(DDP) over the same processes, each holding whole models (README \"Running on GPUs and clusters\")")
 

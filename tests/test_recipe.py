@@ -374,6 +374,6 @@ def test_the_cluster_recipes_load_and_check_finds_nothing_but_the_missing_hub(na
     assert planned == sections, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert all("the hub cannot be reached (HF_HUB_OFFLINE is set)" in e for e in errors), errors
     if "ppo" in sections:  # our PPO runs data-parallel under DeepSpeed (cluster.leave_deepspeed): planned as it runs
-        assert "under a DeepSpeed launch: our PPO runs data parallel (DDP)" in proc.stdout
+        assert "launched with DeepSpeed: our PPO (algorithm: ppo) runs data-parallel (DDP)" in proc.stdout
     for image_stage in {"diffusion", "diffusion_dpo"} & set(sections):  # the image stages too
-        assert f"under a DeepSpeed launch: {image_stage} runs data parallel (DDP)" in proc.stdout
+        assert f"launched with DeepSpeed: {image_stage} runs data-parallel (DDP)" in proc.stdout
