@@ -138,26 +138,25 @@ class PPOTrainer:
                                     f"max_prompt_length={cfg.max_prompt_length} tokens, fewer than one batch "
                                     f"({prompts_per_step} x {num_processes} processes)")
 
-        # optimizers and schedulers: one optimizer step per minibatch
-        total_updates = cfg.max_steps * cfg.ppo_epochs * cfg.num_minibatches
-        opt_policy = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                       weight_decay=cfg.weight_decay)
-        opt_critic = None if critic is None else torch.optim.AdamW(
-            critic.parameters(), lr=cfg.critic_learning_rate or cfg.learning_rate, weight_decay=cfg.weight_decay)
-        schedulers = [None if opt is None else get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=
-                      cfg.warmup_steps, num_training_steps=total_updates) for opt in (opt_policy, opt_critic)]
         # ppo.length_split: the forward passes over a rollout (policy, reference, DPO policy, critic) in groups of
         # rows of similar length; generation and the reward model's scoring are not touched
         for model in (policy, critic, self.reference, self.implicit and self.implicit.model):
             if model is not None:
                 batching.split_forward(model, keys.length_split)
-        objects = [policy, critic, opt_policy, opt_critic, *schedulers]  # None: no critic
-        prepared = iter(self.accelerator.prepare(*[o for o in objects if o is not None]))
-        (self.policy, self.critic, self.opt_policy, self.opt_critic, self.sched_policy,
-         self.sched_critic) = [None if o is None else next(prepared) for o in objects]
-        # (model, optimizer, scheduler) of each trained model: the policy, and the critic when there is one
-        self.trained = [(self.policy, self.opt_policy, self.sched_policy)] + (
-            [(self.critic, self.opt_critic, self.sched_critic)] if critic is not None else [])
+        # (model, optimizer, scheduler) of each trained model: the policy, and the critic when there is one; one
+        # optimizer step per minibatch
+        total_updates = cfg.max_steps * cfg.ppo_epochs * cfg.num_minibatches
+        trained = [(policy, cfg.learning_rate)] + ([(critic, cfg.critic_learning_rate or cfg.learning_rate)]
+                                                   if critic is not None else [])
+        objects = []
+        for model, lr in trained:
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                    weight_decay=cfg.weight_decay)
+            objects += [model, opt, get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=cfg.warmup_steps,
+                                                  num_training_steps=total_updates)]
+        prepared = self.accelerator.prepare(*objects)
+        self.trained = [tuple(prepared[i:i + 3]) for i in range(0, len(prepared), 3)]
+        self.policy, self.critic = self.trained[0][0], self.trained[1][0] if critic is not None else None
         for model, _, _ in self.trained:
             model.eval()  # no dropout: the update must see the distributions the rollout sampled from
         self.unwrapped = self.accelerator.unwrap_model(self.policy)
@@ -334,7 +333,7 @@ class PPOTrainer:
         if self.cfg.reward_rounds > 1:
             step_stats["reward_round"] = self.reward_round  # the proxy's scale changes with the round
         self.kl_ctl.update(step_stats["kl"], self.cfg.batch_size * self.accelerator.num_processes)
-        return {"step": self.progress.step + 1, **step_stats, "lr": self.sched_policy.get_last_lr()[0],
+        return {"step": self.progress.step + 1, **step_stats, "lr": self.trained[0][2].get_last_lr()[0],
                 "elapsed_s": round(time.time() - started, 2)}
 
     # ------------------------------------------------------------------------------------------ the loop

@@ -191,8 +191,7 @@ def test_tool_tokens_take_no_part_in_the_update(scored):
     trainer.advantages(perturbed)
     assert torch.equal(perturbed.advantages, batch.advantages) and torch.equal(perturbed.returns, batch.returns)
 
-    parts = (trainer.unwrapped, trainer.critic, trainer.opt_policy, trainer.opt_critic, trainer.sched_policy,
-             trainer.sched_critic)
+    parts = [part for trained in trainer.trained for part in trained]  # (model, optimizer, scheduler) of each
     start = [copy.deepcopy(p.state_dict()) for p in parts]
 
     def update(b):
