@@ -284,8 +284,14 @@ def test_world_settings_are_checked_when_the_recipe_loads(tmp_path, override, ex
     path = tiny_recipe(tmp_path)
     with pytest.raises(PipelineError, match=rf"^{path}: {expected}"):
         load_recipe(path, [override])
-    proc = run_cli(["pipeline/sft.py", path, override], cwd=tmp_path)
+
+
+def test_a_bad_world_setting_stops_the_stage_in_one_line(tmp_path):
+    # every stage script loads its recipe first (load_recipe above refuses every case): one case through the script
+    path = tiny_recipe(tmp_path)
+    proc = run_cli(["pipeline/sft.py", path, "world.label_noise=3"], cwd=tmp_path)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert "world.label_noise must be in [0, 1], got 3.0" in proc.stderr
     assert not (tmp_path / "runs").exists()
 
 
@@ -313,15 +319,20 @@ def test_eval_fraction_outside_zero_to_one_is_refused_naming_the_key(override):
     ("sft.packing_strategy=bdf", r"sft.packing_strategy: 'bdf' is not a SFTConfig packing_strategy"),
     ("reward.train_sampling_strategy=shuffle", r"reward.train_sampling_strategy: 'shuffle' is not a RewardConfig"),
 ])
-def test_a_trl_value_outside_its_list_stops_the_stage_and_check_in_one_line(tmp_path, override, expected):
+def test_a_trl_value_outside_its_list_is_refused_when_the_recipe_loads(tmp_path, override, expected):
     path = tiny_recipe(tmp_path)
     with pytest.raises(PipelineError, match=rf"^override '{re.escape(override)}': {expected}"):
         load_recipe(path, [override])
-    stage = override.split(".")[0]
-    for args in ([f"pipeline/{stage}.py", path, override], ["pipeline/run.py", path, override, "--check"]):
+
+
+def test_a_trl_value_outside_its_list_stops_the_stage_and_check_in_one_line(tmp_path):
+    # the stage script and --check both load the recipe first (every case above is refused there): one case
+    # through both; before, TRL took the loss name and raised "Unknown loss type" at the first step
+    path, override = tiny_recipe(tmp_path), "dpo.loss_type=[sigmoid, sigmoidd]"
+    for args in (["pipeline/dpo.py", path, override], ["pipeline/run.py", path, override, "--check"]):
         proc = run_cli(args, cwd=tmp_path)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-        assert f"'{override.split('=')[1].split(', ')[-1].strip(']')}' is not a" in proc.stderr
+        assert "dpo.loss_type: 'sigmoidd' is not a DPOConfig loss_type" in proc.stderr.strip().splitlines()[-1]
         assert not (tmp_path / "runs").exists()
 
 
@@ -348,13 +359,18 @@ def test_dpo_loss_types_read_from_trl_are_those_its_trainer_computes():
     ("diffusion.pretrained_model_name_or_path=sd", "write `pretrained`"),  # diffusers' training scripts' name
     ("diffusion_dpo.pretrained=diffusion", "diffusion_dpo starts from `init_from`"),
 ])
-def test_an_image_stage_key_written_as_other_stages_write_it_names_the_right_one(tmp_path, override, hint):
+def test_an_image_stage_key_written_as_other_stages_write_it_names_the_right_one(override, hint):
     key = override.split("=")[0].split(".")[1]
     with pytest.raises(PipelineError, match=rf"^override '{override}': unknown key '{key}' in section .*: "
                                             rf"{re.escape(hint)}"):
         load_recipe(SMALL, [override])
-    proc = run_cli([f"pipeline/{override.split('.')[0]}.py", SMALL, override], cwd=tmp_path)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and hint in proc.stderr, proc.stderr
+
+
+def test_an_image_stage_key_written_as_other_stages_write_it_stops_the_stage_in_one_line(tmp_path):
+    # the image stage scripts load their recipe first, as above: one case through a script
+    proc = run_cli(["pipeline/diffusion.py", SMALL, "diffusion.init_from=sd"], cwd=tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert "the diffusion stage starts from `pretrained` (a diffusers pipeline" in proc.stderr
     assert not (tmp_path / "runs").exists()
 
 
