@@ -148,14 +148,13 @@ class PPOTrainer:
         total_updates = cfg.max_steps * cfg.ppo_epochs * cfg.num_minibatches
         trained = [(policy, cfg.learning_rate)] + ([(critic, cfg.critic_learning_rate or cfg.learning_rate)]
                                                    if critic is not None else [])
-        objects = []
+        self.trained = []
         for model, lr in trained:
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                     weight_decay=cfg.weight_decay)
-            objects += [model, opt, get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=cfg.warmup_steps,
-                                                  num_training_steps=total_updates)]
-        prepared = self.accelerator.prepare(*objects)
-        self.trained = [tuple(prepared[i:i + 3]) for i in range(0, len(prepared), 3)]
+            sched = get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=cfg.warmup_steps,
+                                  num_training_steps=total_updates)
+            self.trained.append(tuple(self.accelerator.prepare(model, opt, sched)))
         self.policy, self.critic = self.trained[0][0], self.trained[1][0] if critic is not None else None
         for model, _, _ in self.trained:
             model.eval()  # no dropout: the update must see the distributions the rollout sampled from
