@@ -12,7 +12,10 @@ taking turns (benchmarks/threads.py, benchmarks/README.md). So every stage proce
 The processes find each other through a small registry in the temp folder (`/dev/shm` when there is one): one
 file per live process, held with a lock that the kernel drops when the process ends, however it ends. `rebalance()`
 (called between training steps; at most every few seconds) recounts, so a stage that started alone gives up
-threads when another one starts next to it, and takes them back when that one ends.
+threads when another one starts next to it, and takes them back when that one ends. It gives them up at once (two
+processes with too many threads slow each other tenfold) but takes more only once the lower count has held for
+GROW_AFTER_S: the next stage of a chain takes ~10 s to start after the last one ends, and a neighbour that grabbed
+the freed CPUs for those seconds fought the starting stage for them and changed its own numerics for nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pipeline import log
 
 REGISTRY = Path("/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir()) / "alignment-pipeline-threads"
 RECHECK_S = 5.0
+GROW_AFTER_S = 30.0
 
 
 class _State:
@@ -38,6 +42,7 @@ class _State:
     threads: int | None = None
     fixed: bool = False          # OMP_NUM_THREADS given: never changed
     checked: float = 0.0
+    more_since: float | None = None  # when a recount first offered more threads than we have (None: it did not)
 
 
 STATE = _State()
@@ -124,16 +129,21 @@ def configure() -> int:
     STATE.cpus = cpus
     if STATE.fd is None:
         _register(cpus)
-    return rebalance(force=True, source=source)
+    return rebalance(force=True, source=source, wait_to_grow=False)
 
 
-def rebalance(force: bool = False, source: str = "affinity mask") -> int | None:
+def rebalance(force: bool = False, source: str = "affinity mask", wait_to_grow: bool = True) -> int | None:
     """Recount the processes sharing our CPUs and take our share (cheap; does real work every RECHECK_S)."""
     if STATE.fixed or not STATE.cpus or (not force and time.time() - STATE.checked < RECHECK_S):
         return STATE.threads
-    STATE.checked = time.time()
+    STATE.checked = now = time.time()
     n_procs = sharing(STATE.cpus)
     n = max(1, len(STATE.cpus) // n_procs)
+    if wait_to_grow and STATE.threads is not None and n > STATE.threads:
+        STATE.more_since = STATE.more_since or now
+        if now - STATE.more_since < GROW_AFTER_S:  # a neighbour may just be between two stages of its chain
+            return STATE.threads
+    STATE.more_since = None
     _set(n, f"{len(STATE.cpus)} CPUs ({source}) shared by {n_procs} pipeline process{'es' if n_procs > 1 else ''} "
             f"on this machine; OMP_NUM_THREADS overrides")
     return n
