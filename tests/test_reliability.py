@@ -336,7 +336,7 @@ def test_damage_of_a_model_folder_is_named(tiny_run, tmp_path, damage, expected)
 # ---------------------------------------------------------------------------------------------- threads
 
 
-def test_threads_are_shared_between_pipeline_processes_taken_back_after_a_wait_and_omp_num_threads_wins(tmp_path, monkeypatch):
+def test_threads_are_shared_given_up_at_once_taken_back_after_a_wait_and_omp_num_threads_wins(tmp_path, monkeypatch):
     monkeypatch.setattr(threads, "REGISTRY", tmp_path / "registry")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "STATE", threads._State())
