@@ -348,16 +348,29 @@ def test_threads_are_shared_given_up_at_once_taken_back_after_a_wait_and_omp_num
                 f"from pathlib import Path; threads.REGISTRY = Path({str(tmp_path / 'registry')!r}); "
                 f"threads.cpus_given = lambda: ({{2, 3}}, 'test'); threads.configure(); print('on', flush=True); "
                 f"time.sleep(60)")
-        other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                                 env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
-        while other.stdout.readline().strip() != "on":  # after its "CPU threads" line
-            pass
-        assert threads.rebalance(force=True) == 2 and torch.get_num_threads() == 2
-        other.kill()
-        other.wait()
+
+        def neighbour():  # another pipeline process on CPUs 2-3, registered once it returns
+            proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                                    env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
+            while proc.stdout.readline().strip() != "on":  # after its "CPU threads" line
+                pass
+            return proc
+
+        def end(proc):
+            proc.kill()
+            proc.wait()
+
+        other = neighbour()
+        assert threads.rebalance(force=True) == 2 and torch.get_num_threads() == 2  # given up at once
         monkeypatch.setattr(threads, "GROW_AFTER_S", 1.0)
-        assert threads.rebalance(force=True) == 2  # gives threads up at once, takes more only once that holds:
-        time.sleep(1.0)                            # the neighbour may be between two stages of its chain
+        end(other)
+        assert threads.rebalance(force=True) == 2  # held: the neighbour may be between two stages of its chain
+        time.sleep(1.0)
+        other = neighbour()                         # ... and here it is back
+        assert threads.rebalance(force=True) == 2
+        end(other)
+        assert threads.rebalance(force=True) == 2  # the wait starts again from its end
+        time.sleep(1.0)
         assert threads.rebalance(force=True) == 4 and torch.get_num_threads() == 4
         monkeypatch.setenv("OMP_NUM_THREADS", "3")
         assert threads.configure() == 3 and torch.get_num_threads() == 3
