@@ -41,6 +41,7 @@ class _State:
     cpus: set[int] = set()
     threads: int | None = None
     fixed: bool = False          # OMP_NUM_THREADS given: never changed
+    source: str = "affinity mask"  # where the number of CPUs comes from (cpus_given), for the log line
     checked: float = 0.0
     more_since: float | None = None  # when a recount first offered more threads than we have (None: it did not)
 
@@ -126,13 +127,13 @@ def configure() -> int:
         _set(int(given), "OMP_NUM_THREADS")
         return int(given)
     cpus, source = cpus_given()
-    STATE.cpus = cpus
+    STATE.cpus, STATE.source = cpus, source
     if STATE.fd is None:
         _register(cpus)
-    return rebalance(force=True, source=source, wait_to_grow=False)
+    return rebalance(force=True, wait_to_grow=False)
 
 
-def rebalance(force: bool = False, source: str = "affinity mask", wait_to_grow: bool = True) -> int | None:
+def rebalance(force: bool = False, wait_to_grow: bool = True) -> int | None:
     """Recount the processes sharing our CPUs and take our share (cheap; does real work every RECHECK_S)."""
     if STATE.fixed or not STATE.cpus or (not force and time.time() - STATE.checked < RECHECK_S):
         return STATE.threads
@@ -144,6 +145,6 @@ def rebalance(force: bool = False, source: str = "affinity mask", wait_to_grow: 
         if now - STATE.more_since < GROW_AFTER_S:  # a neighbour may just be between two stages of its chain
             return STATE.threads
     STATE.more_since = None
-    _set(n, f"{len(STATE.cpus)} CPUs ({source}) shared by {n_procs} pipeline process{'es' if n_procs > 1 else ''} "
-            f"on this machine; OMP_NUM_THREADS overrides")
+    procs = f"{n_procs} pipeline process{'es' if n_procs > 1 else ''}"
+    _set(n, f"{len(STATE.cpus)} CPUs ({STATE.source}) shared by {procs} on this machine; OMP_NUM_THREADS overrides")
     return n

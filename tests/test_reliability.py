@@ -336,7 +336,8 @@ def test_damage_of_a_model_folder_is_named(tiny_run, tmp_path, damage, expected)
 # ---------------------------------------------------------------------------------------------- threads
 
 
-def test_threads_are_shared_given_up_at_once_taken_back_after_a_wait_and_omp_num_threads_wins(tmp_path, monkeypatch):
+def test_threads_are_shared_given_up_at_once_taken_back_after_a_wait_and_omp_num_threads_wins(tmp_path, monkeypatch,
+                                                                                             capsys):
     monkeypatch.setattr(threads, "REGISTRY", tmp_path / "registry")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "STATE", threads._State())
@@ -371,7 +372,9 @@ def test_threads_are_shared_given_up_at_once_taken_back_after_a_wait_and_omp_num
         end(other)
         assert threads.rebalance(force=True) == 2  # the wait starts again from its end
         time.sleep(1.0)
+        capsys.readouterr()
         assert threads.rebalance(force=True) == 4 and torch.get_num_threads() == 4
+        assert "CPU threads: 4 (4 CPUs (test) shared by 1 pipeline process" in capsys.readouterr().out  # its source
         monkeypatch.setenv("OMP_NUM_THREADS", "3")
         assert threads.configure() == 3 and torch.get_num_threads() == 3
     finally:
