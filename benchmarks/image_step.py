@@ -1,6 +1,7 @@
 """The image model's training step per precision and attention implementation, against fp32 with SDPA.
 
-    python benchmarks/image_step.py recipes/small.yaml [--steps 20] [--warmup 3] [--repeats 3] [overrides ...]
+    python benchmarks/image_step.py recipes/small.yaml [--steps 20] [--warmup 3] [--repeats 3] [--compile]
+                                    [overrides ...]
 
 Builds the recipe's new `diffusion` pipeline (its `unet` and `text_encoder` configs at its `resolution`) and times
 the stage's optimizer step on its own data and batch size: the stage's own loss (`diffusion_train.text_to_image_loss`:
@@ -17,6 +18,10 @@ attention is bmm, which the counter knows; CPU SDPA is not counted by it), i.e. 
 attention FLOPs; the optimizer and elementwise work are not counted, so the share is a lower bound. The same work for
 every variant. A larger benchmark UNet: overrides, e.g. `diffusion.resolution=32
 diffusion.unet.block_out_channels=[128,256,256]` (benchmarks/README.md has the figures).
+
+`--compile` adds bf16 + eager with the UNet under `torch.compile` (inductor; the stages do not compile it). Its warm-up
+time, printed per variant, includes the compilation: inductor caches what it built (in /tmp/torchinductor_<user>), so
+a second run on the same machine compiles in seconds where the first takes minutes.
 """
 
 import argparse
@@ -27,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-VARIANTS = [("no", "sdpa"), ("no", "eager"), ("bf16", "sdpa"), ("bf16", "eager")]
+VARIANTS = [("no", "sdpa", False), ("no", "eager", False), ("bf16", "sdpa", False), ("bf16", "eager", False)]
 
 
 def main():
@@ -37,7 +42,9 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also bf16 + eager with the UNet compiled")
     args = parser.parse_args()
+    variants = VARIANTS + [("bf16", "eager", True)] * args.compile
 
     import copy
 
@@ -59,11 +66,11 @@ def main():
     pipe = images.new_pipeline(cfg, keys.resolution, getattr(source, "captions", ()))  # as the stage
     scheduler = images.make_scheduler("ddpm", pipe.scheduler.config)
 
-    def build(attention):
+    def build(attention, compiled=False):
         unet, text_encoder = copy.deepcopy(pipe.unet).train(), copy.deepcopy(pipe.text_encoder).train()
         diffusion_train.set_attention(unet, attention)
         params = [p for m in (unet, text_encoder) for p in m.parameters()]
-        return unet, text_encoder, torch.optim.AdamW(params, lr=cfg.learning_rate)
+        return torch.compile(unet) if compiled else unet, text_encoder, torch.optim.AdamW(params, lr=cfg.learning_rate)
 
     def step(model, precision, index):
         unet, text_encoder, optimizer = model
@@ -82,29 +89,32 @@ def main():
         step((unet, text_encoder, None), "no", 0)
     step_flops = counter.get_total_flops()
 
-    models = {v: build(v[1]) for v in VARIANTS}
-    for (precision, _), model in models.items():
+    models = {v: build(v[1], v[2]) for v in variants}
+    warmup_s = {}
+    for variant, model in models.items():
+        started = time.perf_counter()
         for i in range(args.warmup):
-            step(model, precision, i)
-    best = {v: float("inf") for v in VARIANTS}
+            step(model, variant[0], i)
+        warmup_s[variant] = time.perf_counter() - started
+    best = {v: float("inf") for v in variants}
     for _ in range(args.repeats):
-        for (precision, attention), model in models.items():
+        for variant, model in models.items():
             started = time.perf_counter()
             for i in range(args.steps):
-                step(model, precision, args.warmup + i)
-            best[(precision, attention)] = min(best[(precision, attention)],
-                                               (time.perf_counter() - started) / args.steps * 1000)
-    base = best[("no", "sdpa")]
+                step(model, variant[0], args.warmup + i)
+            best[variant] = min(best[variant], (time.perf_counter() - started) / args.steps * 1000)
+    base = best[("no", "sdpa", False)]
     print(f"\nthe {keys.resolution}px UNet ({sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.2f}M) and text "
           f"encoder, batch {cfg.batch_size}, {step_flops / 1e9:.2f} GFLOP a step (forward and backward); best of "
           f"{args.repeats} rounds of {args.steps} steps, {torch.get_num_threads()} thread(s)")
-    print("| mixed_precision | attn_implementation | ms a step | speed vs fp32 + sdpa | images/s | GFLOP/s | "
-          "share of the peak in its dtype |")
-    print("|---|---|---|---|---|---|---|")
-    for (precision, attention), ms in best.items():
+    print("| mixed_precision | attn_implementation | torch.compile | warm-up s | ms a step | speed vs fp32 + sdpa | "
+          "images/s | GFLOP/s | share of the peak in its dtype |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (precision, attention, compiled), ms in best.items():
         achieved = step_flops / (ms / 1000) / 1e9
-        print(f"| {precision} | {attention} | {ms:.0f} | {base / ms:.2f}x | {cfg.batch_size / ms * 1000:.0f} | "
-              f"{achieved:.1f} | {achieved / peaks[precision]:.1%} |")
+        print(f"| {precision} | {attention} | {'yes' if compiled else 'no'} | "
+              f"{warmup_s[(precision, attention, compiled)]:.1f} | {ms:.0f} | {base / ms:.2f}x | "
+              f"{cfg.batch_size / ms * 1000:.0f} | {achieved:.1f} | {achieved / peaks[precision]:.1%} |")
 
 
 if __name__ == "__main__":
