@@ -44,7 +44,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also bf16 + eager with the UNet compiled")
     args = parser.parse_args()
-    variants = VARIANTS + [("bf16", "eager", True)] * args.compile
+    variants = VARIANTS + ([("bf16", "eager", True)] if args.compile else [])
 
     import copy
 
