@@ -110,11 +110,12 @@ def main():
     print("| mixed_precision | attn_implementation | torch.compile | warm-up s | ms a step | speed vs fp32 + sdpa | "
           "images/s | GFLOP/s | share of the peak in its dtype |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for (precision, attention, compiled), ms in best.items():
+    for variant, ms in best.items():
+        precision, attention, compiled = variant
         achieved = step_flops / (ms / 1000) / 1e9
-        print(f"| {precision} | {attention} | {'yes' if compiled else 'no'} | "
-              f"{warmup_s[(precision, attention, compiled)]:.1f} | {ms:.0f} | {base / ms:.2f}x | "
-              f"{cfg.batch_size / ms * 1000:.0f} | {achieved:.1f} | {achieved / peaks[precision]:.1%} |")
+        print(f"| {precision} | {attention} | {'yes' if compiled else 'no'} | {warmup_s[variant]:.1f} | {ms:.0f} | "
+              f"{base / ms:.2f}x | {cfg.batch_size / ms * 1000:.0f} | {achieved:.1f} | "
+              f"{achieved / peaks[precision]:.1%} |")
 
 
 if __name__ == "__main__":

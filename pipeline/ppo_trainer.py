@@ -146,10 +146,10 @@ class PPOTrainer:
         # (model, optimizer, scheduler) of each trained model: the policy, and the critic when there is one; one
         # optimizer step per minibatch
         total_updates = cfg.max_steps * cfg.ppo_epochs * cfg.num_minibatches
-        learning_rates = [(policy, cfg.learning_rate)] + ([(critic, cfg.critic_learning_rate or cfg.learning_rate)]
-                                                          if critic is not None else [])
-        self.trained = []  # (model, optimizer, scheduler) of each trained model, prepared
-        for model, lr in learning_rates:
+        to_train = [(policy, cfg.learning_rate)] + ([(critic, cfg.critic_learning_rate or cfg.learning_rate)]
+                                                    if critic is not None else [])
+        self.trained = []
+        for model, lr in to_train:
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                     weight_decay=cfg.weight_decay)
             sched = get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=cfg.warmup_steps,
