@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import forked_cli
+
 REPO = Path(__file__).resolve().parents[1]
 
 TINY = {
@@ -45,6 +47,10 @@ def pytest_configure(config):
         torch.set_num_threads(share)
 
 
+def pytest_unconfigure(config):
+    forked_cli.stop_servers()
+
+
 @pytest.fixture(autouse=True)
 def environment_restored():
     """Pipeline code a test runs in this process may change os.environ (hub.reachable() switches the process
@@ -75,10 +81,11 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> str:
 
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `python <args>` the way a user would, in `cwd`, with the repo's scripts."""
+    """Run `python <args>` the way a user would, in `cwd`, with the repo's scripts (a process forked from one that
+    has imported the libraries already: tests/forked_cli.py)."""
     full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    cmd = [sys.executable, *[str(REPO / a) if str(a).startswith("pipeline/") else str(a) for a in args]]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    script_args = [str(REPO / a) if str(a).startswith("pipeline/") else str(a) for a in args]
+    return forked_cli.run(script_args, cwd=cwd, timeout=timeout, env=full_env)  # a fork of a warm interpreter
 
 
 def launch_cli(config: str, args: list, cwd: Path, num_processes: int | None = None, timeout: int = 600,
