@@ -58,17 +58,22 @@ def _server(env: dict, first_too: bool) -> subprocess.Popen | None:
         if len(_servers) >= MAX_SERVERS:
             _stop(_servers.pop(next(iter(_servers))))
         server = subprocess.Popen([sys.executable, __file__, "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=subprocess.DEVNULL, env=dict(key), text=True, bufsize=1)
+                                  stderr=subprocess.DEVNULL, env=dict(key), bufsize=0)
     _servers[key] = server
     return server
 
 
 def _reply(server: subprocess.Popen, timeout: float | None) -> dict | None:
-    if timeout is not None and not select.select([server.stdout], [], [], timeout)[0]:
-        return None
-    line = server.stdout.readline()
-    if not line:
-        raise RuntimeError(f"the forking server stopped (exit code {server.poll()})")
+    """The server's next line, or None after `timeout` seconds. Read a byte at a time and unbuffered, so that a line
+    that has arrived is never held in a buffer where select() cannot see it."""
+    line = b""
+    while not line.endswith(b"\n"):
+        if timeout is not None and not select.select([server.stdout], [], [], timeout)[0]:
+            return None
+        byte = os.read(server.stdout.fileno(), 1)
+        if not byte:
+            raise RuntimeError(f"the forking server stopped (exit code {server.poll()})")
+        line += byte
     return json.loads(line)
 
 
@@ -76,14 +81,15 @@ def run(args: list[str], cwd, env: dict, timeout: float | None = None,
         fork: bool | None = None) -> subprocess.CompletedProcess:
     """subprocess.run([sys.executable, *args], cwd, env, capture_output=True, text=True, timeout), by a fork where
     it pays (fork=None), always (True) or never (False)."""
-    server = _server(env, first_too=bool(fork)) if fork or (fork is None and enabled()) else None
+    script = str(args[0])  # a script path: `python -m` or `-c` starts a fresh interpreter
+    server = _server(env, bool(fork)) if script.endswith(".py") and (fork or fork is None and enabled()) else None
     if server is None:
         return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                               env=env)
     with tempfile.TemporaryDirectory() as tmp:
         out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
         server.stdin.write(json.dumps({"args": [str(a) for a in args], "cwd": str(cwd), "env": env,
-                                       "stdout": str(out), "stderr": str(err)}) + "\n")
+                                       "stdout": str(out), "stderr": str(err)}).encode() + b"\n")
         pid = _reply(server, None)["pid"]
         done = _reply(server, timeout)
         if done is None:
@@ -136,13 +142,9 @@ def _become(request: dict) -> None:
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
     numpy.random.seed()  # a fresh interpreter's global generator is seeded anew; a fork's would repeat the server's
     script, *argv = request["args"]
-    if script == "-m":
-        sys.argv = argv
-        runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
-    else:
-        sys.argv = [script, *argv]
-        sys.path[0] = str(Path(script).resolve().parent)
-        runpy.run_path(script, run_name="__main__")
+    sys.argv = [script, *argv]
+    sys.path[0] = str(Path(script).resolve().parent)  # as `python SCRIPT` has it
+    runpy.run_path(script, run_name="__main__")
     sys.exit(0)
 
 

@@ -4,6 +4,7 @@
 import os
 import re
 import signal
+import subprocess
 
 import pytest
 
@@ -42,3 +43,18 @@ def test_forked_commands_do_what_a_fresh_interpreter_does(tmp_path, args, env, c
         results[way] = (proc.returncode, normal(proc.stdout), normal(proc.stderr), files)
     assert results["fresh"][0] == code, results["fresh"][2][-2000:]
     assert results["forked"] == results["fresh"]
+
+
+def test_a_forked_command_past_its_timeout_is_killed_and_the_next_one_runs(tmp_path):
+    """As subprocess.run: TimeoutExpired with what the command printed; the server then forks the next command, and
+    a command that ends at once is answered at once (not after its timeout)."""
+    slow = tmp_path / "slow.py"
+    slow.write_text("import time\nprint('started', flush=True)\ntime.sleep(600)\n")
+    quick = tmp_path / "quick.py"
+    quick.write_text("import sys\nprint('hi')\nsys.exit(3)\n")
+    with pytest.raises(subprocess.TimeoutExpired) as timed_out:
+        forked_cli.run([str(slow)], cwd=tmp_path, env=dict(os.environ), timeout=2, fork=True)
+    assert timed_out.value.output == "started\n"
+    for _ in range(3):
+        proc = forked_cli.run([str(quick)], cwd=tmp_path, env=dict(os.environ), timeout=60, fork=True)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (3, "hi\n", "")
