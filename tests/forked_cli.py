@@ -4,8 +4,8 @@ A stage process spends about 6 s importing torch, transformers, TRL and peft bef
 suite starts hundreds of them. `run` forks each command from a server process that imported those libraries once,
 and the child then runs the script as `python SCRIPT ARGS` would: its own process, working directory, environment,
 argv, `__main__`, stdout and stderr (files, not a terminal, as with `capture_output`), exit code or -signal, and
-the interpreter's normal exit (threads joined, exit handlers run, modules torn down). The pipeline's own modules are imported afresh
-in each child.
+the interpreter's normal exit (threads joined, exit handlers run, modules torn down). The pipeline's own modules are
+imported afresh in each child.
 
 A fork cannot redo what the libraries read from the environment when they were imported (OpenMP's thread count,
 huggingface_hub's settings), so there is a server per environment: all variables but PIPELINE_*, which only the
