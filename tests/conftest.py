@@ -80,12 +80,13 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> str:
     return str(path)
 
 
-def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None,
+            fork: bool | None = None) -> subprocess.CompletedProcess:
     """Run `python <args>` the way a user would, in `cwd`, with the repo's scripts (a process forked from one that
-    has imported the libraries already: tests/forked_cli.py)."""
+    has imported the libraries already where that pays: tests/forked_cli.py; fork=True/False: always/never)."""
     full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     script_args = [str(REPO / a) if str(a).startswith("pipeline/") else str(a) for a in args]
-    return forked_cli.run(script_args, cwd=cwd, timeout=timeout, env=full_env)  # a fork of a warm interpreter
+    return forked_cli.run(script_args, cwd=cwd, timeout=timeout, env=full_env, fork=fork)
 
 
 def launch_cli(config: str, args: list, cwd: Path, num_processes: int | None = None, timeout: int = 600,

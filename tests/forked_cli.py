@@ -81,23 +81,22 @@ def run(args: list[str], cwd, env: dict, timeout: float | None = None,
         fork: bool | None = None) -> subprocess.CompletedProcess:
     """subprocess.run([sys.executable, *args], cwd, env, capture_output=True, text=True, timeout), by a fork where
     it pays (fork=None), always (True) or never (False)."""
-    script = str(args[0])  # a script path: `python -m` or `-c` starts a fresh interpreter
+    cmd = [sys.executable, *map(str, args)]
+    script = cmd[1]  # a script path: `python -m` or `-c` starts a fresh interpreter
     server = _server(env, bool(fork)) if script.endswith(".py") and (fork or fork is None and enabled()) else None
     if server is None:
-        return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                              env=env)
+        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     with tempfile.TemporaryDirectory() as tmp:
         out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
-        server.stdin.write(json.dumps({"args": [str(a) for a in args], "cwd": str(cwd), "env": env,
-                                       "stdout": str(out), "stderr": str(err)}).encode() + b"\n")
+        server.stdin.write(json.dumps({"args": cmd[1:], "cwd": str(cwd), "env": env, "stdout": str(out),
+                                       "stderr": str(err)}).encode() + b"\n")
         pid = _reply(server, None)["pid"]
         done = _reply(server, timeout)
         if done is None:
             os.kill(pid, signal.SIGKILL)
             _reply(server, None)
-            raise subprocess.TimeoutExpired([sys.executable, *args], timeout, out.read_text(), err.read_text())
-        return subprocess.CompletedProcess([sys.executable, *args], done["returncode"], out.read_text(),
-                                           err.read_text())
+            raise subprocess.TimeoutExpired(cmd, timeout, out.read_text(), err.read_text())
+        return subprocess.CompletedProcess(cmd, done["returncode"], out.read_text(), err.read_text())
 
 
 def _stop(server: subprocess.Popen) -> None:

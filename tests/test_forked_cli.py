@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 import forked_cli
-from conftest import REPO, tiny_recipe
+from conftest import run_cli, tiny_recipe
 from pipeline.stages import STAGES
 
 
@@ -34,10 +34,8 @@ def test_forked_commands_do_what_a_fresh_interpreter_does(tmp_path, args, env, c
     for way in ("fresh", "forked"):
         (tmp_path / way).mkdir()
         recipe = tiny_recipe(tmp_path / way)
-        script_args = [str(REPO / a) if a.startswith("pipeline/") else str(recipe) if a == "{recipe}" else a
-                       for a in args]
-        proc = forked_cli.run(script_args, cwd=tmp_path / way, env={**os.environ, **env}, timeout=300,
-                              fork=way == "forked")
+        proc = run_cli([str(recipe) if a == "{recipe}" else a for a in args], cwd=tmp_path / way, env=env,
+                       timeout=300, fork=way == "forked")
         files = {str(p.relative_to(tmp_path / way)): p.read_bytes() if p.suffix == ".safetensors" else None
                  for p in (tmp_path / way).rglob("*") if "log" not in p.name}  # the weights to the byte
         results[way] = (proc.returncode, normal(proc.stdout), normal(proc.stderr), files)
