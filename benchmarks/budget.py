@@ -10,8 +10,8 @@ the same recipe (`--baseline-run`, e.g. a `make run`'s runs/small) or, without i
 
 Prints two tables: each stage's wall time (its manifest) and the run's (first start to last finish), and every
 held-out figure of the baseline against each fraction with the difference in points (#18 asks for a `make run` of
-at most 8 minutes with the held-out figures within 2 points). OMP_NUM_THREADS is removed from the environment, as
-`make run` has none: each stage takes its share of the CPUs (pipeline/threads.py).
+at most 8 minutes with the held-out figures within 2 points). OMP_NUM_THREADS is removed from the environment, so
+each stage takes its share of the CPUs as in the `make run` figures of benchmarks/README.md (pipeline/threads.py).
 """
 
 from __future__ import annotations
