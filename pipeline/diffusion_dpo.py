@@ -103,8 +103,9 @@ def report_notes(init, cfg, keys, pair_stats: dict, metrics: dict, train_s: floa
                       f"fell further below the reference's than on the rejected one, over {acc['draws']} noisings "
                       f"per pair; 95% bootstrap interval). The start model scores 0.5."]
     if "gain" in metrics:
-        notes += ["", "`start` is the model before tuning, drawn with the same seeds; the paired gain (tuned − start, "
-                      "per image) with its 95% interval is in metrics.json (`gain`).", "",
+        notes += ["", "`start` is the model before tuning, drawn with the same seeds (the init stage's own held-out "
+                      "images and readings where it drew them so); the paired gain (tuned − start, per image) with "
+                      "its 95% interval is in metrics.json (`gain`).", "",
                   "Start model's samples: ![start](grid_start.png)"]
     elif "heldout_pairs" in metrics:
         notes += ["", "The held-out pairs' first captions, drawn by the start and the tuned model with the same "
@@ -250,13 +251,18 @@ def main(argv):
             evals = {}
             if heldout:
                 started = time.time()
-                start = images.load_pipeline(init.path)
-                tuned = images.load_pipeline(str(run.out))
-                for name, p in (("start", start), ("model", tuned)):
-                    p.set_progress_bar_config(disable=True)
-                    evals[name] = image_eval.evaluate(p, judge, heldout, run.out, samples=keys.heldout_samples,
-                                                      steps=keys.sample_steps, guidance=keys.guidance_scale,
-                                                      seed=cfg.seed, columns=keys.grid_columns, name=name)
+                settings = {"samples": keys.heldout_samples, "steps": keys.sample_steps,
+                            "guidance": keys.guidance_scale, "seed": cfg.seed, "columns": keys.grid_columns}
+                evals["start"] = image_eval.recorded(Path(init.path), judge_dir, heldout, run.out, name="start",
+                                                     **settings)
+                if evals["start"]:
+                    log.info(f"held-out captions, start: {init.ref}'s own evaluation (the same captions, seeds, "
+                             f"sampler steps and judge), not drawn again")
+                for name, path in (("start", init.path), ("model", str(run.out))):
+                    if not evals.get(name):
+                        p = images.load_pipeline(path)
+                        p.set_progress_bar_config(disable=True)
+                        evals[name] = image_eval.evaluate(p, judge, heldout, run.out, name=name, **settings)
                 gain = image_eval.paired_gain(evals["start"], evals["model"], seed=cfg.seed)
                 acc, acc0 = evals["model"]["accuracy"], evals["start"]["accuracy"]
                 metrics = {"heldout_digit_accuracy": acc["digit"]["mean"], "heldout_all_accuracy": acc["all"]["mean"],

@@ -87,27 +87,21 @@ def real_diversity(captions: list[str], per_caption: int) -> float | None:
     return diversity(torch.cat(stack), groups) if stack else None
 
 
+RECORD = "evaluation.json"  # beside samples/<name>/readings.jsonl: the settings that drew them, for reuse
+
+
 def evaluate(pipe, judge, captions: list[str], out: Path, *, samples: int, steps: int, guidance: float, seed: int,
              columns: int, name: str, n_boot: int = 1000) -> dict:
     """Draw, judge and summarise; writes out/samples/<name>/ and out/grid_<name>.png (grid.png for `model`).
     The result's `matches` (per image, for paired comparisons) is for the caller to drop before saving."""
     from pipeline import images
     from pipeline.image_judge import score_images
-    from pipeline.metrics import mean_ci
 
     expanded = [c for c in captions for _ in range(samples)]
     drawn = images.generate(pipe, expanded, steps=steps, guidance=guidance, seed=seed, desc=f"held-out {name}")
     rows = score_images(judge, drawn, expanded)
-    result = {}
-    for m in MEASURES:
-        values = [float(r["match"][m]) for r in rows if m in r["match"]]
-        result[m] = mean_ci(values, n_boot=n_boot, seed=seed)
-    per_caption = {}
-    for i, text in enumerate(captions):
-        chunk = rows[i * samples:(i + 1) * samples]
-        per_caption[text] = {m: sum(r["match"][m] for r in chunk if m in r["match"]) / max(1, len(chunk))
-                             for m in MEASURES if any(m in r["match"] for r in chunk)}
     groups = [list(range(i * samples, (i + 1) * samples)) for i in range(len(captions))]
+    spread = diversity(drawn, groups)
     folder = out / "samples" / name
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "readings.jsonl", "w") as f:
@@ -120,8 +114,52 @@ def evaluate(pipe, judge, captions: list[str], out: Path, *, samples: int, steps
     grid_idx = [i * samples + j for i in range(len(captions)) for j in range(keep)]
     images.save_grid(out / ("grid.png" if name == "model" else f"grid_{name}.png"), drawn[grid_idx], captions,
                      per_row=keep)
-    return {"accuracy": result, "per_caption": per_caption, "diversity": diversity(drawn, groups),
-            "images": len(expanded), "captions": len(captions),
+    settings = {"captions": captions, "samples": samples, "steps": steps, "guidance": guidance, "seed": seed,
+                "columns": columns}
+    (folder / RECORD).write_text(json.dumps({"settings": settings, "diversity": spread}, indent=1))
+    return _summary(rows, captions, samples, seed, n_boot, spread)
+
+
+def recorded(stage_dir: Path, judge_dir: Path, captions: list[str], out: Path, *, samples: int, steps: int,
+             guidance: float, seed: int, columns: int, name: str, n_boot: int = 1000) -> dict | None:
+    """evaluate()'s result for the model of a finished image stage folder, from what that stage drew and its own
+    judge read (samples/model/) with these same settings, copied to out/samples/<name>/ and out/grid_<name>.png;
+    None where it evaluated otherwise or not at all. A tuning stage's start model is its init stage's model: drawing
+    it again would repeat that stage's evaluation."""
+    import shutil
+
+    folder = Path(stage_dir) / "samples" / "model"
+    settings = {"captions": captions, "samples": samples, "steps": steps, "guidance": guidance, "seed": seed,
+                "columns": columns}
+    try:
+        record = json.loads((folder / RECORD).read_text())
+        rows = [json.loads(line) for line in (folder / "readings.jsonl").read_text().splitlines()]
+    except (OSError, ValueError):
+        return None
+    if (record.get("settings") != settings or [r.get("caption") for r in rows] != [c for c in captions
+                                                                                  for _ in range(samples)]
+            or Path(judge_dir).resolve() != (Path(stage_dir) / "judge").resolve()):
+        return None
+    shutil.copytree(folder, out / "samples" / name, dirs_exist_ok=True)
+    shutil.copyfile(Path(stage_dir) / "grid.png", out / f"grid_{name}.png")
+    return _summary(rows, captions, samples, seed, n_boot, record["diversity"])
+
+
+def _summary(rows: list[dict], captions: list[str], samples: int, seed: int, n_boot: int, spread) -> dict:
+    """The figures of the judge's readings of `samples` images per caption, in caption order."""
+    from pipeline.metrics import mean_ci
+
+    result = {}
+    for m in MEASURES:
+        values = [float(r["match"][m]) for r in rows if m in r["match"]]
+        result[m] = mean_ci(values, n_boot=n_boot, seed=seed)
+    per_caption = {}
+    for i, text in enumerate(captions):
+        chunk = rows[i * samples:(i + 1) * samples]
+        per_caption[text] = {m: sum(r["match"][m] for r in chunk if m in r["match"]) / max(1, len(chunk))
+                             for m in MEASURES if any(m in r["match"] for r in chunk)}
+    return {"accuracy": result, "per_caption": per_caption, "diversity": spread,
+            "images": len(rows), "captions": len(captions),
             "matches": {m: [float(r["match"][m]) if m in r["match"] else None for r in rows] for m in MEASURES}}
 
 

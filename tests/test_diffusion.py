@@ -540,6 +540,48 @@ def test_diffusion_and_dpo_stages_write_loadable_pipelines_and_reports(image_run
     assert "diffusion  skip" in plan.stdout and "diffusion_dpo skip" in plan.stdout
 
 
+def test_diffusion_dpo_takes_its_start_figures_from_the_diffusion_stages_own_evaluation(image_run, tmp_path):
+    """The start model is the diffusion stage's, which that stage drew and its judge read with the same held-out
+    captions, seeds and sampler steps: diffusion_dpo reads those readings instead of drawing them again (half its
+    held-out evaluation), and they are what drawing again gives."""
+    import shutil
+
+    work, _, _ = image_run
+    diffusion, dpo = work / "runs/tiny/diffusion", work / "runs/tiny/diffusion_dpo"
+    said = "held-out captions, start: diffusion's own evaluation"
+    assert said in (dpo / "log.txt").read_text()
+    ours, theirs = (json.loads((d / "metrics.json").read_text()) for d in (dpo, diffusion))
+    assert ours["start"] == theirs["heldout"]
+    assert ours["start_digit_accuracy"] == theirs["heldout_digit_accuracy"]
+    for copied, source in (("samples/start/readings.jsonl", "samples/model/readings.jsonl"),
+                           ("grid_start.png", "grid.png")):
+        assert (dpo / copied).read_bytes() == (diffusion / source).read_bytes()
+    assert len(list((dpo / "samples/start").glob("*.png"))) == 20
+    # only the very settings and judge that drew and read them
+    from pipeline import image_eval
+
+    same = {"samples": 2, "steps": 3, "guidance": 4.0, "seed": 0, "columns": 2}  # TINY_DIFFUSION, defaults
+    heldout = images.heldout_captions()
+    assert image_eval.recorded(diffusion, diffusion / "judge", heldout, tmp_path, name="start", **same)
+    for other in ({"steps": 4}, {"samples": 1}, {"seed": 1}, {"guidance": 1.0}):
+        assert image_eval.recorded(diffusion, diffusion / "judge", heldout, tmp_path, name="x", **{**same, **other}) \
+            is None
+    assert image_eval.recorded(diffusion, tmp_path / "judge", heldout, tmp_path, name="x", **same) is None
+    assert image_eval.recorded(diffusion, diffusion / "judge", heldout[:-1], tmp_path, name="x", **same) is None
+    assert not (tmp_path / "samples/x").exists()
+    # a start folder without the record (another judge, other settings, or written before it existed): drawn again,
+    # to the same figures
+    start = tmp_path / "diffusion"
+    shutil.copytree(diffusion, start)
+    (start / "samples/model/evaluation.json").unlink()
+    recipe = image_recipe(tmp_path, diffusion_dpo={**TINY_DPO, "init_from": str(start)})
+    again = run_cli(["pipeline/diffusion_dpo.py", recipe], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert said not in again.stdout + again.stderr
+    redrawn = json.loads((tmp_path / "runs/tiny/diffusion_dpo/metrics.json").read_text())
+    assert redrawn["start"] == ours["start"]
+
+
 def _unet_weights(folder):
     from safetensors.torch import load_file
 
