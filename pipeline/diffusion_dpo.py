@@ -9,8 +9,9 @@ flipped with probability `label_noise` as the text world's annotators do. Those 
 Diffusion-DPO loss (Wallace et al. 2023; pipeline/diffusion_train.py), the text encoder frozen, fully or with LoRA.
 With `rounds` > 1 the steps are split into rounds and each later round's candidates are drawn by the model tuned so
 far (online, as `dpo.rounds`); the reference stays the start model.
-At the end the start and the tuned model draw the held-out captions with the same seeds; the judge's accuracies,
-their paired differences with 95% intervals, report.md and grids are written. Section keys: DiffusionDPOConfig
+At the end the start and the tuned model draw the held-out captions with the same seeds (the start's images and
+readings are the init stage's own where it drew them so: image_eval.recorded); the judge's accuracies, their paired
+differences with 95% intervals, report.md and grids are written. Section keys: DiffusionDPOConfig
 (pipeline/diffusion_config.py) and DiffusionDPOKeys (pipeline/stages.py).
 """
 

@@ -114,8 +114,7 @@ def evaluate(pipe, judge, captions: list[str], out: Path, *, samples: int, steps
     grid_idx = [i * samples + j for i in range(len(captions)) for j in range(keep)]
     images.save_grid(out / ("grid.png" if name == "model" else f"grid_{name}.png"), drawn[grid_idx], captions,
                      per_row=keep)
-    settings = {"captions": captions, "samples": samples, "steps": steps, "guidance": guidance, "seed": seed,
-                "columns": columns}
+    settings = _settings(captions, samples, steps, guidance, seed, columns)
     (folder / RECORD).write_text(json.dumps({"settings": settings, "diversity": spread}, indent=1))
     return _summary(rows, captions, samples, seed, n_boot, spread)
 
@@ -129,8 +128,7 @@ def recorded(stage_dir: Path, judge_dir: Path, captions: list[str], out: Path, *
     import shutil
 
     folder = Path(stage_dir) / "samples" / "model"
-    settings = {"captions": captions, "samples": samples, "steps": steps, "guidance": guidance, "seed": seed,
-                "columns": columns}
+    settings = _settings(captions, samples, steps, guidance, seed, columns)
     try:
         record = json.loads((folder / RECORD).read_text())
         rows = [json.loads(line) for line in (folder / "readings.jsonl").read_text().splitlines()]
@@ -143,6 +141,12 @@ def recorded(stage_dir: Path, judge_dir: Path, captions: list[str], out: Path, *
     shutil.copytree(folder, out / "samples" / name, dirs_exist_ok=True)
     shutil.copyfile(Path(stage_dir) / "grid.png", out / f"grid_{name}.png")
     return _summary(rows, captions, samples, seed, n_boot, record["diversity"])
+
+
+def _settings(captions: list[str], samples: int, steps: int, guidance: float, seed: int, columns: int) -> dict:
+    """What decides the held-out images and grid (evaluation.json's `settings`)."""
+    return {"captions": captions, "samples": samples, "steps": steps, "guidance": guidance, "seed": seed,
+            "columns": columns}
 
 
 def _summary(rows: list[dict], captions: list[str], samples: int, seed: int, n_boot: int, spread) -> dict:
