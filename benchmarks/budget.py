@@ -88,9 +88,10 @@ def heldout_figures(run_dir: Path) -> dict:
         if key in reward:
             figures[f"reward: held-out {key.replace('_', ' ')}"] = reward[key]
     for stage in ("diffusion", "diffusion_dpo"):
+        image_metrics = metrics(stage)
         for key in ("heldout_digit_accuracy", "heldout_all_accuracy"):
-            if key in metrics(stage):
-                figures[f"{stage}: {key.replace('_', ' ')}"] = metrics(stage)[key]
+            if key in image_metrics:
+                figures[f"{stage}: {key.replace('_', ' ')}"] = image_metrics[key]
     return figures
 
 

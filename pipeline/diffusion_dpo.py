@@ -254,16 +254,17 @@ def main(argv):
                 started = time.time()
                 settings = {"samples": keys.heldout_samples, "steps": keys.sample_steps,
                             "guidance": keys.guidance_scale, "seed": cfg.seed, "columns": keys.grid_columns}
-                evals["start"] = image_eval.recorded(Path(init.path), judge_dir, heldout, run.out, name="start",
-                                                     **settings)
-                if evals["start"]:
+
+                def drawn(name, path):
+                    p = images.load_pipeline(path)
+                    p.set_progress_bar_config(disable=True)
+                    return image_eval.evaluate(p, judge, heldout, run.out, name=name, **settings)
+
+                start = image_eval.recorded(Path(init.path), judge_dir, heldout, run.out, name="start", **settings)
+                if start:
                     log.info(f"held-out captions, start: {init.ref}'s own evaluation (the same captions, seeds, "
                              f"sampler steps and judge), not drawn again")
-                for name, path in (("start", init.path), ("model", str(run.out))):
-                    if not evals.get(name):
-                        p = images.load_pipeline(path)
-                        p.set_progress_bar_config(disable=True)
-                        evals[name] = image_eval.evaluate(p, judge, heldout, run.out, name=name, **settings)
+                evals = {"start": start or drawn("start", init.path), "model": drawn("model", str(run.out))}
                 gain = image_eval.paired_gain(evals["start"], evals["model"], seed=cfg.seed)
                 acc, acc0 = evals["model"]["accuracy"], evals["start"]["accuracy"]
                 metrics = {"heldout_digit_accuracy": acc["digit"]["mean"], "heldout_all_accuracy": acc["all"]["mean"],
