@@ -230,24 +230,24 @@ def launched_with_deepspeed() -> bool:  # this process was started by `accelerat
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def data_parallel_under_deepspeed(stage: str, algorithm: str | None = None) -> bool:
-    """Stages whose own loops hand DeepSpeed no model: our PPO (a policy and a critic trained, where one Accelerator
-    hands DeepSpeed one) and the image stages (a UNet and a text encoder; their own safetensors checkpoints, which a
-    ZeRO optimizer's state is not). Under a DeepSpeed launch they run data-parallel (DDP) on the same processes."""
-    return stage in ("diffusion", "diffusion_dpo") or (stage == "ppo" and algorithm == "ppo")
+def data_parallel_under_deepspeed(stage: str) -> bool:
+    """Stages whose own loops hand DeepSpeed no model: the image stages (a UNet and a text encoder; their own
+    safetensors checkpoints, which a ZeRO optimizer's state is not). Under a DeepSpeed launch they run data-parallel
+    (DDP) on the same processes. (Our PPO hands DeepSpeed its policy and critic as one module: pipeline/ppo_models.py.)"""
+    return stage in ("diffusion", "diffusion_dpo")
 
 
-def leave_deepspeed(stage: str, algorithm: str | None = None) -> str | None:
+def leave_deepspeed(stage: str) -> str | None:
     """Before the process group is made, such a stage launched with DeepSpeed switches to DDP; the line to log."""
-    if not (launched_with_deepspeed() and data_parallel_under_deepspeed(stage, algorithm)):
+    if not (launched_with_deepspeed() and data_parallel_under_deepspeed(stage)):
         return None
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"
     return data_parallel_line(stage)
 
 
 def data_parallel_line(stage: str) -> str:  # what the stage and `--check` say of such a stage
-    return (f"launched with DeepSpeed: {'our PPO (algorithm: ppo)' if stage == 'ppo' else stage} runs data-parallel "
-            f"(DDP) over the same processes, each holding whole models (README \"Running on GPUs and clusters\")")
+    return (f"launched with DeepSpeed: {stage} runs data-parallel (DDP) over the same processes, each holding "
+            f"whole models (README \"Running on GPUs and clusters\")")
 
 
 def check_environment() -> None:

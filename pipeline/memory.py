@@ -52,6 +52,8 @@ class StageProfile:
     frozen_models: int = 0           # DPO's reference; PPO's reference and reward model
     frozen_with_peft: int | None = None  # frozen models when use_peft (the reference is the adapter switched off)
     lm_head: bool = True             # logits over the vocabulary (a reward model has a one-output head)
+    frozen_sharded: bool = True      # ZeRO-3 / FSDP shard the frozen models too (our PPO loads them whole)
+    gathers_trained: bool = False    # ZeRO-3: the trained weights gathered whole for generation (our PPO's rollouts)
 
 
 # Add new stages here when they keep more than one trained model, or more than one sequence per example.
@@ -59,7 +61,8 @@ PROFILES = {
     "reward": StageProfile(sequences_per_example=2, lm_head=False),
     "dpo": StageProfile(sequences_per_example=2, frozen_models=1, frozen_with_peft=0),
     "kto": StageProfile(sequences_per_example=2, frozen_models=1, frozen_with_peft=0),  # a reply and a KL reply
-    "ppo": StageProfile(trained_models=2, frozen_models=2, frozen_with_peft=1),
+    "ppo": StageProfile(trained_models=2, frozen_models=2, frozen_with_peft=1, frozen_sharded=False,
+                        gathers_trained=True),
 }
 
 
@@ -242,7 +245,7 @@ def estimate_memory(shape: ModelShape, launch: cluster.Launch, *, profile: Stage
     weights = base_weight + (trainable * w_b if peft.get("use_peft") else 0)
     grads = trainable * g_b
     optimizer = trainable * opt_b
-    host = 0.0
+    host, whole_weights = 0.0, weights
     if zero >= 1 or fsdp:
         optimizer /= n
     if zero >= 2 or fsdp:
@@ -262,10 +265,12 @@ def estimate_memory(shape: ModelShape, launch: cluster.Launch, *, profile: Stage
     if peft.get("use_peft") and profile.frozen_with_peft is not None:
         frozen_count = profile.frozen_with_peft
     frozen = frozen_count * p * (2 if mixed and deepspeed else weight_bytes)
-    if zero == 3 or fsdp:
+    if (zero == 3 or fsdp) and profile.frozen_sharded:
         frozen /= n
     parts = {"weights": weights * profile.trained_models,
              "gradients": grads * profile.trained_models, "optimizer": optimizer * profile.trained_models}
+    if zero == 3 and profile.gathers_trained:
+        parts["gathered for generation"] = whole_weights * profile.trained_models
     if frozen:
         parts["frozen models"] = frozen
     act_b = 2 if (mixed or weight_bytes == 2) else 4

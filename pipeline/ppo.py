@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
 
 import math
 
-from pipeline import cli, cluster, data, log, models, monitors, preferences, reward_rounds, runs, vllm_engine
+from pipeline import cli, data, models, monitors, ppo_models, preferences, reward_rounds, runs, vllm_engine
 from pipeline.heldout import heldout_comparison, heldout_rows
 from pipeline.judges import with_answers
 from pipeline.ppo_tools import check_offers
@@ -204,13 +204,12 @@ def main(argv):
     recipe.check_config(STAGE, portable=True)  # the config class's own checks before upstream stages
     keys, cfg, peft_values = recipe.keys(STAGE), recipe.trainer_config(STAGE), recipe.peft_values(STAGE)
     vllm_engine.check(recipe, server_ok=cfg.algorithm != "ppo")  # TRL's trainers can also use a vLLM server
+    if cfg.algorithm == "ppo":
+        ppo_models.on_cpu(cfg)  # use_cpu under a DeepSpeed launch: one line, before anything is written
     if keys.reward_model in STAGES and keys.reward_model not in recipe.stages:
         raise cli.PipelineError(f"{recipe.path}: ppo.reward_model is the `{keys.reward_model}` stage, but the recipe "
                                 f"has no `{keys.reward_model}` section: add one, or name a saved reward model folder")
-    ddp_warning = cluster.leave_deepspeed(STAGE, cfg.algorithm)  # DDP under a DeepSpeed launch (GRPO/RLOO: DeepSpeed)
     with runs.StageRun(recipe, STAGE) as run:
-        if ddp_warning:  # said here: from the main process only, and into the stage's log.txt
-            log.warning(ddp_warning)
         prompts, info = read_prompts(keys.prompts, recipe, keys.columns, pairs=cfg.reward_round_replay > 0)
         run.note_data("prompts", info)
         prompts = with_answers(prompts, keys.prompts, required=bool(cfg.verifier_weight))

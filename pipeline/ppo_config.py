@@ -33,7 +33,7 @@ class PPOConfig:
     lr_scheduler_type: str = "constant"  # transformers scheduler name: constant, linear, cosine, ...
     warmup_steps: int = 0                # optimizer steps of linear warmup
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0           # gradient clipping, policy and critic separately
+    max_grad_norm: float = 1.0           # gradient clipping, policy and critic separately (DeepSpeed: as one)
     gamma: float = 1.0                   # discount
     lam: float = 0.95                    # GAE lambda
     cliprange: float = 0.2               # policy ratio clip (grpo/rloo: epsilon)

@@ -16,7 +16,8 @@ and GAE gives the advantages; without a critic (`advantage_estimator` other than
 baseline from the other replies to the same prompt for the group estimators. Then `ppo_epochs` passes of clipped
 policy (and value) updates over `num_minibatches` minibatches. After each step pipeline/monitors.py's rules read the
 history (over-optimisation, collapse) and warn. The math on tensors is pipeline/rl.py, the critic
-pipeline/ppo_critic.py. `implicit_reward` adds a DPO policy's per-token reward (reward_model.ImplicitReward). Every
+pipeline/ppo_critic.py; the policy and critic train as one module (pipeline/ppo_models.py), which a DeepSpeed
+launch shards. `implicit_reward` adds a DPO policy's per-token reward (reward_model.ImplicitReward). Every
 `save_steps` steps all state (models, optimizers, schedulers, KL coefficient, prompt position, random states,
 history) goes into `checkpoint-N/`: the accelerate state (safetensors, and torch files that load with
 weights_only=True) and `loop_state.json` (KL coefficient, prompt position, step and history), no pickle.
@@ -28,18 +29,18 @@ import json
 import os
 import shutil
 import time
-from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from pipeline import (batching, cli, cluster, faults, judges, log, models, monitors, reward_rounds, rl,
+from pipeline import (batching, cli, cluster, faults, judges, log, models, monitors, ppo_models, reward_rounds, rl,
                       safe_resume, threads, vllm_engine)
 from pipeline.generation import render_prompt
 from pipeline.ppo_config import GROUP_ESTIMATORS
 from pipeline.ppo_critic import build_critic
-from pipeline.ppo_rollout import PromptSampler, Rollout, positions, reply_logits, sample_replies
+from pipeline.ppo_models import PolicyAndCritic
+from pipeline.ppo_rollout import PromptSampler, Rollout, reply_logits, sample_replies
 from pipeline.ppo_tools import ToolEnv, conversation, tool_counts
 from pipeline.reward_model import ImplicitReward, lm_head_weight, load_scorer, offered_tools
 
@@ -71,11 +72,11 @@ class PPOTrainer:
                  tokenizer=None):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
-        from transformers import get_scheduler
 
         self.run, self.cfg, self.keys, self.prompts = run, cfg, keys, prompts
         trackers = [t for t in ([cfg.report_to] if isinstance(cfg.report_to, str) else cfg.report_to) if t != "none"]
-        self.accelerator = Accelerator(cpu=cfg.use_cpu or not torch.cuda.is_available(),  # never DeepSpeed: ppo.py
+        self.accelerator = Accelerator(cpu=ppo_models.on_cpu(cfg),
+                                       gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                                        step_scheduler_with_optimizer=False, log_with=trackers or None,
                                        project_dir=str(run.out / "runs"))
         if trackers:
@@ -84,7 +85,8 @@ class PPOTrainer:
         self.device, self.main = self.accelerator.device, self.accelerator.is_main_process
         set_seed(cfg.seed, device_specific=True)
 
-        # models: policy (maybe LoRA), frozen reference, reward model, critic
+        # models: policy (maybe LoRA), frozen reference, reward model, critic; all whole (pipeline/ppo_models.py)
+        ppo_models.load_whole(self.accelerator)
         self.tokenizer = tokenizer = tokenizer or models.load_tokenizer(recipe, init)  # the stage's, if checked
         policy, self.lora, reference = models.load_policy(recipe, init, peft_values, tokenizer, f"{recipe.path}: ppo")
         self.reference = None if reference is None else reference.to(self.device)  # None: the policy, adapter off
@@ -143,22 +145,16 @@ class PPOTrainer:
         for model in (policy, critic, self.reference, self.implicit and self.implicit.model):
             if model is not None:
                 batching.split_forward(model, keys.length_split)
-        # (model, optimizer, scheduler) of each trained model: the policy, and the critic when there is one; one
-        # optimizer step per minibatch
+        # the policy and the critic (when there is one) trained as one module, one optimizer step per minibatch;
+        # under DeepSpeed one engine (pipeline/ppo_models.py)
         total_updates = cfg.max_steps * cfg.ppo_epochs * cfg.num_minibatches
-        to_train = [(policy, cfg.learning_rate)] + ([(critic, cfg.critic_learning_rate or cfg.learning_rate)]
-                                                    if critic is not None else [])
-        self.trained = []
-        for model, lr in to_train:
-            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                    weight_decay=cfg.weight_decay)
-            sched = get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=cfg.warmup_steps,
-                                  num_training_steps=total_updates)
-            self.trained.append(tuple(self.accelerator.prepare(model, opt, sched)))
-        self.policy, self.critic = self.trained[0][0], self.trained[1][0] if critic is not None else None
-        for model, _, _ in self.trained:
-            model.eval()  # no dropout: the update must see the distributions the rollout sampled from
-        self.unwrapped = self.accelerator.unwrap_model(self.policy)
+        ppo_models.configure_deepspeed(self.accelerator, cfg)
+        trained = PolicyAndCritic(policy, critic)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(
+            trained, *ppo_models.optimizer_and_scheduler(self.accelerator, trained, cfg, total_updates))
+        self.model.eval()  # no dropout: the update must see the distributions the rollout sampled from
+        self.parts = self.accelerator.unwrap_model(self.model)  # .policy, .critic: for generation and scoring
+        self.unwrapped, self.critic = self.parts.policy, self.parts.critic
         self.engine = None  # generation.backend: vllm: rollouts sampled by vLLM, the policy's weights pushed each step
         if vllm_engine.uses_vllm(recipe, "ppo"):
             self.engine = vllm_engine.Engine(recipe, self.unwrapped, tokenizer, self.accelerator)
@@ -208,14 +204,15 @@ class PPOTrainer:
         if cfg.image_verifier_weight:  # the same for the tool tasks' gold score
             batch.scores = batch.scores + cfg.image_verifier_weight * batch.tool_correct
         seq, att, ctx = batch.sequences, batch.attention_mask, batch.context_length
-        batch.logprobs = rl.logprobs_of(reply_logits(self.unwrapped, seq, att, ctx, cfg.temperature), batch.replies)
+        logits, values = self.parts(seq, att, ctx, cfg.temperature)
+        batch.logprobs = rl.logprobs_of(logits, batch.replies)
         batch.ref_logprobs = rl.logprobs_of(self.reference_logits(seq, att, ctx, cfg.temperature), batch.replies)
         if self.implicit is not None:  # RTO's dense reward, read at temperature 1
             batch.implicit = self.implicit.token_rewards(batch, batch.ref_logprobs if cfg.temperature == 1.0 else
                                                          rl.logprobs_of(self.reference_logits(seq, att, ctx, 1.0),
                                                                         batch.replies))
-        if self.critic is not None:
-            batch.values = self.critic(input_ids=seq, attention_mask=att, position_ids=positions(att))[:, ctx - 1:-1]
+        if values is not None:
+            batch.values = values
 
     def reference_logits(self, seq, att, ctx, temperature):
         """The frozen reference's reply logits: the reference model, or the policy with its LoRA adapter off."""
@@ -278,13 +275,9 @@ class PPOTrainer:
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(cfg.batch_size, device=self.device)
             for minibatch in order.split(cfg.batch_size // cfg.num_minibatches):
-                micro_batches = minibatch.split(micro_size)
-                for k, idx in enumerate(micro_batches):
-                    with ExitStack() as no_sync:
-                        if k < len(micro_batches) - 1:  # reduce gradients across processes once per minibatch
-                            for model, _, _ in self.trained:
-                                no_sync.enter_context(accelerator.no_sync(model))
-                        logits = reply_logits(self.policy, seq[idx], att[idx], ctx, cfg.temperature)
+                for idx in minibatch.split(micro_size):  # gradient_accumulation_steps micro-batches
+                    with accelerator.accumulate(self.model):  # gradients reduced across processes once per minibatch
+                        logits, new_values = self.model(seq[idx], att[idx], ctx, cfg.temperature)
                         new_logprobs = rl.logprobs_of(logits, batch.replies[idx])
                         pg_loss, clipfrac, approx_kl = rl.policy_loss(new_logprobs, batch.logprobs[idx],
                                                                       batch.advantages[idx], mask[idx], cfg.cliprange)
@@ -293,23 +286,22 @@ class PPOTrainer:
                             step["kl_loss"] = rl.masked_mean(rl.kl_penalty(new_logprobs, batch.ref_logprobs[idx],
                                                                            cfg.kl_estimator), mask[idx])
                             loss = loss + self.kl_ctl.value * step["kl_loss"]
-                        if self.critic is not None:
-                            new_values = self.critic(input_ids=seq[idx], attention_mask=att[idx],
-                                                     position_ids=positions(att[idx]))[:, ctx - 1:-1]
+                        if new_values is not None:
                             step["value_loss"], step["value_clipfrac"] = rl.value_loss(
                                 new_values, batch.values[idx], batch.returns[idx], mask[idx], cfg.cliprange_value)
                             loss = loss + step["value_loss"]
-                        accelerator.backward(loss / cfg.gradient_accumulation_steps)
+                        accelerator.backward(loss)  # divided by gradient_accumulation_steps (accelerate)
                     with torch.no_grad():
                         step["entropy"] = rl.masked_mean(rl.entropy_of(logits), mask[idx])
                     for name in (n for n in UPDATE_STATS if n in step):
                         stats.setdefault(name, []).append(step[name].detach())
-                for model, _, _ in self.trained:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                for _, opt, sched in self.trained:
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad()
+                # the policy and the critic clipped each to its own norm; under DeepSpeed the engine has clipped both
+                # as one norm and stepped in backward (clip, step and zero_grad do nothing then; the schedule steps)
+                for part in filter(None, (self.parts.policy, self.parts.critic)):
+                    accelerator.clip_grad_norm_(part.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad()
         return stats
 
     def step_statistics(self, batch: Rollout, stats: dict, started: float) -> dict:
@@ -332,7 +324,7 @@ class PPOTrainer:
         if self.cfg.reward_rounds > 1:
             step_stats["reward_round"] = self.reward_round  # the proxy's scale changes with the round
         self.kl_ctl.update(step_stats["kl"], self.cfg.batch_size * self.accelerator.num_processes)
-        return {"step": self.progress.step + 1, **step_stats, "lr": self.trained[0][2].get_last_lr()[0],
+        return {"step": self.progress.step + 1, **step_stats, "lr": self.scheduler.get_last_lr()[0],
                 "elapsed_s": round(time.time() - started, 2)}
 
     # ------------------------------------------------------------------------------------------ the loop
@@ -356,10 +348,11 @@ class PPOTrainer:
         cluster.STOP.training = True  # from here SIGTERM/SIGUSR1 mean: checkpoint after this step and exit to requeue
         while progress.step < cfg.max_steps:
             threads.rebalance()
-            if cfg.reward_rounds > 1:
-                self.enter_reward_round(reward_rounds.round_at(progress.step, cfg.max_steps, cfg.reward_rounds))
-            batch = self.rollout()
-            self.score(batch)
+            with ppo_models.gathered(self.accelerator, self.model):  # ZeRO-3: whole weights while not training
+                if cfg.reward_rounds > 1:
+                    self.enter_reward_round(reward_rounds.round_at(progress.step, cfg.max_steps, cfg.reward_rounds))
+                batch = self.rollout()
+                self.score(batch)
             self.advantages(batch)
             stats = self.update(batch)
 
@@ -427,8 +420,9 @@ class PPOTrainer:
     def save(self) -> None:
         """The trained policy (full model, or adapter [+ merged/]), like every other stage."""
         out: Path = self.run.out
+        weights = ppo_models.policy_state_dict(self.accelerator, self.model)  # every process: ZeRO-3 gathers them
         if self.main:
-            self.unwrapped.save_pretrained(str(out), safe_serialization=True)
+            self.unwrapped.save_pretrained(str(out), state_dict=weights, safe_serialization=True)
             faults.point("final-save")
             self.tokenizer.save_pretrained(str(out))
             if self.keys.merge_adapter and self.lora is not None:

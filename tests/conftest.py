@@ -91,10 +91,11 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = N
 
 def launch_cli(config: str, args: list, cwd: Path, num_processes: int | None = None, timeout: int = 600,
                env: dict | None = None) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file launch/accelerate/<config>.yaml [--num_processes N] pipeline/x.py ...`."""
+    """`accelerate launch --config_file launch/accelerate/<config>.yaml [--num_processes N] pipeline/x.py ...`;
+    `config` may also be the path of a .yaml file."""
     full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "launch" / "accelerate" / f"{config}.yaml")]
+    config_file = Path(config) if str(config).endswith(".yaml") else REPO / "launch" / "accelerate" / f"{config}.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
     if num_processes:
         cmd += ["--num_processes", str(num_processes)]
     cmd += ["--main_process_port", "0"]  # a free port: another test may be launching beside this one

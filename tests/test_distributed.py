@@ -411,6 +411,13 @@ def test_memory_estimate_follows_the_sharding():
     dpo = memory.estimate_memory(shape, cluster.read_launch(CONFIGS / "zero2.yaml", num_processes=8),
                                 **{**common, "profile": memory.PROFILES["dpo"]}).parts
     assert dpo["frozen models"] == pytest.approx(16e9)  # the reference, in 16-bit
+    ppo = {config: memory.estimate_memory(shape, cluster.read_launch(CONFIGS / f"{config}.yaml", num_processes=8),
+                                          **{**common, "profile": memory.PROFILES["ppo"]}).parts
+           for config in ("zero2", "zero3")}
+    assert ppo["zero3"]["frozen models"] == ppo["zero2"]["frozen models"] == pytest.approx(2 * 16e9)  # whole
+    assert ppo["zero3"]["optimizer"] == pytest.approx(2 * 12 * 8e9 / 8)  # policy and critic, sharded over 8
+    assert ppo["zero3"]["gathered for generation"] == pytest.approx(2 * 16e9)  # rollouts: whole weights
+    assert "gathered for generation" not in ppo["zero2"]
     assert memory.parse_size("80GiB") == 80 << 30 and memory.parse_size("24 GB") == 24e9
     with pytest.raises(PipelineError, match="memory size"):
         memory.parse_size("lots")

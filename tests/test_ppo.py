@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_cli, tiny_recipe
+from conftest import REPO, launch_cli, run_cli, tiny_recipe
 from pipeline import models, monitors, ppo_trainer, rl, runs
 from pipeline.ppo_config import PPOConfig
 from pipeline.reward_model import RewardModel
@@ -554,22 +554,95 @@ def test_two_processes_with_lora(inputs):
     assert proc.stdout.count("[ppo] step 1 ") + proc.stderr.count("[ppo] step 1 ") == 1  # only the main process logs
 
 
-def test_our_ppo_under_a_deepspeed_launch_runs_data_parallel(inputs):
-    """Launched with a DeepSpeed config (ZeRO-2, two processes), our PPO, which trains two models, runs data-parallel
-    and says so (Accelerate stopped with AttributeError 'mixed_precision' before it, then refused a second model)."""
+def test_our_ppo_under_zero2_and_zero3_shards_its_optimizer_trains_as_ddp_and_resumes_a_killed_run(inputs):
+    """Launched with ZeRO-2 or ZeRO-3 (two processes), our PPO hands DeepSpeed its policy and critic as one module
+    (pipeline/ppo_models.py): the optimizer state is split over the processes (a file per rank), and the policy comes out
+    as DDP trains it (clipping off: DeepSpeed clips policy and critic as one norm, DDP each to its own). ZeRO-2 runs
+    from a DeepSpeed JSON with its own `optimizer` section (as launch/accelerate/zero3_offload.json has; here torch's
+    AdamW, which needs no build), which gets the recipe's learning rates and schedule; ZeRO-3 from zero3.yaml, with the
+    rollouts generating from the gathered weights and the saved policy gathered from the shards. A ZeRO-3 run killed
+    after a checkpoint resumes to the uninterrupted run's policy. (Until 2026-12-06 our PPO ran as DDP under a
+    DeepSpeed launch, each process holding whole models and optimizer state.)"""
     work = inputs[0]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "launch/accelerate/zero2.yaml"), "--num_processes", "2", "--main_process_port", "0",
-           str(REPO / "pipeline/ppo.py"), str(ppo_recipe(work)), "run.name=deepspeed", "ppo.max_steps=2",
-           "ppo.heldout_prompts=null"]
-    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=600, env={**os.environ, **ENV})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    said = "our PPO (algorithm: ppo) runs data-parallel (DDP)"
-    assert (proc.stdout + proc.stderr).count(said) == 1  # from the main process only
-    assert said in (work / "runs/deepspeed/ppo/log.txt").read_text()  # and in the stage's log
-    manifest = read(work, "deepspeed", "manifest.json")
-    assert manifest["num_processes"] == 2 and manifest["global_batch_size"] == 16
-    assert read(work, "deepspeed")["steps"] == 2
+    ds_json = work / "ds_optimizer.json"
+    ds_json.write_text(json.dumps({
+        "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"},
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                  "weight_decay": "auto", "torch_adam": True}},
+        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto"}))
+    zero2 = work / "zero2_optimizer.yaml"
+    zero2.write_text((REPO / "launch/accelerate/zero2.yaml").read_text().replace(
+        "deepspeed_config:\n", f"deepspeed_config:\n  deepspeed_config_file: {ds_json}\n"))
+    args = ["pipeline/ppo.py", ppo_recipe(work), "ppo.max_steps=2", "ppo.save_steps=1", "ppo.save_total_limit=2",
+            "ppo.max_grad_norm=1000", "ppo.heldout_prompts=null", "ppo.critic_learning_rate=3e-3"]
+
+    def policy(name):
+        return load_file(work / "runs" / name / "ppo/model.safetensors")
+
+    def launched(config, name, env=None):
+        proc = launch_cli(config, [*args, f"run.name={name}"], cwd=work, num_processes=2, env={**ENV, **(env or {})})
+        if env is None:
+            assert proc.returncode == 0, proc.stdout[-1000:] + proc.stderr[-3000:]
+            assert "data-parallel" not in proc.stdout + proc.stderr
+        return proc
+
+    launched("cpu2", "ds-ddp")
+    ddp = policy("ds-ddp")
+    for config, name in ((str(zero2), "ds-zero2"), ("zero3", "ds-zero3")):
+        launched(config, name)
+        trained = policy(name)
+        assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in ddp.items()}  # whole, not shards
+        assert max((trained[k] - ddp[k]).abs().max().item() for k in ddp) < 1e-4, name
+        assert read(work, name)["steps"] == 2 and read(work, name, "manifest.json")["num_processes"] == 2
+        assert [h["lr"] for h in read(work, name)["history"]] == [h["lr"] for h in read(work, "ds-ddp")["history"]]
+
+    killed = launched("zero3", "ds-killed", env={"PIPELINE_FAULT": "kill:training:2"})
+    assert killed.returncode != 0
+    ckpt = work / "runs/ds-killed/ppo.partial/checkpoint-1"
+    assert sorted(p.name for p in ckpt.rglob("*optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    resumed = launched("zero3", "ds-killed")
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    whole, again = policy("ds-zero3"), policy("ds-killed")
+    assert max((again[k] - whole[k]).abs().max().item() for k in whole) == 0.0
+
+
+def test_the_deepspeed_config_takes_the_recipes_values_and_a_conflicting_one_stops_in_one_line(inputs, monkeypatch):
+    """The launch's DeepSpeed config gets the recipe's micro-batch, clipping and AdamW settings where it says `auto`
+    (or nothing); a value it sets otherwise stops the stage with one line naming it and the file. `ppo.use_cpu` under a
+    DeepSpeed launch (Accelerate then stopped with "AcceleratorState has no attribute mixed_precision") stops before
+    anything is written."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from pipeline import ppo_models
+    from pipeline.cli import PipelineError
+
+    cfg = PPOConfig(batch_size=32, num_minibatches=2, gradient_accumulation_steps=4, max_grad_norm=0.5)
+
+    def launch(config):
+        return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                               state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
+
+    config = {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 3},
+              "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto"}}}
+    ppo_models.configure_deepspeed(launch(config), cfg)
+    assert config["train_micro_batch_size_per_gpu"] == 4 and config["gradient_clipping"] == 0.5
+    assert config["optimizer"]["params"] == {"lr": "auto", "betas": [0.9, 0.999], "eps": 1e-8}  # lr: accelerate's
+    assert ppo_models.is_zero3(launch(config))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "/cluster/ds.json")
+    with pytest.raises(PipelineError, match=r"^/cluster/ds.json: sets gradient_clipping 1.0 \(the recipe's ppo keys "
+                                            r"give 0.5\)"):
+        ppo_models.configure_deepspeed(launch({"gradient_clipping": 1.0}), cfg)
+
+    work = inputs[0]
+    proc = run_cli(["pipeline/ppo.py", ppo_recipe(work), "run.name=bad-cpu", "ppo.use_cpu=true"], cwd=work,
+                   env={**ENV, "ACCELERATE_USE_DEEPSPEED": "true"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "ppo.use_cpu is true under a DeepSpeed launch" in proc.stderr.strip().splitlines()[-1]
+    assert not (work / "runs/bad-cpu").exists()
 
 
 def test_qlora_merge_adapter_saves_the_full_precision_merge(inputs):
