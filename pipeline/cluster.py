@@ -233,7 +233,7 @@ def launched_with_deepspeed() -> bool:  # this process was started by `accelerat
 def data_parallel_under_deepspeed(stage: str) -> bool:
     """Stages whose own loops hand DeepSpeed no model: the image stages (a UNet and a text encoder; their own
     safetensors checkpoints, which a ZeRO optimizer's state is not). Under a DeepSpeed launch they run data-parallel
-    (DDP) on the same processes. (Our PPO hands DeepSpeed its policy and critic as one module: pipeline/ppo_models.py.)"""
+    (DDP) on the same processes. (Our PPO hands DeepSpeed its policy and critic as one module: ppo_models.py.)"""
     return stage in ("diffusion", "diffusion_dpo")
 
 

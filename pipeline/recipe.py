@@ -215,6 +215,9 @@ class Recipe:
         """The stage's TRL/Transformers config object built from the section's config keys. With the section's
         `global_batch_size`, gradient_accumulation_steps is derived (or checked) for the number of processes this
         stage runs with (default: the processes of the current launch; 0: not checked, as when loading)."""
+        from pipeline import cluster
+
+        cluster.check_environment()  # the launch's DeepSpeed file found from any directory before a config reads it
         spec = STAGES[stage]
         fields = stage_fields(stage)
         values = {k: v for k, v in self.section(stage).items() if fields[k][0] == "config"}

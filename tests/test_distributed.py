@@ -85,6 +85,43 @@ def test_zero3_without_gathering_weights_is_refused_before_any_work(tmp_path, mo
     assert not cluster.read_launch(bad).save_full_model
 
 
+def test_a_launch_config_with_a_deepspeed_file_sets_nothing_accelerate_refuses_beside_it(monkeypatch):
+    """With a deepspeed_config_file, Accelerate refuses a launch file that also sets mixed_precision or a ZeRO setting:
+    the fields `accelerate launch` passes on (as its launch_command lists them), checked by Accelerate's own
+    DeepSpeedPlugin. zero3_offload.yaml set `mixed_precision: "no"`, and every stage stopped at its start under it
+    until 2026-12-06."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DeepSpeedPlugin
+
+    checked = []
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        accel = load_config_from_file(str(path))
+        ds = accel.deepspeed_config or {}
+        if "deepspeed_config_file" in ds:
+            fields = list(ds) + (["mixed_precision"] if accel.mixed_precision is not None else [])
+            monkeypatch.setenv("ACCELERATE_CONFIG_DS_FIELDS", ",".join(fields))
+            DeepSpeedPlugin(hf_ds_config=str(cluster.resolve_path(ds["deepspeed_config_file"])))
+            checked.append(path.stem)
+    assert checked == ["zero3_offload"]
+    monkeypatch.setenv("ACCELERATE_CONFIG_DS_FIELDS", "deepspeed_config_file,mixed_precision")
+    with pytest.raises(ValueError, match="will be ignored"):  # what the check catches
+        DeepSpeedPlugin(hf_ds_config=str(CONFIGS / "zero3_offload.json"))
+
+
+def test_a_stage_finds_the_launchs_relative_deepspeed_file_from_any_directory(tmp_path, monkeypatch):
+    """`launch/accelerate/zero3_offload.json`, as zero3_offload.yaml names it, is found from the repository when the
+    stage runs elsewhere, before the stage's config reads it (a trainer stage stopped with "Expected a string path to
+    an existing deepspeed config" until 2026-12-06: its config was built before the path was fixed)."""
+    from pipeline.recipe import load_recipe
+
+    recipe = load_recipe(tiny_recipe(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "launch/accelerate/zero3_offload.json")
+    recipe.trainer_config("pretrain", num_processes=0)
+    assert os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] == str(CONFIGS / "zero3_offload.json")
+
+
 @pytest.mark.parametrize("content, message", [
     (b"\xff\xfe", "cannot read the DeepSpeed config"),
     (b"[1, 2]", "not a DeepSpeed config"),

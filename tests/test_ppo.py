@@ -556,8 +556,8 @@ def test_two_processes_with_lora(inputs):
 
 def test_our_ppo_under_zero2_and_zero3_shards_its_optimizer_trains_as_ddp_and_resumes_a_killed_run(inputs):
     """Launched with ZeRO-2 or ZeRO-3 (two processes), our PPO hands DeepSpeed its policy and critic as one module
-    (pipeline/ppo_models.py): the optimizer state is split over the processes (a file per rank), and the policy comes out
-    as DDP trains it (clipping off: DeepSpeed clips policy and critic as one norm, DDP each to its own). ZeRO-2 runs
+    (pipeline/ppo_models.py): the optimizer state is split over the processes (a file per rank), and the policy comes
+    out as DDP trains it (clipping off: DeepSpeed clips policy and critic as one norm, DDP each to its own). ZeRO-2 runs
     from a DeepSpeed JSON with its own `optimizer` section (as launch/accelerate/zero3_offload.json has; here torch's
     AdamW, which needs no build), which gets the recipe's learning rates and schedule; ZeRO-3 from zero3.yaml, with the
     rollouts generating from the gathered weights and the saved policy gathered from the shards. A ZeRO-3 run killed
@@ -572,8 +572,8 @@ def test_our_ppo_under_zero2_and_zero3_shards_its_optimizer_trains_as_ddp_and_re
         "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "train_batch_size": "auto",
         "train_micro_batch_size_per_gpu": "auto"}))
     zero2 = work / "zero2_optimizer.yaml"
-    zero2.write_text((REPO / "launch/accelerate/zero2.yaml").read_text().replace(
-        "deepspeed_config:\n", f"deepspeed_config:\n  deepspeed_config_file: {ds_json}\n"))
+    zero2.write_text((REPO / "launch/accelerate/zero3_offload.yaml").read_text().replace(
+        "launch/accelerate/zero3_offload.json", str(ds_json)))
     args = ["pipeline/ppo.py", ppo_recipe(work), "ppo.max_steps=2", "ppo.save_steps=1", "ppo.save_total_limit=2",
             "ppo.max_grad_norm=1000", "ppo.heldout_prompts=null", "ppo.critic_learning_rate=3e-3"]
 
@@ -636,6 +636,7 @@ def test_the_deepspeed_config_takes_the_recipes_values_and_a_conflicting_one_sto
     with pytest.raises(PipelineError, match=r"^/cluster/ds.json: sets gradient_clipping 1.0 \(the recipe's ppo keys "
                                             r"give 0.5\)"):
         ppo_models.configure_deepspeed(launch({"gradient_clipping": 1.0}), cfg)
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE")
 
     work = inputs[0]
     proc = run_cli(["pipeline/ppo.py", ppo_recipe(work), "run.name=bad-cpu", "ppo.use_cpu=true"], cwd=work,
