@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
-from pipeline import ppo_trainer, rl, tool_rollout
+from pipeline import ppo_rollout, rl, tool_rollout
 from pipeline.tokenizer import train_tokenizer
 from pipeline.tool_rollout import BUDGET_MESSAGE, generate_with_tools, tool_turn_text
 
@@ -379,7 +379,7 @@ def test_real_generation_across_turns_matches_one_forward_pass(tok, real_batch):
     assert (batch.mask.sum(1) == 12).all() and (batch.tool_mask.sum(1) > 0).all()  # two turns of 5 + eos each
     assert batch.ended.tolist() == [False] * 3 and [len(c) for c in batch.calls] == [2, 2, 2]
     with torch.no_grad():
-        logits = ppo_trainer.reply_logits(model, batch.sequences, batch.attention_mask, batch.context_length, 1.0)
+        logits = ppo_rollout.reply_logits(model, batch.sequences, batch.attention_mask, batch.context_length, 1.0)
     chosen = logits.gather(2, batch.replies.unsqueeze(-1)).squeeze(-1)
     greedy = (batch.mask > 0) & (batch.replies != tok.eos_token_id)  # end-of-turn was forced
     # each greedy token is the argmax of the one forward pass over the final sequences the update will run
@@ -393,7 +393,7 @@ def test_tool_positions_get_no_gradient(tok, real_batch):
     gen = torch.Generator().manual_seed(0)
 
     def reply_logits():
-        logits = ppo_trainer.reply_logits(model, seq, att, ctx, 1.0)
+        logits = ppo_rollout.reply_logits(model, seq, att, ctx, 1.0)
         logits.retain_grad()
         return logits
 
@@ -409,7 +409,7 @@ def test_tool_positions_get_no_gradient(tok, real_batch):
 
     # the value loss, values from a head on the model's hidden states
     head = torch.nn.Linear(32, 1)
-    hidden = model.model(input_ids=seq, attention_mask=att, position_ids=ppo_trainer.positions(att)).last_hidden_state
+    hidden = model.model(input_ids=seq, attention_mask=att, position_ids=ppo_rollout.positions(att)).last_hidden_state
     values = head(hidden).squeeze(-1)[:, ctx - 1:-1]
     values.retain_grad()
     returns = torch.randn(values.shape, generator=gen)
