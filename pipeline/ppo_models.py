@@ -93,19 +93,15 @@ def configure_deepspeed(accelerator, cfg) -> None:
     micro = cfg.batch_size // cfg.num_minibatches // cfg.gradient_accumulation_steps
     ours = {"train_micro_batch_size_per_gpu": micro, "gradient_clipping": float(cfg.max_grad_norm),
             "optimizer.params.betas": [0.9, 0.999], "optimizer.params.eps": 1e-8}
-    mismatches = []
+    mismatches, hf_config = [], accelerator.state.deepspeed_plugin.hf_ds_config  # Accelerate's view of `config`
     for key, value in ours.items():
-        *path, last = key.split(".")
-        node = config
-        for part in path:
-            node = node.get(part)
-            if not isinstance(node, dict):  # no such section (a config without an optimizer): nothing to fill
-                break
-        else:
-            if node.get(last, "auto") == "auto":
-                node[last] = value
-            elif node[last] != value:
-                mismatches.append(f"{key} {node[last]} (the recipe's ppo keys give {value})")
+        node, last = hf_config.find_config_node(key)
+        if node is None:  # no such section (a config without an optimizer): nothing to fill
+            continue
+        if node.get(last, "auto") == "auto":
+            node[last] = value
+        elif node[last] != value:
+            mismatches.append(f"{key} {node[last]} (the recipe's ppo keys give {value})")
     if mismatches:
         source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or "the launch's deepspeed_config"
         raise cli.PipelineError(f"{source}: sets {'; '.join(mismatches)}: set it to auto, or change the recipe's "

@@ -154,7 +154,7 @@ class PPOTrainer:
             trained, *ppo_models.optimizer_and_scheduler(self.accelerator, trained, cfg, total_updates))
         self.model.eval()  # no dropout: the update must see the distributions the rollout sampled from
         self.parts = self.accelerator.unwrap_model(self.model)  # .policy, .critic: for generation and scoring
-        self.unwrapped, self.critic = self.parts.policy, self.parts.critic
+        self.unwrapped = self.parts.policy
         self.engine = None  # generation.backend: vllm: rollouts sampled by vLLM, the policy's weights pushed each step
         if vllm_engine.uses_vllm(recipe, "ppo"):
             self.engine = vllm_engine.Engine(recipe, self.unwrapped, tokenizer, self.accelerator)
@@ -256,7 +256,7 @@ class PPOTrainer:
             scores = rl.group_baseline(scores, cfg.num_generations, cfg.advantage_estimator)
         batch.kl_coef = 0.0 if cfg.use_kl_loss else self.kl_ctl.value  # use_kl_loss: the update's loss has it
         batch.rewards = rl.penalised_rewards(scores, batch.kl, batch.mask, batch.kl_coef, batch.implicit)
-        if self.critic is None:
+        if self.parts.critic is None:
             batch.advantages = batch.returns = rl.returns_to_go(batch.rewards, batch.mask, cfg.gamma)
         else:
             batch.advantages, batch.returns = rl.gae(batch.rewards, batch.values, batch.mask, cfg.gamma, cfg.lam)

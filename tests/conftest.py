@@ -89,6 +89,15 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = N
     return forked_cli.run(script_args, cwd=cwd, timeout=timeout, env=full_env, fork=fork)
 
 
+def max_weight_diff(a, b) -> float:
+    """The largest difference between two saved models' weights (folders with model.safetensors, same keys)."""
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(str(Path(folder) / "model.safetensors")) for folder in (a, b))
+    assert wa.keys() == wb.keys()
+    return max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+
+
 def launch_cli(config: str, args: list, cwd: Path, num_processes: int | None = None, timeout: int = 600,
                env: dict | None = None) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file launch/accelerate/<config>.yaml [--num_processes N] pipeline/x.py ...`;

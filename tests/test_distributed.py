@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, launch_cli, run_cli, tiny_recipe
+from conftest import REPO, launch_cli, max_weight_diff, run_cli, tiny_recipe
 from pipeline import check, cluster, memory
 from pipeline.cli import PipelineError
 
@@ -24,16 +23,6 @@ CONFIGS = REPO / "launch" / "accelerate"
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # what accelerate gives each CPU process; the same for the 1-process runs
 # the same global batch of 8 either way: 1 process x 4 x 2 accumulation, or 2 processes x 4 (accumulation derived)
 BATCH = ["pretrain.per_device_train_batch_size=4", "pretrain.global_batch_size=8"]
-
-
-def weights(folder) -> dict:
-    return load_file(str(Path(folder) / "model.safetensors"))
-
-
-def max_weight_diff(a, b) -> float:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    return max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
 
 
 # ---------------------------------------------------------------------------------------------- launch configs
