@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from pipeline import cluster, faults, log, safe_resume, threads
+from pipeline import faults, log, preemption, safe_resume, threads
 
 # ---------------------------------------------------------------------------------------------- losses
 
@@ -284,7 +284,7 @@ def train_loop(*, accelerator, run, cfg, tag: str, modules: dict, step_fn, ema_p
         log.info(f"resumed at step {step}")
     bar = tqdm(total=cfg.max_steps, initial=step, desc=tag, disable=not main, dynamic_ncols=True)
     started = time.time()
-    cluster.STOP.training = True
+    preemption.STOP.training = True
     while step < cfg.max_steps:
         threads.rebalance()
         for m in prepared.values():
@@ -305,7 +305,7 @@ def train_loop(*, accelerator, run, cfg, tag: str, modules: dict, step_fn, ema_p
             ema.step(ema_params)
         step += 1
         bar.update(1)
-        faults.point("training", until=cluster.STOP.signalled)
+        faults.point("training", until=preemption.STOP.signalled)
         if step % max(cfg.logging_steps, 1) == 0 or step == cfg.max_steps:
             entry = {"step": step, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
                      **{k: v for k, v in stats.items()}, "elapsed_s": round(time.time() - started, 1)}
@@ -317,13 +317,13 @@ def train_loop(*, accelerator, run, cfg, tag: str, modules: dict, step_fn, ema_p
             save_checkpoint(run.out, step, plain, optimizer, scheduler, ema, history, cfg.save_total_limit, main,
                             window)
             accelerator.wait_for_everyone()
-        if step < cfg.max_steps and cluster.stop_requested():
+        if step < cfg.max_steps and preemption.stop_requested():
             if not saved:
                 save_checkpoint(run.out, step, plain, optimizer, scheduler, ema, history, cfg.save_total_limit,
                                 main, window)
             bar.close()
-            cluster.exit_preempted(run.out / f"checkpoint-{step}", main)
-    cluster.STOP.training = False
+            preemption.exit_preempted(run.out / f"checkpoint-{step}", main)
+    preemption.STOP.training = False
     bar.close()
     if ema is not None:
         ema.copy_to(ema_params)

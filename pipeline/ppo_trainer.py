@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import (batching, cli, cluster, faults, judges, log, models, monitors, ppo_models, reward_rounds, rl,
+from pipeline import (batching, cli, faults, judges, log, models, monitors, ppo_models, preemption, reward_rounds, rl,
                       safe_resume, threads, vllm_engine)
 from pipeline.generation import render_prompt
 from pipeline.ppo_config import GROUP_ESTIMATORS
@@ -345,7 +345,7 @@ class PPOTrainer:
             log.info("resumed from %s at step %d", resume, progress.step)
         started = time.time() - (progress.history[-1]["elapsed_s"] if progress.history else 0.0)
         bar = tqdm(total=cfg.max_steps, initial=progress.step, desc="ppo", disable=not self.main)
-        cluster.STOP.training = True  # from here SIGTERM/SIGUSR1 mean: checkpoint after this step and exit to requeue
+        preemption.STOP.training = True  # from here SIGTERM/SIGUSR1 mean: checkpoint after this step and exit to requeue
         while progress.step < cfg.max_steps:
             threads.rebalance()
             with ppo_models.gathered(self.accelerator, self.model):  # ZeRO-3: whole weights while not training
@@ -361,7 +361,7 @@ class PPOTrainer:
             progress.history.append(step_stats)
             self.accelerator.log(step_stats, step=progress.step)  # to the trackers of report_to, if any
             bar.update(1)
-            faults.point("training", until=cluster.STOP.signalled)
+            faults.point("training", until=preemption.STOP.signalled)
             if progress.step % cfg.logging_steps == 0 or progress.step == cfg.max_steps:
                 log.info(" ".join(f"{k} {v:.4g}" for k, v in step_stats.items() if k in LOG_KEYS))
             for warning in monitors.new_warnings(progress.history, self.keys.monitor_window):
@@ -369,12 +369,12 @@ class PPOTrainer:
             saved = progress.step == cfg.max_steps or (cfg.save_steps and progress.step % cfg.save_steps == 0)
             if saved:
                 self.save_checkpoint()
-            if progress.step < cfg.max_steps and cluster.stop_requested(self.device):  # every process, same step
+            if progress.step < cfg.max_steps and preemption.stop_requested(self.device):  # every process, same step
                 if not saved:
                     self.save_checkpoint()
                 bar.close()
-                cluster.exit_preempted(self.run.out / f"checkpoint-{progress.step}", self.main)
-        cluster.STOP.training = False
+                preemption.exit_preempted(self.run.out / f"checkpoint-{progress.step}", self.main)
+        preemption.STOP.training = False
         bar.close()
         saved = batching.tokens_run(self.unwrapped)
         if saved:

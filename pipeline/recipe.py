@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -113,6 +114,12 @@ def _generation_section():
 GLOBAL_SECTIONS = {"run": lambda: RunSection, "world": _world_section, "tokenizer": lambda: TokenizerSection,
                    "model": lambda: ModelSection, "slurm": _slurm_section, "tools": _tools_section,
                    "generation": _generation_section}
+
+
+def _has_accelerator() -> bool:  # a GPU (or XPU, NPU, MPS) torch can train on
+    import torch
+
+    return torch.accelerator.is_available()
 
 
 @lru_cache(maxsize=None)
@@ -229,17 +236,19 @@ class Recipe:
             values["save_strategy"] = "steps"  # save_steps asks for checkpoints: without this it saved none
         expected = self.training_keys(stage).global_batch_size if "global_batch_size" in fields else None
         if expected is not None and num_processes != 0:
-            from pipeline.cluster import batch_plan
-
             if num_processes is None:
-                from accelerate import PartialState
-
-                num_processes = PartialState().num_processes
-            plan = batch_plan(stage, self.config_default(stage, "per_device_train_batch_size"),
-                              values.get("gradient_accumulation_steps"), num_processes, expected)
+                num_processes = cluster.process_group().num_processes
+            plan = cluster.batch_plan(stage, self.config_default(stage, "per_device_train_batch_size"),
+                                      values.get("gradient_accumulation_steps"), num_processes, expected)
             values["gradient_accumulation_steps"] = plan.accumulation
+        config_class = _config_class(spec.config_class)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and issubclass(config_class, _config_class(
+                "transformers:TrainingArguments")) and not _has_accelerator():
+            # several processes and no GPU: train on the CPU, as one process does here. TrainingArguments remakes the
+            # process group, and with use_cpu false Accelerate would leave each process alone, all writing as main
+            values["use_cpu"] = True
         try:
-            return _config_class(spec.config_class)(**values)
+            return config_class(**values)
         except (ValueError, TypeError) as err:
             raise PipelineError(f"{self.path}: section '{stage}': {str(err).splitlines()[0]}") from None
 

@@ -32,7 +32,7 @@ import subprocess
 import threading
 import time
 
-from pipeline import check, cli, cluster, cost, cost_check, locks, memory, runs, slurm
+from pipeline import check, cli, cluster, cost, cost_check, locks, memory, preemption, runs, slurm
 from pipeline.recipe import load_recipe
 from pipeline.stages import STAGES
 
@@ -201,7 +201,7 @@ def run_stages(recipe, todo: list[str], overrides: list[str]) -> tuple[str, int]
             if stage.proc.poll() is None:
                 stage.proc.send_signal(signum)
 
-    previous = {s: signal.signal(s, pass_on) for s in cluster.STOP_SIGNALS}
+    previous = {s: signal.signal(s, pass_on) for s in preemption.STOP_SIGNALS}
     try:
         while waiting or running:
             ready = [s for s in waiting if all(d in finished for d in needs[s])]
@@ -338,8 +338,8 @@ def run_steps(recipe, steps, overrides) -> None:
         if code is None:
             print(f"\nstopped on a signal before stage {stage} started; run the same command again to go on",
                   file=sys.stderr)
-            sys.exit(cluster.PREEMPTED_EXIT)
-        if code == cluster.PREEMPTED_EXIT:
+            sys.exit(preemption.PREEMPTED_EXIT)
+        if code == preemption.PREEMPTED_EXIT:
             print(f"\nstage {stage} stopped on a signal after saving a checkpoint; run the same command again to "
                   f"resume it", file=sys.stderr)
         else:

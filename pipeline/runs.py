@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from pipeline import cost, faults, integrity, locks, log, safe_resume, threads, world
+from pipeline import cost, faults, integrity, locks, log, preemption, safe_resume, threads, world
 from pipeline.cli import PipelineError
 from pipeline.fingerprints import hash_file, hash_folder, hash_obj
 from pipeline.stages import STAGES, model_loading
@@ -228,21 +228,11 @@ class StageRun:
     """Context manager around one stage's output folder (see the module docstring)."""
 
     def __init__(self, recipe, stage: str):
-        import torch
-        from accelerate import PartialState
-
         from pipeline import cluster
 
         cluster.check_environment()  # e.g. ZeRO-3 that would not save a loadable model: stop before any work
         self.recipe, self.stage = recipe, stage
-        # The first PartialState fixes the process group for everything after it (trainers included). Without a
-        # GPU, processes started by `accelerate launch --multi_gpu` join as CPU workers (gloo) only with cpu=True;
-        # a plain PartialState() would leave each of them alone, all writing as the main process.
-        # Under DeepSpeed without a GPU, Accelerate picks no backend and again counts each process alone (stages
-        # without a trainer, e.g. eval, would all write): name gloo.
-        deepspeed = cluster.launched_with_deepspeed()
-        gpu = torch.cuda.is_available()
-        self.state = PartialState(cpu=not gpu and not deepspeed, **({"backend": "gloo"} if deepspeed and not gpu else {}))
+        self.state = cluster.process_group()
         log.setup(stage, self.state.is_main_process)
         threads.configure()  # this process's share of the CPUs it was given; OMP_NUM_THREADS wins (logged)
         self.inputs = stage_inputs(recipe, stage)
@@ -280,11 +270,9 @@ class StageRun:
         write_json(path, [*read_attempts(path), self.meter.attempt(gpus=self.state.num_processes if cuda else 0)])
 
     def __enter__(self):
-        from pipeline import cluster
-
         self._attempt_recorded = False
-        cluster.BEFORE_PREEMPTED_EXIT.append(self.record_attempt)
-        cluster.watch_for_preemption()  # SIGUSR1/SIGTERM: checkpoint into self.out and exit (see pipeline/cluster.py)
+        preemption.BEFORE_PREEMPTED_EXIT.append(self.record_attempt)
+        preemption.watch_for_preemption()  # SIGUSR1/SIGTERM: checkpoint into self.out and exit (pipeline/preemption.py)
         faults.install_trainer_hooks()  # tests only (PIPELINE_FAULT)
         self._lock = None
         if self.state.is_main_process:
@@ -392,14 +380,12 @@ class StageRun:
         return block
 
     def __exit__(self, exc_type, exc, tb):
-        from pipeline import cluster
-
         lock = getattr(self, "_lock", None)  # None: not the main process, or the folder is another process's
         bad_input = exc_type is not None and issubclass(exc_type, PipelineError) and lock is not None
         if exc_type is not None and not bad_input and lock is not None:
             self.record_attempt()  # an error or a signal after the staging folder was made: its cost so far
-        if self.record_attempt in cluster.BEFORE_PREEMPTED_EXIT:
-            cluster.BEFORE_PREEMPTED_EXIT.remove(self.record_attempt)
+        if self.record_attempt in preemption.BEFORE_PREEMPTED_EXIT:
+            preemption.BEFORE_PREEMPTED_EXIT.remove(self.record_attempt)
         self.meter.abandon()  # after finish() a no-op; otherwise stop tracking without waiting
         log.close()
         if bad_input and exc_type is not integrity.UnsafeFile:  # a refused checkpoint stays for a person to look at

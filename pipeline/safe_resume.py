@@ -7,7 +7,7 @@
   `weights_only=True`). A damaged checkpoint is skipped with a warning and the one before it used;
 - safe: a file that could run code when loaded (a pickle naming globals, a file of unknown type) stops the stage
   with a one-line error naming it (`integrity.UnsafeFile`, exit 2): nothing of it has been executed.
-- not finished: a Trainer checkpoint at the last step is skipped (see `cluster.PreemptionCallback`, which does not
+- not finished: a Trainer checkpoint at the last step is skipped (see `preemption.PreemptionCallback`, which does not
   save one): resuming from it made transformers train one step past `max_steps`.
 `training_args.bin`, the pickle transformers writes into every checkpoint and never reads back, is removed unread.
 

@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO, launch_cli, max_weight_diff, run_cli, tiny_recipe
-from pipeline import check, cluster, memory
+from pipeline import check, cluster, memory, preemption
 from pipeline.cli import PipelineError
 
 CONFIGS = REPO / "launch" / "accelerate"
@@ -218,6 +219,25 @@ def test_two_processes_reach_the_same_loss_as_one_with_the_same_global_batch(two
     assert sorted(p.name for p in (work / "runs/two").iterdir()) == ["pretrain"]
 
 
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="this machine has a GPU: the processes train there")
+@pytest.mark.parametrize("config", ["ddp", "zero2"])
+def test_several_processes_without_a_gpu_train_on_the_cpu_even_with_use_cpu_false(two_processes, config):
+    """A GPU launch config on a machine without one, and the recipe's use_cpu false: the processes join one group
+    on the CPU (gloo) and train as cpu2.yaml's do. Before 2026-12-06 TrainingArguments left each process alone,
+    all writing as the main one: the second stopped at the stage lock the first held."""
+    work, recipe, _ = two_processes
+    proc = launch_cli(config, ["pipeline/pretrain.py", recipe, *BATCH, "pretrain.use_cpu=false",
+                               f"run.name={config}-cpu"], cwd=work, num_processes=2, env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stdout[-1000:] + proc.stderr[-3000:]
+    out = work / f"runs/{config}-cpu/pretrain"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_processes"] == 2 and manifest["launch"]["backend"] == "gloo"
+    assert manifest["launch"]["distributed_type"] == {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED"}[config]
+    assert manifest["config"]["use_cpu"] is True
+    assert proc.stdout.count("[pretrain] eval loss") == 1  # the main process alone reports
+    assert max_weight_diff(out, work / "runs/two/pretrain") < 1e-5
+
+
 def test_sft_dpo_and_eval_under_zero3_with_two_processes_save_full_models_and_one_report(one_process):
     work, recipe = one_process
     zero3 = f"{sys.executable} -m accelerate.commands.launch --config_file {CONFIGS / 'zero3.yaml'} --num_processes 2"
@@ -301,7 +321,7 @@ def test_a_signal_to_one_process_checkpoints_all_and_the_rerun_resumes_to_the_sa
     ckpt = partial / "checkpoint-1"
     assert (ckpt / "trainer_state.json").is_file() and (ckpt / "rng_state_0.pth").is_file()
     assert (ckpt / "rng_state_1.pth").is_file() and "preempted: stopped on" in text
-    assert f"exitcode  : {cluster.PREEMPTED_EXIT}" in text  # the processes left with "stopped, resume me"
+    assert f"exitcode  : {preemption.PREEMPTED_EXIT}" in text  # the processes left with "stopped, resume me"
     assert "SIGABRT" not in text  # ... and none crashed on the way out (process-group teardown)
     plan = run_cli(["pipeline/run.py", recipe, *BATCH, "run.name=stopped", "--dry-run"], cwd=work)
     assert "pretrain   run   (not run yet)" in plan.stdout  # a stopped stage never looks finished

@@ -454,7 +454,7 @@ def test_killed_inside_a_checkpoint_save_and_the_final_save_ends_like_an_uninter
 def test_preemption_signal_checkpoints_between_steps_and_the_rerun_finishes(uninterrupted):
     """SIGUSR1 (Slurm's warning before the time limit): the loop saves a checkpoint after the step it is in, exits
     with the "preempted, requeue me" code, and the same command finishes the run like an uninterrupted one."""
-    from pipeline import cluster
+    from pipeline import preemption
 
     work = uninterrupted
     cmd = [sys.executable, str(REPO / "pipeline/ppo.py"), str(ppo_recipe(work)), "run.name=preempted",
@@ -467,7 +467,7 @@ def test_preemption_signal_checkpoints_between_steps_and_the_rerun_finishes(unin
             break
     proc.send_signal(signal.SIGUSR1)
     rest = proc.communicate(timeout=300)[0]
-    assert proc.returncode == cluster.PREEMPTED_EXIT, rest[-3000:]
+    assert proc.returncode == preemption.PREEMPTED_EXIT, rest[-3000:]
     partial = work / "runs/preempted/ppo.partial"
     ckpts = [p.name for p in partial.glob("checkpoint-*")]
     assert len(ckpts) == 1 and "preempted: stopped on SIGUSR1" in rest, (ckpts, rest[-2000:])

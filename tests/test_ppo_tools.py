@@ -19,7 +19,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from conftest import TINY, run_cli, tiny_recipe, write_jsonl
-from pipeline import cluster, faults, images, judges, models, ppo, ppo_trainer, runs, safe_resume, tool_world
+from pipeline import faults, images, judges, models, ppo, ppo_trainer, preemption, runs, safe_resume, tool_world
 from pipeline.cli import PipelineError
 from pipeline.image_judge import ImageJudge, _net
 from pipeline.ppo_tools import OfferedTools, tool_counts
@@ -311,7 +311,7 @@ def test_interrupted_run_resumes_to_the_same_history_images_and_weights(inputs, 
     monkeypatch.setattr(faults, "point", point)
     with pytest.raises(Stop):
         stopped.train()
-    cluster.STOP.training = False
+    preemption.STOP.training = False
     monkeypatch.undo()
     assert sorted(p.name for p in (work / "stopped").glob("checkpoint-*")) == ["checkpoint-2"]
     resumed = make_trainer(work, tokenizer, "stopped")
