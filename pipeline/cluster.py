@@ -9,9 +9,9 @@ processes). Without `gradient_accumulation_steps` the stage derives the accumula
 it runs with, so one recipe trains the same way on one GPU and on 64; with it, the product must match or the stage
 stops before training (`batch_plan`).
 
-The process group. `process_group()` makes Accelerate's process state the way the launch needs it on this machine;
-the first one made in a process fixes the group for everything after it, trainers included. Stopping cleanly when
-preempted: pipeline/preemption.py.
+The process group. `process_group()` makes Accelerate's process state the way the launch needs it on this machine,
+so that every process of a launch joins one group, on the CPU too. Stopping cleanly when preempted:
+pipeline/preemption.py.
 """
 
 from __future__ import annotations
@@ -223,10 +223,10 @@ def launched_with_deepspeed() -> bool:  # this process was started by `accelerat
 def process_group():
     """Accelerate's process state for this process, made the way the launch needs it here (once; then shared).
 
-    The first PartialState made in a process fixes the process group for everything after it, trainers included.
     Without a GPU, processes started by `accelerate launch --multi_gpu` join as CPU workers (gloo) only with cpu=True;
     a plain PartialState() would leave each of them alone, all writing as the main process. Under DeepSpeed without a
-    GPU, Accelerate picks no backend and again counts each process alone: name gloo."""
+    GPU, Accelerate picks no backend and again counts each process alone: name gloo. (A TrainingArguments makes the
+    state anew; recipe.trainer_config gives it use_cpu where that is needed.)"""
     import torch
     from accelerate import PartialState
 
@@ -234,6 +234,24 @@ def process_group():
         return PartialState()
     deepspeed, gpu = launched_with_deepspeed(), torch.cuda.is_available()
     return PartialState(cpu=not gpu and not deepspeed, **({"backend": "gloo"} if deepspeed and not gpu else {}))
+
+
+def processes_without_accelerator() -> int:
+    """The processes of a launch of several on a machine where torch sees no GPU (nor XPU, NPU, MPS), else 0: they
+    train on the CPU (over gloo), whatever a stage's `use_cpu` says, as one process does there."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes < 2:
+        return 0
+    import torch
+
+    return 0 if torch.accelerator.is_available() else processes
+
+
+def cpu_processes_line() -> str | None:
+    """What a stage of such a launch says (from the launch alone a GPU config cannot be told from cpu2.yaml here:
+    Accelerate starts both the same way on a machine without a GPU)."""
+    processes = processes_without_accelerator()
+    return f"{processes} processes and no GPU here: they train on the CPU, over gloo" if processes else None
 
 
 def data_parallel_under_deepspeed(stage: str) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -114,12 +113,6 @@ def _generation_section():
 GLOBAL_SECTIONS = {"run": lambda: RunSection, "world": _world_section, "tokenizer": lambda: TokenizerSection,
                    "model": lambda: ModelSection, "slurm": _slurm_section, "tools": _tools_section,
                    "generation": _generation_section}
-
-
-def _has_accelerator() -> bool:  # a GPU (or XPU, NPU, MPS) torch can train on
-    import torch
-
-    return torch.accelerator.is_available()
 
 
 @lru_cache(maxsize=None)
@@ -242,10 +235,10 @@ class Recipe:
                                       values.get("gradient_accumulation_steps"), num_processes, expected)
             values["gradient_accumulation_steps"] = plan.accumulation
         config_class = _config_class(spec.config_class)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and issubclass(config_class, _config_class(
-                "transformers:TrainingArguments")) and not _has_accelerator():
-            # several processes and no GPU: train on the CPU, as one process does here. TrainingArguments remakes the
-            # process group, and with use_cpu false Accelerate would leave each process alone, all writing as main
+        if cluster.processes_without_accelerator() and issubclass(config_class, _config_class(
+                "transformers:TrainingArguments")):
+            # TrainingArguments remakes the process group, and with use_cpu false Accelerate would leave each
+            # process alone, all writing as the main one
             values["use_cpu"] = True
         try:
             return config_class(**values)

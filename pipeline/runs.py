@@ -234,6 +234,8 @@ class StageRun:
         self.recipe, self.stage = recipe, stage
         self.state = cluster.process_group()
         log.setup(stage, self.state.is_main_process)
+        if line := cluster.cpu_processes_line():  # a GPU launch config on a machine without one says so too
+            log.info(line)
         threads.configure()  # this process's share of the CPUs it was given; OMP_NUM_THREADS wins (logged)
         self.inputs = stage_inputs(recipe, stage)
         self.fingerprint = hash_obj(self.inputs)

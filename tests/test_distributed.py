@@ -236,6 +236,9 @@ def test_several_processes_without_a_gpu_train_on_the_cpu_even_with_use_cpu_fals
     assert manifest["config"]["use_cpu"] is True
     assert proc.stdout.count("[pretrain] eval loss") == 1  # the main process alone reports
     assert max_weight_diff(out, work / "runs/two/pretrain") < 1e-5
+    # said once (a GPU config that found no GPU: a broken driver would otherwise go unnoticed), in the log too
+    said = "2 processes and no GPU here: they train on the CPU, over gloo"
+    assert (proc.stdout + proc.stderr).count(said) == 1 and said in (out / "log.txt").read_text()
 
 
 def test_sft_dpo_and_eval_under_zero3_with_two_processes_save_full_models_and_one_report(one_process):
