@@ -3,9 +3,9 @@
 A stage process spends about 6 s importing torch, transformers, TRL and peft before it reads its recipe, and the
 suite starts hundreds of them. `run` forks each command from a server process that imported those libraries once,
 and the child then runs the script as `python SCRIPT ARGS` would: its own process, working directory, environment,
-argv, `__main__`, stdout and stderr (files, not a terminal, as with `capture_output`), exit code or -signal, and
-the interpreter's normal exit (threads joined, exit handlers run, modules torn down). The pipeline's own modules are
-imported afresh in each child.
+argv, `__main__`, stdout and stderr (files, not a terminal, as with `capture_output`; an uncaught exception's
+traceback starts at the script, not in this module), exit code or -signal, and the interpreter's normal exit
+(threads joined, exit handlers run, modules torn down). The pipeline's own modules are imported afresh in each child.
 
 A fork cannot redo what the libraries read from the environment when they were imported (OpenMP's thread count,
 huggingface_hub's settings), so there is a server per environment: all variables but PIPELINE_*, which only the
@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 # What stage processes import from the libraries (a lazy module imports its parts on first attribute access)
@@ -143,8 +144,18 @@ def _become(request: dict) -> None:
     script, *argv = request["args"]
     sys.argv = [script, *argv]
     sys.path[0] = str(Path(script).resolve().parent)  # as `python SCRIPT` has it
+    sys.excepthook = partial(_from_script, Path(script).resolve())
     runpy.run_path(script, run_name="__main__")
     sys.exit(0)
+
+
+def _from_script(script: Path, kind, exc, tb) -> None:
+    """An uncaught exception's traceback from the script's first frame, as `python SCRIPT` prints it (without the
+    server's and runpy's frames above it)."""
+    start = tb
+    while start is not None and Path(start.tb_frame.f_code.co_filename).resolve() != script:
+        start = start.tb_next
+    sys.__excepthook__(kind, exc.with_traceback(start or tb), start or tb)  # printed from exc.__traceback__
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:

@@ -19,6 +19,8 @@ from pipeline.stages import STAGES
     (["pipeline/run.py", "{recipe}", "sft.learning_rte=1", "--dry-run"], {}, 2),
     (["pipeline/sft.py", "--help"], {}, 0),  # stdout
     (["pipeline/pretrain.py", "{recipe}"], {"PIPELINE_FAULT": "kill:training:2"}, -signal.SIGKILL),  # mid-stage
+    (["pipeline/pretrain.py", "{recipe}", "pretrain.max_steps=2"], {"PIPELINE_FAULT": "enospc:final-save",
+                                                                    "OMP_NUM_THREADS": "1"}, 1),  # a traceback
     (["pipeline/pretrain.py", "{recipe}", "pretrain.max_steps=2"], {"OMP_NUM_THREADS": "1"}, 0),  # a finished stage
 ])
 def test_forked_commands_do_what_a_fresh_interpreter_does(tmp_path, args, env, code):
