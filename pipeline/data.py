@@ -269,20 +269,45 @@ def load_with_info(spec, kind: str, recipe, columns: dict | None = None, text_sp
     fmt = {"chat": lambda: detect_sft_format(rows[0]), "text": lambda: f"txt, a document per {text_split}" if plain
            else "text", "prompts": lambda: "prompts", "eval_prompts": lambda: "prompts"}[kind]()
     rows = CHECKS[kind](rows, where, source, **kw)
-    ds = dataset_of(rows, source)
+    ds = dataset_of(rows, source, where)
     return ds, {"source": source, "rows": len(ds), "format": fmt}
 
 
-def dataset_of(rows: list[dict], source):
+def dataset_of(rows: list[dict], source, where: list[str] | None = None):
     """A `datasets.Dataset` with every column any row has (None where a row lacks it: a mixture of datasets with
-    different columns, e.g. world:sft with world:tool_sft, keeps each one's `tools`)."""
+    different columns, e.g. world:sft with world:tool_sft, keeps each one's `tools`). `where`: each row's place,
+    to name the row whose column's type differs from the rows before it."""
     import datasets
 
     columns = list(dict.fromkeys(k for row in rows for k in row))
     try:
         return _one_message_type(datasets.Dataset.from_dict({k: [row.get(k) for row in rows] for k in columns}))
     except Exception as err:  # mixed types across rows that Arrow cannot unify
-        raise PipelineError(f"{source}: rows do not share one schema: {str(err).splitlines()[0]}") from None
+        clash = _type_clash(rows, columns, where) or str(err).splitlines()[0]
+        raise PipelineError(f"{source}: rows do not share one schema: {clash}") from None
+
+
+def _type_clash(rows: list[dict], columns: list[str], where: list[str] | None) -> str | None:
+    """The first column whose values Arrow cannot hold as one type, and the first row whose value's type differs
+    from the first value's (None if no single column fails alone)."""
+    import datasets
+
+    for column in columns:
+        values = [row.get(column) for row in rows]
+        try:
+            datasets.Dataset.from_dict({column: values})
+            continue
+        except Exception:
+            pass
+        present = [(i, v) for i, v in enumerate(values) if v is not None]
+        first_i, first = present[0]
+        for i, v in present:
+            if type(v) is not type(first):
+                place = (f" ({where[first_i]}) and {type(v).__name__} {v!r:.40} ({where[i]})" if where
+                         else f" and {type(v).__name__} {v!r:.40}")
+                return f"column '{column}' holds {type(first).__name__} {first!r:.40}{place}"
+        return f"column '{column}' (its values differ in their inner types)"
+    return None
 
 
 def _one_message_type(ds):
@@ -364,6 +389,16 @@ def warn_world_eval(recipe, stage: str, keys) -> None:
     if world:
         log.warning(f"your data is paired with the task world's held-out data ({', '.join(world)}): those figures "
                     f"measure the world's tasks, not yours; set them to your own held-out data or empty")
+
+
+def left_out(kept_rows, given: int, source, unit: str, why: str) -> int:
+    """How many of the `given` rows (pairs) the trainer left out (TRL drops those its max_length leaves nothing to
+    learn from, without a word); all of them stop the stage in one line, before it trains: `{source}: all {given}
+    {unit} {why}`. `kept_rows`: the trainer's dataset."""
+    kept = len(kept_rows)
+    if given and not kept:
+        raise PipelineError(f"{source}: all {given} {unit} {why}")
+    return given - kept
 
 
 def warn_many_epochs(args, rows: int, num_processes: int) -> None:

@@ -126,6 +126,11 @@ def main(argv):
                                                             f"{STAGE}", reference_with_peft=keys.rounds > 1,
                                                             reference=keys.rounds > 1 or not no_reference)
 
+        # TRL leaves out a pair whose prompt alone fills max_length (no reply token would be left)
+        too_long = {"train": 0, "eval": 0}
+        why = (f"have prompts of dpo.max_length={args.max_length} tokens or more, which leave no reply token: "
+               f"raise max_length")
+
         def trainer_for(model, pairs, output_dir):
             from peft import PeftModel
 
@@ -137,12 +142,19 @@ def main(argv):
             for net in (trainer.model, trainer.ref_model):  # policy and reference: less padding, the same outputs
                 if net is not None:
                     batching.split_forward(net, keys.length_split)
+            if pairs is train_ds:  # the dataset's pairs (round 1); later rounds sample their own for its prompts
+                too_long["train"] = data.left_out(trainer.train_dataset, len(train_ds), train_info["source"], "pairs",
+                                                  why)
+                too_long["eval"] = data.left_out(trainer.eval_dataset, len(eval_ds), eval_info["source"],
+                                                 "held-out pairs", why)
             return trainer
 
         if keys.rounds == 1:
             trainer = trainer_for(policy, train_ds, run.out)
-            log.info(f"{models.describe(trainer.model)}; {len(train_ds)} pairs, {len(eval_ds)} held out; "
-                     f"beta {args.beta}, loss {args.loss_type}{'; no reference model' if no_reference else ''}")
+            log.info(f"{models.describe(trainer.model)}; {len(train_ds)} pairs, {len(eval_ds)} held out"
+                     + (f" ({too_long['train']} and {too_long['eval']} of them over max_length={args.max_length} "
+                        f"in the prompt alone: left out)" if too_long["train"] or too_long["eval"] else "")
+                     + f"; beta {args.beta}, loss {args.loss_type}{'; no reference model' if no_reference else ''}")
             data.warn_many_epochs(args, len(trainer.train_dataset), run.state.num_processes)
             result = trainer.train(resume_from_checkpoint=run.last_checkpoint())
             logged = [h for h in trainer.state.log_history if "loss" in h and "logps/chosen" in h]
@@ -168,6 +180,8 @@ def main(argv):
             "train_loss": trained["train_loss"],
             "steps": trained["steps"],
             "train_pairs": trained["train_pairs"],
+            "train_pairs_too_long": too_long["train"],
+            "eval_pairs_too_long": too_long["eval"],
             "data": train_info,
             **{k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))},
             "history": trained["history"],

@@ -93,9 +93,17 @@ def main(argv):
         for net in (trainer.model, trainer.ref_model):  # policy and reference: less padding, the same outputs
             if net is not None:
                 batching.split_forward(net, keys.length_split)
+        # TRL leaves out a row whose prompt alone fills max_length (no completion token would be left)
+        why = (f"have prompts of kto.max_length={args.max_length} tokens or more, which leave no reply token: "
+               f"raise max_length")
+        too_long = data.left_out(trainer.train_dataset, len(train_ds), train_info["source"], "rows", why)
+        eval_too_long = data.left_out(trainer.eval_dataset, len(eval_ds), eval_info["source"], "held-out rows", why)
         log.info(f"{models.describe(trainer.model)}; {train_info['desirable']} desirable and "
-                 f"{train_info['undesirable']} undesirable replies, {len(eval_ds)} held out; beta {args.beta}, "
-                 f"weights {args.desirable_weight:g}/{args.undesirable_weight:g}, loss {args.loss_type}")
+                 f"{train_info['undesirable']} undesirable replies, {len(eval_ds)} held out"
+                 + (f" ({too_long} and {eval_too_long} of them over max_length={args.max_length} in the prompt alone: "
+                    f"left out)" if too_long or eval_too_long else "")
+                 + f"; beta {args.beta}, weights {args.desirable_weight:g}/{args.undesirable_weight:g}, "
+                   f"loss {args.loss_type}")
         data.warn_many_epochs(args, len(trainer.train_dataset), run.state.num_processes)
         result = trainer.train(resume_from_checkpoint=run.last_checkpoint())
         eval_metrics = trainer.evaluate()
@@ -106,6 +114,8 @@ def main(argv):
             "train_loss": runs.train_loss(trainer),
             "steps": result.global_step,
             "train_examples": len(train_ds),
+            "train_examples_too_long": too_long,
+            "eval_examples_too_long": eval_too_long,
             "data": train_info,
             **{k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))},
             "history": [{k: v for k, v in h.items() if k in ("step", "loss", "kl") or "/" in k} for h in logged],

@@ -135,6 +135,11 @@ def _detect_preference_format(first: dict, source) -> str:
     chosen = _as_messages(first["chosen"])
     if "prompt" in cols:
         prompt = first["prompt"]
+        if isinstance(prompt, str) and isinstance(chosen, list) and chosen and isinstance(chosen[0], dict) \
+                and chosen[0].get("role") != "assistant":
+            # a text prompt beside whole conversations that hold it (HuggingFaceH4/ultrafeedback_binarized): the
+            # conversations' shared beginning is the prompt, as TRL's maybe_extract_prompt takes it
+            return "implicit"
         if isinstance(prompt, str) and not isinstance(chosen, list):
             turns = parse_hh(prompt)
             if turns and turns[-1]["role"] == "assistant" and not turns[-1]["content"]:

@@ -193,7 +193,8 @@ def main(argv):
                                  peft_config=models.peft_config(peft_values, "SEQ_CLS", model=model,
                                                                  where=f"{recipe.path}: {STAGE}"))
         batching.split_forward(trainer.model, keys.length_split)
-        too_long = len(train_ds) - len(trainer.train_dataset)
+        too_long = data.left_out(trainer.train_dataset, len(train_ds), train_info["source"], "pairs",
+                                 f"are longer than reward.max_length={args.max_length} tokens: raise max_length")
         log.info(f"{models.describe(trainer.model)}; {len(trainer.train_dataset)} training pairs"
                  + (f" ({too_long} over max_length={args.max_length} left out)" if too_long else "")
                  + (f"; {eval_too_long} held-out pairs over max_length left out too" if eval_too_long else ""))

@@ -85,21 +85,24 @@ def main(argv):
                              eval_dataset=keep_training_columns(eval_ds), processing_class=tokenizer, peft_config=lora)
         batching.split_forward(trainer.model, keys.length_split)
         too_long = rows_over(tokenizer, train_ds, args.max_length) if args.max_length and not args.packing else 0
-        dropped = 0 if args.packing else len(train_ds) - len(trainer.train_dataset)
-        if not len(trainer.train_dataset):
-            raise cli.PipelineError(f"{train_info['source']}: all {len(train_ds)} rows are over sft.max_length="
-                                    f"{args.max_length} tokens and keep no completion token once cut "
-                                    f"(truncation_mode {args.truncation_mode}): raise max_length or set "
-                                    f"truncation_mode: keep_end")
+        why = (f"are over sft.max_length={args.max_length} tokens and keep no completion token once cut "
+               f"(truncation_mode {args.truncation_mode}): raise max_length or set truncation_mode: keep_end")
+        dropped = eval_dropped = 0
+        if not args.packing:  # packed, the trainer's rows are blocks, not rows
+            dropped = data.left_out(trainer.train_dataset, len(train_ds), train_info["source"], "rows", why)
+            if eval_ds is not None:
+                eval_dropped = data.left_out(trainer.eval_dataset, len(eval_ds), eval_info["source"], "held-out rows",
+                                             why)
         log.info(f"{models.describe(trainer.model)}; {len(trainer.train_dataset)} training rows"
                  + (f" ({too_long} over max_length={args.max_length} cut ({args.truncation_mode}), {dropped} of them "
-                    f"left out: no completion token left)" if too_long else ""))
+                    f"left out: no completion token left)" if too_long else "")
+                 + (f"; {eval_dropped} held-out rows left out the same way" if eval_dropped else ""))
         data.warn_many_epochs(args, len(trainer.train_dataset), run.state.num_processes)
         result = trainer.train(resume_from_checkpoint=run.last_checkpoint())
         metrics = {"train_loss": runs.train_loss(trainer), "steps": result.global_step, "train_rows": len(train_ds),
                    "train_rows_too_long": too_long, "train_rows_dropped": dropped}
         if eval_ds is not None:
-            metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+            metrics.update(eval_rows_dropped=eval_dropped, eval_loss=trainer.evaluate()["eval_loss"])
         models.save_trained(trainer, tokenizer, run.out, merge_adapter=keys.merge_adapter)
 
         if heldout is not None and run.state.is_main_process:

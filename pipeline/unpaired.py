@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pipeline import data
 from pipeline.cli import PipelineError
-from pipeline.formats import bad_row, detect_sft_format, to_sft_row
+from pipeline.formats import bad_row, detect_sft_format, kto_label, to_sft_row
 from pipeline.preferences import normalize_preferences
 
 UNPAIRED_FORMATS = {
@@ -24,20 +24,16 @@ UNPAIRED_FORMATS = {
     "pairs": "preference pairs (prompt/chosen/rejected or any pair format of data/README.md), each split in two",
 }
 LABEL_COLUMNS = ("label", "kto_tag")  # TRL's name, LLaMA-Factory's
-TRUE, FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
 DROPPED = {"messages", "conversations", "instruction", "input", "output", "history", "system", "prompt",
            "completion", "tools", "label", "kto_tag"}
 
 
 def label_of(value, source, where) -> bool:
     """A row's label as a bool: true/false, 1/0, or their text (a CSV cell)."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in TRUE | FALSE:
-        return value.strip().lower() in TRUE
-    bad_row(source, where, f"the label must be true or false, got {value!r}")
+    label = kto_label(value)
+    if label is None:
+        bad_row(source, where, f"the label must be true or false, got {value!r}")
+    return label
 
 
 def detect_unpaired_format(first: dict, source) -> str:

@@ -132,6 +132,59 @@ def test_sft_rows_all_over_max_length_stop_in_one_line_and_leave_nothing(tiny_ru
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("stage, unit", [("dpo", "pairs"), ("kto", "rows")])
+def test_pairs_whose_prompts_fill_max_length_are_counted_and_all_of_them_stop_in_one_line(tiny_run, tmp_path, stage,
+                                                                                          unit):
+    """TRL leaves out a pair (a kto row) whose prompt alone fills max_length, without a word: the stage counts them
+    in metrics.json, and when they are all of the training or held-out data it stops before training."""
+    work, _, _ = tiny_run
+    def rows(prompt, n):
+        pairs = [{"prompt": f"{prompt} {i}", "chosen": " yes.", "rejected": " no."} for i in range(n)]
+        return pairs if stage == "dpo" else [
+            {"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
+            for p in pairs for side in ("chosen", "rejected")]
+    long, short = "word " * 100, "Say yes"
+    train = write_jsonl(tmp_path / "train.jsonl", rows(long, 3) + rows(short, 5))
+    held = write_jsonl(tmp_path / "held.jsonl", rows(long, 1) + rows(short, 3))
+    per_pair = 1 if stage == "dpo" else 2
+    section = {**SHORT, "init_from": str(work / "runs/tiny/pretrain"), "max_length": 64, "use_cpu": True,
+               "per_device_train_batch_size": 2, "dataset": train, "eval_dataset": held}
+    recipe = tiny_recipe(tmp_path, pretrain=None, **{stage: section})
+    proc = run_cli([f"pipeline/{stage}.py", recipe, "run.name=some"], cwd=tmp_path, env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((tmp_path / f"runs/some/{stage}/metrics.json").read_text())
+    too_long = ("train_pairs_too_long", "eval_pairs_too_long") if stage == "dpo" else \
+        ("train_examples_too_long", "eval_examples_too_long")
+    assert (m[too_long[0]], m[too_long[1]]) == (3 * per_pair, 1 * per_pair)
+    assert f"({3 * per_pair} and {per_pair} of them over max_length=64 in the prompt alone: left out)" in proc.stdout
+    for name, data_key, spec in (("train", "dataset", write_jsonl(tmp_path / "all.jsonl", rows(long, 4))),
+                                 ("held", "eval_dataset", write_jsonl(tmp_path / "all_held.jsonl", rows(long, 2)))):
+        proc = run_cli([f"pipeline/{stage}.py", recipe, f"run.name={name}", f"{stage}.{data_key}={spec}"],
+                       cwd=tmp_path, env=ONE_THREAD)
+        held_out = "held-out " if name == "held" else ""
+        assert one_error_line(proc) == (f"error: {spec}: all {(4 if name == 'train' else 2) * per_pair} {held_out}"
+                                        f"{unit} have prompts of {stage}.max_length=64 tokens or more, which leave no "
+                                        f"reply token: raise max_length")
+        assert not (tmp_path / f"runs/{name}").exists()
+
+
+def test_sft_held_out_rows_all_over_max_length_stop_before_training(tiny_run, tmp_path):
+    """Held-out rows that keep no completion token once cut would leave the stage without an eval loss after
+    training: it stops before, in one line."""
+    work, _, _ = tiny_run
+    long = {"messages": [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "ok"}]}
+    short = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}
+    spec = write_jsonl(tmp_path / "long.jsonl", [long] * 3)
+    recipe = tiny_recipe(tmp_path, pretrain=None, sft={**SHORT, "init_from": str(work / "runs/tiny/pretrain"),
+                                                       "dataset": write_jsonl(tmp_path / "s.jsonl", [short] * 4),
+                                                       "eval_dataset": spec, "max_length": 64})
+    proc = run_cli(["pipeline/sft.py", recipe], cwd=tmp_path, env=ONE_THREAD)
+    assert one_error_line(proc) == (f"error: {spec}: all 3 held-out rows are over sft.max_length=64 tokens and keep "
+                                    f"no completion token once cut (truncation_mode keep_start): raise max_length or "
+                                    f"set truncation_mode: keep_end")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_bad_input_files_stop_in_one_line_naming_file_and_row(tiny_run, tmp_path):
     work, _, _ = tiny_run
     bad = tmp_path / "latin1.jsonl"

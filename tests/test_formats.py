@@ -260,6 +260,8 @@ def test_formats_detect_from_the_first_row():
     {"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}], "label": True},
     {"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}], "kto_tag": False},
     {"instruction": "Q?", "output": "A.", "kto_tag": True},  # LLaMA-Factory's KTO rows
+    {"prompt": "The sky is", "completion": " green.", "label": 0},  # labels the kto stage reads as 1/0 or text
+    {"prompt": "The sky is", "completion": " blue.", "label": "true"},
 ])
 def test_unpaired_preference_rows_are_not_taken_for_demonstrations(tmp_path, recipe, row):
     """A completion labelled false is one the model must not learn: sft stops, naming the file and the columns."""
@@ -367,6 +369,35 @@ def test_implicit_text_pairs_split_as_trls_explicit_example(tmp_path, recipe):
         {"chosen": "The sky is blue.", "rejected": "The sky is green."}]), recipe)
     assert info["format"] == "implicit_text"
     assert ds[0] == {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}
+
+
+def test_a_text_prompt_beside_whole_conversations_is_taken_from_the_conversations(tmp_path, recipe):
+    """HuggingFaceH4/ultrafeedback_binarized's layout: a text `prompt` and chosen/rejected conversations that begin
+    with it. The prompt is their shared beginning (TRL's maybe_extract_prompt), not a second user turn before it."""
+    turn = {"role": "user", "content": "What is 0+1?"}
+    rows = [{"prompt": "What is 0+1?", "chosen": [turn, {"role": "assistant", "content": "1"}],
+             "rejected": [turn, {"role": "assistant", "content": "2"}], "score_chosen": 9.0, "score_rejected": 2.0}]
+    ds, info = preferences.load_preferences(write_jsonl(tmp_path / "uf.jsonl", rows), recipe)
+    assert info["format"] == "implicit"
+    assert ds[0]["prompt"] == [turn] and ds[0]["margin"] == 7.0
+    assert ds[0]["chosen"] == [{"role": "assistant", "content": "1"}]
+    assert ds[0]["rejected"] == [{"role": "assistant", "content": "2"}]
+    # a text prompt beside replies given as assistant messages stays the user's turn
+    rows = [{"prompt": "What is 0+1?", "chosen": [{"role": "assistant", "content": "1"}],
+             "rejected": [{"role": "assistant", "content": "2"}]}]
+    ds, info = preferences.load_preferences(write_jsonl(tmp_path / "ex.jsonl", rows), recipe)
+    assert info["format"] == "explicit" and ds[0]["prompt"] == [turn]
+
+
+def test_a_column_of_mixed_types_is_named_with_its_rows(tmp_path, recipe):
+    """A column Arrow cannot hold as one type (an id that is a number in one row and text in the next) stops the
+    stage naming the column and both rows, not with Arrow's message alone."""
+    rows = [{"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}], "id": 1},
+            {"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "B."}], "id": "b"}]
+    path = write_jsonl(tmp_path / "ids.jsonl", rows)
+    with pytest.raises(PipelineError) as err:
+        data.load(path, "chat", recipe)
+    assert str(err.value) == f"{path}: rows do not share one schema: column 'id' holds int 1 (line 1) and str 'b' (line 2)"
 
 
 def test_sharegpt_preference_pairs_are_not_taken_for_demonstrations(tmp_path, recipe):
