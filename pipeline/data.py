@@ -212,24 +212,23 @@ def _check_text(rows, where, source, column="text"):
 
 
 def _check_chat(rows, where, source):
-    """Conversations in any format of pipeline/formats.py (detected from the first row), as messages or
-    prompt/completion rows."""
-    if is_unpaired_preference(rows[0]):
-        raise PipelineError(f"{source}: unpaired preference rows (a completion with a true/false label, TRL's KTO "
-                            f"format) are not demonstrations (columns: {', '.join(rows[0])}); train on them "
-                            f"with the kto stage, or keep the rows labelled true and drop the label column")
-    fmt = detect_sft_format(rows[0])
-    if fmt == "sharegpt" and {"chosen", "rejected"} <= set(rows[0]):  # LLaMA-Factory's ranking rows
-        raise PipelineError(f"{source}: ShareGPT preference pairs (the replies in chosen/rejected) are not "
-                            f"demonstrations (columns: {', '.join(rows[0])}); use them as reward.dataset or "
-                            f"dpo.dataset")
-    if fmt is None:
-        raise PipelineError(f"{source}: no conversation format matches the columns ({', '.join(rows[0]) or 'none'});"
-                            f" expected {expected_sft_columns()}")
+    """Conversations in any format of pipeline/formats.py, each row's detected from its columns (a list of datasets
+    may mix formats, as LLaMA-Factory's `dataset: alpaca_x,sharegpt_y` does), as messages or prompt/completion rows.
+    Rows that are no demonstrations (labelled replies, preference pairs) stop the stage wherever they are."""
     out, conversational = [], None
     for row, w in zip(rows, where):
-        if detect_sft_format(row) != fmt:
-            bad_row(source, w, f"not in the {fmt} format of the first row (columns: {', '.join(row) or 'none'})")
+        fmt = detect_sft_format(row)
+        if is_unpaired_preference(row):
+            _not_demonstrations(source, w, not out, f"unpaired preference rows (a completion with a true/false label, "
+                                f"TRL's KTO format) are not demonstrations (columns: {', '.join(row)}); train on "
+                                f"them with the kto stage, or keep the rows labelled true and drop the label column")
+        if fmt == "sharegpt" and {"chosen", "rejected"} <= set(row):  # LLaMA-Factory's ranking rows
+            _not_demonstrations(source, w, not out, f"ShareGPT preference pairs (the replies in chosen/rejected) are "
+                                f"not demonstrations (columns: {', '.join(row)}); use them as reward.dataset or "
+                                f"dpo.dataset")
+        if fmt is None:
+            _not_demonstrations(source, w, not out, f"no conversation format matches the columns "
+                                f"({', '.join(row) or 'none'}); expected {expected_sft_columns()}")
         out.append({**{k: v for k, v in row.items() if k not in FORMAT_COLUMNS}, **to_sft_row(row, fmt, source, w)})
         is_conv = isinstance(out[-1].get("completion", []), list)  # prompt/completion: text, or messages
         if conversational is not None and is_conv != conversational:
@@ -237,6 +236,13 @@ def _check_chat(rows, where, source):
                                f"{'conversations' if conversational else 'text'})")
         conversational = is_conv
     return out
+
+
+def _not_demonstrations(source, where, first: bool, why: str):
+    """The first row speaks for its file (no row named); a later one is named."""
+    if first:
+        raise PipelineError(f"{source}: {why}")
+    bad_row(source, where, why)
 
 
 def _check_prompts(rows, where, source):
@@ -266,7 +272,7 @@ def load_with_info(spec, kind: str, recipe, columns: dict | None = None, text_sp
     rows = rename_columns(rows, columns, source, where)
     plain = any(file_kind(Path(p)) == "txt" for part in mixture_parts(spec)[0]
                 for p in (glob.glob(str(Path(part.name).expanduser())) if glob.has_magic(part.name) else [part.name]))
-    fmt = {"chat": lambda: detect_sft_format(rows[0]), "text": lambda: f"txt, a document per {text_split}" if plain
+    fmt = {"chat": lambda: " + ".join(dict.fromkeys(str(detect_sft_format(row)) for row in rows)), "text": lambda: f"txt, a document per {text_split}" if plain
            else "text", "prompts": lambda: "prompts", "eval_prompts": lambda: "prompts"}[kind]()
     rows = CHECKS[kind](rows, where, source, **kw)
     ds = dataset_of(rows, source, where)

@@ -389,6 +389,23 @@ def test_a_text_prompt_beside_whole_conversations_is_taken_from_the_conversation
     assert info["format"] == "explicit" and ds[0]["prompt"] == [turn]
 
 
+def test_a_list_of_datasets_in_different_formats_is_read_row_by_row(tmp_path, recipe):
+    """LLaMA-Factory's `dataset: alpaca_x,sharegpt_y`: each dataset in its own format, all as messages; a labelled
+    reply (KTO) anywhere in the list is still no demonstration, and stops the stage naming its row."""
+    alpaca = write_jsonl(tmp_path / "a.jsonl", [ALPACA])
+    sharegpt = write_jsonl(tmp_path / "s.jsonl", [SHAREGPT])
+    ds, info = data.load_with_info([alpaca, sharegpt], "chat", recipe)
+    assert info["format"] == "alpaca + sharegpt" and len(ds) == 2
+    for row, fmt, source in ((ALPACA, "alpaca", alpaca), (SHAREGPT, "sharegpt", sharegpt)):
+        own = formats.to_sft_row(row, fmt, source, "line 1")["messages"]  # as the file alone would be read
+        read = ds[0 if fmt == "alpaca" else 1]["messages"]
+        assert [(m["role"], m["content"]) for m in read] == [(m["role"], m.get("content")) for m in own]
+    kto = write_jsonl(tmp_path / "k.jsonl", [{"instruction": "Q?", "output": "A.", "kto_tag": False}])
+    with pytest.raises(PipelineError) as err:
+        data.load([alpaca, kto], "chat", recipe)
+    assert str(err.value).startswith(f"{alpaca} + {kto}: {kto} line 1: unpaired preference rows")
+
+
 def test_a_column_of_mixed_types_is_named_with_its_rows(tmp_path, recipe):
     """A column Arrow cannot hold as one type (an id that is a number in one row and text in the next) stops the
     stage naming the column and both rows, not with Arrow's message alone."""
