@@ -312,10 +312,6 @@ class StageRun:
         """Write metrics and manifest, then publish the folder atomically. Returns the final folder."""
         self.state.wait_for_everyone()
         if self.state.is_main_process:
-            for ckpt in self.out.glob("checkpoint-*"):
-                if ckpt.name not in keep:
-                    shutil.rmtree(ckpt)
-            (self.out / ".fingerprint").unlink(missing_ok=True)
             write_json(self.out / METRICS, metrics)
             from pipeline import cards
 
@@ -326,6 +322,7 @@ class StageRun:
             manifest["cost"] = self._cost()
             write_json(self.out / MANIFEST, manifest)
             log.close()  # log.txt is complete: the folder is published next
+            faults.point("publish")
             old = self.final_dir.with_name(f"{self.stage}.old")
             if old.exists():
                 shutil.rmtree(old)
@@ -333,6 +330,13 @@ class StageRun:
                 os.replace(self.final_dir, old)
             os.replace(self.out, self.final_dir)
             shutil.rmtree(old, ignore_errors=True)
+            # what only a resume reads goes once the folder is published: killed before, the same command resumes
+            # from the last checkpoint (and counts the earlier attempts' cost), not from step 0
+            for ckpt in self.final_dir.glob("checkpoint-*"):
+                if ckpt.name not in keep:
+                    shutil.rmtree(ckpt)
+            for name in (".fingerprint", ATTEMPTS):
+                (self.final_dir / name).unlink(missing_ok=True)
         self.state.wait_for_everyone()
         return self.final_dir
 
@@ -367,8 +371,7 @@ class StageRun:
         cuda = self.state.device.type == "cuda"
         parameters, of = cost.saved_parameters(self.out)
         attempts = self.out / ATTEMPTS  # runs of this stage that stopped before finishing, resumed by this one
-        earlier = read_attempts(attempts)
-        attempts.unlink(missing_ok=True)
+        earlier = read_attempts(attempts)  # the file goes once the stage is published (finish)
         block = self.meter.stop(gpus=self.state.num_processes if cuda else 0, parameters=parameters,
                                 parameters_of=of, earlier=earlier,
                                 peak_gpu_mem_mb=torch.cuda.max_memory_allocated() / (1 << 20) if cuda else None)

@@ -83,9 +83,10 @@ def malicious_pickle(path: Path, marker: Path) -> None:
 
 
 def test_pretrain_killed_in_every_phase_and_signalled_through_the_runner_ends_like_an_uninterrupted_run(tiny_run):
-    """One run of pretrain (12 steps, a checkpoint every 4) is interrupted seven times, each way once: SIGKILL while
+    """One run of pretrain (12 steps, a checkpoint every 4) is interrupted eight times, each way once: SIGKILL while
     loading, SIGTERM and SIGINT sent to run.py while training, a full disk and a SIGKILL inside a checkpoint save,
-    a SIGKILL during the final save, and a planted pickle in the checkpoint it would resume from. After each, the
+    a SIGKILL during the final save and one just before the finished folder's rename, and a planted pickle in the
+    checkpoint it would resume from. After each, the
     stage folder does not look finished; at the end the stage has exactly 12 steps, the weights and the whole-run
     train_loss of the uninterrupted run (tiny_run), and no pickle."""
     work, recipe, _ = tiny_run
@@ -114,6 +115,11 @@ def test_pretrain_killed_in_every_phase_and_signalled_through_the_runner_ends_li
     killed = stage(base, work, fault="kill:final-save")  # trained to the end, killed while saving the model
     assert killed.returncode == -signal.SIGKILL and (partial / "model.safetensors").exists() and not final.exists()
     assert checkpoints(partial)[-1] == "checkpoint-8"  # no checkpoint at the last step (it made resumes train one more)
+    assert "(not run yet)" in plan_line(recipe, work, name)
+
+    killed = stage(base, work, fault="kill:publish")  # everything written, killed before the folder's rename
+    assert killed.returncode == -signal.SIGKILL and (partial / "manifest.json").exists() and not final.exists()
+    assert checkpoints(partial)[-1] == "checkpoint-8"  # kept for the rerun (it resumed from step 0 when they went)
     assert "(not run yet)" in plan_line(recipe, work, name)
 
     marker = work / "pwned"
