@@ -234,9 +234,6 @@ def main(argv):
                 pair_stats = {"pairs": len(own), "ties_dropped": own.ties, "source": str(own_file)}
             else:
                 rounds = [json.loads((run.out / f"pairs-{r}.json").read_text())["stats"] for r in range(cfg.rounds)]
-                for r in range(cfg.rounds):
-                    (run.out / f"pairs-{r}.safetensors").unlink()
-                    (run.out / f"pairs-{r}.json").unlink()
                 pair_stats = {**rounds[0], "pairs": sum(s["pairs"] for s in rounds), "rounds": rounds}
                 pair_stats.pop("round")
             metrics = {"steps": cfg.max_steps, "train_loss": history[-1]["loss"] if history else None,
@@ -289,7 +286,10 @@ def main(argv):
             (run.out / "report.md").write_text(image_eval.report(
                 "Diffusion-DPO stage", metrics, {"start": evals["start"], "dpo": evals["model"]} if evals else {},
                 report_notes(init, cfg, keys, pair_stats, metrics, train_s, noise_scheduler)))
-        run.finish(metrics, config=dataclasses.asdict(cfg))
+        # the rounds' pairs go once the folder is published: killed before, the rerun does not draw them again
+        run.finish(metrics, config=dataclasses.asdict(cfg),
+                   resume_only=() if own_file else [f"pairs-{r}.{ext}" for r in range(cfg.rounds)
+                                                    for ext in ("safetensors", "json")])
 
 
 if __name__ == "__main__":

@@ -171,8 +171,6 @@ def main(argv):
             setup = dpo_rounds.Rounds(recipe, keys, run, tokenizer, reference, trainer_for, prompts, heldout, reward)
             policy, trainer, trained = dpo_rounds.run_rounds(setup, policy, train_ds)
             trainer = trainer or trainer_for(policy, train_ds, run.out)  # every round resumed: one to evaluate and save
-            if run.state.is_main_process:
-                dpo_rounds.clean_up(run.out)
         eval_metrics = trainer.evaluate()
         models.save_trained(trainer, tokenizer, run.out, merge_adapter=keys.merge_adapter)
 
@@ -189,7 +187,8 @@ def main(argv):
         }
         if heldout is not None and run.state.is_main_process:
             metrics.update(heldout_comparison(recipe, keys, heldout, ("input", init.path), ("dpo", str(run.out))))
-        run.finish(metrics, config=args, global_batch_size=runs.global_batch_size(args, run.state.num_processes))
+        run.finish(metrics, config=args, global_batch_size=runs.global_batch_size(args, run.state.num_processes),
+                   resume_only=dpo_rounds.RESUME_ONLY if keys.rounds > 1 else ())
 
 
 if __name__ == "__main__":

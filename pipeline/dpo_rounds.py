@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import json
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -302,12 +301,9 @@ def summary(states: list[dict]) -> dict:
             "history": [h for s in states for h in s["history"]], "rounds": [s["record"] for s in states]}
 
 
-def clean_up(out: Path) -> None:
-    """Before the stage folder is published: the rounds' policies and trainer checkpoints go (the model is the last
-    round's), their pairs and states stay."""
-    for folder in sorted((Path(out) / "rounds").glob("round-*")):
-        for path in [folder / "policy", *folder.glob("checkpoint-*")]:
-            shutil.rmtree(path, ignore_errors=True)
+# once the stage folder is published (runs.StageRun.finish) the rounds' policies and trainer checkpoints go (the
+# model is the last round's); their pairs and states stay. Killed before, the rerun resumes after the last round.
+RESUME_ONLY = ("rounds/round-*/policy", "rounds/round-*/checkpoint-*")
 
 
 def with_output_dir(args, output_dir: Path):

@@ -308,8 +308,10 @@ class StageRun:
             log.info("resuming from %s", ckpt)
         return str(ckpt) if ckpt else None
 
-    def finish(self, metrics: dict, config=None, global_batch_size: int | None = None, keep=()) -> Path:
-        """Write metrics and manifest, then publish the folder atomically. Returns the final folder."""
+    def finish(self, metrics: dict, config=None, global_batch_size: int | None = None, resume_only=()) -> Path:
+        """Write metrics and manifest, then publish the folder atomically. Returns the final folder. What only a
+        resume reads goes after that: the trainer's checkpoints, the resume marker and `resume_only` (globs in the
+        folder, e.g. the rounds' policies)."""
         self.state.wait_for_everyone()
         if self.state.is_main_process:
             write_json(self.out / METRICS, metrics)
@@ -332,11 +334,9 @@ class StageRun:
             shutil.rmtree(old, ignore_errors=True)
             # what only a resume reads goes once the folder is published: killed before, the same command resumes
             # from the last checkpoint (and counts the earlier attempts' cost), not from step 0
-            for ckpt in self.final_dir.glob("checkpoint-*"):
-                if ckpt.name not in keep:
-                    shutil.rmtree(ckpt)
-            for name in (".fingerprint", ATTEMPTS):
-                (self.final_dir / name).unlink(missing_ok=True)
+            for pattern in ("checkpoint-*", ".fingerprint", ATTEMPTS, *resume_only):
+                for path in self.final_dir.glob(pattern):
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
         self.state.wait_for_everyone()
         return self.final_dir
 

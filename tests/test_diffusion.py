@@ -667,9 +667,13 @@ def test_killed_online_diffusion_dpo_resumes_to_the_uninterrupted_result(image_r
     assert killed.returncode != 0
     partial = tmp_path / "runs/tiny/diffusion_dpo.partial"
     assert (partial / "pairs-1.json").is_file() and not (tmp_path / "runs/tiny/diffusion_dpo").exists()
+    killed = run_cli(["pipeline/diffusion_dpo.py", recipe], cwd=tmp_path, env={"PIPELINE_FAULT": "kill:publish"})
+    assert killed.returncode != 0 and (partial / "manifest.json").is_file()  # all written, not renamed
+    assert "resumed at step 4" in killed.stdout + killed.stderr
     resumed = run_cli(["pipeline/diffusion_dpo.py", recipe], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed at step 4" in resumed.stdout + resumed.stderr
+    assert "candidates (candidates' digit" not in resumed.stdout + resumed.stderr  # the rounds' pairs kept
+    assert not list((tmp_path / "runs/tiny/diffusion_dpo").glob("pairs-*"))
     fresh = run_cli(["pipeline/diffusion_dpo.py", recipe, "run.name=fresh"], cwd=tmp_path)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     a, b = _unet_weights(tmp_path / "runs/tiny/diffusion_dpo"), _unet_weights(tmp_path / "runs/fresh/diffusion_dpo")

@@ -96,11 +96,17 @@ def test_killed_after_a_round_resumes_from_it_and_the_reward_model_orders_the_pa
     first = json.loads((partial / "rounds/round-1/state.json").read_text())["record"]
     pairs = json.loads((partial / "rounds/round-2/pairs.json").read_text())
 
+    out = work / "runs/rounds_resume/dpo"
+    # round 2 trained and everything written, killed before the folder's rename: the rounds' policies are still
+    # there, so the rerun trains no round again
+    killed = rounds_run(work, recipe, "rounds_resume", *args, env={"PIPELINE_FAULT": "kill:publish"})
+    assert killed.returncode != 0 and (partial / "manifest.json").is_file() and not out.exists()
+    assert "resuming after round 1 of 2" in killed.stdout + killed.stderr
     proc = rounds_run(work, recipe, "rounds_resume", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = work / "runs/rounds_resume/dpo"
+    assert "resuming after round 2 of 2" in proc.stdout + proc.stderr
+    assert not list(out.glob("rounds/round-*/policy")) and not list(out.rglob("checkpoint-*"))
     metrics = json.loads((out / "metrics.json").read_text())
-    assert "resuming after round 1 of 2" in (out / "log.txt").read_text()
     assert metrics["rounds"][0] == first and [r["round"] for r in metrics["rounds"]] == [1, 2]
     assert metrics["steps"] == 8  # round 1 was not trained again
     assert json.loads((out / "rounds/round-2/pairs.json").read_text()) == pairs
