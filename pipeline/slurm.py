@@ -24,6 +24,7 @@ from pathlib import Path
 
 from pipeline import cluster, runs
 from pipeline.cli import PipelineError
+from pipeline.key_checks import check_value
 from pipeline.values import Mismatch, closest, coerce, field_types, type_name
 from pipeline.stages import STAGES
 
@@ -62,6 +63,7 @@ class SlurmSection:
             except Mismatch:
                 raise PipelineError(f"{where}: slurm.stages.{stage}.{k} must be {type_name(types[k])}, "
                                     f"got {v!r}") from None
+            check_value(f"slurm.stages.{stage}", k, values[k], where)
         return dataclasses.replace(self, **values, stages={})
 
     @property
@@ -78,6 +80,8 @@ def settings(recipe, flags: dict) -> SlurmSection:
     """The recipe's slurm section with the command-line flags (not None) over it."""
     base = recipe.slurm if recipe.slurm is not None else SlurmSection()
     given = {k: v for k, v in flags.items() if v is not None}
+    for k, v in given.items():
+        check_value("slurm", k, v, f"--{k.replace('_', '-')}")
     return dataclasses.replace(base, **given)
 
 

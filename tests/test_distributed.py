@@ -394,6 +394,25 @@ def test_check_reports_launch_batch_and_memory_and_submits_nothing(tmp_path):
     assert "ok: no problems found" in ok.stdout and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("how, line", [
+    (["slurm.nodes=0"], "error: override 'slurm.nodes=0': slurm.nodes must be at least 1, got 0"),
+    (["slurm.signal_seconds=-5"], "error: override 'slurm.signal_seconds=-5': slurm.signal_seconds must be 0 or more, "
+                                  "got -5"),
+    (["--nodes", "-2"], "error: --nodes: slurm.nodes must be at least 1, got -2"),
+    (["--cpus-per-task", "0"], "error: --cpus-per-task: slurm.cpus_per_task must be at least 1, got 0"),
+    (["slurm.stages={sft: {rdzv_timeout: 0}}"], "error: {recipe}: slurm.stages.sft.rdzv_timeout must be at least 1, "
+                                               "got 0"),
+])
+def test_slurm_counts_below_their_floor_stop_before_anything_is_submitted(tmp_path, how, line):
+    """sbatch took --nodes=0 and --signal=B:USR1@-5 (and --check planned 8 processes): a count below its floor,
+    from the recipe, a stage's slurm override or a flag, is one line naming it, exit 2, nothing submitted."""
+    recipe = tiny_recipe(tmp_path)
+    proc = run_cli(["pipeline/run.py", recipe, "--check", "--slurm", *how], cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    assert line.format(recipe=recipe) in proc.stdout + proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def check_output(capsys, recipe_path, overrides, only=(), memory=None, launch=None):
     from pipeline.recipe import load_recipe
     from pipeline.run import plan
