@@ -88,6 +88,7 @@ def plan(recipe, only=(), start=None, force=False) -> list[tuple[str, bool, str]
     for i, stage in enumerate(order):
         if only and stage not in only:
             continue
+        runs.check_references(recipe, stage)
         upstream = [d for d in dependencies(recipe, stage) if d in rerun]
         holder = locks.is_held(recipe.run_dir / f"{stage}.lock")
         if holder is not None:

@@ -113,10 +113,29 @@ def resolve_checkpoint(recipe, ref: str | None, must_exist: bool = True, key: st
         if must_exist and path.is_dir() and (problem := integrity.model_folder_problem(path)):
             raise PipelineError(f"checkpoint '{ref}' is damaged: {problem}")
         return Checkpoint(ref, str(path.resolve()), hash_folder(path) if path.is_dir() else hash_file(path), "local")
-    if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
-        raise PipelineError(f"{recipe.path}: checkpoint '{ref}' not found (not a stage, a folder or a hub id)")
-    misspelt_stage(recipe, ref, key)
+    not_found(recipe, ref, key)
     return Checkpoint(ref, ref, hash_obj({"hub": ref, "revision": recipe.model.revision}), "hub")
+
+
+def not_found(recipe, ref: str, key: str) -> None:
+    """Stop when `ref`, no stage and no existing path, cannot be a hub id either (a path, or a stage's name
+    misspelt); a hub id passes (it is looked for when the stage loads it)."""
+    if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
+        named = f"{key}: " if key != "checkpoint" else ""
+        raise PipelineError(f"{recipe.path}: {named}checkpoint '{ref}' not found (not a stage, a folder or a hub id)")
+    misspelt_stage(recipe, ref, key)
+
+
+def check_references(recipe, stage: str) -> None:
+    """The checkpoints a stage names, before the runner starts anything: a missing folder stops the run then, not
+    after the stages before this one have trained (nothing is hashed or loaded here)."""
+    keys = recipe.keys(stage)
+    for f in dataclasses.fields(keys):
+        value, ref = getattr(keys, f.name), f.metadata.get("ref")
+        refs = (value or []) if ref == "checkpoints" else [value] if ref == "checkpoint" and value else []
+        for r in refs:
+            if r != "model" and r not in recipe.stages and r not in STAGES and not Path(r).expanduser().exists():
+                not_found(recipe, r, f"{stage}.{f.name}")
 
 
 def portable(recipe, checkpoint: Checkpoint) -> dict:

@@ -119,6 +119,17 @@ def test_misspelt_stage_name_is_not_taken_for_a_hub_id(tmp_path, script, overrid
     assert not (tmp_path / "runs").exists()
 
 
+def test_runner_stops_at_a_later_stages_missing_checkpoint_folder_before_the_first_stage_trains(tmp_path):
+    """A folder named in a later stage's init_from that is not there stopped that stage only after the stages
+    before it had trained (the plan looked only at stages that had finished before)."""
+    missing = tmp_path / "nope"
+    recipe = tiny_recipe(tmp_path, sft={"init_from": str(missing)})
+    proc = run_cli(["pipeline/run.py", recipe], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: {recipe}: sft.init_from: checkpoint '{missing}' not found (not a stage, a folder or a hub id)")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_runner_whose_first_stage_refuses_its_input_leaves_no_run_folder(tmp_path):
     recipe = tiny_recipe(tmp_path, pretrain=None, sft={"dataset": str(tmp_path / "missing.jsonl")})
     proc = run_cli(["pipeline/run.py", recipe], cwd=tmp_path)
