@@ -79,6 +79,8 @@ def order_stages(recipe) -> list[str]:
 def plan(recipe, only=(), start=None, force=False) -> list[tuple[str, bool, str]]:
     """(stage, run it?, why) for each stage in order."""
     order = order_stages(recipe)
+    if not order:  # an empty file, or `run:` alone: a typo'd path is likelier than a recipe meant to do nothing
+        raise cli.PipelineError(f"{recipe.path}: no stage sections, nothing to run (stages: {', '.join(STAGES)})")
     for name in [*only, *([start] if start else [])]:
         if name not in order:
             raise cli.PipelineError(f"{recipe.path}: no stage '{name}' in this recipe (stages: {', '.join(order)})")
@@ -245,7 +247,7 @@ def headline(metrics: dict) -> str:
 def main(argv):
     parser = argparse.ArgumentParser(prog="pipeline/run.py", description=__doc__.splitlines()[0])
     parser.add_argument("recipe", type=Path)
-    parser.add_argument("overrides", nargs="*", help="section.key=value, passed to every stage")
+    parser.add_argument("overrides", nargs="*", default=[], help="section.key=value, passed to every stage")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     parser.add_argument("--force", action="store_true", help="rerun the selected stages even if up to date")
     parser.add_argument("--only", default="", help="comma-separated stages to consider")

@@ -119,6 +119,18 @@ def test_misspelt_stage_name_is_not_taken_for_a_hub_id(tmp_path, script, overrid
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("content", ["", "run:\n", "run: {name: x}\n"])
+def test_a_recipe_without_stages_is_one_line_not_an_empty_plan(tmp_path, content):
+    """An empty file (a typo'd or truncated recipe) planned nothing and exited 0."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(content)
+    proc = run_cli(["pipeline/run.py", recipe], cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(f"error: {recipe}: no stage sections, nothing to run")
+    assert not (tmp_path / "runs").exists()
+    usage = run_cli(["pipeline/run.py"], cwd=tmp_path)  # the overrides are optional: the usage says the recipe
+    assert usage.returncode == 2 and usage.stderr.strip().endswith("the following arguments are required: recipe")
+
+
 def test_runner_stops_at_a_later_stages_missing_checkpoint_folder_before_the_first_stage_trains(tmp_path):
     """A folder named in a later stage's init_from that is not there stopped that stage only after the stages
     before it had trained (the plan looked only at stages that had finished before)."""
