@@ -272,8 +272,9 @@ def load_with_info(spec, kind: str, recipe, columns: dict | None = None, text_sp
     rows = rename_columns(rows, columns, source, where)
     plain = any(file_kind(Path(p)) == "txt" for part in mixture_parts(spec)[0]
                 for p in (glob.glob(str(Path(part.name).expanduser())) if glob.has_magic(part.name) else [part.name]))
-    fmt = {"chat": lambda: " + ".join(dict.fromkeys(str(detect_sft_format(row)) for row in rows)), "text": lambda: f"txt, a document per {text_split}" if plain
-           else "text", "prompts": lambda: "prompts", "eval_prompts": lambda: "prompts"}[kind]()
+    fmt = {"chat": lambda: " + ".join(dict.fromkeys(str(detect_sft_format(row)) for row in rows)),  # each row's
+           "text": lambda: f"txt, a document per {text_split}" if plain else "text", "prompts": lambda: "prompts",
+           "eval_prompts": lambda: "prompts"}[kind]()
     rows = CHECKS[kind](rows, where, source, **kw)
     ds = dataset_of(rows, source, where)
     return ds, {"source": source, "rows": len(ds), "format": fmt}

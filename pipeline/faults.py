@@ -11,8 +11,9 @@ Points: `loading` (the stage folder exists, models and data are being loaded), `
 step), `checkpoint` (inside a checkpoint save: weights and optimizer written, the rest not), `round` (iterated DPO:
 a round finished and its state written), `reward-round` (PPO's reward rounds: the round's reward model and pairs
 written, its state and the rename not), `final-save` (the model's weights written, the tokenizer and everything after
-not yet), `publish` (the stage folder complete, metrics and manifest written, not yet renamed to its final name). Actions: `kill` (SIGKILL: nothing runs
-after it, as with a lost node or the OOM killer) and `enospc` (the write fails as on a full disk).
+not yet), `publish` (the stage folder complete, metrics and manifest written, not yet renamed to its final name).
+Actions: `kill` (SIGKILL: nothing runs after it, as with a lost node or the OOM killer) and `enospc` (the write fails
+as on a full disk).
 """
 
 from __future__ import annotations

@@ -414,7 +414,8 @@ def test_a_column_of_mixed_types_is_named_with_its_rows(tmp_path, recipe):
     path = write_jsonl(tmp_path / "ids.jsonl", rows)
     with pytest.raises(PipelineError) as err:
         data.load(path, "chat", recipe)
-    assert str(err.value) == f"{path}: rows do not share one schema: column 'id' holds int 1 (line 1) and str 'b' (line 2)"
+    assert str(err.value) == (f"{path}: rows do not share one schema: column 'id' holds int 1 (line 1) and str 'b' "
+                              f"(line 2)")
 
 
 def test_sharegpt_preference_pairs_are_not_taken_for_demonstrations(tmp_path, recipe):

@@ -125,7 +125,8 @@ def test_a_recipe_without_stages_is_one_line_not_an_empty_plan(tmp_path, content
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(content)
     proc = run_cli(["pipeline/run.py", recipe], cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stderr.strip().startswith(f"error: {recipe}: no stage sections, nothing to run")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith(f"error: {recipe}: no stage sections, nothing to run")
     assert not (tmp_path / "runs").exists()
     usage = run_cli(["pipeline/run.py"], cwd=tmp_path)  # the overrides are optional: the usage says the recipe
     assert usage.returncode == 2 and usage.stderr.strip().endswith("the following arguments are required: recipe")
