@@ -76,6 +76,18 @@ def order_stages(recipe) -> list[str]:
     return order
 
 
+def check_references(recipe, stage: str) -> None:
+    """The checkpoints a stage names, before the runner starts anything: a missing folder stops the run then, not
+    after the stages before this one have trained (nothing is hashed or loaded here)."""
+    keys = recipe.keys(stage)
+    for f in dataclasses.fields(keys):
+        value, ref = getattr(keys, f.name), f.metadata.get("ref")
+        refs = (value or []) if ref == "checkpoints" else [value] if ref == "checkpoint" and value else []
+        for r in refs:
+            if r != "model" and r not in recipe.stages and r not in STAGES and not Path(r).expanduser().exists():
+                runs.not_found(recipe, r, f"{stage}.{f.name}")
+
+
 def plan(recipe, only=(), start=None, force=False) -> list[tuple[str, bool, str]]:
     """(stage, run it?, why) for each stage in order."""
     order = order_stages(recipe)
@@ -90,7 +102,7 @@ def plan(recipe, only=(), start=None, force=False) -> list[tuple[str, bool, str]
     for i, stage in enumerate(order):
         if only and stage not in only:
             continue
-        runs.check_references(recipe, stage)
+        check_references(recipe, stage)
         upstream = [d for d in dependencies(recipe, stage) if d in rerun]
         holder = locks.is_held(recipe.run_dir / f"{stage}.lock")
         if holder is not None:

@@ -126,18 +126,6 @@ def not_found(recipe, ref: str, key: str) -> None:
     misspelt_stage(recipe, ref, key)
 
 
-def check_references(recipe, stage: str) -> None:
-    """The checkpoints a stage names, before the runner starts anything: a missing folder stops the run then, not
-    after the stages before this one have trained (nothing is hashed or loaded here)."""
-    keys = recipe.keys(stage)
-    for f in dataclasses.fields(keys):
-        value, ref = getattr(keys, f.name), f.metadata.get("ref")
-        refs = (value or []) if ref == "checkpoints" else [value] if ref == "checkpoint" and value else []
-        for r in refs:
-            if r != "model" and r not in recipe.stages and r not in STAGES and not Path(r).expanduser().exists():
-                not_found(recipe, r, f"{stage}.{f.name}")
-
-
 def portable(recipe, checkpoint: Checkpoint) -> dict:
     """A checkpoint as the manifest records it: a path in the run folder relative to it (a moved run stays valid)."""
     out = dataclasses.asdict(checkpoint)
