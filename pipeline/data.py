@@ -251,6 +251,9 @@ def _check_prompts(rows, where, source):
             bad_row(source, w, f"missing column 'prompt' (columns: {', '.join(row) or 'none'})")
         if isinstance(row["prompt"], list):
             check_messages(row["prompt"], source, w, need_assistant=False)
+            users = [m for m in row["prompt"] if m["role"] == "user"]
+            if not users or not str(users[-1].get("content") or "").strip():
+                bad_row(source, w, "'prompt' needs a user turn with text (the last user turn is what is asked)")
         elif not isinstance(row["prompt"], str) or not row["prompt"].strip():
             bad_row(source, w, "'prompt' must be non-empty text or a list of messages")
         if row.get("tools") is not None:  # a list of schemas as JSON text; [] or "[]": None

@@ -37,7 +37,6 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import dataclasses
-import json
 import time
 from collections import Counter
 
@@ -48,7 +47,7 @@ from pipeline import (cli, data, eval_records, eval_report, eval_tools, eval_too
 from pipeline.eval_metrics import checkpoint_metrics, collapse_checks, outcomes, win_matrix
 from pipeline.generation import generate, held_out_perplexity, reply_logprob_sums
 from pipeline.recipe import load_recipe, stage_help
-from pipeline.reward_model import RewardModel, check_reads, tools_of
+from pipeline.reward_model import RewardModel, check_reads, saved_head, tools_of
 
 STAGE = "eval"
 USAGE = "usage: pipeline/evaluate.py RECIPE [eval.KEY=VALUE ...]"
@@ -137,15 +136,10 @@ def check_model(recipe, cp: runs.Checkpoint, key: str, reward: bool = False) -> 
                                 f"nothing trained to evaluate")
     if cp.source == "hub":
         return
-    folder = Path(models.model_path(cp.path))
-    config, adapter = folder / "config.json", folder / "adapter_config.json"
-    if not (config.is_file() or adapter.is_file()):
+    head = saved_head(cp.path)
+    if head is None:
         raise cli.PipelineError(f"{cp.path}: eval.{key}: not a saved model (no config.json or adapter_config.json)")
-    if config.is_file():
-        archs = " ".join(json.loads(config.read_text()).get("architectures") or [])
-        is_classifier = "ForSequenceClassification" in archs
-    else:
-        is_classifier = json.loads(adapter.read_text()).get("task_type") == "SEQ_CLS"
+    is_classifier = head == "classifier"
     if reward and not is_classifier:
         raise cli.PipelineError(f"{cp.path}: eval.{key}: not a reward model (a sequence-classification model, "
                                 f"e.g. the reward stage)")

@@ -36,10 +36,15 @@ def verifier_scores(skills, answers, texts) -> list[float | None]:
     return [None if v is None else float(v) for v in verdicts]
 
 
+def annotator_judges(row) -> bool:
+    """The world's annotator compares replies to the world's problems only (a skill and its answer)."""
+    return row.get("skill") in world.SKILLS and row.get("answer") is not None
+
+
 def annotator_outcome(row, a: str, b: str) -> int | None:
     """+1 / 0 / -1: the world's noise-free annotator prefers a / neither (equal quality) / b. None off-world."""
     skill, answer = row.get("skill"), row.get("answer")
-    if skill not in world.SKILLS or answer is None:
+    if not annotator_judges(row):
         return None
     if world.reply_quality(skill, a, answer) == world.reply_quality(skill, b, answer):
         return 0

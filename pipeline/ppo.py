@@ -31,12 +31,12 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
 
 import math
 
-from pipeline import cli, data, models, monitors, ppo_models, preferences, reward_rounds, runs, vllm_engine
+from pipeline import cli, data, log, models, monitors, ppo_models, preferences, reward_rounds, runs, vllm_engine
 from pipeline.heldout import heldout_comparison, heldout_rows
 from pipeline.judges import with_answers
 from pipeline.ppo_tools import check_offers
 from pipeline.ppo_trainer import PPOTrainer
-from pipeline.reward_model import check_reads
+from pipeline.reward_model import check_reads, offered_tools, saved_head
 from pipeline.recipe import load_recipe, stage_help
 from pipeline.stages import STAGES
 from pipeline.trl_online import train_trl
@@ -64,7 +64,7 @@ def read_prompts(spec, recipe, columns: dict | None = None, pairs: bool = False)
     rows, where, source = data.read_rows(spec, recipe)
     rows = rename_columns(rows, columns, source, where)
     if "prompt" in rows[0]:
-        ds, fmt = data.dataset_of(data.CHECKS["prompts"](rows, where, source), source), "prompts"
+        ds, fmt = data.dataset_of(data.CHECKS["prompts"](rows, where, source), source, where), "prompts"
     else:
         ds, pair_info = preferences.pairs_dataset(rows, where, source)
         fmt = f"the prompts of {pair_info['format']} preference pairs"
@@ -218,6 +218,11 @@ def main(argv):
         heldout = heldout_rows(recipe, keys)
         init = run.checkpoint()
         reward_checkpoints = [run.checkpoint("reward_model"), *run.checkpoints("reward_ensemble")]
+        for key, cp in zip(["reward_model"] + ["reward_ensemble"] * len(keys.reward_ensemble or []),
+                           reward_checkpoints):
+            if cp.source != "hub" and cp.path and saved_head(cp.path) == "causal":  # scored by a random head
+                raise cli.PipelineError(f"{cp.path}: ppo.{key}: not a reward model (a sequence-classification "
+                                        f"model, e.g. the reward stage)")
         if init.path is None:
             raise cli.PipelineError(f"{recipe.path}: ppo.init_from is a new model from `model.config`; "
                                     f"start PPO from a trained checkpoint (e.g. sft)")
@@ -236,6 +241,9 @@ def main(argv):
             models.check_tool_parser(tokenizer, f"{recipe.path}: ppo")
         check_reads(recipe, reward_checkpoints, prompts["prompt"], keys.prompts, "ppo.reward_model")
         run.prepare()
+        if not recipe.tools.tools and (offering := sum(o is not None for o in offered_tools(prompts))):
+            log.warning("%s: %d prompts offer tools, but the recipe has no `tools` section: they are answered "
+                        "without tools", keys.prompts, offering)
 
         config = cfg  # the manifest's settings; grpo/rloo: with TRL's whole config, its defaults included
         if cfg.algorithm == "ppo":

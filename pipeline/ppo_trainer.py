@@ -122,12 +122,9 @@ class PPOTrainer:
         num_processes = self.accelerator.num_processes
         offers = offered_tools(prompts)
         self.tools = None
-        if any(offers) and recipe.tools.tools:
+        if any(offers) and recipe.tools.tools:  # (without a tools section: they are answered without, ppo.py warns)
             self.tools = ToolEnv(recipe, cfg, keys, prompts, folder=run.out, rank=self.accelerator.process_index,
                                  num_processes=num_processes)
-        elif any(offers):
-            log.warning("%s: %d prompts offer tools, but the recipe has no `tools` section: they are answered "
-                        "without tools", keys.prompts, sum(o is not None for o in offers))
         texts = [render_prompt(tokenizer, p, t if self.tools else None)
                  for p, t in zip(prompts["prompt"], offers)]
         self.prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -196,7 +193,8 @@ class PPOTrainer:
             batch.judged = torch.tensor([v is not None for v in verdicts], device=self.device)
             batch.correct = torch.tensor([v or 0.0 for v in verdicts], dtype=torch.float32, device=self.device)
             if self.logged_step():
-                batch.vs_start = self.against_start(rows, batch, [i for i, v in enumerate(verdicts) if v is not None])
+                batch.vs_start = self.against_start(rows, batch, [  # your own answers: no annotator to ask
+                    i for i, v in enumerate(verdicts) if v is not None and judges.annotator_judges(rows[i])])
         if self.tools is not None:  # the tool tasks' gold score (tool_world.verify), logged as image_verifier
             self.tools.judge(rows, batch)
         if cfg.verifier_weight:  # only then does the gold score enter the reward

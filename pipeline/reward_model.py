@@ -28,6 +28,19 @@ from pathlib import Path
 from pipeline import faults, models
 
 
+def saved_head(path) -> str | None:
+    """"classifier" (a reward model: sequence classification) or "causal" for a saved model folder, full or an
+    adapter; None when the folder holds no saved model."""
+    folder = Path(models.model_path(path))
+    config, adapter = folder / "config.json", folder / "adapter_config.json"
+    if config.is_file():
+        archs = " ".join(json.loads(config.read_text()).get("architectures") or [])
+        return "classifier" if "ForSequenceClassification" in archs else "causal"
+    if adapter.is_file():
+        return "classifier" if json.loads(adapter.read_text()).get("task_type") == "SEQ_CLS" else "causal"
+    return None
+
+
 def load_reward_model(recipe, path, peft_values=None):
     """A one-output sequence-classification model from a causal LM folder (full or adapter) or a reward model."""
     from transformers import AutoModelForSequenceClassification

@@ -406,6 +406,29 @@ def test_a_list_of_datasets_in_different_formats_is_read_row_by_row(tmp_path, re
     assert str(err.value).startswith(f"{alpaca} + {kto}: {kto} line 1: unpaired preference rows")
 
 
+@pytest.mark.parametrize("prompt", [[{"role": "system", "content": "Be nice."}],
+                                    [{"role": "user", "content": " "}]])
+def test_a_message_prompt_without_a_user_turn_with_text_is_one_line_naming_its_row(tmp_path, recipe, prompt):
+    """A system turn alone stopped PPO with a StopIteration traceback (its last user turn is what it asks); an empty
+    user turn trained, where an empty text prompt is refused."""
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": [{"role": "user", "content": "Hi?"}]}, {"prompt": prompt}])
+    with pytest.raises(PipelineError) as err:
+        data.load(path, "prompts", recipe)
+    assert str(err.value) == (f"{path}: line 2: 'prompt' needs a user turn with text (the last user turn is what "
+                              f"is asked)")
+
+
+def test_ppo_prompts_mixing_text_and_messages_name_the_rows(tmp_path, recipe):
+    from pipeline import ppo
+
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi?"}, {"prompt": [{"role": "user", "content": "Hi?"}]}])
+    with pytest.raises(PipelineError) as err:
+        ppo.read_prompts(path, recipe)
+    assert str(err.value).startswith(f"{path}: rows do not share one schema: column 'prompt' holds str 'Hi?' (line 1) "
+                                     f"and list")
+    assert str(err.value).endswith("(line 2)")
+
+
 def test_a_column_of_mixed_types_is_named_with_its_rows(tmp_path, recipe):
     """A column Arrow cannot hold as one type (an id that is a number in one row and text in the next) stops the
     stage naming the column and both rows, not with Arrow's message alone."""

@@ -710,7 +710,31 @@ def test_prompts_given_as_a_mixture_train(inputs):
     assert [h["step"] for h in read(work, "mixture")["history"]] == [1]
 
 
+def test_your_own_prompts_with_answers_train_and_tool_offers_without_tools_are_said_once(inputs):
+    """Prompts of your own with an `answer` (no world skill): the annotator, which judges world problems only, is
+    not asked (it stopped PPO with a TypeError at the first logged step); the verifier checks them. Prompts that
+    offer tools in a recipe without a tools section: one warning, whatever the algorithm (TRL's said nothing)."""
+    work = inputs[0]
+    rows = [{"prompt": f"What is {i} plus {i + 1}?", "answer": str(2 * i + 1)} for i in range(8)]
+    rows += [{"prompt": [{"role": "user", "content": "Draw a 3."}],
+              "tools": [{"type": "function", "function": {"name": "draw", "parameters": {"type": "object"}}}]}]
+    spec = str(work / "own.jsonl")
+    (work / "own.jsonl").write_text("".join(json.dumps({**r, "prompt": r["prompt"] if isinstance(r["prompt"], list)
+                                                        else [{"role": "user", "content": r["prompt"]}]}) + "\n"
+                                            for r in rows))
+    for algorithm in ("ppo", "grpo"):
+        extra = {"num_generations": 4} if algorithm == "grpo" else {}
+        recipe = ppo_recipe(work, prompts=spec, max_steps=2, save_steps=0, heldout_prompts=None, logging_steps=1,
+                            algorithm=algorithm, **extra)
+        proc = run_cli(["pipeline/ppo.py", recipe, f"run.name=own_{algorithm}"], cwd=work, env=ENV)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("1 prompts offer tools, but the recipe has no `tools` section") == 1
+        history = read(work, f"own_{algorithm}")["history"]
+        assert len(history) == 2 and all(h.get("annotator_vs_start") is None for h in history)
+
+
 @pytest.mark.parametrize("override, expected", [
+    ("ppo.reward_model={work}/policy", "ppo.reward_model: not a reward model (a sequence-classification model"),
     ("ppo.batch_size=7", "batch_size (7) must split into num_minibatches"),
     ("ppo.reward_model=/nowhere/rm", "/nowhere/rm"),
     ("ppo.reward_model=reward", "has no `reward` section"),
@@ -721,7 +745,8 @@ def test_prompts_given_as_a_mixture_train(inputs):
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(inputs, override, expected):
     work = inputs[0]
     before = sorted(p.name for p in work.rglob("*"))
-    proc = run_cli(["pipeline/ppo.py", ppo_recipe(work), "run.name=bad", *override.split()], cwd=work, env=ENV)
+    proc = run_cli(["pipeline/ppo.py", ppo_recipe(work), "run.name=bad", *override.format(work=work).split()],
+                   cwd=work, env=ENV)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
     assert expected in line
