@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
 import dataclasses
 import time
 
-from pipeline import cli, cluster, diffusion_train, image_check, image_eval, images, log, runs
+from pipeline import cli, cluster, diffusion_config, diffusion_train, image_check, image_eval, images, log, runs
 from pipeline.recipe import load_recipe, stage_help
 
 STAGE = "diffusion"
@@ -65,7 +65,10 @@ def main(argv):
         import torch
         from accelerate import Accelerator
 
-        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+        precision, precision_line = diffusion_config.mixed_precision_here(cfg.mixed_precision, STAGE)
+        if precision_line:
+            (log.warning if precision_line.startswith(f"{STAGE}.mixed_precision bf16") else log.info)(precision_line)
+        accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
         main_process = accelerator.is_main_process
         torch.manual_seed(cfg.seed)
         if pipe is None:
@@ -110,7 +113,7 @@ def main(argv):
                                           scheduler=images.make_scheduler(cfg.sampler, noise_scheduler.config))
             images.write_json(run.out / "world.json", images.world_json())
             metrics = {"steps": cfg.max_steps, "train_loss": history[-1]["loss"] if history else None,
-                       "train_wall_s": round(train_s, 1), "history": history}
+                       "train_wall_s": round(train_s, 1), "mixed_precision": precision, "history": history}
             if keys.judge_epochs:
                 from pipeline.image_judge import train_judge
 

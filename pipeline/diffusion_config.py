@@ -22,7 +22,8 @@ class DiffusionConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    mixed_precision: str = "no"         # no | bf16 | fp16: Accelerate's autocast over fp32 weights
+    mixed_precision: str = "no"         # no | bf16 | fp16 | auto: Accelerate's autocast over fp32 weights; auto:
+                                        # bf16 where the device computes it natively, else no (mixed_precision_here)
     attn_implementation: str = "sdpa"   # sdpa (diffusers' default processor) | eager (bmm + softmax): faster in
                                         # bf16 on CPUs, whose SDPA backward in bf16 is slow (README "Image models")
     ema_decay: float = 0.999            # EMA of the trained weights (with warmup); the saved model is the EMA; 0: off
@@ -66,11 +67,33 @@ def _one_of(name: str, value, allowed) -> None:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
 
 
+def mixed_precision_here(value: str, stage: str) -> tuple[str, str | None]:
+    """The precision an image stage trains in here, and a line to log when it is worth saying. `auto`: bf16 on a GPU
+    that supports it or a CPU that computes it natively, else fp32; bf16 asked for on a CPU that only emulates it is
+    kept, with a warning (a step took 11.6x fp32's on an AVX2-only CPU: benchmarks/README.md, image_step.py)."""
+    import torch
+
+    from pipeline import cluster
+
+    if torch.cuda.is_available():
+        native, where = torch.cuda.is_bf16_supported(), "this GPU"
+    else:
+        native, where = cluster.cpu_bf16_native(), "this CPU"
+    if value == "auto":
+        chosen = "bf16" if native else "no"
+        return chosen, (f"{stage}.mixed_precision auto: {'bf16' if native else 'fp32'} ({where} "
+                        f"{'computes' if native else 'has no native'} bf16)")
+    if value == "bf16" and not native:
+        return value, (f"{stage}.mixed_precision bf16: {where} has no native bf16, so torch emulates it, many times "
+                       f"slower than fp32; set mixed_precision: auto or no")
+    return value, None
+
+
 def check_common(cfg) -> None:
     """The checks both image configs share (recipe.check_config runs them before any work)."""
     from diffusers.optimization import SchedulerType
 
-    _one_of("mixed_precision", cfg.mixed_precision, ("no", "bf16", "fp16"))
+    _one_of("mixed_precision", cfg.mixed_precision, ("no", "bf16", "fp16", "auto"))
     _one_of("attn_implementation", cfg.attn_implementation, ("sdpa", "eager"))
     _one_of("lr_scheduler_type", cfg.lr_scheduler_type, [t.value for t in SchedulerType])  # get_scheduler's names
     if not 0 <= cfg.ema_decay < 1:

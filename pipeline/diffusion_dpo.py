@@ -27,7 +27,7 @@ import random
 import shutil
 import time
 
-from pipeline import cli, cluster, diffusion_train, image_eval, image_pairs, images, log, runs
+from pipeline import cli, cluster, diffusion_config, diffusion_train, image_eval, image_pairs, images, log, runs
 from pipeline.recipe import load_recipe, stage_help
 
 STAGE = "diffusion_dpo"
@@ -158,7 +158,10 @@ def main(argv):
 
         from pipeline.image_judge import ImageJudge
 
-        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+        precision, precision_line = diffusion_config.mixed_precision_here(cfg.mixed_precision, STAGE)
+        if precision_line:
+            (log.warning if precision_line.startswith(f"{STAGE}.mixed_precision bf16") else log.info)(precision_line)
+        accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
         main_process = accelerator.is_main_process
         pipe.to(accelerator.device)  # candidates drawn there; the frozen parts and the reference copy join the UNet
         torch.manual_seed(cfg.seed)
@@ -237,7 +240,8 @@ def main(argv):
                 pair_stats = {**rounds[0], "pairs": sum(s["pairs"] for s in rounds), "rounds": rounds}
                 pair_stats.pop("round")
             metrics = {"steps": cfg.max_steps, "train_loss": history[-1]["loss"] if history else None,
-                       "train_wall_s": round(train_s, 1), **pair_stats, "history": history}
+                       "train_wall_s": round(train_s, 1), "mixed_precision": precision, **pair_stats,
+                       "history": history}
             if held_pairs:
                 started = time.time()
                 acc = image_pairs.implicit_accuracy(lambda *a: forward(unet, *a), held_pairs,

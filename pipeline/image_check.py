@@ -296,7 +296,7 @@ def check_image_stage(recipe, stage: str, launch, device_memory: int | None, wil
     host = 0.0
     if launch.offload_optimizer:
         host, optimizer = optimizer, 0
-    mixed = cfg.get("mixed_precision", "no") in ("bf16", "fp16")
+    mixed = cfg.get("mixed_precision", "no") in ("bf16", "fp16", "auto")  # auto: bf16 on a GPU that has it
     latent_res = comps["unet_config"].get("sample_size") or 16
     if ref and "resolution" in section:  # a pretrained pipeline trained at another size (as the stage checks it)
         multiple = images.side_multiple(comps["unet_config"], comps.get("vae_factor", 1))
