@@ -67,26 +67,26 @@ def _one_of(name: str, value, allowed) -> None:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
 
 
-def mixed_precision_here(value: str, stage: str) -> tuple[str, str | None]:
-    """The precision an image stage trains in here, and a line to log when it is worth saying. `auto`: bf16 on a GPU
-    that supports it or a CPU that computes it natively, else fp32; bf16 asked for on a CPU that only emulates it is
-    kept, with a warning (a step took 11.6x fp32's on an AVX2-only CPU: benchmarks/README.md, image_step.py)."""
+def mixed_precision_here(value: str, stage: str) -> str:
+    """The precision an image stage trains in here, logged when it is worth saying. `auto`: bf16 on a GPU that
+    supports it or a CPU that computes it natively, else fp32; bf16 asked for on a CPU that only emulates it is kept,
+    with a warning (a step took 11.6x fp32's on an AVX2-only CPU: benchmarks/README.md, image_step.py)."""
     import torch
 
-    from pipeline import cluster
+    from pipeline import cluster, log
 
     if torch.cuda.is_available():
         native, where = torch.cuda.is_bf16_supported(), "this GPU"
     else:
         native, where = cluster.cpu_bf16_native(), "this CPU"
     if value == "auto":
-        chosen = "bf16" if native else "no"
-        return chosen, (f"{stage}.mixed_precision auto: {'bf16' if native else 'fp32'} ({where} "
-                        f"{'computes' if native else 'has no native'} bf16)")
+        log.info(f"{stage}.mixed_precision auto: {'bf16' if native else 'fp32'} ({where} "
+                 f"{'computes' if native else 'has no native'} bf16)")
+        return "bf16" if native else "no"
     if value == "bf16" and not native:
-        return value, (f"{stage}.mixed_precision bf16: {where} has no native bf16, so torch emulates it, many times "
-                       f"slower than fp32; set mixed_precision: auto or no")
-    return value, None
+        log.warning(f"{stage}.mixed_precision bf16: {where} has no native bf16, so torch emulates it, many times "
+                    f"slower than fp32; set mixed_precision: auto or no")
+    return value
 
 
 def check_common(cfg) -> None:

@@ -158,9 +158,7 @@ def main(argv):
 
         from pipeline.image_judge import ImageJudge
 
-        precision, precision_line = diffusion_config.mixed_precision_here(cfg.mixed_precision, STAGE)
-        if precision_line:
-            (log.warning if precision_line.startswith(f"{STAGE}.mixed_precision bf16") else log.info)(precision_line)
+        precision = diffusion_config.mixed_precision_here(cfg.mixed_precision, STAGE)
         accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
         main_process = accelerator.is_main_process
         pipe.to(accelerator.device)  # candidates drawn there; the frozen parts and the reference copy join the UNet

@@ -131,7 +131,7 @@ def main(argv):
         why = (f"have prompts of dpo.max_length={args.max_length} tokens or more, which leave no reply token: "
                f"raise max_length")
 
-        def trainer_for(model, pairs, output_dir):
+        def trainer_for(model, pairs, output_dir, dataset_pairs: bool):
             from peft import PeftModel
 
             trainer = DPOTrainer(model=model, ref_model=reference, args=dpo_rounds.with_output_dir(args, output_dir),
@@ -142,7 +142,7 @@ def main(argv):
             for net in (trainer.model, trainer.ref_model):  # policy and reference: less padding, the same outputs
                 if net is not None:
                     batching.split_forward(net, keys.length_split)
-            if pairs is train_ds:  # the dataset's pairs (round 1); later rounds sample their own for its prompts
+            if dataset_pairs:  # round 1 trains on the dataset's pairs; later rounds sample their own for its prompts
                 too_long["train"] = data.left_out(trainer.train_dataset, len(train_ds), train_info["source"], "pairs",
                                                   why)
                 too_long["eval"] = data.left_out(trainer.eval_dataset, len(eval_ds), eval_info["source"],
@@ -150,7 +150,7 @@ def main(argv):
             return trainer
 
         if keys.rounds == 1:
-            trainer = trainer_for(policy, train_ds, run.out)
+            trainer = trainer_for(policy, train_ds, run.out, dataset_pairs=True)
             log.info(f"{models.describe(trainer.model)}; {len(train_ds)} pairs, {len(eval_ds)} held out"
                      + (f" ({too_long['train']} and {too_long['eval']} of them over max_length={args.max_length} "
                         f"in the prompt alone: left out)" if too_long["train"] or too_long["eval"] else "")
@@ -170,7 +170,8 @@ def main(argv):
                      f"loss {args.loss_type}")
             setup = dpo_rounds.Rounds(recipe, keys, run, tokenizer, reference, trainer_for, prompts, heldout, reward)
             policy, trainer, trained = dpo_rounds.run_rounds(setup, policy, train_ds)
-            trainer = trainer or trainer_for(policy, train_ds, run.out)  # every round resumed: one to evaluate and save
+            if trainer is None:  # every round resumed: one to evaluate and save
+                trainer = trainer_for(policy, train_ds, run.out, dataset_pairs=True)
         eval_metrics = trainer.evaluate()
         models.save_trained(trainer, tokenizer, run.out, merge_adapter=keys.merge_adapter)
 

@@ -49,10 +49,10 @@ PAIRS = "pairs.json"
 
 @dataclass
 class Rounds:
-    """What the rounds need from the DPO stage. `trainer_for(policy, pairs, output_dir)`: the stage's DPOTrainer
-    over those pairs; reference: the frozen initial model (also with LoRA); reward: a RewardModel when the
-    labeller is the reward model; prompts: one row per distinct training prompt (`prompt`, `tools` where it offers
-    some, and `skill`/`answer` for the annotator)."""
+    """What the rounds need from the DPO stage. `trainer_for(policy, pairs, output_dir, dataset_pairs)`: the stage's
+    DPOTrainer over those pairs (dataset_pairs: round 1's, the dataset's own); reference: the frozen initial model
+    (also with LoRA); reward: a RewardModel when the labeller is the reward model; prompts: one row per distinct
+    training prompt (`prompt`, `tools` where it offers some, and `skill`/`answer` for the annotator)."""
 
     recipe: object
     keys: object
@@ -223,7 +223,7 @@ def train_round(setup: Rounds, policy, pairs, r: int, output_dir: Path, resume):
     if isinstance(pairs, list):  # from_list takes its columns from the first row: a text pair among tool pairs
         with_tools = any("tools" in p for p in pairs)  # gets tools None, as in the loaded dataset
         pairs = datasets.Dataset.from_list([{**p, "tools": p.get("tools")} if with_tools else p for p in pairs])
-    trainer = setup.trainer_for(policy, pairs, output_dir)
+    trainer = setup.trainer_for(policy, pairs, output_dir, dataset_pairs=r == 1)
     data.warn_many_epochs(trainer.args, len(trainer.train_dataset), setup.run.state.num_processes)
     result = trainer.train(resume_from_checkpoint=resume)
     logged = [{**{k: v for k, v in h.items() if k == "step" or "/" in k or k == "loss"}, "round": r}

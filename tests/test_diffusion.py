@@ -1038,7 +1038,7 @@ def test_grid_labels_wrap_long_captions_within_their_column(tmp_path):
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_mixed_precision_auto_is_bf16_only_where_the_cpu_computes_it(monkeypatch, native):
+def test_mixed_precision_auto_is_bf16_only_where_the_cpu_computes_it(monkeypatch, capsys, native):
     """An AVX2-only CPU emulates bf16: the small recipe's bf16 step took 11.6x fp32's there (a make run of hours).
     `auto` trains in bf16 where the CPU has it and in fp32 elsewhere, and says which; bf16 asked for where it is
     emulated is kept, with a warning."""
@@ -1048,10 +1048,16 @@ def test_mixed_precision_auto_is_bf16_only_where_the_cpu_computes_it(monkeypatch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(cluster, "cpu_bf16_native", lambda: native)
-    chosen, line = diffusion_config.mixed_precision_here("auto", "diffusion")
+
+    def precision_and_log(value):
+        chosen = diffusion_config.mixed_precision_here(value, "diffusion")
+        return chosen, capsys.readouterr().out
+
+    chosen, said = precision_and_log("auto")
     assert chosen == ("bf16" if native else "no")
-    assert line == ("diffusion.mixed_precision auto: bf16 (this CPU computes bf16)" if native else
-                    "diffusion.mixed_precision auto: fp32 (this CPU has no native bf16)")
-    chosen, line = diffusion_config.mixed_precision_here("bf16", "diffusion")
-    assert chosen == "bf16" and (line is None if native else "torch emulates it" in line)
-    assert diffusion_config.mixed_precision_here("no", "diffusion") == ("no", None)
+    assert "WARNING" not in said and said.rstrip().endswith(
+        "diffusion.mixed_precision auto: bf16 (this CPU computes bf16)" if native else
+        "diffusion.mixed_precision auto: fp32 (this CPU has no native bf16)")
+    chosen, said = precision_and_log("bf16")
+    assert chosen == "bf16" and (said == "" if native else "WARNING: " in said and "torch emulates it" in said)
+    assert precision_and_log("no") == ("no", "")

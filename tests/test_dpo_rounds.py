@@ -230,8 +230,9 @@ def test_tool_prompts_are_sampled_with_their_tools_and_their_pairs_keep_tools_an
     run = SimpleNamespace(out=out, state=state, last_checkpoint=lambda: None)
     trained_on = []
 
-    def trainer_for(model, pairs, output_dir):
+    def trainer_for(model, pairs, output_dir, dataset_pairs):
         trained_on.append(pairs)
+        assert dataset_pairs == (len(trained_on) == 1)  # the dataset's pairs train round 1 only
         return DPOTrainer(model=model, ref_model=reference, args=dpo_rounds.with_output_dir(args, output_dir),
                           train_dataset=dpo.pairs_only(pairs), processing_class=tokenizer)
 
