@@ -115,16 +115,39 @@ def read_file(path: Path, text_split: str = "paragraph") -> tuple[list[dict], li
                 return jsonl_rows(path, text)
             except PipelineError:
                 raise PipelineError(f"{path}: line {err.lineno}: invalid JSON ({err.msg})") from None
-        if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
-            obj = next(iter(obj.values()))  # {"data": [...]}
-        if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
-            raise PipelineError(f"{path}: expected a list of JSON objects")
-        return obj, [f"row {i}" for i in range(1, len(obj) + 1)]
+        rows = json_rows(obj)
+        if rows is None:
+            got = f"row {next(i for i, r in enumerate(obj, 1) if not isinstance(r, dict))} is not an object" \
+                if isinstance(obj, list) else f"a JSON {_JSON_TYPES.get(type(obj), type(obj).__name__)}"
+            raise PipelineError(f"{path}: expected a list of JSON objects (one per row); {got}")
+        return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
     ds, where = read_table(path, kind)
     try:
         return ds.to_list(), where
     except Exception as err:  # a value the table's features cannot decode
         raise PipelineError(f"{path}: cannot read {kind}: {_first_line(err)}") from None
+
+
+_JSON_TYPES = {str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+_MESSAGE_COLUMNS = ("messages", "conversations", "chosen", "rejected", "prompt", "completion")
+
+
+def json_rows(obj) -> list[dict] | None:
+    """A .json file's rows: a list of objects; an object whose one value is that list ({"data": [...]}), unless it is
+    a row's messages; an object of columns (lists of one length, of values that are not objects), as datasets' json
+    builder reads one; else an object is one row (JSON Lines of one line). None: neither (a list of numbers)."""
+    if isinstance(obj, list):
+        return obj if all(isinstance(row, dict) for row in obj) else None
+    if not isinstance(obj, dict):
+        return None
+    (key, value), columns = next(iter(obj.items()), (None, None)), list(obj.values())
+    if len(obj) == 1 and key not in _MESSAGE_COLUMNS and isinstance(value, list) and \
+            all(isinstance(row, dict) for row in value):
+        return value
+    if columns and all(isinstance(c, list) for c in columns) and len({len(c) for c in columns}) == 1 and \
+            not any(isinstance(v, dict) for c in columns for v in c):
+        return [dict(zip(obj, row)) for row in zip(*columns)]
+    return [obj]
 
 
 def first_row(path: Path) -> dict | None:

@@ -156,6 +156,7 @@ def read(entry: Entry, seed: int) -> tuple[list[dict], list[str]]:
     else:
         raise PipelineError(source_problem(entry))
     labels = labels if kind == "hub" else [f"{entry.info['file_name']} {w}" for w in labels]
+    _check_named_columns(entry, plan, rows)
     rows = [standard_row(entry, plan, row, w) for row, w in zip(rows, labels)]
     return (rows, labels) if n is None else sample(rows, labels, n, seed)
 
@@ -233,6 +234,19 @@ def standard_row(entry: Entry, plan: Layout, row: dict, where: str) -> dict:
                             f"({', '.join(c for c in plan.columns.values() if c)}) "
                             f"(columns: {', '.join(row) or 'none'})")
     return out
+
+
+def _check_named_columns(entry: Entry, plan: Layout, rows: list) -> None:
+    """A column `columns` names that no row has (LLaMA-Factory stops there with a KeyError): one line naming it,
+    rather than rows read without it that no format matches."""
+    if entry.info.get("columns") is None:
+        return
+    present = set().union(*(row for row in rows if isinstance(row, dict)))
+    missing = [(theirs, column) for theirs, column in plan.columns.items() if column and column not in present]
+    if rows and missing:
+        theirs, column = missing[0]
+        raise PipelineError(f"{entry.where()}: columns.{theirs} names '{column}', a column none of its rows has "
+                            f"(its columns: {', '.join(sorted(present)) or 'none'})")
 
 
 def sample(rows: list, where: list, n: int, seed: int) -> tuple[list, list]:

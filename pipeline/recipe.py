@@ -243,7 +243,26 @@ class Recipe:
         try:
             return config_class(**values)
         except (ValueError, TypeError) as err:
-            raise PipelineError(f"{self.path}: section '{stage}': {str(err).splitlines()[0]}") from None
+            raise PipelineError(f"{self._refused_by(stage, config_class, values)}: {str(err).splitlines()[0]}") \
+                from None
+
+    def _refused_by(self, stage: str, config_class, values: dict) -> str:
+        """Where the value a config class refused came from: the one section key without which the class builds,
+        named by its override when the command line set it; else the section (a refusal of several keys together)."""
+        culprits = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for key in (k for k in self.section(stage) if k in values):
+                try:
+                    config_class(**{k: v for k, v in values.items() if k != key})
+                    culprits.append(key)
+                except (ValueError, TypeError):
+                    pass
+        if len(culprits) != 1:
+            return f"{self.path}: section '{stage}'"
+        dotted = f"{stage}.{culprits[0]}"
+        override = next((o for o in reversed(self.overrides) if o.partition("=")[0].strip() == dotted), None)
+        return f"override '{override}'" if override else f"{self.path}: {dotted}"
 
 
 def _validate_section(section: str, raw, where, origins) -> dict:

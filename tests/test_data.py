@@ -91,6 +91,38 @@ def test_malformed_rows_name_file_and_line(tmp_path, recipe, content, message):
     assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
+PAIR = {"prompt": "Is 3 more than 2?", "chosen": "Yes.", "rejected": "No."}
+
+
+@pytest.mark.parametrize("content, rows", [
+    ([PAIR, PAIR], [PAIR, PAIR]),  # a list of rows
+    ({"data": [PAIR, PAIR]}, [PAIR, PAIR]),  # the list under one key
+    ({k: [v, v + "!"] for k, v in PAIR.items()}, [PAIR, {k: v + "!" for k, v in PAIR.items()}]),  # columns
+    (PAIR, [PAIR]),  # one row, as datasets' json builder reads a one-line file (was: "expected a list")
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},  # one chat
+     [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]),
+])
+def test_a_json_file_reads_as_rows_columns_or_one_row(tmp_path, content, rows):
+    from pipeline import files
+
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps(content, indent=2))
+    assert files.read_file(path)[0] == rows
+
+
+@pytest.mark.parametrize("content, message", [
+    ([PAIR, "Yes."], r"expected a list of JSON objects \(one per row\); row 2 is not an object$"),
+    ("Yes.", r"expected a list of JSON objects \(one per row\); a JSON string$"),
+])
+def test_a_json_file_without_rows_says_what_it_holds(tmp_path, content, message):
+    from pipeline import files
+
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(PipelineError, match=message):
+        files.read_file(path)
+
+
 def test_lines_split_at_line_feeds_alone(tmp_path, recipe):
     """JSON strings may hold U+2028, U+2029 and U+0085 unescaped (json.dumps(..., ensure_ascii=False) writes them so):
     they stay inside their row, as does a form feed in plain text; CRLF files read the same; errors count lines by

@@ -217,12 +217,28 @@ def test_a_config_class_error_comes_before_any_upstream_check(tmp_path):
     from pipeline import sft
 
     recipe = tiny_recipe(tmp_path)  # its pretrain stage has not run
-    with pytest.raises(PipelineError, match="section 'sft': nope is not a valid SchedulerType"):
+    with pytest.raises(PipelineError, match="override 'sft.lr_scheduler_type=nope': nope is not a valid SchedulerType"):
         sft.main([str(recipe), "sft.lr_scheduler_type=nope"])
     with pytest.raises(PipelineError, match="stage 'pretrain' has not finished"):
         sft.main([str(recipe)])
     loaded = load_recipe(recipe, ["reward.bf16=true"])  # bf16 without a GPU: --check leaves that to the machine
     loaded.check_config("reward", portable=True)
+
+
+def test_a_config_class_refusal_names_the_key_and_the_override_that_set_it(tmp_path):
+    """A value TrainingArguments refuses was reported against the recipe file and the section, even when an override
+    set it: the one key without which the class builds is named, by its override when the command line set it."""
+    recipe = tiny_recipe(tmp_path, sft={"optim": "bogus", "use_cpu": True})
+    with pytest.raises(PipelineError, match=rf"^{recipe}: sft.optim: bogus is not a valid OptimizerNames"):
+        load_recipe(recipe).check_config("sft")
+    loaded = load_recipe(tiny_recipe(tmp_path, sft={"use_cpu": True}), ["sft.optim=adamw_torch", "sft.optim=bogus"])
+    with pytest.raises(PipelineError, match="^override 'sft.optim=bogus': bogus is not a valid OptimizerNames"):
+        loaded.check_config("sft")
+    # refused for two keys together (either alone builds): the section is named
+    loaded = load_recipe(tiny_recipe(tmp_path, sft={"use_cpu": True, "eval_strategy": "steps"}),
+                         ["sft.load_best_model_at_end=true", "sft.save_strategy=epoch"])
+    with pytest.raises(PipelineError, match=rf"^{recipe}: section 'sft': .*load_best_model_at_end"):
+        loaded.check_config("sft")
 
 
 def test_a_tracker_that_is_not_installed_is_caught_at_validation(tmp_path, monkeypatch):

@@ -175,7 +175,10 @@ def test_the_fingerprint_follows_the_entry_and_its_file(tmp_path, recipe):
     ({"a": {"file_name": "a.json", "columns": {"prompt": "instruction", "response": {}}}}, "{folder}:a",
      r"columns must be an object of column names"),
     ({"a": {"file_name": "a.json", "columns": {"prompt": "q", "response": "r"}}}, "{folder}:a",
-     r"dataset 'a': a.json row 1: none of the columns it names \(q, r\)"),
+     r"dataset 'a': columns.prompt names 'q', a column none of its rows has \(its columns: history, input, "
+     r"instruction, output, system\)$"),
+    ({"a": {"file_name": "a.json", "columns": {"prompt": "instruction", "response": "answer"}}}, "{folder}:a",
+     r"dataset 'a': columns.response names 'answer', a column none of its rows has"),  # was: no format matches
     ({"a": {"file_name": "a.json"}}, "{folder}", r"a LLaMA-Factory data folder .*: name one as .*:NAME \(a\)$"),
     ({"a": {"file_name": "a.json"}, "b": {"formatting": "sharegpt"}}, "{folder}:b",
      r"dataset 'b': says nowhere where its data is \(file_name or hf_hub_url\)$"),

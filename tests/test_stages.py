@@ -466,6 +466,6 @@ def test_runner_checks_every_stages_config_before_the_first_stage_starts(tmp_pat
     recipe = tiny_recipe(tmp_path, reward={"eval_strategy": "bogus", "use_cpu": True})
     proc = run_cli(["pipeline/run.py", recipe], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2 and proc.stderr.strip() == (
-        f"error: {recipe}: section 'reward': bogus is not a valid IntervalStrategy, please select one of "
+        f"error: {recipe}: reward.eval_strategy: bogus is not a valid IntervalStrategy, please select one of "
         f"['no', 'steps', 'epoch']")
     assert not (tmp_path / "runs").exists()
