@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from pipeline import data, log, metrics as M, tool_world
 from pipeline.cli import PipelineError
 from pipeline.formats import bad_row, tools_of
-from pipeline.generation import as_messages, same_tokenizer, token_logprobs
+from pipeline.generation import as_messages, prompt_ids, same_tokenizer, token_logprobs, warn_past_context
 from pipeline.images import PROPERTIES
 from pipeline.tool_rollout import BUDGET_MESSAGE, generate_with_tools, stage_toolbox
 
@@ -233,6 +233,10 @@ class ToolEval:
         # images/<name>/: what it draws depends on it alone, not on how many calls the checkpoints before it made
         self.toolbox.restart(0)
         self.store.restart(self.images / name)
+        schemas = self.toolbox.schemas()
+        warn_past_context(lm.model, lm.tokenizer, [len(prompt_ids(lm.tokenizer, r["prompt"], schemas))
+                                                   for r in self.rows], self.keys.tool_max_total_tokens,
+                          f"{name}: tool prompts")
         greedy = self.rollouts(lm, self.rows, False, f"{name}: tool prompts", engine)
         verdicts = [tool_world.verify(row, g["calls"], g["final"], self.judge, self.store) if is_verified(row)
                     else None for row, g in zip(self.rows, greedy)]

@@ -45,7 +45,7 @@ import numpy as np
 from pipeline import (cli, data, eval_records, eval_report, eval_tools, eval_tools_report, judges, log, models, runs,
                       vllm_engine)
 from pipeline.eval_metrics import checkpoint_metrics, collapse_checks, outcomes, win_matrix
-from pipeline.generation import generate, held_out_perplexity, reply_logprob_sums
+from pipeline.generation import generate, held_out_perplexity, prompt_ids, reply_logprob_sums, warn_past_context
 from pipeline.recipe import load_recipe, stage_help
 from pipeline.reward_model import RewardModel, check_reads, saved_head, tools_of
 
@@ -233,6 +233,8 @@ def generate_replies(keys, target: Target, lm: LoadedModel, rows, ppl_rows, refe
     """The part of run_checkpoint a record keeps: replies, verdicts, log-probs, perplexity."""
     model, tokenizer = lm.model, lm.tokenizer
     prompts = [row["prompt"] for row in rows]
+    warn_past_context(model, tokenizer, [len(prompt_ids(tokenizer, p)) for p in prompts], keys.max_new_tokens,
+                      target.name)
     gen = dict(max_new_tokens=keys.max_new_tokens, batch_size=keys.batch_size, seed=seed, engine=engine)
     target.greedy = [r[0] for r in generate(model, tokenizer, prompts, desc=f"{target.name}: greedy", **gen)]
     target.correct = [judges.is_correct(row, r.text) for row, r in zip(rows, target.greedy)]

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline import metrics as M, rl
+from pipeline import log, metrics as M, rl
 
 
 # What a model's own generation_config.json may set to shape its samples away from the model's distribution (Qwen2.5's:
@@ -198,7 +198,7 @@ def reply_logprob_sums(model, tokenizer, prompts, samples, batch_size, desc, pol
     return np.array(sums).reshape(len(prompts), -1)
 
 
-def perplexity_sequences(tokenizer, rows, max_len: int) -> list[tuple[list[int], list[bool]]]:
+def perplexity_sequences(tokenizer, rows, max_len: int | None) -> list[tuple[list[int], list[bool]]]:
     """Token ids of each held-out row and which of them are scored: every token of `text`, the assistant turns
     of a conversation (the chat template's generation block), the completion of a prompt/completion row."""
     out = []
@@ -225,9 +225,32 @@ def perplexity_sequences(tokenizer, rows, max_len: int) -> list[tuple[list[int],
     return out
 
 
+def context_length(model, tokenizer=None) -> int | None:
+    """The positions a language model was built for (its config's, else the tokenizer's model_max_length where that
+    says one); None where neither does."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(n := getattr(config, name, None), int) and n > 0:
+            return n
+    n = getattr(tokenizer, "model_max_length", None)  # a tokenizer that says none has 1e30
+    return n if isinstance(n, int) and 0 < n < 10**9 else None
+
+
+def warn_past_context(model, tokenizer, lengths: list[int], reply_tokens: int, what: str) -> None:
+    """Warn when prompts of `lengths` tokens with a reply of up to reply_tokens run past the model's positions: those
+    replies go where it never trained (a model with learned positions fails there). eval keeps such prompts: every
+    checkpoint answers the same ones."""
+    context = context_length(model, tokenizer)
+    over = [n for n in lengths if context is not None and n + reply_tokens > context]
+    if over:
+        log.warning(f"{what}: {len(over)} of {len(lengths)} prompts (up to {max(over)} tokens) with a reply of up to "
+                    f"{reply_tokens} tokens run past the model's {context} positions, where it never trained: lower "
+                    f"the reply's tokens or shorten the prompts")
+
+
 def held_out_perplexity(model, tokenizer, rows, batch_size, desc) -> tuple[float, int] | None:
     """exp of the mean NLL of the scored tokens of `rows` (see perplexity_sequences), and how many were scored."""
-    max_len = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+    max_len = context_length(model, tokenizer)
     pairs = [(ids, scored) for ids, scored in perplexity_sequences(tokenizer, rows, max_len) if len(ids) > 1]
     lps = token_logprobs(model, [ids for ids, _ in pairs], batch_size=batch_size, desc=desc)
     picked = [[lp[t - 1] for t in range(1, len(ids)) if scored[t]] for (ids, scored), lp in zip(pairs, lps)]

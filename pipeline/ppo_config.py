@@ -157,3 +157,17 @@ class PPOConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def prompts_that_fit(lengths: list[int], replies: list[int], cfg: PPOConfig, context: int | None) -> tuple[list, str]:
+    """The prompts our PPO and TRL's trainers train on (their indices): at most max_prompt_length tokens, and short
+    enough that a reply of its budget (`replies`, per prompt) ends within the policy's `context` positions (past
+    them a reply runs where the model never trained, and a model with learned positions fails). Also the rule, as
+    the lines that count prompts say it."""
+    keep = [i for i, (n, reply) in enumerate(zip(lengths, replies))
+            if n <= cfg.max_prompt_length and (context is None or n + reply <= context)]
+    rule = f"max_prompt_length={cfg.max_prompt_length} tokens"
+    if context is not None and replies and cfg.max_prompt_length + max(replies) > context:
+        rule += f" and room for a reply of up to {max(replies)} tokens in the policy's {context} positions"
+    return keep, rule
+

@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline import (batching, cli, faults, judges, log, models, monitors, ppo_models, preemption, reward_rounds, rl,
-                      safe_resume, threads, vllm_engine)
+from pipeline import (batching, cli, faults, generation, judges, log, models, monitors, ppo_models, preemption,
+                      reward_rounds, rl, safe_resume, threads, vllm_engine)
 from pipeline.generation import render_prompt
-from pipeline.ppo_config import GROUP_ESTIMATORS
+from pipeline.ppo_config import GROUP_ESTIMATORS, prompts_that_fit
 from pipeline.ppo_critic import build_critic
 from pipeline.ppo_models import PolicyAndCritic
 from pipeline.ppo_rollout import PromptSampler, Rollout, reply_logits, sample_replies
@@ -128,14 +128,18 @@ class PPOTrainer:
         texts = [render_prompt(tokenizer, p, t if self.tools else None)
                  for p, t in zip(prompts["prompt"], offers)]
         self.prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        self.usable = [i for i, ids in enumerate(self.prompt_ids) if len(ids) <= cfg.max_prompt_length]
+        budgets = [cfg.total_tokens() if self.tools and offer else cfg.max_new_tokens for offer in offers]
+        self.usable, rule = prompts_that_fit([len(ids) for ids in self.prompt_ids], budgets, cfg,
+                                             generation.context_length(policy, tokenizer))
         usable = set(self.usable)
         self.annotated = [i for i in reward_rounds.annotated_rows(prompts) if i in usable]  # reward rounds' prompts
         prompts_per_step = cfg.batch_size // cfg.num_generations  # each answered num_generations times
         if len(self.usable) < prompts_per_step * num_processes:
             raise cli.PipelineError(f"{keys.prompts}: {len(self.usable)} of its {len(self.prompt_ids)} prompts within "
-                                    f"max_prompt_length={cfg.max_prompt_length} tokens, fewer than one batch "
-                                    f"({prompts_per_step} x {num_processes} processes)")
+                                    f"{rule}, fewer than one batch ({prompts_per_step} x {num_processes} processes)")
+        if len(self.usable) < len(self.prompt_ids):
+            log.info(f"{keys.prompts}: {len(self.prompt_ids) - len(self.usable)} of {len(self.prompt_ids)} prompts "
+                     f"not within {rule}: left out")
 
         # ppo.length_split: the forward passes over a rollout (policy, reference, DPO policy, critic) in groups of
         # rows of similar length; generation and the reward model's scoring are not touched

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from pipeline import cli, judges, log, metrics, models, monitors, vllm_engine
-from pipeline.generation import prompt_ids, unshaped
+from pipeline.generation import context_length, prompt_ids, unshaped
 from pipeline.key_checks import choice_problem
+from pipeline.ppo_config import prompts_that_fit
 from pipeline.reward_model import RewardEnsemble, RewardModel, load_scorer, offered_tools
 
 
@@ -70,20 +71,21 @@ def reward_function(reward_model: RewardModel | RewardEnsemble, eos_token_id: in
     return reward_model_score
 
 
-def within_prompt_length(prompts, tokenizer, cfg, spec: str, tools: bool, num_processes: int):
-    """The prompts of at most `max_prompt_length` tokens (chat template, with their tools when tools run), as our PPO
-    keeps: TRL 1.x has no max_prompt_length and fed every prompt whole. Fewer than one step's prompts: an error."""
+def within_prompt_length(prompts, tokenizer, cfg, spec: str, tools: bool, num_processes: int, reply_tokens: int,
+                         context: int | None):
+    """The prompts our PPO keeps (ppo_config.prompts_that_fit: max_prompt_length, and room for a reply of
+    reply_tokens, TRL's max_completion_length, in the policy's context), rendered with their tools when tools run:
+    TRL 1.x has no max_prompt_length and fed every prompt whole. Fewer than one step's prompts: an error."""
     offers = offered_tools(prompts) if tools else [None] * len(prompts)
-    keep = [i for i, (p, t) in enumerate(zip(prompts["prompt"], offers))
-            if len(prompt_ids(tokenizer, p, t)) <= cfg.max_prompt_length]
+    lengths = [len(prompt_ids(tokenizer, p, t)) for p, t in zip(prompts["prompt"], offers)]
+    keep, rule = prompts_that_fit(lengths, [reply_tokens] * len(lengths), cfg, context)
     needed = max(1, cfg.batch_size * num_processes // cfg.num_generations)
     if len(keep) < needed:
-        raise cli.PipelineError(f"{spec}: {len(keep)} of its {len(prompts)} prompts within max_prompt_length="
-                                f"{cfg.max_prompt_length} tokens, fewer than one step's {needed} ({cfg.batch_size} "
-                                f"replies x {num_processes} processes / num_generations {cfg.num_generations})")
+        raise cli.PipelineError(f"{spec}: {len(keep)} of its {len(prompts)} prompts within {rule}, fewer than one "
+                                f"step's {needed} ({cfg.batch_size} replies x {num_processes} processes / "
+                                f"num_generations {cfg.num_generations})")
     if len(keep) < len(prompts):
-        log.info(f"{spec}: {len(prompts) - len(keep)} of {len(prompts)} prompts are longer than "
-                 f"max_prompt_length={cfg.max_prompt_length} tokens: left out")
+        log.info(f"{spec}: {len(prompts) - len(keep)} of {len(prompts)} prompts not within {rule}: left out")
     return prompts if len(keep) == len(prompts) else prompts.select(keep)
 
 
@@ -224,10 +226,11 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
     args, funcs = trl_config(recipe, cfg, str(run.out), tools=env is not None)
 
     tokenizer = tokenizer or models.load_tokenizer(recipe, init)  # the stage's, if it checked one
-    prompts = within_prompt_length(prompts, tokenizer, cfg, keys.prompts, env is not None,
-                                   PartialState().num_processes)
     model = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision,
                                   tokenizer=tokenizer)
+    prompts = within_prompt_length(prompts, tokenizer, cfg, keys.prompts, env is not None,
+                                   PartialState().num_processes, args.max_completion_length,
+                                   context_length(model, tokenizer))
     models.configure_generation(model, tokenizer)
     reward_model = load_scorer(recipe, reward_checkpoints, "cpu", cfg.ensemble_objective, cfg.uncertainty_penalty)
     eos = tokenizer.eos_token_id

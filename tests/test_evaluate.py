@@ -32,6 +32,27 @@ def test_win_rate_counts_ties_half():
     assert M.win_rate([]) is None and M.win_rate_summary([]) is None
 
 
+def test_prompts_whose_reply_runs_past_the_models_positions_are_named_in_a_warning(capsys):
+    """eval answered prompts whose reply ran past the model's positions without a word; it keeps them (every
+    checkpoint answers the same prompts) and warns how many."""
+    from types import SimpleNamespace
+
+    from pipeline.generation import context_length, warn_past_context
+
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=256))
+    warn_past_context(model, None, [20, 200, 210, 224], 48, "sft")
+    assert capsys.readouterr().out.rstrip().endswith(
+        "WARNING: sft: 2 of 4 prompts (up to 224 tokens) with a reply of up to 48 tokens run past the model's 256 "
+        "positions, where it never trained: lower the reply's tokens or shorten the prompts")
+    warn_past_context(model, None, [20, 208], 48, "sft")
+    assert capsys.readouterr().out == ""
+    # GPT-2's name for it; a config without one: the tokenizer's, unless it says none (1e30)
+    assert context_length(SimpleNamespace(config=SimpleNamespace(n_positions=1024))) == 1024
+    bare = SimpleNamespace(config=SimpleNamespace())
+    assert context_length(bare, SimpleNamespace(model_max_length=2048)) == 2048
+    assert context_length(bare, SimpleNamespace(model_max_length=int(1e30))) is None
+
+
 def test_bootstrap_interval_covers_the_mean_and_shrinks_with_n():
     rng = np.random.default_rng(1)
     small, large = rng.random(50) < 0.3, rng.random(2000) < 0.3

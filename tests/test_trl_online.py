@@ -94,7 +94,7 @@ def test_prompts_longer_than_max_prompt_length_are_left_out_as_our_ppo_leaves_th
     monkeypatch.chdir(user)
     ppo.main([str(grpo_recipe(user, prompts=spec)), "run.name=long"])
     assert given == [short]
-    assert "1 of 7 prompts are longer than max_prompt_length=128 tokens: left out" in \
+    assert "1 of 7 prompts not within max_prompt_length=128 tokens: left out" in \
         (user / "runs/long/ppo/log.txt").read_text()
 
 
@@ -109,6 +109,40 @@ def test_too_few_prompts_within_max_prompt_length_stop_in_one_line(user):
         f"error: {spec}: 1 of its 2 prompts within max_prompt_length=128 tokens, fewer than one step's 2 (8 replies "
         f"x 1 processes / num_generations 4)")
     assert not (user / "runs/all_long").exists()
+
+
+def test_prompts_that_fit_leave_room_for_the_reply_in_the_policys_context():
+    from pipeline.ppo_config import PPOConfig, prompts_that_fit
+
+    cfg = PPOConfig(max_prompt_length=128)
+    lengths, replies = [10, 100, 128, 129, 100], [32, 32, 32, 32, 200]
+    assert prompts_that_fit(lengths, replies, cfg, None) == ([0, 1, 2, 4], "max_prompt_length=128 tokens")
+    assert prompts_that_fit(lengths, replies, cfg, 256) == ([0, 1, 2], "max_prompt_length=128 tokens and room for a "
+                                                            "reply of up to 200 tokens in the policy's 256 positions")
+    assert prompts_that_fit(lengths, replies[:4] + [32], cfg, 256) == ([0, 1, 2, 4], "max_prompt_length=128 tokens")
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_prompts_whose_reply_would_run_past_the_policys_context_are_left_out(user, algorithm):
+    """A prompt within max_prompt_length whose reply budget runs past the policy's positions trained there anyway
+    (where the model never trained; a model with learned positions fails): it is left out as a long prompt is."""
+    from transformers import AutoTokenizer
+
+    from conftest import run_cli
+    from pipeline.generation import render_prompt
+
+    medium = "Which is more, 3 or 4? " * 5
+    tokenizer = AutoTokenizer.from_pretrained(user / "policy")
+    length = len(tokenizer(render_prompt(tokenizer, medium), add_special_tokens=False)["input_ids"])
+    assert 56 < length <= 128  # within max_prompt_length, but not with 200 reply tokens in 256 positions
+    spec = write_prompts(user / "medium.jsonl", [medium] * 8)
+    proc = run_cli(["pipeline/ppo.py", grpo_recipe(user, algorithm=algorithm, prompts=spec, max_new_tokens=200,
+                                                   **({"critic_init": "policy"} if algorithm == "ppo" else {})),
+                    f"run.name=medium_{algorithm}"], cwd=user, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"error: {spec}: 0 of its 8 prompts within max_prompt_length=128 tokens and room for a reply of up to 200 "
+        f"tokens in the policy's 256 positions, fewer than ")
 
 
 def foreign_reward_model(folder, chat_template=None):
