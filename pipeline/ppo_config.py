@@ -170,4 +170,3 @@ def prompts_that_fit(lengths: list[int], replies: list[int], cfg: PPOConfig, con
     if context is not None and replies and cfg.max_prompt_length + max(replies) > context:
         rule += f" and room for a reply of up to {max(replies)} tokens in the policy's {context} positions"
     return keep, rule
-
