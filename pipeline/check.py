@@ -60,14 +60,17 @@ def _rows_problem(spec, recipe, stage: str, key: str, keys, will_run) -> str | N
     from pipeline import data, preferences, unpaired
     from pipeline.formats import rename_columns
 
-    rows, where, source = data.read_rows(spec, recipe, text_split=getattr(keys, "text_split", "paragraph"))
-    rows, where = [dict(r) for r in rows[:SAMPLE_ROWS]], where[:SAMPLE_ROWS]
+    rows, where, source, part_of = data.read_rows_by_part(spec, recipe,
+                                                          text_split=getattr(keys, "text_split", "paragraph"))
+    rows, where, part_of = [dict(r) for r in rows[:SAMPLE_ROWS]], where[:SAMPLE_ROWS], part_of[:SAMPLE_ROWS]
     columns = getattr(keys, "columns", None)
     if stage in ("reward", "dpo") or (stage == "ppo" and "prompt" not in rows[0] and not columns):
-        pairs, _ = preferences.normalize_preferences(rename_columns(rows, columns, source, where), where, source)
+        pairs, _ = preferences.normalize_preferences(rename_columns(rows, columns, source, where), where, source,
+                                                     part_of)
         return _template_problem(recipe, stage, keys, pairs, source, will_run) if stage != "ppo" else None
     if stage == "kto":
-        examples, _ = unpaired.normalize_unpaired(rename_columns(rows, columns, source, where), where, source)
+        examples, _ = unpaired.normalize_unpaired(rename_columns(rows, columns, source, where), where, source,
+                                                  part_of)
         return _template_problem(recipe, stage, keys, examples, source, will_run)
     kind = {"pretrain": "text", "sft": "chat"}.get(stage, "prompts")
     if key == "perplexity_data":

@@ -144,9 +144,15 @@ def spec_name(spec) -> str:
 def read_rows(spec, recipe, text_split: str = "paragraph") -> tuple[list[dict], list[str], str]:
     """Rows, where each row came from (for error messages), and a name for the source. A mixture takes
     `fraction` of each dataset's rows (shuffled with the mixture's seed, else run.seed) and shuffles the union."""
+    return read_rows_by_part(spec, recipe, text_split)[:3]
+
+
+def read_rows_by_part(spec, recipe, text_split: str = "paragraph"):
+    """read_rows' rows, places and source, and which dataset of a list or mixture each row is from (its index):
+    each dataset of a list may have a format of its own."""
     parts, seed = mixture_parts(spec)
-    rows, where = [], []
-    for name, fraction, columns in parts:
+    rows, where, part_of = [], [], []
+    for index, (name, fraction, columns) in enumerate(parts):
         r, w = _read_one(name, recipe, text_split)
         if fraction is not None:
             if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
@@ -163,13 +169,22 @@ def read_rows(spec, recipe, text_split: str = "paragraph") -> tuple[list[dict], 
             r = rename_columns(r, columns, name, w)
         rows += r
         where += [f"{name} {x}" if len(parts) > 1 else x for x in w]
+        part_of += [index] * len(r)
     if len(parts) > 1 and any(part.fraction is not None for part in parts):
         order = list(range(len(rows)))
         random.Random(recipe.run.seed if seed is None else seed).shuffle(order)
-        rows, where = [rows[i] for i in order], [where[i] for i in order]
+        rows, where, part_of = [rows[i] for i in order], [where[i] for i in order], [part_of[i] for i in order]
     if not rows:
         raise PipelineError(f"{spec_name(spec)}: no rows")
-    return rows, where, spec_name(spec)
+    return rows, where, spec_name(spec), part_of
+
+
+def first_rows(part_of: list[int] | None, n: int) -> list[int]:
+    """The index of each dataset's first row, in the order the datasets first appear (part_of None: one dataset)."""
+    firsts = {}
+    for i, part in enumerate(part_of or [0] * min(n, 1)):
+        firsts.setdefault(part, i)
+    return list(firsts.values())
 
 
 def fingerprint(spec, recipe, images: bool = False) -> str:

@@ -61,12 +61,12 @@ def read_prompts(spec, recipe, columns: dict | None = None, pairs: bool = False)
     prompts, or preference pairs whose prompts these are."""
     from pipeline.formats import rename_columns
 
-    rows, where, source = data.read_rows(spec, recipe)
+    rows, where, source, part_of = data.read_rows_by_part(spec, recipe)
     rows = rename_columns(rows, columns, source, where)
     if "prompt" in rows[0]:
         ds, fmt = data.dataset_of(data.CHECKS["prompts"](rows, where, source), source, where), "prompts"
     else:
-        ds, pair_info = preferences.pairs_dataset(rows, where, source)
+        ds, pair_info = preferences.pairs_dataset(rows, where, source, part_of)
         fmt = f"the prompts of {pair_info['format']} preference pairs"
     keep = ("prompt", "skill", "answer", "tools", "kind", "expect") + (("chosen", "rejected") if pairs else ())
     return ds.select_columns([c for c in keep if c in ds.column_names]), \

@@ -170,24 +170,35 @@ def _pair_margin(row, margin_from, source, where):
     return margin
 
 
-def normalize_preferences(rows, where, source) -> tuple[list[dict], dict]:
-    """Rows of any supported preference format -> normalized rows, and what was done (format, drops, margin)."""
-    fmt = _detect_preference_format(rows[0], source)
-    cols = set(rows[0])
+def _margin_from(first: dict, source) -> str | None:
+    """Where a dataset's pairs take their margin from (its first row's columns), or None."""
+    cols = set(first)
     if "margin" in cols:
-        margin_from = "margin"
-    elif {"score_chosen", "score_rejected"} & cols:
+        return "margin"
+    if {"score_chosen", "score_rejected"} & cols:
         missing = {"score_chosen", "score_rejected"} - cols
         if missing:
             raise PipelineError(f"{source}: has {({'score_chosen', 'score_rejected'} - missing).pop()} but no "
                                 f"{missing.pop()} column (scores come in pairs)")
-        margin_from = "score_chosen - score_rejected"
-    else:
-        margin_from = None
-    needed = ("prompt", "chosen", "rejected") if fmt in ("explicit", "hh_explicit") else ("chosen", "rejected")
+        return "score_chosen - score_rejected"
+    return None
+
+
+def normalize_preferences(rows, where, source, part_of: list[int] | None = None) -> tuple[list[dict], dict]:
+    """Rows of any supported preference format -> normalized rows, and what was done (format, drops, margin). Each
+    dataset of a list (part_of: its index, per row) has the format and margin of its own first row."""
+    plans = {}  # dataset index: (format, margin_from)
+    for i in data.first_rows(part_of, len(rows)):
+        at = source if len(set(part_of or [0])) == 1 else f"{source}: {where[i]}"
+        plans[part_of[i] if part_of else 0] = (_detect_preference_format(rows[i], at), _margin_from(rows[i], at))
+    if len({m is None for _, m in plans.values()}) > 1:
+        raise PipelineError(f"{source}: some of its datasets give margins (margin or score_chosen/score_rejected) "
+                            f"and some do not: give them to all or none")
     conversational = None
     out, identical = [], 0
-    for row, w in zip(rows, where):
+    for i, (row, w) in enumerate(zip(rows, where)):
+        fmt, margin_from = plans[part_of[i] if part_of else 0]
+        needed = ("prompt", "chosen", "rejected") if fmt in ("explicit", "hh_explicit") else ("chosen", "rejected")
         if fmt in CONVERTED:
             row = _to_explicit(row, fmt, source, w)
         for col in needed:
@@ -258,8 +269,10 @@ def normalize_preferences(rows, where, source) -> tuple[list[dict], dict]:
         if "tools" in pair:  # no tools ("[]" too): None; a list: JSON text
             pair["tools"] = tools_json(row["tools"], tools)
         out.append(pair)
-    info = {"source": str(source), "format": fmt, "conversational": bool(conversational), "rows": len(rows),
-            "pairs": len(out), "identical_dropped": identical, "margin": margin_from}
+    info = {"source": str(source), "format": " + ".join(dict.fromkeys(f for f, _ in plans.values())),
+            "conversational": bool(conversational), "rows": len(rows), "pairs": len(out),
+            "identical_dropped": identical, "margin": " + ".join(dict.fromkeys(m for _, m in plans.values() if m))
+            or None}
     return out, info
 
 
@@ -268,13 +281,13 @@ def load_preferences(spec, recipe, columns: dict | None = None):
     `columns` maps our column names to the file's ({prompt: question, chosen: good, rejected: bad})."""
     from pipeline.formats import rename_columns
 
-    rows, where, source = data.read_rows(spec, recipe)
-    return pairs_dataset(rename_columns(rows, columns, source, where), where, source)
+    rows, where, source, part_of = data.read_rows_by_part(spec, recipe)
+    return pairs_dataset(rename_columns(rows, columns, source, where), where, source, part_of)
 
 
-def pairs_dataset(rows: list[dict], where: list[str], source):
+def pairs_dataset(rows: list[dict], where: list[str], source, part_of: list[int] | None = None):
     """Rows read from `source` as normalized pairs in a Dataset, and what was done (normalize_preferences)."""
-    pairs, info = normalize_preferences(rows, where, source)
+    pairs, info = normalize_preferences(rows, where, source, part_of)
     if not pairs:
         raise PipelineError(f"{source}: no pairs left: all {info['identical_dropped']} have chosen equal to rejected")
     return data.dataset_of(pairs, source), info

@@ -75,11 +75,20 @@ def _unpair(row: dict) -> list[dict]:
             {**rest, "prompt": row["prompt"], "completion": row["rejected"], "label": False}]
 
 
-def normalize_unpaired(rows: list[dict], where: list[str], source) -> tuple[list[dict], dict]:
-    """Rows of any unpaired format (UNPAIRED_FORMATS) -> TRL's unpaired rows, and what was done."""
-    fmt = detect_unpaired_format(rows[0], source)
+def normalize_unpaired(rows: list[dict], where: list[str], source, part_of: list[int] | None = None
+                       ) -> tuple[list[dict], dict]:
+    """Rows of any unpaired format (UNPAIRED_FORMATS) -> TRL's unpaired rows, and what was done. Each dataset of a
+    list (part_of: its index, per row) has the format of its own first row; datasets in different formats are read
+    each on its own, in list order."""
+    several = len(set(part_of or [0])) > 1
+    formats = {part_of[i] if part_of else 0: detect_unpaired_format(rows[i], f"{source}: {where[i]}" if several
+                                                                      else source)
+               for i in data.first_rows(part_of, len(rows))}
+    if len(set(formats.values())) > 1:
+        return _each_dataset(rows, where, source, part_of, list(formats))
+    fmt = next(iter(formats.values()))
     if fmt == "pairs":
-        pairs, pair_info = normalize_preferences(rows, where, source)
+        pairs, pair_info = normalize_preferences(rows, where, source, part_of)
         out = [r for pair in pairs for r in _unpair(pair)]
         conversational = pair_info["conversational"]
     else:
@@ -107,14 +116,30 @@ def normalize_unpaired(rows: list[dict], where: list[str], source) -> tuple[list
     return out, info
 
 
+def _each_dataset(rows, where, source, part_of, parts) -> tuple[list[dict], dict]:
+    """normalize_unpaired of each dataset of a list on its own (`parts`: their indices in list order), joined."""
+    out, infos = [], []
+    for part in parts:
+        mine = [i for i, p in enumerate(part_of) if p == part]
+        rows_of, info = normalize_unpaired([rows[i] for i in mine], [where[i] for i in mine], source)
+        if infos and info["conversational"] != infos[0]["conversational"]:
+            bad_row(source, where[mine[0]], f"mixes text and conversation rows (earlier datasets are "
+                                            f"{'conversations' if infos[0]['conversational'] else 'text'})")
+        out += rows_of
+        infos.append(info)
+    info = {"source": str(source), "format": " + ".join(dict.fromkeys(i["format"] for i in infos)),
+            "conversational": infos[0]["conversational"], "rows": len(rows), **balance([r["label"] for r in out])}
+    return out, info
+
+
 def load_unpaired(spec, recipe, columns: dict | None = None):
     """Unpaired preference rows of any supported format, normalized; returns (Dataset, info). `columns` maps our
     column names to the file's ({completion: reply, label: thumbs_up})."""
     from pipeline.formats import rename_columns
 
-    rows, where, source = data.read_rows(spec, recipe)
+    rows, where, source, part_of = data.read_rows_by_part(spec, recipe)
     rows = rename_columns(rows, columns, source, where)
-    out, info = normalize_unpaired(rows, where, source)
+    out, info = normalize_unpaired(rows, where, source, part_of)
     if not out:
         raise PipelineError(f"{source}: no rows left to learn from (every pair has chosen equal to rejected)")
     return data.dataset_of(out, source), info

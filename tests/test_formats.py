@@ -422,6 +422,34 @@ def test_a_list_of_datasets_in_different_formats_is_read_row_by_row(tmp_path, re
     assert str(err.value).startswith(f"{alpaca} + {kto}: {kto} line 1: unpaired preference rows")
 
 
+def test_a_list_of_preference_datasets_in_different_formats_reads_each_in_its_own(tmp_path, recipe):
+    """`dpo.dataset: [ultrafeedback.jsonl, hh.jsonl]` (or LLaMA-Factory's `dataset: alpaca_pairs,sharegpt_pairs`):
+    the first dataset's format was applied to every row, so the second stopped at its first row. Each now reads in
+    its own format, as the file alone would, in the list's order; pairs with margins beside pairs without stop."""
+    from pipeline import unpaired
+
+    implicit = [{"chosen": [{"role": "user", "content": "0+1?"}, {"role": "assistant", "content": "1"}],
+                 "rejected": [{"role": "user", "content": "0+1?"}, {"role": "assistant", "content": "2"}]}]
+    hh = [{"chosen": "\n\nHuman: 2+2?\n\nAssistant: 4", "rejected": "\n\nHuman: 2+2?\n\nAssistant: 5"}]
+    sharegpt = [{"conversations": [{"from": "human", "value": "3+3?"}], "chosen": "6", "rejected": "7"}]
+    files = [write_jsonl(tmp_path / f"{name}.jsonl", rows)
+             for name, rows in (("uf", implicit), ("hh", hh), ("sg", sharegpt))]
+    ds, info = preferences.load_preferences(files, recipe)
+    assert info["format"] == "implicit + hh + sharegpt" and info["conversational"]
+    alone = [preferences.load_preferences(f, recipe)[0][0] for f in files]
+    assert ds.to_list() == alone
+    # kto: labelled rows beside pairs, each dataset in its own format
+    labelled = write_jsonl(tmp_path / "k.jsonl", [{"prompt": [{"role": "user", "content": "5+5?"}],
+                                                   "completion": [{"role": "assistant", "content": "10"}],
+                                                   "label": True}])
+    rows, info = unpaired.load_unpaired([files[1], labelled], recipe)
+    assert info["format"] == "pairs + unpaired" and [r["label"] for r in rows] == [True, False, True]
+    assert rows[2]["completion"] == [{"role": "assistant", "content": "10"}]
+    scored = write_jsonl(tmp_path / "scored.jsonl", [{**implicit[0], "score_chosen": 9.0, "score_rejected": 2.0}])
+    with pytest.raises(PipelineError, match="some of its datasets give margins .* and some do not"):
+        preferences.load_preferences([scored, files[1]], recipe)
+
+
 @pytest.mark.parametrize("prompt", [[{"role": "system", "content": "Be nice."}],
                                     [{"role": "user", "content": " "}]])
 def test_a_message_prompt_without_a_user_turn_with_text_is_one_line_naming_its_row(tmp_path, recipe, prompt):
