@@ -118,7 +118,8 @@ def read_file(path: Path, text_split: str = "paragraph") -> tuple[list[dict], li
         rows = json_rows(obj)
         if rows is None:
             got = f"row {next(i for i, r in enumerate(obj, 1) if not isinstance(r, dict))} is not an object" \
-                if isinstance(obj, list) else f"a JSON {_JSON_TYPES.get(type(obj), type(obj).__name__)}"
+                if isinstance(obj, list) else f"an object with keys {', '.join(obj) or 'none'}" \
+                if isinstance(obj, dict) else f"a JSON {_JSON_TYPES.get(type(obj), type(obj).__name__)}"
             raise PipelineError(f"{path}: expected a list of JSON objects (one per row); {got}")
         return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
     ds, where = read_table(path, kind)
@@ -129,25 +130,29 @@ def read_file(path: Path, text_split: str = "paragraph") -> tuple[list[dict], li
 
 
 _JSON_TYPES = {str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
-_MESSAGE_COLUMNS = ("messages", "conversations", "chosen", "rejected", "prompt", "completion")
+
+
+def _message(value) -> bool:
+    return isinstance(value, dict) and ("role" in value or {"from", "value"} <= value.keys())
 
 
 def json_rows(obj) -> list[dict] | None:
-    """A .json file's rows: a list of objects; an object whose one value is that list ({"data": [...]}), unless it is
-    a row's messages; an object of columns (lists of one length, of values that are not objects), as datasets' json
-    builder reads one; else an object is one row (JSON Lines of one line). None: neither (a list of numbers)."""
+    """A .json file's rows: a list of objects; an object whose one value is that list ({"data": [...]}); an object of
+    columns (lists of one length), as datasets' json builder reads one; else an object without lists of rows is one
+    row (JSON Lines of one line; a row's messages are not rows). None: neither (a list of numbers, an object beside
+    its rows, an empty object)."""
     if isinstance(obj, list):
         return obj if all(isinstance(row, dict) for row in obj) else None
-    if not isinstance(obj, dict):
+    if not isinstance(obj, dict) or not obj:
         return None
-    (key, value), columns = next(iter(obj.items()), (None, None)), list(obj.values())
-    if len(obj) == 1 and key not in _MESSAGE_COLUMNS and isinstance(value, list) and \
-            all(isinstance(row, dict) for row in value):
-        return value
-    if columns and all(isinstance(c, list) for c in columns) and len({len(c) for c in columns}) == 1 and \
-            not any(isinstance(v, dict) for c in columns for v in c):
-        return [dict(zip(obj, row)) for row in zip(*columns)]
-    return [obj]
+    lists = [v for v in obj.values() if isinstance(v, list)]
+    columns = len(lists) == len(obj) and len({len(v) for v in lists}) == 1
+    holds_rows = any(isinstance(x, dict) and not _message(x) for v in lists for x in v)
+    if holds_rows and len(obj) == 1:
+        return lists[0] if all(isinstance(x, dict) for x in lists[0]) else None
+    if columns and (holds_rows or not any(isinstance(x, dict) for v in lists for x in v)):
+        return [dict(zip(obj, row)) for row in zip(*lists)]
+    return None if holds_rows else [obj]
 
 
 def first_row(path: Path) -> dict | None:

@@ -186,14 +186,12 @@ def _margin_from(first: dict, source) -> str | None:
 
 def normalize_preferences(rows, where, source, part_of: list[int] | None = None) -> tuple[list[dict], dict]:
     """Rows of any supported preference format -> normalized rows, and what was done (format, drops, margin). Each
-    dataset of a list (part_of: its index, per row) has the format and margin of its own first row."""
+    dataset of a list (part_of: its index, per row) has the format and margin of its own first row (a dataset
+    without margins among ones with: its pairs' margin is None, which the reward stage refuses)."""
     plans = {}  # dataset index: (format, margin_from)
     for i in data.first_rows(part_of, len(rows)):
         at = source if len(set(part_of or [0])) == 1 else f"{source}: {where[i]}"
         plans[part_of[i] if part_of else 0] = (_detect_preference_format(rows[i], at), _margin_from(rows[i], at))
-    if len({m is None for _, m in plans.values()}) > 1:
-        raise PipelineError(f"{source}: some of its datasets give margins (margin or score_chosen/score_rejected) "
-                            f"and some do not: give them to all or none")
     conversational = None
     out, identical = [], 0
     for i, (row, w) in enumerate(zip(rows, where)):

@@ -261,7 +261,8 @@ class Recipe:
         if len(culprits) != 1:
             return f"{self.path}: section '{stage}'"
         dotted = f"{stage}.{culprits[0]}"
-        override = next((o for o in reversed(self.overrides) if o.partition("=")[0].strip() == dotted), None)
+        override = next((o for o in reversed(self.overrides)  # the key itself, or a key inside it (a.b.c=1)
+                         if (o.partition("=")[0].strip() + ".").startswith(dotted + ".")), None)
         return f"override '{override}'" if override else f"{self.path}: {dotted}"
 
 

@@ -152,6 +152,11 @@ def main(argv):
     with runs.StageRun(recipe, STAGE) as run:
         train_ds, eval_ds, train_info, eval_info = preferences.load_preference_splits(
             keys.dataset, keys.eval_dataset, keys.eval_fraction, recipe, keys.columns)
+        for ds, info in ((train_ds, train_info), (eval_ds, eval_info)):  # a list of datasets, some without
+            if keys.margin_scale and "margin" in ds.column_names and None in ds["margin"]:
+                raise cli.PipelineError(f"{info['source']}: some of its datasets give margins (margin or "
+                                        f"score_chosen/score_rejected) and some do not: give them to all or none, "
+                                        f"or set reward.margin_scale: 0")
         if "margin" in train_ds.column_names:
             if keys.margin_scale == 0:
                 train_ds = train_ds.remove_columns("margin")

@@ -78,21 +78,21 @@ def _unpair(row: dict) -> list[dict]:
 def normalize_unpaired(rows: list[dict], where: list[str], source, part_of: list[int] | None = None
                        ) -> tuple[list[dict], dict]:
     """Rows of any unpaired format (UNPAIRED_FORMATS) -> TRL's unpaired rows, and what was done. Each dataset of a
-    list (part_of: its index, per row) has the format of its own first row; datasets in different formats are read
-    each on its own, in list order."""
+    list (part_of: its index, per row) has the format and label column of its own first row; datasets that differ
+    in them are read each on its own, in list order."""
     several = len(set(part_of or [0])) > 1
-    formats = {part_of[i] if part_of else 0: detect_unpaired_format(rows[i], f"{source}: {where[i]}" if several
-                                                                      else source)
-               for i in data.first_rows(part_of, len(rows))}
-    if len(set(formats.values())) > 1:
-        return _each_dataset(rows, where, source, part_of, list(formats))
-    fmt = next(iter(formats.values()))
+    plans = {}  # dataset index: (format, label column)
+    for i in data.first_rows(part_of, len(rows)):
+        fmt = detect_unpaired_format(rows[i], f"{source}: {where[i]}" if several else source)
+        plans[part_of[i] if part_of else 0] = (fmt, next((c for c in LABEL_COLUMNS if c in rows[i]), None))
+    if len(set(plans.values())) > 1:  # e.g. TRL's `label` beside LLaMA-Factory's `kto_tag`
+        return _each_dataset(rows, where, source, part_of, list(plans))
+    fmt, label_column = next(iter(plans.values()))
     if fmt == "pairs":
         pairs, pair_info = normalize_preferences(rows, where, source, part_of)
         out = [r for pair in pairs for r in _unpair(pair)]
         conversational = pair_info["conversational"]
     else:
-        label_column = next(c for c in LABEL_COLUMNS if c in rows[0])
         out, conversational = [], None
         for row, w in zip(rows, where):
             if label_column not in row:

@@ -82,6 +82,28 @@ def test_dpo_and_reward_on_a_sharegpt_preference_file(tiny_run, tmp_path):
         assert manifest(tmp_path, stage, stage)["data"]["dataset"]["format"] == "sharegpt"
 
 
+def test_reward_on_datasets_with_and_without_margins_stops_in_one_line(tiny_run, tmp_path):
+    """A list of preference datasets where one gives margins (score_chosen/score_rejected) and the other none: the
+    reward stage, the one that trains on margins, stops before any model loads, unless margin_scale is 0."""
+    work, _, _ = tiny_run
+    turn = [{"role": "user", "content": "What is 1 + 1?"}]
+    scored = write_jsonl(tmp_path / "scored.jsonl", [
+        {"chosen": turn + [{"role": "assistant", "content": "2"}], "rejected": turn + [{"role": "assistant",
+                                                                                        "content": "3"}],
+         "score_chosen": 9.0, "score_rejected": 2.0}] * 8)
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": [{"role": "user", "content": "What is 2 + 2?"}],
+                                                    "chosen": [{"role": "assistant", "content": "4"}],
+                                                    "rejected": [{"role": "assistant", "content": "5"}]}] * 8)
+    recipe = tiny_recipe(tmp_path, pretrain=None, sft=None, reward={
+        "init_from": str(work / "runs/tiny/sft"), "dataset": [scored, plain], "eval_dataset": plain,
+        "max_steps": 1, "use_cpu": True, "save_strategy": "no"})
+    proc = run_cli(["pipeline/reward.py", recipe, "run.name=margins"], cwd=tmp_path, env=ONE_THREAD)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: {scored} + {plain}: some of its datasets give margins (margin or score_chosen/score_rejected) and "
+        f"some do not: give them to all or none, or set reward.margin_scale: 0")
+    assert not (tmp_path / "runs/margins").exists()
+
+
 def test_pretraining_on_a_plain_text_file(tmp_path):
     text = "\n\n".join(f"Document {i}: three plus {i} is {3 + i}. The cat sat on the mat." for i in range(200))
     (tmp_path / "corpus.txt").write_text(text)

@@ -101,6 +101,10 @@ PAIR = {"prompt": "Is 3 more than 2?", "chosen": "Yes.", "rejected": "No."}
     (PAIR, [PAIR]),  # one row, as datasets' json builder reads a one-line file (was: "expected a list")
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},  # one chat
      [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]),
+    ({"conversations": [{"conversations": [{"from": "human", "value": "hi"}]}]},  # rows under a message key
+     [{"conversations": [{"from": "human", "value": "hi"}]}]),
+    ({"meta": [{"id": 1}, {"id": 2}], "text": ["a", "b"]}, [{"meta": {"id": 1}, "text": "a"},  # a struct column
+                                                             {"meta": {"id": 2}, "text": "b"}]),
 ])
 def test_a_json_file_reads_as_rows_columns_or_one_row(tmp_path, content, rows):
     from pipeline import files
@@ -113,6 +117,9 @@ def test_a_json_file_reads_as_rows_columns_or_one_row(tmp_path, content, rows):
 @pytest.mark.parametrize("content, message", [
     ([PAIR, "Yes."], r"expected a list of JSON objects \(one per row\); row 2 is not an object$"),
     ("Yes.", r"expected a list of JSON objects \(one per row\); a JSON string$"),
+    ({}, r"expected a list of JSON objects \(one per row\); an object with keys none$"),
+    ({"data": [PAIR, "x"]}, r"; an object with keys data$"),
+    ({"version": 1, "data": [PAIR]}, r"; an object with keys version, data$"),  # rows beside other keys
 ])
 def test_a_json_file_without_rows_says_what_it_holds(tmp_path, content, message):
     from pipeline import files

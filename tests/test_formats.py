@@ -234,6 +234,9 @@ def test_a_config_class_refusal_names_the_key_and_the_override_that_set_it(tmp_p
     loaded = load_recipe(tiny_recipe(tmp_path, sft={"use_cpu": True}), ["sft.optim=adamw_torch", "sft.optim=bogus"])
     with pytest.raises(PipelineError, match="^override 'sft.optim=bogus': bogus is not a valid OptimizerNames"):
         loaded.check_config("sft")
+    loaded = load_recipe(tiny_recipe(tmp_path, sft={"use_cpu": True}), ["sft.accelerator_config.bogus=1"])
+    with pytest.raises(PipelineError, match="^override 'sft.accelerator_config.bogus=1': .*'bogus'"):
+        loaded.check_config("sft")  # a key inside the section's key
     # refused for two keys together (either alone builds): the section is named
     loaded = load_recipe(tiny_recipe(tmp_path, sft={"use_cpu": True, "eval_strategy": "steps"}),
                          ["sft.load_best_model_at_end=true", "sft.save_strategy=epoch"])
@@ -425,7 +428,7 @@ def test_a_list_of_datasets_in_different_formats_is_read_row_by_row(tmp_path, re
 def test_a_list_of_preference_datasets_in_different_formats_reads_each_in_its_own(tmp_path, recipe):
     """`dpo.dataset: [ultrafeedback.jsonl, hh.jsonl]` (or LLaMA-Factory's `dataset: alpaca_pairs,sharegpt_pairs`):
     the first dataset's format was applied to every row, so the second stopped at its first row. Each now reads in
-    its own format, as the file alone would, in the list's order; pairs with margins beside pairs without stop."""
+    its own format, as the file alone would, in the list's order."""
     from pipeline import unpaired
 
     implicit = [{"chosen": [{"role": "user", "content": "0+1?"}, {"role": "assistant", "content": "1"}],
@@ -445,9 +448,18 @@ def test_a_list_of_preference_datasets_in_different_formats_reads_each_in_its_ow
     rows, info = unpaired.load_unpaired([files[1], labelled], recipe)
     assert info["format"] == "pairs + unpaired" and [r["label"] for r in rows] == [True, False, True]
     assert rows[2]["completion"] == [{"role": "assistant", "content": "10"}]
+    tagged = write_jsonl(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": "6+6?"},  # LLaMA-Factory's
+                                                              {"role": "assistant", "content": "13"}],
+                                                 "kto_tag": False}])
+    conversation = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "7+7?"},
+                                                                    {"role": "assistant", "content": "14"}],
+                                                       "label": True}])
+    rows, info = unpaired.load_unpaired([conversation, tagged], recipe)  # was: t.jsonl line 1: missing 'label'
+    assert info["format"] == "conversation" and [r["label"] for r in rows] == [True, False]
+    # margins from one dataset and not the other: None where there are none (dpo ignores them; reward refuses)
     scored = write_jsonl(tmp_path / "scored.jsonl", [{**implicit[0], "score_chosen": 9.0, "score_rejected": 2.0}])
-    with pytest.raises(PipelineError, match="some of its datasets give margins .* and some do not"):
-        preferences.load_preferences([scored, files[1]], recipe)
+    ds, info = preferences.load_preferences([scored, files[1]], recipe)
+    assert ds["margin"] == [7.0, None] and info["margin"] == "score_chosen - score_rejected"
 
 
 @pytest.mark.parametrize("prompt", [[{"role": "system", "content": "Be nice."}],

@@ -759,7 +759,7 @@ def test_read_prompts_says_what_it_read_for_the_manifest(tmp_path, monkeypatch):
     from conftest import write_jsonl
     from pipeline import data, ppo
 
-    read_rows = data.read_rows
+    read_rows = data.read_rows_by_part
     recipe = load_recipe(tiny_recipe(tmp_path))
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is 2 + 3?"}, {"prompt": "Say hi."}])
     turn = [{"role": "user", "content": "What is 2 + 3?"}]
@@ -767,7 +767,8 @@ def test_read_prompts_says_what_it_read_for_the_manifest(tmp_path, monkeypatch):
         {"chosen": turn + [{"role": "assistant", "content": "5"}],
          "rejected": turn + [{"role": "assistant", "content": "6"}]}])
     reads = []
-    monkeypatch.setattr(data, "read_rows", lambda spec, *a, **kw: reads.append(spec) or read_rows(spec, *a, **kw))
+    monkeypatch.setattr(data, "read_rows_by_part",
+                        lambda spec, *a, **kw: reads.append(spec) or read_rows(spec, *a, **kw))
     ds, info = ppo.read_prompts(prompts, recipe)
     assert len(ds) == 2 and info == {"source": prompts, "rows": 2, "format": "prompts"}
     ds, info = ppo.read_prompts(pairs, recipe)
