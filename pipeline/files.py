@@ -178,19 +178,25 @@ def first_row(path: Path) -> dict | None:
     return rows[0] if rows else None
 
 
-def read_table(path: Path, kind: str) -> tuple:  # (datasets.Dataset, where each row came from)
+def read_table(path: Path, kind: str, text_cells: bool = False) -> tuple:  # (datasets.Dataset, where each row is from)
     """A non-empty .csv, .parquet or .arrow file as a memory-mapped datasets.Dataset (rows read when asked for), and
-    where each row came from; a file that does not parse is one line naming it."""
+    where each row came from; a file that does not parse is one line naming it. text_cells: a CSV's every cell as the
+    text it holds (pandas would read "" and "NA" as null and "7" as a number: an image caption is text)."""
     import datasets
 
+    options = {}
     if kind == "csv":
-        text_of(path)  # names the line of invalid UTF-8 before pandas does
+        text = text_of(path)  # names the line of invalid UTF-8 before pandas does
+        if text_cells:
+            header = next(csv.reader(io.StringIO(text.lstrip("\ufeff"))), [])
+            options = {"keep_default_na": False,
+                       "features": datasets.Features({name: datasets.Value("string") for name in header})}
     if kind in TABLES and path.name.lower().endswith(".gz"):
         raise PipelineError(f"{path}: a compressed .{kind} file is not read (.{kind} files are read in place, "
                             f"memory-mapped); decompress it (gunzip)")
     try:
         ds = arrow_dataset(path) if kind == "arrow" else datasets.Dataset.from_parquet(str(path)) \
-            if kind == "parquet" else datasets.Dataset.from_csv(str(path))
+            if kind == "parquet" else datasets.Dataset.from_csv(str(path), **options)
     except PipelineError:
         raise
     except Exception as err:  # pyarrow/pandas parse errors

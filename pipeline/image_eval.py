@@ -11,6 +11,7 @@ captions, beside the same figure for real held-out digits drawn under the same c
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from pipeline.cli import PipelineError
@@ -19,6 +20,12 @@ MEASURES = ("digit", "size", "thickness", "position", "all")
 
 
 PAIR_COLUMNS = ("jpg_0", "jpg_1", "label_0", "chosen", "rejected")  # Pick-a-Pic's and Diffusion-DPO's pair columns
+
+
+def file_part(caption: str) -> str:
+    """A caption as part of a file name: words joined by _, a character a file name cannot hold (a / in "w/ thick
+    strokes") as _, at most 80 characters."""
+    return re.sub(r"[^\w.,+=-]", "_", caption.replace(" ", "_"), flags=re.UNICODE)[:80].strip(".") or "caption"
 
 
 def read_captions(spec: str | None, recipe) -> list[str]:
@@ -108,8 +115,8 @@ def evaluate(pipe, judge, captions: list[str], out: Path, *, samples: int, steps
         for r in rows:
             f.write(json.dumps(r) + "\n")
     for i, text in enumerate(captions):
-        images.save_grid(folder / f"{i:02d}_{text.replace(' ', '_')}.png", drawn[i * samples:(i + 1) * samples],
-                         [text], per_row=samples)
+        images.save_grid(folder / f"{i:02d}_{file_part(text)}.png", drawn[i * samples:(i + 1) * samples], [text],
+                         per_row=samples)
     keep = min(columns, samples)
     grid_idx = [i * samples + j for i in range(len(captions)) for j in range(keep)]
     images.save_grid(out / ("grid.png" if name == "model" else f"grid_{name}.png"), drawn[grid_idx], captions,

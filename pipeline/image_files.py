@@ -23,13 +23,28 @@ from pipeline.files import file_kind, read_file, read_table
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PNG's 16-bit grey opens as one of these
 
 
+def _unreadable_errors() -> tuple:
+    """What PIL raises for an image it cannot read: OSError (UnidentifiedImageError too), ValueError, SyntaxError, and
+    DecompressionBombError (an image of over ~179M pixels, or a damaged header that claims one)."""
+    from PIL import Image
+
+    return OSError, ValueError, SyntaxError, Image.DecompressionBombError
+
+
+UNREADABLE = _unreadable_errors()
+
+
 def as_model_image(im, channels: int, resolution: int):
     """A PIL image as the model sees it: mode `L` (channels 1) or `RGB`, resolution x resolution."""
     import numpy as np
-    from PIL import Image
+    from PIL import Image, ImageOps
 
+    im = ImageOps.exif_transpose(im)  # a phone photo upright, as datasets' Image feature (diffusers' loader) turns it
     if im.mode in SIXTEEN_BIT:
+        transparent = im.info.get("transparency")  # the grey value tRNS makes transparent
         im = Image.fromarray((np.clip(np.asarray(im, dtype=np.float64), 0, 65535) / 257).round().astype(np.uint8))
+        if isinstance(transparent, int):
+            im.info["transparency"] = round(transparent / 257)
     if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
         im = im.convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
@@ -68,7 +83,7 @@ def decode_checked(file: Path | bytes, channels: int, resolution: int, metadata,
     metadata file (or hub dataset) and the row."""
     try:
         return decode(file, channels, resolution)
-    except (OSError, ValueError, SyntaxError) as err:
+    except UNREADABLE as err:
         raise PipelineError(f"{metadata}: {where}: {unreadable(getattr(file, 'name', file), err)}") from None
 
 
@@ -180,7 +195,7 @@ def check_decodes(file: Path | bytes, path: Path, where: str, channels: int, res
             right_size = im.size == (resolution, resolution)
             im.load()
             as_model_image(im, channels, resolution)
-    except (OSError, ValueError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
+    except UNREADABLE as err:
         name = file if isinstance(file, bytes) or not file.is_relative_to(path.parent) else \
             str(file.relative_to(path.parent))  # as the row names it
         raise PipelineError(f"{path}: {where}: {unreadable(name, err)}") from None
@@ -237,6 +252,9 @@ def table_rows(source: Path | str) -> tuple:  # (rows: a list of dicts or a data
     as a hub dataset is (memory-mapped by `datasets`): the images it stores are read with their row, when asked for."""
     if isinstance(source, str):
         return hub_rows(source)
+    if file_kind(source) == "csv" and source.stat().st_size:
+        ds, where = read_table(source, "csv", text_cells=True)  # captions as written: "" and "7" are text
+        return ds.to_list(), where
     if file_kind(source) != "parquet" or source.stat().st_size == 0:
         return read_file(source)  # an empty file: read_file says so
     ds, where = read_table(source, "parquet")
@@ -259,6 +277,8 @@ def read_image_rows(source: Path | str, resolution: int, channels: int, image_co
     path = Path(source)  # for messages, and the folder that relative image paths start from
     if not rows:
         raise PipelineError(f"{path}: no rows")
+    if image_column == "image" and "image" not in columns(rows) and "file_name" in columns(rows):
+        image_column = "file_name"  # datasets' imagefolder shows a metadata file's file_name as its `image` column
     for key, named in (("image_column", image_column), ("caption_column", caption_column)):
         if named and named not in columns(rows):
             raise PipelineError(f"{path}: {where[0]}: no column '{named}' (diffusion.{key}; the row has "

@@ -83,7 +83,7 @@ FLOORS = {
     "rounds": (1, "at least 1"), "round_max_prompts": (1, "at least 1"), "round_max_new_tokens": (1, "at least 1"),
     "carbon_intensity_g_per_kwh": (0, "0 or more"), "length_split": (1, "at least 1"),
     "parallel_stages": (1, "at least 1"), "beta": (0, "0 or more"), "num_minibatches": (1, "at least 1"),
-    "vocab_size": (1, "at least 1"), "min_frequency": (0, "0 or more"),
+    "vocab_size": (1, "at least 1"), "min_frequency": (0, "0 or more"), "lora_rank": (1, "at least 1"),
     # slurm (also its stages' overrides and run.py's flags): sbatch took --nodes=0 and --signal=B:USR1@-5
     "nodes": (1, "at least 1"), "gpus_per_node": (0, "0 or more"), "procs_per_node": (1, "at least 1"),
     "cpus_per_task": (1, "at least 1"), "signal_seconds": (0, "0 or more"), "rdzv_timeout": (1, "at least 1"),

@@ -243,12 +243,12 @@ class Recipe:
         try:
             return config_class(**values)
         except (ValueError, TypeError) as err:
-            raise PipelineError(f"{self._refused_by(stage, config_class, values)}: {str(err).splitlines()[0]}") \
-                from None
+            raise PipelineError(self._refusal(stage, config_class, values, str(err).splitlines()[0])) from None
 
-    def _refused_by(self, stage: str, config_class, values: dict) -> str:
-        """Where the value a config class refused came from: the one section key without which the class builds,
-        named by its override when the command line set it; else the section (a refusal of several keys together)."""
+    def _refusal(self, stage: str, config_class, values: dict, message: str) -> str:
+        """A config class's refusal as one line naming where the value came from: the one section key without which
+        the class builds, by its override when the command line set it (a key inside it too: a.b.c=1); else the
+        section (a refusal of several keys together)."""
         culprits = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -259,11 +259,14 @@ class Recipe:
                 except (ValueError, TypeError):
                     pass
         if len(culprits) != 1:
-            return f"{self.path}: section '{stage}'"
-        dotted = f"{stage}.{culprits[0]}"
-        override = next((o for o in reversed(self.overrides)  # the key itself, or a key inside it (a.b.c=1)
-                         if (o.partition("=")[0].strip() + ".").startswith(dotted + ".")), None)
-        return f"override '{override}'" if override else f"{self.path}: {dotted}"
+            return f"{self.path}: section '{stage}': {message}"
+        key = culprits[0]
+        override = next((o for o in reversed(self.overrides)
+                         if (o.partition("=")[0].strip() + ".").startswith(f"{stage}.{key}.")), None)
+        named = f"{stage}.{message}" if message.startswith(f"{key} ") else None  # "max_steps must be ..."
+        if override:
+            return f"override '{override}': {named or message}"
+        return f"{self.path}: {named or f'{stage}.{key}: {message}'}"
 
 
 def _validate_section(section: str, raw, where, origins) -> dict:

@@ -365,6 +365,47 @@ def test_image_modes_decode_as_they_look_and_truncated_files_fail_at_the_start(t
         source.sample(2, torch.Generator().manual_seed(0))
 
 
+def test_images_read_as_diffusers_reads_them_upright_and_huge_ones_stop_in_one_line(tmp_path, monkeypatch):
+    """A phone photo's EXIF rotation was ignored (it trained sideways; datasets' Image feature turns it upright); a
+    16-bit grey PNG's transparent value came out black; an image over PIL's pixel limit was a traceback."""
+    import numpy as np
+    from PIL import Image
+
+    stored = np.zeros((4, 8, 3), dtype=np.uint8)  # 8 wide, 4 high: left half red, right half blue
+    stored[:, :4, 0], stored[:, 4:, 2] = 255, 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to view: upright it is 4 wide, red on top
+    Image.fromarray(stored).save(tmp_path / "phone.png", exif=exif)
+    upright = image_files.decode(tmp_path / "phone.png", 3, 4)  # 4 x 8 upright, centre-cropped to 4 x 4
+    assert upright[0, :2].min() == 1 and upright[2, :2].max() == 0  # the top rows red, no blue
+    assert upright[2, 2:].min() == 1 and upright[0, 2:].max() == 0  # the bottom rows blue
+    Image.fromarray(np.zeros((4, 4), dtype=np.uint16)).save(tmp_path / "deep.png", transparency=0)
+    assert float(image_files.decode(tmp_path / "deep.png", 1, 4).min()) == 1.0  # transparent: white on a page
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "phone.png", "caption": "a 7"}) + "\n")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 8)  # 32 pixels: over twice the limit, PIL's bomb error
+    with pytest.raises(PipelineError, match=r"metadata.jsonl: line 1: cannot read image 'phone.png' "
+                                            r"\(DecompressionBombError"):
+        images.load_images(str(tmp_path), 4, 3)
+
+
+def test_diffusers_metadata_layouts_read_as_its_training_script_reads_them(tmp_path):
+    """`image_column: image` (train_text_to_image.py's default) on a metadata file's `file_name` column, which
+    datasets' imagefolder shows as `image`, was refused; a metadata.csv's captions "" (the empty prompt), "7" and
+    "NA" were read by pandas as null, a number and null: "missing caption"."""
+    from PIL import Image
+
+    from pipeline.image_eval import file_part
+
+    for name in ("a", "b", "c"):
+        Image.new("L", (8, 8), 255).save(tmp_path / f"{name}.png")
+    (tmp_path / "metadata.csv").write_text('file_name,text\na.png,""\nb.png,7\nc.png,NA\n')
+    source = images.load_images(str(tmp_path), 8, 1, image_column="image", caption_column="text")
+    assert source.captions == ["", "7", "NA"] and [f.name for f in source.files] == ["a.png", "b.png", "c.png"]
+    # a held-out caption becomes a file name: a / in it made save_grid fail after training
+    assert "/" not in file_part("a large 7 w/ thick strokes") and file_part("a large 7") == "a_large_7"
+    assert len(file_part("a 7 " * 100)) <= 80
+
+
 # ---------------------------------------------------------------------------------------------- the judge
 
 
@@ -698,13 +739,13 @@ def test_bad_image_data_exits_2_with_one_line_and_writes_nothing(tmp_path):
     proc = run_cli(["pipeline/diffusion_dpo.py", recipe, "diffusion_dpo.candidate_steps=0"], cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "'diffusion_dpo': candidate_steps must be at least 1" in lines[0]
+    assert len(lines) == 1 and "diffusion_dpo.candidate_steps must be at least 1" in lines[0]
     assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("section, expected", [
-    ({"lr_scheduler_type": "cosinus"}, "'diffusion': lr_scheduler_type must be one of"),  # a traceback in training
-    ({"attn_implementation": "flash"}, "'diffusion': attn_implementation must be one of"),  # --check passed it
+    ({"lr_scheduler_type": "cosinus"}, "diffusion.lr_scheduler_type must be one of"),  # a traceback in training
+    ({"attn_implementation": "flash"}, "diffusion.attn_implementation must be one of"),  # --check passed it
     ({"text_encoder": {**TINY_TEXT, "d_model": "wide"}}, "diffusion.text_encoder: .*'d_model'"),  # traceback
     ({"unet": {**TINY_UNET, "block_out_channels": "wide"}}, "diffusion.unet: .*block_out_channels"),  # --check crashed
     ({"unet": {**TINY_UNET, "block_out_chanels": [8, 16]}}, "diffusion.unet: .*block_out_chanels"),  # --check passed
