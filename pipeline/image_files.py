@@ -39,7 +39,8 @@ def as_model_image(im, channels: int, resolution: int):
     import numpy as np
     from PIL import Image, ImageOps
 
-    im = ImageOps.exif_transpose(im)  # a phone photo upright, as datasets' Image feature (diffusers' loader) turns it
+    if im.getexif().get(0x0112, 1) != 1:  # a phone photo upright, as datasets' Image feature (diffusers') turns it
+        im = ImageOps.exif_transpose(im)
     if im.mode in SIXTEEN_BIT:
         transparent = im.info.get("transparency")  # the grey value tRNS makes transparent
         im = Image.fromarray((np.clip(np.asarray(im, dtype=np.float64), 0, 65535) / 257).round().astype(np.uint8))
