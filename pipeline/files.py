@@ -201,8 +201,23 @@ def read_table(path: Path, kind: str, text_cells: bool = False) -> tuple:  # (da
         raise
     except Exception as err:  # pyarrow/pandas parse errors
         raise PipelineError(f"{path}: cannot read {kind}: {_first_line(err)}") from None
-    offset = 2 if kind == "csv" else 1  # CSV: line 1 is the header
-    return ds, [f"line {i + offset}" if kind == "csv" else f"row {i + 1}" for i in range(len(ds))]
+    if kind == "csv":
+        starts = csv_record_lines(text)[1:]  # the header's line first
+        if len(starts) == len(ds):
+            return ds, [f"line {n}" for n in starts]
+        return ds, [f"line {i + 2}" for i in range(len(ds))]  # a parse the csv module disagrees on
+    return ds, [f"row {i + 1}" for i in range(len(ds))]
+
+
+def csv_record_lines(text: str) -> list[int]:
+    """The line each record of a CSV text starts on (a quoted field may run over lines; blank lines are no record,
+    as pandas skips them)."""
+    reader, starts, end = csv.reader(io.StringIO(text.lstrip("\ufeff"), newline="")), [], 0
+    for record in reader:  # a blank line is a record of its own, []
+        if record:
+            starts.append(end + 1)
+        end = reader.line_num
+    return starts
 
 
 ARROW_FILE, ARROW_STREAM = b"ARROW1", b"\xff\xff\xff\xff"  # how each Arrow IPC format starts

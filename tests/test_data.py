@@ -130,6 +130,17 @@ def test_a_json_file_without_rows_says_what_it_holds(tmp_path, content, message)
         files.read_file(path)
 
 
+def test_a_csv_row_is_named_by_the_line_it_starts_on(tmp_path):
+    """A quoted field over several lines (a multi-line reply) or a blank line shifted every later row's line number:
+    errors named the wrong line."""
+    from pipeline import files
+
+    path = tmp_path / "chats.csv"
+    path.write_text('prompt,completion\n"Two\nlines",x\n\nc,"d\ne\nf"\ng,h\n')
+    ds, where = files.read_table(path, "csv")
+    assert ds["prompt"] == ["Two\nlines", "c", "g"] and where == ["line 2", "line 5", "line 8"]
+
+
 def test_lines_split_at_line_feeds_alone(tmp_path, recipe):
     """JSON strings may hold U+2028, U+2029 and U+0085 unescaped (json.dumps(..., ensure_ascii=False) writes them so):
     they stay inside their row, as does a form feed in plain text; CRLF files read the same; errors count lines by
