@@ -179,12 +179,15 @@ def read_rows_by_part(spec, recipe, text_split: str = "paragraph"):
     return rows, where, spec_name(spec), part_of
 
 
-def first_rows(part_of: list[int] | None, n: int) -> list[int]:
-    """The index of each dataset's first row, in the order the datasets first appear (part_of None: one dataset)."""
-    firsts = {}
-    for i, part in enumerate(part_of or [0] * min(n, 1)):
-        firsts.setdefault(part, i)
-    return list(firsts.values())
+def plans_by_dataset(rows: list[dict], where: list[str], source, part_of: list[int] | None, plan_of) -> tuple:
+    """({dataset index: plan_of(its first row, where to name it)}, each row's dataset index): a list's datasets each
+    read in the format of its own first row (part_of None: one dataset)."""
+    part_of = part_of or [0] * len(rows)
+    several, plans = len(set(part_of)) > 1, {}
+    for i, part in enumerate(part_of):
+        if part not in plans:
+            plans[part] = plan_of(rows[i], f"{source}: {where[i]}" if several else source)
+    return plans, part_of
 
 
 def fingerprint(spec, recipe, images: bool = False) -> str:

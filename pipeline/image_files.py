@@ -17,21 +17,17 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from PIL import Image
+
 from pipeline.cli import PipelineError
 from pipeline.files import file_kind, read_file, read_table
 
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PNG's 16-bit grey opens as one of these
 
 
-def _unreadable_errors() -> tuple:
-    """What PIL raises for an image it cannot read: OSError (UnidentifiedImageError too), ValueError, SyntaxError, and
-    DecompressionBombError (an image of over ~179M pixels, or a damaged header that claims one)."""
-    from PIL import Image
-
-    return OSError, ValueError, SyntaxError, Image.DecompressionBombError
-
-
-UNREADABLE = _unreadable_errors()
+# what PIL raises for an image it cannot read: OSError (UnidentifiedImageError too), ValueError, SyntaxError, and
+# DecompressionBombError (an image of over ~179M pixels, or a damaged header that claims one)
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def as_model_image(im, channels: int, resolution: int):

@@ -188,14 +188,13 @@ def normalize_preferences(rows, where, source, part_of: list[int] | None = None)
     """Rows of any supported preference format -> normalized rows, and what was done (format, drops, margin). Each
     dataset of a list (part_of: its index, per row) has the format and margin of its own first row (a dataset
     without margins among ones with: its pairs' margin is None, which the reward stage refuses)."""
-    plans = {}  # dataset index: (format, margin_from)
-    for i in data.first_rows(part_of, len(rows)):
-        at = source if len(set(part_of or [0])) == 1 else f"{source}: {where[i]}"
-        plans[part_of[i] if part_of else 0] = (_detect_preference_format(rows[i], at), _margin_from(rows[i], at))
+    plans, part_of = data.plans_by_dataset(rows, where, source, part_of,  # dataset index: (format, margin_from)
+                                           lambda first, at: (_detect_preference_format(first, at),
+                                                              _margin_from(first, at)))
     conversational = None
     out, identical = [], 0
     for i, (row, w) in enumerate(zip(rows, where)):
-        fmt, margin_from = plans[part_of[i] if part_of else 0]
+        fmt, margin_from = plans[part_of[i]]
         needed = ("prompt", "chosen", "rejected") if fmt in ("explicit", "hh_explicit") else ("chosen", "rejected")
         if fmt in CONVERTED:
             row = _to_explicit(row, fmt, source, w)

@@ -80,11 +80,9 @@ def normalize_unpaired(rows: list[dict], where: list[str], source, part_of: list
     """Rows of any unpaired format (UNPAIRED_FORMATS) -> TRL's unpaired rows, and what was done. Each dataset of a
     list (part_of: its index, per row) has the format and label column of its own first row; datasets that differ
     in them are read each on its own, in list order."""
-    several = len(set(part_of or [0])) > 1
-    plans = {}  # dataset index: (format, label column)
-    for i in data.first_rows(part_of, len(rows)):
-        fmt = detect_unpaired_format(rows[i], f"{source}: {where[i]}" if several else source)
-        plans[part_of[i] if part_of else 0] = (fmt, next((c for c in LABEL_COLUMNS if c in rows[i]), None))
+    plans, part_of = data.plans_by_dataset(rows, where, source, part_of,  # dataset index: (format, label column)
+                                           lambda first, at: (detect_unpaired_format(first, at),
+                                                              next((c for c in LABEL_COLUMNS if c in first), None)))
     if len(set(plans.values())) > 1:  # e.g. TRL's `label` beside LLaMA-Factory's `kto_tag`
         return _each_dataset(rows, where, source, part_of, list(plans))
     fmt, label_column = next(iter(plans.values()))
