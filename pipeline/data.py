@@ -264,9 +264,15 @@ def _not_demonstrations(source, where, first: bool, why: str):
 
 
 def _check_prompts(rows, where, source):
+    """Prompts: `prompt` as text or messages (in a CSV, a JSON list of messages), with the `tools` it offers."""
     for row, w in zip(rows, where):
         if "prompt" not in row:
             bad_row(source, w, f"missing column 'prompt' (columns: {', '.join(row) or 'none'})")
+        if isinstance(row["prompt"], str) and row["prompt"].lstrip().startswith("[{"):  # CSV cells hold JSON text
+            try:
+                row["prompt"] = json.loads(row["prompt"])
+            except json.JSONDecodeError:
+                pass
         if isinstance(row["prompt"], list):
             check_messages(row["prompt"], source, w, need_assistant=False)
             users = [m for m in row["prompt"] if m["role"] == "user"]
@@ -373,12 +379,6 @@ def _check_eval_prompts(rows, where, source):
     """Evaluation prompts: `prompt` (text or messages; in CSV a JSON list of messages), optional `answer` (a
     reference: text or a number) and `skill` (text: a world skill names its verifier, anything else a category)."""
     for row, w in zip(rows, where):
-        prompt = row.get("prompt")
-        if isinstance(prompt, str) and prompt.lstrip().startswith("[{"):  # CSV cells hold JSON text
-            try:
-                row["prompt"] = json.loads(prompt)
-            except json.JSONDecodeError:
-                pass
         _check_prompts([row], [w], source)
         for col in ("answer", "skill"):
             if isinstance(row.get(col), float) and row[col] != row[col]:  # an empty CSV/Parquet cell: NaN

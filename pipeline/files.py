@@ -117,10 +117,7 @@ def read_file(path: Path, text_split: str = "paragraph") -> tuple[list[dict], li
                 raise PipelineError(f"{path}: line {err.lineno}: invalid JSON ({err.msg})") from None
         rows = json_rows(obj)
         if rows is None:
-            got = f"row {next(i for i, r in enumerate(obj, 1) if not isinstance(r, dict))} is not an object" \
-                if isinstance(obj, list) else f"an object with keys {', '.join(obj) or 'none'}" \
-                if isinstance(obj, dict) else f"a JSON {_JSON_TYPES.get(type(obj), type(obj).__name__)}"
-            raise PipelineError(f"{path}: expected a list of JSON objects (one per row); {got}")
+            raise PipelineError(f"{path}: expected a list of JSON objects (one per row); {_what_json_holds(obj)}")
         return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
     ds, where = read_table(path, kind)
     try:
@@ -130,6 +127,15 @@ def read_file(path: Path, text_split: str = "paragraph") -> tuple[list[dict], li
 
 
 _JSON_TYPES = {str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+def _what_json_holds(obj) -> str:
+    """What a .json file without rows holds, for its error."""
+    if isinstance(obj, list):
+        return f"row {next(i for i, r in enumerate(obj, 1) if not isinstance(r, dict))} is not an object"
+    if isinstance(obj, dict):
+        return f"an object with keys {', '.join(obj) or 'none'}"
+    return f"a JSON {_JSON_TYPES.get(type(obj), type(obj).__name__)}"
 
 
 def _message(value) -> bool:

@@ -14,13 +14,14 @@ to the resolution, bilinear) and centre-cropped, as diffusers' train_text_to_ima
 
 from __future__ import annotations
 
+import io
 from functools import lru_cache
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline.cli import PipelineError
-from pipeline.files import file_kind, read_file, read_table
+from pipeline.files import file_kind, names_a_local_file, read_file, read_table
 
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PNG's 16-bit grey opens as one of these
 
@@ -33,7 +34,6 @@ UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 def as_model_image(im, channels: int, resolution: int):
     """A PIL image as the model sees it: mode `L` (channels 1) or `RGB`, resolution x resolution."""
     import numpy as np
-    from PIL import Image, ImageOps
 
     if im.getexif().get(0x0112, 1) != 1:  # a phone photo upright, as datasets' Image feature (diffusers') turns it
         im = ImageOps.exif_transpose(im)
@@ -57,10 +57,6 @@ def as_model_image(im, channels: int, resolution: int):
 
 def open_image(file: Path | bytes):
     """A PIL image from a file, or from the bytes a metadata file stores (datasets' Image feature in a parquet)."""
-    import io
-
-    from PIL import Image
-
     return Image.open(io.BytesIO(file) if isinstance(file, bytes) else file)
 
 
@@ -201,8 +197,6 @@ def check_decodes(file: Path | bytes, path: Path, where: str, channels: int, res
 
 def is_hub_id(spec: str) -> bool:
     """A spec that is no local file or folder and reads as a hub dataset id (`org/name`, optionally `:split`)."""
-    from pipeline.files import names_a_local_file
-
     return not Path(spec).expanduser().exists() and not spec.startswith("images:") and \
         not names_a_local_file(spec.partition(":")[0])
 

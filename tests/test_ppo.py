@@ -775,3 +775,52 @@ def test_read_prompts_says_what_it_read_for_the_manifest(tmp_path, monkeypatch):
     assert ds["prompt"] == [turn] and info == {"source": pairs, "rows": 1,
                                                "format": "the prompts of implicit preference pairs"}
     assert reads == [prompts, pairs]  # each spec read once (a hub dataset or a LLaMA-Factory entry: one conversion)
+
+
+def test_ppo_prompt_lists_read_each_dataset_as_prompts_or_pairs(tmp_path):
+    """Each dataset of ppo.prompts is prompts or preference pairs by its own first row: a list of a prompt file and a
+    pair file read both (before, the first row decided for all: the pairs' rows lacked 'prompt'). Pairs are read as
+    the preference stages read them: an Anthropic HH prompt is its turns, not its markers as one user message."""
+    from conftest import write_jsonl
+    from pipeline import ppo
+
+    recipe = load_recipe(tiny_recipe(tmp_path))
+    turn = [{"role": "user", "content": "What is 2 + 3?"}]
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Say hi."}])
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"chosen": turn + [{"role": "assistant", "content": "5"}],
+         "rejected": turn + [{"role": "assistant", "content": "6"}]}])
+    hh = write_jsonl(tmp_path / "hh.jsonl", [
+        {"prompt": "\n\nHuman: Name a colour.\n\nAssistant: Red.\n\nHuman: Another?\n\nAssistant:",
+         "chosen": " Blue.", "rejected": " No."}])
+    for spec in ([prompts, pairs], [pairs, prompts]):
+        ds, info = ppo.read_prompts(spec, recipe)
+        assert ds["prompt"] == [[{"role": "user", "content": "Say hi."}], turn]  # the prompts first
+        assert info["format"] == "prompts + the prompts of implicit preference pairs"
+    ds, info = ppo.read_prompts(hh, recipe, pairs=True)
+    assert ds["prompt"] == [[{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Red."},
+                             {"role": "user", "content": "Another?"}]]
+    assert ds["chosen"] == [[{"role": "assistant", "content": "Blue."}]]
+    assert info["format"] == "the prompts of hh_explicit preference pairs"
+
+
+def test_ppo_csv_prompts_hold_messages_as_json(tmp_path):
+    """A CSV cell holding a JSON list of messages is those messages, in ppo's prompts as in eval's (it was one user
+    turn of JSON text); a JSON cell that is not messages stops the stage naming its line."""
+    import csv
+
+    from pipeline import ppo
+    from pipeline.cli import PipelineError
+
+    recipe = load_recipe(tiny_recipe(tmp_path))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 3?"}]
+    rows = [["prompt"], [json.dumps(messages)], ["Say hi."]]
+    path = tmp_path / "p.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows + [['[{"text": "no role"}]']])
+    with pytest.raises(PipelineError, match=rf"^{re.escape(str(path))}: line 4: "):
+        ppo.read_prompts(str(path), recipe)
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    ds, _ = ppo.read_prompts(str(path), recipe)
+    assert ds["prompt"] == [messages, [{"role": "user", "content": "Say hi."}]]

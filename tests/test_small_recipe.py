@@ -46,7 +46,7 @@ def test_the_small_recipe_runs_every_stage_through_the_runner(tmp_path):
     # what ppo and eval read is in their manifests, as every other stage's data is
     prompts = ppo["data"]["prompts"]
     assert prompts["source"] == "world:preference + world:tool_preference" and prompts["rows"] > 0
-    assert prompts["format"] == "prompts"  # the world's pairs have a prompt column
+    assert prompts["format"] == "the prompts of explicit preference pairs"  # read as the reward and dpo stages do
     eval_data = json.loads((run_dir / "eval" / "manifest.json").read_text())["data"]
     assert eval_data["prompts"] == {"source": "world:eval", "rows": 8, "format": "prompts"}
     assert eval_data["tool_prompts"]["source"] == "world:tool_eval" and eval_data["tool_prompts"]["rows"] > 0
