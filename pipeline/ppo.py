@@ -31,8 +31,7 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
 
 import math
 
-from pipeline import (cli, data, generation, log, models, monitors, ppo_models, preferences, reward_rounds, runs,
-                      vllm_engine)
+from pipeline import cli, data, log, models, monitors, ppo_models, preferences, reward_rounds, runs, vllm_engine
 from pipeline.heldout import heldout_comparison, heldout_rows
 from pipeline.judges import with_answers
 from pipeline.ppo_tools import check_offers
@@ -61,7 +60,7 @@ def read_prompts(spec, recipe, columns: dict | None = None, pairs: bool = False)
     """(load_prompts' dataset, what was read for the manifest: {source, rows, format}). The spec is read once. Each
     dataset of a list is pairs (its first row has chosen and rejected: read as the preference stages read them, so
     an HH prompt is its turns) or prompts; a list of both gives its prompts first, then its pairs' (rollouts draw
-    prompts in a seeded random order). A text prompt becomes the one user message it is rendered as."""
+    prompts in a seeded random order)."""
     from pipeline.formats import rename_columns
 
     rows, where, source, part_of = data.read_rows_by_part(spec, recipe)
@@ -82,8 +81,6 @@ def read_prompts(spec, recipe, columns: dict | None = None, pairs: bool = False)
         if not normalized and not of_prompts:
             raise cli.PipelineError(f"{source}: no pairs left: all {pair_info['identical_dropped']} have chosen equal "
                                     f"to rejected")
-    for row in out:  # text as the user turn our PPO and eval render it as (TRL's trainers take text raw)
-        row["prompt"] = generation.as_messages(row["prompt"])
     ds = data.dataset_of(out, source, [where[i] for i in of_prompts + of_pairs] if len(out) == len(rows) else None)
     keep = ("prompt", "skill", "answer", "tools", "kind", "expect") + (("chosen", "rejected") if pairs else ())
     return ds.select_columns([c for c in keep if c in ds.column_names]), \

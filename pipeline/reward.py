@@ -221,7 +221,7 @@ def main(argv):
                      data={"train": train_info, "eval": eval_info})
             m["checks"] = reward_report.trust_checks(m, keys.category_column)
             save_statistics(run.out, scorer.model, mean=m["reward_mean"], std=m["reward_std"],
-                            max_length=args.max_length)
+                            max_length=args.max_length, conversational=isinstance(train_ds[0]["prompt"], list))
             headline = ("accuracy", "accuracy_clean", "accuracy_chosen_shorter", "ece", "length_correlation",
                         "mean_margin")
             out = {**{k: m[k] for k in headline if k in m}, **out, **{k: v for k, v in m.items() if k not in headline}}

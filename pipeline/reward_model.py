@@ -6,7 +6,8 @@ module, so a reply is scored exactly as the reward stage trained on it:
 
 - encoding (`encode`): a conversational prompt (a list of messages) gets the reply as an assistant turn through the
   reward model's own chat template (with the row's tools); a text prompt gets `prompt + reply + eos`, as TRL builds
-  text pairs;
+  text pairs, unless the model trained on conversations (`reward_conversational` in its config): then it is the user
+  turn the policy answered (`RewardModel.as_trained`);
 - truncation: a sequence over `max_length` keeps its last `max_length` tokens (the score head reads the last one);
   `max_length` is the reward stage's, stored in the saved config as `reward_max_length`;
 - normalisation: `(raw - reward_mean) / reward_std` with the statistics of the training pairs the stage stored in the
@@ -80,10 +81,13 @@ def save_reward_model(trainer, tokenizer, out: Path, recipe, init_path: str) -> 
     trainer.accelerator.wait_for_everyone()
 
 
-def save_statistics(out: Path, model, *, mean: float, std: float, max_length: int | None) -> None:
-    """Write what every later reader needs into the saved config: normalisation and the training max_length."""
+def save_statistics(out: Path, model, *, mean: float, std: float, max_length: int | None,
+                    conversational: bool | None) -> None:
+    """Write what every later reader needs into the saved config: normalisation, the training max_length, and
+    whether it trained on conversations (None: not known)."""
     model.config.reward_mean, model.config.reward_std = mean, std
     model.config.reward_max_length = max_length
+    model.config.reward_conversational = conversational
     model.config.save_pretrained(str(out))
 
 
@@ -211,8 +215,10 @@ class RewardModel:
 
     `scores(prompts, replies)` gives raw scores; `normalise` standardises them with the stored mean and std."""
 
-    def __init__(self, model, tokenizer, max_length: int | None, mean: float | None, std: float | None):
+    def __init__(self, model, tokenizer, max_length: int | None, mean: float | None, std: float | None,
+                 conversational: bool | None = None):
         self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+        self.conversational = conversational
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = tokenizer.pad_token_id
         self.standardised = mean is not None and std is not None and std > 0
@@ -228,12 +234,17 @@ class RewardModel:
         max_length = (max_length or getattr(config, "reward_max_length", None)
                       or getattr(config, "max_position_embeddings", None))
         return cls(model, tokenizer, max_length, getattr(config, "reward_mean", None),
-                   getattr(config, "reward_std", None))
+                   getattr(config, "reward_std", None), getattr(config, "reward_conversational", None))
+
+    def as_trained(self, prompt):
+        """A prompt in the form this model trained on: a text prompt to a model that trained on conversations is the
+        user turn the policy answered (its chat template renders it, as the policy's did); as given otherwise."""
+        return [{"role": "user", "content": prompt}] if self.conversational and isinstance(prompt, str) else prompt
 
     def scores(self, prompts, replies, tools=None, *, batch_size: int = 64, desc: str = "rewards") -> list[float]:
         """Raw score of each (prompt, reply): reply as text or as messages; tools: one list per row, or None."""
         tools = tools or [None] * len(prompts)
-        seqs = [encode(self.tokenizer, p, r, t) for p, r, t in zip(prompts, replies, tools)]
+        seqs = [encode(self.tokenizer, self.as_trained(p), r, t) for p, r, t in zip(prompts, replies, tools)]
         return score(self.model, seqs, self.tokenizer.pad_token_id, batch_size, self.max_length, desc)
 
     def policy_scores(self, prompts, replies, ended, missing_eos_penalty: float | None, *, tools=None,
@@ -273,7 +284,7 @@ class RewardModel:
         seqs, lengths = [], []
         for row in rows:
             for side in ("chosen", "rejected"):
-                seqs.append(encode(self.tokenizer, row["prompt"], row[side], tools_of(row)))
+                seqs.append(encode(self.tokenizer, self.as_trained(row["prompt"]), row[side], tools_of(row)))
                 lengths.append(len(self.tokenizer(reply_text(row[side]), add_special_tokens=False)["input_ids"]))
         rewards = score(self.model, seqs, self.tokenizer.pad_token_id, batch_size, self.max_length, desc)
         cut = sum(max(len(c), len(r)) > self.max_length for c, r in zip(seqs[0::2], seqs[1::2])) \

@@ -106,9 +106,10 @@ def fine_tune(reward: RewardModel, pairs: list[dict], *, epochs: int, learning_r
     seqs, reply_starts = [], []
     for p in pairs:
         tools = tools_of(p)
-        chosen, rejected = (encode(tokenizer, p["prompt"], p[side], tools) for side in ("chosen", "rejected"))
+        prompt = reward.as_trained(p["prompt"])
+        chosen, rejected = (encode(tokenizer, prompt, p[side], tools) for side in ("chosen", "rejected"))
         cut = len(chosen) - len(chosen[keep:])  # tokens truncation drops from the front of the chosen sequence
-        reply_starts.append(max(0, len(encode_prompt(tokenizer, p["prompt"], tools)) - cut))
+        reply_starts.append(max(0, len(encode_prompt(tokenizer, prompt, tools)) - cut))
         seqs.append((chosen[keep:], rejected[keep:]))
     first = next(model.parameters())
     device = first.device
@@ -197,7 +198,8 @@ def build_round(r: int, *, out: Path, reward: RewardModel, policy, tokenizer, pr
     shutil.rmtree(tmp, ignore_errors=True)
     reward.model.save_pretrained(str(tmp), safe_serialization=True)
     reward.tokenizer.save_pretrained(str(tmp))
-    save_statistics(tmp, reward.model, mean=reward.mean, std=reward.std, max_length=reward.max_length)
+    save_statistics(tmp, reward.model, mean=reward.mean, std=reward.std, max_length=reward.max_length,
+                    conversational=reward.conversational)
     (tmp / PAIRS).write_text(json.dumps(pairs, ensure_ascii=False))
     faults.point("reward-round")
     (tmp / STATE).write_text(json.dumps(record, indent=2))

@@ -474,16 +474,15 @@ def test_a_message_prompt_without_a_user_turn_with_text_is_one_line_naming_its_r
                               f"is asked)")
 
 
-def test_ppo_text_prompts_are_the_user_turns_they_render_as(tmp_path, recipe):
-    """ppo's text prompts become one user message each, as our PPO and eval render them: a file mixing text and
-    messages reads (Arrow refused it as a column of two types), and TRL's GRPO/RLOO, which take text raw, see the
-    same chat-templated prompt as eval."""
+def test_ppo_prompts_mixing_text_and_messages_name_the_rows(tmp_path, recipe):
     from pipeline import ppo
 
-    messages = [{"role": "user", "content": "Hi?"}]
-    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is 2 + 3?"}, {"prompt": messages}])
-    ds, info = ppo.read_prompts(path, recipe)
-    assert ds["prompt"] == [[{"role": "user", "content": "What is 2 + 3?"}], messages] and info["format"] == "prompts"
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi?"}, {"prompt": [{"role": "user", "content": "Hi?"}]}])
+    with pytest.raises(PipelineError) as err:
+        ppo.read_prompts(path, recipe)
+    assert str(err.value).startswith(f"{path}: rows do not share one schema: column 'prompt' holds str 'Hi?' (line 1) "
+                                     f"and list")
+    assert str(err.value).endswith("(line 2)")
 
 
 def test_a_column_of_mixed_types_is_named_with_its_rows(tmp_path, recipe):

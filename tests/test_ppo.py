@@ -786,7 +786,7 @@ def test_ppo_prompt_lists_read_each_dataset_as_prompts_or_pairs(tmp_path):
 
     recipe = load_recipe(tiny_recipe(tmp_path))
     turn = [{"role": "user", "content": "What is 2 + 3?"}]
-    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Say hi."}])
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": [{"role": "user", "content": "Say hi."}]}])
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [
         {"chosen": turn + [{"role": "assistant", "content": "5"}],
          "rejected": turn + [{"role": "assistant", "content": "6"}]}])
@@ -814,7 +814,7 @@ def test_ppo_csv_prompts_hold_messages_as_json(tmp_path):
 
     recipe = load_recipe(tiny_recipe(tmp_path))
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 3?"}]
-    rows = [["prompt"], [json.dumps(messages)], ["Say hi."]]
+    rows = [["prompt"], [json.dumps(messages)], [json.dumps(messages[1:])]]
     path = tmp_path / "p.csv"
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows(rows + [['[{"text": "no role"}]']])
@@ -823,4 +823,4 @@ def test_ppo_csv_prompts_hold_messages_as_json(tmp_path):
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows(rows)
     ds, _ = ppo.read_prompts(str(path), recipe)
-    assert ds["prompt"] == [messages, [{"role": "user", "content": "Say hi."}]]
+    assert ds["prompt"] == [messages, messages[1:]]

@@ -267,6 +267,7 @@ def test_short_run_learns_a_preference_and_writes_its_report(tiny_run, tmp_path)
     config = AutoConfig.from_pretrained(out)
     assert config.reward_mean == pytest.approx(m["reward_mean"]) and config.reward_std == pytest.approx(m["reward_std"])
     assert m["reward_std"] > 0 and config.pad_token_id is not None
+    assert config.reward_conversational is True  # the world's pairs are conversations: a text prompt is a user turn
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.num_labels == 1 and (out / "model.safetensors").is_file()
     assert (out / "tokenizer.json").is_file() and (out / "calibration.png").stat().st_size > 10_000

@@ -33,7 +33,7 @@ def scored(tiny_run, tmp_path_factory):
     model.config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out / "rm")
     tokenizer.save_pretrained(out / "rm")
-    save_statistics(out / "rm", model, mean=MEAN, std=STD, max_length=128)
+    save_statistics(out / "rm", model, mean=MEAN, std=STD, max_length=128, conversational=None)  # trained on both
 
     from pipeline import data
 
@@ -106,6 +106,24 @@ def test_every_reader_gets_the_reward_trl_trained_on(scored):
     target = evaluate.Target("policy", checkpoint, greedy=[Reply(t, True, 0) for t in texts])
     assert evaluate.score_rewards(recipe, checkpoint, [target], rows, batch_size=3, device="cpu") is True
     assert target.rewards == pytest.approx(normalised, abs=1e-5)
+
+
+def test_a_text_prompt_is_scored_in_the_form_the_model_trained_on(scored):
+    """A reward model that trained on conversations (the reward stage saves `reward_conversational`) scores a text
+    prompt as the user turn the policy answered, through its chat template; before, as raw `prompt + reply + eos`,
+    which it never saw (a cluster recipe's text eval prompts against its conversational pairs). One that trained on
+    text, or whose training is not known, scores it as given."""
+    recipe, checkpoint, _, _ = scored
+    reward_model = RewardModel.load(recipe, checkpoint)
+    text, turn, reply = "What is 2 plus 2?", [{"role": "user", "content": "What is 2 plus 2?"}], "The answer is 4."
+    as_turn, as_text = reward_model.scores([turn], [reply])[0], reward_model.scores([text], [reply])[0]
+    assert reward_model.conversational is None and as_text != as_turn
+    for conversational, expected in ((True, as_turn), (False, as_text)):
+        reward_model.conversational = conversational
+        assert reward_model.scores([text], [reply]) == [expected]
+        scored_pairs = reward_model.score_pairs([{"prompt": text, "chosen": reply, "rejected": "No."}], batch_size=4,
+                                                desc="pairs")
+        assert scored_pairs.chosen == [pytest.approx(expected, abs=1e-5)]  # batched with its pair: padding
 
 
 def test_a_sequence_over_max_length_keeps_its_end(scored):

@@ -93,7 +93,7 @@ def test_prompts_longer_than_max_prompt_length_are_left_out_as_our_ppo_leaves_th
     monkeypatch.setattr(trl.GRPOTrainer, "__init__", spy)
     monkeypatch.chdir(user)
     ppo.main([str(grpo_recipe(user, prompts=spec)), "run.name=long"])
-    assert given == [[[{"role": "user", "content": text}] for text in short]]  # the user turns eval renders
+    assert given == [short]
     assert "1 of 7 prompts not within max_prompt_length=128 tokens: left out" in \
         (user / "runs/long/ppo/log.txt").read_text()
 
