@@ -329,16 +329,18 @@ def random_reply(answer: str, rng: random.Random, style: str | None = None) -> s
 
 
 def normalize_answer(text) -> str:
-    """Lowercase, single spaces, no surrounding quotes or punctuation: ' The Cat. ' -> 'the cat'."""
+    """Lowercase, single spaces, no surrounding quotes, emphasis or punctuation: ' **The Cat.** ' -> 'the cat'."""
     text = " ".join(str(text).lower().split())
-    return text.strip(" \"'`.!?,;:")
+    return text.strip(" \"'`*.!?,;:")
 
 
-_ANSWER_RE = re.compile(r"answer\s+is\s", re.IGNORECASE)
+_ANSWER_RE = re.compile(r"answer\s+is\b:?\s*", re.IGNORECASE)  # "the answer is 8", "The answer is: 8"
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")  # not the point of 3.14 or of D.C.
 
 
 def extract_answer(reply: str) -> str | None:
-    """The text after the last "answer is " up to the next period (or line end), normalised; None if absent."""
+    """The text after the last "answer is" up to the end of its sentence (a period, ! or ? before a space or the
+    end; or the line end), normalised; None if absent."""
     if not isinstance(reply, str):
         return None
     last = None
@@ -347,8 +349,7 @@ def extract_answer(reply: str) -> str | None:
     if last is None:
         return None
     rest = reply[last.end():].split("\n", 1)[0]
-    rest = rest.split(".", 1)[0]
-    ans = normalize_answer(rest)
+    ans = normalize_answer(_SENTENCE_END.split(rest, 1)[0])
     return ans or None
 
 

@@ -107,6 +107,20 @@ def test_verify_rejects_wrong_words():
         verify("multiply", "The answer is 1.", "1")
 
 
+@pytest.mark.parametrize("reply, answer", [("The answer is 3.14.", "3.14"), ("The answer is Washington D.C.", "washington d.c"),
+                                           ("The answer is: 8", "8"), ("So the answer is **8**.", "8"),
+                                           ("The answer is 7! Next.", "7"), ("The answer is\n8", "8"),
+                                           ("The answer is 1. 2 is wrong.", "1")])
+def test_the_final_answer_ends_with_its_sentence(reply, answer):
+    """A reference answer is compared with the text after the last "answer is" up to the end of its sentence: the
+    point of 3.14 or of D.C. does not end it (it was cut there: '3', 'washington d'), nor does a colon or markdown
+    emphasis hide it. The judge's exact match (a user's prompts without a world skill) reads it so."""
+    from pipeline import judges
+
+    assert extract_answer(reply) == answer
+    assert judges.is_correct({"answer": answer.upper()}, reply) and not judges.is_correct({"answer": "9"}, reply)
+
+
 def test_reply_quality_and_annotator():
     good, rude, verbose, wrong = (world.make_reply("8", "polite", 0), world.make_reply("8", "rude", 1),
                                   world.make_reply("8", "verbose", 0), world.make_reply("9", "polite", 0))
