@@ -13,14 +13,17 @@ from pipeline.generation import generate
 
 
 def heldout_rows(recipe, keys) -> list[dict] | None:
-    """The stage's held-out prompts (HeldoutKeys) if they carry verifiers (`skill`, `answer`), else None."""
+    """The stage's held-out prompts (HeldoutKeys), read and checked as the eval stage reads its prompts (a CSV's 8.0 is
+    the answer 8, as there), if some of them carry a reference `answer` (a world `skill` names its verifier), else
+    None."""
     if not keys.heldout_prompts:
         return None
-    ds = data.load(keys.heldout_prompts, "prompts", recipe)
-    if not {"skill", "answer"} <= set(ds.column_names):
-        log.info("%s has no skill/answer columns: held-out scoring skipped", keys.heldout_prompts)
+    ds = data.load(keys.heldout_prompts, "eval_prompts", recipe)
+    rows = ds.select(range(min(len(ds), keys.heldout_max_prompts))).to_list()
+    if not any(judges.has_verifier(row) for row in rows):
+        log.info("%s has no reference answers: held-out scoring skipped", keys.heldout_prompts)
         return None
-    return ds.select(range(min(len(ds), keys.heldout_max_prompts))).to_list()
+    return rows
 
 
 def verifier_accuracy(model, tokenizer, rows, *, max_new_tokens=48, batch_size=64, desc="scoring") -> dict:

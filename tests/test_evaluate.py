@@ -299,6 +299,23 @@ def test_a_stages_heldout_accuracy_is_the_eval_stages_on_the_same_checkpoint(ran
     assert stage["per_skill"] == {s: v["mean"] for s, v in evaluated["accuracy_per_skill"].items()}
 
 
+@pytest.mark.parametrize("header", ["prompt,skill,answer", "prompt,answer"])
+def test_held_out_prompts_are_read_as_the_eval_stage_reads_them(tmp_path, header):
+    """A stage's held-out prompts are read as eval reads its prompts: a CSV answer column with a blank cell (floats
+    to pandas) gives the answers 8 and 3, not 8.0 and 3.0 that no reply matched (held-out accuracy 0 where eval
+    said 1); prompts with answers and no skill column are scored, as eval scores them, not skipped."""
+    from pipeline import data, heldout
+
+    path = tmp_path / "p.csv"
+    skills = ["math,", "chat,", "math,"] if "skill" in header else ["", "", ""]
+    path.write_text(f"{header}\nWhat is 4 + 4?,{skills[0]}8\nSay hi.,{skills[1]}\nWhat is 1 + 2?,{skills[2]}3\n")
+    recipe = load_recipe(tiny_recipe(tmp_path), [f"sft.heldout_prompts={path}"])
+    rows = heldout.heldout_rows(recipe, recipe.keys("sft"))
+    assert rows == data.load(str(path), "eval_prompts", recipe).to_list()
+    assert [r["answer"] for r in rows] == ["8", None, "3"]
+    assert judges.accuracy(rows, ["The answer is 8.", "Hi!", "The answer is 3."])["accuracy"] == 1.0
+
+
 def test_heldout_scores_a_start_model_whose_tokenizer_gains_the_chat_tokens(tmp_path):
     """sft from a base model without ChatML tokens: the tokenizer gains them (sft grows the embeddings), and the
     held-out check of the start model at the end of sft stopped on an index error after training."""
