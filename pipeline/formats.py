@@ -16,10 +16,13 @@ Rows come out Arrow-friendly: `tools` as a JSON string (TRL reads both), tool-ca
 from __future__ import annotations
 
 import json
+import re
 
 from pipeline.cli import PipelineError
 
 ROLES = ("system", "user", "assistant", "tool")
+# a cell of JSON text that is a list of objects: how a CSV holds messages ("[{", or "[\n  {" written with indent=2)
+JSON_OBJECTS = re.compile(r"\s*\[\s*\{")
 SFT_FORMATS = {
     "messages": "messages (role/content)",
     "prompt_completion": "prompt + completion",

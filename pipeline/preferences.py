@@ -13,7 +13,8 @@ import re
 
 from pipeline import data
 from pipeline.cli import PipelineError
-from pipeline.formats import bad_row, check_messages, check_tool_calls, sharegpt_messages, tools_json, tools_of
+from pipeline.formats import (JSON_OBJECTS, bad_row, check_messages, check_tool_calls, sharegpt_messages, tools_json,
+                              tools_of)
 
 
 PREFERENCE_FORMATS = {
@@ -45,7 +46,7 @@ def parse_hh(text: str) -> list[dict] | None:
 
 def _as_messages(value):
     """A CSV cell (or any string) holding a JSON list of messages becomes that list; anything else is unchanged."""
-    if isinstance(value, str) and value.lstrip().startswith("[{"):
+    if isinstance(value, str) and JSON_OBJECTS.match(value):
         try:
             parsed = json.loads(value)
         except json.JSONDecodeError:

@@ -806,7 +806,8 @@ def test_ppo_prompt_lists_read_each_dataset_as_prompts_or_pairs(tmp_path):
 
 def test_ppo_csv_prompts_hold_messages_as_json(tmp_path):
     """A CSV cell holding a JSON list of messages is those messages, in ppo's prompts as in eval's (it was one user
-    turn of JSON text); a JSON cell that is not messages stops the stage naming its line."""
+    turn of JSON text), written with indent=2 too (eval took that for text); a JSON cell that is not messages stops
+    the stage naming its line."""
     import csv
 
     from pipeline import ppo
@@ -814,11 +815,12 @@ def test_ppo_csv_prompts_hold_messages_as_json(tmp_path):
 
     recipe = load_recipe(tiny_recipe(tmp_path))
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 3?"}]
-    rows = [["prompt"], [json.dumps(messages)], [json.dumps(messages[1:])]]
+    rows = [["prompt"], [json.dumps(messages)], [json.dumps(messages[1:], indent=2)]]  # "[\n  {": JSON all the same
     path = tmp_path / "p.csv"
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows(rows + [['[{"text": "no role"}]']])
-    with pytest.raises(PipelineError, match=rf"^{re.escape(str(path))}: line 4: "):
+    line = 4 + rows[2][0].count("\n")  # the line the fourth record starts on
+    with pytest.raises(PipelineError, match=rf"^{re.escape(str(path))}: line {line}: message 0: unknown role"):
         ppo.read_prompts(str(path), recipe)
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows(rows)
