@@ -33,7 +33,8 @@ from pipeline.cli import PipelineError
 from pipeline.formats import bad_row, tools_of
 from pipeline.generation import as_messages, prompt_ids, same_tokenizer, token_logprobs, warn_past_context
 from pipeline.images import PROPERTIES
-from pipeline.tool_rollout import BUDGET_MESSAGE, generate_with_tools, stage_toolbox
+from pipeline.reward_model import offered_tools
+from pipeline.tool_rollout import BUDGET_MESSAGE, generate_with_tools, offered_views, stage_toolbox
 
 DRAW_KINDS = ("draw", "draw_sum")
 
@@ -205,19 +206,21 @@ class ToolEval:
             self.judge = ImageJudge.load(tool_plan.judge)
         self.plan, self.keys, self.seed, self.device = tool_plan, keys, seed, device
         self.rows = tool_plan.rows
+        # each row offers its own tools (its `tools`, as ppo offers them), else every tool of the recipe
+        self.offers = offered_views(self.toolbox, [o or self.toolbox.schemas() for o in offered_tools(self.rows)])
         self.reference = None  # the reference LoadedModel, set by the caller when the KL is measured
         self.runs: dict[str, ToolRun] = {}
 
-    def rollouts(self, lm, rows, sample: bool, desc: str, engine=None) -> list[dict]:
-        """One rollout per row (greedy, or sampled at temperature 1), in batches of eval.batch_size (vLLM: `engine`,
-        holding lm's weights)."""
-        keys, schemas, out = self.keys, self.toolbox.schemas(), []
+    def rollouts(self, lm, rows: list[int], sample: bool, desc: str, engine=None) -> list[dict]:
+        """One rollout per row (indices into self.rows; greedy, or sampled at temperature 1), in batches of
+        eval.batch_size (vLLM: `engine`, holding lm's weights)."""
+        keys, out = self.keys, []
         for start in tqdm(range(0, len(rows), keys.batch_size), desc=desc, leave=False):
-            messages = [as_messages(r["prompt"]) for r in rows[start:start + keys.batch_size]]
-            ids = [lm.tokenizer(lm.tokenizer.apply_chat_template(m, tools=schemas, tokenize=False,
-                                                                 add_generation_prompt=True),
-                                add_special_tokens=False)["input_ids"] for m in messages]
-            batch = generate_with_tools(lm.model, lm.tokenizer, ids, messages, self.toolbox,
+            chunk = rows[start:start + keys.batch_size]
+            messages = [as_messages(self.rows[i]["prompt"]) for i in chunk]
+            offers = [self.offers[i] for i in chunk]
+            ids = [prompt_ids(lm.tokenizer, m, offer.schemas()) for m, offer in zip(messages, offers)]
+            batch = generate_with_tools(lm.model, lm.tokenizer, ids, messages, offers,
                                         max_new_tokens=keys.tool_max_new_tokens, max_tool_calls=keys.max_tool_calls,
                                         max_total_tokens=keys.tool_max_total_tokens, do_sample=sample,
                                         temperature=1.0, top_p=1.0, device=self.device, engine=engine)
@@ -233,11 +236,10 @@ class ToolEval:
         # images/<name>/: what it draws depends on it alone, not on how many calls the checkpoints before it made
         self.toolbox.restart(0)
         self.store.restart(self.images / name)
-        schemas = self.toolbox.schemas()
-        warn_past_context(lm.model, lm.tokenizer, [len(prompt_ids(lm.tokenizer, r["prompt"], schemas))
-                                                   for r in self.rows], self.keys.tool_max_total_tokens,
-                          f"{name}: tool prompts")
-        greedy = self.rollouts(lm, self.rows, False, f"{name}: tool prompts", engine)
+        warn_past_context(lm.model, lm.tokenizer, [len(prompt_ids(lm.tokenizer, r["prompt"], offer.schemas()))
+                                                   for r, offer in zip(self.rows, self.offers)],
+                          self.keys.tool_max_total_tokens, f"{name}: tool prompts")
+        greedy = self.rollouts(lm, list(range(len(self.rows))), False, f"{name}: tool prompts", engine)
         verdicts = [tool_world.verify(row, g["calls"], g["final"], self.judge, self.store) if is_verified(row)
                     else None for row, g in zip(self.rows, greedy)]
         for g in greedy:
@@ -259,7 +261,7 @@ class ToolEval:
             return
         torch.manual_seed(self.seed)
         self.toolbox.restart(n * max(self.keys.max_tool_calls, 1))  # seeds after the greedy rollouts' calls
-        rows = [row for row in self.rows for _ in range(k)]
+        rows = [i for i in range(n) for _ in range(k)]
         samples = self.rollouts(lm, rows, True, f"{name}: {k} sampled tool rollouts", engine)
         seqs, scored = [s["ids"] for s in samples], [s["scored"] for s in samples]
         bs = self.keys.batch_size

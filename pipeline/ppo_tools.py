@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -32,39 +31,10 @@ from pipeline.cli import PipelineError
 from pipeline.generation import as_messages
 from pipeline.ppo_rollout import Rollout
 from pipeline.reward_model import offered_tools
-from pipeline.tool_rollout import generate_with_tools, stage_toolbox
-from pipeline.tools import ToolResult, judge_folder, tool_name, unknown_tool
+from pipeline.tool_rollout import generate_with_tools, offered_views, stage_toolbox
+from pipeline.tools import judge_folder, unknown_tool
 
 DRAW_KINDS = ("draw", "draw_sum")
-
-
-class OfferedTools:
-    """The tools one prompt offers (the schemas it was rendered with), run by the stage's ToolBox, which checks each
-    call against the recipe's schema before running it."""
-
-    def __init__(self, box, schemas: list[dict]):
-        self.box, self._schemas = box, schemas
-        self.names = [tool_name(s) for s in schemas]
-
-    def schemas(self) -> list[dict]:
-        return self._schemas
-
-    def _refused(self, call) -> ToolResult | None:
-        if call.error is None and call.name not in self.names:
-            error = f"invalid: unknown tool {call.name!r} (tools: {', '.join(self.names)})"
-            return ToolResult(call.name, call.arguments, False, False, error[:self.box.max_chars], error, None, 0.0)
-        return None
-
-    def call(self, call) -> ToolResult:
-        return self._refused(call) or self.box.call(call)
-
-    def call_many(self, calls: list) -> list[ToolResult]:
-        """As `call` for each, the offered ones through the ToolBox's batch (one diffusion batch per round)."""
-        results = [self._refused(c) for c in calls]
-        todo = [i for i, r in enumerate(results) if r is None]
-        for i, result in zip(todo, self.box.call_many([calls[i] for i in todo]) if todo else []):
-            results[i] = result
-        return results
 
 
 def check_offers(prompts, names: list[str], spec) -> list[list[dict] | None]:
@@ -104,11 +74,7 @@ class ToolEnv:
         self.store.restart(None)  # nothing on disk until a logged step
         self.offers = check_offers(prompts, list(self.box.tools), keys.prompts)
         self.messages = [as_messages(p) for p in prompts["prompt"]]
-        views = {}
-        for offer in filter(None, self.offers):
-            key = json.dumps(offer, sort_keys=True)
-            views[key] = views.get(key) or OfferedTools(self.box, offer)
-        self.views = [views[json.dumps(o, sort_keys=True)] if o else None for o in self.offers]
+        self.views = offered_views(self.box, self.offers)
         self.box.setup()  # every tool loads now (see the module docstring)
         self.judge_model = load_judge(recipe, keys, prompts)
         tasks = sum(is_tool_task(row) for row in prompts)

@@ -24,6 +24,7 @@ the re-read prompt costs little next to the sampling).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import torch
 
 from pipeline import log
 from pipeline.generation import UNSHAPED
+from pipeline.tools import ToolResult, tool_name
 
 BUDGET_MESSAGE = "tool call budget exhausted"
 POLICY, TOOL = 1, 2  # what put each reply token in: the policy's sampling, or a tool result (and the template)
@@ -237,6 +239,43 @@ def pack(tokenizer, prompts_ids, reply, source, ended, calls, turns, final, pad,
                        context_length=prompts.shape[1], replies=replies, mask=(kinds == POLICY).float(),
                        tool_mask=(kinds == TOOL).float(), ended=torch.tensor(ended, device=device),
                        calls=calls, turns=turns, final=final, texts=texts)
+
+
+class OfferedTools:
+    """The tools one prompt offers (the schemas it was rendered with), run by the stage's ToolBox, which checks each
+    call against the recipe's schema before running it."""
+
+    def __init__(self, box, schemas: list[dict]):
+        self.box, self._schemas = box, schemas
+        self.names = [tool_name(s) for s in schemas]
+
+    def schemas(self) -> list[dict]:
+        return self._schemas
+
+    def _refused(self, call) -> ToolResult | None:
+        if call.error is None and call.name not in self.names:
+            error = f"invalid: unknown tool {call.name!r} (tools: {', '.join(self.names)})"
+            return ToolResult(call.name, call.arguments, False, False, error[:self.box.max_chars], error, None, 0.0)
+        return None
+
+    def call(self, call) -> ToolResult:
+        return self._refused(call) or self.box.call(call)
+
+    def call_many(self, calls: list) -> list[ToolResult]:
+        """As `call` for each, the offered ones through the ToolBox's batch (one diffusion batch per round)."""
+        results = [self._refused(c) for c in calls]
+        todo = [i for i, r in enumerate(results) if r is None]
+        for i, result in zip(todo, self.box.call_many([calls[i] for i in todo]) if todo else []):
+            results[i] = result
+        return results
+
+
+def offered_views(box, offers: list[list[dict] | None]) -> list[OfferedTools | None]:
+    """One OfferedTools per row (None where it offers none), shared by rows offering the same schemas."""
+    views = {}
+    for offer in filter(None, offers):
+        views.setdefault(json.dumps(offer, sort_keys=True), OfferedTools(box, offer))
+    return [views[json.dumps(o, sort_keys=True)] if o else None for o in offers]
 
 
 def stage_toolbox(recipe, folder: Path, rank: int = 0, save_gallery: bool = False) -> tuple[ToolBox, ImageStore]:

@@ -870,6 +870,16 @@ def test_tool_prompts_bad_setups_stop_before_anything_is_written(tiny_run, tool_
     plan = eval_tools.plan(recipe, recipe.keys("eval"))
     assert [eval_tools.is_verified(r) for r in plan.rows] == [True, False] and plan.judge is None  # no draw task
     assert plan.rows[0]["expect"] == {"image_id": "7", "answer": "3"} and plan.tools == ["draw_image", "read_image"]
+    # each row is offered its own tools, as ppo offers them (every row was offered all of the recipe's, and a row
+    # offering draw_image alone could read images); a row without `tools` gets the recipe's
+    from pathlib import Path
+
+    from pipeline.tools import ToolCall
+
+    tool_eval = eval_tools.ToolEval(recipe, recipe.keys("eval"), plan, tool_work / "offers", Path("offers"), 0, "cpu")
+    assert [view.names for view in tool_eval.offers] == [["draw_image", "read_image"], ["draw_image"]]
+    refused = tool_eval.offers[1].call(ToolCall("read_image", {"image_id": "7"}, "", None))
+    assert not refused.valid and "unknown tool 'read_image' (tools: draw_image)" in refused.content
 
 
 def test_eval_keys_are_checked_by_check_and_before_the_runner_starts_any_stage(tmp_path):

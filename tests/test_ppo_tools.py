@@ -22,9 +22,10 @@ from conftest import TINY, run_cli, tiny_recipe, write_jsonl
 from pipeline import faults, images, judges, models, ppo, ppo_trainer, preemption, runs, safe_resume, tool_world
 from pipeline.cli import PipelineError
 from pipeline.image_judge import ImageJudge, _net
-from pipeline.ppo_tools import OfferedTools, tool_counts
+from pipeline.ppo_tools import tool_counts
 from pipeline.recipe import load_recipe
 from pipeline.tokenizer import TOOL_CALL_START
+from pipeline.tool_rollout import OfferedTools
 from pipeline.tools import Tool, ToolBox, ToolCall
 from test_diffusion import TINY_TEXT, TINY_UNET
 from test_ppo import ENV, bag_of_words_reward_model
