@@ -64,10 +64,17 @@ def _rows_problem(spec, recipe, stage: str, key: str, keys, will_run) -> str | N
                                                           text_split=getattr(keys, "text_split", "paragraph"))
     rows, where, part_of = [dict(r) for r in rows[:SAMPLE_ROWS]], where[:SAMPLE_ROWS], part_of[:SAMPLE_ROWS]
     columns = getattr(keys, "columns", None)
-    if stage in ("reward", "dpo") or (stage == "ppo" and "prompt" not in rows[0] and not columns):
+    if key == "heldout_prompts":  # every policy stage reads them as eval reads its prompts (pipeline/heldout.py)
+        data.CHECKS["eval_prompts"](rows, where, source)
+        return None
+    if stage == "ppo" and key == "prompts":
+        rows = preferences.prompt_rows(rename_columns(rows, columns, source, where), where, source, part_of)[0]
+        _reward_reads(recipe, stage, keys, [r["prompt"] for r in rows], spec, will_run)
+        return _template_problem(recipe, stage, keys, rows, source, will_run)
+    if stage in ("reward", "dpo"):
         pairs, _ = preferences.normalize_preferences(rename_columns(rows, columns, source, where), where, source,
                                                      part_of)
-        return _template_problem(recipe, stage, keys, pairs, source, will_run) if stage != "ppo" else None
+        return _template_problem(recipe, stage, keys, pairs, source, will_run)
     if stage == "kto":
         examples, _ = unpaired.normalize_unpaired(rename_columns(rows, columns, source, where), where, source,
                                                   part_of)
@@ -77,13 +84,13 @@ def _rows_problem(spec, recipe, stage: str, key: str, keys, will_run) -> str | N
         kind = "text" if "text" in rows[0] else "chat"
     elif key in ("prompts", "tool_prompts") and stage == "eval":
         kind = "eval_prompts"
-    if stage in ("sft", "ppo"):
+    if stage == "sft":
         rows = rename_columns(rows, columns, source, where)
     kw = {"column": keys.text_column} if kind == "text" and stage == "pretrain" else {}
     rows = data.CHECKS[kind](rows, where, source, **kw)
-    if key == "prompts" and stage in ("ppo", "eval"):
+    if key == "prompts" and stage == "eval":
         _reward_reads(recipe, stage, keys, [r.get("prompt") for r in rows], spec, will_run)
-    return _template_problem(recipe, stage, keys, rows, source, will_run) if stage in ("sft", "ppo") else None
+    return _template_problem(recipe, stage, keys, rows, source, will_run) if stage == "sft" else None
 
 
 def _template_problem(recipe, stage: str, keys, rows: list, source: str, will_run) -> str | None:

@@ -57,34 +57,15 @@ def load_prompts(spec, recipe, columns: dict | None = None, pairs: bool = False)
 
 
 def read_prompts(spec, recipe, columns: dict | None = None, pairs: bool = False) -> tuple:
-    """(load_prompts' dataset, what was read for the manifest: {source, rows, format}). The spec is read once. Each
-    dataset of a list is pairs (its first row has chosen and rejected: read as the preference stages read them, so
-    an HH prompt is its turns) or prompts; a list of both gives its prompts first, then its pairs' (rollouts draw
-    prompts in a seeded random order)."""
+    """(load_prompts' dataset, what was read for the manifest: {source, rows, format}). The spec is read once; each
+    dataset of a list is prompts or pairs by its own first row (preferences.prompt_rows, which `--check` runs too)."""
     from pipeline.formats import rename_columns
 
     rows, where, source, part_of = data.read_rows_by_part(spec, recipe)
-    rows = rename_columns(rows, columns, source, where)
-    plans, part_of = data.plans_by_dataset(rows, where, source, part_of, lambda first, _: "chosen" in first and
-                                           "rejected" in first)
-    of_pairs = [i for i, part in enumerate(part_of) if plans[part]]
-    of_prompts = [i for i, part in enumerate(part_of) if not plans[part]]
-    out, fmt = [], []
-    if of_prompts:
-        out += data.CHECKS["prompts"]([rows[i] for i in of_prompts], [where[i] for i in of_prompts], source)
-        fmt.append("prompts")
-    if of_pairs:
-        normalized, pair_info = preferences.normalize_preferences(
-            [rows[i] for i in of_pairs], [where[i] for i in of_pairs], source, [part_of[i] for i in of_pairs])
-        out += normalized
-        fmt.append(f"the prompts of {pair_info['format']} preference pairs")
-        if not normalized and not of_prompts:
-            raise cli.PipelineError(f"{source}: no pairs left: all {pair_info['identical_dropped']} have chosen equal "
-                                    f"to rejected")
-    ds = data.dataset_of(out, source, [where[i] for i in of_prompts + of_pairs] if len(out) == len(rows) else None)
-    keep = ("prompt", "skill", "answer", "tools", "kind", "expect") + (("chosen", "rejected") if pairs else ())
-    return ds.select_columns([c for c in keep if c in ds.column_names]), \
-        {"source": data.spec_name(spec), "rows": len(ds), "format": " + ".join(fmt)}
+    rows, where, fmt = preferences.prompt_rows(rename_columns(rows, columns, source, where), where, source, part_of,
+                                               pairs)
+    ds = data.dataset_of(rows, source, where)
+    return ds, {"source": data.spec_name(spec), "rows": len(ds), "format": fmt}
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -179,7 +160,7 @@ def check_keys(recipe, cfg, keys, prompts) -> None:
     if cfg.reward_rounds > 1 and keys.reward_ensemble:
         raise cli.PipelineError(f"{recipe.path}: ppo.reward_rounds fine-tunes one reward model; it does not run with "
                                 f"ppo.reward_ensemble")
-    if cfg.reward_rounds > 1 and cfg.reward_round_replay and "chosen" not in prompts.column_names:
+    if cfg.reward_rounds > 1 and cfg.reward_round_replay and not reward_rounds.replayable(prompts):
         raise cli.PipelineError(f"{keys.prompts}: ppo.reward_round_replay replays the prompt data's preference pairs; "
                                 f"these prompts have no chosen/rejected (use preference data, or replay 0)")
     if cfg.algorithm != "ppo" and keys.length_split > 1:

@@ -291,6 +291,44 @@ def pairs_dataset(rows: list[dict], where: list[str], source, part_of: list[int]
     return data.dataset_of(pairs, source), info
 
 
+PROMPT_COLUMNS = ("prompt", "skill", "answer", "tools", "kind", "expect")  # what ppo keeps of a prompt row
+
+
+def prompt_rows(rows: list[dict], where: list[str], source, part_of: list[int] | None, pairs: bool = False):
+    """ppo's prompts from rows as data.read_rows_by_part reads them (columns mapped): each dataset of a list is
+    preference pairs (its first row has chosen and rejected: read as reward and dpo read them, so an HH prompt is its
+    turns) or prompts, the prompt datasets' rows first. Text prompts beside prompts of messages become the user turns
+    they are rendered as (one column type). Each row keeps PROMPT_COLUMNS (pairs: also chosen/rejected). Returns
+    (rows, where each is from or None where identical pairs were left out, format)."""
+    from pipeline import log
+
+    plans, part_of = data.plans_by_dataset(rows, where, source, part_of,
+                                           lambda first, _: "chosen" in first and "rejected" in first)
+    of_prompts = [i for i, part in enumerate(part_of) if not plans[part]]
+    of_pairs = [i for i, part in enumerate(part_of) if plans[part]]
+    out, fmt = [], []
+    if of_prompts:
+        out += data.CHECKS["prompts"]([rows[i] for i in of_prompts], [where[i] for i in of_prompts], source)
+        fmt.append("prompts")
+    if of_pairs:
+        normalized, info = normalize_preferences([rows[i] for i in of_pairs], [where[i] for i in of_pairs], source,
+                                                 [part_of[i] for i in of_pairs])
+        if not normalized and not of_prompts:
+            raise PipelineError(f"{source}: no pairs left: all {info['identical_dropped']} have chosen equal to "
+                                f"rejected")
+        if info["identical_dropped"]:
+            log.info(f"{source}: {info['identical_dropped']} pairs with chosen equal to rejected left out")
+        out += normalized
+        fmt.append(f"the prompts of {info['format']} preference pairs")
+    if any(isinstance(row["prompt"], list) for row in out):
+        for row in out:
+            if isinstance(row["prompt"], str):
+                row["prompt"] = [{"role": "user", "content": row["prompt"]}]
+    keep = PROMPT_COLUMNS + (("chosen", "rejected") if pairs else ())
+    out = [{c: row[c] for c in keep if c in row} for row in out]
+    return out, [where[i] for i in of_prompts + of_pairs] if len(out) == len(rows) else None, " + ".join(fmt)
+
+
 def split_by_prompt(ds, fraction: float, seed: int, source: str, unit: str = "pairs"):
     """Hold out `fraction` of the prompts (with all their pairs, or kto's rows: `unit`), so no prompt is on both
     sides. (train, held-out)"""

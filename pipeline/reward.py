@@ -215,13 +215,14 @@ def main(argv):
             with models.single_process():  # under ZeRO-3 a load would wait for the other processes
                 scorer = RewardModel.load(recipe, runs.Checkpoint(STAGE, str(run.out), "", "local"),
                                           run.state.device, max_length=args.max_length)
+            scorer.conversational = isinstance(train_ds[0]["prompt"], list)  # saved below with the statistics
             m, margins, clean = evaluate(scorer, eval_ds, train_ds, keys, args.seed)
             m.update(train_pairs=len(trainer.train_dataset), train_pairs_too_long=too_long,
                      eval_pairs_too_long=eval_too_long,
                      data={"train": train_info, "eval": eval_info})
             m["checks"] = reward_report.trust_checks(m, keys.category_column)
             save_statistics(run.out, scorer.model, mean=m["reward_mean"], std=m["reward_std"],
-                            max_length=args.max_length, conversational=isinstance(train_ds[0]["prompt"], list))
+                            max_length=args.max_length, conversational=scorer.conversational)
             headline = ("accuracy", "accuracy_clean", "accuracy_chosen_shorter", "ece", "length_correlation",
                         "mean_margin")
             out = {**{k: m[k] for k in headline if k in m}, **out, **{k: v for k, v in m.items() if k not in headline}}

@@ -237,8 +237,9 @@ class RewardModel:
                    getattr(config, "reward_std", None), getattr(config, "reward_conversational", None))
 
     def as_trained(self, prompt):
-        """A prompt in the form this model trained on: a text prompt to a model that trained on conversations is the
-        user turn the policy answered (its chat template renders it, as the policy's did); as given otherwise."""
+        """A prompt in the form this model trained on: a text prompt to a model that trained on conversations is a
+        user turn (its chat template renders it, as eval and our PPO render it for the policy; TRL's GRPO/RLOO give
+        their policy the text raw); as given otherwise."""
         return [{"role": "user", "content": prompt}] if self.conversational and isinstance(prompt, str) else prompt
 
     def scores(self, prompts, replies, tools=None, *, batch_size: int = 64, desc: str = "rewards") -> list[float]:

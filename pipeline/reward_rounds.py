@@ -155,12 +155,18 @@ def standardise(reward: RewardModel, pairs: list[dict]) -> None:
     reward.mean, reward.std, reward.standardised = float(raw.mean()), float(raw.std()) or 1.0, True
 
 
+def replayable(prompts) -> list[int]:
+    """The rows of the prompt dataset that are preference pairs (their `chosen` is set)."""
+    return [i for i, c in enumerate(prompts["chosen"]) if c is not None] if "chosen" in prompts.column_names else []
+
+
 def replay_pairs(prompts, n: int, seed: int) -> list[dict]:
     """`n` of the prompt dataset's own preference pairs (its `chosen`/`rejected` columns: the kind of pairs the reward
     model was trained on), drawn at random: mixed into a round's fine-tuning so it does not forget them."""
     if not n:  # ppo.check_keys refuses replay from prompts without chosen/rejected
         return []
-    pick = sorted(random.Random(seed).sample(range(len(prompts)), min(n, len(prompts))))
+    rows = replayable(prompts)  # a list of prompt files and pair files: the pairs' rows
+    pick = sorted(random.Random(seed).sample(rows, min(n, len(rows))))
     return [{c: prompts[i][c] for c in ("prompt", "chosen", "rejected", "tools") if c in prompts.column_names}
             for i in pick]
 

@@ -55,8 +55,10 @@ class PretrainKeys:
 class HeldoutKeys:
     """Verifier accuracy on held-out prompts, scored at the end of a policy stage for its input and its output."""
 
-    heldout_prompts: str | None = key("world:eval", "prompts with verifiers (`skill`, `answer`) scored at the end "
-                                                    "for the input and the trained model; empty: skip", ref="data")
+    heldout_prompts: str | None = key("world:eval", "prompts with reference answers (`answer`; a world `skill` "
+                                                    "names its verifier), read as eval reads its prompts, scored at "
+                                                    "the end for the input and the trained model; empty: skip",
+                                      ref="data")
     heldout_max_prompts: int = key(400, "score at most this many held-out prompts")
     heldout_max_new_tokens: int = key(48, "generation budget per held-out reply")
     heldout_batch_size: int = key(64, "prompts per generation batch")

@@ -74,10 +74,6 @@ def assistant_message(content: str, calls) -> dict:
 
 def budget_result(call):
     """The result of a call over max_tool_calls: not executed, an error the policy reads."""
-    try:
-        from pipeline.tools import ToolResult
-    except ImportError:  # tools.py not there yet: a stand-in with the same fields
-        from types import SimpleNamespace as ToolResult
     return ToolResult(name=call.name, arguments=call.arguments, valid=False, ok=False, content=BUDGET_MESSAGE,
                       error=BUDGET_MESSAGE, image=None, seconds=0.0)
 

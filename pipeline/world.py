@@ -334,13 +334,13 @@ def normalize_answer(text) -> str:
     return text.strip(" \"'`*.!?,;:")
 
 
-_ANSWER_RE = re.compile(r"answer\s+is\b:?\s*", re.IGNORECASE)  # "the answer is 8", "The answer is: 8"
-_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")  # not the point of 3.14 or of D.C.
+_ANSWER_RE = re.compile(r"answer\s+is(?::\s*|\s+)", re.IGNORECASE)  # "the answer is 8", "The answer is: 8"
+_ANSWER_END = re.compile(r"\.(?!\d)(?![A-Za-z]\.)")  # a period, but not the point of 3.14 or of D.C.
 
 
 def extract_answer(reply: str) -> str | None:
-    """The text after the last "answer is" up to the end of its sentence (a period, ! or ? before a space or the
-    end; or the line end), normalised; None if absent."""
+    """The text after the last "answer is" up to the next period that is no decimal point or abbreviation (or the
+    line end), normalised; None if absent."""
     if not isinstance(reply, str):
         return None
     last = None
@@ -349,7 +349,7 @@ def extract_answer(reply: str) -> str | None:
     if last is None:
         return None
     rest = reply[last.end():].split("\n", 1)[0]
-    ans = normalize_answer(_SENTENCE_END.split(rest, 1)[0])
+    ans = normalize_answer(_ANSWER_END.split(rest, 1)[0])
     return ans or None
 
 

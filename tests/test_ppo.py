@@ -793,10 +793,23 @@ def test_ppo_prompt_lists_read_each_dataset_as_prompts_or_pairs(tmp_path):
     hh = write_jsonl(tmp_path / "hh.jsonl", [
         {"prompt": "\n\nHuman: Name a colour.\n\nAssistant: Red.\n\nHuman: Another?\n\nAssistant:",
          "chosen": " Blue.", "rejected": " No."}])
-    for spec in ([prompts, pairs], [pairs, prompts]):
+    text = write_jsonl(tmp_path / "text.jsonl", [{"prompt": "Say hi."}])  # text beside messages: a user turn
+    for spec in ([prompts, pairs], [pairs, prompts], [text, pairs]):
         ds, info = ppo.read_prompts(spec, recipe)
         assert ds["prompt"] == [[{"role": "user", "content": "Say hi."}], turn]  # the prompts first
         assert info["format"] == "prompts + the prompts of implicit preference pairs"
+    # reward rounds replay the pairs' rows only (the prompt rows' chosen is None: encode failed mid-training)
+    from pipeline import reward_rounds
+
+    ds, _ = ppo.read_prompts([prompts, pairs], recipe, pairs=True)
+    assert reward_rounds.replayable(ds) == [1]
+    assert [p["chosen"] for p in reward_rounds.replay_pairs(ds, 4, seed=0)] == [ds[1]["chosen"]]
+    # `--check` reads the list as the stage does (it stopped at the pairs' first row: "missing column 'prompt'")
+    from pipeline import check, cluster
+
+    listed = load_recipe(tiny_recipe(tmp_path), [f"ppo.prompts=[{prompts},{pairs}]"])
+    stage = check.check_stage(listed, "ppo", cluster.launch_from_command(None), None, set())
+    assert not [e for e in stage.errors if e.startswith("ppo.prompts")], stage.errors
     ds, info = ppo.read_prompts(hh, recipe, pairs=True)
     assert ds["prompt"] == [[{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Red."},
                              {"role": "user", "content": "Another?"}]]
@@ -826,3 +839,20 @@ def test_ppo_csv_prompts_hold_messages_as_json(tmp_path):
         csv.writer(f).writerows(rows)
     ds, _ = ppo.read_prompts(str(path), recipe)
     assert ds["prompt"] == [messages, messages[1:]]
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo", "kto", "ppo"])
+def test_check_reads_held_out_prompts_as_the_stage_reads_them(tmp_path, stage):
+    """A stage's heldout_prompts are read as eval reads its prompts (pipeline/heldout.py): `--check` read sft's as
+    conversations and dpo's and kto's as pairs, and stopped a valid file of prompts and answers; a bad row is still
+    named."""
+    from conftest import write_jsonl
+    from pipeline import check, cluster
+
+    good = write_jsonl(tmp_path / "heldout.jsonl", [{"prompt": "What is 2 + 2?", "answer": "4"}, {"prompt": "Hi."}])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "What is 2 + 2?", "answer": ["4"]}])
+    for spec, expected in ((good, []), (bad, [f"{stage}.heldout_prompts: {bad}: line 1: 'answer' must be non-empty "
+                                               f"text or a number, got ['4']"])):
+        recipe = load_recipe(tiny_recipe(tmp_path), [f"{stage}.heldout_prompts={spec}"])
+        errors = check.check_stage(recipe, stage, cluster.launch_from_command(None), None, set()).errors
+        assert [e for e in errors if "heldout_prompts" in e] == expected

@@ -109,12 +109,14 @@ def test_verify_rejects_wrong_words():
 
 @pytest.mark.parametrize("reply, answer", [("The answer is 3.14.", "3.14"), ("The answer is Washington D.C.", "washington d.c"),
                                            ("The answer is: 8", "8"), ("So the answer is **8**.", "8"),
-                                           ("The answer is 7! Next.", "7"), ("The answer is\n8", "8"),
-                                           ("The answer is 1. 2 is wrong.", "1")])
+                                           ("The answer is 5.ever.", "5"), ("The answer is\n8", "8"),
+                                           ("(The answer is 3.)", "3"), ("The answer is U.S.A.", "u.s.a"),
+                                           ("The answer is 1. Sure that is what the answer is.", "1")])
 def test_the_final_answer_ends_with_its_sentence(reply, answer):
     """A reference answer is compared with the text after the last "answer is" up to the end of its sentence: the
-    point of 3.14 or of D.C. does not end it (it was cut there: '3', 'washington d'), nor does a colon or markdown
-    emphasis hide it. The judge's exact match (a user's prompts without a world skill) reads it so."""
+    point of 3.14 or of D.C. does not end it (it was cut there: '3', 'washington d'), any other period does, and a
+    colon or markdown emphasis does not hide it. The judge's exact match (a user's prompts without a world skill)
+    reads it so."""
     from pipeline import judges
 
     assert extract_answer(reply) == answer
