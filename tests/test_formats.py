@@ -474,15 +474,18 @@ def test_a_message_prompt_without_a_user_turn_with_text_is_one_line_naming_its_r
                               f"is asked)")
 
 
-def test_ppo_prompts_mixing_text_and_messages_name_the_rows(tmp_path, recipe):
+def test_ppo_prompts_mixing_text_and_messages_read_the_text_as_user_turns(tmp_path, recipe):
+    """ppo's prompts holding text beside messages (one file, or a text file listed with conversational pairs) become
+    one column of messages, each text prompt the user turn the chat template renders it as (Arrow refused the two
+    types in one column); a file of text prompts alone stays text."""
     from pipeline import ppo
 
-    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi?"}, {"prompt": [{"role": "user", "content": "Hi?"}]}])
-    with pytest.raises(PipelineError) as err:
-        ppo.read_prompts(path, recipe)
-    assert str(err.value).startswith(f"{path}: rows do not share one schema: column 'prompt' holds str 'Hi?' (line 1) "
-                                     f"and list")
-    assert str(err.value).endswith("(line 2)")
+    messages = [{"role": "user", "content": "Hi?"}]
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is 2 + 3?"}, {"prompt": messages}])
+    ds, info = ppo.read_prompts(path, recipe)
+    assert ds["prompt"] == [[{"role": "user", "content": "What is 2 + 3?"}], messages] and info["format"] == "prompts"
+    text = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "What is 2 + 3?"}])
+    assert ppo.read_prompts(text, recipe)[0]["prompt"] == ["What is 2 + 3?"]
 
 
 def test_a_column_of_mixed_types_is_named_with_its_rows(tmp_path, recipe):
