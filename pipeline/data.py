@@ -29,8 +29,8 @@ from pipeline.cli import PipelineError
 from pipeline.files import (file_kind, folder_fingerprint, names_a_local_file, read_file, read_files,
                             read_folder)
 from pipeline.fingerprints import hash_file, hash_folder, hash_obj
-from pipeline.formats import (JSON_OBJECTS, bad_row, check_messages, detect_sft_format, expected_sft_columns,
-                              is_unpaired_preference, to_sft_row, tools_json, tools_of)
+from pipeline.formats import (bad_row, check_messages, detect_sft_format, expected_sft_columns,
+                              is_unpaired_preference, json_messages, to_sft_row, tools_json, tools_of)
 
 # ---------------------------------------------------------------------------------------------- reading
 
@@ -268,11 +268,7 @@ def _check_prompts(rows, where, source):
     for row, w in zip(rows, where):
         if "prompt" not in row:
             bad_row(source, w, f"missing column 'prompt' (columns: {', '.join(row) or 'none'})")
-        if isinstance(row["prompt"], str) and JSON_OBJECTS.match(row["prompt"]):  # CSV cells hold JSON text
-            try:
-                row["prompt"] = json.loads(row["prompt"])
-            except json.JSONDecodeError:
-                pass
+        row["prompt"] = json_messages(row["prompt"])  # CSV cells hold JSON text
         if isinstance(row["prompt"], list):
             check_messages(row["prompt"], source, w, need_assistant=False)
             users = [m for m in row["prompt"] if m["role"] == "user"]

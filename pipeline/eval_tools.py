@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 
 from pipeline import data, log, metrics as M, tool_world
 from pipeline.cli import PipelineError
-from pipeline.formats import bad_row, tools_of
-from pipeline.generation import as_messages, prompt_ids, same_tokenizer, token_logprobs, warn_past_context
+from pipeline.formats import as_messages, bad_row, tools_of
+from pipeline.generation import prompt_ids, same_tokenizer, token_logprobs, warn_past_context
 from pipeline.images import PROPERTIES
 from pipeline.reward_model import offered_tools
 from pipeline.tool_rollout import BUDGET_MESSAGE, generate_with_tools, offered_views, stage_toolbox

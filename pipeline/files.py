@@ -184,19 +184,25 @@ def first_row(path: Path) -> dict | None:
     return rows[0] if rows else None
 
 
-def read_table(path: Path, kind: str, text_cells: bool = False) -> tuple:  # (datasets.Dataset, where each row is from)
+def read_table(path: Path, kind: str, empty_is_text: bool = False) -> tuple:  # (datasets.Dataset, where each row is from)
     """A non-empty .csv, .parquet or .arrow file as a memory-mapped datasets.Dataset (rows read when asked for), and
-    where each row came from; a file that does not parse is one line naming it. text_cells: a CSV's every cell as the
-    text it holds (pandas would read "" and "NA" as null and "7" as a number: an image caption is text)."""
+    where each row came from; a file that does not parse is one line naming it. A CSV's cells are the text they hold:
+    a CSV has no types, and pandas' guessing read the answer "08" as 8, "3.10" as 3.1 and "NA" or "None" as no answer
+    (margins, scores and labels are read from text where they are used). An empty cell is None (empty_is_text: "",
+    as an image's empty caption)."""
     import datasets
 
     options = {}
     if kind == "csv":
+        import pandas
+
         text = text_of(path)  # names the line of invalid UTF-8 before pandas does
-        if text_cells:
-            header = next(csv.reader(io.StringIO(text.lstrip("\ufeff"))), [])
-            options = {"keep_default_na": False,
-                       "features": datasets.Features({name: datasets.Value("string") for name in header})}
+        try:  # the names pandas gives the columns (an unnamed index column is "Unnamed: 0", a repeated name "a.1")
+            header = pandas.read_csv(io.StringIO(text.lstrip("\ufeff")), nrows=0).columns
+        except Exception as err:
+            raise PipelineError(f"{path}: cannot read csv: {_first_line(err)}") from None
+        options = {"keep_default_na": False, "na_values": [] if empty_is_text else [""],
+                   "features": datasets.Features({name: datasets.Value("string") for name in header})}
     if kind in TABLES and path.name.lower().endswith(".gz"):
         raise PipelineError(f"{path}: a compressed .{kind} file is not read (.{kind} files are read in place, "
                             f"memory-mapped); decompress it (gunzip)")

@@ -61,6 +61,40 @@ def kto_label(value) -> bool | None:
     return None
 
 
+def finite_number(value) -> float | None:
+    """A number, or the text of one (a CSV cell), as a float; None for anything else (a bool, NaN, infinity, other
+    text)."""
+    import math
+
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def as_messages(prompt) -> list[dict]:
+    """A prompt as messages: text is one user turn (how a chat template renders a text prompt)."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def json_messages(value):
+    """A string holding a JSON list of messages (objects with a `role`, or ShareGPT's `from`: how a CSV cell holds
+    them) is that list; anything else is returned unchanged, so a text that is JSON of other objects (a reply listing
+    records) stays text."""
+    if isinstance(value, str) and JSON_OBJECTS.match(value):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            return value
+        if isinstance(parsed, list) and all(isinstance(m, dict) and ("role" in m or "from" in m) for m in parsed):
+            return parsed
+    return value
+
+
 def is_unpaired_preference(row: dict) -> bool:
     """TRL's unpaired preference (KTO: a completion with a true/false `label`, which the kto stage also reads as 1/0
     or text) or LLaMA-Factory's KTO rows (`kto_tag`): a completion labelled false is one the model must not learn,

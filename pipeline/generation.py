@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline import log, metrics as M, rl
+from pipeline.formats import as_messages
 
 
 # What a model's own generation_config.json may set to shape its samples away from the model's distribution (Qwen2.5's:
@@ -54,10 +55,6 @@ class Reply:
     ended: bool      # stopped with end-of-turn rather than running out of tokens
     n_tokens: int
     token_ids: list[int] | None = None  # the tokens as generated, up to (without) the end-of-turn token
-
-
-def as_messages(prompt) -> list[dict]:
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
 def render_prompt(tokenizer, prompt, tools=None) -> str:

@@ -244,7 +244,7 @@ def table_rows(source: Path | str) -> tuple:  # (rows: a list of dicts or a data
     if isinstance(source, str):
         return hub_rows(source)
     if file_kind(source) == "csv" and source.stat().st_size:
-        ds, where = read_table(source, "csv", text_cells=True)  # captions as written: "" and "7" are text
+        ds, where = read_table(source, "csv", empty_is_text=True)  # captions as written: "" and "7" are text
         return ds.to_list(), where
     if file_kind(source) != "parquet" or source.stat().st_size == 0:
         return read_file(source)  # an empty file: read_file says so

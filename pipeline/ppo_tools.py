@@ -28,7 +28,7 @@ import torch
 
 from pipeline import log, tool_world
 from pipeline.cli import PipelineError
-from pipeline.generation import as_messages
+from pipeline.formats import as_messages
 from pipeline.ppo_rollout import Rollout
 from pipeline.reward_model import offered_tools
 from pipeline.tool_rollout import generate_with_tools, offered_views, stage_toolbox

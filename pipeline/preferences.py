@@ -13,8 +13,8 @@ import re
 
 from pipeline import data
 from pipeline.cli import PipelineError
-from pipeline.formats import (JSON_OBJECTS, bad_row, check_messages, check_tool_calls, sharegpt_messages, tools_json,
-                              tools_of)
+from pipeline.formats import (as_messages, bad_row, check_messages, check_tool_calls, finite_number, json_messages,
+                              sharegpt_messages, tools_json, tools_of)
 
 
 PREFERENCE_FORMATS = {
@@ -42,18 +42,6 @@ def parse_hh(text: str) -> list[dict] | None:
         return None
     return [{"role": "user" if role == "Human" else "assistant", "content": content.strip()}
             for role, content in zip(parts[1::2], parts[2::2])]
-
-
-def _as_messages(value):
-    """A CSV cell (or any string) holding a JSON list of messages becomes that list; anything else is unchanged."""
-    if isinstance(value, str) and JSON_OBJECTS.match(value):
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            return value
-        if isinstance(parsed, list) and all(isinstance(m, dict) and "role" in m for m in parsed):
-            return parsed
-    return value
 
 
 def _split_conversations(chosen: list, rejected: list, source, where):
@@ -90,7 +78,7 @@ def _split_text(chosen: str, rejected: str, source, where):
 def _reply(value, source, where, col):
     """A reply given as a message object (ShareGPT {from, value} or {role, content}), a list of them, or text, as
     a list of assistant messages (a ShareGPT function_call turn as an assistant tool call)."""
-    value = _as_messages(value)
+    value = json_messages(value)
     if isinstance(value, dict):
         value = [value]
     if isinstance(value, str):
@@ -133,7 +121,7 @@ def _detect_preference_format(first: dict, source) -> str:
         have = ", ".join(first) or "none"
         raise PipelineError(f"{source}: no preference format matches the columns ({have}); expected "
                             f"{PREFERENCE_EXPECTED}")
-    chosen = _as_messages(first["chosen"])
+    chosen = json_messages(first["chosen"])
     if "prompt" in cols:
         prompt = first["prompt"]
         if isinstance(prompt, str) and isinstance(chosen, list) and chosen and isinstance(chosen[0], dict) \
@@ -154,17 +142,12 @@ def _detect_preference_format(first: dict, source) -> str:
 
 
 def _pair_margin(row, margin_from, source, where):
-    import math
-
-    if margin_from == "margin":
-        values = {"margin": row.get("margin")}
-    else:
-        values = {c: row.get(c) for c in ("score_chosen", "score_rejected")}
+    cols = ("margin",) if margin_from == "margin" else ("score_chosen", "score_rejected")
+    values = {c: finite_number(row.get(c)) for c in cols}
     for col, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            bad_row(source, where, f"'{col}' must be a finite number, got {v!r}")
-    margin = float(values["margin"]) if margin_from == "margin" else \
-        float(values["score_chosen"]) - float(values["score_rejected"])
+        if v is None:
+            bad_row(source, where, f"'{col}' must be a finite number, got {row.get(col)!r}")
+    margin = values["margin"] if margin_from == "margin" else values["score_chosen"] - values["score_rejected"]
     if margin < 0:
         bad_row(source, where, f"negative margin {margin:g}: the chosen reply must score at least as high as the "
                             f"rejected one")
@@ -203,8 +186,8 @@ def normalize_preferences(rows, where, source, part_of: list[int] | None = None)
             if col not in row:
                 bad_row(source, w, f"missing column '{col}' (columns: {', '.join(row) or 'none'}; format: "
                                 f"{PREFERENCE_FORMATS[fmt]})")
-        chosen, rejected = _as_messages(row["chosen"]), _as_messages(row["rejected"])
-        prompt = _as_messages(row.get("prompt"))
+        chosen, rejected = json_messages(row["chosen"]), json_messages(row["rejected"])
+        prompt = json_messages(row.get("prompt"))
         if fmt in ("explicit", *CONVERTED):
             if isinstance(chosen, dict) or isinstance(rejected, dict):  # a reply as one message object
                 chosen, rejected = _reply(chosen, source, w, "chosen"), _reply(rejected, source, w, "rejected")
@@ -322,8 +305,7 @@ def prompt_rows(rows: list[dict], where: list[str], source, part_of: list[int] |
         fmt.append(f"the prompts of {info['format']} preference pairs")
     if any(isinstance(row["prompt"], list) for row in out):
         for row in out:
-            if isinstance(row["prompt"], str):
-                row["prompt"] = [{"role": "user", "content": row["prompt"]}]
+            row["prompt"] = as_messages(row["prompt"])
     keep = PROMPT_COLUMNS + (("chosen", "rejected") if pairs else ())
     out = [{c: row[c] for c in keep if c in row} for row in out]
     return out, [where[i] for i in of_prompts + of_pairs] if len(out) == len(rows) else None, " + ".join(fmt)

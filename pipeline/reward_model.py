@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import faults, models
+from pipeline.formats import as_messages
 
 
 def saved_head(path) -> str | None:
@@ -240,7 +241,7 @@ class RewardModel:
         """A prompt in the form this model trained on: a text prompt to a model that trained on conversations is a
         user turn (its chat template renders it, as eval and our PPO render it for the policy; TRL's GRPO/RLOO give
         their policy the text raw); as given otherwise."""
-        return [{"role": "user", "content": prompt}] if self.conversational and isinstance(prompt, str) else prompt
+        return as_messages(prompt) if self.conversational and isinstance(prompt, str) else prompt
 
     def scores(self, prompts, replies, tools=None, *, batch_size: int = 64, desc: str = "rewards") -> list[float]:
         """Raw score of each (prompt, reply): reply as text or as messages; tools: one list per row, or None."""

@@ -141,6 +141,26 @@ def test_a_csv_row_is_named_by_the_line_it_starts_on(tmp_path):
     assert ds["prompt"] == ["Two\nlines", "c", "g"] and where == ["line 2", "line 5", "line 8"]
 
 
+def test_csv_cells_are_the_text_they_hold(tmp_path, recipe):
+    """A CSV has no types: pandas' guessing read the answers "08" as 8 and "3.10" as 3.1 (no reply saying 08 or 3.10
+    matched) and "NA" or "None" as no answer. Cells are read as written, an empty cell as None; a margin and a KTO
+    label are read from their text where they are used; an unnamed index column (pandas' to_csv) and a BOM read."""
+    from pipeline import preferences, unpaired
+
+    path = tmp_path / "p.csv"
+    path.write_bytes("\ufeff,prompt,answer\n0,What is 5 + 3 with a leading zero?,08\n1,Pi to two places?,3.10\n"
+                     "2,Which is prime: 4 or 6?,None\n3,Say hi.,\n4,Which country code is Namibia's?,NA\n".encode())
+    rows = data.load(str(path), "eval_prompts", recipe).to_list()
+    assert [r["answer"] for r in rows] == ["08", "3.10", "None", None, "NA"]
+    assert [r["Unnamed: 0"] for r in rows] == ["0", "1", "2", "3", "4"]
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("prompt,chosen,rejected,margin\nHi,Hello!,Go away.,1.5\nBye,Goodbye!,...,2\n")
+    ds, _ = preferences.load_preferences(str(pairs), recipe)
+    assert ds["margin"] == [1.5, 2.0]
+    labels = tmp_path / "kto.csv"
+    labels.write_text("prompt,completion,label\nHi,Hello!,true\nHi,Go away.,0\n")
+    assert unpaired.load_unpaired(str(labels), recipe)[0]["label"] == [True, False]
+
 def test_lines_split_at_line_feeds_alone(tmp_path, recipe):
     """JSON strings may hold U+2028, U+2029 and U+0085 unescaped (json.dumps(..., ensure_ascii=False) writes them so):
     they stay inside their row, as does a form feed in plain text; CRLF files read the same; errors count lines by

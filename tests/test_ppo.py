@@ -819,8 +819,8 @@ def test_ppo_prompt_lists_read_each_dataset_as_prompts_or_pairs(tmp_path):
 
 def test_ppo_csv_prompts_hold_messages_as_json(tmp_path):
     """A CSV cell holding a JSON list of messages is those messages, in ppo's prompts as in eval's (it was one user
-    turn of JSON text), written with indent=2 too (eval took that for text); a JSON cell that is not messages stops
-    the stage naming its line."""
+    turn of JSON text), written with indent=2 too (eval took that for text); a bad message stops the stage naming its
+    line; a prompt that is JSON of other objects (no role) is a text prompt, as it would be in JSON Lines."""
     import csv
 
     from pipeline import ppo
@@ -831,14 +831,15 @@ def test_ppo_csv_prompts_hold_messages_as_json(tmp_path):
     rows = [["prompt"], [json.dumps(messages)], [json.dumps(messages[1:], indent=2)]]  # "[\n  {": JSON all the same
     path = tmp_path / "p.csv"
     with open(path, "w", newline="") as f:
-        csv.writer(f).writerows(rows + [['[{"text": "no role"}]']])
+        csv.writer(f).writerows(rows + [['[{"role": "usr", "content": "2 + 3?"}]']])
     line = 4 + rows[2][0].count("\n")  # the line the fourth record starts on
-    with pytest.raises(PipelineError, match=rf"^{re.escape(str(path))}: line {line}: message 0: unknown role"):
+    with pytest.raises(PipelineError, match=rf"^{re.escape(str(path))}: line {line}: message 0: unknown role 'usr'"):
         ppo.read_prompts(str(path), recipe)
+    records = '[{"name": "Ada", "born": 1815}]'
     with open(path, "w", newline="") as f:
-        csv.writer(f).writerows(rows)
+        csv.writer(f).writerows(rows + [[records]])
     ds, _ = ppo.read_prompts(str(path), recipe)
-    assert ds["prompt"] == [messages, messages[1:]]
+    assert ds["prompt"] == [messages, messages[1:], [{"role": "user", "content": records}]]
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo", "kto", "ppo"])
