@@ -206,8 +206,10 @@ class ToolEval:
             self.judge = ImageJudge.load(tool_plan.judge)
         self.plan, self.keys, self.seed, self.device = tool_plan, keys, seed, device
         self.rows = tool_plan.rows
-        # each row offers its own tools (its `tools`, as ppo offers them), else every tool of the recipe
-        self.offers = offered_views(self.toolbox, [o or self.toolbox.schemas() for o in offered_tools(self.rows)])
+        # each row offers its own tools (its `tools`, as ppo offers them: null or [] is none), a row without the
+        # column every tool of the recipe
+        self.offers = offered_views(self.toolbox, [offer if "tools" in row else self.toolbox.schemas()
+                                                   for row, offer in zip(self.rows, offered_tools(self.rows))])
         self.reference = None  # the reference LoadedModel, set by the caller when the KL is measured
         self.runs: dict[str, ToolRun] = {}
 
@@ -219,7 +221,7 @@ class ToolEval:
             chunk = rows[start:start + keys.batch_size]
             messages = [as_messages(self.rows[i]["prompt"]) for i in chunk]
             offers = [self.offers[i] for i in chunk]
-            ids = [prompt_ids(lm.tokenizer, m, offer.schemas()) for m, offer in zip(messages, offers)]
+            ids = [prompt_ids(lm.tokenizer, m, offer and offer.schemas()) for m, offer in zip(messages, offers)]
             batch = generate_with_tools(lm.model, lm.tokenizer, ids, messages, offers,
                                         max_new_tokens=keys.tool_max_new_tokens, max_tool_calls=keys.max_tool_calls,
                                         max_total_tokens=keys.tool_max_total_tokens, do_sample=sample,
@@ -236,8 +238,9 @@ class ToolEval:
         # images/<name>/: what it draws depends on it alone, not on how many calls the checkpoints before it made
         self.toolbox.restart(0)
         self.store.restart(self.images / name)
-        warn_past_context(lm.model, lm.tokenizer, [len(prompt_ids(lm.tokenizer, r["prompt"], offer.schemas()))
-                                                   for r, offer in zip(self.rows, self.offers)],
+        lengths = [len(prompt_ids(lm.tokenizer, r["prompt"], offer and offer.schemas()))
+                   for r, offer in zip(self.rows, self.offers)]
+        warn_past_context(lm.model, lm.tokenizer, lengths,
                           self.keys.tool_max_total_tokens, f"{name}: tool prompts")
         greedy = self.rollouts(lm, list(range(len(self.rows))), False, f"{name}: tool prompts", engine)
         verdicts = [tool_world.verify(row, g["calls"], g["final"], self.judge, self.store) if is_verified(row)

@@ -865,21 +865,29 @@ def test_tool_prompts_bad_setups_stop_before_anything_is_written(tiny_run, tool_
                                 "expect": {"image_id": 7, "answer": 3}}) + "\n"
                     + json.dumps({"prompt": [{"role": "user", "content": "Draw me a cat."}],
                                   "tools": json.dumps([{"type": "function", "function": {"name": "draw_image"}}])})
-                    + "\n")
+                    + "\n" + json.dumps({"prompt": "Say hi.", "tools": "[]"}) + "\n")
     recipe = load_recipe(tiny_recipe(tool_work, run={"name": "bad"}, tools=tools), [f"eval.tool_prompts={mine}"])
     plan = eval_tools.plan(recipe, recipe.keys("eval"))
-    assert [eval_tools.is_verified(r) for r in plan.rows] == [True, False] and plan.judge is None  # no draw task
+    assert [eval_tools.is_verified(r) for r in plan.rows] == [True, False, False] and plan.judge is None  # no draw
     assert plan.rows[0]["expect"] == {"image_id": "7", "answer": "3"} and plan.tools == ["draw_image", "read_image"]
     # each row is offered its own tools, as ppo offers them (every row was offered all of the recipe's, and a row
-    # offering draw_image alone could read images); a row without `tools` gets the recipe's
+    # offering draw_image alone could read images); a row without `tools` gets the recipe's, a row whose `tools` is
+    # empty ("[]", LLaMA-Factory's rows without tools) none, as in ppo (it was offered all of them)
+    import dataclasses
     from pathlib import Path
 
+    from pipeline import evaluate as evaluate_stage, runs
     from pipeline.tools import ToolCall
 
     tool_eval = eval_tools.ToolEval(recipe, recipe.keys("eval"), plan, tool_work / "offers", Path("offers"), 0, "cpu")
-    assert [view.names for view in tool_eval.offers] == [["draw_image", "read_image"], ["draw_image"]]
+    assert [view and view.names for view in tool_eval.offers] == [["draw_image", "read_image"], ["draw_image"], None]
     refused = tool_eval.offers[1].call(ToolCall("read_image", {"image_id": "7"}, "", None))
     assert not refused.valid and "unknown tool 'read_image' (tools: draw_image)" in refused.content
+    lm = evaluate_stage.load_lm(recipe, runs.Checkpoint("pretrain", str(work / "runs/tiny/pretrain"), None, "local"),
+                                "cpu")
+    tool_eval.keys = dataclasses.replace(tool_eval.keys, tool_max_new_tokens=4)
+    (rollout,) = tool_eval.rollouts(lm, [2], False, "a row offering no tools")
+    assert rollout["calls"] == [] and [t["role"] for t in rollout["turns"]] == ["assistant"]  # one turn, unparsed
 
 
 def test_eval_keys_are_checked_by_check_and_before_the_runner_starts_any_stage(tmp_path):
