@@ -50,8 +50,9 @@ def detect_sft_format(row: dict) -> str | None:
 LABEL_TRUE, LABEL_FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
 
 
-def kto_label(value) -> bool | None:
-    """A KTO label as a bool: true/false, 1/0, or their text (a CSV cell); None when `value` is no such label."""
+def as_bool(value) -> bool | None:
+    """A boolean cell (a KTO label, a clean label, the world's `hard`) as a bool: true/false, 1/0, or their text
+    (a CSV cell: "False", "yes"); None when `value` is no such value."""
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and value in (0, 1):
@@ -99,7 +100,7 @@ def is_unpaired_preference(row: dict) -> bool:
     """TRL's unpaired preference (KTO: a completion with a true/false `label`, which the kto stage also reads as 1/0
     or text) or LLaMA-Factory's KTO rows (`kto_tag`): a completion labelled false is one the model must not learn,
     so these are no demonstrations."""
-    return "kto_tag" in row or kto_label(row.get("label")) is not None
+    return "kto_tag" in row or as_bool(row.get("label")) is not None
 
 
 def expected_sft_columns() -> str:

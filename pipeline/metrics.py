@@ -112,8 +112,8 @@ def preference_metrics(r_chosen, r_rejected, len_chosen, len_rejected, groups=No
                        n_bins: int = 10) -> dict:
     """Everything a preference evaluation reports, from the rewards and reply lengths of held-out pairs.
 
-    accuracy, mean_margin; accuracy_per_group (with `groups`); accuracy_clean and ece_clean (with `clean`, see
-    `label_agreement`); length_correlation (reward vs reply length over all replies), margin_length_correlation
+    accuracy, mean_margin; accuracy_per_group (with `groups`); accuracy_clean, ece_clean, clean_label_share and
+    clean_labelled_pairs (with `clean`, see `label_agreement`; over the pairs whose clean label is not None); length_correlation (reward vs reply length over all replies), margin_length_correlation
     (r_c - r_r vs len_c - len_r), accuracy_chosen_shorter / _longer (a reward that counts tokens fails the first);
     ece with its reliability bins; and, for scale, the accuracy of always preferring the longer reply.
     """
@@ -134,10 +134,13 @@ def preference_metrics(r_chosen, r_rejected, len_chosen, len_rejected, groups=No
     }
     if groups is not None:
         out["accuracy_per_group"] = group_accuracy(c, r, groups)
-    if clean is not None:
-        out["accuracy_clean"] = label_agreement(c, r, clean)
-        out["ece_clean"] = calibration(c - r, clean, n_bins=n_bins)[0]
-        out["clean_label_share"] = float(np.mean(np.asarray(clean, dtype=bool))) if c.size else None
+    if clean is not None:  # None in it: a pair whose clean label is not known (a dataset without the column)
+        known = np.asarray([x is not None for x in clean], dtype=bool)
+        agrees = np.asarray([bool(x) for x in clean], dtype=bool)[known]
+        out["accuracy_clean"] = label_agreement(c[known], r[known], agrees)
+        out["ece_clean"] = calibration((c - r)[known], agrees, n_bins=n_bins)[0]
+        out["clean_label_share"] = float(agrees.mean()) if agrees.size else None
+        out["clean_labelled_pairs"] = int(known.sum())
     out["calibration_bins"] = bins
     return out
 

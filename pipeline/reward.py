@@ -32,6 +32,7 @@ import random
 from pipeline import batching, cli, data, log, metrics as M, models, preferences, reward_report, runs
 from pipeline.reward_model import (RewardModel, encode, encode_prompt, lm_head_weight, load_reward_model,
                                    next_token_loss, save_reward_model, save_statistics, tools_of)
+from pipeline.formats import as_bool
 from pipeline.recipe import load_recipe, stage_help
 
 STAGE = "reward"
@@ -119,15 +120,19 @@ def evaluate(scorer: RewardModel, eval_ds, train_ds, keys, seed) -> tuple[dict, 
     rc, rr = held.chosen, held.rejected
     category, clean_col = keys.category_column, keys.clean_column
     groups = [r[category] for r in rows] if category in eval_ds.column_names else None
-    clean = [bool(r[clean_col]) for r in rows] if clean_col in eval_ds.column_names else None
+    # a clean label as a bool (a CSV's "False" is text), None where it is not known (a dataset without the column)
+    clean = [as_bool(r[clean_col]) for r in rows] if clean_col in eval_ds.column_names else None
+    if clean is not None and all(c is None for c in clean):
+        clean = None
     m = M.preference_metrics(rc, rr, held.chosen_tokens, held.rejected_tokens, groups=groups, clean=clean,
                              n_bins=keys.calibration_bins)
     if groups is not None:
         m[f"accuracy_per_{category}"] = m.pop("accuracy_per_group")
         if clean is not None:
-            sign = [1 if c else -1 for c in clean]
+            known = [i for i, c in enumerate(clean) if c is not None]
+            sign = {i: 1 if clean[i] else -1 for i in known}
             m[f"accuracy_clean_per_{category}"] = M.group_accuracy(
-                [s * x for s, x in zip(sign, rc)], [s * x for s, x in zip(sign, rr)], groups)
+                [sign[i] * rc[i] for i in known], [sign[i] * rr[i] for i in known], [groups[i] for i in known])
     m["eval_pairs"] = m.pop("pairs")
 
     idx = list(range(len(train_ds)))

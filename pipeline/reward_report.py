@@ -68,7 +68,8 @@ def write_report(path: Path, m: dict, category: str) -> None:
     ]
     if "accuracy_clean" in m:
         lines.append(f"| accuracy against clean labels | {f(m['accuracy_clean'])} "
-                     f"(labels clean on {f(m['clean_label_share'], '.1%')} of pairs) |")
+                     f"(labels clean on {f(m['clean_label_share'], '.1%')} of the {m.get('clean_labelled_pairs', m['eval_pairs'])} pairs "
+                     f"with a clean label) |")
     lines += [
         f"| mean margin r(chosen) − r(rejected) | {f(m['mean_margin'])} |",
         f"| accuracy where chosen is shorter | {f(m['accuracy_chosen_shorter'])} ({m['pairs_chosen_shorter']} pairs) |",
@@ -123,10 +124,11 @@ def plot(path: Path, m: dict, margins, clean) -> None:
     ax1.legend(loc="upper left", fontsize=8)
     margins = np.asarray(margins)
     edges = np.histogram_bin_edges(margins, bins=30)
-    if clean is not None:
-        clean = np.asarray(clean, dtype=bool)
-        ax2.hist([margins[clean], margins[~clean]], bins=edges, stacked=True,
-                 color=["tab:green", "tab:orange"], label=["label agrees with clean label", "label flipped by noise"])
+    if clean is not None:  # pairs whose clean label is not known (None) in grey
+        agrees, flipped = (np.asarray([c is value for c in clean]) for value in (True, False))
+        ax2.hist([margins[agrees], margins[flipped], margins[~(agrees | flipped)]], bins=edges, stacked=True,
+                 color=["tab:green", "tab:orange", "tab:gray"],
+                 label=["label agrees with clean label", "label flipped by noise", "clean label not known"])
         ax2.legend(fontsize=8)
     else:
         ax2.hist(margins, bins=edges, color="tab:green")

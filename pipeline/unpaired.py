@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pipeline import data
 from pipeline.cli import PipelineError
-from pipeline.formats import bad_row, detect_sft_format, kto_label, to_sft_row
+from pipeline.formats import as_bool, bad_row, detect_sft_format, to_sft_row
 from pipeline.preferences import normalize_preferences
 
 UNPAIRED_FORMATS = {
@@ -30,7 +30,7 @@ DROPPED = {"messages", "conversations", "instruction", "input", "output", "histo
 
 def label_of(value, source, where) -> bool:
     """A row's label as a bool: true/false, 1/0, or their text (a CSV cell)."""
-    label = kto_label(value)
+    label = as_bool(value)
     if label is None:
         bad_row(source, where, f"the label must be true or false, got {value!r}")
     return label

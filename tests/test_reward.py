@@ -180,6 +180,36 @@ def test_accuracy_margin_groups_and_clean_agreement():
     assert M.pairwise_accuracy([], []) is None
 
 
+def test_clean_labels_are_read_from_text_and_pairs_without_one_are_left_out(tmp_path):
+    """A CSV's clean_agrees is text, and bool("False") is True: every pair counted as clean (accuracy_clean 1.0 where
+    it was 0.67); a pair without a clean label (a dataset of a list without the column) counted as a flipped label."""
+    import datasets
+
+    from pipeline import reward
+    from pipeline.reward_model import PairScores
+
+    class AlwaysChosen:  # the scores of a reward model that prefers chosen on every pair
+        tokenizer, max_length = None, None
+
+        def score_pairs(self, rows, **_):
+            return PairScores([1.0] * len(rows), [0.0] * len(rows), [1] * len(rows), [1] * len(rows), 0)
+
+    rows = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b", "skill": skill, "clean_agrees": clean}
+            for i, (skill, clean) in enumerate([("add", "False"), ("add", "True"), ("sort", None), ("sort", "true")])]
+    ds = datasets.Dataset.from_list(rows)
+    keys = load_recipe(tiny_recipe(tmp_path)).keys("reward")
+    m, margins, clean = reward.evaluate(AlwaysChosen(), ds, ds, keys, seed=0)
+    assert clean == [False, True, None, True] and m["accuracy"] == 1.0
+    assert m["accuracy_clean"] == pytest.approx(2 / 3) and m["clean_label_share"] == pytest.approx(2 / 3)
+    assert m["clean_labelled_pairs"] == 3
+    assert m["accuracy_clean_per_skill"] == {"add": {"accuracy": 0.5, "n": 2}, "sort": {"accuracy": 1.0, "n": 1}}
+    from pipeline import reward_report
+
+    m.update(train_pairs=4, data={"train": {"source": "t"}, "eval": {"source": "e"}}, train_accuracy=1.0)
+    reward_report.plot(tmp_path / "margins.png", m, margins, clean)  # the unknown pair drawn apart
+    assert (tmp_path / "margins.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_length_correlation_spots_a_reward_that_counts_tokens():
     len_c, len_r = [3, 10, 4, 12, 5], [9, 2, 11, 6, 8]
     counting = M.preference_metrics(len_c, len_r, len_c, len_r)  # reward = length
