@@ -113,6 +113,14 @@ def within_max_length(ds, tokenizer, max_length: int | None, source: str):
     return (ds if len(keep) == len(ds) else ds.select(keep)), len(ds) - len(keep)
 
 
+def scaled_margins(ds, scale: float):
+    """The pairs' margins times `margin_scale` (0: none), for the training and held-out pairs alike: TRL's eval_loss
+    subtracts the held-out margins, so left unscaled it measured another loss than the one trained."""
+    if "margin" not in ds.column_names or scale == 1:
+        return ds
+    return ds.remove_columns("margin") if scale == 0 else ds.map(lambda r: {"margin": r["margin"] * scale})
+
+
 def evaluate(scorer: RewardModel, eval_ds, train_ds, keys, seed) -> tuple[dict, list, list | None]:
     """All held-out metrics, plus the training reward statistics; also returns margins and clean labels to plot."""
     rows = eval_ds.to_list()
@@ -162,11 +170,7 @@ def main(argv):
                 raise cli.PipelineError(f"{info['source']}: some of its datasets give margins (margin or "
                                         f"score_chosen/score_rejected) and some do not: give them to all or none, "
                                         f"or set reward.margin_scale: 0")
-        if "margin" in train_ds.column_names:
-            if keys.margin_scale == 0:
-                train_ds = train_ds.remove_columns("margin")
-            elif keys.margin_scale != 1:
-                train_ds = train_ds.map(lambda r: {"margin": r["margin"] * keys.margin_scale})
+        train_ds, eval_ds = (scaled_margins(ds, keys.margin_scale) for ds in (train_ds, eval_ds))  # one loss
         args = recipe.trainer_config(STAGE, output_dir=str(run.out))
         init = run.checkpoint()
         if init.path is None:

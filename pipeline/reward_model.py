@@ -170,6 +170,10 @@ def score(model, sequences: list[list[int]], pad_id: int, batch_size: int, max_l
 
     if max_length:
         sequences = [s[-max_length:] for s in sequences]
+    # transformers reads the score at the last token that is not the config's pad id: padded with another id (a
+    # user's model whose config and tokenizer disagree), a reply's score changed with the batch it was scored in
+    config_pad = getattr(model.config, "pad_token_id", None)
+    pad_id = pad_id if config_pad is None else config_pad
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     rewards = [0.0] * len(sequences)
     device = next(model.parameters()).device

@@ -210,6 +210,19 @@ def test_clean_labels_are_read_from_text_and_pairs_without_one_are_left_out(tmp_
     assert (tmp_path / "margins.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_margin_scale_applies_to_the_held_out_pairs_as_to_the_training_pairs():
+    """TRL's eval_loss subtracts the held-out pairs' margins: margin_scale changed only the training pairs', so with
+    margin_scale 0 or 2 eval_loss (and metric_for_best_model on it) measured another loss than the one trained; the
+    stage scales both splits with scaled_margins."""
+    import datasets
+
+    from pipeline import reward
+
+    ds = datasets.Dataset.from_list([{"prompt": "q", "chosen": "a", "rejected": "b", "margin": 1.5}])
+    assert reward.scaled_margins(ds, 2)["margin"] == [3.0] and reward.scaled_margins(ds, 1) is ds
+    assert "margin" not in reward.scaled_margins(ds, 0).column_names
+
+
 def test_length_correlation_spots_a_reward_that_counts_tokens():
     len_c, len_r = [3, 10, 4, 12, 5], [9, 2, 11, 6, 8]
     counting = M.preference_metrics(len_c, len_r, len_c, len_r)  # reward = length

@@ -141,6 +141,25 @@ def test_a_sequence_over_max_length_keeps_its_end(scored):
     assert reward_model.score_pairs(rows[:1], batch_size=2, desc="x").truncated == 1
 
 
+def test_a_reply_scores_the_same_alone_and_in_a_batch_when_config_and_tokenizer_pad_differ(scored):
+    """A user's reward model whose config names another pad id than its tokenizer: transformers reads the score at
+    the last token that is not the config's pad id, so padding with the tokenizer's moved where a short reply's score
+    was read, and its reward changed with the longer replies beside it."""
+    from pipeline.reward_model import encode, score
+
+    recipe, checkpoint, rows, _ = scored
+    reward_model = RewardModel.load(recipe, checkpoint)
+    model, tokenizer = reward_model.model, reward_model.tokenizer
+    seqs = [encode(tokenizer, r["prompt"], r["chosen"]) for r in rows[:4]]
+    other_pad = next(i for i in range(len(tokenizer)) if i != tokenizer.pad_token_id and all(i not in s for s in seqs))
+    model.config.pad_token_id = other_pad
+    short = min(range(4), key=lambda i: len(seqs[i]))
+    alone = score(model, [seqs[short]], tokenizer.pad_token_id, batch_size=1, max_length=None)
+    batched = score(model, seqs, tokenizer.pad_token_id, batch_size=4, max_length=None)
+    assert len(seqs[short]) < max(map(len, seqs))
+    assert batched[short] == pytest.approx(alone[0], abs=1e-5)
+
+
 def test_only_the_reward_model_module_loads_a_reward_model():
     """The other modules load and score through pipeline/reward_model.py: a second loader or encoder would drift."""
     from pathlib import Path
