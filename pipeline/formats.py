@@ -111,15 +111,15 @@ def rename_columns(rows: list[dict], columns: dict | None, source, where) -> lis
     """Apply a recipe's column mapping ({our name: the file's name}) to every row."""
     if not columns:
         return rows
-    out = []
+    out, renamed = [], set(columns.values())
     for row, w in zip(rows, where):
-        row = dict(row)
         for ours, theirs in columns.items():
             if theirs not in row:
                 bad_row(source, w, f"column '{theirs}' (mapped to '{ours}' by `columns`) is missing "
                                    f"(columns: {', '.join(row) or 'none'})")
-            row[ours] = row.pop(theirs)
-        out.append(row)
+        # every name from the row as read, at once: {chosen: rejected, rejected: chosen} swaps the two
+        out.append({**{k: v for k, v in row.items() if k not in renamed},
+                    **{ours: row[theirs] for ours, theirs in columns.items()}})
     return out
 
 

@@ -339,5 +339,8 @@ def load_preference_splits(dataset, eval_dataset, eval_fraction: float, recipe, 
         eval_ds, eval_info = load_preferences(eval_dataset, recipe, columns)
         return train_ds, eval_ds, train_info, eval_info
     train_ds, eval_ds = split_by_prompt(train_ds, eval_fraction, recipe.run.seed, train_info["source"])
-    eval_info = {**train_info, "source": f"{dataset} (held-out {eval_fraction:.0%} of prompts)", "pairs": len(eval_ds)}
-    return train_ds, eval_ds, {**train_info, "pairs": len(train_ds)}, eval_info
+    # the rows read and the identical pairs left out were counted once, before the split: the training side's
+    eval_info = {**train_info, "source": f"{dataset} (held-out {eval_fraction:.0%} of prompts)", "rows": len(eval_ds),
+                 "pairs": len(eval_ds), "identical_dropped": 0}
+    return train_ds, eval_ds, {**train_info, "rows": train_info["rows"] - len(eval_ds), "pairs": len(train_ds)}, \
+        eval_info

@@ -95,6 +95,14 @@ def test_scores_and_margin_columns_become_trl_margin(tmp_path, recipe):
     assert info["margin"] == "margin" and ds[0]["margin"] == 1.0
 
 
+def test_a_columns_mapping_that_swaps_two_columns_swaps_them(tmp_path, recipe):
+    """`columns: {chosen: rejected, rejected: chosen}` flips a file whose labels are reversed: the renames ran one
+    after another, so the first overwrote the column the second then read ("no preference format matches")."""
+    spec = write_jsonl(tmp_path / "reversed.jsonl", [{"prompt": "Hi", "chosen": "Go away.", "rejected": "Hello!"}])
+    ds, _ = preferences.load_preferences(spec, recipe, {"chosen": "rejected", "rejected": "chosen"})
+    assert (ds[0]["chosen"], ds[0]["rejected"]) == ("Hello!", "Go away.")
+
+
 def test_identical_pairs_are_dropped_and_counted(tmp_path, recipe):
     rows = [{"prompt": USER, "chosen": GOOD, "rejected": BAD}, {"prompt": USER, "chosen": GOOD, "rejected": GOOD},
             {"prompt": USER, "chosen": BAD, "rejected": GOOD}]
@@ -102,6 +110,14 @@ def test_identical_pairs_are_dropped_and_counted(tmp_path, recipe):
     assert len(ds) == info["pairs"] == 2 and info["identical_dropped"] == 1 and info["rows"] == 3
     with pytest.raises(PipelineError, match="no pairs left"):
         load(tmp_path, recipe, rows[1:2])
+    # held out of the same file: the rows read and the pairs left out are counted once (the held-out side copied
+    # them, and the log said both sides had dropped the same pairs)
+    many = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}" if i % 5 else f"a{i}"} for i in range(20)]
+    spec = write_jsonl(tmp_path / "many.jsonl", many)
+    train, held, train_info, held_info = preferences.load_preference_splits(spec, None, 0.25, recipe)
+    assert (train_info["pairs"], held_info["pairs"]) == (len(train), len(held)) and len(train) + len(held) == 16
+    assert held_info["identical_dropped"] == 0 and train_info["identical_dropped"] == 4
+    assert held_info["rows"] == len(held) and train_info["rows"] + held_info["rows"] == 20
 
 
 def test_csv_cells_with_json_messages_and_world_split(tmp_path, recipe):
