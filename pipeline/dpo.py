@@ -178,7 +178,7 @@ def main(argv):
         metrics = {
             "train_loss": trained["train_loss"],
             "steps": trained["steps"],
-            "train_pairs": trained["train_pairs"],
+            "train_pairs": trained["train_pairs"] - too_long["train"],  # trained on, as the reward stage counts
             "train_pairs_too_long": too_long["train"],
             "eval_pairs_too_long": too_long["eval"],
             "data": train_info,

@@ -178,6 +178,8 @@ def test_pairs_whose_prompts_fill_max_length_are_counted_and_all_of_them_stop_in
     too_long = ("train_pairs_too_long", "eval_pairs_too_long") if stage == "dpo" else \
         ("train_examples_too_long", "eval_examples_too_long")
     assert (m[too_long[0]], m[too_long[1]]) == (3 * per_pair, 1 * per_pair)
+    if stage == "dpo":  # the pairs trained on, as the reward stage counts them (it counted the 3 left out too)
+        assert m["train_pairs"] == 5
     assert f"({3 * per_pair} and {per_pair} of them over max_length=64 in the prompt alone: left out)" in proc.stdout
     for name, data_key, spec in (("train", "dataset", write_jsonl(tmp_path / "all.jsonl", rows(long, 4))),
                                  ("held", "eval_dataset", write_jsonl(tmp_path / "all_held.jsonl", rows(long, 2)))):
