@@ -240,7 +240,7 @@ def sharegpt_messages(row: dict, source, where) -> list[dict]:
 
 def alpaca_messages(row: dict, source, where) -> list[dict]:
     messages = [{"role": "system", "content": row["system"]}] if row.get("system") else []
-    history = row.get("history") or []
+    history = _json_value(row.get("history") or [], source, where, "'history'")  # a CSV cell holds JSON text
     if not isinstance(history, list) or not all(isinstance(h, (list, tuple)) and len(h) == 2 for h in history):
         bad_row(source, where, "'history' must be a list of [user, assistant] pairs")
     for user, assistant in history:
@@ -260,7 +260,7 @@ def to_sft_row(row: dict, fmt: str, source, where) -> dict:
     """One row in `messages` or prompt/completion form, tools and tool calls checked and serialised."""
     tools = tools_of(row, source, where)
     if fmt == "prompt_completion":
-        out = {"prompt": row["prompt"], "completion": row["completion"]}
+        out = {"prompt": json_messages(row["prompt"]), "completion": json_messages(row["completion"])}  # CSV cells
         if isinstance(out["prompt"], list) != isinstance(out["completion"], list):  # TRL joins prompt + completion
             for col, role in (("prompt", "user"), ("completion", "assistant")):
                 if isinstance(out[col], str):

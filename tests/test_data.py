@@ -48,6 +48,34 @@ def test_every_local_format_loads_chats(tmp_path, recipe, fmt):
     assert loaded[1]["messages"][-1] == {"role": "assistant", "content": "Sure! The answer is 3."}
 
 
+def test_csv_cells_of_json_messages_and_history_read_as_they_do_in_json_lines(tmp_path, recipe):
+    """A CSV holds conversational prompt/completion rows (sft; kto with a label) and Alpaca's history as JSON text:
+    prompt and completion were trained as that literal JSON, and a history cell stopped the stage."""
+    from pipeline import unpaired
+
+    prompt, completion = [{"role": "user", "content": "2 + 3?"}], [{"role": "assistant", "content": "5"}]
+    path = write_csv(tmp_path / "pc.csv", [["prompt", "completion", "label"],
+                                           [json.dumps(prompt), json.dumps(completion), "true"]])
+    kto, info = unpaired.load_unpaired(str(path), recipe)
+    assert (kto[0]["prompt"], kto[0]["completion"], info["conversational"]) == (prompt, completion, True)
+    sft = data.load(str(write_csv(tmp_path / "sft.csv", [["prompt", "completion"], [json.dumps(prompt),
+                                                                                    json.dumps(completion)]])),
+                    "chat", recipe)
+    assert (sft[0]["prompt"], sft[0]["completion"]) == (prompt, completion)
+    history = json.dumps([["Hi", "Hello!"]])
+    alpaca = data.load(str(write_csv(tmp_path / "alpaca.csv", [["instruction", "output", "history"],
+                                                               ["2 + 3?", "5", history]])), "chat", recipe)
+    assert [m["content"] for m in alpaca[0]["messages"]] == ["Hi", "Hello!", "2 + 3?", "5"]
+
+
+def write_csv(path, records):
+    import csv
+
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(records)
+    return path
+
+
 def test_world_splits_load_in_their_formats(recipe):
     assert "text" in data.load("world:pretrain", "text", recipe).column_names
     assert "messages" in data.load("world:sft", "chat", recipe).column_names
