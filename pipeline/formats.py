@@ -226,16 +226,21 @@ def sharegpt_messages(row: dict, source, where) -> list[dict]:
             bad_row(source, where, f"turn {i}: unknown 'from' {turn['from']!r} (expected one of: "
                                    f"{', '.join(SHAREGPT_ROLES)})")
         if turn["from"] == "function_call":
-            calls = _json_value(turn["value"], source, where, f"turn {i} (function_call)")
-            calls = calls if isinstance(calls, list) else [calls]
-            if not all(isinstance(c, dict) and "name" in c for c in calls):
-                bad_row(source, where, f"turn {i}: a function_call is JSON {{\"name\": ..., \"arguments\": ...}}")
-            messages.append({"role": "assistant", "content": None, "tool_calls": [
-                {"type": "function", "function": {"name": c["name"], "arguments": c.get("arguments", {})}}
-                for c in calls]})
+            messages.append(tool_call_message(turn["value"], source, where, f"turn {i}"))
         else:
             messages.append({"role": who, "content": turn["value"]})
     return messages
+
+
+def tool_call_message(value, source, where, what: str) -> dict:
+    """An assistant tool-call message from calls written as JSON {"name", "arguments"} or a list of them: ShareGPT's
+    function_call turn, LLaMA-Factory's function_tag message."""
+    calls = _json_value(value, source, where, f"{what} (function_call)")
+    calls = calls if isinstance(calls, list) else [calls]
+    if not all(isinstance(c, dict) and "name" in c for c in calls):
+        bad_row(source, where, f"{what}: a function_call is JSON {{\"name\": ..., \"arguments\": ...}}")
+    return {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": c["name"], "arguments": c.get("arguments", {})}} for c in calls]}
 
 
 def alpaca_messages(row: dict, source, where) -> list[dict]:

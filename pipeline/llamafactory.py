@@ -26,6 +26,7 @@ from pathlib import Path
 
 from pipeline.cli import PipelineError
 from pipeline.files import folder_fingerprint
+from pipeline.formats import tool_call_message
 from pipeline.fingerprints import hash_file, hash_obj
 from pipeline.values import closest
 
@@ -171,6 +172,7 @@ class Layout:
     tags: dict | None  # role_tag, content_tag: the keys of a message
     roles: dict  # their role names: ours
     documents: bool
+    function_role: str | None = None  # their name of a tool-call turn (function_tag)
 
 
 def layout(entry: Entry) -> Layout:
@@ -199,7 +201,8 @@ def layout(entry: Entry) -> Layout:
         roles = {theirs: standard[key] for key in ROLES if (theirs := given.get(key, ROLES[key]))}
     learnt = ("response", "chosen", "rejected", "kto_tag")  # without one, an alpaca entry's prompts are documents
     documents = formatting == "alpaca" and not any(columns.get(k) for k in learnt)
-    return Layout(formatting, columns, ours, tags, roles, documents)
+    function_role = (info.get("tags") or {}).get("function_tag", ROLES["function_tag"]) if tags else None
+    return Layout(formatting, columns, ours, tags, roles, documents, function_role)
 
 
 def num_samples(entry: Entry) -> int | None:
@@ -217,9 +220,13 @@ def standard_row(entry: Entry, plan: Layout, row: dict, where: str) -> dict:
         for key in ("conversations", "messages", "chosen", "rejected"):
             value = out.get(key)
             if isinstance(value, list):
-                out[key] = [_message(m, plan) for m in value]
+                out[key] = [_message(m, plan, entry, where) for m in value]
             elif isinstance(value, dict):
-                out[key] = _message(value, plan)
+                out[key] = _message(value, plan, entry, where)
+        messages = out.get("messages")
+        if plan.formatting == "openai" and out.get("system") and isinstance(messages, list) \
+                and not (messages and isinstance(messages[0], dict) and messages[0].get("role") == "system"):
+            out["messages"] = [{"role": "system", "content": out.pop("system")}] + messages  # as LLaMA-Factory reads it
         if plan.formatting == "openai" and ("chosen" in out or "rejected" in out):
             # TRL's conversational pairs: prompt, chosen, rejected
             if "messages" in out:
@@ -263,13 +270,17 @@ def _names(obj) -> bool:
     return isinstance(obj, dict) and all(isinstance(v, str) or v is None for v in obj.values())
 
 
-def _message(message, plan: Layout):
+def _message(message, plan: Layout, entry: Entry, where: str):
     """A message with the standard keys and role names: ShareGPT's from/value, or (openai) role/content with its
-    other keys (tool_calls) kept. A role the tags do not name is left for the format's reader to name."""
+    other keys (tool_calls) kept, a function_tag message as the assistant tool call its content holds. A role the
+    tags do not name is left for the format's reader to name."""
     if not isinstance(message, dict):
         return message  # the format's reader names what is wrong with it
     role_key, content_key = plan.tags["role_tag"], plan.tags["content_tag"]
     role, content = message.get(role_key), message.get(content_key)
+    if plan.formatting == "openai" and role is not None and role == plan.function_role \
+            and not message.get("tool_calls"):
+        return tool_call_message(content, entry.where(), where, f"a {role} message")
     role = plan.roles.get(role, role) if isinstance(role, str) else role
     if plan.formatting != "openai":
         return {"from": role, "value": content}

@@ -75,6 +75,20 @@ LAYOUTS = {
                            "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
                                     "assistant_tag": "assistant", "observation_tag": "tool"}},
                           [renamed(OPENAI_TOOLS, {"messages": "chat"})], [OPENAI_TOOLS], "chat"),
+    # LLaMA-Factory's OpenAI converter: the system column before the messages (it was dropped), a function_tag
+    # message as the tool call its content holds (it was trained as assistant text, never checked against tools)
+    "openai_system_and_function_tag": (
+        {"file_name": "o.json", "formatting": "openai", "columns": {"messages": "messages", "system": "system",
+                                                                   "tools": "tools"},
+         "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+                  "observation_tag": "tool", "function_tag": "function_call"}},
+        [{"system": "Be brief.", "tools": OPENAI_TOOLS["tools"], "messages": [
+            OPENAI_TOOLS["messages"][0],
+            {"role": "function_call", "content": json.dumps({"name": "render_image",
+                                                             "arguments": {"prompt": "a red circle"}})},
+            *OPENAI_TOOLS["messages"][2:]]}],
+        [{**OPENAI_TOOLS, "messages": [{"role": "system", "content": "Be brief."}, *OPENAI_TOOLS["messages"]]}],
+        "chat"),
     "pretraining": ({"file_name": "p.json", "columns": {"prompt": "text"}}, [{"text": "A document."}],
                     [{"text": "A document."}], "text"),
 }
