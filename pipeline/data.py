@@ -233,7 +233,7 @@ def _check_chat(rows, where, source):
     """Conversations in any format of pipeline/formats.py, each row's detected from its columns (a list of datasets
     may mix formats, as LLaMA-Factory's `dataset: alpaca_x,sharegpt_y` does), as messages or prompt/completion rows.
     Rows that are no demonstrations (labelled replies, preference pairs) stop the stage wherever they are."""
-    out, conversational = [], None
+    out, conversational, shape = [], None, None
     for row, w in zip(rows, where):
         fmt = detect_sft_format(row)
         if is_unpaired_preference(row):
@@ -253,6 +253,12 @@ def _check_chat(rows, where, source):
             bad_row(source, w, f"mixes text and conversation rows (earlier rows are "
                                f"{'conversations' if conversational else 'text'})")
         conversational = is_conv
+        row_shape = "prompt/completion" if "completion" in out[-1] else "messages"
+        if shape is not None and row_shape != shape:  # TRL takes a dataset with `prompt` for prompt/completion
+            bad_row(source, w, f"mixes {row_shape} rows with {shape} rows before it: TRL's SFTTrainer trains one "
+                               f"of the two per dataset; write the prompt/completion rows as messages (prompt + "
+                               f"completion) or the others as prompt/completion")
+        shape = row_shape
     return out
 
 

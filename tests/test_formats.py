@@ -341,6 +341,18 @@ def test_prompt_completion_text_rows_after_conversation_rows_are_named_by_row(tm
         data.load(path, "chat", recipe)
 
 
+def test_conversations_of_messages_beside_prompt_completion_ones_stop_naming_the_row(tmp_path, recipe):
+    """A list of a messages file and a conversational prompt/completion file loaded, then failed inside TRL (its
+    prompt/completion branch takes every row with a `prompt` key, None too) or in sft's length count, with a
+    traceback: one line naming the first row of the other form."""
+    user, reply = [{"role": "user", "content": "What color is the sky?"}], [{"role": "assistant", "content": "Blue."}]
+    chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": user + reply}])
+    pc = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": user, "completion": reply}])
+    with pytest.raises(PipelineError, match=r"pc\.jsonl line 1: mixes prompt/completion rows with messages rows "
+                                            r"before it: TRL's SFTTrainer trains one of the two per dataset"):
+        data.load([chats, pc], "chat", recipe)
+
+
 def test_the_shipped_prompt_completion_sample_loads(recipe):
     ds, info = data.load_with_info(str(REPO / "data/samples/prompt_completion.jsonl"), "chat", recipe)
     assert info["format"] == "prompt_completion" and len(ds) >= 2
