@@ -145,6 +145,8 @@ def check_messages(messages, source, where, need_assistant=True):
         role = m.get("role")
         if role not in ROLES:
             bad_row(source, where, f"message {i}: unknown role {role!r} (expected one of: {', '.join(ROLES)})")
+        if isinstance(m.get("content"), list):  # OpenAI's content parts: [{"type": "text", "text": ...}, ...]
+            messages[i] = m = {**m, "content": _text_parts(m["content"], source, where, i)}
         content, calls = m.get("content"), m.get("tool_calls")
         if calls is not None:
             if role != "assistant" or not isinstance(calls, list):
@@ -159,6 +161,16 @@ def check_messages(messages, source, where, need_assistant=True):
         bad_row(source, where, "no assistant message to learn from")
     return messages
 
+
+
+def _text_parts(parts: list, source, where, i: int) -> str:
+    """Content given as OpenAI's parts, as the one text they make (a text-only model reads no other part)."""
+    for part in parts:
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            bad_row(source, where, f"message {i}: a content part of type {kind!r}: the language-model stages read "
+                                   f"text parts only ({{\"type\": \"text\", \"text\": ...}})")
+    return "".join(part["text"] for part in parts)
 
 
 def _json_value(value, source, where, what):

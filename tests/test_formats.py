@@ -353,6 +353,30 @@ def test_conversations_of_messages_beside_prompt_completion_ones_stop_naming_the
         data.load([chats, pc], "chat", recipe)
 
 
+def test_openai_content_parts_are_read_as_their_text(tmp_path, recipe):
+    """OpenAI's messages may give content as parts ([{"type": "text", "text": ...}]): they stopped every stage with
+    "'content' must be a string". Text parts are their joined text, in conversations, pairs and prompts; another part
+    (an image) stops the stage naming the row."""
+    parts = [{"type": "text", "text": "What color "}, {"type": "text", "text": "is the sky?"}]
+    row = {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": [
+        {"type": "text", "text": "Blue."}]}]}
+    ds = data.load(write_jsonl(tmp_path / "parts.jsonl", [row]), "chat", recipe)
+    assert ds[0]["messages"] == [{"role": "user", "content": "What color is the sky?"},
+                                 {"role": "assistant", "content": "Blue."}]
+    pair = {"prompt": [{"role": "user", "content": parts}], "chosen": [{"role": "assistant", "content": "Blue."}],
+            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "Green."}]}]}
+    pairs, _ = preferences.load_preferences(write_jsonl(tmp_path / "pairs.jsonl", [pair]), recipe)
+    assert pairs[0]["prompt"][0]["content"] == "What color is the sky?" and pairs[0]["rejected"][0]["content"] == \
+        "Green."
+    prompts = data.load(write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": pair["prompt"]}]), "prompts", recipe)
+    assert prompts[0]["prompt"] == [{"role": "user", "content": "What color is the sky?"}]
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+                          row["messages"][1]]}
+    path = write_jsonl(tmp_path / "image.jsonl", [row, image])
+    with pytest.raises(PipelineError, match=rf"^{path}: line 2: message 0: a content part of type 'image_url'"):
+        data.load(path, "chat", recipe)
+
+
 def test_the_shipped_prompt_completion_sample_loads(recipe):
     ds, info = data.load_with_info(str(REPO / "data/samples/prompt_completion.jsonl"), "chat", recipe)
     assert info["format"] == "prompt_completion" and len(ds) >= 2
