@@ -311,14 +311,29 @@ def prompt_rows(rows: list[dict], where: list[str], source, part_of: list[int] |
     return out, [where[i] for i in of_prompts + of_pairs] if len(out) == len(rows) else None, " + ".join(fmt)
 
 
+def _text_prompt_roots(prompts: list) -> dict[str, str]:
+    """Each distinct text prompt's root: the shortest prompt it extends word-wise ("Q? Answer: The answer is" extends
+    "Q? Answer:"). Implicit text pairs of one question get such prompts (the part chosen and rejected share), and
+    keyed by their exact text one question landed on both sides of a split."""
+    roots, stack = {}, []  # stack: prompts each extending the one below it, in sorted order
+    for p in sorted({p for p in prompts if isinstance(p, str)}):
+        while stack and not (p.startswith(stack[-1]) and (len(p) == len(stack[-1]) or p[len(stack[-1])].isspace())):
+            stack.pop()
+        roots[p] = stack[0] if stack else p
+        stack.append(p)
+    return roots
+
+
 def split_by_prompt(ds, fraction: float, seed: int, source: str, unit: str = "pairs"):
     """Hold out `fraction` of the prompts (with all their pairs, or kto's rows: `unit`), so no prompt is on both
-    sides. (train, held-out)"""
+    sides; a text prompt goes with the shorter ones it extends (_text_prompt_roots). (train, held-out)"""
     import random
 
     if not 0 < fraction < 1:
         raise PipelineError(f"eval_fraction must be between 0 and 1, got {fraction}")
-    keys = [json.dumps(p, sort_keys=True) for p in ds["prompt"]]
+    column = ds["prompt"]
+    roots = _text_prompt_roots(column)
+    keys = [json.dumps(roots.get(p, p) if isinstance(p, str) else p, sort_keys=True) for p in column]
     prompts = sorted(set(keys))
     if len(prompts) < 2:
         raise PipelineError(f"{source}: {len(ds)} {unit} with {len(prompts)} distinct prompt: too few to hold any "

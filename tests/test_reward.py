@@ -172,6 +172,24 @@ def test_split_by_prompt_keeps_each_prompt_on_one_side(tmp_path, recipe):
     assert preferences.split_by_prompt(ds, 0.2, 0, "pairs.jsonl")[1]["prompt"] == held["prompt"]  # deterministic
 
 
+def test_implicit_text_pairs_of_one_question_stay_on_one_side(tmp_path, recipe):
+    """Implicit text pairs take as prompt the part chosen and rejected share, so two pairs of one question get
+    different prompts ("...? Answer:" and "...? Answer: The answer is"): keyed by the exact text, a question was
+    held out and trained on. A prompt goes with the shorter ones it extends at a word ("Hi" is not "History")."""
+    rows = []
+    for q in range(10):
+        ask = f"Question {q}: what is {q} plus {q}? Answer:"
+        rows += [{"chosen": f"{ask} The answer is {2 * q}.", "rejected": f"{ask} The answer is {2 * q + 1}."},
+                 {"chosen": f"{ask} {2 * q}.", "rejected": f"{ask} No idea."}]
+    ds, info = load(tmp_path, recipe, rows)
+    assert info["format"] == "implicit_text" and len(set(ds["prompt"])) == 20
+    train, held = preferences.split_by_prompt(ds, 0.3, seed=0, source="pairs.jsonl")
+    question = lambda p: p.split(":")[0]  # noqa: E731
+    assert len(held) == 6 and not {question(p) for p in train["prompt"]} & {question(p) for p in held["prompt"]}
+    assert preferences._text_prompt_roots(["Hi", "History of Rome?", "Hi there.", "Hi there. And more"]) == {
+        "Hi": "Hi", "Hi there.": "Hi", "Hi there. And more": "Hi", "History of Rome?": "History of Rome?"}
+
+
 def test_one_prompt_cannot_be_split_and_the_error_names_the_data_and_its_rows(tmp_path, recipe):
     """kto splits its unpaired rows with the same function: the message counts rows there, not pairs."""
     rows = [{"prompt": "q", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(3)]
