@@ -315,16 +315,12 @@ def dataset_of(rows: list[dict], source, where: list[str] | None = None):
     to name the row whose column's type differs from the rows before it."""
     import datasets
 
-    from pipeline.formats import arguments_as_json, arguments_as_text
-
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    rows = arguments_as_text(rows)  # tool calls' arguments: JSON text in Arrow, objects when read (datasets.Json)
     try:
-        ds = _one_message_type(datasets.Dataset.from_dict({k: [row.get(k) for row in rows] for k in columns}))
+        return _one_message_type(datasets.Dataset.from_dict({k: [row.get(k) for row in rows] for k in columns}))
     except Exception as err:  # mixed types across rows that Arrow cannot unify
         clash = _type_clash(rows, columns, where) or str(err).splitlines()[0]
         raise PipelineError(f"{source}: rows do not share one schema: {clash}") from None
-    return arguments_as_json(ds)
 
 
 def _type_clash(rows: list[dict], columns: list[str], where: list[str] | None) -> str | None:

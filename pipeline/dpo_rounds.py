@@ -6,7 +6,7 @@ round samples two replies per prompt of that dataset from the current policy (pi
 A prompt that offers tools (a `tools` column, as world:tool_preference's rows) is sampled with its tools rendered by
 the chat template, as the eval and ppo stages render it; a sampled reply is one assistant turn (its calls are not
 run). A reply that is tool calls, every one of them parsed (pipeline/tool_calls.py), becomes an assistant message with
-structured `tool_calls` (arguments as objects, as the world's tool pairs hold them); one whose calls do not parse
+structured `tool_calls` (arguments as JSON strings, as the world's tool pairs hold them); one whose calls do not parse
 stays text. The reward model scores each reply with its row's tools, and the pair keeps `tools`, so DPO renders it
 as round 1 renders the dataset's tool pairs. The world's annotator cannot judge a tool reply (pipeline/tool_world.py
 judges whole rollouts, the calls run): with `round_labeller: annotator` tool prompts are left out of rounds 2+
@@ -100,7 +100,7 @@ def annotator_prompts(rows: list[dict], spec: str) -> list[dict]:
 def pair_reply(row: dict, reply, tokenizer, read=None):
     """A sampled reply (generation.Reply) as its pair holds it: `as_reply`; after a conversation that offers tools, a
     reply with tool calls, every one parsed (in the tokenizer's own format: tool_formats.call_reader, or `read`), is
-    an assistant message with structured `tool_calls` (arguments as objects, content None when the reply is only
+    an assistant message with structured `tool_calls` (arguments as JSON strings, content None when the reply is only
     calls, as tool_world.call_message writes them). A call that does not parse keeps the reply as text."""
     prompt, text = row["prompt"], reply.text
     if not row.get("tools") or not isinstance(prompt, list):
@@ -112,7 +112,7 @@ def pair_reply(row: dict, reply, tokenizer, read=None):
     if not calls or any(c.error for c in calls):
         return as_reply(prompt, text)
     return [{"role": "assistant", "content": content or None,
-             "tool_calls": [{"type": "function", "function": {"name": c.name, "arguments": c.arguments or {}}}
+             "tool_calls": [{"type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
                             for c in calls]}]
 
 
@@ -218,8 +218,11 @@ def measure(setup: Rounds, policy, r: int, rows, samples, previous: dict | None)
 
 def train_round(setup: Rounds, policy, pairs, r: int, output_dir: Path, resume):
     """One DPO step of the iteration: a DPOTrainer over the round's pairs from the current policy."""
-    if isinstance(pairs, list):  # every column any pair has (a text pair among tool pairs gets tools None), the
-        pairs = data.dataset_of(pairs, f"round {r} pairs")  # tool calls' arguments kept as they are
+    import datasets
+
+    if isinstance(pairs, list):  # from_list takes its columns from the first row: a text pair among tool pairs
+        with_tools = any("tools" in p for p in pairs)  # gets tools None, as in the loaded dataset
+        pairs = datasets.Dataset.from_list([{**p, "tools": p.get("tools")} if with_tools else p for p in pairs])
     trainer = setup.trainer_for(policy, pairs, output_dir, dataset_pairs=r == 1)
     data.warn_many_epochs(trainer.args, len(trainer.train_dataset), setup.run.state.num_processes)
     result = trainer.train(resume_from_checkpoint=resume)

@@ -9,9 +9,8 @@ prompt/completion), with tool calls checked against the row's tool schemas.
     alpaca              Alpaca / LLaMA-Factory: {"instruction", "input"?, "output", "system"?, "history"?}
                         (history: [[user, assistant], ...] turns before this one)
 
-Rows come out Arrow-friendly: `tools` as a JSON string (TRL reads both), so rows whose tools differ share one schema;
-tool-call `arguments` as objects (what chat templates render with `tojson`), kept apart from Arrow's struct merging
-by data.dataset_of (arguments_as_text, then datasets.Json).
+Rows come out Arrow-friendly: `tools` as a JSON string (TRL reads both), tool-call `arguments` as a JSON string
+(the chat template keeps a string as is), so rows whose tools or arguments have different keys share one schema.
 """
 
 from __future__ import annotations
@@ -353,53 +352,12 @@ def call_problem(name, arguments, tools: list[dict] | None) -> str | None:
 
 
 def check_tool_calls(messages: list[dict], tools: list[dict] | None, source, where) -> None:
-    """Every assistant tool call fits the row's tools; its arguments become an object (OpenAI's JSON text parsed):
-    what chat templates render (Qwen's and Llama's write `arguments | tojson`, a string twice encoded)."""
+    """Every assistant tool call fits the row's tools; its arguments become a JSON string (one Arrow schema)."""
     for i, m in enumerate(messages):
         for call in m.get("tool_calls") or []:
             fn = call.get("function", call)
             problem = call_problem(fn.get("name"), fn.get("arguments"), tools)
             if problem:
                 bad_row(source, where, f"message {i}: {problem}")
-            if isinstance(fn.get("arguments"), str):
-                fn["arguments"] = json.loads(fn["arguments"]) if fn["arguments"].strip() else {}
-            fn["arguments"] = fn.get("arguments") or {}
-
-
-def arguments_as_text(rows: list[dict]) -> list[dict]:
-    """The rows with every tool call's arguments as JSON text, for Arrow: it would merge objects of different keys
-    into one struct, adding the others' keys as nulls. data.dataset_of declares them datasets.Json, so a row read
-    back holds the object again. Rows without tool calls are returned as they are."""
-    def text_call(call):
-        fn = call.get("function", call) if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or isinstance(fn.get("arguments"), str):
-            return call
-        fn = {**fn, "arguments": json.dumps(fn.get("arguments") or {})}
-        return {**call, "function": fn} if "function" in call else fn
-
-    def text_calls(value):
-        if not isinstance(value, list) or not any(isinstance(m, dict) and m.get("tool_calls") for m in value):
-            return value
-        return [{**m, "tool_calls": [text_call(c) for c in m["tool_calls"]]}
-                if isinstance(m, dict) and isinstance(m.get("tool_calls"), list) else m for m in value]
-
-    return [{k: text_calls(v) for k, v in row.items()} if any(text_calls(v) is not v for v in row.values()) else row
-            for row in rows]
-
-
-def arguments_as_json(ds):
-    """`ds` with its tool calls' `arguments` (JSON text: arguments_as_text) typed datasets.Json, read as objects."""
-    import datasets
-
-    def typed(f):
-        if isinstance(f, datasets.List):
-            inner = typed(f.feature)
-            return f if inner is f.feature else datasets.List(inner, length=f.length)
-        if isinstance(f, dict):
-            call = "name" in f and isinstance(f.get("arguments"), datasets.Value) and f["arguments"].dtype == "string"
-            new = {k: datasets.Json() if call and k == "arguments" else typed(v) for k, v in f.items()}
-            return f if all(new[k] is f[k] for k in f) else new
-        return f
-
-    features = datasets.Features({c: typed(f) for c, f in ds.features.items()})
-    return ds if all(features[c] is ds.features[c] for c in features) else ds.cast(features)
+            if not isinstance(fn.get("arguments"), str):
+                fn["arguments"] = json.dumps(fn.get("arguments") or {})

@@ -244,7 +244,7 @@ def normalize_preferences(rows, where, source, part_of: list[int] | None = None)
             pair["margin"] = _pair_margin(row, margin_from, source, w)
         pair.update((k, v) for k, v in row.items() if k not in ("prompt", "chosen", "rejected", "margin"))
         tools = tools_of(row, source, w)
-        if is_conv:  # calls fit the row's tools; arguments become objects (as for sft)
+        if is_conv:  # calls fit the row's tools; arguments become JSON strings (one Arrow schema, as for sft)
             for col in ("prompt", "chosen", "rejected"):
                 check_tool_calls(pair[col], tools, source, f"{w}: {col}")
         if "tools" in pair:  # no tools ("[]" too): None; a list: JSON text

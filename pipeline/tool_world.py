@@ -39,8 +39,8 @@ call against the systematic mistake (hard tasks) or a wrong digit / no call at a
 the final answer after the tool's reply, right against wrong. `pref_hard_share` of the pairs come from hard
 tasks; the label is flipped with probability `label_noise`, and `clean_agrees` records whether it was.
 
-Rows carry `tools` as a JSON string of TOOL_SCHEMAS and tool-call `arguments` as objects (the forms the loaders
-produce, pipeline/formats.py).
+Rows carry `tools` as a JSON string of TOOL_SCHEMAS and tool-call `arguments` as JSON strings (the forms the
+loaders produce, pipeline/formats.py; one Arrow schema for every row).
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ def task_key(text: str) -> tuple | None:
 
 def call_message(name: str, **arguments) -> dict:
     return {"role": "assistant", "content": None,
-            "tool_calls": [{"type": "function", "function": {"name": name, "arguments": arguments}}]}
+            "tool_calls": [{"type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}]}
 
 
 def tool_message(name: str, content: str) -> dict:

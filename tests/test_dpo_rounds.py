@@ -252,7 +252,7 @@ def test_tool_prompts_are_sampled_with_their_tools_and_their_pairs_keep_tools_an
     replies, tools = seen_by_rm[0]
     assert tools == [schemas, schemas, None, None]
     call = [{"role": "assistant", "content": None, "tool_calls": [
-        {"type": "function", "function": {"name": "read_image", "arguments": {"image_id": "12"}}}]}]
+        {"type": "function", "function": {"name": "read_image", "arguments": '{"image_id": "12"}'}}]}]
     assert replies[0] == call and replies[2] == said("The answer is 5.")
     # the pairs round 2 trained on keep tools and the structured call
     pairs = json.loads((out / "rounds/round-2/pairs.json").read_text())

@@ -71,7 +71,7 @@ def test_tool_calls_are_checked_against_the_row_tools():
     rows, _ = normalize([{"prompt": [{"role": "user", "content": "q"}], "completion": [call], "label": True,
                           "tools": tools}])
     assert json.loads(rows[0]["tools"]) == tools
-    assert rows[0]["completion"][0]["tool_calls"][0]["function"]["arguments"] == {"a": 1}
+    assert rows[0]["completion"][0]["tool_calls"][0]["function"]["arguments"] == '{"a": 1}'
     bad = {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "add", "arguments": {"a": "x"}}}]}
     with pytest.raises(PipelineError, match=r"f.jsonl: row 1: .*argument 'a' must be integer"):
         normalize([{"prompt": [{"role": "user", "content": "q"}], "completion": [bad], "label": True,

@@ -237,7 +237,7 @@ def test_dpo_round_pairs_keep_a_llama_call_structured(llama):
     row = {"prompt": [{"role": "user", "content": "2 plus 3?"}], "tools": [ADD]}
     reply = Reply(llama.decode(ids, skip_special_tokens=True), True, len(ids), ids)
     assert pair_reply(row, reply, llama) == [{"role": "assistant", "content": None, "tool_calls": [
-        {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]}]
+        {"type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]}]
 
 
 # A reply per format whose good calls need typing by the tool's schema: XML formats write every argument as text, and

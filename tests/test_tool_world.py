@@ -32,7 +32,7 @@ def _user(row) -> str:
 
 
 def _calls(messages):
-    return [(c["function"]["name"], c["function"]["arguments"])
+    return [(c["function"]["name"], json.loads(c["function"]["arguments"]))
             for m in messages for c in m.get("tool_calls") or []]
 
 
@@ -262,7 +262,7 @@ def test_demonstrations_render_with_tools_and_mask_only_the_assistant(splits):
         elif cur:
             runs, cur = runs + [cur], []
     runs += [cur] if cur else []
-    prompt = row["messages"][1]["tool_calls"][0]["function"]["arguments"]["prompt"]
+    prompt = json.loads(row["messages"][1]["tool_calls"][0]["function"]["arguments"])["prompt"]
     assert [tok.decode(r) for r in runs] == [
         '<tool_call>\n{"name": "draw_image", "arguments": {"prompt": "' + prompt + '"}}\n</tool_call><|im_end|>',
         row["messages"][3]["content"] + "<|im_end|>"]
