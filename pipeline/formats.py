@@ -83,15 +83,17 @@ def as_messages(prompt) -> list[dict]:
 
 
 def json_messages(value):
-    """A string holding a JSON list of messages (objects with a `role`, or ShareGPT's `from`: how a CSV cell holds
-    them) is that list; anything else is returned unchanged, so a text that is JSON of other objects (a reply listing
-    records) stays text."""
+    """A string holding a JSON list of messages (objects with `role` and `content` or `tool_calls`, or ShareGPT's
+    `from` and `value`: how a CSV cell holds them) is that list; anything else is returned unchanged, so a text that
+    is JSON of other objects (a reply listing records, even with a `role` key) stays text."""
     if isinstance(value, str) and JSON_OBJECTS.match(value):
         try:
             parsed = json.loads(value)
         except json.JSONDecodeError:
             return value
-        if isinstance(parsed, list) and all(isinstance(m, dict) and ("role" in m or "from" in m) for m in parsed):
+        if isinstance(parsed, list) and all(isinstance(m, dict) and (
+                ("role" in m and ("content" in m or "tool_calls" in m)) or {"from", "value"} <= m.keys())
+                for m in parsed):
             return parsed
     return value
 

@@ -123,9 +123,9 @@ def _detect_preference_format(first: dict, source) -> str:
                             f"{PREFERENCE_EXPECTED}")
     chosen = json_messages(first["chosen"])
     if "prompt" in cols:
-        prompt = first["prompt"]
+        prompt = json_messages(first["prompt"])
         if isinstance(prompt, str) and isinstance(chosen, list) and chosen and isinstance(chosen[0], dict) \
-                and chosen[0].get("role") != "assistant":
+                and chosen[0].get("role", "assistant") != "assistant":  # (ShareGPT reply turns have no role)
             # a text prompt beside whole conversations that hold it (HuggingFaceH4/ultrafeedback_binarized): the
             # conversations' shared beginning is the prompt, as TRL's maybe_extract_prompt takes it
             return "implicit"
@@ -189,7 +189,8 @@ def normalize_preferences(rows, where, source, part_of: list[int] | None = None)
         chosen, rejected = json_messages(row["chosen"]), json_messages(row["rejected"])
         prompt = json_messages(row.get("prompt"))
         if fmt in ("explicit", *CONVERTED):
-            if isinstance(chosen, dict) or isinstance(rejected, dict):  # a reply as one message object
+            if any(isinstance(v, dict) or (isinstance(v, list) and any(isinstance(m, dict) and "from" in m for m in v))
+                   for v in (chosen, rejected)):  # a reply as one message object, or as ShareGPT turns
                 chosen, rejected = _reply(chosen, source, w, "chosen"), _reply(rejected, source, w, "rejected")
             for col, v in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
                 if not isinstance(v, (str, list)):

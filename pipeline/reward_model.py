@@ -170,10 +170,7 @@ def score(model, sequences: list[list[int]], pad_id: int, batch_size: int, max_l
 
     if max_length:
         sequences = [s[-max_length:] for s in sequences]
-    # transformers reads the score at the last token that is not the config's pad id: padded with another id (a
-    # user's model whose config and tokenizer disagree), a reply's score changed with the batch it was scored in
-    config_pad = getattr(model.config, "pad_token_id", None)
-    pad_id = pad_id if config_pad is None else config_pad
+    pad_id = head_pad_id(model, pad_id)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     rewards = [0.0] * len(sequences)
     device = next(model.parameters()).device
@@ -188,6 +185,14 @@ def score(model, sequences: list[list[int]], pad_id: int, batch_size: int, max_l
                 rewards[i] = float(out[row, 0])
     model.train(was_training)
     return rewards
+
+
+def head_pad_id(model, fallback: int) -> int:
+    """The id to pad a reward model's batches with: transformers reads the score at the last token that is not the
+    config's pad_token_id, so padding with another (a user's model whose config and tokenizer disagree) moved where
+    a short sequence's score was read, and it changed with the longer ones beside it, in scoring and training."""
+    pad = getattr(model.config, "pad_token_id", None)
+    return fallback if pad is None else pad
 
 
 def pad_right(sequences: list[list[int]], pad_id: int):

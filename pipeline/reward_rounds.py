@@ -36,8 +36,8 @@ import torch
 
 from pipeline import faults, judges, log, runs
 from pipeline.generation import generate
-from pipeline.reward_model import (RewardModel, encode, encode_prompt, next_token_loss, pad_right, save_statistics,
-                                   tools_of)
+from pipeline.reward_model import (RewardModel, encode, encode_prompt, head_pad_id, next_token_loss, pad_right,
+                                   save_statistics, tools_of)
 
 STATE, PAIRS = "state.json", "pairs.json"
 
@@ -124,7 +124,8 @@ def fine_tune(reward: RewardModel, pairs: list[dict], *, epochs: int, learning_r
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             n = len(rows)
-            ids, mask = pad_right([seqs[i][0] for i in rows] + [seqs[i][1] for i in rows], tokenizer.pad_token_id)
+            ids, mask = pad_right([seqs[i][0] for i in rows] + [seqs[i][1] for i in rows],
+                                  head_pad_id(model, tokenizer.pad_token_id))
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False,
                         output_hidden_states=bool(lm_loss_coefficient))
             margin = out.logits[:n, 0] - out.logits[n:, 0]

@@ -132,6 +132,23 @@ def test_csv_cells_with_json_messages_and_world_split(tmp_path, recipe):
     assert len(ds) == recipe.world.n_preference_eval and {"skill", "hard", "clean_agrees"} <= set(ds.column_names)
 
 
+def test_json_text_replies_stay_text_and_sharegpt_turns_in_a_csv_pair_are_replies(tmp_path, recipe):
+    """A reply that is JSON of records with a `role` key ("[{"name": "Ann", "role": "engineer"}]") is text, not
+    messages (it stopped the stage: unknown role 'engineer'); a CSV pair's ShareGPT turns ({from, value}) are the
+    assistant reply, as a single turn object already was (they stopped the stage: unknown role None)."""
+    records = json.dumps([{"name": "Ann", "role": "engineer"}])
+    ds, _ = load(tmp_path, recipe, [{"prompt": "List the staff as JSON.", "chosen": records, "rejected": "No."}])
+    assert ds[0]["chosen"] == records
+    path = tmp_path / "pairs.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([["prompt", "chosen", "rejected"],
+                                 [json.dumps(USER), json.dumps([{"from": "gpt", "value": "Hello!"}]),
+                                  json.dumps([{"from": "gpt", "value": "Go away."}])]])
+    ds, _ = preferences.load_preferences(str(path), recipe)
+    assert ds[0]["chosen"] == [{"role": "assistant", "content": "Hello!"}]
+    assert ds[0]["rejected"] == [{"role": "assistant", "content": "Go away."}]
+
+
 @pytest.mark.parametrize("rows, message", [
     ([{"question": "q", "answer": "a"}],
      r"no preference format matches the columns \(question, answer\); expected prompt/chosen/rejected"),

@@ -141,7 +141,7 @@ def test_a_sequence_over_max_length_keeps_its_end(scored):
     assert reward_model.score_pairs(rows[:1], batch_size=2, desc="x").truncated == 1
 
 
-def test_a_reply_scores_the_same_alone_and_in_a_batch_when_config_and_tokenizer_pad_differ(scored):
+def test_a_reply_scores_the_same_alone_and_in_a_batch_when_config_and_tokenizer_pad_differ(scored, monkeypatch):
     """A user's reward model whose config names another pad id than its tokenizer: transformers reads the score at
     the last token that is not the config's pad id, so padding with the tokenizer's moved where a short reply's score
     was read, and its reward changed with the longer replies beside it."""
@@ -158,6 +158,15 @@ def test_a_reply_scores_the_same_alone_and_in_a_batch_when_config_and_tokenizer_
     batched = score(model, seqs, tokenizer.pad_token_id, batch_size=4, max_length=None)
     assert len(seqs[short]) < max(map(len, seqs))
     assert batched[short] == pytest.approx(alone[0], abs=1e-5)
+    # ppo's reward rounds train it on batches padded the same way (head_pad_id), not with the tokenizer's id
+    from pipeline import reward_model as rm, reward_rounds
+
+    pads = []
+    real_pad_right = rm.pad_right
+    monkeypatch.setattr(reward_rounds, "pad_right", lambda seqs, pad_id: pads.append(pad_id) or real_pad_right(
+        seqs, pad_id))
+    reward_rounds.fine_tune(reward_model, rows[:2], epochs=1, learning_rate=0.0, batch_size=2, seed=0)
+    assert pads == [other_pad]
 
 
 def test_only_the_reward_model_module_loads_a_reward_model():
