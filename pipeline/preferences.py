@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 
 from pipeline import data
 from pipeline.cli import PipelineError
@@ -312,13 +313,22 @@ def prompt_rows(rows: list[dict], where: list[str], source, part_of: list[int] |
     return out, [where[i] for i in of_prompts + of_pairs] if len(out) == len(rows) else None, " + ".join(fmt)
 
 
+WHITESPACE = (" ", "\t", "\n", "\r")
+
+
 def _text_prompt_roots(prompts: list) -> dict[str, str]:
     """Each distinct text prompt's root: the shortest prompt it extends word-wise ("Q? Answer: The answer is" extends
     "Q? Answer:"). Implicit text pairs of one question get such prompts (the part chosen and rejected share), and
     keyed by their exact text one question landed on both sides of a split."""
-    roots, stack = {}, []  # stack: prompts each extending the one below it, in sorted order
+    def extends(p, shorter):  # at a word: the next character, or the shorter one's last, is ASCII whitespace
+        return p.startswith(shorter) and (p[len(shorter):len(shorter) + 1] in WHITESPACE
+                                          or shorter[-1:] in WHITESPACE)
+
+    # in sorted order a prompt's extensions follow it (ASCII whitespace sorts before the characters that do not
+    # extend it at a word); stack: prompts each extending the one below it
+    roots, stack = {}, []
     for p in sorted({p for p in prompts if isinstance(p, str)}):
-        while stack and not (p.startswith(stack[-1]) and (len(p) == len(stack[-1]) or p[len(stack[-1])].isspace())):
+        while stack and not extends(p, stack[-1]):
             stack.pop()
         roots[p] = stack[0] if stack else p
         stack.append(p)
@@ -332,8 +342,14 @@ def split_by_prompt(ds, fraction: float, seed: int, source: str, unit: str = "pa
 
     if not 0 < fraction < 1:
         raise PipelineError(f"eval_fraction must be between 0 and 1, got {fraction}")
+    from pipeline import log
+
     column = ds["prompt"]
     roots = _text_prompt_roots(column)
+    if grouped := sum(root != p for p, root in roots.items()):
+        sizes = Counter(roots.values())
+        log.info(f"{source}: {grouped} text prompts held out or kept with a shorter prompt they extend (the largest "
+                 f"group: {max(sizes.values())} prompts under {next(r for r, n in sizes.most_common(1))[:60]!r})")
     keys = [json.dumps(roots.get(p, p) if isinstance(p, str) else p, sort_keys=True) for p in column]
     prompts = sorted(set(keys))
     if len(prompts) < 2:

@@ -205,6 +205,9 @@ def test_implicit_text_pairs_of_one_question_stay_on_one_side(tmp_path, recipe):
     assert len(held) == 6 and not {question(p) for p in train["prompt"]} & {question(p) for p in held["prompt"]}
     assert preferences._text_prompt_roots(["Hi", "History of Rome?", "Hi there.", "Hi there. And more"]) == {
         "Hi": "Hi", "Hi there.": "Hi", "Hi there. And more": "Hi", "History of Rome?": "History of Rome?"}
+    # replies that start on a new line leave the prompt ending in it
+    assert preferences._text_prompt_roots(["Q: 2+2?\n", "Q: 2+2?\nA:", "Q: 2+20?"]) == {
+        "Q: 2+2?\n": "Q: 2+2?\n", "Q: 2+2?\nA:": "Q: 2+2?\n", "Q: 2+20?": "Q: 2+20?"}
 
 
 def test_one_prompt_cannot_be_split_and_the_error_names_the_data_and_its_rows(tmp_path, recipe):
