@@ -113,7 +113,7 @@ def main(argv):
         metrics = {
             "train_loss": runs.train_loss(trainer),
             "steps": result.global_step,
-            "train_examples": len(train_ds),
+            "train_examples": len(train_ds) - too_long,  # trained on, as dpo and reward count their pairs
             "train_examples_too_long": too_long,
             "eval_examples_too_long": eval_too_long,
             "data": train_info,

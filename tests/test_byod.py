@@ -178,8 +178,8 @@ def test_pairs_whose_prompts_fill_max_length_are_counted_and_all_of_them_stop_in
     too_long = ("train_pairs_too_long", "eval_pairs_too_long") if stage == "dpo" else \
         ("train_examples_too_long", "eval_examples_too_long")
     assert (m[too_long[0]], m[too_long[1]]) == (3 * per_pair, 1 * per_pair)
-    if stage == "dpo":  # the pairs trained on, as the reward stage counts them (it counted the 3 left out too)
-        assert m["train_pairs"] == 5
+    # the pairs (rows) trained on, as the reward stage counts them (it counted the ones left out too)
+    assert m["train_pairs" if stage == "dpo" else "train_examples"] == 5 * per_pair
     assert f"({3 * per_pair} and {per_pair} of them over max_length=64 in the prompt alone: left out)" in proc.stdout
     for name, data_key, spec in (("train", "dataset", write_jsonl(tmp_path / "all.jsonl", rows(long, 4))),
                                  ("held", "eval_dataset", write_jsonl(tmp_path / "all_held.jsonl", rows(long, 2)))):
@@ -207,6 +207,13 @@ def test_sft_held_out_rows_all_over_max_length_stop_before_training(tiny_run, tm
                                     f"no completion token once cut (truncation_mode keep_start): raise max_length or "
                                     f"set truncation_mode: keep_end")
     assert not (tmp_path / "runs").exists()
+    # some training rows left out: train_rows counts the rows trained on (it counted the ones left out too)
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [long] * 2 + [short] * 4)
+    proc = run_cli(["pipeline/sft.py", recipe, f"sft.dataset={mixed}", "sft.eval_dataset="], cwd=tmp_path,
+                   env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads((tmp_path / "runs/tiny/sft/metrics.json").read_text())
+    assert (m["train_rows"], m["train_rows_too_long"], m["train_rows_dropped"]) == (4, 2, 2)
 
 
 def test_bad_input_files_stop_in_one_line_naming_file_and_row(tiny_run, tmp_path):
