@@ -304,6 +304,42 @@ def to_sft_row(row: dict, fmt: str, source, where) -> dict:
 # ---------------------------------------------------------------------------------------------- tool calls
 
 
+class ObjectArguments:
+    """A tokenizer's apply_chat_template given tool calls' `arguments` as objects (arguments_as_objects): set on every
+    stage's tokenizer (models.load_tokenizer), so every render, ours and TRL's, gets them."""
+
+    def __init__(self, render):
+        self.render = render
+
+    def __call__(self, conversation, *args, **kwargs):
+        return self.render(arguments_as_objects(conversation), *args, **kwargs)
+
+
+def arguments_as_objects(conversation):
+    """The messages (or a batch of them) with every tool call's `arguments` that is JSON text (how rows hold them,
+    one Arrow type) parsed into its object, for a chat template: Qwen2.5's and Llama 3.1's own write
+    `arguments | tojson`, which quoted the text, so a model trained on them learnt to call with a string. Python's
+    json reads floats exactly (datasets.Json's ujson did not: 0.009 became 0.009000000000000001)."""
+    def parsed(call):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("arguments"), str):
+            return call
+        try:
+            fn = {**fn, "arguments": json.loads(fn["arguments"]) if fn["arguments"].strip() else {}}
+        except json.JSONDecodeError:
+            return call
+        return {**call, "function": fn} if "function" in call else fn
+
+    if not isinstance(conversation, list):
+        return conversation
+    if conversation and isinstance(conversation[0], list):
+        return [arguments_as_objects(c) for c in conversation]
+    return [{**m, "tool_calls": [parsed(c) for c in m["tool_calls"]]}
+            if isinstance(m, dict) and isinstance(m.get("tool_calls"), list) else m for m in conversation]
+
+
+
+
 def _schema(tool: dict) -> dict:
     return tool.get("function") or tool
 

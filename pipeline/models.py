@@ -14,6 +14,7 @@ import torch
 
 from pipeline import faults
 from pipeline.cli import PipelineError, built_from_config
+from pipeline.formats import ObjectArguments
 from pipeline.values import closest
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -76,7 +77,9 @@ def load_tokenizer(recipe, checkpoint, corpus=None, as_saved: bool = False):
     else:
         raise PipelineError(f"{recipe.path}: a model built from `model.config` needs `tokenizer.train: true` "
                             f"or `tokenizer.name_or_path`")
-    return tok if as_saved and checkpoint.path is not None else recipe_chat_template(recipe, tok)
+    tok = tok if as_saved and checkpoint.path is not None else recipe_chat_template(recipe, tok)
+    tok.apply_chat_template = ObjectArguments(tok.apply_chat_template)  # every render: ours, TRL's, vLLM's prompts
+    return tok
 
 
 def recipe_chat_template(recipe, tok):

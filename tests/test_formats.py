@@ -64,6 +64,36 @@ def test_rows_with_object_and_string_arguments_share_one_schema(tmp_path, recipe
         [{"prompt": "a cat"}, {"prompt": "a dog", "size": 8}]
 
 
+@pytest.mark.parametrize("template", ["qwen2_5", "llama3_1"])
+def test_a_models_own_template_renders_tool_call_arguments_as_an_object(tmp_path, recipe, template):
+    """Rows hold tool calls' arguments as JSON text (one Arrow type); Qwen2.5's and Llama 3.1's own chat templates
+    (TRL ships them) write `arguments | tojson`, which quoted that text ("arguments": "{\\"prompt\\": ...}"), so a
+    model trained on them learnt to call with a string. Every stage's tokenizer parses them first, floats exactly."""
+    from tokenizers import Tokenizer, models as tok_models
+    from transformers import PreTrainedTokenizerFast
+    from trl import chat_template_utils as ctu
+
+    from pipeline import models, runs
+    from pipeline.formats import ObjectArguments
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
+                                  eos_token="<unk>")
+    tok.chat_template = getattr(ctu, f"{template}_chat_template")
+    tok.save_pretrained(tmp_path / "tok")
+    mine = load_recipe(tiny_recipe(tmp_path, tokenizer={"train": False, "name_or_path": str(tmp_path / "tok"),
+                                                        "chat_template": "own"}))
+    tok = models.load_tokenizer(mine, runs.Checkpoint("new", None, None, "config"))
+    assert isinstance(tok.apply_chat_template, ObjectArguments)
+    args = {"prompt": "a cat", "scale": 0.009}
+    row = {"messages": [{"role": "user", "content": "draw"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "render_image", "arguments": args}}]}], "tools": TOOLS}
+    ds = data.load(write_jsonl(tmp_path / "m.jsonl", [row]), "chat", recipe)
+    assert isinstance(ds[0]["messages"][1]["tool_calls"][0]["function"]["arguments"], str)  # as Arrow holds it
+    text = tok.apply_chat_template(ds[0]["messages"], tools=json.loads(ds[0]["tools"]), tokenize=False)
+    key = "arguments" if template == "qwen2_5" else "parameters"
+    assert f'"{key}": {json.dumps(args)}' in text and '\\"prompt' not in text
+
+
 @pytest.mark.parametrize("arguments, message", [
     ({"size": 3}, "required argument 'prompt' is missing"),
     ({"prompt": 5}, "argument 'prompt' must be string, got int"),
