@@ -184,7 +184,7 @@ def first_row(path: Path) -> dict | None:
     return rows[0] if rows else None
 
 
-def read_table(path: Path, kind: str, empty_is_text: bool = False) -> tuple:  # (datasets.Dataset, where each row is from)
+def read_table(path: Path, kind: str, empty_is_text: bool = False) -> tuple:  # (datasets.Dataset, each row's place)
     """A non-empty .csv, .parquet or .arrow file as a memory-mapped datasets.Dataset (rows read when asked for), and
     where each row came from; a file that does not parse is one line naming it. A CSV's cells are the text they hold:
     a CSV has no types, and pandas' guessing read the answer "08" as 8, "3.10" as 3.1 and "NA" or "None" as no answer

@@ -338,8 +338,6 @@ def arguments_as_objects(conversation):
             if isinstance(m, dict) and isinstance(m.get("tool_calls"), list) else m for m in conversation]
 
 
-
-
 def _schema(tool: dict) -> dict:
     return tool.get("function") or tool
 

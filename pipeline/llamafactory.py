@@ -191,7 +191,7 @@ def layout(entry: Entry) -> Layout:
     # with `columns`, LLaMA-Factory reads the columns it names and no other (a missing default is None)
     columns = {theirs: given.get(theirs) for theirs in ours} if given is not None else \
         {theirs: column for theirs, column in DEFAULTS.items() if theirs in ours}
-    tags, roles = None, {}
+    tags, roles, function_role = None, {}, None
     if formatting != "alpaca":
         given = info.get("tags") or {}
         if not _names(given):
@@ -199,9 +199,9 @@ def layout(entry: Entry) -> Layout:
         tags = {key: given.get(key, default) for key, default in TAGS.items()}
         standard = OPENAI_ROLES if formatting == "openai" else ROLES
         roles = {theirs: standard[key] for key in ROLES if (theirs := given.get(key, ROLES[key]))}
+        function_role = given.get("function_tag", ROLES["function_tag"])
     learnt = ("response", "chosen", "rejected", "kto_tag")  # without one, an alpaca entry's prompts are documents
     documents = formatting == "alpaca" and not any(columns.get(k) for k in learnt)
-    function_role = (info.get("tags") or {}).get("function_tag", ROLES["function_tag"]) if tags else None
     return Layout(formatting, columns, ours, tags, roles, documents, function_role)
 
 

@@ -113,7 +113,8 @@ def preference_metrics(r_chosen, r_rejected, len_chosen, len_rejected, groups=No
     """Everything a preference evaluation reports, from the rewards and reply lengths of held-out pairs.
 
     accuracy, mean_margin; accuracy_per_group (with `groups`); accuracy_clean, ece_clean, clean_label_share and
-    clean_labelled_pairs (with `clean`, see `label_agreement`; over the pairs whose clean label is not None); length_correlation (reward vs reply length over all replies), margin_length_correlation
+    clean_labelled_pairs (with `clean`, see `label_agreement`; over the pairs whose clean label is not None);
+    length_correlation (reward vs reply length over all replies), margin_length_correlation
     (r_c - r_r vs len_c - len_r), accuracy_chosen_shorter / _longer (a reward that counts tokens fails the first);
     ece with its reliability bins; and, for scale, the accuracy of always preferring the longer reply.
     """

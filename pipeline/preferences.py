@@ -12,7 +12,7 @@ import json
 import re
 from collections import Counter
 
-from pipeline import data
+from pipeline import data, log
 from pipeline.cli import PipelineError
 from pipeline.formats import (as_messages, bad_row, check_messages, check_tool_calls, finite_number, json_messages,
                               sharegpt_messages, tools_json, tools_of)
@@ -285,8 +285,6 @@ def prompt_rows(rows: list[dict], where: list[str], source, part_of: list[int] |
     turns) or prompts, the prompt datasets' rows first. Text prompts beside prompts of messages become the user turns
     they are rendered as (one column type). Each row keeps PROMPT_COLUMNS (pairs: also chosen/rejected). Returns
     (rows, where each is from or None where identical pairs were left out, format)."""
-    from pipeline import log
-
     plans, part_of = data.plans_by_dataset(rows, where, source, part_of,
                                            lambda first, _: "chosen" in first and "rejected" in first)
     of_prompts = [i for i, part in enumerate(part_of) if not plans[part]]
@@ -342,8 +340,6 @@ def split_by_prompt(ds, fraction: float, seed: int, source: str, unit: str = "pa
 
     if not 0 < fraction < 1:
         raise PipelineError(f"eval_fraction must be between 0 and 1, got {fraction}")
-    from pipeline import log
-
     column = ds["prompt"]
     roots = _text_prompt_roots(column)
     if grouped := sum(root != p for p, root in roots.items()):

@@ -68,8 +68,8 @@ def write_report(path: Path, m: dict, category: str) -> None:
     ]
     if "accuracy_clean" in m:
         lines.append(f"| accuracy against clean labels | {f(m['accuracy_clean'])} "
-                     f"(labels clean on {f(m['clean_label_share'], '.1%')} of the {m.get('clean_labelled_pairs', m['eval_pairs'])} pairs "
-                     f"with a clean label) |")
+                     f"(labels clean on {f(m['clean_label_share'], '.1%')} of the {m['clean_labelled_pairs']} "
+                     f"pairs with a clean label) |")
     lines += [
         f"| mean margin r(chosen) − r(rejected) | {f(m['mean_margin'])} |",
         f"| accuracy where chosen is shorter | {f(m['accuracy_chosen_shorter'])} ({m['pairs_chosen_shorter']} pairs) |",

@@ -99,7 +99,8 @@ def main(argv):
                  + (f"; {eval_dropped} held-out rows left out the same way" if eval_dropped else ""))
         data.warn_many_epochs(args, len(trainer.train_dataset), run.state.num_processes)
         result = trainer.train(resume_from_checkpoint=run.last_checkpoint())
-        metrics = {"train_loss": runs.train_loss(trainer), "steps": result.global_step, "train_rows": len(train_ds) - dropped,  # trained on
+        metrics = {"train_loss": runs.train_loss(trainer), "steps": result.global_step,
+                   "train_rows": len(train_ds) - dropped,  # trained on
                    "train_rows_too_long": too_long, "train_rows_dropped": dropped}
         if eval_ds is not None:
             metrics.update(eval_rows_dropped=eval_dropped, eval_loss=trainer.evaluate()["eval_loss"])
