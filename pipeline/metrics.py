@@ -113,7 +113,8 @@ def preference_metrics(r_chosen, r_rejected, len_chosen, len_rejected, groups=No
     """Everything a preference evaluation reports, from the rewards and reply lengths of held-out pairs.
 
     accuracy, mean_margin; accuracy_per_group (with `groups`); accuracy_clean, ece_clean, clean_label_share and
-    clean_labelled_pairs (with `clean`, see `label_agreement`; over the pairs whose clean label is not None);
+    clean_labelled_pairs (with `clean`, see `label_agreement`; over the pairs whose clean label is not None), and
+    accuracy_clean_per_group with both;
     length_correlation (reward vs reply length over all replies), margin_length_correlation
     (r_c - r_r vs len_c - len_r), accuracy_chosen_shorter / _longer (a reward that counts tokens fails the first);
     ece with its reliability bins; and, for scale, the accuracy of always preferring the longer reply.
@@ -142,6 +143,10 @@ def preference_metrics(r_chosen, r_rejected, len_chosen, len_rejected, groups=No
         out["ece_clean"] = calibration((c - r)[known], agrees, n_bins=n_bins)[0]
         out["clean_label_share"] = float(agrees.mean()) if agrees.size else None
         out["clean_labelled_pairs"] = int(known.sum())
+        if groups is not None:  # the clean labels' signs turn "chosen wins" into "the clean label's choice wins"
+            sign = np.where(agrees, 1.0, -1.0)
+            out["accuracy_clean_per_group"] = group_accuracy(
+                sign * c[known], sign * r[known], np.asarray([str(g) for g in groups])[known])
     out["calibration_bins"] = bins
     return out
 

@@ -134,13 +134,9 @@ def evaluate(scorer: RewardModel, eval_ds, train_ds, keys, seed) -> tuple[dict, 
         clean = None
     m = M.preference_metrics(rc, rr, held.chosen_tokens, held.rejected_tokens, groups=groups, clean=clean,
                              n_bins=keys.calibration_bins)
-    if groups is not None:
-        m[f"accuracy_per_{category}"] = m.pop("accuracy_per_group")
-        if clean is not None:
-            known = [i for i, c in enumerate(clean) if c is not None]
-            sign = {i: 1 if clean[i] else -1 for i in known}
-            m[f"accuracy_clean_per_{category}"] = M.group_accuracy(
-                [sign[i] * rc[i] for i in known], [sign[i] * rr[i] for i in known], [groups[i] for i in known])
+    for name in ("accuracy_per_group", "accuracy_clean_per_group"):
+        if name in m:
+            m[name.replace("group", category)] = m.pop(name)
     m["eval_pairs"] = m.pop("pairs")
 
     idx = list(range(len(train_ds)))

@@ -232,6 +232,11 @@ def test_accuracy_margin_groups_and_clean_agreement():
     assert M.label_agreement(rc, rr, [True, False, True, True]) == pytest.approx((1 + 1 + 0.5 + 1) / 4)
     assert M.accuracy_where(rc, rr, [True, True, False, False]) == (0.5, 2)
     assert M.pairwise_accuracy([], []) is None
+    # per group against the clean labels, over the pairs that have one (pair 3's is unknown)
+    m = M.preference_metrics(rc, rr, [1] * 4, [1] * 4, groups=["add", "add", "sort", "sort"],
+                             clean=[True, False, None, True])
+    assert m["accuracy_clean_per_group"] == {"add": {"accuracy": 1.0, "n": 2}, "sort": {"accuracy": 1.0, "n": 1}}
+    assert "accuracy_clean_per_group" not in M.preference_metrics(rc, rr, [1] * 4, [1] * 4, clean=[True] * 4)
 
 
 def test_clean_labels_are_read_from_text_and_pairs_without_one_are_left_out(tmp_path):
