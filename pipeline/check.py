@@ -72,12 +72,12 @@ def _rows_problem(spec, recipe, stage: str, key: str, keys, will_run) -> str | N
         _reward_reads(recipe, stage, keys, [r["prompt"] for r in rows], spec, will_run)
         return _template_problem(recipe, stage, keys, rows, source, will_run)
     if stage in ("reward", "dpo"):
-        pairs, _ = preferences.normalize_preferences(rename_columns(rows, columns, source, where), where, source,
-                                                     part_of)
+        pairs = preferences.normalize_preferences(rename_columns(rows, columns, source, where), where, source,
+                                                  part_of)[0]
         return _template_problem(recipe, stage, keys, pairs, source, will_run)
     if stage == "kto":
-        examples, _ = unpaired.normalize_unpaired(rename_columns(rows, columns, source, where), where, source,
-                                                  part_of)
+        examples = unpaired.normalize_unpaired(rename_columns(rows, columns, source, where), where, source,
+                                               part_of)[0]
         return _template_problem(recipe, stage, keys, examples, source, will_run)
     kind = {"pretrain": "text", "sft": "chat"}.get(stage, "prompts")
     if key == "perplexity_data":

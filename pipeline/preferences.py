@@ -169,15 +169,16 @@ def _margin_from(first: dict, source) -> str | None:
     return None
 
 
-def normalize_preferences(rows, where, source, part_of: list[int] | None = None) -> tuple[list[dict], dict]:
-    """Rows of any supported preference format -> normalized rows, and what was done (format, drops, margin). Each
+def normalize_preferences(rows, where, source, part_of: list[int] | None = None) -> tuple[list[dict], dict, list]:
+    """Rows of any supported preference format -> normalized rows, what was done (format, drops, margin), and each
+    pair's place (its row's `where`: identical pairs are left out, so the places no longer line up with rows). Each
     dataset of a list (part_of: its index, per row) has the format and margin of its own first row (a dataset
     without margins among ones with: its pairs' margin is None, which the reward stage refuses)."""
     plans, part_of = data.plans_by_dataset(rows, where, source, part_of,  # dataset index: (format, margin_from)
                                            lambda first, at: (_detect_preference_format(first, at),
                                                               _margin_from(first, at)))
     conversational = None
-    out, identical = [], 0
+    out, places, identical = [], [], 0
     for i, (row, w) in enumerate(zip(rows, where)):
         fmt, margin_from = plans[part_of[i]]
         needed = ("prompt", "chosen", "rejected") if fmt in ("explicit", "hh_explicit") else ("chosen", "rejected")
@@ -252,11 +253,12 @@ def normalize_preferences(rows, where, source, part_of: list[int] | None = None)
         if "tools" in pair:  # no tools ("[]" too): None; a list: JSON text
             pair["tools"] = tools_json(row["tools"], tools)
         out.append(pair)
+        places.append(w)
     info = {"source": str(source), "format": " + ".join(dict.fromkeys(f for f, _ in plans.values())),
             "conversational": bool(conversational), "rows": len(rows), "pairs": len(out),
             "identical_dropped": identical, "margin": " + ".join(dict.fromkeys(m for _, m in plans.values() if m))
             or None}
-    return out, info
+    return out, info, places
 
 
 def load_preferences(spec, recipe, columns: dict | None = None):
@@ -270,10 +272,10 @@ def load_preferences(spec, recipe, columns: dict | None = None):
 
 def pairs_dataset(rows: list[dict], where: list[str], source, part_of: list[int] | None = None):
     """Rows read from `source` as normalized pairs in a Dataset, and what was done (normalize_preferences)."""
-    pairs, info = normalize_preferences(rows, where, source, part_of)
+    pairs, info, places = normalize_preferences(rows, where, source, part_of)
     if not pairs:
         raise PipelineError(f"{source}: no pairs left: all {info['identical_dropped']} have chosen equal to rejected")
-    return data.dataset_of(pairs, source), info
+    return data.dataset_of(pairs, source, places), info
 
 
 PROMPT_COLUMNS = ("prompt", "skill", "answer", "tools", "kind", "expect")  # what ppo keeps of a prompt row
@@ -284,17 +286,18 @@ def prompt_rows(rows: list[dict], where: list[str], source, part_of: list[int] |
     preference pairs (its first row has chosen and rejected: read as reward and dpo read them, so an HH prompt is its
     turns) or prompts, the prompt datasets' rows first. Text prompts beside prompts of messages become the user turns
     they are rendered as (one column type). Each row keeps PROMPT_COLUMNS (pairs: also chosen/rejected). Returns
-    (rows, where each is from or None where identical pairs were left out, format)."""
+    (rows, where each is from, format)."""
     plans, part_of = data.plans_by_dataset(rows, where, source, part_of,
                                            lambda first, _: "chosen" in first and "rejected" in first)
     of_prompts = [i for i, part in enumerate(part_of) if not plans[part]]
     of_pairs = [i for i, part in enumerate(part_of) if plans[part]]
-    out, fmt = [], []
+    out, places, fmt = [], [], []
     if of_prompts:
         out += data.CHECKS["prompts"]([rows[i] for i in of_prompts], [where[i] for i in of_prompts], source)
+        places += [where[i] for i in of_prompts]
         fmt.append("prompts")
     if of_pairs:
-        normalized, info = normalize_preferences([rows[i] for i in of_pairs], [where[i] for i in of_pairs], source,
+        normalized, info, pair_places = normalize_preferences([rows[i] for i in of_pairs], [where[i] for i in of_pairs], source,
                                                  [part_of[i] for i in of_pairs])
         if not normalized and not of_prompts:
             raise PipelineError(f"{source}: no pairs left: all {info['identical_dropped']} have chosen equal to "
@@ -302,13 +305,14 @@ def prompt_rows(rows: list[dict], where: list[str], source, part_of: list[int] |
         if info["identical_dropped"]:
             log.info(f"{source}: {info['identical_dropped']} pairs with chosen equal to rejected left out")
         out += normalized
+        places += pair_places
         fmt.append(f"the prompts of {info['format']} preference pairs")
     if any(isinstance(row["prompt"], list) for row in out):
         for row in out:
             row["prompt"] = as_messages(row["prompt"])
     keep = PROMPT_COLUMNS + (("chosen", "rejected") if pairs else ())
     out = [{c: row[c] for c in keep if c in row} for row in out]
-    return out, [where[i] for i in of_prompts + of_pairs] if len(out) == len(rows) else None, " + ".join(fmt)
+    return out, places, " + ".join(fmt)
 
 
 WHITESPACE = (" ", "\t", "\n", "\r")

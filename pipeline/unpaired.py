@@ -76,10 +76,10 @@ def _unpair(row: dict) -> list[dict]:
 
 
 def normalize_unpaired(rows: list[dict], where: list[str], source, part_of: list[int] | None = None
-                       ) -> tuple[list[dict], dict]:
-    """Rows of any unpaired format (UNPAIRED_FORMATS) -> TRL's unpaired rows, and what was done. Each dataset of a
-    list (part_of: its index, per row) has the format and label column of its own first row; datasets that differ
-    in them are read each on its own, in list order."""
+                       ) -> tuple[list[dict], dict, list]:
+    """Rows of any unpaired format (UNPAIRED_FORMATS) -> TRL's unpaired rows, what was done, and each row's place
+    (a pair's two rows share it). Each dataset of a list (part_of: its index, per row) has the format and label
+    column of its own first row; datasets that differ in them are read each on its own, in list order."""
     plans, part_of = data.plans_by_dataset(rows, where, source, part_of,  # dataset index: (format, label column)
                                            lambda first, at: (detect_unpaired_format(first, at),
                                                               next((c for c in LABEL_COLUMNS if c in first), None)))
@@ -87,11 +87,12 @@ def normalize_unpaired(rows: list[dict], where: list[str], source, part_of: list
         return _each_dataset(rows, where, source, part_of, list(plans))
     fmt, label_column = next(iter(plans.values()))
     if fmt == "pairs":
-        pairs, pair_info = normalize_preferences(rows, where, source, part_of)
+        pairs, pair_info, pair_places = normalize_preferences(rows, where, source, part_of)
         out = [r for pair in pairs for r in _unpair(pair)]
+        places = [w for w in pair_places for _ in range(2)]
         conversational = pair_info["conversational"]
     else:
-        out, conversational = [], None
+        out, conversational, places = [], None, list(where)
         for row, w in zip(rows, where):
             if label_column not in row:
                 bad_row(source, w, f"missing column '{label_column}' (columns: {', '.join(row) or 'none'})")
@@ -111,23 +112,24 @@ def normalize_unpaired(rows: list[dict], where: list[str], source, part_of: list
                         "label": label_of(row[label_column], source, w)})
     info = {"source": str(source), "format": fmt, "conversational": bool(conversational), "rows": len(rows),
             **balance([r["label"] for r in out])}
-    return out, info
+    return out, info, places
 
 
-def _each_dataset(rows, where, source, part_of, parts) -> tuple[list[dict], dict]:
+def _each_dataset(rows, where, source, part_of, parts) -> tuple[list[dict], dict, list]:
     """normalize_unpaired of each dataset of a list on its own (`parts`: their indices in list order), joined."""
-    out, infos = [], []
+    out, infos, places = [], [], []
     for part in parts:
         mine = [i for i, p in enumerate(part_of) if p == part]
-        rows_of, info = normalize_unpaired([rows[i] for i in mine], [where[i] for i in mine], source)
+        rows_of, info, places_of = normalize_unpaired([rows[i] for i in mine], [where[i] for i in mine], source)
         if infos and info["conversational"] != infos[0]["conversational"]:
             bad_row(source, where[mine[0]], f"mixes text and conversation rows (earlier datasets are "
                                             f"{'conversations' if infos[0]['conversational'] else 'text'})")
         out += rows_of
+        places += places_of
         infos.append(info)
     info = {"source": str(source), "format": " + ".join(dict.fromkeys(i["format"] for i in infos)),
             "conversational": infos[0]["conversational"], "rows": len(rows), **balance([r["label"] for r in out])}
-    return out, info
+    return out, info, places
 
 
 def load_unpaired(spec, recipe, columns: dict | None = None):
@@ -137,7 +139,7 @@ def load_unpaired(spec, recipe, columns: dict | None = None):
 
     rows, where, source, part_of = data.read_rows_by_part(spec, recipe)
     rows = rename_columns(rows, columns, source, where)
-    out, info = normalize_unpaired(rows, where, source, part_of)
+    out, info, places = normalize_unpaired(rows, where, source, part_of)
     if not out:
         raise PipelineError(f"{source}: no rows left to learn from (every pair has chosen equal to rejected)")
-    return data.dataset_of(out, source), info
+    return data.dataset_of(out, source, places), info

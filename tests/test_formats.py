@@ -566,6 +566,23 @@ def test_a_column_of_mixed_types_is_named_with_its_rows(tmp_path, recipe):
                               f"(line 2)")
 
 
+def test_a_mixed_column_of_pairs_and_unpaired_rows_is_named_with_its_rows(tmp_path, recipe):
+    """Pairs (reward, dpo, ppo's pair prompts) and kto's rows name the rows of a column Arrow cannot hold as one type,
+    after an identical pair was left out (their places no longer line up with the rows): the error named no row."""
+    from pipeline import ppo, preferences, unpaired
+
+    rows = [{"prompt": "Q0?", "chosen": "A.", "rejected": "A.", "skill": 0},  # identical: left out
+            {"prompt": "Q1?", "chosen": "A.", "rejected": "B.", "skill": 1},
+            {"prompt": "Q2?", "chosen": "A.", "rejected": "B.", "skill": "add"}]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    expected = f"{path}: rows do not share one schema: column 'skill' holds int 1 (line 2) and str 'add' (line 3)"
+    for load in (lambda: preferences.load_preferences(path, recipe), lambda: unpaired.load_unpaired(path, recipe),
+                 lambda: ppo.read_prompts(path, recipe, pairs=True)):
+        with pytest.raises(PipelineError) as err:
+            load()
+        assert str(err.value) == expected
+
+
 def test_sharegpt_preference_pairs_are_not_taken_for_demonstrations(tmp_path, recipe):
     """LLaMA-Factory's ShareGPT ranking rows end with the user's turn, the replies in chosen/rejected: as sft data the
     chosen reply was lost and the history's replies trained; sft stops, naming the file and the columns."""

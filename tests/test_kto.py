@@ -22,7 +22,7 @@ def kto(work, recipe, name, *extra):
 
 
 def normalize(rows):
-    return normalize_unpaired(rows, [f"row {i}" for i in range(1, len(rows) + 1)], "f.jsonl")
+    return normalize_unpaired(rows, [f"row {i}" for i in range(1, len(rows) + 1)], "f.jsonl")[:2]
 
 
 # ---------------------------------------------------------------------------------------------- formats
