@@ -290,7 +290,8 @@ class ImageHeldoutKeys:
 
     heldout_captions: str | None = key("images:digits", "captions drawn at the end and scored by the image judge: "
                                                         "`images:digits` (the world's 20 held-out captions) or a "
-                                                        "file of `caption` rows in the world's words; empty: skip")
+                                                        "file of `caption` rows in the world's words; empty: skip",
+                                       ref="data")
     heldout_samples: int = key(16, "images drawn per held-out caption")
     sample_steps: int = key(20, "sampler steps per image at the end (and for DPO's candidates unless "
                                 "`candidate_steps` is set)")
@@ -328,7 +329,7 @@ class DiffusionDPOKeys(ImageHeldoutKeys):
                                       "hub id)", ref="checkpoint")
     judge: str | None = key(None, "folder of the image judge (config.json, model.safetensors) that the simulated "
                                   "annotator and the held-out captions' evaluation read; empty: `judge/` inside "
-                                  "init_from")
+                                  "init_from", ref="checkpoint")
     dataset: str = key("images:digits", "captions the start model draws candidates for (`images:digits`: the world's "
                                         "60 training captions, or a file of `caption` rows), or preference pairs of "
                                         "your own: a metadata file or folder, or a hub dataset id, of `caption`, "

@@ -254,6 +254,31 @@ def test_replacing_an_image_named_by_a_metadata_file_reruns_the_stage(tmp_path):
     assert fingerprint() != before
 
 
+def test_editing_the_heldout_captions_or_the_dpo_judge_changes_the_stage_inputs(tmp_path):
+    # neither was fingerprinted: a rewritten captions file or a retrained judge left the stages "up to date" with
+    # the figures of the old ones
+    from pipeline import runs
+    from pipeline.recipe import load_recipe
+
+    captions, judge = tmp_path / "held.jsonl", tmp_path / "judge"
+    captions.write_text(json.dumps({"caption": "a large 7"}) + "\n")
+    judge.mkdir()
+    (judge / "config.json").write_text("{}")
+    recipe = load_recipe(image_recipe(tmp_path, diffusion={**TINY_DIFFUSION, "heldout_captions": str(captions)},
+                                      diffusion_dpo={**TINY_DPO, "judge": str(judge)}))
+
+    def inputs():
+        return runs.hash_obj([runs.stage_inputs(recipe, s, must_exist=False) for s in ("diffusion", "diffusion_dpo")])
+
+    before = inputs()
+    assert inputs() == before
+    captions.write_text(json.dumps({"caption": "a small 3 on the left"}) + "\n")
+    after_captions = inputs()
+    assert after_captions != before
+    (judge / "config.json").write_text('{"retrained": true}')
+    assert inputs() != after_captions
+
+
 def test_a_new_rgb_model_trains_on_rgb_images(tmp_path):
     # unet.in_channels: 3 built an RGB UNet but fed it grey images: a traceback in the first step, a .partial left
     from diffusers import DiffusionPipeline
