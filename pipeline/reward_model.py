@@ -137,8 +137,8 @@ def as_reply(prompt, reply):
 def encode(tokenizer, prompt, reply, tools=None) -> list[int]:
     """Token ids of prompt + reply exactly as TRL's RewardTrainer builds them (chat template, or text + eos)."""
     reply = as_reply(prompt, reply)
-    if isinstance(reply, list):
-        return list(tokenizer.apply_chat_template(prompt + reply, tools=tools, tokenize=True,
+    if isinstance(reply, list):  # a conversation (a reply with tool turns): a text prompt is its user turn
+        return list(tokenizer.apply_chat_template(as_messages(prompt) + reply, tools=tools, tokenize=True,
                                                   return_dict=True)["input_ids"])
     if not reply.endswith(tokenizer.eos_token):
         reply = reply + tokenizer.eos_token
@@ -248,8 +248,8 @@ class RewardModel:
 
     def as_trained(self, prompt):
         """A prompt in the form this model trained on: a text prompt to a model that trained on conversations is a
-        user turn (its chat template renders it, as eval and our PPO render it for the policy; TRL's GRPO/RLOO give
-        their policy the text raw); as given otherwise."""
+        user turn (its chat template renders it, as eval, our PPO and GRPO/RLOO render it for the policy); as given
+        otherwise."""
         return as_messages(prompt) if self.conversational and isinstance(prompt, str) else prompt
 
     def scores(self, prompts, replies, tools=None, *, batch_size: int = 64, desc: str = "rewards") -> list[float]:

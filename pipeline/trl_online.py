@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from pipeline import cli, judges, log, metrics, models, monitors, vllm_engine
+from pipeline.formats import as_messages
 from pipeline.generation import context_length, prompt_ids, unshaped
 from pipeline.key_checks import choice_problem
 from pipeline.ppo_config import prompts_that_fit
@@ -46,6 +47,9 @@ def log_rollout_statistics(texts, log_metric, skill=None, answer=None) -> None:
         log_metric(f"distinct_{n}", metrics.distinct_n(texts, n) or 0.0)
 
 
+TEXT_PROMPT = "text_prompt"  # a text prompt as given, beside the user turn TRL's policy is given (train_trl)
+
+
 def reward_function(reward_model: RewardModel | RewardEnsemble, eos_token_id: int, missing_eos_penalty: float | None,
                     tools=None, clip: float | None = None):
     """The reward model as a TRL reward function: the same score as our PPO gives a reply (RewardModel.policy_scores),
@@ -54,6 +58,7 @@ def reward_function(reward_model: RewardModel | RewardEnsemble, eos_token_id: in
     the tool statistics and the tool tasks' gold score are logged."""
 
     def reward_model_score(prompts, completions, completion_ids, log_metric, skill=None, answer=None, **columns):
+        prompts = columns.get(TEXT_PROMPT) or prompts  # as our PPO scores them: the text, as_trained's to render
         texts = reply_texts(completions)
         ended = torch.tensor([len(ids) > 0 and ids[-1] == eos_token_id for ids in completion_ids])
         replies, schemas = (texts, None) if tools is None else (completions, [list(tools.tools)] * len(texts))
@@ -231,6 +236,8 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
     prompts = within_prompt_length(prompts, tokenizer, cfg, keys.prompts, env is not None,
                                    PartialState().num_processes, args.max_completion_length,
                                    context_length(model, tokenizer))
+    if len(prompts) and isinstance(prompts[0]["prompt"], str):  # the policy sees a user turn, as in our PPO and eval
+        prompts = prompts.map(lambda row: {"prompt": as_messages(row["prompt"]), TEXT_PROMPT: row["prompt"]})
     models.configure_generation(model, tokenizer)
     reward_model = load_scorer(recipe, reward_checkpoints, "cpu", cfg.ensemble_objective, cfg.uncertainty_penalty)
     eos = tokenizer.eos_token_id

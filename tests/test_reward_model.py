@@ -125,6 +125,14 @@ def test_a_text_prompt_is_scored_in_the_form_the_model_trained_on(scored):
                                                 desc="pairs")
         assert scored_pairs.chosen == [pytest.approx(expected, abs=1e-5)]  # batched with its pair: padding
 
+    # a reply with tool turns after a text prompt (a tools column beside text prompts): the prompt is its user turn,
+    # whatever the model trained on; before, `prompt + reply` of text and messages stopped ppo with a TypeError
+    call = [{"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}]},
+            {"role": "tool", "name": "add", "content": "4"}, {"role": "assistant", "content": reply}]
+    reward_model.conversational = None
+    assert reward_model.scores([text], [call]) == reward_model.scores([turn], [call])
+
 
 def test_a_sequence_over_max_length_keeps_its_end(scored):
     """The score head reads the last token: a cut keeps the end of the reply (left truncation)."""

@@ -93,9 +93,40 @@ def test_prompts_longer_than_max_prompt_length_are_left_out_as_our_ppo_leaves_th
     monkeypatch.setattr(trl.GRPOTrainer, "__init__", spy)
     monkeypatch.chdir(user)
     ppo.main([str(grpo_recipe(user, prompts=spec)), "run.name=long"])
-    assert given == [short]
+    assert given == [[[{"role": "user", "content": p}] for p in short]]  # text prompts: user turns
     assert "1 of 7 prompts not within max_prompt_length=128 tokens: left out" in \
         (user / "runs/long/ppo/log.txt").read_text()
+
+
+def test_text_prompts_reach_trls_policy_as_user_turns_and_its_reward_model_as_text(user, monkeypatch):
+    """Our PPO renders a text prompt as a user turn; TRL tokenized it raw (no template, no assistant header), so GRPO
+    trained a chat policy on bare continuations. The reward model still reads the text, as our PPO gives it."""
+    import trl
+
+    from pipeline import ppo, trl_online
+
+    prompts = [f"What is {i} + {i}?" for i in range(6)]
+    given, scored, init = [], [], trl.GRPOTrainer.__init__
+
+    def spy(self, *args, **kwargs):
+        given.append(kwargs["train_dataset"])
+        init(self, *args, **kwargs)
+
+    def reward_function(*args, **kwargs):
+        score = make(*args, **kwargs)
+
+        def spy_score(prompts, completions, **columns):
+            scored.append(columns[trl_online.TEXT_PROMPT])
+            return score(prompts, completions, **columns)
+        return spy_score
+
+    make = trl_online.reward_function
+    monkeypatch.setattr(trl.GRPOTrainer, "__init__", spy)
+    monkeypatch.setattr(trl_online, "reward_function", reward_function)
+    monkeypatch.chdir(user)
+    ppo.main([str(grpo_recipe(user, prompts=write_prompts(user / "text.jsonl", prompts))), "run.name=text"])
+    assert given[0]["prompt"] == [[{"role": "user", "content": p}] for p in prompts]
+    assert scored and all(isinstance(p, str) and p in prompts for batch in scored for p in batch)
 
 
 def test_too_few_prompts_within_max_prompt_length_stop_in_one_line(user):
