@@ -29,7 +29,7 @@ from pipeline.cli import PipelineError
 from pipeline.files import (file_kind, folder_fingerprint, names_a_local_file, read_file, read_files,
                             read_folder)
 from pipeline.fingerprints import hash_file, hash_folder, hash_obj
-from pipeline.formats import (as_bool, bad_row, check_messages, detect_sft_format, expected_sft_columns,
+from pipeline.formats import (answer_text, as_bool, bad_row, check_messages, detect_sft_format, expected_sft_columns,
                               is_unpaired_preference, json_messages, to_sft_row, tools_json, tools_of)
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -389,7 +389,7 @@ def _check_eval_prompts(rows, where, source):
         if answer is not None:
             if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
                 bad_row(source, w, f"'answer' must be non-empty text or a number, got {answer!r}")
-            row["answer"] = str(int(answer)) if isinstance(answer, float) and answer.is_integer() else str(answer)
+            row["answer"] = answer_text(answer)
         if skill is not None and not isinstance(skill, str):
             bad_row(source, w, f"'skill' must be text, got {skill!r}")
         if isinstance(row.get("hard"), str):  # the world's difficulty, in a CSV as text

@@ -77,6 +77,14 @@ def finite_number(value) -> float | None:
     return float(value)
 
 
+def answer_text(answer) -> str | None:
+    """A reference answer as the text replies are checked against: a JSON or Parquet number 3.0 is "3" (None stays
+    None); text as given (a CSV's "3.0" stays "3.0")."""
+    if answer is None:
+        return None
+    return str(int(answer)) if isinstance(answer, float) and answer.is_integer() else str(answer)
+
+
 def as_messages(prompt) -> list[dict]:
     """A prompt as messages: text is one user turn (how a chat template renders a text prompt)."""
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)

@@ -156,7 +156,7 @@ def check_keys(recipe, cfg, keys, prompts) -> None:
                                 f"section and prompts that offer tools (a `tools` column, e.g. world:tool_preference)")
     if cfg.reward_rounds > 1 and not reward_rounds.annotated_rows(prompts):
         raise cli.PipelineError(f"{keys.prompts}: ppo.reward_rounds needs prompts the world's annotator can judge "
-                                f"(world problems, or `skill`/`answer` columns) to label fresh samples; none is")
+                                f"(world problems: a world skill with its answer) to label fresh samples; none is")
     if cfg.reward_rounds > 1 and keys.reward_ensemble:
         raise cli.PipelineError(f"{recipe.path}: ppo.reward_rounds fine-tunes one reward model; it does not run with "
                                 f"ppo.reward_ensemble")

@@ -80,8 +80,9 @@ class PPOConfig:
 
     def __post_init__(self):  # ValueError: the recipe loader reports it as one line naming the section
         self.check_estimator()
-        minibatch = self.batch_size // self.num_minibatches
-        if self.batch_size % self.num_minibatches or minibatch % self.gradient_accumulation_steps:
+        minibatch = self.batch_size // self.num_minibatches  # our PPO's split; TRL checks grpo/rloo's batch itself
+        if self.algorithm == "ppo" and (self.batch_size % self.num_minibatches
+                                        or minibatch % self.gradient_accumulation_steps):
             raise ValueError(f"batch_size ({self.batch_size}) must split into num_minibatches "
                              f"({self.num_minibatches}) x gradient_accumulation_steps "
                              f"({self.gradient_accumulation_steps}) equal parts")

@@ -61,10 +61,11 @@ def is_whole(folder: Path) -> bool:
 
 
 def annotated_rows(prompts) -> list[int]:
-    """Indices of prompts the annotator can judge: world problems with a `skill`/`answer`, not tool tasks."""
+    """Indices of prompts the annotator can judge (judges.annotator_judges): world problems with a `skill`/`answer`
+    (a skill of your own has no annotator), not tool tasks."""
     skills = prompts["skill"] if "skill" in prompts.column_names else [None] * len(prompts)
     answers = prompts["answer"] if "answer" in prompts.column_names else [None] * len(prompts)
-    return [i for i, (s, a) in enumerate(zip(skills, answers)) if s is not None and a is not None]
+    return [i for i, (s, a) in enumerate(zip(skills, answers)) if judges.annotator_judges({"skill": s, "answer": a})]
 
 
 def load_round(recipe, folder: Path, device) -> RewardModel:
@@ -189,12 +190,15 @@ def build_round(r: int, *, out: Path, reward: RewardModel, policy, tokenizer, pr
     before = clean_accuracy(reward, chosen_rows, first, second, clean)
     earlier = [pair for k in range(2, r) for pair in json.loads((round_dir(out, k) / PAIRS).read_text())]
     replay = replay_pairs(prompts, cfg.reward_round_replay, cfg.seed * 1000 + r)
-    trained = fine_tune(reward, earlier + pairs + replay, epochs=cfg.reward_round_epochs,
-                        learning_rate=cfg.reward_round_learning_rate, batch_size=cfg.reward_round_batch_size,
-                        seed=cfg.seed * 1000 + r, lm_loss_coefficient=cfg.reward_round_lm_loss_coefficient,
-                        lm_head=lm_head)
+    trained = {}  # every fresh pair a tie, none from earlier rounds or replayed: the model stays as it was
+    if earlier + pairs + replay:
+        trained = fine_tune(reward, earlier + pairs + replay, epochs=cfg.reward_round_epochs,
+                            learning_rate=cfg.reward_round_learning_rate, batch_size=cfg.reward_round_batch_size,
+                            seed=cfg.seed * 1000 + r, lm_loss_coefficient=cfg.reward_round_lm_loss_coefficient,
+                            lm_head=lm_head)
     after = clean_accuracy(reward, chosen_rows, first, second, clean)
-    standardise(reward, earlier + pairs)
+    if earlier + pairs:
+        standardise(reward, earlier + pairs)
     record = {"round": r, "step": step, "prompts": len(chosen_rows), "pairs": len(pairs),
               "ties_dropped": len(chosen_rows) - len(pairs), "pairs_trained": len(earlier) + len(pairs) + len(replay),
               "pairs_replayed": len(replay),

@@ -488,6 +488,42 @@ def test_reward_rounds_split_the_steps_evenly():
     assert [round_at(done, 5, 1) for done in range(5)] == [1] * 5
 
 
+def test_reward_rounds_need_prompts_of_world_skills_and_a_round_of_ties_keeps_the_model(monkeypatch, tmp_path):
+    """Rows with a `skill`/`answer` of your own passed the check, but the world's annotator judges world skills only:
+    every pair of a round came back unjudged and fine-tuning on none divided by zero, mid-training."""
+    import types
+
+    from datasets import Dataset
+
+    from pipeline import reward_rounds
+
+    own = Dataset.from_list([{"prompt": "What is 2 + 3?", "skill": "math", "answer": "5"},
+                             {"prompt": "What is 2 + 3?", "skill": "add", "answer": "5"}])
+    assert reward_rounds.annotated_rows(own) == [1]
+
+    class Saved(Exception):
+        pass
+
+    def refuse(*_, **__):
+        raise AssertionError("trained or scored on no pairs")
+
+    def save(*_, **__):
+        raise Saved
+
+    # a round whose every fresh pair ties, with nothing from earlier rounds or replayed: the model is kept as it was
+    reward = types.SimpleNamespace(mean=0.5, std=2.0, scores=refuse, model=types.SimpleNamespace(save_pretrained=save))
+    monkeypatch.setattr(reward_rounds, "generate", lambda *a, **k: [[types.SimpleNamespace(text="5")] * 2])
+    monkeypatch.setattr(reward_rounds, "label", lambda *a, **k: ([], [0]))  # a tie: no pair
+    monkeypatch.setattr(reward_rounds, "fine_tune", refuse)
+    cfg = types.SimpleNamespace(seed=0, reward_round_prompts=1, max_new_tokens=4, temperature=1.0, top_p=1.0,
+                                reward_round_replay=0, reward_round_epochs=1, reward_round_learning_rate=1e-4,
+                                reward_round_batch_size=2, reward_round_lm_loss_coefficient=0.0)
+    with pytest.raises(Saved):
+        reward_rounds.build_round(2, out=tmp_path, reward=reward, policy=None, tokenizer=None,
+                                  prompts=own.select([1]), rows=[0], cfg=cfg, noise=0.0, step=2)
+    assert (reward.mean, reward.std) == (0.5, 2.0)
+
+
 def test_reward_rounds_fine_tune_the_reward_model_on_fresh_samples_and_resume_after_a_kill(inputs):
     """Iterated RLHF (reward_rounds: 2 of 4 steps): before step 3 the policy's own samples, labelled by the world's
     annotator, with 16 of the prompt data's own pairs replayed and GRM's next-token loss, fine-tune the reward
@@ -731,6 +767,18 @@ def test_your_own_prompts_with_answers_train_and_tool_offers_without_tools_are_s
         assert proc.stdout.count("1 prompts offer tools, but the recipe has no `tools` section") == 1
         history = read(work, f"own_{algorithm}")["history"]
         assert len(history) == 2 and all(h.get("annotator_vs_start") is None for h in history)
+
+
+def test_num_minibatches_splits_our_ppos_batch_only():
+    """GRPO/RLOO batches TRL accepts (8 replies, 8 accumulation steps) were refused by our PPO's minibatch split,
+    a key that does not apply to them (num_minibatches had to be set to 1 to run them)."""
+    from pipeline.ppo_config import PPOConfig
+
+    for algorithm in ("grpo", "rloo"):
+        assert PPOConfig(algorithm=algorithm, batch_size=8, num_generations=4, gradient_accumulation_steps=8)
+        assert PPOConfig(algorithm=algorithm, batch_size=3, num_generations=3)
+    with pytest.raises(ValueError, match=r"batch_size \(8\) must split into num_minibatches \(2\)"):
+        PPOConfig(algorithm="ppo", batch_size=8, gradient_accumulation_steps=8)
 
 
 @pytest.mark.parametrize("override, expected", [

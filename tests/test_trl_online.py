@@ -259,6 +259,24 @@ def test_prompts_with_an_answer_column_alone_are_verified_by_it():
     assert judges.with_answers(missing, "p.jsonl", required=False)["answer"] == ["5", None]  # row 1 still checked
 
 
+def test_answers_as_numbers_beside_world_problems_and_tool_rows_with_answers():
+    """A JSON number answer beside a world problem (whose solution is text) stopped ppo with Arrow's "Expected bytes,
+    got a 'int' object", and a world-phrased prompt's own answer was replaced by the world's solution. Prompts that
+    all offer tools kept their `answer` column with no answer left in it, so verifier_weight passed its check and
+    crashed at the first step; now they keep no `answer` column, which the check refuses in one line."""
+    from datasets import Dataset
+
+    from pipeline import judges
+
+    ds = Dataset.from_list([{"prompt": "What is the larger number: 72 or 76?", "answer": 77},
+                            {"prompt": "Name a prime above 6.", "answer": 7.0}])
+    out = judges.with_answers(ds, "p.jsonl", required=True)
+    assert out["answer"] == ["77", "7"] and out["skill"] == ["compare", None]  # the file's own answers, as text
+    schema = '[{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]'
+    tools_only = Dataset.from_list([{"prompt": "What is 1 + 2?", "answer": "3", "tools": schema}] * 2)
+    assert "answer" not in judges.with_answers(tools_only, "p.jsonl", required=True).column_names
+
+
 @pytest.mark.parametrize("override, expected", [
     ("ppo.num_generations=3", "(GRPOConfig): generation_batch_size (8) must be divisible by num_generations (3)."),
     ("ppo.trl_args={bogus_key: 1}", "(GRPOConfig): GRPOConfig.__init__() got an unexpected keyword argument"),
