@@ -47,7 +47,7 @@ from pipeline import (cli, data, eval_records, eval_report, eval_tools, eval_too
 from pipeline.eval_metrics import checkpoint_metrics, collapse_checks, outcomes, win_matrix
 from pipeline.generation import generate, held_out_perplexity, prompt_ids, reply_logprob_sums, warn_past_context
 from pipeline.recipe import load_recipe, stage_help
-from pipeline.reward_model import RewardModel, check_reads, saved_head, tools_of
+from pipeline.reward_model import RewardModel, check_reads, offered_tools, saved_head, tools_of
 
 STAGE = "eval"
 USAGE = "usage: pipeline/evaluate.py RECIPE [eval.KEY=VALUE ...]"
@@ -233,9 +233,10 @@ def generate_replies(keys, target: Target, lm: LoadedModel, rows, ppl_rows, refe
     """The part of run_checkpoint a record keeps: replies, verdicts, log-probs, perplexity."""
     model, tokenizer = lm.model, lm.tokenizer
     prompts = [row["prompt"] for row in rows]
-    warn_past_context(model, tokenizer, [len(prompt_ids(tokenizer, p)) for p in prompts], keys.max_new_tokens,
-                      target.name)
-    gen = dict(max_new_tokens=keys.max_new_tokens, batch_size=keys.batch_size, seed=seed, engine=engine)
+    offers = offered_tools(rows)  # a prompt's own tools are rendered with it, as ppo renders them (and rewards score)
+    warn_past_context(model, tokenizer, [len(prompt_ids(tokenizer, p, t)) for p, t in zip(prompts, offers)],
+                      keys.max_new_tokens, target.name)
+    gen = dict(max_new_tokens=keys.max_new_tokens, batch_size=keys.batch_size, seed=seed, engine=engine, tools=offers)
     target.greedy = [r[0] for r in generate(model, tokenizer, prompts, desc=f"{target.name}: greedy", **gen)]
     target.correct = [judges.is_correct(row, r.text) for row, r in zip(rows, target.greedy)]
     if keys.num_samples:
@@ -246,13 +247,14 @@ def generate_replies(keys, target: Target, lm: LoadedModel, rows, ppl_rows, refe
                                  for row, samples in zip(rows, target.samples)]
     if own_samples:
         target.sample_logprobs = reply_logprob_sums(model, tokenizer, prompts, target.samples, keys.batch_size,
-                                                    desc=f"{target.name}: sample log-probs")
+                                                    desc=f"{target.name}: sample log-probs", tools=offers)
     if reference is not None:
         if reference.path == target.checkpoint.path:
             target.log_ratios = np.zeros((len(prompts), keys.num_samples))
         else:
             ref = reply_logprob_sums(reference.model, reference.tokenizer, prompts, target.samples, keys.batch_size,
-                                     desc=f"{target.name}: reference log-probs", policy_tokenizer=tokenizer)
+                                     desc=f"{target.name}: reference log-probs", policy_tokenizer=tokenizer,
+                                     tools=offers)
             target.log_ratios = target.sample_logprobs - ref
     if ppl_rows:
         scored = held_out_perplexity(model, tokenizer, ppl_rows, keys.batch_size, desc=f"{target.name}: perplexity")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pipeline import data, judges, log, models, runs
 from pipeline.generation import generate
+from pipeline.reward_model import offered_tools
 
 
 def heldout_rows(recipe, keys) -> list[dict] | None:
@@ -29,7 +30,7 @@ def heldout_rows(recipe, keys) -> list[dict] | None:
 def verifier_accuracy(model, tokenizer, rows, *, max_new_tokens=48, batch_size=64, desc="scoring") -> dict:
     """Greedy replies to the rows' prompts judged by the verifier: overall and per-skill accuracy, share ended."""
     replies = [r[0] for r in generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
-                                      batch_size=batch_size, desc=desc)]
+                                      batch_size=batch_size, desc=desc, tools=offered_tools(rows))]
     result = judges.accuracy(rows, [r.text for r in replies])
     result["ended"] = sum(r.ended for r in replies) / len(replies)
     return result

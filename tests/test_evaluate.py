@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import cli, eval_report, evaluate, fingerprints, judges, metrics as M, runs
+from pipeline import cli, data, eval_report, evaluate, fingerprints, judges, metrics as M, models, runs
 from pipeline.cli import PipelineError
 from pipeline.recipe import load_recipe
 from conftest import run_cli, tiny_recipe, write_jsonl
@@ -408,6 +408,43 @@ def test_lora_adapter_folder_evaluates_reproducibly(tiny_run, tmp_path, monkeypa
     evaluate.main([str(recipe), "run.name=again"])  # seeded: the same command gives the same replies
     assert (tmp_path / "runs/again/eval/samples.jsonl").read_text() == \
         (tmp_path / "runs/tiny/eval/samples.jsonl").read_text()
+
+
+def test_prompts_offering_tools_are_rendered_with_them_in_eval_and_held_out_scoring(tiny_run, tmp_path, monkeypatch):
+    """A `tools` column in eval.prompts (or a policy stage's heldout_prompts) was read and checked, and the reward
+    model scored each reply with the tools, but the policy answered a prompt rendered without them (ppo renders the
+    same rows with theirs)."""
+    from pipeline import generation, heldout
+
+    work, _, _ = tiny_run
+    schema = {"type": "function", "function": {"name": "multiply", "description": "a times b", "parameters": {
+        "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]}}}
+    rows = [{"prompt": [{"role": "user", "content": "What is 12 times 7?"}], "answer": "84", "tools": [schema]},
+            {"prompt": [{"role": "user", "content": "What is 2 plus 2?"}], "answer": "4"}]
+    prompts = tmp_path / "tool_prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rendered, render = [], generation.render_prompt
+
+    def spy(tokenizer, prompt, tools=None):
+        text = render(tokenizer, prompt, tools)
+        rendered.append(text)
+        return text
+
+    monkeypatch.setattr(generation, "render_prompt", spy)
+    monkeypatch.chdir(tmp_path)
+    recipe = tiny_recipe(tmp_path, eval={**SMALL_EVAL, "num_samples": 0, "prompts": str(prompts),
+                                         "checkpoints": [str(work / "runs/tiny/sft")], "perplexity_data": None})
+    evaluate.main([str(recipe)])
+    asked = {text: "multiply" in text for text in rendered}
+    assert {ok for text, ok in asked.items() if "12 times 7" in text} == {True}
+    assert {ok for text, ok in asked.items() if "2 plus 2" in text} == {False}  # a row without tools offers none
+    rendered.clear()
+    tokenizer = models.load_tokenizer(load_recipe(recipe), runs.Checkpoint("sft", str(work / "runs/tiny/sft"), "",
+                                                                           "local"))
+    model = models.load_causal_lm(load_recipe(recipe), str(work / "runs/tiny/sft"), tokenizer=tokenizer)
+    checked = data.load(str(prompts), "eval_prompts", load_recipe(recipe)).to_list()
+    heldout.verifier_accuracy(model, tokenizer, checked, max_new_tokens=4)
+    assert ["multiply" in text for text in rendered] == [True, False]
 
 
 def test_a_checkpoint_added_to_the_list_is_the_only_one_generated_again(ranked, tmp_path, monkeypatch):
