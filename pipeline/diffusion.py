@@ -25,7 +25,8 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
 import dataclasses
 import time
 
-from pipeline import cli, cluster, diffusion_config, diffusion_train, image_check, image_eval, images, log, runs
+from pipeline import (cli, cluster, diffusion_config, diffusion_train, image_captions, image_check, image_eval, images,
+                      log, runs)
 from pipeline.recipe import load_recipe, stage_help
 
 STAGE = "diffusion"
@@ -46,6 +47,8 @@ def main(argv):
             log.warning(ddp_warning)
         images.make_scheduler(cfg.sampler, {})  # an unknown sampler fails here, before any work
         pipe = images.load_pipeline(run.checkpoint("pretrained").path) if keys.pretrained else None
+        if pipe:  # SDXL's UNet, PixArt's transformer: a traceback in training before
+            image_check.refuse_pipeline(pipe, f"{recipe.path}: diffusion.pretrained '{keys.pretrained}'")
         channels = {**images.DEFAULT_UNET, **cfg.unet}["in_channels"]  # a new model: grey unless its unet says 3
         shape = images.pipeline_shape(pipe) if pipe else {"resolution": keys.resolution, "channels": channels,
                                                           "latent": False}
@@ -55,7 +58,13 @@ def main(argv):
             shape["resolution"] = keys.resolution
         source = images.load_images(keys.dataset, shape["resolution"], shape["channels"], cfg.property_dropout,
                                     image_column=keys.image_column, caption_column=keys.caption_column)
-        heldout = image_eval.read_captions(keys.heldout_captions, recipe) if keys.judge_epochs else []
+        held_rows = image_eval.caption_rows(keys.heldout_captions, recipe) if keys.judge_epochs else []
+        heldout = [text for _, text in held_rows]
+        # a word-level tokenizer (a new model's, or one reused) reads words it was not built on as <unk>, silently
+        tokenizer = pipe.tokenizer if pipe else images.build_tokenizer(getattr(source, "texts", ()))
+        known = [*image_captions.source_captions(source), *held_rows]
+        if problem := image_captions.caption_words_problem(tokenizer, known):
+            raise cli.PipelineError(problem)
         run.note_data("dataset", {"source": keys.dataset, "rows": source.size, "format": "images"})
         if getattr(source, "resized", 0):
             log.info(f"{source.resized} of {source.size} images are not {shape['resolution']}x{shape['resolution']}: "

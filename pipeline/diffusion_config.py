@@ -54,6 +54,9 @@ class DiffusionConfig:
         for name in ("caption_dropout", "property_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.train_text_encoder and self.use_lora:  # LoRA adapts the UNet only: the text encoder stayed frozen
+            raise ValueError("train_text_encoder: true cannot train with use_lora: true (LoRA's adapters are on the "
+                             "UNet's attention only; the text encoder would stay frozen): set one of them false")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

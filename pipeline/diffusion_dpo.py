@@ -27,7 +27,8 @@ import random
 import shutil
 import time
 
-from pipeline import cli, cluster, diffusion_config, diffusion_train, image_eval, image_pairs, images, log, runs
+from pipeline import (cli, cluster, diffusion_config, diffusion_train, image_captions, image_check, image_eval,
+                      image_pairs, images, log, runs)
 from pipeline.recipe import load_recipe, stage_help
 
 STAGE = "diffusion_dpo"
@@ -128,7 +129,8 @@ def main(argv):
         if ddp_warning:  # said here: from the main process only, and into the stage's log.txt
             log.warning(ddp_warning)
         init = run.checkpoint()
-        heldout = image_eval.read_captions(keys.heldout_captions, recipe)
+        held_rows = image_eval.caption_rows(keys.heldout_captions, recipe)
+        heldout = [text for _, text in held_rows]
         judge_dir = Path(keys.judge) if keys.judge else Path(init.path) / "judge"
         needs_judge = "the simulated annotator labels the pairs" if not own_file else \
             "the held-out captions are scored" if heldout else None
@@ -137,6 +139,7 @@ def main(argv):
                                     f"{needs_judge} (train the diffusion stage with judge_epochs > 0, or point `judge` "
                                     f"at one" + (", or set heldout_captions empty)" if own_file else ")"))
         pipe = images.load_pipeline(init.path)
+        image_check.refuse_pipeline(pipe, f"{recipe.path}: diffusion_dpo.init_from '{keys.init_from}'")
         shape = images.pipeline_shape(pipe)
         if own_file:
             own = image_pairs.read_pairs(own_file, shape["channels"], shape["resolution"])
@@ -144,10 +147,17 @@ def main(argv):
                      (f"; {own.resized} images not {shape['resolution']}px: resized" if own.resized else ""))
             run.note_data("dataset", {"source": keys.dataset, "rows": len(own), "ties": own.ties, "format": "pairs"})
         else:
-            captions = [images.caption(*c) for c in images.train_combos()] if keys.dataset == images.WORLD_SPEC \
-                else image_eval.read_captions(keys.dataset, recipe)
+            rows = [(images.WORLD_SPEC, images.caption(*c)) for c in images.train_combos()] \
+                if keys.dataset == images.WORLD_SPEC else image_eval.caption_rows(keys.dataset, recipe)
+            captions = [text for _, text in rows]
             run.note_data("dataset", {"source": keys.dataset, "rows": len(captions), "format": "captions"})
         held_pairs = eval_file and image_pairs.read_pairs(eval_file, shape["channels"], shape["resolution"])
+        # a word-level tokenizer (a new model's) reads words it was not built on as <unk>: refused, not ignored
+        rows = [(f"{own_file}: {w}", c) for w, c in zip(own.where, own.captions)] if own_file else rows
+        if held_pairs:
+            rows += [(f"{eval_file}: {w}", c) for w, c in zip(held_pairs.where, held_pairs.captions)]
+        if problem := image_captions.caption_words_problem(pipe.tokenizer, [*rows, *held_rows]):
+            raise cli.PipelineError(problem)
         run.prepare()
 
         import copy

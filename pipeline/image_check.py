@@ -76,6 +76,14 @@ def components(recipe, ref: str | None, section_cfg: dict, resolution: int, seen
         from transformers import T5Config
 
         tokenizer_size = len(images.SPECIAL_TOKENS) + len(set(images.CAPTION_WORDS) - set(images.STOP_WORDS))
+        given = section_cfg.get("unet", {}).get("sample_size", resolution)
+        if given != resolution:  # it was replaced by resolution without a word
+            raise PipelineError(f"{recipe.path}: {stage}.unet.sample_size ({given!r}) differs from {stage}.resolution "
+                                f"({resolution}): a new model's UNet is built at resolution; set resolution only")
+        if section_cfg.get("use_lora"):  # LoRA would train adapters over a random, frozen UNet and text encoder
+            raise PipelineError(f"{recipe.path}: {stage}.use_lora: a new model (no pretrained) starts random, and "
+                                f"LoRA freezes its UNet and text encoder; train it fully (use_lora false), or set "
+                                f"pretrained")
         tcfg = {**images.DEFAULT_TEXT_ENCODER, **section_cfg.get("text_encoder", {})}
         t5 = built_from_config(lambda: T5Config(vocab_size=tokenizer_size, **tcfg),
                                f"{recipe.path}: {stage}.text_encoder")
@@ -108,6 +116,8 @@ def components(recipe, ref: str | None, section_cfg: dict, resolution: int, seen
         from transformers import AutoConfig
 
         index = json.loads((path / "model_index.json").read_text())
+        if problem := pipeline_problem(index, read("unet")):
+            raise PipelineError(f"'{ref}': {problem}")
         text = ((index.get("text_encoder", [None, None])[1], AutoConfig.from_pretrained(str(path / "text_encoder")))
                 if (path / "text_encoder").is_dir() else None)
         return {**_components_from_configs(read("unet"), None, read("vae"), text), "source": "local"}
@@ -120,10 +130,14 @@ def components(recipe, ref: str | None, section_cfg: dict, resolution: int, seen
         from transformers import AutoConfig
 
         index = json.loads(Path(_hub_file(cp.path, "model_index.json")).read_text())
-        unet = UNet2DConditionModel.load_config(cp.path, subfolder="unet")
+        unet = UNet2DConditionModel.load_config(cp.path, subfolder="unet") if "unet" in index else None
+        if problem := pipeline_problem(index, unet):
+            raise PipelineError(problem)  # said below with the ref
         vae = AutoencoderKL.load_config(cp.path, subfolder="vae") if "vae" in index else None
         text = ((index["text_encoder"][1], AutoConfig.from_pretrained(cp.path, subfolder="text_encoder"))
                 if "text_encoder" in index else None)
+    except PipelineError as err:
+        raise PipelineError(f"'{ref}': {err}") from None
     except Exception as err:  # offline, not found, gated
         why = hub.load_failure(online, f"cannot read the pipeline's configs from the hub ({type(err).__name__}: "
                                        f"{str(err).splitlines()[0][:120]})")
@@ -135,6 +149,42 @@ def _hub_file(repo: str, name: str) -> str:
     from huggingface_hub import hf_hub_download
 
     return hf_hub_download(repo, name)
+
+
+UNSUPPORTED_INPUTS = ("addition_embed_type", "class_embed_type", "num_class_embeds", "encoder_hid_dim_type")
+
+
+def pipeline_problem(index, unet_config) -> str | None:
+    """Why the image stages cannot train a pipeline (`index`: its model_index.json, or a loaded pipeline's config;
+    `unet_config`: its UNet's), or None. They call a UNet2DConditionModel with the noisy image, the timestep and the
+    text encoder's output alone: a transformer (PixArt, SD3) or a UNet that needs more inputs (SDXL's text_time
+    embedding, class labels) crashed in training, and --check passed it. The stage and --check ask this one."""
+    name = index.get("_class_name", "the pipeline")
+    unet = index.get("unet") or [None, None]
+    if unet[-1] != "UNet2DConditionModel":
+        has = ", ".join(k for k, v in index.items() if not k.startswith("_") and isinstance(v, (list, tuple))
+                        and v[-1] is not None)
+        return (f"{name} has no UNet2DConditionModel `unet` (its components: {has}); the image stages train only "
+                f"a UNet conditioned on the text alone, as SD 1.x / 2.x and IF pipelines are")
+    for part in ("tokenizer", "text_encoder"):
+        if not (index.get(part) or [None])[-1]:
+            return f"{name} has no `{part}`: the image stages train a text-to-image UNet from captions"
+    for key in UNSUPPORTED_INPUTS:
+        value = (unet_config or {}).get(key)
+        if value is not None and not (key == "addition_embed_type" and value == "text") and \
+                not (key == "encoder_hid_dim_type" and value == "text_proj"):  # IF's: from the text alone
+            return (f"{name}'s UNet has {key}: {value!r}, so it needs inputs besides the text's embeddings "
+                    f"(added_cond_kwargs or class labels: SDXL's pooled text and image sizes, for one) that the image "
+                    f"stages do not give; they train UNets conditioned on the text alone (SD 1.x / 2.x, IF)")
+    return None
+
+
+def refuse_pipeline(pipe, what: str) -> None:
+    """pipeline_problem of a loaded pipeline, as one line naming `what` (the recipe and its key)."""
+    unet = getattr(pipe, "unet", None)
+    index = {"_class_name": type(pipe).__name__, **pipe.config}  # a loaded pipeline's config has no _class_name
+    if problem := pipeline_problem(index, dict(unet.config) if unet is not None else None):
+        raise PipelineError(f"{what}: {problem}")
 
 
 def lora_params(unet_cfg: dict, rank: int, targets: list[str]) -> int:
@@ -162,11 +212,15 @@ def activation_values(unet_cfg: dict, latent_res: int) -> int:
     return 24 * total
 
 
-def caption_and_judge_problems(recipe, stage: str, keys, ref: str | None, will_run=frozenset()) -> list[str]:
+def caption_and_judge_problems(recipe, stage: str, keys, ref: str | None, will_run=frozenset(),
+                               captions: dict | None = None) -> list[str]:
     """What the stage reads besides its model, read as it reads them: caption files (DPO's dataset, held-out
     captions), DPO's pairs of your own (their rows and that their image files exist; decoded by the stage) and its
-    image judge, which `--check` passed and the stage then refused after loading its model."""
+    image judge, which `--check` passed and the stage then refused after loading its model. `captions`, if given,
+    gets each key's (where, caption) rows read here (for caption_word_problems: read once)."""
     from pipeline import image_eval, image_files, image_pairs, images
+
+    captions = {} if captions is None else captions
 
     out, own = [], None
     absent = keys.dataset != images.WORLD_SPEC and not Path(keys.dataset).expanduser().exists() and \
@@ -182,7 +236,7 @@ def caption_and_judge_problems(recipe, stage: str, keys, ref: str | None, will_r
         specs.append(("dataset", keys.dataset))
     for key, spec in specs:
         try:
-            image_eval.read_captions(spec, recipe)
+            captions[key] = image_eval.caption_rows(spec, recipe)
         except PipelineError as err:
             out.append(f"{stage}.{key}: {err}")
     if stage != "diffusion_dpo":
@@ -201,7 +255,8 @@ def caption_and_judge_problems(recipe, stage: str, keys, ref: str | None, will_r
             lost.clear()
             try:  # pair_file read the columns only: a later row that does not read is said here
                 if path:
-                    image_pairs.pair_rows(path, note_missing)
+                    _, texts, where, _ = image_pairs.pair_rows(path, note_missing)
+                    captions[key] = [(f"{path}: {w}", text) for w, text in zip(where, texts)]
             except PipelineError as err:
                 out.append(f"{stage}.{key}: {err}")
             if lost:
@@ -222,6 +277,28 @@ def caption_and_judge_problems(recipe, stage: str, keys, ref: str | None, will_r
         out.append(f"{stage}.judge: no image judge in {judge} (train the diffusion stage with judge_epochs > 0, or "
                    f"point `judge` at one: {use})")
     return out
+
+
+def caption_word_problems(recipe, stage: str, keys, ref: str | None, captions: dict) -> list[str]:
+    """The stage's refusal of captions with words its model's word-level tokenizer does not know (image_captions),
+    where the tokenizer is known without loading a model: `captions` holds the rows already read, by key."""
+    from pipeline import image_captions, images
+
+    if not (captions or ref):  # a new model knows the words of its training captions, and nothing else is read
+        return []
+    tokenizer = image_captions.ref_tokenizer(recipe, ref, keys)
+    if tokenizer is None:
+        return []
+    if stage == "diffusion" and ref:  # a pretrained word-level model: its training captions too
+        captions = {"dataset": [(images.WORLD_SPEC, images.caption(*c)) for c in images.train_combos()]
+                    if keys.dataset == images.WORLD_SPEC else image_captions.dataset_captions(
+                        keys.dataset, keys.caption_column), **captions}
+    elif stage == "diffusion_dpo" and keys.dataset == images.WORLD_SPEC:
+        captions = {"dataset": [(images.WORLD_SPEC, images.caption(*c)) for c in images.train_combos()], **captions}
+    for key, rows in captions.items():
+        if problem := image_captions.caption_words_problem(tokenizer, rows):
+            return [f"{stage}.{key}: {problem}"]
+    return []
 
 
 def check_image_stage(recipe, stage: str, launch, device_memory: int | None, will_run=frozenset()):
@@ -264,7 +341,9 @@ def check_image_stage(recipe, stage: str, launch, device_memory: int | None, wil
                 lines.append(f"hub dataset {spec}: {len(hub_rows(spec)[0])} rows")
             except PipelineError as err:
                 errors.append(f"{stage}.dataset: {err}")
-    errors += caption_and_judge_problems(recipe, stage, keys, ref, will_run)
+    captions: dict = {}
+    errors += caption_and_judge_problems(recipe, stage, keys, ref, will_run, captions)
+    errors += caption_word_problems(recipe, stage, keys, ref, captions)
     held = f", heldout_captions {keys.heldout_captions}" if keys.heldout_captions else ""
     held += f", eval_dataset {keys.eval_dataset}" if getattr(keys, "eval_dataset", None) else ""
     lines.append(f"data: dataset {spec}{held}")

@@ -30,12 +30,17 @@ def file_part(caption: str) -> str:
 
 def read_captions(spec: str | None, recipe) -> list[str]:
     """Held-out captions: the world's (`images:digits`), or `caption` rows of a .jsonl / .txt file."""
+    return [text for _, text in caption_rows(spec, recipe)]
+
+
+def caption_rows(spec: str | None, recipe) -> list[tuple[str, str]]:
+    """read_captions' captions with where each came from ("FILE: line N"), for messages about one of them."""
     from pipeline import files, images
 
     if not spec:
         return []
     if spec == images.WORLD_SPEC:
-        return images.heldout_captions()
+        return [(spec, text) for text in images.heldout_captions()]
     path = Path(spec).expanduser()
     if not path.is_file():
         raise PipelineError(f"captions '{spec}': not found (expected {images.WORLD_SPEC} or a .jsonl / .txt file)")
@@ -53,7 +58,7 @@ def read_captions(spec: str | None, recipe) -> list[str]:
         if images.parse_caption(text) is None:
             raise PipelineError(f"{path}: {where}: caption '{text}' names no single digit, so the judge cannot "
                                 f"score it")
-        out.append(text.strip())
+        out.append((f"{path}: {where}", text.strip()))
     if not out:
         raise PipelineError(f"{path}: no captions")
     return out

@@ -7,9 +7,10 @@ file is one line naming the metadata file and the row, before anything is writte
 set need not fit in memory.
 
 Decoding turns any image into the model's `L` or `RGB` the way it looks: 16-bit images are scaled to 8 bits
-(PIL's `convert` clips them, nearly all white), transparency is composited onto white (dropping the alpha channel
-would keep whatever colour hides under transparent pixels), and an image of another size is resized (shorter side
-to the resolution, bilinear) and centre-cropped, as diffusers' train_text_to_image.py does with `--center_crop`.
+(PIL's `convert` clips them, nearly all white; 32-bit ones, float or beyond 16 bits, are refused in one line),
+transparency is composited onto white (dropping the alpha channel would keep whatever colour hides under transparent
+pixels), and an image of another size is resized (shorter side to the resolution, bilinear) and centre-cropped, as
+diffusers' train_text_to_image.py does with `--center_crop`.
 """
 
 from __future__ import annotations
@@ -37,9 +38,15 @@ def as_model_image(im, channels: int, resolution: int):
 
     if im.getexif().get(0x0112, 1) != 1:  # a phone photo upright, as datasets' Image feature (diffusers') turns it
         im = ImageOps.exif_transpose(im)
+    if im.mode == "F":  # 32-bit float: no scale says what white is (convert("L") clipped it, unscaled)
+        raise ValueError("32-bit float image (mode F): no white level; save it as an 8- or 16-bit image")
     if im.mode in SIXTEEN_BIT:
         transparent = im.info.get("transparency")  # the grey value tRNS makes transparent
-        im = Image.fromarray((np.clip(np.asarray(im, dtype=np.float64), 0, 65535) / 257).round().astype(np.uint8))
+        values = np.asarray(im, dtype=np.float64)
+        if im.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):  # was read as 16-bit
+            raise ValueError(f"32-bit values {values.min():.0f} to {values.max():.0f} (mode I), not 16-bit's 0-65535: "
+                             f"save it as 8 or 16 bits")
+        im = Image.fromarray((np.clip(values, 0, 65535) / 257).round().astype(np.uint8))
         if isinstance(transparent, int):
             im.info["transparency"] = round(transparent / 257)
     if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:

@@ -18,8 +18,9 @@ Dataset specs of the image stages: `images:digits` (the world above), or a local
 `metadata.jsonl` whose rows name an image file (`file_name`, relative to the file) and a `caption`
 (`data/README.md`; pipeline/image_files.py reads them). The model: diffusers' `IFPipeline` layout (pixel space:
 tokenizer, T5 text encoder, `UNet2DConditionModel`, scheduler), which plain
-`DiffusionPipeline.from_pretrained(folder)` loads; or any diffusers text-to-image pipeline given as `init_from` (a VAE
-then moves training into its latent space).
+`DiffusionPipeline.from_pretrained(folder)` loads; or a diffusers text-to-image pipeline whose UNet reads the text
+alone (SD 1.x / 2.x, IF: image_check.pipeline_problem) given as `init_from` (a VAE then moves training into its latent
+space).
 """
 
 from __future__ import annotations

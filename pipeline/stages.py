@@ -302,7 +302,8 @@ class ImageHeldoutKeys:
 @dataclass
 class DiffusionKeys(ImageHeldoutKeys):
     pretrained: str | None = key(None, "a diffusers text-to-image pipeline to fine-tune (a stage, a folder or a hub "
-                                       "id); empty: a new pixel-space pipeline from `unet` and `text_encoder`",
+                                       "id; its UNet conditioned on the text alone: SD 1.x / 2.x, IF); empty: a new "
+                                       "pixel-space pipeline from `unet` and `text_encoder`",
                                  ref="checkpoint")
     dataset: str = key("images:digits", "images with captions: `images:digits` (the offline digit world), a "
                                         "metadata .jsonl / .csv / .parquet file, or a folder holding one, of "

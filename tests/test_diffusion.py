@@ -390,6 +390,26 @@ def test_image_modes_decode_as_they_look_and_truncated_files_fail_at_the_start(t
         source.sample(2, torch.Generator().manual_seed(0))
 
 
+def test_32_bit_images_are_refused_in_one_line_and_16_bit_ones_still_read(tmp_path):
+    # a 32-bit integer image (mode I) was divided by 257 as if 16-bit; a float one (mode F) went through convert("L")
+    # unscaled: both trained silently as other images
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.full((16, 16), 0.5, dtype=np.float32)).save(tmp_path / "float.tiff")
+    Image.fromarray(np.full((16, 16), 70000, dtype=np.int32)).save(tmp_path / "int32.tiff")
+    Image.fromarray(np.full((16, 16), 32896, dtype=np.int32)).save(tmp_path / "int16.tiff")  # mode I, 16-bit values
+    Image.fromarray(np.full((16, 16), 32896, dtype=np.uint16)).save(tmp_path / "deep.png")  # mode I;16
+    for name, expected in (("float.tiff", r"mode F"), ("int32.tiff", r"32-bit values 70000 to 70000 \(mode I\)")):
+        (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": name, "caption": "a 1"}) + "\n")
+        with pytest.raises(PipelineError, match=rf"metadata.jsonl: line 1: cannot read image '{name}' .*{expected}"):
+            images.load_images(str(tmp_path), 16, 1)
+    rows = [{"file_name": n, "caption": "a 1"} for n in ("int16.tiff", "deep.png")]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = images.load_images(str(tmp_path), 16, 1)
+    assert [abs(float(image_files.decode(f, 1, 16).mean()) - 0.5) < 0.01 for f in source.files] == [True, True]
+
+
 def test_images_read_as_diffusers_reads_them_upright_and_huge_ones_stop_in_one_line(tmp_path, monkeypatch):
     """A phone photo's EXIF rotation was ignored (it trained sideways; datasets' Image feature turns it upright); a
     16-bit grey PNG's transparent value came out black; an image over PIL's pixel limit was a traceback."""
@@ -775,6 +795,13 @@ def test_bad_image_data_exits_2_with_one_line_and_writes_nothing(tmp_path):
     ({"unet": {**TINY_UNET, "block_out_channels": "wide"}}, "diffusion.unet: .*block_out_channels"),  # --check crashed
     ({"unet": {**TINY_UNET, "block_out_chanels": [8, 16]}}, "diffusion.unet: .*block_out_chanels"),  # --check passed
     ({"unet": {**TINY_UNET, "in_channels": 4}}, "diffusion.unet: in_channels must be 1 .grey. or 3 .RGB., got 4"),
+    # sample_size was replaced by resolution without a word
+    ({"unet": {**TINY_UNET, "sample_size": 32}}, r"diffusion.unet.sample_size \(32\) differs from diffusion.resolution "
+                                                 r"\(16\)"),
+    # LoRA left the text encoder frozen though train_text_encoder asked for it; a new model's LoRA froze it all
+    ({"use_lora": True, "train_text_encoder": True},
+     "section 'diffusion': train_text_encoder: true cannot train with use_lora: true"),
+    ({"use_lora": True}, "diffusion.use_lora: a new model .no pretrained. starts random"),
 ])
 def test_bad_image_section_is_one_line_in_the_stage_and_check_leaving_nothing(tmp_path, section, expected):
     recipe = image_recipe(tmp_path, diffusion={**TINY_DIFFUSION, **section})
@@ -905,6 +932,100 @@ def test_fine_tuning_a_pipeline_leaves_its_text_encoder_alone_unless_asked(tmp_p
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert not all(torch.equal(a, b) for a, b in zip(_unet_weights(base).values(),
                                                       _unet_weights(tmp_path / "runs/tiny/diffusion").values()))
+
+
+def test_captions_of_words_a_word_level_model_does_not_know_are_refused_in_the_stage_and_check(tmp_path):
+    # a new model's word-level tokenizer knows the words of the captions it was built on; reused (pretrained,
+    # init_from) with captions of other words, each read as <unk>: "a red car" and "a blue boat" conditioned alike
+    from PIL import Image
+    from tokenizers import Tokenizer, models
+
+    from pipeline import image_captions
+
+    known = images.build_tokenizer(["a blue thing"])
+    assert image_captions.caption_words_problem(known, [("f: line 1", "a blue 7"), ("f: line 2", ["7", "a thing"])]) \
+        is None
+    assert image_captions.unknown_words(known, "A red car, red!") == ["red", "car"]
+    assert image_captions.caption_words_problem(known, [("f: line 1", "a 7"), ("f: line 2", "a red car")]) \
+        .startswith("f: line 2: caption 'a red car': the model's word-level tokenizer does not know 'red', 'car'")
+    subword = Tokenizer(models.BPE(vocab={"a": 0, "<unk>": 1}, merges=[], unk_token="<unk>"))
+    assert image_captions.caption_words_problem(subword, [("f: line 1", "zebra")]) is None  # CLIP's, T5's: any word
+    base = _tiny_stable_diffusion(tmp_path / "tiny-sd")  # its tokenizer: build_tokenizer's, the world's words
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "data" / "red.png")
+    rows = [{"file_name": "red.png", "text": "a 3"}, {"file_name": "red.png", "text": "a red car"}]
+    (tmp_path / "data" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = image_recipe(tmp_path, diffusion={"pretrained": str(base), "dataset": str(tmp_path / "data"),
+                                               "max_steps": 1, "batch_size": 2, "judge_epochs": 0, "save_steps": 0})
+    expected = (f"{tmp_path / 'data' / 'metadata.jsonl'}: line 2: caption 'a red car': the model's word-level "
+                f"tokenizer does not know 'red', 'car'")
+    proc = run_cli(["pipeline/diffusion.py", recipe], cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {expected}")
+    assert not (tmp_path / "runs").exists()
+    check = run_cli(["pipeline/run.py", recipe, "--check"], cwd=tmp_path)
+    assert check.returncode == 2 and f"diffusion.dataset: {expected}" in check.stdout, check.stdout + check.stderr
+    # diffusion_dpo's pairs of your own on that model
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"caption": "a green 7", "chosen": "data/red.png", "rejected": "data/red.png"}) + "\n")
+    recipe = image_recipe(tmp_path, diffusion_dpo={"init_from": str(base), "dataset": str(pairs),
+                                                   "heldout_captions": None, "max_steps": 1, "batch_size": 2})
+    expected = f"{pairs}: line 1: caption 'a green 7': the model's word-level tokenizer does not know 'green'"
+    proc = run_cli(["pipeline/diffusion_dpo.py", recipe], cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {expected}")
+    assert not (tmp_path / "runs").exists()
+    check = run_cli(["pipeline/run.py", recipe, "--check"], cwd=tmp_path)
+    assert check.returncode == 2 and f"diffusion_dpo.dataset: {expected}" in check.stdout, check.stdout
+
+
+def _tiny_sdxl_and_pixart(folder):
+    """An SDXL pipeline (its UNet needs added_cond_kwargs: text_time) and a PixArt one (a transformer, no unet)."""
+    from diffusers import (AutoencoderKL, DDPMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    tok = images.build_tokenizer()
+    clip = dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=77, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], latent_channels=4,
+                        norm_num_groups=4, sample_size=16)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=[16, 32], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                                up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], cross_attention_dim=32,
+                                attention_head_dim=4, norm_num_groups=4, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8)
+    StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**clip)), tokenizer=tok,
+                              text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**clip, projection_dim=16)),
+                              tokenizer_2=tok, unet=unet, scheduler=DDPMScheduler()).save_pretrained(folder / "sdxl")
+    transformer = PixArtTransformer2DModel(sample_size=8, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                           in_channels=4, out_channels=8, patch_size=2, cross_attention_dim=16,
+                                           caption_channels=16, norm_num_groups=4)
+    text = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
+    PixArtAlphaPipeline(tokenizer=tok, text_encoder=text, vae=vae, transformer=transformer,
+                        scheduler=DDPMScheduler()).save_pretrained(folder / "pixart")
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("sdxl", r"StableDiffusionXLPipeline's UNet has addition_embed_type: 'text_time', so it needs inputs"),
+    ("pixart", r"PixArtAlphaPipeline has no UNet2DConditionModel `unet` \(its components: .*transformer"),
+])
+def test_pipelines_the_stages_cannot_train_are_refused_in_one_line_by_the_stage_and_check(tmp_path, kind, expected):
+    # SDXL's UNet (added_cond_kwargs) and PixArt's transformer crashed in training with a traceback; --check passed
+    # SDXL and crashed on PixArt
+    _tiny_sdxl_and_pixart(tmp_path)
+    recipe = image_recipe(tmp_path, diffusion={"pretrained": str(tmp_path / kind), "max_steps": 1, "batch_size": 2,
+                                               "judge_epochs": 0, "save_steps": 0})
+    proc = run_cli(["pipeline/diffusion.py", recipe], cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {recipe}: diffusion.pretrained '{tmp_path / kind}': ") and re.search(expected, last)
+    assert not (tmp_path / "runs").exists()
+    check = run_cli(["pipeline/run.py", recipe, "--check"], cwd=tmp_path)
+    assert check.returncode == 2 and "Traceback" not in check.stderr, check.stderr[-2000:]
+    assert re.search(f"diffusion.pretrained: '{tmp_path / kind}': {expected}", check.stdout), check.stdout
 
 
 def _weights(folder):
