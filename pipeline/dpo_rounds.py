@@ -108,7 +108,8 @@ def pair_reply(row: dict, reply, tokenizer, read=None):
     read = read or call_reader(tokenizer)
     turn = (reply.token_ids if reply.token_ids is not None else tokenizer(text, add_special_tokens=False)["input_ids"])
     tools = tools_of(row)
-    content, calls = read(list(turn) + [tokenizer.eos_token_id], prompt_ids(tokenizer, prompt, tools), tools)
+    end = reply.end_id if reply.end_id is not None else tokenizer.eos_token_id  # the turn as sampled, with its end
+    content, calls = read(list(turn) + [end], prompt_ids(tokenizer, prompt, tools), tools)
     if not calls or any(c.error for c in calls):
         return as_reply(prompt, text)
     return [{"role": "assistant", "content": content or None,

@@ -58,7 +58,6 @@ def record_key(recipe, keys, target, rows, ppl_rows, reference, own_samples: boo
         "own_samples": own_samples,
         "reference": fingerprint(reference),
         "prompts": rows,
-        **({"prompt_tools": "rendered"} if any(row.get("tools") for row in rows) else {}),  # records before: without
         "perplexity_rows": ppl_rows,
     })
 

@@ -183,7 +183,9 @@ def _text_parts(parts: list, source, where, i: int) -> str:
     return "".join(part["text"] for part in parts)
 
 
-def _json_value(value, source, where, what):
+def json_cell(value, source, where, what):
+    """A cell's value, parsed when it is JSON text (a CSV cell holds an object or list so); one line if it is no
+    JSON."""
     if isinstance(value, str):
         try:
             return json.loads(value)
@@ -198,7 +200,7 @@ def tools_of(row: dict, source, where) -> list[dict] | None:
     tools = row.get("tools")
     if tools is None or tools == "" or tools == []:
         return None
-    tools = _json_value(tools, source, where, "'tools'")
+    tools = json_cell(tools, source, where, "'tools'")
     if tools == []:  # "[]": LLaMA-Factory's rows without tools
         return None
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
@@ -235,7 +237,7 @@ def tools_json(cell, tools: list[dict] | None) -> str | None:
 
 
 def sharegpt_messages(row: dict, source, where) -> list[dict]:
-    turns = _json_value(row["conversations"], source, where, "'conversations'")
+    turns = json_cell(row["conversations"], source, where, "'conversations'")
     if not isinstance(turns, list) or not turns:
         bad_row(source, where, "'conversations' must be a non-empty list of {from, value} turns")
     first = turns[0].get("from") if isinstance(turns[0], dict) else None  # a system turn overrides the column
@@ -257,7 +259,7 @@ def sharegpt_messages(row: dict, source, where) -> list[dict]:
 def tool_call_message(value, source, where, what: str) -> dict:
     """An assistant tool-call message from calls written as JSON {"name", "arguments"} or a list of them: ShareGPT's
     function_call turn, LLaMA-Factory's function_tag message."""
-    calls = _json_value(value, source, where, f"{what} (function_call)")
+    calls = json_cell(value, source, where, f"{what} (function_call)")
     calls = calls if isinstance(calls, list) else [calls]
     if not all(isinstance(c, dict) and "name" in c for c in calls):
         bad_row(source, where, f"{what}: a function_call is JSON {{\"name\": ..., \"arguments\": ...}}")
@@ -267,7 +269,7 @@ def tool_call_message(value, source, where, what: str) -> dict:
 
 def alpaca_messages(row: dict, source, where) -> list[dict]:
     messages = [{"role": "system", "content": row["system"]}] if row.get("system") else []
-    history = _json_value(row.get("history") or [], source, where, "'history'")  # a CSV cell holds JSON text
+    history = json_cell(row.get("history") or [], source, where, "'history'")  # a CSV cell holds JSON text
     if not isinstance(history, list) or not all(isinstance(h, (list, tuple)) and len(h) == 2 for h in history):
         bad_row(source, where, "'history' must be a list of [user, assistant] pairs")
     for user, assistant in history:

@@ -55,6 +55,32 @@ class Reply:
     ended: bool      # stopped with end-of-turn rather than running out of tokens
     n_tokens: int
     token_ids: list[int] | None = None  # the tokens as generated, up to (without) the end-of-turn token
+    end_id: int | None = None  # the end-of-turn token it stopped with (one of stop_ids); None: the tokenizer's eos
+
+
+def turn_end_id(tokenizer) -> int:
+    """The token the chat template closes an assistant turn with, where it is a special token (ChatML's <|im_end|>,
+    Gemma's <end_of_turn>, Phi-3's <|end|>: not their eos, which ends the text); else the tokenizer's eos."""
+    try:
+        marker = "\x00reply\x00"
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"},
+                                              {"role": "assistant", "content": marker}], tokenize=False)
+        after = tokenizer(text.split(marker, 1)[1], add_special_tokens=False)["input_ids"]
+        if after and after[0] in set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder):
+            return after[0]
+    except Exception:  # no template, or one that refuses this conversation
+        pass
+    return tokenizer.eos_token_id
+
+
+def stop_ids(tokenizer, model=None) -> list[int]:
+    """The tokens that end a reply: the tokenizer's eos first, then the template's end of turn where that is another
+    (turn_end_id: a model trained on the template stops with it), and the model's generation_config eos ids (a hub
+    chat model ships them as a list for this). Never the pad token, unless it is the eos: padding follows a reply."""
+    ids = [tokenizer.eos_token_id, turn_end_id(tokenizer)]
+    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += own if isinstance(own, list) else [] if own is None else [own]
+    return list(dict.fromkeys(i for i in ids if i is not None and (i == ids[0] or i != tokenizer.pad_token_id)))
 
 
 def render_prompt(tokenizer, prompt, tools=None) -> str:
@@ -76,8 +102,8 @@ def generate(model, tokenizer, prompts, *, max_new_tokens=64, batch_size=32, do_
     `engine` (pipeline/vllm_engine.py, holding `model`'s weights) vLLM samples them instead, all at once.
     """
     texts = [render_prompt(tokenizer, p, t) for p, t in zip(prompts, tools or [None] * len(prompts))]
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    pad = eos if pad is None else pad
+    eos, pad = stop_ids(tokenizer, model), tokenizer.pad_token_id
+    pad = eos[0] if pad is None else pad
     if engine is not None:
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         rows = engine.sample(ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
@@ -116,12 +142,14 @@ def generate(model, tokenizer, prompts, *, max_new_tokens=64, batch_size=32, do_
     return out
 
 
-def _reply(tokenizer, row: list[int], eos: int, pad: int) -> Reply:
-    """A generated row (its new tokens; after an end-of-turn only padding, or nothing) as a Reply."""
-    ended = eos in row
-    sampled = row[:row.index(eos)] if ended else row  # pads only ever follow the eos
+def _reply(tokenizer, row: list[int], stops: list[int], pad: int) -> Reply:
+    """A generated row (its new tokens; after an end-of-turn, one of `stops`, only padding, or nothing) as a Reply."""
+    end = next((k for k, t in enumerate(row) if t in stops), None)
+    sampled = row if end is None else row[:end]  # pads only ever follow the end-of-turn
     tokens = [t for t in sampled if t != pad]
-    return Reply(tokenizer.decode(tokens, skip_special_tokens=True).strip(), ended, len(tokens), sampled)
+    end_id = None if end is None or row[end] == tokenizer.eos_token_id else row[end]
+    return Reply(tokenizer.decode(tokens, skip_special_tokens=True).strip(), end is not None, len(tokens), sampled,
+                 end_id)
 
 
 def prompt_ids(tokenizer, prompt, tools=None) -> list[int]:
@@ -181,7 +209,8 @@ def sample_sequences(tokenizer, prompts, samples, policy_tokenizer=None,
         head = prompt_ids(tokenizer, prompt, offered)
         for r in replies:
             body = r.token_ids if reuse else tokenizer(r.text, add_special_tokens=False)["input_ids"]
-            seqs.append(head + list(body) + ([tokenizer.eos_token_id] if r.ended else []))
+            end = (r.end_id if r.end_id is not None else tokenizer.eos_token_id) if reuse else turn_end_id(tokenizer)
+            seqs.append(head + list(body) + ([end] if r.ended else []))
             starts.append(len(head))
     return seqs, starts
 

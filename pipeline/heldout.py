@@ -14,9 +14,9 @@ from pipeline.reward_model import offered_tools
 
 
 def heldout_rows(recipe, keys) -> list[dict] | None:
-    """The stage's held-out prompts (HeldoutKeys), read and checked as the eval stage reads its prompts (a CSV's 8.0 is
-    the answer 8, as there), if some of them carry a reference `answer` (a world `skill` names its verifier), else
-    None."""
+    """The stage's held-out prompts (HeldoutKeys), read and checked as the eval stage reads its prompts (a JSON number
+    8.0 is the answer 8, a CSV's text "8.0" stays as written, as there), if some of them carry a reference `answer`
+    (a world `skill` names its verifier), else None."""
     if not keys.heldout_prompts:
         return None
     ds = data.load(keys.heldout_prompts, "eval_prompts", recipe)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pipeline import log, metrics as M, world
 from pipeline.cli import PipelineError
-from pipeline.formats import answer_text
 
 JUDGES = {"verifier": "verifier", "reward": "reward model", "annotator": "annotator"}
 
@@ -68,9 +67,9 @@ def last_user_text(prompt) -> str:
 
 def with_answers(ds, spec: str, required: bool, needed_for: str = "verifier_weight", own_answers: bool = True):
     """Add `skill`/`answer` for the verifier and the annotator (PPO's gold score and verifier_weight, iterated DPO's
-    annotator): the dataset's own columns; else a world problem's skill, with the row's own `answer` as text (a
-    number as eval reads it) or else the problem's solution, and where it is no world problem the row's own
-    `answer` (checked by exact match, as eval checks a reference without a skill). Not `own_answers`: the
+    annotator): the dataset's own columns; else a world problem's skill, with the row's own `answer` (text: ppo's
+    prompts are read so, preferences.prompt_rows) or else the problem's solution, and where it is no world problem
+    the row's own `answer` (checked by exact match, as eval checks a reference without a skill). Not `own_answers`: the
     annotator, which judges world problems only. A row with neither: an error naming it when `required`
     (`needed_for` says by what), else left unchecked, logged. Rows that offer tools (a `tools` value) are tool
     tasks, judged by pipeline/tool_world.py: they get no skill/answer, and prompts of tool tasks only keep no
@@ -78,8 +77,7 @@ def with_answers(ds, spec: str, required: bool, needed_for: str = "verifier_weig
     if {"skill", "answer"} <= set(ds.column_names):
         return ds
     offers = ds["tools"] if "tools" in ds.column_names else [None] * len(ds)
-    given = [answer_text(a) for a in ds["answer"]] if own_answers and "answer" in ds.column_names \
-        else [None] * len(ds)
+    given = ds["answer"] if own_answers and "answer" in ds.column_names else [None] * len(ds)
     skills, answers, unchecked = [], [], []
     for i, (prompt, tools, answer) in enumerate(zip(ds["prompt"], offers, given)):
         key = None if tools else world.prompt_key(last_user_text(prompt))

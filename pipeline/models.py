@@ -393,10 +393,14 @@ def load_policy(recipe, init, peft_values: dict, tokenizer, where: str, referenc
 
 
 def configure_generation(model, tokenizer) -> None:
-    """Stop at end of turn, pad with pad, use the KV cache (trainers may have saved use_cache=False)."""
+    """Stop at end of turn (generation.stop_ids: a saved model's generate stops as ours does), pad with pad, use the
+    KV cache (trainers may have saved use_cache=False)."""
+    from pipeline.generation import stop_ids
+
     model.config.use_cache = True
     gen = model.generation_config
-    gen.eos_token_id = tokenizer.eos_token_id
+    stops = stop_ids(tokenizer, model)
+    gen.eos_token_id = stops if len(stops) > 1 else stops[0]
     gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = gen.pad_token_id

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline import metrics, rl
-from pipeline.generation import UNSHAPED
+from pipeline.generation import UNSHAPED, stop_ids
 
 
 @dataclass
@@ -124,21 +124,21 @@ def sample_replies(policy, tokenizer, prompt_ids: list[list[int]], rows: list[in
                    engine=None) -> Rollout:
     """One sampled reply per prompt (KV cache, left padding; or vLLM: `engine`, holding the policy's weights);
     reply tokens after the first end-of-turn become padding."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    stops, pad = stop_ids(tokenizer, policy), tokenizer.pad_token_id
     enc = tokenizer.pad({"input_ids": prompt_ids}, padding_side="left", return_tensors="pt").to(device)
     context_length = enc["input_ids"].shape[1]
     if engine is not None:
         sampled = engine.sample(prompt_ids, max_new_tokens=cfg.max_new_tokens, do_sample=True,
                                 temperature=cfg.temperature, top_p=cfg.top_p)
         width = max(1, max(map(len, sampled)))
-        fill = eos if pad is None else pad
+        fill = stops[0] if pad is None else pad
         replies = torch.tensor([row + [fill] * (width - len(row)) for row in sampled], device=device)
     else:
         sequences = policy.generate(**enc, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-                                    max_new_tokens=cfg.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                                    max_new_tokens=cfg.max_new_tokens, eos_token_id=stops, pad_token_id=pad,
                                     use_cache=True, **UNSHAPED)
         replies = sequences[:, context_length:]
-    is_eos = replies == eos
+    is_eos = torch.isin(replies, torch.tensor(stops, device=replies.device))
     ended = is_eos.any(1)
     last = torch.where(ended, is_eos.int().argmax(1), replies.shape[1] - 1)
     mask = (torch.arange(replies.shape[1], device=device)[None] <= last[:, None]).long()

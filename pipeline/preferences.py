@@ -14,8 +14,8 @@ from collections import Counter
 
 from pipeline import data, log
 from pipeline.cli import PipelineError
-from pipeline.formats import (as_messages, bad_row, check_messages, check_tool_calls, finite_number, json_messages,
-                              sharegpt_messages, tools_json, tools_of)
+from pipeline.formats import (answer_text, as_messages, bad_row, check_messages, check_tool_calls, finite_number,
+                              json_cell, json_messages, sharegpt_messages, tools_json, tools_of)
 
 
 PREFERENCE_FORMATS = {
@@ -297,8 +297,8 @@ def prompt_rows(rows: list[dict], where: list[str], source, part_of: list[int] |
         places += [where[i] for i in of_prompts]
         fmt.append("prompts")
     if of_pairs:
-        normalized, info, pair_places = normalize_preferences([rows[i] for i in of_pairs], [where[i] for i in of_pairs], source,
-                                                 [part_of[i] for i in of_pairs])
+        normalized, info, pair_places = normalize_preferences([rows[i] for i in of_pairs], [where[i] for i in of_pairs],
+                                                              source, [part_of[i] for i in of_pairs])
         if not normalized and not of_prompts:
             raise PipelineError(f"{source}: no pairs left: all {info['identical_dropped']} have chosen equal to "
                                 f"rejected")
@@ -312,6 +312,11 @@ def prompt_rows(rows: list[dict], where: list[str], source, part_of: list[int] |
             row["prompt"] = as_messages(row["prompt"])
     keep = PROMPT_COLUMNS + (("chosen", "rejected") if pairs else ())
     out = [{c: row[c] for c in keep if c in row} for row in out]
+    for row, w in zip(out, places):  # as eval reads them: a number answer as its text, a CSV's `expect` its object
+        if row.get("answer") is not None:
+            row["answer"] = answer_text(row["answer"])
+        if isinstance(row.get("expect"), str):
+            row["expect"] = json_cell(row["expect"], source, w, "'expect'")
     return out, places, " + ".join(fmt)
 
 

@@ -197,8 +197,8 @@ def build_round(r: int, *, out: Path, reward: RewardModel, policy, tokenizer, pr
                             seed=cfg.seed * 1000 + r, lm_loss_coefficient=cfg.reward_round_lm_loss_coefficient,
                             lm_head=lm_head)
     after = clean_accuracy(reward, chosen_rows, first, second, clean)
-    if earlier + pairs:
-        standardise(reward, earlier + pairs)
+    if earlier + pairs + replay:  # a model trained on replayed pairs alone is standardised on them
+        standardise(reward, earlier + pairs or replay)
     record = {"round": r, "step": step, "prompts": len(chosen_rows), "pairs": len(pairs),
               "ties_dropped": len(chosen_rows) - len(pairs), "pairs_trained": len(earlier) + len(pairs) + len(replay),
               "pairs_replayed": len(replay),

@@ -169,7 +169,9 @@ def stage_inputs(recipe, stage: str, must_exist: bool = True) -> dict:
         elif ref == "checkpoints" and value:
             checkpoints[f.name] = [portable(recipe, resolve_checkpoint(recipe, v, must_exist, f"{stage}.{f.name}"))
                                    for v in value]
-        elif ref == "data" and value:
+        elif ref == "data" and value and not (f.name == "heldout_captions" and value == f.default):
+            # the world's held-out captions (the default) are left out, so runs from before the key was
+            # fingerprinted keep their fingerprint: only a file of captions can change under the same spec
             datasets[f.name] = {"spec": value, "fingerprint": data.fingerprint(value, recipe, "diffusion" in stage)}
     for name, ref in tool_sources(recipe, stage).items():  # the folders the stage's tools load
         folder = recipe.run_dir / ref

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from pipeline import log
-from pipeline.generation import UNSHAPED
+from pipeline.generation import UNSHAPED, stop_ids, turn_end_id
 from pipeline.tools import ToolResult, tool_name
 
 BUDGET_MESSAGE = "tool call budget exhausted"
@@ -92,7 +92,7 @@ def tool_turn_text(tokenizer, conversation: list[dict], tool_messages: list[dict
 
     before = render(conversation, False)
     after = render(conversation + tool_messages, True)
-    eos = tokenizer.eos_token
+    eos = tokenizer.convert_ids_to_tokens(turn_end_id(tokenizer))  # the template's end of turn (ChatML: the eos)
     end = before.rfind(eos) if eos else -1
     if end >= 0 and after.startswith(before):
         return before[end + len(eos):] + after[len(before):]
@@ -136,8 +136,8 @@ def generate_with_tools(policy, tokenizer, prompts_ids: list[list[int]], message
     from pipeline.tool_formats import call_reader
 
     read = call_reader(tokenizer, parse)
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    stops = stop_ids(tokenizer, policy)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     B = len(prompts_ids)
     boxes = list(toolbox) if isinstance(toolbox, (list, tuple)) else [toolbox] * B
     reply: list[list[int]] = [[] for _ in range(B)]
@@ -161,16 +161,17 @@ def generate_with_tools(policy, tokenizer, prompts_ids: list[list[int]], message
                 out = policy.generate(input_ids=ids, attention_mask=att, max_new_tokens=turn_tokens,
                                       do_sample=do_sample, temperature=temperature if do_sample else None,
                                       top_p=top_p if do_sample else None, top_k=0 if do_sample else None,
-                                      eos_token_id=eos, pad_token_id=pad, use_cache=True, **UNSHAPED)
+                                      eos_token_id=stops, pad_token_id=pad, use_cache=True, **UNSHAPED)
                 new_rows = out[:, ids.shape[1]:].tolist()
             pending = {}  # row -> (its calls' results, or None where a call is to run, the calls, budget exhausted)
             for i, row in zip(active, new_rows):
-                turn = row[:row.index(eos) + 1] if eos in row else row  # pads only ever follow the eos
+                end = next((k for k, t in enumerate(row) if t in stops), None)
+                turn = row if end is None else row[:end + 1]  # pads only ever follow the end-of-turn
                 turn = turn[:room[i]]
                 context = list(prompts_ids[i]) + reply[i]  # what the turn followed: the schema reads its prompt
                 reply[i] += turn
                 source[i] += [POLICY] * len(turn)
-                done = bool(turn) and turn[-1] == eos
+                done = bool(turn) and turn[-1] in stops
                 text = tokenizer.decode(turn[:-1] if done else turn, skip_special_tokens=True)
                 final[i] = text.strip()
                 content, parsed = (read(turn, context, boxes[i].schemas()) if done and boxes[i] is not None

@@ -16,7 +16,7 @@ import torch
 
 from pipeline import cli, judges, log, metrics, models, monitors, vllm_engine
 from pipeline.formats import as_messages
-from pipeline.generation import context_length, prompt_ids, unshaped
+from pipeline.generation import context_length, prompt_ids, stop_ids, unshaped
 from pipeline.key_checks import choice_problem
 from pipeline.ppo_config import prompts_that_fit
 from pipeline.reward_model import RewardEnsemble, RewardModel, load_scorer, offered_tools
@@ -50,7 +50,7 @@ def log_rollout_statistics(texts, log_metric, skill=None, answer=None) -> None:
 TEXT_PROMPT = "text_prompt"  # a text prompt as given, beside the user turn TRL's policy is given (train_trl)
 
 
-def reward_function(reward_model: RewardModel | RewardEnsemble, eos_token_id: int, missing_eos_penalty: float | None,
+def reward_function(reward_model: RewardModel | RewardEnsemble, stops: list[int], missing_eos_penalty: float | None,
                     tools=None, clip: float | None = None):
     """The reward model as a TRL reward function: the same score as our PPO gives a reply (RewardModel.policy_scores),
     its raw and normalised means logged, and the rollout statistics (log_rollout_statistics), which never change the
@@ -60,7 +60,7 @@ def reward_function(reward_model: RewardModel | RewardEnsemble, eos_token_id: in
     def reward_model_score(prompts, completions, completion_ids, log_metric, skill=None, answer=None, **columns):
         prompts = columns.get(TEXT_PROMPT) or prompts  # as our PPO scores them: the text, as_trained's to render
         texts = reply_texts(completions)
-        ended = torch.tensor([len(ids) > 0 and ids[-1] == eos_token_id for ids in completion_ids])
+        ended = torch.tensor([len(ids) > 0 and ids[-1] in stops for ids in completion_ids])  # generation.stop_ids
         replies, schemas = (texts, None) if tools is None else (completions, [list(tools.tools)] * len(texts))
         raw, normalised, scores = reward_model.policy_scores(prompts, replies, ended, missing_eos_penalty,
                                                              tools=schemas, clip=clip)
@@ -240,12 +240,12 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
         prompts = prompts.map(lambda row: {"prompt": as_messages(row["prompt"]), TEXT_PROMPT: row["prompt"]})
     models.configure_generation(model, tokenizer)
     reward_model = load_scorer(recipe, reward_checkpoints, "cpu", cfg.ensemble_objective, cfg.uncertainty_penalty)
-    eos = tokenizer.eos_token_id
+    stops = stop_ids(tokenizer, model)  # what TRL's generate stops at: configure_generation gave the model the list
 
     def verifier(prompts, completions, skill, answer, **_):  # None: a tool task, judged by image_verifier
         return judges.verifier_scores(skill, answer, reply_texts(completions))
 
-    reward_funcs = {"reward_model": reward_function(reward_model, eos, cfg.missing_eos_penalty, env,
+    reward_funcs = {"reward_model": reward_function(reward_model, stops, cfg.missing_eos_penalty, env,
                                                     cfg.reward_clip),
                     "verifier": verifier, "image_verifier": env and env.image_verifier}
     lora = models.peft_config(peft_values, model=model, where=f"{recipe.path}: ppo")

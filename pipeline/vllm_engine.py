@@ -111,8 +111,10 @@ class Engine:
             from accelerate import Accelerator
 
             accelerator = Accelerator()
+        from pipeline.generation import stop_ids
+
         gen = recipe.generation
-        self.eos = tokenizer.eos_token_id
+        stops = stop_ids(tokenizer, model)  # the checkpoint it is built from; use() loads weights of the same kind
         self.architecture = _architecture(model)
         self.trl = VLLMGeneration(
             model=model, accelerator=accelerator, processing_class=tokenizer, mode="colocate",
@@ -120,7 +122,7 @@ class Engine:
             gpu_memory_utilization=gen.vllm_gpu_memory_utilization,
             max_model_length=gen.vllm_max_model_length, enable_sleep_mode=gen.vllm_enable_sleep_mode,
             trust_remote_code=recipe.model.trust_remote_code, logprobs=None,
-            generation_kwargs={"stop_token_ids": [self.eos]})
+            generation_kwargs={"stop_token_ids": stops})
         self.built_from = model.name_or_path
         log.info(f"vLLM engine from {self.built_from} (colocated, gpu_memory_utilization "
                  f"{gen.vllm_gpu_memory_utilization})")

@@ -32,6 +32,15 @@ def image_recipe(directory, **sections):
     return tiny_recipe(directory, pretrain=None, sft=None, **sections)
 
 
+def tiny_vae():
+    """A 16px RGB VAE with 4 latent channels at 8px, for tiny latent pipelines."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                         up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], latent_channels=4,
+                         norm_num_groups=4, sample_size=16)
+
+
 def counting_rows(ds, reads: list):
     """`ds` (a datasets.Dataset, and any copy made of it: cast_column's) noting in `reads` the index of each row it
     reads, by index or by iterating: what the readers read from a hub dataset's memory-mapped cache."""
@@ -277,6 +286,10 @@ def test_editing_the_heldout_captions_or_the_dpo_judge_changes_the_stage_inputs(
     assert after_captions != before
     (judge / "config.json").write_text('{"retrained": true}')
     assert inputs() != after_captions
+    # the world's captions (the default) add nothing: runs finished before this change stay up to date
+    world = load_recipe(image_recipe(tmp_path, diffusion=TINY_DIFFUSION, diffusion_dpo=TINY_DPO))
+    assert all("heldout_captions" not in runs.stage_inputs(world, s, must_exist=False)["data"]
+               for s in ("diffusion", "diffusion_dpo"))
 
 
 def test_a_new_rgb_model_trains_on_rgb_images(tmp_path):
@@ -816,7 +829,7 @@ def test_bad_image_section_is_one_line_in_the_stage_and_check_leaving_nothing(tm
 
 def _tiny_stable_diffusion(folder):
     """A StableDiffusionPipeline built from configs (tiny VAE, CLIP text encoder, UNet): what a hub pipeline is."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
@@ -824,9 +837,7 @@ def _tiny_stable_diffusion(folder):
     text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
                                         pad_token_id=0, bos_token_id=1, eos_token_id=1))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], latent_channels=4,
-                        norm_num_groups=4, sample_size=16)
+    vae = tiny_vae()
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
                                 block_out_channels=[16, 32], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
                                 up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], cross_attention_dim=16,
@@ -981,17 +992,15 @@ def test_captions_of_words_a_word_level_model_does_not_know_are_refused_in_the_s
 
 def _tiny_sdxl_and_pixart(folder):
     """An SDXL pipeline (its UNet needs added_cond_kwargs: text_time) and a PixArt one (a transformer, no unet)."""
-    from diffusers import (AutoencoderKL, DDPMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel,
-                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from diffusers import (DDPMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(0)
     tok = images.build_tokenizer()
     clip = dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                 num_attention_heads=2, max_position_embeddings=77, pad_token_id=0, bos_token_id=1, eos_token_id=1)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], latent_channels=4,
-                        norm_num_groups=4, sample_size=16)
+    vae = tiny_vae()
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
                                 block_out_channels=[16, 32], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
                                 up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], cross_attention_dim=32,

@@ -729,9 +729,9 @@ class ScriptedToolUser(torch.nn.Module):
         if not any(self.task(text) for text in texts):  # the text prompts: the real model answers
             return self.inner.generate(input_ids=input_ids, attention_mask=attention_mask, pad_token_id=pad_token_id,
                                        max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, **kwargs)
-        new = []
+        new, end = [], eos_token_id[0] if isinstance(eos_token_id, list) else eos_token_id  # stop_ids: the eos first
         for text in texts:
-            turn = self.tokenizer(self.turn(text), add_special_tokens=False)["input_ids"] + [eos_token_id]
+            turn = self.tokenizer(self.turn(text), add_special_tokens=False)["input_ids"] + [end]
             new.append(turn[:max_new_tokens])
         width = max(len(n) for n in new)
         new = torch.tensor([n + [pad_token_id] * (width - len(n)) for n in new], dtype=torch.long)
@@ -907,6 +907,14 @@ def test_tool_prompts_bad_setups_stop_before_anything_is_written(tiny_run, tool_
     plan = eval_tools.plan(recipe, recipe.keys("eval"))
     assert [eval_tools.is_verified(r) for r in plan.rows] == [True, False, False] and plan.judge is None  # no draw
     assert plan.rows[0]["expect"] == {"image_id": "7", "answer": "3"} and plan.tools == ["draw_image", "read_image"]
+    # in a CSV the object is a cell's JSON text (every such row stopped: "'expect' must be a JSON object, got str")
+    import pandas as pd
+
+    pd.DataFrame([{"prompt": "Which digit is in image 7?", "kind": "read",
+                   "expect": json.dumps({"image_id": 7, "answer": 3})}]).to_csv(tool_work / "my_tools.csv", index=False)
+    csv_recipe = load_recipe(tiny_recipe(tool_work, run={"name": "bad"}, tools=tools),
+                             [f"eval.tool_prompts={tool_work / 'my_tools.csv'}"])
+    assert eval_tools.plan(csv_recipe, csv_recipe.keys("eval")).rows[0]["expect"] == {"image_id": "7", "answer": "3"}
     # each row is offered its own tools, as ppo offers them (every row was offered all of the recipe's, and a row
     # offering draw_image alone could read images); a row without `tools` gets the recipe's, a row whose `tools` is
     # empty ("[]", LLaMA-Factory's rows without tools) none, as in ppo (it was offered all of them)
@@ -1024,3 +1032,70 @@ def test_a_models_token_rules_do_not_shape_its_replies_nor_trls_rollouts(tmp_pat
         assert all(getattr(model.generation_config, k) == v for k, v in UNSHAPED.items())
         assert getattr(users, setting) == value  # the user's, for what is saved meanwhile
     assert getattr(model.generation_config, setting) == value
+
+
+def gemma_like(eos_list: bool):
+    """A tiny model with a Gemma-style template: a turn ends with <end_of_turn> (id 0), the tokenizer's eos is <eos>
+    (id 1). It says <end_of_turn> first, greedy or sampled. `eos_list`: its generation_config lists both, as
+    Gemma-2-it ships it; else only the eos, as a base model's does."""
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<end_of_turn>": 0, "<eos>": 1, "<bos>": 2, "<pad>": 3, "<start_of_turn>": 4, "user": 5, "model": 6,
+             "[UNK]": 7, "What": 8, "is": 9, "2": 10, "+": 11, "3": 12, "?": 13}
+    backend = Tokenizer(tok_models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                  unk_token="[UNK]", additional_special_tokens=["<start_of_turn>", "<end_of_turn>"])
+    tok.chat_template = ("{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == "
+                         "'assistant' else message['role'] %}{{ '<start_of_turn>' + role + '\n' + message['content'] "
+                         "| trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}"
+                         "{{ '<start_of_turn>model\n' }}{% endif %}")
+    eos = [1, 0] if eos_list else 1
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                                         bos_token_id=2, eos_token_id=eos, pad_token_id=3))
+    model.lm_head = torch.nn.Linear(32, 14, bias=True)  # whatever the context: <end_of_turn> (id 0), sampled too
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.bias.zero_()[0] = 50.0
+    model.generation_config = GenerationConfig(bos_token_id=2, eos_token_id=eos, pad_token_id=3)
+    return model, tok
+
+
+@pytest.mark.parametrize("eos_list", [True, False])
+def test_replies_stop_at_the_templates_end_of_turn_when_it_is_not_the_eos(eos_list):
+    """Gemma's and Phi-3's turns end with a token that is not their tokenizer's eos. Generation stopped at the eos
+    alone: replies ran on to max_new_tokens into made-up turns (ended 0, lengths inflated), in eval, held-out
+    scoring and PPO's rollouts; a saved model's generation_config lost the list."""
+    import types
+
+    from pipeline.generation import generate, prompt_ids, sample_sequences, stop_ids
+    from pipeline.ppo_rollout import sample_replies
+
+    model, tok = gemma_like(eos_list)
+    assert stop_ids(tok, model) == [1, 0]  # from the template even when the model's config names the eos alone
+    prompt = [{"role": "user", "content": "What is 2 + 3 ?"}]
+    (reply,), = generate(model, tok, [prompt], max_new_tokens=8, progress=False)
+    assert reply.ended and reply.n_tokens == 0 and reply.end_id == 0
+    (seq,), _ = sample_sequences(tok, [prompt], [[reply]])
+    assert seq[-1] == 0  # the log-prob of the reply ends with the token it stopped with
+    cfg = types.SimpleNamespace(max_new_tokens=8, temperature=1e-4, top_p=1.0)
+    batch = sample_replies(model, tok, [prompt_ids(tok, prompt)], [0], cfg, "cpu")
+    assert batch.ended.tolist() == [True] and batch.mask.sum().item() == 1  # the end-of-turn token, then padding
+    models.configure_generation(model, tok)
+    assert model.generation_config.eos_token_id == [1, 0]
+    # GRPO/RLOO: TRL stops at that list; its reward function counted only the eos as an end (every reply penalised)
+    from pipeline import trl_online
+    from pipeline.tool_rollout import tool_turn_text
+
+    class EndedOnly:
+        def policy_scores(self, prompts, replies, ended, missing_eos_penalty, tools=None, clip=None):
+            return ended.float(), ended.float(), ended.float()
+
+    score = trl_online.reward_function(EndedOnly(), stop_ids(tok, model), 1.0)
+    assert score(prompts=[prompt], completions=["5"], completion_ids=[[12, 0]], log_metric=lambda k, v: None) == [1]
+    # a tool turn follows the template's end of turn (it fell back to ChatML's, with a warning)
+    turn = tool_turn_text(tok, [*prompt, {"role": "assistant", "content": "x"}], [{"role": "tool", "content": "4"}])
+    assert turn == "\n<start_of_turn>tool\n4<end_of_turn>\n<start_of_turn>model\n"

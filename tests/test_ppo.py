@@ -339,7 +339,7 @@ def test_trl_reward_function_logs_the_gold_score_and_never_returns_it(monkeypatc
             return raw, raw / 2, raw / 2 - 1.0 * (~ended)
 
     monkeypatch.setattr(judges, "verifier_scores", lambda skills, answers, texts: [1e6] * len(texts))
-    score = trl_online.reward_function(StubRewardModel(), eos_token_id=9, missing_eos_penalty=1.0)
+    score = trl_online.reward_function(StubRewardModel(), stops=[9], missing_eos_penalty=1.0)
     texts = ["the answer is 3", "the answer is 3", "the answer is 4"]
     call = dict(prompts=["a", "b", "c"], completions=texts, completion_ids=[[5, 9], [5], [9]])
     logged, plain_logged = {}, {}

@@ -86,7 +86,7 @@ def test_every_reader_gets_the_reward_trl_trained_on(scored):
     eos = reward_model.tokenizer.eos_token_id
     completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
     logged = {}
-    grpo = trl_online.reward_function(reward_model, eos, 1.0)(
+    grpo = trl_online.reward_function(reward_model, [eos], 1.0)(
         prompts=prompts, completions=completions, completion_ids=[[5, eos] if e else [5, 6] for e in ended],
         log_metric=lambda k, v: logged.__setitem__(k, v))
     assert grpo == pytest.approx(ppo_scores.tolist(), abs=1e-5)
@@ -97,7 +97,7 @@ def test_every_reader_gets_the_reward_trl_trained_on(scored):
     _, clipped, clipped_scores = reward_model.policy_scores(prompts, texts, ended, missing_eos_penalty=1.0, clip=clip)
     assert clipped.tolist() == pytest.approx([max(-clip, min(clip, n)) for n in normalised], abs=1e-5)
     assert sum(abs(n) > clip + 1e-6 for n in normalised) > 0
-    grpo = trl_online.reward_function(reward_model, eos, 1.0, clip=clip)(
+    grpo = trl_online.reward_function(reward_model, [eos], 1.0, clip=clip)(
         prompts=prompts, completions=completions, completion_ids=[[5, eos] if e else [5, 6] for e in ended],
         log_metric=lambda k, v: None)
     assert grpo == pytest.approx(clipped_scores.tolist(), abs=1e-5)

@@ -259,22 +259,37 @@ def test_prompts_with_an_answer_column_alone_are_verified_by_it():
     assert judges.with_answers(missing, "p.jsonl", required=False)["answer"] == ["5", None]  # row 1 still checked
 
 
-def test_answers_as_numbers_beside_world_problems_and_tool_rows_with_answers():
-    """A JSON number answer beside a world problem (whose solution is text) stopped ppo with Arrow's "Expected bytes,
-    got a 'int' object", and a world-phrased prompt's own answer was replaced by the world's solution. Prompts that
-    all offer tools kept their `answer` column with no answer left in it, so verifier_weight passed its check and
-    crashed at the first step; now they keep no `answer` column, which the check refuses in one line."""
+def test_answers_as_numbers_beside_world_problems_and_tool_rows_with_answers(tmp_path):
+    """ppo reads a number answer as eval reads it: its text (3.0 is "3"). Beside a world problem (whose solution is
+    text), or beside text answers, Arrow refused the mix ("Expected bytes, got a 'int' object"); with `skill` given,
+    3.0 never matched a reply's "3". A world-phrased prompt's own answer was replaced by the world's solution.
+    Prompts that all offer tools kept their `answer` column with no answer left in it, so verifier_weight passed its
+    check and crashed at the first step; now they keep no `answer` column, which the check refuses in one line. In a
+    CSV, a tool task's `expect` is the object its JSON text holds (tool_world.verify failed on the text mid-run)."""
+    import pandas as pd
     from datasets import Dataset
 
-    from pipeline import judges
+    from pipeline import judges, ppo
 
-    ds = Dataset.from_list([{"prompt": "What is the larger number: 72 or 76?", "answer": 77},
-                            {"prompt": "Name a prime above 6.", "answer": 7.0}])
-    out = judges.with_answers(ds, "p.jsonl", required=True)
-    assert out["answer"] == ["77", "7"] and out["skill"] == ["compare", None]  # the file's own answers, as text
+    recipe = load_recipe(tiny_recipe(tmp_path))
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "What is the larger number: 72 or 76?", "answer": 77},
+        {"prompt": "Name a prime above 6.", "answer": 7.0},
+        {"prompt": "Which city is the capital?", "answer": "D.C."}]))
+    out = judges.with_answers(ppo.read_prompts(str(numbers), recipe)[0], "p.jsonl", required=True)
+    assert out["answer"] == ["77", "7", "D.C."] and out["skill"] == ["compare", None, None]  # the file's own answers
+    given = tmp_path / "given.jsonl"
+    given.write_text("".join(json.dumps({"prompt": "What is 1 + 2?", "skill": "add", "answer": a}) + "\n"
+                             for a in (3.0, 3)))
+    prompts = ppo.read_prompts(str(given), recipe)[0]
+    assert judges.verifier_scores(prompts["skill"], prompts["answer"], ["The answer is 3."] * 2) == [1.0, 1.0]
     schema = '[{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]'
     tools_only = Dataset.from_list([{"prompt": "What is 1 + 2?", "answer": "3", "tools": schema}] * 2)
     assert "answer" not in judges.with_answers(tools_only, "p.jsonl", required=True).column_names
+    pd.DataFrame([{"prompt": "Which digit is in image 7?", "kind": "read", "tools": schema,
+                   "expect": json.dumps({"image_id": 7, "answer": 3})}]).to_csv(tmp_path / "t.csv", index=False)
+    assert ppo.read_prompts(str(tmp_path / "t.csv"), recipe)[0]["expect"] == [{"image_id": 7, "answer": 3}]
 
 
 @pytest.mark.parametrize("override, expected", [
