@@ -214,6 +214,8 @@ def fingerprint(spec, recipe, images: bool = False) -> str:
     if glob.has_magic(spec):
         return hash_obj([(p, hash_file(Path(p))) for p in sorted(glob.glob(str(path), recursive=True))
                          if Path(p).is_file()])
+    if names_a_local_file(spec) and not spec.startswith("images:"):  # gone (a drive not mounted): not a hub id, whose
+        raise PipelineError(f"dataset '{spec}': file not found")  # other fingerprint would discard a killed run
     return hash_obj({"hub": spec})
 
 

@@ -67,8 +67,9 @@ def main(argv):
         else:  # hold out a share of the blocks
             n_eval = max(1, int(len(blocks) * keys.eval_fraction))
             blocks, eval_blocks = blocks[:-n_eval], blocks[-n_eval:]
-        if not blocks or not eval_blocks:
-            raise cli.PipelineError(f"{keys.dataset}: too little text for one block of {keys.block_size} tokens")
+        if not blocks or not eval_blocks:  # the held-out file's own text, or the training text (split or not)
+            short = keys.eval_dataset if blocks and eval_corpus is not None else keys.dataset
+            raise cli.PipelineError(f"{short}: too little text for one block of {keys.block_size} tokens")
         train_ds = Dataset.from_dict({"input_ids": blocks, "labels": blocks})
         eval_ds = Dataset.from_dict({"input_ids": eval_blocks, "labels": eval_blocks})
 

@@ -291,6 +291,8 @@ def _validate_section(section: str, raw, where, origins) -> dict:
             raise PipelineError(f"{src}: {section}.{k} must be {type_name(fields[k][1])}, got {v!r}") from None
         check_value(section, k, out[k], src, _config_class(STAGES[section].config_class)
                     if fields[k][0] == "config" else None)
+        if (section, k) == ("slurm", "stages"):  # per-stage overrides of known stages, checked now
+            GLOBAL_SECTIONS["slurm"]().check_stages(out[k], src)
         try:  # a spec of the wrong shape or a name os.stat refuses: here, not a traceback where a stage looks
             for name in _named_paths(section, k, out[k]):
                 if problem := long_name(name):

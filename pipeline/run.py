@@ -299,8 +299,12 @@ def main(argv):
              "cpus_per_task": args.cpus_per_task, "time": args.time, "config": args.config,
              "signal_seconds": args.signal_seconds}
     if args.sbatch:
-        flags["sbatch_args"] = [*recipe.slurm.sbatch_args, *shlex.split(args.sbatch)]
+        try:
+            flags["sbatch_args"] = [*recipe.slurm.sbatch_args, *shlex.split(args.sbatch)]
+        except ValueError as err:  # an unclosed quote
+            raise cli.PipelineError(f"--sbatch {args.sbatch!r}: {err}") from None
     if args.check or args.slurm:
+        slurm.settings(recipe, flags)  # the flags' values (--nodes 0, --gpus-per-node -2): one line, also with --check
         def launch_for(stage):
             if args.slurm:
                 return slurm.settings(recipe, flags).for_stage(stage, str(recipe.path)).launch()

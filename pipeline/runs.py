@@ -3,7 +3,7 @@
 A stage writes into `<run_dir>/<stage>.partial/` and, once everything is saved, writes `manifest.json` there and
 renames the folder to `<run_dir>/<stage>/`. So a finished stage is exactly a stage folder with a manifest; a stage
 killed mid-way leaves only a `.partial` folder, which the next run of the same inputs resumes from (trainer
-checkpoints) or, if the inputs changed, wipes.
+checkpoints; kept if that run stops on bad input, e.g. a hub offline) or, if the inputs changed, wipes.
 
 The fingerprint of a stage hashes what it was asked to do: its section of the recipe, the run seed, the
 fingerprints of the checkpoints it starts from (a finished stage's manifest, a folder's file listing, a hub id)
@@ -12,6 +12,7 @@ and of its data. The runner skips a stage whose manifest carries the fingerprint
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -226,10 +227,8 @@ def _flat_checkpoints(inputs: dict):
 def library_versions() -> dict:
     out = {"python": sys.version.split()[0]}
     for lib in LIBRARIES:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             out[lib] = metadata.version(lib)
-        except metadata.PackageNotFoundError:
-            pass
     return out
 
 
@@ -294,6 +293,7 @@ class StageRun:
             marker = self.out / ".fingerprint"
             if self.out.exists() and (not marker.is_file() or marker.read_text() != self.fingerprint):
                 shutil.rmtree(self.out)  # leftovers of a run with other inputs: nothing to resume
+        self._resuming = self.out.exists()  # a killed attempt's folder: kept whatever stops this one (a hub offline)
         self.state.wait_for_everyone()
         return self
 
@@ -402,7 +402,7 @@ class StageRun:
             preemption.BEFORE_PREEMPTED_EXIT.remove(self.record_attempt)
         self.meter.abandon()  # after finish() a no-op; otherwise stop tracking without waiting
         log.close()
-        if bad_input and exc_type is not integrity.UnsafeFile:  # a refused checkpoint stays for a person to look at
+        if bad_input and exc_type is not integrity.UnsafeFile and not self._resuming:  # a refused checkpoint stays
             shutil.rmtree(self.out, ignore_errors=True)  # bad input: leave nothing behind (still under the lock)
         if lock is not None:
             lock.release()  # before the empty folders go: its file is in the run folder

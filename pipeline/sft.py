@@ -81,10 +81,17 @@ def main(argv):
             return ds.remove_columns([c for c in ds.column_names if c not in TRAIN_COLUMNS]) if ds else ds
 
         lora = models.peft_config(peft_values, model=model, where=f"{recipe.path}: {STAGE}")
-        trainer = SFTTrainer(model=model, args=args, train_dataset=keep_training_columns(train_ds),
-                             eval_dataset=keep_training_columns(eval_ds), processing_class=tokenizer, peft_config=lora)
+        try:  # what TRL refuses only here (assistant_only_loss on text rows, LoRA on lm_head, ...): one line
+            trainer = SFTTrainer(model=model, args=args, train_dataset=keep_training_columns(train_ds),
+                                 eval_dataset=keep_training_columns(eval_ds), processing_class=tokenizer,
+                                 peft_config=lora)
+        except ValueError as err:
+            raise cli.PipelineError(f"{recipe.path}: section 'sft' (SFTTrainer): {str(err).splitlines()[0]}") from None
         batching.split_forward(trainer.model, keys.length_split)
-        too_long = rows_over(tokenizer, train_ds, args.max_length) if args.max_length and not args.packing else 0
+        too_long = rows_over(tokenizer, train_ds, args.max_length) if args.max_length else 0
+        if args.packing and too_long and args.packing_strategy == "bfd":  # TRL's bfd truncates overflow, unsaid
+            log.warning(f"{too_long} rows are over sft.max_length={args.max_length} tokens: packing (bfd) cuts each at "
+                        f"max_length and their rest is not trained on; packing_strategy: bfd_split keeps it")
         why = (f"are over sft.max_length={args.max_length} tokens and keep no completion token once cut "
                f"(truncation_mode {args.truncation_mode}): raise max_length or set truncation_mode: keep_end")
         dropped = eval_dropped = 0
@@ -95,7 +102,7 @@ def main(argv):
                                              why)
         log.info(f"{models.describe(trainer.model)}; {len(trainer.train_dataset)} training rows"
                  + (f" ({too_long} over max_length={args.max_length} cut ({args.truncation_mode}), {dropped} of them "
-                    f"left out: no completion token left)" if too_long else "")
+                    f"left out: no completion token left)" if too_long and not args.packing else "")
                  + (f"; {eval_dropped} held-out rows left out the same way" if eval_dropped else ""))
         data.warn_many_epochs(args, len(trainer.train_dataset), run.state.num_processes)
         result = trainer.train(resume_from_checkpoint=run.last_checkpoint())

@@ -66,6 +66,15 @@ class SlurmSection:
             check_value(f"slurm.stages.{stage}", k, values[k], where)
         return dataclasses.replace(self, **values, stages={})
 
+    @classmethod
+    def check_stages(cls, stages: dict, where: str) -> None:
+        """slurm.stages when the recipe loads: each a stage's name (a misspelt one was ignored: the stage got the
+        defaults), its keys checked as for_stage checks them when it is submitted."""
+        for stage in stages:
+            if stage not in STAGES:
+                raise PipelineError(f"{where}: slurm.stages: unknown stage '{stage}'{closest(str(stage), STAGES)}")
+            cls(stages=stages).for_stage(stage, where)
+
     @property
     def processes_per_node(self) -> int:
         return self.procs_per_node or self.gpus_per_node or 1

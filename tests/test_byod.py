@@ -154,6 +154,47 @@ def test_sft_rows_all_over_max_length_stop_in_one_line_and_leave_nothing(tiny_ru
     assert not (tmp_path / "runs").exists()
 
 
+def test_what_trls_sft_trainer_refuses_stops_in_one_line_and_leaves_nothing(tiny_run, tmp_path):
+    """TRL's SFTTrainer refuses some settings only when it is built, after the stage folder was made:
+    assistant_only_loss on text prompt/completion rows was a traceback with a .partial folder left behind."""
+    work, _, _ = tiny_run
+    spec = write_jsonl(tmp_path / "text.jsonl", [{"prompt": "What is 2 + 2?", "completion": " 4."}] * 4)
+    recipe = tiny_recipe(tmp_path, pretrain=None, sft={**SHORT, "init_from": str(work / "runs/tiny/pretrain"),
+                                                       "dataset": spec, "eval_dataset": spec,
+                                                       "assistant_only_loss": True})
+    proc = run_cli(["pipeline/sft.py", recipe], cwd=tmp_path, env=ONE_THREAD)
+    line = one_error_line(proc)
+    assert line.startswith(f"error: {recipe}: section 'sft' (SFTTrainer): You set `assistant_only_loss=True`")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_packed_rows_over_max_length_are_counted_and_said(tiny_run, tmp_path):
+    """TRL's default packing (bfd) cuts each row at max_length and trains on no more of it; metrics.json said no row
+    was too long (the count was skipped when packing)."""
+    work, _, _ = tiny_run
+    long = {"messages": [{"role": "user", "content": "word " * 60}, {"role": "assistant", "content": "ok " * 40}]}
+    spec = write_jsonl(tmp_path / "long.jsonl", [long] * 3 + [{"messages": long["messages"][:1] + [
+        {"role": "assistant", "content": "ok"}]}])
+    recipe = tiny_recipe(tmp_path, pretrain=None, sft={**SHORT, "init_from": str(work / "runs/tiny/pretrain"),
+                                                       "dataset": spec, "max_length": 96, "packing": True})
+    proc = run_cli(["pipeline/sft.py", recipe], cwd=tmp_path, env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "runs/tiny/sft/metrics.json").read_text())
+    assert metrics["train_rows_too_long"] == 3
+    assert "3 rows are over sft.max_length=96 tokens: packing (bfd) cuts each" in proc.stdout + proc.stderr
+
+
+def test_a_held_out_text_too_short_for_a_block_is_named(tmp_path):
+    """pretrain's error named the training file when the held-out file was the one too short for a block."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Document {i} has a few words in it, and then a few more." for i in range(40)))
+    (tmp_path / "held.txt").write_text("Short.")
+    recipe = tiny_recipe(tmp_path, pretrain={"dataset": str(corpus), "eval_dataset": str(tmp_path / "held.txt"),
+                                             "block_size": 32, "max_steps": 1})
+    proc = run_cli(["pipeline/pretrain.py", recipe], cwd=tmp_path, env=ONE_THREAD)
+    assert one_error_line(proc) == f"error: {tmp_path / 'held.txt'}: too little text for one block of 32 tokens"
+
+
 @pytest.mark.parametrize("stage, unit", [("dpo", "pairs"), ("kto", "rows")])
 def test_pairs_whose_prompts_fill_max_length_are_counted_and_all_of_them_stop_in_one_line(tiny_run, tmp_path, stage,
                                                                                           unit):

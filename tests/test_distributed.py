@@ -400,16 +400,25 @@ def test_check_reports_launch_batch_and_memory_and_submits_nothing(tmp_path):
                                   "got -5"),
     (["--nodes", "-2"], "error: --nodes: slurm.nodes must be at least 1, got -2"),
     (["--cpus-per-task", "0"], "error: --cpus-per-task: slurm.cpus_per_task must be at least 1, got 0"),
-    (["slurm.stages={sft: {rdzv_timeout: 0}}"], "error: {recipe}: slurm.stages.sft.rdzv_timeout must be at least 1, "
-                                               "got 0"),
+    (["slurm.stages={sft: {rdzv_timeout: 0}}"], "error: override 'slurm.stages={sft: {rdzv_timeout: 0}}': "
+                                               "slurm.stages.sft.rdzv_timeout must be at least 1, got 0"),
+    # a misspelt stage or key under slurm.stages was ignored (the stage was submitted with the defaults)
+    (["slurm.stages={sfft: {nodes: 4}}"], "error: override 'slurm.stages={sfft: {nodes: 4}}': slurm.stages: unknown "
+                                          "stage 'sfft' (closest: sft)"),
+    (["slurm.stages={sft: {nodez: 3}}"], "unknown key 'nodez' in slurm.stages.sft (closest: nodes)"),
+    (["--sbatch=--comment=\"x"], "error: --sbatch '--comment=\"x': No closing quotation"),  # was a traceback
+    (["--no-slurm", "--config", "launch/accelerate/ddp.yaml", "--gpus-per-node", "-2"],  # --check planned -2
+     "error: --gpus-per-node: slurm.gpus_per_node must be 0 or more, got -2"),
 ])
 def test_slurm_counts_below_their_floor_stop_before_anything_is_submitted(tmp_path, how, line):
     """sbatch took --nodes=0 and --signal=B:USR1@-5 (and --check planned 8 processes): a count below its floor,
     from the recipe, a stage's slurm override or a flag, is one line naming it, exit 2, nothing submitted."""
     recipe = tiny_recipe(tmp_path)
-    proc = run_cli(["pipeline/run.py", recipe, "--check", "--slurm", *how], cwd=tmp_path)
+    slurm = [] if "--no-slurm" in how else ["--slurm"]
+    proc = run_cli(["pipeline/run.py", recipe, "--check", *slurm, *[h for h in how if h != "--no-slurm"]],
+                   cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
-    assert line.format(recipe=recipe) in proc.stdout + proc.stderr
+    assert line.replace("{recipe}", str(recipe)) in proc.stdout + proc.stderr
     assert not (tmp_path / "runs").exists()
 
 

@@ -401,3 +401,30 @@ def test_a_damaged_manifest_is_no_finished_stage_and_check_says_it_runs(tmp_path
         proc = run_cli(["pipeline/run.py", recipe, "--check", "--only", "pretrain"], cwd=tmp_path)
         assert "Traceback" not in proc.stderr and re.search(r"pretrain\s+runs \(not run yet\)", proc.stdout), \
             proc.stdout + proc.stderr
+
+
+def test_a_killed_stages_checkpoints_survive_a_resume_that_stops_on_bad_input(tmp_path, monkeypatch):
+    """Resuming a killed stage while an input is away (a drive not mounted, the hub offline) deleted its checkpoints:
+    a missing local dataset was fingerprinted as a hub id (another fingerprint: the folder was wiped as another
+    run's), and any one-line error removed the staging folder. Now the dataset is refused by name, and a resumed
+    attempt's folder stays, so the same command resumes once the input is back."""
+    from pipeline import data, runs
+    from pipeline.cli import PipelineError
+    from pipeline.recipe import load_recipe
+
+    with pytest.raises(PipelineError, match=r"dataset '.*corpus\.jsonl': file not found"):
+        data.fingerprint(str(tmp_path / "away/corpus.jsonl"), None)
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(tiny_recipe(tmp_path))
+    with pytest.raises(PipelineError):  # a first attempt that stops on bad input leaves nothing
+        with runs.StageRun(recipe, "pretrain") as run:
+            run.out.mkdir(parents=True)
+            raise PipelineError("bad row")
+    assert not (recipe.run_dir / "pretrain.partial").exists()
+    run = runs.StageRun(recipe, "pretrain")
+    (run.out / "checkpoint-4").mkdir(parents=True)  # a killed attempt of the same inputs
+    (run.out / ".fingerprint").write_text(run.fingerprint)
+    with pytest.raises(PipelineError):
+        with run:
+            raise PipelineError("the hub cannot be reached")
+    assert (run.out / "checkpoint-4").is_dir()
