@@ -190,11 +190,11 @@ def plans_by_dataset(rows: list[dict], where: list[str], source, part_of: list[i
     return plans, part_of
 
 
-def fingerprint(spec, recipe, images: bool = False) -> str:
+def fingerprint(spec, recipe, images: bool = False, key: str | None = None) -> str:
     """`images`: a metadata file's fingerprint also covers the image files it names (a folder's covers them all)."""
     if not isinstance(spec, str):  # a list or mixture: its parts' fingerprints and the mixing settings
         parts, seed = mixture_parts(spec)
-        return hash_obj({"parts": [(fingerprint(p.name, recipe), p.fraction, p.columns) for p in parts],
+        return hash_obj({"parts": [(fingerprint(p.name, recipe, key=key), p.fraction, p.columns) for p in parts],
                          "seed": seed, "run_seed": recipe.run.seed})
     if spec.startswith("world:"):
         from pipeline.world import fingerprint_settings
@@ -214,8 +214,8 @@ def fingerprint(spec, recipe, images: bool = False) -> str:
     if glob.has_magic(spec):
         return hash_obj([(p, hash_file(Path(p))) for p in sorted(glob.glob(str(path), recursive=True))
                          if Path(p).is_file()])
-    if names_a_local_file(spec) and not spec.startswith("images:"):  # gone (a drive not mounted): not a hub id, whose
-        raise PipelineError(f"dataset '{spec}': file not found")  # other fingerprint would discard a killed run
+    if names_a_local_file(spec) and not spec.startswith("images:"):  # away (unmounted): as a hub id, .partial goes
+        raise PipelineError(f"{key + ': ' if key else ''}dataset '{spec}': file not found")
     return hash_obj({"hub": spec})
 
 

@@ -171,9 +171,9 @@ def stage_inputs(recipe, stage: str, must_exist: bool = True) -> dict:
             checkpoints[f.name] = [portable(recipe, resolve_checkpoint(recipe, v, must_exist, f"{stage}.{f.name}"))
                                    for v in value]
         elif ref == "data" and value and not (f.name == "heldout_captions" and value == f.default):
-            # the world's held-out captions (the default) are left out, so runs from before the key was
-            # fingerprinted keep their fingerprint: only a file of captions can change under the same spec
-            datasets[f.name] = {"spec": value, "fingerprint": data.fingerprint(value, recipe, "diffusion" in stage)}
+            # the world's held-out captions (the default) stay out: runs from before they counted stay up to date
+            fp = data.fingerprint(value, recipe, "diffusion" in stage, key=f"{recipe.path}: {stage}.{f.name}")
+            datasets[f.name] = {"spec": value, "fingerprint": fp}
     for name, ref in tool_sources(recipe, stage).items():  # the folders the stage's tools load
         folder = recipe.run_dir / ref
         if ref not in recipe.stages and folder.is_dir():  # a folder in the run folder, where the tools look first

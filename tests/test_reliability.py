@@ -416,6 +416,9 @@ def test_a_killed_stages_checkpoints_survive_a_resume_that_stops_on_bad_input(tm
         data.fingerprint(str(tmp_path / "away/corpus.jsonl"), None)
     monkeypatch.chdir(tmp_path)
     recipe = load_recipe(tiny_recipe(tmp_path))
+    away = load_recipe(tiny_recipe(tmp_path), [f"sft.dataset={tmp_path / 'away/chats.jsonl'}"])
+    with pytest.raises(PipelineError, match=r"recipe\.yaml: sft\.dataset: dataset '.*chats\.jsonl': file not found"):
+        runs.stage_inputs(away, "sft", must_exist=False)  # the runner's plan names the key
     with pytest.raises(PipelineError):  # a first attempt that stops on bad input leaves nothing
         with runs.StageRun(recipe, "pretrain") as run:
             run.out.mkdir(parents=True)
