@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
 from pipeline import batching, cli, data, log, models, runs
 from pipeline.heldout import heldout_comparison, heldout_rows
 from pipeline.recipe import load_recipe, stage_help
+from pipeline.stages import STAGES
 
 STAGE = "sft"
 USAGE = "usage: pipeline/sft.py RECIPE [sft.KEY=VALUE ...]"
@@ -41,6 +42,36 @@ def rows_over(tokenizer, ds, max_length: int) -> int:
     return n
 
 
+def in_training_shape(eval_ds, train_ds, source, default: bool):
+    """Held-out rows in the training rows' shape, so eval_loss is the loss trained: the trainer takes its loss mask
+    (assistant turns, or the completion) from the training rows, and tokenized other rows with it (all their text
+    in the loss). Conversations and conversational prompt/completion rows convert (the completion: the trailing
+    assistant turns); text prompt/completion rows beside conversations cannot: one line, or with the `default`
+    held-out set (the world's conversations beside text rows of yours), None (no eval_loss), said."""
+    from pipeline.unpaired import split_reply
+
+    as_messages = "messages" in train_ds.column_names
+    if as_messages == ("messages" in eval_ds.column_names):
+        return eval_ds
+    completions = eval_ds if as_messages else train_ds
+    if not isinstance(completions[0]["completion"], list):
+        kinds = ("text prompt/completion rows", "conversations")
+        held, trained = kinds if as_messages else kinds[::-1]
+        if default:
+            log.warning(f"{source}: no eval_loss: its {held} beside training {trained} would not measure the loss "
+                        f"trained; set sft.eval_dataset to held-out rows of the training rows' kind")
+            return None
+        raise cli.PipelineError(f"{source}: held-out {held} beside training {trained}: their loss is not the one "
+                                f"trained; hold out rows of the training rows' kind")
+    if as_messages:
+        return eval_ds.map(lambda r: {"messages": r["prompt"] + r["completion"]},
+                           remove_columns=["prompt", "completion"])
+
+    def split(row, i):
+        return dict(zip(("prompt", "completion"), split_reply(row["messages"], source, f"row {i + 1}")))
+    return eval_ds.map(split, with_indices=True, remove_columns=["messages"])
+
+
 def main(argv):
     recipe = load_recipe(*cli.split_stage_args(argv, USAGE, lambda: stage_help(STAGE)))
     recipe.check_config(STAGE, portable=True)  # the config class's own checks before upstream stages
@@ -52,7 +83,10 @@ def main(argv):
         eval_ds = None
         if keys.eval_dataset:
             eval_ds, eval_info = data.load_with_info(keys.eval_dataset, "chat", recipe, columns=keys.columns)
-            run.note_data("eval_dataset", eval_info)
+            eval_ds = in_training_shape(eval_ds, train_ds, eval_info["source"],
+                                        keys.eval_dataset == STAGES[STAGE].keys.eval_dataset)
+            if eval_ds is not None:
+                run.note_data("eval_dataset", eval_info)
         data.warn_world_eval(recipe, STAGE, keys)
         heldout = heldout_rows(recipe, keys)
         conversational = "messages" in train_ds.column_names

@@ -56,7 +56,7 @@ def split_reply(messages: list[dict], source, where) -> tuple[list[dict], list[d
     while cut > 0 and messages[cut - 1]["role"] == "assistant":
         cut -= 1
     if cut == len(messages):
-        bad_row(source, where, "the conversation must end with the assistant reply the label judges")
+        bad_row(source, where, "the conversation must end with the assistant reply (the completion)")
     if cut == 0:
         bad_row(source, where, "the conversation has no prompt before the assistant reply")
     return messages[:cut], messages[cut:]

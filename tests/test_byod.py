@@ -168,6 +168,39 @@ def test_what_trls_sft_trainer_refuses_stops_in_one_line_and_leaves_nothing(tiny
     assert not (tmp_path / "runs").exists()
 
 
+def test_held_out_rows_of_another_kind_are_scored_with_the_loss_trained(tiny_run, tmp_path):
+    """The trainer takes its loss mask from the training rows and tokenized held-out rows of another kind with it:
+    conversations held out beside prompt/completion training rows had all their text in eval_loss (user turns too).
+    Now conversations and conversational prompt/completion rows are converted to the training rows' kind; text
+    rows beside conversations stop the stage in one line, or, with the default world:sft_eval, give no eval_loss."""
+    import datasets
+
+    from pipeline.cli import PipelineError
+    from pipeline.sft import in_training_shape
+
+    turns = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."}]
+    chats = datasets.Dataset.from_list([{"messages": turns}])
+    pairs = datasets.Dataset.from_list([{"prompt": turns[:1], "completion": turns[1:]}])
+    text = datasets.Dataset.from_list([{"prompt": "What is 2 + 2?", "completion": " 4."}])
+    assert in_training_shape(chats, pairs, "e.jsonl", False).to_list() == pairs.to_list()
+    assert in_training_shape(pairs, chats, "e.jsonl", False).to_list() == chats.to_list()
+    assert in_training_shape(text, text, "e.jsonl", False) is text
+    with pytest.raises(PipelineError, match=r"^e\.jsonl: held-out conversations beside training text prompt/"):
+        in_training_shape(chats, text, "e.jsonl", False)
+    with pytest.raises(PipelineError, match=r"^e\.jsonl: held-out text prompt/completion rows beside training conv"):
+        in_training_shape(text, chats, "e.jsonl", False)
+    # through the stage: text rows of yours with the default held-out set train, without an eval_loss
+    work, _, _ = tiny_run
+    spec = write_jsonl(tmp_path / "text.jsonl", [{"prompt": "What is 2 + 2?", "completion": " 4."}] * 4)
+    recipe = tiny_recipe(tmp_path, pretrain=None, sft={**SHORT, "init_from": str(work / "runs/tiny/pretrain"),
+                                                       "dataset": spec, "eval_dataset": "world:sft_eval"})
+    proc = run_cli(["pipeline/sft.py", recipe], cwd=tmp_path, env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world:sft_eval: no eval_loss: its conversations beside training text prompt/completion rows" in \
+        proc.stdout + proc.stderr
+    assert "eval_loss" not in json.loads((tmp_path / "runs/tiny/sft/metrics.json").read_text())
+
+
 def test_packed_rows_over_max_length_are_counted_and_said(tiny_run, tmp_path):
     """TRL's default packing (bfd) cuts each row at max_length and trains on no more of it; metrics.json said no row
     was too long (the count was skipped when packing)."""

@@ -94,7 +94,7 @@ def test_pairs_become_a_desirable_and_an_undesirable_row():
     ([{"prompt": "p", "completion": "c", "label": True}, {"prompt": "p", "completion": "c"}],
      "row 2: missing column 'label'"),
     ([{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}], "label": True}],
-     "row 1: the conversation must end with the assistant reply the label judges"),
+     r"row 1: the conversation must end with the assistant reply \(the completion\)"),
     ([{"messages": [{"role": "assistant", "content": "a"}], "label": True}], "row 1: the conversation has no prompt"),
     ([{"prompt": "p", "label": True}], "no unpaired preference format matches the columns"),
     ([{"text": "x"}], r"no unpaired preference format matches the columns \(text\)"),
