@@ -17,6 +17,7 @@ import math
 from itertools import chain
 
 from pipeline import cli, data, log, models, runs
+from pipeline.generation import context_length
 from pipeline.recipe import load_recipe, stage_help
 from pipeline.tokenizer import doc_sep_id, load_tokenizer as load_saved_tokenizer
 
@@ -77,6 +78,9 @@ def main(argv):
             model = models.build_causal_lm(recipe, tokenizer)
         else:
             model = models.load_causal_lm(recipe, init.path, revision=recipe.model.revision, tokenizer=tokenizer)
+        if (positions := context_length(model)) and keys.block_size > positions:  # learned ones: an IndexError
+            raise cli.PipelineError(f"{recipe.path}: pretrain.block_size ({keys.block_size}) is over the model's "
+                                    f"{positions} positions: lower it, or build the model with more")
         models.configure_generation(model, tokenizer)
         log.info(f"{models.describe(model)}; {len(blocks)} blocks of {keys.block_size} tokens "
                  f"({len(blocks) * keys.block_size / 1e6:.2f}M tokens), {len(eval_blocks)} held out")

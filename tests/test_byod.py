@@ -201,6 +201,18 @@ def test_held_out_rows_of_another_kind_are_scored_with_the_loss_trained(tiny_run
     assert "eval_loss" not in json.loads((tmp_path / "runs/tiny/sft/metrics.json").read_text())
 
 
+def test_blocks_longer_than_the_models_positions_stop_in_one_line(tmp_path):
+    """A GPT-2 style model (learned positions, n_positions 64) with block_size 128 crashed in its first step with an
+    IndexError, a .partial left behind."""
+    recipe = tiny_recipe(tmp_path, model={"config": {"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2,
+                                                     "n_positions": 64}},
+                         pretrain={"block_size": 128, "max_steps": 1}, sft=None)
+    proc = run_cli(["pipeline/pretrain.py", recipe], cwd=tmp_path, env=ONE_THREAD)
+    assert one_error_line(proc) == f"error: {recipe}: pretrain.block_size (128) is over the model's 64 positions: " \
+                                   f"lower it, or build the model with more"
+    assert not (tmp_path / "runs/tiny/pretrain.partial").exists()
+
+
 def test_packed_rows_over_max_length_are_counted_and_said(tiny_run, tmp_path):
     """TRL's default packing (bfd) cuts each row at max_length and trains on no more of it; metrics.json said no row
     was too long (the count was skipped when packing)."""
