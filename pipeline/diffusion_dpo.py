@@ -147,7 +147,7 @@ def main(argv):
                      (f"; {own.resized} images not {shape['resolution']}px: resized" if own.resized else ""))
             run.note_data("dataset", {"source": keys.dataset, "rows": len(own), "ties": own.ties, "format": "pairs"})
         else:
-            rows = [(images.WORLD_SPEC, images.caption(*c)) for c in images.train_combos()] \
+            rows = image_captions.world_captions() \
                 if keys.dataset == images.WORLD_SPEC else image_eval.caption_rows(keys.dataset, recipe)
             captions = [text for _, text in rows]
             run.note_data("dataset", {"source": keys.dataset, "rows": len(captions), "format": "captions"})

@@ -43,13 +43,18 @@ def caption_words_problem(tokenizer, rows) -> str | None:
     return None
 
 
-def source_captions(source) -> list[tuple]:
-    """(where, caption) of a training source: a metadata file's rows, or the world's full captions."""
+def world_captions() -> list[tuple]:
+    """(where, caption) of the digit world's training captions."""
     from pipeline import images
 
+    return [(images.WORLD_SPEC, images.caption(*c)) for c in images.train_combos()]
+
+
+def source_captions(source) -> list[tuple]:
+    """(where, caption) of a training source: a metadata file's rows, or the world's full captions."""
     if hasattr(source, "where"):
         return [(f"{source.metadata}: {w}", c) for w, c in zip(source.where, source.captions)]
-    return [(images.WORLD_SPEC, images.caption(*c)) for c in images.train_combos()]
+    return world_captions()
 
 
 def ref_tokenizer(recipe, ref: str | None, keys=None, seen=()):

@@ -290,11 +290,10 @@ def caption_word_problems(recipe, stage: str, keys, ref: str | None, captions: d
     if tokenizer is None:
         return []
     if stage == "diffusion" and ref:  # a pretrained word-level model: its training captions too
-        captions = {"dataset": [(images.WORLD_SPEC, images.caption(*c)) for c in images.train_combos()]
-                    if keys.dataset == images.WORLD_SPEC else image_captions.dataset_captions(
-                        keys.dataset, keys.caption_column), **captions}
+        captions = {"dataset": image_captions.world_captions() if keys.dataset == images.WORLD_SPEC
+                    else image_captions.dataset_captions(keys.dataset, keys.caption_column), **captions}
     elif stage == "diffusion_dpo" and keys.dataset == images.WORLD_SPEC:
-        captions = {"dataset": [(images.WORLD_SPEC, images.caption(*c)) for c in images.train_combos()], **captions}
+        captions = {"dataset": image_captions.world_captions(), **captions}
     for key, rows in captions.items():
         if problem := image_captions.caption_words_problem(tokenizer, rows):
             return [f"{stage}.{key}: {problem}"]
