@@ -68,17 +68,18 @@ def _rows_problem(spec, recipe, stage: str, key: str, keys, will_run) -> str | N
         data.CHECKS["eval_prompts"](rows, where, source)
         return None
     if stage == "ppo" and key == "prompts":
-        rows = preferences.prompt_rows(rename_columns(rows, columns, source, where), where, source, part_of)[0]
+        rows, places, _ = preferences.prompt_rows(rename_columns(rows, columns, source, where), where, source,
+                                                  part_of)
         _reward_reads(recipe, stage, keys, [r["prompt"] for r in rows], spec, will_run)
-        return _template_problem(recipe, stage, keys, rows, source, will_run)
+        return _template_problem(recipe, stage, keys, (rows, places), source, will_run)
     if stage in ("reward", "dpo"):
-        pairs = preferences.normalize_preferences(rename_columns(rows, columns, source, where), where, source,
-                                                  part_of)[0]
-        return _template_problem(recipe, stage, keys, pairs, source, will_run)
+        pairs, _, places = preferences.normalize_preferences(rename_columns(rows, columns, source, where), where,
+                                                             source, part_of)
+        return _template_problem(recipe, stage, keys, (pairs, places), source, will_run)
     if stage == "kto":
-        examples = unpaired.normalize_unpaired(rename_columns(rows, columns, source, where), where, source,
-                                               part_of)[0]
-        return _template_problem(recipe, stage, keys, examples, source, will_run)
+        examples, _, places = unpaired.normalize_unpaired(rename_columns(rows, columns, source, where), where,
+                                                          source, part_of)
+        return _template_problem(recipe, stage, keys, (examples, places), source, will_run)
     kind = {"pretrain": "text", "sft": "chat"}.get(stage, "prompts")
     if key == "perplexity_data":
         kind = "text" if "text" in rows[0] else "chat"
@@ -90,23 +91,24 @@ def _rows_problem(spec, recipe, stage: str, key: str, keys, will_run) -> str | N
     rows = data.CHECKS[kind](rows, where, source, **kw)
     if key == "prompts" and stage == "eval":
         _reward_reads(recipe, stage, keys, [r.get("prompt") for r in rows], spec, will_run)
-    return _template_problem(recipe, stage, keys, rows, source, will_run) if stage == "sft" else None
+    return _template_problem(recipe, stage, keys, (rows, where), source, will_run) if stage == "sft" else None
 
 
-def _template_problem(recipe, stage: str, keys, rows: list, source: str, will_run) -> str | None:
+def _template_problem(recipe, stage: str, keys, sampled: tuple, source: str, will_run) -> str | None:
     """The stage's own chat-template check (models.check_chat_template: a template that refuses a row, leaves out its
-    tools, or cannot mask assistant replies) on the sampled rows, with the tokenizer of the checkpoint the stage starts
-    from when it is on disk now and not planned to be trained again first (a new model's tokenizer: not yet)."""
+    tools, or cannot mask assistant replies) on the sampled rows (`sampled`: the rows and where each is from), with
+    the tokenizer of the checkpoint the stage starts from when it is on disk now and not planned to be trained again
+    first (a new model's tokenizer: not yet)."""
     from pipeline import models
 
     ref = keys.init_from
     cp = runs.resolve_checkpoint(recipe, ref, must_exist=False)
     if cp.path is None or cp.fingerprint is None or ref in will_run or not Path(cp.path).is_dir():
         return None
-    conversational = "messages" in rows[0]  # sft's assistant-only loss defaults to it, as the stage sets it
+    conversational = "messages" in sampled[0][0]  # sft's assistant-only loss defaults to it, as the stage sets it
     assistant_only = stage == "sft" and bool(recipe.section(stage).get("assistant_only_loss", conversational))
     try:
-        models.check_chat_template(models.load_tokenizer(recipe, cp), {source: rows}, assistant_only)
+        models.check_chat_template(models.load_tokenizer(recipe, cp), {source: sampled}, assistant_only)
     except PipelineError as err:
         return str(err)
     return None
@@ -290,6 +292,12 @@ def check_stage(recipe, stage: str, launch: cluster.Launch, device_memory: int |
         per_device = recipe.config_default(stage, "batch_size")
         lines.append(f"batch: {per_device} per process (this stage's own batch keys)")
         sequences = per_device * launch.num_processes
+    if shape is not None and "max_length" in fields:  # as the stage refuses it, from the config alone
+        from pipeline.generation import learned_positions_problem
+
+        max_length = recipe.config_default(stage, "max_length")
+        if problem := learned_positions_problem(shape.config, max_length, f"{stage}.max_length"):
+            errors.append(problem)
     # memory
     projection = None
     if shape is not None and per_device:

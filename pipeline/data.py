@@ -29,8 +29,8 @@ from pipeline.cli import PipelineError
 from pipeline.files import (file_kind, folder_fingerprint, names_a_local_file, read_file, read_files,
                             read_folder)
 from pipeline.fingerprints import hash_file, hash_folder, hash_obj
-from pipeline.formats import (answer_text, as_bool, bad_row, check_messages, detect_sft_format, expected_sft_columns,
-                              is_unpaired_preference, json_messages, to_sft_row, tools_json, tools_of)
+from pipeline.formats import (as_bool, bad_row, check_messages, detect_sft_format, expected_sft_columns,
+                              is_unpaired_preference, json_messages, prompt_cells, to_sft_row, tools_json, tools_of)
 
 # ---------------------------------------------------------------------------------------------- reading
 
@@ -196,10 +196,10 @@ def fingerprint(spec, recipe, images: bool = False, key: str | None = None) -> s
         parts, seed = mixture_parts(spec)
         return hash_obj({"parts": [(fingerprint(p.name, recipe, key=key), p.fraction, p.columns) for p in parts],
                          "seed": seed, "run_seed": recipe.run.seed})
-    if spec.startswith("world:"):
-        from pipeline.world import fingerprint_settings
+    if spec.startswith("world:"):  # the settings this split's rows are built from
+        from pipeline.world_splits import split_settings
 
-        return hash_obj({"world": fingerprint_settings(recipe.world), "split": spec})
+        return hash_obj({"world": split_settings(recipe.world, spec[6:]), "split": spec})
     path = Path(spec).expanduser()
     if path.is_file():
         if images:
@@ -214,7 +214,7 @@ def fingerprint(spec, recipe, images: bool = False, key: str | None = None) -> s
     if glob.has_magic(spec):
         return hash_obj([(p, hash_file(Path(p))) for p in sorted(glob.glob(str(path), recursive=True))
                          if Path(p).is_file()])
-    if names_a_local_file(spec) and not spec.startswith("images:"):  # away (unmounted): as a hub id, .partial goes
+    if names_a_local_file(spec):  # away (unmounted): as a hub id, .partial goes
         raise PipelineError(f"{key + ': ' if key else ''}dataset '{spec}': file not found")
     return hash_obj({"hub": spec})
 
@@ -294,9 +294,10 @@ FORMAT_COLUMNS = {"messages", "conversations", "instruction", "input", "output",
 CHECKS = {"text": _check_text, "chat": _check_chat, "prompts": _check_prompts}
 
 
-def load_with_info(spec, kind: str, recipe, columns: dict | None = None, text_split: str = "paragraph", **kw):
+def load_with_info(spec, kind: str, recipe, columns: dict | None = None, text_split="paragraph", places=False, **kw):
     """Read a dataset spec, map its columns (`columns`: {our name: the file's name}), check every row for `kind`,
-    and return a `datasets.Dataset` with what was read: {source, rows, format}."""
+    and return a `datasets.Dataset` with what was read: {source, rows, format} (`places`: and where each row is
+    from, for a check after loading: a list's files and their own rows)."""
     from pipeline.formats import rename_columns
 
     rows, where, source = read_rows(spec, recipe, text_split=text_split)
@@ -308,7 +309,7 @@ def load_with_info(spec, kind: str, recipe, columns: dict | None = None, text_sp
            "eval_prompts": lambda: "prompts"}[kind]()
     rows = CHECKS[kind](rows, where, source, **kw)
     ds = dataset_of(rows, source, where)
-    return ds, {"source": source, "rows": len(ds), "format": fmt}
+    return (ds, {"source": source, "rows": len(ds), "format": fmt}) + ((where,) if places else ())
 
 
 def dataset_of(rows: list[dict], source, where: list[str] | None = None):
@@ -391,11 +392,11 @@ def _check_eval_prompts(rows, where, source):
         if answer is not None:
             if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
                 bad_row(source, w, f"'answer' must be non-empty text or a number, got {answer!r}")
-            row["answer"] = answer_text(answer)
         if skill is not None and not isinstance(skill, str):
             bad_row(source, w, f"'skill' must be text, got {skill!r}")
         if isinstance(row.get("hard"), str):  # the world's difficulty, in a CSV as text
             row["hard"] = as_bool(row["hard"])
+        prompt_cells(row, source, w)
     return rows
 
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from pipeline import data, log, metrics as M, tool_world
 from pipeline.cli import PipelineError
-from pipeline.formats import as_messages, bad_row, json_cell, tools_of
+from pipeline.formats import as_messages, bad_row, tools_of
 from pipeline.generation import prompt_ids, same_tokenizer, token_logprobs, warn_past_context
 from pipeline.images import PROPERTIES
 from pipeline.reward_model import offered_tools
@@ -93,11 +93,9 @@ def plan(recipe, keys) -> ToolPlan:
     rows, where, source = data.read_rows(keys.tool_prompts, recipe)
     if keys.tool_max_prompts:
         rows, where = rows[:keys.tool_max_prompts], where[:keys.tool_max_prompts]
-    rows = data.CHECKS["eval_prompts"]([dict(r) for r in rows], where, source)
+    rows = data.CHECKS["eval_prompts"]([dict(r) for r in rows], where, source)  # a CSV's `expect`: its object
     for i, (row, w) in enumerate(zip(rows, where)):
         row["id"] = str(row.get("id") or f"tool-prompt-{i + 1}")
-        if isinstance(row.get("expect"), str):  # a CSV cell holds the object as JSON text
-            row["expect"] = json_cell(row["expect"], source, w, "'expect'")
         if isinstance(row.get("expect"), dict):
             row["expect"] = dict(row["expect"])  # normalised below; the world's rows are cached
         if (problem := expect_problem(row)):

@@ -20,9 +20,14 @@ FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow
 TABLES = ("parquet", "arrow")  # read memory-mapped in place, so never compressed
 
 
+BUILT_IN_SPECS = ("world:", "images:")  # the task world's splits (world_splits.py), the digit world (images.py)
+
+
 def names_a_local_file(spec: str) -> bool:
     """Whether a spec that is no file or folder here was meant as one (a path, or a data file's name) rather than a
-    hub dataset id (`org/name`)."""
+    hub dataset id (`org/name`) or a built-in dataset (`world:sft`, `images:digits`)."""
+    if spec.startswith(BUILT_IN_SPECS):
+        return False
     return spec.startswith((".", "/", "~")) or bool(file_kind(Path(spec))) or spec.count("/") != 1
 
 

@@ -194,6 +194,16 @@ def json_cell(value, source, where, what):
     return value
 
 
+def prompt_cells(row: dict, source, where) -> dict:
+    """A prompt row's cells that replies are checked against, read one way for ppo and eval (`row`, changed in
+    place): a number `answer` as its text (answer_text), a CSV's `expect` cell (JSON text) as its object."""
+    if row.get("answer") is not None:
+        row["answer"] = answer_text(row["answer"])
+    if isinstance(row.get("expect"), str):
+        row["expect"] = json_cell(row["expect"], source, where, "'expect'")
+    return row
+
+
 def tools_of(row: dict, source, where) -> list[dict] | None:
     """The row's tool schemas (a list, or a JSON string of one), each {name, parameters} or HF's
     {type: function, function: {...}}."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -58,9 +59,22 @@ class Reply:
     end_id: int | None = None  # the end-of-turn token it stopped with (one of stop_ids); None: the tokenizer's eos
 
 
+_TURN_ENDS = weakref.WeakKeyDictionary()  # tokenizer -> (what turn_end_id read of it, its answer)
+
+
 def turn_end_id(tokenizer) -> int:
     """The token the chat template closes an assistant turn with, where it is a special token (ChatML's <|im_end|>,
-    Gemma's <end_of_turn>, Phi-3's <|end|>: not their eos, which ends the text); else the tokenizer's eos."""
+    Gemma's <end_of_turn>, Phi-3's <|end|>: not their eos, which ends the text); else the tokenizer's eos. Rendered
+    once per tokenizer (stop_ids runs on every generate call and rollout step), again when its template, eos or
+    vocabulary changed."""
+    read = (tokenizer.chat_template, tokenizer.eos_token_id, len(tokenizer))
+    seen = _TURN_ENDS.get(tokenizer)
+    if seen is None or seen[0] != read:
+        seen = _TURN_ENDS[tokenizer] = read, _rendered_turn_end(tokenizer)
+    return seen[1]
+
+
+def _rendered_turn_end(tokenizer) -> int:
     try:
         marker = "\x00reply\x00"
         text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"},
@@ -106,8 +120,8 @@ def generate(model, tokenizer, prompts, *, max_new_tokens=64, batch_size=32, do_
     pad = eos[0] if pad is None else pad
     if engine is not None:
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        rows = engine.sample(ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                             top_p=top_p, n=num_samples)
+        rows = engine.sample(ids, stops=eos, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                             temperature=temperature, top_p=top_p, n=num_samples)
         return [[_reply(tokenizer, row, eos, pad) for row in rows[i * num_samples:(i + 1) * num_samples]]
                 for i in range(len(texts))]
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
@@ -254,12 +268,33 @@ def perplexity_sequences(tokenizer, rows, max_len: int | None) -> list[tuple[lis
 def context_length(model, tokenizer=None) -> int | None:
     """The positions a language model was built for (its config's, else the tokenizer's model_max_length where that
     says one); None where neither does."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if n := config_positions(model.config):
+        return n
+    n = getattr(tokenizer, "model_max_length", None)  # a tokenizer that says none has 1e30
+    return n if isinstance(n, int) and 0 < n < 10**9 else None
+
+
+def config_positions(config) -> int | None:
+    """The positions a model config says it was built for; None where it says none."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         if isinstance(n := getattr(config, name, None), int) and n > 0:
             return n
-    n = getattr(tokenizer, "model_max_length", None)  # a tokenizer that says none has 1e30
-    return n if isinstance(n, int) and 0 < n < 10**9 else None
+    return None
+
+
+def learned_positions_problem(config, max_length: int | None, key: str) -> str | None:
+    """Why a training stage cannot give this model rows of up to `max_length` tokens (`key`: TRL cuts rows there,
+    None cuts none): a model with a table of learned positions (GPT-2, OPT; GPT-J's fixed table too; no RoPE
+    parameters in its config) stops the first step with an IndexError on a longer row. A RoPE model runs on."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    positions = config_positions(config)
+    if positions is None or getattr(text, "rope_parameters", None) or (max_length and max_length <= positions):
+        return None
+    over = (f"({max_length}) is over the model's {positions}" if max_length else
+            f"is unset, so rows are not cut to the model's {positions}")
+    return (f"{key} {over} learned positions: a longer row stops training with an IndexError; set {key} to "
+            f"{positions} or less")
 
 
 def warn_past_context(model, tokenizer, lengths: list[int], reply_tokens: int, what: str) -> None:

@@ -81,9 +81,11 @@ def components(recipe, ref: str | None, section_cfg: dict, resolution: int, seen
             raise PipelineError(f"{recipe.path}: {stage}.unet.sample_size ({given!r}) differs from {stage}.resolution "
                                 f"({resolution}): a new model's UNet is built at resolution; set resolution only")
         if section_cfg.get("use_lora"):  # LoRA would train adapters over a random, frozen UNet and text encoder
-            raise PipelineError(f"{recipe.path}: {stage}.use_lora: a new model (no pretrained) starts random, and "
-                                f"LoRA freezes its UNet and text encoder; train it fully (use_lora false), or set "
-                                f"pretrained")
+            from pipeline.key_checks import source_of
+
+            raise PipelineError(f"{source_of(recipe, stage, 'use_lora')}: {stage}.use_lora: a new model (no "
+                                f"pretrained) starts random, and LoRA freezes its UNet and text encoder; train it "
+                                f"fully (use_lora false), or set pretrained")
         tcfg = {**images.DEFAULT_TEXT_ENCODER, **section_cfg.get("text_encoder", {})}
         t5 = built_from_config(lambda: T5Config(vocab_size=tokenizer_size, **tcfg),
                                f"{recipe.path}: {stage}.text_encoder")

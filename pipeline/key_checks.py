@@ -151,3 +151,12 @@ def check_value(section: str, key: str, value, src, config_class=None) -> None:
             if not any(importlib.util.find_spec(m) for m in TRACKERS[name]):
                 raise PipelineError(f"{src}: {section}.report_to: '{name}' is not installed "
                                     f"(pip install {TRACKERS[name][0]})")
+
+
+def source_of(recipe, section: str, *keys: str) -> str:
+    """Where a section's keys were set, for messages: the last override that set one of them (a key inside one too:
+    a.b.c=1), as `override 'sft.lora_r=0'`, else the recipe file."""
+    prefixes = tuple(f"{section}.{key}." for key in keys)
+    override = next((o for o in reversed(recipe.overrides) if (o.partition("=")[0].strip() + ".").startswith(prefixes)),
+                    None)
+    return f"override '{override}'" if override else str(recipe.path)

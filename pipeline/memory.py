@@ -98,6 +98,7 @@ class ModelShape:
     max_positions: int | None
     linear_params: int           # weights in Linear layers (what 4-bit quantization shrinks)
     lora_params_per_rank: dict   # target module name -> in+out features summed over layers
+    config: object = None        # the model's config, for --check's questions the numbers above do not answer
 
 
 def _architecture(recipe, ref: str | None, seen=()) -> tuple:
@@ -177,7 +178,7 @@ def model_shape(recipe, ref: str | None) -> ModelShape:
                 lora[short] = lora.get(short, 0) + module.in_features + module.out_features
     return ModelShape(source, getattr(config, "model_type", ""), params, hidden, intermediate, layers, heads, kv_heads * head_dim,
                       getattr(text, "vocab_size", 0) or 0, getattr(text, "max_position_embeddings", None),
-                      linear, lora)
+                      linear, lora, config)
 
 
 # ---------------------------------------------------------------------------------------------- memory

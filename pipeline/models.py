@@ -49,7 +49,7 @@ def load_tokenizer(recipe, checkpoint, corpus=None, as_saved: bool = False):
     if checkpoint.path is not None:
         source = checkpoint.path
         if is_adapter(source) and not (Path(source) / "tokenizer_config.json").is_file():
-            source = _adapter_base(source)
+            source = adapter_base(source)
         from pipeline import hub, integrity
 
         # a folder that is no model, or without its tokenizer files
@@ -94,12 +94,12 @@ def recipe_chat_template(recipe, tok):
 
 def check_chat_template(tokenizer, data: dict, assistant_only: bool = False) -> None:
     """One line (exit 2) before training when the tokenizer's own chat template cannot train on a dataset of the
-    stage (`data`: {source: rows}; pipeline.tokenizer.chat_template_problem says why)."""
+    stage (`data`: {source: rows, or (rows, where each is from)}; pipeline.tokenizer.chat_template_problem says why)."""
     from pipeline import tokenizer as tok_lib
 
-    for source, rows in data.items():
-        problem = rows is not None and tok_lib.chat_template_problem(tokenizer, rows, assistant_only)
-        if problem:
+    for source, given in data.items():
+        rows, places = given if isinstance(given, tuple) else (given, None)
+        if rows is not None and (problem := tok_lib.chat_template_problem(tokenizer, rows, assistant_only, places)):
             raise PipelineError(f"{source}: the tokenizer of {tokenizer.name_or_path}: {problem} "
                                 f"(tokenizer.chat_template: pipeline uses the pipeline's ChatML template)")
 
@@ -114,7 +114,7 @@ def check_tool_parser(tokenizer, where: str) -> None:
         raise PipelineError(f"{where}: {problem}")
 
 
-def _adapter_base(path) -> str:
+def adapter_base(path) -> str:
     """The model an adapter folder goes on. peft records its absolute path at training time; a stage folder's manifest
     records where the stage started relative to its run folder, which stays right when the run folder is moved or
     copied (a reward stage keeps its adapter in `adapter/`, its manifest one folder up). The manifest's answer wins
@@ -264,29 +264,32 @@ def check_peft(recipe) -> None:
     inside the stage with a traceback, as one line naming the key."""
     import importlib.util
 
+    from pipeline.key_checks import source_of
+
     for stage in recipe.stages:
-        values, where = recipe.peft_values(stage), f"{recipe.path}: {stage}"
+        values = recipe.peft_values(stage)
+        where = lambda *keys: f"{source_of(recipe, stage, *keys)}: {stage}"  # noqa: E731 (an override that set one)
         quant = [k for k in ("load_in_4bit", "load_in_8bit") if values.get(k)]
         if len(quant) == 2:
-            raise PipelineError(f"{where}.load_in_4bit and {stage}.load_in_8bit are both set: choose one")
+            raise PipelineError(f"{where(*quant)}.load_in_4bit and {stage}.load_in_8bit are both set: choose one")
         if quant and not values.get("use_peft"):
-            raise PipelineError(f"{where}.{quant[0]} needs {stage}.use_peft: true (a quantized model trains only "
-                                f"through LoRA adapters: QLoRA)")
+            raise PipelineError(f"{where(quant[0], 'use_peft')}.{quant[0]} needs {stage}.use_peft: true (a quantized "
+                                f"model trains only through LoRA adapters: QLoRA)")
         if quant and importlib.util.find_spec("bitsandbytes") is None:
-            raise PipelineError(f"{where}.{quant[0]} needs bitsandbytes, which is not installed "
+            raise PipelineError(f"{where(quant[0])}.{quant[0]} needs bitsandbytes, which is not installed "
                                 f"(pip install bitsandbytes)")
         if not values.get("use_peft"):
             continue
         from trl import ModelConfig
 
         if values.get("lora_r", ModelConfig.lora_r) < 1:  # absent: TRL's default
-            raise PipelineError(f"{where}.lora_r must be at least 1, got {values['lora_r']}")
+            raise PipelineError(f"{where('lora_r')}.lora_r must be at least 1, got {values['lora_r']}")
         if not 0 <= values.get("lora_dropout", 0.0) < 1:
-            raise PipelineError(f"{where}.lora_dropout must be in [0, 1), got {values['lora_dropout']}")
+            raise PipelineError(f"{where('lora_dropout')}.lora_dropout must be in [0, 1), got {values['lora_dropout']}")
         try:
             peft_config(values)
         except (ValueError, TypeError) as err:  # peft's LoraConfig checks (e.g. settings that exclude each other)
-            raise PipelineError(f"{where}: LoRA settings: {str(err).splitlines()[0]}") from None
+            raise PipelineError(f"{where(*values)}: LoRA settings: {str(err).splitlines()[0]}") from None
 
 
 def load_causal_lm(recipe, path: str, *, peft_values: dict | None = None, cls=None, revision=None, tokenizer=None,
@@ -332,7 +335,7 @@ def _merged_adapter(cls, path: str, load_kw: dict):
     from peft import PeftConfig, PeftModel
 
     config = PeftConfig.from_pretrained(path)
-    base_path = model_path(_adapter_base(path))
+    base_path = model_path(adapter_base(path))
     base = _merged_adapter(cls, base_path, load_kw) if is_adapter(base_path) else cls.from_pretrained(base_path,
                                                                                                        **load_kw)
     if (Path(path) / "tokenizer_config.json").is_file():  # the stage grew the embeddings to its tokenizer (chat

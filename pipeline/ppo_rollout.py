@@ -128,7 +128,7 @@ def sample_replies(policy, tokenizer, prompt_ids: list[list[int]], rows: list[in
     enc = tokenizer.pad({"input_ids": prompt_ids}, padding_side="left", return_tensors="pt").to(device)
     context_length = enc["input_ids"].shape[1]
     if engine is not None:
-        sampled = engine.sample(prompt_ids, max_new_tokens=cfg.max_new_tokens, do_sample=True,
+        sampled = engine.sample(prompt_ids, stops=stops, max_new_tokens=cfg.max_new_tokens, do_sample=True,
                                 temperature=cfg.temperature, top_p=cfg.top_p)
         width = max(1, max(map(len, sampled)))
         fill = stops[0] if pad is None else pad

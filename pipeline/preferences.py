@@ -14,8 +14,8 @@ from collections import Counter
 
 from pipeline import data, log
 from pipeline.cli import PipelineError
-from pipeline.formats import (answer_text, as_messages, bad_row, check_messages, check_tool_calls, finite_number,
-                              json_cell, json_messages, sharegpt_messages, tools_json, tools_of)
+from pipeline.formats import (as_messages, bad_row, check_messages, check_tool_calls, finite_number, json_messages,
+                              prompt_cells, sharegpt_messages, tools_json, tools_of)
 
 
 PREFERENCE_FORMATS = {
@@ -312,11 +312,8 @@ def prompt_rows(rows: list[dict], where: list[str], source, part_of: list[int] |
             row["prompt"] = as_messages(row["prompt"])
     keep = PROMPT_COLUMNS + (("chosen", "rejected") if pairs else ())
     out = [{c: row[c] for c in keep if c in row} for row in out]
-    for row, w in zip(out, places):  # as eval reads them: a number answer as its text, a CSV's `expect` its object
-        if row.get("answer") is not None:
-            row["answer"] = answer_text(row["answer"])
-        if isinstance(row.get("expect"), str):
-            row["expect"] = json_cell(row["expect"], source, w, "'expect'")
+    for row, w in zip(out, places):  # as eval reads them (data's eval_prompts check)
+        prompt_cells(row, source, w)
     return out, places, " + ".join(fmt)
 
 

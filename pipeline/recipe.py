@@ -19,7 +19,7 @@ import yaml
 
 from pipeline.cli import PipelineError
 from pipeline.files import text_of
-from pipeline.key_checks import check_value, long_name, unknown_key_hint
+from pipeline.key_checks import check_value, long_name, source_of, unknown_key_hint
 from pipeline.values import Mismatch, closest, coerce, field_types, type_name
 from pipeline.stages import PEFT_FIELDS, STAGES, TrainingKeys
 
@@ -261,11 +261,9 @@ class Recipe:
         if len(culprits) != 1:
             return f"{self.path}: section '{stage}': {message}"
         key = culprits[0]
-        override = next((o for o in reversed(self.overrides)
-                         if (o.partition("=")[0].strip() + ".").startswith(f"{stage}.{key}.")), None)
         named = f"{stage}.{message}" if message.startswith(f"{key} ") else None  # "max_steps must be ..."
-        if override:
-            return f"override '{override}': {named or message}"
+        if (source := source_of(self, stage, key)) != str(self.path):  # an override
+            return f"{source}: {named or message}"
         return f"{self.path}: {named or f'{stage}.{key}: {message}'}"
 
 

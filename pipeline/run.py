@@ -34,14 +34,15 @@ import time
 
 from pipeline import check, cli, cluster, cost, cost_check, locks, memory, preemption, runs, slurm
 from pipeline.recipe import load_recipe
-from pipeline.stages import STAGES
+from pipeline.stages import STAGES, tool_sources
 
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 COST_FILE = "cost.md"  # the run's cost table, written by the runner into the run folder
 
 
-def dependencies(recipe, stage: str) -> list[str]:
-    """Stages of this recipe that `stage` reads a checkpoint from (or its tools load)."""
+def dependencies(recipe, stage: str, planned=None) -> list[str]:
+    """Stages of this recipe that `stage` reads a checkpoint from (or its tools load), and those of `planned` (None:
+    of the recipe) it reads only once finished (its keys' `waits_for`: eval's `reward_model: auto`)."""
     keys = recipe.keys(stage)
     deps = []
     for f in dataclasses.fields(keys):
@@ -51,7 +52,9 @@ def dependencies(recipe, stage: str) -> list[str]:
             for v in [v for v in values if v]:  # a misspelt stage name: one line now, not after the other stages
                 runs.misspelt_stage(recipe, v, f"{stage}.{f.name}")
             deps += [v for v in values if v in recipe.stages and v != stage]
-    deps += [v for v in runs.tool_sources(recipe, stage).values() if v in recipe.stages and v != stage]
+    deps += [v for v in tool_sources(recipe, stage).values() if v in recipe.stages and v != stage]
+    if hasattr(keys, "waits_for"):
+        deps += [v for v in keys.waits_for(recipe) if v != stage and (planned is None or v in planned)]
     return deps
 
 
@@ -322,7 +325,9 @@ def main(argv):
             sys.exit(2)
         if args.check:
             sys.exit(1 if warnings else 0)
-        slurm.submit(recipe, steps, args.overrides, flags, lambda s: dependencies(recipe, s), dry_run=args.dry_run)
+        planned = [stage for stage, run, _ in steps if run]  # eval waits for a reward job only when it is submitted
+        slurm.submit(recipe, steps, args.overrides, flags, lambda s: dependencies(recipe, s, planned),
+                     dry_run=args.dry_run)
         return
 
     for stage in [stage for stage, run, _ in steps if run]:  # each stage's config checks before any stage starts

@@ -24,10 +24,10 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from pipeline import cost, faults, integrity, locks, log, preemption, safe_resume, threads, world
+from pipeline import cost, faults, integrity, locks, log, preemption, safe_resume, threads
 from pipeline.cli import PipelineError
 from pipeline.fingerprints import hash_file, hash_folder, hash_obj
-from pipeline.stages import STAGES, model_loading
+from pipeline.stages import STAGES, model_loading, tool_sources
 from pipeline.values import closest
 from pipeline.vllm_engine import uses_vllm
 
@@ -90,12 +90,7 @@ def resolve_checkpoint(recipe, ref: str | None, must_exist: bool = True, key: st
             return dataclasses.replace(cp, ref="model")
         if not m.config:
             raise PipelineError(f"{recipe.path}: the model section needs `name_or_path` or `config`")
-        tok = {k: v for k, v in dataclasses.asdict(recipe.tokenizer).items() if k != "chat_dataset"}
-        if recipe.tokenizer.chat_dataset:  # left out when unset, so runs from before the key keep their fingerprint
-            from pipeline import data
-
-            tok["chat_dataset"] = data.fingerprint(recipe.tokenizer.chat_dataset, recipe)
-        fp = hash_obj({"model": dataclasses.asdict(m), "tokenizer": tok})
+        fp = hash_obj({"model": dataclasses.asdict(m), "tokenizer": tokenizer_inputs(recipe)})
         return Checkpoint("model", None, fp, "config")
     if ref in recipe.stages or ref in STAGES:
         stage_dir = recipe.stage_dir(ref)
@@ -116,6 +111,22 @@ def resolve_checkpoint(recipe, ref: str | None, must_exist: bool = True, key: st
         return Checkpoint(ref, str(path.resolve()), hash_folder(path) if path.is_dir() else hash_file(path), "local")
     not_found(recipe, ref, key)
     return Checkpoint(ref, ref, hash_obj({"hub": ref, "revision": recipe.model.revision}), "hub")
+
+
+def tokenizer_inputs(recipe) -> dict:
+    """The tokenizer section as a new model's fingerprint sees it, with the contents of the corpus it trains on, the
+    chat data added (left out when unset, as before the key) or the folder it loads: a rewrite reruns the stages."""
+    from pipeline import data
+
+    tcfg, where = recipe.tokenizer, f"{recipe.path}: tokenizer"
+    out = {k: v for k, v in dataclasses.asdict(tcfg).items() if k != "chat_dataset"}
+    if tcfg.chat_dataset:
+        out["chat_dataset"] = data.fingerprint(tcfg.chat_dataset, recipe, key=f"{where}.chat_dataset")
+    if tcfg.train:
+        out["dataset_contents"] = data.fingerprint(tcfg.dataset, recipe, key=f"{where}.dataset")
+    elif tcfg.name_or_path and (folder := Path(tcfg.name_or_path).expanduser()).is_dir():
+        out["folder_contents"] = hash_folder(folder)
+    return out
 
 
 def not_found(recipe, ref: str, key: str) -> None:
@@ -170,8 +181,7 @@ def stage_inputs(recipe, stage: str, must_exist: bool = True) -> dict:
         elif ref == "checkpoints" and value:
             checkpoints[f.name] = [portable(recipe, resolve_checkpoint(recipe, v, must_exist, f"{stage}.{f.name}"))
                                    for v in value]
-        elif ref == "data" and value and not (f.name == "heldout_captions" and value == f.default):
-            # the world's held-out captions (the default) stay out: runs from before they counted stay up to date
+        elif ref == "data" and value and not (f.metadata.get("out_at_default") and value == f.default):
             fp = data.fingerprint(value, recipe, "diffusion" in stage, key=f"{recipe.path}: {stage}.{f.name}")
             datasets[f.name] = {"spec": value, "fingerprint": fp}
     for name, ref in tool_sources(recipe, stage).items():  # the folders the stage's tools load
@@ -185,22 +195,11 @@ def stage_inputs(recipe, stage: str, must_exist: bool = True) -> dict:
         settings["tools"] = dataclasses.asdict(recipe.tools)
     if uses_vllm(recipe, stage):  # hf: the settings as before the section existed
         settings["generation"] = dataclasses.asdict(recipe.generation)
-    if any(str(d["spec"]).startswith("world:") for d in datasets.values()):
-        settings["world"] = world.fingerprint_settings(recipe.world)
+    if (own := getattr(keys, "world_settings", None)) and (names := own(recipe)):  # its datasets' are in theirs
+        settings["world"] = {name: getattr(recipe.world, name) for name in names}
     if (loading := model_loading(recipe, stage)):
         settings["loading"] = loading
     return {"settings": settings, "checkpoints": checkpoints, "data": datasets}
-
-
-def tool_sources(recipe, stage: str) -> dict[str, str]:
-    """{input name: stage, folder or hub id} the recipe's tools load, for a stage that runs them (ppo, eval): the image
-    model and judge folders ("tools.draw_image": "diffusion"); ppo's image judge is its own key."""
-    if not (STAGES[stage].runs_tools and recipe.tools.tools):
-        return {}
-    from pipeline.tools import stage_sources
-
-    own_judge = "image_judge" in {f.name for f in dataclasses.fields(STAGES[stage].keys)}  # ppo: a key of its own
-    return {k: v for k, v in stage_sources(recipe.tools).items() if not (k == "image_judge" and own_judge)}
 
 
 def up_to_date(recipe, stage: str) -> tuple[bool, str]:

@@ -16,6 +16,7 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from pipeline import batching, cli, data, log, models, runs
+from pipeline.generation import learned_positions_problem
 from pipeline.heldout import heldout_comparison, heldout_rows
 from pipeline.recipe import load_recipe, stage_help
 from pipeline.stages import STAGES
@@ -78,11 +79,13 @@ def main(argv):
     keys = recipe.keys(STAGE)
     peft_values = recipe.peft_values(STAGE)
     with runs.StageRun(recipe, STAGE) as run:
-        train_ds, train_info = data.load_with_info(keys.dataset, "chat", recipe, columns=keys.columns)
+        train_ds, train_info, train_places = data.load_with_info(keys.dataset, "chat", recipe, columns=keys.columns,
+                                                                 places=True)  # the chat template check names them
         run.note_data("dataset", train_info)
         eval_ds = None
         if keys.eval_dataset:
-            eval_ds, eval_info = data.load_with_info(keys.eval_dataset, "chat", recipe, columns=keys.columns)
+            eval_ds, eval_info, eval_places = data.load_with_info(keys.eval_dataset, "chat", recipe,
+                                                                  columns=keys.columns, places=True)
             eval_ds = in_training_shape(eval_ds, train_ds, eval_info["source"],
                                         keys.eval_dataset == STAGES[STAGE].keys.eval_dataset)
             if eval_ds is not None:
@@ -90,6 +93,11 @@ def main(argv):
         data.warn_world_eval(recipe, STAGE, keys)
         heldout = heldout_rows(recipe, keys)
         conversational = "messages" in train_ds.column_names
+        if heldout is not None and not conversational and not isinstance(train_ds[0]["prompt"], list):
+            log.warning(f"{train_info['source']}: text prompt/completion rows train on their plain text, but the "
+                        f"held-out scoring (sft.heldout_prompts) asks each prompt as a chat user turn, as eval does: "
+                        f"its accuracies measure a format this stage did not train; write the rows as conversations, "
+                        f"or set sft.heldout_prompts empty")
         fixed = {"output_dir": str(run.out)}
         if "assistant_only_loss" not in recipe.section(STAGE):
             fixed["assistant_only_loss"] = conversational
@@ -105,10 +113,14 @@ def main(argv):
         SFTTrainer = batching.length_grouped(TRLSFTTrainer)  # group_by_length: batches shuffled, tokens weighed alike
 
         tokenizer = models.load_tokenizer(recipe, init)
-        models.check_chat_template(tokenizer, {train_info["source"]: train_ds, **({eval_info["source"]: eval_ds}
-                                   if eval_ds is not None else {})}, assistant_only=args.assistant_only_loss)
+        models.check_chat_template(tokenizer, {train_info["source"]: (train_ds, train_places),
+                                               **({eval_info["source"]: (eval_ds, eval_places)}
+                                                  if eval_ds is not None else {})},
+                                   assistant_only=args.assistant_only_loss)
         model = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision,
                                       tokenizer=tokenizer)
+        if problem := learned_positions_problem(model.config, args.max_length, f"{STAGE}.max_length"):
+            raise cli.PipelineError(f"{recipe.path}: {problem}")
         models.configure_generation(model, tokenizer)
 
         def keep_training_columns(ds):

@@ -6,20 +6,25 @@ train with adapters, TRL's `ModelConfig` LoRA/quantization fields. A new stage p
 
 Pipeline-key metadata: `ref="checkpoint"` marks a key naming a model (a stage of the recipe, `model`, a path or a
 hub id): the runner orders stages by it. `ref="data"` marks a dataset spec (`world:<split>`, a local file or folder,
-or a hub id): its fingerprint enters the stage's manifest.
+or a hub id): its fingerprint enters the stage's manifest (a `world:` split's covers the world settings its rows are
+built from); `out_at_default` leaves a key added later out of it at its default. A keys class may have
+`world_settings(recipe)`: the world settings the stage reads itself (its annotator's), and `waits_for(recipe)`: stages
+it reads only once finished, which the runner finishes first when it runs them too.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
 
-def key(default, help: str, ref: str | None = None, **kw):
+def key(default, help: str, ref: str | None = None, out_at_default: bool = False, **kw):
     meta = {"help": help}
     if ref:
         meta["ref"] = ref
+    if out_at_default:  # a key added later: at its default it stays out of the fingerprint, so runs stay up to date
+        meta["out_at_default"] = True
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -118,6 +123,10 @@ class DPOKeys(HeldoutKeys):
         elif self.round_reward_model == "auto":
             self.round_reward_model = "reward" if "reward" in recipe.stages else None
 
+    def world_settings(self, recipe) -> tuple[str, ...]:
+        """World settings the stage reads itself, beside those of its world datasets: the annotator's label noise."""
+        return ("label_noise",) if self.rounds > 1 and self.round_labeller == "annotator" else ()
+
 
 @dataclass
 class KTOKeys(HeldoutKeys):
@@ -201,6 +210,10 @@ class PPOKeys(HeldoutKeys):
 
         self.image_judge = stage_sources(recipe.tools, self.image_judge).get("image_judge")
 
+    def world_settings(self, recipe) -> tuple[str, ...]:
+        """World settings the stage reads itself: the annotator of its reward rounds labels with the label noise."""
+        return ("label_noise",) if recipe.config_default("ppo", "reward_rounds") > 1 else ()
+
 
 NON_POLICY_STAGES = ("reward", "eval", "diffusion", "diffusion_dpo")  # stages whose output is not a causal LM
 
@@ -263,7 +276,7 @@ class EvalKeys:
         if not self.reference:
             self.reference = self.baseline
         if self.reward_model == "auto":  # with checkpoints named by hand, only a reward stage that has finished
-            finished = (recipe.stage_dir("reward") / "manifest.json").is_file()
+            finished = (recipe.stage_dir("reward") / "manifest.json").is_file()  # (or, see waits_for, will have)
             self.reward_model = "reward" if "reward" in recipe.stages and (finished or not given) else None
         if not self.perplexity_data:
             self.perplexity_data = None
@@ -271,6 +284,12 @@ class EvalKeys:
             self.tool_prompts = "world:tool_eval" if recipe.tools.tools else None
         elif not self.tool_prompts:
             self.tool_prompts = None
+
+    def waits_for(self, recipe) -> list[str]:
+        """Stages the runner finishes first when it runs them too, though this one reads them only once finished:
+        `reward_model: auto` with checkpoints named by hand takes the recipe's reward stage when it has finished."""
+        auto = recipe.section("eval").get("reward_model", "auto") == "auto"
+        return ["reward"] if auto and "reward" in recipe.stages else []
 
 
 @dataclass
@@ -291,7 +310,7 @@ class ImageHeldoutKeys:
     heldout_captions: str | None = key("images:digits", "captions drawn at the end and scored by the image judge: "
                                                         "`images:digits` (the world's 20 held-out captions) or a "
                                                         "file of `caption` rows in the world's words; empty: skip",
-                                       ref="data")
+                                       ref="data", out_at_default=True)
     heldout_samples: int = key(16, "images drawn per held-out caption")
     sample_steps: int = key(20, "sampler steps per image at the end (and for DPO's candidates unless "
                                 "`candidate_steps` is set)")
@@ -377,6 +396,17 @@ STAGES: dict[str, StageSpec] = {
                                "pipeline.diffusion_config:DiffusionDPOConfig", DiffusionDPOKeys,
                                check="pipeline.image_check:check_image_stage"),
 }
+
+
+def tool_sources(recipe, stage: str) -> dict[str, str]:
+    """{input name: stage, folder or hub id} the recipe's tools load, for a stage that runs them (ppo, eval): the image
+    model and judge folders ("tools.draw_image": "diffusion"); ppo's image judge is its own key."""
+    if not (STAGES[stage].runs_tools and recipe.tools.tools):
+        return {}
+    from pipeline.tools import stage_sources
+
+    own_judge = "image_judge" in {f.name for f in fields(STAGES[stage].keys)}  # ppo: a key of its own
+    return {k: v for k, v in stage_sources(recipe.tools).items() if not (k == "image_judge" and own_judge)}
 
 
 def model_loading(recipe, stage: str) -> dict:

@@ -201,12 +201,19 @@ def has_generation_block(chat_template: str | dict | None) -> bool:
     return re.search(r"\{%-?\s*generation\s*-?%\}", chat_template) is not None
 
 
+# End-of-text tokens that separate documents: ours (GPT-2's, Qwen's), Llama 3's, Gemma's, Llama 2's and Mistral's.
+END_OF_TEXT = (DOC_SEP, "<|end_of_text|>", "<eos>", "</s>")
+
+
 def doc_sep_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    """Id of ``DOC_SEP`` (``<|endoftext|>``); falls back to ``eos_token_id`` if the tokenizer lacks it."""
-    tok_id = tokenizer.convert_tokens_to_ids(DOC_SEP)
-    if tok_id is None or (tokenizer.unk_token_id is not None and tok_id == tokenizer.unk_token_id):
-        return tokenizer.eos_token_id
-    return tok_id
+    """Id of the token that separates packed documents: the tokenizer's end-of-text token (END_OF_TEXT), never the
+    chat turn end that its eos may be (Llama 3 Instruct's ``<|eot_id|>``, Gemma's ``<end_of_turn>``, ours after
+    apply_chat_format); without one the bos token (documents start with it), else the eos."""
+    added = tokenizer.added_tokens_encoder  # special tokens, never a merge that happens to read the same
+    for token in END_OF_TEXT:
+        if token in added:
+            return added[token]
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
 def _batched(texts: Iterable[str], batch_size: int = 1000) -> Iterator[list[str]]:
@@ -387,10 +394,12 @@ def _conversations(row) -> list[list[dict]]:
     return [prompt + reply for reply in replies] or [prompt]
 
 
-def chat_template_problem(tokenizer: PreTrainedTokenizerBase, rows, assistant_only: bool = False) -> str | None:
+def chat_template_problem(tokenizer: PreTrainedTokenizerBase, rows, assistant_only: bool = False,
+                          places: list[str] | None = None) -> str | None:
     """Why a template that is not ours cannot train on `rows` (messages, prompt/completion or preference rows, as
     pipeline.data loads them), or None: no template; a row it raises on (Mistral's and Gemma's refuse a system
-    message or turns that do not alternate), by index; a first tool row whose tool schemas or calls it leaves out
+    message or turns that do not alternate), by its place (`places`: where each row is from, e.g. `b.jsonl line 2`
+    of a list of files; else its index, from 1); a first tool row whose tool schemas or calls it leaves out
     (a template without tool support trains on replies with the calls missing); for assistant-only loss, no
     `{% generation %}` markers and no training version of it in TRL. Our own template renders every row."""
     from jinja2 import TemplateError
@@ -403,19 +412,19 @@ def chat_template_problem(tokenizer: PreTrainedTokenizerBase, rows, assistant_on
         return ("its chat template has no {% generation %} markers around assistant replies and TRL has no "
                 "training version of it, so assistant-only loss cannot find the replies")
     tool_checked = False
-    for i, row in enumerate(rows, 1):  # rows counted from 1, as every data error counts them
-        tools = _tools(row)
+    for i, row in enumerate(rows, 1):
+        tools, place = _tools(row), places[i - 1] if places else f"row {i}"
         for messages in _conversations(row):
             try:
                 text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
             except TemplateError as err:
-                return f"row {i}: its chat template refuses the row: {err}"
+                return f"{place}: its chat template refuses the row: {err}"
             calls = [(c.get("function") or c).get("name") for m in messages for c in m.get("tool_calls") or []]
             names = [(t.get("function") or t).get("name") for t in tools or []]
             if (calls or names) and not tool_checked:
                 tool_checked = True
                 left_out = [n for n in calls + names if n and n not in text]
                 if left_out:
-                    return (f"row {i}: its chat template leaves out the row's tools or tool calls "
+                    return (f"{place}: its chat template leaves out the row's tools or tool calls "
                             f"({', '.join(dict.fromkeys(left_out))}): it has no tool support")
     return None

@@ -154,7 +154,7 @@ def generate_with_tools(policy, tokenizer, prompts_ids: list[list[int]], message
             contexts = [list(prompts_ids[i]) + reply[i] for i in active]
             turn_tokens = min(max_new_tokens, max(room.values()))
             if engine is not None:
-                new_rows = engine.sample(contexts, max_new_tokens=turn_tokens, do_sample=do_sample,
+                new_rows = engine.sample(contexts, stops=stops, max_new_tokens=turn_tokens, do_sample=do_sample,
                                          temperature=temperature, top_p=top_p)
             else:
                 ids, att = left_pad(contexts, pad, device)

@@ -94,6 +94,23 @@ def within_prompt_length(prompts, tokenizer, cfg, spec: str, tools: bool, num_pr
     return prompts if len(keep) == len(prompts) else prompts.select(keep)
 
 
+def policy_context(recipe, path: str, tokenizer) -> int | None:
+    """generation.context_length of the policy at `path` (an adapter: its base's) from its config alone, so the
+    prompts are checked before its weights load. None where the config cannot be read: loading the model says why."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    path, revision = models.model_path(path), recipe.model.revision
+    while models.is_adapter(path):
+        path, revision = models.model_path(models.adapter_base(path)), None  # as load_causal_lm finds its base
+    try:
+        config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=recipe.model.trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    return context_length(SimpleNamespace(config=config), tokenizer)
+
+
 def history_of(log_history: list[dict]) -> list[dict]:
     """TRL's log entries of steps that generated (with num_iterations > 1 the others reuse their replies), in ppo's
     names."""
@@ -231,14 +248,15 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
     args, funcs = trl_config(recipe, cfg, str(run.out), tools=env is not None)
 
     tokenizer = tokenizer or models.load_tokenizer(recipe, init)  # the stage's, if it checked one
-    model = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision,
-                                  tokenizer=tokenizer)
     prompts = within_prompt_length(prompts, tokenizer, cfg, keys.prompts, env is not None,
                                    PartialState().num_processes, args.max_completion_length,
-                                   context_length(model, tokenizer))
+                                   policy_context(recipe, init.path, tokenizer))  # before the weights load
+    model = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision,
+                                  tokenizer=tokenizer)
     if len(prompts) and isinstance(prompts[0]["prompt"], str):  # the policy sees a user turn, as in our PPO and eval
         prompts = prompts.map(lambda row: {"prompt": as_messages(row["prompt"]), TEXT_PROMPT: row["prompt"]})
-    models.configure_generation(model, tokenizer)
+    models.configure_generation(model, tokenizer)  # before the trainer: TRL reads its stop list (rollouts, loss
+    # mask) from the generation_config when it is built
     reward_model = load_scorer(recipe, reward_checkpoints, "cpu", cfg.ensemble_objective, cfg.uncertainty_penalty)
     stops = stop_ids(tokenizer, model)  # what TRL's generate stops at: configure_generation gave the model the list
 

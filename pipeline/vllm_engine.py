@@ -6,6 +6,8 @@ that process's GPU, loaded once from the first model's folder; `use(model)` push
 before every checkpoint. `sample` is the one primitive the callers need: token ids in, sampled token ids out, each
 completion ending with the end-of-turn token when it stopped there, which is what the `hf` paths produce once their
 padding is stripped (pipeline/generation.py, ppo_rollout.py, tool_rollout.py build their outputs from it the same way).
+Each call names the tokens it stops at (the caller's generation.stop_ids, the ones it reads replies with): the
+engine keeps none of its own, as eval loads checkpoints with other templates into it.
 
 The log-probabilities PPO trains on are still computed by the training model (ppo_rollout.reply_logits): vLLM only
 chooses the tokens, so its kernels' small numeric differences make the rollout slightly off-policy, as in TRL.
@@ -111,18 +113,14 @@ class Engine:
             from accelerate import Accelerator
 
             accelerator = Accelerator()
-        from pipeline.generation import stop_ids
-
         gen = recipe.generation
-        stops = stop_ids(tokenizer, model)  # the checkpoint it is built from; use() loads weights of the same kind
         self.architecture = _architecture(model)
         self.trl = VLLMGeneration(
             model=model, accelerator=accelerator, processing_class=tokenizer, mode="colocate",
             tensor_parallel_size=gen.vllm_tensor_parallel_size,
             gpu_memory_utilization=gen.vllm_gpu_memory_utilization,
             max_model_length=gen.vllm_max_model_length, enable_sleep_mode=gen.vllm_enable_sleep_mode,
-            trust_remote_code=recipe.model.trust_remote_code, logprobs=None,
-            generation_kwargs={"stop_token_ids": stops})
+            trust_remote_code=recipe.model.trust_remote_code, logprobs=None)
         self.built_from = model.name_or_path
         log.info(f"vLLM engine from {self.built_from} (colocated, gpu_memory_utilization "
                  f"{gen.vllm_gpu_memory_utilization})")
@@ -139,12 +137,13 @@ class Engine:
         """Drop the reference to the last model (eval: the checkpoint is done, its memory can go)."""
         self.trl.model = None
 
-    def sample(self, prompt_ids: list[list[int]], *, max_new_tokens: int, do_sample: bool, temperature: float = 1.0,
-               top_p: float = 1.0, n: int = 1) -> list[list[int]]:
+    def sample(self, prompt_ids: list[list[int]], *, stops: list[int], max_new_tokens: int, do_sample: bool,
+               temperature: float = 1.0, top_p: float = 1.0, n: int = 1) -> list[list[int]]:
         """`n` completions per prompt (prompt-major: prompt 0's n, then prompt 1's), each its sampled token ids up to
-        and including the end-of-turn token where it stopped there, at most `max_new_tokens`. Greedy without
-        `do_sample`."""
+        and including the first of `stops` (generation.stop_ids of the model now loaded) where it stopped there, at
+        most `max_new_tokens`. Greedy without `do_sample`."""
         trl = self.trl
+        trl.generation_kwargs = {**trl.generation_kwargs, "stop_token_ids": list(stops)}  # vLLM's SamplingParams
         trl.temperature = temperature if do_sample else 0.0  # vLLM: temperature 0 is greedy
         trl.top_p = top_p if do_sample else 1.0
         trl.top_k = 0

@@ -59,7 +59,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 SKILLS = ("add", "compare", "reverse", "sort", "count")
@@ -155,13 +155,6 @@ class WorldConfig:
     n_tool_eval: int = 150                  # held-out tool tasks in `tool_eval` (unique tasks, ~equal per kind)
     tool_demo_error_rate: float = 0.7       # share of hard draw / draw_sum tasks where the demonstrator errs
     tool_demo_guess_rate: float = 0.6       # share of read tasks the demonstrator answers without calling read_image
-
-
-def fingerprint_settings(cfg: WorldConfig) -> dict:
-    """The config as stage fingerprints see it: the tool fields (which came later) only where a recipe sets them, so
-    the fingerprints, and the finished stages, of recipes that never set them stay as they were."""
-    defaults = WorldConfig()
-    return {k: v for k, v in asdict(cfg).items() if "tool" not in k or v != getattr(defaults, k)}
 
 
 # ----------------------------------------------------------------------------------------------------- problems

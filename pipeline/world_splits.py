@@ -179,6 +179,29 @@ def build_split(cfg: WorldConfig, split: str) -> list[dict]:
     return _eval(cfg, rng)
 
 
+# The config fields each split's rows are built from (what build_split reads for it; a test checks this table
+# against the rows). A `world:` dataset's fingerprint covers these only: label_noise reruns no pretraining.
+_TEXT, _PAIRS = ("seed", "skills"), ("pref_hard_share", "label_noise")
+_DEMO = ("demo_hard_error_rate", "demo_easy_error_rate", "demo_rude_rate", "demo_verbose_rate", "system_prompt_rate")
+_TOOL_DEMO = ("seed", "tool_demo_error_rate", "tool_demo_guess_rate")
+SPLIT_SETTINGS = {
+    "pretrain": (*_TEXT, "n_pretrain_docs"), "eval": (*_TEXT, "n_eval"),
+    "sft": (*_TEXT, *_DEMO, "n_sft"), "sft_eval": (*_TEXT, *_DEMO, "n_sft_eval"),
+    "preference": (*_TEXT, *_PAIRS, "pref_correctness_share", "n_preference"),
+    "preference_eval": (*_TEXT, *_PAIRS, "pref_correctness_share", "n_preference_eval"),
+    "tool_sft": (*_TOOL_DEMO, "n_tool_sft"), "tool_sft_eval": (*_TOOL_DEMO, "n_tool_sft_eval"),
+    "tool_preference": ("seed", *_PAIRS, "n_tool_preference"),
+    "tool_preference_eval": ("seed", *_PAIRS, "n_tool_preference_eval"),
+    "tool_eval": ("seed", "n_tool_eval"),
+}
+
+
+def split_settings(cfg: WorldConfig, split: str) -> dict:
+    """The config values a split's rows depend on (SPLIT_SETTINGS), as its dataset fingerprint records them; none for
+    an unknown split (reading it stops the stage in one line)."""
+    return {name: getattr(cfg, name) for name in SPLIT_SETTINGS.get(split, ())}
+
+
 def split_stats(cfg: WorldConfig, split: str, rows: list[dict] | None = None) -> dict:
     """Row count, rows per skill, and the shares of hard / correct / clean-label rows where the split has them."""
     rows = build_split(cfg, split) if rows is None else rows

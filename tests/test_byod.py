@@ -201,6 +201,20 @@ def test_held_out_rows_of_another_kind_are_scored_with_the_loss_trained(tiny_run
     assert "eval_loss" not in json.loads((tmp_path / "runs/tiny/sft/metrics.json").read_text())
 
 
+def test_text_rows_beside_held_out_scoring_are_said(tiny_run, tmp_path):
+    """Text prompt/completion rows train on their plain text, while the held-out scoring asks each prompt as a chat
+    user turn (as eval does): its accuracies were reported without a word about the format the stage trained."""
+    work, _, _ = tiny_run
+    spec = write_jsonl(tmp_path / "text.jsonl", [{"prompt": "What is 2 + 2?", "completion": " 4."}] * 4)
+    recipe = tiny_recipe(tmp_path, pretrain=None, sft={**SHORT, "init_from": str(work / "runs/tiny/pretrain"),
+                                                       "dataset": spec, "max_steps": 1, "heldout_prompts": "world:eval",
+                                                       "heldout_max_prompts": 2, "heldout_max_new_tokens": 2})
+    proc = run_cli(["pipeline/sft.py", recipe], cwd=tmp_path, env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{spec}: text prompt/completion rows train on their plain text, but the held-out scoring " \
+           f"(sft.heldout_prompts) asks each prompt as a chat user turn" in proc.stdout + proc.stderr
+
+
 def test_blocks_longer_than_the_models_positions_stop_in_one_line(tmp_path):
     """A GPT-2 style model (learned positions, n_positions 64) with block_size 128 crashed in its first step with an
     IndexError, a .partial left behind."""
@@ -211,6 +225,34 @@ def test_blocks_longer_than_the_models_positions_stop_in_one_line(tmp_path):
     assert one_error_line(proc) == f"error: {recipe}: pretrain.block_size (128) is over the model's 64 positions: " \
                                    f"lower it, or build the model with more"
     assert not (tmp_path / "runs/tiny/pretrain.partial").exists()
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo", "reward", "kto"])
+def test_a_max_length_over_learned_positions_stops_in_one_line(tmp_path, stage):
+    """A GPT-2 style model (learned positions, n_positions 64) under a max_length of 128 (TRL's default 1024 for the
+    preference stages) crashed in its first step with an IndexError, a .partial left behind."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pipeline.tokenizer import train_tokenizer
+
+    folder = str(tmp_path / "gpt2")
+    tokenizer = train_tokenizer([f"What is {i} + {i}? The answer is {2 * i}." for i in range(50)], vocab_size=300)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64,
+                               pad_token_id=tokenizer.pad_token_id)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    recipe = tiny_recipe(tmp_path, pretrain=None, tokenizer=None, model={"config": None, "name_or_path": folder},
+                         **{stage: {"init_from": "model", "max_steps": 1, "use_cpu": True}})
+    proc = run_cli([f"pipeline/{stage}.py", recipe], cwd=tmp_path, env=ONE_THREAD)
+    given = 128 if stage == "sft" else 1024
+    assert one_error_line(proc) == f"error: {recipe}: {stage}.max_length ({given}) is over the model's 64 learned " \
+                                   f"positions: a longer row stops training with an IndexError; set " \
+                                   f"{stage}.max_length to 64 or less"
+    assert not list((tmp_path / "runs/tiny").glob("*.partial"))
+    if stage == "dpo":  # --check says it from the model's config (the tiny recipe has an sft section too)
+        check = run_cli(["pipeline/run.py", recipe, "--check"], cwd=tmp_path, env=ONE_THREAD)
+        assert check.returncode == 2
+        assert "error: sft.max_length (128) is over the model's 64 learned positions" in check.stdout
+        assert "error: dpo.max_length (1024) is over the model's 64 learned positions" in check.stdout
 
 
 def test_packed_rows_over_max_length_are_counted_and_said(tiny_run, tmp_path):
@@ -432,30 +474,40 @@ MISTRAL_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if (message[
 
 def test_a_users_chat_template_that_cannot_train_on_the_data_stops_in_one_line(tmp_path):
     """`tokenizer.chat_template: own` keeps a user's template: one that raises on a row (Mistral's on a system
-    message) or has no assistant markers TRL can patch stops the stage before training, naming the row."""
+    message) or has no assistant markers TRL can patch stops the stage before training, naming the row: in a list
+    of files, the file and its own line (row 4 of the files together before)."""
     folder = user_model(tmp_path / "mistral", template=MISTRAL_TEMPLATE)
     chats = [{"messages": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]},
              {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                            {"role": "assistant", "content": "Hi."}]}]
-    spec = write_jsonl(tmp_path / "chats.jsonl", chats)
+    first, second = write_jsonl(tmp_path / "ok.jsonl", chats[:1] * 2), write_jsonl(tmp_path / "chats.jsonl", chats)
+    pair = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hi."}],
+            "rejected": [{"role": "assistant", "content": "No."}]}
+    pairs = [write_jsonl(tmp_path / "p.jsonl", [pair]), write_jsonl(tmp_path / "q.jsonl", [
+        pair, {**pair, "prompt": [{"role": "system", "content": "Be brief."}, *pair["prompt"]]}])]
     recipe = tiny_recipe(tmp_path, pretrain=None, tokenizer={"train": False, "chat_template": "own"},
-                         model={"config": None, "name_or_path": folder}, sft={**SHORT, "dataset": spec})
+                         model={"config": None, "name_or_path": folder}, sft={**SHORT, "dataset": [first, second]},
+                         dpo={"init_from": "model", "dataset": pairs})
     proc = run_cli(["pipeline/sft.py", recipe, "sft.assistant_only_loss=false"], cwd=tmp_path, env=ONE_THREAD)
-    assert one_error_line(proc) == (f"error: {spec}: the tokenizer of {folder}: row 2: its chat template refuses "
-                                    f"the row: Conversation roles must alternate user/assistant/user/assistant/... "
-                                    f"(tokenizer.chat_template: pipeline uses the pipeline's ChatML template)")
+    assert one_error_line(proc) == (f"error: {first} + {second}: the tokenizer of {folder}: {second} line 2: its chat "
+                                    f"template refuses the row: Conversation roles must alternate user/assistant/user/"
+                                    f"assistant/... (tokenizer.chat_template: pipeline uses the pipeline's ChatML "
+                                    f"template)")
     assert not (tmp_path / "runs").exists()
     check = run_cli(["pipeline/run.py", recipe, "--check", "sft.assistant_only_loss=false"], cwd=tmp_path,
                     env=ONE_THREAD)  # --check finds it too, on the rows it samples, from the tokenizer alone
-    assert check.returncode == 2 and f"sft.dataset: {spec}: the tokenizer of {folder}: row 2: its chat template " \
-                                      f"refuses the row: Conversation roles must alternate" in check.stdout
+    assert check.returncode == 2 and f"sft.dataset: {first} + {second}: the tokenizer of {folder}: {second} line 2: " \
+                                      f"its chat template refuses the row: Conversation roles must alternate" \
+                                      in check.stdout
+    assert f"dpo.dataset: {pairs[0]} + {pairs[1]}: the tokenizer of {folder}: {pairs[1]} line 2: its chat template " \
+           f"refuses the row" in check.stdout  # the pairs' own places too
     assert not (tmp_path / "runs").exists()
     from pipeline import models
     from pipeline.cli import PipelineError
     from transformers import AutoTokenizer
 
     with pytest.raises(PipelineError, match="no {% generation %} markers .* TRL has no training version"):
-        models.check_chat_template(AutoTokenizer.from_pretrained(folder), {spec: chats[:1]}, assistant_only=True)
+        models.check_chat_template(AutoTokenizer.from_pretrained(folder), {second: chats[:1]}, assistant_only=True)
 
 
 def test_a_model_folder_without_a_model_or_its_tokenizer_stops_in_one_line(tmp_path):

@@ -1064,6 +1064,18 @@ def gemma_like(eos_list: bool):
     return model, tok
 
 
+def test_the_end_of_turn_is_read_from_the_template_once_per_tokenizer_until_the_template_changes(monkeypatch):
+    """stop_ids runs on every generate call and every rollout step: it rendered the chat template each time."""
+    from pipeline.generation import stop_ids
+
+    model, tok = gemma_like(eos_list=False)
+    renders, render = [], type(tok).apply_chat_template
+    monkeypatch.setattr(type(tok), "apply_chat_template", lambda *a, **kw: renders.append(1) or render(*a, **kw))
+    assert [stop_ids(tok, model) for _ in range(3)] == [[1, 0]] * 3 and len(renders) == 1
+    tok.chat_template = tok.chat_template.replace("<end_of_turn>", "<eos>")  # a turn now ends with the eos
+    assert stop_ids(tok, model) == [1] and len(renders) == 2
+
+
 @pytest.mark.parametrize("eos_list", [True, False])
 def test_replies_stop_at_the_templates_end_of_turn_when_it_is_not_the_eos(eos_list):
     """Gemma's and Phi-3's turns end with a token that is not their tokenizer's eos. Generation stopped at the eos

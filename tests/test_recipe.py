@@ -1,6 +1,7 @@
 import re
 
 import pytest
+import yaml
 from trl import SFTConfig
 
 from pipeline.cli import PipelineError
@@ -141,17 +142,44 @@ def test_peft_keys_route_to_model_config():
     assert "use_peft" not in recipe.trainer_config("sft", output_dir="/tmp/x").to_dict()
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["sft.use_peft=true", "sft.lora_r=0"], "sft.lora_r must be at least 1, got 0"),
-    (["dpo.use_peft=true", "dpo.lora_dropout=1.5"], r"dpo.lora_dropout must be in \[0, 1\), got 1.5"),
-    (["reward.load_in_4bit=true"], "reward.load_in_4bit needs reward.use_peft: true"),
-    (["sft.use_peft=true", "sft.load_in_4bit=true", "sft.load_in_8bit=true"],
+@pytest.mark.parametrize("overrides,culprit,message", [
+    (["sft.use_peft=true", "sft.lora_r=0"], "sft.lora_r=0", "sft.lora_r must be at least 1, got 0"),
+    (["dpo.use_peft=true", "dpo.lora_dropout=1.5"], "dpo.lora_dropout=1.5",
+     r"dpo.lora_dropout must be in \[0, 1\), got 1.5"),
+    (["reward.load_in_4bit=true"], "reward.load_in_4bit=true", "reward.load_in_4bit needs reward.use_peft: true"),
+    (["sft.use_peft=true", "sft.load_in_4bit=true", "sft.load_in_8bit=true"], "sft.load_in_8bit=true",
      "sft.load_in_4bit and sft.load_in_8bit are both set"),
+    (["sft.use_peft=true", "sft.lora_task_type=bogus"], "sft.lora_task_type=bogus",
+     "sft: LoRA settings: Invalid task type: 'bogus'"),
 ])
-def test_bad_lora_and_quantization_values_stop_when_the_recipe_loads(overrides, message):
-    # peft, TRL and transformers raised these inside the stage, after the run folder was made, with a traceback
-    with pytest.raises(PipelineError, match=f"small.yaml: {message}"):
+def test_bad_lora_and_quantization_values_stop_when_the_recipe_loads(tmp_path, overrides, culprit, message):
+    """peft, TRL and transformers raised these inside the stage, after the run folder was made, with a traceback.
+    Set on the command line, the override is named (the recipe file was, which does not hold the value)."""
+    with pytest.raises(PipelineError, match=rf"^override '{re.escape(culprit)}': {message}"):
         load_recipe(SMALL, overrides)
+    sections = {}
+    for override in overrides:
+        dotted, _, value = override.partition("=")
+        section, key = dotted.split(".")
+        sections.setdefault(section, {})[key] = yaml.safe_load(value)
+    in_file = tiny_recipe(tmp_path, **sections)
+    with pytest.raises(PipelineError, match=rf"^{re.escape(str(in_file))}: {message}"):
+        load_recipe(in_file)
+
+
+def test_a_new_image_models_lora_set_by_an_override_names_the_override(tmp_path):
+    # the refusal named the recipe file, which says use_lora: false
+    from pipeline.image_check import components
+    from test_diffusion import TINY_DIFFUSION, image_recipe
+
+    (tmp_path / "in_file").mkdir()
+    in_file = image_recipe(tmp_path / "in_file", diffusion={**TINY_DIFFUSION, "use_lora": True})
+    off = image_recipe(tmp_path, diffusion={**TINY_DIFFUSION, "use_lora": False})
+    for path, overrides, source in ((in_file, [], str(in_file)),
+                                    (off, ["diffusion.use_lora=true"], "override 'diffusion.use_lora=true'")):
+        recipe = load_recipe(path, overrides)
+        with pytest.raises(PipelineError, match=rf"^{re.escape(source)}: diffusion.use_lora: a new model"):
+            components(recipe, None, recipe.section("diffusion"), 16, stage="diffusion")
 
 
 def test_yaml_1_2_booleans_keep_no_a_string():

@@ -538,3 +538,33 @@ def test_chat_template_modes_on_a_users_model(tmp_path):
             assert kept or (tok.eos_token == EOS and tok.pad_token != EOS)
     with pytest.raises(PipelineError, match="tokenizer.chat_template must be"):
         load_recipe(recipe_file, ["tokenizer.chat_template=chatml"])
+
+
+def test_documents_are_packed_with_the_end_of_text_token_not_the_chat_turn_end(tmp_path):
+    """A Llama-3 style tokenizer (eos `<|eot_id|>`, the chat turn end; `<|end_of_text|>` beside it) joined
+    pretraining documents with its eos: `<|eot_id|>`, or `<|im_end|>` once the pipeline's template is put over it.
+    Gemma's (eos `<end_of_turn>`) has `<eos>`; a tokenizer with neither falls back to its bos."""
+    from tokenizers import Tokenizer, models as bpe_models
+
+    from pipeline import models, runs
+    from pipeline.pretrain import pack
+    from pipeline.recipe import load_recipe
+    from test_byod import user_model
+
+    folder = user_model(tmp_path / "llama3")
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(f"model: {{name_or_path: {folder}}}\n")
+    for mode in ("own", "pipeline"):
+        tok = models.load_tokenizer(load_recipe(recipe_file, [f"tokenizer.chat_template={mode}"]),
+                                    runs.Checkpoint("model", folder, "", "local"))
+        assert tok.eos_token == ("<|eot_id|>" if mode == "own" else EOS)
+        blocks = pack(["What is 1 + 1?", "Sure! The answer is 2."], tok, block_size=4)
+        stream = tok.convert_ids_to_tokens([i for block in blocks for i in block])
+        assert "<|end_of_text|>" in stream and tok.eos_token not in stream, mode
+    specials = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+    gemma = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(bpe_models.BPE()), bos_token="<bos>",
+                                    eos_token="<end_of_turn>", pad_token="<pad>", extra_special_tokens=specials[1:])
+    assert doc_sep_id(gemma) == gemma.convert_tokens_to_ids("<eos>")
+    turns_only = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(bpe_models.BPE()), bos_token="<bos>",
+                                         eos_token="<end_of_turn>")
+    assert doc_sep_id(turns_only) == turns_only.bos_token_id

@@ -147,7 +147,7 @@ class ScriptedEngine:
     def __init__(self, scripted: Scripted):
         self.scripted = scripted
 
-    def sample(self, prompt_ids, *, max_new_tokens, do_sample, temperature=1.0, top_p=1.0, n=1):
+    def sample(self, prompt_ids, *, stops, max_new_tokens, do_sample, temperature=1.0, top_p=1.0, n=1):
         out = []
         for real in prompt_ids:
             policy = self.scripted

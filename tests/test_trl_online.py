@@ -129,6 +129,45 @@ def test_text_prompts_reach_trls_policy_as_user_turns_and_its_reward_model_as_te
     assert scored and all(isinstance(p, str) and p in prompts for batch in scored for p in batch)
 
 
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_trls_rollouts_end_at_the_templates_end_of_turn_when_it_is_not_the_eos(user, monkeypatch, algorithm):
+    """A Gemma-style policy ends a turn with <end_of_turn>, not its eos. TRL before 1.14.2 (pyproject asks for it)
+    stopped its rollouts and cut their loss mask at the tokenizer's eos alone: what followed the end of turn was
+    trained on. TRL reads the stop list from the policy's generation_config (models.configure_generation)."""
+    from transformers import LlamaForCausalLM
+
+    from pipeline import ppo, trl_online
+    from test_evaluate import gemma_like
+
+    model, tok = gemma_like(eos_list=False)  # its generation_config names the eos alone, as a base model's does
+    policy = LlamaForCausalLM(model.config)
+    with torch.no_grad():  # every token embeds as ones and no sublayer adds to it: <end_of_turn> (id 0), always
+        for layer in policy.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        policy.model.embed_tokens.weight.fill_(1.0)
+        policy.lm_head.weight.zero_()[0] = 5.0
+    policy.generation_config = model.generation_config
+    policy.save_pretrained(user / "gemma")
+    tok.save_pretrained(user / "gemma")
+    completions, make = [], trl_online.reward_function
+
+    def reward_function(*args, **kwargs):
+        score = make(*args, **kwargs)
+
+        def spy_score(**columns):
+            completions.extend(columns["completion_ids"])  # as TRL's loss mask keeps them
+            return score(**columns)
+        return spy_score
+
+    monkeypatch.setattr(trl_online, "reward_function", reward_function)
+    monkeypatch.chdir(user)
+    spec = write_prompts(user / "gemma.jsonl", [f"What is {a} + {b} ?" for a in (2, 3) for b in (2, 3)])
+    ppo.main([str(grpo_recipe(user, init_from=str(user / "gemma"), algorithm=algorithm, prompts=spec, kl_coef=0)),
+              f"run.name=gemma_{algorithm}", "tokenizer.chat_template=own"])
+    assert completions and all(ids == [0] for ids in completions)
+
+
 def test_too_few_prompts_within_max_prompt_length_stop_in_one_line(user):
     from conftest import run_cli
 
@@ -140,6 +179,20 @@ def test_too_few_prompts_within_max_prompt_length_stop_in_one_line(user):
         f"error: {spec}: 1 of its 2 prompts within max_prompt_length=128 tokens, fewer than one step's 2 (8 replies "
         f"x 1 processes / num_generations 4)")
     assert not (user / "runs/all_long").exists()
+
+
+def test_too_few_prompts_stop_before_the_policy_loads(user, monkeypatch):
+    """The prompts were checked against the policy's context after its weights had loaded: the user waited for a
+    model to be told about their data. The context is read from the policy's config."""
+    from pipeline import cli, models, ppo
+
+    loaded, load = [], models.load_causal_lm
+    monkeypatch.setattr(models, "load_causal_lm", lambda *args, **kw: loaded.append(args[1]) or load(*args, **kw))
+    monkeypatch.chdir(user)
+    spec = write_prompts(user / "one_short.jsonl", ["word " * 300, "What is 1 + 1?"])
+    with pytest.raises(cli.PipelineError, match=r"1 of its 2 prompts within max_prompt_length=128 tokens"):
+        ppo.main([str(grpo_recipe(user, prompts=spec)), "run.name=one_short"])
+    assert loaded == []
 
 
 def test_prompts_that_fit_leave_room_for_the_reply_in_the_policys_context():
@@ -290,6 +343,24 @@ def test_answers_as_numbers_beside_world_problems_and_tool_rows_with_answers(tmp
     pd.DataFrame([{"prompt": "Which digit is in image 7?", "kind": "read", "tools": schema,
                    "expect": json.dumps({"image_id": 7, "answer": 3})}]).to_csv(tmp_path / "t.csv", index=False)
     assert ppo.read_prompts(str(tmp_path / "t.csv"), recipe)[0]["expect"] == [{"image_id": 7, "answer": 3}]
+
+
+def test_ppo_and_eval_read_a_prompt_rows_answer_and_expect_alike(tmp_path):
+    """One rule for the cells replies are checked against (formats.prompt_cells), in both readers of prompt rows:
+    eval's prompt check kept a CSV's `expect` as its JSON text, which ppo's reader parsed."""
+    import pandas as pd
+
+    from pipeline import data, ppo
+
+    recipe = load_recipe(tiny_recipe(tmp_path))
+    schema = '[{"type": "function", "function": {"name": "read", "parameters": {"type": "object"}}}]'
+    pd.DataFrame([{"prompt": "Which digit is in image 7?", "kind": "read", "tools": schema, "answer": 3,
+                   "expect": json.dumps({"image_id": 7, "answer": 3})}]).to_csv(tmp_path / "t.csv", index=False)
+    ppo_row = ppo.read_prompts(str(tmp_path / "t.csv"), recipe)[0][0]
+    rows, where, source = data.read_rows(str(tmp_path / "t.csv"), recipe)
+    eval_row = data.CHECKS["eval_prompts"](rows, where, source)[0]
+    assert {k: eval_row[k] for k in ("answer", "expect")} == {k: ppo_row[k] for k in ("answer", "expect")} == \
+        {"answer": "3", "expect": {"image_id": 7, "answer": 3}}
 
 
 @pytest.mark.parametrize("override, expected", [

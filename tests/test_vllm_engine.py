@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import REPO, run_cli, tiny_recipe
 from pipeline import ppo_rollout, vllm_engine
 from pipeline.cli import PipelineError
-from pipeline.generation import generate
+from pipeline.generation import generate, stop_ids
 from pipeline.recipe import load_recipe
 from pipeline.tokenizer import train_tokenizer
 
@@ -48,16 +48,17 @@ class GenerateEngine:
     to and including end-of-turn, no padding), computed by `model.generate` on each prompt alone."""
 
     def __init__(self, model, tokenizer):
-        self.model, self.eos, self.calls = model, tokenizer.eos_token_id, []
+        self.model, self.calls = model, []
 
-    def sample(self, prompt_ids, *, max_new_tokens, do_sample, temperature=1.0, top_p=1.0, n=1):
+    def sample(self, prompt_ids, *, stops, max_new_tokens, do_sample, temperature=1.0, top_p=1.0, n=1):
         self.calls.append(dict(prompts=len(prompt_ids), n=n, do_sample=do_sample, max_new_tokens=max_new_tokens))
         out = []
         for ids in prompt_ids:
             for _ in range(n):
                 new = self.model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                                          eos_token_id=self.eos, pad_token_id=self.eos)[0, len(ids):].tolist()
-                out.append(new[:new.index(self.eos) + 1] if self.eos in new else new)
+                                          eos_token_id=stops, pad_token_id=stops[0])[0, len(ids):].tolist()
+                end = next((k for k, t in enumerate(new) if t in stops), None)
+                out.append(new if end is None else new[:end + 1])
         return out
 
 
@@ -80,7 +81,7 @@ class Labelled:
     def __init__(self, eos):
         self.eos = eos
 
-    def sample(self, prompt_ids, *, max_new_tokens, do_sample, temperature=1.0, top_p=1.0, n=1):
+    def sample(self, prompt_ids, *, stops, max_new_tokens, do_sample, temperature=1.0, top_p=1.0, n=1):
         return [[10 + i, 20 + k] + ([] if i % 2 else [self.eos]) for i in range(len(prompt_ids)) for k in range(n)]
 
 
@@ -99,7 +100,7 @@ class Scripted:
     def __init__(self, scripts):
         self.scripts = scripts
 
-    def sample(self, prompt_ids, *, max_new_tokens, do_sample, temperature=1.0, top_p=1.0, n=1):
+    def sample(self, prompt_ids, *, stops, max_new_tokens, do_sample, temperature=1.0, top_p=1.0, n=1):
         assert do_sample and n == 1
         return [s[:max_new_tokens] for s in self.scripts]
 
@@ -116,6 +117,40 @@ def test_sample_replies_pads_the_engines_replies_like_generate(tok):
     assert batch.context_length == 3
     assert batch.sequences.tolist() == [[5, 6, 7, 11, eos, pad, pad], [pad, 8, 9, 12, 13, 14, 15]]
     assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1, 1]]
+
+
+class RecordingVLLM:
+    """Stands in for TRL's VLLMGeneration: the stop tokens each generate call samples with, and empty completions."""
+
+    def __init__(self, model, generation_kwargs=None, **_):
+        self.model, self.generation_kwargs, self.stopped_at = model, generation_kwargs or {}, []
+
+    def sync_weights(self):
+        pass
+
+    def generate(self, prompts, images, n):
+        self.stopped_at.append(self.generation_kwargs.get("stop_token_ids"))
+        return prompts, [[] for _ in prompts], None, None
+
+
+def test_an_eval_engine_stops_each_checkpoint_at_its_own_end_of_turn(tmp_path, monkeypatch):
+    """eval loads every checkpoint into the engine built from the first: the stop tokens were the first's, so a
+    later checkpoint whose template ends a turn with another token ran past its replies' end."""
+    import copy
+
+    from trl.generation import vllm_generation
+
+    from test_evaluate import gemma_like
+
+    monkeypatch.setattr(vllm_generation, "VLLMGeneration", RecordingVLLM)
+    engines = vllm_engine.EvalEngines(load_recipe(tiny_recipe(tmp_path), ["generation.backend=vllm"]))
+    model, gemma = gemma_like(eos_list=False)
+    eos_ends_turns = copy.deepcopy(gemma)
+    eos_ends_turns.chat_template = gemma.chat_template.replace("<end_of_turn>", "<eos>")
+    for tokenizer in (eos_ends_turns, gemma):
+        generate(model, tokenizer, ["What is 2 + 3 ?"], max_new_tokens=4, progress=False,
+                 engine=engines.load(model, tokenizer))
+    assert engines.engine.trl.stopped_at == [[1], [1, 0]]  # <eos>; then <eos> and <end_of_turn>
 
 
 def test_generation_section_is_checked(tmp_path):
@@ -163,10 +198,11 @@ def test_vllm_engine_matches_model_generate_and_takes_new_weights(tmp_path, save
     engine = vllm_engine.Engine(recipe, gpu, tok)
     reference = GenerateEngine(gpu, tok)
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in PROMPTS]
+    stops = stop_ids(tok, gpu)
 
     def agreement():
-        a = engine.sample(ids, max_new_tokens=12, do_sample=False, n=1)
-        b = reference.sample(ids, max_new_tokens=12, do_sample=False, n=1)
+        a = engine.sample(ids, stops=stops, max_new_tokens=12, do_sample=False, n=1)
+        b = reference.sample(ids, stops=stops, max_new_tokens=12, do_sample=False, n=1)
         return sum(x == y for x, y in zip(a, b)) / len(ids)
 
     assert agreement() >= 0.75  # greedy in vLLM's kernels against transformers': all but rare near-ties
@@ -175,7 +211,7 @@ def test_vllm_engine_matches_model_generate_and_takes_new_weights(tmp_path, save
             p.add_(torch.randn_like(p) * 0.5)
     engine.use(gpu)
     assert agreement() >= 0.75
-    samples = engine.sample(ids, max_new_tokens=12, do_sample=True, temperature=1.0, n=3)
+    samples = engine.sample(ids, stops=stops, max_new_tokens=12, do_sample=True, temperature=1.0, n=3)
     assert len(samples) == 3 * len(ids) and all(0 < len(s) <= 12 for s in samples)
 
 

@@ -50,6 +50,22 @@ def test_deterministic_and_seeded():
         assert a != c, split
 
 
+def test_split_settings_are_exactly_what_each_split_reads():
+    """SPLIT_SETTINGS (a `world:` dataset's fingerprint) names every config field that changes a split's rows, and
+    only those: each field is changed in turn and the rows compared."""
+    from dataclasses import fields
+
+    from pipeline.world_splits import SPLIT_SETTINGS
+
+    base = WorldConfig(**{f.name: 40 for f in fields(WorldConfig) if f.name.startswith("n_")})
+    changed = {f.name: (["add", "sort"] if f.name == "skills" else getattr(base, f.name) + 7 if f.type in ("int", int)
+                        else round((getattr(base, f.name) + 0.4) % 1, 2)) for f in fields(WorldConfig)}
+    for split in SPLITS:
+        rows = build_split(base, split)
+        reads = {name for name, value in changed.items() if build_split(replace(base, **{name: value}), split) != rows}
+        assert reads == set(SPLIT_SETTINGS[split]), split
+
+
 def test_unknown_split_and_skill():
     with pytest.raises(ValueError):
         build_split(CFG, "nope")

@@ -1,0 +1,92 @@
+"""What the runner sees of a stage's inputs: its fingerprint (pipeline/runs.py `stage_inputs`: each input, and only
+what the stage reads, so a stage reruns exactly when something it depends on changed) and the stages it waits for."""
+
+import dataclasses
+import sys
+
+from conftest import tiny_recipe, write_jsonl
+from pipeline import runs
+from pipeline.fingerprints import hash_obj
+from pipeline.recipe import load_recipe
+
+
+def fingerprints(recipe, stages, *overrides) -> dict:
+    loaded = load_recipe(recipe, list(overrides))
+    return {stage: hash_obj(runs.stage_inputs(loaded, stage, must_exist=False)) for stage in stages}
+
+
+def test_a_world_setting_reruns_only_the_stages_that_read_it(tmp_path):
+    """label_noise used to rerun pretrain and everything after it (the whole world config was in every world
+    split's fingerprint); now a split's fingerprint covers only the settings its rows are built from, and ppo's
+    own annotator (reward rounds) reads label_noise whatever its prompts."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "What is 2 + 3?", "chosen": "The answer is 5.",
+                                                     "rejected": "The answer is 6."}])
+    recipe = tiny_recipe(tmp_path, reward={"max_steps": 2}, ppo={"prompts": "world:eval", "max_steps": 4},
+                         dpo={"dataset": pairs, "rounds": 2, "round_labeller": "annotator", "max_steps": 2})
+    stages = ("pretrain", "sft", "reward", "ppo", "dpo")
+    plain = fingerprints(recipe, stages)
+    noisier = fingerprints(recipe, stages, "world.label_noise=0.3")
+    assert [s for s in stages if noisier[s] != plain[s]] == ["reward", "dpo"]  # dpo: its annotator's rounds
+    more_sft = fingerprints(recipe, stages, "world.n_sft=50")
+    assert [s for s in stages if more_sft[s] != plain[s]] == ["sft"]
+    rounds = fingerprints(recipe, stages, "ppo.reward_rounds=2")
+    assert fingerprints(recipe, stages, "ppo.reward_rounds=2", "world.label_noise=0.3")["ppo"] != rounds["ppo"]
+
+
+def test_rewriting_what_a_new_models_tokenizer_reads_reruns_the_stages_built_on_it(tmp_path):
+    """The tokenizer was fingerprinted by its settings alone: a rewritten `tokenizer.dataset` file (a trained
+    tokenizer) or a rewritten local `tokenizer.name_or_path` folder left sft on the new model "up to date"."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("one document\n\nanother document\n")
+    trained = tiny_recipe(tmp_path, pretrain=None, tokenizer={"train": True, "dataset": str(corpus)})
+    before = fingerprints(trained, ["sft"])
+    corpus.write_text("other text altogether\n")
+    assert fingerprints(trained, ["sft"]) != before
+
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text("{}")
+    named = tiny_recipe(tmp_path, pretrain=None, tokenizer={"train": False, "name_or_path": str(folder)})
+    before = fingerprints(named, ["sft"])
+    (folder / "tokenizer.json").write_text('{"model": "retrained"}')
+    assert fingerprints(named, ["sft"]) != before
+
+
+def test_built_in_datasets_are_no_local_files_and_keep_their_fingerprints(tmp_path):
+    """`images:digits` read as a path (so data.fingerprint special-cased it); the digit world's held-out captions
+    at their default stay out of the image stages' inputs by a field flag, not by the key's name."""
+    from pipeline import data
+    from pipeline.files import names_a_local_file
+    from pipeline.stages import STAGES
+    from test_diffusion import TINY_DIFFUSION, image_recipe
+
+    assert not names_a_local_file("images:digits") and not names_a_local_file("world:sft")
+    assert names_a_local_file("digits") and names_a_local_file("data/sft.jsonl") and not names_a_local_file("org/x")
+    recipe = load_recipe(image_recipe(tmp_path, diffusion=TINY_DIFFUSION))
+    assert data.fingerprint("images:digits", recipe, images=True) == hash_obj({"hub": "images:digits"})
+    flagged = [(s, f.name) for s, spec in STAGES.items() for f in dataclasses.fields(spec.keys)
+               if f.metadata.get("out_at_default")]
+    assert flagged == [("diffusion", "heldout_captions"), ("diffusion_dpo", "heldout_captions")]
+    named = load_recipe(image_recipe(tmp_path, diffusion={**TINY_DIFFUSION, "heldout_captions": "images:digits"}))
+    data_of = [runs.stage_inputs(r, "diffusion", False)["data"] for r in (recipe, named)]
+    assert data_of[0] == data_of[1] and "heldout_captions" not in data_of[0]
+
+
+def test_eval_with_checkpoints_named_by_hand_waits_for_the_reward_stage_it_reads(tmp_path, monkeypatch, capsys):
+    """`reward_model: auto` takes a finished reward stage only; with run.parallel_stages 2 eval started beside the
+    reward stage (it was not among eval's dependencies) and read it or not by timing."""
+    from pipeline import run
+    from pipeline.run import dependencies, order_stages
+
+    recipe = tiny_recipe(tmp_path, run={"parallel_stages": 2}, eval={"checkpoints": ["sft"]}, reward={"max_steps": 2})
+    loaded = load_recipe(recipe)
+    assert loaded.keys("eval").reward_model is None and "reward" in dependencies(loaded, "eval")
+    assert order_stages(loaded).index("eval") > order_stages(loaded).index("reward")
+    assert "reward" not in dependencies(loaded, "eval", planned=["eval"])  # --only eval: no reward stage to wait for
+    assert "reward" not in dependencies(load_recipe(recipe, ["eval.reward_model="]), "eval")
+    # the runner (stages stood in for by short processes): eval starts once reward is done, not beside it
+    monkeypatch.setattr(run, "stage_command", lambda recipe, stage, overrides: [
+        sys.executable, "-c", f"import time; time.sleep({1.5 if stage == 'reward' else 0.1})"])
+    assert run.run_stages(loaded, ["reward", "eval"], []) is None
+    out = capsys.readouterr().out
+    assert "=== eval (beside" not in out and out.index("=== reward done") < out.index("=== eval")
