@@ -67,8 +67,11 @@ def turn_end_id(tokenizer) -> int:
     Gemma's <end_of_turn>, Phi-3's <|end|>: not their eos, which ends the text); else the tokenizer's eos. Rendered
     once per tokenizer (stop_ids runs on every generate call and rollout step), again when its template, eos or
     vocabulary changed."""
-    read = (tokenizer.chat_template, tokenizer.eos_token_id, len(tokenizer))
-    seen = _TURN_ENDS.get(tokenizer)
+    try:
+        read = (getattr(tokenizer, "chat_template", None), tokenizer.eos_token_id, len(tokenizer))
+        seen = _TURN_ENDS.get(tokenizer)
+    except TypeError:  # a stand-in without a length or weak references to it: rendered each time
+        return _rendered_turn_end(tokenizer)
     if seen is None or seen[0] != read:
         seen = _TURN_ENDS[tokenizer] = read, _rendered_turn_end(tokenizer)
     return seen[1]
