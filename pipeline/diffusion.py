@@ -27,6 +27,7 @@ import time
 
 from pipeline import (cli, cluster, diffusion_config, diffusion_train, image_captions, image_check, image_eval, images,
                       log, runs)
+from pipeline.key_checks import source_of
 from pipeline.recipe import load_recipe, stage_help
 
 STAGE = "diffusion"
@@ -87,7 +88,8 @@ def main(argv):
         if vae is not None:
             vae.requires_grad_(False).eval()
         if cfg.use_lora:
-            diffusion_train.add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
+            diffusion_train.add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules,
+                                     f"{source_of(recipe, STAGE, 'lora_target_modules')}: {STAGE}")
         text_encoder.requires_grad_(cfg.train_text_encoder and not cfg.use_lora)
         modules = {"unet": unet, **({"text_encoder": text_encoder} if cfg.train_text_encoder and not cfg.use_lora
                                     else {})}

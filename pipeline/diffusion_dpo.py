@@ -29,6 +29,7 @@ import time
 
 from pipeline import (cli, cluster, diffusion_config, diffusion_train, image_captions, image_check, image_eval,
                       image_pairs, images, log, runs)
+from pipeline.key_checks import source_of
 from pipeline.recipe import load_recipe, stage_help
 
 STAGE = "diffusion_dpo"
@@ -189,7 +190,8 @@ def main(argv):
         diffusion_train.set_attention(unet, cfg.attn_implementation)  # before the copy: the reference's too
         ref_unet = copy.deepcopy(unet).eval().requires_grad_(False)
         if cfg.use_lora:
-            diffusion_train.add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
+            diffusion_train.add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules,
+                                     f"{source_of(recipe, STAGE, 'lora_target_modules')}: {STAGE}")
         noise_scheduler = images.make_scheduler("ddpm", pipe.scheduler.config)
         log.info(f"tuning {init.ref}: unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, "
             f"trainable {sum(p.numel() for p in unet.parameters() if p.requires_grad) / 1e6:.3f}M; "

@@ -125,10 +125,27 @@ def set_attention(unet, implementation: str) -> None:
         unet.set_attn_processor(AttnProcessor())
 
 
-def add_lora(unet, rank: int, alpha: int, targets: list[str]) -> None:
-    """LoRA adapters on the UNet (as diffusers' train_text_to_image_lora.py); everything else frozen."""
+def lora_target_problem(unet, targets: list[str]) -> str | None:
+    """Why a LoRA target names no module of `unet` (peft's traceback in the stage, zero trainable in --check), or None.
+    As peft matches a name in a list: the module's name or its last parts."""
+    from pipeline.values import closest
+
+    names = {name for name, _ in unet.named_modules()}
+    for target in targets:
+        if not any(n == target or n.endswith("." + target) for n in names):
+            return f"'{target}' names no module of the UNet{closest(target, {n.rsplit('.')[-1] for n in names if n})}"
+    return None
+
+
+def add_lora(unet, rank: int, alpha: int, targets: list[str], where: str) -> None:
+    """LoRA adapters on the UNet (as diffusers' train_text_to_image_lora.py); everything else frozen. `where`:
+    "<where lora_target_modules was set>: <stage>", for a target that names no module."""
     from peft import LoraConfig
 
+    from pipeline.cli import PipelineError
+
+    if problem := lora_target_problem(unet, targets):
+        raise PipelineError(f"{where}.lora_target_modules: {problem}")
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
 

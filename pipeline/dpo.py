@@ -96,8 +96,8 @@ def main(argv):
     reference_free.check(recipe, STAGE)
     no_reference = reference_free.is_reference_free(recipe.config_default(STAGE, "loss_type"))
     with runs.StageRun(recipe, STAGE) as run:
-        train_ds, eval_ds, train_info, eval_info = preferences.load_preference_splits(
-            keys.dataset, keys.eval_dataset, keys.eval_fraction, recipe, keys.columns)
+        train_ds, eval_ds, train_info, eval_info, train_places, eval_places = preferences.load_preference_splits(
+            keys.dataset, keys.eval_dataset, keys.eval_fraction, recipe, keys.columns, places=True)
         run.note_data("dataset", train_info)
         run.note_data("eval_dataset", eval_info)
         data.warn_world_eval(recipe, STAGE, keys)
@@ -117,14 +117,15 @@ def main(argv):
             DPOTrainer = reference_free.trainer_class(DPOTrainer, keys.simpo_gamma)
 
         tokenizer = models.load_tokenizer(recipe, init)
-        models.check_chat_template(tokenizer, {train_info["source"]: train_ds, eval_info["source"]: eval_ds})
+        models.check_chat_template(tokenizer, {train_info["source"]: (train_ds, train_places),
+                                               eval_info["source"]: (eval_ds, eval_places)})
         if prompts and any(row.get("tools") for row in prompts):  # rounds 2+ read the sampled replies' calls
             models.check_tool_parser(tokenizer, f"{recipe.path}: dpo.rounds")
         # with LoRA the reference is the policy with its adapter switched off; iterated, TRL would copy a later
         # round's adapter as that round's reference, so the rounds keep the initial model loaded instead
         # rounds > 1 measure each round's samples' KL to the initial model, so they load it with any loss
-        policy, peft_config, reference = models.load_policy(recipe, init, peft_values, tokenizer, f"{recipe.path}: "
-                                                            f"{STAGE}", reference_with_peft=keys.rounds > 1,
+        policy, peft_config, reference = models.load_policy(recipe, init, peft_values, tokenizer, STAGE,
+                                                            reference_with_peft=keys.rounds > 1,
                                                             reference=keys.rounds > 1 or not no_reference)
         if problem := learned_positions_problem(policy.config, args.max_length, f"{STAGE}.max_length"):
             raise cli.PipelineError(f"{recipe.path}: {problem}")

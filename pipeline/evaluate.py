@@ -109,24 +109,27 @@ def check_keys(recipe, keys) -> None:
                                 f"to evaluate: name stages or model folders, e.g. eval.checkpoints=[runs/x/sft]")
 
 
-def load_prompts(recipe, keys) -> list[dict]:
+def load_prompts(recipe, keys) -> tuple[list[dict], list[str]]:
+    """The prompt rows (eval.max_prompts of them) and where each is from."""
     rows, where, source = data.read_rows(keys.prompts, recipe)
     if keys.max_prompts:
         rows, where = rows[:keys.max_prompts], where[:keys.max_prompts]
     rows = data.CHECKS["eval_prompts"]([dict(r) for r in rows], where, source)
     for i, row in enumerate(rows):
         row["id"] = str(row.get("id") or f"prompt-{i + 1}")
-    return rows
+    return rows, where
 
 
-def load_perplexity_rows(recipe, keys) -> tuple[list[dict] | None, str | None]:
-    """The perplexity rows (None: no perplexity_data) and their format (text or conversations)."""
+def load_perplexity_rows(recipe, keys) -> tuple[list[dict] | None, list[str] | None, str | None]:
+    """The perplexity rows (None: no perplexity_data), where each is from, and their format (text or
+    conversations)."""
     if not keys.perplexity_data:
-        return None, None
+        return None, None, None
     rows, where, source = data.read_rows(keys.perplexity_data, recipe)
     rows, where = rows[:keys.perplexity_max_rows], where[:keys.perplexity_max_rows]
     kind = "text" if "text" in rows[0] else "chat"
-    return data.CHECKS[kind]([dict(r) for r in rows], where, source), "text" if kind == "text" else "conversations"
+    return (data.CHECKS[kind]([dict(r) for r in rows], where, source), where,
+            "text" if kind == "text" else "conversations")
 
 
 def check_model(recipe, cp: runs.Checkpoint, key: str, reward: bool = False) -> None:
@@ -332,9 +335,9 @@ def main(argv):
     seed = recipe.run.seed if keys.seed is None else keys.seed
     boot = {"n_boot": keys.bootstrap, "seed": seed}
     with runs.StageRun(recipe, STAGE) as run:
-        rows = load_prompts(recipe, keys)
+        rows, places = load_prompts(recipe, keys)
         run.note_data("prompts", {"source": data.spec_name(keys.prompts), "rows": len(rows), "format": "prompts"})
-        ppl_rows, ppl_format = load_perplexity_rows(recipe, keys)
+        ppl_rows, ppl_places, ppl_format = load_perplexity_rows(recipe, keys)
         if ppl_rows is not None:
             run.note_data("perplexity_data", {"source": data.spec_name(keys.perplexity_data), "rows": len(ppl_rows),
                                               "format": ppl_format})
@@ -357,7 +360,8 @@ def main(argv):
             tokenizer = models.load_tokenizer(recipe, target.checkpoint, as_saved=True)
             own = tokenizer.chat_template
             target.tokenizer = tokenizer = models.recipe_chat_template(recipe, tokenizer)
-            models.check_chat_template(tokenizer, {keys.prompts: rows, keys.perplexity_data: ppl_rows})
+            models.check_chat_template(tokenizer, {keys.prompts: (rows, places),
+                                                   keys.perplexity_data: (ppl_rows, ppl_places)})
             if tool_plan is not None:
                 models.check_tool_parser(tokenizer, f"{keys.tool_prompts}: {target.name}")
             if own and own != tokenizer.chat_template:  # a model tuned elsewhere, answering in a format it never saw

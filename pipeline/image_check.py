@@ -189,10 +189,13 @@ def refuse_pipeline(pipe, what: str) -> None:
         raise PipelineError(f"{what}: {problem}")
 
 
-def lora_params(unet_cfg: dict, rank: int, targets: list[str]) -> int:
-    """LoRA parameters on a UNet's attention projections, counted on the meta device."""
+def lora_params(unet_cfg: dict, rank: int, targets: list[str]) -> tuple[int, str | None]:
+    """LoRA parameters on a UNet's attention projections, counted on the meta device, and why a target names no
+    module (None: each names one)."""
     import torch
     from diffusers import UNet2DConditionModel
+
+    from pipeline.diffusion_train import lora_target_problem
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_cfg)
@@ -200,7 +203,7 @@ def lora_params(unet_cfg: dict, rank: int, targets: list[str]) -> int:
     for name, module in unet.named_modules():
         if isinstance(module, torch.nn.Linear) and any(name.endswith(t) for t in targets):
             total += rank * (module.in_features + module.out_features)
-    return total
+    return total, lora_target_problem(unet, targets)
 
 
 def activation_values(unet_cfg: dict, latent_res: int) -> int:
@@ -358,8 +361,10 @@ def check_image_stage(recipe, stage: str, launch, device_memory: int | None, wil
                  + (" pairs" if stage == "diffusion_dpo" else " images"))
     use_lora = cfg.get("use_lora", False)
     if use_lora:
-        trainable = lora_params(comps["unet_config"], cfg.get("lora_rank", 8),
-                                cfg.get("lora_target_modules", ["to_q", "to_k", "to_v", "to_out.0"]))
+        trainable, problem = lora_params(comps["unet_config"], cfg.get("lora_rank", 8),
+                                         cfg.get("lora_target_modules", ["to_q", "to_k", "to_v", "to_out.0"]))
+        if problem:
+            errors.append(f"{stage}.lora_target_modules: {problem}")
     else:
         trainable = comps["unet"] + (comps.get("text_encoder", 0) if stage == "diffusion" and
                                      images.trains_text_encoder(cfg.get("train_text_encoder"), bool(ref)) else 0)

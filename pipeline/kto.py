@@ -45,17 +45,22 @@ def check_kl_batches(recipe) -> None:
 
 def load_splits(keys, recipe):
     """Training and held-out rows: `eval_dataset`, or `eval_fraction` of the training prompts held out (a prompt's
-    rows all on one side). Returns (train, held_out, train_info, held_out_info)."""
-    train_ds, train_info = unpaired.load_unpaired(keys.dataset, recipe, keys.columns)
+    rows all on one side), the training rows shuffled once. Returns (train, held_out, train_info, held_out_info,
+    train_places, held_out_places: where each row is from, for models.check_chat_template)."""
+    import numpy as np
+
+    train_ds, train_info, train_places = unpaired.load_unpaired(keys.dataset, recipe, keys.columns, places=True)
     if keys.eval_dataset:
-        eval_ds, eval_info = unpaired.load_unpaired(keys.eval_dataset, recipe, keys.columns)
+        eval_ds, eval_info, eval_places = unpaired.load_unpaired(keys.eval_dataset, recipe, keys.columns, places=True)
     else:
-        train_ds, eval_ds = split_by_prompt(train_ds, keys.eval_fraction, recipe.run.seed, train_info["source"],
-                                            unit="rows")
+        train_ds, eval_ds, train_places, eval_places = split_by_prompt(
+            train_ds, keys.eval_fraction, recipe.run.seed, train_info["source"], unit="rows", places=train_places)
         eval_info = {**train_info, "source": f"{train_info['source']} (held-out {keys.eval_fraction:.0%} of prompts)",
                      **unpaired.balance(eval_ds["label"])}
         train_info = {**train_info, **unpaired.balance(train_ds["label"])}
-    return train_ds.shuffle(seed=recipe.run.seed).flatten_indices(), eval_ds, train_info, eval_info
+    order = np.random.default_rng(recipe.run.seed).permutation(len(train_ds))  # Dataset.shuffle(seed)'s order
+    return (train_ds.select(order).flatten_indices(), eval_ds, train_info, eval_info, [train_places[i] for i in order],
+            eval_places)
 
 
 def rows_only(ds):
@@ -70,7 +75,7 @@ def main(argv):
     peft_values = recipe.peft_values(STAGE)
     check_kl_batches(recipe)
     with runs.StageRun(recipe, STAGE) as run:
-        train_ds, eval_ds, train_info, eval_info = load_splits(keys, recipe)
+        train_ds, eval_ds, train_info, eval_info, train_places, eval_places = load_splits(keys, recipe)
         run.note_data("dataset", train_info)
         run.note_data("eval_dataset", eval_info)
         data.warn_world_eval(recipe, STAGE, keys)
@@ -85,10 +90,10 @@ def main(argv):
         from trl import KTOTrainer
 
         tokenizer = models.load_tokenizer(recipe, init)
-        models.check_chat_template(tokenizer, {train_info["source"]: train_ds, eval_info["source"]: eval_ds})
+        models.check_chat_template(tokenizer, {train_info["source"]: (train_ds, train_places),
+                                               eval_info["source"]: (eval_ds, eval_places)})
         # with LoRA the reference is the policy with its adapter switched off
-        policy, peft_config, reference = models.load_policy(recipe, init, peft_values, tokenizer,
-                                                            f"{recipe.path}: {STAGE}")
+        policy, peft_config, reference = models.load_policy(recipe, init, peft_values, tokenizer, STAGE)
         if problem := learned_positions_problem(policy.config, args.max_length, f"{STAGE}.max_length"):
             raise cli.PipelineError(f"{recipe.path}: {problem}")
         trainer = KTOTrainer(model=policy, ref_model=reference, args=args, train_dataset=rows_only(train_ds),

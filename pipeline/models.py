@@ -15,6 +15,7 @@ import torch
 from pipeline import faults
 from pipeline.cli import PipelineError, built_from_config
 from pipeline.formats import ObjectArguments
+from pipeline.key_checks import source_of
 from pipeline.values import closest
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -207,10 +208,10 @@ def quantization_config(recipe, peft_values: dict):
     return get_quantization_config(ModelConfig(dtype=recipe.model.dtype, **peft_values))
 
 
-def peft_config(peft_values: dict, task_type: str = "CAUSAL_LM", *, model=None, where: str = ""):
-    """The stage's LoRA config (None without use_peft). With `model` (the loaded model the adapter goes on; `where`:
-    "<recipe>: <stage>" for messages), target modules and modules to save that name no module, and 4-bit layers this
-    CPU cannot run, are one line here rather than a traceback inside the trainer."""
+def peft_config(peft_values: dict, task_type: str = "CAUSAL_LM", *, model=None, recipe=None, stage: str = ""):
+    """The stage's LoRA config (None without use_peft). With `model` (the loaded model the adapter goes on; the recipe
+    and stage name where each key was set), target modules and modules to save that name no module, and 4-bit layers
+    this CPU cannot run, are one line here rather than a traceback inside the trainer."""
     if not peft_values.get("use_peft"):
         return None
     from trl import ModelConfig, get_peft_config
@@ -221,11 +222,11 @@ def peft_config(peft_values: dict, task_type: str = "CAUSAL_LM", *, model=None, 
     if targets and [t.lower() for t in targets] != ["all-linear"]:  # TRL makes a list of one name a string, which
         config.target_modules = set(targets)  # peft matches as a regex against the whole module path: no module
     if model is not None:
-        _check_against(model, config, where)
+        _check_against(model, config, lambda *keys: f"{source_of(recipe, stage, *keys)}: {stage}")
     return config
 
 
-def _check_against(model, config, where: str) -> None:
+def _check_against(model, config, where) -> None:  # where(*keys): "<where the keys were set>: <stage>"
     import re
 
     names = [name for name, _ in model.named_modules()]
@@ -240,31 +241,30 @@ def _check_against(model, config, where: str) -> None:
         missing = sorted(t for t in targets or [] if not found(t))
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise PipelineError(f"{where}.lora_target_modules: {', '.join(missing)} names no module of the model (its "
-                            f"linear layers: {', '.join(linear)}; or [all-linear])")
+        raise PipelineError(f"{where('lora_target_modules')}.lora_target_modules: {', '.join(missing)} names no "
+                            f"module of the model (its linear layers: {', '.join(linear)}; or [all-linear])")
     for wanted in config.modules_to_save or []:
         if not found(wanted):
-            raise PipelineError(f"{where}.lora_modules_to_save: '{wanted}' names no module of the model"
-                                f"{closest(wanted, {n.rsplit('.', 1)[-1] for n in names if n})}")
+            raise PipelineError(f"{where('lora_modules_to_save')}.lora_modules_to_save: '{wanted}' names no module "
+                                f"of the model{closest(wanted, {n.rsplit('.', 1)[-1] for n in names if n})}")
     if not torch.cuda.is_available():  # bitsandbytes' packed CPU kernel (AVX512-BF16) works on blocks of 32 outputs
         if config.use_dora and any(type(m).__name__ == "Linear8bitLt" for m in model.modules()):
             # peft 0.21's DoRA moves each 8-bit weight back to the CPU after the first forward pass, which drops
             # its int8 scales: the second step fails inside bitsandbytes ('NoneType' has no attribute 'unsqueeze')
-            raise PipelineError(f"{where}.use_dora with load_in_8bit does not train on a CPU (peft's DoRA loses the "
-                                f"8-bit scales after the first step): use load_in_4bit, plain LoRA, or a GPU")
+            raise PipelineError(f"{where('use_dora', 'load_in_8bit')}.use_dora with load_in_8bit does not train on a "
+                                f"CPU (peft's DoRA loses the 8-bit scales after the first step): use load_in_4bit, "
+                                f"plain LoRA, or a GPU")
         for name, module in model.named_modules():
             if getattr(module, "support_avx512bf16_for_cpu", False) and module.out_features % 32:
-                raise PipelineError(f"{where}.load_in_4bit: on this CPU bitsandbytes runs a 4-bit layer only when its "
-                                    f"output size is a multiple of 32, and {name} has {module.out_features}: train "
-                                    f"this model without load_in_4bit here, or on a GPU")
+                raise PipelineError(f"{where('load_in_4bit')}.load_in_4bit: on this CPU bitsandbytes runs a 4-bit "
+                                    f"layer only when its output size is a multiple of 32, and {name} has "
+                                    f"{module.out_features}: train this model without load_in_4bit here, or on a GPU")
 
 
 def check_peft(recipe) -> None:
     """Every stage's LoRA/quantization keys, when the recipe loads: what peft, TRL or bitsandbytes would reject
     inside the stage with a traceback, as one line naming the key."""
     import importlib.util
-
-    from pipeline.key_checks import source_of
 
     for stage in recipe.stages:
         values = recipe.peft_values(stage)
@@ -379,7 +379,7 @@ def fit_embeddings(model, tokenizer) -> None:
             model.resize_token_embeddings(len(tokenizer))
 
 
-def load_policy(recipe, init, peft_values: dict, tokenizer, where: str, reference_with_peft: bool = False,
+def load_policy(recipe, init, peft_values: dict, tokenizer, stage: str, reference_with_peft: bool = False,
                 reference: bool = True):
     """A preference stage's policy (generation configured), its LoRA config (None without use_peft) and its frozen
     reference: the same checkpoint loaded again, or with LoRA None (the policy with its adapter switched off) unless
@@ -387,7 +387,7 @@ def load_policy(recipe, init, peft_values: dict, tokenizer, where: str, referenc
     policy = load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision,
                             tokenizer=tokenizer)
     configure_generation(policy, tokenizer)
-    lora = peft_config(peft_values, model=policy, where=where)
+    lora = peft_config(peft_values, model=policy, recipe=recipe, stage=stage)
     frozen = None
     if reference and (lora is None or reference_with_peft):
         frozen = load_causal_lm(recipe, init.path, revision=recipe.model.revision, tokenizer=tokenizer).eval()

@@ -56,16 +56,17 @@ def load_prompts(spec, recipe, columns: dict | None = None, pairs: bool = False)
     return read_prompts(spec, recipe, columns, pairs)[0]
 
 
-def read_prompts(spec, recipe, columns: dict | None = None, pairs: bool = False) -> tuple:
-    """(load_prompts' dataset, what was read for the manifest: {source, rows, format}). The spec is read once; each
-    dataset of a list is prompts or pairs by its own first row (preferences.prompt_rows, which `--check` runs too)."""
+def read_prompts(spec, recipe, columns: dict | None = None, pairs: bool = False, places: bool = False) -> tuple:
+    """(load_prompts' dataset, what was read for the manifest: {source, rows, format}), with `places` also where each
+    row is from (the rows are reordered: prompts first). The spec is read once; each dataset of a list is prompts or
+    pairs by its own first row (preferences.prompt_rows, which `--check` runs too)."""
     from pipeline.formats import rename_columns
 
     rows, where, source, part_of = data.read_rows_by_part(spec, recipe)
     rows, where, fmt = preferences.prompt_rows(rename_columns(rows, columns, source, where), where, source, part_of,
                                                pairs)
     ds = data.dataset_of(rows, source, where)
-    return ds, {"source": data.spec_name(spec), "rows": len(ds), "format": fmt}
+    return (ds, {"source": data.spec_name(spec), "rows": len(ds), "format": fmt}) + ((where,) if places else ())
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -205,7 +206,8 @@ def main(argv):
         raise cli.PipelineError(f"{recipe.path}: ppo.reward_model is the `{keys.reward_model}` stage, but the recipe "
                                 f"has no `{keys.reward_model}` section: add one, or name a saved reward model folder")
     with runs.StageRun(recipe, STAGE) as run:
-        prompts, info = read_prompts(keys.prompts, recipe, keys.columns, pairs=cfg.reward_round_replay > 0)
+        prompts, info, places = read_prompts(keys.prompts, recipe, keys.columns, pairs=cfg.reward_round_replay > 0,
+                                             places=True)
         run.note_data("prompts", info)
         prompts = with_answers(prompts, keys.prompts, required=bool(cfg.verifier_weight))
         check_keys(recipe, cfg, keys, prompts)
@@ -231,7 +233,7 @@ def main(argv):
         if implicit is not None:
             check_implicit_reward(recipe, cfg, init, implicit)
         tokenizer = models.load_tokenizer(recipe, init)  # checked here, then the policy's
-        models.check_chat_template(tokenizer, {data.spec_name(keys.prompts): prompts})  # a mixture is a dict
+        models.check_chat_template(tokenizer, {data.spec_name(keys.prompts): (prompts, places)})  # a mixture: dict
         if recipe.tools.tools and "tools" in prompts.column_names and any(prompts["tools"]):
             models.check_tool_parser(tokenizer, f"{recipe.path}: ppo")
         check_reads(recipe, reward_checkpoints, prompts["prompt"], keys.prompts, "ppo.reward_model")

@@ -88,7 +88,7 @@ class PPOTrainer:
         # models: policy (maybe LoRA), frozen reference, reward model, critic; all whole (pipeline/ppo_models.py)
         ppo_models.load_whole(self.accelerator)
         self.tokenizer = tokenizer = tokenizer or models.load_tokenizer(recipe, init)  # the stage's, if checked
-        policy, self.lora, reference = models.load_policy(recipe, init, peft_values, tokenizer, f"{recipe.path}: ppo")
+        policy, self.lora, reference = models.load_policy(recipe, init, peft_values, tokenizer, "ppo")
         self.reference = None if reference is None else reference.to(self.device)  # None: the policy, adapter off
         if self.lora is not None:
             from peft import get_peft_model

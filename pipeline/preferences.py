@@ -261,21 +261,24 @@ def normalize_preferences(rows, where, source, part_of: list[int] | None = None)
     return out, info, places
 
 
-def load_preferences(spec, recipe, columns: dict | None = None):
-    """Preference pairs of any supported format (see PREFERENCE_FORMATS), normalized; returns (Dataset, info).
-    `columns` maps our column names to the file's ({prompt: question, chosen: good, rejected: bad})."""
+def load_preferences(spec, recipe, columns: dict | None = None, places: bool = False):
+    """Preference pairs of any supported format (see PREFERENCE_FORMATS), normalized; returns (Dataset, info), with
+    `places` also where each pair is from (for a check after loading: a list's files and their own rows). `columns`
+    maps our column names to the file's ({prompt: question, chosen: good, rejected: bad})."""
     from pipeline.formats import rename_columns
 
     rows, where, source, part_of = data.read_rows_by_part(spec, recipe)
-    return pairs_dataset(rename_columns(rows, columns, source, where), where, source, part_of)
+    ds, info, kept = pairs_dataset(rename_columns(rows, columns, source, where), where, source, part_of)
+    return (ds, info) + ((kept,) if places else ())
 
 
 def pairs_dataset(rows: list[dict], where: list[str], source, part_of: list[int] | None = None):
-    """Rows read from `source` as normalized pairs in a Dataset, and what was done (normalize_preferences)."""
+    """Rows read from `source` as normalized pairs in a Dataset, what was done, and where each pair is from
+    (normalize_preferences)."""
     pairs, info, places = normalize_preferences(rows, where, source, part_of)
     if not pairs:
         raise PipelineError(f"{source}: no pairs left: all {info['identical_dropped']} have chosen equal to rejected")
-    return data.dataset_of(pairs, source, places), info
+    return data.dataset_of(pairs, source, places), info, places
 
 
 PROMPT_COLUMNS = ("prompt", "skill", "answer", "tools", "kind", "expect")  # what ppo keeps of a prompt row
@@ -339,9 +342,10 @@ def _text_prompt_roots(prompts: list) -> dict[str, str]:
     return roots
 
 
-def split_by_prompt(ds, fraction: float, seed: int, source: str, unit: str = "pairs"):
+def split_by_prompt(ds, fraction: float, seed: int, source: str, unit: str = "pairs", places: list | None = None):
     """Hold out `fraction` of the prompts (with all their pairs, or kto's rows: `unit`), so no prompt is on both
-    sides; a text prompt goes with the shorter ones it extends (_text_prompt_roots). (train, held-out)"""
+    sides; a text prompt goes with the shorter ones it extends (_text_prompt_roots). (train, held-out), with
+    `places` (where each row is from) also each side's places."""
     import random
 
     if not 0 < fraction < 1:
@@ -362,19 +366,23 @@ def split_by_prompt(ds, fraction: float, seed: int, source: str, unit: str = "pa
     held = set(prompts[:n_eval])
     train_idx = [i for i, k in enumerate(keys) if k not in held]
     eval_idx = [i for i, k in enumerate(keys) if k in held]
-    return ds.select(train_idx), ds.select(eval_idx)
+    return (ds.select(train_idx), ds.select(eval_idx)) + (() if places is None else (
+        [places[i] for i in train_idx], [places[i] for i in eval_idx]))
 
 
-def load_preference_splits(dataset, eval_dataset, eval_fraction: float, recipe, columns: dict | None = None):
+def load_preference_splits(dataset, eval_dataset, eval_fraction: float, recipe, columns: dict | None = None,
+                           places: bool = False):
     """Training and held-out pairs for a preference stage: `eval_dataset`, or `eval_fraction` of the training
-    prompts held out. Returns (train, held_out, train_info, held_out_info)."""
-    train_ds, train_info = load_preferences(dataset, recipe, columns)
+    prompts held out. Returns (train, held_out, train_info, held_out_info), with `places` also where each side's
+    pairs are from (their files' own rows, for models.check_chat_template)."""
+    train_ds, train_info, train_places = load_preferences(dataset, recipe, columns, places=True)
     if eval_dataset:
-        eval_ds, eval_info = load_preferences(eval_dataset, recipe, columns)
-        return train_ds, eval_ds, train_info, eval_info
-    train_ds, eval_ds = split_by_prompt(train_ds, eval_fraction, recipe.run.seed, train_info["source"])
-    # the rows read and the identical pairs left out were counted once, before the split: the training side's
-    eval_info = {**train_info, "source": f"{dataset} (held-out {eval_fraction:.0%} of prompts)", "rows": len(eval_ds),
-                 "pairs": len(eval_ds), "identical_dropped": 0}
-    return train_ds, eval_ds, {**train_info, "rows": train_info["rows"] - len(eval_ds), "pairs": len(train_ds)}, \
-        eval_info
+        eval_ds, eval_info, eval_places = load_preferences(eval_dataset, recipe, columns, places=True)
+    else:
+        train_ds, eval_ds, train_places, eval_places = split_by_prompt(train_ds, eval_fraction, recipe.run.seed,
+                                                                       train_info["source"], places=train_places)
+        # the rows read and the identical pairs left out were counted once, before the split: the training side's
+        eval_info = {**train_info, "source": f"{train_info['source']} (held-out {eval_fraction:.0%} of prompts)",
+                     "rows": len(eval_ds), "pairs": len(eval_ds), "identical_dropped": 0}
+        train_info = {**train_info, "rows": train_info["rows"] - len(eval_ds), "pairs": len(train_ds)}
+    return (train_ds, eval_ds, train_info, eval_info) + ((train_places, eval_places) if places else ())

@@ -248,7 +248,7 @@ class Recipe:
     def _refusal(self, stage: str, config_class, values: dict, message: str) -> str:
         """A config class's refusal as one line naming where the value came from: the one section key without which
         the class builds, by its override when the command line set it (a key inside it too: a.b.c=1); else the
-        section (a refusal of several keys together)."""
+        section (a refusal of several keys together: by the last override that set one of them, if any)."""
         culprits = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -259,7 +259,7 @@ class Recipe:
                 except (ValueError, TypeError):
                     pass
         if len(culprits) != 1:
-            return f"{self.path}: section '{stage}': {message}"
+            return f"{source_of(self, stage, *culprits)}: section '{stage}': {message}"
         key = culprits[0]
         named = f"{stage}.{message}" if message.startswith(f"{key} ") else None  # "max_steps must be ..."
         if (source := source_of(self, stage, key)) != str(self.path):  # an override

@@ -160,8 +160,8 @@ def main(argv):
     keys = recipe.keys(STAGE)
     peft_values = recipe.peft_values(STAGE)
     with runs.StageRun(recipe, STAGE) as run:
-        train_ds, eval_ds, train_info, eval_info = preferences.load_preference_splits(
-            keys.dataset, keys.eval_dataset, keys.eval_fraction, recipe, keys.columns)
+        train_ds, eval_ds, train_info, eval_info, train_places, eval_places = preferences.load_preference_splits(
+            keys.dataset, keys.eval_dataset, keys.eval_fraction, recipe, keys.columns, places=True)
         for ds, info in ((train_ds, train_info), (eval_ds, eval_info)):  # a list of datasets, some without
             if keys.margin_scale and "margin" in ds.column_names and None in ds["margin"]:
                 raise cli.PipelineError(f"{info['source']}: some of its datasets give margins (margin or "
@@ -186,7 +186,8 @@ def main(argv):
         from transformers import set_seed
 
         tokenizer = models.load_tokenizer(recipe, init)
-        models.check_chat_template(tokenizer, {train_info["source"]: train_ds, eval_info["source"]: eval_ds})
+        models.check_chat_template(tokenizer, {train_info["source"]: (train_ds, train_places),
+                                               eval_info["source"]: (eval_ds, eval_places)})
         eval_ds, eval_too_long = within_max_length(eval_ds, tokenizer, args.max_length, eval_info["source"])
         set_seed(args.seed)  # the score head is initialised at random
         model = load_reward_model(recipe, init.path, peft_values)
@@ -204,7 +205,7 @@ def main(argv):
                                  eval_dataset=keep_training_columns(eval_ds) if args.eval_strategy != "no" else None,
                                  processing_class=tokenizer,
                                  peft_config=models.peft_config(peft_values, "SEQ_CLS", model=model,
-                                                                 where=f"{recipe.path}: {STAGE}"))
+                                                                 recipe=recipe, stage=STAGE))
         batching.split_forward(trainer.model, keys.length_split)
         too_long = data.left_out(trainer.train_dataset, len(train_ds), train_info["source"], "pairs",
                                  f"are longer than reward.max_length={args.max_length} tokens: raise max_length")

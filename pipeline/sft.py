@@ -126,7 +126,7 @@ def main(argv):
         def keep_training_columns(ds):
             return ds.remove_columns([c for c in ds.column_names if c not in TRAIN_COLUMNS]) if ds else ds
 
-        lora = models.peft_config(peft_values, model=model, where=f"{recipe.path}: {STAGE}")
+        lora = models.peft_config(peft_values, model=model, recipe=recipe, stage=STAGE)
         try:  # what TRL refuses only here (assistant_only_loss on text rows, LoRA on lm_head, ...): one line
             trainer = SFTTrainer(model=model, args=args, train_dataset=keep_training_columns(train_ds),
                                  eval_dataset=keep_training_columns(eval_ds), processing_class=tokenizer,

@@ -266,7 +266,7 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
     reward_funcs = {"reward_model": reward_function(reward_model, stops, cfg.missing_eos_penalty, env,
                                                     cfg.reward_clip),
                     "verifier": verifier, "image_verifier": env and env.image_verifier}
-    lora = models.peft_config(peft_values, model=model, where=f"{recipe.path}: ppo")
+    lora = models.peft_config(peft_values, model=model, recipe=recipe, stage="ppo")
     try:  # what TRL checks only here (loss_type, ...): one line, not a traceback from a half-made stage
         trainer = trainer_cls(model=model, args=args, train_dataset=prompts,
                               reward_funcs=[reward_funcs[f] for f in funcs], processing_class=tokenizer,

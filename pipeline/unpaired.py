@@ -132,14 +132,15 @@ def _each_dataset(rows, where, source, part_of, parts) -> tuple[list[dict], dict
     return out, info, places
 
 
-def load_unpaired(spec, recipe, columns: dict | None = None):
-    """Unpaired preference rows of any supported format, normalized; returns (Dataset, info). `columns` maps our
-    column names to the file's ({completion: reply, label: thumbs_up})."""
+def load_unpaired(spec, recipe, columns: dict | None = None, places: bool = False):
+    """Unpaired preference rows of any supported format, normalized; returns (Dataset, info), with `places` also
+    where each row is from (a pair's two rows: its place). `columns` maps our column names to the file's
+    ({completion: reply, label: thumbs_up})."""
     from pipeline.formats import rename_columns
 
     rows, where, source, part_of = data.read_rows_by_part(spec, recipe)
     rows = rename_columns(rows, columns, source, where)
-    out, info, places = normalize_unpaired(rows, where, source, part_of)
+    out, info, kept = normalize_unpaired(rows, where, source, part_of)
     if not out:
         raise PipelineError(f"{source}: no rows left to learn from (every pair has chosen equal to rejected)")
-    return data.dataset_of(out, source, places), info
+    return (data.dataset_of(out, source, kept), info) + ((kept,) if places else ())

@@ -483,11 +483,16 @@ def test_a_users_chat_template_that_cannot_train_on_the_data_stops_in_one_line(t
     first, second = write_jsonl(tmp_path / "ok.jsonl", chats[:1] * 2), write_jsonl(tmp_path / "chats.jsonl", chats)
     pair = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hi."}],
             "rejected": [{"role": "assistant", "content": "No."}]}
-    pairs = [write_jsonl(tmp_path / "p.jsonl", [pair]), write_jsonl(tmp_path / "q.jsonl", [
-        pair, {**pair, "prompt": [{"role": "system", "content": "Be brief."}, *pair["prompt"]]}])]
+    brief = {**pair, "prompt": [{"role": "system", "content": "Be brief."}, *pair["prompt"]]}
+    pairs = [write_jsonl(tmp_path / "p.jsonl", [pair]), write_jsonl(tmp_path / "q.jsonl", [pair, brief])]
+    prompts = tmp_path / "prompts.jsonl"  # eval's: a blank line first, so its second row is on line 3
+    prompts.write_text("\n" + "".join(json.dumps({"prompt": p["prompt"]}) + "\n" for p in (pair, brief)))
     recipe = tiny_recipe(tmp_path, pretrain=None, tokenizer={"train": False, "chat_template": "own"},
                          model={"config": None, "name_or_path": folder}, sft={**SHORT, "dataset": [first, second]},
-                         dpo={"init_from": "model", "dataset": pairs})
+                         **{stage: {"init_from": "model", "dataset": pairs, "eval_dataset": "", "use_cpu": True}
+                            for stage in ("dpo", "kto")},
+                         eval={"checkpoints": [folder], "prompts": str(prompts), "perplexity_data": "",
+                               "num_samples": 0})
     proc = run_cli(["pipeline/sft.py", recipe, "sft.assistant_only_loss=false"], cwd=tmp_path, env=ONE_THREAD)
     assert one_error_line(proc) == (f"error: {first} + {second}: the tokenizer of {folder}: {second} line 2: its chat "
                                     f"template refuses the row: Conversation roles must alternate user/assistant/user/"
@@ -501,6 +506,15 @@ def test_a_users_chat_template_that_cannot_train_on_the_data_stops_in_one_line(t
                                       in check.stdout
     assert f"dpo.dataset: {pairs[0]} + {pairs[1]}: the tokenizer of {folder}: {pairs[1]} line 2: its chat template " \
            f"refuses the row" in check.stdout  # the pairs' own places too
+    assert not (tmp_path / "runs").exists()
+    # the stages too, after the held-out split and kto's shuffle (before: the row's number among the rows on its
+    # side, and a held-out source named as a Python list; eval's row 2, its blank line skipped)
+    named = {"dpo": (f"{pairs[0]} + {pairs[1]}", f"{pairs[1]} line 2"), "kto": (f"{pairs[0]} + {pairs[1]}",
+             f"{pairs[1]} line 2"), "evaluate": (str(prompts), "line 3")}
+    lines = {stage: one_error_line(run_cli([f"pipeline/{stage}.py", recipe], cwd=tmp_path, env=ONE_THREAD))
+             for stage in named}
+    assert [stage for stage, (source, place) in named.items() if not lines[stage].startswith(f"error: {source}") or
+            f"the tokenizer of {folder}: {place}: its chat template refuses the row" not in lines[stage]] == [], lines
     assert not (tmp_path / "runs").exists()
     from pipeline import models
     from pipeline.cli import PipelineError
@@ -537,3 +551,24 @@ def test_a_model_folder_without_a_model_or_its_tokenizer_stops_in_one_line(tmp_p
     check = run_cli(["pipeline/run.py", recipe, "--check"], cwd=tmp_path, env=ONE_THREAD)
     assert check.returncode == 2 and f"sft.init_from: checkpoint 'model' is damaged: {no_tokenizer}: tokenizer " \
                                       f"files missing" in check.stdout
+
+
+@pytest.mark.parametrize("stage, overrides, message", [
+    ("sft", ["sft.use_peft=true", "sft.lora_target_modules=[q_proj,nope_proj]"],
+     "sft.lora_target_modules: nope_proj names no module of the model"),
+    ("dpo", ["dpo.use_peft=true", "dpo.lora_modules_to_save=[lm_heads]"],
+     "dpo.lora_modules_to_save: 'lm_heads' names no module of the model"),
+    pytest.param("kto", ["kto.use_peft=true", "kto.load_in_8bit=true", "kto.use_dora=true"],
+                 "kto.use_dora with load_in_8bit does not train on a CPU",
+                 marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="refused on a CPU only")),
+])
+def test_lora_refusals_against_the_loaded_model_name_the_override_that_set_the_key(tmp_path, stage, overrides,
+                                                                                   message):
+    """The stage checks these keys against the model it loaded; set on the command line, the refusal named the recipe
+    file, which does not hold them."""
+    folder = user_model(tmp_path / "llama3")
+    recipe = tiny_recipe(tmp_path, pretrain=None, tokenizer=None, model={"config": None, "name_or_path": folder},
+                         **{stage: {"init_from": "model", "max_steps": 1, "use_cpu": True}})
+    proc = run_cli([f"pipeline/{stage}.py", recipe, *overrides], cwd=tmp_path, env=ONE_THREAD)
+    assert one_error_line(proc).startswith(f"error: override '{overrides[-1]}': {message}")
+    assert not (tmp_path / "runs").exists()

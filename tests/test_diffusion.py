@@ -877,6 +877,23 @@ def test_lora_fine_tuning_of_a_pretrained_pipeline_and_its_memory_check(tmp_path
     assert "memory per device" in check.stdout and "LoRA:" in check.stdout and "vae" in check.stdout
 
 
+def test_lora_targets_that_name_no_unet_module_stop_in_one_line_naming_the_override(tmp_path):
+    """peft raised NoMatchingPeftModuleError with a traceback once the stage had begun, its .partial left behind;
+    --check counted no LoRA parameters and passed."""
+    base = _tiny_stable_diffusion(tmp_path / "tiny-sd")
+    recipe = image_recipe(tmp_path, diffusion={"pretrained": str(base), "train_text_encoder": False, "max_steps": 1,
+                                               "batch_size": 4, "judge_epochs": 0, "save_steps": 0})
+    override = "diffusion.lora_target_modules=[to_q,to_kk]"
+    proc = run_cli(["pipeline/diffusion.py", recipe, "diffusion.use_lora=true", override], cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: override '{override}': diffusion.lora_target_"
+                                                           f"modules: 'to_kk' names no module of the UNet (closest: to_k")
+    assert not list((tmp_path / "runs/tiny").glob("diffusion*"))
+    check = run_cli(["pipeline/run.py", recipe, "--check", "diffusion.use_lora=true", override], cwd=tmp_path)
+    assert check.returncode == 2 and "Traceback" not in check.stderr, check.stderr[-2000:]
+    assert "diffusion.lora_target_modules: 'to_kk' names no module of the UNet" in check.stdout
+
+
 def test_a_pretrained_pipeline_trains_at_the_section_resolution(tmp_path):
     # `resolution` was silently ignored with `pretrained` (images had to be the pipeline's own size); now it is the
     # training size, as diffusers' --resolution, checked against the VAE and UNet downsampling

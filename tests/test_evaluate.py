@@ -975,7 +975,7 @@ def test_a_models_own_sampling_defaults_do_not_shape_its_replies(tmp_path):
 
 def test_a_chat_template_that_refuses_an_eval_prompt_stops_in_one_line(tmp_path, monkeypatch):
     """A user's own template (`tokenizer.chat_template: own`) that raises on a prompt (Mistral's on a system
-    message): one line naming the prompt file and row before anything is written (a traceback mid-stage before);
+    message): one line naming the prompt file and line before anything is written (a traceback mid-stage before);
     ppo checks its prompts the same way."""
     from test_byod import MISTRAL_TEMPLATE, user_model
 
@@ -987,7 +987,7 @@ def test_a_chat_template_that_refuses_an_eval_prompt_stops_in_one_line(tmp_path,
                          model={"config": None, "name_or_path": folder},
                          eval={**SMALL_EVAL, "checkpoints": [folder], "prompts": prompts, "perplexity_data": ""})
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(PipelineError, match=f"^{prompts}: the tokenizer of {folder}: row 2: its chat template "
+    with pytest.raises(PipelineError, match=f"^{prompts}: the tokenizer of {folder}: line 2: its chat template "
                                             f"refuses the row: Conversation roles must alternate"):
         evaluate.main([str(recipe)])
     assert not (tmp_path / "runs").exists()

@@ -267,9 +267,13 @@ def test_a_config_class_refusal_names_the_key_and_the_override_that_set_it(tmp_p
     loaded = load_recipe(tiny_recipe(tmp_path, sft={"use_cpu": True}), ["sft.accelerator_config.bogus=1"])
     with pytest.raises(PipelineError, match="^override 'sft.accelerator_config.bogus=1': .*'bogus'"):
         loaded.check_config("sft")  # a key inside the section's key
-    # refused for two keys together (either alone builds): the section is named
+    # refused for two keys together (either alone builds): the section is named, by the last override that set one
     loaded = load_recipe(tiny_recipe(tmp_path, sft={"use_cpu": True, "eval_strategy": "steps"}),
                          ["sft.load_best_model_at_end=true", "sft.save_strategy=epoch"])
+    with pytest.raises(PipelineError, match="^override 'sft.save_strategy=epoch': section 'sft': .*load_best_model"):
+        loaded.check_config("sft")
+    loaded = load_recipe(tiny_recipe(tmp_path, sft={"use_cpu": True, "eval_strategy": "steps",
+                                                    "load_best_model_at_end": True, "save_strategy": "epoch"}))
     with pytest.raises(PipelineError, match=rf"^{recipe}: section 'sft': .*load_best_model_at_end"):
         loaded.check_config("sft")
 

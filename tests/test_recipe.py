@@ -182,6 +182,20 @@ def test_a_new_image_models_lora_set_by_an_override_names_the_override(tmp_path)
             components(recipe, None, recipe.section("diffusion"), 16, stage="diffusion")
 
 
+def test_keys_refused_together_name_the_override_that_set_one(tmp_path):
+    # either of diffusion's use_lora and train_text_encoder alone builds: the refusal named the file, which set neither
+    from test_diffusion import TINY_DIFFUSION, image_recipe
+
+    path = image_recipe(tmp_path, diffusion={**TINY_DIFFUSION, "use_lora": False, "train_text_encoder": False})
+    recipe = load_recipe(path, ["diffusion.use_lora=true", "diffusion.train_text_encoder=true"])
+    with pytest.raises(PipelineError, match=r"^override 'diffusion.train_text_encoder=true': section 'diffusion': "
+                                            r"train_text_encoder: true cannot train with use_lora: true"):
+        recipe.check_config("diffusion")
+    in_file = image_recipe(tmp_path, diffusion={**TINY_DIFFUSION, "use_lora": True, "train_text_encoder": True})
+    with pytest.raises(PipelineError, match=rf"^{re.escape(str(in_file))}: section 'diffusion': train_text_encoder"):
+        load_recipe(in_file).check_config("diffusion")
+
+
 def test_yaml_1_2_booleans_keep_no_a_string():
     # YAML 1.1 would make `no` false; TrainingArguments' save_strategy wants the string "no"
     recipe = load_recipe(SMALL, ["sft.save_strategy=no", "sft.bf16=false"])

@@ -294,21 +294,23 @@ def test_lora_names_that_match_no_module_stop_in_one_line(tiny_run, tmp_path):
 
     from pipeline import models
     from pipeline.cli import PipelineError
+    from pipeline.recipe import load_recipe
 
     work, recipe, _ = tiny_run
     proc = run_cli(["pipeline/sft.py", recipe, "run.name=bad_lora", f"sft.init_from={work / 'runs/tiny/pretrain'}",
                     "sft.use_peft=true", "sft.lora_target_modules=[nope_proj]"], cwd=work)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {recipe}: sft.lora_target_modules: nope_proj ")
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: override 'sft.lora_target_modules=[nope_proj]': "
+                                                           "sft.lora_target_modules: nope_proj ")
     assert not (work / "runs/bad_lora").exists()
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=2))
     for values, message in (({"lora_target_modules": ["q_proj", "v_prj"]}, "lora_target_modules: v_prj names no"),
                             ({"lora_modules_to_save": ["lm_heads"]}, "lora_modules_to_save: 'lm_heads' names no")):
-        with pytest.raises(PipelineError, match=f"r.yaml: dpo.{message}"):
-            models.peft_config({"use_peft": True, **values}, model=model, where="r.yaml: dpo")
-    assert models.peft_config({"use_peft": True, "lora_target_modules": ["all-linear"]}, model=model, where="")
+        with pytest.raises(PipelineError, match=f"^{recipe}: dpo.{message}"):
+            models.peft_config({"use_peft": True, **values}, model=model, recipe=load_recipe(recipe), stage="dpo")
+    assert models.peft_config({"use_peft": True, "lora_target_modules": ["all-linear"]}, model=model)
     from peft import get_peft_model  # one target (TRL turned [q_proj] into the regex 'q_proj', which matched nothing)
 
     one = get_peft_model(model, models.peft_config({"use_peft": True, "lora_target_modules": ["q_proj"]}, model=model))
@@ -323,7 +325,8 @@ def test_lora_names_that_match_no_module_stop_in_one_line(tiny_run, tmp_path):
     LlamaForCausalLM(model.config).save_pretrained(tmp_path / "odd")
     odd = LlamaForCausalLM.from_pretrained(tmp_path / "odd", quantization_config=BitsAndBytesConfig(load_in_4bit=True))
     with pytest.raises(PipelineError, match="sft.load_in_4bit: .* multiple of 32, and model.layers.0.* has 48"):
-        models.peft_config({"use_peft": True, "load_in_4bit": True}, model=odd, where="r.yaml: sft")
+        models.peft_config({"use_peft": True, "load_in_4bit": True}, model=odd, recipe=load_recipe(recipe),
+                           stage="sft")
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the failure is in bitsandbytes' CPU path")
@@ -336,7 +339,9 @@ def test_dora_on_an_8bit_model_is_refused_on_cpu_where_its_second_step_fails(tmp
 
     from pipeline import models
     from pipeline.cli import PipelineError
+    from pipeline.recipe import load_recipe
 
+    recipe = load_recipe(tiny_recipe(tmp_path))
     LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "m")
 
@@ -344,8 +349,8 @@ def test_dora_on_an_8bit_model_is_refused_on_cpu_where_its_second_step_fails(tmp
         return LlamaForCausalLM.from_pretrained(tmp_path / "m", quantization_config=BitsAndBytesConfig(load_in_8bit=True))
 
     values = {"use_peft": True, "use_dora": True, "load_in_8bit": True, "lora_target_modules": ["q_proj"]}
-    with pytest.raises(PipelineError, match="r.yaml: sft.use_dora with load_in_8bit does not train on a CPU"):
-        models.peft_config(values, model=load(), where="r.yaml: sft")
+    with pytest.raises(PipelineError, match="recipe.yaml: sft.use_dora with load_in_8bit does not train on a CPU"):
+        models.peft_config(values, model=load(), recipe=recipe, stage="sft")
     # Why: the libraries' own failure (if a peft/bitsandbytes release fixes it, this fails and the refusal can go) ...
     dora = get_peft_model(load(), LoraConfig(r=4, use_dora=True, target_modules=["q_proj"])).train()
     ids = torch.randint(0, 64, (2, 8))
@@ -353,7 +358,7 @@ def test_dora_on_an_8bit_model_is_refused_on_cpu_where_its_second_step_fails(tmp
     with pytest.raises(AttributeError, match="unsqueeze"):
         dora(input_ids=ids, labels=ids)
     # ... and plain LoRA on the same 8-bit model passes the check and trains on.
-    assert models.peft_config({**values, "use_dora": False}, model=load(), where="r.yaml: sft") is not None
+    assert models.peft_config({**values, "use_dora": False}, model=load(), recipe=recipe, stage="sft") is not None
 
 
 # ---------------------------------------------------------------------------------- stages side by side
