@@ -196,10 +196,11 @@ def json_cell(value, source, where, what):
 
 def prompt_cells(row: dict, source, where) -> dict:
     """A prompt row's cells that replies are checked against, read one way for ppo and eval (`row`, changed in
-    place): a number `answer` as its text (answer_text), a CSV's `expect` cell (JSON text) as its object."""
+    place): a number `answer` as its text (answer_text), a tool task's CSV `expect` cell (JSON text; a row with a
+    `kind` or `tools`) as its object. Other rows' `expect` is not ours: it stays as it is."""
     if row.get("answer") is not None:
         row["answer"] = answer_text(row["answer"])
-    if isinstance(row.get("expect"), str):
+    if isinstance(row.get("expect"), str) and (row.get("kind") or row.get("tools")):
         row["expect"] = json_cell(row["expect"], source, where, "'expect'")
     return row
 

@@ -114,17 +114,16 @@ def resolve_checkpoint(recipe, ref: str | None, must_exist: bool = True, key: st
 
 
 def tokenizer_inputs(recipe) -> dict:
-    """The tokenizer section as a new model's fingerprint sees it, with the contents of the corpus it trains on, the
-    chat data added (left out when unset, as before the key) or the folder it loads: a rewrite reruns the stages."""
+    """The tokenizer section as a new model's fingerprint sees it, with the contents of the chat data it trains on
+    (left out when unset, as before the key; its corpus is pretrain's dataset, in pretrain's fingerprint) or of the
+    folder it loads: a rewrite reruns the stages."""
     from pipeline import data
 
     tcfg, where = recipe.tokenizer, f"{recipe.path}: tokenizer"
     out = {k: v for k, v in dataclasses.asdict(tcfg).items() if k != "chat_dataset"}
     if tcfg.chat_dataset:
         out["chat_dataset"] = data.fingerprint(tcfg.chat_dataset, recipe, key=f"{where}.chat_dataset")
-    if tcfg.train:
-        out["dataset_contents"] = data.fingerprint(tcfg.dataset, recipe, key=f"{where}.dataset")
-    elif tcfg.name_or_path and (folder := Path(tcfg.name_or_path).expanduser()).is_dir():
+    if not tcfg.train and tcfg.name_or_path and (folder := Path(tcfg.name_or_path).expanduser()).is_dir():
         out["folder_contents"] = hash_folder(folder)
     return out
 

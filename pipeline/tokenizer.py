@@ -208,12 +208,15 @@ END_OF_TEXT = (DOC_SEP, "<|end_of_text|>", "<eos>", "</s>")
 def doc_sep_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """Id of the token that separates packed documents: the tokenizer's end-of-text token (END_OF_TEXT), never the
     chat turn end that its eos may be (Llama 3 Instruct's ``<|eot_id|>``, Gemma's ``<end_of_turn>``, ours after
-    apply_chat_format); without one the bos token (documents start with it), else the eos."""
+    apply_chat_format); without one the eos of a tokenizer without a chat template (a base model's: it ends text),
+    else the bos token (documents start with it), else the eos."""
     added = tokenizer.added_tokens_encoder  # special tokens, never a merge that happens to read the same
     for token in END_OF_TEXT:
         if token in added:
             return added[token]
-    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if not tokenizer.chat_template or tokenizer.bos_token_id is None:
+        return tokenizer.eos_token_id
+    return tokenizer.bos_token_id
 
 
 def _batched(texts: Iterable[str], batch_size: int = 1000) -> Iterator[list[str]]:

@@ -567,4 +567,8 @@ def test_documents_are_packed_with_the_end_of_text_token_not_the_chat_turn_end(t
     assert doc_sep_id(gemma) == gemma.convert_tokens_to_ids("<eos>")
     turns_only = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(bpe_models.BPE()), bos_token="<bos>",
                                          eos_token="<end_of_turn>")
+    turns_only.chat_template = "{% for m in messages %}{{ m.content }}<end_of_turn>{% endfor %}"
     assert doc_sep_id(turns_only) == turns_only.bos_token_id
+    # a base model's tokenizer (no chat template) ends text with its eos, whatever it is called
+    base = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(bpe_models.BPE()), bos_token="<s>", eos_token="<|eos|>")
+    assert doc_sep_id(base) == base.eos_token_id

@@ -361,6 +361,12 @@ def test_ppo_and_eval_read_a_prompt_rows_answer_and_expect_alike(tmp_path):
     eval_row = data.CHECKS["eval_prompts"](rows, where, source)[0]
     assert {k: eval_row[k] for k in ("answer", "expect")} == {k: ppo_row[k] for k in ("answer", "expect")} == \
         {"answer": "3", "expect": {"image_id": 7, "answer": 3}}
+    # a row that is no tool task (no kind, no tools): its `expect` is a column of the user's, kept as its text
+    pd.DataFrame([{"prompt": "What is 2 + 2?", "answer": 4, "expect": "a short answer"}]).to_csv(tmp_path / "p.csv",
+                                                                                                 index=False)
+    rows, where, source = data.read_rows(str(tmp_path / "p.csv"), recipe)
+    assert data.CHECKS["eval_prompts"](rows, where, source)[0]["expect"] == "a short answer"
+    assert ppo.read_prompts(str(tmp_path / "p.csv"), recipe)[0][0]["expect"] == "a short answer"
 
 
 @pytest.mark.parametrize("override, expected", [
