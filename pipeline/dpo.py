@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from pipeline import batching, cli, data, dpo_rounds, judges, log, models, preferences, reference_free, runs
-from pipeline.generation import learned_positions_problem
+from pipeline.generation import refuse_past_positions
 from pipeline.heldout import heldout_comparison, heldout_rows
 from pipeline.recipe import load_recipe, stage_help
 from pipeline.reward_model import RewardModel
@@ -127,8 +127,7 @@ def main(argv):
         policy, peft_config, reference = models.load_policy(recipe, init, peft_values, tokenizer, STAGE,
                                                             reference_with_peft=keys.rounds > 1,
                                                             reference=keys.rounds > 1 or not no_reference)
-        if problem := learned_positions_problem(policy.config, args.max_length, f"{STAGE}.max_length"):
-            raise cli.PipelineError(f"{recipe.path}: {problem}")
+        refuse_past_positions(recipe, policy.config, args.max_length, f"{STAGE}.max_length")
 
         # TRL leaves out a pair whose prompt alone fills max_length (no reply token would be left)
         too_long = {"train": 0, "eval": 0}

@@ -346,7 +346,7 @@ def main(argv):
         if reference is not None:
             check_model(recipe, reference, "reference")
         reward = run.checkpoint("reward_model") if keys.reward_model else None
-        if reward is None and recipe.section(STAGE).get("reward_model", "auto") == "auto" and "reward" in recipe.stages:
+        if reward is None and keys.waits_for(recipe):  # reward_model auto: the stage is not finished yet
             log.info("the reward stage has not finished: no reward-model scores (name one with eval.reward_model)")
         data.warn_world_eval(recipe, STAGE, keys)
         if reward is not None:

@@ -300,6 +300,14 @@ def learned_positions_problem(config, max_length: int | None, key: str) -> str |
             f"{positions} or less")
 
 
+def refuse_past_positions(recipe, config, max_length: int | None, key: str) -> None:
+    """A training stage's form of learned_positions_problem: one line naming the recipe, before any training."""
+    if problem := learned_positions_problem(config, max_length, key):
+        from pipeline.cli import PipelineError
+
+        raise PipelineError(f"{recipe.path}: {problem}")
+
+
 def warn_past_context(model, tokenizer, lengths: list[int], reply_tokens: int, what: str) -> None:
     """Warn when prompts of `lengths` tokens with a reply of up to reply_tokens run past the model's positions: those
     replies go where it never trained (a model with learned positions fails there). eval keeps such prompts: every

@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from pipeline import batching, cli, data, log, models, runs, unpaired
-from pipeline.generation import learned_positions_problem
+from pipeline.generation import refuse_past_positions
 from pipeline.heldout import heldout_comparison, heldout_rows
 from pipeline.preferences import split_by_prompt
 from pipeline.recipe import load_recipe, stage_help
@@ -94,8 +94,7 @@ def main(argv):
                                                eval_info["source"]: (eval_ds, eval_places)})
         # with LoRA the reference is the policy with its adapter switched off
         policy, peft_config, reference = models.load_policy(recipe, init, peft_values, tokenizer, STAGE)
-        if problem := learned_positions_problem(policy.config, args.max_length, f"{STAGE}.max_length"):
-            raise cli.PipelineError(f"{recipe.path}: {problem}")
+        refuse_past_positions(recipe, policy.config, args.max_length, f"{STAGE}.max_length")
         trainer = KTOTrainer(model=policy, ref_model=reference, args=args, train_dataset=rows_only(train_ds),
                              eval_dataset=rows_only(eval_ds), processing_class=tokenizer, peft_config=peft_config)
         for net in (trainer.model, trainer.ref_model):  # policy and reference: less padding, the same outputs

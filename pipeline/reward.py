@@ -33,7 +33,7 @@ from pipeline import batching, cli, data, log, metrics as M, models, preferences
 from pipeline.reward_model import (RewardModel, encode, encode_prompt, lm_head_weight, load_reward_model,
                                    next_token_loss, save_reward_model, save_statistics, tools_of)
 from pipeline.formats import as_bool
-from pipeline.generation import learned_positions_problem
+from pipeline.generation import refuse_past_positions
 from pipeline.recipe import load_recipe, stage_help
 
 STAGE = "reward"
@@ -191,8 +191,7 @@ def main(argv):
         eval_ds, eval_too_long = within_max_length(eval_ds, tokenizer, args.max_length, eval_info["source"])
         set_seed(args.seed)  # the score head is initialised at random
         model = load_reward_model(recipe, init.path, peft_values)
-        if problem := learned_positions_problem(model.config, args.max_length, f"{STAGE}.max_length"):
-            raise cli.PipelineError(f"{recipe.path}: {problem}")
+        refuse_past_positions(recipe, model.config, args.max_length, f"{STAGE}.max_length")
         models.fit_embeddings(model, tokenizer)
         model.config.pad_token_id = tokenizer.pad_token_id
 

@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from pipeline import batching, cli, data, log, models, runs
-from pipeline.generation import learned_positions_problem
+from pipeline.generation import refuse_past_positions
 from pipeline.heldout import heldout_comparison, heldout_rows
 from pipeline.recipe import load_recipe, stage_help
 from pipeline.stages import STAGES
@@ -119,8 +119,7 @@ def main(argv):
                                    assistant_only=args.assistant_only_loss)
         model = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision,
                                       tokenizer=tokenizer)
-        if problem := learned_positions_problem(model.config, args.max_length, f"{STAGE}.max_length"):
-            raise cli.PipelineError(f"{recipe.path}: {problem}")
+        refuse_past_positions(recipe, model.config, args.max_length, f"{STAGE}.max_length")
         models.configure_generation(model, tokenizer)
 
         def keep_training_columns(ds):
