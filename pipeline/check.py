@@ -62,6 +62,7 @@ def _rows_problem(spec, recipe, stage: str, key: str, keys, will_run) -> str | N
 
     rows, where, source, part_of = data.read_rows_by_part(spec, recipe,
                                                           text_split=getattr(keys, "text_split", "paragraph"))
+    sampled_all = len(rows) <= SAMPLE_ROWS
     rows, where, part_of = [dict(r) for r in rows[:SAMPLE_ROWS]], where[:SAMPLE_ROWS], part_of[:SAMPLE_ROWS]
     columns = getattr(keys, "columns", None)
     if key == "heldout_prompts":  # every policy stage reads them as eval reads its prompts (pipeline/heldout.py)
@@ -72,13 +73,12 @@ def _rows_problem(spec, recipe, stage: str, key: str, keys, will_run) -> str | N
                                                   part_of)
         _reward_reads(recipe, stage, keys, [r["prompt"] for r in rows], spec, will_run)
         return _template_problem(recipe, stage, keys, (rows, places), source, will_run)
-    if stage in ("reward", "dpo"):
-        pairs, _, places = preferences.normalize_preferences(rename_columns(rows, columns, source, where), where,
-                                                             source, part_of)
-        return _template_problem(recipe, stage, keys, (pairs, places), source, will_run)
-    if stage == "kto":
-        examples, _, places = unpaired.normalize_unpaired(rename_columns(rows, columns, source, where), where,
-                                                          source, part_of)
+    if stage in ("reward", "dpo", "kto"):
+        normalize, load = ((unpaired.normalize_unpaired, unpaired.load_unpaired) if stage == "kto" else
+                           (preferences.normalize_preferences, preferences.load_preferences))
+        examples, _, places = normalize(rename_columns(rows, columns, source, where), where, source, part_of)
+        if not examples and sampled_all:  # every pair has chosen == rejected: the stage drops them all and stops
+            load(spec, recipe, columns)  # with its own loader's error (PipelineError)
         return _template_problem(recipe, stage, keys, (examples, places), source, will_run)
     kind = {"pretrain": "text", "sft": "chat"}.get(stage, "prompts")
     if key == "perplexity_data":
@@ -103,8 +103,8 @@ def _template_problem(recipe, stage: str, keys, sampled: tuple, source: str, wil
 
     ref = keys.init_from
     cp = runs.resolve_checkpoint(recipe, ref, must_exist=False)
-    if cp.path is None or cp.fingerprint is None or ref in will_run or not Path(cp.path).is_dir():
-        return None
+    if not sampled[0] or cp.path is None or cp.fingerprint is None or ref in will_run or not Path(cp.path).is_dir():
+        return None  # no rows: the first rows were all identical pairs, dropped (the stage reads on)
     conversational = "messages" in sampled[0][0]  # sft's assistant-only loss defaults to it, as the stage sets it
     assistant_only = stage == "sft" and bool(recipe.section(stage).get("assistant_only_loss", conversational))
     try:

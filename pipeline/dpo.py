@@ -70,14 +70,15 @@ def check_rounds(recipe, keys) -> None:
                                 f"but the recipe has no `{keys.round_reward_model}` section")
 
 
-def round_prompts(keys, train_ds) -> list[dict]:
+def round_prompts(keys, train_ds, places: list[str]) -> list[dict]:
     """The prompts later rounds sample from: the training pairs' distinct prompts, with the tools each offers; the
-    annotator judges world problems only (it needs their answers), not tool replies (their prompts are left out)."""
+    annotator judges world problems only (it needs their answers), not tool replies (their prompts are left out).
+    `places`: where each training pair is from, to name a row the annotator cannot judge."""
     prompts = train_ds.select_columns([c for c in ("prompt", "skill", "answer", "tools") if c in train_ds.column_names])
     if keys.round_labeller == "annotator":
         spec = data.spec_name(keys.dataset)
         prompts = judges.with_answers(prompts, spec, required=True, needed_for="dpo.round_labeller=annotator",
-                                      own_answers=False)
+                                      own_answers=False, places=places)
         return dpo_rounds.annotator_prompts(dpo_rounds.distinct_prompts(prompts), spec)
     return dpo_rounds.distinct_prompts(prompts)
 
@@ -102,7 +103,7 @@ def main(argv):
         run.note_data("eval_dataset", eval_info)
         data.warn_world_eval(recipe, STAGE, keys)
         heldout = heldout_rows(recipe, keys)
-        prompts = round_prompts(keys, train_ds) if keys.rounds > 1 else None
+        prompts = round_prompts(keys, train_ds, train_places) if keys.rounds > 1 else None
         args = recipe.trainer_config(STAGE, output_dir=str(run.out))
         init = run.checkpoint()
         if init.path is None:

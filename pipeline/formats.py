@@ -322,6 +322,12 @@ def to_sft_row(row: dict, fmt: str, source, where) -> dict:
     return out
 
 
+def is_text_completion(row: dict) -> bool:
+    """Whether an SFT row (as to_sft_row writes it: prompt and completion both text, or both messages) is a text
+    prompt/completion row: trained on its plain text, not through the chat template as conversations are."""
+    return isinstance(row.get("completion"), str)
+
+
 # ---------------------------------------------------------------------------------------------- tool calls
 
 

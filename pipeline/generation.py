@@ -286,13 +286,28 @@ def config_positions(config) -> int | None:
     return None
 
 
+# Model types whose positions come from a table indexed by position id (learned; GPT-J's, CodeGen's and CTRL's fixed
+# sinusoids): a row longer than the table stops the first step (each checked past its positions). XGLM grows its
+# table; RoPE, ALiBi and state-space models have none.
+POSITION_TABLES = frozenset({"gpt2", "gpt-sw3", "gpt_bigcode", "openai-gpt", "ctrl", "gpt_neo", "opt", "biogpt", "gptj",
+                             "codegen", "bart", "bert", "roberta"})
+
+
+def has_position_table(config) -> bool:
+    """Whether a config says positively that its model reads absolute positions from a table (POSITION_TABLES, or a
+    BERT-style `position_embedding_type: absolute`). False where it cannot tell: a remote-code config names its
+    rotary settings its own way (ChatGLM's rope_ratio, Qwen-1's rotary_emb_base), not as `rope_parameters`."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return (getattr(text, "model_type", None) in POSITION_TABLES
+            or getattr(text, "position_embedding_type", None) == "absolute")
+
+
 def learned_positions_problem(config, max_length: int | None, key: str) -> str | None:
     """Why a training stage cannot give this model rows of up to `max_length` tokens (`key`: TRL cuts rows there,
-    None cuts none): a model with a table of learned positions (GPT-2, OPT; GPT-J's fixed table too; no RoPE
-    parameters in its config) stops the first step with an IndexError on a longer row. A RoPE model runs on."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    None cuts none): a model with a table of positions (has_position_table: GPT-2, OPT, GPT-J) stops the first step on
+    a longer row. Any other model, or one whose config does not say, runs on."""
     positions = config_positions(config)
-    if positions is None or getattr(text, "rope_parameters", None) or (max_length and max_length <= positions):
+    if positions is None or not has_position_table(config) or (max_length and max_length <= positions):
         return None
     over = (f"({max_length}) is over the model's {positions}" if max_length else
             f"is unset, so rows are not cut to the model's {positions}")

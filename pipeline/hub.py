@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 from functools import lru_cache
+from pathlib import Path
 from urllib.parse import urlparse
 
 TIMEOUT_S = 3.0
@@ -45,6 +46,12 @@ def reachable() -> bool:
         except Exception:  # pragma: no cover - an older huggingface_hub
             pass
         return False
+
+
+def online_for(source) -> bool:
+    """Whether `source` can be read: a local path, yes; a hub id, when the hub is reachable (asked once; offline,
+    the libraries then read their caches only, at once, instead of retrying for half a minute)."""
+    return Path(source).exists() or reachable()
 
 
 def unreachable_note() -> str:

@@ -65,12 +65,14 @@ def last_user_text(prompt) -> str:
     return prompt if isinstance(prompt, str) else next(m["content"] for m in reversed(prompt) if m["role"] == "user")
 
 
-def with_answers(ds, spec: str, required: bool, needed_for: str = "verifier_weight", own_answers: bool = True):
+def with_answers(ds, spec: str, required: bool, needed_for: str = "verifier_weight", own_answers: bool = True,
+                 places: list[str] | None = None):
     """Add `skill`/`answer` for the verifier and the annotator (PPO's gold score and verifier_weight, iterated DPO's
     annotator): the dataset's own columns; else a world problem's skill, with the row's own `answer` (text: ppo's
     prompts are read so, preferences.prompt_rows) or else the problem's solution, and where it is no world problem
     the row's own `answer` (checked by exact match, as eval checks a reference without a skill). Not `own_answers`: the
-    annotator, which judges world problems only. A row with neither: an error naming it when `required`
+    annotator, which judges world problems only. A row with neither: an error naming it (by its place in `places`,
+    e.g. `line 3` or `b.jsonl line 3`: the loaders reorder and drop rows; else its index from 1) when `required`
     (`needed_for` says by what), else left unchecked, logged. Rows that offer tools (a `tools` value) are tool
     tasks, judged by pipeline/tool_world.py: they get no skill/answer, and prompts of tool tasks only keep no
     `answer` column (so verifier_weight's check sees that there is nothing to verify)."""
@@ -82,15 +84,16 @@ def with_answers(ds, spec: str, required: bool, needed_for: str = "verifier_weig
     for i, (prompt, tools, answer) in enumerate(zip(ds["prompt"], offers, given)):
         key = None if tools else world.prompt_key(last_user_text(prompt))
         if key is None and not tools and answer is None:
+            place = places[i] if places else f"row {i + 1}"
             if required:
                 alone = " (or an `answer` alone)" if own_answers else ""
-                raise PipelineError(f"{spec}: row {i + 1}: {needed_for} needs `skill` and `answer` columns{alone}, "
+                raise PipelineError(f"{spec}: {place}: {needed_for} needs `skill` and `answer` columns{alone}, "
                                     f"and this prompt is not a world problem to solve")
-            unchecked.append(i + 1)
+            unchecked.append(place)
         skills.append(key[0] if key else None)
         answers.append(None if tools else answer if answer is not None else world.solve(key) if key else None)
     if unchecked:
-        log.info(f"{spec}: {len(unchecked)} rows (row {unchecked[0]} first) have no answer to check: they get no "
+        log.info(f"{spec}: {len(unchecked)} rows ({unchecked[0]} first) have no answer to check: they get no "
                  f"verifier accuracy")
     if all(a is None for a in answers):  # tool tasks only, or nothing to check
         return ds.remove_columns("answer") if "answer" in ds.column_names else ds

@@ -160,3 +160,36 @@ def source_of(recipe, section: str, *keys: str) -> str:
     override = next((o for o in reversed(recipe.overrides) if (o.partition("=")[0].strip() + ".").startswith(prefixes)),
                     None)
     return f"override '{override}'" if override else str(recipe.path)
+
+
+def key_prefix(recipe, section: str, *keys: str) -> str:
+    """What goes before a key's name in a message: `<where the keys were set>: <section>.`; without a recipe (a caller
+    that checks values alone) `<section>.`, or nothing."""
+    if recipe is None:
+        return f"{section}." if section else ""
+    return f"{source_of(recipe, section, *keys)}: {section}."
+
+
+def keys_at_fault(build, values: dict, keys) -> list[str]:
+    """The keys among `keys` that build(values)'s refusal (ValueError, TypeError) is about: those without which it
+    passes or refuses something else. A library's message names its own argument (peft's `task_type`), not our key."""
+    def refusal(kept: dict) -> str | None:
+        try:
+            build(kept)
+        except (ValueError, TypeError) as err:
+            return str(err)
+        return None
+
+    first = refusal(values)
+    return [k for k in keys if refusal({n: v for n, v in values.items() if n != k}) != first]
+
+
+def refusal_line(recipe, section: str, build, values: dict, keys, err, what: str) -> str:
+    """One line for a library's refusal `err` of a section's values together (build(values) raised it): the keys among
+    `keys` it is about, each by where it was set; where that cannot be told, all of `keys` and every place that set
+    one (not the last override of any: it may not hold the value at fault)."""
+    culprits, message = keys_at_fault(build, values, keys), str(err).splitlines()[0]
+    places = " and ".join(dict.fromkeys(source_of(recipe, section, k) for k in culprits or keys)) or str(recipe.path)
+    if culprits:
+        return f"{places}: {' and '.join(f'{section}.{k}' for k in culprits)}: {what}: {message}"
+    return f"{places}: {section}: {what}" + (f" ({', '.join(keys)})" if keys else "") + f": {message}"

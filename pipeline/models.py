@@ -15,7 +15,7 @@ import torch
 from pipeline import faults
 from pipeline.cli import PipelineError, built_from_config
 from pipeline.formats import ObjectArguments
-from pipeline.key_checks import source_of
+from pipeline.key_checks import key_prefix, refusal_line
 from pipeline.values import closest
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -56,7 +56,7 @@ def load_tokenizer(recipe, checkpoint, corpus=None, as_saved: bool = False):
         # a folder that is no model, or without its tokenizer files
         if Path(source).is_dir() and (problem := integrity.language_model_problem(source)):
             raise PipelineError(problem)
-        online = hub.reachable() if not Path(source).exists() else True  # a hub id offline: the cache only
+        online = hub.online_for(source)  # a hub id offline: the cache only
         try:
             tok = tok_lib.load_tokenizer(source, trust_remote_code=recipe.model.trust_remote_code,
                                          revision=recipe.model.revision if checkpoint.source == "hub" else None)
@@ -210,8 +210,8 @@ def quantization_config(recipe, peft_values: dict):
 
 def peft_config(peft_values: dict, task_type: str = "CAUSAL_LM", *, model=None, recipe=None, stage: str = ""):
     """The stage's LoRA config (None without use_peft). With `model` (the loaded model the adapter goes on; the recipe
-    and stage name where each key was set), target modules and modules to save that name no module, and 4-bit layers
-    this CPU cannot run, are one line here rather than a traceback inside the trainer."""
+    and stage name where each key was set; without a recipe messages name the keys alone), target modules and modules
+    to save that name no module, and 4-bit layers this CPU cannot run, are one line here, not a trainer's traceback."""
     if not peft_values.get("use_peft"):
         return None
     from trl import ModelConfig, get_peft_config
@@ -222,11 +222,11 @@ def peft_config(peft_values: dict, task_type: str = "CAUSAL_LM", *, model=None, 
     if targets and [t.lower() for t in targets] != ["all-linear"]:  # TRL makes a list of one name a string, which
         config.target_modules = set(targets)  # peft matches as a regex against the whole module path: no module
     if model is not None:
-        _check_against(model, config, lambda *keys: f"{source_of(recipe, stage, *keys)}: {stage}")
+        _check_against(model, config, lambda *keys: key_prefix(recipe, stage, *keys))
     return config
 
 
-def _check_against(model, config, where) -> None:  # where(*keys): "<where the keys were set>: <stage>"
+def _check_against(model, config, where) -> None:  # where(*keys): "<where the keys were set>: <stage>."
     import re
 
     names = [name for name, _ in model.named_modules()]
@@ -241,22 +241,22 @@ def _check_against(model, config, where) -> None:  # where(*keys): "<where the k
         missing = sorted(t for t in targets or [] if not found(t))
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise PipelineError(f"{where('lora_target_modules')}.lora_target_modules: {', '.join(missing)} names no "
+        raise PipelineError(f"{where('lora_target_modules')}lora_target_modules: {', '.join(missing)} names no "
                             f"module of the model (its linear layers: {', '.join(linear)}; or [all-linear])")
     for wanted in config.modules_to_save or []:
         if not found(wanted):
-            raise PipelineError(f"{where('lora_modules_to_save')}.lora_modules_to_save: '{wanted}' names no module "
+            raise PipelineError(f"{where('lora_modules_to_save')}lora_modules_to_save: '{wanted}' names no module "
                                 f"of the model{closest(wanted, {n.rsplit('.', 1)[-1] for n in names if n})}")
     if not torch.cuda.is_available():  # bitsandbytes' packed CPU kernel (AVX512-BF16) works on blocks of 32 outputs
         if config.use_dora and any(type(m).__name__ == "Linear8bitLt" for m in model.modules()):
             # peft 0.21's DoRA moves each 8-bit weight back to the CPU after the first forward pass, which drops
             # its int8 scales: the second step fails inside bitsandbytes ('NoneType' has no attribute 'unsqueeze')
-            raise PipelineError(f"{where('use_dora', 'load_in_8bit')}.use_dora with load_in_8bit does not train on a "
+            raise PipelineError(f"{where('use_dora', 'load_in_8bit')}use_dora with load_in_8bit does not train on a "
                                 f"CPU (peft's DoRA loses the 8-bit scales after the first step): use load_in_4bit, "
                                 f"plain LoRA, or a GPU")
         for name, module in model.named_modules():
             if getattr(module, "support_avx512bf16_for_cpu", False) and module.out_features % 32:
-                raise PipelineError(f"{where('load_in_4bit')}.load_in_4bit: on this CPU bitsandbytes runs a 4-bit "
+                raise PipelineError(f"{where('load_in_4bit')}load_in_4bit: on this CPU bitsandbytes runs a 4-bit "
                                     f"layer only when its output size is a multiple of 32, and {name} has "
                                     f"{module.out_features}: train this model without load_in_4bit here, or on a GPU")
 
@@ -268,28 +268,27 @@ def check_peft(recipe) -> None:
 
     for stage in recipe.stages:
         values = recipe.peft_values(stage)
-        where = lambda *keys: f"{source_of(recipe, stage, *keys)}: {stage}"  # noqa: E731 (an override that set one)
+        where = lambda *keys: key_prefix(recipe, stage, *keys)  # noqa: E731 (an override that set one)
         quant = [k for k in ("load_in_4bit", "load_in_8bit") if values.get(k)]
         if len(quant) == 2:
-            raise PipelineError(f"{where(*quant)}.load_in_4bit and {stage}.load_in_8bit are both set: choose one")
+            raise PipelineError(f"{where(*quant)}load_in_4bit and {stage}.load_in_8bit are both set: choose one")
         if quant and not values.get("use_peft"):
-            raise PipelineError(f"{where(quant[0], 'use_peft')}.{quant[0]} needs {stage}.use_peft: true (a quantized "
+            raise PipelineError(f"{where(quant[0], 'use_peft')}{quant[0]} needs {stage}.use_peft: true (a quantized "
                                 f"model trains only through LoRA adapters: QLoRA)")
         if quant and importlib.util.find_spec("bitsandbytes") is None:
-            raise PipelineError(f"{where(quant[0])}.{quant[0]} needs bitsandbytes, which is not installed "
+            raise PipelineError(f"{where(quant[0])}{quant[0]} needs bitsandbytes, which is not installed "
                                 f"(pip install bitsandbytes)")
         if not values.get("use_peft"):
             continue
-        from trl import ModelConfig
-
-        if values.get("lora_r", ModelConfig.lora_r) < 1:  # absent: TRL's default
-            raise PipelineError(f"{where('lora_r')}.lora_r must be at least 1, got {values['lora_r']}")
+        if values.get("lora_r", 1) < 1:  # absent: TRL's default (16)
+            raise PipelineError(f"{where('lora_r')}lora_r must be at least 1, got {values['lora_r']}")
         if not 0 <= values.get("lora_dropout", 0.0) < 1:
-            raise PipelineError(f"{where('lora_dropout')}.lora_dropout must be in [0, 1), got {values['lora_dropout']}")
+            raise PipelineError(f"{where('lora_dropout')}lora_dropout must be in [0, 1), got {values['lora_dropout']}")
         try:
             peft_config(values)
-        except (ValueError, TypeError) as err:  # peft's LoraConfig checks (e.g. settings that exclude each other)
-            raise PipelineError(f"{where(*values)}: LoRA settings: {str(err).splitlines()[0]}") from None
+        except (ValueError, TypeError) as err:  # peft's LoraConfig checks: named by the keys they are about
+            raise PipelineError(refusal_line(recipe, stage, peft_config, values, [k for k in values if k != "use_peft"],
+                                             err, "LoRA settings")) from None
 
 
 def load_causal_lm(recipe, path: str, *, peft_values: dict | None = None, cls=None, revision=None, tokenizer=None,
@@ -309,7 +308,7 @@ def load_causal_lm(recipe, path: str, *, peft_values: dict | None = None, cls=No
         load_kw["quantization_config"] = quant
     from pipeline import hub
 
-    online = hub.reachable() if not Path(path).exists() else True  # a hub id offline: the cache only, at once
+    online = hub.online_for(path)  # a hub id offline: the cache only, at once
     try:
         if adapter:
             if quant is not None:

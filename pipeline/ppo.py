@@ -209,7 +209,8 @@ def main(argv):
         prompts, info, places = read_prompts(keys.prompts, recipe, keys.columns, pairs=cfg.reward_round_replay > 0,
                                              places=True)
         run.note_data("prompts", info)
-        prompts = with_answers(prompts, keys.prompts, required=bool(cfg.verifier_weight))
+        prompts = with_answers(prompts, data.spec_name(keys.prompts), required=bool(cfg.verifier_weight),
+                               places=places)
         check_keys(recipe, cfg, keys, prompts)
         data.warn_world_eval(recipe, STAGE, keys)
         heldout = heldout_rows(recipe, keys)

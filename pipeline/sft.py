@@ -16,9 +16,11 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from pipeline import batching, cli, data, log, models, runs
+from pipeline.formats import is_text_completion
 from pipeline.generation import refuse_past_positions
 from pipeline.heldout import heldout_comparison, heldout_rows
 from pipeline.recipe import load_recipe, stage_help
+from pipeline.trl_refusals import trl_refusal
 from pipeline.stages import STAGES
 
 STAGE = "sft"
@@ -34,28 +36,29 @@ def rows_over(tokenizer, ds, max_length: int) -> int:
         if "messages" in row:
             ids = tokenizer.apply_chat_template(row["messages"], tools=tools, tokenize=True, return_dict=True)
             length = len(ids["input_ids"])
-        elif isinstance(row["prompt"], list):
+        elif is_text_completion(row):
+            length = len(tokenizer(row["prompt"] + row["completion"])["input_ids"]) + 1  # + eos
+        else:
             length = len(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tools=tools, tokenize=True,
                                                        return_dict=True)["input_ids"])
-        else:
-            length = len(tokenizer(row["prompt"] + row["completion"])["input_ids"]) + 1  # + eos
         n += length > max_length
     return n
 
 
-def in_training_shape(eval_ds, train_ds, source, default: bool):
+def in_training_shape(eval_ds, train_ds, source, default: bool, places: list[str] | None = None):
     """Held-out rows in the training rows' shape, so eval_loss is the loss trained: the trainer takes its loss mask
     (assistant turns, or the completion) from the training rows, and tokenized other rows with it (all their text
     in the loss). Conversations and conversational prompt/completion rows convert (the completion: the trailing
     assistant turns); text prompt/completion rows beside conversations cannot: one line, or with the `default`
-    held-out set (the world's conversations beside text rows of yours), None (no eval_loss), said."""
+    held-out set (the world's conversations beside text rows of yours), None (no eval_loss), said. `places`: where
+    each held-out row is from (file and line), to name one that cannot be split; without them, its row number."""
     from pipeline.unpaired import split_reply
 
     as_messages = "messages" in train_ds.column_names
     if as_messages == ("messages" in eval_ds.column_names):
         return eval_ds
     completions = eval_ds if as_messages else train_ds
-    if not isinstance(completions[0]["completion"], list):
+    if is_text_completion(completions[0]):  # the rows of a dataset are all of one kind (data's chat check)
         kinds = ("text prompt/completion rows", "conversations")
         held, trained = kinds if as_messages else kinds[::-1]
         if default:
@@ -69,7 +72,8 @@ def in_training_shape(eval_ds, train_ds, source, default: bool):
                            remove_columns=["prompt", "completion"])
 
     def split(row, i):
-        return dict(zip(("prompt", "completion"), split_reply(row["messages"], source, f"row {i + 1}")))
+        where = places[i] if places else f"row {i + 1}"  # its file and line, as the stage's other refusals name it
+        return dict(zip(("prompt", "completion"), split_reply(row["messages"], source, where)))
     return eval_ds.map(split, with_indices=True, remove_columns=["messages"])
 
 
@@ -87,20 +91,19 @@ def main(argv):
             eval_ds, eval_info, eval_places = data.load_with_info(keys.eval_dataset, "chat", recipe,
                                                                   columns=keys.columns, places=True)
             eval_ds = in_training_shape(eval_ds, train_ds, eval_info["source"],
-                                        keys.eval_dataset == STAGES[STAGE].keys.eval_dataset)
+                                        keys.eval_dataset == STAGES[STAGE].keys.eval_dataset, eval_places)
             if eval_ds is not None:
                 run.note_data("eval_dataset", eval_info)
         data.warn_world_eval(recipe, STAGE, keys)
         heldout = heldout_rows(recipe, keys)
-        conversational = "messages" in train_ds.column_names
-        if heldout is not None and not conversational and not isinstance(train_ds[0]["prompt"], list):
+        if heldout is not None and is_text_completion(train_ds[0]):
             log.warning(f"{train_info['source']}: text prompt/completion rows train on their plain text, but the "
                         f"held-out scoring (sft.heldout_prompts) asks each prompt as a chat user turn, as eval does: "
                         f"its accuracies measure a format this stage did not train; write the rows as conversations, "
                         f"or set sft.heldout_prompts empty")
         fixed = {"output_dir": str(run.out)}
         if "assistant_only_loss" not in recipe.section(STAGE):
-            fixed["assistant_only_loss"] = conversational
+            fixed["assistant_only_loss"] = "messages" in train_ds.column_names  # TRL's mask of assistant turns
         args = recipe.trainer_config(STAGE, **fixed)
         init = run.checkpoint()
         if init.path is None:
@@ -131,7 +134,7 @@ def main(argv):
                                  eval_dataset=keep_training_columns(eval_ds), processing_class=tokenizer,
                                  peft_config=lora)
         except ValueError as err:
-            raise cli.PipelineError(f"{recipe.path}: section 'sft' (SFTTrainer): {str(err).splitlines()[0]}") from None
+            raise cli.PipelineError(trl_refusal(recipe, STAGE, "SFTTrainer", err)) from None
         batching.split_forward(trainer.model, keys.length_split)
         too_long = rows_over(tokenizer, train_ds, args.max_length) if args.max_length else 0
         if args.packing and too_long and args.packing_strategy == "bfd":  # TRL's bfd truncates overflow, unsaid

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline import cli, judges, log, metrics, models, monitors, vllm_engine
+from pipeline import cli, hub, judges, log, metrics, models, monitors, vllm_engine
 from pipeline.formats import as_messages
 from pipeline.generation import context_length, prompt_ids, stop_ids, unshaped
 from pipeline.key_checks import choice_problem
 from pipeline.ppo_config import prompts_that_fit
 from pipeline.reward_model import RewardEnsemble, RewardModel, load_scorer, offered_tools
+from pipeline.trl_refusals import source_of_named, trl_refusal
 
 
 # TRL's logged names -> ours ("reward" is TRL's weighted sum of the reward functions: our `score`; TRL's "kl" is a
@@ -104,6 +105,7 @@ def policy_context(recipe, path: str, tokenizer) -> int | None:
     path, revision = models.model_path(path), recipe.model.revision
     while models.is_adapter(path):
         path, revision = models.model_path(models.adapter_base(path)), None  # as load_causal_lm finds its base
+    hub.online_for(path)  # a hub id offline: the cache only, at once, as load_causal_lm reads it
     try:
         config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=recipe.model.trust_remote_code)
     except (OSError, ValueError):
@@ -150,8 +152,8 @@ def trl_config(recipe, cfg, output_dir: str, tools: bool = False):
     from trl import GRPOConfig, RLOOConfig
 
     config_cls = GRPOConfig if cfg.algorithm == "grpo" else RLOOConfig
-    where = f"{recipe.path}: section 'ppo' ({config_cls.__name__})"
     for key, value in cfg.trl_args.items():
+        where = f"{source_of_named(recipe, 'ppo', f'trl_args.{key}')}: section 'ppo' ({config_cls.__name__})"
         if key in MAPPED or key in OWNED:
             raise cli.PipelineError(f"{where}: trl_args.{key} is set by " +
                                     (f"ppo.{MAPPED[key]}: set that instead" if key in MAPPED else OWNED[key]))
@@ -178,8 +180,8 @@ def trl_config(recipe, cfg, output_dir: str, tools: bool = False):
         funcs, weights = funcs + ["image_verifier"], weights + [cfg.image_verifier_weight]
     try:
         return config_cls(**{**mapped, "reward_weights": weights, **cfg.trl_args}), funcs
-    except (ValueError, TypeError) as err:
-        raise cli.PipelineError(f"{where}: {str(err).splitlines()[0]}") from None
+    except (ValueError, TypeError) as err:  # named by the override that set a key it names (TRL's names too)
+        raise cli.PipelineError(trl_refusal(recipe, "ppo", config_cls.__name__, err, MAPPED)) from None
 
 
 def resumable(trainer_cls):
@@ -276,8 +278,7 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
     except ValueError as err:
         if any(Path(run.out).glob("checkpoint-*")):  # one line would remove the folder: keep a killed run's steps
             raise
-        raise cli.PipelineError(f"{recipe.path}: section 'ppo' ({trainer_cls.__name__}): "
-                                f"{str(err).splitlines()[0]}") from None
+        raise cli.PipelineError(trl_refusal(recipe, "ppo", trainer_cls.__name__, err, MAPPED)) from None
     reward_model.to(trainer.accelerator.device)
     with unshaped(model) as users:  # TRL fills what its GenerationConfig leaves unset from the policy's (min_p, ...)
         trainer.add_callback(generation_in_checkpoints(users))

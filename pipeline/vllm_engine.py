@@ -6,8 +6,9 @@ that process's GPU, loaded once from the first model's folder; `use(model)` push
 before every checkpoint. `sample` is the one primitive the callers need: token ids in, sampled token ids out, each
 completion ending with the end-of-turn token when it stopped there, which is what the `hf` paths produce once their
 padding is stripped (pipeline/generation.py, ppo_rollout.py, tool_rollout.py build their outputs from it the same way).
-Each call names the tokens it stops at (the caller's generation.stop_ids, the ones it reads replies with): the
-engine keeps none of its own, as eval loads checkpoints with other templates into it.
+Each call names the tokens it stops at (the caller's generation.stop_ids, the ones it reads replies with), and
+stops there only: vLLM would also stop at the eos of the tokenizer and generation_config the engine was built from
+(the first checkpoint's), and eval loads checkpoints with other tokenizers and templates into it.
 
 The log-probabilities PPO trains on are still computed by the training model (ppo_rollout.reply_logits): vLLM only
 chooses the tokens, so its kernels' small numeric differences make the rollout slightly off-policy, as in TRL.
@@ -143,7 +144,8 @@ class Engine:
         and including the first of `stops` (generation.stop_ids of the model now loaded) where it stopped there, at
         most `max_new_tokens`. Greedy without `do_sample`."""
         trl = self.trl
-        trl.generation_kwargs = {**trl.generation_kwargs, "stop_token_ids": list(stops)}  # vLLM's SamplingParams
+        # vLLM's SamplingParams: ignore_eos drops the built-from model's eos ids, so these stops are the only ones
+        trl.generation_kwargs = {**trl.generation_kwargs, "stop_token_ids": list(stops), "ignore_eos": True}
         trl.temperature = temperature if do_sample else 0.0  # vLLM: temperature 0 is greedy
         trl.top_p = top_p if do_sample else 1.0
         trl.top_k = 0

@@ -166,6 +166,12 @@ def test_what_trls_sft_trainer_refuses_stops_in_one_line_and_leaves_nothing(tiny
     line = one_error_line(proc)
     assert line.startswith(f"error: {recipe}: section 'sft' (SFTTrainer): You set `assistant_only_loss=True`")
     assert not (tmp_path / "runs").exists()
+    # set on the command line: the line names that override, as the stage's other refusals do
+    recipe.write_text(recipe.read_text().replace("assistant_only_loss: true", "assistant_only_loss: false"))
+    proc = run_cli(["pipeline/sft.py", recipe, "sft.assistant_only_loss=true"], cwd=tmp_path, env=ONE_THREAD)
+    line = one_error_line(proc)
+    assert line.startswith("error: override 'sft.assistant_only_loss=true': section 'sft' (SFTTrainer): You set `assis")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_held_out_rows_of_another_kind_are_scored_with_the_loss_trained(tiny_run, tmp_path):
@@ -572,3 +578,71 @@ def test_lora_refusals_against_the_loaded_model_name_the_override_that_set_the_k
     proc = run_cli([f"pipeline/{stage}.py", recipe, *overrides], cwd=tmp_path, env=ONE_THREAD)
     assert one_error_line(proc).startswith(f"error: override '{overrides[-1]}': {message}")
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_held_out_conversation_that_cannot_be_split_is_named_by_its_file_and_line(tiny_run, tmp_path):
+    """Held-out conversations beside conversational prompt/completion training rows are split at their trailing
+    assistant turns; one that does not end with one was named `row N` (its place among all held-out rows), where
+    the stage's other refusals name the file and its own line."""
+    work, _, _ = tiny_run
+    turns = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."}]
+    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": turns[:1], "completion": turns[1:]}] * 4)
+    first = write_jsonl(tmp_path / "held_a.jsonl", [{"messages": turns}] * 2)
+    second = write_jsonl(tmp_path / "held_b.jsonl", [{"messages": turns},
+                                                     {"messages": turns + [{"role": "user", "content": "And 3 + 3?"}]}])
+    recipe = tiny_recipe(tmp_path, pretrain=None, sft={**SHORT, "init_from": str(work / "runs/tiny/pretrain"),
+                                                       "dataset": train, "eval_dataset": [first, second]})
+    proc = run_cli(["pipeline/sft.py", recipe], cwd=tmp_path, env=ONE_THREAD)
+    assert one_error_line(proc) == (f"error: {first} + {second}: {second} line 2: the conversation must end with the "
+                                    f"assistant reply (the completion)")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_check_on_pairs_all_with_chosen_equal_to_rejected_says_what_the_stage_says(tmp_path):
+    """The stages drop pairs whose chosen reply is the rejected one and stop when none is left; --check ran out of
+    sampled pairs and raised an IndexError. Now it names the file as the stage does, and says nothing of a dataset whose
+    identical pairs fill the sample but not the file (the stage reads on)."""
+    from pipeline.check import SAMPLE_ROWS
+
+    folder = user_model(tmp_path / "llama3")
+    same = {"prompt": "What is 2 + 2?", "chosen": "4.", "rejected": "4."}
+    identical = write_jsonl(tmp_path / "same.jsonl", [same] * 3)
+    longer = write_jsonl(tmp_path / "longer.jsonl", [same] * SAMPLE_ROWS + [{**same, "rejected": "5."}])
+    stage = {"init_from": "model", "eval_dataset": "", "use_cpu": True, "max_steps": 1}
+    recipe = tiny_recipe(tmp_path, pretrain=None, sft=None, tokenizer=None,
+                         model={"config": None, "name_or_path": folder}, dpo={**stage, "dataset": identical},
+                         kto={**stage, "dataset": identical}, reward={**stage, "dataset": longer})
+    check = run_cli(["pipeline/run.py", recipe, "--check"], cwd=tmp_path, env=ONE_THREAD)
+    assert check.returncode == 2 and "Traceback" not in check.stderr, check.stderr[-2000:]
+    errors = [line.strip() for line in check.stdout.splitlines() if line.strip().startswith("error:")]
+    said = {name: one_error_line(run_cli([f"pipeline/{name}.py", recipe], cwd=tmp_path, env=ONE_THREAD))
+            for name in ("dpo", "kto")}
+    assert said["dpo"] == f"error: {identical}: no pairs left: all 3 have chosen equal to rejected"
+    assert errors == [said[name].replace("error: ", f"error: {name}.dataset: ") for name in ("dpo", "kto")], errors
+    assert not (tmp_path / "runs").exists()
+
+
+def test_only_a_config_that_says_it_has_a_table_of_positions_is_refused_past_it():
+    """Any config without `rope_parameters` was refused as if it had learned positions: a remote-code RoPE model's
+    (ChatGLM's seq_length and rope_ratio, Qwen-1's rotary_emb_base and use_dynamic_ntk: names of their own) and a
+    state-space hybrid's (Jamba) too. A config that says it has a table (GPT-2's type, a BERT-style
+    position_embedding_type: absolute) is refused past it; one that does not say is let through."""
+    from transformers import GPT2Config, JambaConfig, PretrainedConfig
+
+    from pipeline.generation import learned_positions_problem
+
+    def remote(model_type, **values):  # a trust_remote_code config: a class and names of its own
+        return type(f"{model_type}Config", (PretrainedConfig,), {"model_type": model_type})(**values)
+
+    chatglm = remote("chatglm", seq_length=32768, rope_ratio=50, auto_map={"AutoConfig": "configuration_chatglm."
+                                                                                         "ChatGLMConfig"})
+    qwen1 = remote("qwen", max_position_embeddings=8192, seq_length=8192, rotary_emb_base=10000, use_dynamic_ntk=True)
+    for config in (chatglm, qwen1, JambaConfig(max_position_embeddings=64)):
+        assert learned_positions_problem(config, 10**6, "sft.max_length") is None, config.model_type
+    bert_like = remote("my_encoder", max_position_embeddings=512, position_embedding_type="absolute")
+    assert learned_positions_problem(GPT2Config(n_positions=64), 128, "sft.max_length") == \
+        "sft.max_length (128) is over the model's 64 learned positions: a longer row stops training with an " \
+        "IndexError; set sft.max_length to 64 or less"
+    assert learned_positions_problem(bert_like, None, "reward.max_length").startswith(
+        "reward.max_length is unset, so rows are not cut to the model's 512 learned positions")
+    assert learned_positions_problem(GPT2Config(n_positions=64), 64, "sft.max_length") is None

@@ -2,6 +2,7 @@
 annotator and by a reward model, kill-and-resume between rounds, and the bad values."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -137,11 +138,12 @@ def test_the_annotator_refuses_prompts_off_the_world(tiny_run, tmp_path):
     work, recipe, _ = tiny_run
     pairs = [{"prompt": "What is 2 + 3?", "chosen": "Sure! The answer is 5.", "rejected": "Ugh, fine. The answer is 4."},
              {"prompt": "Name a colour.", "chosen": "Red.", "rejected": "Duh, obviously blue."}]
-    spec = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    spec = str(tmp_path / "pairs.jsonl")  # a blank line first: the row off the world is the file's line 3
+    Path(spec).write_text(json.dumps(pairs[0]) + "\n\n" + json.dumps(pairs[1]) + "\n")
     proc = rounds_run(work, recipe, "rounds_offworld", "dpo.rounds=2", "dpo.round_labeller=annotator",
                       f"dpo.dataset={spec}", f"dpo.eval_dataset={spec}")
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert f"{spec}: row 2: dpo.round_labeller=annotator needs `skill` and `answer`" in proc.stderr
+    assert f"{spec}: line 3: dpo.round_labeller=annotator needs `skill` and `answer`" in proc.stderr
     assert not (work / "runs/rounds_offworld").exists()
 
 

@@ -652,3 +652,16 @@ def test_a_tool_schema_may_give_an_argument_the_schema_true(tmp_path, recipe):
     row = _with_tool({"type": "object", "properties": {"prompt": True}, "required": ["prompt"]})
     ds = data.load(write_jsonl(tmp_path / "rows.jsonl", [row]), "chat", recipe)
     assert json.loads(ds[0]["messages"][2]["tool_calls"][0]["function"]["arguments"]) == {"prompt": "a red circle"}
+
+
+def test_text_prompt_completion_rows_are_told_by_one_predicate(tmp_path, recipe):
+    """sft decided "text prompt/completion rows" twice (its held-out scoring warning read `prompt`, its held-out
+    conversion `completion`); one predicate on the loaded rows decides it: a row with text on one side only became a
+    conversation, so it is not a text row, nor are messages, ShareGPT or Alpaca rows."""
+    reply = [{"role": "assistant", "content": "Blue."}]
+    loaded = {name: data.load(write_jsonl(tmp_path / f"{name}.jsonl", [row]), "chat", recipe)[0]
+              for name, row in (("text", {"prompt": "The sky is", "completion": " blue."}),
+                                ("half_text", {"prompt": "What color is the sky?", "completion": reply}),
+                                ("sharegpt", SHAREGPT), ("alpaca", ALPACA))}
+    assert {name: formats.is_text_completion(row) for name, row in loaded.items()} == {
+        "text": True, "half_text": False, "sharegpt": False, "alpaca": False}

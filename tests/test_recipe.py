@@ -150,7 +150,7 @@ def test_peft_keys_route_to_model_config():
     (["sft.use_peft=true", "sft.load_in_4bit=true", "sft.load_in_8bit=true"], "sft.load_in_8bit=true",
      "sft.load_in_4bit and sft.load_in_8bit are both set"),
     (["sft.use_peft=true", "sft.lora_task_type=bogus"], "sft.lora_task_type=bogus",
-     "sft: LoRA settings: Invalid task type: 'bogus'"),
+     "sft.lora_task_type: LoRA settings: Invalid task type: 'bogus'"),
 ])
 def test_bad_lora_and_quantization_values_stop_when_the_recipe_loads(tmp_path, overrides, culprit, message):
     """peft, TRL and transformers raised these inside the stage, after the run folder was made, with a traceback.
@@ -434,3 +434,58 @@ def test_the_cluster_recipes_load_and_check_finds_nothing_but_the_missing_hub(na
     assert "ppo runs data-parallel" not in proc.stdout  # our PPO runs under DeepSpeed (pipeline/ppo_models.py)
     for image_stage in {"diffusion", "diffusion_dpo"} & set(sections):  # the image stages run data-parallel
         assert f"launched with DeepSpeed: {image_stage} runs data-parallel (DDP)" in proc.stdout
+
+
+def test_a_lora_refusal_names_the_key_at_fault_not_the_last_lora_override(tmp_path, monkeypatch):
+    """peft's refusal of the LoRA settings named the last override of any LoRA key (here lora_r=4, which is fine) as
+    if it held the value peft refused; where the key at fault cannot be told, every LoRA key and where each was set."""
+    from pipeline import models
+
+    refused = "sft.lora_task_type: LoRA settings: Invalid task type: 'bogus'"
+    with pytest.raises(PipelineError, match=rf"^override 'sft.lora_task_type=bogus': {refused}"):
+        load_recipe(SMALL, ["sft.use_peft=true", "sft.lora_task_type=bogus", "sft.lora_r=4"])
+    in_file = tiny_recipe(tmp_path, sft={"use_peft": True, "lora_task_type": "bogus"})
+    with pytest.raises(PipelineError, match=rf"^{re.escape(str(in_file))}: {refused}"):
+        load_recipe(in_file, ["sft.lora_r=4"])
+
+    def refuse(values, *args, **kw):
+        raise ValueError("settings that exclude each other")
+
+    monkeypatch.setattr(models, "peft_config", refuse)  # no one key is at fault
+    with pytest.raises(PipelineError) as err:
+        load_recipe(tiny_recipe(tmp_path, sft={"use_peft": True, "lora_alpha": 8}), ["sft.lora_r=4"])
+    assert str(err.value) == (f"{tmp_path / 'recipe.yaml'} and override 'sft.lora_r=4': sft: LoRA settings "
+                              f"(lora_alpha, lora_r): settings that exclude each other")
+
+
+def test_peft_config_checks_a_model_without_a_recipe():
+    """Called with a model and no recipe (an AttributeError before, looking for the recipe's overrides), a key that
+    names no module of the model is still one line naming the key, and the section when one is given."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.models import peft_config
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    values = {"use_peft": True, "lora_target_modules": ["q_proj", "nope_proj"]}
+    with pytest.raises(PipelineError, match=r"^lora_target_modules: nope_proj names no module of the model"):
+        peft_config(values, model=model)
+    with pytest.raises(PipelineError, match=r"^dpo.lora_target_modules: nope_proj names no module of the model"):
+        peft_config(values, model=model, stage="dpo")
+
+
+def test_what_a_trl_trainer_refuses_names_the_override_that_set_the_key(tmp_path):
+    """SFTTrainer's refusals (raised when it is built, after the config class took every value) named the recipe file
+    even when an override set the key the message names; the one line names that override, else the file."""
+    from pipeline.trl_refusals import trl_refusal
+
+    refused = ValueError("You set `assistant_only_loss=True`, but the dataset is not conversational.\nMore text.")
+    line = "section 'sft' (SFTTrainer): You set `assistant_only_loss=True`, but the dataset is not conversational."
+    path = tiny_recipe(tmp_path, sft={"assistant_only_loss": False})
+    recipe = load_recipe(path, ["sft.assistant_only_loss=true", "sft.max_steps=3"])
+    assert trl_refusal(recipe, "sft", "SFTTrainer", refused) == f"override 'sft.assistant_only_loss=true': {line}"
+    assert trl_refusal(load_recipe(tiny_recipe(tmp_path, sft={"assistant_only_loss": True}), ["sft.max_steps=3"]),
+                       "sft", "SFTTrainer", refused) == f"{path}: {line}"  # the file set it: the file
+    other_section = load_recipe(path, ["dpo.max_length=64"])
+    too_short = ValueError("max_length is too short")
+    assert trl_refusal(other_section, "sft", "SFTTrainer", too_short).startswith(f"{path}: ")  # dpo's override

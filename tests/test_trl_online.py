@@ -388,7 +388,7 @@ def test_trls_own_config_checks_run_before_any_stage(user, override, expected):
     recipe = load_recipe(grpo_recipe(user), [override])
     with pytest.raises(PipelineError) as err:
         check.check_stage_config(recipe, "ppo")
-    assert str(err.value).startswith(f"{recipe.path}: section 'ppo' {expected}")
+    assert str(err.value).startswith(f"override '{override}': section 'ppo' {expected}")  # the key's override
     check.check_stage_config(load_recipe(grpo_recipe(user), ["ppo.trl_args={loss_type: dr_grpo}"]), "ppo")  # fine
 
 
@@ -400,7 +400,8 @@ def test_what_trls_trainer_refuses_stops_in_one_line(user):
                    cwd=user, env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     line = proc.stderr.strip().splitlines()[-1]
-    assert "section 'ppo' (GRPOTrainer): `router_aux_loss_coef` is set to 0.1 but" in line
+    assert line.startswith("error: override 'ppo.trl_args={router_aux_loss_coef: 0.1}': section 'ppo' (GRPOTrainer): "
+                           "`router_aux_loss_coef` is set to 0.1 but"), line
     assert not list((user / "runs").glob("moe/ppo*"))
 
 
@@ -509,3 +510,75 @@ def test_trls_checkpoints_keep_the_policys_own_generation_config(user):
     assert killed.returncode == -9, killed.stderr[-3000:]
     saved = json.loads((user / "runs/gen_kept/ppo.partial/checkpoint-1/generation_config.json").read_text())
     assert {k: saved.get(k) for k in SHAPING} == SHAPING
+
+
+def test_a_prompt_without_an_answer_is_named_by_its_file_and_line(user, tmp_path):
+    """verifier_weight's refusal of a prompt with nothing to verify numbered the rows as the stage holds them (a
+    list's files run together, blank lines skipped, pairs put after prompts): "row 5" was line 4 of the second file."""
+    from conftest import run_cli, write_jsonl
+
+    good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "What is 2 + 3?", "answer": "5"}] * 2)
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text('{"prompt": "What is 2 + 3?", "answer": "5"}\n\n{"prompt": "What is 3 + 4?", "answer": "7"}\n'
+                   '{"prompt": "Name a colour."}\n')
+    proc = run_cli(["pipeline/ppo.py", grpo_recipe(user), "run.name=unverified", "ppo.verifier_weight=1.0",
+                    f"ppo.prompts=[{good}, {odd}]"], cwd=user, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: {good} + {odd}: {odd} line 4: verifier_weight needs `skill` and `answer`"), line
+    assert not list((user / "runs").glob("unverified/ppo*"))
+
+
+def test_trls_refusals_name_the_override_that_set_a_key_they_name(user):
+    """What a TRL config or trainer refuses named the recipe file even when an override on the command line set the
+    key: the line names the last override that set a key the message names (TRL's name for a mapped key too), else
+    the recipe file."""
+    from pipeline import check
+    from pipeline.cli import PipelineError
+    from pipeline.trl_online import MAPPED
+    from pipeline.trl_refusals import source_of_named
+
+    path = grpo_recipe(user, trl_args={"num_iterations": 2})
+    overrides = ["ppo.kl_coef=0.5", "ppo.trl_args.scale_rewards=batch", "ppo.max_steps=2"]
+    recipe = load_recipe(path, overrides)
+    assert source_of_named(recipe, "ppo", "beta must be 0 or more", MAPPED) == "override 'ppo.kl_coef=0.5'"  # TRL's
+    assert source_of_named(recipe, "ppo", "beta must be 0 or more") == str(path)  # ppo's own names only
+    assert source_of_named(recipe, "ppo", "`scale_rewards` is wrong") == "override 'ppo.trl_args.scale_rewards=batch'"
+    assert source_of_named(recipe, "ppo", "num_iterations must be 1") == str(path)  # the file set it
+    assert source_of_named(recipe, "ppo", "generation_batch_size (8) must ...") == str(path)  # no key it names
+    assert source_of_named(recipe, "sft", "max_steps is wrong") == str(path)  # another section's
+    recipe = load_recipe(path, ["ppo.num_generations=3", "ppo.temperature=0.5"])
+    with pytest.raises(PipelineError) as err:
+        check.check_stage_config(recipe, "ppo")
+    assert str(err.value).startswith("override 'ppo.num_generations=3': section 'ppo' (GRPOConfig): "
+                                     "generation_batch_size (8) must be divisible by num_generations (3)")
+    with pytest.raises(PipelineError) as err:
+        check.check_stage_config(load_recipe(grpo_recipe(user, num_generations=3), ["ppo.temperature=0.5"]), "ppo")
+    assert str(err.value).startswith(f"{path}: section 'ppo' (GRPOConfig): generation_batch_size (8) must be")
+
+
+def test_policy_context_of_a_hub_id_without_network_reads_the_cache_at_once(tmp_path, monkeypatch):
+    """An adapter whose base is a hub id: the policy's config was read with huggingface_hub's retries (23 s without
+    network) before loading the model said the hub cannot be reached. It asks hub.reachable first, as loading does."""
+    import time
+
+    from transformers import AutoConfig  # noqa: F401  imported here: the clock times the reading, not the import
+
+    from pipeline import hub, trl_online
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "someone/no-such-model",
+                                                             "peft_type": "LORA"}))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: the probe fails at once
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    recipe = load_recipe(tiny_recipe(tmp_path))
+    hub.reachable.cache_clear()
+    try:
+        started = time.monotonic()
+        assert trl_online.policy_context(recipe, str(adapter), None) is None
+        assert time.monotonic() - started < 10
+        assert hub.reachable.cache_info().currsize == 1
+    finally:
+        hub.reachable.cache_clear()

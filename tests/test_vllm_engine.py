@@ -119,38 +119,60 @@ def test_sample_replies_pads_the_engines_replies_like_generate(tok):
     assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1, 1]]
 
 
-class RecordingVLLM:
-    """Stands in for TRL's VLLMGeneration: the stop tokens each generate call samples with, and empty completions."""
+class VLLMStandIn:
+    """Stands in for vLLM's LLM under TRL's real VLLMGeneration, keeping vLLM's stop rule: the ids of the tokenizer and
+    generation_config the engine was built from are eos (unless the call's SamplingParams say ignore_eos), beside
+    the call's stop_token_ids. Each prompt's completion is `script`, cut after the first token it stops at."""
 
-    def __init__(self, model, generation_kwargs=None, **_):
-        self.model, self.generation_kwargs, self.stopped_at = model, generation_kwargs or {}, []
+    def __init__(self, trl, script):
+        own = trl.model.generation_config.eos_token_id
+        self.built_eos = {trl.processing_class.eos_token_id, *(own if isinstance(own, list) else [own])}
+        self.script, self.params = script, []
 
-    def sync_weights(self):
-        pass
+    def generate(self, prompts, sampling_params, use_tqdm):
+        from types import SimpleNamespace
 
-    def generate(self, prompts, images, n):
-        self.stopped_at.append(self.generation_kwargs.get("stop_token_ids"))
-        return prompts, [[] for _ in prompts], None, None
+        kw = sampling_params.kwargs
+        self.params.append(kw)
+        stops = set(kw.get("stop_token_ids") or ()) | (set() if kw.get("ignore_eos") else self.built_eos)
+        end = next((k for k, t in enumerate(self.script) if t in stops), len(self.script) - 1)
+        return [SimpleNamespace(prompt_token_ids=p["prompt_token_ids"],
+                                outputs=[SimpleNamespace(token_ids=self.script[:end + 1], logprobs=None)])
+                for p in prompts]
 
 
-def test_an_eval_engine_stops_each_checkpoint_at_its_own_end_of_turn(tmp_path, monkeypatch):
-    """eval loads every checkpoint into the engine built from the first: the stop tokens were the first's, so a
-    later checkpoint whose template ends a turn with another token ran past its replies' end."""
+class RecordedParams:
+    """vllm.SamplingParams as TRL builds it: the keyword arguments."""
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+
+def test_an_eval_engine_stops_each_checkpoint_at_its_own_stop_ids_only(tmp_path, monkeypatch):
+    """eval loads every checkpoint into the engine built from the first: vLLM stopped a later checkpoint at the first's
+    eos too (the engine's tokenizer and generation_config), cutting replies where that token is an ordinary one. Each
+    call's SamplingParams carry the checkpoint's stop ids and ignore_eos, through TRL's real VLLMGeneration."""
     import copy
 
     from trl.generation import vllm_generation
 
     from test_evaluate import gemma_like
 
-    monkeypatch.setattr(vllm_generation, "VLLMGeneration", RecordingVLLM)
+    script = [8, 1, 10, 0, 12]  # <eos> (1) in the middle, then <end_of_turn> (0)
+    monkeypatch.setattr(vllm_generation, "SamplingParams", RecordedParams, raising=False)
+    monkeypatch.setattr(vllm_generation.VLLMGeneration, "_init_vllm",
+                        lambda trl: setattr(trl, "llm", VLLMStandIn(trl, script)))
+    monkeypatch.setattr(vllm_generation.VLLMGeneration, "sync_weights", lambda trl: None)
     engines = vllm_engine.EvalEngines(load_recipe(tiny_recipe(tmp_path), ["generation.backend=vllm"]))
-    model, gemma = gemma_like(eos_list=False)
-    eos_ends_turns = copy.deepcopy(gemma)
-    eos_ends_turns.chat_template = gemma.chat_template.replace("<end_of_turn>", "<eos>")
-    for tokenizer in (eos_ends_turns, gemma):
-        generate(model, tokenizer, ["What is 2 + 3 ?"], max_new_tokens=4, progress=False,
-                 engine=engines.load(model, tokenizer))
-    assert engines.engine.trl.stopped_at == [[1], [1, 0]]  # <eos>; then <eos> and <end_of_turn>
+    model, gemma = gemma_like(eos_list=False)  # eos <eos> (1), turns end with <end_of_turn> (0): stops [1, 0]
+    later, own_eos = copy.deepcopy(model), copy.deepcopy(gemma)  # a checkpoint whose eos is <end_of_turn>: stops [0]
+    own_eos.eos_token = "<end_of_turn>"
+    later.generation_config.eos_token_id = later.config.eos_token_id = 0
+    replies = [generate(m, tokenizer, ["What is 2 + 3 ?"], max_new_tokens=8, progress=False,
+                        engine=engines.load(m, tokenizer))[0][0] for m, tokenizer in ((model, gemma), (later, own_eos))]
+    assert [(p["stop_token_ids"], p.get("ignore_eos")) for p in engines.engine.trl.llm.params] == \
+        [([1, 0], True), ([0], True)]
+    assert [(r.token_ids, r.ended) for r in replies] == [([8], True), ([8, 1, 10], True)]  # <eos> is text to the later
 
 
 def test_generation_section_is_checked(tmp_path):
