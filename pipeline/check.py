@@ -70,7 +70,7 @@ def _rows_problem(spec, recipe, stage: str, key: str, keys, will_run) -> str | N
         return None
     if stage == "ppo" and key == "prompts":
         rows, places, _ = preferences.prompt_rows(rename_columns(rows, columns, source, where), where, source,
-                                                  part_of)
+                                                  part_of, all_rows=sampled_all)
         _reward_reads(recipe, stage, keys, [r["prompt"] for r in rows], spec, will_run)
         return _template_problem(recipe, stage, keys, (rows, places), source, will_run)
     if stage in ("reward", "dpo", "kto"):

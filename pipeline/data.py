@@ -30,7 +30,8 @@ from pipeline.files import (file_kind, folder_fingerprint, names_a_local_file, r
                             read_folder)
 from pipeline.fingerprints import hash_file, hash_folder, hash_obj
 from pipeline.formats import (as_bool, bad_row, check_messages, detect_sft_format, expected_sft_columns,
-                              is_unpaired_preference, json_messages, prompt_cells, to_sft_row, tools_json, tools_of)
+                              is_text_completion, is_unpaired_preference, json_messages, prompt_cells, to_sft_row,
+                              tools_json, tools_of)
 
 # ---------------------------------------------------------------------------------------------- reading
 
@@ -250,7 +251,7 @@ def _check_chat(rows, where, source):
             _not_demonstrations(source, w, not out, f"no conversation format matches the columns "
                                 f"({', '.join(row) or 'none'}); expected {expected_sft_columns()}")
         out.append({**{k: v for k, v in row.items() if k not in FORMAT_COLUMNS}, **to_sft_row(row, fmt, source, w)})
-        is_conv = isinstance(out[-1].get("completion", []), list)  # prompt/completion: text, or messages
+        is_conv = not is_text_completion(out[-1])  # messages, or prompt/completion as messages
         if conversational is not None and is_conv != conversational:
             bad_row(source, w, f"mixes text and conversation rows (earlier rows are "
                                f"{'conversations' if conversational else 'text'})")

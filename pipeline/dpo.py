@@ -70,10 +70,10 @@ def check_rounds(recipe, keys) -> None:
                                 f"but the recipe has no `{keys.round_reward_model}` section")
 
 
-def round_prompts(keys, train_ds, places: list[str]) -> list[dict]:
+def round_prompts(keys, train_ds, places: list[str] | None = None) -> list[dict]:
     """The prompts later rounds sample from: the training pairs' distinct prompts, with the tools each offers; the
     annotator judges world problems only (it needs their answers), not tool replies (their prompts are left out).
-    `places`: where each training pair is from, to name a row the annotator cannot judge."""
+    `places`: where each training pair is from, to name a row the annotator cannot judge (else its row number)."""
     prompts = train_ds.select_columns([c for c in ("prompt", "skill", "answer", "tools") if c in train_ds.column_names])
     if keys.round_labeller == "annotator":
         spec = data.spec_name(keys.dataset)

@@ -294,12 +294,13 @@ POSITION_TABLES = frozenset({"gpt2", "gpt-sw3", "gpt_bigcode", "openai-gpt", "ct
 
 
 def has_position_table(config) -> bool:
-    """Whether a config says positively that its model reads absolute positions from a table (POSITION_TABLES, or a
-    BERT-style `position_embedding_type: absolute`). False where it cannot tell: a remote-code config names its
-    rotary settings its own way (ChatGLM's rope_ratio, Qwen-1's rotary_emb_base), not as `rope_parameters`."""
+    """Whether a config says positively that its model reads positions from a table (POSITION_TABLES, or BERT-style
+    `position_embedding_type`: absolute positions, or relative ones from a table of distances as long). False where
+    it cannot tell: a remote-code config names its rotary settings its own way (ChatGLM's rope_ratio, Qwen-1's
+    rotary_emb_base), not as `rope_parameters`."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return (getattr(text, "model_type", None) in POSITION_TABLES
-            or getattr(text, "position_embedding_type", None) == "absolute")
+            or getattr(text, "position_embedding_type", None) in ("absolute", "relative_key", "relative_key_query"))
 
 
 def learned_positions_problem(config, max_length: int | None, key: str) -> str | None:

@@ -49,8 +49,10 @@ def reachable() -> bool:
 
 
 def online_for(source) -> bool:
-    """Whether `source` can be read: a local path, yes; a hub id, when the hub is reachable (asked once; offline,
-    the libraries then read their caches only, at once, instead of retrying for half a minute)."""
+    """Before reading `source` with the libraries: True for a local path; for anything else (a hub id), whether the
+    hub answers (asked once per process). When it does not, reachable() has switched the process to the libraries'
+    caches, so the read fails at once instead of retrying for half a minute, and False says a failure may be the
+    missing network (load_failure's wording). It says nothing of whether the id or revision exists."""
     return Path(source).exists() or reachable()
 
 

@@ -304,7 +304,7 @@ def load_pipeline(path: str, revision: str | None = None):
 
     from pipeline import hub
 
-    online = hub.reachable() if not Path(path).exists() else True  # a hub id offline: the cache only, at once
+    online = hub.online_for(path)  # a hub id offline: the cache only, at once
     try:
         return DiffusionPipeline.from_pretrained(path, revision=revision)
     except (OSError, ValueError, EnvironmentError) as err:

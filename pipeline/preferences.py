@@ -284,12 +284,14 @@ def pairs_dataset(rows: list[dict], where: list[str], source, part_of: list[int]
 PROMPT_COLUMNS = ("prompt", "skill", "answer", "tools", "kind", "expect")  # what ppo keeps of a prompt row
 
 
-def prompt_rows(rows: list[dict], where: list[str], source, part_of: list[int] | None, pairs: bool = False):
+def prompt_rows(rows: list[dict], where: list[str], source, part_of: list[int] | None, pairs: bool = False,
+                all_rows: bool = True):
     """ppo's prompts from rows as data.read_rows_by_part reads them (columns mapped): each dataset of a list is
     preference pairs (its first row has chosen and rejected: read as reward and dpo read them, so an HH prompt is its
     turns) or prompts, the prompt datasets' rows first. Text prompts beside prompts of messages become the user turns
     they are rendered as (one column type). Each row keeps PROMPT_COLUMNS (pairs: also chosen/rejected). Returns
-    (rows, where each is from, format)."""
+    (rows, where each is from, format). Not `all_rows` (run.py --check's first rows of more): pairs that are all
+    identical there leave no rows, no error (the stage reads on)."""
     plans, part_of = data.plans_by_dataset(rows, where, source, part_of,
                                            lambda first, _: "chosen" in first and "rejected" in first)
     of_prompts = [i for i, part in enumerate(part_of) if not plans[part]]
@@ -302,7 +304,7 @@ def prompt_rows(rows: list[dict], where: list[str], source, part_of: list[int] |
     if of_pairs:
         normalized, info, pair_places = normalize_preferences([rows[i] for i in of_pairs], [where[i] for i in of_pairs],
                                                               source, [part_of[i] for i in of_pairs])
-        if not normalized and not of_prompts:
+        if not normalized and not of_prompts and all_rows:
             raise PipelineError(f"{source}: no pairs left: all {info['identical_dropped']} have chosen equal to "
                                 f"rejected")
         if info["identical_dropped"]:

@@ -20,8 +20,8 @@ from pipeline.formats import is_text_completion
 from pipeline.generation import refuse_past_positions
 from pipeline.heldout import heldout_comparison, heldout_rows
 from pipeline.recipe import load_recipe, stage_help
-from pipeline.trl_refusals import trl_refusal
 from pipeline.stages import STAGES
+from pipeline.trl_refusals import trl_refusal
 
 STAGE = "sft"
 USAGE = "usage: pipeline/sft.py RECIPE [sft.KEY=VALUE ...]"
@@ -134,7 +134,7 @@ def main(argv):
                                  eval_dataset=keep_training_columns(eval_ds), processing_class=tokenizer,
                                  peft_config=lora)
         except ValueError as err:
-            raise cli.PipelineError(trl_refusal(recipe, STAGE, "SFTTrainer", err)) from None
+            raise cli.PipelineError(trl_refusal(recipe, STAGE, "SFTTrainer", err, type(args))) from None
         batching.split_forward(trainer.model, keys.length_split)
         too_long = rows_over(tokenizer, train_ds, args.max_length) if args.max_length else 0
         if args.packing and too_long and args.packing_strategy == "bfd":  # TRL's bfd truncates overflow, unsaid

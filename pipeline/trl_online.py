@@ -20,7 +20,7 @@ from pipeline.generation import context_length, prompt_ids, stop_ids, unshaped
 from pipeline.key_checks import choice_problem
 from pipeline.ppo_config import prompts_that_fit
 from pipeline.reward_model import RewardEnsemble, RewardModel, load_scorer, offered_tools
-from pipeline.trl_refusals import source_of_named, trl_refusal
+from pipeline.trl_refusals import source_of_trl_arg, trl_refusal
 
 
 # TRL's logged names -> ours ("reward" is TRL's weighted sum of the reward functions: our `score`; TRL's "kl" is a
@@ -105,7 +105,7 @@ def policy_context(recipe, path: str, tokenizer) -> int | None:
     path, revision = models.model_path(path), recipe.model.revision
     while models.is_adapter(path):
         path, revision = models.model_path(models.adapter_base(path)), None  # as load_causal_lm finds its base
-    hub.online_for(path)  # a hub id offline: the cache only, at once, as load_causal_lm reads it
+    hub.online_for(path)  # for its effect: a hub id offline is read from the cache only, at once, as load_causal_lm
     try:
         config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=recipe.model.trust_remote_code)
     except (OSError, ValueError):
@@ -153,7 +153,7 @@ def trl_config(recipe, cfg, output_dir: str, tools: bool = False):
 
     config_cls = GRPOConfig if cfg.algorithm == "grpo" else RLOOConfig
     for key, value in cfg.trl_args.items():
-        where = f"{source_of_named(recipe, 'ppo', f'trl_args.{key}')}: section 'ppo' ({config_cls.__name__})"
+        where = f"{source_of_trl_arg(recipe, 'ppo', key)}: section 'ppo' ({config_cls.__name__})"
         if key in MAPPED or key in OWNED:
             raise cli.PipelineError(f"{where}: trl_args.{key} is set by " +
                                     (f"ppo.{MAPPED[key]}: set that instead" if key in MAPPED else OWNED[key]))
@@ -181,7 +181,7 @@ def trl_config(recipe, cfg, output_dir: str, tools: bool = False):
     try:
         return config_cls(**{**mapped, "reward_weights": weights, **cfg.trl_args}), funcs
     except (ValueError, TypeError) as err:  # named by the override that set a key it names (TRL's names too)
-        raise cli.PipelineError(trl_refusal(recipe, "ppo", config_cls.__name__, err, MAPPED)) from None
+        raise cli.PipelineError(trl_refusal(recipe, "ppo", config_cls.__name__, err, config_cls, MAPPED)) from None
 
 
 def resumable(trainer_cls):
@@ -278,7 +278,7 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
     except ValueError as err:
         if any(Path(run.out).glob("checkpoint-*")):  # one line would remove the folder: keep a killed run's steps
             raise
-        raise cli.PipelineError(trl_refusal(recipe, "ppo", trainer_cls.__name__, err, MAPPED)) from None
+        raise cli.PipelineError(trl_refusal(recipe, "ppo", trainer_cls.__name__, err, type(args), MAPPED)) from None
     reward_model.to(trainer.accelerator.device)
     with unshaped(model) as users:  # TRL fills what its GenerationConfig leaves unset from the policy's (min_p, ...)
         trainer.add_callback(generation_in_checkpoints(users))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pipeline import data
 from pipeline.cli import PipelineError
-from pipeline.formats import as_bool, bad_row, detect_sft_format, to_sft_row
+from pipeline.formats import as_bool, bad_row, detect_sft_format, is_text_completion, to_sft_row
 from pipeline.preferences import normalize_preferences
 
 UNPAIRED_FORMATS = {
@@ -103,7 +103,7 @@ def normalize_unpaired(rows: list[dict], where: list[str], source, part_of: list
             converted = to_sft_row(row, sft_format, source, w)
             if "messages" in converted:
                 converted["prompt"], converted["completion"] = split_reply(converted.pop("messages"), source, w)
-            is_conv = isinstance(converted["completion"], list)
+            is_conv = not is_text_completion(converted)
             if conversational is not None and is_conv != conversational:
                 bad_row(source, w, f"mixes text and conversation rows (earlier rows are "
                                    f"{'conversations' if conversational else 'text'})")

@@ -611,7 +611,8 @@ def test_check_on_pairs_all_with_chosen_equal_to_rejected_says_what_the_stage_sa
     stage = {"init_from": "model", "eval_dataset": "", "use_cpu": True, "max_steps": 1}
     recipe = tiny_recipe(tmp_path, pretrain=None, sft=None, tokenizer=None,
                          model={"config": None, "name_or_path": folder}, dpo={**stage, "dataset": identical},
-                         kto={**stage, "dataset": identical}, reward={**stage, "dataset": longer})
+                         kto={**stage, "dataset": identical}, reward={**stage, "dataset": longer},
+                         ppo={"init_from": "model", "max_steps": 1, "prompts": longer})  # ppo reads on past them too
     check = run_cli(["pipeline/run.py", recipe, "--check"], cwd=tmp_path, env=ONE_THREAD)
     assert check.returncode == 2 and "Traceback" not in check.stderr, check.stderr[-2000:]
     errors = [line.strip() for line in check.stdout.splitlines() if line.strip().startswith("error:")]

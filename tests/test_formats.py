@@ -654,9 +654,9 @@ def test_a_tool_schema_may_give_an_argument_the_schema_true(tmp_path, recipe):
     assert json.loads(ds[0]["messages"][2]["tool_calls"][0]["function"]["arguments"]) == {"prompt": "a red circle"}
 
 
-def test_text_prompt_completion_rows_are_told_by_one_predicate(tmp_path, recipe):
-    """sft decided "text prompt/completion rows" twice (its held-out scoring warning read `prompt`, its held-out
-    conversion `completion`); one predicate on the loaded rows decides it: a row with text on one side only became a
+def test_is_text_completion_tells_text_prompt_completion_rows_from_conversations(tmp_path, recipe):
+    """The predicate sft, data and unpaired decide "text prompt/completion rows" by (sft decided it twice, reading
+    `prompt` in one place and `completion` in another): on loaded rows, a row with text on one side only became a
     conversation, so it is not a text row, nor are messages, ShareGPT or Alpaca rows."""
     reply = [{"role": "assistant", "content": "Blue."}]
     loaded = {name: data.load(write_jsonl(tmp_path / f"{name}.jsonl", [row]), "chat", recipe)[0]

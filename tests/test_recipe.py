@@ -477,15 +477,22 @@ def test_peft_config_checks_a_model_without_a_recipe():
 def test_what_a_trl_trainer_refuses_names_the_override_that_set_the_key(tmp_path):
     """SFTTrainer's refusals (raised when it is built, after the config class took every value) named the recipe file
     even when an override set the key the message names; the one line names that override, else the file."""
+    from trl import SFTConfig
+
     from pipeline.trl_refusals import trl_refusal
 
     refused = ValueError("You set `assistant_only_loss=True`, but the dataset is not conversational.\nMore text.")
     line = "section 'sft' (SFTTrainer): You set `assistant_only_loss=True`, but the dataset is not conversational."
     path = tiny_recipe(tmp_path, sft={"assistant_only_loss": False})
     recipe = load_recipe(path, ["sft.assistant_only_loss=true", "sft.max_steps=3"])
-    assert trl_refusal(recipe, "sft", "SFTTrainer", refused) == f"override 'sft.assistant_only_loss=true': {line}"
+    assert trl_refusal(recipe, "sft", "SFTTrainer", refused, SFTConfig) == \
+        f"override 'sft.assistant_only_loss=true': {line}"
+    # a later override of a key whose name is a word of the message (sft.dataset: "the dataset is") is no TRL argument
+    recipe = load_recipe(path, ["sft.assistant_only_loss=true", f"sft.dataset={tmp_path / 'x.jsonl'}"])
+    assert trl_refusal(recipe, "sft", "SFTTrainer", refused, SFTConfig) == \
+        f"override 'sft.assistant_only_loss=true': {line}"
     assert trl_refusal(load_recipe(tiny_recipe(tmp_path, sft={"assistant_only_loss": True}), ["sft.max_steps=3"]),
-                       "sft", "SFTTrainer", refused) == f"{path}: {line}"  # the file set it: the file
+                       "sft", "SFTTrainer", refused, SFTConfig) == f"{path}: {line}"  # the file set it: the file
     other_section = load_recipe(path, ["dpo.max_length=64"])
     too_short = ValueError("max_length is too short")
-    assert trl_refusal(other_section, "sft", "SFTTrainer", too_short).startswith(f"{path}: ")  # dpo's override
+    assert trl_refusal(other_section, "sft", "SFTTrainer", too_short, SFTConfig).startswith(f"{path}: ")  # dpo's

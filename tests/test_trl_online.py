@@ -535,18 +535,27 @@ def test_trls_refusals_name_the_override_that_set_a_key_they_name(user):
     the recipe file."""
     from pipeline import check
     from pipeline.cli import PipelineError
+    from trl import GRPOConfig
+
     from pipeline.trl_online import MAPPED
     from pipeline.trl_refusals import source_of_named
 
     path = grpo_recipe(user, trl_args={"num_iterations": 2})
     overrides = ["ppo.kl_coef=0.5", "ppo.trl_args.scale_rewards=batch", "ppo.max_steps=2"]
     recipe = load_recipe(path, overrides)
-    assert source_of_named(recipe, "ppo", "beta must be 0 or more", MAPPED) == "override 'ppo.kl_coef=0.5'"  # TRL's
-    assert source_of_named(recipe, "ppo", "beta must be 0 or more") == str(path)  # ppo's own names only
-    assert source_of_named(recipe, "ppo", "`scale_rewards` is wrong") == "override 'ppo.trl_args.scale_rewards=batch'"
-    assert source_of_named(recipe, "ppo", "num_iterations must be 1") == str(path)  # the file set it
-    assert source_of_named(recipe, "ppo", "generation_batch_size (8) must ...") == str(path)  # no key it names
-    assert source_of_named(recipe, "sft", "max_steps is wrong") == str(path)  # another section's
+
+    def named(message, section="ppo", aliases=MAPPED):
+        return source_of_named(recipe, section, message, GRPOConfig, aliases)
+
+    assert named("beta must be 0 or more") == "override 'ppo.kl_coef=0.5'"  # TRL's name of ppo.kl_coef
+    assert named("beta must be 0 or more", aliases={}) == str(path)  # ppo's own names only
+    assert named("`scale_rewards` is wrong") == "override 'ppo.trl_args.scale_rewards=batch'"
+    assert named("num_iterations must be 1") == str(path)  # the file set it
+    assert named("generation_batch_size (8) must ...") == str(path)  # no key it names
+    assert named("max_steps is wrong", section="sft") == str(path)  # another section's
+    recipe = load_recipe(path, ["ppo.trl_args={num_iterations: 3}", "ppo.prompts=world:preference"])
+    assert named("num_iterations (3) needs prompts") == "override 'ppo.trl_args={num_iterations: 3}'"  # a mapping's
+    # key; "prompts" is a word of the message, not a TRL argument
     recipe = load_recipe(path, ["ppo.num_generations=3", "ppo.temperature=0.5"])
     with pytest.raises(PipelineError) as err:
         check.check_stage_config(recipe, "ppo")
@@ -555,6 +564,12 @@ def test_trls_refusals_name_the_override_that_set_a_key_they_name(user):
     with pytest.raises(PipelineError) as err:
         check.check_stage_config(load_recipe(grpo_recipe(user, num_generations=3), ["ppo.temperature=0.5"]), "ppo")
     assert str(err.value).startswith(f"{path}: section 'ppo' (GRPOConfig): generation_batch_size (8) must be")
+    # a trl_args key the section maps, set in the file: the override of the section's own key is not at fault
+    with pytest.raises(PipelineError) as err:
+        check.check_stage_config(load_recipe(grpo_recipe(user, trl_args={"temperature": 0.9}),
+                                             ["ppo.temperature=0.7"]), "ppo")
+    assert str(err.value) == (f"{path}: section 'ppo' (GRPOConfig): trl_args.temperature is set by ppo.temperature: "
+                              f"set that instead")
 
 
 def test_policy_context_of_a_hub_id_without_network_reads_the_cache_at_once(tmp_path, monkeypatch):
