@@ -647,3 +647,6 @@ def test_only_a_config_that_says_it_has_a_table_of_positions_is_refused_past_it(
     assert learned_positions_problem(bert_like, None, "reward.max_length").startswith(
         "reward.max_length is unset, so rows are not cut to the model's 512 learned positions")
     assert learned_positions_problem(GPT2Config(n_positions=64), 64, "sft.max_length") is None
+    relative = remote("my_encoder", max_position_embeddings=512, position_embedding_type="relative_key")  # a table
+    assert learned_positions_problem(relative, 1024, "reward.max_length").startswith(  # of distances, as long
+        "reward.max_length (1024) is over the model's 512 learned positions")
