@@ -1,8 +1,9 @@
 # Quickstart: `make run` trains recipes/small.yaml end to end; `make test` runs the test suite.
-# Both create .venv and install the project the first time. On a machine without torch the CPU wheel
-# torch==2.13.0 is installed first, so pip never pulls the multi-GB CUDA build; GPU users install their torch
-# into .venv (or any environment) before `make`. Other packages: the versions in constraints.txt, with which the
-# README's figures were measured.
+# Both create .venv and install the project the first time. On a machine without torch, torch==2.13.0 is installed
+# first (TORCH_CPU: the CPU build where the pip index serves it; on PyPI for Linux x86-64 add
+# `--index-url https://download.pytorch.org/whl/cpu`), so no other package pulls the newest CUDA build; GPU users
+# install their torch into .venv (or any environment) before `make`. Other packages: the versions in
+# constraints.txt, with which the README's figures were measured.
 
 PYTHON ?= python3
 VENV ?= .venv

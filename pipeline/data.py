@@ -107,7 +107,7 @@ def mixture_parts(spec) -> tuple[list[Part], int | None]:
                                 f"{spec['datasets']!r}")
         if "test_split_size" in spec:
             raise PipelineError("dataset mixture: test_split_size is not read here: name the stage's eval_dataset "
-                                "(pretrain, reward and dpo can hold out eval_fraction of their dataset instead)")
+                                "(pretrain, reward, dpo and kto can hold out eval_fraction of their dataset instead)")
         if unknown := [k for k in spec if k not in MIXTURE_KEYS]:
             raise PipelineError(f"dataset mixture: unknown key '{unknown[0]}' (keys: {', '.join(MIXTURE_KEYS)})")
         parts = []

@@ -1,5 +1,5 @@
-"""Held-out scoring at the end of a policy stage (sft, dpo, ppo): the verifier accuracy of its input and of the model
-it trained, each read back from disk as later stages will read it.
+"""Held-out scoring at the end of a policy stage (sft, dpo, kto, ppo): the verifier accuracy of its input and of the
+model it trained, each read back from disk as later stages will read it.
 
 The replies are the eval stage's greedy replies (pipeline/generation.py `generate`) and the verdicts the eval
 stage's (pipeline/judges.py), so a stage's `heldout_accuracy_<name>` equals the eval stage's accuracy of the same

@@ -181,22 +181,24 @@ def build_round(r: int, *, out: Path, reward: RewardModel, policy, tokenizer, pr
     started, folder = time.time(), round_dir(out, r)
     pick = random.Random(cfg.seed * 1000 + r).sample(rows, min(cfg.reward_round_prompts, len(rows)))
     chosen_rows = [{c: prompts[i][c] for c in ("prompt", "skill", "answer")} for i in sorted(pick)]
+    # the sampling and the training's dropout draw from the global generators: a run that resumes past a round built
+    # before it was killed (not built again) must draw the rest as the uninterrupted run does
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         replies = generate(policy, tokenizer, [row["prompt"] for row in chosen_rows], max_new_tokens=cfg.max_new_tokens,
                            do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, num_samples=2,
                            batch_size=64, seed=cfg.seed * 1000 + r, desc=f"reward round {r}: samples")
-    first, second = [s[0].text for s in replies], [s[1].text for s in replies]
-    pairs, clean = label(chosen_rows, first, second, random.Random(cfg.seed * 1000 + r), noise)
-    before = clean_accuracy(reward, chosen_rows, first, second, clean)
-    earlier = [pair for k in range(2, r) for pair in json.loads((round_dir(out, k) / PAIRS).read_text())]
-    replay = replay_pairs(prompts, cfg.reward_round_replay, cfg.seed * 1000 + r)
-    trained = {}  # every fresh pair a tie, none from earlier rounds or replayed: the model stays as it was
-    if earlier + pairs + replay:
-        trained = fine_tune(reward, earlier + pairs + replay, epochs=cfg.reward_round_epochs,
-                            learning_rate=cfg.reward_round_learning_rate, batch_size=cfg.reward_round_batch_size,
-                            seed=cfg.seed * 1000 + r, lm_loss_coefficient=cfg.reward_round_lm_loss_coefficient,
-                            lm_head=lm_head)
-    after = clean_accuracy(reward, chosen_rows, first, second, clean)
+        first, second = [s[0].text for s in replies], [s[1].text for s in replies]
+        pairs, clean = label(chosen_rows, first, second, random.Random(cfg.seed * 1000 + r), noise)
+        before = clean_accuracy(reward, chosen_rows, first, second, clean)
+        earlier = [pair for k in range(2, r) for pair in json.loads((round_dir(out, k) / PAIRS).read_text())]
+        replay = replay_pairs(prompts, cfg.reward_round_replay, cfg.seed * 1000 + r)
+        trained = {}  # every fresh pair a tie, none from earlier rounds or replayed: the model stays as it was
+        if earlier + pairs + replay:
+            trained = fine_tune(reward, earlier + pairs + replay, epochs=cfg.reward_round_epochs,
+                                learning_rate=cfg.reward_round_learning_rate, batch_size=cfg.reward_round_batch_size,
+                                seed=cfg.seed * 1000 + r, lm_loss_coefficient=cfg.reward_round_lm_loss_coefficient,
+                                lm_head=lm_head)
+        after = clean_accuracy(reward, chosen_rows, first, second, clean)
     if earlier + pairs + replay:  # a model trained on replayed pairs alone is standardised on them
         standardise(reward, earlier + pairs or replay)
     record = {"round": r, "step": step, "prompts": len(chosen_rows), "pairs": len(pairs),

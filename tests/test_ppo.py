@@ -524,6 +524,45 @@ def test_reward_rounds_need_prompts_of_world_skills_and_a_round_of_ties_keeps_th
     assert (reward.mean, reward.std) == (0.5, 2.0)
 
 
+def test_a_reward_round_leaves_the_global_random_state_as_it_was(monkeypatch, tmp_path):
+    """A reward model with dropout draws from torch's global generator while a round fine-tunes it. A run resumed past
+    a round it built before it was killed does not build it again, so the round must leave that state as it was, or
+    the resumed run's later draws drift from the uninterrupted run's (only the sampling was forked before)."""
+    import types
+
+    from datasets import Dataset
+
+    from pipeline import reward_rounds
+
+    class Saved(Exception):
+        pass
+
+    def save(*_, **__):
+        raise Saved
+
+    def dropout_training(*_, **__):  # what train-mode dropout does to the global generator
+        torch.rand(16)
+        return {"train_loss": 0.5}
+
+    prompts = Dataset.from_list([{"prompt": "What is 2 + 3?", "skill": "add", "answer": "5"}])
+    reward = types.SimpleNamespace(mean=0.0, std=1.0, model=types.SimpleNamespace(save_pretrained=save))
+    monkeypatch.setattr(reward_rounds, "generate", lambda *a, **k: [[types.SimpleNamespace(text="5")] * 2])
+    monkeypatch.setattr(reward_rounds, "label", lambda *a, **k: ([{"prompt": "p", "chosen": "a", "rejected": "b"}],
+                                                                 [1]))
+    monkeypatch.setattr(reward_rounds, "clean_accuracy", lambda *a, **k: 1.0)
+    monkeypatch.setattr(reward_rounds, "standardise", lambda *a, **k: None)
+    monkeypatch.setattr(reward_rounds, "fine_tune", dropout_training)
+    cfg = types.SimpleNamespace(seed=0, reward_round_prompts=1, max_new_tokens=4, temperature=1.0, top_p=1.0,
+                                reward_round_replay=0, reward_round_epochs=1, reward_round_learning_rate=1e-4,
+                                reward_round_batch_size=2, reward_round_lm_loss_coefficient=0.0)
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    with pytest.raises(Saved):
+        reward_rounds.build_round(2, out=tmp_path, reward=reward, policy=None, tokenizer=None, prompts=prompts,
+                                  rows=[0], cfg=cfg, noise=0.0, step=2)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_reward_rounds_fine_tune_the_reward_model_on_fresh_samples_and_resume_after_a_kill(inputs):
     """Iterated RLHF (reward_rounds: 2 of 4 steps): before step 3 the policy's own samples, labelled by the world's
     annotator, with 16 of the prompt data's own pairs replayed and GRM's next-token loss, fine-tune the reward
