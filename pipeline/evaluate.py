@@ -137,10 +137,10 @@ def check_model(recipe, cp: runs.Checkpoint, key: str, reward: bool = False) -> 
     if cp.path is None:
         raise cli.PipelineError(f"{recipe.path}: eval.{key}: '{cp.ref}' is a new model built from `model.config`: "
                                 f"nothing trained to evaluate")
-    if cp.source == "hub":
-        return
-    head = saved_head(cp.path)
+    head = saved_head(cp.path, from_hub=cp.source == "hub", revision=recipe.model.revision)
     if head is None:
+        if cp.source == "hub":  # neither the hub nor the cache has its config: loading it says why
+            return
         raise cli.PipelineError(f"{cp.path}: eval.{key}: not a saved model (no config.json or adapter_config.json)")
     is_classifier = head == "classifier"
     if reward and not is_classifier:

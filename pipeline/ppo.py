@@ -218,7 +218,7 @@ def main(argv):
         reward_checkpoints = [run.checkpoint("reward_model"), *run.checkpoints("reward_ensemble")]
         for key, cp in zip(["reward_model"] + ["reward_ensemble"] * len(keys.reward_ensemble or []),
                            reward_checkpoints):
-            if cp.source != "hub" and cp.path and saved_head(cp.path) == "causal":  # scored by a random head
+            if cp.path and saved_head(cp.path, from_hub=cp.source == "hub", revision=recipe.model.revision) == "causal":
                 raise cli.PipelineError(f"{cp.path}: ppo.{key}: not a reward model (a sequence-classification "
                                         f"model, e.g. the reward stage)")
         if init.path is None:

@@ -30,17 +30,34 @@ from pipeline import faults, models
 from pipeline.formats import as_messages
 
 
-def saved_head(path) -> str | None:
-    """"classifier" (a reward model: sequence classification) or "causal" for a saved model folder, full or an
-    adapter; None when the folder holds no saved model."""
+def saved_head(path, from_hub: bool = False, revision: str | None = None) -> str | None:
+    """"classifier" (a reward model: sequence classification) or "causal" for a saved model, full or an adapter: a
+    folder, or `from_hub` a hub id (at `revision`) whose config the hub or, offline, the local cache gives; None when
+    there is no saved model (a hub id neither has: loading it says why). A causal LM read as a reward model gets a
+    random score head, silently."""
     folder = Path(models.model_path(path))
     config, adapter = folder / "config.json", folder / "adapter_config.json"
-    if config.is_file():
+    if from_hub:
+        config, adapter = (_hub_file(str(path), name, revision) for name in ("config.json", "adapter_config.json"))
+    if config is not None and config.is_file():
         archs = " ".join(json.loads(config.read_text()).get("architectures") or [])
         return "classifier" if "ForSequenceClassification" in archs else "causal"
-    if adapter.is_file():
+    if adapter is not None and adapter.is_file():
         return "classifier" if json.loads(adapter.read_text()).get("task_type") == "SEQ_CLS" else "causal"
     return None
+
+
+def _hub_file(repo: str, name: str, revision: str | None) -> Path | None:
+    """A hub model's small file, from the hub or (offline: hub.online_for) the local cache; None when neither has it."""
+    from huggingface_hub import hf_hub_download
+
+    from pipeline import hub
+
+    hub.online_for(repo)
+    try:
+        return Path(hf_hub_download(repo, name, revision=revision))
+    except Exception:  # not a repo id, no such file, offline and not cached, ...: the load that follows says why
+        return None
 
 
 def load_reward_model(recipe, path, peft_values=None):

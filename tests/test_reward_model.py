@@ -189,3 +189,39 @@ def test_only_the_reward_model_module_loads_a_reward_model():
 
     others = [p.name for p in Path(judges.__file__).parent.glob("*.py") if p.name != "reward_model.py" and uses(p)]
     assert not others, others
+
+
+def test_a_hub_model_is_told_reward_model_or_language_model_by_its_config(tmp_path, monkeypatch):
+    """Hub ids were never checked: a causal LM named as eval's or ppo's reward model got a random score head, silently
+    (TRL's loader hides the report), and a reward model named as a checkpoint answered with a random LM head. The
+    hub's config.json (offline: the cache's) says which it is; a hub id neither has is left to the load."""
+    import json
+
+    from huggingface_hub import constants
+
+    from pipeline.cli import PipelineError
+    from pipeline.reward_model import saved_head
+
+    cache, commit = tmp_path / "hub", "0" * 40
+    for repo, arch in (("someone/chat-lm", "LlamaForCausalLM"), ("someone/rm", "LlamaForSequenceClassification")):
+        folder = cache / f"models--{repo.replace('/', '--')}"
+        (folder / "snapshots" / commit).mkdir(parents=True)
+        (folder / "refs").mkdir()
+        (folder / "refs" / "main").write_text(commit)
+        (folder / "snapshots" / commit / "config.json").write_text(json.dumps({"architectures": [arch]}))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the cache only (hub.reachable is False offline by setting)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert saved_head("someone/chat-lm", from_hub=True) == "causal"
+    assert saved_head("someone/rm", from_hub=True) == "classifier"
+    assert saved_head("someone/not-cached", from_hub=True) is None
+    assert saved_head("someone/rm") is None  # not a local folder, and not asked of the hub
+
+    recipe = load_recipe(tiny_recipe(tmp_path))
+    lm, rm = (runs.Checkpoint(ref, ref, None, "hub") for ref in ("someone/chat-lm", "someone/rm"))
+    with pytest.raises(PipelineError, match="^someone/chat-lm: eval.reward_model: not a reward model"):
+        evaluate.check_model(recipe, lm, "reward_model", reward=True)
+    with pytest.raises(PipelineError, match="^someone/rm: eval.checkpoints: a reward model, not a causal LM"):
+        evaluate.check_model(recipe, rm, "checkpoints")
+    evaluate.check_model(recipe, rm, "reward_model", reward=True)
+    evaluate.check_model(recipe, runs.Checkpoint("x/y", "someone/not-cached", None, "hub"), "checkpoints")
