@@ -15,6 +15,7 @@ tests/test_forked_cli.py checks that both give the same exit code, output and fi
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import select
@@ -117,7 +118,8 @@ def _serve() -> None:
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     os.dup2(2, 1)  # what the libraries print while importing must not reach the control channel
     exec(PREIMPORT, {})
-    sys.stdout.flush()
+    gc.freeze()  # the libraries' objects out of the collector's sight: a child's collections and its exit walked them
+    sys.stdout.flush()  # all, copying their pages on write (2-3 s per command, most of a failing command's time)
     for line in control_in:
         request = json.loads(line)
         pid = os.fork()
