@@ -36,6 +36,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from trl import (DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, KTOConfig, KTOTrainer, ModelConfig, RewardConfig,
                  RewardTrainer, RLOOConfig, RLOOTrainer, SFTConfig, SFTTrainer)
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from codecarbon.core.util import detect_cpu_model
+detect_cpu_model()  # cached for the children: each stage's cost tracker asked py-cpuinfo's subprocess (about 1 s)
 """
 
 RUNTIME_ONLY = ("PIPELINE_", "PYTEST_")  # read after imports only: pipeline/faults.py, pytest's current test
