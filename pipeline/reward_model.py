@@ -37,13 +37,16 @@ def saved_head(path, from_hub: bool = False, revision: str | None = None) -> str
     random score head, silently."""
     folder = Path(models.model_path(path))
     config, adapter = folder / "config.json", folder / "adapter_config.json"
-    if from_hub:
-        config, adapter = (_hub_file(str(path), name, revision) for name in ("config.json", "adapter_config.json"))
-    if config is not None and config.is_file():
-        archs = " ".join(json.loads(config.read_text()).get("architectures") or [])
-        return "classifier" if "ForSequenceClassification" in archs else "causal"
+    if from_hub:  # an adapter's file first, as transformers follows it; the config only without one
+        adapter = _hub_file(str(path), "adapter_config.json", revision)
+        config = None if adapter else _hub_file(str(path), "config.json", revision)
     if adapter is not None and adapter.is_file():
         return "classifier" if json.loads(adapter.read_text()).get("task_type") == "SEQ_CLS" else "causal"
+    if config is not None and config.is_file():
+        values = json.loads(config.read_text())
+        archs = " ".join(values.get("architectures") or [])  # a remote-code reward model maps the auto class
+        return ("classifier" if "ForSequenceClassification" in archs
+                or "AutoModelForSequenceClassification" in (values.get("auto_map") or {}) else "causal")
     return None
 
 

@@ -377,7 +377,7 @@ def run_steps(recipe, steps, overrides) -> None:
         print(f"  {stage:<10} {headline(metrics)}")
     elapsed = (f"this run: {len(todo)} stage(s) in {cost.human_time(time.time() - started)} of wall time, up to "
                f"{recipe.run.parallel_stages} side by side (run.parallel_stages)")
-    write_cost(recipe, order_stages(recipe), elapsed)  # every stage of the run folder, also those skipped
+    write_cost(recipe, order_stages(recipe), elapsed)  # every stage of the recipe, also those skipped
 
 
 def write_cost(recipe, stages: list[str], elapsed: str) -> None:

@@ -26,7 +26,8 @@ import tempfile
 from functools import partial
 from pathlib import Path
 
-# What stage processes import from the libraries (a lazy module imports its parts on first attribute access)
+# What stage processes import from the libraries (a lazy module imports its parts on first attribute access),
+# and what they would each ask a subprocess for
 PREIMPORT = """
 import numpy, torch, transformers, datasets, accelerate, peft, trl, diffusers, safetensors.torch
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, Trainer,
@@ -36,8 +37,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from trl import (DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, KTOConfig, KTOTrainer, ModelConfig, RewardConfig,
                  RewardTrainer, RLOOConfig, RLOOTrainer, SFTConfig, SFTTrainer)
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from codecarbon.core.util import detect_cpu_model
-detect_cpu_model()  # cached for the children: each stage's cost tracker asked py-cpuinfo's subprocess (about 1 s)
+try:  # the CPU model, cached for the children: each stage's cost tracker asked a py-cpuinfo subprocess (about 1 s)
+    from codecarbon.core.util import detect_cpu_model
+    detect_cpu_model()
+except Exception:  # another codecarbon: the children ask it themselves
+    pass
 """
 
 RUNTIME_ONLY = ("PIPELINE_", "PYTEST_")  # read after imports only: pipeline/faults.py, pytest's current test
@@ -120,8 +124,9 @@ def _serve() -> None:
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     os.dup2(2, 1)  # what the libraries print while importing must not reach the control channel
     exec(PREIMPORT, {})
-    gc.freeze()  # the libraries' objects out of the collector's sight: a child's collections and its exit walked them
-    sys.stdout.flush()  # all, copying their pages on write (2-3 s per command, most of a failing command's time)
+    gc.collect()  # what the imports left over goes first; then the libraries' objects out of the collector's sight:
+    gc.freeze()  # a child's collections and its exit walked them all, copying their pages on write (2-3 s a command)
+    sys.stdout.flush()
     for line in control_in:
         request = json.loads(line)
         pid = os.fork()

@@ -199,21 +199,29 @@ def test_a_hub_model_is_told_reward_model_or_language_model_by_its_config(tmp_pa
 
     from huggingface_hub import constants
 
+    from pipeline import hub
     from pipeline.cli import PipelineError
     from pipeline.reward_model import saved_head
 
     cache, commit = tmp_path / "hub", "0" * 40
-    for repo, arch in (("someone/chat-lm", "LlamaForCausalLM"), ("someone/rm", "LlamaForSequenceClassification")):
+    remote_rm = {"architectures": ["LlamaForRewardModelWithGating"],  # remote code, its own class name
+                 "auto_map": {"AutoModelForSequenceClassification": "modeling_rm.LlamaForRewardModelWithGating"}}
+    for repo, name, values in (("someone/chat-lm", "config.json", {"architectures": ["LlamaForCausalLM"]}),
+                               ("someone/rm", "config.json", {"architectures": ["LlamaForSequenceClassification"]}),
+                               ("someone/remote-rm", "config.json", remote_rm),
+                               ("someone/rm-lora", "adapter_config.json", {"task_type": "SEQ_CLS"})):
         folder = cache / f"models--{repo.replace('/', '--')}"
         (folder / "snapshots" / commit).mkdir(parents=True)
         (folder / "refs").mkdir()
         (folder / "refs" / "main").write_text(commit)
-        (folder / "snapshots" / commit / "config.json").write_text(json.dumps({"architectures": [arch]}))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the cache only (hub.reachable is False offline by setting)
+        (folder / "snapshots" / commit / name).write_text(json.dumps(values))
+    monkeypatch.setattr(hub, "reachable", lambda: False)  # not the cached probe: other tests may have network
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the cache only
     assert saved_head("someone/chat-lm", from_hub=True) == "causal"
     assert saved_head("someone/rm", from_hub=True) == "classifier"
+    assert saved_head("someone/remote-rm", from_hub=True) == "classifier"
+    assert saved_head("someone/rm-lora", from_hub=True) == "classifier"
     assert saved_head("someone/not-cached", from_hub=True) is None
     assert saved_head("someone/rm") is None  # not a local folder, and not asked of the hub
 
