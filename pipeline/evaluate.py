@@ -47,7 +47,7 @@ from pipeline import (cli, data, eval_records, eval_report, eval_tools, eval_too
 from pipeline.eval_metrics import checkpoint_metrics, collapse_checks, outcomes, win_matrix
 from pipeline.generation import generate, held_out_perplexity, prompt_ids, reply_logprob_sums, warn_past_context
 from pipeline.recipe import load_recipe, stage_help
-from pipeline.reward_model import RewardModel, check_reads, offered_tools, saved_head, tools_of
+from pipeline.reward_model import RewardModel, check_reads, checkpoint_head, offered_tools, tools_of
 
 STAGE = "eval"
 USAGE = "usage: pipeline/evaluate.py RECIPE [eval.KEY=VALUE ...]"
@@ -137,7 +137,7 @@ def check_model(recipe, cp: runs.Checkpoint, key: str, reward: bool = False) -> 
     if cp.path is None:
         raise cli.PipelineError(f"{recipe.path}: eval.{key}: '{cp.ref}' is a new model built from `model.config`: "
                                 f"nothing trained to evaluate")
-    head = saved_head(cp.path, from_hub=cp.source == "hub", revision=recipe.model.revision)
+    head = checkpoint_head(recipe, cp)
     if head is None:
         if cp.source == "hub":  # neither the hub nor the cache has its config: loading it says why
             return

@@ -50,6 +50,11 @@ def saved_head(path, from_hub: bool = False, revision: str | None = None) -> str
     return None
 
 
+def checkpoint_head(recipe, cp) -> str | None:
+    """saved_head of a runs.Checkpoint: its folder, or a hub id at the recipe's `model.revision`."""
+    return saved_head(cp.path, from_hub=cp.source == "hub", revision=recipe.model.revision)
+
+
 def _hub_file(repo: str, name: str, revision: str | None) -> Path | None:
     """A hub model's small file, from the hub or (offline: hub.online_for) the local cache; None when neither has it."""
     from huggingface_hub import hf_hub_download
