@@ -229,6 +229,11 @@ def cpu_bf16_native() -> bool:
     return platform.machine().lower() in ("arm64", "aarch64") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+# the devices Accelerate's PartialState.default_device tries, in its order (an NPU before CUDA: torch_npu's
+# transfer_to_npu makes torch.cuda answer for the NPU)
+ACCELERATOR_ORDER = ("mps", "mlu", "sdaa", "musa", "npu", "hpu", "cuda", "xpu", "neuron")
+
+
 def launched_with_deepspeed() -> bool:  # this process was started by `accelerate launch` with a DeepSpeed config
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
@@ -236,28 +241,43 @@ def launched_with_deepspeed() -> bool:  # this process was started by `accelerat
 def process_group():
     """Accelerate's process state for this process, made the way the launch needs it here (once; then shared).
 
-    Without a GPU, processes started by `accelerate launch --multi_gpu` join as CPU workers (gloo) only with cpu=True;
-    a plain PartialState() would leave each of them alone, all writing as the main process. Under DeepSpeed without a
-    GPU, Accelerate picks no backend and again counts each process alone: name gloo. (A TrainingArguments makes the
-    state anew; recipe.trainer_config gives it use_cpu where that is needed.)"""
-    import torch
+    Without an accelerator (accelerator_here), processes started by `accelerate launch --multi_gpu` join as CPU
+    workers (gloo) only with cpu=True; a plain PartialState() would leave each of them alone, all writing as the main
+    process. Under DeepSpeed without one, Accelerate picks no backend and again counts each process alone: name gloo.
+    (A TrainingArguments makes the state anew; recipe.trainer_config gives it use_cpu where that is needed.)"""
     from accelerate import PartialState
 
     if PartialState._shared_state:
         return PartialState()
-    deepspeed, gpu = launched_with_deepspeed(), torch.cuda.is_available()
-    return PartialState(cpu=not gpu and not deepspeed, **({"backend": "gloo"} if deepspeed and not gpu else {}))
+    deepspeed, accelerator = launched_with_deepspeed(), accelerator_here()
+    return PartialState(cpu=not accelerator and not deepspeed,
+                        **({"backend": "gloo"} if deepspeed and not accelerator else {}))
+
+
+def training_device() -> str:
+    """The device type Accelerate (and so a Trainer) trains on here unless told to use the CPU: the first of
+    ACCELERATOR_ORDER it finds, as its PartialState.default_device picks, else "cpu". Every stage asks this (not
+    torch.cuda alone), so that none trains on the CPU of a machine whose XPU, NPU or MPS device the others use."""
+    import torch
+    from accelerate.utils import imports
+
+    for device in ACCELERATOR_ORDER:  # a check this Accelerate version lacks: a device it cannot train on either
+        available = torch.cuda.is_available if device == "cuda" else getattr(imports, f"is_{device}_available", None)
+        if available is not None and available():
+            return device
+    return "cpu"
+
+
+def accelerator_here() -> bool:
+    """Whether this machine has an accelerator to train on (else every stage trains on the CPU)."""
+    return training_device() != "cpu"
 
 
 def processes_without_accelerator() -> int:
-    """The processes of a launch of several on a machine where torch sees no GPU (nor XPU, NPU, MPS), else 0: they
+    """The processes of a launch of several on a machine without an accelerator (accelerator_here), else 0: they
     train on the CPU (over gloo), whatever a stage's `use_cpu` says, as one process does there."""
     processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if processes < 2:
-        return 0
-    import torch
-
-    return 0 if torch.accelerator.is_available() else processes
+    return 0 if processes < 2 or accelerator_here() else processes
 
 
 def cpu_processes_line() -> str | None:

@@ -76,7 +76,7 @@ def main(argv):
         from accelerate import Accelerator
 
         precision = diffusion_config.mixed_precision_here(cfg.mixed_precision, STAGE)
-        accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+        accelerator = Accelerator(mixed_precision=precision, cpu=not cluster.accelerator_here())
         main_process = accelerator.is_main_process
         torch.manual_seed(cfg.seed)
         if pipe is None:

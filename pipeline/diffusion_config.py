@@ -78,10 +78,16 @@ def mixed_precision_here(value: str, stage: str) -> str:
 
     from pipeline import cluster, log
 
-    if torch.cuda.is_available():
+    device = cluster.training_device()  # the device the stage trains on: the question is its bf16
+    if device == "cuda":
         native, where = torch.cuda.is_bf16_supported(), "this GPU"
-    else:
+    elif device == "cpu":
         native, where = cluster.cpu_bf16_native(), "this CPU"
+    elif value == "auto":  # an XPU, NPU or MPS device: torch has no bf16 question common to them; fp32 runs on all
+        log.info(f"{stage}.mixed_precision auto: fp32 (whether this {device} device computes bf16 is not checked)")
+        return "no"
+    else:
+        return value
     if value == "auto":
         log.info(f"{stage}.mixed_precision auto: {'bf16' if native else 'fp32'} ({where} "
                  f"{'computes' if native else 'has no native'} bf16)")

@@ -170,7 +170,7 @@ def main(argv):
         from pipeline.image_judge import ImageJudge
 
         precision = diffusion_config.mixed_precision_here(cfg.mixed_precision, STAGE)
-        accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+        accelerator = Accelerator(mixed_precision=precision, cpu=not cluster.accelerator_here())
         main_process = accelerator.is_main_process
         pipe.to(accelerator.device)  # candidates drawn there; the frozen parts and the reference copy join the UNet
         torch.manual_seed(cfg.seed)

@@ -47,7 +47,8 @@ from pipeline import (cli, data, eval_records, eval_report, eval_tools, eval_too
 from pipeline.eval_metrics import checkpoint_metrics, collapse_checks, outcomes, win_matrix
 from pipeline.generation import generate, held_out_perplexity, prompt_ids, reply_logprob_sums, warn_past_context
 from pipeline.recipe import load_recipe, stage_help
-from pipeline.reward_model import RewardModel, check_reads, checkpoint_head, offered_tools, tools_of
+from pipeline.reward_model import (RewardModel, check_reads, checkpoint_head, offered_tools, refuse_causal_head,
+                                   tools_of)
 
 STAGE = "eval"
 USAGE = "usage: pipeline/evaluate.py RECIPE [eval.KEY=VALUE ...]"
@@ -142,11 +143,9 @@ def check_model(recipe, cp: runs.Checkpoint, key: str, reward: bool = False) -> 
         if cp.source == "hub":  # neither the hub nor the cache has its config: loading it says why
             return
         raise cli.PipelineError(f"{cp.path}: eval.{key}: not a saved model (no config.json or adapter_config.json)")
-    is_classifier = head == "classifier"
-    if reward and not is_classifier:
-        raise cli.PipelineError(f"{cp.path}: eval.{key}: not a reward model (a sequence-classification model, "
-                                f"e.g. the reward stage)")
-    if not reward and is_classifier:
+    if reward:
+        refuse_causal_head(recipe, "eval", key, cp, head)
+    elif head == "classifier":
         raise cli.PipelineError(f"{cp.path}: eval.{key}: a reward model, not a causal LM that can answer prompts")
 
 

@@ -227,11 +227,18 @@ def read_table(path: Path, kind: str, empty_is_text: bool = False) -> tuple:  # 
 
 
 def csv_record_lines(text: str) -> list[int]:
-    """The line each record of a CSV text starts on (a quoted field may run over lines; blank lines are no record,
-    as pandas skips them)."""
-    reader, starts, end = csv.reader(io.StringIO(text.lstrip("\ufeff"), newline="")), [], 0
-    for record in reader:  # a blank line is a record of its own, []
-        if record:
+    """The line each record of a CSV text starts on (a quoted field may run over lines). A line of nothing but spaces
+    and tabs (or nothing) is no record, as pandas skips it; a quoted blank ("  ") is one."""
+    last = [""]  # the line the reader took last: a record's final line, blank only for a blank record
+
+    def lines():
+        for line in io.StringIO(text.lstrip("\ufeff"), newline=""):
+            last[0] = line
+            yield line
+
+    reader, starts, end = csv.reader(lines()), [], 0
+    for _ in reader:
+        if last[0].strip(" \t\r\n"):
             starts.append(end + 1)
         end = reader.line_num
     return starts

@@ -278,19 +278,35 @@ def context_length(model, tokenizer=None) -> int | None:
 
 
 def config_positions(config) -> int | None:
-    """The positions a model config says it was built for; None where it says none."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    """The positions a model config says a row can use; None where it says none. A table whose position ids start
+    past the pad token's (positions_skipped: RoBERTa's 514) holds that many fewer."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        if isinstance(n := getattr(config, name, None), int) and n > 0:
-            return n
+        if isinstance(n := getattr(text, name, None), int) and n > 0:
+            return n - positions_skipped(text)
     return None
 
 
+# Model types whose position ids start at padding_idx + 1 (fairseq's RoBERTa and the types built on it: transformers'
+# create_position_ids_from_input_ids), so a table's first pad_token_id + 1 rows are no row's positions.
+POSITIONS_PAST_PAD = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text",
+                                "roberta-prelayernorm", "xmod", "longformer", "ibert", "luke", "mpnet"})
 # Model types whose positions come from a table indexed by position id (learned; GPT-J's, CodeGen's and CTRL's fixed
 # sinusoids): a row longer than the table stops the first step (each checked past its positions). XGLM grows its
 # table; RoPE, ALiBi and state-space models have none.
 POSITION_TABLES = frozenset({"gpt2", "gpt-sw3", "gpt_bigcode", "openai-gpt", "ctrl", "gpt_neo", "opt", "biogpt", "gptj",
-                             "codegen", "bart", "bert", "roberta"})
+                             "codegen", "bart", "bert"}) | POSITIONS_PAST_PAD
+
+
+def positions_skipped(config) -> int:
+    """How many rows of a model's position table come before its first position id: pad_token_id + 1 for a type in
+    POSITIONS_PAST_PAD (RoBERTa's 514 hold 512 positions), else 0."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = getattr(text, "model_type", None)
+    if model_type not in POSITIONS_PAST_PAD:
+        return 0
+    pad = 1 if model_type == "mpnet" else getattr(text, "pad_token_id", None)  # MPNet's padding_idx is always 1
+    return pad + 1 if isinstance(pad, int) else 0
 
 
 def has_position_table(config) -> bool:
@@ -310,10 +326,12 @@ def learned_positions_problem(config, max_length: int | None, key: str) -> str |
     positions = config_positions(config)
     if positions is None or not has_position_table(config) or (max_length and max_length <= positions):
         return None
-    over = (f"({max_length}) is over the model's {positions}" if max_length else
-            f"is unset, so rows are not cut to the model's {positions}")
-    return (f"{key} {over} learned positions: a longer row stops training with an IndexError; set {key} to "
-            f"{positions} or less")
+    skipped = positions_skipped(config)
+    table = (f"{positions} positions (a table of {positions + skipped} whose position ids start at {skipped})"
+             if skipped else f"table of {positions} positions")
+    over = (f"({max_length}) is over the model's {table}" if max_length else
+            f"is unset, so rows are not cut to the model's {table}")
+    return f"{key} {over}: a longer row stops training with an index out of range; set {key} to {positions} or less"
 
 
 def refuse_past_positions(recipe, config, max_length: int | None, key: str) -> None:
@@ -326,7 +344,7 @@ def refuse_past_positions(recipe, config, max_length: int | None, key: str) -> N
 
 def warn_past_context(model, tokenizer, lengths: list[int], reply_tokens: int, what: str) -> None:
     """Warn when prompts of `lengths` tokens with a reply of up to reply_tokens run past the model's positions: those
-    replies go where it never trained (a model with learned positions fails there). eval keeps such prompts: every
+    replies go where it never trained (a model with a table of positions fails there). eval keeps such prompts: every
     checkpoint answers the same ones."""
     context = context_length(model, tokenizer)
     over = [n for n in lengths if context is not None and n + reply_tokens > context]

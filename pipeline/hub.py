@@ -3,7 +3,8 @@ network fails at once with one line instead of after minutes of the libraries' r
 
 When the hub cannot be reached, `HF_HUB_OFFLINE=1` is set for this process: transformers, datasets and
 huggingface_hub then read their local caches only, and a model or dataset that is not cached fails immediately.
-`load_dataset` is the one place a hub dataset is loaded (text and image stages).
+`load_dataset` is the one place a hub dataset is loaded (text and image stages), `repo_file` the one place a hub
+model's small file (a config) is read.
 """
 
 from __future__ import annotations
@@ -54,6 +55,28 @@ def online_for(source) -> bool:
     caches, so the read fails at once instead of retrying for half a minute, and False says a failure may be the
     missing network (load_failure's wording). It says nothing of whether the id or revision exists."""
     return Path(source).exists() or reachable()
+
+
+def repo_file(repo: str, name: str, revision: str | None = None) -> Path | None:
+    """One small file (a config) of the hub repo `repo` at `revision`, from the hub or, offline (online_for), the
+    local cache; None when neither has it: no such repo, revision or file, `repo` is not a repo id, or offline and not
+    cached. Any other failure is raised (a dropped connection or the hub's 5xx while it is reachable, a gated repo),
+    for the caller to say."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HFValidationError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    online = online_for(repo)
+    try:
+        return Path(hf_hub_download(repo, name, revision=revision))
+    except LocalEntryNotFoundError:  # not cached, and the hub did not answer: offline, or a failure while online
+        if online:
+            raise
+        return None
+    except GatedRepoError:  # the hub has it, for those granted access
+        raise
+    except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError, HFValidationError):
+        return None
 
 
 def unreachable_note() -> str:

@@ -131,7 +131,11 @@ def components(recipe, ref: str | None, section_cfg: dict, resolution: int, seen
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import AutoConfig
 
-        index = json.loads(Path(_hub_file(cp.path, "model_index.json")).read_text())
+        index_file = hub.repo_file(cp.path, "model_index.json")
+        if index_file is None:  # said below with the ref, offline as the hub's absence
+            raise PipelineError(hub.load_failure(online, "the hub has no model_index.json for it (no such repo, or "
+                                                         "not a diffusers pipeline)"))
+        index = json.loads(index_file.read_text())
         unet = UNet2DConditionModel.load_config(cp.path, subfolder="unet") if "unet" in index else None
         if problem := pipeline_problem(index, unet):
             raise PipelineError(problem)  # said below with the ref
@@ -145,12 +149,6 @@ def components(recipe, ref: str | None, section_cfg: dict, resolution: int, seen
                                        f"{str(err).splitlines()[0][:120]})")
         raise PipelineError(f"'{ref}': {why}") from None
     return {**_components_from_configs(dict(unet), None, dict(vae) if vae else None, text), "source": "hub"}
-
-
-def _hub_file(repo: str, name: str) -> str:
-    from huggingface_hub import hf_hub_download
-
-    return hf_hub_download(repo, name)
 
 
 UNSUPPORTED_INPUTS = ("addition_embed_type", "class_embed_type", "num_class_embeds", "encoder_hid_dim_type")

@@ -1,6 +1,7 @@
 """Checks of one recipe value as the recipe loads (pipeline/recipe.py calls them for every key of every section): floors
 of numeric keys, numbers that are finite and fit in 64 bits, trackers, the values a TRL/transformers config accepts
-from a list, and hints for unknown keys.
+from a list, and hints for unknown keys. Also where a key was set, for the lines that refuse it: the override
+load_recipe recorded for it (Recipe.set_by), else the recipe file.
 
 TRL's configs accept any string for keys their trainers check only when they start or at the first training step
 (DPOConfig.loss_type is checked when the first loss is computed: a traceback mid-stage); the lists of valid values
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 
 from pipeline import reference_free
 from pipeline.cli import PipelineError
@@ -155,11 +157,33 @@ def check_value(section: str, key: str, value, src, config_class=None) -> None:
 
 def source_of(recipe, section: str, *keys: str) -> str:
     """Where a section's keys were set, for messages: the last override that set one of them (a key inside one too:
-    a.b.c=1), as `override 'sft.lora_r=0'`, else the recipe file."""
-    prefixes = tuple(f"{section}.{key}." for key in keys)
-    override = next((o for o in reversed(recipe.overrides) if (o.partition("=")[0].strip() + ".").startswith(prefixes)),
-                    None)
-    return f"override '{override}'" if override else str(recipe.path)
+    a.b.c=1), as `override 'sft.lora_r=0'`, else the recipe file. A key may also be one inside a section key
+    (`trl_args.beta`: set by `ppo.trl_args.beta=0` or `ppo.trl_args={beta: 0}`). What each override set is parsed
+    once, by load_recipe (Recipe.set_by)."""
+    last = max((recipe.set_by[section, key] for key in keys if (section, key) in recipe.set_by), default=None)
+    return str(recipe.path) if last is None else f"override '{recipe.overrides[last]}'"
+
+
+def config_refusal(recipe, stage: str, config_class, values: dict, message: str) -> str:
+    """A config class's refusal (Recipe.trainer_config) as one line naming where the value came from: the one section
+    key without which the class builds, by its override when the command line set it (a key inside it too: a.b.c=1);
+    else the section (a refusal of several keys together: by the last override that set one of them, if any)."""
+    culprits = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for key in (k for k in recipe.section(stage) if k in values):
+            try:
+                config_class(**{k: v for k, v in values.items() if k != key})
+                culprits.append(key)
+            except (ValueError, TypeError):
+                pass
+    if len(culprits) != 1:
+        return f"{source_of(recipe, stage, *culprits)}: section '{stage}': {message}"
+    key = culprits[0]
+    named = f"{stage}.{message}" if message.startswith(f"{key} ") else None  # "max_steps must be ..."
+    if (source := source_of(recipe, stage, key)) != str(recipe.path):  # an override
+        return f"{source}: {named or message}"
+    return f"{recipe.path}: {named or f'{stage}.{key}: {message}'}"
 
 
 def key_prefix(recipe, section: str, *keys: str) -> str:

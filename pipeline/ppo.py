@@ -36,7 +36,7 @@ from pipeline.heldout import heldout_comparison, heldout_rows
 from pipeline.judges import with_answers
 from pipeline.ppo_tools import check_offers
 from pipeline.ppo_trainer import PPOTrainer
-from pipeline.reward_model import check_reads, checkpoint_head, offered_tools
+from pipeline.reward_model import check_reads, checkpoint_head, offered_tools, refuse_causal_head
 from pipeline.recipe import load_recipe, stage_help
 from pipeline.stages import STAGES
 from pipeline.trl_online import train_trl
@@ -218,9 +218,8 @@ def main(argv):
         reward_checkpoints = [run.checkpoint("reward_model"), *run.checkpoints("reward_ensemble")]
         for key, cp in zip(["reward_model"] + ["reward_ensemble"] * len(keys.reward_ensemble or []),
                            reward_checkpoints):
-            if cp.path and checkpoint_head(recipe, cp) == "causal":  # scored by a random head
-                raise cli.PipelineError(f"{cp.path}: ppo.{key}: not a reward model (a sequence-classification "
-                                        f"model, e.g. the reward stage)")
+            if cp.path:
+                refuse_causal_head(recipe, STAGE, key, cp, checkpoint_head(recipe, cp))
         if init.path is None:
             raise cli.PipelineError(f"{recipe.path}: ppo.init_from is a new model from `model.config`; "
                                     f"start PPO from a trained checkpoint (e.g. sft)")

@@ -48,14 +48,15 @@ class PolicyAndCritic(torch.nn.Module):
 
 
 def on_cpu(cfg) -> bool:
-    """The Accelerator's `cpu`: `ppo.use_cpu`, or no GPU; never under a DeepSpeed launch, whose own accelerator places
-    the models (its CPU one on a machine without a GPU). Checked before the stage writes anything."""
+    """The Accelerator's `cpu`: `ppo.use_cpu`, or no accelerator here (cluster.accelerator_here); never under a
+    DeepSpeed launch, whose own accelerator places the models (its CPU one on a machine without a GPU). Checked before
+    the stage writes anything."""
     if cluster.launched_with_deepspeed():
         if cfg.use_cpu:
             raise cli.PipelineError("ppo.use_cpu is true under a DeepSpeed launch, which places the models itself (on "
                                     "the CPU where there is no GPU): set it to false, or launch without DeepSpeed")
         return False
-    return cfg.use_cpu or not torch.cuda.is_available()
+    return cfg.use_cpu or not cluster.accelerator_here()
 
 
 def deepspeed_config(accelerator) -> dict | None:

@@ -19,7 +19,7 @@ import yaml
 
 from pipeline.cli import PipelineError
 from pipeline.files import text_of
-from pipeline.key_checks import check_value, long_name, source_of, unknown_key_hint
+from pipeline.key_checks import check_value, config_refusal, long_name, unknown_key_hint
 from pipeline.values import Mismatch, closest, coerce, field_types, type_name
 from pipeline.stages import PEFT_FIELDS, STAGES, TrainingKeys
 
@@ -154,6 +154,8 @@ class Recipe:
     model: ModelSection
     stages: dict[str, dict] = field(default_factory=dict)  # section name -> validated values, in recipe order
     overrides: list[str] = field(default_factory=list)
+    set_by: dict = field(default_factory=dict)  # (section, key) -> index in overrides of the last that set it; a key
+                                                # inside it too: ("ppo", "trl_args.beta") (key_checks.source_of)
     slurm: Any = None  # pipeline.slurm.SlurmSection: how `run.py --slurm` submits the stages
     tools: Any = None  # pipeline.tools.ToolsSection: the tools the policy may call (none when its list is empty)
     generation: Any = None  # pipeline.vllm_engine.GenerationSection: how eval and ppo generate (hf or vllm)
@@ -243,28 +245,7 @@ class Recipe:
         try:
             return config_class(**values)
         except (ValueError, TypeError) as err:
-            raise PipelineError(self._refusal(stage, config_class, values, str(err).splitlines()[0])) from None
-
-    def _refusal(self, stage: str, config_class, values: dict, message: str) -> str:
-        """A config class's refusal as one line naming where the value came from: the one section key without which
-        the class builds, by its override when the command line set it (a key inside it too: a.b.c=1); else the
-        section (a refusal of several keys together: by the last override that set one of them, if any)."""
-        culprits = []
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for key in (k for k in self.section(stage) if k in values):
-                try:
-                    config_class(**{k: v for k, v in values.items() if k != key})
-                    culprits.append(key)
-                except (ValueError, TypeError):
-                    pass
-        if len(culprits) != 1:
-            return f"{source_of(self, stage, *culprits)}: section '{stage}': {message}"
-        key = culprits[0]
-        named = f"{stage}.{message}" if message.startswith(f"{key} ") else None  # "max_steps must be ..."
-        if (source := source_of(self, stage, key)) != str(self.path):  # an override
-            return f"{source}: {named or message}"
-        return f"{self.path}: {named or f'{stage}.{key}: {message}'}"
+            raise PipelineError(config_refusal(self, stage, config_class, values, str(err).splitlines()[0])) from None
 
 
 def _validate_section(section: str, raw, where, origins) -> dict:
@@ -313,7 +294,9 @@ def _named_paths(section: str, key: str, value) -> list:
     return (value if isinstance(value, list) else [value]) if ref else []
 
 
-def _apply_override(data: dict, text: str) -> tuple[str, str]:
+def _apply_override(data: dict, text: str) -> list[tuple[str, str]]:
+    """Set an override's value in the recipe's data; the (section, key) it set, and the key inside it it set
+    (`ppo.trl_args.beta=0`: trl_args and trl_args.beta; `ppo.trl_args={beta: 0}`: each key of the mapping too)."""
     dotted, equals, value_text = text.partition("=")
     parts = dotted.strip().split(".")
     if not equals or len(parts) < 2 or not all(parts):  # without `=` the runner took it for key=null
@@ -333,7 +316,8 @@ def _apply_override(data: dict, text: str) -> tuple[str, str]:
             raise PipelineError(f"override '{text}': '{p}' is not a section")
         node = node[p]
     node[parts[-1]] = value
-    return parts[0], parts[1]
+    inside = parts[2:3] or (list(map(str, value)) if isinstance(value, dict) else [])
+    return [(parts[0], parts[1])] + [(parts[0], f"{parts[1]}.{k}") for k in inside]
 
 
 def load_recipe(path, overrides: list[str] = ()) -> Recipe:
@@ -352,26 +336,26 @@ def load_recipe(path, overrides: list[str] = ()) -> Recipe:
     if not isinstance(data, dict):
         raise PipelineError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
 
-    origins: dict[str, dict[str, str]] = {}
-    for ov in overrides:
-        section, k = _apply_override(data, ov)
-        origins.setdefault(section, {})[k] = ov
+    set_by: dict[tuple[str, str], int] = {}  # parsed here once: Recipe.set_by
+    for i, ov in enumerate(overrides):
+        set_by.update({key: i for key in _apply_override(data, ov)})
 
     known = list(GLOBAL_SECTIONS) + list(STAGES)
     values = {}
     for section, raw in data.items():
+        origins = {k: overrides[i] for (s, k), i in set_by.items() if s == section and "." not in k}
         if section not in known:
-            src = f"override '{next(iter(origins[section].values()))}'" if section in origins else str(path)
+            src = f"override '{next(iter(origins.values()))}'" if origins else str(path)
             raise PipelineError(f"{src}: unknown section '{section}'{closest(str(section), known)}")
-        values[section] = _validate_section(section, raw, str(path), origins.get(section, {}))
+        values[section] = _validate_section(section, raw, str(path), origins)
 
     def build(section):
         cls = GLOBAL_SECTIONS[section]()
         return cls(**values.get(section, {}))
 
     recipe = Recipe(path=path, run=build("run"), world=build("world"), tokenizer=build("tokenizer"),
-                    model=build("model"), overrides=list(overrides), slurm=build("slurm"), tools=build("tools"),
-                    generation=build("generation"),
+                    model=build("model"), overrides=list(overrides), set_by=set_by, slurm=build("slurm"),
+                    tools=build("tools"), generation=build("generation"),
                     stages={s: v for s, v in values.items() if s in STAGES})
     _check_world(recipe)
     from pipeline.models import check_section as check_model

@@ -23,23 +23,34 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import faults, models
+from pipeline import cli, faults, generation, hub, models
 from pipeline.formats import as_messages
+from pipeline.key_checks import source_of
 
 
 def saved_head(path, from_hub: bool = False, revision: str | None = None) -> str | None:
     """"classifier" (a reward model: sequence classification) or "causal" for a saved model, full or an adapter: a
     folder, or `from_hub` a hub id (at `revision`) whose config the hub or, offline, the local cache gives; None when
-    there is no saved model (a hub id neither has: loading it says why). A causal LM read as a reward model gets a
-    random score head, silently."""
+    there is no saved model (a hub id neither has: loading it says why), or when the hub is reachable but reading
+    its config failed otherwise (said on stderr). A causal LM read as a reward model gets a random score head,
+    silently."""
     folder = Path(models.model_path(path))
     config, adapter = folder / "config.json", folder / "adapter_config.json"
     if from_hub:  # an adapter's file first, as transformers follows it; the config only without one
-        adapter = _hub_file(str(path), "adapter_config.json", revision)
-        config = None if adapter else _hub_file(str(path), "config.json", revision)
+        name = "adapter_config.json"
+        try:
+            adapter = hub.repo_file(str(path), name, revision)
+            name = "config.json"
+            config = None if adapter else hub.repo_file(str(path), name, revision)
+        except Exception as err:  # a dropped connection, the hub's 5xx: the load that follows says its failure
+            reason = (str(err).splitlines() or [""])[0][:200]
+            print(f"warning: {path}: reading {name} from the hub failed ({type(err).__name__}: {reason}); whether "
+                  f"it is a reward model or a causal LM is not checked", file=sys.stderr)
+            return None
     if adapter is not None and adapter.is_file():
         return "classifier" if json.loads(adapter.read_text()).get("task_type") == "SEQ_CLS" else "causal"
     if config is not None and config.is_file():
@@ -55,17 +66,12 @@ def checkpoint_head(recipe, cp) -> str | None:
     return saved_head(cp.path, from_hub=cp.source == "hub", revision=recipe.model.revision)
 
 
-def _hub_file(repo: str, name: str, revision: str | None) -> Path | None:
-    """A hub model's small file, from the hub or (offline: hub.online_for) the local cache; None when neither has it."""
-    from huggingface_hub import hf_hub_download
-
-    from pipeline import hub
-
-    hub.online_for(repo)
-    try:
-        return Path(hf_hub_download(repo, name, revision=revision))
-    except Exception:  # not a repo id, no such file, offline and not cached, ...: the load that follows says why
-        return None
+def refuse_causal_head(recipe, section: str, key: str, cp, head: str | None) -> None:
+    """One line when the checkpoint `section.key` names (a runs.Checkpoint; `head` its checkpoint_head) is a causal
+    LM, which read as a reward model would be scored by a random head, silently. It names where the key was set."""
+    if head == "causal":
+        raise cli.PipelineError(f"{source_of(recipe, section, key)}: {section}.{key}: {cp.path} is not a reward model (a "
+                            f"sequence-classification model, e.g. the reward stage)")
 
 
 def load_reward_model(recipe, path, peft_values=None):
@@ -266,8 +272,7 @@ class RewardModel:
         model = load_reward_model(recipe, checkpoint.path).to(device).eval().requires_grad_(False)
         tokenizer = models.load_tokenizer(recipe, checkpoint, as_saved=True)  # as the reward model was trained
         config = model.config
-        max_length = (max_length or getattr(config, "reward_max_length", None)
-                      or getattr(config, "max_position_embeddings", None))
+        max_length = max_length or getattr(config, "reward_max_length", None) or generation.config_positions(config)
         return cls(model, tokenizer, max_length, getattr(config, "reward_mean", None),
                    getattr(config, "reward_std", None), getattr(config, "reward_conversational", None))
 
@@ -375,8 +380,6 @@ class RewardEnsemble:
 def check_reads(recipe, checkpoints: list, prompts, spec: str, key: str) -> None:
     """One line before any work when a reward model (runs.Checkpoint each) cannot read the prompts: conversational
     ones go through its own chat template, and one trained elsewhere may have none."""
-    from pipeline import cli
-
     row = next((i for i, p in enumerate(prompts) if isinstance(p, list)), None)
     for cp in checkpoints if row is not None else []:
         if not models.load_tokenizer(recipe, cp, as_saved=True).chat_template:
@@ -396,8 +399,6 @@ class ImplicitReward:
     token the policy chose, read at temperature 1 off a policy DPO tuned from the PPO reference."""
 
     def __init__(self, recipe, checkpoint, tokenizer, beta: float, device):
-        from pipeline import cli
-
         if models.load_tokenizer(recipe, checkpoint).get_vocab() != tokenizer.get_vocab():
             raise cli.PipelineError(f"{checkpoint.path}: ppo.implicit_reward needs a policy with the policy's "
                                     f"tokenizer (its log-probabilities are read on the policy's tokens)")

@@ -32,7 +32,7 @@ import subprocess
 import threading
 import time
 
-from pipeline import check, cli, cluster, cost, cost_check, locks, memory, preemption, runs, slurm
+from pipeline import check, cli, cluster, cost, cost_check, locks, memory, preemption, references, runs, slurm
 from pipeline.recipe import load_recipe
 from pipeline.stages import STAGES, tool_sources
 
@@ -50,7 +50,7 @@ def dependencies(recipe, stage: str, planned=None) -> list[str]:
         values = value if isinstance(value, list) else [value]
         if ref in ("checkpoint", "checkpoints"):
             for v in [v for v in values if v]:  # a misspelt stage name: one line now, not after the other stages
-                runs.misspelt_stage(recipe, v, f"{stage}.{f.name}")
+                references.misspelt_stage(recipe, v, f"{stage}.{f.name}")
             deps += [v for v in values if v in recipe.stages and v != stage]
     deps += [v for v in tool_sources(recipe, stage).values() if v in recipe.stages and v != stage]
     if hasattr(keys, "waits_for"):
@@ -81,14 +81,14 @@ def order_stages(recipe) -> list[str]:
 
 def check_references(recipe, stage: str) -> None:
     """The checkpoints a stage names, before the runner starts anything: a missing folder stops the run then, not
-    after the stages before this one have trained (nothing is hashed or loaded here)."""
+    after the stages before this one have trained (told as runs.resolve_checkpoint tells them; nothing is hashed or
+    loaded here)."""
     keys = recipe.keys(stage)
     for f in dataclasses.fields(keys):
         value, ref = getattr(keys, f.name), f.metadata.get("ref")
         refs = (value or []) if ref == "checkpoints" else [value] if ref == "checkpoint" and value else []
         for r in refs:
-            if r != "model" and r not in recipe.stages and r not in STAGES and not Path(r).expanduser().exists():
-                runs.not_found(recipe, r, f"{stage}.{f.name}")
+            references.reference_kind(recipe, r, f"{stage}.{f.name}")
 
 
 def plan(recipe, only=(), start=None, force=False) -> list[tuple[str, bool, str]]:

@@ -27,8 +27,8 @@ from pathlib import Path
 from pipeline import cost, faults, integrity, locks, log, preemption, safe_resume, threads
 from pipeline.cli import PipelineError
 from pipeline.fingerprints import hash_file, hash_folder, hash_obj
+from pipeline.references import reference_kind
 from pipeline.stages import STAGES, model_loading, tool_sources
-from pipeline.values import closest
 from pipeline.vllm_engine import uses_vllm
 
 MANIFEST = "manifest.json"
@@ -72,27 +72,18 @@ class Checkpoint:
     source: str               # "stage", "config", "local" or "hub"
 
 
-def misspelt_stage(recipe, ref: str, key: str) -> None:
-    """A bare name that is no stage and nothing here but close to a stage's name is a typo, not a hub id (`rewrd`
-    was looked up on the hub, and failed there or only once the stages before it had run)."""
-    if ref in (*recipe.stages, *STAGES, "model") or "/" in ref or Path(ref).expanduser().exists() or \
-            (recipe.run_dir / ref).is_dir():  # tools and image judges look in the run folder first
-        return
-    if (near := closest(ref, [*STAGES, "model"])):
-        raise PipelineError(f"{recipe.path}: {key}: '{ref}' is not a stage of this recipe, a folder or a hub id{near}")
-
-
 def resolve_checkpoint(recipe, ref: str | None, must_exist: bool = True, key: str = "checkpoint") -> Checkpoint:
-    if not ref or ref == "model":
+    """The checkpoint `ref` names (references.reference_kind tells which kind), with its fingerprint."""
+    kind = reference_kind(recipe, ref, key)
+    if kind == "model":
         m = recipe.model
         if m.name_or_path:
-            cp = resolve_checkpoint(recipe, m.name_or_path, must_exist)
-            return dataclasses.replace(cp, ref="model")
+            return dataclasses.replace(resolve_checkpoint(recipe, m.name_or_path, must_exist), ref="model")
         if not m.config:
             raise PipelineError(f"{recipe.path}: the model section needs `name_or_path` or `config`")
         fp = hash_obj({"model": dataclasses.asdict(m), "tokenizer": tokenizer_inputs(recipe)})
         return Checkpoint("model", None, fp, "config")
-    if ref in recipe.stages or ref in STAGES:
+    if kind == "stage":
         stage_dir = recipe.stage_dir(ref)
         manifest_path = stage_dir / MANIFEST
         if not manifest_path.is_file():
@@ -104,12 +95,11 @@ def resolve_checkpoint(recipe, ref: str | None, must_exist: bool = True, key: st
             raise PipelineError(f"stage '{ref}' is damaged ({problem}): rerun it, e.g. python pipeline/run.py "
                                 f"{recipe.path} --only {ref} --force")
         return Checkpoint(ref, str(stage_dir.resolve()), hash_file(manifest_path), "stage")
-    path = Path(ref).expanduser()
-    if path.exists():
+    if kind == "local":
+        path = Path(ref).expanduser()
         if must_exist and path.is_dir() and (problem := integrity.model_folder_problem(path)):
             raise PipelineError(f"checkpoint '{ref}' is damaged: {problem}")
         return Checkpoint(ref, str(path.resolve()), hash_folder(path) if path.is_dir() else hash_file(path), "local")
-    not_found(recipe, ref, key)
     return Checkpoint(ref, ref, hash_obj({"hub": ref, "revision": recipe.model.revision}), "hub")
 
 
@@ -126,15 +116,6 @@ def tokenizer_inputs(recipe) -> dict:
     if not tcfg.train and tcfg.name_or_path and (folder := Path(tcfg.name_or_path).expanduser()).is_dir():
         out["folder_contents"] = hash_folder(folder)
     return out
-
-
-def not_found(recipe, ref: str, key: str) -> None:
-    """Stop when `ref`, no stage and no existing path, cannot be a hub id either (a path, or a stage's name
-    misspelt); a hub id passes (it is looked for when the stage loads it)."""
-    if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
-        named = f"{key}: " if key != "checkpoint" else ""
-        raise PipelineError(f"{recipe.path}: {named}checkpoint '{ref}' not found (not a stage, a folder or a hub id)")
-    misspelt_stage(recipe, ref, key)
 
 
 def portable(recipe, checkpoint: Checkpoint) -> dict:

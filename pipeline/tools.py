@@ -158,13 +158,12 @@ def diffusion_tool(name: str, source: str, store: ImageStore, *, steps: int = 10
 
     def setup():
         if state["pipe"] is None:
-            import torch
-
+            from pipeline import cluster
             from pipeline.images import load_pipeline
 
             pipe = load_pipeline(source)
             pipe.set_progress_bar_config(disable=True)
-            state["pipe"] = pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+            state["pipe"] = pipe.to(cluster.training_device())  # the device the stages train on
             # what this pipeline's __call__ takes: the deadline after every sampler step (IF's pipelines take
             # `callback`, the others `callback_on_step_end`), and IF's caption cleaning off
             state["call_kw"] = (

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline import cli, hub, judges, log, metrics, models, monitors, vllm_engine
+from pipeline import cli, cluster, hub, judges, log, metrics, models, monitors, vllm_engine
 from pipeline.formats import as_messages
 from pipeline.generation import context_length, prompt_ids, stop_ids, unshaped
-from pipeline.key_checks import choice_problem
+from pipeline.key_checks import choice_problem, source_of
 from pipeline.ppo_config import prompts_that_fit
 from pipeline.reward_model import RewardEnsemble, RewardModel, load_scorer, offered_tools
-from pipeline.trl_refusals import source_of_trl_arg, trl_refusal
+from pipeline.trl_refusals import trl_refusal
 
 
 # TRL's logged names -> ours ("reward" is TRL's weighted sum of the reward functions: our `score`; TRL's "kl" is a
@@ -144,6 +144,14 @@ MAPPED = {"max_steps": "max_steps", "per_device_train_batch_size": "batch_size",
           "logging_steps": "logging_steps", "save_strategy": "save_steps", "save_steps": "save_steps",
           "save_total_limit": "save_total_limit", "seed": "seed", "use_cpu": "use_cpu", "report_to": "report_to"}
 OWNED = {"output_dir": "the stage folder", "reward_weights": "ppo.verifier_weight and ppo.image_verifier_weight"}
+# TRL arguments computed from ppo keys (trl_config below; or by GRPOConfig/RLOOConfig from the mapped ones:
+# generation_batch_size = per_device_train_batch_size x processes x steps_per_generation, which is otherwise
+# gradient_accumulation_steps) -> those keys, beyond MAPPED's: a refusal that names one names an override of them
+DERIVED = {"generation_batch_size": ("batch_size", "gradient_accumulation_steps", "trl_args.steps_per_generation"),
+           "steps_per_generation": ("batch_size", "gradient_accumulation_steps", "trl_args.generation_batch_size"),
+           "max_completion_length": ("max_total_tokens", "max_tool_calls"),  # with tools: cfg.total_tokens()
+           "max_tool_calling_iterations": ("max_tool_calls",),
+           "reward_weights": ("verifier_weight", "image_verifier_weight")}
 
 
 def trl_config(recipe, cfg, output_dir: str, tools: bool = False):
@@ -153,7 +161,7 @@ def trl_config(recipe, cfg, output_dir: str, tools: bool = False):
 
     config_cls = GRPOConfig if cfg.algorithm == "grpo" else RLOOConfig
     for key, value in cfg.trl_args.items():
-        where = f"{source_of_trl_arg(recipe, 'ppo', key)}: section 'ppo' ({config_cls.__name__})"
+        where = f"{source_of(recipe, 'ppo', f'trl_args.{key}')}: section 'ppo' ({config_cls.__name__})"
         if key in MAPPED or key in OWNED:
             raise cli.PipelineError(f"{where}: trl_args.{key} is set by " +
                                     (f"ppo.{MAPPED[key]}: set that instead" if key in MAPPED else OWNED[key]))
@@ -167,7 +175,7 @@ def trl_config(recipe, cfg, output_dir: str, tools: bool = False):
         max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
         logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500, save_total_limit=cfg.save_total_limit, seed=cfg.seed,
-        use_cpu=cfg.use_cpu or not torch.cuda.is_available(), report_to=cfg.report_to, bf16=False,
+        use_cpu=cfg.use_cpu or not cluster.accelerator_here(), report_to=cfg.report_to, bf16=False,
         **vllm_engine.trl_args(recipe),  # generation.backend: vllm: TRL's own vLLM engine
         gradient_checkpointing=False,
     )
@@ -181,7 +189,8 @@ def trl_config(recipe, cfg, output_dir: str, tools: bool = False):
     try:
         return config_cls(**{**mapped, "reward_weights": weights, **cfg.trl_args}), funcs
     except (ValueError, TypeError) as err:  # named by the override that set a key it names (TRL's names too)
-        raise cli.PipelineError(trl_refusal(recipe, "ppo", config_cls.__name__, err, config_cls, MAPPED)) from None
+        raise cli.PipelineError(trl_refusal(recipe, "ppo", config_cls.__name__, err, config_cls, MAPPED,
+                                            DERIVED)) from None
 
 
 def resumable(trainer_cls):
@@ -278,7 +287,8 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
     except ValueError as err:
         if any(Path(run.out).glob("checkpoint-*")):  # one line would remove the folder: keep a killed run's steps
             raise
-        raise cli.PipelineError(trl_refusal(recipe, "ppo", trainer_cls.__name__, err, type(args), MAPPED)) from None
+        raise cli.PipelineError(trl_refusal(recipe, "ppo", trainer_cls.__name__, err, type(args), MAPPED,
+                                            DERIVED)) from None
     reward_model.to(trainer.accelerator.device)
     with unshaped(model) as users:  # TRL fills what its GenerationConfig leaves unset from the policy's (min_p, ...)
         trainer.add_callback(generation_in_checkpoints(users))

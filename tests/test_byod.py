@@ -250,15 +250,15 @@ def test_a_max_length_over_learned_positions_stops_in_one_line(tmp_path, stage):
                          **{stage: {"init_from": "model", "max_steps": 1, "use_cpu": True}})
     proc = run_cli([f"pipeline/{stage}.py", recipe], cwd=tmp_path, env=ONE_THREAD)
     given = 128 if stage == "sft" else 1024
-    assert one_error_line(proc) == f"error: {recipe}: {stage}.max_length ({given}) is over the model's 64 learned " \
-                                   f"positions: a longer row stops training with an IndexError; set " \
+    assert one_error_line(proc) == f"error: {recipe}: {stage}.max_length ({given}) is over the model's table of 64 " \
+                                   f"positions: a longer row stops training with an index out of range; set " \
                                    f"{stage}.max_length to 64 or less"
     assert not list((tmp_path / "runs/tiny").glob("*.partial"))
     if stage == "dpo":  # --check says it from the model's config (the tiny recipe has an sft section too)
         check = run_cli(["pipeline/run.py", recipe, "--check"], cwd=tmp_path, env=ONE_THREAD)
         assert check.returncode == 2
-        assert "error: sft.max_length (128) is over the model's 64 learned positions" in check.stdout
-        assert "error: dpo.max_length (1024) is over the model's 64 learned positions" in check.stdout
+        assert "error: sft.max_length (128) is over the model's table of 64 positions" in check.stdout
+        assert "error: dpo.max_length (1024) is over the model's table of 64 positions" in check.stdout
 
 
 def test_packed_rows_over_max_length_are_counted_and_said(tiny_run, tmp_path):
@@ -642,11 +642,51 @@ def test_only_a_config_that_says_it_has_a_table_of_positions_is_refused_past_it(
         assert learned_positions_problem(config, 10**6, "sft.max_length") is None, config.model_type
     bert_like = remote("my_encoder", max_position_embeddings=512, position_embedding_type="absolute")
     assert learned_positions_problem(GPT2Config(n_positions=64), 128, "sft.max_length") == \
-        "sft.max_length (128) is over the model's 64 learned positions: a longer row stops training with an " \
-        "IndexError; set sft.max_length to 64 or less"
+        "sft.max_length (128) is over the model's table of 64 positions: a longer row stops training with an " \
+        "index out of range; set sft.max_length to 64 or less"
     assert learned_positions_problem(bert_like, None, "reward.max_length").startswith(
-        "reward.max_length is unset, so rows are not cut to the model's 512 learned positions")
+        "reward.max_length is unset, so rows are not cut to the model's table of 512 positions: ")
     assert learned_positions_problem(GPT2Config(n_positions=64), 64, "sft.max_length") is None
     relative = remote("my_encoder", max_position_embeddings=512, position_embedding_type="relative_key")  # a table
     assert learned_positions_problem(relative, 1024, "reward.max_length").startswith(  # of distances, as long
-        "reward.max_length (1024) is over the model's 512 learned positions")
+        "reward.max_length (1024) is over the model's table of 512 positions: ")
+
+
+def test_a_fixed_table_of_positions_is_not_called_learned():
+    """GPT-J's table (embed_positions) is sinusoids, CodeGen's and CTRL's too: the refusal called them learned."""
+    from transformers import CodeGenConfig, CTRLConfig, GPTJConfig
+
+    from pipeline.generation import learned_positions_problem
+
+    for config in (GPTJConfig(n_positions=64), CodeGenConfig(n_positions=64), CTRLConfig(n_positions=64)):
+        assert learned_positions_problem(config, 65, "sft.max_length") == \
+            "sft.max_length (65) is over the model's table of 64 positions: a longer row stops training with an " \
+            "index out of range; set sft.max_length to 64 or less", config.model_type
+
+
+def test_a_roberta_style_table_holds_two_positions_fewer_than_its_size():
+    """RoBERTa's position ids start at pad_token_id + 1 (2): its table of max_position_embeddings 514 holds 512
+    positions, and a max_length of 513 or 514 passed the check, then stopped training out of range. The same for
+    every type built that way (POSITIONS_PAST_PAD, each a transformers model type)."""
+    import torch
+    from transformers import AutoConfig, RobertaConfig, RobertaForCausalLM
+
+    from pipeline import generation
+    from pipeline.generation import config_positions, learned_positions_problem
+
+    roberta = RobertaConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=8, max_position_embeddings=514, is_decoder=True)
+    model = RobertaForCausalLM(roberta)
+    model(torch.full((1, 512), 5))  # the longest row it takes
+    with pytest.raises((IndexError, RuntimeError), match="out of"):
+        model(torch.full((1, 513), 5))
+    assert learned_positions_problem(roberta, 512, "reward.max_length") is None
+    for max_length in (513, 514):
+        assert learned_positions_problem(roberta, max_length, "reward.max_length") == \
+            f"reward.max_length ({max_length}) is over the model's 512 positions (a table of 514 whose position ids " \
+            f"start at 2): a longer row stops training with an index out of range; set reward.max_length to 512 or less"
+    assert config_positions(RobertaConfig(max_position_embeddings=514, pad_token_id=0)) == 513
+    assert generation.POSITIONS_PAST_PAD <= generation.POSITION_TABLES
+    for model_type in generation.POSITIONS_PAST_PAD:  # each with its default pad_token_id, 1
+        config = AutoConfig.for_model(model_type, max_position_embeddings=514)
+        assert config_positions(config) == 512 and learned_positions_problem(config, 513, "k"), model_type

@@ -169,6 +169,17 @@ def test_a_csv_row_is_named_by_the_line_it_starts_on(tmp_path):
     assert ds["prompt"] == ["Two\nlines", "c", "g"] and where == ["line 2", "line 5", "line 8"]
 
 
+def test_a_csv_line_of_spaces_is_no_row_and_shifts_no_line(tmp_path):
+    """pandas skips a line of spaces or tabs as blank, the csv module read it as a record: the counts disagreed and
+    every row was named by its index (line 3 for a row on line 4). A quoted blank is a row."""
+    from pipeline import files
+
+    path = tmp_path / "chats.csv"
+    path.write_text('prompt,completion\na,b\n   \nc,"d\ne"\n"  ",\n\t\ng,h\n')
+    ds, where = files.read_table(path, "csv")
+    assert ds["prompt"] == ["a", "c", "  ", "g"] and where == ["line 2", "line 4", "line 6", "line 8"]
+
+
 def test_csv_cells_are_the_text_they_hold(tmp_path, recipe):
     """A CSV has no types: pandas' guessing read the answers "08" as 8 and "3.10" as 3.1 (no reply saying 08 or 3.10
     matched) and "NA" or "None" as no answer. Cells are read as written, an empty cell as None; a margin and a KTO

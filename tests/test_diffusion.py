@@ -1104,6 +1104,32 @@ def test_a_hub_pipeline_without_network_is_named_at_once_by_check_and_stage(tmp_
         hub.reachable.cache_clear()
 
 
+def test_a_hub_id_without_a_pipeline_index_is_one_line_in_check(tmp_path, monkeypatch):
+    """--check reads a hub pipeline's model_index.json through hub.repo_file (one reader with the reward-head
+    check): a repo without one, the hub reachable, is one line naming the ref and the file; a failure of the hub
+    (a 5xx: LocalEntryNotFoundError when not cached) is said with what the library said."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    from pipeline import hub, image_check
+    from pipeline.recipe import load_recipe
+
+    monkeypatch.setattr(hub, "reachable", lambda: True)
+    failure = EntryNotFoundError("no model_index.json")
+
+    def download(repo, name, revision=None, **_):
+        raise failure
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    recipe = load_recipe(image_recipe(tmp_path, diffusion={"pretrained": "someone/a-language-model"}))
+    with pytest.raises(PipelineError, match="^'someone/a-language-model': the hub has no model_index.json for it"):
+        image_check.components(recipe, "someone/a-language-model", {}, 16)
+    failure = LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub")
+    with pytest.raises(PipelineError, match=r"^'someone/a-language-model': cannot read the pipeline's configs from "
+                                            r"the hub \(LocalEntryNotFoundError: An error happened"):
+        image_check.components(recipe, "someone/a-language-model", {}, 16)
+
+
 def test_images_stored_as_bytes_in_a_parquet_file_are_read(tmp_path):
     """A Hugging Face dataset saved with its Image feature (a parquet column of {bytes, path} structs, the path the
     original file's name, not here) was "missing 'file_name' (or 'image')": its images are read from the bytes."""

@@ -544,3 +544,73 @@ def test_a_finished_stage_ends_its_process_group_and_a_failed_one_leaves_it(tmp_
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------ whether there is an accelerator
+
+
+def stub_devices(monkeypatch, *present):
+    """torch and Accelerate answer as on a machine whose accelerators are `present` alone."""
+    from accelerate.utils import imports
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: "cuda" in present)
+    for device in cluster.ACCELERATOR_ORDER:
+        if device != "cuda":
+            monkeypatch.setattr(imports, f"is_{device}_available", lambda *_, d=device, **__: d in present)
+
+
+@pytest.mark.parametrize("present, device", [((), "cpu"), (("cuda",), "cuda"), (("xpu",), "xpu"), (("mps",), "mps"),
+                                             (("npu", "cuda"), "npu")])  # Accelerate's order: the NPU first
+def test_every_stage_trains_on_the_accelerator_that_accelerate_picks(tmp_path, monkeypatch, present, device):
+    """Our PPO, GRPO/RLOO, the image stages, their draw_image tool and the process group asked torch.cuda alone: on
+    an XPU, NPU or MPS machine they trained on the CPU (a launch of several processes: each alone, beside the
+    processes_without_accelerator line that said they had an accelerator), while the trainer stages used it."""
+    import accelerate
+    import trl
+
+    from pipeline import diffusion_config, images, ppo_models, tools, trl_online
+    from pipeline.recipe import load_recipe
+
+    stub_devices(monkeypatch, *present)
+    on_cpu = device == "cpu"
+    assert cluster.training_device() == device and cluster.accelerator_here() is not on_cpu
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    assert cluster.processes_without_accelerator() == (2 if on_cpu else 0)
+    made = []
+    monkeypatch.setattr(accelerate, "PartialState", type("State", (), {"_shared_state": {},
+                                                                        "__init__": lambda _, **kw: made.append(kw)}))
+    cluster.process_group()
+    assert made == [{"cpu": on_cpu}]
+
+    recipe = load_recipe(tiny_recipe(tmp_path, ppo={"algorithm": "grpo"}), [])
+    cfg = recipe.trainer_config("ppo")
+    assert ppo_models.on_cpu(cfg) is on_cpu
+    monkeypatch.setattr(trl, "GRPOConfig", lambda **kw: kw)
+    assert trl_online.trl_config(recipe, cfg, str(tmp_path / "out"))[0]["use_cpu"] is on_cpu
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *_, **__: True)
+    monkeypatch.setattr(cluster, "cpu_bf16_native", lambda: False)  # auto: bf16 only on the GPU of these three
+    assert diffusion_config.mixed_precision_here("auto", "diffusion") == ("bf16" if device == "cuda" else "no")
+
+    class Pipe:
+        def set_progress_bar_config(self, **_):
+            pass
+
+        def to(self, where):
+            self.device = where
+            return self
+
+        def __call__(self, prompt, callback_on_step_end=None):
+            pass
+
+    monkeypatch.setattr(images, "load_pipeline", lambda _: Pipe())
+    assert tools.diffusion_tool("draw_image", "pipe", store=None).setup().device == device
+
+
+def test_only_questions_about_cuda_itself_ask_torch_cuda():
+    """Whether to train on the CPU is cluster.accelerator_here's question alone (the test above); these ask about a
+    CUDA GPU as such: its memory (check), vLLM's device (vllm_engine), the CUDA random state to fork (reward_rounds),
+    bitsandbytes' 8-bit CPU kernel (models)."""
+    asking = {p.stem for p in (REPO / "pipeline").glob("*.py") if "cuda.is_available()" in p.read_text()}
+    assert asking == {"check", "vllm_engine", "reward_rounds", "models"}

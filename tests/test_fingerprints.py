@@ -91,3 +91,39 @@ def test_eval_with_checkpoints_named_by_hand_waits_for_the_reward_stage_it_reads
     assert run.run_stages(loaded, ["reward", "eval"], []) is None
     out = capsys.readouterr().out
     assert "=== eval (beside" not in out and out.index("=== reward done") < out.index("=== eval")
+
+
+def test_the_runners_early_check_tells_a_checkpoint_reference_as_the_stage_loading_it_does(tmp_path, monkeypatch):
+    """run.check_references repeated resolve_checkpoint's rules (a stage, `model`, an existing path, else a hub id
+    unless a path or a misspelt stage's name): both now ask references.reference_kind. The runner's check passes and
+    stops on the same references with the same line, and hashes nothing (a big local folder costs it nothing)."""
+    import pytest
+
+    from pipeline import references
+    from pipeline.cli import PipelineError
+    from pipeline.run import check_references
+
+    def outcome(call):
+        try:
+            return call(), None
+        except PipelineError as err:
+            return None, str(err)
+
+    folder, file = tmp_path / "weights", tmp_path / "model.safetensors"
+    folder.mkdir()
+    file.write_text("x")
+    kinds = {"model": "model", "pretrain": "stage", "dpo": "stage", str(folder): "local", str(file): "local",
+             "org/name": "hub", "gpt2": "hub", "./nope": None, str(tmp_path / "nope"): None, "a/b/c": None,
+             "rewrd": None}
+    path = tiny_recipe(tmp_path)
+    for ref, kind in kinds.items():
+        recipe = load_recipe(path, [f"sft.init_from={ref}"])
+        assert outcome(lambda: references.reference_kind(recipe, ref))[0] == kind, ref
+        source, refused = outcome(lambda: runs.resolve_checkpoint(recipe, ref, False, "sft.init_from").source)
+        assert source == {"model": "config"}.get(kind, kind) and (refused is None) == (kind is not None), ref
+        with monkeypatch.context() as nothing_hashed:
+            for name in ("hash_file", "hash_folder", "hash_obj"):
+                nothing_hashed.setattr(runs, name, lambda *_: pytest.fail("check_references hashed"))
+            assert outcome(lambda: check_references(recipe, "sft")) == (None, refused), ref
+    assert refused.endswith("sft.init_from: 'rewrd' is not a stage of this recipe, a folder or a hub id "
+                            "(closest: reward)")

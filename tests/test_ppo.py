@@ -821,7 +821,7 @@ def test_num_minibatches_splits_our_ppos_batch_only():
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("ppo.reward_model={work}/policy", "ppo.reward_model: not a reward model (a sequence-classification model"),
+    ("ppo.reward_model={work}/policy", "/policy is not a reward model (a sequence-classification model"),
     ("ppo.batch_size=7", "batch_size (7) must split into num_minibatches"),
     ("ppo.reward_model=/nowhere/rm", "/nowhere/rm"),
     ("ppo.reward_model=reward", "has no `reward` section"),

@@ -474,6 +474,24 @@ def test_peft_config_checks_a_model_without_a_recipe():
         peft_config(values, model=model, stage="dpo")
 
 
+def test_load_recipe_records_once_which_key_each_override_set(tmp_path):
+    """key_checks.source_of and trl_refusals parsed the override strings again, each in its own way; load_recipe
+    records which key each override set (a key inside one too, trl_args' keys apart from the section's), and they
+    read that record."""
+    from pipeline.key_checks import source_of
+
+    path = tiny_recipe(tmp_path, ppo={"algorithm": "grpo"})
+    overrides = ["ppo.trl_args={num_iterations: 2}", "sft.max_steps=3", "ppo.trl_args.beta=0.1",
+                 "sft.learning_rate=0.01"]
+    recipe = load_recipe(path, overrides)
+    assert recipe.set_by == {("ppo", "trl_args"): 2, ("ppo", "trl_args.num_iterations"): 0, ("sft", "max_steps"): 1,
+                             ("ppo", "trl_args.beta"): 2, ("sft", "learning_rate"): 3}
+    assert source_of(recipe, "ppo", "trl_args.num_iterations") == f"override '{overrides[0]}'"
+    assert source_of(recipe, "ppo", "trl_args") == f"override '{overrides[2]}'"  # the last to set a key inside
+    assert source_of(recipe, "sft", "max_steps", "learning_rate") == f"override '{overrides[3]}'"
+    assert source_of(recipe, "ppo", "beta") == source_of(recipe, "sft", "max_length") == str(path)
+
+
 def test_what_a_trl_trainer_refuses_names_the_override_that_set_the_key(tmp_path):
     """SFTTrainer's refusals (raised when it is built, after the config class took every value) named the recipe file
     even when an override set the key the message names; the one line names that override, else the file."""

@@ -227,9 +227,87 @@ def test_a_hub_model_is_told_reward_model_or_language_model_by_its_config(tmp_pa
 
     recipe = load_recipe(tiny_recipe(tmp_path))
     lm, rm = (runs.Checkpoint(ref, ref, None, "hub") for ref in ("someone/chat-lm", "someone/rm"))
-    with pytest.raises(PipelineError, match="^someone/chat-lm: eval.reward_model: not a reward model"):
+    with pytest.raises(PipelineError, match=f"^{recipe.path}: eval.reward_model: someone/chat-lm is not a reward"):
         evaluate.check_model(recipe, lm, "reward_model", reward=True)
     with pytest.raises(PipelineError, match="^someone/rm: eval.checkpoints: a reward model, not a causal LM"):
         evaluate.check_model(recipe, rm, "checkpoints")
     evaluate.check_model(recipe, rm, "reward_model", reward=True)
     evaluate.check_model(recipe, runs.Checkpoint("x/y", "someone/not-cached", None, "hub"), "checkpoints")
+
+
+def test_the_not_a_reward_model_refusal_names_where_the_key_was_set(tmp_path):
+    """eval's and ppo's refusal of a causal LM as a reward model named the checkpoint first, not where the key was
+    set: it names the override that set the key (else the recipe file), then the key and the checkpoint."""
+    import json
+
+    from pipeline.cli import PipelineError
+
+    lm = tmp_path / "lm"
+    lm.mkdir()
+    (lm / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    cp = runs.Checkpoint(str(lm), str(lm), None, "local")
+    path = tiny_recipe(tmp_path)
+    override = f"eval.reward_model={lm}"
+    with pytest.raises(PipelineError) as err:
+        evaluate.check_model(load_recipe(path, [override]), cp, "reward_model", reward=True)
+    assert str(err.value).startswith(f"override '{override}': eval.reward_model: {lm} is not a reward model (a "
+                                     f"sequence-classification model")
+    with pytest.raises(PipelineError) as err:
+        evaluate.check_model(load_recipe(path), cp, "reward_model", reward=True)
+    assert str(err.value).startswith(f"{path}: eval.reward_model: {lm} is not a reward model")
+    from pipeline.reward_model import refuse_causal_head  # ppo's refusal, its keys, one of an ensemble too
+
+    override = f"ppo.reward_ensemble=[{lm}]"
+    with pytest.raises(PipelineError) as err:
+        refuse_causal_head(load_recipe(path, [override]), "ppo", "reward_ensemble", cp, "causal")
+    assert str(err.value).startswith(f"override '{override}': ppo.reward_ensemble: {lm} is not a reward model")
+    refuse_causal_head(load_recipe(path), "ppo", "reward_model", cp, "classifier")
+    refuse_causal_head(load_recipe(path), "ppo", "reward_model", cp, None)  # no saved model: the load says why
+
+
+def test_a_failed_hub_read_skips_the_head_check_with_a_warning(tmp_path, monkeypatch, capsys):
+    """The hub reachable but reading a hub model's config failing otherwise (a dropped connection, the hub's 5xx,
+    which huggingface_hub raises as LocalEntryNotFoundError when the file is not cached) skipped the head check
+    without a word: one line on stderr names the repo, the file and the reason. A file the repo lacks stays quiet."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    from pipeline import hub
+    from pipeline.reward_model import saved_head
+
+    monkeypatch.setattr(hub, "reachable", lambda: True)
+    failures = {"adapter_config.json": EntryNotFoundError("no adapter_config.json in someone/rm"),
+                "config.json": LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub")}
+
+    def download(repo, name, revision=None, **_):
+        raise failures[name]
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert saved_head("someone/rm", from_hub=True) is None
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("warning: someone/rm: reading config.json from the hub failed "
+                               "(LocalEntryNotFoundError: An error happened"), lines
+    assert "not checked" in lines[0]
+    failures["adapter_config.json"] = ConnectionResetError("Connection reset by peer")  # mid-download
+    assert saved_head("someone/rm", from_hub=True) is None
+    assert "reading adapter_config.json from the hub failed (ConnectionResetError: Connection reset by peer)" in \
+        capsys.readouterr().err
+    failures["adapter_config.json"] = failures["config.json"] = EntryNotFoundError("no such file")
+    assert saved_head("someone/rm", from_hub=True) is None  # the repo lacks both: left to the load, quietly
+    assert capsys.readouterr().err == ""
+
+
+def test_an_outside_reward_model_scores_within_its_usable_positions(scored, tmp_path):
+    """A reward model without `reward_max_length` (one trained elsewhere) truncates to the positions its config can
+    index: a RoBERTa-style table of 514 starts its position ids past the pad token's, so 512 of them, not 514."""
+    from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
+
+    recipe, checkpoint, _, _ = scored
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
+    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=514, pad_token_id=1, num_labels=1)
+    RobertaForSequenceClassification(config).save_pretrained(tmp_path / "roberta-rm")
+    tokenizer.save_pretrained(tmp_path / "roberta-rm")
+    outside = runs.Checkpoint("roberta-rm", str(tmp_path / "roberta-rm"), "", "local")
+    assert RewardModel.load(recipe, outside).max_length == 512

@@ -572,6 +572,32 @@ def test_trls_refusals_name_the_override_that_set_a_key_they_name(user):
                               f"set that instead")
 
 
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_trls_refusal_of_a_derived_argument_names_the_override_of_a_key_it_comes_from(user, algorithm):
+    """GRPOConfig/RLOOConfig compute generation_batch_size from ppo.batch_size (per_device_train_batch_size),
+    gradient_accumulation_steps and trl_args.steps_per_generation: its refusal named the recipe file even when an
+    override set one of those keys. It names the last override that set a key it comes from (DERIVED), else the
+    file."""
+    from pipeline import check
+    from pipeline.cli import PipelineError
+
+    path = grpo_recipe(user, algorithm=algorithm, batch_size=2, gradient_accumulation_steps=2)
+    refusal = f"section 'ppo' ({algorithm.upper()}Config): generation_batch_size (6) must be divisible by " \
+              f"num_generations (4)"
+    for overrides, where in [(["ppo.batch_size=3", "ppo.temperature=0.5"], "override 'ppo.batch_size=3'"),
+                             (["ppo.gradient_accumulation_steps=3", "ppo.max_steps=2"],
+                              "override 'ppo.gradient_accumulation_steps=3'"),
+                             (["ppo.gradient_accumulation_steps=1", "ppo.trl_args={steps_per_generation: 3}"],
+                              "override 'ppo.trl_args={steps_per_generation: 3}'")]:
+        with pytest.raises(PipelineError) as err:
+            check.check_stage_config(load_recipe(path, overrides), "ppo")
+        assert str(err.value).startswith(f"{where}: {refusal}"), overrides
+    with pytest.raises(PipelineError) as err:  # the file set them all
+        check.check_stage_config(load_recipe(grpo_recipe(user, algorithm=algorithm, batch_size=3,
+                                                         gradient_accumulation_steps=2), ["ppo.max_steps=2"]), "ppo")
+    assert str(err.value).startswith(f"{path}: {refusal}")
+
+
 def test_policy_context_of_a_hub_id_without_network_reads_the_cache_at_once(tmp_path, monkeypatch):
     """An adapter whose base is a hub id: the policy's config was read with huggingface_hub's retries (23 s without
     network) before loading the model said the hub cannot be reached. It asks hub.reachable first, as loading does."""
