@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline import cluster, cost_check, integrity, llamafactory, reference_free, runs
 from pipeline.memory import estimate_memory, human, model_shape, profile_of
-from pipeline.cli import PipelineError
+from pipeline.cli import PipelineError, typed_line
 from pipeline.stages import STAGES
 from pipeline.vllm_engine import uses_vllm
 
@@ -50,7 +50,7 @@ def _resolve_problem(spec: str, recipe) -> str | None:
 
         HfApi().dataset_info(spec.split(":", 1)[0], timeout=20)
     except Exception as err:  # not found, gated: reported as an error
-        return f"dataset '{spec}': cannot resolve on the hub ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+        return f"dataset '{spec}': cannot resolve on the hub ({typed_line(err, 120)})"
     return None
 
 

@@ -14,6 +14,22 @@ class PipelineError(Exception):
     """Bad user input: reported as one line, exit code 2."""
 
 
+def first_line(err: BaseException, limit: int | None = None) -> str:
+    """A library's error as part of one line: its message's first non-blank line (at most `limit` characters), or
+    its type's name when the message is empty (`str(err).splitlines()[0]` raised IndexError there: a traceback)."""
+    return _message_line(err, limit) or type(err).__name__
+
+
+def typed_line(err: BaseException, limit: int | None = None) -> str:
+    """`ValueError: its first line`, or the type's name alone when the message is empty."""
+    line = _message_line(err, limit)
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__
+
+
+def _message_line(err: BaseException, limit: int | None) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:limit]
+
+
 def run_main(main, argv=None) -> None:
     try:
         main(sys.argv[1:] if argv is None else argv)

@@ -23,7 +23,7 @@ import shlex
 from pathlib import Path
 
 from pipeline import log
-from pipeline.cli import PipelineError
+from pipeline.cli import PipelineError, first_line
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,7 +126,7 @@ def read_launch(path, num_processes: int | None = None, num_machines: int | None
     try:
         cfg = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as err:
-        raise PipelineError(f"{p}: YAML syntax error: {str(err).splitlines()[0]}") from None
+        raise PipelineError(f"{p}: YAML syntax error: {first_line(err)}") from None
     if not isinstance(cfg, dict):
         raise PipelineError(f"{p}: an Accelerate config is a mapping of keys")
     dist = str(cfg.get("distributed_type", "NO")).upper()
@@ -257,14 +257,21 @@ def process_group():
 def training_device() -> str:
     """The device type Accelerate (and so a Trainer) trains on here unless told to use the CPU: the first of
     ACCELERATOR_ORDER it finds, as its PartialState.default_device picks, else "cpu". Every stage asks this (not
-    torch.cuda alone), so that none trains on the CPU of a machine whose XPU, NPU or MPS device the others use."""
+    torch.cuda alone), so that none trains on the CPU of a machine whose XPU, NPU or MPS device the others use. In a
+    launch of several processes only a device Accelerate joins them over counts (its _prepare_backend: not MPS, an
+    XPU only with XCCL); without one they train on the CPU, over gloo, as one group, not each alone."""
     import torch
     from accelerate.utils import imports
 
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     for device in ACCELERATOR_ORDER:  # a check this Accelerate version lacks: a device it cannot train on either
         available = torch.cuda.is_available if device == "cuda" else getattr(imports, f"is_{device}_available", None)
-        if available is not None and available():
-            return device
+        if available is None or not available():
+            continue
+        if several and (device == "mps" or device == "xpu" and not getattr(imports, "is_xccl_available",
+                                                                          lambda: False)()):
+            continue
+        return device
     return "cpu"
 
 

@@ -29,6 +29,8 @@ import threading
 import time
 from pathlib import Path
 
+from pipeline.cli import typed_line
+
 DEFAULT_COUNTRY = "USA"
 MEASURE_POWER_SECS = 15     # codecarbon's own default: one power sample per 15 s (and one at the stop)
 ATTEMPT_WAIT_S = 10         # an attempt that stops early waits this long for its energy figure (a signal's grace)
@@ -102,12 +104,7 @@ def grid_intensity(country: str | None, recipe_value: float | None) -> tuple[flo
         world = DataSource().get_carbon_intensity_per_source_data()["world_average"]
         return float(world), f"codecarbon world average (no data for {country})"
     except Exception as err:  # codecarbon missing or its data unreadable: no CO2e, and why
-        return None, f"unknown ({type(err).__name__}: {_first_line(err)})"
-
-
-def _first_line(err) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:200] if text else ""
+        return None, f"unknown ({typed_line(err, 200)})"
 
 
 def process_start() -> float:
@@ -179,7 +176,7 @@ class Meter:
             tracker = self._factory(self.country, grid_intensity(self.country, self.intensity)[0])
             tracker.start()
         except Exception as err:
-            self._error = f"codecarbon did not start ({type(err).__name__}: {_first_line(err)})"
+            self._error = f"codecarbon did not start ({typed_line(err, 200)})"
             return
         with self._lock:
             if not self._done:
@@ -247,8 +244,7 @@ class Meter:
                     "energy_method": method, "energy_estimate": estimate,
                     "energy_tracked_s": round(float(data.duration), 1)}
         except Exception as err:
-            return {"energy_kwh": None, "energy_error": f"codecarbon failed at the stop ({type(err).__name__}: "
-                                                        f"{_first_line(err)})"}
+            return {"energy_kwh": None, "energy_error": f"codecarbon failed at the stop ({typed_line(err, 200)})"}
 
 
 def with_attempts(last: dict, earlier: list[dict]) -> dict:

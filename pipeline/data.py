@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from pipeline import hub, llamafactory
-from pipeline.cli import PipelineError
+from pipeline.cli import PipelineError, first_line
 from pipeline.files import (file_kind, folder_fingerprint, names_a_local_file, read_file, read_files,
                             read_folder)
 from pipeline.fingerprints import hash_file, hash_folder, hash_obj
@@ -323,7 +323,7 @@ def dataset_of(rows: list[dict], source, where: list[str] | None = None):
     try:
         return _one_message_type(datasets.Dataset.from_dict({k: [row.get(k) for row in rows] for k in columns}))
     except Exception as err:  # mixed types across rows that Arrow cannot unify
-        clash = _type_clash(rows, columns, where) or str(err).splitlines()[0]
+        clash = _type_clash(rows, columns, where) or first_line(err)
         raise PipelineError(f"{source}: rows do not share one schema: {clash}") from None
 
 

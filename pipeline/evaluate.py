@@ -42,8 +42,8 @@ from collections import Counter
 
 import numpy as np
 
-from pipeline import (cli, data, eval_records, eval_report, eval_tools, eval_tools_report, judges, log, models, runs,
-                      vllm_engine)
+from pipeline import (cli, data, eval_records, eval_report, eval_tools, eval_tools_report, judges, key_checks, log,
+                      models, runs, vllm_engine)
 from pipeline.eval_metrics import checkpoint_metrics, collapse_checks, outcomes, win_matrix
 from pipeline.generation import generate, held_out_perplexity, prompt_ids, reply_logprob_sums, warn_past_context
 from pipeline.recipe import load_recipe, stage_help
@@ -142,11 +142,13 @@ def check_model(recipe, cp: runs.Checkpoint, key: str, reward: bool = False) -> 
     if head is None:
         if cp.source == "hub":  # neither the hub nor the cache has its config: loading it says why
             return
-        raise cli.PipelineError(f"{cp.path}: eval.{key}: not a saved model (no config.json or adapter_config.json)")
+        raise cli.PipelineError(f"{key_checks.source_of(recipe, 'eval', key)}: eval.{key}: {cp.path} is not a saved "
+                                f"model (no config.json or adapter_config.json)")
     if reward:
         refuse_causal_head(recipe, "eval", key, cp, head)
     elif head == "classifier":
-        raise cli.PipelineError(f"{cp.path}: eval.{key}: a reward model, not a causal LM that can answer prompts")
+        raise cli.PipelineError(f"{key_checks.source_of(recipe, 'eval', key)}: eval.{key}: {cp.path} is a reward "
+                                f"model, not a causal LM that can answer prompts")
 
 
 def targets_of(recipe, run, keys) -> tuple[list[Target], str]:

@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from pipeline.cli import PipelineError
+from pipeline.cli import PipelineError, first_line, typed_line
 from pipeline.fingerprints import hash_folder
 
 FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv",
@@ -128,7 +128,7 @@ def read_file(path: Path, text_split: str = "paragraph") -> tuple[list[dict], li
     try:
         return ds.to_list(), where
     except Exception as err:  # a value the table's features cannot decode
-        raise PipelineError(f"{path}: cannot read {kind}: {_first_line(err)}") from None
+        raise PipelineError(f"{path}: cannot read {kind}: {first_line(err)}") from None
 
 
 _JSON_TYPES = {str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
@@ -205,7 +205,7 @@ def read_table(path: Path, kind: str, empty_is_text: bool = False) -> tuple:  # 
         try:  # the names pandas gives the columns (an unnamed index column is "Unnamed: 0", a repeated name "a.1")
             header = pandas.read_csv(io.StringIO(text.lstrip("\ufeff")), nrows=0).columns
         except Exception as err:
-            raise PipelineError(f"{path}: cannot read csv: {_first_line(err)}") from None
+            raise PipelineError(f"{path}: cannot read csv: {first_line(err)}") from None
         options = {"keep_default_na": False, "na_values": [] if empty_is_text else [""],
                    "features": datasets.Features({name: datasets.Value("string") for name in header})}
     if kind in TABLES and path.name.lower().endswith(".gz"):
@@ -217,7 +217,7 @@ def read_table(path: Path, kind: str, empty_is_text: bool = False) -> tuple:  # 
     except PipelineError:
         raise
     except Exception as err:  # pyarrow/pandas parse errors
-        raise PipelineError(f"{path}: cannot read {kind}: {_first_line(err)}") from None
+        raise PipelineError(f"{path}: cannot read {kind}: {first_line(err)}") from None
     if kind == "csv":
         starts = csv_record_lines(text)[1:]  # the header's line first
         if len(starts) == len(ds):
@@ -275,10 +275,6 @@ def arrow_dataset(path: Path):  # datasets.Dataset
     return datasets.Dataset(table, fingerprint=fingerprint)
 
 
-def _first_line(err: Exception) -> str:
-    return (str(err).splitlines() or [type(err).__name__])[0]
-
-
 def read_folder(path: Path, text_split: str = "paragraph") -> tuple[list[dict], list[str]]:
     """A folder saved with `datasets.save_to_disk` (its train split), a `datasets` cache folder (its train split's
     Arrow files), or every data file in it, in name order (plain text split by `text_split`, as a single file's)."""
@@ -290,8 +286,7 @@ def read_folder(path: Path, text_split: str = "paragraph") -> tuple[list[dict], 
         try:
             ds = datasets.load_from_disk(str(path))
         except (OSError, ValueError, KeyError, TypeError) as err:  # state.json or the Arrow files missing or broken
-            raise PipelineError(f"{path}: cannot read the dataset saved here ({type(err).__name__}: "
-                                f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
+            raise PipelineError(f"{path}: cannot read the dataset saved here ({typed_line(err, 200)})") from None
         if isinstance(ds, datasets.DatasetDict):
             if "train" not in ds:
                 raise PipelineError(f"{path}: a saved DatasetDict without a 'train' split (has {list(ds)})")

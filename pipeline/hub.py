@@ -110,7 +110,7 @@ def load_dataset(spec: str, **options):
     datasets.load_dataset's (data_dir, revision), None ones left out. A failure is one line (PipelineError)."""
     import datasets
 
-    from pipeline.cli import PipelineError
+    from pipeline.cli import PipelineError, first_line
 
     name, config, split = dataset_parts(spec)
     online = reachable()
@@ -118,5 +118,5 @@ def load_dataset(spec: str, **options):
         options = {key: value for key, value in {"name": config, **options}.items() if value is not None}
         return datasets.load_dataset(name, split=split, **options)
     except Exception as err:  # the hub's and the library's many failures: one line, not a traceback
-        why = load_failure(online, f"loading it from the hub failed: {str(err).splitlines()[0]}")
+        why = load_failure(online, f"loading it from the hub failed: {first_line(err)}")
         raise PipelineError(f"dataset '{spec}': not a local file or folder, and {why}") from None

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from pipeline import runs
-from pipeline.cli import PipelineError, built_from_config
+from pipeline.cli import PipelineError, built_from_config, typed_line
 
 GIB = 1 << 30
 
@@ -145,8 +145,7 @@ def components(recipe, ref: str | None, section_cfg: dict, resolution: int, seen
     except PipelineError as err:
         raise PipelineError(f"'{ref}': {err}") from None
     except Exception as err:  # offline, not found, gated
-        why = hub.load_failure(online, f"cannot read the pipeline's configs from the hub ({type(err).__name__}: "
-                                       f"{str(err).splitlines()[0][:120]})")
+        why = hub.load_failure(online, f"cannot read the pipeline's configs from the hub ({typed_line(err, 120)})")
         raise PipelineError(f"'{ref}': {why}") from None
     return {**_components_from_configs(dict(unet), None, dict(vae) if vae else None, text), "source": "hub"}
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from pipeline.cli import PipelineError
+from pipeline.cli import PipelineError, typed_line
 from pipeline.files import file_kind, names_a_local_file, read_file, read_table
 
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PNG's 16-bit grey opens as one of these
@@ -89,7 +89,7 @@ def decode_checked(file: Path | bytes, channels: int, resolution: int, metadata,
 
 def unreadable(name: str | bytes, err: Exception) -> str:
     name = f"of {len(name)} stored bytes" if isinstance(name, bytes) else f"'{name}'"
-    return f"cannot read image {name} ({type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''})"
+    return f"cannot read image {name} ({typed_line(err, 100)})"
 
 
 class FileImages:

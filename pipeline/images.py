@@ -30,7 +30,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from pipeline.cli import PipelineError
+from pipeline.cli import PipelineError, first_line, typed_line
 
 WORLD_SPEC = "images:digits"
 PROPERTIES = {"size": ("small", "large"), "thickness": ("thin", "thick"), "position": ("left", "right")}
@@ -257,7 +257,7 @@ def build_pipeline(unet_config: dict, text_config: dict, scheduler_config: dict,
     try:
         unet = UNet2DConditionModel(**ucfg)
     except (TypeError, ValueError) as err:
-        raise PipelineError(f"unet config: {str(err).splitlines()[0]}") from None
+        raise PipelineError(f"unet config: {first_line(err)}") from None
     hold_pad_at_zero(text_encoder, tokenizer.pad_token_id)
     pooled = getattr(unet, "add_embedding", None)
     if pooled is not None and hasattr(pooled, "pool"):  # TextTimeEmbedding
@@ -308,8 +308,7 @@ def load_pipeline(path: str, revision: str | None = None):
     try:
         return DiffusionPipeline.from_pretrained(path, revision=revision)
     except (OSError, ValueError, EnvironmentError) as err:
-        why = hub.load_failure(online, f"not a loadable diffusers pipeline ({type(err).__name__}: "
-                                       f"{str(err).splitlines()[0][:160]})")
+        why = hub.load_failure(online, f"not a loadable diffusers pipeline ({typed_line(err, 160)})")
         raise PipelineError(f"init_from '{path}': {why}") from None
 
 

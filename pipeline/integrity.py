@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from pipeline import cluster
-from pipeline.cli import PipelineError
+from pipeline.cli import PipelineError, first_line, typed_line
 
 TEXT_SUFFIXES = {".json", ".jinja", ".txt", ".md", ".yaml", ".yml", ".model", ".tiktoken"}  # .model: sentencepiece
 TORCH_SUFFIXES = {".bin", ".pt", ".pth", ".pkl"}
@@ -102,10 +102,10 @@ def torch_problem(path: Path) -> str | None:
     except pickle.UnpicklingError as err:
         if "weights_only" in str(err) or "Unsupported" in str(err) or "global" in str(err).lower():
             raise UnsafeFile(f"{path}: refusing to load: it is a pickle that names code, not only tensors and "
-                             f"numbers ({str(err).splitlines()[0][:120]}); delete the checkpoint to start over")
-        return f"unreadable torch file ({str(err).splitlines()[0][:80]})"
+                             f"numbers ({first_line(err, 120)}); delete the checkpoint to start over")
+        return f"unreadable torch file ({first_line(err, 80)})"
     except (OSError, RuntimeError, EOFError, ValueError) as err:
-        return f"unreadable torch file ({type(err).__name__}: {str(err).splitlines()[0][:80]})"
+        return f"unreadable torch file ({typed_line(err, 80)})"
     return None
 
 

@@ -16,7 +16,7 @@ import re
 import warnings
 
 from pipeline import reference_free
-from pipeline.cli import PipelineError
+from pipeline.cli import PipelineError, first_line
 from pipeline.values import closest
 
 # Fields whose valid values TRL lists only in the help text (no `choices`): (config class name, key) -> the part of
@@ -212,7 +212,7 @@ def refusal_line(recipe, section: str, build, values: dict, keys, err, what: str
     """One line for a library's refusal `err` of a section's values together (build(values) raised it): the keys among
     `keys` it is about, each by where it was set; where that cannot be told, all of `keys` and every place that set
     one (not the last override of any: it may not hold the value at fault)."""
-    culprits, message = keys_at_fault(build, values, keys), str(err).splitlines()[0]
+    culprits, message = keys_at_fault(build, values, keys), first_line(err)
     places = " and ".join(dict.fromkeys(source_of(recipe, section, k) for k in culprits or keys)) or str(recipe.path)
     if culprits:
         return f"{places}: {' and '.join(f'{section}.{k}' for k in culprits)}: {what}: {message}"

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from pipeline import cluster, runs
-from pipeline.cli import PipelineError
+from pipeline.cli import PipelineError, first_line
 from pipeline.reference_free import is_reference_free
 
 
@@ -123,7 +123,7 @@ def _architecture(recipe, ref: str | None, seen=()) -> tuple:
         try:
             config = AutoConfig.for_model(model_type, **cfg)
         except (ValueError, TypeError) as err:
-            raise PipelineError(f"{recipe.path}: model.config: {str(err).splitlines()[0]}") from None
+            raise PipelineError(f"{recipe.path}: model.config: {first_line(err)}") from None
         if recipe.tokenizer.train:
             config.vocab_size = recipe.tokenizer.vocab_size
         return config, "new model from model.config"
@@ -149,7 +149,7 @@ def _architecture(recipe, ref: str | None, seen=()) -> tuple:
         config = AutoConfig.from_pretrained(cp.path, revision=recipe.model.revision,
                                             trust_remote_code=recipe.model.trust_remote_code)
     except (OSError, ValueError) as err:
-        why = hub.load_failure(online, f"cannot read its config from the hub: {str(err).splitlines()[0]}")
+        why = hub.load_failure(online, f"cannot read its config from the hub: {first_line(err)}")
         raise PipelineError(f"model '{ref}': {why}") from None
     return config, "hub"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from pipeline import faults
-from pipeline.cli import PipelineError, built_from_config
+from pipeline.cli import PipelineError, built_from_config, first_line
 from pipeline.formats import ObjectArguments
 from pipeline.key_checks import key_prefix, refusal_line
 from pipeline.values import closest
@@ -318,7 +318,7 @@ def load_causal_lm(recipe, path: str, *, peft_values: dict | None = None, cls=No
         else:
             model = cls.from_pretrained(path, revision=revision, **load_kw)
     except OSError as err:
-        why = hub.load_failure(online, f"cannot load model: {str(err).splitlines()[0]}")
+        why = hub.load_failure(online, f"cannot load model: {first_line(err)}")
         raise PipelineError(f"{path}: {why}") from None
     if tokenizer is not None:
         fit_embeddings(model, tokenizer)

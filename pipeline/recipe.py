@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.cli import PipelineError
+from pipeline.cli import PipelineError, first_line
 from pipeline.files import text_of
 from pipeline.key_checks import check_value, config_refusal, long_name, unknown_key_hint
 from pipeline.values import Mismatch, closest, coerce, field_types, type_name
@@ -245,7 +245,7 @@ class Recipe:
         try:
             return config_class(**values)
         except (ValueError, TypeError) as err:
-            raise PipelineError(config_refusal(self, stage, config_class, values, str(err).splitlines()[0])) from None
+            raise PipelineError(config_refusal(self, stage, config_class, values, first_line(err))) from None
 
 
 def _validate_section(section: str, raw, where, origins) -> dict:
@@ -329,7 +329,7 @@ def load_recipe(path, overrides: list[str] = ()) -> Recipe:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        problem = getattr(err, "problem", None) or first_line(err)
         raise PipelineError(f"{path}:{line}: YAML syntax error: {problem}") from None
     if data is None:
         data = {}

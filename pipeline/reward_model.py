@@ -41,15 +41,13 @@ def saved_head(path, from_hub: bool = False, revision: str | None = None) -> str
     folder = Path(models.model_path(path))
     config, adapter = folder / "config.json", folder / "adapter_config.json"
     if from_hub:  # an adapter's file first, as transformers follows it; the config only without one
-        name = "adapter_config.json"
-        try:
-            adapter = hub.repo_file(str(path), name, revision)
-            name = "config.json"
-            config = None if adapter else hub.repo_file(str(path), name, revision)
-        except Exception as err:  # a dropped connection, the hub's 5xx: the load that follows says its failure
-            reason = (str(err).splitlines() or [""])[0][:200]
-            print(f"warning: {path}: reading {name} from the hub failed ({type(err).__name__}: {reason}); whether "
-                  f"it is a reward model or a causal LM is not checked", file=sys.stderr)
+        failures = []
+        adapter = _read_hub_file(path, "adapter_config.json", revision, failures)
+        config = None if adapter else _read_hub_file(path, "config.json", revision, failures)
+        if adapter is None and config is None and failures:  # a full model's cached config still answers
+            name, err = failures[0]
+            print(f"warning: {path}: reading {name} from the hub failed ({cli.typed_line(err, 200)}); whether it is "
+                  f"a reward model or a causal LM is not checked", file=sys.stderr)
             return None
     if adapter is not None and adapter.is_file():
         return "classifier" if json.loads(adapter.read_text()).get("task_type") == "SEQ_CLS" else "causal"
@@ -66,12 +64,22 @@ def checkpoint_head(recipe, cp) -> str | None:
     return saved_head(cp.path, from_hub=cp.source == "hub", revision=recipe.model.revision)
 
 
+def _read_hub_file(repo, name: str, revision: str | None, failures: list) -> Path | None:
+    """hub.repo_file, with a failure other than the file's absence (a dropped connection, the hub's 5xx) added to
+    `failures` as (name, error) instead of raised."""
+    try:
+        return hub.repo_file(str(repo), name, revision)
+    except Exception as err:
+        failures.append((name, err))
+        return None
+
+
 def refuse_causal_head(recipe, section: str, key: str, cp, head: str | None) -> None:
     """One line when the checkpoint `section.key` names (a runs.Checkpoint; `head` its checkpoint_head) is a causal
     LM, which read as a reward model would be scored by a random head, silently. It names where the key was set."""
     if head == "causal":
-        raise cli.PipelineError(f"{source_of(recipe, section, key)}: {section}.{key}: {cp.path} is not a reward model (a "
-                            f"sequence-classification model, e.g. the reward stage)")
+        raise cli.PipelineError(f"{source_of(recipe, section, key)}: {section}.{key}: {cp.path} is not a reward "
+                                f"model (a sequence-classification model, e.g. the reward stage)")
 
 
 def load_reward_model(recipe, path, peft_values=None):

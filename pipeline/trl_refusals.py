@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from pipeline.cli import first_line
 from pipeline.key_checks import source_of
 
 
@@ -44,6 +45,6 @@ def trl_refusal(recipe, section: str, trl_class: str, err: Exception, config_cls
     """A TRL config's or trainer's refusal (`err`) as one line: where an argument it names was set, the section and
     the class (`override 'sft.assistant_only_loss=true': section 'sft' (SFTTrainer): You set ...`). `config_cls`: the
     config dataclass whose fields are TRL's argument names (SFTConfig for SFTTrainer)."""
-    message = str(err).splitlines()[0]
+    message = first_line(err)
     where = source_of_named(recipe, section, message, config_cls, aliases, derived)
     return f"{where}: section '{section}' ({trl_class}): {message}"

@@ -1128,6 +1128,9 @@ def test_a_hub_id_without_a_pipeline_index_is_one_line_in_check(tmp_path, monkey
     with pytest.raises(PipelineError, match=r"^'someone/a-language-model': cannot read the pipeline's configs from "
                                             r"the hub \(LocalEntryNotFoundError: An error happened"):
         image_check.components(recipe, "someone/a-language-model", {}, 16)
+    failure = ConnectionResetError()  # no message: its type alone (the first line of nothing was an IndexError)
+    with pytest.raises(PipelineError, match=r"configs from the hub \(ConnectionResetError\)"):
+        image_check.components(recipe, "someone/a-language-model", {}, 16)
 
 
 def test_images_stored_as_bytes_in_a_parquet_file_are_read(tmp_path):

@@ -550,21 +550,26 @@ def test_a_finished_stage_ends_its_process_group_and_a_failed_one_leaves_it(tmp_
 
 
 def stub_devices(monkeypatch, *present):
-    """torch and Accelerate answer as on a machine whose accelerators are `present` alone."""
+    """torch and Accelerate (its checks, and the names its PartialState reads them by) answer as on a machine whose
+    accelerators are `present` alone ("xccl": an XPU's collectives)."""
+    from accelerate import state
     from accelerate.utils import imports
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: "cuda" in present)
-    for device in cluster.ACCELERATOR_ORDER:
-        if device != "cuda":
-            monkeypatch.setattr(imports, f"is_{device}_available", lambda *_, d=device, **__: d in present)
+    for device in (*cluster.ACCELERATOR_ORDER, "xccl"):
+        for module in (imports, state):
+            if device != "cuda" and hasattr(module, f"is_{device}_available"):
+                monkeypatch.setattr(module, f"is_{device}_available", lambda *_, d=device, **__: d in present)
 
 
-@pytest.mark.parametrize("present, device", [((), "cpu"), (("cuda",), "cuda"), (("xpu",), "xpu"), (("mps",), "mps"),
-                                             (("npu", "cuda"), "npu")])  # Accelerate's order: the NPU first
-def test_every_stage_trains_on_the_accelerator_that_accelerate_picks(tmp_path, monkeypatch, present, device):
+@pytest.mark.parametrize("present, device, several", [
+    ((), "cpu", "cpu"), (("cuda",), "cuda", "cuda"), (("xpu", "xccl"), "xpu", "xpu"), (("npu", "cuda"), "npu", "npu"),
+    (("mps",), "mps", "cpu"), (("xpu",), "xpu", "cpu")])  # several processes: MPS, and an XPU without XCCL, no group
+def test_every_stage_trains_on_the_accelerator_that_accelerate_picks(tmp_path, monkeypatch, present, device, several):
     """Our PPO, GRPO/RLOO, the image stages, their draw_image tool and the process group asked torch.cuda alone: on
-    an XPU, NPU or MPS machine they trained on the CPU (a launch of several processes: each alone, beside the
-    processes_without_accelerator line that said they had an accelerator), while the trainer stages used it."""
+    an XPU, NPU or MPS machine they trained on the CPU while the trainer stages used it. One process trains on the
+    device Accelerate's PartialState picks; a launch of several on one Accelerate joins them over (its backends),
+    else on the CPU as one gloo group (on MPS each process had been alone, all writing as the main one)."""
     import accelerate
     import trl
 
@@ -572,16 +577,23 @@ def test_every_stage_trains_on_the_accelerator_that_accelerate_picks(tmp_path, m
     from pipeline.recipe import load_recipe
 
     stub_devices(monkeypatch, *present)
-    on_cpu = device == "cpu"
-    assert cluster.training_device() == device and cluster.accelerator_here() is not on_cpu
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("PYTORCH_ENABLE_MPS_FALLBACK", "0")  # PartialState's MPS answer sets it: undone after the test
+    assert cluster.training_device() == device
+    if device != "npu":  # torch names an NPU only with torch_npu installed
+        assert accelerate.PartialState.default_device.fget(None).type == device
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    on_cpu = several == "cpu"
+    assert cluster.training_device() == several and cluster.accelerator_here() is not on_cpu
     assert cluster.processes_without_accelerator() == (2 if on_cpu else 0)
     made = []
     monkeypatch.setattr(accelerate, "PartialState", type("State", (), {"_shared_state": {},
                                                                         "__init__": lambda _, **kw: made.append(kw)}))
     cluster.process_group()
     assert made == [{"cpu": on_cpu}]
+    monkeypatch.delenv("WORLD_SIZE")
+    on_cpu = device == "cpu"
 
     recipe = load_recipe(tiny_recipe(tmp_path, ppo={"algorithm": "grpo"}), [])
     cfg = recipe.trainer_config("ppo")

@@ -3,6 +3,7 @@
 import itertools
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -553,12 +554,13 @@ def test_bad_eval_settings_stop_before_anything_is_written(tiny_run, tmp_path, m
     monkeypatch.chdir(tmp_path)
     recipe = tiny_recipe(tmp_path, eval={"checkpoints": [str(work / "runs/tiny/pretrain")]})
     cases = [("eval.top_p=1.5", "eval.top_p must be in (0, 1]"),
-             (f"eval.checkpoints=[{tmp_path}]", "not a saved model"),
+             (f"eval.checkpoints=[{tmp_path}]",
+              f"override 'eval.checkpoints=[{tmp_path}]': eval.checkpoints: {tmp_path} is not a saved model"),
              (f"eval.reward_model={work / 'runs/tiny/sft'}", "not a reward model"),
              ("eval.checkpoints=[model]", "nothing trained to evaluate"),
              ("eval.best_of_n=[1,0]", "eval.best_of_n must be a list of sample counts, each at least 1")]
     for override, message in cases:
-        with pytest.raises(PipelineError, match=message.replace("(", r"\(").replace("]", r"\]")):
+        with pytest.raises(PipelineError, match=re.escape(message)):
             evaluate.main([str(recipe), override])
     assert not (tmp_path / "runs").exists()
 

@@ -821,7 +821,8 @@ def test_num_minibatches_splits_our_ppos_batch_only():
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("ppo.reward_model={work}/policy", "/policy is not a reward model (a sequence-classification model"),
+    ("ppo.reward_model={work}/policy",
+     "error: override 'ppo.reward_model={work}/policy': ppo.reward_model: {work}/policy is not a reward model (a"),
     ("ppo.batch_size=7", "batch_size (7) must split into num_minibatches"),
     ("ppo.reward_model=/nowhere/rm", "/nowhere/rm"),
     ("ppo.reward_model=reward", "has no `reward` section"),
@@ -836,7 +837,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(inputs, override, ex
                    cwd=work, env=ENV)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
-    assert expected in line
+    assert expected.format(work=work) in line
     assert not (work / "runs/bad").exists() and sorted(p.name for p in work.rglob("*")) == before
 
 

@@ -229,7 +229,8 @@ def test_a_hub_model_is_told_reward_model_or_language_model_by_its_config(tmp_pa
     lm, rm = (runs.Checkpoint(ref, ref, None, "hub") for ref in ("someone/chat-lm", "someone/rm"))
     with pytest.raises(PipelineError, match=f"^{recipe.path}: eval.reward_model: someone/chat-lm is not a reward"):
         evaluate.check_model(recipe, lm, "reward_model", reward=True)
-    with pytest.raises(PipelineError, match="^someone/rm: eval.checkpoints: a reward model, not a causal LM"):
+    with pytest.raises(PipelineError, match=f"^{recipe.path}: eval.checkpoints: someone/rm is a reward model, not a "
+                                            f"causal LM"):
         evaluate.check_model(recipe, rm, "checkpoints")
     evaluate.check_model(recipe, rm, "reward_model", reward=True)
     evaluate.check_model(recipe, runs.Checkpoint("x/y", "someone/not-cached", None, "hub"), "checkpoints")
@@ -295,6 +296,15 @@ def test_a_failed_hub_read_skips_the_head_check_with_a_warning(tmp_path, monkeyp
         capsys.readouterr().err
     failures["adapter_config.json"] = failures["config.json"] = EntryNotFoundError("no such file")
     assert saved_head("someone/rm", from_hub=True) is None  # the repo lacks both: left to the load, quietly
+    assert capsys.readouterr().err == ""
+
+    # the adapter's read failing does not skip the config's: a causal LM whose config the cache holds (as
+    # huggingface_hub serves it while the hub fails) is still told, with nothing to warn about
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    failures["adapter_config.json"] = LocalEntryNotFoundError("An error happened while trying to locate the file")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, revision=None, **_:
+                        str(tmp_path / "config.json") if name == "config.json" else download(repo, name))
+    assert saved_head("someone/chat-lm", from_hub=True) == "causal"
     assert capsys.readouterr().err == ""
 
 
