@@ -3,8 +3,8 @@ network fails at once with one line instead of after minutes of the libraries' r
 
 When the hub cannot be reached, `HF_HUB_OFFLINE=1` is set for this process: transformers, datasets and
 huggingface_hub then read their local caches only, and a model or dataset that is not cached fails immediately.
-`load_dataset` is the one place a hub dataset is loaded (text and image stages), `repo_file` the one place a hub
-model's small file (a config) is read.
+`load_dataset` is the one place a hub dataset is loaded (text and image stages), `repo_file` the one place a file of
+a hub model repo is fetched by name (the libraries' own loaders read the configs they load).
 """
 
 from __future__ import annotations

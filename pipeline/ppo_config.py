@@ -163,7 +163,7 @@ class PPOConfig:
 def prompts_that_fit(lengths: list[int], replies: list[int], cfg: PPOConfig, context: int | None) -> tuple[list, str]:
     """The prompts our PPO and TRL's trainers train on (their indices): at most max_prompt_length tokens, and short
     enough that a reply of its budget (`replies`, per prompt) ends within the policy's `context` positions (past
-    them a reply runs where the model never trained, and a model with learned positions fails). Also the rule, as
+    them a reply runs where the model never trained, and a model with a table of positions fails). Also the rule, as
     the lines that count prompts say it."""
     keep = [i for i, (n, reply) in enumerate(zip(lengths, replies))
             if n <= cfg.max_prompt_length and (context is None or n + reply <= context)]

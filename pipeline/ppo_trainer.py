@@ -237,7 +237,8 @@ class PPOTrainer:
         ids = [self.prompt_ids[batch.rows[i]] for i in judged]
         seed = (self.cfg.seed * 1_000_003 + self.progress.step) * self.accelerator.num_processes \
             + self.accelerator.process_index
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device],
+                                   device_type=self.device.type):  # an XPU's or MPS device's stream too
             torch.manual_seed(seed)
             if self.reference is None:
                 with self.unwrapped.disable_adapter():

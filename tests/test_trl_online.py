@@ -209,7 +209,7 @@ def test_prompts_that_fit_leave_room_for_the_reply_in_the_policys_context():
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
 def test_prompts_whose_reply_would_run_past_the_policys_context_are_left_out(user, algorithm):
     """A prompt within max_prompt_length whose reply budget runs past the policy's positions trained there anyway
-    (where the model never trained; a model with learned positions fails): it is left out as a long prompt is."""
+    (where the model never trained; a model with a table of positions fails): it is left out as a long prompt is."""
     from transformers import AutoTokenizer
 
     from conftest import run_cli
