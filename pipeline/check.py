@@ -77,8 +77,8 @@ def _rows_problem(spec, recipe, stage: str, key: str, keys, will_run) -> str | N
         normalize, load = ((unpaired.normalize_unpaired, unpaired.load_unpaired) if stage == "kto" else
                            (preferences.normalize_preferences, preferences.load_preferences))
         examples, _, places = normalize(rename_columns(rows, columns, source, where), where, source, part_of)
-        if not examples and sampled_all:  # every pair has chosen == rejected: the stage drops them all and stops
-            load(spec, recipe, columns)  # with its own loader's error (PipelineError)
+        if not examples:  # the sampled pairs all have chosen == rejected: the stage drops them and reads on, to
+            load(spec, recipe, columns)  # a pair or its loader's error (PipelineError): read all of it here too
         return _template_problem(recipe, stage, keys, (examples, places), source, will_run)
     kind = {"pretrain": "text", "sft": "chat"}.get(stage, "prompts")
     if key == "perplexity_data":

@@ -600,17 +600,19 @@ def test_a_held_out_conversation_that_cannot_be_split_is_named_by_its_file_and_l
 
 def test_check_on_pairs_all_with_chosen_equal_to_rejected_says_what_the_stage_says(tmp_path):
     """The stages drop pairs whose chosen reply is the rejected one and stop when none is left; --check ran out of
-    sampled pairs and raised an IndexError. Now it names the file as the stage does, and says nothing of a dataset whose
-    identical pairs fill the sample but not the file (the stage reads on)."""
+    sampled pairs and raised an IndexError. Now it names the file as the stage does, also when the identical pairs
+    run past the sample (it passed those), and says nothing of a dataset whose identical pairs fill the sample but not
+    the file (the stage reads on)."""
     from pipeline.check import SAMPLE_ROWS
 
     folder = user_model(tmp_path / "llama3")
     same = {"prompt": "What is 2 + 2?", "chosen": "4.", "rejected": "4."}
     identical = write_jsonl(tmp_path / "same.jsonl", [same] * 3)
+    all_same = write_jsonl(tmp_path / "all_same.jsonl", [same] * (SAMPLE_ROWS + 1))
     longer = write_jsonl(tmp_path / "longer.jsonl", [same] * SAMPLE_ROWS + [{**same, "rejected": "5."}])
     stage = {"init_from": "model", "eval_dataset": "", "use_cpu": True, "max_steps": 1}
     recipe = tiny_recipe(tmp_path, pretrain=None, sft=None, tokenizer=None,
-                         model={"config": None, "name_or_path": folder}, dpo={**stage, "dataset": identical},
+                         model={"config": None, "name_or_path": folder}, dpo={**stage, "dataset": all_same},
                          kto={**stage, "dataset": identical}, reward={**stage, "dataset": longer},
                          ppo={"init_from": "model", "max_steps": 1, "prompts": longer})  # ppo reads on past them too
     check = run_cli(["pipeline/run.py", recipe, "--check"], cwd=tmp_path, env=ONE_THREAD)
@@ -618,7 +620,7 @@ def test_check_on_pairs_all_with_chosen_equal_to_rejected_says_what_the_stage_sa
     errors = [line.strip() for line in check.stdout.splitlines() if line.strip().startswith("error:")]
     said = {name: one_error_line(run_cli([f"pipeline/{name}.py", recipe], cwd=tmp_path, env=ONE_THREAD))
             for name in ("dpo", "kto")}
-    assert said["dpo"] == f"error: {identical}: no pairs left: all 3 have chosen equal to rejected"
+    assert said["dpo"] == f"error: {all_same}: no pairs left: all {SAMPLE_ROWS + 1} have chosen equal to rejected"
     assert errors == [said[name].replace("error: ", f"error: {name}.dataset: ") for name in ("dpo", "kto")], errors
     assert not (tmp_path / "runs").exists()
 
