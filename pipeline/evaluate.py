@@ -138,17 +138,15 @@ def check_model(recipe, cp: runs.Checkpoint, key: str, reward: bool = False) -> 
     if cp.path is None:
         raise cli.PipelineError(f"{recipe.path}: eval.{key}: '{cp.ref}' is a new model built from `model.config`: "
                                 f"nothing trained to evaluate")
-    head = checkpoint_head(recipe, cp)
+    head, named = checkpoint_head(recipe, cp), f"{key_checks.key_prefix(recipe, 'eval', key)}{key}: {cp.path}"
     if head is None:
         if cp.source == "hub":  # neither the hub nor the cache has its config: loading it says why
             return
-        raise cli.PipelineError(f"{key_checks.source_of(recipe, 'eval', key)}: eval.{key}: {cp.path} is not a saved "
-                                f"model (no config.json or adapter_config.json)")
+        raise cli.PipelineError(f"{named} is not a saved model (no config.json or adapter_config.json)")
     if reward:
         refuse_causal_head(recipe, "eval", key, cp, head)
     elif head == "classifier":
-        raise cli.PipelineError(f"{key_checks.source_of(recipe, 'eval', key)}: eval.{key}: {cp.path} is a reward "
-                                f"model, not a causal LM that can answer prompts")
+        raise cli.PipelineError(f"{named} is a reward model, not a causal LM that can answer prompts")
 
 
 def targets_of(recipe, run, keys) -> tuple[list[Target], str]:

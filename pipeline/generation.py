@@ -277,10 +277,15 @@ def context_length(model, tokenizer=None) -> int | None:
     return n if isinstance(n, int) and 0 < n < 10**9 else None
 
 
+def text_config(config):
+    """A model config's language-model part (a multimodal config's text config), or the config itself."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def config_positions(config) -> int | None:
     """The positions a model config says a row can use; None where it says none. A table whose position ids start
     past the pad token's (positions_skipped: RoBERTa's 514) holds that many fewer."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         if isinstance(n := getattr(text, name, None), int) and n > 0:
             return n - positions_skipped(text)
@@ -301,7 +306,7 @@ POSITION_TABLES = frozenset({"gpt2", "gpt-sw3", "gpt_bigcode", "openai-gpt", "ct
 def positions_skipped(config) -> int:
     """How many rows of a model's position table come before its first position id: pad_token_id + 1 for a type in
     POSITIONS_PAST_PAD (RoBERTa's 514 hold 512 positions), else 0."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     model_type = getattr(text, "model_type", None)
     if model_type not in POSITIONS_PAST_PAD:
         return 0
@@ -314,7 +319,7 @@ def has_position_table(config) -> bool:
     `position_embedding_type`: absolute positions, or relative ones from a table of distances as long). False where
     it cannot tell: a remote-code config names its rotary settings its own way (ChatGLM's rope_ratio, Qwen-1's
     rotary_emb_base), not as `rope_parameters`."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     return (getattr(text, "model_type", None) in POSITION_TABLES
             or getattr(text, "position_embedding_type", None) in ("absolute", "relative_key", "relative_key_query"))
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from pipeline import cli, faults, generation, hub, models
 from pipeline.formats import as_messages
-from pipeline.key_checks import source_of
+from pipeline.key_checks import key_prefix
 
 
 def saved_head(path, from_hub: bool = False, revision: str | None = None) -> str | None:
@@ -78,8 +78,8 @@ def refuse_causal_head(recipe, section: str, key: str, cp, head: str | None) -> 
     """One line when the checkpoint `section.key` names (a runs.Checkpoint; `head` its checkpoint_head) is a causal
     LM, which read as a reward model would be scored by a random head, silently. It names where the key was set."""
     if head == "causal":
-        raise cli.PipelineError(f"{source_of(recipe, section, key)}: {section}.{key}: {cp.path} is not a reward "
-                                f"model (a sequence-classification model, e.g. the reward stage)")
+        raise cli.PipelineError(f"{key_prefix(recipe, section, key)}{key}: {cp.path} is not a reward model (a "
+                                f"sequence-classification model, e.g. the reward stage)")
 
 
 def load_reward_model(recipe, path, peft_values=None):
