@@ -144,14 +144,11 @@ MAPPED = {"max_steps": "max_steps", "per_device_train_batch_size": "batch_size",
           "logging_steps": "logging_steps", "save_strategy": "save_steps", "save_steps": "save_steps",
           "save_total_limit": "save_total_limit", "seed": "seed", "use_cpu": "use_cpu", "report_to": "report_to"}
 OWNED = {"output_dir": "the stage folder", "reward_weights": "ppo.verifier_weight and ppo.image_verifier_weight"}
-# TRL arguments computed from ppo keys (trl_config below; or by GRPOConfig/RLOOConfig from the mapped ones:
-# generation_batch_size = per_device_train_batch_size x processes x steps_per_generation, which is otherwise
-# gradient_accumulation_steps) -> those keys, beyond MAPPED's: a refusal that names one names an override of them
+# TRL arguments GRPOConfig/RLOOConfig compute from the mapped ones and refuse by their own names
+# (generation_batch_size = per_device_train_batch_size x processes x steps_per_generation, which is otherwise
+# gradient_accumulation_steps) -> the ppo keys they come from: a refusal that names one names an override of them
 DERIVED = {"generation_batch_size": ("batch_size", "gradient_accumulation_steps", "trl_args.steps_per_generation"),
-           "steps_per_generation": ("batch_size", "gradient_accumulation_steps", "trl_args.generation_batch_size"),
-           "max_completion_length": ("max_total_tokens", "max_tool_calls"),  # with tools: cfg.total_tokens()
-           "max_tool_calling_iterations": ("max_tool_calls",),
-           "reward_weights": ("verifier_weight", "image_verifier_weight")}
+           "steps_per_generation": ("batch_size", "gradient_accumulation_steps", "trl_args.generation_batch_size")}
 
 
 def trl_config(recipe, cfg, output_dir: str, tools: bool = False):
