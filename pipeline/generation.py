@@ -293,14 +293,19 @@ def config_positions(config) -> int | None:
 
 
 # Model types whose position ids start at padding_idx + 1 (fairseq's RoBERTa and the types built on it: transformers'
-# create_position_ids_from_input_ids), so a table's first pad_token_id + 1 rows are no row's positions.
+# create_position_ids_from_input_ids), so a table's first pad_token_id + 1 rows are no row's positions. A list:
+# transformers says this only in its modeling code, in no config field, and a pattern match on that code at run time
+# would go quiet when it is restyled; tests/test_byod.py checks the list against that code both ways.
 POSITIONS_PAST_PAD = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text",
-                                "roberta-prelayernorm", "xmod", "longformer", "ibert", "luke", "mpnet"})
+                                "roberta-prelayernorm", "xmod", "longformer", "ibert", "luke", "mpnet", "esm", "lilt",
+                                "markuplm", "layoutlmv3", "altclip_text_model", "bridgetower_text_model",
+                                "clap_text_model"})
 # Model types whose positions come from a table indexed by position id (learned; GPT-J's, CodeGen's and CTRL's fixed
 # sinusoids): a row longer than the table stops the first step (each checked past its positions). XGLM grows its
-# table; RoPE, ALiBi and state-space models have none.
+# table; RoPE, ALiBi and state-space models have none. ESM has a table only with position_embedding_type absolute
+# (ESM-1b; ESM-2 rotates), which has_position_table reads.
 POSITION_TABLES = frozenset({"gpt2", "gpt-sw3", "gpt_bigcode", "openai-gpt", "ctrl", "gpt_neo", "opt", "biogpt", "gptj",
-                             "codegen", "bart", "bert"}) | POSITIONS_PAST_PAD
+                             "codegen", "bart", "bert"}) | (POSITIONS_PAST_PAD - {"esm"})
 
 
 def positions_skipped(config) -> int:

@@ -160,8 +160,14 @@ def source_of(recipe, section: str, *keys: str) -> str:
     a.b.c=1), as `override 'sft.lora_r=0'`, else the recipe file. A key may also be one inside a section key
     (`trl_args.beta`: set by `ppo.trl_args.beta=0` or `ppo.trl_args={beta: 0}`). What each override set is parsed
     once, by load_recipe (Recipe.set_by)."""
-    last = max((recipe.set_by[section, key] for key in keys if (section, key) in recipe.set_by), default=None)
-    return str(recipe.path) if last is None else f"override '{recipe.overrides[last]}'"
+    return where_set(recipe, [(section, key) for key in keys])
+
+
+def where_set(recipe, keys) -> str:
+    """source_of for (section, key) pairs, of any sections: the last override that set one of them, else the recipe
+    file."""
+    texts = [text for key, text in recipe.set_by.items() if key in keys]  # in the order they were set
+    return f"override '{texts[-1]}'" if texts else str(recipe.path)
 
 
 def config_refusal(recipe, stage: str, config_class, values: dict, message: str) -> str:

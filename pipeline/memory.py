@@ -158,8 +158,10 @@ def model_shape(recipe, ref: str | None) -> ModelShape:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from pipeline.generation import text_config  # imports torch: here, where the shape needs it anyway
+
     config, source = _architecture(recipe, ref)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None) or getattr(text, "d_model", 0)
     layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None) or 0
     heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None) or 1

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import faults
+from pipeline import devices, faults
 from pipeline.cli import PipelineError, built_from_config, first_line
 from pipeline.formats import ObjectArguments
 from pipeline.key_checks import key_prefix, refusal_line
@@ -247,18 +247,18 @@ def _check_against(model, config, where) -> None:  # where(*keys): "<where the k
         if not found(wanted):
             raise PipelineError(f"{where('lora_modules_to_save')}lora_modules_to_save: '{wanted}' names no module "
                                 f"of the model{closest(wanted, {n.rsplit('.', 1)[-1] for n in names if n})}")
-    if not torch.cuda.is_available():  # bitsandbytes' packed CPU kernel (AVX512-BF16) works on blocks of 32 outputs
-        if config.use_dora and any(type(m).__name__ == "Linear8bitLt" for m in model.modules()):
-            # peft 0.21's DoRA moves each 8-bit weight back to the CPU after the first forward pass, which drops
-            # its int8 scales: the second step fails inside bitsandbytes ('NoneType' has no attribute 'unsqueeze')
-            raise PipelineError(f"{where('use_dora', 'load_in_8bit')}use_dora with load_in_8bit does not train on a "
-                                f"CPU (peft's DoRA loses the 8-bit scales after the first step): use load_in_4bit, "
-                                f"plain LoRA, or a GPU")
-        for name, module in model.named_modules():
-            if getattr(module, "support_avx512bf16_for_cpu", False) and module.out_features % 32:
-                raise PipelineError(f"{where('load_in_4bit')}load_in_4bit: on this CPU bitsandbytes runs a 4-bit "
-                                    f"layer only when its output size is a multiple of 32, and {name} has "
-                                    f"{module.out_features}: train this model without load_in_4bit here, or on a GPU")
+    on_cpu = {name: m for name, m in model.named_modules() if devices.weight_on_cpu(m)}  # bitsandbytes' CPU kernels
+    if config.use_dora and any(type(m).__name__ == "Linear8bitLt" for m in on_cpu.values()):
+        # peft 0.21's DoRA moves each 8-bit weight back to the CPU after the first forward pass, which drops
+        # its int8 scales: the second step fails inside bitsandbytes ('NoneType' has no attribute 'unsqueeze')
+        raise PipelineError(f"{where('use_dora', 'load_in_8bit')}use_dora with load_in_8bit does not train on a "
+                            f"CPU (peft's DoRA loses the 8-bit scales after the first step): use load_in_4bit, "
+                            f"plain LoRA, or a GPU")
+    for name, module in on_cpu.items():  # the packed CPU kernel (AVX512-BF16) works on blocks of 32 outputs
+        if getattr(module, "support_avx512bf16_for_cpu", False) and module.out_features % 32:
+            raise PipelineError(f"{where('load_in_4bit')}load_in_4bit: on this CPU bitsandbytes runs a 4-bit "
+                                f"layer only when its output size is a multiple of 32, and {name} has "
+                                f"{module.out_features}: train this model without load_in_4bit here, or on a GPU")
 
 
 def check_peft(recipe) -> None:
@@ -372,8 +372,9 @@ def fit_embeddings(model, tokenizer) -> None:
     hub embeddings larger than the tokenizer stay as they are. The new rows (drawn around the old ones' mean) are
     seeded: every load of the same model grows the same rows, so a policy and its reference, or a LoRA base at
     training and at merging, agree on them."""
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
+    weight = model.get_input_embeddings().weight
+    if len(tokenizer) > weight.shape[0]:
+        with devices.fork_random_state(weight.device):  # the caller's random state stays as it was
             torch.manual_seed(0)
             model.resize_token_embeddings(len(tokenizer))
 

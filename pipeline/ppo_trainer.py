@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline import (batching, cli, faults, generation, judges, log, models, monitors, ppo_models, preemption,
-                      reward_rounds, rl, safe_resume, threads, vllm_engine)
+from pipeline import (batching, cli, devices, faults, generation, judges, log, models, monitors, ppo_models,
+                      preemption, reward_rounds, rl, safe_resume, threads, vllm_engine)
 from pipeline.generation import render_prompt
 from pipeline.ppo_config import GROUP_ESTIMATORS, prompts_that_fit
 from pipeline.ppo_critic import build_critic
@@ -237,8 +237,7 @@ class PPOTrainer:
         ids = [self.prompt_ids[batch.rows[i]] for i in judged]
         seed = (self.cfg.seed * 1_000_003 + self.progress.step) * self.accelerator.num_processes \
             + self.accelerator.process_index
-        with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device],
-                                   device_type=self.device.type):  # an XPU's or MPS device's stream too
+        with devices.fork_random_state(self.device):
             torch.manual_seed(seed)
             if self.reference is None:
                 with self.unwrapped.disable_adapter():
@@ -399,7 +398,7 @@ class PPOTrainer:
                 reward_rounds.build_round(r, out=self.run.out, reward=self.reward_model, policy=self.unwrapped,
                                           tokenizer=self.tokenizer, prompts=self.prompts, rows=self.annotated,
                                           cfg=self.cfg, noise=self.recipe.world.label_noise, step=self.progress.step,
-                                          lm_head=self.round_lm_head)
+                                          lm_head=self.round_lm_head, device=self.device)
             self.accelerator.wait_for_everyone()
         self.reward_model = reward_rounds.load_round(self.recipe, folder, self.device)
         self.reward_round = r

@@ -154,8 +154,9 @@ class Recipe:
     model: ModelSection
     stages: dict[str, dict] = field(default_factory=dict)  # section name -> validated values, in recipe order
     overrides: list[str] = field(default_factory=list)
-    set_by: dict = field(default_factory=dict)  # (section, key) -> index in overrides of the last that set it; a key
-                                                # inside it too: ("ppo", "trl_args.beta") (key_checks.source_of)
+    set_by: dict = field(default_factory=dict)  # (section, key) -> the text of the override that set it last (a key
+    # inside one too: ("ppo", "trl_args.beta")), in the order they were set: key_checks.source_of. The text, not a
+    # position in `overrides`, so a Recipe made with other overrides (dataclasses.replace) names the right one
     slurm: Any = None  # pipeline.slurm.SlurmSection: how `run.py --slurm` submits the stages
     tools: Any = None  # pipeline.tools.ToolsSection: the tools the policy may call (none when its list is empty)
     generation: Any = None  # pipeline.vllm_engine.GenerationSection: how eval and ppo generate (hf or vllm)
@@ -294,9 +295,10 @@ def _named_paths(section: str, key: str, value) -> list:
     return (value if isinstance(value, list) else [value]) if ref else []
 
 
-def _apply_override(data: dict, text: str) -> list[tuple[str, str]]:
-    """Set an override's value in the recipe's data; the (section, key) it set, and the key inside it it set
-    (`ppo.trl_args.beta=0`: trl_args and trl_args.beta; `ppo.trl_args={beta: 0}`: each key of the mapping too)."""
+def _apply_override(data: dict, text: str) -> tuple[tuple[str, str], list[tuple[str, str]]]:
+    """Set an override's value in the recipe's data. Returns the (section, dotted key) whose value it replaced whole,
+    and the (section, key)s it set: the section key, and the key inside it it set (`ppo.trl_args.beta=0`: trl_args
+    and trl_args.beta; `ppo.trl_args={beta: 0}`, which replaces trl_args: each key of the mapping too)."""
     dotted, equals, value_text = text.partition("=")
     parts = dotted.strip().split(".")
     if not equals or len(parts) < 2 or not all(parts):  # without `=` the runner took it for key=null
@@ -317,7 +319,7 @@ def _apply_override(data: dict, text: str) -> list[tuple[str, str]]:
         node = node[p]
     node[parts[-1]] = value
     inside = parts[2:3] or (list(map(str, value)) if isinstance(value, dict) else [])
-    return [(parts[0], parts[1])] + [(parts[0], f"{parts[1]}.{k}") for k in inside]
+    return (parts[0], ".".join(parts[1:])), [(parts[0], parts[1])] + [(parts[0], f"{parts[1]}.{k}") for k in inside]
 
 
 def load_recipe(path, overrides: list[str] = ()) -> Recipe:
@@ -336,14 +338,19 @@ def load_recipe(path, overrides: list[str] = ()) -> Recipe:
     if not isinstance(data, dict):
         raise PipelineError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
 
-    set_by: dict[tuple[str, str], int] = {}  # parsed here once: Recipe.set_by
-    for i, ov in enumerate(overrides):
-        set_by.update({key: i for key in _apply_override(data, ov)})
+    set_by: dict[tuple[str, str], str] = {}  # parsed here once: Recipe.set_by
+    for text in overrides:
+        (section, replaced), keys = _apply_override(data, text)
+        # keys an earlier override set inside the value this one replaced are gone (`ppo.trl_args={x: 1}` after
+        # `ppo.trl_args.beta=0`: no beta); the keys it set go last, in the order they were set
+        set_by = {(s, k): by for (s, k), by in set_by.items()
+                  if (s, k) not in keys and not (s == section and k.startswith(f"{replaced}."))}
+        set_by.update(dict.fromkeys(keys, text))
 
     known = list(GLOBAL_SECTIONS) + list(STAGES)
     values = {}
     for section, raw in data.items():
-        origins = {k: overrides[i] for (s, k), i in set_by.items() if s == section and "." not in k}
+        origins = {k: text for (s, k), text in set_by.items() if s == section and "." not in k}
         if section not in known:
             src = f"override '{next(iter(origins.values()))}'" if origins else str(path)
             raise PipelineError(f"{src}: unknown section '{section}'{closest(str(section), known)}")

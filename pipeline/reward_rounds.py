@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import faults, judges, log, runs
+from pipeline import devices, faults, judges, log, runs
 from pipeline.generation import generate
 from pipeline.reward_model import (RewardModel, encode, encode_prompt, head_pad_id, next_token_loss, pad_right,
                                    save_statistics, tools_of)
@@ -174,16 +174,17 @@ def replay_pairs(prompts, n: int, seed: int) -> list[dict]:
 
 
 def build_round(r: int, *, out: Path, reward: RewardModel, policy, tokenizer, prompts, rows: list[int], cfg,
-                noise: float, step: int, lm_head=None) -> dict:
+                noise: float, step: int, device, lm_head=None) -> dict:
     """Round r's reward model from `reward` (round r-1's), saved whole under round_dir(out, r); returns its record.
-    Only the main process calls it; the global random state is left as it was. `lm_head`: the frozen LM head of
-    GRM's next-token loss, when `cfg.reward_round_lm_loss_coefficient` is set."""
+    Only the main process calls it; the global random state (the CPU's and that of `device`, which the policy and
+    the reward model are on) is left as it was. `lm_head`: the frozen LM head of GRM's next-token loss, when
+    `cfg.reward_round_lm_loss_coefficient` is set."""
     started, folder = time.time(), round_dir(out, r)
     pick = random.Random(cfg.seed * 1000 + r).sample(rows, min(cfg.reward_round_prompts, len(rows)))
     chosen_rows = [{c: prompts[i][c] for c in ("prompt", "skill", "answer")} for i in sorted(pick)]
     # the sampling and the training's dropout draw from the global generators: a run that resumes past a round built
     # before it was killed (not built again) must draw the rest as the uninterrupted run does
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+    with devices.fork_random_state(device):
         replies = generate(policy, tokenizer, [row["prompt"] for row in chosen_rows], max_new_tokens=cfg.max_new_tokens,
                            do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, num_samples=2,
                            batch_size=64, seed=cfg.seed * 1000 + r, desc=f"reward round {r}: samples")

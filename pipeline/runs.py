@@ -7,7 +7,9 @@ checkpoints; kept if that run stops on bad input, e.g. a hub offline) or, if the
 
 The fingerprint of a stage hashes what it was asked to do: its section of the recipe, the run seed, the
 fingerprints of the checkpoints it starts from (a finished stage's manifest, a folder's file listing, a hub id)
-and of its data. The runner skips a stage whose manifest carries the fingerprint it would write now.
+and of its data. The runner skips a stage whose manifest carries the fingerprint it would write now. The package's
+code is recorded beside it, not hashed in (an edited comment must not retrain a stage): a stage trained by other
+code is still skipped, and up_to_date says so.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from pipeline import cost, faults, integrity, locks, log, preemption, safe_resume, threads
 from pipeline.cli import PipelineError
-from pipeline.fingerprints import hash_file, hash_folder, hash_obj
+from pipeline.fingerprints import code_hash, hash_file, hash_folder, hash_obj
 from pipeline.references import reference_kind
 from pipeline.stages import STAGES, model_loading, tool_sources
 from pipeline.vllm_engine import uses_vllm
@@ -195,6 +197,9 @@ def up_to_date(recipe, stage: str) -> tuple[bool, str]:
     if manifest.get("fingerprint") != hash_obj(inputs):
         changed = [k for k in ("settings", "checkpoints", "data") if manifest.get("inputs", {}).get(k) != inputs[k]]
         return False, f"{', '.join(changed) or 'inputs'} changed"
+    # a manifest from before `code` was recorded says nothing: else every older run would read as other code
+    if manifest.get("code") not in (None, code_hash()):
+        return True, f"up to date, but trained by other pipeline code: --only {stage} --force retrains it"
     return True, "up to date"
 
 
@@ -226,6 +231,7 @@ class StageRun:
         threads.configure()  # this process's share of the CPUs it was given; OMP_NUM_THREADS wins (logged)
         self.inputs = stage_inputs(recipe, stage)
         self.fingerprint = hash_obj(self.inputs)
+        self.code = code_hash()  # at the start: an edit or a pull during training is not the code that trained it
         self.final_dir = recipe.stage_dir(stage)
         self.out = recipe.run_dir / f"{stage}.partial"
         self._new_dirs = [d for d in (recipe.run_dir, recipe.run_dir.parent) if not d.exists()]  # removed on bad input
@@ -335,6 +341,7 @@ class StageRun:
             "stage": self.stage,
             "run": self.recipe.run.name,
             "fingerprint": self.fingerprint,
+            "code": self.code,  # the package's sources, for up_to_date's note (not in the fingerprint)
             "recipe": str(self.recipe.path),
             "overrides": self.recipe.overrides,
             "inputs": self.inputs,

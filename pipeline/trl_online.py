@@ -144,11 +144,15 @@ MAPPED = {"max_steps": "max_steps", "per_device_train_batch_size": "batch_size",
           "logging_steps": "logging_steps", "save_strategy": "save_steps", "save_steps": "save_steps",
           "save_total_limit": "save_total_limit", "seed": "seed", "use_cpu": "use_cpu", "report_to": "report_to"}
 OWNED = {"output_dir": "the stage folder", "reward_weights": "ppo.verifier_weight and ppo.image_verifier_weight"}
-# TRL arguments GRPOConfig/RLOOConfig compute from the mapped ones and refuse by their own names
-# (generation_batch_size = per_device_train_batch_size x processes x steps_per_generation, which is otherwise
-# gradient_accumulation_steps) -> the ppo keys they come from: a refusal that names one names an override of them
-DERIVED = {"generation_batch_size": ("batch_size", "gradient_accumulation_steps", "trl_args.steps_per_generation"),
-           "steps_per_generation": ("batch_size", "gradient_accumulation_steps", "trl_args.generation_batch_size")}
+# Names TRL's refusals give values it computes from recipe keys -> those keys (section.key): a refusal that names one
+# names an override of them. GRPOConfig/RLOOConfig: generation_batch_size = per_device_train_batch_size x processes x
+# steps_per_generation (otherwise gradient_accumulation_steps); the trainers' vLLM engine (generation.backend: vllm,
+# colocated): tensor_parallel_size, which must divide the processes, is vllm_tensor_parallel_size (trl_args wins)
+DERIVED = {"generation_batch_size": ("ppo.batch_size", "ppo.gradient_accumulation_steps",
+                                     "ppo.trl_args.steps_per_generation"),
+           "steps_per_generation": ("ppo.batch_size", "ppo.gradient_accumulation_steps",
+                                    "ppo.trl_args.generation_batch_size"),
+           "tensor_parallel_size": ("generation.vllm_tensor_parallel_size", "ppo.trl_args.vllm_tensor_parallel_size")}
 
 
 def trl_config(recipe, cfg, output_dir: str, tools: bool = False):

@@ -16,7 +16,6 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 SHORT = {"max_steps": 2, "logging_steps": 1, "heldout_prompts": "", "eval_dataset": ""}
 
 
-
 def manifest(work, name, stage):
     return json.loads((work / "runs" / name / stage / "manifest.json").read_text())
 
@@ -688,7 +687,66 @@ def test_a_roberta_style_table_holds_two_positions_fewer_than_its_size():
             f"reward.max_length ({max_length}) is over the model's 512 positions (a table of 514 whose position ids " \
             f"start at 2): a longer row stops training with an index out of range; set reward.max_length to 512 or less"
     assert config_positions(RobertaConfig(max_position_embeddings=514, pad_token_id=0)) == 513
-    assert generation.POSITIONS_PAST_PAD <= generation.POSITION_TABLES
-    for model_type in generation.POSITIONS_PAST_PAD:  # each with its default pad_token_id, 1
-        config = AutoConfig.for_model(model_type, max_position_embeddings=514)
+    assert generation.POSITIONS_PAST_PAD - {"esm"} <= generation.POSITION_TABLES
+    for model_type in generation.POSITIONS_PAST_PAD:  # ESM's default position_embedding_type: absolute (ESM-1b)
+        config = AutoConfig.for_model(model_type, max_position_embeddings=514, pad_token_id=1)
         assert config_positions(config) == 512 and learned_positions_problem(config, 513, "k"), model_type
+
+
+def test_esm_lilt_and_markuplm_tables_hold_two_positions_fewer_than_their_size():
+    """ESM, LiLT, MarkupLM and LayoutLMv3 (and the text models of AltCLIP, BridgeTower and CLAP) also start their
+    position ids at pad_token_id + 1 but were not listed: a max_length of 513 passed the check on a table of 514,
+    then stopped training out of range. ESM-2 rotates (no table): not refused."""
+    import torch
+    from transformers import AutoConfig, AutoModel, EsmConfig
+
+    from pipeline.generation import learned_positions_problem
+
+    small = dict(vocab_size=16, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+                 max_position_embeddings=514, pad_token_id=1)
+    for model_type in ("esm", "lilt", "markuplm"):
+        config = AutoConfig.for_model(model_type, **small)
+        model = AutoModel.from_config(config).eval()
+        model(input_ids=torch.full((1, 512), 5))  # the longest row it takes
+        with pytest.raises(IndexError, match="out of range"):
+            model(input_ids=torch.full((1, 513), 5))
+        assert learned_positions_problem(config, 512, "reward.max_length") is None, model_type
+        assert learned_positions_problem(config, 513, "reward.max_length").startswith(
+            "reward.max_length (513) is over the model's 512 positions (a table of 514 whose position ids start at "
+            "2)"), model_type
+    assert learned_positions_problem(EsmConfig(position_embedding_type="rotary", max_position_embeddings=1026,
+                                               pad_token_id=1), 4096, "reward.max_length") is None
+
+
+def test_the_types_past_the_pad_are_those_whose_transformers_source_says_so():
+    """POSITIONS_PAST_PAD is a hand list (transformers says it only in its modeling code), checked here against that
+    code both ways: every listed type's model builds a table of max_position_embeddings with a padding_idx and numbers
+    positions from padding_idx + 1, and every type whose model does so is listed, so a transformers that adds one
+    fails here rather than in training. Its padding_idx is read as positions_skipped reads it (MPNet's is always 1)."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    from pipeline.generation import POSITIONS_PAST_PAD, positions_skipped, text_config
+
+    models = Path(importlib.util.find_spec("transformers").origin).parent / "models"
+    table = re.compile(r"position_embeddings = (nn\.|Quant)Embedding\(\s*config\.max_position_embeddings,"
+                       r"[^)]*padding_idx=")
+    not_text = {"evolla"}  # its table is the protein encoder's (SaProt); its language model rotates
+    found = {}
+    for model_type, base in MODEL_MAPPING_NAMES.items():  # the modeling file that defines the type's base model
+        base = base[0] if isinstance(base, tuple) else base
+        files = sorted((models / model_type_to_module_name(model_type)).glob("modeling_*.py"))
+        source = next((t for p in files if re.search(rf"^class {base}\(", t := p.read_text(), re.M)), "")
+        if table.search(source) and "padding_idx + 1" in source and model_type not in not_text:
+            text = text_config(AutoConfig.for_model(model_type))  # a composite model's text part (AltCLIP's)
+            found[text.model_type] = source
+    assert set(found) == POSITIONS_PAST_PAD
+    for model_type, source in found.items():
+        fixed = re.search(r"self\.padding_idx = (\d+)$", source, re.M)
+        config = AutoConfig.for_model(model_type, max_position_embeddings=514, pad_token_id=7)
+        assert positions_skipped(config) == (int(fixed[1]) if fixed else 7) + 1, model_type

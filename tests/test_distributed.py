@@ -621,8 +621,38 @@ def test_every_stage_trains_on_the_accelerator_that_accelerate_picks(tmp_path, m
 
 
 def test_only_questions_about_cuda_itself_ask_torch_cuda():
-    """Whether to train on the CPU is cluster.accelerator_here's question alone (the test above); these ask about a
-    CUDA GPU as such: its memory (check), vLLM's device (vllm_engine), the CUDA random state to fork (reward_rounds),
-    bitsandbytes' 8-bit CPU kernel (models)."""
-    asking = {p.stem for p in (REPO / "pipeline").glob("*.py") if "cuda.is_available()" in p.read_text()}
-    assert asking == {"check", "vllm_engine", "reward_rounds", "models"}
+    """Whether to train on the CPU is cluster.accelerator_here's question alone (the test above; cluster asks torch.cuda
+    as one of Accelerate's devices); these ask about a CUDA GPU as such: its memory (check), vLLM's device
+    (vllm_engine). A question about the device a model is on asks that device (pipeline/devices.py). Found in the
+    syntax tree, however torch.cuda's availability and device questions are spelt or imported."""
+    import ast
+
+    questions = {f"torch.cuda.{name}" for name in ("is_available", "current_device", "device_count")}
+
+    def asks_cuda(source: str) -> bool:
+        tree, names, imported = ast.parse(source), {}, set()  # names: a name an import binds -> what it stands for
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names.update({a.asname: a.name for a in node.names if a.asname}
+                             | {a.name.split(".")[0]: a.name.split(".")[0] for a in node.names if not a.asname})
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names})
+                imported |= {f"{node.module}.{a.name}" for a in node.names}
+
+        def dotted(node) -> str | None:
+            if isinstance(node, ast.Name):
+                return names.get(node.id)
+            if isinstance(node, ast.Attribute) and (base := dotted(node.value)):
+                return f"{base}.{node.attr}"
+            return None
+
+        return bool(imported & questions) or any(dotted(node) in questions for node in ast.walk(tree))
+
+    spellings = ["import torch\nif torch.cuda.is_available(): pass", "import torch as t\nn = t.cuda.device_count()",
+                 "from torch import cuda\nask = cuda.is_available", "import torch.cuda as tc\ntc.current_device()",
+                 "from torch.cuda import is_available as here\n"]
+    assert all(asks_cuda(text) for text in spellings)
+    assert [text for text in spellings if "cuda.is_available()" in text] == spellings[:1]  # the old text search's
+    assert not asks_cuda("import torch\ntorch.cuda.max_memory_allocated()\ncuda = 'is_available'")
+    asking = {p.stem for p in (REPO / "pipeline").glob("*.py") if asks_cuda(p.read_text())}
+    assert asking == {"check", "cluster", "vllm_engine"}

@@ -127,3 +127,41 @@ def test_the_runners_early_check_tells_a_checkpoint_reference_as_the_stage_loadi
             assert outcome(lambda: check_references(recipe, "sft")) == (None, refused), ref
     assert refused.endswith("sft.init_from: 'rewrd' is not a stage of this recipe, a folder or a hub id "
                             "(closest: reward)")
+
+
+def test_a_stage_trained_by_other_code_is_skipped_and_says_so(tmp_path, monkeypatch, capsys):
+    """The fingerprint leaves the package's code out (an edited comment must not retrain a stage), so a stage trained
+    before a fix to the training code was skipped as plainly "up to date". Its manifest now records the code: the
+    runner still skips it, and says it was trained by other code. A manifest from before (no `code`) says nothing."""
+    from pipeline import run
+    from pipeline.fingerprints import code_hash
+
+    monkeypatch.chdir(tmp_path)  # the run folder, runs/tiny, is relative
+    recipe = load_recipe(tiny_recipe(tmp_path))
+    folder = recipe.stage_dir("pretrain")
+    folder.mkdir(parents=True)
+    inputs = runs.stage_inputs(recipe, "pretrain", must_exist=False)
+
+    def finished(**code):  # a finished stage as the runner reads it (no model files: none to check)
+        runs.write_json(folder / runs.MANIFEST, {"fingerprint": hash_obj(inputs), "inputs": inputs, **code})
+        return runs.up_to_date(recipe, "pretrain")
+
+    assert finished(code=code_hash()) == (True, "up to date")
+    assert finished() == (True, "up to date")  # written before `code` was recorded
+    other = "up to date, but trained by other pipeline code: --only pretrain --force retrains it"
+    assert finished(code="0" * 16) == (True, other)
+    run.main([str(recipe.path), "--dry-run", "--only", "pretrain"])
+    assert f"  pretrain   skip  ({other})\n" in capsys.readouterr().out
+
+
+def test_a_finished_stage_records_the_code_that_trained_it(tiny_run, monkeypatch):
+    """A stage's manifest records the package's code (not in its fingerprint); the same code reads it plainly up to
+    date."""
+    import json
+
+    from pipeline.fingerprints import code_hash
+
+    work, recipe, _ = tiny_run
+    monkeypatch.chdir(work)
+    assert json.loads((work / "runs" / "tiny" / "pretrain" / runs.MANIFEST).read_text())["code"] == code_hash()
+    assert runs.up_to_date(load_recipe(recipe), "pretrain") == (True, "up to date")

@@ -520,7 +520,7 @@ def test_reward_rounds_need_prompts_of_world_skills_and_a_round_of_ties_keeps_th
                                 reward_round_batch_size=2, reward_round_lm_loss_coefficient=0.0)
     with pytest.raises(Saved):
         reward_rounds.build_round(2, out=tmp_path, reward=reward, policy=None, tokenizer=None,
-                                  prompts=own.select([1]), rows=[0], cfg=cfg, noise=0.0, step=2)
+                                  prompts=own.select([1]), rows=[0], cfg=cfg, noise=0.0, step=2, device="cpu")
     assert (reward.mean, reward.std) == (0.5, 2.0)
 
 
@@ -559,7 +559,7 @@ def test_a_reward_round_leaves_the_global_random_state_as_it_was(monkeypatch, tm
     before = torch.get_rng_state()
     with pytest.raises(Saved):
         reward_rounds.build_round(2, out=tmp_path, reward=reward, policy=None, tokenizer=None, prompts=prompts,
-                                  rows=[0], cfg=cfg, noise=0.0, step=2)
+                                  rows=[0], cfg=cfg, noise=0.0, step=2, device="cpu")
     assert torch.equal(torch.get_rng_state(), before)
 
 

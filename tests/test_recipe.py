@@ -484,12 +484,49 @@ def test_load_recipe_records_once_which_key_each_override_set(tmp_path):
     overrides = ["ppo.trl_args={num_iterations: 2}", "sft.max_steps=3", "ppo.trl_args.beta=0.1",
                  "sft.learning_rate=0.01"]
     recipe = load_recipe(path, overrides)
-    assert recipe.set_by == {("ppo", "trl_args"): 2, ("ppo", "trl_args.num_iterations"): 0, ("sft", "max_steps"): 1,
-                             ("ppo", "trl_args.beta"): 2, ("sft", "learning_rate"): 3}
+    assert recipe.set_by == {("ppo", "trl_args"): overrides[2], ("ppo", "trl_args.num_iterations"): overrides[0],
+                             ("sft", "max_steps"): overrides[1], ("ppo", "trl_args.beta"): overrides[2],
+                             ("sft", "learning_rate"): overrides[3]}
     assert source_of(recipe, "ppo", "trl_args.num_iterations") == f"override '{overrides[0]}'"
     assert source_of(recipe, "ppo", "trl_args") == f"override '{overrides[2]}'"  # the last to set a key inside
     assert source_of(recipe, "sft", "max_steps", "learning_rate") == f"override '{overrides[3]}'"
     assert source_of(recipe, "ppo", "beta") == source_of(recipe, "sft", "max_length") == str(path)
+
+
+def test_the_record_of_what_an_override_set_holds_its_text(tmp_path):
+    """Recipe.set_by held positions in Recipe.overrides: a Recipe made with other overrides (dataclasses.replace, a
+    test or benchmark building one) named another override, or none (IndexError). It holds the override's text."""
+    import dataclasses
+
+    from pipeline.key_checks import source_of
+
+    recipe = load_recipe(tiny_recipe(tmp_path), ["sft.max_steps=3", "sft.learning_rate=0.01"])
+    for overrides in (["sft.learning_rate=0.01", "sft.max_steps=3"], ["sft.learning_rate=0.01"], []):
+        other = dataclasses.replace(recipe, overrides=overrides)
+        assert source_of(other, "sft", "max_steps") == "override 'sft.max_steps=3'", overrides
+        assert source_of(other, "sft", "max_steps", "learning_rate") == "override 'sft.learning_rate=0.01'"
+
+
+def test_an_override_that_replaces_a_mapping_takes_the_credit_of_the_keys_inside_it(tmp_path):
+    """`ppo.trl_args={scale_rewards: batch}` replaces trl_args whole (it does not merge): a num_iterations an earlier
+    `ppo.trl_args.num_iterations=2` set is gone, yet that override was still named for it. A later key inside the
+    mapping merges into it, and the mapping's override keeps its keys."""
+    from trl import GRPOConfig
+
+    from pipeline.key_checks import source_of
+    from pipeline.trl_refusals import source_of_named
+
+    path = tiny_recipe(tmp_path, ppo={"algorithm": "grpo"})
+    recipe = load_recipe(path, ["ppo.trl_args.num_iterations=2", "ppo.trl_args={scale_rewards: batch}"])
+    assert recipe.section("ppo")["trl_args"] == {"scale_rewards": "batch"}  # replaced, not merged
+    assert source_of(recipe, "ppo", "trl_args.num_iterations") == str(path)  # TRL's default now
+    assert source_of_named(recipe, "ppo", "num_iterations (1) is wrong", GRPOConfig) == str(path)
+    assert source_of(recipe, "ppo", "trl_args") == "override 'ppo.trl_args={scale_rewards: batch}'"
+    recipe = load_recipe(path, ["ppo.trl_args={num_iterations: 2}", "ppo.trl_args.scale_rewards=batch"])
+    assert recipe.section("ppo")["trl_args"] == {"num_iterations": 2, "scale_rewards": "batch"}  # merged
+    assert source_of(recipe, "ppo", "trl_args.num_iterations") == "override 'ppo.trl_args={num_iterations: 2}'"
+    assert source_of(recipe, "ppo", "trl_args.scale_rewards", "trl_args") == \
+        "override 'ppo.trl_args.scale_rewards=batch'"
 
 
 def test_what_a_trl_trainer_refuses_names_the_override_that_set_the_key(tmp_path):

@@ -598,6 +598,41 @@ def test_trls_refusal_of_a_derived_argument_names_the_override_of_a_key_it_comes
     assert str(err.value).startswith(f"{path}: {refusal}")
 
 
+def test_trls_vllm_refusal_of_tensor_parallel_size_names_the_generation_override(tmp_path):
+    """GRPO/RLOO's colocated vLLM engine refuses a tensor_parallel_size that does not divide the processes, by that
+    name; it comes from generation.vllm_tensor_parallel_size, another section than ppo's, and the line named the
+    recipe file even when an override set it (DERIVED pointed at ppo's keys only). trl_args wins over generation."""
+    import inspect
+
+    from trl import GRPOConfig
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    from pipeline.trl_online import DERIVED, MAPPED
+    from pipeline.trl_refusals import trl_refusal
+
+    # TRL's own words (VLLMGeneration, which GRPOTrainer and RLOOTrainer build from args.vllm_tensor_parallel_size)
+    assert "f\"tensor_parallel_size ({self.tensor_parallel_size}) must divide world size " in \
+        inspect.getsource(VLLMGeneration._init_vllm)
+    refused = ValueError("tensor_parallel_size (2) must divide world size (1) evenly.")
+    path = tiny_recipe(tmp_path, ppo={"algorithm": "grpo"})
+
+    def line(overrides):
+        return trl_refusal(load_recipe(path, overrides), "ppo", "GRPOTrainer", refused, GRPOConfig, MAPPED, DERIVED)
+
+    assert line(["generation.vllm_tensor_parallel_size=2", "ppo.max_steps=2"]) == \
+        "override 'generation.vllm_tensor_parallel_size=2': section 'ppo' (GRPOTrainer): " + str(refused)
+    assert line(["generation.vllm_tensor_parallel_size=1", "ppo.trl_args={vllm_tensor_parallel_size: 2}"]) \
+        .startswith("override 'ppo.trl_args={vllm_tensor_parallel_size: 2}': ")
+    # trl_args wins whatever the order: the value refused is its own
+    assert line(["ppo.trl_args={vllm_tensor_parallel_size: 2}", "generation.vllm_tensor_parallel_size=1"]) \
+        .startswith("override 'ppo.trl_args={vllm_tensor_parallel_size: 2}': ")
+    (tmp_path / "in_file").mkdir()
+    in_file = tiny_recipe(tmp_path / "in_file", ppo={"algorithm": "grpo", "trl_args": {"vllm_tensor_parallel_size": 2}})
+    assert trl_refusal(load_recipe(in_file, ["generation.vllm_tensor_parallel_size=1"]), "ppo", "GRPOTrainer", refused,
+                       GRPOConfig, MAPPED, DERIVED).startswith(f"{in_file}: ")
+    assert line(["generation.vllm_gpu_memory_utilization=0.5"]).startswith(f"{path}: ")  # not a key it comes from
+
+
 def test_policy_context_of_a_hub_id_without_network_reads_the_cache_at_once(tmp_path, monkeypatch):
     """An adapter whose base is a hub id: the policy's config was read with huggingface_hub's retries (23 s without
     network) before loading the model said the hub cannot be reached. It asks hub.reachable first, as loading does."""
