@@ -207,10 +207,12 @@ def check_stage(recipe, stage: str, launch: cluster.Launch, device_memory: int |
     """`will_run`: the stages planned to run before this one (their outputs need not exist yet). `throughput`:
     what the cost projection assumes of a GPU (default: cost_check's)."""
     ddp_note = None  # a stage that runs data-parallel under a DeepSpeed launch is planned so
-    if launch.distributed_type == "DEEPSPEED" and cluster.data_parallel_under_deepspeed(stage):
+    why = launch.distributed_type == "DEEPSPEED" and cluster.data_parallel_under_deepspeed(
+        stage, launch.zero_stage, str(recipe.section(stage).get("mixed_precision", "no")))
+    if why:
         launch = dataclasses.replace(launch, distributed_type="MULTI_GPU", zero_stage=0, offload_optimizer=False,
                                      offload_params=False, save_full_model=True)  # as cluster.leave_deepspeed runs it
-        ddp_note = cluster.data_parallel_line(stage)
+        ddp_note = cluster.data_parallel_line(stage, why)
     if STAGES[stage].check:  # a stage whose models are not causal LMs brings its own check
         import importlib
 

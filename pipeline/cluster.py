@@ -44,6 +44,7 @@ class Launch:
     offload_params: bool = False     # weights in CPU memory between uses (ZeRO-3 / FSDP)
     fsdp_version: int = 0            # 0: not FSDP
     save_full_model: bool = True     # the checkpoint a stage saves is one full model (ZeRO-3: gather on save)
+    reduce_bucket: int = 500_000_000  # ZeRO-1/2's gradient-reduction buffer, in elements (DeepSpeed's default)
 
     def describe(self) -> str:
         if self.distributed_type == "DEEPSPEED":
@@ -153,6 +154,9 @@ def read_launch(path, num_processes: int | None = None, num_machines: int | None
         launch.offload_params = (zero.get("offload_param") or {}).get("device", "none") not in ("none", None)
         launch.save_full_model = launch.zero_stage < 3 or _truthy(
             zero.get("stage3_gather_16bit_weights_on_model_save", False))
+        bucket = zero.get("reduce_bucket_size")  # `auto`: a trainer sizes it from the model; the image stages keep 5e8
+        if isinstance(bucket, (int, float)) and not isinstance(bucket, bool) and bucket > 0:
+            launch.reduce_bucket = int(bucket)
     elif dist == "FSDP":
         fsdp = _launch_section(cfg, "fsdp_config", p)
         launch.fsdp_version = _launch_int(fsdp, "fsdp_version", p, 1, (1, 2), "fsdp_config.")
@@ -294,24 +298,43 @@ def cpu_processes_line() -> str | None:
     return f"{processes} processes and no GPU here: they train on the CPU, over gloo" if processes else None
 
 
-def data_parallel_under_deepspeed(stage: str) -> bool:
-    """Stages whose own loops hand DeepSpeed no model: the image stages (a UNet and a text encoder; their own
-    safetensors checkpoints, which a ZeRO optimizer's state is not). Under a DeepSpeed launch they run data-parallel
-    (DDP) on the same processes. (Our PPO hands DeepSpeed its policy and critic as one module: ppo_models.py.)"""
-    return stage in ("diffusion", "diffusion_dpo")
+def launched_zero() -> tuple[int, bool]:
+    """(ZeRO stage, whether ZeRO-3 gathers a 16-bit model on save) of this process's DeepSpeed launch: its config
+    file's, else what Accelerate's launcher put in the environment."""
+    env = os.environ
+    ds_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if ds_file and ds_file != "none":
+        zero = deepspeed_zero(resolve_path(ds_file))
+        return int(zero.get("stage", 0)), _truthy(zero.get("stage3_gather_16bit_weights_on_model_save"))
+    return (int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2") or 2),
+            _truthy(env.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "false")))
 
 
-def leave_deepspeed(stage: str) -> str | None:
-    """Before the process group is made, such a stage launched with DeepSpeed switches to DDP; the line to log."""
-    if not (launched_with_deepspeed() and data_parallel_under_deepspeed(stage)):
+def data_parallel_under_deepspeed(stage: str, zero_stage: int, mixed_precision: str = "no") -> str | None:
+    """Why an image stage runs data-parallel (DDP) under this DeepSpeed launch, None when it runs with DeepSpeed.
+    Under ZeRO-1/2 their own loops hand DeepSpeed the trained modules as one (diffusion_train.py), each process
+    keeping whole weights for the EMA and the safetensors checkpoints; ZeRO-3 would have to gather them for both, and
+    fp16 needs the loss scaling that Accelerate's DDP gives (DeepSpeed's own fp16 would also make the weights fp16)."""
+    if stage not in ("diffusion", "diffusion_dpo"):
+        return None
+    if zero_stage == 3:
+        return "ZeRO-3"
+    return "and fp16 mixed precision" if mixed_precision == "fp16" else None
+
+
+def leave_deepspeed(stage: str, mixed_precision: str = "no") -> str | None:
+    """Before the process group is made, a stage that cannot run under this DeepSpeed launch switches to DDP; the
+    line to log."""
+    why = launched_with_deepspeed() and data_parallel_under_deepspeed(stage, launched_zero()[0], mixed_precision)
+    if not why:
         return None
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"
-    return data_parallel_line(stage)
+    return data_parallel_line(stage, why)
 
 
-def data_parallel_line(stage: str) -> str:  # what the stage and `--check` say of such a stage
-    return (f"launched with DeepSpeed: {stage} runs data-parallel (DDP) over the same processes, each holding "
-            f"whole models (README \"Running on GPUs and clusters\")")
+def data_parallel_line(stage: str, why: str) -> str:  # what the stage and `--check` say of such a stage
+    return (f"launched with DeepSpeed {why}: {stage} runs data-parallel (DDP) over the same processes, each holding "
+            f"whole models (ZeRO-1/2 without fp16 run with DeepSpeed: README \"Image models\")")
 
 
 def check_environment() -> None:
@@ -326,12 +349,7 @@ def check_environment() -> None:
         env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(found)
     if not launched_with_deepspeed():
         return
-    if ds_file and ds_file != "none":
-        zero = deepspeed_zero(Path(env["ACCELERATE_DEEPSPEED_CONFIG_FILE"]))
-        stage, gather = int(zero.get("stage", 0)), _truthy(zero.get("stage3_gather_16bit_weights_on_model_save"))
-    else:
-        stage = int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2") or 2)
-        gather = _truthy(env.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "false"))
+    stage, gather = launched_zero()
     if stage == 3 and not gather:
         raise PipelineError("DeepSpeed ZeRO-3 without zero3_save_16bit_model (stage3_gather_16bit_weights_on_"
                             "model_save) saves only sharded optimizer files, not a model later stages can load: "

@@ -42,7 +42,7 @@ def main(argv):
     cfg.train_text_encoder = images.trains_text_encoder(cfg.train_text_encoder, bool(keys.pretrained))
     if not keys.pretrained:  # a new model: its unet / text_encoder configs build (on the meta device) before any work
         image_check.components(recipe, None, recipe.section(STAGE), keys.resolution, stage=STAGE)
-    ddp_warning = cluster.leave_deepspeed(STAGE)  # DDP under a DeepSpeed launch (cluster.py says why)
+    ddp_warning = cluster.leave_deepspeed(STAGE, cfg.mixed_precision)  # ZeRO-3, fp16: DDP (cluster.py says why)
     with runs.StageRun(recipe, STAGE) as run:
         if ddp_warning:  # said here: from the main process only, and into the stage's log.txt
             log.warning(ddp_warning)
@@ -73,10 +73,9 @@ def main(argv):
         run.prepare()
 
         import torch
-        from accelerate import Accelerator
 
         precision = diffusion_config.mixed_precision_here(cfg.mixed_precision, STAGE)
-        accelerator = Accelerator(mixed_precision=precision, cpu=not cluster.accelerator_here())
+        accelerator = diffusion_train.make_accelerator(precision)
         main_process = accelerator.is_main_process
         torch.manual_seed(cfg.seed)
         if pipe is None:
@@ -111,7 +110,8 @@ def main(argv):
 
         started = time.time()
         history, prepared = diffusion_train.train_loop(accelerator=accelerator, run=run, cfg=cfg, tag="diffusion",
-                                                       modules=modules, step_fn=step_fn, ema_params=params)
+                                                       modules=modules, step_fn=step_fn, ema_params=params,
+                                                       precision=precision)
         train_s = time.time() - started
         accelerator.wait_for_everyone()
 

@@ -125,7 +125,7 @@ def main(argv):
     eval_file = image_pairs.pair_file(keys.eval_dataset)
     if problem := image_pairs.section_problem(keys, cfg.rounds, own_file, eval_file):
         raise cli.PipelineError(f"{recipe.path}: diffusion_dpo.{problem}")
-    ddp_warning = cluster.leave_deepspeed(STAGE)  # DDP under a DeepSpeed launch (cluster.py says why)
+    ddp_warning = cluster.leave_deepspeed(STAGE, cfg.mixed_precision)  # ZeRO-3, fp16: DDP (cluster.py says why)
     with runs.StageRun(recipe, STAGE) as run:
         if ddp_warning:  # said here: from the main process only, and into the stage's log.txt
             log.warning(ddp_warning)
@@ -165,12 +165,11 @@ def main(argv):
 
         import torch
         import torch.nn.functional as F
-        from accelerate import Accelerator
 
         from pipeline.image_judge import ImageJudge
 
         precision = diffusion_config.mixed_precision_here(cfg.mixed_precision, STAGE)
-        accelerator = Accelerator(mixed_precision=precision, cpu=not cluster.accelerator_here())
+        accelerator = diffusion_train.make_accelerator(precision)
         main_process = accelerator.is_main_process
         pipe.to(accelerator.device)  # candidates drawn there; the frozen parts and the reference copy join the UNet
         torch.manual_seed(cfg.seed)
@@ -232,7 +231,8 @@ def main(argv):
         params = [p for p in unet.parameters() if p.requires_grad]
         history, prepared = diffusion_train.train_loop(accelerator=accelerator, run=run, cfg=cfg,
                                                        tag="diffusion_dpo", modules={"unet": unet},
-                                                       step_fn=step_fn, ema_params=params)
+                                                       step_fn=step_fn, ema_params=params,
+                                                       precision=precision)
         train_s = time.time() - started
         accelerator.wait_for_everyone()
 

@@ -8,6 +8,17 @@ and the checkpoint is found and checked by `safe_resume` like every other stage'
 step's randomness (batch, noise, timesteps, caption dropout) comes from a generator seeded by (seed, step,
 process), so a resumed run draws what the uninterrupted run would have drawn. A checkpoint is written to
 `tmp-checkpoint-N` and renamed: a kill never leaves a half checkpoint.
+
+Under a DeepSpeed ZeRO-1/2 launch the trainable modules go to DeepSpeed as one module (a ModuleDict: Accelerate hands
+DeepSpeed one model), the frozen ones stay outside. Its engine keeps whole fp32 weights on every process (the EMA and
+the saved model read them as without it), shards the optimizer state (and ZeRO-2 the gradients), clips, steps and
+schedules after the last micro-batch; mixed precision is torch's autocast over those weights, as Accelerate's is
+elsewhere. A checkpoint then holds DeepSpeed's own files for the optimizer (`deepspeed/`, a shard per process) in
+place of `optimizer.safetensors`: torch files that safe_resume loads with weights_only (DeepSpeed's data classes
+allowed by name) before DeepSpeed reads them, and only under the ZeRO stage and process count that wrote them
+(check_optimizer_format). ZeRO-3 and fp16 run as DDP (cluster.data_parallel_under_deepspeed). The launch's DeepSpeed
+config takes the recipe's values where it says `auto` and may build its own optimizer, as for our PPO
+(pipeline/deepspeed_config.py); its bf16 / fp16 must be `auto` (make_accelerator).
 """
 
 from __future__ import annotations
@@ -16,9 +27,10 @@ import json
 import os
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
-from pipeline import faults, log, preemption, safe_resume, threads
+from pipeline import deepspeed_config, faults, log, preemption, safe_resume, threads
 
 # ---------------------------------------------------------------------------------------------- losses
 
@@ -188,31 +200,61 @@ def _trainable(module) -> dict:
     return {n: p.detach().contiguous() for n, p in module.named_parameters() if p.requires_grad}
 
 
+DEEPSPEED_TAG = "deepspeed"  # the folder of a checkpoint holding DeepSpeed's files (its optimizer shards)
+
+
+def optimizer_format(engine) -> dict:
+    """How this launch saves the optimizer state: torch's whole, or DeepSpeed's shards (check_optimizer_format)."""
+    if engine is None:
+        return {"optimizer_format": "torch"}
+    return {"optimizer_format": "deepspeed", "zero_stage": engine.zero_optimization_stage(),
+            "processes": engine.dp_world_size}
+
+
+def check_optimizer_format(ckpt: Path, state: dict, engine) -> None:
+    """Stop in one line where this launch cannot read the checkpoint's optimizer state (runs.StageRun keeps it)."""
+    from pipeline.cli import PipelineError
+
+    here = optimizer_format(engine)
+    saved = {"optimizer_format": state.get("optimizer_format", "torch"),  # no key: written before it was, as torch
+             **{k: state[k] for k in ("zero_stage", "processes") if k in state}}
+    said = [f"DeepSpeed ZeRO-{f['zero_stage']} over {f['processes']} process(es)" if "zero_stage" in f
+            else "a launch without DeepSpeed (DDP or one process)" for f in (saved, here)]
+    if saved != here:
+        raise PipelineError(f"{ckpt}: its optimizer state was saved under {said[0]}, which this launch ({said[1]}) "
+                            f"cannot read: relaunch as that one was, or remove {ckpt.parent} to start over")
+
+
 def save_checkpoint(out: Path, step: int, modules: dict, optimizer, scheduler, ema, history: list, keep: int,
-                    is_main: bool, window: list | None = None) -> None:
+                    is_main: bool, window: list | None = None, engine=None) -> None:
+    """Every process calls it; under DeepSpeed (`engine`) each writes its optimizer shard, the main one the rest."""
     from safetensors.torch import save_file
 
+    tmp = out / f"tmp-checkpoint-{step}"
+    if engine is not None:  # a collective, with barriers; without the frozen weights (a LoRA's base UNet: GBs)
+        engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
     if not is_main:
         return
-    tmp = out / f"tmp-checkpoint-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if engine is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True, exist_ok=True)
     for name, module in modules.items():
         save_file(_trainable(module), str(tmp / f"{name}.safetensors"))
-    opt_state = optimizer.state_dict()
-    tensors, meta = {}, {}
-    for idx, st in opt_state["state"].items():
-        meta[str(idx)] = {}
-        for k, v in st.items():
-            if hasattr(v, "shape"):
-                tensors[f"{idx}.{k}"] = v.detach().contiguous()
-            else:
-                meta[str(idx)][k] = v
-    save_file(tensors or {"_empty": __import__("torch").zeros(1)}, str(tmp / "optimizer.safetensors"))
     # window: the losses since the last logged step, so a resumed run logs the mean an uninterrupted one does
-    state = {"step": step, "history": history, "window": list(window or []),
-             "optimizer": {"param_groups": opt_state["param_groups"], "scalars": meta},
+    state = {"step": step, "history": history, "window": list(window or []), **optimizer_format(engine),
              "lr_scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}}
+    if engine is None:
+        opt_state = optimizer.state_dict()
+        tensors, meta = {}, {}
+        for idx, st in opt_state["state"].items():
+            meta[str(idx)] = {}
+            for k, v in st.items():
+                if hasattr(v, "shape"):
+                    tensors[f"{idx}.{k}"] = v.detach().contiguous()
+                else:
+                    meta[str(idx)][k] = v
+        save_file(tensors or {"_empty": __import__("torch").zeros(1)}, str(tmp / "optimizer.safetensors"))
+        state["optimizer"] = {"param_groups": opt_state["param_groups"], "scalars": meta}
     if ema is not None:
         save_file({str(i): p.detach().contiguous() for i, p in enumerate(ema.shadow_params)},
                   str(tmp / "ema.safetensors"))
@@ -226,25 +268,29 @@ def save_checkpoint(out: Path, step: int, modules: dict, optimizer, scheduler, e
         shutil.rmtree(old)
 
 
-def load_checkpoint(ckpt: Path, modules: dict, optimizer, scheduler, ema) -> tuple[int, list, list]:
+def load_checkpoint(ckpt: Path, modules: dict, optimizer, scheduler, ema, engine=None) -> tuple[int, list, list]:
     import torch
     from safetensors.torch import load_file
 
     state = json.loads((ckpt / safe_resume.LOOP_STATE).read_text())
+    check_optimizer_format(ckpt, state, engine)
+    if engine is not None:  # its optimizer shards and trainable weights (= ours below); checked by safe_resume
+        engine.load_checkpoint(str(ckpt), tag=DEEPSPEED_TAG, load_lr_scheduler_states=False, load_module_strict=False)
     for name, module in modules.items():
         weights = load_file(str(ckpt / f"{name}.safetensors"))
         missing = set(weights) - set(dict(module.named_parameters()))
         if missing:
             raise RuntimeError(f"{ckpt}: {name} has no parameter {sorted(missing)[0]}")
         module.load_state_dict(weights, strict=False)
-    tensors = load_file(str(ckpt / "optimizer.safetensors"))
-    opt_state = {"param_groups": state["optimizer"]["param_groups"], "state": {}}
-    for idx, scalars in state["optimizer"]["scalars"].items():
-        st = dict(scalars)
-        for k in [k.split(".", 1)[1] for k in tensors if k.split(".", 1)[0] == idx]:
-            st[k] = tensors[f"{idx}.{k}"]
-        opt_state["state"][int(idx)] = st
-    optimizer.load_state_dict(opt_state)
+    if engine is None:
+        tensors = load_file(str(ckpt / "optimizer.safetensors"))
+        opt_state = {"param_groups": state["optimizer"]["param_groups"], "state": {}}
+        for idx, scalars in state["optimizer"]["scalars"].items():
+            st = dict(scalars)
+            for k in [k.split(".", 1)[1] for k in tensors if k.split(".", 1)[0] == idx]:
+                st[k] = tensors[f"{idx}.{k}"]
+            opt_state["state"][int(idx)] = st
+        optimizer.load_state_dict(opt_state)
     scheduler.load_state_dict({**scheduler.state_dict(), **state["lr_scheduler"]})
     if ema is not None:
         shadow = load_file(str(ckpt / "ema.safetensors"))
@@ -256,17 +302,55 @@ def load_checkpoint(ckpt: Path, modules: dict, optimizer, scheduler, ema) -> tup
 # ---------------------------------------------------------------------------------------------- the loop
 
 
+def make_accelerator(precision: str):
+    """The image stages' Accelerator, in `precision`. Under DeepSpeed its engine stays fp32 (DeepSpeed's bf16 would
+    make the weights, hence the EMA and the saved model, bf16): train_loop autocasts instead."""
+    from accelerate import Accelerator
+
+    from pipeline import cli, cluster
+
+    # the schedule steps once per optimizer step, as a DeepSpeed config's optimizer steps it (Accelerate's default
+    # steps it once per process: warmup_steps and max_steps count optimizer steps)
+    once = {"step_scheduler_with_optimizer": False}
+    if not cluster.launched_with_deepspeed():
+        return Accelerator(mixed_precision=precision, cpu=not cluster.accelerator_here(), **once)
+    accelerator = Accelerator(mixed_precision="no", **once)  # DeepSpeed places the models (on the CPU without a GPU)
+    config = accelerator.state.deepspeed_plugin.deepspeed_config  # bf16 / fp16 `auto` now false: set true, not ours
+    for half in ("bf16", "fp16"):
+        if str(config.get(half, {}).get("enabled")).lower() == "true":
+            raise cli.PipelineError(f"{deepspeed_config.source()}: sets {half}.enabled true, which would train and "
+                                    f"save the image stages' weights in {half}: set it to auto (they autocast over "
+                                    f"fp32 weights to the recipe's mixed_precision)")
+    # Accelerate sizes these `auto` buckets from model.config.hidden_size, which the ModuleDict of our modules lacks:
+    # DeepSpeed's own defaults (the keys left out) serve the UNet as well
+    zero = config.get("zero_optimization", {})
+    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
+        if zero.get(key) == "auto":
+            del zero[key]
+    return accelerator
+
+
+def autocast(accelerator, engine, precision: str):
+    """Accelerate's autocast, or under DeepSpeed (`engine`, fp32 as make_accelerator builds it) torch's in bf16."""
+    import torch
+
+    if engine is None:
+        return accelerator.autocast()
+    return torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def step_generator(seed: int, step: int, micro: int, rank: int):
     import torch
 
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 101 + micro) * 97 + rank)
 
 
-def train_loop(*, accelerator, run, cfg, tag: str, modules: dict, step_fn, ema_params=None) -> tuple[list, dict]:
+def train_loop(*, accelerator, run, cfg, tag: str, modules: dict, step_fn, ema_params=None,
+               precision: str = "no") -> tuple[list, dict]:
     """Run cfg.max_steps optimizer steps of `step_fn(prepared, step, micro, generator) -> (loss, stats)` over the
-    trainable parameters of `modules` (name -> module, prepared here together with the optimizer, as DeepSpeed
-    needs), resuming from the newest checkpoint in run.out. Returns (per-logged-step history, prepared modules).
-    With cfg.ema_decay and `ema_params`, the EMA is copied into them at the end."""
+    trainable parameters of `modules` (name -> module, prepared here together with the optimizer; under DeepSpeed as
+    one module), resuming from the newest checkpoint in run.out. Returns (per-logged-step history, prepared modules).
+    With cfg.ema_decay and `ema_params`, the EMA is copied into them at the end. `precision`: the stage's."""
     import torch
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
@@ -274,15 +358,29 @@ def train_loop(*, accelerator, run, cfg, tag: str, modules: dict, step_fn, ema_p
     main = accelerator.is_main_process
     seed = cfg.seed if cfg.seed is not None else run.recipe.run.seed
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=cfg.max_steps)
+    # no dataloader passes through prepare: the DeepSpeed config gets the batch, the clipping and the AdamW from us
+    accumulation = cfg.gradient_accumulation_steps
+    deepspeed_config.fill(accelerator, {
+        "train_micro_batch_size_per_gpu": cfg.batch_size, "gradient_accumulation_steps": accumulation,
+        "train_batch_size": cfg.batch_size * accumulation * accelerator.num_processes,
+        "gradient_clipping": float(cfg.max_grad_norm or 0), "optimizer.params.lr": cfg.learning_rate,
+        "optimizer.params.weight_decay": cfg.weight_decay, **deepspeed_config.ADAMW},
+        tag, "batch_size / gradient_accumulation_steps / max_grad_norm / learning_rate / weight_decay")
+    optimizer, scheduler = deepspeed_config.optimizer_and_scheduler(
+        accelerator, [{"params": params}], cfg.learning_rate, cfg.weight_decay,
+        partial(get_scheduler, cfg.lr_scheduler_type, num_warmup_steps=cfg.warmup_steps,
+                num_training_steps=cfg.max_steps))
     ds = getattr(accelerator.state, "deepspeed_plugin", None)
-    if ds is not None:  # no dataloader passes through prepare: tell DeepSpeed the batch
-        ds.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
-        ds.deepspeed_config["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
-    *prepared_modules, optimizer, scheduler = accelerator.prepare(*modules.values(), optimizer, scheduler)
-    prepared = dict(zip(modules, prepared_modules))
+    engine = None
+    if ds is not None:
+        engine, optimizer, scheduler = accelerator.prepare(torch.nn.ModuleDict(modules), optimizer, scheduler)
+        # the modules called as they are: ZeRO-1/2 reduce the gradients in the backward pass, not in the engine's
+        prepared = dict(engine.module.items())
+        log.info(f"DeepSpeed ZeRO-{ds.zero_stage}: {', '.join(modules)} trained by one {type(engine).__name__} "
+                 f"over {accelerator.num_processes} process(es)")
+    else:
+        *prepared_modules, optimizer, scheduler = accelerator.prepare(*modules.values(), optimizer, scheduler)
+        prepared = dict(zip(modules, prepared_modules))
     ema = None
     if cfg.ema_decay and ema_params is not None:
         from diffusers.training_utils import EMAModel
@@ -293,9 +391,9 @@ def train_loop(*, accelerator, run, cfg, tag: str, modules: dict, step_fn, ema_p
     if main:  # a save cut short by a kill; the checkpoint before it is intact
         for partial_save in run.out.glob("tmp-checkpoint-*"):
             shutil.rmtree(partial_save)
-    ckpt = run.last_checkpoint()  # complete, intact, nothing but safetensors and JSON (safe_resume)
+    ckpt = run.last_checkpoint()  # complete, intact, safe: safetensors, JSON, DeepSpeed's weights_only files
     if ckpt is not None:
-        step, history, window = load_checkpoint(Path(ckpt), plain, optimizer, scheduler, ema)
+        step, history, window = load_checkpoint(Path(ckpt), plain, optimizer, scheduler, ema, engine)
         if ema is not None:  # its shadow weights load on the CPU; the weights it follows may be on a GPU
             ema.to(device=accelerator.device)
         log.info(f"resumed at step {step}")
@@ -309,13 +407,18 @@ def train_loop(*, accelerator, run, cfg, tag: str, modules: dict, step_fn, ema_p
         stats = {}
         for micro in range(cfg.gradient_accumulation_steps):
             gen = step_generator(seed, step, micro, accelerator.process_index)
-            with accelerator.autocast():
+            with autocast(accelerator, engine, precision):
                 loss, stats = step_fn(prepared, step, micro, gen)
-            accelerator.backward(loss / cfg.gradient_accumulation_steps)
+            if engine is None:
+                accelerator.backward(loss / cfg.gradient_accumulation_steps)
+            else:  # DeepSpeed divides by the accumulation itself, then clips, steps and schedules after the last
+                accelerator.sync_gradients = micro == cfg.gradient_accumulation_steps - 1
+                accelerator.backward(loss)
             window.append(float(loss.detach()))
-        if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
+        if cfg.max_grad_norm:  # the norm before clipping, logged as HF Trainer's grad_norm; DeepSpeed's step clipped
+            stats = {**stats, "grad_norm": float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                                                 if engine is None else engine.get_global_grad_norm())}
+        optimizer.step()  # under DeepSpeed this, the schedule's step and zero_grad do nothing: the engine did them
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
@@ -332,12 +435,12 @@ def train_loop(*, accelerator, run, cfg, tag: str, modules: dict, step_fn, ema_p
         saved = step < cfg.max_steps and cfg.save_steps and step % cfg.save_steps == 0
         if saved:
             save_checkpoint(run.out, step, plain, optimizer, scheduler, ema, history, cfg.save_total_limit, main,
-                            window)
+                            window, engine)
             accelerator.wait_for_everyone()
-        if step < cfg.max_steps and preemption.stop_requested():
+        if step < cfg.max_steps and preemption.stop_requested(accelerator.device):
             if not saved:
                 save_checkpoint(run.out, step, plain, optimizer, scheduler, ema, history, cfg.save_total_limit,
-                                main, window)
+                                main, window, engine)
             bar.close()
             preemption.exit_preempted(run.out / f"checkpoint-{step}", main)
     preemption.STOP.training = False

@@ -371,6 +371,8 @@ def check_image_stage(recipe, stage: str, launch, device_memory: int | None, wil
     grads, optimizer = 4 * trainable, 8 * trainable
     zero = launch.zero_stage if launch.distributed_type == "DEEPSPEED" else 0
     sharded = launch.fsdp_version > 0
+    if zero:  # ZeRO-1/2 (ZeRO-3 runs them as DDP): DeepSpeed also clones the fp32 weights of each process's partition
+        optimizer += 4 * trainable
     if zero >= 1 or sharded:
         optimizer /= n
     if zero >= 2 or sharded:
@@ -388,6 +390,8 @@ def check_image_stage(recipe, stage: str, launch, device_memory: int | None, wil
     images_per_step = per_device * (2 if stage == "diffusion_dpo" else 1)
     activations = images_per_step * activation_values(comps["unet_config"], latent_res) * (2 if mixed else 4)
     parts = {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations}
+    if zero:  # the fp32 buffer ZeRO-1/2 reduce gradients through, whatever the model's size
+        parts["reduce bucket"] = 4 * launch.reduce_bucket
     parts["overhead"] = 0.75 * GIB + 0.05 * sum(parts.values())
     total = sum(parts.values())
     lines.append(f"memory per device: ~{_human(total)} (" + ", ".join(f"{k} {_human(v)}" for k, v in parts.items())

@@ -18,12 +18,11 @@ frozen models (reference, reward model, DPO policy of `implicit_reward`) are loa
 from __future__ import annotations
 
 import contextlib
-import os
 from functools import partial
 
 import torch
 
-from pipeline import cli, cluster
+from pipeline import cli, cluster, deepspeed_config
 from pipeline.ppo_rollout import positions, reply_logits
 
 
@@ -59,17 +58,8 @@ def on_cpu(cfg) -> bool:
     return cfg.use_cpu or not cluster.accelerator_here()
 
 
-def deepspeed_config(accelerator) -> dict | None:
-    """The launch's DeepSpeed config (the dict the engine will read), None without DeepSpeed."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return None
-    return accelerator.state.deepspeed_plugin.deepspeed_config
-
-
 def is_zero3(accelerator) -> bool:
-    config = deepspeed_config(accelerator)
+    config = deepspeed_config.launched(accelerator)
     return config is not None and config.get("zero_optimization", {}).get("stage") == 3
 
 
@@ -88,31 +78,16 @@ def configure_deepspeed(accelerator, cfg) -> None:
     """Fill the DeepSpeed config's `auto` values (or absent ones) with the recipe's: the micro-batch, the gradient
     clipping (one norm over policy and critic: they are one engine) and the AdamW betas and eps of a config that
     builds its own optimizer. A value the config sets otherwise stops the stage with one line naming both."""
-    config = deepspeed_config(accelerator)
-    if config is None:
-        return
     micro = cfg.batch_size // cfg.num_minibatches // cfg.gradient_accumulation_steps
-    ours = {"train_micro_batch_size_per_gpu": micro, "gradient_clipping": float(cfg.max_grad_norm),
-            "optimizer.params.betas": [0.9, 0.999], "optimizer.params.eps": 1e-8}
-    mismatches, hf_config = [], accelerator.state.deepspeed_plugin.hf_ds_config  # Accelerate's view of `config`
-    for key, value in ours.items():
-        node, last = hf_config.find_config_node(key)
-        if node is None:  # no such section (a config without an optimizer): nothing to fill
-            continue
-        if node.get(last, "auto") == "auto":
-            node[last] = value
-        elif node[last] != value:
-            mismatches.append(f"{key} {node[last]} (the recipe's ppo keys give {value})")
-    if mismatches:
-        source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or "the launch's deepspeed_config"
-        raise cli.PipelineError(f"{source}: sets {'; '.join(mismatches)}: set it to auto, or change the recipe's "
-                                f"ppo.batch_size / num_minibatches / gradient_accumulation_steps / max_grad_norm")
+    deepspeed_config.fill(accelerator, {"train_micro_batch_size_per_gpu": micro,
+                                        "gradient_clipping": float(cfg.max_grad_norm), **deepspeed_config.ADAMW},
+                          "ppo", "batch_size / num_minibatches / gradient_accumulation_steps / max_grad_norm")
 
 
 def optimizer_and_scheduler(accelerator, model: PolicyAndCritic, cfg, total_updates: int):
     """One AdamW over the policy's and the critic's trainable parameters, a group each with its learning rate, and
-    the recipe's schedule over `total_updates` optimizer steps. A DeepSpeed config with an `optimizer` section
-    (launch/accelerate/zero3_offload.json) builds that optimizer over the same groups instead."""
+    the recipe's schedule over `total_updates` optimizer steps (or the DeepSpeed config's optimizer over the same
+    groups: deepspeed_config.optimizer_and_scheduler)."""
     from transformers import get_scheduler
 
     groups = [{"params": [p for p in model.policy.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
@@ -121,14 +96,7 @@ def optimizer_and_scheduler(accelerator, model: PolicyAndCritic, cfg, total_upda
                        "lr": cfg.critic_learning_rate or cfg.learning_rate})
     schedule = partial(get_scheduler, cfg.lr_scheduler_type, num_warmup_steps=cfg.warmup_steps,
                        num_training_steps=total_updates)
-    config = deepspeed_config(accelerator)
-    if config is not None and "optimizer" in config:
-        from accelerate.utils import DummyOptim, DummyScheduler
-
-        optimizer = DummyOptim(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        return optimizer, DummyScheduler(optimizer, lr_scheduler_callable=schedule)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    return optimizer, schedule(optimizer)
+    return deepspeed_config.optimizer_and_scheduler(accelerator, groups, cfg.learning_rate, cfg.weight_decay, schedule)
 
 
 @contextlib.contextmanager

@@ -3,14 +3,12 @@ kernel checks, and the random state a block forks. There is no GPU here: the met
 and torch.random.fork_rng is recorded rather than run for one."""
 
 import contextlib
-import types
 
 import pytest
 import torch
-from datasets import Dataset
 from trl import get_peft_config  # noqa: F401 (bitsandbytes, imported before a test pretends CUDA is here)
 
-from pipeline import devices, models, reward_rounds
+from pipeline import devices, models
 from pipeline.cli import PipelineError
 
 
@@ -69,31 +67,3 @@ def test_fork_random_state_forks_the_cpu_and_the_given_device(monkeypatch):
     with devices.fork_random_state(torch.device("xpu", 1)):
         pass
     assert forks == [{"devices": [torch.device("xpu", 1)], "device_type": "xpu"}]
-
-
-def test_a_reward_round_forks_the_random_state_of_the_device_it_runs_on(monkeypatch, tmp_path):
-    """The round's sampling and dropout draw on the device the policy and reward model are on (PPO's accelerator
-    device): that device's random state is the one forked, not CUDA's whatever the device."""
-    class Saved(Exception):
-        pass
-
-    def save(*_, **__):
-        raise Saved
-
-    prompts = Dataset.from_list([{"prompt": "What is 2 + 3?", "skill": "add", "answer": "5"}])
-    reward = types.SimpleNamespace(mean=0.0, std=1.0, model=types.SimpleNamespace(save_pretrained=save))
-    monkeypatch.setattr(reward_rounds, "generate", lambda *a, **k: [[types.SimpleNamespace(text="5")] * 2])
-    monkeypatch.setattr(reward_rounds, "label", lambda *a, **k: ([{"prompt": "p", "chosen": "a", "rejected": "b"}],
-                                                                 [1]))
-    monkeypatch.setattr(reward_rounds, "clean_accuracy", lambda *a, **k: 1.0)
-    monkeypatch.setattr(reward_rounds, "standardise", lambda *a, **k: None)
-    monkeypatch.setattr(reward_rounds, "fine_tune", lambda *a, **k: {"train_loss": 0.5})
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    forks = recorded_forks(monkeypatch)
-    cfg = types.SimpleNamespace(seed=0, reward_round_prompts=1, max_new_tokens=4, temperature=1.0, top_p=1.0,
-                                reward_round_replay=0, reward_round_epochs=1, reward_round_learning_rate=1e-4,
-                                reward_round_batch_size=2, reward_round_lm_loss_coefficient=0.0)
-    with pytest.raises(Saved):
-        reward_rounds.build_round(2, out=tmp_path, reward=reward, policy=None, tokenizer=None, prompts=prompts,
-                                  rows=[0], cfg=cfg, noise=0.0, step=2, device=torch.device("xpu", 0))
-    assert forks == [{"devices": [torch.device("xpu", 0)], "device_type": "xpu"}]

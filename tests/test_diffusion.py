@@ -718,28 +718,28 @@ def test_killed_diffusion_stage_resumes_to_the_uninterrupted_result(tmp_path):
     assert logged[0] == pytest.approx(logged[1], rel=1e-5) and len(logged[0]) == 2
 
 
-def test_image_stages_under_a_deepspeed_launch_run_data_parallel_and_resume_after_a_kill(image_run, tmp_path):
-    """Launched with ZeRO-2 (as recipes/cluster_diffusion.yaml), the image stages, whose loops train a UNet and a
-    text encoder and save their own safetensors checkpoints, run data-parallel (DDP) and say so once. Before, a new
-    model stopped in accelerator.prepare ("multiple models when using DeepSpeed") and a UNet alone at its first
-    checkpoint (KeyError 'state': a ZeRO optimizer's state dict). A kill after a checkpoint resumes to the weights of
-    the run never killed; diffusion_dpo finishes under the same launch."""
+def test_image_stages_under_a_zero3_launch_run_data_parallel_and_resume_after_a_kill(image_run, tmp_path):
+    """Launched with ZeRO-3, the image stages, whose loops keep whole weights for their EMA and their own
+    safetensors checkpoints, run data-parallel (DDP) and say so once (ZeRO-1/2 run with DeepSpeed:
+    tests/test_image_deepspeed.py). Before, a new model stopped in accelerator.prepare ("multiple models when using
+    DeepSpeed") and a UNet alone at its first checkpoint (KeyError 'state': a ZeRO optimizer's state dict). A kill
+    after a checkpoint resumes to the weights of the run never killed; diffusion_dpo finishes under the same launch."""
     section = {**TINY_DIFFUSION, "max_steps": 12, "save_steps": 4, "judge_epochs": 0, "logging_steps": 6}
     recipe = image_recipe(tmp_path, diffusion=section)
     one_thread = {"OMP_NUM_THREADS": "1"}
-    whole = launch_cli("zero2", ["pipeline/diffusion.py", recipe, "run.name=whole"], cwd=tmp_path, num_processes=2,
+    whole = launch_cli("zero3", ["pipeline/diffusion.py", recipe, "run.name=whole"], cwd=tmp_path, num_processes=2,
                        env=one_thread)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    said = "launched with DeepSpeed: diffusion runs data-parallel (DDP)"
+    said = "launched with DeepSpeed ZeRO-3: diffusion runs data-parallel (DDP)"
     assert (whole.stdout + whole.stderr).count(said) == 1 and "2 process(es)" in whole.stdout
     assert said in (tmp_path / "runs/whole/diffusion/log.txt").read_text()
     manifest = json.loads((tmp_path / "runs/whole/diffusion/manifest.json").read_text())
     assert manifest["num_processes"] == 2
-    killed = launch_cli("zero2", ["pipeline/diffusion.py", recipe], cwd=tmp_path, num_processes=2,
+    killed = launch_cli("zero3", ["pipeline/diffusion.py", recipe], cwd=tmp_path, num_processes=2,
                         env={**one_thread, "PIPELINE_FAULT": "kill:training:6"})
     assert killed.returncode != 0
     assert (tmp_path / "runs/tiny/diffusion.partial/checkpoint-4/optimizer.safetensors").is_file()
-    resumed = launch_cli("zero2", ["pipeline/diffusion.py", recipe], cwd=tmp_path, num_processes=2, env=one_thread)
+    resumed = launch_cli("zero3", ["pipeline/diffusion.py", recipe], cwd=tmp_path, num_processes=2, env=one_thread)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed at step 4" in resumed.stdout + resumed.stderr
     a, b = _unet_weights(tmp_path / "runs/tiny/diffusion"), _unet_weights(tmp_path / "runs/whole/diffusion")
@@ -748,10 +748,11 @@ def test_image_stages_under_a_deepspeed_launch_run_data_parallel_and_resume_afte
     start = image_run[0] / "runs" / "tiny" / "diffusion"
     (tmp_path / "dpo").mkdir()
     dpo = image_recipe(tmp_path / "dpo", diffusion_dpo={**TINY_DPO, "init_from": str(start), "heldout_captions": ""})
-    tuned = launch_cli("zero2", ["pipeline/diffusion_dpo.py", dpo], cwd=tmp_path / "dpo", num_processes=2,
+    tuned = launch_cli("zero3", ["pipeline/diffusion_dpo.py", dpo], cwd=tmp_path / "dpo", num_processes=2,
                        env=one_thread)
     assert tuned.returncode == 0, tuned.stderr[-3000:]
-    assert (tuned.stdout + tuned.stderr).count("launched with DeepSpeed: diffusion_dpo runs data-parallel (DDP)") == 1
+    said = "launched with DeepSpeed ZeRO-3: diffusion_dpo runs data-parallel (DDP)"
+    assert (tuned.stdout + tuned.stderr).count(said) == 1
     assert json.loads((tmp_path / "dpo/runs/tiny/diffusion_dpo/manifest.json").read_text())["num_processes"] == 2
 
 
@@ -1303,3 +1304,33 @@ def test_mixed_precision_auto_is_bf16_only_where_the_cpu_computes_it(monkeypatch
     chosen, said = precision_and_log("bf16")
     assert chosen == "bf16" and (said == "" if native else "WARNING: " in said and "torch emulates it" in said)
     assert precision_and_log("no") == ("no", "")
+
+
+def test_check_plans_zero2s_fp32_partition_and_reduce_bucket_for_the_image_stages(tmp_path):
+    """Under ZeRO-1/2 the image stages run with DeepSpeed, which clones the fp32 weights of each process's partition
+    beside the moments and reduces gradients through a buffer of reduce_bucket_size elements (DeepSpeed's 5e8 unless
+    the config says otherwise). `--check` planned the moments alone, so a full fine-tune could pass it and not fit."""
+    import json as _json
+
+    from pipeline import check, cluster
+    from pipeline.recipe import load_recipe
+
+    recipe = load_recipe(image_recipe(tmp_path, diffusion=TINY_DIFFUSION))
+
+    def planned(launch):
+        memory = next(line for line in check.check_stage(recipe, "diffusion", launch, None).lines
+                      if line.startswith("memory per device"))
+        return dict(re.findall(r"(\w[\w ]*?) ([\d.]+ (?:[KMGT]i)?B)", memory.split("(", 1)[1]))
+
+    ddp = planned(cluster.read_launch(REPO / "launch/accelerate/ddp.yaml", num_processes=8))
+    zero2 = planned(cluster.read_launch(REPO / "launch/accelerate/zero2.yaml", num_processes=8))
+    assert "reduce bucket" not in ddp and zero2["reduce bucket"] == "1.86 GiB"  # 4 bytes x 5e8
+    moments = float(ddp["optimizer"].split()[0])  # 8 bytes a trainable parameter, whole on every process
+    assert ddp["optimizer"].split()[1] == zero2["optimizer"].split()[1]
+    assert float(zero2["optimizer"].split()[0]) == pytest.approx(moments * 12 / 8 / 8, rel=0.01)  # + fp32, / 8
+    ds_file = tmp_path / "ds.json"
+    ds_file.write_text(_json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 1e8}}))
+    yaml_file = tmp_path / "zero2_file.yaml"
+    yaml_file.write_text(f"distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: {ds_file}\n"
+                         f"num_processes: 8\n")
+    assert planned(cluster.read_launch(yaml_file))["reduce bucket"] == "381 MiB"

@@ -524,25 +524,21 @@ def test_reward_rounds_need_prompts_of_world_skills_and_a_round_of_ties_keeps_th
     assert (reward.mean, reward.std) == (0.5, 2.0)
 
 
-def test_a_reward_round_leaves_the_global_random_state_as_it_was(monkeypatch, tmp_path):
-    """A reward model with dropout draws from torch's global generator while a round fine-tunes it. A run resumed past
-    a round it built before it was killed does not build it again, so the round must leave that state as it was, or
-    the resumed run's later draws drift from the uninterrupted run's (only the sampling was forked before)."""
+class RoundSaved(Exception):  # raised where a reward round would save its model: the test's end
+    pass
+
+
+def stubbed_round(monkeypatch, fine_tune):
+    """reward_rounds.build_round's inputs, its sampling, labelling and scoring stubbed and `fine_tune` standing for
+    the training; it raises RoundSaved where it would save the round's model."""
     import types
 
     from datasets import Dataset
 
     from pipeline import reward_rounds
 
-    class Saved(Exception):
-        pass
-
     def save(*_, **__):
-        raise Saved
-
-    def dropout_training(*_, **__):  # what train-mode dropout does to the global generator
-        torch.rand(16)
-        return {"train_loss": 0.5}
+        raise RoundSaved
 
     prompts = Dataset.from_list([{"prompt": "What is 2 + 3?", "skill": "add", "answer": "5"}])
     reward = types.SimpleNamespace(mean=0.0, std=1.0, model=types.SimpleNamespace(save_pretrained=save))
@@ -551,16 +547,52 @@ def test_a_reward_round_leaves_the_global_random_state_as_it_was(monkeypatch, tm
                                                                  [1]))
     monkeypatch.setattr(reward_rounds, "clean_accuracy", lambda *a, **k: 1.0)
     monkeypatch.setattr(reward_rounds, "standardise", lambda *a, **k: None)
-    monkeypatch.setattr(reward_rounds, "fine_tune", dropout_training)
+    monkeypatch.setattr(reward_rounds, "fine_tune", fine_tune)
     cfg = types.SimpleNamespace(seed=0, reward_round_prompts=1, max_new_tokens=4, temperature=1.0, top_p=1.0,
                                 reward_round_replay=0, reward_round_epochs=1, reward_round_learning_rate=1e-4,
                                 reward_round_batch_size=2, reward_round_lm_loss_coefficient=0.0)
+    return dict(reward=reward, policy=None, tokenizer=None, prompts=prompts, rows=[0], cfg=cfg, noise=0.0, step=2)
+
+
+def test_a_reward_round_leaves_the_global_random_state_as_it_was(monkeypatch, tmp_path):
+    """A reward model with dropout draws from torch's global generator while a round fine-tunes it. A run resumed past
+    a round it built before it was killed does not build it again, so the round must leave that state as it was, or
+    the resumed run's later draws drift from the uninterrupted run's (only the sampling was forked before)."""
+    from pipeline import reward_rounds
+
+    def dropout_training(*_, **__):  # what train-mode dropout does to the global generator
+        torch.rand(16)
+        return {"train_loss": 0.5}
+
+    inputs = stubbed_round(monkeypatch, dropout_training)
     torch.manual_seed(3)
     before = torch.get_rng_state()
-    with pytest.raises(Saved):
-        reward_rounds.build_round(2, out=tmp_path, reward=reward, policy=None, tokenizer=None, prompts=prompts,
-                                  rows=[0], cfg=cfg, noise=0.0, step=2, device="cpu")
+    with pytest.raises(RoundSaved):
+        reward_rounds.build_round(2, out=tmp_path, device="cpu", **inputs)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_reward_round_forks_the_random_state_of_the_device_it_runs_on(monkeypatch, tmp_path):
+    """The round's sampling and dropout draw on the device the policy and reward model are on (PPO's accelerator
+    device): that device's random state is the one forked, not CUDA's whatever the device. (No such device here:
+    the fork is recorded, not run.)"""
+    import contextlib
+
+    from pipeline import reward_rounds
+
+    forks = []
+
+    @contextlib.contextmanager
+    def fork_rng(**kw):
+        forks.append(kw)
+        yield
+
+    inputs = stubbed_round(monkeypatch, lambda *a, **k: {"train_loss": 0.5})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.random, "fork_rng", fork_rng)
+    with pytest.raises(RoundSaved):
+        reward_rounds.build_round(2, out=tmp_path, device=torch.device("xpu", 0), **inputs)
+    assert forks == [{"devices": [torch.device("xpu", 0)], "device_type": "xpu"}]
 
 
 def test_reward_rounds_fine_tune_the_reward_model_on_fresh_samples_and_resume_after_a_kill(inputs):

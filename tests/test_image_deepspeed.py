@@ -1,0 +1,271 @@
+"""The image stages under a DeepSpeed launch (2 CPU processes, gloo): ZeRO-1/2 train the UNet (and a new model's text
+encoder) as one DeepSpeed module, as DDP trains them, and resume after a kill from DeepSpeed's optimizer shards;
+ZeRO-3 and fp16 keep DDP and say why (pipeline/diffusion_train.py, cluster.data_parallel_under_deepspeed)."""
+
+import json
+import socket
+
+import pytest
+import torch
+
+from conftest import REPO, launch_cli, run_cli
+from pipeline import check, cluster, diffusion_train
+from pipeline.cli import PipelineError
+from test_diffusion import TINY_DIFFUSION, TINY_DPO, _tiny_stable_diffusion, image_recipe
+from test_image_pairs import chosen_rejected
+from test_tools import save_tiny_image_stage
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def unet_weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def history(run_dir) -> list[dict]:
+    return json.loads((run_dir / "diffusion/metrics.json").read_text())["history"]
+
+
+def one_process_launch(**accelerate_env) -> dict:
+    """The environment `accelerate launch` gives a single process (a process group of one, on a free port), plus
+    `accelerate_env`: run without the launcher, which would report its child's exit 2 as its own traceback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return {**ONE_THREAD, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port), **accelerate_env}
+
+
+ZERO2_ALONE = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
+
+
+def test_diffusion_under_zero2_trains_with_deepspeed_as_ddp_does_and_resumes_after_a_kill(tmp_path):
+    """Under zero2.yaml the diffusion stage hands its UNet and text encoder to one DeepSpeed engine (until 2026-12-07
+    it left DeepSpeed and ran as DDP, so a full fine-tune had to fit one device): the manifest records the DeepSpeed
+    launch, the saved UNet and the logged gradient norms are DDP's (accumulation and clipping included), and a run
+    killed after a checkpoint, which holds DeepSpeed's optimizer shards, resumes to the uninterrupted run's weights
+    and losses when launched as before, and otherwise stops in one line keeping the checkpoint (until 2026-12-07 a
+    traceback from DeepSpeed or the loop, on every rerun)."""
+    section = {**TINY_DIFFUSION, "max_steps": 8, "save_steps": 4, "judge_epochs": 0, "logging_steps": 2,
+               "gradient_accumulation_steps": 2, "max_grad_norm": 2.5}  # clips some steps, not all
+    recipe = image_recipe(tmp_path, diffusion=section)
+    runs = tmp_path / "runs"
+
+    ddp = launch_cli("ddp", ["pipeline/diffusion.py", recipe, "run.name=ddp"], cwd=tmp_path, num_processes=2,
+                     env=ONE_THREAD)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    whole = launch_cli("zero2", ["pipeline/diffusion.py", recipe, "run.name=whole"], cwd=tmp_path, num_processes=2,
+                       env=ONE_THREAD)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    said = whole.stdout + whole.stderr
+    assert "data-parallel" not in said
+    assert said.count("DeepSpeed ZeRO-2: unet, text_encoder trained by one DeepSpeedEngine over 2 process(es)") == 1
+    launch = json.loads((runs / "whole/diffusion/manifest.json").read_text())["launch"]
+    assert (launch["distributed_type"], launch["zero_stage"], launch["num_processes"]) == ("DEEPSPEED", 2, 2)
+    # the norms before clipping (HF Trainer's grad_norm): a gradient scaled otherwise than DDP's shows here, where
+    # AdamW's near scale-invariance and the clipping may hide it from the weights
+    norms = {name: [h["grad_norm"] for h in history(runs / name)] for name in ("ddp", "whole")}
+    assert norms["whole"] == pytest.approx(norms["ddp"], rel=1e-4) and len(norms["ddp"]) == 4
+    assert min(norms["ddp"]) < section["max_grad_norm"] < max(norms["ddp"])
+    assert max_diff(unet_weights(runs / "whole/diffusion"), unet_weights(runs / "ddp/diffusion")) < 1e-5
+    killed = launch_cli("zero2", ["pipeline/diffusion.py", recipe], cwd=tmp_path, num_processes=2,
+                        env={**ONE_THREAD, "PIPELINE_FAULT": "kill:training:6"})
+    assert killed.returncode != 0
+    ckpt = runs / "tiny/diffusion.partial/checkpoint-4"
+    assert {p.name for p in (ckpt / "deepspeed").iterdir()} >= {"zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                                                 "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+    assert (ckpt / "unet.safetensors").is_file() and not (ckpt / "optimizer.safetensors").exists()
+    # its shards fit ZeRO-2 over 2 processes only: a plain process and ZeRO-2 alone say so, and keep it
+    for launch, env in (("a launch without DeepSpeed (DDP or one process)", ONE_THREAD),
+                        ("DeepSpeed ZeRO-2 over 1 process(es)", one_process_launch(**ZERO2_ALONE))):
+        refused = run_cli(["pipeline/diffusion.py", recipe], cwd=tmp_path, env=env, fork=False)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+        assert refused.stderr.strip().splitlines()[-1] == (
+            f"error: {ckpt.relative_to(tmp_path)}: its optimizer state was saved under DeepSpeed ZeRO-2 over 2 "
+            f"process(es), which this launch ({launch}) cannot read: relaunch as that one was, or remove "
+            f"{ckpt.parent.relative_to(tmp_path)} to start over")
+    assert (ckpt / "deepspeed").is_dir() and (ckpt / "loop_state.json").is_file()
+    resumed = launch_cli("zero2", ["pipeline/diffusion.py", recipe], cwd=tmp_path, num_processes=2, env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at step 4" in resumed.stdout + resumed.stderr
+    a, b = unet_weights(runs / "tiny/diffusion"), unet_weights(runs / "whole/diffusion")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[h["loss"] for h in history(runs / name)] for name in ("tiny", "whole")]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+
+
+class Engine:
+    """What diffusion_train.optimizer_format reads of a DeepSpeed engine."""
+
+    def __init__(self, zero_stage: int, processes: int):
+        self.stage, self.dp_world_size = zero_stage, processes
+
+    def zero_optimization_stage(self) -> int:
+        return self.stage
+
+
+def test_only_a_launch_that_can_read_a_checkpoints_optimizer_state_resumes_from_it(tmp_path):
+    """torch's whole optimizer state (also a checkpoint from before loop_state.json said so) resumes under any launch
+    without DeepSpeed; DeepSpeed's shards only under their ZeRO stage and process count. Any other launch stops in one
+    line before DeepSpeed reads a file (until 2026-12-07: DeepSpeed's bare AssertionError or ZeRORuntimeException, or
+    KeyError 'optimizer', on every rerun)."""
+    ckpt = tmp_path / "diffusion.partial/checkpoint-4"
+    torch_state, zero2 = {"step": 4}, {"optimizer_format": "deepspeed", "zero_stage": 2, "processes": 2}
+    diffusion_train.check_optimizer_format(ckpt, torch_state, None)
+    diffusion_train.check_optimizer_format(ckpt, {**torch_state, "optimizer_format": "torch"}, None)
+    diffusion_train.check_optimizer_format(ckpt, zero2, Engine(2, 2))
+    for state, engine, saved, here in [
+            (torch_state, Engine(2, 2), "a launch without DeepSpeed (DDP or one process)",
+             "DeepSpeed ZeRO-2 over 2 process(es)"),
+            (zero2, Engine(1, 2), "DeepSpeed ZeRO-2 over 2 process(es)", "DeepSpeed ZeRO-1 over 2 process(es)"),
+            (zero2, Engine(2, 4), "DeepSpeed ZeRO-2 over 2 process(es)", "DeepSpeed ZeRO-2 over 4 process(es)")]:
+        with pytest.raises(PipelineError) as refused:
+            diffusion_train.check_optimizer_format(ckpt, state, engine)
+        assert str(refused.value) == (f"{ckpt}: its optimizer state was saved under {saved}, which this launch "
+                                      f"({here}) cannot read: relaunch as that one was, or remove {ckpt.parent} to "
+                                      f"start over")
+
+
+def test_a_lora_under_zero2_checkpoints_without_its_frozen_base_and_resumes(tmp_path):
+    """DeepSpeed's own checkpoint of a LoRA holds the adapters, not the frozen base UNet (until 2026-12-07 the whole
+    UNet, ~3.4 GB per checkpoint for SD-1.5), and a killed run resumes from it to the uninterrupted run's UNet. One
+    process under ZeRO-2, in the environment `accelerate launch` gives it."""
+    base = _tiny_stable_diffusion(tmp_path / "tiny-sd")
+    recipe = image_recipe(tmp_path, diffusion={"pretrained": str(base), "use_lora": True, "lora_rank": 4,
+                                               "train_text_encoder": False, "max_steps": 2, "batch_size": 4,
+                                               "ema_decay": 0.0, "judge_epochs": 0, "save_steps": 1,
+                                               "logging_steps": 1, "learning_rate": 1e-2})
+    runs = tmp_path / "runs"
+    killed = run_cli(["pipeline/diffusion.py", recipe], cwd=tmp_path, fork=False,
+                     env={**one_process_launch(**ZERO2_ALONE), "PIPELINE_FAULT": "kill:training:2"})
+    assert killed.returncode != 0
+    saved = torch.load(runs / "tiny/diffusion.partial/checkpoint-1/deepspeed/mp_rank_00_model_states.pt",
+                       weights_only=False)
+    assert saved["module"] and all("lora_" in k for k in saved["module"]), sorted(saved["module"])[:3]
+    assert saved.get("frozen_param_fragments") is None
+    resumed, whole = (run_cli(["pipeline/diffusion.py", recipe, f"run.name={name}"], cwd=tmp_path, fork=False,
+                              env=one_process_launch(**ZERO2_ALONE)) for name in ("tiny", "whole"))
+    assert resumed.returncode == whole.returncode == 0, resumed.stderr[-3000:] + whole.stderr[-3000:]
+    assert "resumed at step 1" in resumed.stdout + resumed.stderr
+    a, b = unet_weights(runs / "tiny/diffusion"), unet_weights(runs / "whole/diffusion")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_diffusion_dpo_under_zero2_trains_with_deepspeed_as_ddp_does(tmp_path):
+    """diffusion_dpo hands DeepSpeed its UNet (the frozen reference stays outside) and tunes it as DDP does."""
+    start = tmp_path / "start"
+    save_tiny_image_stage(start)
+    pairs = chosen_rejected(tmp_path / "pairs", "white.png", "black.png")
+    section = {**TINY_DPO, "init_from": str(start), "dataset": str(pairs), "heldout_captions": None,
+               "rounds": 1, "gradient_accumulation_steps": 2}
+    recipe = image_recipe(tmp_path, diffusion_dpo=section)
+    tuned = {}
+    for config in ("ddp", "zero2"):
+        proc = launch_cli(config, ["pipeline/diffusion_dpo.py", recipe, f"run.name={config}"], cwd=tmp_path,
+                          num_processes=2, env=ONE_THREAD)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        tuned[config] = unet_weights(tmp_path / f"runs/{config}/diffusion_dpo")
+    assert "DeepSpeed ZeRO-2: unet trained by one DeepSpeedEngine" in proc.stdout + proc.stderr
+    assert max_diff(tuned["ddp"], tuned["zero2"]) < 1e-5 < max_diff(unet_weights(start), tuned["zero2"])
+
+
+@pytest.mark.parametrize("zero, precision, why", [(2, "bf16", None), (1, "no", None), (3, "no", "ZeRO-3"),
+                                                  (2, "fp16", "and fp16 mixed precision")])
+def test_only_zero3_and_fp16_send_the_image_stages_to_ddp_and_check_plans_the_same(zero, precision, why, tmp_path,
+                                                                                   monkeypatch):
+    """The stage (leave_deepspeed, before its process group) and `--check` decide alike: ZeRO-1/2 keep DeepSpeed
+    (--check then plans ZeRO's sharded optimizer state), ZeRO-3 and fp16 run as DDP with a line naming why."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", str(zero))
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
+    line = cluster.leave_deepspeed("diffusion", precision)
+    assert cluster.launched_with_deepspeed() == (why is None)
+    assert (line is None) == (why is None)
+    if why:
+        assert line.startswith(f"launched with DeepSpeed {why}: diffusion runs data-parallel (DDP)")
+    assert cluster.leave_deepspeed("sft", precision) is None  # the other stages' trainers run DeepSpeed themselves
+
+    from pipeline.recipe import load_recipe
+
+    recipe = load_recipe(image_recipe(tmp_path, diffusion={**TINY_DIFFUSION, "mixed_precision": precision}))
+    launch = cluster.read_launch(REPO / "launch/accelerate/zero2.yaml", num_processes=8)
+    launch.zero_stage = zero
+    planned = check.check_stage(recipe, "diffusion", launch, None)
+    text = "\n".join(planned.lines)
+    assert (f"launched with DeepSpeed {why}" in text) == bool(why)
+    planned_launch = next(line for line in planned.lines if line.startswith("launch: "))
+    assert planned_launch.startswith("launch: DDP" if why else f"launch: DeepSpeed ZeRO-{zero}"), planned_launch
+
+
+def hf_style_launch(tmp_path, name: str, **overrides) -> str:
+    """An accelerate yaml naming a DeepSpeed JSON in Hugging Face's style: `auto` everywhere, its own optimizer
+    (torch's AdamW: nothing to build) and scheduler sections, ZeRO-2; `overrides` set top-level keys."""
+    ds = {"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+          "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                    "weight_decay": "auto", "torch_adam": True}},
+          "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                            "warmup_num_steps": "auto", "total_num_steps": "auto"}},
+          "zero_optimization": {"stage": 2, "contiguous_gradients": True, "reduce_bucket_size": "auto"},
+          "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "train_batch_size": "auto",
+          "train_micro_batch_size_per_gpu": "auto", **overrides}
+    ds_json = tmp_path / f"{name}.json"
+    ds_json.write_text(json.dumps(ds))
+    launch = tmp_path / f"{name}.yaml"
+    launch.write_text((REPO / "launch/accelerate/zero3_offload.yaml").read_text().replace(
+        "launch/accelerate/zero3_offload.json", str(ds_json)))
+    return str(launch)
+
+
+def test_diffusion_under_a_hugging_face_style_deepspeed_json_trains_as_under_zero2_yaml(tmp_path):
+    """A DeepSpeed JSON as Hugging Face's trainers take it (`auto` batch, accumulation, clipping, precision and
+    buckets; its own optimizer and scheduler sections) takes the recipe's values, as our PPO's does
+    (pipeline/deepspeed_config.py): the UNet comes out as under zero2.yaml (learning rate, warmup, weight decay,
+    accumulation and clipping all the recipe's). Until 2026-12-07 Accelerate stopped the stage with a traceback (no
+    model.config to size the buckets from; an optimizer in both the config and the code), and under zero2.yaml (as
+    under DDP) the learning-rate schedule ran once per process per step."""
+    section = {**TINY_DIFFUSION, "max_steps": 4, "judge_epochs": 0, "logging_steps": 2, "warmup_steps": 2,
+               "gradient_accumulation_steps": 2, "max_grad_norm": 0.01, "weight_decay": 0.1}
+    recipe = image_recipe(tmp_path, diffusion=section)
+    runs = tmp_path / "runs"
+    for config, name in (("zero2", "yaml"), (hf_style_launch(tmp_path, "hf"), "json")):
+        proc = launch_cli(config, ["pipeline/diffusion.py", recipe, f"run.name={name}"], cwd=tmp_path,
+                          num_processes=2, env=ONE_THREAD)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "DeepSpeed ZeRO-2: unet, text_encoder trained by one DeepSpeedEngine" in proc.stdout + proc.stderr
+    assert max_diff(unet_weights(runs / "json/diffusion"), unet_weights(runs / "yaml/diffusion")) < 1e-5
+    history = [json.loads((runs / f"{name}/diffusion/metrics.json").read_text())["history"]
+               for name in ("yaml", "json")]
+    assert [h["loss"] for h in history[0]] == pytest.approx([h["loss"] for h in history[1]], abs=1e-6)
+    # the recipe's schedule over optimizer steps in both (Accelerate's default stepped it once per process, DeepSpeed's
+    # optimizer once): the warmup's 2 steps done, then cosine from learning_rate to 0
+    assert [h["lr"] for h in history[0]] == [h["lr"] for h in history[1]] == [pytest.approx(1e-3), 0.0]
+
+
+@pytest.mark.parametrize("overrides, said", [
+    ({"gradient_clipping": 5.0}, "sets gradient_clipping 5.0 (the recipe's diffusion keys give 0.01): set it to auto, "
+                                 "or change the recipe's diffusion.batch_size / gradient_accumulation_steps / "
+                                 "max_grad_norm / learning_rate / weight_decay"),
+    ({"bf16": {"enabled": True}}, "sets bf16.enabled true, which would train and save the image stages' weights in "
+                                  "bf16: set it to auto (they autocast over fp32 weights to the recipe's "
+                                  "mixed_precision)")])
+def test_a_deepspeed_json_contradicting_the_recipe_stops_the_image_stage_in_one_line(overrides, said, tmp_path):
+    """A value the JSON sets otherwise than the recipe (the clipping; bf16, which would make the weights, the EMA and
+    the saved model bf16: the stage autocasts itself) stops the stage with one line naming the file, exit 2, and
+    nothing is written (before 2026-12-07 the clipping was overwritten silently and bf16 trained in bf16). One
+    process, in the environment `accelerate launch` gives it."""
+    recipe = image_recipe(tmp_path, diffusion={**TINY_DIFFUSION, "max_steps": 2, "judge_epochs": 0,
+                                               "max_grad_norm": 0.01})
+    hf_style_launch(tmp_path, "bad", **overrides)
+    ds_json = tmp_path / "bad.json"
+    env = one_process_launch(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=str(ds_json))
+    proc = run_cli(["pipeline/diffusion.py", recipe], cwd=tmp_path, env=env, fork=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {ds_json}: {said}"
+    assert not (tmp_path / "runs").exists()
