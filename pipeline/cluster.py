@@ -44,7 +44,7 @@ class Launch:
     offload_params: bool = False     # weights in CPU memory between uses (ZeRO-3 / FSDP)
     fsdp_version: int = 0            # 0: not FSDP
     save_full_model: bool = True     # the checkpoint a stage saves is one full model (ZeRO-3: gather on save)
-    reduce_bucket: int = 500_000_000  # ZeRO-1/2's gradient-reduction buffer, in elements (DeepSpeed's default)
+    reduce_buffer: int = 500_000_000  # ZeRO-1/2's gradient-reduction buffer(s), elements (DeepSpeed's default bucket)
 
     def describe(self) -> str:
         if self.distributed_type == "DEEPSPEED":
@@ -156,7 +156,8 @@ def read_launch(path, num_processes: int | None = None, num_machines: int | None
             zero.get("stage3_gather_16bit_weights_on_model_save", False))
         bucket = zero.get("reduce_bucket_size")  # `auto`: a trainer sizes it from the model; the image stages keep 5e8
         if isinstance(bucket, (int, float)) and not isinstance(bucket, bool) and bucket > 0:
-            launch.reduce_bucket = int(bucket)
+            launch.reduce_buffer = int(bucket)
+        launch.reduce_buffer *= 2 if _truthy(zero.get("overlap_comm", False)) else 1  # a second buffer to overlap
     elif dist == "FSDP":
         fsdp = _launch_section(cfg, "fsdp_config", p)
         launch.fsdp_version = _launch_int(fsdp, "fsdp_version", p, 1, (1, 2), "fsdp_config.")

@@ -50,13 +50,14 @@ def fill(accelerator, ours: dict, section: str, keys: str) -> None:
             node[last] = value
         elif node[last] != value:
             mismatches.append(f"{key} {node[last]} (the recipe's {section} keys give {value})")
-    for key, value in config.get("scheduler", {}).get("params", {}).items():
-        if value != "auto":
-            mismatches.append(f"scheduler.params.{key} {value} (the recipe's {section} keys schedule the learning "
-                              f"rate: lr_scheduler_type, warmup_steps)")
     if mismatches:
         raise cli.PipelineError(f"{source()}: sets {'; '.join(mismatches)}: set it to auto, or change the recipe's "
                                 f"{section}.{keys}")
+    scheduled = [f"{key} {value}" for key, value in config.get("scheduler", {}).get("params", {}).items()
+                 if value != "auto"]
+    if scheduled:
+        raise cli.PipelineError(f"{source()}: sets scheduler.params {', '.join(scheduled)}: set them to auto (the "
+                                f"recipe's {section}.lr_scheduler_type, warmup_steps and steps schedule the rate)")
     # all `auto`: the recipe's schedule runs in its place (Accelerate takes no scheduler beside a config's one)
     config.pop("scheduler", None)
 

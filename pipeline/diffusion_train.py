@@ -3,7 +3,7 @@ mixed precision, checkpoints), LoRA through peft, and saving the trained pipelin
 
 Checkpoints (`<stage>.partial/checkpoint-N/`) hold the trainable weights, the EMA weights and the optimizer's
 tensors as safetensors, and everything else (step, history, optimizer hyper-parameters, the learning-rate
-schedule's state, the EMA's counters) as JSON in `loop_state.json`: nothing is pickled, so nothing runs on resume,
+schedule's state, the EMA's counters) as JSON in `loop_state.json` (no pickle; under DeepSpeed its torch files, below),
 and the checkpoint is found and checked by `safe_resume` like every other stage's (complete, intact, safe). Each
 step's randomness (batch, noise, timesteps, caption dropout) comes from a generator seeded by (seed, step,
 process), so a resumed run draws what the uninterrupted run would have drawn. A checkpoint is written to
@@ -11,8 +11,8 @@ process), so a resumed run draws what the uninterrupted run would have drawn. A 
 
 Under a DeepSpeed ZeRO-1/2 launch the trainable modules go to DeepSpeed as one module (a ModuleDict: Accelerate hands
 DeepSpeed one model), the frozen ones stay outside. Its engine keeps whole fp32 weights on every process (the EMA and
-the saved model read them as without it), shards the optimizer state (and ZeRO-2 the gradients), clips, steps and
-schedules after the last micro-batch; mixed precision is torch's autocast over those weights, as Accelerate's is
+the saved model read them as without it), shards the optimizer state (and ZeRO-2 the gradients), clips and steps
+after the last micro-batch; mixed precision is torch's autocast over those fp32 weights, as Accelerate's is
 elsewhere. A checkpoint then holds DeepSpeed's own files for the optimizer (`deepspeed/`, a shard per process) in
 place of `optimizer.safetensors`: torch files that safe_resume loads with weights_only (DeepSpeed's data classes
 allowed by name) before DeepSpeed reads them, and only under the ZeRO stage and process count that wrote them
@@ -374,7 +374,7 @@ def train_loop(*, accelerator, run, cfg, tag: str, modules: dict, step_fn, ema_p
     engine = None
     if ds is not None:
         engine, optimizer, scheduler = accelerator.prepare(torch.nn.ModuleDict(modules), optimizer, scheduler)
-        # the modules called as they are: ZeRO-1/2 reduce the gradients in the backward pass, not in the engine's
+        # called as they are, not through the engine's forward: right for fp32 weights only (make_accelerator's)
         prepared = dict(engine.module.items())
         log.info(f"DeepSpeed ZeRO-{ds.zero_stage}: {', '.join(modules)} trained by one {type(engine).__name__} "
                  f"over {accelerator.num_processes} process(es)")
@@ -411,15 +411,15 @@ def train_loop(*, accelerator, run, cfg, tag: str, modules: dict, step_fn, ema_p
                 loss, stats = step_fn(prepared, step, micro, gen)
             if engine is None:
                 accelerator.backward(loss / cfg.gradient_accumulation_steps)
-            else:  # DeepSpeed divides by the accumulation itself, then clips, steps and schedules after the last
+            else:  # DeepSpeed divides by the accumulation itself, then clips and steps after the last
                 accelerator.sync_gradients = micro == cfg.gradient_accumulation_steps - 1
                 accelerator.backward(loss)
             window.append(float(loss.detach()))
         if cfg.max_grad_norm:  # the norm before clipping, logged as HF Trainer's grad_norm; DeepSpeed's step clipped
             stats = {**stats, "grad_norm": float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                                                  if engine is None else engine.get_global_grad_norm())}
-        optimizer.step()  # under DeepSpeed this, the schedule's step and zero_grad do nothing: the engine did them
-        scheduler.step()
+        optimizer.step()  # under DeepSpeed this and zero_grad do nothing (the engine did them); the schedule steps
+        scheduler.step()  # here, but for a config's own optimizer, whose schedule the engine steps (DummyScheduler)
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.step(ema_params)

@@ -391,7 +391,7 @@ def check_image_stage(recipe, stage: str, launch, device_memory: int | None, wil
     activations = images_per_step * activation_values(comps["unet_config"], latent_res) * (2 if mixed else 4)
     parts = {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations}
     if zero:  # the fp32 buffer ZeRO-1/2 reduce gradients through, whatever the model's size
-        parts["reduce bucket"] = 4 * launch.reduce_bucket
+        parts["reduce bucket"] = 4 * launch.reduce_buffer
     parts["overhead"] = 0.75 * GIB + 0.05 * sum(parts.values())
     total = sum(parts.values())
     lines.append(f"memory per device: ~{_human(total)} (" + ", ".join(f"{k} {_human(v)}" for k, v in parts.items())

@@ -80,8 +80,10 @@ def configure_deepspeed(accelerator, cfg) -> None:
     builds its own optimizer. A value the config sets otherwise stops the stage with one line naming both."""
     micro = cfg.batch_size // cfg.num_minibatches // cfg.gradient_accumulation_steps
     deepspeed_config.fill(accelerator, {"train_micro_batch_size_per_gpu": micro,
-                                        "gradient_clipping": float(cfg.max_grad_norm), **deepspeed_config.ADAMW},
-                          "ppo", "batch_size / num_minibatches / gradient_accumulation_steps / max_grad_norm")
+                                        "gradient_clipping": float(cfg.max_grad_norm), **deepspeed_config.ADAMW,
+                                        "optimizer.params.weight_decay": cfg.weight_decay},
+                          "ppo", "batch_size / num_minibatches / gradient_accumulation_steps / max_grad_norm / "
+                                 "weight_decay")
 
 
 def optimizer_and_scheduler(accelerator, model: PolicyAndCritic, cfg, total_updates: int):

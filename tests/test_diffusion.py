@@ -1309,9 +1309,8 @@ def test_mixed_precision_auto_is_bf16_only_where_the_cpu_computes_it(monkeypatch
 def test_check_plans_zero2s_fp32_partition_and_reduce_bucket_for_the_image_stages(tmp_path):
     """Under ZeRO-1/2 the image stages run with DeepSpeed, which clones the fp32 weights of each process's partition
     beside the moments and reduces gradients through a buffer of reduce_bucket_size elements (DeepSpeed's 5e8 unless
-    the config says otherwise). `--check` planned the moments alone, so a full fine-tune could pass it and not fit."""
-    import json as _json
-
+    the config says otherwise; two with overlap_comm). `--check` planned the moments alone, so a full fine-tune could
+    pass it and not fit."""
     from pipeline import check, cluster
     from pipeline.recipe import load_recipe
 
@@ -1329,8 +1328,10 @@ def test_check_plans_zero2s_fp32_partition_and_reduce_bucket_for_the_image_stage
     assert ddp["optimizer"].split()[1] == zero2["optimizer"].split()[1]
     assert float(zero2["optimizer"].split()[0]) == pytest.approx(moments * 12 / 8 / 8, rel=0.01)  # + fp32, / 8
     ds_file = tmp_path / "ds.json"
-    ds_file.write_text(_json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 1e8}}))
+    ds_file.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 1e8}}))
     yaml_file = tmp_path / "zero2_file.yaml"
     yaml_file.write_text(f"distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: {ds_file}\n"
                          f"num_processes: 8\n")
     assert planned(cluster.read_launch(yaml_file))["reduce bucket"] == "381 MiB"
+    ds_file.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 1e8, "overlap_comm": True}}))
+    assert planned(cluster.read_launch(yaml_file))["reduce bucket"] == "763 MiB"  # two buffers, to overlap

@@ -740,12 +740,22 @@ def test_the_deepspeed_config_takes_the_recipes_values_and_a_conflicting_one_sto
               "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto"}}}
     ppo_models.configure_deepspeed(launch(config), cfg)
     assert config["train_micro_batch_size_per_gpu"] == 4 and config["gradient_clipping"] == 0.5
-    assert config["optimizer"]["params"] == {"lr": "auto", "betas": [0.9, 0.999], "eps": 1e-8}  # lr: accelerate's
+    assert config["optimizer"]["params"] == {"lr": "auto", "betas": [0.9, 0.999], "eps": 1e-8,  # lr: accelerate's
+                                             "weight_decay": cfg.weight_decay}
     assert ppo_models.is_zero3(launch(config))
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "/cluster/ds.json")
     with pytest.raises(PipelineError, match=r"^/cluster/ds.json: sets gradient_clipping 1.0 \(the recipe's ppo keys "
                                             r"give 0.5\)"):
         ppo_models.configure_deepspeed(launch({"gradient_clipping": 1.0}), cfg)
+    with pytest.raises(PipelineError, match=r"sets optimizer.params.weight_decay 0.1 \(the recipe's ppo keys give 0.0\)"):
+        ppo_models.configure_deepspeed(launch({"optimizer": {"params": {"weight_decay": 0.1}}}), cfg)
+    # a scheduler section gives way to the recipe's schedule when its params are auto; set otherwise, it says so
+    config = {"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}}}
+    ppo_models.configure_deepspeed(launch(config), cfg)
+    assert "scheduler" not in config
+    with pytest.raises(PipelineError, match=r"sets scheduler.params warmup_num_steps 10: set them to auto \(the "
+                                            r"recipe's ppo.lr_scheduler_type, warmup_steps"):
+        ppo_models.configure_deepspeed(launch({"scheduler": {"params": {"warmup_num_steps": 10}}}), cfg)
     monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE")
 
     work = inputs[0]
