@@ -206,20 +206,12 @@ def check_stage(recipe, stage: str, launch: cluster.Launch, device_memory: int |
                 will_run: set = frozenset(), throughput: cost_check.Throughput | None = None) -> StageCheck:
     """`will_run`: the stages planned to run before this one (their outputs need not exist yet). `throughput`:
     what the cost projection assumes of a GPU (default: cost_check's)."""
-    ddp_note = None  # a stage that runs data-parallel under a DeepSpeed launch is planned so
-    why = launch.distributed_type == "DEEPSPEED" and cluster.data_parallel_under_deepspeed(
-        stage, launch.zero_stage, str(recipe.section(stage).get("mixed_precision", "no")))
-    if why:
-        launch = dataclasses.replace(launch, distributed_type="MULTI_GPU", zero_stage=0, offload_optimizer=False,
-                                     offload_params=False, save_full_model=True)  # as cluster.leave_deepspeed runs it
-        ddp_note = cluster.data_parallel_line(stage, why)
-    if STAGES[stage].check:  # a stage whose models are not causal LMs brings its own check
+    if STAGES[stage].check:  # a stage whose models are not causal LMs brings its own check (and launch plan)
         import importlib
 
         module, name = STAGES[stage].check.split(":")
         check = getattr(importlib.import_module(module), name)
-        lines, errors, warnings = check(recipe, stage, launch, device_memory, will_run)
-        return StageCheck(stage, [ddp_note] * bool(ddp_note) + lines, errors, warnings)
+        return StageCheck(stage, *check(recipe, stage, launch, device_memory, will_run))
     lines, errors, warnings = [], [], []
     keys = recipe.keys(stage)
     spec = STAGES[stage]
@@ -271,8 +263,6 @@ def check_stage(recipe, stage: str, launch: cluster.Launch, device_memory: int |
     if launch.distributed_type == "NO" and launch.num_processes > 1:
         errors.append(f"{stage}: {launch.config} runs a single process (distributed_type NO) but "
                       f"{launch.num_processes} were asked for: use ddp.yaml, fsdp2.yaml or a zero*.yaml config")
-    if ddp_note:
-        lines.append(ddp_note)
     if not launch.save_full_model:
         errors.append(f"{stage}: {launch.config} does not save a full model (ZeRO-3 needs zero3_save_16bit_model: "
                       f"true, FSDP fsdp_state_dict_type: FULL_STATE_DICT); later stages could not load it")

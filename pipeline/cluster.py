@@ -45,6 +45,7 @@ class Launch:
     fsdp_version: int = 0            # 0: not FSDP
     save_full_model: bool = True     # the checkpoint a stage saves is one full model (ZeRO-3: gather on save)
     reduce_buffer: int = 500_000_000  # ZeRO-1/2's gradient-reduction buffer(s), elements (DeepSpeed's default bucket)
+    deepspeed_file: str | None = None  # the DeepSpeed config file it names (deepspeed_config_file), None: none
 
     def describe(self) -> str:
         if self.distributed_type == "DEEPSPEED":
@@ -149,6 +150,7 @@ def read_launch(path, num_processes: int | None = None, num_machines: int | None
             if not ds_file.is_file():
                 raise PipelineError(f"{p}: deepspeed_config_file '{ds['deepspeed_config_file']}' not found")
             zero = deepspeed_zero(ds_file)
+            launch.deepspeed_file = str(ds_file)
         launch.zero_stage = int(zero.get("stage", 0))
         launch.offload_optimizer = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
         launch.offload_params = (zero.get("offload_param") or {}).get("device", "none") not in ("none", None)
@@ -243,20 +245,27 @@ def launched_with_deepspeed() -> bool:  # this process was started by `accelerat
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def process_group():
+def process_group(cpu: bool = False):
     """Accelerate's process state for this process, made the way the launch needs it here (once; then shared).
 
     Without an accelerator (accelerator_here), processes started by `accelerate launch --multi_gpu` join as CPU
     workers (gloo) only with cpu=True; a plain PartialState() would leave each of them alone, all writing as the main
     process. Under DeepSpeed without one, Accelerate picks no backend and again counts each process alone: name gloo.
-    (A TrainingArguments makes the state anew; recipe.trainer_config gives it use_cpu where that is needed.)"""
+    `cpu` (a stage's use_cpu) on a machine with an accelerator: the state is made on the CPU, and one made on the
+    accelerator before is made anew, as a TrainingArguments does for its use_cpu; an Accelerator keeps the state it
+    finds, whatever its own `cpu`. StageRun asks from the start, so that a launch's processes join over gloo, not a
+    GPU backend that carries no CPU tensors. (recipe.trainer_config gives a TrainingArguments use_cpu where needed.)"""
     from accelerate import PartialState
+    from accelerate.state import AcceleratorState
 
     if PartialState._shared_state:
-        return PartialState()
+        if not cpu or PartialState().device.type == "cpu":
+            return PartialState()
+        AcceleratorState._reset_state(reset_partial_state=True)
     deepspeed, accelerator = launched_with_deepspeed(), accelerator_here()
-    return PartialState(cpu=not accelerator and not deepspeed,
-                        **({"backend": "gloo"} if deepspeed and not accelerator else {}))
+    if not accelerator:  # `cpu` changes nothing here: the processes are on the CPU either way
+        return PartialState(cpu=not deepspeed, **({"backend": "gloo"} if deepspeed else {}))
+    return PartialState(cpu=cpu)
 
 
 def training_device() -> str:
@@ -311,7 +320,7 @@ def launched_zero() -> tuple[int, bool]:
             _truthy(env.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "false")))
 
 
-def data_parallel_under_deepspeed(stage: str, zero_stage: int, mixed_precision: str = "no") -> str | None:
+def data_parallel_under_deepspeed(stage: str, zero_stage: int, mixed_precision: str) -> str | None:
     """Why an image stage runs data-parallel (DDP) under this DeepSpeed launch, None when it runs with DeepSpeed.
     Under ZeRO-1/2 their own loops hand DeepSpeed the trained modules as one (diffusion_train.py), each process
     keeping whole weights for the EMA and the safetensors checkpoints; ZeRO-3 would have to gather them for both, and
@@ -323,7 +332,7 @@ def data_parallel_under_deepspeed(stage: str, zero_stage: int, mixed_precision: 
     return "and fp16 mixed precision" if mixed_precision == "fp16" else None
 
 
-def leave_deepspeed(stage: str, mixed_precision: str = "no") -> str | None:
+def leave_deepspeed(stage: str, mixed_precision: str) -> str | None:
     """Before the process group is made, a stage that cannot run under this DeepSpeed launch switches to DDP; the
     line to log."""
     why = launched_with_deepspeed() and data_parallel_under_deepspeed(stage, launched_zero()[0], mixed_precision)

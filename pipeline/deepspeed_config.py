@@ -33,31 +33,52 @@ def source() -> str:
     return os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or "the launch's deepspeed_config"
 
 
-def fill(accelerator, ours: dict, section: str, keys: str) -> None:
-    """Fill the config's `auto` (or absent) values of `ours` (dotted keys, e.g. "optimizer.params.eps"; one in a
-    section the config lacks is left out) with ours, and give a `scheduler` section's place to the recipe's schedule.
-    A value the config sets otherwise stops the stage with one line naming it; `keys`: the recipe's `section` keys
-    that give ours."""
-    config = launched(accelerator)
-    if config is None:
-        return
-    mismatches, hf_config = [], accelerator.state.deepspeed_plugin.hf_ds_config  # Accelerate's view of `config`
+def _node(config: dict, key: str) -> tuple[dict | None, str]:
+    """The section holding a dotted key (e.g. "optimizer.params.eps") and its last part; None where a section is
+    absent."""
+    *sections, last = key.split(".")
+    for name in sections:
+        config = config.get(name)
+        if not isinstance(config, dict):
+            return None, last
+    return config, last
+
+
+def contradictions(config: dict, ours: dict, section: str, keys: str, where: str) -> str | None:
+    """Why the DeepSpeed `config` (from `where`) cannot take the recipe's values `ours` (dotted keys; one in a section
+    the config lacks is left out): one line naming it, or None. A key set to `auto` (or absent) would take ours; a
+    `scheduler` section must leave its params `auto` (the recipe's schedule runs in its place). `keys`: the recipe's
+    `section` keys that give ours. fill asks it of the launched config; the image stages also of the file, before any
+    model loads, and `--check` of the launch's (diffusion_launch.config_problem)."""
+    mismatches = []
     for key, value in ours.items():
-        node, last = hf_config.find_config_node(key)
-        if node is None:  # no such section (a config without an optimizer): nothing to fill
-            continue
-        if node.get(last, "auto") == "auto":
-            node[last] = value
-        elif node[last] != value:
+        node, last = _node(config, key)
+        if node is not None and node.get(last, "auto") not in ("auto", value):
             mismatches.append(f"{key} {node[last]} (the recipe's {section} keys give {value})")
     if mismatches:
-        raise cli.PipelineError(f"{source()}: sets {'; '.join(mismatches)}: set it to auto, or change the recipe's "
-                                f"{section}.{keys}")
+        return f"{where}: sets {'; '.join(mismatches)}: set it to auto, or change the recipe's {section}.{keys}"
     scheduled = [f"{key} {value}" for key, value in config.get("scheduler", {}).get("params", {}).items()
                  if value != "auto"]
     if scheduled:
-        raise cli.PipelineError(f"{source()}: sets scheduler.params {', '.join(scheduled)}: set them to auto (the "
-                                f"recipe's {section}.lr_scheduler_type, warmup_steps and steps schedule the rate)")
+        return (f"{where}: sets scheduler.params {', '.join(scheduled)}: set them to auto (the recipe's "
+                f"{section}.lr_scheduler_type, warmup_steps and steps schedule the rate)")
+    return None
+
+
+def fill(accelerator, ours: dict, section: str, keys: str) -> None:
+    """Fill the config's `auto` (or absent) values of `ours` (dotted keys, e.g. "optimizer.params.eps"; one in a
+    section the config lacks is left out) with ours, and give a `scheduler` section's place to the recipe's schedule.
+    A value the config sets otherwise stops the stage with one line naming it (contradictions); `keys`: the recipe's
+    `section` keys that give ours."""
+    config = launched(accelerator)
+    if config is None:
+        return
+    if problem := contradictions(config, ours, section, keys, source()):
+        raise cli.PipelineError(problem)
+    for key, value in ours.items():
+        node, last = _node(config, key)
+        if node is not None and node.get(last, "auto") == "auto":
+            node[last] = value
     # all `auto`: the recipe's schedule runs in its place (Accelerate takes no scheduler beside a config's one)
     config.pop("scheduler", None)
 

@@ -1,5 +1,6 @@
-"""Questions about the torch device a model is on, asked of that device (not of torch.cuda: an XPU, NPU or MPS
-machine, or a stage that trains on the CPU of a GPU machine, would get CUDA's answer)."""
+"""Questions about the torch device a model is on, asked of that device, and about the one this process trains on,
+asked of Accelerate's process state (not of torch.cuda: an XPU, NPU or MPS machine, or a stage that trains on the CPU
+of a GPU machine, would get CUDA's answer)."""
 
 from __future__ import annotations
 
@@ -20,3 +21,18 @@ def weight_on_cpu(module) -> bool:
     it)."""
     weight = getattr(module, "weight", None)
     return weight is not None and weight.device.type == "cpu"
+
+
+def quantized_device_map() -> dict | None:
+    """from_pretrained's device_map for a bitsandbytes model. transformers places one itself, on the accelerator where
+    there is one, whatever the trainer's use_cpu: a process that trains on the CPU of such a machine
+    (cluster.accelerator_here) loads it on the CPU, where its trainer looks for it. Where the process trains is
+    Accelerate's process state, which the stage's TrainingArguments (its use_cpu) or Accelerator made before the stage
+    loads its model. None: transformers' own choice, right elsewhere (the CPU without an accelerator, the accelerator
+    for a stage that trains on it)."""
+    from accelerate import PartialState
+
+    from pipeline import cluster
+
+    on_cpu = bool(PartialState._shared_state) and PartialState().device.type == "cpu"
+    return {"": "cpu"} if on_cpu and cluster.accelerator_here() else None

@@ -25,8 +25,8 @@ if __package__ in (None, ""):  # run as a script: import the package, never shad
 import dataclasses
 import time
 
-from pipeline import (cli, cluster, diffusion_config, diffusion_train, image_captions, image_check, image_eval, images,
-                      log, runs)
+from pipeline import (cli, cluster, diffusion_config, diffusion_launch, diffusion_train, image_captions, image_check,
+                      image_eval, images, log, runs)
 from pipeline.key_checks import source_of
 from pipeline.recipe import load_recipe, stage_help
 
@@ -43,9 +43,11 @@ def main(argv):
     if not keys.pretrained:  # a new model: its unet / text_encoder configs build (on the meta device) before any work
         image_check.components(recipe, None, recipe.section(STAGE), keys.resolution, stage=STAGE)
     ddp_warning = cluster.leave_deepspeed(STAGE, cfg.mixed_precision)  # ZeRO-3, fp16: DDP (cluster.py says why)
+    diffusion_launch.check_launch(STAGE, cfg)  # a DeepSpeed config contradicting the recipe, before any folder
     with runs.StageRun(recipe, STAGE) as run:
         if ddp_warning:  # said here: from the main process only, and into the stage's log.txt
             log.warning(ddp_warning)
+        diffusion_launch.check_resume(run.out)  # a checkpoint this launch cannot read, before any model loads
         images.make_scheduler(cfg.sampler, {})  # an unknown sampler fails here, before any work
         pipe = images.load_pipeline(run.checkpoint("pretrained").path) if keys.pretrained else None
         if pipe:  # SDXL's UNet, PixArt's transformer: a traceback in training before
@@ -75,7 +77,7 @@ def main(argv):
         import torch
 
         precision = diffusion_config.mixed_precision_here(cfg.mixed_precision, STAGE)
-        accelerator = diffusion_train.make_accelerator(precision)
+        accelerator = diffusion_launch.make_accelerator(precision, cfg.gradient_accumulation_steps)
         main_process = accelerator.is_main_process
         torch.manual_seed(cfg.seed)
         if pipe is None:

@@ -27,8 +27,8 @@ import random
 import shutil
 import time
 
-from pipeline import (cli, cluster, diffusion_config, diffusion_train, image_captions, image_check, image_eval,
-                      image_pairs, images, log, runs)
+from pipeline import (cli, cluster, diffusion_config, diffusion_launch, diffusion_train, image_captions, image_check,
+                      image_eval, image_pairs, images, log, runs)
 from pipeline.key_checks import source_of
 from pipeline.recipe import load_recipe, stage_help
 
@@ -126,9 +126,11 @@ def main(argv):
     if problem := image_pairs.section_problem(keys, cfg.rounds, own_file, eval_file):
         raise cli.PipelineError(f"{recipe.path}: diffusion_dpo.{problem}")
     ddp_warning = cluster.leave_deepspeed(STAGE, cfg.mixed_precision)  # ZeRO-3, fp16: DDP (cluster.py says why)
+    diffusion_launch.check_launch(STAGE, cfg)  # a DeepSpeed config contradicting the recipe, before any folder
     with runs.StageRun(recipe, STAGE) as run:
         if ddp_warning:  # said here: from the main process only, and into the stage's log.txt
             log.warning(ddp_warning)
+        diffusion_launch.check_resume(run.out)  # a checkpoint this launch cannot read, before any model loads
         init = run.checkpoint()
         held_rows = image_eval.caption_rows(keys.heldout_captions, recipe)
         heldout = [text for _, text in held_rows]
@@ -169,7 +171,7 @@ def main(argv):
         from pipeline.image_judge import ImageJudge
 
         precision = diffusion_config.mixed_precision_here(cfg.mixed_precision, STAGE)
-        accelerator = diffusion_train.make_accelerator(precision)
+        accelerator = diffusion_launch.make_accelerator(precision, cfg.gradient_accumulation_steps)
         main_process = accelerator.is_main_process
         pipe.to(accelerator.device)  # candidates drawn there; the frozen parts and the reference copy join the UNet
         torch.manual_seed(cfg.seed)

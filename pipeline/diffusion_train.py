@@ -16,9 +16,10 @@ after the last micro-batch; mixed precision is torch's autocast over those fp32 
 elsewhere. A checkpoint then holds DeepSpeed's own files for the optimizer (`deepspeed/`, a shard per process) in
 place of `optimizer.safetensors`: torch files that safe_resume loads with weights_only (DeepSpeed's data classes
 allowed by name) before DeepSpeed reads them, and only under the ZeRO stage and process count that wrote them
-(check_optimizer_format). ZeRO-3 and fp16 run as DDP (cluster.data_parallel_under_deepspeed). The launch's DeepSpeed
-config takes the recipe's values where it says `auto` and may build its own optimizer, as for our PPO
-(pipeline/deepspeed_config.py); its bf16 / fp16 must be `auto` (make_accelerator).
+(diffusion_launch.check_resume, before the stage loads a model). ZeRO-3 and fp16 run as DDP
+(cluster.data_parallel_under_deepspeed). The launch's DeepSpeed config takes the recipe's values where it says `auto`
+and may build its own optimizer, as for our PPO (pipeline/deepspeed_config.py); its bf16 / fp16 must be `auto`
+(diffusion_launch.config_problem).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from pipeline import deepspeed_config, faults, log, preemption, safe_resume, threads
+from pipeline import deepspeed_config, diffusion_launch, faults, log, preemption, safe_resume, threads
 
 # ---------------------------------------------------------------------------------------------- losses
 
@@ -203,28 +204,6 @@ def _trainable(module) -> dict:
 DEEPSPEED_TAG = "deepspeed"  # the folder of a checkpoint holding DeepSpeed's files (its optimizer shards)
 
 
-def optimizer_format(engine) -> dict:
-    """How this launch saves the optimizer state: torch's whole, or DeepSpeed's shards (check_optimizer_format)."""
-    if engine is None:
-        return {"optimizer_format": "torch"}
-    return {"optimizer_format": "deepspeed", "zero_stage": engine.zero_optimization_stage(),
-            "processes": engine.dp_world_size}
-
-
-def check_optimizer_format(ckpt: Path, state: dict, engine) -> None:
-    """Stop in one line where this launch cannot read the checkpoint's optimizer state (runs.StageRun keeps it)."""
-    from pipeline.cli import PipelineError
-
-    here = optimizer_format(engine)
-    saved = {"optimizer_format": state.get("optimizer_format", "torch"),  # no key: written before it was, as torch
-             **{k: state[k] for k in ("zero_stage", "processes") if k in state}}
-    said = [f"DeepSpeed ZeRO-{f['zero_stage']} over {f['processes']} process(es)" if "zero_stage" in f
-            else "a launch without DeepSpeed (DDP or one process)" for f in (saved, here)]
-    if saved != here:
-        raise PipelineError(f"{ckpt}: its optimizer state was saved under {said[0]}, which this launch ({said[1]}) "
-                            f"cannot read: relaunch as that one was, or remove {ckpt.parent} to start over")
-
-
 def save_checkpoint(out: Path, step: int, modules: dict, optimizer, scheduler, ema, history: list, keep: int,
                     is_main: bool, window: list | None = None, engine=None) -> None:
     """Every process calls it; under DeepSpeed (`engine`) each writes its optimizer shard, the main one the rest."""
@@ -241,7 +220,7 @@ def save_checkpoint(out: Path, step: int, modules: dict, optimizer, scheduler, e
     for name, module in modules.items():
         save_file(_trainable(module), str(tmp / f"{name}.safetensors"))
     # window: the losses since the last logged step, so a resumed run logs the mean an uninterrupted one does
-    state = {"step": step, "history": history, "window": list(window or []), **optimizer_format(engine),
+    state = {"step": step, "history": history, "window": list(window or []), **diffusion_launch.optimizer_format(),
              "lr_scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}}
     if engine is None:
         opt_state = optimizer.state_dict()
@@ -272,8 +251,7 @@ def load_checkpoint(ckpt: Path, modules: dict, optimizer, scheduler, ema, engine
     import torch
     from safetensors.torch import load_file
 
-    state = json.loads((ckpt / safe_resume.LOOP_STATE).read_text())
-    check_optimizer_format(ckpt, state, engine)
+    state = json.loads((ckpt / safe_resume.LOOP_STATE).read_text())  # its optimizer format: checked before loading
     if engine is not None:  # its optimizer shards and trainable weights (= ours below); checked by safe_resume
         engine.load_checkpoint(str(ckpt), tag=DEEPSPEED_TAG, load_lr_scheduler_states=False, load_module_strict=False)
     for name, module in modules.items():
@@ -302,43 +280,6 @@ def load_checkpoint(ckpt: Path, modules: dict, optimizer, scheduler, ema, engine
 # ---------------------------------------------------------------------------------------------- the loop
 
 
-def make_accelerator(precision: str):
-    """The image stages' Accelerator, in `precision`. Under DeepSpeed its engine stays fp32 (DeepSpeed's bf16 would
-    make the weights, hence the EMA and the saved model, bf16): train_loop autocasts instead."""
-    from accelerate import Accelerator
-
-    from pipeline import cli, cluster
-
-    # the schedule steps once per optimizer step, as a DeepSpeed config's optimizer steps it (Accelerate's default
-    # steps it once per process: warmup_steps and max_steps count optimizer steps)
-    once = {"step_scheduler_with_optimizer": False}
-    if not cluster.launched_with_deepspeed():
-        return Accelerator(mixed_precision=precision, cpu=not cluster.accelerator_here(), **once)
-    accelerator = Accelerator(mixed_precision="no", **once)  # DeepSpeed places the models (on the CPU without a GPU)
-    config = accelerator.state.deepspeed_plugin.deepspeed_config  # bf16 / fp16 `auto` now false: set true, not ours
-    for half in ("bf16", "fp16"):
-        if str(config.get(half, {}).get("enabled")).lower() == "true":
-            raise cli.PipelineError(f"{deepspeed_config.source()}: sets {half}.enabled true, which would train and "
-                                    f"save the image stages' weights in {half}: set it to auto (they autocast over "
-                                    f"fp32 weights to the recipe's mixed_precision)")
-    # Accelerate sizes these `auto` buckets from model.config.hidden_size, which the ModuleDict of our modules lacks:
-    # DeepSpeed's own defaults (the keys left out) serve the UNet as well
-    zero = config.get("zero_optimization", {})
-    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
-        if zero.get(key) == "auto":
-            del zero[key]
-    return accelerator
-
-
-def autocast(accelerator, engine, precision: str):
-    """Accelerate's autocast, or under DeepSpeed (`engine`, fp32 as make_accelerator builds it) torch's in bf16."""
-    import torch
-
-    if engine is None:
-        return accelerator.autocast()
-    return torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
 def step_generator(seed: int, step: int, micro: int, rank: int):
     import torch
 
@@ -358,14 +299,8 @@ def train_loop(*, accelerator, run, cfg, tag: str, modules: dict, step_fn, ema_p
     main = accelerator.is_main_process
     seed = cfg.seed if cfg.seed is not None else run.recipe.run.seed
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-    # no dataloader passes through prepare: the DeepSpeed config gets the batch, the clipping and the AdamW from us
-    accumulation = cfg.gradient_accumulation_steps
-    deepspeed_config.fill(accelerator, {
-        "train_micro_batch_size_per_gpu": cfg.batch_size, "gradient_accumulation_steps": accumulation,
-        "train_batch_size": cfg.batch_size * accumulation * accelerator.num_processes,
-        "gradient_clipping": float(cfg.max_grad_norm or 0), "optimizer.params.lr": cfg.learning_rate,
-        "optimizer.params.weight_decay": cfg.weight_decay, **deepspeed_config.ADAMW},
-        tag, "batch_size / gradient_accumulation_steps / max_grad_norm / learning_rate / weight_decay")
+    deepspeed_config.fill(accelerator, diffusion_launch.deepspeed_values(cfg, accelerator.num_processes), tag,
+                          diffusion_launch.RECIPE_KEYS)
     optimizer, scheduler = deepspeed_config.optimizer_and_scheduler(
         accelerator, [{"params": params}], cfg.learning_rate, cfg.weight_decay,
         partial(get_scheduler, cfg.lr_scheduler_type, num_warmup_steps=cfg.warmup_steps,
@@ -374,7 +309,7 @@ def train_loop(*, accelerator, run, cfg, tag: str, modules: dict, step_fn, ema_p
     engine = None
     if ds is not None:
         engine, optimizer, scheduler = accelerator.prepare(torch.nn.ModuleDict(modules), optimizer, scheduler)
-        # called as they are, not through the engine's forward: right for fp32 weights only (make_accelerator's)
+        # called as they are, not through the engine's forward: right for fp32 weights only (diffusion_launch's)
         prepared = dict(engine.module.items())
         log.info(f"DeepSpeed ZeRO-{ds.zero_stage}: {', '.join(modules)} trained by one {type(engine).__name__} "
                  f"over {accelerator.num_processes} process(es)")
@@ -407,7 +342,7 @@ def train_loop(*, accelerator, run, cfg, tag: str, modules: dict, step_fn, ema_p
         stats = {}
         for micro in range(cfg.gradient_accumulation_steps):
             gen = step_generator(seed, step, micro, accelerator.process_index)
-            with autocast(accelerator, engine, precision):
+            with diffusion_launch.autocast(accelerator, engine, precision):
                 loss, stats = step_fn(prepared, step, micro, gen)
             if engine is None:
                 accelerator.backward(loss / cfg.gradient_accumulation_steps)

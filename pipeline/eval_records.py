@@ -24,7 +24,7 @@ import numpy as np
 
 from pipeline import log, runs
 from pipeline.eval_tools import ToolRun
-from pipeline.fingerprints import code_hash, hash_obj
+from pipeline.fingerprints import hash_obj
 from pipeline.generation import Reply
 from pipeline.tool_calls import ToolResult
 
@@ -45,7 +45,7 @@ def common(recipe, target, seed: int) -> dict:
     return {"checkpoint": fingerprint(target.checkpoint), "chat_template": target.tokenizer.chat_template,
             "model": dataclasses.asdict(recipe.model),  # dtype, attention, revision, trust_remote_code
             "backend": dataclasses.asdict(recipe.generation), "seed": seed, "versions": runs.library_versions(),
-            "code": code_hash()}
+            "code": runs.stage_code("eval")}
 
 
 def record_key(recipe, keys, target, rows, ppl_rows, reference, own_samples: bool, seed: int) -> str:

@@ -32,14 +32,15 @@ def names_a_local_file(spec: str) -> bool:
 
 
 def text_of(path: Path) -> str:
-    """The file's text (gzip-compressed when it ends in .gz); invalid UTF-8 is named with its line."""
+    """The file's text (gzip-compressed when it ends in .gz) without the byte order mark some editors (Windows
+    Notepad, Excel's "CSV UTF-8") write first; invalid UTF-8 is named with its line."""
     raw = gzip.open(path, "rb").read() if path.suffix.lower() == ".gz" else path.read_bytes()
     try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw[:err.start].count(b"\n") + 1
-        raise PipelineError(f"{path}: line {line}: invalid UTF-8 (byte 0x{raw[err.start]:02x}); save the file as "
-                            f"UTF-8") from None
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:  # err.object: the bytes after the mark
+        line = err.object[:err.start].count(b"\n") + 1
+        raise PipelineError(f"{path}: line {line}: invalid UTF-8 (byte 0x{err.object[err.start]:02x}); save the file "
+                            f"as UTF-8") from None
 
 
 def file_kind(path: Path) -> str | None:
@@ -175,7 +176,7 @@ def first_row(path: Path) -> dict | None:
     if kind in ("jsonl", "csv"):
         try:
             with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as raw, \
-                    io.TextIOWrapper(raw, encoding="utf-8-sig" if kind == "csv" else "utf-8", newline="") as f:
+                    io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f:
                 if kind == "csv":
                     row = next(csv.DictReader(f), None)
                 else:
@@ -203,7 +204,7 @@ def read_table(path: Path, kind: str, empty_is_text: bool = False) -> tuple:  # 
 
         text = text_of(path)  # names the line of invalid UTF-8 before pandas does
         try:  # the names pandas gives the columns (an unnamed index column is "Unnamed: 0", a repeated name "a.1")
-            header = pandas.read_csv(io.StringIO(text.lstrip("\ufeff")), nrows=0).columns
+            header = pandas.read_csv(io.StringIO(text), nrows=0).columns
         except Exception as err:
             raise PipelineError(f"{path}: cannot read csv: {first_line(err)}") from None
         options = {"keep_default_na": False, "na_values": [] if empty_is_text else [""],
@@ -232,7 +233,7 @@ def csv_record_lines(text: str) -> list[int]:
     last = [""]  # the line the reader took last: a record's final line, blank only for a blank record
 
     def lines():
-        for line in io.StringIO(text.lstrip("\ufeff"), newline=""):
+        for line in io.StringIO(text, newline=""):
             last[0] = line
             yield line
 

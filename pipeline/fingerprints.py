@@ -1,12 +1,14 @@
 """Fingerprints: short content hashes of settings, files and folders. What a stage was asked to do is hashed into
 its manifest (pipeline/runs.py); datasets and checkpoints are fingerprinted with the same functions (pipeline/data.py).
-It imports nothing of the package, so every module can use it."""
+It imports only imports_graph, which imports nothing of the package, so every module can use it."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
+
+from pipeline import imports_graph
 
 
 def hash_obj(obj) -> str:
@@ -21,16 +23,21 @@ def hash_file(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-_CODE: list[str] = []
+# per process and package: each module's imports and its file's hash, read once (at the first call: an edit or a pull
+# while a stage trains is not the code that trained it)
+_CODE: dict[Path, tuple[dict[str, set[str]], dict[str, str]]] = {}
 
 
-def code_hash() -> str:
-    """This package's own code: the hash of every module's source, so a cache of outputs that the code computes
-    (eval's records) is not read back after the code changed (an upgrade, a local edit)."""
-    if not _CODE:
-        here = Path(__file__).resolve().parent
-        _CODE.append(hash_obj([(p.name, hash_file(p)) for p in sorted(here.glob("*.py"))]))
-    return _CODE[0]
+def code_hash(module: str, *more: str, package: Path = imports_graph.PACKAGE) -> str:
+    """The code that importing `module` ("pipeline.sft") and `more` can run: the source of every module of the
+    package in their import closure, imports inside functions included (pipeline/imports_graph.py). A stage's manifest
+    and eval's records keep it, so an edit to a module the stage never runs does not read as other code."""
+    if package not in _CODE:
+        trees = imports_graph.modules(package)
+        _CODE[package] = imports_graph.graph(trees), {name: hash_file(package / f"{name}.py") for name in trees}
+    edges, files = _CODE[package]
+    names = imports_graph.closure(edges, *(m.rsplit(".", 1)[-1] for m in (module, *more)))
+    return hash_obj([(f"{name}.py", files[name]) for name in sorted(names) if name in files])
 
 
 def hash_folder(path: Path, files: list[Path] | None = None) -> str:

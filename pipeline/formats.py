@@ -211,7 +211,7 @@ def tools_of(row: dict, source, where) -> list[dict] | None:
     tools = row.get("tools")
     if tools is None or tools == "" or tools == []:
         return None
-    tools = json_cell(tools, source, where, "'tools'")
+    tools = json_cell(tools, source, where, "'tools'") if isinstance(tools, str) else without_nulls(tools)
     if tools == []:  # "[]": LLaMA-Factory's rows without tools
         return None
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
@@ -223,6 +223,15 @@ def tools_of(row: dict, source, where) -> list[dict] | None:
         if problem := schema_problem(fn.get("parameters")):
             bad_row(source, where, f"tool {fn['name']!r}: 'parameters' {problem}")
     return tools
+
+
+def without_nulls(value):
+    """`value` with no null values in its objects (tool schemas, call arguments, messages): Arrow (Parquet, a saved or
+    hub dataset) gives a column's objects one struct type, each with every key any row's has, null where it had none,
+    so a call would be trained with arguments its tool does not take, and one message in two columns would differ."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    return [without_nulls(v) for v in value] if isinstance(value, list) else value
 
 
 def schema_problem(params) -> str | None:
@@ -247,15 +256,17 @@ def tools_json(cell, tools: list[dict] | None) -> str | None:
     return None if tools is None else cell if isinstance(cell, str) else json.dumps(tools)
 
 
-def sharegpt_messages(row: dict, source, where) -> list[dict]:
-    turns = json_cell(row["conversations"], source, where, "'conversations'")
+def sharegpt_messages(row: dict, source, where, column: str = "conversations") -> list[dict]:
+    """The row's ShareGPT turns in `column` (a pair's replies: chosen, rejected) as messages."""
+    turns = json_cell(row[column], source, where, f"'{column}'")
     if not isinstance(turns, list) or not turns:
-        bad_row(source, where, "'conversations' must be a non-empty list of {from, value} turns")
+        bad_row(source, where, f"'{column}' must be a non-empty list of {{from, value}} turns")
     first = turns[0].get("from") if isinstance(turns[0], dict) else None  # a system turn overrides the column
     messages = [{"role": "system", "content": row["system"]}] if row.get("system") and first != "system" else []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            bad_row(source, where, f"turn {i} of 'conversations' needs 'from' and 'value'")
+            lacks = " and ".join(repr(k) for k in ("from", "value") if not isinstance(turn, dict) or k not in turn)
+            bad_row(source, where, f"turn {i} of '{column}' has no {lacks} (a turn needs 'from' and 'value')")
         who = SHAREGPT_ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
         if who is None:
             bad_row(source, where, f"turn {i}: unknown 'from' {turn['from']!r} (expected one of: "
@@ -419,6 +430,8 @@ def check_tool_calls(messages: list[dict], tools: list[dict] | None, source, whe
     for i, m in enumerate(messages):
         for call in m.get("tool_calls") or []:
             fn = call.get("function", call)
+            if isinstance(fn.get("arguments"), dict):
+                fn["arguments"] = without_nulls(fn["arguments"])
             problem = call_problem(fn.get("name"), fn.get("arguments"), tools)
             if problem:
                 bad_row(source, where, f"message {i}: {problem}")

@@ -15,10 +15,11 @@ Expect the real peak within some tens of percent.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
-from pipeline import runs
+from pipeline import cluster, diffusion_launch, runs
 from pipeline.cli import PipelineError, built_from_config, typed_line
 
 GIB = 1 << 30
@@ -303,7 +304,9 @@ def caption_word_problems(recipe, stage: str, keys, ref: str | None, captions: d
 
 
 def check_image_stage(recipe, stage: str, launch, device_memory: int | None, will_run=frozenset()):
-    """(lines, errors, warnings) for an image stage."""
+    """(lines, errors, warnings) for an image stage. Under a DeepSpeed `launch` it is planned as the stage runs it:
+    ZeRO-3 and fp16 as DDP (cluster.leave_deepspeed), and a config file contradicting the recipe is an error, as in
+    the stage (diffusion_launch.config_problem)."""
     from pipeline import images
     from pipeline.recipe import stage_fields
 
@@ -317,8 +320,18 @@ def check_image_stage(recipe, stage: str, launch, device_memory: int | None, wil
     comps = None
     try:  # the config class's own checks (names of schedulers, samplers, precisions), as the stage runs them
         recipe.check_config(stage, portable=True)
+        stage_cfg = recipe.trainer_config(stage, num_processes=0)  # its values and defaults (DiffusionConfig, ...)
     except PipelineError as err:
         errors.append(str(err))
+        stage_cfg = None
+    if stage_cfg is not None and launch.distributed_type == "DEEPSPEED":
+        if why := cluster.data_parallel_under_deepspeed(stage, launch.zero_stage, stage_cfg.mixed_precision):
+            launch = dataclasses.replace(launch, distributed_type="MULTI_GPU", zero_stage=0, offload_optimizer=False,
+                                         offload_params=False, save_full_model=True)  # as leave_deepspeed runs it
+            lines.append(cluster.data_parallel_line(stage, why))
+        elif launch.deepspeed_file and (problem := diffusion_launch.config_problem(
+                launch.deepspeed_file, stage_cfg, stage, launch.num_processes)):
+            errors.append(problem)
     try:
         if ref:
             cp = runs.resolve_checkpoint(recipe, ref, must_exist=False)
@@ -380,7 +393,7 @@ def check_image_stage(recipe, stage: str, launch, device_memory: int | None, wil
     host = 0.0
     if launch.offload_optimizer:
         host, optimizer = optimizer, 0
-    mixed = cfg.get("mixed_precision", "no") in ("bf16", "fp16", "auto")  # auto: bf16 on a GPU that has it
+    mixed = stage_cfg is not None and stage_cfg.mixed_precision in ("bf16", "fp16", "auto")  # auto: bf16 on a GPU
     latent_res = comps["unet_config"].get("sample_size") or 16
     if ref and "resolution" in section:  # a pretrained pipeline trained at another size (as the stage checks it)
         multiple = images.side_multiple(comps["unet_config"], comps.get("vae_factor", 1))

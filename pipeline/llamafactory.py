@@ -66,7 +66,7 @@ def read_registry(path: Path) -> dict | None:
     """The registry in `path` (a dataset_info.json), or None when the file is no LLaMA-Factory registry; a file
     that does not read as JSON is one line."""
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8-sig"))  # as a data file: a byte order mark is no error
     except json.JSONDecodeError as err:
         raise PipelineError(f"{path}: invalid JSON ({err.msg}, line {err.lineno})") from None
     except (OSError, UnicodeDecodeError) as err:
@@ -158,8 +158,9 @@ def read(entry: Entry, seed: int) -> tuple[list[dict], list[str]]:
         raise PipelineError(source_problem(entry))
     labels = labels if kind == "hub" else [f"{entry.info['file_name']} {w}" for w in labels]
     _check_named_columns(entry, plan, rows)
-    rows = [standard_row(entry, plan, row, w) for row, w in zip(rows, labels)]
-    return (rows, labels) if n is None else sample(rows, labels, n, seed)
+    standard = [standard_row(entry, plan, row, w) for row, w in zip(rows, labels)]
+    _check_tools_read(entry, plan, rows, standard)
+    return (standard, labels) if n is None else sample(standard, labels, n, seed)
 
 
 @dataclass(frozen=True)
@@ -254,6 +255,22 @@ def _check_named_columns(entry: Entry, plan: Layout, rows: list) -> None:
         theirs, column = missing[0]
         raise PipelineError(f"{entry.where()}: columns.{theirs} names '{column}', a column none of its rows has "
                             f"(its columns: {', '.join(sorted(present)) or 'none'})")
+
+
+def _check_tools_read(entry: Entry, plan: Layout, rows: list, standard: list) -> None:
+    """Rows that call tools beside a `tools` column the entry does not name: LLaMA-Factory reads only the columns
+    `columns` names (tools: none unless named), so every call would be to an unknown tool: one line saying what to
+    add to the entry, rather than each call refused as one to no tool."""
+    if plan.columns.get("tools") or not any(isinstance(row, dict) and row.get("tools") not in (None, "", "[]", [])
+                                            for row in rows):
+        return
+    if any(isinstance(m, dict) and (m.get("from") == ROLES["function_tag"] or m.get("tool_calls"))
+           for row in standard for key in ("conversations", "messages", "prompt", "chosen", "rejected")
+           for m in (row.get(key) if isinstance(row.get(key), list) else [row.get(key)])):
+        add = '"tools": "tools" to its columns' if entry.info.get("columns") is not None else \
+            f'"columns": {json.dumps({**{k: v for k, v in plan.columns.items() if v}, "tools": "tools"})} to it'
+        raise PipelineError(f"{entry.where()}: its rows call tools, offered in a 'tools' column it does not name "
+                            f"(as in LLaMA-Factory, only the columns an entry names are read): add {add}")
 
 
 def sample(rows: list, where: list, n: int, seed: int) -> tuple[list, list]:

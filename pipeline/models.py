@@ -304,8 +304,8 @@ def load_causal_lm(recipe, path: str, *, peft_values: dict | None = None, cls=No
     quant = quantization_config(recipe, peft_values or {})
     load_kw = dict(dtype=torch_dtype(recipe.model.dtype), trust_remote_code=recipe.model.trust_remote_code,
                    attn_implementation=recipe.model.attn_implementation, use_safetensors=None, **kw)
-    if quant is not None:
-        load_kw["quantization_config"] = quant
+    if quant is not None:  # placed where this process trains (devices.quantized_device_map)
+        load_kw.update(quantization_config=quant, device_map=devices.quantized_device_map())
     from pipeline import hub
 
     online = hub.online_for(path)  # a hub id offline: the cache only, at once

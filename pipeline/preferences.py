@@ -15,7 +15,7 @@ from collections import Counter
 from pipeline import data, log
 from pipeline.cli import PipelineError
 from pipeline.formats import (as_messages, bad_row, check_messages, check_tool_calls, finite_number, json_messages,
-                              prompt_cells, sharegpt_messages, tools_json, tools_of)
+                              prompt_cells, sharegpt_messages, tools_json, tools_of, without_nulls)
 
 
 PREFERENCE_FORMATS = {
@@ -47,8 +47,8 @@ def parse_hh(text: str) -> list[dict] | None:
 
 def _split_conversations(chosen: list, rejected: list, source, where):
     """Shared leading messages -> prompt; the rest of each side (starting at an assistant turn) -> completions."""
-    n = 0
-    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+    n = 0  # compared without nulls: Arrow gives each column's messages the keys of its own (tool_calls in one alone)
+    while n < min(len(chosen), len(rejected)) and without_nulls(chosen[n]) == without_nulls(rejected[n]):
         n += 1
     if n == len(chosen) == len(rejected):
         return chosen, [], []  # identical conversations: the caller drops the pair
@@ -86,8 +86,10 @@ def _reply(value, source, where, col):
         return [{"role": "assistant", "content": value}]
     if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
         bad_row(source, where, f"'{col}' must be a message object, a list of messages or text")
-    return [msg for m in value for msg in  # ShareGPT turns: gpt -> assistant, function_call -> a tool call
-            (sharegpt_messages({"conversations": [m]}, source, where) if "value" in m and "from" in m else [m])]
+    # ShareGPT turns (gpt: assistant, function_call: a tool call) read as the column's turns: one lacking a key is named
+    if any("from" in m and "role" not in m for m in value):
+        return sharegpt_messages({col: value}, source, where, col)
+    return value
 
 
 def _to_explicit(row: dict, fmt: str, source, where) -> dict:
@@ -102,8 +104,9 @@ def _to_explicit(row: dict, fmt: str, source, where) -> dict:
         prompt = sharegpt_messages(row, source, where)
     else:
         prompt = alpaca_messages({**row, "output": ""}, source, where)[:-1]
-    if not prompt or prompt[-1]["role"] != "user":
-        bad_row(source, where, "the conversation must end with a user turn before the chosen/rejected replies")
+    if not prompt or prompt[-1]["role"] not in ("user", "tool"):  # LLaMA-Factory's odd turns: human, observation
+        bad_row(source, where, "the conversation must end with a user turn (or a tool result, an observation) before "
+                               "the chosen/rejected replies")
     drop = ("conversations", "system", "tools", "instruction", "input", "history")
     tools = tools_of(row, source, where)
     return {**{k: v for k, v in row.items() if k not in drop}, **({"tools": json.dumps(tools)} if tools else {}),
@@ -239,7 +242,7 @@ def normalize_preferences(rows, where, source, part_of: list[int] | None = None)
         elif is_conv != conversational:
             bad_row(source, w, "mixes text and conversation pairs (earlier rows are "
                             f"{'conversations' if conversational else 'text'})")
-        if chosen == rejected:
+        if without_nulls(chosen) == without_nulls(rejected):
             identical += 1
             continue
         pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected}

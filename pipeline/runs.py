@@ -198,9 +198,17 @@ def up_to_date(recipe, stage: str) -> tuple[bool, str]:
         changed = [k for k in ("settings", "checkpoints", "data") if manifest.get("inputs", {}).get(k) != inputs[k]]
         return False, f"{', '.join(changed) or 'inputs'} changed"
     # a manifest from before `code` was recorded says nothing: else every older run would read as other code
-    if manifest.get("code") not in (None, code_hash()):
+    if manifest.get("code") not in (None, stage_code(stage)):
         return True, f"up to date, but trained by other pipeline code: --only {stage} --force retrains it"
     return True, "up to date"
+
+
+def stage_code(stage: str) -> str:
+    """The hash of the code that trains `stage` (its manifest's `code`): its script's import closure, and the module of
+    the config class the recipe imports by name (pipeline/fingerprints.py)."""
+    spec = STAGES[stage]
+    config = (spec.config_class or "").split(":")[0]
+    return code_hash(spec.module, *[config] * config.startswith("pipeline."))
 
 
 def _flat_checkpoints(inputs: dict):
@@ -224,14 +232,15 @@ class StageRun:
 
         cluster.check_environment()  # e.g. ZeRO-3 that would not save a loadable model: stop before any work
         self.recipe, self.stage = recipe, stage
-        self.state = cluster.process_group()
+        # a stage's use_cpu: on the CPU from the start (its processes join over gloo), whatever the machine has
+        self.state = cluster.process_group(cpu=bool(recipe.section(stage).get("use_cpu")))
         log.setup(stage, self.state.is_main_process)
         if line := cluster.cpu_processes_line():  # a GPU launch config on a machine without one says so too
             log.info(line)
         threads.configure()  # this process's share of the CPUs it was given; OMP_NUM_THREADS wins (logged)
         self.inputs = stage_inputs(recipe, stage)
         self.fingerprint = hash_obj(self.inputs)
-        self.code = code_hash()  # at the start: an edit or a pull during training is not the code that trained it
+        self.code = stage_code(stage)  # at the start: an edit or a pull during training is not the code that trained it
         self.final_dir = recipe.stage_dir(stage)
         self.out = recipe.run_dir / f"{stage}.partial"
         self._new_dirs = [d for d in (recipe.run_dir, recipe.run_dir.parent) if not d.exists()]  # removed on bad input

@@ -70,6 +70,15 @@ def find_checkpoint(out: Path) -> Path | None:
     return None
 
 
+def newest_loop_state(out: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint-N in `out` whose loop_state.json parses, and that state, before any of its other files is
+    read: what our loops check of their launch first (diffusion_launch.check_resume)."""
+    for ckpt in sorted(Path(out).glob("checkpoint-*"), key=step_of, reverse=True):
+        if ckpt.is_dir() and isinstance(state := read_json(ckpt / LOOP_STATE), dict):
+            return ckpt, state
+    return None
+
+
 def train_loss(log_history: list[dict]) -> float:
     """Mean of the per-step training loss over every logged step of the run (also the steps before a resume)."""
     total, last = 0.0, 0

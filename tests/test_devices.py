@@ -1,6 +1,7 @@
 """Device questions asked of the device a model is on, not of torch.cuda (pipeline/devices.py): bitsandbytes' CPU
-kernel checks, and the random state a block forks. There is no GPU here: the meta device stands for an accelerator,
-and torch.random.fork_rng is recorded rather than run for one."""
+kernel checks, the random state a block forks, and where a quantized model loads. There is no GPU here: the meta
+device stands for an accelerator, torch.random.fork_rng is recorded rather than run for one, and Accelerate's default
+device is pretended."""
 
 import contextlib
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from trl import get_peft_config  # noqa: F401 (bitsandbytes, imported before a test pretends CUDA is here)
 
+from conftest import tiny_recipe
 from pipeline import devices, models
 from pipeline.cli import PipelineError
 
@@ -67,3 +69,88 @@ def test_fork_random_state_forks_the_cpu_and_the_given_device(monkeypatch):
     with devices.fork_random_state(torch.device("xpu", 1)):
         pass
     assert forks == [{"devices": [torch.device("xpu", 1)], "device_type": "xpu"}]
+
+
+@pytest.fixture
+def process_state():
+    """Accelerate's process state as it was before the test (a stage's TrainingArguments remake it)."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    saved = [(state, dict(state._shared_state)) for state in (PartialState, AcceleratorState)]
+    yield
+    for state, values in saved:
+        state._shared_state.clear()
+        state._shared_state.update(values)
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+@pytest.mark.parametrize("accelerator, use_cpu", [(True, True), (True, False), (False, True)],
+                         ids=["gpu-use_cpu", "gpu", "no-gpu"])
+def test_a_quantized_model_loads_where_its_stage_trains(tmp_path, monkeypatch, process_state, stage, accelerator,
+                                                        use_cpu):
+    """transformers places a bitsandbytes model itself, on the accelerator where there is one, whatever the trainer's
+    use_cpu: a QLoRA stage with use_cpu on a GPU machine had its model on the GPU and its trainer on the CPU. It loads
+    on the CPU where the process state the stage's trainer config made says so; elsewhere from_pretrained gets no
+    device_map, as before (transformers' choice: the GPU, or the CPU of a machine without one). The accelerator is
+    pretended (Accelerate's default device, cluster.accelerator_here); from_pretrained records what reaches it."""
+    import accelerate
+    import transformers
+
+    from pipeline import cluster, reward_model
+    from pipeline.recipe import load_recipe
+
+    monkeypatch.setattr(accelerate.state.PartialState, "default_device",
+                        property(lambda _: torch.device("cuda" if accelerator else "cpu")))
+    monkeypatch.setattr(cluster, "accelerator_here", lambda: accelerator)
+    loaded = []
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForSequenceClassification):
+        monkeypatch.setattr(auto, "from_pretrained", classmethod(lambda cls, path, **kw: loaded.append(kw)))
+    section = {"use_cpu": use_cpu, "bf16": False, "use_peft": True, "load_in_4bit": True}
+    recipe = load_recipe(tiny_recipe(tmp_path, **{stage: section}), [])
+    recipe.trainer_config(stage, output_dir=str(tmp_path / stage))  # as the stage makes it, before loading its model
+    if stage == "reward":
+        reward_model.load_reward_model(recipe, str(tmp_path), recipe.peft_values(stage))
+    else:
+        models.load_causal_lm(recipe, str(tmp_path), peft_values=recipe.peft_values(stage))
+    assert loaded[0]["quantization_config"].load_in_4bit
+    assert loaded[0].get("device_map") == ({"": "cpu"} if accelerator and use_cpu else None)
+
+
+@pytest.mark.parametrize("before", [False, True], ids=["made-by-the-stage", "made-before"])
+@pytest.mark.parametrize("use_cpu", [True, False], ids=["use_cpu", "gpu"])
+def test_ppo_trains_where_use_cpu_says(tmp_path, monkeypatch, process_state, use_cpu, before):
+    """`ppo.use_cpu: true` on a machine with a GPU trained on the GPU: StageRun made Accelerate's process state on it,
+    and PPO's Accelerator(cpu=True) keeps the state it finds. StageRun now makes it on the CPU for a stage's use_cpu
+    from the start (cluster.process_group: a launch's processes join over gloo), and makes anew a state made on the
+    accelerator before it. The accelerator is pretended; PPOTrainer stops once its Accelerator is built (at
+    ppo_models.load_whole)."""
+    import accelerate
+    from accelerate.state import AcceleratorState
+
+    from pipeline import cluster, ppo_models, runs
+    from pipeline.ppo_trainer import PPOTrainer
+    from pipeline.recipe import load_recipe
+
+    monkeypatch.setattr(accelerate.state.PartialState, "default_device", property(lambda _: torch.device("cuda")))
+    monkeypatch.setattr(cluster, "accelerator_here", lambda: True)
+    monkeypatch.setattr(runs, "stage_inputs", lambda recipe, stage: {"checkpoints": {}})  # no upstream stages here
+    monkeypatch.chdir(tmp_path)
+
+    class Built(Exception):
+        pass
+
+    def built(accelerator):
+        raise Built(accelerator)
+
+    monkeypatch.setattr(ppo_models, "load_whole", built)
+    recipe = load_recipe(tiny_recipe(tmp_path, ppo={"use_cpu": use_cpu}), [])
+    cfg = recipe.trainer_config("ppo")
+    AcceleratorState._reset_state(reset_partial_state=True)  # no state yet (the fixture puts back the one there was)
+    if before:
+        cluster.process_group()  # as a trainer stage's global_batch_size check can, before its StageRun
+    resets, reset = [], AcceleratorState._reset_state
+    monkeypatch.setattr(AcceleratorState, "_reset_state", staticmethod(lambda **kw: resets.append(kw) or reset(**kw)))
+    with pytest.raises(Built) as accelerator:
+        PPOTrainer(recipe, runs.StageRun(recipe, "ppo"), cfg, None, None, None, None, None)
+    assert accelerator.value.args[0].device.type == ("cpu" if use_cpu else "cuda")
+    assert len(resets) == (before and use_cpu)  # made anew only when made on the accelerator before StageRun

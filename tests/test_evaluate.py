@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import cli, data, eval_report, evaluate, fingerprints, judges, metrics as M, models, runs
+from pipeline import cli, data, eval_report, evaluate, judges, metrics as M, models, runs
 from pipeline.cli import PipelineError
 from pipeline.recipe import load_recipe
 from conftest import run_cli, tiny_recipe, write_jsonl
@@ -487,7 +487,7 @@ def test_a_checkpoint_added_to_the_list_is_the_only_one_generated_again(ranked, 
     _, _, made = evaluation(*both)
     assert made == []  # every record matches
     with monkeypatch.context() as edited:  # the pipeline's own code changed (an upgrade, an edit): its hash did
-        edited.setattr(fingerprints, "_CODE", ["another version of pipeline/"])
+        edited.setattr(runs, "stage_code", lambda stage: "another version of the eval stage's code")
         _, _, made = evaluation(*both)
     assert made == ["tiny/pretrain", "ranked/sft"]
     _, _, made = evaluation(*both, "eval.max_new_tokens=12")

@@ -134,7 +134,6 @@ def test_a_stage_trained_by_other_code_is_skipped_and_says_so(tmp_path, monkeypa
     before a fix to the training code was skipped as plainly "up to date". Its manifest now records the code: the
     runner still skips it, and says it was trained by other code. A manifest from before (no `code`) says nothing."""
     from pipeline import run
-    from pipeline.fingerprints import code_hash
 
     monkeypatch.chdir(tmp_path)  # the run folder, runs/tiny, is relative
     recipe = load_recipe(tiny_recipe(tmp_path))
@@ -146,7 +145,7 @@ def test_a_stage_trained_by_other_code_is_skipped_and_says_so(tmp_path, monkeypa
         runs.write_json(folder / runs.MANIFEST, {"fingerprint": hash_obj(inputs), "inputs": inputs, **code})
         return runs.up_to_date(recipe, "pretrain")
 
-    assert finished(code=code_hash()) == (True, "up to date")
+    assert finished(code=runs.stage_code("pretrain")) == (True, "up to date")
     assert finished() == (True, "up to date")  # written before `code` was recorded
     other = "up to date, but trained by other pipeline code: --only pretrain --force retrains it"
     assert finished(code="0" * 16) == (True, other)
@@ -155,13 +154,88 @@ def test_a_stage_trained_by_other_code_is_skipped_and_says_so(tmp_path, monkeypa
 
 
 def test_a_finished_stage_records_the_code_that_trained_it(tiny_run, monkeypatch):
-    """A stage's manifest records the package's code (not in its fingerprint); the same code reads it plainly up to
-    date."""
+    """A stage's manifest records the code that trained it (not in its fingerprint); the same code reads it plainly up
+    to date."""
     import json
-
-    from pipeline.fingerprints import code_hash
 
     work, recipe, _ = tiny_run
     monkeypatch.chdir(work)
-    assert json.loads((work / "runs" / "tiny" / "pretrain" / runs.MANIFEST).read_text())["code"] == code_hash()
+    code = json.loads((work / "runs" / "tiny" / "pretrain" / runs.MANIFEST).read_text())["code"]
+    assert code == runs.stage_code("pretrain")
     assert runs.up_to_date(load_recipe(recipe), "pretrain") == (True, "up to date")
+
+
+def fake_package(folder, edited: str | None = None):
+    """A package of five modules: `stage` imports `shared` at the top, which imports `deep` (two hops), and `lazy`
+    inside a function; `other` imports `shared` but nothing imports it. `edited` gets a comment appended."""
+    sources = {"__init__": "", "stage": "from pipeline import shared\n\ndef run():\n    from pipeline.lazy import f\n",
+               "shared": "import pipeline.deep\n", "deep": "", "lazy": "def f():\n    pass\n",
+               "other": "from pipeline import shared\n"}
+    folder.mkdir()
+    for name, text in sources.items():
+        (folder / f"{name}.py").write_text(text + "# an edit\n" * (name == edited))
+    return folder
+
+
+def test_a_stages_code_hash_covers_only_the_modules_its_script_can_run(tmp_path, monkeypatch):
+    """The code hash covered every module of the package, so any commit (a comment in a module the stage never runs)
+    made every finished stage read as trained by other code and every eval record be made again. It covers the
+    stage script's import closure now: imports at the top, inside functions, through other modules."""
+    from pipeline import fingerprints, imports_graph
+    from pipeline.fingerprints import code_hash
+
+    def stage_hash(edited=None):  # a folder each: the per-process cache is by folder
+        return code_hash("pipeline.stage", package=fake_package(tmp_path / str(edited), edited))
+
+    plain = stage_hash()
+    assert stage_hash("other") == plain  # not imported by the stage: not its code
+    assert stage_hash("stage") != plain
+    assert stage_hash("lazy") != plain  # imported only inside a function
+    assert stage_hash("deep") != plain  # two hops away
+    assert stage_hash("__init__") != plain  # runs before any module of the package
+    assert code_hash("pipeline.other", package=tmp_path / "None") != plain
+
+    parsed = []  # the package is read once per process, however many stages ask
+    monkeypatch.setattr(imports_graph, "modules", lambda package, real=imports_graph.modules: parsed.append(package)
+                        or real(package))
+    monkeypatch.setattr(fingerprints, "_CODE", {})
+    assert [code_hash("pipeline.stage", package=tmp_path / "None") for _ in range(3)] == [plain] * 3
+    code_hash("pipeline.other", package=tmp_path / "None")
+    assert parsed == [tmp_path / "None"]
+
+
+def test_an_edit_outside_a_stages_closure_keeps_its_code_hash_in_the_real_package(tmp_path):
+    """The same on a copy of this package: a comment in PPO's trainer is not code pretrain runs (its manifest keeps
+    reading plainly up to date), but it is ppo's; a comment in a module every stage imports is every stage's."""
+    import shutil
+
+    from pipeline.fingerprints import code_hash
+    from pipeline.imports_graph import PACKAGE
+
+    def hashes(edited: str | None) -> dict:
+        copy = tmp_path / str(edited)
+        copy.mkdir()
+        for p in PACKAGE.glob("*.py"):
+            shutil.copy(p, copy / p.name)
+        if edited:
+            (copy / f"{edited}.py").write_text((copy / f"{edited}.py").read_text() + "# an edit\n")
+        return {m: code_hash(f"pipeline.{m}", package=copy) for m in ("pretrain", "ppo")}
+
+    plain = hashes(None)
+    trainer = hashes("ppo_trainer")
+    assert trainer["pretrain"] == plain["pretrain"] and trainer["ppo"] != plain["ppo"]
+    shared = hashes("runs")
+    assert shared["pretrain"] != plain["pretrain"] and shared["ppo"] != plain["ppo"]
+
+
+def test_eval_records_key_on_the_eval_stages_code(tmp_path):
+    """An eval record keeps the code of the eval stage's closure, as its manifest does: an edit elsewhere (PPO's
+    trainer) no longer makes every checkpoint's replies be generated again."""
+    from types import SimpleNamespace
+
+    from pipeline import eval_records
+    from pipeline.fingerprints import code_hash
+
+    recipe = load_recipe(tiny_recipe(tmp_path))
+    target = SimpleNamespace(checkpoint=None, tokenizer=SimpleNamespace(chat_template=None))
+    assert eval_records.common(recipe, target, seed=0)["code"] == code_hash("pipeline.evaluate")

@@ -665,3 +665,111 @@ def test_is_text_completion_tells_text_prompt_completion_rows_from_conversations
                                 ("sharegpt", SHAREGPT), ("alpaca", ALPACA))}
     assert {name: formats.is_text_completion(row) for name, row in loaded.items()} == {
         "text": True, "half_text": False, "sharegpt": False, "alpaca": False}
+
+
+def test_arguments_and_tools_from_parquet_keep_no_nulls_arrow_filled_in(tmp_path, recipe):
+    """Arrow gives a column's objects one struct type: each call's arguments and each tool schema read back from
+    Parquet with every key any row's has, null where it had none (get_weather called with "tz": null)."""
+    import datasets
+
+    def tool(name, param):
+        return {"type": "function", "function": {"name": name, "parameters": {
+            "type": "object", "properties": {param: {"type": "string"}}, "required": [param]}}}
+
+    def row(name, arguments):
+        return {"messages": [{"role": "user", "content": "go"}, {"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": name, "arguments": arguments}}]},
+            {"role": "tool", "content": "22"}, {"role": "assistant", "content": "22"}], "tools": [tool(name, *arguments)]}
+
+    path = tmp_path / "calls.parquet"
+    datasets.Dataset.from_list([row("get_weather", {"city": "Paris"}), row("get_time", {"tz": "UTC"})]).to_parquet(path)
+    ds = data.load(str(path), "chat", recipe)
+    assert [json.loads(r["messages"][1]["tool_calls"][0]["function"]["arguments"]) for r in ds] == \
+        [{"city": "Paris"}, {"tz": "UTC"}]
+    assert [json.loads(r["tools"]) for r in ds] == [[tool("get_weather", "city")], [tool("get_time", "tz")]]
+
+
+def test_a_sharegpt_pair_whose_prompt_ends_with_a_tool_result_is_read(tmp_path, recipe):
+    """LLaMA-Factory's pairs may end their turns with an observation (the replies judge what the assistant says of a
+    tool's result), as TRL's prompt may end with a tool message."""
+    call = {"from": "function_call", "value": json.dumps({"name": "render_image", "arguments": {"prompt": "a cat"}})}
+    row = {"conversations": [{"from": "human", "value": "Draw a cat."}, call, {"from": "observation", "value": "ok"}],
+           "chosen": {"from": "gpt", "value": "Here it is."}, "rejected": {"from": "gpt", "value": "I cannot draw."},
+           "tools": json.dumps(TOOLS)}
+    ds, info = preferences.load_preferences(write_jsonl(tmp_path / "p.jsonl", [row]), recipe)
+    assert [m["role"] for m in ds[0]["prompt"]] == ["user", "assistant", "tool"]
+    assert ds[0]["chosen"][0]["content"] == "Here it is." and ds[0]["rejected"][0]["content"] == "I cannot draw."
+
+
+def test_pairs_from_parquet_with_a_tool_call_on_one_side_share_their_prompt(tmp_path, recipe):
+    """Arrow gives the chosen column's messages a tool_calls key (null where there is none) that the rejected
+    column's lack: the shared prompt of implicit pairs, and an explicit pair of one reply, are found all the same."""
+    import datasets
+
+    user = {"role": "user", "content": "Draw a cat."}
+    call = {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {
+        "name": "render_image", "arguments": json.dumps({"prompt": "a cat"})}}]}
+    refusal, same = {"role": "assistant", "content": "I cannot draw."}, {"role": "assistant", "content": "Sure."}
+    implicit = [{"chosen": [user, call], "rejected": [user, refusal]}]
+    explicit = [{"prompt": [user], "chosen": [call], "rejected": [refusal]},
+                {"prompt": [user], "chosen": [same], "rejected": [same]}]
+    for name, rows in (("implicit", implicit), ("explicit", explicit)):
+        datasets.Dataset.from_list([{**row, "tools": json.dumps(TOOLS)} for row in rows]).to_parquet(
+            tmp_path / f"{name}.parquet")
+        ds, info = preferences.load_preferences(str(tmp_path / f"{name}.parquet"), recipe)
+        assert info["pairs"] == 1 and info["identical_dropped"] == len(rows) - 1
+        assert [m["content"] for m in ds[0]["prompt"]] == ["Draw a cat."]
+        assert ds[0]["chosen"][0]["tool_calls"][0]["function"]["name"] == "render_image"
+
+
+def test_tool_calls_in_prompts_are_checked_and_their_arguments_become_json_text(tmp_path, recipe):
+    """ppo's and eval's message prompts with earlier tool calls get the check sft and dpo give them: a call to a tool
+    the row does not offer stops in one line; arguments given as objects become JSON text without the keys of other
+    rows' calls (nulls Arrow or the loader filled in), so objects beside JSON text in one file read as one type."""
+    from pipeline import ppo
+
+    tools = [{"name": "a", "parameters": {"type": "object", "properties": {"x": {"type": "string"}}}},
+             {"name": "b", "parameters": {"type": "object", "properties": {"y": {"type": "integer"}}}}]
+
+    def row(name, arguments):
+        return {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": name, "arguments": arguments}}]},
+            {"role": "tool", "content": "ok"}, {"role": "user", "content": "and?"}], "tools": tools}
+
+    path = write_jsonl(tmp_path / "p.jsonl", [row("a", {"x": "1"}), row("b", json.dumps({"y": 2}))])
+    for read in (lambda: ppo.read_prompts(path, recipe)[0], lambda: data.load(path, "eval_prompts", recipe)):
+        assert [json.loads(r["prompt"][1]["tool_calls"][0]["function"]["arguments"]) for r in read()] == \
+            [{"x": "1"}, {"y": 2}]
+    path = write_jsonl(tmp_path / "bad.jsonl", [row("a", {"x": "1"}), row("zzz", {"q": 1})])
+    for kind in ("prompts", "eval_prompts"):
+        with pytest.raises(PipelineError) as err:
+            data.load(path, kind, recipe)
+        assert str(err.value) == f"{path}: line 2: message 1: unknown tool 'zzz' (tools: a, b)"
+
+
+@pytest.mark.parametrize("name", ["c.jsonl", "c.json", "c.jsonl.gz"])
+def test_a_file_starting_with_a_utf8_byte_order_mark_is_read(tmp_path, recipe, name):
+    """Notepad and Excel write UTF-8 with a byte order mark first: JSON and JSON Lines stopped with json's
+    "Unexpected UTF-8 BOM" (a CSV was read); invalid UTF-8 after the mark is still named by its line."""
+    rows = [{"text": "a"}, {"text": "b"}]
+    body = (json.dumps(rows) if name == "c.json" else "".join(json.dumps(r) + "\n" for r in rows)).encode()
+    path = tmp_path / name
+    path.write_bytes((gzip.compress if name.endswith(".gz") else bytes)(b"\xef\xbb\xbf" + body))
+    assert data.load(str(path), "text", recipe)["text"] == ["a", "b"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'\xef\xbb\xbf{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(PipelineError, match=rf"{bad}: line 2: invalid UTF-8 \(byte 0xe9\)"):
+        data.load(str(bad), "text", recipe)
+
+
+@pytest.mark.parametrize("reply", [{"from": "gpt"}, [{"from": "gpt", "value": "a"}, {"from": "gpt"}]])
+def test_a_sharegpt_reply_without_its_value_is_named(tmp_path, recipe, reply):
+    """A ShareGPT chosen turn without `value` was kept as a message and named as one of no role ("unknown role
+    None"): the turn and the key it lacks are named."""
+    row = {"conversations": [{"from": "human", "value": "q"}], "chosen": reply,
+           "rejected": {"from": "gpt", "value": "n"}}
+    path = write_jsonl(tmp_path / "p.jsonl", [row])
+    with pytest.raises(PipelineError) as err:
+        preferences.load_preferences(path, recipe)
+    turn = len(reply) - 1 if isinstance(reply, list) else 0
+    assert str(err.value) == f"{path}: line 1: turn {turn} of 'chosen' has no 'value' (a turn needs 'from' and 'value')"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO, launch_cli, run_cli
-from pipeline import check, cluster, diffusion_train
+from pipeline import check, cluster
 from pipeline.cli import PipelineError
 from test_diffusion import TINY_DIFFUSION, TINY_DPO, _tiny_stable_diffusion, image_recipe
 from test_image_pairs import chosen_rejected
@@ -101,36 +101,66 @@ def test_diffusion_under_zero2_trains_with_deepspeed_as_ddp_does_and_resumes_aft
     assert losses[0] == losses[1] and len(losses[0]) == 4
 
 
-class Engine:
-    """What diffusion_train.optimizer_format reads of a DeepSpeed engine."""
-
-    def __init__(self, zero_stage: int, processes: int):
-        self.stage, self.dp_world_size = zero_stage, processes
-
-    def zero_optimization_stage(self) -> int:
-        return self.stage
-
-
-def test_only_a_launch_that_can_read_a_checkpoints_optimizer_state_resumes_from_it(tmp_path):
+def test_only_a_launch_that_can_read_a_checkpoints_optimizer_state_resumes_from_it(tmp_path, monkeypatch):
     """torch's whole optimizer state (also a checkpoint from before loop_state.json said so) resumes under any launch
     without DeepSpeed; DeepSpeed's shards only under their ZeRO stage and process count. Any other launch stops in one
     line before DeepSpeed reads a file (until 2026-12-07: DeepSpeed's bare AssertionError or ZeRORuntimeException, or
     KeyError 'optimizer', on every rerun)."""
+    from pipeline import diffusion_launch
+
+    def here(zero: int | None, processes: int = 1) -> dict:  # what this launch saves, from its environment
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true" if zero else "false")
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", str(zero or 0))
+        monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
+        monkeypatch.setenv("WORLD_SIZE", str(processes))
+        return diffusion_launch.optimizer_format()
+
     ckpt = tmp_path / "diffusion.partial/checkpoint-4"
     torch_state, zero2 = {"step": 4}, {"optimizer_format": "deepspeed", "zero_stage": 2, "processes": 2}
-    diffusion_train.check_optimizer_format(ckpt, torch_state, None)
-    diffusion_train.check_optimizer_format(ckpt, {**torch_state, "optimizer_format": "torch"}, None)
-    diffusion_train.check_optimizer_format(ckpt, zero2, Engine(2, 2))
-    for state, engine, saved, here in [
-            (torch_state, Engine(2, 2), "a launch without DeepSpeed (DDP or one process)",
+    diffusion_launch.check_optimizer_format(ckpt, torch_state, here(None, 2))
+    diffusion_launch.check_optimizer_format(ckpt, {**torch_state, "optimizer_format": "torch"}, here(None))
+    diffusion_launch.check_optimizer_format(ckpt, zero2, here(2, 2))
+    for state, launch, saved, said in [
+            (torch_state, here(2, 2), "a launch without DeepSpeed (DDP or one process)",
              "DeepSpeed ZeRO-2 over 2 process(es)"),
-            (zero2, Engine(1, 2), "DeepSpeed ZeRO-2 over 2 process(es)", "DeepSpeed ZeRO-1 over 2 process(es)"),
-            (zero2, Engine(2, 4), "DeepSpeed ZeRO-2 over 2 process(es)", "DeepSpeed ZeRO-2 over 4 process(es)")]:
+            (zero2, here(1, 2), "DeepSpeed ZeRO-2 over 2 process(es)", "DeepSpeed ZeRO-1 over 2 process(es)"),
+            (zero2, here(2, 4), "DeepSpeed ZeRO-2 over 2 process(es)", "DeepSpeed ZeRO-2 over 4 process(es)")]:
         with pytest.raises(PipelineError) as refused:
-            diffusion_train.check_optimizer_format(ckpt, state, engine)
+            diffusion_launch.check_optimizer_format(ckpt, state, launch)
         assert str(refused.value) == (f"{ckpt}: its optimizer state was saved under {saved}, which this launch "
-                                      f"({here}) cannot read: relaunch as that one was, or remove {ckpt.parent} to "
+                                      f"({said}) cannot read: relaunch as that one was, or remove {ckpt.parent} to "
                                       f"start over")
+
+
+def test_a_checkpoint_this_launch_cannot_read_stops_the_stage_before_any_model_loads(tmp_path):
+    """A DeepSpeed checkpoint (ZeRO-2, one process, accumulating) relaunched without DeepSpeed stops in one line
+    before the stage loads anything (the fault at `loading` never fires; until 2026-12-07 the line came after the
+    models were built), and relaunched under ZeRO-3 (run as DDP) in a process where nothing imports deepspeed with
+    that line too (until 2026-12-07 safe_resume judged DeepSpeed's torch files first and named one unsafe). The
+    DeepSpeed launch gives Accelerate the accumulation its config has: no "Gradient accumulation steps mismatch"
+    warning (until 2026-12-07 on every DeepSpeed launch that accumulated)."""
+    recipe = image_recipe(tmp_path, diffusion={**TINY_DIFFUSION, "max_steps": 3, "save_steps": 1, "judge_epochs": 0,
+                                               "logging_steps": 1, "gradient_accumulation_steps": 2})
+    killed = run_cli(["pipeline/diffusion.py", recipe], cwd=tmp_path, fork=False,
+                     env={**one_process_launch(**ZERO2_ALONE), "PIPELINE_FAULT": "kill:training:2"})
+    assert killed.returncode != 0
+    ckpt = tmp_path / "runs/tiny/diffusion.partial/checkpoint-1"
+    assert (ckpt / "deepspeed").is_dir()
+    # a process in which nothing imports deepspeed (here accelerate's unwrap_model would, before the loop resumes)
+    hidden = tmp_path / "no_deepspeed"
+    hidden.mkdir()
+    (hidden / "sitecustomize.py").write_text("import sys\nsys.modules['deepspeed'] = None\n")
+    zero3 = one_process_launch(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3",
+                               ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL="true", PYTHONPATH=str(hidden))
+    for env in (zero3, {**ONE_THREAD, "PIPELINE_FAULT": "kill:loading:1"}):
+        refused = run_cli(["pipeline/diffusion.py", recipe], cwd=tmp_path, env=env, fork=False)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+        assert refused.stderr.strip().splitlines()[-1] == (
+            f"error: {ckpt.relative_to(tmp_path)}: its optimizer state was saved under DeepSpeed ZeRO-2 over 1 "
+            f"process(es), which this launch (a launch without DeepSpeed (DDP or one process)) cannot read: "
+            f"relaunch as that one was, or remove {ckpt.parent.relative_to(tmp_path)} to start over")
+        assert (ckpt / "deepspeed").is_dir() and (ckpt / "loop_state.json").is_file()
+    assert "accumulation steps mismatch" not in killed.stdout + killed.stderr, killed.stderr[-3000:]
 
 
 def test_a_lora_under_zero2_checkpoints_without_its_frozen_base_and_resumes(tmp_path):
@@ -257,15 +287,22 @@ def test_diffusion_under_a_hugging_face_style_deepspeed_json_trains_as_under_zer
                                   "mixed_precision)")])
 def test_a_deepspeed_json_contradicting_the_recipe_stops_the_image_stage_in_one_line(overrides, said, tmp_path):
     """A value the JSON sets otherwise than the recipe (the clipping; bf16, which would make the weights, the EMA and
-    the saved model bf16: the stage autocasts itself) stops the stage with one line naming the file, exit 2, and
-    nothing is written (before 2026-12-07 the clipping was overwritten silently and bf16 trained in bf16). One
-    process, in the environment `accelerate launch` gives it."""
+    the saved model bf16: the stage autocasts itself) stops the stage with one line naming the file, exit 2, before
+    any model loads (the fault at `loading` never fires), and nothing is written; `--check` under that launch says
+    the same line (before 2026-12-07 the clipping was overwritten silently and bf16 trained in bf16; until
+    2026-12-07 the line came after the models were built, and --check passed). One process, in the environment
+    `accelerate launch` gives it."""
     recipe = image_recipe(tmp_path, diffusion={**TINY_DIFFUSION, "max_steps": 2, "judge_epochs": 0,
                                                "max_grad_norm": 0.01})
-    hf_style_launch(tmp_path, "bad", **overrides)
+    launch = hf_style_launch(tmp_path, "bad", **overrides)
     ds_json = tmp_path / "bad.json"
-    env = one_process_launch(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=str(ds_json))
+    env = one_process_launch(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=str(ds_json),
+                             PIPELINE_FAULT="kill:loading:1")
     proc = run_cli(["pipeline/diffusion.py", recipe], cwd=tmp_path, env=env, fork=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == f"error: {ds_json}: {said}"
+    assert not (tmp_path / "runs").exists()
+    check = run_cli(["pipeline/run.py", recipe, "--check", "--config", launch], cwd=tmp_path, env=ONE_THREAD)
+    assert check.returncode == 2 and "Traceback" not in check.stderr, check.stderr[-2000:]
+    assert f"{ds_json}: {said}" in check.stdout, check.stdout[-3000:]
     assert not (tmp_path / "runs").exists()

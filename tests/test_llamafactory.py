@@ -256,3 +256,35 @@ def test_a_name_a_long_registry_lacks_is_one_short_line_with_the_closest_names(t
         data.read_rows(f"{folder}:alpaca_en_dem", recipe)
     with pytest.raises(PipelineError, match=r"name one as .*:NAME \(alpaca_en_demo, set_000, .*, set_010, \.\.\.\)$"):
         data.read_rows(folder, recipe)
+
+
+@pytest.mark.parametrize("entry, add", [
+    ({"columns": {"messages": "conversations", "system": "system"}}, '"tools": "tools" to its columns'),
+    ({}, '"columns": {"messages": "conversations", "tools": "tools"} to it'),
+    ({"formatting": "openai", "columns": {"messages": "messages"}}, '"tools": "tools" to its columns')])
+def test_calls_beside_a_tools_column_the_entry_does_not_name_say_to_name_it(tmp_path, recipe, entry, add):
+    """LLaMA-Factory reads `tools` only where `columns` names it: each call was refused as one to an unknown tool
+    ("tools: none") though the rows offer it; the entry is named with what to add. Calls are read as before once
+    it is named, and rows without calls beside the column read as LLaMA-Factory reads them."""
+    rows = [OPENAI_TOOLS] if entry.get("formatting") == "openai" else [SHAREGPT]
+    entry = {"file_name": "s.json", "formatting": "sharegpt", **entry}
+    folder = registry(tmp_path / "data", {"s": entry}, {"s.json": rows})
+    with pytest.raises(PipelineError) as err:
+        data.load(f"{folder}:s", "chat", recipe)
+    assert str(err.value) == (f"{folder}/dataset_info.json: dataset 's': its rows call tools, offered in a 'tools' "
+                              f"column it does not name (as in LLaMA-Factory, only the columns an entry names are "
+                              f"read): add {add}")
+    named = {**entry, "columns": {**entry.get("columns", {"messages": "conversations"}), "tools": "tools"}}
+    folder = registry(tmp_path / "data", {"s": named}, {"s.json": rows})
+    assert data.load(f"{folder}:s", "chat", recipe)[0]["tools"] is not None
+    chats = [{**rows[0], "conversations": SHAREGPT["conversations"][:1] + SHAREGPT["conversations"][-1:]}] \
+        if "conversations" in rows[0] else [{**rows[0], "messages": OPENAI["messages"]}]
+    folder = registry(tmp_path / "data", {"s": entry}, {"s.json": chats})
+    assert "tools" not in data.load(f"{folder}:s", "chat", recipe)[0]
+
+
+def test_a_registry_starting_with_a_byte_order_mark_is_read(tmp_path, recipe):
+    folder = registry(tmp_path / "data", {"a": {"file_name": "a.json"}}, {"a.json": [ALPACA]})
+    info = tmp_path / "data/dataset_info.json"
+    info.write_bytes(b"\xef\xbb\xbf" + info.read_bytes())
+    assert data.load(f"{folder}:a", "chat", recipe)[0]["messages"][-1]["content"] == ALPACA["output"]

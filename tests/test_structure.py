@@ -1,52 +1,19 @@
 """The package's shape as tested properties: no import cycles, stage scripts that never import each other, no
 private helper imported across modules, no module too long to read, no recipe key missing from the README. The import
-graph is built from the source with `ast` (imports inside functions count: a lazy import is still a dependency)."""
+graph is pipeline/imports_graph.py's, the one a stage's code hash follows (imports inside functions count)."""
 
 import ast
 import re
-from pathlib import Path
 
+from pipeline.imports_graph import PACKAGE, graph as import_graph, imports, module_aliases, modules
 from pipeline.stages import STAGES
 
-PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 README = PACKAGE.parent / "README.md"
 MAX_LINES = 450
 
 
-def modules() -> dict[str, ast.Module]:
-    return {p.stem: ast.parse(p.read_text(), filename=str(p)) for p in sorted(PACKAGE.glob("*.py"))
-            if p.stem != "__init__"}
-
-
-def imports(tree: ast.Module, names: set[str]) -> list[tuple[str, str | None, int]]:
-    """(module imported, name imported from it or None, line) for every import of a pipeline module."""
-    out = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module == "pipeline":  # from pipeline import a, b: each is a module
-                out += [(a.name, None, node.lineno) for a in node.names if a.name in names]
-            elif node.module.startswith("pipeline."):
-                target = node.module.split(".")[1]
-                out += [(target, a.name, node.lineno) for a in node.names]
-        elif isinstance(node, ast.Import):
-            out += [(a.name.split(".")[1], None, node.lineno) for a in node.names
-                    if a.name.startswith("pipeline.") and a.name.split(".")[1] in names]
-    return out
-
-
-def module_aliases(tree: ast.Module, names: set[str]) -> dict[str, str]:
-    """Local name -> pipeline module, for `from pipeline import x [as y]`."""
-    out = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
-            out.update({a.asname or a.name: a.name for a in node.names if a.name in names})
-    return out
-
-
 def graph() -> dict[str, set[str]]:
-    trees = modules()
-    return {name: {target for target, _, _ in imports(tree, set(trees)) if target != name}
-            for name, tree in trees.items()}
+    return import_graph(modules())
 
 
 def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
