@@ -255,6 +255,7 @@ def process_group(cpu: bool = False):
     accelerator before is made anew, as a TrainingArguments does for its use_cpu; an Accelerator keeps the state it
     finds, whatever its own `cpu`. StageRun asks from the start, so that a launch's processes join over gloo, not a
     GPU backend that carries no CPU tensors. (recipe.trainer_config gives a TrainingArguments use_cpu where needed.)"""
+    import torch
     from accelerate import PartialState
     from accelerate.state import AcceleratorState
 
@@ -262,6 +263,10 @@ def process_group(cpu: bool = False):
         if not cpu or PartialState().device.type == "cpu":
             return PartialState()
         AcceleratorState._reset_state(reset_partial_state=True)
+        # the group that state joined (NCCL on a GPU) outlives it, and a new state joins a running group as it finds
+        # it: every process runs this, so all leave it here, and the CPU state joins them anew over gloo
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     deepspeed, accelerator = launched_with_deepspeed(), accelerator_here()
     if not accelerator:  # `cpu` changes nothing here: the processes are on the CPU either way
         return PartialState(cpu=not deepspeed, **({"backend": "gloo"} if deepspeed else {}))

@@ -26,12 +26,12 @@ from typing import NamedTuple
 
 from pipeline import hub, llamafactory
 from pipeline.cli import PipelineError
-from pipeline.files import (file_kind, folder_fingerprint, names_a_local_file, read_file, read_files,
+from pipeline.files import (arrow_rows, file_kind, folder_fingerprint, names_a_local_file, read_file, read_files,
                             read_folder)
 from pipeline.fingerprints import hash_file, hash_folder, hash_obj
-from pipeline.formats import (as_bool, bad_row, check_messages, check_tool_calls, detect_sft_format,
-                              expected_sft_columns, is_text_completion, is_unpaired_preference, json_messages,
-                              prompt_cells, to_sft_row, tools_json, tools_of)
+from pipeline.formats import (arguments_as_json, as_bool, bad_row, check_messages, check_tool_calls,
+                              detect_sft_format, expected_sft_columns, is_text_completion, is_unpaired_preference,
+                              json_messages, prompt_cells, to_sft_row, tools_json, tools_of)
 from pipeline.rows_dataset import dataset_of
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -54,7 +54,7 @@ def world_rows(recipe, split: str) -> list[dict]:
 
 
 def _read_hub(spec: str) -> tuple[list[dict], list[str]]:
-    rows = hub.load_dataset(spec).to_list()
+    rows = arrow_rows(hub.load_dataset(spec))
     return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
 
 
@@ -282,8 +282,12 @@ def _check_prompts(rows, where, source):
         tools = tools_of(row, source, w)
         if isinstance(row["prompt"], list):
             check_messages(row["prompt"], source, w, need_assistant=False)
-            # earlier calls fit the row's tools; arguments become JSON text (one Arrow type, as for sft and dpo)
-            check_tool_calls(row["prompt"], tools, source, w)
+            # earlier calls fit the row's tools; a row without tools is not checked (eval offers it every tool of
+            # the recipe, ppo none). Arguments become JSON text either way (one Arrow type, as for sft and dpo)
+            if tools is None:
+                arguments_as_json(row["prompt"])
+            else:
+                check_tool_calls(row["prompt"], tools, source, w)
             users = [m for m in row["prompt"] if m["role"] == "user"]
             if not users or not str(users[-1].get("content") or "").strip():
                 bad_row(source, w, "'prompt' needs a user turn with text (the last user turn is what is asked)")

@@ -57,8 +57,11 @@ def contradictions(config: dict, ours: dict, section: str, keys: str, where: str
             mismatches.append(f"{key} {node[last]} (the recipe's {section} keys give {value})")
     if mismatches:
         return f"{where}: sets {'; '.join(mismatches)}: set it to auto, or change the recipe's {section}.{keys}"
-    scheduled = [f"{key} {value}" for key, value in config.get("scheduler", {}).get("params", {}).items()
-                 if value != "auto"]
+    scheduler = config.get("scheduler") or {}  # null: no scheduler
+    params = scheduler.get("params") if isinstance(scheduler, dict) else None
+    if not isinstance(scheduler, dict) or not isinstance(params or {}, dict):
+        return f"{where}: scheduler must be an object whose params are an object, got {scheduler!r}"
+    scheduled = [f"{key} {value}" for key, value in (params or {}).items() if value != "auto"]
     if scheduled:
         return (f"{where}: sets scheduler.params {', '.join(scheduled)}: set them to auto (the recipe's "
                 f"{section}.lr_scheduler_type, warmup_steps and steps schedule the rate)")

@@ -34,11 +34,14 @@ def config_problem(ds_file: str, cfg, stage: str, processes: int) -> str | None:
     naming it, or None. bf16 / fp16 on would train and save the weights in it (the stage autocasts instead); any
     other value set otherwise than the recipe's: deepspeed_config.contradictions."""
     config = json.loads(cluster.resolve_path(ds_file).read_text())  # valid JSON: cluster.deepspeed_zero read it
-    config.setdefault("gradient_accumulation_steps", 1)  # as Accelerate reads a file without it
     for half in ("bf16", "fp16"):
-        if str((config.get(half) or {}).get("enabled")).lower() == "true":
+        section = config.get(half)  # an object, or `"bf16": true` for short
+        if str(section.get("enabled") if isinstance(section, dict) else section).lower() == "true":
             return (f"{ds_file}: sets {half}.enabled true, which would train and save the image stages' weights in "
                     f"{half}: set it to auto (they autocast over fp32 weights to the recipe's mixed_precision)")
+    if "gradient_accumulation_steps" not in config and cfg.gradient_accumulation_steps != 1:
+        return (f"{ds_file}: has no gradient_accumulation_steps (Accelerate reads 1): set it to auto, or change the "
+                f"recipe's {stage}.gradient_accumulation_steps to 1")
     return deepspeed_config.contradictions(config, deepspeed_values(cfg, processes), stage, RECIPE_KEYS, ds_file)
 
 

@@ -1,14 +1,17 @@
 """The eval stage's numbers per checkpoint, from what each checkpoint produced (pipeline/evaluate.py's `Target`: its
 greedy replies and their verdicts, its samples with their verdicts, rewards and log-probs): accuracy, win rates,
-reward, KL, diversity, best-of-n, and the collapse check between a checkpoint and the one it was trained from.
+reward, KL, diversity, best-of-n, and the collapse check between a checkpoint and the one it was trained from; and
+which of them the settings allow (EvalSetup).
 No model code: metric functions from pipeline/metrics.py and judges from pipeline/judges.py on stored results.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-from pipeline import judges, metrics as M, monitors
+from pipeline import judges, log, metrics as M, monitors
 
 
 def outcomes(rows, a, b, judge: str) -> list[int | None]:
@@ -121,3 +124,43 @@ def collapse_checks(targets, per: dict) -> list[dict]:
                                             (b["sample_accuracy"], b["distinct_2"]))
             checks.append({"from": parent, "to": t.name, **check})
     return checks
+
+
+# ---------------------------------------------------------------------------------------------- which apply
+
+
+@dataclasses.dataclass
+class EvalSetup:
+    """What this evaluation compares against and how, as the report states it."""
+
+    baseline: str                     # every win rate is against this checkpoint
+    seed: int                         # sampling and bootstrap seed
+    verified: int                     # prompts with a reference answer (a verifier)
+    own_samples: bool = False         # samples from each model's own distribution: entropy, and KL with a reference
+    kl: bool = False                  # the sequence KL to `reference` is measured
+    kl_note: str | None = None        # why it is not, when a reference was named
+    best_of: list = dataclasses.field(default_factory=list)  # n of the best-of-n curve (at most num_samples)
+    reference: str | None = None      # the KL reference's name in the report
+    reward_standardised: bool = False  # reward scores are standardised with the reward stage's mean and std
+
+
+def samples_setup(setup: EvalSetup, keys, reference, reward, targets) -> None:
+    """The sequence KL and the entropy need samples from each model's own distribution (temperature 1, top_p 1);
+    best-of-n needs a reward model and as many samples as n. `reference`, `reward`: runs.Checkpoints, or None."""
+    if not keys.num_samples:
+        setup.kl_note = "no samples (num_samples: 0)"
+    elif keys.temperature != 1.0 or keys.top_p != 1.0:
+        setup.kl_note = "samples not from the model's own distribution (temperature or top_p not 1)"
+    setup.own_samples = setup.kl_note is None
+    setup.kl = reference is not None and setup.own_samples
+    setup.best_of = sorted({n for n in keys.best_of_n if n <= keys.num_samples}) if reward is not None else []
+    if keys.best_of_n and not setup.best_of:
+        log.info("no best-of-n: " + ("no reward model to pick with" if reward is None else
+                                     f"num_samples {keys.num_samples} is below every n of best_of_n"))
+    elif len(setup.best_of) < len(set(keys.best_of_n)):
+        log.info(f"best-of-n up to num_samples ({keys.num_samples}): n = "
+                 f"{', '.join(str(n) for n in sorted(set(keys.best_of_n)) if n > keys.num_samples)} left out")
+    if reference is not None:
+        if not setup.kl:
+            log.info(f"sequence KL skipped: {setup.kl_note}")
+        setup.reference = next((t.name for t in targets if t.checkpoint.path == reference.path), keys.reference)

@@ -44,8 +44,11 @@ import numpy as np
 
 from pipeline import (cli, data, eval_records, eval_report, eval_tools, eval_tools_report, judges, key_checks, log,
                       models, runs, vllm_engine)
-from pipeline.eval_metrics import checkpoint_metrics, collapse_checks, outcomes, win_matrix
-from pipeline.generation import generate, held_out_perplexity, prompt_ids, reply_logprob_sums, warn_past_context
+from pipeline.eval_metrics import (EvalSetup, checkpoint_metrics, collapse_checks, outcomes, samples_setup,
+                                   win_matrix)
+from pipeline.generation import (context_length, generate, held_out_perplexity, prompt_ids, reply_logprob_sums,
+                                 warn_past_context)
+from pipeline.heldout import past_position_table
 from pipeline.recipe import load_recipe, stage_help
 from pipeline.reward_model import (RewardModel, check_reads, checkpoint_head, offered_tools, refuse_causal_head,
                                    tools_of)
@@ -236,8 +239,9 @@ def generate_replies(keys, target: Target, lm: LoadedModel, rows, ppl_rows, refe
     model, tokenizer = lm.model, lm.tokenizer
     prompts = [row["prompt"] for row in rows]
     offers = offered_tools(rows)  # a prompt's own tools are rendered with it, as ppo renders them (and rewards score)
-    warn_past_context(model, tokenizer, [len(prompt_ids(tokenizer, p, t)) for p, t in zip(prompts, offers)],
-                      keys.max_new_tokens, target.name)
+    lengths = [len(prompt_ids(tokenizer, p, t)) for p, t in zip(prompts, offers)]
+    warn_past_context(model, tokenizer, lengths, keys.max_new_tokens, target.name)
+    refuse_past_position_table(keys, target, model, tokenizer, lengths)
     gen = dict(max_new_tokens=keys.max_new_tokens, batch_size=keys.batch_size, seed=seed, engine=engine, tools=offers)
     target.greedy = [r[0] for r in generate(model, tokenizer, prompts, desc=f"{target.name}: greedy", **gen)]
     target.correct = [judges.is_correct(row, r.text) for row, r in zip(rows, target.greedy)]
@@ -267,6 +271,17 @@ def generate_replies(keys, target: Target, lm: LoadedModel, rows, ppl_rows, refe
             target.perplexity, target.perplexity_tokens = scored
 
 
+def refuse_past_position_table(keys, target: Target, model, tokenizer, lengths: list[int]) -> None:
+    """Where warn_past_context only warns, a model that reads positions from a table would stop with an index out of
+    range mid-generation: one line instead (every checkpoint answers the same prompts, so none is left out)."""
+    if over := past_position_table(model, tokenizer, lengths, keys.max_new_tokens):
+        raise cli.PipelineError(
+            f"{keys.prompts}: prompt {over[0] + 1} ({lengths[over[0]]} tokens; {len(over)} of {len(lengths)} prompts "
+            f"run past) with a reply of up to eval.max_new_tokens={keys.max_new_tokens} tokens does not fit "
+            f"{target.name}'s table of {context_length(model, tokenizer)} positions ({target.checkpoint.path}): "
+            f"shorten those prompts, lower eval.max_new_tokens, or leave the checkpoint out")
+
+
 def score_rewards(recipe, cp: runs.Checkpoint, targets, rows, batch_size, device) -> bool:
     """The reward model's score of every greedy reply and every sample (pipeline/reward_model.py: encoded and
     truncated as its stage trained it), standardised with the reward_mean / reward_std its stage stored when its
@@ -287,43 +302,6 @@ def score_rewards(recipe, cp: runs.Checkpoint, targets, rows, batch_size, device
 
 
 # ---------------------------------------------------------------------------------------------- main
-
-
-@dataclasses.dataclass
-class EvalSetup:
-    """What this evaluation compares against and how, as the report states it."""
-
-    baseline: str                     # every win rate is against this checkpoint
-    seed: int                         # sampling and bootstrap seed
-    verified: int                     # prompts with a reference answer (a verifier)
-    own_samples: bool = False         # samples from each model's own distribution: entropy, and KL with a reference
-    kl: bool = False                  # the sequence KL to `reference` is measured
-    kl_note: str | None = None        # why it is not, when a reference was named
-    best_of: list = dataclasses.field(default_factory=list)  # n of the best-of-n curve (at most num_samples)
-    reference: str | None = None      # the KL reference's name in the report
-    reward_standardised: bool = False  # reward scores are standardised with the reward stage's mean and std
-
-
-def samples_setup(setup: EvalSetup, keys, reference: runs.Checkpoint | None, reward, targets) -> None:
-    """The sequence KL and the entropy need samples from each model's own distribution (temperature 1, top_p 1);
-    best-of-n needs a reward model and as many samples as n."""
-    if not keys.num_samples:
-        setup.kl_note = "no samples (num_samples: 0)"
-    elif keys.temperature != 1.0 or keys.top_p != 1.0:
-        setup.kl_note = "samples not from the model's own distribution (temperature or top_p not 1)"
-    setup.own_samples = setup.kl_note is None
-    setup.kl = reference is not None and setup.own_samples
-    setup.best_of = sorted({n for n in keys.best_of_n if n <= keys.num_samples}) if reward is not None else []
-    if keys.best_of_n and not setup.best_of:
-        log.info("no best-of-n: " + ("no reward model to pick with" if reward is None else
-                                     f"num_samples {keys.num_samples} is below every n of best_of_n"))
-    elif len(setup.best_of) < len(set(keys.best_of_n)):
-        log.info(f"best-of-n up to num_samples ({keys.num_samples}): n = "
-                 f"{', '.join(str(n) for n in sorted(set(keys.best_of_n)) if n > keys.num_samples)} left out")
-    if reference is not None:
-        if not setup.kl:
-            log.info(f"sequence KL skipped: {setup.kl_note}")
-        setup.reference = next((t.name for t in targets if t.checkpoint.path == reference.path), keys.reference)
 
 
 def main(argv):

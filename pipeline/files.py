@@ -127,9 +127,23 @@ def read_file(path: Path, text_split: str = "paragraph") -> tuple[list[dict], li
         return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
     ds, where = read_table(path, kind)
     try:
-        return ds.to_list(), where
+        return arrow_rows(ds), where
     except Exception as err:  # a value the table's features cannot decode
         raise PipelineError(f"{path}: cannot read {kind}: {first_line(err)}") from None
+
+
+def arrow_rows(ds) -> list[dict]:
+    """A datasets.Dataset's rows (a Parquet or Arrow file, a saved or hub dataset) without the nulls Arrow filled in:
+    it gives a column's objects one struct type, each with every key any row's has, null where it had none (a call's
+    arguments and a tool's schema would get other rows' keys). Only keys inside a cell go: a column's null is its
+    row's "no value", as a key a JSON row lacks. JSON rows are read with Python's json: their nulls are the user's."""
+    return [{column: _without_nulls(value) for column, value in row.items()} for row in ds.to_list()]
+
+
+def _without_nulls(value):
+    if isinstance(value, dict):  # a message's null content stays: a reply of tool calls alone, as TRL writes it
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None or (k == "content" and "role" in value)}
+    return [_without_nulls(v) for v in value] if isinstance(value, list) else value
 
 
 _JSON_TYPES = {str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
@@ -292,7 +306,7 @@ def read_folder(path: Path, text_split: str = "paragraph") -> tuple[list[dict], 
             if "train" not in ds:
                 raise PipelineError(f"{path}: a saved DatasetDict without a 'train' split (has {list(ds)})")
             ds = ds["train"]
-        rows = ds.to_list()
+        rows = arrow_rows(ds)
         return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
     files = data_files(path)
     if not files:

@@ -23,9 +23,10 @@ def hash_file(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-# per process and package: each module's imports and its file's hash, read once (at the first call: an edit or a pull
-# while a stage trains is not the code that trained it)
-_CODE: dict[Path, tuple[dict[str, set[str]], dict[str, str]]] = {}
+# per process and package: its module names, and each module's imports and file hash, read once, when a closure first
+# reaches it (an edit or a pull while a stage trains is not the code that trained it; a file no stage imports, a
+# scratch one that does not parse, is never read)
+_CODE: dict[Path, tuple[set[str], dict[str, tuple[set[str], str]]]] = {}
 
 
 def code_hash(module: str, *more: str, package: Path = imports_graph.PACKAGE) -> str:
@@ -33,11 +34,19 @@ def code_hash(module: str, *more: str, package: Path = imports_graph.PACKAGE) ->
     package in their import closure, imports inside functions included (pipeline/imports_graph.py). A stage's manifest
     and eval's records keep it, so an edit to a module the stage never runs does not read as other code."""
     if package not in _CODE:
-        trees = imports_graph.modules(package)
-        _CODE[package] = imports_graph.graph(trees), {name: hash_file(package / f"{name}.py") for name in trees}
-    edges, files = _CODE[package]
-    names = imports_graph.closure(edges, *(m.rsplit(".", 1)[-1] for m in (module, *more)))
-    return hash_obj([(f"{name}.py", files[name]) for name in sorted(names) if name in files])
+        _CODE[package] = imports_graph.names(package), {}
+    names, read = _CODE[package]
+
+    def edges(name: str) -> set[str]:
+        if name not in names:  # `from pipeline.x import` of no module x: nothing to read
+            return set()
+        if name not in read:
+            path = package / f"{name}.py"
+            read[name] = imports_graph.imported(name, imports_graph.parse(path), names), hash_file(path)
+        return read[name][0]
+
+    reached = imports_graph.closure(edges, *(m.rsplit(".", 1)[-1] for m in (module, *more)))
+    return hash_obj([(f"{name}.py", read[name][1]) for name in sorted(reached) if name in names])
 
 
 def hash_folder(path: Path, files: list[Path] | None = None) -> str:

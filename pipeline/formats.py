@@ -211,7 +211,7 @@ def tools_of(row: dict, source, where) -> list[dict] | None:
     tools = row.get("tools")
     if tools is None or tools == "" or tools == []:
         return None
-    tools = json_cell(tools, source, where, "'tools'") if isinstance(tools, str) else without_nulls(tools)
+    tools = json_cell(tools, source, where, "'tools'") if isinstance(tools, str) else tools
     if tools == []:  # "[]": LLaMA-Factory's rows without tools
         return None
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
@@ -223,15 +223,6 @@ def tools_of(row: dict, source, where) -> list[dict] | None:
         if problem := schema_problem(fn.get("parameters")):
             bad_row(source, where, f"tool {fn['name']!r}: 'parameters' {problem}")
     return tools
-
-
-def without_nulls(value):
-    """`value` with no null values in its objects (tool schemas, call arguments, messages): Arrow (Parquet, a saved or
-    hub dataset) gives a column's objects one struct type, each with every key any row's has, null where it had none,
-    so a call would be trained with arguments its tool does not take, and one message in two columns would differ."""
-    if isinstance(value, dict):
-        return {k: without_nulls(v) for k, v in value.items() if v is not None}
-    return [without_nulls(v) for v in value] if isinstance(value, list) else value
 
 
 def schema_problem(params) -> str | None:
@@ -426,14 +417,19 @@ def call_problem(name, arguments, tools: list[dict] | None) -> str | None:
 
 
 def check_tool_calls(messages: list[dict], tools: list[dict] | None, source, where) -> None:
-    """Every assistant tool call fits the row's tools; its arguments become a JSON string (one Arrow schema)."""
+    """Every assistant tool call fits the row's tools; its arguments become a JSON string (arguments_as_json)."""
     for i, m in enumerate(messages):
         for call in m.get("tool_calls") or []:
             fn = call.get("function", call)
-            if isinstance(fn.get("arguments"), dict):
-                fn["arguments"] = without_nulls(fn["arguments"])
-            problem = call_problem(fn.get("name"), fn.get("arguments"), tools)
-            if problem:
+            if problem := call_problem(fn.get("name"), fn.get("arguments"), tools):
                 bad_row(source, where, f"message {i}: {problem}")
+    arguments_as_json(messages)
+
+
+def arguments_as_json(messages: list[dict]) -> None:
+    """Every tool call's arguments as a JSON string: one Arrow type for calls whose arguments have different keys."""
+    for m in messages:
+        for call in m.get("tool_calls") or []:
+            fn = call.get("function", call)
             if not isinstance(fn.get("arguments"), str):
                 fn["arguments"] = json.dumps(fn.get("arguments") or {})

@@ -102,9 +102,13 @@ def stop_ids(tokenizer, model=None) -> list[int]:
 
 def render_prompt(tokenizer, prompt, tools=None) -> str:
     """A conversational prompt goes through the chat template (with the tools it offers, if any); plain text becomes
-    one user turn."""
+    one user turn. A prompt ending in an assistant turn with text is a reply to continue, as TRL renders it
+    (maybe_apply_chat_template's continue_final_message): left open, with no new assistant turn after it."""
     messages = as_messages(prompt)
-    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True)
+    last = messages[-1]
+    prefill = last.get("role") == "assistant" and isinstance(last.get("content"), str) and not last.get("tool_calls")
+    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                         add_generation_prompt=not prefill, continue_final_message=prefill)
 
 
 @torch.no_grad()

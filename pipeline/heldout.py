@@ -9,7 +9,7 @@ checkpoint on the same prompts with the same generation budget and batch size.
 from __future__ import annotations
 
 from pipeline import data, judges, log, models, runs
-from pipeline.generation import generate
+from pipeline.generation import context_length, generate, has_position_table, prompt_ids
 from pipeline.reward_model import offered_tools
 
 
@@ -27,12 +27,32 @@ def heldout_rows(recipe, keys) -> list[dict] | None:
     return rows
 
 
+def past_position_table(model, tokenizer, lengths: list[int], reply_tokens: int) -> list[int]:
+    """The indices of the prompts (of `lengths` tokens) whose reply of up to `reply_tokens` runs past the model's
+    positions, where the model reads them from a table (GPT-2, OPT: generation.has_position_table): generating there
+    stops with an index out of range. Empty for any other model (it answers, where it never trained)."""
+    context = context_length(model, tokenizer)
+    if context is None or not has_position_table(model.config):
+        return []
+    return [i for i, n in enumerate(lengths) if n + reply_tokens > context]
+
+
 def verifier_accuracy(model, tokenizer, rows, *, max_new_tokens=48, batch_size=64, desc="scoring") -> dict:
-    """Greedy replies to the rows' prompts judged by the verifier: overall and per-skill accuracy, share ended."""
+    """Greedy replies to the rows' prompts judged by the verifier: overall and per-skill accuracy, share ended.
+    Prompts the model cannot answer (past_position_table) are left out, with a warning: the stage has trained by now,
+    and a held-out score must not cost its model."""
+    lengths = [len(prompt_ids(tokenizer, r["prompt"], t)) for r, t in zip(rows, offered_tools(rows))] \
+        if has_position_table(model.config) else []  # any other model answers them: no prompt rendered twice
+    if past := past_position_table(model, tokenizer, lengths, max_new_tokens):
+        log.warning(f"{desc}: {len(past)} of {len(rows)} held-out prompts (row {past[0] + 1} first: {lengths[past[0]]} "
+                    f"tokens) with a reply of up to {max_new_tokens} tokens run past the model's table of "
+                    f"{context_length(model, tokenizer)} positions: left out")
+        left_out = set(past)
+        rows = [r for i, r in enumerate(rows) if i not in left_out]
     replies = [r[0] for r in generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
                                       batch_size=batch_size, desc=desc, tools=offered_tools(rows))]
     result = judges.accuracy(rows, [r.text for r in replies])
-    result["ended"] = sum(r.ended for r in replies) / len(replies)
+    result["ended"] = sum(r.ended for r in replies) / len(replies) if replies else None
     return result
 
 
@@ -45,8 +65,9 @@ def score_checkpoint(recipe, path: str, rows, *, max_new_tokens=48, batch_size=6
         models.configure_generation(model, tokenizer)
         result = verifier_accuracy(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                    desc=f"scoring {label}")
-    log.info("held-out verifier accuracy of %s: %.3f (n=%d, %s)", label, result["accuracy"], result["n"],
-             ", ".join(f"{s} {a:.2f}" for s, a in result["per_skill"].items()))
+    if result["accuracy"] is not None:  # None: no prompt the model could answer was left
+        log.info("held-out verifier accuracy of %s: %.3f (n=%d, %s)", label, result["accuracy"], result["n"],
+                 ", ".join(f"{s} {a:.2f}" for s, a in result["per_skill"].items()))
     return result
 
 

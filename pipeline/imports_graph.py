@@ -6,15 +6,26 @@ no stage importing another). It imports nothing of the package, so fingerprints 
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
 INIT = "__init__"  # runs before any module of the package: in every closure
 
 
+def names(package: Path = PACKAGE) -> set[str]:
+    """The package's module names (its files' stems), __init__ included: nothing is read."""
+    return {p.stem for p in package.glob("*.py")}
+
+
+def parse(path: Path) -> ast.Module:
+    """A module's source as Python reads it: bytes, so UTF-8 (or the file's own coding line), whatever the locale."""
+    return ast.parse(path.read_bytes(), filename=str(path))
+
+
 def modules(package: Path = PACKAGE) -> dict[str, ast.Module]:
     """Every module of the package by name (its file's stem), __init__ included."""
-    return {p.stem: ast.parse(p.read_text(), filename=str(p)) for p in sorted(package.glob("*.py"))}
+    return {p.stem: parse(p) for p in sorted(package.glob("*.py"))}
 
 
 def imports(tree: ast.Module, names: set[str]) -> list[tuple[str, str | None, int]]:
@@ -44,18 +55,23 @@ def module_aliases(tree: ast.Module, names: set[str]) -> dict[str, str]:
     return out
 
 
+def imported(name: str, tree: ast.Module, names: set[str]) -> set[str]:
+    """The pipeline modules that module `name` (parsed: `tree`) imports, itself left out; `names`: the package's."""
+    return {target for target, _, _ in imports(tree, names) if target != name}
+
+
 def graph(trees: dict[str, ast.Module]) -> dict[str, set[str]]:
     """Module -> the pipeline modules it imports (itself left out)."""
-    return {name: {target for target, _, _ in imports(tree, set(trees)) if target != name}
-            for name, tree in trees.items()}
+    return {name: imported(name, tree, set(trees)) for name, tree in trees.items()}
 
 
-def closure(edges: dict[str, set[str]], *roots: str) -> set[str]:
-    """The modules that importing `roots` can run: them, __init__, and every module they import, directly or not."""
+def closure(edges: Callable[[str], Iterable[str]], *roots: str) -> set[str]:
+    """The modules that importing `roots` can run: them, __init__, and every module they import, directly or not.
+    `edges(name)`: the modules `name` imports, asked once per module reached (so only those are read)."""
     seen: set[str] = set()
     todo = [*roots, INIT]
     while todo:
         if (name := todo.pop()) not in seen:
             seen.add(name)
-            todo += edges.get(name, ())
+            todo += edges(name)
     return seen

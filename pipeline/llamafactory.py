@@ -149,7 +149,7 @@ def read(entry: Entry, seed: int) -> tuple[list[dict], list[str]]:
     if kind == "hub":
         ds = hub.load_dataset(hub.dataset_spec(where, entry.info.get("subset"), entry.info.get("split")),
                               data_dir=entry.info.get("folder"), revision=entry.info.get("revision"))
-        rows, labels = ds.to_list(), [f"row {i}" for i in range(1, len(ds) + 1)]
+        rows, labels = files.arrow_rows(ds), [f"row {i}" for i in range(1, len(ds) + 1)]
     elif Path(where).is_dir():
         rows, labels = files.read_folder(Path(where), "line")
     elif Path(where).is_file():

@@ -15,7 +15,7 @@ from collections import Counter
 from pipeline import data, log
 from pipeline.cli import PipelineError
 from pipeline.formats import (as_messages, bad_row, check_messages, check_tool_calls, finite_number, json_messages,
-                              prompt_cells, sharegpt_messages, tools_json, tools_of, without_nulls)
+                              prompt_cells, sharegpt_messages, tools_json, tools_of)
 
 
 PREFERENCE_FORMATS = {
@@ -47,8 +47,8 @@ def parse_hh(text: str) -> list[dict] | None:
 
 def _split_conversations(chosen: list, rejected: list, source, where):
     """Shared leading messages -> prompt; the rest of each side (starting at an assistant turn) -> completions."""
-    n = 0  # compared without nulls: Arrow gives each column's messages the keys of its own (tool_calls in one alone)
-    while n < min(len(chosen), len(rejected)) and without_nulls(chosen[n]) == without_nulls(rejected[n]):
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
     if n == len(chosen) == len(rejected):
         return chosen, [], []  # identical conversations: the caller drops the pair
@@ -242,7 +242,7 @@ def normalize_preferences(rows, where, source, part_of: list[int] | None = None)
         elif is_conv != conversational:
             bad_row(source, w, "mixes text and conversation pairs (earlier rows are "
                             f"{'conversations' if conversational else 'text'})")
-        if without_nulls(chosen) == without_nulls(rejected):
+        if chosen == rejected:
             identical += 1
             continue
         pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected}

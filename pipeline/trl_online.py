@@ -143,7 +143,8 @@ MAPPED = {"max_steps": "max_steps", "per_device_train_batch_size": "batch_size",
           "max_completion_length": "max_new_tokens", "temperature": "temperature", "top_p": "top_p",
           "logging_steps": "logging_steps", "save_strategy": "save_steps", "save_steps": "save_steps",
           "save_total_limit": "save_total_limit", "seed": "seed", "use_cpu": "use_cpu", "report_to": "report_to"}
-OWNED = {"output_dir": "the stage folder", "reward_weights": "ppo.verifier_weight and ppo.image_verifier_weight"}
+OWNED = {"output_dir": "the stage folder", "reward_weights": "ppo.verifier_weight and ppo.image_verifier_weight",
+         "use_vllm": "generation.backend (vllm or hf)"}
 # Names TRL's refusals give values it computes from recipe keys -> those keys (section.key): a refusal that names one
 # names an override of them. GRPOConfig/RLOOConfig: generation_batch_size = per_device_train_batch_size x processes x
 # steps_per_generation (otherwise gradient_accumulation_steps); the trainers' vLLM engine (generation.backend: vllm,
@@ -188,10 +189,35 @@ def trl_config(recipe, cfg, output_dir: str, tools: bool = False):
     if cfg.image_verifier_weight:
         funcs, weights = funcs + ["image_verifier"], weights + [cfg.image_verifier_weight]
     try:
-        return config_cls(**{**mapped, "reward_weights": weights, **cfg.trl_args}), funcs
+        config = config_cls(**{**mapped, "reward_weights": weights, **cfg.trl_args})
     except (ValueError, TypeError) as err:  # named by the override that set a key it names (TRL's names too)
         raise cli.PipelineError(trl_refusal(recipe, "ppo", config_cls.__name__, err, config_cls, MAPPED,
                                             DERIVED)) from None
+    if problem := refused_in_training(config):
+        key, text = problem
+        raise cli.PipelineError(f"{source_of(recipe, 'ppo', f'trl_args.{key}')}: section 'ppo' "
+                                f"({config_cls.__name__}): trl_args.{key}: {text}")
+    return config, funcs
+
+
+# GRPOConfig keys whose values GRPOTrainer checks only at the first step (GRPOConfig maps scale_rewards' true to
+# group, false to none) -> the values its branches compute
+TRAINING_CHOICES = {"scale_rewards": ("group", "batch", "none"), "importance_sampling_level": ("token", "sequence"),
+                    "multi_objective_aggregation": ("sum_then_normalize", "normalize_then_sum")}
+
+
+def refused_in_training(config) -> tuple[str, str] | None:
+    """(trl_args key, problem) of what TRL refuses only once training has started: a traceback from a started stage,
+    its folder left half-written."""
+    from transformers.utils import is_liger_kernel_available
+
+    if getattr(config, "use_liger_kernel", False) and not is_liger_kernel_available():
+        return "use_liger_kernel", "needs liger-kernel >= 0.3.0 (pip install liger-kernel), which is not installed"
+    for key, valid in TRAINING_CHOICES.items():
+        value = getattr(config, key, valid[0])  # RLOOConfig has none of them
+        if value not in valid:
+            return key, f"'{value}' is not a {type(config).__name__} {key} (one of: {', '.join(valid)})"
+    return None
 
 
 def resumable(trainer_cls):

@@ -154,3 +154,45 @@ def test_ppo_trains_where_use_cpu_says(tmp_path, monkeypatch, process_state, use
         PPOTrainer(recipe, runs.StageRun(recipe, "ppo"), cfg, None, None, None, None, None)
     assert accelerator.value.args[0].device.type == ("cpu" if use_cpu else "cuda")
     assert len(resets) == (before and use_cpu)  # made anew only when made on the accelerator before StageRun
+
+
+@pytest.fixture
+def running_group(tmp_path):
+    """A process group of one already running (gloo here, standing for a launch's NCCL one), and none after the test."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield dist.group.WORLD
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_a_state_made_anew_on_the_cpu_joins_a_new_gloo_group(monkeypatch, process_state, running_group):
+    """process_group(cpu=True) made anew a state made on the accelerator, but not the process group that state had
+    joined: a new PartialState(cpu=True) finds a group running and joins it as it is, so a launch's processes stayed
+    on NCCL, which carries no CPU tensors. The old group is left first now, and the state joins a new one over gloo,
+    as Accelerate does for the CPU. One process, in the environment `accelerate launch` gives it; the accelerator is
+    pretended."""
+    import socket
+
+    import accelerate
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    from pipeline import cluster
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    launch = {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+              "MASTER_PORT": str(port)}
+    for key, value in launch.items():  # Accelerate writes some of them: monkeypatch puts them back
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(accelerate.state.PartialState, "default_device", property(lambda _: torch.device("cuda")))
+    monkeypatch.setattr(cluster, "accelerator_here", lambda: True)
+    AcceleratorState._reset_state(reset_partial_state=True)  # no state yet (the fixture puts back the one there was)
+    assert cluster.process_group().device.type == "cuda"  # made on the accelerator, with the group running
+    state = cluster.process_group(cpu=True)
+    assert (state.device.type, state.distributed_type, state.backend) == ("cpu", DistributedType.MULTI_CPU, "gloo")
+    assert torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo"
+    assert torch.distributed.group.WORLD is not running_group  # the old one left, a new one joined

@@ -54,6 +54,53 @@ def test_prompts_whose_reply_runs_past_the_models_positions_are_named_in_a_warni
     assert context_length(bare, SimpleNamespace(model_max_length=int(1e30))) is None
 
 
+def test_a_prompt_past_a_position_tables_end_stops_in_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    """A GPT-2-like checkpoint (a table of positions) answering a prompt past its positions stopped mid-generation
+    with an IndexError traceback and left eval.partial behind; a rotary model answers there with the warning above.
+    Now the stage stops in one line naming the prompt and the checkpoint, and leaves nothing."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    recipe = load_recipe(tiny_recipe(tmp_path, pretrain=None, sft=None))
+    tokenizer = models.load_tokenizer(recipe, runs.resolve_checkpoint(recipe, "model"))
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64)) \
+        .save_pretrained(tmp_path / "gpt")
+    tokenizer.save_pretrained(tmp_path / "gpt")
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is 2 + 3?", "answer": "5"},
+                                                 {"prompt": "word " * 100, "answer": "5"}])
+    section = {"checkpoints": [str(tmp_path / "gpt")], "prompts": prompts, "perplexity_data": None,
+               "num_samples": 0, "max_new_tokens": 4, "bootstrap": 100}
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_main(evaluate.main, [str(tiny_recipe(tmp_path, pretrain=None, sft=None, eval=section))])
+    assert exit_info.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: {re.escape(prompts)}: prompt 2 \(\d+ tokens; 1 of 2 prompts run past\) with a reply "
+                        rf"of up to eval.max_new_tokens=4 tokens does not fit {tmp_path.name}/gpt's table of 64 "
+                        rf"positions \({tmp_path / 'gpt'}\): .*", line), line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_held_out_scoring_leaves_out_prompts_past_a_position_tables_end(tmp_path, capsys):
+    """sft with a GPT-2-like model and a held-out prompt past its table of positions trained, then stopped with an
+    IndexError traceback in held-out scoring (the trained model left in sft.partial). Now such prompts are left out
+    of the score, with a warning: the stage has trained by then."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pipeline import heldout
+
+    recipe = load_recipe(tiny_recipe(tmp_path, pretrain=None, sft=None))
+    tokenizer = models.load_tokenizer(recipe, runs.resolve_checkpoint(recipe, "model"))
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64))
+    models.configure_generation(model, tokenizer)
+    rows = [{"prompt": "word " * 100, "answer": "5"}, {"prompt": "What is 2 + 3?", "answer": "5"}]
+    result = heldout.verifier_accuracy(model, tokenizer, rows, max_new_tokens=4, desc="scoring sft")
+    assert result["n"] == 1 and result["accuracy"] in (0.0, 1.0)
+    assert re.search(r"WARNING: scoring sft: 1 of 2 held-out prompts \(row 1 first: \d+ tokens\) with a reply of up "
+                     r"to 4 tokens run past the model's table of 64 positions: left out", capsys.readouterr().out)
+    assert heldout.verifier_accuracy(model, tokenizer, rows[:1], max_new_tokens=4) == \
+        {"accuracy": None, "per_skill": {}, "n": 0, "ended": None}
+
+
 def test_bootstrap_interval_covers_the_mean_and_shrinks_with_n():
     rng = np.random.default_rng(1)
     small, large = rng.random(50) < 0.3, rng.random(2000) < 0.3

@@ -195,13 +195,28 @@ def test_a_stages_code_hash_covers_only_the_modules_its_script_can_run(tmp_path,
     assert stage_hash("__init__") != plain  # runs before any module of the package
     assert code_hash("pipeline.other", package=tmp_path / "None") != plain
 
-    parsed = []  # the package is read once per process, however many stages ask
-    monkeypatch.setattr(imports_graph, "modules", lambda package, real=imports_graph.modules: parsed.append(package)
-                        or real(package))
+    parsed = []  # each module is read once per process, however many stages reach it
+    monkeypatch.setattr(imports_graph, "parse", lambda path, real=imports_graph.parse: parsed.append(path.name)
+                        or real(path))
     monkeypatch.setattr(fingerprints, "_CODE", {})
     assert [code_hash("pipeline.stage", package=tmp_path / "None") for _ in range(3)] == [plain] * 3
     code_hash("pipeline.other", package=tmp_path / "None")
-    assert parsed == [tmp_path / "None"]
+    assert sorted(parsed) == sorted(p.name for p in (tmp_path / "None").glob("*.py"))
+
+
+def test_a_file_no_stage_imports_may_not_parse(tmp_path):
+    """Every module of the package was parsed for any stage's code hash, so a scratch file with a syntax error beside
+    the modules (one nothing imports) made every StageRun and every runner plan stop with a traceback. Only the
+    modules a closure reaches are read now, as bytes (UTF-8 whatever the locale)."""
+    from pipeline.fingerprints import code_hash
+
+    plain = code_hash("pipeline.stage", package=fake_package(tmp_path / "plain"))
+    scratch = fake_package(tmp_path / "scratch")
+    (scratch / "scratch.py").write_text("def broken(:\n")
+    assert code_hash("pipeline.stage", package=scratch) == plain  # not the stage's code: not read
+    unicode = fake_package(tmp_path / "unicode")
+    (unicode / "deep.py").write_bytes("# für alle\n".encode())  # a module it reaches, not ASCII
+    assert code_hash("pipeline.stage", package=unicode) != plain
 
 
 def test_an_edit_outside_a_stages_closure_keeps_its_code_hash_in_the_real_package(tmp_path):

@@ -725,7 +725,7 @@ def test_pairs_from_parquet_with_a_tool_call_on_one_side_share_their_prompt(tmp_
 def test_tool_calls_in_prompts_are_checked_and_their_arguments_become_json_text(tmp_path, recipe):
     """ppo's and eval's message prompts with earlier tool calls get the check sft and dpo give them: a call to a tool
     the row does not offer stops in one line; arguments given as objects become JSON text without the keys of other
-    rows' calls (nulls Arrow or the loader filled in), so objects beside JSON text in one file read as one type."""
+    rows' calls (no Arrow struct of every row's keys), so objects beside JSON text in one file read as one type."""
     from pipeline import ppo
 
     tools = [{"name": "a", "parameters": {"type": "object", "properties": {"x": {"type": "string"}}}},
@@ -773,3 +773,87 @@ def test_a_sharegpt_reply_without_its_value_is_named(tmp_path, recipe, reply):
         preferences.load_preferences(path, recipe)
     turn = len(reply) - 1 if isinstance(reply, list) else 0
     assert str(err.value) == f"{path}: line 1: turn {turn} of 'chosen' has no 'value' (a turn needs 'from' and 'value')"
+
+
+def _alarm_rows(arguments: dict, tools_cells: list) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": "at 7"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "set_alarm", "arguments": arguments}}]},
+        {"role": "tool", "content": "ok"}, {"role": "assistant", "content": "Done."}], "tools": cell}
+        for cell in tools_cells]
+
+
+def _alarm_tools(required: list[str]) -> list[dict]:
+    return [{"type": "function", "function": {"name": "set_alarm", "parameters": {"type": "object", "properties": {
+        "time": {"type": "string"}, "label": {"type": ["string", "null"], "default": None}}, "required": required}}}]
+
+
+@pytest.mark.parametrize("required", [["time", "label"], ["time"]])
+def test_null_arguments_written_in_json_lines_are_kept(tmp_path, recipe, required):
+    """A null a user wrote in JSON Lines (read with Python's json, no Arrow) is theirs: a required argument whose
+    schema allows null was refused as missing, an optional one left out of the trained call."""
+    rows = _alarm_rows({"time": "07:00", "label": None}, [_alarm_tools(required)])
+    ds = data.load(write_jsonl(tmp_path / "calls.jsonl", rows), "chat", recipe)
+    arguments = ds[0]["messages"][1]["tool_calls"][0]["function"]["arguments"]
+    assert json.loads(arguments) == {"time": "07:00", "label": None}
+
+
+def test_a_tool_schema_given_as_objects_keeps_its_nulls(tmp_path, recipe):
+    """`"default": null` in a schema given as objects was dropped: the same schema as JSON text and as objects
+    differed in the dataset the trainer sees."""
+    tools = _alarm_tools(["time"])
+    rows = _alarm_rows({"time": "07:00"}, [tools, json.dumps(tools)])
+    ds = data.load(write_jsonl(tmp_path / "calls.jsonl", rows), "chat", recipe)
+    assert [json.loads(r["tools"]) for r in ds] == [tools, tools]
+
+
+def test_a_pair_differing_only_in_a_null_argument_is_kept(tmp_path, recipe):
+    """Replies whose calls differ only in `b: null` against `b` left out were dropped as identical."""
+    schema = [{"name": "f", "parameters": {"type": "object", "properties": {
+        "a": {"type": "integer"}, "b": {"type": ["integer", "null"]}}}}]
+
+    def call(arguments):
+        return [{"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": "f", "arguments": arguments}}]}]
+
+    pair = {"prompt": [{"role": "user", "content": "q"}], "chosen": call({"a": 1, "b": None}),
+            "rejected": call({"a": 1}), "tools": schema}
+    ds, info = preferences.load_preferences(write_jsonl(tmp_path / "p.jsonl", [pair]), recipe)
+    assert info["pairs"] == 1 and info["identical_dropped"] == 0
+    assert json.loads(ds[0]["chosen"][0]["tool_calls"][0]["function"]["arguments"]) == {"a": 1, "b": None}
+
+
+def test_arrow_filled_in_nulls_are_dropped_from_saved_and_hub_datasets(tmp_path, recipe, monkeypatch):
+    """A saved dataset, an .arrow file and a hub dataset are read as Parquet is (files.arrow_rows): objects inside a
+    cell lose the keys Arrow gave them from other rows."""
+    import datasets
+
+    from pipeline import hub
+
+    def row(name, arguments):
+        return {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": name, "arguments": arguments}}]},
+            {"role": "tool", "content": "ok"}, {"role": "user", "content": "and?"}],
+            "tools": [{"name": name, "parameters": {"type": "object", "properties": {
+                k: {"type": "string"} for k in arguments}, "required": list(arguments)}}]}
+
+    ds = datasets.Dataset.from_list([row("a", {"x": "1"}), row("b", {"y": "2"})])
+    ds.save_to_disk(tmp_path / "saved")
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name=None, split=None: ds)
+    monkeypatch.setattr(hub, "reachable", lambda: True)
+    for spec in (tmp_path / "saved", *(tmp_path / "saved").glob("*.arrow"), "org/calls"):
+        loaded = data.load(str(spec), "eval_prompts", recipe)
+        assert [json.loads(r["prompt"][1]["tool_calls"][0]["function"]["arguments"]) for r in loaded] == \
+            [{"x": "1"}, {"y": "2"}]
+
+
+def test_earlier_calls_in_a_prompt_without_tools_are_not_checked_against_none(tmp_path, recipe):
+    """A prompt row without a `tools` column offers eval every tool of the recipe (ppo none; neither checks a prompt's
+    earlier calls): its earlier call to the recipe's draw_image was refused as a call to an unknown tool (tools: none).
+    Its arguments still become JSON text."""
+    row = {"prompt": [{"role": "user", "content": "Draw a cat."}, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "draw_image", "arguments": {"prompt": "a cat"}}}]},
+        {"role": "tool", "content": "image 1"}, {"role": "user", "content": "Now a dog."}]}
+    path = write_jsonl(tmp_path / "prompts.jsonl", [row])
+    for kind in ("prompts", "eval_prompts"):
+        ds = data.load(path, kind, recipe)
+        assert ds[0]["prompt"][1]["tool_calls"][0]["function"]["arguments"] == json.dumps({"prompt": "a cat"})

@@ -306,3 +306,39 @@ def test_a_deepspeed_json_contradicting_the_recipe_stops_the_image_stage_in_one_
     assert check.returncode == 2 and "Traceback" not in check.stderr, check.stderr[-2000:]
     assert f"{ds_json}: {said}" in check.stdout, check.stdout[-3000:]
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("overrides, said", [
+    ({"bf16": True}, "sets bf16.enabled true, which would train and save the image stages' weights in bf16"),
+    ({"fp16": False, "scheduler": None}, None),
+    ({"scheduler": "WarmupLR"}, "scheduler must be an object whose params are an object, got 'WarmupLR'"),
+    ({"gradient_accumulation_steps": None}, "has no gradient_accumulation_steps (Accelerate reads 1): set it to auto, "
+                                            "or change the recipe's diffusion.gradient_accumulation_steps to 1")],
+    ids=["bf16-true", "scheduler-null", "scheduler-name", "no-accumulation"])
+def test_a_deepspeed_json_in_short_forms_gets_one_line_or_none(overrides, said, tmp_path):
+    """`"bf16": true` (DeepSpeed's short form of enabled true) and `"scheduler": null` (no scheduler) made the image
+    stages' check and `--check` stop with an AttributeError's traceback; they read as enabled and as none now. A file
+    without gradient_accumulation_steps (Accelerate reads 1) under a recipe accumulating 2 was said to set it to 1.
+    (None in `overrides`: the key left out of the file, or null where the key is kept.)"""
+    from types import SimpleNamespace
+
+    from pipeline import diffusion_launch
+
+    ds = {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": "auto", **overrides}
+    ds = {k: v for k, v in ds.items() if v is not None or k == "scheduler"}
+    ds_json = tmp_path / "short.json"
+    ds_json.write_text(json.dumps(ds))
+    cfg = SimpleNamespace(batch_size=2, gradient_accumulation_steps=2, max_grad_norm=1.0, learning_rate=1e-4,
+                          weight_decay=0.0)
+    problem = diffusion_launch.config_problem(str(ds_json), cfg, "diffusion", 1)
+    assert problem is None if said is None else problem.startswith(f"{ds_json}: {said}")
+
+
+def test_check_answers_a_deepspeed_json_with_bf16_true_in_one_line(tmp_path):
+    """`--check` under a launch whose DeepSpeed JSON says `"bf16": true` printed an AttributeError's traceback; it
+    says the line the stage would (config_problem)."""
+    recipe = image_recipe(tmp_path, diffusion={**TINY_DIFFUSION, "max_steps": 2, "judge_epochs": 0})
+    launch = hf_style_launch(tmp_path, "short", bf16=True)
+    check = run_cli(["pipeline/run.py", recipe, "--check", "--config", launch], cwd=tmp_path, env=ONE_THREAD)
+    assert check.returncode == 2 and "Traceback" not in check.stderr, check.stderr[-2000:]
+    assert f"{tmp_path / 'short.json'}: sets bf16.enabled true" in check.stdout, check.stdout[-3000:]

@@ -658,3 +658,45 @@ def test_policy_context_of_a_hub_id_without_network_reads_the_cache_at_once(tmp_
         assert hub.reachable.cache_info().currsize == 1
     finally:
         hub.reachable.cache_clear()
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("ppo.trl_args={use_liger_kernel: true}", "(GRPOConfig): trl_args.use_liger_kernel: needs liger-kernel >= 0.3.0 "
+                                              "(pip install liger-kernel), which is not installed"),
+    ("ppo.trl_args={scale_rewards: std}", "(GRPOConfig): trl_args.scale_rewards: 'std' is not a GRPOConfig "
+                                          "scale_rewards (one of: group, batch, none)"),
+    ("ppo.trl_args={importance_sampling_level: seq}", "(GRPOConfig): trl_args.importance_sampling_level: 'seq' is "
+                                                      "not a GRPOConfig importance_sampling_level (one of: token, "
+                                                      "sequence)"),
+    ("ppo.trl_args={use_vllm: true}", "(GRPOConfig): trl_args.use_vllm is set by generation.backend (vllm or hf)"),
+])
+def test_trl_args_trl_refuses_only_in_training_stop_before_any_stage(user, monkeypatch, override, expected):
+    """Without liger-kernel, use_liger_kernel was an ImportError traceback once training started, leaving
+    ppo.partial, and so was a scale_rewards GRPOTrainer does not know (a ValueError at the first step); use_vllm
+    bypassed generation.backend's checks (vLLM installed, a GPU) for an ImportError traceback from GRPOTrainer, and
+    use_vllm: false silently beat generation.backend: vllm."""
+    import transformers.utils
+
+    from pipeline import check
+    from pipeline.cli import PipelineError
+
+    monkeypatch.setattr(transformers.utils, "is_liger_kernel_available", lambda: False)  # whatever is installed
+    with pytest.raises(PipelineError) as err:
+        check.check_stage_config(load_recipe(grpo_recipe(user), [override]), "ppo")
+    assert str(err.value) == f"override '{override}': section 'ppo' {expected}"
+
+
+def test_grpo_choices_checked_before_training_are_those_its_trainer_computes():
+    import inspect
+    import re
+
+    from trl.trainer import grpo_trainer
+
+    from pipeline.trl_online import TRAINING_CHOICES
+
+    source = inspect.getsource(grpo_trainer.GRPOTrainer)
+    for key, valid in TRAINING_CHOICES.items():
+        branches = set(re.findall(rf'self\.{key} == "(\w+)"', source))
+        for group in re.findall(rf"self\.{key} in \[([^\]]*)\]", source):
+            branches |= set(re.findall(r'"(\w+)"', group))
+        assert set(valid) == branches, key
