@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from pipeline import data, log, metrics as M, tool_world
 from pipeline.cli import PipelineError
 from pipeline.formats import as_messages, bad_row, tools_of
-from pipeline.generation import prompt_ids, same_tokenizer, token_logprobs, warn_past_context
+from pipeline.generation import (prompt_ids, refuse_past_position_table, same_tokenizer, token_logprobs,
+                                 warn_past_context)
 from pipeline.images import PROPERTIES
 from pipeline.reward_model import offered_tools
 from pipeline.tool_rollout import BUDGET_MESSAGE, generate_with_tools, offered_views, stage_toolbox
@@ -242,6 +243,9 @@ class ToolEval:
                    for r, offer in zip(self.rows, self.offers)]
         warn_past_context(lm.model, lm.tokenizer, lengths,
                           self.keys.tool_max_total_tokens, f"{name}: tool prompts")
+        refuse_past_position_table(lm.model, lm.tokenizer, lengths, self.keys.tool_max_total_tokens,
+                                   prompts=self.keys.tool_prompts, budget="eval.tool_max_total_tokens", name=name,
+                                   path=lm.path)
         greedy = self.rollouts(lm, list(range(len(self.rows))), False, f"{name}: tool prompts", engine)
         verdicts = [tool_world.verify(row, g["calls"], g["final"], self.judge, self.store) if is_verified(row)
                     else None for row, g in zip(self.rows, greedy)]

@@ -46,9 +46,8 @@ from pipeline import (cli, data, eval_records, eval_report, eval_tools, eval_too
                       models, runs, vllm_engine)
 from pipeline.eval_metrics import (EvalSetup, checkpoint_metrics, collapse_checks, outcomes, samples_setup,
                                    win_matrix)
-from pipeline.generation import (context_length, generate, held_out_perplexity, prompt_ids, reply_logprob_sums,
-                                 warn_past_context)
-from pipeline.heldout import past_position_table
+from pipeline.generation import (generate, held_out_perplexity, prompt_ids, refuse_past_position_table,
+                                 reply_logprob_sums, warn_past_context)
 from pipeline.recipe import load_recipe, stage_help
 from pipeline.reward_model import (RewardModel, check_reads, checkpoint_head, offered_tools, refuse_causal_head,
                                    tools_of)
@@ -241,7 +240,8 @@ def generate_replies(keys, target: Target, lm: LoadedModel, rows, ppl_rows, refe
     offers = offered_tools(rows)  # a prompt's own tools are rendered with it, as ppo renders them (and rewards score)
     lengths = [len(prompt_ids(tokenizer, p, t)) for p, t in zip(prompts, offers)]
     warn_past_context(model, tokenizer, lengths, keys.max_new_tokens, target.name)
-    refuse_past_position_table(keys, target, model, tokenizer, lengths)
+    refuse_past_position_table(model, tokenizer, lengths, keys.max_new_tokens, prompts=keys.prompts,
+                               budget="eval.max_new_tokens", name=target.name, path=target.checkpoint.path)
     gen = dict(max_new_tokens=keys.max_new_tokens, batch_size=keys.batch_size, seed=seed, engine=engine, tools=offers)
     target.greedy = [r[0] for r in generate(model, tokenizer, prompts, desc=f"{target.name}: greedy", **gen)]
     target.correct = [judges.is_correct(row, r.text) for row, r in zip(rows, target.greedy)]
@@ -269,17 +269,6 @@ def generate_replies(keys, target: Target, lm: LoadedModel, rows, ppl_rows, refe
                      f"without a generation block marks no assistant token)")
         else:
             target.perplexity, target.perplexity_tokens = scored
-
-
-def refuse_past_position_table(keys, target: Target, model, tokenizer, lengths: list[int]) -> None:
-    """Where warn_past_context only warns, a model that reads positions from a table would stop with an index out of
-    range mid-generation: one line instead (every checkpoint answers the same prompts, so none is left out)."""
-    if over := past_position_table(model, tokenizer, lengths, keys.max_new_tokens):
-        raise cli.PipelineError(
-            f"{keys.prompts}: prompt {over[0] + 1} ({lengths[over[0]]} tokens; {len(over)} of {len(lengths)} prompts "
-            f"run past) with a reply of up to eval.max_new_tokens={keys.max_new_tokens} tokens does not fit "
-            f"{target.name}'s table of {context_length(model, tokenizer)} positions ({target.checkpoint.path}): "
-            f"shorten those prompts, lower eval.max_new_tokens, or leave the checkpoint out")
 
 
 def score_rewards(recipe, cp: runs.Checkpoint, targets, rows, batch_size, device) -> bool:

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline import log, metrics as M, rl
+from pipeline.cli import PipelineError
 from pipeline.formats import as_messages
 
 
@@ -102,13 +103,9 @@ def stop_ids(tokenizer, model=None) -> list[int]:
 
 def render_prompt(tokenizer, prompt, tools=None) -> str:
     """A conversational prompt goes through the chat template (with the tools it offers, if any); plain text becomes
-    one user turn. A prompt ending in an assistant turn with text is a reply to continue, as TRL renders it
-    (maybe_apply_chat_template's continue_final_message): left open, with no new assistant turn after it."""
+    one user turn."""
     messages = as_messages(prompt)
-    last = messages[-1]
-    prefill = last.get("role") == "assistant" and isinstance(last.get("content"), str) and not last.get("tool_calls")
-    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
-                                         add_generation_prompt=not prefill, continue_final_message=prefill)
+    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True)
 
 
 @torch.no_grad()
@@ -351,8 +348,6 @@ def learned_positions_problem(config, max_length: int | None, key: str) -> str |
 def refuse_past_positions(recipe, config, max_length: int | None, key: str) -> None:
     """A training stage's form of learned_positions_problem: one line naming the recipe, before any training."""
     if problem := learned_positions_problem(config, max_length, key):
-        from pipeline.cli import PipelineError
-
         raise PipelineError(f"{recipe.path}: {problem}")
 
 
@@ -366,6 +361,29 @@ def warn_past_context(model, tokenizer, lengths: list[int], reply_tokens: int, w
         log.warning(f"{what}: {len(over)} of {len(lengths)} prompts (up to {max(over)} tokens) with a reply of up to "
                     f"{reply_tokens} tokens run past the model's {context} positions, where it never trained: lower "
                     f"the reply's tokens or shorten the prompts")
+
+
+def past_position_table(model, tokenizer, lengths: list[int], reply_tokens: int) -> list[int]:
+    """The indices of the prompts (of `lengths` tokens) whose reply of up to `reply_tokens` runs past the model's
+    positions, where the model reads them from a table (GPT-2, OPT: has_position_table): generating there stops with
+    an index out of range. Empty for any other model (it answers, where it never trained: warn_past_context)."""
+    context = context_length(model, tokenizer)
+    if context is None or not has_position_table(model.config):
+        return []
+    return [i for i, n in enumerate(lengths) if n + reply_tokens > context]
+
+
+def refuse_past_position_table(model, tokenizer, lengths: list[int], reply_tokens: int, *, prompts: str,
+                               budget: str, name: str, path) -> None:
+    """Where warn_past_context only warns, a model that reads positions from a table would stop with an index out of
+    range mid-generation: one line instead (eval's checkpoints answer the same prompts, so none is left out).
+    `prompts`: the file, `budget`: the key giving reply_tokens, `name` / `path`: the checkpoint."""
+    if over := past_position_table(model, tokenizer, lengths, reply_tokens):
+        raise PipelineError(
+            f"{prompts}: prompt {over[0] + 1} ({lengths[over[0]]} tokens; {len(over)} of {len(lengths)} prompts "
+            f"run past) with a reply of up to {budget}={reply_tokens} tokens does not fit {name}'s table of "
+            f"{context_length(model, tokenizer)} positions ({path}): shorten those prompts, lower {budget}, or leave "
+            f"the checkpoint out")
 
 
 def held_out_perplexity(model, tokenizer, rows, batch_size, desc) -> tuple[float, int] | None:

@@ -9,7 +9,7 @@ checkpoint on the same prompts with the same generation budget and batch size.
 from __future__ import annotations
 
 from pipeline import data, judges, log, models, runs
-from pipeline.generation import context_length, generate, has_position_table, prompt_ids
+from pipeline.generation import context_length, generate, has_position_table, past_position_table, prompt_ids
 from pipeline.reward_model import offered_tools
 
 
@@ -25,16 +25,6 @@ def heldout_rows(recipe, keys) -> list[dict] | None:
         log.info("%s has no reference answers: held-out scoring skipped", keys.heldout_prompts)
         return None
     return rows
-
-
-def past_position_table(model, tokenizer, lengths: list[int], reply_tokens: int) -> list[int]:
-    """The indices of the prompts (of `lengths` tokens) whose reply of up to `reply_tokens` runs past the model's
-    positions, where the model reads them from a table (GPT-2, OPT: generation.has_position_table): generating there
-    stops with an index out of range. Empty for any other model (it answers, where it never trained)."""
-    context = context_length(model, tokenizer)
-    if context is None or not has_position_table(model.config):
-        return []
-    return [i for i, n in enumerate(lengths) if n + reply_tokens > context]
 
 
 def verifier_accuracy(model, tokenizer, rows, *, max_new_tokens=48, batch_size=64, desc="scoring") -> dict:

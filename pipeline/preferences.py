@@ -45,10 +45,19 @@ def parse_hh(text: str) -> list[dict] | None:
             for role, content in zip(parts[1::2], parts[2::2])]
 
 
+def same_messages(a: list, b: list) -> bool:
+    """Whether two lists of messages render alike: a message key holding None is none (the chat template never sees
+    it: transformers drops such keys), as in JSON Lines written from Arrow (Dataset.to_json), where one side's messages
+    carry `"tool_calls": null` because the other side's have calls."""
+    def plain(m):
+        return {k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m
+    return len(a) == len(b) and all(plain(x) == plain(y) for x, y in zip(a, b))
+
+
 def _split_conversations(chosen: list, rejected: list, source, where):
     """Shared leading messages -> prompt; the rest of each side (starting at an assistant turn) -> completions."""
     n = 0
-    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+    while n < min(len(chosen), len(rejected)) and same_messages(chosen[n:n + 1], rejected[n:n + 1]):
         n += 1
     if n == len(chosen) == len(rejected):
         return chosen, [], []  # identical conversations: the caller drops the pair
@@ -242,7 +251,7 @@ def normalize_preferences(rows, where, source, part_of: list[int] | None = None)
         elif is_conv != conversational:
             bad_row(source, w, "mixes text and conversation pairs (earlier rows are "
                             f"{'conversations' if conversational else 'text'})")
-        if chosen == rejected:
+        if same_messages(chosen, rejected) if is_conv else chosen == rejected:
             identical += 1
             continue
         pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected}

@@ -215,6 +215,8 @@ def refused_in_training(config) -> tuple[str, str] | None:
         return "use_liger_kernel", "needs liger-kernel >= 0.3.0 (pip install liger-kernel), which is not installed"
     for key, valid in TRAINING_CHOICES.items():
         value = getattr(config, key, valid[0])  # RLOOConfig has none of them
+        if key == "scale_rewards" and getattr(config, "multi_objective_aggregation", None) == "normalize_then_sum":
+            continue  # GRPOTrainer reads scale_rewards only when it sums before normalising
         if value not in valid:
             return key, f"'{value}' is not a {type(config).__name__} {key} (one of: {', '.join(valid)})"
     return None

@@ -751,18 +751,3 @@ def test_the_types_past_the_pad_are_those_whose_transformers_source_says_so():
         config = AutoConfig.for_model(model_type, max_position_embeddings=514, pad_token_id=7)
         assert positions_skipped(config) == (int(fixed[1]) if fixed else 7) + 1, model_type
 
-
-def test_a_prompt_ending_in_an_assistant_turn_is_continued_as_trl_renders_it(tmp_path):
-    """A prompt whose last message is the assistant's (a prefilled reply) is continued, as TRL's
-    maybe_apply_chat_template does (continue_final_message): the turn stays open and no new one follows. A prompt
-    ending in a user turn still gets the assistant's header."""
-    from transformers import AutoTokenizer
-
-    from pipeline.generation import render_prompt
-
-    user_model(tmp_path / "m")
-    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
-    prefilled = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "The answer is"}]
-    assert render_prompt(tok, prefilled) == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2 + "
-                                             "2?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nThe answer is")
-    assert render_prompt(tok, prefilled[:1]).endswith("<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")

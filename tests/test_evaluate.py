@@ -1160,3 +1160,31 @@ def test_replies_stop_at_the_templates_end_of_turn_when_it_is_not_the_eos(eos_li
     # a tool turn follows the template's end of turn (it fell back to ChatML's, with a warning)
     turn = tool_turn_text(tok, [*prompt, {"role": "assistant", "content": "x"}], [{"role": "tool", "content": "4"}])
     assert turn == "\n<start_of_turn>tool\n4<end_of_turn>\n<start_of_turn>model\n"
+
+
+def test_tool_prompts_past_a_position_tables_end_stop_in_one_line(tiny_run, tool_work, monkeypatch, capsys):
+    """eval's tool prompts only warned past a model's positions, so a GPT-2-like checkpoint (a table of positions)
+    stopped mid-rollout with an IndexError traceback. They now stop in one line naming the prompts, the budget key
+    and the checkpoint, as eval's plain prompts do, and leave nothing behind."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    work, _, _ = tiny_run
+    gpt = tool_work / "gpt"
+    tokenizer = AutoTokenizer.from_pretrained(work / "runs/tiny/sft")
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64)) \
+        .save_pretrained(gpt)
+    tokenizer.save_pretrained(gpt)
+    monkeypatch.chdir(tool_work)
+    tools = {**TOOLS, "tools": [{**t, "source": str(tool_work / "runs/tiny/diffusion")} for t in TOOLS["tools"]]}
+    recipe = tiny_recipe(tool_work, run={"name": "positions"}, world={"n_tool_eval": 3}, tools=tools,
+                         eval={**SMALL_EVAL, "max_prompts": 2, "num_samples": 0, "perplexity_data": "",
+                               "max_new_tokens": 4, "checkpoints": [str(gpt)], "tool_max_total_tokens": 100,
+                               "tool_samples": 0})
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_main(evaluate.main, [str(recipe)])
+    assert exit_info.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: world:tool_eval: prompt 1 \(\d+ tokens; 3 of 3 prompts run past\) with a reply of up "
+                        rf"to eval.tool_max_total_tokens=100 tokens does not fit .*'s table of 64 positions \({gpt}\): "
+                        rf".*", line), line
+    assert not (tool_work / "runs/positions").exists()

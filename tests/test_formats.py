@@ -822,6 +822,22 @@ def test_a_pair_differing_only_in_a_null_argument_is_kept(tmp_path, recipe):
     assert json.loads(ds[0]["chosen"][0]["tool_calls"][0]["function"]["arguments"]) == {"a": 1, "b": None}
 
 
+def test_implicit_pairs_written_from_arrow_share_a_prompt_whose_messages_differ_by_none_keys(tmp_path, recipe):
+    """JSON Lines written from Arrow (Dataset.to_json) give every message of a column the keys any of them has: the
+    side with a tool call has `"tool_calls": null` on its prompt's messages, the other side not. The chat template
+    never sees a key holding None, so the prompt is shared; before, such a pair stopped with "share no prompt"."""
+    user = {"role": "user", "content": "draw"}
+    call = {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+    rows = [{"chosen": [{**user, "tool_calls": None}, call],
+             "rejected": [user, {"role": "assistant", "content": "no"}], "tools": [{"name": "f"}]},
+            {"chosen": [{**user, "tool_calls": None}, {"role": "assistant", "content": "yes", "tool_calls": None}],
+             "rejected": [user, {"role": "assistant", "content": "yes"}]}]
+    ds, info = preferences.load_preferences(write_jsonl(tmp_path / "p.jsonl", rows), recipe)
+    assert info["pairs"] == 1 and info["identical_dropped"] == 1  # the second pair's sides render alike
+    assert [m["content"] for m in ds[0]["prompt"]] == ["draw"] and ds[0]["rejected"][0]["content"] == "no"
+
+
 def test_arrow_filled_in_nulls_are_dropped_from_saved_and_hub_datasets(tmp_path, recipe, monkeypatch):
     """A saved dataset, an .arrow file and a hub dataset are read as Parquet is (files.arrow_rows): objects inside a
     cell lose the keys Arrow gave them from other rows."""

@@ -686,6 +686,16 @@ def test_trl_args_trl_refuses_only_in_training_stop_before_any_stage(user, monke
     assert str(err.value) == f"override '{override}': section 'ppo' {expected}"
 
 
+def test_scale_rewards_is_not_checked_where_grpo_never_reads_it(user):
+    """GRPOTrainer reads scale_rewards only when it sums the rewards before normalising (multi_objective_aggregation
+    sum_then_normalize): under normalize_then_sum TRL trains with any value, and so does the stage."""
+    from pipeline import check
+
+    recipe = load_recipe(grpo_recipe(user), ["ppo.trl_args={scale_rewards: std, "
+                                             "multi_objective_aggregation: normalize_then_sum}"])
+    check.check_stage_config(recipe, "ppo")  # no refusal
+
+
 def test_grpo_choices_checked_before_training_are_those_its_trainer_computes():
     import inspect
     import re
