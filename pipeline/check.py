@@ -17,13 +17,12 @@ from pathlib import Path
 from pipeline import cluster, cost_check, integrity, llamafactory, reference_free, runs
 from pipeline.memory import estimate_memory, human, model_shape, profile_of
 from pipeline.cli import PipelineError, typed_line
-from pipeline.stages import STAGES
+from pipeline.stages import SAMPLE_ROWS, STAGES
 from pipeline.vllm_engine import uses_vllm
 
 # ---------------------------------------------------------------------------------------------- checking
 
 
-SAMPLE_ROWS = 500  # rows of a local dataset that --check runs through the stage's own loader
 
 
 def _resolve_problem(spec: str, recipe) -> str | None:
@@ -164,13 +163,15 @@ def _tool_parser_problem(recipe, stage: str, keys, cp) -> str | None:
 def python_tool_problems(recipe) -> list[str]:
     """The recipe's `python` tools made as the stages that run tools make them (the recipe allows their code:
     `tools.allow_code`): a function whose schema cannot be made (no docstring, no such module) is an error now."""
+    from pipeline.key_checks import source_of
     from pipeline.tools import check_section, recipe_python_tool
 
-    problems, where = [], str(recipe.path)
-    for i, entry in enumerate(check_section(dataclasses.asdict(recipe.tools), where)):
+    problems, where = [], str(recipe.path)  # the recipe's folder: where python tools import from
+    for i, entry in enumerate(check_section(dataclasses.asdict(recipe.tools), where, recipe)):
         if entry["backend"] == "python":
             try:
-                recipe_python_tool(entry, f"tools.tools[{i}]", recipe.tools.timeout_s, where)
+                recipe_python_tool(entry, f"tools.tools[{i}]", recipe.tools.timeout_s, where,
+                                   source_of(recipe, "tools", "tools"))
             except PipelineError as err:
                 problems.append(str(err))
     return problems
@@ -178,15 +179,19 @@ def python_tool_problems(recipe) -> list[str]:
 
 def check_stage_config(recipe, stage: str) -> None:
     """A stage's settings checks that hold on any machine (a login node has no GPU): its config class's own, and
-    eval's key rules (it has no config class). The runner makes them for every planned stage before the first starts,
-    --check for each stage; PipelineError on the first problem."""
+    eval's and ppo's key rules. The runner makes them for every planned stage before the first starts, --check for
+    each stage; PipelineError on the first problem."""
     recipe.check_config(stage, portable=True)
     if stage == "dpo":
         reference_free.check(recipe, stage)
-    if stage == "ppo" and (cfg := recipe.trainer_config(stage)).algorithm != "ppo":  # TRL's config checks too
-        from pipeline.trl_online import trl_config
+    if stage == "ppo":  # the keys that stop the stage at its start whatever its data; grpo/rloo: TRL's checks too
+        from pipeline.ppo_config import check_key_conflicts
 
-        trl_config(recipe, cfg, str(recipe.stage_dir(stage)))
+        check_key_conflicts(recipe, cfg := recipe.trainer_config(stage), recipe.keys(stage))
+        if cfg.algorithm != "ppo":
+            from pipeline.trl_online import trl_config
+
+            trl_config(recipe, cfg, str(recipe.stage_dir(stage)))
     if stage == "eval":
         from pipeline.evaluate import check_keys
 
@@ -297,7 +302,7 @@ def check_stage(recipe, stage: str, launch: cluster.Launch, device_memory: int |
         est = estimate_memory(shape, launch, profile=profile_of(recipe, stage), per_device=per_device,
                               seq_len=seq_len, mixed=_mixed(recipe, stage, fields),
                               weight_bytes=_weight_bytes(recipe), peft=recipe.peft_values(stage) if spec.peft else {},
-                              grad_ckpt=bool(_config_value(recipe, stage, fields, "gradient_checkpointing", False)),
+                              grad_ckpt=bool(_checkpointing(recipe, stage, fields)),
                               attn=recipe.model.attn_implementation)
         lines.append(f"memory per device: {est.describe()}")
         lines += [f"  {n}" for n in est.notes]
@@ -331,6 +336,12 @@ def _fields(stage):
 
 def _config_value(recipe, stage, fields, name, default):
     return recipe.config_default(stage, name) if name in fields else default
+
+
+def _checkpointing(recipe, stage, fields):
+    """Activation checkpointing by either of transformers' names, the new one first (values.RENAMED_FIELDS)."""
+    value = _config_value(recipe, stage, fields, "activation_checkpointing", None)
+    return _config_value(recipe, stage, fields, "gradient_checkpointing", False) if value is None else value
 
 
 def _mixed(recipe, stage, fields) -> bool:
@@ -411,8 +422,11 @@ def local_device_memory() -> int | None:
 
 def _judge_described(recipe, source: str, will_run, key: str) -> str:
     """The image judge a stage reads (ppo.image_judge): its folder, or that the stage writing it runs first."""
+    from pipeline.key_checks import source_of
     from pipeline.tools import judge_folder
 
     if source in recipe.stages and source in will_run:
         return f"{source} (image judge: judge/ of a stage that runs first)"
-    return f"{source} (image judge: {judge_folder(source, recipe.run_dir, key, str(recipe.path))})"
+    stage, name = key.split(".")  # the stage's own key, else the judge its tools name (tools.judge_source)
+    where = source_of(recipe, stage, name) if name in recipe.section(stage) else source_of(recipe, "tools", "tools")
+    return f"{source} (image judge: {judge_folder(source, recipe.run_dir, key, where)})"

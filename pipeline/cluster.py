@@ -259,6 +259,7 @@ def process_group(cpu: bool = False):
     from accelerate import PartialState
     from accelerate.state import AcceleratorState
 
+    rejoin = {}  # how a state made anew joins the processes again
     if PartialState._shared_state:
         if not cpu or PartialState().device.type == "cpu":
             return PartialState()
@@ -266,11 +267,16 @@ def process_group(cpu: bool = False):
         # the group that state joined (NCCL on a GPU) outlives it, and a new state joins a running group as it finds
         # it: every process runs this, so all leave it here, and the CPU state joins them anew over gloo
         if torch.distributed.is_initialized():
+            # the new group joins under a fresh prefix of the launch's store: that store (torchrun's) keeps the old
+            # group's keys, and a new group under them read a process's old address before it had left (2 processes
+            # failed or hung so)
+            old_store = torch.distributed.distributed_c10d._get_default_store()
+            rejoin = {"store": torch.distributed.PrefixStore("use_cpu/", old_store)}
             torch.distributed.destroy_process_group()
     deepspeed, accelerator = launched_with_deepspeed(), accelerator_here()
     if not accelerator:  # `cpu` changes nothing here: the processes are on the CPU either way
         return PartialState(cpu=not deepspeed, **({"backend": "gloo"} if deepspeed else {}))
-    return PartialState(cpu=cpu)
+    return PartialState(cpu=cpu, **rejoin)
 
 
 def training_device() -> str:

@@ -1,9 +1,9 @@
 """`run.py --check`'s cost projection: GPU time, energy and CO2e of each training stage before it runs.
 
 From the recipe alone: the stage's model size (from its config, as the memory estimate), its optimizer steps
-(`max_steps`, or epochs over a world split of known size), the sequences per step (the global batch) and their
-length (`block_size` / `max_length`, or prompt + `max_new_tokens`: an upper bound, padding included), and an
-assumed throughput per GPU:
+(`max_steps`, or epochs over a world split or a list of them: sizes known), the sequences per step (the global
+batch) and their length (`block_size` / `max_length`, or prompt + `max_new_tokens`: an upper bound, padding
+included), and an assumed throughput per GPU:
 
     FLOPs    = factor x parameters x tokens           tokens = steps x sequences per step x sequence length
     factor   = sequences per example x (6 per trained model (4 with LoRA: no weight gradients) x epochs per batch
@@ -114,13 +114,21 @@ def training_steps(recipe, stage: str, keys, sequences_per_step: int) -> tuple[i
     max_steps = recipe.config_default(stage, "max_steps")
     if max_steps and max_steps > 0:
         return int(max_steps), "max_steps"
-    dataset = getattr(keys, "dataset", None)
-    split = dataset.split(":", 1)[1] if isinstance(dataset, str) and dataset.startswith("world:") else None
+    rows = known_rows(recipe, getattr(keys, "dataset", None))
     epochs = recipe.config_default(stage, "num_train_epochs") if "num_train_epochs" in _fields(stage) else None
-    if split in WORLD_ROWS and epochs:
-        rows = getattr(recipe.world, WORLD_ROWS[split])
+    if rows is not None and epochs:
         return math.ceil(epochs * math.ceil(rows / sequences_per_step)), f"{epochs:g} epochs over {rows} rows"
     return None, "set max_steps (epochs over a dataset of unknown size)"
+
+
+def known_rows(recipe, dataset) -> int | None:
+    """The rows of a world split, or of a list of them (the stage trains on all their rows, concatenated); None
+    for any other dataset: its size is unknown before it is read."""
+    specs = dataset if isinstance(dataset, list) else [dataset]
+    splits = [s.split(":", 1)[1] if isinstance(s, str) and s.startswith("world:") else None for s in specs]
+    if not splits or not all(split in WORLD_ROWS for split in splits):
+        return None
+    return sum(getattr(recipe.world, WORLD_ROWS[split]) for split in splits)
 
 
 def _fields(stage):

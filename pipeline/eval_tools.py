@@ -31,11 +31,11 @@ from tqdm.auto import tqdm
 from pipeline import data, log, metrics as M, tool_world
 from pipeline.cli import PipelineError
 from pipeline.formats import as_messages, bad_row, tools_of
-from pipeline.generation import (prompt_ids, refuse_past_position_table, same_tokenizer, token_logprobs,
-                                 warn_past_context)
+from pipeline.generation import prompt_ids, same_tokenizer, token_logprobs
 from pipeline.images import PROPERTIES
 from pipeline.reward_model import offered_tools
-from pipeline.tool_rollout import BUDGET_MESSAGE, generate_with_tools, offered_views, stage_toolbox
+from pipeline.key_checks import source_of, where_set
+from pipeline.tool_rollout import BUDGET_MESSAGE, generate_with_tools, offered_views, recipe_toolbox, stage_toolbox
 
 DRAW_KINDS = ("draw", "draw_sum")
 
@@ -51,6 +51,7 @@ class ToolPlan:
     rows: list                  # the prompts
     judge: Path | None          # the image judge's folder, when draw tasks are verified
     tools: list                 # the recipe's tool names
+    schemas: list               # per prompt: the tool schemas it offers, rendered with it (None: none)
 
 
 def is_verified(row: dict) -> bool:
@@ -81,16 +82,18 @@ def expect_problem(row: dict) -> str | None:
 
 
 def plan(recipe, keys) -> ToolPlan:
-    """Read and check the tool prompts and what verifying them needs; one line naming the file and key if not."""
-    from pipeline.tools import ImageStore, judge_folder, judge_source, tools_from_config, unknown_tool
+    """Read and check the tool prompts and what verifying them needs; one line naming where the key was set (its
+    override, else the recipe file) and the key if not."""
+    from pipeline.tools import ImageStore, judge_folder, judge_source, unknown_tool
 
-    where_key = f"{recipe.path}: eval.tool_prompts"
+    def set_at(tools_key: str) -> str:  # the last override that set the prompts or that tools key, else the recipe
+        return where_set(recipe, [("eval", "tool_prompts"), ("tools", tools_key)])
+
     if not recipe.tools.tools:
-        raise PipelineError(f"{where_key}: the recipe has no tools (section `tools`) for the policy to call; add "
-                            f"them or leave tool_prompts empty")
+        raise PipelineError(f"{set_at('tools')}: eval.tool_prompts: the recipe has no tools (section `tools`) for the "
+                            f"policy to call; add them or leave tool_prompts empty")
     # the tools as the stage will build them (stage folders looked up now, before anything is written)
-    box = tools_from_config(dataclasses.asdict(recipe.tools), run_root=recipe.run_dir, store=ImageStore(None),
-                            where=str(recipe.path))
+    box = recipe_toolbox(recipe, ImageStore(None))
     rows, where, source = data.read_rows(keys.tool_prompts, recipe)
     if keys.tool_max_prompts:
         rows, where = rows[:keys.tool_max_prompts], where[:keys.tool_max_prompts]
@@ -105,17 +108,22 @@ def plan(recipe, keys) -> ToolPlan:
             bad_row(source, w, f"tool {missing!r} is not among the recipe's tools ({', '.join(box.tools)})")
     kinds = Counter(r["kind"] for r in rows if is_verified(r))
     if kinds["read"] and not recipe.tools.world_gallery:
-        raise PipelineError(f"{recipe.path}: tools.world_gallery: {keys.tool_prompts} has {kinds['read']} read "
-                            f"tasks about the world's gallery images, which the tools see only with "
-                            f"tools.world_gallery: true")
+        raise PipelineError(f"{set_at('world_gallery')}: tools.world_gallery: {keys.tool_prompts} has "
+                            f"{kinds['read']} read tasks about the world's gallery images, which the tools see only "
+                            f"with tools.world_gallery: true")
     draws = sum(kinds[k] for k in DRAW_KINDS)
     judge = None
     if draws:
         if not (source := judge_source(recipe.tools)):
-            raise PipelineError(f"{where_key}: {keys.tool_prompts} has draw tasks, verified by the image judge, but "
-                                f"the recipe has no image tool to find one by (an image_judge or diffusion tool)")
-        judge = judge_folder(source, recipe.run_dir, "tools (the image judge of draw tasks)", str(recipe.path))
-    return ToolPlan(keys.tool_prompts, rows, judge, list(box.tools))
+            raise PipelineError(f"{set_at('tools')}: eval.tool_prompts: {keys.tool_prompts} has draw tasks, verified "
+                                f"by the image judge, but the recipe has no image tool to find one by (an image_judge "
+                                f"or diffusion tool)")
+        judge = judge_folder(source, recipe.run_dir, "tools (the image judge of draw tasks)",
+                             source_of(recipe, "tools", "tools"))
+    # each row offers its own tools (its `tools`, as ppo offers them: null or [] is none), a row without the column
+    # every tool of the recipe
+    schemas = [offer if "tools" in row else box.schemas() for row, offer in zip(rows, offered_tools(rows))]
+    return ToolPlan(keys.tool_prompts, rows, judge, list(box.tools), schemas)
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -207,10 +215,7 @@ class ToolEval:
             self.judge = ImageJudge.load(tool_plan.judge)
         self.plan, self.keys, self.seed, self.device = tool_plan, keys, seed, device
         self.rows = tool_plan.rows
-        # each row offers its own tools (its `tools`, as ppo offers them: null or [] is none), a row without the
-        # column every tool of the recipe
-        self.offers = offered_views(self.toolbox, [offer if "tools" in row else self.toolbox.schemas()
-                                                   for row, offer in zip(self.rows, offered_tools(self.rows))])
+        self.offers = offered_views(self.toolbox, tool_plan.schemas)
         self.reference = None  # the reference LoadedModel, set by the caller when the KL is measured
         self.runs: dict[str, ToolRun] = {}
 
@@ -239,13 +244,6 @@ class ToolEval:
         # images/<name>/: what it draws depends on it alone, not on how many calls the checkpoints before it made
         self.toolbox.restart(0)
         self.store.restart(self.images / name)
-        lengths = [len(prompt_ids(lm.tokenizer, r["prompt"], offer and offer.schemas()))
-                   for r, offer in zip(self.rows, self.offers)]
-        warn_past_context(lm.model, lm.tokenizer, lengths,
-                          self.keys.tool_max_total_tokens, f"{name}: tool prompts")
-        refuse_past_position_table(lm.model, lm.tokenizer, lengths, self.keys.tool_max_total_tokens,
-                                   prompts=self.keys.tool_prompts, budget="eval.tool_max_total_tokens", name=name,
-                                   path=lm.path)
         greedy = self.rollouts(lm, list(range(len(self.rows))), False, f"{name}: tool prompts", engine)
         verdicts = [tool_world.verify(row, g["calls"], g["final"], self.judge, self.store) if is_verified(row)
                     else None for row, g in zip(self.rows, greedy)]

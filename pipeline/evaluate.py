@@ -48,6 +48,7 @@ from pipeline.eval_metrics import (EvalSetup, checkpoint_metrics, collapse_check
                                    win_matrix)
 from pipeline.generation import (generate, held_out_perplexity, prompt_ids, refuse_past_position_table,
                                  reply_logprob_sums, warn_past_context)
+from pipeline.model_configs import checkpoint_config
 from pipeline.recipe import load_recipe, stage_help
 from pipeline.reward_model import (RewardModel, check_reads, checkpoint_head, offered_tools, refuse_causal_head,
                                    tools_of)
@@ -86,9 +87,11 @@ class Target:
 
 
 def check_keys(recipe, keys) -> None:
+    where = lambda *names: key_checks.key_prefix(recipe, "eval", *names)  # noqa: E731 (an override that set one)
     rules = [("max_new_tokens", keys.max_new_tokens >= 1, "at least 1"),
              ("num_samples", keys.num_samples >= 0, "0 or more"),
-             ("temperature", keys.temperature > 0, "positive"),
+             ("temperature", keys.temperature > 0, "positive (each prompt's greedy reply is made anyway; for "
+                                                   "greedy replies only, set eval.num_samples: 0 instead)"),
              ("top_p", 0 < keys.top_p <= 1, "in (0, 1]"),
              ("batch_size", keys.batch_size >= 1, "at least 1"),
              ("max_prompts", keys.max_prompts is None or keys.max_prompts >= 1, "at least 1 (or empty: all)"),
@@ -100,15 +103,15 @@ def check_keys(recipe, keys) -> None:
              ("max_tool_calls", keys.max_tool_calls >= 1, "at least 1"),
              ("tool_max_new_tokens", keys.tool_max_new_tokens >= 1, "at least 1"),
              ("tool_max_total_tokens", keys.tool_max_total_tokens >= keys.tool_max_new_tokens,
-              "at least tool_max_new_tokens"),
+              "at least tool_max_new_tokens", "tool_max_new_tokens"),  # the bound is a key too: either may be at fault
              ("tool_samples", keys.tool_samples >= 0, "0 or more"),
              ("best_of_n", all(n >= 1 for n in keys.best_of_n), "a list of sample counts, each at least 1 "
                                                                   "(empty: no best-of-n)")]
-    for name, ok, want in rules:
+    for name, ok, want, *bound_keys in rules:
         if not ok:
-            raise cli.PipelineError(f"{recipe.path}: eval.{name} must be {want}, got {getattr(keys, name)!r}")
+            raise cli.PipelineError(f"{where(name, *bound_keys)}{name} must be {want}, got {getattr(keys, name)!r}")
     if not keys.checkpoints:
-        raise cli.PipelineError(f"{recipe.path}: eval.checkpoints is empty and the recipe has no model stage "
+        raise cli.PipelineError(f"{where('checkpoints')}checkpoints is empty and the recipe has no model stage "
                                 f"to evaluate: name stages or model folders, e.g. eval.checkpoints=[runs/x/sft]")
 
 
@@ -120,6 +123,7 @@ def load_prompts(recipe, keys) -> tuple[list[dict], list[str]]:
     rows = data.CHECKS["eval_prompts"]([dict(r) for r in rows], where, source)
     for i, row in enumerate(rows):
         row["id"] = str(row.get("id") or f"prompt-{i + 1}")
+    data.warn_unread_completions(rows, source)
     return rows, where
 
 
@@ -138,8 +142,8 @@ def load_perplexity_rows(recipe, keys) -> tuple[list[dict] | None, list[str] | N
 def check_model(recipe, cp: runs.Checkpoint, key: str, reward: bool = False) -> None:
     """Fail before anything is written when a checkpoint cannot be what `key` needs."""
     if cp.path is None:
-        raise cli.PipelineError(f"{recipe.path}: eval.{key}: '{cp.ref}' is a new model built from `model.config`: "
-                                f"nothing trained to evaluate")
+        raise cli.PipelineError(f"{key_checks.key_prefix(recipe, 'eval', key)}{key}: '{cp.ref}' is a new model "
+                                f"built from `model.config`: nothing trained to evaluate")
     head, named = checkpoint_head(recipe, cp), f"{key_checks.key_prefix(recipe, 'eval', key)}{key}: {cp.path}"
     if head is None:
         if cp.source == "hub":  # neither the hub nor the cache has its config: loading it says why
@@ -159,8 +163,8 @@ def targets_of(recipe, run, keys) -> tuple[list[Target], str]:
     for t in targets:
         check_model(recipe, t.checkpoint, "checkpoints")
         if t.checkpoint.path in by_path:
-            raise cli.PipelineError(f"{recipe.path}: eval.checkpoints: '{by_path[t.checkpoint.path]}' and "
-                                    f"'{t.name}' are the same model")
+            raise cli.PipelineError(f"{key_checks.key_prefix(recipe, 'eval', 'checkpoints')}checkpoints: "
+                                    f"'{by_path[t.checkpoint.path]}' and '{t.name}' are the same model")
         by_path[t.checkpoint.path] = t.name
     base = run.checkpoint("baseline")
     if base.path not in by_path:
@@ -170,6 +174,25 @@ def targets_of(recipe, run, keys) -> tuple[list[Target], str]:
     for t in targets:
         t.name = names[t.checkpoint.path]
     return targets, names[base.path]
+
+
+def check_positions(recipe, keys, target: Target, rows, tool_plan) -> None:
+    """Warn where replies to the prompts (and tool prompts) would run past the checkpoint's positions; stop in one
+    line where its model reads them from a table (it would stop mid-generation). Read off its config, for every
+    checkpoint before any generates: an earlier checkpoint's work is not lost to a later one's refusal."""
+    cp = target.checkpoint
+    config = checkpoint_config(recipe, cp.path, recipe.model.revision if cp.source == "hub" else None)
+    if config is None:
+        return
+    checked = [(keys.prompts, rows, offered_tools(rows), "max_new_tokens", target.name)]
+    if tool_plan is not None:
+        checked.append((keys.tool_prompts, tool_plan.rows, tool_plan.schemas, "tool_max_total_tokens",
+                        f"{target.name}: tool prompts"))
+    for spec, prompt_rows, offers, key, what in checked:
+        lengths = [len(prompt_ids(target.tokenizer, r["prompt"], t)) for r, t in zip(prompt_rows, offers)]
+        warn_past_context(config, target.tokenizer, lengths, getattr(keys, key), what)
+        refuse_past_position_table(config, target.tokenizer, lengths, getattr(keys, key), prompts=spec,
+                                   budget=f"eval.{key}", name=target.name, path=target.checkpoint.path)
 
 
 # ---------------------------------------------------------------------------------------------- models at work
@@ -238,10 +261,6 @@ def generate_replies(keys, target: Target, lm: LoadedModel, rows, ppl_rows, refe
     model, tokenizer = lm.model, lm.tokenizer
     prompts = [row["prompt"] for row in rows]
     offers = offered_tools(rows)  # a prompt's own tools are rendered with it, as ppo renders them (and rewards score)
-    lengths = [len(prompt_ids(tokenizer, p, t)) for p, t in zip(prompts, offers)]
-    warn_past_context(model, tokenizer, lengths, keys.max_new_tokens, target.name)
-    refuse_past_position_table(model, tokenizer, lengths, keys.max_new_tokens, prompts=keys.prompts,
-                               budget="eval.max_new_tokens", name=target.name, path=target.checkpoint.path)
     gen = dict(max_new_tokens=keys.max_new_tokens, batch_size=keys.batch_size, seed=seed, engine=engine, tools=offers)
     target.greedy = [r[0] for r in generate(model, tokenizer, prompts, desc=f"{target.name}: greedy", **gen)]
     target.correct = [judges.is_correct(row, r.text) for row, r in zip(rows, target.greedy)]
@@ -334,6 +353,7 @@ def main(argv):
                 log.warning(f"{target.name}: evaluated with the pipeline's chat template over its own "
                             f"(tokenizer.chat_template: {recipe.tokenizer.chat_template}); set it to `own` to "
                             f"evaluate it in its own format")
+            check_positions(recipe, keys, target, rows, tool_plan)
         run.prepare()
 
         metrics = {}

@@ -270,9 +270,14 @@ def perplexity_sequences(tokenizer, rows, max_len: int | None) -> list[tuple[lis
 
 
 def context_length(model, tokenizer=None) -> int | None:
+    """config_context of a loaded model."""
+    return config_context(model.config, tokenizer)
+
+
+def config_context(config, tokenizer=None) -> int | None:
     """The positions a language model was built for (its config's, else the tokenizer's model_max_length where that
     says one); None where neither does."""
-    if n := config_positions(model.config):
+    if n := config_positions(config):
         return n
     n = getattr(tokenizer, "model_max_length", None)  # a tokenizer that says none has 1e30
     return n if isinstance(n, int) and 0 < n < 10**9 else None
@@ -351,11 +356,11 @@ def refuse_past_positions(recipe, config, max_length: int | None, key: str) -> N
         raise PipelineError(f"{recipe.path}: {problem}")
 
 
-def warn_past_context(model, tokenizer, lengths: list[int], reply_tokens: int, what: str) -> None:
-    """Warn when prompts of `lengths` tokens with a reply of up to reply_tokens run past the model's positions: those
-    replies go where it never trained (a model with a table of positions fails there). eval keeps such prompts: every
-    checkpoint answers the same ones."""
-    context = context_length(model, tokenizer)
+def warn_past_context(config, tokenizer, lengths: list[int], reply_tokens: int, what: str) -> None:
+    """Warn when prompts of `lengths` tokens with a reply of up to reply_tokens run past the positions of the model
+    `config` describes: those replies go where it never trained (a model with a table of positions fails there). eval
+    keeps such prompts: every checkpoint answers the same ones."""
+    context = config_context(config, tokenizer)
     over = [n for n in lengths if context is not None and n + reply_tokens > context]
     if over:
         log.warning(f"{what}: {len(over)} of {len(lengths)} prompts (up to {max(over)} tokens) with a reply of up to "
@@ -363,26 +368,28 @@ def warn_past_context(model, tokenizer, lengths: list[int], reply_tokens: int, w
                     f"the reply's tokens or shorten the prompts")
 
 
-def past_position_table(model, tokenizer, lengths: list[int], reply_tokens: int) -> list[int]:
-    """The indices of the prompts (of `lengths` tokens) whose reply of up to `reply_tokens` runs past the model's
-    positions, where the model reads them from a table (GPT-2, OPT: has_position_table): generating there stops with
-    an index out of range. Empty for any other model (it answers, where it never trained: warn_past_context)."""
-    context = context_length(model, tokenizer)
-    if context is None or not has_position_table(model.config):
+def past_position_table(config, tokenizer, lengths: list[int], reply_tokens: int) -> list[int]:
+    """The indices of the prompts (of `lengths` tokens) whose reply of up to `reply_tokens` runs past the positions of
+    the model `config` describes, where it reads them from a table (GPT-2, OPT: has_position_table): generating there
+    stops with an index out of range. Empty for any other model (it answers, where it never trained:
+    warn_past_context)."""
+    context = config_context(config, tokenizer)
+    if context is None or not has_position_table(config):
         return []
     return [i for i, n in enumerate(lengths) if n + reply_tokens > context]
 
 
-def refuse_past_position_table(model, tokenizer, lengths: list[int], reply_tokens: int, *, prompts: str,
+def refuse_past_position_table(config, tokenizer, lengths: list[int], reply_tokens: int, *, prompts: str,
                                budget: str, name: str, path) -> None:
     """Where warn_past_context only warns, a model that reads positions from a table would stop with an index out of
-    range mid-generation: one line instead (eval's checkpoints answer the same prompts, so none is left out).
-    `prompts`: the file, `budget`: the key giving reply_tokens, `name` / `path`: the checkpoint."""
-    if over := past_position_table(model, tokenizer, lengths, reply_tokens):
+    range mid-generation: one line instead (eval's checkpoints answer the same prompts, so none is left out), read
+    off its `config` before any checkpoint generates. `prompts`: the file, `budget`: the key giving reply_tokens,
+    `name` / `path`: the checkpoint."""
+    if over := past_position_table(config, tokenizer, lengths, reply_tokens):
         raise PipelineError(
             f"{prompts}: prompt {over[0] + 1} ({lengths[over[0]]} tokens; {len(over)} of {len(lengths)} prompts "
             f"run past) with a reply of up to {budget}={reply_tokens} tokens does not fit {name}'s table of "
-            f"{context_length(model, tokenizer)} positions ({path}): shorten those prompts, lower {budget}, or leave "
+            f"{config_context(config, tokenizer)} positions ({path}): shorten those prompts, lower {budget}, or leave "
             f"the checkpoint out")
 
 

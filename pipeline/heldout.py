@@ -21,6 +21,7 @@ def heldout_rows(recipe, keys) -> list[dict] | None:
         return None
     ds = data.load(keys.heldout_prompts, "eval_prompts", recipe)
     rows = ds.select(range(min(len(ds), keys.heldout_max_prompts))).to_list()
+    data.warn_unread_completions(rows, keys.heldout_prompts)
     if not any(judges.has_verifier(row) for row in rows):
         log.info("%s has no reference answers: held-out scoring skipped", keys.heldout_prompts)
         return None
@@ -33,7 +34,7 @@ def verifier_accuracy(model, tokenizer, rows, *, max_new_tokens=48, batch_size=6
     and a held-out score must not cost its model."""
     lengths = [len(prompt_ids(tokenizer, r["prompt"], t)) for r, t in zip(rows, offered_tools(rows))] \
         if has_position_table(model.config) else []  # any other model answers them: no prompt rendered twice
-    if past := past_position_table(model, tokenizer, lengths, max_new_tokens):
+    if past := past_position_table(model.config, tokenizer, lengths, max_new_tokens):
         log.warning(f"{desc}: {len(past)} of {len(rows)} held-out prompts (row {past[0] + 1} first: {lengths[past[0]]} "
                     f"tokens) with a reply of up to {max_new_tokens} tokens run past the model's table of "
                     f"{context_length(model, tokenizer)} positions: left out")

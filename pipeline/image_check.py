@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pipeline import cluster, diffusion_launch, runs
 from pipeline.cli import PipelineError, built_from_config, typed_line
+from pipeline.stages import SAMPLE_ROWS
 
 GIB = 1 << 30
 
@@ -215,12 +216,28 @@ def activation_values(unet_cfg: dict, latent_res: int) -> int:
     return 24 * total
 
 
+def first_rows_problem(keys, section: dict) -> str | None:
+    """The diffusion stage's own reader (images.load_images) on the first SAMPLE_ROWS rows of its local metadata
+    file: a missing column or caption, or an image that does not decode, is the stage's line; the stage reads the
+    rest (decoding every image takes some ms each: minutes for a large set)."""
+    from pipeline import images
+
+    try:  # a row's verdict is the same at any channels and resolution: the section's own
+        channels = {**images.DEFAULT_UNET, **section.get("unet", {})}["in_channels"]
+        images.load_images(keys.dataset, keys.resolution, channels, max_rows=SAMPLE_ROWS,
+                           image_column=keys.image_column, caption_column=keys.caption_column)
+    except PipelineError as err:
+        return str(err)
+    return None
+
+
 def caption_and_judge_problems(recipe, stage: str, keys, ref: str | None, will_run=frozenset(),
                                captions: dict | None = None) -> list[str]:
     """What the stage reads besides its model, read as it reads them: caption files (DPO's dataset, held-out
-    captions), DPO's pairs of your own (their rows and that their image files exist; decoded by the stage) and its
-    image judge, which `--check` passed and the stage then refused after loading its model. `captions`, if given,
-    gets each key's (where, caption) rows read here (for caption_word_problems: read once)."""
+    captions), DPO's pairs of your own (their rows, that their image files exist, and the images of the first
+    SAMPLE_ROWS pairs decode) and its image judge, which `--check` passed and the stage then refused after loading its
+    model. `captions`, if given, gets each key's (where, caption) rows read here (for caption_word_problems: read
+    once)."""
     from pipeline import image_eval, image_files, image_pairs, images
 
     captions = {} if captions is None else captions
@@ -248,17 +265,19 @@ def caption_and_judge_problems(recipe, stage: str, keys, ref: str | None, will_r
         eval_file = image_pairs.pair_file(keys.eval_dataset)
         if problem := image_pairs.section_problem(keys, recipe.section(stage).get("rounds", 1), own, eval_file):
             out.append(f"{stage}.{problem}")
-        lost: list[str] = []  # a pairs file's first missing image file, noted in the pass that reads its rows
 
-        def note_missing(file, where: str):  # only a local file can be missing (not a hub dataset's, stored bytes)
-            if not lost and isinstance(file, Path) and not file.is_file():
+        def check_file(file, where: str):  # only a local file can be missing (not a hub dataset's, stored bytes)
+            if isinstance(file, Path) and not file.is_file():
                 lost.append(f"{where}: no image file {file}")
+            elif isinstance(path, Path) and len(decoded) < 2 * SAMPLE_ROWS:  # a local file's first pairs, decoded
+                # as the stage decodes them; an image's verdict is the same at any channels and resolution
+                decoded.append(image_files.check_decodes(file, path, where, channels=3, resolution=16))
 
         for key, path in (("dataset", own), ("eval_dataset", eval_file)):
-            lost.clear()
+            lost, decoded = [], []  # this file's missing image files and decoded images, in the pass over its rows
             try:  # pair_file read the columns only: a later row that does not read is said here
                 if path:
-                    _, texts, where, _ = image_pairs.pair_rows(path, note_missing)
+                    _, texts, where, _ = image_pairs.pair_rows(path, check_file)
                     captions[key] = [(f"{path}: {w}", text) for w, text in zip(where, texts)]
             except PipelineError as err:
                 out.append(f"{stage}.{key}: {err}")
@@ -355,6 +374,8 @@ def check_image_stage(recipe, stage: str, launch, device_memory: int | None, wil
                 lines.append(f"hub dataset {spec}: {len(hub_rows(spec)[0])} rows")
             except PipelineError as err:
                 errors.append(f"{stage}.dataset: {err}")
+        elif stage == "diffusion" and (problem := first_rows_problem(keys, section)):
+            errors.append(f"{stage}.dataset: {problem}")
     captions: dict = {}
     errors += caption_and_judge_problems(recipe, stage, keys, ref, will_run, captions)
     errors += caption_word_problems(recipe, stage, keys, ref, captions)

@@ -265,13 +265,17 @@ def columns(rows) -> list[str]:
 
 
 def read_image_rows(source: Path | str, resolution: int, channels: int, image_column: str | None = None,
-                    caption_column: str | None = None) -> FileImages:
+                    caption_column: str | None = None, max_rows: int | None = None) -> FileImages:
     """The images of a metadata file (.jsonl, .json, .csv, .parquet) or a hub dataset (its id), each decoded once:
     a missing column or caption or an image that does not decode (missing, truncated, not an image) raises
     PipelineError naming the file and the line. Columns: `image_column` / `caption_column` (as diffusers'
-    --image_column / --caption_column), else `file_name` or `image`, and `caption` or `text`."""
+    --image_column / --caption_column), else `file_name` or `image`, and `caption` or `text`. `max_rows`: the first
+    rows only."""
 
     rows, where = table_rows(source)
+    if max_rows is not None and len(rows) > max_rows:
+        rows = rows[:max_rows] if isinstance(rows, list) else rows.select(range(max_rows))
+        where = where[:max_rows]
     path = Path(source)  # for messages, and the folder that relative image paths start from
     if not rows:
         raise PipelineError(f"{path}: no rows")

@@ -153,9 +153,10 @@ class WorldImages:
         return self.images[idx, combo] * 2 - 1, captions
 
 
-def load_images(spec: str, resolution: int, channels: int, property_dropout: float = 0.0, **columns):
+def load_images(spec: str, resolution: int, channels: int, property_dropout: float = 0.0,
+                max_rows: int | None = None, **columns):
     """A training source for a dataset spec (see the module docstring); bad files and rows raise PipelineError.
-    `columns`: image_column / caption_column of a metadata file."""
+    `columns`: image_column / caption_column of a metadata file; `max_rows`: its first rows only (--check)."""
     if spec == WORLD_SPEC:
         return WorldImages(resolution, property_dropout) if channels == 1 else _Converted(
             WorldImages(16, property_dropout), resolution, channels)
@@ -167,7 +168,7 @@ def load_images(spec: str, resolution: int, channels: int, property_dropout: flo
     if source is None:
         raise PipelineError(f"dataset '{spec}': not found (expected {WORLD_SPEC}, a .jsonl / .csv / .parquet file, "
                             f"a folder with metadata.jsonl, .csv or .parquet, or a hub dataset id)")
-    return image_files.read_image_rows(source, resolution, channels, **columns)
+    return image_files.read_image_rows(source, resolution, channels, max_rows=max_rows, **columns)
 
 
 class _Converted:

@@ -15,7 +15,7 @@ import torch
 from pipeline import devices, faults
 from pipeline.cli import PipelineError, built_from_config, first_line
 from pipeline.formats import ObjectArguments
-from pipeline.key_checks import key_prefix, refusal_line
+from pipeline.key_checks import key_prefix, refusal_line, source_of
 from pipeline.values import closest
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -76,8 +76,8 @@ def load_tokenizer(recipe, checkpoint, corpus=None, as_saved: bool = False):
     elif tcfg.name_or_path:
         tok = tok_lib.load_tokenizer(tcfg.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
     else:
-        raise PipelineError(f"{recipe.path}: a model built from `model.config` needs `tokenizer.train: true` "
-                            f"or `tokenizer.name_or_path`")
+        raise PipelineError(f"{source_of(recipe, 'tokenizer', 'train', 'name_or_path')}: a model built from "
+                            f"`model.config` needs `tokenizer.train: true` or `tokenizer.name_or_path`")
     tok = tok if as_saved and checkpoint.path is not None else recipe_chat_template(recipe, tok)
     tok.apply_chat_template = ObjectArguments(tok.apply_chat_template)  # every render: ours, TRL's, vLLM's prompts
     return tok
@@ -144,8 +144,8 @@ def check_section(recipe) -> None:
     attn = recipe.model.attn_implementation
     known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
     if attn is not None and "/" not in attn and attn.removeprefix("paged|") not in known:  # org/repo: a hub kernel
-        raise PipelineError(f"{recipe.path}: model.attn_implementation: '{attn}' is not one of {', '.join(known)} "
-                            f"(or a kernels hub repo){closest(attn, known)}")
+        raise PipelineError(f"{key_prefix(recipe, 'model', 'attn_implementation')}attn_implementation: '{attn}' is not "
+                            f"one of {', '.join(known)} (or a kernels hub repo){closest(attn, known)}")
     if recipe.model.config:
         model_config(recipe)
     check_peft(recipe)
@@ -159,30 +159,30 @@ def model_config(recipe):
 
     from transformers import CONFIG_MAPPING, AutoConfig
 
+    source = lambda key: source_of(recipe, "model", key)  # noqa: E731 (`config.hidden_size`: its override, if any)
     cfg = dict(recipe.model.config)
     model_type = cfg.pop("model_type", "llama")
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:  # a list is named, not hashed
-        raise PipelineError(f"{recipe.path}: model.config.model_type: unknown '{model_type}'"
+        raise PipelineError(f"{source('config.model_type')}: model.config.model_type: unknown '{model_type}'"
                             f"{closest(str(model_type), list(CONFIG_MAPPING.keys()))}")
     cls = CONFIG_MAPPING[model_type]
     names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
     names |= set(getattr(cls, "attribute_map", {}))
     for key in cfg:
         if not isinstance(key, str):  # YAML reads `7:` or `true:` as a number or a boolean
-            raise PipelineError(f"{recipe.path}: model.config: key {key!r} is not a name")
+            raise PipelineError(f"{source(f'config.{key}')}: model.config: key {key!r} is not a name")
         close = difflib.get_close_matches(str(key), sorted(names), n=3, cutoff=0.8)
         if key not in names and not hasattr(cls, key) and close:
-            raise PipelineError(f"{recipe.path}: model.config: unknown key '{key}' for {model_type} "
+            raise PipelineError(f"{source(f'config.{key}')}: model.config: unknown key '{key}' for {model_type} "
                                 f"(closest: {', '.join(close)})")
-    # transformers takes these, but builds a model with no layers from num_hidden_layers: -2, divides by 0 heads or a
-    # 0 hidden_size, and torch cannot make a layer 10**30 wide
+    # transformers takes these, but -2 layers build none, 0 heads or hidden_size divide by 0, 10**30 is too wide
     for key, value in cfg.items():
         if (key.startswith("num_") or key.endswith("_size")) and type(value) is int:
             least = 1 if key.endswith("_heads") or key == "hidden_size" else 0
             if not least <= value < 2**31:
                 bound = f"{least} or more" if value < least else "below 2**31"
-                raise PipelineError(f"{recipe.path}: model.config.{key} must be {bound}, got {value}")
-    return built_from_config(lambda: AutoConfig.for_model(model_type, **cfg), f"{recipe.path}: model.config")
+                raise PipelineError(f"{source(f'config.{key}')}: model.config.{key} must be {bound}, got {value}")
+    return built_from_config(lambda: AutoConfig.for_model(model_type, **cfg), f"{source('config')}: model.config")
 
 
 def build_causal_lm(recipe, tokenizer):

@@ -34,11 +34,12 @@ import math
 from pipeline import cli, data, log, models, monitors, ppo_models, preferences, reward_rounds, runs, vllm_engine
 from pipeline.heldout import heldout_comparison, heldout_rows
 from pipeline.judges import with_answers
+from pipeline.key_checks import source_of
+from pipeline.ppo_config import check_key_conflicts
 from pipeline.ppo_tools import check_offers
 from pipeline.ppo_trainer import PPOTrainer
 from pipeline.reward_model import check_reads, checkpoint_head, offered_tools, refuse_causal_head
 from pipeline.recipe import load_recipe, stage_help
-from pipeline.stages import STAGES
 from pipeline.trl_online import train_trl
 
 STAGE = "ppo"
@@ -152,39 +153,31 @@ def check_keys(recipe, cfg, keys, prompts) -> None:
     if cfg.verifier_weight and "answer" not in prompts.column_names:
         raise cli.PipelineError(f"{keys.prompts}: ppo.verifier_weight needs prompts with answers; these are tool "
                                 f"tasks only (their gold score is image_verifier_weight's)")
-    if cfg.image_verifier_weight and not (recipe.tools.tools and any(offers)):
-        raise cli.PipelineError(f"{recipe.path}: ppo.image_verifier_weight rewards tool tasks: it needs a `tools` "
-                                f"section and prompts that offer tools (a `tools` column, e.g. world:tool_preference)")
+    if cfg.image_verifier_weight and not any(offers):  # the tools section: check_key_conflicts
+        raise cli.PipelineError(f"{keys.prompts}: ppo.image_verifier_weight rewards tool tasks: none of these prompts "
+                                f"offers tools (a `tools` column, e.g. world:tool_preference)")
     if cfg.reward_rounds > 1 and not reward_rounds.annotated_rows(prompts):
         raise cli.PipelineError(f"{keys.prompts}: ppo.reward_rounds needs prompts the world's annotator can judge "
                                 f"(world problems: a world skill with its answer) to label fresh samples; none is")
-    if cfg.reward_rounds > 1 and keys.reward_ensemble:
-        raise cli.PipelineError(f"{recipe.path}: ppo.reward_rounds fine-tunes one reward model; it does not run with "
-                                f"ppo.reward_ensemble")
     if cfg.reward_rounds > 1 and cfg.reward_round_replay and not reward_rounds.replayable(prompts):
         raise cli.PipelineError(f"{keys.prompts}: ppo.reward_round_replay replays the prompt data's preference pairs; "
                                 f"these prompts have no chosen/rejected (use preference data, or replay 0)")
-    if cfg.algorithm != "ppo" and keys.length_split > 1:
-        raise cli.PipelineError(f"{recipe.path}: ppo.length_split splits the forward passes of our PPO (algorithm: "
-                                f"ppo), not of {cfg.algorithm}")
     if cfg.algorithm != "ppo" and recipe.tools.tools and any(offers):
         from pipeline.trl_tools import check_grpo_tools
 
         check_grpo_tools(recipe, cfg, keys, prompts)
 
 
-def check_implicit_reward(recipe, cfg, init, implicit) -> None:
+def check_implicit_reward(recipe, init, implicit) -> None:
     """DPO's implicit reward is beta log pi_dpo/pi_ref with pi_ref the model DPO started from: PPO's reference (its
     init_from) must be that model. A folder that is no stage of ours says nothing of its start: taken as given."""
-    if cfg.algorithm != "ppo":
-        raise cli.PipelineError(f"{recipe.path}: ppo.implicit_reward is a per-token reward of our PPO "
-                                f"(algorithm: ppo), not of {cfg.algorithm}")
     started = runs.trained_from(implicit.path)
     init_path = init.path if init.source == "hub" or init.path is None else str(Path(init.path).resolve())
     if started is not None and init_path is not None and started != init_path:
-        raise cli.PipelineError(f"{recipe.path}: ppo.implicit_reward `{implicit.ref}` was tuned from {started}, but "
-                                f"ppo starts from {init.path}: its implicit reward is measured against the model it "
-                                f"started from, so set ppo.init_from to that model")
+        raise cli.PipelineError(f"{source_of(recipe, STAGE, 'implicit_reward', 'init_from')}: ppo.implicit_reward "
+                                f"`{implicit.ref}` was tuned from {started}, but ppo starts from {init.path}: its "
+                                f"implicit reward is measured against the model it started from, so set ppo.init_from "
+                                f"to that model")
 
 
 def train_ppo(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpoints, implicit=None,
@@ -202,9 +195,7 @@ def main(argv):
     vllm_engine.check(recipe, server_ok=cfg.algorithm != "ppo")  # TRL's trainers can also use a vLLM server
     if cfg.algorithm == "ppo":
         ppo_models.on_cpu(cfg)  # use_cpu under a DeepSpeed launch: one line, before anything is written
-    if keys.reward_model in STAGES and keys.reward_model not in recipe.stages:
-        raise cli.PipelineError(f"{recipe.path}: ppo.reward_model is the `{keys.reward_model}` stage, but the recipe "
-                                f"has no `{keys.reward_model}` section: add one, or name a saved reward model folder")
+    check_key_conflicts(recipe, cfg, keys)  # also the runner's and --check's, before any stage starts
     with runs.StageRun(recipe, STAGE) as run:
         prompts, info, places = read_prompts(keys.prompts, recipe, keys.columns, pairs=cfg.reward_round_replay > 0,
                                              places=True)
@@ -221,8 +212,8 @@ def main(argv):
             if cp.path:
                 refuse_causal_head(recipe, STAGE, key, cp, checkpoint_head(recipe, cp))
         if init.path is None:
-            raise cli.PipelineError(f"{recipe.path}: ppo.init_from is a new model from `model.config`; "
-                                    f"start PPO from a trained checkpoint (e.g. sft)")
+            raise cli.PipelineError(f"{source_of(recipe, STAGE, 'init_from')}: ppo.init_from is a new model from "
+                                    f"`model.config`; start PPO from a trained checkpoint (e.g. sft)")
         if cfg.algorithm != "ppo" and cfg.kl_coef and not peft_values.get("use_peft") \
                 and models.is_adapter(models.model_path(init.path)):
             raise cli.PipelineError(f"{init.path}: a LoRA adapter saved without merge_adapter: ppo.algorithm "
@@ -231,7 +222,7 @@ def main(argv):
                                     f"merge_adapter: true, or set ppo.use_peft: true or ppo.kl_coef: 0")
         implicit = run.checkpoint("implicit_reward") if keys.implicit_reward else None
         if implicit is not None:
-            check_implicit_reward(recipe, cfg, init, implicit)
+            check_implicit_reward(recipe, init, implicit)
         tokenizer = models.load_tokenizer(recipe, init)  # checked here, then the policy's
         models.check_chat_template(tokenizer, {data.spec_name(keys.prompts): (prompts, places)})  # a mixture: dict
         if recipe.tools.tools and "tools" in prompts.column_names and any(prompts["tools"]):

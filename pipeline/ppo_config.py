@@ -9,6 +9,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pipeline.cli import PipelineError
+from pipeline.key_checks import source_of, where_set
+from pipeline.stages import STAGES
+
 
 TOOL_TURN_TOKENS = 64  # room for one tool turn in the default max_total_tokens
 # our PPO's advantages without a critic that take a baseline from the other replies to the same prompt (rl.py)
@@ -158,6 +162,29 @@ class PPOConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_key_conflicts(recipe, cfg: PPOConfig, keys) -> None:
+    """The section's keys that cannot run together, told from the recipe alone (no data, no model): the stage checks
+    them at its start, and the runner and --check before any stage starts (check.check_stage_config), so a plan
+    stops before the stages upstream of ppo train. One line each, naming the override that set a key, else the
+    recipe file."""
+    if cfg.algorithm != "ppo" and keys.length_split > 1:
+        raise PipelineError(f"{source_of(recipe, 'ppo', 'algorithm', 'length_split')}: ppo.length_split splits the "
+                            f"forward passes of our PPO (algorithm: ppo), not of {cfg.algorithm}")
+    if cfg.algorithm != "ppo" and keys.implicit_reward:
+        raise PipelineError(f"{source_of(recipe, 'ppo', 'algorithm', 'implicit_reward')}: ppo.implicit_reward is a "
+                            f"per-token reward of our PPO (algorithm: ppo), not of {cfg.algorithm}")
+    if cfg.reward_rounds > 1 and keys.reward_ensemble:
+        raise PipelineError(f"{source_of(recipe, 'ppo', 'reward_rounds', 'reward_ensemble')}: ppo.reward_rounds "
+                            f"fine-tunes one reward model; it does not run with ppo.reward_ensemble")
+    if keys.reward_model in STAGES and keys.reward_model not in recipe.stages:
+        raise PipelineError(f"{source_of(recipe, 'ppo', 'reward_model')}: ppo.reward_model is the "
+                            f"`{keys.reward_model}` stage, but the recipe has no `{keys.reward_model}` section: add "
+                            f"one, or name a saved reward model folder")
+    if cfg.image_verifier_weight and not recipe.tools.tools:
+        raise PipelineError(f"{where_set(recipe, [('ppo', 'image_verifier_weight'), ('tools', 'tools')])}: "
+                            f"ppo.image_verifier_weight rewards tool tasks: it needs a `tools` section")
 
 
 def prompts_that_fit(lengths: list[int], replies: list[int], cfg: PPOConfig, context: int | None) -> tuple[list, str]:

@@ -126,6 +126,10 @@ def _callback_class():
                 self.stopping = True
                 control.should_save = True
                 control.should_training_stop = True
+                # this checkpoint is for resuming: with its optimizer and RNG state, whatever save_only_model keeps
+                # out of the periodic ones (a weights-only one is not resumed from, and a job preempted again and
+                # again would start over each time)
+                args.save_only_model = False
             if last:
                 # No checkpoint of a finished run: a kill during the final save resumes from the one before and
                 # trains exactly the missing steps (transformers resumed from a last-step checkpoint trains one

@@ -19,8 +19,8 @@ import yaml
 
 from pipeline.cli import PipelineError, first_line
 from pipeline.files import text_of
-from pipeline.key_checks import check_value, config_refusal, long_name, unknown_key_hint
-from pipeline.values import Mismatch, closest, coerce, field_types, type_name
+from pipeline.key_checks import check_value, config_refusal, long_name, source_of, unknown_key_hint
+from pipeline.values import Mismatch, by_new_names, closest, coerce, field_types, type_name
 from pipeline.stages import PEFT_FIELDS, STAGES, TrainingKeys
 
 
@@ -244,7 +244,7 @@ class Recipe:
             # process alone, all writing as the main one
             values["use_cpu"] = True
         try:
-            return config_class(**values)
+            return config_class(**by_new_names(config_class, values))
         except (ValueError, TypeError) as err:
             raise PipelineError(config_refusal(self, stage, config_class, values, first_line(err))) from None
 
@@ -374,7 +374,7 @@ def load_recipe(path, overrides: list[str] = ()) -> Recipe:
     if recipe.tools.tools:
         from pipeline.tools import check_section
 
-        check_section(dataclasses.asdict(recipe.tools), str(path))
+        check_section(dataclasses.asdict(recipe.tools), str(path), recipe)
     return recipe
 
 
@@ -383,8 +383,9 @@ def _check_world(recipe: Recipe) -> None:
 
     try:  # rates in [0, 1], sizes 0 or more, known skills: a ValueError when a split is built (a traceback)
         check_world(recipe.world)
-    except ValueError as err:
-        raise PipelineError(f"{recipe.path}: {err}") from None
+    except ValueError as err:  # it names the keys at fault (`world.label_noise must be ...`): by their override
+        keys = re.findall(r"world\.(\w+)", str(err))
+        raise PipelineError(f"{source_of(recipe, 'world', *keys)}: {err}") from None
 
 
 def section_docs(cls) -> dict[str, str]:

@@ -7,8 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.cli import PipelineError
+from pipeline.key_checks import source_of
 from pipeline.stages import STAGES
 from pipeline.values import closest
+
+
+def key_source(recipe, key: str) -> str:
+    """Where `key` (`stage.key`; "checkpoint": no key named) was set, for messages: its override, else the recipe."""
+    section, _, name = key.partition(".")
+    return source_of(recipe, section, name) if name else str(recipe.path)
 
 
 def misspelt_stage(recipe, ref: str, key: str) -> None:
@@ -18,7 +25,8 @@ def misspelt_stage(recipe, ref: str, key: str) -> None:
             (recipe.run_dir / ref).is_dir():  # tools and image judges look in the run folder first
         return
     if (near := closest(ref, [*STAGES, "model"])):
-        raise PipelineError(f"{recipe.path}: {key}: '{ref}' is not a stage of this recipe, a folder or a hub id{near}")
+        raise PipelineError(f"{key_source(recipe, key)}: {key}: '{ref}' is not a stage of this recipe, a folder or a "
+                            f"hub id{near}")
 
 
 def reference_kind(recipe, ref: str | None, key: str = "checkpoint") -> str:
@@ -33,6 +41,7 @@ def reference_kind(recipe, ref: str | None, key: str = "checkpoint") -> str:
         return "local"
     if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
         named = f"{key}: " if key != "checkpoint" else ""
-        raise PipelineError(f"{recipe.path}: {named}checkpoint '{ref}' not found (not a stage, a folder or a hub id)")
+        raise PipelineError(f"{key_source(recipe, key)}: {named}checkpoint '{ref}' not found (not a stage, a folder "
+                            f"or a hub id)")
     misspelt_stage(recipe, ref, key)
     return "hub"

@@ -6,8 +6,9 @@
     python pipeline/run.py RECIPE --slurm [--partition P] [--account A] [--nodes N] [--gpus-per-node G] [--time T]
 
 A stage whose manifest matches its current inputs and settings is skipped (see pipeline/runs.py). `--force` reruns
-the selected stages, `--from S` reruns S and everything after it, `--only` restricts the plan. Each stage is started
-as `python pipeline/<stage>.py RECIPE OVERRIDES`, or behind `run.launcher` (e.g. `accelerate launch ...`).
+the selected stages, `--from S` reruns S and every stage that reads it (directly or through another stage), `--only`
+restricts the plan. Each stage is started as `python pipeline/<stage>.py RECIPE OVERRIDES`, or behind `run.launcher`
+(e.g. `accelerate launch ...`).
 `--check` validates models, data, global batch and per-device memory without running anything (pipeline/check.py)
 and projects each stage's GPU time, energy and CO2e (pipeline/cost_check.py); after a run the summary prints the
 cost table of the stages' manifests and writes it to `<run>/cost.md` (pipeline/cost.py);
@@ -33,6 +34,7 @@ import threading
 import time
 
 from pipeline import check, cli, cluster, cost, cost_check, locks, memory, preemption, references, runs, slurm
+from pipeline.key_checks import source_of
 from pipeline.recipe import load_recipe
 from pipeline.stages import STAGES, tool_sources
 
@@ -101,8 +103,11 @@ def plan(recipe, only=(), start=None, force=False) -> list[tuple[str, bool, str]
             raise cli.PipelineError(f"{recipe.path}: no stage '{name}' in this recipe (stages: {', '.join(order)})")
     rerun: set[str] = set()
     steps = []
-    forced_from = order.index(start) if start else None
-    for i, stage in enumerate(order):
+    from_start = set()  # --from's: `start` and every stage that reads it, also through a stage --only leaves out
+    for stage in order:
+        if stage == start or any(d in from_start for d in dependencies(recipe, stage)):
+            from_start.add(stage)
+    for stage in order:
         if only and stage not in only:
             continue
         check_references(recipe, stage)
@@ -112,7 +117,7 @@ def plan(recipe, only=(), start=None, force=False) -> list[tuple[str, bool, str]
             run, why = True, f"being written now by {locks.describe(holder)}"
         elif force:
             run, why = True, "--force"
-        elif forced_from is not None and i >= forced_from:
+        elif stage in from_start:
             run, why = True, f"--from {start}"
         elif upstream:
             run, why = True, f"input stage {upstream[0]} reruns"
@@ -131,8 +136,9 @@ def launcher_prefix(recipe) -> list[str]:
         return [sys.executable]
     prefix = shlex.split(recipe.run.launcher)  # checked when the recipe loads
     if not prefix or shutil.which(prefix[0]) is None:
-        raise cli.PipelineError(f"{recipe.path}: run.launcher: '{prefix[0] if prefix else ''}' is not a program on "
-                                f"PATH (install it, e.g. accelerate, or leave run.launcher empty for plain python)")
+        raise cli.PipelineError(f"{source_of(recipe, 'run', 'launcher')}: run.launcher: "
+                                f"'{prefix[0] if prefix else ''}' is not a program on PATH (install it, e.g. "
+                                f"accelerate, or leave run.launcher empty for plain python)")
     return prefix
 
 
@@ -266,7 +272,8 @@ def main(argv):
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     parser.add_argument("--force", action="store_true", help="rerun the selected stages even if up to date")
     parser.add_argument("--only", default="", help="comma-separated stages to consider")
-    parser.add_argument("--from", dest="start", default=None, help="rerun this stage and every later one")
+    parser.add_argument("--from", dest="start", default=None, help="rerun this stage and every stage that reads "
+                                                                "it, directly or through another stage")
     group = parser.add_argument_group("GPUs and clusters (README: Running on GPUs and clusters)")
     group.add_argument("--check", action="store_true", help="check models, data, global batch and per-device "
                                                              "memory of the planned stages; run nothing")

@@ -29,6 +29,7 @@ from pathlib import Path
 from pipeline import cost, faults, integrity, locks, log, preemption, safe_resume, threads
 from pipeline.cli import PipelineError
 from pipeline.fingerprints import code_hash, hash_file, hash_folder, hash_obj
+from pipeline.key_checks import key_prefix, source_of
 from pipeline.references import reference_kind
 from pipeline.stages import STAGES, model_loading, tool_sources
 from pipeline.vllm_engine import uses_vllm
@@ -80,9 +81,11 @@ def resolve_checkpoint(recipe, ref: str | None, must_exist: bool = True, key: st
     if kind == "model":
         m = recipe.model
         if m.name_or_path:
-            return dataclasses.replace(resolve_checkpoint(recipe, m.name_or_path, must_exist), ref="model")
+            return dataclasses.replace(resolve_checkpoint(recipe, m.name_or_path, must_exist, "model.name_or_path"),
+                                       ref="model")
         if not m.config:
-            raise PipelineError(f"{recipe.path}: the model section needs `name_or_path` or `config`")
+            raise PipelineError(f"{source_of(recipe, 'model', 'name_or_path', 'config')}: the model section needs "
+                                f"`name_or_path` or `config`")
         fp = hash_obj({"model": dataclasses.asdict(m), "tokenizer": tokenizer_inputs(recipe)})
         return Checkpoint("model", None, fp, "config")
     if kind == "stage":
@@ -111,10 +114,10 @@ def tokenizer_inputs(recipe) -> dict:
     folder it loads: a rewrite reruns the stages."""
     from pipeline import data
 
-    tcfg, where = recipe.tokenizer, f"{recipe.path}: tokenizer"
+    tcfg, key = recipe.tokenizer, f"{key_prefix(recipe, 'tokenizer', 'chat_dataset')}chat_dataset"
     out = {k: v for k, v in dataclasses.asdict(tcfg).items() if k != "chat_dataset"}
     if tcfg.chat_dataset:
-        out["chat_dataset"] = data.fingerprint(tcfg.chat_dataset, recipe, key=f"{where}.chat_dataset")
+        out["chat_dataset"] = data.fingerprint(tcfg.chat_dataset, recipe, key=key)
     if not tcfg.train and tcfg.name_or_path and (folder := Path(tcfg.name_or_path).expanduser()).is_dir():
         out["folder_contents"] = hash_folder(folder)
     return out
@@ -164,7 +167,8 @@ def stage_inputs(recipe, stage: str, must_exist: bool = True) -> dict:
             checkpoints[f.name] = [portable(recipe, resolve_checkpoint(recipe, v, must_exist, f"{stage}.{f.name}"))
                                    for v in value]
         elif ref == "data" and value and not (f.metadata.get("out_at_default") and value == f.default):
-            fp = data.fingerprint(value, recipe, "diffusion" in stage, key=f"{recipe.path}: {stage}.{f.name}")
+            fp = data.fingerprint(value, recipe, "diffusion" in stage,
+                                  key=f"{key_prefix(recipe, stage, f.name)}{f.name}")  # its override, if any
             datasets[f.name] = {"spec": value, "fingerprint": fp}
     for name, ref in tool_sources(recipe, stage).items():  # the folders the stage's tools load
         folder = recipe.run_dir / ref

@@ -9,6 +9,8 @@
   with a one-line error naming it (`integrity.UnsafeFile`, exit 2): nothing of it has been executed.
 - not finished: a Trainer checkpoint at the last step is skipped (see `preemption.PreemptionCallback`, which does not
   save one): resuming from it made transformers train one step past `max_steps`.
+- whole state: a Trainer checkpoint without an RNG state file holds weights only (`save_only_model: true`: transformers
+  then writes no optimizer, scheduler or RNG state) and is skipped: resumed, it trained on with a fresh optimizer.
 `training_args.bin`, the pickle transformers writes into every checkpoint and never reads back, is removed unread.
 
 `train_loss(log_history)` is the mean training loss over the whole run, resumed or not: the step-weighted mean of
@@ -26,6 +28,9 @@ from pipeline import integrity, log
 TRAINER_STATE = "trainer_state.json"
 LOOP_STATE = "loop_state.json"
 NEVER_LOADED = ("training_args.bin",)
+# Trainer._save_checkpoint writes rng_state.pth (rng_state_<rank>.pth when distributed) in every checkpoint but those
+# of save_only_model, plain, DeepSpeed and FSDP alike; the optimizer's files are named differently in each
+RNG_STATE = "rng_state*.pth"
 
 
 def step_of(path: Path) -> int:
@@ -55,6 +60,10 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     for path in sorted(p for p in ckpt.rglob("*") if p.is_file()):
         if (problem := integrity.file_problem(path)):
             return f"{path.name}: {problem}"
+    # after the scan: an unsafe file stops the stage here too, as in any checkpoint looked at
+    if trainer_state is not None and not any(ckpt.glob(RNG_STATE)):
+        return ("holds weights only, no optimizer or RNG state (saved with save_only_model: true): resuming from it "
+                "would not match an unbroken run")
     return None
 
 

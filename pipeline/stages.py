@@ -215,6 +215,7 @@ class PPOKeys(HeldoutKeys):
         return ("label_noise",) if recipe.config_default("ppo", "reward_rounds") > 1 else ()
 
 
+SAMPLE_ROWS = 500  # rows of a local dataset that --check runs through the stage's own loader
 NON_POLICY_STAGES = ("reward", "eval", "diffusion", "diffusion_dpo")  # stages whose output is not a causal LM
 
 

@@ -32,7 +32,7 @@ import torch
 
 from pipeline import log
 from pipeline.generation import UNSHAPED, stop_ids, turn_end_id
-from pipeline.tools import ToolResult, tool_name
+from pipeline.tools import ImageStore, ToolBox, ToolResult, tool_name
 
 BUDGET_MESSAGE = "tool call budget exhausted"
 POLICY, TOOL = 1, 2  # what put each reply token in: the policy's sampling, or a tool result (and the template)
@@ -280,11 +280,6 @@ def stage_toolbox(recipe, folder: Path, rank: int = 0, save_gallery: bool = Fals
     process: ids are per store), with the world's gallery under ids "1".."200" when `world_gallery` is set (in
     memory only, as `tool_world.gallery()` draws it again; `save_gallery`: saved with the others, so a report can
     show the images that were read)."""
-    import dataclasses
-
-    from pipeline.tools import ImageStore, tools_from_config
-
-    section = dataclasses.asdict(recipe.tools)
     images = Path(folder) / ("images" if rank == 0 else f"images-rank{rank}")
     store = ImageStore(None)
     if recipe.tools.world_gallery:
@@ -293,4 +288,15 @@ def stage_toolbox(recipe, folder: Path, rank: int = 0, save_gallery: bool = Fals
         store.restart(images if save_gallery else None)
         register_gallery(store)
     store.restart(images)
-    return tools_from_config(section, run_root=recipe.run_dir, store=store, where=str(recipe.path)), store
+    return recipe_toolbox(recipe, store), store
+
+
+def recipe_toolbox(recipe, store) -> ToolBox:
+    """The recipe's tools (tools_from_config), drawing into `store`; a line refusing them names the override that set
+    tools.tools, if one did, else the recipe file."""
+    import dataclasses
+
+    from pipeline.tools import tools_from_config
+
+    return tools_from_config(dataclasses.asdict(recipe.tools), run_root=recipe.run_dir, store=store,
+                             where=str(recipe.path), recipe=recipe)

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.cli import PipelineError
-from pipeline.key_checks import long_name, number_problem
+from pipeline.key_checks import long_name, number_problem, source_of
 from pipeline.tool_calls import (Tool, ToolBox, ToolCall, ToolError, ToolOutput, ToolResult, ToolTimeout,
                                  check_deadline, describe_error, parse_tool_calls)
 from pipeline.values import Mismatch, closest, coerce, field_types, type_name
@@ -352,11 +352,15 @@ def stage_sources(section: ToolsSection, image_judge: str | None = None) -> dict
     return out
 
 
-def check_section(section: dict, where: str) -> list[dict]:
-    """The section's tool entries, checked without touching the file system (a stage folder may not exist yet)."""
+def check_section(section: dict, where: str, recipe=None) -> list[dict]:
+    """The section's tool entries, checked without touching the file system (a stage folder may not exist yet).
+    With the `recipe` it is from, a line names the override that set the key, if one did, rather than `where`."""
     cfg = _keys(section, SECTION_KEYS, "tools", where)
     if cfg.get("timeout_s", 30.0) <= 0 or cfg.get("max_chars", 500) < 20:
-        raise PipelineError(f"{where}: tools: timeout_s must be > 0 and max_chars >= 20")
+        src = source_of(recipe, "tools", "timeout_s", "max_chars") if recipe else where
+        raise PipelineError(f"{src}: tools: timeout_s must be > 0 and max_chars >= 20")
+    if recipe is not None:  # every line below is about the list tools.tools
+        where = source_of(recipe, "tools", "tools")
     if not cfg.get("tools"):
         raise PipelineError(f"{where}: tools.tools: a non-empty list of tools is needed")
     entries, names = [], set()
@@ -386,36 +390,39 @@ def check_section(section: dict, where: str) -> list[dict]:
     return entries
 
 
-def tools_from_config(section: dict, *, run_root: Path, store: ImageStore, where: str) -> ToolBox:
+def tools_from_config(section: dict, *, run_root: Path, store: ImageStore, where: str, recipe=None) -> ToolBox:
     """The ToolBox a recipe's `tools` section describes (see the module docstring); bad keys, and stage folders
-    that are not there yet, raise PipelineError."""
-    entries = check_section(section, where)
+    that are not there yet, raise PipelineError. `where`: the recipe file (python tools import from its folder);
+    with the `recipe`, a line names the override that set tools.tools, if one did."""
+    entries = check_section(section, where, recipe)
+    named = source_of(recipe, "tools", "tools") if recipe is not None else where
     timeout_s, max_chars = section.get("timeout_s", 30.0), section.get("max_chars", 500)
     tools = []
     for i, entry in enumerate(entries):
         key, backend = f"tools.tools[{i}]", entry["backend"]
         name, description = entry["name"], entry.get("description")
         if backend == "diffusion":
-            source = _folder(entry["source"], run_root, f"{key}.source", where, hub_ok=True)
+            source = _folder(entry["source"], run_root, f"{key}.source", named, hub_ok=True)
             if isinstance(source, Path) and not (source / "model_index.json").is_file():
-                raise PipelineError(f"{where}: {key}.source: {source} is not a diffusers pipeline (no "
+                raise PipelineError(f"{named}: {key}.source: {source} is not a diffusers pipeline (no "
                                     f"model_index.json)")
             tools.append(diffusion_tool(name, str(source), store, steps=entry.get("steps", 100),
                                         guidance=entry.get("guidance", 1.0), seed=entry.get("seed", 0),
                                         description=description))
         elif backend == "image_judge":
-            folder = judge_folder(entry["source"], run_root, f"{key}.source", where)
+            folder = judge_folder(entry["source"], run_root, f"{key}.source", named)
             tools.append(judge_tool(name, folder, store, description=description))
         else:
-            tools.append(recipe_python_tool(entry, key, timeout_s, where))
+            tools.append(recipe_python_tool(entry, key, timeout_s, where, named))
     return ToolBox(tools, timeout_s=timeout_s, max_chars=max_chars)
 
 
-def recipe_python_tool(entry: dict, key: str, timeout_s: float, where: str) -> Tool:
+def recipe_python_tool(entry: dict, key: str, timeout_s: float, where: str, named: str | None = None) -> Tool:
     """The tool of a checked `python` entry, its schema made in a subprocess from the function's signature and
-    docstring (the recipe's folder on the path); one line naming the recipe and `key` when it cannot be made."""
+    docstring (the folder of the recipe file `where` on the path); one line naming the recipe (or `named`: the
+    override that set the entry) and `key` when it cannot be made."""
     try:
         return python_tool(entry["name"], entry["function"], timeout_s=timeout_s, description=entry.get("description"),
                            path=[Path(where).resolve().parent])
     except (ToolError, ToolTimeout) as err:
-        raise PipelineError(f"{where}: {key}.function: cannot make a tool of '{entry['function']}' ({err})") from None
+        raise PipelineError(f"{named or where}: {key}.function: cannot make a tool of '{entry['function']}' ({err})") from None

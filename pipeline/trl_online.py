@@ -10,17 +10,20 @@ ppo's names.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 
-from pipeline import cli, cluster, hub, judges, log, metrics, models, monitors, vllm_engine
+from pipeline import cli, cluster, judges, log, metrics, models, monitors, vllm_engine
 from pipeline.formats import as_messages
-from pipeline.generation import context_length, prompt_ids, stop_ids, unshaped
+from pipeline.generation import config_context, prompt_ids, stop_ids, unshaped
 from pipeline.key_checks import choice_problem, source_of
+from pipeline.model_configs import checkpoint_config
 from pipeline.ppo_config import prompts_that_fit
 from pipeline.reward_model import RewardEnsemble, RewardModel, load_scorer, offered_tools
 from pipeline.trl_refusals import trl_refusal
+from pipeline.values import by_new_names
 
 
 # TRL's logged names -> ours ("reward" is TRL's weighted sum of the reward functions: our `score`; TRL's "kl" is a
@@ -98,19 +101,8 @@ def within_prompt_length(prompts, tokenizer, cfg, spec: str, tools: bool, num_pr
 def policy_context(recipe, path: str, tokenizer) -> int | None:
     """generation.context_length of the policy at `path` (an adapter: its base's) from its config alone, so the
     prompts are checked before its weights load. None where the config cannot be read: loading the model says why."""
-    from types import SimpleNamespace
-
-    from transformers import AutoConfig
-
-    path, revision = models.model_path(path), recipe.model.revision
-    while models.is_adapter(path):
-        path, revision = models.model_path(models.adapter_base(path)), None  # as load_causal_lm finds its base
-    hub.online_for(path)  # for its effect: a hub id offline is read from the cache only, at once, as load_causal_lm
-    try:
-        config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=recipe.model.trust_remote_code)
-    except (OSError, ValueError):
-        return None
-    return context_length(SimpleNamespace(config=config), tokenizer)
+    config = checkpoint_config(recipe, path, recipe.model.revision)
+    return None if config is None else config_context(config, tokenizer)
 
 
 def history_of(log_history: list[dict]) -> list[dict]:
@@ -148,12 +140,16 @@ OWNED = {"output_dir": "the stage folder", "reward_weights": "ppo.verifier_weigh
 # Names TRL's refusals give values it computes from recipe keys -> those keys (section.key): a refusal that names one
 # names an override of them. GRPOConfig/RLOOConfig: generation_batch_size = per_device_train_batch_size x processes x
 # steps_per_generation (otherwise gradient_accumulation_steps); the trainers' vLLM engine (generation.backend: vllm,
-# colocated): tensor_parallel_size, which must divide the processes, is vllm_tensor_parallel_size (trl_args wins)
+# colocated): tensor_parallel_size, which must divide the processes, is vllm_tensor_parallel_size (trl_args wins).
+# Also the words a refusal says an argument in instead of its name ("at least 2 generations per prompt")
 DERIVED = {"generation_batch_size": ("ppo.batch_size", "ppo.gradient_accumulation_steps",
                                      "ppo.trl_args.steps_per_generation"),
            "steps_per_generation": ("ppo.batch_size", "ppo.gradient_accumulation_steps",
                                     "ppo.trl_args.generation_batch_size"),
-           "tensor_parallel_size": ("generation.vllm_tensor_parallel_size", "ppo.trl_args.vllm_tensor_parallel_size")}
+           "tensor_parallel_size": ("generation.vllm_tensor_parallel_size", "ppo.trl_args.vllm_tensor_parallel_size"),
+           "generations per prompt": ("ppo.num_generations",),
+           "global eval batch size": ("ppo.trl_args.per_device_eval_batch_size",),
+           "generations used for evaluation": ("ppo.trl_args.num_generations_eval", "ppo.num_generations")}
 
 
 def trl_config(recipe, cfg, output_dir: str, tools: bool = False):
@@ -179,7 +175,7 @@ def trl_config(recipe, cfg, output_dir: str, tools: bool = False):
         save_steps=cfg.save_steps or 500, save_total_limit=cfg.save_total_limit, seed=cfg.seed,
         use_cpu=cfg.use_cpu or not cluster.accelerator_here(), report_to=cfg.report_to, bf16=False,
         **vllm_engine.trl_args(recipe),  # generation.backend: vllm: TRL's own vLLM engine
-        gradient_checkpointing=False,
+        gradient_checkpointing=False,  # TRL defaults it on: slower on small models (trl_args may set either name)
     )
     if tools:
         mapped.update(max_completion_length=cfg.total_tokens(), max_tool_calling_iterations=cfg.max_tool_calls)
@@ -189,7 +185,7 @@ def trl_config(recipe, cfg, output_dir: str, tools: bool = False):
     if cfg.image_verifier_weight:
         funcs, weights = funcs + ["image_verifier"], weights + [cfg.image_verifier_weight]
     try:
-        config = config_cls(**{**mapped, "reward_weights": weights, **cfg.trl_args})
+        config = config_cls(**by_new_names(config_cls, {**mapped, "reward_weights": weights, **cfg.trl_args}))
     except (ValueError, TypeError) as err:  # named by the override that set a key it names (TRL's names too)
         raise cli.PipelineError(trl_refusal(recipe, "ppo", config_cls.__name__, err, config_cls, MAPPED,
                                             DERIVED)) from None
@@ -321,7 +317,10 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
     reward_model.to(trainer.accelerator.device)
     with unshaped(model) as users:  # TRL fills what its GenerationConfig leaves unset from the policy's (min_p, ...)
         trainer.add_callback(generation_in_checkpoints(users))
-        trainer.train(resume_from_checkpoint=run.last_checkpoint())
+        with warnings.catch_warnings():  # TRL's unwrap_model_for_generation reads transformers' deprecated
+            # is_gradient_checkpointing at every rollout, whatever its arguments: a FutureWarning no setting avoids
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            trainer.train(resume_from_checkpoint=run.last_checkpoint())
     models.save_trained(trainer, tokenizer, run.out, merge_adapter=keys.merge_adapter)
 
     return history_of(trainer.state.log_history), args.to_dict()

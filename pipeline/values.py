@@ -116,3 +116,24 @@ def _is_list(tp) -> bool:
 def closest(name: str, valid) -> str:
     close = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.5)
     return f" (closest: {', '.join(close)})" if close else ""
+
+
+# transformers 5 renamed these config fields; the old names (TRL's configs default gradient_checkpointing to true, and
+# recipes written for TRL set it) still work, with a FutureWarning at every config built
+RENAMED_FIELDS = {"gradient_checkpointing": "activation_checkpointing",
+                  "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
+
+
+def by_new_names(config_class, values: dict) -> dict:
+    """`values` with each renamed field given by its new name, as the config class resolves them (the new name's
+    value, else the old name's, else the class's default of the old one), so building it warns of no old name."""
+    out = dict(values)
+    if not dataclasses.is_dataclass(config_class):
+        return out
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    for old, new in RENAMED_FIELDS.items():
+        if old in fields and new in fields and out.get(new) is None:
+            default = fields[old].default if fields[old].default is not dataclasses.MISSING else None
+            if (value := out.pop(old, default)) is not None:
+                out[new] = value
+    return out

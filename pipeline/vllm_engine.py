@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from pipeline import log
 from pipeline.cli import PipelineError
+from pipeline.key_checks import key_prefix
 from pipeline.values import closest
 
 
@@ -49,11 +50,11 @@ def check_section(recipe) -> None:
     for key, value, allowed in (("backend", gen.backend, GENERATION_BACKENDS),
                                 ("vllm_mode", gen.vllm_mode, VLLM_MODES)):
         if value not in allowed:
-            raise PipelineError(f"{recipe.path}: generation.{key}: '{value}' is not one of {', '.join(allowed)}"
-                                f"{closest(str(value), allowed)}")
+            raise PipelineError(f"{key_prefix(recipe, 'generation', key)}{key}: '{value}' is not one of "
+                                f"{', '.join(allowed)}{closest(str(value), allowed)}")
     if not 0 < gen.vllm_gpu_memory_utilization <= 1:
-        raise PipelineError(f"{recipe.path}: generation.vllm_gpu_memory_utilization must be in (0, 1], got "
-                            f"{gen.vllm_gpu_memory_utilization}")
+        raise PipelineError(f"{key_prefix(recipe, 'generation', 'vllm_gpu_memory_utilization')}"
+                            f"vllm_gpu_memory_utilization must be in (0, 1], got {gen.vllm_gpu_memory_utilization}")
 
 
 GENERATING_STAGES = ("eval", "ppo")  # the stages `generation` applies to (the end-of-stage held-out checks use hf)
@@ -73,19 +74,20 @@ def check(recipe, server_ok: bool = False, one_process: bool = False) -> None:
         return
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if one_process and (processes > 1 or gen.vllm_tensor_parallel_size > 1):
-        raise PipelineError(f"{recipe.path}: generation.backend: vllm in eval runs one engine in one process "
-                            f"(vllm_tensor_parallel_size 1); this launch has {processes} processes and "
-                            f"vllm_tensor_parallel_size {gen.vllm_tensor_parallel_size}")
+        raise PipelineError(f"{key_prefix(recipe, 'generation', 'backend', 'vllm_tensor_parallel_size')}backend: vllm "
+                            f"in eval runs one engine in one process (vllm_tensor_parallel_size 1); this launch has "
+                            f"{processes} processes and vllm_tensor_parallel_size {gen.vllm_tensor_parallel_size}")
     if gen.vllm_mode != "colocate" and not server_ok:
-        raise PipelineError(f"{recipe.path}: generation.vllm_mode: {gen.vllm_mode}: eval and our ppo run vLLM "
-                            f"colocated; a vLLM server serves GRPO/RLOO only (ppo.algorithm: grpo or rloo)")
+        raise PipelineError(f"{key_prefix(recipe, 'generation', 'vllm_mode')}vllm_mode: {gen.vllm_mode}: eval and "
+                            f"our ppo run vLLM colocated; a vLLM server serves GRPO/RLOO only (ppo.algorithm: grpo or "
+                            f"rloo)")
     import torch
 
     missing = [what for what, ok in (("the vllm package (pip install '.[vllm]')", importlib.util.find_spec("vllm")),
                                      ("a CUDA GPU", torch.cuda.is_available())) if not ok]
     if missing:
-        raise PipelineError(f"{recipe.path}: generation.backend: vllm needs {' and '.join(missing)}, "
-                            f"which this machine lacks; use generation.backend=hf")
+        raise PipelineError(f"{key_prefix(recipe, 'generation', 'backend')}backend: vllm needs "
+                            f"{' and '.join(missing)}, which this machine lacks; use generation.backend=hf")
 
 
 def trl_args(recipe) -> dict:

@@ -26,6 +26,17 @@ def one_error_line(proc) -> str:
     return lines[-1]
 
 
+def one_error_line_of(main, argv: list[str], capsys) -> str:
+    """one_error_line of a stage run in this process, as its script runs it (cli.run_main)."""
+    from pipeline import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_main(main, argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err[-2000:]
+    return err.strip().splitlines()[-1]
+
+
 def test_sft_on_an_alpaca_file_names_the_format_and_writes_a_model_card(tiny_run, tmp_path):
     work, _, _ = tiny_run
     rows = [ALPACA, {"instruction": "Say hi.", "output": "Hi."}] * 4

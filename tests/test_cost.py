@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import run_cli, tiny_recipe
+from conftest import REPO, run_cli, tiny_recipe
 from pipeline import check, cluster, cost, cost_check, memory
 from pipeline.cli import PipelineError
 from pipeline.recipe import load_recipe
@@ -292,3 +292,22 @@ def test_check_cost_options_are_checked_in_one_line(tmp_path):
     recipe = tiny_recipe(tmp_path)
     proc = run_cli(["pipeline/run.py", recipe, "--check", "--gpu-watts", "0"], cwd=tmp_path, env=ONE_THREAD)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --gpu-watts must be more than 0, got 0.0"
+
+
+def test_check_projects_epochs_over_a_list_of_world_splits():
+    # small.yaml's sft and reward train on lists of world splits: all their rows, concatenated
+    small = str(REPO / "recipes" / "small.yaml")
+    recipe = load_recipe(small)
+    for stage, splits, rows in (("sft", ("sft", "tool_sft"), 3000 + 1500),
+                                ("reward", ("preference", "tool_preference"), 20000 + 1500)):
+        keys = recipe.keys(stage)
+        assert keys.dataset == [f"world:{split}" for split in splits]
+        # the same steps as a single world split of the summed size
+        single = load_recipe(small, [f"world.{cost_check.WORLD_ROWS[splits[0]]}={rows}",
+                                     f"{stage}.dataset=world:{splits[0]}"])
+        expected = cost_check.training_steps(single, stage, single.keys(stage), 32)
+        assert expected[0] is not None and expected[1].endswith(f"epochs over {rows} rows")
+        assert cost_check.training_steps(recipe, stage, keys, 32) == expected
+    # a list with a dataset of unknown size among the world splits stays unprojected
+    keys = SimpleNamespace(dataset=["world:sft", "data/samples/chat_tools.jsonl"])
+    assert cost_check.training_steps(recipe, "sft", keys, 32)[0] is None

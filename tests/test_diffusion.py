@@ -802,6 +802,60 @@ def test_bad_image_data_exits_2_with_one_line_and_writes_nothing(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_check_reads_the_first_rows_of_a_local_image_dataset_as_the_stage_does(tmp_path):
+    # --check resolved the metadata file only: a row without its caption passed, and the stage stopped on it
+    from PIL import Image
+
+    from pipeline import image_check
+    from pipeline.recipe import load_recipe
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("L", (16, 16)).save(data / "a.png")
+    good, bad = {"file_name": "a.png", "caption": "a 7"}, {"file_name": "a.png"}
+    (data / "metadata.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    recipe = image_recipe(tmp_path, diffusion={**TINY_DIFFUSION, "dataset": str(data)})
+    stage = run_cli(["pipeline/diffusion.py", recipe], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert stage.returncode == 2 and "Traceback" not in stage.stderr, stage.stderr[-2000:]
+    line = stage.stderr.strip().splitlines()[-1].removeprefix("error: ")
+    assert line.startswith(f"{data / 'metadata.jsonl'}: line 2: missing caption")
+    check = run_cli(["pipeline/run.py", recipe, "--check", "--only", "diffusion"], cwd=tmp_path,
+                    env={"OMP_NUM_THREADS": "1"})
+    assert check.returncode == 2 and "Traceback" not in check.stderr, check.stderr[-2000:]
+    assert f"error: diffusion.dataset: {line}\n" in check.stdout
+    assert not (tmp_path / "runs").exists()
+    # the first SAMPLE_ROWS rows only: decoding every image of a large set would take minutes
+    rows = [good] * image_check.SAMPLE_ROWS + [bad]
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    keys = load_recipe(recipe).keys("diffusion")
+    assert image_check.first_rows_problem(keys, {}) is None
+    with pytest.raises(PipelineError, match="line 501: missing caption"):
+        images.load_images(str(data), 16, 1)
+
+
+def test_check_decodes_the_first_pairs_of_a_local_pairs_file_as_the_stage_does(tmp_path):
+    # --check read diffusion_dpo's pairs and saw their files exist: an image that does not decode passed, and the
+    # stage stopped on it after loading its model
+    from PIL import Image
+
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    Image.new("RGB", (16, 16), "white").save(pairs / "white.png")
+    (pairs / "black.png").write_bytes(b"not a png")
+    (pairs / "metadata.jsonl").write_text("".join(
+        json.dumps({"prompt": f"a {i}", "chosen": "white.png", "rejected": "black.png"}) + "\n" for i in range(2)))
+    base = _tiny_stable_diffusion(tmp_path / "tiny-sd")
+    recipe = image_recipe(tmp_path, diffusion_dpo={**TINY_DPO, "rounds": 1, "init_from": str(base),
+                                                   "dataset": str(pairs), "heldout_captions": None})
+    stage = run_cli(["pipeline/diffusion_dpo.py", recipe], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert stage.returncode == 2 and "Traceback" not in stage.stderr, stage.stderr[-2000:]
+    line = stage.stderr.strip().splitlines()[-1].removeprefix("error: ")
+    assert line.startswith(f"{pairs / 'metadata.jsonl'}: line 1: cannot read image 'black.png'")
+    check = run_cli(["pipeline/run.py", recipe, "--check"], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert check.returncode == 2 and "Traceback" not in check.stderr, check.stderr[-2000:]
+    assert f"error: diffusion_dpo.dataset: {line}\n" in check.stdout
+
+
 @pytest.mark.parametrize("section, expected", [
     ({"lr_scheduler_type": "cosinus"}, "diffusion.lr_scheduler_type must be one of"),  # a traceback in training
     ({"attn_implementation": "flash"}, "diffusion.attn_implementation must be one of"),  # --check passed it

@@ -546,6 +546,48 @@ def test_a_finished_stage_ends_its_process_group_and_a_failed_one_leaves_it(tmp_
             dist.destroy_process_group()
 
 
+def test_processes_rejoin_on_the_cpu_for_use_cpu_whichever_comes_late(tmp_path):
+    """cluster.process_group(cpu=True) makes a state made on the accelerator anew on the CPU: every process leaves
+    the launch's group and joins a new gloo one. Under torchrun the new group used the old one's keys in the launch's
+    store: a process that came first could read the late one's old address, and the launch failed or hung (whether
+    it did depends on which side of a pair connects: most rounds). Two processes under torchrun, each late in turn
+    over 4 rounds; the launch's group is gloo here (NCCL on a GPU), the accelerator pretended."""
+    script = tmp_path / "rejoin.py"
+    script.write_text(f"""
+import faulthandler, os, sys, time
+sys.path.insert(0, {str(REPO)!r})
+faulthandler.dump_traceback_later(60, exit=True)  # a hang fails the test, not the suite
+import accelerate, torch, torch.distributed as dist
+from accelerate.state import AcceleratorState
+from pipeline import cluster
+dist.init_process_group("gloo")
+accelerate.state.PartialState.default_device = property(lambda _: torch.device("cuda"))
+cluster.accelerator_here = lambda: True
+rank = int(os.environ["RANK"])
+for late in (0, 1, 0, 1):
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert cluster.process_group().device.type == "cuda"
+    if rank == late:
+        time.sleep(2)  # processes reach a stage's StageRun at different times
+    state = cluster.process_group(cpu=True)
+    total = torch.ones(1)
+    dist.all_reduce(total)
+    with open("{tmp_path}/rank-%d" % rank, "a") as out:
+        out.write(f"{{state.num_processes}} {{state.backend}} {{total.item():g}}\\n")
+dist.destroy_process_group()
+""")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script)], env={**os.environ, **ONE_THREAD}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+    assert proc.returncode == 0, out[-3000:]
+    assert [(tmp_path / f"rank-{rank}").read_text() for rank in (0, 1)] == ["2 gloo 2\n" * 4] * 2
+
+
 # ------------------------------------------------------------------------------ whether there is an accelerator
 
 

@@ -14,6 +14,7 @@ from pipeline import cli, data, eval_report, evaluate, judges, metrics as M, mod
 from pipeline.cli import PipelineError
 from pipeline.recipe import load_recipe
 from conftest import run_cli, tiny_recipe, write_jsonl
+from test_byod import one_error_line_of
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models on a shared CPU: one thread is faster than two that wait
 SMALL_EVAL = {"max_prompts": 16, "num_samples": 2, "perplexity_max_rows": 8, "bootstrap": 200}
@@ -40,12 +41,12 @@ def test_prompts_whose_reply_runs_past_the_models_positions_are_named_in_a_warni
 
     from pipeline.generation import context_length, warn_past_context
 
-    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=256))
-    warn_past_context(model, None, [20, 200, 210, 224], 48, "sft")
+    config = SimpleNamespace(max_position_embeddings=256)
+    warn_past_context(config, None, [20, 200, 210, 224], 48, "sft")
     assert capsys.readouterr().out.rstrip().endswith(
         "WARNING: sft: 2 of 4 prompts (up to 224 tokens) with a reply of up to 48 tokens run past the model's 256 "
         "positions, where it never trained: lower the reply's tokens or shorten the prompts")
-    warn_past_context(model, None, [20, 208], 48, "sft")
+    warn_past_context(config, None, [20, 208], 48, "sft")
     assert capsys.readouterr().out == ""
     # GPT-2's name for it; a config without one: the tokenizer's, unless it says none (1e30)
     assert context_length(SimpleNamespace(config=SimpleNamespace(n_positions=1024))) == 1024
@@ -70,14 +71,65 @@ def test_a_prompt_past_a_position_tables_end_stops_in_one_line_naming_it(tmp_pat
     section = {"checkpoints": [str(tmp_path / "gpt")], "prompts": prompts, "perplexity_data": None,
                "num_samples": 0, "max_new_tokens": 4, "bootstrap": 100}
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        cli.run_main(evaluate.main, [str(tiny_recipe(tmp_path, pretrain=None, sft=None, eval=section))])
-    assert exit_info.value.code == 2
-    line = capsys.readouterr().err.strip().splitlines()[-1]
+    line = one_error_line_of(evaluate.main, [str(tiny_recipe(tmp_path, pretrain=None, sft=None, eval=section))], capsys)
     assert re.fullmatch(rf"error: {re.escape(prompts)}: prompt 2 \(\d+ tokens; 1 of 2 prompts run past\) with a reply "
                         rf"of up to eval.max_new_tokens=4 tokens does not fit {tmp_path.name}/gpt's table of 64 "
                         rf"positions \({tmp_path / 'gpt'}\): .*", line), line
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_later_checkpoints_position_table_stops_eval_before_any_checkpoint_generates(tmp_path, monkeypatch,
+                                                                                      capsys):
+    """Each checkpoint's table of positions was checked when its turn came, so a first checkpoint that fits had
+    generated (its work lost) before a second one's table stopped the stage. Now every checkpoint is checked, from
+    its config, before any generates."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    recipe = load_recipe(tiny_recipe(tmp_path, pretrain=None, sft=None))
+    tokenizer = models.load_tokenizer(recipe, runs.resolve_checkpoint(recipe, "model"))
+    for name, positions in (("long", 512), ("short", 64)):
+        GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2,
+                                   n_positions=positions)).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "word " * 100, "answer": "5"}])
+    section = {"checkpoints": [str(tmp_path / "long"), str(tmp_path / "short")], "prompts": prompts,
+               "perplexity_data": None, "num_samples": 0, "max_new_tokens": 4, "bootstrap": 100}
+    generated = []
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **kw: generated.append(kw["desc"]) or [])
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line_of(evaluate.main, [str(tiny_recipe(tmp_path, pretrain=None, sft=None, eval=section))], capsys)
+    assert re.fullmatch(rf"error: {re.escape(prompts)}: prompt 1 .* does not fit {tmp_path.name}/short's table of 64 "
+                        rf"positions \({tmp_path / 'short'}\): .*", line), line
+    assert generated == []
+
+
+def test_temperature_zero_points_to_evals_greedy_replies(tmp_path):
+    """`temperature: 0` (lm-eval's greedy) was refused with only "must be positive"."""
+    recipe = load_recipe(tiny_recipe(tmp_path, pretrain=None, sft=None), ["eval.temperature=0"])
+    with pytest.raises(PipelineError, match=re.escape(
+            "eval.temperature must be positive (each prompt's greedy reply is made anyway; for greedy replies only, "
+            "set eval.num_samples: 0 instead), got 0.0")):
+        evaluate.check_keys(recipe, recipe.keys("eval"))
+
+
+def test_prompt_completion_rows_are_told_completion_is_no_reference(tmp_path, capsys):
+    """TRL's prompt/completion rows had their `completion` silently unread as a reference (no accuracy), in eval's
+    prompts and in a policy stage's held-out prompts; a line now says so, once for the file, and names the column
+    they read."""
+    from pipeline import heldout
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is 2 + 3?", "completion": "5"},
+                                                 {"prompt": "What is 1 + 1?", "completion": "2", "answer": "2"}])
+    recipe = load_recipe(tiny_recipe(tmp_path, pretrain=None, sft=None),
+                         [f"eval.prompts={prompts}", f"sft.heldout_prompts={prompts}"])
+    expected = (f"WARNING: {prompts}: 1 of 2 rows have a `completion` and no `answer`: `completion` is not read as a "
+                f"reference answer; name the reference column `answer`")
+    for read in (lambda: evaluate.load_prompts(recipe, recipe.keys("eval"))[0],
+                 lambda: heldout.heldout_rows(recipe, recipe.keys("sft"))):
+        rows = read()
+        assert [r.get("answer") for r in rows] == [None, "2"]
+        warnings = [line for line in capsys.readouterr().out.splitlines() if "WARNING" in line]
+        assert len(warnings) == 1 and warnings[0].endswith(expected), warnings
 
 
 def test_held_out_scoring_leaves_out_prompts_past_a_position_tables_end(tmp_path, capsys):
@@ -99,6 +151,26 @@ def test_held_out_scoring_leaves_out_prompts_past_a_position_tables_end(tmp_path
                      r"to 4 tokens run past the model's table of 64 positions: left out", capsys.readouterr().out)
     assert heldout.verifier_accuracy(model, tokenizer, rows[:1], max_new_tokens=4) == \
         {"accuracy": None, "per_skill": {}, "n": 0, "ended": None}
+
+
+def test_held_out_scoring_renders_each_prompt_once_for_a_model_without_a_position_table(tmp_path, monkeypatch):
+    """Only a model with a table of positions needs the prompts' lengths (past_position_table): measuring them for any
+    other model rendered every prompt before generate rendered it again. Llama (the small recipe's) renders once."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline import generation, heldout
+
+    recipe = load_recipe(tiny_recipe(tmp_path, pretrain=None, sft=None))
+    tokenizer = models.load_tokenizer(recipe, runs.resolve_checkpoint(recipe, "model"))
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    models.configure_generation(model, tokenizer)
+    rendered, render = [], generation.render_prompt
+    monkeypatch.setattr(generation, "render_prompt", lambda tok, prompt, tools=None: rendered.append(prompt)
+                        or render(tok, prompt, tools))
+    rows = [{"prompt": "What is 2 + 3?", "answer": "5"}, {"prompt": "What is 1 + 1?", "answer": "2"}]
+    assert heldout.verifier_accuracy(model, tokenizer, rows, max_new_tokens=2)["n"] == 2
+    assert rendered == [r["prompt"] for r in rows]
 
 
 def test_bootstrap_interval_covers_the_mean_and_shrinks_with_n():
@@ -940,8 +1012,8 @@ def test_tool_prompts_bad_setups_stop_before_anything_is_written(tiny_run, tool_
                              eval={"checkpoints": [str(work / "runs/tiny/pretrain")]})
         with pytest.raises(PipelineError, match=message) as err:
             evaluate.main([str(recipe), *overrides])
-        assert "\n" not in str(err.value) and str(err.value).startswith(str(recipe) if "line" not in message
-                                                                         else str(bad))
+        named = str(bad) if "line" in message else f"override '{overrides[-1]}'" if overrides else str(recipe)
+        assert "\n" not in str(err.value) and str(err.value).startswith(f"{named}: ")  # what set the value
         assert not (tool_work / "runs/bad").exists()
     # a user's file: a world task (`kind` / `expect`) is verified, a prompt without them only counted
     from pipeline import eval_tools
@@ -1180,10 +1252,7 @@ def test_tool_prompts_past_a_position_tables_end_stop_in_one_line(tiny_run, tool
                          eval={**SMALL_EVAL, "max_prompts": 2, "num_samples": 0, "perplexity_data": "",
                                "max_new_tokens": 4, "checkpoints": [str(gpt)], "tool_max_total_tokens": 100,
                                "tool_samples": 0})
-    with pytest.raises(SystemExit) as exit_info:
-        cli.run_main(evaluate.main, [str(recipe)])
-    assert exit_info.value.code == 2
-    line = capsys.readouterr().err.strip().splitlines()[-1]
+    line = one_error_line_of(evaluate.main, [str(recipe)], capsys)
     assert re.fullmatch(rf"error: world:tool_eval: prompt 1 \(\d+ tokens; 3 of 3 prompts run past\) with a reply of up "
                         rf"to eval.tool_max_total_tokens=100 tokens does not fit .*'s table of 64 positions \({gpt}\): "
                         rf".*", line), line

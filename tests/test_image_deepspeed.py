@@ -46,6 +46,13 @@ def one_process_launch(**accelerate_env) -> dict:
 ZERO2_ALONE = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
 
 
+def unreadable_optimizer_state(ckpt, saved: str, launch: str) -> str:
+    """diffusion_launch.check_optimizer_format's refusal: checkpoint `ckpt`'s optimizer state, saved under the launch
+    `saved`, cannot be read by this one (`launch`)."""
+    return (f"{ckpt}: its optimizer state was saved under {saved}, which this launch ({launch}) cannot read: "
+            f"relaunch as that one was, or remove {ckpt.parent} to start over")
+
+
 def test_diffusion_under_zero2_trains_with_deepspeed_as_ddp_does_and_resumes_after_a_kill(tmp_path):
     """Under zero2.yaml the diffusion stage hands its UNet and text encoder to one DeepSpeed engine (until 2026-12-07
     it left DeepSpeed and ran as DDP, so a full fine-tune had to fit one device): the manifest records the DeepSpeed
@@ -87,10 +94,8 @@ def test_diffusion_under_zero2_trains_with_deepspeed_as_ddp_does_and_resumes_aft
                         ("DeepSpeed ZeRO-2 over 1 process(es)", one_process_launch(**ZERO2_ALONE))):
         refused = run_cli(["pipeline/diffusion.py", recipe], cwd=tmp_path, env=env, fork=False)
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
-        assert refused.stderr.strip().splitlines()[-1] == (
-            f"error: {ckpt.relative_to(tmp_path)}: its optimizer state was saved under DeepSpeed ZeRO-2 over 2 "
-            f"process(es), which this launch ({launch}) cannot read: relaunch as that one was, or remove "
-            f"{ckpt.parent.relative_to(tmp_path)} to start over")
+        assert refused.stderr.strip().splitlines()[-1] == "error: " + unreadable_optimizer_state(
+            ckpt.relative_to(tmp_path), "DeepSpeed ZeRO-2 over 2 process(es)", launch)
     assert (ckpt / "deepspeed").is_dir() and (ckpt / "loop_state.json").is_file()
     resumed = launch_cli("zero2", ["pipeline/diffusion.py", recipe], cwd=tmp_path, num_processes=2, env=ONE_THREAD)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -127,9 +132,7 @@ def test_only_a_launch_that_can_read_a_checkpoints_optimizer_state_resumes_from_
             (zero2, here(2, 4), "DeepSpeed ZeRO-2 over 2 process(es)", "DeepSpeed ZeRO-2 over 4 process(es)")]:
         with pytest.raises(PipelineError) as refused:
             diffusion_launch.check_optimizer_format(ckpt, state, launch)
-        assert str(refused.value) == (f"{ckpt}: its optimizer state was saved under {saved}, which this launch "
-                                      f"({said}) cannot read: relaunch as that one was, or remove {ckpt.parent} to "
-                                      f"start over")
+        assert str(refused.value) == unreadable_optimizer_state(ckpt, saved, said)
 
 
 def test_a_checkpoint_this_launch_cannot_read_stops_the_stage_before_any_model_loads(tmp_path):
@@ -155,10 +158,9 @@ def test_a_checkpoint_this_launch_cannot_read_stops_the_stage_before_any_model_l
     for env in (zero3, {**ONE_THREAD, "PIPELINE_FAULT": "kill:loading:1"}):
         refused = run_cli(["pipeline/diffusion.py", recipe], cwd=tmp_path, env=env, fork=False)
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
-        assert refused.stderr.strip().splitlines()[-1] == (
-            f"error: {ckpt.relative_to(tmp_path)}: its optimizer state was saved under DeepSpeed ZeRO-2 over 1 "
-            f"process(es), which this launch (a launch without DeepSpeed (DDP or one process)) cannot read: "
-            f"relaunch as that one was, or remove {ckpt.parent.relative_to(tmp_path)} to start over")
+        assert refused.stderr.strip().splitlines()[-1] == "error: " + unreadable_optimizer_state(
+            ckpt.relative_to(tmp_path), "DeepSpeed ZeRO-2 over 1 process(es)",
+            "a launch without DeepSpeed (DDP or one process)")
         assert (ckpt / "deepspeed").is_dir() and (ckpt / "loop_state.json").is_file()
     assert "accumulation steps mismatch" not in killed.stdout + killed.stderr, killed.stderr[-3000:]
 

@@ -270,11 +270,11 @@ def test_an_implicit_reward_tuned_from_the_same_hub_model_is_accepted(tmp_path):
     dpo.mkdir()
     (dpo / "manifest.json").write_text(json.dumps({"inputs": {"checkpoints": {"init_from": {
         "ref": "org/model", "path": "org/model", "fingerprint": "x", "source": "hub"}}}}))
-    recipe, cfg = SimpleNamespace(path="r.yaml"), PPOConfig()
+    recipe = SimpleNamespace(path="r.yaml", set_by={})  # no override set a key
     implicit = runs.Checkpoint("dpo", str(dpo), "x", "local")
-    ppo.check_implicit_reward(recipe, cfg, runs.Checkpoint("org/model", "org/model", "x", "hub"), implicit)
+    ppo.check_implicit_reward(recipe, runs.Checkpoint("org/model", "org/model", "x", "hub"), implicit)
     with pytest.raises(cli.PipelineError, match="was tuned from org/model"):
-        ppo.check_implicit_reward(recipe, cfg, runs.Checkpoint("org/other", "org/other", "x", "hub"), implicit)
+        ppo.check_implicit_reward(recipe, runs.Checkpoint("org/other", "org/other", "x", "hub"), implicit)
 
 
 def test_ensemble_objectives_on_hand_made_scores():
@@ -870,7 +870,8 @@ def test_num_minibatches_splits_our_ppos_batch_only():
     ("ppo.reward_model=reward", "has no `reward` section"),
     ("ppo.implicit_reward=/nowhere/dpo", "/nowhere/dpo"),
     ("ppo.implicit_reward_beta=0", "implicit_reward_beta must be positive"),
-    ("ppo.algorithm=grpo ppo.length_split=3", "ppo.length_split splits the forward passes of our PPO"),
+    ("ppo.algorithm=grpo ppo.length_split=3",
+     "error: override 'ppo.length_split=3': ppo.length_split splits the forward passes of our PPO"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(inputs, override, expected):
     work = inputs[0]
@@ -881,6 +882,52 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(inputs, override, ex
     line = proc.stderr.strip().splitlines()[-1]
     assert expected.format(work=work) in line
     assert not (work / "runs/bad").exists() and sorted(p.name for p in work.rglob("*")) == before
+
+
+GRPO_CONFLICT = ("error: override 'ppo.algorithm=grpo': ppo.{key} {what} our PPO (algorithm: ppo), not of grpo")
+
+
+@pytest.mark.parametrize("entry", ["check", "runner", "stage"])
+@pytest.mark.parametrize("more, key, what", [
+    ([], "length_split", "splits the forward passes of"),
+    (["ppo.length_split=1"], "implicit_reward", "is a per-token reward of"),
+])
+def test_keys_of_our_ppo_stop_grpo_before_any_stage_starts(tmp_path, entry, more, key, what):
+    """recipes/small.yaml sets length_split: 3 and implicit_reward: dpo, which GRPO/RLOO do not run: `--check
+    ppo.algorithm=grpo` said "ok", and the runner trained every stage before ppo stopped at its start (~40 minutes).
+    The runner and --check now stop on the same line as the stage, which names the override that set the key."""
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    recipe = tiny_recipe(tmp_path, sft=None, ppo={"init_from": "pretrain", "reward_model": str(rm), "max_steps": 2,
+                                                   "length_split": 3, "implicit_reward": "pretrain"})
+    args = {"check": ["pipeline/run.py", recipe, "--check"], "runner": ["pipeline/run.py", recipe],
+            "stage": ["pipeline/ppo.py", recipe]}[entry]
+    proc = run_cli([*args, "ppo.algorithm=grpo", *more], cwd=tmp_path, env=ENV)
+    expected = GRPO_CONFLICT.format(key=key, what=what)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stdout.splitlines() if entry == "check" else proc.stderr.strip().splitlines()[-1:]
+    assert expected in [line.strip() for line in lines], proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()  # no stage started
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["ppo.reward_rounds=2", "ppo.reward_ensemble=[pretrain]"], "override 'ppo.reward_ensemble=[pretrain]': "
+     "ppo.reward_rounds fine-tunes one reward model; it does not run with ppo.reward_ensemble"),
+    (["ppo.reward_model=reward"], "override 'ppo.reward_model=reward': ppo.reward_model is the `reward` stage, but "
+     "the recipe has no `reward` section"),
+    (["ppo.image_verifier_weight=1.0"], "override 'ppo.image_verifier_weight=1.0': ppo.image_verifier_weight rewards "
+     "tool tasks: it needs a `tools` section"),
+])
+def test_ppo_key_conflicts_are_settings_checks_of_the_runner_and_check(tmp_path, overrides, expected):
+    """The other conflicts ppo's keys alone show stopped the stage only at its start, after the stages upstream ran;
+    the runner and --check make them too (check.check_stage_config)."""
+    from pipeline import check, cli
+
+    recipe = load_recipe(tiny_recipe(tmp_path, sft=None, ppo={"init_from": "pretrain", "reward_model": str(tmp_path),
+                                                              "max_steps": 4}), overrides)
+    with pytest.raises(cli.PipelineError) as err:
+        check.check_stage_config(recipe, "ppo")
+    assert str(err.value).startswith(expected)
 
 
 def test_read_prompts_says_what_it_read_for_the_manifest(tmp_path, monkeypatch):

@@ -324,7 +324,7 @@ def test_recipe_that_is_not_utf8_is_one_line_naming_the_line(tmp_path):
 ])
 def test_world_settings_are_checked_when_the_recipe_loads(tmp_path, override, expected):
     path = tiny_recipe(tmp_path)
-    with pytest.raises(PipelineError, match=rf"^{path}: {expected}"):
+    with pytest.raises(PipelineError, match=rf"^override '{re.escape(override)}': {expected}"):
         load_recipe(path, [override])
 
 
@@ -550,3 +550,80 @@ def test_what_a_trl_trainer_refuses_names_the_override_that_set_the_key(tmp_path
     other_section = load_recipe(path, ["dpo.max_length=64"])
     too_short = ValueError("max_length is too short")
     assert trl_refusal(other_section, "sft", "SFTTrainer", too_short, SFTConfig).startswith(f"{path}: ")  # dpo's
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward", "dpo"])
+def test_checkpointing_by_either_name_builds_a_config_without_transformers_deprecation_warning(stage):
+    """transformers 5 renamed gradient_checkpointing to activation_checkpointing: the old name (the small recipe's,
+    TRL's users', and TRL's own default of true) warned a FutureWarning in every stage. Both names set it, the new
+    one winning, and a section naming neither gets the config class's default."""
+    import dataclasses
+    import warnings
+
+    def built(overrides, unset=False):
+        recipe = load_recipe(SMALL, overrides)
+        if unset:
+            recipe.section(stage).pop("gradient_checkpointing", None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            config = recipe.trainer_config(stage, num_processes=0)
+        assert not [str(w.message) for w in caught if "checkpointing` is deprecated" in str(w.message)]
+        assert config.gradient_checkpointing == config.activation_checkpointing
+        return config
+
+    assert built([]).activation_checkpointing is False  # the small recipe's sft, reward, dpo: false; pretrain unset
+    assert built([f"{stage}.gradient_checkpointing=true"]).activation_checkpointing is True
+    assert built([f"{stage}.gradient_checkpointing=true",
+                  f"{stage}.activation_checkpointing=false"]).activation_checkpointing is False
+    config = built([], unset=True)
+    default = next(f.default for f in dataclasses.fields(config) if f.name == "gradient_checkpointing")
+    assert config.activation_checkpointing is bool(default)  # TRL's configs: true; TrainingArguments: none, so off
+
+
+def _refused(path, overrides, check) -> str:
+    """The one-line refusal of a recipe (with overrides) by `check`, as the stage or runner that makes it runs it."""
+    from types import SimpleNamespace
+
+    from pipeline import evaluate, models, references, runs, vllm_engine
+
+    with pytest.raises(PipelineError) as err:
+        recipe = load_recipe(path, overrides)
+        if check == "eval":
+            evaluate.check_keys(recipe, recipe.keys("eval"))
+        elif check == "eval_baseline":
+            evaluate.check_model(recipe, runs.resolve_checkpoint(recipe, "model", must_exist=False), "baseline")
+        elif check == "vllm":
+            vllm_engine.check(recipe)
+        elif check == "tokenizer":
+            models.load_tokenizer(recipe, SimpleNamespace(path=None))
+        elif check == "reference":
+            references.reference_kind(recipe, recipe.keys("dpo").init_from, "dpo.init_from")
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("overrides, check", [
+    (["eval.bootstrap=50"], "eval"), (["eval.tool_max_new_tokens=5000"], "eval"),  # its bound's override
+    (["eval.baseline=model"], "eval_baseline"),
+    (["model.attn_implementation=eagr"], "load"), (["model.config={hiden_size: 4}"], "load"),
+    (["model.config.num_hidden_layers=-2"], "load"), (["tokenizer.train=false"], "tokenizer"),
+    (["generation.vllm_mode=serv"], "load"), (["generation.backend=vllm", "generation.vllm_mode=server"], "vllm"),
+    (["world.label_noise=1.5"], "load"), (["world.skills=[add, mul]"], "load"), (["tools.timeout_s=0"], "load"),
+    (["dpo.init_from=runs/missing/sft"], "reference"), (["dpo.init_from=rewrd"], "reference")])
+def test_a_bad_value_is_named_by_the_override_that_set_it_else_by_the_recipe_file(tmp_path, overrides, check):
+    """README: a bad value stops in one line naming the recipe file (or the override) and the key. The same values
+    written in the recipe file name the file, in the same words."""
+    by_override = _refused(SMALL, overrides, check)
+    assert by_override.startswith(f"override '{overrides[-1]}': "), by_override
+    data = yaml.safe_load(SMALL.read_text())
+    for text in overrides:
+        dotted, _, value = text.partition("=")
+        *sections, key = dotted.split(".")
+        node = data
+        for name in sections:
+            node = node.setdefault(name, {})
+        node[key] = yaml.safe_load(value)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    in_file = _refused(path, [], check)
+    assert in_file == f"{path}: " + by_override.removeprefix(f"override '{overrides[-1]}': ")

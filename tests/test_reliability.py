@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from conftest import REPO, run_cli, tiny_recipe
+from conftest import REPO, max_weight_diff, run_cli, tiny_recipe
 from pipeline import integrity, locks, safe_resume, threads
 
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -45,9 +45,15 @@ def one_line_error(proc, *expected):
 def signal_runner(recipe, cwd, signum, after_steps: int, name: str):
     """Start run.py; once its stage has trained `after_steps` steps (it then waits at faults.point("training")),
     send run.py `signum`. Returns (exit code, output)."""
+    return signal_after(["pipeline/run.py", str(recipe), f"run.name={name}", *CKPT], cwd, signum, after_steps, name)
+
+
+def signal_after(args, cwd, signum, after_steps: int, name: str):
+    """Start `args` (a script of the repository and its arguments); once its stage has trained `after_steps` steps,
+    send it `signum`. Returns (exit code, output)."""
     marker = Path(cwd) / f"paused-{name}"
     marker.unlink(missing_ok=True)
-    cmd = [sys.executable, str(REPO / "pipeline/run.py"), str(recipe), f"run.name={name}", *CKPT]
+    cmd = [sys.executable, str(REPO / args[0]), *args[1:]]
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **ENV, "TOKENIZERS_PARALLELISM": "false",
                                  "PIPELINE_FAULT": f"pause:training:{after_steps}",
@@ -67,6 +73,11 @@ def plan_line(recipe, cwd, name, stage_name="pretrain"):
 
 def checkpoints(partial: Path) -> list[str]:
     return [p.name for p in sorted(partial.glob("checkpoint-*"), key=safe_resume.step_of)]
+
+
+def rng_state(ckpt: Path, name: str = "rng_state.pth") -> None:
+    """The RNG state file transformers writes into every Trainer checkpoint not saved with save_only_model."""
+    torch.save({"cpu": torch.random.get_rng_state()}, ckpt / name)
 
 
 def malicious_pickle(path: Path, marker: Path) -> None:
@@ -193,6 +204,7 @@ def test_unknown_files_are_refused_and_training_args_removed_unread(tmp_path):
     ckpt = tmp_path / "checkpoint-2"
     ckpt.mkdir()
     (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 2, "max_steps": 12}))
+    rng_state(ckpt)
     marker = tmp_path / "pwned"
     malicious_pickle(ckpt / "training_args.bin", marker)  # transformers writes it and never reads it
     assert safe_resume.find_checkpoint(tmp_path) == ckpt
@@ -207,8 +219,88 @@ def test_damaged_or_last_step_checkpoints_are_skipped_for_the_previous_one(tmp_p
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}/trainer_state.json").write_text(json.dumps({"global_step": step,
                                                                                    "max_steps": 12}))
+        rng_state(tmp_path / f"checkpoint-{step}")
     (tmp_path / "checkpoint-8/model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # truncated
     assert safe_resume.find_checkpoint(tmp_path).name == "checkpoint-4"
+
+
+def test_weights_only_trainer_checkpoints_are_skipped_with_a_warning(tmp_path, capsys):
+    """A Trainer checkpoint saved with save_only_model: true has no optimizer, scheduler or RNG state; resumed, it
+    trained on with a fresh optimizer and ended elsewhere than an unbroken run, without a word. Now it is skipped,
+    said in the log, for the newest whole one; our loops' checkpoints (loop_state.json) keep no RNG file and resume."""
+    for step in (2, 4, 6):
+        ckpt = tmp_path / f"checkpoint-{step}"
+        ckpt.mkdir()
+        (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": 12}))
+        save_file({"w": torch.zeros(2)}, ckpt / "model.safetensors")
+    rng_state(tmp_path / "checkpoint-2", "rng_state_1.pth")  # whole, taken by the process of rank 1
+    torch.save({"state": {}, "param_groups": []}, tmp_path / "checkpoint-2/optimizer.pt")
+    assert safe_resume.find_checkpoint(tmp_path).name == "checkpoint-2"
+    out = capsys.readouterr().out
+    for step in (4, 6):
+        assert f"not resuming from {tmp_path}/checkpoint-{step}: holds weights only" in out
+    assert "saved with save_only_model: true" in out and "checkpoint-2:" not in out
+    shutil.rmtree(tmp_path / "checkpoint-2")
+    assert safe_resume.find_checkpoint(tmp_path) is None  # nothing whole: the stage starts over
+    loop = tmp_path / "checkpoint-8"
+    loop.mkdir()
+    (loop / "loop_state.json").write_text(json.dumps({"step": 8}))
+    assert safe_resume.find_checkpoint(tmp_path) == loop
+
+
+def weights_only_sft(work, recipe, name: str) -> list:
+    """The tiny run's sft as run `name`: 6 steps, a checkpoint every 2 holding weights only (save_only_model)."""
+    return ["pipeline/sft.py", recipe, "sft.max_steps=6", "sft.save_steps=2", "sft.save_only_model=true",
+            "sft.heldout_prompts=", f"sft.init_from={work / 'runs/tiny/pretrain'}", f"run.name={name}"]
+
+
+def unbroken_weights_only_sft(work, recipe) -> Path:
+    """weights_only_sft run without a break (once for the tests that compare against it)."""
+    final = work / "runs/whole_weights_only/sft"
+    if not final.is_dir():
+        whole = stage(weights_only_sft(work, recipe, "whole_weights_only"), work)
+        assert whole.returncode == 0, whole.stderr[-3000:]
+    return final
+
+
+def test_a_stage_saved_with_save_only_model_and_killed_ends_like_an_unbroken_run(tiny_run):
+    """sft with save_only_model: true killed after two checkpoints: the rerun of the same command starts over
+    (before, it resumed from the weights with a fresh optimizer: weights 2e-3 away from the unbroken run's) and ends
+    with the unbroken run's steps and weights."""
+    work, recipe, _ = tiny_run
+    unbroken = unbroken_weights_only_sft(work, recipe)
+    args = weights_only_sft(work, recipe, "cut_weights_only")
+    killed = stage(args, work, fault="kill:training:5")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert checkpoints(work / "runs/cut_weights_only/sft.partial") == ["checkpoint-2", "checkpoint-4"]
+    done = stage(args, work)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours = work / "runs/cut_weights_only/sft"
+    assert json.loads((ours / "metrics.json").read_text())["steps"] == 6
+    assert max_weight_diff(ours, unbroken) < 1e-6
+    assert "holds weights only" in done.stdout and "[sft] resuming from" not in done.stdout
+
+
+def test_a_stage_saved_with_save_only_model_and_preempted_resumes_from_its_stop_checkpoint(tiny_run):
+    """With save_only_model: true the checkpoint a stop signal saves still holds the optimizer and RNG state (before,
+    it held weights only: the rerun started over, and a job preempted again and again never finished): the rerun
+    resumes from it and ends with the unbroken run's weights. The periodic checkpoints stay weights only."""
+    work, recipe, _ = tiny_run
+    unbroken = unbroken_weights_only_sft(work, recipe)
+    args = weights_only_sft(work, recipe, "stopped_weights_only")
+    code, out = signal_after(args, work, signal.SIGTERM, 3, "stopped_weights_only")
+    assert code == 75, out[-3000:]
+    partial = work / "runs/stopped_weights_only/sft.partial"
+    assert checkpoints(partial) == ["checkpoint-2", "checkpoint-3"]
+    assert not list((partial / "checkpoint-2").glob(safe_resume.RNG_STATE))
+    assert list((partial / "checkpoint-3").glob(safe_resume.RNG_STATE))
+    done = stage(args, work)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = [line for line in done.stdout.splitlines() if line.startswith("[sft] resuming from")]
+    assert len(resumed) == 1 and resumed[0].endswith("sft.partial/checkpoint-3"), done.stdout[-3000:]
+    ours = work / "runs/stopped_weights_only/sft"
+    assert json.loads((ours / "metrics.json").read_text())["steps"] == 6
+    assert max_weight_diff(ours, unbroken) < 1e-6
 
 
 def test_trust_remote_code_is_off_unless_the_recipe_says_so(tmp_path, monkeypatch):
@@ -417,8 +509,9 @@ def test_a_killed_stages_checkpoints_survive_a_resume_that_stops_on_bad_input(tm
     monkeypatch.chdir(tmp_path)
     recipe = load_recipe(tiny_recipe(tmp_path))
     away = load_recipe(tiny_recipe(tmp_path), [f"sft.dataset={tmp_path / 'away/chats.jsonl'}"])
-    with pytest.raises(PipelineError, match=r"recipe\.yaml: sft\.dataset: dataset '.*chats\.jsonl': file not found"):
-        runs.stage_inputs(away, "sft", must_exist=False)  # the runner's plan names the key
+    with pytest.raises(PipelineError, match=r"^override 'sft\.dataset=.*chats\.jsonl': sft\.dataset: dataset "
+                                            r"'.*chats\.jsonl': file not found"):
+        runs.stage_inputs(away, "sft", must_exist=False)  # the runner's plan names the key and its override
     with pytest.raises(PipelineError):  # a first attempt that stops on bad input leaves nothing
         with runs.StageRun(recipe, "pretrain") as run:
             run.out.mkdir(parents=True)

@@ -133,3 +133,23 @@ def test_requeued_stage_job_resumes_from_its_checkpoint(slurm, tmp_path):
     assert manifest["launch"]["slurm"]["restart_count"] == "2"
     assert json.loads((out / "metrics.json").read_text())["steps"] == 150
     assert not list(out.glob("checkpoint-*")) and not (tmp_path / "runs/tiny/pretrain.partial").exists()
+
+
+def test_from_submits_the_stages_the_local_plan_runs(monkeypatch, tmp_path, capsys):
+    from conftest import REPO
+    from pipeline import check, run, runs
+    from pipeline.recipe import load_recipe
+
+    # every stage finished (no Slurm needed: a dry run submits nothing; the check of the stages is not what is tested)
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(runs, "up_to_date", lambda recipe, stage: (True, "up to date"))
+    monkeypatch.setattr(check, "run_check", lambda *args: ([], []))
+    argv = [str(REPO / "recipes/small.yaml"), f"run.output_dir={tmp_path}", "--from", "sft"]
+    recipe = load_recipe(argv[0], argv[1:2])
+    for stage in recipe.stages:  # what a submission checks of a finished stage it does not resubmit
+        recipe.stage_dir(stage).mkdir(parents=True)
+        (recipe.stage_dir(stage) / "manifest.json").write_text("{}")
+    planned = [stage for stage, will_run, _ in run.plan(recipe, start="sft") if will_run]
+    run.main([*argv, "--slurm", "--dry-run"])
+    submitted = re.findall(r"^\s+(\w+)\s+would submit", capsys.readouterr().out, flags=re.M)
+    assert submitted == planned and "sft" in submitted and "diffusion" not in submitted

@@ -115,8 +115,123 @@ def test_misspelt_stage_name_is_not_taken_for_a_hub_id(tmp_path, script, overrid
         proc = run_cli(args, cwd=tmp_path)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         line = proc.stderr.strip().splitlines()[-1]
-        assert line.startswith(f"error: {recipe}: ") and expected in line
+        assert line.startswith(f"error: override '{override}': ") and expected in line  # not the recipe file
     assert not (tmp_path / "runs").exists()
+
+
+def _reward_model(tmp_path) -> None:
+    """A tiny sequence-classification model (what ppo.reward_model reads) in `tmp_path`/rm."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=400, num_labels=1, pad_token_id=0)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+
+
+def _tool_folders(tmp_path) -> None:
+    """As the tools find them (nothing is read before a tool is called): a diffusers pipeline with its image judge
+    (`diffusion`) and one without (`pipe`); and draw tasks alone (no read task: no image_judge tool needed)."""
+    for name in ("diffusion/model_index.json", "diffusion/judge/config.json", "diffusion/judge/model.safetensors",
+                 "pipe/model_index.json"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "draws.jsonl").write_text(json.dumps({"prompt": "Draw a 3.", "kind": "draw", "expect": {"digit": 3}}))
+
+
+def _ppo_start(recipe, overrides, tmp_path):
+    from pipeline import ppo
+
+    _reward_model(tmp_path)
+    return ppo.main([str(recipe.path), *overrides])
+
+
+def _implicit_reward(recipe, overrides, tmp_path):
+    from pipeline import ppo, runs
+
+    dpo = tmp_path / "dpo_elsewhere"  # a stage folder whose manifest says it started from another model
+    dpo.mkdir()
+    (dpo / runs.MANIFEST).write_text(json.dumps({"inputs": {"checkpoints": {"init_from": {
+        "path": str(tmp_path / "other"), "source": "local"}}}}))
+    init = runs.Checkpoint("start", str(tmp_path / "start"), "fp", "local")
+    return ppo.check_implicit_reward(recipe, init, runs.Checkpoint(str(dpo), str(dpo), "fp", "local"))
+
+
+def _model_checkpoint(recipe, overrides, tmp_path):
+    from pipeline import runs
+
+    return runs.resolve_checkpoint(recipe, "model")
+
+
+def _sft_inputs(recipe, overrides, tmp_path):
+    from pipeline import runs
+
+    return runs.stage_inputs(recipe, "sft", must_exist=False)
+
+
+def _eval_tool_plan(recipe, overrides, tmp_path):
+    from pipeline import eval_tools
+
+    return eval_tools.plan(recipe, recipe.keys("eval"))
+
+
+def _stage_toolbox(recipe, overrides, tmp_path):
+    from pipeline.tool_rollout import stage_toolbox
+
+    return stage_toolbox(recipe, tmp_path / "stage")
+
+
+def _check_python_tools(recipe, overrides, tmp_path):
+    from pipeline import check
+
+    return check.python_tool_problems(recipe)[0]
+
+
+def _check_image_judge(recipe, overrides, tmp_path):
+    from pipeline import check
+
+    return check._judge_described(recipe, recipe.keys("ppo").image_judge, set(), "ppo.image_judge")
+
+
+NO_FOLDER_TOOL = "tools.tools=[{name: d, backend: diffusion, source: nowhere}]"
+OVERRIDE_SITES = {  # a line about a value, by the code that makes it: (the call, the overrides: the last one named)
+    "ppo.py: init_from": (_ppo_start, ["ppo.reward_model={tmp}/rm", "ppo.init_from=model"]),
+    "ppo.py: implicit_reward": (_implicit_reward, ["ppo.implicit_reward={tmp}/dpo_elsewhere"]),
+    "runs.py: model.name_or_path": (_model_checkpoint, ["model.name_or_path=./no_model"]),
+    "runs.py: model section": (_model_checkpoint, ["model.config="]),
+    "runs.py: tokenizer.chat_dataset": (_model_checkpoint, ["tokenizer.chat_dataset=no_chat.jsonl"]),
+    "runs.py: sft.dataset": (_sft_inputs, ["sft.dataset=no_data.jsonl"]),
+    "eval_tools.py: no tools": (_eval_tool_plan, ["eval.tool_prompts=world:tool_eval"]),
+    "eval_tools.py: tool folder": (_eval_tool_plan, ["eval.tool_prompts=world:tool_eval", NO_FOLDER_TOOL]),
+    "eval_tools.py: world_gallery": (_eval_tool_plan, [
+        "tools.tools=[{name: draw_image, backend: diffusion, source: {tmp}/diffusion}, {name: read_image, backend: "
+        "image_judge, source: {tmp}/diffusion}]", "eval.tool_prompts=world:tool_eval", "tools.world_gallery=false"]),
+    "eval_tools.py: image judge": (_eval_tool_plan, ["eval.tool_prompts={tmp}/draws.jsonl",
+                                                     "tools.tools=[{name: draw_image, backend: diffusion, source: "
+                                                     "{tmp}/pipe}]"]),
+    "tool_rollout.py: stage tools": (_stage_toolbox, [NO_FOLDER_TOOL]),
+    "check.py: python tools": (_check_python_tools, ["tools.allow_code=true", "tools.tools=[{name: f, backend: "
+                                                     "python, function: no_such_module_h11:f}]"]),
+    "check.py: image judge": (_check_image_judge, [NO_FOLDER_TOOL, "ppo.image_judge=no_judge"]),
+}
+
+
+@pytest.mark.parametrize("site", OVERRIDE_SITES)
+def test_a_line_about_a_value_an_override_set_names_the_override(tmp_path, monkeypatch, site):
+    """README: a bad value stops "in one line naming the recipe file (or the override) and the key". These lines
+    named the recipe file, which had not set the value."""
+    from pipeline.cli import PipelineError
+    from pipeline.recipe import load_recipe
+
+    monkeypatch.chdir(tmp_path)
+    _tool_folders(tmp_path)
+    call, overrides = OVERRIDE_SITES[site]
+    overrides = [o.replace("{tmp}", str(tmp_path)) for o in overrides]
+    recipe = tiny_recipe(tmp_path, world={"n_tool_eval": 9}, ppo={}, eval={"checkpoints": ["pretrain"]})
+    try:
+        line = call(load_recipe(recipe, overrides), overrides, tmp_path)  # a check that returns its problems
+    except PipelineError as err:
+        line = str(err)
+    assert line.startswith(f"override '{overrides[-1]}': ") and "\n" not in line, line
 
 
 @pytest.mark.parametrize("content", ["", "run:\n", "run: {name: x}\n"])
@@ -473,4 +588,46 @@ def test_runner_checks_every_stages_config_before_the_first_stage_starts(tmp_pat
     assert proc.returncode == 2 and proc.stderr.strip() == (
         f"error: {recipe}: reward.eval_strategy: bogus is not a valid IntervalStrategy, please select one of "
         f"['no', 'steps', 'epoch']")
+    assert not (tmp_path / "runs").exists()
+
+
+def _reads(recipe, stage: str, source: str) -> bool:
+    """Whether `stage` reads `source`, directly or through other stages (the test's own walk of the graph)."""
+    from pipeline import run
+
+    deps = run.dependencies(recipe, stage)
+    return source in deps or any(_reads(recipe, d, source) for d in deps)
+
+
+def test_from_reruns_the_stage_and_the_stages_that_read_it_not_every_later_one(monkeypatch, tmp_path):
+    from pipeline import run, runs
+    from pipeline.recipe import load_recipe
+
+    # was: --from sft reran every stage after sft in the plan, the image stages (which never read sft) too
+    monkeypatch.chdir(REPO)
+    recipe = load_recipe(REPO / "recipes/small.yaml", [f"run.output_dir={tmp_path}"])
+    finished = {s for s in recipe.stages if s != "diffusion"}  # diffusion has not run: it runs, as without --from
+    status = lambda recipe, stage: (True, "up to date") if stage in finished else (False, "not run yet")
+    monkeypatch.setattr(runs, "up_to_date", status)
+    steps = {stage: (will_run, why) for stage, will_run, why in run.plan(recipe, start="sft")}
+    from_sft = [stage for stage, (_, why) in steps.items() if why == "--from sft"]
+    assert from_sft == [s for s in run.order_stages(recipe) if s == "sft" or _reads(recipe, s, "sft")]
+    assert {"sft", "reward", "dpo", "ppo", "eval"} <= set(from_sft)
+    assert steps["pretrain"] == (False, "up to date") and steps["diffusion"] == (True, "not run yet")
+    assert steps["diffusion_dpo"] == (True, "input stage diffusion reruns")  # reads diffusion, not sft
+    finished.add("diffusion")
+    rerun = [stage for stage, will_run, _ in run.plan(recipe, start="sft") if will_run]
+    assert rerun == from_sft  # every stage finished: only sft and the stages that read it
+    # --only keeps the stages it names: of them, those that read sft rerun
+    assert run.plan(recipe, only=["diffusion", "eval"], start="sft") == [("diffusion", False, "up to date"),
+                                                                          ("eval", True, "--from sft")]
+
+
+@pytest.mark.parametrize("check", [[], ["--check"]])
+def test_a_missing_launcher_set_by_an_override_names_the_override(tmp_path, check):
+    recipe = tiny_recipe(tmp_path, sft=None)  # was: the recipe file, which has no run.launcher
+    proc = run_cli(["pipeline/run.py", recipe, "run.launcher=nosuchprog", *check], cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert ("override 'run.launcher=nosuchprog': run.launcher: 'nosuchprog' is not a program on PATH"
+            in proc.stdout + proc.stderr)
     assert not (tmp_path / "runs").exists()

@@ -432,8 +432,9 @@ def test_recipe_tools_section_is_checked_when_the_recipe_loads(tmp_path):
                       "source: diffusion}\n    - {name: read_image, backend: image_judge, source: diffusion}\n")
     loaded = load_recipe(recipe)
     assert [t["name"] for t in loaded.tools.tools] == ["draw_image", "read_image"] and loaded.tools.world_gallery
-    with pytest.raises(PipelineError, match=r"r\.yaml: tools\.tools\[1\]\.backend: 'paint'"):
-        load_recipe(recipe, ["tools.tools=[{name: a, backend: diffusion, source: x}, {name: b, backend: paint}]"])
+    paint = "tools.tools=[{name: a, backend: diffusion, source: x}, {name: b, backend: paint}]"
+    with pytest.raises(PipelineError, match=re.escape(f"override '{paint}': tools.tools[1].backend: 'paint'")):
+        load_recipe(recipe, [paint])  # the override that set the key, not the recipe file
     with pytest.raises(PipelineError, match=r"tools\.tools\[0\]\.backend: 'python' runs code"):
         load_recipe(recipe, ["tools.tools=[{name: a, backend: python, function: m:f}]"])
     for value, problem in ((".inf", "guidance must be a finite number"), (".nan", "guidance must be a finite number"),

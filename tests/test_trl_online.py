@@ -710,3 +710,48 @@ def test_grpo_choices_checked_before_training_are_those_its_trainer_computes():
         for group in re.findall(rf"self\.{key} in \[([^\]]*)\]", source):
             branches |= set(re.findall(r'"(\w+)"', group))
         assert set(valid) == branches, key
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_trls_refusals_that_word_an_argument_name_the_override_that_set_it(user, algorithm):
+    """GRPOConfig/RLOOConfig refuse num_generations 1 as "at least 2 generations per prompt", and an eval batch as
+    "global eval batch size", not by the arguments' names: the line named the recipe file even when an override set
+    them. It names the override (DERIVED: the words -> the keys), else the file."""
+    from pipeline import check
+    from pipeline.cli import PipelineError
+
+    def refusal(path, overrides):
+        with pytest.raises(PipelineError) as err:
+            check.check_stage_config(load_recipe(path, overrides), "ppo")
+        return str(err.value)
+
+    section = f"section 'ppo' ({algorithm.upper()}Config)"
+    path = grpo_recipe(user, algorithm=algorithm)
+    assert refusal(path, ["ppo.num_generations=1", "ppo.max_steps=2"]) == (
+        f"override 'ppo.num_generations=1': {section}: {algorithm.upper()} requires at least 2 generations per prompt "
+        f"to calculate the advantages. You provided 1, which is less than the minimum required.")
+    evaluation = "ppo.trl_args={eval_strategy: steps, per_device_eval_batch_size: 3}"
+    assert refusal(path, [evaluation, "ppo.max_steps=2"]).startswith(
+        f"override '{evaluation}': {section}: The global eval batch size (3 * 1) must be divisible by the number of "
+        f"generations used for evaluation (4)")
+    path = grpo_recipe(user, algorithm=algorithm, num_generations=1)  # the file set it
+    assert refusal(path, ["ppo.max_steps=2"]).startswith(f"{path}: {section}: {algorithm.upper()} requires at least 2")
+
+
+def test_a_grpo_run_warns_of_no_deprecated_checkpointing_name(user, monkeypatch):
+    """Every GRPO/RLOO run printed transformers' FutureWarnings "`gradient_checkpointing` is deprecated" (the name
+    we turned it off by) and "`is_gradient_checkpointing` is deprecated" (read by TRL itself at every rollout).
+    trl_args may still turn it on by the old name."""
+    import warnings
+
+    from pipeline import ppo
+    from pipeline.trl_online import trl_config
+
+    monkeypatch.chdir(user)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # over pytest's filterwarnings, which hide FutureWarnings
+        ppo.main([str(grpo_recipe(user)), "run.name=no_deprecation"])
+    assert not [str(w.message) for w in caught if "checkpointing` is deprecated" in str(w.message)]
+    recipe = load_recipe(grpo_recipe(user, trl_args={"gradient_checkpointing": True}))
+    config, _ = trl_config(recipe, recipe.trainer_config("ppo"), str(user / "runs/checkpointing"))
+    assert config.activation_checkpointing and config.gradient_checkpointing
