@@ -353,7 +353,7 @@ def warn_unread_completions(rows, source) -> None:
     """TRL's prompt-completion rows read as prompts to score: their `completion` is no reference answer, say so."""
     from pipeline import log
 
-    if unread := sum("completion" in r and r.get("answer") is None for r in rows):
+    if unread := sum(r.get("completion") is not None and r.get("answer") is None for r in rows):
         log.warning(f"{source}: {unread} of {len(rows)} rows have a `completion` and no `answer`: `completion` is not "
                     f"read as a reference answer; name the reference column `answer`")
 

@@ -267,6 +267,8 @@ def caption_and_judge_problems(recipe, stage: str, keys, ref: str | None, will_r
             out.append(f"{stage}.{problem}")
 
         def check_file(file, where: str):  # only a local file can be missing (not a hub dataset's, stored bytes)
+            if lost:  # the first missing file is said: no more stat calls or decoding after it
+                return
             if isinstance(file, Path) and not file.is_file():
                 lost.append(f"{where}: no image file {file}")
             elif isinstance(path, Path) and len(decoded) < 2 * SAMPLE_ROWS:  # a local file's first pairs, decoded

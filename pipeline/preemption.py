@@ -112,6 +112,10 @@ def _callback_class():
 
         def on_train_begin(self, args, state, control, **kw):
             STOP.training = True
+            if args.save_only_model and args.save_strategy != "no" and state.is_world_process_zero:
+                log.warning("save_only_model: true: checkpoints hold weights only, and a stage killed without a stop "
+                            "signal starts over (the checkpoint a signal saves holds the whole state, until "
+                            "save_total_limit rotates it out)")
 
         def on_train_end(self, args, state, control, **kw):
             STOP.training = False

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.cli import PipelineError
-from pipeline.key_checks import long_name, number_problem, source_of
+from pipeline.key_checks import long_name, number_problem, source_of, where_set
 from pipeline.tool_calls import (Tool, ToolBox, ToolCall, ToolError, ToolOutput, ToolResult, ToolTimeout,
                                  check_deadline, describe_error, parse_tool_calls)
 from pipeline.values import Mismatch, closest, coerce, field_types, type_name
@@ -381,7 +381,8 @@ def check_section(section: dict, where: str, recipe=None) -> list[dict]:
         if backend == "diffusion" and entry.get("steps", 100) < 1:
             raise PipelineError(f"{where}: {key}.steps: must be at least 1")
         if backend == "python" and not cfg.get("allow_code", False):
-            raise PipelineError(f"{where}: {key}.backend: 'python' runs code the recipe names; set "
+            allow = where_set(recipe, [("tools", "tools"), ("tools", "allow_code")]) if recipe is not None else where
+            raise PipelineError(f"{allow}: {key}.backend: 'python' runs code the recipe names; set "
                                 f"tools.allow_code: true to allow it")
         if backend == "python" and not re.fullmatch(r"[\w.]+:\w+", entry["function"]):
             raise PipelineError(f"{where}: {key}.function: '{entry['function']}' is not module:function")

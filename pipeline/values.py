@@ -132,7 +132,7 @@ def by_new_names(config_class, values: dict) -> dict:
         return out
     fields = {f.name: f for f in dataclasses.fields(config_class)}
     for old, new in RENAMED_FIELDS.items():
-        if old in fields and new in fields and out.get(new) is None:
+        if old in fields and new in fields and out.get(new, fields[new].default) in (None, dataclasses.MISSING):
             default = fields[old].default if fields[old].default is not dataclasses.MISSING else None
             if (value := out.pop(old, default)) is not None:
                 out[new] = value

@@ -119,15 +119,16 @@ def test_prompt_completion_rows_are_told_completion_is_no_reference(tmp_path, ca
     from pipeline import heldout
 
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is 2 + 3?", "completion": "5"},
-                                                 {"prompt": "What is 1 + 1?", "completion": "2", "answer": "2"}])
+                                                 {"prompt": "What is 1 + 1?", "completion": "2", "answer": "2"},
+                                                 {"prompt": "What is 2 + 2?", "completion": None}])  # none: not said
     recipe = load_recipe(tiny_recipe(tmp_path, pretrain=None, sft=None),
                          [f"eval.prompts={prompts}", f"sft.heldout_prompts={prompts}"])
-    expected = (f"WARNING: {prompts}: 1 of 2 rows have a `completion` and no `answer`: `completion` is not read as a "
+    expected = (f"WARNING: {prompts}: 1 of 3 rows have a `completion` and no `answer`: `completion` is not read as a "
                 f"reference answer; name the reference column `answer`")
     for read in (lambda: evaluate.load_prompts(recipe, recipe.keys("eval"))[0],
                  lambda: heldout.heldout_rows(recipe, recipe.keys("sft"))):
         rows = read()
-        assert [r.get("answer") for r in rows] == [None, "2"]
+        assert [r.get("answer") for r in rows] == [None, "2", None]
         warnings = [line for line in capsys.readouterr().out.splitlines() if "WARNING" in line]
         assert len(warnings) == 1 and warnings[0].endswith(expected), warnings
 

@@ -279,6 +279,8 @@ def test_a_stage_saved_with_save_only_model_and_killed_ends_like_an_unbroken_run
     assert json.loads((ours / "metrics.json").read_text())["steps"] == 6
     assert max_weight_diff(ours, unbroken) < 1e-6
     assert "holds weights only" in done.stdout and "[sft] resuming from" not in done.stdout
+    assert "save_only_model: true: checkpoints hold weights only, and a stage killed without a stop signal starts " \
+           "over" in done.stdout  # said at the start of training, each attempt
 
 
 def test_a_stage_saved_with_save_only_model_and_preempted_resumes_from_its_stop_checkpoint(tiny_run):

@@ -523,3 +523,17 @@ def test_one_rule_finds_the_image_judge_for_eval_ppo_and_the_runner(image_run, t
     assert len(eval_plan.rows) > 0 and eval_plan.judge == run_dir / "painter" / "judge"
     assert recipe.keys("ppo").image_judge == "painter"
     assert stage_inputs(recipe, "eval", must_exist=False)["checkpoints"]["image_judge"]["ref"] == "painter"
+
+
+def test_allow_code_turned_off_by_an_override_is_named_by_that_override(tmp_path):
+    """The refusal of a python tool without tools.allow_code named whoever set tools.tools (the recipe file) when an
+    override had turned allow_code off."""
+    from pipeline.cli import PipelineError
+    from pipeline.recipe import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("tools:\n  allow_code: true\n  tools:\n    - {name: add, backend: python, function: m:add}\n")
+    assert load_recipe(recipe).tools.allow_code
+    with pytest.raises(PipelineError, match=r"^override 'tools\.allow_code=false': tools\.tools\[0\]\.backend: "
+                                            r"'python' runs code"):
+        load_recipe(recipe, ["tools.allow_code=false"])
