@@ -379,13 +379,12 @@ def load_recipe(path, overrides: list[str] = ()) -> Recipe:
 
 
 def _check_world(recipe: Recipe) -> None:
-    from pipeline.world_splits import check_world
+    from pipeline.world_splits import BadWorldValue, check_world
 
     try:  # rates in [0, 1], sizes 0 or more, known skills: a ValueError when a split is built (a traceback)
         check_world(recipe.world)
-    except ValueError as err:  # it names the keys at fault (`world.label_noise must be ...`): by their override
-        keys = re.findall(r"world\.(\w+)", str(err))
-        raise PipelineError(f"{source_of(recipe, 'world', *keys)}: {err}") from None
+    except BadWorldValue as err:  # named by the override that set a key at fault, if one did
+        raise PipelineError(f"{source_of(recipe, 'world', *err.keys)}: {err}") from None
 
 
 def section_docs(cls) -> dict[str, str]:

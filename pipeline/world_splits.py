@@ -30,26 +30,35 @@ def _check(cfg: WorldConfig, split: str) -> None:
     check_world(cfg)
 
 
+class BadWorldValue(ValueError):
+    """A world setting check_world refuses; `keys`: the world keys at fault (the recipe loader names their source)."""
+
+    def __init__(self, message: str, *keys: str):
+        super().__init__(message)
+        self.keys = keys
+
+
 def check_world(cfg: WorldConfig) -> None:
     """The world section's values (the recipe loader runs this, naming the recipe): skills, sizes and rates."""
     from pipeline.values import closest
 
     if not cfg.skills:
-        raise ValueError("world.skills is empty")
+        raise BadWorldValue("world.skills is empty", "skills")
     bad = [s for s in cfg.skills if s not in SKILLS]
     if bad:
-        raise ValueError(f"world.skills: unknown skill '{bad[0]}'{closest(str(bad[0]), SKILLS)}")
+        raise BadWorldValue(f"world.skills: unknown skill '{bad[0]}'{closest(str(bad[0]), SKILLS)}", "skills")
     for name, value in vars(cfg).items():
         if name.startswith("n_") and value < 0:
-            raise ValueError(f"world.{name} must be 0 or more, got {value}")
+            raise BadWorldValue(f"world.{name} must be 0 or more, got {value}", name)
     for name in ("demo_hard_error_rate", "demo_easy_error_rate", "demo_rude_rate", "demo_verbose_rate",
                  "system_prompt_rate", "label_noise", "pref_hard_share", "pref_correctness_share",
                  "tool_demo_error_rate", "tool_demo_guess_rate"):
         v = getattr(cfg, name)
         if not 0.0 <= v <= 1.0:
-            raise ValueError(f"world.{name} must be in [0, 1], got {v}")
+            raise BadWorldValue(f"world.{name} must be in [0, 1], got {v}", name)
     if cfg.demo_rude_rate + cfg.demo_verbose_rate > 1.0:
-        raise ValueError("world.demo_rude_rate + world.demo_verbose_rate must be <= 1")
+        raise BadWorldValue("world.demo_rude_rate + world.demo_verbose_rate must be <= 1", "demo_rude_rate",
+                            "demo_verbose_rate")
 
 
 def _skills(cfg: WorldConfig) -> list[str]:
