@@ -23,8 +23,6 @@ from pipeline.vllm_engine import uses_vllm
 # ---------------------------------------------------------------------------------------------- checking
 
 
-
-
 def _resolve_problem(spec: str, recipe) -> str | None:
     """None when one dataset spec resolves (a world split, a local file, folder or glob, a hub id)."""
     from pipeline import files, hub
@@ -160,6 +158,20 @@ def _tool_parser_problem(recipe, stage: str, keys, cp) -> str | None:
     return problem and (problem if stage == "eval" else f"{problem} (ppo stops at start if its prompts offer tools)")
 
 
+def _tool_rows_problem(recipe, stage: str, key: str, keys) -> str | None:
+    """The stage's own checks of all its prompts that offer tools, by tool name: no tool's stage folder is read."""
+    from pipeline import data, eval_tools, ppo, ppo_tools
+    here = all(p.name.startswith("world:") or Path(p.name).expanduser().exists()  # read here: nothing is downloaded
+               for p in data.mixture_parts(getattr(keys, key))[0])
+    try:
+        if here and stage == "eval" and key == "tool_prompts":
+            eval_tools.checked_rows(recipe, keys)
+        elif here and stage == "ppo" and key == "prompts" and (names := recipe.tools.names):
+            ppo_tools.check_offers(ppo.load_prompts(keys.prompts, recipe, keys.columns), names, keys.prompts)
+    except PipelineError as err:
+        return str(err)
+
+
 def python_tool_problems(recipe) -> list[str]:
     """The recipe's `python` tools made as the stages that run tools make them (the recipe allows their code:
     `tools.allow_code`): a function whose schema cannot be made (no docstring, no such module) is an error now."""
@@ -220,10 +232,11 @@ def check_stage(recipe, stage: str, launch: cluster.Launch, device_memory: int |
     lines, errors, warnings = [], [], []
     keys = recipe.keys(stage)
     spec = STAGES[stage]
+    config_problem = ""
     try:
         check_stage_config(recipe, stage)
     except PipelineError as err:
-        errors.append(str(err))
+        errors.append(config_problem := str(err))
     # inputs
     shape = None
     for f in dataclasses.fields(keys):
@@ -237,6 +250,8 @@ def check_stage(recipe, stage: str, launch: cluster.Launch, device_memory: int |
                         continue
                     cp = runs.resolve_checkpoint(recipe, v, must_exist=False)
                     if cp.source == "stage" and cp.fingerprint is None and v not in will_run:
+                        if f"no `{v}` section" in config_problem:  # said by the stage's own key rule, clearer
+                            continue  # (ppo_config.check_key_conflicts: ppo.reward_model, a stage not in the recipe)
                         raise PipelineError(f"reads {v}, which has not finished and is not planned to run "
                                             f"(drop --only, or add {v})")
                     if cp.source in ("stage", "local") and cp.fingerprint is not None and v not in will_run and \
@@ -249,14 +264,15 @@ def check_stage(recipe, stage: str, launch: cluster.Launch, device_memory: int |
                     if f.name == "init_from":
                         shape = s
                     described.append(f"{v or 'model'} ({s.source}, {s.model_type} {s.params / 1e6:.4g}M parameters)")
-                except PipelineError as err:
-                    errors.append(f"{stage}.{f.name}: {err}")
+                except PipelineError as err:  # the image judge's line names the file and key itself
+                    errors.append(str(err) if f.name == "image_judge" else f"{stage}.{f.name}: {err}")
             if described:
                 lines.append(f"{f.name}: {', '.join(described)}")
         elif ref == "data" and value:
-            problem = _data_problem(value, recipe, stage, f.name, keys, will_run)
-            if problem:
+            if problem := _data_problem(value, recipe, stage, f.name, keys, will_run):
                 errors.append(f"{stage}.{f.name}: {problem}")
+            elif (problem := _tool_rows_problem(recipe, stage, f.name, keys)):
+                errors.append(problem)  # the stage's own line: it names the file and the row or key
     data_keys = [f"{f.name} {getattr(keys, f.name)}" for f in dataclasses.fields(keys)
                  if f.metadata.get("ref") == "data" and getattr(keys, f.name)]
     if data_keys:
@@ -302,7 +318,7 @@ def check_stage(recipe, stage: str, launch: cluster.Launch, device_memory: int |
         est = estimate_memory(shape, launch, profile=profile_of(recipe, stage), per_device=per_device,
                               seq_len=seq_len, mixed=_mixed(recipe, stage, fields),
                               weight_bytes=_weight_bytes(recipe), peft=recipe.peft_values(stage) if spec.peft else {},
-                              grad_ckpt=bool(_checkpointing(recipe, stage, fields)),
+                              grad_ckpt=_checkpointing(recipe, stage),
                               attn=recipe.model.attn_implementation)
         lines.append(f"memory per device: {est.describe()}")
         lines += [f"  {n}" for n in est.notes]
@@ -338,10 +354,12 @@ def _config_value(recipe, stage, fields, name, default):
     return recipe.config_default(stage, name) if name in fields else default
 
 
-def _checkpointing(recipe, stage, fields):
-    """Activation checkpointing by either of transformers' names, the new one first (values.RENAMED_FIELDS)."""
-    value = _config_value(recipe, stage, fields, "activation_checkpointing", None)
-    return _config_value(recipe, stage, fields, "gradient_checkpointing", False) if value is None else value
+def _checkpointing(recipe, stage) -> bool:
+    """Activation checkpointing by either of transformers' names, as the stage's config resolves them."""
+    from pipeline.recipe import stage_config_class
+    from pipeline.values import field_value
+
+    return bool(field_value(stage_config_class(stage), recipe.section(stage), "activation_checkpointing"))
 
 
 def _mixed(recipe, stage, fields) -> bool:

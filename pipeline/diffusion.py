@@ -12,7 +12,9 @@ classifier-free guidance, EMA weights, Accelerate's mixed precision; the saved s
 `DiffusionPipeline.from_pretrained(folder)` (safetensors).
 
 At the end the image judge is trained on the world's real images (`judge/`), the model draws every held-out
-caption and the judge scores the images: metrics.json, report.md, grid.png, samples/. Section keys:
+caption and the judge scores the images: metrics.json, report.md, grid.png, samples/. Without a judge
+(`judge_epochs` 0, the default for your own images) a file of held-out captions of your own is drawn the same way,
+unscored, into grid.png and samples/ (diffusers' validation_prompts). Section keys:
 DiffusionConfig (pipeline/diffusion_config.py) and DiffusionKeys (pipeline/stages.py).
 """
 
@@ -49,7 +51,9 @@ def main(argv):
             log.warning(ddp_warning)
         diffusion_launch.check_resume(run.out)  # a checkpoint this launch cannot read, before any model loads
         images.make_scheduler(cfg.sampler, {})  # an unknown sampler fails here, before any work
-        pipe = images.load_pipeline(run.checkpoint("pretrained").path) if keys.pretrained else None
+        pipe = images.load_pipeline(run.checkpoint("pretrained").path,
+                                    key=f"{source_of(recipe, STAGE, 'pretrained')}: {STAGE}.pretrained") \
+            if keys.pretrained else None
         if pipe:  # SDXL's UNet, PixArt's transformer: a traceback in training before
             image_check.refuse_pipeline(pipe, f"{recipe.path}: diffusion.pretrained '{keys.pretrained}'")
         channels = {**images.DEFAULT_UNET, **cfg.unet}["in_channels"]  # a new model: grey unless its unet says 3
@@ -59,9 +63,17 @@ def main(argv):
             if problem := images.resolution_problem(keys.resolution, shape["multiple"]):
                 raise cli.PipelineError(f"{recipe.path}: diffusion.resolution: {problem}")
             shape["resolution"] = keys.resolution
+            # saved so, the pipeline, draw_image and the evaluation draw at the trained side (sample_size: in VAE cells)
+            pipe.unet.register_to_config(sample_size=keys.resolution // images.vae_factor(
+                pipe.vae.config if getattr(pipe, "vae", None) is not None else None))
         source = images.load_images(keys.dataset, shape["resolution"], shape["channels"], cfg.property_dropout,
+                                    key=f"{source_of(recipe, STAGE, 'dataset')}: {STAGE}.dataset",
                                     image_column=keys.image_column, caption_column=keys.caption_column)
-        held_rows = image_eval.caption_rows(keys.heldout_captions, recipe) if keys.judge_epochs else []
+        # without a judge, captions of your own are drawn to look at (diffusers' validation_prompts); the world's
+        # held-out captions are there for the judge to score
+        judged = bool(keys.judge_epochs)
+        held_rows = image_eval.caption_rows(keys.heldout_captions, recipe, judged=judged) \
+            if judged or keys.heldout_captions != images.WORLD_SPEC else []
         heldout = [text for _, text in held_rows]
         # a word-level tokenizer (a new model's, or one reused) reads words it was not built on as <unk>, silently
         tokenizer = pipe.tokenizer if pipe else images.build_tokenizer(getattr(source, "texts", ()))
@@ -84,6 +96,8 @@ def main(argv):
             pipe = images.new_pipeline(cfg, keys.resolution, getattr(source, "texts", ()))
         pipe.to(accelerator.device)  # the frozen VAE and text encoder too: accelerator.prepare moves only what trains
         noise_scheduler = images.make_scheduler("ddpm", pipe.scheduler.config)
+        if "prediction_type" in recipe.section(STAGE):  # as diffusers' --prediction_type: over a loaded pipeline's
+            noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
         unet, text_encoder, vae = pipe.unet, pipe.text_encoder, getattr(pipe, "vae", None)
         diffusion_train.set_attention(unet, cfg.attn_implementation)
         if vae is not None:
@@ -122,7 +136,8 @@ def main(argv):
             unet = accelerator.unwrap_model(prepared["unet"]).eval()
             diffusion_train.save_pipeline(pipe, unet, run.out, cfg.use_lora,
                                           scheduler=images.make_scheduler(cfg.sampler, noise_scheduler.config))
-            images.write_json(run.out / "world.json", images.world_json())
+            if keys.dataset == images.WORLD_SPEC:  # the digit world's captions: what the model was trained in
+                images.write_json(run.out / "world.json", images.world_json())
             metrics = {"steps": cfg.max_steps, "train_loss": history[-1]["loss"] if history else None,
                        "train_wall_s": round(train_s, 1), "mixed_precision": precision, "history": history}
             if keys.judge_epochs:
@@ -134,14 +149,14 @@ def main(argv):
                 metrics.update(judge_metrics, judge_wall_s=round(time.time() - started, 1))
                 log.info("judge on held-out real images: " + ", ".join(
                     f"{k} {v:.3f}" for k, v in judge_metrics["judge_heldout_accuracy"].items()))
-            evals = {}
-            if heldout and keys.judge_epochs:
+            evals, notes = {}, []
+            saved = images.load_pipeline(str(run.out))  # what a user loads: the check that the folder works
+            saved.set_progress_bar_config(disable=True)
+            settings = {"samples": keys.heldout_samples, "steps": keys.sample_steps, "guidance": keys.guidance_scale,
+                        "seed": cfg.seed, "columns": keys.grid_columns, "name": "model"}
+            if heldout and judged:
                 started = time.time()
-                saved = images.load_pipeline(str(run.out))  # what a user loads: the check that the folder works
-                saved.set_progress_bar_config(disable=True)
-                evals["model"] = image_eval.evaluate(saved, judge, heldout, run.out, samples=keys.heldout_samples,
-                                                     steps=keys.sample_steps, guidance=keys.guidance_scale,
-                                                     seed=cfg.seed, columns=keys.grid_columns, name="model")
+                evals["model"] = image_eval.evaluate(saved, judge, heldout, run.out, **settings)
                 evals["model"].pop("matches")
                 acc = evals["model"]["accuracy"]
                 metrics = {"heldout_digit_accuracy": acc["digit"]["mean"], "heldout_all_accuracy": acc["all"]["mean"],
@@ -150,10 +165,21 @@ def main(argv):
                            "eval_wall_s": round(time.time() - started, 1)}
                 log.info("held-out captions: " + ", ".join(
                     f"{m} {image_eval.fmt(acc[m])}" for m in image_eval.MEASURES if acc.get(m)))
-            notes = [f"Model: {type(pipe).__name__}, {cfg.max_steps} steps of {cfg.batch_size} images "
-                     f"x {accelerator.num_processes} process(es) x {cfg.gradient_accumulation_steps} accumulation, "
-                     f"{train_s:.0f} s; sampler {cfg.sampler}, {keys.sample_steps} steps, guidance "
-                     f"{keys.guidance_scale}. Load it: `DiffusionPipeline.from_pretrained(\"{run.final_dir}\")`."]
+            elif heldout:
+                started = time.time()
+                image_eval.draw(saved, heldout, run.out, **settings)
+                drew = (f"{len(heldout)} held-out captions of {keys.heldout_captions}, {keys.heldout_samples} images "
+                        f"each, drawn without a judge (not scored)")
+                metrics["heldout_drawn"] = {"captions": heldout, "samples": keys.heldout_samples,
+                                            "eval_wall_s": round(time.time() - started, 1)}
+                log.info(f"{drew}: grid.png, samples/model/")
+                notes += [f"{drew}, a row each: ![samples](grid.png) (a strip per caption in samples/model/).", ""]
+            drawn = (f"; held-out captions drawn by it with {keys.sample_steps} steps, guidance "
+                     f"{keys.guidance_scale}" if heldout else "; nothing drawn at the end (no held-out captions)")
+            notes += [f"Model: {type(pipe).__name__}, {cfg.max_steps} steps of {cfg.batch_size} images "
+                      f"x {accelerator.num_processes} process(es) x {cfg.gradient_accumulation_steps} accumulation, "
+                      f"{train_s:.0f} s; saved sampler {cfg.sampler}{drawn}. "
+                      f"Load it: `DiffusionPipeline.from_pretrained(\"{run.final_dir}\")`."]
             (run.out / "report.md").write_text(image_eval.report("Diffusion stage", metrics, evals, notes))
         run.finish(metrics, config=dataclasses.asdict(cfg))
 

@@ -141,7 +141,7 @@ def main(argv):
             raise cli.PipelineError(f"{recipe.path}: diffusion_dpo.judge: no image judge in {judge_dir}, with which "
                                     f"{needs_judge} (train the diffusion stage with judge_epochs > 0, or point `judge` "
                                     f"at one" + (", or set heldout_captions empty)" if own_file else ")"))
-        pipe = images.load_pipeline(init.path)
+        pipe = images.load_pipeline(init.path, key=f"{source_of(recipe, STAGE, 'init_from')}: {STAGE}.init_from")
         image_check.refuse_pipeline(pipe, f"{recipe.path}: diffusion_dpo.init_from '{keys.init_from}'")
         shape = images.pipeline_shape(pipe)
         if own_file:
@@ -244,7 +244,8 @@ def main(argv):
             diffusion_train.save_pipeline(pipe, unet, run.out, cfg.use_lora)
             if judge is not None or (judge_dir / "model.safetensors").is_file():
                 shutil.copytree(judge_dir, run.out / "judge", dirs_exist_ok=True)
-            images.write_json(run.out / "world.json", images.world_json())
+            if keys.dataset == images.WORLD_SPEC:  # the digit world's captions: what its candidates were drawn for
+                images.write_json(run.out / "world.json", images.world_json())
             if own_file:
                 pair_stats = {"pairs": len(own), "ties_dropped": own.ties, "source": str(own_file)}
             else:

@@ -81,10 +81,12 @@ def expect_problem(row: dict) -> str | None:
     return None
 
 
-def plan(recipe, keys) -> ToolPlan:
-    """Read and check the tool prompts and what verifying them needs; one line naming where the key was set (its
-    override, else the recipe file) and the key if not."""
-    from pipeline.tools import ImageStore, judge_folder, judge_source, unknown_tool
+def checked_rows(recipe, keys) -> tuple[list[dict], str | None]:
+    """The tool prompts (eval.tool_max_prompts of them) with every check that needs no stage folder: each row's task
+    and the tools it offers (the recipe's tool names), the gallery its read tasks need, an image tool for its draw
+    tasks. Also where the image judge of draw tasks is (tools.judge_source), None without draw tasks. `plan` and
+    `--check` (before the tools' stages have run) both call it."""
+    from pipeline.tools import judge_source, unknown_tool
 
     def set_at(tools_key: str) -> str:  # the last override that set the prompts or that tools key, else the recipe
         return where_set(recipe, [("eval", "tool_prompts"), ("tools", tools_key)])
@@ -92,8 +94,7 @@ def plan(recipe, keys) -> ToolPlan:
     if not recipe.tools.tools:
         raise PipelineError(f"{set_at('tools')}: eval.tool_prompts: the recipe has no tools (section `tools`) for the "
                             f"policy to call; add them or leave tool_prompts empty")
-    # the tools as the stage will build them (stage folders looked up now, before anything is written)
-    box = recipe_toolbox(recipe, ImageStore(None))
+    names = recipe.tools.names
     rows, where, source = data.read_rows(keys.tool_prompts, recipe)
     if keys.tool_max_prompts:
         rows, where = rows[:keys.tool_max_prompts], where[:keys.tool_max_prompts]
@@ -104,21 +105,32 @@ def plan(recipe, keys) -> ToolPlan:
             row["expect"] = dict(row["expect"])  # normalised below; the world's rows are cached
         if (problem := expect_problem(row)):
             bad_row(source, w, problem)
-        if (missing := unknown_tool(tools_of(row, source, w), box.tools)):
-            bad_row(source, w, f"tool {missing!r} is not among the recipe's tools ({', '.join(box.tools)})")
+        if (missing := unknown_tool(tools_of(row, source, w), names)):
+            bad_row(source, w, f"tool {missing!r} is not among the recipe's tools ({', '.join(names)})")
     kinds = Counter(r["kind"] for r in rows if is_verified(r))
     if kinds["read"] and not recipe.tools.world_gallery:
         raise PipelineError(f"{set_at('world_gallery')}: tools.world_gallery: {keys.tool_prompts} has "
                             f"{kinds['read']} read tasks about the world's gallery images, which the tools see only "
                             f"with tools.world_gallery: true")
-    draws = sum(kinds[k] for k in DRAW_KINDS)
-    judge = None
-    if draws:
-        if not (source := judge_source(recipe.tools)):
-            raise PipelineError(f"{set_at('tools')}: eval.tool_prompts: {keys.tool_prompts} has draw tasks, verified "
-                                f"by the image judge, but the recipe has no image tool to find one by (an image_judge "
-                                f"or diffusion tool)")
-        judge = judge_folder(source, recipe.run_dir, "tools (the image judge of draw tasks)",
+    if not sum(kinds[k] for k in DRAW_KINDS):
+        return rows, None
+    if not (judge := judge_source(recipe.tools)):
+        raise PipelineError(f"{set_at('tools')}: eval.tool_prompts: {keys.tool_prompts} has draw tasks, verified "
+                            f"by the image judge, but the recipe has no image tool to find one by (an image_judge "
+                            f"or diffusion tool)")
+    return rows, judge
+
+
+def plan(recipe, keys) -> ToolPlan:
+    """Read and check the tool prompts (`checked_rows`) and what verifying them needs; one line naming where the key
+    was set (its override, else the recipe file) and the key if not."""
+    from pipeline.tools import ImageStore, judge_folder
+
+    rows, judge = checked_rows(recipe, keys)
+    # the tools as the stage will build them (stage folders looked up now, before anything is written)
+    box = recipe_toolbox(recipe, ImageStore(None))
+    if judge is not None:
+        judge = judge_folder(judge, recipe.run_dir, "tools (the image judge of draw tasks)",
                              source_of(recipe, "tools", "tools"))
     # each row offers its own tools (its `tools`, as ppo offers them: null or [] is none), a row without the column
     # every tool of the recipe

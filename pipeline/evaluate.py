@@ -47,7 +47,7 @@ from pipeline import (cli, data, eval_records, eval_report, eval_tools, eval_too
 from pipeline.eval_metrics import (EvalSetup, checkpoint_metrics, collapse_checks, outcomes, samples_setup,
                                    win_matrix)
 from pipeline.generation import (generate, held_out_perplexity, prompt_ids, refuse_past_position_table,
-                                 reply_logprob_sums, warn_past_context)
+                                 reply_logprob_sums, tokenizer_identity, warn_past_context)
 from pipeline.model_configs import checkpoint_config
 from pipeline.recipe import load_recipe, stage_help
 from pipeline.reward_model import (RewardModel, check_reads, checkpoint_head, offered_tools, refuse_causal_head,
@@ -176,23 +176,33 @@ def targets_of(recipe, run, keys) -> tuple[list[Target], str]:
     return targets, names[base.path]
 
 
-def check_positions(recipe, keys, target: Target, rows, tool_plan) -> None:
-    """Warn where replies to the prompts (and tool prompts) would run past the checkpoint's positions; stop in one
-    line where its model reads them from a table (it would stop mid-generation). Read off its config, for every
-    checkpoint before any generates: an earlier checkpoint's work is not lost to a later one's refusal."""
-    cp = target.checkpoint
-    config = checkpoint_config(recipe, cp.path, recipe.model.revision if cp.source == "hub" else None)
-    if config is None:
-        return
-    checked = [(keys.prompts, rows, offered_tools(rows), "max_new_tokens", target.name)]
-    if tool_plan is not None:
-        checked.append((keys.tool_prompts, tool_plan.rows, tool_plan.schemas, "tool_max_total_tokens",
-                        f"{target.name}: tool prompts"))
-    for spec, prompt_rows, offers, key, what in checked:
-        lengths = [len(prompt_ids(target.tokenizer, r["prompt"], t)) for r, t in zip(prompt_rows, offers)]
-        warn_past_context(config, target.tokenizer, lengths, getattr(keys, key), what)
-        refuse_past_position_table(config, target.tokenizer, lengths, getattr(keys, key), prompts=spec,
-                                   budget=f"eval.{key}", name=target.name, path=target.checkpoint.path)
+def check_positions(recipe, keys, targets, rows, tool_plan) -> None:
+    """Warn where replies to the prompts (and tool prompts) would run past a checkpoint's positions; stop in one line
+    where its model reads them from a table (it would stop mid-generation). Read off each config before any
+    checkpoint generates (an earlier one's work is not lost to a later one's refusal), for what each will generate:
+    replies or tool rollouts read from a record (eval_records.find) are not. Prompts are measured once per tokenizer
+    (tokenizer_identity: the stages of a run share theirs)."""
+    measured = {}  # (tokenizer_identity, the budget key of the prompts) -> their lengths
+    for target in targets:
+        checked = [] if target.record is not None else [
+            (keys.prompts, rows, offered_tools(rows), "max_new_tokens", target.name)]
+        if tool_plan is not None and target.tool_record is None:
+            checked.append((keys.tool_prompts, tool_plan.rows, tool_plan.schemas, "tool_max_total_tokens",
+                            f"{target.name}: tool prompts"))
+        cp, tokenizer = target.checkpoint, target.tokenizer
+        config = checkpoint_config(recipe, cp.path, recipe.model.revision if cp.source == "hub" else None) \
+            if checked else None
+        if config is None:
+            continue
+        for spec, prompt_rows, offers, key, what in checked:
+            lengths_key = (tokenizer_identity(tokenizer), key)
+            if lengths_key not in measured:
+                measured[lengths_key] = [len(prompt_ids(tokenizer, r["prompt"], t))
+                                         for r, t in zip(prompt_rows, offers)]
+            lengths = measured[lengths_key]
+            warn_past_context(config, tokenizer, lengths, getattr(keys, key), what)
+            refuse_past_position_table(config, tokenizer, lengths, getattr(keys, key), prompts=spec,
+                                       budget=f"eval.{key}", name=target.name, path=cp.path)
 
 
 # ---------------------------------------------------------------------------------------------- models at work
@@ -353,7 +363,6 @@ def main(argv):
                 log.warning(f"{target.name}: evaluated with the pipeline's chat template over its own "
                             f"(tokenizer.chat_template: {recipe.tokenizer.chat_template}); set it to `own` to "
                             f"evaluate it in its own format")
-            check_positions(recipe, keys, target, rows, tool_plan)
         run.prepare()
 
         metrics = {}
@@ -373,6 +382,7 @@ def main(argv):
             earlier = [run.out, recipe.stage_dir(STAGE)] if keys.reuse else []  # a stopped attempt's, the last eval's
             eval_records.find(recipe, keys, targets, rows, ppl_rows, reference if setup.kl else None, setup.own_samples,
                               seed, earlier, tools, run.inputs["checkpoints"], reference if tool_kl else None)
+            check_positions(recipe, keys, targets, rows, tool_plan)  # before any checkpoint generates
             needs_reference = setup.kl and any(t.record is None for t in targets) or \
                 tool_kl and any(t.tool_record is None for t in targets)
             reference_lm = load_lm(recipe, reference, device) if needs_reference else None

@@ -7,6 +7,7 @@ import json
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,6 +15,7 @@ from tqdm.auto import tqdm
 
 from pipeline import log, metrics as M, rl
 from pipeline.cli import PipelineError
+from pipeline.fingerprints import hash_file, hash_obj
 from pipeline.formats import as_messages
 
 
@@ -174,6 +176,18 @@ def prompt_ids(tokenizer, prompt, tools=None) -> list[int]:
     """The token ids `generate` feeds for a prompt (chat template with the generation prompt and the prompt's tools,
     no extra specials)."""
     return tokenizer(render_prompt(tokenizer, prompt, tools), add_special_tokens=False)["input_ids"]
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """What prompt_ids of a prompt depend on, so that tokenizers alike measure prompts once: the class, the settings
+    it was read with (less the folder), the chat template it renders with, its size, and the vocabulary files it was
+    read from by their content (each stage of a run saves the same; an adapter without its own: its base's), or the
+    hub id it was read by."""
+    folder = Path(tokenizer.name_or_path)
+    read = [(n, hash_file(folder / n)) for n in sorted(set(tokenizer.vocab_files_names.values()))
+            if (folder / n).is_file()] if folder.is_dir() else str(folder)
+    settings = {k: v for k, v in tokenizer.init_kwargs.items() if k != "name_or_path"}
+    return hash_obj([type(tokenizer).__qualname__, settings, tokenizer.chat_template, len(tokenizer), read])
 
 
 @torch.no_grad()

@@ -251,12 +251,14 @@ def caption_and_judge_problems(recipe, stage: str, keys, ref: str | None, will_r
         if not image_files.is_hub_id(keys.dataset):  # a hub dataset's failure is said with the dataset's line
             out.append(f"{stage}.dataset: {err}")
         absent = True
-    specs = [("heldout_captions", keys.heldout_captions)] if getattr(keys, "judge_epochs", 1) else []
+    judged = bool(getattr(keys, "judge_epochs", 1))  # without a judge diffusion draws a file's captions, any words
+    specs = [("heldout_captions", keys.heldout_captions)] \
+        if judged or keys.heldout_captions != images.WORLD_SPEC else []
     if stage == "diffusion_dpo" and keys.dataset != images.WORLD_SPEC and not (own or out or absent):
         specs.append(("dataset", keys.dataset))
     for key, spec in specs:
         try:
-            captions[key] = image_eval.caption_rows(spec, recipe)
+            captions[key] = image_eval.caption_rows(spec, recipe, judged=judged or key != "heldout_captions")
         except PipelineError as err:
             out.append(f"{stage}.{key}: {err}")
     if stage != "diffusion_dpo":
@@ -365,18 +367,19 @@ def check_image_stage(recipe, stage: str, launch, device_memory: int | None, wil
         errors.append(f"{stage}.{ref_key}: {err}" if ref else str(err))
     spec = keys.dataset
     if spec != images.WORLD_SPEC:
-        from pipeline.image_files import hub_rows, is_hub_id, metadata_file
+        from pipeline.image_files import dataset_source, hub_rows
 
-        local = metadata_file(spec)
-        if local is None and not is_hub_id(spec):
-            errors.append(f"{stage}.dataset: '{spec}' not found (expected {images.WORLD_SPEC}, a .jsonl / .csv / "
-                          f".parquet file, a folder with metadata.jsonl, .csv or .parquet, or a hub dataset id)")
-        elif local is None:
+        try:
+            source = dataset_source(spec, images.WORLD_SPEC)
+        except PipelineError as err:
+            errors.append(f"{stage}.dataset: {err}")
+            source = None
+        if isinstance(source, str):
             try:  # the stage reads it the same way: from the datasets cache afterwards
                 lines.append(f"hub dataset {spec}: {len(hub_rows(spec)[0])} rows")
             except PipelineError as err:
                 errors.append(f"{stage}.dataset: {err}")
-        elif stage == "diffusion" and (problem := first_rows_problem(keys, section)):
+        elif source and stage == "diffusion" and (problem := first_rows_problem(keys, section)):
             errors.append(f"{stage}.dataset: {problem}")
     captions: dict = {}
     errors += caption_and_judge_problems(recipe, stage, keys, ref, will_run, captions)

@@ -33,8 +33,9 @@ def read_captions(spec: str | None, recipe) -> list[str]:
     return [text for _, text in caption_rows(spec, recipe)]
 
 
-def caption_rows(spec: str | None, recipe) -> list[tuple[str, str]]:
-    """read_captions' captions with where each came from ("FILE: line N"), for messages about one of them."""
+def caption_rows(spec: str | None, recipe, judged: bool = True) -> list[tuple[str, str]]:
+    """read_captions' captions with where each came from ("FILE: line N"), for messages about one of them.
+    `judged`: the image judge scores them, so each must name one digit; otherwise any caption is drawn."""
     from pipeline import files, images
 
     if not spec:
@@ -55,7 +56,7 @@ def caption_rows(spec: str | None, recipe) -> list[tuple[str, str]]:
     for where, text in rows:
         if not isinstance(text, str) or not text.strip():
             raise PipelineError(f"{path}: {where}: missing caption (a non-empty 'caption' or 'text')")
-        if images.parse_caption(text) is None:
+        if judged and images.parse_caption(text) is None:
             raise PipelineError(f"{path}: {where}: caption '{text}' names no single digit, so the judge cannot "
                                 f"score it")
         out.append((f"{path}: {where}", text.strip()))
@@ -102,23 +103,16 @@ def real_diversity(captions: list[str], per_caption: int) -> float | None:
 RECORD = "evaluation.json"  # beside samples/<name>/readings.jsonl: the settings that drew them, for reuse
 
 
-def evaluate(pipe, judge, captions: list[str], out: Path, *, samples: int, steps: int, guidance: float, seed: int,
-             columns: int, name: str, n_boot: int = 1000) -> dict:
-    """Draw, judge and summarise; writes out/samples/<name>/ and out/grid_<name>.png (grid.png for `model`).
-    The result's `matches` (per image, for paired comparisons) is for the caller to drop before saving."""
+def draw(pipe, captions: list[str], out: Path, *, samples: int, steps: int, guidance: float, seed: int,
+         columns: int, name: str):
+    """Draw every caption `samples` times (fixed seeds); writes out/samples/<name>/ (a PNG strip per caption) and
+    out/grid_<name>.png (grid.png for `model`): the held-out images, with or without a judge to read them."""
     from pipeline import images
-    from pipeline.image_judge import score_images
 
     expanded = [c for c in captions for _ in range(samples)]
     drawn = images.generate(pipe, expanded, steps=steps, guidance=guidance, seed=seed, desc=f"held-out {name}")
-    rows = score_images(judge, drawn, expanded)
-    groups = [list(range(i * samples, (i + 1) * samples)) for i in range(len(captions))]
-    spread = diversity(drawn, groups)
     folder = out / "samples" / name
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "readings.jsonl", "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
     for i, text in enumerate(captions):
         images.save_grid(folder / f"{i:02d}_{file_part(text)}.png", drawn[i * samples:(i + 1) * samples], [text],
                          per_row=samples)
@@ -126,6 +120,24 @@ def evaluate(pipe, judge, captions: list[str], out: Path, *, samples: int, steps
     grid_idx = [i * samples + j for i in range(len(captions)) for j in range(keep)]
     images.save_grid(out / ("grid.png" if name == "model" else f"grid_{name}.png"), drawn[grid_idx], captions,
                      per_row=keep)
+    return drawn
+
+
+def evaluate(pipe, judge, captions: list[str], out: Path, *, samples: int, steps: int, guidance: float, seed: int,
+             columns: int, name: str, n_boot: int = 1000) -> dict:
+    """Draw (draw()), judge and summarise; the judge's readings go to out/samples/<name>/readings.jsonl.
+    The result's `matches` (per image, for paired comparisons) is for the caller to drop before saving."""
+    from pipeline.image_judge import score_images
+
+    drawn = draw(pipe, captions, out, samples=samples, steps=steps, guidance=guidance, seed=seed, columns=columns,
+                 name=name)
+    rows = score_images(judge, drawn, [c for c in captions for _ in range(samples)])
+    groups = [list(range(i * samples, (i + 1) * samples)) for i in range(len(captions))]
+    spread = diversity(drawn, groups)
+    folder = out / "samples" / name
+    with open(folder / "readings.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
     settings = _settings(captions, samples, steps, guidance, seed, columns)
     (folder / RECORD).write_text(json.dumps({"settings": settings, "diversity": spread}, indent=1))
     return _summary(rows, captions, samples, seed, n_boot, spread)

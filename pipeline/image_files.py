@@ -120,14 +120,37 @@ class FileImages:
 
 
 METADATA = ("metadata.jsonl", "metadata.csv", "metadata.parquet")  # what Hugging Face's imagefolder reads
+SPLIT = "train"  # the split folder read in imagefolder's split layout (a validation/ or test/ beside it is not)
 
 
 def metadata_file(spec: str) -> Path | None:
-    """The metadata file a dataset spec names: the file itself, or a folder's metadata.jsonl / .csv / .parquet."""
+    """The metadata file a dataset spec names: the file itself, or a folder's metadata.jsonl / .csv / .parquet, or
+    its train/ folder's (datasets' imagefolder split layout, as diffusers' --train_data_dir reads its train split)."""
     path = Path(spec).expanduser()
     if path.is_dir():
-        path = next((path / m for m in METADATA if (path / m).is_file()), path / METADATA[0])
+        found = (folder / m for folder in (path, path / SPLIT) for m in METADATA)
+        path = next((f for f in found if f.is_file()), path / METADATA[0])
     return path if path.is_file() else None
+
+
+def dataset_source(spec: str, world: str) -> Path | str:
+    """What an image stage reads for a dataset spec other than the world's (`world`, offered in the message): its
+    metadata file (metadata_file) or a hub dataset id; else PipelineError saying what was looked for. The stages and
+    --check ask this one."""
+    if (path := metadata_file(spec)) is not None:
+        return path
+    if is_hub_id(spec):
+        return spec
+    folder = Path(spec).expanduser()
+    if (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file():
+        raise PipelineError(f"'{spec}': a datasets save_to_disk folder (Arrow), which the image stages do not read: "
+                            f"write it with Dataset.to_parquet to a .parquet file (its images stored as bytes), or "
+                            f"as image files with a metadata.jsonl")
+    if folder.is_dir():
+        raise PipelineError(f"'{spec}': no metadata.jsonl, .csv or .parquet in it or in its {SPLIT}/ folder (the "
+                            f"imagefolder layout: rows of file_name and caption; data/README.md)")
+    raise PipelineError(f"'{spec}': not found (expected {world}, a .jsonl / .csv / .parquet file, a folder with "
+                        f"metadata.jsonl, .csv or .parquet, or its {SPLIT}/ folder with one, or a hub dataset id)")
 
 
 def _column(row: dict, named: str | None, defaults: tuple[str, ...]):
@@ -301,7 +324,7 @@ def read_image_rows(source: Path | str, resolution: int, channels: int, image_co
             text = [t.strip() for t in text]  # several captions: one is drawn each time the image is
         elif not isinstance(text, str):
             raise PipelineError(f"{path}: {w}: missing caption ({caption_name}: a string, \"\" for none, or a list of "
-                                f"them)")
+                                f"them; the row has {', '.join(map(repr, row)) or 'no columns'})")
         resized += not check_decodes(file, path, w, channels, resolution)
         captions.append(text.strip() if isinstance(text, str) else text)
     out = FileImages(RowCells(rows, list(range(len(rows))), image_of), captions, channels, resolution, where, path)

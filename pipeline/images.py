@@ -14,8 +14,8 @@ never trains on). Of the 80 full captions (10 digits x 8 property combinations),
 (`heldout_combos`): no training image carries them, so held-out captions are disjoint from training captions, as
 the text world's held-out prompts are, and every property value still appears with every digit in training.
 
-Dataset specs of the image stages: `images:digits` (the world above), or a local JSON Lines file / a folder with
-`metadata.jsonl` whose rows name an image file (`file_name`, relative to the file) and a `caption`
+Dataset specs of the image stages: `images:digits` (the world above), or a local JSON Lines file / a folder (or its
+train/ folder) with `metadata.jsonl` whose rows name an image file (`file_name`, relative to the file) and a `caption`
 (`data/README.md`; pipeline/image_files.py reads them). The model: diffusers' `IFPipeline` layout (pixel space:
 tokenizer, T5 text encoder, `UNet2DConditionModel`, scheduler), which plain
 `DiffusionPipeline.from_pretrained(folder)` loads; or a diffusers text-to-image pipeline whose UNet reads the text
@@ -154,20 +154,21 @@ class WorldImages:
 
 
 def load_images(spec: str, resolution: int, channels: int, property_dropout: float = 0.0,
-                max_rows: int | None = None, **columns):
+                max_rows: int | None = None, key: str = "dataset", **columns):
     """A training source for a dataset spec (see the module docstring); bad files and rows raise PipelineError.
-    `columns`: image_column / caption_column of a metadata file; `max_rows`: its first rows only (--check)."""
+    `columns`: image_column / caption_column of a metadata file; `max_rows`: its first rows only (--check); `key`:
+    the recipe key that named the spec, for a spec that names nothing readable (with where it was set: source_of)."""
     if spec == WORLD_SPEC:
         return WorldImages(resolution, property_dropout) if channels == 1 else _Converted(
             WorldImages(16, property_dropout), resolution, channels)
     if spec.startswith("images:"):
-        raise PipelineError(f"dataset '{spec}': unknown image world (the world is {WORLD_SPEC})")
+        raise PipelineError(f"{key}: '{spec}': unknown image world (the world is {WORLD_SPEC})")
     from pipeline import image_files
 
-    source = image_files.metadata_file(spec) or (spec if image_files.is_hub_id(spec) else None)
-    if source is None:
-        raise PipelineError(f"dataset '{spec}': not found (expected {WORLD_SPEC}, a .jsonl / .csv / .parquet file, "
-                            f"a folder with metadata.jsonl, .csv or .parquet, or a hub dataset id)")
+    try:
+        source = image_files.dataset_source(spec, WORLD_SPEC)
+    except PipelineError as err:
+        raise PipelineError(f"{key}: {err}") from None
     return image_files.read_image_rows(source, resolution, channels, max_rows=max_rows, **columns)
 
 
@@ -300,17 +301,23 @@ def make_scheduler(kind: str, config: dict):
     return classes[kind].from_config(config)
 
 
-def load_pipeline(path: str, revision: str | None = None):
+def load_pipeline(path: str, revision: str | None = None, key: str | None = None):
+    """A diffusers pipeline; `key`: the recipe key that named it, for messages (with where it was set: source_of)."""
     from diffusers import DiffusionPipeline
 
     from pipeline import hub
 
     online = hub.online_for(path)  # a hub id offline: the cache only, at once
+    where = f"{key}: '{path}'" if key else f"'{path}'"
     try:
-        return DiffusionPipeline.from_pretrained(path, revision=revision)
+        pipe = DiffusionPipeline.from_pretrained(path, revision=revision)
     except (OSError, ValueError, EnvironmentError) as err:
         why = hub.load_failure(online, f"not a loadable diffusers pipeline ({typed_line(err, 160)})")
-        raise PipelineError(f"init_from '{path}': {why}") from None
+        raise PipelineError(f"{where}: {why}") from None
+    from pipeline.image_tokens import cap_text_length
+
+    cap_text_length(pipe, where)
+    return pipe
 
 
 def pipeline_shape(pipe) -> dict:

@@ -102,13 +102,17 @@ class ModelShape:
 
 
 def _architecture(recipe, ref: str | None, seen=()) -> tuple:
-    """(AutoConfig, source text) of the model a checkpoint ref names, following stages back to their inputs."""
+    """(AutoConfig, source text) of the model a checkpoint ref names, following stages back to their inputs; a
+    folder or hub id read as the stages read it (model_configs: a stage's merged model, an adapter's base)."""
     from transformers import AutoConfig
+
+    from pipeline import hub, model_configs, models
 
     if ref and ref in recipe.stages and ref not in seen:
         folder = recipe.stage_dir(ref)
-        if runs.read_manifest(folder) is not None and (folder / "config.json").is_file():
-            return AutoConfig.from_pretrained(str(folder)), "finished stage"
+        if runs.read_manifest(folder) is not None and \
+                (config := model_configs.checkpoint_config(recipe, str(folder))) is not None:
+            return config, "finished stage"
         upstream = recipe.keys(ref).init_from if hasattr(recipe.keys(ref), "init_from") else None
         config, _ = _architecture(recipe, upstream, (*seen, ref))
         return config, "stage not trained yet"
@@ -127,31 +131,22 @@ def _architecture(recipe, ref: str | None, seen=()) -> tuple:
         if recipe.tokenizer.train:
             config.vocab_size = recipe.tokenizer.vocab_size
         return config, "new model from model.config"
-    path = Path(ref).expanduser()
-    if path.exists():
-        from pipeline import models
-
-        folder = Path(models.model_path(str(path)))
-        if models.is_adapter(folder):
-            import json
-
-            base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
-            config, source = _architecture(recipe, base, seen)
-            return config, f"adapter on {base}"
-        if not (folder / "config.json").is_file():
-            raise PipelineError(f"checkpoint '{ref}': no config.json (not a saved model)")
-        return AutoConfig.from_pretrained(str(folder), trust_remote_code=recipe.model.trust_remote_code), "local"
-    from pipeline import hub
-
-    cp = runs.resolve_checkpoint(recipe, ref, must_exist=False)  # raises for a missing local path
-    online = hub.reachable()  # offline: the cache only, at once
+    local = Path(ref).expanduser().exists()
+    name, revision = ((str(Path(ref).expanduser()), None) if local else  # a missing local path: resolve raises
+                      (runs.resolve_checkpoint(recipe, ref, must_exist=False).path, recipe.model.revision))
+    adapter = models.is_adapter(models.model_path(name))
+    source, revision = model_configs.config_source(name, revision)
+    shown = source if adapter else ref
     try:
-        config = AutoConfig.from_pretrained(cp.path, revision=recipe.model.revision,
-                                            trust_remote_code=recipe.model.trust_remote_code)
+        config = model_configs.read_config(recipe, source, revision)
     except (OSError, ValueError) as err:
-        why = hub.load_failure(online, f"cannot read its config from the hub: {first_line(err)}")
-        raise PipelineError(f"model '{ref}': {why}") from None
-    return config, "hub"
+        if Path(source).exists():
+            why = (f"cannot read its config.json: {first_line(err)}" if (Path(source) / "config.json").is_file()
+                   else "no config.json (not a saved model)")
+            raise PipelineError(f"checkpoint '{shown}': {why}") from None
+        why = hub.load_failure(hub.online_for(source), f"cannot read its config from the hub: {first_line(err)}")
+        raise PipelineError(f"model '{shown}': {why}") from None
+    return config, f"adapter on {source}" if adapter else "local" if local else "hub"
 
 
 def model_shape(recipe, ref: str | None) -> ModelShape:

@@ -148,7 +148,7 @@ def plot_curves(history: list[dict], path: Path, algorithm: str, window: int) ->
 def check_keys(recipe, cfg, keys, prompts) -> None:
     """Weights that would reward nothing, tools the recipe does not have, tools with a trainer that cannot run ours,
     reward rounds without prompts the annotator can judge: one line each, before anything is written."""
-    offers = check_offers(prompts, [t["name"] for t in recipe.tools.tools], keys.prompts) if recipe.tools.tools else \
+    offers = check_offers(prompts, recipe.tools.names, keys.prompts) if recipe.tools.tools else \
         (prompts["tools"] if "tools" in prompts.column_names else [])
     if cfg.verifier_weight and "answer" not in prompts.column_names:
         raise cli.PipelineError(f"{keys.prompts}: ppo.verifier_weight needs prompts with answers; these are tool "

@@ -121,6 +121,11 @@ def _config_class(spec: str):
     return getattr(importlib.import_module(module), name)
 
 
+def stage_config_class(stage: str):
+    """The stage's TRL/Transformers config class; None for a stage without one."""
+    return _config_class(STAGES[stage].config_class) if STAGES[stage].config_class else None
+
+
 @lru_cache(maxsize=None)
 def stage_fields(stage: str) -> dict[str, tuple[str, Any]]:
     """key -> (destination, type) for a stage section; destination is 'keys', 'config', 'peft' or 'training'."""

@@ -8,14 +8,13 @@ At the end the base and the fine-tuned model answer the held-out world prompts, 
 into metrics.json. Section keys: TRL's SFTConfig fields, ModelConfig's LoRA fields, and SFTKeys (pipeline/stages.py).
 """
 
-import json
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import the package, never shadow libraries with our modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from pipeline import batching, cli, data, log, models, runs
+from pipeline import batching, cli, data, log, models, runs, turns
 from pipeline.formats import is_text_completion
 from pipeline.generation import refuse_past_positions
 from pipeline.heldout import heldout_comparison, heldout_rows
@@ -30,19 +29,7 @@ TRAIN_COLUMNS = ("messages", "prompt", "completion", "tools")
 
 def rows_over(tokenizer, ds, max_length: int) -> int:
     """How many rows are longer than max_length tokens as the trainer tokenizes them (chat template with tools)."""
-    n = 0
-    for row in ds:
-        tools = json.loads(row["tools"]) if row.get("tools") else None
-        if "messages" in row:
-            ids = tokenizer.apply_chat_template(row["messages"], tools=tools, tokenize=True, return_dict=True)
-            length = len(ids["input_ids"])
-        elif is_text_completion(row):
-            length = len(tokenizer(row["prompt"] + row["completion"])["input_ids"]) + 1  # + eos
-        else:
-            length = len(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tools=tools, tokenize=True,
-                                                       return_dict=True)["input_ids"])
-        n += length > max_length
-    return n
+    return sum(turns.row_length(tokenizer, row) > max_length for row in ds)
 
 
 def in_training_shape(eval_ds, train_ds, source, default: bool, places: list[str] | None = None):
@@ -101,9 +88,13 @@ def main(argv):
                         f"held-out scoring (sft.heldout_prompts) asks each prompt as a chat user turn, as eval does: "
                         f"its accuracies measure a format this stage did not train; write the rows as conversations, "
                         f"or set sft.heldout_prompts empty")
+        conversations = "messages" in train_ds.column_names  # the held-out rows are in their shape
+        if keys.drop_oldest_turns and not conversations:
+            log.warning(f"{train_info['source']}: sft.drop_oldest_turns shortens conversations (`messages`) only, and "
+                        f"these rows are prompt/completion rows: a row over max_length is cut by truncation_mode")
         fixed = {"output_dir": str(run.out)}
         if "assistant_only_loss" not in recipe.section(STAGE):
-            fixed["assistant_only_loss"] = "messages" in train_ds.column_names  # TRL's mask of assistant turns
+            fixed["assistant_only_loss"] = conversations  # TRL's mask of assistant turns
         args = recipe.trainer_config(STAGE, **fixed)
         init = run.checkpoint()
         if init.path is None:
@@ -120,6 +111,13 @@ def main(argv):
                                                **({eval_info["source"]: (eval_ds, eval_places)}
                                                   if eval_ds is not None else {})},
                                    assistant_only=args.assistant_only_loss)
+        if keys.drop_oldest_turns and conversations and args.max_length:  # before the trainer tokenizes them
+            train_ds, shortened = turns.fit_conversations(tokenizer, train_ds, args.max_length)
+            eval_ds, eval_shortened = (turns.fit_conversations(tokenizer, eval_ds, args.max_length)
+                                       if eval_ds is not None else (None, 0))
+            log.info(f"sft.drop_oldest_turns: {shortened} of {len(train_ds)} training conversations"
+                     + (f" and {eval_shortened} of {len(eval_ds)} held-out ones" if eval_ds is not None else "")
+                     + f" were over max_length={args.max_length} tokens and lost their oldest exchanges")
         model = models.load_causal_lm(recipe, init.path, peft_values=peft_values, revision=recipe.model.revision,
                                       tokenizer=tokenizer)
         refuse_past_positions(recipe, model.config, args.max_length, f"{STAGE}.max_length")
@@ -141,7 +139,9 @@ def main(argv):
             log.warning(f"{too_long} rows are over sft.max_length={args.max_length} tokens: packing (bfd) cuts each at "
                         f"max_length and their rest is not trained on; packing_strategy: bfd_split keeps it")
         why = (f"are over sft.max_length={args.max_length} tokens and keep no completion token once cut "
-               f"(truncation_mode {args.truncation_mode}): raise max_length or set truncation_mode: keep_end")
+               f"(truncation_mode {args.truncation_mode}): raise max_length"
+               + (" or, for conversations of several exchanges, set sft.drop_oldest_turns: true"
+                  if conversations and not keys.drop_oldest_turns else ""))
         dropped = eval_dropped = 0
         if not args.packing:  # packed, the trainer's rows are blocks, not rows
             dropped = data.left_out(trainer.train_dataset, len(train_ds), train_info["source"], "rows", why)

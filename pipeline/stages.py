@@ -82,6 +82,10 @@ class SFTKeys(HeldoutKeys):
                                      "answer}")
     merge_adapter: bool = key(False, "with use_peft: also save the merged full model under `merged/`")
     length_split: int = key(1, LENGTH_SPLIT_HELP)
+    drop_oldest_turns: bool = key(False, "a conversation over max_length loses whole oldest exchanges (a user turn "
+                                         "and what follows it up to the next), keeping its system message(s), tools "
+                                         "and last exchange, until it fits; one that still does not fit is cut by "
+                                         "truncation_mode (pipeline/turns.py)")
 
 
 @dataclass
@@ -310,7 +314,9 @@ class ImageHeldoutKeys:
 
     heldout_captions: str | None = key("images:digits", "captions drawn at the end and scored by the image judge: "
                                                         "`images:digits` (the world's 20 held-out captions) or a "
-                                                        "file of `caption` rows in the world's words; empty: skip",
+                                                        "file of `caption` rows in the world's words; without a "
+                                                        "judge (diffusion's judge_epochs: 0) a file's captions in "
+                                                        "any words are drawn unscored; empty: skip",
                                        ref="data", out_at_default=True)
     heldout_samples: int = key(16, "images drawn per held-out caption")
     sample_steps: int = key(20, "sampler steps per image at the end (and for DPO's candidates unless "

@@ -275,6 +275,11 @@ class ToolsSection:
     world_gallery: bool = False      # the world's gallery images (pipeline/tool_world.py) in the store as "1".."200"
     tools: list = field(default_factory=list)  # the tools: name, backend and the backend's keys
 
+    @property
+    def names(self) -> list[str]:
+        """The tools' names, as the ToolBox built from them names them (checked unique on loading)."""
+        return [t["name"] for t in self.tools]
+
 
 SECTION_KEYS = field_types(ToolsSection)
 BACKEND_KEYS = {"diffusion": {"source": str, "steps": int, "guidance": float, "seed": int},

@@ -137,19 +137,34 @@ MAPPED = {"max_steps": "max_steps", "per_device_train_batch_size": "batch_size",
           "save_total_limit": "save_total_limit", "seed": "seed", "use_cpu": "use_cpu", "report_to": "report_to"}
 OWNED = {"output_dir": "the stage folder", "reward_weights": "ppo.verifier_weight and ppo.image_verifier_weight",
          "use_vllm": "generation.backend (vllm or hf)"}
-# Names TRL's refusals give values it computes from recipe keys -> those keys (section.key): a refusal that names one
-# names an override of them. GRPOConfig/RLOOConfig: generation_batch_size = per_device_train_batch_size x processes x
-# steps_per_generation (otherwise gradient_accumulation_steps); the trainers' vLLM engine (generation.backend: vllm,
-# colocated): tensor_parallel_size, which must divide the processes, is vllm_tensor_parallel_size (trl_args wins).
-# Also the words a refusal says an argument in instead of its name ("at least 2 generations per prompt")
-DERIVED = {"generation_batch_size": ("ppo.batch_size", "ppo.gradient_accumulation_steps",
-                                     "ppo.trl_args.steps_per_generation"),
-           "steps_per_generation": ("ppo.batch_size", "ppo.gradient_accumulation_steps",
-                                    "ppo.trl_args.generation_batch_size"),
-           "tensor_parallel_size": ("generation.vllm_tensor_parallel_size", "ppo.trl_args.vllm_tensor_parallel_size"),
-           "generations per prompt": ("ppo.num_generations",),
-           "global eval batch size": ("ppo.trl_args.per_device_eval_batch_size",),
-           "generations used for evaluation": ("ppo.trl_args.num_generations_eval", "ppo.num_generations")}
+def derived(trl_args: dict) -> dict[str, tuple[str, ...]]:
+    """Names TRL's refusals give values it computes from recipe keys -> those keys (section.key), for a ppo section
+    with these trl_args: a refusal that names one names an override of them, not of a key TRL did not read.
+    GRPOConfig/RLOOConfig: generation_batch_size = per_device_train_batch_size x processes x steps_per_generation
+    (otherwise gradient_accumulation_steps), or trl_args' own; steps_per_generation = generation_batch_size /
+    (per_device_train_batch_size x processes) when trl_args gives that, or trl_args' own; the eval generations are
+    num_generations_eval or num_generations (TRL's `or`). The trainers' vLLM engine (generation.backend: vllm,
+    colocated): tensor_parallel_size, which must divide the processes, is vllm_tensor_parallel_size (trl_args wins).
+    Also the words a refusal says an argument in instead of its name ("at least 2 generations per prompt")."""
+    def given(key):
+        return trl_args.get(key) is not None
+
+    steps = "ppo.trl_args.steps_per_generation" if given("steps_per_generation") else "ppo.gradient_accumulation_steps"
+    if given("steps_per_generation"):
+        steps_from = ()
+    elif given("generation_batch_size"):
+        steps_from = ("ppo.batch_size", "ppo.trl_args.generation_batch_size")
+    else:
+        steps_from = ("ppo.gradient_accumulation_steps",)
+    return {"generation_batch_size": () if given("generation_batch_size") else ("ppo.batch_size", steps),
+            "steps_per_generation": steps_from,
+            "global batch size": ("ppo.batch_size",),
+            "tensor_parallel_size": ("generation.vllm_tensor_parallel_size",
+                                     "ppo.trl_args.vllm_tensor_parallel_size"),
+            "generations per prompt": ("ppo.num_generations",),
+            "global eval batch size": ("ppo.trl_args.per_device_eval_batch_size",),
+            "generations used for evaluation": ("ppo.trl_args.num_generations_eval"
+                                                if trl_args.get("num_generations_eval") else "ppo.num_generations",)}
 
 
 def trl_config(recipe, cfg, output_dir: str, tools: bool = False):
@@ -188,7 +203,7 @@ def trl_config(recipe, cfg, output_dir: str, tools: bool = False):
         config = config_cls(**by_new_names(config_cls, {**mapped, "reward_weights": weights, **cfg.trl_args}))
     except (ValueError, TypeError) as err:  # named by the override that set a key it names (TRL's names too)
         raise cli.PipelineError(trl_refusal(recipe, "ppo", config_cls.__name__, err, config_cls, MAPPED,
-                                            DERIVED)) from None
+                                            derived(cfg.trl_args))) from None
     if problem := refused_in_training(config):
         key, text = problem
         raise cli.PipelineError(f"{source_of(recipe, 'ppo', f'trl_args.{key}')}: section 'ppo' "
@@ -313,7 +328,7 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
         if any(Path(run.out).glob("checkpoint-*")):  # one line would remove the folder: keep a killed run's steps
             raise
         raise cli.PipelineError(trl_refusal(recipe, "ppo", trainer_cls.__name__, err, type(args), MAPPED,
-                                            DERIVED)) from None
+                                            derived(cfg.trl_args))) from None
     reward_model.to(trainer.accelerator.device)
     with unshaped(model) as users:  # TRL fills what its GenerationConfig leaves unset from the policy's (min_p, ...)
         trainer.add_callback(generation_in_checkpoints(users))

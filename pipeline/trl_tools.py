@@ -39,7 +39,7 @@ def check_grpo_tools(recipe, cfg, keys, prompts) -> None:
     if cfg.algorithm != "grpo":
         raise PipelineError(f"{recipe.path}: ppo.algorithm={cfg.algorithm} with tools: TRL's RLOOTrainer runs no "
                             f"tools (1.16); use algorithm: grpo or ppo")
-    names = sorted(t["name"] for t in recipe.tools.tools)
+    names = sorted(recipe.tools.names)
     for i, offer in enumerate(check_offers(prompts, names, keys.prompts)):
         offered = sorted(tool_name(s) for s in offer or [])
         if offered != names:

@@ -137,3 +137,13 @@ def by_new_names(config_class, values: dict) -> dict:
             if (value := out.pop(old, default)) is not None:
                 out[new] = value
     return out
+
+
+def field_value(config_class, values: dict, name: str):
+    """What `config_class(**by_new_names(config_class, values))` holds in field `name` (a renamed field: its new
+    name), read without building it: the value given, else the class's default; None for a field it lacks."""
+    fields = {f.name: f for f in dataclasses.fields(config_class)} if dataclasses.is_dataclass(config_class) else {}
+    if name not in fields:
+        return None
+    default = fields[name].default if fields[name].default is not dataclasses.MISSING else None
+    return by_new_names(config_class, values).get(name, default)

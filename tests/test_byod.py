@@ -63,9 +63,9 @@ def test_sft_on_an_alpaca_file_names_the_format_and_writes_a_model_card(tiny_run
 def test_sft_on_sharegpt_with_tool_calls_and_the_shipped_tool_sample(tiny_run, tmp_path):
     work, _, _ = tiny_run
     plain = {"conversations": [{"from": "human", "value": "What is 3 + 4?"}, {"from": "gpt", "value": "7"}]}
-    # the small recipe's sft settings: max_length 256, keep_end (the tool schemas make these rows long)
-    settings = {**SHORT, "init_from": str(work / "runs/tiny/pretrain"), "max_length": 256,
-                "truncation_mode": "keep_end"}
+    # the shipped tool sample's rows whole: 512-665 tokens with the tiny recipe's tokenizer (their tool schemas);
+    # each is one exchange, which drop_oldest_turns keeps whole, and keep_start would cut its reply away
+    settings = {**SHORT, "init_from": str(work / "runs/tiny/pretrain"), "max_length": 704, "drop_oldest_turns": True}
     for name, spec, fmt in (("sharegpt", write_jsonl(tmp_path / "s.jsonl", [SHAREGPT, plain] * 4), "sharegpt"),
                             ("tools", str(REPO / "data/samples/chat_tools.jsonl"), "messages")):
         recipe = tiny_recipe(tmp_path, pretrain=None, sft={**settings, "dataset": spec})
@@ -348,8 +348,8 @@ def test_sft_held_out_rows_all_over_max_length_stop_before_training(tiny_run, tm
                                                        "eval_dataset": spec, "max_length": 64})
     proc = run_cli(["pipeline/sft.py", recipe], cwd=tmp_path, env=ONE_THREAD)
     assert one_error_line(proc) == (f"error: {spec}: all 3 held-out rows are over sft.max_length=64 tokens and keep "
-                                    f"no completion token once cut (truncation_mode keep_start): raise max_length or "
-                                    f"set truncation_mode: keep_end")
+                                    f"no completion token once cut (truncation_mode keep_start): raise max_length or, "
+                                    f"for conversations of several exchanges, set sft.drop_oldest_turns: true")
     assert not (tmp_path / "runs").exists()
     # some training rows left out: train_rows counts the rows trained on (it counted the ones left out too)
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [long] * 2 + [short] * 4)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -1389,3 +1390,94 @@ def test_check_plans_zero2s_fp32_partition_and_reduce_bucket_for_the_image_stage
     assert planned(cluster.read_launch(yaml_file))["reduce bucket"] == "381 MiB"
     ds_file.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 1e8, "overlap_comm": True}}))
     assert planned(cluster.read_launch(yaml_file))["reduce bucket"] == "763 MiB"  # two buffers, to overlap
+
+
+def _rgb_images(folder, captions):
+    """A metadata folder of 24px RGB images, one per caption: your own images, as a diffusers user has them."""
+    from PIL import Image
+
+    folder.mkdir()
+    for i, text in enumerate(captions):
+        Image.new("RGB", (24, 24), (40 * i, 200, 10)).save(folder / f"{i}.png")
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": text}) + "\n"
+                                                   for i, text in enumerate(captions)))
+    return str(folder)
+
+
+def test_own_heldout_captions_are_drawn_without_a_judge_as_diffusers_validation_prompts(tmp_path):
+    # with your own images (no judge by default) held-out captions of your own were silently dropped: nothing drawn,
+    # no grid, and report.md named a sampler that drew nothing; world.json described the digit world regardless
+    base = _tiny_stable_diffusion(tmp_path / "tiny-sd")  # a word-level tokenizer of the world's words
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps({"caption": "a large thick"}) + "\n" + json.dumps({"caption": "a 3 on the left"}) + "\n")
+    section = {"pretrained": str(base), "dataset": _rgb_images(tmp_path / "data", ["a 3", "a large 7"]),
+               "heldout_captions": str(held), "heldout_samples": 3, "sample_steps": 2, "grid_columns": 2,
+               "max_steps": 1, "batch_size": 2, "ema_decay": 0.0, "save_steps": 0}
+    recipe = image_recipe(tmp_path, diffusion=section)
+    proc = run_cli(["pipeline/diffusion.py", recipe], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "runs/tiny/diffusion"
+    drew = f"2 held-out captions of {held}, 3 images each, drawn without a judge (not scored)"
+    assert f"{drew}: grid.png, samples/model/" in proc.stdout + proc.stderr
+    assert sorted(p.name for p in (out / "samples/model").iterdir()) == ["00_a_large_thick.png",
+                                                                         "01_a_3_on_the_left.png"]
+    from PIL import Image
+
+    assert Image.open(out / "grid.png").size[1] > 2 * 16  # two rows of 16px images (scaled) under their labels
+    report = (out / "report.md").read_text()
+    assert f"{drew}, a row each: ![samples](grid.png)" in report and "accuracy" not in report.lower()
+    assert "held-out captions drawn by it with 2 steps, guidance 4.0" in report
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["heldout_drawn"]["captions"] == ["a large thick", "a 3 on the left"]
+    assert "heldout_digit_accuracy" not in metrics and not (out / "judge").exists()
+    assert not (out / "world.json").exists()  # the digit world's captions: not what this model was trained on
+    # with a judge such captions are refused, as before: the judge scores digits
+    proc = run_cli(["pipeline/diffusion.py", recipe, "diffusion.judge_epochs=1", "run.name=judged"], cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: {held}: line 1: caption 'a large thick' names no "
+                                                    f"single digit, so the judge cannot score it")
+    # --check reads them as the stage does: without a judge, a file of any words, and says what the stage would
+    proc = run_cli(["pipeline/run.py", recipe, "--check", "--only", "diffusion"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "a 3"}) + "\n")
+    proc = run_cli(["pipeline/run.py", recipe, "--check", "--only", "diffusion", f"diffusion.heldout_captions={bad}"],
+                   cwd=tmp_path)
+    assert proc.returncode == 2 and f"diffusion.heldout_captions: {bad}: line 1" in proc.stdout + proc.stderr, \
+        proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_a_pipeline_keeps_its_schedule_but_takes_a_set_prediction_type_and_saves_its_trained_size(tmp_path,
+                                                                                                   monkeypatch):
+    # prediction_type was silently ignored with `pretrained` (diffusers' --prediction_type overrides the loaded
+    # scheduler's); resolution 32 trained a 16px pipeline at 32px but saved sample_size 8 (16px) so the saved
+    # pipeline drew at 16px; and without a judge the saved folder was never loaded back to check it
+    from diffusers import DiffusionPipeline
+
+    from pipeline import diffusion
+
+    base = _tiny_stable_diffusion(tmp_path / "tiny-sd")
+    scheduler_file = base / "scheduler/scheduler_config.json"
+    scheduler_file.write_text(json.dumps({**json.loads(scheduler_file.read_text()), "prediction_type": "sample"}))
+    loaded = []
+    load_pipeline = images.load_pipeline
+    monkeypatch.setattr(images, "load_pipeline",
+                        lambda path, *a, **k: loaded.append(path) or load_pipeline(path, *a, **k))
+    monkeypatch.chdir(tmp_path)
+    section = {"pretrained": str(base), "dataset": _rgb_images(tmp_path / "data", ["a 3", "a large 7"]),
+               "max_steps": 1, "batch_size": 2, "ema_decay": 0.0, "save_steps": 0}
+    diffusion.main([str(image_recipe(tmp_path, diffusion=section))])  # a default does not override the pipeline's
+    out = tmp_path / "runs/tiny/diffusion"
+    saved = json.loads((out / "scheduler/scheduler_config.json").read_text())
+    assert saved["prediction_type"] == "sample" and saved["beta_schedule"] == "scaled_linear"
+    # the saved folder (still .partial) loads back, without a judge too
+    assert [Path(p).resolve() for p in loaded] == [base.resolve(), out.with_name("diffusion.partial").resolve()]
+    diffusion.main([str(image_recipe(tmp_path, diffusion={**section, "prediction_type": "v_prediction",
+                                                          "resolution": 32, "beta_schedule": "linear"})),
+                    "run.name=v"])
+    out = tmp_path / "runs/v/diffusion"
+    saved = json.loads((out / "scheduler/scheduler_config.json").read_text())
+    assert saved["prediction_type"] == "v_prediction" and saved["beta_schedule"] == "scaled_linear"
+    assert json.loads((out / "unet/config.json").read_text())["sample_size"] == 16  # 32px over the VAE's factor 2
+    image = DiffusionPipeline.from_pretrained(out)("a 3", num_inference_steps=1, output_type="np").images
+    assert image.shape == (1, 32, 32, 3)

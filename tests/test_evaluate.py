@@ -103,6 +103,50 @@ def test_a_later_checkpoints_position_table_stops_eval_before_any_checkpoint_gen
     assert generated == []
 
 
+def test_position_checks_skip_records_read_and_measure_each_tokenizer_once(tmp_path, monkeypatch):
+    """check_positions tokenized every prompt and tool prompt for every checkpoint, those whose replies eval reads
+    from their records (nothing of them generates) too, and again for each checkpoint of the same tokenizer. Now a
+    record read is not checked, and checkpoints with the same tokenizer files measure the prompts once; a checkpoint
+    that generates past its table of positions is still refused."""
+    from types import SimpleNamespace
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "word " * 100, "answer": "5"}])
+    recipe = load_recipe(tiny_recipe(tmp_path, pretrain=None, sft=None),
+                         [f"eval.prompts={prompts}", "eval.max_new_tokens=4", "eval.tool_max_total_tokens=100"])
+    keys, rows = recipe.keys("eval"), [{"prompt": "word " * 100, "answer": "5"}, {"prompt": "What is 2 + 3?"}]
+    tokenizer = models.load_tokenizer(recipe, runs.resolve_checkpoint(recipe, "model"))
+
+    def target(name, positions, record=None, tool_record=None):  # a tokenizer of its own, from its own folder
+        GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2,
+                                   n_positions=positions)).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+        cp = runs.Checkpoint(name, str(tmp_path / name), None, "local")
+        return evaluate.Target(name, cp, tokenizer=models.load_tokenizer(recipe, cp), record=record,
+                               tool_record=tool_record)
+
+    measured = []
+    monkeypatch.setattr(evaluate, "prompt_ids", lambda tok, prompt, tools=None: measured.append(prompt) or [0] * 90)
+    read = tmp_path / "record.json"  # where a checkpoint's replies were read from
+    reused, long, also_long = target("reused", 64, read), target("long", 512), target("also_long", 512)
+    evaluate.check_positions(recipe, keys, [reused, long, also_long], rows, None)
+    assert measured == [r["prompt"] for r in rows]  # once: reused not checked, long and also_long share them
+    measured.clear()
+    with pytest.raises(PipelineError, match=rf"^{re.escape(prompts)}: prompt 1 \(90 tokens; 2 of 2 prompts run past\) "
+                                            rf"with a reply of up to eval.max_new_tokens=4 tokens does not fit short's "
+                                            rf"table of 64 positions"):
+        evaluate.check_positions(recipe, keys, [reused, long, target("short", 64)], rows, None)
+    assert measured == [r["prompt"] for r in rows]
+    # tool rollouts are checked apart: replies read from a record, tool rollouts to make, are checked for the latter
+    tools, measured[:] = SimpleNamespace(rows=rows, schemas=[None, None]), []
+    evaluate.check_positions(recipe, keys, [target("rolled", 64, read, read)], rows, tools)
+    assert measured == []
+    with pytest.raises(PipelineError, match="up to eval.tool_max_total_tokens=100 tokens does not fit to_roll's"):
+        evaluate.check_positions(recipe, keys, [target("to_roll", 64, read)], rows, tools)
+    assert measured == [r["prompt"] for r in rows]  # the tool prompts only
+
+
 def test_temperature_zero_points_to_evals_greedy_replies(tmp_path):
     """`temperature: 0` (lm-eval's greedy) was refused with only "must be positive"."""
     recipe = load_recipe(tiny_recipe(tmp_path, pretrain=None, sft=None), ["eval.temperature=0"])
@@ -625,6 +669,31 @@ def test_a_checkpoint_added_to_the_list_is_the_only_one_generated_again(ranked, 
     monkeypatch.setattr(evaluate, "generate_replies", counting)
     _, _, made = evaluation(*both, "eval.max_new_tokens=16")
     assert made == ["ranked/sft"]  # the base's record from the stopped attempt, in eval.partial
+
+
+def test_eval_checks_the_positions_of_the_checkpoints_it_generates_measuring_each_tokenizer_once(ranked, tmp_path,
+                                                                                                monkeypatch):
+    """Through the stage: a checkpoint whose replies are read from its record is not measured against its positions
+    (it generates nothing), and checkpoints saved with the same tokenizer files (a run's stages) measure the prompts
+    once."""
+    work, _, base, _ = ranked
+    sft = str(work / "runs/ranked/sft")
+    recipe = tiny_recipe(tmp_path, eval={**SMALL_EVAL, "num_samples": 0, "checkpoints": [base]})
+    measured, measure = [], evaluate.prompt_ids
+    monkeypatch.setattr(evaluate, "prompt_ids", lambda tok, prompt, tools=None: measured.append(prompt)
+                        or measure(tok, prompt, tools))
+    monkeypatch.chdir(tmp_path)
+
+    def evaluation(*overrides):
+        measured.clear()
+        evaluate.main([str(recipe), *overrides])
+        return len(measured)
+
+    assert evaluation() == SMALL_EVAL["max_prompts"]
+    both = f"eval.checkpoints=[{base},{sft}]"
+    assert evaluation(both) == SMALL_EVAL["max_prompts"]  # sft's only: the base's replies are read from its record
+    assert evaluation(both) == 0  # every record matches
+    assert evaluation(both, "eval.reuse=false") == SMALL_EVAL["max_prompts"]  # one tokenizer: measured once
 
 
 def test_a_tool_record_reads_back_and_a_damaged_one_is_made_again(tmp_path):

@@ -576,7 +576,7 @@ def test_trls_refusals_name_the_override_that_set_a_key_they_name(user):
 def test_trls_refusal_of_a_derived_argument_names_the_override_of_a_key_it_comes_from(user, algorithm):
     """GRPOConfig/RLOOConfig compute generation_batch_size from ppo.batch_size (per_device_train_batch_size),
     gradient_accumulation_steps and trl_args.steps_per_generation: its refusal named the recipe file even when an
-    override set one of those keys. It names the last override that set a key it comes from (DERIVED), else the
+    override set one of those keys. It names the last override that set a key it comes from (derived), else the
     file."""
     from pipeline import check
     from pipeline.cli import PipelineError
@@ -601,13 +601,13 @@ def test_trls_refusal_of_a_derived_argument_names_the_override_of_a_key_it_comes
 def test_trls_vllm_refusal_of_tensor_parallel_size_names_the_generation_override(tmp_path):
     """GRPO/RLOO's colocated vLLM engine refuses a tensor_parallel_size that does not divide the processes, by that
     name; it comes from generation.vllm_tensor_parallel_size, another section than ppo's, and the line named the
-    recipe file even when an override set it (DERIVED pointed at ppo's keys only). trl_args wins over generation."""
+    recipe file even when an override set it (derived pointed at ppo's keys only). trl_args wins over generation."""
     import inspect
 
     from trl import GRPOConfig
     from trl.generation.vllm_generation import VLLMGeneration
 
-    from pipeline.trl_online import DERIVED, MAPPED
+    from pipeline.trl_online import MAPPED, derived
     from pipeline.trl_refusals import trl_refusal
 
     # TRL's own words (VLLMGeneration, which GRPOTrainer and RLOOTrainer build from args.vllm_tensor_parallel_size)
@@ -617,7 +617,8 @@ def test_trls_vllm_refusal_of_tensor_parallel_size_names_the_generation_override
     path = tiny_recipe(tmp_path, ppo={"algorithm": "grpo"})
 
     def line(overrides):
-        return trl_refusal(load_recipe(path, overrides), "ppo", "GRPOTrainer", refused, GRPOConfig, MAPPED, DERIVED)
+        return trl_refusal(load_recipe(path, overrides), "ppo", "GRPOTrainer", refused, GRPOConfig, MAPPED,
+                           derived({}))
 
     assert line(["generation.vllm_tensor_parallel_size=2", "ppo.max_steps=2"]) == \
         "override 'generation.vllm_tensor_parallel_size=2': section 'ppo' (GRPOTrainer): " + str(refused)
@@ -629,7 +630,7 @@ def test_trls_vllm_refusal_of_tensor_parallel_size_names_the_generation_override
     (tmp_path / "in_file").mkdir()
     in_file = tiny_recipe(tmp_path / "in_file", ppo={"algorithm": "grpo", "trl_args": {"vllm_tensor_parallel_size": 2}})
     assert trl_refusal(load_recipe(in_file, ["generation.vllm_tensor_parallel_size=1"]), "ppo", "GRPOTrainer", refused,
-                       GRPOConfig, MAPPED, DERIVED).startswith(f"{in_file}: ")
+                       GRPOConfig, MAPPED, derived({})).startswith(f"{in_file}: ")
     assert line(["generation.vllm_gpu_memory_utilization=0.5"]).startswith(f"{path}: ")  # not a key it comes from
 
 
@@ -716,7 +717,7 @@ def test_grpo_choices_checked_before_training_are_those_its_trainer_computes():
 def test_trls_refusals_that_word_an_argument_name_the_override_that_set_it(user, algorithm):
     """GRPOConfig/RLOOConfig refuse num_generations 1 as "at least 2 generations per prompt", and an eval batch as
     "global eval batch size", not by the arguments' names: the line named the recipe file even when an override set
-    them. It names the override (DERIVED: the words -> the keys), else the file."""
+    them. It names the override (derived: the words -> the keys), else the file."""
     from pipeline import check
     from pipeline.cli import PipelineError
 
@@ -737,6 +738,55 @@ def test_trls_refusals_that_word_an_argument_name_the_override_that_set_it(user,
     path = grpo_recipe(user, algorithm=algorithm, num_generations=1)  # the file set it
     assert refusal(path, ["ppo.max_steps=2"]).startswith(f"{path}: {section}: {algorithm.upper()} requires at least 2")
 
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_trls_refusal_of_the_eval_generations_names_num_generations_eval_when_trl_args_sets_it(user, algorithm):
+    """GRPOConfig/RLOOConfig check the eval batch against num_generations_eval when trl_args sets it (num_generations
+    otherwise), in words ("generations used for evaluation"): the line named the last override of either, an
+    override of ppo.num_generations too when TRL had checked num_generations_eval of the file or an earlier
+    override. It names the override of the key TRL checked, else the file."""
+    from pipeline import check
+    from pipeline.cli import PipelineError
+
+    def refusal(path, overrides):
+        with pytest.raises(PipelineError) as err:
+            check.check_stage_config(load_recipe(path, overrides), "ppo")
+        return str(err.value)
+
+    evaluation = {"eval_strategy": "steps", "per_device_eval_batch_size": 4}
+    words = f"section 'ppo' ({algorithm.upper()}Config): The global eval batch size (4 * 1) must be divisible by " \
+            f"the number of generations used for evaluation"
+    path = grpo_recipe(user, algorithm=algorithm, trl_args=evaluation)
+    assert refusal(path, ["ppo.num_generations=8"]) == f"override 'ppo.num_generations=8': {words} (8)."
+    assert refusal(path, ["ppo.trl_args.num_generations_eval=3", "ppo.num_generations=2"]) == \
+        f"override 'ppo.trl_args.num_generations_eval=3': {words} (3)."
+    path = grpo_recipe(user, algorithm=algorithm, trl_args={**evaluation, "num_generations_eval": 3})
+    assert refusal(path, ["ppo.num_generations=2"]) == f"{path}: {words} (3)."  # the file set it
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_trls_refusal_of_the_generation_batch_names_no_key_trl_args_replaced(user, algorithm):
+    """GRPOConfig/RLOOConfig take trl_args' generation_batch_size or steps_per_generation as given, and
+    gradient_accumulation_steps then plays no part: the line named an override of it, or of ppo.batch_size where the
+    refusal is of the two trl_args together. It names the override of a key TRL read."""
+    from pipeline import check
+    from pipeline.cli import PipelineError
+
+    path = grpo_recipe(user, algorithm=algorithm)
+    section = f"section 'ppo' ({algorithm.upper()}Config)"
+    for overrides, where, words in [
+            (["ppo.trl_args.steps_per_generation=3", "ppo.batch_size=2", "ppo.gradient_accumulation_steps=2"],
+             "ppo.batch_size=2", "generation_batch_size (6) must be divisible by num_generations (4)"),
+            (["ppo.trl_args.generation_batch_size=6", "ppo.batch_size=2", "ppo.gradient_accumulation_steps=2"],
+             "ppo.trl_args.generation_batch_size=6", "generation_batch_size (6) must be divisible by num_generations"),
+            (["ppo.trl_args.generation_batch_size=8", "ppo.trl_args.steps_per_generation=2", "ppo.batch_size=4"],
+             "ppo.trl_args.steps_per_generation=2", "'generation_batch_size' and 'steps_per_generation' can not be"),
+            (["ppo.trl_args.generation_batch_size=6", "ppo.batch_size=4"],
+             "ppo.batch_size=4", "generation_batch_size (6) must be divisible by the global batch size (4)")]:
+        with pytest.raises(PipelineError) as err:
+            check.check_stage_config(load_recipe(path, overrides), "ppo")
+        assert str(err.value).startswith(f"override '{where}': {section}: {words}"), overrides
 
 def test_a_grpo_run_warns_of_no_deprecated_checkpointing_name(user, monkeypatch):
     """Every GRPO/RLOO run printed transformers' FutureWarnings "`gradient_checkpointing` is deprecated" (the name
