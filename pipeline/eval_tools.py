@@ -126,9 +126,10 @@ def plan(recipe, keys) -> ToolPlan:
     was set (its override, else the recipe file) and the key if not."""
     from pipeline.tools import ImageStore, judge_folder
 
+    # the tools as the stage will build them (stage folders looked up now, before anything is written; a missing one
+    # is said before the rows, which name the tools)
+    box = recipe_toolbox(recipe, ImageStore(None)) if recipe.tools.tools else None  # none: checked_rows says so
     rows, judge = checked_rows(recipe, keys)
-    # the tools as the stage will build them (stage folders looked up now, before anything is written)
-    box = recipe_toolbox(recipe, ImageStore(None))
     if judge is not None:
         judge = judge_folder(judge, recipe.run_dir, "tools (the image judge of draw tasks)",
                              source_of(recipe, "tools", "tools"))
