@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 LOGGER = logging.getLogger("pipeline")
@@ -67,6 +68,9 @@ def setup(stage: str, is_main_process: bool = True) -> None:
     """Prefix every line with `[stage]`; on processes other than the main one, log errors only."""
     global _pending
     _FORMAT.stage = stage
+    # TRL 1.16's DPO and KTO trainers (reference log-probs) and GRPO/RLOO (every rollout) read transformers' deprecated
+    # `is_gradient_checkpointing` whatever the recipe says: a FutureWarning no setting avoids, once per stage
+    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
     LOGGER.setLevel(logging.INFO if is_main_process else logging.ERROR)
     close()
     if is_main_process:

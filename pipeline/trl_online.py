@@ -10,7 +10,6 @@ ppo's names.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -332,10 +331,7 @@ def train_trl(recipe, run, cfg, keys, peft_values, prompts, init, reward_checkpo
     reward_model.to(trainer.accelerator.device)
     with unshaped(model) as users:  # TRL fills what its GenerationConfig leaves unset from the policy's (min_p, ...)
         trainer.add_callback(generation_in_checkpoints(users))
-        with warnings.catch_warnings():  # TRL's unwrap_model_for_generation reads transformers' deprecated
-            # is_gradient_checkpointing at every rollout, whatever its arguments: a FutureWarning no setting avoids
-            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-            trainer.train(resume_from_checkpoint=run.last_checkpoint())
+        trainer.train(resume_from_checkpoint=run.last_checkpoint())  # (TRL's deprecated read: log.setup hides it)
     models.save_trained(trainer, tokenizer, run.out, merge_adapter=keys.merge_adapter)
 
     return history_of(trainer.state.log_history), args.to_dict()

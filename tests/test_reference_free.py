@@ -178,3 +178,15 @@ def test_check_counts_no_reference_model_in_memory(tmp_path):
                                 ("dpo.loss_type=[sft]",),
                                 ("dpo.loss_type=[orpo]", "dpo.rounds=2", "dpo.round_labeller=annotator")]}
     assert list(frozen.values()) == [1, 0, 0, 0, 1]
+
+
+def test_dpo_with_a_reference_prints_no_deprecation_trl_cannot_avoid(tiny_run, monkeypatch):
+    """TRL's DPO trainer reads transformers' deprecated `is_gradient_checkpointing` for every reference forward pass,
+    whatever the recipe says: `make run` printed the FutureWarning in the dpo stage. Each stage hides that one."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # over pytest's filterwarnings, which hide FutureWarnings
+        loaded, _ = dpo_in_process(tiny_run, monkeypatch, "quiet", "dpo.max_steps=2")
+    assert len(loaded) == 2  # the policy and its reference: the reference's passes ran
+    assert not [str(w.message) for w in caught if "is_gradient_checkpointing` is deprecated" in str(w.message)]
