@@ -42,6 +42,8 @@ def main(argv):
     keys = recipe.keys(STAGE)
     cfg = recipe.trainer_config(STAGE)  # DiffusionConfig; seed: run.seed unless the section sets one
     cfg.train_text_encoder = images.trains_text_encoder(cfg.train_text_encoder, bool(keys.pretrained))
+    if problem := diffusion_config.flip_problem(cfg.random_flip, keys.dataset):  # before any folder is made
+        raise cli.PipelineError(f"{source_of(recipe, STAGE, 'random_flip', 'dataset')}: {STAGE}.random_flip: {problem}")
     if not keys.pretrained:  # a new model: its unet / text_encoder configs build (on the meta device) before any work
         image_check.components(recipe, None, recipe.section(STAGE), keys.resolution, stage=STAGE)
     ddp_warning = cluster.leave_deepspeed(STAGE, cfg.mixed_precision)  # ZeRO-3, fp16: DDP (cluster.py says why)

@@ -29,6 +29,8 @@ class DiffusionConfig:
     ema_decay: float = 0.999            # EMA of the trained weights (with warmup); the saved model is the EMA; 0: off
     caption_dropout: float = 0.1        # share of captions replaced by "" (classifier-free guidance)
     property_dropout: float = 0.3       # world captions: each property left out with this probability
+    random_flip: bool = False           # each training image mirrored left-right with probability 0.5 (diffusers'
+                                        # --random_flip), from the step's generator; refused on the digit world
     num_train_timesteps: int = 1000     # new model: DDPM schedule; a loaded pipeline keeps its own
     beta_schedule: str = "squaredcos_cap_v2"
     prediction_type: str = "epsilon"    # epsilon | v_prediction
@@ -63,6 +65,17 @@ class DiffusionConfig:
 
 
 SAMPLERS = ("ddim", "dpm", "ddpm", "euler")
+
+
+def flip_problem(random_flip: bool, dataset: str) -> str | None:
+    """Why `random_flip` cannot train on `dataset`, or None. The digit world's captions say where the digit stands
+    ("a 7 on the left") and a mirrored 3 or 7 is no digit: a flipped image would contradict its caption."""
+    from pipeline.images import WORLD_SPEC
+
+    if random_flip and dataset == WORLD_SPEC:
+        return (f"the digit world ({WORLD_SPEC}) captions say the digit's side ('on the left') and a mirrored 3 or 7 "
+                f"is no digit, so a flipped image contradicts its caption: set random_flip false")
+    return None
 
 
 def _one_of(name: str, value, allowed) -> None:

@@ -5,7 +5,7 @@ Checkpoints (`<stage>.partial/checkpoint-N/`) hold the trainable weights, the EM
 tensors as safetensors, and everything else (step, history, optimizer hyper-parameters, the learning-rate
 schedule's state, the EMA's counters) as JSON in `loop_state.json` (no pickle; under DeepSpeed its torch files, below),
 and the checkpoint is found and checked by `safe_resume` like every other stage's (complete, intact, safe). Each
-step's randomness (batch, noise, timesteps, caption dropout) comes from a generator seeded by (seed, step,
+step's randomness (batch, flips, noise, timesteps, caption dropout) comes from a generator seeded by (seed, step,
 process), so a resumed run draws what the uninterrupted run would have drawn. A checkpoint is written to
 `tmp-checkpoint-N` and renamed: a kill never leaves a half checkpoint.
 
@@ -73,12 +73,15 @@ def denoise_loss(scheduler, pred, target, t, snr_gamma: float | None):
 def text_to_image_loss(pipe, unet, text_encoder, scheduler, source, cfg, gen, device, vae=None,
                        train_text_encoder: bool = False):
     """The diffusion stage's loss on a batch drawn from `source` with `gen` (in a fixed order: a resumed step draws
-    the same): caption dropout, VAE latents where there is one, a timestep per image, Min-SNR denoising loss."""
+    the same): random flips (cfg.random_flip), caption dropout, VAE latents where there is one, a timestep per image,
+    Min-SNR denoising loss."""
     import torch
 
     from pipeline import images
 
     x, captions = source.sample(cfg.batch_size, gen)
+    if cfg.random_flip:  # drawn only when asked: without it a step draws, and trains on, what it always did
+        x = flip_images(x, gen)
     drop = torch.rand(len(captions), generator=gen) < cfg.caption_dropout
     captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
     x = x.to(device)
@@ -92,6 +95,15 @@ def text_to_image_loss(pipe, unet, text_encoder, scheduler, source, cfg, gen, de
     pred = unet(scheduler.add_noise(x, noise, t), t, encoder_hidden_states=emb).sample
     target = denoise_target(scheduler, x, noise, t)
     return denoise_loss(scheduler, pred[:, :x.shape[1]], target, t, cfg.snr_gamma)
+
+
+def flip_images(x, gen):
+    """Each image (N x C x H x W) mirrored left-right with probability 0.5, as diffusers' --random_flip
+    (RandomHorizontalFlip, applied after the crop); one coin per image from `gen`, the step's generator."""
+    import torch
+
+    flip = torch.rand(len(x), generator=gen) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 def pair_errors(pred, target):

@@ -60,13 +60,16 @@ def source_captions(source) -> list[tuple]:
 def ref_tokenizer(recipe, ref: str | None, keys=None, seen=()):
     """The word-level tokenizer of the pipeline a ref names, where --check can know it without loading a model: a
     new model's (`keys`: its section), built from its training captions as the stage builds it; a stage's or
-    folder's saved tokenizer.json; a stage not trained yet, from its own ref. None otherwise (a hub id)."""
+    folder's saved tokenizer.json; a stage not trained yet, from its own ref. None otherwise (a hub id, a new model
+    whose dataset does not read)."""
     from pipeline import images, runs
 
     if not ref:
         if keys is None or not hasattr(keys, "caption_column"):
             return None
         rows = [] if keys.dataset == images.WORLD_SPEC else dataset_captions(keys.dataset, keys.caption_column)
+        if not rows and keys.dataset != images.WORLD_SPEC:
+            return None  # its captions do not read (its stage says why): the new model's words are unknown
         return images.build_tokenizer([t for _, c in rows for t in ([c] if isinstance(c, str) else c)
                                        if isinstance(t, str)])
     if ref in recipe.stages and ref not in seen:
@@ -91,9 +94,9 @@ def dataset_captions(spec: str, caption_column: str | None = None) -> list[tuple
     from pipeline import image_files
     from pipeline.cli import PipelineError
 
-    source = image_files.metadata_file(spec) or (spec if image_files.is_hub_id(spec) else None)
     try:
-        rows, where = image_files.table_rows(source) if source is not None else ([], [])
+        source = image_files.dataset_source(spec)
+        rows, where = image_files.table_rows(source)
     except PipelineError:
         return []
     names = image_files.columns(rows)

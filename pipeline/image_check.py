@@ -21,6 +21,8 @@ from pathlib import Path
 
 from pipeline import cluster, diffusion_launch, runs
 from pipeline.cli import PipelineError, built_from_config, typed_line
+from pipeline.diffusion_config import flip_problem
+from pipeline.key_checks import source_of
 from pipeline.stages import SAMPLE_ROWS
 
 GIB = 1 << 30
@@ -83,8 +85,6 @@ def components(recipe, ref: str | None, section_cfg: dict, resolution: int, seen
             raise PipelineError(f"{recipe.path}: {stage}.unet.sample_size ({given!r}) differs from {stage}.resolution "
                                 f"({resolution}): a new model's UNet is built at resolution; set resolution only")
         if section_cfg.get("use_lora"):  # LoRA would train adapters over a random, frozen UNet and text encoder
-            from pipeline.key_checks import source_of
-
             raise PipelineError(f"{source_of(recipe, stage, 'use_lora')}: {stage}.use_lora: a new model (no "
                                 f"pretrained) starts random, and LoRA freezes its UNet and text encoder; train it "
                                 f"fully (use_lora false), or set pretrained")
@@ -243,8 +243,10 @@ def caption_and_judge_problems(recipe, stage: str, keys, ref: str | None, will_r
     captions = {} if captions is None else captions
 
     out, own = [], None
-    absent = keys.dataset != images.WORLD_SPEC and not Path(keys.dataset).expanduser().exists() and \
-        not image_files.is_hub_id(keys.dataset)  # said already
+    try:  # a spec that names nothing readable: check_image_stage said dataset_source's line already
+        absent = keys.dataset != images.WORLD_SPEC and not image_files.dataset_source(keys.dataset)
+    except PipelineError:
+        absent = True
     try:
         own = stage == "diffusion_dpo" and not absent and image_pairs.pair_file(keys.dataset)
     except PipelineError as err:
@@ -347,6 +349,8 @@ def check_image_stage(recipe, stage: str, launch, device_memory: int | None, wil
     except PipelineError as err:
         errors.append(str(err))
         stage_cfg = None
+    if problem := flip_problem(getattr(stage_cfg, "random_flip", False), keys.dataset):
+        errors.append(f"{source_of(recipe, stage, 'random_flip', 'dataset')}: {stage}.random_flip: {problem}")
     if stage_cfg is not None and launch.distributed_type == "DEEPSPEED":
         if why := cluster.data_parallel_under_deepspeed(stage, launch.zero_stage, stage_cfg.mixed_precision):
             launch = dataclasses.replace(launch, distributed_type="MULTI_GPU", zero_stage=0, offload_optimizer=False,

@@ -133,10 +133,10 @@ def metadata_file(spec: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def dataset_source(spec: str, world: str) -> Path | str:
-    """What an image stage reads for a dataset spec other than the world's (`world`, offered in the message): its
-    metadata file (metadata_file) or a hub dataset id; else PipelineError saying what was looked for. The stages and
-    --check ask this one."""
+def dataset_source(spec: str, world: str | None = None) -> Path | str:
+    """What an image stage reads for a dataset spec other than the world's (`world`, offered in the message; None for
+    a key that takes no world): its metadata file (metadata_file) or a hub dataset id; else PipelineError saying what
+    was looked for. The stages and --check ask this one."""
     if (path := metadata_file(spec)) is not None:
         return path
     if is_hub_id(spec):
@@ -149,7 +149,8 @@ def dataset_source(spec: str, world: str) -> Path | str:
     if folder.is_dir():
         raise PipelineError(f"'{spec}': no metadata.jsonl, .csv or .parquet in it or in its {SPLIT}/ folder (the "
                             f"imagefolder layout: rows of file_name and caption; data/README.md)")
-    raise PipelineError(f"'{spec}': not found (expected {world}, a .jsonl / .csv / .parquet file, a folder with "
+    offered = f"{world}, " if world else ""
+    raise PipelineError(f"'{spec}': not found (expected {offered}a .jsonl / .csv / .parquet file, a folder with "
                         f"metadata.jsonl, .csv or .parquet, or its {SPLIT}/ folder with one, or a hub dataset id)")
 
 

@@ -35,17 +35,21 @@ def layout(row: dict) -> str | None:
 
 def pair_file(spec: str | None) -> Path | str | None:
     """The metadata file of `spec` (or the hub dataset id) when it holds preference pairs (its columns say), else
-    None. Only the columns are read: a parquet file's from its schema (Pick-a-Pic's shards hold their images), a
+    None: no spec, the world, captions, or a spec that names nothing readable (section_problem says what was looked
+    for). Only the columns are read: a parquet file's from its schema (Pick-a-Pic's shards hold their images), a
     .jsonl's or .csv's from its first row, a hub dataset's from its features."""
-    from pipeline.image_files import columns, hub_rows, is_hub_id, metadata_file
+    from pipeline.image_files import columns, dataset_source, hub_rows
 
     if not spec or spec.startswith("images:"):
         return None
-    if is_hub_id(spec):
+    try:
+        path = dataset_source(spec)
+    except PipelineError:  # names nothing readable: section_problem says so, naming the key
+        return None
+    if isinstance(path, str):  # a hub dataset id
         rows, _ = hub_rows(spec)
         return spec if len(rows) and layout(dict.fromkeys(columns(rows))) else None
-    path = metadata_file(spec)
-    kind = path and file_kind(path)
+    kind = file_kind(path)
     if kind in (None, "txt"):
         return None
     if kind == "parquet":
@@ -165,12 +169,22 @@ def read_pairs(source: Path | str, channels: int, resolution: int) -> FilePairs:
 
 def section_problem(keys, rounds: int, own_file, eval_file) -> str | None:
     """What diffusion_dpo's section asks that its data cannot give (the stage and `--check` both say it);
-    `own_file`, `eval_file`: pair_file of `dataset` and `eval_dataset`."""
-    from pipeline.image_files import is_hub_id, metadata_file
+    `own_file`, `eval_file`: pair_file of `dataset` and `eval_dataset` (own_file False: `dataset` was not read, its
+    problem said already: --check's). A spec that names nothing readable is dataset_source's line, said before the
+    stage loads a model (a `dataset` that is not pairs was then read as a captions file: "not found", or no judge)."""
+    from pipeline.image_files import dataset_source
+    from pipeline.images import WORLD_SPEC
 
+    if own_file is None and keys.dataset != WORLD_SPEC:  # not pairs: captions, or nothing readable
+        try:
+            dataset_source(keys.dataset, WORLD_SPEC)
+        except PipelineError as err:
+            return f"dataset: {err}"
     if keys.eval_dataset and eval_file is None:
-        if metadata_file(keys.eval_dataset) is None and not is_hub_id(keys.eval_dataset):
-            return f"eval_dataset: '{keys.eval_dataset}' not found (a metadata file of pairs, or a folder holding one)"
+        try:
+            dataset_source(keys.eval_dataset)  # held-out pairs: no world
+        except PipelineError as err:
+            return f"eval_dataset: {err}"
         return (f"eval_dataset: '{keys.eval_dataset}' holds no preference pairs (rows of caption, jpg_0, jpg_1, "
                 f"label_0 or of caption, chosen, rejected)")
     if rounds > 1 and own_file:

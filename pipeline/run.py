@@ -33,7 +33,9 @@ import subprocess
 import threading
 import time
 
-from pipeline import check, cli, cluster, cost, cost_check, locks, memory, preemption, references, runs, slurm
+from pipeline import (check, cli, cluster, cost, cost_check, locks, memory, preemption, references, runs, safe_resume,
+                      slurm)
+from pipeline.fingerprints import hash_obj
 from pipeline.key_checks import source_of
 from pipeline.recipe import load_recipe
 from pipeline.stages import STAGES, tool_sources
@@ -124,10 +126,30 @@ def plan(recipe, only=(), start=None, force=False) -> list[tuple[str, bool, str]
         else:
             fresh, why = runs.up_to_date(recipe, stage)
             run = not fresh
+        # a stage whose input stage reruns gets other inputs: its killed attempt's folder is wiped, not resumed
+        if run and holder is None and not upstream and (note := resume_note(recipe, stage)):
+            why = note if why == "not run yet" else f"{why}; {note}"
         if run:
             rerun.add(stage)
         steps.append((stage, run, why))
     return steps
+
+
+def resume_note(recipe, stage: str) -> str | None:
+    """What `stage` does with the checkpoints a killed attempt of the same inputs left in its `.partial` folder: resume
+    from the one safe_resume takes (looked at, not changed), or start over. None: no such checkpoints, or iterated
+    DPO's finished rounds, which it resumes after (pipeline/dpo_rounds.py)."""
+    partial = recipe.run_dir / f"{stage}.partial"
+    where = f"{recipe.run_dir.name}/{partial.name}"
+    if not any(partial.glob("checkpoint-*")) or (partial / "rounds").is_dir():
+        return None
+    if not safe_resume.keeps(partial, hash_obj(runs.stage_inputs(recipe, stage, must_exist=False))):
+        return None  # written for other inputs: the stage wipes it and starts from nothing
+    ckpt = safe_resume.find_checkpoint(partial, plan=True)  # by its state files: the stage reads the rest
+    if ckpt is None:
+        return f"starts over: no checkpoint in {where} it can resume from"
+    total = (safe_resume.read_json(ckpt / safe_resume.TRAINER_STATE) or {}).get("max_steps")
+    return f"resumes from {ckpt.name}{f' of {total} steps' if total else ''} in {where}"
 
 
 def launcher_prefix(recipe) -> list[str]:

@@ -288,8 +288,7 @@ class StageRun:
             # one writer per stage folder: taken before anything in it is touched (README "Run directory")
             self._lock = locks.Lock(self.recipe.run_dir / f"{self.stage}.lock", f"stage {self.stage}",
                                     target=str(self.final_dir)).acquire()
-            marker = self.out / ".fingerprint"
-            if self.out.exists() and (not marker.is_file() or marker.read_text() != self.fingerprint):
+            if self.out.exists() and not safe_resume.keeps(self.out, self.fingerprint):
                 shutil.rmtree(self.out)  # leftovers of a run with other inputs: nothing to resume
         self._resuming = self.out.exists()  # a killed attempt's folder: kept whatever stops this one (a hub offline)
         self.state.wait_for_everyone()

@@ -47,19 +47,22 @@ def read_json(path: Path):
         return None
 
 
-def checkpoint_problem(ckpt: Path) -> str | None:
-    """Why this checkpoint cannot be resumed from (None: it can). Raises integrity.UnsafeFile for unsafe files."""
+def checkpoint_problem(ckpt: Path, plan: bool = False) -> str | None:
+    """Why this checkpoint cannot be resumed from (None: it can). Raises integrity.UnsafeFile for unsafe files.
+    plan: asked before the stage runs (find_checkpoint's `plan`): its state files only, nothing removed; reading every
+    file (an optimizer's state can be GBs) is the stage's, which then may take an older checkpoint and say why."""
     trainer_state, loop_state = read_json(ckpt / TRAINER_STATE), read_json(ckpt / LOOP_STATE)
     if trainer_state is None and loop_state is None:
         return "incomplete (cut short while saving)"
     if trainer_state is not None and trainer_state.get("max_steps") and \
             trainer_state.get("global_step", 0) >= trainer_state["max_steps"]:
         return "taken at the last step (resuming from it would train a step past max_steps)"
-    for name in NEVER_LOADED:
-        (ckpt / name).unlink(missing_ok=True)
-    for path in sorted(p for p in ckpt.rglob("*") if p.is_file()):
-        if (problem := integrity.file_problem(path)):
-            return f"{path.name}: {problem}"
+    if not plan:
+        for name in NEVER_LOADED:
+            (ckpt / name).unlink(missing_ok=True)
+        for path in sorted(p for p in ckpt.rglob("*") if p.is_file()):
+            if (problem := integrity.file_problem(path)):
+                return f"{path.name}: {problem}"
     # after the scan: an unsafe file stops the stage here too, as in any checkpoint looked at
     if trainer_state is not None and not any(ckpt.glob(RNG_STATE)):
         return ("holds weights only, no optimizer or RNG state (saved with save_only_model: true): resuming from it "
@@ -67,16 +70,25 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     return None
 
 
-def find_checkpoint(out: Path) -> Path | None:
-    """The newest checkpoint-N in `out` that is complete, intact and safe (see the module docstring)."""
+def find_checkpoint(out: Path, plan: bool = False) -> Path | None:
+    """The newest checkpoint-N in `out` that is complete, intact and safe (see the module docstring). plan: what the
+    stage will resume from, told before it runs (the runner's plan): nothing removed, the skipped ones not logged."""
     for ckpt in sorted(Path(out).glob("checkpoint-*"), key=step_of, reverse=True):
         if not ckpt.is_dir():
             continue
-        problem = checkpoint_problem(ckpt)
+        problem = checkpoint_problem(ckpt, plan)
         if problem is None:
             return ckpt
-        log.warning("not resuming from %s: %s", ckpt, problem)
+        if not plan:
+            log.warning("not resuming from %s: %s", ckpt, problem)
     return None
+
+
+def keeps(out: Path, fingerprint: str) -> bool:
+    """Whether a stage of inputs `fingerprint` keeps the `.partial` folder `out` to resume from: a killed attempt of
+    the same inputs wrote it (its `.fingerprint`); runs.StageRun wipes any other."""
+    marker = Path(out) / ".fingerprint"
+    return marker.is_file() and marker.read_text() == fingerprint
 
 
 def newest_loop_state(out: Path) -> tuple[Path, dict] | None:

@@ -358,7 +358,7 @@ def test_an_empty_caption_trains_as_the_empty_prompt(tmp_path):
 
     def loss(source, dropout):
         cfg = SimpleNamespace(batch_size=2, caption_dropout=dropout,  # 1: every caption dropped (the config's < 1)
-                              snr_gamma=diffusion_config.DiffusionConfig().snr_gamma)
+                              snr_gamma=diffusion_config.DiffusionConfig().snr_gamma, random_flip=False)
         return diffusion_train.text_to_image_loss(pipe, pipe.unet, pipe.text_encoder, pipe.scheduler, source, cfg,
                                                   torch.Generator().manual_seed(1), "cpu")
 
@@ -1481,3 +1481,97 @@ def test_a_pipeline_keeps_its_schedule_but_takes_a_set_prediction_type_and_saves
     assert json.loads((out / "unet/config.json").read_text())["sample_size"] == 16  # 32px over the VAE's factor 2
     image = DiffusionPipeline.from_pretrained(out)("a 3", num_inference_steps=1, output_type="np").images
     assert image.shape == (1, 32, 32, 3)
+
+
+# ---------------------------------------------------------------------------------------------- random_flip
+
+
+def test_random_flip_mirrors_about_half_the_images_from_the_steps_generator():
+    """diffusers' --random_flip (RandomHorizontalFlip, p 0.5) was an unknown key here and nothing flipped. A coin per
+    image from the step's generator: the same seed flips the same images; off (the default), a step's loss draws from
+    the generator exactly what it drew before the key existed, so the small recipe trains as it did."""
+    from types import SimpleNamespace
+
+    from pipeline import diffusion_config, diffusion_train
+
+    x = torch.zeros(400, 1, 16, 16)
+    x[..., :8] = 1  # ink on the left half: a mirror has it on the right
+    flipped = diffusion_train.flip_images(x, torch.Generator().manual_seed(3))
+    mirrored = flipped[:, 0, 0, 15] == 1
+    assert torch.equal(flipped[mirrored], x[mirrored].flip(-1)) and torch.equal(flipped[~mirrored], x[~mirrored])
+    assert 160 < int(mirrored.sum()) < 240  # 200 +- 4 standard deviations
+    assert torch.equal(diffusion_train.flip_images(x, torch.Generator().manual_seed(3)), flipped)
+    assert not torch.equal(diffusion_train.flip_images(x, torch.Generator().manual_seed(4)), flipped)
+
+    class Source:  # the half-inked image, drawing nothing from the generator itself
+        def sample(self, n, gen):
+            return x[:n] * 2 - 1, ["a 1"] * n
+
+    torch.manual_seed(0)
+    pipe = images.build_pipeline(TINY_UNET, TINY_TEXT, {"num_train_timesteps": 10})
+
+    def drawn(random_flip):  # the generator's state after one step's loss
+        cfg = SimpleNamespace(batch_size=8, caption_dropout=0.1, snr_gamma=5.0, random_flip=random_flip)
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            diffusion_train.text_to_image_loss(pipe, pipe.unet, pipe.text_encoder, pipe.scheduler, Source(), cfg, gen,
+                                               "cpu")
+        return gen.get_state()
+
+    before = torch.Generator().manual_seed(1)  # a step's draws before random_flip: dropout, noise, timesteps
+    torch.rand(8, generator=before)
+    torch.randn(8, 1, 16, 16, generator=before)
+    torch.randint(0, 10, (8,), generator=before)
+    assert diffusion_config.DiffusionConfig().random_flip is False
+    assert torch.equal(drawn(False), before.get_state()) and not torch.equal(drawn(True), before.get_state())
+
+
+def test_random_flip_resumes_after_a_kill_to_the_uninterrupted_runs_unet(tmp_path):
+    """The flips come from the step's generator, seeded by (seed, step, process): a run killed after its checkpoint
+    flips, once resumed, what the run never killed flipped, and ends with its UNet to the bit."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        im = Image.new("L", (16, 16), 0)
+        im.paste(255, (0, 0, 3 + i, 16))  # a bar against the left edge: its mirror differs
+        im.save(data / f"{i}.png")
+    (data / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "caption": f"a bar {i}"}) + "\n"
+                                                 for i in range(4)))
+    section = {**TINY_DIFFUSION, "max_steps": 8, "save_steps": 4, "logging_steps": 4, "judge_epochs": 0,
+               "dataset": str(data), "random_flip": True}
+    recipe = image_recipe(tmp_path, diffusion=section)
+    one_thread = {"OMP_NUM_THREADS": "1"}  # the same kernels in every run
+    killed = run_cli(["pipeline/diffusion.py", recipe], cwd=tmp_path, env={**one_thread,
+                                                                          "PIPELINE_FAULT": "kill:training:6"})
+    assert killed.returncode != 0 and (tmp_path / "runs/tiny/diffusion.partial/checkpoint-4").is_dir()
+    resumed = run_cli(["pipeline/diffusion.py", recipe], cwd=tmp_path, env=one_thread)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at step 4" in resumed.stdout + resumed.stderr
+    fresh = run_cli(["pipeline/diffusion.py", recipe, "run.name=fresh"], cwd=tmp_path, env=one_thread)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    a, b = _unet_weights(tmp_path / "runs/tiny/diffusion"), _unet_weights(tmp_path / "runs/fresh/diffusion")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_random_flip_on_the_digit_world_stops_in_one_line_naming_where_it_was_set(tmp_path):
+    """The digit world's captions say the digit's side ("a 7 on the left") and a mirrored 3 or 7 is no digit: flips
+    would train images against their captions. Refused before anything is written (an error, not a warning: no
+    digit-world run is right with it)."""
+    from pipeline import diffusion_config
+
+    assert diffusion_config.flip_problem(True, "my/metadata.jsonl") is None
+    assert diffusion_config.flip_problem(False, images.WORLD_SPEC) is None
+    said = "diffusion.random_flip: the digit world (images:digits) captions say the digit's side"
+    for section, override, where in (({}, ["diffusion.random_flip=true"], "override 'diffusion.random_flip=true'"),
+                                     ({"random_flip": True}, [], None)):
+        recipe = image_recipe(tmp_path, diffusion={**TINY_DIFFUSION, **section})
+        proc = run_cli(["pipeline/diffusion.py", recipe, *override], cwd=tmp_path)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"{where or recipe}: {said}" in lines[0], lines
+        assert not (tmp_path / "runs").exists()
+        proc = run_cli(["pipeline/run.py", recipe, "--check", "--only", "diffusion", *override], cwd=tmp_path)
+        assert proc.returncode == 2 and f"{where or recipe}: {said}" in proc.stdout + proc.stderr, \
+            proc.stdout[-2000:] + proc.stderr[-2000:]  # --check says it too

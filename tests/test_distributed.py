@@ -327,7 +327,8 @@ def test_a_signal_to_one_process_checkpoints_all_and_the_rerun_resumes_to_the_sa
     assert f"exitcode  : {preemption.PREEMPTED_EXIT}" in text  # the processes left with "stopped, resume me"
     assert "SIGABRT" not in text  # ... and none crashed on the way out (process-group teardown)
     plan = run_cli(["pipeline/run.py", recipe, *BATCH, "run.name=stopped", "--dry-run"], cwd=work)
-    assert "pretrain   run   (not run yet)" in plan.stdout  # a stopped stage never looks finished
+    # a stopped stage never looks finished, and the plan says it resumes
+    assert "pretrain   run   (resumes from checkpoint-1 of 12 steps in stopped/pretrain.partial)" in plan.stdout
 
     resumed = launch_cli("cpu2", ["pipeline/pretrain.py", recipe, *BATCH, "run.name=stopped"], cwd=work)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -101,3 +101,22 @@ def test_a_tokenizer_saved_without_model_max_length_pads_to_its_text_encoders_po
     no_limit = "^x: its tokenizer sets no model_max_length .* in tokenizer/tokenizer_config.json$"
     with pytest.raises(PipelineError, match=no_limit):
         cap_text_length(unbounded, "x")
+
+
+def test_check_judges_no_captions_by_a_tokenizer_built_without_the_dataset_it_could_not_read(tmp_path):
+    # a new model's tokenizer was built from the world's words alone when its dataset did not read, so --check added
+    # "the model's word-level tokenizer does not know 'cat'" for held-out captions beside the dataset's own line
+    from pipeline import image_captions
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "captions.txt").write_text("a cat\n")
+    recipe = image_recipe(tmp_path, diffusion={**TINY_DIFFUSION, "judge_epochs": 0, "dataset": str(empty),
+                                               "heldout_captions": str(tmp_path / "captions.txt")})
+    assert image_captions.ref_tokenizer(load_recipe(recipe), None, load_recipe(recipe).keys("diffusion")) is None
+    check = run_cli(["pipeline/run.py", recipe, "--check", "--only", "diffusion"], cwd=tmp_path,
+                    env={"OMP_NUM_THREADS": "1"})
+    assert check.returncode == 2 and "Traceback" not in check.stderr, check.stderr[-2000:]
+    errors = [line.strip() for line in check.stdout.splitlines() if "error:" in line]
+    assert errors == [f"error: diffusion.dataset: '{empty}': no metadata.jsonl, .csv or .parquet in it or in its "
+                      f"train/ folder (the imagefolder layout: rows of file_name and caption; data/README.md)"], errors

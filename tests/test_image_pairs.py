@@ -358,3 +358,42 @@ def test_a_parquet_files_fingerprint_reads_its_names_not_its_stored_images(tmp_p
     with pytest.raises(Exception):  # the stored images no longer read
         pq.read_table(path)
     assert named_files(path) == files
+
+
+def test_a_pairs_key_naming_nothing_readable_is_dataset_sources_line_naming_the_key(tmp_path):
+    """diffusion_dpo read a `dataset` folder without a metadata file as a file of captions: after loading its model
+    it said "captions '...': not found" (or, with no judge, that none labels the pairs), naming no key; a folder
+    without one or saved by save_to_disk as `eval_dataset` was "not found". Now each is dataset_source's line, with
+    its key, before anything loads; None stays quiet where it is an answer (the world, a captions file)."""
+    from types import SimpleNamespace
+
+    import datasets
+
+    empty, saved, gone = tmp_path / "empty", tmp_path / "saved", tmp_path / "gone"
+    empty.mkdir()
+    datasets.Dataset.from_dict({"caption": ["a 1"]}).save_to_disk(str(saved))
+    pairs = chosen_rejected(tmp_path / "pairs", "white.png", "black.png", n=2) / "metadata.jsonl"
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a 1\n")
+
+    def problem(dataset, eval_dataset=None, own_file=None):
+        keys = SimpleNamespace(dataset=str(dataset), eval_dataset=eval_dataset and str(eval_dataset))
+        return image_pairs.section_problem(keys, 1, own_file, eval_dataset and image_pairs.pair_file(str(eval_dataset)))
+
+    assert image_pairs.pair_file(str(empty)) is None
+    assert problem(empty) == (f"dataset: '{empty}': no metadata.jsonl, .csv or .parquet in it or in its train/ folder "
+                              f"(the imagefolder layout: rows of file_name and caption; data/README.md)")
+    assert problem(gone).startswith(f"dataset: '{gone}': not found (expected images:digits, a .jsonl")
+    assert problem(pairs, saved, pairs).startswith(f"eval_dataset: '{saved}': a datasets save_to_disk folder")
+    assert problem(pairs, empty, pairs).startswith(f"eval_dataset: '{empty}': no metadata.jsonl")
+    assert problem(pairs, gone, pairs).startswith(f"eval_dataset: '{gone}': not found (expected a .jsonl")
+    assert problem(pairs, captions, pairs) == (f"eval_dataset: '{captions}' holds no preference pairs (rows of "
+                                               f"caption, jpg_0, jpg_1, label_0 or of caption, chosen, rejected)")
+    for fine in ("images:digits", captions):  # the world, a captions file: not pairs, and no problem
+        assert image_pairs.pair_file(str(fine)) is None and problem(fine) is None
+    assert problem(empty, own_file=False) is None  # not read: --check said it already
+    recipe = own_pairs_recipe(tmp_path, tmp_path / "base", empty)
+    proc = run_cli(["pipeline/diffusion_dpo.py", recipe], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {recipe}: diffusion_dpo.{problem(empty)}"
+    assert not (tmp_path / "runs").exists()

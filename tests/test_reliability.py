@@ -126,12 +126,12 @@ def test_pretrain_killed_in_every_phase_and_signalled_through_the_runner_ends_li
     killed = stage(base, work, fault="kill:final-save")  # trained to the end, killed while saving the model
     assert killed.returncode == -signal.SIGKILL and (partial / "model.safetensors").exists() and not final.exists()
     assert checkpoints(partial)[-1] == "checkpoint-8"  # no checkpoint at the last step (it made resumes train one more)
-    assert "(not run yet)" in plan_line(recipe, work, name)
+    assert "(resumes from checkpoint-8 of 12 steps in chain/pretrain.partial)" in plan_line(recipe, work, name)
 
     killed = stage(base, work, fault="kill:publish")  # everything written, killed before the folder's rename
     assert killed.returncode == -signal.SIGKILL and (partial / "manifest.json").exists() and not final.exists()
     assert checkpoints(partial)[-1] == "checkpoint-8"  # kept for the rerun (it resumed from step 0 when they went)
-    assert "(not run yet)" in plan_line(recipe, work, name)
+    assert "(resumes from checkpoint-8 of 12 steps in chain/pretrain.partial)" in plan_line(recipe, work, name)
 
     marker = work / "pwned"
     malicious_pickle(partial / "checkpoint-8/custom_checkpoint_0.pkl", marker)
@@ -303,6 +303,45 @@ def test_a_stage_saved_with_save_only_model_and_preempted_resumes_from_its_stop_
     ours = work / "runs/stopped_weights_only/sft"
     assert json.loads((ours / "metrics.json").read_text())["steps"] == 6
     assert max_weight_diff(ours, unbroken) < 1e-6
+
+
+def test_the_plan_says_a_killed_stage_resumes_and_from_which_checkpoint(tmp_path, monkeypatch):
+    """--dry-run and --check said "runs (not run yet)" of a stage whose killed attempt left checkpoints the rerun
+    resumes from. Now the line says from which: the one safe_resume takes (a newer weights-only one skipped), looked
+    at without removing anything; also with --force, which keeps the folder too. Checkpoints of other inputs (the
+    stage wipes them) and a stage whose input stage reruns get no word."""
+    from pipeline import runs
+    from pipeline.fingerprints import hash_obj
+    from pipeline.recipe import load_recipe
+    from pipeline.run import plan
+
+    monkeypatch.chdir(tmp_path)
+    path = tiny_recipe(tmp_path)
+    recipe = load_recipe(path)
+    partial = recipe.run_dir / "pretrain.partial"
+    for step in (4, 8):
+        ckpt = partial / f"checkpoint-{step}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": 12}))
+        save_file({"w": torch.zeros(2)}, ckpt / "model.safetensors")
+    rng_state(partial / "checkpoint-4")  # checkpoint-8 holds weights only: the stage skips it
+    marker = tmp_path / "pwned"
+    malicious_pickle(partial / "checkpoint-4/training_args.bin", marker)  # the stage removes it unread
+    (partial / ".fingerprint").write_text(hash_obj(runs.stage_inputs(recipe, "pretrain")))  # as StageRun writes it
+    resumes = "resumes from checkpoint-4 of 12 steps in tiny/pretrain.partial"
+    steps = {stage: (will_run, why) for stage, will_run, why in plan(recipe)}
+    assert steps == {"pretrain": (True, resumes), "sft": (True, "input stage pretrain reruns")}
+    assert plan(recipe, force=True)[0] == ("pretrain", True, f"--force; {resumes}")
+    assert (partial / "checkpoint-4/training_args.bin").is_file() and not marker.exists()  # the plan changes nothing
+    dry = run_cli(["pipeline/run.py", path, "--dry-run"], cwd=tmp_path, env=ENV)
+    assert re.search(rf"pretrain\s+run\s+\({re.escape(resumes)}\)", dry.stdout), dry.stdout + dry.stderr
+    checked = run_cli(["pipeline/run.py", path, "--check", "--only", "pretrain"], cwd=tmp_path, env=ENV)
+    assert f"pretrain   runs ({resumes})" in checked.stdout, checked.stdout + checked.stderr
+    shutil.rmtree(partial / "checkpoint-4")
+    assert plan(recipe)[0] == ("pretrain", True, "starts over: no checkpoint in tiny/pretrain.partial it can resume "
+                                                 "from")
+    (partial / ".fingerprint").write_text("other inputs")
+    assert plan(recipe)[0] == ("pretrain", True, "not run yet")
 
 
 def test_trust_remote_code_is_off_unless_the_recipe_says_so(tmp_path, monkeypatch):
